@@ -1,0 +1,177 @@
+"""``sendense-nbd``: serve and create images (qemu-nbd / qemu-img style)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import click
+
+from sendense_nbd import __version__
+from sendense_nbd.errors import SendenseError
+from sendense_nbd.protocol.constants import DEFAULT_PORT
+from sendense_nbd.server import Export, NBDServer, systemd_sockets, tcp_socket, unix_socket
+from sendense_nbd.storage import (
+    BlockDevice,
+    CacheMode,
+    DetectZeroes,
+    Discard,
+    ImageFormat,
+    PolicyDevice,
+    create_image,
+    open_image,
+)
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(text: str) -> int:
+    """qemu-img sizes: bytes, or a k/M/G/T/P/E suffix (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size such as 10G or 1048576")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _choice(enum_type: type) -> click.Choice:
+    return click.Choice([member.value for member in enum_type])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version")
+@click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
+def cli(verbose: int) -> None:
+    """Serve and create disk images over NBD."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="sendense-nbd: %(levelname)s: %(message)s")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("-f", "--format", "fmt", type=_choice(ImageFormat), help="Image format; probed (never as qcow2-as-raw) if omitted.")
+@click.option("-b", "--bind", default="127.0.0.1", show_default=True, help="Address to listen on. Unlike qemu-nbd (all interfaces), loopback by default.")
+@click.option("-p", "--port", type=int, default=DEFAULT_PORT, show_default=True, help="TCP port; 0 picks a free one and prints it.")
+@click.option("-k", "--socket", "socket_path", help="Listen on this unix socket instead of TCP.")
+@click.option("-x", "--export-name", "names", multiple=True, help="Export name, once per IMAGE in order (default: '' for the first).")
+@click.option("-D", "--description", "descriptions", multiple=True, help="Export description, once per IMAGE in order.")
+@click.option("-e", "--shared", type=int, default=1, show_default=True, help="Maximum simultaneous clients.")
+@click.option("-t", "--persistent", is_flag=True, help="Keep serving after the last client disconnects.")
+@click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
+@click.option("--cache", type=_choice(CacheMode), default="writeback", show_default=True, help="Host page-cache mode.")
+@click.option("--discard", type=_choice(Discard), default="ignore", show_default=True, help="Whether TRIM frees space.")
+@click.option("--detect-zeroes", type=_choice(DetectZeroes), default="off", show_default=True, help="Turn all-zero writes into zero requests.")
+@click.option("--aio", type=click.Choice(["threads", "native", "io_uring"]), help="Accepted for qemu-nbd compatibility; I/O always uses threads.")
+@click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the server's PID here.")
+@click.option("--fork", is_flag=True, help="Return once the server is listening; it keeps running in the background.")
+def serve(
+    images: Sequence[str],
+    fmt: str | None,
+    bind: str,
+    port: int,
+    socket_path: str | None,
+    names: Sequence[str],
+    descriptions: Sequence[str],
+    shared: int,
+    persistent: bool,
+    readonly: bool,
+    cache: str,
+    discard: str,
+    detect_zeroes: str,
+    aio: str | None,
+    pid_file: str | None,
+    fork: bool,
+) -> None:
+    """Serve IMAGE(s) over NBD, as a drop-in for qemu-nbd.
+
+    Systemd socket activation (LISTEN_FDS) takes precedence over --bind,
+    --port and --socket. SIGTERM and SIGINT finish the requests in flight,
+    flush, and exit 0.
+    """
+    if len(names) > len(images) or len(descriptions) > len(images):
+        raise click.UsageError("more --export-name/--description values than images")
+    devices: list[BlockDevice] = []
+    try:
+        exports = []
+        for i, image in enumerate(images):
+            device: BlockDevice = open_image(
+                image, ImageFormat(fmt) if fmt else None, readonly=readonly, cache=CacheMode(cache)
+            )
+            devices.append(device)
+            device = PolicyDevice(device, discard=Discard(discard), detect_zeroes=DetectZeroes(detect_zeroes))
+            name = names[i] if i < len(names) else ("" if i == 0 else os.path.basename(image))
+            description = descriptions[i] if i < len(descriptions) else ""
+            exports.append(Export(name, device, description=description, readonly=readonly))
+        sockets = systemd_sockets()
+        if not sockets:
+            sockets = [unix_socket(socket_path) if socket_path else tcp_socket(bind, port)]
+        if port == 0 and not socket_path:
+            click.echo(sockets[0].getsockname()[1])
+            sys.stdout.flush()
+        if fork:
+            _daemonize(pid_file)
+        elif pid_file:
+            _write_pid(pid_file)
+        asyncio.run(_serve(exports, sockets, shared=shared, persistent=persistent))
+    except SendenseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        for device in devices:
+            device.close()
+        if pid_file and os.path.exists(pid_file):
+            os.unlink(pid_file)
+
+
+async def _serve(exports: list[Export], sockets: list[socket.socket], *, shared: int, persistent: bool) -> None:
+    server = NBDServer(exports, sockets=sockets, shared=shared, persistent=persistent)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.close)
+    async with server:
+        await server.wait_closed()
+
+
+def _write_pid(path: str) -> None:
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _daemonize(pid_file: str | None) -> None:
+    """Fork; the parent exits once the child has written its PID file."""
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    os.setsid()
+    if pid_file:
+        _write_pid(pid_file)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.write(write_end, b"1")
+    os.close(write_end)
+
+
+@cli.command()
+@click.option("-f", "--format", "fmt", type=_choice(ImageFormat), default="raw", show_default=True)
+@click.argument("path")
+@click.argument("size")
+def create(fmt: str, path: str, size: str) -> None:
+    """Create an empty image of SIZE bytes (suffixes k, M, G, T)."""
+    try:
+        create_image(path, parse_size(size), ImageFormat(fmt))
+    except SendenseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Formatting '{path}', fmt={fmt} size={parse_size(size)}")
+
+
+def main() -> None:
+    cli(prog_name="sendense-nbd")

@@ -1,0 +1,54 @@
+"""Sans-IO NBD: constants, the wire codec, and the handshake and transmission
+state machines. Nothing in this package performs I/O or imports asyncio."""
+
+from sendense_nbd.protocol.constants import (
+    BASE_ALLOCATION,
+    AllocationFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    Option,
+    OptionReply,
+    TransmissionFlag,
+)
+from sendense_nbd.protocol.handshake import (
+    NEED_DATA,
+    Aborted,
+    ExportInfo,
+    Negotiated,
+    NeedData,
+    ServerHandshake,
+)
+from sendense_nbd.protocol.transmission import (
+    Data,
+    Disconnect,
+    Hole,
+    Rejection,
+    Request,
+    RequestParser,
+    check_request,
+)
+
+__all__ = [
+    "BASE_ALLOCATION",
+    "NEED_DATA",
+    "Aborted",
+    "AllocationFlag",
+    "Command",
+    "CommandFlag",
+    "Data",
+    "Disconnect",
+    "Errno",
+    "ExportInfo",
+    "Hole",
+    "Negotiated",
+    "NeedData",
+    "Option",
+    "OptionReply",
+    "Rejection",
+    "Request",
+    "RequestParser",
+    "ServerHandshake",
+    "TransmissionFlag",
+    "check_request",
+]

@@ -1,0 +1,348 @@
+"""One client connection: sockets in, sans-IO protocol, storage calls out.
+
+Theory of operation:
+
+* The connection is an ``asyncio.BufferedProtocol``. During the handshake
+  bytes land in a small scratch buffer and go to
+  :class:`~sendense_nbd.protocol.ServerHandshake`; afterwards
+  :meth:`get_buffer` hands out the
+  :class:`~sendense_nbd.protocol.RequestParser`'s buffers, so WRITE payloads
+  are received straight into the buffer that storage writes from.
+* Each parsed request waits in a queue until the byte budget (this
+  connection's and the server's) can cover it, then runs as a task; storage
+  calls run in the server's thread pool. While requests wait, reading is
+  paused, so a client cannot make the server hold more than the budget.
+* Replies go out in completion order. Read replies wait for the transport to
+  drain past its high-water mark before their bytes count as released.
+* A protocol violation drops this one connection. Storage errors become the
+  spec's error replies and the connection carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sendense_nbd.errors import DeviceError, ProtocolError
+from sendense_nbd.protocol import transmission as tx
+from sendense_nbd.protocol.constants import BASE_ALLOCATION, Command, CommandFlag, Errno
+from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
+from sendense_nbd.storage.base import BlockDevice, Extent
+
+if TYPE_CHECKING:
+    from sendense_nbd.server.server import NBDServer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_HANDSHAKE_BUFFER = 16 * 1024
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: Holes shorter than this inside a read are sent as data (fewer chunks).
+_MIN_HOLE = 64 * 1024
+_SMALL = 64 * 1024
+
+
+class ServerConnection(asyncio.BufferedProtocol):
+    """Serves one client; created by :class:`~sendense_nbd.server.NBDServer`."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._handshake: ServerHandshake | None = None
+        self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
+        self._parser: tx.RequestParser | None = None
+        self._negotiated: Negotiated | None = None
+        self._device: BlockDevice | None = None
+        self._pending: deque[tx.Request] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight = 0
+        self._reading_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._disconnecting = False
+        self._closed = asyncio.Event()
+        self.admitted = False
+        self.peer = "?"
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- asyncio callbacks -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        refuse = self._server._admit(self)
+        self._handshake = ServerHandshake(self._server.catalog, refuse=refuse)
+        transport.write(self._handshake.data_to_send())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._parser is not None:
+            return self._parser.get_buffer()
+        return memoryview(self._handshake_buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._parser is not None:
+                self._parser.buffer_updated(nbytes)
+                self._pump()
+            else:
+                self._handshake_received(memoryview(self._handshake_buffer)[:nbytes])
+        except ProtocolError as exc:
+            log.warning("client %s: %s; dropping the connection", self.peer, exc)
+            self._abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pending.clear()
+        self._writable.set()
+        self._closed.set()
+        self._server._release(self)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- handshake ---------------------------------------------------------------
+
+    def _handshake_received(self, data: memoryview) -> None:
+        handshake = self._handshake
+        assert handshake is not None and self._transport is not None
+        handshake.receive_data(data)
+        self._transport.write(handshake.data_to_send())
+        event = handshake.next_event()
+        if isinstance(event, Aborted):
+            self._transport.close()
+        elif isinstance(event, Negotiated):
+            self._negotiated = event
+            self._device = self._server.device_for(event.export.name)
+            self._parser = tx.RequestParser()
+            self._handshake = None
+            log.info(
+                "client %s: export %r, structured replies %s", self.peer, event.export.name, event.structured_replies
+            )
+            trailing = handshake.trailing_data()
+            if trailing:
+                self._parser.receive_data(trailing)
+                self._pump()
+
+    # -- transmission ------------------------------------------------------------
+
+    def _pump(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        while True:
+            event = parser.next_event()
+            if isinstance(event, tx.Request):
+                self._pending.append(event)
+            elif isinstance(event, tx.Disconnect):
+                self._disconnecting = True
+            else:
+                break
+        self._start_pending()
+
+    def _start_pending(self) -> None:
+        budget = self._server.budget
+        while self._pending:
+            cost = _cost(self._pending[0])
+            if self._tasks and not budget.admits(self._inflight, cost):
+                budget.wait(self)
+                break
+            request = self._pending.popleft()
+            self._inflight += cost
+            budget.take(cost)
+            task = asyncio.get_running_loop().create_task(self._serve(request, cost))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._set_reading(not self._pending and not self._disconnecting)
+        if self._disconnecting and not self._pending and not self._tasks and self._transport:
+            self._transport.close()
+
+    def resume(self) -> None:
+        """Called by the budget when bytes were released elsewhere."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._start_pending()
+
+    def _set_reading(self, on: bool) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or on != self._reading_paused:
+            return
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+        self._reading_paused = not on
+
+    async def _serve(self, request: tx.Request, cost: int) -> None:
+        negotiated = self._negotiated
+        assert negotiated is not None
+        structured = negotiated.structured_replies
+        try:
+            rejection = tx.check_request(request, negotiated)
+            if rejection is not None:
+                reply: Sequence[bytes | bytearray | memoryview] = tx.error_reply(
+                    request.handle, rejection.errno, rejection.message, structured
+                )
+            else:
+                try:
+                    reply = await self._execute(request, negotiated)
+                except DeviceError as exc:
+                    log.warning("client %s: %s failed: %s", self.peer, _name(request.command), exc)
+                    reply = tx.error_reply(request.handle, exc.errno, str(exc), structured)
+            await self._send(reply)
+        except Exception:
+            log.exception("client %s: internal error serving %s", self.peer, _name(request.command))
+            self._abort()
+        finally:
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._inflight -= cost
+            self._server.budget.give(cost)
+            if self._transport is not None and not self._transport.is_closing():
+                self._start_pending()
+
+    async def _execute(
+        self, request: tx.Request, negotiated: Negotiated
+    ) -> Sequence[bytes | bytearray | memoryview]:
+        device = self._device
+        assert device is not None
+        command, offset, length, flags = request.command, request.offset, request.length, request.flags
+        fua = bool(flags & CommandFlag.FUA)
+        structured = negotiated.structured_replies
+        handle = request.handle
+        if command == Command.READ:
+            sparse = structured and not flags & CommandFlag.DF and device.capabilities.can_extents
+            segments = await self._run(_read, device, offset, length, sparse)
+            self.bytes_read += length
+            return tx.read_reply(handle, segments, structured)
+        if command == Command.WRITE:
+            assert request.payload is not None
+            if length:
+                await self._run(functools.partial(device.write, offset, request.payload, fua=fua))
+            self.bytes_written += length
+        elif command == Command.WRITE_ZEROES:
+            if length:
+                await self._run(
+                    functools.partial(
+                        device.zero,
+                        offset,
+                        length,
+                        may_trim=not flags & CommandFlag.NO_HOLE,
+                        fua=fua,
+                        fast=bool(flags & CommandFlag.FAST_ZERO),
+                    )
+                )
+        elif command == Command.TRIM:
+            if length:
+                await self._run(functools.partial(device.trim, offset, length, fua=fua))
+        elif command == Command.FLUSH:
+            await self._run(device.flush)
+        elif command == Command.CACHE:
+            await self._run(device.cache, offset, length)
+        elif command == Command.BLOCK_STATUS:
+            extents = await self._run(_allocation, device, offset, length)
+            if flags & CommandFlag.REQ_ONE:
+                extents = [(min(extents[0][0], length), extents[0][1])]
+            per_context = [(cid, extents) for cid, name in negotiated.meta_contexts if name == BASE_ALLOCATION]
+            return tx.block_status_reply(handle, per_context)
+        return tx.ok_reply(handle, structured)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._server.executor, fn, *args)
+
+    async def _send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        small = bytearray()
+        for buf in buffers:
+            if len(buf) < _SMALL:
+                small += buf
+                continue
+            if small:
+                transport.write(small)
+                small = bytearray()
+            transport.write(buf)
+        if small:
+            transport.write(small)
+        await self._writable.wait()
+
+    def _abort(self) -> None:
+        self._pending.clear()
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- used by the server --------------------------------------------------
+
+    async def finish(self) -> None:
+        """Stop reading, let in-flight requests complete, then close."""
+        self._pending.clear()
+        self._set_reading(False)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._transport is not None:
+            self._transport.close()
+        await self._closed.wait()
+
+
+def _cost(request: tx.Request) -> int:
+    if request.command in (Command.READ, Command.WRITE):
+        return request.length
+    return 0
+
+
+def _name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return f"command {command}"
+
+
+def _read(device: BlockDevice, offset: int, length: int, sparse: bool) -> list[tx.ReadSegment]:
+    """Read a range, leaving large zero extents out as holes when ``sparse``."""
+    if not sparse or length < _MIN_HOLE:
+        buf = bytearray(length)
+        device.read_into(offset, memoryview(buf))
+        return [tx.Data(offset, buf)]
+    plan: list[tuple[bool, int, int]] = []  # (is_hole, offset, length)
+    pos, end = offset, offset + length
+    while pos < end:
+        for extent in device.extents(pos, end - pos):
+            size = min(extent.length, end - pos)
+            hole = extent.zero and size >= _MIN_HOLE
+            if plan and plan[-1][0] == hole:
+                plan[-1] = (hole, plan[-1][1], plan[-1][2] + size)
+            else:
+                plan.append((hole, pos, size))
+            pos += size
+            if pos >= end:
+                break
+    segments: list[tx.ReadSegment] = []
+    for hole, start, size in plan:
+        if hole:
+            segments.append(tx.Hole(start, size))
+        else:
+            buf = bytearray(size)
+            device.read_into(start, memoryview(buf))
+            segments.append(tx.Data(start, buf))
+    return segments
+
+
+def _allocation(device: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
+    extents: list[Extent] = device.extents(offset, length) if device.capabilities.can_extents else [Extent(length)]
+    if not extents:
+        raise DeviceError(Errno.EIO, "storage returned no extents")
+    return [(e.length, int(e.flags)) for e in extents]

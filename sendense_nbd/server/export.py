@@ -1,0 +1,51 @@
+"""Exports: a named block device and what the handshake says about it."""
+
+from __future__ import annotations
+
+import attrs
+
+from sendense_nbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD, TransmissionFlag
+from sendense_nbd.protocol.handshake import ExportInfo
+from sendense_nbd.storage.base import BlockDevice
+
+
+@attrs.frozen(slots=True)
+class Export:
+    """A block device served under ``name``."""
+
+    name: str
+    device: BlockDevice
+    description: str = ""
+    readonly: bool = False
+
+    @property
+    def writable(self) -> bool:
+        return not self.readonly and self.device.capabilities.writable
+
+    def info(self, *, multi_conn: bool) -> ExportInfo:
+        """The handshake's view; ``multi_conn`` when several clients may share it."""
+        caps = self.device.capabilities
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+        flags |= TransmissionFlag.SEND_DF
+        if caps.can_cache:
+            flags |= TransmissionFlag.SEND_CACHE
+        if self.writable:
+            flags |= TransmissionFlag.SEND_WRITE_ZEROES
+            if caps.can_fast_zero:
+                flags |= TransmissionFlag.SEND_FAST_ZERO
+            if caps.can_trim:
+                flags |= TransmissionFlag.SEND_TRIM
+        else:
+            flags |= TransmissionFlag.READ_ONLY
+        if multi_conn and caps.can_multi_conn and caps.can_flush:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+        return ExportInfo(
+            name=self.name,
+            size=self.device.size,
+            flags=flags,
+            description=self.description,
+            min_block=caps.min_block,
+            preferred_block=caps.preferred_block,
+            max_block=MAX_PAYLOAD,
+            meta_contexts=(BASE_ALLOCATION,),
+        )

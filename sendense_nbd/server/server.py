@@ -1,0 +1,206 @@
+"""The asyncio NBD server: listeners, client admission, lifecycle.
+
+Usage from asyncio code::
+
+    async with NBDServer([Export("disk", device)], port=0) as server:
+        print(server.port)
+        await server.wait_closed()   # until close(), or the last client left
+
+Lifecycle, as qemu-nbd: without ``persistent`` the server stops after the
+last client leaves. :meth:`NBDServer.close` (what SIGTERM and SIGINT call)
+stops accepting, lets requests in flight finish, flushes every writable
+export and closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+from sendense_nbd.errors import ServerError
+from sendense_nbd.protocol.constants import DEFAULT_PORT
+from sendense_nbd.protocol.handshake import ExportInfo
+from sendense_nbd.server.connection import ServerConnection
+from sendense_nbd.server.export import Export
+from sendense_nbd.storage.base import BlockDevice
+
+log = logging.getLogger(__name__)
+
+#: Bytes of request data (WRITE payloads and READ lengths) in flight at once.
+DEFAULT_BUDGET = 48 * 1024 * 1024
+DEFAULT_CONNECTION_BUDGET = 32 * 1024 * 1024
+
+
+class Budget:
+    """Bounds the request bytes in flight, per connection and server-wide."""
+
+    def __init__(self, total: int, per_connection: int) -> None:
+        self.total = total
+        self.per_connection = per_connection
+        self.used = 0
+        self._waiting: set[ServerConnection] = set()
+
+    def admits(self, connection_inflight: int, cost: int) -> bool:
+        return connection_inflight + cost <= self.per_connection and self.used + cost <= self.total
+
+    def take(self, cost: int) -> None:
+        self.used += cost
+
+    def give(self, cost: int) -> None:
+        self.used -= cost
+        if cost and self._waiting:
+            waiting, self._waiting = self._waiting, set()
+            for connection in waiting:
+                connection.resume()
+
+    def wait(self, connection: ServerConnection) -> None:
+        self._waiting.add(connection)
+
+
+class NBDServer:
+    """Serves exports over TCP, a unix socket, or inherited listening sockets."""
+
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = DEFAULT_PORT,
+        unix_path: str | None = None,
+        sockets: Sequence[socket.socket] = (),
+        shared: int = 1,
+        persistent: bool = False,
+        budget: int = DEFAULT_BUDGET,
+        workers: int = 4,
+    ) -> None:
+        if not exports:
+            raise ServerError("a server needs at least one export")
+        if shared < 1:
+            raise ServerError("--shared must be at least 1")
+        self._exports = {export.name: export for export in exports}
+        if len(self._exports) != len(exports):
+            raise ServerError("export names must be unique")
+        self._exports.setdefault("", exports[0])
+        multi_conn = shared != 1
+        self.catalog: dict[str, ExportInfo] = {
+            name: export.info(multi_conn=multi_conn) for name, export in self._exports.items()
+        }
+        self._host, self._port, self._unix_path, self._sockets = host, port, unix_path, list(sockets)
+        self.shared = shared
+        self.persistent = persistent
+        self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET))
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[ServerConnection] = set()
+        self._clients: set[ServerConnection] = set()
+        self._stop = asyncio.Event()
+        self._lifecycle: asyncio.Task[None] | None = None
+        self.clients_served = 0
+
+    # -- public API ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening. With ``port=0`` the chosen port is :attr:`port`."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self._sockets:
+                for sock in self._sockets:
+                    if sock.family == socket.AF_UNIX:
+                        server = await loop.create_unix_server(self._protocol, sock=sock)
+                    else:
+                        server = await loop.create_server(self._protocol, sock=sock)
+                    self._servers.append(server)
+            elif self._unix_path is not None:
+                if os.path.exists(self._unix_path):
+                    os.unlink(self._unix_path)
+                self._servers.append(await loop.create_unix_server(self._protocol, path=self._unix_path))
+            else:
+                self._servers.append(
+                    await loop.create_server(self._protocol, host=self._host, port=self._port, reuse_address=True)
+                )
+        except OSError as exc:
+            raise ServerError(f"cannot listen: {exc.strerror or exc}") from exc
+        self._lifecycle = loop.create_task(self._run())
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port listened on, if any."""
+        for server in self._servers:
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        return None
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def close(self) -> None:
+        """Ask the server to stop; safe to call from a signal handler."""
+        self._stop.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has stopped and flushed its exports."""
+        if self._lifecycle is not None:
+            await asyncio.shield(self._lifecycle)
+
+    async def __aenter__(self) -> NBDServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # -- used by connections -------------------------------------------------
+
+    def device_for(self, name: str) -> BlockDevice:
+        return self._exports[name].device
+
+    def _protocol(self) -> ServerConnection:
+        return ServerConnection(self)
+
+    def _admit(self, connection: ServerConnection) -> str | None:
+        """Admit a client, or return why it is refused."""
+        self._connections.add(connection)
+        if self._stop.is_set():
+            return "the server is shutting down"
+        if len(self._clients) >= self.shared:
+            log.warning("refusing client %s: %d clients already connected", connection.peer, self.shared)
+            return f"the server allows {self.shared} simultaneous client(s) (--shared)"
+        connection.admitted = True
+        self._clients.add(connection)
+        self.clients_served += 1
+        return None
+
+    def _release(self, connection: ServerConnection) -> None:
+        self._connections.discard(connection)
+        if connection in self._clients:
+            self._clients.discard(connection)
+            if not self._clients and not self.persistent:
+                self._stop.set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        await self._stop.wait()
+        for server in self._servers:
+            server.close()
+        await asyncio.gather(*(c.finish() for c in list(self._connections)), return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        for export in {id(e): e for e in self._exports.values()}.values():
+            if export.writable:
+                try:
+                    await loop.run_in_executor(self.executor, export.device.flush)
+                except Exception as exc:  # reported, but shutdown goes on
+                    log.error("flushing export %r failed: %s", export.name, exc)
+        for server in self._servers:
+            await server.wait_closed()
+        self.executor.shutdown(wait=True)
