@@ -154,7 +154,7 @@ def _daemonize(pid_file: str | None) -> None:
     if pid_file:
         _write_pid(pid_file)
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
+    for fd in (0, 1, 2):  # callers wait for EOF on these
         os.dup2(devnull, fd)
     os.write(write_end, b"1")
     os.close(write_end)

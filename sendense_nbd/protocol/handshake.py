@@ -188,8 +188,11 @@ class ServerHandshake:
                 self._option_length -= take
                 if self._option_length:
                     return
-                self._reply(self._option, OptionReply.ERR_TOO_BIG, b"option data too long")
                 self._state = _State.OPTION_HEADER
+                if self._option == Option.ABORT:
+                    self._handle_option(Option.ABORT, b"")
+                else:
+                    self._reply(self._option, OptionReply.ERR_TOO_BIG, b"option data too long")
             elif self._state is _State.OPTION_DATA:
                 if len(self._buffer) < self._option_length:
                     return
@@ -204,7 +207,7 @@ class ServerHandshake:
             return False
         (flags,) = wire.CLIENT_FLAGS.unpack_from(self._buffer)
         del self._buffer[:size]
-        if flags & ~_KNOWN_CLIENT_FLAGS:
+        if flags & ~int(_KNOWN_CLIENT_FLAGS):
             raise ProtocolError(f"unknown client flags {flags:#x}")
         self._client_flags = ClientFlag(flags)
         self._state = _State.OPTION_HEADER
@@ -248,7 +251,7 @@ class ServerHandshake:
                 raise _OptionRefused(OptionReply.ERR_UNSUP, f"option {option} is not supported")
             handler(self, option, data)
         except _OptionRefused as refused:
-            self._reply(option, refused.reply, str(refused).encode())
+            self._reply(option, refused.reply, wire.encode_text(str(refused)))
 
     def _export_name(self, data: bytes) -> None:
         if self._refuse is not None:
@@ -261,7 +264,7 @@ class ServerHandshake:
         if export is None:
             # No way to report an error to NBD_OPT_EXPORT_NAME: hang up.
             raise ProtocolError(f"unknown export {data[:64]!r}")
-        flags = export.flags if self._structured else export.flags & ~TransmissionFlag.SEND_DF
+        flags = self._flags(export)
         reply = wire.EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self._client_flags & ClientFlag.NO_ZEROES:
             reply += bytes(wire.EXPORT_NAME_PADDING)
@@ -298,8 +301,8 @@ class ServerHandshake:
         reader.end()
         export = self._exports.get(name)
         if export is None:
-            raise _OptionRefused(OptionReply.ERR_UNKNOWN, f"export {name!r} not found")
-        flags = export.flags if self._structured else export.flags & ~TransmissionFlag.SEND_DF
+            raise _OptionRefused(OptionReply.ERR_UNKNOWN, f"export {name[:256]!r} not found")
+        flags = self._flags(export)
         self._reply(option, OptionReply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
         if Info.NAME in requests:
             self._reply(option, OptionReply.INFO, wire.U16.pack(Info.NAME) + export.name.encode())
@@ -312,9 +315,13 @@ class ServerHandshake:
         )
         self._reply(option, OptionReply.ACK)
         if option == Option.GO:
-            self._finish(self._negotiated(export, requested_name=name))
+            self._finish(self._negotiated(export))
 
     def _meta_context(self, option: int, data: bytes) -> None:
+        listing = option == Option.LIST_META_CONTEXT
+        if not listing:
+            # SET replaces the selection, even when it fails.
+            self._meta_export, self._meta = None, ()
         if not self._structured:
             raise _OptionRefused(OptionReply.ERR_INVALID, "negotiate structured replies first")
         reader = _Reader(data)
@@ -324,8 +331,7 @@ class ServerHandshake:
         reader.end()
         export = self._exports.get(name)
         if export is None:
-            raise _OptionRefused(OptionReply.ERR_UNKNOWN, f"export {name!r} not found")
-        listing = option == Option.LIST_META_CONTEXT
+            raise _OptionRefused(OptionReply.ERR_UNKNOWN, f"export {name[:256]!r} not found")
         matched: list[tuple[int, str]] = []
         for context_id, context in enumerate(export.meta_contexts, start=1):
             if listing and not queries:
@@ -335,7 +341,7 @@ class ServerHandshake:
         for context_id, context in matched:
             self._reply(option, OptionReply.META_CONTEXT, wire.U32.pack(0 if listing else context_id) + context.encode())
         if not listing:
-            self._meta_export, self._meta = name, tuple(matched)
+            self._meta_export, self._meta = export.name, tuple(matched)
         self._reply(option, OptionReply.ACK)
 
     _HANDLERS = {
@@ -353,13 +359,15 @@ class ServerHandshake:
     def _reply(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
         self._out += wire.encode_option_reply(option, reply, data)
 
-    def _negotiated(self, export: ExportInfo, requested_name: str | None = None) -> Negotiated:
-        name = export.name if requested_name is None else requested_name
-        meta = self._meta if self._meta_export in (name, export.name) else ()
-        if not self._structured:
-            # DF only means something with structured replies.
-            export = attrs.evolve(export, flags=export.flags & ~TransmissionFlag.SEND_DF)
-        return Negotiated(export, self._structured, meta)
+    def _negotiated(self, export: ExportInfo) -> Negotiated:
+        meta = self._meta if self._meta_export == export.name else ()
+        return Negotiated(attrs.evolve(export, flags=self._flags(export)), self._structured, meta)
+
+    def _flags(self, export: ExportInfo) -> TransmissionFlag:
+        if self._structured:
+            return export.flags
+        # DF only means something with structured replies.
+        return TransmissionFlag(int(export.flags) & ~int(TransmissionFlag.SEND_DF))
 
     def _finish(self, event: HandshakeEvent) -> None:
         self._state = _State.DONE

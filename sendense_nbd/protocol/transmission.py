@@ -196,24 +196,24 @@ def check_request(request: Request, negotiated: Negotiated) -> Rejection | None:
     allowed = _FLAGS_BY_COMMAND.get(command)
     if allowed is None:
         return Rejection(Errno.EINVAL, f"unknown command {command}")
+    if command in _WRITING and flags & TransmissionFlag.READ_ONLY:
+        return Rejection(Errno.EPERM, "the export is read-only")
     needed = _NEEDS_FLAG.get(command)
     if needed is not None and not flags & needed:
         return Rejection(Errno.EINVAL, f"{Command(command).name} was not advertised")
-    if request.flags & ~allowed:
+    if request.flags & ~int(allowed):
         return Rejection(Errno.EINVAL, f"flags {request.flags:#x} are not valid for {Command(command).name}")
     for flag, required in _FLAG_NEEDS.items():
         if request.flags & flag and not flags & required:
             return Rejection(Errno.EINVAL, f"flag {flag.name} was not advertised")
     if command == Command.BLOCK_STATUS and not negotiated.meta_contexts:
         return Rejection(Errno.EINVAL, "no meta context was negotiated")
-    if command in _WRITING and flags & TransmissionFlag.READ_ONLY:
-        return Rejection(Errno.EPERM, "the export is read-only")
     if command in _RANGED:
         end = request.offset + request.length
         if end > export.size:
             errno = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
             return Rejection(errno, f"request {request.offset}+{request.length} is beyond the export size {export.size}")
-        if (request.offset | request.length) % export.min_block and end != export.size:
+        if request.offset % export.min_block or (request.length % export.min_block and end != export.size):
             return Rejection(Errno.EINVAL, f"request is not aligned to {export.min_block} bytes")
         if command == Command.READ and request.length > export.max_block:
             return Rejection(Errno.EINVAL, f"read of {request.length} bytes exceeds the maximum {export.max_block}")

@@ -15,6 +15,7 @@ import attrs
 from sendense_nbd.errors import ProtocolError
 from sendense_nbd.protocol.constants import (
     IHAVEOPT,
+    MAX_STRING,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
@@ -164,10 +165,18 @@ def encode_string(text: str) -> bytes:
     return U32.pack(len(raw)) + raw
 
 
+def encode_text(text: str, limit: int = MAX_STRING) -> bytes:
+    """UTF-8 of ``text`` cut to ``limit`` bytes without splitting a character."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode(errors="ignore").encode()
+
+
 def encode_error_chunk(
     handle: int, error: int, message: str, *, done: bool = True
 ) -> bytes:
-    raw = message.encode()[:4096]
+    raw = encode_text(message)
     payload = ERROR_PAYLOAD.pack(error, len(raw)) + raw
     flags = ReplyFlag.DONE if done else 0
     return encode_chunk_header(flags, ReplyType.ERROR, handle, len(payload)) + payload

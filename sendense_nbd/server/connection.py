@@ -100,7 +100,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._handshake_received(memoryview(self._handshake_buffer)[:nbytes])
         except ProtocolError as exc:
             log.warning("client %s: %s; dropping the connection", self.peer, exc)
-            self._abort()
+            self._drop()
 
     def eof_received(self) -> bool:
         return False
@@ -206,7 +206,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             await self._send(reply)
         except Exception:
             log.exception("client %s: internal error serving %s", self.peer, _name(request.command))
-            self._abort()
+            self._drop()
         finally:
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._inflight -= cost
@@ -280,10 +280,13 @@ class ServerConnection(asyncio.BufferedProtocol):
             transport.write(small)
         await self._writable.wait()
 
-    def _abort(self) -> None:
+    def _drop(self) -> None:
+        """Hang up after sending whatever replies are already queued."""
         self._pending.clear()
+        if self._handshake is not None and self._transport is not None:
+            self._transport.write(self._handshake.data_to_send())
         if self._transport is not None:
-            self._transport.abort()
+            self._transport.close()
 
     # -- used by the server --------------------------------------------------
 

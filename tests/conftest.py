@@ -1,0 +1,165 @@
+"""Shared fixtures: real peers and our server as a subprocess.
+
+A missing peer is a failure, never a skip: run ``./setup.sh`` first.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+PEERS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy", "nbdsh", "nbdkit", "nbd-server")
+
+
+def require(tool: str) -> str:
+    """Path of a peer tool; fails the test loudly when it is missing."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"peer {tool!r} is not installed; run ./setup.sh", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _peers_installed() -> None:
+    for tool in PEERS:
+        require(tool)
+    try:
+        import nbd  # noqa: F401  (Debian's python3-libnbd)
+    except ImportError:
+        pytest.fail("python3-libnbd is not importable; the venv must be made by ./setup.sh", pytrace=False)
+
+
+@attrs.define
+class RunningServer:
+    """A ``sendense-nbd serve`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int | None
+    socket: str | None
+
+    @property
+    def uri(self) -> str:
+        return self.uri_for("")
+
+    def uri_for(self, export: str) -> str:
+        if self.socket:
+            return f"nbd+unix:///{export}?socket={self.socket}"
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    @property
+    def qemu_uri(self) -> str:
+        """qemu's spelling (qemu 7.2 does not take nbd+unix query URIs everywhere)."""
+        if self.socket:
+            return f"nbd:unix:{self.socket}"
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+
+
+def server_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sendense_nbd", *args]
+
+
+def start_server(*args: str, unix: str | None = None, timeout: float = 15) -> RunningServer:
+    """Start ``sendense-nbd serve ARGS`` on a free port (or ``unix``) and wait until it listens."""
+    listen = ["--socket", unix] if unix else ["--port", "0"]
+    proc = subprocess.Popen(
+        server_command("serve", *listen, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    port = None
+    if unix:
+        deadline_ok = _wait_for(lambda: os.path.exists(unix) or proc.poll() is not None, timeout)
+        if not deadline_ok or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()[1].decode()}")
+    else:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else b""
+        if not line.strip().isdigit():
+            proc.kill()
+            raise AssertionError(f"server did not start: {line!r} {proc.communicate()[1].decode()}")
+        port = int(line)
+    return RunningServer(proc, port, unix)
+
+
+def _wait_for(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def serve() -> Iterator:  # type: ignore[type-arg]
+    """Factory: ``serve(*args, unix=None)`` starts a server, stopped at teardown."""
+    started: list[RunningServer] = []
+
+    def _start(*args: str, unix: str | None = None) -> RunningServer:
+        server = start_server(*args, unix=unix)
+        started.append(server)
+        return server
+
+    yield _start
+    for server in started:
+        if server.alive():
+            server.proc.kill()
+        server.proc.wait(timeout=10)
+
+
+def run(*cmd: str | Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a peer command, failing with its output when it fails."""
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def random_file(path: Path, size: int, seed: int = 1) -> Path:
+    """A file of reproducible pseudo-random bytes."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            n = min(remaining, 1 << 20)
+            f.write(rng.randbytes(n))
+            remaining -= n
+    return path
+
+
+def sparse_file(path: Path, size: int, data_ranges: list[tuple[int, int]], seed: int = 2) -> Path:
+    """A sparse file with pseudo-random data only in ``(offset, length)`` ranges."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data_ranges:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+    return path
