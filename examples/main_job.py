@@ -1,0 +1,105 @@
+"""The main job, end to end, on an embedded default disk.
+
+1. Make a 256 MiB source disk: sparse, with pseudo-random data in 10% of it.
+2. Create an empty raw target and serve it with our NBD server (in-process,
+   through the library API), 4 clients allowed.
+3. Copy the source into the target with a real client, ``nbdcopy --flush``,
+   over 4 connections.
+4. Verify: ``qemu-img compare`` against the export, the allocation map over
+   NBD (holes stayed holes), and the target file byte for byte after the
+   server flushed and stopped.
+
+Run it with ``./setup.sh run``, or ``.venv/bin/python examples/main_job.py
+[--size 1G] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import filecmp
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sendense_nbd import Export, NBDServer, create_image, open_image
+from sendense_nbd.storage import DetectZeroes, Discard, ImageFormat, PolicyDevice
+
+MiB = 1 << 20
+
+
+def make_source(path: Path, size: int) -> list[tuple[int, int]]:
+    """A sparse disk with 1 MiB runs of data covering 10% of it."""
+    rng = random.Random(2026)
+    data = [(offset, MiB) for offset in range(0, size, 10 * MiB)]
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+    return data
+
+
+async def copy_and_verify(source: Path, target: Path, data: list[tuple[int, int]]) -> None:
+    device = PolicyDevice(open_image(str(target), ImageFormat.RAW), discard=Discard.UNMAP, detect_zeroes=DetectZeroes.OFF)
+    try:
+        async with NBDServer([Export("disk0", device)], port=0, shared=4, persistent=True) as server:
+            uri = f"nbd://127.0.0.1:{server.port}/disk0"
+            print(f"serving {target} at {uri}")
+            started = time.monotonic()
+            await run("nbdcopy", "--flush", "--connections=4", str(source), uri)
+            elapsed = time.monotonic() - started
+            print(f"nbdcopy: {source.stat().st_size / MiB:.0f} MiB in {elapsed:.2f} s")
+            await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), f"nbd://127.0.0.1:{server.port}/disk0")
+            extents = json.loads(await run("nbdinfo", "--map", "--json", uri))
+            allocated = [(e["offset"], e["length"]) for e in extents if not e["type"] & 1]
+            if merge(allocated) != merge(data):
+                raise SystemExit(f"allocation map differs from the source: {allocated[:4]}...")
+            print(f"allocation map: {len(data)} data runs, the rest holes, as in the source")
+    finally:
+        device.close()
+    if not filecmp.cmp(source, target, shallow=False):
+        raise SystemExit("target file differs from the source")
+    print("target file is byte-for-byte identical to the source: OK")
+
+
+def merge(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for offset, length in sorted(extents):
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
+    return out
+
+
+async def run(*cmd: str) -> str:
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode().strip()}")
+    return out.decode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="disk size in MiB")
+    parser.add_argument("--workdir", type=Path, help="where to put the images (default: a temporary directory)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sendense-main-job-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        source, target = workdir / "source.raw", workdir / "target.raw"
+        for path in (source, target):
+            path.unlink(missing_ok=True)
+        data = make_source(source, args.size * MiB)
+        create_image(str(target), args.size * MiB)
+        asyncio.run(copy_and_verify(source, target, data))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

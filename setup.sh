@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up sendense-nbd on Debian 12 (as root) and run something with it.
+#
+#   ./setup.sh run    install, then run the main job end-to-end (examples/main_job.py)
+#   ./setup.sh test   install, then run the whole test suite
+#   ./setup.sh        install only
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+
+DEBIAN_PACKAGES=(
+    qemu-utils nbdkit nbdkit-plugin-python libnbd-bin nbd-server python3-libnbd
+    python3 python3-venv python3-pip
+)
+
+install_debian_packages() {
+    local missing=()
+    for pkg in "${DEBIAN_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "setup: installing Debian packages: ${missing[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+install_venv() {
+    # Debian's python3 with system site-packages: python3-libnbd (the peer our
+    # tests drive) only imports there.
+    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+        rm -rf .venv
+        /usr/bin/python3 -m venv --system-site-packages .venv
+    fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+}
+
+install_debian_packages
+install_venv
+
+case "${1:-}" in
+    run) exec .venv/bin/python examples/main_job.py ;;
+    test) exec .venv/bin/python -m pytest -q -p no:cacheprovider tests ;;
+    "") echo "setup: done; next: ./setup.sh run, or ./setup.sh test" >&2 ;;
+    *) echo "usage: $0 [run|test]" >&2; exit 2 ;;
+esac
