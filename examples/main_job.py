@@ -44,8 +44,10 @@ def make_source(path: Path, size: int) -> list[tuple[int, int]]:
     return data
 
 
-async def copy_and_verify(source: Path, target: Path, data: list[tuple[int, int]]) -> None:
-    device = PolicyDevice(open_image(str(target), ImageFormat.RAW), discard=Discard.UNMAP, detect_zeroes=DetectZeroes.OFF)
+async def copy_and_verify(source: Path, target: Path, size: int, data: list[tuple[int, int]]) -> None:
+    device = PolicyDevice(
+        open_image(str(target), ImageFormat.RAW), discard=Discard.UNMAP, detect_zeroes=DetectZeroes.OFF
+    )
     try:
         async with NBDServer([Export("disk0", device)], port=0, shared=4, persistent=True) as server:
             uri = f"nbd://127.0.0.1:{server.port}/disk0"
@@ -53,8 +55,10 @@ async def copy_and_verify(source: Path, target: Path, data: list[tuple[int, int]
             started = time.monotonic()
             await run("nbdcopy", "--flush", "--connections=4", str(source), uri)
             elapsed = time.monotonic() - started
-            print(f"nbdcopy: {source.stat().st_size / MiB:.0f} MiB in {elapsed:.2f} s")
-            await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), f"nbd://127.0.0.1:{server.port}/disk0")
+            print(f"nbdcopy: {size / MiB:.0f} MiB in {elapsed:.2f} s")
+            await run(
+                "qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), f"nbd://127.0.0.1:{server.port}/disk0"
+            )
             extents = json.loads(await run("nbdinfo", "--map", "--json", uri))
             allocated = [(e["offset"], e["length"]) for e in extents if not e["type"] & 1]
             if merge(allocated) != merge(data):
@@ -98,7 +102,7 @@ def main() -> None:
             path.unlink(missing_ok=True)
         data = make_source(source, args.size * MiB)
         create_image(str(target), args.size * MiB)
-        asyncio.run(copy_and_verify(source, target, data))
+        asyncio.run(copy_and_verify(source, target, args.size * MiB, data))
 
 
 if __name__ == "__main__":

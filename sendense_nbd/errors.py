@@ -15,6 +15,7 @@ Foreign exceptions (``OSError``) are translated at the boundary with
 
 from __future__ import annotations
 
+
 class SendenseError(Exception):
     """Base class of every error this package raises on purpose."""
 

@@ -82,9 +82,7 @@ def server_command(*args: str) -> list[str]:
 def start_server(*args: str, unix: str | None = None, timeout: float = 15) -> RunningServer:
     """Start ``sendense-nbd serve ARGS`` on a free port (or ``unix``) and wait until it listens."""
     listen = ["--socket", unix] if unix else ["--port", "0"]
-    proc = subprocess.Popen(
-        server_command("serve", *listen, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(server_command("serve", *listen, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     port = None
     if unix:

@@ -121,7 +121,21 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
         "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", launcher, str(listener.fileno()), "-m", "sendense_nbd", "serve", "-f", "raw", "-r", "-p", "1", str(disk)],
+        [
+            sys.executable,
+            "-c",
+            launcher,
+            str(listener.fileno()),
+            "-m",
+            "sendense_nbd",
+            "serve",
+            "-f",
+            "raw",
+            "-r",
+            "-p",
+            "1",
+            str(disk),
+        ],
         pass_fds=(listener.fileno(),),
         stderr=subprocess.PIPE,
     )
@@ -154,7 +168,9 @@ def test_read_only_export_rejects_writes(tmp_path: Path, serve) -> None:  # type
 def test_qcow2_is_refused_clearly(tmp_path: Path) -> None:
     image = tmp_path / "d.qcow2"
     run("qemu-img", "create", "-f", "qcow2", str(image), "1M")
-    explicit = subprocess.run(server_command("serve", "-f", "qcow2", str(image)), capture_output=True, text=True, timeout=30)
+    explicit = subprocess.run(
+        server_command("serve", "-f", "qcow2", str(image)), capture_output=True, text=True, timeout=30
+    )
     assert explicit.returncode == 1
     assert "qcow2 format is not supported yet" in explicit.stderr
     probed = subprocess.run(server_command("serve", str(image)), capture_output=True, text=True, timeout=30)
@@ -173,13 +189,17 @@ def test_unformatted_image_served_as_raw_with_warning(tmp_path: Path, serve) -> 
 
 
 def test_missing_image_and_busy_port_are_one_line_errors(tmp_path: Path) -> None:
-    missing = subprocess.run(server_command("serve", "-f", "raw", str(tmp_path / "nope.raw")), capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        server_command("serve", "-f", "raw", str(tmp_path / "nope.raw")), capture_output=True, text=True, timeout=30
+    )
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"Error: cannot open {tmp_path / 'nope.raw'}: No such file or directory"
     disk = _empty(tmp_path / "d.raw", MiB)
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        result = subprocess.run(server_command("serve", "-f", "raw", "-p", str(port), str(disk)), capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            server_command("serve", "-f", "raw", "-p", str(port), str(disk)), capture_output=True, text=True, timeout=30
+        )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 

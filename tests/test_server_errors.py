@@ -120,7 +120,9 @@ class Raw:
         _, size, flags = wire.INFO_EXPORT.unpack(infos[0])
         return size, flags
 
-    def request(self, command: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> None:
+    def request(
+        self, command: int, handle: int, offset: int, length: int, flags: int = 0, payload: bytes = b""
+    ) -> None:
         self.send(wire.encode_request(command, handle, offset, length, flags) + payload)
 
     def simple_reply(self, data_length: int = 0) -> tuple[int, int, bytes]:
@@ -189,11 +191,21 @@ def test_out_of_range(serve, image: Path, op: str) -> None:
 
 
 BAD_FLAGS = [
-    ("read", 1 << 7), ("read", 1 << 15), ("write", 1 << 9), ("write_zeroes", 1 << 12),
-    ("read", CommandFlag.REQ_ONE), ("read", CommandFlag.NO_HOLE), ("read", CommandFlag.FAST_ZERO),
-    ("write", CommandFlag.DF), ("write", CommandFlag.FAST_ZERO), ("write", CommandFlag.NO_HOLE),
-    ("write_zeroes", CommandFlag.DF), ("trim", CommandFlag.NO_HOLE), ("flush", CommandFlag.DF),
-    ("cache", CommandFlag.REQ_ONE), ("block_status", CommandFlag.DF),
+    ("read", 1 << 7),
+    ("read", 1 << 15),
+    ("write", 1 << 9),
+    ("write_zeroes", 1 << 12),
+    ("read", CommandFlag.REQ_ONE),
+    ("read", CommandFlag.NO_HOLE),
+    ("read", CommandFlag.FAST_ZERO),
+    ("write", CommandFlag.DF),
+    ("write", CommandFlag.FAST_ZERO),
+    ("write", CommandFlag.NO_HOLE),
+    ("write_zeroes", CommandFlag.DF),
+    ("trim", CommandFlag.NO_HOLE),
+    ("flush", CommandFlag.DF),
+    ("cache", CommandFlag.REQ_ONE),
+    ("block_status", CommandFlag.DF),
 ]
 FLAGGED = {
     "read": lambda h, f: h.pread(512, 0, flags=f),
@@ -240,10 +252,10 @@ def test_unknown_command_raw(serve, image: Path, structured: bool) -> None:
     data = b"\x5a" * 512
     raw.request(Command.WRITE, 100, 512, 512, payload=data)
     if structured:
-        (header, _), = raw.chunks()
+        ((header, _),) = raw.chunks()
         assert (header.handle, header.type) == (100, ReplyType.NONE)
         raw.request(Command.READ, 101, 512, 512, flags=CommandFlag.DF)
-        (header, payload), = raw.chunks()
+        ((header, payload),) = raw.chunks()
         assert (header.handle, header.type, payload) == (101, ReplyType.OFFSET_DATA, wire.U64.pack(512) + data)
         # a READ error must come as a structured reply too, even for bad flags
         raw.request(Command.READ, 102, 0, 512, flags=CommandFlag.REQ_ONE)
@@ -264,7 +276,11 @@ def test_read_only_export_eperm(serve, image: Path, op: str) -> None:
     srv = serve("-f", "raw", "-t", "-r", str(image))
     h = connect(srv)
     assert h.is_read_only()
-    calls = {"write": lambda: h.pwrite(b"\xcc" * 4096, 0), "trim": lambda: h.trim(4096, 0), "write_zeroes": lambda: h.zero(4096, 0)}
+    calls = {
+        "write": lambda: h.pwrite(b"\xcc" * 4096, 0),
+        "trim": lambda: h.trim(4096, 0),
+        "write_zeroes": lambda: h.zero(4096, 0),
+    }
     err = nbd_error(calls[op])
     assert err.errno == "EPERM", err.string
     assert h.pread(4096, 0) == image.read_bytes()[:4096]
@@ -456,7 +472,12 @@ def test_shared_limit(serve, image: Path) -> None:
     err = nbd_error(lambda: connect(srv))
     assert "policy" in err.string, err.string
     refused = Raw(srv.port)
-    for option, data in [(Option.LIST, b""), (Option.STRUCTURED_REPLY, b""), (Option.INFO, GO_DATA), (Option.GO, GO_DATA)]:
+    for option, data in [
+        (Option.LIST, b""),
+        (Option.STRUCTURED_REPLY, b""),
+        (Option.INFO, GO_DATA),
+        (Option.GO, GO_DATA),
+    ]:
         assert [kind for kind, _ in refused.option(option, data)] == [OptionReply.ERR_POLICY]
     roundtrip(a, 0, seed=8)
     roundtrip(b, 4096, seed=9)
@@ -503,8 +524,18 @@ def _fuzz_option_header(raw: Raw, rng: random.Random) -> None:
 def _fuzz_option_data(raw: Raw, rng: random.Random) -> None:
     if rng.random() < 0.5:
         assert raw.option(Option.STRUCTURED_REPLY) == [(OptionReply.ACK, b"")]
-    option = rng.choice([Option.INFO, Option.GO, Option.LIST, Option.STARTTLS, Option.STRUCTURED_REPLY,
-                         Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT, 0x1234])
+    option = rng.choice(
+        [
+            Option.INFO,
+            Option.GO,
+            Option.LIST,
+            Option.STARTTLS,
+            Option.STRUCTURED_REPLY,
+            Option.LIST_META_CONTEXT,
+            Option.SET_META_CONTEXT,
+            0x1234,
+        ]
+    )
     data = rng.randbytes(rng.randint(1, 300))
     if option in (Option.INFO, Option.GO, Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT) and rng.random() < 0.5:
         data = wire.encode_string(rng.choice(["", "nosuch", "\u00e9"])) + data  # a valid name, then garbage
@@ -541,9 +572,19 @@ def _fuzz_request_fields(raw: Raw, rng: random.Random) -> None:
     """Well-framed requests with random fields are refused; the stream stays in sync."""
     raw.go()
     for handle in range(rng.randint(1, 5)):
-        command = rng.choice([Command.READ, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES,
-                              Command.BLOCK_STATUS, rng.randint(8, 0xFFFF)])
-        raw.request(command, handle, rng.randint(SIZE + 1, 2**64 - 1), rng.randint(0, 2**32 - 1), rng.randint(0, 0xFFFF))
+        command = rng.choice(
+            [
+                Command.READ,
+                Command.TRIM,
+                Command.CACHE,
+                Command.WRITE_ZEROES,
+                Command.BLOCK_STATUS,
+                rng.randint(8, 0xFFFF),
+            ]
+        )
+        raw.request(
+            command, handle, rng.randint(SIZE + 1, 2**64 - 1), rng.randint(0, 2**32 - 1), rng.randint(0, 0xFFFF)
+        )
         got_handle, error, _ = raw.simple_reply()
         assert got_handle == handle and error in (Errno.EINVAL, Errno.ENOSPC), (command, error)
     raw.request(Command.READ, 99, 0, 16)

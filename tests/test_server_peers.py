@@ -89,7 +89,9 @@ def test_qemu_io_patterns_zeroes_discard_flush_aio(tmp_path: Path, serve) -> Non
 def test_nbdinfo_list_json_map_can(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     disk = sparse_file(tmp_path / "disk.raw", 8 * MiB, [(MiB, MiB)])
     other = _empty(tmp_path / "other.raw", 4 * MiB)
-    srv = serve("-f", "raw", "-t", "-e", "4", "-x", "disk", "-D", "the system disk", "-x", "data", str(disk), str(other))
+    srv = serve(
+        "-f", "raw", "-t", "-e", "4", "-x", "disk", "-D", "the system disk", "-x", "data", str(disk), str(other)
+    )
     listing = json.loads(run(require("nbdinfo"), "--list", "--json", srv.uri).stdout)
     exports = {e["export-name"]: e for e in listing["exports"]}
     assert set(exports) == {"disk", "data"}
@@ -132,7 +134,15 @@ def test_nbdcopy_round_trip_four_connections(tmp_path: Path, serve, unix: bool) 
     src = sparse_file(tmp_path / "src.raw", 48 * MiB, [(0, 8 * MiB), (20 * MiB, 5 * MiB + 123), (47 * MiB, MiB)])
     target = _empty(tmp_path / "target.raw", 48 * MiB)
     srv = serve(
-        "-f", "raw", "-t", "-e", "8", "--discard", "unmap", str(target), unix=str(tmp_path / "nbd.sock") if unix else None
+        "-f",
+        "raw",
+        "-t",
+        "-e",
+        "8",
+        "--discard",
+        "unmap",
+        str(target),
+        unix=str(tmp_path / "nbd.sock") if unix else None,
     )
     run(require("nbdcopy"), "--flush", "--connections=4", str(src), srv.uri)
     back = tmp_path / "back.raw"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
-def _choice(enum_type: type) -> click.Choice:
+def _choice(enum_type: type[enum.Enum]) -> click.Choice[str]:
     return click.Choice([member.value for member in enum_type])
 
 
@@ -55,19 +56,50 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@click.option("-f", "--format", "fmt", type=_choice(ImageFormat), help="Image format; probed (never as qcow2-as-raw) if omitted.")
-@click.option("-b", "--bind", default="127.0.0.1", show_default=True, help="Address to listen on. Unlike qemu-nbd (all interfaces), loopback by default.")
-@click.option("-p", "--port", type=int, default=DEFAULT_PORT, show_default=True, help="TCP port; 0 picks a free one and prints it.")
+@click.option(
+    "-f", "--format", "fmt", type=_choice(ImageFormat), help="Image format; probed (never as qcow2-as-raw) if omitted."
+)
+@click.option(
+    "-b",
+    "--bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Unlike qemu-nbd (all interfaces), loopback by default.",
+)
+@click.option(
+    "-p",
+    "--port",
+    type=int,
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="TCP port; 0 picks a free one and prints it.",
+)
 @click.option("-k", "--socket", "socket_path", help="Listen on this unix socket instead of TCP.")
-@click.option("-x", "--export-name", "names", multiple=True, help="Export name, once per IMAGE in order (default: '' for the first).")
+@click.option(
+    "-x",
+    "--export-name",
+    "names",
+    multiple=True,
+    help="Export name, once per IMAGE in order (default: '' for the first).",
+)
 @click.option("-D", "--description", "descriptions", multiple=True, help="Export description, once per IMAGE in order.")
 @click.option("-e", "--shared", type=int, default=1, show_default=True, help="Maximum simultaneous clients.")
 @click.option("-t", "--persistent", is_flag=True, help="Keep serving after the last client disconnects.")
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
 @click.option("--cache", type=_choice(CacheMode), default="writeback", show_default=True, help="Host page-cache mode.")
 @click.option("--discard", type=_choice(Discard), default="ignore", show_default=True, help="Whether TRIM frees space.")
-@click.option("--detect-zeroes", type=_choice(DetectZeroes), default="off", show_default=True, help="Turn all-zero writes into zero requests.")
-@click.option("--aio", type=click.Choice(["threads", "native", "io_uring"]), help="Accepted for qemu-nbd compatibility; I/O always uses threads.")
+@click.option(
+    "--detect-zeroes",
+    type=_choice(DetectZeroes),
+    default="off",
+    show_default=True,
+    help="Turn all-zero writes into zero requests.",
+)
+@click.option(
+    "--aio",
+    type=click.Choice(["threads", "native", "io_uring"]),
+    help="Accepted for qemu-nbd compatibility; I/O always uses threads.",
+)
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the server's PID here.")
 @click.option("--fork", is_flag=True, help="Return once the server is listening; it keeps running in the background.")
 def serve(

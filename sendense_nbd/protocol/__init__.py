@@ -15,8 +15,8 @@ from sendense_nbd.protocol.handshake import (
     NEED_DATA,
     Aborted,
     ExportInfo,
-    Negotiated,
     NeedData,
+    Negotiated,
     ServerHandshake,
 )
 from sendense_nbd.protocol.transmission import (

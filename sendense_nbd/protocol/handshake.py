@@ -101,6 +101,7 @@ class _OptionRefused(Exception):
 
 
 _KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+_OPTION_CODES = frozenset(int(o) for o in Option)
 
 
 class ServerHandshake:
@@ -112,9 +113,7 @@ class ServerHandshake:
     server over its client limit turns a client away cleanly.
     """
 
-    def __init__(
-        self, exports: Mapping[str, ExportInfo], *, refuse: str | None = None
-    ) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], *, refuse: str | None = None) -> None:
         self._exports = exports
         self._refuse = refuse
         self._state = _State.CLIENT_FLAGS
@@ -246,7 +245,7 @@ class ServerHandshake:
         try:
             if self._refuse is not None:
                 raise _OptionRefused(OptionReply.ERR_POLICY, self._refuse)
-            handler = self._HANDLERS.get(option)
+            handler = self._HANDLERS.get(Option(option)) if option in _OPTION_CODES else None
             if handler is None:
                 raise _OptionRefused(OptionReply.ERR_UNSUP, f"option {option} is not supported")
             handler(self, option, data)
@@ -339,7 +338,9 @@ class ServerHandshake:
             elif any(_context_matches(context, query, listing) for query in queries):
                 matched.append((context_id, context))
         for context_id, context in matched:
-            self._reply(option, OptionReply.META_CONTEXT, wire.U32.pack(0 if listing else context_id) + context.encode())
+            self._reply(
+                option, OptionReply.META_CONTEXT, wire.U32.pack(0 if listing else context_id) + context.encode()
+            )
         if not listing:
             self._meta_export, self._meta = export.name, tuple(matched)
         self._reply(option, OptionReply.ACK)

@@ -35,7 +35,7 @@ from sendense_nbd.protocol.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from sendense_nbd.protocol.handshake import Negotiated, NeedData, NEED_DATA
+from sendense_nbd.protocol.handshake import NEED_DATA, NeedData, Negotiated
 
 _HEADER_SIZE = wire.REQUEST.size
 _SCRATCH_SIZE = 64 * 1024
@@ -151,9 +151,7 @@ class RequestParser:
     def _complete_payload(self) -> None:
         header, payload = self._header, self._payload
         assert header is not None and payload is not None
-        self._events.append(
-            Request(header.handle, header.command, header.flags, header.offset, header.length, payload)
-        )
+        self._events.append(Request(header.handle, header.command, header.flags, header.offset, header.length, payload))
         self._header = None
         self._payload = None
         self._filled = 0
@@ -212,7 +210,9 @@ def check_request(request: Request, negotiated: Negotiated) -> Rejection | None:
         end = request.offset + request.length
         if end > export.size:
             errno = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
-            return Rejection(errno, f"request {request.offset}+{request.length} is beyond the export size {export.size}")
+            return Rejection(
+                errno, f"request {request.offset}+{request.length} is beyond the export size {export.size}"
+            )
         if request.offset % export.min_block or (request.length % export.min_block and end != export.size):
             return Rejection(Errno.EINVAL, f"request is not aligned to {export.min_block} bytes")
         if command == Command.READ and request.length > export.max_block:
@@ -257,9 +257,7 @@ def error_reply(handle: int, errno: int, message: str, structured: bool) -> list
     return [wire.encode_simple_reply(handle, errno)]
 
 
-def read_reply(
-    handle: int, segments: Sequence[ReadSegment], structured: bool
-) -> list[bytes | bytearray | memoryview]:
+def read_reply(handle: int, segments: Sequence[ReadSegment], structured: bool) -> list[bytes | bytearray | memoryview]:
     """A successful read; ``segments`` cover the request in order.
 
     Simple replies (and structured ones with DF set by the caller passing a
@@ -286,9 +284,7 @@ def read_reply(
     return out
 
 
-def block_status_reply(
-    handle: int, per_context: Sequence[tuple[int, Iterable[tuple[int, int]]]]
-) -> list[bytes]:
+def block_status_reply(handle: int, per_context: Sequence[tuple[int, Iterable[tuple[int, int]]]]) -> list[bytes]:
     """One BLOCK_STATUS chunk per ``(context id, extents)``, the last DONE."""
     last = len(per_context) - 1
     return [

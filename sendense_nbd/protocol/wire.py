@@ -96,7 +96,7 @@ def encode_option(option: int, data: bytes = b"") -> bytes:
     return OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
 
 
-def decode_option_header(data: bytes | memoryview) -> tuple[int, int]:
+def decode_option_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     """Return ``(option, length)`` of an option header."""
     magic, option, length = OPTION_HEADER.unpack(data)
     if magic != IHAVEOPT:
@@ -115,9 +115,7 @@ def decode_option_reply_header(data: bytes | memoryview) -> OptionReplyHeader:
     return OptionReplyHeader(option, reply, length)
 
 
-def encode_request(
-    command: int, handle: int, offset: int, length: int, flags: int = 0
-) -> bytes:
+def encode_request(command: int, handle: int, offset: int, length: int, flags: int = 0) -> bytes:
     return REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
 
 
@@ -173,23 +171,15 @@ def encode_text(text: str, limit: int = MAX_STRING) -> bytes:
     return raw[:limit].decode(errors="ignore").encode()
 
 
-def encode_error_chunk(
-    handle: int, error: int, message: str, *, done: bool = True
-) -> bytes:
+def encode_error_chunk(handle: int, error: int, message: str, *, done: bool = True) -> bytes:
     raw = encode_text(message)
     payload = ERROR_PAYLOAD.pack(error, len(raw)) + raw
     flags = ReplyFlag.DONE if done else 0
     return encode_chunk_header(flags, ReplyType.ERROR, handle, len(payload)) + payload
 
 
-def encode_block_status_chunk(
-    handle: int, context_id: int, extents: Iterable[tuple[int, int]], *, done: bool
-) -> bytes:
+def encode_block_status_chunk(handle: int, context_id: int, extents: Iterable[tuple[int, int]], *, done: bool) -> bytes:
     """A BLOCK_STATUS chunk from ``(length, flags)`` extents."""
     body = b"".join(EXTENT.pack(length, flags) for length, flags in extents)
     flags = ReplyFlag.DONE if done else 0
-    return (
-        encode_chunk_header(flags, ReplyType.BLOCK_STATUS, handle, 4 + len(body))
-        + U32.pack(context_id)
-        + body
-    )
+    return encode_chunk_header(flags, ReplyType.BLOCK_STATUS, handle, 4 + len(body)) + U32.pack(context_id) + body

@@ -208,15 +208,13 @@ class ServerConnection(asyncio.BufferedProtocol):
             log.exception("client %s: internal error serving %s", self.peer, _name(request.command))
             self._drop()
         finally:
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._tasks.discard(asyncio.current_task())
             self._inflight -= cost
             self._server.budget.give(cost)
             if self._transport is not None and not self._transport.is_closing():
                 self._start_pending()
 
-    async def _execute(
-        self, request: tx.Request, negotiated: Negotiated
-    ) -> Sequence[bytes | bytearray | memoryview]:
+    async def _execute(self, request: tx.Request, negotiated: Negotiated) -> Sequence[bytes | bytearray | memoryview]:
         device = self._device
         assert device is not None
         command, offset, length, flags = request.command, request.offset, request.length, request.flags

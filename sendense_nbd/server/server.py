@@ -15,6 +15,7 @@ export and closes the connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -116,7 +117,7 @@ class NBDServer:
                         server = await loop.create_server(self._protocol, sock=sock)
                     self._servers.append(server)
             elif self._unix_path is not None:
-                if os.path.exists(self._unix_path):
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._unix_path)
                 self._servers.append(await loop.create_unix_server(self._protocol, path=self._unix_path))
             else:

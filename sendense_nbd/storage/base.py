@@ -67,9 +67,7 @@ class BlockDevice(Protocol):
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` it is durable before returning."""
 
-    def zero(
-        self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False
-    ) -> None:
+    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         """Make a range read as zeroes; ``fast`` fails with ENOTSUP unless cheap."""
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:

@@ -53,9 +53,7 @@ class MemoryDevice:
                     chunk = self._chunks[index] = bytearray(_CHUNK)
                 chunk[start:stop] = view[pos : pos + stop - start]
 
-    def zero(
-        self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False
-    ) -> None:
+    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         with self._lock:
             for index, start, stop, _ in self._spans(offset, length):
                 chunk = self._chunks.get(index)

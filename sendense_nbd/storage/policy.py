@@ -57,9 +57,7 @@ class PolicyDevice:
         else:
             self._next.write(offset, data, fua=fua)
 
-    def zero(
-        self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False
-    ) -> None:
+    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         may_trim = may_trim and self._discard is Discard.UNMAP
         self._next.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
 

@@ -85,7 +85,9 @@ class RawDevice:
                 try:
                     self._direct_fd = os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
                 except OSError as exc:
-                    raise ImageError(f"cache=none needs O_DIRECT, which {path} does not support: {exc.strerror}") from exc
+                    raise ImageError(
+                        f"cache=none needs O_DIRECT, which {path} does not support: {exc.strerror}"
+                    ) from exc
         except BaseException:
             self.close()
             raise
@@ -135,9 +137,7 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, f"write {len(view)} bytes at {offset}") from exc
 
-    def zero(
-        self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False
-    ) -> None:
+    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         try:
             if not self._zero_fast(offset, length, may_trim):
                 if fast:

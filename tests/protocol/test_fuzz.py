@@ -35,7 +35,9 @@ PREFIXES = [
     struct.pack(">I", 0) + opt(1, b"ro"),
     FLAGS + opt(7, nbd_string("ro") + b"\x00\x00"),
     FLAGS + opt(7, nbd_string("") + b"\x00\x01\x00\x03"),
-    FLAGS + opt(8) + opt(10, nbd_string("disk") + b"\x00\x00\x00\x01" + nbd_string("base:allocation"))
+    FLAGS
+    + opt(8)
+    + opt(10, nbd_string("disk") + b"\x00\x00\x00\x01" + nbd_string("base:allocation"))
     + opt(7, nbd_string("disk") + b"\x00\x00"),
 ]
 

@@ -456,9 +456,7 @@ def test_list_meta_context_no_match(queries: list[str]) -> None:
 
 def test_list_meta_context_export_without_contexts() -> None:
     hs = structured()
-    assert exchange(hs, opt(OPT_LIST_META_CONTEXT, meta_data("other", []))) == [
-        (OPT_LIST_META_CONTEXT, REP_ACK, b"")
-    ]
+    assert exchange(hs, opt(OPT_LIST_META_CONTEXT, meta_data("other", []))) == [(OPT_LIST_META_CONTEXT, REP_ACK, b"")]
 
 
 def test_set_meta_context_then_go_same_export() -> None:
@@ -484,9 +482,7 @@ def test_set_meta_context_namespace_query_selects_nothing() -> None:
 def test_set_meta_context_ignores_unknown_namespace() -> None:
     hs = structured()
     replies = exchange(hs, opt(OPT_SET_META_CONTEXT, meta_data("disk", ["x-foo:bar", BASE_ALLOCATION])))
-    assert [(o, r, p[4:]) for o, r, p in replies[:-1]] == [
-        (OPT_SET_META_CONTEXT, REP_META_CONTEXT, b"base:allocation")
-    ]
+    assert [(o, r, p[4:]) for o, r, p in replies[:-1]] == [(OPT_SET_META_CONTEXT, REP_META_CONTEXT, b"base:allocation")]
     assert len(go(hs).meta_contexts) == 1
 
 
@@ -499,9 +495,7 @@ def test_set_meta_context_for_another_export_does_not_apply() -> None:
 def test_set_meta_context_is_replaced_by_later_set() -> None:
     hs = structured()
     exchange(hs, opt(OPT_SET_META_CONTEXT, meta_data("disk", [BASE_ALLOCATION])))
-    assert exchange(hs, opt(OPT_SET_META_CONTEXT, meta_data("disk", []))) == [
-        (OPT_SET_META_CONTEXT, REP_ACK, b"")
-    ]
+    assert exchange(hs, opt(OPT_SET_META_CONTEXT, meta_data("disk", []))) == [(OPT_SET_META_CONTEXT, REP_ACK, b"")]
     assert go(hs).meta_contexts == ()
 
 
@@ -670,9 +664,7 @@ def test_abort_ignores_data() -> None:
 def test_pipelined_requests_after_go_are_trailing_data() -> None:
     pipelined = request(0, 1, 0, 512) + request(1, 2, 512, 4) + b"abcd" + request(2, 3)
     hs = greeted()
-    hs.receive_data(
-        client_flags() + opt(OPT_STRUCTURED_REPLY) + opt(OPT_GO, info_data("disk")) + pipelined
-    )
+    hs.receive_data(client_flags() + opt(OPT_STRUCTURED_REPLY) + opt(OPT_GO, info_data("disk")) + pipelined)
     replies = parse_replies(hs.data_to_send())
     assert replies[0] == (OPT_STRUCTURED_REPLY, REP_ACK, b"")
     assert replies[-1] == (OPT_GO, REP_ACK, b"")

@@ -625,7 +625,10 @@ def test_read_reply_structured_decodes_back(handle: int, start: int, plan: list[
 
 
 @settings(max_examples=50, deadline=None)
-@given(handle=st.integers(0, 2**64 - 1), plan=segment_plan.map(lambda p: [(k, v if k == "data" else v % 300 + 1) for k, v in p]))
+@given(
+    handle=st.integers(0, 2**64 - 1),
+    plan=segment_plan.map(lambda p: [(k, v if k == "data" else v % 300 + 1) for k, v in p]),
+)
 def test_read_reply_simple_and_structured_carry_the_same_content(handle: int, plan: list[tuple[str, object]]) -> None:
     segments = make_segments(0, plan)
     simple = b"".join(read_reply(handle, segments, False))
@@ -651,4 +654,4 @@ def test_block_status_reply_layout() -> None:
 def test_block_status_reply_single_context_is_done() -> None:
     [(flags, type_, handle, payload)] = parse_chunks(b"".join(block_status_reply(4, [(1, iter([(512, 2)]))])))
     assert (flags, type_, handle) == (1, TYPE_BLOCK_STATUS, 4)
-    assert payload == bytes.fromhex("00000001" "00000200" "00000002")
+    assert payload == bytes.fromhex("000000010000020000000002")

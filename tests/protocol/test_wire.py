@@ -52,37 +52,32 @@ def test_greeting_bytes() -> None:
 
 
 def test_request_bytes() -> None:
-    encoded = wire.encode_request(
-        Command.WRITE, 0x0102030405060708, 0x1122334455667788, 0x200, flags=CommandFlag.FUA
-    )
-    assert encoded == bytes.fromhex(
-        "25609513" "0001" "0001" "0102030405060708" "1122334455667788" "00000200"
-    )
+    encoded = wire.encode_request(Command.WRITE, 0x0102030405060708, 0x1122334455667788, 0x200, flags=CommandFlag.FUA)
+    assert encoded == bytes.fromhex("25609513000100010102030405060708112233445566778800000200")
     assert len(encoded) == 28
 
 
 def test_simple_reply_bytes() -> None:
-    assert wire.encode_simple_reply(0xAABB, 22) == bytes.fromhex("67446698" "00000016" "000000000000aabb")
-    assert wire.encode_simple_reply(7) == bytes.fromhex("67446698" "00000000" "0000000000000007")
+    assert wire.encode_simple_reply(0xAABB, 22) == bytes.fromhex("6744669800000016000000000000aabb")
+    assert wire.encode_simple_reply(7) == bytes.fromhex("67446698000000000000000000000007")
 
 
 def test_chunk_header_bytes() -> None:
     assert wire.encode_chunk_header(ReplyFlag.DONE, ReplyType.OFFSET_HOLE, 5, 12) == bytes.fromhex(
-        "668e33ef" "0001" "0002" "0000000000000005" "0000000c"
+        "668e33ef0001000200000000000000050000000c"
     )
 
 
 def test_option_bytes() -> None:
-    assert wire.encode_option(Option.LIST) == b"IHAVEOPT" + bytes.fromhex("00000003" "00000000")
-    assert wire.encode_option(Option.EXPORT_NAME, b"abc") == b"IHAVEOPT" + bytes.fromhex(
-        "00000001" "00000003"
-    ) + b"abc"
+    assert wire.encode_option(Option.LIST) == b"IHAVEOPT" + bytes.fromhex("0000000300000000")
+    assert wire.encode_option(Option.EXPORT_NAME, b"abc") == b"IHAVEOPT" + bytes.fromhex("0000000100000003") + b"abc"
 
 
 def test_option_reply_bytes() -> None:
-    assert wire.encode_option_reply(Option.GO, OptionReply.ERR_UNKNOWN, b"no") == bytes.fromhex(
-        "0003e889045565a9" "00000007" "80000006" "00000002"
-    ) + b"no"
+    assert (
+        wire.encode_option_reply(Option.GO, OptionReply.ERR_UNKNOWN, b"no")
+        == bytes.fromhex("0003e889045565a9000000078000000600000002") + b"no"
+    )
 
 
 def test_encode_string() -> None:
@@ -91,20 +86,18 @@ def test_encode_string() -> None:
 
 
 def test_error_chunk_bytes() -> None:
-    assert wire.encode_error_chunk(9, 5, "bad") == bytes.fromhex(
-        "668e33ef" "0001" "8001" "0000000000000009" "00000009" "00000005" "0003"
-    ) + b"bad"
+    assert (
+        wire.encode_error_chunk(9, 5, "bad")
+        == bytes.fromhex("668e33ef00018001000000000000000900000009000000050003") + b"bad"
+    )
     assert wire.encode_error_chunk(9, 5, "", done=False) == bytes.fromhex(
-        "668e33ef" "0000" "8001" "0000000000000009" "00000006" "00000005" "0000"
+        "668e33ef00008001000000000000000900000006000000050000"
     )
 
 
 def test_block_status_chunk_bytes() -> None:
     encoded = wire.encode_block_status_chunk(3, 1, [(4096, 0), (8192, 3)], done=True)
-    assert encoded == bytes.fromhex(
-        "668e33ef" "0001" "0005" "0000000000000003" "00000014"
-        "00000001" "00001000" "00000000" "00002000" "00000003"
-    )
+    assert encoded == bytes.fromhex("668e33ef000100050000000000000003000000140000000100001000000000000000200000000003")
     not_done = wire.encode_block_status_chunk(3, 2, [(512, 1)], done=False)
     assert not_done[4:6] == b"\x00\x00"
     assert struct.unpack(">I", not_done[16:20])[0] == 4 + 8
