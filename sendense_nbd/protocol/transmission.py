@@ -19,7 +19,7 @@ Theory of operation (doc/proto.md, "Transmission" and "Request types"):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -70,9 +70,15 @@ class Rejection:
 
 
 class RequestParser:
-    """Splits the client's stream into requests; owns the receive buffers."""
+    """Splits the client's stream into requests.
 
-    def __init__(self) -> None:
+    ``allocate(size)`` provides the buffer each WRITE payload is received
+    into; a server passes its buffer pool so payload memory is reused and
+    accounted for.
+    """
+
+    def __init__(self, allocate: Callable[[int], bytearray] = bytearray) -> None:
+        self._allocate = allocate
         self._scratch = bytearray(_SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
         self._scratch_len = 0
@@ -89,6 +95,11 @@ class RequestParser:
         if self._payload is not None:
             return memoryview(self._payload)[self._filled :]
         return self._scratch_view[self._scratch_len :]
+
+    @property
+    def receiving_payload(self) -> bool:
+        """A WRITE payload is partly received (its buffer is already allocated)."""
+        return self._payload is not None
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last :meth:`get_buffer`."""
@@ -130,7 +141,7 @@ class RequestParser:
                 if length > MAX_PAYLOAD:
                     raise ProtocolError(f"write of {length} bytes exceeds the 32 MiB limit")
                 self._header = header
-                self._payload = bytearray(length)
+                self._payload = self._allocate(length)
                 take = min(length, end - pos)
                 self._payload[:take] = view[pos : pos + take]
                 pos += take

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sendense_nbd.errors import DeviceError, ProtocolError
 from sendense_nbd.protocol import transmission as tx
-from sendense_nbd.protocol.constants import BASE_ALLOCATION, Command, CommandFlag, Errno
+from sendense_nbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD, Command, CommandFlag, Errno
 from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
 from sendense_nbd.storage.base import BlockDevice, Extent
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HANDSHAKE_BUFFER = 16 * 1024
-_WRITE_HIGH_WATER = 4 * 1024 * 1024
+_WRITE_HIGH_WATER = 1024 * 1024
 #: Holes shorter than this inside a read are sent as data (fewer chunks).
 _MIN_HOLE = 64 * 1024
 _SMALL = 64 * 1024
@@ -61,7 +61,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._device: BlockDevice | None = None
         self._pending: deque[tx.Request] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight = 0
+        self._held = 0  # request bytes charged to the budget
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -130,7 +130,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, Negotiated):
             self._negotiated = event
             self._device = self._server.device_for(event.export.name)
-            self._parser = tx.RequestParser()
+            self._parser = tx.RequestParser(allocate=self._allocate_payload)
             self._handshake = None
             log.info(
                 "client %s: export %r, structured replies %s", self.peer, event.export.name, event.structured_replies
@@ -155,25 +155,34 @@ class ServerConnection(asyncio.BufferedProtocol):
                 break
         self._start_pending()
 
+    def _allocate_payload(self, size: int) -> bytearray:
+        self._held += size
+        self._server.budget.take(size)
+        return self._server.buffers.acquire(size)
+
     def _start_pending(self) -> None:
         budget = self._server.budget
         while self._pending:
-            cost = _cost(self._pending[0])
-            if self._tasks and not budget.admits(self._inflight, cost):
-                budget.wait(self)
+            request = self._pending[0]
+            cost = min(request.length, MAX_PAYLOAD) if request.command == Command.READ else 0
+            if cost and self._tasks and not budget.admits(self._held, cost):
                 break
-            request = self._pending.popleft()
-            self._inflight += cost
+            self._pending.popleft()
+            self._held += cost
             budget.take(cost)
             task = asyncio.get_running_loop().create_task(self._serve(request, cost))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._set_reading(not self._pending and not self._disconnecting)
+        # Finishing a payload already allocated needs no new memory.
+        over_budget = not budget.admits(self._held, 0) and not (self._parser and self._parser.receiving_payload)
+        if self._pending or over_budget:
+            budget.wait(self._resume)
+        self._set_reading(not self._pending and not over_budget and not self._disconnecting)
         if self._disconnecting and not self._pending and not self._tasks and self._transport:
             self._transport.close()
 
-    def resume(self) -> None:
-        """Called by the budget when bytes were released elsewhere."""
+    def _resume(self) -> None:
+        """Bytes were given back to the budget, maybe by another connection."""
         if self._transport is not None and not self._transport.is_closing():
             self._start_pending()
 
@@ -209,7 +218,10 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._drop()
         finally:
             self._tasks.discard(asyncio.current_task())
-            self._inflight -= cost
+            if request.payload is not None:
+                cost += len(request.payload)
+                self._server.buffers.release(request.payload)
+            self._held -= cost
             self._server.budget.give(cost)
             if self._transport is not None and not self._transport.is_closing():
                 self._start_pending()
@@ -223,9 +235,14 @@ class ServerConnection(asyncio.BufferedProtocol):
         handle = request.handle
         if command == Command.READ:
             sparse = structured and not flags & CommandFlag.DF and device.capabilities.can_extents
-            segments = await self._run(_read, device, offset, length, sparse)
+            buffer = self._server.buffers.acquire(length)
+            segments = await self._run(_read, device, offset, buffer, sparse)
             self.bytes_read += length
-            return tx.read_reply(handle, segments, structured)
+            await self._send(tx.read_reply(handle, segments, structured))
+            transport = self._transport
+            if transport is not None and not transport.get_write_buffer_size():
+                self._server.buffers.release(buffer)  # the kernel has every byte
+            return ()
         if command == Command.WRITE:
             assert request.payload is not None
             if length:
@@ -299,12 +316,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         await self._closed.wait()
 
 
-def _cost(request: tx.Request) -> int:
-    if request.command in (Command.READ, Command.WRITE):
-        return request.length
-    return 0
-
-
 def _name(command: int) -> str:
     try:
         return Command(command).name
@@ -312,12 +323,13 @@ def _name(command: int) -> str:
         return f"command {command}"
 
 
-def _read(device: BlockDevice, offset: int, length: int, sparse: bool) -> list[tx.ReadSegment]:
-    """Read a range, leaving large zero extents out as holes when ``sparse``."""
+def _read(device: BlockDevice, offset: int, buffer: bytearray, sparse: bool) -> list[tx.ReadSegment]:
+    """Read into ``buffer``, leaving large zero extents out as holes when ``sparse``."""
+    length = len(buffer)
+    view = memoryview(buffer)
     if not sparse or length < _MIN_HOLE:
-        buf = bytearray(length)
-        device.read_into(offset, memoryview(buf))
-        return [tx.Data(offset, buf)]
+        device.read_into(offset, view)
+        return [tx.Data(offset, view)]
     plan: list[tuple[bool, int, int]] = []  # (is_hole, offset, length)
     pos, end = offset, offset + length
     while pos < end:
@@ -336,9 +348,9 @@ def _read(device: BlockDevice, offset: int, length: int, sparse: bool) -> list[t
         if hole:
             segments.append(tx.Hole(start, size))
         else:
-            buf = bytearray(size)
-            device.read_into(start, memoryview(buf))
-            segments.append(tx.Data(start, buf))
+            part = view[start - offset : start - offset + size]
+            device.read_into(start, part)
+            segments.append(tx.Data(start, part))
     return segments
 
 

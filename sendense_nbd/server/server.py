@@ -26,41 +26,18 @@ from types import TracebackType
 from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.protocol.handshake import ExportInfo
+from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.connection import ServerConnection
 from sendense_nbd.server.export import Export
 from sendense_nbd.storage.base import BlockDevice
 
 log = logging.getLogger(__name__)
 
-#: Bytes of request data (WRITE payloads and READ lengths) in flight at once.
-DEFAULT_BUDGET = 48 * 1024 * 1024
-DEFAULT_CONNECTION_BUDGET = 32 * 1024 * 1024
-
-
-class Budget:
-    """Bounds the request bytes in flight, per connection and server-wide."""
-
-    def __init__(self, total: int, per_connection: int) -> None:
-        self.total = total
-        self.per_connection = per_connection
-        self.used = 0
-        self._waiting: set[ServerConnection] = set()
-
-    def admits(self, connection_inflight: int, cost: int) -> bool:
-        return connection_inflight + cost <= self.per_connection and self.used + cost <= self.total
-
-    def take(self, cost: int) -> None:
-        self.used += cost
-
-    def give(self, cost: int) -> None:
-        self.used -= cost
-        if cost and self._waiting:
-            waiting, self._waiting = self._waiting, set()
-            for connection in waiting:
-                connection.resume()
-
-    def wait(self, connection: ServerConnection) -> None:
-        self._waiting.add(connection)
+#: Bytes of request buffers (WRITE payloads, READ results) held at once.
+DEFAULT_BUDGET = 32 * 1024 * 1024
+DEFAULT_CONNECTION_BUDGET = 16 * 1024 * 1024
+#: Idle request buffers kept for reuse.
+DEFAULT_POOL = 16 * 1024 * 1024
 
 
 class NBDServer:
@@ -95,6 +72,7 @@ class NBDServer:
         self.shared = shared
         self.persistent = persistent
         self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET))
+        self.buffers = BufferPool(min(budget, DEFAULT_POOL))
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.Server] = []
         self._connections: set[ServerConnection] = set()

@@ -1,0 +1,66 @@
+"""Request memory: a byte budget and a pool of reusable buffers.
+
+Every buffer the server holds for a request (a WRITE payload from the moment
+its header is parsed, a READ result until the transport has taken it) is
+charged to a :class:`Budget`, per connection and server-wide. A connection
+over budget stops reading from its socket, so clients cannot make the
+server hold more than the budget plus one payload per connection.
+
+Buffers are reused through a :class:`BufferPool` rather than allocated per
+request: fresh large allocations cost page faults (and on some VMs a trip to
+the host), and reuse keeps the resident size flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class BufferPool:
+    """Idle buffers kept by exact size, up to ``idle_limit`` bytes in all."""
+
+    def __init__(self, idle_limit: int) -> None:
+        self.idle_limit = idle_limit
+        self.idle = 0
+        self._free: dict[int, list[bytearray]] = {}
+
+    def acquire(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes with arbitrary contents."""
+        free = self._free.get(size)
+        if free:
+            self.idle -= size
+            return free.pop()
+        return bytearray(size)
+
+    def release(self, buffer: bytearray) -> None:
+        size = len(buffer)
+        if self.idle + size <= self.idle_limit:
+            self._free.setdefault(size, []).append(buffer)
+            self.idle += size
+
+
+class Budget:
+    """Bounds the request bytes held, per connection and server-wide."""
+
+    def __init__(self, total: int, per_connection: int) -> None:
+        self.total = total
+        self.per_connection = per_connection
+        self.used = 0
+        self._waiting: set[Callable[[], None]] = set()
+
+    def admits(self, connection_used: int, cost: int) -> bool:
+        return connection_used + cost <= self.per_connection and self.used + cost <= self.total
+
+    def take(self, cost: int) -> None:
+        self.used += cost
+
+    def give(self, cost: int) -> None:
+        self.used -= cost
+        if cost and self._waiting:
+            waiting, self._waiting = self._waiting, set()
+            for wake in waiting:
+                wake()
+
+    def wait(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` once bytes are given back."""
+        self._waiting.add(wake)
