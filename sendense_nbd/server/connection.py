@@ -236,7 +236,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         if command == Command.READ:
             sparse = structured and not flags & CommandFlag.DF and device.capabilities.can_extents
             buffer = self._server.buffers.acquire(length)
-            segments = await self._run(_read, device, offset, buffer, sparse)
+            segments = _read(device, offset, buffer, sparse, cached=True)  # page cache hit: no thread hop
+            if segments is None:
+                segments = await self._run(_read_blocking, device, offset, buffer, sparse)
             self.bytes_read += length
             await self._send(tx.read_reply(handle, segments, structured))
             transport = self._transport
@@ -323,11 +325,18 @@ def _name(command: int) -> str:
         return f"command {command}"
 
 
-def _read(device: BlockDevice, offset: int, buffer: bytearray, sparse: bool) -> list[tx.ReadSegment]:
-    """Read into ``buffer``, leaving large zero extents out as holes when ``sparse``."""
+def _read(
+    device: BlockDevice, offset: int, buffer: bytearray, sparse: bool, *, cached: bool = False
+) -> list[tx.ReadSegment] | None:
+    """Read into ``buffer``, leaving large zero extents out as holes when ``sparse``.
+
+    With ``cached`` it only reads what is in RAM and returns None otherwise.
+    """
     length = len(buffer)
     view = memoryview(buffer)
     if not sparse or length < _MIN_HOLE:
+        if cached:
+            return [tx.Data(offset, view)] if device.read_cached(offset, view) else None
         device.read_into(offset, view)
         return [tx.Data(offset, view)]
     plan: list[tuple[bool, int, int]] = []  # (is_hole, offset, length)
@@ -349,8 +358,18 @@ def _read(device: BlockDevice, offset: int, buffer: bytearray, sparse: bool) -> 
             segments.append(tx.Hole(start, size))
         else:
             part = view[start - offset : start - offset + size]
-            device.read_into(start, part)
+            if cached:
+                if not device.read_cached(start, part):
+                    return None
+            else:
+                device.read_into(start, part)
             segments.append(tx.Data(start, part))
+    return segments
+
+
+def _read_blocking(device: BlockDevice, offset: int, buffer: bytearray, sparse: bool) -> list[tx.ReadSegment]:
+    segments = _read(device, offset, buffer, sparse)
+    assert segments is not None
     return segments
 
 

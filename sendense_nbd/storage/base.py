@@ -64,6 +64,13 @@ class BlockDevice(Protocol):
     def read_into(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes at ``offset``."""
 
+    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+        """Like :meth:`read_into`, but only if it cannot block (data in RAM).
+
+        False means ``buffer`` holds nothing useful: call :meth:`read_into`.
+        The server calls this on its event loop, so it must never wait.
+        """
+
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` it is durable before returning."""
 

@@ -44,6 +44,10 @@ class MemoryDevice:
                 else:
                     part[:] = chunk[start:stop]
 
+    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+        self.read_into(offset, buffer)
+        return True
+
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         view = memoryview(data)
         with self._lock:

@@ -50,6 +50,9 @@ class PolicyDevice:
     def read_into(self, offset: int, buffer: memoryview) -> None:
         self._next.read_into(offset, buffer)
 
+    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+        return self._next.read_cached(offset, buffer)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         if self._detect is not DetectZeroes.OFF and is_zero(data):
             may_trim = self._detect is DetectZeroes.UNMAP and self._discard is Discard.UNMAP

@@ -92,6 +92,8 @@ class RawDevice:
             self.close()
             raise
         self._bounce = threading.local()
+        self._write_lock = threading.Lock()
+        self._nowait = True
         self._punch = not self._is_block
         self._zero_range = True
         self._capabilities = Capabilities(
@@ -123,6 +125,19 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
 
+    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+        if self._direct_fd >= 0 or not self._nowait or not buffer:
+            return False
+        try:
+            return os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT) == len(buffer)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self._nowait = False  # no RWF_NOWAIT on this file system
+                return False
+            raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
+
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         view = memoryview(data)
         try:
@@ -131,7 +146,10 @@ class RawDevice:
                 bounce[:] = view
                 self._pwrite_full(self._direct_fd, bounce, offset)
             else:
-                self._pwrite_full(self._fd, view, offset)
+                # One buffered writer at a time: concurrent writers to one
+                # file only spin on its inode lock in the kernel.
+                with self._write_lock:
+                    self._pwrite_full(self._fd, view, offset)
             if fua:
                 self._sync()
         except OSError as exc:
@@ -178,20 +196,20 @@ class RawDevice:
         pos = offset
         try:
             while pos < end and len(out) < _MAX_EXTENTS:
+                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+                if hole > pos:  # data up to the hole: one lseek for the common case
+                    stop = min(hole, end)
+                    out.append(Extent(stop - pos))
+                    pos = stop
+                    continue
                 try:
                     data = os.lseek(self._fd, pos, os.SEEK_DATA)
                 except OSError as exc:
                     if exc.errno != os_errno.ENXIO:  # no data after pos
                         raise
                     data = self._size
-                if data > pos:
-                    stop = min(data, end)
-                    out.append(Extent(stop - pos, AllocationFlag.HOLE | AllocationFlag.ZERO))
-                    pos = stop
-                    continue
-                hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-                stop = min(hole, end)
-                out.append(Extent(stop - pos))
+                stop = min(data, end)
+                out.append(Extent(stop - pos, AllocationFlag.HOLE | AllocationFlag.ZERO))
                 pos = stop
         except OSError as exc:
             raise device_error(exc, f"block status at {offset}") from exc
