@@ -18,6 +18,7 @@ from sendense_nbd import __version__
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.server import Export, NBDServer, systemd_sockets, tcp_socket, unix_socket
+from sendense_nbd.server.buffers import return_large_frees_to_os
 from sendense_nbd.storage import (
     BlockDevice,
     CacheMode,
@@ -150,6 +151,7 @@ def serve(
             _daemonize(pid_file)
         elif pid_file:
             _write_pid(pid_file)
+        return_large_frees_to_os()
         asyncio.run(_serve(exports, sockets, shared=shared, persistent=persistent))
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -13,7 +13,22 @@ the host), and reuse keeps the resident size flat.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable
+
+_M_MMAP_THRESHOLD = -3
+
+
+def return_large_frees_to_os(threshold: int = 1024 * 1024) -> None:
+    """Make the C allocator map buffers of ``threshold`` bytes and more on
+    their own, so that freeing one gives its memory back to the OS at once.
+
+    Process-wide: called by the ``serve`` command, which owns its process.
+    Without it glibc keeps freed multi-MiB buffers on its heap.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 class BufferPool:

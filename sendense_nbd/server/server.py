@@ -34,10 +34,10 @@ from sendense_nbd.storage.base import BlockDevice
 log = logging.getLogger(__name__)
 
 #: Bytes of request buffers (WRITE payloads, READ results) held at once.
-DEFAULT_BUDGET = 32 * 1024 * 1024
+DEFAULT_BUDGET = 24 * 1024 * 1024
 DEFAULT_CONNECTION_BUDGET = 16 * 1024 * 1024
 #: Idle request buffers kept for reuse.
-DEFAULT_POOL = 16 * 1024 * 1024
+DEFAULT_POOL = 8 * 1024 * 1024
 
 
 class NBDServer:
