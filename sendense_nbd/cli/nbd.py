@@ -194,17 +194,59 @@ def _daemonize(pid_file: str | None) -> None:
     os.close(write_end)
 
 
+_CREATE_OPTIONS = {"cluster_size", "extended_l2", "compat"}
+
+
+def _parse_create_options(text: str | None) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in _CREATE_OPTIONS:
+            raise click.BadParameter(f"unknown option {key!r} (known: {', '.join(sorted(_CREATE_OPTIONS))})")
+        options[key] = value
+    return options
+
+
 @cli.command()
 @click.option("-f", "--format", "fmt", type=_choice(ImageFormat), default="raw", show_default=True)
-@click.argument("path")
-@click.argument("size")
-def create(fmt: str, path: str, size: str) -> None:
-    """Create an empty image of SIZE bytes (suffixes k, M, G, T)."""
+@click.option(
+    "-b", "--backing", "backing_file", help="Backing file (qcow2 overlays); relative names are relative to FILE."
+)
+@click.option("-F", "--backing-format", type=_choice(ImageFormat), help="Format of the backing file.")
+@click.option("-o", "options", help="qcow2 options: cluster_size=64k, extended_l2=on, compat=0.10|1.1.")
+@click.argument("path", metavar="FILE")
+@click.argument("size", required=False)
+def create(
+    fmt: str,
+    backing_file: str | None,
+    backing_format: str | None,
+    options: str | None,
+    path: str,
+    size: str | None,
+) -> None:
+    """Create an empty image FILE of SIZE bytes (suffixes k, M, G, T).
+
+    With -b the SIZE may be left out: it is the backing file's.
+    """
+    opts = _parse_create_options(options)
     try:
-        create_image(path, parse_size(size), ImageFormat(fmt))
+        virtual_size = parse_size(size) if size else None
+        create_image(
+            path,
+            virtual_size,
+            ImageFormat(fmt),
+            backing_file=backing_file,
+            backing_format=backing_format,
+            cluster_size=parse_size(opts["cluster_size"]) if "cluster_size" in opts else None,
+            extended_l2=opts.get("extended_l2", "off") in ("on", "true", "yes"),
+            compat=opts.get("compat", "1.1"),
+        )
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"Formatting '{path}', fmt={fmt} size={parse_size(size)}")
+    details = f"fmt={fmt}" + (f" size={virtual_size}" if virtual_size else "")
+    if backing_file:
+        details += f" backing_file={backing_file} backing_fmt={backing_format}"
+    click.echo(f"Formatting '{path}', {details}")
 
 
 def main() -> None:

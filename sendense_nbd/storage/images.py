@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import enum
+import json
 import logging
 
 from sendense_nbd.errors import ImageError
 from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
+from sendense_nbd.storage.qcow2.format import MAGIC as QCOW2_MAGIC
 from sendense_nbd.storage.raw import CacheMode, RawDevice, create_raw
 
 log = logging.getLogger(__name__)
-
-QCOW2_MAGIC = b"QFI\xfb"
 
 
 class ImageFormat(enum.Enum):
     RAW = "raw"
     QCOW2 = "qcow2"
-
-
-def _check_supported(fmt: ImageFormat) -> None:
-    if fmt is ImageFormat.QCOW2:
-        raise ImageError("the qcow2 format is not supported yet; convert the image with 'qemu-img convert -O raw'")
 
 
 def probe_format(path: str) -> ImageFormat:
@@ -33,25 +29,72 @@ def probe_format(path: str) -> ImageFormat:
     return ImageFormat.QCOW2 if magic == QCOW2_MAGIC else ImageFormat.RAW
 
 
+def parse_filename(name: str) -> tuple[str, ImageFormat | None]:
+    """A plain path, or qemu's ``json:{"driver":..., "file":{"driver":"file","filename":...}}``."""
+    if not name.startswith("json:"):
+        return name, None
+    try:
+        spec = json.loads(name[5:])
+        driver = ImageFormat(spec["driver"])
+        file = spec["file"]
+        if file.get("driver", "file") != "file":
+            raise ValueError(f"file driver {file.get('driver')!r}")
+        if spec.get("backing", "default") is None:
+            raise ValueError("backing: null (images are opened with their own backing chain)")
+        return str(file["filename"]), driver
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ImageError(f"unsupported json: filename ({exc})") from exc
+
+
 def open_image(
     path: str, fmt: ImageFormat | None = None, *, readonly: bool = False, cache: CacheMode = CacheMode.WRITEBACK
 ) -> BlockDevice:
     """Open ``path`` as a block device.
 
-    Without ``fmt`` the format is probed, as qemu-nbd does; but an image that
-    looks like qcow2 is never opened as raw, so a missing ``-f`` cannot make
-    writes land in qcow2 metadata.
+    Without ``fmt`` the format is probed, as qemu-nbd does; but a writable
+    image that looks like qcow2 is never guessed, so a missing ``-f`` cannot
+    make writes land in the wrong format.
     """
+    path, from_json = parse_filename(path)
+    if fmt is not None and from_json is not None and fmt is not from_json:
+        raise ImageError(f"-f {fmt.value} contradicts the json: driver {from_json.value}")
+    fmt = fmt or from_json
     if fmt is None:
         probed = probe_format(path)
-        if probed is not ImageFormat.RAW:
+        if probed is not ImageFormat.RAW and not readonly:
             raise ImageError(f"{path} looks like {probed.value}; pass the format explicitly (-f {probed.value})")
-        log.warning("image format of %s was not specified; serving it as raw", path)
+        log.warning("image format of %s was not specified; probed %s", path, probed.value)
         fmt = probed
-    _check_supported(fmt)
+    if fmt is ImageFormat.QCOW2:
+        return Qcow2Device(path, readonly=readonly)
     return RawDevice(path, readonly=readonly, cache=cache)
 
 
-def create_image(path: str, size: int, fmt: ImageFormat = ImageFormat.RAW) -> None:
-    _check_supported(fmt)
+def create_image(
+    path: str,
+    size: int | None,
+    fmt: ImageFormat = ImageFormat.RAW,
+    *,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    cluster_size: int | None = None,
+    extended_l2: bool = False,
+    compat: str = "1.1",
+) -> None:
+    """Create an empty image (qcow2: optionally over a backing file)."""
+    if fmt is ImageFormat.QCOW2:
+        create_qcow2(
+            path,
+            size,
+            cluster_size=cluster_size or 65536,
+            backing_file=backing_file,
+            backing_format=backing_format,
+            extended_l2=extended_l2,
+            compat=compat,
+        )
+        return
+    if backing_file or cluster_size or extended_l2:
+        raise ImageError("raw images take no backing file or qcow2 options")
+    if size is None:
+        raise ImageError("give a size")
     create_raw(path, size)

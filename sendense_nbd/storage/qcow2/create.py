@@ -1,0 +1,120 @@
+"""Creating empty qcow2 images (``sendense-nbd create -f qcow2``).
+
+Layout, as qemu-img lays it out: the header cluster, the refcount table,
+the refcount blocks covering the metadata, then the L1 table. Everything
+is written and synced before the file is renamed into place, so a crash
+never leaves a half-made image under the requested name.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from sendense_nbd.errors import ImageError
+from sendense_nbd.storage.qcow2 import format as fmt
+
+DEFAULT_CLUSTER_SIZE = 65536
+
+
+def _backing_size(path: str, backing_file: str, backing_format: str | None) -> int:
+    from sendense_nbd.storage.qcow2.device import Qcow2Device
+    from sendense_nbd.storage.raw import RawDevice
+
+    resolved = backing_file if os.path.isabs(backing_file) else str(Path(path).resolve().parent / backing_file)
+    if not os.path.exists(resolved):
+        raise ImageError(f"backing file {backing_file} not found (looked for {resolved})")
+    with open(resolved, "rb") as f:
+        is_qcow2 = f.read(4) == fmt.MAGIC
+    if backing_format is None:
+        raise ImageError(f"give the backing file's format (-F {'qcow2' if is_qcow2 else 'raw'})")
+    if backing_format == "qcow2":
+        if not is_qcow2:
+            raise ImageError(f"{backing_file} is not a qcow2 image")
+        device = Qcow2Device(resolved, readonly=True)
+        try:
+            return device.size
+        finally:
+            device.close()
+    if backing_format == "raw":
+        raw = RawDevice(resolved, readonly=True)
+        try:
+            return raw.size
+        finally:
+            raw.close()
+    raise ImageError(f"backing format {backing_format!r} is not supported (raw or qcow2)")
+
+
+def create_qcow2(
+    path: str,
+    size: int | None,
+    *,
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    extended_l2: bool = False,
+    compat: str = "1.1",
+) -> None:
+    """Create an empty qcow2 image; ``size`` None takes the backing file's size."""
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
+        raise ImageError(f"cluster size {cluster_size} must be a power of two between 512 B and 2 MiB")
+    if compat not in ("0.10", "1.1"):
+        raise ImageError(f"compat {compat!r} must be 0.10 or 1.1")
+    version = 2 if compat == "0.10" else 3
+    if extended_l2 and (version == 2 or cluster_size < 16384):
+        raise ImageError("extended L2 entries need compat=1.1 and clusters of at least 16 KiB")
+    if backing_file is not None:
+        backing_size = _backing_size(path, backing_file, backing_format)
+        size = backing_size if size is None else size
+    if size is None:
+        raise ImageError("give a size (or a backing file to take it from)")
+    if os.path.exists(path):
+        raise ImageError(f"cannot create {path}: File exists")
+    bits = cluster_size.bit_length() - 1
+    l1_size = fmt.l1_entries_for(size, bits, extended_l2)
+    l1_clusters = -(-l1_size * 8 // cluster_size)
+    per_block = cluster_size * 8 // 16
+    rt_clusters, rb_count = 1, 1
+    while True:
+        total = 1 + rt_clusters + rb_count + l1_clusters
+        need_rb = -(-total // per_block)
+        need_rt = -(-need_rb * 8 // cluster_size)
+        if (need_rb, need_rt) == (rb_count, rt_clusters):
+            break
+        rb_count, rt_clusters = max(rb_count, need_rb), max(rt_clusters, need_rt)
+    rt_offset = cluster_size
+    rb_offset = rt_offset + rt_clusters * cluster_size
+    l1_offset = rb_offset + rb_count * cluster_size
+    header = fmt.Header(
+        version=version,
+        cluster_bits=bits,
+        size=size,
+        l1_size=l1_size,
+        l1_table_offset=l1_offset,
+        refcount_table_offset=rt_offset,
+        refcount_table_clusters=rt_clusters,
+        header_length=fmt.V2_HEADER_LENGTH if version == 2 else fmt.V3_HEADER_LENGTH + 8,
+        incompatible=int(fmt.Incompatible.EXTENDED_L2) if extended_l2 else 0,
+        backing_file=backing_file,
+        backing_format=backing_format if backing_file else None,
+        feature_names=fmt.encode_feature_names() if version == 3 else None,
+    )
+    image = bytearray(l1_offset + l1_clusters * cluster_size)
+    encoded = fmt.encode_header(header)
+    image[: len(encoded)] = encoded
+    for i in range(rb_count):
+        struct.pack_into(">Q", image, rt_offset + i * 8, rb_offset + i * cluster_size)
+    blocks = memoryview(image)[rb_offset : rb_offset + rb_count * cluster_size]
+    for cluster in range(total):
+        struct.pack_into(">H", blocks, cluster * 2, 1)
+    temporary = f"{path}.creating"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(image)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise ImageError(f"cannot create {path}: {exc.strerror}") from exc

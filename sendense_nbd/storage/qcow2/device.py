@@ -1,0 +1,653 @@
+"""A qcow2 image as a block device: reads through backing chains, crash-safe writes.
+
+Theory of operation (docs/interop/qcow2.txt in qemu):
+
+* **Mapping.** The L1 table lives in memory; L2 tables and refcount blocks
+  are loaded on demand into bounded caches. A guest cluster is unallocated
+  (read the backing file, or zeroes), a zero cluster (reads as zeroes, never
+  the backing file), a standard cluster at a host offset, or compressed.
+  Extended L2 entries add a 32-bit allocation and a 32-bit zero bitmap per
+  cluster.
+* **Writes** allocate host clusters at the end of the file. A partial write
+  to a cluster that is not a plain allocated one first materialises the
+  cluster's current content (backing data, zeroes, decompressed data,
+  subclusters), so a cluster is always written whole: copy-on-write.
+  Clusters are never moved, and are freed only when a compressed cluster is
+  rewritten. Zeroing sets the v3 zero flag (keeping any allocation), so an
+  overlay never re-exposes its backing file.
+* **Crash safety.** Metadata changes stay in the caches until :meth:`flush`,
+  which writes them in dependency order with a barrier after each step:
+  data, then refcount blocks and table (and the header when the table
+  moved), then L2 tables, then the L1 table, and only then the decrements of
+  freed clusters. Whatever a crash interrupts, the image on disk is
+  consistent; at worst clusters leak. FUA is a flush after the write. A cache
+  that fills with dirty tables triggers the same flush.
+* **Concurrency.** One lock guards metadata and writes; reads take it only to
+  resolve the mapping and read data outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+from sendense_nbd.errors import DeviceError, ImageError
+from sendense_nbd.protocol.constants import AllocationFlag, Errno
+from sendense_nbd.storage.base import BlockDevice, Capabilities, Extent, device_error
+from sendense_nbd.storage.qcow2 import format as fmt
+from sendense_nbd.storage.raw import RawDevice
+
+_MAX_CHAIN = 16
+_L2_CACHE_BYTES = 8 * 1024 * 1024
+_REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024
+_FULL = (1 << 32) - 1
+
+# Cluster kinds
+_UNALLOCATED, _ZERO, _DATA, _COMPRESSED, _SUBCLUSTERS = range(5)
+
+
+def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise ImageError(f"{what} at offset {offset} lies past the end of the file")
+    return data
+
+
+class Qcow2Device:
+    """A :class:`~sendense_nbd.storage.base.BlockDevice` over a qcow2 image."""
+
+    def __init__(self, path: str, *, readonly: bool = False, _chain: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.readonly = readonly
+        real = os.path.realpath(path)
+        if real in _chain or len(_chain) >= _MAX_CHAIN:
+            raise ImageError(f"backing chain of {path} loops or is deeper than {_MAX_CHAIN}")
+        try:
+            self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"cannot open {path}: {exc.strerror}") from exc
+        self.backing: BlockDevice | None = None
+        try:
+            self._open(real, _chain)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------
+
+    def _open(self, real: str, chain: tuple[str, ...]) -> None:
+        file_size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+        header = fmt.parse_header(head)
+        if len(head) < min(header.cluster_size, file_size):
+            raise ImageError(f"{self.path}: header cluster is truncated")
+        self.header = header
+        self._cluster_bits = header.cluster_bits
+        self._cs = header.cluster_size
+        self._refuse(header)
+        self._extended = header.extended_l2
+        self._l2_entries = header.l2_entries
+        if header.l1_size < fmt.l1_entries_for(header.size, header.cluster_bits, self._extended):
+            raise ImageError(f"{self.path}: L1 table is too small for the virtual size")
+        self._l1 = list(self._read_table(header.l1_table_offset, header.l1_size, "L1 table", file_size))
+        rt_entries = header.refcount_table_clusters * self._cs // 8
+        self._rtable = list(self._read_table(header.refcount_table_offset, rt_entries, "refcount table", file_size))
+        self._end = -(-file_size // self._cs) * self._cs
+        self._lock = threading.RLock()
+        self._l2_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._rb_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._dirty_l2: set[int] = set()
+        self._dirty_rb: set[int] = set()
+        self._l1_dirty = False
+        self._rtable_dirty = False
+        self._header_dirty = False
+        self._pending_free: list[int] = []
+        self._data_dirty = False
+        if header.backing_file:
+            self.backing = _open_backing(self.path, header, chain + (real,))
+        if not self.readonly and header.autoclear:
+            header.autoclear = 0  # we do not maintain bitmaps: mark them inconsistent
+            self._header_dirty = True
+            self.flush()
+        self._capabilities = Capabilities(
+            writable=not self.readonly,
+            can_trim=True,
+            can_fast_zero=header.version >= 3,
+            can_extents=True,
+            can_cache=True,
+            preferred_block=min(self._cs, 64 * 1024) if self._cs >= 4096 else 4096,
+        )
+
+    def _refuse(self, header: fmt.Header) -> None:
+        unknown = header.unknown_incompatible()
+        if unknown:
+            raise ImageError(f"{self.path}: unknown incompatible qcow2 features {unknown:#x}; refusing to open")
+        if header.crypt_method:
+            raise ImageError(f"{self.path}: encrypted qcow2 images are not supported")
+        if header.incompatible & fmt.Incompatible.EXTERNAL_DATA:
+            raise ImageError(f"{self.path}: qcow2 images with an external data file are not supported")
+        if self.readonly:
+            return
+        if header.incompatible & fmt.Incompatible.CORRUPT:
+            raise ImageError(f"{self.path}: the image is marked corrupt; repair it with 'qemu-img check -r all'")
+        if header.incompatible & fmt.Incompatible.DIRTY:
+            raise ImageError(
+                f"{self.path}: the image is dirty (lazy refcounts); repair it with 'sendense-nbd check -r {self.path}'"
+            )
+        if header.nb_snapshots:
+            raise ImageError(f"{self.path}: writing to images with internal snapshots is not supported")
+
+    def _read_table(self, offset: int, entries: int, what: str, file_size: int) -> tuple[int, ...]:
+        if offset % self._cs or offset + entries * 8 > file_size:
+            raise ImageError(f"{self.path}: {what} at {offset} is misaligned or past the end of the file")
+        if entries > 64 * 1024 * 1024:
+            raise ImageError(f"{self.path}: {what} is implausibly large ({entries} entries)")
+        data = _pread(self._fd, entries * 8, offset, what)
+        return struct.unpack(f">{entries}Q", data)
+
+    # -- contract ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        try:
+            for kind, guest, length, host, entry in self._runs(offset, len(buffer)):
+                part = buffer[guest - offset : guest - offset + length]
+                self._read_run(kind, guest, part, host, entry)
+        except OSError as exc:
+            raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
+
+    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+        return False
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        try:
+            with self._lock:
+                pos = 0
+                while pos < len(view):
+                    guest = offset + pos
+                    n = min(self._cs - guest % self._cs, len(view) - pos)
+                    self._write_cluster(guest, view[pos : pos + n])
+                    pos += n
+                if fua:
+                    self._flush_locked()
+        except OSError as exc:
+            raise device_error(exc, f"write {len(view)} bytes at {offset}") from exc
+
+    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
+        self._check_writable()
+        if fast and self.header.version < 3:
+            raise DeviceError(Errno.ENOTSUP, "qcow2 v2 images have no zero clusters")
+        try:
+            with self._lock:
+                end = offset + length
+                pos = offset
+                while pos < end:
+                    n = min(self._cs - pos % self._cs, end - pos)
+                    self._zero_cluster(pos, n)
+                    pos += n
+                if fua:
+                    self._flush_locked()
+        except OSError as exc:
+            raise device_error(exc, f"zero {length} bytes at {offset}") from exc
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.zero(offset, length, may_trim=True, fua=fua)
+
+    def flush(self) -> None:
+        if self.readonly:
+            return
+        try:
+            with self._lock:
+                self._flush_locked()
+        except OSError as exc:
+            raise device_error(exc, "flush") from exc
+
+    def cache(self, offset: int, length: int) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        for _, _, n, depth_flags in self._status(offset, length):
+            flags = AllocationFlag(depth_flags[1])
+            if out and out[-1].flags == flags:
+                out[-1] = Extent(out[-1].length + n, flags)
+            else:
+                out.append(Extent(n, flags))
+        return out
+
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, depth)`` runs: 0 unallocated in the whole chain, 1 this image, 2 its backing file..."""
+        out: list[tuple[int, int]] = []
+        for _, _, n, (depth, _) in self._status(offset, length):
+            if out and out[-1][1] == depth:
+                out[-1] = (out[-1][0] + n, depth)
+            else:
+                out.append((n, depth))
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            try:
+                if not self.readonly and hasattr(self, "_lock"):
+                    self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    # -- mapping -----------------------------------------------------------------
+
+    def _entry(self, guest: int) -> tuple[int, int]:
+        """``(L2 entry, subcluster bitmap)`` of the guest cluster at ``guest``."""
+        cluster = guest >> self._cluster_bits
+        l1_index, l2_index = divmod(cluster, self._l2_entries)
+        l2_offset = self._l1[l1_index] & fmt.OFFSET_MASK
+        if not l2_offset:
+            return 0, 0
+        table = self._l2(l2_offset)
+        if self._extended:
+            entry, bitmap = struct.unpack_from(">QQ", table, l2_index * 16)
+            return entry, bitmap
+        (entry,) = struct.unpack_from(">Q", table, l2_index * 8)
+        return entry, 0
+
+    def _classify(self, entry: int, bitmap: int) -> int:
+        if entry & fmt.COMPRESSED:
+            return _COMPRESSED
+        if self._extended:
+            alloc, zero = bitmap & _FULL, bitmap >> 32
+            if alloc == _FULL:
+                return _DATA
+            if zero == _FULL:
+                return _ZERO
+            if not alloc and not zero:
+                return _UNALLOCATED
+            return _SUBCLUSTERS
+        if self.header.version >= 3 and entry & fmt.ZERO:
+            return _ZERO
+        return _DATA if entry & fmt.OFFSET_MASK else _UNALLOCATED
+
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int, int, int]]:
+        """``(kind, guest offset, length, host offset, entry)`` runs, merged when contiguous."""
+        runs: list[tuple[int, int, int, int, int]] = []
+        end = offset + length
+        pos = offset
+        with self._lock:
+            while pos < end:
+                in_cluster = pos % self._cs
+                n = min(self._cs - in_cluster, end - pos)
+                entry, bitmap = self._entry(pos)
+                kind = self._classify(entry, bitmap)
+                host = (entry & fmt.OFFSET_MASK) + in_cluster if kind == _DATA else 0
+                if kind == _SUBCLUSTERS:  # the run carries the bitmap instead of the entry
+                    runs.append((kind, pos, n, entry & fmt.OFFSET_MASK, bitmap))
+                    pos += n
+                    continue
+                if runs:
+                    pk, pg, pn, ph, pe = runs[-1]
+                    if pk == kind and kind in (_UNALLOCATED, _ZERO) and pg + pn == pos:
+                        runs[-1] = (pk, pg, pn + n, 0, 0)
+                        pos += n
+                        continue
+                    if pk == kind == _DATA and pg + pn == pos and ph + pn == host:
+                        runs[-1] = (pk, pg, pn + n, ph, 0)
+                        pos += n
+                        continue
+                runs.append((kind, pos, n, host, entry))
+                pos += n
+        return runs
+
+    def _read_run(self, kind: int, guest: int, part: memoryview, host: int, entry: int) -> None:
+        if kind == _DATA:
+            done = 0
+            while done < len(part):
+                n = os.preadv(self._fd, [part[done:]], host + done)
+                if n == 0:
+                    raise DeviceError(Errno.EIO, f"data cluster at {host + done} lies past the end of the file")
+                done += n
+        elif kind == _ZERO:
+            part[:] = bytes(len(part))
+        elif kind == _UNALLOCATED:
+            self._read_backing(guest, part)
+        elif kind == _COMPRESSED:
+            cluster = self._decompress(entry)
+            start = guest % self._cs
+            part[:] = cluster[start : start + len(part)]
+        else:  # subclusters: `entry` carries the bitmap here
+            self._read_subclusters(guest, part, host, entry)
+
+    def _read_backing(self, guest: int, part: memoryview) -> None:
+        backing = self.backing
+        if backing is None or guest >= backing.size:
+            part[:] = bytes(len(part))
+            return
+        inside = min(len(part), backing.size - guest)
+        backing.read_into(guest, part[:inside])
+        if inside < len(part):
+            part[inside:] = bytes(len(part) - inside)
+
+    def _read_subclusters(self, guest: int, part: memoryview, host: int, bitmap: int) -> None:
+        sub = self._cs // fmt.SUBCLUSTERS
+        pos = 0
+        while pos < len(part):
+            at = guest + pos
+            index = (at % self._cs) // sub
+            n = min(sub - at % sub, len(part) - pos)
+            piece = part[pos : pos + n]
+            if bitmap >> index & 1:
+                data = _pread(self._fd, n, host + at % self._cs, "subcluster data")
+                piece[:] = data
+            elif bitmap >> (32 + index) & 1:
+                piece[:] = bytes(n)
+            else:
+                self._read_backing(at, piece)
+            pos += n
+
+    def _decompress(self, entry: int) -> bytes:
+        offset, length = fmt.compressed_location(entry, self._cluster_bits)
+        raw = os.pread(self._fd, length, offset)
+        try:
+            if self.header.compression_type == fmt.Compression.ZSTD:
+                import zstandard
+
+                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+            else:
+                out = zlib.decompressobj(-12).decompress(raw, self._cs)
+        except Exception as exc:
+            raise DeviceError(Errno.EIO, f"compressed cluster at {offset} is damaged: {exc}") from exc
+        if len(out) < self._cs:
+            raise DeviceError(Errno.EIO, f"compressed cluster at {offset} decompresses to {len(out)} bytes")
+        return out[: self._cs]
+
+    def _status(self, offset: int, length: int) -> list[tuple[int, int, int, tuple[int, int]]]:
+        """``(kind, guest, length, (depth, allocation flags))`` over the chain."""
+        out: list[tuple[int, int, int, tuple[int, int]]] = []
+        hole_zero = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
+        for kind, guest, n, _, _ in self._runs(offset, length):
+            if kind in (_DATA, _COMPRESSED):
+                out.append((kind, guest, n, (1, 0)))
+            elif kind == _ZERO:
+                out.append((kind, guest, n, (1, hole_zero)))
+            elif kind == _SUBCLUSTERS:
+                out.append((kind, guest, n, (1, 0)))
+            else:
+                out.extend(self._backing_status(guest, n))
+        return out
+
+    def _backing_status(self, guest: int, length: int) -> list[tuple[int, int, int, tuple[int, int]]]:
+        hole_zero = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
+        backing = self.backing
+        if backing is None or guest >= backing.size:
+            return [(_UNALLOCATED, guest, length, (0, hole_zero))]
+        inside = min(length, backing.size - guest)
+        out: list[tuple[int, int, int, tuple[int, int]]] = []
+        if isinstance(backing, Qcow2Device):
+            for kind, g, n, (depth, flags) in backing._status(guest, inside):
+                out.append((kind, g, n, (depth + 1 if depth else 0, flags)))
+        else:
+            pos = guest
+            for extent in backing.extents(guest, inside) if backing.capabilities.can_extents else [Extent(inside)]:
+                n = min(extent.length, guest + inside - pos)
+                out.append((_DATA, pos, n, (2, int(extent.flags))))
+                pos += n
+                if pos >= guest + inside:
+                    break
+        if inside < length:
+            out.append((_UNALLOCATED, guest + inside, length - inside, (0, hole_zero)))
+        return out
+
+    # -- writing -------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise DeviceError(Errno.EPERM, f"{self.path} is open read-only")
+
+    def _write_cluster(self, guest: int, data: memoryview) -> None:
+        """Write ``data`` inside one guest cluster (lock held)."""
+        entry, bitmap = self._entry(guest)
+        kind = self._classify(entry, bitmap)
+        start = guest % self._cs
+        if kind == _DATA and entry & fmt.COPIED:
+            self._pwrite((entry & fmt.OFFSET_MASK) + start, data)
+            return
+        if kind == _DATA:
+            raise DeviceError(Errno.EIO, f"guest cluster at {guest} is shared (snapshots); writing is not supported")
+        base = guest - start
+        if len(data) == self._cs:
+            content: bytes | bytearray | memoryview = data
+        else:
+            merged = bytearray(self._cs)
+            self._read_cluster_content(base, memoryview(merged), kind, entry, bitmap)
+            merged[start : start + len(data)] = data
+            content = merged
+        host = entry & fmt.OFFSET_MASK
+        reuse = kind != _COMPRESSED and host and entry & fmt.COPIED  # a preallocated cluster
+        if not reuse:
+            host = self._allocate()
+        self._pwrite(host, memoryview(content))
+        if kind == _COMPRESSED:
+            self._free_compressed(entry)
+        self._set_entry(base, host | fmt.COPIED, _FULL if self._extended else 0)
+
+    def _read_cluster_content(self, base: int, out: memoryview, kind: int, entry: int, bitmap: int) -> None:
+        if kind == _SUBCLUSTERS:
+            self._read_subclusters(base, out, entry & fmt.OFFSET_MASK, bitmap)
+        else:
+            self._read_run(kind, base, out, entry & fmt.OFFSET_MASK, entry)
+
+    def _zero_cluster(self, guest: int, length: int) -> None:
+        """Make ``length`` bytes in one guest cluster read as zeroes (lock held)."""
+        entry, bitmap = self._entry(guest)
+        kind = self._classify(entry, bitmap)
+        reads_as_zero = kind == _ZERO or (kind == _UNALLOCATED and (self.backing is None or guest >= self.backing.size))
+        if reads_as_zero:
+            return
+        if length < self._cs or self.header.version < 3:
+            if self._extended and kind != _COMPRESSED and self._zero_subclusters(guest, length, entry, bitmap):
+                return
+            self._write_cluster(guest, memoryview(bytes(length)))  # no zero flag for part of a cluster
+            return
+        host = entry & fmt.OFFSET_MASK if kind in (_DATA, _SUBCLUSTERS) else 0
+        if kind == _COMPRESSED:
+            self._free_compressed(entry)
+        if self._extended:
+            self._set_entry(guest, (host | fmt.COPIED) if host else 0, _FULL << 32)
+        else:
+            self._set_entry(guest, ((host | fmt.COPIED) if host else 0) | fmt.ZERO, 0)
+
+    def _zero_subclusters(self, guest: int, length: int, entry: int, bitmap: int) -> bool:
+        """Zero whole subclusters by bitmap; False if the range is not subcluster-aligned."""
+        sub = self._cs // fmt.SUBCLUSTERS
+        start = guest % self._cs
+        if start % sub or length % sub:
+            return False
+        first, count = start // sub, length // sub
+        mask = ((1 << count) - 1) << first
+        alloc = (bitmap & _FULL) & ~mask
+        zero = ((bitmap >> 32) | mask) & _FULL
+        host = entry & fmt.OFFSET_MASK
+        self._set_entry(guest - start, (host | fmt.COPIED) if host else 0, alloc | (zero << 32))
+        return True
+
+    def _set_entry(self, guest: int, entry: int, bitmap: int) -> None:
+        cluster = guest >> self._cluster_bits
+        l1_index, l2_index = divmod(cluster, self._l2_entries)
+        l2_offset = self._l1[l1_index] & fmt.OFFSET_MASK
+        if not l2_offset:
+            l2_offset = self._allocate()
+            self._cache_put(self._l2_cache, l2_offset, bytearray(self._cs), self._dirty_l2, _L2_CACHE_BYTES)
+            self._l1[l1_index] = l2_offset | fmt.COPIED
+            self._l1_dirty = True
+        elif not self._l1[l1_index] & fmt.COPIED:
+            raise DeviceError(Errno.EIO, f"L2 table at {l2_offset} is shared (snapshots); writing is not supported")
+        table = self._l2(l2_offset)
+        if self._extended:
+            struct.pack_into(">QQ", table, l2_index * 16, entry, bitmap)
+        else:
+            struct.pack_into(">Q", table, l2_index * 8, entry)
+        self._dirty_l2.add(l2_offset)
+
+    def _pwrite(self, host: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], host + done)
+        self._data_dirty = True
+
+    def _free_compressed(self, entry: int) -> None:
+        offset, length = fmt.compressed_location(entry, self._cluster_bits)
+        first = offset & ~(self._cs - 1)
+        last = (offset + length - 1) & ~(self._cs - 1)
+        self._pending_free.extend(range(first, last + 1, self._cs))
+
+    # -- allocation and refcounts --------------------------------------------------
+
+    def _allocate(self) -> int:
+        host = self._end
+        self._end += self._cs
+        self._add_refcount(host, 1)
+        return host
+
+    def _add_refcount(self, host: int, delta: int) -> None:
+        per_block = self.header.refcount_block_entries
+        table_index, block_index = divmod(host >> self._cluster_bits, per_block)
+        if table_index >= len(self._rtable):
+            self._grow_refcount_table(table_index + 1)
+        block_offset = self._rtable[table_index] & fmt.OFFSET_MASK
+        if not block_offset:
+            block_offset = self._end
+            self._end += self._cs
+            self._rtable[table_index] = block_offset
+            self._rtable_dirty = True
+            self._cache_put(self._rb_cache, block_offset, bytearray(self._cs), self._dirty_rb, _REFCOUNT_CACHE_BYTES)
+            self._add_refcount(block_offset, 1)
+        block = self._refcount_block(block_offset)
+        value = fmt.read_refcount(block, block_index, self.header.refcount_order) + delta
+        fmt.write_refcount(block, block_index, self.header.refcount_order, value)
+        self._dirty_rb.add(block_offset)
+
+    def _grow_refcount_table(self, needed: int) -> None:
+        """Move the refcount table to the end of the file, with room to spare."""
+        old_offset = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
+        entries = max(needed * 2, len(self._rtable) + 1)
+        clusters = -(-entries * 8 // self._cs)
+        new_offset = self._end
+        self._end += clusters * self._cs
+        self._rtable.extend([0] * (clusters * self._cs // 8 - len(self._rtable)))
+        self.header.refcount_table_offset = new_offset
+        self.header.refcount_table_clusters = clusters
+        self._rtable_dirty = self._header_dirty = True
+        for i in range(clusters):
+            self._add_refcount(new_offset + i * self._cs, 1)
+        self._pending_free.extend(old_offset + i * self._cs for i in range(old_clusters))
+
+    def _refcount_block(self, offset: int) -> bytearray:
+        block = self._rb_cache.get(offset)
+        if block is None:
+            block = bytearray(_pread(self._fd, self._cs, offset, "refcount block"))
+            self._cache_put(self._rb_cache, offset, block, self._dirty_rb, _REFCOUNT_CACHE_BYTES)
+        else:
+            self._rb_cache.move_to_end(offset)
+        return block
+
+    def _l2(self, offset: int) -> bytearray:
+        table = self._l2_cache.get(offset)
+        if table is None:
+            if offset % self._cs or offset + self._cs > max(self._end, 0):
+                raise DeviceError(Errno.EIO, f"{self.path}: L2 table offset {offset} is invalid")
+            table = bytearray(_pread(self._fd, self._cs, offset, "L2 table"))
+            self._cache_put(self._l2_cache, offset, table, self._dirty_l2, _L2_CACHE_BYTES)
+        else:
+            self._l2_cache.move_to_end(offset)
+        return table
+
+    def _cache_put(
+        self, cache: OrderedDict[int, bytearray], key: int, value: bytearray, dirty: set[int], limit: int
+    ) -> None:
+        cache[key] = value
+        while len(cache) * self._cs > limit and len(cache) > 2:
+            oldest = next(iter(cache))
+            if oldest in dirty:
+                if self.readonly:
+                    break
+                self._flush_locked()  # writes every dirty table in order, then it can go
+            cache.pop(oldest, None)
+
+    # -- flush -------------------------------------------------------------------------
+
+    def _flush_locked(self) -> None:
+        fd = self._fd
+        if self._data_dirty:
+            os.fdatasync(fd)
+            self._data_dirty = False
+        wrote = self._write_dirty(self._rb_cache, self._dirty_rb)
+        if self._rtable_dirty:
+            self._write_table(self.header.refcount_table_offset, self._rtable)
+            self._rtable_dirty = False
+            wrote = True
+        if wrote:
+            os.fdatasync(fd)
+        if self._header_dirty:
+            self._write_header()
+            os.fdatasync(fd)
+            self._header_dirty = False
+        if self._write_dirty(self._l2_cache, self._dirty_l2):
+            os.fdatasync(fd)
+        if self._l1_dirty:
+            self._write_table(self.header.l1_table_offset, self._l1)
+            os.fdatasync(fd)
+            self._l1_dirty = False
+        if self._pending_free:
+            frees, self._pending_free = self._pending_free, []
+            for host in frees:
+                self._add_refcount(host, -1)
+            self._write_dirty(self._rb_cache, self._dirty_rb)
+            os.fdatasync(fd)
+
+    def _write_dirty(self, cache: OrderedDict[int, bytearray], dirty: set[int]) -> bool:
+        if not dirty:
+            return False
+        for offset in sorted(dirty):
+            self._pwrite(offset, memoryview(cache[offset]))
+        dirty.clear()
+        return True
+
+    def _write_table(self, offset: int, entries: list[int]) -> None:
+        self._pwrite(offset, memoryview(struct.pack(f">{len(entries)}Q", *entries)))
+
+    def _write_header(self) -> None:
+        encoded = fmt.encode_header(self.header)
+        self._pwrite(0, memoryview(encoded))
+
+
+def _open_backing(path: str, header: fmt.Header, chain: tuple[str, ...]) -> BlockDevice:
+    name = header.backing_file or ""
+    if name.startswith("json:"):
+        raise ImageError(f"{path}: json: backing file names are not supported")
+    backing = name if os.path.isabs(name) else str(Path(path).resolve().parent / name)
+    if not os.path.exists(backing):
+        raise ImageError(f"{path}: backing file {name} not found (looked for {backing})")
+    backing_format = header.backing_format
+    if backing_format is None:
+        with open(backing, "rb") as f:
+            backing_format = "qcow2" if f.read(4) == fmt.MAGIC else "raw"
+    if backing_format == "qcow2":
+        return Qcow2Device(backing, readonly=True, _chain=chain)
+    if backing_format == "raw":
+        return RawDevice(backing, readonly=True)
+    raise ImageError(f"{path}: backing format {backing_format!r} is not supported")
