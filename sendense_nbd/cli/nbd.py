@@ -87,6 +87,7 @@ def cli(verbose: int) -> None:
 @click.option("-e", "--shared", type=int, default=1, show_default=True, help="Maximum simultaneous clients.")
 @click.option("-t", "--persistent", is_flag=True, help="Keep serving after the last client disconnects.")
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
+@click.option("-A", "--allocation-depth", is_flag=True, help="Also offer the qemu:allocation-depth meta context.")
 @click.option("--cache", type=_choice(CacheMode), default="writeback", show_default=True, help="Host page-cache mode.")
 @click.option("--discard", type=_choice(Discard), default="ignore", show_default=True, help="Whether TRIM frees space.")
 @click.option(
@@ -114,6 +115,7 @@ def serve(
     shared: int,
     persistent: bool,
     readonly: bool,
+    allocation_depth: bool,
     cache: str,
     discard: str,
     detect_zeroes: str,
@@ -140,7 +142,9 @@ def serve(
             device = PolicyDevice(device, discard=Discard(discard), detect_zeroes=DetectZeroes(detect_zeroes))
             name = names[i] if i < len(names) else ("" if i == 0 else os.path.basename(image))
             description = descriptions[i] if i < len(descriptions) else ""
-            exports.append(Export(name, device, description=description, readonly=readonly))
+            exports.append(
+                Export(name, device, description=description, readonly=readonly, allocation_depth=allocation_depth)
+            )
         sockets = systemd_sockets()
         if not sockets:
             sockets = [unix_socket(socket_path) if socket_path else tcp_socket(bind, port)]

@@ -166,3 +166,5 @@ class AllocationFlag(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+#: qemu's context: per extent, the depth in the backing chain that holds it (0: none).
+ALLOCATION_DEPTH = "qemu:allocation-depth"

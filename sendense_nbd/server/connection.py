@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sendense_nbd.errors import DeviceError, ProtocolError
 from sendense_nbd.protocol import transmission as tx
-from sendense_nbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD, Command, CommandFlag, Errno
+from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, Command, CommandFlag, Errno
 from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
 from sendense_nbd.storage.base import BlockDevice, Extent
 
@@ -270,10 +270,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif command == Command.CACHE:
             await self._run(device.cache, offset, length)
         elif command == Command.BLOCK_STATUS:
-            extents = await self._run(_allocation, device, offset, length)
-            if flags & CommandFlag.REQ_ONE:
-                extents = [(min(extents[0][0], length), extents[0][1])]
-            per_context = [(cid, extents) for cid, name in negotiated.meta_contexts if name == BASE_ALLOCATION]
+            per_context = []
+            for context_id, name in negotiated.meta_contexts:
+                extents = await self._run(_CONTEXTS[name], device, offset, length)
+                if flags & CommandFlag.REQ_ONE:
+                    extents = [(min(extents[0][0], length), extents[0][1])]
+                per_context.append((context_id, extents))
             return tx.block_status_reply(handle, per_context)
         return tx.ok_reply(handle, structured)
 
@@ -373,8 +375,18 @@ def _read_blocking(device: BlockDevice, offset: int, buffer: bytearray, sparse: 
     return segments
 
 
+def _allocation_depth(device: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
+    runs = device.allocation_depth(offset, length)
+    if not runs:
+        raise DeviceError(Errno.EIO, "storage returned no allocation depth")
+    return runs[:1024]
+
+
 def _allocation(device: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
     extents: list[Extent] = device.extents(offset, length) if device.capabilities.can_extents else [Extent(length)]
     if not extents:
         raise DeviceError(Errno.EIO, "storage returned no extents")
     return [(e.length, int(e.flags)) for e in extents]
+
+
+_CONTEXTS = {BASE_ALLOCATION: _allocation, ALLOCATION_DEPTH: _allocation_depth}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from sendense_nbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD, TransmissionFlag
+from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, TransmissionFlag
 from sendense_nbd.protocol.handshake import ExportInfo
 from sendense_nbd.storage.base import BlockDevice
 
@@ -17,6 +17,8 @@ class Export:
     device: BlockDevice
     description: str = ""
     readonly: bool = False
+    #: Offer ``qemu:allocation-depth``, as ``qemu-nbd -A`` does.
+    allocation_depth: bool = False
 
     @property
     def writable(self) -> bool:
@@ -47,5 +49,5 @@ class Export:
             min_block=caps.min_block,
             preferred_block=caps.preferred_block,
             max_block=MAX_PAYLOAD,
-            meta_contexts=(BASE_ALLOCATION,),
+            meta_contexts=(BASE_ALLOCATION, ALLOCATION_DEPTH) if self.allocation_depth else (BASE_ALLOCATION,),
         )

@@ -86,6 +86,10 @@ class BlockDevice(Protocol):
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Allocation status from ``offset``, covering at least one byte."""
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, depth)`` runs from ``offset``: 0 unallocated in the whole
+        backing chain, 1 in this image, 2 in its backing file, and so on."""
+
     def cache(self, offset: int, length: int) -> None:
         """Prefetch a range (advisory)."""
 

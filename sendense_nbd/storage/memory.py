@@ -74,6 +74,9 @@ class MemoryDevice:
     def flush(self) -> None:
         pass
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 1)]  # no backing chain: everything is this image's
+
     def cache(self, offset: int, length: int) -> None:
         pass
 

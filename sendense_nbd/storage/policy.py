@@ -76,6 +76,9 @@ class PolicyDevice:
     def extents(self, offset: int, length: int) -> list[Extent]:
         return self._next.extents(offset, length)
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return self._next.allocation_depth(offset, length)
+
     def cache(self, offset: int, length: int) -> None:
         self._next.cache(offset, length)
 

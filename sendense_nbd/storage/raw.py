@@ -185,6 +185,9 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, "flush") from exc
 
+    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 1)]  # no backing chain: everything is this image's
+
     def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
