@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.server import Export, NBDServer, systemd_sockets, tcp_socket, unix_socket
 from sendense_nbd.server.buffers import return_large_frees_to_os
+from sendense_nbd.storage.imagemap import map_image
 from sendense_nbd.storage import (
     BlockDevice,
     CacheMode,
@@ -251,6 +253,34 @@ def create(
     if backing_file:
         details += f" backing_file={backing_file} backing_fmt={backing_format}"
     click.echo(f"Formatting '{path}', {details}")
+
+
+@cli.command("map")
+@click.option("-f", "--format", "fmt", type=_choice(ImageFormat), help="Image format (probed if omitted).")
+@click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
+@click.argument("path", metavar="FILE")
+def map_command(fmt: str | None, output: str, path: str) -> None:
+    """Show where each guest range of FILE lives, as qemu-img map does."""
+    try:
+        device = open_image(path, ImageFormat(fmt) if fmt else None, readonly=True)
+        try:
+            entries = map_image(device, path)
+        finally:
+            device.close()
+    except SendenseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output == "json":
+        lines = [json.dumps(entry.to_json()).replace("{", "{ ", 1) for entry in entries]
+        click.echo("[" + ",\n".join(lines) + "]")
+        return
+    click.echo(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+    for entry in entries:
+        if entry.data and entry.offset is not None:
+            click.echo(f"{_hex(entry.start):<16}{_hex(entry.length):<16}{_hex(entry.offset):<16}{entry.filename}")
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}" if value else "0"
 
 
 def main() -> None:

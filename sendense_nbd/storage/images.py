@@ -63,7 +63,8 @@ def open_image(
         probed = probe_format(path)
         if probed is not ImageFormat.RAW and not readonly:
             raise ImageError(f"{path} looks like {probed.value}; pass the format explicitly (-f {probed.value})")
-        log.warning("image format of %s was not specified; probed %s", path, probed.value)
+        if probed is ImageFormat.RAW:  # the risky guess, as qemu warns
+            log.warning("image format of %s was not specified; probed raw", path)
         fmt = probed
     if fmt is ImageFormat.QCOW2:
         return Qcow2Device(path, readonly=readonly)

@@ -33,7 +33,6 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from pathlib import Path
 
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
@@ -236,6 +235,16 @@ class Qcow2Device:
                 out[-1] = (out[-1][0] + n, depth)
             else:
                 out.append((n, depth))
+        return out
+
+    def layer_map(self, offset: int, length: int) -> list[tuple[int, str, int | None]]:
+        """This image's own mapping as ``(length, kind, host offset)`` runs;
+        kind is ``data``, ``zero``, ``compressed`` or ``unallocated``."""
+        names = {_DATA: "data", _ZERO: "zero", _COMPRESSED: "compressed", _UNALLOCATED: "unallocated"}
+        out: list[tuple[int, str, int | None]] = []
+        for kind, _, n, host, _ in self._runs(offset, length):
+            name = names.get(kind, "data")
+            out.append((n, name, host if kind in (_DATA, _SUBCLUSTERS) else None))
         return out
 
     def close(self) -> None:
@@ -639,7 +648,7 @@ def _open_backing(path: str, header: fmt.Header, chain: tuple[str, ...]) -> Bloc
     name = header.backing_file or ""
     if name.startswith("json:"):
         raise ImageError(f"{path}: json: backing file names are not supported")
-    backing = name if os.path.isabs(name) else str(Path(path).resolve().parent / name)
+    backing = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
     if not os.path.exists(backing):
         raise ImageError(f"{path}: backing file {name} not found (looked for {backing})")
     backing_format = header.backing_format
