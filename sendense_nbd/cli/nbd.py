@@ -20,7 +20,6 @@ from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.server import Export, NBDServer, systemd_sockets, tcp_socket, unix_socket
 from sendense_nbd.server.buffers import return_large_frees_to_os
-from sendense_nbd.storage.imagemap import map_image
 from sendense_nbd.storage import (
     BlockDevice,
     CacheMode,
@@ -31,6 +30,7 @@ from sendense_nbd.storage import (
     create_image,
     open_image,
 )
+from sendense_nbd.storage.imagemap import map_image
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
