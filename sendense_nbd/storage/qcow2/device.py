@@ -56,6 +56,10 @@ def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
     return data
 
 
+class _NotCached(Exception):
+    """An L2 table needed for a non-blocking read is not in memory."""
+
+
 class Qcow2Device:
     """A :class:`~sendense_nbd.storage.base.BlockDevice` over a qcow2 image."""
 
@@ -167,7 +171,27 @@ class Qcow2Device:
             raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
 
     def read_cached(self, offset: int, buffer: memoryview) -> bool:
-        return False
+        if not self._lock.acquire(blocking=False):
+            return False  # a writer holds the metadata: do not wait on the event loop
+        try:
+            runs = self._runs(offset, len(buffer), cached_only=True)
+        except _NotCached:
+            return False
+        finally:
+            self._lock.release()
+        for kind, guest, length, host, _ in runs:
+            part = buffer[guest - offset : guest - offset + length]
+            if kind == _ZERO or (kind == _UNALLOCATED and self.backing is None):
+                part[:] = bytes(length)
+            elif kind != _DATA:
+                return False
+            else:
+                try:
+                    if os.preadv(self._fd, [part], host, os.RWF_NOWAIT) != length:
+                        return False
+                except OSError:
+                    return False  # not in the page cache (or no RWF_NOWAIT): read in a thread
+        return True
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         self._check_writable()
@@ -175,11 +199,27 @@ class Qcow2Device:
         try:
             with self._lock:
                 pos = 0
+                run_host = run_start = run_end = -1  # one pwrite for host-contiguous clusters
                 while pos < len(view):
                     guest = offset + pos
                     n = min(self._cs - guest % self._cs, len(view) - pos)
-                    self._write_cluster(guest, view[pos : pos + n])
+                    placed = self._write_cluster(guest, view[pos : pos + n])
+                    if placed is not None:
+                        host, content = placed
+                        if run_host >= 0 and content is None and host == run_host + (run_end - run_start):
+                            run_end = pos + n
+                        else:
+                            if run_host >= 0:
+                                self._pwrite(run_host, view[run_start:run_end])
+                                run_host = -1
+                            if content is None:
+                                run_host, run_start, run_end = host, pos, pos + n
+                            else:
+                                self._pwrite(host, content)
                     pos += n
+                if run_host >= 0:
+                    self._pwrite(run_host, view[run_start:run_end])
+                self._trim_caches()
                 if fua:
                     self._flush_locked()
         except OSError as exc:
@@ -197,6 +237,7 @@ class Qcow2Device:
                     n = min(self._cs - pos % self._cs, end - pos)
                     self._zero_cluster(pos, n)
                     pos += n
+                self._trim_caches()
                 if fua:
                     self._flush_locked()
         except OSError as exc:
@@ -261,13 +302,15 @@ class Qcow2Device:
 
     # -- mapping -----------------------------------------------------------------
 
-    def _entry(self, guest: int) -> tuple[int, int]:
+    def _entry(self, guest: int, cached_only: bool = False) -> tuple[int, int]:
         """``(L2 entry, subcluster bitmap)`` of the guest cluster at ``guest``."""
         cluster = guest >> self._cluster_bits
         l1_index, l2_index = divmod(cluster, self._l2_entries)
         l2_offset = self._l1[l1_index] & fmt.OFFSET_MASK
         if not l2_offset:
             return 0, 0
+        if cached_only and l2_offset not in self._l2_cache:
+            raise _NotCached
         table = self._l2(l2_offset)
         if self._extended:
             entry, bitmap = struct.unpack_from(">QQ", table, l2_index * 16)
@@ -291,7 +334,7 @@ class Qcow2Device:
             return _ZERO
         return _DATA if entry & fmt.OFFSET_MASK else _UNALLOCATED
 
-    def _runs(self, offset: int, length: int) -> list[tuple[int, int, int, int, int]]:
+    def _runs(self, offset: int, length: int, cached_only: bool = False) -> list[tuple[int, int, int, int, int]]:
         """``(kind, guest offset, length, host offset, entry)`` runs, merged when contiguous."""
         runs: list[tuple[int, int, int, int, int]] = []
         end = offset + length
@@ -300,7 +343,7 @@ class Qcow2Device:
             while pos < end:
                 in_cluster = pos % self._cs
                 n = min(self._cs - in_cluster, end - pos)
-                entry, bitmap = self._entry(pos)
+                entry, bitmap = self._entry(pos, cached_only)
                 kind = self._classify(entry, bitmap)
                 host = (entry & fmt.OFFSET_MASK) + in_cluster if kind == _DATA else 0
                 if kind == _SUBCLUSTERS:  # the run carries the bitmap instead of the entry
@@ -426,32 +469,43 @@ class Qcow2Device:
         if self.readonly:
             raise DeviceError(Errno.EPERM, f"{self.path} is open read-only")
 
-    def _write_cluster(self, guest: int, data: memoryview) -> None:
-        """Write ``data`` inside one guest cluster (lock held)."""
+    def _write_cluster(self, guest: int, data: memoryview) -> tuple[int, memoryview | None] | None:
+        """Map ``data`` (inside one guest cluster) to the host (lock held).
+
+        Returns where to write: ``(host, None)`` means write ``data`` itself
+        there (the caller batches contiguous ones), ``(host, content)`` a
+        whole materialised cluster. The L2 entry is updated already; it only
+        reaches the disk at the next flush, after the data.
+        """
         entry, bitmap = self._entry(guest)
         kind = self._classify(entry, bitmap)
         start = guest % self._cs
         if kind == _DATA and entry & fmt.COPIED:
-            self._pwrite((entry & fmt.OFFSET_MASK) + start, data)
-            return
+            return (entry & fmt.OFFSET_MASK) + start, None
         if kind == _DATA:
             raise DeviceError(Errno.EIO, f"guest cluster at {guest} is shared (snapshots); writing is not supported")
         base = guest - start
-        if len(data) == self._cs:
-            content: bytes | bytearray | memoryview = data
-        else:
+        content: memoryview | None = None
+        if len(data) != self._cs:
             merged = bytearray(self._cs)
             self._read_cluster_content(base, memoryview(merged), kind, entry, bitmap)
             merged[start : start + len(data)] = data
-            content = merged
+            content = memoryview(merged)
         host = entry & fmt.OFFSET_MASK
         reuse = kind != _COMPRESSED and host and entry & fmt.COPIED  # a preallocated cluster
         if not reuse:
             host = self._allocate()
-        self._pwrite(host, memoryview(content))
         if kind == _COMPRESSED:
             self._free_compressed(entry)
         self._set_entry(base, host | fmt.COPIED, _FULL if self._extended else 0)
+        return host, content
+
+    def _write_zeroes(self, guest: int, length: int) -> None:
+        zeroes = memoryview(bytes(length))
+        placed = self._write_cluster(guest, zeroes)
+        if placed is not None:
+            host, content = placed
+            self._pwrite(host, zeroes if content is None else content)
 
     def _read_cluster_content(self, base: int, out: memoryview, kind: int, entry: int, bitmap: int) -> None:
         if kind == _SUBCLUSTERS:
@@ -469,7 +523,7 @@ class Qcow2Device:
         if length < self._cs or self.header.version < 3:
             if self._extended and kind != _COMPRESSED and self._zero_subclusters(guest, length, entry, bitmap):
                 return
-            self._write_cluster(guest, memoryview(bytes(length)))  # no zero flag for part of a cluster
+            self._write_zeroes(guest, length)  # no zero flag for part of a cluster
             return
         host = entry & fmt.OFFSET_MASK if kind in (_DATA, _SUBCLUSTERS) else 0
         if kind == _COMPRESSED:
@@ -588,14 +642,23 @@ class Qcow2Device:
     def _cache_put(
         self, cache: OrderedDict[int, bytearray], key: int, value: bytearray, dirty: set[int], limit: int
     ) -> None:
+        """Insert, dropping clean tables beyond ``limit``; dirty ones wait for :meth:`_trim_caches`."""
         cache[key] = value
-        while len(cache) * self._cs > limit and len(cache) > 2:
-            oldest = next(iter(cache))
-            if oldest in dirty:
-                if self.readonly:
-                    break
-                self._flush_locked()  # writes every dirty table in order, then it can go
-            cache.pop(oldest, None)
+        excess = len(cache) - max(limit // self._cs, 2)
+        if excess > 0:
+            for old in [k for k in cache if k not in dirty and k != key][:excess]:
+                del cache[old]
+
+    def _trim_caches(self) -> None:
+        """Once an operation's data is written: flush if dirty tables overfill a cache, then shrink it."""
+        over_l2 = len(self._l2_cache) * self._cs > _L2_CACHE_BYTES and self._dirty_l2
+        over_rb = len(self._rb_cache) * self._cs > _REFCOUNT_CACHE_BYTES and self._dirty_rb
+        if not (over_l2 or over_rb):
+            return
+        self._flush_locked()
+        for cache, limit in ((self._l2_cache, _L2_CACHE_BYTES), (self._rb_cache, _REFCOUNT_CACHE_BYTES)):
+            while len(cache) > max(limit // self._cs, 2):
+                cache.popitem(last=False)
 
     # -- flush -------------------------------------------------------------------------
 
