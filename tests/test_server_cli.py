@@ -213,3 +213,22 @@ def test_create_rejects_bad_size(tmp_path: Path) -> None:
     result = run(sys.executable, "-m", "sendense_nbd", "create", str(tmp_path / "x.raw"), "12Q", check=False)
     assert result.returncode == 2
     assert "is not a size" in result.stderr
+
+
+@pytest.mark.parametrize("backing", ["null", "default"])
+def test_ovirt_json_filename(tmp_path: Path, serve, backing: str) -> None:  # type: ignore[no-untyped-def]
+    base = random_file(tmp_path / "base.raw", MiB)
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
+    run("qemu-io", "-c", "write -P 0x42 0 4096", str(top))
+    spec = '{"driver":"qcow2","file":{"driver":"file","filename":"%s"}%s}' % (
+        top,
+        ',"backing":null' if backing == "null" else "",
+    )
+    srv = serve("-r", "-t", f"json:{spec}")
+    h = _connect(srv.uri)
+    assert h.pread(4096, 0) == b"\x42" * 4096
+    # "backing": null serves the overlay alone, as qemu-nbd does: the rest reads as zeroes
+    expected = bytes(4096) if backing == "null" else base.read_bytes()[4096:8192]
+    assert h.pread(4096, 4096) == expected
+    h.shutdown()

@@ -29,19 +29,22 @@ def probe_format(path: str) -> ImageFormat:
     return ImageFormat.QCOW2 if magic == QCOW2_MAGIC else ImageFormat.RAW
 
 
-def parse_filename(name: str) -> tuple[str, ImageFormat | None]:
-    """A plain path, or qemu's ``json:{"driver":..., "file":{"driver":"file","filename":...}}``."""
+def parse_filename(name: str) -> tuple[str, ImageFormat | None, bool]:
+    """``(path, format, open the backing chain)`` of a plain path, or of qemu's
+    ``json:{"driver":..., "file":{"driver":"file","filename":...}, "backing":null}``
+    (``"backing": null`` means: this image alone, without its backing file)."""
     if not name.startswith("json:"):
-        return name, None
+        return name, None, True
     try:
         spec = json.loads(name[5:])
         driver = ImageFormat(spec["driver"])
         file = spec["file"]
         if file.get("driver", "file") != "file":
             raise ValueError(f"file driver {file.get('driver')!r}")
-        if spec.get("backing", "default") is None:
-            raise ValueError("backing: null (images are opened with their own backing chain)")
-        return str(file["filename"]), driver
+        backing = spec.get("backing", "default")
+        if backing is not None and backing != "default":
+            raise ValueError("only \"backing\": null is supported")
+        return str(file["filename"]), driver, backing == "default"
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ImageError(f"unsupported json: filename ({exc})") from exc
 
@@ -55,7 +58,7 @@ def open_image(
     image that looks like qcow2 is never guessed, so a missing ``-f`` cannot
     make writes land in the wrong format.
     """
-    path, from_json = parse_filename(path)
+    path, from_json, with_backing = parse_filename(path)
     if fmt is not None and from_json is not None and fmt is not from_json:
         raise ImageError(f"-f {fmt.value} contradicts the json: driver {from_json.value}")
     fmt = fmt or from_json
@@ -67,7 +70,7 @@ def open_image(
             log.warning("image format of %s was not specified; probed raw", path)
         fmt = probed
     if fmt is ImageFormat.QCOW2:
-        return Qcow2Device(path, readonly=readonly)
+        return Qcow2Device(path, readonly=readonly, open_backing=with_backing)
     return RawDevice(path, readonly=readonly, cache=cache)
 
 

@@ -63,7 +63,10 @@ class _NotCached(Exception):
 class Qcow2Device:
     """A :class:`~sendense_nbd.storage.base.BlockDevice` over a qcow2 image."""
 
-    def __init__(self, path: str, *, readonly: bool = False, _chain: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, path: str, *, readonly: bool = False, open_backing: bool = True, _chain: tuple[str, ...] = ()
+    ) -> None:
+        """Open ``path``; without ``open_backing`` unallocated clusters read as zeroes."""
         self.path = path
         self.readonly = readonly
         real = os.path.realpath(path)
@@ -75,14 +78,14 @@ class Qcow2Device:
             raise ImageError(f"cannot open {path}: {exc.strerror}") from exc
         self.backing: BlockDevice | None = None
         try:
-            self._open(real, _chain)
+            self._open(real, _chain, open_backing)
         except BaseException:
             self.close()
             raise
 
     # -- opening ---------------------------------------------------------------
 
-    def _open(self, real: str, chain: tuple[str, ...]) -> None:
+    def _open(self, real: str, chain: tuple[str, ...], open_backing: bool) -> None:
         file_size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
         header = fmt.parse_header(head)
@@ -110,7 +113,7 @@ class Qcow2Device:
         self._header_dirty = False
         self._pending_free: list[int] = []
         self._data_dirty = False
-        if header.backing_file:
+        if header.backing_file and open_backing:
             self.backing = _open_backing(self.path, header, chain + (real,))
         if not self.readonly and header.autoclear:
             header.autoclear = 0  # we do not maintain bitmaps: mark them inconsistent
