@@ -221,10 +221,8 @@ def test_ovirt_json_filename(tmp_path: Path, serve, backing: str) -> None:  # ty
     top = tmp_path / "top.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
     run("qemu-io", "-c", "write -P 0x42 0 4096", str(top))
-    spec = '{"driver":"qcow2","file":{"driver":"file","filename":"%s"}%s}' % (
-        top,
-        ',"backing":null' if backing == "null" else "",
-    )
+    tail = ',"backing":null' if backing == "null" else ""
+    spec = '{"driver":"qcow2","file":{"driver":"file","filename":"' + str(top) + '"}' + tail + "}"
     srv = serve("-r", "-t", f"json:{spec}")
     h = _connect(srv.uri)
     assert h.pread(4096, 0) == b"\x42" * 4096

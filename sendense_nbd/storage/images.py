@@ -43,7 +43,7 @@ def parse_filename(name: str) -> tuple[str, ImageFormat | None, bool]:
             raise ValueError(f"file driver {file.get('driver')!r}")
         backing = spec.get("backing", "default")
         if backing is not None and backing != "default":
-            raise ValueError("only \"backing\": null is supported")
+            raise ValueError('only "backing": null is supported')
         return str(file["filename"]), driver, backing == "default"
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ImageError(f"unsupported json: filename ({exc})") from exc

@@ -71,6 +71,7 @@ def create_qcow2(
         raise ImageError("give a size (or a backing file to take it from)")
     if os.path.exists(path):
         raise ImageError(f"cannot create {path}: File exists")
+    size = -(-size // 512) * 512  # whole sectors, as qemu-img rounds
     bits = cluster_size.bit_length() - 1
     l1_size = fmt.l1_entries_for(size, bits, extended_l2)
     l1_clusters = -(-l1_size * 8 // cluster_size)

@@ -28,6 +28,7 @@ Theory of operation (docs/interop/qcow2.txt in qemu):
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -39,6 +40,8 @@ from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.storage.base import BlockDevice, Capabilities, Extent, device_error
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.raw import RawDevice
+
+log = logging.getLogger(__name__)
 
 _MAX_CHAIN = 16
 _L2_CACHE_BYTES = 8 * 1024 * 1024
@@ -89,6 +92,15 @@ class Qcow2Device:
         file_size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
         header = fmt.parse_header(head)
+        if header.incompatible & fmt.Incompatible.DIRTY and not self.readonly:
+            # Lazy refcounts left inconsistent by a crash: rebuild them, as qemu does on open.
+            from sendense_nbd.storage.qcow2.check import repair_refcounts
+
+            log.warning("%s has the dirty bit set; rebuilding its refcounts", self.path)
+            repair_refcounts(self.path)
+            file_size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+            header = fmt.parse_header(head)
         if len(head) < min(header.cluster_size, file_size):
             raise ImageError(f"{self.path}: header cluster is truncated")
         self.header = header
@@ -112,6 +124,8 @@ class Qcow2Device:
         self._rtable_dirty = False
         self._header_dirty = False
         self._pending_free: list[int] = []
+        self._metadata_key = -1
+        self._metadata_set: set[int] = set()
         self._data_dirty = False
         if header.backing_file and open_backing:
             self.backing = _open_backing(self.path, header, chain + (real,))
@@ -140,10 +154,6 @@ class Qcow2Device:
             return
         if header.incompatible & fmt.Incompatible.CORRUPT:
             raise ImageError(f"{self.path}: the image is marked corrupt; repair it with 'qemu-img check -r all'")
-        if header.incompatible & fmt.Incompatible.DIRTY:
-            raise ImageError(
-                f"{self.path}: the image is dirty (lazy refcounts); repair it with 'sendense-nbd check -r {self.path}'"
-            )
         if header.nb_snapshots:
             raise ImageError(f"{self.path}: writing to images with internal snapshots is not supported")
 
@@ -348,6 +358,10 @@ class Qcow2Device:
                 n = min(self._cs - in_cluster, end - pos)
                 entry, bitmap = self._entry(pos, cached_only)
                 kind = self._classify(entry, bitmap)
+                if kind in (_DATA, _SUBCLUSTERS) and (entry & fmt.OFFSET_MASK) % self._cs:
+                    raise DeviceError(
+                        Errno.EIO, f"{self.path} is corrupt: guest cluster at {pos} maps to a misaligned host offset"
+                    )
                 host = (entry & fmt.OFFSET_MASK) + in_cluster if kind == _DATA else 0
                 if kind == _SUBCLUSTERS:  # the run carries the bitmap instead of the entry
                     runs.append((kind, pos, n, entry & fmt.OFFSET_MASK, bitmap))
@@ -369,6 +383,10 @@ class Qcow2Device:
 
     def _read_run(self, kind: int, guest: int, part: memoryview, host: int, entry: int) -> None:
         if kind == _DATA:
+            if host + len(part) > self._end:
+                raise DeviceError(
+                    Errno.EIO, f"{self.path} is corrupt: data for guest {guest} lies past the end of the file"
+                )
             done = 0
             while done < len(part):
                 n = os.preadv(self._fd, [part[done:]], host + done)
@@ -484,6 +502,7 @@ class Qcow2Device:
         kind = self._classify(entry, bitmap)
         start = guest % self._cs
         if kind == _DATA and entry & fmt.COPIED:
+            self._check_data_cluster(entry & fmt.OFFSET_MASK, guest)
             return (entry & fmt.OFFSET_MASK) + start, None
         if kind == _DATA:
             raise DeviceError(Errno.EIO, f"guest cluster at {guest} is shared (snapshots); writing is not supported")
@@ -496,7 +515,9 @@ class Qcow2Device:
             content = memoryview(merged)
         host = entry & fmt.OFFSET_MASK
         reuse = kind != _COMPRESSED and host and entry & fmt.COPIED  # a preallocated cluster
-        if not reuse:
+        if reuse:
+            self._check_data_cluster(host, guest)
+        else:
             host = self._allocate()
         if kind == _COMPRESSED:
             self._free_compressed(entry)
@@ -509,6 +530,37 @@ class Qcow2Device:
         if placed is not None:
             host, content = placed
             self._pwrite(host, zeroes if content is None else content)
+
+    def _check_data_cluster(self, host: int, guest: int) -> None:
+        """Refuse to write through an L2 entry that a damaged image points anywhere unsafe."""
+        if host % self._cs or host + self._cs > self._end or self._is_metadata(host):
+            raise DeviceError(
+                Errno.EIO,
+                f"{self.path} is corrupt: guest cluster at {guest} maps to host offset {host}, "
+                "which is misaligned, past the end of the file or image metadata; check it with 'qemu-img check'",
+            )
+
+    def _is_metadata(self, host: int) -> bool:
+        header = self.header
+        if host < self._cs:
+            return True
+        l1_end = header.l1_table_offset + header.l1_size * 8
+        if header.l1_table_offset <= host < l1_end:
+            return True
+        rt = header.refcount_table_offset
+        if rt <= host < rt + header.refcount_table_clusters * self._cs:
+            return True
+        return host in self._metadata_clusters()
+
+    def _metadata_clusters(self) -> set[int]:
+        """L2 tables and refcount blocks; new ones only come with a new end of file."""
+        key = self._end
+        if self._metadata_key != key:
+            self._metadata_set = {e & fmt.OFFSET_MASK for e in self._l1 if e & fmt.OFFSET_MASK} | {
+                e & fmt.OFFSET_MASK for e in self._rtable if e & fmt.OFFSET_MASK
+            }
+            self._metadata_key = key
+        return self._metadata_set
 
     def _read_cluster_content(self, base: int, out: memoryview, kind: int, entry: int, bitmap: int) -> None:
         if kind == _SUBCLUSTERS:
