@@ -298,7 +298,7 @@ class Qcow2Device:
         out: list[tuple[int, str, int | None]] = []
         for kind, _, n, host, _ in self._runs(offset, length):
             name = names.get(kind, "data")
-            out.append((n, name, host if kind in (_DATA, _SUBCLUSTERS) else None))
+            out.append((n, name, host if kind == _DATA else None))
         return out
 
     def close(self) -> None:
@@ -362,24 +362,35 @@ class Qcow2Device:
                     raise DeviceError(
                         Errno.EIO, f"{self.path} is corrupt: guest cluster at {pos} maps to a misaligned host offset"
                     )
-                host = (entry & fmt.OFFSET_MASK) + in_cluster if kind == _DATA else 0
-                if kind == _SUBCLUSTERS:  # the run carries the bitmap instead of the entry
-                    runs.append((kind, pos, n, entry & fmt.OFFSET_MASK, bitmap))
+                if kind == _SUBCLUSTERS:
+                    for piece in self._subcluster_pieces(pos, n, entry & fmt.OFFSET_MASK, bitmap):
+                        _merge_run(runs, piece)
                     pos += n
                     continue
-                if runs:
-                    pk, pg, pn, ph, pe = runs[-1]
-                    if pk == kind and kind in (_UNALLOCATED, _ZERO) and pg + pn == pos:
-                        runs[-1] = (pk, pg, pn + n, 0, 0)
-                        pos += n
-                        continue
-                    if pk == kind == _DATA and pg + pn == pos and ph + pn == host:
-                        runs[-1] = (pk, pg, pn + n, ph, 0)
-                        pos += n
-                        continue
-                runs.append((kind, pos, n, host, entry))
+                host = (entry & fmt.OFFSET_MASK) + in_cluster if kind == _DATA else 0
+                _merge_run(runs, (kind, pos, n, host, entry))
                 pos += n
         return runs
+
+    def _subcluster_pieces(
+        self, guest: int, length: int, host: int, bitmap: int
+    ) -> list[tuple[int, int, int, int, int]]:
+        """Runs of one cluster with mixed subclusters: data, zero or unallocated each."""
+        sub = self._cs // fmt.SUBCLUSTERS
+        pieces = []
+        pos, end = guest, guest + length
+        while pos < end:
+            in_cluster = pos % self._cs
+            index = in_cluster // sub
+            n = min(sub - in_cluster % sub, end - pos)
+            if bitmap >> index & 1:
+                pieces.append((_DATA, pos, n, host + in_cluster, 0))
+            elif bitmap >> (32 + index) & 1:
+                pieces.append((_ZERO, pos, n, 0, 0))
+            else:
+                pieces.append((_UNALLOCATED, pos, n, 0, 0))
+            pos += n
+        return pieces
 
     def _read_run(self, kind: int, guest: int, part: memoryview, host: int, entry: int) -> None:
         if kind == _DATA:
@@ -397,12 +408,10 @@ class Qcow2Device:
             part[:] = bytes(len(part))
         elif kind == _UNALLOCATED:
             self._read_backing(guest, part)
-        elif kind == _COMPRESSED:
+        else:
             cluster = self._decompress(entry)
             start = guest % self._cs
             part[:] = cluster[start : start + len(part)]
-        else:  # subclusters: `entry` carries the bitmap here
-            self._read_subclusters(guest, part, host, entry)
 
     def _read_backing(self, guest: int, part: memoryview) -> None:
         backing = self.backing
@@ -413,23 +422,6 @@ class Qcow2Device:
         backing.read_into(guest, part[:inside])
         if inside < len(part):
             part[inside:] = bytes(len(part) - inside)
-
-    def _read_subclusters(self, guest: int, part: memoryview, host: int, bitmap: int) -> None:
-        sub = self._cs // fmt.SUBCLUSTERS
-        pos = 0
-        while pos < len(part):
-            at = guest + pos
-            index = (at % self._cs) // sub
-            n = min(sub - at % sub, len(part) - pos)
-            piece = part[pos : pos + n]
-            if bitmap >> index & 1:
-                data = _pread(self._fd, n, host + at % self._cs, "subcluster data")
-                piece[:] = data
-            elif bitmap >> (32 + index) & 1:
-                piece[:] = bytes(n)
-            else:
-                self._read_backing(at, piece)
-            pos += n
 
     def _decompress(self, entry: int) -> bytes:
         offset, length = fmt.compressed_location(entry, self._cluster_bits)
@@ -456,8 +448,6 @@ class Qcow2Device:
                 out.append((kind, guest, n, (1, 0)))
             elif kind == _ZERO:
                 out.append((kind, guest, n, (1, hole_zero)))
-            elif kind == _SUBCLUSTERS:
-                out.append((kind, guest, n, (1, 0)))
             else:
                 out.extend(self._backing_status(guest, n))
         return out
@@ -510,7 +500,7 @@ class Qcow2Device:
         content: memoryview | None = None
         if len(data) != self._cs:
             merged = bytearray(self._cs)
-            self._read_cluster_content(base, memoryview(merged), kind, entry, bitmap)
+            self._read_cluster_content(base, memoryview(merged))
             merged[start : start + len(data)] = data
             content = memoryview(merged)
         host = entry & fmt.OFFSET_MASK
@@ -562,11 +552,9 @@ class Qcow2Device:
             self._metadata_key = key
         return self._metadata_set
 
-    def _read_cluster_content(self, base: int, out: memoryview, kind: int, entry: int, bitmap: int) -> None:
-        if kind == _SUBCLUSTERS:
-            self._read_subclusters(base, out, entry & fmt.OFFSET_MASK, bitmap)
-        else:
-            self._read_run(kind, base, out, entry & fmt.OFFSET_MASK, entry)
+    def _read_cluster_content(self, base: int, out: memoryview) -> None:
+        for kind, guest, n, host, entry in self._runs(base, len(out)):
+            self._read_run(kind, guest, out[guest - base : guest - base + n], host, entry)
 
     def _zero_cluster(self, guest: int, length: int) -> None:
         """Make ``length`` bytes in one guest cluster read as zeroes (lock held)."""
@@ -778,3 +766,14 @@ def _open_backing(path: str, header: fmt.Header, chain: tuple[str, ...]) -> Bloc
     if backing_format == "raw":
         return RawDevice(backing, readonly=True)
     raise ImageError(f"{path}: backing format {backing_format!r} is not supported")
+
+
+def _merge_run(runs: list[tuple[int, int, int, int, int]], run: tuple[int, int, int, int, int]) -> None:
+    """Append ``run``, extending the last one when it continues it."""
+    kind, guest, n, host, _ = run
+    if runs:
+        pk, pg, pn, ph, _ = runs[-1]
+        if pk == kind and pg + pn == guest and (kind in (_UNALLOCATED, _ZERO) or (kind == _DATA and ph + pn == host)):
+            runs[-1] = (pk, pg, pn + n, ph, 0)
+            return
+    runs.append(run)
