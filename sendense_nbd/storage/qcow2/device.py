@@ -139,7 +139,7 @@ class Qcow2Device:
             can_fast_zero=header.version >= 3,
             can_extents=True,
             can_cache=True,
-            preferred_block=min(self._cs, 64 * 1024) if self._cs >= 4096 else 4096,
+            preferred_block=max(4096, self._cs),  # whole clusters avoid copy-on-write
         )
 
     def _refuse(self, header: fmt.Header) -> None:
