@@ -164,6 +164,9 @@ def serve(
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
+        # Shutting down already: a signal now must not cut the final flush short.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         for device in devices:
             device.close()
         if pid_file and os.path.exists(pid_file):
