@@ -164,9 +164,6 @@ def serve(
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        # Shutting down already: a signal now must not cut the final flush short.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
         for device in devices:
             device.close()
         if pid_file and os.path.exists(pid_file):
@@ -180,6 +177,10 @@ async def _serve(exports: list[Export], sockets: list[socket.socket], *, shared:
         loop.add_signal_handler(sig, server.close)
     async with server:
         await server.wait_closed()
+    # Closing the images (a final flush) comes next: a signal must not cut it short.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _write_pid(path: str) -> None:
