@@ -52,6 +52,11 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a file range; it then reads as zeroes."""
+    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
 def create_raw(path: str, size: int) -> None:
     """Create a sparse raw image of ``size`` bytes (fails if it exists)."""
     try:

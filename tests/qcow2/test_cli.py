@@ -100,3 +100,20 @@ def test_map_matches_qemu_img_map(tmp_path: Path) -> None:
         mine = ours("map", "--output", output, str(top)).stdout
         theirs = run("qemu-img", "map", f"--output={output}", str(top)).stdout
         assert mine.replace(str(tmp_path) + "/", "") == theirs.replace(str(tmp_path) + "/", ""), output
+
+
+def test_trim_frees_clusters_and_the_image_stays_consistent(tmp_path: Path) -> None:
+    image = tmp_path / "d.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M")
+    device = Qcow2Device(str(image))
+    device.write(0, b"\x11" * 16 * MiB)
+    device.flush()
+    allocated = json.loads(run("qemu-img", "check", "--output=json", str(image)).stdout)["allocated-clusters"]
+    device.trim(0, 8 * MiB)  # freed: holes in the file, refcounts fall at flush
+    device.zero(8 * MiB, 4 * MiB, may_trim=False)  # kept allocated, zero flag set
+    device.close()
+    result = json.loads(run("qemu-img", "check", "--output=json", str(image)).stdout)
+    assert result["allocated-clusters"] == allocated - 8 * MiB // 65536
+    assert image.stat().st_blocks * 512 < 10 * MiB
+    data = run("qemu-io", "-c", "read -P 0 0 12M", "-c", "read -P 0x11 12M 4M", str(image)).stdout
+    assert "Pattern verification failed" not in data

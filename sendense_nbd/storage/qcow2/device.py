@@ -40,6 +40,7 @@ from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.storage.base import BlockDevice, Capabilities, Extent, device_error
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.raw import RawDevice
+from sendense_nbd.storage.raw import punch_hole as _punch_hole
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class Qcow2Device:
                 pos = offset
                 while pos < end:
                     n = min(self._cs - pos % self._cs, end - pos)
-                    self._zero_cluster(pos, n)
+                    self._zero_cluster(pos, n, may_trim)
                     pos += n
                 self._trim_caches()
                 if fua:
@@ -556,21 +557,39 @@ class Qcow2Device:
         for kind, guest, n, host, entry in self._runs(base, len(out)):
             self._read_run(kind, guest, out[guest - base : guest - base + n], host, entry)
 
-    def _zero_cluster(self, guest: int, length: int) -> None:
-        """Make ``length`` bytes in one guest cluster read as zeroes (lock held)."""
+    def _zero_cluster(self, guest: int, length: int, may_trim: bool) -> None:
+        """Make ``length`` bytes in one guest cluster read as zeroes (lock held).
+
+        With ``may_trim`` a whole cluster's host cluster is freed (and its
+        space punched out of the file), as qemu does on discard.
+        """
         entry, bitmap = self._entry(guest)
         kind = self._classify(entry, bitmap)
-        reads_as_zero = kind == _ZERO or (kind == _UNALLOCATED and (self.backing is None or guest >= self.backing.size))
-        if reads_as_zero:
+        owned = entry & fmt.OFFSET_MASK if kind != _COMPRESSED and entry & fmt.COPIED else 0
+        no_backing_here = self.backing is None or guest >= self.backing.size
+        if kind == _ZERO or (kind == _UNALLOCATED and no_backing_here):
+            if may_trim and owned and length == self._cs:
+                self._free_cluster(owned)
+                if self._extended:
+                    self._set_entry(guest, 0, _FULL << 32)
+                else:  # still a zero cluster: a backing file must not show through
+                    self._set_entry(guest, fmt.ZERO if self.header.version >= 3 else 0, 0)
+            return
+        if length == self._cs and self.header.version < 3 and may_trim and no_backing_here and kind == _DATA and owned:
+            self._free_cluster(owned)  # v2 has no zero flag, but unallocated reads as zeroes here
+            self._set_entry(guest, 0, 0)
             return
         if length < self._cs or self.header.version < 3:
             if self._extended and kind != _COMPRESSED and self._zero_subclusters(guest, length, entry, bitmap):
                 return
             self._write_zeroes(guest, length)  # no zero flag for part of a cluster
             return
-        host = entry & fmt.OFFSET_MASK if kind in (_DATA, _SUBCLUSTERS) else 0
+        host = owned
         if kind == _COMPRESSED:
             self._free_compressed(entry)
+        if may_trim and host:
+            self._free_cluster(host)
+            host = 0
         if self._extended:
             self._set_entry(guest, (host | fmt.COPIED) if host else 0, _FULL << 32)
         else:
@@ -613,6 +632,16 @@ class Qcow2Device:
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], host + done)
         self._data_dirty = True
+
+    def _free_cluster(self, host: int) -> None:
+        """Drop a data cluster: its space is punched now (it reads as zeroes,
+        which is what discarding allows), its refcount falls at the next flush,
+        once no L2 entry on disk points at it any more."""
+        try:
+            _punch_hole(self._fd, host, self._cs)
+        except OSError:
+            pass  # the file system keeps the space; the refcount still falls
+        self._pending_free.append(host)
 
     def _free_compressed(self, entry: int) -> None:
         offset, length = fmt.compressed_location(entry, self._cluster_bits)
