@@ -12,9 +12,10 @@ Theory of operation (docs/interop/qcow2.txt in qemu):
   to a cluster that is not a plain allocated one first materialises the
   cluster's current content (backing data, zeroes, decompressed data,
   subclusters), so a cluster is always written whole: copy-on-write.
-  Clusters are never moved, and are freed only when a compressed cluster is
-  rewritten. Zeroing sets the v3 zero flag (keeping any allocation), so an
-  overlay never re-exposes its backing file.
+  Clusters are never moved or reused; they are freed when a compressed
+  cluster is rewritten or a whole cluster is discarded (its space punched at
+  once). Zeroing sets the v3 zero flag, so an overlay never re-exposes its
+  backing file.
 * **Crash safety.** Metadata changes stay in the caches until :meth:`flush`,
   which writes them in dependency order with a barrier after each step:
   data, then refcount blocks and table (and the header when the table
