@@ -141,7 +141,7 @@ def test_examples_run(example: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = {
-        "main_job.py": "byte-for-byte identical to the source: OK",
+        "main_job.py": "the backup point is identical to the source: OK",
         "memory_server.py": "the device holds b'sendense'",
         "sans_io_handshake.py": "transmission starts",
     }[example]
