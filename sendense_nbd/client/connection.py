@@ -1,0 +1,795 @@
+"""An asyncio NBD client on the sans-IO codec of :mod:`sendense_nbd.protocol.client`.
+
+Theory of operation:
+
+* :func:`connect` opens a TCP (``TCP_NODELAY``) or unix stream whose protocol
+  is a :class:`_Link`, an ``asyncio.BufferedProtocol``. The link first feeds
+  a :class:`~sendense_nbd.protocol.client.ClientHandshake`, then a
+  :class:`~sendense_nbd.protocol.client.ReplyParser`. While read data
+  arrives the parser's ``get_buffer()`` is the caller's own buffer, so the
+  kernel copies socket bytes straight to where :meth:`NBDClient.pread_into`
+  wants them.
+* Every request gets a cookie ("handle") and a future; the link resolves the
+  future when the parser emits that request's reply, so any number of
+  requests are in flight and replies may come in any order (doc/proto.md,
+  "Ordering of messages and writes"). A semaphore bounds the requests in
+  flight, and requests wait while the transport is above its write
+  high-water mark, so memory stays bounded.
+* Requests are checked before sending with the same
+  :func:`~sendense_nbd.protocol.transmission.check_request` a server
+  applies (range, alignment, read-only, advertised commands and flags), and
+  split at the server's maximum payload. A failed check or an error reply
+  raises :class:`NBDRequestError` carrying the NBD errno.
+* A protocol violation or a dropped connection fails every request in flight
+  with :class:`ConnectionLostError`. A request over ``request_timeout``
+  raises :class:`NBDTimeoutError`; a timed-out or cancelled read is
+  abandoned in the parser, so its late data never lands in a buffer the
+  caller already got back.
+* :meth:`NBDClient.close` waits for requests in flight, sends
+  ``NBD_CMD_DISC`` (a soft disconnect) and waits for the socket to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections.abc import Coroutine, Generator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from sendense_nbd.client.uri import NBDAddress, resolve
+from sendense_nbd.errors import ProtocolError, SendenseError
+from sendense_nbd.protocol import transmission as tx
+from sendense_nbd.protocol import wire
+from sendense_nbd.protocol.client import (
+    ClientHandshake,
+    ClientHandshakeEvent,
+    Goal,
+    Informed,
+    Listed,
+    ListedExport,
+    Ready,
+    Reply,
+    ReplyParser,
+)
+from sendense_nbd.protocol.constants import (
+    BASE_ALLOCATION,
+    MAX_PAYLOAD,
+    Command,
+    CommandFlag,
+    Errno,
+    TransmissionFlag,
+)
+from sendense_nbd.protocol.handshake import NEED_DATA, ExportInfo, Negotiated
+
+WritableBuffer = bytearray | memoryview
+ReadableBuffer = bytes | bytearray | memoryview
+
+_HANDSHAKE_BUFFER = 64 * 1024
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: Payloads up to this size are sent in one write together with their header.
+_COALESCE = 64 * 1024
+#: Largest effect length (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) per request.
+_MAX_EFFECT = 1 << 30
+_ERRNOS = frozenset(int(e) for e in Errno)
+
+
+class NBDRequestError(SendenseError):
+    """A request failed: the server's error reply, or a check that would fail
+    on the server too. ``errno`` is the NBD error (an unknown value counts as
+    ``EINVAL``, as the spec says; ``raw_errno`` keeps what was sent)."""
+
+    def __init__(self, errno: int, message: str = "", *, command: int | None = None, offset: int | None = None) -> None:
+        self.raw_errno = errno
+        self.errno = Errno(errno) if errno in _ERRNOS else Errno.EINVAL
+        self.server_message = message
+        self.command = command
+        self.offset = offset
+        what = Command(command).name if command is not None else "request"
+        text = f"{what} failed: {errno_name(errno)}"
+        super().__init__(f"{text}: {message}" if message else text)
+
+
+def errno_name(errno: int) -> str:
+    """``EIO`` for 5; unknown values are named as numbers."""
+    return Errno(errno).name if errno in _ERRNOS else f"errno {errno}"
+
+
+class NBDConnectionError(SendenseError, ConnectionError):
+    """The connection to the server could not be made or is gone."""
+
+
+class ConnectionLostError(NBDConnectionError):
+    """The connection dropped (or broke the protocol) with requests in flight."""
+
+
+class NBDTimeoutError(SendenseError, TimeoutError):
+    """Connecting, negotiating or a request took longer than allowed."""
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+@attrs.frozen(slots=True)
+class ClientOptions:
+    """How to connect and negotiate; the keyword arguments of :func:`connect`."""
+
+    #: Seconds for connecting plus the handshake.
+    timeout: float | None = 30.0
+    #: Seconds each request may take (None: no limit).
+    request_timeout: float | None = None
+    max_in_flight: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    structured_replies: bool = True
+    meta_contexts: tuple[str, ...] = attrs.field(default=(BASE_ALLOCATION,), converter=_strings)
+    request_block_size: bool = True
+
+
+class _Link(asyncio.BufferedProtocol):
+    """The socket side of one connection: handshake, then replies to futures."""
+
+    def __init__(self, handshake: ClientHandshake, max_in_flight: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._handshake = handshake
+        self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
+        self.negotiated: asyncio.Future[ClientHandshakeEvent] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.parser: ReplyParser | None = None
+        self.waiters: dict[int, asyncio.Future[Reply]] = {}
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        #: Why the link cannot carry requests any more (None while it can).
+        self.error: NBDConnectionError | None = None
+        self._shutdown = False
+
+    # -- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.parser is not None:
+            return self.parser.get_buffer()
+        return memoryview(self._handshake_buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self.parser is not None:
+                self.parser.buffer_updated(nbytes)
+                self._dispatch()
+            else:
+                self._handshake_received(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        if self.parser is None and not self.negotiated.done():
+            try:
+                self._handshake.receive_eof()
+            except ProtocolError as exc:
+                self._fail(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._fail(ConnectionLostError(f"the server closed the connection{reason}"))
+        self.writable.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # -- handshake -----------------------------------------------------------------
+
+    def _handshake_received(self, nbytes: int) -> None:
+        handshake = self._handshake
+        assert self.transport is not None
+        handshake.receive_data(memoryview(self._handshake_buffer)[:nbytes])
+        out = handshake.data_to_send()
+        if out:
+            self.transport.write(out)
+        event = handshake.next_event()
+        if event is NEED_DATA:
+            return
+        if isinstance(event, Ready):
+            self.parser = ReplyParser(structured=event.structured_replies, context_ids=event.meta_contexts.values())
+            trailing = handshake.trailing_data()
+            if trailing:
+                self.parser.receive_data(trailing)
+        else:  # Informed or Listed: NBD_OPT_ABORT was sent; hang up.
+            self.error = NBDConnectionError("the handshake ended without entering transmission")
+            self.transport.close()
+        if not self.negotiated.done():
+            self.negotiated.set_result(event)
+
+    # -- transmission ----------------------------------------------------------------
+
+    def submit(
+        self,
+        handle: int,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int,
+        payload: memoryview | None,
+        into: memoryview | None,
+    ) -> asyncio.Future[Reply]:
+        """Register and send one request (the caller holds a slot)."""
+        assert self.parser is not None and self.transport is not None
+        header = wire.encode_request(command, handle, offset, length, flags)
+        self.parser.register(handle, command, offset, length, flags=flags, buffer=into)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self.waiters[handle] = future
+        self.idle.clear()
+        if payload is None:
+            self.transport.write(header)
+        elif len(payload) <= _COALESCE:
+            self.transport.write(header + payload)
+        else:
+            self.transport.write(header)
+            self.transport.write(payload)
+        return future
+
+    def abandon(self, handle: int) -> None:
+        if self.parser is not None:
+            self.parser.abandon(handle)
+
+    def _dispatch(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        while (event := parser.next_event()) is not NEED_DATA:
+            assert isinstance(event, Reply)
+            future = self.waiters.pop(event.handle)
+            self.slots.release()
+            if event.errno == Errno.ESHUTDOWN:
+                self._shutdown = True
+            if not future.done():
+                future.set_result(event)
+        if not self.waiters:
+            self.idle.set()
+            if self._shutdown and self.error is None:
+                # "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
+                self.error = NBDConnectionError("the server is shutting down")
+                self.disconnect()
+
+    def check(self) -> None:
+        """Raise if the link can carry no more requests."""
+        if self.error is not None:
+            raise type(self.error)(str(self.error))
+        if self._shutdown:
+            raise NBDConnectionError("the server is shutting down")
+
+    def disconnect(self) -> None:
+        """Send ``NBD_CMD_DISC`` and close once it is written."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.encode_request(Command.DISC, 0, 0, 0))
+            self.transport.close()
+
+    def _fail(self, exc: SendenseError) -> None:
+        """Fail the handshake or every request in flight, and hang up."""
+        if self.error is None:
+            self.error = exc if isinstance(exc, NBDConnectionError) else ConnectionLostError(f"connection lost: {exc}")
+        if not self.negotiated.done():
+            self.negotiated.set_exception(exc)
+        error = self.error
+        waiters, self.waiters = self.waiters, {}
+        for future in waiters.values():
+            self.slots.release()
+            if not future.done():
+                future.set_exception(ConnectionLostError(str(error)))
+        self.idle.set()
+        if self.transport is not None and not self.transport.is_closing():
+            if self.parser is None:
+                self.transport.write(self._handshake.data_to_send())  # NBD_OPT_ABORT, if any
+                self.transport.close()
+            else:
+                self.transport.abort()
+
+
+class NBDClient:
+    """One connection to one export; made by :func:`connect`.
+
+    Offsets and lengths are in bytes. The capability properties mirror the
+    transmission flags the server sent; calling an operation the server did
+    not advertise raises :class:`NBDRequestError` without a round trip.
+    """
+
+    def __init__(self, link: _Link, ready: Ready, address: NBDAddress, options: ClientOptions) -> None:
+        self._link = link
+        self._ready = ready
+        self.address = address
+        self._options = options
+        export = ready.export
+        by_id = sorted((cid, name) for name, cid in ready.meta_contexts.items())
+        self._negotiated = Negotiated(
+            ExportInfo(
+                name=export.name,
+                size=export.size,
+                flags=export.flags,
+                min_block=export.min_block,
+                preferred_block=export.preferred_block,
+                max_block=export.max_block,
+                meta_contexts=tuple(name for _, name in by_id),
+            ),
+            ready.structured_replies,
+            tuple(by_id),
+        )
+        minimum = export.min_block
+        self._payload_chunk = max(minimum, min(export.max_block, MAX_PAYLOAD) // minimum * minimum)
+        self._effect_chunk = _MAX_EFFECT // minimum * minimum if minimum <= _MAX_EFFECT else minimum
+        self._handles = itertools.count(1)
+        self._closing = False
+
+    # -- what the handshake said -------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._ready.export.size
+
+    @property
+    def export_name(self) -> str:
+        """The export's canonical name (from ``NBD_INFO_NAME`` when sent)."""
+        return self._ready.export.name
+
+    @property
+    def description(self) -> str:
+        return self._ready.export.description
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        return self._ready.export.flags
+
+    def _has(self, flag: TransmissionFlag) -> bool:
+        return bool(self._ready.export.flags & flag)
+
+    @property
+    def is_read_only(self) -> bool:
+        """The export is read-only."""
+        return self._has(TransmissionFlag.READ_ONLY)
+
+    @property
+    def is_rotational(self) -> bool:
+        """The server says seeks are expensive."""
+        return self._has(TransmissionFlag.ROTATIONAL)
+
+    @property
+    def can_flush(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FLUSH)
+
+    @property
+    def can_fua(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FUA)
+
+    @property
+    def can_trim(self) -> bool:
+        return self._has(TransmissionFlag.SEND_TRIM)
+
+    @property
+    def can_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
+
+    @property
+    def can_fast_zero(self) -> bool:
+        return self._has(TransmissionFlag.SEND_FAST_ZERO)
+
+    @property
+    def can_df(self) -> bool:
+        return self._has(TransmissionFlag.SEND_DF)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        """Connections to this export share one consistent view (and FLUSH covers all)."""
+        return self._has(TransmissionFlag.CAN_MULTI_CONN)
+
+    @property
+    def can_cache(self) -> bool:
+        return self._has(TransmissionFlag.SEND_CACHE)
+
+    @property
+    def can_block_status(self) -> bool:
+        """At least one meta context was negotiated."""
+        return bool(self._ready.meta_contexts)
+
+    @property
+    def min_block(self) -> int:
+        return self._ready.export.min_block
+
+    @property
+    def preferred_block(self) -> int:
+        return self._ready.export.preferred_block
+
+    @property
+    def max_block(self) -> int:
+        """The server's maximum payload (reads and writes are split to fit)."""
+        return self._ready.export.max_block
+
+    @property
+    def structured_replies(self) -> bool:
+        return self._ready.structured_replies
+
+    @property
+    def meta_contexts(self) -> Mapping[str, int]:
+        """Negotiated meta contexts, name to context id."""
+        return self._ready.meta_contexts
+
+    @property
+    def used_go(self) -> bool:
+        """False when the server needed the ``NBD_OPT_EXPORT_NAME`` fallback."""
+        return self._ready.used_go
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._link.waiters)
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed.done()
+
+    def __repr__(self) -> str:
+        return f"<NBDClient {self.address.uri} size={self.size}>"
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def pread(self, length: int, offset: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (:meth:`pread_into` avoids a copy)."""
+        buffer = bytearray(length)
+        await self.pread_into(buffer, offset)
+        return bytes(buffer)
+
+    async def pread_into(self, buffer: WritableBuffer, offset: int) -> None:
+        """Fill ``buffer`` from ``offset``; the socket receives straight into it."""
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("pread_into needs a writable buffer")
+        await self._split(Command.READ, offset, len(view), self._payload_chunk, into=view)
+
+    async def pwrite(self, data: ReadableBuffer, offset: int, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` it is durable on return."""
+        view = memoryview(data).cast("B")
+        flags = CommandFlag.FUA if fua else 0
+        await self._split(Command.WRITE, offset, len(view), self._payload_chunk, flags, payload=view)
+
+    async def flush(self) -> None:
+        """Make every write that already completed durable."""
+        await self._request(Command.FLUSH, 0, 0)
+
+    async def trim(self, length: int, offset: int, *, fua: bool = False) -> None:
+        """Tell the server the range is no longer needed (it may read back as anything)."""
+        await self._split(Command.TRIM, offset, length, self._effect_chunk, CommandFlag.FUA if fua else 0)
+
+    async def zero(
+        self, length: int, offset: int, *, no_hole: bool = False, fast: bool = False, fua: bool = False
+    ) -> None:
+        """Write zeroes. ``no_hole``: keep the range allocated; ``fast``: fail
+        with ``ENOTSUP`` rather than be slower than writing zeroes."""
+        flags = (
+            (CommandFlag.NO_HOLE if no_hole else 0)
+            | (CommandFlag.FAST_ZERO if fast else 0)
+            | (CommandFlag.FUA if fua else 0)
+        )
+        await self._split(Command.WRITE_ZEROES, offset, length, self._effect_chunk, flags)
+
+    async def cache(self, length: int, offset: int) -> None:
+        """Ask the server to prefetch the range."""
+        await self._split(Command.CACHE, offset, length, self._effect_chunk)
+
+    async def block_status(
+        self, length: int, offset: int, context: str = BASE_ALLOCATION, *, req_one: bool = False
+    ) -> list[tuple[int, int]]:
+        """``(length, flags)`` extents from ``offset`` for one meta context.
+
+        One request: the server may describe less than ``length`` (never
+        nothing), so the extents cover a prefix of the range; the last one is
+        cut at the end of the range.
+        """
+        context_id = self._ready.meta_contexts.get(context)
+        if context_id is None:
+            raise NBDRequestError(
+                Errno.EINVAL, f"meta context {context!r} was not negotiated", command=Command.BLOCK_STATUS
+            )
+        length = min(length, self._effect_chunk)
+        flags = CommandFlag.REQ_ONE if req_one else 0
+        reply = await self._request(Command.BLOCK_STATUS, offset, length, flags)
+        extents: list[tuple[int, int]] = []
+        left = length
+        for extent_length, extent_flags in reply.extents[context_id]:
+            extents.append((min(extent_length, left), extent_flags))
+            left -= extent_length
+            if left <= 0:
+                break
+        return extents
+
+    async def extents(
+        self, length: int | None = None, offset: int = 0, context: str = BASE_ALLOCATION
+    ) -> list[tuple[int, int, int]]:
+        """``(offset, length, flags)`` extents covering the whole range (default:
+        to the end of the export), asking as often as the server needs."""
+        end = self.size if length is None else offset + length
+        result: list[tuple[int, int, int]] = []
+        while offset < end:
+            for extent_length, flags in await self.block_status(end - offset, offset, context):
+                result.append((offset, extent_length, flags))
+                offset += extent_length
+        return result
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Wait for requests in flight, send ``NBD_CMD_DISC`` and close."""
+        link = self._link
+        if not self._closing:
+            self._closing = True
+            try:
+                await asyncio.wait_for(link.idle.wait(), self._options.request_timeout)
+            except TimeoutError:
+                link._fail(ConnectionLostError("requests were still in flight at close"))
+            if link.error is None:
+                link.error = NBDConnectionError("the connection was closed")
+            link.disconnect()
+        await self.wait_closed()
+
+    def abort(self) -> None:
+        """Hard disconnect: fail requests in flight and drop the socket."""
+        self._closing = True
+        self._link._fail(NBDConnectionError("the connection was aborted"))
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._link.closed)
+
+    async def __aenter__(self) -> NBDClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- machinery ------------------------------------------------------------------------
+
+    async def _split(
+        self,
+        command: Command,
+        offset: int,
+        length: int,
+        chunk: int,
+        flags: int = 0,
+        *,
+        payload: memoryview | None = None,
+        into: memoryview | None = None,
+    ) -> None:
+        if length <= chunk:
+            await self._request(command, offset, length, flags, payload=payload, into=into)
+            return
+        pieces = []
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            piece_payload = payload[start : start + n] if payload is not None else None
+            piece_into = into[start : start + n] if into is not None else None
+            pieces.append(self._request(command, offset + start, n, flags, payload=piece_payload, into=piece_into))
+        await _all(pieces)
+
+    async def _request(
+        self,
+        command: Command,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        *,
+        payload: memoryview | None = None,
+        into: memoryview | None = None,
+    ) -> Reply:
+        if offset < 0 or length < 0:
+            raise ValueError("offsets and lengths cannot be negative")
+        if length == 0 and command not in (Command.FLUSH, Command.BLOCK_STATUS):
+            if offset > self.size:
+                raise NBDRequestError(Errno.EINVAL, f"offset {offset} is beyond the export size", command=command)
+            return Reply(0, command)
+        rejection = tx.check_request(tx.Request(0, command, flags, offset, length), self._negotiated)
+        if rejection is not None:
+            raise NBDRequestError(rejection.errno, rejection.message, command=command)
+        link = self._link
+        if self._closing and link.error is None:
+            raise NBDConnectionError("the connection is closing")
+        await link.slots.acquire()
+        try:
+            link.check()
+            while not link.writable.is_set():  # above the write high-water mark
+                await link.writable.wait()
+                link.check()
+            handle = next(self._handles)
+            future = link.submit(handle, command, offset, length, flags, payload, into)
+        except BaseException:
+            link.slots.release()
+            raise
+        try:
+            if self._options.request_timeout is None:
+                reply = await future
+            else:
+                async with asyncio.timeout(self._options.request_timeout):
+                    reply = await future
+        except TimeoutError:
+            link.abandon(handle)
+            raise NBDTimeoutError(
+                f"{command.name} of {length} bytes at {offset} took over {self._options.request_timeout} s"
+            ) from None
+        except asyncio.CancelledError:
+            link.abandon(handle)
+            raise
+        if reply.errno:
+            raise NBDRequestError(reply.errno, reply.message, command=command, offset=reply.error_offset)
+        return reply
+
+
+async def _all(coroutines: list[Coroutine[Any, Any, Any]]) -> None:
+    """Run request pieces concurrently; on failure cancel the rest, raise the first."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coroutine in coroutines:
+                group.create_task(coroutine)
+    except BaseExceptionGroup as failures:
+        raise _first(failures) from None
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+# -- connecting ------------------------------------------------------------------------------
+
+
+async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) -> tuple[_Link, ClientHandshakeEvent]:
+    loop = asyncio.get_running_loop()
+    handshake = ClientHandshake(
+        address.export,
+        structured_replies=options.structured_replies,
+        meta_contexts=options.meta_contexts,
+        request_block_size=options.request_block_size,
+        goal=goal,
+    )
+    link = _Link(handshake, options.max_in_flight)
+    try:
+        async with asyncio.timeout(options.timeout):
+            try:
+                if address.socket is not None:
+                    await loop.create_unix_connection(lambda: link, address.socket)
+                else:
+                    assert address.host is not None
+                    await loop.create_connection(lambda: link, address.host, address.port)
+            except OSError as exc:
+                raise NBDConnectionError(f"cannot connect to {address.uri}: {exc}") from exc
+            event = await link.negotiated
+    except TimeoutError:
+        link._fail(NBDConnectionError("handshake timed out"))
+        await _closed(link)
+        raise NBDTimeoutError(f"connecting to {address.uri} took over {options.timeout} s") from None
+    except asyncio.CancelledError:
+        if link.transport is not None:
+            link.transport.abort()
+        raise
+    except SendenseError:
+        await _closed(link)  # the refusal was answered with NBD_OPT_ABORT; let the socket close
+        raise
+    return link, event
+
+
+async def _closed(link: _Link) -> None:
+    """Wait (briefly) until a failed link's socket is closed."""
+    if link.transport is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(link.closed), 5)
+        except TimeoutError:
+            link.transport.abort()
+
+
+async def open_client(address: NBDAddress, options: ClientOptions) -> NBDClient:
+    """Connect and negotiate; :func:`connect` is the friendly spelling."""
+    link, event = await _negotiate(address, options, Goal.GO)
+    assert isinstance(event, Ready)
+    return NBDClient(link, event, address, options)
+
+
+class _Connecting:
+    """What :func:`connect` returns: await it, or use it with ``async with``."""
+
+    def __init__(self, address: NBDAddress, options: ClientOptions) -> None:
+        self._address = address
+        self._options = options
+        self._client: NBDClient | None = None
+
+    def __await__(self) -> Generator[Any, None, NBDClient]:
+        return open_client(self._address, self._options).__await__()
+
+    async def __aenter__(self) -> NBDClient:
+        self._client = await open_client(self._address, self._options)
+        return self._client
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._client is not None
+        if exc is not None and isinstance(exc, NBDConnectionError):
+            self._client.abort()
+            await self._client.wait_closed()
+        else:
+            await self._client.close()
+
+
+def connect(
+    target: str | NBDAddress,
+    port: int | None = None,
+    export: str | None = None,
+    *,
+    timeout: float | None = 30.0,
+    request_timeout: float | None = None,
+    max_in_flight: int = 64,
+    structured_replies: bool = True,
+    meta_contexts: Iterable[str] = (BASE_ALLOCATION,),
+    request_block_size: bool = True,
+) -> _Connecting:
+    """Connect to an export: ``await connect(...)`` or ``async with connect(...) as nbd``.
+
+    ``target`` is an NBD URI (``nbd://host:port/export``,
+    ``nbd+unix:///export?socket=PATH``), an :class:`NBDAddress`, or a host
+    name with ``port`` (default 10809). ``export`` overrides the URI's.
+    """
+    options = ClientOptions(
+        timeout=timeout,
+        request_timeout=request_timeout,
+        max_in_flight=max_in_flight,
+        structured_replies=structured_replies,
+        meta_contexts=tuple(meta_contexts),
+        request_block_size=request_block_size,
+    )
+    return _Connecting(resolve(target, port, export), options)
+
+
+async def _ask(
+    target: str | NBDAddress, port: int | None, export: str | None, goal: Goal, options: ClientOptions | None
+) -> ClientHandshakeEvent:
+    link, event = await _negotiate(resolve(target, port, export), options or ClientOptions(), goal)
+    await asyncio.shield(link.closed)
+    return event
+
+
+async def list_exports(
+    target: str | NBDAddress, port: int | None = None, *, options: ClientOptions | None = None
+) -> list[ListedExport]:
+    """The exports a server lists (``NBD_OPT_LIST``)."""
+    event = await _ask(target, port, None, Goal.LIST, options)
+    assert isinstance(event, Listed)
+    return list(event.exports)
+
+
+async def export_info(
+    target: str | NBDAddress,
+    port: int | None = None,
+    export: str | None = None,
+    *,
+    options: ClientOptions | None = None,
+) -> Informed:
+    """Describe an export without using it (``NBD_OPT_INFO``, ``NBD_OPT_LIST_META_CONTEXT``).
+
+    ``options.structured_replies`` must stay on to learn the meta contexts.
+    """
+    event = await _ask(target, port, export, Goal.INFO, options)
+    assert isinstance(event, Informed)
+    return event

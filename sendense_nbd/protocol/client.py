@@ -1,0 +1,942 @@
+"""Client side of NBD, as sans-IO code: the handshake and the reply parser.
+
+Theory of operation (doc/proto.md of NetworkBlockDevice/nbd):
+
+* :class:`ClientHandshake` drives "Fixed newstyle negotiation". The server
+  speaks first (NBDMAGIC, IHAVEOPT, handshake flags); the client answers with
+  its flags, then sends one option at a time and waits for its final reply
+  (``NBD_REP_ACK`` or an ``NBD_REP_ERR_*``). The options sent are a plan,
+  fixed by the goal: to enter transmission (:attr:`Goal.GO`) the plan is
+  ``STRUCTURED_REPLY``, ``SET_META_CONTEXT``, ``GO``; to describe an export
+  (:attr:`Goal.INFO`) ``STRUCTURED_REPLY``, ``INFO``, ``LIST_META_CONTEXT``,
+  ``ABORT``; to list exports (:attr:`Goal.LIST`) ``LIST``, ``ABORT``. Each
+  option's replies go to a handler from a table keyed by option. Refusals of
+  optional extras (structured replies, meta contexts) are tolerated; a
+  refusal of ``GO`` with ``NBD_REP_ERR_UNSUP`` falls back to
+  ``NBD_OPT_EXPORT_NAME``, as "Option types" tells clients to do; any other
+  refusal raises :class:`OptionError` with the reply code and the server's
+  message. The handshake ends with :class:`Ready` (or :class:`Informed`,
+  :class:`Listed`).
+* :class:`ReplyParser` splits the transmission stream ("Simple reply
+  message", "Structured reply chunk message", "Structured reply types"). A
+  simple reply to a READ carries no length, so the parser must know every
+  request in flight: the caller :meth:`~ReplyParser.register`\\ s each one,
+  READs with the buffer their data belongs in. Like the server's
+  ``RequestParser`` it is shaped for ``asyncio.BufferedProtocol``:
+  :meth:`~ReplyParser.get_buffer` returns the caller's own read buffer while
+  read data is arriving, so socket bytes land where they belong with no copy;
+  headers and small chunks go through a scratch buffer. Each finished request
+  becomes one :class:`Reply` event. Everything the spec forbids a server to
+  send (bad magic, unknown cookies, chunks outside the request, an unknown
+  non-error chunk type, ...) raises :class:`~sendense_nbd.errors.ProtocolError`:
+  the only safe reaction is a hard disconnect.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
+from types import MappingProxyType
+
+import attrs
+
+from sendense_nbd.errors import LocalProtocolError, ProtocolError
+from sendense_nbd.protocol import wire
+from sendense_nbd.protocol.constants import (
+    BASE_ALLOCATION,
+    IHAVEOPT,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    NBDMAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    HandshakeFlag,
+    Info,
+    Option,
+    OptionReply,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+from sendense_nbd.protocol.handshake import NEED_DATA, NeedData
+
+#: Longest option reply payload the client buffers (strings are at most 4 KiB).
+MAX_OPTION_REPLY = 64 * 1024
+#: Longest non-data chunk payload: 2^20 block-status extents, plus room.
+MAX_CHUNK = 4 + 8 * (1 << 20) + 4096
+#: Magic of the oldstyle greeting, which this client does not speak.
+OLDSTYLE_MAGIC = 0x00420281861253
+
+_GREETING_SIZE = wire.GREETING.size
+_SCRATCH_SIZE = 128 * 1024
+_ZEROES = memoryview(bytes(1 << 20))
+
+
+class OptionError(ProtocolError):
+    """The server refused an option the handshake cannot do without.
+
+    ``reply`` is the ``NBD_REP_ERR_*`` code (None when the server just hung
+    up, which is how ``NBD_OPT_EXPORT_NAME`` refuses) and ``server_message``
+    the text the server sent with it. The connection cannot go on.
+    """
+
+    def __init__(self, option: int, reply: int | None, server_message: str, export: str = "") -> None:
+        self.option = option
+        self.reply = reply
+        self.server_message = server_message
+        self.export = export
+        name = Option(option).name if option in _OPTIONS else str(option)
+        code = _reply_name(reply) if reply is not None else "a hang-up"
+        text = f"NBD_OPT_{name} for export {export!r} refused with {code}"
+        super().__init__(f"{text}: {server_message}" if server_message else text)
+
+    @property
+    def unknown_export(self) -> bool:
+        """The server does not have the export that was asked for."""
+        return self.reply == OptionReply.ERR_UNKNOWN or (self.reply is None and self.option == Option.EXPORT_NAME)
+
+
+_OPTIONS = frozenset(int(o) for o in Option)
+_REPLIES = frozenset(int(r) for r in OptionReply)
+
+
+def _reply_name(reply: int) -> str:
+    return f"NBD_REP_{OptionReply(reply).name}" if reply in _REPLIES else f"reply {reply:#x}"
+
+
+class Goal(enum.Enum):
+    """What a :class:`ClientHandshake` is for."""
+
+    GO = "go"  #: enter transmission with one export
+    INFO = "info"  #: describe one export, then abort
+    LIST = "list"  #: list the server's exports, then abort
+
+
+@attrs.frozen(slots=True)
+class ExportDetails:
+    """What the server told about an export."""
+
+    name: str
+    size: int
+    flags: TransmissionFlag
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = MAX_PAYLOAD
+    description: str = ""
+    #: The server sent ``NBD_INFO_BLOCK_SIZE`` (else the values are defaults).
+    block_sizes_advertised: bool = False
+
+
+def _frozen_mapping(value: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen(slots=True)
+class Ready:
+    """The handshake is over: transmission starts with these settings."""
+
+    export: ExportDetails
+    structured_replies: bool
+    #: Selected meta contexts, name to context id.
+    meta_contexts: Mapping[str, int] = attrs.field(converter=_frozen_mapping, factory=dict)
+    #: False when an old server needed the ``NBD_OPT_EXPORT_NAME`` fallback.
+    used_go: bool = True
+
+
+@attrs.frozen(slots=True)
+class Informed:
+    """Result of :attr:`Goal.INFO`; ``NBD_OPT_ABORT`` has been queued."""
+
+    export: ExportDetails
+    structured_replies: bool
+    #: Every meta context the server offers for the export.
+    meta_contexts: tuple[str, ...]
+
+
+@attrs.frozen(slots=True)
+class ListedExport:
+    """One ``NBD_REP_SERVER`` entry."""
+
+    name: str
+    description: str = ""
+
+
+@attrs.frozen(slots=True)
+class Listed:
+    """Result of :attr:`Goal.LIST`; ``NBD_OPT_ABORT`` has been queued."""
+
+    exports: tuple[ListedExport, ...]
+
+
+ClientHandshakeEvent = NeedData | Ready | Informed | Listed
+
+
+class _State(enum.Enum):
+    GREETING = enum.auto()
+    REPLY = enum.auto()
+    EXPORT_NAME_REPLY = enum.auto()
+    DONE = enum.auto()
+
+
+_INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION)
+
+
+class ClientHandshake:
+    """Negotiates one connection; see the module docstring.
+
+    Feed the server's bytes to :meth:`receive_data`, write what
+    :meth:`data_to_send` returns, and read events with :meth:`next_event`.
+    Tell it about end-of-file with :meth:`receive_eof`.
+    """
+
+    def __init__(
+        self,
+        export_name: str = "",
+        *,
+        structured_replies: bool = True,
+        meta_contexts: Iterable[str] = (BASE_ALLOCATION,),
+        request_block_size: bool = True,
+        goal: Goal = Goal.GO,
+    ) -> None:
+        self._export = export_name
+        self._export_raw = export_name.encode()
+        if len(self._export_raw) > MAX_STRING or "\0" in export_name:
+            raise ValueError("export names are at most 4096 bytes of UTF-8 without NUL")
+        self._want_structured = structured_replies
+        self._queries = tuple(meta_contexts)
+        if any(len(q.encode()) > MAX_STRING for q in self._queries):
+            raise ValueError("meta context names are at most 4096 bytes")
+        self._request_block_size = request_block_size
+        self._goal = goal
+        self._state = _State.GREETING
+        self._buffer = bytearray()
+        self._out = bytearray()
+        self._events: deque[ClientHandshakeEvent] = deque()
+        self._plan: deque[Option] = deque()
+        self._option: Option | None = None
+        self._reply_header: wire.OptionReplyHeader | None = None
+        self._no_zeroes = False
+        self._structured = False
+        self._contexts: dict[str, int] = {}
+        self._offered: list[str] = []
+        self._listed: list[ListedExport] = []
+        self._informed: ExportDetails | None = None
+        # NBD_REP_INFO items of the current GO/INFO:
+        self._size_flags: tuple[int, int] | None = None
+        self._name: str | None = None
+        self._description = ""
+        self._block_sizes: tuple[int, int, int] | None = None
+
+    # -- the sans-IO surface ------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes received from the server; may raise ProtocolError."""
+        if self._state is _State.DONE:
+            self._buffer += data  # belongs to the transmission phase
+            return
+        self._buffer += data
+        self._process()
+
+    def receive_eof(self) -> None:
+        """The server closed the connection; raises unless the handshake ended."""
+        if self._state is _State.DONE:
+            return
+        if self._state is _State.EXPORT_NAME_REPLY:
+            raise OptionError(Option.EXPORT_NAME, None, "the server closed the connection", self._export)
+        raise ProtocolError("the server closed the connection during the handshake")
+
+    def next_event(self) -> ClientHandshakeEvent:
+        """The next event, or :data:`~sendense_nbd.protocol.NEED_DATA`."""
+        if self._events:
+            return self._events.popleft()
+        return NEED_DATA
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the server now (possibly empty)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def trailing_data(self) -> bytes:
+        """Bytes received after the handshake ended (transmission replies)."""
+        if self._state is not _State.DONE:
+            raise LocalProtocolError("handshake has not finished")
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    @property
+    def finished(self) -> bool:
+        return self._state is _State.DONE
+
+    # -- state machine -------------------------------------------------------
+
+    def _process(self) -> None:
+        while True:
+            if self._state is _State.GREETING:
+                if not self._take_greeting():
+                    return
+            elif self._state is _State.REPLY:
+                if not self._take_reply():
+                    return
+            elif self._state is _State.EXPORT_NAME_REPLY:
+                self._take_export_name_reply()
+                return
+            else:
+                return
+
+    def _take_greeting(self) -> bool:
+        if len(self._buffer) >= 16:
+            magic, second = wire.U64.unpack_from(self._buffer)[0], wire.U64.unpack_from(self._buffer, 8)[0]
+            if magic != NBDMAGIC:
+                raise ProtocolError("the server is not an NBD server (no NBDMAGIC)")
+            if second == OLDSTYLE_MAGIC:
+                raise ProtocolError("the server speaks oldstyle negotiation, which is not supported")
+            if second != IHAVEOPT:
+                raise ProtocolError(f"unknown greeting magic {second:#x}")
+        if len(self._buffer) < _GREETING_SIZE:
+            return False
+        flags = wire.decode_greeting(bytes(self._buffer[:_GREETING_SIZE]))
+        del self._buffer[:_GREETING_SIZE]
+        fixed = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
+        self._no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
+        client = ClientFlag(0)
+        if fixed:
+            client |= ClientFlag.FIXED_NEWSTYLE
+        if self._no_zeroes:
+            client |= ClientFlag.NO_ZEROES
+        self._out += wire.CLIENT_FLAGS.pack(client)
+        if not fixed:
+            if self._goal is not Goal.GO:
+                raise ProtocolError("the server does not speak fixed newstyle; it cannot list or describe exports")
+            self._send_export_name()
+            return True
+        self._plan.extend(self._make_plan())
+        self._send_next()
+        return True
+
+    def _make_plan(self) -> list[Option]:
+        if self._goal is Goal.LIST:
+            return [Option.LIST, Option.ABORT]
+        plan = [Option.STRUCTURED_REPLY] if self._want_structured else []
+        if self._goal is Goal.GO:
+            return plan + ([Option.SET_META_CONTEXT] if self._queries else []) + [Option.GO]
+        return plan + [Option.INFO, Option.LIST_META_CONTEXT, Option.ABORT]
+
+    def _send_next(self) -> None:
+        while self._plan:
+            option = self._plan.popleft()
+            if option in (Option.SET_META_CONTEXT, Option.LIST_META_CONTEXT) and not self._structured:
+                continue  # meta contexts need structured replies
+            self._out += wire.encode_option(option, self._option_data(option))
+            if option == Option.ABORT:
+                self._finish_abort()
+                return
+            self._option = option
+            self._state = _State.REPLY
+            return
+        raise LocalProtocolError("option plan ran out")  # pragma: no cover - GO/ABORT end every plan
+
+    def _option_data(self, option: Option) -> bytes:
+        name = wire.encode_string(self._export)
+        if option in (Option.GO, Option.INFO):
+            requests = ((Info.BLOCK_SIZE,) if self._request_block_size else ()) + _INFO_REQUESTS
+            return name + wire.U16.pack(len(requests)) + b"".join(wire.U16.pack(r) for r in requests)
+        if option == Option.SET_META_CONTEXT:
+            return name + wire.U32.pack(len(self._queries)) + b"".join(wire.encode_string(q) for q in self._queries)
+        if option == Option.LIST_META_CONTEXT:
+            return name + wire.U32.pack(0)
+        return b""
+
+    def _send_export_name(self) -> None:
+        self._out += wire.encode_option(Option.EXPORT_NAME, self._export_raw)
+        self._option = Option.EXPORT_NAME
+        self._state = _State.EXPORT_NAME_REPLY
+
+    def _take_reply(self) -> bool:
+        if self._reply_header is None:
+            size = wire.OPTION_REPLY_HEADER.size
+            if len(self._buffer) < size:
+                return False
+            header = wire.decode_option_reply_header(bytes(self._buffer[:size]))
+            del self._buffer[:size]
+            if header.option != self._option:
+                raise ProtocolError(f"reply to option {header.option} while waiting for {self._option}")
+            if header.length > MAX_OPTION_REPLY:
+                raise ProtocolError(f"option reply of {header.length} bytes is too long")
+            self._reply_header = header
+        header = self._reply_header
+        if len(self._buffer) < header.length:
+            return False
+        payload = bytes(self._buffer[: header.length])
+        del self._buffer[: header.length]
+        self._reply_header = None
+        option = self._option
+        assert option is not None
+        if header.reply & (1 << 31):
+            self._ERROR_HANDLERS[option](self, header.reply, _text(payload))
+        elif self._HANDLERS[option](self, header.reply, payload):
+            self._option = None
+            if self._state is _State.REPLY:
+                self._send_next()
+        return self._state is not _State.DONE
+
+    def _take_export_name_reply(self) -> None:
+        need = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else wire.EXPORT_NAME_PADDING)
+        if len(self._buffer) < need:
+            return
+        size, flags = wire.EXPORT_NAME_REPLY.unpack_from(self._buffer)
+        del self._buffer[:need]
+        export = ExportDetails(self._export, size, TransmissionFlag(flags))
+        self._finish(Ready(export, self._structured, self._contexts, used_go=False))
+
+    # -- per-option reply handlers: return True when the option is finished --
+
+    def _unexpected(self, reply: int) -> bool:
+        raise ProtocolError(f"unexpected {_reply_name(reply)} to NBD_OPT_{self._option_name}")
+
+    @property
+    def _option_name(self) -> str:
+        return self._option.name if self._option is not None else "?"
+
+    def _on_structured(self, reply: int, payload: bytes) -> bool:
+        if reply != OptionReply.ACK:
+            return self._unexpected(reply)
+        self._structured = True
+        return True
+
+    def _on_set_meta(self, reply: int, payload: bytes) -> bool:
+        if reply == OptionReply.ACK:
+            return True
+        if reply != OptionReply.META_CONTEXT or len(payload) < 5:
+            return self._unexpected(reply)
+        (context_id,) = wire.U32.unpack_from(payload)
+        self._contexts[_text(payload[4:])] = int(context_id)
+        return False
+
+    def _on_list_meta(self, reply: int, payload: bytes) -> bool:
+        if reply == OptionReply.ACK:
+            return True
+        if reply != OptionReply.META_CONTEXT or len(payload) < 5:
+            return self._unexpected(reply)
+        self._offered.append(_text(payload[4:]))
+        return False
+
+    def _on_info(self, reply: int, payload: bytes) -> bool:
+        if reply == OptionReply.INFO:
+            self._take_info(payload)
+            return False
+        if reply != OptionReply.ACK:
+            return self._unexpected(reply)
+        export = self._details()
+        if self._option == Option.GO:
+            self._finish(Ready(export, self._structured, self._contexts))
+        else:
+            self._informed = export
+        return True
+
+    def _take_info(self, payload: bytes) -> None:
+        if len(payload) < 2:
+            raise ProtocolError("NBD_REP_INFO without an information type")
+        (kind,) = wire.U16.unpack_from(payload)
+        if kind == Info.EXPORT:
+            if len(payload) != wire.INFO_EXPORT.size:
+                raise ProtocolError("NBD_INFO_EXPORT has the wrong length")
+            _, size, flags = wire.INFO_EXPORT.unpack(payload)
+            self._size_flags = (int(size), int(flags))
+        elif kind == Info.BLOCK_SIZE:
+            if len(payload) != wire.INFO_BLOCK_SIZE.size:
+                raise ProtocolError("NBD_INFO_BLOCK_SIZE has the wrong length")
+            _, minimum, preferred, maximum = wire.INFO_BLOCK_SIZE.unpack(payload)
+            _check_block_sizes(minimum, preferred, maximum)
+            self._block_sizes = (int(minimum), int(preferred), int(maximum))
+        elif kind == Info.NAME:
+            self._name = _text(payload[2:])
+        elif kind == Info.DESCRIPTION:
+            self._description = _text(payload[2:])
+        # Unknown information types are ignored, as the spec requires.
+
+    def _details(self) -> ExportDetails:
+        if self._size_flags is None:
+            raise ProtocolError("NBD_REP_ACK without NBD_INFO_EXPORT")
+        size, flags = self._size_flags
+        name = self._export if self._name is None else self._name
+        details = ExportDetails(name, size, TransmissionFlag(flags), description=self._description)
+        if self._block_sizes is not None:
+            minimum, preferred, maximum = self._block_sizes
+            details = attrs.evolve(
+                details, min_block=minimum, preferred_block=preferred, max_block=maximum, block_sizes_advertised=True
+            )
+        self._forget_info()
+        return details
+
+    def _forget_info(self) -> None:
+        self._size_flags, self._name, self._description, self._block_sizes = None, None, "", None
+
+    def _on_list(self, reply: int, payload: bytes) -> bool:
+        if reply == OptionReply.ACK:
+            return True
+        if reply != OptionReply.SERVER or len(payload) < 4:
+            return self._unexpected(reply)
+        (length,) = wire.U32.unpack_from(payload)
+        if length > len(payload) - 4:
+            raise ProtocolError("NBD_REP_SERVER name is longer than the reply")
+        self._listed.append(ListedExport(_text(payload[4 : 4 + length]), _text(payload[4 + length :])))
+        return False
+
+    _HANDLERS: dict[Option, Callable[[ClientHandshake, int, bytes], bool]] = {
+        Option.STRUCTURED_REPLY: _on_structured,
+        Option.SET_META_CONTEXT: _on_set_meta,
+        Option.LIST_META_CONTEXT: _on_list_meta,
+        Option.GO: _on_info,
+        Option.INFO: _on_info,
+        Option.LIST: _on_list,
+    }
+
+    # -- refusals --------------------------------------------------------------
+
+    def _refused_optional(self, reply: int, message: str) -> None:
+        """A refused extra (structured replies, meta contexts): carry on without."""
+        if self._option == Option.SET_META_CONTEXT:
+            self._contexts.clear()
+        elif self._option == Option.LIST_META_CONTEXT:
+            self._offered.clear()
+        self._option = None
+        self._send_next()
+
+    def _refused_go(self, reply: int, message: str) -> None:
+        if reply == OptionReply.ERR_UNSUP:
+            self._forget_info()
+            self._send_export_name()
+            return
+        self._refused(reply, message)
+
+    def _refused(self, reply: int, message: str) -> None:
+        option = self._option
+        assert option is not None
+        self._out += wire.encode_option(Option.ABORT)  # a polite caller sends it before closing
+        self._state = _State.DONE
+        raise OptionError(option, reply, message, self._export)
+
+    _ERROR_HANDLERS: dict[Option, Callable[[ClientHandshake, int, str], None]] = {
+        Option.STRUCTURED_REPLY: _refused_optional,
+        Option.SET_META_CONTEXT: _refused_optional,
+        Option.LIST_META_CONTEXT: _refused_optional,
+        Option.GO: _refused_go,
+        Option.INFO: _refused,
+        Option.LIST: _refused,
+    }
+
+    # -- endings ----------------------------------------------------------------
+
+    def _finish_abort(self) -> None:
+        if self._goal is Goal.LIST:
+            self._finish(Listed(tuple(self._listed)))
+        else:
+            assert self._informed is not None
+            self._finish(Informed(self._informed, self._structured, tuple(self._offered)))
+
+    def _finish(self, event: ClientHandshakeEvent) -> None:
+        self._state = _State.DONE
+        self._option = None
+        self._events.append(event)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode(errors="replace")
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def _check_block_sizes(minimum: int, preferred: int, maximum: int) -> None:
+    """The constraints of "Size constraints" that a client relies on."""
+    if not _is_power_of_two(minimum) or minimum > 64 * 1024:
+        raise ProtocolError(f"minimum block size {minimum} is not a power of 2 up to 64 KiB")
+    if not _is_power_of_two(preferred) or preferred < minimum:
+        raise ProtocolError(f"preferred block size {preferred} is invalid for minimum {minimum}")
+    if maximum < minimum:
+        raise ProtocolError(f"maximum payload {maximum} is below the minimum block size {minimum}")
+
+
+# -- transmission ------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Reply:
+    """A finished request: its error (0 for success) and any block status.
+
+    Read data is not in the event: it was already delivered into the buffer
+    given to :meth:`ReplyParser.register`.
+    """
+
+    handle: int
+    command: int
+    #: The NBD error (0: success). Unknown values are kept as sent.
+    errno: int = 0
+    message: str = ""
+    #: Where the error happened, from ``NBD_REPLY_TYPE_ERROR_OFFSET``.
+    error_offset: int | None = None
+    #: Block status: context id to ``(length, flags)`` extents, as sent.
+    extents: Mapping[int, tuple[tuple[int, int], ...]] = attrs.field(factory=dict, eq=False, hash=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.errno == 0
+
+
+ReplyEvent = NeedData | Reply
+
+_ERROR_OFFSET_COMMANDS = frozenset(
+    {Command.READ, Command.WRITE, Command.TRIM, Command.CACHE, Command.WRITE_ZEROES, Command.BLOCK_STATUS}
+)
+_ERROR_BIT = 1 << 15
+_DATA_HEADER = wire.CHUNK_HEADER.size + 8  # chunk header + offset of OFFSET_DATA
+
+
+@attrs.define(slots=True)
+class _InFlight:
+    """One registered request (mutable bookkeeping inside the parser)."""
+
+    handle: int
+    command: int
+    offset: int
+    length: int
+    flags: int
+    view: memoryview | None
+    covered: int = 0  # bytes of content received
+    errno: int = 0
+    message: str = ""
+    at: int | None = None
+    extents: dict[int, tuple[tuple[int, int], ...]] = attrs.field(factory=dict)
+
+    def fail(self, errno: int, message: str, at: int | None = None) -> None:
+        if not self.errno:  # the first error is the one reported
+            self.errno, self.message, self.at = errno, message, at
+
+
+class ReplyParser:
+    """Splits the server's transmission stream into :class:`Reply` events.
+
+    ``structured`` says whether structured replies were negotiated;
+    ``context_ids`` are the negotiated meta context ids (a successful block
+    status reply must have one chunk for each).
+    """
+
+    def __init__(self, *, structured: bool, context_ids: Iterable[int] = ()) -> None:
+        self._structured = structured
+        self._contexts = frozenset(context_ids)
+        self._in_flight: dict[int, _InFlight] = {}
+        self._scratch = bytearray(_SCRATCH_SIZE)
+        self._scratch_view = memoryview(self._scratch)
+        self._scratch_len = 0
+        self._events: deque[Reply] = deque()
+        # Data being received outside the scratch buffer:
+        self._target: _InFlight | None = None  # read data into target.view[_pos:_pos+_left]
+        self._pos = 0
+        self._left = 0
+        self._finish_after = False
+        self._chunk: tuple[wire.ChunkHeader, bytearray] | None = None  # a big chunk into its own buffer
+        self._chunk_filled = 0
+
+    # -- registering requests ----------------------------------------------------
+
+    def register(
+        self,
+        handle: int,
+        command: int,
+        offset: int,
+        length: int,
+        *,
+        flags: int = 0,
+        buffer: bytearray | memoryview | None = None,
+    ) -> None:
+        """Expect a reply to this request; a READ's data goes into ``buffer``."""
+        if handle in self._in_flight:
+            raise LocalProtocolError(f"handle {handle} is already in flight")
+        view = None
+        if command == Command.READ:
+            if buffer is None:
+                raise LocalProtocolError("a READ needs a buffer")
+            view = memoryview(buffer).cast("B")
+            if len(view) != length or view.readonly:
+                raise LocalProtocolError("the READ buffer must be writable and exactly the request length")
+        self._in_flight[handle] = _InFlight(handle, command, offset, length, flags, view)
+
+    def abandon(self, handle: int) -> None:
+        """Stop delivering a READ into its buffer (the caller gave up on it).
+
+        The reply still has to be parsed when it comes; its data now goes
+        into a throwaway buffer, so the caller may reuse its own at once.
+        """
+        pending = self._in_flight.get(handle)
+        if pending is not None and pending.view is not None:
+            pending.view = memoryview(bytearray(pending.length))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests registered and not yet answered."""
+        return len(self._in_flight)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Memory the next received bytes should be written into."""
+        if self._target is not None:
+            view = self._target.view
+            assert view is not None
+            return view[self._pos : self._pos + self._left]
+        if self._chunk is not None:
+            return memoryview(self._chunk[1])[self._chunk_filled :]
+        return self._scratch_view[self._scratch_len :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`get_buffer`."""
+        if self._target is not None:
+            self._pos += nbytes
+            self._left -= nbytes
+            if self._left == 0:
+                self._end_data()
+                self._parse()
+        elif self._chunk is not None:
+            self._chunk_filled += nbytes
+            info, payload = self._chunk
+            if self._chunk_filled == len(payload):
+                self._chunk = None
+                self._take_chunk(info, memoryview(payload))
+                self._parse()
+        else:
+            self._scratch_len += nbytes
+            self._parse()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Copying variant of :meth:`get_buffer` / :meth:`buffer_updated`."""
+        view = memoryview(data).cast("B")
+        while view:
+            target = self.get_buffer()
+            if not target:
+                raise ProtocolError("reply data did not fit the parser")  # pragma: no cover - defensive
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def next_event(self) -> ReplyEvent:
+        if self._events:
+            return self._events.popleft()
+        return NEED_DATA
+
+    # -- parsing ---------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        view = self._scratch_view
+        pos = 0
+        end = self._scratch_len
+        try:
+            while self._target is None and self._chunk is None and end - pos >= 4:
+                (magic,) = wire.U32.unpack_from(view, pos)
+                if magic == SIMPLE_REPLY_MAGIC:
+                    if end - pos < wire.SIMPLE_REPLY.size:
+                        break
+                    _, error, handle = wire.SIMPLE_REPLY.unpack_from(view, pos)
+                    pos = self._simple(handle, error, view, pos + wire.SIMPLE_REPLY.size, end)
+                elif magic == STRUCTURED_REPLY_MAGIC:
+                    if not self._structured:
+                        raise ProtocolError("structured reply without NBD_OPT_STRUCTURED_REPLY")
+                    if end - pos < wire.CHUNK_HEADER.size:
+                        break
+                    new_pos = self._structured_chunk(view, pos, end)
+                    if new_pos == pos:
+                        break
+                    pos = new_pos
+                else:
+                    raise ProtocolError(f"reply magic {magic:#x} is wrong")
+        finally:
+            remaining = end - pos
+            if remaining and pos:
+                view[:remaining] = view[pos:end]
+            self._scratch_len = remaining
+
+    def _lookup(self, handle: int) -> _InFlight:
+        pending = self._in_flight.get(handle)
+        if pending is None:
+            raise ProtocolError(f"reply for unknown handle {handle:#x}")
+        return pending
+
+    def _simple(self, handle: int, error: int, view: memoryview, pos: int, end: int) -> int:
+        pending = self._lookup(handle)
+        if pending.command == Command.READ:
+            # With structured replies a simple reply to a READ is forbidden; an
+            # error one is still unambiguous (no payload), so only success is refused.
+            if self._structured and error == 0:
+                raise ProtocolError("simple reply to a READ after structured replies were negotiated")
+            if error == 0:
+                pending.covered = pending.length
+                return self._start_data(pending, 0, pending.length, True, view, pos, end)
+        elif pending.command == Command.BLOCK_STATUS and error == 0:
+            raise ProtocolError("successful BLOCK_STATUS without a structured reply")
+        if error:
+            pending.fail(error, "")
+        self._complete(pending)
+        return pos
+
+    def _structured_chunk(self, view: memoryview, pos: int, end: int) -> int:
+        """Parse one chunk starting at ``pos``; return ``pos`` unchanged to wait for more."""
+        _, flags, type_, handle, length = wire.CHUNK_HEADER.unpack_from(view, pos)
+        pending = self._lookup(handle)
+        done = bool(flags & ReplyFlag.DONE)
+        if type_ == ReplyType.OFFSET_DATA:
+            if pending.command != Command.READ:
+                raise ProtocolError("OFFSET_DATA in reply to a request that is not a READ")
+            if length < 9:
+                raise ProtocolError(f"OFFSET_DATA chunk of length {length}")
+            if end - pos < _DATA_HEADER:
+                return pos
+            (offset,) = wire.U64.unpack_from(view, pos + wire.CHUNK_HEADER.size)
+            start = self._claim(pending, offset, length - 8)
+            return self._start_data(pending, start, length - 8, done, view, pos + _DATA_HEADER, end)
+        if length > MAX_CHUNK:
+            raise ProtocolError(f"reply chunk of {length} bytes is too long")
+        info = wire.ChunkHeader(flags, type_, handle, length)
+        body: int = pos + wire.CHUNK_HEADER.size
+        length = int(length)
+        if wire.CHUNK_HEADER.size + length > _SCRATCH_SIZE:
+            # Too big for the scratch buffer: receive it into its own.
+            payload = bytearray(length)
+            take = min(length, end - body)
+            payload[:take] = view[body : body + take]
+            self._chunk, self._chunk_filled = (info, payload), take
+            if take == length:
+                self._chunk = None
+                self._take_chunk(info, memoryview(payload))
+            return body + take
+        if end - body < length:
+            return pos
+        self._take_chunk(info, view[body : body + length])
+        return body + length
+
+    def _claim(self, pending: _InFlight, offset: int, length: int) -> int:
+        """Check that content lies inside the request; return its buffer index."""
+        start = offset - pending.offset
+        if start < 0 or start + length > pending.length:
+            raise ProtocolError(f"reply content {offset}+{length} lies outside the request")
+        pending.covered += length
+        if pending.covered > pending.length:
+            raise ProtocolError("reply content chunks overlap")
+        return start
+
+    def _start_data(
+        self, pending: _InFlight, start: int, length: int, done: bool, view: memoryview, pos: int, end: int
+    ) -> int:
+        """Deliver ``length`` bytes of read data at ``start``: what is in the
+        scratch buffer now, and direct the rest of it straight into the target."""
+        target = pending.view
+        assert target is not None
+        take = min(length, end - pos)
+        target[start : start + take] = view[pos : pos + take]
+        self._target, self._pos, self._left, self._finish_after = pending, start + take, length - take, done
+        if take == length:
+            self._end_data()
+        return pos + take
+
+    def _end_data(self) -> None:
+        pending = self._target
+        assert pending is not None
+        self._target = None
+        if self._finish_after:
+            self._done(pending)
+
+    def _take_chunk(self, info: wire.ChunkHeader, payload: memoryview) -> None:
+        pending = self._lookup(info.handle)
+        type_ = info.type
+        if type_ & _ERROR_BIT:
+            self._error_chunk(pending, type_, payload)
+        elif type_ == ReplyType.NONE:
+            if payload or not info.done:
+                raise ProtocolError("NONE chunk must be empty and final")
+        elif type_ == ReplyType.OFFSET_HOLE:
+            if pending.command != Command.READ or len(payload) != wire.OFFSET_HOLE_PAYLOAD.size:
+                raise ProtocolError("malformed or unexpected OFFSET_HOLE chunk")
+            offset, size = wire.OFFSET_HOLE_PAYLOAD.unpack(payload)
+            if size == 0:
+                raise ProtocolError("OFFSET_HOLE of size 0")
+            start = self._claim(pending, offset, size)
+            assert pending.view is not None
+            _zero(pending.view, start, size)
+        elif type_ == ReplyType.BLOCK_STATUS:
+            self._block_status(pending, payload)
+        else:
+            raise ProtocolError(f"unknown reply chunk type {type_}")
+        if info.done:
+            self._done(pending)
+
+    def _error_chunk(self, pending: _InFlight, type_: int, payload: memoryview) -> None:
+        if len(payload) < wire.ERROR_PAYLOAD.size:
+            raise ProtocolError("error chunk shorter than 6 bytes")
+        error, message_length = wire.ERROR_PAYLOAD.unpack_from(payload)
+        tail = len(payload) - wire.ERROR_PAYLOAD.size - message_length
+        if tail < 0:
+            raise ProtocolError("error chunk message is longer than the chunk")
+        message = _text(bytes(payload[wire.ERROR_PAYLOAD.size : wire.ERROR_PAYLOAD.size + message_length]))
+        at = None
+        if type_ == ReplyType.ERROR_OFFSET:
+            if tail != 8 or pending.command not in _ERROR_OFFSET_COMMANDS:
+                raise ProtocolError("malformed or unexpected ERROR_OFFSET chunk")
+            (at,) = wire.U64.unpack_from(payload, len(payload) - 8)
+            if not pending.offset <= at < pending.offset + max(pending.length, 1):
+                raise ProtocolError(f"error offset {at} lies outside the request")
+        elif type_ == ReplyType.ERROR and tail:
+            raise ProtocolError("ERROR chunk has trailing bytes")
+        if error == 0:
+            raise ProtocolError("error chunk with error 0")
+        pending.fail(error, message, at)
+
+    def _block_status(self, pending: _InFlight, payload: memoryview) -> None:
+        if pending.command != Command.BLOCK_STATUS:
+            raise ProtocolError("BLOCK_STATUS chunk in reply to another command")
+        if len(payload) < 12 or (len(payload) - 4) % 8:
+            raise ProtocolError(f"BLOCK_STATUS chunk of length {len(payload)}")
+        (context_id,) = wire.U32.unpack_from(payload)
+        if self._contexts and context_id not in self._contexts:
+            raise ProtocolError(f"BLOCK_STATUS for context {context_id}, which was not negotiated")
+        if context_id in pending.extents:
+            raise ProtocolError(f"two BLOCK_STATUS chunks for context {context_id}")
+        extents = tuple(wire.EXTENT.iter_unpack(payload[4:]))
+        lengths = tuple(map(itemgetter(0), extents))
+        if min(lengths) == 0:
+            raise ProtocolError("block status extent of length 0")
+        if pending.flags & CommandFlag.REQ_ONE:
+            if len(extents) != 1 or lengths[0] > pending.length:
+                raise ProtocolError("REQ_ONE block status must be one extent within the request")
+        elif sum(lengths[:-1]) >= pending.length:
+            raise ProtocolError("block status extents run past the request")
+        pending.extents[context_id] = extents
+
+    def _done(self, pending: _InFlight) -> None:
+        if not pending.errno:
+            if pending.command == Command.READ and pending.covered != pending.length:
+                raise ProtocolError(f"READ reply covered {pending.covered} of {pending.length} bytes")
+            if pending.command == Command.BLOCK_STATUS and self._contexts and set(pending.extents) != self._contexts:
+                raise ProtocolError("BLOCK_STATUS reply lacks a chunk for a negotiated context")
+        self._complete(pending)
+
+    def _complete(self, pending: _InFlight) -> None:
+        del self._in_flight[pending.handle]
+        self._events.append(
+            Reply(pending.handle, pending.command, pending.errno, pending.message, pending.at, pending.extents)
+        )
+
+
+def _zero(view: memoryview, start: int, length: int) -> None:
+    end = start + length
+    while start < end:
+        n = min(end - start, len(_ZEROES))
+        view[start : start + n] = _ZEROES[:n]
+        start += n
+
