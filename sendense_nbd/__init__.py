@@ -3,6 +3,15 @@
 The public API is re-exported here; everything else is internal.
 """
 
+from sendense_nbd.client import (
+    ConnectionLostError,
+    ConnectionPool,
+    NBDClient,
+    NBDConnectionError,
+    NBDRequestError,
+    NBDTimeoutError,
+    connect,
+)
 from sendense_nbd.errors import (
     DeviceError,
     ImageError,
@@ -27,17 +36,24 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockDevice",
     "CacheMode",
+    "ConnectionLostError",
+    "ConnectionPool",
     "DeviceError",
     "Export",
     "ImageError",
     "ImageFormat",
     "LocalProtocolError",
     "MemoryDevice",
+    "NBDClient",
+    "NBDConnectionError",
+    "NBDRequestError",
     "NBDServer",
+    "NBDTimeoutError",
     "ProtocolError",
     "RawDevice",
     "SendenseError",
     "ServerError",
+    "connect",
     "create_image",
     "open_image",
 ]

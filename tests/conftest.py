@@ -126,6 +126,10 @@ def serve() -> Iterator:  # type: ignore[type-arg]
         if server.alive():
             server.proc.kill()
         server.proc.wait(timeout=10)
+        # Only here: tests read ``proc.stderr`` after ``stop()``.
+        for pipe in (server.proc.stdout, server.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def run(*cmd: str | Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -15,16 +15,13 @@ e.g. an unknown export) and :class:`URIError`; all are ``SendenseError``.
 
 from sendense_nbd.client.connection import (
     ClientOptions,
-    ConnectionLostError,
     NBDClient,
-    NBDConnectionError,
-    NBDRequestError,
-    NBDTimeoutError,
     connect,
     export_info,
     list_exports,
     open_client,
 )
+from sendense_nbd.client.errors import ConnectionLostError, NBDConnectionError, NBDRequestError, NBDTimeoutError
 from sendense_nbd.client.pool import ConnectionPool
 from sendense_nbd.client.uri import NBDAddress, URIError, parse_uri
 from sendense_nbd.protocol.client import ExportDetails, Informed, ListedExport, OptionError

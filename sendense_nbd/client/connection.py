@@ -1,11 +1,12 @@
-"""An asyncio NBD client on the sans-IO codec of :mod:`sendense_nbd.protocol.client`.
+"""An asyncio NBD client on the sans-IO codec of :mod:`sendense_nbd.protocol.client`
+and :mod:`sendense_nbd.protocol.replies`.
 
 Theory of operation:
 
 * :func:`connect` opens a TCP (``TCP_NODELAY``) or unix stream whose protocol
-  is a :class:`_Link`, an ``asyncio.BufferedProtocol``. The link first feeds
-  a :class:`~sendense_nbd.protocol.client.ClientHandshake`, then a
-  :class:`~sendense_nbd.protocol.client.ReplyParser`. While read data
+  is a :class:`~sendense_nbd.client.link.Link`, an ``asyncio.BufferedProtocol``.
+  The link first feeds a :class:`~sendense_nbd.protocol.client.ClientHandshake`,
+  then a :class:`~sendense_nbd.protocol.replies.ReplyParser`. While read data
   arrives the parser's ``get_buffer()`` is the caller's own buffer, so the
   kernel copies socket bytes straight to where :meth:`NBDClient.pread_into`
   wants them.
@@ -33,17 +34,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 import attrs
 
+from sendense_nbd.client.errors import (
+    ConnectionLostError,
+    NBDConnectionError,
+    NBDRequestError,
+    NBDTimeoutError,
+)
+from sendense_nbd.client.link import Link
 from sendense_nbd.client.uri import NBDAddress, resolve
-from sendense_nbd.errors import ProtocolError, SendenseError
+from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol import transmission as tx
-from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.client import (
     ClientHandshake,
     ClientHandshakeEvent,
@@ -52,8 +58,6 @@ from sendense_nbd.protocol.client import (
     Listed,
     ListedExport,
     Ready,
-    Reply,
-    ReplyParser,
 )
 from sendense_nbd.protocol.constants import (
     BASE_ALLOCATION,
@@ -63,51 +67,14 @@ from sendense_nbd.protocol.constants import (
     Errno,
     TransmissionFlag,
 )
-from sendense_nbd.protocol.handshake import NEED_DATA, ExportInfo, Negotiated
+from sendense_nbd.protocol.handshake import ExportInfo, Negotiated
+from sendense_nbd.protocol.replies import Reply
 
 WritableBuffer = bytearray | memoryview
 ReadableBuffer = bytes | bytearray | memoryview
 
-_HANDSHAKE_BUFFER = 64 * 1024
-_WRITE_HIGH_WATER = 4 * 1024 * 1024
-#: Payloads up to this size are sent in one write together with their header.
-_COALESCE = 64 * 1024
 #: Largest effect length (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) per request.
 _MAX_EFFECT = 1 << 30
-_ERRNOS = frozenset(int(e) for e in Errno)
-
-
-class NBDRequestError(SendenseError):
-    """A request failed: the server's error reply, or a check that would fail
-    on the server too. ``errno`` is the NBD error (an unknown value counts as
-    ``EINVAL``, as the spec says; ``raw_errno`` keeps what was sent)."""
-
-    def __init__(self, errno: int, message: str = "", *, command: int | None = None, offset: int | None = None) -> None:
-        self.raw_errno = errno
-        self.errno = Errno(errno) if errno in _ERRNOS else Errno.EINVAL
-        self.server_message = message
-        self.command = command
-        self.offset = offset
-        what = Command(command).name if command is not None else "request"
-        text = f"{what} failed: {errno_name(errno)}"
-        super().__init__(f"{text}: {message}" if message else text)
-
-
-def errno_name(errno: int) -> str:
-    """``EIO`` for 5; unknown values are named as numbers."""
-    return Errno(errno).name if errno in _ERRNOS else f"errno {errno}"
-
-
-class NBDConnectionError(SendenseError, ConnectionError):
-    """The connection to the server could not be made or is gone."""
-
-
-class ConnectionLostError(NBDConnectionError):
-    """The connection dropped (or broke the protocol) with requests in flight."""
-
-
-class NBDTimeoutError(SendenseError, TimeoutError):
-    """Connecting, negotiating or a request took longer than allowed."""
 
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
@@ -128,180 +95,6 @@ class ClientOptions:
     request_block_size: bool = True
 
 
-class _Link(asyncio.BufferedProtocol):
-    """The socket side of one connection: handshake, then replies to futures."""
-
-    def __init__(self, handshake: ClientHandshake, max_in_flight: int) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._handshake = handshake
-        self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
-        self.negotiated: asyncio.Future[ClientHandshakeEvent] = self._loop.create_future()
-        self.closed: asyncio.Future[None] = self._loop.create_future()
-        self.transport: asyncio.Transport | None = None
-        self.parser: ReplyParser | None = None
-        self.waiters: dict[int, asyncio.Future[Reply]] = {}
-        self.slots = asyncio.Semaphore(max_in_flight)
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-        #: Why the link cannot carry requests any more (None while it can).
-        self.error: NBDConnectionError | None = None
-        self._shutdown = False
-
-    # -- asyncio callbacks ---------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.parser is not None:
-            return self.parser.get_buffer()
-        return memoryview(self._handshake_buffer)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            if self.parser is not None:
-                self.parser.buffer_updated(nbytes)
-                self._dispatch()
-            else:
-                self._handshake_received(nbytes)
-        except ProtocolError as exc:
-            self._fail(exc)
-
-    def eof_received(self) -> bool:
-        if self.parser is None and not self.negotiated.done():
-            try:
-                self._handshake.receive_eof()
-            except ProtocolError as exc:
-                self._fail(exc)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        reason = f": {exc}" if exc else ""
-        self._fail(ConnectionLostError(f"the server closed the connection{reason}"))
-        self.writable.set()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    # -- handshake -----------------------------------------------------------------
-
-    def _handshake_received(self, nbytes: int) -> None:
-        handshake = self._handshake
-        assert self.transport is not None
-        handshake.receive_data(memoryview(self._handshake_buffer)[:nbytes])
-        out = handshake.data_to_send()
-        if out:
-            self.transport.write(out)
-        event = handshake.next_event()
-        if event is NEED_DATA:
-            return
-        if isinstance(event, Ready):
-            self.parser = ReplyParser(structured=event.structured_replies, context_ids=event.meta_contexts.values())
-            trailing = handshake.trailing_data()
-            if trailing:
-                self.parser.receive_data(trailing)
-        else:  # Informed or Listed: NBD_OPT_ABORT was sent; hang up.
-            self.error = NBDConnectionError("the handshake ended without entering transmission")
-            self.transport.close()
-        if not self.negotiated.done():
-            self.negotiated.set_result(event)
-
-    # -- transmission ----------------------------------------------------------------
-
-    def submit(
-        self,
-        handle: int,
-        command: int,
-        offset: int,
-        length: int,
-        flags: int,
-        payload: memoryview | None,
-        into: memoryview | None,
-    ) -> asyncio.Future[Reply]:
-        """Register and send one request (the caller holds a slot)."""
-        assert self.parser is not None and self.transport is not None
-        header = wire.encode_request(command, handle, offset, length, flags)
-        self.parser.register(handle, command, offset, length, flags=flags, buffer=into)
-        future: asyncio.Future[Reply] = self._loop.create_future()
-        self.waiters[handle] = future
-        self.idle.clear()
-        if payload is None:
-            self.transport.write(header)
-        elif len(payload) <= _COALESCE:
-            self.transport.write(header + payload)
-        else:
-            self.transport.write(header)
-            self.transport.write(payload)
-        return future
-
-    def abandon(self, handle: int) -> None:
-        if self.parser is not None:
-            self.parser.abandon(handle)
-
-    def _dispatch(self) -> None:
-        parser = self.parser
-        assert parser is not None
-        while (event := parser.next_event()) is not NEED_DATA:
-            assert isinstance(event, Reply)
-            future = self.waiters.pop(event.handle)
-            self.slots.release()
-            if event.errno == Errno.ESHUTDOWN:
-                self._shutdown = True
-            if not future.done():
-                future.set_result(event)
-        if not self.waiters:
-            self.idle.set()
-            if self._shutdown and self.error is None:
-                # "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
-                self.error = NBDConnectionError("the server is shutting down")
-                self.disconnect()
-
-    def check(self) -> None:
-        """Raise if the link can carry no more requests."""
-        if self.error is not None:
-            raise type(self.error)(str(self.error))
-        if self._shutdown:
-            raise NBDConnectionError("the server is shutting down")
-
-    def disconnect(self) -> None:
-        """Send ``NBD_CMD_DISC`` and close once it is written."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(wire.encode_request(Command.DISC, 0, 0, 0))
-            self.transport.close()
-
-    def _fail(self, exc: SendenseError) -> None:
-        """Fail the handshake or every request in flight, and hang up."""
-        if self.error is None:
-            self.error = exc if isinstance(exc, NBDConnectionError) else ConnectionLostError(f"connection lost: {exc}")
-        if not self.negotiated.done():
-            self.negotiated.set_exception(exc)
-        error = self.error
-        waiters, self.waiters = self.waiters, {}
-        for future in waiters.values():
-            self.slots.release()
-            if not future.done():
-                future.set_exception(ConnectionLostError(str(error)))
-        self.idle.set()
-        if self.transport is not None and not self.transport.is_closing():
-            if self.parser is None:
-                self.transport.write(self._handshake.data_to_send())  # NBD_OPT_ABORT, if any
-                self.transport.close()
-            else:
-                self.transport.abort()
-
-
 class NBDClient:
     """One connection to one export; made by :func:`connect`.
 
@@ -310,7 +103,7 @@ class NBDClient:
     not advertise raises :class:`NBDRequestError` without a round trip.
     """
 
-    def __init__(self, link: _Link, ready: Ready, address: NBDAddress, options: ClientOptions) -> None:
+    def __init__(self, link: Link, ready: Ready, address: NBDAddress, options: ClientOptions) -> None:
         self._link = link
         self._ready = ready
         self.address = address
@@ -538,7 +331,7 @@ class NBDClient:
             try:
                 await asyncio.wait_for(link.idle.wait(), self._options.request_timeout)
             except TimeoutError:
-                link._fail(ConnectionLostError("requests were still in flight at close"))
+                link.fail(ConnectionLostError("requests were still in flight at close"))
             if link.error is None:
                 link.error = NBDConnectionError("the connection was closed")
             link.disconnect()
@@ -547,7 +340,7 @@ class NBDClient:
     def abort(self) -> None:
         """Hard disconnect: fail requests in flight and drop the socket."""
         self._closing = True
-        self._link._fail(NBDConnectionError("the connection was aborted"))
+        self._link.fail(NBDConnectionError("the connection was aborted"))
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._link.closed)
@@ -656,7 +449,7 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
 # -- connecting ------------------------------------------------------------------------------
 
 
-async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) -> tuple[_Link, ClientHandshakeEvent]:
+async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) -> tuple[Link, ClientHandshakeEvent]:
     loop = asyncio.get_running_loop()
     handshake = ClientHandshake(
         address.export,
@@ -665,7 +458,7 @@ async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) ->
         request_block_size=options.request_block_size,
         goal=goal,
     )
-    link = _Link(handshake, options.max_in_flight)
+    link = Link(handshake, options.max_in_flight)
     try:
         async with asyncio.timeout(options.timeout):
             try:
@@ -678,7 +471,7 @@ async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) ->
                 raise NBDConnectionError(f"cannot connect to {address.uri}: {exc}") from exc
             event = await link.negotiated
     except TimeoutError:
-        link._fail(NBDConnectionError("handshake timed out"))
+        link.fail(NBDConnectionError("handshake timed out"))
         await _closed(link)
         raise NBDTimeoutError(f"connecting to {address.uri} took over {options.timeout} s") from None
     except asyncio.CancelledError:
@@ -691,7 +484,7 @@ async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) ->
     return link, event
 
 
-async def _closed(link: _Link) -> None:
+async def _closed(link: Link) -> None:
     """Wait (briefly) until a failed link's socket is closed."""
     if link.transport is not None:
         try:

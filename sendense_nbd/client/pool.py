@@ -24,9 +24,7 @@ class ConnectionPool:
     ``await pool.open()`` ... ``await pool.close()``.
     """
 
-    def __init__(
-        self, target: str | NBDAddress, connections: int = 4, *, options: ClientOptions | None = None
-    ) -> None:
+    def __init__(self, target: str | NBDAddress, connections: int = 4, *, options: ClientOptions | None = None) -> None:
         if connections < 1:
             raise ValueError("a pool needs at least one connection")
         self.address = resolve(target)

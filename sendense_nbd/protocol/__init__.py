@@ -1,6 +1,8 @@
 """Sans-IO NBD: constants, the wire codec, and the handshake and transmission
-state machines. Nothing in this package performs I/O or imports asyncio."""
+state machines of both roles. Nothing in this package performs I/O or
+imports asyncio."""
 
+from sendense_nbd.protocol.client import ClientHandshake, Goal, OptionError, Ready
 from sendense_nbd.protocol.constants import (
     BASE_ALLOCATION,
     AllocationFlag,
@@ -19,6 +21,7 @@ from sendense_nbd.protocol.handshake import (
     Negotiated,
     ServerHandshake,
 )
+from sendense_nbd.protocol.replies import Reply, ReplyParser
 from sendense_nbd.protocol.transmission import (
     Data,
     Disconnect,
@@ -34,18 +37,24 @@ __all__ = [
     "NEED_DATA",
     "Aborted",
     "AllocationFlag",
+    "ClientHandshake",
     "Command",
     "CommandFlag",
     "Data",
     "Disconnect",
     "Errno",
     "ExportInfo",
+    "Goal",
     "Hole",
     "Negotiated",
     "NeedData",
     "Option",
+    "OptionError",
     "OptionReply",
+    "Ready",
     "Rejection",
+    "Reply",
+    "ReplyParser",
     "Request",
     "RequestParser",
     "ServerHandshake",

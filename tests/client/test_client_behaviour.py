@@ -174,8 +174,13 @@ async def test_connect_failures(spawner: Spawner) -> None:
 
 
 @pytest.mark.parametrize("server", ["qemu-nbd", "nbdkit", "nbd-server", "sendense-serve"])
-async def test_unknown_export_is_a_clear_error(
-    server: str, tmp_path: Path, spawner: Spawner, qemu_nbd, nbdkit, nbd_server  # type: ignore[no-untyped-def]
+async def test_unknown_export_is_a_clear_error(  # type: ignore[no-untyped-def]
+    server: str,
+    tmp_path: Path,
+    spawner: Spawner,
+    qemu_nbd,
+    nbdkit,
+    nbd_server,
 ) -> None:
     image = random_file(tmp_path / "disk.img", MiB)
     if server == "qemu-nbd":

@@ -30,8 +30,6 @@ from sendense_nbd.protocol.client import (
     ListedExport,
     OptionError,
     Ready,
-    Reply,
-    ReplyParser,
 )
 from sendense_nbd.protocol.constants import (
     ALLOCATION_DEPTH,
@@ -44,6 +42,7 @@ from sendense_nbd.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
+from sendense_nbd.protocol.replies import Reply, ReplyParser
 
 T = TransmissionFlag
 FLAGS = T.HAS_FLAGS | T.SEND_FLUSH | T.SEND_FUA | T.SEND_DF | T.SEND_TRIM | T.SEND_WRITE_ZEROES

@@ -1,0 +1,198 @@
+"""The socket side of one client connection: an ``asyncio.BufferedProtocol``
+that feeds a :class:`~sendense_nbd.protocol.client.ClientHandshake`, then a
+:class:`~sendense_nbd.protocol.replies.ReplyParser`, and resolves each
+request's future when its reply arrives. :class:`~sendense_nbd.client.connection.NBDClient`
+drives it; see :mod:`sendense_nbd.client.connection` for the theory of operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from sendense_nbd.client.errors import ConnectionLostError, NBDConnectionError
+from sendense_nbd.errors import ProtocolError, SendenseError
+from sendense_nbd.protocol import wire
+from sendense_nbd.protocol.client import ClientHandshake, ClientHandshakeEvent, Ready
+from sendense_nbd.protocol.constants import Command, Errno
+from sendense_nbd.protocol.handshake import NEED_DATA
+from sendense_nbd.protocol.replies import Reply, ReplyParser
+
+_HANDSHAKE_BUFFER = 64 * 1024
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: Payloads up to this size are sent in one write together with their header.
+_COALESCE = 64 * 1024
+
+
+class Link(asyncio.BufferedProtocol):
+    """The socket side of one connection: handshake, then replies to futures."""
+
+    def __init__(self, handshake: ClientHandshake, max_in_flight: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._handshake = handshake
+        self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
+        self.negotiated: asyncio.Future[ClientHandshakeEvent] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.parser: ReplyParser | None = None
+        self.waiters: dict[int, asyncio.Future[Reply]] = {}
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        #: Why the link cannot carry requests any more (None while it can).
+        self.error: NBDConnectionError | None = None
+        self._shutdown = False
+
+    # -- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.parser is not None:
+            return self.parser.get_buffer()
+        return memoryview(self._handshake_buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self.parser is not None:
+                self.parser.buffer_updated(nbytes)
+                self._dispatch()
+            else:
+                self._handshake_received(nbytes)
+        except ProtocolError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool:
+        if self.parser is None and not self.negotiated.done():
+            try:
+                self._handshake.receive_eof()
+            except ProtocolError as exc:
+                self.fail(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self.fail(ConnectionLostError(f"the server closed the connection{reason}"))
+        self.writable.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # -- handshake -----------------------------------------------------------------
+
+    def _handshake_received(self, nbytes: int) -> None:
+        handshake = self._handshake
+        assert self.transport is not None
+        handshake.receive_data(memoryview(self._handshake_buffer)[:nbytes])
+        out = handshake.data_to_send()
+        if out:
+            self.transport.write(out)
+        event = handshake.next_event()
+        if event is NEED_DATA:
+            return
+        if isinstance(event, Ready):
+            self.parser = ReplyParser(structured=event.structured_replies, context_ids=event.meta_contexts.values())
+            trailing = handshake.trailing_data()
+            if trailing:
+                self.parser.receive_data(trailing)
+        else:  # Informed or Listed: NBD_OPT_ABORT was sent; hang up.
+            self.error = NBDConnectionError("the handshake ended without entering transmission")
+            self.transport.close()
+        if not self.negotiated.done():
+            self.negotiated.set_result(event)
+
+    # -- transmission ----------------------------------------------------------------
+
+    def submit(
+        self,
+        handle: int,
+        command: int,
+        offset: int,
+        length: int,
+        flags: int,
+        payload: memoryview | None,
+        into: memoryview | None,
+    ) -> asyncio.Future[Reply]:
+        """Register and send one request (the caller holds a slot)."""
+        assert self.parser is not None and self.transport is not None
+        header = wire.encode_request(command, handle, offset, length, flags)
+        self.parser.register(handle, command, offset, length, flags=flags, buffer=into)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self.waiters[handle] = future
+        self.idle.clear()
+        if payload is None:
+            self.transport.write(header)
+        elif len(payload) <= _COALESCE:
+            self.transport.write(header + payload)
+        else:
+            self.transport.write(header)
+            self.transport.write(payload)
+        return future
+
+    def abandon(self, handle: int) -> None:
+        if self.parser is not None:
+            self.parser.abandon(handle)
+
+    def _dispatch(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        while (event := parser.next_event()) is not NEED_DATA:
+            assert isinstance(event, Reply)
+            future = self.waiters.pop(event.handle)
+            self.slots.release()
+            if event.errno == Errno.ESHUTDOWN:
+                self._shutdown = True
+            if not future.done():
+                future.set_result(event)
+        if not self.waiters:
+            self.idle.set()
+            if self._shutdown and self.error is None:
+                # "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
+                self.error = NBDConnectionError("the server is shutting down")
+                self.disconnect()
+
+    def check(self) -> None:
+        """Raise if the link can carry no more requests."""
+        if self.error is not None:
+            raise type(self.error)(str(self.error))
+        if self._shutdown:
+            raise NBDConnectionError("the server is shutting down")
+
+    def disconnect(self) -> None:
+        """Send ``NBD_CMD_DISC`` and close once it is written."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.encode_request(Command.DISC, 0, 0, 0))
+            self.transport.close()
+
+    def fail(self, exc: SendenseError) -> None:
+        """Fail the handshake or every request in flight, and hang up."""
+        if self.error is None:
+            self.error = exc if isinstance(exc, NBDConnectionError) else ConnectionLostError(f"connection lost: {exc}")
+        if not self.negotiated.done():
+            self.negotiated.set_exception(exc)
+        error = self.error
+        waiters, self.waiters = self.waiters, {}
+        for future in waiters.values():
+            self.slots.release()
+            if not future.done():
+                future.set_exception(ConnectionLostError(str(error)))
+        self.idle.set()
+        if self.transport is not None and not self.transport.is_closing():
+            if self.parser is None:
+                self.transport.write(self._handshake.data_to_send())  # NBD_OPT_ABORT, if any
+                self.transport.close()
+            else:
+                self.transport.abort()
