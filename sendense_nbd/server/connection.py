@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HANDSHAKE_BUFFER = 16 * 1024
-_WRITE_HIGH_WATER = 1024 * 1024
+#: Small replies may queue up to this much in the transport before waiting.
+_SMALL_BACKLOG = 1024 * 1024
 #: Holes shorter than this inside a read are sent as data (fewer chunks).
 _MIN_HOLE = 64 * 1024
 _SMALL = 64 * 1024
@@ -77,7 +78,9 @@ class ServerConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        # Paused as soon as anything is buffered, resumed once it all went out:
+        # `_writable` then means "the transport buffer is empty".
+        transport.set_write_buffer_limits(high=0, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -283,8 +286,18 @@ class ServerConnection(asyncio.BufferedProtocol):
         return await asyncio.get_running_loop().run_in_executor(self._server.executor, fn, *args)
 
     async def _send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write a reply. Data replies wait until the transport buffer is empty,
+        so the kernel takes them straight from our buffer: once asyncio's own
+        buffer holds data, every later write would be copied through it."""
         transport = self._transport
         if transport is None or transport.is_closing():
+            return
+        large = any(len(buf) >= _SMALL for buf in buffers)
+        while not transport.is_closing() and (
+            (large and transport.get_write_buffer_size()) or transport.get_write_buffer_size() > _SMALL_BACKLOG
+        ):
+            await self._writable.wait()
+        if transport.is_closing():
             return
         small = bytearray()
         for buf in buffers:
@@ -297,7 +310,6 @@ class ServerConnection(asyncio.BufferedProtocol):
             transport.write(buf)
         if small:
             transport.write(small)
-        await self._writable.wait()
 
     def _drop(self) -> None:
         """Hang up after sending whatever replies are already queued."""
