@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,7 +382,34 @@ class Check:
 
 
 CHECKS: list[Check] = []
-LOAD: dict[str, float] = {}  # 1-minute load average at start and end: other processes add noise
+LOAD: dict[str, float] = {}  # 1-minute load average at start, max during, end: other processes add noise
+
+
+def _cpu_snapshot() -> tuple[float, float, float]:
+    """(wall s, machine busy CPU s, CPU s of this process and its reaped children).
+
+    Busy = user + nice + system + irq + softirq: the loopback traffic's softirq
+    time is charged to the processes' system time but to its own column here.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    machine = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.monotonic(), machine, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cpu(start: tuple[float, float, float], end: tuple[float, float, float]) -> tuple[float, float]:
+    """(CPU s used by processes that are not the benchmark's, wall s) between two snapshots.
+
+    Valid once every child is reaped; approximate (about +-1 s per minute).
+    """
+    return max(0.0, (end[1] - start[1]) - (end[2] - start[2])), end[0] - start[0]
+
+
+def _watch_load(stop: threading.Event) -> None:
+    while not stop.wait(5.0):
+        LOAD["max"] = max(LOAD.get("max", 0.0), os.getloadavg()[0])
+
+
 KEEP_FAILED = 3  # keep at most this many failed images for inspection
 
 
@@ -1009,6 +1037,24 @@ def git_dirty() -> bool:
         return False
 
 
+def code_digest() -> dict[str, str]:
+    """Hashes of the server's sources: tell whether sendense_nbd/ changed while the benchmark ran."""
+    import hashlib
+
+    return {
+        str(path.relative_to(REPO)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted((REPO / "sendense_nbd").rglob("*.py"))
+    }
+
+
+def changed_files(start: dict[str, str], end: dict[str, str]) -> list[str]:
+    return sorted(k for k in start.keys() | end.keys() if start.get(k) != end.get(k))
+
+
+CODE: dict[str, str] = {}  # git HEAD at start and end
+CODE_FILES: dict[str, dict[str, str]] = {}  # source hashes at start and end
+
+
 def tool_version(cmd: list[str]) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.splitlines()[0].strip()
@@ -1029,7 +1075,8 @@ def section(
     ocs, big = ocs or [], big or {}
     qcow2 = cfg.format == "qcow2"
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    head = git_head() + (" (with uncommitted changes under sendense_nbd/)" if git_dirty() else "")
+    head = CODE.get("head_start") or git_head()
+    head += " (with uncommitted changes under sendense_nbd/)" if git_dirty() else ""
     dense, sparse = WORK / f"dense-{size}.img", WORK / f"sparse-{size}.img"
 
     def rel(path: Path | str) -> str:
@@ -1042,7 +1089,13 @@ def section(
         f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {platform.machine()}, "
         f"Linux {platform.release()}, Python {platform.python_version()}",
         f"- peers: {tool_version(['qemu-nbd', '--version'])}; {tool_version(['nbdcopy', '--version'])}"
-        + (f"; load average (1 min) {LOAD['start']:.2f} at start, {LOAD['end']:.2f} at end" if LOAD else ""),
+        + (
+            f"; load average (1 min) {LOAD['start']:.2f} at start, {LOAD['max']:.2f} max,"
+            f" {LOAD['end']:.2f} at end (our own runs add about 1-2); CPU used by other processes during the"
+            f" run: {LOAD['other_cpu']:.0f} s in {LOAD['wall']:.0f} s"
+            if LOAD
+            else ""
+        ),
         f"- benchmark: `{' '.join(shlex.quote(a) for a in [rel(sys.executable), rel(sys.argv[0]), *argv])}`",
         f"- image size {human(size)}; {args.rounds} round(s) after "
         f"{'a warm-up run per server' if not args.no_warmup else 'no warm-up'}, order A B / B A alternating;"
@@ -1103,6 +1156,14 @@ def section(
             f" {args.bigdisk_mib} x 1 MiB aio_pwrite at random distinct 1 MiB slots over the whole disk,"
             f" {BIGDISK_DEPTH} in flight, flush, then 64 written + 64 unwritten slots read back and checked;"
             " VmHWM read before the server is stopped; `qemu-img check` afterwards"
+        )
+    changed = changed_files(CODE_FILES["start"], CODE_FILES["end"]) if CODE_FILES else []
+    if changed:
+        out.append(
+            f"- **files under sendense_nbd/ changed while this ran** (HEAD {CODE['head_start']} at start,"
+            f" {CODE['head_end']} at end; later runs used the newer files): "
+            + ", ".join(f"`{name}`" for name in changed[:10])
+            + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
         )
     out += ["", table(cases, memory, size, cfg.format), ""]
     if ocs:
@@ -1249,6 +1310,10 @@ def main(argv: list[str]) -> int:
                 p.error(f"--overlay-mib {oc.nmib} does not fit in the {human(oc.base_size)} base")
     big: dict[str, dict[str, float]] = {}
     LOAD["start"] = os.getloadavg()[0]
+    cpu_start = _cpu_snapshot()
+    load_stop = threading.Event()
+    threading.Thread(target=_watch_load, args=(load_stop,), daemon=True).start()
+    CODE_FILES["start"], CODE["head_start"] = code_digest(), git_head()
     print(
         f"format {args.format}, sizes {human(size)}, cache={args.cache}, discard={args.discard}, -e {args.shared},"
         f" rounds {args.rounds}"
@@ -1287,8 +1352,21 @@ def main(argv: list[str]) -> int:
         for leftover in ("target.img", "target.qcow2", "overlay.qcow2", "big.qcow2"):
             (WORK / leftover).unlink(missing_ok=True)
 
+    load_stop.set()
     LOAD["end"] = os.getloadavg()[0]
-    print(f"\nload average (1 min): {LOAD['start']:.2f} at start, {LOAD['end']:.2f} at end")
+    LOAD["other_cpu"], LOAD["wall"] = other_cpu(cpu_start, _cpu_snapshot())
+    LOAD["max"] = max(LOAD.get("max", 0.0), LOAD["start"], LOAD["end"])
+    CODE_FILES["end"], CODE["head_end"] = code_digest(), git_head()
+    changed = changed_files(CODE_FILES["start"], CODE_FILES["end"])
+    if changed:
+        print(
+            f"\n!! files under sendense_nbd/ changed during the run (HEAD {CODE['head_start']} ->"
+            f" {CODE['head_end']}): {', '.join(changed)}"
+        )
+    print(
+        f"\nload average (1 min): {LOAD['start']:.2f} at start, {LOAD['max']:.2f} max, {LOAD['end']:.2f} at end;"
+        f" CPU used by other processes: {LOAD['other_cpu']:.0f} s in {LOAD['wall']:.0f} s"
+    )
     print(table(cases, memory, size, cfg.format))
     if ocs:
         print()
