@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import click
 
 from sendense_nbd import __version__
+from sendense_nbd.cli.copy import copy_command
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.server import Export, NBDServer, systemd_sockets, tcp_socket, unix_socket
@@ -326,6 +327,9 @@ def check(output: str, repair: str | None, path: str) -> None:
     else:
         click.echo(format_human(result, path).rstrip("\n"))
     sys.exit(exit_code(result))
+
+
+cli.add_command(copy_command)
 
 
 def main() -> None:

@@ -1,0 +1,181 @@
+"""``sendense-nbd copy SRC DST``: copy a disk between NBD URIs and local images.
+
+A thin edge: parse the flags, open the two endpoints, call
+:func:`sendense_nbd.copy.copy`, print progress and one line on error
+(exit 1). The lead registers :data:`copy_command` on the ``sendense-nbd`` group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from sendense_nbd.copy import CopyResult, Progress, TargetMode, copy, open_source, open_target
+from sendense_nbd.errors import SendenseError
+from sendense_nbd.storage import ImageFormat
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(ctx: click.Context, param: click.Parameter, text: str) -> int:
+    match = _SIZE.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{text!r} is not a size such as 4M or 65536")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _changed_areas(path: str | None) -> list[tuple[int, int]] | None:
+    """A JSON list of ``[offset, length]`` pairs (or of ``{"offset", "length"}`` objects)."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        areas = [(int(a["offset"]), int(a["length"])) if isinstance(a, dict) else (int(a[0]), int(a[1])) for a in data]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise click.BadParameter(f"{path}: not a JSON list of [offset, length] areas ({exc})") from exc
+    return areas
+
+
+class _Printer:
+    """Progress to a click bar on a stderr TTY and/or JSON lines on stdout."""
+
+    def __init__(self, *, bar: bool, json_lines: bool) -> None:
+        self.bar_wanted = bar and sys.stderr.isatty()
+        self.json_lines = json_lines
+        self._bar: Any = None
+        self._shown = 0
+
+    def __call__(self, event: Progress) -> None:
+        if self.json_lines:
+            record: dict[str, object] = {
+                "copied": event.copied,
+                "zeroed": event.zeroed,
+                "skipped": event.skipped,
+                "total": event.total,
+                "percent": round(event.percent, 2),
+                "rate": round(event.rate),
+                "eta": None if event.eta is None else round(event.eta, 1),
+                "elapsed": round(event.elapsed, 3),
+                "done": event.done,
+            }
+            if event.error is not None:
+                record["error"] = event.error
+            click.echo(json.dumps(record))
+        if self.bar_wanted:
+            if self._bar is None:
+                self._bar = click.progressbar(length=event.total, file=sys.stderr, label="copying")
+                self._bar.__enter__()
+            self._bar.update(event.processed - self._shown)
+            self._shown = event.processed
+            if event.done:
+                self._bar.__exit__(None, None, None)
+                self._bar = None
+
+
+async def _run(src: str, dst: str, fmt: ImageFormat | None, connections: int, **options: Any) -> CopyResult:
+    source = await open_source(src, connections=connections)
+    try:
+        target = await open_target(dst, fmt=fmt, size=source.size, connections=connections)
+        try:
+            return await copy(source, target, connections=connections, **options)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+
+
+@click.command("copy")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("-C", "--connections", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("-R", "--requests", type=click.IntRange(1, 1024), default=16, show_default=True, help="Per connection.")
+@click.option("--request-size", default="4M", show_default=True, callback=_size, help="Largest request (e.g. 4M).")
+@click.option(
+    "-f",
+    "--target-format",
+    type=click.Choice([f.value for f in ImageFormat]),
+    help="Format of a local DST (created with SRC's size when missing).",
+)
+@click.option(
+    "--target-mode",
+    type=click.Choice([m.value for m in TargetMode]),
+    default="auto",
+    show_default=True,
+    help="fresh: DST reads zeroes; raw: may punch holes; overlay: has a backing chain (zeroes are written).",
+)
+@click.option(
+    "--overlay-zeroes",
+    type=click.Choice(["write-zeroes", "buffers"]),
+    default="write-zeroes",
+    show_default=True,
+    help="How zero areas reach an overlay: WRITE_ZEROES with NO_HOLE, or zero data.",
+)
+@click.option("--changed-areas", type=click.Path(dir_okay=False), help="JSON [[offset, length], ...]: copy only these.")
+@click.option("--verify", is_flag=True, help="Re-read both sides and compare sha256 digests per chunk.")
+@click.option("--flush/--no-flush", default=True, show_default=True, help="FLUSH the target before reporting success.")
+@click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True)
+@click.option("--progress", "show_progress", is_flag=True, help="A progress bar on stderr (when it is a TTY).")
+@click.option("--json", "json_lines", is_flag=True, help="JSON lines of progress on stdout.")
+def copy_command(
+    src: str,
+    dst: str,
+    connections: int,
+    requests: int,
+    request_size: int,
+    target_format: str | None,
+    target_mode: str,
+    overlay_zeroes: str,
+    changed_areas: str | None,
+    verify: bool,
+    flush: bool,
+    retries: int,
+    show_progress: bool,
+    json_lines: bool,
+) -> None:
+    """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://) or local image files.
+
+    Holes are never read; zeroes are detected in every byte. With --verify
+    the copy is compared afterwards. Exit 0 on success, 1 on failure.
+    """
+    printer = _Printer(bar=show_progress, json_lines=json_lines)
+    callback: Callable[[Progress], None] | None = printer if (printer.bar_wanted or json_lines) else None
+    try:
+        result = asyncio.run(
+            _run(
+                src,
+                dst,
+                ImageFormat(target_format) if target_format else None,
+                connections,
+                requests=requests,
+                request_size=request_size,
+                target_mode=TargetMode(target_mode),
+                overlay_zeroes=overlay_zeroes,
+                changed_areas=_changed_areas(changed_areas),
+                verify=verify,
+                flush=flush,
+                retries=retries,
+                progress=callback,
+            )
+        )
+    except (SendenseError, OSError) as exc:
+        click.echo(f"sendense-nbd copy: error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    if not json_lines:
+        click.echo(
+            f"copied {result.copied} bytes, zeroed {result.zeroed}, skipped {result.skipped} "
+            f"of {result.size} in {result.elapsed:.2f} s ({result.target_mode.value} target"
+            f"{', verified' if result.verified else ''})",
+            err=True,
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

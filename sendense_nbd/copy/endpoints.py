@@ -1,0 +1,426 @@
+"""Copy endpoints: an NBD export or a local image behind one small async interface.
+
+Theory of operation:
+
+* :class:`Endpoint` is what the engine sees: a size, block-size limits,
+  ``read_into`` / ``write`` / ``zero`` / ``flush`` at explicit offsets, and
+  the two allocation maps the planner and the target probe need
+  (``base:allocation`` extents and, when known, ``qemu:allocation-depth``).
+* :class:`NBDEndpoint` talks through the public client API: a
+  :class:`~sendense_nbd.client.ConnectionPool` of up to ``connections``
+  connections (the pool opens more than one only when the server advertises
+  ``NBD_FLAG_CAN_MULTI_CONN``, so a FLUSH on one covers writes made on all).
+  When a connection drops or a request times out the whole pool is dropped
+  and the next request opens a new one; :attr:`Endpoint.generation` counts
+  these reconnects so the engine can tell which completed writes may have
+  been lost with an unflushed server.
+* :class:`LocalEndpoint` wraps a :class:`~sendense_nbd.storage.BlockDevice`
+  from :func:`~sendense_nbd.storage.open_image` and runs its synchronous
+  calls in a small thread pool of its own.
+* Every failure leaves an endpoint as :class:`EndpointError`, marked
+  ``transient`` when retrying can help (EIO, ENOMEM, a lost connection, a
+  timeout) and naming the operation and offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Protocol, TypeVar
+
+from sendense_nbd.client import (
+    ClientOptions,
+    ConnectionPool,
+    NBDClient,
+    NBDConnectionError,
+    NBDRequestError,
+    NBDTimeoutError,
+    OptionError,
+    URIError,
+)
+from sendense_nbd.errors import DeviceError, ImageError, SendenseError
+from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
+from sendense_nbd.storage import BlockDevice, ImageFormat, create_image, open_image
+from sendense_nbd.storage.qcow2 import Qcow2Device
+
+T = TypeVar("T")
+
+#: NBD errors worth retrying: the next attempt may well succeed.
+TRANSIENT_ERRNOS = frozenset({Errno.EIO, Errno.ENOMEM, Errno.ESHUTDOWN})
+Extents = list[tuple[int, int, int]]
+
+
+class EndpointError(SendenseError):
+    """An endpoint operation failed; ``transient`` failures are worth a retry."""
+
+    def __init__(self, message: str, *, transient: bool, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.offset = offset
+
+
+class Endpoint(Protocol):
+    """The source or target of a copy."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def min_block(self) -> int: ...
+
+    @property
+    def max_request(self) -> int:
+        """Largest read or write worth sending in one request."""
+
+    @property
+    def connections(self) -> int:
+        """How many requests streams the endpoint really has open (1 without multi-conn)."""
+
+    @property
+    def can_zero(self) -> bool:
+        """WRITE_ZEROES is available (else zeroes are written as data)."""
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every reconnect: writes completed in an older generation
+        and not yet flushed may be lost."""
+
+    @property
+    def has_backing(self) -> bool | None:
+        """True: a backing chain is known; None: cannot tell."""
+
+    async def extents(self, offset: int, length: int) -> Extents:
+        """``(offset, length, base:allocation flags)`` covering the range."""
+
+    async def allocation_depth(self) -> Extents | None:
+        """``(offset, length, depth)`` over the disk, or None when unknown."""
+
+    async def read_into(self, offset: int, buffer: memoryview) -> None: ...
+
+    async def write(self, offset: int, data: memoryview) -> None: ...
+
+    async def zero(self, offset: int, length: int, *, punch: bool) -> None:
+        """Make the range read zeroes; ``punch`` allows a hole (never over a backing chain)."""
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _nbd_error(exc: NBDRequestError, what: str, offset: int) -> EndpointError:
+    return EndpointError(
+        f"{what} at offset {offset} failed: {exc}", transient=exc.errno in TRANSIENT_ERRNOS, offset=offset
+    )
+
+
+class NBDEndpoint:
+    """An NBD export reached through the client (``nbd://`` or ``nbd+unix://``)."""
+
+    def __init__(self, uri: str, *, connections: int = 4, request_timeout: float | None = 120.0) -> None:
+        self.uri = uri
+        self._wanted = connections
+        self._options = ClientOptions(
+            request_timeout=request_timeout,
+            meta_contexts=(BASE_ALLOCATION, ALLOCATION_DEPTH),
+            max_in_flight=256,
+        )
+        self._pool: ConnectionPool | None = None
+        self._first: NBDClient | None = None
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._closed = False
+
+    async def open(self) -> NBDEndpoint:
+        await self._ensure()
+        return self
+
+    async def __aenter__(self) -> NBDEndpoint:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def _info(self) -> NBDClient:
+        if self._first is None:
+            raise RuntimeError("the endpoint is not open")
+        return self._first
+
+    @property
+    def name(self) -> str:
+        return self.uri
+
+    @property
+    def size(self) -> int:
+        return self._info.size
+
+    @property
+    def min_block(self) -> int:
+        return self._info.min_block
+
+    @property
+    def max_request(self) -> int:
+        return self._info.max_block
+
+    @property
+    def connections(self) -> int:
+        return len(self._pool) if self._pool is not None else 1
+
+    @property
+    def can_zero(self) -> bool:
+        return self._info.can_zero
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return self._info.can_multi_conn
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def has_backing(self) -> bool | None:
+        return None
+
+    async def _ensure(self) -> ConnectionPool:
+        async with self._lock:
+            if self._closed:
+                raise EndpointError(f"{self.uri}: the endpoint is closed", transient=False)
+            if self._pool is None:
+                try:
+                    pool = await ConnectionPool(self.uri, self._wanted, options=self._options).open()
+                except (OptionError, URIError) as exc:
+                    raise EndpointError(f"{self.uri}: {exc}", transient=False) from exc
+                except (NBDConnectionError, NBDTimeoutError, OSError) as exc:
+                    raise EndpointError(f"cannot connect to {self.uri}: {exc}", transient=True) from exc
+                if self._first is not None and pool.first.size != self._first.size:
+                    await pool.close()
+                    raise EndpointError(f"{self.uri}: the export changed size after reconnecting", transient=False)
+                self._pool = pool
+                self._first = pool.first
+            return self._pool
+
+    async def _drop(self, generation: int) -> None:
+        """Forget a broken pool (once per generation); the next call reconnects."""
+        async with self._lock:
+            if generation != self._generation or self._pool is None:
+                return
+            self._generation += 1
+            pool, self._pool = self._pool, None
+        for client in pool.connections:
+            client.abort()
+        await asyncio.gather(*(client.wait_closed() for client in pool.connections), return_exceptions=True)
+
+    async def _call(self, what: str, offset: int, operation: Callable[[NBDClient], Awaitable[T]]) -> T:
+        pool = await self._ensure()
+        generation = self._generation
+        try:
+            return await operation(pool.next())
+        except NBDRequestError as exc:
+            raise _nbd_error(exc, what, offset) from exc
+        except (NBDConnectionError, NBDTimeoutError) as exc:
+            await self._drop(generation)
+            raise EndpointError(
+                f"{what} at offset {offset} on {self.uri}: {exc}", transient=True, offset=offset
+            ) from exc
+
+    async def extents(self, offset: int, length: int) -> Extents:
+        if not self._info.can_block_status or BASE_ALLOCATION not in self._info.meta_contexts:
+            return [(offset, length, 0)]
+        return await self._call("BLOCK_STATUS", offset, lambda c: c.extents(length, offset))
+
+    async def allocation_depth(self) -> Extents | None:
+        if ALLOCATION_DEPTH not in self._info.meta_contexts:
+            return None
+        return await self._call("BLOCK_STATUS", 0, lambda c: c.extents(None, 0, ALLOCATION_DEPTH))
+
+    async def read_into(self, offset: int, buffer: memoryview) -> None:
+        await self._call("READ", offset, lambda c: c.pread_into(buffer, offset))
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        await self._call("WRITE", offset, lambda c: c.pwrite(data, offset))
+
+    async def zero(self, offset: int, length: int, *, punch: bool) -> None:
+        await self._call("WRITE_ZEROES", offset, lambda c: c.zero(length, offset, no_hole=not punch))
+
+    async def flush(self) -> None:
+        if self._info.can_flush:
+            await self._call("FLUSH", 0, lambda c: c.flush())
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await pool.close()
+            except SendenseError:
+                pass  # a broken connection has nothing left to say
+
+
+class LocalEndpoint:
+    """A local raw or qcow2 image (a :class:`~sendense_nbd.storage.BlockDevice`)."""
+
+    def __init__(self, device: BlockDevice, name: str, *, threads: int = 4) -> None:
+        self.device = device
+        self._name = name
+        self._threads = max(1, threads)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="copy-io")
+
+    async def __aenter__(self) -> LocalEndpoint:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        return self.device.size
+
+    @property
+    def min_block(self) -> int:
+        return self.device.capabilities.min_block
+
+    @property
+    def max_request(self) -> int:
+        return 32 << 20
+
+    @property
+    def connections(self) -> int:
+        return self._threads
+
+    @property
+    def can_zero(self) -> bool:
+        return True
+
+    @property
+    def generation(self) -> int:
+        return 0
+
+    @property
+    def has_backing(self) -> bool | None:
+        if isinstance(self.device, Qcow2Device):
+            return self.device.backing is not None
+        return False
+
+    async def _run(self, what: str, offset: int, function: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, function)
+        except DeviceError as exc:
+            transient = exc.errno in TRANSIENT_ERRNOS
+            raise EndpointError(
+                f"{what} at offset {offset} of {self._name}: {exc}", transient=transient, offset=offset
+            ) from exc
+        except OSError as exc:
+            raise EndpointError(
+                f"{what} at offset {offset} of {self._name}: {exc}", transient=False, offset=offset
+            ) from exc
+
+    async def extents(self, offset: int, length: int) -> Extents:
+        if not self.device.capabilities.can_extents:
+            return [(offset, length, 0)]
+
+        def walk() -> Extents:
+            out: Extents = []
+            pos, end = offset, offset + length
+            while pos < end:
+                for extent in self.device.extents(pos, end - pos):
+                    n = min(extent.length, end - pos)
+                    out.append((pos, n, int(extent.flags)))
+                    pos += n
+                    if pos >= end:
+                        break
+            return out
+
+        return await self._run("extents", offset, walk)
+
+    async def allocation_depth(self) -> Extents | None:
+        def walk() -> Extents:
+            out: Extents = []
+            pos, end = 0, self.size
+            while pos < end:
+                for length, depth in self.device.allocation_depth(pos, end - pos):
+                    n = min(length, end - pos)
+                    out.append((pos, n, depth))
+                    pos += n
+                    if pos >= end:
+                        break
+            return out
+
+        return await self._run("allocation depth", 0, walk)
+
+    async def read_into(self, offset: int, buffer: memoryview) -> None:
+        await self._run("read", offset, lambda: self.device.read_into(offset, buffer))
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        await self._run("write", offset, lambda: self.device.write(offset, data))
+
+    async def zero(self, offset: int, length: int, *, punch: bool) -> None:
+        await self._run("zero", offset, lambda: self.device.zero(offset, length, may_trim=punch))
+
+    async def flush(self) -> None:
+        await self._run("flush", 0, self.device.flush)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pool.shutdown)
+        self.device.close()
+
+
+def is_uri(spec: str) -> bool:
+    return "://" in spec
+
+
+async def open_source(spec: str, *, connections: int = 4, request_timeout: float | None = 120.0) -> Endpoint:
+    """Open an NBD URI, or a local image read-only with its format probed."""
+    if is_uri(spec):
+        return await NBDEndpoint(spec, connections=connections, request_timeout=request_timeout).open()
+    try:
+        device = await asyncio.to_thread(open_image, spec, None, readonly=True)
+    except OSError as exc:
+        raise EndpointError(f"cannot open {spec}: {exc.strerror or exc}", transient=False) from exc
+    return LocalEndpoint(device, spec, threads=connections)
+
+
+async def open_target(
+    spec: str,
+    *,
+    fmt: ImageFormat | None = None,
+    size: int | None = None,
+    connections: int = 4,
+    request_timeout: float | None = 120.0,
+) -> Endpoint:
+    """Open an NBD URI, or a local image of format ``fmt`` for writing
+    (created with ``size`` bytes when it does not exist)."""
+    if is_uri(spec):
+        return await NBDEndpoint(spec, connections=connections, request_timeout=request_timeout).open()
+    if fmt is None:
+        raise ImageError(f"{spec}: give the target's format (-f raw|qcow2) or an NBD URI")
+
+    def make() -> BlockDevice:
+        if not os.path.exists(spec):
+            if size is None:
+                raise ImageError(f"{spec} does not exist")
+            create_image(spec, size, fmt)
+        return open_image(spec, fmt)
+
+    try:
+        device = await asyncio.to_thread(make)
+    except OSError as exc:
+        raise EndpointError(f"cannot open {spec}: {exc.strerror or exc}", transient=False) from exc
+    return LocalEndpoint(device, spec, threads=connections)

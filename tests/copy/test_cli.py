@@ -1,0 +1,60 @@
+"""``sendense-nbd copy``: flags, output and exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sendense_nbd.cli.copy import copy_command
+from tests.conftest import run, sparse_file
+
+pytestmark = pytest.mark.peer
+
+MiB = 1 << 20
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(copy_command, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_local_to_local_with_json_progress_and_verify(tmp_path: Path) -> None:
+    src = sparse_file(tmp_path / "src.raw", 8 * MiB, [(0, 65536), (5 * MiB, MiB)])
+    dst = tmp_path / "dst.raw"
+    code, out, err = invoke(str(src), str(dst), "-f", "raw", "--json", "--verify", "--request-size", "1M", "-C", "2")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[-1]["done"] and lines[-1]["copied"] == 65536 + MiB and lines[-1]["total"] == 8 * MiB
+    run("cmp", str(src), str(dst))
+
+
+def test_qcow2_target_and_summary(tmp_path: Path, nbdkit) -> None:  # type: ignore[no-untyped-def]
+    src = nbdkit("data", "data=@1048576 ( 0x42 )*65536", "size=4M")
+    dst = tmp_path / "dst.qcow2"
+    code, out, err = invoke(src, str(dst), "-f", "qcow2", "--progress", "--target-mode", "fresh")
+    assert code == 0, err
+    assert out == "" and "copied 65536 bytes" in err and "fresh target" in err
+    expected = tmp_path / "expected.raw"
+    run("nbdcopy", src, str(expected))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(dst), str(expected))
+
+
+def test_local_target_needs_a_format(tmp_path: Path) -> None:
+    src = sparse_file(tmp_path / "src.raw", MiB, [])
+    code, out, err = invoke(str(src), str(tmp_path / "dst"))
+    assert code == 1 and err.count("\n") == 1 and "-f raw|qcow2" in err
+
+
+def test_failure_is_one_line_naming_the_offset(tmp_path: Path, nbdkit) -> None:  # type: ignore[no-untyped-def]
+    src = nbdkit("--filter=error", "pattern", "size=4M", "error-pread=EIO", "error-pread-rate=100%")
+    code, out, err = invoke(src, str(tmp_path / "dst.raw"), "-f", "raw", "--retries", "1")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("sendense-nbd copy: error: ") and "at offset" in err and "EIO" in err
+
+
+def test_bad_request_size(tmp_path: Path) -> None:
+    code, _, err = invoke("a", "b", "--request-size", "lots")
+    assert code == 2 and "not a size" in err
