@@ -15,8 +15,8 @@ from sendense_nbd.errors import ProtocolError, SendenseError
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.client import ClientHandshake, ClientHandshakeEvent, Ready
 from sendense_nbd.protocol.constants import Command, Errno
-from sendense_nbd.protocol.handshake import NEED_DATA
 from sendense_nbd.protocol.replies import Reply, ReplyParser
+from sendense_nbd.protocol.sansio import NEED_DATA
 
 _HANDSHAKE_BUFFER = 64 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024

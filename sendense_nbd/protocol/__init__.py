@@ -14,14 +14,13 @@ from sendense_nbd.protocol.constants import (
     TransmissionFlag,
 )
 from sendense_nbd.protocol.handshake import (
-    NEED_DATA,
     Aborted,
     ExportInfo,
-    NeedData,
     Negotiated,
     ServerHandshake,
 )
 from sendense_nbd.protocol.replies import Reply, ReplyParser
+from sendense_nbd.protocol.sansio import NEED_DATA, NeedData
 from sendense_nbd.protocol.transmission import (
     Data,
     Disconnect,

@@ -46,7 +46,7 @@ from sendense_nbd.protocol.constants import (
     OptionReply,
     TransmissionFlag,
 )
-from sendense_nbd.protocol.handshake import NEED_DATA, NeedData
+from sendense_nbd.protocol.sansio import NeedData, SansIOMachine
 
 #: Longest option reply payload the client buffers (strings are at most 4 KiB).
 MAX_OPTION_REPLY = 64 * 1024
@@ -165,7 +165,7 @@ class _State(enum.Enum):
 _INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION)
 
 
-class ClientHandshake:
+class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
     """Negotiates one connection; see the module docstring.
 
     Feed the server's bytes to :meth:`receive_data`, write what
@@ -182,6 +182,7 @@ class ClientHandshake:
         request_block_size: bool = True,
         goal: Goal = Goal.GO,
     ) -> None:
+        super().__init__()
         self._export = export_name
         self._export_raw = export_name.encode()
         if len(self._export_raw) > MAX_STRING or "\0" in export_name:
@@ -193,9 +194,6 @@ class ClientHandshake:
         self._request_block_size = request_block_size
         self._goal = goal
         self._state = _State.GREETING
-        self._buffer = bytearray()
-        self._out = bytearray()
-        self._events: deque[ClientHandshakeEvent] = deque()
         self._plan: deque[Option] = deque()
         self._option: Option | None = None
         self._reply_header: wire.OptionReplyHeader | None = None
@@ -228,26 +226,6 @@ class ClientHandshake:
         if self._state is _State.EXPORT_NAME_REPLY:
             raise OptionError(Option.EXPORT_NAME, None, "the server closed the connection", self._export)
         raise ProtocolError("the server closed the connection during the handshake")
-
-    def next_event(self) -> ClientHandshakeEvent:
-        """The next event, or :data:`~sendense_nbd.protocol.NEED_DATA`."""
-        if self._events:
-            return self._events.popleft()
-        return NEED_DATA
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the server now (possibly empty)."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def trailing_data(self) -> bytes:
-        """Bytes received after the handshake ended (transmission replies)."""
-        if self._state is not _State.DONE:
-            raise LocalProtocolError("handshake has not finished")
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
 
     @property
     def finished(self) -> bool:
@@ -520,7 +498,7 @@ class ClientHandshake:
             assert self._informed is not None
             self._finish(Informed(self._informed, self._structured, tuple(self._offered)))
 
-    def _finish(self, event: ClientHandshakeEvent) -> None:
+    def _finish(self, event: Ready | Informed | Listed) -> None:
         self._state = _State.DONE
         self._option = None
         self._events.append(event)

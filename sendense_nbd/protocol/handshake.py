@@ -40,6 +40,7 @@ from sendense_nbd.protocol.constants import (
     OptionReply,
     TransmissionFlag,
 )
+from sendense_nbd.protocol.sansio import NeedData, SansIOMachine
 
 #: Longest option payload the server buffers and parses.
 MAX_OPTION_LENGTH = 64 * 1024
@@ -58,14 +59,6 @@ class ExportInfo:
     max_block: int = MAX_PAYLOAD
     #: Meta contexts this export offers; context ids are position + 1.
     meta_contexts: tuple[str, ...] = ()
-
-
-@attrs.frozen(slots=True)
-class NeedData:
-    """More bytes are needed before anything else can happen."""
-
-
-NEED_DATA = NeedData()
 
 
 @attrs.frozen(slots=True)
@@ -104,7 +97,7 @@ _KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
 _OPTION_CODES = frozenset(int(o) for o in Option)
 
 
-class ServerHandshake:
+class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
     """Drives one client through option haggling.
 
     ``exports`` maps export names to what may be told about them; the empty
@@ -114,12 +107,11 @@ class ServerHandshake:
     """
 
     def __init__(self, exports: Mapping[str, ExportInfo], *, refuse: str | None = None) -> None:
+        super().__init__()
         self._exports = exports
         self._refuse = refuse
         self._state = _State.CLIENT_FLAGS
-        self._buffer = bytearray()
-        self._out = bytearray(wire.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
-        self._events: list[HandshakeEvent] = []
+        self._out += wire.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         self._client_flags = ClientFlag(0)
         self._option = 0
         self._option_length = 0
@@ -135,26 +127,6 @@ class ServerHandshake:
             raise LocalProtocolError("handshake already finished")
         self._buffer += data
         self._process()
-
-    def next_event(self) -> HandshakeEvent:
-        """The next event, or :data:`NEED_DATA`."""
-        if self._events:
-            return self._events.pop(0)
-        return NEED_DATA
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the client now (possibly empty)."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def trailing_data(self) -> bytes:
-        """Bytes received after the handshake ended (transmission requests)."""
-        if self._state is not _State.DONE:
-            raise LocalProtocolError("handshake has not finished")
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
 
     @property
     def finished(self) -> bool:
@@ -370,7 +342,7 @@ class ServerHandshake:
         # DF only means something with structured replies.
         return TransmissionFlag(int(export.flags) & ~int(TransmissionFlag.SEND_DF))
 
-    def _finish(self, event: HandshakeEvent) -> None:
+    def _finish(self, event: Negotiated | Aborted) -> None:
         self._state = _State.DONE
         self._events.append(event)
 

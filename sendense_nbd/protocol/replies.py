@@ -36,7 +36,7 @@ from sendense_nbd.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
-from sendense_nbd.protocol.handshake import NEED_DATA, NeedData
+from sendense_nbd.protocol.sansio import NEED_DATA, NeedData
 
 #: Longest non-data chunk payload: 2^20 block-status extents, plus room.
 MAX_CHUNK = 4 + 8 * (1 << 20) + 4096

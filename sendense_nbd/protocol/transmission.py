@@ -35,7 +35,8 @@ from sendense_nbd.protocol.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from sendense_nbd.protocol.handshake import NEED_DATA, NeedData, Negotiated
+from sendense_nbd.protocol.handshake import Negotiated
+from sendense_nbd.protocol.sansio import NEED_DATA, NeedData
 
 _HEADER_SIZE = wire.REQUEST.size
 _SCRATCH_SIZE = 64 * 1024
