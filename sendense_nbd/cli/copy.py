@@ -97,7 +97,7 @@ async def _run(src: str, dst: str, fmt: ImageFormat | None, connections: int, **
 @click.argument("dst", metavar="DST")
 @click.option("-C", "--connections", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("-R", "--requests", type=click.IntRange(1, 1024), default=16, show_default=True, help="Per connection.")
-@click.option("--request-size", default="4M", show_default=True, callback=_size, help="Largest request (e.g. 4M).")
+@click.option("--request-size", default="256K", show_default=True, callback=_size, help="Largest request (e.g. 1M).")
 @click.option(
     "-f",
     "--target-format",

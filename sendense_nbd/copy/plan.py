@@ -40,7 +40,7 @@ from sendense_nbd.protocol.constants import AllocationFlag
 
 KiB = 1 << 10
 MiB = 1 << 20
-DEFAULT_REQUEST_SIZE = 4 * MiB
+DEFAULT_REQUEST_SIZE = 256 * 1024  # nbdcopy's default: as fast here, a sixteenth of the memory
 DEFAULT_ZERO_SIZE = 256 * MiB
 DEFAULT_MERGE_GAP = 1 * MiB
 
