@@ -19,9 +19,9 @@ same flags (``nbdcopy --connections=N --flush`` / ``sendense-nbd copy -C N
   delay-read=10ms``, 4 connections, into qemu-nbd; ours (default ``-R``),
   ours with ``-R 64``, nbdcopy, and ours and nbdcopy without the delay in the
   same rounds: ours-with-latency / ours-without should be >= 0.8;
-* ``memory``: the peak RSS of every copy process (``ru_maxrss`` from
-  ``wait4``, what ``/usr/bin/time -v`` prints as "Maximum resident set
-  size"); the 4 x 16 dense rows are the memory case.
+* ``memory``: the peak RSS of every copy process (GNU ``/usr/bin/time``
+  ``%M``, the "Maximum resident set size" of ``time -v``); the 4 x 16 dense
+  rows are the memory case.
 
 Each case: one warm-up run per variant, then ``--rounds`` rounds whose order
 alternates (A B, B A, ...). Every run starts a fresh source and target
@@ -42,6 +42,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -58,12 +59,37 @@ sys.path.insert(0, str(HERE))
 import bench_server as bs  # noqa: E402 - the house helpers: process bookkeeping, images, load, git
 
 REPO, WORK, RESULTS, VENV_PYTHON, HOST, MiB = bs.REPO, bs.WORK, bs.RESULTS, bs.VENV_PYTHON, bs.HOST, bs.MiB
-TARGET_FILE = WORK / "copy-target.img"  # not bench_server's target.img: the two may run at once
+# not bench_server's target.img, and one per process: a second benchmark running at once must not clobber it
+TARGET_FILE = WORK / f"copy-target-{os.getpid()}.img"
+TIME = "/usr/bin/time"  # GNU time: the copy's own peak RSS and CPU
 SPARSE_SEED, SPARSE_PERCENT = 1, 10
 DELAY = "10ms"
 SHARED = 8  # -e for both target servers
 NBDCOPY_DEFAULT = "64 x 256 KiB"  # nbdcopy 1.14 defaults per connection (--requests, --request-size)
-OURS_DEFAULT = "16 x 4 MiB"  # sendense-nbd copy defaults per connection (-R, --request-size)
+#: sendense-nbd copy's defaults (-R, --request-size), read from its --help at start-up
+OURS_DEFAULTS: dict[str, int] = {"requests": 16, "request_size": 4 * MiB}
+
+
+def size_text(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def ours_defaults_text() -> str:
+    return f"{OURS_DEFAULTS['requests']} x {size_text(OURS_DEFAULTS['request_size'])}"
+
+
+def read_ours_defaults(help_text: str) -> None:
+    """Take -R and --request-size defaults from ``sendense-nbd copy --help`` (they have changed before)."""
+    m = re.search(r"--requests\b.*?\[default: (\d+)", help_text, re.S)
+    if m:
+        OURS_DEFAULTS["requests"] = int(m.group(1))
+    m = re.search(r"--request-size\b.*?\[default: (\d+)([KMG]?)", help_text, re.S)
+    if m:
+        OURS_DEFAULTS["request_size"] = int(m.group(1)) * {"": 1, "K": 1 << 10, "M": MiB, "G": 1 << 30}[m.group(2)]
+
 
 TARGETS = {"dense": 1.0, "sparse": 0.9, "latency": 0.8}
 
@@ -104,7 +130,7 @@ class Sample:
     mbs: float
     seconds: float
     cpu: float  # user + system CPU seconds of the copy process (and its children)
-    rss_mib: float  # peak RSS (ru_maxrss)
+    rss_mib: float  # peak RSS of the copy process (GNU time %M)
     cmp_ok: bool
     note: str = ""
 
@@ -125,6 +151,10 @@ class Case:
     def median(self, key: str) -> float:
         s = self.timed(key)
         return statistics.median(x.mbs for x in s) if s else float("nan")
+
+    def best(self, key: str) -> float:
+        s = self.timed(key)
+        return max(x.mbs for x in s) if s else float("nan")
 
     def median_of(self, key: str, attr: str) -> float:
         s = self.timed(key)
@@ -323,6 +353,8 @@ class Runner:
             try:
                 cmd = v.command(self.src_uri, dst.uri, self.ours_prefix + (prefix or []) if v.tool == "ours" else None)
                 seconds, cpu, rss, rc, out, err = timed_run(cmd, self.timeout, self.tmp, cwd=REPO)
+                if rc is None:
+                    raise RuntimeError(f"{shlex.join(cmd)} timed out after {self.timeout:g} s (killed)")
                 if rc != 0:
                     raise RuntimeError(f"{shlex.join(cmd)} failed ({rc}): {err.strip()[-2000:]}")
             finally:
@@ -348,28 +380,52 @@ class Runner:
 
 
 def timed_run(cmd: list[str], timeout: float, tmp: Path, cwd: Path) -> tuple[float, float, int, int | None, str, str]:
-    """Run ``cmd``; (wall s, CPU s, ru_maxrss KiB, exit code, stdout, stderr), via ``wait4``."""
-    out_path, err_path = tmp / "client.out", tmp / "client.err"
+    """Run ``cmd``; (wall s, CPU s, peak RSS KiB, exit code or None on timeout, stdout, stderr).
+
+    Peak RSS and CPU come from GNU time (``%M``, ``%U + %S``), which forks the
+    command itself: ``ru_maxrss`` from our own ``wait4`` is never below this
+    benchmark's own peak RSS (subprocess uses vfork, and exec keeps the
+    maximum of the address space it replaces).
+    """
+    out_path, err_path, time_path = tmp / "client.out", tmp / "client.err", tmp / "client.time"
+    time_path.unlink(missing_ok=True)
+    full = [TIME, "-f", "%M %U %S", "-o", str(time_path), *cmd] if os.path.exists(TIME) else cmd
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=str(cwd))
+        proc = subprocess.Popen(
+            full, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=str(cwd), start_new_session=True
+        )
     bs._children[proc.pid] = proc  # killed at exit if we die meanwhile
-    timer = threading.Timer(timeout, proc.kill)
+    # a blocking wait returns the moment the copy exits; Popen.wait(timeout=...) polls with sleeps of up to
+    # 50 ms, which would round sub-second copies up by as much
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout, expire)
     timer.start()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         seconds = time.perf_counter() - t0
     finally:
         timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    bs._children.pop(proc.pid, None)
-    rc: int | None = proc.returncode
-    if rc == -9 and seconds >= timeout:
-        rc = None
+        bs._children.pop(proc.pid, None)
+    rc: int | None = None if timed_out.is_set() else proc.returncode
+    cpu, rss = float("nan"), 0
+    if time_path.exists():
+        lines = time_path.read_text().strip().splitlines()
+        fields = lines[-1].split() if lines else []
+        if len(fields) == 3:
+            rss, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
     return (
         seconds,
-        usage.ru_utime + usage.ru_stime,
-        usage.ru_maxrss,
+        cpu,
+        rss,
         rc,
         out_path.read_text(errors="replace"),
         err_path.read_text(errors="replace"),
@@ -384,10 +440,15 @@ def measure_startup(runs: int = 5) -> float:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run(
-            [str(VENV_PYTHON), "-m", "sendense_nbd", "copy", "--help"], capture_output=True, cwd=str(REPO), timeout=60
+        res = subprocess.run(
+            [str(VENV_PYTHON), "-m", "sendense_nbd", "copy", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=str(REPO),
+            timeout=60,
         )
         times.append(time.perf_counter() - t0)
+        read_ours_defaults(res.stdout)
     STARTUP["ours"] = statistics.median(times)
     return STARTUP["ours"]
 
@@ -434,9 +495,9 @@ def cmp_cell(case: Case, key: str) -> str:
 def table(cases: list[Case], size: int) -> str:
     gib = size / (1 << 30)
     lines = [
-        "| case | ours MB/s | nbdcopy MB/s | ours/nbdcopy | target | met | client CPU s/GiB ours / nbdcopy"
-        " | peak RSS MiB ours / nbdcopy | cmp ok ours / nbdcopy |",
-        "|---|---:|---:|---:|---:|:-:|---:|---:|---:|",
+        "| case | ours MB/s | nbdcopy MB/s | ours/nbdcopy | target | met | best MB/s ours / nbdcopy"
+        " | client CPU s/GiB ours / nbdcopy | peak RSS MiB ours / nbdcopy | cmp ok ours / nbdcopy |",
+        "|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
     ]
     for c in cases:
         if c.key == "latency":
@@ -446,6 +507,7 @@ def table(cases: list[Case], size: int) -> str:
         want = TARGETS[c.source]
         lines.append(
             f"| {c.title} | {ours:.0f} | {theirs:.0f} | {fmt_ratio(ratio)} | >= {want:.1f}x | {verdict(ratio >= want)}"
+            f" | {c.best('ours'):.0f} / {c.best('nbdcopy'):.0f}"
             f" | {c.median_of('ours', 'cpu') / gib:.2f} / {c.median_of('nbdcopy', 'cpu') / gib:.2f}"
             f" | {c.peak_rss('ours'):.0f} / {c.peak_rss('nbdcopy'):.0f}"
             f" | {cmp_cell(c, 'ours')} / {cmp_cell(c, 'nbdcopy')} |"
@@ -457,14 +519,15 @@ def latency_table(case: Case, size: int) -> str:
     gib = size / (1 << 30)
     base = case.median("ours0")
     lines = [
-        "| variant | MB/s | vs ours without delay | vs nbdcopy with delay | client CPU s/GiB | peak RSS MiB | cmp ok |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | MB/s | best MB/s | vs ours without delay | vs nbdcopy with delay | client CPU s/GiB | peak RSS MiB"
+        " | cmp ok |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     nbd = case.median("nbdcopy")
     for v in case.variants:
         m = case.median(v.key)
         lines.append(
-            f"| {v.label} | {m:.0f} | {fmt_ratio(m / base)} | {fmt_ratio(m / nbd)}"
+            f"| {v.label} | {m:.0f} | {case.best(v.key):.0f} | {fmt_ratio(m / base)} | {fmt_ratio(m / nbd)}"
             f" | {case.median_of(v.key, 'cpu') / gib:.2f} | {case.peak_rss(v.key):.0f} | {cmp_cell(case, v.key)} |"
         )
     r = case.median("ours") / base
@@ -486,15 +549,20 @@ def memory_line(cases: list[Case], size: int) -> str:
     medians = [statistics.median(x.rss_mib for x in c.samples["ours"]) for c in dense4 if c.samples.get("ours")]
     nbd = [c.peak_rss("nbdcopy") for c in dense4]
     one = [c.peak_rss("ours") for c in cases if c.key.startswith("dense1-")]
+    requests, request_size = OURS_DEFAULTS["requests"], OURS_DEFAULTS["request_size"]
     text = (
-        f"Memory (the {bs.human(size)} dense copy, 4 connections x 16 requests x 4 MiB, all runs of the dense 4 conn"
-        " rows):"
+        f"Memory (the {bs.human(size)} dense copy, 4 connections x {requests} requests x {size_text(request_size)},"
+        " all runs of the dense 4 conn rows):"
         f" our copy's peak RSS max {max(peaks):.0f} MiB, median {statistics.median(medians):.0f} MiB"
-        f" (ru_maxrss; nbdcopy: max {max(nbd):.0f} MiB)"
+        f" (GNU time %M; nbdcopy: max {max(nbd):.0f} MiB)"
     )
     if one:
-        text += f"; with 1 connection x 16 requests: max {max(one):.0f} MiB"
-    return text + ". Bounded by connections x requests x request size (256 MiB of buffers here), not by the disk size."
+        text += f"; with 1 connection x {requests} requests: max {max(one):.0f} MiB"
+    buffers = 4 * requests * request_size
+    return (
+        text + f". Bounded by connections x requests x request size ({size_text(buffers)} of buffers here) plus the"
+        " interpreter, not by the disk size."
+    )
 
 
 def all_cmp(cases: list[Case]) -> tuple[int, int]:
@@ -506,12 +574,49 @@ def all_cmp(cases: list[Case]) -> tuple[int, int]:
     return ok, n
 
 
-OVERLAP: dict[str, object] = {"seen": False, "waited": 0.0, "gave_up": False}
+OVERLAP: dict[str, object] = {"seen": False, "waited": 0.0, "gave_up": False, "copy": False}
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (a ``timeout``/``sh -c`` wrapper also names bench_copy.py)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def script_running(script: str) -> bool:
+    """A python process (not this one or its wrappers) runs ``script``.
+
+    Not ``pgrep -f``: that also matches an editor, grep or git command that
+    merely names the file.
+    """
+    mine = _ancestors()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if not args or "python" not in os.path.basename(args[0]):
+            continue
+        if any(os.path.basename(a) == script for a in args[1:3]):  # python [-u] SCRIPT ...
+            return True
+    return False
 
 
 def bench_server_running() -> bool:
-    res = subprocess.run(["pgrep", "-f", "bench_server.py"], capture_output=True, text=True)
-    return bool(res.stdout.strip())
+    return script_running("bench_server.py")
+
+
+def other_copy_bench_running() -> bool:
+    return script_running("bench_copy.py")
 
 
 def _watch(stop: threading.Event) -> None:
@@ -519,6 +624,8 @@ def _watch(stop: threading.Event) -> None:
         bs.LOAD["max"] = max(bs.LOAD.get("max", 0.0), os.getloadavg()[0])
         if bench_server_running():
             OVERLAP["seen"] = True
+        if other_copy_bench_running():
+            OVERLAP["copy"] = True
 
 
 def section(args: argparse.Namespace, argv: list[str], cases: list[Case], runner: Runner) -> str:
@@ -566,7 +673,7 @@ def section(args: argparse.Namespace, argv: list[str], cases: list[Case], runner
         f"  - our server: `{shlex.join(Runner.ours_server_cmd(Path('TARGET.img')))}`".replace(
             str(VENV_PYTHON), ".venv/bin/python"
         ),
-        f"- copy commands (each tool's default requests: ours {OURS_DEFAULT}, nbdcopy {NBDCOPY_DEFAULT} per"
+        f"- copy commands (each tool's default requests: ours {ours_defaults_text()}, nbdcopy {NBDCOPY_DEFAULT} per"
         " connection):",
     ]
     for v in variants.values():
@@ -584,6 +691,8 @@ def section(args: argparse.Namespace, argv: list[str], cases: list[Case], runner
             f" (waited {OVERLAP['waited']:.0f} s for it first{', then gave up' if OVERLAP['gave_up'] else ''});"
             " both benchmarks share the 2 CPUs, so absolute figures are low and ratios noisier"
         )
+    if OVERLAP["copy"]:
+        out.append("- **overlap**: another `bench_copy.py` was running during (part of) this run")
     changed = bs.changed_files(bs.CODE_FILES["start"], bs.CODE_FILES["end"]) if bs.CODE_FILES else []
     if changed:
         out.append(
