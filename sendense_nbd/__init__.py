@@ -1,17 +1,12 @@
 """sendense-nbd: move VM disks into a backup repository over NBD.
 
-The public API is re-exported here; everything else is internal.
+The public API is re-exported here (imported on first use); everything else is internal.
 """
 
-from sendense_nbd.client import (
-    ConnectionLostError,
-    ConnectionPool,
-    NBDClient,
-    NBDConnectionError,
-    NBDRequestError,
-    NBDTimeoutError,
-    connect,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from sendense_nbd.errors import (
     DeviceError,
     ImageError,
@@ -20,16 +15,52 @@ from sendense_nbd.errors import (
     SendenseError,
     ServerError,
 )
-from sendense_nbd.server import Export, NBDServer
-from sendense_nbd.storage import (
-    BlockDevice,
-    CacheMode,
-    ImageFormat,
-    MemoryDevice,
-    RawDevice,
-    create_image,
-    open_image,
-)
+from sendense_nbd.lazy import lazy_getattr
+
+if TYPE_CHECKING:
+    from sendense_nbd.client import (
+        ConnectionLostError,
+        ConnectionPool,
+        NBDClient,
+        NBDConnectionError,
+        NBDRequestError,
+        NBDTimeoutError,
+        connect,
+    )
+    from sendense_nbd.server import Export, NBDServer
+    from sendense_nbd.storage import (
+        BlockDevice,
+        CacheMode,
+        ImageFormat,
+        MemoryDevice,
+        RawDevice,
+        create_image,
+        open_image,
+    )
+
+_LAZY = {
+    **dict.fromkeys(
+        [
+            "ConnectionLostError",
+            "ConnectionPool",
+            "NBDClient",
+            "NBDConnectionError",
+            "NBDRequestError",
+            "NBDTimeoutError",
+            "connect",
+        ],
+        "sendense_nbd.client",
+    ),
+    **dict.fromkeys(["Export", "NBDServer"], "sendense_nbd.server"),
+    **dict.fromkeys(
+        ["BlockDevice", "CacheMode", "ImageFormat", "MemoryDevice", "RawDevice", "create_image", "open_image"],
+        "sendense_nbd.storage",
+    ),
+}
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY)
+
 
 __version__ = "0.1.0"
 

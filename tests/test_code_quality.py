@@ -32,3 +32,14 @@ def test_protocol_layer_does_no_io() -> None:
     for path in (ROOT / "sendense_nbd" / "protocol").glob("*.py"):
         text = path.read_text()
         assert not any(f in text for f in forbidden), f"{path.name} does I/O imports"
+
+
+def test_copy_cli_imports_neither_server_nor_storage_backends() -> None:
+    """`sendense-nbd copy` between NBD servers starts without the server, raw or qcow2 code."""
+    probe = (
+        "import sys; import sendense_nbd.cli.nbd; "
+        "print(sorted(m for m in sys.modules if m.startswith(('sendense_nbd.server', 'sendense_nbd.storage.'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['sendense_nbd.storage.base',", "'sendense_nbd.storage.modes']"]

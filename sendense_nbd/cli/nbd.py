@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,21 +20,13 @@ from sendense_nbd import __version__
 from sendense_nbd.cli.copy import copy_command
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
-from sendense_nbd.server import Export, NBDServer, systemd_sockets, tcp_socket, unix_socket
-from sendense_nbd.server.buffers import return_large_frees_to_os
-from sendense_nbd.storage import (
-    BlockDevice,
-    CacheMode,
-    DetectZeroes,
-    Discard,
-    ImageFormat,
-    PolicyDevice,
-    create_image,
-    open_image,
-)
-from sendense_nbd.storage.imagemap import map_image
-from sendense_nbd.storage.qcow2.check import check_image, exit_code, format_human, repair_refcounts
-from sendense_nbd.storage.qcow2.info import format_info_human, image_info
+from sendense_nbd.storage import BlockDevice, CacheMode, DetectZeroes, Discard, ImageFormat
+
+if TYPE_CHECKING:
+    from sendense_nbd.server import Export
+
+# Each command imports the parts it uses: `copy` between two NBD servers
+# needs neither the server nor the storage backends, and starts faster.
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtTpPeE]?)(i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
@@ -134,6 +127,10 @@ def serve(
     --port and --socket. SIGTERM and SIGINT finish the requests in flight,
     flush, and exit 0.
     """
+    from sendense_nbd.server import Export, systemd_sockets, tcp_socket, unix_socket
+    from sendense_nbd.server.buffers import return_large_frees_to_os
+    from sendense_nbd.storage import PolicyDevice, open_image
+
     if len(names) > len(images) or len(descriptions) > len(images):
         raise click.UsageError("more --export-name/--description values than images")
     devices: list[BlockDevice] = []
@@ -172,6 +169,8 @@ def serve(
 
 
 async def _serve(exports: list[Export], sockets: list[socket.socket], *, shared: int, persistent: bool) -> None:
+    from sendense_nbd.server import NBDServer
+
     server = NBDServer(exports, sockets=sockets, shared=shared, persistent=persistent)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -241,6 +240,8 @@ def create(
 
     With -b the SIZE may be left out: it is the backing file's.
     """
+    from sendense_nbd.storage import create_image
+
     opts = _parse_create_options(options)
     try:
         virtual_size = parse_size(size) if size else None
@@ -268,6 +269,9 @@ def create(
 @click.argument("path", metavar="FILE")
 def map_command(fmt: str | None, output: str, path: str) -> None:
     """Show where each guest range of FILE lives, as qemu-img map does."""
+    from sendense_nbd.storage import open_image
+    from sendense_nbd.storage.imagemap import map_image
+
     try:
         device = open_image(path, ImageFormat(fmt) if fmt else None, readonly=True)
         try:
@@ -296,6 +300,8 @@ def _hex(value: int) -> str:
 @click.argument("path", metavar="FILE")
 def info(fmt: str | None, output: str, path: str) -> None:
     """Describe FILE, as qemu-img info does."""
+    from sendense_nbd.storage.qcow2.info import format_info_human, image_info
+
     try:
         details = image_info(path, fmt)
     except SendenseError as exc:
@@ -318,6 +324,8 @@ def check(output: str, repair: str | None, path: str) -> None:
     Exit status: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check
     itself failed.
     """
+    from sendense_nbd.storage.qcow2.check import check_image, exit_code, format_human, repair_refcounts
+
     try:
         result = repair_refcounts(path) if repair else check_image(path)
     except SendenseError as exc:

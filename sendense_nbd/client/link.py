@@ -44,6 +44,7 @@ class Link(asyncio.BufferedProtocol):
         #: Why the link cannot carry requests any more (None while it can).
         self.error: NBDConnectionError | None = None
         self._shutdown = False
+        self._tcp: socket.socket | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -54,6 +55,8 @@ class Link(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._tcp = sock
+            self._quick_ack()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.parser is not None:
@@ -93,9 +96,20 @@ class Link(asyncio.BufferedProtocol):
 
     # -- handshake -----------------------------------------------------------------
 
+    def _quick_ack(self) -> None:
+        """ACK at once during the handshake (Linux re-arms delayed ACKs, so per read).
+
+        A server that sends one reply in several small writes without
+        TCP_NODELAY (qemu-nbd's option replies) otherwise waits for our
+        delayed ACK, about 40 ms per round trip.
+        """
+        if self._tcp is not None and hasattr(socket, "TCP_QUICKACK"):
+            self._tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
     def _handshake_received(self, nbytes: int) -> None:
         handshake = self._handshake
         assert self.transport is not None
+        self._quick_ack()
         handshake.receive_data(memoryview(self._handshake_buffer)[:nbytes])
         out = handshake.data_to_send()
         if out:

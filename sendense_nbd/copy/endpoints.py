@@ -43,8 +43,7 @@ from sendense_nbd.client import (
 )
 from sendense_nbd.errors import DeviceError, ImageError, SendenseError
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
-from sendense_nbd.storage import BlockDevice, ImageFormat, create_image, open_image
-from sendense_nbd.storage.qcow2 import Qcow2Device
+from sendense_nbd.storage import BlockDevice, ImageFormat
 
 T = TypeVar("T")
 
@@ -199,7 +198,9 @@ class NBDEndpoint:
                     pool = await ConnectionPool(self.uri, self._wanted, options=self._options).open()
                 except (OptionError, URIError) as exc:
                     raise EndpointError(f"{self.uri}: {exc}", transient=False) from exc
-                except (NBDConnectionError, NBDTimeoutError, OSError) as exc:
+                except NBDConnectionError as exc:  # its message names the server
+                    raise EndpointError(str(exc), transient=True) from exc
+                except (NBDTimeoutError, OSError) as exc:
                     raise EndpointError(f"cannot connect to {self.uri}: {exc}", transient=True) from exc
                 if self._first is not None and pool.first.size != self._first.size:
                     await pool.close()
@@ -313,6 +314,8 @@ class LocalEndpoint:
 
     @property
     def has_backing(self) -> bool | None:
+        from sendense_nbd.storage.qcow2 import Qcow2Device
+
         if isinstance(self.device, Qcow2Device):
             return self.device.backing is not None
         return False
@@ -390,6 +393,8 @@ async def open_source(spec: str, *, connections: int = 4, request_timeout: float
     """Open an NBD URI, or a local image read-only with its format probed."""
     if is_uri(spec):
         return await NBDEndpoint(spec, connections=connections, request_timeout=request_timeout).open()
+    from sendense_nbd.storage import open_image
+
     try:
         device = await asyncio.to_thread(open_image, spec, None, readonly=True)
     except OSError as exc:
@@ -411,6 +416,7 @@ async def open_target(
         return await NBDEndpoint(spec, connections=connections, request_timeout=request_timeout).open()
     if fmt is None:
         raise ImageError(f"{spec}: give the target's format (-f raw|qcow2) or an NBD URI")
+    from sendense_nbd.storage import create_image, open_image
 
     def make() -> BlockDevice:
         if not os.path.exists(spec):

@@ -20,7 +20,8 @@ Theory of operation:
 * Faults: a transient failure (EIO, ENOMEM, a lost connection, a timeout)
   is retried with exponential backoff, up to ``retries`` times per item;
   endpoints reconnect by themselves. A write only counts as finished after a
-  FLUSH covered it: workers flush every ``checkpoint_bytes`` and at the end
+  FLUSH covered it: workers flush after every ``checkpoint_bytes`` of data
+  written (zeroed areas are cheap to redo and do not count) and at the end
   (doc/proto.md, "NBD_CMD_FLUSH"). When the target reconnects, writes it
   completed in the old connection but that no FLUSH covered are queued again
   (an unflushed qcow2 server may lose them); everything durable is kept and
@@ -321,7 +322,7 @@ class _Copier:
         self._recount()
 
     def _recount(self) -> None:
-        self.unbatched_bytes = sum(d.item.length for d in self.pending if id(d) not in self.batched)
+        self.unbatched_bytes = sum(d.copied for d in self.pending if id(d) not in self.batched)
 
     def _finished(self, done: _Done) -> None:
         self._invalidate()
@@ -330,7 +331,7 @@ class _Copier:
             return
         self.reporter.count(done)
         self.pending.append(done)
-        self.unbatched_bytes += done.item.length
+        self.unbatched_bytes += done.copied
         self.reporter.maybe_report()
 
     async def checkpoint(self) -> None:
@@ -344,7 +345,7 @@ class _Copier:
         batch = [d for d in self.pending if d.generation == generation and id(d) not in self.batched]
         ids = {id(d) for d in batch}
         self.batched |= ids
-        self.unbatched_bytes -= sum(d.item.length for d in batch)
+        self.unbatched_bytes -= sum(d.copied for d in batch)
         self.flushes_running += 1
         try:
             await self.target.flush()

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 
 from sendense_nbd.errors import ImageError
 from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.storage.modes import CacheMode, ImageFormat
 from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
 from sendense_nbd.storage.qcow2.format import MAGIC as QCOW2_MAGIC
-from sendense_nbd.storage.raw import CacheMode, RawDevice, create_raw
+from sendense_nbd.storage.raw import RawDevice, create_raw
 
 log = logging.getLogger(__name__)
-
-
-class ImageFormat(enum.Enum):
-    RAW = "raw"
-    QCOW2 = "qcow2"
 
 
 def probe_format(path: str) -> ImageFormat:

@@ -6,26 +6,10 @@ not change straight through.
 
 from __future__ import annotations
 
-import enum
-
 import attrs
 
 from sendense_nbd.storage.base import BlockDevice, Capabilities, Extent, is_zero
-
-
-class Discard(enum.Enum):
-    """What TRIM does: nothing (``ignore``) or free the space (``unmap``)."""
-
-    IGNORE = "ignore"
-    UNMAP = "unmap"
-
-
-class DetectZeroes(enum.Enum):
-    """Whether all-zero writes become zero requests (``unmap``: may also trim)."""
-
-    OFF = "off"
-    ON = "on"
-    UNMAP = "unmap"
+from sendense_nbd.storage.modes import DetectZeroes, Discard
 
 
 class PolicyDevice:

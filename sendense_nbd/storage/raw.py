@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import enum
 import errno as os_errno
 import mmap
 import os
@@ -25,6 +24,7 @@ import threading
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.storage.base import Capabilities, Extent, device_error
+from sendense_nbd.storage.modes import CacheMode
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -36,14 +36,6 @@ _UNSUPPORTED = (os_errno.EOPNOTSUPP, os_errno.EINVAL)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-class CacheMode(enum.Enum):
-    """Host page-cache use, as qemu-nbd's ``--cache``."""
-
-    WRITEBACK = "writeback"
-    WRITETHROUGH = "writethrough"
-    NONE = "none"
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
