@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 DEBIAN_PACKAGES=(
-    qemu-utils nbdkit nbdkit-plugin-python libnbd-bin nbd-server python3-libnbd
+    qemu-utils nbdkit nbdkit-plugin-python libnbd-bin nbd-server python3-libnbd time
     python3 python3-venv python3-pip
 )
 

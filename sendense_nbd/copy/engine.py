@@ -98,6 +98,8 @@ class Progress:
     done: bool = False
     #: Set on the final event of a failed copy.
     error: str | None = None
+    #: Bytes the copy reads and checks (holes and unchanged areas excluded): what the ETA counts down.
+    to_read: int = 0
 
     @property
     def processed(self) -> int:
@@ -187,7 +189,9 @@ class _Reporter:
         rate = self.copied / elapsed
         left = max(0, self.copy_total - self.copy_processed)
         eta = 0.0 if done or left == 0 else (left / rate if rate > 0 else None)
-        return Progress(self.copied, self.zeroed, self.skipped, self.total, elapsed, rate, eta, done, error)
+        return Progress(
+            self.copied, self.zeroed, self.skipped, self.total, elapsed, rate, eta, done, error, self.copy_total
+        )
 
     def maybe_report(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,28 @@
+"""The VMware backup client: one job copies a VM's disks from a snapshot into NBD targets.
+
+:mod:`~sendense_nbd.backup.job` runs a job over :mod:`sendense_nbd.vmware`
+(vSphere and nbdkit-vddk) and :mod:`sendense_nbd.copy`; change IDs and
+progress go to the hub API (:mod:`~sendense_nbd.backup.hubapi`) or, standalone,
+to a local state file (:mod:`~sendense_nbd.backup.statefile`).
+"""
+
+from sendense_nbd.backup.hubapi import HubApi
+from sendense_nbd.backup.job import BackupResult, BackupSpec, ChangeIdStore, Mode, run_backup
+from sendense_nbd.backup.progress import STAGES, JobProgress
+from sendense_nbd.backup.records import DiskResult, PreviousBackup, SyncType
+from sendense_nbd.backup.statefile import StateFile
+
+__all__ = [
+    "STAGES",
+    "BackupResult",
+    "BackupSpec",
+    "ChangeIdStore",
+    "DiskResult",
+    "HubApi",
+    "JobProgress",
+    "Mode",
+    "PreviousBackup",
+    "StateFile",
+    "SyncType",
+    "run_backup",
+]

@@ -1,0 +1,338 @@
+"""One VMware backup job: snapshot, copy each disk (full or CBT-incremental), flush, record.
+
+Order of a job (each step's failure leaves the previous change IDs as they were):
+
+1. find the VM and its disks; read each disk's previous change ID (hub API or state file);
+2. remove stale ``sbak-*`` snapshots; switch CBT on if it is off;
+3. take ``sbak-<job>``; decide full or incremental per disk;
+4. per disk, in parallel: nbdkit (vddk) on the snapshot -> copy engine -> the disk's NBD target,
+   ending with a FLUSH;
+5. remove the snapshot (always, also on error or cancellation);
+6. only then record the snapshot's change IDs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import attrs
+
+from sendense_nbd.backup.progress import JobProgress
+from sendense_nbd.backup.records import DiskResult, PreviousBackup, SyncType
+from sendense_nbd.copy import CopyError, Endpoint, EndpointError, Progress, copy, open_source, open_target
+from sendense_nbd.errors import BackupError, ChangeIdError, SendenseError
+from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
+from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm, vm_disks
+from sendense_nbd.vmware.session import VSphere
+from sendense_nbd.vmware.snapshots import BACKUP_PREFIX, Snapshot, create_snapshot, remove_snapshot, remove_stale
+from sendense_nbd.vmware.vddk import VddkConfig, VddkSource
+
+log = logging.getLogger(__name__)
+
+
+class ChangeIdStore(Protocol):
+    """Where change IDs live: the hub API or a local state file."""
+
+    async def previous(self, vm_path: str, disk_key: int) -> PreviousBackup | None: ...
+    async def complete(self, job_id: str, vm_path: str, disks: Sequence[DiskResult]) -> None: ...
+    async def failed(self, job_id: str, vm_path: str, stage: str, message: str) -> None: ...
+    async def progress(self, job_id: str, report: dict[str, object]) -> None: ...
+
+
+class Mode(enum.Enum):
+    """``auto``: incremental where a valid previous change ID exists, else full."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+    AUTO = "auto"
+
+
+@attrs.frozen
+class BackupSpec:
+    job_id: str
+    vm_path: str
+    #: NBD URI per disk key; a single ``None`` key means "the VM's only disk".
+    targets: Mapping[int | None, str]
+    vddk: VddkConfig
+    password: str
+    mode: Mode = Mode.AUTO
+    quiesce: bool = False
+    connections: int = 4
+    requests: int = 16
+    verify: bool = False
+    retries: int = 5
+
+
+@attrs.frozen
+class BackupResult:
+    job_id: str
+    vm_path: str
+    snapshot: str
+    disks: tuple[DiskResult, ...]
+
+
+@attrs.define
+class _DiskPlan:
+    disk: Disk
+    target: str
+    sync_type: SyncType
+    areas: list[tuple[int, int]] | None
+    full_reason: str | None
+
+
+async def run_backup(
+    spec: BackupSpec,
+    vsphere: VSphere,
+    store: ChangeIdStore,
+    progress: JobProgress,
+    *,
+    on_note: Callable[[str], None] = log.info,
+) -> BackupResult:
+    """Run one backup job; raises :class:`BackupError` (with its stage) on failure.
+
+    The job's snapshot is removed on every path, including cancellation;
+    the new change IDs are recorded only after every disk was flushed and
+    the snapshot is gone.
+    """
+    progress.start()
+    try:
+        result = await _run(spec, vsphere, store, progress, on_note)
+    except asyncio.CancelledError:
+        await _report_failure(store, progress, spec, "cancelled", "the job was cancelled")
+        raise
+    except BackupError as exc:
+        await _report_failure(store, progress, spec, exc.stage, str(exc))
+        raise
+    progress.set_stage("finalizing")
+    try:
+        await store.complete(spec.job_id, spec.vm_path, result.disks)
+    except SendenseError as exc:
+        message = f"the backup was copied and flushed, but recording its change IDs failed: {exc}"
+        await progress.finish("failed", {"stage": "finalizing", "message": message})
+        raise BackupError(message, "finalizing") from exc
+    await progress.finish("completed")
+    return result
+
+
+async def _report_failure(
+    store: ChangeIdStore, progress: JobProgress, spec: BackupSpec, stage: str, message: str
+) -> None:
+    status = "cancelled" if stage == "cancelled" else "failed"
+    await asyncio.shield(progress.finish(status, {"stage": progress.stage, "message": message}))
+    try:
+        await asyncio.shield(store.failed(spec.job_id, spec.vm_path, progress.stage, message))
+    except SendenseError as exc:
+        log.warning("telling the hub that job %s failed did not work: %s", spec.job_id, exc)
+
+
+async def _run(
+    spec: BackupSpec, vsphere: VSphere, store: ChangeIdStore, progress: JobProgress, on_note: Callable[[str], None]
+) -> BackupResult:
+    stage = "initializing"
+    progress.set_stage(stage)
+    try:
+        vm = await vsphere.call(find_vm, vsphere.si, spec.vm_path)
+        disks = await vsphere.call(vm_disks, vm)
+        selected = _select(disks, spec.targets, spec.vm_path)
+        previous = {}
+        if spec.mode != Mode.FULL:
+            for disk, _ in selected:
+                previous[disk.key] = await store.previous(spec.vm_path, disk.key)
+
+        stage = "cleaning old snapshots"
+        progress.set_stage(stage)
+        for name in await vsphere.call(remove_stale, vsphere.si, vm, BACKUP_PREFIX):
+            on_note(f"removed stale snapshot {name}")
+
+        cbt_just_enabled = False
+        if not vm.cbt_enabled:
+            stage = "enabling CBT"
+            progress.set_stage(stage)
+            on_note(f"{spec.vm_path}: CBT was off; enabling it (every disk gets a full copy this time)")
+            await vsphere.call(enable_cbt, vsphere.si, vm, f"{BACKUP_PREFIX}{spec.job_id}-cbt")
+            cbt_just_enabled = True
+
+        stage = "creating snapshot"
+        progress.set_stage(stage)
+        snapshot = await vsphere.call(
+            create_snapshot, vsphere.si, vm, f"{BACKUP_PREFIX}{spec.job_id}", quiesce=spec.quiesce
+        )
+    except SendenseError as exc:
+        raise BackupError(str(exc), stage) from exc
+
+    try:
+        disk_results = await _copy_disks(
+            spec, vsphere, vm, snapshot, selected, previous, cbt_just_enabled, progress, on_note
+        )
+    except BaseException:
+        try:
+            await asyncio.shield(_remove_snapshot(vsphere, vm, snapshot, progress))
+        except BackupError as cleanup:  # the copy's error is the one to report
+            on_note(str(cleanup))
+        raise
+    await asyncio.shield(_remove_snapshot(vsphere, vm, snapshot, progress))
+    return BackupResult(spec.job_id, spec.vm_path, snapshot.name, tuple(disk_results))
+
+
+async def _remove_snapshot(vsphere: VSphere, vm: VirtualMachine, snapshot: Snapshot, progress: JobProgress) -> None:
+    progress.set_stage("finalizing")
+    try:
+        await vsphere.call(remove_snapshot, vsphere.si, vm, snapshot)
+    except SendenseError as exc:
+        raise BackupError(f"{exc}; the next run removes it as a stale {BACKUP_PREFIX}* snapshot", "finalizing") from exc
+
+
+def _select(disks: list[Disk], targets: Mapping[int | None, str], vm_path: str) -> list[tuple[Disk, str]]:
+    if not disks:
+        raise BackupError(f"{vm_path} has no virtual disks", "initializing")
+    if None in targets:
+        if len(disks) != 1:
+            keys = ", ".join(str(d.key) for d in disks)
+            raise BackupError(
+                f"{vm_path} has {len(disks)} disks ({keys}): give one target per disk with --nbd-targets KEY=URI",
+                "initializing",
+            )
+        return [(disks[0], targets[None])]
+    by_key = {d.key: d for d in disks}
+    unknown = [k for k in targets if k not in by_key]
+    if unknown:
+        keys = ", ".join(str(d.key) for d in disks)
+        raise BackupError(f"{vm_path} has no disk with key {unknown[0]} (its disks: {keys})", "initializing")
+    return [(by_key[k], uri) for k, uri in sorted(targets.items(), key=lambda item: item[0] or 0) if k is not None]
+
+
+async def _plan(
+    spec: BackupSpec,
+    vsphere: VSphere,
+    vm: VirtualMachine,
+    snapshot: Snapshot,
+    disk: Disk,
+    target: str,
+    previous: PreviousBackup | None,
+    cbt_just_enabled: bool,
+) -> _DiskPlan:
+    def full(reason: str) -> _DiskPlan:
+        return _DiskPlan(disk, target, SyncType.FULL, None, reason)
+
+    if spec.mode == Mode.FULL:
+        return full("a full backup was asked for")
+    if cbt_just_enabled:
+        return full("CBT was just enabled")
+    if previous is None:
+        return full("no previous change ID is known for this disk")
+    if previous.disk_uuid and disk.uuid and previous.disk_uuid != disk.uuid:
+        return full(f"the disk's identity changed (UUID {previous.disk_uuid} -> {disk.uuid})")
+    if previous.capacity is not None and previous.capacity != disk.capacity:
+        return full(f"the disk's size changed ({previous.capacity} -> {disk.capacity} bytes)")
+    try:
+        areas = await vsphere.call(changed_areas, vsphere.si, vm, snapshot, disk, previous.change_id)
+    except ChangeIdError as exc:
+        return full(f"CBT was reset: {exc}")
+    return _DiskPlan(disk, target, SyncType.INCREMENTAL, areas, None)
+
+
+async def _copy_disks(
+    spec: BackupSpec,
+    vsphere: VSphere,
+    vm: VirtualMachine,
+    snapshot: Snapshot,
+    selected: list[tuple[Disk, str]],
+    previous: Mapping[int, PreviousBackup | None],
+    cbt_just_enabled: bool,
+    progress: JobProgress,
+    on_note: Callable[[str], None],
+) -> list[DiskResult]:
+    stage = "preparing"
+    progress.set_stage(stage)
+    try:
+        frozen = {d.key: d for d in await vsphere.call(snapshot.disks)}
+        plans = []
+        for disk, target in selected:
+            at_snapshot = frozen.get(disk.key, disk)
+            plan = await _plan(
+                spec, vsphere, vm, snapshot, at_snapshot, target, previous.get(disk.key), cbt_just_enabled
+            )
+            if plan.full_reason and spec.mode != Mode.FULL:
+                on_note(f"disk {disk.key}: full copy: {plan.full_reason}")
+            progress.disk(disk.key).sync_type = plan.sync_type.value
+            plans.append(plan)
+    except SendenseError as exc:
+        raise BackupError(str(exc), stage) from exc
+
+    async def one(plan: _DiskPlan) -> DiskResult:
+        return await _copy_disk(spec, vm, snapshot, plan, progress)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(plan)) for plan in plans]
+    except BaseExceptionGroup as group_error:
+        errors = [e for e in group_error.exceptions if not isinstance(e, asyncio.CancelledError)]
+        raise next((e for e in errors if isinstance(e, BackupError)), errors[0] if errors else group_error) from None
+    return [task.result() for task in tasks]
+
+
+async def _copy_disk(
+    spec: BackupSpec, vm: VirtualMachine, snapshot: Snapshot, plan: _DiskPlan, progress: JobProgress
+) -> DiskResult:
+    disk = plan.disk
+    progress.set_stage("setting up NBD")
+    try:
+        source_process = await VddkSource(
+            spec.vddk, spec.password, vm_moref=vm.moref, disk_file=disk.file_name, snapshot_moref=snapshot.moref
+        ).start()
+    except SendenseError as exc:
+        raise BackupError(f"disk {disk.key}: {exc}", "setting up NBD") from exc
+    try:
+        source: Endpoint | None = None
+        target: Endpoint | None = None
+        try:
+            source = await open_source(source_process.uri, connections=spec.connections)
+            target = await open_target(plan.target, size=disk.capacity, connections=spec.connections)
+        except (SendenseError, OSError) as exc:
+            raise BackupError(f"disk {disk.key}: {exc}", "setting up NBD") from exc
+        if source.size != disk.capacity:
+            raise BackupError(
+                f"disk {disk.key}: the source serves {source.size} bytes, vSphere says {disk.capacity}",
+                "setting up NBD",
+            )
+        progress.set_stage("transferring")
+
+        def on_progress(event: Progress) -> None:
+            progress.copy_event(disk.key, event)
+
+        try:
+            result = await copy(
+                source,
+                target,
+                connections=spec.connections,
+                requests=spec.requests,
+                changed_areas=plan.areas,
+                verify=spec.verify,
+                flush=True,
+                progress=on_progress,
+                retries=spec.retries,
+            )
+        except (CopyError, EndpointError) as exc:
+            raise BackupError(f"disk {disk.key}: {exc}", "transferring") from exc
+        if not result.flushed:
+            raise BackupError(f"disk {disk.key}: the target was not flushed", "transferring")
+    finally:
+        for endpoint in (target, source):
+            if endpoint is not None:
+                await asyncio.shield(endpoint.close())
+        await asyncio.shield(source_process.stop())
+    return DiskResult(
+        disk_key=disk.key,
+        disk_uuid=disk.uuid,
+        capacity=disk.capacity,
+        change_id=disk.change_id,
+        sync_type=plan.sync_type,
+        bytes_transferred=result.copied,
+        bytes_zeroed=result.zeroed,
+        target=plan.target,
+        full_reason=plan.full_reason,
+    )

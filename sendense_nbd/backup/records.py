@@ -1,0 +1,60 @@
+"""What a backup reads before it starts and records when it ends: change IDs per disk."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class SyncType(enum.Enum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+@attrs.frozen
+class PreviousBackup:
+    """The last completed backup of one disk: where the next incremental starts."""
+
+    change_id: str
+    disk_uuid: str | None = None
+    capacity: int | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> PreviousBackup:
+        change_id = data.get("change_id")
+        if not isinstance(change_id, str) or not change_id:
+            raise ValueError(f"no change_id in {data!r}")
+        uuid = data.get("disk_uuid")
+        capacity = data.get("capacity")
+        return cls(change_id, uuid if isinstance(uuid, str) else None, capacity if isinstance(capacity, int) else None)
+
+
+@attrs.frozen
+class DiskResult:
+    """One disk's part of a finished, flushed backup."""
+
+    disk_key: int
+    disk_uuid: str | None
+    capacity: int
+    #: The snapshot's change ID: the next incremental starts here (None: CBT is off).
+    change_id: str | None
+    sync_type: SyncType
+    bytes_transferred: int
+    bytes_zeroed: int
+    target: str
+    #: Why this disk got a full copy (None for an incremental).
+    full_reason: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "disk_key": self.disk_key,
+            "disk_uuid": self.disk_uuid,
+            "capacity": self.capacity,
+            "change_id": self.change_id,
+            "sync_type": self.sync_type.value,
+            "bytes_transferred": self.bytes_transferred,
+            "bytes_zeroed": self.bytes_zeroed,
+            "target": self.target,
+            "full_reason": self.full_reason,
+        }
