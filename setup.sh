@@ -36,6 +36,8 @@ install_venv() {
 
 install_debian_packages
 install_venv
+# The vSphere simulator the backup tests and the main job run against (Go, built offline).
+simulator/build-vcsim.sh >/dev/null
 
 case "${1:-}" in
     run) exec .venv/bin/python examples/main_job.py ;;

@@ -158,9 +158,7 @@ async def _run(
 
         stage = "creating snapshot"
         progress.set_stage(stage)
-        snapshot = await vsphere.call(
-            create_snapshot, vsphere.si, vm, f"{BACKUP_PREFIX}{spec.job_id}", quiesce=spec.quiesce
-        )
+        snapshot = await _create_snapshot(spec, vsphere, vm, progress)
     except SendenseError as exc:
         raise BackupError(str(exc), stage) from exc
 
@@ -176,6 +174,25 @@ async def _run(
         raise
     await asyncio.shield(_remove_snapshot(vsphere, vm, snapshot, progress))
     return BackupResult(spec.job_id, spec.vm_path, snapshot.name, tuple(disk_results))
+
+
+async def _create_snapshot(spec: BackupSpec, vsphere: VSphere, vm: VirtualMachine, progress: JobProgress) -> Snapshot:
+    """Take the job's snapshot; if the job is cancelled meanwhile, wait for it and remove it."""
+    creating = asyncio.ensure_future(
+        vsphere.call(create_snapshot, vsphere.si, vm, f"{BACKUP_PREFIX}{spec.job_id}", quiesce=spec.quiesce)
+    )
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        try:
+            snapshot = await creating
+        except SendenseError:
+            raise asyncio.CancelledError() from None
+        try:
+            await _remove_snapshot(vsphere, vm, snapshot, progress)
+        except BackupError as exc:
+            log.warning("%s", exc)
+        raise
 
 
 async def _remove_snapshot(vsphere: VSphere, vm: VirtualMachine, snapshot: Snapshot, progress: JobProgress) -> None:

@@ -35,11 +35,12 @@ KEYS = (2000, 2001)
 class Lab:
     """The simulator, a password file, a state file, and helpers to run jobs."""
 
-    def __init__(self, root: Path, info: dict[str, Any]) -> None:
+    def __init__(self, root: Path, info: dict[str, Any], vm_path: str = VM_PATH) -> None:
         self.root = root
         self.info = info
         self.state = info["state"]
-        self.vm = next(v for v in info["vms"] if v["path"] == VM_PATH)
+        self.vm_path = vm_path
+        self.vm = next(v for v in info["vms"] if v["path"] == vm_path)
         self.password_file = root / "password"
         self.password_file.write_text("pass\n")
         self.password_file.chmod(0o600)
@@ -63,7 +64,7 @@ class Lab:
             "--vmware-username", "user",
             "--vmware-password-file", str(self.password_file),
             "--vmware-thumbprint", self.info["thumbprintSha256"],
-            "--vmware-path", VM_PATH,
+            "--vmware-path", self.vm_path,
             "--nbd-targets", ",".join(f"{k}={u}" for k, u in targets.items()),
             "--job-id", job or f"job{self.jobs}",
             "--state-file", str(self.state_file),
@@ -82,12 +83,12 @@ class Lab:
     def recorded(self) -> dict[str, Any]:
         if not self.state_file.exists():
             return {}
-        return json.loads(self.state_file.read_text())["vms"].get(VM_PATH, {})
+        return json.loads(self.state_file.read_text())["vms"].get(self.vm_path, {})
 
     def snapshots(self) -> list[str]:
         si = _connect(self.info)
         try:
-            vm = si.content.searchIndex.FindByInventoryPath(VM_PATH.lstrip("/"))
+            vm = si.content.searchIndex.FindByInventoryPath(self.vm_path.lstrip("/"))
             names: list[str] = []
 
             def walk(trees: Any) -> None:
@@ -147,7 +148,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield Lab(root, info)
 
 
-def _serve(*images: Path, readonly: bool = False) -> RunningServer:
+def serve_images(*images: Path, readonly: bool = False) -> RunningServer:
     args = ["-f", "qcow2", "--shared", "10", "--persistent"]
     for image in images:
         args += ["-x", image.stem]
@@ -156,18 +157,18 @@ def _serve(*images: Path, readonly: bool = False) -> RunningServer:
     return start_server(*args, *map(str, images))
 
 
-def _targets(server: RunningServer, images: dict[int, Path]) -> dict[int, str]:
+def targets_of(server: RunningServer, images: dict[int, Path]) -> dict[int, str]:
     return {key: server.uri_for(image.stem) for key, image in images.items()}
 
 
-def _compare(image: Path, expected: Path) -> None:
+def compare(image: Path, expected: Path) -> None:
     check = run("qemu-img", "check", str(image), check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     compare = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(expected), check=False)
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
-def _new_images(root: Path, name: str, backing: dict[int, Path] | None = None) -> dict[int, Path]:
+def new_images(root: Path, name: str, backing: dict[int, Path] | None = None) -> dict[int, Path]:
     images = {}
     for key in KEYS:
         image = root / f"{name}-{key}.qcow2"
@@ -192,10 +193,10 @@ def test_full_backup_of_a_two_disk_vm(lab: Lab) -> None:
         for offset in (0, 3 * MIB + 4096, 7 * MIB):
             vmdisk.write(lab.state, lab.vm["moref"], key, offset, os.urandom(300_000))
     expected = {key: lab.keep_copy(key, "point1") for key in KEYS}
-    images = _new_images(lab.root, "full")
-    server = _serve(*images.values())
+    images = new_images(lab.root, "full")
+    server = serve_images(*images.values())
     try:
-        result = lab.migrate(_targets(server, images))
+        result = lab.migrate(targets_of(server, images))
     finally:
         server.stop()
     assert result.code == 0, result
@@ -207,7 +208,7 @@ def test_full_backup_of_a_two_disk_vm(lab: Lab) -> None:
     # Holes were not read: only the written data moved (plus the first-block rounding).
     assert 900_000 <= final["bytes_transferred"] <= 2 * 3 * 400_000
     for key in KEYS:
-        _compare(images[key], expected[key])
+        compare(images[key], expected[key])
     recorded = lab.recorded()
     assert set(recorded) == {str(k) for k in KEYS}
     for key in KEYS:
@@ -226,10 +227,10 @@ def test_incremental_backup_into_overlays(lab: Lab) -> None:
     vmdisk.write(lab.state, moref, 2001, 7 * MIB + 512, b"\x01" * 5000)
     vmdisk.write(lab.state, moref, 2001, 7 * MIB + 8192, b"\0" * 100_000)  # data overwritten with zeroes
     expected = {key: lab.keep_copy(key, "point2") for key in KEYS}
-    images = _new_images(lab.root, "inc1", backing=Chain.latest)
-    server = _serve(*images.values())
+    images = new_images(lab.root, "inc1", backing=Chain.latest)
+    server = serve_images(*images.values())
     try:
-        result = lab.migrate(_targets(server, images))
+        result = lab.migrate(targets_of(server, images))
     finally:
         server.stop()
     assert result.code == 0, result
@@ -238,8 +239,8 @@ def test_incremental_backup_into_overlays(lab: Lab) -> None:
     # Only the changed areas were read, not the whole disks.
     assert sum(d["total_bytes"] for d in final["disks"]) <= 65536 + MIB + 5000 + 100_000 + 2 * 4096
     for key in KEYS:
-        _compare(images[key], expected[key])
-        _compare(Chain.full[key], Chain.full_data[key])  # the base point is untouched
+        compare(images[key], expected[key])
+        compare(Chain.full[key], Chain.full_data[key])  # the base point is untouched
     assert lab.snapshots() == []
     Chain.latest = images
 
@@ -256,10 +257,10 @@ def _failure_expectations(lab: Lab, before: dict[str, Any], result: Result, code
 def test_target_refusing_writes_records_nothing(lab: Lab) -> None:
     before = lab.recorded()
     vmdisk.write(lab.state, lab.vm["moref"], 2000, 2 * MIB, os.urandom(10000))
-    images = _new_images(lab.root, "refused", backing=Chain.latest)
-    server = _serve(*images.values(), readonly=True)
+    images = new_images(lab.root, "refused", backing=Chain.latest)
+    server = serve_images(*images.values(), readonly=True)
     try:
-        result = lab.migrate(_targets(server, images))
+        result = lab.migrate(targets_of(server, images))
     finally:
         server.stop()
     _failure_expectations(lab, before, result, 1)
@@ -268,10 +269,10 @@ def test_target_refusing_writes_records_nothing(lab: Lab) -> None:
 
 def test_api_down_records_nothing_and_takes_no_snapshot(lab: Lab) -> None:
     before = lab.recorded()
-    images = _new_images(lab.root, "apidown", backing=Chain.latest)
-    server = _serve(*images.values())
+    images = new_images(lab.root, "apidown", backing=Chain.latest)
+    server = serve_images(*images.values())
     try:
-        result = lab.migrate(_targets(server, images), "--api-url", "http://127.0.0.1:9/", "--api-retries", "0")
+        result = lab.migrate(targets_of(server, images), "--api-url", "http://127.0.0.1:9/", "--api-retries", "0")
     finally:
         server.stop()
     assert result.code == 4, result
@@ -289,11 +290,11 @@ def test_source_dying_mid_copy_records_nothing(lab: Lab, tmp_path: Path) -> None
     wrapper = tmp_path / "nbdkit"
     wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay=3\n')
     wrapper.chmod(0o755)
-    images = _new_images(lab.root, "srcdies", backing=Chain.latest)
-    server = _serve(*images.values())
+    images = new_images(lab.root, "srcdies", backing=Chain.latest)
+    server = serve_images(*images.values())
     try:
         proc = subprocess.Popen(
-            lab.command(_targets(server, images), "--nbdkit", str(wrapper)),
+            lab.command(targets_of(server, images), "--nbdkit", str(wrapper)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
         )  # fmt: skip
         killed = _kill_source_when_transferring(proc)
@@ -324,11 +325,11 @@ def test_sigterm_mid_copy_removes_the_snapshot(lab: Lab, tmp_path: Path) -> None
     wrapper = tmp_path / "nbdkit"
     wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay=3\n')
     wrapper.chmod(0o755)
-    images = _new_images(lab.root, "sigterm", backing=Chain.latest)
-    server = _serve(*images.values())
+    images = new_images(lab.root, "sigterm", backing=Chain.latest)
+    server = serve_images(*images.values())
     try:
         proc = subprocess.Popen(
-            lab.command(_targets(server, images), "--nbdkit", str(wrapper)),
+            lab.command(targets_of(server, images), "--nbdkit", str(wrapper)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
         )  # fmt: skip
         deadline = time.monotonic() + 60
@@ -345,16 +346,16 @@ def test_sigterm_mid_copy_removes_the_snapshot(lab: Lab, tmp_path: Path) -> None
 
 def test_next_run_after_failures_is_a_correct_incremental(lab: Lab) -> None:
     expected = {key: lab.keep_copy(key, "point3") for key in KEYS}
-    images = _new_images(lab.root, "inc2", backing=Chain.latest)
-    server = _serve(*images.values())
+    images = new_images(lab.root, "inc2", backing=Chain.latest)
+    server = serve_images(*images.values())
     try:
-        result = lab.migrate(_targets(server, images))
+        result = lab.migrate(targets_of(server, images))
     finally:
         server.stop()
     assert result.code == 0, result
     assert all(d["sync_type"] == "incremental" for d in result.reports[-1]["disks"])
     for key in KEYS:
-        _compare(images[key], expected[key])
+        compare(images[key], expected[key])
     Chain.latest = images
 
 
@@ -363,10 +364,10 @@ def test_cbt_reset_falls_back_to_a_full_copy(lab: Lab) -> None:
     vmdisk.reset_cbt(lab.state, moref, 2001)
     vmdisk.write(lab.state, moref, 2001, 5 * MIB, os.urandom(70000))
     expected = {key: lab.keep_copy(key, "point4") for key in KEYS}
-    images = _new_images(lab.root, "inc3", backing=Chain.latest)
-    server = _serve(*images.values())
+    images = new_images(lab.root, "inc3", backing=Chain.latest)
+    server = serve_images(*images.values())
     try:
-        result = lab.migrate(_targets(server, images))
+        result = lab.migrate(targets_of(server, images))
     finally:
         server.stop()
     assert result.code == 0, result
@@ -374,7 +375,7 @@ def test_cbt_reset_falls_back_to_a_full_copy(lab: Lab) -> None:
     assert kinds == {2000: "incremental", 2001: "full"}, result
     assert any("CBT was reset" in note and "2001" in note for note in result.notes), result
     for key in KEYS:
-        _compare(images[key], expected[key])
+        compare(images[key], expected[key])
     new_id = lab.recorded()["2001"]["change_id"]
     assert new_id.startswith(vmdisk.cbt_id(lab.state, moref, 2001) + "/")
 
