@@ -112,7 +112,7 @@ async def run_backup(
         await store.complete(spec.job_id, spec.vm_path, result.disks)
     except SendenseError as exc:
         message = f"the backup was copied and flushed, but recording its change IDs failed: {exc}"
-        await progress.finish("failed", {"stage": "finalizing", "message": message})
+        await _report_failure(store, progress, spec, "finalizing", message)
         raise BackupError(message, "finalizing") from exc
     await progress.finish("completed")
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -182,7 +183,7 @@ async def _migrate(o: dict[str, Any]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    store: Any = None
+    store: HubApi | StateFile | None = None
     try:
         password = read_password(o["vmware_password_file"])
         endpoint = Endpoint.parse(o["vmware_endpoint"], thumbprint=o["vmware_thumbprint"], ca_file=o["vmware_ca_file"])
@@ -219,7 +220,7 @@ async def _migrate(o: dict[str, Any]) -> int:
         )
         progress = JobProgress(
             spec.job_id,
-            store.progress if o["api_url"] else None,
+            functools.partial(store.progress, spec.job_id) if isinstance(store, HubApi) else None,
             listeners=(out,),
             final_retries=o["api_retries"] + 2,
         )

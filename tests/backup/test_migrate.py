@@ -8,134 +8,21 @@ CBT reset.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyVim.connect import Disconnect, SmartConnect
 
-from tests.conftest import RunningServer, require, run, start_server
-from tests.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
+from tests.backup.lab import KEYS, MIB, VM_PATH, Lab, Result, compare, env, new_images, serve_images, targets_of
+from tests.conftest import require
+from tests.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
-
-MIB = 1 << 20
-VM_PATH = "/DC0/vm/DC0_H0_VM0"
-KEYS = (2000, 2001)
-
-
-class Lab:
-    """The simulator, a password file, a state file, and helpers to run jobs."""
-
-    def __init__(self, root: Path, info: dict[str, Any], vm_path: str = VM_PATH) -> None:
-        self.root = root
-        self.info = info
-        self.state = info["state"]
-        self.vm_path = vm_path
-        self.vm = next(v for v in info["vms"] if v["path"] == vm_path)
-        self.password_file = root / "password"
-        self.password_file.write_text("pass\n")
-        self.password_file.chmod(0o600)
-        self.state_file = root / "changeids.json"
-        self.jobs = 0
-
-    def disk(self, key: int) -> Path:
-        return Path(next(d["path"] for d in self.vm["disks"] if d["key"] == key))
-
-    def keep_copy(self, key: int, name: str) -> Path:
-        """The disk as it is now (what the next snapshot will hold)."""
-        copy = self.root / f"{name}-{key}.raw"
-        shutil.copyfile(self.disk(key), copy)
-        return copy
-
-    def command(self, targets: dict[int, str], *extra: str, job: str | None = None) -> list[str]:
-        self.jobs += 1
-        return [
-            str(Path(sys.executable).parent / "sendense-backup"), "migrate",
-            "--vmware-endpoint", f"127.0.0.1:{self.info['port']}",
-            "--vmware-username", "user",
-            "--vmware-password-file", str(self.password_file),
-            "--vmware-thumbprint", self.info["thumbprintSha256"],
-            "--vmware-path", self.vm_path,
-            "--nbd-targets", ",".join(f"{k}={u}" for k, u in targets.items()),
-            "--job-id", job or f"job{self.jobs}",
-            "--state-file", str(self.state_file),
-            "--vddk-plugin", f"python {STANDIN_PLUGIN}",
-            "--connections", "2",
-            "--json",
-            *extra,
-        ]  # fmt: skip
-
-    def migrate(self, targets: dict[int, str], *extra: str, timeout: float = 180) -> Result:
-        proc = subprocess.run(
-            self.command(targets, *extra), capture_output=True, text=True, timeout=timeout, env=_env()
-        )
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    def recorded(self) -> dict[str, Any]:
-        if not self.state_file.exists():
-            return {}
-        return json.loads(self.state_file.read_text())["vms"].get(self.vm_path, {})
-
-    def snapshots(self) -> list[str]:
-        si = _connect(self.info)
-        try:
-            vm = si.content.searchIndex.FindByInventoryPath(self.vm_path.lstrip("/"))
-            names: list[str] = []
-
-            def walk(trees: Any) -> None:
-                for tree in trees or []:
-                    names.append(tree.name)
-                    walk(tree.childSnapshotList)
-
-            if vm.snapshot is not None:
-                walk(vm.snapshot.rootSnapshotList)
-            return names
-        finally:
-            Disconnect(si)
-
-
-class Result:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code = code
-        self.stdout = stdout
-        self.stderr = stderr
-        self.lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
-
-    @property
-    def notes(self) -> list[str]:
-        return [line["note"] for line in self.lines if "note" in line]
-
-    @property
-    def reports(self) -> list[dict[str, Any]]:
-        return [line for line in self.lines if "stage" in line]
-
-    def __repr__(self) -> str:
-        return f"exit {self.code}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("OMA_API_URL", None)
-    env.pop("VMWARE_PASSWORD", None)
-    return env
-
-
-def _connect(info: dict[str, Any]) -> Any:
-    import ssl
-
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return SmartConnect(host=info["host"], port=info["port"], user="user", pwd="pass", sslContext=context)
 
 
 @pytest.fixture(scope="module")
@@ -146,38 +33,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     state.mkdir()
     with running_vcsim(state, "-vm-disks", "2", "-disk-size-mb", "8", "-cbt-page-bytes", str(1 * MIB)) as info:
         yield Lab(root, info)
-
-
-def serve_images(*images: Path, readonly: bool = False) -> RunningServer:
-    args = ["-f", "qcow2", "--shared", "10", "--persistent"]
-    for image in images:
-        args += ["-x", image.stem]
-    if readonly:
-        args.append("--read-only")
-    return start_server(*args, *map(str, images))
-
-
-def targets_of(server: RunningServer, images: dict[int, Path]) -> dict[int, str]:
-    return {key: server.uri_for(image.stem) for key, image in images.items()}
-
-
-def compare(image: Path, expected: Path) -> None:
-    check = run("qemu-img", "check", str(image), check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
-    compare = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(expected), check=False)
-    assert compare.returncode == 0, compare.stdout + compare.stderr
-
-
-def new_images(root: Path, name: str, backing: dict[int, Path] | None = None) -> dict[int, Path]:
-    images = {}
-    for key in KEYS:
-        image = root / f"{name}-{key}.qcow2"
-        if backing:
-            run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing[key]), "-F", "qcow2", str(image))
-        else:
-            run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MIB))
-        images[key] = image
-    return images
 
 
 class Chain:
@@ -295,17 +150,24 @@ def test_source_dying_mid_copy_records_nothing(lab: Lab, tmp_path: Path) -> None
     try:
         proc = subprocess.Popen(
             lab.command(targets_of(server, images), "--nbdkit", str(wrapper)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
         )  # fmt: skip
-        killed = _kill_source_when_transferring(proc)
+        argvs = _kill_source_when_transferring(proc)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         server.stop()
-    assert killed, "the copy never started"
+    assert argvs, "the copy never started"
+    for argv in argvs:  # the password reaches nbdkit in a private 0600 file, never in argv
+        passwords = [part for part in argv if part.startswith("password=")]
+        assert len(passwords) == 1 and passwords[0].startswith("password=+/"), argv
+        assert "pass" not in Path(passwords[0][len("password=+") :]).parent.name
+        assert {"--exit-with-parent", "--readonly"} <= set(argv), argv
+        assert f"vm=moref={lab.vm['moref']}" in argv and any(p.startswith("snapshot=snapshot-") for p in argv)
     _failure_expectations(lab, before, Result(proc.returncode, stdout, stderr), 1)
 
 
-def _kill_source_when_transferring(proc: subprocess.Popen[str]) -> bool:
+def _kill_source_when_transferring(proc: subprocess.Popen[str]) -> list[list[str]]:
+    """SIGKILL the job's nbdkit processes once they serve; their command lines."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         children = subprocess.run(
@@ -313,11 +175,12 @@ def _kill_source_when_transferring(proc: subprocess.Popen[str]) -> bool:
         ).stdout.split()
         if len(children) == len(KEYS):
             time.sleep(0.5)  # reads are in flight: each takes 3 s
+            argvs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children]
             for pid in children:
                 os.kill(int(pid), signal.SIGKILL)
-            return True
+            return [[part.decode() for part in argv if part] for argv in argvs]
         time.sleep(0.05)
-    return False
+    return []
 
 
 def test_sigterm_mid_copy_removes_the_snapshot(lab: Lab, tmp_path: Path) -> None:
@@ -330,7 +193,7 @@ def test_sigterm_mid_copy_removes_the_snapshot(lab: Lab, tmp_path: Path) -> None
     try:
         proc = subprocess.Popen(
             lab.command(targets_of(server, images), "--nbdkit", str(wrapper)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not lab.snapshots():
@@ -349,7 +212,7 @@ def test_next_run_after_failures_is_a_correct_incremental(lab: Lab) -> None:
     images = new_images(lab.root, "inc2", backing=Chain.latest)
     server = serve_images(*images.values())
     try:
-        result = lab.migrate(targets_of(server, images))
+        result = lab.migrate(targets_of(server, images), "--quiesce", "--verify")
     finally:
         server.stop()
     assert result.code == 0, result
@@ -378,24 +241,56 @@ def test_cbt_reset_falls_back_to_a_full_copy(lab: Lab) -> None:
         compare(images[key], expected[key])
     new_id = lab.recorded()["2001"]["change_id"]
     assert new_id.startswith(vmdisk.cbt_id(lab.state, moref, 2001) + "/")
+    Chain.latest = images
+
+
+def test_snapshot_removal_failure_records_nothing_and_the_next_run_cleans_up(lab: Lab) -> None:
+    before = lab.recorded()
+    vmdisk.write(lab.state, lab.vm["moref"], 2000, 6 * MIB, os.urandom(50000))
+    expected = {key: lab.keep_copy(key, "point5") for key in KEYS}
+    images = new_images(lab.root, "rmfail", backing=Chain.latest)
+    server = serve_images(*images.values())
+    vmdisk.inject_fault(lab.state, "RemoveSnapshot_Task", times=1)
+    try:
+        result = lab.migrate(targets_of(server, images), job="rmfail")
+    finally:
+        server.stop()
+    assert result.code == 5, result
+    assert lab.recorded() == before
+    assert lab.snapshots() == ["sbak-rmfail"]
+    assert "the next run removes it" in result.notes[-1], result
+
+    images = new_images(lab.root, "after-rmfail", backing=Chain.latest)
+    server = serve_images(*images.values())
+    try:
+        result = lab.migrate(targets_of(server, images))
+    finally:
+        server.stop()
+    assert result.code == 0, result
+    assert "removed stale snapshot sbak-rmfail" in result.notes, result
+    assert all(d["sync_type"] == "incremental" for d in result.reports[-1]["disks"])
+    for key in KEYS:
+        compare(images[key], expected[key])
+    assert lab.snapshots() == []
+    Chain.latest = images
 
 
 def test_unknown_vm_and_bad_password_are_clear_errors(lab: Lab, tmp_path: Path) -> None:
     command = lab.command({2000: "nbd://127.0.0.1:1/x"})
     command[command.index(VM_PATH)] = "/DC0/vm/no-such-vm"
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=_env())
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "no VM at inventory path /DC0/vm/no-such-vm" in proc.stdout
     wrong = tmp_path / "wrong"
     wrong.write_text("nope")
     command = lab.command({2000: "nbd://127.0.0.1:1/x"})
     command[command.index(str(lab.password_file))] = str(wrong)
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=_env())
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "login as 'user' refused" in proc.stdout
     command = lab.command({2000: "nbd://127.0.0.1:1/x"})
     command[command.index(lab.info["thumbprintSha256"])] = "AA:" * 31 + "AA"
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=_env())
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "does not match the pinned" in proc.stdout
 
@@ -403,6 +298,6 @@ def test_unknown_vm_and_bad_password_are_clear_errors(lab: Lab, tmp_path: Path) 
 def test_single_target_needs_a_single_disk(lab: Lab) -> None:
     command = [part for part in lab.command({}) if part != "--nbd-targets"]
     command.remove("")
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=_env())
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "has 2 disks (2000, 2001): give one target per disk with --nbd-targets" in proc.stdout

@@ -1,0 +1,146 @@
+"""The backup client's parts alone: progress publishing, targets, endpoints, the nbdkit command, the state file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+import pytest
+
+from sendense_nbd.backup import DiskResult, JobProgress, StateFile, SyncType
+from sendense_nbd.cli.backup import _parse_targets
+from sendense_nbd.copy import Progress
+from sendense_nbd.errors import DiskSourceError, VSphereError
+from sendense_nbd.vmware.session import Endpoint, normalize_thumbprint, read_password
+from sendense_nbd.vmware.vddk import VddkConfig, build_command
+
+
+async def test_progress_is_rate_bounded_and_the_latest_state_wins() -> None:
+    posted: list[dict[str, object]] = []
+
+    async def sink(report: dict[str, object]) -> None:
+        posted.append(report)
+
+    progress = JobProgress("j", sink, interval=0.2)
+    progress.start()
+    progress.set_stage("transferring")
+    for copied in range(0, 1001):
+        progress.copy_event(2000, Progress(copied, 0, 0, 1000, 0.1, 10.0, 1.0, to_read=1000))
+        if copied % 100 == 0:
+            await asyncio.sleep(0.05)
+    await progress.finish("completed")
+    # 1001 updates in ~0.55 s: at most one report per 0.2 s, plus the final one.
+    assert 2 <= len(posted) <= 5, len(posted)
+    assert posted[-1]["status"] == "completed" and posted[-1]["bytes_transferred"] == 1000
+    assert posted[-1]["percent"] == 100.0
+
+
+async def test_the_final_report_survives_a_failing_sink() -> None:
+    attempts: list[str] = []
+
+    async def sink(report: dict[str, object]) -> None:
+        attempts.append(str(report["status"]))
+        if len(attempts) < 3:
+            raise OSError("hub down")
+
+    progress = JobProgress("j", sink, interval=0.01, final_retries=3)
+    assert await progress.finish("failed", {"stage": "transferring", "message": "boom"})
+    assert attempts == ["failed", "failed", "failed"]
+
+
+async def test_the_final_report_gives_up_after_its_retries() -> None:
+    async def sink(report: dict[str, object]) -> None:
+        raise OSError("hub down")
+
+    progress = JobProgress("j", sink, final_retries=1)
+    assert not await progress.finish("completed")
+
+
+def test_targets_parse_both_spellings_and_refuse_nonsense() -> None:
+    assert _parse_targets("2000=nbd://h:1/a, 2001:nbd://h:2/b") == {2000: "nbd://h:1/a", 2001: "nbd://h:2/b"}
+    assert _parse_targets(None) == {}
+    for bad in ("2000", "disk=nbd://h/a", "2000=/dev/sda", "2000=nbd://a/b,2000=nbd://a/c"):
+        with pytest.raises(click.BadParameter):
+            _parse_targets(bad)
+
+
+def test_endpoints_and_thumbprints() -> None:
+    assert Endpoint.parse("vc.example") == Endpoint("vc.example", 443)
+    assert Endpoint.parse("https://vc.example:8443/sdk") == Endpoint("vc.example", 8443)
+    assert Endpoint.parse("[::1]:9443").port == 9443
+    with pytest.raises(VSphereError):
+        Endpoint.parse("vc:99999")
+    assert normalize_thumbprint("ab" * 20) == ":".join(["AB"] * 20)
+    with pytest.raises(VSphereError):
+        normalize_thumbprint("ab:cd")
+
+
+def test_password_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("VMWARE_PASSWORD", "from-env")
+    assert read_password(str(secret)) == "from-file"
+    assert read_password(None) == "from-env"
+    monkeypatch.delenv("VMWARE_PASSWORD")
+    with pytest.raises(VSphereError, match="VMWARE_PASSWORD"):
+        read_password(None, prompt=False)
+
+
+def test_nbdkit_command_for_a_real_vddk_setup() -> None:
+    config = VddkConfig(
+        server="vc.example",
+        user="backup@vsphere.local",
+        thumbprint="AA:BB",
+        libdir="/opt/vmware-vix-disklib-distrib",
+        transports=("nbdssl", "nbd"),
+        compression="zlib",
+        extra=(("config", "/etc/vddk.conf"),),
+    )
+    command = build_command(
+        config,
+        vm_moref="vm-42",
+        disk_file="[ds1] vm/vm.vmdk",
+        snapshot_moref="snapshot-7",
+        socket_path="/run/x/disk.sock",
+        password_file="/run/x/password",
+        pid_file="/run/x/nbdkit.pid",
+    )
+    assert command == [
+        "nbdkit", "--exit-with-parent", "--readonly", "--foreground", "--unix", "/run/x/disk.sock",
+        "--pidfile", "/run/x/nbdkit.pid", "vddk", "server=vc.example", "user=backup@vsphere.local",
+        "password=+/run/x/password", "thumbprint=AA:BB", "vm=moref=vm-42", "snapshot=snapshot-7",
+        "file=[ds1] vm/vm.vmdk", "libdir=/opt/vmware-vix-disklib-distrib", "transports=nbdssl:nbd",
+        "compression=zlib", "config=/etc/vddk.conf",
+    ]  # fmt: skip
+    with pytest.raises(DiskSourceError, match="set by the job"):
+        build_command(
+            VddkConfig(server="s", user="u", thumbprint="t", extra=(("password", "oops"),)),
+            vm_moref="vm-1",
+            disk_file="f",
+            snapshot_moref=None,
+            socket_path="s",
+            password_file="p",
+            pid_file="q",
+        )
+
+
+async def test_state_file_records_atomically_and_forgets_disks_without_cbt(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "ids.json"
+    store = StateFile(str(path))
+    assert await store.previous("/DC/vm/a", 2000) is None
+
+    def result(key: int, change_id: str | None) -> DiskResult:
+        return DiskResult(key, f"uuid-{key}", 1 << 20, change_id, SyncType.FULL, 10, 0, "nbd://h/x")
+
+    await store.complete("j1", "/DC/vm/a", [result(2000, "52 aa/3"), result(2001, "52 bb/1")])
+    previous = await store.previous("/DC/vm/a", 2000)
+    assert previous is not None and previous.change_id == "52 aa/3" and previous.disk_uuid == "uuid-2000"
+    await store.complete("j2", "/DC/vm/a", [result(2001, None)])
+    assert await store.previous("/DC/vm/a", 2001) is None
+    assert [p.name for p in path.parent.iterdir()] == ["ids.json"]  # no temporary left behind
+    assert json.loads(path.read_text())["vms"]["/DC/vm/a"]["2000"]["job_id"] == "j1"
+    path.write_text("{not json")
+    with pytest.raises(Exception, match="cannot read the state file"):
+        await store.previous("/DC/vm/a", 2000)
