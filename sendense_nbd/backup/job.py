@@ -107,6 +107,10 @@ async def run_backup(
     except BackupError as exc:
         await _report_failure(store, progress, spec, exc.stage, str(exc))
         raise
+    except Exception as exc:  # a defect: still report the job as failed, with its stage
+        error = BackupError(f"unexpected {type(exc).__name__}: {exc}", progress.stage)
+        await _report_failure(store, progress, spec, error.stage, str(error))
+        raise error from exc
     progress.set_stage("finalizing")
     try:
         await store.complete(spec.job_id, spec.vm_path, result.disks)

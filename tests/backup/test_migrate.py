@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.backup.lab import KEYS, MIB, VM_PATH, Lab, Result, compare, env, new_images, serve_images, targets_of
-from tests.conftest import require
+from tests.conftest import require, run
 from tests.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
@@ -301,3 +301,36 @@ def test_single_target_needs_a_single_disk(lab: Lab) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "has 2 disks (2000, 2001): give one target per disk with --nbd-targets" in proc.stdout
+
+
+def test_unpinned_self_signed_certificate_is_refused(lab: Lab) -> None:
+    command = lab.command({2000: "nbd://127.0.0.1:1/x"})
+    at = command.index("--vmware-thumbprint")
+    del command[at : at + 2]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "TLS verification failed" in proc.stdout and "--vmware-thumbprint" in proc.stdout
+    assert lab.snapshots() == []
+
+
+def test_single_disk_vm_with_the_default_target_flags(tmp_path: Path) -> None:
+    state = tmp_path / "vcsim"
+    state.mkdir()
+    with running_vcsim(state, "-vm-disks", "1", "-disk-size-mb", "4") as info:
+        single = Lab(tmp_path, info)
+        vmdisk.write(state, single.vm["moref"], 2000, 4096, os.urandom(100_000))
+        expected = single.keep_copy(2000, "single")
+        image = tmp_path / "single.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(4 * MIB))
+        server = serve_images(image)
+        try:
+            command = [part for part in single.command({}) if part != "--nbd-targets"]
+            command.remove("")
+            command += ["--nbd-port", str(server.port), "--nbd-export-name", image.stem, "--mode", "full"]
+            command[command.index(info["thumbprintSha256"])] = info["thumbprint"]  # pinned by SHA-1 this time
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env())
+        finally:
+            server.stop()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        compare(image, expected)
+        assert set(single.recorded()) == {"2000"}

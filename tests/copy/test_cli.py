@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,46 @@ def test_failure_is_one_line_naming_the_offset(tmp_path: Path, nbdkit) -> None: 
 def test_bad_request_size(tmp_path: Path) -> None:
     code, _, err = invoke("a", "b", "--request-size", "lots")
     assert code == 2 and "not a size" in err
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """With --progress and stderr on a TTY, a click progress bar is drawn there; stdout stays clean."""
+    src = sparse_file(tmp_path / "src.raw", 8 * MiB, [(0, MiB), (4 * MiB, MiB)])
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sendense_nbd",
+                "copy",
+                "--progress",
+                str(src),
+                str(tmp_path / "dst.raw"),
+                "-f",
+                "raw",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=60,
+        )
+        os.close(terminal)
+        terminal = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(controller)
+        if terminal != -1:
+            os.close(terminal)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen
+    assert proc.stdout == b""
+    assert "copying" in screen and "100%" in screen, screen
+    run("cmp", str(src), str(tmp_path / "dst.raw"))

@@ -207,6 +207,24 @@ async def test_source_always_failing_gives_a_clear_error(nbdkit, tmp_path: Path)
     assert events[-1].done and events[-1].error is not None
 
 
+async def test_target_eio_is_retried(nbdkit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = nbdkit(*SPARSE_RANDOM)
+    target = nbdkit("--filter=error", "memory", "size=32M", "error-pwrite=EIO", "error-pwrite-rate=20%")
+    result = await copy_uris(src, target, request_size=MiB, backoff=0.005)
+    assert result.retries > 0 and result.flushed
+    same_bytes(dump(src, tmp_path / "src.raw"), dump(target, tmp_path / "target.raw"))
+
+
+async def test_target_refusing_writes_fails_without_retrying(nbdkit) -> None:  # type: ignore[no-untyped-def]
+    src = nbdkit(*SPARSE_RANDOM)
+    target = nbdkit("-r", "memory", "size=32M")
+    start = time.monotonic()
+    with pytest.raises(CopyError, match="EPERM") as info:
+        await copy_uris(src, target, retries=5, backoff=1.0)
+    assert time.monotonic() - start < 5, "a permanent error was retried with backoff"
+    assert info.value.offset is not None
+
+
 async def test_delayed_source_keeps_requests_in_flight(nbdkit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = nbdkit("--filter=delay", "sparse-random", "size=16M", "seed=3", "percent=100", "delay-read=20ms")
     start = time.monotonic()
