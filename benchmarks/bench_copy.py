@@ -228,7 +228,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.size: int = args.size
         self.timeout: float = args.timeout
-        self.dense: Path = args.dense
+        self.dense: Path | None = args.dense
         self.sparse_ref: Path | None = None
         self.tmp = tmp
         self.sock = tmp / "src.sock"
@@ -315,6 +315,7 @@ class Runner:
 
     def reference(self, kind: str) -> Path:
         if kind == "dense":
+            assert self.dense is not None
             return self.dense
         assert self.sparse_ref is not None
         return self.sparse_ref
@@ -345,6 +346,7 @@ class Runner:
     def run_once(self, case: Case, v: Variant, prefix: list[str] | None = None) -> Sample:
         image = self.fresh_target()
         if case.source == "dense":
+            assert self.dense is not None
             bs.warm_cache(self.dense)
         os.sync()  # the previous run's writeback must not land in this one
         src = self.start_source(case.source, v.delay)
@@ -678,10 +680,11 @@ def section(args: argparse.Namespace, argv: list[str], cases: list[Case], runner
     ]
     for v in variants.values():
         out.append(f"  - {v.label}, {v.connections} conn: `{v.command_text()}`")
+    dense_ref = rel(runner.dense) if runner.dense else "dense-*.img"
+    sparse_ref = rel(runner.sparse_ref) if runner.sparse_ref else "sparse-random-*.img"
     out.append(
         "- correctness: after every run (servers stopped) `cmp` of the target file with the source data"
-        f" (`{rel(runner.dense)}`, or `{rel(runner.sparse_ref) if runner.sparse_ref else 'sparse-random-*.img'}`"
-        " = nbdcopy of the sparse-random source, made once)"
+        f" (`{dense_ref}`, or `{sparse_ref}` = nbdcopy of the sparse-random source, made once)"
         if runner.verify
         else "- correctness: **not checked** (--no-cmp)"
     )
@@ -811,12 +814,13 @@ def main(argv: list[str]) -> int:
             time.sleep(30)
         OVERLAP["waited"] = time.monotonic() - t0
 
-    args.dense = bs.make_dense(args.size)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-copy-"))
-    runner = Runner(args, tmp)
     cases = [c for c in throughput_cases(kinds) if c.target in target_kinds]
     if "latency" in kinds:
         cases.append(latency_case(args.latency_target, args.high_requests))
+    needs_dense = any(c.source == "dense" for c in cases) or (args.profile or "").startswith(("dense", "latency"))
+    args.dense = bs.make_dense(args.size) if needs_dense else None
+    tmp = Path(tempfile.mkdtemp(prefix="bench-copy-"))
+    runner = Runner(args, tmp)
 
     bs.LOAD["start"] = os.getloadavg()[0]
     cpu_start = bs._cpu_snapshot()

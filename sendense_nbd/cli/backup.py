@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 from typing import Any
@@ -157,8 +156,8 @@ def migrate(**options: Any) -> None:
 async def _migrate(o: dict[str, Any]) -> int:
     from sendense_nbd.backup import BackupSpec, HubApi, JobProgress, Mode, StateFile, run_backup
     from sendense_nbd.errors import BackupError, HubApiError, SendenseError, VSphereError
-    from sendense_nbd.vmware.session import Endpoint, certificate_thumbprint, connect, read_password
-    from sendense_nbd.vmware.vddk import VddkConfig
+    from sendense_nbd.vmware.session import Endpoint, connect, read_password
+    from sendense_nbd.vmware.vddk import vddk_config
 
     out = _Output(o["json_lines"])
     targets = _parse_targets(o["nbd_targets"])
@@ -191,20 +190,16 @@ async def _migrate(o: dict[str, Any]) -> int:
         store = (
             HubApi(o["api_url"], token=token, retries=o["api_retries"]) if o["api_url"] else StateFile(o["state_file"])
         )
-        vddk_thumbprint = o["vddk_thumbprint"] or await asyncio.to_thread(
-            certificate_thumbprint, endpoint.host, endpoint.port
-        )
-        vddk = VddkConfig(
-            server=endpoint.host,
-            user=o["vmware_username"],
-            thumbprint=vddk_thumbprint,
+        vddk = await vddk_config(
+            endpoint,
+            o["vmware_username"],
+            thumbprint=o["vddk_thumbprint"],
             libdir=o["vddk_libdir"],
-            transports=tuple(t for t in (o["vddk_transports"] or "").split(":") if t),
+            transports=o["vddk_transports"] or "",
             compression=o["vddk_compression"],
-            port=endpoint.port if endpoint.port != 443 else None,
             nbdkit=o["nbdkit"],
-            plugin=tuple(shlex.split(o["vddk_plugin"])),
-            extra=tuple(extra),
+            plugin=o["vddk_plugin"],
+            extra=extra,
         )
         spec = BackupSpec(
             job_id=o["job_id"],
@@ -260,6 +255,54 @@ async def _migrate(o: dict[str, Any]) -> int:
             f"change ID {disk.change_id}"
         )
     return 0
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="The node's TOML file.")
+@click.option("--listen", help="API address HOST:PORT (default: the config's, else 127.0.0.1:8081).")
+def node(config_path: str, listen: str | None) -> None:
+    """Run the node API (default port 8081): the hub posts backup jobs, the node runs them in-process.
+
+    vCenter credentials come from the config file (see docs/NODE_API.md), never from the API.
+    """
+    from sendense_nbd.errors import SendenseError
+    from sendense_nbd.http_api import is_loopback
+    from sendense_nbd.node.config import load
+
+    try:
+        config = load(config_path)
+    except SendenseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    host, _, port = (listen or config.listen).rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{listen or config.listen!r}: expected HOST:PORT", param_hint="--listen")
+    if config.token is None and not is_loopback(host):
+        raise click.UsageError(f"{host} is not loopback: set [node] token_file in {config_path}")
+    asyncio.run(_serve_node(config, host.strip("[]"), int(port)))
+
+
+async def _serve_node(config: Any, host: str, port: int) -> None:
+    from aiohttp import web
+
+    from sendense_nbd.node.api import build_app
+    from sendense_nbd.node.service import Node
+
+    service = Node(config)
+    runner = web.AppRunner(build_app(service, token=config.token), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        click.echo(json.dumps({"listening": f"http://{host}:{bound}", "max_jobs": config.max_jobs}))
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await service.close()
+        await runner.cleanup()
 
 
 def _host(host: str) -> str:

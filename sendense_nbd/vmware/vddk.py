@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import shlex
 import shutil
 import signal
 import tempfile
@@ -20,6 +22,9 @@ from collections.abc import Sequence
 import attrs
 
 from sendense_nbd.errors import DiskSourceError
+from sendense_nbd.vmware.session import Endpoint, certificate_thumbprint
+
+log = logging.getLogger(__name__)
 
 #: vddk parameters that the caller may add through ``extra`` (the rest are set from the job).
 VDDK_OPTIONAL = frozenset(
@@ -52,6 +57,36 @@ class VddkConfig:
     env: tuple[tuple[str, str], ...] = ()
     #: Seconds to wait for nbdkit to listen.
     start_timeout: float = 120.0
+
+
+async def vddk_config(
+    endpoint: Endpoint,
+    user: str,
+    *,
+    thumbprint: str | None = None,
+    libdir: str | None = None,
+    transports: str = "",
+    compression: str | None = None,
+    nbdkit: str = "nbdkit",
+    plugin: str = "vddk",
+    extra: Sequence[tuple[str, str]] = (),
+) -> VddkConfig:
+    """The nbdkit-vddk settings for a vCenter: ``transports`` as ``a:b``, ``plugin`` as a shell word list;
+    without ``thumbprint``, the SHA-1 of the server's certificate."""
+    if thumbprint is None:
+        thumbprint = await asyncio.to_thread(certificate_thumbprint, endpoint.host, endpoint.port)
+    return VddkConfig(
+        server=endpoint.host,
+        user=user,
+        thumbprint=thumbprint,
+        libdir=libdir,
+        transports=tuple(t for t in transports.split(":") if t),
+        compression=compression,
+        port=endpoint.port if endpoint.port != 443 else None,
+        nbdkit=nbdkit,
+        plugin=tuple(shlex.split(plugin)),
+        extra=tuple(extra),
+    )
 
 
 def build_command(
@@ -150,6 +185,7 @@ class VddkSource:
             pid_file=pid_file,
         )
         env = {**os.environ, **dict(self.config.env)}
+        log.info("disk source: %s", describe_command(self.command))
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *self.command,
@@ -216,6 +252,4 @@ class VddkSource:
 
 def describe_command(command: Sequence[str]) -> str:
     """The command as a shell would show it (for logs and --help docs)."""
-    import shlex
-
     return " ".join(shlex.quote(part) for part in command)

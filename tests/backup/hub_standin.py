@@ -75,6 +75,7 @@ class HubStandin:
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             self._runner = web.AppRunner(self._app(), access_log=None)
             loop.run_until_complete(self._runner.setup())

@@ -1,0 +1,178 @@
+"""``sendense-nbd hub``, ``ports``, ``points`` and ``restore``: the backup side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+import click
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"{text!r}: expected HOST:PORT", param_hint="--listen")
+    return host.strip("[]"), int(port)
+
+
+def _secret(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
+@click.command("hub")
+@click.option("--repo", required=True, type=click.Path(file_okay=False), help="Repository directory.")
+@click.option("--listen", default="127.0.0.1:8082", show_default=True, help="API address HOST:PORT.")
+@click.option("--nbd-ports", default="10100-10200", show_default=True, help="NBD port pool.")
+@click.option("--nbd-bind", default="127.0.0.1", show_default=True, help="Address the NBD exports listen on.")
+@click.option("--nbd-advertise", help="Host name nodes use for the exports (default: --nbd-bind).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token (required off loopback).")
+@click.option("--node-url", help="The node API, e.g. http://127.0.0.1:8081.")
+@click.option("--node-token-file", type=click.Path(dir_okay=False), help="Bearer token for the node API.")
+@click.option("--public-url", help="This API as the node reaches it (default: http://LISTEN).")
+@click.option("--keep", type=click.IntRange(1, 10000), default=7, show_default=True, help="Restore points per disk.")
+@click.option("--job-timeout", type=click.FloatRange(1), default=86400, show_default=True, help="Seconds.")
+def hub_command(**o: Any) -> None:
+    """Run the hub: port pool, NBD exports, qcow2 repository and the backup REST API."""
+    from sendense_nbd.http_api import is_loopback
+    from sendense_nbd.hub.ports import PortError, parse_range
+
+    host, port = _listen(o["listen"])
+    token = _secret(o["token_file"])
+    if token is None and not is_loopback(host):
+        raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
+    try:
+        pool = parse_range(o["nbd_ports"])
+    except PortError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nbd-ports") from exc
+    from sendense_nbd.errors import SendenseError
+
+    try:
+        sys.exit(asyncio.run(_run_hub(o, host, port, pool, token)))
+    except (SendenseError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: str | None) -> int:
+    import socket
+
+    from aiohttp import web
+
+    from sendense_nbd.hub.api import build_app
+    from sendense_nbd.hub.service import Hub, HubConfig
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, reuse_port=False)
+    bound = listener.getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+    config = HubConfig(
+        repo=o["repo"],
+        nbd_ports=pool,
+        nbd_bind=o["nbd_bind"],
+        nbd_advertise=o["nbd_advertise"],
+        node_url=o["node_url"],
+        node_token=_secret(o["node_token_file"]),
+        public_url=o["public_url"] or url,
+        job_timeout=o["job_timeout"],
+        keep_points=o["keep"],
+    )
+    try:
+        hub = Hub(config)
+    except BaseException:
+        listener.close()
+        raise
+    recovered = await hub.start()
+    runner = web.AppRunner(build_app(hub, token=token), access_log=None)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, listener).start()
+        click.echo(json.dumps({"listening": url, "repo": config.repo, **recovered}))
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await hub.close()
+    return 0
+
+
+def _open_repository(repo: str) -> Any:
+    import os
+
+    from sendense_nbd.hub.db import Database
+    from sendense_nbd.hub.repository import Repository
+
+    if not os.path.exists(os.path.join(repo, "hub.db")):
+        raise click.ClickException(f"{repo} is not a hub repository (no hub.db)")
+    db = Database(os.path.join(repo, "hub.db"))
+    return db, Repository(repo, db)
+
+
+@click.command("ports")
+@click.option("--repo", required=True, type=click.Path(file_okay=False))
+@click.option("--nbd-ports", default="10100-10200", show_default=True)
+def ports_command(repo: str, nbd_ports: str) -> None:
+    """List the leased NBD ports (by whom, since when) and how many are free."""
+    from sendense_nbd.hub.ports import PortAllocator, parse_range
+
+    db, _ = _open_repository(repo)
+    try:
+        status = asyncio.run(PortAllocator(db, parse_range(nbd_ports)).status())
+    finally:
+        db.close()
+    click.echo(json.dumps(status, indent=2))
+
+
+@click.command("points")
+@click.argument("vm_path")
+@click.option("--repo", required=True, type=click.Path(file_okay=False))
+def points_command(vm_path: str, repo: str) -> None:
+    """List a VM's completed restore points."""
+    db, repository = _open_repository(repo)
+    try:
+        points = asyncio.run(repository.points(vm_path))
+    finally:
+        db.close()
+    click.echo(json.dumps([p.to_json() for p in points], indent=2))
+
+
+@click.command("restore")
+@click.argument("point_id")
+@click.option("--repo", required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="A new standalone image.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
+def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
+    """Write a restore point (its whole chain) to a standalone raw or qcow2 file, verified.
+
+    To serve a point over NBD instead, POST /api/v1/restores to the running hub.
+    """
+    import os
+
+    from sendense_nbd.errors import SendenseError
+    from sendense_nbd.hub.service import convert_point
+
+    if os.path.exists(output):
+        raise click.ClickException(f"{output} exists")
+    db, repository = _open_repository(repo)
+
+    async def run() -> None:
+        point = await repository.point(point_id)
+        if point.status != "completed":
+            raise click.ClickException(f"point {point_id} is not completed")
+        await convert_point(point, output, fmt)
+
+    try:
+        asyncio.run(run())
+    except SendenseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        db.close()
+    click.echo(f"restored {point_id} to {output} ({fmt}), verified")

@@ -1,0 +1,114 @@
+"""The hub's embedded store: one SQLite file in WAL mode, written by one thread.
+
+Every statement runs in the store's single worker thread (:meth:`Database.run`),
+so the event loop never blocks on SQLite and writes never race. Each
+``run`` is one transaction (``BEGIN IMMEDIATE``), committed when the
+function returns and rolled back when it raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    port INTEGER PRIMARY KEY,
+    holder TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    disk_key INTEGER,
+    purpose TEXT NOT NULL,
+    since REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    vm_path TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    deadline REAL NOT NULL,
+    detail TEXT NOT NULL,
+    progress TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_vm ON jobs (vm_path, created);
+CREATE TABLE IF NOT EXISTS points (
+    id TEXT PRIMARY KEY,
+    vm_path TEXT NOT NULL,
+    disk_key INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    backing TEXT,
+    size INTEGER NOT NULL,
+    change_id TEXT,
+    disk_uuid TEXT,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    completed REAL
+);
+CREATE INDEX IF NOT EXISTS points_disk ON points (vm_path, disk_key, created);
+"""
+
+
+class Database:
+    """``Database(path)``; ``await db.run(fn)`` calls ``fn(connection)`` in one transaction."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-db")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        # executescript commits by itself: it runs outside a transaction.
+        self._worker.submit(lambda: self._connection().executescript(SCHEMA)).result()
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA busy_timeout=30000")
+            self._local.connection = connection
+            self._connections.append(connection)
+        return connection
+
+    def _transaction(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            result = function(connection)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return result
+
+    def call(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking: run ``function`` in one transaction in the worker thread."""
+        return self._worker.submit(self._transaction, function).result()
+
+    async def run(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self._worker.submit(self._transaction, function))
+
+    def close(self) -> None:
+        def close_all() -> None:
+            for connection in self._connections:
+                connection.close()
+
+        self._worker.submit(close_all).result()
+        self._worker.shutdown()
+
+
+def rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    return [dict(row) for row in cursor.fetchall()]

@@ -1,0 +1,163 @@
+"""The NBD port pool: leases in the hub's store, and bind-and-hold sockets.
+
+A port is handed out only after the allocator has bound it; the bound socket
+goes with the lease to whoever serves on it, so no other process can take
+the port between the check and the listen. Ports another process holds are
+skipped. Leases carry their holder and expire unless renewed, so a crashed
+holder's ports come back; a restarted hub releases its predecessor's leases
+(:meth:`PortAllocator.release_stale`).
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import time
+
+import attrs
+
+from sendense_nbd.errors import SendenseError
+from sendense_nbd.hub.db import Database, rows
+
+DEFAULT_POOL = range(10100, 10201)
+
+
+class PortError(SendenseError):
+    """The pool cannot satisfy a request (exhausted, or a bad range)."""
+
+
+def parse_range(text: str) -> range:
+    """``10100-10200`` (inclusive) or a single port."""
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise PortError(f"{text!r} is not a port range such as 10100-10200") from None
+    if not 0 < low <= high < 65536:
+        raise PortError(f"{text!r} is not a port range within 1-65535")
+    return range(low, high + 1)
+
+
+@attrs.frozen
+class Lease:
+    port: int
+    holder: str
+    job_id: str
+    disk_key: int | None
+    purpose: str
+    since: float
+    expires: float
+
+    def to_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class Allocation:
+    """A lease and the socket bound to its port (the caller listens on it, or closes it)."""
+
+    lease: Lease
+    socket: socket.socket
+
+
+class PortAllocator:
+    def __init__(
+        self, db: Database, pool: range = DEFAULT_POOL, *, bind_address: str = "127.0.0.1", ttl: float = 600.0
+    ) -> None:
+        if not pool:
+            raise PortError("the port pool is empty")
+        self.db = db
+        self.pool = pool
+        self.bind_address = bind_address
+        self.ttl = ttl
+
+    def _bind(self, port: int) -> socket.socket | None:
+        family = socket.AF_INET6 if ":" in self.bind_address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.bind_address, port))
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    async def allocate(self, holder: str, job_id: str, disk_key: int | None, purpose: str = "backup") -> Allocation:
+        """Lease the lowest free port that binds; :class:`PortError` when none is left."""
+
+        def take(connection: sqlite3.Connection) -> Allocation:
+            now = time.time()
+            connection.execute("DELETE FROM leases WHERE expires < ?", (now,))
+            used = {row[0] for row in connection.execute("SELECT port FROM leases")}
+            busy = 0
+            for port in self.pool:
+                if port in used:
+                    continue
+                sock = self._bind(port)
+                if sock is None:
+                    busy += 1
+                    continue
+                lease = Lease(port, holder, job_id, disk_key, purpose, now, now + self.ttl)
+                connection.execute(
+                    "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (port, holder, job_id, disk_key, purpose, lease.since, lease.expires),
+                )
+                return Allocation(lease, sock)
+            raise PortError(
+                f"no free NBD port in {self.pool.start}-{self.pool.stop - 1}: {len(used)} leased, "
+                f"{busy} taken by other processes"
+            )
+
+        return await self.db.run(take)
+
+    async def release(self, *, port: int | None = None, job_id: str | None = None) -> list[int]:
+        """Release one port, or every port of a job; the ports released."""
+
+        def free(connection: sqlite3.Connection) -> list[int]:
+            if port is not None:
+                found = [r[0] for r in connection.execute("SELECT port FROM leases WHERE port = ?", (port,))]
+                connection.execute("DELETE FROM leases WHERE port = ?", (port,))
+            else:
+                found = [r[0] for r in connection.execute("SELECT port FROM leases WHERE job_id = ?", (job_id,))]
+                connection.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
+            return sorted(found)
+
+        return await self.db.run(free)
+
+    async def renew(self, holder: str) -> int:
+        """Extend every lease of ``holder`` by the TTL; how many."""
+
+        def extend(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "UPDATE leases SET expires = ? WHERE holder = ?", (time.time() + self.ttl, holder)
+            )
+            return cursor.rowcount
+
+        return await self.db.run(extend)
+
+    async def release_stale(self, holder: str) -> list[Lease]:
+        """Release the leases of every holder but ``holder`` (a previous hub instance); those leases."""
+
+        def free(connection: sqlite3.Connection) -> list[Lease]:
+            stale = [Lease(**r) for r in rows(connection.execute("SELECT * FROM leases WHERE holder != ?", (holder,)))]
+            connection.execute("DELETE FROM leases WHERE holder != ?", (holder,))
+            return stale
+
+        return await self.db.run(free)
+
+    async def status(self) -> dict[str, object]:
+        """The pool: every lease (by whom, since when) and the free count."""
+
+        def read(connection: sqlite3.Connection) -> list[Lease]:
+            now = time.time()
+            return [
+                Lease(**r)
+                for r in rows(connection.execute("SELECT * FROM leases WHERE expires >= ? ORDER BY port", (now,)))
+            ]
+
+        leases = await self.db.run(read)
+        return {
+            "pool": {"first": self.pool.start, "last": self.pool.stop - 1, "size": len(self.pool)},
+            "used": [lease.to_json() for lease in leases],
+            "free": len(self.pool) - len(leases),
+        }

@@ -1,0 +1,251 @@
+"""The backup repository: per VM and disk, a full qcow2 and incremental overlays on it.
+
+Layout::
+
+    ROOT/vms/<vm-slug>/<disk-key>/<point-id>.qcow2     backing files named relative to their folder
+
+A point is ``pending`` while its job writes it, then ``completed`` (with the
+disk's change ID) or discarded (its file deleted). Only completed points are
+restore points or backing files. Retention keeps the last N points of a disk:
+the oldest incremental is committed into the full image below it, the next
+overlay is re-pointed at that image, and the result is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import time
+import uuid
+
+import attrs
+
+from sendense_nbd.errors import ImageError, SendenseError
+from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.storage.modes import ImageFormat
+
+log = logging.getLogger(__name__)
+
+
+class RepositoryError(SendenseError):
+    """A repository operation cannot be done as asked."""
+
+
+@attrs.frozen
+class Point:
+    id: str
+    vm_path: str
+    disk_key: int
+    job_id: str
+    kind: str  # full | incremental
+    path: str
+    backing: str | None
+    size: int
+    change_id: str | None
+    disk_uuid: str | None
+    status: str  # pending | completed
+    created: float
+    completed: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+def vm_slug(vm_path: str) -> str:
+    """A folder name for a VM: readable, and unique through a short hash."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", vm_path.strip("/"))[:80] or "vm"
+    return f"{readable}-{hashlib.sha256(vm_path.encode()).hexdigest()[:8]}"
+
+
+class Repository:
+    def __init__(self, root: str, db: Database) -> None:
+        self.root = os.path.abspath(root)
+        self.db = db
+
+    def disk_dir(self, vm_path: str, disk_key: int) -> str:
+        return os.path.join(self.root, "vms", vm_slug(vm_path), str(disk_key))
+
+    async def points(self, vm_path: str, disk_key: int | None = None, *, completed_only: bool = True) -> list[Point]:
+        def read(connection: sqlite3.Connection) -> list[Point]:
+            sql = "SELECT * FROM points WHERE vm_path = ?"
+            args: list[object] = [vm_path]
+            if disk_key is not None:
+                sql += " AND disk_key = ?"
+                args.append(disk_key)
+            if completed_only:
+                sql += " AND status = 'completed'"
+            return [Point(**r) for r in rows(connection.execute(sql + " ORDER BY disk_key, created", args))]
+
+        return await self.db.run(read)
+
+    async def point(self, point_id: str) -> Point:
+        def read(connection: sqlite3.Connection) -> list[Point]:
+            return [Point(**r) for r in rows(connection.execute("SELECT * FROM points WHERE id = ?", (point_id,)))]
+
+        found = await self.db.run(read)
+        if not found:
+            raise RepositoryError(f"no restore point {point_id}")
+        return found[0]
+
+    async def latest(self, vm_path: str, disk_key: int) -> Point | None:
+        points = await self.points(vm_path, disk_key)
+        return points[-1] if points else None
+
+    async def new_point(
+        self, vm_path: str, disk_key: int, job_id: str, *, incremental: bool, capacity: int | None
+    ) -> Point:
+        """Create the image a backup job writes: an overlay on the latest point, or a full image."""
+        from sendense_nbd.storage import create_image
+
+        base = await self.latest(vm_path, disk_key) if incremental else None
+        if base is None and capacity is None:
+            raise RepositoryError(f"{vm_path} disk {disk_key}: a full point needs the disk's capacity")
+        folder = self.disk_dir(vm_path, disk_key)
+        point_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        path = os.path.join(folder, f"{point_id}.qcow2")
+        backing = os.path.basename(base.path) if base else None
+
+        def create() -> int:
+            os.makedirs(folder, exist_ok=True)
+            create_image(
+                path, None if base else capacity, ImageFormat.QCOW2, backing_file=backing, backing_format="qcow2"
+            )
+            return os.path.getsize(path)
+
+        try:
+            await asyncio.to_thread(create)
+        except (OSError, ImageError) as exc:
+            raise RepositoryError(f"cannot create {path}: {exc}") from exc
+        size = base.size if base else int(capacity or 0)
+        point = Point(
+            point_id, vm_path, disk_key, job_id, "incremental" if base else "full", path,
+            base.id if base else None, size, None, None, "pending", time.time(), None,
+        )  # fmt: skip
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attrs.astuple(point)
+            )
+
+        await self.db.run(insert)
+        return point
+
+    async def complete(self, point_id: str, change_id: str | None, disk_uuid: str | None) -> Point:
+        def update(connection: sqlite3.Connection) -> None:
+            cursor = connection.execute(
+                "UPDATE points SET status = 'completed', completed = ?, change_id = ?, disk_uuid = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (time.time(), change_id, disk_uuid, point_id),
+            )
+            if cursor.rowcount != 1:
+                raise RepositoryError(f"restore point {point_id} is not pending")
+
+        await self.db.run(update)
+        return await self.point(point_id)
+
+    async def discard(self, point_id: str) -> None:
+        """Delete a pending (failed) point and its image."""
+
+        def delete(connection: sqlite3.Connection) -> list[str]:
+            found = [r[0] for r in connection.execute(
+                "SELECT path FROM points WHERE id = ? AND status = 'pending'", (point_id,)
+            )]  # fmt: skip
+            connection.execute("DELETE FROM points WHERE id = ? AND status = 'pending'", (point_id,))
+            return found
+
+        for path in await self.db.run(delete):
+            await asyncio.to_thread(_unlink, path)
+
+    async def discard_pending(self) -> list[str]:
+        """Discard every pending point (after a crash); their ids."""
+
+        def read(connection: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in connection.execute("SELECT id FROM points WHERE status = 'pending'")]
+
+        pending = await self.db.run(read)
+        for point_id in pending:
+            await self.discard(point_id)
+        return pending
+
+    async def apply_retention(self, vm_path: str, disk_key: int, keep: int) -> list[str]:
+        """Keep the last ``keep`` completed points of a disk; the ids of the points dropped.
+
+        The oldest point (the full image) takes in the next one: that overlay
+        is committed into it, and the full image is renamed over the overlay's
+        file, so every later overlay's backing name stays right. The dropped
+        point is marked ``merging`` first; :meth:`recover` finishes a merge a
+        crash interrupted.
+        """
+        if keep < 1:
+            raise RepositoryError("retention keeps at least one point")
+        dropped: list[str] = []
+        while True:
+            chain = await self.points(vm_path, disk_key)
+            if len(chain) <= keep:
+                return dropped
+            base, top = chain[0], chain[1]
+
+            def mark(connection: sqlite3.Connection, base: Point = base) -> None:
+                connection.execute("UPDATE points SET status = 'merging' WHERE id = ?", (base.id,))
+
+            await self.db.run(mark)
+            await self._merge(base, top)
+            dropped.append(base.id)
+            log.info("retention: %s disk %s: point %s merged into %s", vm_path, disk_key, base.id, top.id)
+
+    async def _merge(self, base: Point, top: Point) -> None:
+        from sendense_nbd.storage.qcow2.check import check_image
+        from sendense_nbd.storage.qcow2.commit import commit
+
+        def merge() -> None:
+            if os.path.exists(base.path):
+                commit(top.path)
+                os.replace(base.path, top.path)  # the full image now holds the top's point in time
+                _sync_dir(os.path.dirname(top.path))
+            result = check_image(top.path)
+            if result.corruptions or result.check_errors:
+                raise RepositoryError(f"{top.path}: qcow2 check failed after merging: {result.to_json()}")
+
+        await asyncio.to_thread(merge)
+
+        def record(connection: sqlite3.Connection) -> None:
+            connection.execute("DELETE FROM points WHERE id = ?", (base.id,))
+            connection.execute("UPDATE points SET kind = 'full', backing = NULL WHERE id = ?", (top.id,))
+
+        await self.db.run(record)
+
+    async def recover(self) -> tuple[list[str], list[str]]:
+        """After a crash: discard pending points, finish interrupted merges; (discarded, merged) ids."""
+        discarded = await self.discard_pending()
+
+        def read(connection: sqlite3.Connection) -> list[Point]:
+            return [Point(**r) for r in rows(connection.execute("SELECT * FROM points WHERE status = 'merging'"))]
+
+        merged = []
+        for base in await self.db.run(read):
+            chain = await self.points(base.vm_path, base.disk_key)
+            top = next((p for p in chain if p.backing == base.id), None)
+            if top is None:
+                raise RepositoryError(f"point {base.id} was being merged, but no point above it is left")
+            await self._merge(base, top)
+            merged.append(base.id)
+        return discarded, merged
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

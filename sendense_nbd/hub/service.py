@@ -1,0 +1,338 @@
+"""The hub: ports, exports, repository and jobs wired together (the REST API is a thin layer on this).
+
+A backup job: lease one port per disk, create the disk's new point (a full
+qcow2, or an overlay on the latest completed point), serve it on the
+leased socket, and ask the node to push the disk there. The node reports
+progress and completion through the hub API (docs/HUB_API.md). On
+completion the exports are stopped (which flushes), the points are marked
+completed with their change IDs, the ports are released and retention runs.
+A failed, cancelled or timed-out job discards its points. A restarted hub
+fails the jobs its predecessor left running and frees their ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+import attrs
+
+from sendense_nbd.errors import SendenseError
+from sendense_nbd.http_api import BadRequest
+from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.exports import ExportManager
+from sendense_nbd.hub.jobs import TERMINAL, Job, JobStateError, JobStore
+from sendense_nbd.hub.node_client import NodeClient
+from sendense_nbd.hub.ports import DEFAULT_POOL, PortAllocator
+from sendense_nbd.hub.repository import Point, Repository, RepositoryError
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class HubConfig:
+    repo: str
+    nbd_ports: range = DEFAULT_POOL
+    #: Address the NBD exports listen on.
+    nbd_bind: str = "127.0.0.1"
+    #: Host name the node uses to reach the exports (default: nbd_bind).
+    nbd_advertise: str | None = None
+    #: The node API (None: jobs wait for a node that is told some other way).
+    node_url: str | None = None
+    node_token: str | None = None
+    #: The hub API URL as the node reaches it (passed to the node with each job).
+    public_url: str = "http://127.0.0.1:8082"
+    job_timeout: float = 24 * 3600.0
+    keep_points: int = 7
+    shared: int = 10
+    lease_ttl: float = 600.0
+
+
+class Hub:
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        os.makedirs(config.repo, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(config.repo, "hub.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise BadRequest(f"another hub is running on {config.repo}", "busy") from None
+        self.db = Database(os.path.join(config.repo, "hub.db"))
+        self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ports = PortAllocator(self.db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
+        self.exports = ExportManager(shared=config.shared)
+        self.repository = Repository(config.repo, self.db)
+        self.jobs = JobStore(self.db)
+        self.node = NodeClient(config.node_url, token=config.node_token) if config.node_url else None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> dict[str, list[str]]:
+        """Clean up after a crashed predecessor, then start the lease and timeout watchers."""
+        failed = []
+        for job in await self.jobs.list(state="running") + await self.jobs.list(state="pending"):
+            await self.jobs.transition(job.id, "failed", error={"stage": "hub", "message": "the hub restarted"})
+            failed.append(job.id)
+        released = [lease.port for lease in await self.ports.release_stale(self.holder)]
+        discarded, merged = await self.repository.recover()
+        if failed or released or discarded or merged:
+            log.warning(
+                "recovered after a restart: jobs failed %s, ports released %s, points discarded %s, merges finished %s",
+                failed, released, discarded, merged,
+            )  # fmt: skip
+        self._tasks = [asyncio.ensure_future(self._renew_leases()), asyncio.ensure_future(self._expire_jobs())]
+        return {"failed_jobs": failed, "released_ports": [str(p) for p in released], "discarded_points": discarded}
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.exports.stop_all()
+        if self.node is not None:
+            await self.node.close()
+        self.db.close()
+        os.close(self._lock_fd)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_ttl / 3)
+            try:
+                await self.ports.renew(self.holder)
+            except Exception as exc:  # noqa: BLE001 - keep renewing
+                log.error("renewing port leases failed: %s", exc)
+
+    async def _expire_jobs(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.config.job_timeout / 4))
+            now = time.time()
+            for job in await self.jobs.list(state="running"):
+                if job.deadline < now:
+                    await self._fail(job.id, "timeout", f"no completion within {self.config.job_timeout:.0f} s")
+
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    # -- backups -----------------------------------------------------------------
+
+    async def create_backup(self, vm_path: str, mode: str, disks: list[dict[str, Any]] | None) -> Job:
+        if not vm_path.startswith("/"):
+            raise BadRequest("vm_path is an inventory path such as /DC/vm/name")
+        if mode not in ("full", "incremental", "auto"):
+            raise BadRequest("mode is full, incremental or auto")
+        if disks is None:
+            if self.node is None:
+                raise BadRequest("give disks ([{key, capacity}]): no node is configured to list them")
+            disks = await self.node.disks(vm_path)
+        wanted = _parse_disks(disks)
+        job = await self.jobs.create("backup", vm_path, mode, {"disks": []}, lifetime=self.config.job_timeout)
+        entries: list[dict[str, Any]] = []
+        try:
+            for key, capacity in wanted:
+                entries.append(await self._prepare_disk(job.id, vm_path, key, capacity, mode))
+            targets = {e["disk_key"]: e["uri"] for e in entries}
+            job = await self.jobs.transition(job.id, "running", detail={"disks": entries})
+            if self.node is not None:
+                await self.node.start_backup(job.id, vm_path, mode, targets, self.config.public_url)
+        except BaseException as exc:
+            await self._cleanup(job.id, entries, keep_points=False)
+            with contextlib.suppress(JobStateError):
+                await self.jobs.transition(job.id, "failed", error={"stage": "starting", "message": str(exc)})
+            raise
+        return job
+
+    async def _prepare_disk(
+        self, job_id: str, vm_path: str, key: int, capacity: int | None, mode: str
+    ) -> dict[str, Any]:
+        point = await self.repository.new_point(vm_path, key, job_id, incremental=mode != "full", capacity=capacity)
+        try:
+            allocation = await self.ports.allocate(self.holder, job_id, key)
+            try:
+                name = f"{job_id}-{key}"
+                running = await self.exports.start(job_id, key, name, point.path, allocation.socket)
+            except BaseException:
+                allocation.socket.close()
+                await self.ports.release(port=allocation.lease.port)
+                raise
+        except BaseException:
+            await self.repository.discard(point.id)
+            raise
+        host = self.config.nbd_advertise or self.config.nbd_bind
+        host = f"[{host}]" if ":" in host else host
+        return {
+            "disk_key": key,
+            "port": running.port,
+            "export": name,
+            "uri": f"nbd://{host}:{running.port}/{name}",
+            "point_id": point.id,
+            "sync_type": point.kind,
+            "base_point": point.backing,
+        }
+
+    async def _cleanup(self, job_id: str, entries: list[dict[str, Any]], *, keep_points: bool) -> None:
+        """Stop the job's exports (flushing), release its ports; discard its points unless kept."""
+        await self.exports.stop_job(job_id)
+        await self.ports.release(job_id=job_id)
+        if not keep_points:
+            for entry in entries:
+                await self.repository.discard(entry["point_id"])
+
+    async def progress(self, job_id: str, report: dict[str, Any]) -> Job:
+        return await self.jobs.set_progress(job_id, report)
+
+    async def complete(self, job_id: str, body: dict[str, Any]) -> Job:
+        async with self._lock(job_id):
+            job = await self.jobs.get(job_id)
+            if job.state in TERMINAL:
+                raise JobStateError(f"job {job_id} is already {job.state}")
+            status = body.get("status")
+            if status == "failed":
+                error = body.get("error")
+                error = error if isinstance(error, dict) else {"message": "the node reported a failure"}
+                return await self._fail(job_id, str(error.get("stage", "node")), str(error.get("message", "")))
+            if status != "completed":
+                raise BadRequest("status is completed or failed")
+            entries = {e["disk_key"]: e for e in job.detail["disks"]}
+            reported = _reported_disks(body, set(entries))
+            await self.exports.stop_job(job_id)  # flushes every point before it counts
+            for key, entry in entries.items():
+                disk = reported[key]
+                await self.repository.complete(entry["point_id"], disk.get("change_id"), disk.get("disk_uuid"))
+            await self.ports.release(job_id=job_id)
+            job = await self.jobs.transition(job_id, "completed")
+        for key in entries:
+            try:
+                await self.repository.apply_retention(job.vm_path, key, self.config.keep_points)
+            except (RepositoryError, SendenseError, OSError) as exc:
+                log.error("retention of %s disk %s failed: %s", job.vm_path, key, exc)
+        return job
+
+    async def _fail(self, job_id: str, stage: str, message: str, state: str = "failed") -> Job:
+        job = await self.jobs.get(job_id)
+        await self._cleanup(job_id, job.detail.get("disks", []), keep_points=False)
+        try:
+            return await self.jobs.transition(job_id, state, error={"stage": stage, "message": message})
+        except JobStateError:
+            return await self.jobs.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        async with self._lock(job_id):
+            job = await self.jobs.get(job_id)
+            if job.state in TERMINAL:
+                raise JobStateError(f"job {job_id} is already {job.state}")
+            if self.node is not None and job.kind == "backup":
+                try:
+                    await self.node.cancel(job_id)
+                except SendenseError as exc:
+                    log.warning("the node did not take the cancel of %s: %s", job_id, exc)
+            return await self._fail(job_id, "cancelled", "cancelled by the API", state="cancelled")
+
+    async def change_id(self, vm_path: str, disk_key: int) -> dict[str, Any] | None:
+        point = await self.repository.latest(vm_path, disk_key)
+        if point is None or not point.change_id:
+            return None
+        return {
+            "change_id": point.change_id,
+            "disk_uuid": point.disk_uuid,
+            "capacity": point.size,
+            "point_id": point.id,
+        }
+
+    # -- restores ----------------------------------------------------------------
+
+    async def restore(self, point_id: str, action: str, *, fmt: str = "raw", path: str | None = None) -> Job:
+        point = await self.repository.point(point_id)
+        if point.status != "completed":
+            raise BadRequest(f"point {point_id} is not a completed restore point", "not_restorable")
+        if action == "export":
+            job = await self.jobs.create("restore", point.vm_path, "export", {}, lifetime=self.config.job_timeout)
+            allocation = await self.ports.allocate(self.holder, job.id, point.disk_key, purpose="restore")
+            try:
+                running = await self.exports.start(
+                    job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket, readonly=True
+                )
+            except BaseException:
+                allocation.socket.close()
+                await self.ports.release(job_id=job.id)
+                await self.jobs.transition(job.id, "failed", error={"stage": "export", "message": "cannot serve"})
+                raise
+            host = self.config.nbd_advertise or self.config.nbd_bind
+            detail = {"point_id": point.id, "port": running.port, "export": running.name,
+                      "uri": f"nbd://{host}:{running.port}/{running.name}"}  # fmt: skip
+            return await self.jobs.transition(job.id, "running", detail=detail)
+        if action == "convert":
+            if fmt not in ("raw", "qcow2") or not path:
+                raise BadRequest("convert needs format raw|qcow2 and a path")
+            if await asyncio.to_thread(os.path.exists, path):
+                raise BadRequest(f"{path} exists", "exists")
+            job = await self.jobs.create("restore", point.vm_path, "convert", {"point_id": point.id, "path": path},
+                                         lifetime=self.config.job_timeout)  # fmt: skip
+            await self.jobs.transition(job.id, "running")
+            try:
+                await convert_point(point, path, fmt)
+            except (SendenseError, OSError) as exc:
+                return await self.jobs.transition(job.id, "failed", error={"stage": "convert", "message": str(exc)})
+            return await self.jobs.transition(job.id, "completed")
+        raise BadRequest("action is export or convert")
+
+    async def stop_restore(self, job_id: str) -> Job:
+        job = await self.jobs.get(job_id)
+        if job.kind != "restore":
+            raise BadRequest(f"{job_id} is not a restore job", "not_found")
+        await self.exports.stop_job(job_id)
+        await self.ports.release(job_id=job_id)
+        with contextlib.suppress(JobStateError):
+            return await self.jobs.transition(job_id, "completed")
+        return await self.jobs.get(job_id)
+
+
+async def convert_point(point: Point, path: str, fmt: str) -> None:
+    """Write a point (its whole chain) to a standalone raw or qcow2 file with the copy engine."""
+    from sendense_nbd.copy import copy, open_source, open_target
+    from sendense_nbd.storage import ImageFormat
+
+    source = await open_source(point.path)
+    try:
+        target = await open_target(path, fmt=ImageFormat(fmt), size=source.size)
+        try:
+            await copy(source, target, verify=True)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+
+
+def _parse_disks(disks: object) -> list[tuple[int, int | None]]:
+    if not isinstance(disks, list) or not disks:
+        raise BadRequest("disks is a non-empty list of {key, capacity}")
+    out: list[tuple[int, int | None]] = []
+    for disk in disks:
+        key = disk.get("key") if isinstance(disk, dict) else disk
+        capacity = disk.get("capacity") if isinstance(disk, dict) else None
+        if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+            raise BadRequest(f"disk key {key!r} is not a VMware device key")
+        if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
+            raise BadRequest(f"disk {key}: capacity {capacity!r} is not a positive byte count")
+        out.append((key, capacity))
+    if len({k for k, _ in out}) != len(out):
+        raise BadRequest("a disk key is given twice")
+    return out
+
+
+def _reported_disks(body: dict[str, Any], expected: set[int]) -> dict[int, dict[str, Any]]:
+    disks = body.get("disks")
+    if not isinstance(disks, list):
+        raise BadRequest("a completion lists its disks")
+    reported = {d.get("disk_key"): d for d in disks if isinstance(d, dict)}
+    if set(reported) != expected:
+        raise BadRequest(f"the completion names disks {sorted(map(str, reported))}, the job has {sorted(expected)}")
+    return reported  # type: ignore[return-value]

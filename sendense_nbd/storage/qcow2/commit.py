@@ -1,0 +1,84 @@
+"""Merging an overlay into its backing file.
+
+``commit(top)`` is ``qemu-img commit -d``: whatever ``top`` holds itself
+(data, and zero clusters that hide the backing file) is written into its
+backing image, which then reads exactly as ``top`` did. ``top`` is left as
+it was.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sendense_nbd.errors import ImageError
+from sendense_nbd.storage.base import is_zero
+from sendense_nbd.storage.qcow2 import format as fmt
+from sendense_nbd.storage.qcow2.device import Qcow2Device
+
+#: Bytes moved per read/write while committing.
+CHUNK = 4 << 20
+
+
+def backing_path(path: str) -> tuple[str, str | None] | None:
+    """``(resolved path, format)`` of ``path``'s backing file, or None."""
+    header = _read_header(path)
+    if not header.backing_file:
+        return None
+    name = header.backing_file
+    return (name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)), header.backing_format
+
+
+def commit(top: str) -> int:
+    """Write ``top``'s own clusters into its backing image and flush it; the bytes committed."""
+    from sendense_nbd.storage.images import open_image
+    from sendense_nbd.storage.modes import ImageFormat
+
+    found = backing_path(top)
+    if found is None:
+        raise ImageError(f"{top} has no backing file to commit into")
+    base_path, base_format = found
+    overlay = Qcow2Device(top, readonly=True)
+    try:
+        base = open_image(base_path, ImageFormat(base_format) if base_format else None)
+        try:
+            if base.size < overlay.size:
+                raise ImageError(f"{base_path} ({base.size} bytes) is smaller than {top} ({overlay.size} bytes)")
+            committed = 0
+            buffer = memoryview(bytearray(CHUNK))
+            for offset, length in _own_ranges(overlay):
+                for start in range(offset, offset + length, CHUNK):
+                    view = buffer[: min(CHUNK, offset + length - start)]
+                    overlay.read_into(start, view)
+                    if is_zero(view):
+                        base.zero(start, len(view))
+                    else:
+                        base.write(start, view)
+                    committed += len(view)
+            base.flush()
+        finally:
+            base.close()
+    finally:
+        overlay.close()
+    return committed
+
+
+def _own_ranges(overlay: Qcow2Device) -> list[tuple[int, int]]:
+    """The ranges ``overlay`` itself defines (allocation depth 1), merged."""
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    for length, depth in overlay.allocation_depth(0, overlay.size):
+        if depth == 1:
+            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((offset, length))
+        offset += length
+    return ranges
+
+
+def _read_header(path: str) -> fmt.Header:
+    try:
+        with open(path, "rb") as f:
+            return fmt.parse_header(f.read(1 << fmt.MAX_CLUSTER_BITS))
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror}") from exc

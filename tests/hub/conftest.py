@@ -1,0 +1,147 @@
+"""A running hub (``sendense-nbd hub`` subprocess), a stand-in node, vcsim, and a tiny HTTP client."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hub.node_standin import NodeStandin
+from tests.vsphere import running_vcsim
+
+
+def free_port_range(count: int) -> range:
+    """``count`` consecutive ports that are free now (best effort on a busy machine)."""
+    for start in range(21000, 60000, 97):
+        ports = range(start, start + count)
+        held = []
+        try:
+            for port in ports:
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return ports
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise AssertionError("no free port range")
+
+
+class Api:
+    """JSON over HTTP: ``api.get(path)``, ``api.post(path, body)``; returns (status, body)."""
+
+    def __init__(self, base: str, token: str | None = None) -> None:
+        self.base = base.rstrip("/") + "/api/v1"
+        self.token = token
+
+    def call(self, method: str, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return self.call("GET", path)
+
+    def post(self, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, Any]:
+        return self.call("POST", path, body, raw)
+
+    def delete(self, path: str) -> tuple[int, Any]:
+        return self.call("DELETE", path)
+
+    def wait_job(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, job = self.get(f"/backups/{job_id}")
+            assert status == 200, job
+            if job["state"] in ("completed", "failed", "cancelled"):
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+class HubProcess:
+    def __init__(self, repo: Path, ports: range, node_url: str | None, *extra: str) -> None:
+        self.repo, self.ports, self.node_url, self.extra = repo, ports, node_url, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.startup: dict[str, Any] = {}
+
+    def start(self) -> HubProcess:
+        command = [
+            sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(self.repo),
+            "--listen", "127.0.0.1:0", "--nbd-ports", f"{self.ports.start}-{self.ports.stop - 1}",
+            *(["--node-url", self.node_url] if self.node_url else []), *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            self.proc.kill()
+            raise AssertionError(f"the hub did not start: {self.proc.communicate()[1].decode()}")
+        self.startup = json.loads(line)
+        self.port = int(self.startup["listening"].rsplit(":", 1)[1])
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    state = tmp_path_factory.mktemp("hub-vcsim")
+    with running_vcsim(state, "-vm-disks", "2", "-disk-size-mb", "8") as info:
+        yield info
+
+
+@pytest.fixture
+def node(vcsim: dict[str, Any], tmp_path: Path) -> Iterator[NodeStandin]:
+    standin = NodeStandin(vcsim, tmp_path).start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
+    started: list[HubProcess] = []
+
+    def start(node_url: str | None, *extra: str, ports: range | None = None, repo: Path | None = None) -> HubProcess:
+        hub = HubProcess(repo or tmp_path / "repo", ports or free_port_range(6), node_url, *extra).start()
+        started.append(hub)
+        return hub
+
+    yield start
+    for hub in started:
+        if hub.proc is not None and hub.proc.poll() is None:
+            hub.stop(signal.SIGKILL)
