@@ -33,6 +33,8 @@ class RunningExport:
             "readonly": self.readonly,
             "clients": self.server.client_count,
             "clients_served": self.server.clients_served,
+            "bytes_written": self.server.bytes_written,
+            "bytes_read": self.server.bytes_read,
         }
 
 

@@ -80,6 +80,7 @@ class NBDServer:
         self._stop = asyncio.Event()
         self._lifecycle: asyncio.Task[None] | None = None
         self.clients_served = 0
+        self._bytes_done = [0, 0]  # read, written by connections that are gone
 
     # -- public API ------------------------------------------------------------
 
@@ -118,6 +119,16 @@ class NBDServer:
     @property
     def client_count(self) -> int:
         return len(self._clients)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes clients read from the exports (READ payloads), over the server's life."""
+        return self._bytes_done[0] + sum(c.bytes_read for c in self._connections)
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes clients wrote to the exports (WRITE payloads), over the server's life."""
+        return self._bytes_done[1] + sum(c.bytes_written for c in self._connections)
 
     def close(self) -> None:
         """Ask the server to stop; safe to call from a signal handler."""
@@ -160,6 +171,9 @@ class NBDServer:
         return None
 
     def _release(self, connection: ServerConnection) -> None:
+        if connection in self._connections:
+            self._bytes_done[0] += connection.bytes_read
+            self._bytes_done[1] += connection.bytes_written
         self._connections.discard(connection)
         if connection in self._clients:
             self._clients.discard(connection)

@@ -59,6 +59,11 @@ def test_completion_once_then_conflict_and_the_points_are_served(
     data.write_bytes(b"\x5a" * MIB + bytes(3 * MIB))
     target = next(d for d in job["detail"]["disks"] if d["disk_key"] == 2000)
     run(require("nbdcopy"), "--flush", str(data), target["uri"])
+    exports = {e["disk_key"]: e for e in api.get("/ports")[1]["exports"]}
+    assert (
+        exports[2000]["bytes_written"] >= MIB and exports[2000]["clients"] == 0 and exports[2001]["bytes_written"] == 0
+    )
+    assert exports[2000]["clients_served"] >= 1
     status, progress = api.post(f"/backups/{job['job_id']}/progress", {"stage": "transferring", "status": "running"})
     assert status == 200
     assert api.get(f"/backups/{job['job_id']}/progress")[1]["progress"]["stage"] == "transferring"
