@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -128,3 +129,26 @@ def test_auth(hub_factory: Callable[..., HubProcess], tmp_path: Path) -> None:
         timeout=60,
     )
     assert refused.returncode == 2 and "give --token-file" in refused.stderr
+
+
+def test_a_job_that_never_completes_times_out(hub_factory: Callable[..., HubProcess]) -> None:
+    hub = hub_factory(None, "--job-timeout", "1")
+    api = Api(hub.url)
+    status, job = api.post("/backups", {"vm_path": "/DC/vm/c", "mode": "full", "disks": DISKS[:1]})
+    assert status == 201
+    done = api.wait_job(job["job_id"], timeout=30)
+    assert done["state"] == "failed" and done["error"]["stage"] == "timeout", done
+    assert api.get("/ports")[1]["used"] == [] and api.get("/points?vm_path=/DC/vm/c")[1]["points"] == []
+
+
+def test_offline_cli_lists_ports_and_points(hub_factory: Callable[..., HubProcess]) -> None:
+    hub = hub_factory(None)
+    api = Api(hub.url)
+    status, job = api.post("/backups", {"vm_path": "/DC/vm/d", "mode": "full", "disks": DISKS[:1]})
+    assert status == 201
+    ports = json.loads(run(sys.executable, "-m", "sendense_nbd", "ports", "--repo", str(hub.repo),
+                           "--nbd-ports", f"{hub.ports.start}-{hub.ports.stop - 1}").stdout)  # fmt: skip
+    assert [u["job_id"] for u in ports["used"]] == [job["job_id"]] and ports["free"] == len(hub.ports) - 1
+    assert api.post(f"/backups/{job['job_id']}/complete", _completion(job))[0] == 200
+    points = json.loads(run(sys.executable, "-m", "sendense_nbd", "points", "/DC/vm/d", "--repo", str(hub.repo)).stdout)
+    assert [(p["disk_key"], p["status"], p["kind"]) for p in points] == [(2000, "completed", "full")]
