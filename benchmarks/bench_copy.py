@@ -645,6 +645,17 @@ def section(args: argparse.Namespace, argv: list[str], cases: list[Case], runner
     for c in cases:
         for v in c.variants:
             variants.setdefault(v.label + str(v.connections), v)
+
+    def source_line(name: str, kind: str, delay: bool) -> str:
+        command = shlex.join(runner.source_cmd(kind, delay))
+        return f"  - {name}: `{command}`".replace(str(runner.sock), "SRC.sock").replace(str(REPO) + "/", "")
+
+    ran = {c.source for c in cases} | ({"latency"} if any(c.key == "latency" for c in cases) else set())
+    source_lines = [
+        source_line(name, kind, delay)
+        for name, kind, delay in (("dense", "dense", False), ("sparse", "sparse", False), ("latency", "dense", True))
+        if name in ran
+    ]
     out = [
         f"## {now}, commit {head}, copy: sendense-nbd copy vs nbdcopy",
         "",
@@ -661,15 +672,7 @@ def section(args: argparse.Namespace, argv: list[str], cases: list[Case], runner
         " process's wall time (start-up and the final --flush included); a fresh source, a fresh target server"
         " and a fresh sparse target file per run; the dense source read into page cache and `sync` before each run",
         "- sources (nbdkit on a unix socket, `nbd+unix:///?socket=SRC.sock`):",
-        f"  - dense: `{shlex.join(runner.source_cmd('dense', False))}`".replace(str(runner.sock), "SRC.sock").replace(
-            str(REPO) + "/", ""
-        ),
-        f"  - sparse: `{shlex.join(runner.source_cmd('sparse', False))}`".replace(str(runner.sock), "SRC.sock").replace(
-            str(REPO) + "/", ""
-        ),
-        f"  - latency: `{shlex.join(runner.source_cmd('dense', True))}`".replace(str(runner.sock), "SRC.sock").replace(
-            str(REPO) + "/", ""
-        ),
+        *source_lines,
         "- targets (fresh sparse raw file per run):",
         f"  - qemu-nbd: `{shlex.join(Runner.qemu_cmd(Path('TARGET.img'), 0)).replace('-p 0', '-p PORT')}`",
         f"  - our server: `{shlex.join(Runner.ours_server_cmd(Path('TARGET.img')))}`".replace(
