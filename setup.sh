@@ -9,7 +9,7 @@ cd "$(dirname "$(readlink -f "$0")")"
 
 DEBIAN_PACKAGES=(
     qemu-utils nbdkit nbdkit-plugin-python libnbd-bin nbd-server python3-libnbd time
-    python3 python3-venv python3-pip
+    openssh-client openssh-server python3 python3-venv python3-pip
 )
 
 install_debian_packages() {

@@ -12,7 +12,8 @@
     │   └── ChangeIdError      a CBT change ID is no longer valid (a CBT reset)
     ├── DiskSourceError        nbdkit could not serve a VMware disk
     ├── HubApiError            the hub API (OMA_API_URL) failed or refused a call
-    └── BackupError            a backup job failed; names its stage
+    ├── BackupError            a backup job failed; names its stage
+    └── TunnelError            the SSH tunnel cannot start or run (key, host key, login, option)
 
 Foreign exceptions (``OSError``) are translated at the boundary with
 ``raise ... from exc`` so callers only need to catch ``SendenseError``.
@@ -79,3 +80,7 @@ class BackupError(SendenseError):
     def __init__(self, message: str, stage: str) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class TunnelError(SendenseError):
+    """The SSH tunnel cannot start or run as configured (bad option, key, host key, refused login)."""

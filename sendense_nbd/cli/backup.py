@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from sendense_nbd import __version__
+from sendense_nbd.tunnel.cli import tunnel_command
 
 EXIT_CODES = """\b
 Exit status:
@@ -303,6 +304,9 @@ async def _serve_node(config: Any, host: str, port: int) -> None:
     finally:
         await service.close()
         await runner.cleanup()
+
+
+cli.add_command(tunnel_command)
 
 
 def _host(host: str) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
+
 
 def _listen(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
@@ -37,8 +39,13 @@ def _secret(path: str | None) -> str | None:
 @click.option("--public-url", help="This API as the node reaches it (default: http://LISTEN).")
 @click.option("--keep", type=click.IntRange(1, 10000), default=7, show_default=True, help="Restore points per disk.")
 @click.option("--job-timeout", type=click.FloatRange(1), default=86400, show_default=True, help="Seconds.")
+@ssh_server_options
 def hub_command(**o: Any) -> None:
-    """Run the hub: port pool, NBD exports, qcow2 repository and the backup REST API."""
+    """Run the hub: port pool, NBD exports, qcow2 repository and the backup REST API.
+
+    With --ssh-listen it also runs the SSH tunnel endpoint: nodes may forward the NBD ports and this
+    API's port, and reverse-forward their node API (--ssh-node-api).
+    """
     from sendense_nbd.http_api import is_loopback
     from sendense_nbd.hub.ports import PortError, parse_range
 
@@ -89,9 +96,20 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
     recovered = await hub.start()
     runner = web.AppRunner(build_app(hub, token=token), access_log=None)
     await runner.setup()
+    tunnel_server = None
     try:
         await web.SockSite(runner, listener).start()
-        click.echo(json.dumps({"listening": url, "repo": config.repo, **recovered}))
+        dest = "127.0.0.1" if o["nbd_bind"] in ("0.0.0.0", "::") else o["nbd_bind"]
+        ssh = server_config_from_options(o, ports=[*pool, bound], dest_host=dest)
+        if ssh is not None:
+            from sendense_nbd.tunnel.server import TunnelServer
+
+            tunnel_server = TunnelServer(ssh)
+            await tunnel_server.start()
+        started: dict[str, object] = {"listening": url, "repo": config.repo, **recovered}
+        if tunnel_server is not None:
+            started["ssh_port"] = tunnel_server.port
+        click.echo(json.dumps(started))
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -99,6 +117,9 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if tunnel_server is not None:
+            tunnel_server.close()
+            await tunnel_server.wait_closed()
         await runner.cleanup()
         await hub.close()
     return 0

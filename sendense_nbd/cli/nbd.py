@@ -22,6 +22,7 @@ from sendense_nbd.cli.hub import hub_command, points_command, ports_command, res
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.storage import BlockDevice, CacheMode, DetectZeroes, Discard, ImageFormat
+from sendense_nbd.tunnel.cli import tunnel_server_command
 
 if TYPE_CHECKING:
     from sendense_nbd.server import Export
@@ -339,7 +340,7 @@ def check(output: str, repair: str | None, path: str) -> None:
 
 
 cli.add_command(copy_command)
-for command in (hub_command, ports_command, points_command, restore_command):
+for command in (hub_command, ports_command, points_command, restore_command, tunnel_server_command):
     cli.add_command(command)
 
 

@@ -27,7 +27,9 @@ MIB = 1 << 20
 VM_PATH = "/DC0/vm/DC0_H0_VM0"
 
 
-def write_config(directory: Path, vcsim: dict[str, Any], *, extra: str = "", mode: int = 0o600) -> Path:
+def write_config(
+    directory: Path, vcsim: dict[str, Any], *, extra: str = "", mode: int = 0o600, nbdkit: str = "nbdkit"
+) -> Path:
     password = directory / "vcenter.password"
     password.write_text(vcsim["password"] + "\n")
     password.chmod(mode)
@@ -42,6 +44,7 @@ thumbprint = "{vcsim["thumbprintSha256"]}"
 
 [vddk]
 plugin = "python {STANDIN_PLUGIN}"
+nbdkit = "{nbdkit}"
 transports = "nbdssl:nbd"
 
 [node]
@@ -54,11 +57,9 @@ connections = 2
 
 
 class NodeProcess:
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, listen: str = "127.0.0.1:0") -> None:
         command = [str(Path(sys.executable).parent / "sendense-backup"), "node", "--config", str(config)]
-        self.proc = subprocess.Popen(
-            command + ["--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen(command + ["--listen", listen], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
         line = self.proc.stdout.readline() if ready else b""

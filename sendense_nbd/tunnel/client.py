@@ -1,0 +1,306 @@
+"""The node's side of the tunnel: the hub's NBD ports appear on the node's loopback.
+
+Theory of operation: a :class:`Tunnel` keeps ``connections`` SSH connections to
+the hub (the embedded :mod:`sendense_nbd.tunnel.server` or any sshd). Local
+forward *i* (one per port of the range) goes over connection ``i % connections``;
+the remote forwards (the node API, reached from the hub) go over connection 0.
+
+Each connection is a :class:`_Link` running one loop: connect (host key pinned
+by a known_hosts file, key login), open its listeners, wait until the
+connection drops, close its listeners, sleep (exponential backoff, capped),
+again. While a link is down its ports have no listener, so a client gets
+"connection refused" at once instead of hanging. A changed or unknown host key
+and a refused login are not retried: the link fails and :meth:`Tunnel.wait_closed`
+raises :class:`TunnelError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+import attrs
+
+from sendense_nbd.errors import TunnelError
+from sendense_nbd.tunnel.allocator import tune_malloc
+from sendense_nbd.tunnel.config import DEFAULT_NODE_API, DEFAULT_PORTS, Forward
+from sendense_nbd.tunnel.forward import LocalForwarder
+
+log = logging.getLogger(__name__)
+
+#: Errors that reconnecting cannot fix.
+_PERMANENT = (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied)
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise TunnelError(f"{attribute.name} must be positive, not {value}")
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _forwards(value: Iterable[Forward]) -> tuple[Forward, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
+class TunnelConfig:
+    """Where the hub's SSH endpoint is, how to log in and what to forward."""
+
+    host: str
+    port: int
+    client_keys: tuple[str, ...] = attrs.field(converter=_strings, validator=attrs.validators.min_len(1))
+    #: OpenSSH known_hosts file pinning the hub's host key(s).
+    known_hosts: str
+    username: str = "sendense"
+    local_forwards: tuple[Forward, ...] = attrs.field(default=(), converter=_forwards)
+    remote_forwards: tuple[Forward, ...] = attrs.field(default=(), converter=_forwards)
+    #: SSH connections the local forwards are spread over.
+    connections: int = attrs.field(default=1, validator=attrs.validators.and_(attrs.validators.ge(1)))
+    #: Ciphers to offer, e.g. ``("aes128-gcm@openssh.com",)``; empty: asyncssh's defaults.
+    ciphers: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    keepalive_interval: float = attrs.field(default=15.0, validator=_positive)
+    keepalive_count_max: int = 3
+    connect_timeout: float = attrs.field(default=15.0, validator=_positive)
+    backoff_initial: float = attrs.field(default=0.5, validator=_positive)
+    backoff_max: float = attrs.field(default=30.0, validator=_positive)
+
+
+def port_forwards(
+    ports: Sequence[int] = DEFAULT_PORTS, *, listen_host: str = "127.0.0.1", dest_host: str = "127.0.0.1"
+) -> tuple[Forward, ...]:
+    """One local forward per port: ``listen_host:P`` to the hub's ``dest_host:P``."""
+    return tuple(Forward(listen_host, port, dest_host, port) for port in ports)
+
+
+def node_api_forward(listen: tuple[str, int] = DEFAULT_NODE_API, dest: tuple[str, int] = DEFAULT_NODE_API) -> Forward:
+    """The reverse forward: the hub's ``listen`` reaches the node's ``dest``."""
+    return Forward(*listen, *dest)
+
+
+class LinkState(enum.Enum):
+    """Where one SSH connection of a tunnel is."""
+
+    CONNECTING = "connecting"
+    UP = "up"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class LinkStatus:
+    """A snapshot of one SSH connection, for logs and tests."""
+
+    index: int
+    state: LinkState
+    reconnects: int
+    local_ports: tuple[int, ...]
+    active_channels: int
+    last_error: str | None
+
+
+@attrs.frozen
+class TunnelStatus:
+    """A snapshot of the whole tunnel."""
+
+    connected: bool
+    reconnects: int
+    links: tuple[LinkStatus, ...]
+
+
+class _Link:
+    """One SSH connection and the forwards it carries, reconnected until closed."""
+
+    def __init__(self, tunnel: Tunnel, index: int, local: Sequence[Forward], remote: Sequence[Forward]) -> None:
+        self.tunnel = tunnel
+        self.index = index
+        self.local = tuple(local)
+        self.remote = tuple(remote)
+        self.state = LinkState.CONNECTING
+        self.connects = 0
+        self.last_error: str | None = None
+        self.up = asyncio.Event()
+        self.forwarders: list[LocalForwarder] = []
+
+    def status(self) -> LinkStatus:
+        return LinkStatus(
+            index=self.index,
+            state=self.state,
+            reconnects=max(self.connects - 1, 0),
+            local_ports=tuple(f.listen_port for f in self.local),
+            active_channels=sum(f.active for f in self.forwarders),
+            last_error=self.last_error,
+        )
+
+    async def run(self) -> None:
+        config = self.tunnel.config
+        delay = config.backoff_initial
+        while True:
+            self.state = LinkState.CONNECTING
+            started = time.monotonic()
+            try:
+                await self._session()
+            except _PERMANENT as exc:
+                self.state, self.last_error = LinkState.FAILED, f"{type(exc).__name__}: {exc}"
+                log.error("tunnel link %d to %s:%d failed: %s", self.index, config.host, config.port, self.last_error)
+                raise TunnelError(f"SSH to {config.host}:{config.port}: {self.last_error}") from exc
+            except (OSError, asyncssh.Error, TimeoutError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - started > config.backoff_max:
+                delay = config.backoff_initial  # it was up for a while: start the backoff over
+            self.state = LinkState.BACKOFF
+            pause = delay * random.uniform(0.8, 1.0)
+            log.warning("tunnel link %d down (%s); reconnecting in %.1f s", self.index, self.last_error, pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, config.backoff_max)
+
+    async def _session(self) -> None:
+        config = self.tunnel.config
+        conn = await asyncio.wait_for(
+            asyncssh.connect(
+                config.host,
+                config.port,
+                username=config.username,
+                client_keys=self.tunnel.keys,
+                known_hosts=self.tunnel.known_hosts,
+                password_auth=False,
+                kbdint_auth=False,
+                gss_host=None,
+                agent_path=None,
+                config=[],
+                encryption_algs=list(config.ciphers) or (),
+                keepalive_interval=config.keepalive_interval,
+                keepalive_count_max=config.keepalive_count_max,
+            ),
+            config.connect_timeout,
+        )
+        try:
+            self.connects += 1
+            for fwd in self.local:
+                forwarder = LocalForwarder(conn, fwd)
+                await forwarder.start()
+                self.forwarders.append(forwarder)
+            for fwd in self.remote:
+                await conn.forward_remote_port(fwd.listen_host, fwd.listen_port, fwd.dest_host, fwd.dest_port)
+            self.state, self.last_error = LinkState.UP, None
+            self.up.set()
+            log.info(
+                "tunnel link %d up: %d local, %d remote forwards via %s:%d",
+                self.index,
+                len(self.local),
+                len(self.remote),
+                config.host,
+                config.port,
+            )
+            await conn.wait_closed()
+            self.last_error = "the connection was closed"
+        finally:
+            self.up.clear()
+            # Close our listeners even if asyncssh did not (asyncssh #309).
+            for forwarder in self.forwarders:
+                forwarder.close()
+            conn.close()
+            await asyncio.gather(*(f.wait_closed() for f in self.forwarders), conn.wait_closed())
+            self.forwarders.clear()
+
+
+class Tunnel:
+    """Keeps the forwards of :class:`TunnelConfig` up; ``async with Tunnel(config) as tunnel: ...``."""
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        n = config.connections
+        self._links = [
+            _Link(self, i, config.local_forwards[i::n], config.remote_forwards if i == 0 else ()) for i in range(n)
+        ]
+        self.keys: Sequence[asyncssh.SSHKeyPair] = ()
+        self.known_hosts: asyncssh.SSHKnownHosts | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Read the keys, tune malloc (:mod:`.allocator`), start the links (see :meth:`wait_connected`)."""
+        config = self.config
+        try:
+            self.keys = asyncssh.load_keypairs(list(config.client_keys))
+            self.known_hosts = asyncssh.read_known_hosts(config.known_hosts)
+        except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+            raise TunnelError(f"cannot read the client key or known_hosts file: {exc}") from exc
+        tune_malloc()
+        loop = asyncio.get_running_loop()
+        for link in self._links:
+            task = loop.create_task(link.run(), name=f"tunnel-link-{link.index}")
+            task.add_done_callback(self._link_done)
+            self._tasks.append(task)
+
+    def _link_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._failure is not None:
+            return
+        self._failure = task.exception() or TunnelError("a tunnel link stopped")
+        self._failed.set()
+        self.close()
+
+    async def wait_connected(self) -> None:
+        """Wait until every link is up; :class:`TunnelError` if one failed (bound it with ``asyncio.timeout``)."""
+        if not self._tasks:
+            raise TunnelError("the tunnel is not started")
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(asyncio.gather(*(link.up.wait() for link in self._links))),
+            asyncio.ensure_future(self._failed.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if isinstance(self._failure, TunnelError):
+            raise self._failure
+        if self._failure is not None:
+            raise TunnelError(str(self._failure)) from self._failure
+
+    @property
+    def connected(self) -> bool:
+        """Every link is up."""
+        return all(link.state is LinkState.UP for link in self._links)
+
+    def status(self) -> TunnelStatus:
+        """State, reconnect count and channels of every link."""
+        links = tuple(link.status() for link in self._links)
+        return TunnelStatus(self.connected, sum(link.reconnects for link in links), links)
+
+    def close(self) -> None:
+        """Stop reconnecting; close every listener, channel and connection."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until everything is closed; raises :class:`TunnelError` if a link failed."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self._links:
+            if link.state is not LinkState.FAILED:
+                link.state = LinkState.CLOSED
+        self._raise_failure()
+
+    async def __aenter__(self) -> Tunnel:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+        await self.wait_closed()

@@ -1,0 +1,204 @@
+"""The whole pipeline on one machine: vcsim, the hub (with its SSH endpoint), the node, and the node's
+SSH tunnel carrying the hub's NBD ports and API to the node and the node API back to the hub.
+
+Addresses keep the two sides apart: the hub listens on 127.0.0.1; the node and the tunnel's local
+ends on 127.0.0.2 (so the node reaches the hub only through the tunnel); the node API on 127.0.0.3,
+reached by the hub only through the reverse forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from tests.conftest import require, run
+from tests.hub.conftest import Api, HubProcess, free_port_range
+from tests.node.test_node import NodeProcess, write_config
+from tests.vsphere import running_vcsim, vmdisk
+
+pytestmark = pytest.mark.peer
+
+MIB = 1 << 20
+VM_PATH = "/DC0/vm/DC0_H0_VM0"
+HUB, NODE_SIDE, NODE_API_HOST = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+
+
+class TunnelProcess:
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line or not json.loads(line).get("connected"):
+            self.proc.kill()
+            raise AssertionError(f"the tunnel did not come up: {line!r} {self.proc.communicate()[1].decode()}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+class Pipeline:
+    def __init__(self, root: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess]) -> None:
+        self.root, self.vcsim = root, vcsim
+        keys = root / "keys"
+        keys.mkdir()
+        host_key, client_key = (
+            asyncssh.generate_private_key("ssh-ed25519"),
+            asyncssh.generate_private_key("ssh-ed25519"),
+        )
+        host_key.write_private_key(str(keys / "host"))
+        client_key.write_private_key(str(keys / "client"))
+        (keys / "authorized_keys").write_bytes(client_key.export_public_key())
+        self.client_key = keys / "client"
+        ports = free_port_range(7)
+        self.nbd_ports = ports[:4]
+        api_port, ssh_port, node_reverse = ports[4:]
+        self.ssh_port, self.api_port, self.node_reverse = ssh_port, api_port, node_reverse
+        self.known_hosts = keys / "known_hosts"
+        self.known_hosts.write_bytes(f"[{HUB}]:{ssh_port} ".encode() + host_key.export_public_key())
+        # A slow source (3 s per read) so that the tunnel can be killed while data flows.
+        wrapper = root / "nbdkit-slow"
+        wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay=3\n')
+        wrapper.chmod(0o755)
+        node_dir = root / "node"
+        node_dir.mkdir()
+        self.node = NodeProcess(write_config(node_dir, vcsim, nbdkit=str(wrapper)), listen=f"{NODE_API_HOST}:0")
+        self.hub = hub_factory(
+            f"http://{HUB}:{node_reverse}",
+            "--listen", f"{HUB}:{api_port}", "--nbd-advertise", NODE_SIDE,
+            "--public-url", f"http://{NODE_SIDE}:{api_port}",
+            "--ssh-listen", f"{HUB}:{ssh_port}", "--ssh-host-key", str(keys / "host"),
+            "--ssh-authorized-keys", str(keys / "authorized_keys"), "--ssh-node-api", f"{HUB}:{node_reverse}",
+            "--job-timeout", "15",
+            ports=self.nbd_ports,
+        )  # fmt: skip
+        self.api = Api(self.hub.url)
+        self.tunnel = self.start_tunnel()
+
+    def start_tunnel(self) -> TunnelProcess:
+        node_port = self.node.url.rsplit(":", 1)[1]
+        return TunnelProcess([
+            str(Path(sys.executable).parent / "sendense-backup"), "tunnel",
+            "--hub", f"{HUB}:{self.ssh_port}", "--key", str(self.client_key), "--known-hosts", str(self.known_hosts),
+            "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}", "--listen-host", NODE_SIDE,
+            "--dest-host", HUB, "--forward", f"{NODE_SIDE}:{self.api_port}={HUB}:{self.api_port}",
+            "--remote-forward", f"{HUB}:{self.node_reverse}={NODE_API_HOST}:{node_port}",
+            "--connections", "2", "--backoff-max", "2",
+        ])  # fmt: skip
+
+    def disk_copies(self, name: str) -> dict[int, Path]:
+        vm = next(v for v in self.vcsim["vms"] if v["path"] == VM_PATH)
+        copies = {}
+        for disk in vm["disks"]:
+            copies[disk["key"]] = self.root / f"{name}-{disk['key']}.raw"
+            shutil.copyfile(disk["path"], copies[disk["key"]])
+        return copies
+
+    def verify(self, job: dict[str, Any], expected: dict[int, Path]) -> None:
+        points = self.api.get(f"/points?vm_path={VM_PATH}")[1]["points"]
+        for disk in job["detail"]["disks"]:
+            point = next(p for p in points if p["id"] == disk["point_id"])
+            run(require("qemu-img"), "check", point["path"])
+            run(require("qemu-img"), "compare", "-F", "raw", point["path"], str(expected[disk["disk_key"]]))
+
+
+@pytest.fixture(scope="module")
+def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    state = tmp_path_factory.mktemp("pipeline-vcsim")
+    with running_vcsim(state, "-vm-disks", "2", "-disk-size-mb", "8") as info:
+        yield info
+
+
+def test_backups_through_the_tunnel_survive_a_tunnel_failure(
+    tmp_path: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess]
+) -> None:
+    pipeline = Pipeline(tmp_path, vcsim, hub_factory)
+    api = pipeline.api
+    vm = next(v for v in vcsim["vms"] if v["path"] == VM_PATH)
+    moref = vm["moref"]
+    try:
+        # 1. A full backup through the tunnel (the hub lists the disks through the reverse forward).
+        for disk in vm["disks"]:
+            vmdisk.write(vcsim["state"], moref, disk["key"], 0, os.urandom(3 * MIB))
+        expected = pipeline.disk_copies("full")
+        status, job = api.post("/backups", {"vm_path": VM_PATH, "mode": "auto"})
+        assert status == 201, job
+        assert all(d["uri"].startswith(f"nbd://{NODE_SIDE}:") for d in job["detail"]["disks"])
+        full = api.wait_job(job["job_id"])
+        assert full["state"] == "completed", full
+        pipeline.verify(full, expected)
+        change_ids = {
+            k: api.get(f"/backups/changeid?vm_path={VM_PATH}&disk_key={k}")[1]["change_id"] for k in (2000, 2001)
+        }
+
+        # 2. The tunnel dies mid-backup and stays down: the job fails, its ports come back, nothing advances.
+        for disk in vm["disks"]:
+            vmdisk.write(vcsim["state"], moref, disk["key"], 4 * MIB, os.urandom(2 * MIB))
+        status, job = api.post("/backups", {"vm_path": VM_PATH, "mode": "auto"})
+        assert status == 201, job
+        _wait_for_disk_sources(pipeline.node)
+        time.sleep(0.5)  # reads are in flight (each takes 3 s)
+        pipeline.tunnel.kill()
+        failed = api.wait_job(job["job_id"], timeout=90)
+        assert failed["state"] == "failed", failed
+        assert api.get("/ports")[1]["used"] == []
+        for key, change_id in change_ids.items():
+            assert _change_id(api, key) == change_id
+        assert not [p for p in api.get(f"/points?vm_path={VM_PATH}")[1]["points"] if p["job_id"] == job["job_id"]]
+
+        # 3. The tunnel comes back; the next job is a correct incremental.
+        pipeline.tunnel = pipeline.start_tunnel()
+        expected = pipeline.disk_copies("incremental")
+        status, job = api.post("/backups", {"vm_path": VM_PATH, "mode": "auto"})
+        assert status == 201, job
+        done = api.wait_job(job["job_id"])
+        assert done["state"] == "completed", done
+        assert [d["sync_type"] for d in done["detail"]["disks"]] == ["incremental", "incremental"]
+        pipeline.verify(done, expected)
+        assert _snapshots(vcsim) == []
+        assert _disk_sources(pipeline.node) == [], "the node left an nbdkit running"
+    finally:
+        pipeline.tunnel.kill()
+        pipeline.node.stop()
+
+
+def _change_id(api: Api, key: int) -> str:
+    status, answer = api.get(f"/backups/changeid?vm_path={VM_PATH}&disk_key={key}")
+    assert status == 200, answer
+    return str(answer["change_id"])
+
+
+def _wait_for_disk_sources(node: NodeProcess, timeout: float = 60) -> None:
+    """Until the node's job runs one nbdkit per disk."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(_disk_sources(node)) == 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the node never started its disk sources")
+
+
+def _disk_sources(node: NodeProcess) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", "-P", str(node.proc.pid), "vddk_standin"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def _snapshots(vcsim: dict[str, Any]) -> list[str]:
+    """Snapshots alive in the simulator (each keeps a folder of frozen disk copies)."""
+    return sorted(p.name for p in (Path(vcsim["state"]) / "snapshots").glob("*") if p.is_dir())
