@@ -179,10 +179,14 @@ async def _serve(exports: list[Export], sockets: list[socket.socket], *, shared:
         loop.add_signal_handler(sig, server.close)
     async with server:
         await server.wait_closed()
-    # Closing the images (a final flush) comes next: a signal must not cut it short.
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Closing the images (a final flush) comes next: a signal must not cut it short. Removing
+    # asyncio's handler restores the default action for a moment, so block the signals meanwhile.
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    for sig in signals:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 def _write_pid(path: str) -> None:
