@@ -8,8 +8,9 @@
 4. Verify: ``qemu-img compare`` against the export, the allocation map over
    NBD (holes stayed holes), and, after the server flushed and stopped,
    ``qemu-img check`` and ``qemu-img compare`` of the qcow2 file itself.
-5. Back up a simulated VMware VM with ``sendense-backup migrate``, full and
-   then incremental, and verify both points (``examples/vmware_backup.py``).
+5. Run the whole pipeline against a simulated VMware VM: the hub, the node
+   and the node's SSH tunnel back it up, full and then incremental, and
+   both restore points are verified (``examples/pipeline.py``).
 
 Run it with ``./setup.sh run``, or ``.venv/bin/python examples/main_job.py
 [--size 1G] [--workdir DIR]``.
@@ -105,8 +106,8 @@ def main() -> None:
         create_image(str(target), args.size * MiB, ImageFormat.QCOW2)
         asyncio.run(copy_and_verify(source, target, args.size * MiB, data))
     print()
-    vmware = Path(__file__).with_name("vmware_backup.py")
-    subprocess.run([sys.executable, str(vmware), "--size-mb", str(min(args.size, 64))], check=True)
+    pipeline = Path(__file__).with_name("pipeline.py")
+    subprocess.run([sys.executable, str(pipeline), "--size-mb", str(min(args.size, 64))], check=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""The whole pipeline on one machine: a simulated VMware VM backed up by the hub through the node's SSH tunnel.
+
+What runs (each a real process, as deployed; see examples/deploy/):
+
+- the vSphere simulator (``simulator/``) with a 2-disk VM;
+- the hub, ``sendense-nbd hub`` on 127.0.0.1 with its SSH endpoint (``--ssh-listen``);
+- the node, ``sendense-backup node`` on 127.0.0.3, with the vCenter credentials in its config file;
+- the node's tunnel, ``sendense-backup tunnel``: the hub's NBD ports and API appear on 127.0.0.2,
+  and the hub reaches the node API through a reverse forward.
+
+Then: ``POST /api/v1/backups`` to the hub (full), change blocks in both disks (one area to zeroes),
+``POST`` again (incremental), and verify every restore point with ``qemu-img check`` and
+``qemu-img compare`` against the disk as it was at its snapshot.
+
+Run it with ``.venv/bin/python examples/pipeline.py [--size-mb 64] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "simulator"))
+import vmdisk  # noqa: E402  (simulator/vmdisk.py: change a simulated disk and record it for CBT)
+
+MiB = 1 << 20
+VM_PATH = "/DC0/vm/DC0_H0_VM0"
+HUB, NODE_SIDE, NODE_API = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` consecutive ports that are free on every address used here."""
+    first = 24000 + os.getpid() % 2000 * 8
+    while True:
+        try:
+            for port in range(first, first + count):
+                for host in (HUB, NODE_SIDE, NODE_API):
+                    with socket.socket() as sock:
+                        sock.bind((host, port))
+        except OSError:
+            first += count
+            continue
+        return list(range(first, first + count))
+
+
+def start(command: list[str], name: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start a process that prints one JSON line when it is ready."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else b""
+    if not line:
+        proc.kill()
+        raise SystemExit(f"{name} did not start: {proc.communicate()[1].decode()[-2000:]}")
+    return proc, json.loads(line)
+
+
+def call(method: str, url: str, body: object = None) -> Any:
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def backup(api: str, mode: str) -> dict[str, Any]:
+    job = call("POST", f"{api}/backups", {"vm_path": VM_PATH, "mode": mode})
+    print(f"$ POST /api/v1/backups {mode}: job {job['job_id']}, ports {[d['port'] for d in job['detail']['disks']]}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = call("GET", f"{api}/backups/{job['job_id']}")
+        if job["state"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    if job["state"] != "completed":
+        raise SystemExit(f"the backup did not complete: {json.dumps(job, indent=2)}")
+    for disk in job["detail"]["disks"]:
+        print(f"  disk {disk['disk_key']}: {disk['sync_type']} point {disk['point_id']}")
+    return job
+
+
+def verify(api: str, job: dict[str, Any], expected: dict[int, Path]) -> None:
+    points = {p["id"]: p for p in call("GET", f"{api}/points?vm_path={VM_PATH}")["points"]}
+    for disk in job["detail"]["disks"]:
+        path = points[disk["point_id"]]["path"]
+        subprocess.run(["qemu-img", "check", "-q", path], check=True)
+        subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", path, str(expected[disk["disk_key"]])], check=True)
+    print("  qemu-img check and compare: both restore points match the snapshot: OK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=64, help="size of each virtual disk")
+    parser.add_argument("--workdir", type=Path, help="where to put everything (default: a temporary directory)")
+    args = parser.parse_args()
+    rng = random.Random(11)
+    processes: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="sendense-pipeline-") as tmp:
+        work = args.workdir or Path(tmp)
+        shutil.rmtree(work / "run", ignore_errors=True)
+        work = work / "run"
+        (work / "vcsim").mkdir(parents=True)
+        try:
+            vcsim_bin = subprocess.run(
+                [str(ROOT / "simulator" / "build-vcsim.sh")], check=True, capture_output=True, text=True
+            ).stdout.split()[-1]
+            proc, vc = start(
+                [vcsim_bin, "-listen", f"{HUB}:0", "-state", str(work / "vcsim"), "-username", "backup",
+                 "-password", "s3cret", "-vm-disks", "2", "-disk-size-mb", str(args.size_mb)],
+                "vcsim",
+            )  # fmt: skip
+            processes.append(proc)
+            vm = next(v for v in vc["vms"] if v["path"] == VM_PATH)
+
+            # Keys: the hub's host key (pinned by the node) and the node's client key.
+            host_key, node_key = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+            host_key.write_private_key(str(work / "hub_host_key"))
+            node_key.write_private_key(str(work / "node_key"))
+            (work / "authorized_keys").write_bytes(node_key.export_public_key())
+            nbd_first, *_, api_port, ssh_port, node_reverse, node_port = free_ports(8)
+            nbd_ports = f"{nbd_first}-{nbd_first + 3}"
+            (work / "known_hosts").write_bytes(f"[{HUB}]:{ssh_port} ".encode() + host_key.export_public_key())
+            (work / "vcenter.password").write_text("s3cret\n")
+            os.chmod(work / "vcenter.password", 0o600)
+            (work / "node.toml").write_text(
+                f'[vcenter]\nendpoint = "{HUB}:{vc["port"]}"\nusername = "backup"\n'
+                f'password_file = "{work / "vcenter.password"}"\nthumbprint = "{vc["thumbprintSha256"]}"\n'
+                f'[vddk]\nplugin = "python {ROOT / "simulator" / "vddk_standin.py"}"\ntransports = "nbdssl:nbd"\n'
+            )
+
+            proc, hub = start(
+                [str(BIN / "sendense-nbd"), "hub", "--repo", str(work / "repo"), "--listen", f"{HUB}:{api_port}",
+                 "--nbd-ports", nbd_ports, "--nbd-advertise", NODE_SIDE, "--public-url", f"http://{NODE_SIDE}:{api_port}",
+                 "--node-url", f"http://{HUB}:{node_reverse}", "--ssh-listen", f"{HUB}:{ssh_port}",
+                 "--ssh-host-key", str(work / "hub_host_key"), "--ssh-authorized-keys", str(work / "authorized_keys"),
+                 "--ssh-node-api", f"{HUB}:{node_reverse}"],
+                "the hub",
+            )  # fmt: skip
+            processes.append(proc)
+            print(f"hub: API {hub['listening']}, NBD ports {nbd_ports}, SSH {HUB}:{hub['ssh_port']}")
+            proc, node = start(
+                [str(BIN / "sendense-backup"), "node", "--config", str(work / "node.toml"),
+                 "--listen", f"{NODE_API}:{node_port}"],
+                "the node",
+            )  # fmt: skip
+            processes.append(proc)
+            proc, tunnel = start(
+                [str(BIN / "sendense-backup"), "tunnel", "--hub", f"{HUB}:{ssh_port}", "--key", str(work / "node_key"),
+                 "--known-hosts", str(work / "known_hosts"), "--ports", nbd_ports, "--listen-host", NODE_SIDE,
+                 "--forward", f"{NODE_SIDE}:{api_port}={HUB}:{api_port}",
+                 "--remote-forward", f"{HUB}:{node_reverse}={NODE_API}:{node_port}"],
+                "the tunnel",
+            )  # fmt: skip
+            processes.append(proc)
+            print(f"node: API {node['listening']}; tunnel up: hub ports on {NODE_SIDE}, node API on the hub's side")
+
+            api = f"http://{HUB}:{api_port}/api/v1"
+            size = args.size_mb * MiB
+            for key in (2000, 2001):
+                for offset in range(0, size, 8 * MiB):
+                    vmdisk.write(vc["stateDir"], vm["moref"], key, offset, rng.randbytes(MiB))
+            expected = {d["key"]: shutil.copyfile(d["path"], work / f"full-{d['key']}.raw") for d in vm["disks"]}
+            verify(api, backup(api, "auto"), expected)
+
+            vmdisk.write(vc["stateDir"], vm["moref"], 2000, 3 * MiB, rng.randbytes(256 * 1024))
+            vmdisk.zero(vc["stateDir"], vm["moref"], 2000, 8 * MiB, MiB)
+            vmdisk.write(vc["stateDir"], vm["moref"], 2001, size - MiB, rng.randbytes(4096))
+            expected = {d["key"]: shutil.copyfile(d["path"], work / f"inc-{d['key']}.raw") for d in vm["disks"]}
+            verify(api, backup(api, "auto"), expected)
+        finally:
+            for proc in reversed(processes):
+                proc.terminate()
+                proc.wait(30)
+    print("Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental: verified: OK")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
