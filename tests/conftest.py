@@ -75,6 +75,17 @@ class RunningServer:
         return self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Signal a service process, wait for it, close its pipes; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    code = proc.wait(timeout)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    return code
+
+
 def server_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "sendense_nbd", *args]
 

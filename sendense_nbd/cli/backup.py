@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from sendense_nbd import __version__
+from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import tunnel_command
 
 EXIT_CODES = """\b
@@ -294,13 +295,7 @@ async def _serve_node(config: Any, host: str, port: int) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
         bound = runner.addresses[0][1] if runner.addresses else port
-        click.echo(json.dumps({"listening": f"http://{host}:{bound}", "max_jobs": config.max_jobs}))
-        sys.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await ready_then_wait({"listening": f"http://{host}:{bound}", "max_jobs": config.max_jobs})
     finally:
         await service.close()
         await runner.cleanup()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 from typing import Any
 
 import click
 
+from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
 
 
@@ -109,13 +109,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
         started: dict[str, object] = {"listening": url, "repo": config.repo, **recovered}
         if tunnel_server is not None:
             started["ssh_port"] = tunnel_server.port
-        click.echo(json.dumps(started))
-        sys.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await ready_then_wait(started)
     finally:
         if tunnel_server is not None:
             tunnel_server.close()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pyVim.connect import Disconnect, SmartConnect
 
-from tests.conftest import RunningServer, run, start_server
+from tests.conftest import RunningServer, require, run, start_server
 from tests.vsphere import STANDIN_PLUGIN
 
 MIB = 1 << 20
@@ -67,6 +69,17 @@ class Lab:
             self.command(targets, *extra, job=job), capture_output=True, text=True, timeout=timeout, env=env()
         )
         return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def backup(
+        self, name: str, backing: dict[int, Path] | None, *extra: str, readonly: bool = False, job: str | None = None
+    ) -> tuple[dict[int, Path], Result]:
+        """A job into fresh points (overlays on ``backing``) served by our server; the points and the result."""
+        images = new_images(self.root, name, backing=backing)
+        server = serve_images(*images.values(), readonly=readonly)
+        try:
+            return images, self.migrate(targets_of(server, images), *extra, job=job)
+        finally:
+            server.stop()
 
     def recorded(self) -> dict[str, Any]:
         if not self.state_file.exists():
@@ -156,3 +169,27 @@ def new_images(root: Path, name: str, backing: dict[int, Path] | None = None) ->
             run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MIB))
         images[key] = image
     return images
+
+
+def slow_nbdkit(directory: Path, seconds: int = 3) -> Path:
+    """An ``nbdkit`` wrapper adding the delay filter: every read of the disk source takes ``seconds``."""
+    wrapper = directory / "nbdkit-slow"
+    wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay={seconds}\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@contextlib.contextmanager
+def job_in_background(
+    lab: Lab, name: str, backing: dict[int, Path] | None, *extra: str
+) -> Iterator[subprocess.Popen[str]]:
+    """A job writing into fresh points served by our server; the server stops when the block ends."""
+    images = new_images(lab.root, name, backing=backing)
+    server = serve_images(*images.values())
+    try:
+        yield subprocess.Popen(
+            lab.command(targets_of(server, images), *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+        )  # fmt: skip
+    finally:
+        server.stop()

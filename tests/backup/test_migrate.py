@@ -18,7 +18,18 @@ from typing import Any
 
 import pytest
 
-from tests.backup.lab import KEYS, MIB, VM_PATH, Lab, Result, compare, env, new_images, serve_images, targets_of
+from tests.backup.lab import (
+    KEYS,
+    MIB,
+    VM_PATH,
+    Lab,
+    Result,
+    compare,
+    env,
+    job_in_background,
+    serve_images,
+    slow_nbdkit,
+)
 from tests.conftest import require, run
 from tests.vsphere import running_vcsim, vmdisk
 
@@ -48,12 +59,7 @@ def test_full_backup_of_a_two_disk_vm(lab: Lab) -> None:
         for offset in (0, 3 * MIB + 4096, 7 * MIB):
             vmdisk.write(lab.state, lab.vm["moref"], key, offset, os.urandom(300_000))
     expected = {key: lab.keep_copy(key, "point1") for key in KEYS}
-    images = new_images(lab.root, "full")
-    server = serve_images(*images.values())
-    try:
-        result = lab.migrate(targets_of(server, images))
-    finally:
-        server.stop()
+    images, result = lab.backup("full", None)
     assert result.code == 0, result
     assert any("CBT was off" in note for note in result.notes), result
     final = result.reports[-1]
@@ -82,12 +88,7 @@ def test_incremental_backup_into_overlays(lab: Lab) -> None:
     vmdisk.write(lab.state, moref, 2001, 7 * MIB + 512, b"\x01" * 5000)
     vmdisk.write(lab.state, moref, 2001, 7 * MIB + 8192, b"\0" * 100_000)  # data overwritten with zeroes
     expected = {key: lab.keep_copy(key, "point2") for key in KEYS}
-    images = new_images(lab.root, "inc1", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        result = lab.migrate(targets_of(server, images))
-    finally:
-        server.stop()
+    images, result = lab.backup("inc1", Chain.latest)
     assert result.code == 0, result
     final = result.reports[-1]
     assert all(d["sync_type"] == "incremental" for d in final["disks"]), final
@@ -112,24 +113,14 @@ def _failure_expectations(lab: Lab, before: dict[str, Any], result: Result, code
 def test_target_refusing_writes_records_nothing(lab: Lab) -> None:
     before = lab.recorded()
     vmdisk.write(lab.state, lab.vm["moref"], 2000, 2 * MIB, os.urandom(10000))
-    images = new_images(lab.root, "refused", backing=Chain.latest)
-    server = serve_images(*images.values(), readonly=True)
-    try:
-        result = lab.migrate(targets_of(server, images))
-    finally:
-        server.stop()
+    images, result = lab.backup("refused", Chain.latest, readonly=True)
     _failure_expectations(lab, before, result, 1)
     assert "transferring" in result.notes[-1] or "setting up" in result.notes[-1], result
 
 
 def test_api_down_records_nothing_and_takes_no_snapshot(lab: Lab) -> None:
     before = lab.recorded()
-    images = new_images(lab.root, "apidown", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        result = lab.migrate(targets_of(server, images), "--api-url", "http://127.0.0.1:9/", "--api-retries", "0")
-    finally:
-        server.stop()
+    images, result = lab.backup("apidown", Chain.latest, "--api-url", "http://127.0.0.1:9/", "--api-retries", "0")
     assert result.code == 4, result
     assert lab.recorded() == before
     assert lab.snapshots() == []
@@ -142,20 +133,9 @@ def test_source_dying_mid_copy_records_nothing(lab: Lab, tmp_path: Path) -> None
     for key in KEYS:
         vmdisk.write(lab.state, moref, key, 0, os.urandom(4 * MIB))
     # A slow source (nbdkit's delay filter) that the test kills once the copy runs.
-    wrapper = tmp_path / "nbdkit"
-    wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay=3\n')
-    wrapper.chmod(0o755)
-    images = new_images(lab.root, "srcdies", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        proc = subprocess.Popen(
-            lab.command(targets_of(server, images), "--nbdkit", str(wrapper)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-        )  # fmt: skip
+    with job_in_background(lab, "srcdies", Chain.latest, "--nbdkit", str(slow_nbdkit(tmp_path))) as proc:
         argvs = _kill_source_when_transferring(proc)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        server.stop()
     assert argvs, "the copy never started"
     for argv in argvs:  # the password reaches nbdkit in a private 0600 file, never in argv
         passwords = [part for part in argv if part.startswith("password=")]
@@ -185,36 +165,20 @@ def _kill_source_when_transferring(proc: subprocess.Popen[str]) -> list[list[str
 
 def test_sigterm_mid_copy_removes_the_snapshot(lab: Lab, tmp_path: Path) -> None:
     before = lab.recorded()
-    wrapper = tmp_path / "nbdkit"
-    wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay=3\n')
-    wrapper.chmod(0o755)
-    images = new_images(lab.root, "sigterm", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        proc = subprocess.Popen(
-            lab.command(targets_of(server, images), "--nbdkit", str(wrapper)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-        )  # fmt: skip
+    with job_in_background(lab, "sigterm", Chain.latest, "--nbdkit", str(slow_nbdkit(tmp_path))) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not lab.snapshots():
             time.sleep(0.1)
         time.sleep(1.5)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        server.stop()
     _failure_expectations(lab, before, Result(proc.returncode, stdout, stderr), 143)
     assert "interrupted" in Result(0, stdout, "").notes[-1]
 
 
 def test_next_run_after_failures_is_a_correct_incremental(lab: Lab) -> None:
     expected = {key: lab.keep_copy(key, "point3") for key in KEYS}
-    images = new_images(lab.root, "inc2", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        result = lab.migrate(targets_of(server, images), "--quiesce", "--verify")
-    finally:
-        server.stop()
+    images, result = lab.backup("inc2", Chain.latest, "--quiesce", "--verify")
     assert result.code == 0, result
     assert all(d["sync_type"] == "incremental" for d in result.reports[-1]["disks"])
     for key in KEYS:
@@ -227,12 +191,7 @@ def test_cbt_reset_falls_back_to_a_full_copy(lab: Lab) -> None:
     vmdisk.reset_cbt(lab.state, moref, 2001)
     vmdisk.write(lab.state, moref, 2001, 5 * MIB, os.urandom(70000))
     expected = {key: lab.keep_copy(key, "point4") for key in KEYS}
-    images = new_images(lab.root, "inc3", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        result = lab.migrate(targets_of(server, images))
-    finally:
-        server.stop()
+    images, result = lab.backup("inc3", Chain.latest)
     assert result.code == 0, result
     kinds = {d["disk_key"]: d["sync_type"] for d in result.reports[-1]["disks"]}
     assert kinds == {2000: "incremental", 2001: "full"}, result
@@ -248,24 +207,14 @@ def test_snapshot_removal_failure_records_nothing_and_the_next_run_cleans_up(lab
     before = lab.recorded()
     vmdisk.write(lab.state, lab.vm["moref"], 2000, 6 * MIB, os.urandom(50000))
     expected = {key: lab.keep_copy(key, "point5") for key in KEYS}
-    images = new_images(lab.root, "rmfail", backing=Chain.latest)
-    server = serve_images(*images.values())
     vmdisk.inject_fault(lab.state, "RemoveSnapshot_Task", times=1)
-    try:
-        result = lab.migrate(targets_of(server, images), job="rmfail")
-    finally:
-        server.stop()
+    _, result = lab.backup("rmfail", Chain.latest, job="rmfail")
     assert result.code == 5, result
     assert lab.recorded() == before
     assert lab.snapshots() == ["sbak-rmfail"]
     assert "the next run removes it" in result.notes[-1], result
 
-    images = new_images(lab.root, "after-rmfail", backing=Chain.latest)
-    server = serve_images(*images.values())
-    try:
-        result = lab.migrate(targets_of(server, images))
-    finally:
-        server.stop()
+    images, result = lab.backup("after-rmfail", Chain.latest)
     assert result.code == 0, result
     assert "removed stale snapshot sbak-rmfail" in result.notes, result
     assert all(d["sync_type"] == "incremental" for d in result.reports[-1]["disks"])

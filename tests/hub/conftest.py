@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import stop_process
 from tests.hub.node_standin import NodeStandin
 from tests.vsphere import running_vcsim
 
@@ -109,13 +110,7 @@ class HubProcess:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(30)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        return code
+        return stop_process(self.proc, sig)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from sendense_nbd.node.config import ConfigError, load
-from tests.conftest import require, run
+from tests.conftest import require, run, stop_process
 from tests.hub.conftest import Api, HubProcess
 from tests.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
 
@@ -69,13 +68,7 @@ class NodeProcess:
         self.url = json.loads(line)["listening"]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(30)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        return code
+        return stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,21 @@
+"""What the long-running commands (hub, node) share: announce readiness, run until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+import click
+
+
+async def ready_then_wait(announcement: dict[str, object]) -> None:
+    """Print ``announcement`` as one JSON line (the service is ready), then wait for SIGINT or SIGTERM."""
+    click.echo(json.dumps(announcement))
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
