@@ -105,6 +105,7 @@ class NBDClient:
 
     def __init__(self, link: Link, ready: Ready, address: NBDAddress, options: ClientOptions) -> None:
         self._link = link
+        self._loop = asyncio.get_running_loop()
         self._ready = ready
         self.address = address
         self._options = options
@@ -408,23 +409,32 @@ class NBDClient:
         except BaseException:
             link.slots.release()
             raise
+        timeout = self._options.request_timeout
+        # A bare timer that fails the future costs less per request than asyncio.timeout().
+        timer = None if timeout is None else self._loop.call_later(timeout, _expire, future)
         try:
-            if self._options.request_timeout is None:
-                reply = await future
-            else:
-                async with asyncio.timeout(self._options.request_timeout):
-                    reply = await future
-        except TimeoutError:
+            reply = await future
+        except _Expired:
             link.abandon(handle)
-            raise NBDTimeoutError(
-                f"{command.name} of {length} bytes at {offset} took over {self._options.request_timeout} s"
-            ) from None
+            raise NBDTimeoutError(f"{command.name} of {length} bytes at {offset} took over {timeout} s") from None
         except asyncio.CancelledError:
             link.abandon(handle)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if reply.errno:
             raise NBDRequestError(reply.errno, reply.message, command=command, offset=reply.error_offset)
         return reply
+
+
+class _Expired(Exception):
+    """A request's timer went off before its reply came."""
+
+
+def _expire(future: asyncio.Future[Reply]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 async def _all(coroutines: list[Coroutine[Any, Any, Any]]) -> None:
