@@ -102,30 +102,31 @@ async def run_backup(
     try:
         result = await _run(spec, vsphere, store, progress, on_note)
     except asyncio.CancelledError:
-        await _report_failure(store, progress, spec, "cancelled", "the job was cancelled")
+        await _report_failure(store, progress, spec, "the job was cancelled", cancelled=True)
         raise
     except BackupError as exc:
-        await _report_failure(store, progress, spec, exc.stage, str(exc))
+        await _report_failure(store, progress, spec, str(exc))
         raise
     except Exception as exc:  # a defect: still report the job as failed, with its stage
         error = BackupError(f"unexpected {type(exc).__name__}: {exc}", progress.stage)
-        await _report_failure(store, progress, spec, error.stage, str(error))
+        await _report_failure(store, progress, spec, str(error))
         raise error from exc
     progress.set_stage("finalizing")
     try:
         await store.complete(spec.job_id, spec.vm_path, result.disks)
     except SendenseError as exc:
         message = f"the backup was copied and flushed, but recording its change IDs failed: {exc}"
-        await _report_failure(store, progress, spec, "finalizing", message)
+        await _report_failure(store, progress, spec, message)
         raise BackupError(message, "finalizing") from exc
     await progress.finish("completed")
     return result
 
 
 async def _report_failure(
-    store: ChangeIdStore, progress: JobProgress, spec: BackupSpec, stage: str, message: str
+    store: ChangeIdStore, progress: JobProgress, spec: BackupSpec, message: str, *, cancelled: bool = False
 ) -> None:
-    status = "cancelled" if stage == "cancelled" else "failed"
+    """The final progress report and the failure report, at the stage the job had reached."""
+    status = "cancelled" if cancelled else "failed"
     await asyncio.shield(progress.finish(status, {"stage": progress.stage, "message": message}))
     try:
         await asyncio.shield(store.failed(spec.job_id, spec.vm_path, progress.stage, message))

@@ -77,7 +77,7 @@ class Hub:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> dict[str, list[str]]:
+    async def start(self) -> dict[str, list[Any]]:
         """Clean up after a crashed predecessor, then start the lease and timeout watchers."""
         failed = []
         for job in await self.jobs.list(state="running") + await self.jobs.list(state="pending"):
@@ -91,7 +91,7 @@ class Hub:
                 failed, released, discarded, merged,
             )  # fmt: skip
         self._tasks = [asyncio.ensure_future(self._renew_leases()), asyncio.ensure_future(self._expire_jobs())]
-        return {"failed_jobs": failed, "released_ports": [str(p) for p in released], "discarded_points": discarded}
+        return {"failed_jobs": failed, "released_ports": released, "discarded_points": discarded}
 
     async def close(self) -> None:
         for task in self._tasks:
