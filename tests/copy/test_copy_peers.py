@@ -191,7 +191,10 @@ async def test_overlay_zero_areas_hide_the_backing_file(  # type: ignore[no-unty
 async def test_source_eio_is_retried(nbdkit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     clean = nbdkit(*SPARSE_RANDOM)
     faulty = nbdkit("--filter=error", *SPARSE_RANDOM, "error-pread=EIO", "error-pread-rate=10%")
-    result = await copy_uris(faulty, str(tmp_path / "t.raw"), fmt=ImageFormat.RAW, request_size=MiB, backoff=0.005)
+    # About 150 reads of 64 KiB: some fail (the odds of none are 0.9^150), none fails 6 times in a row.
+    result = await copy_uris(
+        faulty, str(tmp_path / "t.raw"), fmt=ImageFormat.RAW, request_size=64 * 1024, backoff=0.005
+    )
     assert result.retries > 0
     same_bytes(dump(clean, tmp_path / "clean.raw"), tmp_path / "t.raw")
 
@@ -209,8 +212,9 @@ async def test_source_always_failing_gives_a_clear_error(nbdkit, tmp_path: Path)
 
 async def test_target_eio_is_retried(nbdkit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = nbdkit(*SPARSE_RANDOM)
-    target = nbdkit("--filter=error", "memory", "size=32M", "error-pwrite=EIO", "error-pwrite-rate=20%")
-    result = await copy_uris(src, target, request_size=MiB, backoff=0.005)
+    target = nbdkit("--filter=error", "memory", "size=32M", "error-pwrite=EIO", "error-pwrite-rate=5%")
+    # About 150 writes of 64 KiB: some fail (the odds of none are 0.95^150), none fails 6 times in a row.
+    result = await copy_uris(src, target, request_size=64 * 1024, backoff=0.005)
     assert result.retries > 0 and result.flushed
     same_bytes(dump(src, tmp_path / "src.raw"), dump(target, tmp_path / "target.raw"))
 
