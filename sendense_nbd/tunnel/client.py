@@ -264,6 +264,7 @@ class Tunnel:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)  # retrieved: no "never retrieved" warning
         self._raise_failure()
 
     def _raise_failure(self) -> None:
