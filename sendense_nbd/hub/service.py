@@ -31,7 +31,7 @@ from sendense_nbd.hub.exports import ExportManager
 from sendense_nbd.hub.jobs import TERMINAL, Job, JobStateError, JobStore
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.ports import DEFAULT_POOL, PortAllocator
-from sendense_nbd.hub.repository import Point, Repository, RepositoryError
+from sendense_nbd.hub.repository import Point, Repository
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Hub:
             if self.node is not None:
                 await self.node.start_backup(job.id, vm_path, mode, targets, self.config.public_url)
         except BaseException as exc:
-            await self._cleanup(job.id, entries, keep_points=False)
+            await self._cleanup(job.id, entries)
             with contextlib.suppress(JobStateError):
                 await self.jobs.transition(job.id, "failed", error={"stage": "starting", "message": str(exc)})
             raise
@@ -166,25 +166,27 @@ class Hub:
         except BaseException:
             await self.repository.discard(point.id)
             raise
-        host = self.config.nbd_advertise or self.config.nbd_bind
-        host = f"[{host}]" if ":" in host else host
         return {
             "disk_key": key,
             "port": running.port,
             "export": name,
-            "uri": f"nbd://{host}:{running.port}/{name}",
+            "uri": self._uri(running.port, name),
             "point_id": point.id,
             "sync_type": point.kind,
             "base_point": point.backing,
         }
 
-    async def _cleanup(self, job_id: str, entries: list[dict[str, Any]], *, keep_points: bool) -> None:
-        """Stop the job's exports (flushing), release its ports; discard its points unless kept."""
+    def _uri(self, port: int, export: str) -> str:
+        """The NBD URI of an export as nodes reach it."""
+        host = self.config.nbd_advertise or self.config.nbd_bind
+        return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{export}"
+
+    async def _cleanup(self, job_id: str, entries: list[dict[str, Any]]) -> None:
+        """Stop a failed job's exports (flushing), release its ports, discard its points."""
         await self.exports.stop_job(job_id)
         await self.ports.release(job_id=job_id)
-        if not keep_points:
-            for entry in entries:
-                await self.repository.discard(entry["point_id"])
+        for entry in entries:
+            await self.repository.discard(entry["point_id"])
 
     async def progress(self, job_id: str, report: dict[str, Any]) -> Job:
         return await self.jobs.set_progress(job_id, report)
@@ -212,13 +214,13 @@ class Hub:
         for key in entries:
             try:
                 await self.repository.apply_retention(job.vm_path, key, self.config.keep_points)
-            except (RepositoryError, SendenseError, OSError) as exc:
+            except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, key, exc)
         return job
 
     async def _fail(self, job_id: str, stage: str, message: str, state: str = "failed") -> Job:
         job = await self.jobs.get(job_id)
-        await self._cleanup(job_id, job.detail.get("disks", []), keep_points=False)
+        await self._cleanup(job_id, job.detail.get("disks", []))
         try:
             return await self.jobs.transition(job_id, state, error={"stage": stage, "message": message})
         except JobStateError:
@@ -265,9 +267,8 @@ class Hub:
                 await self.ports.release(job_id=job.id)
                 await self.jobs.transition(job.id, "failed", error={"stage": "export", "message": "cannot serve"})
                 raise
-            host = self.config.nbd_advertise or self.config.nbd_bind
             detail = {"point_id": point.id, "port": running.port, "export": running.name,
-                      "uri": f"nbd://{host}:{running.port}/{running.name}"}  # fmt: skip
+                      "uri": self._uri(running.port, running.name)}  # fmt: skip
             return await self.jobs.transition(job.id, "running", detail=detail)
         if action == "convert":
             if fmt not in ("raw", "qcow2") or not path:
