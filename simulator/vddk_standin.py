@@ -3,7 +3,7 @@
 Run as an nbdkit python plugin (stdlib only, so nbdkit's embedded python needs no PYTHONPATH)::
 
     nbdkit -r python simulator/vddk_standin.py \\
-        server=127.0.0.1 port=PORT user=user password=+FILE thumbprint=AA:BB:... \\
+        server=127.0.0.1 port=PORT user=user password=-FD thumbprint=AA:BB:... \\
         vm=moref=vm-57 snapshot=snapshot-78 transports=nbdssl:nbd compression=none \\
         file='[LocalDS_0] DC0_H0_VM0/disk1.vmdk'
 
@@ -82,20 +82,23 @@ def _read_password(value: str) -> str:
     def strip_nl(s: str) -> str:
         return s[:-1] if s.endswith("\n") else s
 
-    if value == "-":
-        if sys.stdin is not None and sys.stdin.isatty():
-            import getpass
+    if value == "-":  # as nbdkit 1.32: interactive only
+        if sys.stdin is None or not sys.stdin.isatty():
+            raise ValueError("stdin is not a tty, cannot read password interactively")
+        import getpass
 
-            return getpass.getpass("password: ")
-        return strip_nl(sys.stdin.readline())
+        return getpass.getpass("password: ")
     if value.startswith("-") and value[1:].isdigit():
         fd = int(value[1:])
+        if fd < 3:
+            raise ValueError("password=-FD cannot use stdin, stdout or stderr")
         chunks = []
         while True:
             b = os.read(fd, 4096)
             if not b:
                 break
             chunks.append(b)
+        os.close(fd)
         return strip_nl(b"".join(chunks).decode())
     if value.startswith("+"):
         with builtins.open(value[1:], encoding="utf-8") as f:  # open() is the nbdkit callback below

@@ -30,9 +30,9 @@ Exit status:
 """
 
 NBDKIT_EXAMPLE = """\b
-The disk source, one per disk (the password goes in a 0600 file, never in argv):
+The disk source, one per disk (the password comes from an inherited pipe, never argv or disk):
   nbdkit --exit-with-parent --readonly --foreground --unix SOCK --pidfile PID \\
-    vddk server=VCENTER user=USER password=+FILE thumbprint=AA:BB:... \\
+    vddk server=VCENTER user=USER password=-FD thumbprint=AA:BB:... \\
     vm=moref=vm-42 snapshot=snapshot-7 file='[datastore1] vm/vm.vmdk' \\
     [port=P] [libdir=/opt/vmware-vix-disklib-distrib] [transports=nbdssl:nbd] [compression=zlib]
 --nbdkit and --vddk-plugin replace "nbdkit" and "vddk" (e.g. a stand-in plugin in tests).

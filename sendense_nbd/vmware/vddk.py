@@ -1,10 +1,12 @@
 """The disk source: one read-only nbdkit (vddk plugin) per disk on a private unix socket.
 
 The command line is built from :class:`VddkConfig` and a disk; the
-password reaches nbdkit as ``password=+FILE`` (a 0600 file in a private
-0700 directory, removed with the process), never in argv. ``nbdkit`` and the
-plugin are configurable so tests can run a stand-in plugin with the same
-parameter contract.
+password reaches nbdkit as ``password=-FD``: nbdkit reads it from a pipe it
+inherits, so it is never in argv nor on disk, and a SIGKILL leaves nothing
+behind. (``password=-`` needs a terminal on nbdkit 1.32.) The socket and pid
+file sit in a private 0700 directory, removed with the process. ``nbdkit``
+and the plugin are configurable so tests can run a stand-in plugin with the
+same parameter contract.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shlex
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Sequence
 
 import attrs
@@ -96,10 +99,12 @@ def build_command(
     disk_file: str,
     snapshot_moref: str | None,
     socket_path: str,
-    password_file: str,
+    password_fd: int,
     pid_file: str,
 ) -> list[str]:
-    """The nbdkit argv for one disk (the password is ``+password_file``, never the password itself)."""
+    """The nbdkit argv for one disk (the password is read from ``password_fd``, never given in argv)."""
+    if password_fd < 3:
+        raise DiskSourceError("nbdkit reads password=-FD only from a descriptor above 2")
     command = [
         config.nbdkit,
         "--exit-with-parent",
@@ -115,7 +120,7 @@ def build_command(
     params: list[tuple[str, str]] = [
         ("server", config.server),
         ("user", config.user),
-        ("password", f"+{password_file}"),
+        ("password", f"-{password_fd}"),
         ("thumbprint", config.thumbprint),
         ("vm", f"moref={vm_moref}"),
     ]
@@ -169,34 +174,38 @@ class VddkSource:
         return f"nbd+unix:///?socket={self.socket_path}"
 
     async def start(self) -> VddkSource:
-        self.directory = tempfile.mkdtemp(prefix="sendense-vddk-")  # mode 0700
-        password_file = os.path.join(self.directory, "password")
+        sweep_stale_directories()
+        self.directory = tempfile.mkdtemp(prefix=_DIRECTORY_PREFIX)  # mode 0700
         pid_file = os.path.join(self.directory, "nbdkit.pid")
-        descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-            f.write(self._password)
-        self.command = build_command(
-            self.config,
-            vm_moref=self.vm_moref,
-            disk_file=self.disk_file,
-            snapshot_moref=self.snapshot_moref,
-            socket_path=self.socket_path,
-            password_file=password_file,
-            pid_file=pid_file,
-        )
-        env = {**os.environ, **dict(self.config.env)}
-        log.info("disk source: %s", describe_command(self.command))
+        password_fd = _password_pipe(self._password)
         try:
+            self.command = build_command(
+                self.config,
+                vm_moref=self.vm_moref,
+                disk_file=self.disk_file,
+                snapshot_moref=self.snapshot_moref,
+                socket_path=self.socket_path,
+                password_fd=password_fd,
+                pid_file=pid_file,
+            )
+            env = {**os.environ, **dict(self.config.env)}
+            log.info("disk source: %s", describe_command(self.command))
             self.process = await asyncio.create_subprocess_exec(
                 *self.command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
+                pass_fds=(password_fd,),
             )
         except OSError as exc:
             await self.stop()
             raise DiskSourceError(f"cannot run {self.config.nbdkit}: {exc.strerror or exc}") from exc
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            os.close(password_fd)
         try:
             await self._wait_listening(pid_file)
         except BaseException:
@@ -248,6 +257,75 @@ class VddkSource:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+_DIRECTORY_PREFIX = "sendense-vddk-"
+#: A stale directory is at least this old: older releases wrote the password into it.
+_STALE_AGE = 600.0
+
+
+def _password_pipe(password: str) -> int:
+    """The read end of a pipe that holds ``password`` and then EOF."""
+    data = password.encode()
+    read_fd, write_fd = os.pipe()
+    try:
+        os.set_blocking(write_fd, False)
+        written = os.write(write_fd, data) if data else 0
+    except BlockingIOError:
+        written = 0
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    if written != len(data):
+        os.close(read_fd)
+        raise DiskSourceError("the vCenter password is too long to hand to nbdkit through a pipe")
+    return read_fd
+
+
+def sweep_stale_directories(root: str | None = None) -> list[str]:
+    """Remove our private directories left by killed jobs of older releases, which held the password
+    in a file; those of running jobs (a live pid in ``nbdkit.pid``, or younger than 10 minutes) stay.
+    Returns the directories removed."""
+    root = root or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(_DIRECTORY_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid():
+                continue
+            if time.time() - info.st_mtime < _STALE_AGE or _nbdkit_alive(entry.path):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.warning("removed %s, left by a job that was killed", entry.path)
+        removed.append(entry.path)
+    return removed
+
+
+def _nbdkit_alive(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "nbdkit.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip() or "0")
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe_command(command: Sequence[str]) -> str:

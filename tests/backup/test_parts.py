@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import click
@@ -14,7 +17,7 @@ from sendense_nbd.cli.backup import _parse_targets
 from sendense_nbd.copy import Progress
 from sendense_nbd.errors import DiskSourceError, VSphereError
 from sendense_nbd.vmware.session import Endpoint, normalize_thumbprint, read_password
-from sendense_nbd.vmware.vddk import VddkConfig, build_command
+from sendense_nbd.vmware.vddk import VddkConfig, build_command, sweep_stale_directories
 
 
 async def test_progress_is_rate_bounded_and_the_latest_state_wins() -> None:
@@ -104,13 +107,13 @@ def test_nbdkit_command_for_a_real_vddk_setup() -> None:
         disk_file="[ds1] vm/vm.vmdk",
         snapshot_moref="snapshot-7",
         socket_path="/run/x/disk.sock",
-        password_file="/run/x/password",
+        password_fd=7,
         pid_file="/run/x/nbdkit.pid",
     )
     assert command == [
         "nbdkit", "--exit-with-parent", "--readonly", "--foreground", "--unix", "/run/x/disk.sock",
         "--pidfile", "/run/x/nbdkit.pid", "vddk", "server=vc.example", "user=backup@vsphere.local",
-        "password=+/run/x/password", "thumbprint=AA:BB", "vm=moref=vm-42", "snapshot=snapshot-7",
+        "password=-7", "thumbprint=AA:BB", "vm=moref=vm-42", "snapshot=snapshot-7",
         "file=[ds1] vm/vm.vmdk", "libdir=/opt/vmware-vix-disklib-distrib", "transports=nbdssl:nbd",
         "compression=zlib", "config=/etc/vddk.conf",
     ]  # fmt: skip
@@ -121,9 +124,43 @@ def test_nbdkit_command_for_a_real_vddk_setup() -> None:
             disk_file="f",
             snapshot_moref=None,
             socket_path="s",
-            password_file="p",
+            password_fd=7,
             pid_file="q",
         )
+    with pytest.raises(DiskSourceError, match="above 2"):  # nbdkit refuses stdin/stdout/stderr
+        build_command(
+            config, vm_moref="v", disk_file="f", snapshot_moref=None, socket_path="s", password_fd=0, pid_file="q"
+        )
+
+
+def test_sweep_removes_only_stale_directories_of_killed_jobs(tmp_path: Path) -> None:
+    """Older releases left the password in sendense-vddk-*/password when SIGKILLed."""
+    old = time.time() - 3600
+
+    def planted(name: str, pid: int | None, *, age: float = old) -> Path:
+        directory = tmp_path / name
+        directory.mkdir(mode=0o700)
+        (directory / "password").write_text("secret")
+        if pid is not None:
+            (directory / "nbdkit.pid").write_text(f"{pid}\n")
+        os.utime(directory, (age, age))
+        return directory
+
+    killed = planted("sendense-vddk-killed", None)
+    gone = planted("sendense-vddk-gone", _exited_pid())
+    running = planted("sendense-vddk-running", os.getpid())
+    young = planted("sendense-vddk-young", None, age=time.time())
+    other = planted("not-ours", None)
+    removed = sweep_stale_directories(str(tmp_path))
+    assert sorted(removed) == sorted([str(killed), str(gone)])
+    assert not killed.exists() and not gone.exists()
+    assert running.exists() and young.exists() and other.exists()
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 async def test_state_file_records_atomically_and_forgets_disks_without_cbt(tmp_path: Path) -> None:
