@@ -102,34 +102,42 @@ async def run_backup(
     try:
         result = await _run(spec, vsphere, store, progress, on_note)
     except asyncio.CancelledError:
-        await _report_failure(store, progress, spec, "the job was cancelled", cancelled=True)
+        await _report_failure(store, progress, spec, "the job was cancelled", progress.stage, cancelled=True)
         raise
     except BackupError as exc:
-        await _report_failure(store, progress, spec, str(exc))
+        await _report_failure(store, progress, spec, str(exc), exc.stage)
         raise
     except Exception as exc:  # a defect: still report the job as failed, with its stage
         error = BackupError(f"unexpected {type(exc).__name__}: {exc}", progress.stage)
-        await _report_failure(store, progress, spec, str(error))
+        await _report_failure(store, progress, spec, str(error), error.stage)
         raise error from exc
     progress.set_stage("finalizing")
     try:
         await store.complete(spec.job_id, spec.vm_path, result.disks)
     except SendenseError as exc:
         message = f"the backup was copied and flushed, but recording its change IDs failed: {exc}"
-        await _report_failure(store, progress, spec, message)
+        await _report_failure(store, progress, spec, message, "finalizing")
         raise BackupError(message, "finalizing") from exc
     await progress.finish("completed")
     return result
 
 
 async def _report_failure(
-    store: ChangeIdStore, progress: JobProgress, spec: BackupSpec, message: str, *, cancelled: bool = False
+    store: ChangeIdStore,
+    progress: JobProgress,
+    spec: BackupSpec,
+    message: str,
+    stage: str,
+    *,
+    cancelled: bool = False,
 ) -> None:
-    """The final progress report and the failure report, at the stage the job had reached."""
+    """The final progress report and the failure report, naming ``stage``: where the job failed or was
+    cancelled (the snapshot's removal after a failure is cleanup, not a stage the job reached)."""
     status = "cancelled" if cancelled else "failed"
-    await asyncio.shield(progress.finish(status, {"stage": progress.stage, "message": message}))
+    progress.set_stage(stage)
+    await asyncio.shield(progress.finish(status, {"stage": stage, "message": message}))
     try:
-        await asyncio.shield(store.failed(spec.job_id, spec.vm_path, progress.stage, message))
+        await asyncio.shield(store.failed(spec.job_id, spec.vm_path, stage, message))
     except SendenseError as exc:
         log.warning("telling the hub that job %s failed did not work: %s", spec.job_id, exc)
 
@@ -173,7 +181,7 @@ async def _run(
         )
     except BaseException:
         try:
-            await asyncio.shield(_remove_snapshot(vsphere, vm, snapshot, progress))
+            await asyncio.shield(_remove_snapshot(vsphere, vm, snapshot, progress, cleanup=True))
         except BackupError as cleanup:  # the copy's error is the one to report
             on_note(str(cleanup))
         raise
@@ -194,14 +202,18 @@ async def _create_snapshot(spec: BackupSpec, vsphere: VSphere, vm: VirtualMachin
         except SendenseError:
             raise asyncio.CancelledError() from None
         try:
-            await _remove_snapshot(vsphere, vm, snapshot, progress)
+            await _remove_snapshot(vsphere, vm, snapshot, progress, cleanup=True)
         except BackupError as exc:
             log.warning("%s", exc)
         raise
 
 
-async def _remove_snapshot(vsphere: VSphere, vm: VirtualMachine, snapshot: Snapshot, progress: JobProgress) -> None:
-    progress.set_stage("finalizing")
+async def _remove_snapshot(
+    vsphere: VSphere, vm: VirtualMachine, snapshot: Snapshot, progress: JobProgress, *, cleanup: bool = False
+) -> None:
+    """Remove the job's snapshot; ``cleanup`` (after a failure) keeps the stage the job failed at."""
+    if not cleanup:
+        progress.set_stage("finalizing")
     try:
         await vsphere.call(remove_snapshot, vsphere.si, vm, snapshot)
     except SendenseError as exc:

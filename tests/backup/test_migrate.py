@@ -143,7 +143,9 @@ def test_source_dying_mid_copy_records_nothing(lab: Lab, tmp_path: Path) -> None
         assert len(passwords) == 1 and re.fullmatch(r"password=-([3-9]|[1-9][0-9]+)", passwords[0]), argv
         assert {"--exit-with-parent", "--readonly"} <= set(argv), argv
         assert f"vm=moref={lab.vm['moref']}" in argv and any(p.startswith("snapshot=snapshot-") for p in argv)
-    _failure_expectations(lab, before, Result(proc.returncode, stdout, stderr), 1)
+    result = Result(proc.returncode, stdout, stderr)
+    _failure_expectations(lab, before, result, 1)
+    assert result.reports[-1]["error"]["stage"] == "transferring", result.reports[-1]
 
 
 def _kill_source_when_transferring(proc: subprocess.Popen[str]) -> list[list[str]]:
@@ -172,8 +174,11 @@ def test_sigterm_mid_copy_removes_the_snapshot(lab: Lab, tmp_path: Path) -> None
         time.sleep(1.5)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
-    _failure_expectations(lab, before, Result(proc.returncode, stdout, stderr), 143)
+    result = Result(proc.returncode, stdout, stderr)
+    _failure_expectations(lab, before, result, 143)
     assert "interrupted" in Result(0, stdout, "").notes[-1]
+    final = result.reports[-1]  # cancelled while transferring: the report says so, not "finalizing"
+    assert final["stage"] == final["error"]["stage"] == "transferring", final
 
 
 def test_sigkilled_job_leaves_no_password_on_disk(lab: Lab, tmp_path: Path) -> None:
