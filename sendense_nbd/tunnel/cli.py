@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sendense_nbd.errors import TunnelError
-from sendense_nbd.tunnel.config import DEFAULT_NODE_API, Forward, parse_host_port, parse_ports
+from sendense_nbd.tunnel.config import (
+    DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_MAX_STARTUPS,
+    DEFAULT_NODE_API,
+    Forward,
+    parse_host_port,
+    parse_ports,
+)
 
 if TYPE_CHECKING:
     from sendense_nbd.tunnel.server import TunnelServerConfig
@@ -178,6 +185,20 @@ def ssh_server_options(command: F) -> F:
             metavar="HOST:PORT",
             help="Address nodes may reverse-forward (repeatable) [default 127.0.0.1:8081].",
         ),
+        click.option(
+            "--ssh-max-startups",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_STARTUPS,
+            show_default=True,
+            help="Connections that may be logging in at once; more are dropped (OpenSSH's MaxStartups).",
+        ),
+        click.option(
+            "--ssh-login-timeout",
+            type=click.FloatRange(min=1),
+            default=DEFAULT_LOGIN_TIMEOUT,
+            show_default=True,
+            help="Seconds a connection may take to log in.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -204,6 +225,8 @@ def server_config_from_options(
         dest_host=dest_host,
         ports=frozenset(ports),
         remote_listens=frozenset(node_api or [DEFAULT_NODE_API]),
+        max_startups=o.get("ssh_max_startups") or DEFAULT_MAX_STARTUPS,
+        login_timeout=o.get("ssh_login_timeout") or DEFAULT_LOGIN_TIMEOUT,
     )
 
 

@@ -10,6 +10,9 @@ from sendense_nbd.errors import TunnelError
 DEFAULT_PORTS = range(10100, 10201)
 #: The node API, reachable from the hub through the reverse forward.
 DEFAULT_NODE_API = ("127.0.0.1", 8081)
+#: Connections the hub's SSH endpoint lets log in at once (OpenSSH's MaxStartups), and for how long.
+DEFAULT_MAX_STARTUPS = 20
+DEFAULT_LOGIN_TIMEOUT = 30.0
 #: Per-channel SSH flow control: bigger than asyncssh's 2 MiB / 32 KiB defaults, fewer packets and stalls.
 CHANNEL_WINDOW = 8 * 1024 * 1024
 CHANNEL_MAX_PACKET = 128 * 1024

@@ -12,6 +12,11 @@ keyboard-interactive and host-based logins are off). It may then
 Sessions (shells, exec, subsystems), agent/X11 forwarding and unix-socket
 forwards are refused. Every refusal is logged with its reason. When a
 connection drops, asyncssh closes the listeners it opened for it.
+
+Unauthenticated connections are bounded, like OpenSSH's ``MaxStartups``: at
+most ``max_startups`` may be logging in at once (each for at most
+``login_timeout``); one more is dropped as soon as it connects, so a flood of
+idle connections costs a bounded amount of memory and file descriptors.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ import attrs
 
 from sendense_nbd.errors import TunnelError
 from sendense_nbd.tunnel.allocator import tune_malloc
-from sendense_nbd.tunnel.config import CHANNEL_MAX_PACKET, CHANNEL_WINDOW, DEFAULT_NODE_API, DEFAULT_PORTS
+from sendense_nbd.tunnel.config import (
+    CHANNEL_MAX_PACKET,
+    CHANNEL_WINDOW,
+    DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_MAX_STARTUPS,
+    DEFAULT_NODE_API,
+    DEFAULT_PORTS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +74,9 @@ class TunnelServerConfig:
     )
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
-    login_timeout: float = 30.0
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
+    #: Connections that have not logged in yet, at most (OpenSSH's MaxStartups).
+    max_startups: int = attrs.field(default=DEFAULT_MAX_STARTUPS, validator=attrs.validators.ge(1))
 
 
 class _Handler(asyncssh.SSHServer):
@@ -78,10 +92,20 @@ class _Handler(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._server.connections.add(conn)
+        if len(self._server.logging_in) >= self._server.config.max_startups:
+            log.warning(
+                "dropped a connection from %s: %d connections are already logging in (max startups)",
+                self._peer,
+                len(self._server.logging_in),
+            )
+            asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        self._server.logging_in.add(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._server.connections.discard(self._conn)
+            self._server.logging_in.discard(self._conn)
         log.info("tunnel connection from %s closed%s", self._peer, f": {exc}" if exc else "")
 
     def begin_auth(self, username: str) -> bool:
@@ -97,6 +121,8 @@ class _Handler(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        if self._conn is not None:
+            self._server.logging_in.discard(self._conn)
         log.info("tunnel login from %s accepted", self._peer)
 
     def session_requested(self) -> bool:
@@ -150,6 +176,8 @@ class TunnelServer:
     def __init__(self, config: TunnelServerConfig) -> None:
         self.config = config
         self.connections: set[asyncssh.SSHServerConnection] = set()
+        #: Connections not logged in yet (bounded by ``config.max_startups``).
+        self.logging_in: set[asyncssh.SSHServerConnection] = set()
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
     async def start(self) -> None:

@@ -274,3 +274,60 @@ async def test_status_while_the_hub_is_unreachable(keys: Keys) -> None:
         assert not status.connected and status.links[0].state in (LinkState.BACKOFF, LinkState.CONNECTING)
         assert "Errno 111" in str(status.links[0].last_error) or "refused" in str(status.links[0].last_error)
         assert await refused(local[0].listen_port)
+
+
+async def test_unauthenticated_connections_are_bounded(keys: Keys, echo: tuple[Echo, ...]) -> None:
+    """A flood of idle connections: at most max_startups are held and the rest are dropped at once
+    (not at the login timeout); logged-in nodes do not count against the limit."""
+    cfg = server_config(keys, {echo[0].port}, max_startups=5, login_timeout=120.0)
+    async with running(cfg) as server:
+        first = await raw_client(keys, server.port)
+        second = await raw_client(keys, server.port)  # logged in: neither holds a slot
+        flood = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(200)]
+        try:
+            await eventually(lambda: len(server.connections) <= 2 + 5)
+            assert len(server.logging_in) == 5
+
+            async def dropped(reader: asyncio.StreamReader) -> bool:
+                try:
+                    async with asyncio.timeout(1):
+                        while await reader.read(4096):
+                            pass
+                except ConnectionError:
+                    pass
+                except TimeoutError:
+                    return False
+                return True
+
+            outcomes = await asyncio.gather(*(dropped(reader) for reader, _ in flood))
+            assert outcomes.count(True) == 195, outcomes.count(True)
+            for (_, writer), was_dropped in zip(flood, outcomes):
+                if not was_dropped:
+                    writer.close()
+            await eventually(lambda: not server.logging_in)
+            third = await raw_client(keys, server.port)
+            third.close()
+            assert not first.is_closed() and not second.is_closed()
+        finally:
+            for _, writer in flood:
+                writer.close()
+            first.close()
+            second.close()
+
+
+async def test_endpoint_offers_strict_kex_against_terrapin(keys: Keys, echo: tuple[Echo, ...]) -> None:
+    """CVE-2023-48795: the server's KEXINIT advertises OpenSSH's strict key exchange."""
+    async with running(server_config(keys, {echo[0].port})) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"SSH-2.0-terrapin-probe\r\n")
+            received = b""
+            async with asyncio.timeout(10):
+                while b"kex-strict-s-v00@openssh.com" not in received and len(received) < 65536:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+            assert b"kex-strict-s-v00@openssh.com" in received, received[:200]
+        finally:
+            writer.close()
