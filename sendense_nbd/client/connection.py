@@ -284,13 +284,19 @@ class NBDClient:
         await self._split(Command.CACHE, offset, length, self._effect_chunk)
 
     async def block_status(
-        self, length: int, offset: int, context: str = BASE_ALLOCATION, *, req_one: bool = False
+        self,
+        length: int,
+        offset: int,
+        context: str = BASE_ALLOCATION,
+        *,
+        req_one: bool = False,
+        max_extents: int | None = None,
     ) -> list[tuple[int, int]]:
         """``(length, flags)`` extents from ``offset`` for one meta context.
 
         One request: the server may describe less than ``length`` (never
         nothing), so the extents cover a prefix of the range; the last one is
-        cut at the end of the range.
+        cut at the end of the range. At most ``max_extents`` are returned.
         """
         context_id = self._ready.meta_contexts.get(context)
         if context_id is None:
@@ -305,19 +311,32 @@ class NBDClient:
         for extent_length, extent_flags in reply.extents[context_id]:
             extents.append((min(extent_length, left), extent_flags))
             left -= extent_length
-            if left <= 0:
+            if left <= 0 or len(extents) == max_extents:
                 break
         return extents
 
     async def extents(
-        self, length: int | None = None, offset: int = 0, context: str = BASE_ALLOCATION
+        self,
+        length: int | None = None,
+        offset: int = 0,
+        context: str = BASE_ALLOCATION,
+        *,
+        max_extents: int | None = None,
     ) -> list[tuple[int, int, int]]:
         """``(offset, length, flags)`` extents covering the whole range (default:
-        to the end of the export), asking as often as the server needs."""
+        to the end of the export), asking as often as the server needs.
+
+        With ``max_extents`` the list stops after that many extents, covering
+        only a prefix of the range: the caller goes on from where it ends.
+        This bounds memory whatever the fragmentation of the export.
+        """
         end = self.size if length is None else offset + length
         result: list[tuple[int, int, int]] = []
         while offset < end:
-            for extent_length, flags in await self.block_status(end - offset, offset, context):
+            room = None if max_extents is None else max_extents - len(result)
+            if room is not None and room <= 0:
+                break
+            for extent_length, flags in await self.block_status(end - offset, offset, context, max_extents=room):
                 result.append((offset, extent_length, flags))
                 offset += extent_length
         return result

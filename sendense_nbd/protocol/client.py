@@ -20,6 +20,13 @@ Theory of operation (doc/proto.md of NetworkBlockDevice/nbd):
   refusal raises :class:`OptionError` with the reply code and the server's
   message. The handshake ends with :class:`Ready` (or :class:`Informed`,
   :class:`Listed`).
+* What a server may make the client keep is bounded: each option reply is at
+  most :data:`MAX_OPTION_REPLY` bytes, a handshake at most
+  :data:`MAX_HANDSHAKE_REPLIES` replies and :data:`MAX_HANDSHAKE_BYTES`
+  bytes, an option at most :data:`MAX_META_CONTEXTS` meta contexts. Export
+  sizes over 2^63 - 1 and block sizes the spec forbids ("Block size
+  constraints") are protocol errors, as are meta contexts the client did not
+  ask for or that reuse a name or an id.
 """
 
 from __future__ import annotations
@@ -50,6 +57,14 @@ from sendense_nbd.protocol.sansio import NeedData, SansIOMachine
 
 #: Longest option reply payload the client buffers (strings are at most 4 KiB).
 MAX_OPTION_REPLY = 64 * 1024
+#: Most option replies one handshake may send.
+MAX_HANDSHAKE_REPLIES = 1024
+#: Most option reply bytes (headers included) one handshake may send.
+MAX_HANDSHAKE_BYTES = 512 * 1024
+#: Most meta contexts one SET_ or LIST_META_CONTEXT may return.
+MAX_META_CONTEXTS = 256
+#: Largest export size accepted: offsets are signed 64-bit in most peers.
+MAX_EXPORT_SIZE = (1 << 63) - 1
 #: Magic of the oldstyle greeting, which this client does not speak.
 OLDSTYLE_MAGIC = 0x00420281861253
 
@@ -201,6 +216,8 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         self._structured = False
         self._contexts: dict[str, int] = {}
         self._offered: list[str] = []
+        self._replies = 0  # option replies received, and their bytes
+        self._reply_bytes = 0
         self._listed: list[ListedExport] = []
         self._informed: ExportDetails | None = None
         # NBD_REP_INFO items of the current GO/INFO:
@@ -326,6 +343,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
                 raise ProtocolError(f"reply to option {header.option} while waiting for {self._option}")
             if header.length > MAX_OPTION_REPLY:
                 raise ProtocolError(f"option reply of {header.length} bytes is too long")
+            self._count_reply(header.length)
             self._reply_header = header
         header = self._reply_header
         if len(self._buffer) < header.length:
@@ -343,12 +361,21 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
                 self._send_next()
         return self._state is not _State.DONE
 
+    def _count_reply(self, length: int) -> None:
+        self._replies += 1
+        self._reply_bytes += wire.OPTION_REPLY_HEADER.size + length
+        if self._replies > MAX_HANDSHAKE_REPLIES:
+            raise ProtocolError(f"the server sent over {MAX_HANDSHAKE_REPLIES} option replies")
+        if self._reply_bytes > MAX_HANDSHAKE_BYTES:
+            raise ProtocolError(f"the server sent over {MAX_HANDSHAKE_BYTES} bytes of option replies")
+
     def _take_export_name_reply(self) -> None:
         need = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else wire.EXPORT_NAME_PADDING)
         if len(self._buffer) < need:
             return
         size, flags = wire.EXPORT_NAME_REPLY.unpack_from(self._buffer)
         del self._buffer[:need]
+        _check_size(size)
         export = ExportDetails(self._export, size, TransmissionFlag(flags))
         self._finish(Ready(export, self._structured, self._contexts, used_go=False))
 
@@ -370,19 +397,31 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
     def _on_set_meta(self, reply: int, payload: bytes) -> bool:
         if reply == OptionReply.ACK:
             return True
-        if reply != OptionReply.META_CONTEXT or len(payload) < 5:
-            return self._unexpected(reply)
-        (context_id,) = wire.U32.unpack_from(payload)
-        self._contexts[_text(payload[4:])] = int(context_id)
+        context_id, name = self._meta_context(reply, payload, len(self._contexts))
+        if not any(_answers(name, query) for query in self._queries):
+            raise ProtocolError(f"meta context {name!r} was not asked for")
+        if name in self._contexts or context_id in self._contexts.values():
+            raise ProtocolError(f"meta context {name!r} (id {context_id}) repeats a name or an id")
+        self._contexts[name] = context_id
         return False
 
     def _on_list_meta(self, reply: int, payload: bytes) -> bool:
         if reply == OptionReply.ACK:
             return True
-        if reply != OptionReply.META_CONTEXT or len(payload) < 5:
-            return self._unexpected(reply)
-        self._offered.append(_text(payload[4:]))
+        _, name = self._meta_context(reply, payload, len(self._offered))
+        self._offered.append(name)
         return False
+
+    def _meta_context(self, reply: int, payload: bytes, count: int) -> tuple[int, str]:
+        """Decode one ``NBD_REP_META_CONTEXT``: ``(context id, name)``."""
+        if reply != OptionReply.META_CONTEXT or len(payload) < 5:
+            self._unexpected(reply)
+        if count >= MAX_META_CONTEXTS:
+            raise ProtocolError(f"the server sent over {MAX_META_CONTEXTS} meta contexts")
+        if len(payload) - 4 > MAX_STRING:
+            raise ProtocolError(f"meta context name of {len(payload) - 4} bytes (the limit is {MAX_STRING})")
+        (context_id,) = wire.U32.unpack_from(payload)
+        return int(context_id), _text(payload[4:])
 
     def _on_info(self, reply: int, payload: bytes) -> bool:
         if reply == OptionReply.INFO:
@@ -405,6 +444,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
             if len(payload) != wire.INFO_EXPORT.size:
                 raise ProtocolError("NBD_INFO_EXPORT has the wrong length")
             _, size, flags = wire.INFO_EXPORT.unpack(payload)
+            _check_size(size)
             self._size_flags = (int(size), int(flags))
         elif kind == Info.BLOCK_SIZE:
             if len(payload) != wire.INFO_BLOCK_SIZE.size:
@@ -508,6 +548,17 @@ def _text(raw: bytes) -> str:
     return raw.decode(errors="replace")
 
 
+def _answers(name: str, query: str) -> bool:
+    """``name`` is a context that ``query`` selects: the same name, or under a
+    query that ends in ``:`` (a namespace or a prefix such as ``qemu:dirty-bitmap:``)."""
+    return name == query or (query.endswith(":") and name.startswith(query))
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_EXPORT_SIZE:
+        raise ProtocolError(f"export size {size} is over 2^63 - 1 bytes")
+
+
 def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
@@ -518,5 +569,5 @@ def _check_block_sizes(minimum: int, preferred: int, maximum: int) -> None:
         raise ProtocolError(f"minimum block size {minimum} is not a power of 2 up to 64 KiB")
     if not _is_power_of_two(preferred) or preferred < minimum:
         raise ProtocolError(f"preferred block size {preferred} is invalid for minimum {minimum}")
-    if maximum < minimum:
-        raise ProtocolError(f"maximum payload {maximum} is below the minimum block size {minimum}")
+    if maximum < preferred:
+        raise ProtocolError(f"maximum payload {maximum} is below the preferred block size {preferred}")

@@ -16,12 +16,22 @@ event. Everything the spec forbids a server to send (bad magic, unknown
 cookies, chunks outside the request, an unknown non-error chunk type, ...)
 raises :class:`~sendense_nbd.errors.ProtocolError`: the only safe reaction is
 a hard disconnect.
+
+A READ's content chunks are tracked as the byte ranges they cover, not as a
+byte count: a chunk outside the request, one overlapping an earlier chunk,
+or a final chunk that leaves a gap is a protocol error, so a reply can never
+pass with some of the buffer left stale. Block status extents are kept as
+their wire bytes (:class:`ExtentList`, 8 bytes an extent), so the memory of
+one reply is bounded by :data:`MAX_CHUNK`.
 """
 
 from __future__ import annotations
 
+import array
+import bisect
+import sys
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from operator import itemgetter
 
 import attrs
@@ -40,6 +50,55 @@ from sendense_nbd.protocol.sansio import NEED_DATA, NeedData
 
 #: Longest non-data chunk payload: 2^20 block-status extents, plus room.
 MAX_CHUNK = 4 + 8 * (1 << 20) + 4096
+#: Most disjoint pieces a READ reply may arrive in before they join up.
+MAX_READ_PIECES = 1 << 16
+#: Longest error message ("Structured reply types": at most 4096 bytes).
+MAX_ERROR_MESSAGE = 4096
+
+
+class ExtentList:
+    """The ``(length, flags)`` descriptors of one BLOCK_STATUS chunk.
+
+    Kept as the chunk's bytes (8 an extent) and decoded while iterating, so
+    a reply of 2^20 extents costs 8 MiB, not a million Python tuples.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) % wire.EXTENT.size:
+            raise ValueError("extent bytes must be a multiple of 8")
+        self._raw = raw
+
+    @classmethod
+    def of(cls, extents: Iterable[tuple[int, int]]) -> ExtentList:
+        """Encode ``(length, flags)`` pairs (for tests and callers that build lists)."""
+        return cls(b"".join(wire.EXTENT.pack(length, flags) for length, flags in extents))
+
+    def __len__(self) -> int:
+        return len(self._raw) // wire.EXTENT.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return wire.EXTENT.iter_unpack(self._raw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExtentList):
+            return self._raw == other._raw
+        if isinstance(other, (list, tuple)):
+            return list(self) == [tuple(e) for e in other]
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ExtentList({list(self)!r})"
+
+    def lengths(self) -> array.array[int]:
+        """The extent lengths (one C array, no per-extent objects)."""
+        words = array.array("I", self._raw)
+        if sys.byteorder == "little":
+            words.byteswap()
+        return words[0::2]
 
 _SCRATCH_SIZE = 128 * 1024
 _ZEROES = memoryview(bytes(1 << 20))
@@ -61,7 +120,7 @@ class Reply:
     #: Where the error happened, from ``NBD_REPLY_TYPE_ERROR_OFFSET``.
     error_offset: int | None = None
     #: Block status: context id to ``(length, flags)`` extents, as sent.
-    extents: Mapping[int, tuple[tuple[int, int], ...]] = attrs.field(factory=dict, eq=False, hash=False)
+    extents: Mapping[int, ExtentList] = attrs.field(factory=dict, eq=False, hash=False)
 
     @property
     def ok(self) -> bool:
@@ -87,15 +146,47 @@ class _InFlight:
     length: int
     flags: int
     view: memoryview | None
-    covered: int = 0  # bytes of content received
+    #: Content received, as sorted, disjoint, non-touching [start, end) pieces.
+    pieces: list[list[int]] = attrs.field(factory=list)
     errno: int = 0
     message: str = ""
     at: int | None = None
-    extents: dict[int, tuple[tuple[int, int], ...]] = attrs.field(factory=dict)
+    extents: dict[int, ExtentList] = attrs.field(factory=dict)
 
     def fail(self, errno: int, message: str, at: int | None = None) -> None:
         if not self.errno:  # the first error is the one reported
             self.errno, self.message, self.at = errno, message, at
+
+    def cover(self, start: int, end: int) -> None:
+        """Record content ``[start, end)``; raise if it overlaps earlier content."""
+        if start == end:
+            return
+        pieces = self.pieces
+        i = bisect.bisect_right(pieces, start, key=itemgetter(0))
+        if (i and pieces[i - 1][1] > start) or (i < len(pieces) and pieces[i][0] < end):
+            raise ProtocolError(f"reply content {self.offset + start}+{end - start} overlaps earlier content")
+        joins_left = i > 0 and pieces[i - 1][1] == start
+        joins_right = i < len(pieces) and pieces[i][0] == end
+        if joins_left and joins_right:
+            pieces[i - 1][1] = pieces[i][1]
+            del pieces[i]
+        elif joins_left:
+            pieces[i - 1][1] = end
+        elif joins_right:
+            pieces[i][0] = start
+        else:
+            if len(pieces) >= MAX_READ_PIECES:
+                raise ProtocolError(f"READ reply in over {MAX_READ_PIECES} disjoint pieces")
+            pieces.insert(i, [start, end])
+
+    @property
+    def complete(self) -> bool:
+        """Content covers the whole request, with no gap."""
+        return self.pieces == [[0, self.length]] if self.length else not self.pieces
+
+    @property
+    def covered(self) -> int:
+        return sum(end - start for start, end in self.pieces)
 
 
 class ReplyParser:
@@ -254,7 +345,7 @@ class ReplyParser:
             if self._structured and error == 0:
                 raise ProtocolError("simple reply to a READ after structured replies were negotiated")
             if error == 0:
-                pending.covered = pending.length
+                pending.cover(0, pending.length)
                 return self._start_data(pending, 0, pending.length, True, view, pos, end)
         elif pending.command == Command.BLOCK_STATUS and error == 0:
             raise ProtocolError("successful BLOCK_STATUS without a structured reply")
@@ -303,9 +394,7 @@ class ReplyParser:
         start = offset - pending.offset
         if start < 0 or start + length > pending.length:
             raise ProtocolError(f"reply content {offset}+{length} lies outside the request")
-        pending.covered += length
-        if pending.covered > pending.length:
-            raise ProtocolError("reply content chunks overlap")
+        pending.cover(start, start + length)
         return start
 
     def _start_data(
@@ -360,6 +449,8 @@ class ReplyParser:
         tail = len(payload) - wire.ERROR_PAYLOAD.size - message_length
         if tail < 0:
             raise ProtocolError("error chunk message is longer than the chunk")
+        if message_length > MAX_ERROR_MESSAGE:
+            raise ProtocolError(f"error chunk message of {message_length} bytes (the limit is {MAX_ERROR_MESSAGE})")
         message = bytes(payload[wire.ERROR_PAYLOAD.size : wire.ERROR_PAYLOAD.size + message_length]).decode(
             errors="replace"
         )
@@ -382,12 +473,12 @@ class ReplyParser:
         if len(payload) < 12 or (len(payload) - 4) % 8:
             raise ProtocolError(f"BLOCK_STATUS chunk of length {len(payload)}")
         (context_id,) = wire.U32.unpack_from(payload)
-        if self._contexts and context_id not in self._contexts:
+        if context_id not in self._contexts:
             raise ProtocolError(f"BLOCK_STATUS for context {context_id}, which was not negotiated")
         if context_id in pending.extents:
             raise ProtocolError(f"two BLOCK_STATUS chunks for context {context_id}")
-        extents = tuple(wire.EXTENT.iter_unpack(payload[4:]))
-        lengths = tuple(map(itemgetter(0), extents))
+        extents = ExtentList(bytes(payload[4:]))
+        lengths = extents.lengths()
         if min(lengths) == 0:
             raise ProtocolError("block status extent of length 0")
         if pending.flags & CommandFlag.REQ_ONE:
@@ -399,9 +490,9 @@ class ReplyParser:
 
     def _done(self, pending: _InFlight) -> None:
         if not pending.errno:
-            if pending.command == Command.READ and pending.covered != pending.length:
+            if pending.command == Command.READ and not pending.complete:
                 raise ProtocolError(f"READ reply covered {pending.covered} of {pending.length} bytes")
-            if pending.command == Command.BLOCK_STATUS and self._contexts and set(pending.extents) != self._contexts:
+            if pending.command == Command.BLOCK_STATUS and set(pending.extents) != self._contexts:
                 raise ProtocolError("BLOCK_STATUS reply lacks a chunk for a negotiated context")
         self._complete(pending)
 

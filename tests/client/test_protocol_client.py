@@ -23,6 +23,9 @@ from sendense_nbd.protocol import (
 )
 from sendense_nbd.protocol import transmission as tx
 from sendense_nbd.protocol.client import (
+    MAX_HANDSHAKE_BYTES,
+    MAX_HANDSHAKE_REPLIES,
+    MAX_META_CONTEXTS,
     ClientHandshake,
     Goal,
     Informed,
@@ -42,7 +45,7 @@ from sendense_nbd.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
-from sendense_nbd.protocol.replies import Reply, ReplyParser
+from sendense_nbd.protocol.replies import MAX_CHUNK, MAX_ERROR_MESSAGE, MAX_READ_PIECES, ExtentList, Reply, ReplyParser
 
 T = TransmissionFlag
 FLAGS = T.HAS_FLAGS | T.SEND_FLUSH | T.SEND_FUA | T.SEND_DF | T.SEND_TRIM | T.SEND_WRITE_ZEROES
@@ -253,6 +256,53 @@ def test_bad_greetings(greeting_bytes: bytes, match: str) -> None:
             ],
             "wrong length",
         ),
+        (
+            [
+                option_reply(Option.STRUCTURED_REPLY, 0x80000001),
+                option_reply(Option.GO, OptionReply.INFO, struct.pack(">HQH", 0, 1 << 63, 1)),
+            ],
+            r"export size 9223372036854775808 is over 2\^63 - 1",
+        ),
+        (
+            [
+                option_reply(Option.STRUCTURED_REPLY, 0x80000001),
+                option_reply(Option.GO, OptionReply.INFO, struct.pack(">HIII", 3, 4096, 512, 1 << 20)),
+            ],
+            "preferred block size 512 is invalid for minimum 4096",
+        ),
+        (
+            [
+                option_reply(Option.STRUCTURED_REPLY, 0x80000001),
+                option_reply(Option.GO, OptionReply.INFO, struct.pack(">HIII", 3, 512, 3000, 1 << 20)),
+            ],
+            "preferred block size 3000",
+        ),
+        (
+            [
+                option_reply(Option.STRUCTURED_REPLY, 0x80000001),
+                option_reply(Option.GO, OptionReply.INFO, struct.pack(">HIII", 3, 512, 65536, 4096)),
+            ],
+            "maximum payload 4096 is below the preferred block size 65536",
+        ),
+        (
+            [
+                option_reply(Option.STRUCTURED_REPLY, OptionReply.ACK),
+                option_reply(Option.SET_META_CONTEXT, OptionReply.META_CONTEXT, struct.pack(">I", 1) + b"evil:x"),
+            ],
+            "'evil:x' was not asked for",
+        ),
+        (
+            [
+                option_reply(Option.STRUCTURED_REPLY, OptionReply.ACK),
+                option_reply(
+                    Option.SET_META_CONTEXT, OptionReply.META_CONTEXT, struct.pack(">I", 1) + b"base:allocation"
+                ),
+                option_reply(
+                    Option.SET_META_CONTEXT, OptionReply.META_CONTEXT, struct.pack(">I", 2) + b"base:allocation"
+                ),
+            ],
+            "repeats a name or an id",
+        ),
     ],
 )
 def test_protocol_violations_in_option_replies(script: list[bytes], match: str) -> None:
@@ -261,6 +311,67 @@ def test_protocol_violations_in_option_replies(script: list[bytes], match: str) 
     with pytest.raises(ProtocolError, match=match):
         for data in script:
             client.receive_data(data)
+
+
+def test_export_name_reply_with_an_absurd_size() -> None:
+    client = ClientHandshake("x")
+    client.receive_data(greeting(HandshakeFlag.NO_ZEROES))
+    with pytest.raises(ProtocolError, match="over 2\\^63 - 1"):
+        client.receive_data(struct.pack(">QH", (1 << 64) - 1, 1))
+
+
+def structured_client(queries: tuple[str, ...] = (BASE_ALLOCATION, "qemu:dirty-bitmap:")) -> ClientHandshake:
+    """A client that sent SET_META_CONTEXT and waits for its replies."""
+    client = ClientHandshake("x", meta_contexts=queries)
+    client.receive_data(greeting() + option_reply(Option.STRUCTURED_REPLY, OptionReply.ACK))
+    return client
+
+
+def meta_reply(context_id: int, name: str) -> bytes:
+    return option_reply(
+        Option.SET_META_CONTEXT, OptionReply.META_CONTEXT, struct.pack(">I", context_id) + name.encode()
+    )
+
+
+def test_endless_meta_contexts_are_refused_after_the_cap() -> None:
+    client = structured_client()
+    names = (f"qemu:dirty-bitmap:{i:04}" for i in range(10**6))
+    with pytest.raises(ProtocolError, match=f"over {MAX_META_CONTEXTS} meta contexts"):
+        for i, name in enumerate(names):
+            client.receive_data(meta_reply(i + 1, name))
+    assert i == MAX_META_CONTEXTS  # noqa: PLW0631 - refused at the first one over the cap
+
+
+def test_big_meta_context_replies_hit_the_byte_cap_of_the_handshake() -> None:
+    client = structured_client()
+    names = (f"qemu:dirty-bitmap:{i:04}" + "x" * 4000 for i in range(10**6))
+    received = 0
+    with pytest.raises(ProtocolError, match=f"over {MAX_HANDSHAKE_BYTES} bytes of option replies"):
+        for i, name in enumerate(names):
+            data = meta_reply(i + 1, name)
+            received += len(data)
+            client.receive_data(data)
+    assert received <= MAX_HANDSHAKE_BYTES + 5000
+
+
+def test_a_prefix_query_selects_many_contexts_within_the_cap() -> None:
+    client = structured_client()
+    client.receive_data(meta_reply(1, BASE_ALLOCATION) + meta_reply(2, "qemu:dirty-bitmap:a"))
+    client.receive_data(meta_reply(3, "qemu:dirty-bitmap:b") + option_reply(Option.SET_META_CONTEXT, OptionReply.ACK))
+    client.receive_data(option_reply(Option.GO, OptionReply.INFO, struct.pack(">HQH", 0, 4096, 1)))
+    client.receive_data(option_reply(Option.GO, OptionReply.ACK))
+    ready = client.next_event()
+    assert isinstance(ready, Ready)
+    assert dict(ready.meta_contexts) == {BASE_ALLOCATION: 1, "qemu:dirty-bitmap:a": 2, "qemu:dirty-bitmap:b": 3}
+
+
+def test_endless_list_replies_are_refused_after_the_cap() -> None:
+    client = ClientHandshake(goal=Goal.LIST)
+    client.receive_data(greeting())
+    entry = option_reply(Option.LIST, OptionReply.SERVER, struct.pack(">I", 4) + b"disk")
+    with pytest.raises(ProtocolError, match=f"over {MAX_HANDSHAKE_REPLIES} option replies"):
+        for _ in range(10**6):
+            client.receive_data(entry)
 
 
 def test_eof_during_handshake() -> None:
@@ -437,6 +548,14 @@ def chunk(flags: int, type_: int, handle: int, payload: bytes) -> bytes:
 DONE = ReplyFlag.DONE
 
 
+def data_chunk(flags: int, offset: int, length: int, handle: int = 1) -> bytes:
+    return chunk(flags, ReplyType.OFFSET_DATA, handle, struct.pack(">Q", offset) + b"\xab" * length)
+
+
+def hole_chunk(flags: int, offset: int, length: int, handle: int = 1) -> bytes:
+    return chunk(flags, ReplyType.OFFSET_HOLE, handle, struct.pack(">QI", offset, length))
+
+
 @pytest.mark.parametrize(
     "stream, match",
     [
@@ -465,6 +584,34 @@ DONE = ReplyFlag.DONE
         (chunk(DONE, ReplyType.ERROR_OFFSET, 3, struct.pack(">IHQ", 5, 0, 1 << 40)), "outside the request"),
         (chunk(DONE, ReplyType.ERROR_OFFSET, 4, struct.pack(">IHQ", 5, 0, 0)), "ERROR_OFFSET"),
         (chunk(DONE, ReplyType.BLOCK_STATUS, 2, struct.pack(">III", 1, 512, 0)), "lacks a chunk"),
+        # Content that adds up to the request but overlaps or leaves a gap:
+        (data_chunk(0, 0, 2048) + data_chunk(DONE, 0, 2048), "overlaps earlier content"),
+        (hole_chunk(0, 0, 2048) + data_chunk(DONE, 0, 2048), "overlaps earlier content"),
+        (data_chunk(0, 2048, 2048) + hole_chunk(DONE, 2048, 2048), "overlaps earlier content"),
+        (data_chunk(0, 0, 2048) + data_chunk(0, 1024, 2048) + data_chunk(DONE, 3072, 1024), "overlaps"),
+        (data_chunk(0, 0, 1024) + data_chunk(DONE, 2048, 2048), "covered 3072 of 4096"),
+        (data_chunk(0, 0, 2048) + chunk(DONE, ReplyType.NONE, 1, b""), "covered 2048 of 4096"),
+        (data_chunk(DONE, 4095, 2), "outside the request"),
+        (hole_chunk(DONE, (1 << 64) - 4096, 4096), "outside the request"),
+        # Replies to handles no longer (or never) in flight:
+        (wire.encode_simple_reply(4) + wire.encode_simple_reply(4), "unknown handle 0x4"),
+        (chunk(DONE, ReplyType.NONE, 4, b"") + chunk(DONE, ReplyType.NONE, 4, b""), "unknown handle 0x4"),
+        # A simple reply to a READ once structured replies were negotiated (the data would be ambiguous):
+        (wire.encode_simple_reply(1) + bytes(4096), "simple reply to a READ"),
+        (chunk(DONE, ReplyType.OFFSET_DATA, 3, struct.pack(">Q", 0) + bytes(16)), "not a READ"),
+        (chunk(DONE, ReplyType.OFFSET_HOLE, 3, struct.pack(">QI", 0, 16)), "unexpected OFFSET_HOLE"),
+        (
+            chunk(DONE, ReplyType.ERROR, 3, struct.pack(">IH", 5, 5000) + bytes(5000)),
+            f"message of 5000 bytes \\(the limit is {MAX_ERROR_MESSAGE}\\)",
+        ),
+        (chunk(DONE, ReplyType.ERROR, 3, struct.pack(">IH", 5, 0) + bytes(2)), "trailing bytes"),
+        (chunk(DONE, ReplyType.OFFSET_DATA, 1, bytes(1 << 16)), "outside the request"),
+        (chunk(DONE, 42, 1, bytes(MAX_CHUNK + 1)), "too long"),
+        (
+            chunk(0, ReplyType.BLOCK_STATUS, 2, struct.pack(">III", 1, 512, 0))
+            + chunk(DONE, ReplyType.BLOCK_STATUS, 2, struct.pack(">III", 1, 512, 0)),
+            "two BLOCK_STATUS chunks for context 1",
+        ),
     ],
 )
 def test_reply_violations(stream: bytes, match: str) -> None:
@@ -475,6 +622,77 @@ def test_reply_violations(stream: bytes, match: str) -> None:
     parser.register(4, Command.FLUSH, 0, 0)
     with pytest.raises(ProtocolError, match=match):
         parser.receive_data(stream)
+
+
+@st.composite
+def read_pieces(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, bool]]]:
+    """A request length and content chunks that may overlap, leave gaps or stray outside."""
+    length = draw(st.integers(1, 64))
+    pieces = draw(
+        st.lists(st.tuples(st.integers(-4, length + 4), st.integers(1, length + 4), st.booleans()), max_size=8)
+    )
+    return length, [(max(0, start), size, hole) for start, size, hole in pieces]
+
+
+@FUZZ
+@given(case=read_pieces(), base=st.sampled_from([0, 1 << 40]))
+def test_read_reply_accepted_exactly_when_chunks_tile_the_request(
+    case: tuple[int, list[tuple[int, int, bool]]], base: int
+) -> None:
+    """Never a success with some bytes left unwritten or written twice, whatever the byte sum."""
+    length, pieces = case
+    parser = ReplyParser(structured=True)
+    buffer = bytearray(b"\xee") * length
+    parser.register(1, Command.READ, base, length, buffer=buffer)
+    stream = b""
+    for i, (start, size, hole) in enumerate(pieces):
+        flags = DONE if i == len(pieces) - 1 else 0
+        stream += (hole_chunk if hole else data_chunk)(flags, base + start, size)
+    if not pieces:
+        stream = chunk(DONE, ReplyType.NONE, 1, b"")
+    covered = [0] * length
+    inside = all(start + size <= length for start, size, _ in pieces)
+    for start, size, _ in pieces if inside else ():
+        for i in range(start, start + size):
+            covered[i] += 1
+    tiles = inside and covered == [1] * length
+    try:
+        parser.receive_data(stream)
+    except ProtocolError:
+        assert not tiles
+        return
+    assert tiles
+    (reply,) = events(parser)
+    assert reply.ok
+    assert buffer == b"".join(bytes(size) if hole else b"\xab" * size for _, size, hole in sorted(pieces))
+
+
+def test_read_in_many_disjoint_pieces_is_bounded() -> None:
+    parser = ReplyParser(structured=True)
+    length = 4 * MAX_READ_PIECES
+    parser.register(1, Command.READ, 0, length, buffer=bytearray(length))
+    stream = b"".join(data_chunk(0, offset, 1) for offset in range(0, length, 2))
+    with pytest.raises(ProtocolError, match="disjoint pieces"):
+        parser.receive_data(stream)
+
+
+def test_out_of_order_pieces_join_up() -> None:
+    parser = ReplyParser(structured=True)
+    buffer = bytearray(8)
+    parser.register(1, Command.READ, 0, 8, buffer=buffer)
+    order = [6, 0, 4, 2, 1, 7, 3]
+    stream = b"".join(data_chunk(0, at, 1) for at in order) + chunk(
+        DONE, ReplyType.OFFSET_HOLE, 1, struct.pack(">QI", 5, 1)
+    )
+    parser.receive_data(stream)
+    assert events(parser)[0].ok and buffer == b"\xab" * 5 + b"\0" + b"\xab" * 2
+
+
+def test_extent_list_is_compact_and_compares_with_pairs() -> None:
+    extents = ExtentList.of([(512, 3), (1 << 31, 0)])
+    assert len(extents) == 2 and list(extents) == [(512, 3), (1 << 31, 0)]
+    assert extents == ((512, 3), (1 << 31, 0)) and extents != [(512, 3)]
+    assert list(extents.lengths()) == [512, 1 << 31]
 
 
 def test_structured_reply_without_negotiation() -> None:
