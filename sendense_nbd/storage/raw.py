@@ -24,6 +24,7 @@ import threading
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.storage.base import Capabilities, Extent, device_error
+from sendense_nbd.storage.files import create_new_file
 from sendense_nbd.storage.modes import CacheMode
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -50,15 +51,13 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def create_raw(path: str, size: int) -> None:
-    """Create a sparse raw image of ``size`` bytes (fails if it exists)."""
+    """Create a sparse raw image of ``size`` bytes (fails if it exists; never follows a symlink)."""
+    if not 0 <= size < 1 << 63:
+        raise ImageError(f"size {size} is not a file size")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        create_new_file(path, lambda fd: os.ftruncate(fd, size))
     except OSError as exc:
-        raise ImageError(f"cannot create {path}: {exc.strerror}") from exc
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+        raise ImageError(f"cannot create {path}: {exc.strerror or exc}") from exc
 
 
 class RawDevice:

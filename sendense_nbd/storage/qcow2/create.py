@@ -2,8 +2,9 @@
 
 Layout, as qemu-img lays it out: the header cluster, the refcount table,
 the refcount blocks covering the metadata, then the L1 table. Everything
-is written and synced before the file is renamed into place, so a crash
-never leaves a half-made image under the requested name.
+is written and synced in a fresh temporary file that is then linked into
+place (:mod:`sendense_nbd.storage.files`), so a crash never leaves a
+half-made image under the requested name and nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import struct
 from pathlib import Path
 
 from sendense_nbd.errors import ImageError
+from sendense_nbd.storage.files import create_new_file
 from sendense_nbd.storage.qcow2 import format as fmt
+from sendense_nbd.storage.qcow2.info import MAX_L1_BYTES
 
 DEFAULT_CLUSTER_SIZE = 65536
 
@@ -69,11 +72,19 @@ def create_qcow2(
         size = backing_size if size is None else size
     if size is None:
         raise ImageError("give a size (or a backing file to take it from)")
-    if os.path.exists(path):
+    if os.path.lexists(path):
         raise ImageError(f"cannot create {path}: File exists")
+    if size < 0:
+        raise ImageError(f"size {size} is negative")
     size = -(-size // 512) * 512  # whole sectors, as qemu-img rounds
     bits = cluster_size.bit_length() - 1
     l1_size = fmt.l1_entries_for(size, bits, extended_l2)
+    if l1_size * 8 > MAX_L1_BYTES:  # qemu's limit too; it also bounds our memory
+        largest = (MAX_L1_BYTES // 8) * (cluster_size // (16 if extended_l2 else 8)) * cluster_size
+        raise ImageError(
+            f"size {size} is too large for qcow2 with {cluster_size}-byte clusters (at most {largest}); "
+            "use larger clusters"
+        )
     l1_clusters = -(-l1_size * 8 // cluster_size)
     per_block = cluster_size * 8 // 16
     rt_clusters, rb_count = 1, 1
@@ -101,7 +112,7 @@ def create_qcow2(
         backing_format=backing_format if backing_file else None,
         feature_names=fmt.encode_feature_names() if version == 3 else None,
     )
-    image = bytearray(l1_offset + l1_clusters * cluster_size)
+    image = bytearray(l1_offset)  # the L1 table is all zeroes: ftruncate makes it
     encoded = fmt.encode_header(header)
     image[: len(encoded)] = encoded
     for i in range(rb_count):
@@ -109,13 +120,14 @@ def create_qcow2(
     blocks = memoryview(image)[rb_offset : rb_offset + rb_count * cluster_size]
     for cluster in range(total):
         struct.pack_into(">H", blocks, cluster * 2, 1)
-    temporary = f"{path}.creating"
+
+    def write(fd: int) -> None:
+        os.ftruncate(fd, l1_offset + l1_clusters * cluster_size)
+        view = memoryview(image)
+        while view:
+            view = view[os.write(fd, view) :]
+
     try:
-        with open(temporary, "wb") as f:
-            f.write(image)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
+        create_new_file(path, write)
     except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
-        raise ImageError(f"cannot create {path}: {exc.strerror}") from exc
+        raise ImageError(f"cannot create {path}: {exc.strerror or exc}") from exc
