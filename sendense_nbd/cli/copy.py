@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from sendense_nbd.copy import CopyResult, Progress, TargetMode, copy, open_source, open_target
+from sendense_nbd.copy.endpoints import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.storage import ImageFormat
 
@@ -80,10 +81,17 @@ class _Printer:
                 self._bar = None
 
 
-async def _run(src: str, dst: str, fmt: ImageFormat | None, connections: int, **options: Any) -> CopyResult:
-    source = await open_source(src, connections=connections)
+async def _run(
+    src: str,
+    dst: str,
+    fmt: ImageFormat | None,
+    connections: int,
+    timeouts: dict[str, float],
+    **options: Any,
+) -> CopyResult:
+    source = await open_source(src, connections=connections, **timeouts)
     try:
-        target = await open_target(dst, fmt=fmt, size=source.size, connections=connections)
+        target = await open_target(dst, fmt=fmt, size=source.size, connections=connections, **timeouts)
         try:
             return await copy(source, target, connections=connections, **options)
         finally:
@@ -119,9 +127,33 @@ async def _run(src: str, dst: str, fmt: ImageFormat | None, connections: int, **
     help="How zero areas reach an overlay: WRITE_ZEROES with NO_HOLE, or zero data.",
 )
 @click.option("--changed-areas", type=click.Path(dir_okay=False), help="JSON [[offset, length], ...]: copy only these.")
-@click.option("--verify", is_flag=True, help="Re-read both sides and compare sha256 digests per chunk.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="After the copy, read every byte again (the source through new connections) and compare.",
+)
 @click.option("--flush/--no-flush", default=True, show_default=True, help="FLUSH the target before reporting success.")
-@click.option("--retries", type=click.IntRange(0, 100), default=5, show_default=True)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 100),
+    default=5,
+    show_default=True,
+    help="Attempts after a transient failure (EIO, a lost connection, a timeout), with backoff up to 8 s.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=DEFAULT_CONNECT_TIMEOUT,
+    show_default=True,
+    help="Seconds to connect to an NBD server and negotiate.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=DEFAULT_REQUEST_TIMEOUT,
+    show_default=True,
+    help="Seconds one NBD request may take; a stalled server fails the copy after about (retries + 1) x this.",
+)
 @click.option("--progress", "show_progress", is_flag=True, help="A progress bar on stderr (when it is a TTY).")
 @click.option("--json", "json_lines", is_flag=True, help="JSON lines of progress on stdout.")
 def copy_command(
@@ -137,13 +169,16 @@ def copy_command(
     verify: bool,
     flush: bool,
     retries: int,
+    connect_timeout: float,
+    request_timeout: float,
     show_progress: bool,
     json_lines: bool,
 ) -> None:
     """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://) or local image files.
 
     Holes are never read; zeroes are detected in every byte. With --verify
-    the copy is compared afterwards. Exit 0 on success, 1 on failure.
+    the copy is compared afterwards. Exit 0 on success, 1 on failure (one
+    line on stderr).
     """
     printer = _Printer(bar=show_progress, json_lines=json_lines)
     callback: Callable[[Progress], None] | None = printer if (printer.bar_wanted or json_lines) else None
@@ -154,6 +189,7 @@ def copy_command(
                 dst,
                 ImageFormat(target_format) if target_format else None,
                 connections,
+                {"connect_timeout": connect_timeout, "request_timeout": request_timeout},
                 requests=requests,
                 request_size=request_size,
                 target_mode=TargetMode(target_mode),
@@ -165,7 +201,12 @@ def copy_command(
                 progress=callback,
             )
         )
-    except (SendenseError, OSError) as exc:
+    except (click.exceptions.Exit, click.ClickException):
+        raise
+    except KeyboardInterrupt:
+        click.echo("sendense-nbd copy: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # one line, never a traceback, whatever failed
         click.echo(f"sendense-nbd copy: error: {_one_line(exc)}", err=True)
         sys.exit(1)
     if not json_lines:
@@ -178,4 +219,7 @@ def copy_command(
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (SendenseError, OSError)):
+        return text
+    return f"{type(exc).__name__}: {text}"  # not one of ours: name it, it is a defect to report

@@ -20,6 +20,14 @@ Theory of operation:
 * Every failure leaves an endpoint as :class:`EndpointError`, marked
   ``transient`` when retrying can help (EIO, ENOMEM, a lost connection, a
   timeout) and naming the operation and offset.
+* Allocation maps are asked for a window at a time: :meth:`Endpoint.extents`
+  returns at most :data:`MAX_EXTENTS` extents covering a prefix of the range,
+  and the caller goes on from where they end, so memory does not grow with
+  the fragmentation of the disk.
+* NBD timeouts and the retry budget are options (defaults in
+  :data:`DEFAULT_CONNECT_TIMEOUT`, :data:`DEFAULT_REQUEST_TIMEOUT`): a
+  stalled server fails a request after ``request_timeout`` seconds, and the
+  engine gives up after ``retries`` more attempts.
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ T = TypeVar("T")
 #: NBD errors worth retrying: the next attempt may well succeed.
 TRANSIENT_ERRNOS = frozenset({Errno.EIO, Errno.ENOMEM, Errno.ESHUTDOWN})
 Extents = list[tuple[int, int, int]]
+#: Most extents one :meth:`Endpoint.extents` call returns (about 6 MiB of tuples).
+MAX_EXTENTS = 1 << 16
+#: Seconds to connect and negotiate (a WAN round trip is well under a second).
+DEFAULT_CONNECT_TIMEOUT = 30.0
+#: Seconds one NBD request may take, queueing at the server included.
+DEFAULT_REQUEST_TIMEOUT = 60.0
 
 
 class EndpointError(SendenseError):
@@ -95,10 +109,17 @@ class Endpoint(Protocol):
         """True: a backing chain is known; None: cannot tell."""
 
     async def extents(self, offset: int, length: int) -> Extents:
-        """``(offset, length, base:allocation flags)`` covering the range."""
+        """``(offset, length, base:allocation flags)``, consecutive from
+        ``offset``: at most :data:`MAX_EXTENTS`, covering a non-empty prefix
+        of the range (the last may reach past it)."""
 
-    async def allocation_depth(self) -> Extents | None:
-        """``(offset, length, depth)`` over the disk, or None when unknown."""
+    async def allocation_depth(self, offset: int, length: int) -> Extents | None:
+        """``(offset, length, depth)`` like :meth:`extents`, or None when unknown."""
+
+    async def reopen(self) -> Endpoint:
+        """The same disk through new connections (a verify trusts nothing the copy saw).
+
+        May return the endpoint itself when there is nothing to reconnect."""
 
     async def read_into(self, offset: int, buffer: memoryview) -> None: ...
 
@@ -121,10 +142,18 @@ def _nbd_error(exc: NBDRequestError, what: str, offset: int) -> EndpointError:
 class NBDEndpoint:
     """An NBD export reached through the client (``nbd://`` or ``nbd+unix://``)."""
 
-    def __init__(self, uri: str, *, connections: int = 4, request_timeout: float | None = 120.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        connections: int = 4,
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
         self.uri = uri
         self._wanted = connections
         self._options = ClientOptions(
+            timeout=connect_timeout,
             request_timeout=request_timeout,
             meta_contexts=(BASE_ALLOCATION, ALLOCATION_DEPTH),
             max_in_flight=256,
@@ -236,12 +265,28 @@ class NBDEndpoint:
     async def extents(self, offset: int, length: int) -> Extents:
         if not self._info.can_block_status or BASE_ALLOCATION not in self._info.meta_contexts:
             return [(offset, length, 0)]
-        return await self._call("BLOCK_STATUS", offset, lambda c: c.extents(length, offset))
+        return await self._call("BLOCK_STATUS", offset, lambda c: c.extents(length, offset, max_extents=MAX_EXTENTS))
 
-    async def allocation_depth(self) -> Extents | None:
+    async def allocation_depth(self, offset: int, length: int) -> Extents | None:
         if ALLOCATION_DEPTH not in self._info.meta_contexts:
             return None
-        return await self._call("BLOCK_STATUS", 0, lambda c: c.extents(None, 0, ALLOCATION_DEPTH))
+        return await self._call(
+            "BLOCK_STATUS", offset, lambda c: c.extents(length, offset, ALLOCATION_DEPTH, max_extents=MAX_EXTENTS)
+        )
+
+    async def reopen(self) -> NBDEndpoint:
+        options = self._options
+        fresh = NBDEndpoint(
+            self.uri,
+            connections=self._wanted,
+            request_timeout=options.request_timeout,
+            connect_timeout=options.timeout,
+        )
+        await fresh.open()
+        if fresh.size != self.size:
+            await fresh.close()
+            raise EndpointError(f"{self.uri}: the export changed size after reconnecting", transient=False)
+        return fresh
 
     async def read_into(self, offset: int, buffer: memoryview) -> None:
         await self._call("READ", offset, lambda c: c.pread_into(buffer, offset))
@@ -338,34 +383,16 @@ class LocalEndpoint:
         if not self.device.capabilities.can_extents:
             return [(offset, length, 0)]
 
-        def walk() -> Extents:
-            out: Extents = []
-            pos, end = offset, offset + length
-            while pos < end:
-                for extent in self.device.extents(pos, end - pos):
-                    n = min(extent.length, end - pos)
-                    out.append((pos, n, int(extent.flags)))
-                    pos += n
-                    if pos >= end:
-                        break
-            return out
+        def pairs(pos: int, size: int) -> list[tuple[int, int]]:
+            return [(extent.length, int(extent.flags)) for extent in self.device.extents(pos, size)]
 
-        return await self._run("extents", offset, walk)
+        return await self._run("extents", offset, lambda: _walk(pairs, offset, length))
 
-    async def allocation_depth(self) -> Extents | None:
-        def walk() -> Extents:
-            out: Extents = []
-            pos, end = 0, self.size
-            while pos < end:
-                for length, depth in self.device.allocation_depth(pos, end - pos):
-                    n = min(length, end - pos)
-                    out.append((pos, n, depth))
-                    pos += n
-                    if pos >= end:
-                        break
-            return out
+    async def allocation_depth(self, offset: int, length: int) -> Extents | None:
+        return await self._run("allocation depth", offset, lambda: _walk(self.device.allocation_depth, offset, length))
 
-        return await self._run("allocation depth", 0, walk)
+    async def reopen(self) -> LocalEndpoint:
+        return self
 
     async def read_into(self, offset: int, buffer: memoryview) -> None:
         await self._run("read", offset, lambda: self.device.read_into(offset, buffer))
@@ -385,14 +412,40 @@ class LocalEndpoint:
         self.device.close()
 
 
+def _walk(describe: Callable[[int, int], list[tuple[int, int]]], offset: int, length: int) -> Extents:
+    """``(offset, length, value)`` from ``describe(pos, size)`` pairs, up to :data:`MAX_EXTENTS`."""
+    out: Extents = []
+    pos, end = offset, offset + length
+    while pos < end and len(out) < MAX_EXTENTS:
+        described = describe(pos, end - pos)
+        if not described:
+            raise EndpointError(f"no allocation information at offset {pos}", transient=False, offset=pos)
+        for extent_length, value in described:
+            n = min(extent_length, end - pos)
+            out.append((pos, n, value))
+            pos += n
+            if pos >= end or len(out) >= MAX_EXTENTS:
+                break
+    return out
+
+
 def is_uri(spec: str) -> bool:
     return "://" in spec
 
 
-async def open_source(spec: str, *, connections: int = 4, request_timeout: float | None = 120.0) -> Endpoint:
+async def open_source(
+    spec: str,
+    *,
+    connections: int = 4,
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+) -> Endpoint:
     """Open an NBD URI, or a local image read-only with its format probed."""
     if is_uri(spec):
-        return await NBDEndpoint(spec, connections=connections, request_timeout=request_timeout).open()
+        endpoint = NBDEndpoint(
+            spec, connections=connections, request_timeout=request_timeout, connect_timeout=connect_timeout
+        )
+        return await endpoint.open()
     from sendense_nbd.storage import open_image
 
     try:
@@ -408,12 +461,16 @@ async def open_target(
     fmt: ImageFormat | None = None,
     size: int | None = None,
     connections: int = 4,
-    request_timeout: float | None = 120.0,
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
 ) -> Endpoint:
     """Open an NBD URI, or a local image of format ``fmt`` for writing
     (created with ``size`` bytes when it does not exist)."""
     if is_uri(spec):
-        return await NBDEndpoint(spec, connections=connections, request_timeout=request_timeout).open()
+        endpoint = NBDEndpoint(
+            spec, connections=connections, request_timeout=request_timeout, connect_timeout=connect_timeout
+        )
+        return await endpoint.open()
     if fmt is None:
         raise ImageError(f"{spec}: give the target's format (-f raw|qcow2) or an NBD URI")
     from sendense_nbd.storage import create_image, open_image

@@ -2,14 +2,20 @@
 
 Theory of operation:
 
-* The source's ``base:allocation`` extents are read once and turned into a
-  :class:`~sendense_nbd.copy.plan.Plan`; holes are never read. With
-  ``target_mode="auto"`` the target is probed first (:func:`probe_target_mode`).
-* A producer walks :meth:`Plan.items` lazily into a queue of ``workers``
+* The source's ``base:allocation`` extents are read a window at a time (at
+  most :data:`EXTENT_WINDOW` bytes and
+  :data:`~sendense_nbd.copy.endpoints.MAX_EXTENTS` extents) and each window
+  is turned into a :class:`~sendense_nbd.copy.plan.Plan` of its own, so
+  memory stays bounded however fragmented the disk; holes are never read. A
+  changed-area copy asks only about the changed areas. With
+  ``target_mode="auto"`` the target is probed first (:func:`probe_target_mode`,
+  windowed too).
+* A producer walks the windows' items lazily into a queue of ``workers``
   slots; ``workers = connections * requests`` (connections: the fewer the
   two endpoints really opened — one without multi-conn). Each worker owns one
   ``request_size`` buffer, so memory is about ``connections * requests *
-  request_size`` whatever the disk size.
+  request_size`` whatever the disk size. The ETA's byte count (``to_read``)
+  is extrapolated from the windows planned so far until the last one is.
 * A COPY item is read into the worker's buffer, then every byte is checked
   for zeroes (:func:`~sendense_nbd.storage.is_zero`, in segments of at least
   64 KiB): data segments are written, zero segments are skipped on a fresh
@@ -27,8 +33,11 @@ Theory of operation:
   (an unflushed qcow2 server may lose them); everything durable is kept and
   never copied again. :class:`CopyError` names the offset and carries the
   durable ranges.
-* ``verify=True`` re-reads both sides per chunk and compares sha256
-  digests; :class:`VerifyError` names the first mismatching byte.
+* ``verify=True``, after the final FLUSH, reads every byte of the copied
+  scope again: the source through new connections
+  (:meth:`~sendense_nbd.copy.endpoints.Endpoint.reopen`), never trusting its
+  allocation map or what the copy read, and the target; chunks are compared
+  by sha256 and :class:`VerifyError` names the first mismatching byte.
 * Progress (:class:`Progress`) is delivered synchronously to a callback at
   most every ``progress_interval`` seconds, and the final event always.
 """
@@ -40,21 +49,21 @@ import collections
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import attrs
 
-from sendense_nbd.copy.endpoints import Endpoint, EndpointError
+from sendense_nbd.copy.endpoints import Endpoint, EndpointError, Extents
 from sendense_nbd.copy.plan import (
     DEFAULT_MERGE_GAP,
     DEFAULT_REQUEST_SIZE,
     Action,
-    Plan,
     RangeSet,
     TargetMode,
     WorkItem,
+    merge_areas,
     plan,
-    verify_chunks,
 )
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import AllocationFlag
@@ -66,6 +75,8 @@ MAX_BACKOFF = 8.0
 PROBE_READ_LIMIT = 16 << 20
 #: Checkpoint FLUSHes in flight at once.
 MAX_FLUSHES = 4
+#: Bytes of the disk one allocation-map query describes (fewer when it is fragmented).
+EXTENT_WINDOW = 1 << 30
 
 
 class CopyError(SendenseError):
@@ -129,6 +140,7 @@ class CopyResult:
 
 
 ProgressCallback = Callable[[Progress], None]
+T = TypeVar("T")
 
 
 async def probe_target_mode(target: Endpoint) -> TargetMode:
@@ -136,23 +148,50 @@ async def probe_target_mode(target: Endpoint) -> TargetMode:
     ``qemu:allocation-depth`` above 1 anywhere); ``fresh`` when it reads
     zeroes everywhere (``base:allocation`` ZERO, and the few allocated
     areas — qemu allocates a new raw file's first block — read back as
-    zeroes); else ``raw``."""
+    zeroes); else ``raw``. The maps are walked a window at a time."""
     if target.has_backing:
         return TargetMode.OVERLAY
-    depth = await target.allocation_depth()
-    if depth is not None and any(d > 1 for _, _, d in depth):
-        return TargetMode.OVERLAY
-    extents = await target.extents(0, target.size)
-    allocated = [(offset, length) for offset, length, flags in extents if not flags & AllocationFlag.ZERO]
-    if sum(length for _, length in allocated) > PROBE_READ_LIMIT:
-        return TargetMode.RAW
-    for offset, length in allocated:
-        for start in range(offset, offset + length, DEFAULT_REQUEST_SIZE):
-            buffer = memoryview(bytearray(min(DEFAULT_REQUEST_SIZE, offset + length - start)))
-            await target.read_into(start, buffer)
-            if not is_zero(buffer):
+    async for depths in walk_extents(target.allocation_depth, 0, target.size):
+        if any(depth > 1 for _, _, depth in depths):
+            return TargetMode.OVERLAY
+    allocated = 0
+    buffer = memoryview(bytearray(DEFAULT_REQUEST_SIZE))
+    async for extents in walk_extents(target.extents, 0, target.size):
+        for offset, length, flags in extents:
+            if flags & AllocationFlag.ZERO:
+                continue
+            length = min(length, target.size - offset)
+            allocated += length
+            if allocated > PROBE_READ_LIMIT:
                 return TargetMode.RAW
+            for start in range(offset, offset + length, DEFAULT_REQUEST_SIZE):
+                view = buffer[: min(DEFAULT_REQUEST_SIZE, offset + length - start)]
+                await target.read_into(start, view)
+                if not is_zero(view):
+                    return TargetMode.RAW
     return TargetMode.FRESH
+
+
+async def walk_extents(
+    describe: Callable[[int, int], Awaitable[Extents | None]], start: int, end: int
+) -> AsyncIterator[Extents]:
+    """Consecutive batches of extents over ``[start, end)``, one bounded
+    query each (nothing when ``describe`` returns None: no map)."""
+    pos = start
+    while pos < end:
+        extents = await describe(pos, min(EXTENT_WINDOW, end - pos))
+        if extents is None:
+            return
+        reach = _reach(extents, pos)
+        yield extents
+        pos = reach
+
+
+def _reach(extents: Sequence[tuple[int, int, int]], pos: int) -> int:
+    """Where consecutive ``extents`` from ``pos`` end; raise if they do not start there or move on."""
+    if not extents or extents[0][0] != pos or extents[-1][0] + extents[-1][1] <= pos:
+        raise EndpointError(f"the allocation map at offset {pos} is empty or out of place", transient=False, offset=pos)
+    return extents[-1][0] + extents[-1][1]
 
 
 @attrs.frozen(slots=True)
@@ -167,15 +206,29 @@ class _Done:
 
 
 class _Reporter:
-    def __init__(self, callback: ProgressCallback | None, total: int, copy_total: int, interval: float) -> None:
+    def __init__(self, callback: ProgressCallback | None, total: int, scope: int, interval: float) -> None:
         self.callback = callback
         self.total = total
-        self.copy_total = copy_total
+        self.scope = scope  # bytes the windows will plan
+        self.planned_scope = 0
+        self.planned_copy = 0
         self.interval = interval
         self.start = time.monotonic()
         self.last = -math.inf
         self.copied = self.zeroed = self.skipped = 0
         self.copy_processed = 0  # bytes of COPY items finished, whatever they turned into
+
+    def planned(self, copy_bytes: int, scope_bytes: int) -> None:
+        self.planned_copy += copy_bytes
+        self.planned_scope += scope_bytes
+
+    @property
+    def copy_total(self) -> int:
+        """Bytes to read: exact once every window is planned, extrapolated before."""
+        if not self.planned_scope or self.planned_scope >= self.scope:
+            return self.planned_copy
+        unplanned = self.scope - self.planned_scope
+        return self.planned_copy + unplanned * self.planned_copy // self.planned_scope
 
     def count(self, done: _Done, sign: int = 1) -> None:
         self.copied += sign * done.copied
@@ -187,11 +240,10 @@ class _Reporter:
     def snapshot(self, done: bool = False, error: str | None = None) -> Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.copied / elapsed
-        left = max(0, self.copy_total - self.copy_processed)
+        copy_total = self.copy_total
+        left = max(0, copy_total - self.copy_processed)
         eta = 0.0 if done or left == 0 else (left / rate if rate > 0 else None)
-        return Progress(
-            self.copied, self.zeroed, self.skipped, self.total, elapsed, rate, eta, done, error, self.copy_total
-        )
+        return Progress(self.copied, self.zeroed, self.skipped, self.total, elapsed, rate, eta, done, error, copy_total)
 
     def maybe_report(self) -> None:
         now = time.monotonic()
@@ -209,10 +261,11 @@ class _Copier:
         self,
         source: Endpoint,
         target: Endpoint,
-        copy_plan: Plan,
         *,
+        scope: Sequence[tuple[int, int]] | None,
+        request_size: int,
+        block: int,
         mode: TargetMode,
-        full: bool,
         workers: int,
         retries: int,
         backoff: float,
@@ -222,17 +275,21 @@ class _Copier:
     ) -> None:
         self.source = source
         self.target = target
-        self.plan = copy_plan
+        self.size = source.size
+        self.full = scope is None
+        self.scope = [(0, self.size)] if scope is None else scope
+        self.request_size = request_size
+        self.block = block
         self.mode = mode
-        self.skip_zeroes = full and mode is TargetMode.FRESH
+        self.skip_zeroes = self.full and mode is TargetMode.FRESH
         self.workers = workers
         self.retries = retries
         self.backoff = backoff
         self.checkpoint_bytes = checkpoint_bytes
         self.zero_buffers = zero_buffers or not target.can_zero
         self.reporter = reporter
-        self.segment = max(ZERO_SEGMENT, copy_plan.request_size // 64 // ZERO_SEGMENT * ZERO_SEGMENT)
-        self._zeroes = memoryview(bytes(copy_plan.request_size))
+        self.segment = max(ZERO_SEGMENT, request_size // 64 // ZERO_SEGMENT * ZERO_SEGMENT)
+        self._zeroes = memoryview(bytes(request_size))
         self.durable = RangeSet()
         self.pending: list[_Done] = []
         self.unbatched_bytes = 0  # finished, not yet in a running FLUSH's batch
@@ -299,6 +356,17 @@ class _Copier:
                         offset=item.offset,
                         completed=self.durable.ranges(),
                     ) from exc
+                await self._pause(attempt)
+        raise AssertionError("unreachable")
+
+    async def _retrying(self, what: str, offset: int, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, retrying transient endpoint errors with backoff; CopyError when it gives up."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except EndpointError as exc:
+                if not exc.transient or attempt == self.retries:
+                    raise CopyError(f"{what}: {exc}", offset=offset, completed=self.durable.ranges()) from exc
                 await self._pause(attempt)
         raise AssertionError("unreachable")
 
@@ -388,12 +456,46 @@ class _Copier:
 
     # -- passes ---------------------------------------------------------------------------
 
-    async def run_pass(self, items: Iterable[WorkItem]) -> None:
+    async def planned_items(self) -> AsyncIterator[WorkItem]:
+        """The work of the whole copy, planned one bounded window of the source's map at a time."""
+        done = 0
+        for area_start, area_length in self.scope:
+            if done < area_start:
+                yield WorkItem(done, area_start - done, Action.SKIP)
+            pos, end = area_start, area_start + area_length
+            while pos < end:
+                extents = await self._source_extents(pos, min(EXTENT_WINDOW, end - pos))
+                stop = min(end, -(-_reach(extents, pos) // self.block) * self.block)
+                window = plan(
+                    extents,
+                    size=self.size,
+                    mode=self.mode,
+                    request_size=self.request_size,
+                    min_block=self.block,
+                    changed=None if self.full else [(pos, stop - pos)],
+                    merge_gap=0,
+                    span=(pos, stop),
+                )
+                self.reporter.planned(window.copy_bytes, stop - pos)
+                for item in window.items():
+                    yield item
+                pos = stop
+            done = end
+        if done < self.size:
+            yield WorkItem(done, self.size - done, Action.SKIP)
+
+    async def _source_extents(self, offset: int, length: int) -> Extents:
+        return await self._retrying(
+            "reading the source's allocation map", offset, lambda: self.source.extents(offset, length)
+        )
+
+    async def run_pass(self, items: AsyncIterator[WorkItem] | Iterable[WorkItem]) -> None:
         queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=self.workers)
 
         async def produce() -> None:
-            for item in items:
+            async for item in _aiter(items):
                 if item.action is Action.SKIP:
+                    self.durable.add(item.offset, item.length)  # nothing to do there
                     self.reporter.count(_Done(item, 0, 0, 0, item.length))
                     self.reporter.maybe_report()
                     continue
@@ -402,7 +504,7 @@ class _Copier:
                 await queue.put(None)
 
         async def work() -> None:
-            buffer = memoryview(bytearray(self.plan.request_size))
+            buffer = memoryview(bytearray(self.request_size))
             while True:
                 if self.redo:
                     item = self.redo.popleft()
@@ -420,7 +522,7 @@ class _Copier:
                 group.create_task(work())
 
     async def run(self, *, flush: bool) -> bool:
-        await self.run_pass(self.plan.items())
+        await self.run_pass(self.planned_items())
         for attempt in range(self.retries + 1):
             self._invalidate()
             if self.redo:
@@ -442,13 +544,19 @@ class _Copier:
 
     # -- verification -----------------------------------------------------------------------
 
-    async def verify(self, ranges: Iterable[tuple[int, int, bool]]) -> None:
-        """Compare ``(offset, length, source_is_zero)`` chunks; raise on the first difference."""
+    def _verify_chunks(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` chunks of the copied scope, ``request_size`` at most."""
+        for area_start, area_length in self.scope:
+            for start in range(area_start, area_start + area_length, self.request_size):
+                yield start, min(self.request_size, area_start + area_length - start)
+
+    async def verify(self, source: Endpoint) -> None:
+        """Compare ``source`` (freshly connected) with the target over the scope; raise on the first difference."""
         first: list[int] = []
-        queue: asyncio.Queue[tuple[int, int, bool] | None] = asyncio.Queue(maxsize=self.workers)
+        queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=self.workers)
 
         async def produce() -> None:
-            for chunk in ranges:
+            for chunk in self._verify_chunks():
                 if first and chunk[0] > min(first):
                     break
                 await queue.put(chunk)
@@ -456,23 +564,15 @@ class _Copier:
                 await queue.put(None)
 
         async def read(endpoint: Endpoint, offset: int, view: memoryview) -> None:
-            for attempt in range(self.retries + 1):
-                try:
-                    await endpoint.read_into(offset, view)
-                    return
-                except EndpointError as exc:
-                    if not exc.transient or attempt == self.retries:
-                        raise CopyError(f"verify: {exc}", offset=offset) from exc
-                    await self._pause(attempt)
+            await self._retrying("verify", offset, lambda: endpoint.read_into(offset, view))
 
         async def work() -> None:
-            source = memoryview(bytearray(self.plan.request_size))
-            target = memoryview(bytearray(self.plan.request_size))
+            source_buffer = memoryview(bytearray(self.request_size))
+            target_buffer = memoryview(bytearray(self.request_size))
             while (chunk := await queue.get()) is not None:
-                offset, length, zero = chunk
-                src, dst = (self._zeroes if zero else source)[:length], target[:length]
-                if not zero:
-                    await read(self.source, offset, src)
+                offset, length = chunk
+                src, dst = source_buffer[:length], target_buffer[:length]
+                await read(source, offset, src)
                 await read(self.target, offset, dst)
                 if hashlib.sha256(src).digest() != hashlib.sha256(dst).digest():
                     first.append(offset + _first_difference(src, dst))
@@ -484,6 +584,15 @@ class _Copier:
         if first:
             offset = min(first)
             raise VerifyError(f"verify: source and target differ at offset {offset}", offset=offset)
+
+
+async def _aiter(items: AsyncIterator[WorkItem] | Iterable[WorkItem]) -> AsyncIterator[WorkItem]:
+    if isinstance(items, AsyncIterator):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 def _first_difference(a: memoryview, b: memoryview) -> int:
@@ -534,28 +643,27 @@ async def copy(
     size = source.size
     if target.size < size:
         raise CopyError(f"the target ({target.size} bytes) is smaller than the source ({size} bytes)")
+    block = math.lcm(source.min_block, target.min_block)
+    limit = min(request_size, source.max_request, target.max_request)
+    limit = max(block, limit // block * block)
+    scope = None
+    if changed_areas is not None:
+        scope = merge_areas(changed_areas, size=size, merge_gap=merge_gap, min_block=block)
     try:
         mode = _mode(target_mode)
         if mode is TargetMode.AUTO:
             mode = await probe_target_mode(target)
-        extents = await source.extents(0, size) if size else []
     except EndpointError as exc:
         raise CopyError(str(exc), offset=exc.offset) from exc
-    block = math.lcm(source.min_block, target.min_block)
-    limit = min(request_size, source.max_request, target.max_request)
-    changed = None if changed_areas is None else list(changed_areas)
-    copy_plan = plan(
-        extents, size=size, mode=mode, request_size=limit, min_block=block, changed=changed, merge_gap=merge_gap
-    )
-    total = size
-    reporter = _Reporter(progress, total, copy_plan.copy_bytes, progress_interval)
+    reporter = _Reporter(progress, size, size if scope is None else sum(n for _, n in scope), progress_interval)
     streams = max(1, min(connections, source.connections, target.connections))
     copier = _Copier(
         source,
         target,
-        copy_plan,
+        scope=scope,
+        request_size=limit,
+        block=block,
         mode=mode,
-        full=changed is None,
         workers=streams * requests,
         retries=retries,
         backoff=backoff,
@@ -567,7 +675,7 @@ async def copy(
         try:
             flushed = await copier.run(flush=flush)
             if verify:
-                await copier.verify(verify_chunks(copy_plan, full=changed is None, extents=extents))
+                await _verify(copier, source)
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     except Exception as exc:
@@ -588,6 +696,19 @@ async def copy(
         flushed=flushed,
         verified=verify,
     )
+
+
+async def _verify(copier: _Copier, source: Endpoint) -> None:
+    """Verify against the source reached again through new connections."""
+    try:
+        fresh = await source.reopen()
+    except EndpointError as exc:
+        raise CopyError(f"verify: {exc}", offset=exc.offset) from exc
+    try:
+        await copier.verify(fresh)
+    finally:
+        if fresh is not source:
+            await fresh.close()
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -25,8 +25,10 @@ Theory of operation:
    returns zeroes, so copying them is always correct); data never shrinks.
 4. *Splitting.* :meth:`Plan.items` lazily splits COPY ranges at
    ``request_size`` and ZERO ranges at ``zero_size``; SKIP ranges are not
-   split. The unsplit ranges are kept (one per extent run, not per request),
-   so a plan for a multi-terabyte disk stays small.
+   split. The unsplit ranges are kept (one per extent run, not per request).
+5. *Windows.* With ``span`` a plan covers only that part of the disk, so
+   the engine can plan (and hold the extents of) one bounded window at a
+   time: memory stays O(window) however fragmented the disk is.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ def plan(
     min_block: int = 1,
     changed: Iterable[tuple[int, int]] | None = None,
     merge_gap: int = DEFAULT_MERGE_GAP,
+    span: tuple[int, int] | None = None,
 ) -> Plan:
     """Plan a copy of ``size`` bytes.
 
@@ -214,6 +217,8 @@ def plan(
     ``base:allocation`` flags (bytes they do not describe count as data);
     ``changed`` (CBT) limits the copy to those areas. ``request_size`` and
     ``zero_size`` are rounded down to ``min_block`` (but are at least one block).
+    ``span`` (``(start, end)``, block-aligned except at ``size``) limits the
+    plan's ranges to that window of the disk.
     """
     if mode is TargetMode.AUTO:
         raise ValueError("resolve TargetMode.AUTO (probe the target) before planning")
@@ -225,9 +230,12 @@ def plan(
     scope = (
         [(0, size)] if changed is None else merge_areas(changed, size=size, merge_gap=merge_gap, min_block=min_block)
     )
+    low, high = (0, size) if span is None else (max(0, span[0]), min(size, span[1]))
+    if span is not None:
+        scope = [(max(o, low), min(o + n, high) - max(o, low)) for o, n in scope if min(o + n, high) > max(o, low)]
     zero_action = Action.SKIP if full and mode is TargetMode.FRESH else Action.ZERO
     out: list[WorkItem] = []
-    pos = 0
+    pos = low
     for start, end, zero in _classify(extents, scope, size):
         _append(out, pos, start, Action.SKIP)  # out of scope
         if zero:
@@ -243,29 +251,8 @@ def plan(
         else:
             _append(out, start, end, Action.COPY)
         pos = end
-    _append(out, pos, size, Action.SKIP)
+    _append(out, pos, high, Action.SKIP)
     return Plan(size, tuple(out), request_size, zero_size)
-
-
-def verify_chunks(
-    copy_plan: Plan, *, full: bool, extents: Iterable[tuple[int, int, int]]
-) -> Iterator[tuple[int, int, bool]]:
-    """``(offset, length, source_reads_zero)`` chunks of at most ``request_size``
-    to compare after a copy: the whole disk in a full copy, else the changed
-    areas. A chunk is marked when one source extent with the ZERO flag covers
-    it, so the source need not be read there."""
-    zero_spans = sorted((o, o + n) for o, n, f in extents if _reads_zero(f))
-    index = 0
-    step = copy_plan.request_size
-    for item in copy_plan.ranges:
-        if item.action is Action.SKIP and not full:
-            continue
-        for start in range(item.offset, item.end, step):
-            end = min(item.end, start + step)
-            while index < len(zero_spans) and zero_spans[index][1] <= start:
-                index += 1
-            zero = index < len(zero_spans) and zero_spans[index][0] <= start and zero_spans[index][1] >= end
-            yield start, end - start, zero
 
 
 class RangeSet:
@@ -273,11 +260,13 @@ class RangeSet:
 
     def __init__(self) -> None:
         self._spans: list[tuple[int, int]] = []
+        self._limit = 4096  # merge when the list grows past this (amortised: twice the merged size)
 
     def add(self, offset: int, length: int) -> None:
         self._spans.append((offset, offset + length))
-        if len(self._spans) > 4096:
+        if len(self._spans) > self._limit:
             self._spans = self._merged()
+            self._limit = max(4096, 2 * len(self._spans))
 
     def _merged(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
