@@ -1,10 +1,17 @@
-"""What the hub's and the node's aiohttp APIs share: JSON errors, bearer auth, JSON bodies."""
+"""What the hub's and the node's aiohttp APIs share: JSON errors, bearer auth, JSON bodies.
+
+Bodies are parsed strictly at the edge: UTF-8 only, at most :data:`MAX_BODY`
+bytes, :data:`MAX_DEPTH` levels, integers of at most 20 digits, no NaN or
+infinities, no lone surrogates. Every failure is a 4xx JSON error.
+"""
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +24,14 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: (exception type, HTTP status, error code), the first match wins.
 ErrorMap = list[tuple[type[Exception], int, str]]
+
+#: Largest request body (bytes); give it to ``web.Application(client_max_size=...)``.
+MAX_BODY = 1 << 20
+#: Deepest nesting of arrays and objects in a body.
+MAX_DEPTH = 16
+#: Longest integer literal (digits and sign): 64-bit values fit, 5000-digit ones never reach int().
+MAX_INT_DIGITS = 20
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 class BadRequest(SendenseError):
@@ -40,15 +55,23 @@ def is_loopback(host: str) -> bool:
 
 def error_middleware(token: str | None, errors: ErrorMap) -> Any:
     """Bearer auth (when ``token``) and every failure as a JSON error with a code."""
+    if token is not None and not check_token(token):
+        raise ValueError("a bearer token is visible ASCII without spaces; an empty one would turn auth off")
+    expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
-            return error(401, "unauthorized", "a valid bearer token is required")
+        if token is not None:
+            given = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, expected):
+                return error(401, "unauthorized", "a valid bearer token is required")
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            return error(exc.status, "not_found" if exc.status == 404 else "http", exc.reason)
+            if exc.status < 400:
+                raise
+            status = exc.status if exc.status < 500 else 500
+            return error(status, _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal"), exc.reason)
         except BadRequest as exc:
             status = {"bad_request": 400, "not_found": 404}.get(exc.code, 409)
             return error(status, exc.code, str(exc))
@@ -56,6 +79,7 @@ def error_middleware(token: str | None, errors: ErrorMap) -> Any:
             for kind, status, code in errors:
                 if isinstance(exc, kind):
                     return error(status, code, str(exc))
+            log.error("API error on %s %s: %s", request.method, request.path, exc)
             return error(500, "internal", str(exc))
         except Exception as exc:  # noqa: BLE001 - a defect: answer JSON, log the trace
             log.exception("API error on %s %s", request.method, request.path)
@@ -64,11 +88,77 @@ def error_middleware(token: str | None, errors: ErrorMap) -> Any:
     return middleware
 
 
+def check_token(token: str) -> bool:
+    """Whether ``token`` can be a bearer token: non-empty visible ASCII (no spaces, no controls)."""
+    return bool(token) and all("!" <= c <= "~" for c in token)
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object, parsed strictly; :class:`BadRequest` otherwise.
+
+    A body over the app's ``client_max_size`` answers 413 (aiohttp raises it).
+    """
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise BadRequest(f"charset {charset[:40]!r} is not supported: send UTF-8 JSON")
+    return parse_json_object(await request.read())
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Strict JSON (see the module doc) that must be an object."""
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the body is not UTF-8 (byte {exc.start})") from exc
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except RecursionError:
+        raise BadRequest(f"the body nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, and our parse_* refusals
         raise BadRequest(f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
+    _check_tree(value)
+    if not isinstance(value, dict):
         raise BadRequest("the body is a JSON object")
-    return body
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} characters (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _parse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_tree(value: object) -> None:
+    """Depth within :data:`MAX_DEPTH`; every string and key encodable as UTF-8 (no lone surrogates)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_utf8(item)
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_DEPTH:
+                raise BadRequest(f"the body nests deeper than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    _check_utf8(key)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+
+
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"a string holds a lone surrogate (U+{ord(text[exc.start]):04X})") from None

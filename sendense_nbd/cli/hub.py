@@ -20,11 +20,21 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _secret(path: str | None) -> str | None:
-    if not path:
+def _secret(path: str | None, option: str) -> str | None:
+    """A bearer token file's token; an empty or unusable one stops the start (it must never turn auth off)."""
+    from sendense_nbd.http_api import check_token
+
+    if path is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(65536).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint=option) from exc
+    if not check_token(token):
+        problem = "is empty" if not token else "holds characters a bearer token cannot have (spaces, controls)"
+        raise click.BadParameter(f"{path} {problem}", param_hint=option)
+    return token
 
 
 @click.command("hub")
@@ -36,6 +46,11 @@ def _secret(path: str | None) -> str | None:
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token (required off loopback).")
 @click.option("--node-url", help="The node API, e.g. http://127.0.0.1:8081.")
 @click.option("--node-token-file", type=click.Path(dir_okay=False), help="Bearer token for the node API.")
+@click.option(
+    "--restore-dir",
+    type=click.Path(file_okay=False),
+    help="Where POST /restores convert writes files (default REPO/restores; callers give only a file name).",
+)
 @click.option("--public-url", help="This API as the node reaches it (default: http://LISTEN).")
 @click.option("--keep", type=click.IntRange(1, 10000), default=7, show_default=True, help="Restore points per disk.")
 @click.option("--job-timeout", type=click.FloatRange(1), default=86400, show_default=True, help="Seconds.")
@@ -50,7 +65,8 @@ def hub_command(**o: Any) -> None:
     from sendense_nbd.hub.ports import PortError, parse_range
 
     host, port = _listen(o["listen"])
-    token = _secret(o["token_file"])
+    token = _secret(o["token_file"], "--token-file")
+    o["node_token"] = _secret(o["node_token_file"], "--node-token-file")
     if token is None and not is_loopback(host):
         raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
     try:
@@ -83,10 +99,11 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
         nbd_bind=o["nbd_bind"],
         nbd_advertise=o["nbd_advertise"],
         node_url=o["node_url"],
-        node_token=_secret(o["node_token_file"]),
+        node_token=o["node_token"],
         public_url=o["public_url"] or url,
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
+        restore_dir=o["restore_dir"],
     )
     try:
         hub = Hub(config)
@@ -173,8 +190,9 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
 
     from sendense_nbd.errors import SendenseError
     from sendense_nbd.hub.service import convert_point
+    from sendense_nbd.storage import ImageFormat
 
-    if os.path.exists(output):
+    if os.path.lexists(output):
         raise click.ClickException(f"{output} exists")
     db, repository = _open_repository(repo)
 
@@ -182,11 +200,11 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
         point = await repository.point(point_id)
         if point.status != "completed":
             raise click.ClickException(f"point {point_id} is not completed")
-        await convert_point(point, output, fmt)
+        await convert_point(point, output, ImageFormat(fmt))
 
     try:
         asyncio.run(run())
-    except SendenseError as exc:
+    except (SendenseError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         db.close()

@@ -12,6 +12,10 @@ class NodeError(SendenseError):
     """The node refused or did not answer."""
 
 
+class NodeNotFound(NodeError):
+    """The node answered 404: it does not know the VM (or job) asked for."""
+
+
 class NodeClient:
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
         base = base_url.rstrip("/")
@@ -30,6 +34,8 @@ class NodeClient:
         try:
             async with self._session.request(method, url, json=body) as response:
                 text = await response.text()
+                if response.status == 404:
+                    raise NodeNotFound(f"the node does not know it: {method} {url}: {text[:300]}")
                 if response.status >= 400:
                     raise NodeError(f"{method} {url}: HTTP {response.status}: {text[:300]}")
                 return await response.json(content_type=None) if text else {}

@@ -26,6 +26,7 @@ import attrs
 
 from sendense_nbd.errors import ImageError, SendenseError
 from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.storage.files import is_temporary
 from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class RepositoryError(SendenseError):
     """A repository operation cannot be done as asked."""
+
+
+class UnknownPoint(RepositoryError):
+    """No restore point has this ID."""
 
 
 @attrs.frozen
@@ -88,7 +93,7 @@ class Repository:
 
         found = await self.db.run(read)
         if not found:
-            raise RepositoryError(f"no restore point {point_id}")
+            raise UnknownPoint(f"no restore point {point_id}")
         return found[0]
 
     async def latest(self, vm_path: str, disk_key: int) -> Point | None:
@@ -134,18 +139,21 @@ class Repository:
         await self.db.run(insert)
         return point
 
-    async def complete(self, point_id: str, change_id: str | None, disk_uuid: str | None) -> Point:
+    async def complete(self, results: list[tuple[str, str | None, str | None]]) -> None:
+        """Mark points completed, all in one transaction: ``[(point_id, change_id, disk_uuid), ...]``."""
+
         def update(connection: sqlite3.Connection) -> None:
-            cursor = connection.execute(
-                "UPDATE points SET status = 'completed', completed = ?, change_id = ?, disk_uuid = ? "
-                "WHERE id = ? AND status = 'pending'",
-                (time.time(), change_id, disk_uuid, point_id),
-            )
-            if cursor.rowcount != 1:
-                raise RepositoryError(f"restore point {point_id} is not pending")
+            now = time.time()
+            for point_id, change_id, disk_uuid in results:
+                cursor = connection.execute(
+                    "UPDATE points SET status = 'completed', completed = ?, change_id = ?, disk_uuid = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (now, change_id, disk_uuid, point_id),
+                )
+                if cursor.rowcount != 1:
+                    raise RepositoryError(f"restore point {point_id} is not pending")
 
         await self.db.run(update)
-        return await self.point(point_id)
 
     async def discard(self, point_id: str) -> None:
         """Delete a pending (failed) point and its image."""
@@ -234,6 +242,49 @@ class Repository:
             await self._merge(base, top)
             merged.append(base.id)
         return discarded, merged
+
+    async def sweep_orphans(self) -> tuple[list[str], list[str]]:
+        """Remove the images under ``vms/`` that no point knows of (a crash between creating an
+        image and recording it, or a temporary file of a create); ``(removed, unexpected)`` paths.
+
+        Only our own names are removed (``*.qcow2`` and temporary files at
+        ``vms/<vm>/<disk-key>/``); anything else is reported and left alone.
+        Points are matched by their last three path components, so a moved
+        repository keeps its images.
+        """
+
+        def read(connection: sqlite3.Connection) -> set[tuple[str, ...]]:
+            return {_tail(r[0]) for r in connection.execute("SELECT path FROM points")}
+
+        known = await self.db.run(read)
+        return await asyncio.to_thread(_sweep, os.path.join(self.root, "vms"), known)
+
+
+def _tail(path: str) -> tuple[str, ...]:
+    return tuple(os.path.normpath(path).split(os.sep)[-3:])
+
+
+def _sweep(vms: str, known: set[tuple[str, ...]]) -> tuple[list[str], list[str]]:
+    removed: list[str] = []
+    unexpected: list[str] = []
+    for folder, dirs, files in os.walk(vms):  # never follows symlinks to directories
+        depth = len(os.path.relpath(folder, vms).split(os.sep)) if folder != vms else 0
+        entries = files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        for name in entries:
+            path = os.path.join(folder, name)
+            ours = depth == 2 and (name.endswith(".qcow2") or is_temporary(name))
+            if depth == 2 and _tail(path) in known:
+                continue
+            if ours and not os.path.islink(path):
+                _unlink(path)
+                removed.append(path)
+            else:
+                unexpected.append(path)
+    for path in removed:
+        log.warning("removed %s: no restore point knows it (left by a crash)", path)
+    for path in unexpected:
+        log.warning("unexpected file in the repository, left alone: %s", path)
+    return removed, unexpected
 
 
 def _sync_dir(path: str) -> None:

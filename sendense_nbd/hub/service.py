@@ -7,7 +7,13 @@ progress and completion through the hub API (docs/HUB_API.md). On
 completion the exports are stopped (which flushes), the points are marked
 completed with their change IDs, the ports are released and retention runs.
 A failed, cancelled or timed-out job discards its points. A restarted hub
-fails the jobs its predecessor left running and frees their ports.
+fails the jobs its predecessor left running, frees their ports, and removes
+the images no point knows of.
+
+Requests arrive parsed (:mod:`~sendense_nbd.hub.requests`), and each call
+checks what it can before changing any state, so a refused request leaves
+no job running, no port leased and no image behind. Converted restores go
+only into the restore directory, under a plain file name.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import attrs
 
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.http_api import BadRequest
+from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager
 from sendense_nbd.hub.jobs import TERMINAL, Job, JobStateError, JobStore
-from sendense_nbd.hub.node_client import NodeClient
+from sendense_nbd.hub.node_client import NodeClient, NodeError
 from sendense_nbd.hub.ports import DEFAULT_POOL, PortAllocator
 from sendense_nbd.hub.repository import Point, Repository
+from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
+from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ class HubConfig:
     keep_points: int = 7
     shared: int = 10
     lease_ttl: float = 600.0
+    #: Where converted restores go (default REPO/restores); callers name only a file in it.
+    restore_dir: str | None = None
 
 
 class Hub:
@@ -65,6 +76,11 @@ class Hub:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise BadRequest(f"another hub is running on {config.repo}", "busy") from None
+        try:
+            self.restore_dir = _open_restore_dir(config.restore_dir or os.path.join(config.repo, "restores"))
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.db = Database(os.path.join(config.repo, "hub.db"))
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ports = PortAllocator(self.db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
@@ -85,13 +101,21 @@ class Hub:
             failed.append(job.id)
         released = [lease.port for lease in await self.ports.release_stale(self.holder)]
         discarded, merged = await self.repository.recover()
+        removed, unexpected = await self.repository.sweep_orphans()
+        removed += await asyncio.to_thread(_sweep_temporaries, self.restore_dir)
         if failed or released or discarded or merged:
             log.warning(
                 "recovered after a restart: jobs failed %s, ports released %s, points discarded %s, merges finished %s",
                 failed, released, discarded, merged,
             )  # fmt: skip
         self._tasks = [asyncio.ensure_future(self._renew_leases()), asyncio.ensure_future(self._expire_jobs())]
-        return {"failed_jobs": failed, "released_ports": released, "discarded_points": discarded}
+        return {
+            "failed_jobs": failed,
+            "released_ports": released,
+            "discarded_points": discarded,
+            "removed_orphans": removed,
+            "unexpected_files": unexpected,
+        }
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -117,28 +141,30 @@ class Hub:
             now = time.time()
             for job in await self.jobs.list(state="running"):
                 if job.deadline < now:
-                    await self._fail(job.id, "timeout", f"no completion within {self.config.job_timeout:.0f} s")
+                    async with self._lock(job.id):
+                        if (await self.jobs.get(job.id)).state not in TERMINAL:
+                            await self._fail(job.id, "timeout", f"no completion within {self.config.job_timeout:.0f} s")
 
     def _lock(self, job_id: str) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
 
     # -- backups -----------------------------------------------------------------
 
-    async def create_backup(self, vm_path: str, mode: str, disks: list[dict[str, Any]] | None) -> Job:
-        if not vm_path.startswith("/"):
-            raise BadRequest("vm_path is an inventory path such as /DC/vm/name")
-        if mode not in ("full", "incremental", "auto"):
-            raise BadRequest("mode is full, incremental or auto")
+    async def create_backup(self, request: req.BackupRequest) -> Job:
+        vm_path, mode = request.vm_path, request.mode.value
+        disks = request.disks
         if disks is None:
             if self.node is None:
                 raise BadRequest("give disks ([{key, capacity}]): no node is configured to list them")
-            disks = await self.node.disks(vm_path)
-        wanted = _parse_disks(disks)
+            disks = await self._node_disks(vm_path)
+        for disk in disks:
+            if disk.capacity is None and (mode == "full" or await self.repository.latest(vm_path, disk.key) is None):
+                raise BadRequest(f"disk {disk.key}: give its capacity (no completed point to build an incremental on)")
         job = await self.jobs.create("backup", vm_path, mode, {"disks": []}, lifetime=self.config.job_timeout)
         entries: list[dict[str, Any]] = []
         try:
-            for key, capacity in wanted:
-                entries.append(await self._prepare_disk(job.id, vm_path, key, capacity, mode))
+            for disk in disks:
+                entries.append(await self._prepare_disk(job.id, vm_path, disk.key, disk.capacity, mode))
             targets = {e["disk_key"]: e["uri"] for e in entries}
             job = await self.jobs.transition(job.id, "running", detail={"disks": entries})
             if self.node is not None:
@@ -149,6 +175,17 @@ class Hub:
                 await self.jobs.transition(job.id, "failed", error={"stage": "starting", "message": str(exc)})
             raise
         return job
+
+    async def _node_disks(self, vm_path: str) -> tuple[req.DiskSpec, ...]:
+        assert self.node is not None
+        listed = await self.node.disks(vm_path)
+        try:
+            return req.parse_disks(
+                [{"key": d.get("key"), "capacity": d.get("capacity")} if isinstance(d, dict) else d for d in listed],
+                "the node's disk list",
+            )
+        except BadRequest as exc:
+            raise NodeError(f"the node's disk list for {vm_path} is malformed: {exc}") from exc
 
     async def _prepare_disk(
         self, job_id: str, vm_path: str, key: int, capacity: int | None, mode: str
@@ -191,26 +228,33 @@ class Hub:
     async def progress(self, job_id: str, report: dict[str, Any]) -> Job:
         return await self.jobs.set_progress(job_id, report)
 
-    async def complete(self, job_id: str, body: dict[str, Any]) -> Job:
+    async def complete(self, job_id: str, report: req.Completion) -> Job:
+        """Record a job's end. Everything is checked before anything changes; a failure after the
+        exports stopped fails the job, so no job stays running without its exports."""
         async with self._lock(job_id):
             job = await self.jobs.get(job_id)
+            if job.kind != "backup":
+                raise BadRequest(f"{job_id} is not a backup job", "not_found")
             if job.state in TERMINAL:
                 raise JobStateError(f"job {job_id} is already {job.state}")
-            status = body.get("status")
-            if status == "failed":
-                error = body.get("error")
-                error = error if isinstance(error, dict) else {"message": "the node reported a failure"}
-                return await self._fail(job_id, str(error.get("stage", "node")), str(error.get("message", "")))
-            if status != "completed":
-                raise BadRequest("status is completed or failed")
+            if report.vm_path is not None and report.vm_path != job.vm_path:
+                raise BadRequest(f"the completion is for {report.vm_path}, job {job_id} backs up {job.vm_path}")
+            if report.status == "failed":
+                return await self._fail(job_id, report.stage, report.message)
             entries = {e["disk_key"]: e for e in job.detail["disks"]}
-            reported = _reported_disks(body, set(entries))
-            await self.exports.stop_job(job_id)  # flushes every point before it counts
-            for key, entry in entries.items():
-                disk = reported[key]
-                await self.repository.complete(entry["point_id"], disk.get("change_id"), disk.get("disk_uuid"))
-            await self.ports.release(job_id=job_id)
-            job = await self.jobs.transition(job_id, "completed")
+            reported = {d.disk_key: d for d in report.disks}
+            if set(reported) != set(entries):
+                raise BadRequest(f"the completion names disks {sorted(reported)}, the job has {sorted(entries)}")
+            try:
+                await self.exports.stop_job(job_id)  # flushes every point before it counts
+                results = [(e["point_id"], reported[k].change_id, reported[k].disk_uuid) for k, e in entries.items()]
+                await self.repository.complete(results)
+                await self.ports.release(job_id=job_id)
+                job = await self.jobs.transition(job_id, "completed")
+            except Exception as exc:
+                log.error("completing %s failed: %s", job_id, exc)
+                await self._fail(job_id, "complete", f"recording the completion failed: {exc}")
+                raise
         for key in entries:
             try:
                 await self.repository.apply_retention(job.vm_path, key, self.config.keep_points)
@@ -251,12 +295,28 @@ class Hub:
 
     # -- restores ----------------------------------------------------------------
 
-    async def restore(self, point_id: str, action: str, *, fmt: str = "raw", path: str | None = None) -> Job:
-        point = await self.repository.point(point_id)
+    async def restore(self, request: req.RestoreRequest) -> Job:
+        point = await self.repository.point(request.point_id)
         if point.status != "completed":
-            raise BadRequest(f"point {point_id} is not a completed restore point", "not_restorable")
-        if action == "export":
-            job = await self.jobs.create("restore", point.vm_path, "export", {}, lifetime=self.config.job_timeout)
+            raise BadRequest(f"point {point.id} is not a completed restore point", "not_restorable")
+        if request.action is req.RestoreAction.EXPORT:
+            return await self._export_point(point)
+        assert request.name is not None
+        path = os.path.join(self.restore_dir, request.name)
+        if await asyncio.to_thread(os.path.lexists, path):
+            raise BadRequest(f"{request.name} exists in the restore directory {self.restore_dir}", "exists")
+        detail = {"point_id": point.id, "path": path, "format": request.fmt.value}
+        job = await self.jobs.create("restore", point.vm_path, "convert", detail, lifetime=self.config.job_timeout)
+        await self.jobs.transition(job.id, "running")
+        try:
+            await convert_point(point, path, request.fmt)
+        except (SendenseError, OSError) as exc:
+            return await self.jobs.transition(job.id, "failed", error={"stage": "convert", "message": str(exc)})
+        return await self.jobs.transition(job.id, "completed")
+
+    async def _export_point(self, point: Point) -> Job:
+        job = await self.jobs.create("restore", point.vm_path, "export", {}, lifetime=self.config.job_timeout)
+        try:
             allocation = await self.ports.allocate(self.holder, job.id, point.disk_key, purpose="restore")
             try:
                 running = await self.exports.start(
@@ -264,26 +324,14 @@ class Hub:
                 )
             except BaseException:
                 allocation.socket.close()
-                await self.ports.release(job_id=job.id)
-                await self.jobs.transition(job.id, "failed", error={"stage": "export", "message": "cannot serve"})
                 raise
-            detail = {"point_id": point.id, "port": running.port, "export": running.name,
-                      "uri": self._uri(running.port, running.name)}  # fmt: skip
-            return await self.jobs.transition(job.id, "running", detail=detail)
-        if action == "convert":
-            if fmt not in ("raw", "qcow2") or not path:
-                raise BadRequest("convert needs format raw|qcow2 and a path")
-            if await asyncio.to_thread(os.path.exists, path):
-                raise BadRequest(f"{path} exists", "exists")
-            job = await self.jobs.create("restore", point.vm_path, "convert", {"point_id": point.id, "path": path},
-                                         lifetime=self.config.job_timeout)  # fmt: skip
-            await self.jobs.transition(job.id, "running")
-            try:
-                await convert_point(point, path, fmt)
-            except (SendenseError, OSError) as exc:
-                return await self.jobs.transition(job.id, "failed", error={"stage": "convert", "message": str(exc)})
-            return await self.jobs.transition(job.id, "completed")
-        raise BadRequest("action is export or convert")
+        except BaseException as exc:
+            await self.ports.release(job_id=job.id)
+            await self.jobs.transition(job.id, "failed", error={"stage": "export", "message": str(exc)})
+            raise
+        detail = {"point_id": point.id, "port": running.port, "export": running.name,
+                  "uri": self._uri(running.port, running.name)}  # fmt: skip
+        return await self.jobs.transition(job.id, "running", detail=detail)
 
     async def stop_restore(self, job_id: str) -> Job:
         job = await self.jobs.get(job_id)
@@ -296,44 +344,49 @@ class Hub:
         return await self.jobs.get(job_id)
 
 
-async def convert_point(point: Point, path: str, fmt: str) -> None:
-    """Write a point (its whole chain) to a standalone raw or qcow2 file with the copy engine."""
+async def convert_point(point: Point, path: str, fmt: ImageFormat) -> None:
+    """Write a point (its whole chain) to a new standalone raw or qcow2 file with the copy engine.
+
+    The copy goes to a fresh temporary file next to ``path``, is verified, and
+    is then linked to ``path``, which is never replaced (a symlink there is
+    not followed); nothing is left behind on failure.
+    """
     from sendense_nbd.copy import copy, open_source, open_target
-    from sendense_nbd.storage import ImageFormat
 
-    source = await open_source(point.path)
+    temporary = temporary_name(path)
     try:
-        target = await open_target(path, fmt=ImageFormat(fmt), size=source.size)
+        source = await open_source(point.path)
         try:
-            await copy(source, target, verify=True)
+            target = await open_target(temporary, fmt=fmt, size=source.size)
+            try:
+                await copy(source, target, verify=True)
+            finally:
+                await target.close()
         finally:
-            await target.close()
+            await source.close()
+        await asyncio.to_thread(link_new, temporary, path)
     finally:
-        await source.close()
+        await asyncio.to_thread(remove_quietly, temporary)
 
 
-def _parse_disks(disks: object) -> list[tuple[int, int | None]]:
-    if not isinstance(disks, list) or not disks:
-        raise BadRequest("disks is a non-empty list of {key, capacity}")
-    out: list[tuple[int, int | None]] = []
-    for disk in disks:
-        key = disk.get("key") if isinstance(disk, dict) else disk
-        capacity = disk.get("capacity") if isinstance(disk, dict) else None
-        if not isinstance(key, int) or isinstance(key, bool) or key < 0:
-            raise BadRequest(f"disk key {key!r} is not a VMware device key")
-        if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
-            raise BadRequest(f"disk {key}: capacity {capacity!r} is not a positive byte count")
-        out.append((key, capacity))
-    if len({k for k, _ in out}) != len(out):
-        raise BadRequest("a disk key is given twice")
-    return out
+def _open_restore_dir(path: str) -> str:
+    """Create the restore directory (0700) if needed; refuse one that is a symlink or not a directory."""
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BadRequest(f"restore directory {path}: {exc.strerror or exc} (give a real directory)", "config") from exc
+    os.close(fd)
+    return path
 
 
-def _reported_disks(body: dict[str, Any], expected: set[int]) -> dict[int, dict[str, Any]]:
-    disks = body.get("disks")
-    if not isinstance(disks, list):
-        raise BadRequest("a completion lists its disks")
-    reported = {d.get("disk_key"): d for d in disks if isinstance(d, dict)}
-    if set(reported) != expected:
-        raise BadRequest(f"the completion names disks {sorted(map(str, reported))}, the job has {sorted(expected)}")
-    return reported  # type: ignore[return-value]
+def _sweep_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files interrupted converts left in ``folder``."""
+    removed = []
+    for entry in os.scandir(folder):
+        if is_temporary(entry.name) and entry.is_file(follow_symlinks=False):
+            remove_quietly(entry.path)
+            log.warning("removed %s: an interrupted restore", entry.path)
+            removed.append(entry.path)
+    return removed
