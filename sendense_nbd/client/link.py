@@ -184,6 +184,9 @@ class Link(asyncio.BufferedProtocol):
             raise type(self.error)(str(self.error))
         if self._shutdown:
             raise NBDConnectionError("the server is shutting down")
+        if self.transport is not None and self.transport.is_closing():
+            # The socket failed and connection_lost() has not run yet: writing would only log warnings.
+            raise ConnectionLostError("the connection is closing")
 
     def disconnect(self) -> None:
         """Send ``NBD_CMD_DISC`` and close once it is written."""

@@ -49,7 +49,7 @@ from sendense_nbd.client import (
     OptionError,
     URIError,
 )
-from sendense_nbd.errors import DeviceError, ImageError, SendenseError
+from sendense_nbd.errors import DeviceError, ImageError, ProtocolError, SendenseError
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
 from sendense_nbd.storage import BlockDevice, ImageFormat
 
@@ -227,6 +227,8 @@ class NBDEndpoint:
                     pool = await ConnectionPool(self.uri, self._wanted, options=self._options).open()
                 except (OptionError, URIError) as exc:
                     raise EndpointError(f"{self.uri}: {exc}", transient=False) from exc
+                except ProtocolError as exc:  # a garbled handshake: worth another try
+                    raise EndpointError(f"{self.uri}: {exc}", transient=True) from exc
                 except NBDConnectionError as exc:  # its message names the server
                     raise EndpointError(str(exc), transient=True) from exc
                 except (NBDTimeoutError, OSError) as exc:

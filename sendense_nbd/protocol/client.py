@@ -87,7 +87,8 @@ class OptionError(ProtocolError):
         name = Option(option).name if option in _OPTIONS else str(option)
         code = _reply_name(reply) if reply is not None else "a hang-up"
         text = f"NBD_OPT_{name} for export {export!r} refused with {code}"
-        super().__init__(f"{text}: {server_message}" if server_message else text)
+        shown = server_message if len(server_message) <= 1024 else server_message[:1021] + "..."
+        super().__init__(f"{text}: {shown}" if server_message else text)
 
     @property
     def unknown_export(self) -> bool:
@@ -399,9 +400,9 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
             return True
         context_id, name = self._meta_context(reply, payload, len(self._contexts))
         if not any(_answers(name, query) for query in self._queries):
-            raise ProtocolError(f"meta context {name!r} was not asked for")
+            raise ProtocolError(f"meta context {_shown(name)} was not asked for")
         if name in self._contexts or context_id in self._contexts.values():
-            raise ProtocolError(f"meta context {name!r} (id {context_id}) repeats a name or an id")
+            raise ProtocolError(f"meta context {_shown(name)} (id {context_id}) repeats a name or an id")
         self._contexts[name] = context_id
         return False
 
@@ -546,6 +547,11 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
 
 def _text(raw: bytes) -> str:
     return raw.decode(errors="replace")
+
+
+def _shown(name: str) -> str:
+    """A server-chosen name for an error message: quoted, at most 80 characters."""
+    return repr(name) if len(name) <= 80 else repr(name[:77]) + "..."
 
 
 def _answers(name: str, query: str) -> bool:
