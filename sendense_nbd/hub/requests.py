@@ -73,7 +73,8 @@ def text(value: object, name: str, *, limit: int = 256) -> str:
 
 
 def _optional_text(value: object, name: str, *, limit: int = 256) -> str | None:
-    return None if value is None else text(value, name, limit=limit)
+    """:func:`text`, or None for null and for the empty string."""
+    return None if value is None or value == "" else text(value, name, limit=limit)
 
 
 def _choice(value: object, name: str, kind: type[enum.Enum]) -> Any:
@@ -83,11 +84,18 @@ def _choice(value: object, name: str, kind: type[enum.Enum]) -> Any:
     return kind(value)
 
 
-def _message(value: object) -> str:
-    """Free text from a node: any string, cut to :data:`MAX_MESSAGE`, controls but tab/newline replaced."""
+def _message(value: object, name: str = "error.message", limit: int = MAX_MESSAGE) -> str:
+    """Free text from a node: any string, cut to ``limit``, controls but tab/newline replaced.
+
+    A failure report must not be refused for its text, or its job would wait for its timeout.
+    """
     if not isinstance(value, str):
-        raise BadRequest("error.message must be a string")
-    return _MESSAGE_CONTROL.sub("\ufffd", value[:MAX_MESSAGE])
+        raise BadRequest(f"{name} must be a string")
+    return _MESSAGE_CONTROL.sub("\ufffd", value[:limit])
+
+
+def _stage(value: object) -> str:
+    return _message(value, "error.stage", 64) or "node"
 
 
 def _object(value: object, name: str, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
@@ -232,7 +240,7 @@ class Completion:
         if status == "failed":
             error = body.get("error")
             error = {} if error is None else _object(error, "error")
-            stage = text(error.get("stage", "node"), "error.stage", limit=64)
+            stage = _stage(error.get("stage", "node"))
             return cls("failed", path, (), stage, _message(error.get("message", "the node reported a failure")))
         if status != "completed":
             raise BadRequest("status is completed or failed")
@@ -272,7 +280,7 @@ def parse_progress(body: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("job_id", "stage"):
         if body.get(name) is not None:
-            out[name] = text(body[name], name, limit=128)
+            out[name] = _optional_text(body[name], name, limit=128) or ""
     status = body.get("status")
     if status is not None:
         if status not in PROGRESS_STATUSES:
@@ -287,7 +295,7 @@ def parse_progress(body: Mapping[str, Any]) -> dict[str, Any]:
     if error is not None:
         error = _object(error, "error")
         out["error"] = {
-            "stage": text(error.get("stage", "node"), "error.stage", limit=64),
+            "stage": _stage(error.get("stage", "node")),
             "message": _message(error.get("message", "")),
         }
     return out
