@@ -73,6 +73,16 @@ def _secret_file(path: str) -> str:
         return f.read().strip()
 
 
+def _token_file(path: str) -> str:
+    """A bearer token; an empty one would turn auth off, so it is refused."""
+    from sendense_nbd.http_api import check_token
+
+    token = _secret_file(path)
+    if not check_token(token):
+        raise ConfigError(f"{path}: a token is non-empty visible ASCII without spaces")
+    return token
+
+
 def load(path: str) -> NodeConfig:
     try:
         with open(path, "rb") as f:
@@ -103,8 +113,8 @@ def load(path: str) -> NodeConfig:
         ca_file=vcenter.get("ca_file"),
         vddk=dict(vddk),
         listen=str(node.get("listen", "127.0.0.1:8081")),
-        token=_secret_file(node["token_file"]) if node.get("token_file") else None,
-        hub_token=_secret_file(node["hub_token_file"]) if node.get("hub_token_file") else None,
+        token=_token_file(node["token_file"]) if node.get("token_file") else None,
+        hub_token=_token_file(node["hub_token_file"]) if node.get("hub_token_file") else None,
         max_jobs=int(node.get("max_jobs", 2)),
         connections=int(node.get("connections", 4)),
     )
