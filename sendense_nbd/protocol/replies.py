@@ -100,6 +100,7 @@ class ExtentList:
             words.byteswap()
         return words[0::2]
 
+
 _SCRATCH_SIZE = 128 * 1024
 _ZEROES = memoryview(bytes(1 << 20))
 
