@@ -69,8 +69,9 @@ class HubConfig:
 class Hub:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        os.makedirs(config.repo, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(config.repo, "hub.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.makedirs(config.repo, mode=0o700, exist_ok=True)  # a new repository is the hub user's alone
+        lock = os.path.join(config.repo, "hub.lock")
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
