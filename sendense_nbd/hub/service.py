@@ -142,11 +142,14 @@ class Hub:
             now = time.time()
             for job in await self.jobs.list(state="running"):
                 if job.deadline < now:
-                    async with self._lock(job.id):
+                    async with await self._lock(job.id):
                         if (await self.jobs.get(job.id)).state not in TERMINAL:
                             await self._fail(job.id, "timeout", f"no completion within {self.config.job_timeout:.0f} s")
 
-    def _lock(self, job_id: str) -> asyncio.Lock:
+    async def _lock(self, job_id: str) -> asyncio.Lock:
+        """The lock of an existing job (:class:`UnknownJob` otherwise, so junk IDs make no locks)."""
+        if job_id not in self._locks:
+            await self.jobs.get(job_id)
         return self._locks.setdefault(job_id, asyncio.Lock())
 
     # -- backups -----------------------------------------------------------------
@@ -232,7 +235,7 @@ class Hub:
     async def complete(self, job_id: str, report: req.Completion) -> Job:
         """Record a job's end. Everything is checked before anything changes; a failure after the
         exports stopped fails the job, so no job stays running without its exports."""
-        async with self._lock(job_id):
+        async with await self._lock(job_id):
             job = await self.jobs.get(job_id)
             if job.kind != "backup":
                 raise BadRequest(f"{job_id} is not a backup job", "not_found")
@@ -272,7 +275,7 @@ class Hub:
             return await self.jobs.get(job_id)
 
     async def cancel(self, job_id: str) -> Job:
-        async with self._lock(job_id):
+        async with await self._lock(job_id):
             job = await self.jobs.get(job_id)
             if job.state in TERMINAL:
                 raise JobStateError(f"job {job_id} is already {job.state}")
