@@ -27,8 +27,10 @@ Theory of operation:
   is retried with exponential backoff, up to ``retries`` times per item;
   endpoints reconnect by themselves. A write only counts as finished after a
   FLUSH covered it: workers flush after every ``checkpoint_bytes`` of data
-  written (zeroed areas are cheap to redo and do not count) and at the end
-  (doc/proto.md, "NBD_CMD_FLUSH"). When the target reconnects, writes it
+  written (zeroed areas are cheap to redo and do not count), once
+  :data:`MAX_PENDING` items wait for one (so the bookkeeping stays bounded
+  on a disk of tiny extents), and at the end (doc/proto.md,
+  "NBD_CMD_FLUSH"). When the target reconnects, writes it
   completed in the old connection but that no FLUSH covered are queued again
   (an unflushed qcow2 server may lose them); everything durable is kept and
   never copied again. :class:`CopyError` names the offset and carries the
@@ -75,6 +77,8 @@ MAX_BACKOFF = 8.0
 PROBE_READ_LIMIT = 16 << 20
 #: Checkpoint FLUSHes in flight at once.
 MAX_FLUSHES = 4
+#: Finished items waiting for a FLUSH that trigger a checkpoint whatever their bytes (tiny extents).
+MAX_PENDING = 1 << 16
 #: Bytes of the disk one allocation-map query describes (fewer when it is fragmented).
 EXTENT_WINDOW = 1 << 30
 
@@ -443,7 +447,9 @@ class _Copier:
         self.pending = [d for d in self.pending if id(d) not in ids]
 
     async def _maybe_checkpoint(self) -> None:
-        if self.flushes_running >= MAX_FLUSHES or self.unbatched_bytes < self.checkpoint_bytes:
+        if self.flushes_running >= MAX_FLUSHES:
+            return
+        if self.unbatched_bytes < self.checkpoint_bytes and len(self.pending) - len(self.batched) < MAX_PENDING:
             return
         try:
             await self.checkpoint()
