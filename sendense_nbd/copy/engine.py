@@ -34,12 +34,12 @@ Theory of operation:
   completed in the old connection but that no FLUSH covered are queued again
   (an unflushed qcow2 server may lose them); everything durable is kept and
   never copied again. :class:`CopyError` names the offset and carries the
-  durable ranges.
+  durable ranges (with the ranges the plan skips: nothing is left to do there).
 * ``verify=True``, after the final FLUSH, reads every byte of the copied
   scope again: the source through new connections
   (:meth:`~sendense_nbd.copy.endpoints.Endpoint.reopen`), never trusting its
   allocation map or what the copy read, and the target; chunks are compared
-  by sha256 and :class:`VerifyError` names the first mismatching byte.
+  byte for byte and :class:`VerifyError` names the first mismatching byte.
 * Progress (:class:`Progress`) is delivered synchronously to a callback at
   most every ``progress_interval`` seconds, and the final event always.
 """
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -85,7 +84,8 @@ EXTENT_WINDOW = 1 << 30
 
 class CopyError(SendenseError):
     """A copy failed; ``offset`` is where (None: not tied to one range);
-    ``completed`` lists the ``(offset, length)`` ranges that are durable."""
+    ``completed`` lists the ``(offset, length)`` ranges with nothing left to
+    do: durable writes, and ranges the plan skips."""
 
     def __init__(self, message: str, *, offset: int | None = None, completed: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(message)
@@ -580,7 +580,7 @@ class _Copier:
                 src, dst = source_buffer[:length], target_buffer[:length]
                 await read(source, offset, src)
                 await read(self.target, offset, dst)
-                if hashlib.sha256(src).digest() != hashlib.sha256(dst).digest():
+                if src != dst:
                     first.append(offset + _first_difference(src, dst))
 
         async with asyncio.TaskGroup() as group:
