@@ -615,6 +615,15 @@ def _mode(value: TargetMode | str) -> TargetMode:
     return value if isinstance(value, TargetMode) else TargetMode(value)
 
 
+async def _resolve_mode(target: Endpoint, mode: TargetMode) -> TargetMode:
+    if mode is not TargetMode.AUTO:
+        return mode
+    try:
+        return await probe_target_mode(target)
+    except EndpointError as exc:
+        raise CopyError(str(exc), offset=exc.offset) from exc
+
+
 async def copy(
     source: Endpoint,
     target: Endpoint,
@@ -655,12 +664,7 @@ async def copy(
     scope = None
     if changed_areas is not None:
         scope = merge_areas(changed_areas, size=size, merge_gap=merge_gap, min_block=block)
-    try:
-        mode = _mode(target_mode)
-        if mode is TargetMode.AUTO:
-            mode = await probe_target_mode(target)
-    except EndpointError as exc:
-        raise CopyError(str(exc), offset=exc.offset) from exc
+    mode = await _resolve_mode(target, _mode(target_mode))
     reporter = _Reporter(progress, size, size if scope is None else sum(n for _, n in scope), progress_interval)
     streams = max(1, min(connections, source.connections, target.connections))
     copier = _Copier(
@@ -688,19 +692,23 @@ async def copy(
         reporter.final(error=str(exc))
         raise
     reporter.final()
-    snapshot = reporter.snapshot(done=True)
+    return _result(copier, flushed=flushed, verified=verify)
+
+
+def _result(copier: _Copier, *, flushed: bool, verified: bool) -> CopyResult:
+    snapshot = copier.reporter.snapshot(done=True)
     return CopyResult(
-        size=size,
+        size=copier.size,
         copied=snapshot.copied,
         zeroed=snapshot.zeroed,
         skipped=snapshot.skipped,
         written=copier.written,
         retries=copier.retry_count,
-        reconnects=target.generation - copier.generation_base,
+        reconnects=copier.target.generation - copier.generation_base,
         elapsed=snapshot.elapsed,
-        target_mode=mode,
+        target_mode=copier.mode,
         flushed=flushed,
-        verified=verify,
+        verified=verified,
     )
 
 
