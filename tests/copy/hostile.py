@@ -98,6 +98,7 @@ class HostileServer:
         self.connections = 0
         self.sent = {True: 0, False: 0}  # messages sent, by "in the handshake"
         self.answered: dict[int, int] = {}  # replies by command, for the mutations that need their meaning
+        self.requests: list[tuple[int, int, int]] = []  # (command, offset, length) as received
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -254,6 +255,7 @@ class HostileServer:
             if command == DISC:
                 return
             self.answered[command] = self.answered.get(command, -1) + 1
+            self.requests.append((command, offset, length))
             if command == READ:
                 messages = self._read(handle, offset, length, index)
             elif command == BLOCK_STATUS:

@@ -16,7 +16,7 @@ import pytest
 from sendense_nbd.copy import copy, endpoints, engine, open_source, open_target
 from sendense_nbd.storage import ImageFormat
 from tests.conftest import sparse_file
-from tests.copy.hostile import Case, HostileServer, make_disk
+from tests.copy.hostile import BLOCK_STATUS, Case, HostileServer, make_disk
 
 pytestmark = pytest.mark.peer
 
@@ -141,3 +141,25 @@ async def test_small_unaligned_windows_still_copy_every_byte(  # type: ignore[no
         assert after[offset : offset + length] == expected[offset : offset + length]
     if changed:
         assert after[3 * MiB : 5 * MiB] == b"\xee" * (2 * MiB)  # outside the areas: untouched
+
+
+async def test_a_changed_area_copy_asks_for_the_map_of_those_areas_only(tmp_path: Path) -> None:
+    disk = make_disk(3, 1 << 20)
+    server = HostileServer(disk, Case(3, "honest"))
+    uri = await server.start()
+    areas = [(65536, 8192), (512 * 1024, 100_000)]
+    target = tmp_path / "t.raw"
+    target.write_bytes(bytes(1 << 20))
+    source = await open_source(uri)
+    destination = await open_target(str(target), fmt=ImageFormat.RAW)
+    try:
+        await copy(source, destination, changed_areas=areas, merge_gap=0, verify=True)
+    finally:
+        await destination.close()
+        await source.close()
+        await server.close()
+    asked = [(offset, length) for command, offset, length in server.requests if command == BLOCK_STATUS]
+    assert asked and all(any(o <= a and a + n <= o + m for o, m in areas) for a, n in asked), asked
+    after = target.read_bytes()
+    for offset, length in areas:
+        assert after[offset : offset + length] == disk[offset : offset + length]
