@@ -141,6 +141,7 @@ def main() -> None:
                 f'[vcenter]\nendpoint = "{HUB}:{vc["port"]}"\nusername = "backup"\n'
                 f'password_file = "{work / "vcenter.password"}"\nthumbprint = "{vc["thumbprintSha256"]}"\n'
                 f'[vddk]\nplugin = "python {ROOT / "simulator" / "vddk_standin.py"}"\ntransports = "nbdssl:nbd"\n'
+                f'[node]\nhub_url = "http://{NODE_SIDE}:{api_port}"\n'  # jobs report and write only to this hub
             )
 
             proc, hub = start(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sendense_nbd import fields
 from sendense_nbd.http_api import MAX_BODY, BadRequest, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.jobs import Job, JobStateError, UnknownJob
@@ -107,7 +108,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
 def _job_id(request: web.Request) -> str:
     """The ``{job}`` of the path; a string that cannot be a job ID is an unknown job (404)."""
     raw = request.match_info["job"]
-    job_id = req.identifier(raw)
+    job_id = fields.identifier(raw)
     if job_id is None:
         raise UnknownJob(f"no job {raw[:80]!r}")
     return job_id
@@ -117,7 +118,7 @@ def _query_vm_path(request: web.Request) -> str:
     value = request.query.get("vm_path")
     if value is None:
         raise BadRequest("give vm_path")
-    return req.vm_path(value)
+    return fields.vm_path(value)
 
 
 def _backup(job: Job) -> dict[str, object]:

@@ -17,25 +17,28 @@ from typing import Any
 
 import attrs
 
+from sendense_nbd.fields import (
+    MAX_DISK_KEY,
+    MAX_DISKS,
+    choice,
+    integer,
+    json_list,
+    json_object,
+    text,
+    vm_path,
+)
 from sendense_nbd.http_api import BadRequest
 from sendense_nbd.storage.modes import ImageFormat
 
 #: Largest disk the hub takes: VMware's largest virtual disk is 62 TB. A qcow2 point of this size
 #: has a 1 MiB L1 table (qemu's limit, 2 PiB at 64 KiB clusters, would make it 32 MiB per export).
 MAX_DISK_CAPACITY = 64 << 40
-#: Disks in one backup job (a VM has at most 256 virtual disks).
-MAX_DISKS = 256
-#: VMware device keys are 32-bit integers.
-MAX_DISK_KEY = (1 << 31) - 1
-MAX_VM_PATH = 1024
 #: Byte counts and other numbers in node reports.
 MAX_COUNT = (1 << 63) - 1
 #: Free text (a failure's message) is cut to this many characters.
 MAX_MESSAGE = 4096
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 #: A restore file name: one plain path component, not hidden (so never ``..`` nor a temporary name).
 RESTORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _MESSAGE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
@@ -53,35 +56,15 @@ class RestoreAction(enum.Enum):
 # -- field checks -----------------------------------------------------------------
 
 
-def _integer(value: object, name: str, low: int, high: int) -> int:
-    if type(value) is not int or not low <= value <= high:
-        raise BadRequest(f"{name} must be an integer from {low} to {high}")
-    return value
-
-
 def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_COUNT:
         raise BadRequest(f"{name} must be a number from 0 to {MAX_COUNT}")
     return value
 
 
-def text(value: object, name: str, *, limit: int = 256) -> str:
-    """A non-empty string of at most ``limit`` characters without control characters."""
-    if not isinstance(value, str) or not 0 < len(value) <= limit or _CONTROL.search(value):
-        raise BadRequest(f"{name} must be a string of 1 to {limit} characters without control characters")
-    return value
-
-
 def _optional_text(value: object, name: str, *, limit: int = 256) -> str | None:
     """:func:`text`, or None for null and for the empty string."""
     return None if value is None or value == "" else text(value, name, limit=limit)
-
-
-def _choice(value: object, name: str, kind: type[enum.Enum]) -> Any:
-    choices = [member.value for member in kind]
-    if not isinstance(value, str) or value not in choices:
-        raise BadRequest(f"{name} must be one of {', '.join(choices)}")
-    return kind(value)
 
 
 def _message(value: object, name: str = "error.message", limit: int = MAX_MESSAGE) -> str:
@@ -98,34 +81,6 @@ def _stage(value: object) -> str:
     return _message(value, "error.stage", 64) or "node"
 
 
-def _object(value: object, name: str, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{name} must be a JSON object")
-    if allowed is not None and not value.keys() <= allowed:
-        unknown = sorted(value.keys() - allowed)
-        raise BadRequest(f"{name}: unknown field {unknown[0][:40]!r} (known: {', '.join(sorted(allowed))})")
-    return value
-
-
-def _list(value: object, name: str, limit: int) -> list[Any]:
-    if not isinstance(value, list) or len(value) > limit:
-        raise BadRequest(f"{name} must be a list of at most {limit} items")
-    return value
-
-
-def vm_path(value: object, name: str = "vm_path") -> str:
-    """An inventory path such as ``/DC/vm/folder/name``: no empty component, no control characters."""
-    path = text(value, name, limit=MAX_VM_PATH)
-    if not path.startswith("/") or "" in path[1:].split("/"):
-        raise BadRequest(f"{name} is an inventory path such as /DC/vm/name")
-    return path
-
-
-def identifier(value: object) -> str | None:
-    """A job or point ID, or None when it cannot be one (so it is unknown: 404)."""
-    return value if isinstance(value, str) and _ID.fullmatch(value) else None
-
-
 def disk_key_query(value: str | None) -> int:
     if value is None or not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > MAX_DISK_KEY:
         raise BadRequest(f"disk_key must be an integer from 0 to {MAX_DISK_KEY}")
@@ -134,7 +89,7 @@ def disk_key_query(value: str | None) -> int:
 
 def capacity(value: object, name: str) -> int:
     """A disk size in bytes: whole 512-byte sectors, from 512 B to :data:`MAX_DISK_CAPACITY`."""
-    size = _integer(value, name, 512, MAX_DISK_CAPACITY)
+    size = integer(value, name, 512, MAX_DISK_CAPACITY)
     if size % 512:
         raise BadRequest(f"{name} must be a multiple of 512 bytes (whole sectors)")
     return size
@@ -151,19 +106,19 @@ class DiskSpec:
 
 def parse_disks(value: object, name: str = "disks") -> tuple[DiskSpec, ...]:
     """``[{"key": 2000, "capacity": 17179869184}, ...]`` (or bare keys); keys unique."""
-    items = _list(value, name, MAX_DISKS)
+    items = json_list(value, name, MAX_DISKS)
     if not items:
         raise BadRequest(f"{name} is a non-empty list of {{key, capacity}}")
     out: list[DiskSpec] = []
     for i, item in enumerate(items):
         where = f"{name}[{i}]"
         if isinstance(item, dict):
-            disk = _object(item, where, frozenset({"key", "capacity"}))
-            key = _integer(disk.get("key"), f"{where}.key (a VMware device key)", 0, MAX_DISK_KEY)
+            disk = json_object(item, where, frozenset({"key", "capacity"}))
+            key = integer(disk.get("key"), f"{where}.key (a VMware device key)", 0, MAX_DISK_KEY)
             size = disk.get("capacity")
             out.append(DiskSpec(key, None if size is None else capacity(size, f"{where}.capacity")))
         else:
-            out.append(DiskSpec(_integer(item, f"{where} (a VMware device key)", 0, MAX_DISK_KEY), None))
+            out.append(DiskSpec(integer(item, f"{where} (a VMware device key)", 0, MAX_DISK_KEY), None))
     if len({d.key for d in out}) != len(out):
         raise BadRequest(f"a disk key is given twice in {name}")
     return tuple(out)
@@ -179,11 +134,11 @@ class BackupRequest:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> BackupRequest:
-        _object(body, "the body", frozenset({"vm_path", "mode", "disks"}))
+        json_object(body, "the body", frozenset({"vm_path", "mode", "disks"}))
         disks = body.get("disks")
         return cls(
             vm_path(body.get("vm_path")),
-            _choice(body.get("mode", "auto"), "mode", Mode),
+            choice(body.get("mode", "auto"), "mode", Mode),
             None if disks is None else parse_disks(disks),
         )
 
@@ -199,14 +154,14 @@ class RestoreRequest:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> RestoreRequest:
-        _object(body, "the body", frozenset({"point_id", "action", "format", "path"}))
+        json_object(body, "the body", frozenset({"point_id", "action", "format", "path"}))
         point_id = text(body.get("point_id"), "point_id", limit=128)
-        action = _choice(body.get("action", "export"), "action", RestoreAction)
+        action = choice(body.get("action", "export"), "action", RestoreAction)
         if action is RestoreAction.EXPORT:
             if "format" in body or "path" in body:
                 raise BadRequest("format and path belong to action convert")
             return cls(point_id, action, ImageFormat.QCOW2, None)
-        fmt = _choice(body.get("format", "raw"), "format", ImageFormat)
+        fmt = choice(body.get("format", "raw"), "format", ImageFormat)
         name = body.get("path")
         if not isinstance(name, str) or not RESTORE_NAME.fullmatch(name):
             raise BadRequest(
@@ -239,13 +194,14 @@ class Completion:
         path = None if body.get("vm_path") is None else vm_path(body.get("vm_path"))
         if status == "failed":
             error = body.get("error")
-            error = {} if error is None else _object(error, "error")
+            error = {} if error is None else json_object(error, "error")
             stage = _stage(error.get("stage", "node"))
             return cls("failed", path, (), stage, _message(error.get("message", "the node reported a failure")))
         if status != "completed":
             raise BadRequest("status is completed or failed")
         disks = tuple(
-            _reported_disk(item, f"disks[{i}]") for i, item in enumerate(_list(body.get("disks"), "disks", MAX_DISKS))
+            _reported_disk(item, f"disks[{i}]")
+            for i, item in enumerate(json_list(body.get("disks"), "disks", MAX_DISKS))
         )
         if len({d.disk_key for d in disks}) != len(disks):
             raise BadRequest("a disk_key is reported twice")
@@ -253,16 +209,16 @@ class Completion:
 
 
 def _reported_disk(value: object, where: str) -> ReportedDisk:
-    disk = _object(value, where)
+    disk = json_object(value, where)
     for name in ("capacity", "bytes_transferred", "bytes_zeroed"):
         if disk.get(name) is not None:
-            _integer(disk[name], f"{where}.{name}", 0, MAX_COUNT)
+            integer(disk[name], f"{where}.{name}", 0, MAX_COUNT)
     for name, limit in (("sync_type", 32), ("target", 2048)):
         _optional_text(disk.get(name), f"{where}.{name}", limit=limit)
     if disk.get("full_reason") is not None:
         _message(disk["full_reason"])
     return ReportedDisk(
-        _integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY),
+        integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY),
         _optional_text(disk.get("change_id"), f"{where}.change_id"),
         _optional_text(disk.get("disk_uuid"), f"{where}.disk_uuid", limit=128),
     )
@@ -289,11 +245,11 @@ def parse_progress(body: Mapping[str, Any]) -> dict[str, Any]:
     out.update(_numbers(body, _PROGRESS_NUMBERS, ""))
     if body.get("disks") is not None:
         out["disks"] = [
-            _progress_disk(item, f"disks[{i}]") for i, item in enumerate(_list(body["disks"], "disks", MAX_DISKS))
+            _progress_disk(item, f"disks[{i}]") for i, item in enumerate(json_list(body["disks"], "disks", MAX_DISKS))
         ]
     error = body.get("error")
     if error is not None:
-        error = _object(error, "error")
+        error = json_object(error, "error")
         out["error"] = {
             "stage": _stage(error.get("stage", "node")),
             "message": _message(error.get("message", "")),
@@ -306,8 +262,8 @@ def _numbers(body: Mapping[str, Any], names: tuple[str, ...], where: str) -> dic
 
 
 def _progress_disk(value: object, where: str) -> dict[str, Any]:
-    disk = _object(value, where)
-    out: dict[str, Any] = {"disk_key": _integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY)}
+    disk = json_object(value, where)
+    out: dict[str, Any] = {"disk_key": integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY)}
     sync_type = disk.get("sync_type")
     if sync_type is not None:
         out["sync_type"] = "" if sync_type == "" else text(sync_type, f"{where}.sync_type", limit=32)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sendense_nbd import fields
 from sendense_nbd.errors import VSphereError
-from sendense_nbd.http_api import BadRequest, ErrorMap, error_middleware, json_body
-from sendense_nbd.node.service import Node
+from sendense_nbd.http_api import MAX_BODY, BadRequest, ErrorMap, error_middleware, json_body
+from sendense_nbd.node.requests import BackupRequest
+from sendense_nbd.node.service import Node, NodeBusy
 
 PREFIX = "/api/v1"
 
-_ERRORS: ErrorMap = [(VSphereError, 502, "vsphere")]
+_ERRORS: ErrorMap = [(VSphereError, 502, "vsphere"), (NodeBusy, 503, "busy")]
 
 
 def build_app(node: Node, *, token: str | None) -> web.Application:
@@ -18,7 +20,8 @@ def build_app(node: Node, *, token: str | None) -> web.Application:
 
     @routes.post(PREFIX + "/backups")
     async def start(request: web.Request) -> web.Response:
-        job = node.start_backup(await json_body(request))
+        body = BackupRequest.from_json(await json_body(request), hub_url=node.config.hub_url)
+        job = node.start_backup(body)
         return web.json_response(job.to_json(), status=202)
 
     @routes.get(PREFIX + "/backups")
@@ -29,7 +32,7 @@ def build_app(node: Node, *, token: str | None) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         job = node.jobs.get(request.match_info["job"])
         if job is None:
-            raise BadRequest(f"no job {request.match_info['job']}", "not_found")
+            raise BadRequest(f"no job {request.match_info['job'][:80]!r}", "not_found")
         return web.json_response(job.to_json())
 
     @routes.delete(PREFIX + "/backups/{job}")
@@ -38,11 +41,9 @@ def build_app(node: Node, *, token: str | None) -> web.Application:
 
     @routes.get(PREFIX + "/vms/disks")
     async def disks(request: web.Request) -> web.Response:
-        vm_path = request.query.get("vm_path")
-        if not vm_path:
-            raise BadRequest("give vm_path")
+        vm_path = fields.vm_path(request.query.get("vm_path"))
         return web.json_response({"vm_path": vm_path, "disks": await node.disks(vm_path)})
 
-    app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=1 << 20)
+    app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
     app.add_routes(routes)
     return app

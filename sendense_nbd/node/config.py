@@ -19,7 +19,9 @@
     listen = "127.0.0.1:8081"
     token_file = "/etc/sendense/node.token"            # the hub's bearer token
     hub_token_file = "/etc/sendense/hub.token"         # our token at the hub API
-    max_jobs = 2
+    hub_url = "http://127.0.0.1:8082"                  # pin the hub: jobs' api_url and targets' host
+    max_jobs = 2                                       # jobs running at once
+    max_queued = 16                                    # jobs waiting; more are refused (503 busy)
     connections = 4
 
 Files holding secrets (this file when it has ``password``, the password and
@@ -32,6 +34,7 @@ import os
 import stat
 import tomllib
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -53,7 +56,10 @@ class NodeConfig:
     listen: str = "127.0.0.1:8081"
     token: str | None = attrs.field(default=None, repr=False)
     hub_token: str | None = attrs.field(default=None, repr=False)
+    #: When set, the only hub jobs may report to, and the host every target must be on.
+    hub_url: str | None = None
     max_jobs: int = 2
+    max_queued: int = 16
     connections: int = 4
 
 
@@ -115,6 +121,24 @@ def load(path: str) -> NodeConfig:
         listen=str(node.get("listen", "127.0.0.1:8081")),
         token=_token_file(node["token_file"]) if node.get("token_file") else None,
         hub_token=_token_file(node["hub_token_file"]) if node.get("hub_token_file") else None,
-        max_jobs=int(node.get("max_jobs", 2)),
-        connections=int(node.get("connections", 4)),
+        hub_url=_hub_url(path, node.get("hub_url")),
+        max_jobs=_count(path, node, "max_jobs", 2, 64),
+        max_queued=_count(path, node, "max_queued", 16, 10000),
+        connections=_count(path, node, "connections", 4, 64),
     )
+
+
+def _count(path: str, section: dict[str, Any], key: str, default: int, high: int) -> int:
+    value = section.get(key, default)
+    if type(value) is not int or not 1 <= value <= high:
+        raise ConfigError(f"{path}: [node] {key} must be an integer from 1 to {high}")
+    return value
+
+
+def _hub_url(path: str, value: object) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(str(value))
+    if not isinstance(value, str) or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}: [node] hub_url must be an http:// or https:// URL, e.g. http://127.0.0.1:8082")
+    return value

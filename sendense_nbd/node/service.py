@@ -14,11 +14,19 @@ from sendense_nbd.backup import BackupSpec, HubApi, JobProgress, Mode, run_backu
 from sendense_nbd.errors import BackupError, SendenseError
 from sendense_nbd.http_api import BadRequest
 from sendense_nbd.node.config import NodeConfig
+from sendense_nbd.node.requests import BackupRequest
 from sendense_nbd.vmware.inventory import find_vm, vm_disks
 from sendense_nbd.vmware.session import Endpoint, VSphere, connect
 from sendense_nbd.vmware.vddk import vddk_config
 
 log = logging.getLogger(__name__)
+
+#: Finished jobs the node remembers for ``GET /backups``.
+JOB_HISTORY = 1000
+
+
+class NodeBusy(SendenseError):
+    """The node's queue of waiting jobs is full."""
 
 
 @attrs.define(eq=False)
@@ -54,6 +62,7 @@ class Node:
         self.endpoint = Endpoint.parse(config.endpoint, thumbprint=config.thumbprint, ca_file=config.ca_file)
         self.jobs: dict[str, NodeJob] = {}
         self._slots = asyncio.Semaphore(config.max_jobs)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _session(self) -> VSphere:
         return await connect(self.endpoint, self.config.username, self.config.password)
@@ -64,25 +73,29 @@ class Node:
             disks = await vsphere.call(vm_disks, vm)
         return [{"key": d.key, "capacity": d.capacity, "label": d.label, "uuid": d.uuid} for d in disks]
 
-    def start_backup(self, body: dict[str, Any]) -> NodeJob:
-        job_id, vm_path, api_url = body.get("job_id"), body.get("vm_path"), body.get("api_url")
-        mode, targets = body.get("mode", "auto"), body.get("targets")
-        if not all(isinstance(v, str) and v for v in (job_id, vm_path, api_url, mode)):
-            raise BadRequest("job_id, vm_path, api_url and mode are required strings")
-        if mode not in ("full", "incremental", "auto"):
-            raise BadRequest("mode is full, incremental or auto")
-        if not isinstance(targets, dict) or not targets:
-            raise BadRequest("targets maps disk keys to NBD URIs")
-        try:
-            parsed = {int(k): str(v) for k, v in targets.items()}
-        except ValueError:
-            raise BadRequest("target keys are VMware disk keys") from None
-        if job_id in self.jobs and self.jobs[job_id].state in ("queued", "running"):
-            raise BadRequest(f"job {job_id} is already running here", "conflict")
-        job = NodeJob(str(job_id), str(vm_path), str(mode), parsed)
+    def start_backup(self, request: BackupRequest) -> NodeJob:
+        """Queue a parsed job; at most ``max_jobs`` run and ``max_queued`` wait, or :class:`NodeBusy`."""
+        current = self.jobs.get(request.job_id)
+        if current is not None and current.task is not None and not current.task.done():
+            raise BadRequest(f"job {request.job_id} is already running here", "conflict")
+        waiting = sum(1 for job in self.jobs.values() if job.state == "queued")
+        if waiting >= self.config.max_queued:
+            raise NodeBusy(f"{waiting} jobs are already waiting here; try again later")
+        job = NodeJob(request.job_id, request.vm_path, request.mode.value, dict(request.targets))
+        self.jobs.pop(job.job_id, None)
         self.jobs[job.job_id] = job
-        job.task = asyncio.ensure_future(self._run(job, str(api_url)))
+        self._forget_old_jobs()
+        job.task = asyncio.ensure_future(self._run(job, request.api_url))
+        job.task.add_done_callback(functools.partial(_settle, job))
+        self._tasks.add(job.task)
+        job.task.add_done_callback(self._tasks.discard)
         return job
+
+    def _forget_old_jobs(self) -> None:
+        """Keep at most :data:`JOB_HISTORY` finished jobs (the oldest go first)."""
+        finished = [job_id for job_id, job in self.jobs.items() if job.task is not None and job.task.done()]
+        for job_id in finished[: max(0, len(finished) - JOB_HISTORY)]:
+            del self.jobs[job_id]
 
     async def _run(self, job: NodeJob, api_url: str) -> None:
         hub = HubApi(api_url, token=self.config.hub_token)
@@ -133,14 +146,25 @@ class Node:
     async def cancel(self, job_id: str) -> NodeJob:
         job = self.jobs.get(job_id)
         if job is None:
-            raise BadRequest(f"no job {job_id}", "not_found")
+            raise BadRequest(f"no job {job_id[:80]!r}", "not_found")
         if job.task is not None and not job.task.done():
             job.task.cancel()
             await asyncio.gather(job.task, return_exceptions=True)
         return job
 
     async def close(self) -> None:
-        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _settle(job: NodeJob, task: asyncio.Task[None]) -> None:
+    """A job whose task ended without settling it (cancelled before it ran, or a defect) leaves the queue."""
+    if job.state not in ("queued", "running"):
+        return
+    job.finished = job.finished or time.time()
+    if task.cancelled():
+        job.state = "cancelled"
+    else:
+        job.state, job.error = "failed", {"stage": "initializing", "message": f"node defect: {task.exception()!r}"}

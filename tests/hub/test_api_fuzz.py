@@ -9,13 +9,10 @@ bounded: :data:`EXAMPLES` requests within :data:`BUDGET` seconds.
 
 from __future__ import annotations
 
-import asyncio
-import http.client
 import json
 import os
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -27,6 +24,7 @@ from hypothesis import strategies as st
 
 from sendense_nbd.hub.api import PREFIX, build_app
 from sendense_nbd.hub.service import Hub, HubConfig
+from tests.api_fuzz import CONTENT_TYPES, INTEGERS, JSON, RAW_BODIES, SCALARS, TEXT, VM, AppThread, check_answer
 from tests.hub.conftest import free_port_range
 from tests.hub.node_standin import NodeStandin
 
@@ -34,7 +32,6 @@ EXAMPLES = 1000
 #: Wall-time bound of the run (it takes ~4 s): past it the remaining examples do nothing and the test fails.
 BUDGET = 120.0
 MIB = 1 << 20
-VM = "/DC/vm/fuzz"
 ROUTES = (
     ("POST", "/backups"),
     ("GET", "/backups"),
@@ -51,90 +48,19 @@ ROUTES = (
 )
 
 
-class RunningHub:
-    """A hub and its API on an event loop in a thread; ``call`` speaks raw HTTP to it."""
+def running_hub(repo: Path, node_url: str) -> AppThread:
+    """A hub and its API on an event loop in a thread."""
+    config = HubConfig(repo=str(repo), nbd_ports=free_port_range(12), node_url=node_url)
 
-    def __init__(self, repo: Path, node_url: str) -> None:
-        self.config = HubConfig(repo=str(repo), nbd_ports=free_port_range(12), node_url=node_url)
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self.error: BaseException | None = None
-
-    def _serve(self) -> None:
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported by start()
-            self.error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        hub = Hub(self.config)
+    async def make() -> tuple[web.Application, Callable[[], Awaitable[None]]]:
+        hub = Hub(config)
         await hub.start()
-        runner = web.AppRunner(build_app(hub, token=None), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        self._stop = asyncio.Event()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-            await hub.close()
+        return build_app(hub, token=None), hub.close
 
-    def start(self) -> RunningHub:
-        self._thread.start()
-        assert self._ready.wait(30) and self.error is None, f"the hub did not start: {self.error!r}"
-        return self
-
-    def stop(self) -> None:
-        assert self._stop is not None
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the hub did not stop"
-        self.loop.close()
-
-    def call(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = "application/json"
-    ) -> tuple[int, Any]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            headers = {"Content-Type": content_type} if content_type else {}
-            connection.request(method, PREFIX + path, body=body, headers=headers)
-            response = connection.getresponse()
-            data = response.read()
-        finally:
-            connection.close()
-        try:
-            return response.status, json.loads(data) if data else None
-        except ValueError:
-            return response.status, data
-
-    def json(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
-        return self.call(method, path, None if body is None else json.dumps(body).encode())
+    return AppThread(make, PREFIX).start()
 
 
 # -- strategies -------------------------------------------------------------------------
-
-NASTY_TEXT = st.sampled_from([
-    "", "\ud800", "a\udfffb", "\x00", "/DC/vm/a\x01b", "/DC/vm/a\nb", "/DC/vm/\u202e", "../x", "/etc/passwd",
-    "x" * 5000, "\u00b2", " 2000", "full ", "é", "/", "//", "/DC/vm/", VM,
-])  # fmt: skip
-TEXT = st.one_of(NASTY_TEXT, st.text(max_size=40), st.text(st.characters(categories=["Cs", "Cc", "Zl"]), max_size=5))
-INTEGERS = st.one_of(
-    st.integers(-(2**70), 2**70),
-    st.sampled_from([0, 1, 511, 512, MIB, 2**31, 2**46, 2**52, 2**63 - 1, 2**63, 2**64, -1, 10**30]),
-)
-SCALARS = st.one_of(st.none(), st.booleans(), INTEGERS, st.floats(allow_nan=True, allow_infinity=True), TEXT)
-JSON = st.recursive(
-    SCALARS,
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
-    max_leaves=8,
-)
 
 
 def _maybe(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -182,20 +108,6 @@ def _body_for(route: str, outside: Path) -> st.SearchStrategy[Any]:
     return JSON
 
 
-RAW_BODIES = st.one_of(
-    st.binary(max_size=64),
-    st.sampled_from([
-        b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5000 + b"1" + b"}" * 5000,
-        b'{"vm_path": "/DC/vm/a", "disks": [{"key": ' + b"9" * 5000 + b"}]}",
-        b'{"vm_path": "\\ud800"}', b'{"point_id": NaN}', b'{"x": 1e999}', b"\xff\xfe{", b"null", b"[]", b'"s"',
-    ]),
-)  # fmt: skip
-CONTENT_TYPES = st.sampled_from(
-    ["application/json", "application/json; charset=utf-8", "application/json; charset=x-unknown",
-     "application/json; charset=latin-1", "text/plain", None]
-)  # fmt: skip
-
-
 @st.composite
 def requests(draw: st.DrawFn, seeds: dict[str, list[str]], outside: Path) -> tuple[str, str, bytes | None, Any]:
     method, route = draw(st.sampled_from(ROUTES))
@@ -225,7 +137,7 @@ def requests(draw: st.DrawFn, seeds: dict[str, list[str]], outside: Path) -> tup
 
 
 @pytest.fixture
-def fuzz_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[RunningHub, Path]]:
+def fuzz_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AppThread, Path]]:
     vcsim = {"password": "x", "vms": [{"path": VM, "disks": [{"key": 2000, "capacityInBytes": MIB}]}]}
     node = NodeStandin(vcsim, tmp_path)
     node.hold = True  # it takes jobs and never runs them
@@ -234,13 +146,13 @@ def fuzz_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     (tmp_path / "root").mkdir()
-    hub = RunningHub(tmp_path / "root" / "repo", node.url).start()
+    hub = running_hub(tmp_path / "root" / "repo", node.url)
     yield hub, tmp_path
     hub.stop()
     node.stop()
 
 
-def _seed(hub: RunningHub) -> dict[str, list[str]]:
+def _seed(hub: AppThread) -> dict[str, list[str]]:
     """A completed point and a running job for the fuzzer to aim at."""
     status, job = hub.json("POST", "/backups", {"vm_path": VM, "mode": "full"})
     assert status == 201, job
@@ -252,17 +164,7 @@ def _seed(hub: RunningHub) -> dict[str, list[str]]:
     return {"jobs": [job["job_id"], running["job_id"]], "points": [point["id"]]}
 
 
-def _check(answer: tuple[int, Any], request: tuple[str, str, bytes | None, Any]) -> None:
-    status, body = answer
-    shown = (request[0], request[1][:200], (request[2] or b"")[:200], request[3])
-    assert status < 500, (status, body, shown)
-    if status >= 400:
-        assert isinstance(body, dict) and set(body) == {"error"}, (status, body, shown)
-        assert set(body["error"]) == {"code", "message"}, (status, body, shown)
-        assert all(isinstance(v, str) and v for v in body["error"].values()), (status, body, shown)
-
-
-def _release(hub: RunningHub, method: str, path: str, answer: tuple[int, Any]) -> None:
+def _release(hub: AppThread, method: str, path: str, answer: tuple[int, Any]) -> None:
     """Give back what a successful request took, so the pool never runs dry."""
     status, body = answer
     if status != 201 or method != "POST" or not isinstance(body, dict):
@@ -274,7 +176,7 @@ def _release(hub: RunningHub, method: str, path: str, answer: tuple[int, Any]) -
 
 
 def test_every_endpoint_answers_4xx_json_and_writes_only_in_the_repository(
-    fuzz_env: tuple[RunningHub, Path],
+    fuzz_env: tuple[AppThread, Path],
 ) -> None:
     hub, tmp_path = fuzz_env
     outside = tmp_path / "outside"
@@ -292,7 +194,7 @@ def test_every_endpoint_answers_4xx_json_and_writes_only_in_the_repository(
         method, path, body, content_type = request
         answer = hub.call(method, path, body, content_type)
         statuses[answer[0]] = statuses.get(answer[0], 0) + 1
-        _check(answer, request)
+        check_answer(answer, request)
         _release(hub, method, path, answer)
 
     fuzz()

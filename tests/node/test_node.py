@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from sendense_nbd.node.config import ConfigError, load
@@ -109,14 +110,19 @@ def test_config_refuses_unsafe_or_incomplete_files(tmp_path: Path, vcsim: dict[s
         load(str(inline))
     inline.chmod(0o600)
     assert load(str(inline)).password == "p"
+    minimal = '[vcenter]\nendpoint = "vc"\nusername = "u"\npassword = "p"\n'
     for text, problem in (
         ('[vcenter]\nusername = "u"\npassword_file = "x"\n', "endpoint is required"),
         ('[vcenter]\nendpoint = "vc"\nusername = "u"\n', "needs password_file"),
         ("[vcenter\n", "not valid TOML"),
         ('[vcenter]\nendpoint = "vc"\nusername = "u"\npassword_file = "x"\n[extra]\n', "unknown section"),
+        (f'{minimal}[node]\nmax_jobs = "2"\n', "max_jobs must be an integer"),
+        (f"{minimal}[node]\nmax_queued = 0\n", "max_queued must be an integer"),
+        (f'{minimal}[node]\nhub_url = "hub:8082"\n', "hub_url must be an http"),
     ):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
+        bad.chmod(0o600)
         with pytest.raises(ConfigError, match=problem):
             load(str(bad))
 
@@ -170,3 +176,71 @@ def test_hub_drives_the_node_full_then_incremental(
         status, on_node = node_api.get(f"/backups/{job['job_id']}")
         assert status == 200 and on_node["state"] in ("running", "completed")
     assert api.get("/ports")[1]["used"] == []
+
+
+def test_node_api_refuses_hostile_jobs(
+    tmp_path: Path, vcsim: dict[str, Any], node_factory: Callable[[Path], NodeProcess]
+) -> None:
+    """Targets are NBD URIs only (never a local file), every field is checked, and with hub_url the
+    node reports to and writes to that hub only."""
+    hub = "http://127.0.0.1:9"
+    node = node_factory(write_config(tmp_path, vcsim, extra=f'hub_url = "{hub}"'))
+    api = Api(node.url)
+    victim = tmp_path / "victim.raw"
+    good = {"job_id": "j1", "vm_path": VM_PATH, "api_url": hub, "targets": {"2000": "nbd://127.0.0.1:9/x"}}
+    for change, problem in (
+        ({"targets": {"2000": str(victim)}}, "not an NBD URI"),
+        ({"targets": {"2000": f"file://{victim}"}}, "not an NBD URI"),
+        ({"targets": {"2000": "nbd://203.0.113.9:10100/x"}}, "not on this node's hub"),
+        ({"targets": {"2000": "nbd+unix:///x?socket=/run/s"}}, "not on this node's hub"),
+        ({"targets": {"x": "nbd://127.0.0.1/x"}}, "disk keys"),
+        ({"targets": {"99999999999": "nbd://127.0.0.1/x"}}, "disk keys"),
+        ({"targets": ["nbd://127.0.0.1/x"]}, "targets"),
+        ({"api_url": "http://203.0.113.9:8082"}, "not this node's hub"),
+        ({"api_url": "file:///etc/passwd"}, "http"),
+        ({"job_id": "../x"}, "job_id"),
+        ({"job_id": 5}, "job_id"),
+        ({"vm_path": "/DC0/vm/a\x00b"}, "vm_path"),
+        ({"vm_path": ["x"]}, "vm_path"),
+        ({"mode": "fast"}, "mode"),
+        ({"password": "x"}, "unknown field"),
+    ):
+        status, body = api.post("/backups", {**good, **change})
+        assert status == 400 and problem in body["error"]["message"], (change, status, body)
+    assert not victim.exists()
+    assert api.get("/backups")[1]["backups"] == []
+    status, body = api.get("/vms/disks?vm_path=/DC0/vm/a%01b")
+    assert status == 400 and "vm_path" in body["error"]["message"], body
+    assert node.stop() == 0
+
+
+async def test_node_queue_and_history_are_bounded(tmp_path: Path, vcsim: dict[str, Any]) -> None:
+    from sendense_nbd.node import service
+    from sendense_nbd.node.requests import BackupRequest
+    from sendense_nbd.node.service import Node, NodeBusy
+
+    config = attrs.evolve(load(str(write_config(tmp_path, vcsim))), max_jobs=1, max_queued=2)
+    node = Node(config)
+
+    def request(job_id: str) -> BackupRequest:
+        body = {
+            "job_id": job_id,
+            "vm_path": VM_PATH,
+            "api_url": "http://127.0.0.1:9",
+            "targets": {"2000": "nbd://127.0.0.1:9/"},
+        }
+        return BackupRequest.from_json(body)
+
+    try:
+        node.start_backup(request("a"))
+        node.start_backup(request("b"))
+        with pytest.raises(NodeBusy, match="2 jobs are already waiting"):
+            node.start_backup(request("c"))
+    finally:
+        await node.close()
+    assert {job.state for job in node.jobs.values()} == {"cancelled"}
+    for i in range(service.JOB_HISTORY + 5):  # finished jobs are forgotten, oldest first
+        node.jobs[f"old{i}"] = service.NodeJob(f"old{i}", VM_PATH, "auto", {}, state="completed")
+        node.jobs[f"old{i}"].task = node.jobs["a"].task
+    node._forget_old_jobs()
+    assert len(node.jobs) == service.JOB_HISTORY and "old4" not in node.jobs and "old5" in node.jobs

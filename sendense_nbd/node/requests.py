@@ -1,0 +1,95 @@
+"""Node API requests, parsed at the edge into frozen values before a job starts.
+
+The hub is the node's only caller, and ``POST /backups`` is what it sends
+(docs/NODE_API.md); unknown fields are refused. Targets must be NBD URIs (a
+local file would let a caller write a VM's disk anywhere the node can).
+With ``[node] hub_url`` set, the job's ``api_url`` must be that URL and every
+target must be on its host, so a caller cannot send a VM's disks, progress
+or the node's hub token anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from sendense_nbd.backup import Mode
+from sendense_nbd.client.uri import URIError, parse_uri
+from sendense_nbd.fields import (
+    IDENTIFIER,
+    MAX_DISK_KEY,
+    MAX_DISKS,
+    choice,
+    json_object,
+    text,
+    vm_path,
+)
+from sendense_nbd.http_api import BadRequest
+
+_MAX_URL = 2048
+
+
+@attrs.frozen
+class BackupRequest:
+    """``POST /api/v1/backups``: ``{"job_id", "vm_path", "mode"?, "targets", "api_url"}``."""
+
+    job_id: str
+    vm_path: str
+    mode: Mode
+    #: (disk key, NBD URI), by disk key.
+    targets: tuple[tuple[int, str], ...]
+    api_url: str
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], *, hub_url: str | None = None) -> BackupRequest:
+        json_object(body, "the body", frozenset({"job_id", "vm_path", "mode", "targets", "api_url"}))
+        job_id = body.get("job_id")
+        if not isinstance(job_id, str) or not IDENTIFIER.fullmatch(job_id):
+            raise BadRequest("job_id must be 1 to 128 letters, digits, '.', '_', ':' or '-'")
+        api_url = http_url(body.get("api_url"), "api_url")
+        if hub_url is not None and api_url.rstrip("/") != hub_url.rstrip("/"):
+            raise BadRequest("api_url is not this node's hub ([node] hub_url)")
+        return cls(
+            job_id,
+            vm_path(body.get("vm_path")),
+            choice(body.get("mode", "auto"), "mode", Mode),
+            _targets(body.get("targets"), None if hub_url is None else urlsplit(hub_url).hostname),
+            api_url,
+        )
+
+
+def http_url(value: object, name: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host."""
+    url = text(value, name, limit=_MAX_URL)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        raise BadRequest(f"{name} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"{name} must be an http:// or https:// URL")
+    return url
+
+
+def _targets(value: object, hub_host: str | None) -> tuple[tuple[int, str], ...]:
+    targets = json_object(value, "targets")
+    if not 0 < len(targets) <= MAX_DISKS:
+        raise BadRequest(f"targets maps 1 to {MAX_DISKS} disk keys to NBD URIs")
+    out = []
+    for key, uri in targets.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 10 or int(key) > MAX_DISK_KEY:
+            raise BadRequest(f"target keys are VMware disk keys (0 to {MAX_DISK_KEY})")
+        uri = text(uri, f"targets[{key}]", limit=_MAX_URL)
+        try:
+            address = parse_uri(uri)
+        except URIError as exc:
+            raise BadRequest(f"targets[{key}]: {exc}") from None
+        if hub_host is not None and address.host != hub_host:
+            raise BadRequest(f"targets[{key}] is not on this node's hub ({hub_host}, from [node] hub_url)")
+        out.append((int(key), uri))
+    if len({key for key, _ in out}) != len(out):
+        raise BadRequest("a disk key is given twice in targets")
+    return tuple(sorted(out))
