@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -86,6 +86,29 @@ def cli(verbose: int) -> None:
 @click.option("-D", "--description", "descriptions", multiple=True, help="Export description, once per IMAGE in order.")
 @click.option("-e", "--shared", type=int, default=1, show_default=True, help="Maximum simultaneous clients.")
 @click.option("-t", "--persistent", is_flag=True, help="Keep serving after the last client disconnects.")
+@click.option(
+    "--handshake-limit",
+    type=click.FloatRange(min=0),
+    default=10,
+    show_default=True,
+    metavar="SECONDS",
+    help="Drop a connection that has not picked an export in this time (0: no limit).",
+)
+@click.option(
+    "--io-timeout",
+    type=click.FloatRange(min=0),
+    default=60,
+    show_default=True,
+    metavar="SECONDS",
+    help="Drop a client whose WRITE payload, or reading of replies, makes no progress in this time (0: never).",
+)
+@click.option(
+    "--max-handshakes",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Connections still negotiating at once; more are closed at once.",
+)
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
 @click.option("-A", "--allocation-depth", is_flag=True, help="Also offer the qemu:allocation-depth meta context.")
 @click.option("--cache", type=_choice(CacheMode), default="writeback", show_default=True, help="Host page-cache mode.")
@@ -114,6 +137,9 @@ def serve(
     descriptions: Sequence[str],
     shared: int,
     persistent: bool,
+    handshake_limit: float,
+    io_timeout: float,
+    max_handshakes: int,
     readonly: bool,
     allocation_depth: bool,
     cache: str,
@@ -160,7 +186,8 @@ def serve(
         elif pid_file:
             _write_pid(pid_file)
         return_large_frees_to_os()
-        asyncio.run(_serve(exports, sockets, shared=shared, persistent=persistent))
+        limits = {"handshake_limit": handshake_limit, "io_timeout": io_timeout, "max_handshakes": max_handshakes}
+        asyncio.run(_serve(exports, sockets, shared=shared, persistent=persistent, limits=limits))
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -170,10 +197,17 @@ def serve(
             os.unlink(pid_file)
 
 
-async def _serve(exports: list[Export], sockets: list[socket.socket], *, shared: int, persistent: bool) -> None:
+async def _serve(
+    exports: list[Export],
+    sockets: list[socket.socket],
+    *,
+    shared: int,
+    persistent: bool,
+    limits: dict[str, Any],
+) -> None:
     from sendense_nbd.server import NBDServer
 
-    server = NBDServer(exports, sockets=sockets, shared=shared, persistent=persistent)
+    server = NBDServer(exports, sockets=sockets, shared=shared, persistent=persistent, **limits)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.close)

@@ -24,7 +24,7 @@ The caller feeds bytes with :meth:`receive_data`, pulls events with
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 
@@ -102,14 +102,25 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
 
     ``exports`` maps export names to what may be told about them; the empty
     name is the default export. When ``refuse`` is a message, every option
-    is refused with ``NBD_REP_ERR_POLICY`` and that message, which is how a
-    server over its client limit turns a client away cleanly.
+    is refused with ``NBD_REP_ERR_POLICY`` and that message. ``admit`` is
+    asked, with the export's name, at the moment a client picks an export
+    (``NBD_OPT_GO`` or ``NBD_OPT_EXPORT_NAME``): None lets it in, a message
+    refuses that option with ``NBD_REP_ERR_POLICY`` (``EXPORT_NAME`` cannot
+    carry an error, so it hangs up). That is how a server over its client
+    limit turns a client away cleanly.
     """
 
-    def __init__(self, exports: Mapping[str, ExportInfo], *, refuse: str | None = None) -> None:
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        *,
+        refuse: str | None = None,
+        admit: Callable[[str], str | None] | None = None,
+    ) -> None:
         super().__init__()
         self._exports = exports
         self._refuse = refuse
+        self._admit = admit
         self._state = _State.CLIENT_FLAGS
         self._out += wire.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         self._client_flags = ClientFlag(0)
@@ -235,6 +246,9 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
         if export is None:
             # No way to report an error to NBD_OPT_EXPORT_NAME: hang up.
             raise ProtocolError(f"unknown export {data[:64]!r}")
+        refusal = self._admit(export.name) if self._admit is not None else None
+        if refusal is not None:
+            raise ProtocolError(f"refused: {refusal}")
         flags = self._flags(export)
         reply = wire.EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self._client_flags & ClientFlag.NO_ZEROES:
@@ -273,6 +287,10 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
         export = self._exports.get(name)
         if export is None:
             raise _OptionRefused(OptionReply.ERR_UNKNOWN, f"export {name[:256]!r} not found")
+        if option == Option.GO and self._admit is not None:
+            refusal = self._admit(export.name)
+            if refusal is not None:
+                raise _OptionRefused(OptionReply.ERR_POLICY, refusal)
         flags = self._flags(export)
         self._reply(option, OptionReply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
         if Info.NAME in requests:

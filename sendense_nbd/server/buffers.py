@@ -3,8 +3,9 @@
 Every buffer the server holds for a request (a WRITE payload from the moment
 its header is parsed, a READ result until the transport has taken it) is
 charged to a :class:`Budget`, per connection and server-wide. A connection
-over budget stops reading from its socket, so clients cannot make the
-server hold more than the budget plus one payload per connection.
+over its budget stops reading from its socket, and every connection stops
+once the server-wide budget is spent, so clients cannot make the server hold
+more than the budget plus about one payload.
 
 Buffers are reused through a :class:`BufferPool` rather than allocated per
 request: fresh large allocations cost page faults (and on some VMs a trip to
@@ -55,19 +56,27 @@ class BufferPool:
 
 
 class Budget:
-    """Bounds the request bytes held, per connection and server-wide."""
+    """Bounds the request bytes held, per connection and server-wide.
 
-    def __init__(self, total: int, per_connection: int) -> None:
+    ``on_full`` is called when a charge makes the server-wide total reach
+    ``total``, so that every connection can stop reading at once.
+    """
+
+    def __init__(self, total: int, per_connection: int, *, on_full: Callable[[], None] | None = None) -> None:
         self.total = total
         self.per_connection = per_connection
         self.used = 0
+        self.on_full = on_full
         self._waiting: set[Callable[[], None]] = set()
 
     def admits(self, connection_used: int, cost: int) -> bool:
         return connection_used + cost <= self.per_connection and self.used + cost <= self.total
 
     def take(self, cost: int) -> None:
+        before = self.used
         self.used += cost
+        if before < self.total <= self.used and self.on_full is not None:
+            self.on_full()
 
     def give(self, cost: int) -> None:
         self.used -= cost
@@ -79,3 +88,6 @@ class Budget:
     def wait(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` once bytes are given back."""
         self._waiting.add(wake)
+
+    def cancel_wait(self, wake: Callable[[], None]) -> None:
+        self._waiting.discard(wake)

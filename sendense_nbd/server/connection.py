@@ -10,10 +10,20 @@ Theory of operation:
   are received straight into the buffer that storage writes from.
 * Each parsed request waits in a queue until the byte budget (this
   connection's and the server's) can cover it, then runs as a task; storage
-  calls run in the server's thread pool. While requests wait, reading is
-  paused, so a client cannot make the server hold more than the budget.
-* Replies go out in completion order. Read replies wait for the transport to
-  drain past its high-water mark before their bytes count as released.
+  calls run in the server's thread pool. While requests wait, or while the
+  server-wide budget is spent, reading is paused, so clients cannot make
+  the server hold more than the budget plus one payload.
+* Memory accounting is leak-proof by construction: ``_held`` is everything
+  charged to the budget for this connection, ``_task_held`` the part that
+  running tasks give back themselves; whenever the connection ends, at any
+  stage, :meth:`connection_lost` gives back the difference (queued
+  payloads and a payload still being received).
+* Replies go out in completion order. A READ keeps its bytes charged until
+  the transport has handed them all to the kernel.
+* A watchdog ticks while something can stall: the handshake deadline
+  (``handshake_limit``), a WRITE payload or unread replies making no
+  progress (``io_timeout``), and, while reading is paused, a peer that hung
+  up (the event loop does not watch a paused socket, so it is polled).
 * A protocol violation drops this one connection. Storage errors become the
   spec's error replies and the connection carries on.
 """
@@ -21,9 +31,13 @@ Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
+import select
 import socket
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,11 +56,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HANDSHAKE_BUFFER = 16 * 1024
+#: Unread option replies after which the handshake stops reading.
+_HANDSHAKE_BACKLOG = 64 * 1024
 #: Small replies may queue up to this much in the transport before waiting.
 _SMALL_BACKLOG = 1024 * 1024
 #: Holes shorter than this inside a read are sent as data (fewer chunks).
 _MIN_HOLE = 64 * 1024
 _SMALL = 64 * 1024
+#: Requests running at once per connection (qemu-nbd allows 16).
+MAX_REQUESTS = 128
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 class ServerConnection(asyncio.BufferedProtocol):
@@ -54,7 +73,9 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def __init__(self, server: NBDServer) -> None:
         self._server = server
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._fd = -1
         self._handshake: ServerHandshake | None = None
         self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
         self._parser: tx.RequestParser | None = None
@@ -63,11 +84,17 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._pending: deque[tx.Request] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = 0  # request bytes charged to the budget
+        self._task_held = 0  # the part of _held that running tasks give back
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
         self._disconnecting = False
+        self._lost = False
         self._closed = asyncio.Event()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._started = self._loop.time()
+        self._last_received = self._started  # payload progress
+        self._unsent = (0, self._started)  # (bytes in the transport buffer, since when)
         self.admitted = False
         self.peer = "?"
         self.bytes_read = 0
@@ -78,16 +105,21 @@ class ServerConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if not self._server._accept(self):
+            transport.abort()
+            return
         # Paused as soon as anything is buffered, resumed once it all went out:
         # `_writable` then means "the transport buffer is empty".
         transport.set_write_buffer_limits(high=0, low=0)
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = str(transport.get_extra_info("peername") or "unix")
-        refuse = self._server._admit(self)
-        self._handshake = ServerHandshake(self._server.catalog, refuse=refuse)
+        if sock is not None:
+            self._fd = sock.fileno()
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._handshake = ServerHandshake(self._server.catalog, admit=self._admit)
         transport.write(self._handshake.data_to_send())
+        self._arm()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._parser is not None:
@@ -98,29 +130,45 @@ class ServerConnection(asyncio.BufferedProtocol):
         try:
             if self._parser is not None:
                 self._parser.buffer_updated(nbytes)
+                if self._parser.receiving_payload:
+                    self._last_received = self._loop.time()
                 self._pump()
-            else:
+            elif self._handshake is not None:
                 self._handshake_received(memoryview(self._handshake_buffer)[:nbytes])
         except ProtocolError as exc:
             log.warning("client %s: %s; dropping the connection", self.peer, exc)
             self._drop()
 
     def eof_received(self) -> bool:
-        return False
+        # After NBD_CMD_DISC the requests sent before it still complete.
+        return self._disconnecting and bool(self._pending or self._tasks)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._pending.clear()
+        self._server.budget.cancel_wait(self._resume)
+        # Queued payloads and a payload still being received: nobody else gives them back.
+        self._give(self._held - self._task_held)
         self._writable.set()
         self._closed.set()
         self._server._release(self)
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._arm()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if self._handshake is not None:
+            self._set_reading(True)
 
     # -- handshake ---------------------------------------------------------------
+
+    def _admit(self, export: str) -> str | None:
+        return self._server._admit(self)
 
     def _handshake_received(self, data: memoryview) -> None:
         handshake = self._handshake
@@ -135,13 +183,17 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._device = self._server.device_for(event.export.name)
             self._parser = tx.RequestParser(allocate=self._allocate_payload)
             self._handshake = None
+            self._server._negotiated(self)
             log.info(
                 "client %s: export %r, structured replies %s", self.peer, event.export.name, event.structured_replies
             )
+            self._set_reading(True)
             trailing = handshake.trailing_data()
             if trailing:
                 self._parser.receive_data(trailing)
                 self._pump()
+        elif self._transport.get_write_buffer_size() > _HANDSHAKE_BACKLOG:
+            self._set_reading(False)  # the client does not read its replies: stop answering
 
     # -- transmission ------------------------------------------------------------
 
@@ -159,28 +211,53 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._start_pending()
 
     def _allocate_payload(self, size: int) -> bytearray:
-        self._held += size
-        self._server.budget.take(size)
+        self._charge(size)
+        self._last_received = self._loop.time()
+        self._arm()
         return self._server.buffers.acquire(size)
 
-    def _start_pending(self) -> None:
+    def _charge(self, cost: int) -> None:
+        self._held += cost
+        self._server.budget.take(cost)
+
+    def _give(self, cost: int) -> None:
+        self._held -= cost
+        self._server.budget.give(cost)
+
+    def _may_start(self, cost: int) -> bool:
         budget = self._server.budget
-        while self._pending:
+        if budget.admits(self._held, cost):
+            return True
+        # A connection with nothing running may always make progress: with a
+        # small request at once, with a large one while the server has room.
+        return not self._tasks and (cost <= _SMALL or budget.used < budget.total)
+
+    def _start_pending(self) -> None:
+        while self._pending and len(self._tasks) < MAX_REQUESTS:
             request = self._pending[0]
             cost = min(request.length, MAX_PAYLOAD) if request.command == Command.READ else 0
-            if cost and self._tasks and not budget.admits(self._held, cost):
+            if cost and not self._may_start(cost):
                 break
             self._pending.popleft()
-            self._held += cost
-            budget.take(cost)
-            task = asyncio.get_running_loop().create_task(self._serve(request, cost))
+            self._charge(cost)
+            owned = cost + (len(request.payload) if request.payload is not None else 0)
+            self._task_held += owned
+            task = self._loop.create_task(self._serve(request, owned))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        # Finishing a payload already allocated needs no new memory.
-        over_budget = not budget.admits(self._held, 0) and not (self._parser and self._parser.receiving_payload)
-        if self._pending or over_budget:
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Read from the socket only while the budget has room and nothing waits;
+        finishing a payload already allocated needs no new memory."""
+        if self._lost or self._parser is None:
+            return
+        budget = self._server.budget
+        full = budget.used >= budget.total or self._held >= budget.per_connection
+        blocked = bool(self._pending) or (full and not self._parser.receiving_payload)
+        if blocked:
             budget.wait(self._resume)
-        self._set_reading(not self._pending and not over_budget and not self._disconnecting)
+        self._set_reading(not blocked and not self._disconnecting)
         if self._disconnecting and not self._pending and not self._tasks and self._transport:
             self._transport.close()
 
@@ -195,11 +272,63 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         if on:
             transport.resume_reading()
+            self._last_received = self._loop.time()  # a paused payload was not the client's stall
         else:
             transport.pause_reading()
+            self._arm()
         self._reading_paused = not on
 
-    async def _serve(self, request: tx.Request, cost: int) -> None:
+    # -- watchdog ----------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._watchdog is None and not self._lost:
+            self._watchdog = self._loop.call_later(self._server.tick, self._tick)
+
+    def _tick(self) -> None:
+        self._watchdog = None
+        transport = self._transport
+        if transport is None or self._lost or transport.is_closing() and not transport.get_write_buffer_size():
+            return
+        reason = self._stalled(self._loop.time())
+        if reason is not None:
+            log.warning("client %s: %s; dropping the connection", self.peer, reason)
+            transport.abort()
+            return
+        if self._reading_paused and not self._disconnecting and self._fd >= 0 and _hung_up(self._fd):
+            log.info("client %s hung up while its reading was paused", self.peer)
+            transport.close()
+        parser = self._parser
+        if (
+            self._handshake is not None
+            or self._reading_paused
+            or transport.get_write_buffer_size()
+            or (parser is not None and parser.receiving_payload)
+        ):
+            self._arm()
+
+    def _stalled(self, now: float) -> str | None:
+        """Why this connection missed a deadline, or None."""
+        server, transport = self._server, self._transport
+        assert transport is not None
+        if self._handshake is not None and server.handshake_limit and now - self._started > server.handshake_limit:
+            return f"no export negotiated within {server.handshake_limit:g} s (--handshake-limit)"
+        if not server.io_timeout:
+            return None
+        buffered = transport.get_write_buffer_size()
+        # Progress shows in the kernel's send queue first: asyncio's buffer only
+        # shrinks when the kernel has room for a large piece.
+        unsent = buffered + _send_queue(self._fd) if buffered else 0
+        if not unsent or not self._unsent[0] or unsent < self._unsent[0]:
+            self._unsent = (unsent, now)
+        elif now - self._unsent[1] > server.io_timeout:
+            return f"replies unread for {server.io_timeout:g} s (--io-timeout)"
+        parser = self._parser
+        receiving = parser is not None and parser.receiving_payload and not self._reading_paused
+        if receiving and now - self._last_received > server.io_timeout:
+            return f"WRITE payload stalled for {server.io_timeout:g} s (--io-timeout)"
+        return None
+
+    async def _serve(self, request: tx.Request, owned: int) -> None:
         negotiated = self._negotiated
         assert negotiated is not None
         structured = negotiated.structured_replies
@@ -222,10 +351,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         finally:
             self._tasks.discard(asyncio.current_task())
             if request.payload is not None:
-                cost += len(request.payload)
                 self._server.buffers.release(request.payload)
-            self._held -= cost
-            self._server.budget.give(cost)
+            self._task_held -= owned
+            self._give(owned)
             if self._transport is not None and not self._transport.is_closing():
                 self._start_pending()
 
@@ -244,9 +372,11 @@ class ServerConnection(asyncio.BufferedProtocol):
                 segments = await self._run(_read_blocking, device, offset, buffer, sparse)
             self.bytes_read += length
             await self._send(tx.read_reply(handle, segments, structured))
+            # asyncio copied what the kernel did not take: that copy stays charged until it went out.
             transport = self._transport
-            if transport is not None and not transport.get_write_buffer_size():
-                self._server.buffers.release(buffer)  # the kernel has every byte
+            while transport is not None and not transport.is_closing() and transport.get_write_buffer_size():
+                await self._writable.wait()
+            self._server.buffers.release(buffer)
             return ()
         if command == Command.WRITE:
             assert request.payload is not None
@@ -266,8 +396,11 @@ class ServerConnection(asyncio.BufferedProtocol):
                     )
                 )
         elif command == Command.TRIM:
-            if length:
+            # Advisory, as in qemu-nbd: a device that cannot trim (--discard ignore) succeeds doing nothing.
+            if length and device.capabilities.can_trim:
                 await self._run(functools.partial(device.trim, offset, length, fua=fua))
+            elif fua:
+                await self._run(device.flush)
         elif command == Command.FLUSH:
             await self._run(device.flush)
         elif command == Command.CACHE:
@@ -330,6 +463,23 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
         await self._closed.wait()
+
+
+def _send_queue(fd: int) -> int:
+    """Bytes in the kernel send queue of socket ``fd`` (0 if unknown)."""
+    if fd < 0:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+    except OSError:
+        return 0
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the peer of socket ``fd`` closed or reset it (seen without reading)."""
+    poller = select.poll()
+    poller.register(fd, _HUNG_UP)
+    return any(events & _HUNG_UP for _, events in poller.poll(0))
 
 
 def _name(command: int) -> str:

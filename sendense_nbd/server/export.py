@@ -32,11 +32,11 @@ class Export:
         if caps.can_cache:
             flags |= TransmissionFlag.SEND_CACHE
         if self.writable:
-            flags |= TransmissionFlag.SEND_WRITE_ZEROES
+            # TRIM is advisory: offered on every writable export, as qemu-nbd does, and a
+            # device that cannot trim (``--discard ignore``) accepts it as a no-op.
+            flags |= TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_TRIM
             if caps.can_fast_zero:
                 flags |= TransmissionFlag.SEND_FAST_ZERO
-            if caps.can_trim:
-                flags |= TransmissionFlag.SEND_TRIM
         else:
             flags |= TransmissionFlag.READ_ONLY
         if multi_conn and caps.can_multi_conn and caps.can_flush:

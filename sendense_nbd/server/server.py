@@ -6,8 +6,16 @@ Usage from asyncio code::
         print(server.port)
         await server.wait_closed()   # until close(), or the last client left
 
+Admission, as qemu-nbd: a connection counts as a client (against
+``shared``) from the moment it picks an export with ``NBD_OPT_GO`` or
+``NBD_OPT_EXPORT_NAME``; over the limit that option is refused with
+``NBD_REP_ERR_POLICY`` and a message. A port probe (connect and close) or
+an ``NBD_OPT_INFO``/``LIST`` client therefore never keeps a real client
+out. Connections still negotiating are bounded separately
+(``max_handshakes``) and must pick an export within ``handshake_limit``.
+
 Lifecycle, as qemu-nbd: without ``persistent`` the server stops after the
-last client leaves. :meth:`NBDServer.close` (what SIGTERM and SIGINT call)
+last negotiated client leaves. :meth:`NBDServer.close` (what SIGTERM and SIGINT call)
 stops accepting, lets requests in flight finish, flushes every writable
 export and closes the connections.
 """
@@ -38,6 +46,12 @@ DEFAULT_BUDGET = 24 * 1024 * 1024
 DEFAULT_CONNECTION_BUDGET = 16 * 1024 * 1024
 #: Idle request buffers kept for reuse.
 DEFAULT_POOL = 8 * 1024 * 1024
+#: Seconds a connection may take to pick an export (qemu-nbd's --handshake-limit default).
+DEFAULT_HANDSHAKE_LIMIT = 10.0
+#: Seconds a WRITE payload or unread replies may make no progress.
+DEFAULT_IO_TIMEOUT = 60.0
+#: Connections still negotiating at once; more are closed on accept.
+DEFAULT_MAX_HANDSHAKES = 128
 
 
 class NBDServer:
@@ -55,11 +69,18 @@ class NBDServer:
         persistent: bool = False,
         budget: int = DEFAULT_BUDGET,
         workers: int = 4,
+        handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT,
+        io_timeout: float = DEFAULT_IO_TIMEOUT,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
     ) -> None:
         if not exports:
             raise ServerError("a server needs at least one export")
         if shared < 1:
             raise ServerError("--shared must be at least 1")
+        if handshake_limit < 0 or io_timeout < 0:
+            raise ServerError("--handshake-limit and --io-timeout must be 0 (none) or more seconds")
+        if max_handshakes < 1:
+            raise ServerError("--max-handshakes must be at least 1")
         self._exports = {export.name: export for export in exports}
         if len(self._exports) != len(exports):
             raise ServerError("export names must be unique")
@@ -71,12 +92,18 @@ class NBDServer:
         self._host, self._port, self._unix_path, self._sockets = host, port, unix_path, list(sockets)
         self.shared = shared
         self.persistent = persistent
-        self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET))
+        self.handshake_limit = handshake_limit
+        self.io_timeout = io_timeout
+        self.max_handshakes = max_handshakes
+        #: Seconds between a connection's watchdog checks.
+        self.tick = min([0.5, *(limit / 4 for limit in (handshake_limit, io_timeout) if limit)])
+        self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET), on_full=self._budget_full)
         self.buffers = BufferPool(min(budget, DEFAULT_POOL))
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.Server] = []
         self._connections: set[ServerConnection] = set()
         self._clients: set[ServerConnection] = set()
+        self._handshaking: set[ServerConnection] = set()
         self._stop = asyncio.Event()
         self._lifecycle: asyncio.Task[None] | None = None
         self.clients_served = 0
@@ -157,9 +184,19 @@ class NBDServer:
     def _protocol(self) -> ServerConnection:
         return ServerConnection(self)
 
-    def _admit(self, connection: ServerConnection) -> str | None:
-        """Admit a client, or return why it is refused."""
+    def _accept(self, connection: ServerConnection) -> bool:
+        """A new connection: False when too many are still negotiating."""
         self._connections.add(connection)
+        if len(self._handshaking) >= self.max_handshakes:
+            log.warning(
+                "closing connection %s: %d connections are still negotiating", connection.peer, self.max_handshakes
+            )
+            return False
+        self._handshaking.add(connection)
+        return True
+
+    def _admit(self, connection: ServerConnection) -> str | None:
+        """Admit a client that picked an export, or return why it is refused."""
         if self._stop.is_set():
             return "the server is shutting down"
         if len(self._clients) >= self.shared:
@@ -170,11 +207,19 @@ class NBDServer:
         self.clients_served += 1
         return None
 
+    def _negotiated(self, connection: ServerConnection) -> None:
+        self._handshaking.discard(connection)
+
+    def _budget_full(self) -> None:
+        for connection in list(self._clients):
+            connection.update_reading()
+
     def _release(self, connection: ServerConnection) -> None:
         if connection in self._connections:
             self._bytes_done[0] += connection.bytes_read
             self._bytes_done[1] += connection.bytes_written
         self._connections.discard(connection)
+        self._handshaking.discard(connection)
         if connection in self._clients:
             self._clients.discard(connection)
             if not self._clients and not self.persistent:
