@@ -55,8 +55,20 @@ EXPORTS = {"disk": _DISK, "ro": _RO, "": _DISK}
 _SPLIT = 7
 
 
-def _run(data: bytes, piece: int) -> None:
-    handshake = ServerHandshake(EXPORTS)
+class _Alternate:
+    """An admission callback refusing every other client, as a full server does."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, name: str) -> str | None:
+        assert name in ("disk", "ro"), name
+        self.calls += 1
+        return "server is full" if self.calls % 2 else None
+
+
+def _run(data: bytes, piece: int, *, admit: _Alternate | None = None) -> None:
+    handshake = ServerHandshake(EXPORTS, admit=admit)
     out = handshake.data_to_send()
     assert out.startswith(b"NBDMAGICIHAVEOPT")
     pos = 0
@@ -117,7 +129,7 @@ def _run(data: bytes, piece: int) -> None:
 def fuzz_one_input(data: bytes) -> None:
     """Feed ``data`` as a client's byte stream; only ProtocolError may escape the protocol code."""
     _run(data, max(len(data), 1))
-    _run(data, _SPLIT)
+    _run(data, _SPLIT, admit=_Alternate())
 
 
 if __name__ == "__main__":

@@ -640,6 +640,52 @@ def test_refuse_export_name_hangs_up() -> None:
         hs.receive_data(opt(OPT_EXPORT_NAME, b"disk"))
 
 
+class Gate:
+    """An ``admit`` callback that lets ``slots`` clients in and records who asked."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.asked: list[str] = []
+
+    def __call__(self, name: str) -> str | None:
+        self.asked.append(name)
+        if self.slots <= 0:
+            return "server is full"
+        self.slots -= 1
+        return None
+
+
+def test_admit_is_asked_only_when_an_export_is_picked() -> None:
+    gate = Gate(0)
+    hs = started(admit=gate)
+    assert exchange(hs, opt(OPT_LIST))[-1][1] == REP_ACK
+    assert exchange(hs, opt(OPT_INFO, info_data("disk")))[-1][1] == REP_ACK
+    assert exchange(hs, opt(OPT_GO, info_data("nosuch")))[-1][1] == REP_ERR_UNKNOWN
+    assert gate.asked == []
+    # Refused: nothing about the export, just POLICY with the message; the client may try again.
+    assert exchange(hs, opt(OPT_GO, info_data("disk"))) == [(OPT_GO, REP_ERR_POLICY, b"server is full")]
+    assert gate.asked == ["disk"] and not hs.finished and events(hs) == []
+    gate.slots = 1
+    assert exchange(hs, opt(OPT_GO, info_data("disk")))[-1] == (OPT_GO, REP_ACK, b"")
+    assert gate.asked == ["disk", "disk"]
+    assert [type(e) for e in events(hs)] == [Negotiated]
+
+
+def test_admit_sees_the_real_name_of_the_default_export() -> None:
+    gate = Gate(1)
+    hs = started(admit=gate)
+    hs.receive_data(opt(OPT_EXPORT_NAME, b""))
+    assert gate.asked == ["disk"]
+    assert [type(e) for e in events(hs)] == [Negotiated]
+
+
+def test_admit_refusing_export_name_hangs_up() -> None:
+    hs = started(admit=Gate(0))
+    with pytest.raises(ProtocolError, match="server is full"):
+        hs.receive_data(opt(OPT_EXPORT_NAME, b"disk"))
+    assert hs.data_to_send() == b""  # no export reply
+
+
 # -- ABORT -----------------------------------------------------------------------------------
 
 
