@@ -75,11 +75,21 @@ class RequestParser:
 
     ``allocate(size)`` provides the buffer each WRITE payload is received
     into; a server passes its buffer pool so payload memory is reused and
-    accounted for.
+    accounted for. When ``may_allocate(size)`` says no, the parser stops
+    before that WRITE header (:attr:`holding`), keeping it and what follows
+    in its bounded scratch buffer, until :meth:`resume`.
     """
 
-    def __init__(self, allocate: Callable[[int], bytearray] = bytearray) -> None:
+    def __init__(
+        self,
+        allocate: Callable[[int], bytearray] = bytearray,
+        *,
+        may_allocate: Callable[[int], bool] | None = None,
+    ) -> None:
         self._allocate = allocate
+        self._may_allocate = may_allocate
+        #: A WRITE header waits for ``may_allocate``; stop reading until :meth:`resume`.
+        self.holding = False
         self._scratch = bytearray(_SCRATCH_SIZE)
         self._scratch_view = memoryview(self._scratch)
         self._scratch_len = 0
@@ -118,10 +128,17 @@ class RequestParser:
         view = memoryview(data).cast("B")
         while view and not self._closed:
             target = self.get_buffer()
+            if not target:
+                raise LocalProtocolError("the parser is holding a WRITE and its buffer is full")
             n = min(len(target), len(view))
             target[:n] = view[:n]
             view = view[n:]
             self.buffer_updated(n)
+
+    def resume(self) -> None:
+        """Parse on after :attr:`holding`; ``may_allocate`` is asked again."""
+        if self.holding:
+            self._parse_scratch()
 
     def next_event(self) -> TransmissionEvent:
         if self._events:
@@ -129,18 +146,23 @@ class RequestParser:
         return NEED_DATA
 
     def _parse_scratch(self) -> None:
+        self.holding = False
         view = self._scratch_view
         pos = 0
         end = self._scratch_len
         while not self._closed and end - pos >= _HEADER_SIZE:
             magic, flags, command, handle, offset, length = wire.REQUEST.unpack_from(view, pos)
-            pos += _HEADER_SIZE
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"request magic {magic:#x} is wrong")
-            header = wire.RequestHeader(flags, command, handle, offset, length)
             if command == Command.WRITE:
                 if length > MAX_PAYLOAD:
                     raise ProtocolError(f"write of {length} bytes exceeds the 32 MiB limit")
+                if self._may_allocate is not None and not self._may_allocate(length):
+                    self.holding = True
+                    break
+            pos += _HEADER_SIZE
+            header = wire.RequestHeader(flags, command, handle, offset, length)
+            if command == Command.WRITE:
                 self._header = header
                 self._payload = self._allocate(length)
                 take = min(length, end - pos)

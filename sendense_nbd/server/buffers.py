@@ -2,10 +2,10 @@
 
 Every buffer the server holds for a request (a WRITE payload from the moment
 its header is parsed, a READ result until the transport has taken it) is
-charged to a :class:`Budget`, per connection and server-wide. A connection
-over its budget stops reading from its socket, and every connection stops
-once the server-wide budget is spent, so clients cannot make the server hold
-more than the budget plus about one payload.
+charged to a :class:`Budget`, per connection and server-wide. While it is
+spent, WRITE headers wait before their payloads are allocated and READs
+wait, so clients cannot make the server hold more than the budget plus
+about one payload.
 
 Buffers are reused through a :class:`BufferPool` rather than allocated per
 request: fresh large allocations cost page faults (and on some VMs a trip to
@@ -56,38 +56,33 @@ class BufferPool:
 
 
 class Budget:
-    """Bounds the request bytes held, per connection and server-wide.
+    """Bounds the request bytes held, per connection and server-wide."""
 
-    ``on_full`` is called when a charge makes the server-wide total reach
-    ``total``, so that every connection can stop reading at once.
-    """
-
-    def __init__(self, total: int, per_connection: int, *, on_full: Callable[[], None] | None = None) -> None:
+    def __init__(self, total: int, per_connection: int) -> None:
         self.total = total
         self.per_connection = per_connection
         self.used = 0
-        self.on_full = on_full
-        self._waiting: set[Callable[[], None]] = set()
+        self._waiting: dict[Callable[[], None], None] = {}  # in order of arrival
 
     def admits(self, connection_used: int, cost: int) -> bool:
         return connection_used + cost <= self.per_connection and self.used + cost <= self.total
 
     def take(self, cost: int) -> None:
-        before = self.used
         self.used += cost
-        if before < self.total <= self.used and self.on_full is not None:
-            self.on_full()
 
     def give(self, cost: int) -> None:
         self.used -= cost
-        if cost and self._waiting:
-            waiting, self._waiting = self._waiting, set()
-            for wake in waiting:
+        if cost:
+            for wake in list(self._waiting):
                 wake()
 
     def wait(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` once bytes are given back."""
-        self._waiting.add(wake)
+        """Call ``wake`` whenever bytes are given back, until :meth:`cancel_wait`.
+
+        Waiters are woken in the order they first waited, so the oldest one
+        gets the room first and nobody starves.
+        """
+        self._waiting.setdefault(wake)
 
     def cancel_wait(self, wake: Callable[[], None]) -> None:
-        self._waiting.discard(wake)
+        self._waiting.pop(wake, None)

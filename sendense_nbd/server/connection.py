@@ -10,9 +10,11 @@ Theory of operation:
   are received straight into the buffer that storage writes from.
 * Each parsed request waits in a queue until the byte budget (this
   connection's and the server's) can cover it, then runs as a task; storage
-  calls run in the server's thread pool. While requests wait, or while the
-  server-wide budget is spent, reading is paused, so clients cannot make
-  the server hold more than the budget plus one payload.
+  calls run in the server's thread pool. While requests wait, reading is
+  paused. A WRITE header waits in the parser, before its payload is
+  allocated, while the budget is spent; so clients cannot make the server
+  hold more than the budget plus one payload, and small requests (a fresh
+  client's READ) are still served meanwhile.
 * Memory accounting is leak-proof by construction: ``_held`` is everything
   charged to the budget for this connection, ``_task_held`` the part that
   running tasks give back themselves; whenever the connection ends, at any
@@ -89,6 +91,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._disconnecting = False
+        self._wake_scheduled = False
         self._lost = False
         self._closed = asyncio.Event()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -149,9 +152,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._watchdog.cancel()
             self._watchdog = None
         self._pending.clear()
-        self._server.budget.cancel_wait(self._resume)
+        self._server.budget.cancel_wait(self._wake)
         # Queued payloads and a payload still being received: nobody else gives them back.
         self._give(self._held - self._task_held)
+        # Drop the parser (and its payload buffer) now: it and this object form a cycle
+        # that only the cyclic garbage collector would free, keeping the memory meanwhile.
+        self._parser = self._handshake = None
         self._writable.set()
         self._closed.set()
         self._server._release(self)
@@ -181,23 +187,29 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, Negotiated):
             self._negotiated = event
             self._device = self._server.device_for(event.export.name)
-            self._parser = tx.RequestParser(allocate=self._allocate_payload)
+            self._parser = tx.RequestParser(allocate=self._allocate_payload, may_allocate=self._room)
             self._handshake = None
+            self._handshake_buffer = bytearray()
             self._server._negotiated(self)
             log.info(
                 "client %s: export %r, structured replies %s", self.peer, event.export.name, event.structured_replies
             )
-            self._set_reading(True)
             trailing = handshake.trailing_data()
             if trailing:
                 self._parser.receive_data(trailing)
                 self._pump()
+            else:
+                self._update_reading()  # stays paused while the server's budget is spent
         elif self._transport.get_write_buffer_size() > _HANDSHAKE_BACKLOG:
             self._set_reading(False)  # the client does not read its replies: stop answering
 
     # -- transmission ------------------------------------------------------------
 
     def _pump(self) -> None:
+        self._collect()
+        self._start_pending()
+
+    def _collect(self) -> None:
         parser = self._parser
         assert parser is not None
         while True:
@@ -208,7 +220,11 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._disconnecting = True
             else:
                 break
-        self._start_pending()
+
+    def _room(self, size: int) -> bool:
+        """Whether a WRITE payload may be allocated now; otherwise its header waits."""
+        budget = self._server.budget
+        return budget.used < budget.total and self._held < budget.per_connection
 
     def _allocate_payload(self, size: int) -> bytearray:
         self._charge(size)
@@ -233,6 +249,15 @@ class ServerConnection(asyncio.BufferedProtocol):
         return not self._tasks and (cost <= _SMALL or budget.used < budget.total)
 
     def _start_pending(self) -> None:
+        parser = self._parser
+        if parser is not None and parser.holding and self._room(0):
+            try:
+                parser.resume()
+            except ProtocolError as exc:
+                log.warning("client %s: %s; dropping the connection", self.peer, exc)
+                self._drop()
+                return
+            self._collect()
         while self._pending and len(self._tasks) < MAX_REQUESTS:
             request = self._pending[0]
             cost = min(request.length, MAX_PAYLOAD) if request.command == Command.READ else 0
@@ -245,24 +270,33 @@ class ServerConnection(asyncio.BufferedProtocol):
             task = self._loop.create_task(self._serve(request, owned))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self.update_reading()
+        self._update_reading()
 
-    def update_reading(self) -> None:
-        """Read from the socket only while the budget has room and nothing waits;
-        finishing a payload already allocated needs no new memory."""
+    def _update_reading(self) -> None:
+        """Read from the socket only while no request waits. With the budget spent,
+        requests still flow (small READs may run), but a WRITE header waits in the
+        parser before its payload is allocated."""
         if self._lost or self._parser is None:
             return
-        budget = self._server.budget
-        full = budget.used >= budget.total or self._held >= budget.per_connection
-        blocked = bool(self._pending) or (full and not self._parser.receiving_payload)
+        # A payload already allocated is always received: pausing it could wait on itself.
+        blocked = (bool(self._pending) or self._parser.holding) and not self._parser.receiving_payload
         if blocked:
-            budget.wait(self._resume)
+            self._server.budget.wait(self._wake)
+        else:
+            self._server.budget.cancel_wait(self._wake)
         self._set_reading(not blocked and not self._disconnecting)
         if self._disconnecting and not self._pending and not self._tasks and self._transport:
             self._transport.close()
 
+    def _wake(self) -> None:
+        """Bytes were given back to the budget, maybe by another connection: retry
+        in a callback of our own, so that nothing here can break the giver."""
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._loop.call_soon(self._resume)
+
     def _resume(self) -> None:
-        """Bytes were given back to the budget, maybe by another connection."""
+        self._wake_scheduled = False
         if self._transport is not None and not self._transport.is_closing():
             self._start_pending()
 
@@ -455,14 +489,22 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- used by the server --------------------------------------------------
 
     async def finish(self) -> None:
-        """Stop reading, let in-flight requests complete, then close."""
+        """Stop reading, let in-flight requests complete, then close; a client
+        that does not take its replies within the I/O timeout is cut off."""
         self._pending.clear()
         self._set_reading(False)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._transport is not None:
-            self._transport.close()
-        await self._closed.wait()
+        transport = self._transport
+        assert transport is not None
+        try:
+            async with asyncio.timeout(self._server.io_timeout or None):
+                if self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                transport.close()
+                await self._closed.wait()
+        except TimeoutError:
+            log.warning("client %s: not finished %g s after shutdown; dropping it", self.peer, self._server.io_timeout)
+            transport.abort()
+            await self._closed.wait()
 
 
 def _send_queue(fd: int) -> int:

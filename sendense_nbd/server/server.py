@@ -97,7 +97,7 @@ class NBDServer:
         self.max_handshakes = max_handshakes
         #: Seconds between a connection's watchdog checks.
         self.tick = min([0.5, *(limit / 4 for limit in (handshake_limit, io_timeout) if limit)])
-        self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET), on_full=self._budget_full)
+        self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET))
         self.buffers = BufferPool(min(budget, DEFAULT_POOL))
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.Server] = []
@@ -209,10 +209,6 @@ class NBDServer:
 
     def _negotiated(self, connection: ServerConnection) -> None:
         self._handshaking.discard(connection)
-
-    def _budget_full(self) -> None:
-        for connection in list(self._clients):
-            connection.update_reading()
 
     def _release(self, connection: ServerConnection) -> None:
         if connection in self._connections:

@@ -74,17 +74,21 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-async def served(port: int, seed: int = 7, within: float = 2.0) -> None:
-    """A fresh client writes and reads back 4 KiB within ``within`` seconds."""
+async def served(port: int, seed: int = 7, within: float = 2.0, *, write: bool = True) -> None:
+    """A fresh client is served within ``within`` seconds: it writes and reads back 4 KiB,
+    or only reads (while a hostile client holds the whole budget, writes wait)."""
 
     async def roundtrip() -> None:
         reader, writer = await negotiate(port)
         data = bytes([seed]) * 4096
-        writer.write(wire.encode_request(Command.WRITE, 1, SIZE - 4096, 4096) + data)
+        if write:
+            writer.write(wire.encode_request(Command.WRITE, 1, SIZE - 4096, 4096) + data)
+            reply = await reader.readexactly(wire.SIMPLE_REPLY.size)
+            assert wire.decode_simple_reply(reply) == (1, 0)
         writer.write(wire.encode_request(Command.READ, 2, SIZE - 4096, 4096))
-        assert wire.decode_simple_reply(await reader.readexactly(wire.SIMPLE_REPLY.size)) == (1, 0)
         assert wire.decode_simple_reply(await reader.readexactly(wire.SIMPLE_REPLY.size)) == (2, 0)
-        assert await reader.readexactly(4096) == data
+        got = await reader.readexactly(4096)
+        assert got == data or not write
         writer.write(wire.encode_request(Command.DISC, 3, 0, 0))
         assert await reader.read() == b""
         writer.close()
@@ -181,7 +185,7 @@ async def test_stalled_payload_times_out_and_others_are_served() -> None:
         writer.write(wire.encode_request(Command.WRITE, 1, 0, MAX_PAYLOAD) + b"s" * MiB)
         await writer.drain()
         await until(lambda: server.budget.used >= MAX_PAYLOAD, 5, "payload allocated")
-        await served(server.port)  # while the stalled payload holds the whole budget
+        await served(server.port, write=False)  # while the stalled payload holds the whole budget
         await _closed_by_server(reader, 5)
         await settled(server)
 
@@ -194,7 +198,7 @@ async def test_unread_replies_time_out() -> None:
             writer.write(wire.encode_request(Command.READ, i, 0, MAX_PAYLOAD))
         await writer.drain()
         await until(lambda: server.budget.used > 0, 5, "reads running")
-        await served(server.port)
+        await served(server.port, write=False)
         await until(lambda: server.client_count == 0, 6, "the non-reading client dropped")
         reset(writer)
         await settled(server)
@@ -279,7 +283,7 @@ async def test_hangup_noticed_while_reading_is_paused(vanish) -> None:  # type: 
     async with running(device, budget=256 * 1024) as server:
         assert server.port is not None
         reader, writer = await negotiate(server.port)
-        for i in range(4):
+        for i in range(5):  # four fill the budget, the fifth header waits
             writer.write(wire.encode_request(Command.WRITE, i, i * MiB, 64 * 1024) + b"p" * 64 * 1024)
         await until(lambda: any(c._reading_paused for c in server._clients), 5, "reading paused")
         writer.write(wire.encode_request(Command.FLUSH, 9, 0, 0))  # waits unread in the kernel
