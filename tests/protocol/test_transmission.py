@@ -132,6 +132,48 @@ def test_write_payload_lands_in_its_own_buffer() -> None:
     assert len(parser.get_buffer()) >= 28
 
 
+def test_write_header_waits_until_may_allocate_agrees() -> None:
+    room = [False]
+    asked: list[int] = []
+
+    def may_allocate(size: int) -> bool:
+        asked.append(size)
+        return room[0]
+
+    allocated: list[int] = []
+
+    def allocate(size: int) -> bytearray:
+        allocated.append(size)
+        return bytearray(size)
+
+    parser = RequestParser(allocate, may_allocate=may_allocate)
+    stream = encode(Command.READ, 1, 0, 512) + encode(Command.WRITE, 2, 0, 5, payload=b"hello")
+    stream += encode(Command.FLUSH, 3)
+    feed_with_buffers(parser, stream, [1000])
+    # The READ before it goes through; the WRITE header and what follows wait unallocated.
+    assert drain(parser) == [Request(1, Command.READ, 0, 0, 512)]
+    assert parser.holding and asked == [5] and allocated == []
+    parser.resume()  # still no room
+    assert parser.holding and drain(parser) == [] and allocated == []
+    room[0] = True
+    parser.resume()
+    assert not parser.holding and allocated == [5]
+    assert snapshot(drain(parser)) == [(2, 1, 0, 0, 5, b"hello"), (3, 3, 0, 0, 0, None)]
+
+
+def test_a_held_write_keeps_the_stream_in_sync_across_reads() -> None:
+    room = [False]
+    parser = RequestParser(may_allocate=lambda size: room[0])
+    stream = encode(Command.WRITE, 1, 0, 3, payload=b"abc") + encode(Command.READ, 2, 0, 9)
+    feed_with_buffers(parser, stream[:20], [20])
+    assert not parser.holding  # the header is not complete yet
+    feed_with_buffers(parser, stream[20:], [7])
+    assert parser.holding
+    room[0] = True
+    parser.resume()
+    assert snapshot(drain(parser)) == [(1, 1, 0, 0, 3, b"abc"), (2, 0, 0, 0, 9, None)]
+
+
 def test_write_payloads_are_not_overwritten_by_later_data() -> None:
     parser = RequestParser()
     parser.receive_data(encode(Command.WRITE, 1, 0, 4, payload=b"1111"))
