@@ -153,14 +153,16 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._watchdog = None
         self._pending.clear()
         self._server.budget.cancel_wait(self._wake)
-        # Queued payloads and a payload still being received: nobody else gives them back.
-        self._give(self._held - self._task_held)
         # Drop the parser (and its payload buffer) now: it and this object form a cycle
         # that only the cyclic garbage collector would free, keeping the memory meanwhile.
         self._parser = self._handshake = None
         self._writable.set()
-        self._closed.set()
-        self._server._release(self)
+        try:
+            # Queued payloads and a payload still being received: nobody else gives them back.
+            self._give(self._held - self._task_held)
+        finally:
+            self._closed.set()
+            self._server._release(self)
 
     def pause_writing(self) -> None:
         self._writable.clear()
