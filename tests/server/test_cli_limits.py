@@ -35,6 +35,9 @@ def test_probe_then_client_with_default_shared(tmp_path: Path, serve) -> None:  
     for _ in range(10):
         _probe(srv.port)
         assert _nbdinfo(srv.uri)["export-size"] == MiB
+    # A connection that never negotiates cannot keep the real client out, however long it stays.
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5):
+        assert _nbdinfo(srv.uri)["export-size"] == MiB
     assert srv.alive()
 
 
