@@ -224,9 +224,14 @@ class ServerConnection(asyncio.BufferedProtocol):
                 break
 
     def _room(self, size: int) -> bool:
-        """Whether a WRITE payload may be allocated now; otherwise its header waits."""
+        """Whether a WRITE payload may be allocated now; otherwise its header waits.
+
+        A connection that holds nothing may always take one payload (the documented
+        bound: the budget plus one payload per connection), so clients that stall
+        mid-payload never stop the others' writes, only slow them to one at a time.
+        """
         budget = self._server.budget
-        return budget.used < budget.total and self._held < budget.per_connection
+        return self._held == 0 or (budget.used < budget.total and self._held < budget.per_connection)
 
     def _allocate_payload(self, size: int) -> bytearray:
         self._charge(size)

@@ -185,8 +185,32 @@ async def test_stalled_payload_times_out_and_others_are_served() -> None:
         writer.write(wire.encode_request(Command.WRITE, 1, 0, MAX_PAYLOAD) + b"s" * MiB)
         await writer.drain()
         await until(lambda: server.budget.used >= MAX_PAYLOAD, 5, "payload allocated")
-        await served(server.port, write=False)  # while the stalled payload holds the whole budget
+        await served(server.port)  # while the stalled payload holds the whole budget
         await _closed_by_server(reader, 5)
+        await settled(server)
+
+
+async def test_stalled_payloads_do_not_hold_up_other_writes() -> None:
+    """Clients stalled mid-payload hold more than the budget; until the I/O timeout (a minute
+    here) every other client still writes: one payload at a time each, never frozen."""
+    async with running(io_timeout=60.0) as server:
+        assert server.port is not None
+        stalled = []
+        for _ in range(3):
+            reader, writer = await negotiate(server.port)
+            writer.write(wire.encode_request(Command.WRITE, 1, 0, MAX_PAYLOAD) + b"s" * MiB)
+            await writer.drain()
+            stalled.append(writer)
+        await until(lambda: server.budget.used >= 3 * MAX_PAYLOAD, 5, "payloads allocated")
+        for seed in range(3):
+            await served(server.port, seed)
+        reader, writer = await negotiate(server.port)  # a full-size write goes through as well
+        writer.write(wire.encode_request(Command.WRITE, 9, 0, MAX_PAYLOAD) + b"z" * MAX_PAYLOAD)
+        reply = await asyncio.wait_for(reader.readexactly(wire.SIMPLE_REPLY.size), 10)
+        assert wire.decode_simple_reply(reply) == (9, 0)
+        writer.close()
+        for writer in stalled:
+            reset(writer)
         await settled(server)
 
 
