@@ -15,7 +15,7 @@ from typing import Any
 from pyVim.connect import Disconnect, SmartConnect
 
 from tests.conftest import RunningServer, require, run, start_server
-from tests.vsphere import STANDIN_PLUGIN
+from tests.vmware.vsphere import STANDIN_PLUGIN
 
 MIB = 1 << 20
 VM_PATH = "/DC0/vm/DC0_H0_VM0"

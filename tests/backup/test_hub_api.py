@@ -15,7 +15,7 @@ import pytest
 from tests.backup.hub_standin import HubStandin
 from tests.backup.lab import KEYS, MIB, Lab, compare, new_images, serve_images, targets_of
 from tests.conftest import require
-from tests.vsphere import running_vcsim, vmdisk
+from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
 

@@ -32,7 +32,7 @@ from tests.backup.lab import (
     slow_nbdkit,
 )
 from tests.conftest import require, run
-from tests.vsphere import running_vcsim, vmdisk
+from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import stop_process
 from tests.hub.node_standin import NodeStandin
-from tests.vsphere import running_vcsim
+from tests.vmware.vsphere import running_vcsim
 
 
 def free_port_range(count: int) -> range:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.vsphere import STANDIN_PLUGIN
+from tests.vmware.vsphere import STANDIN_PLUGIN
 
 
 class NodeStandin:

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess
 from tests.hub.node_standin import NodeStandin
-from tests.vsphere import vmdisk
+from tests.vmware.vsphere import vmdisk
 
 pytestmark = pytest.mark.peer
 

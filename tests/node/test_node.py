@@ -19,7 +19,7 @@ import pytest
 from sendense_nbd.node.config import ConfigError, load
 from tests.conftest import require, run, stop_process
 from tests.hub.conftest import Api, HubProcess
-from tests.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
+from tests.vmware.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
 

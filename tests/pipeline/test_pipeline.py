@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.node.test_node import NodeProcess, write_config
-from tests.vsphere import running_vcsim, vmdisk
+from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
 

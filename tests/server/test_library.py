@@ -15,7 +15,7 @@ from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import Command, Option, TransmissionFlag
 
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class GatedDevice(MemoryDevice):

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.peer
 KiB = 1 << 10
 MiB = 1 << 20
 COPIED = 1 << 63
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # -- peers -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIMULATOR = ROOT / "simulator"
 STANDIN_PLUGIN = SIMULATOR / "vddk_standin.py"
 

@@ -22,7 +22,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
-from tests.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
+from tests.vmware.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
 
