@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,8 +113,6 @@ def start_server(*args: str, unix: str | None = None, timeout: float = 15) -> Ru
 
 
 def _wait_for(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -176,3 +175,12 @@ def sparse_file(path: Path, size: int, data_ranges: list[tuple[int, int]], seed:
             f.seek(offset)
             f.write(rng.randbytes(length))
     return path
+
+
+@pytest.fixture
+def shm_image() -> Iterator[Path]:
+    """A 4 MiB raw file of random bytes on tmpfs, where punching holes works and ZERO_RANGE does not."""
+    path = Path("/dev/shm") / f"sendense-test-{os.getpid()}-{time.monotonic_ns()}.raw"
+    random_file(path, 4 << 20)
+    yield path
+    path.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
-"""Raw storage behind the server: zeroing fallbacks, cache modes, policies,
-a full disk and a dropped connection. Nothing may be lost or half-written."""
+"""Raw storage behind the server: zeroing over NBD, policies, a full disk and a
+dropped connection. Nothing may be lost or half-written."""
 
 from __future__ import annotations
 
@@ -14,84 +14,11 @@ from pathlib import Path
 import nbd
 import pytest
 
-from sendense_nbd import DeviceError, RawDevice
 from sendense_nbd.protocol import wire
-from sendense_nbd.protocol.constants import AllocationFlag, Command, Errno, Option
-from sendense_nbd.storage import CacheMode
+from sendense_nbd.protocol.constants import Command, Option
 from tests.conftest import random_file, server_command
 
 MiB = 1 << 20
-SHM = Path("/dev/shm")  # tmpfs: punch-hole works, ZERO_RANGE does not
-
-
-@pytest.fixture
-def shm_image():  # type: ignore[no-untyped-def]
-    path = SHM / f"sendense-test-{os.getpid()}-{time.monotonic_ns()}.raw"
-    random_file(path, 4 * MiB)
-    yield path
-    path.unlink(missing_ok=True)
-
-
-def _flags_of(fd: int) -> int:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8)
-    raise AssertionError("no flags in fdinfo")
-
-
-def test_zero_falls_back_to_writing_zeroes_and_fast_zero_says_enotsup(shm_image: Path) -> None:
-    device = RawDevice(str(shm_image))
-    try:
-        with pytest.raises(DeviceError) as err:
-            device.zero(0, MiB, may_trim=False, fast=True)  # would need ZERO_RANGE
-        assert err.value.errno == Errno.ENOTSUP
-        assert shm_image.read_bytes()[:MiB] != bytes(MiB)  # a failed fast zero changed nothing
-        device.zero(0, MiB, may_trim=False)  # slow path: real zeroes
-        device.zero(2 * MiB, MiB, may_trim=True, fast=True)  # punching a hole is fast
-        data = shm_image.read_bytes()
-        assert data[:MiB] == bytes(MiB) and data[2 * MiB : 3 * MiB] == bytes(MiB)
-        extents = device.extents(0, 4 * MiB)
-        holes = [e for e in extents if e.flags & AllocationFlag.HOLE]
-        assert sum(e.length for e in holes) == MiB  # only the punched MiB is a hole
-    finally:
-        device.close()
-
-
-def test_cache_modes_open_the_file_as_asked(tmp_path: Path) -> None:
-    image = random_file(tmp_path / "d.raw", MiB)
-    for mode, fd_flag in [(CacheMode.WRITETHROUGH, os.O_DSYNC), (CacheMode.NONE, os.O_DIRECT)]:
-        device = RawDevice(str(image), cache=mode)
-        try:
-            fds = [device._fd, device._direct_fd]
-            assert any(fd >= 0 and _flags_of(fd) & fd_flag for fd in fds), mode
-            device.write(4096, b"\x07" * 8192)  # aligned: O_DIRECT path under cache=none
-            device.write(5, b"\x08" * 10)  # unaligned: buffered path
-            buf = bytearray(8192)
-            device.read_into(4096, memoryview(buf))
-            assert buf == b"\x07" * 8192
-            device.flush()
-        finally:
-            device.close()
-        data = image.read_bytes()
-        assert data[5:15] == b"\x08" * 10 and data[4096:12288] == b"\x07" * 8192
-
-
-def test_read_cached_never_blocks_and_agrees_with_read_into(tmp_path: Path) -> None:
-    image = random_file(tmp_path / "d.raw", 2 * MiB)
-    device = RawDevice(str(image))
-    try:
-        cached = bytearray(MiB)
-        device.read_into(0, memoryview(bytearray(MiB)))  # now in the page cache
-        assert device.read_cached(0, memoryview(cached))
-        assert cached == image.read_bytes()[:MiB]
-    finally:
-        device.close()
-    direct = RawDevice(str(image), cache=CacheMode.NONE)
-    try:
-        assert not direct.read_cached(0, memoryview(bytearray(4096)))  # O_DIRECT: never inline
-    finally:
-        direct.close()
 
 
 @pytest.mark.parametrize(
