@@ -8,9 +8,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sendense_nbd.errors import (
+    ConnectionLostError,
     DeviceError,
     ImageError,
     LocalProtocolError,
+    NBDConnectionError,
+    NBDRequestError,
+    NBDTimeoutError,
     ProtocolError,
     SendenseError,
     ServerError,
@@ -18,15 +22,7 @@ from sendense_nbd.errors import (
 from sendense_nbd.lazy import lazy_getattr
 
 if TYPE_CHECKING:
-    from sendense_nbd.client import (
-        ConnectionLostError,
-        ConnectionPool,
-        NBDClient,
-        NBDConnectionError,
-        NBDRequestError,
-        NBDTimeoutError,
-        connect,
-    )
+    from sendense_nbd.client import ConnectionPool, NBDClient, connect
     from sendense_nbd.server import Export, NBDServer
     from sendense_nbd.storage import (
         BlockDevice,
@@ -40,15 +36,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     **dict.fromkeys(
-        [
-            "ConnectionLostError",
-            "ConnectionPool",
-            "NBDClient",
-            "NBDConnectionError",
-            "NBDRequestError",
-            "NBDTimeoutError",
-            "connect",
-        ],
+        ["ConnectionPool", "NBDClient", "connect"],
         "sendense_nbd.client",
     ),
     **dict.fromkeys(["Export", "NBDServer"], "sendense_nbd.server"),

@@ -1,25 +1,58 @@
-"""The one exception tree of sendense-nbd.
+"""The one exception tree of sendense-nbd: every public exception is defined here.
 
 ::
 
-    SendenseError
-    ├── ProtocolError          the peer broke the NBD protocol: drop that connection
-    ├── LocalProtocolError     our own code misused a protocol object (a bug)
-    ├── DeviceError            a block-device operation failed; carries the NBD errno
-    ├── ImageError             an image cannot be opened or created as asked
-    ├── ServerError            a server cannot start (address in use, bad export set-up)
-    ├── VSphereError           vCenter/ESXi refused or failed a call (login, inventory, task)
-    │   └── ChangeIdError      a CBT change ID is no longer valid (a CBT reset)
-    ├── DiskSourceError        nbdkit could not serve a VMware disk
-    ├── HubApiError            the hub API (OMA_API_URL) failed or refused a call
-    ├── BackupError            a backup job failed; names its stage
-    └── TunnelError            the SSH tunnel cannot start or run (key, host key, login, option)
+    SendenseError                  base of every error this package raises on purpose
+    ├── ProtocolError              the peer broke the NBD protocol: drop that connection
+    ├── LocalProtocolError         our own code misused a protocol object (a bug)
+    ├── OptionError                the server refused a handshake option (e.g. an unknown export)
+    ├── DeviceError                a block-device operation failed; carries the NBD errno
+    ├── ImageError                 an image cannot be opened or created as asked
+    ├── ServerError                a server cannot start (address in use, bad export set-up)
+    ├── NBDRequestError            an NBD request failed: the server's errno reply, or a local check
+    ├── NBDConnectionError         the client cannot connect, or the connection is gone (a ConnectionError)
+    │   └── ConnectionLostError    the connection dropped or broke the protocol with requests in flight
+    ├── NBDTimeoutError            connecting, negotiating or a request took too long (a TimeoutError)
+    ├── URIError                   a string is not a usable NBD URI (a ValueError)
+    ├── EndpointError              a copy endpoint failed; ``transient`` says if a retry may help
+    ├── CopyError                  a copy failed; names the offset and the ranges already done
+    │   └── VerifyError            source and target differ after the copy
+    ├── VSphereError               vCenter/ESXi refused or failed a call (login, inventory, task)
+    │   └── ChangeIdError          a CBT change ID is no longer valid (a CBT reset)
+    ├── DiskSourceError            nbdkit could not serve a VMware disk
+    ├── HubApiError                the hub API (OMA_API_URL) failed or refused a call
+    ├── BackupError                a backup job failed; names its stage
+    ├── TunnelError                the SSH tunnel cannot start or run (key, host key, login, option)
+    ├── ConfigError                the node's configuration file is missing, malformed or unsafe
+    ├── NodeBusy                   the node's queue of waiting jobs is full (503)
+    ├── BadRequest                 an HTTP API request is invalid (400, or 409 with its code)
+    ├── JobStateError              a hub job cannot move to the asked state (e.g. completed twice)
+    ├── UnknownJob                 no hub job has this ID
+    ├── RepositoryError            a backup repository operation cannot be done as asked
+    │   └── UnknownPoint           no restore point has this ID
+    ├── NodeError                  a node refused or did not answer the hub
+    │   └── NodeNotFound           the node does not know the VM or job asked for
+    └── PortError                  the NBD port pool cannot satisfy a request
 
 Foreign exceptions (``OSError``) are translated at the boundary with
-``raise ... from exc`` so callers only need to catch ``SendenseError``.
+``raise ... from exc`` so callers only need to catch ``SendenseError``. A
+failed task group is reduced to the one error it stands for by
+:func:`first_error`.
+
+This module imports nothing heavy: the sans-IO protocol layer and the
+fast-starting copy command import it. The NBD constants that messages name
+are imported late, because the protocol package imports this module.
 """
 
 from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from sendense_nbd.protocol.constants import Errno
+
+_E = TypeVar("_E", bound=enum.IntEnum)
 
 
 class SendenseError(Exception):
@@ -37,6 +70,37 @@ class LocalProtocolError(SendenseError):
     """A protocol object was driven in a way its state does not allow."""
 
 
+class OptionError(SendenseError):
+    """The server refused an option the handshake cannot do without.
+
+    ``reply`` is the ``NBD_REP_ERR_*`` code (None when the server just hung
+    up, which is how ``NBD_OPT_EXPORT_NAME`` refuses) and ``server_message``
+    the text the server sent with it. The connection cannot go on. A refusal
+    is the server's right, not a protocol violation: this is no ProtocolError.
+    """
+
+    def __init__(self, option: int, reply: int | None, server_message: str, export: str = "") -> None:
+        from sendense_nbd.protocol.constants import Option, OptionReply  # late: see the module docstring
+
+        self.option = option
+        self.reply = reply
+        self.server_message = server_message
+        self.export = export
+        known = _member(Option, option)
+        name = known.name if known is not None else str(option)
+        code = "a hang-up" if reply is None else _reply_name(_member(OptionReply, reply), reply)
+        text = f"NBD_OPT_{name} for export {export!r} refused with {code}"
+        shown = server_message if len(server_message) <= 1024 else server_message[:1021] + "..."
+        super().__init__(f"{text}: {shown}" if server_message else text)
+
+    @property
+    def unknown_export(self) -> bool:
+        """The server does not have the export that was asked for."""
+        from sendense_nbd.protocol.constants import Option, OptionReply
+
+        return self.reply == OptionReply.ERR_UNKNOWN or (self.reply is None and self.option == Option.EXPORT_NAME)
+
+
 class DeviceError(SendenseError):
     """A block-device request failed; ``errno`` is what goes on the wire."""
 
@@ -52,6 +116,65 @@ class ImageError(SendenseError):
 
 class ServerError(SendenseError):
     """The server cannot start or serve as configured."""
+
+
+class NBDRequestError(SendenseError):
+    """A request failed: the server's error reply, or a check that would fail
+    on the server too. ``errno`` is the NBD error (an unknown value counts as
+    ``EINVAL``, as the spec says; ``raw_errno`` keeps what was sent)."""
+
+    def __init__(self, errno: int, message: str = "", *, command: int | None = None, offset: int | None = None) -> None:
+        from sendense_nbd.protocol.constants import Command, Errno  # late: see the module docstring
+
+        known = _member(Errno, errno)
+        self.raw_errno = errno
+        self.errno: Errno = known if known is not None else Errno.EINVAL
+        self.server_message = message
+        self.command = command
+        self.offset = offset
+        what = Command(command).name if command is not None else "request"
+        text = f"{what} failed: {known.name if known is not None else f'errno {errno}'}"
+        super().__init__(f"{text}: {message}" if message else text)
+
+
+class NBDConnectionError(SendenseError, ConnectionError):
+    """The connection to the server could not be made or is gone."""
+
+
+class ConnectionLostError(NBDConnectionError):
+    """The connection dropped (or broke the protocol) with requests in flight."""
+
+
+class NBDTimeoutError(SendenseError, TimeoutError):
+    """Connecting, negotiating or a request took longer than allowed."""
+
+
+class URIError(SendenseError, ValueError):
+    """A string is not an NBD URI this client can use."""
+
+
+class EndpointError(SendenseError):
+    """An endpoint operation failed; ``transient`` failures are worth a retry."""
+
+    def __init__(self, message: str, *, transient: bool, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.offset = offset
+
+
+class CopyError(SendenseError):
+    """A copy failed; ``offset`` is where (None: not tied to one range);
+    ``completed`` lists the ``(offset, length)`` ranges with nothing left to
+    do: durable writes, and ranges the plan skips."""
+
+    def __init__(self, message: str, *, offset: int | None = None, completed: tuple[tuple[int, int], ...] = ()) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.completed = completed
+
+
+class VerifyError(CopyError):
+    """Source and target differ; ``offset`` is the first differing byte."""
 
 
 class VSphereError(SendenseError):
@@ -84,3 +207,83 @@ class BackupError(SendenseError):
 
 class TunnelError(SendenseError):
     """The SSH tunnel cannot start or run as configured (bad option, key, host key, refused login)."""
+
+
+class ConfigError(SendenseError):
+    """The node configuration is missing, malformed or unsafe."""
+
+
+class NodeBusy(SendenseError):
+    """The node's queue of waiting jobs is full."""
+
+
+class BadRequest(SendenseError):
+    """A caller's request is invalid; ``code`` names why (``bad_request`` answers 400, others 409)."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class JobStateError(SendenseError):
+    """A job cannot move to the asked state (e.g. completing it twice)."""
+
+
+class UnknownJob(SendenseError):
+    """No job has this ID."""
+
+
+class RepositoryError(SendenseError):
+    """A repository operation cannot be done as asked."""
+
+
+class UnknownPoint(RepositoryError):
+    """No restore point has this ID."""
+
+
+class NodeError(SendenseError):
+    """The node refused or did not answer."""
+
+
+class NodeNotFound(NodeError):
+    """The node answered 404: it does not know the VM (or job) asked for."""
+
+
+class PortError(SendenseError):
+    """The pool cannot satisfy a request (exhausted, or a bad range)."""
+
+
+def first_error(
+    group: BaseExceptionGroup[BaseException],
+    *,
+    prefer: type[BaseException] | tuple[type[BaseException], ...] = (),
+) -> BaseException:
+    """The one error a failed task group stands for, to raise in its place.
+
+    Of the group's leaves (nested groups flattened in order, cancellations
+    left out): the first that is a ``prefer`` instance, else the first. The
+    group itself when it holds nothing but cancellations.
+    """
+    from asyncio import CancelledError  # late: task groups load asyncio long before they fail
+
+    leaves: list[BaseException] = []
+    pending = list(reversed(group.exceptions))
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(reversed(exc.exceptions))
+        elif not isinstance(exc, CancelledError):
+            leaves.append(exc)
+    return next((exc for exc in leaves if isinstance(exc, prefer)), leaves[0] if leaves else group)
+
+
+def _member(kind: type[_E], value: int) -> _E | None:
+    """``value`` as a member of the NBD enum ``kind``; None when it names none."""
+    try:
+        return kind(value)
+    except ValueError:
+        return None
+
+
+def _reply_name(reply: enum.IntEnum | None, raw: int) -> str:
+    return f"NBD_REP_{reply.name}" if reply is not None else f"reply {raw:#x}"

@@ -2,7 +2,7 @@
 
 Types are exact (``true`` is not an integer, ``"5"`` is not a number),
 integers and strings are bounded, and identifiers carry no control
-characters. Every refusal is a :class:`~sendense_nbd.http_api.BadRequest` (400).
+characters. Every refusal is a :class:`~sendense_nbd.errors.BadRequest` (400).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sendense_nbd.http_api import BadRequest
+from sendense_nbd.errors import BadRequest
 
 #: Disks in one backup job (a VM has at most 256 virtual disks).
 MAX_DISKS = 256

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sendense_nbd.errors import SendenseError
+from sendense_nbd.errors import BadRequest, SendenseError
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ MAX_DEPTH = 16
 #: Longest integer literal (digits and sign): 64-bit values fit, 5000-digit ones never reach int().
 MAX_INT_DIGITS = 20
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-
-
-class BadRequest(SendenseError):
-    """A caller's request is invalid; ``code`` names why (``bad_request`` answers 400, others 409)."""
-
-    def __init__(self, message: str, code: str = "bad_request") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def error(status: int, code: str, message: str) -> web.Response:

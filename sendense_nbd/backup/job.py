@@ -23,8 +23,8 @@ import attrs
 
 from sendense_nbd.backup.progress import JobProgress
 from sendense_nbd.backup.records import DiskResult, PreviousBackup, SyncType
-from sendense_nbd.copy import CopyError, Endpoint, EndpointError, Progress, copy, open_source, open_target
-from sendense_nbd.errors import BackupError, ChangeIdError, SendenseError
+from sendense_nbd.copy import Endpoint, Progress, copy, open_source, open_target
+from sendense_nbd.errors import BackupError, ChangeIdError, CopyError, EndpointError, SendenseError
 from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
 from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm, vm_disks
 from sendense_nbd.vmware.session import VSphere

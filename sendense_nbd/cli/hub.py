@@ -61,8 +61,9 @@ def hub_command(**o: Any) -> None:
     With --ssh-listen it also runs the SSH tunnel endpoint: nodes may forward the NBD ports and this
     API's port, and reverse-forward their node API (--ssh-node-api).
     """
+    from sendense_nbd.errors import PortError
     from sendense_nbd.http_api import is_loopback
-    from sendense_nbd.hub.ports import PortError, parse_range
+    from sendense_nbd.hub.ports import parse_range
 
     host, port = _listen(o["listen"])
     token = _secret(o["token_file"], "--token-file")

@@ -9,8 +9,8 @@
 
 Errors: :class:`NBDRequestError` (the server's errno), :class:`NBDTimeoutError`,
 :class:`NBDConnectionError` / :class:`ConnectionLostError`,
-:class:`~sendense_nbd.protocol.client.OptionError` (the handshake was refused,
-e.g. an unknown export) and :class:`URIError`; all are ``SendenseError``.
+:class:`OptionError` (the handshake was refused, e.g. an unknown export) and
+:class:`URIError`; all are defined in :mod:`sendense_nbd.errors` and re-exported here.
 """
 
 from sendense_nbd.client.connection import (
@@ -21,10 +21,17 @@ from sendense_nbd.client.connection import (
     list_exports,
     open_client,
 )
-from sendense_nbd.client.errors import ConnectionLostError, NBDConnectionError, NBDRequestError, NBDTimeoutError
 from sendense_nbd.client.pool import ConnectionPool
-from sendense_nbd.client.uri import NBDAddress, URIError, parse_uri
-from sendense_nbd.protocol.client import ExportDetails, Informed, ListedExport, OptionError
+from sendense_nbd.client.uri import NBDAddress, parse_uri
+from sendense_nbd.errors import (
+    ConnectionLostError,
+    NBDConnectionError,
+    NBDRequestError,
+    NBDTimeoutError,
+    OptionError,
+    URIError,
+)
+from sendense_nbd.protocol.client import ExportDetails, Informed, ListedExport
 
 __all__ = [
     "ClientOptions",

@@ -40,15 +40,15 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.client.errors import (
+from sendense_nbd.client.link import Link
+from sendense_nbd.client.uri import NBDAddress, resolve
+from sendense_nbd.errors import (
     ConnectionLostError,
     NBDConnectionError,
     NBDRequestError,
     NBDTimeoutError,
+    SendenseError,
 )
-from sendense_nbd.client.link import Link
-from sendense_nbd.client.uri import NBDAddress, resolve
-from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol import transmission as tx
 from sendense_nbd.protocol.client import (
     ClientHandshake,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from sendense_nbd.client.errors import ConnectionLostError, NBDConnectionError
-from sendense_nbd.errors import ProtocolError, SendenseError
+from sendense_nbd.errors import ConnectionLostError, NBDConnectionError, OptionError, ProtocolError, SendenseError
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.client import ClientHandshake, ClientHandshakeEvent, Ready
 from sendense_nbd.protocol.constants import Command, Errno
@@ -70,14 +69,14 @@ class Link(asyncio.BufferedProtocol):
                 self._dispatch()
             else:
                 self._handshake_received(nbytes)
-        except ProtocolError as exc:
+        except (OptionError, ProtocolError) as exc:  # a refusal ends the connection too
             self.fail(exc)
 
     def eof_received(self) -> bool:
         if self.parser is None and not self.negotiated.done():
             try:
                 self._handshake.receive_eof()
-            except ProtocolError as exc:
+            except (OptionError, ProtocolError) as exc:
                 self.fail(exc)
         return False
 

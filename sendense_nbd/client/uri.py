@@ -15,12 +15,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import attrs
 
-from sendense_nbd.errors import SendenseError
+from sendense_nbd.errors import URIError
 from sendense_nbd.protocol.constants import DEFAULT_PORT, MAX_STRING
-
-
-class URIError(SendenseError, ValueError):
-    """A string is not an NBD URI this client can use."""
 
 
 def _check_export(instance: object, attribute: attrs.Attribute[str], value: str) -> None:

@@ -18,17 +18,14 @@ connections and requests in flight, retries and FLUSH checkpoints;
 
 from sendense_nbd.copy.endpoints import (
     Endpoint,
-    EndpointError,
     LocalEndpoint,
     NBDEndpoint,
     open_source,
     open_target,
 )
 from sendense_nbd.copy.engine import (
-    CopyError,
     CopyResult,
     Progress,
-    VerifyError,
     copy,
     probe_target_mode,
 )
@@ -36,16 +33,13 @@ from sendense_nbd.copy.plan import Action, Plan, TargetMode, WorkItem, merge_are
 
 __all__ = [
     "Action",
-    "CopyError",
     "CopyResult",
     "Endpoint",
-    "EndpointError",
     "LocalEndpoint",
     "NBDEndpoint",
     "Plan",
     "Progress",
     "TargetMode",
-    "VerifyError",
     "WorkItem",
     "copy",
     "merge_areas",

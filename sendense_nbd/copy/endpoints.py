@@ -39,17 +39,19 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Protocol, TypeVar
 
-from sendense_nbd.client import (
-    ClientOptions,
-    ConnectionPool,
-    NBDClient,
+from sendense_nbd.client import ClientOptions, ConnectionPool, NBDClient
+from sendense_nbd.errors import (
+    DeviceError,
+    EndpointError,
+    ImageError,
     NBDConnectionError,
     NBDRequestError,
     NBDTimeoutError,
     OptionError,
+    ProtocolError,
+    SendenseError,
     URIError,
 )
-from sendense_nbd.errors import DeviceError, ImageError, ProtocolError, SendenseError
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
 from sendense_nbd.storage import BlockDevice, ImageFormat
 
@@ -64,15 +66,6 @@ MAX_EXTENTS = 1 << 16
 DEFAULT_CONNECT_TIMEOUT = 30.0
 #: Seconds one NBD request may take, queueing at the server included.
 DEFAULT_REQUEST_TIMEOUT = 60.0
-
-
-class EndpointError(SendenseError):
-    """An endpoint operation failed; ``transient`` failures are worth a retry."""
-
-    def __init__(self, message: str, *, transient: bool, offset: int | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
-        self.offset = offset
 
 
 class Endpoint(Protocol):

@@ -55,7 +55,7 @@ from typing import TypeVar
 
 import attrs
 
-from sendense_nbd.copy.endpoints import Endpoint, EndpointError, Extents
+from sendense_nbd.copy.endpoints import Endpoint, Extents
 from sendense_nbd.copy.plan import (
     DEFAULT_MERGE_GAP,
     DEFAULT_REQUEST_SIZE,
@@ -66,7 +66,7 @@ from sendense_nbd.copy.plan import (
     merge_areas,
     plan,
 )
-from sendense_nbd.errors import SendenseError
+from sendense_nbd.errors import CopyError, EndpointError, VerifyError
 from sendense_nbd.protocol.constants import AllocationFlag
 from sendense_nbd.storage import is_zero
 
@@ -80,21 +80,6 @@ MAX_FLUSHES = 4
 MAX_PENDING = 1 << 16
 #: Bytes of the disk one allocation-map query describes (fewer when it is fragmented).
 EXTENT_WINDOW = 1 << 30
-
-
-class CopyError(SendenseError):
-    """A copy failed; ``offset`` is where (None: not tied to one range);
-    ``completed`` lists the ``(offset, length)`` ranges with nothing left to
-    do: durable writes, and ranges the plan skips."""
-
-    def __init__(self, message: str, *, offset: int | None = None, completed: tuple[tuple[int, int], ...] = ()) -> None:
-        super().__init__(message)
-        self.offset = offset
-        self.completed = completed
-
-
-class VerifyError(CopyError):
-    """Source and target differ; ``offset`` is the first differing byte."""
 
 
 @attrs.frozen(slots=True)

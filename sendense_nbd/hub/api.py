@@ -10,12 +10,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from sendense_nbd import fields
-from sendense_nbd.http_api import MAX_BODY, BadRequest, ErrorMap, error, error_middleware, json_body
+from sendense_nbd.errors import (
+    BadRequest,
+    JobStateError,
+    NodeError,
+    NodeNotFound,
+    PortError,
+    RepositoryError,
+    UnknownJob,
+    UnknownPoint,
+)
+from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
-from sendense_nbd.hub.jobs import Job, JobStateError, UnknownJob
-from sendense_nbd.hub.node_client import NodeError, NodeNotFound
-from sendense_nbd.hub.ports import PortError
-from sendense_nbd.hub.repository import RepositoryError, UnknownPoint
+from sendense_nbd.hub.jobs import Job
 from sendense_nbd.hub.service import Hub
 
 PREFIX = "/api/v1"

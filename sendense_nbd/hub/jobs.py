@@ -19,20 +19,12 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.errors import SendenseError
+from sendense_nbd.errors import JobStateError, UnknownJob
 from sendense_nbd.hub.db import Database, rows
 
 STATES = ("pending", "running", "completed", "failed", "cancelled")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 _NEXT = {"pending": {"running", "failed", "cancelled"}, "running": {"completed", "failed", "cancelled"}}
-
-
-class JobStateError(SendenseError):
-    """A job cannot move to the asked state (e.g. completing it twice)."""
-
-
-class UnknownJob(SendenseError):
-    """No job has this ID."""
 
 
 @attrs.frozen

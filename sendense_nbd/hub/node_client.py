@@ -5,15 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from sendense_nbd.errors import SendenseError
-
-
-class NodeError(SendenseError):
-    """The node refused or did not answer."""
-
-
-class NodeNotFound(NodeError):
-    """The node answered 404: it does not know the VM (or job) asked for."""
+from sendense_nbd.errors import NodeError, NodeNotFound
 
 
 class NodeClient:

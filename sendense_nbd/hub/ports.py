@@ -16,14 +16,10 @@ import time
 
 import attrs
 
-from sendense_nbd.errors import SendenseError
+from sendense_nbd.errors import PortError
 from sendense_nbd.hub.db import Database, rows
 
 DEFAULT_POOL = range(10100, 10201)
-
-
-class PortError(SendenseError):
-    """The pool cannot satisfy a request (exhausted, or a bad range)."""
 
 
 def parse_range(text: str) -> range:

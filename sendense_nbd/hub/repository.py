@@ -24,20 +24,12 @@ import uuid
 
 import attrs
 
-from sendense_nbd.errors import ImageError, SendenseError
+from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.storage.files import is_temporary
 from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
-
-
-class RepositoryError(SendenseError):
-    """A repository operation cannot be done as asked."""
-
-
-class UnknownPoint(RepositoryError):
-    """No restore point has this ID."""
 
 
 @attrs.frozen

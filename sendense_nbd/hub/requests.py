@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from sendense_nbd.errors import BadRequest
 from sendense_nbd.fields import (
     MAX_DISK_KEY,
     MAX_DISKS,
@@ -27,7 +28,6 @@ from sendense_nbd.fields import (
     text,
     vm_path,
 )
-from sendense_nbd.http_api import BadRequest
 from sendense_nbd.storage.modes import ImageFormat
 
 #: Largest disk the hub takes: VMware's largest virtual disk is 62 TB. A qcow2 point of this size

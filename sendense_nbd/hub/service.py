@@ -30,13 +30,12 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.errors import SendenseError
-from sendense_nbd.http_api import BadRequest
+from sendense_nbd.errors import BadRequest, JobStateError, NodeError, SendenseError
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager
-from sendense_nbd.hub.jobs import TERMINAL, Job, JobStateError, JobStore
-from sendense_nbd.hub.node_client import NodeClient, NodeError
+from sendense_nbd.hub.jobs import TERMINAL, Job, JobStore
+from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.ports import DEFAULT_POOL, PortAllocator
 from sendense_nbd.hub.repository import Point, Repository
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name

@@ -5,10 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from sendense_nbd import fields
-from sendense_nbd.errors import VSphereError
-from sendense_nbd.http_api import MAX_BODY, BadRequest, ErrorMap, error_middleware, json_body
+from sendense_nbd.errors import BadRequest, NodeBusy, VSphereError
+from sendense_nbd.http_api import MAX_BODY, ErrorMap, error_middleware, json_body
 from sendense_nbd.node.requests import BackupRequest
-from sendense_nbd.node.service import Node, NodeBusy
+from sendense_nbd.node.service import Node
 
 PREFIX = "/api/v1"
 

@@ -38,11 +38,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from sendense_nbd.errors import SendenseError
-
-
-class ConfigError(SendenseError):
-    """The node configuration is missing, malformed or unsafe."""
+from sendense_nbd.errors import ConfigError
 
 
 @attrs.frozen

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 import attrs
 
 from sendense_nbd.backup import Mode
-from sendense_nbd.client.uri import URIError, parse_uri
+from sendense_nbd.client.uri import parse_uri
+from sendense_nbd.errors import BadRequest, URIError
 from sendense_nbd.fields import (
     IDENTIFIER,
     MAX_DISK_KEY,
@@ -27,7 +28,6 @@ from sendense_nbd.fields import (
     text,
     vm_path,
 )
-from sendense_nbd.http_api import BadRequest
 
 _MAX_URL = 2048
 

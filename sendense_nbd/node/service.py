@@ -11,8 +11,7 @@ from typing import Any
 import attrs
 
 from sendense_nbd.backup import BackupSpec, HubApi, JobProgress, Mode, run_backup
-from sendense_nbd.errors import BackupError, SendenseError
-from sendense_nbd.http_api import BadRequest
+from sendense_nbd.errors import BackupError, BadRequest, NodeBusy, SendenseError
 from sendense_nbd.node.config import NodeConfig
 from sendense_nbd.node.requests import BackupRequest
 from sendense_nbd.vmware.inventory import find_vm, vm_disks
@@ -23,10 +22,6 @@ log = logging.getLogger(__name__)
 
 #: Finished jobs the node remembers for ``GET /backups``.
 JOB_HISTORY = 1000
-
-
-class NodeBusy(SendenseError):
-    """The node's queue of waiting jobs is full."""
 
 
 @attrs.define(eq=False)

@@ -2,7 +2,7 @@
 state machines of both roles. Nothing in this package performs I/O or
 imports asyncio."""
 
-from sendense_nbd.protocol.client import ClientHandshake, Goal, OptionError, Ready
+from sendense_nbd.protocol.client import ClientHandshake, Goal, Ready
 from sendense_nbd.protocol.constants import (
     BASE_ALLOCATION,
     AllocationFlag,
@@ -48,7 +48,6 @@ __all__ = [
     "Negotiated",
     "NeedData",
     "Option",
-    "OptionError",
     "OptionReply",
     "Ready",
     "Rejection",

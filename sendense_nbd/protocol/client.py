@@ -38,7 +38,7 @@ from types import MappingProxyType
 
 import attrs
 
-from sendense_nbd.errors import LocalProtocolError, ProtocolError
+from sendense_nbd.errors import LocalProtocolError, OptionError, ProtocolError
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import (
     BASE_ALLOCATION,
@@ -71,32 +71,6 @@ OLDSTYLE_MAGIC = 0x00420281861253
 _GREETING_SIZE = wire.GREETING.size
 
 
-class OptionError(ProtocolError):
-    """The server refused an option the handshake cannot do without.
-
-    ``reply`` is the ``NBD_REP_ERR_*`` code (None when the server just hung
-    up, which is how ``NBD_OPT_EXPORT_NAME`` refuses) and ``server_message``
-    the text the server sent with it. The connection cannot go on.
-    """
-
-    def __init__(self, option: int, reply: int | None, server_message: str, export: str = "") -> None:
-        self.option = option
-        self.reply = reply
-        self.server_message = server_message
-        self.export = export
-        name = Option(option).name if option in _OPTIONS else str(option)
-        code = _reply_name(reply) if reply is not None else "a hang-up"
-        text = f"NBD_OPT_{name} for export {export!r} refused with {code}"
-        shown = server_message if len(server_message) <= 1024 else server_message[:1021] + "..."
-        super().__init__(f"{text}: {shown}" if server_message else text)
-
-    @property
-    def unknown_export(self) -> bool:
-        """The server does not have the export that was asked for."""
-        return self.reply == OptionReply.ERR_UNKNOWN or (self.reply is None and self.option == Option.EXPORT_NAME)
-
-
-_OPTIONS = frozenset(int(o) for o in Option)
 _REPLIES = frozenset(int(r) for r in OptionReply)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sendense_nbd.client.uri import NBDAddress, URIError, parse_uri, resolve
+from sendense_nbd.client.uri import NBDAddress, parse_uri, resolve
+from sendense_nbd.errors import URIError
 
 
 @pytest.mark.parametrize(

@@ -15,18 +15,17 @@ from typing import Any
 import pytest
 
 from sendense_nbd.copy import (
-    CopyError,
     CopyResult,
     Endpoint,
     Progress,
     TargetMode,
-    VerifyError,
     copy,
     merge_areas,
     open_source,
     open_target,
     probe_target_mode,
 )
+from sendense_nbd.errors import CopyError, VerifyError
 from sendense_nbd.storage import ImageFormat
 from tests.conftest import random_file, require, run, sparse_file
 from tests.copy.conftest import Procs, TCPServer, data_ranges, dump, free_port, nbdinfo_map

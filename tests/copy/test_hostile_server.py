@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd.copy import CopyError, VerifyError, copy, open_source, open_target
-from sendense_nbd.errors import SendenseError
+from sendense_nbd.copy import copy, open_source, open_target
+from sendense_nbd.errors import CopyError, SendenseError, VerifyError
 from sendense_nbd.storage import ImageFormat
 from tests.copy.hostile import KINDS, Case, HostileServer, make_disk
 

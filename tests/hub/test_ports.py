@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sendense_nbd.errors import PortError
 from sendense_nbd.hub.db import Database
-from sendense_nbd.hub.ports import PortAllocator, PortError, parse_range
+from sendense_nbd.hub.ports import PortAllocator, parse_range
 from tests.hub.conftest import free_port_range
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import attrs
 import pytest
 
-from sendense_nbd.node.config import ConfigError, load
+from sendense_nbd.errors import ConfigError
+from sendense_nbd.node.config import load
 from tests.conftest import require, run, stop_process
 from tests.hub.conftest import Api, HubProcess
 from tests.vmware.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
@@ -215,9 +216,10 @@ def test_node_api_refuses_hostile_jobs(
 
 
 async def test_node_queue_and_history_are_bounded(tmp_path: Path, vcsim: dict[str, Any]) -> None:
+    from sendense_nbd.errors import NodeBusy
     from sendense_nbd.node import service
     from sendense_nbd.node.requests import BackupRequest
-    from sendense_nbd.node.service import Node, NodeBusy
+    from sendense_nbd.node.service import Node
 
     config = attrs.evolve(load(str(write_config(tmp_path, vcsim))), max_jobs=1, max_queued=2)
     node = Node(config)
