@@ -107,7 +107,8 @@ def test_first_error_flattens_skips_cancellations_and_prefers() -> None:
 
 
 def test_first_error_of_nothing_but_cancellations_is_the_group() -> None:
-    group = BaseExceptionGroup("cancelled", [asyncio.CancelledError(), BaseExceptionGroup("x", [asyncio.CancelledError()])])
+    inner = BaseExceptionGroup("inner", [asyncio.CancelledError()])
+    group = BaseExceptionGroup("cancelled", [asyncio.CancelledError(), inner])
     assert first_error(group) is group
 
 

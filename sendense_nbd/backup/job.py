@@ -24,7 +24,7 @@ import attrs
 from sendense_nbd.backup.progress import JobProgress
 from sendense_nbd.backup.records import DiskResult, PreviousBackup, SyncType
 from sendense_nbd.copy import Endpoint, Progress, copy, open_source, open_target
-from sendense_nbd.errors import BackupError, ChangeIdError, CopyError, EndpointError, SendenseError
+from sendense_nbd.errors import BackupError, ChangeIdError, CopyError, EndpointError, SendenseError, first_error
 from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
 from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm, vm_disks
 from sendense_nbd.vmware.session import VSphere
@@ -304,8 +304,7 @@ async def _copy_disks(
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(one(plan)) for plan in plans]
     except BaseExceptionGroup as group_error:
-        errors = [e for e in group_error.exceptions if not isinstance(e, asyncio.CancelledError)]
-        raise next((e for e in errors if isinstance(e, BackupError)), errors[0] if errors else group_error) from None
+        raise first_error(group_error, prefer=BackupError) from None
     return [task.result() for task in tasks]
 
 

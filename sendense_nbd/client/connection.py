@@ -48,6 +48,7 @@ from sendense_nbd.errors import (
     NBDRequestError,
     NBDTimeoutError,
     SendenseError,
+    first_error,
 )
 from sendense_nbd.protocol import transmission as tx
 from sendense_nbd.protocol.client import (
@@ -463,16 +464,7 @@ async def _all(coroutines: list[Coroutine[Any, Any, Any]]) -> None:
             for coroutine in coroutines:
                 group.create_task(coroutine)
     except BaseExceptionGroup as failures:
-        raise _first(failures) from None
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
+        raise first_error(failures) from None
 
 
 # -- connecting ------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from sendense_nbd.copy.plan import (
     merge_areas,
     plan,
 )
-from sendense_nbd.errors import CopyError, EndpointError, VerifyError
+from sendense_nbd.errors import CopyError, EndpointError, VerifyError, first_error
 from sendense_nbd.protocol.constants import AllocationFlag
 from sendense_nbd.storage import is_zero
 
@@ -672,7 +672,7 @@ async def copy(
             if verify:
                 await _verify(copier, source)
         except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            raise first_error(group, prefer=CopyError) from None
     except Exception as exc:
         reporter.final(error=str(exc))
         raise
@@ -708,21 +708,3 @@ async def _verify(copier: _Copier, source: Endpoint) -> None:
     finally:
         if fresh is not source:
             await fresh.close()
-
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a task group (a CopyError preferred)."""
-    leaves: list[BaseException] = []
-
-    def walk(g: BaseExceptionGroup[BaseException]) -> None:
-        for exc in g.exceptions:
-            if isinstance(exc, BaseExceptionGroup):
-                walk(exc)
-            elif not isinstance(exc, asyncio.CancelledError):
-                leaves.append(exc)
-
-    walk(group)
-    for exc in leaves:
-        if isinstance(exc, CopyError):
-            return exc
-    return leaves[0] if leaves else group
