@@ -1,10 +1,13 @@
 """Shared fixtures: real peers and our server as a subprocess.
 
-A missing peer is a failure, never a skip: run ``./setup.sh`` first.
+A missing peer is a failure, never a skip: a test marked ``peer`` fails at setup, and
+``require`` fails any other test that reaches for one; run ``./setup.sh`` first. Tests
+without the marker (pure unit tests) run on a machine without the peers.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import shutil
@@ -18,7 +21,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-PEERS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy", "nbdsh", "nbdkit", "nbd-server")
+PEERS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy", "nbdsh", "nbdkit", "nbd-server", "sshd")
 
 
 def require(tool: str) -> str:
@@ -29,14 +32,21 @@ def require(tool: str) -> str:
     return path
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _peers_installed() -> None:
-    for tool in PEERS:
-        require(tool)
+@functools.cache
+def missing_peers() -> tuple[str, ...]:
+    """The peer tools (and python3-libnbd) that are not installed; checked once per session."""
+    missing = [tool for tool in PEERS if shutil.which(tool) is None]
     try:
         import nbd  # noqa: F401  (Debian's python3-libnbd)
     except ImportError:
-        pytest.fail("python3-libnbd is not importable; the venv must be made by ./setup.sh", pytrace=False)
+        missing.append("python3-libnbd")
+    return tuple(missing)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``peer`` test fails at setup when a peer is missing; unit tests never need the peers."""
+    if item.get_closest_marker("peer") is not None and missing_peers():
+        pytest.fail(f"peers not installed: {', '.join(missing_peers())}; run ./setup.sh", pytrace=False)
 
 
 @attrs.define

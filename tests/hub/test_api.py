@@ -8,9 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.hub.node_standin import NodeStandin
+
+pytestmark = pytest.mark.peer
 
 MIB = 1 << 20
 DISKS = [{"key": 2000, "capacity": 4 * MIB}, {"key": 2001, "capacity": 2 * MIB}]

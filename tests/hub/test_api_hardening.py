@@ -10,8 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess
+
+pytestmark = pytest.mark.peer
 
 MIB = 1 << 20
 VM = "/DC/vm/hardening"

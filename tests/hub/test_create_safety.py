@@ -13,6 +13,8 @@ from sendense_nbd.storage import ImageFormat, create_image
 from sendense_nbd.storage.files import create_new_file, is_temporary, open_exclusive, temporary_name
 from tests.conftest import require, run
 
+pytestmark = pytest.mark.peer
+
 QCOW2_MAX_64K = 1 << 51  # qemu-img's largest qcow2 at 64 KiB clusters (a 32 MiB L1 table)
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import random_file, run, server_command
 
+pytestmark = pytest.mark.peer
+
 MiB = 1024 * 1024
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import random_file, require, run, server_command, stop_process
 
+pytestmark = pytest.mark.peer
+
 MiB = 1 << 20
 
 

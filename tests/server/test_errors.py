@@ -32,6 +32,8 @@ from sendense_nbd.protocol.constants import (
     TransmissionFlag,
 )
 
+pytestmark = pytest.mark.peer
+
 SIZE = 1 << 20
 OK_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
 TIMEOUT = 5.0

@@ -133,6 +133,7 @@ def test_bad_configurations_are_refused() -> None:
         NBDServer([Export("x", MemoryDevice(1))], shared=0)
 
 
+@pytest.mark.peer  # the backup examples run qemu-img and nbdkit
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
 def test_examples_run(example: str) -> None:
     args = ["--size", "32"] if example == "main_job.py" else []

@@ -25,10 +25,13 @@ import time
 from pathlib import Path
 
 import nbd
+import pytest
 
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD, Command, Option
 from tests.conftest import require, run, server_command, sparse_file, stop_process
+
+pytestmark = pytest.mark.peer
 
 MiB = 1 << 20
 SIZE = 32 * MiB

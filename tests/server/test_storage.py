@@ -18,6 +18,8 @@ from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import Command, Option
 from tests.conftest import random_file, server_command
 
+pytestmark = pytest.mark.peer
+
 MiB = 1 << 20
 
 

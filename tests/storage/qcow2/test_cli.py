@@ -12,6 +12,8 @@ import pytest
 from sendense_nbd.storage.qcow2 import Qcow2Device
 from tests.conftest import random_file, run
 
+pytestmark = pytest.mark.peer
+
 MiB = 1 << 20
 
 
