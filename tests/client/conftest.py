@@ -1,110 +1,47 @@
 """Real NBD servers for the client tests: qemu-nbd, nbdkit, nbd-server and our
 own, each on a unix socket in a short temporary directory, plus nbdinfo and
-nbdcopy as independent judges. A missing tool fails (``tests.conftest.require``)."""
+nbdcopy as independent judges (processes from ``tests.peers``). A missing tool fails."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require, run
-
-START_TIMEOUT = 10.0
-
-
-def _listening(path: str) -> bool:
-    """The unix socket ``path`` is bound and listening (flag __SO_ACCEPTCON)."""
-    with open("/proc/net/unix") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-                return True
-    return False
-
-
-class Spawner:
-    """Starts servers and kills them all at teardown."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._count = 0
-
-    def socket_path(self) -> str:
-        self._count += 1
-        return f"{self.directory}/s{self._count}"
-
-    def start(self, cmd: list[str], sock: str) -> subprocess.Popen[bytes]:
-        """Run ``cmd`` (which listens on ``sock``) and wait until it listens."""
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.procs.append(proc)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _listening(sock):
-            if proc.poll() is not None:
-                assert proc.stderr is not None
-                raise AssertionError(f"{cmd[0]} exited {proc.returncode}: {proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{cmd[0]} did not listen on {sock}")
-            time.sleep(0.005)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+from tests.peers import Processes, processes, unix_uri
 
 
 @pytest.fixture
-def spawner() -> Iterator[Spawner]:
-    directory = tempfile.mkdtemp(prefix="nbdc", dir="/tmp")  # unix socket paths must be short
-    spawner = Spawner(directory)
-    yield spawner
-    spawner.close()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def unix_uri(sock: str, export: str = "") -> str:
-    return f"nbd+unix:///{export}?socket={sock}"
+def spawner() -> Iterator[Processes]:
+    with processes("nbdc") as group:
+        yield group
 
 
 @pytest.fixture
-def nbdkit(spawner: Spawner) -> Callable[..., str]:
+def nbdkit(spawner: Processes) -> Callable[..., str]:
     """``nbdkit(*args, export="")``: start nbdkit with ``args``; return its URI."""
-
-    def start(*args: str, export: str = "") -> str:
-        sock = spawner.socket_path()
-        spawner.start([require("nbdkit"), "-f", "-U", sock, "--exit-with-parent", *args], sock)
-        return unix_uri(sock, export)
-
-    return start
+    return spawner.nbdkit
 
 
 @pytest.fixture
-def qemu_nbd(spawner: Spawner) -> Callable[..., str]:
+def qemu_nbd(spawner: Processes) -> Callable[..., str]:
     """``qemu_nbd(image, *args, fmt="raw", export="")``: a persistent qemu-nbd."""
 
     def start(image: Path, *args: str, fmt: str = "raw", export: str = "") -> str:
         sock = spawner.socket_path()
         cmd = [require("qemu-nbd"), "-f", fmt, "-k", sock, "-t", "-e", "16", "-x", export, *args, str(image)]
-        spawner.start(cmd, sock)
+        spawner.start_unix(cmd, sock)
         return unix_uri(sock, export)
 
     return start
 
 
 @pytest.fixture
-def nbd_server(spawner: Spawner) -> Callable[..., Callable[[], str]]:
+def nbd_server(spawner: Processes) -> Callable[..., Callable[[], str]]:
     """``nbd_server(image, **config)`` returns a function that starts a fresh
     ``nbd-server -d`` (it serves exactly one client) and returns its URI."""
 
@@ -115,7 +52,7 @@ def nbd_server(spawner: Spawner) -> Callable[..., Callable[[], str]]:
             lines = ["[generic]", f"unixsock = {sock}", "allowlist = true", f"[{export}]", f"exportname = {image}"]
             lines += [f"{key} = {value}" for key, value in config.items()]
             conf.write_text("\n".join(lines) + "\n")
-            spawner.start([require("nbd-server"), "-C", str(conf), "-d"], sock)
+            spawner.start_unix([require("nbd-server"), "-C", str(conf), "-d"], sock)
             return unix_uri(sock, export)
 
         return start

@@ -26,8 +26,8 @@ from sendense_nbd.client import (
     list_exports,
 )
 from sendense_nbd.protocol.constants import BASE_ALLOCATION, Errno, Option, OptionReply, TransmissionFlag
-from tests.client.conftest import Spawner, unix_uri
 from tests.conftest import random_file, start_server
+from tests.peers import Processes, unix_uri
 
 pytestmark = pytest.mark.peer
 
@@ -99,7 +99,7 @@ class ScriptedServer:
 
 
 @pytest.mark.parametrize("fixed, no_zeroes", [(True, True), (True, False), (False, False), (False, True)])
-async def test_export_name_fallback(spawner: Spawner, fixed: bool, no_zeroes: bool) -> None:
+async def test_export_name_fallback(spawner: Processes, fixed: bool, no_zeroes: bool) -> None:
     fake = ScriptedServer(fixed=fixed, no_zeroes=no_zeroes)
     uri = await fake.start(spawner.socket_path())
     async with connect(uri) as nbd:
@@ -114,7 +114,7 @@ async def test_export_name_fallback(spawner: Spawner, fixed: bool, no_zeroes: bo
     await fake.stop()
 
 
-async def test_export_name_fallback_with_unknown_export(spawner: Spawner) -> None:
+async def test_export_name_fallback_with_unknown_export(spawner: Processes) -> None:
     fake = ScriptedServer()
     uri = await fake.start(spawner.socket_path())
     with pytest.raises(OptionError) as info:
@@ -123,7 +123,7 @@ async def test_export_name_fallback_with_unknown_export(spawner: Spawner) -> Non
     await fake.stop()
 
 
-async def test_garbage_reply_fails_every_request_in_flight(spawner: Spawner) -> None:
+async def test_garbage_reply_fails_every_request_in_flight(spawner: Processes) -> None:
     fake = ScriptedServer()
     fake.on_request = lambda command, handle, count: b"GARBAGE!" * 2 if count == 5 else b""
     uri = await fake.start(spawner.socket_path())
@@ -140,7 +140,7 @@ async def test_garbage_reply_fails_every_request_in_flight(spawner: Spawner) -> 
     await fake.stop()
 
 
-async def test_eshutdown_leads_to_a_soft_disconnect(spawner: Spawner) -> None:
+async def test_eshutdown_leads_to_a_soft_disconnect(spawner: Processes) -> None:
     fake = ScriptedServer()
     fake.on_request = lambda command, handle, count: (
         struct.pack(">IIQ", 0x67446698, Errno.ESHUTDOWN, handle) if command == 3 else None
@@ -157,7 +157,7 @@ async def test_eshutdown_leads_to_a_soft_disconnect(spawner: Spawner) -> None:
     await fake.stop()
 
 
-async def test_connect_failures(spawner: Spawner) -> None:
+async def test_connect_failures(spawner: Processes) -> None:
     with pytest.raises(NBDConnectionError, match="cannot connect"):
         await connect(unix_uri(spawner.socket_path()))
     accepted: list[asyncio.StreamWriter] = []
@@ -177,7 +177,7 @@ async def test_connect_failures(spawner: Spawner) -> None:
 async def test_unknown_export_is_a_clear_error(  # type: ignore[no-untyped-def]
     server: str,
     tmp_path: Path,
-    spawner: Spawner,
+    spawner: Processes,
     qemu_nbd,
     nbdkit,
     nbd_server,
@@ -269,7 +269,7 @@ async def test_in_flight_bound(nbdkit) -> None:  # type: ignore[no-untyped-def]
     assert all(r[:8] == struct.pack(">Q", i * 4096) for i, r in enumerate(results))
 
 
-async def test_killed_server_fails_requests_in_flight(nbdkit, spawner: Spawner) -> None:  # type: ignore[no-untyped-def]
+async def test_killed_server_fails_requests_in_flight(nbdkit, spawner: Processes) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=delay", "memory", "1M", "rdelay=20")
     nbd = await connect(uri)
     reads = [asyncio.create_task(nbd.pread(512, i * 512)) for i in range(10)]
@@ -363,7 +363,7 @@ async def test_pool_keeps_one_connection_without_multi_conn(nbdkit) -> None:  # 
     await pool.wait_closed()
 
 
-async def test_tcp_to_our_server(tmp_path: Path, spawner: Spawner) -> None:
+async def test_tcp_to_our_server(tmp_path: Path, spawner: Processes) -> None:
     image = random_file(tmp_path / "disk.raw", 4 * MiB)
     server = start_server("-f", "raw", "-t", "-e", "4", "-x", "disk", str(image))
     spawner.procs.append(server.proc)
@@ -376,7 +376,7 @@ async def test_tcp_to_our_server(tmp_path: Path, spawner: Spawner) -> None:
         assert await nbd.pread(4, 4096) == b"tcp!"
 
 
-async def test_list_exports_and_export_info(tmp_path: Path, spawner: Spawner) -> None:
+async def test_list_exports_and_export_info(tmp_path: Path, spawner: Processes) -> None:
     a = random_file(tmp_path / "a.raw", MiB)
     b = random_file(tmp_path / "b.raw", 2 * MiB)
     server = start_server("-f", "raw", "-t", "-e", "4", "-A", "-x", "a", "-D", "first", "-x", "b", str(a), str(b))

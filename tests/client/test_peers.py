@@ -19,8 +19,9 @@ import pytest
 
 from sendense_nbd.client import NBDClient, NBDRequestError, connect
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
-from tests.client.conftest import Spawner, merge_runs, nbdcopy_bytes, nbdinfo_json, nbdinfo_map
+from tests.client.conftest import merge_runs, nbdcopy_bytes, nbdinfo_json, nbdinfo_map
 from tests.conftest import random_file, require, run, sparse_file, start_server
+from tests.peers import Processes
 
 pytestmark = pytest.mark.peer
 
@@ -62,7 +63,7 @@ PEERS = [
 
 
 @pytest.fixture(params=PEERS)
-def peer(request, tmp_path: Path, spawner: Spawner, nbdkit, qemu_nbd, nbd_server) -> Peer:  # type: ignore[no-untyped-def]
+def peer(request, tmp_path: Path, spawner: Processes, nbdkit, qemu_nbd, nbd_server) -> Peer:  # type: ignore[no-untyped-def]
     name = request.param
     sparse = [(0, 64 * 1024), (MiB, 3 * MiB), (6 * MiB + 4096, 8192)]
     if name == "qemu-nbd-raw":

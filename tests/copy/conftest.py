@@ -7,13 +7,10 @@ fails (``tests.conftest.require``).
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,17 +18,7 @@ import attrs
 import pytest
 
 from tests.conftest import require, run
-
-START_TIMEOUT = 15.0
-
-
-def _unix_listening(path: str) -> bool:
-    with open("/proc/net/unix") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-                return True
-    return False
+from tests.peers import Processes, processes, unix_uri
 
 
 def _tcp_listening(port: int) -> bool:
@@ -48,71 +35,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@attrs.define
-class Procs:
-    """Started processes and a short directory for unix sockets."""
-
-    directory: str
-    procs: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
-    count: int = 0
-
-    def socket_path(self) -> str:
-        self.count += 1
-        return f"{self.directory}/s{self.count}"
-
-    def start(self, cmd: list[str], ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.procs.append(proc)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready():
-            if proc.poll() is not None:
-                assert proc.stderr is not None
-                raise AssertionError(f"{cmd} exited {proc.returncode}: {proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"{cmd} did not start listening")
-            time.sleep(0.01)
-        return proc
-
-    def start_unix(self, cmd: list[str], sock: str) -> subprocess.Popen[bytes]:
-        return self.start(cmd, lambda: _unix_listening(sock))
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            if proc.stderr is not None:
-                proc.stderr.close()
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    with processes("cpy") as group:
+        yield group
 
 
 @pytest.fixture
-def procs() -> Iterator[Procs]:
-    directory = tempfile.mkdtemp(prefix="cpy", dir="/tmp")
-    p = Procs(directory)
-    yield p
-    p.close()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def unix_uri(sock: str, export: str = "") -> str:
-    return f"nbd+unix:///{export}?socket={sock}"
-
-
-@pytest.fixture
-def nbdkit(procs: Procs) -> Callable[..., str]:
+def nbdkit(procs: Processes) -> Callable[..., str]:
     """``nbdkit(*args)``: nbdkit on a unix socket; returns its URI."""
-
-    def start(*args: str) -> str:
-        sock = procs.socket_path()
-        procs.start_unix([require("nbdkit"), "-f", "-U", sock, "--exit-with-parent", *args], sock)
-        return unix_uri(sock)
-
-    return start
+    return procs.nbdkit
 
 
 @pytest.fixture
-def qemu_nbd(procs: Procs) -> Callable[..., str]:
+def qemu_nbd(procs: Processes) -> Callable[..., str]:
     """``qemu_nbd(image, *args, fmt="raw")``: a persistent qemu-nbd (8 clients)."""
 
     def start(image: Path, *args: str, fmt: str = "raw") -> str:
@@ -129,7 +65,7 @@ def ours_command(image: Path, *args: str, fmt: str = "raw") -> list[str]:
 
 
 @pytest.fixture
-def ours(procs: Procs) -> Callable[..., str]:
+def ours(procs: Processes) -> Callable[..., str]:
     """``ours(image, *args, fmt="raw")``: our server on a unix socket (persistent, 8 clients)."""
 
     def start(image: Path, *args: str, fmt: str = "raw") -> str:
@@ -144,7 +80,7 @@ def ours(procs: Procs) -> Callable[..., str]:
 class TCPServer:
     """Our server on a fixed TCP port, so it can be killed and started again."""
 
-    procs: Procs
+    procs: Processes
     image: Path
     fmt: str
     port: int

@@ -28,7 +28,8 @@ from sendense_nbd.copy import (
 from sendense_nbd.errors import CopyError, VerifyError
 from sendense_nbd.storage import ImageFormat
 from tests.conftest import random_file, require, run, sparse_file
-from tests.copy.conftest import Procs, TCPServer, data_ranges, dump, free_port, nbdinfo_map
+from tests.copy.conftest import TCPServer, data_ranges, dump, free_port, nbdinfo_map
+from tests.peers import Processes
 
 pytestmark = pytest.mark.peer
 
@@ -240,7 +241,7 @@ async def test_delayed_source_keeps_requests_in_flight(nbdkit, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-async def test_target_killed_and_restarted_resumes(fmt: str, tmp_path: Path, procs: Procs, nbdkit) -> None:  # type: ignore[no-untyped-def]
+async def test_target_killed_and_restarted_resumes(fmt: str, tmp_path: Path, procs: Processes, nbdkit) -> None:  # type: ignore[no-untyped-def]
     src = nbdkit("sparse-random", "size=96M", "seed=11", "percent=50", "runlength=1048576")
     image = empty_image(tmp_path / f"dst.{fmt}", fmt, "96M")
     server = TCPServer(procs, image, fmt, free_port())
