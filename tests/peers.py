@@ -1,6 +1,7 @@
 """Peer servers for tests: processes that listen on short unix sockets, killed at teardown.
 
-The one place that starts nbdkit; a missing tool fails (``tests.conftest.require``).
+The one place that starts nbdkit, or wraps it for our code to start. A missing tool fails
+(``tests.conftest.require``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tests.conftest import require
 
@@ -26,6 +28,14 @@ def unix_listening(path: str) -> bool:
             if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
                 return True
     return False
+
+
+def slow_nbdkit(directory: Path, seconds: int = 3) -> Path:
+    """An ``nbdkit`` wrapper script adding the delay filter: every read of its plugin takes ``seconds``."""
+    wrapper = directory / "nbdkit-slow"
+    wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay={seconds}\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 def unix_uri(sock: str, export: str = "") -> str:

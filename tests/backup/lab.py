@@ -14,7 +14,7 @@ from typing import Any
 
 from pyVim.connect import Disconnect, SmartConnect
 
-from tests.conftest import RunningServer, require, run, start_server
+from tests.conftest import RunningServer, run, start_server
 from tests.vmware.vsphere import STANDIN_PLUGIN
 
 MIB = 1 << 20
@@ -169,14 +169,6 @@ def new_images(root: Path, name: str, backing: dict[int, Path] | None = None) ->
             run("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MIB))
         images[key] = image
     return images
-
-
-def slow_nbdkit(directory: Path, seconds: int = 3) -> Path:
-    """An ``nbdkit`` wrapper adding the delay filter: every read of the disk source takes ``seconds``."""
-    wrapper = directory / "nbdkit-slow"
-    wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay={seconds}\n')
-    wrapper.chmod(0o755)
-    return wrapper
 
 
 @contextlib.contextmanager

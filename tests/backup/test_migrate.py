@@ -29,9 +29,9 @@ from tests.backup.lab import (
     env,
     job_in_background,
     serve_images,
-    slow_nbdkit,
 )
 from tests.conftest import require, run
+from tests.peers import slow_nbdkit
 from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer

@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.node.test_node import NodeProcess, write_config
+from tests.peers import slow_nbdkit
 from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
@@ -73,9 +74,7 @@ class Pipeline:
         self.known_hosts = keys / "known_hosts"
         self.known_hosts.write_bytes(f"[{HUB}]:{ssh_port} ".encode() + host_key.export_public_key())
         # A slow source (3 s per read) so that the tunnel can be killed while data flows.
-        wrapper = root / "nbdkit-slow"
-        wrapper.write_text(f'#!/bin/sh\nexec {require("nbdkit")} --filter=delay "$@" rdelay=3\n')
-        wrapper.chmod(0o755)
+        wrapper = slow_nbdkit(root)
         node_dir = root / "node"
         node_dir.mkdir()
         self.node = NodeProcess(write_config(node_dir, vcsim, nbdkit=str(wrapper)), listen=f"{NODE_API_HOST}:0")
