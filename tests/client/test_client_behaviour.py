@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sendense_nbd import Export, MemoryDevice, NBDServer
 from sendense_nbd.client import (
     ClientOptions,
     ConnectionLostError,
@@ -363,26 +364,25 @@ async def test_pool_keeps_one_connection_without_multi_conn(nbdkit) -> None:  # 
     await pool.wait_closed()
 
 
-async def test_tcp_to_our_server(tmp_path: Path, spawner: Processes) -> None:
-    image = random_file(tmp_path / "disk.raw", 4 * MiB)
-    server = start_server("-f", "raw", "-t", "-e", "4", "-x", "disk", str(image))
-    spawner.procs.append(server.proc)
-    async with connect("127.0.0.1", server.port, "disk") as nbd:
-        sock = nbd._link.transport.get_extra_info("socket")  # type: ignore[union-attr]
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        assert nbd.export_name == "disk" and nbd.size == 4 * MiB
-        await nbd.pwrite(b"tcp!", 4096, fua=True)
-    async with connect(f"nbd://127.0.0.1:{server.port}/disk") as nbd:
-        assert await nbd.pread(4, 4096) == b"tcp!"
+async def test_tcp_to_our_server() -> None:
+    async with NBDServer([Export("disk", MemoryDevice(4 * MiB))], port=0, shared=4, persistent=True) as server:
+        async with connect("127.0.0.1", server.port, "disk") as nbd:
+            sock = nbd._link.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert nbd.export_name == "disk" and nbd.size == 4 * MiB
+            await nbd.pwrite(b"tcp!", 4096, fua=True)
+        async with connect(f"nbd://127.0.0.1:{server.port}/disk") as nbd:
+            assert await nbd.pread(4, 4096) == b"tcp!"
 
 
-async def test_list_exports_and_export_info(tmp_path: Path, spawner: Processes) -> None:
-    a = random_file(tmp_path / "a.raw", MiB)
-    b = random_file(tmp_path / "b.raw", 2 * MiB)
-    server = start_server("-f", "raw", "-t", "-e", "4", "-A", "-x", "a", "-D", "first", "-x", "b", str(a), str(b))
-    spawner.procs.append(server.proc)
-    exports = await list_exports("127.0.0.1", server.port)
-    assert [(e.name, e.description) for e in exports] == [("a", "first"), ("b", "")]
-    info = await export_info(f"nbd://127.0.0.1:{server.port}/b")
-    assert info.export.size == 2 * MiB and info.structured_replies
-    assert BASE_ALLOCATION in info.meta_contexts
+async def test_list_exports_and_export_info() -> None:
+    exports = [
+        Export("a", MemoryDevice(MiB), description="first", allocation_depth=True),
+        Export("b", MemoryDevice(2 * MiB), allocation_depth=True),
+    ]
+    async with NBDServer(exports, port=0, shared=4, persistent=True) as server:
+        listed = await list_exports("127.0.0.1", server.port)
+        assert [(e.name, e.description) for e in listed] == [("a", "first"), ("b", "")]
+        info = await export_info(f"nbd://127.0.0.1:{server.port}/b")
+        assert info.export.size == 2 * MiB and info.structured_replies
+        assert BASE_ALLOCATION in info.meta_contexts
