@@ -26,7 +26,7 @@ import attrs
 
 from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
 from sendense_nbd.hub.db import Database, rows
-from sendense_nbd.storage.files import is_temporary
+from sendense_nbd.storage.files import is_temporary, remove_quietly, sync_directory
 from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Repository:
             return found
 
         for path in await self.db.run(delete):
-            await asyncio.to_thread(_unlink, path)
+            await asyncio.to_thread(remove_quietly, path)
 
     async def discard_pending(self) -> list[str]:
         """Discard every pending point (after a crash); their ids."""
@@ -205,7 +205,7 @@ class Repository:
             if os.path.exists(base.path):
                 commit(top.path)
                 os.replace(base.path, top.path)  # the full image now holds the top's point in time
-                _sync_dir(os.path.dirname(top.path))
+                sync_directory(os.path.dirname(top.path))
             result = check_image(top.path)
             if result.corruptions or result.check_errors:
                 raise RepositoryError(f"{top.path}: qcow2 check failed after merging: {result.to_json()}")
@@ -268,7 +268,7 @@ def _sweep(vms: str, known: set[tuple[str, ...]]) -> tuple[list[str], list[str]]
             if depth == 2 and _tail(path) in known:
                 continue
             if ours and not os.path.islink(path):
-                _unlink(path)
+                remove_quietly(path)
                 removed.append(path)
             else:
                 unexpected.append(path)
@@ -277,18 +277,3 @@ def _sweep(vms: str, known: set[tuple[str, ...]]) -> tuple[list[str], list[str]]
     for path in unexpected:
         log.warning("unexpected file in the repository, left alone: %s", path)
     return removed, unexpected
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
