@@ -171,6 +171,11 @@ def test_backups_through_the_tunnel_survive_a_tunnel_failure(
         assert [d["sync_type"] for d in done["detail"]["disks"]] == ["incremental", "incremental"]
         pipeline.verify(done, expected)
         assert _snapshots(vcsim) == []
+        # The failed job of step 2 may still be winding down on the node (retries, cleanup); in time
+        # every disk source is gone.
+        deadline = time.monotonic() + 60
+        while _disk_sources(pipeline.node) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert _disk_sources(pipeline.node) == [], "the node left an nbdkit running"
     finally:
         pipeline.tunnel.kill()
