@@ -25,7 +25,8 @@
     ├── TunnelError                the SSH tunnel cannot start or run (key, host key, login, option)
     ├── ConfigError                the node's configuration file is missing, malformed or unsafe
     ├── NodeBusy                   the node's queue of waiting jobs is full (503)
-    ├── BadRequest                 an HTTP API request is invalid (400, or 409 with its code)
+    ├── BadRequest                 an HTTP API request is malformed (400)
+    ├── Conflict                   a request clashes with the current state (409, with its code)
     ├── JobStateError              a hub job cannot move to the asked state (e.g. completed twice)
     ├── UnknownJob                 no hub job has this ID
     ├── RepositoryError            a backup repository operation cannot be done as asked
@@ -221,6 +222,14 @@ class BadRequest(SendenseError):
     """A caller's request is invalid; ``code`` names why (``bad_request`` answers 400, others 409)."""
 
     def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Conflict(SendenseError):
+    """A request clashes with the current state; ``code`` names the clash (e.g. ``busy``, ``conflict``)."""
+
+    def __init__(self, message: str, code: str = "conflict") -> None:
         super().__init__(message)
         self.code = code
 

@@ -7,9 +7,9 @@ to a local state file (:mod:`~sendense_nbd.backup.statefile`).
 """
 
 from sendense_nbd.backup.hubapi import HubApi
-from sendense_nbd.backup.job import BackupResult, BackupSpec, ChangeIdStore, Mode, run_backup
+from sendense_nbd.backup.job import BackupResult, BackupSpec, ChangeIdStore, run_backup
 from sendense_nbd.backup.progress import STAGES, JobProgress
-from sendense_nbd.backup.records import DiskResult, PreviousBackup, SyncType
+from sendense_nbd.backup.records import DiskResult, Mode, PreviousBackup, SyncType
 from sendense_nbd.backup.statefile import StateFile
 
 __all__ = [

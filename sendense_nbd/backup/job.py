@@ -14,7 +14,6 @@ Order of a job (each step's failure leaves the previous change IDs as they were)
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
@@ -22,7 +21,7 @@ from typing import Protocol
 import attrs
 
 from sendense_nbd.backup.progress import JobProgress
-from sendense_nbd.backup.records import DiskResult, PreviousBackup, SyncType
+from sendense_nbd.backup.records import DiskResult, Mode, PreviousBackup, SyncType
 from sendense_nbd.copy import Endpoint, Progress, copy, open_source, open_target
 from sendense_nbd.errors import BackupError, ChangeIdError, CopyError, EndpointError, SendenseError, first_error
 from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
@@ -41,14 +40,6 @@ class ChangeIdStore(Protocol):
     async def complete(self, job_id: str, vm_path: str, disks: Sequence[DiskResult]) -> None: ...
     async def failed(self, job_id: str, vm_path: str, stage: str, message: str) -> None: ...
     async def progress(self, job_id: str, report: dict[str, object]) -> None: ...
-
-
-class Mode(enum.Enum):
-    """``auto``: incremental where a valid previous change ID exists, else full."""
-
-    FULL = "full"
-    INCREMENTAL = "incremental"
-    AUTO = "auto"
 
 
 @attrs.frozen

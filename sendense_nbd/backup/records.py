@@ -7,7 +7,17 @@ import enum
 import attrs
 
 
+class Mode(enum.Enum):
+    """What a job is asked to do. ``auto``: incremental where a valid previous change ID exists, else full."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+    AUTO = "auto"
+
+
 class SyncType(enum.Enum):
+    """What a disk's copy was."""
+
     FULL = "full"
     INCREMENTAL = "incremental"
 
