@@ -25,6 +25,7 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def integer(value: object, name: str, low: int, high: int) -> int:
+    """``value`` if it is a JSON integer from ``low`` to ``high``, else :class:`BadRequest`."""
     if type(value) is not int or not low <= value <= high:
         raise BadRequest(f"{name} must be an integer from {low} to {high}")
     return value
@@ -38,6 +39,7 @@ def text(value: object, name: str, *, limit: int = 256) -> str:
 
 
 def choice(value: object, name: str, kind: type[enum.Enum]) -> Any:
+    """The member of ``kind`` whose value is the string ``value``, else :class:`BadRequest`."""
     choices = [member.value for member in kind]
     if not isinstance(value, str) or value not in choices:
         raise BadRequest(f"{name} must be one of {', '.join(choices)}")
@@ -45,6 +47,7 @@ def choice(value: object, name: str, kind: type[enum.Enum]) -> Any:
 
 
 def json_object(value: object, name: str, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
+    """``value`` as a JSON object, refusing keys outside ``allowed`` (if given)."""
     if not isinstance(value, dict):
         raise BadRequest(f"{name} must be a JSON object")
     if allowed is not None and not value.keys() <= allowed:
@@ -54,6 +57,7 @@ def json_object(value: object, name: str, allowed: frozenset[str] | None = None)
 
 
 def json_list(value: object, name: str, limit: int) -> list[Any]:
+    """``value`` as a JSON list of at most ``limit`` items."""
     if not isinstance(value, list) or len(value) > limit:
         raise BadRequest(f"{name} must be a list of at most {limit} items")
     return value

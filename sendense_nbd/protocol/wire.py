@@ -81,6 +81,7 @@ class OptionReplyHeader:
 
 
 def encode_greeting(handshake_flags: int) -> bytes:
+    """The server's first 18 bytes: magic, ``IHAVEOPT`` and its handshake flags."""
     return GREETING.pack(NBDMAGIC, IHAVEOPT, handshake_flags)
 
 
@@ -93,6 +94,7 @@ def decode_greeting(data: bytes | memoryview) -> int:
 
 
 def encode_option(option: int, data: bytes = b"") -> bytes:
+    """One client option: header and ``data``."""
     return OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
 
 
@@ -105,10 +107,12 @@ def decode_option_header(data: bytes | bytearray | memoryview) -> tuple[int, int
 
 
 def encode_option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
+    """One server option reply: header and ``data``."""
     return OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data
 
 
 def decode_option_reply_header(data: bytes | memoryview) -> OptionReplyHeader:
+    """Parse an option reply header; a wrong magic is a :class:`ProtocolError`."""
     magic, option, reply, length = OPTION_REPLY_HEADER.unpack(data)
     if magic != OPTION_REPLY_MAGIC:
         raise ProtocolError(f"option reply magic {magic:#x} is wrong")
@@ -116,10 +120,12 @@ def decode_option_reply_header(data: bytes | memoryview) -> OptionReplyHeader:
 
 
 def encode_request(command: int, handle: int, offset: int, length: int, flags: int = 0) -> bytes:
+    """A transmission request header (the WRITE payload follows it separately)."""
     return REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
 
 
 def decode_request(data: bytes | memoryview) -> RequestHeader:
+    """Parse a request header; a wrong magic is a :class:`ProtocolError`."""
     magic, flags, command, handle, offset, length = REQUEST.unpack(data)
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"request magic {magic:#x} is wrong")
@@ -127,10 +133,12 @@ def decode_request(data: bytes | memoryview) -> RequestHeader:
 
 
 def encode_simple_reply(handle: int, error: int = 0) -> bytes:
+    """A simple reply header; a READ's data follows it separately."""
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
 
 
 def encode_chunk_header(flags: int, type_: int, handle: int, length: int) -> bytes:
+    """A structured reply chunk header; its payload follows it."""
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, type_, handle, length)
 
 
@@ -151,6 +159,7 @@ def decode_simple_reply(data: bytes | memoryview) -> tuple[int, int]:
 
 
 def decode_chunk_header(data: bytes | memoryview) -> ChunkHeader:
+    """Parse a structured reply chunk header; a wrong magic is a :class:`ProtocolError`."""
     magic, flags, type_, handle, length = CHUNK_HEADER.unpack(data)
     if magic != STRUCTURED_REPLY_MAGIC:
         raise ProtocolError(f"structured reply magic {magic:#x} is wrong")
@@ -172,6 +181,7 @@ def encode_text(text: str, limit: int = MAX_STRING) -> bytes:
 
 
 def encode_error_chunk(handle: int, error: int, message: str, *, done: bool = True) -> bytes:
+    """A structured error chunk carrying ``error`` and a human-readable ``message``."""
     raw = encode_text(message)
     payload = ERROR_PAYLOAD.pack(error, len(raw)) + raw
     flags = ReplyFlag.DONE if done else 0

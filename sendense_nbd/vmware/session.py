@@ -191,5 +191,6 @@ async def connect(endpoint: Endpoint, username: str, password: str, *, http_time
 
 
 def fault_text(exc: BaseException) -> str:
+    """A one-line message for a vSphere fault (its ``msg``) or any other exception."""
     message = getattr(exc, "msg", None) or str(exc)
     return " ".join(str(message).split()) or type(exc).__name__

@@ -17,6 +17,8 @@ BACKUP_PREFIX = "sbak-"
 
 @attrs.frozen
 class Snapshot:
+    """A VM snapshot: the managed object and its name."""
+
     ref: Any
     name: str
     moref: str
