@@ -3,9 +3,9 @@
 ::
 
     async with connect("nbd://host/disk") as nbd:
-        data = await nbd.pread(4096, 0)
-        await nbd.pwrite(data, 8192, fua=True)
-        extents = await nbd.block_status(nbd.size, 0)
+        data = await nbd.pread(offset=0, length=4096)
+        await nbd.pwrite(data, offset=8192, fua=True)
+        extents = await nbd.extents()  # [Extent(offset, length, status), ...]
 
 Errors: :class:`NBDRequestError` (the server's errno), :class:`NBDTimeoutError`,
 :class:`NBDConnectionError` / :class:`ConnectionLostError`,

@@ -68,6 +68,7 @@ from sendense_nbd.protocol.constants import (
     Errno,
     TransmissionFlag,
 )
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import ExportInfo, Negotiated
 from sendense_nbd.protocol.replies import Reply
 
@@ -241,20 +242,20 @@ class NBDClient:
 
     # -- requests ------------------------------------------------------------------------
 
-    async def pread(self, length: int, offset: int) -> bytes:
+    async def pread(self, *, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (:meth:`pread_into` avoids a copy)."""
         buffer = bytearray(length)
-        await self.pread_into(buffer, offset)
+        await self.pread_into(buffer, offset=offset)
         return bytes(buffer)
 
-    async def pread_into(self, buffer: WritableBuffer, offset: int) -> None:
+    async def pread_into(self, buffer: WritableBuffer, *, offset: int) -> None:
         """Fill ``buffer`` from ``offset``; the socket receives straight into it."""
         view = memoryview(buffer).cast("B")
         if view.readonly:
             raise TypeError("pread_into needs a writable buffer")
         await self._split(Command.READ, offset, len(view), self._payload_chunk, into=view)
 
-    async def pwrite(self, data: ReadableBuffer, offset: int, *, fua: bool = False) -> None:
+    async def pwrite(self, data: ReadableBuffer, *, offset: int, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; with ``fua`` it is durable on return."""
         view = memoryview(data).cast("B")
         flags = CommandFlag.FUA if fua else 0
@@ -264,12 +265,12 @@ class NBDClient:
         """Make every write that already completed durable."""
         await self._request(Command.FLUSH, 0, 0)
 
-    async def trim(self, length: int, offset: int, *, fua: bool = False) -> None:
+    async def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
         """Tell the server the range is no longer needed (it may read back as anything)."""
         await self._split(Command.TRIM, offset, length, self._effect_chunk, CommandFlag.FUA if fua else 0)
 
     async def zero(
-        self, length: int, offset: int, *, no_hole: bool = False, fast: bool = False, fua: bool = False
+        self, *, offset: int, length: int, no_hole: bool = False, fast: bool = False, fua: bool = False
     ) -> None:
         """Write zeroes. ``no_hole``: keep the range allocated; ``fast``: fail
         with ``ENOTSUP`` rather than be slower than writing zeroes."""
@@ -280,20 +281,20 @@ class NBDClient:
         )
         await self._split(Command.WRITE_ZEROES, offset, length, self._effect_chunk, flags)
 
-    async def cache(self, length: int, offset: int) -> None:
+    async def cache(self, *, offset: int, length: int) -> None:
         """Ask the server to prefetch the range."""
         await self._split(Command.CACHE, offset, length, self._effect_chunk)
 
     async def block_status(
         self,
-        length: int,
-        offset: int,
-        context: str = BASE_ALLOCATION,
         *,
+        offset: int,
+        length: int,
+        context: str = BASE_ALLOCATION,
         req_one: bool = False,
         max_extents: int | None = None,
-    ) -> list[tuple[int, int]]:
-        """``(length, flags)`` extents from ``offset`` for one meta context.
+    ) -> list[Extent]:
+        """Extents from ``offset`` for one meta context (``status``: its flags or depth).
 
         One request: the server may describe less than ``length`` (never
         nothing), so the extents cover a prefix of the range; the last one is
@@ -307,39 +308,39 @@ class NBDClient:
         length = min(length, self._effect_chunk)
         flags = CommandFlag.REQ_ONE if req_one else 0
         reply = await self._request(Command.BLOCK_STATUS, offset, length, flags)
-        extents: list[tuple[int, int]] = []
-        left = length
-        for extent_length, extent_flags in reply.extents[context_id]:
-            extents.append((min(extent_length, left), extent_flags))
-            left -= extent_length
-            if left <= 0 or len(extents) == max_extents:
+        extents: list[Extent] = []
+        pos, end = offset, offset + length
+        for extent_length, status in reply.extents[context_id]:
+            extents.append(Extent(pos, min(extent_length, end - pos), status))
+            pos += extent_length
+            if pos >= end or len(extents) == max_extents:
                 break
         return extents
 
     async def extents(
         self,
-        length: int | None = None,
-        offset: int = 0,
-        context: str = BASE_ALLOCATION,
         *,
+        offset: int = 0,
+        length: int | None = None,
+        context: str = BASE_ALLOCATION,
         max_extents: int | None = None,
-    ) -> list[tuple[int, int, int]]:
-        """``(offset, length, flags)`` extents covering the whole range (default:
-        to the end of the export), asking as often as the server needs.
+    ) -> list[Extent]:
+        """Extents covering the whole range (default: to the end of the
+        export), asking as often as the server needs.
 
         With ``max_extents`` the list stops after that many extents, covering
         only a prefix of the range: the caller goes on from where it ends.
         This bounds memory whatever the fragmentation of the export.
         """
         end = self.size if length is None else offset + length
-        result: list[tuple[int, int, int]] = []
+        result: list[Extent] = []
         while offset < end:
             room = None if max_extents is None else max_extents - len(result)
             if room is not None and room <= 0:
                 break
-            for extent_length, flags in await self.block_status(end - offset, offset, context, max_extents=room):
-                result.append((offset, extent_length, flags))
-                offset += extent_length
+            batch = await self.block_status(offset=offset, length=end - offset, context=context, max_extents=room)
+            result += batch
+            offset = batch[-1].end
         return result
 
     # -- closing --------------------------------------------------------------------------

@@ -53,14 +53,14 @@ from sendense_nbd.errors import (
     URIError,
 )
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage import BlockDevice, ImageFormat
 
 T = TypeVar("T")
 
 #: NBD errors worth retrying: the next attempt may well succeed.
 TRANSIENT_ERRNOS = frozenset({Errno.EIO, Errno.ENOMEM, Errno.ESHUTDOWN})
-Extents = list[tuple[int, int, int]]
-#: Most extents one :meth:`Endpoint.extents` call returns (about 6 MiB of tuples).
+#: Most extents one :meth:`Endpoint.extents` call returns (about 6 MiB of them).
 MAX_EXTENTS = 1 << 16
 #: Seconds to connect and negotiate (a WAN round trip is well under a second).
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -101,24 +101,26 @@ class Endpoint(Protocol):
     def has_backing(self) -> bool | None:
         """True: a backing chain is known; None: cannot tell."""
 
-    async def extents(self, offset: int, length: int) -> Extents:
-        """``(offset, length, base:allocation flags)``, consecutive from
-        ``offset``: at most :data:`MAX_EXTENTS`, covering a non-empty prefix
-        of the range (the last may reach past it)."""
+    async def extents(self, *, offset: int, length: int) -> list[Extent]:
+        """``base:allocation`` extents, consecutive from ``offset``: at most
+        :data:`MAX_EXTENTS`, covering a non-empty prefix of the range (the
+        last may reach past it)."""
 
-    async def allocation_depth(self, offset: int, length: int) -> Extents | None:
-        """``(offset, length, depth)`` like :meth:`extents`, or None when unknown."""
+    async def allocation_depth(self, *, offset: int, length: int) -> list[Extent] | None:
+        """Extents whose status is the depth, like :meth:`extents`, or None when unknown."""
 
     async def reopen(self) -> Endpoint:
         """The same disk through new connections (a verify trusts nothing the copy saw).
 
         May return the endpoint itself when there is nothing to reconnect."""
 
-    async def read_into(self, offset: int, buffer: memoryview) -> None: ...
+    async def read_into(self, *, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``offset``."""
 
-    async def write(self, offset: int, data: memoryview) -> None: ...
+    async def write(self, *, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset`` (durable only after a :meth:`flush`)."""
 
-    async def zero(self, offset: int, length: int, *, punch: bool) -> None:
+    async def zero(self, *, offset: int, length: int, punch: bool) -> None:
         """Make the range read zeroes; ``punch`` allows a hole (never over a backing chain)."""
 
     async def flush(self) -> None: ...
@@ -257,16 +259,23 @@ class NBDEndpoint:
                 f"{what} at offset {offset} on {self.uri}: {exc}", transient=True, offset=offset
             ) from exc
 
-    async def extents(self, offset: int, length: int) -> Extents:
+    async def extents(self, *, offset: int, length: int) -> list[Extent]:
+        """``base:allocation`` extents (all data when the server has no map)."""
         if not self._info.can_block_status or BASE_ALLOCATION not in self._info.meta_contexts:
-            return [(offset, length, 0)]
-        return await self._call("BLOCK_STATUS", offset, lambda c: c.extents(length, offset, max_extents=MAX_EXTENTS))
+            return [Extent(offset, length)]
+        return await self._map(BASE_ALLOCATION, offset, length)
 
-    async def allocation_depth(self, offset: int, length: int) -> Extents | None:
+    async def allocation_depth(self, *, offset: int, length: int) -> list[Extent] | None:
+        """``qemu:allocation-depth`` extents, or None when the server does not offer it."""
         if ALLOCATION_DEPTH not in self._info.meta_contexts:
             return None
+        return await self._map(ALLOCATION_DEPTH, offset, length)
+
+    async def _map(self, context: str, offset: int, length: int) -> list[Extent]:
         return await self._call(
-            "BLOCK_STATUS", offset, lambda c: c.extents(length, offset, ALLOCATION_DEPTH, max_extents=MAX_EXTENTS)
+            "BLOCK_STATUS",
+            offset,
+            lambda c: c.extents(offset=offset, length=length, context=context, max_extents=MAX_EXTENTS),
         )
 
     async def reopen(self) -> NBDEndpoint:
@@ -283,14 +292,17 @@ class NBDEndpoint:
             raise EndpointError(f"{self.uri}: the export changed size after reconnecting", transient=False)
         return fresh
 
-    async def read_into(self, offset: int, buffer: memoryview) -> None:
-        await self._call("READ", offset, lambda c: c.pread_into(buffer, offset))
+    async def read_into(self, *, offset: int, buffer: memoryview) -> None:
+        """READ into ``buffer``."""
+        await self._call("READ", offset, lambda c: c.pread_into(buffer, offset=offset))
 
-    async def write(self, offset: int, data: memoryview) -> None:
-        await self._call("WRITE", offset, lambda c: c.pwrite(data, offset))
+    async def write(self, *, offset: int, data: memoryview) -> None:
+        """WRITE ``data``."""
+        await self._call("WRITE", offset, lambda c: c.pwrite(data, offset=offset))
 
-    async def zero(self, offset: int, length: int, *, punch: bool) -> None:
-        await self._call("WRITE_ZEROES", offset, lambda c: c.zero(length, offset, no_hole=not punch))
+    async def zero(self, *, offset: int, length: int, punch: bool) -> None:
+        """WRITE_ZEROES (with NO_HOLE unless ``punch``)."""
+        await self._call("WRITE_ZEROES", offset, lambda c: c.zero(offset=offset, length=length, no_hole=not punch))
 
     async def flush(self) -> None:
         if self._info.can_flush:
@@ -374,28 +386,33 @@ class LocalEndpoint:
                 f"{what} at offset {offset} of {self._name}: {exc}", transient=False, offset=offset
             ) from exc
 
-    async def extents(self, offset: int, length: int) -> Extents:
+    async def extents(self, *, offset: int, length: int) -> list[Extent]:
+        """The device's allocation map (all data when it has none)."""
         if not self.device.capabilities.can_extents:
-            return [(offset, length, 0)]
+            return [Extent(offset, length)]
 
         def pairs(pos: int, size: int) -> list[tuple[int, int]]:
             return [(extent.length, int(extent.flags)) for extent in self.device.extents(pos, size)]
 
         return await self._run("extents", offset, lambda: _walk(pairs, offset, length))
 
-    async def allocation_depth(self, offset: int, length: int) -> Extents | None:
+    async def allocation_depth(self, *, offset: int, length: int) -> list[Extent] | None:
+        """The device's allocation depth."""
         return await self._run("allocation depth", offset, lambda: _walk(self.device.allocation_depth, offset, length))
 
     async def reopen(self) -> LocalEndpoint:
         return self
 
-    async def read_into(self, offset: int, buffer: memoryview) -> None:
+    async def read_into(self, *, offset: int, buffer: memoryview) -> None:
+        """Read from the device (in the endpoint's threads)."""
         await self._run("read", offset, lambda: self.device.read_into(offset, buffer))
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(self, *, offset: int, data: memoryview) -> None:
+        """Write to the device (in the endpoint's threads)."""
         await self._run("write", offset, lambda: self.device.write(offset, data))
 
-    async def zero(self, offset: int, length: int, *, punch: bool) -> None:
+    async def zero(self, *, offset: int, length: int, punch: bool) -> None:
+        """Zero a range of the device (a hole only with ``punch``)."""
         await self._run("zero", offset, lambda: self.device.zero(offset, length, may_trim=punch))
 
     async def flush(self) -> None:
@@ -407,9 +424,9 @@ class LocalEndpoint:
         self.device.close()
 
 
-def _walk(describe: Callable[[int, int], list[tuple[int, int]]], offset: int, length: int) -> Extents:
-    """``(offset, length, value)`` from ``describe(pos, size)`` pairs, up to :data:`MAX_EXTENTS`."""
-    out: Extents = []
+def _walk(describe: Callable[[int, int], list[tuple[int, int]]], offset: int, length: int) -> list[Extent]:
+    """Extents from ``describe(pos, size)``'s ``(length, status)`` pairs, up to :data:`MAX_EXTENTS`."""
+    out: list[Extent] = []
     pos, end = offset, offset + length
     while pos < end and len(out) < MAX_EXTENTS:
         described = describe(pos, end - pos)
@@ -417,7 +434,7 @@ def _walk(describe: Callable[[int, int], list[tuple[int, int]]], offset: int, le
             raise EndpointError(f"no allocation information at offset {pos}", transient=False, offset=pos)
         for extent_length, value in described:
             n = min(extent_length, end - pos)
-            out.append((pos, n, value))
+            out.append(Extent(pos, n, value))
             pos += n
             if pos >= end or len(out) >= MAX_EXTENTS:
                 break

@@ -51,11 +51,11 @@ import collections
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 
-from sendense_nbd.copy.endpoints import Endpoint, Extents
+from sendense_nbd.copy.endpoints import Endpoint
 from sendense_nbd.copy.plan import (
     DEFAULT_MERGE_GAP,
     DEFAULT_REQUEST_SIZE,
@@ -67,7 +67,7 @@ from sendense_nbd.copy.plan import (
     plan,
 )
 from sendense_nbd.errors import CopyError, EndpointError, VerifyError, first_error
-from sendense_nbd.protocol.constants import AllocationFlag
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage import is_zero
 
 ZERO_SEGMENT = 64 * 1024
@@ -141,34 +141,38 @@ async def probe_target_mode(target: Endpoint) -> TargetMode:
     if target.has_backing:
         return TargetMode.OVERLAY
     async for depths in walk_extents(target.allocation_depth, 0, target.size):
-        if any(depth > 1 for _, _, depth in depths):
+        if any(extent.status > 1 for extent in depths):
             return TargetMode.OVERLAY
     allocated = 0
     buffer = memoryview(bytearray(DEFAULT_REQUEST_SIZE))
     async for extents in walk_extents(target.extents, 0, target.size):
-        for offset, length, flags in extents:
-            if flags & AllocationFlag.ZERO:
+        for extent in extents:
+            if extent.zero:
                 continue
-            length = min(length, target.size - offset)
-            allocated += length
+            offset, end = extent.offset, min(extent.end, target.size)
+            allocated += end - offset
             if allocated > PROBE_READ_LIMIT:
                 return TargetMode.RAW
-            for start in range(offset, offset + length, DEFAULT_REQUEST_SIZE):
-                view = buffer[: min(DEFAULT_REQUEST_SIZE, offset + length - start)]
-                await target.read_into(start, view)
+            for start in range(offset, end, DEFAULT_REQUEST_SIZE):
+                view = buffer[: min(DEFAULT_REQUEST_SIZE, end - start)]
+                await target.read_into(offset=start, buffer=view)
                 if not is_zero(view):
                     return TargetMode.RAW
     return TargetMode.FRESH
 
 
-async def walk_extents(
-    describe: Callable[[int, int], Awaitable[Extents | None]], start: int, end: int
-) -> AsyncIterator[Extents]:
+class Describe(Protocol):
+    """An allocation-map query of an :class:`Endpoint` (None: it has no such map)."""
+
+    def __call__(self, *, offset: int, length: int) -> Awaitable[list[Extent] | None]: ...
+
+
+async def walk_extents(describe: Describe, start: int, end: int) -> AsyncIterator[list[Extent]]:
     """Consecutive batches of extents over ``[start, end)``, one bounded
     query each (nothing when ``describe`` returns None: no map)."""
     pos = start
     while pos < end:
-        extents = await describe(pos, min(EXTENT_WINDOW, end - pos))
+        extents = await describe(offset=pos, length=min(EXTENT_WINDOW, end - pos))
         if extents is None:
             return
         reach = _reach(extents, pos)
@@ -176,11 +180,11 @@ async def walk_extents(
         pos = reach
 
 
-def _reach(extents: Sequence[tuple[int, int, int]], pos: int) -> int:
+def _reach(extents: Sequence[Extent], pos: int) -> int:
     """Where consecutive ``extents`` from ``pos`` end; raise if they do not start there or move on."""
-    if not extents or extents[0][0] != pos or extents[-1][0] + extents[-1][1] <= pos:
+    if not extents or extents[0].offset != pos or extents[-1].end <= pos:
         raise EndpointError(f"the allocation map at offset {pos} is empty or out of place", transient=False, offset=pos)
-    return extents[-1][0] + extents[-1][1]
+    return extents[-1].end
 
 
 @attrs.frozen(slots=True)
@@ -297,9 +301,9 @@ class _Copier:
         if self.zero_buffers:
             step = len(self._zeroes)
             for start in range(offset, offset + length, step):
-                await self.target.write(start, self._zeroes[: min(step, offset + length - start)])
+                await self.target.write(offset=start, data=self._zeroes[: min(step, offset + length - start)])
         else:
-            await self.target.zero(offset, length, punch=self.mode is not TargetMode.OVERLAY)
+            await self.target.zero(offset=offset, length=length, punch=self.mode is not TargetMode.OVERLAY)
 
     def _runs(self, view: memoryview) -> Iterator[tuple[int, int, bool]]:
         """``(start, length, zero)`` runs of the buffer, checked segment by segment."""
@@ -320,10 +324,10 @@ class _Copier:
             zeroed = item.length
         else:
             view = buffer[: item.length]
-            await self.source.read_into(item.offset, view)
+            await self.source.read_into(offset=item.offset, buffer=view)
             for start, length, zero in self._runs(view):
                 if not zero:
-                    await self.target.write(item.offset + start, view[start : start + length])
+                    await self.target.write(offset=item.offset + start, data=view[start : start + length])
                     self.written += length
                     copied += length
                 elif self.skip_zeroes:
@@ -475,9 +479,9 @@ class _Copier:
         if done < self.size:
             yield WorkItem(done, self.size - done, Action.SKIP)
 
-    async def _source_extents(self, offset: int, length: int) -> Extents:
+    async def _source_extents(self, offset: int, length: int) -> list[Extent]:
         return await self._retrying(
-            "reading the source's allocation map", offset, lambda: self.source.extents(offset, length)
+            "reading the source's allocation map", offset, lambda: self.source.extents(offset=offset, length=length)
         )
 
     async def run_pass(self, items: AsyncIterator[WorkItem] | Iterable[WorkItem]) -> None:
@@ -555,7 +559,7 @@ class _Copier:
                 await queue.put(None)
 
         async def read(endpoint: Endpoint, offset: int, view: memoryview) -> None:
-            await self._retrying("verify", offset, lambda: endpoint.read_into(offset, view))
+            await self._retrying("verify", offset, lambda: endpoint.read_into(offset=offset, buffer=view))
 
         async def work() -> None:
             source_buffer = memoryview(bytearray(self.request_size))

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
-from sendense_nbd.protocol.constants import AllocationFlag
+from sendense_nbd.protocol.extents import Extent
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -158,15 +158,9 @@ def merge_areas(
     return [(start, end - start) for start, end in merged]
 
 
-def _reads_zero(flags: int) -> bool:
-    return bool(flags & AllocationFlag.ZERO)
-
-
-def _classify(
-    extents: Iterable[tuple[int, int, int]], scope: Sequence[tuple[int, int]], size: int
-) -> Iterator[tuple[int, int, bool]]:
+def _classify(extents: Iterable[Extent], scope: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
     """``(start, end, zero)`` pieces of the scope; bytes no extent describes are data."""
-    ordered = sorted((o, o + n, _reads_zero(f)) for o, n, f in extents if n > 0)
+    ordered = sorted((e.offset, e.end, e.zero) for e in extents if e.length > 0)
     index = 0
     for area_start, area_length in scope:
         area_end = area_start + area_length
@@ -200,7 +194,7 @@ def _append(out: list[WorkItem], start: int, end: int, action: Action) -> None:
 
 
 def plan(
-    extents: Iterable[tuple[int, int, int]],
+    extents: Iterable[Extent],
     *,
     size: int,
     mode: TargetMode,
@@ -213,8 +207,8 @@ def plan(
 ) -> Plan:
     """Plan a copy of ``size`` bytes.
 
-    ``extents`` are the source's ``(offset, length, flags)`` with
-    ``base:allocation`` flags (bytes they do not describe count as data);
+    ``extents`` are the source's ``base:allocation`` map (bytes they do not
+    describe count as data);
     ``changed`` (CBT) limits the copy to those areas. ``request_size`` and
     ``zero_size`` are rounded down to ``min_block`` (but are at least one block).
     ``span`` (``(start, end)``, block-aligned except at ``size``) limits the
@@ -236,7 +230,7 @@ def plan(
     zero_action = Action.SKIP if full and mode is TargetMode.FRESH else Action.ZERO
     out: list[WorkItem] = []
     pos = low
-    for start, end, zero in _classify(extents, scope, size):
+    for start, end, zero in _classify(extents, scope):
         _append(out, pos, start, Action.SKIP)  # out of scope
         if zero:
             inner_start, inner_end = _round_up(start, min_block, size), _round_down(end, min_block)

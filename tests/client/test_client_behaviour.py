@@ -107,9 +107,9 @@ async def test_export_name_fallback(spawner: Processes, fixed: bool, no_zeroes: 
         assert not nbd.used_go and not nbd.structured_replies
         assert nbd.size == MiB and nbd.can_flush and not nbd.can_trim
         assert (nbd.min_block, nbd.preferred_block, nbd.max_block) == (1, 4096, 32 * MiB)
-        await nbd.pwrite(b"hello", 1000)
+        await nbd.pwrite(b"hello", offset=1000)
         await nbd.flush()
-        assert await nbd.pread(7, 999) == b"\0hello\0"
+        assert await nbd.pread(offset=999, length=7) == b"\0hello\0"
     assert fake.options == ([Option.STRUCTURED_REPLY, Option.GO] if fixed else []) + [Option.EXPORT_NAME]
     assert fake.requests[-1] == DISC
     await fake.stop()
@@ -130,12 +130,12 @@ async def test_garbage_reply_fails_every_request_in_flight(spawner: Processes) -
     uri = await fake.start(spawner.socket_path())
     nbd = await connect(uri)
     results = await asyncio.wait_for(
-        asyncio.gather(*(nbd.pread(512, i * 512) for i in range(8)), return_exceptions=True), 10
+        asyncio.gather(*(nbd.pread(offset=i * 512, length=512) for i in range(8)), return_exceptions=True), 10
     )
     assert all(isinstance(r, ConnectionLostError) for r in results)
     assert "magic" in str(results[0])
     with pytest.raises(NBDConnectionError):
-        await nbd.pread(512, 0)
+        await nbd.pread(offset=0, length=512)
     await nbd.close()
     assert nbd.closed
     await fake.stop()
@@ -154,7 +154,7 @@ async def test_eshutdown_leads_to_a_soft_disconnect(spawner: Processes) -> None:
     await asyncio.wait_for(nbd.wait_closed(), 5)
     assert fake.requests == [3, DISC]
     with pytest.raises(NBDConnectionError, match="shutting down"):
-        await nbd.pread(1, 0)
+        await nbd.pread(offset=0, length=1)
     await fake.stop()
 
 
@@ -208,20 +208,20 @@ async def test_eio_from_the_error_filter(nbdkit, structured: bool) -> None:  # t
     uri = nbdkit("--filter=error", "memory", "64M", "error-pwrite-rate=100%", "error-trim-rate=100%", "error=EIO")
     async with connect(uri, structured_replies=structured) as nbd:
         with pytest.raises(NBDRequestError) as info:
-            await nbd.pwrite(b"x" * 4096, 8192)
+            await nbd.pwrite(b"x" * 4096, offset=8192)
         assert info.value.errno == Errno.EIO and info.value.raw_errno == 5
         assert "WRITE failed: EIO" in str(info.value)
         with pytest.raises(NBDRequestError) as info:
-            await nbd.trim(MiB, 0)
+            await nbd.trim(offset=0, length=MiB)
         assert info.value.errno == Errno.EIO
-        assert await nbd.pread(4096, 8192) == bytes(4096)  # the connection carries on
+        assert await nbd.pread(offset=8192, length=4096) == bytes(4096)  # the connection carries on
 
 
 async def test_some_reads_fail_with_eio_the_rest_are_right(nbdkit) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=error", "pattern", "4M", "error-pread-rate=50%", "error=EIO")
     async with connect(uri) as nbd:
         offsets = [i * 16384 for i in range(100)]
-        results = await asyncio.gather(*(nbd.pread(16384, o) for o in offsets), return_exceptions=True)
+        results = await asyncio.gather(*(nbd.pread(offset=o, length=16384) for o in offsets), return_exceptions=True)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert failed and len(failed) < 100
     assert all(isinstance(r, NBDRequestError) and r.errno == Errno.EIO for r in failed)
@@ -233,34 +233,34 @@ async def test_some_reads_fail_with_eio_the_rest_are_right(nbdkit) -> None:  # t
 async def test_timeout_abandons_the_read_and_keeps_the_connection(nbdkit) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=delay", "memory", "1M", "rdelay=300ms")
     async with connect(uri, request_timeout=0.1) as nbd:
-        await nbd.pwrite(b"\x42" * 4096, 0)
+        await nbd.pwrite(b"\x42" * 4096, offset=0)
         buffer = bytearray(b"\xee") * 4096
         with pytest.raises(NBDTimeoutError, match="READ"):
-            await nbd.pread_into(buffer, 0)
+            await nbd.pread_into(buffer, offset=0)
         with pytest.raises(asyncio.TimeoutError):  # typed, and still an asyncio timeout
-            await nbd.pread(4096, 0)
+            await nbd.pread(offset=0, length=4096)
         await asyncio.sleep(0.5)  # the late replies arrive and are dropped
         assert buffer == b"\xee" * 4096 and nbd.in_flight == 0
-        await nbd.pwrite(b"\x43" * 512, 0)
+        await nbd.pwrite(b"\x43" * 512, offset=0)
 
 
 async def test_cancelled_read_leaves_its_buffer_alone(nbdkit) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=delay", "data", "( 0x77 )*4096", "rdelay=200ms")
     async with connect(uri) as nbd:
         buffer = bytearray(4096)
-        task = asyncio.create_task(nbd.pread_into(buffer, 0))
+        task = asyncio.create_task(nbd.pread_into(buffer, offset=0))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await nbd.pread(4096, 0) == b"\x77" * 4096  # waits behind the abandoned one
+        assert await nbd.pread(offset=0, length=4096) == b"\x77" * 4096  # waits behind the abandoned one
         assert buffer == bytes(4096)
 
 
 async def test_in_flight_bound(nbdkit) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=delay", "pattern", "8M", "rdelay=10ms")
     async with connect(uri, max_in_flight=8) as nbd:
-        reads = asyncio.gather(*(nbd.pread(4096, i * 4096) for i in range(200)))
+        reads = asyncio.gather(*(nbd.pread(offset=i * 4096, length=4096) for i in range(200)))
         peak = 0
         while not reads.done():
             peak = max(peak, nbd.in_flight)
@@ -273,7 +273,7 @@ async def test_in_flight_bound(nbdkit) -> None:  # type: ignore[no-untyped-def]
 async def test_killed_server_fails_requests_in_flight(nbdkit, spawner: Processes) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=delay", "memory", "1M", "rdelay=20")
     nbd = await connect(uri)
-    reads = [asyncio.create_task(nbd.pread(512, i * 512)) for i in range(10)]
+    reads = [asyncio.create_task(nbd.pread(offset=i * 512, length=512)) for i in range(10)]
     await asyncio.sleep(0.1)
     assert nbd.in_flight == 10
     spawner.procs[-1].kill()
@@ -286,12 +286,12 @@ async def test_killed_server_fails_requests_in_flight(nbdkit, spawner: Processes
 async def test_close_waits_for_requests_in_flight(nbdkit) -> None:  # type: ignore[no-untyped-def]
     uri = nbdkit("--filter=delay", "pattern", "1M", "rdelay=100ms")
     nbd = await connect(uri)
-    reads = [asyncio.create_task(nbd.pread(8, i * 8)) for i in range(4)]
+    reads = [asyncio.create_task(nbd.pread(offset=i * 8, length=8)) for i in range(4)]
     await asyncio.sleep(0.01)
     await asyncio.wait_for(nbd.close(), 5)
     assert [r.result() for r in reads] == [struct.pack(">Q", i * 8) for i in range(4)]
     with pytest.raises(NBDConnectionError, match="closed"):
-        await nbd.pread(8, 0)
+        await nbd.pread(offset=0, length=8)
 
 
 # -- block-size rules, capabilities --------------------------------------------------
@@ -310,20 +310,20 @@ async def test_block_size_rules_are_checked_before_sending(nbdkit) -> None:  # t
     async with connect(uri) as nbd:
         assert (nbd.min_block, nbd.preferred_block, nbd.max_block) == (4096, 65536, MiB)
         with pytest.raises(NBDRequestError, match="aligned") as info:
-            await nbd.pread(100, 0)
+            await nbd.pread(offset=0, length=100)
         assert info.value.errno == Errno.EINVAL
         with pytest.raises(NBDRequestError, match="beyond"):
-            await nbd.pread(8192, 8 * MiB - 4096)
-        data = await nbd.pread(3 * MiB + 8192, 4096)  # four requests of at most 1 MiB
+            await nbd.pread(offset=8 * MiB - 4096, length=8192)
+        data = await nbd.pread(offset=4096, length=3 * MiB + 8192)  # four requests of at most 1 MiB
         assert data[:8] == struct.pack(">Q", 4096) and data[-8:] == struct.pack(">Q", 3 * MiB + 12288 - 8)
         with pytest.raises(NBDRequestError) as info:
-            await nbd.pwrite(bytes(4096), 0)  # the pattern plugin is read-only
+            await nbd.pwrite(bytes(4096), offset=0)  # the pattern plugin is read-only
         assert info.value.errno == Errno.EPERM
         with pytest.raises(NBDRequestError, match="zero length"):
-            await nbd.block_status(0, 0)
+            await nbd.block_status(offset=0, length=0)
         with pytest.raises(ValueError):
-            await nbd.pread(4096, -4096)
-        assert nbd.in_flight == 0 and await nbd.pread(0, 8 * MiB) == b""
+            await nbd.pread(offset=-4096, length=4096)
+        assert nbd.in_flight == 0 and await nbd.pread(offset=8 * MiB, length=0) == b""
 
 
 async def test_unadvertised_commands_fail_locally(tmp_path: Path, nbd_server) -> None:  # type: ignore[no-untyped-def]
@@ -331,13 +331,13 @@ async def test_unadvertised_commands_fail_locally(tmp_path: Path, nbd_server) ->
     async with connect(uri) as nbd:
         assert nbd.is_read_only and not nbd.can_trim and not nbd.can_cache
         with pytest.raises(NBDRequestError) as info:
-            await nbd.pwrite(b"x", 0)
+            await nbd.pwrite(b"x", offset=0)
         assert info.value.errno == Errno.EPERM
         with pytest.raises(NBDRequestError, match="CACHE was not advertised"):
-            await nbd.cache(4096, 0)
+            await nbd.cache(offset=0, length=4096)
         with pytest.raises(NBDRequestError, match="not negotiated"):
-            await nbd.block_status(4096, 0)
-        assert await nbd.pread(0, MiB) == b""
+            await nbd.block_status(offset=0, length=4096)
+        assert await nbd.pread(offset=MiB, length=0) == b""
 
 
 # -- pools, TCP, listing ---------------------------------------------------------------
@@ -349,10 +349,10 @@ async def test_pool_opens_n_connections_with_multi_conn(nbdkit) -> None:  # type
         assert len(pool) == 4 and pool.first.can_multi_conn
         turns = [pool.next() for _ in range(8)]
         assert turns[:4] == turns[4:] and len(set(map(id, turns))) == 4
-        await asyncio.gather(*(pool.next().pwrite(bytes([i]) * 4096, i * 4096) for i in range(16)))
+        await asyncio.gather(*(pool.next().pwrite(bytes([i]) * 4096, offset=i * 4096) for i in range(16)))
         await pool.flush()
         for client in pool.connections:
-            assert await client.pread(4096, 5 * 4096) == b"\x05" * 4096
+            assert await client.pread(offset=5 * 4096, length=4096) == b"\x05" * 4096
 
 
 async def test_pool_keeps_one_connection_without_multi_conn(nbdkit) -> None:  # type: ignore[no-untyped-def]
@@ -370,9 +370,9 @@ async def test_tcp_to_our_server() -> None:
             sock = nbd._link.transport.get_extra_info("socket")  # type: ignore[union-attr]
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert nbd.export_name == "disk" and nbd.size == 4 * MiB
-            await nbd.pwrite(b"tcp!", 4096, fua=True)
+            await nbd.pwrite(b"tcp!", offset=4096, fua=True)
         async with connect(f"nbd://127.0.0.1:{server.port}/disk") as nbd:
-            assert await nbd.pread(4, 4096) == b"tcp!"
+            assert await nbd.pread(offset=4096, length=4) == b"tcp!"
 
 
 async def test_list_exports_and_export_info() -> None:

@@ -158,7 +158,7 @@ async def test_reads_agree_with_nbdcopy_with_many_in_flight(peer: Peer) -> None:
     async with connect(peer.uri(), max_in_flight=64) as nbd:
         assert nbd.size == len(expected)
         whole = bytearray(nbd.size)
-        await nbd.pread_into(whole, 0)  # split at the server's maximum payload
+        await nbd.pread_into(whole, offset=0)  # split at the server's maximum payload
         assert whole == expected
         rng = random.Random(3)
         # 4 KiB units: nbdkit 1.32's sparse-random returns other bytes for reads that
@@ -170,7 +170,7 @@ async def test_reads_agree_with_nbdcopy_with_many_in_flight(peer: Peer) -> None:
             requests.append((rng.randrange(0, (nbd.size - length) // unit + 1) * unit, length))
         done = asyncio.Event()
         sampler = asyncio.create_task(_peak_in_flight(nbd, done))
-        results = await asyncio.gather(*(nbd.pread(length, offset) for offset, length in requests))
+        results = await asyncio.gather(*(nbd.pread(offset=offset, length=length) for offset, length in requests))
         done.set()
         peak = await sampler
         for (offset, length), data in zip(requests, results):
@@ -182,15 +182,18 @@ async def test_block_status_agrees_with_nbdinfo_map(peer: Peer) -> None:
     async with connect(peer.uri(), meta_contexts=peer.contexts) as nbd:
         if not nbd.structured_replies:
             with pytest.raises(NBDRequestError) as info:
-                await nbd.block_status(4096, 0)
+                await nbd.block_status(offset=0, length=4096)
             assert info.value.errno == Errno.EINVAL and "not negotiated" in str(info.value)
             return
-        ours = {context: merge_runs(await nbd.extents(context=context)) for context in peer.contexts}
-        first = await nbd.block_status(nbd.size, 0)
-        assert 0 < sum(length for length, _ in first) <= nbd.size
-        ((one_length, one_flags),) = await nbd.block_status(nbd.size, 0, req_one=True)
+        ours = {
+            context: merge_runs((e.offset, e.length, e.status) for e in await nbd.extents(context=context))
+            for context in peer.contexts
+        }
+        first = await nbd.block_status(offset=0, length=nbd.size)
+        assert first[0].offset == 0 and 0 < sum(e.length for e in first) == first[-1].end <= nbd.size
+        (one,) = await nbd.block_status(offset=0, length=nbd.size, req_one=True)
         run_offset, run_length, run_flags = ours[BASE_ALLOCATION][0]
-        assert one_flags == run_flags and 0 < one_length <= run_length
+        assert one.offset == 0 and one.status == run_flags and 0 < one.length <= run_length
     for context in peer.contexts:
         assert ours[context] == nbdinfo_map(peer.uri(), context), context
 
@@ -206,32 +209,32 @@ async def test_writes_zeroes_and_trims_read_back(peer: Peer) -> None:
         writes = [(0, unit), (3 * unit, 5 * unit), (size // 2, min(size // 4, 3 * MiB)), (size - 2 * unit, 2 * unit)]
         for offset, length in writes:
             data = rng.randbytes(length)
-            await nbd.pwrite(data, offset, fua=nbd.can_fua)
+            await nbd.pwrite(data, offset=offset, fua=nbd.can_fua)
             model[offset : offset + length] = data
-        await asyncio.gather(*(nbd.pwrite(b"\x5a" * unit, offset) for offset in range(8 * unit, 24 * unit, unit)))
+        await asyncio.gather(*(nbd.pwrite(b"\x5a" * unit, offset=o) for o in range(8 * unit, 24 * unit, unit)))
         model[8 * unit : 24 * unit] = b"\x5a" * (16 * unit)
         if nbd.can_zero:
-            await nbd.zero(2 * unit, 4 * unit)
-            await nbd.zero(unit, 10 * unit, no_hole=True)
+            await nbd.zero(offset=4 * unit, length=2 * unit)
+            await nbd.zero(offset=10 * unit, length=unit, no_hole=True)
             model[4 * unit : 6 * unit] = bytes(2 * unit)
             model[10 * unit : 11 * unit] = bytes(unit)
         if nbd.can_trim:
-            await nbd.trim(4 * unit, 16 * unit)
-            await nbd.pwrite(bytes(4 * unit), 16 * unit)  # trimmed data is undefined until rewritten
+            await nbd.trim(offset=16 * unit, length=4 * unit)
+            await nbd.pwrite(bytes(4 * unit), offset=16 * unit)  # trimmed data is undefined until rewritten
             model[16 * unit : 20 * unit] = bytes(4 * unit)
         if nbd.can_fast_zero:
             try:
-                await nbd.zero(unit, 12 * unit, fast=True)
+                await nbd.zero(offset=12 * unit, length=unit, fast=True)
                 model[12 * unit : 13 * unit] = bytes(unit)
             except NBDRequestError as exc:  # allowed: "not faster than writing zeroes"
                 assert exc.errno == Errno.ENOTSUP
         if nbd.can_cache:
-            await nbd.cache(2 * unit, 0)
+            await nbd.cache(offset=0, length=2 * unit)
         if nbd.can_flush:
             await nbd.flush()
         for offset, length in [*writes, (0, 32 * unit)]:
-            assert await nbd.pread(length, offset) == model[offset : offset + length]
+            assert await nbd.pread(offset=offset, length=length) == model[offset : offset + length]
         back = bytearray(size)
-        await nbd.pread_into(back, 0)
+        await nbd.pread_into(back, offset=0)
         assert back == model
     assert nbdcopy_bytes(peer.uri()) == model

@@ -321,12 +321,12 @@ class Corrupting:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def write(self, offset: int, data: memoryview) -> None:
+    async def write(self, *, offset: int, data: memoryview) -> None:
         if offset <= self.at < offset + len(data):
             changed = bytearray(data)
             changed[self.at - offset] ^= 0xFF
             data = memoryview(changed)
-        await self._inner.write(offset, data)
+        await self._inner.write(offset=offset, data=data)
 
 
 async def test_verify_finds_a_planted_mismatch(tmp_path: Path, nbdkit, ours) -> None:  # type: ignore[no-untyped-def]

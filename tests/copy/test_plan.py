@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sendense_nbd.copy.plan import Action, TargetMode, WorkItem, merge_areas, plan
+from sendense_nbd.protocol.extents import Extent
 
 HOLE, ZERO = 1, 2
 MiB = 1 << 20
@@ -14,13 +15,13 @@ KiB = 1 << 10
 
 
 @st.composite
-def disks(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, int]]]:
+def disks(draw: st.DrawFn) -> tuple[int, list[Extent]]:
     """A size and extents covering it (sometimes leaving a tail undescribed)."""
     lengths = draw(st.lists(st.integers(1, 3 * MiB), min_size=0, max_size=12))
     flags = draw(st.lists(st.sampled_from([0, HOLE, ZERO, HOLE | ZERO]), min_size=len(lengths), max_size=len(lengths)))
     extents, pos = [], 0
     for length, flag in zip(lengths, flags):
-        extents.append((pos, length, flag))
+        extents.append(Extent(pos, length, flag))
         pos += length
     tail = draw(st.integers(0, MiB))
     return pos + tail, extents
@@ -34,8 +35,8 @@ def covers_exactly(items: list[WorkItem], size: int) -> None:
     assert pos == size
 
 
-def reads_zero_at(extents: list[tuple[int, int, int]], offset: int) -> bool:
-    return any(o <= offset < o + n and f & ZERO for o, n, f in extents)
+def reads_zero_at(extents: list[Extent], offset: int) -> bool:
+    return any(e.offset <= offset < e.end and e.status & ZERO for e in extents)
 
 
 modes = st.sampled_from([TargetMode.FRESH, TargetMode.RAW, TargetMode.OVERLAY])
@@ -70,12 +71,12 @@ def test_full_plan_covers_every_byte_once(disk, mode, block, request_size) -> No
 
 
 def test_hole_without_zero_flag_is_copied() -> None:
-    p = plan([(0, MiB, HOLE), (MiB, MiB, HOLE | ZERO)], size=2 * MiB, mode=TargetMode.FRESH)
+    p = plan([Extent(0, MiB, HOLE), Extent(MiB, MiB, HOLE | ZERO)], size=2 * MiB, mode=TargetMode.FRESH)
     assert p.ranges == (WorkItem(0, MiB, Action.COPY), WorkItem(MiB, MiB, Action.SKIP))
 
 
 def test_zero_modes() -> None:
-    extents = [(0, MiB, 0), (MiB, 2 * MiB, HOLE | ZERO), (3 * MiB, MiB, 0)]
+    extents = [Extent(0, MiB, 0), Extent(MiB, 2 * MiB, HOLE | ZERO), Extent(3 * MiB, MiB, 0)]
     for mode, action in (
         (TargetMode.FRESH, Action.SKIP),
         (TargetMode.RAW, Action.ZERO),
@@ -88,7 +89,7 @@ def test_zero_modes() -> None:
 
 
 def test_unaligned_zero_area_shrinks_and_data_grows() -> None:
-    extents = [(0, 1000, 0), (1000, 10000, ZERO), (11000, 5384, 0)]
+    extents = [Extent(0, 1000, 0), Extent(1000, 10000, ZERO), Extent(11000, 5384, 0)]
     p = plan(extents, size=16384, mode=TargetMode.RAW, min_block=4096)
     assert p.ranges == (
         WorkItem(0, 4096, Action.COPY),
@@ -113,7 +114,7 @@ def test_changed_areas_merge_and_split() -> None:
 
 
 def test_changed_zero_area_is_written_even_on_fresh_target() -> None:
-    p = plan([(0, 8 * MiB, HOLE | ZERO)], size=8 * MiB, mode=TargetMode.FRESH, changed=[(MiB, MiB)])
+    p = plan([Extent(0, 8 * MiB, HOLE | ZERO)], size=8 * MiB, mode=TargetMode.FRESH, changed=[(MiB, MiB)])
     assert p.ranges == (
         WorkItem(0, MiB, Action.SKIP),
         WorkItem(MiB, MiB, Action.ZERO),
@@ -136,7 +137,7 @@ def test_changed_plan_properties(changed, gap, block, mode) -> None:
         end = min(size, offset + length)
         if offset < end:
             assert any(m <= offset and end <= m + n for m, n in merged)
-    extents = [(0, 16 * MiB, 0), (16 * MiB, 16 * MiB, HOLE | ZERO), (32 * MiB, size - 32 * MiB, 0)]
+    extents = [Extent(0, 16 * MiB, 0), Extent(16 * MiB, 16 * MiB, HOLE | ZERO), Extent(32 * MiB, size - 32 * MiB, 0)]
     p = plan(extents, size=size, mode=mode, changed=changed, merge_gap=gap, min_block=block, request_size=MiB)
     items = list(p.items())
     covers_exactly(items, size)
