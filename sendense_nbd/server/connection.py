@@ -42,16 +42,15 @@ import struct
 import termios
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from sendense_nbd.errors import DeviceError, ProtocolError
 from sendense_nbd.protocol import transmission as tx
-from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, Command, CommandFlag, Errno
+from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, Command, CommandFlag
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
-from sendense_nbd.storage.base import BlockDevice, Extent
-
-if TYPE_CHECKING:
-    from sendense_nbd.server.server import NBDServer
+from sendense_nbd.server.context import ConnectionContext
+from sendense_nbd.storage.base import BlockDevice
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,15 @@ _HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 class ServerConnection(asyncio.BufferedProtocol):
-    """Serves one client; created by :class:`~sendense_nbd.server.NBDServer`."""
+    """Serves one client; created by :class:`~sendense_nbd.server.NBDServer` with its context."""
 
-    def __init__(self, server: NBDServer) -> None:
-        self._server = server
+    def __init__(self, context: ConnectionContext) -> None:
+        self._context = context
+        # Bound once: the request path reads these for every request.
+        self._budget = context.budget
+        self._buffers = context.buffers
+        self._executor = context.executor
+        self._admission = context.admission
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._fd = -1
@@ -98,7 +102,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._started = self._loop.time()
         self._last_received = self._started  # payload progress
         self._unsent = (0, self._started)  # (bytes in the transport buffer, since when)
-        self.admitted = False
         self.peer = "?"
         self.bytes_read = 0
         self.bytes_written = 0
@@ -109,7 +112,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self.peer = str(transport.get_extra_info("peername") or "unix")
-        if not self._server._accept(self):
+        if not self._admission.accept(self):
             transport.abort()
             return
         # Paused as soon as anything is buffered, resumed once it all went out:
@@ -120,7 +123,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._handshake = ServerHandshake(self._server.catalog, admit=self._admit)
+        self._handshake = ServerHandshake(self._context.catalog, admit=self._admit)
         transport.write(self._handshake.data_to_send())
         self._arm()
 
@@ -152,7 +155,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._watchdog.cancel()
             self._watchdog = None
         self._pending.clear()
-        self._server.budget.cancel_wait(self._wake)
+        self._budget.cancel_wait(self._wake)
         # Drop the parser (and its payload buffer) now: it and this object form a cycle
         # that only the cyclic garbage collector would free, keeping the memory meanwhile.
         self._parser = self._handshake = None
@@ -162,7 +165,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._give(self._held - self._task_held)
         finally:
             self._closed.set()
-            self._server._release(self)
+            self._admission.release(self)
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -176,7 +179,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- handshake ---------------------------------------------------------------
 
     def _admit(self, export: str) -> str | None:
-        return self._server._admit(self)
+        return self._admission.admit(self)
 
     def _handshake_received(self, data: memoryview) -> None:
         handshake = self._handshake
@@ -188,11 +191,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._transport.close()
         elif isinstance(event, Negotiated):
             self._negotiated = event
-            self._device = self._server.device_for(event.export.name)
+            self._device = self._context.devices[event.export.name]
             self._parser = tx.RequestParser(allocate=self._allocate_payload, may_allocate=self._room)
             self._handshake = None
             self._handshake_buffer = bytearray()
-            self._server._negotiated(self)
+            self._admission.negotiated(self)
             log.info(
                 "client %s: export %r, structured replies %s", self.peer, event.export.name, event.structured_replies
             )
@@ -230,25 +233,25 @@ class ServerConnection(asyncio.BufferedProtocol):
         bound: the budget plus one payload per connection), so clients that stall
         mid-payload never stop the others' writes, only slow them to one at a time.
         """
-        budget = self._server.budget
+        budget = self._budget
         return self._held == 0 or (budget.used < budget.total and self._held < budget.per_connection)
 
     def _allocate_payload(self, size: int) -> bytearray:
         self._charge(size)
         self._last_received = self._loop.time()
         self._arm()
-        return self._server.buffers.acquire(size)
+        return self._buffers.acquire(size)
 
     def _charge(self, cost: int) -> None:
         self._held += cost
-        self._server.budget.take(cost)
+        self._budget.take(cost)
 
     def _give(self, cost: int) -> None:
         self._held -= cost
-        self._server.budget.give(cost)
+        self._budget.give(cost)
 
     def _may_start(self, cost: int) -> bool:
-        budget = self._server.budget
+        budget = self._budget
         if budget.admits(self._held, cost):
             return True
         # A connection with nothing running may always make progress: with a
@@ -288,9 +291,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         # A payload already allocated is always received: pausing it could wait on itself.
         blocked = (bool(self._pending) or self._parser.holding) and not self._parser.receiving_payload
         if blocked:
-            self._server.budget.wait(self._wake)
+            self._budget.wait(self._wake)
         else:
-            self._server.budget.cancel_wait(self._wake)
+            self._budget.cancel_wait(self._wake)
         self._set_reading(not blocked and not self._disconnecting)
         if self._disconnecting and not self._pending and not self._tasks and self._transport:
             self._transport.close()
@@ -323,7 +326,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _arm(self) -> None:
         if self._watchdog is None and not self._lost:
-            self._watchdog = self._loop.call_later(self._server.tick, self._tick)
+            self._watchdog = self._loop.call_later(self._context.tick, self._tick)
 
     def _tick(self) -> None:
         self._watchdog = None
@@ -349,11 +352,13 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _stalled(self, now: float) -> str | None:
         """Why this connection missed a deadline, or None."""
-        server, transport = self._server, self._transport
+        context, transport = self._context, self._transport
         assert transport is not None
-        if self._handshake is not None and server.handshake_limit and now - self._started > server.handshake_limit:
-            return f"no export negotiated within {server.handshake_limit:g} s (--handshake-limit)"
-        if not server.io_timeout:
+        limit = context.handshake_limit
+        if self._handshake is not None and limit and now - self._started > limit:
+            return f"no export negotiated within {limit:g} s (--handshake-limit)"
+        timeout = context.io_timeout
+        if not timeout:
             return None
         buffered = transport.get_write_buffer_size()
         # Progress shows in the kernel's send queue first: asyncio's buffer only
@@ -361,12 +366,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         unsent = buffered + _send_queue(self._fd) if buffered else 0
         if not unsent or not self._unsent[0] or unsent < self._unsent[0]:
             self._unsent = (unsent, now)
-        elif now - self._unsent[1] > server.io_timeout:
-            return f"replies unread for {server.io_timeout:g} s (--io-timeout)"
+        elif now - self._unsent[1] > timeout:
+            return f"replies unread for {timeout:g} s (--io-timeout)"
         parser = self._parser
         receiving = parser is not None and parser.receiving_payload and not self._reading_paused
-        if receiving and now - self._last_received > server.io_timeout:
-            return f"WRITE payload stalled for {server.io_timeout:g} s (--io-timeout)"
+        if receiving and now - self._last_received > timeout:
+            return f"WRITE payload stalled for {timeout:g} s (--io-timeout)"
         return None
 
     async def _serve(self, request: tx.Request, owned: int) -> None:
@@ -392,7 +397,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         finally:
             self._tasks.discard(asyncio.current_task())
             if request.payload is not None:
-                self._server.buffers.release(request.payload)
+                self._buffers.release(request.payload)
             self._task_held -= owned
             self._give(owned)
             if self._transport is not None and not self._transport.is_closing():
@@ -407,7 +412,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         handle = request.handle
         if command == Command.READ:
             sparse = structured and not flags & CommandFlag.DF and device.capabilities.can_extents
-            buffer = self._server.buffers.acquire(length)
+            buffer = self._buffers.acquire(length)
             segments = _read(device, offset, buffer, sparse, cached=True)  # page cache hit: no thread hop
             if segments is None:
                 segments = await self._run(_read_blocking, device, offset, buffer, sparse)
@@ -417,20 +422,20 @@ class ServerConnection(asyncio.BufferedProtocol):
             transport = self._transport
             while transport is not None and not transport.is_closing() and transport.get_write_buffer_size():
                 await self._writable.wait()
-            self._server.buffers.release(buffer)
+            self._buffers.release(buffer)
             return ()
         if command == Command.WRITE:
             assert request.payload is not None
             if length:
-                await self._run(functools.partial(device.write, offset, request.payload, fua=fua))
+                await self._run(functools.partial(device.write, offset=offset, data=request.payload, fua=fua))
             self.bytes_written += length
         elif command == Command.WRITE_ZEROES:
             if length:
                 await self._run(
                     functools.partial(
                         device.zero,
-                        offset,
-                        length,
+                        offset=offset,
+                        length=length,
                         may_trim=not flags & CommandFlag.NO_HOLE,
                         fua=fua,
                         fast=bool(flags & CommandFlag.FAST_ZERO),
@@ -438,26 +443,27 @@ class ServerConnection(asyncio.BufferedProtocol):
                 )
         elif command == Command.TRIM:
             # Advisory, as in qemu-nbd: a device that cannot trim (--discard ignore) succeeds doing nothing.
-            if length and device.capabilities.can_trim:
-                await self._run(functools.partial(device.trim, offset, length, fua=fua))
+            if length:
+                await self._run(functools.partial(device.trim, offset=offset, length=length, fua=fua))
             elif fua:
                 await self._run(device.flush)
         elif command == Command.FLUSH:
             await self._run(device.flush)
         elif command == Command.CACHE:
-            await self._run(device.cache, offset, length)
+            await self._run(functools.partial(device.cache, offset=offset, length=length))
         elif command == Command.BLOCK_STATUS:
             per_context = []
             for context_id, name in negotiated.meta_contexts:
                 extents = await self._run(_CONTEXTS[name], device, offset, length)
                 if flags & CommandFlag.REQ_ONE:
-                    extents = [(min(extents[0][0], length), extents[0][1])]
+                    first = extents[0]
+                    extents = [Extent(first.offset, min(first.length, length), first.status)]
                 per_context.append((context_id, extents))
             return tx.block_status_reply(handle, per_context)
         return tx.ok_reply(handle, structured)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._server.executor, fn, *args)
+        return await self._loop.run_in_executor(self._executor, fn, *args)
 
     async def _send(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Write a reply. Data replies wait until the transport buffer is empty,
@@ -503,13 +509,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         try:
-            async with asyncio.timeout(self._server.io_timeout or None):
+            async with asyncio.timeout(self._context.io_timeout or None):
                 if self._tasks:
                     await asyncio.gather(*self._tasks, return_exceptions=True)
                 transport.close()
                 await self._closed.wait()
         except TimeoutError:
-            log.warning("client %s: not finished %g s after shutdown; dropping it", self.peer, self._server.io_timeout)
+            log.warning("client %s: not finished %g s after shutdown; dropping it", self.peer, self._context.io_timeout)
             transport.abort()
             await self._closed.wait()
 
@@ -549,13 +555,13 @@ def _read(
     view = memoryview(buffer)
     if not sparse or length < _MIN_HOLE:
         if cached:
-            return [tx.Data(offset, view)] if device.read_cached(offset, view) else None
-        device.read_into(offset, view)
+            return [tx.Data(offset, view)] if device.read_cached(offset=offset, buffer=view) else None
+        device.read_into(offset=offset, buffer=view)
         return [tx.Data(offset, view)]
     plan: list[tuple[bool, int, int]] = []  # (is_hole, offset, length)
     pos, end = offset, offset + length
     while pos < end:
-        for extent in device.extents(pos, end - pos):
+        for extent in device.extents(offset=pos, length=end - pos):
             size = min(extent.length, end - pos)
             hole = extent.zero and size >= _MIN_HOLE
             if plan and plan[-1][0] == hole:
@@ -572,10 +578,10 @@ def _read(
         else:
             part = view[start - offset : start - offset + size]
             if cached:
-                if not device.read_cached(start, part):
+                if not device.read_cached(offset=start, buffer=part):
                     return None
             else:
-                device.read_into(start, part)
+                device.read_into(offset=start, buffer=part)
             segments.append(tx.Data(start, part))
     return segments
 
@@ -586,18 +592,12 @@ def _read_blocking(device: BlockDevice, offset: int, buffer: bytearray, sparse: 
     return segments
 
 
-def _allocation_depth(device: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
-    runs = device.allocation_depth(offset, length)
-    if not runs:
-        raise DeviceError(Errno.EIO, "storage returned no allocation depth")
-    return runs[:1024]
+def _allocation_depth(device: BlockDevice, offset: int, length: int) -> list[Extent]:
+    return device.allocation_depth(offset=offset, length=length)[:1024]
 
 
-def _allocation(device: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
-    extents: list[Extent] = device.extents(offset, length) if device.capabilities.can_extents else [Extent(length)]
-    if not extents:
-        raise DeviceError(Errno.EIO, "storage returned no extents")
-    return [(e.length, int(e.flags)) for e in extents]
+def _allocation(device: BlockDevice, offset: int, length: int) -> list[Extent]:
+    return device.extents(offset=offset, length=length)
 
 
 _CONTEXTS = {BASE_ALLOCATION: _allocation, ALLOCATION_DEPTH: _allocation_depth}

@@ -29,15 +29,14 @@ import os
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
-from sendense_nbd.protocol.handshake import ExportInfo
 from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.connection import ServerConnection
+from sendense_nbd.server.context import Admission, ConnectionContext
 from sendense_nbd.server.export import Export
-from sendense_nbd.storage.base import BlockDevice
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +84,27 @@ class NBDServer:
         if len(self._exports) != len(exports):
             raise ServerError("export names must be unique")
         self._exports.setdefault("", exports[0])
-        multi_conn = shared != 1
-        self.catalog: dict[str, ExportInfo] = {
-            name: export.info(multi_conn=multi_conn) for name, export in self._exports.items()
-        }
         self._host, self._port, self._unix_path, self._sockets = host, port, unix_path, list(sockets)
-        self.shared = shared
-        self.persistent = persistent
-        self.handshake_limit = handshake_limit
-        self.io_timeout = io_timeout
-        self.max_handshakes = max_handshakes
-        #: Seconds between a connection's watchdog checks.
-        self.tick = min([0.5, *(limit / 4 for limit in (handshake_limit, io_timeout) if limit)])
-        self.budget = Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET))
-        self.buffers = BufferPool(min(budget, DEFAULT_POOL))
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._servers: list[asyncio.Server] = []
-        self._connections: set[ServerConnection] = set()
-        self._clients: set[ServerConnection] = set()
-        self._handshaking: set[ServerConnection] = set()
         self._stop = asyncio.Event()
         self._lifecycle: asyncio.Task[None] | None = None
-        self.clients_served = 0
-        self._bytes_done = [0, 0]  # read, written by connections that are gone
+        self._admission = Admission(
+            shared=shared, persistent=persistent, max_handshakes=max_handshakes, stop=self._stop
+        )
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        multi_conn = shared != 1
+        #: What every connection shares (exports, memory, thread pool, limits); read it for monitoring.
+        self.context = ConnectionContext(
+            catalog=MappingProxyType({name: e.info(multi_conn=multi_conn) for name, e in self._exports.items()}),
+            devices=MappingProxyType({name: export.device for name, export in self._exports.items()}),
+            budget=Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET)),
+            buffers=BufferPool(min(budget, DEFAULT_POOL)),
+            executor=self._executor,
+            admission=self._admission,
+            handshake_limit=handshake_limit,
+            io_timeout=io_timeout,
+            tick=min([0.5, *(limit / 4 for limit in (handshake_limit, io_timeout) if limit)]),
+        )
 
     # -- public API ------------------------------------------------------------
 
@@ -145,17 +142,23 @@ class NBDServer:
 
     @property
     def client_count(self) -> int:
-        return len(self._clients)
+        """Clients connected now (connections that picked an export)."""
+        return len(self._admission.clients)
+
+    @property
+    def clients_served(self) -> int:
+        """Clients admitted over the server's life."""
+        return self._admission.clients_served
 
     @property
     def bytes_read(self) -> int:
         """Bytes clients read from the exports (READ payloads), over the server's life."""
-        return self._bytes_done[0] + sum(c.bytes_read for c in self._connections)
+        return self._admission.bytes_read
 
     @property
     def bytes_written(self) -> int:
         """Bytes clients wrote to the exports (WRITE payloads), over the server's life."""
-        return self._bytes_done[1] + sum(c.bytes_written for c in self._connections)
+        return self._admission.bytes_written
 
     def close(self) -> None:
         """Ask the server to stop; safe to call from a signal handler."""
@@ -176,50 +179,8 @@ class NBDServer:
         self.close()
         await self.wait_closed()
 
-    # -- used by connections -------------------------------------------------
-
-    def device_for(self, name: str) -> BlockDevice:
-        return self._exports[name].device
-
     def _protocol(self) -> ServerConnection:
-        return ServerConnection(self)
-
-    def _accept(self, connection: ServerConnection) -> bool:
-        """A new connection: False when too many are still negotiating."""
-        self._connections.add(connection)
-        if len(self._handshaking) >= self.max_handshakes:
-            log.warning(
-                "closing connection %s: %d connections are still negotiating", connection.peer, self.max_handshakes
-            )
-            return False
-        self._handshaking.add(connection)
-        return True
-
-    def _admit(self, connection: ServerConnection) -> str | None:
-        """Admit a client that picked an export, or return why it is refused."""
-        if self._stop.is_set():
-            return "the server is shutting down"
-        if len(self._clients) >= self.shared:
-            log.warning("refusing client %s: %d clients already connected", connection.peer, self.shared)
-            return f"the server allows {self.shared} simultaneous client(s) (--shared)"
-        connection.admitted = True
-        self._clients.add(connection)
-        self.clients_served += 1
-        return None
-
-    def _negotiated(self, connection: ServerConnection) -> None:
-        self._handshaking.discard(connection)
-
-    def _release(self, connection: ServerConnection) -> None:
-        if connection in self._connections:
-            self._bytes_done[0] += connection.bytes_read
-            self._bytes_done[1] += connection.bytes_written
-        self._connections.discard(connection)
-        self._handshaking.discard(connection)
-        if connection in self._clients:
-            self._clients.discard(connection)
-            if not self._clients and not self.persistent:
-                self._stop.set()
+        return ServerConnection(self.context)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -227,14 +188,14 @@ class NBDServer:
         await self._stop.wait()
         for server in self._servers:
             server.close()
-        await asyncio.gather(*(c.finish() for c in list(self._connections)), return_exceptions=True)
+        await asyncio.gather(*(c.finish() for c in list(self._admission.connections)), return_exceptions=True)
         loop = asyncio.get_running_loop()
         for export in {id(e): e for e in self._exports.values()}.values():
             if export.writable:
                 try:
-                    await loop.run_in_executor(self.executor, export.device.flush)
+                    await loop.run_in_executor(self._executor, export.device.flush)
                 except Exception as exc:  # reported, but shutdown goes on
                     log.error("flushing export %r failed: %s", export.name, exc)
         for server in self._servers:
             await server.wait_closed()
-        self.executor.shutdown(wait=True)
+        self._executor.shutdown(wait=True)

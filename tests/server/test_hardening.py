@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from sendense_nbd import Export, MemoryDevice, NBDServer
+from sendense_nbd import Export, NBDServer
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import MAX_PAYLOAD, Command, Option, OptionReply
+from sendense_nbd.storage import CheckedDevice, MemoryDevice
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -32,16 +33,16 @@ class GatedDevice(MemoryDevice):
         super().__init__(size)
         self.gate = threading.Event()
 
-    def write(self, offset: int, data, *, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def write(self, *, offset: int, data, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
         assert self.gate.wait(20), "test gate never opened"
-        super().write(offset, data, fua=fua)
+        super().write(offset=offset, data=data, fua=fua)
 
 
 @contextlib.asynccontextmanager
 async def running(device: MemoryDevice | None = None, **options: object) -> AsyncIterator[NBDServer]:
     options.setdefault("persistent", True)
     options.setdefault("shared", 8)
-    server = NBDServer([Export("", device or MemoryDevice(SIZE))], port=0, **options)  # type: ignore[arg-type]
+    server = NBDServer([Export("", CheckedDevice(device or MemoryDevice(SIZE)))], port=0, **options)  # type: ignore[arg-type]
     async with server:
         yield server
 
@@ -98,9 +99,10 @@ async def served(port: int, seed: int = 7, within: float = 2.0, *, write: bool =
 
 async def settled(server: NBDServer, within: float = 5.0) -> None:
     """Every hostile connection is gone and gave back all it held."""
-    await until(lambda: not server._connections, within, "connections closed")
-    await until(lambda: server.budget.used == 0, within, f"budget given back ({server.budget.used} bytes held)")
-    assert server.client_count == 0 and not server._handshaking
+    await until(lambda: not server.context.admission.connections, within, "connections closed")
+    budget = server.context.budget
+    await until(lambda: budget.used == 0, within, f"budget given back ({budget.used} bytes held)")
+    assert server.client_count == 0 and not server.context.admission.handshaking
 
 
 # -- the budget comes back whatever way a connection ends ----------------------------------------
@@ -184,7 +186,7 @@ async def test_stalled_payload_times_out_and_others_are_served() -> None:
         reader, writer = await negotiate(server.port)
         writer.write(wire.encode_request(Command.WRITE, 1, 0, MAX_PAYLOAD) + b"s" * MiB)
         await writer.drain()
-        await until(lambda: server.budget.used >= MAX_PAYLOAD, 5, "payload allocated")
+        await until(lambda: server.context.budget.used >= MAX_PAYLOAD, 5, "payload allocated")
         await served(server.port)  # while the stalled payload holds the whole budget
         await _closed_by_server(reader, 5)
         await settled(server)
@@ -201,7 +203,7 @@ async def test_stalled_payloads_do_not_hold_up_other_writes() -> None:
             writer.write(wire.encode_request(Command.WRITE, 1, 0, MAX_PAYLOAD) + b"s" * MiB)
             await writer.drain()
             stalled.append(writer)
-        await until(lambda: server.budget.used >= 3 * MAX_PAYLOAD, 5, "payloads allocated")
+        await until(lambda: server.context.budget.used >= 3 * MAX_PAYLOAD, 5, "payloads allocated")
         for seed in range(3):
             await served(server.port, seed)
         reader, writer = await negotiate(server.port)  # a full-size write goes through as well
@@ -221,7 +223,7 @@ async def test_unread_replies_time_out() -> None:
         for i in range(8):
             writer.write(wire.encode_request(Command.READ, i, 0, MAX_PAYLOAD))
         await writer.drain()
-        await until(lambda: server.budget.used > 0, 5, "reads running")
+        await until(lambda: server.context.budget.used > 0, 5, "reads running")
         await served(server.port, write=False)
         await until(lambda: server.client_count == 0, 6, "the non-reading client dropped")
         reset(writer)
@@ -274,7 +276,7 @@ async def test_handshaking_connections_are_bounded() -> None:
         writer.close()
         for _, w in idle:
             w.close()
-        await until(lambda: not server._connections, 5, "idle connections closed")
+        await until(lambda: not server.context.admission.connections, 5, "idle connections closed")
         await served(server.port)
 
 
@@ -291,7 +293,7 @@ async def test_handshake_replies_nobody_reads_are_bounded() -> None:
         flood = wire.encode_option(Option.INFO, GO_DEFAULT) * 20000  # ~0.6 MB in, ~2 MB of replies
         writer.write(flood)
         await asyncio.sleep(0.5)
-        transports = [c._transport for c in server._connections]
+        transports = [c._transport for c in server.context.admission.connections]
         assert transports and all(t is not None and t.get_write_buffer_size() < 1 * MiB for t in transports)
         await _closed_by_server(reader, 5)  # then the handshake limit ends it
         writer.close()
@@ -309,7 +311,7 @@ async def test_hangup_noticed_while_reading_is_paused(vanish) -> None:  # type: 
         reader, writer = await negotiate(server.port)
         for i in range(5):  # four fill the budget, the fifth header waits
             writer.write(wire.encode_request(Command.WRITE, i, i * MiB, 64 * 1024) + b"p" * 64 * 1024)
-        await until(lambda: any(c._reading_paused for c in server._clients), 5, "reading paused")
+        await until(lambda: any(c._reading_paused for c in server.context.admission.clients), 5, "reading paused")
         writer.write(wire.encode_request(Command.FLUSH, 9, 0, 0))  # waits unread in the kernel
         await writer.drain()
         vanish(writer)  # the event loop does not watch a paused socket: this FIN or RST goes unseen

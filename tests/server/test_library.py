@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd import Export, MemoryDevice, NBDServer, ServerError
+from sendense_nbd import Export, NBDServer, ServerError, memory_device
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import Command, Option, TransmissionFlag
+from sendense_nbd.storage import CheckedDevice, MemoryDevice
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ class GatedDevice(MemoryDevice):
         self.max_active = 0
         self._count_lock = threading.Lock()
 
-    def write(self, offset: int, data, *, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def write(self, *, offset: int, data, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
         with self._count_lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -36,7 +37,7 @@ class GatedDevice(MemoryDevice):
             gate = self.gates.get(offset)
             if gate is not None:
                 assert gate.wait(10), "test gate never opened"
-            super().write(offset, data, fua=fua)
+            super().write(offset=offset, data=data, fua=fua)
         finally:
             with self._count_lock:
                 self.active -= 1
@@ -58,7 +59,7 @@ async def _reply(reader: asyncio.StreamReader) -> tuple[int, int]:
 async def test_replies_come_back_in_completion_order() -> None:
     device = GatedDevice(8 * MiB)
     gate = device.gates[0] = threading.Event()
-    async with NBDServer([Export("", device)], port=0, persistent=True) as server:
+    async with NBDServer([Export("", CheckedDevice(device))], port=0, persistent=True) as server:
         reader, writer = await _connect(server.port)  # type: ignore[arg-type]
         writer.write(wire.encode_request(Command.WRITE, 1, 0, 4096) + b"a" * 4096)
         writer.write(wire.encode_request(Command.WRITE, 2, MiB, 4096) + b"b" * 4096)
@@ -72,31 +73,31 @@ async def test_bytes_in_flight_are_bounded() -> None:
     device = GatedDevice(64 * MiB)
     gates = {i * MiB: threading.Event() for i in range(24)}
     device.gates.update(gates)
-    async with NBDServer([Export("", device)], port=0, persistent=True, budget=4 * MiB) as server:
+    async with NBDServer([Export("", CheckedDevice(device))], port=0, persistent=True, budget=4 * MiB) as server:
         reader, writer = await _connect(server.port)  # type: ignore[arg-type]
         for i in range(24):
             writer.write(wire.encode_request(Command.WRITE, i, i * MiB, MiB) + bytes([i]) * MiB)
         await asyncio.sleep(0.5)
         # Writes wait on their gates: the server holds at most the budget plus
         # the one payload whose header made it go over.
-        assert server.budget.used <= 4 * MiB + MiB
+        assert server.context.budget.used <= 4 * MiB + MiB
         assert device.active <= 4
         for gate in gates.values():
             gate.set()
         handles = {(await _reply(reader))[0] for _ in range(24)}
         assert handles == set(range(24))
-        assert server.budget.used == 0
+        assert server.context.budget.used == 0
         assert 1 < device.max_active <= 4  # concurrent, and bounded
         check = bytearray(1)
-        device.read_into(23 * MiB, memoryview(check))
+        device.read_into(offset=23 * MiB, buffer=memoryview(check))
         assert check == bytes([23])
         writer.close()
 
 
 async def test_many_clients_share_one_export_and_the_server_outlives_them() -> None:
-    device = MemoryDevice(16 * MiB)
+    device = memory_device(16 * MiB)
     async with NBDServer([Export("", device)], port=0, shared=8) as server:
-        assert server.catalog[""].flags & TransmissionFlag.CAN_MULTI_CONN
+        assert server.context.catalog[""].flags & TransmissionFlag.CAN_MULTI_CONN
 
         async def client(i: int) -> None:
             reader, writer = await _connect(server.port)  # type: ignore[arg-type]
@@ -113,24 +114,24 @@ async def test_many_clients_share_one_export_and_the_server_outlives_them() -> N
         await asyncio.wait_for(server.wait_closed(), 10)  # not persistent: all left
     for i in range(8):
         check = bytearray(512)
-        device.read_into(i * MiB, memoryview(check))
+        device.read_into(offset=i * MiB, buffer=memoryview(check))
         assert check == bytes([i + 1]) * 512
 
 
 async def test_single_client_server_does_not_advertise_multi_conn() -> None:
-    server = NBDServer([Export("a", MemoryDevice(MiB)), Export("b", MemoryDevice(2 * MiB), readonly=True)], port=0)
-    assert not server.catalog["a"].flags & TransmissionFlag.CAN_MULTI_CONN
-    assert server.catalog["b"].flags & TransmissionFlag.READ_ONLY
-    assert server.catalog[""].name == "a"  # the first export is the default
+    server = NBDServer([Export("a", memory_device(MiB)), Export("b", memory_device(2 * MiB), readonly=True)], port=0)
+    assert not server.context.catalog["a"].flags & TransmissionFlag.CAN_MULTI_CONN
+    assert server.context.catalog["b"].flags & TransmissionFlag.READ_ONLY
+    assert server.context.catalog[""].name == "a"  # the first export is the default
 
 
 def test_bad_configurations_are_refused() -> None:
     with pytest.raises(ServerError, match="at least one export"):
         NBDServer([])
     with pytest.raises(ServerError, match="unique"):
-        NBDServer([Export("x", MemoryDevice(1)), Export("x", MemoryDevice(1))])
+        NBDServer([Export("x", memory_device(1)), Export("x", memory_device(1))])
     with pytest.raises(ServerError, match="--shared"):
-        NBDServer([Export("x", MemoryDevice(1))], shared=0)
+        NBDServer([Export("x", memory_device(1))], shared=0)
 
 
 @pytest.mark.peer  # the backup examples run qemu-img and nbdkit
