@@ -49,6 +49,7 @@ class BufferPool:
         return bytearray(size)
 
     def release(self, buffer: bytearray) -> None:
+        """Keep ``buffer`` for reuse, unless that would exceed ``idle_limit``."""
         size = len(buffer)
         if self.idle + size <= self.idle_limit:
             self._free.setdefault(size, []).append(buffer)
@@ -65,12 +66,15 @@ class Budget:
         self._waiting: dict[Callable[[], None], None] = {}  # in order of arrival
 
     def admits(self, connection_used: int, cost: int) -> bool:
+        """Whether ``cost`` more bytes fit, for a connection holding ``connection_used``."""
         return connection_used + cost <= self.per_connection and self.used + cost <= self.total
 
     def take(self, cost: int) -> None:
+        """Charge ``cost`` bytes (callers check :meth:`admits` first, where it matters)."""
         self.used += cost
 
     def give(self, cost: int) -> None:
+        """Give ``cost`` bytes back and wake every waiter."""
         self.used -= cost
         if cost:
             for wake in list(self._waiting):
@@ -85,4 +89,5 @@ class Budget:
         self._waiting.setdefault(wake)
 
     def cancel_wait(self, wake: Callable[[], None]) -> None:
+        """Stop calling ``wake`` (no error if it was not waiting)."""
         self._waiting.pop(wake, None)

@@ -109,6 +109,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- asyncio callbacks -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register with admission (or hang up when too many negotiate) and greet the client."""
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self.peer = str(transport.get_extra_info("peername") or "unix")
@@ -128,11 +129,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._arm()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the next bytes land: the parser's buffer, or the handshake's scratch buffer."""
         if self._parser is not None:
             return self._parser.get_buffer()
         return memoryview(self._handshake_buffer)
 
     def buffer_updated(self, nbytes: int) -> None:
+        """Feed ``nbytes`` new bytes to the handshake or the parser; a violation drops the client."""
         try:
             if self._parser is not None:
                 self._parser.buffer_updated(nbytes)
@@ -146,10 +149,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._drop()
 
     def eof_received(self) -> bool:
-        # After NBD_CMD_DISC the requests sent before it still complete.
+        """Keep the transport open only while requests sent before ``NBD_CMD_DISC`` complete."""
         return self._disconnecting and bool(self._pending or self._tasks)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Give back every byte still charged and tell admission the connection is gone."""
         self._lost = True
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -168,10 +172,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._admission.release(self)
 
     def pause_writing(self) -> None:
+        """The transport buffers data: later replies wait for :meth:`resume_writing`."""
         self._writable.clear()
         self._arm()
 
     def resume_writing(self) -> None:
+        """The transport buffer is empty again (a handshake that stopped reading reads on)."""
         self._writable.set()
         if self._handshake is not None:
             self._set_reading(True)

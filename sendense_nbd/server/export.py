@@ -22,6 +22,7 @@ class Export:
 
     @property
     def writable(self) -> bool:
+        """Clients may write: not exported read-only and the device can write."""
         return not self.readonly and self.device.capabilities.writable
 
     def info(self, *, multi_conn: bool) -> ExportInfo:

@@ -34,6 +34,7 @@ def systemd_sockets() -> list[socket.socket]:
 
 
 def tcp_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket listening on ``host:port`` (``port`` 0: any free one)."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
@@ -48,6 +49,7 @@ def tcp_socket(host: str, port: int) -> socket.socket:
 
 
 def unix_socket(path: str) -> socket.socket:
+    """A non-blocking unix socket listening on ``path`` (a file already there is removed first)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if os.path.exists(path):
