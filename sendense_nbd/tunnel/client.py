@@ -5,7 +5,8 @@ the hub (the embedded :mod:`sendense_nbd.tunnel.server` or any sshd). Local
 forward *i* (one per port of the range) goes over connection ``i % connections``;
 the remote forwards (the node API, reached from the hub) go over connection 0.
 
-Each connection is a :class:`_Link` running one loop: connect (host key pinned
+Each connection is a :class:`_Link` running one loop with the frozen
+:class:`_Login` the tunnel read at start: connect (host key pinned
 by a known_hosts file, key login), open its listeners, wait until the
 connection drops, close its listeners, sleep (exponential backoff, capped),
 again. While a link is down its ports have no listener, so a client gets
@@ -118,11 +119,19 @@ class TunnelStatus:
     links: tuple[LinkStatus, ...]
 
 
+@attrs.frozen
+class _Login:
+    """What a link needs to reach the hub: the configuration and the keys read from its files."""
+
+    config: TunnelConfig
+    keys: Sequence[asyncssh.SSHKeyPair]
+    known_hosts: asyncssh.SSHKnownHosts
+
+
 class _Link:
     """One SSH connection and the forwards it carries, reconnected until closed."""
 
-    def __init__(self, tunnel: Tunnel, index: int, local: Sequence[Forward], remote: Sequence[Forward]) -> None:
-        self.tunnel = tunnel
+    def __init__(self, index: int, local: Sequence[Forward], remote: Sequence[Forward]) -> None:
         self.index = index
         self.local = tuple(local)
         self.remote = tuple(remote)
@@ -133,6 +142,7 @@ class _Link:
         self.forwarders: list[LocalForwarder] = []
 
     def status(self) -> LinkStatus:
+        """A snapshot of this link."""
         return LinkStatus(
             index=self.index,
             state=self.state,
@@ -142,14 +152,15 @@ class _Link:
             last_error=self.last_error,
         )
 
-    async def run(self) -> None:
-        config = self.tunnel.config
+    async def run(self, login: _Login) -> None:
+        """Connect, serve, reconnect with backoff until cancelled; :class:`TunnelError` on a permanent failure."""
+        config = login.config
         delay = config.backoff_initial
         while True:
             self.state = LinkState.CONNECTING
             started = time.monotonic()
             try:
-                await self._session()
+                await self._session(login)
             except _PERMANENT as exc:
                 self.state, self.last_error = LinkState.FAILED, f"{type(exc).__name__}: {exc}"
                 log.error("tunnel link %d to %s:%d failed: %s", self.index, config.host, config.port, self.last_error)
@@ -164,15 +175,15 @@ class _Link:
             await asyncio.sleep(pause)
             delay = min(delay * 2, config.backoff_max)
 
-    async def _session(self) -> None:
-        config = self.tunnel.config
+    async def _session(self, login: _Login) -> None:
+        config = login.config
         conn = await asyncio.wait_for(
             asyncssh.connect(
                 config.host,
                 config.port,
                 username=config.username,
-                client_keys=self.tunnel.keys,
-                known_hosts=self.tunnel.known_hosts,
+                client_keys=login.keys,
+                known_hosts=login.known_hosts,
                 password_auth=False,
                 kbdint_auth=False,
                 gss_host=None,
@@ -221,10 +232,8 @@ class Tunnel:
         self.config = config
         n = config.connections
         self._links = [
-            _Link(self, i, config.local_forwards[i::n], config.remote_forwards if i == 0 else ()) for i in range(n)
+            _Link(i, config.local_forwards[i::n], config.remote_forwards if i == 0 else ()) for i in range(n)
         ]
-        self.keys: Sequence[asyncssh.SSHKeyPair] = ()
-        self.known_hosts: asyncssh.SSHKnownHosts | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
@@ -233,14 +242,15 @@ class Tunnel:
         """Read the keys, tune malloc (:mod:`.allocator`), start the links (see :meth:`wait_connected`)."""
         config = self.config
         try:
-            self.keys = asyncssh.load_keypairs(list(config.client_keys))
-            self.known_hosts = asyncssh.read_known_hosts(config.known_hosts)
+            login = _Login(
+                config, asyncssh.load_keypairs(list(config.client_keys)), asyncssh.read_known_hosts(config.known_hosts)
+            )
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
             raise TunnelError(f"cannot read the client key or known_hosts file: {exc}") from exc
         tune_malloc()
         loop = asyncio.get_running_loop()
         for link in self._links:
-            task = loop.create_task(link.run(), name=f"tunnel-link-{link.index}")
+            task = loop.create_task(link.run(login), name=f"tunnel-link-{link.index}")
             task.add_done_callback(self._link_done)
             self._tasks.append(task)
 

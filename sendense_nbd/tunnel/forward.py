@@ -182,12 +182,14 @@ class LocalForwarder:
         )
 
     def opened(self, side: _LocalSide) -> None:
+        """A local client connected: count it and open its channel in a task."""
         self._connections.add(side)
         task = asyncio.get_running_loop().create_task(side.open())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def closed(self, side: _LocalSide) -> None:
+        """A local client's connection is gone."""
         self._connections.discard(side)
 
     def close(self) -> None:

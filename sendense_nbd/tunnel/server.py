@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Sequence, Set
 from types import TracebackType
 from typing import cast
 
@@ -79,11 +79,38 @@ class TunnelServerConfig:
     max_startups: int = attrs.field(default=DEFAULT_MAX_STARTUPS, validator=attrs.validators.ge(1))
 
 
-class _Handler(asyncssh.SSHServer):
-    """One SSH connection: applies the forwarding policy of :class:`TunnelServer`."""
+class _LoginGate:
+    """Tracks the server's connections and bounds those still logging in (``max_startups``)."""
 
-    def __init__(self, server: TunnelServer) -> None:
-        self._server = server
+    def __init__(self, max_startups: int) -> None:
+        self.max_startups = max_startups
+        self.connections: set[asyncssh.SSHServerConnection] = set()
+        self.logging_in: set[asyncssh.SSHServerConnection] = set()
+
+    def accept(self, conn: asyncssh.SSHServerConnection) -> bool:
+        """A new connection; False when ``max_startups`` are already logging in (the caller drops it)."""
+        self.connections.add(conn)
+        if len(self.logging_in) >= self.max_startups:
+            return False
+        self.logging_in.add(conn)
+        return True
+
+    def logged_in(self, conn: asyncssh.SSHServerConnection) -> None:
+        """``conn`` logged in: it no longer counts against ``max_startups``."""
+        self.logging_in.discard(conn)
+
+    def release(self, conn: asyncssh.SSHServerConnection) -> None:
+        """``conn`` is closed."""
+        self.connections.discard(conn)
+        self.logging_in.discard(conn)
+
+
+class _Handler(asyncssh.SSHServer):
+    """One SSH connection: applies the forwarding policy of ``config``, reports to the login gate."""
+
+    def __init__(self, config: TunnelServerConfig, gate: _LoginGate) -> None:
+        self._config = config
+        self._gate = gate
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
 
@@ -91,27 +118,23 @@ class _Handler(asyncssh.SSHServer):
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._server.connections.add(conn)
-        if len(self._server.logging_in) >= self._server.config.max_startups:
+        if not self._gate.accept(conn):
             log.warning(
                 "dropped a connection from %s: %d connections are already logging in (max startups)",
                 self._peer,
-                len(self._server.logging_in),
+                len(self._gate.logging_in),
             )
             asyncio.get_running_loop().call_soon(conn.abort)
-            return
-        self._server.logging_in.add(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
-            self._server.connections.discard(self._conn)
-            self._server.logging_in.discard(self._conn)
+            self._gate.release(self._conn)
         log.info("tunnel connection from %s closed%s", self._peer, f": {exc}" if exc else "")
 
     def begin_auth(self, username: str) -> bool:
         assert self._conn is not None
         try:
-            self._conn.set_authorized_keys(self._server.config.authorized_keys)
+            self._conn.set_authorized_keys(self._config.authorized_keys)
         except (OSError, asyncssh.KeyImportError) as exc:
             log.error("refusing %s: cannot read authorized keys: %s", self._peer, exc)
             self._conn.set_authorized_keys(asyncssh.SSHAuthorizedKeys())
@@ -122,7 +145,7 @@ class _Handler(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         if self._conn is not None:
-            self._server.logging_in.discard(self._conn)
+            self._gate.logged_in(self._conn)
         log.info("tunnel login from %s accepted", self._peer)
 
     def session_requested(self) -> bool:
@@ -132,7 +155,7 @@ class _Handler(asyncssh.SSHServer):
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> tuple[asyncssh.SSHTCPChannel[bytes], Awaitable[asyncssh.SSHTCPSession[bytes]]]:
-        allowed = self._server.config
+        allowed = self._config
         if dest_host != allowed.dest_host or dest_port not in allowed.ports:
             log.warning(
                 "refused a forward from %s to %s:%d: only %s on the NBD ports is allowed",
@@ -150,7 +173,7 @@ class _Handler(asyncssh.SSHServer):
         return chan, session
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        if (listen_host, listen_port) not in self._server.config.remote_listens:
+        if (listen_host, listen_port) not in self._config.remote_listens:
             log.warning(
                 "refused a remote forward listener on %s:%d from %s: not a configured address",
                 listen_host,
@@ -175,10 +198,18 @@ class TunnelServer:
 
     def __init__(self, config: TunnelServerConfig) -> None:
         self.config = config
-        self.connections: set[asyncssh.SSHServerConnection] = set()
-        #: Connections not logged in yet (bounded by ``config.max_startups``).
-        self.logging_in: set[asyncssh.SSHServerConnection] = set()
+        self._gate = _LoginGate(config.max_startups)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def connections(self) -> Set[asyncssh.SSHServerConnection]:
+        """The SSH connections open now."""
+        return self._gate.connections
+
+    @property
+    def logging_in(self) -> Set[asyncssh.SSHServerConnection]:
+        """Connections not logged in yet (bounded by ``config.max_startups``)."""
+        return self._gate.logging_in
 
     async def start(self) -> None:
         """Tune malloc (:mod:`.allocator`) and listen; ``port=0`` picks :attr:`port`. Raises :class:`TunnelError`."""
@@ -189,7 +220,7 @@ class TunnelServer:
             self._acceptor = await asyncssh.listen(
                 config.host,
                 config.port,
-                server_factory=lambda: _Handler(self),
+                server_factory=lambda: _Handler(config, self._gate),
                 server_host_keys=host_keys,
                 password_auth=False,
                 kbdint_auth=False,
