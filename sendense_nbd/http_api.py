@@ -12,18 +12,21 @@ import ipaddress
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
-from sendense_nbd.errors import BadRequest, SendenseError
+from sendense_nbd.errors import BadRequest, Conflict, SendenseError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: (exception type, HTTP status, error code), the first match wins.
-ErrorMap = list[tuple[type[Exception], int, str]]
+#: How an API answers its domain errors: (exception type, HTTP status, error code), the first match
+#: wins; a None code answers the error's own ``code`` (a :class:`Conflict` names its clash).
+ErrorMap = Sequence[tuple[type[SendenseError], int, str | None]]
+#: The domain errors every API answers alike, looked up after the API's own map.
+COMMON_ERRORS: ErrorMap = ((Conflict, 409, None),)
 
 #: Largest request body (bytes); give it to ``web.Application(client_max_size=...)``.
 MAX_BODY = 1 << 20
@@ -35,10 +38,12 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 def error(status: int, code: str, message: str) -> web.Response:
+    """A JSON error answer: ``{"error": {"code", "message"}}``."""
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 def is_loopback(host: str) -> bool:
+    """Whether an API listening on ``host`` is reachable only from this machine."""
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -68,16 +73,24 @@ def error_middleware(token: str | None, errors: ErrorMap) -> Any:
             status = {"bad_request": 400, "not_found": 404}.get(exc.code, 409)
             return error(status, exc.code, str(exc))
         except SendenseError as exc:
-            for kind, status, code in errors:
-                if isinstance(exc, kind):
-                    return error(status, code, str(exc))
-            log.error("API error on %s %s: %s", request.method, request.path, exc)
-            return error(500, "internal", str(exc))
+            answer = domain_error(exc, errors)
+            if answer is None:
+                log.error("API error on %s %s: %s", request.method, request.path, exc)
+                return error(500, "internal", str(exc))
+            return answer
         except Exception as exc:  # noqa: BLE001 - a defect: answer JSON, log the trace
             log.exception("API error on %s %s", request.method, request.path)
             return error(500, "internal", f"{type(exc).__name__}: {exc}")
 
     return middleware
+
+
+def domain_error(exc: SendenseError, errors: ErrorMap) -> web.Response | None:
+    """The answer ``errors`` (then :data:`COMMON_ERRORS`) give ``exc``; None if neither names its type."""
+    for kind, status, code in (*errors, *COMMON_ERRORS):
+        if isinstance(exc, kind):
+            return error(status, code if code is not None else str(getattr(exc, "code", "conflict")), str(exc))
+    return None
 
 
 def check_token(token: str) -> bool:

@@ -124,7 +124,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
 
             tunnel_server = TunnelServer(ssh)
             await tunnel_server.start()
-        started: dict[str, object] = {"listening": url, "repo": config.repo, **recovered}
+        started: dict[str, object] = {"listening": url, "repo": config.repo, **recovered.to_json()}
         if tunnel_server is not None:
             started["ssh_port"] = tunnel_server.port
         await ready_then_wait(started)
@@ -133,7 +133,8 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
             tunnel_server.close()
             await tunnel_server.wait_closed()
         await runner.cleanup()
-        await hub.close()
+        hub.close()
+        await hub.wait_closed()
     return 0
 
 
@@ -161,7 +162,7 @@ def ports_command(repo: str, nbd_ports: str) -> None:
         status = asyncio.run(PortAllocator(db, parse_range(nbd_ports)).status())
     finally:
         db.close()
-    click.echo(json.dumps(status, indent=2))
+    click.echo(json.dumps(status.to_json(), indent=2))
 
 
 @click.command("points")

@@ -1,5 +1,8 @@
 """The hub's REST API (aiohttp), versioned under ``/api/v1``; errors are JSON with a code.
 
+Handlers parse every body and query with :mod:`~sendense_nbd.hub.requests`,
+call one :class:`~sendense_nbd.hub.service.Hub` method, and turn its typed
+answer into JSON; domain errors become HTTP answers through :data:`_ERRORS`.
 Bearer-token auth is required whenever the API listens on a non-loopback
 address. See README "Hub" for curl examples and docs/HUB_API.md for the
 calls the backup client makes.
@@ -23,6 +26,7 @@ from sendense_nbd.errors import (
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.jobs import Job
+from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
 
 PREFIX = "/api/v1"
@@ -40,76 +44,82 @@ _ERRORS: ErrorMap = [
 
 def build_app(hub: Hub, *, token: str | None) -> web.Application:
     """The API over ``hub``; every body and query is parsed by :mod:`~sendense_nbd.hub.requests` first."""
-    routes = web.RouteTableDef()
-
-    @routes.post(PREFIX + "/backups")
-    async def create_backup(request: web.Request) -> web.Response:
-        job = await hub.create_backup(req.BackupRequest.from_json(await json_body(request)))
-        return web.json_response(_backup(job), status=201)
-
-    @routes.get(PREFIX + "/backups")
-    async def list_backups(request: web.Request) -> web.Response:
-        vm_path = None if request.query.get("vm_path") is None else _query_vm_path(request)
-        jobs = await hub.jobs.list(vm_path=vm_path, kind="backup")
-        return web.json_response({"backups": [_backup(job) for job in jobs]})
-
-    @routes.get(PREFIX + "/backups/changeid")
-    async def change_id(request: web.Request) -> web.Response:
-        vm_path = _query_vm_path(request)
-        key = req.disk_key_query(request.query.get("disk_key"))
-        found = await hub.change_id(vm_path, key)
-        if found is None:
-            return error(404, "not_found", f"no completed backup of {vm_path} disk {key}")
-        return web.json_response(found)
-
-    @routes.get(PREFIX + "/backups/{job}")
-    async def get_backup(request: web.Request) -> web.Response:
-        return web.json_response(_backup(await hub.jobs.get(_job_id(request))))
-
-    @routes.post(PREFIX + "/backups/{job}/progress")
-    async def post_progress(request: web.Request) -> web.Response:
-        job_id = _job_id(request)
-        job = await hub.progress(job_id, req.parse_progress(await json_body(request)))
-        return web.json_response({"job_id": job.id, "state": job.state})
-
-    @routes.get(PREFIX + "/backups/{job}/progress")
-    async def get_progress(request: web.Request) -> web.Response:
-        job = await hub.jobs.get(_job_id(request))
-        return web.json_response({"job_id": job.id, "state": job.state, "progress": job.progress})
-
-    @routes.post(PREFIX + "/backups/{job}/complete")
-    async def complete(request: web.Request) -> web.Response:
-        job_id = _job_id(request)
-        completion = req.Completion.from_json(await json_body(request))
-        return web.json_response(_backup(await hub.complete(job_id, completion)))
-
-    @routes.delete(PREFIX + "/backups/{job}")
-    async def cancel(request: web.Request) -> web.Response:
-        return web.json_response(_backup(await hub.cancel(_job_id(request))))
-
-    @routes.get(PREFIX + "/points")
-    async def points(request: web.Request) -> web.Response:
-        vm_path = _query_vm_path(request)
-        return web.json_response({"points": [p.to_json() for p in await hub.repository.points(vm_path)]})
-
-    @routes.post(PREFIX + "/restores")
-    async def restore(request: web.Request) -> web.Response:
-        job = await hub.restore(req.RestoreRequest.from_json(await json_body(request)))
-        return web.json_response(job.to_json(), status=201)
-
-    @routes.delete(PREFIX + "/restores/{job}")
-    async def stop_restore(request: web.Request) -> web.Response:
-        return web.json_response((await hub.stop_restore(_job_id(request))).to_json())
-
-    @routes.get(PREFIX + "/ports")
-    async def ports(request: web.Request) -> web.Response:
-        status = await hub.ports.status()
-        status["exports"] = hub.exports.list()
-        return web.json_response(status)
-
+    api = _Handlers(hub)
+    routes = [  # in matching order: /backups/changeid before /backups/{job}
+        web.post(PREFIX + "/backups", api.create_backup),
+        web.get(PREFIX + "/backups", api.list_backups),
+        web.get(PREFIX + "/backups/changeid", api.change_id),
+        web.get(PREFIX + "/backups/{job}", api.get_backup),
+        web.post(PREFIX + "/backups/{job}/progress", api.post_progress),
+        web.get(PREFIX + "/backups/{job}/progress", api.get_progress),
+        web.post(PREFIX + "/backups/{job}/complete", api.complete),
+        web.delete(PREFIX + "/backups/{job}", api.cancel),
+        web.get(PREFIX + "/points", api.points),
+        web.post(PREFIX + "/restores", api.restore),
+        web.delete(PREFIX + "/restores/{job}", api.stop_restore),
+        web.get(PREFIX + "/ports", api.ports),
+    ]
     app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
     app.add_routes(routes)
     return app
+
+
+class _Handlers:
+    """One handler per route: parse, call the hub, answer JSON."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def create_backup(self, request: web.Request) -> web.Response:
+        job = await self.hub.create_backup(req.BackupRequest.from_json(await json_body(request)))
+        return web.json_response(_backup(job), status=201)
+
+    async def list_backups(self, request: web.Request) -> web.Response:
+        vm_path = None if request.query.get("vm_path") is None else _query_vm_path(request)
+        return web.json_response({"backups": [_backup(job) for job in await self.hub.backups(vm_path)]})
+
+    async def change_id(self, request: web.Request) -> web.Response:
+        vm_path = _query_vm_path(request)
+        key = req.disk_key_query(request.query.get("disk_key"))
+        point = await self.hub.last_backup(vm_path, key)
+        if point is None:
+            return error(404, "not_found", f"no completed backup of {vm_path} disk {key}")
+        return web.json_response(_change_id(point))
+
+    async def get_backup(self, request: web.Request) -> web.Response:
+        return web.json_response(_backup(await self.hub.job(_job_id(request))))
+
+    async def post_progress(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        job = await self.hub.progress(job_id, req.Progress.from_json(await json_body(request)))
+        return web.json_response({"job_id": job.id, "state": job.state.value})
+
+    async def get_progress(self, request: web.Request) -> web.Response:
+        job = await self.hub.job(_job_id(request))
+        progress = None if job.progress is None else job.progress.to_json()
+        return web.json_response({"job_id": job.id, "state": job.state.value, "progress": progress})
+
+    async def complete(self, request: web.Request) -> web.Response:
+        job_id = _job_id(request)
+        completion = req.Completion.from_json(await json_body(request))
+        return web.json_response(_backup(await self.hub.complete(job_id, completion)))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        return web.json_response(_backup(await self.hub.cancel(_job_id(request))))
+
+    async def points(self, request: web.Request) -> web.Response:
+        points = await self.hub.points(_query_vm_path(request))
+        return web.json_response({"points": [point.to_json() for point in points]})
+
+    async def restore(self, request: web.Request) -> web.Response:
+        job = await self.hub.restore(req.RestoreRequest.from_json(await json_body(request)))
+        return web.json_response(job.to_json(), status=201)
+
+    async def stop_restore(self, request: web.Request) -> web.Response:
+        return web.json_response((await self.hub.stop_restore(_job_id(request))).to_json())
+
+    async def ports(self, request: web.Request) -> web.Response:
+        return web.json_response((await self.hub.port_status()).to_json())
 
 
 def _job_id(request: web.Request) -> str:
@@ -129,6 +139,12 @@ def _query_vm_path(request: web.Request) -> str:
 
 
 def _backup(job: Job) -> dict[str, object]:
+    """A job as the ``/backups`` calls show it: ``job_id`` in place of ``id``, last."""
     out = job.to_json()
     out["job_id"] = out.pop("id")
     return out
+
+
+def _change_id(point: Point) -> dict[str, object]:
+    """Where the next incremental of a disk starts (docs/HUB_API.md §1)."""
+    return {"change_id": point.change_id, "disk_uuid": point.disk_uuid, "capacity": point.size, "point_id": point.id}

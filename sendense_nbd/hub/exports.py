@@ -12,8 +12,30 @@ from sendense_nbd.storage import ImageFormat, open_image
 from sendense_nbd.storage.base import BlockDevice
 
 
+@attrs.frozen
+class ExportStats:
+    """What one export serves and how much it has served, at one moment."""
+
+    job_id: str
+    disk_key: int | None
+    export: str
+    port: int
+    image: str
+    readonly: bool
+    clients: int
+    clients_served: int
+    bytes_written: int
+    bytes_read: int
+
+    def to_json(self) -> dict[str, object]:
+        """The export as ``GET /ports`` shows it."""
+        return attrs.asdict(self)
+
+
 @attrs.define(eq=False)
 class RunningExport:
+    """One export the hub serves: a job's disk image on its leased port."""
+
     job_id: str
     disk_key: int | None
     name: str
@@ -23,19 +45,13 @@ class RunningExport:
     server: NBDServer
     device: BlockDevice
 
-    def stats(self) -> dict[str, object]:
-        return {
-            "job_id": self.job_id,
-            "disk_key": self.disk_key,
-            "export": self.name,
-            "port": self.port,
-            "image": self.path,
-            "readonly": self.readonly,
-            "clients": self.server.client_count,
-            "clients_served": self.server.clients_served,
-            "bytes_written": self.server.bytes_written,
-            "bytes_read": self.server.bytes_read,
-        }
+    def stats(self) -> ExportStats:
+        """Its counters now."""
+        server = self.server
+        return ExportStats(
+            self.job_id, self.disk_key, self.name, self.port, self.path, self.readonly,
+            server.client_count, server.clients_served, server.bytes_written, server.bytes_read,
+        )  # fmt: skip
 
 
 class ExportManager:
@@ -83,14 +99,17 @@ class ExportManager:
             await asyncio.to_thread(running.device.close)
 
     async def stop_job(self, job_id: str) -> list[int]:
+        """Stop every export of a job; their ports."""
         ports = [port for port, running in self.exports.items() if running.job_id == job_id]
         for port in ports:
             await self.stop(port)
         return ports
 
     async def stop_all(self) -> None:
+        """Stop every export (at shutdown)."""
         for port in list(self.exports):
             await self.stop(port)
 
-    def list(self) -> list[dict[str, object]]:
-        return [running.stats() for running in sorted(self.exports.values(), key=lambda r: r.port)]
+    def stats(self) -> tuple[ExportStats, ...]:
+        """Every export's counters, by port."""
+        return tuple(running.stats() for running in sorted(self.exports.values(), key=lambda r: r.port))

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import NodeError, NodeNotFound
 
 
 class NodeClient:
+    """The node's API over HTTP (one session, opened on first use); failures are :class:`NodeError`."""
+
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith("/api/v1") else base + "/api/v1"
@@ -35,26 +38,30 @@ class NodeClient:
             raise NodeError(f"{method} {url}: the node did not answer: {exc or type(exc).__name__}") from exc
 
     async def disks(self, vm_path: str) -> list[dict[str, Any]]:
+        """The VM's disks as the node lists them (checked by the caller)."""
         answer = await self._call("GET", f"/vms/disks?vm_path={quote(vm_path, safe='')}")
         disks = answer.get("disks") if isinstance(answer, dict) else None
         if not isinstance(disks, list):
             raise NodeError(f"the node's disk list for {vm_path} is malformed: {answer!r}")
         return disks
 
-    async def start_backup(self, job_id: str, vm_path: str, mode: str, targets: dict[int, str], api_url: str) -> None:
+    async def start_backup(self, job_id: str, vm_path: str, mode: Mode, targets: dict[int, str], api_url: str) -> None:
+        """Ask the node to back ``vm_path`` up into ``targets`` (disk key to NBD URI), reporting to ``api_url``."""
         body = {
             "job_id": job_id,
             "vm_path": vm_path,
-            "mode": mode,
+            "mode": mode.value,
             "targets": {str(key): uri for key, uri in targets.items()},
             "api_url": api_url,
         }
         await self._call("POST", "/backups", body)
 
     async def cancel(self, job_id: str) -> None:
+        """Ask the node to cancel a job."""
         await self._call("DELETE", f"/backups/{quote(job_id, safe='')}")
 
     async def close(self) -> None:
+        """Close the HTTP session."""
         if self._session is not None:
             await self._session.close()
             self._session = None

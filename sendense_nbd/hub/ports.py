@@ -36,6 +36,8 @@ def parse_range(text: str) -> range:
 
 @attrs.frozen
 class Lease:
+    """A port held by a job's disk (``purpose`` backup or restore) until ``expires`` unless renewed."""
+
     port: int
     holder: str
     job_id: str
@@ -45,7 +47,29 @@ class Lease:
     expires: float
 
     def to_json(self) -> dict[str, object]:
+        """The lease as the API shows it."""
         return attrs.asdict(self)
+
+
+@attrs.frozen
+class PoolStatus:
+    """The pool's range and its live leases."""
+
+    pool: range
+    used: tuple[Lease, ...]
+
+    @property
+    def free(self) -> int:
+        """Ports without a live lease (some may be held by other processes)."""
+        return len(self.pool) - len(self.used)
+
+    def to_json(self) -> dict[str, object]:
+        """``{"pool": {"first", "last", "size"}, "used": [...], "free"}``."""
+        return {
+            "pool": {"first": self.pool.start, "last": self.pool.stop - 1, "size": len(self.pool)},
+            "used": [lease.to_json() for lease in self.used],
+            "free": self.free,
+        }
 
 
 @attrs.define
@@ -57,6 +81,8 @@ class Allocation:
 
 
 class PortAllocator:
+    """Leases ports of ``pool`` in the hub's store, each with its socket already bound."""
+
     def __init__(
         self, db: Database, pool: range = DEFAULT_POOL, *, bind_address: str = "127.0.0.1", ttl: float = 600.0
     ) -> None:
@@ -141,8 +167,8 @@ class PortAllocator:
 
         return await self.db.run(free)
 
-    async def status(self) -> dict[str, object]:
-        """The pool: every lease (by whom, since when) and the free count."""
+    async def status(self) -> PoolStatus:
+        """The pool: every live lease (by whom, since when) and the free count."""
 
         def read(connection: sqlite3.Connection) -> list[Lease]:
             now = time.time()
@@ -152,8 +178,4 @@ class PortAllocator:
             ]
 
         leases = await self.db.run(read)
-        return {
-            "pool": {"first": self.pool.start, "last": self.pool.stop - 1, "size": len(self.pool)},
-            "used": [lease.to_json() for lease in leases],
-            "free": len(self.pool) - len(leases),
-        }
+        return PoolStatus(self.pool, tuple(leases))

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.fields import (
     MAX_DISK_KEY,
@@ -42,13 +43,9 @@ RESTORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MESSAGE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-class Mode(enum.Enum):
-    FULL = "full"
-    INCREMENTAL = "incremental"
-    AUTO = "auto"
-
-
 class RestoreAction(enum.Enum):
+    """What ``POST /restores`` does with a point; also the mode of the restore job it makes."""
+
     EXPORT = "export"
     CONVERT = "convert"
 
@@ -82,6 +79,7 @@ def _stage(value: object) -> str:
 
 
 def disk_key_query(value: str | None) -> int:
+    """The ``disk_key`` of a query string: a VMware device key in decimal."""
     if value is None or not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > MAX_DISK_KEY:
         raise BadRequest(f"disk_key must be an integer from 0 to {MAX_DISK_KEY}")
     return int(value)
@@ -100,6 +98,8 @@ def capacity(value: object, name: str) -> int:
 
 @attrs.frozen
 class DiskSpec:
+    """A disk to back up: its VMware device key and, for a full point, its size in bytes."""
+
     key: int
     capacity: int | None
 
@@ -172,7 +172,27 @@ class RestoreRequest:
 
 
 @attrs.frozen
+class Failure:
+    """Why a job failed: where (``stage``) and what happened (``message``), as reports and jobs show it."""
+
+    stage: str
+    message: str
+
+    @classmethod
+    def from_json(cls, value: object, *, default_message: str) -> Failure:
+        """A node's ``error`` object (null: an empty one); the text is kept, never refused (see :func:`_message`)."""
+        error = {} if value is None else json_object(value, "error")
+        return cls(_stage(error.get("stage", "node")), _message(error.get("message", default_message)))
+
+    def to_json(self) -> dict[str, str]:
+        """``{"stage", "message"}``."""
+        return {"stage": self.stage, "message": self.message}
+
+
+@attrs.frozen
 class ReportedDisk:
+    """One disk of a successful completion: what the next incremental of it starts from."""
+
     disk_key: int
     change_id: str | None
     disk_uuid: str | None
@@ -182,21 +202,18 @@ class ReportedDisk:
 class Completion:
     """``POST /backups/{job}/complete`` (docs/HUB_API.md), fully checked."""
 
-    status: str  # completed | failed
     vm_path: str | None
     disks: tuple[ReportedDisk, ...]
-    stage: str
-    message: str
+    #: Set when the node reports a failure (``disks`` is then empty).
+    failure: Failure | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Completion:
+        """Parse a node's completion report; fields this hub does not know are ignored."""
         status = body.get("status")
         path = None if body.get("vm_path") is None else vm_path(body.get("vm_path"))
         if status == "failed":
-            error = body.get("error")
-            error = {} if error is None else json_object(error, "error")
-            stage = _stage(error.get("stage", "node"))
-            return cls("failed", path, (), stage, _message(error.get("message", "the node reported a failure")))
+            return cls(path, (), Failure.from_json(body.get("error"), default_message="the node reported a failure"))
         if status != "completed":
             raise BadRequest("status is completed or failed")
         disks = tuple(
@@ -205,7 +222,7 @@ class Completion:
         )
         if len({d.disk_key for d in disks}) != len(disks):
             raise BadRequest("a disk_key is reported twice")
-        return cls("completed", path, disks, "", "")
+        return cls(path, disks)
 
 
 def _reported_disk(value: object, where: str) -> ReportedDisk:
@@ -231,45 +248,81 @@ _DISK_NUMBERS = (
 PROGRESS_STATUSES = ("running", "completed", "failed", "cancelled")
 
 
-def parse_progress(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``POST /backups/{job}/progress``: the known fields, checked; other fields are dropped."""
-    out: dict[str, Any] = {}
-    for name in ("job_id", "stage"):
-        if body.get(name) is not None:
-            out[name] = _optional_text(body[name], name, limit=128) or ""
-    status = body.get("status")
-    if status is not None:
-        if status not in PROGRESS_STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(PROGRESS_STATUSES)}")
-        out["status"] = status
-    out.update(_numbers(body, _PROGRESS_NUMBERS, ""))
-    if body.get("disks") is not None:
-        out["disks"] = [
-            _progress_disk(item, f"disks[{i}]") for i, item in enumerate(json_list(body["disks"], "disks", MAX_DISKS))
-        ]
-    error = body.get("error")
-    if error is not None:
-        error = json_object(error, "error")
-        out["error"] = {
-            "stage": _stage(error.get("stage", "node")),
-            "message": _message(error.get("message", "")),
-        }
-    return out
-
-
 def _numbers(body: Mapping[str, Any], names: tuple[str, ...], where: str) -> dict[str, Any]:
+    """The ``names`` given in ``body`` (not null), each a checked number."""
     return {name: _number(body[name], where + name) for name in names if body.get(name) is not None}
 
 
-def _progress_disk(value: object, where: str) -> dict[str, Any]:
-    disk = json_object(value, where)
-    out: dict[str, Any] = {"disk_key": integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY)}
-    sync_type = disk.get("sync_type")
-    if sync_type is not None:
-        out["sync_type"] = "" if sync_type == "" else text(sync_type, f"{where}.sync_type", limit=32)
-    out.update(_numbers(disk, _DISK_NUMBERS, where + "."))
-    if disk.get("done") is not None:
-        if not isinstance(disk["done"], bool):
+@attrs.frozen(kw_only=True)
+class DiskProgress:
+    """One disk of a progress report; a None field was not reported (and is not shown)."""
+
+    disk_key: int
+    sync_type: str | None = None
+    total_bytes: float | None = None
+    bytes_transferred: float | None = None
+    bytes_zeroed: float | None = None
+    bytes_skipped: float | None = None
+    disk_size: float | None = None
+    throughput_bps: float | None = None
+    eta_seconds: float | None = None
+    done: bool | None = None
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> DiskProgress:
+        """Parse ``disks[i]`` of a report: the known fields, checked; others dropped."""
+        disk = json_object(value, where)
+        key = integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY)
+        sync_type = disk.get("sync_type")
+        if sync_type is not None:
+            sync_type = "" if sync_type == "" else text(sync_type, f"{where}.sync_type", limit=32)
+        numbers = _numbers(disk, _DISK_NUMBERS, where + ".")
+        done = disk.get("done")
+        if done is not None and not isinstance(done, bool):
             raise BadRequest(f"{where}.done must be true or false")
-        out["done"] = disk["done"]
-    return out
+        return cls(disk_key=key, sync_type=sync_type, done=done, **numbers)
+
+
+@attrs.frozen(kw_only=True)
+class Progress:
+    """``POST /backups/{job}/progress`` (docs/HUB_API.md §2); a None field was not reported."""
+
+    job_id: str | None = None
+    stage: str | None = None
+    status: str | None = None
+    bytes_transferred: float | None = None
+    total_bytes: float | None = None
+    percent: float | None = None
+    throughput_bps: float | None = None
+    eta_seconds: float | None = None
+    elapsed_seconds: float | None = None
+    disks: tuple[DiskProgress, ...] | None = None
+    error: Failure | None = None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Progress:
+        """Parse a report: the known fields, checked; other fields are dropped."""
+        names: dict[str, Any] = {
+            name: _optional_text(body[name], name, limit=128) or "" for name in ("job_id", "stage")
+            if body.get(name) is not None
+        }  # fmt: skip
+        status = body.get("status")
+        if status is not None and status not in PROGRESS_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(PROGRESS_STATUSES)}")
+        numbers = _numbers(body, _PROGRESS_NUMBERS, "")
+        disks = None
+        if body.get("disks") is not None:
+            items = json_list(body["disks"], "disks", MAX_DISKS)
+            disks = tuple(DiskProgress.from_json(item, f"disks[{i}]") for i, item in enumerate(items))
+        error = body.get("error")
+        failure = None if error is None else Failure.from_json(error, default_message="")
+        return cls(status=status, disks=disks, error=failure, **names, **numbers)
+
+    @property
+    def running(self) -> bool:
+        """The node says the job still runs."""
+        return self.status == "running"
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON, without the fields that were not reported."""
+        return attrs.asdict(self, filter=lambda _, value: value is not None)

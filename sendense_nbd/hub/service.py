@@ -12,8 +12,15 @@ the images no point knows of.
 
 Requests arrive parsed (:mod:`~sendense_nbd.hub.requests`), and each call
 checks what it can before changing any state, so a refused request leaves
-no job running, no port leased and no image behind. Converted restores go
-only into the restore directory, under a plain file name.
+no job running, no port leased and no image behind. Calls take and return
+typed values and raise domain errors (:mod:`sendense_nbd.errors`); the API
+maps each error type to its HTTP answer. Converted restores go only into
+the restore directory, under a plain file name.
+
+Background work (lease renewal, job timeouts) runs in one task group that
+:meth:`Hub.close` cancels and :meth:`Hub.wait_closed` awaits. The only
+in-memory state besides the exports is one lock per job a request is
+working on; a lock is dropped as soon as nobody holds or awaits it.
 """
 
 from __future__ import annotations
@@ -26,17 +33,36 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+import weakref
+from collections.abc import Awaitable, Callable
 
 import attrs
 
-from sendense_nbd.errors import BadRequest, JobStateError, NodeError, SendenseError
+from sendense_nbd.backup.records import Mode
+from sendense_nbd.errors import (
+    BadRequest,
+    Conflict,
+    JobStateError,
+    NodeError,
+    RepositoryError,
+    SendenseError,
+    UnknownJob,
+)
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.db import Database
-from sendense_nbd.hub.exports import ExportManager
-from sendense_nbd.hub.jobs import TERMINAL, Job, JobStore
+from sendense_nbd.hub.exports import ExportManager, ExportStats
+from sendense_nbd.hub.jobs import (
+    BackupDetail,
+    ConvertDetail,
+    DiskExport,
+    ExportDetail,
+    Job,
+    JobKind,
+    JobState,
+    JobStore,
+)
 from sendense_nbd.hub.node_client import NodeClient
-from sendense_nbd.hub.ports import DEFAULT_POOL, PortAllocator
+from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, Repository
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
 from sendense_nbd.storage.modes import ImageFormat
@@ -46,6 +72,8 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen
 class HubConfig:
+    """How a hub runs: its repository, NBD port pool and addresses, node, timeouts and retention."""
+
     repo: str
     nbd_ports: range = DEFAULT_POOL
     #: Address the NBD exports listen on.
@@ -65,7 +93,36 @@ class HubConfig:
     restore_dir: str | None = None
 
 
+@attrs.frozen
+class Recovery:
+    """What :meth:`Hub.start` cleaned up after a predecessor that did not stop cleanly."""
+
+    failed_jobs: list[str]
+    released_ports: list[int]
+    discarded_points: list[str]
+    removed_orphans: list[str]
+    unexpected_files: list[str]
+
+    def to_json(self) -> dict[str, list[str] | list[int]]:
+        """For the hub's start-up line."""
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class PortsView:
+    """The port pool and the exports on it (``GET /ports``)."""
+
+    pool: PoolStatus
+    exports: tuple[ExportStats, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """The pool's JSON with the exports added."""
+        return {**self.pool.to_json(), "exports": [export.to_json() for export in self.exports]}
+
+
 class Hub:
+    """The backup side: jobs, restore points, ports and exports of one repository (one hub per repository)."""
+
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         os.makedirs(config.repo, mode=0o700, exist_ok=True)  # a new repository is the hub user's alone
@@ -75,7 +132,7 @@ class Hub:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise BadRequest(f"another hub is running on {config.repo}", "busy") from None
+            raise Conflict(f"another hub is running on {config.repo}", "busy") from None
         try:
             self.restore_dir = _open_restore_dir(config.restore_dir or os.path.join(config.repo, "restores"))
         except BaseException:
@@ -88,16 +145,19 @@ class Hub:
         self.repository = Repository(config.repo, self.db)
         self.jobs = JobStore(self.db)
         self.node = NodeClient(config.node_url, token=config.node_token) if config.node_url else None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._background: asyncio.Task[None] | None = None
+        self._closed = False
+        #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> dict[str, list[Any]]:
+    async def start(self) -> Recovery:
         """Clean up after a crashed predecessor, then start the lease and timeout watchers."""
         failed = []
-        for job in await self.jobs.list(state="running") + await self.jobs.list(state="pending"):
-            await self.jobs.transition(job.id, "failed", error={"stage": "hub", "message": "the hub restarted"})
+        restarted = req.Failure("hub", "the hub restarted")
+        for job in await self.jobs.list(state=JobState.RUNNING) + await self.jobs.list(state=JobState.PENDING):
+            await self.jobs.transition(job.id, JobState.FAILED, error=restarted)
             failed.append(job.id)
         released = [lease.port for lease in await self.ports.release_stale(self.holder)]
         discarded, merged = await self.repository.recover()
@@ -108,76 +168,122 @@ class Hub:
                 "recovered after a restart: jobs failed %s, ports released %s, points discarded %s, merges finished %s",
                 failed, released, discarded, merged,
             )  # fmt: skip
-        self._tasks = [asyncio.ensure_future(self._renew_leases()), asyncio.ensure_future(self._expire_jobs())]
-        return {
-            "failed_jobs": failed,
-            "released_ports": released,
-            "discarded_points": discarded,
-            "removed_orphans": removed,
-            "unexpected_files": unexpected,
-        }
+        self._background = asyncio.create_task(self._watch(), name="hub-background")
+        return Recovery(failed, released, discarded, removed, unexpected)
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def close(self) -> None:
+        """Stop the background work (cancelled); :meth:`wait_closed` finishes the shutdown."""
+        if self._background is not None:
+            self._background.cancel()
+
+    async def wait_closed(self) -> None:
+        """Close (if not yet), await the background work, stop every export (flushed), release the store."""
+        self.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._background is not None:
+            await asyncio.wait([self._background])
         await self.exports.stop_all()
         if self.node is not None:
             await self.node.close()
         self.db.close()
         os.close(self._lock_fd)
 
-    async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.lease_ttl / 3)
-            try:
-                await self.ports.renew(self.holder)
-            except Exception as exc:  # noqa: BLE001 - keep renewing
-                log.error("renewing port leases failed: %s", exc)
+    async def _watch(self) -> None:
+        """The background loops, in one task group: cancelling this task cancels and awaits them all."""
+        async with asyncio.TaskGroup() as group:
+            renew = self.config.lease_ttl / 3
+            group.create_task(self._every(renew, lambda: self.ports.renew(self.holder), "renewing port leases"))
+            group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
 
-    async def _expire_jobs(self) -> None:
+    @staticmethod
+    async def _every(interval: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run ``work`` every ``interval`` seconds until cancelled; a failed round is logged, the next runs."""
         while True:
-            await asyncio.sleep(min(30.0, self.config.job_timeout / 4))
-            now = time.time()
-            for job in await self.jobs.list(state="running"):
-                if job.deadline < now:
-                    async with await self._lock(job.id):
-                        if (await self.jobs.get(job.id)).state not in TERMINAL:
-                            await self._fail(job.id, "timeout", f"no completion within {self.config.job_timeout:.0f} s")
+            await asyncio.sleep(interval)
+            try:
+                await work()
+            except Exception as exc:  # noqa: BLE001 - keep going
+                log.error("%s failed: %s", what, exc)
+
+    async def _expire(self) -> None:
+        """Fail the running jobs past their deadline."""
+        now = time.time()
+        for job in await self.jobs.list(state=JobState.RUNNING):
+            if job.deadline < now:
+                async with await self._lock(job.id):
+                    if not (await self.jobs.get(job.id)).state.terminal:
+                        timeout = f"no completion within {self.config.job_timeout:.0f} s"
+                        await self._fail(job.id, req.Failure("timeout", timeout))
 
     async def _lock(self, job_id: str) -> asyncio.Lock:
         """The lock of an existing job (:class:`UnknownJob` otherwise, so junk IDs make no locks)."""
-        if job_id not in self._locks:
+        lock = self._locks.get(job_id)
+        if lock is None:
             await self.jobs.get(job_id)
-        return self._locks.setdefault(job_id, asyncio.Lock())
+            lock = self._locks.setdefault(job_id, asyncio.Lock())
+        return lock
+
+    # -- views -------------------------------------------------------------------
+
+    async def job(self, job_id: str) -> Job:
+        """Any job by ID; :class:`UnknownJob` if there is none."""
+        return await self.jobs.get(job_id)
+
+    async def backups(self, vm_path: str | None = None) -> list[Job]:
+        """The backup jobs (of one VM, when given), oldest first."""
+        return await self.jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)
+
+    async def points(self, vm_path: str) -> list[Point]:
+        """A VM's completed restore points, by disk and age."""
+        return await self.repository.points(vm_path)
+
+    async def last_backup(self, vm_path: str, disk_key: int) -> Point | None:
+        """The latest completed point of a disk that has a change ID (where the next incremental starts)."""
+        point = await self.repository.latest(vm_path, disk_key)
+        return point if point is not None and point.change_id else None
+
+    async def port_status(self) -> PortsView:
+        """The port pool's leases and the running exports."""
+        return PortsView(await self.ports.status(), self.exports.stats())
 
     # -- backups -----------------------------------------------------------------
 
     async def create_backup(self, request: req.BackupRequest) -> Job:
-        vm_path, mode = request.vm_path, request.mode.value
+        """Start a backup job: a point and an export per disk, then the node is told to push to them."""
+        disks = await self._disks_to_back_up(request)
+        job = await self.jobs.create(
+            JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout
+        )
+        prepared: list[DiskExport] = []
+        try:
+            for disk in disks:
+                prepared.append(await self._prepare_disk(job.id, request, disk))
+            job = await self.jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
+            if self.node is not None:
+                targets = {disk.disk_key: disk.uri for disk in prepared}
+                await self.node.start_backup(job.id, request.vm_path, request.mode, targets, self.config.public_url)
+        except BaseException as exc:
+            await self._cleanup(job.id, prepared)
+            with contextlib.suppress(JobStateError):
+                await self.jobs.transition(job.id, JobState.FAILED, error=req.Failure("starting", str(exc)))
+            raise
+        return job
+
+    async def _disks_to_back_up(self, request: req.BackupRequest) -> tuple[req.DiskSpec, ...]:
+        """The request's disks (or the node's list of the VM's disks), each with a size where it needs one."""
         disks = request.disks
         if disks is None:
             if self.node is None:
                 raise BadRequest("give disks ([{key, capacity}]): no node is configured to list them")
-            disks = await self._node_disks(vm_path)
+            disks = await self._node_disks(request.vm_path)
         for disk in disks:
-            if disk.capacity is None and (mode == "full" or await self.repository.latest(vm_path, disk.key) is None):
+            if disk.capacity is None and (
+                request.mode is Mode.FULL or await self.repository.latest(request.vm_path, disk.key) is None
+            ):
                 raise BadRequest(f"disk {disk.key}: give its capacity (no completed point to build an incremental on)")
-        job = await self.jobs.create("backup", vm_path, mode, {"disks": []}, lifetime=self.config.job_timeout)
-        entries: list[dict[str, Any]] = []
-        try:
-            for disk in disks:
-                entries.append(await self._prepare_disk(job.id, vm_path, disk.key, disk.capacity, mode))
-            targets = {e["disk_key"]: e["uri"] for e in entries}
-            job = await self.jobs.transition(job.id, "running", detail={"disks": entries})
-            if self.node is not None:
-                await self.node.start_backup(job.id, vm_path, mode, targets, self.config.public_url)
-        except BaseException as exc:
-            await self._cleanup(job.id, entries)
-            with contextlib.suppress(JobStateError):
-                await self.jobs.transition(job.id, "failed", error={"stage": "starting", "message": str(exc)})
-            raise
-        return job
+        return disks
 
     async def _node_disks(self, vm_path: str) -> tuple[req.DiskSpec, ...]:
         assert self.node is not None
@@ -190,15 +296,16 @@ class Hub:
         except BadRequest as exc:
             raise NodeError(f"the node's disk list for {vm_path} is malformed: {exc}") from exc
 
-    async def _prepare_disk(
-        self, job_id: str, vm_path: str, key: int, capacity: int | None, mode: str
-    ) -> dict[str, Any]:
-        point = await self.repository.new_point(vm_path, key, job_id, incremental=mode != "full", capacity=capacity)
+    async def _prepare_disk(self, job_id: str, request: req.BackupRequest, disk: req.DiskSpec) -> DiskExport:
+        """The disk's new point, served on a leased port."""
+        point = await self.repository.new_point(
+            request.vm_path, disk.key, job_id, incremental=request.mode is not Mode.FULL, capacity=disk.capacity
+        )
         try:
-            allocation = await self.ports.allocate(self.holder, job_id, key)
+            allocation = await self.ports.allocate(self.holder, job_id, disk.key)
             try:
-                name = f"{job_id}-{key}"
-                running = await self.exports.start(job_id, key, name, point.path, allocation.socket)
+                name = f"{job_id}-{disk.key}"
+                running = await self.exports.start(job_id, disk.key, name, point.path, allocation.socket)
             except BaseException:
                 allocation.socket.close()
                 await self.ports.release(port=allocation.lease.port)
@@ -206,29 +313,23 @@ class Hub:
         except BaseException:
             await self.repository.discard(point.id)
             raise
-        return {
-            "disk_key": key,
-            "port": running.port,
-            "export": name,
-            "uri": self._uri(running.port, name),
-            "point_id": point.id,
-            "sync_type": point.kind,
-            "base_point": point.backing,
-        }
+        uri = self._uri(running.port, name)
+        return DiskExport(disk.key, running.port, name, uri, point.id, point.kind, point.backing)
 
     def _uri(self, port: int, export: str) -> str:
         """The NBD URI of an export as nodes reach it."""
         host = self.config.nbd_advertise or self.config.nbd_bind
         return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{export}"
 
-    async def _cleanup(self, job_id: str, entries: list[dict[str, Any]]) -> None:
+    async def _cleanup(self, job_id: str, disks: list[DiskExport] | tuple[DiskExport, ...]) -> None:
         """Stop a failed job's exports (flushing), release its ports, discard its points."""
         await self.exports.stop_job(job_id)
         await self.ports.release(job_id=job_id)
-        for entry in entries:
-            await self.repository.discard(entry["point_id"])
+        for disk in disks:
+            await self.repository.discard(disk.point_id)
 
-    async def progress(self, job_id: str, report: dict[str, Any]) -> Job:
+    async def progress(self, job_id: str, report: req.Progress) -> Job:
+        """Record a node's progress report of a job."""
         return await self.jobs.set_progress(job_id, report)
 
     async def complete(self, job_id: str, report: req.Completion) -> Job:
@@ -236,89 +337,77 @@ class Hub:
         exports stopped fails the job, so no job stays running without its exports."""
         async with await self._lock(job_id):
             job = await self.jobs.get(job_id)
-            if job.kind != "backup":
-                raise BadRequest(f"{job_id} is not a backup job", "not_found")
-            if job.state in TERMINAL:
-                raise JobStateError(f"job {job_id} is already {job.state}")
-            if report.vm_path is not None and report.vm_path != job.vm_path:
-                raise BadRequest(f"the completion is for {report.vm_path}, job {job_id} backs up {job.vm_path}")
-            if report.status == "failed":
-                return await self._fail(job_id, report.stage, report.message)
-            entries = {e["disk_key"]: e for e in job.detail["disks"]}
-            reported = {d.disk_key: d for d in report.disks}
-            if set(reported) != set(entries):
-                raise BadRequest(f"the completion names disks {sorted(reported)}, the job has {sorted(entries)}")
+            _check_completion(job, report)
+            if report.failure is not None:
+                return await self._fail(job_id, report.failure)
             try:
                 await self.exports.stop_job(job_id)  # flushes every point before it counts
-                results = [(e["point_id"], reported[k].change_id, reported[k].disk_uuid) for k, e in entries.items()]
-                await self.repository.complete(results)
+                reported = {d.disk_key: d for d in report.disks}
+                await self.repository.complete(
+                    [(d.point_id, reported[d.disk_key].change_id, reported[d.disk_key].disk_uuid) for d in job.disks]
+                )
                 await self.ports.release(job_id=job_id)
-                job = await self.jobs.transition(job_id, "completed")
+                job = await self.jobs.transition(job_id, JobState.COMPLETED)
             except Exception as exc:
                 log.error("completing %s failed: %s", job_id, exc)
-                await self._fail(job_id, "complete", f"recording the completion failed: {exc}")
+                await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}"))
                 raise
-        for key in entries:
+        for disk in job.disks:
             try:
-                await self.repository.apply_retention(job.vm_path, key, self.config.keep_points)
+                await self.repository.apply_retention(job.vm_path, disk.disk_key, self.config.keep_points)
             except (SendenseError, OSError) as exc:
-                log.error("retention of %s disk %s failed: %s", job.vm_path, key, exc)
+                log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
         return job
 
-    async def _fail(self, job_id: str, stage: str, message: str, state: str = "failed") -> Job:
+    async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
         job = await self.jobs.get(job_id)
-        await self._cleanup(job_id, job.detail.get("disks", []))
+        await self._cleanup(job_id, job.disks)
         try:
-            return await self.jobs.transition(job_id, state, error={"stage": stage, "message": message})
+            return await self.jobs.transition(job_id, state, error=failure)
         except JobStateError:
             return await self.jobs.get(job_id)
 
     async def cancel(self, job_id: str) -> Job:
+        """Cancel a job that has not ended (the node is told, best effort); its points are discarded."""
         async with await self._lock(job_id):
             job = await self.jobs.get(job_id)
-            if job.state in TERMINAL:
-                raise JobStateError(f"job {job_id} is already {job.state}")
-            if self.node is not None and job.kind == "backup":
+            if job.state.terminal:
+                raise JobStateError(f"job {job_id} is already {job.state.value}")
+            if self.node is not None and job.kind is JobKind.BACKUP:
                 try:
                     await self.node.cancel(job_id)
                 except SendenseError as exc:
                     log.warning("the node did not take the cancel of %s: %s", job_id, exc)
-            return await self._fail(job_id, "cancelled", "cancelled by the API", state="cancelled")
-
-    async def change_id(self, vm_path: str, disk_key: int) -> dict[str, Any] | None:
-        point = await self.repository.latest(vm_path, disk_key)
-        if point is None or not point.change_id:
-            return None
-        return {
-            "change_id": point.change_id,
-            "disk_uuid": point.disk_uuid,
-            "capacity": point.size,
-            "point_id": point.id,
-        }
+            return await self._fail(job_id, req.Failure("cancelled", "cancelled by the API"), JobState.CANCELLED)
 
     # -- restores ----------------------------------------------------------------
 
     async def restore(self, request: req.RestoreRequest) -> Job:
+        """Serve a completed point over NBD (read-only), or convert it to a new file in the restore directory."""
         point = await self.repository.point(request.point_id)
         if point.status != "completed":
-            raise BadRequest(f"point {point.id} is not a completed restore point", "not_restorable")
+            raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
         if request.action is req.RestoreAction.EXPORT:
             return await self._export_point(point)
         assert request.name is not None
         path = os.path.join(self.restore_dir, request.name)
         if await asyncio.to_thread(os.path.lexists, path):
-            raise BadRequest(f"{request.name} exists in the restore directory {self.restore_dir}", "exists")
-        detail = {"point_id": point.id, "path": path, "format": request.fmt.value}
-        job = await self.jobs.create("restore", point.vm_path, "convert", detail, lifetime=self.config.job_timeout)
-        await self.jobs.transition(job.id, "running")
+            raise Conflict(f"{request.name} exists in the restore directory {self.restore_dir}", "exists")
+        detail = ConvertDetail(point.id, path, request.fmt)
+        job = await self.jobs.create(
+            JobKind.RESTORE, point.vm_path, req.RestoreAction.CONVERT, detail, lifetime=self.config.job_timeout
+        )
+        await self.jobs.transition(job.id, JobState.RUNNING)
         try:
             await convert_point(point, path, request.fmt)
         except (SendenseError, OSError) as exc:
-            return await self.jobs.transition(job.id, "failed", error={"stage": "convert", "message": str(exc)})
-        return await self.jobs.transition(job.id, "completed")
+            return await self.jobs.transition(job.id, JobState.FAILED, error=req.Failure("convert", str(exc)))
+        return await self.jobs.transition(job.id, JobState.COMPLETED)
 
     async def _export_point(self, point: Point) -> Job:
-        job = await self.jobs.create("restore", point.vm_path, "export", {}, lifetime=self.config.job_timeout)
+        job = await self.jobs.create(
+            JobKind.RESTORE, point.vm_path, req.RestoreAction.EXPORT, None, lifetime=self.config.job_timeout
+        )
         try:
             allocation = await self.ports.allocate(self.holder, job.id, point.disk_key, purpose="restore")
             try:
@@ -330,21 +419,37 @@ class Hub:
                 raise
         except BaseException as exc:
             await self.ports.release(job_id=job.id)
-            await self.jobs.transition(job.id, "failed", error={"stage": "export", "message": str(exc)})
+            await self.jobs.transition(job.id, JobState.FAILED, error=req.Failure("export", str(exc)))
             raise
-        detail = {"point_id": point.id, "port": running.port, "export": running.name,
-                  "uri": self._uri(running.port, running.name)}  # fmt: skip
-        return await self.jobs.transition(job.id, "running", detail=detail)
+        detail = ExportDetail(point.id, running.port, running.name, self._uri(running.port, running.name))
+        return await self.jobs.transition(job.id, JobState.RUNNING, detail=detail)
 
     async def stop_restore(self, job_id: str) -> Job:
+        """Stop a restore job's export (if any) and mark it completed; a finished one is returned as is."""
         job = await self.jobs.get(job_id)
-        if job.kind != "restore":
-            raise BadRequest(f"{job_id} is not a restore job", "not_found")
+        if job.kind is not JobKind.RESTORE:
+            raise UnknownJob(f"{job_id} is not a restore job")
         await self.exports.stop_job(job_id)
         await self.ports.release(job_id=job_id)
         with contextlib.suppress(JobStateError):
-            return await self.jobs.transition(job_id, "completed")
+            return await self.jobs.transition(job_id, JobState.COMPLETED)
         return await self.jobs.get(job_id)
+
+
+def _check_completion(job: Job, report: req.Completion) -> None:
+    """Refuse a completion that does not fit the job, before anything changes."""
+    if job.kind is not JobKind.BACKUP:
+        raise UnknownJob(f"{job.id} is not a backup job")
+    if job.state.terminal:
+        raise JobStateError(f"job {job.id} is already {job.state.value}")
+    if report.vm_path is not None and report.vm_path != job.vm_path:
+        raise BadRequest(f"the completion is for {report.vm_path}, job {job.id} backs up {job.vm_path}")
+    if report.failure is not None:
+        return
+    reported = sorted(d.disk_key for d in report.disks)
+    expected = sorted(d.disk_key for d in job.disks)
+    if reported != expected:
+        raise BadRequest(f"the completion names disks {reported}, the job has {expected}")
 
 
 async def convert_point(point: Point, path: str, fmt: ImageFormat) -> None:
@@ -379,7 +484,7 @@ def _open_restore_dir(path: str) -> str:
         os.makedirs(path, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise BadRequest(f"restore directory {path}: {exc.strerror or exc} (give a real directory)", "config") from exc
+        raise RepositoryError(f"restore directory {path}: {exc.strerror or exc} (give a real directory)") from exc
     os.close(fd)
     return path
 

@@ -55,7 +55,12 @@ def running_hub(repo: Path, node_url: str) -> AppThread:
     async def make() -> tuple[web.Application, Callable[[], Awaitable[None]]]:
         hub = Hub(config)
         await hub.start()
-        return build_app(hub, token=None), hub.close
+
+        async def close() -> None:
+            hub.close()
+            await hub.wait_closed()
+
+        return build_app(hub, token=None), close
 
     return AppThread(make, PREFIX).start()
 

@@ -56,7 +56,7 @@ def test_concurrent_allocate_and_release_never_double_assign(
                     db = Database(path)
                     allocator = PortAllocator(db, pool)
                     status = await allocator.status()
-                    assert {lease["port"]: lease["job_id"] for lease in status["used"]} == owners  # type: ignore[union-attr]
+                    assert {lease.port: lease.job_id for lease in status.used} == owners
                 if operation == "allocate":
                     results = await asyncio.gather(
                         *(allocator.allocate("hub", f"job{step}-{i}", 2000 + i) for i in range(n + 1)),
@@ -80,7 +80,7 @@ def test_concurrent_allocate_and_release_never_double_assign(
                     if sock is not None:
                         sock.close()
             status = await allocator.status()
-            assert status["free"] == len(pool) - len(owners)
+            assert status.free == len(pool) - len(owners)
         finally:
             for sock in held.values():
                 sock.close()
@@ -121,7 +121,7 @@ async def test_expired_and_stale_leases_come_back(tmp_path: Path) -> None:
         lease = await allocator.allocate("crashed-holder", "j1", 2000)
         lease.socket.close()
         await asyncio.sleep(0.3)  # never renewed: it expires
-        assert (await allocator.status())["free"] == 2
+        assert (await allocator.status()).free == 2
         fresh = await allocator.allocate("hub-2", "j2", 2000)
         fresh.socket.close()
         assert fresh.lease.port == pool[0]
@@ -129,6 +129,6 @@ async def test_expired_and_stale_leases_come_back(tmp_path: Path) -> None:
         other.socket.close()
         stale = await allocator.release_stale("hub-2")
         assert [s.port for s in stale] == [pool[1]]
-        assert [u["port"] for u in (await allocator.status())["used"]] == [pool[0]]  # type: ignore[index]
+        assert [u.port for u in (await allocator.status()).used] == [pool[0]]
     finally:
         db.close()
