@@ -71,14 +71,17 @@ class _Handlers:
         self.hub = hub
 
     async def create_backup(self, request: web.Request) -> web.Response:
+        """POST /backups: start a backup job (201)."""
         job = await self.hub.create_backup(req.BackupRequest.from_json(await json_body(request)))
         return web.json_response(_backup(job), status=201)
 
     async def list_backups(self, request: web.Request) -> web.Response:
+        """GET /backups[?vm_path=]: the backup jobs, oldest first."""
         vm_path = None if request.query.get("vm_path") is None else _query_vm_path(request)
         return web.json_response({"backups": [_backup(job) for job in await self.hub.backups(vm_path)]})
 
     async def change_id(self, request: web.Request) -> web.Response:
+        """GET /backups/changeid?vm_path=&disk_key=: where the disk's next incremental starts (404: none)."""
         vm_path = _query_vm_path(request)
         key = req.disk_key_query(request.query.get("disk_key"))
         point = await self.hub.last_backup(vm_path, key)
@@ -87,38 +90,47 @@ class _Handlers:
         return web.json_response(_change_id(point))
 
     async def get_backup(self, request: web.Request) -> web.Response:
+        """GET /backups/{job}: one job."""
         return web.json_response(_backup(await self.hub.job(_job_id(request))))
 
     async def post_progress(self, request: web.Request) -> web.Response:
+        """POST /backups/{job}/progress: a node's progress report."""
         job_id = _job_id(request)
         job = await self.hub.progress(job_id, req.Progress.from_json(await json_body(request)))
         return web.json_response({"job_id": job.id, "state": job.state.value})
 
     async def get_progress(self, request: web.Request) -> web.Response:
+        """GET /backups/{job}/progress: the job's state and latest report."""
         job = await self.hub.job(_job_id(request))
         progress = None if job.progress is None else job.progress.to_json()
         return web.json_response({"job_id": job.id, "state": job.state.value, "progress": progress})
 
     async def complete(self, request: web.Request) -> web.Response:
+        """POST /backups/{job}/complete: a node's completion (or failure) report."""
         job_id = _job_id(request)
         completion = req.Completion.from_json(await json_body(request))
         return web.json_response(_backup(await self.hub.complete(job_id, completion)))
 
     async def cancel(self, request: web.Request) -> web.Response:
+        """DELETE /backups/{job}: cancel a job that has not ended."""
         return web.json_response(_backup(await self.hub.cancel(_job_id(request))))
 
     async def points(self, request: web.Request) -> web.Response:
+        """GET /points?vm_path=: a VM's completed restore points."""
         points = await self.hub.points(_query_vm_path(request))
         return web.json_response({"points": [point.to_json() for point in points]})
 
     async def restore(self, request: web.Request) -> web.Response:
+        """POST /restores: serve a point over NBD, or convert it to a file (201)."""
         job = await self.hub.restore(req.RestoreRequest.from_json(await json_body(request)))
         return web.json_response(job.to_json(), status=201)
 
     async def stop_restore(self, request: web.Request) -> web.Response:
+        """DELETE /restores/{job}: stop a restore job's export."""
         return web.json_response((await self.hub.stop_restore(_job_id(request))).to_json())
 
     async def ports(self, request: web.Request) -> web.Response:
+        """GET /ports: the port pool's leases and the running exports."""
         return web.json_response((await self.hub.port_status()).to_json())
 
 

@@ -99,9 +99,12 @@ class Database:
         return self._worker.submit(self._transaction, function).result()
 
     async def run(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``function`` in one transaction in the worker thread, without blocking the event loop."""
         return await asyncio.wrap_future(self._worker.submit(self._transaction, function))
 
     def close(self) -> None:
+        """Close every connection and stop the worker thread."""
+
         def close_all() -> None:
             for connection in self._connections:
                 connection.close()
@@ -111,4 +114,5 @@ class Database:
 
 
 def rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A query's rows as dicts keyed by column name."""
     return [dict(row) for row in cursor.fetchall()]

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen
 class Point:
+    """A restore point: one disk's image at one backup, a full qcow2 or an overlay on ``backing``."""
+
     id: str
     vm_path: str
     disk_key: int
@@ -49,6 +51,7 @@ class Point:
     completed: float | None
 
     def to_json(self) -> dict[str, object]:
+        """The point as the API shows it."""
         return attrs.asdict(self)
 
 
@@ -59,14 +62,19 @@ def vm_slug(vm_path: str) -> str:
 
 
 class Repository:
+    """The points of every VM's disks: their images under ``root`` and their rows in the hub's store."""
+
     def __init__(self, root: str, db: Database) -> None:
         self.root = os.path.abspath(root)
         self.db = db
 
     def disk_dir(self, vm_path: str, disk_key: int) -> str:
+        """The folder of one disk's images."""
         return os.path.join(self.root, "vms", vm_slug(vm_path), str(disk_key))
 
     async def points(self, vm_path: str, disk_key: int | None = None, *, completed_only: bool = True) -> list[Point]:
+        """A VM's points (of one disk, when given), by disk and age."""
+
         def read(connection: sqlite3.Connection) -> list[Point]:
             sql = "SELECT * FROM points WHERE vm_path = ?"
             args: list[object] = [vm_path]
@@ -80,6 +88,8 @@ class Repository:
         return await self.db.run(read)
 
     async def point(self, point_id: str) -> Point:
+        """One point by ID; :class:`UnknownPoint` if there is none."""
+
         def read(connection: sqlite3.Connection) -> list[Point]:
             return [Point(**r) for r in rows(connection.execute("SELECT * FROM points WHERE id = ?", (point_id,)))]
 
@@ -89,6 +99,7 @@ class Repository:
         return found[0]
 
     async def latest(self, vm_path: str, disk_key: int) -> Point | None:
+        """A disk's newest completed point, if any."""
         points = await self.points(vm_path, disk_key)
         return points[-1] if points else None
 

@@ -134,6 +134,7 @@ class BackupRequest:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> BackupRequest:
+        """Parse the body; unknown fields are refused."""
         json_object(body, "the body", frozenset({"vm_path", "mode", "disks"}))
         disks = body.get("disks")
         return cls(
@@ -154,6 +155,7 @@ class RestoreRequest:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> RestoreRequest:
+        """Parse the body; unknown fields, and a file name that is not one plain name, are refused."""
         json_object(body, "the body", frozenset({"point_id", "action", "format", "path"}))
         point_id = text(body.get("point_id"), "point_id", limit=128)
         action = choice(body.get("action", "export"), "action", RestoreAction)
@@ -325,4 +327,7 @@ class Progress:
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON, without the fields that were not reported."""
-        return attrs.asdict(self, filter=lambda _, value: value is not None)
+        out = attrs.asdict(self, filter=lambda _, value: value is not None)
+        if self.disks is not None:
+            out["disks"] = list(out["disks"])
+        return out
