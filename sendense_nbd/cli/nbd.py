@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
 import os
@@ -11,9 +12,10 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import click
 
 from sendense_nbd import __version__
@@ -25,7 +27,7 @@ from sendense_nbd.storage import BlockDevice, CacheMode, DetectZeroes, Discard, 
 from sendense_nbd.tunnel.cli import tunnel_server_command
 
 if TYPE_CHECKING:
-    from sendense_nbd.server import Export
+    from sendense_nbd.server import Export, NBDServer
 
 # Each command imports the parts it uses: `copy` between two NBD servers
 # needs neither the server nor the storage backends, and starts faster.
@@ -127,87 +129,113 @@ def cli(verbose: int) -> None:
 )
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the server's PID here.")
 @click.option("--fork", is_flag=True, help="Return once the server is listening; it keeps running in the background.")
-def serve(
-    images: Sequence[str],
-    fmt: str | None,
-    bind: str,
-    port: int,
-    socket_path: str | None,
-    names: Sequence[str],
-    descriptions: Sequence[str],
-    shared: int,
-    persistent: bool,
-    handshake_limit: float,
-    io_timeout: float,
-    max_handshakes: int,
-    readonly: bool,
-    allocation_depth: bool,
-    cache: str,
-    discard: str,
-    detect_zeroes: str,
-    aio: str | None,
-    pid_file: str | None,
-    fork: bool,
-) -> None:
+def serve(**options: Any) -> None:
     """Serve IMAGE(s) over NBD, as a drop-in for qemu-nbd.
 
     Systemd socket activation (LISTEN_FDS) takes precedence over --bind,
     --port and --socket. SIGTERM and SIGINT finish the requests in flight,
     flush, and exit 0.
     """
-    from sendense_nbd.server import Export, systemd_sockets, tcp_socket, unix_socket
-    from sendense_nbd.server.buffers import return_large_frees_to_os
-    from sendense_nbd.storage import PolicyDevice, open_image
+    _serve_images(_ServeOptions(**options))
 
-    if len(names) > len(images) or len(descriptions) > len(images):
+
+@attrs.frozen(kw_only=True)
+class _ServeOptions:
+    """The options of ``serve``, converted to their types."""
+
+    images: tuple[str, ...] = attrs.field(converter=tuple)
+    fmt: ImageFormat | None = attrs.field(converter=attrs.converters.optional(ImageFormat))
+    bind: str
+    port: int
+    socket_path: str | None
+    names: tuple[str, ...] = attrs.field(converter=tuple)
+    descriptions: tuple[str, ...] = attrs.field(converter=tuple)
+    shared: int
+    persistent: bool
+    handshake_limit: float
+    io_timeout: float
+    max_handshakes: int
+    readonly: bool
+    allocation_depth: bool
+    cache: CacheMode = attrs.field(converter=CacheMode)
+    discard: Discard = attrs.field(converter=Discard)
+    detect_zeroes: DetectZeroes = attrs.field(converter=DetectZeroes)
+    #: Accepted for qemu-nbd compatibility and not used: I/O always uses threads.
+    aio: str | None
+    pid_file: str | None
+    fork: bool
+
+
+def _serve_images(o: _ServeOptions) -> None:
+    """Open the images, listen, (fork,) and serve until stopped; the images are closed at the end."""
+    from sendense_nbd.server import NBDServer
+    from sendense_nbd.server.buffers import return_large_frees_to_os
+
+    if len(o.names) > len(o.images) or len(o.descriptions) > len(o.images):
         raise click.UsageError("more --export-name/--description values than images")
     devices: list[BlockDevice] = []
     try:
-        exports = []
-        for i, image in enumerate(images):
-            device: BlockDevice = open_image(
-                image, ImageFormat(fmt) if fmt else None, readonly=readonly, cache=CacheMode(cache)
-            )
-            devices.append(device)
-            device = PolicyDevice(device, discard=Discard(discard), detect_zeroes=DetectZeroes(detect_zeroes))
-            name = names[i] if i < len(names) else ("" if i == 0 else os.path.basename(image))
-            description = descriptions[i] if i < len(descriptions) else ""
-            exports.append(
-                Export(name, device, description=description, readonly=readonly, allocation_depth=allocation_depth)
-            )
-        sockets = systemd_sockets()
-        if not sockets:
-            sockets = [unix_socket(socket_path) if socket_path else tcp_socket(bind, port)]
-        if port == 0 and not socket_path:
-            click.echo(sockets[0].getsockname()[1])
-            sys.stdout.flush()
-        if fork:
-            _daemonize(pid_file)
-        elif pid_file:
-            _write_pid(pid_file)
+        exports = _open_exports(o, devices)
+        sockets = _listen(o.bind, o.port, o.socket_path)
+        if o.fork:
+            _daemonize(o.pid_file)
+        elif o.pid_file:
+            _write_pid(o.pid_file)
         return_large_frees_to_os()
-        limits = {"handshake_limit": handshake_limit, "io_timeout": io_timeout, "max_handshakes": max_handshakes}
-        asyncio.run(_serve(exports, sockets, shared=shared, persistent=persistent, limits=limits))
+        make_server = functools.partial(
+            NBDServer,
+            exports,
+            sockets=sockets,
+            shared=o.shared,
+            persistent=o.persistent,
+            handshake_limit=o.handshake_limit,
+            io_timeout=o.io_timeout,
+            max_handshakes=o.max_handshakes,
+        )
+        asyncio.run(_serve(make_server))
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         for device in devices:
             device.close()
-        if pid_file and os.path.exists(pid_file):
-            os.unlink(pid_file)
+        if o.pid_file and os.path.exists(o.pid_file):
+            os.unlink(o.pid_file)
 
 
-async def _serve(
-    exports: list[Export],
-    sockets: list[socket.socket],
-    *,
-    shared: int,
-    persistent: bool,
-    limits: dict[str, Any],
-) -> None:
-    from sendense_nbd.server import NBDServer
+def _open_exports(o: _ServeOptions, devices: list[BlockDevice]) -> list[Export]:
+    """Open every image (appended to ``devices``, which the caller closes) and name its export."""
+    from sendense_nbd.server import Export
+    from sendense_nbd.storage import PolicyDevice, open_image
 
-    server = NBDServer(exports, sockets=sockets, shared=shared, persistent=persistent, **limits)
+    exports = []
+    for i, image in enumerate(o.images):
+        device: BlockDevice = open_image(image, o.fmt, readonly=o.readonly, cache=o.cache)
+        devices.append(device)
+        device = PolicyDevice(device, discard=o.discard, detect_zeroes=o.detect_zeroes)
+        name = o.names[i] if i < len(o.names) else ("" if i == 0 else os.path.basename(image))
+        description = o.descriptions[i] if i < len(o.descriptions) else ""
+        exports.append(
+            Export(name, device, description=description, readonly=o.readonly, allocation_depth=o.allocation_depth)
+        )
+    return exports
+
+
+def _listen(bind: str, port: int, socket_path: str | None) -> list[socket.socket]:
+    """The listening sockets: systemd's, else the unix socket or the TCP port (printed when picked)."""
+    from sendense_nbd.server import systemd_sockets, tcp_socket, unix_socket
+
+    sockets = systemd_sockets()
+    if not sockets:
+        sockets = [unix_socket(socket_path) if socket_path else tcp_socket(bind, port)]
+    if port == 0 and not socket_path:
+        click.echo(sockets[0].getsockname()[1])
+        sys.stdout.flush()
+    return sockets
+
+
+async def _serve(make_server: Callable[[], NBDServer]) -> None:
+    """Serve until the server stops (SIGTERM and SIGINT close it); then leave those signals ignored."""
+    server = make_server()  # in the event loop, after --fork
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.close)
@@ -383,4 +411,5 @@ for command in (hub_command, ports_command, points_command, restore_command, tun
 
 
 def main() -> None:
+    """The ``sendense-nbd`` entry point."""
     cli(prog_name="sendense-nbd")
