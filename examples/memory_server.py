@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from sendense_nbd import Export, MemoryDevice, NBDServer
+from sendense_nbd import Export, NBDServer, memory_device
 
 NBDSH_SCRIPT = """
 h.pwrite(b"sendense" * 512, 1 << 20)
@@ -22,7 +22,7 @@ print("nbdsh: wrote and read back 4 KiB at 1 MiB; size", h.get_size())
 
 
 async def main() -> None:
-    disk = MemoryDevice(64 << 20)
+    disk = memory_device(64 << 20)
     async with NBDServer([Export("scratch", disk, description="64 MiB in RAM")], port=0) as server:
         uri = f"nbd://127.0.0.1:{server.port}/scratch"
         print(f"serving {uri}")
@@ -32,7 +32,7 @@ async def main() -> None:
             raise SystemExit("nbdsh failed")
         await server.wait_closed()  # the only client left, so the server stopped
     check = bytearray(8)
-    disk.read_into(1 << 20, memoryview(check))
+    disk.read_into(offset=1 << 20, buffer=memoryview(check))
     print("server stopped; the device holds", bytes(check))
 
 

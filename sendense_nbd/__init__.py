@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         MemoryDevice,
         RawDevice,
         create_image,
+        memory_device,
         open_image,
     )
 
@@ -41,7 +42,16 @@ _LAZY = {
     ),
     **dict.fromkeys(["Export", "NBDServer"], "sendense_nbd.server"),
     **dict.fromkeys(
-        ["BlockDevice", "CacheMode", "ImageFormat", "MemoryDevice", "RawDevice", "create_image", "open_image"],
+        [
+            "BlockDevice",
+            "CacheMode",
+            "ImageFormat",
+            "MemoryDevice",
+            "RawDevice",
+            "create_image",
+            "memory_device",
+            "open_image",
+        ],
         "sendense_nbd.storage",
     ),
 }
@@ -74,5 +84,6 @@ __all__ = [
     "ServerError",
     "connect",
     "create_image",
+    "memory_device",
     "open_image",
 ]

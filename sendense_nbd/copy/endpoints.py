@@ -366,11 +366,7 @@ class LocalEndpoint:
 
     @property
     def has_backing(self) -> bool | None:
-        from sendense_nbd.storage.qcow2 import Qcow2Device
-
-        if isinstance(self.device, Qcow2Device):
-            return self.device.backing is not None
-        return False
+        return self.device.capabilities.has_backing
 
     async def _run(self, what: str, offset: int, function: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -388,13 +384,7 @@ class LocalEndpoint:
 
     async def extents(self, *, offset: int, length: int) -> list[Extent]:
         """The device's allocation map (all data when it has none)."""
-        if not self.device.capabilities.can_extents:
-            return [Extent(offset, length)]
-
-        def pairs(pos: int, size: int) -> list[tuple[int, int]]:
-            return [(extent.length, int(extent.flags)) for extent in self.device.extents(pos, size)]
-
-        return await self._run("extents", offset, lambda: _walk(pairs, offset, length))
+        return await self._run("extents", offset, lambda: _walk(self.device.extents, offset, length))
 
     async def allocation_depth(self, *, offset: int, length: int) -> list[Extent] | None:
         """The device's allocation depth."""
@@ -405,15 +395,15 @@ class LocalEndpoint:
 
     async def read_into(self, *, offset: int, buffer: memoryview) -> None:
         """Read from the device (in the endpoint's threads)."""
-        await self._run("read", offset, lambda: self.device.read_into(offset, buffer))
+        await self._run("read", offset, lambda: self.device.read_into(offset=offset, buffer=buffer))
 
     async def write(self, *, offset: int, data: memoryview) -> None:
         """Write to the device (in the endpoint's threads)."""
-        await self._run("write", offset, lambda: self.device.write(offset, data))
+        await self._run("write", offset, lambda: self.device.write(offset=offset, data=data))
 
     async def zero(self, *, offset: int, length: int, punch: bool) -> None:
         """Zero a range of the device (a hole only with ``punch``)."""
-        await self._run("zero", offset, lambda: self.device.zero(offset, length, may_trim=punch))
+        await self._run("zero", offset, lambda: self.device.zero(offset=offset, length=length, may_trim=punch))
 
     async def flush(self) -> None:
         await self._run("flush", 0, self.device.flush)
@@ -424,20 +414,21 @@ class LocalEndpoint:
         self.device.close()
 
 
-def _walk(describe: Callable[[int, int], list[tuple[int, int]]], offset: int, length: int) -> list[Extent]:
-    """Extents from ``describe(pos, size)``'s ``(length, status)`` pairs, up to :data:`MAX_EXTENTS`."""
+def _walk(describe: Callable[..., list[Extent]], offset: int, length: int) -> list[Extent]:
+    """Extents from ``describe(offset=, length=)`` until the range is covered, up to :data:`MAX_EXTENTS`."""
     out: list[Extent] = []
     pos, end = offset, offset + length
     while pos < end and len(out) < MAX_EXTENTS:
-        described = describe(pos, end - pos)
-        if not described:
-            raise EndpointError(f"no allocation information at offset {pos}", transient=False, offset=pos)
-        for extent_length, value in described:
-            n = min(extent_length, end - pos)
-            out.append(Extent(pos, n, value))
-            pos += n
+        start = pos
+        for extent in describe(offset=pos, length=end - pos):
+            if extent.end > end:
+                extent = Extent(extent.offset, end - extent.offset, extent.status)
+            out.append(extent)
+            pos = extent.end
             if pos >= end or len(out) >= MAX_EXTENTS:
                 break
+        if pos <= start:
+            raise EndpointError(f"no allocation information at offset {start}", transient=False, offset=start)
     return out
 
 

@@ -19,7 +19,7 @@ Theory of operation (doc/proto.md, "Transmission" and "Request types"):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -35,6 +35,7 @@ from sendense_nbd.protocol.constants import (
     ReplyType,
     TransmissionFlag,
 )
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import Negotiated
 from sendense_nbd.protocol.sansio import NEED_DATA, NeedData
 
@@ -286,6 +287,7 @@ def ok_reply(handle: int, structured: bool) -> list[bytes]:
 
 
 def error_reply(handle: int, errno: int, message: str, structured: bool) -> list[bytes]:
+    """An error reply in whichever form the client negotiated."""
     if structured:
         return [wire.encode_error_chunk(handle, errno, message)]
     return [wire.encode_simple_reply(handle, errno)]
@@ -318,10 +320,10 @@ def read_reply(handle: int, segments: Sequence[ReadSegment], structured: bool) -
     return out
 
 
-def block_status_reply(handle: int, per_context: Sequence[tuple[int, Iterable[tuple[int, int]]]]) -> list[bytes]:
-    """One BLOCK_STATUS chunk per ``(context id, extents)``, the last DONE."""
+def block_status_reply(handle: int, per_context: Sequence[tuple[int, Sequence[Extent]]]) -> list[bytes]:
+    """One BLOCK_STATUS chunk per ``(context id, extents)``, the last DONE (offsets are implied by the order)."""
     last = len(per_context) - 1
     return [
-        wire.encode_block_status_chunk(handle, context_id, extents, done=i == last)
+        wire.encode_block_status_chunk(handle, context_id, ((e.length, e.status) for e in extents), done=i == last)
         for i, (context_id, extents) in enumerate(per_context)
     ]

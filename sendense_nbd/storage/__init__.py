@@ -1,7 +1,7 @@
-"""Storage: the block-device contract and its implementations.
+"""Storage: the block-device contract, its checking adapter, filters and backends.
 
-The implementations are imported on first use, so that an NBD-to-NBD copy
-never pays for qcow2 and the raw backend.
+Everything but the contract is imported on first use, so that an NBD-to-NBD
+copy never pays for qcow2 and the raw backend.
 """
 
 from __future__ import annotations
@@ -9,16 +9,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sendense_nbd.lazy import lazy_getattr
-from sendense_nbd.storage.base import BlockDevice, Capabilities, Extent, is_zero
+from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Support, is_zero
 from sendense_nbd.storage.modes import CacheMode, DetectZeroes, Discard, ImageFormat
 
 if TYPE_CHECKING:
+    from sendense_nbd.storage.checked import CheckedDevice
+    from sendense_nbd.storage.filter import Filter
     from sendense_nbd.storage.images import create_image, open_image
-    from sendense_nbd.storage.memory import MemoryDevice
+    from sendense_nbd.storage.memory import MemoryDevice, memory_device
     from sendense_nbd.storage.policy import PolicyDevice
     from sendense_nbd.storage.raw import RawDevice
 
 _LAZY = {
+    "CheckedDevice": "sendense_nbd.storage.checked",
+    "Filter": "sendense_nbd.storage.filter",
+    "memory_device": "sendense_nbd.storage.memory",
     "create_image": "sendense_nbd.storage.images",
     "open_image": "sendense_nbd.storage.images",
     "MemoryDevice": "sendense_nbd.storage.memory",
@@ -31,17 +36,21 @@ __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
+    "Backend",
     "BlockDevice",
     "CacheMode",
     "Capabilities",
+    "CheckedDevice",
     "DetectZeroes",
     "Discard",
-    "Extent",
+    "Filter",
     "ImageFormat",
     "MemoryDevice",
     "PolicyDevice",
     "RawDevice",
+    "Support",
     "create_image",
     "is_zero",
+    "memory_device",
     "open_image",
 ]

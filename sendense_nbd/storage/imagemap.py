@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import attrs
 
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import Qcow2Device
 from sendense_nbd.storage.raw import RawDevice
 
@@ -39,13 +41,13 @@ class MapEntry:
         return out
 
 
-def map_image(device: BlockDevice, filename: str) -> list[MapEntry]:
+def map_image(device: CheckedDevice, filename: str) -> list[MapEntry]:
     """The whole guest range of ``device`` as merged :class:`MapEntry` runs."""
     entries: list[MapEntry] = []
     pos = 0
     while pos < device.size:
         n = min(_STEP, device.size - pos)
-        for entry in _layer(device, filename, pos, n, 0):
+        for entry in _layer(device.backend, filename, pos, n, 0):
             _append(entries, entry)
         pos += n
     return entries
@@ -63,12 +65,11 @@ def _layer(device: BlockDevice, filename: str, start: int, length: int, depth: i
             pos += n
         return out
     if isinstance(device, RawDevice):
-        out = []
-        pos = start
-        for extent in device.extents(start, length):
-            out.append(MapEntry(pos, extent.length, depth, True, extent.zero, not extent.zero, pos, device.path))
-            pos += extent.length
-        return out
+        described = device.extents(offset=start, length=length) if device.capabilities.can_extents else []
+        return [
+            MapEntry(e.offset, e.length, depth, True, e.zero, not e.zero, e.offset, device.path)
+            for e in described or [Extent(start, length)]
+        ]
     return [MapEntry(start, length, depth, True, False, True, None, filename)]
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 
 from sendense_nbd.errors import ImageError
-from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.modes import CacheMode, ImageFormat
 from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
 from sendense_nbd.storage.qcow2.format import MAGIC as QCOW2_MAGIC
@@ -46,8 +46,8 @@ def parse_filename(name: str) -> tuple[str, ImageFormat | None, bool]:
 
 def open_image(
     path: str, fmt: ImageFormat | None = None, *, readonly: bool = False, cache: CacheMode = CacheMode.WRITEBACK
-) -> BlockDevice:
-    """Open ``path`` as a block device.
+) -> CheckedDevice:
+    """Open ``path`` as a block device (its backend behind the checking adapter).
 
     Without ``fmt`` the format is probed, as qemu-nbd does; but a writable
     image that looks like qcow2 is never guessed, so a missing ``-f`` cannot
@@ -65,8 +65,8 @@ def open_image(
             log.warning("image format of %s was not specified; probed raw", path)
         fmt = probed
     if fmt is ImageFormat.QCOW2:
-        return Qcow2Device(path, readonly=readonly, open_backing=with_backing)
-    return RawDevice(path, readonly=readonly, cache=cache)
+        return CheckedDevice(Qcow2Device(path, readonly=readonly, open_backing=with_backing))
+    return CheckedDevice(RawDevice(path, readonly=readonly, cache=cache))
 
 
 def create_image(

@@ -23,7 +23,8 @@ import threading
 
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
-from sendense_nbd.storage.base import Capabilities, Extent, device_error
+from sendense_nbd.protocol.extents import Extent
+from sendense_nbd.storage.base import Backend, Capabilities, Support, device_error
 from sendense_nbd.storage.files import create_new_file
 from sendense_nbd.storage.modes import CacheMode
 
@@ -34,6 +35,7 @@ _DIRECT_ALIGN = 4096
 _ZERO_CHUNK = 1024 * 1024
 _MAX_EXTENTS = 1024
 _UNSUPPORTED = (os_errno.EOPNOTSUPP, os_errno.EINVAL)
+_HOLE = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -60,8 +62,12 @@ def create_raw(path: str, size: int) -> None:
         raise ImageError(f"cannot create {path}: {exc.strerror or exc}") from exc
 
 
-class RawDevice:
-    """A :class:`~sendense_nbd.storage.base.BlockDevice` over a raw file."""
+class RawDevice(Backend):
+    """A backend over a raw file or block device (open it with ``open_image``).
+
+    A block device has no holes to punch or find: trim is not offered and
+    extents are emulated ("all data"); the allocation depth is always 1.
+    """
 
     def __init__(self, path: str, *, readonly: bool = False, cache: CacheMode = CacheMode.WRITEBACK) -> None:
         self.path = path
@@ -94,10 +100,13 @@ class RawDevice:
         self._zero_range = True
         self._capabilities = Capabilities(
             writable=not readonly,
-            can_trim=not self._is_block,
-            can_fast_zero=True,
-            can_extents=not self._is_block,
-            can_cache=True,
+            zero=Support.NATIVE,
+            trim=Support.NONE if self._is_block else Support.NATIVE,
+            fua=Support.NATIVE,
+            extents=Support.EMULATE if self._is_block else Support.NATIVE,
+            cache=Support.NATIVE,
+            read_cached=Support.NATIVE,
+            fast_zero=True,
         )
 
     @property
@@ -110,7 +119,7 @@ class RawDevice:
 
     # -- data ----------------------------------------------------------------
 
-    def read_into(self, offset: int, buffer: memoryview) -> None:
+    def read_into(self, *, offset: int, buffer: memoryview) -> None:
         try:
             if self._aligned(offset, len(buffer)):
                 bounce = self._bounce_buffer(len(buffer))
@@ -121,7 +130,7 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
 
-    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+    def read_cached(self, *, offset: int, buffer: memoryview) -> bool:
         if self._direct_fd >= 0 or not self._nowait or not buffer:
             return False
         try:
@@ -134,7 +143,7 @@ class RawDevice:
                 return False
             raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         view = memoryview(data)
         try:
             if self._aligned(offset, len(view)):
@@ -151,7 +160,7 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, f"write {len(view)} bytes at {offset}") from exc
 
-    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
+    def zero(self, *, offset: int, length: int, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         try:
             if not self._zero_fast(offset, length, may_trim):
                 if fast:
@@ -162,7 +171,7 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, f"zero {length} bytes at {offset}") from exc
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
         if not self._punch:
             return
         try:
@@ -181,15 +190,10 @@ class RawDevice:
         except OSError as exc:
             raise device_error(exc, "flush") from exc
 
-    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return [(length, 1)]  # no backing chain: everything is this image's
-
-    def cache(self, offset: int, length: int) -> None:
+    def cache(self, *, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        if self._is_block:
-            return [Extent(length)]
+    def extents(self, *, offset: int, length: int) -> list[Extent]:
         end = offset + length
         out: list[Extent] = []
         pos = offset
@@ -198,7 +202,7 @@ class RawDevice:
                 hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
                 if hole > pos:  # data up to the hole: one lseek for the common case
                     stop = min(hole, end)
-                    out.append(Extent(stop - pos))
+                    out.append(Extent(pos, stop - pos))
                     pos = stop
                     continue
                 try:
@@ -208,7 +212,7 @@ class RawDevice:
                         raise
                     data = self._size
                 stop = min(data, end)
-                out.append(Extent(stop - pos, AllocationFlag.HOLE | AllocationFlag.ZERO))
+                out.append(Extent(pos, stop - pos, _HOLE))
                 pos = stop
         except OSError as exc:
             raise device_error(exc, f"block status at {offset}") from exc

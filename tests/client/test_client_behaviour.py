@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd import Export, MemoryDevice, NBDServer
+from sendense_nbd import Export, NBDServer, memory_device
 from sendense_nbd.client import (
     ClientOptions,
     ConnectionLostError,
@@ -365,7 +365,7 @@ async def test_pool_keeps_one_connection_without_multi_conn(nbdkit) -> None:  # 
 
 
 async def test_tcp_to_our_server() -> None:
-    async with NBDServer([Export("disk", MemoryDevice(4 * MiB))], port=0, shared=4, persistent=True) as server:
+    async with NBDServer([Export("disk", memory_device(4 * MiB))], port=0, shared=4, persistent=True) as server:
         async with connect("127.0.0.1", server.port, "disk") as nbd:
             sock = nbd._link.transport.get_extra_info("socket")  # type: ignore[union-attr]
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -377,8 +377,8 @@ async def test_tcp_to_our_server() -> None:
 
 async def test_list_exports_and_export_info() -> None:
     exports = [
-        Export("a", MemoryDevice(MiB), description="first", allocation_depth=True),
-        Export("b", MemoryDevice(2 * MiB), allocation_depth=True),
+        Export("a", memory_device(MiB), description="first", allocation_depth=True),
+        Export("b", memory_device(2 * MiB), allocation_depth=True),
     ]
     async with NBDServer(exports, port=0, shared=4, persistent=True) as server:
         listed = await list_exports("127.0.0.1", server.port)

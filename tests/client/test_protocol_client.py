@@ -44,6 +44,7 @@ from sendense_nbd.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.replies import MAX_CHUNK, MAX_ERROR_MESSAGE, MAX_READ_PIECES, ExtentList, Reply, ReplyParser
 
 T = TransmissionFlag
@@ -428,6 +429,15 @@ def join(parts: list[bytes | bytearray | memoryview]) -> bytes:
     return b"".join(bytes(p) for p in parts)
 
 
+def placed(pairs: list[tuple[int, int]]) -> list[Extent]:
+    """``(length, status)`` descriptors as the extents a server replies with, from offset 0."""
+    out, offset = [], 0
+    for length, status in pairs:
+        out.append(Extent(offset, length, status))
+        offset += length
+    return out
+
+
 def test_simple_read_and_ok() -> None:
     parser = ReplyParser(structured=False)
     buffer = bytearray(8)
@@ -473,7 +483,9 @@ def test_unknown_error_chunk_type_fails_the_request_only() -> None:
 def test_block_status_per_context() -> None:
     parser = ReplyParser(structured=True, context_ids=CONTEXTS)
     parser.register(5, Command.BLOCK_STATUS, 0, 1 << 20)
-    parser.receive_data(join(tx.block_status_reply(5, [(2, [(1 << 20, 0)]), (1, [(4096, 0), (8192, 3)])])))
+    parser.receive_data(
+        join(tx.block_status_reply(5, [(2, placed([(1 << 20, 0)])), (1, placed([(4096, 0), (8192, 3)]))]))
+    )
     (reply,) = events(parser)
     assert dict(reply.extents) == {1: ((4096, 0), (8192, 3)), 2: ((1 << 20, 0),)}
 
@@ -482,7 +494,7 @@ def test_big_block_status_chunk_beyond_scratch() -> None:
     parser = ReplyParser(structured=True, context_ids=[1])
     extents = [(512, i % 4) for i in range(40000)]
     parser.register(5, Command.BLOCK_STATUS, 0, 512 * 40000)
-    feed(parser, join(tx.block_status_reply(5, [(1, extents)])), [1000, 70000, 3])
+    feed(parser, join(tx.block_status_reply(5, [(1, placed(extents))])), [1000, 70000, 3])
     (reply,) = events(parser)
     assert list(reply.extents[1]) == extents
 
@@ -705,7 +717,7 @@ def test_req_one_block_status_must_be_one_extent() -> None:
     parser = ReplyParser(structured=True, context_ids=[1])
     parser.register(1, Command.BLOCK_STATUS, 0, 4096, flags=CommandFlag.REQ_ONE)
     with pytest.raises(ProtocolError, match="REQ_ONE"):
-        parser.receive_data(join(tx.block_status_reply(1, [(1, [(512, 0), (512, 3)])])))
+        parser.receive_data(join(tx.block_status_reply(1, [(1, placed([(512, 0), (512, 3)]))])))
 
 
 @st.composite
@@ -761,7 +773,9 @@ def test_block_status_and_error_round_trips(extents: list[tuple[int, int]], errn
     length = sum(e for e, _ in extents[:-1]) + 1
     parser.register(1, Command.BLOCK_STATUS, 0, length)
     parser.register(2, Command.WRITE_ZEROES, 0, 4096)
-    parser.receive_data(join(tx.block_status_reply(1, [(1, extents)])) + join(tx.error_reply(2, errno, message, True)))
+    parser.receive_data(
+        join(tx.block_status_reply(1, [(1, placed(extents))])) + join(tx.error_reply(2, errno, message, True))
+    )
     status, error = events(parser)
     assert list(status.extents[1]) == extents
     assert (error.errno, error.message) == (errno, message)

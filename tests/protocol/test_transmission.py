@@ -27,6 +27,7 @@ from sendense_nbd.protocol import (
     TransmissionFlag,
     check_request,
 )
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.transmission import block_status_reply, error_reply, ok_reply, read_reply
 
 REQUEST_MAGIC = 0x25609513
@@ -686,7 +687,9 @@ def test_read_reply_simple_and_structured_carry_the_same_content(handle: int, pl
 
 
 def test_block_status_reply_layout() -> None:
-    chunks = parse_chunks(b"".join(block_status_reply(9, [(1, [(4096, 0), (512, 3)]), (2, [(8192, 1)])])))
+    chunks = parse_chunks(
+        b"".join(block_status_reply(9, [(1, [Extent(0, 4096, 0), Extent(4096, 512, 3)]), (2, [Extent(0, 8192, 1)])]))
+    )
     assert chunks == [
         (0, TYPE_BLOCK_STATUS, 9, struct.pack(">I", 1) + struct.pack(">IIII", 4096, 0, 512, 3)),
         (1, TYPE_BLOCK_STATUS, 9, struct.pack(">I", 2) + struct.pack(">II", 8192, 1)),
@@ -694,6 +697,6 @@ def test_block_status_reply_layout() -> None:
 
 
 def test_block_status_reply_single_context_is_done() -> None:
-    [(flags, type_, handle, payload)] = parse_chunks(b"".join(block_status_reply(4, [(1, iter([(512, 2)]))])))
+    [(flags, type_, handle, payload)] = parse_chunks(b"".join(block_status_reply(4, [(1, [Extent(0, 512, 2)])])))
     assert (flags, type_, handle) == (1, TYPE_BLOCK_STATUS, 4)
     assert payload == bytes.fromhex("000000010000020000000002")

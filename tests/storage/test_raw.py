@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sendense_nbd import DeviceError, RawDevice
-from sendense_nbd.protocol.constants import AllocationFlag, Errno
+from sendense_nbd.protocol.constants import Errno
 from sendense_nbd.storage import CacheMode
 from tests.conftest import random_file
 
@@ -27,15 +27,15 @@ def test_zero_falls_back_to_writing_zeroes_and_fast_zero_says_enotsup(shm_image:
     device = RawDevice(str(shm_image))
     try:
         with pytest.raises(DeviceError) as err:
-            device.zero(0, MiB, may_trim=False, fast=True)  # would need ZERO_RANGE
+            device.zero(offset=0, length=MiB, may_trim=False, fast=True)  # would need ZERO_RANGE
         assert err.value.errno == Errno.ENOTSUP
         assert shm_image.read_bytes()[:MiB] != bytes(MiB)  # a failed fast zero changed nothing
-        device.zero(0, MiB, may_trim=False)  # slow path: real zeroes
-        device.zero(2 * MiB, MiB, may_trim=True, fast=True)  # punching a hole is fast
+        device.zero(offset=0, length=MiB, may_trim=False)  # slow path: real zeroes
+        device.zero(offset=2 * MiB, length=MiB, may_trim=True, fast=True)  # punching a hole is fast
         data = shm_image.read_bytes()
         assert data[:MiB] == bytes(MiB) and data[2 * MiB : 3 * MiB] == bytes(MiB)
-        extents = device.extents(0, 4 * MiB)
-        holes = [e for e in extents if e.flags & AllocationFlag.HOLE]
+        extents = device.extents(offset=0, length=4 * MiB)
+        holes = [e for e in extents if e.hole]
         assert sum(e.length for e in holes) == MiB  # only the punched MiB is a hole
     finally:
         device.close()
@@ -48,10 +48,10 @@ def test_cache_modes_open_the_file_as_asked(tmp_path: Path) -> None:
         try:
             fds = [device._fd, device._direct_fd]
             assert any(fd >= 0 and _flags_of(fd) & fd_flag for fd in fds), mode
-            device.write(4096, b"\x07" * 8192)  # aligned: O_DIRECT path under cache=none
-            device.write(5, b"\x08" * 10)  # unaligned: buffered path
+            device.write(offset=4096, data=b"\x07" * 8192)  # aligned: O_DIRECT path under cache=none
+            device.write(offset=5, data=b"\x08" * 10)  # unaligned: buffered path
             buf = bytearray(8192)
-            device.read_into(4096, memoryview(buf))
+            device.read_into(offset=4096, buffer=memoryview(buf))
             assert buf == b"\x07" * 8192
             device.flush()
         finally:
@@ -65,13 +65,13 @@ def test_read_cached_never_blocks_and_agrees_with_read_into(tmp_path: Path) -> N
     device = RawDevice(str(image))
     try:
         cached = bytearray(MiB)
-        device.read_into(0, memoryview(bytearray(MiB)))  # now in the page cache
-        assert device.read_cached(0, memoryview(cached))
+        device.read_into(offset=0, buffer=memoryview(bytearray(MiB)))  # now in the page cache
+        assert device.read_cached(offset=0, buffer=memoryview(cached))
         assert cached == image.read_bytes()[:MiB]
     finally:
         device.close()
     direct = RawDevice(str(image), cache=CacheMode.NONE)
     try:
-        assert not direct.read_cached(0, memoryview(bytearray(4096)))  # O_DIRECT: never inline
+        assert not direct.read_cached(offset=0, buffer=memoryview(bytearray(4096)))  # O_DIRECT: never inline
     finally:
         direct.close()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 from sendense_nbd.errors import ImageError
-from sendense_nbd.storage.base import is_zero
+from sendense_nbd.storage.base import BlockDevice, is_zero
 from sendense_nbd.storage.qcow2 import format as fmt
-from sendense_nbd.storage.qcow2.device import Qcow2Device
 
 #: Bytes moved per read/write while committing.
 CHUNK = 4 << 20
@@ -37,7 +36,7 @@ def commit(top: str) -> int:
     if found is None:
         raise ImageError(f"{top} has no backing file to commit into")
     base_path, base_format = found
-    overlay = Qcow2Device(top, readonly=True)
+    overlay = open_image(top, ImageFormat.QCOW2, readonly=True)
     try:
         base = open_image(base_path, ImageFormat(base_format) if base_format else None)
         try:
@@ -48,11 +47,11 @@ def commit(top: str) -> int:
             for offset, length in _own_ranges(overlay):
                 for start in range(offset, offset + length, CHUNK):
                     view = buffer[: min(CHUNK, offset + length - start)]
-                    overlay.read_into(start, view)
+                    overlay.read_into(offset=start, buffer=view)
                     if is_zero(view):
-                        base.zero(start, len(view))
+                        base.zero(offset=start, length=len(view))
                     else:
-                        base.write(start, view)
+                        base.write(offset=start, data=view)
                     committed += len(view)
             base.flush()
         finally:
@@ -62,17 +61,17 @@ def commit(top: str) -> int:
     return committed
 
 
-def _own_ranges(overlay: Qcow2Device) -> list[tuple[int, int]]:
+def _own_ranges(overlay: BlockDevice) -> list[tuple[int, int]]:
     """The ranges ``overlay`` itself defines (allocation depth 1), merged."""
     ranges: list[tuple[int, int]] = []
-    offset = 0
-    for length, depth in overlay.allocation_depth(0, overlay.size):
-        if depth == 1:
-            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+    if not overlay.size:
+        return ranges
+    for extent in overlay.allocation_depth(offset=0, length=overlay.size):
+        if extent.status == 1:
+            if ranges and ranges[-1][0] + ranges[-1][1] == extent.offset:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + extent.length)
             else:
-                ranges.append((offset, length))
-        offset += length
+                ranges.append((extent.offset, extent.length))
     return ranges
 
 

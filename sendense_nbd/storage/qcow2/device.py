@@ -38,7 +38,8 @@ from collections import OrderedDict
 
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
-from sendense_nbd.storage.base import BlockDevice, Capabilities, Extent, device_error
+from sendense_nbd.protocol.extents import Extent
+from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Support, device_error
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.raw import RawDevice
 from sendense_nbd.storage.raw import punch_hole as _punch_hole
@@ -65,8 +66,8 @@ class _NotCached(Exception):
     """An L2 table needed for a non-blocking read is not in memory."""
 
 
-class Qcow2Device:
-    """A :class:`~sendense_nbd.storage.base.BlockDevice` over a qcow2 image."""
+class Qcow2Device(Backend):
+    """A backend over a qcow2 image (open it with ``open_image``); CACHE is emulated."""
 
     def __init__(
         self, path: str, *, readonly: bool = False, open_backing: bool = True, _chain: tuple[str, ...] = ()
@@ -137,10 +138,15 @@ class Qcow2Device:
             self.flush()
         self._capabilities = Capabilities(
             writable=not self.readonly,
-            can_trim=True,
-            can_fast_zero=header.version >= 3,
-            can_extents=True,
-            can_cache=True,
+            zero=Support.NATIVE,
+            trim=Support.NATIVE,
+            fua=Support.NATIVE,
+            extents=Support.NATIVE,
+            allocation_depth=Support.NATIVE,
+            cache=Support.EMULATE,
+            read_cached=Support.NATIVE,
+            fast_zero=header.version >= 3,
+            has_backing=self.backing is not None,
             preferred_block=max(4096, self._cs),  # whole clusters avoid copy-on-write
         )
 
@@ -177,7 +183,7 @@ class Qcow2Device:
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
-    def read_into(self, offset: int, buffer: memoryview) -> None:
+    def read_into(self, *, offset: int, buffer: memoryview) -> None:
         try:
             for kind, guest, length, host, entry in self._runs(offset, len(buffer)):
                 part = buffer[guest - offset : guest - offset + length]
@@ -185,7 +191,7 @@ class Qcow2Device:
         except OSError as exc:
             raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
 
-    def read_cached(self, offset: int, buffer: memoryview) -> bool:
+    def read_cached(self, *, offset: int, buffer: memoryview) -> bool:
         if not self._lock.acquire(blocking=False):
             return False  # a writer holds the metadata: do not wait on the event loop
         try:
@@ -208,7 +214,7 @@ class Qcow2Device:
                     return False  # not in the page cache (or no RWF_NOWAIT): read in a thread
         return True
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+    def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._check_writable()
         view = memoryview(data).cast("B")
         try:
@@ -240,7 +246,7 @@ class Qcow2Device:
         except OSError as exc:
             raise device_error(exc, f"write {len(view)} bytes at {offset}") from exc
 
-    def zero(self, offset: int, length: int, *, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
+    def zero(self, *, offset: int, length: int, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         self._check_writable()
         if fast and self.header.version < 3:
             raise DeviceError(Errno.ENOTSUP, "qcow2 v2 images have no zero clusters")
@@ -258,8 +264,8 @@ class Qcow2Device:
         except OSError as exc:
             raise device_error(exc, f"zero {length} bytes at {offset}") from exc
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self.zero(offset, length, may_trim=True, fua=fua)
+    def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
+        self.zero(offset=offset, length=length, may_trim=True, fua=fua)
 
     def flush(self) -> None:
         if self.readonly:
@@ -270,27 +276,23 @@ class Qcow2Device:
         except OSError as exc:
             raise device_error(exc, "flush") from exc
 
-    def cache(self, offset: int, length: int) -> None:
-        pass
-
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, *, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        for _, _, n, depth_flags in self._status(offset, length):
-            flags = AllocationFlag(depth_flags[1])
-            if out and out[-1].flags == flags:
-                out[-1] = Extent(out[-1].length + n, flags)
+        for _, guest, n, (_, flags) in self._status(offset, length):
+            if out and out[-1].status == flags:
+                out[-1] = Extent(out[-1].offset, out[-1].length + n, flags)
             else:
-                out.append(Extent(n, flags))
+                out.append(Extent(guest, n, flags))
         return out
 
-    def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """``(length, depth)`` runs: 0 unallocated in the whole chain, 1 this image, 2 its backing file..."""
-        out: list[tuple[int, int]] = []
-        for _, _, n, (depth, _) in self._status(offset, length):
-            if out and out[-1][1] == depth:
-                out[-1] = (out[-1][0] + n, depth)
+    def allocation_depth(self, *, offset: int, length: int) -> list[Extent]:
+        """Extents whose status is the depth: 0 unallocated in the whole chain, 1 this image, 2 its backing file..."""
+        out: list[Extent] = []
+        for _, guest, n, (depth, _) in self._status(offset, length):
+            if out and out[-1].status == depth:
+                out[-1] = Extent(out[-1].offset, out[-1].length + n, depth)
             else:
-                out.append((n, depth))
+                out.append(Extent(guest, n, depth))
         return out
 
     def layer_map(self, offset: int, length: int) -> list[tuple[int, str, int | None]]:
@@ -421,7 +423,7 @@ class Qcow2Device:
             part[:] = bytes(len(part))
             return
         inside = min(len(part), backing.size - guest)
-        backing.read_into(guest, part[:inside])
+        backing.read_into(offset=guest, buffer=part[:inside])
         if inside < len(part):
             part[inside:] = bytes(len(part) - inside)
 
@@ -466,9 +468,10 @@ class Qcow2Device:
                 out.append((kind, g, n, (depth + 1 if depth else 0, flags)))
         else:
             pos = guest
-            for extent in backing.extents(guest, inside) if backing.capabilities.can_extents else [Extent(inside)]:
+            caps = backing.capabilities
+            for extent in backing.extents(offset=guest, length=inside) if caps.can_extents else [Extent(guest, inside)]:
                 n = min(extent.length, guest + inside - pos)
-                out.append((_DATA, pos, n, (2, int(extent.flags))))
+                out.append((_DATA, pos, n, (2, extent.status)))
                 pos += n
                 if pos >= guest + inside:
                     break
