@@ -26,7 +26,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: wins; a None code answers the error's own ``code`` (a :class:`Conflict` names its clash).
 ErrorMap = Sequence[tuple[type[SendenseError], int, str | None]]
 #: The domain errors every API answers alike, looked up after the API's own map.
-COMMON_ERRORS: ErrorMap = ((Conflict, 409, None),)
+COMMON_ERRORS: ErrorMap = ((BadRequest, 400, "bad_request"), (Conflict, 409, None))
 
 #: Largest request body (bytes); give it to ``web.Application(client_max_size=...)``.
 MAX_BODY = 1 << 20
@@ -69,9 +69,6 @@ def error_middleware(token: str | None, errors: ErrorMap) -> Any:
                 raise
             status = exc.status if exc.status < 500 else 500
             return error(status, _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal"), exc.reason)
-        except BadRequest as exc:
-            status = {"bad_request": 400, "not_found": 404}.get(exc.code, 409)
-            return error(status, exc.code, str(exc))
         except SendenseError as exc:
             answer = domain_error(exc, errors)
             if answer is None:
