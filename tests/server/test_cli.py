@@ -13,17 +13,11 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import random_file, run, server_command
+from tests.conftest import random_file, run, server_command, sparse_file
 
 pytestmark = pytest.mark.peer
 
 MiB = 1024 * 1024
-
-
-def _empty(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
 
 
 def _connect(uri: str) -> nbd.NBD:
@@ -44,7 +38,7 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
 
 
 def test_shared_given_as_one_argv_token(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
-    disk = _empty(tmp_path / "d.raw", MiB)
+    disk = sparse_file(tmp_path / "d.raw", MiB, [])
     srv = serve("-f", "raw", "-t", "-e 2", str(disk))  # virtnbdbackup passes it this way
     a, b = _connect(srv.uri), _connect(srv.uri)
     assert a.can_multi_conn() and b.can_multi_conn()
@@ -55,7 +49,7 @@ def test_shared_given_as_one_argv_token(tmp_path: Path, serve) -> None:  # type:
 
 
 def test_exits_after_last_client_unless_persistent(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
-    disk = _empty(tmp_path / "d.raw", MiB)
+    disk = sparse_file(tmp_path / "d.raw", MiB, [])
     srv = serve("-f", "raw", str(disk))
     h = _connect(srv.uri)
     h.pwrite(b"x" * 512, 0)
@@ -73,7 +67,7 @@ def test_exits_after_last_client_unless_persistent(tmp_path: Path, serve) -> Non
 
 
 def test_sigterm_finishes_requests_flushes_and_exits_zero(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
-    disk = _empty(tmp_path / "d.raw", 64 * MiB)
+    disk = sparse_file(tmp_path / "d.raw", 64 * MiB, [])
     srv = serve("-f", "raw", "-t", str(disk))
     h = _connect(srv.uri)
     pattern = bytes(range(256)) * 4096  # 1 MiB
@@ -89,7 +83,7 @@ def test_sigterm_finishes_requests_flushes_and_exits_zero(tmp_path: Path, serve)
 
 
 def test_fork_and_pid_file(tmp_path: Path) -> None:
-    disk = _empty(tmp_path / "d.raw", MiB)
+    disk = sparse_file(tmp_path / "d.raw", MiB, [])
     pid_file = tmp_path / "nbd.pid"
     sock = tmp_path / "nbd.sock"
     result = subprocess.run(
@@ -191,7 +185,7 @@ def test_missing_image_and_busy_port_are_one_line_errors(tmp_path: Path) -> None
     )
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"Error: cannot open {tmp_path / 'nope.raw'}: No such file or directory"
-    disk = _empty(tmp_path / "d.raw", MiB)
+    disk = sparse_file(tmp_path / "d.raw", MiB, [])
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         result = subprocess.run(

@@ -16,15 +16,9 @@ pytestmark = pytest.mark.peer
 MiB = 1024 * 1024
 
 
-def _empty(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
 def test_qemu_img_convert_into_and_out_of_export(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     src = sparse_file(tmp_path / "src.raw", 32 * MiB, [(0, 3 * MiB), (10 * MiB, 512 * 1024), (31 * MiB, MiB)])
-    target = _empty(tmp_path / "target.raw", 32 * MiB)
+    target = sparse_file(tmp_path / "target.raw", 32 * MiB, [])
     srv = serve("-f", "raw", "-t", str(target))
     run(require("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", str(src), srv.qemu_uri)
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), srv.qemu_uri)
@@ -88,7 +82,7 @@ def test_qemu_io_patterns_zeroes_discard_flush_aio(tmp_path: Path, serve) -> Non
 
 def test_nbdinfo_list_json_map_can(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     disk = sparse_file(tmp_path / "disk.raw", 8 * MiB, [(MiB, MiB)])
-    other = _empty(tmp_path / "other.raw", 4 * MiB)
+    other = sparse_file(tmp_path / "other.raw", 4 * MiB, [])
     srv = serve(
         "-f", "raw", "-t", "-e", "4", "-x", "disk", "-D", "the system disk", "-x", "data", str(disk), str(other)
     )
@@ -120,7 +114,7 @@ def test_nbdinfo_list_json_map_can(tmp_path: Path, serve) -> None:  # type: igno
 
 
 def test_nbdinfo_read_only_and_single_client_flags(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
-    disk = _empty(tmp_path / "disk.raw", MiB)
+    disk = sparse_file(tmp_path / "disk.raw", MiB, [])
     srv = serve("-f", "raw", "-t", "-r", str(disk))
     assert run("nbdinfo", "--is", "read-only", srv.uri, check=False).returncode == 0
     assert run("nbdinfo", "--can", "write", srv.uri, check=False).returncode == 2
@@ -132,7 +126,7 @@ def test_nbdinfo_read_only_and_single_client_flags(tmp_path: Path, serve) -> Non
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 def test_nbdcopy_round_trip_four_connections(tmp_path: Path, serve, unix: bool) -> None:  # type: ignore[no-untyped-def]
     src = sparse_file(tmp_path / "src.raw", 48 * MiB, [(0, 8 * MiB), (20 * MiB, 5 * MiB + 123), (47 * MiB, MiB)])
-    target = _empty(tmp_path / "target.raw", 48 * MiB)
+    target = sparse_file(tmp_path / "target.raw", 48 * MiB, [])
     srv = serve(
         "-f",
         "raw",
@@ -155,7 +149,7 @@ def test_nbdcopy_round_trip_four_connections(tmp_path: Path, serve, unix: bool) 
 
 
 def test_qemu_nbd_list_against_our_server(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
-    disk = _empty(tmp_path / "disk.raw", 2 * MiB)
+    disk = sparse_file(tmp_path / "disk.raw", 2 * MiB, [])
     srv = serve("-f", "raw", "-t", "-e", "2", "-x", "vm-disk-2000", "-D", "backup target", str(disk))
     out = run(require("qemu-nbd"), "-L", "-b", "127.0.0.1", "-p", str(srv.port)).stdout
     assert "exports available: 1" in out
@@ -166,7 +160,7 @@ def test_qemu_nbd_list_against_our_server(tmp_path: Path, serve) -> None:  # typ
 
 
 def test_qemu_img_info_over_nbd(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
-    disk = _empty(tmp_path / "disk.raw", 5 * MiB)
+    disk = sparse_file(tmp_path / "disk.raw", 5 * MiB, [])
     srv = serve("-f", "raw", "-t", str(disk))
     info = json.loads(run("qemu-img", "info", "--output=json", srv.qemu_uri).stdout)
     assert info["virtual-size"] == 5 * MiB
@@ -174,7 +168,7 @@ def test_qemu_img_info_over_nbd(tmp_path: Path, serve) -> None:  # type: ignore[
 
 def test_cache_none_round_trip(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     src = random_file(tmp_path / "src.raw", 8 * MiB + 4096 * 3)
-    target = _empty(tmp_path / "target.raw", src.stat().st_size)
+    target = sparse_file(tmp_path / "target.raw", src.stat().st_size, [])
     srv = serve("-f", "raw", "-t", "--cache", "none", str(target))
     run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1000 5000", srv.qemu_uri)  # unaligned path
     run("nbdcopy", "--flush", str(src), srv.uri)
