@@ -219,11 +219,7 @@ class NodeBusy(SendenseError):
 
 
 class BadRequest(SendenseError):
-    """A caller's request is invalid; ``code`` names why (``bad_request`` answers 400, others 409)."""
-
-    def __init__(self, message: str, code: str = "bad_request") -> None:
-        super().__init__(message)
-        self.code = code
+    """A caller's request is invalid: malformed, or asking what cannot be (answered 400)."""
 
 
 class Conflict(SendenseError):
