@@ -184,6 +184,8 @@ class Hub:
         self._closed = True
         if self._background is not None:
             await asyncio.wait([self._background])
+            if not self._background.cancelled() and self._background.exception() is not None:
+                log.error("the hub's background work failed: %r", self._background.exception())
         await self.exports.stop_all()
         if self.node is not None:
             await self.node.close()
