@@ -99,21 +99,11 @@ class CheckedDevice:
 
     def extents(self, *, offset: int, length: int) -> list[Extent]:
         """``base:allocation`` extents from ``offset`` (never empty)."""
-        if offset < 0 or length <= 0 or offset + length > self.size:
-            raise self._outside("block status", offset, length, Errno.EINVAL)
-        extents = self._extents(offset=offset, length=length)
-        if not extents:
-            raise DeviceError(Errno.EIO, "storage returned no extents")
-        return extents
+        return self._map("block status", self._extents, offset, length)
 
     def allocation_depth(self, *, offset: int, length: int) -> list[Extent]:
         """Backing-chain depth extents from ``offset`` (never empty)."""
-        if offset < 0 or length <= 0 or offset + length > self.size:
-            raise self._outside("allocation depth", offset, length, Errno.EINVAL)
-        extents = self._depth(offset=offset, length=length)
-        if not extents:
-            raise DeviceError(Errno.EIO, "storage returned no allocation depth")
-        return extents
+        return self._map("allocation depth", self._depth, offset, length)
 
     def cache(self, *, offset: int, length: int) -> None:
         """Prefetch a range (advisory)."""
@@ -125,7 +115,16 @@ class CheckedDevice:
         """Close the backend."""
         self.backend.close()
 
-    # -- emulation ---------------------------------------------------------------
+    # -- checks and emulation ------------------------------------------------------
+
+    def _map(self, what: str, describe: Callable[..., list[Extent]], offset: int, length: int) -> list[Extent]:
+        """A non-empty range's map; an empty answer from the backend is EIO."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise self._outside(what, offset, length, Errno.EINVAL)
+        extents = describe(offset=offset, length=length)
+        if not extents:
+            raise DeviceError(Errno.EIO, f"{what} at offset {offset}: the storage described nothing")
+        return extents
 
     def _outside(self, action: str, offset: int, length: int, errno: Errno) -> DeviceError:
         return DeviceError(
