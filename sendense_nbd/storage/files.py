@@ -45,11 +45,13 @@ def link_new(temporary: str, path: str) -> None:
 
 
 def remove_quietly(path: str) -> None:
+    """Remove ``path`` if it exists."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
 def sync_directory(path: str) -> None:
+    """Make the directory's entries (new names, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

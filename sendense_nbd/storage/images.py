@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def probe_format(path: str) -> ImageFormat:
+    """qcow2 if ``path`` starts with the qcow2 magic, else raw."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

@@ -6,6 +6,8 @@ import enum
 
 
 class ImageFormat(enum.Enum):
+    """An image file's format, as qemu's ``-f`` names it."""
+
     RAW = "raw"
     QCOW2 = "qcow2"
 
