@@ -74,7 +74,7 @@ def _layer(device: BlockDevice, filename: str, start: int, length: int, depth: i
 
 
 def _below(device: Qcow2Device, start: int, length: int, depth: int) -> list[MapEntry]:
-    backing = device.backing
+    backing = device.backing.backend if device.backing is not None else None
     if backing is None or start >= backing.size:
         return [MapEntry(start, length, depth, False, True, False, None, device.path)]
     inside = min(length, backing.size - start)

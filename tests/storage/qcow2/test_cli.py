@@ -84,7 +84,7 @@ def test_dirty_image_is_repaired_when_opened_for_writing(tmp_path: Path) -> None
     run("qemu-io", "-c", "write -P 9 0 2M", "-c", "sigraise 9", str(image), check=False)  # dies dirty
     assert json.loads(run("qemu-img", "info", "--output=json", str(image)).stdout)["dirty-flag"] is True
     device = Qcow2Device(str(image))
-    device.write(2 * MiB, b"\x01" * 4096)
+    device.write(offset=2 * MiB, data=b"\x01" * 4096)
     device.close()
     run("qemu-img", "check", str(image))
     data = run("qemu-io", "-c", "read -P 9 0 2M", "-c", "read -P 1 2M 4k", str(image)).stdout
@@ -108,11 +108,11 @@ def test_trim_frees_clusters_and_the_image_stays_consistent(tmp_path: Path) -> N
     image = tmp_path / "d.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M")
     device = Qcow2Device(str(image))
-    device.write(0, b"\x11" * 16 * MiB)
+    device.write(offset=0, data=b"\x11" * 16 * MiB)
     device.flush()
     allocated = json.loads(run("qemu-img", "check", "--output=json", str(image)).stdout)["allocated-clusters"]
-    device.trim(0, 8 * MiB)  # freed: holes in the file, refcounts fall at flush
-    device.zero(8 * MiB, 4 * MiB, may_trim=False)  # kept allocated, zero flag set
+    device.trim(offset=0, length=8 * MiB)  # freed: holes in the file, refcounts fall at flush
+    device.zero(offset=8 * MiB, length=4 * MiB, may_trim=False)  # kept allocated, zero flag set
     device.close()
     result = json.loads(run("qemu-img", "check", "--output=json", str(image)).stdout)
     assert result["allocated-clusters"] == allocated - 8 * MiB // 65536

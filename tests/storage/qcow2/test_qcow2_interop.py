@@ -38,6 +38,8 @@ import pytest
 
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
+from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
 from tests.conftest import RunningServer, require, run, server_command, start_server
 
@@ -297,23 +299,28 @@ def make_ops(
     return ops
 
 
-def apply_to_device(device: Qcow2Device, model: Model, ops: list[Op]) -> None:
+def open_qcow2(path: str | Path, *, readonly: bool = False) -> BlockDevice:
+    """Our engine on ``path``, behind the checking adapter (as ``open_image`` gives it)."""
+    return CheckedDevice(Qcow2Device(str(path), readonly=readonly))
+
+
+def apply_to_device(device: BlockDevice, model: Model, ops: list[Op]) -> None:
     for i, op in enumerate(ops):
         try:
             if op.kind == "write":
                 data = op.payload()
-                device.write(op.offset, data, fua=op.fua)
+                device.write(offset=op.offset, data=data, fua=op.fua)
                 model.write(op.offset, data)
             elif op.kind == "zero":
                 try:
-                    device.zero(op.offset, op.length, may_trim=op.may_trim, fua=op.fua, fast=op.fast)
+                    device.zero(offset=op.offset, length=op.length, may_trim=op.may_trim, fua=op.fua, fast=op.fast)
                 except DeviceError as exc:
                     if not (op.fast and exc.errno == Errno.ENOTSUP):
                         raise
                     continue  # a refused fast zero must change nothing: the model stays as it was
                 model.zero(op.offset, op.length)
             elif op.kind == "trim":
-                device.trim(op.offset, op.length)
+                device.trim(offset=op.offset, length=op.length)
                 model.trim(op.offset, op.length)
             else:
                 device.flush()
@@ -341,13 +348,13 @@ def apply_over_nbd(h: nbd.NBD, model: Model, ops: list[Op]) -> None:
             raise AssertionError(f"op #{i} {op} failed over NBD: {exc}") from exc
 
 
-def read_device(device: Qcow2Device, offset: int = 0, length: int | None = None) -> bytes:
+def read_device(device: BlockDevice, offset: int = 0, length: int | None = None) -> bytes:
     length = device.size - offset if length is None else length
     out = bytearray(length)
     view = memoryview(out)
     step = 4 * MiB
     for pos in range(0, length, step):
-        device.read_into(offset + pos, view[pos : pos + step])
+        device.read_into(offset=offset + pos, buffer=view[pos : pos + step])
     return bytes(out)
 
 
@@ -359,29 +366,29 @@ def nbd_read_all(h: nbd.NBD, size: int) -> bytes:
     return bytes(out)
 
 
-def check_extents(device: Qcow2Device, content: bytes) -> None:
+def check_extents(device: BlockDevice, content: bytes) -> None:
     """base:allocation extents tile the device; a ZERO extent reads as zeroes."""
     pos = 0
     while pos < device.size:
-        extents = device.extents(pos, device.size - pos)
+        extents = device.extents(offset=pos, length=device.size - pos)
         assert extents, f"no extents at {pos:#x}"
         for extent in extents:
             assert extent.length > 0, f"empty extent at {pos:#x}: {extents}"
             end = min(pos + extent.length, device.size)
-            if extent.flags & AllocationFlag.ZERO:
+            if extent.status & AllocationFlag.ZERO:
                 assert content[pos:end].count(0) == end - pos, f"extent [{pos:#x}, {end:#x}) says ZERO but holds data"
             pos = end
             if pos >= device.size:
                 break
 
 
-def check_read_cached(device: Qcow2Device, content: bytes, rng: random.Random) -> None:
+def check_read_cached(device: BlockDevice, content: bytes, rng: random.Random) -> None:
     for _ in range(20):
         length = rng.randint(1, 256 * KiB)
         offset = rng.randrange(device.size - length + 1)
         buf = bytearray(length)
-        device.cache(offset, length)
-        if device.read_cached(offset, memoryview(buf)):
+        device.cache(offset=offset, length=length)
+        if device.read_cached(offset=offset, buffer=memoryview(buf)):
             assert buf == content[offset : offset + length], f"read_cached({offset:#x}, {length}) is wrong"
 
 
@@ -425,7 +432,7 @@ def test_random_workload_direct(tmp_path: Path, options: dict[str, Any], size: i
     ops = make_ops(rng, size, cluster, 200)
     model = Model(bytes(size))
     for half in (ops[:100], ops[100:]):
-        device = Qcow2Device(str(path))
+        device = open_qcow2(path)
         try:
             assert device.size == size
             assert device.capabilities.writable
@@ -576,7 +583,7 @@ def test_qemu_made_image_reads_and_takes_writes(tmp_path: Path, create_args: lis
     expected = qemu_read(image)
     digest = sha256(image)
 
-    device = Qcow2Device(str(image), readonly=True)
+    device = open_qcow2(image, readonly=True)
     try:
         assert device.size == size
         assert not device.capabilities.writable
@@ -588,7 +595,7 @@ def test_qemu_made_image_reads_and_takes_writes(tmp_path: Path, create_args: lis
     assert sha256(image) == digest, "a read-only open changed the image"
 
     model = Model(expected)
-    device = Qcow2Device(str(image))
+    device = open_qcow2(image)
     try:
         apply_to_device(device, model, make_ops(rng, size, cluster, 100))
         model.settle(read_device(device), "our read-back")
@@ -619,7 +626,7 @@ def test_compressed_image_reads_and_takes_writes(tmp_path: Path, convert_args: l
     assert match and float(match.group(1)) > 10, stats  # the image really holds compressed clusters
     cluster = qemu_info(image)["cluster-size"]
 
-    device = Qcow2Device(str(image), readonly=True)
+    device = open_qcow2(image, readonly=True)
     try:
         ours = read_device(device)
         bad = first_difference(ours, content)
@@ -629,14 +636,14 @@ def test_compressed_image_reads_and_takes_writes(tmp_path: Path, convert_args: l
         device.close()
 
     model = Model(content)
-    device = Qcow2Device(str(image))
+    device = open_qcow2(image)
     try:
         # partial writes into compressed clusters, then a random workload
         for chunk in range(0, size, 16 * cluster):
             if content[chunk : chunk + cluster].count(0) != cluster:
                 data = rng.randbytes(rng.randint(1, 300))
                 offset = chunk + rng.randrange(cluster - len(data))
-                device.write(offset, data)
+                device.write(offset=offset, data=data)
                 model.write(offset, data)
         apply_to_device(device, model, make_ops(rng, size, cluster, 80))
         model.settle(read_device(device), "our read-back")
@@ -706,7 +713,7 @@ def test_backing_chain_reads_cow_and_never_reexposes_backing(
     mid_view = qemu_read(chain.mid)
     size, cluster = chain.size, chain.cluster
 
-    device = Qcow2Device(str(chain.top), readonly=True)
+    device = open_qcow2(chain.top, readonly=True)
     try:
         ours = read_device(device)
         bad = first_difference(ours, expected)
@@ -725,31 +732,31 @@ def test_backing_chain_reads_cow_and_never_reexposes_backing(
     assert below, depth
     rng = random.Random(f"chain-ops-{base_fmt}-{relative}-{top_options}")
     model = Model(expected)
-    device = Qcow2Device(str(chain.top))
+    device = open_qcow2(chain.top)
     try:
         start, _ = below[0]
         # COW: a small write inside a cluster that lives in the backing chain
         data = rng.randbytes(100)
-        device.write(start + 1000, data)
+        device.write(offset=start + 1000, data=data)
         model.write(start + 1000, data)
         got = read_device(device, start, cluster)
         assert got == model.data[start : start + cluster], "partial write did not copy the backing data"
         # zero and trim over backing data, and over data the top wrote itself
         for start, length in below[1:4]:
-            device.zero(start, min(length, 3 * cluster), may_trim=True)
+            device.zero(offset=start, length=min(length, 3 * cluster), may_trim=True)
             model.zero(start, min(length, 3 * cluster))
         if len(below) > 4:
             start, _ = below[4]
-            device.zero(start + 17, cluster, may_trim=False)
+            device.zero(offset=start + 17, length=cluster, may_trim=False)
             model.zero(start + 17, cluster)
         for start, length in below[5:8]:
-            device.trim(start, min(length, 2 * cluster))
+            device.trim(offset=start, length=min(length, 2 * cluster))
             model.trim(start, min(length, 2 * cluster))
         written = next(start for start, _ in below[8:] + below if mid_view[start : start + cluster].count(0) < cluster)
         data = rng.randbytes(2 * cluster)
-        device.write(written, data)
+        device.write(offset=written, data=data)
         model.write(written, data)
-        device.trim(written, 2 * cluster)  # may read as zero or as what we wrote, never as the backing
+        device.trim(offset=written, length=2 * cluster)  # may read as zero or as what we wrote, never as the backing
         model.trim(written, 2 * cluster)
         device.flush()
         model.settle(read_device(device), "our read-back")
@@ -774,13 +781,13 @@ def test_v2_overlay_zero_hides_backing(tmp_path: Path) -> None:
     create_qcow2(str(top), None, backing_file="base.raw", backing_format="raw", compat="0.10")
     digest = sha256(base)
     model = Model(base.read_bytes())
-    device = Qcow2Device(str(top))
+    device = open_qcow2(top)
     try:
         assert device.size == 4 * MiB
         for offset, length, may_trim in ((0, 65536, True), (MiB, 200000, False), (2 * MiB + 5, 3, True)):
-            device.zero(offset, length, may_trim=may_trim)
+            device.zero(offset=offset, length=length, may_trim=may_trim)
             model.zero(offset, length)
-        device.trim(3 * MiB, 65536)
+        device.trim(offset=3 * MiB, length=65536)
         model.trim(3 * MiB, 65536)
         model.settle(read_device(device))
     finally:
@@ -803,12 +810,12 @@ def test_create_overlay_with_relative_backing_and_no_size(tmp_path: Path) -> Non
     assert_qemu_check(over)
     expected = qemu_read(chain.top)
     assert qemu_read(over) == expected
-    device = Qcow2Device(str(over), readonly=True)
+    device = open_qcow2(over, readonly=True)
     try:
         assert read_device(device) == expected
-        depths = device.allocation_depth(0, device.size)
-        assert sum(n for n, _ in depths) == device.size
-        assert {d for _, d in depths} <= {0, 2, 3, 4}  # nothing is allocated in the new overlay itself
+        depths = device.allocation_depth(offset=0, length=device.size)
+        assert sum(e.length for e in depths) == device.size
+        assert {e.status for e in depths} <= {0, 2, 3, 4}  # nothing is allocated in the new overlay itself
     finally:
         device.close()
 
@@ -1008,11 +1015,11 @@ reads = {}
 chunk = 1 << 16
 for offset in list(range(0, min(device.size, 4 << 20), chunk)) + [max(0, device.size - chunk)]:
     buf = bytearray(min(chunk, device.size - offset))
-    status = outcome(lambda: device.read_into(offset, memoryview(buf)))
+    status = outcome(lambda: device.read_into(offset=offset, buffer=memoryview(buf)))
     reads[offset] = [status, hashlib.sha256(buf).hexdigest() if status == "ok" else None]
 result["reads"] = reads
 if mode == "rw":
-    result["writes"] = {off: outcome(lambda: device.write(off, b"\xee" * 4096)) for off in writes}
+    result["writes"] = {off: outcome(lambda: device.write(offset=off, data=b"\xee" * 4096)) for off in writes}
     result["flush"] = outcome(device.flush)
 result["close"] = outcome(device.close)
 print(json.dumps(result))
@@ -1461,7 +1468,7 @@ def map_chain(tmp_path: Path, base_fmt: str, relative: bool, top_options: str) -
             f"write -P 0x74 {9 * MiB + 3 * c + 1024} 2048",
         ],
     )
-    device = Qcow2Device(str(chain.top))
+    device = open_qcow2(chain.top)
     try:
         rng = random.Random(f"map-{base_fmt}-{top_options}")
         for _ in range(12):
@@ -1469,11 +1476,11 @@ def map_chain(tmp_path: Path, base_fmt: str, relative: bool, top_options: str) -
             length = chain.cluster * rng.randint(1, 3)
             kind = rng.random()
             if kind < 0.5:
-                device.write(offset, rng.randbytes(length))
+                device.write(offset=offset, data=rng.randbytes(length))
             elif kind < 0.8:
-                device.zero(offset, length, may_trim=rng.random() < 0.5)
+                device.zero(offset=offset, length=length, may_trim=rng.random() < 0.5)
             else:
-                device.trim(offset, length)
+                device.trim(offset=offset, length=length)
     finally:
         device.close()
     assert_qemu_check(chain.top)
@@ -1525,9 +1532,13 @@ def test_allocation_depth_matches_qemu_nbd(
     theirs = nbdinfo_map(
         qemu_nbd("-r", "-f", "qcow2", "-A", chain.top, sock=tmp_path / "qemu-nbd.sock"), "qemu:allocation-depth"
     )
-    device = Qcow2Device(str(chain.top), readonly=True)
+    device = open_qcow2(chain.top, readonly=True)
     try:
-        assert_same_map(from_pairs(device.allocation_depth(0, device.size)), theirs, "Qcow2Device.allocation_depth")
+        assert_same_map(
+            from_pairs([(e.length, e.status) for e in device.allocation_depth(offset=0, length=device.size)]),
+            theirs,
+            "Qcow2Device.allocation_depth",
+        )
     finally:
         device.close()
     ours: RunningServer = serve("-f", "qcow2", "-r", "-t", "-A", str(chain.top))
