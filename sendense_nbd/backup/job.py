@@ -22,7 +22,7 @@ import attrs
 
 from sendense_nbd.backup.progress import JobProgress
 from sendense_nbd.backup.records import DiskResult, Mode, PreviousBackup, SyncType
-from sendense_nbd.copy import Endpoint, Progress, copy, open_source, open_target
+from sendense_nbd.copy import CopyOptions, Endpoint, Progress, copy, open_source, open_target
 from sendense_nbd.errors import BackupError, ChangeIdError, CopyError, EndpointError, SendenseError, first_error
 from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
 from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm, vm_disks
@@ -329,17 +329,14 @@ async def _copy_disk(
             progress.copy_event(disk.key, event)
 
         try:
-            result = await copy(
-                source,
-                target,
+            options = CopyOptions(
                 connections=spec.connections,
                 requests=spec.requests,
-                changed_areas=plan.areas,
                 verify=spec.verify,
                 flush=True,
-                progress=on_progress,
                 retries=spec.retries,
             )
+            result = await copy(source, target, options, changed_areas=plan.areas, progress=on_progress)
         except (CopyError, EndpointError) as exc:
             raise BackupError(f"disk {disk.key}: {exc}", "transferring") from exc
         if not result.flushed:

@@ -1,8 +1,8 @@
 """``sendense-nbd copy SRC DST``: copy a disk between NBD URIs and local images.
 
-A thin edge: parse the flags, open the two endpoints, call
-:func:`sendense_nbd.copy.copy`, print progress and one line on error
-(exit 1). The lead registers :data:`copy_command` on the ``sendense-nbd`` group.
+A thin edge: parse the flags into :class:`~sendense_nbd.copy.CopyOptions`,
+open the two endpoints, call :func:`sendense_nbd.copy.copy`, print progress
+and one line on error (exit 1). The lead registers :data:`copy_command` on the ``sendense-nbd`` group.
 """
 
 from __future__ import annotations
@@ -11,12 +11,21 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
 
-from sendense_nbd.copy import CopyResult, Progress, TargetMode, copy, open_source, open_target
+from sendense_nbd.copy import (
+    CopyOptions,
+    CopyResult,
+    OverlayZeroes,
+    Progress,
+    TargetMode,
+    copy,
+    open_source,
+    open_target,
+)
 from sendense_nbd.copy.endpoints import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.storage import ImageFormat
@@ -84,16 +93,19 @@ class _Printer:
 async def _run(
     src: str,
     dst: str,
+    *,
     fmt: ImageFormat | None,
-    connections: int,
+    options: CopyOptions,
     timeouts: dict[str, float],
-    **options: Any,
+    changed_areas: list[tuple[int, int]] | None,
+    progress: Callable[[Progress], None] | None,
 ) -> CopyResult:
+    connections = options.connections
     source = await open_source(src, connections=connections, **timeouts)
     try:
         target = await open_target(dst, fmt=fmt, size=source.size, connections=connections, **timeouts)
         try:
-            return await copy(source, target, connections=connections, **options)
+            return await copy(source, target, options, changed_areas=changed_areas, progress=progress)
         finally:
             await target.close()
     finally:
@@ -121,7 +133,7 @@ async def _run(
 )
 @click.option(
     "--overlay-zeroes",
-    type=click.Choice(["write-zeroes", "buffers"]),
+    type=click.Choice([z.value for z in OverlayZeroes]),
     default="write-zeroes",
     show_default=True,
     help="How zero areas reach an overlay: WRITE_ZEROES with NO_HOLE, or zero data.",
@@ -182,33 +194,26 @@ def copy_command(
     """
     printer = _Printer(bar=show_progress, json_lines=json_lines)
     callback: Callable[[Progress], None] | None = printer if (printer.bar_wanted or json_lines) else None
-    try:
-        result = asyncio.run(
-            _run(
-                src,
-                dst,
-                ImageFormat(target_format) if target_format else None,
-                connections,
-                {"connect_timeout": connect_timeout, "request_timeout": request_timeout},
-                requests=requests,
-                request_size=request_size,
-                target_mode=TargetMode(target_mode),
-                overlay_zeroes=overlay_zeroes,
-                changed_areas=_changed_areas(changed_areas),
-                verify=verify,
-                flush=flush,
-                retries=retries,
-                progress=callback,
-            )
-        )
-    except (click.exceptions.Exit, click.ClickException):
-        raise
-    except KeyboardInterrupt:
-        click.echo("sendense-nbd copy: interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # one line, never a traceback, whatever failed
-        click.echo(f"sendense-nbd copy: error: {_one_line(exc)}", err=True)
-        sys.exit(1)
+    options = CopyOptions(
+        connections=connections,
+        requests=requests,
+        request_size=request_size,
+        target_mode=TargetMode(target_mode),
+        overlay_zeroes=OverlayZeroes(overlay_zeroes),
+        verify=verify,
+        flush=flush,
+        retries=retries,
+    )
+    copying = _run(
+        src,
+        dst,
+        fmt=ImageFormat(target_format) if target_format else None,
+        options=options,
+        timeouts={"connect_timeout": connect_timeout, "request_timeout": request_timeout},
+        changed_areas=_changed_areas(changed_areas),
+        progress=callback,
+    )
+    result = _execute(copying)
     if not json_lines:
         click.echo(
             f"copied {result.copied} bytes, zeroed {result.zeroed}, skipped {result.skipped} "
@@ -216,6 +221,18 @@ def copy_command(
             f"{', verified' if result.verified else ''})",
             err=True,
         )
+
+
+def _execute(copying: Coroutine[Any, Any, CopyResult]) -> CopyResult:
+    """Run the copy; on failure one line on stderr and exit 1 (130 when interrupted)."""
+    try:
+        return asyncio.run(copying)
+    except KeyboardInterrupt:
+        click.echo("sendense-nbd copy: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # one line, never a traceback, whatever failed
+        click.echo(f"sendense-nbd copy: error: {_one_line(exc)}", err=True)
+        sys.exit(1)
 
 
 def _one_line(exc: BaseException) -> str:

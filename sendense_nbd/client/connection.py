@@ -136,6 +136,7 @@ class NBDClient:
 
     @property
     def size(self) -> int:
+        """The export's size in bytes."""
         return self._ready.export.size
 
     @property
@@ -145,10 +146,12 @@ class NBDClient:
 
     @property
     def description(self) -> str:
+        """The export's description (empty when the server sent none)."""
         return self._ready.export.description
 
     @property
     def flags(self) -> TransmissionFlag:
+        """The transmission flags the server sent."""
         return self._ready.export.flags
 
     def _has(self, flag: TransmissionFlag) -> bool:
@@ -166,26 +169,32 @@ class NBDClient:
 
     @property
     def can_flush(self) -> bool:
+        """FLUSH is supported."""
         return self._has(TransmissionFlag.SEND_FLUSH)
 
     @property
     def can_fua(self) -> bool:
+        """Writes may ask for FUA (durable on return)."""
         return self._has(TransmissionFlag.SEND_FUA)
 
     @property
     def can_trim(self) -> bool:
+        """TRIM is supported."""
         return self._has(TransmissionFlag.SEND_TRIM)
 
     @property
     def can_zero(self) -> bool:
+        """WRITE_ZEROES is supported."""
         return self._has(TransmissionFlag.SEND_WRITE_ZEROES)
 
     @property
     def can_fast_zero(self) -> bool:
+        """WRITE_ZEROES takes the FAST_ZERO flag."""
         return self._has(TransmissionFlag.SEND_FAST_ZERO)
 
     @property
     def can_df(self) -> bool:
+        """Reads may ask for one data chunk (DF)."""
         return self._has(TransmissionFlag.SEND_DF)
 
     @property
@@ -195,6 +204,7 @@ class NBDClient:
 
     @property
     def can_cache(self) -> bool:
+        """CACHE is supported."""
         return self._has(TransmissionFlag.SEND_CACHE)
 
     @property
@@ -204,10 +214,12 @@ class NBDClient:
 
     @property
     def min_block(self) -> int:
+        """The smallest block requests must be aligned to."""
         return self._ready.export.min_block
 
     @property
     def preferred_block(self) -> int:
+        """The block size the server prefers."""
         return self._ready.export.preferred_block
 
     @property
@@ -217,6 +229,7 @@ class NBDClient:
 
     @property
     def structured_replies(self) -> bool:
+        """Structured replies were negotiated."""
         return self._ready.structured_replies
 
     @property
@@ -231,10 +244,12 @@ class NBDClient:
 
     @property
     def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
         return len(self._link.waiters)
 
     @property
     def closed(self) -> bool:
+        """The socket is closed."""
         return self._link.closed.done()
 
     def __repr__(self) -> str:
@@ -365,6 +380,7 @@ class NBDClient:
         self._link.fail(NBDConnectionError("the connection was aborted"))
 
     async def wait_closed(self) -> None:
+        """Wait until the socket is closed."""
         await asyncio.shield(self._link.closed)
 
     async def __aenter__(self) -> NBDClient:

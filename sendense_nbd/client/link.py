@@ -48,6 +48,7 @@ class Link(asyncio.BufferedProtocol):
     # -- asyncio callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio: the socket is up (TCP_NODELAY, quick ACKs during the handshake)."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
@@ -58,11 +59,13 @@ class Link(asyncio.BufferedProtocol):
             self._quick_ack()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        """asyncio: where the next bytes go (the caller's read buffer while data arrives)."""
         if self.parser is not None:
             return self.parser.get_buffer()
         return memoryview(self._handshake_buffer)
 
     def buffer_updated(self, nbytes: int) -> None:
+        """asyncio: ``nbytes`` arrived; feed the handshake or the reply parser."""
         try:
             if self.parser is not None:
                 self.parser.buffer_updated(nbytes)
@@ -73,6 +76,7 @@ class Link(asyncio.BufferedProtocol):
             self.fail(exc)
 
     def eof_received(self) -> bool:
+        """asyncio: the server closed its side (a truncated handshake is an error)."""
         if self.parser is None and not self.negotiated.done():
             try:
                 self._handshake.receive_eof()
@@ -81,6 +85,7 @@ class Link(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio: the socket is gone; fail whatever is in flight."""
         reason = f": {exc}" if exc else ""
         self.fail(ConnectionLostError(f"the server closed the connection{reason}"))
         self.writable.set()
@@ -88,9 +93,11 @@ class Link(asyncio.BufferedProtocol):
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
+        """asyncio: above the write high-water mark; new requests wait."""
         self.writable.clear()
 
     def resume_writing(self) -> None:
+        """asyncio: below the low-water mark again."""
         self.writable.set()
 
     # -- handshake -----------------------------------------------------------------
@@ -156,6 +163,7 @@ class Link(asyncio.BufferedProtocol):
         return future
 
     def abandon(self, handle: int) -> None:
+        """Forget a request whose caller gave up (its late data is dropped)."""
         if self.parser is not None:
             self.parser.abandon(handle)
 

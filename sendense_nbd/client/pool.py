@@ -53,6 +53,7 @@ class ConnectionPool:
 
     @property
     def connections(self) -> tuple[NBDClient, ...]:
+        """The open connections."""
         return self._clients
 
     def __len__(self) -> int:
@@ -87,6 +88,7 @@ class ConnectionPool:
                 raise result
 
     async def wait_closed(self) -> None:
+        """Wait until every connection's socket is closed."""
         await asyncio.gather(*(c.wait_closed() for c in self._clients))
 
     async def __aenter__(self) -> ConnectionPool:

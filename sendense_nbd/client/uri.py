@@ -41,6 +41,7 @@ class NBDAddress:
 
     @property
     def is_unix(self) -> bool:
+        """The export is reached through a unix socket."""
         return self.socket is not None
 
     @property

@@ -72,13 +72,16 @@ class Endpoint(Protocol):
     """The source or target of a copy."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """What to call the endpoint in messages (its URI or path)."""
 
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """The disk's size in bytes."""
 
     @property
-    def min_block(self) -> int: ...
+    def min_block(self) -> int:
+        """Requests are aligned to this."""
 
     @property
     def max_request(self) -> int:
@@ -123,9 +126,11 @@ class Endpoint(Protocol):
     async def zero(self, *, offset: int, length: int, punch: bool) -> None:
         """Make the range read zeroes; ``punch`` allows a hole (never over a backing chain)."""
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> None:
+        """Make every completed write durable."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release connections or the device."""
 
 
 def _nbd_error(exc: NBDRequestError, what: str, offset: int) -> EndpointError:
@@ -160,6 +165,7 @@ class NBDEndpoint:
         self._closed = False
 
     async def open(self) -> NBDEndpoint:
+        """Connect (the pool) and return the endpoint."""
         await self._ensure()
         return self
 
@@ -179,38 +185,47 @@ class NBDEndpoint:
 
     @property
     def name(self) -> str:
+        """The URI."""
         return self.uri
 
     @property
     def size(self) -> int:
+        """The export's size."""
         return self._info.size
 
     @property
     def min_block(self) -> int:
+        """The server's minimum block size."""
         return self._info.min_block
 
     @property
     def max_request(self) -> int:
+        """The server's maximum payload."""
         return self._info.max_block
 
     @property
     def connections(self) -> int:
+        """Connections in the pool (1 without multi-conn)."""
         return len(self._pool) if self._pool is not None else 1
 
     @property
     def can_zero(self) -> bool:
+        """The server has WRITE_ZEROES."""
         return self._info.can_zero
 
     @property
     def can_multi_conn(self) -> bool:
+        """The server set ``NBD_FLAG_CAN_MULTI_CONN``."""
         return self._info.can_multi_conn
 
     @property
     def generation(self) -> int:
+        """Reconnects so far."""
         return self._generation
 
     @property
     def has_backing(self) -> bool | None:
+        """Unknown over NBD (the target probe asks ``qemu:allocation-depth``)."""
         return None
 
     async def _ensure(self) -> ConnectionPool:
@@ -279,6 +294,7 @@ class NBDEndpoint:
         )
 
     async def reopen(self) -> NBDEndpoint:
+        """A new endpoint on the same URI with new connections."""
         options = self._options
         fresh = NBDEndpoint(
             self.uri,
@@ -305,10 +321,12 @@ class NBDEndpoint:
         await self._call("WRITE_ZEROES", offset, lambda c: c.zero(offset=offset, length=length, no_hole=not punch))
 
     async def flush(self) -> None:
+        """FLUSH (nothing when the server has no FLUSH)."""
         if self._info.can_flush:
             await self._call("FLUSH", 0, lambda c: c.flush())
 
     async def close(self) -> None:
+        """Close the pool; later calls fail."""
         async with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
@@ -338,34 +356,42 @@ class LocalEndpoint:
 
     @property
     def name(self) -> str:
+        """The image's path."""
         return self._name
 
     @property
     def size(self) -> int:
+        """The device's size."""
         return self.device.size
 
     @property
     def min_block(self) -> int:
+        """The device's minimum block size."""
         return self.device.capabilities.min_block
 
     @property
     def max_request(self) -> int:
+        """32 MiB: larger requests only cost memory."""
         return 32 << 20
 
     @property
     def connections(self) -> int:
+        """The endpoint's I/O threads."""
         return self._threads
 
     @property
     def can_zero(self) -> bool:
+        """Always (the device emulates what it lacks)."""
         return True
 
     @property
     def generation(self) -> int:
+        """Always 0: a local device never reconnects."""
         return 0
 
     @property
     def has_backing(self) -> bool | None:
+        """The image has a backing file."""
         return self.device.capabilities.has_backing
 
     async def _run(self, what: str, offset: int, function: Callable[[], T]) -> T:
@@ -391,6 +417,7 @@ class LocalEndpoint:
         return await self._run("allocation depth", offset, lambda: _walk(self.device.allocation_depth, offset, length))
 
     async def reopen(self) -> LocalEndpoint:
+        """The endpoint itself: there is nothing to reconnect."""
         return self
 
     async def read_into(self, *, offset: int, buffer: memoryview) -> None:
@@ -406,9 +433,11 @@ class LocalEndpoint:
         await self._run("zero", offset, lambda: self.device.zero(offset=offset, length=length, may_trim=punch))
 
     async def flush(self) -> None:
+        """Flush the device."""
         await self._run("flush", 0, self.device.flush)
 
     async def close(self) -> None:
+        """Stop the threads and close the device."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._pool.shutdown)
         self.device.close()
@@ -433,6 +462,7 @@ def _walk(describe: Callable[..., list[Extent]], offset: int, length: int) -> li
 
 
 def is_uri(spec: str) -> bool:
+    """True for an NBD URI (``nbd://``, ``nbd+unix://``), False for a local image path."""
     return "://" in spec
 
 

@@ -1,6 +1,6 @@
 """The async copy engine: workers, a bounded queue, retries, checkpoints, progress.
 
-Theory of operation:
+Theory of operation (the names in ``code`` are :class:`CopyOptions` fields):
 
 * The source's ``base:allocation`` extents are read a window at a time (at
   most :data:`EXTENT_WINDOW` bytes and
@@ -8,7 +8,7 @@ Theory of operation:
   is turned into a :class:`~sendense_nbd.copy.plan.Plan` of its own, so
   memory stays bounded however fragmented the disk; holes are never read. A
   changed-area copy asks only about the changed areas. With
-  ``target_mode="auto"`` the target is probed first (:func:`probe_target_mode`,
+  ``target_mode`` AUTO the target is probed first (:func:`probe_target_mode`,
   windowed too).
 * A producer walks the windows' items lazily into a queue of ``workers``
   slots; ``workers = connections * requests`` (connections: the fewer the
@@ -20,13 +20,14 @@ Theory of operation:
   for zeroes (:func:`~sendense_nbd.storage.is_zero`, in segments of at least
   64 KiB): data segments are written, zero segments are skipped on a fresh
   target in a full copy and become WRITE_ZEROES otherwise (NO_HOLE on an
-  overlay, or zero buffers with ``overlay_zeroes="buffers"`` or when the
+  overlay, or zero buffers with ``overlay_zeroes`` BUFFERS or when the
   target lacks WRITE_ZEROES). Only data segments count as moved bytes for
   the rate and ETA.
 * Faults: a transient failure (EIO, ENOMEM, a lost connection, a timeout)
   is retried with exponential backoff, up to ``retries`` times per item;
   endpoints reconnect by themselves. A write only counts as finished after a
-  FLUSH covered it: workers flush after every ``checkpoint_bytes`` of data
+  FLUSH covered it (the :class:`~sendense_nbd.copy.ledger.Ledger` keeps
+  that account): workers flush after every ``checkpoint_bytes`` of data
   written (zeroed areas are cheap to redo and do not count), once
   :data:`MAX_PENDING` items wait for one (so the bookkeeping stays bounded
   on a disk of tiny extents), and at the end (doc/proto.md,
@@ -35,37 +36,30 @@ Theory of operation:
   (an unflushed qcow2 server may lose them); everything durable is kept and
   never copied again. :class:`CopyError` names the offset and carries the
   durable ranges (with the ranges the plan skips: nothing is left to do there).
-* ``verify=True``, after the final FLUSH, reads every byte of the copied
+* ``verify``, after the final FLUSH, reads every byte of the copied
   scope again: the source through new connections
   (:meth:`~sendense_nbd.copy.endpoints.Endpoint.reopen`), never trusting its
   allocation map or what the copy read, and the target; chunks are compared
   byte for byte and :class:`VerifyError` names the first mismatching byte.
-* Progress (:class:`Progress`) is delivered synchronously to a callback at
-  most every ``progress_interval`` seconds, and the final event always.
+* Progress (:class:`~sendense_nbd.copy.progress.Progress`) is delivered
+  synchronously to a callback at most every ``progress_interval`` seconds,
+  and the final event always.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 import attrs
 
 from sendense_nbd.copy.endpoints import Endpoint
-from sendense_nbd.copy.plan import (
-    DEFAULT_MERGE_GAP,
-    DEFAULT_REQUEST_SIZE,
-    Action,
-    RangeSet,
-    TargetMode,
-    WorkItem,
-    merge_areas,
-    plan,
-)
+from sendense_nbd.copy.ledger import Ledger
+from sendense_nbd.copy.options import CopyOptions, OverlayZeroes
+from sendense_nbd.copy.plan import DEFAULT_REQUEST_SIZE, Action, TargetMode, WorkItem, merge_areas, plan
+from sendense_nbd.copy.progress import Outcome, ProgressCallback, Reporter
 from sendense_nbd.errors import CopyError, EndpointError, VerifyError, first_error
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage import is_zero
@@ -80,34 +74,6 @@ MAX_FLUSHES = 4
 MAX_PENDING = 1 << 16
 #: Bytes of the disk one allocation-map query describes (fewer when it is fragmented).
 EXTENT_WINDOW = 1 << 30
-
-
-@attrs.frozen(slots=True)
-class Progress:
-    """A snapshot of a running copy; byte counts are of finished items."""
-
-    copied: int  # data written
-    zeroed: int  # made zero on the target without sending data
-    skipped: int  # left alone (holes and zeroes on a fresh target, unchanged areas)
-    total: int
-    elapsed: float
-    #: Bytes of data per second: zeroes and skipped bytes do not count.
-    rate: float
-    #: Seconds left for the data still to copy (None before there is a rate).
-    eta: float | None
-    done: bool = False
-    #: Set on the final event of a failed copy.
-    error: str | None = None
-    #: Bytes the copy reads and checks (holes and unchanged areas excluded): what the ETA counts down.
-    to_read: int = 0
-
-    @property
-    def processed(self) -> int:
-        return self.copied + self.zeroed + self.skipped
-
-    @property
-    def percent(self) -> float:
-        return 100.0 if self.total == 0 else 100.0 * self.processed / self.total
 
 
 @attrs.frozen(slots=True)
@@ -128,7 +94,6 @@ class CopyResult:
     verified: bool
 
 
-ProgressCallback = Callable[[Progress], None]
 T = TypeVar("T")
 
 
@@ -188,114 +153,42 @@ def _reach(extents: Sequence[Extent], pos: int) -> int:
 
 
 @attrs.frozen(slots=True)
-class _Done:
-    """A finished item waiting for a FLUSH, and what it contributed."""
+class _Shape:
+    """What :func:`copy` worked out from the options and the two endpoints."""
 
-    item: WorkItem
-    generation: int
-    copied: int
-    zeroed: int
-    skipped: int
-
-
-class _Reporter:
-    def __init__(self, callback: ProgressCallback | None, total: int, scope: int, interval: float) -> None:
-        self.callback = callback
-        self.total = total
-        self.scope = scope  # bytes the windows will plan
-        self.planned_scope = 0
-        self.planned_copy = 0
-        self.interval = interval
-        self.start = time.monotonic()
-        self.last = -math.inf
-        self.copied = self.zeroed = self.skipped = 0
-        self.copy_processed = 0  # bytes of COPY items finished, whatever they turned into
-
-    def planned(self, copy_bytes: int, scope_bytes: int) -> None:
-        self.planned_copy += copy_bytes
-        self.planned_scope += scope_bytes
+    size: int
+    #: Sorted ``(offset, length)`` areas to copy; None: the whole disk.
+    scope: Sequence[tuple[int, int]] | None
+    block: int
+    request_size: int
+    mode: TargetMode
+    workers: int
 
     @property
-    def copy_total(self) -> int:
-        """Bytes to read: exact once every window is planned, extrapolated before."""
-        if not self.planned_scope or self.planned_scope >= self.scope:
-            return self.planned_copy
-        unplanned = self.scope - self.planned_scope
-        return self.planned_copy + unplanned * self.planned_copy // self.planned_scope
+    def areas(self) -> Sequence[tuple[int, int]]:
+        """The areas to copy, the whole disk being one."""
+        return [(0, self.size)] if self.scope is None else self.scope
 
-    def count(self, done: _Done, sign: int = 1) -> None:
-        self.copied += sign * done.copied
-        self.zeroed += sign * done.zeroed
-        self.skipped += sign * done.skipped
-        if done.item.action is Action.COPY:
-            self.copy_processed += sign * done.item.length
-
-    def snapshot(self, done: bool = False, error: str | None = None) -> Progress:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.copied / elapsed
-        copy_total = self.copy_total
-        left = max(0, copy_total - self.copy_processed)
-        eta = 0.0 if done or left == 0 else (left / rate if rate > 0 else None)
-        return Progress(self.copied, self.zeroed, self.skipped, self.total, elapsed, rate, eta, done, error, copy_total)
-
-    def maybe_report(self) -> None:
-        now = time.monotonic()
-        if self.callback is not None and now - self.last >= self.interval:
-            self.last = now
-            self.callback(self.snapshot())
-
-    def final(self, error: str | None = None) -> None:
-        if self.callback is not None:
-            self.callback(self.snapshot(done=True, error=error))
+    @property
+    def scope_bytes(self) -> int:
+        """Bytes in those areas."""
+        return self.size if self.scope is None else sum(n for _, n in self.scope)
 
 
-class _Copier:
-    def __init__(
-        self,
-        source: Endpoint,
-        target: Endpoint,
-        *,
-        scope: Sequence[tuple[int, int]] | None,
-        request_size: int,
-        block: int,
-        mode: TargetMode,
-        workers: int,
-        retries: int,
-        backoff: float,
-        checkpoint_bytes: int,
-        zero_buffers: bool,
-        reporter: _Reporter,
-    ) -> None:
+class _Mover:
+    """Carries out one work item: read the source, find the zeroes, write or zero the target."""
+
+    def __init__(self, source: Endpoint, target: Endpoint, shape: _Shape, overlay_zeroes: OverlayZeroes) -> None:
         self.source = source
         self.target = target
-        self.size = source.size
-        self.full = scope is None
-        self.scope = [(0, self.size)] if scope is None else scope
-        self.request_size = request_size
-        self.block = block
-        self.mode = mode
-        self.skip_zeroes = self.full and mode is TargetMode.FRESH
-        self.workers = workers
-        self.retries = retries
-        self.backoff = backoff
-        self.checkpoint_bytes = checkpoint_bytes
-        self.zero_buffers = zero_buffers or not target.can_zero
-        self.reporter = reporter
-        self.segment = max(ZERO_SEGMENT, request_size // 64 // ZERO_SEGMENT * ZERO_SEGMENT)
-        self._zeroes = memoryview(bytes(request_size))
-        self.durable = RangeSet()
-        self.pending: list[_Done] = []
-        self.unbatched_bytes = 0  # finished, not yet in a running FLUSH's batch
-        self.batched: set[int] = set()
-        self.flushes_running = 0
-        self.redo: collections.deque[WorkItem] = collections.deque()
-        self.seen_generation = target.generation
-        self.generation_base = target.generation
-        self.flush_failures = 0
+        self.punch = shape.mode is not TargetMode.OVERLAY
+        self.skip_zeroes = shape.scope is None and shape.mode is TargetMode.FRESH
+        buffers = shape.mode is TargetMode.OVERLAY and overlay_zeroes is OverlayZeroes.BUFFERS
+        self.zero_buffers = buffers or not target.can_zero
+        self.segment = max(ZERO_SEGMENT, shape.request_size // 64 // ZERO_SEGMENT * ZERO_SEGMENT)
+        self._zeroes = memoryview(bytes(shape.request_size))
+        #: Data bytes sent, failed attempts included.
         self.written = 0
-        self.retry_count = 0
-
-    # -- one item -----------------------------------------------------------------------
 
     async def _zero(self, offset: int, length: int) -> None:
         if self.zero_buffers:
@@ -303,7 +196,7 @@ class _Copier:
             for start in range(offset, offset + length, step):
                 await self.target.write(offset=start, data=self._zeroes[: min(step, offset + length - start)])
         else:
-            await self.target.zero(offset=offset, length=length, punch=self.mode is not TargetMode.OVERLAY)
+            await self.target.zero(offset=offset, length=length, punch=self.punch)
 
     def _runs(self, view: memoryview) -> Iterator[tuple[int, int, bool]]:
         """``(start, length, zero)`` runs of the buffer, checked segment by segment."""
@@ -316,7 +209,8 @@ class _Copier:
                 run_start, run_zero = start, zero
         yield run_start, len(view) - run_start, run_zero
 
-    async def _do(self, item: WorkItem, buffer: memoryview) -> _Done:
+    async def do(self, item: WorkItem, buffer: memoryview) -> Outcome:
+        """Carry out ``item`` (raises EndpointError); ``buffer`` holds ``request_size`` bytes."""
         generation = self.target.generation
         copied = zeroed = skipped = 0
         if item.action is Action.ZERO:
@@ -335,69 +229,76 @@ class _Copier:
                 else:
                     await self._zero(item.offset + start, length)
                     zeroed += length
-        return _Done(item, generation, copied, zeroed, skipped)
+        return Outcome(item, generation, copied, zeroed, skipped)
 
-    async def _attempt(self, item: WorkItem, buffer: memoryview) -> _Done:
-        for attempt in range(self.retries + 1):
+
+class _Copier:
+    """The passes of one copy: workers, retries and checkpoints, then the verify."""
+
+    def __init__(
+        self, source: Endpoint, target: Endpoint, options: CopyOptions, shape: _Shape, reporter: Reporter
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.options = options
+        self.shape = shape
+        self.reporter = reporter
+        self.mover = _Mover(source, target, shape, options.overlay_zeroes)
+        self.ledger: Ledger[Outcome] = Ledger(target.generation)
+        self.generation_base = target.generation
+        self.flush_failures = 0
+        self.retry_count = 0
+
+    def _completed(self) -> tuple[tuple[int, int], ...]:
+        return self.ledger.durable.ranges()
+
+    # -- retries ------------------------------------------------------------------------
+
+    async def _attempt(self, item: WorkItem, buffer: memoryview) -> Outcome:
+        retries = self.options.retries
+        for attempt in range(retries + 1):
             try:
-                return await self._do(item, buffer)
+                return await self.mover.do(item, buffer)
             except EndpointError as exc:
-                if not exc.transient or attempt == self.retries:
+                if not exc.transient or attempt == retries:
                     tries = f" after {attempt + 1} attempts" if attempt else ""
                     raise CopyError(
                         f"{item.action.value} of {item.length} bytes at offset {item.offset} failed{tries}: {exc}",
                         offset=item.offset,
-                        completed=self.durable.ranges(),
+                        completed=self._completed(),
                     ) from exc
                 await self._pause(attempt)
         raise AssertionError("unreachable")
 
     async def _retrying(self, what: str, offset: int, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, retrying transient endpoint errors with backoff; CopyError when it gives up."""
-        for attempt in range(self.retries + 1):
+        retries = self.options.retries
+        for attempt in range(retries + 1):
             try:
                 return await call()
             except EndpointError as exc:
-                if not exc.transient or attempt == self.retries:
-                    raise CopyError(f"{what}: {exc}", offset=offset, completed=self.durable.ranges()) from exc
+                if not exc.transient or attempt == retries:
+                    raise CopyError(f"{what}: {exc}", offset=offset, completed=self._completed()) from exc
                 await self._pause(attempt)
         raise AssertionError("unreachable")
 
     async def _pause(self, attempt: int) -> None:
         """Exponential backoff before the next attempt."""
         self.retry_count += 1
-        await asyncio.sleep(min(MAX_BACKOFF, self.backoff * 2**attempt))
+        await asyncio.sleep(min(MAX_BACKOFF, self.options.backoff * 2**attempt))
 
     # -- durability -----------------------------------------------------------------------
 
-    def _invalidate(self) -> None:
-        """After a target reconnect, queue again what no FLUSH covered."""
-        current = self.target.generation
-        if current == self.seen_generation:
-            return
-        self.seen_generation = current
-        keep = []
-        for done in self.pending:
-            if done.generation == current:
-                keep.append(done)
-            else:
-                self.reporter.count(done, -1)
-                self.redo.append(done.item)
-        self.pending = keep
-        self._recount()
+    def _sync(self) -> None:
+        """Tell the ledger the target's generation; take back what a lost connection may have lost."""
+        for outcome in self.ledger.reconnected(self.target.generation):
+            self.reporter.count(outcome, -1)
 
-    def _recount(self) -> None:
-        self.unbatched_bytes = sum(d.copied for d in self.pending if id(d) not in self.batched)
-
-    def _finished(self, done: _Done) -> None:
-        self._invalidate()
-        if done.generation != self.target.generation:  # completed on a connection that is gone
-            self.redo.append(done.item)
-            return
-        self.reporter.count(done)
-        self.pending.append(done)
-        self.unbatched_bytes += done.copied
-        self.reporter.maybe_report()
+    def _finished(self, outcome: Outcome) -> None:
+        self._sync()
+        if self.ledger.record(outcome, began=outcome.generation):
+            self.reporter.count(outcome)
+            self.reporter.maybe_report()
 
     async def checkpoint(self) -> None:
         """FLUSH; the writes that completed before it are then durable.
@@ -405,40 +306,23 @@ class _Copier:
         Several checkpoints may run at once, each covering the writes that
         completed since the previous one started. Raises EndpointError.
         """
-        self._invalidate()
-        generation = self.target.generation
-        batch = [d for d in self.pending if d.generation == generation and id(d) not in self.batched]
-        ids = {id(d) for d in batch}
-        self.batched |= ids
-        self.unbatched_bytes -= sum(d.copied for d in batch)
-        self.flushes_running += 1
+        self._sync()
+        token = self.ledger.begin_flush()
         try:
             await self.target.flush()
-        except EndpointError:
-            self.batched -= ids
-            self._invalidate()
-            if self.target.generation == generation:  # a failed FLUSH on a live connection: write again
-                for done in self.pending:
-                    if id(done) in ids:
-                        self.reporter.count(done, -1)
-                        self.redo.append(done.item)
-                self.pending = [d for d in self.pending if id(d) not in ids]
-            self._recount()
+        except BaseException:  # failed or cancelled: what it covered must be written again
+            self._sync()
+            for outcome in self.ledger.flush_failed(token):
+                self.reporter.count(outcome, -1)
             raise
-        finally:
-            self.flushes_running -= 1
-        self.batched -= ids
-        self._invalidate()
-        if self.target.generation != generation:
-            return
-        for done in batch:
-            self.durable.add(done.item.offset, done.item.length)
-        self.pending = [d for d in self.pending if id(d) not in ids]
+        self._sync()
+        self.ledger.flush_ok(token)
 
     async def _maybe_checkpoint(self) -> None:
-        if self.flushes_running >= MAX_FLUSHES:
+        ledger = self.ledger
+        if ledger.flushes >= MAX_FLUSHES:
             return
-        if self.unbatched_bytes < self.checkpoint_bytes and len(self.pending) - len(self.batched) < MAX_PENDING:
+        if ledger.unbatched_weight < self.options.checkpoint_bytes and ledger.unbatched < MAX_PENDING:
             return
         try:
             await self.checkpoint()
@@ -446,63 +330,73 @@ class _Copier:
         except EndpointError as exc:
             self.retry_count += 1
             self.flush_failures += 1
-            if not exc.transient or self.flush_failures > self.retries:
-                raise CopyError(f"flushing the target failed: {exc}", completed=self.durable.ranges()) from exc
+            if not exc.transient or self.flush_failures > self.options.retries:
+                raise CopyError(f"flushing the target failed: {exc}", completed=self._completed()) from exc
 
     # -- passes ---------------------------------------------------------------------------
 
     async def planned_items(self) -> AsyncIterator[WorkItem]:
         """The work of the whole copy, planned one bounded window of the source's map at a time."""
+        size = self.shape.size
         done = 0
-        for area_start, area_length in self.scope:
+        for area_start, area_length in self.shape.areas:
             if done < area_start:
                 yield WorkItem(done, area_start - done, Action.SKIP)
             pos, end = area_start, area_start + area_length
             while pos < end:
-                extents = await self._source_extents(pos, min(EXTENT_WINDOW, end - pos))
-                stop = min(end, -(-_reach(extents, pos) // self.block) * self.block)
-                window = plan(
-                    extents,
-                    size=self.size,
-                    mode=self.mode,
-                    request_size=self.request_size,
-                    min_block=self.block,
-                    changed=None if self.full else [(pos, stop - pos)],
-                    merge_gap=0,
-                    span=(pos, stop),
-                )
-                self.reporter.planned(window.copy_bytes, stop - pos)
-                for item in window.items():
+                window, stop = await self._window(pos, end)
+                for item in window:
                     yield item
                 pos = stop
             done = end
-        if done < self.size:
-            yield WorkItem(done, self.size - done, Action.SKIP)
+        if done < size:
+            yield WorkItem(done, size - done, Action.SKIP)
 
-    async def _source_extents(self, offset: int, length: int) -> list[Extent]:
-        return await self._retrying(
-            "reading the source's allocation map", offset, lambda: self.source.extents(offset=offset, length=length)
+    async def _window(self, pos: int, end: int) -> tuple[Iterator[WorkItem], int]:
+        """The items of one window of the map from ``pos`` (up to ``end``), and where it stops."""
+        shape = self.shape
+        extents = await self._retrying(
+            "reading the source's allocation map",
+            pos,
+            lambda: self.source.extents(offset=pos, length=min(EXTENT_WINDOW, end - pos)),
         )
+        stop = min(end, -(-_reach(extents, pos) // shape.block) * shape.block)
+        window = plan(
+            extents,
+            size=shape.size,
+            mode=shape.mode,
+            request_size=shape.request_size,
+            min_block=shape.block,
+            changed=None if shape.scope is None else [(pos, stop - pos)],
+            merge_gap=0,
+            span=(pos, stop),
+        )
+        self.reporter.planned(window.copy_bytes, stop - pos)
+        return window.items(), stop
 
-    async def run_pass(self, items: AsyncIterator[WorkItem] | Iterable[WorkItem]) -> None:
-        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=self.workers)
+    async def run_pass(self, items: AsyncIterator[WorkItem] | None = None) -> None:
+        """Carry out ``items`` and everything queued for redo, with ``workers`` workers."""
+        workers = self.shape.workers
+        queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=workers)
 
         async def produce() -> None:
-            async for item in _aiter(items):
-                if item.action is Action.SKIP:
-                    self.durable.add(item.offset, item.length)  # nothing to do there
-                    self.reporter.count(_Done(item, 0, 0, 0, item.length))
-                    self.reporter.maybe_report()
-                    continue
-                await queue.put(item)
-            for _ in range(self.workers):
+            if items is not None:
+                async for item in items:
+                    if item.action is Action.SKIP:
+                        self.ledger.skip(item.offset, item.length)  # nothing to do there
+                        self.reporter.count(Outcome(item, 0, 0, 0, item.length))
+                        self.reporter.maybe_report()
+                        continue
+                    await queue.put(item)
+            for _ in range(workers):
                 await queue.put(None)
 
         async def work() -> None:
-            buffer = memoryview(bytearray(self.request_size))
+            buffer = memoryview(bytearray(self.shape.request_size))
             while True:
-                if self.redo:
-                    item = self.redo.popleft()
+                redo = self.ledger.take_redo()
+                if redo is not None:
+                    item = redo.item
                 else:
                     queued = await queue.get()
                     if queued is None:
@@ -513,57 +407,60 @@ class _Copier:
 
         async with asyncio.TaskGroup() as group:
             group.create_task(produce())
-            for _ in range(self.workers):
+            for _ in range(workers):
                 group.create_task(work())
 
-    async def run(self, *, flush: bool) -> bool:
+    async def run(self) -> bool:
+        """The copy, then the redo passes and final FLUSH; whether the target was flushed."""
         await self.run_pass(self.planned_items())
-        for attempt in range(self.retries + 1):
-            self._invalidate()
-            if self.redo:
-                redo, self.redo = list(self.redo), collections.deque()
-                await self.run_pass(redo)
+        retries = self.options.retries
+        for attempt in range(retries + 1):
+            self._sync()
+            if self.ledger.redo:
+                await self.run_pass()
                 continue
-            if not flush:
+            if not self.options.flush:
                 return False
             try:
                 await self.checkpoint()
             except EndpointError as exc:
-                if not exc.transient or attempt == self.retries:
-                    raise CopyError(f"flushing the target failed: {exc}", completed=self.durable.ranges()) from exc
+                if not exc.transient or attempt == retries:
+                    raise CopyError(f"flushing the target failed: {exc}", completed=self._completed()) from exc
                 await self._pause(attempt)
                 continue
-            if not self.redo and not self.pending:
+            if self.ledger.settled:
                 return True
-        raise CopyError("the target kept losing its connection; giving up", completed=self.durable.ranges())
+        raise CopyError("the target kept losing its connection; giving up", completed=self._completed())
 
     # -- verification -----------------------------------------------------------------------
 
     def _verify_chunks(self) -> Iterator[tuple[int, int]]:
         """``(offset, length)`` chunks of the copied scope, ``request_size`` at most."""
-        for area_start, area_length in self.scope:
-            for start in range(area_start, area_start + area_length, self.request_size):
-                yield start, min(self.request_size, area_start + area_length - start)
+        step = self.shape.request_size
+        for area_start, area_length in self.shape.areas:
+            for start in range(area_start, area_start + area_length, step):
+                yield start, min(step, area_start + area_length - start)
 
     async def verify(self, source: Endpoint) -> None:
         """Compare ``source`` (freshly connected) with the target over the scope; raise on the first difference."""
+        workers, request_size = self.shape.workers, self.shape.request_size
         first: list[int] = []
-        queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=self.workers)
+        queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=workers)
 
         async def produce() -> None:
             for chunk in self._verify_chunks():
                 if first and chunk[0] > min(first):
                     break
                 await queue.put(chunk)
-            for _ in range(self.workers):
+            for _ in range(workers):
                 await queue.put(None)
 
         async def read(endpoint: Endpoint, offset: int, view: memoryview) -> None:
             await self._retrying("verify", offset, lambda: endpoint.read_into(offset=offset, buffer=view))
 
         async def work() -> None:
-            source_buffer = memoryview(bytearray(self.request_size))
-            target_buffer = memoryview(bytearray(self.request_size))
+            source_buffer = memoryview(bytearray(request_size))
+            target_buffer = memoryview(bytearray(request_size))
             while (chunk := await queue.get()) is not None:
                 offset, length = chunk
                 src, dst = source_buffer[:length], target_buffer[:length]
@@ -574,20 +471,11 @@ class _Copier:
 
         async with asyncio.TaskGroup() as group:
             group.create_task(produce())
-            for _ in range(self.workers):
+            for _ in range(workers):
                 group.create_task(work())
         if first:
             offset = min(first)
             raise VerifyError(f"verify: source and target differ at offset {offset}", offset=offset)
-
-
-async def _aiter(items: AsyncIterator[WorkItem] | Iterable[WorkItem]) -> AsyncIterator[WorkItem]:
-    if isinstance(items, AsyncIterator):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
 
 
 def _first_difference(a: memoryview, b: memoryview) -> int:
@@ -600,10 +488,6 @@ def _first_difference(a: memoryview, b: memoryview) -> int:
     return len(a)
 
 
-def _mode(value: TargetMode | str) -> TargetMode:
-    return value if isinstance(value, TargetMode) else TargetMode(value)
-
-
 async def _resolve_mode(target: Endpoint, mode: TargetMode) -> TargetMode:
     if mode is not TargetMode.AUTO:
         return mode
@@ -613,67 +497,52 @@ async def _resolve_mode(target: Endpoint, mode: TargetMode) -> TargetMode:
         raise CopyError(str(exc), offset=exc.offset) from exc
 
 
-async def copy(
-    source: Endpoint,
-    target: Endpoint,
-    *,
-    connections: int = 4,
-    requests: int = 16,
-    request_size: int = DEFAULT_REQUEST_SIZE,
-    target_mode: TargetMode | str = TargetMode.AUTO,
-    changed_areas: Iterable[tuple[int, int]] | None = None,
-    merge_gap: int = DEFAULT_MERGE_GAP,
-    verify: bool = False,
-    flush: bool = True,
-    progress: ProgressCallback | None = None,
-    progress_interval: float = 0.5,
-    retries: int = 5,
-    backoff: float = 0.1,
-    checkpoint_bytes: int = 1 << 30,
-    overlay_zeroes: str = "write-zeroes",
-) -> CopyResult:
-    """Copy ``source`` to ``target`` (both open :class:`Endpoint` objects).
-
-    ``changed_areas`` (``(offset, length)``, e.g. from CBT) limits the copy
-    to those areas. ``overlay_zeroes`` is ``"write-zeroes"`` (WRITE_ZEROES
-    with NO_HOLE: the server must make the range read zeroes, as qemu and our
-    qcow2 server do with the zero flag) or ``"buffers"`` (send zero data).
-    Success is reported only after the target's FLUSH (unless ``flush=False``).
-    """
-    if connections < 1 or requests < 1 or retries < 0:
-        raise ValueError("connections and requests must be positive, retries not negative")
-    if overlay_zeroes not in ("write-zeroes", "buffers"):
-        raise ValueError(f"overlay_zeroes is 'write-zeroes' or 'buffers', not {overlay_zeroes!r}")
+async def _shape(
+    source: Endpoint, target: Endpoint, options: CopyOptions, changed_areas: Iterable[tuple[int, int]] | None
+) -> _Shape:
     size = source.size
     if target.size < size:
         raise CopyError(f"the target ({target.size} bytes) is smaller than the source ({size} bytes)")
     block = math.lcm(source.min_block, target.min_block)
-    limit = min(request_size, source.max_request, target.max_request)
-    limit = max(block, limit // block * block)
+    limit = min(options.request_size, source.max_request, target.max_request)
     scope = None
     if changed_areas is not None:
-        scope = merge_areas(changed_areas, size=size, merge_gap=merge_gap, min_block=block)
-    mode = await _resolve_mode(target, _mode(target_mode))
-    reporter = _Reporter(progress, size, size if scope is None else sum(n for _, n in scope), progress_interval)
-    streams = max(1, min(connections, source.connections, target.connections))
-    copier = _Copier(
-        source,
-        target,
+        scope = merge_areas(changed_areas, size=size, merge_gap=options.merge_gap, min_block=block)
+    mode = await _resolve_mode(target, options.target_mode)
+    streams = max(1, min(options.connections, source.connections, target.connections))
+    return _Shape(
+        size=size,
         scope=scope,
-        request_size=limit,
         block=block,
+        request_size=max(block, limit // block * block),
         mode=mode,
-        workers=streams * requests,
-        retries=retries,
-        backoff=backoff,
-        checkpoint_bytes=checkpoint_bytes,
-        zero_buffers=mode is TargetMode.OVERLAY and overlay_zeroes == "buffers",
-        reporter=reporter,
+        workers=streams * options.requests,
     )
+
+
+async def copy(
+    source: Endpoint,
+    target: Endpoint,
+    options: CopyOptions | None = None,
+    *,
+    changed_areas: Iterable[tuple[int, int]] | None = None,
+    progress: ProgressCallback | None = None,
+) -> CopyResult:
+    """Copy ``source`` to ``target`` (both open :class:`Endpoint` objects) as ``options`` say.
+
+    ``changed_areas`` (``(offset, length)``, e.g. from CBT) limits the copy
+    to those areas. ``progress`` is called with
+    :class:`~sendense_nbd.copy.progress.Progress` events. Success is
+    reported only after the target's FLUSH (unless ``options.flush`` is off).
+    """
+    options = CopyOptions() if options is None else options
+    shape = await _shape(source, target, options, changed_areas)
+    reporter = Reporter(progress, total=shape.size, scope=shape.scope_bytes, interval=options.progress_interval)
+    copier = _Copier(source, target, options, shape, reporter)
     try:
         try:
-            flushed = await copier.run(flush=flush)
-            if verify:
+            flushed = await copier.run()
+            if options.verify:
                 await _verify(copier, source)
         except BaseExceptionGroup as group:
             raise first_error(group, prefer=CopyError) from None
@@ -681,21 +550,21 @@ async def copy(
         reporter.final(error=str(exc))
         raise
     reporter.final()
-    return _result(copier, flushed=flushed, verified=verify)
+    return _result(copier, flushed=flushed, verified=options.verify)
 
 
 def _result(copier: _Copier, *, flushed: bool, verified: bool) -> CopyResult:
     snapshot = copier.reporter.snapshot(done=True)
     return CopyResult(
-        size=copier.size,
+        size=copier.shape.size,
         copied=snapshot.copied,
         zeroed=snapshot.zeroed,
         skipped=snapshot.skipped,
-        written=copier.written,
+        written=copier.mover.written,
         retries=copier.retry_count,
         reconnects=copier.target.generation - copier.generation_base,
         elapsed=snapshot.elapsed,
-        target_mode=copier.mode,
+        target_mode=copier.shape.mode,
         flushed=flushed,
         verified=verified,
     )

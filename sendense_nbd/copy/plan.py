@@ -88,6 +88,7 @@ class WorkItem:
 
     @property
     def end(self) -> int:
+        """The first byte after the item."""
         return self.offset + self.length
 
 
@@ -111,18 +112,22 @@ class Plan:
                 yield WorkItem(start, min(limit, item.end - start), item.action)
 
     def bytes_for(self, action: Action) -> int:
+        """Bytes of the ranges with ``action``."""
         return sum(item.length for item in self.ranges if item.action is action)
 
     @property
     def copy_bytes(self) -> int:
+        """Bytes to read and check."""
         return self.bytes_for(Action.COPY)
 
     @property
     def zero_bytes(self) -> int:
+        """Bytes to make zero."""
         return self.bytes_for(Action.ZERO)
 
     @property
     def skip_bytes(self) -> int:
+        """Bytes left alone."""
         return self.bytes_for(Action.SKIP)
 
 
@@ -247,30 +252,3 @@ def plan(
         pos = end
     _append(out, pos, high, Action.SKIP)
     return Plan(size, tuple(out), request_size, zero_size)
-
-
-class RangeSet:
-    """A set of byte ranges (e.g. those a copy made durable), merged when read."""
-
-    def __init__(self) -> None:
-        self._spans: list[tuple[int, int]] = []
-        self._limit = 4096  # merge when the list grows past this (amortised: twice the merged size)
-
-    def add(self, offset: int, length: int) -> None:
-        self._spans.append((offset, offset + length))
-        if len(self._spans) > self._limit:
-            self._spans = self._merged()
-            self._limit = max(4096, 2 * len(self._spans))
-
-    def _merged(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for start, end in sorted(self._spans):
-            if out and start <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], end))
-            else:
-                out.append((start, end))
-        return out
-
-    def ranges(self) -> tuple[tuple[int, int], ...]:
-        self._spans = self._merged()
-        return tuple((start, end - start) for start, end in self._spans)

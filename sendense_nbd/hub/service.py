@@ -461,7 +461,7 @@ async def convert_point(point: Point, path: str, fmt: ImageFormat) -> None:
     is then linked to ``path``, which is never replaced (a symlink there is
     not followed); nothing is left behind on failure.
     """
-    from sendense_nbd.copy import copy, open_source, open_target
+    from sendense_nbd.copy import CopyOptions, copy, open_source, open_target
 
     temporary = temporary_name(path)
     try:
@@ -469,7 +469,7 @@ async def convert_point(point: Point, path: str, fmt: ImageFormat) -> None:
         try:
             target = await open_target(temporary, fmt=fmt, size=source.size)
             try:
-                await copy(source, target, verify=True)
+                await copy(source, target, CopyOptions(verify=True))
             finally:
                 await target.close()
         finally:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sendense_nbd.copy import (
+    CopyOptions,
     CopyResult,
     Endpoint,
+    OverlayZeroes,
     Progress,
     TargetMode,
     copy,
@@ -37,12 +40,21 @@ MiB = 1 << 20
 SPARSE_RANDOM = ("sparse-random", "size=32M", "seed=4242", "percent=30", "runlength=262144")
 
 
-async def copy_uris(src: str, dst: str, *, fmt: ImageFormat | None = None, **options: Any) -> CopyResult:
-    source = await open_source(src, connections=options.get("connections", 4))
+async def copy_uris(
+    src: str,
+    dst: str,
+    *,
+    fmt: ImageFormat | None = None,
+    changed_areas: list[tuple[int, int]] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    **options: Any,
+) -> CopyResult:
+    settings = CopyOptions(**options)
+    source = await open_source(src, connections=settings.connections)
     try:
-        target = await open_target(dst, fmt=fmt, size=source.size, connections=options.get("connections", 4))
+        target = await open_target(dst, fmt=fmt, size=source.size, connections=settings.connections)
         try:
-            return await copy(source, target, **options)
+            return await copy(source, target, settings, changed_areas=changed_areas, progress=progress)
         finally:
             await target.close()
     finally:
@@ -182,7 +194,7 @@ async def test_overlay_zero_areas_hide_the_backing_file(  # type: ignore[no-unty
         dst = ours(top, "--allocation-depth", fmt="qcow2")
     else:
         dst = str(top)
-    result = await copy_uris(src, dst, fmt=ImageFormat.QCOW2, overlay_zeroes=zeroes, request_size=MiB)
+    result = await copy_uris(src, dst, fmt=ImageFormat.QCOW2, overlay_zeroes=OverlayZeroes(zeroes), request_size=MiB)
     assert result.target_mode is TargetMode.OVERLAY
     assert result.zeroed == 16 * MiB - result.copied and result.skipped == 0
     run(require("qemu-img"), "compare", "-U", "-f", "raw", "-F", "qcow2", str(src_file), str(top))
@@ -272,7 +284,7 @@ async def test_target_killed_and_restarted_resumes(fmt: str, tmp_path: Path, pro
         retries=6,
         progress=on_progress,
         progress_interval=0.0,
-        target_mode="fresh",
+        target_mode=TargetMode.FRESH,
     )
     assert killed and restarted.wait(10) and result.reconnects >= 1
     data = sum(n for _, n in data_ranges(src))
@@ -294,7 +306,7 @@ async def test_changed_areas_copy_only_those(tmp_path: Path, nbdkit, ours) -> No
     holes = [(o, n) for o, n in _zero_ranges(src) if n >= 256 * 1024]
     zero_area = (holes[0][0] + 4096, 65536)
     changed = [(4096, 8192), (10 * MiB, 3 * MiB + 5), (10 * MiB + 512 * 1024, 4096), zero_area, (31 * MiB, MiB)]
-    result = await copy_uris(src, dst, changed_areas=changed, request_size=MiB, target_mode="raw")
+    result = await copy_uris(src, dst, changed_areas=changed, request_size=MiB, target_mode=TargetMode.RAW)
     scope = merge_areas(changed, size=32 * MiB)
     assert result.copied + result.zeroed == sum(n for _, n in scope)
     after = image.read_bytes()
@@ -336,10 +348,11 @@ async def test_verify_finds_a_planted_mismatch(tmp_path: Path, nbdkit, ours) -> 
     source = await open_source(src)
     target = await open_target(dst)
     try:
-        ok = await copy(source, target, verify=True)
+        ok = await copy(source, target, CopyOptions(verify=True))
         assert ok.verified
         with pytest.raises(VerifyError, match=f"differ at offset {at}$") as info:
-            await copy(source, Corrupting(target, at), verify=True, target_mode="raw")  # type: ignore[arg-type]
+            options = CopyOptions(verify=True, target_mode=TargetMode.RAW)
+            await copy(source, Corrupting(target, at), options)  # type: ignore[arg-type]
         assert info.value.offset == at
     finally:
         await target.close()

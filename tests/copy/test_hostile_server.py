@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd.copy import copy, open_source, open_target
+from sendense_nbd.copy import CopyOptions, copy, open_source, open_target
 from sendense_nbd.errors import CopyError, SendenseError, VerifyError
 from sendense_nbd.storage import ImageFormat
 from tests.copy.hostile import KINDS, Case, HostileServer, make_disk
@@ -39,16 +39,10 @@ async def copy_once(uri: str, target: Path, *, verify: bool = True) -> None:
     try:
         destination = await open_target(str(target), fmt=ImageFormat.RAW, size=source.size, connections=2)
         try:
-            await copy(
-                source,
-                destination,
-                connections=2,
-                requests=4,
-                request_size=64 * 1024,
-                retries=RETRIES,
-                backoff=0.01,
-                verify=verify,
+            options = CopyOptions(
+                connections=2, requests=4, request_size=64 * 1024, retries=RETRIES, backoff=0.01, verify=verify
             )
+            await copy(source, destination, options)
         finally:
             await destination.close()
     finally:

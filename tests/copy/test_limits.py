@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd.copy import copy, endpoints, engine, open_source, open_target
+from sendense_nbd.copy import CopyOptions, TargetMode, copy, endpoints, engine, open_source, open_target
 from sendense_nbd.storage import ImageFormat
 from tests.conftest import sparse_file
 from tests.copy.hostile import BLOCK_STATUS, Case, HostileServer, make_disk
@@ -130,7 +130,8 @@ async def test_small_unaligned_windows_still_copy_every_byte(  # type: ignore[no
     source = await open_source(src)
     target = await open_target(str(image), fmt=ImageFormat.RAW)
     try:
-        result = await copy(source, target, changed_areas=changed, verify=True, request_size=MiB, target_mode="raw")
+        options = CopyOptions(verify=True, request_size=MiB, target_mode=TargetMode.RAW)
+        result = await copy(source, target, options, changed_areas=changed)
     finally:
         await target.close()
         await source.close()
@@ -153,7 +154,7 @@ async def test_a_changed_area_copy_asks_for_the_map_of_those_areas_only(tmp_path
     source = await open_source(uri)
     destination = await open_target(str(target), fmt=ImageFormat.RAW)
     try:
-        await copy(source, destination, changed_areas=areas, merge_gap=0, verify=True)
+        await copy(source, destination, CopyOptions(merge_gap=0, verify=True), changed_areas=areas)
     finally:
         await destination.close()
         await source.close()
