@@ -65,19 +65,19 @@ class CheckedDevice:
 
     def read_into(self, *, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the bytes at ``offset``."""
-        if offset < 0 or offset + len(buffer) > self.size:
+        if not 0 <= offset <= self.size - len(buffer):
             raise self._outside("read", offset, len(buffer), Errno.EINVAL)
         self._read_into(offset=offset, buffer=buffer)
 
     def read_cached(self, *, offset: int, buffer: memoryview) -> bool:
         """Read only if it cannot block; False means: call :meth:`read_into`."""
-        if offset < 0 or offset + len(buffer) > self.size:
+        if not 0 <= offset <= self.size - len(buffer):
             raise self._outside("read", offset, len(buffer), Errno.EINVAL)
         return self._read_cached(offset=offset, buffer=buffer)
 
     def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` it is durable before returning."""
-        if offset < 0 or offset + len(data) > self.size:
+        if not 0 <= offset <= self.size - len(data):
             raise self._outside("write", offset, len(data), Errno.ENOSPC)
         self._write(offset=offset, data=data, fua=fua)
 

@@ -4,6 +4,10 @@ As an nbdkit filter is a struct of the few callbacks it changes, a
 :class:`Filter` subclass writes only the members it changes; everything else
 reaches ``next`` unchanged. ``next`` is a complete, range-checked device (the
 checking adapter, or another filter), so a filter never emulates anything.
+
+A member the subclass leaves alone is ``next``'s own bound method on the
+instance, so passing through costs no call; the delegating methods below are
+what ``super()`` reaches from an override.
 """
 
 from __future__ import annotations
@@ -11,12 +15,28 @@ from __future__ import annotations
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import BlockDevice, Capabilities
 
+_MEMBERS = (
+    "read_into",
+    "read_cached",
+    "write",
+    "zero",
+    "trim",
+    "flush",
+    "extents",
+    "allocation_depth",
+    "cache",
+    "close",
+)
+
 
 class Filter:
     """A :class:`~sendense_nbd.storage.base.BlockDevice` passing every member to ``next``."""
 
     def __init__(self, next: BlockDevice) -> None:
         self.next = next
+        for name in _MEMBERS:
+            if getattr(type(self), name) is getattr(Filter, name):  # not overridden
+                setattr(self, name, getattr(next, name))
 
     @property
     def size(self) -> int:

@@ -271,6 +271,21 @@ def test_a_filter_that_changes_nothing_is_its_next_device() -> None:
         device.write(offset=SIZE, data=b"x")  # the next device checks
 
 
+def test_pass_through_members_are_the_next_device_s_own_and_overrides_can_call_super() -> None:
+    class Counting(Filter):
+        writes = 0
+
+        def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+            self.writes += 1
+            super().write(offset=offset, data=data, fua=fua)
+
+    inner = memory_device(SIZE)
+    device = Counting(inner)
+    assert device.read_cached == inner.read_cached and device.extents == inner.extents  # no call in between
+    device.write(offset=0, data=b"\x09")
+    assert device.writes == 1 and read(inner, 0, 1) == b"\x09"
+
+
 def test_policy_detects_zeroes_and_ignores_discards() -> None:
     inner = memory_device(SIZE)
     device = PolicyDevice(inner, discard=Discard.IGNORE, detect_zeroes=DetectZeroes.ON)
