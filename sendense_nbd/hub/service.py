@@ -138,13 +138,13 @@ class Hub:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.db = Database(os.path.join(config.repo, "hub.db"))
+        self._db = Database(os.path.join(config.repo, "hub.db"))
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ports = PortAllocator(self.db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
-        self.exports = ExportManager(shared=config.shared)
-        self.repository = Repository(config.repo, self.db)
-        self.jobs = JobStore(self.db)
-        self.node = NodeClient(config.node_url, token=config.node_token) if config.node_url else None
+        self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
+        self._exports = ExportManager(shared=config.shared)
+        self._repository = Repository(config.repo, self._db)
+        self._jobs = JobStore(self._db)
+        self._node = NodeClient(config.node_url, token=config.node_token) if config.node_url else None
         self._background: asyncio.Task[None] | None = None
         self._closed = False
         #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
@@ -156,12 +156,12 @@ class Hub:
         """Clean up after a crashed predecessor, then start the lease and timeout watchers."""
         failed = []
         restarted = req.Failure("hub", "the hub restarted")
-        for job in await self.jobs.list(state=JobState.RUNNING) + await self.jobs.list(state=JobState.PENDING):
-            await self.jobs.transition(job.id, JobState.FAILED, error=restarted)
+        for job in await self._jobs.list(state=JobState.RUNNING) + await self._jobs.list(state=JobState.PENDING):
+            await self._jobs.transition(job.id, JobState.FAILED, error=restarted)
             failed.append(job.id)
-        released = [lease.port for lease in await self.ports.release_stale(self.holder)]
-        discarded, merged = await self.repository.recover()
-        removed, unexpected = await self.repository.sweep_orphans()
+        released = [lease.port for lease in await self._ports.release_stale(self.holder)]
+        discarded, merged = await self._repository.recover()
+        removed, unexpected = await self._repository.sweep_orphans()
         removed += await asyncio.to_thread(_sweep_temporaries, self.restore_dir)
         if failed or released or discarded or merged:
             log.warning(
@@ -186,17 +186,17 @@ class Hub:
             await asyncio.wait([self._background])
             if not self._background.cancelled() and self._background.exception() is not None:
                 log.error("the hub's background work failed: %r", self._background.exception())
-        await self.exports.stop_all()
-        if self.node is not None:
-            await self.node.close()
-        self.db.close()
+        await self._exports.stop_all()
+        if self._node is not None:
+            await self._node.close()
+        self._db.close()
         os.close(self._lock_fd)
 
     async def _watch(self) -> None:
         """The background loops, in one task group: cancelling this task cancels and awaits them all."""
         async with asyncio.TaskGroup() as group:
             renew = self.config.lease_ttl / 3
-            group.create_task(self._every(renew, lambda: self.ports.renew(self.holder), "renewing port leases"))
+            group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
 
     @staticmethod
@@ -212,10 +212,10 @@ class Hub:
     async def _expire(self) -> None:
         """Fail the running jobs past their deadline."""
         now = time.time()
-        for job in await self.jobs.list(state=JobState.RUNNING):
+        for job in await self._jobs.list(state=JobState.RUNNING):
             if job.deadline < now:
                 async with await self._lock(job.id):
-                    if not (await self.jobs.get(job.id)).state.terminal:
+                    if not (await self._jobs.get(job.id)).state.terminal:
                         timeout = f"no completion within {self.config.job_timeout:.0f} s"
                         await self._fail(job.id, req.Failure("timeout", timeout))
 
@@ -223,7 +223,7 @@ class Hub:
         """The lock of an existing job (:class:`UnknownJob` otherwise, so junk IDs make no locks)."""
         lock = self._locks.get(job_id)
         if lock is None:
-            await self.jobs.get(job_id)
+            await self._jobs.get(job_id)
             lock = self._locks.setdefault(job_id, asyncio.Lock())
         return lock
 
@@ -231,45 +231,45 @@ class Hub:
 
     async def job(self, job_id: str) -> Job:
         """Any job by ID; :class:`UnknownJob` if there is none."""
-        return await self.jobs.get(job_id)
+        return await self._jobs.get(job_id)
 
     async def backups(self, vm_path: str | None = None) -> list[Job]:
         """The backup jobs (of one VM, when given), oldest first."""
-        return await self.jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)
+        return await self._jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)
 
     async def points(self, vm_path: str) -> list[Point]:
         """A VM's completed restore points, by disk and age."""
-        return await self.repository.points(vm_path)
+        return await self._repository.points(vm_path)
 
     async def last_backup(self, vm_path: str, disk_key: int) -> Point | None:
         """The latest completed point of a disk that has a change ID (where the next incremental starts)."""
-        point = await self.repository.latest(vm_path, disk_key)
+        point = await self._repository.latest(vm_path, disk_key)
         return point if point is not None and point.change_id else None
 
     async def port_status(self) -> PortsView:
         """The port pool's leases and the running exports."""
-        return PortsView(await self.ports.status(), self.exports.stats())
+        return PortsView(await self._ports.status(), self._exports.stats())
 
     # -- backups -----------------------------------------------------------------
 
     async def create_backup(self, request: req.BackupRequest) -> Job:
         """Start a backup job: a point and an export per disk, then the node is told to push to them."""
         disks = await self._disks_to_back_up(request)
-        job = await self.jobs.create(
+        job = await self._jobs.create(
             JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout
         )
         prepared: list[DiskExport] = []
         try:
             for disk in disks:
                 prepared.append(await self._prepare_disk(job.id, request, disk))
-            job = await self.jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
-            if self.node is not None:
+            job = await self._jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
+            if self._node is not None:
                 targets = {disk.disk_key: disk.uri for disk in prepared}
-                await self.node.start_backup(job.id, request.vm_path, request.mode, targets, self.config.public_url)
+                await self._node.start_backup(job.id, request.vm_path, request.mode, targets, self.config.public_url)
         except BaseException as exc:
             await self._cleanup(job.id, prepared)
             with contextlib.suppress(JobStateError):
-                await self.jobs.transition(job.id, JobState.FAILED, error=req.Failure("starting", str(exc)))
+                await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("starting", str(exc)))
             raise
         return job
 
@@ -277,19 +277,19 @@ class Hub:
         """The request's disks (or the node's list of the VM's disks), each with a size where it needs one."""
         disks = request.disks
         if disks is None:
-            if self.node is None:
+            if self._node is None:
                 raise BadRequest("give disks ([{key, capacity}]): no node is configured to list them")
             disks = await self._node_disks(request.vm_path)
         for disk in disks:
             if disk.capacity is None and (
-                request.mode is Mode.FULL or await self.repository.latest(request.vm_path, disk.key) is None
+                request.mode is Mode.FULL or await self._repository.latest(request.vm_path, disk.key) is None
             ):
                 raise BadRequest(f"disk {disk.key}: give its capacity (no completed point to build an incremental on)")
         return disks
 
     async def _node_disks(self, vm_path: str) -> tuple[req.DiskSpec, ...]:
-        assert self.node is not None
-        listed = await self.node.disks(vm_path)
+        assert self._node is not None
+        listed = await self._node.disks(vm_path)
         try:
             return req.parse_disks(
                 [{"key": d.get("key"), "capacity": d.get("capacity")} if isinstance(d, dict) else d for d in listed],
@@ -300,20 +300,20 @@ class Hub:
 
     async def _prepare_disk(self, job_id: str, request: req.BackupRequest, disk: req.DiskSpec) -> DiskExport:
         """The disk's new point, served on a leased port."""
-        point = await self.repository.new_point(
+        point = await self._repository.new_point(
             request.vm_path, disk.key, job_id, incremental=request.mode is not Mode.FULL, capacity=disk.capacity
         )
         try:
-            allocation = await self.ports.allocate(self.holder, job_id, disk.key)
+            allocation = await self._ports.allocate(self.holder, job_id, disk.key)
             try:
                 name = f"{job_id}-{disk.key}"
-                running = await self.exports.start(job_id, disk.key, name, point.path, allocation.socket)
+                running = await self._exports.start(job_id, disk.key, name, point.path, allocation.socket)
             except BaseException:
                 allocation.socket.close()
-                await self.ports.release(port=allocation.lease.port)
+                await self._ports.release(port=allocation.lease.port)
                 raise
         except BaseException:
-            await self.repository.discard(point.id)
+            await self._repository.discard(point.id)
             raise
         uri = self._uri(running.port, name)
         return DiskExport(disk.key, running.port, name, uri, point.id, point.kind, point.backing)
@@ -325,59 +325,59 @@ class Hub:
 
     async def _cleanup(self, job_id: str, disks: list[DiskExport] | tuple[DiskExport, ...]) -> None:
         """Stop a failed job's exports (flushing), release its ports, discard its points."""
-        await self.exports.stop_job(job_id)
-        await self.ports.release(job_id=job_id)
+        await self._exports.stop_job(job_id)
+        await self._ports.release(job_id=job_id)
         for disk in disks:
-            await self.repository.discard(disk.point_id)
+            await self._repository.discard(disk.point_id)
 
     async def progress(self, job_id: str, report: req.Progress) -> Job:
         """Record a node's progress report of a job."""
-        return await self.jobs.set_progress(job_id, report)
+        return await self._jobs.set_progress(job_id, report)
 
     async def complete(self, job_id: str, report: req.Completion) -> Job:
         """Record a job's end. Everything is checked before anything changes; a failure after the
         exports stopped fails the job, so no job stays running without its exports."""
         async with await self._lock(job_id):
-            job = await self.jobs.get(job_id)
+            job = await self._jobs.get(job_id)
             _check_completion(job, report)
             if report.failure is not None:
                 return await self._fail(job_id, report.failure)
             try:
-                await self.exports.stop_job(job_id)  # flushes every point before it counts
+                await self._exports.stop_job(job_id)  # flushes every point before it counts
                 reported = {d.disk_key: d for d in report.disks}
-                await self.repository.complete(
+                await self._repository.complete(
                     [(d.point_id, reported[d.disk_key].change_id, reported[d.disk_key].disk_uuid) for d in job.disks]
                 )
-                await self.ports.release(job_id=job_id)
-                job = await self.jobs.transition(job_id, JobState.COMPLETED)
+                await self._ports.release(job_id=job_id)
+                job = await self._jobs.transition(job_id, JobState.COMPLETED)
             except Exception as exc:
                 log.error("completing %s failed: %s", job_id, exc)
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}"))
                 raise
         for disk in job.disks:
             try:
-                await self.repository.apply_retention(job.vm_path, disk.disk_key, self.config.keep_points)
+                await self._repository.apply_retention(job.vm_path, disk.disk_key, self.config.keep_points)
             except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
         return job
 
     async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
-        job = await self.jobs.get(job_id)
+        job = await self._jobs.get(job_id)
         await self._cleanup(job_id, job.disks)
         try:
-            return await self.jobs.transition(job_id, state, error=failure)
+            return await self._jobs.transition(job_id, state, error=failure)
         except JobStateError:
-            return await self.jobs.get(job_id)
+            return await self._jobs.get(job_id)
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job that has not ended (the node is told, best effort); its points are discarded."""
         async with await self._lock(job_id):
-            job = await self.jobs.get(job_id)
+            job = await self._jobs.get(job_id)
             if job.state.terminal:
                 raise JobStateError(f"job {job_id} is already {job.state.value}")
-            if self.node is not None and job.kind is JobKind.BACKUP:
+            if self._node is not None and job.kind is JobKind.BACKUP:
                 try:
-                    await self.node.cancel(job_id)
+                    await self._node.cancel(job_id)
                 except SendenseError as exc:
                     log.warning("the node did not take the cancel of %s: %s", job_id, exc)
             return await self._fail(job_id, req.Failure("cancelled", "cancelled by the API"), JobState.CANCELLED)
@@ -386,7 +386,7 @@ class Hub:
 
     async def restore(self, request: req.RestoreRequest) -> Job:
         """Serve a completed point over NBD (read-only), or convert it to a new file in the restore directory."""
-        point = await self.repository.point(request.point_id)
+        point = await self._repository.point(request.point_id)
         if point.status != "completed":
             raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
         if request.action is req.RestoreAction.EXPORT:
@@ -396,46 +396,46 @@ class Hub:
         if await asyncio.to_thread(os.path.lexists, path):
             raise Conflict(f"{request.name} exists in the restore directory {self.restore_dir}", "exists")
         detail = ConvertDetail(point.id, path, request.fmt)
-        job = await self.jobs.create(
+        job = await self._jobs.create(
             JobKind.RESTORE, point.vm_path, req.RestoreAction.CONVERT, detail, lifetime=self.config.job_timeout
         )
-        await self.jobs.transition(job.id, JobState.RUNNING)
+        await self._jobs.transition(job.id, JobState.RUNNING)
         try:
             await convert_point(point, path, request.fmt)
         except (SendenseError, OSError) as exc:
-            return await self.jobs.transition(job.id, JobState.FAILED, error=req.Failure("convert", str(exc)))
-        return await self.jobs.transition(job.id, JobState.COMPLETED)
+            return await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("convert", str(exc)))
+        return await self._jobs.transition(job.id, JobState.COMPLETED)
 
     async def _export_point(self, point: Point) -> Job:
-        job = await self.jobs.create(
+        job = await self._jobs.create(
             JobKind.RESTORE, point.vm_path, req.RestoreAction.EXPORT, None, lifetime=self.config.job_timeout
         )
         try:
-            allocation = await self.ports.allocate(self.holder, job.id, point.disk_key, purpose="restore")
+            allocation = await self._ports.allocate(self.holder, job.id, point.disk_key, purpose="restore")
             try:
-                running = await self.exports.start(
+                running = await self._exports.start(
                     job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket, readonly=True
                 )
             except BaseException:
                 allocation.socket.close()
                 raise
         except BaseException as exc:
-            await self.ports.release(job_id=job.id)
-            await self.jobs.transition(job.id, JobState.FAILED, error=req.Failure("export", str(exc)))
+            await self._ports.release(job_id=job.id)
+            await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("export", str(exc)))
             raise
         detail = ExportDetail(point.id, running.port, running.name, self._uri(running.port, running.name))
-        return await self.jobs.transition(job.id, JobState.RUNNING, detail=detail)
+        return await self._jobs.transition(job.id, JobState.RUNNING, detail=detail)
 
     async def stop_restore(self, job_id: str) -> Job:
         """Stop a restore job's export (if any) and mark it completed; a finished one is returned as is."""
-        job = await self.jobs.get(job_id)
+        job = await self._jobs.get(job_id)
         if job.kind is not JobKind.RESTORE:
             raise UnknownJob(f"{job_id} is not a restore job")
-        await self.exports.stop_job(job_id)
-        await self.ports.release(job_id=job_id)
+        await self._exports.stop_job(job_id)
+        await self._ports.release(job_id=job_id)
         with contextlib.suppress(JobStateError):
-            return await self.jobs.transition(job_id, JobState.COMPLETED)
-        return await self.jobs.get(job_id)
+            return await self._jobs.transition(job_id, JobState.COMPLETED)
+        return await self._jobs.get(job_id)
 
 
 def _check_completion(job: Job, report: req.Completion) -> None:
