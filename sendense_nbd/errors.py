@@ -22,6 +22,7 @@
     ├── DiskSourceError            nbdkit could not serve a VMware disk
     ├── HubApiError                the hub API (OMA_API_URL) failed or refused a call
     ├── BackupError                a backup job failed; names its stage
+    │   └── SnapshotNotRemoved     the data was copied, but the job's snapshot could not be removed
     ├── TunnelError                the SSH tunnel cannot start or run (key, host key, login, option)
     ├── ConfigError                the node's configuration file is missing, malformed or unsafe
     ├── NodeBusy                   the node's queue of waiting jobs is full (503)
@@ -204,6 +205,10 @@ class BackupError(SendenseError):
     def __init__(self, message: str, stage: str) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+class SnapshotNotRemoved(BackupError):
+    """The disks were copied, but the job's snapshot could not be removed (the next run removes it)."""
 
 
 class TunnelError(SendenseError):

@@ -75,6 +75,7 @@ class HubApi:
         raise last
 
     async def previous(self, vm_path: str, disk_key: int) -> PreviousBackup | None:
+        """The disk's last recorded change ID at the hub; None when the hub knows none."""
         answer = await self._call("GET", f"/backups/changeid?vm_path={quote(vm_path, safe='')}&disk_key={disk_key}")
         if not answer or not answer.get("change_id"):
             return None
@@ -84,17 +85,21 @@ class HubApi:
             raise HubApiError(f"the hub's change ID answer for {vm_path} disk {disk_key} is malformed: {exc}") from exc
 
     async def progress(self, job_id: str, report: dict[str, object]) -> None:
+        """Post a progress report (one try: the next report supersedes it)."""
         await self._call("POST", f"/backups/{quote(job_id, safe='')}/progress", body=report, retries=0)
 
     async def complete(self, job_id: str, vm_path: str, disks: Sequence[DiskResult]) -> None:
+        """Report the job completed, with every disk's new change ID (retried)."""
         body = {"status": "completed", "vm_path": vm_path, "disks": [d.to_json() for d in disks]}
         await self._call("POST", f"/backups/{quote(job_id, safe='')}/complete", body=body)
 
     async def failed(self, job_id: str, vm_path: str, stage: str, message: str) -> None:
+        """Report the job failed at ``stage`` (retried)."""
         body = {"status": "failed", "vm_path": vm_path, "error": {"stage": stage, "message": message}}
         await self._call("POST", f"/backups/{quote(job_id, safe='')}/complete", body=body)
 
     async def close(self) -> None:
+        """Close the HTTP session."""
         if self._session is not None:
             await self._session.close()
             self._session = None

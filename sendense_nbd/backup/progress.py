@@ -28,6 +28,8 @@ STAGES = (
 
 @attrs.define
 class DiskProgress:
+    """One disk's figures, as the copy engine last reported them."""
+
     disk_key: int
     sync_type: str = ""
     #: Bytes the copy reads (holes and unchanged areas excluded).
@@ -42,6 +44,7 @@ class DiskProgress:
     done: bool = False
 
     def update(self, event: Progress) -> None:
+        """Take the copy engine's latest figures."""
         self.total_bytes = event.to_read
         self.bytes_transferred = event.copied
         self.bytes_zeroed = event.zeroed
@@ -86,22 +89,27 @@ class JobProgress:
         self.posted = 0
 
     def start(self) -> None:
+        """Start publishing to the sink (rate-bounded); no-op without one."""
         if self._sink is not None and self._task is None:
             self._task = asyncio.ensure_future(self._publish())
 
     def set_stage(self, stage: str) -> None:
+        """Enter ``stage`` (one of :data:`STAGES`)."""
         assert stage in STAGES, stage
         self.stage = stage
         self._changed()
 
     def disk(self, key: int) -> DiskProgress:
+        """The figures of disk ``key`` (created on first use)."""
         return self.disks.setdefault(key, DiskProgress(key))
 
     def copy_event(self, key: int, event: Progress) -> None:
+        """A copy progress event of disk ``key``."""
         self.disk(key).update(event)
         self._changed()
 
     def report(self) -> dict[str, object]:
+        """The job's progress report (docs/HUB_API.md): totals over every disk, and each disk."""
         disks = sorted(self.disks.values(), key=lambda d: d.disk_key)
         transferred = sum(d.bytes_transferred for d in disks)
         total = sum(d.total_bytes for d in disks)

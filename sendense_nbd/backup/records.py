@@ -32,6 +32,7 @@ class PreviousBackup:
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> PreviousBackup:
+        """From the hub's or the state file's record; ValueError without a change ID."""
         change_id = data.get("change_id")
         if not isinstance(change_id, str) or not change_id:
             raise ValueError(f"no change_id in {data!r}")
@@ -57,6 +58,7 @@ class DiskResult:
     full_reason: str | None = None
 
     def to_json(self) -> dict[str, object]:
+        """As the hub API's ``complete`` call takes it."""
         return {
             "disk_key": self.disk_key,
             "disk_uuid": self.disk_uuid,

@@ -39,12 +39,14 @@ class StateFile:
         return vms
 
     async def previous(self, vm_path: str, disk_key: int) -> PreviousBackup | None:
+        """The disk's last recorded change ID; None when the file has none."""
         entry = (await asyncio.to_thread(self._load)).get(vm_path, {}).get(str(disk_key))
         if not entry or not entry.get("change_id"):
             return None
         return PreviousBackup.from_json(entry)
 
     async def complete(self, job_id: str, vm_path: str, disks: Sequence[DiskResult]) -> None:
+        """Record the disks' new change IDs (the file is replaced atomically)."""
         await asyncio.to_thread(self._record, job_id, vm_path, disks)
 
     def _record(self, job_id: str, vm_path: str, disks: Sequence[DiskResult]) -> None:
@@ -87,4 +89,4 @@ class StateFile:
         """Standalone runs report progress on the terminal only."""
 
     async def close(self) -> None:
-        pass
+        """Nothing to close: every call opens and closes the file."""

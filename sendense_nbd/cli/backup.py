@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sendense_nbd import __version__
 from sendense_nbd.cli.service import ready_then_wait
+from sendense_nbd.errors import BackupError, HubApiError, SendenseError, SnapshotNotRemoved, VSphereError
 from sendense_nbd.tunnel.cli import tunnel_command
+
+if TYPE_CHECKING:
+    from sendense_nbd.backup import BackupSettings
 
 EXIT_CODES = """\b
 Exit status:
@@ -28,6 +31,16 @@ Exit status:
        (the next run removes it)
   130  interrupted (SIGINT), 143 terminated (SIGTERM); the snapshot was removed
 """
+
+#: The exit status of a failed job by error type, the first match wins (documented in EXIT_CODES above).
+#: A BackupError also matches through the error it wraps: the hub or vSphere failing at some stage.
+EXIT_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (SnapshotNotRemoved, 5),
+    (HubApiError, 4),
+    (VSphereError, 3),
+    (SendenseError, 1),
+    (OSError, 1),
+)
 
 NBDKIT_EXAMPLE = """\b
 The disk source, one per disk (the password comes from an inherited pipe, never argv or disk):
@@ -55,6 +68,17 @@ def _parse_targets(text: str | None) -> dict[int | None, str]:
             raise click.BadParameter(f"disk key {key} is given twice", param_hint="--nbd-targets")
         targets[int(key)] = uri.strip()
     return targets
+
+
+def _vddk_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``KEY=VALUE`` items as pairs."""
+    options = []
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--vddk-option")
+        options.append((key, value))
+    return tuple(options)
 
 
 def _read_secret(path: str | None, env: str) -> str | None:
@@ -120,7 +144,11 @@ def cli(verbose: int) -> None:
 @click.option("--nbd-host", default="127.0.0.1", show_default=True)
 @click.option("--nbd-port", type=click.IntRange(1, 65535), default=10808, show_default=True)
 @click.option("--nbd-export-name", default="", help="Export name on the target server (default '').")
-@click.option("--nbd-targets", help="One target per disk: KEY=nbd://host:port/export[,KEY=...] (multi-disk VMs).")
+@click.option(
+    "--nbd-targets",
+    callback=lambda _context, _param, text: _parse_targets(text),
+    help="One target per disk: KEY=nbd://host:port/export[,KEY=...] (multi-disk VMs).",
+)
 @click.option("--job-id", required=True, help="Names the snapshot (sbak-JOB) and the job at the hub.")
 @click.option("--mode", type=click.Choice(["full", "incremental", "auto"]), default="auto", show_default=True)
 @click.option("--quiesce", is_flag=True, help="Quiesce the guest file systems (VMware Tools) for the snapshot.")
@@ -147,7 +175,13 @@ def cli(verbose: int) -> None:
 @click.option("--vddk-transports", help="transports=, e.g. hotadd:nbdssl:nbd.")
 @click.option("--vddk-compression", type=click.Choice(["none", "zlib", "fastlz", "skipz"]))
 @click.option("--vddk-thumbprint", help="thumbprint= for vddk (default: the SHA-1 of vCenter's certificate).")
-@click.option("--vddk-option", "vddk_options", multiple=True, help="Another vddk KEY=VALUE (config, cookie, ...).")
+@click.option(
+    "--vddk-option",
+    "vddk_options",
+    multiple=True,
+    callback=lambda _context, _param, values: _vddk_options(values),
+    help="Another vddk KEY=VALUE (config, cookie, ...).",
+)
 @click.option("--nbdkit", default="nbdkit", show_default=True, help="The nbdkit command.")
 @click.option("--vddk-plugin", default="vddk", show_default=True, help="The plugin and its leading args.")
 def migrate(**options: Any) -> None:
@@ -155,108 +189,90 @@ def migrate(**options: Any) -> None:
     sys.exit(asyncio.run(_migrate(options)))
 
 
-async def _migrate(o: dict[str, Any]) -> int:
-    from sendense_nbd.backup import BackupSpec, HubApi, JobProgress, Mode, StateFile, run_backup
-    from sendense_nbd.errors import BackupError, HubApiError, SendenseError, VSphereError
-    from sendense_nbd.vmware.session import Endpoint, connect, read_password
-    from sendense_nbd.vmware.vddk import vddk_config
+async def _migrate(options: dict[str, Any]) -> int:
+    """Run the job the flags describe; its exit status (see :data:`EXIT_STATUS`)."""
+    from sendense_nbd.backup import BackupJob, prepare
 
-    out = _Output(o["json_lines"])
-    targets = _parse_targets(o["nbd_targets"])
-    if not targets:
-        targets = {None: f"nbd://{_host(o['nbd_host'])}:{o['nbd_port']}/{o['nbd_export_name']}"}
-    extra = []
-    for item in o["vddk_options"]:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--vddk-option")
-        extra.append((key, value))
-
-    task = asyncio.current_task()
-    assert task is not None
-    received: list[int] = []
-    loop = asyncio.get_running_loop()
-
-    def on_signal(number: int) -> None:
-        received.append(number)
-        task.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-    store: HubApi | StateFile | None = None
+    out = _Output(options["json_lines"])
+    received = _cancel_on_signals()
+    job: BackupJob | None = None
     try:
-        password = read_password(o["vmware_password_file"])
-        endpoint = Endpoint.parse(o["vmware_endpoint"], thumbprint=o["vmware_thumbprint"], ca_file=o["vmware_ca_file"])
-        token = _read_secret(o["api_token_file"], "OMA_API_TOKEN")
-        store = (
-            HubApi(o["api_url"], token=token, retries=o["api_retries"]) if o["api_url"] else StateFile(o["state_file"])
-        )
-        vddk = await vddk_config(
-            endpoint,
-            o["vmware_username"],
-            thumbprint=o["vddk_thumbprint"],
-            libdir=o["vddk_libdir"],
-            transports=o["vddk_transports"] or "",
-            compression=o["vddk_compression"],
-            nbdkit=o["nbdkit"],
-            plugin=o["vddk_plugin"],
-            extra=extra,
-        )
-        spec = BackupSpec(
-            job_id=o["job_id"],
-            vm_path=o["vmware_path"],
-            targets=targets,
-            vddk=vddk,
-            password=password,
-            mode=Mode(o["mode"]),
-            quiesce=o["quiesce"],
-            connections=o["connections"],
-            requests=o["requests"],
-            verify=o["verify"],
-        )
-        progress = JobProgress(
-            spec.job_id,
-            functools.partial(store.progress, spec.job_id) if isinstance(store, HubApi) else None,
-            listeners=(out,),
-            final_retries=o["api_retries"] + 2,
-        )
-        vsphere = await connect(endpoint, o["vmware_username"], password)
-        try:
-            result = await run_backup(spec, vsphere, store, progress, on_note=out.note)
-        finally:
-            await asyncio.shield(vsphere.close())
+        job = prepare(_settings(options), listeners=(out,))
+        result = await job.run(on_note=out.note)
     except asyncio.CancelledError:
         out.note("interrupted; the snapshot was removed and nothing was recorded")
         return 130 if received and received[0] == signal.SIGINT else 143
-    except BackupError as exc:
-        out.note(f"error: backup failed at stage {exc.stage!r}: {exc}")
-        cause = exc.__cause__
-        if isinstance(cause, HubApiError):
-            return 4
-        if exc.stage == "finalizing" and isinstance(cause, VSphereError):
-            return 5
-        if isinstance(cause, VSphereError):
-            return 3
-        return 1
-    except HubApiError as exc:
-        out.note(f"error: {exc}")
-        return 4
-    except VSphereError as exc:
-        out.note(f"error: {exc}")
-        return 3
     except (SendenseError, OSError) as exc:
-        out.note(f"error: {exc}")
-        return 1
+        if isinstance(exc, BackupError):
+            out.note(f"error: backup failed at stage {exc.stage!r}: {exc}")
+        else:
+            out.note(f"error: {exc}")
+        return exit_status(exc)
     finally:
-        if store is not None:
-            await store.close()
+        if job is not None:
+            await job.close()
     for disk in result.disks:
         out.note(
             f"disk {disk.disk_key}: {disk.sync_type.value} backup done, {disk.bytes_transferred} bytes copied, "
             f"change ID {disk.change_id}"
         )
     return 0
+
+
+def exit_status(error: SendenseError | OSError) -> int:
+    """The exit status of a job that failed with ``error``: the first row of :data:`EXIT_STATUS` it matches."""
+    wrapped = error.__cause__ if isinstance(error, BackupError) else None
+    return next(status for kind, status in EXIT_STATUS if isinstance(error, kind) or isinstance(wrapped, kind))
+
+
+def _cancel_on_signals() -> list[int]:
+    """SIGINT and SIGTERM cancel the running task (the job cleans up); the signals received, in order."""
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def on_signal(number: int) -> None:
+        received.append(number)
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return received
+
+
+def _settings(o: dict[str, Any]) -> BackupSettings:
+    """The flags as typed settings; reads the password and the hub token (VSphereError, OSError)."""
+    from sendense_nbd.backup import BackupSettings, BackupSpec, HubSettings, Mode, VddkSettings
+    from sendense_nbd.vmware.session import Endpoint, read_password
+
+    single = f"nbd://{_host(o['nbd_host'])}:{o['nbd_port']}/{o['nbd_export_name']}"
+    spec = BackupSpec(
+        job_id=o["job_id"],
+        vm_path=o["vmware_path"],
+        targets=o["nbd_targets"] or {None: single},
+        mode=Mode(o["mode"]),
+        quiesce=o["quiesce"],
+        connections=o["connections"],
+        requests=o["requests"],
+        verify=o["verify"],
+    )
+    password = read_password(o["vmware_password_file"])
+    endpoint = Endpoint.parse(o["vmware_endpoint"], thumbprint=o["vmware_thumbprint"], ca_file=o["vmware_ca_file"])
+    token = _read_secret(o["api_token_file"], "OMA_API_TOKEN")
+    vddk = VddkSettings(
+        thumbprint=o["vddk_thumbprint"],
+        libdir=o["vddk_libdir"],
+        transports=o["vddk_transports"] or "",
+        compression=o["vddk_compression"],
+        nbdkit=o["nbdkit"],
+        plugin=o["vddk_plugin"],
+        options=o["vddk_options"],
+    )
+    hub = HubSettings(o["api_url"], token=token, retries=o["api_retries"]) if o["api_url"] else None
+    return BackupSettings(
+        spec, endpoint, o["vmware_username"], password, vddk=vddk, hub=hub, state_file=o["state_file"]
+    )
 
 
 @cli.command()
@@ -297,7 +313,8 @@ async def _serve_node(config: Any, host: str, port: int) -> None:
         bound = runner.addresses[0][1] if runner.addresses else port
         await ready_then_wait({"listening": f"http://{host}:{bound}", "max_jobs": config.max_jobs})
     finally:
-        await service.close()
+        service.close()
+        await service.wait_closed()
         await runner.cleanup()
 
 
@@ -309,4 +326,5 @@ def _host(host: str) -> str:
 
 
 def main() -> None:
+    """The ``sendense-backup`` command."""
     cli(prog_name="sendense-backup")

@@ -24,8 +24,9 @@
     max_queued = 16                                    # jobs waiting; more are refused (503 busy)
     connections = 4
 
-Files holding secrets (this file when it has ``password``, the password and
-token files) must not be readable by group or others.
+Unknown sections and keys are refused: the :class:`ConfigError` names the key
+and its section. Files holding secrets (this file when it has ``password``, the
+password and token files) must not be readable by group or others.
 """
 
 from __future__ import annotations
@@ -38,17 +39,27 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from sendense_nbd.backup.prepare import VddkSettings
 from sendense_nbd.errors import ConfigError
+
+#: The keys each section may hold; any other key, or section, is refused.
+SECTIONS: dict[str, frozenset[str]] = {
+    "vcenter": frozenset({"endpoint", "username", "password", "password_file", "thumbprint", "ca_file"}),
+    "vddk": frozenset(attrs.fields_dict(VddkSettings)),
+    "node": frozenset({"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued", "connections"}),
+}
 
 
 @attrs.frozen
 class NodeConfig:
+    """The node's settings, read by :func:`load`; secrets are left out of its repr."""
+
     endpoint: str
     username: str
     password: str = attrs.field(repr=False)
     thumbprint: str | None = None
     ca_file: str | None = None
-    vddk: dict[str, Any] = attrs.Factory(dict)
+    vddk: VddkSettings = VddkSettings()
     listen: str = "127.0.0.1:8081"
     token: str | None = attrs.field(default=None, repr=False)
     hub_token: str | None = attrs.field(default=None, repr=False)
@@ -86,6 +97,7 @@ def _token_file(path: str) -> str:
 
 
 def load(path: str) -> NodeConfig:
+    """Read and check the node's TOML file; :class:`ConfigError` names the file, section and key at fault."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -93,35 +105,72 @@ def load(path: str) -> NodeConfig:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    vcenter, vddk, node = data.get("vcenter", {}), data.get("vddk", {}), data.get("node", {})
-    unknown = set(data) - {"vcenter", "vddk", "node"}
+    unknown = set(data) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    vcenter, vddk, node = (_section(path, data, name) for name in ("vcenter", "vddk", "node"))
     for key in ("endpoint", "username"):
         if not isinstance(vcenter.get(key), str):
             raise ConfigError(f"{path}: [vcenter] {key} is required")
-    if "password" in vcenter:
-        check_private(path)
-        password = str(vcenter["password"])
-    elif isinstance(vcenter.get("password_file"), str):
-        password = _secret_file(vcenter["password_file"])
-    else:
-        raise ConfigError(f"{path}: [vcenter] needs password_file (or password, in a 0600 file)")
     return NodeConfig(
         endpoint=vcenter["endpoint"],
         username=vcenter["username"],
-        password=password,
-        thumbprint=vcenter.get("thumbprint"),
-        ca_file=vcenter.get("ca_file"),
-        vddk=dict(vddk),
+        password=_password(path, vcenter),
+        thumbprint=_text(path, "vcenter", vcenter, "thumbprint"),
+        ca_file=_text(path, "vcenter", vcenter, "ca_file"),
+        vddk=_vddk(path, vddk),
         listen=str(node.get("listen", "127.0.0.1:8081")),
-        token=_token_file(node["token_file"]) if node.get("token_file") else None,
-        hub_token=_token_file(node["hub_token_file"]) if node.get("hub_token_file") else None,
+        token=_token(path, node, "token_file"),
+        hub_token=_token(path, node, "hub_token_file"),
         hub_url=_hub_url(path, node.get("hub_url")),
         max_jobs=_count(path, node, "max_jobs", 2, 64),
         max_queued=_count(path, node, "max_queued", 16, 10000),
         connections=_count(path, node, "connections", 4, 64),
     )
+
+
+def _section(path: str, data: dict[str, Any], name: str) -> dict[str, Any]:
+    """Section ``name`` (empty when absent); a key it may not hold is refused, by name."""
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    for key in section:
+        if key not in SECTIONS[name]:
+            known = ", ".join(sorted(SECTIONS[name]))
+            raise ConfigError(f"{path}: unknown key {key!r} in [{name}] (known keys: {known})")
+    return section
+
+
+def _password(path: str, vcenter: dict[str, Any]) -> str:
+    if "password" in vcenter:
+        check_private(path)
+        return str(vcenter["password"])
+    if isinstance(vcenter.get("password_file"), str):
+        return _secret_file(vcenter["password_file"])
+    raise ConfigError(f"{path}: [vcenter] needs password_file (or password, in a 0600 file)")
+
+
+def _text(path: str, name: str, section: dict[str, Any], key: str) -> str | None:
+    value = section.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{path}: [{name}] {key} must be a string")
+    return value
+
+
+def _token(path: str, node: dict[str, Any], key: str) -> str | None:
+    """The token in the file ``[node] key`` names, if it names one."""
+    token_file = _text(path, "node", node, key)
+    return _token_file(token_file) if token_file else None
+
+
+def _vddk(path: str, section: dict[str, Any]) -> VddkSettings:
+    """``[vddk]``: strings, and ``options``, a table of more vddk parameters."""
+    options = section.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f'{path}: [vddk] options must be a table, e.g. options = {{config = "/etc/vddk.conf"}}')
+    texts = {key: _text(path, "vddk", section, key) for key in section if key != "options"}
+    given = {key: value for key, value in texts.items() if value is not None}
+    return VddkSettings(**given, options=tuple((str(k), str(v)) for k, v in options.items()))
 
 
 def _count(path: str, section: dict[str, Any], key: str, default: int, high: int) -> int:

@@ -1,4 +1,10 @@
-"""The node: runs backup jobs the hub posts, in-process, a bounded number at a time."""
+"""The node: runs backup jobs the hub posts, in-process, a bounded number at a time.
+
+Each job is a task the node owns: :meth:`Node.close` cancels them all (their
+snapshots are still removed) and :meth:`Node.wait_closed` waits until they
+have ended. The node remembers every queued or running job and the last
+:data:`~sendense_nbd.node.jobs.JOB_HISTORY` finished ones.
+"""
 
 from __future__ import annotations
 
@@ -6,160 +12,129 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any
 
-import attrs
-
-from sendense_nbd.backup import BackupSpec, HubApi, JobProgress, Mode, run_backup
-from sendense_nbd.errors import BackupError, BadRequest, NodeBusy, SendenseError
+from sendense_nbd.backup import BackupJob, BackupSettings, BackupSpec, HubSettings, prepare
+from sendense_nbd.errors import BackupError, Conflict, NodeBusy, SendenseError
 from sendense_nbd.node.config import NodeConfig
+from sendense_nbd.node.jobs import JobState, JobTable, NodeJob
 from sendense_nbd.node.requests import BackupRequest
-from sendense_nbd.vmware.inventory import find_vm, vm_disks
-from sendense_nbd.vmware.session import Endpoint, VSphere, connect
-from sendense_nbd.vmware.vddk import vddk_config
+from sendense_nbd.vmware.inventory import Disk, find_vm, vm_disks
+from sendense_nbd.vmware.session import Endpoint, connect
 
 log = logging.getLogger(__name__)
 
-#: Finished jobs the node remembers for ``GET /backups``.
-JOB_HISTORY = 1000
-
-
-@attrs.define(eq=False)
-class NodeJob:
-    job_id: str
-    vm_path: str
-    mode: str
-    targets: dict[int, str]
-    state: str = "queued"  # queued | running | completed | failed | cancelled
-    created: float = attrs.Factory(time.time)
-    finished: float | None = None
-    error: dict[str, str] | None = None
-    task: asyncio.Task[None] | None = None
-    progress: JobProgress | None = None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "job_id": self.job_id,
-            "vm_path": self.vm_path,
-            "mode": self.mode,
-            "targets": {str(k): v for k, v in self.targets.items()},
-            "state": self.state,
-            "created": self.created,
-            "finished": self.finished,
-            "error": self.error,
-            "progress": self.progress.report() if self.progress else None,
-        }
-
 
 class Node:
+    """Runs the jobs the hub posts: at most ``max_jobs`` at once, at most ``max_queued`` waiting."""
+
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.endpoint = Endpoint.parse(config.endpoint, thumbprint=config.thumbprint, ca_file=config.ca_file)
-        self.jobs: dict[str, NodeJob] = {}
+        self._jobs = JobTable()
         self._slots = asyncio.Semaphore(config.max_jobs)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
-    async def _session(self) -> VSphere:
-        return await connect(self.endpoint, self.config.username, self.config.password)
-
-    async def disks(self, vm_path: str) -> list[dict[str, Any]]:
-        async with await self._session() as vsphere:
+    async def disks(self, vm_path: str) -> list[Disk]:
+        """The VM's virtual disks, as vCenter lists them."""
+        async with await connect(self.endpoint, self.config.username, self.config.password) as vsphere:
             vm = await vsphere.call(find_vm, vsphere.si, vm_path)
-            disks = await vsphere.call(vm_disks, vm)
-        return [{"key": d.key, "capacity": d.capacity, "label": d.label, "uuid": d.uuid} for d in disks]
+            return await vsphere.call(vm_disks, vm)
+
+    def jobs(self) -> list[NodeJob]:
+        """Every job the node knows: queued, running, and the last finished ones."""
+        return list(self._jobs)
+
+    def job(self, job_id: str) -> NodeJob:
+        """The job of this ID, or :class:`~sendense_nbd.errors.UnknownJob`."""
+        return self._jobs.get(job_id)
 
     def start_backup(self, request: BackupRequest) -> NodeJob:
-        """Queue a parsed job; at most ``max_jobs`` run and ``max_queued`` wait, or :class:`NodeBusy`."""
-        current = self.jobs.get(request.job_id)
-        if current is not None and current.task is not None and not current.task.done():
-            raise BadRequest(f"job {request.job_id} is already running here", "conflict")
-        waiting = sum(1 for job in self.jobs.values() if job.state == "queued")
+        """Queue a job; :class:`Conflict` if its ID still runs here, :class:`NodeBusy` if the queue is full."""
+        if self._closing:
+            raise NodeBusy("the node is shutting down")
+        current = self._jobs.find(request.job_id)
+        if current is not None and current.active:
+            raise Conflict(f"job {request.job_id} is already running here")
+        waiting = self._jobs.waiting()
         if waiting >= self.config.max_queued:
             raise NodeBusy(f"{waiting} jobs are already waiting here; try again later")
-        job = NodeJob(request.job_id, request.vm_path, request.mode.value, dict(request.targets))
-        self.jobs.pop(job.job_id, None)
-        self.jobs[job.job_id] = job
-        self._forget_old_jobs()
-        job.task = asyncio.ensure_future(self._run(job, request.api_url))
-        job.task.add_done_callback(functools.partial(_settle, job))
+        job = NodeJob(request)
+        self._jobs.add(job)
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(job.task)
-        job.task.add_done_callback(self._tasks.discard)
+        job.task.add_done_callback(functools.partial(self._ended, job))
         return job
 
-    def _forget_old_jobs(self) -> None:
-        """Keep at most :data:`JOB_HISTORY` finished jobs (the oldest go first)."""
-        finished = [job_id for job_id, job in self.jobs.items() if job.task is not None and job.task.done()]
-        for job_id in finished[: max(0, len(finished) - JOB_HISTORY)]:
-            del self.jobs[job_id]
-
-    async def _run(self, job: NodeJob, api_url: str) -> None:
-        hub = HubApi(api_url, token=self.config.hub_token)
-        try:
-            async with self._slots:
-                job.state = "running"
-                vddk = self.config.vddk
-                targets: dict[int | None, str] = {key: uri for key, uri in job.targets.items()}
-                spec = BackupSpec(
-                    job_id=job.job_id,
-                    vm_path=job.vm_path,
-                    targets=targets,
-                    vddk=await vddk_config(
-                        self.endpoint,
-                        self.config.username,
-                        thumbprint=vddk.get("thumbprint"),
-                        libdir=vddk.get("libdir"),
-                        transports=vddk.get("transports", ""),
-                        compression=vddk.get("compression"),
-                        nbdkit=vddk.get("nbdkit", "nbdkit"),
-                        plugin=vddk.get("plugin", "vddk"),
-                        extra=tuple((str(k), str(v)) for k, v in vddk.get("options", {}).items()),
-                    ),
-                    password=self.config.password,
-                    mode=Mode(job.mode),
-                    connections=self.config.connections,
-                )
-                job.progress = JobProgress(job.job_id, functools.partial(hub.progress, job.job_id))
-                async with await self._session() as vsphere:
-                    await run_backup(spec, vsphere, hub, job.progress)
-            job.state = "completed"
-        except asyncio.CancelledError:
-            job.state = "cancelled"
-            raise
-        except BackupError as exc:
-            job.state, job.error = "failed", {"stage": exc.stage, "message": str(exc)}
-        except SendenseError as exc:  # before the job started (login, thumbprint): the hub must hear of it
-            job.state, job.error = "failed", {"stage": "initializing", "message": str(exc)}
-            try:
-                await hub.failed(job.job_id, job.vm_path, "initializing", str(exc))
-            except SendenseError as report:
-                log.warning("telling the hub that job %s failed did not work: %s", job.job_id, report)
-        finally:
-            job.finished = time.time()
-            await hub.close()
-            log.info("job %s %s%s", job.job_id, job.state, f": {job.error['message']}" if job.error else "")
-
     async def cancel(self, job_id: str) -> NodeJob:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise BadRequest(f"no job {job_id[:80]!r}", "not_found")
-        if job.task is not None and not job.task.done():
+        """Cancel the job (its snapshot is still removed) and wait until it has ended."""
+        job = self._jobs.get(job_id)
+        if job.task is not None and job.active:
             job.task.cancel()
             await asyncio.gather(job.task, return_exceptions=True)
         return job
 
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
+    def close(self) -> None:
+        """Refuse new jobs and cancel every queued or running one."""
+        self._closing = True
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_closed(self) -> None:
+        """Wait until every job the node started has ended."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _settings(self, request: BackupRequest) -> BackupSettings:
+        """The job's settings: the request's VM, disks and hub, with this node's vCenter and vddk."""
+        config = self.config
+        targets: dict[int | None, str] = dict(request.targets)
+        spec = BackupSpec(
+            job_id=request.job_id,
+            vm_path=request.vm_path,
+            targets=targets,
+            mode=request.mode,
+            connections=config.connections,
+        )
+        hub = HubSettings(request.api_url, token=config.hub_token)
+        return BackupSettings(spec, self.endpoint, config.username, config.password, vddk=config.vddk, hub=hub)
+
+    async def _run(self, job: NodeJob) -> None:
+        """Wait for a slot, run the job, record how it ended (and tell the hub of a failure before it began)."""
+        backup = prepare(self._settings(job.request))
+        try:
+            async with self._slots:
+                job.state, job.backup = JobState.RUNNING, backup
+                await backup.run()
+            job.state = JobState.COMPLETED
+        except asyncio.CancelledError:
+            job.state = JobState.CANCELLED
+            raise
+        except BackupError as exc:
+            job.fail(exc.stage, str(exc))
+        except SendenseError as exc:  # before the job started (login, thumbprint): the hub must hear of it
+            job.fail("initializing", str(exc))
+            await _report_early_failure(backup, job)
+        finally:
+            job.finished = time.time()
+            await backup.close()
+            log.info("job %s %s%s", job.job_id, job.state, f": {job.error.message}" if job.error else "")
+
+    def _ended(self, job: NodeJob, task: asyncio.Task[None]) -> None:
+        """The job's task is done: settle a job it left unsettled, and keep it in the bounded history."""
+        self._tasks.discard(task)
+        if job.state in (JobState.QUEUED, JobState.RUNNING):  # cancelled before it ran, or a defect
+            job.finished = job.finished or time.time()
+            if task.cancelled():
+                job.state = JobState.CANCELLED
+            else:
+                job.fail("initializing", f"node defect: {task.exception()!r}")
+        self._jobs.finished(job)
 
 
-def _settle(job: NodeJob, task: asyncio.Task[None]) -> None:
-    """A job whose task ended without settling it (cancelled before it ran, or a defect) leaves the queue."""
-    if job.state not in ("queued", "running"):
-        return
-    job.finished = job.finished or time.time()
-    if task.cancelled():
-        job.state = "cancelled"
-    else:
-        job.state, job.error = "failed", {"stage": "initializing", "message": f"node defect: {task.exception()!r}"}
+async def _report_early_failure(backup: BackupJob, job: NodeJob) -> None:
+    """Tell the hub that ``job`` failed before it started (best effort: it is logged if the hub is away)."""
+    assert job.error is not None
+    try:
+        await backup.store.failed(job.job_id, job.request.vm_path, job.error.stage, job.error.message)
+    except SendenseError as report:
+        log.warning("telling the hub that job %s failed did not work: %s", job.job_id, report)

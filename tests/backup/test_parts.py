@@ -13,9 +13,16 @@ import click
 import pytest
 
 from sendense_nbd.backup import DiskResult, JobProgress, StateFile, SyncType
-from sendense_nbd.cli.backup import _parse_targets
+from sendense_nbd.cli.backup import EXIT_CODES, EXIT_STATUS, _parse_targets, exit_status
 from sendense_nbd.copy import Progress
-from sendense_nbd.errors import DiskSourceError, VSphereError
+from sendense_nbd.errors import (
+    BackupError,
+    CopyError,
+    DiskSourceError,
+    HubApiError,
+    SnapshotNotRemoved,
+    VSphereError,
+)
 from sendense_nbd.vmware.session import Endpoint, normalize_thumbprint, read_password
 from sendense_nbd.vmware.vddk import VddkConfig, build_command, sweep_stale_directories
 
@@ -67,6 +74,30 @@ def test_targets_parse_both_spellings_and_refuse_nonsense() -> None:
     for bad in ("2000", "disk=nbd://h/a", "2000=/dev/sda", "2000=nbd://a/b,2000=nbd://a/c"):
         with pytest.raises(click.BadParameter):
             _parse_targets(bad)
+
+
+def _wrapping(error: BackupError, cause: Exception) -> BackupError:
+    error.__cause__ = cause
+    return error
+
+
+def test_exit_status_by_error_type() -> None:
+    """A BackupError counts as what it wraps; every status is in the help's exit status list."""
+    cases: list[tuple[BackupError | OSError | VSphereError | HubApiError | DiskSourceError, int]] = [
+        (_wrapping(SnapshotNotRemoved("not removed", "finalizing"), VSphereError("task failed")), 5),
+        (_wrapping(BackupError("hub", "initializing"), HubApiError("down")), 4),
+        (_wrapping(BackupError("recording failed", "finalizing"), HubApiError("down", 500)), 4),
+        (_wrapping(BackupError("no VM", "initializing"), VSphereError("no VM")), 3),
+        (_wrapping(BackupError("copy", "transferring"), CopyError("read failed")), 1),
+        (BackupError("no disks", "initializing"), 1),
+        (HubApiError("down"), 4),
+        (VSphereError("login refused"), 3),
+        (DiskSourceError("nbdkit died"), 1),
+        (OSError("no token file"), 1),
+    ]
+    assert [exit_status(error) for error, _ in cases] == [status for _, status in cases]
+    documented = {int(line.split()[0]) for line in EXIT_CODES.splitlines()[2:] if line.strip()[:1].isdigit()}
+    assert {status for _, status in EXIT_STATUS} <= documented
 
 
 def test_endpoints_and_thumbprints() -> None:

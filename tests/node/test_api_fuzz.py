@@ -59,7 +59,12 @@ def running_node(hub_url: str) -> AppThread:
 
     async def make() -> tuple[web.Application, Callable[[], Awaitable[None]]]:
         node = Node(config)
-        return build_app(node, token=None), node.close
+
+        async def close() -> None:
+            node.close()
+            await node.wait_closed()
+
+        return build_app(node, token=None), close
 
     return AppThread(make, PREFIX).start()
 

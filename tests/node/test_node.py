@@ -217,7 +217,7 @@ def test_node_api_refuses_hostile_jobs(
 
 async def test_node_queue_and_history_are_bounded(tmp_path: Path, vcsim: dict[str, Any]) -> None:
     from sendense_nbd.errors import NodeBusy
-    from sendense_nbd.node import service
+    from sendense_nbd.node.jobs import JOB_HISTORY, JobState, JobTable, NodeJob
     from sendense_nbd.node.requests import BackupRequest
     from sendense_nbd.node.service import Node
 
@@ -239,10 +239,12 @@ async def test_node_queue_and_history_are_bounded(tmp_path: Path, vcsim: dict[st
         with pytest.raises(NodeBusy, match="2 jobs are already waiting"):
             node.start_backup(request("c"))
     finally:
-        await node.close()
-    assert {job.state for job in node.jobs.values()} == {"cancelled"}
-    for i in range(service.JOB_HISTORY + 5):  # finished jobs are forgotten, oldest first
-        node.jobs[f"old{i}"] = service.NodeJob(f"old{i}", VM_PATH, "auto", {}, state="completed")
-        node.jobs[f"old{i}"].task = node.jobs["a"].task
-    node._forget_old_jobs()
-    assert len(node.jobs) == service.JOB_HISTORY and "old4" not in node.jobs and "old5" in node.jobs
+        node.close()
+        await node.wait_closed()
+    assert {job.state for job in node.jobs()} == {"cancelled"}
+    jobs = JobTable()
+    for i in range(JOB_HISTORY + 5):  # finished jobs are forgotten, oldest first
+        job = NodeJob(request(f"old{i}"), state=JobState.COMPLETED)
+        jobs.add(job)
+        jobs.finished(job)
+    assert len(jobs) == JOB_HISTORY and "old4" not in jobs and "old5" in jobs
