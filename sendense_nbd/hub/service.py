@@ -70,7 +70,7 @@ from sendense_nbd.storage.modes import ImageFormat
 log = logging.getLogger(__name__)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class HubConfig:
     """How a hub runs: its repository, NBD port pool and addresses, node, timeouts and retention."""
 
