@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
+
+if TYPE_CHECKING:
+    from sendense_nbd.hub.db import Database
+    from sendense_nbd.hub.repository import Repository
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -138,7 +142,8 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
     return 0
 
 
-def _open_repository(repo: str) -> Any:
+def _open_repository(repo: str) -> tuple[Database, Repository]:
+    """The store and repository of an existing hub repository (the hub itself need not run)."""
     import os
 
     from sendense_nbd.hub.db import Database
