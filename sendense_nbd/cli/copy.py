@@ -1,8 +1,9 @@
 """``sendense-nbd copy SRC DST``: copy a disk between NBD URIs and local images.
 
 A thin edge: parse the flags into :class:`~sendense_nbd.copy.CopyOptions`,
-open the two endpoints, call :func:`sendense_nbd.copy.copy`, print progress
-and one line on error (exit 1). The lead registers :data:`copy_command` on the ``sendense-nbd`` group.
+call :func:`sendense_nbd.copy.copy_between` (which opens both ends), print
+progress and one line on error (exit 1). The lead registers
+:data:`copy_command` on the ``sendense-nbd`` group.
 """
 
 from __future__ import annotations
@@ -16,16 +17,7 @@ from typing import Any
 
 import click
 
-from sendense_nbd.copy import (
-    CopyOptions,
-    CopyResult,
-    OverlayZeroes,
-    Progress,
-    TargetMode,
-    copy,
-    open_source,
-    open_target,
-)
+from sendense_nbd.copy import CopyOptions, CopyResult, OverlayZeroes, Progress, TargetMode, copy_between
 from sendense_nbd.copy.endpoints import DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.storage import ImageFormat
@@ -88,28 +80,6 @@ class _Printer:
             if event.done:
                 self._bar.__exit__(None, None, None)
                 self._bar = None
-
-
-async def _run(
-    src: str,
-    dst: str,
-    *,
-    fmt: ImageFormat | None,
-    options: CopyOptions,
-    timeouts: dict[str, float],
-    changed_areas: list[tuple[int, int]] | None,
-    progress: Callable[[Progress], None] | None,
-) -> CopyResult:
-    connections = options.connections
-    source = await open_source(src, connections=connections, **timeouts)
-    try:
-        target = await open_target(dst, fmt=fmt, size=source.size, connections=connections, **timeouts)
-        try:
-            return await copy(source, target, options, changed_areas=changed_areas, progress=progress)
-        finally:
-            await target.close()
-    finally:
-        await source.close()
 
 
 @click.command("copy")
@@ -204,14 +174,15 @@ def copy_command(
         flush=flush,
         retries=retries,
     )
-    copying = _run(
+    copying = copy_between(
         src,
         dst,
+        options,
         fmt=ImageFormat(target_format) if target_format else None,
-        options=options,
-        timeouts={"connect_timeout": connect_timeout, "request_timeout": request_timeout},
         changed_areas=_changed_areas(changed_areas),
         progress=callback,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
     )
     result = _execute(copying)
     if not json_lines:

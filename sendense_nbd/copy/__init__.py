@@ -10,6 +10,9 @@
         await target.close()
         await source.close()
 
+    # the same, opening and closing both ends:
+    result = await copy_between("nbd://src/disk", "nbd://dst/disk", CopyOptions(verify=True))
+
 :mod:`~sendense_nbd.copy.plan` turns the source's allocation map into work
 items (pure); :mod:`~sendense_nbd.copy.engine` runs them with several
 connections and requests in flight, retries and FLUSH checkpoints, keeping
@@ -26,7 +29,7 @@ from sendense_nbd.copy.endpoints import (
     open_source,
     open_target,
 )
-from sendense_nbd.copy.engine import CopyResult, copy, probe_target_mode
+from sendense_nbd.copy.engine import CopyResult, copy, copy_between, probe_target_mode
 from sendense_nbd.copy.options import CopyOptions, OverlayZeroes
 from sendense_nbd.copy.plan import Action, Plan, TargetMode, WorkItem, merge_areas, plan
 from sendense_nbd.copy.progress import Progress
@@ -44,6 +47,7 @@ __all__ = [
     "TargetMode",
     "WorkItem",
     "copy",
+    "copy_between",
     "merge_areas",
     "open_source",
     "open_target",

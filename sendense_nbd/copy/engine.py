@@ -55,14 +55,20 @@ from typing import Protocol, TypeVar
 
 import attrs
 
-from sendense_nbd.copy.endpoints import Endpoint
+from sendense_nbd.copy.endpoints import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    Endpoint,
+    open_source,
+    open_target,
+)
 from sendense_nbd.copy.ledger import Ledger
 from sendense_nbd.copy.options import CopyOptions, OverlayZeroes
 from sendense_nbd.copy.plan import DEFAULT_REQUEST_SIZE, Action, TargetMode, WorkItem, merge_areas, plan
 from sendense_nbd.copy.progress import Outcome, ProgressCallback, Reporter
 from sendense_nbd.errors import CopyError, EndpointError, VerifyError, first_error
 from sendense_nbd.protocol.extents import Extent
-from sendense_nbd.storage import is_zero
+from sendense_nbd.storage import ImageFormat, is_zero
 
 ZERO_SEGMENT = 64 * 1024
 MAX_BACKOFF = 8.0
@@ -551,6 +557,34 @@ async def copy(
         raise
     reporter.final()
     return _result(copier, flushed=flushed, verified=options.verify)
+
+
+async def copy_between(
+    src: str,
+    dst: str,
+    options: CopyOptions | None = None,
+    *,
+    fmt: ImageFormat | None = None,
+    changed_areas: Iterable[tuple[int, int]] | None = None,
+    progress: ProgressCallback | None = None,
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+) -> CopyResult:
+    """:func:`copy` between two NBD URIs or local images, opened and closed here.
+
+    A local ``dst`` of format ``fmt`` that does not exist is created with the source's size.
+    """
+    options = CopyOptions() if options is None else options
+    timeouts = {"request_timeout": request_timeout, "connect_timeout": connect_timeout}
+    source = await open_source(src, connections=options.connections, **timeouts)
+    try:
+        target = await open_target(dst, fmt=fmt, size=source.size, connections=options.connections, **timeouts)
+        try:
+            return await copy(source, target, options, changed_areas=changed_areas, progress=progress)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
 
 
 def _result(copier: _Copier, *, flushed: bool, verified: bool) -> CopyResult:

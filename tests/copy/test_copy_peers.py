@@ -23,6 +23,7 @@ from sendense_nbd.copy import (
     Progress,
     TargetMode,
     copy,
+    copy_between,
     merge_areas,
     open_source,
     open_target,
@@ -49,16 +50,7 @@ async def copy_uris(
     progress: Callable[[Progress], None] | None = None,
     **options: Any,
 ) -> CopyResult:
-    settings = CopyOptions(**options)
-    source = await open_source(src, connections=settings.connections)
-    try:
-        target = await open_target(dst, fmt=fmt, size=source.size, connections=settings.connections)
-        try:
-            return await copy(source, target, settings, changed_areas=changed_areas, progress=progress)
-        finally:
-            await target.close()
-    finally:
-        await source.close()
+    return await copy_between(src, dst, CopyOptions(**options), fmt=fmt, changed_areas=changed_areas, progress=progress)
 
 
 def same_bytes(a: Path, b: Path) -> None:
