@@ -60,13 +60,7 @@ def create_qcow2(
     compat: str = "1.1",
 ) -> None:
     """Create an empty qcow2 image; ``size`` None takes the backing file's size."""
-    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
-        raise ImageError(f"cluster size {cluster_size} must be a power of two between 512 B and 2 MiB")
-    if compat not in ("0.10", "1.1"):
-        raise ImageError(f"compat {compat!r} must be 0.10 or 1.1")
-    version = 2 if compat == "0.10" else 3
-    if extended_l2 and (version == 2 or cluster_size < 16384):
-        raise ImageError("extended L2 entries need compat=1.1 and clusters of at least 16 KiB")
+    version = _check_options(cluster_size, extended_l2, compat)
     if backing_file is not None:
         backing_size = _backing_size(path, backing_file, backing_format)
         size = backing_size if size is None else size
@@ -85,7 +79,52 @@ def create_qcow2(
             f"size {size} is too large for qcow2 with {cluster_size}-byte clusters (at most {largest}); "
             "use larger clusters"
         )
-    l1_clusters = -(-l1_size * 8 // cluster_size)
+    header = fmt.Header(
+        version=version,
+        cluster_bits=bits,
+        size=size,
+        l1_size=l1_size,
+        l1_table_offset=0,  # placed by _layout
+        refcount_table_offset=cluster_size,
+        refcount_table_clusters=0,
+        header_length=fmt.V2_HEADER_LENGTH if version == 2 else fmt.V3_HEADER_LENGTH + 8,
+        incompatible=int(fmt.Incompatible.EXTENDED_L2) if extended_l2 else 0,
+        backing_file=backing_file,
+        backing_format=backing_format if backing_file else None,
+        feature_names=fmt.encode_feature_names() if version == 3 else None,
+    )
+    image, file_size = _layout(header)
+
+    def write(fd: int) -> None:
+        """Fill the new file: its size, then the metadata up to the L1 table."""
+        os.ftruncate(fd, file_size)  # the L1 table is all zeroes: ftruncate makes it
+        view = memoryview(image)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    try:
+        create_new_file(path, write)
+    except OSError as exc:
+        raise ImageError(f"cannot create {path}: {exc.strerror or exc}") from exc
+
+
+def _check_options(cluster_size: int, extended_l2: bool, compat: str) -> int:
+    """The qcow2 version ``compat`` asks for, once the options are known to fit together."""
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
+        raise ImageError(f"cluster size {cluster_size} must be a power of two between 512 B and 2 MiB")
+    if compat not in ("0.10", "1.1"):
+        raise ImageError(f"compat {compat!r} must be 0.10 or 1.1")
+    version = 2 if compat == "0.10" else 3
+    if extended_l2 and (version == 2 or cluster_size < 16384):
+        raise ImageError("extended L2 entries need compat=1.1 and clusters of at least 16 KiB")
+    return version
+
+
+def _layout(header: fmt.Header) -> tuple[bytearray, int]:
+    """Place the refcount table, its blocks and the L1 table after the header (updating
+    ``header``); the image up to the L1 table, and the whole file's size."""
+    cluster_size = header.cluster_size
+    l1_clusters = -(-header.l1_size * 8 // cluster_size)
     per_block = cluster_size * 8 // 16
     rt_clusters, rb_count = 1, 1
     while True:
@@ -95,24 +134,11 @@ def create_qcow2(
         if (need_rb, need_rt) == (rb_count, rt_clusters):
             break
         rb_count, rt_clusters = max(rb_count, need_rb), max(rt_clusters, need_rt)
-    rt_offset = cluster_size
+    rt_offset = header.refcount_table_offset
     rb_offset = rt_offset + rt_clusters * cluster_size
-    l1_offset = rb_offset + rb_count * cluster_size
-    header = fmt.Header(
-        version=version,
-        cluster_bits=bits,
-        size=size,
-        l1_size=l1_size,
-        l1_table_offset=l1_offset,
-        refcount_table_offset=rt_offset,
-        refcount_table_clusters=rt_clusters,
-        header_length=fmt.V2_HEADER_LENGTH if version == 2 else fmt.V3_HEADER_LENGTH + 8,
-        incompatible=int(fmt.Incompatible.EXTENDED_L2) if extended_l2 else 0,
-        backing_file=backing_file,
-        backing_format=backing_format if backing_file else None,
-        feature_names=fmt.encode_feature_names() if version == 3 else None,
-    )
-    image = bytearray(l1_offset)  # the L1 table is all zeroes: ftruncate makes it
+    header.refcount_table_clusters = rt_clusters
+    header.l1_table_offset = rb_offset + rb_count * cluster_size
+    image = bytearray(header.l1_table_offset)
     encoded = fmt.encode_header(header)
     image[: len(encoded)] = encoded
     for i in range(rb_count):
@@ -120,14 +146,4 @@ def create_qcow2(
     blocks = memoryview(image)[rb_offset : rb_offset + rb_count * cluster_size]
     for cluster in range(total):
         struct.pack_into(">H", blocks, cluster * 2, 1)
-
-    def write(fd: int) -> None:
-        os.ftruncate(fd, l1_offset + l1_clusters * cluster_size)
-        view = memoryview(image)
-        while view:
-            view = view[os.write(fd, view) :]
-
-    try:
-        create_new_file(path, write)
-    except OSError as exc:
-        raise ImageError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    return image, header.l1_table_offset + l1_clusters * cluster_size

@@ -33,6 +33,8 @@ SUBCLUSTERS = 32
 
 
 class Incompatible(enum.IntFlag):
+    """Incompatible feature bits: a reader that does not know one must refuse the image."""
+
     DIRTY = 1 << 0
     CORRUPT = 1 << 1
     EXTERNAL_DATA = 1 << 2
@@ -41,15 +43,21 @@ class Incompatible(enum.IntFlag):
 
 
 class Compatible(enum.IntFlag):
+    """Compatible feature bits: safe to ignore."""
+
     LAZY_REFCOUNTS = 1 << 0
 
 
 class Compression(enum.IntEnum):
+    """The compression type of compressed clusters (header byte 104)."""
+
     ZLIB = 0
     ZSTD = 1
 
 
 class Extension(enum.IntEnum):
+    """Header extension types."""
+
     END = 0
     BACKING_FORMAT = 0xE2792ACA
     FEATURE_NAMES = 0x6803F857
@@ -99,33 +107,41 @@ class Header:
 
     @property
     def cluster_size(self) -> int:
+        """Bytes per cluster."""
         return 1 << self.cluster_bits
 
     @property
     def extended_l2(self) -> bool:
+        """L2 entries carry a subcluster bitmap."""
         return bool(self.incompatible & Incompatible.EXTENDED_L2)
 
     @property
     def l2_entry_size(self) -> int:
+        """Bytes per L2 entry: 8, or 16 with extended L2."""
         return 16 if self.extended_l2 else 8
 
     @property
     def l2_entries(self) -> int:
+        """Entries per L2 table."""
         return self.cluster_size // self.l2_entry_size
 
     @property
     def refcount_bits(self) -> int:
+        """Bits per refcount."""
         return 1 << self.refcount_order
 
     @property
     def refcount_block_entries(self) -> int:
+        """Refcounts per refcount block."""
         return self.cluster_size * 8 // self.refcount_bits
 
     @property
     def subcluster_size(self) -> int:
+        """Bytes per subcluster (a cluster without extended L2)."""
         return self.cluster_size // SUBCLUSTERS if self.extended_l2 else self.cluster_size
 
     def unknown_incompatible(self) -> int:
+        """The incompatible feature bits we do not know (0: none)."""
         return self.incompatible & ~_KNOWN_INCOMPATIBLE
 
 
@@ -138,6 +154,20 @@ def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool = False) -> i
 
 def parse_header(data: bytes) -> Header:
     """Parse a header (and its extensions) from the first cluster of an image."""
+    header = _parse_v2_fields(data)
+    if header.version == 3:
+        _parse_v3_fields(header, data)
+    _parse_extensions(header, data)
+    if header.backing_file_offset:
+        offset, size = header.backing_file_offset, header.backing_file_size
+        if size > MAX_BACKING_NAME or offset + size > len(data):
+            raise ImageError("backing file name is outside the first cluster or too long")
+        header.backing_file = data[offset : offset + size].decode("utf-8", "replace")
+    return header
+
+
+def _parse_v2_fields(data: bytes) -> Header:
+    """The fields every version has (a v2 header's all)."""
     if len(data) < V2_HEADER_LENGTH or data[:4] != MAGIC:
         raise ImageError("not a qcow2 image (bad magic)")
     (
@@ -159,7 +189,7 @@ def parse_header(data: bytes) -> Header:
         raise ImageError(f"qcow2 version {version} is not supported (only 2 and 3)")
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise ImageError(f"cluster size 2^{cluster_bits} is outside 512 B..2 MiB")
-    header = Header(
+    return Header(
         version=version,
         cluster_bits=cluster_bits,
         size=size,
@@ -174,31 +204,28 @@ def parse_header(data: bytes) -> Header:
         snapshots_offset=snapshots_offset,
         header_length=V2_HEADER_LENGTH,
     )
-    if version == 3:
-        if len(data) < V3_HEADER_LENGTH:
-            raise ImageError("qcow2 v3 header is truncated")
-        incompatible, compatible, autoclear, refcount_order, header_length = _HEADER_V3_TAIL.unpack_from(
-            data, V2_HEADER_LENGTH
-        )
-        if header_length < V3_HEADER_LENGTH or header_length % 8 or header_length > len(data):
-            raise ImageError(f"qcow2 header length {header_length} is invalid")
-        if refcount_order > 6:
-            raise ImageError(f"refcount order {refcount_order} is invalid (at most 6)")
-        header.incompatible, header.compatible, header.autoclear = incompatible, compatible, autoclear
-        header.refcount_order, header.header_length = refcount_order, header_length
-        if header_length > V3_HEADER_LENGTH:
-            header.compression_type = data[V3_HEADER_LENGTH]
-            header.extra_fields = bytes(data[V3_HEADER_LENGTH + 1 : header_length])
-        if header.incompatible & Incompatible.COMPRESSION_TYPE and header.compression_type == 0:
-            raise ImageError("compression type bit set with zlib compression type")
-        if header.compression_type not in (Compression.ZLIB, Compression.ZSTD):
-            raise ImageError(f"unknown compression type {header.compression_type}")
-    _parse_extensions(header, data)
-    if backing_offset:
-        if backing_size > MAX_BACKING_NAME or backing_offset + backing_size > len(data):
-            raise ImageError("backing file name is outside the first cluster or too long")
-        header.backing_file = data[backing_offset : backing_offset + backing_size].decode("utf-8", "replace")
-    return header
+
+
+def _parse_v3_fields(header: Header, data: bytes) -> None:
+    """Feature bits, refcount order, header length and compression type of a v3 header."""
+    if len(data) < V3_HEADER_LENGTH:
+        raise ImageError("qcow2 v3 header is truncated")
+    incompatible, compatible, autoclear, refcount_order, header_length = _HEADER_V3_TAIL.unpack_from(
+        data, V2_HEADER_LENGTH
+    )
+    if header_length < V3_HEADER_LENGTH or header_length % 8 or header_length > len(data):
+        raise ImageError(f"qcow2 header length {header_length} is invalid")
+    if refcount_order > 6:
+        raise ImageError(f"refcount order {refcount_order} is invalid (at most 6)")
+    header.incompatible, header.compatible, header.autoclear = incompatible, compatible, autoclear
+    header.refcount_order, header.header_length = refcount_order, header_length
+    if header_length > V3_HEADER_LENGTH:
+        header.compression_type = data[V3_HEADER_LENGTH]
+        header.extra_fields = bytes(data[V3_HEADER_LENGTH + 1 : header_length])
+    if header.incompatible & Incompatible.COMPRESSION_TYPE and header.compression_type == 0:
+        raise ImageError("compression type bit set with zlib compression type")
+    if header.compression_type not in (Compression.ZLIB, Compression.ZSTD):
+        raise ImageError(f"unknown compression type {header.compression_type}")
 
 
 def _parse_extensions(header: Header, data: bytes) -> None:
@@ -288,6 +315,7 @@ FEATURE_NAMES = (
 
 
 def encode_feature_names() -> bytes:
+    """The feature name table extension qemu-img writes into v3 images."""
     return b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_NAMES)
 
 
@@ -314,6 +342,7 @@ def read_refcount(block: bytes | bytearray, index: int, order: int) -> int:
 
 
 def write_refcount(block: bytearray, index: int, order: int, value: int) -> None:
+    """Set entry ``index`` of a refcount block; :class:`ImageError` if ``value`` does not fit."""
     bits = 1 << order
     if value < 0 or value >= 1 << bits:
         raise ImageError(f"refcount {value} does not fit in {bits} bits")
