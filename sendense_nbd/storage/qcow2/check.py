@@ -160,6 +160,7 @@ class _Walk:
         self.highest = 0
 
     def note(self, message: str) -> None:
+        """Keep ``message`` for the report (at most MAX_MESSAGES)."""
         if len(self.messages) < MAX_MESSAGES:
             self.messages.append(message)
         elif len(self.messages) == MAX_MESSAGES:
@@ -192,6 +193,7 @@ class _Walk:
                 self.nb = k + 1
 
     def calculate(self) -> None:
+        """Count the references of every structure that owns host clusters."""
         h = self.h
         self.inc(0, self.cs)
         self.check_l1(h.l1_table_offset, h.l1_size, active=True)
@@ -219,6 +221,7 @@ class _Walk:
             self.check_refblocks()
 
     def l2_kind(self, entry: int) -> int:
+        """The checker's kind of a standard or compressed L2 entry."""
         if entry & COMPRESSED:
             return _COMPRESSED
         if entry & ZERO and not self.h.extended_l2:
@@ -228,10 +231,12 @@ class _Walk:
         return _NORMAL
 
     def read_l2(self, offset: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The entries (and with extended L2 the bitmaps) of the L2 table at ``offset``."""
         words = self.f.read_u64s(offset, self.cs // 8)
         return (words[0::2], words[1::2]) if self.h.extended_l2 else (words, None)
 
     def check_l1(self, offset: int, size: int, active: bool) -> None:
+        """Count an L1 table, its L2 tables and what they reach."""
         if not size:
             return
         self.inc(offset, size * 8)
@@ -247,6 +252,7 @@ class _Walk:
             self.check_l2(l2_offset, active)
 
     def check_l2(self, l2_offset: int, active: bool) -> None:
+        """Count the clusters one L2 table reaches; ``active`` ones also feed the statistics."""
         if l2_offset >= self.f.size:
             return  # reads as zeros: nothing allocated
         entries, bitmaps = self.read_l2(l2_offset)
@@ -281,6 +287,7 @@ class _Walk:
                 self.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
 
     def count_compressed(self, index: int, entry: int, bitmap: int, active: bool) -> None:
+        """Count the host clusters a compressed cluster's bytes touch."""
         if entry & COPIED:
             coffset = compressed_location(entry, self.bits)[0]
             self.corrupt(f"ERROR: coffset={coffset:#x}: copied flag must never be set for compressed clusters")
@@ -300,6 +307,7 @@ class _Walk:
             self.fragmented += 1
 
     def check_bitmaps(self) -> None:
+        """Count the bitmap directory, tables and data."""
         try:
             directory = bitmap_directory(self.h)
             if directory is None:
@@ -320,6 +328,7 @@ class _Walk:
                     self.inc(offset, self.cs)
 
     def check_refblocks(self) -> None:
+        """Count the refcount blocks (each must be referenced once)."""
         for i, entry in enumerate(self.reftable):
             offset = entry & REFT_OFFSET_MASK
             if entry & REFT_RESERVED:
@@ -335,6 +344,7 @@ class _Walk:
                     self.corrupt(f"ERROR refcount block {i} refcount={count}", False)
 
     def compare(self) -> None:
+        """Compare stored refcounts with the counted references: corruptions and leaks."""
         stored: dict[int, int] = {}
         unreadable: list[range] = []
         for t in range(min(len(self.reftable), -(-self.nb // self.entries))):
@@ -360,6 +370,7 @@ class _Walk:
                     self.note(f"Leaked cluster {k} refcount={have} reference={want}")
 
     def check_copied(self) -> None:
+        """Check the COPIED flag of active L1/L2 entries against "refcount == 1"."""
         for i, entry in enumerate(self.f.read_u64s(self.h.l1_table_offset, self.h.l1_size)):
             l2_offset = entry & OFFSET_MASK
             if not l2_offset:
@@ -380,6 +391,7 @@ class _Walk:
                         )
 
     def result(self, filename: str) -> CheckResult:
+        """The report of this walk."""
         virtual = -(-self.h.size // 512) * 512
         return CheckResult(
             filename, self.corruptions, self.leaks, self.check_errors, self.allocated, -(-virtual // self.cs),

@@ -160,13 +160,16 @@ class Qcow2Device(Backend):
 
     @property
     def size(self) -> int:
+        """The virtual disk size in bytes."""
         return self.header.size
 
     @property
     def capabilities(self) -> Capabilities:
+        """Everything but CACHE is native; FAST_ZERO needs v3 zero clusters."""
         return self._capabilities
 
     def read_into(self, *, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from ``offset``: data, zeroes, decompressed clusters, the backing chain."""
         try:
             for run in self._runs(offset, len(buffer)):
                 self._read_run(run, buffer[run.guest - offset : run.end - offset])
@@ -174,6 +177,7 @@ class Qcow2Device(Backend):
             raise device_error(exc, f"read {len(buffer)} bytes at {offset}") from exc
 
     def read_cached(self, *, offset: int, buffer: memoryview) -> bool:
+        """Read without blocking: only mapped tables and data in the page cache (RWF_NOWAIT)."""
         if not self._lock.acquire(blocking=False):
             return False  # a writer holds the metadata: do not wait on the event loop
         try:
@@ -197,6 +201,7 @@ class Qcow2Device(Backend):
         return True
 
     def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write ``data`` (copy-on-write for partial clusters); with ``fua`` flush before returning."""
         self._check_writable()
         view = memoryview(data).cast("B")
         try:
@@ -207,6 +212,7 @@ class Qcow2Device(Backend):
             raise device_error(exc, f"write {len(view)} bytes at {offset}") from exc
 
     def zero(self, *, offset: int, length: int, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
+        """Make a range read as zeroes, by zero flags where a whole cluster (or subcluster) allows."""
         self._check_writable()
         if fast and self.header.version < 3:
             raise DeviceError(Errno.ENOTSUP, "qcow2 v2 images have no zero clusters")
@@ -223,9 +229,11 @@ class Qcow2Device(Backend):
             raise device_error(exc, f"zero {length} bytes at {offset}") from exc
 
     def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
+        """Discard a range: whole clusters give their space back; it then reads as zeroes."""
         self.zero(offset=offset, length=length, may_trim=True, fua=fua)
 
     def flush(self) -> None:
+        """Write data and metadata in the crash-safe order (module docstring)."""
         if self.readonly:
             return
         try:
@@ -235,6 +243,7 @@ class Qcow2Device(Backend):
             raise device_error(exc, "flush") from exc
 
     def extents(self, *, offset: int, length: int) -> list[Extent]:
+        """``base:allocation`` extents of the range, through the backing chain."""
         return self._allocation(offset, length)
 
     def allocation_depth(self, *, offset: int, length: int) -> list[Extent]:
@@ -250,6 +259,7 @@ class Qcow2Device(Backend):
         ]
 
     def close(self) -> None:
+        """Flush (when writable), close the file and the backing chain."""
         if getattr(self, "_fd", -1) >= 0:
             try:
                 if not self.readonly and hasattr(self, "_lock"):

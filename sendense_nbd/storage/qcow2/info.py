@@ -74,6 +74,7 @@ class ImageFile:
         self.size = os.fstat(fd).st_size
 
     def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; bytes past the end of the file read as zeroes."""
         if length <= 0:
             return b""
         if offset >= self.size:
@@ -90,6 +91,7 @@ class ImageFile:
         return b"".join(parts).ljust(length, b"\0")
 
     def read_u64s(self, offset: int, count: int) -> tuple[int, ...]:
+        """``count`` big-endian 64-bit words at ``offset``."""
         return struct.unpack(f">{count}Q", self.read(offset, count * 8))
 
 
@@ -165,6 +167,7 @@ class StoredRefcounts:
         return self.blocks[offset]
 
     def get(self, cluster: int) -> int | None:
+        """The stored refcount of ``cluster``; None when its block is unreadable."""
         block = self.block(cluster // self.entries)
         if not block:
             return None if block is None else 0
@@ -189,6 +192,7 @@ class StoredRefcounts:
 
 
 def extension(header: Header, kind: int) -> bytes | None:
+    """The payload of the header extension of type ``kind``, if present."""
     for ext_type, payload in header.unknown_extensions:
         if ext_type == kind:
             return payload
@@ -197,6 +201,8 @@ def extension(header: Header, kind: int) -> bytes | None:
 
 @attrs.frozen
 class Snapshot:
+    """One entry of the snapshot table."""
+
     l1_table_offset: int
     l1_size: int
     id: str
@@ -249,6 +255,8 @@ def read_snapshots(f: ImageFile, header: Header) -> tuple[list[Snapshot], int]:
 
 @attrs.frozen
 class Bitmap:
+    """One entry of the bitmap directory."""
+
     name: str
     table_offset: int
     table_size: int
@@ -258,6 +266,8 @@ class Bitmap:
 
 @attrs.frozen
 class BitmapDirectory:
+    """Where the bitmap directory is (the bitmaps header extension)."""
+
     offset: int
     size: int
     count: int

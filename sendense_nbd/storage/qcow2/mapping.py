@@ -94,6 +94,7 @@ class _Builder:
         self.guest = self.length = self.host = self.entry = 0
 
     def add(self, kind: ClusterKind, guest: int, length: int, host: int, entry: int) -> None:
+        """Add ``length`` bytes from ``guest``, merged into the last run if they continue it."""
         if (
             kind == self.kind
             and guest == self.guest + self.length
@@ -106,6 +107,7 @@ class _Builder:
         self.kind, self.guest, self.length, self.host, self.entry = kind, guest, length, host, entry
 
     def finish(self) -> list[Run]:
+        """The runs collected."""
         if self.kind is not None:
             self.runs.append(Run(self.kind, self.guest, self.length, self.host, self.entry))
             self.kind = None
