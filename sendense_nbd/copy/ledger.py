@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
 
@@ -122,11 +123,11 @@ class Ledger(Generic[E]):
         """Nothing left to write or to flush: every recorded entry is durable."""
         return self.held == 0
 
-    def reconnected(self, generation: int) -> list[E]:
+    def reconnected(self, generation: int) -> Sequence[E]:
         """Hear the target's generation; if it moved on, queue every entry not
         durable for redo and return them (the engine uncounts them)."""
         if generation == self.generation:
-            return []
+            return ()  # the engine asks before every step: nothing allocated
         if generation < self.generation:
             raise ValueError(f"generation {generation} is older than {self.generation}")
         self.generation = generation

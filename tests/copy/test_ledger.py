@@ -65,7 +65,7 @@ def test_a_reconnect_queues_everything_not_durable_and_voids_running_flushes() -
     ledger.record(Write(1), began=3)
     running = ledger.begin_flush()
     ledger.record(Write(2), began=3)
-    assert ledger.reconnected(3) == []
+    assert ledger.reconnected(3) == ()
     assert ledger.reconnected(4) == [Write(1), Write(2)]
     assert ledger.unbatched == 0 and ledger.unbatched_weight == 0 and list(ledger.redo) == [Write(1), Write(2)]
     ledger.flush_ok(running)  # it ran on the old connection (or the new one): it covers nothing lost
