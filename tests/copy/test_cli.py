@@ -59,6 +59,30 @@ def test_failure_is_one_line_naming_the_offset(tmp_path: Path, nbdkit) -> None: 
     assert err.startswith("sendense-nbd copy: error: ") and "at offset" in err and "EIO" in err
 
 
+@pytest.mark.parametrize("zeroes", ["write-zeroes", "buffers"])
+def test_overlay_flags_and_changed_areas_reach_the_copy(zeroes: str, tmp_path: Path) -> None:
+    """--target-mode, --overlay-zeroes and --changed-areas: the changed areas of an overlay read
+    as the source (zeroes included, hiding the backing file); the rest still shows the backing file."""
+    src = sparse_file(tmp_path / "src.raw", 4 * MiB, [(MiB, 65536)])
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(base))
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top), "4M")
+    areas = tmp_path / "areas.json"
+    areas.write_text(json.dumps([[0, 2 * MiB]]))
+    code, _, err = invoke(str(src), str(top), "-f", "qcow2", "--target-mode", "overlay", "--overlay-zeroes", zeroes,
+                          "--changed-areas", str(areas))  # fmt: skip
+    assert code == 0 and "overlay target" in err and f"zeroed {2 * MiB - 65536}" in err, err
+    image = tmp_path / "top.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(top), str(image))
+    data = image.read_bytes()
+    assert data[: 2 * MiB] == src.read_bytes()[: 2 * MiB] and data[2 * MiB :] == b"\x11" * (2 * MiB)
+    first = json.loads(run("qemu-img", "map", "--output=json", str(top)).stdout)[0]
+    assert first["start"] == 0 and first["depth"] == 0  # the zeroed area at 0 is the overlay's own
+    assert first["zero"] is (zeroes == "write-zeroes") and first["data"] is (zeroes == "buffers")
+
+
 def test_bad_request_size(tmp_path: Path) -> None:
     code, _, err = invoke("a", "b", "--request-size", "lots")
     assert code == 2 and "not a size" in err
