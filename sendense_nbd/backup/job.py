@@ -215,7 +215,7 @@ async def _run(job: _Job) -> BackupResult:
 async def _create_snapshot(job: _Job, vm: VirtualMachine) -> Snapshot:
     """Take the job's snapshot; if the job is cancelled meanwhile, wait for it and remove it."""
     vsphere = job.vsphere
-    creating = asyncio.ensure_future(
+    creating = asyncio.get_running_loop().create_task(
         vsphere.call(create_snapshot, vsphere.si, vm, f"{BACKUP_PREFIX}{job.spec.job_id}", quiesce=job.spec.quiesce)
     )
     try:

@@ -91,7 +91,7 @@ class JobProgress:
     def start(self) -> None:
         """Start publishing to the sink (rate-bounded); no-op without one."""
         if self._sink is not None and self._task is None:
-            self._task = asyncio.ensure_future(self._publish())
+            self._task = asyncio.get_running_loop().create_task(self._publish())
 
     def set_stage(self, stage: str) -> None:
         """Enter ``stage`` (one of :data:`STAGES`)."""

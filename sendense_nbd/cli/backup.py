@@ -19,6 +19,7 @@ from sendense_nbd.tunnel.cli import tunnel_command
 
 if TYPE_CHECKING:
     from sendense_nbd.backup import BackupSettings
+    from sendense_nbd.node.config import NodeConfig
 
 EXIT_CODES = """\b
 Exit status:
@@ -114,6 +115,7 @@ class _Output:
             self._bar = None
 
     def note(self, message: str) -> None:
+        """A decision or an error: a JSON line, else a line on stderr."""
         if self.json_lines:
             click.echo(json.dumps({"note": message}))
         else:
@@ -299,7 +301,8 @@ def node(config_path: str, listen: str | None) -> None:
     asyncio.run(_serve_node(config, host.strip("[]"), int(port)))
 
 
-async def _serve_node(config: Any, host: str, port: int) -> None:
+async def _serve_node(config: NodeConfig, host: str, port: int) -> None:
+    """Serve the node API until SIGINT or SIGTERM; then cancel the node's jobs and wait for them."""
     from aiohttp import web
 
     from sendense_nbd.node.api import build_app

@@ -45,6 +45,7 @@ class BackupRequest:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], *, hub_url: str | None = None) -> BackupRequest:
+        """Parse and check the body (:class:`BadRequest` names the field at fault); ``hub_url`` pins the hub."""
         json_object(body, "the body", frozenset({"job_id", "vm_path", "mode", "targets", "api_url"}))
         job_id = body.get("job_id")
         if not isinstance(job_id, str) or not IDENTIFIER.fullmatch(job_id):
