@@ -12,7 +12,17 @@ from pathlib import Path
 import click
 import pytest
 
-from sendense_nbd.backup import DiskResult, JobProgress, StateFile, SyncType
+from sendense_nbd.backup import (
+    BackupSettings,
+    BackupSpec,
+    DiskResult,
+    HubApi,
+    HubSettings,
+    JobProgress,
+    StateFile,
+    SyncType,
+    prepare,
+)
 from sendense_nbd.cli.backup import EXIT_CODES, EXIT_STATUS, _parse_targets, exit_status
 from sendense_nbd.copy import Progress
 from sendense_nbd.errors import (
@@ -98,6 +108,22 @@ def test_exit_status_by_error_type() -> None:
     assert [exit_status(error) for error, _ in cases] == [status for _, status in cases]
     documented = {int(line.split()[0]) for line in EXIT_CODES.splitlines()[2:] if line.strip()[:1].isdigit()}
     assert {status for _, status in EXIT_STATUS} <= documented
+
+
+async def test_prepare_picks_the_store_and_keeps_secrets_out_of_reprs(tmp_path: Path) -> None:
+    spec = BackupSpec(job_id="j", vm_path="/DC/vm/a", targets={2000: "nbd://h/x"})
+    login = {"spec": spec, "endpoint": Endpoint("vc"), "username": "u", "password": "s3cret-pw"}
+    standalone = prepare(BackupSettings(**login, state_file=str(tmp_path / "ids.json")))
+    assert isinstance(standalone.store, StateFile) and standalone.store.path == str(tmp_path / "ids.json")
+    hub = HubSettings("http://hub:8082", token="s3cret-token", retries=7)
+    reporting = prepare(BackupSettings(**login, hub=hub, state_file=str(tmp_path / "unused.json")))
+    assert isinstance(reporting.store, HubApi) and reporting.store.base == "http://hub:8082/api/v1"
+    assert (reporting.store.token, reporting.store.retries) == ("s3cret-token", 7)
+    assert reporting.progress is None  # until run() has resolved nbdkit-vddk's settings
+    assert "s3cret" not in repr(reporting.settings) + repr(standalone)
+    await reporting.close()
+    with pytest.raises(ValueError, match="hub or in a state file"):
+        BackupSettings(**login)
 
 
 def test_endpoints_and_thumbprints() -> None:
