@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import attrs
 
+from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, TransmissionFlag
 from sendense_nbd.protocol.handshake import ExportInfo
-from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.storage.base import Backend, BlockDevice
+
+
+def _checked(export: Export, _: attrs.Attribute[BlockDevice], device: BlockDevice) -> None:
+    if isinstance(device, Backend):
+        raise ServerError(
+            f"export {export.name!r}: serve the device opened (open_image, memory_device or CheckedDevice), "
+            f"not the bare {type(device).__name__} backend"
+        )
 
 
 @attrs.frozen(slots=True)
 class Export:
-    """A block device served under ``name``."""
+    """A block device served under ``name``: the checking adapter or a filter over it, never a bare backend."""
 
     name: str
-    device: BlockDevice
+    device: BlockDevice = attrs.field(validator=_checked)
     description: str = ""
     readonly: bool = False
     #: Offer ``qemu:allocation-depth``, as ``qemu-nbd -A`` does.

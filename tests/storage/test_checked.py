@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd.errors import DeviceError
+from sendense_nbd.errors import DeviceError, ServerError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
+from sendense_nbd.server import Export
 from sendense_nbd.storage import (
     Backend,
     BlockDevice,
@@ -20,6 +21,7 @@ from sendense_nbd.storage import (
     Discard,
     Filter,
     ImageFormat,
+    MemoryDevice,
     PolicyDevice,
     Support,
     create_image,
@@ -152,6 +154,12 @@ def test_has_backing_is_a_capability(tmp_path: Path) -> None:
         finally:
             device.close()
     assert not memory_device(SIZE).capabilities.has_backing
+
+
+def test_a_bare_backend_cannot_be_served() -> None:
+    with pytest.raises(ServerError, match="not the bare MemoryDevice backend"):
+        Export("disk", MemoryDevice(SIZE))
+    assert Export("disk", memory_device(SIZE)).info(multi_conn=False).size == SIZE
 
 
 # -- emulation: a backend that only reads and writes -----------------------------------------------
