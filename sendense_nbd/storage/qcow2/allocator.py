@@ -24,6 +24,8 @@ class Allocator:
         self._header = cache.header
         self._cs = cache.cluster_size
         self._cluster_bits = self._header.cluster_bits
+        self._per_block = self._header.refcount_block_entries
+        self._order = self._header.refcount_order
         #: Where the image's clusters end: the next allocation goes here.
         self.end = end
         self._pending: list[int] = []
@@ -59,7 +61,7 @@ class Allocator:
 
     def _add_refcount(self, host: int, delta: int) -> None:
         cache = self._cache
-        table_index, block_index = divmod(host >> self._cluster_bits, self._header.refcount_block_entries)
+        table_index, block_index = divmod(host >> self._cluster_bits, self._per_block)
         if table_index >= len(cache.refcount_table):
             self._grow_refcount_table(table_index + 1)
         block_offset = cache.refcount_table[table_index] & fmt.OFFSET_MASK
@@ -69,7 +71,7 @@ class Allocator:
             cache.new_refcount_block(table_index, block_offset)
             self._add_refcount(block_offset, 1)
         block = cache.refcount_block(block_offset)
-        order = self._header.refcount_order
+        order = self._order
         fmt.write_refcount(block, block_index, order, fmt.read_refcount(block, block_index, order) + delta)
         cache.refcount_block_changed(block_offset)
 

@@ -100,6 +100,7 @@ class Qcow2Device(Backend):
         if header.l1_size < fmt.l1_entries_for(header.size, header.cluster_bits, header.extended_l2):
             raise ImageError(f"{self.path}: L1 table is too small for the virtual size")
         self._layout = Layout.of(header, self.path)
+        self._data_bitmap = self._layout.data_bitmap()
         self._cache = MetadataCache.load(self._fd, header, file_size=file_size, name=self.path)
         self._alloc = Allocator(self._cache, end=-(-file_size // self._cs) * self._cs)
         self._lock = threading.RLock()
@@ -450,7 +451,7 @@ class Qcow2Device(Backend):
             host = self._alloc.allocate()
         if kind == _COMPRESSED:
             self._alloc.free_compressed(entry)
-        self._set_entry(base, self._layout.owned_entry(host), self._layout.data_bitmap())
+        self._set_entry(base, host | fmt.COPIED, self._data_bitmap)
         return host, content
 
     def _check_data_cluster(self, host: int, guest: int) -> None:

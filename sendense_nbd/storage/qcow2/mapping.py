@@ -83,6 +83,11 @@ NOTHING = ZeroPlan()
 _WRITE_ZEROES = ZeroPlan(write_zeroes=True)
 
 
+def _owned(host: int) -> int:
+    """The entry of a standard cluster this image alone owns at ``host`` (0: none)."""
+    return host | fmt.COPIED if host else 0
+
+
 class _Builder:
     """Collects runs, extending the last one while clusters continue it."""
 
@@ -225,10 +230,6 @@ class Layout:
                 add(_UNALLOCATED, pos, n, 0, 0)
             pos += n
 
-    def owned_entry(self, host: int) -> int:
-        """The entry of a standard cluster this image alone owns at ``host`` (0: none)."""
-        return host | fmt.COPIED if host else 0
-
     def data_bitmap(self) -> int:
         """The bitmap of a cluster whose subclusters all hold data (0 without extended L2)."""
         return FULL if self.extended else 0
@@ -268,8 +269,8 @@ class Layout:
     def _zero_entry(self, host: int) -> tuple[int, int]:
         """The entry and bitmap of a whole zero cluster, keeping ``host`` preallocated (0: none)."""
         if self.extended:
-            return self.owned_entry(host), FULL << 32
-        return self.owned_entry(host) | fmt.ZERO, 0
+            return _owned(host), FULL << 32
+        return _owned(host) | fmt.ZERO, 0
 
     def zero_subclusters(self, entry: int, bitmap: int, *, start: int, length: int) -> tuple[int, int] | None:
         """The entry and bitmap with the subclusters of ``[start, start + length)`` zeroed;
@@ -280,4 +281,4 @@ class Layout:
         mask = ((1 << (length // sub)) - 1) << (start // sub)
         alloc = bitmap & FULL & ~mask
         zero = ((bitmap >> 32) | mask) & FULL
-        return self.owned_entry(entry & fmt.OFFSET_MASK), alloc | (zero << 32)
+        return _owned(entry & fmt.OFFSET_MASK), alloc | (zero << 32)

@@ -99,6 +99,7 @@ class MetadataCache:
         self.refcount_table = refcount_table
         self._l2 = _Tables(L2_CACHE_BYTES, self.cluster_size)
         self._blocks = _Tables(REFCOUNT_CACHE_BYTES, self.cluster_size)
+        self._l2_tables, self._block_tables = self._l2.tables, self._blocks.tables  # the hot lookups
         self._l1_dirty = self._refcount_table_dirty = self._header_dirty = self._data_dirty = False
         self._metadata_key = -1
         self._metadata: set[int] = set()
@@ -116,14 +117,14 @@ class MetadataCache:
 
     def l2(self, offset: int, end: int) -> bytearray:
         """The L2 table at ``offset``, loaded if needed; ``end`` is where the image's clusters end."""
-        table = self._l2.tables.get(offset)
+        table = self._l2_tables.get(offset)
         if table is None:
             if offset % self.cluster_size or offset + self.cluster_size > max(end, 0):
                 raise DeviceError(Errno.EIO, f"{self.name}: L2 table offset {offset} is invalid")
             table = bytearray(pread_exact(self.fd, self.cluster_size, offset, "L2 table"))
             self._l2.put(offset, table)
         else:
-            self._l2.tables.move_to_end(offset)
+            self._l2_tables.move_to_end(offset)
         return table
 
     def cached_l2(self, offset: int) -> bytearray:
@@ -151,12 +152,12 @@ class MetadataCache:
 
     def refcount_block(self, offset: int) -> bytearray:
         """The refcount block at ``offset``, loaded if needed."""
-        block = self._blocks.tables.get(offset)
+        block = self._block_tables.get(offset)
         if block is None:
             block = bytearray(pread_exact(self.fd, self.cluster_size, offset, "refcount block"))
             self._blocks.put(offset, block)
         else:
-            self._blocks.tables.move_to_end(offset)
+            self._block_tables.move_to_end(offset)
         return block
 
     def new_refcount_block(self, index: int, offset: int) -> None:
