@@ -38,6 +38,7 @@ import pytest
 
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import BlockDevice
 from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
@@ -1414,11 +1415,8 @@ def nbdinfo_map(uri: str, context: str | None = None) -> list[tuple[int, int, in
     return merged  # type: ignore[return-value]
 
 
-def from_pairs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    entries, pos = [], 0
-    for length, value in pairs:
-        entries.append({"start": pos, "length": length, "type": value})
-        pos += length
+def from_extents(extents: list[Extent]) -> list[tuple[int, int, int]]:
+    entries = [{"start": e.offset, "length": e.length, "type": e.status} for e in extents]
     return normalize_map(entries, ("type",))  # type: ignore[return-value]
 
 
@@ -1535,7 +1533,7 @@ def test_allocation_depth_matches_qemu_nbd(
     device = open_qcow2(chain.top, readonly=True)
     try:
         assert_same_map(
-            from_pairs([(e.length, e.status) for e in device.allocation_depth(offset=0, length=device.size)]),
+            from_extents(device.allocation_depth(offset=0, length=device.size)),
             theirs,
             "Qcow2Device.allocation_depth",
         )
