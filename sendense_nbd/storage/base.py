@@ -13,11 +13,15 @@ Theory of operation (modelled on nbdkit's plugins and filters):
   ``0 <= offset <= offset + length <= size`` (ENOSPC for writes and zeroes,
   EINVAL otherwise, as the protocol's ``check_request`` answers) and writes to
   a read-only device (EPERM), so a backend only sees in-range requests. It
-  emulates what the backend lacks: ``EMULATE`` zeroes are written as zeroes,
-  FUA becomes a flush after the operation, a cache request reads the range,
-  extents say "all data" and the allocation depth is 1; without trim support
-  a trim does nothing (it is advisory), without a cache or a flush they do
-  nothing, and without ``read_cached`` it answers False.
+  emulates what the backend lacks: ``EMULATE`` zeroes are written as zeroes
+  (so FAST_ZERO fails with ENOTSUP), FUA becomes a flush after the operation,
+  a cache request reads the range, extents say "all data" and the allocation
+  depth is 1; without trim support a trim does nothing (it is advisory),
+  without a cache or a flush they do nothing, and without ``read_cached`` it
+  answers False. A map is asked for at least one byte and is never empty (a
+  backend that describes nothing is EIO). What to call is chosen once, at
+  open, so a request costs a couple of integer comparisons more than the
+  backend itself; the server's ``Export`` refuses a bare backend.
 * A **filter** (:class:`~sendense_nbd.storage.filter.Filter`) wraps a device
   and passes every member through to ``next``; a filter only writes the
   members it changes (``PolicyDevice``: ``--discard``, ``--detect-zeroes``).
