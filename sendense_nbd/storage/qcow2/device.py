@@ -48,7 +48,7 @@ from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.qcow2.allocator import Allocator
 from sendense_nbd.storage.qcow2.mapping import ClusterKind, Layout, Run
-from sendense_nbd.storage.qcow2.metadata import MetadataCache, NotCached
+from sendense_nbd.storage.qcow2.metadata import MetadataCache
 from sendense_nbd.storage.raw import RawDevice
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (
     ClusterKind.DATA,
     ClusterKind.COMPRESSED,
 )
+
+
+class _NotCached(Exception):
+    """An L2 table a non-blocking read needs is not in memory."""
 
 
 class Qcow2Device(Backend):
@@ -183,7 +187,7 @@ class Qcow2Device(Backend):
             return False  # a writer holds the metadata: do not wait on the event loop
         try:
             runs = self._layout.runs(offset, len(buffer), self._cached_entry)
-        except NotCached:
+        except _NotCached:
             return False
         finally:
             self._lock.release()
@@ -283,12 +287,15 @@ class Qcow2Device(Backend):
         return self._layout.decode(self._cache.l2(l2_offset, self._alloc.end), l2_index)
 
     def _cached_entry(self, guest: int) -> tuple[int, int]:
-        """Like :meth:`_entry`, but :class:`NotCached` rather than reading a table."""
+        """Like :meth:`_entry`, but :class:`_NotCached` rather than reading a table."""
         l1_index, l2_index = self._layout.locate(guest)
         l2_offset = self._cache.l1[l1_index] & fmt.OFFSET_MASK
         if not l2_offset:
             return 0, 0
-        return self._layout.decode(self._cache.cached_l2(l2_offset), l2_index)
+        table = self._cache.cached_l2(l2_offset)
+        if table is None:
+            raise _NotCached
+        return self._layout.decode(table, l2_index)
 
     def _runs(self, offset: int, length: int) -> list[Run]:
         with self._lock:

@@ -36,7 +36,7 @@ L2_CACHE_BYTES = 8 * 1024 * 1024
 REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024
 
 
-def pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     """``length`` bytes at ``offset``; :class:`ImageError` if the file ends first."""
     data = os.pread(fd, length, offset)
     if len(data) != length:
@@ -49,11 +49,7 @@ def _read_table(fd: int, offset: int, entries: int, what: str, file_size: int, c
         raise ImageError(f"{what} at {offset} is misaligned or past the end of the file")
     if entries > 64 * 1024 * 1024:
         raise ImageError(f"{what} is implausibly large ({entries} entries)")
-    return list(struct.unpack(f">{entries}Q", pread_exact(fd, entries * 8, offset, what)))
-
-
-class NotCached(Exception):
-    """An L2 table needed for a non-blocking read is not in memory."""
+    return list(struct.unpack(f">{entries}Q", _pread_exact(fd, entries * 8, offset, what)))
 
 
 class _Tables:
@@ -121,18 +117,15 @@ class MetadataCache:
         if table is None:
             if offset % self.cluster_size or offset + self.cluster_size > max(end, 0):
                 raise DeviceError(Errno.EIO, f"{self.name}: L2 table offset {offset} is invalid")
-            table = bytearray(pread_exact(self.fd, self.cluster_size, offset, "L2 table"))
+            table = bytearray(_pread_exact(self.fd, self.cluster_size, offset, "L2 table"))
             self._l2.put(offset, table)
         else:
             self._l2_tables.move_to_end(offset)
         return table
 
-    def cached_l2(self, offset: int) -> bytearray:
-        """The L2 table at ``offset`` if it is in memory; :class:`NotCached` otherwise."""
-        table = self._l2.tables.get(offset)
-        if table is None:
-            raise NotCached
-        return table
+    def cached_l2(self, offset: int) -> bytearray | None:
+        """The L2 table at ``offset`` if it is in memory (no I/O), else None."""
+        return self._l2_tables.get(offset)
 
     def new_l2(self, offset: int) -> bytearray:
         """A fresh, empty (dirty) L2 table at ``offset``."""
@@ -154,7 +147,7 @@ class MetadataCache:
         """The refcount block at ``offset``, loaded if needed."""
         block = self._block_tables.get(offset)
         if block is None:
-            block = bytearray(pread_exact(self.fd, self.cluster_size, offset, "refcount block"))
+            block = bytearray(_pread_exact(self.fd, self.cluster_size, offset, "refcount block"))
             self._blocks.put(offset, block)
         else:
             self._block_tables.move_to_end(offset)
