@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import zlib
 from collections.abc import Callable
 
 from sendense_nbd.errors import DeviceError, ImageError
@@ -337,19 +336,12 @@ class Qcow2Device(Backend):
 
     def _decompress(self, entry: int) -> bytes:
         offset, length = fmt.compressed_location(entry, self.header.cluster_bits)
-        raw = os.pread(self._fd, length, offset)
         try:
-            if self.header.compression_type == fmt.Compression.ZSTD:
-                import zstandard
-
-                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-            else:
-                out = zlib.decompressobj(-12).decompress(raw, self._cs)
-        except Exception as exc:
-            raise DeviceError(Errno.EIO, f"compressed cluster at {offset} is damaged: {exc}") from exc
-        if len(out) < self._cs:
-            raise DeviceError(Errno.EIO, f"compressed cluster at {offset} decompresses to {len(out)} bytes")
-        return out[: self._cs]
+            return fmt.decompress_cluster(
+                os.pread(self._fd, length, offset), cluster_size=self._cs, compression=self.header.compression_type
+            )
+        except ImageError as exc:
+            raise DeviceError(Errno.EIO, f"compressed cluster at {offset} {exc}") from exc
 
     # -- block status through the chain -----------------------------------------------
 

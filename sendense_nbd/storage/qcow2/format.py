@@ -1,7 +1,8 @@
 """The qcow2 on-disk format, as pure code over bytes (docs/interop/qcow2.txt).
 
 Nothing here touches a file: the header is parsed from and encoded to bytes,
-and L1/L2/refcount entries are decoded and encoded as integers. The device
+L1/L2/refcount entries are decoded and encoded as integers, and compressed
+clusters are inflated from their bytes. The device
 (:mod:`sendense_nbd.storage.qcow2.device`) does the I/O.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import zlib
 
 import attrs
 
@@ -328,6 +330,23 @@ def compressed_location(entry: int, cluster_bits: int) -> tuple[int, int]:
     offset = entry & ((1 << x) - 1)
     sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
     return offset, sectors * 512 - (offset & 511)
+
+
+def decompress_cluster(data: bytes, *, cluster_size: int, compression: int) -> bytes:
+    """One cluster from its compressed bytes; :class:`ImageError` ("is damaged: ...",
+    "decompresses to N bytes") when they do not make a whole cluster."""
+    try:
+        if compression == Compression.ZSTD:
+            import zstandard
+
+            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        else:
+            out = zlib.decompressobj(-12).decompress(data, cluster_size)
+    except Exception as exc:
+        raise ImageError(f"is damaged: {exc}") from exc
+    if len(out) < cluster_size:
+        raise ImageError(f"decompresses to {len(out)} bytes")
+    return out[:cluster_size]
 
 
 def read_refcount(block: bytes | bytearray, index: int, order: int) -> int:
