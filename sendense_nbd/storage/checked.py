@@ -18,6 +18,8 @@ from sendense_nbd.storage.base import Backend, Support
 EMULATION_CHUNK = 1 << 20
 
 _Operation = Callable[..., None]
+#: Optional backend members, each named as its support level in Capabilities.
+_OPTIONAL = ("zero", "trim", "flush", "extents", "allocation_depth", "cache", "read_cached")
 
 
 class CheckedDevice:
@@ -42,6 +44,7 @@ class CheckedDevice:
     _trim: _Operation
 
     def __init__(self, backend: Backend) -> None:
+        _check_declared(backend)
         self.backend = backend
         self.size = backend.size
         caps = self.capabilities = backend.capabilities
@@ -157,6 +160,17 @@ class CheckedDevice:
         buffer = memoryview(bytearray(min(length, EMULATION_CHUNK)))
         for start in range(offset, offset + length, EMULATION_CHUNK):
             self._read_into(offset=start, buffer=buffer[: min(EMULATION_CHUNK, offset + length - start)])
+
+
+def _check_declared(backend: Backend) -> None:
+    """Refuse a backend that declares a member native (or itself writable) without implementing it."""
+    caps = backend.capabilities
+    declared = [name for name in _OPTIONAL if getattr(caps, name) is Support.NATIVE]
+    if caps.writable:
+        declared.append("write")
+    missing = [name for name in declared if getattr(type(backend), name) is getattr(Backend, name)]
+    if missing:
+        raise TypeError(f"{type(backend).__name__} declares {', '.join(missing)} but does not implement it")
 
 
 def _nothing() -> None:

@@ -255,6 +255,11 @@ def test_a_backend_that_describes_nothing_is_an_io_error() -> None:
     assert err.value.errno == Errno.EIO
 
 
+def test_a_backend_must_implement_what_it_declares_native() -> None:
+    with pytest.raises(TypeError, match="Plain declares zero, extents but does not implement it"):
+        CheckedDevice(Plain(MiB, capabilities=Capabilities(writable=True, zero=Support.NATIVE, extents=Support.NATIVE)))
+
+
 @pytest.mark.parametrize(
     "field", ["zero", "fua", "extents", "allocation_depth", "trim", "flush", "read_cached"], ids=str
 )
