@@ -470,6 +470,8 @@ class Qcow2Device(Backend):
         plan = self._layout.plan_zero(
             entry, bitmap, start=guest % self._cs, length=length, may_trim=may_trim, backing_shows=backing_shows
         )
+        if plan is None:
+            return
         if plan.write_zeroes:
             zeroes = memoryview(bytes(length))
             placed = self._write_cluster(guest, zeroes)
@@ -481,8 +483,7 @@ class Qcow2Device(Backend):
             self._alloc.free_compressed(entry)
         if plan.free:
             self._alloc.free(plan.free)
-        if plan.entry is not None:
-            self._set_entry(guest, plan.entry, plan.bitmap)
+        self._set_entry(guest, plan.entry, plan.bitmap)
 
     def _set_entry(self, guest: int, entry: int, bitmap: int) -> None:
         l1_index, l2_index = self._layout.locate(guest)

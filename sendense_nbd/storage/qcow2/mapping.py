@@ -61,26 +61,21 @@ class Run:
         return self.guest + self.length
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)  # not frozen: one is made per zeroed cluster, and frozen init costs twice as much
 class ZeroPlan:
-    """How to make part of one guest cluster read as zeroes.
+    """How to make part of one guest cluster read as zeroes (a value: never changed once made).
 
     Free ``free`` (a host cluster, 0 for none) and the compressed bytes of
-    the old entry when ``free_compressed``; then store ``entry`` (with
-    ``bitmap``) unless it is None; or, with ``write_zeroes``, write zero
-    bytes through the ordinary copy-on-write path instead.
+    the old entry when ``free_compressed``, then store ``entry`` with
+    ``bitmap``; or, with ``write_zeroes``, write zero bytes through the
+    ordinary copy-on-write path instead.
     """
 
-    entry: int | None = None
+    entry: int = 0
     bitmap: int = 0
     free: int = 0
     free_compressed: bool = False
     write_zeroes: bool = False
-
-
-#: Zeroing that changes nothing: the range reads as zeroes already.
-NOTHING = ZeroPlan()
-_WRITE_ZEROES = ZeroPlan(write_zeroes=True)
 
 
 def _owned(host: int) -> int:
@@ -236,8 +231,9 @@ class Layout:
 
     def plan_zero(
         self, entry: int, bitmap: int, *, start: int, length: int, may_trim: bool, backing_shows: bool
-    ) -> ZeroPlan:
-        """How to zero ``length`` bytes from ``start`` inside a cluster with this entry and bitmap.
+    ) -> ZeroPlan | None:
+        """How to zero ``length`` bytes from ``start`` inside a cluster with this entry and bitmap;
+        None when they read as zeroes already.
 
         ``backing_shows`` says an unallocated cluster here would read the
         backing file. ``may_trim`` lets a whole cluster's host cluster go, as
@@ -249,7 +245,7 @@ class Layout:
         whole = length == self.cluster_size
         if kind == _ZERO or (kind == _UNALLOCATED and not backing_shows):
             if not (may_trim and owned and whole):
-                return NOTHING
+                return None
             if self.extended:
                 return ZeroPlan(0, FULL << 32, free=owned)
             return ZeroPlan(fmt.ZERO if self.zero_flag else 0, free=owned)  # a backing file must not show
@@ -260,17 +256,12 @@ class Layout:
                 bits = self.zero_subclusters(entry, bitmap, start=start, length=length)
                 if bits is not None:
                     return ZeroPlan(bits[0], bits[1])
-            return _WRITE_ZEROES  # no zero flag for part of a cluster
-        compressed = kind == _COMPRESSED
-        if may_trim and owned:
-            return ZeroPlan(*self._zero_entry(0), free=owned, free_compressed=compressed)
-        return ZeroPlan(*self._zero_entry(owned), free_compressed=compressed)
-
-    def _zero_entry(self, host: int) -> tuple[int, int]:
-        """The entry and bitmap of a whole zero cluster, keeping ``host`` preallocated (0: none)."""
+            return ZeroPlan(write_zeroes=True)  # no zero flag for part of a cluster
+        # a whole zero cluster, keeping its host cluster preallocated unless discarding
+        free, keep = (owned, 0) if may_trim else (0, owned)
         if self.extended:
-            return _owned(host), FULL << 32
-        return _owned(host) | fmt.ZERO, 0
+            return ZeroPlan(_owned(keep), FULL << 32, free, kind == _COMPRESSED)
+        return ZeroPlan(_owned(keep) | fmt.ZERO, 0, free, kind == _COMPRESSED)
 
     def zero_subclusters(self, entry: int, bitmap: int, *, start: int, length: int) -> tuple[int, int] | None:
         """The entry and bitmap with the subclusters of ``[start, start + length)`` zeroed;
