@@ -402,24 +402,22 @@ class Qcow2Device(Backend):
         while pos < len(view):
             guest = offset + pos
             n = min(cs - guest % cs, len(view) - pos)
-            placed = self._write_cluster(guest, view[pos : pos + n])
-            if placed is not None:
-                host, content = placed
-                if run_host >= 0 and content is None and host == run_host + (run_end - run_start):
-                    run_end = pos + n
+            host, content = self._write_cluster(guest, view[pos : pos + n])
+            if run_host >= 0 and content is None and host == run_host + (run_end - run_start):
+                run_end = pos + n
+            else:
+                if run_host >= 0:
+                    write_data(run_host, view[run_start:run_end])
+                    run_host = -1
+                if content is None:
+                    run_host, run_start, run_end = host, pos, pos + n
                 else:
-                    if run_host >= 0:
-                        write_data(run_host, view[run_start:run_end])
-                        run_host = -1
-                    if content is None:
-                        run_host, run_start, run_end = host, pos, pos + n
-                    else:
-                        write_data(host, content)
+                    write_data(host, content)
             pos += n
         if run_host >= 0:
             write_data(run_host, view[run_start:run_end])
 
-    def _write_cluster(self, guest: int, data: memoryview) -> tuple[int, memoryview | None] | None:
+    def _write_cluster(self, guest: int, data: memoryview) -> tuple[int, memoryview | None]:
         """Map ``data`` (inside one guest cluster) to the host (lock held).
 
         Returns where to write: ``(host, None)`` means write ``data`` itself
@@ -474,10 +472,8 @@ class Qcow2Device(Backend):
             return
         if plan.write_zeroes:
             zeroes = memoryview(bytes(length))
-            placed = self._write_cluster(guest, zeroes)
-            if placed is not None:
-                host, content = placed
-                self._cache.write_data(host, zeroes if content is None else content)
+            host, content = self._write_cluster(guest, zeroes)
+            self._cache.write_data(host, zeroes if content is None else content)
             return
         if plan.free_compressed:
             self._alloc.free_compressed(entry)
