@@ -6,6 +6,7 @@ The one place that starts nbdkit, or wraps it for our code to start. A missing t
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import shutil
 import subprocess
@@ -14,10 +15,26 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from tests.conftest import require
 
 START_TIMEOUT = 15.0
+
+
+class _Libnbd(ModuleType):
+    """Debian's ``nbd`` module (python3-libnbd), imported when a test first uses it.
+
+    Modules that import it at the top would stop the collection of the whole tree on a
+    machine without it, although only the ``peer`` tests there need it (and fail loudly).
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("nbd"), name)
+
+
+nbd = _Libnbd("nbd")
 
 
 def unix_listening(path: str) -> bool:

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbd
 import pytest
 
 from tests.conftest import random_file, run, server_command, sparse_file
+from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
 

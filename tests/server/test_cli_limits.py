@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import nbd
 import pytest
 
 from tests.conftest import random_file, require, run, server_command, stop_process
+from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import nbd
 import pytest
 
 from sendense_nbd.protocol import wire
@@ -31,6 +30,7 @@ from sendense_nbd.protocol.constants import (
     ReplyType,
     TransmissionFlag,
 )
+from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
 

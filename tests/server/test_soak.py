@@ -24,12 +24,12 @@ import threading
 import time
 from pathlib import Path
 
-import nbd
 import pytest
 
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD, Command, Option
 from tests.conftest import require, run, server_command, sparse_file, stop_process
+from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
 

@@ -11,12 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import nbd
 import pytest
 
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import Command, Option
 from tests.conftest import random_file, server_command
+from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
 

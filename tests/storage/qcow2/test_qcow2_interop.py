@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
 
 from sendense_nbd.errors import DeviceError, ImageError
@@ -43,6 +42,7 @@ from sendense_nbd.storage.base import BlockDevice
 from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
 from tests.conftest import RunningServer, require, run, server_command, start_server
+from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
 
