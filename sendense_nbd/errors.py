@@ -200,11 +200,16 @@ class HubApiError(SendenseError):
 
 
 class BackupError(SendenseError):
-    """A backup job failed; ``stage`` is where (e.g. ``"transferring"``)."""
+    """A backup job failed; ``stage`` is where (e.g. ``"transferring"``).
 
-    def __init__(self, message: str, stage: str) -> None:
+    ``reason`` is the error it stands for (the hub or vSphere failing at that
+    stage); None when the job itself found the problem.
+    """
+
+    def __init__(self, message: str, stage: str, *, reason: Exception | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+        self.reason = reason
 
 
 class SnapshotNotRemoved(BackupError):

@@ -142,7 +142,7 @@ async def run_backup(
         await _report_failure(job, str(exc), exc.stage)
         raise
     except Exception as exc:  # a defect: still report the job as failed, with its stage
-        error = BackupError(f"unexpected {type(exc).__name__}: {exc}", progress.stage)
+        error = BackupError(f"unexpected {type(exc).__name__}: {exc}", progress.stage, reason=exc)
         await _report_failure(job, str(error), error.stage)
         raise error from exc
     progress.set_stage("finalizing")
@@ -151,7 +151,7 @@ async def run_backup(
     except SendenseError as exc:
         message = f"the backup was copied and flushed, but recording its change IDs failed: {exc}"
         await _report_failure(job, message, "finalizing")
-        raise BackupError(message, "finalizing") from exc
+        raise BackupError(message, "finalizing", reason=exc) from exc
     await progress.finish("completed")
     return result
 
@@ -198,7 +198,7 @@ async def _run(job: _Job) -> BackupResult:
         progress.set_stage(stage)
         snapshot = await _create_snapshot(job, vm)
     except SendenseError as exc:
-        raise BackupError(str(exc), stage) from exc
+        raise BackupError(str(exc), stage, reason=exc) from exc
 
     try:
         disk_results = await _copy_disks(job, vm, snapshot, selected, previous, cbt_just_enabled)
@@ -240,7 +240,7 @@ async def _remove_snapshot(job: _Job, vm: VirtualMachine, snapshot: Snapshot, *,
         await job.vsphere.call(remove_snapshot, job.vsphere.si, vm, snapshot)
     except SendenseError as exc:
         message = f"{exc}; the next run removes it as a stale {BACKUP_PREFIX}* snapshot"
-        raise SnapshotNotRemoved(message, "finalizing") from exc
+        raise SnapshotNotRemoved(message, "finalizing", reason=exc) from exc
 
 
 def _select(disks: list[Disk], targets: Mapping[int | None, str], vm_path: str) -> list[tuple[Disk, str]]:
@@ -316,7 +316,7 @@ async def _copy_disks(
             job.progress.disk(disk.key).sync_type = plan.sync_type.value
             plans.append(plan)
     except SendenseError as exc:
-        raise BackupError(str(exc), stage) from exc
+        raise BackupError(str(exc), stage, reason=exc) from exc
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -347,7 +347,7 @@ async def _copy_disk(job: _Job, vm: VirtualMachine, snapshot: Snapshot, plan: _D
             )
             result = await copy(source, target, options, changed_areas=plan.areas, progress=on_progress)
         except (CopyError, EndpointError) as exc:
-            raise BackupError(f"disk {disk.key}: {exc}", "transferring") from exc
+            raise BackupError(f"disk {disk.key}: {exc}", "transferring", reason=exc) from exc
         if not result.flushed:
             raise BackupError(f"disk {disk.key}: the target was not flushed", "transferring")
     return DiskResult(
@@ -382,7 +382,7 @@ async def _open_disk(
         target = await open_target(plan.target, size=disk.capacity, connections=job.spec.connections)
         opened.push_async_callback(_shielded, target.close)
     except (SendenseError, OSError) as exc:
-        raise BackupError(f"disk {disk.key}: {exc}", "setting up NBD") from exc
+        raise BackupError(f"disk {disk.key}: {exc}", "setting up NBD", reason=exc) from exc
     if source.size != disk.capacity:
         raise BackupError(
             f"disk {disk.key}: the source serves {source.size} bytes, vSphere says {disk.capacity}", "setting up NBD"

@@ -32,7 +32,7 @@ class StateFile:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise BackupError(f"cannot read the state file {self.path}: {exc}", "initializing") from exc
+            raise BackupError(f"cannot read the state file {self.path}: {exc}", "initializing", reason=exc) from exc
         if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("vms"), dict):
             raise BackupError(f"{self.path} is not a sendense state file (version 1)", "initializing")
         vms: dict[str, dict[str, dict[str, object]]] = data["vms"]

@@ -34,7 +34,7 @@ Exit status:
 """
 
 #: The exit status of a failed job by error type, the first match wins (documented in EXIT_CODES above).
-#: A BackupError also matches through the error it wraps: the hub or vSphere failing at some stage.
+#: A BackupError also matches through its ``reason``: the hub or vSphere failing at some stage.
 EXIT_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (SnapshotNotRemoved, 5),
     (HubApiError, 4),
@@ -223,8 +223,8 @@ async def _migrate(options: dict[str, Any]) -> int:
 
 def exit_status(error: SendenseError | OSError) -> int:
     """The exit status of a job that failed with ``error``: the first row of :data:`EXIT_STATUS` it matches."""
-    wrapped = error.__cause__ if isinstance(error, BackupError) else None
-    return next(status for kind, status in EXIT_STATUS if isinstance(error, kind) or isinstance(wrapped, kind))
+    reason = error.reason if isinstance(error, BackupError) else None
+    return next(status for kind, status in EXIT_STATUS if isinstance(error, kind) or isinstance(reason, kind))
 
 
 def _cancel_on_signals() -> list[int]:

@@ -86,19 +86,14 @@ def test_targets_parse_both_spellings_and_refuse_nonsense() -> None:
             _parse_targets(bad)
 
 
-def _wrapping(error: BackupError, cause: Exception) -> BackupError:
-    error.__cause__ = cause
-    return error
-
-
 def test_exit_status_by_error_type() -> None:
-    """A BackupError counts as what it wraps; every status is in the help's exit status list."""
+    """A BackupError counts as its reason; every status is in the help's exit status list."""
     cases: list[tuple[BackupError | OSError | VSphereError | HubApiError | DiskSourceError, int]] = [
-        (_wrapping(SnapshotNotRemoved("not removed", "finalizing"), VSphereError("task failed")), 5),
-        (_wrapping(BackupError("hub", "initializing"), HubApiError("down")), 4),
-        (_wrapping(BackupError("recording failed", "finalizing"), HubApiError("down", 500)), 4),
-        (_wrapping(BackupError("no VM", "initializing"), VSphereError("no VM")), 3),
-        (_wrapping(BackupError("copy", "transferring"), CopyError("read failed")), 1),
+        (SnapshotNotRemoved("not removed", "finalizing", reason=VSphereError("task failed")), 5),
+        (BackupError("hub", "initializing", reason=HubApiError("down")), 4),
+        (BackupError("recording failed", "finalizing", reason=HubApiError("down", 500)), 4),
+        (BackupError("no VM", "initializing", reason=VSphereError("no VM")), 3),
+        (BackupError("copy", "transferring", reason=CopyError("read failed")), 1),
         (BackupError("no disks", "initializing"), 1),
         (HubApiError("down"), 4),
         (VSphereError("login refused"), 3),
