@@ -30,6 +30,8 @@
     ├── Conflict                   a request clashes with the current state (409, with its code)
     ├── JobStateError              a hub job cannot move to the asked state (e.g. completed twice)
     ├── UnknownJob                 no hub job has this ID
+    ├── InvalidBackup              a backup cannot start as asked (no disks to back up, a size missing; 400)
+    ├── CompletionMismatch         a node's completion names another VM or other disks than its job (400)
     ├── RepositoryError            a backup repository operation cannot be done as asked
     │   └── UnknownPoint           no restore point has this ID
     ├── NodeError                  a node refused or did not answer the hub
@@ -246,6 +248,15 @@ class JobStateError(SendenseError):
 
 class UnknownJob(SendenseError):
     """No job has this ID."""
+
+
+class InvalidBackup(SendenseError):
+    """A backup cannot start as asked: no disks given and no node to list them, or a disk without
+    the capacity its full point needs."""
+
+
+class CompletionMismatch(SendenseError):
+    """A node's completion does not fit its job: it names another VM, or other disks."""
 
 
 class RepositoryError(SendenseError):

@@ -196,6 +196,7 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
     import os
 
     from sendense_nbd.errors import SendenseError
+    from sendense_nbd.hub.repository import PointStatus
     from sendense_nbd.hub.service import convert_point
     from sendense_nbd.storage import ImageFormat
 
@@ -205,7 +206,7 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
 
     async def run() -> None:
         point = await repository.point(point_id)
-        if point.status != "completed":
+        if point.status is not PointStatus.COMPLETED:
             raise click.ClickException(f"point {point_id} is not completed")
         await convert_point(point, output, ImageFormat(fmt))
 

@@ -15,6 +15,8 @@ from aiohttp import web
 from sendense_nbd import fields
 from sendense_nbd.errors import (
     BadRequest,
+    CompletionMismatch,
+    InvalidBackup,
     JobStateError,
     NodeError,
     NodeNotFound,
@@ -39,6 +41,8 @@ _ERRORS: ErrorMap = [
     (PortError, 503, "ports_exhausted"),
     (NodeError, 502, "node_unavailable"),
     (RepositoryError, 409, "repository"),
+    (InvalidBackup, 400, "bad_request"),
+    (CompletionMismatch, 400, "bad_request"),
 ]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.backup.records import Mode
+from sendense_nbd.backup.records import Mode, SyncType
 from sendense_nbd.errors import JobStateError, UnknownJob
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.requests import Failure, Progress, RestoreAction
@@ -69,7 +69,7 @@ class DiskExport:
     export: str
     uri: str
     point_id: str
-    sync_type: str
+    sync_type: SyncType
     base_point: str | None
 
 
@@ -82,11 +82,13 @@ class BackupDetail:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BackupDetail:
         """From the store's JSON."""
-        return cls(tuple(DiskExport(**disk) for disk in data.get("disks", ())))
+        return cls(
+            tuple(DiskExport(**{**disk, "sync_type": SyncType(disk["sync_type"])}) for disk in data.get("disks", ()))
+        )
 
     def to_json(self) -> dict[str, Any]:
         """``{"disks": [...]}``."""
-        return {"disks": [attrs.asdict(disk) for disk in self.disks]}
+        return {"disks": [{**attrs.asdict(disk), "sync_type": disk.sync_type.value} for disk in self.disks]}
 
 
 @attrs.frozen

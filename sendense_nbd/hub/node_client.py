@@ -6,7 +6,8 @@ from typing import Any
 from urllib.parse import quote
 
 from sendense_nbd.backup.records import Mode
-from sendense_nbd.errors import NodeError, NodeNotFound
+from sendense_nbd.errors import BadRequest, NodeError, NodeNotFound
+from sendense_nbd.hub.requests import DiskSpec, parse_disks
 
 
 class NodeClient:
@@ -37,13 +38,20 @@ class NodeClient:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise NodeError(f"{method} {url}: the node did not answer: {exc or type(exc).__name__}") from exc
 
-    async def disks(self, vm_path: str) -> list[dict[str, Any]]:
-        """The VM's disks as the node lists them (checked by the caller)."""
+    async def disks(self, vm_path: str) -> tuple[DiskSpec, ...]:
+        """The VM's disks as the node lists them, checked as a request's disks are (their other
+        fields, such as ``label``, ignored); :class:`NodeError` if the list is malformed."""
         answer = await self._call("GET", f"/vms/disks?vm_path={quote(vm_path, safe='')}")
-        disks = answer.get("disks") if isinstance(answer, dict) else None
-        if not isinstance(disks, list):
+        listed = answer.get("disks") if isinstance(answer, dict) else None
+        if not isinstance(listed, list):
             raise NodeError(f"the node's disk list for {vm_path} is malformed: {answer!r}")
-        return disks
+        try:
+            return parse_disks(
+                [{"key": d.get("key"), "capacity": d.get("capacity")} if isinstance(d, dict) else d for d in listed],
+                "the node's disk list",
+            )
+        except BadRequest as exc:  # the node's answer is at fault, not the hub's caller
+            raise NodeError(f"the node's disk list for {vm_path} is malformed: {exc}") from exc
 
     async def start_backup(self, job_id: str, vm_path: str, mode: Mode, targets: dict[int, str], api_url: str) -> None:
         """Ask the node to back ``vm_path`` up into ``targets`` (disk key to NBD URI), reporting to ``api_url``."""

@@ -4,16 +4,20 @@ Layout::
 
     ROOT/vms/<vm-slug>/<disk-key>/<point-id>.qcow2     backing files named relative to their folder
 
-A point is ``pending`` while its job writes it, then ``completed`` (with the
-disk's change ID) or discarded (its file deleted). Only completed points are
-restore points or backing files. Retention keeps the last N points of a disk:
-the oldest incremental is committed into the full image below it, the next
-overlay is re-pointed at that image, and the result is checked.
+A point (:class:`PointStatus`) is ``pending`` while its job writes it, then
+``completed`` (with the disk's change ID) or discarded (its file deleted).
+Only completed points are restore points or backing files. Its kind is the
+backup's :class:`~sendense_nbd.backup.records.SyncType`: a full image or an
+incremental overlay. The store holds both enums' values (the plain strings).
+Retention keeps the last N points of a disk: the oldest incremental is
+committed into the full image below it, the next overlay is re-pointed at
+that image, and the result is checked (the base is ``merging`` meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import os
@@ -21,15 +25,28 @@ import re
 import sqlite3
 import time
 import uuid
+from typing import Any
 
 import attrs
 
+from sendense_nbd.backup.records import SyncType
 from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.storage.files import is_temporary, remove_quietly, sync_directory
 from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
+
+
+class PointStatus(enum.Enum):
+    """Where a point is in its life; the values are what the store holds."""
+
+    #: Its job is writing it.
+    PENDING = "pending"
+    #: A restore point, and a backing file for the next incremental.
+    COMPLETED = "completed"
+    #: Retention is committing it into the point above (:meth:`Repository.recover` finishes that).
+    MERGING = "merging"
 
 
 @attrs.frozen
@@ -40,19 +57,24 @@ class Point:
     vm_path: str
     disk_key: int
     job_id: str
-    kind: str  # full | incremental
+    kind: SyncType
     path: str
     backing: str | None
     size: int
     change_id: str | None
     disk_uuid: str | None
-    status: str  # pending | completed
+    status: PointStatus
     created: float
     completed: float | None
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Point:
+        """A point from its row in the store."""
+        return cls(**{**row, "kind": SyncType(row["kind"]), "status": PointStatus(row["status"])})
+
     def to_json(self) -> dict[str, object]:
-        """The point as the API shows it."""
-        return attrs.asdict(self)
+        """The point as the API shows it (and the store holds it): the enums as their values."""
+        return {**attrs.asdict(self), "kind": self.kind.value, "status": self.status.value}
 
 
 def vm_slug(vm_path: str) -> str:
@@ -72,18 +94,16 @@ class Repository:
         """The folder of one disk's images."""
         return os.path.join(self.root, "vms", vm_slug(vm_path), str(disk_key))
 
-    async def points(self, vm_path: str, disk_key: int | None = None, *, completed_only: bool = True) -> list[Point]:
-        """A VM's points (of one disk, when given), by disk and age."""
+    async def points(self, vm_path: str, disk_key: int | None = None) -> list[Point]:
+        """A VM's completed points (of one disk, when given), by disk and age."""
 
         def read(connection: sqlite3.Connection) -> list[Point]:
-            sql = "SELECT * FROM points WHERE vm_path = ?"
-            args: list[object] = [vm_path]
+            sql = "SELECT * FROM points WHERE vm_path = ? AND status = ?"
+            args: list[object] = [vm_path, PointStatus.COMPLETED.value]
             if disk_key is not None:
                 sql += " AND disk_key = ?"
                 args.append(disk_key)
-            if completed_only:
-                sql += " AND status = 'completed'"
-            return [Point(**r) for r in rows(connection.execute(sql + " ORDER BY disk_key, created", args))]
+            return [Point.from_row(r) for r in rows(connection.execute(sql + " ORDER BY disk_key, created", args))]
 
         return await self.db.run(read)
 
@@ -91,7 +111,9 @@ class Repository:
         """One point by ID; :class:`UnknownPoint` if there is none."""
 
         def read(connection: sqlite3.Connection) -> list[Point]:
-            return [Point(**r) for r in rows(connection.execute("SELECT * FROM points WHERE id = ?", (point_id,)))]
+            return [
+                Point.from_row(r) for r in rows(connection.execute("SELECT * FROM points WHERE id = ?", (point_id,)))
+            ]
 
         found = await self.db.run(read)
         if not found:
@@ -130,13 +152,13 @@ class Repository:
             raise RepositoryError(f"cannot create {path}: {exc}") from exc
         size = base.size if base else int(capacity or 0)
         point = Point(
-            point_id, vm_path, disk_key, job_id, "incremental" if base else "full", path,
-            base.id if base else None, size, None, None, "pending", time.time(), None,
+            point_id, vm_path, disk_key, job_id, SyncType.INCREMENTAL if base else SyncType.FULL, path,
+            base.id if base else None, size, None, None, PointStatus.PENDING, time.time(), None,
         )  # fmt: skip
 
         def insert(connection: sqlite3.Connection) -> None:
             connection.execute(
-                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attrs.astuple(point)
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(point.to_json().values())
             )
 
         await self.db.run(insert)
@@ -149,9 +171,9 @@ class Repository:
             now = time.time()
             for point_id, change_id, disk_uuid in results:
                 cursor = connection.execute(
-                    "UPDATE points SET status = 'completed', completed = ?, change_id = ?, disk_uuid = ? "
-                    "WHERE id = ? AND status = 'pending'",
-                    (now, change_id, disk_uuid, point_id),
+                    "UPDATE points SET status = ?, completed = ?, change_id = ?, disk_uuid = ? "
+                    "WHERE id = ? AND status = ?",
+                    (PointStatus.COMPLETED.value, now, change_id, disk_uuid, point_id, PointStatus.PENDING.value),
                 )
                 if cursor.rowcount != 1:
                     raise RepositoryError(f"restore point {point_id} is not pending")
@@ -162,10 +184,9 @@ class Repository:
         """Delete a pending (failed) point and its image."""
 
         def delete(connection: sqlite3.Connection) -> list[str]:
-            found = [r[0] for r in connection.execute(
-                "SELECT path FROM points WHERE id = ? AND status = 'pending'", (point_id,)
-            )]  # fmt: skip
-            connection.execute("DELETE FROM points WHERE id = ? AND status = 'pending'", (point_id,))
+            where = (point_id, PointStatus.PENDING.value)
+            found = [r[0] for r in connection.execute("SELECT path FROM points WHERE id = ? AND status = ?", where)]
+            connection.execute("DELETE FROM points WHERE id = ? AND status = ?", where)
             return found
 
         for path in await self.db.run(delete):
@@ -175,7 +196,9 @@ class Repository:
         """Discard every pending point (after a crash); their ids."""
 
         def read(connection: sqlite3.Connection) -> list[str]:
-            return [r[0] for r in connection.execute("SELECT id FROM points WHERE status = 'pending'")]
+            return [
+                r[0] for r in connection.execute("SELECT id FROM points WHERE status = ?", (PointStatus.PENDING.value,))
+            ]
 
         pending = await self.db.run(read)
         for point_id in pending:
@@ -201,7 +224,7 @@ class Repository:
             base, top = chain[0], chain[1]
 
             def mark(connection: sqlite3.Connection, base: Point = base) -> None:
-                connection.execute("UPDATE points SET status = 'merging' WHERE id = ?", (base.id,))
+                connection.execute("UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, base.id))
 
             await self.db.run(mark)
             await self._merge(base, top)
@@ -225,7 +248,7 @@ class Repository:
 
         def record(connection: sqlite3.Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ?", (base.id,))
-            connection.execute("UPDATE points SET kind = 'full', backing = NULL WHERE id = ?", (top.id,))
+            connection.execute("UPDATE points SET kind = ?, backing = NULL WHERE id = ?", (SyncType.FULL.value, top.id))
 
         await self.db.run(record)
 
@@ -234,7 +257,8 @@ class Repository:
         discarded = await self.discard_pending()
 
         def read(connection: sqlite3.Connection) -> list[Point]:
-            return [Point(**r) for r in rows(connection.execute("SELECT * FROM points WHERE status = 'merging'"))]
+            merging = connection.execute("SELECT * FROM points WHERE status = ?", (PointStatus.MERGING.value,))
+            return [Point.from_row(r) for r in rows(merging)]
 
         merged = []
         for base in await self.db.run(read):

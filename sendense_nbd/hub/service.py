@@ -40,10 +40,10 @@ import attrs
 
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import (
-    BadRequest,
+    CompletionMismatch,
     Conflict,
+    InvalidBackup,
     JobStateError,
-    NodeError,
     RepositoryError,
     SendenseError,
     UnknownJob,
@@ -63,7 +63,7 @@ from sendense_nbd.hub.jobs import (
 )
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
-from sendense_nbd.hub.repository import Point, Repository
+from sendense_nbd.hub.repository import Point, PointStatus, Repository
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -278,25 +278,16 @@ class Hub:
         disks = request.disks
         if disks is None:
             if self._node is None:
-                raise BadRequest("give disks ([{key, capacity}]): no node is configured to list them")
-            disks = await self._node_disks(request.vm_path)
+                raise InvalidBackup("give disks ([{key, capacity}]): no node is configured to list them")
+            disks = await self._node.disks(request.vm_path)
         for disk in disks:
             if disk.capacity is None and (
                 request.mode is Mode.FULL or await self._repository.latest(request.vm_path, disk.key) is None
             ):
-                raise BadRequest(f"disk {disk.key}: give its capacity (no completed point to build an incremental on)")
+                raise InvalidBackup(
+                    f"disk {disk.key}: give its capacity (no completed point to build an incremental on)"
+                )
         return disks
-
-    async def _node_disks(self, vm_path: str) -> tuple[req.DiskSpec, ...]:
-        assert self._node is not None
-        listed = await self._node.disks(vm_path)
-        try:
-            return req.parse_disks(
-                [{"key": d.get("key"), "capacity": d.get("capacity")} if isinstance(d, dict) else d for d in listed],
-                "the node's disk list",
-            )
-        except BadRequest as exc:
-            raise NodeError(f"the node's disk list for {vm_path} is malformed: {exc}") from exc
 
     async def _prepare_disk(self, job_id: str, request: req.BackupRequest, disk: req.DiskSpec) -> DiskExport:
         """The disk's new point, served on a leased port."""
@@ -387,7 +378,7 @@ class Hub:
     async def restore(self, request: req.RestoreRequest) -> Job:
         """Serve a completed point over NBD (read-only), or convert it to a new file in the restore directory."""
         point = await self._repository.point(request.point_id)
-        if point.status != "completed":
+        if point.status is not PointStatus.COMPLETED:
             raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
         if request.action is req.RestoreAction.EXPORT:
             return await self._export_point(point)
@@ -445,13 +436,13 @@ def _check_completion(job: Job, report: req.Completion) -> None:
     if job.state.terminal:
         raise JobStateError(f"job {job.id} is already {job.state.value}")
     if report.vm_path is not None and report.vm_path != job.vm_path:
-        raise BadRequest(f"the completion is for {report.vm_path}, job {job.id} backs up {job.vm_path}")
+        raise CompletionMismatch(f"the completion is for {report.vm_path}, job {job.id} backs up {job.vm_path}")
     if report.failure is not None:
         return
     reported = sorted(d.disk_key for d in report.disks)
     expected = sorted(d.disk_key for d in job.disks)
     if reported != expected:
-        raise BadRequest(f"the completion names disks {reported}, the job has {expected}")
+        raise CompletionMismatch(f"the completion names disks {reported}, the job has {expected}")
 
 
 async def convert_point(point: Point, path: str, fmt: ImageFormat) -> None:

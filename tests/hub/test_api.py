@@ -73,7 +73,7 @@ def test_completion_once_then_conflict_and_the_points_are_served(
     assert status == 200
     assert api.get(f"/backups/{job['job_id']}/progress")[1]["progress"]["stage"] == "transferring"
     status, wrong = api.post(f"/backups/{job['job_id']}/complete", {"status": "completed", "disks": []})
-    assert status == 400 and "the job has" in wrong["error"]["message"]
+    assert status == 400 and wrong["error"]["code"] == "bad_request" and "the job has" in wrong["error"]["message"]
     status, done = api.post(f"/backups/{job['job_id']}/complete", _completion(job))
     assert status == 200 and done["state"] == "completed", done
     status, again = api.post(f"/backups/{job['job_id']}/complete", _completion(job))

@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sendense_nbd.backup.records import Mode
+from sendense_nbd.backup.records import Mode, SyncType
 from sendense_nbd.errors import BadRequest, JobStateError, UnknownJob
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import (
@@ -67,7 +67,7 @@ async def test_running_progress_is_refused_once_a_job_ended(store: JobStore) -> 
     assert final.progress == Progress(status="failed") and final.error == Failure("transferring", "boom")
 
 
-DISK = DiskExport(2000, 10100, "j-2000", "nbd://127.0.0.1:10100/j-2000", "p1", "incremental", "p0")
+DISK = DiskExport(2000, 10100, "j-2000", "nbd://127.0.0.1:10100/j-2000", "p1", SyncType.INCREMENTAL, "p0")
 DETAILS: list[tuple[JobKind, Mode | RestoreAction, Detail]] = [
     (JobKind.BACKUP, Mode.FULL, BackupDetail()),
     (JobKind.BACKUP, Mode.INCREMENTAL, BackupDetail((DISK, DISK))),
