@@ -32,6 +32,7 @@ switch leaves the old image plus unreferenced bytes at its end.
 
 from __future__ import annotations
 
+import enum
 import os
 import struct
 from collections.abc import Callable
@@ -41,7 +42,6 @@ import attrs
 
 from sendense_nbd.errors import ImageError
 from sendense_nbd.storage.qcow2.format import (
-    COMPRESSED,
     COPIED,
     OFFSET_MASK,
     ZERO,
@@ -62,6 +62,7 @@ from sendense_nbd.storage.qcow2.info import (
     read_bitmaps,
     read_snapshots,
 )
+from sendense_nbd.storage.qcow2.mapping import ClusterKind, Layout
 
 REFT_RESERVED = 0x1FF
 L1E_RESERVED = 0x7F000000000001FF
@@ -71,8 +72,19 @@ ALL_ALLOC = 0xFFFFFFFF
 MAX_MESSAGES = 2000
 MAX_CLUSTERS = 2**31 - 1
 
-_NORMAL, _ZERO_ALLOC, _ZERO_PLAIN, _UNALLOCATED, _COMPRESSED = range(5)
 _T = TypeVar("_T")
+
+
+class Holding(enum.Enum):
+    """What host space an L2 entry holds, which is what the checker counts.
+
+    How the cluster reads is a :class:`~.mapping.ClusterKind`; which host
+    clusters its entry owns does not depend on the subcluster bitmap.
+    """
+
+    NOTHING = enum.auto()  #: unallocated, or zeroes without a host cluster
+    CLUSTER = enum.auto()  #: one host cluster: data, or zeroes preallocated
+    COMPRESSED = enum.auto()  #: the host clusters its compressed bytes touch
 
 
 @attrs.frozen
@@ -144,6 +156,7 @@ class _Walk:
         self.cs, self.bits = header.cluster_size, header.cluster_bits
         self.with_refcounts = with_refcounts
         self.data_file = bool(header.incompatible & Incompatible.EXTERNAL_DATA)
+        self.layout = Layout.of(header, "image")
         self.refmax = (1 << header.refcount_bits) - 1
         self.entries = header.refcount_block_entries
         self.expected: dict[int, int] = {}
@@ -197,7 +210,8 @@ class _Walk:
         h = self.h
         self.inc(0, self.cs)
         self.check_l1(h.l1_table_offset, h.l1_size, active=True)
-        snapshots, table_size = read_snapshots(self.f, h)
+        table = read_snapshots(self.f, h)
+        snapshots = table.snapshots
         if self.data_file and snapshots:
             self.corrupt(f"ERROR {len(snapshots)} snapshots in image with data file")
         for sn in snapshots:
@@ -210,7 +224,7 @@ class _Walk:
                 self.corrupt(f"{where} l1_size={sn.l1_size:#x}: L1 table is too large")
             else:
                 self.check_l1(sn.l1_table_offset, sn.l1_size, active=False)
-        self.inc(h.snapshots_offset, table_size)
+        self.inc(h.snapshots_offset, table.size)
         if self.with_refcounts:
             self.inc(h.refcount_table_offset, len(self.reftable) * 8, structural=False)
         crypto = extension(h, Extension.ENCRYPTION)
@@ -220,15 +234,18 @@ class _Walk:
         if self.with_refcounts:
             self.check_refblocks()
 
-    def l2_kind(self, entry: int) -> int:
-        """The checker's kind of a standard or compressed L2 entry."""
-        if entry & COMPRESSED:
-            return _COMPRESSED
-        if entry & ZERO and not self.h.extended_l2:
-            return _ZERO_ALLOC if entry & OFFSET_MASK else _ZERO_PLAIN
-        if not entry & OFFSET_MASK:
-            return _NORMAL if self.data_file and entry & COPIED else _UNALLOCATED
-        return _NORMAL
+    def holding(self, entry: int) -> Holding:
+        """What host space the L2 entry ``entry`` holds (its bitmap, if any, plays no part)."""
+        kind = self.layout.classify(entry, 0)
+        if kind == ClusterKind.COMPRESSED:
+            return Holding.COMPRESSED
+        if entry & OFFSET_MASK:
+            return Holding.CLUSTER
+        # Offset 0 is a host cluster only in an external data file, whose clusters all
+        # have refcount 1: COPIED marks it, unless the zero flag makes it plain zeroes.
+        if self.data_file and entry & COPIED and kind != ClusterKind.ZERO:
+            return Holding.CLUSTER
+        return Holding.NOTHING
 
     def read_l2(self, offset: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """The entries (and with extended L2 the bitmaps) of the L2 table at ``offset``."""
@@ -261,12 +278,12 @@ class _Walk:
             bitmap = bitmaps[i] if bitmaps is not None else 0
             if not entry and not bitmap:
                 continue
-            kind = self.l2_kind(entry)
-            if kind != _COMPRESSED and entry & L2E_STD_RESERVED:
+            held = self.holding(entry)
+            if held is not Holding.COMPRESSED and entry & L2E_STD_RESERVED:
                 self.corrupt(f"ERROR found l2 entry with reserved bits set: {entry:x}")
-            if kind == _COMPRESSED:
+            if held is Holding.COMPRESSED:
                 self.count_compressed(i, entry, bitmap, active)
-            elif kind in (_NORMAL, _ZERO_ALLOC):
+            elif held is Holding.CLUSTER:
                 offset = entry & OFFSET_MASK
                 if (bitmap >> 32) & bitmap:
                     self.corrupt(
@@ -283,7 +300,7 @@ class _Walk:
                     next_contiguous = offset + self.cs
                 if not self.data_file:
                     self.inc(offset, self.cs)
-            elif kind == _UNALLOCATED and bitmap & ALL_ALLOC:
+            elif bitmap & ALL_ALLOC:  # unallocated: extended L2 (the only bitmaps) has no plain zero entries
                 self.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
 
     def count_compressed(self, index: int, entry: int, bitmap: int, active: bool) -> None:
@@ -383,7 +400,7 @@ class _Walk:
             if l2_offset >= self.f.size:
                 continue
             for l2_entry in self.read_l2(l2_offset)[0]:
-                if l2_entry and self.l2_kind(l2_entry) in (_NORMAL, _ZERO_ALLOC):
+                if l2_entry and self.holding(l2_entry) is Holding.CLUSTER:
                     refcount = 1 if self.data_file else self.refcounts.get((l2_entry & OFFSET_MASK) >> self.bits)
                     if refcount is not None and (refcount == 1) != bool(l2_entry & COPIED):
                         self.corrupt(
@@ -493,7 +510,7 @@ def _fix_copied(fd: int, f: ImageFile, h: Header, counts: dict[int, int]) -> Non
         words = list(f.read_u64s(l2_offset, cs // 8))
         for j in range(0, len(words), step):
             e = words[j]
-            if e and walk.l2_kind(e) in (_NORMAL, _ZERO_ALLOC):
+            if e and walk.holding(e) is Holding.CLUSTER:
                 one = walk.data_file or counts.get((e & OFFSET_MASK) // cs, 0) == 1
                 words[j] = (e & ~COPIED) | (COPIED if one else 0)
         if words != list(f.read_u64s(l2_offset, cs // 8)):

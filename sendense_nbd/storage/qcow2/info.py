@@ -215,8 +215,16 @@ class Snapshot:
     icount: int | None
 
 
-def read_snapshots(f: ImageFile, header: Header) -> tuple[list[Snapshot], int]:
-    """The snapshot table's entries and its size in bytes."""
+@attrs.frozen
+class SnapshotTable:
+    """The decoded snapshot table and the bytes it spans in the file."""
+
+    snapshots: list[Snapshot]
+    size: int
+
+
+def read_snapshots(f: ImageFile, header: Header) -> SnapshotTable:
+    """The snapshot table at ``header.snapshots_offset``."""
     snapshots: list[Snapshot] = []
     pos = header.snapshots_offset
     for _ in range(header.nb_snapshots):
@@ -250,7 +258,7 @@ def read_snapshots(f: ImageFile, header: Header) -> tuple[list[Snapshot], int]:
                 icount=icount if extra_len >= 24 and icount != (1 << 64) - 1 else None,
             )
         )
-    return snapshots, pos - header.snapshots_offset
+    return SnapshotTable(snapshots, pos - header.snapshots_offset)
 
 
 @attrs.frozen
@@ -363,7 +371,7 @@ def _qcow2_info(f: ImageFile, header: Header, path: str, info: dict[str, Any]) -
         if header.backing_format:
             info["backing-filename-format"] = header.backing_format
     if header.nb_snapshots:
-        info["snapshots"] = [_snapshot_info(sn) for sn in read_snapshots(f, header)[0]]
+        info["snapshots"] = [_snapshot_info(sn) for sn in read_snapshots(f, header).snapshots]
     data: dict[str, Any] = {
         "compat": "1.1" if header.version >= 3 else "0.10",
         "compression-type": Compression(header.compression_type).name.lower(),

@@ -299,6 +299,27 @@ def test_compressed_cluster_with_copied_flag(tmp_path: Path) -> None:
     assert result is not None and result.corruptions == 1
 
 
+@pytest.mark.parametrize("extended", [False, True])
+def test_external_data_file_offset_zero_is_a_host_cluster_when_copied(tmp_path: Path, extended: bool) -> None:
+    """In an external data file, offset 0 is a real host cluster: COPIED tells it from unallocated."""
+    data_file = tmp_path / "data.raw"
+    path = create(tmp_path / "img.qcow2", "4M", f"data_file={data_file},extended_l2={'on' if extended else 'off'}")
+    qemu_io(path, "write -P 1 0 64k")
+    lay = layout(path)
+    assert read_u64(path, lay.l2) == COPIED  # guest cluster 0 lies at offset 0 of the data file
+    zero_bitmap = 0xFFFFFFFF << 32
+    # (entry, extended L2 bitmap, allocated clusters): the zero flag makes a standard entry
+    # plain zeroes, while an extended entry still holds its cluster when the bitmap says zero.
+    cases = [(COPIED, 0xFFFFFFFF, 1), (0, 0, 0)]
+    cases += [(COPIED, zero_bitmap, 1)] if extended else [(COPIED | 1, 0, 0)]
+    for entry, bitmap, allocated in cases:
+        poke(path, lay.l2, ">Q", entry)
+        if extended:
+            poke(path, lay.l2 + 8, ">Q", bitmap)
+        result = assert_agrees(path)
+        assert result is not None and result.allocated_clusters == allocated, (hex(entry), result)
+
+
 def test_broken_bitmap_directory_is_a_failed_check_not_a_crash(tmp_path: Path) -> None:
     path = _bitmaps(tmp_path)
     fd = os.open(path, os.O_RDONLY)
