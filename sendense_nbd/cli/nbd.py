@@ -401,7 +401,7 @@ def check(output: str, repair: str | None, path: str) -> None:
     if output == "json":
         click.echo(json.dumps(result.to_json(), indent=4))
     else:
-        click.echo(format_human(result, path).rstrip("\n"))
+        click.echo(format_human(result).rstrip("\n"))
     sys.exit(exit_code(result))
 
 

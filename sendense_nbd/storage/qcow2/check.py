@@ -121,9 +121,8 @@ def exit_code(result: CheckResult) -> int:
     return 3 if result.leaks else 0
 
 
-def format_human(result: CheckResult, path: str | None = None) -> str:
+def format_human(result: CheckResult) -> str:
     """The stdout of plain ``qemu-img check`` (the per-cluster messages are ``result.errors``)."""
-    del path  # qemu-img prints no file name here; kept for call-site symmetry
     lines: list[str] = []
     if not (result.corruptions or result.leaks or result.check_errors):
         lines.append("No errors were found on the image.")
