@@ -13,11 +13,13 @@ from __future__ import annotations
 import socket
 import sqlite3
 import time
+from typing import Any
 
 import attrs
 
 from sendense_nbd.errors import PortError
 from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.jobs import JobKind
 
 DEFAULT_POOL = range(10100, 10201)
 
@@ -36,19 +38,24 @@ def parse_range(text: str) -> range:
 
 @attrs.frozen
 class Lease:
-    """A port held by a job's disk (``purpose`` backup or restore) until ``expires`` unless renewed."""
+    """A port held by a job's disk until ``expires`` unless renewed; ``purpose`` is the job's kind."""
 
     port: int
     holder: str
     job_id: str
     disk_key: int | None
-    purpose: str
+    purpose: JobKind
     since: float
     expires: float
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Lease:
+        """A lease from its row in the store (which holds the kind's value)."""
+        return cls(**{**row, "purpose": JobKind(row["purpose"])})
+
     def to_json(self) -> dict[str, object]:
-        """The lease as the API shows it."""
-        return attrs.asdict(self)
+        """The lease as the API shows it (and the store holds it)."""
+        return {**attrs.asdict(self), "purpose": self.purpose.value}
 
 
 @attrs.frozen
@@ -104,7 +111,9 @@ class PortAllocator:
             return None
         return sock
 
-    async def allocate(self, holder: str, job_id: str, disk_key: int | None, purpose: str = "backup") -> Allocation:
+    async def allocate(
+        self, holder: str, job_id: str, disk_key: int | None, *, purpose: JobKind = JobKind.BACKUP
+    ) -> Allocation:
         """Lease the lowest free port that binds; :class:`PortError` when none is left."""
 
         def take(connection: sqlite3.Connection) -> Allocation:
@@ -120,10 +129,7 @@ class PortAllocator:
                     busy += 1
                     continue
                 lease = Lease(port, holder, job_id, disk_key, purpose, now, now + self.ttl)
-                connection.execute(
-                    "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (port, holder, job_id, disk_key, purpose, lease.since, lease.expires),
-                )
+                connection.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(lease.to_json().values()))
                 return Allocation(lease, sock)
             raise PortError(
                 f"no free NBD port in {self.pool.start}-{self.pool.stop - 1}: {len(used)} leased, "
@@ -161,7 +167,9 @@ class PortAllocator:
         """Release the leases of every holder but ``holder`` (a previous hub instance); those leases."""
 
         def free(connection: sqlite3.Connection) -> list[Lease]:
-            stale = [Lease(**r) for r in rows(connection.execute("SELECT * FROM leases WHERE holder != ?", (holder,)))]
+            stale = [
+                Lease.from_row(r) for r in rows(connection.execute("SELECT * FROM leases WHERE holder != ?", (holder,)))
+            ]
             connection.execute("DELETE FROM leases WHERE holder != ?", (holder,))
             return stale
 
@@ -173,7 +181,7 @@ class PortAllocator:
         def read(connection: sqlite3.Connection) -> list[Lease]:
             now = time.time()
             return [
-                Lease(**r)
+                Lease.from_row(r)
                 for r in rows(connection.execute("SELECT * FROM leases WHERE expires >= ? ORDER BY port", (now,)))
             ]
 

@@ -402,7 +402,7 @@ class Hub:
             JobKind.RESTORE, point.vm_path, req.RestoreAction.EXPORT, None, lifetime=self.config.job_timeout
         )
         try:
-            allocation = await self._ports.allocate(self.holder, job.id, point.disk_key, purpose="restore")
+            allocation = await self._ports.allocate(self.holder, job.id, point.disk_key, purpose=JobKind.RESTORE)
             try:
                 running = await self._exports.start(
                     job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket, readonly=True

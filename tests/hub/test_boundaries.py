@@ -1,7 +1,8 @@
 """The hub's typed boundaries, in-process: the service refuses with domain errors (never the HTTP
 layer's BadRequest) and changes nothing; the node's disk list arrives as DiskSpecs, a malformed one
 is a NodeError; points carry SyncType/PointStatus enums while the store keeps the plain strings, so
-a hub.db written before the enums opens, and an interrupted merge written that way is finished."""
+a hub.db written before the enums opens, and an interrupted merge written that way is finished;
+a port lease's purpose is the job's kind, stored as its value."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from aiohttp import web
 from sendense_nbd.backup.records import Mode, SyncType
 from sendense_nbd.errors import BadRequest, CompletionMismatch, InvalidBackup, NodeError, NodeNotFound
 from sendense_nbd.hub.db import Database
-from sendense_nbd.hub.jobs import JobState
+from sendense_nbd.hub.jobs import JobKind, JobState
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.repository import PointStatus, Repository
-from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk
+from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk, RestoreAction, RestoreRequest
 from sendense_nbd.hub.service import Hub, HubConfig
+from sendense_nbd.storage.modes import ImageFormat
 from tests.conftest import require, run
 from tests.hub.conftest import free_port_range
 
@@ -151,12 +153,18 @@ async def test_refusals_are_domain_errors_and_change_nothing(tmp_path: Path) -> 
         with pytest.raises(CompletionMismatch, match=r"names disks \[2001\], the job has \[2000\]"):
             await hub.complete(job.id, Completion(VM, (ReportedDisk(2001, "52 aa/1", None),)))
         assert (await hub.job(job.id)).state is JobState.RUNNING
-        assert [lease.job_id for lease in (await hub.port_status()).pool.used] == [job.id]
+        [lease] = (await hub.port_status()).pool.used
+        assert (lease.job_id, lease.purpose, lease.to_json()["purpose"]) == (job.id, JobKind.BACKUP, "backup")
         done = await hub.complete(job.id, Completion(VM, (good,)))
         assert done.state is JobState.COMPLETED and done.disks[0].sync_type is SyncType.FULL
         [point] = await hub.points(VM)
         assert (point.kind, point.status, point.change_id) == (SyncType.FULL, PointStatus.COMPLETED, "52 aa/1")
         assert point.to_json()["kind"] == "full" and point.to_json()["status"] == "completed"
+        restore = await hub.restore(RestoreRequest(point.id, RestoreAction.EXPORT, ImageFormat.QCOW2, None))
+        [lease] = (await hub.port_status()).pool.used
+        assert (lease.job_id, lease.purpose) == (restore.id, JobKind.RESTORE)
+        with sqlite3.connect(Path(hub.config.repo) / "hub.db") as connection:
+            assert list(connection.execute("SELECT purpose FROM leases")) == [("restore",)]
     finally:
         await hub.wait_closed()
 
