@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -16,9 +17,10 @@ from sendense_nbd import __version__
 from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.errors import BackupError, HubApiError, SendenseError, SnapshotNotRemoved, VSphereError
 from sendense_nbd.tunnel.cli import tunnel_command
+from sendense_nbd.vmware.session import Endpoint, read_password
 
 if TYPE_CHECKING:
-    from sendense_nbd.backup import BackupSettings
+    from sendense_nbd.backup import BackupSettings, HubSettings
     from sendense_nbd.node.config import NodeConfig
 
 EXIT_CODES = """\b
@@ -82,11 +84,19 @@ def _vddk_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(options)
 
 
-def _read_secret(path: str | None, env: str) -> str | None:
-    if path:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    return os.environ.get(env) or None
+def _hub_settings(url: str | None, *, token_file: str | None, retries: int) -> HubSettings | None:
+    """The hub API's settings (None without a URL); the token from ``token_file``, else ``$OMA_API_TOKEN``.
+
+    The token file is read even without a URL, so a bad one is reported all the same (OSError).
+    """
+    from sendense_nbd.backup import HubSettings
+
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token: str | None = f.read().strip()
+    else:
+        token = os.environ.get("OMA_API_TOKEN") or None
+    return HubSettings(url, token=token, retries=retries) if url else None
 
 
 class _Output:
@@ -186,20 +196,80 @@ def cli(verbose: int) -> None:
 )
 @click.option("--nbdkit", default="nbdkit", show_default=True, help="The nbdkit command.")
 @click.option("--vddk-plugin", default="vddk", show_default=True, help="The plugin and its leading args.")
-def migrate(**options: Any) -> None:
+def migrate(
+    vmware_endpoint: str,
+    vmware_username: str,
+    vmware_password_file: str | None,
+    vmware_thumbprint: str | None,
+    vmware_ca_file: str | None,
+    vmware_path: str,
+    nbd_host: str,
+    nbd_port: int,
+    nbd_export_name: str,
+    nbd_targets: dict[int | None, str],
+    job_id: str,
+    mode: str,
+    quiesce: bool,
+    connections: int,
+    requests: int,
+    verify: bool,
+    json_lines: bool,
+    api_url: str | None,
+    api_token_file: str | None,
+    api_retries: int,
+    state_file: str,
+    vddk_libdir: str | None,
+    vddk_transports: str | None,
+    vddk_compression: str | None,
+    vddk_thumbprint: str | None,
+    vddk_options: tuple[tuple[str, str], ...],
+    nbdkit: str,
+    vddk_plugin: str,
+) -> None:
     """Back up one VM: snapshot, copy each disk (full or CBT-incremental) into its NBD target, record change IDs."""
-    sys.exit(asyncio.run(_migrate(options)))
+    from sendense_nbd.backup import BackupSettings, BackupSpec, Mode, VddkSettings
+
+    spec = BackupSpec(
+        job_id=job_id,
+        vm_path=vmware_path,
+        targets=nbd_targets or {None: f"nbd://{_host(nbd_host)}:{nbd_port}/{nbd_export_name}"},
+        mode=Mode(mode),
+        quiesce=quiesce,
+        connections=connections,
+        requests=requests,
+        verify=verify,
+    )
+    vddk = VddkSettings(
+        thumbprint=vddk_thumbprint,
+        libdir=vddk_libdir,
+        transports=vddk_transports or "",
+        compression=vddk_compression,
+        nbdkit=nbdkit,
+        plugin=vddk_plugin,
+        options=vddk_options,
+    )
+
+    def settings() -> BackupSettings:  # called in the job's error handling: reading a secret may fail
+        password = read_password(vmware_password_file)
+        endpoint = Endpoint.parse(vmware_endpoint, thumbprint=vmware_thumbprint, ca_file=vmware_ca_file)
+        hub = _hub_settings(api_url, token_file=api_token_file, retries=api_retries)
+        return BackupSettings(spec, endpoint, vmware_username, password, vddk=vddk, hub=hub, state_file=state_file)
+
+    sys.exit(asyncio.run(_migrate(settings, json_lines=json_lines)))
 
 
-async def _migrate(options: dict[str, Any]) -> int:
-    """Run the job the flags describe; its exit status (see :data:`EXIT_STATUS`)."""
+async def _migrate(settings: Callable[[], BackupSettings], *, json_lines: bool) -> int:
+    """Run the job ``settings()`` describes; its exit status (see :data:`EXIT_STATUS`).
+
+    ``settings`` is called here, so a secret that cannot be read is reported like any other failure.
+    """
     from sendense_nbd.backup import BackupJob, prepare
 
-    out = _Output(options["json_lines"])
+    out = _Output(json_lines)
     received = _cancel_on_signals()
     job: BackupJob | None = None
     try:
-        job = prepare(_settings(options), listeners=(out,))
+        job = prepare(settings(), listeners=(out,))
         result = await job.run(on_note=out.note)
     except asyncio.CancelledError:
         out.note("interrupted; the snapshot was removed and nothing was recorded")
@@ -241,40 +311,6 @@ def _cancel_on_signals() -> list[int]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     return received
-
-
-def _settings(o: dict[str, Any]) -> BackupSettings:
-    """The flags as typed settings; reads the password and the hub token (VSphereError, OSError)."""
-    from sendense_nbd.backup import BackupSettings, BackupSpec, HubSettings, Mode, VddkSettings
-    from sendense_nbd.vmware.session import Endpoint, read_password
-
-    single = f"nbd://{_host(o['nbd_host'])}:{o['nbd_port']}/{o['nbd_export_name']}"
-    spec = BackupSpec(
-        job_id=o["job_id"],
-        vm_path=o["vmware_path"],
-        targets=o["nbd_targets"] or {None: single},
-        mode=Mode(o["mode"]),
-        quiesce=o["quiesce"],
-        connections=o["connections"],
-        requests=o["requests"],
-        verify=o["verify"],
-    )
-    password = read_password(o["vmware_password_file"])
-    endpoint = Endpoint.parse(o["vmware_endpoint"], thumbprint=o["vmware_thumbprint"], ca_file=o["vmware_ca_file"])
-    token = _read_secret(o["api_token_file"], "OMA_API_TOKEN")
-    vddk = VddkSettings(
-        thumbprint=o["vddk_thumbprint"],
-        libdir=o["vddk_libdir"],
-        transports=o["vddk_transports"] or "",
-        compression=o["vddk_compression"],
-        nbdkit=o["nbdkit"],
-        plugin=o["vddk_plugin"],
-        options=o["vddk_options"],
-    )
-    hub = HubSettings(o["api_url"], token=token, retries=o["api_retries"]) if o["api_url"] else None
-    return BackupSettings(
-        spec, endpoint, o["vmware_username"], password, vddk=vddk, hub=hub, state_file=o["state_file"]
-    )
 
 
 @cli.command()
