@@ -348,6 +348,7 @@ async def _serve_node(config: NodeConfig, host: str, port: int) -> None:
     runner = web.AppRunner(build_app(service, token=config.token), access_log=None)
     await runner.setup()
     try:
+        await service.start()
         await web.TCPSite(runner, host, port).start()
         bound = runner.addresses[0][1] if runner.addresses else port
         await ready_then_wait({"listening": f"http://{host}:{bound}", "max_jobs": config.max_jobs})

@@ -1,8 +1,10 @@
 """The node: runs backup jobs the hub posts, in-process, a bounded number at a time.
 
-Each job is a task the node owns: :meth:`Node.close` cancels them all (their
-snapshots are still removed) and :meth:`Node.wait_closed` waits until they
-have ended. The node remembers every queued or running job and the last
+Each job is a task in the node's task group, which :meth:`Node.start` opens:
+:meth:`Node.close` cancels the group, and so every job (their snapshots are
+still removed), and :meth:`Node.wait_closed` waits until they have ended. A job
+catches its own errors, so one job failing never cancels the others. The node
+remembers every queued or running job and the last
 :data:`~sendense_nbd.node.jobs.JOB_HISTORY` finished ones.
 """
 
@@ -25,15 +27,34 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    """Runs the jobs the hub posts: at most ``max_jobs`` at once, at most ``max_queued`` waiting."""
+    """Runs the jobs the hub posts: at most ``max_jobs`` at once, at most ``max_queued`` waiting.
+
+    :meth:`start` opens the node's task group; :meth:`close` cancels it and :meth:`wait_closed` awaits it.
+    """
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.endpoint = Endpoint.parse(config.endpoint, thumbprint=config.thumbprint, ca_file=config.ca_file)
         self._jobs = JobTable()
         self._slots = asyncio.Semaphore(config.max_jobs)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Holds the task group open until :meth:`close` cancels it.
+        self._holder: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
         self._closing = False
+
+    async def start(self) -> None:
+        """Open the task group the node's jobs run in (once, before :meth:`start_backup` and :meth:`close`)."""
+        assert self._holder is None, "the node was started already"
+        opened = asyncio.Event()
+        self._holder = asyncio.get_running_loop().create_task(self._hold(opened), name="node-jobs")
+        await opened.wait()
+
+    async def _hold(self, opened: asyncio.Event) -> None:
+        """Hold the task group open until :meth:`close` cancels this; the group then cancels every job and
+        awaits it."""
+        async with asyncio.TaskGroup() as self._group:
+            opened.set()
+            await asyncio.Event().wait()  # only a cancellation ends this
 
     async def disks(self, vm_path: str) -> list[Disk]:
         """The VM's virtual disks, as vCenter lists them."""
@@ -53,6 +74,7 @@ class Node:
         """Queue a job; :class:`Conflict` if its ID still runs here, :class:`NodeBusy` if the queue is full."""
         if self._closing:
             raise NodeBusy("the node is shutting down")
+        assert self._group is not None, "Node.start() first"
         current = self._jobs.find(request.job_id)
         if current is not None and current.active:
             raise Conflict(f"job {request.job_id} is already running here")
@@ -61,8 +83,7 @@ class Node:
             raise NodeBusy(f"{waiting} jobs are already waiting here; try again later")
         job = NodeJob(request)
         self._jobs.add(job)
-        job.task = asyncio.get_running_loop().create_task(self._run(job))
-        self._tasks.add(job.task)
+        job.task = self._group.create_task(self._run(job), name=f"node-job-{job.job_id}")
         job.task.add_done_callback(functools.partial(self._ended, job))
         return job
 
@@ -75,14 +96,18 @@ class Node:
         return job
 
     def close(self) -> None:
-        """Refuse new jobs and cancel every queued or running one."""
+        """Refuse new jobs and cancel every queued or running one, and the task group."""
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
+        for job in self._jobs:  # now, so that none takes a step first (the group cancels them a step later)
+            if job.task is not None:
+                job.task.cancel()
+        if self._holder is not None:
+            self._holder.cancel()
 
     async def wait_closed(self) -> None:
-        """Wait until every job the node started has ended."""
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """After :meth:`close`: wait until every job the node started has ended."""
+        if self._holder is not None:
+            await asyncio.wait([self._holder])
 
     def _settings(self, request: BackupRequest) -> BackupSettings:
         """The job's settings: the request's VM, disks and hub, with this node's vCenter and vddk."""
@@ -99,8 +124,18 @@ class Node:
         return BackupSettings(spec, self.endpoint, config.username, config.password, vddk=config.vddk, hub=hub)
 
     async def _run(self, job: NodeJob) -> None:
+        """The job's task. It lets only a cancellation out: any other error would make the task group cancel
+        the node's other jobs, so a defect fails this job alone."""
+        try:
+            await self._run_backup(job, prepare(self._settings(job.request)))
+        except Exception as exc:
+            log.error("job %s: node defect: %r", job.job_id, exc, exc_info=exc)
+            if job.state in (JobState.QUEUED, JobState.RUNNING):
+                job.fail("initializing", f"node defect: {exc!r}")
+            job.finished = job.finished or time.time()
+
+    async def _run_backup(self, job: NodeJob, backup: BackupJob) -> None:
         """Wait for a slot, run the job, record how it ended (and tell the hub of a failure before it began)."""
-        backup = prepare(self._settings(job.request))
         try:
             async with self._slots:
                 job.state, job.backup = JobState.RUNNING, backup
@@ -120,14 +155,9 @@ class Node:
             log.info("job %s %s%s", job.job_id, job.state, f": {job.error.message}" if job.error else "")
 
     def _ended(self, job: NodeJob, task: asyncio.Task[None]) -> None:
-        """The job's task is done: settle a job it left unsettled, and keep it in the bounded history."""
-        self._tasks.discard(task)
-        if job.state in (JobState.QUEUED, JobState.RUNNING):  # cancelled before it ran, or a defect
-            job.finished = job.finished or time.time()
-            if task.cancelled():
-                job.state = JobState.CANCELLED
-            else:
-                job.fail("initializing", f"node defect: {task.exception()!r}")
+        """The job's task is done: settle a job cancelled before it ran, and keep it in the bounded history."""
+        if job.state is JobState.QUEUED:  # cancelled before its coroutine began: no handler of _run ran
+            job.state, job.finished = JobState.CANCELLED, time.time()
         self._jobs.finished(job)
 
 

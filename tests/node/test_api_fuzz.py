@@ -59,6 +59,7 @@ def running_node(hub_url: str) -> AppThread:
 
     async def make() -> tuple[web.Application, Callable[[], Awaitable[None]]]:
         node = Node(config)
+        await node.start()
 
         async def close() -> None:
             node.close()

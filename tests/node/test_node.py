@@ -223,6 +223,7 @@ async def test_node_queue_and_history_are_bounded(tmp_path: Path, vcsim: dict[st
 
     config = attrs.evolve(load(str(write_config(tmp_path, vcsim))), max_jobs=1, max_queued=2)
     node = Node(config)
+    await node.start()
 
     def request(job_id: str) -> BackupRequest:
         body = {

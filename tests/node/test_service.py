@@ -3,11 +3,12 @@ ports on 127.0.0.1, so a job fails at once unless it is cancelled first."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 
-from sendense_nbd.backup import Mode
+from sendense_nbd.backup import Mode, VddkSettings
 from sendense_nbd.errors import Conflict, NodeBusy, UnknownJob
 from sendense_nbd.node.config import NodeConfig
 from sendense_nbd.node.jobs import JobState, JobTable, NodeJob
@@ -53,6 +54,7 @@ def test_history_keeps_the_last_finished_jobs_and_every_unfinished_one() -> None
 async def test_node_raises_domain_errors_and_owns_its_tasks() -> None:
     config = NodeConfig(endpoint=f"127.0.0.1:{_closed_port()}", username="u", password="p", max_queued=2)
     node = Node(config)
+    await node.start()
     job = node.start_backup(_request("a"))
     assert job.state is JobState.QUEUED and node.job("a") is job
     with pytest.raises(Conflict, match="job a is already running here") as conflict:
@@ -71,3 +73,24 @@ async def test_node_raises_domain_errors_and_owns_its_tasks() -> None:
     # Nothing awaited since they were queued: both were cancelled before they ran, and say so.
     assert all(j.state is JobState.CANCELLED and j.finished and j.progress is None for j in node.jobs())
     assert node.job("a").to_json()["state"] == "cancelled"
+
+
+async def test_a_defect_fails_its_job_alone_and_the_node_goes_on() -> None:
+    """A job that hits a defect (vddk's plugin words do not parse: nothing checks them) fails, and the
+    node's task group does not cancel the next job: it runs and fails the same way. Later jobs still
+    start, and close() cancels them."""
+    broken = VddkSettings(plugin='vddk "unclosed', thumbprint="AA:" * 19 + "AA")
+    config = NodeConfig(endpoint=f"127.0.0.1:{_closed_port()}", username="u", password="p", max_jobs=1, vddk=broken)
+    node = Node(config)
+    await node.start()
+    first, second = node.start_backup(_request("a")), node.start_backup(_request("b"))
+    tasks = [job.task for job in (first, second) if job.task is not None]
+    done, _ = await asyncio.wait(tasks, timeout=30)
+    assert len(done) == 2
+    for job in (first, second):
+        assert job.state is JobState.FAILED and job.error is not None and job.finished, job.to_json()
+        assert job.error.message == "node defect: ValueError('No closing quotation')"
+    third = node.start_backup(_request("c"))
+    node.close()
+    await asyncio.wait_for(node.wait_closed(), timeout=30)
+    assert third.state is JobState.CANCELLED and [j.job_id for j in node.jobs()] == ["a", "b", "c"]
