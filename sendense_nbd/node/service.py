@@ -45,15 +45,15 @@ class Node:
     async def start(self) -> None:
         """Open the task group the node's jobs run in (once, before :meth:`start_backup` and :meth:`close`)."""
         assert self._holder is None, "the node was started already"
-        opened = asyncio.Event()
-        self._holder = asyncio.get_running_loop().create_task(self._hold(opened), name="node-jobs")
-        await opened.wait()
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._holder = loop.create_task(self._hold(opened), name="node-jobs")
+        await asyncio.wait([opened, self._holder], return_when=asyncio.FIRST_COMPLETED)  # closed meanwhile: done
 
-    async def _hold(self, opened: asyncio.Event) -> None:
-        """Hold the task group open until :meth:`close` cancels this; the group then cancels every job and
-        awaits it."""
+    async def _hold(self, opened: asyncio.Future[None]) -> None:
+        """Hold the task group open until :meth:`close` cancels this; the group then awaits every job."""
         async with asyncio.TaskGroup() as self._group:
-            opened.set()
+            opened.set_result(None)
             await asyncio.Event().wait()  # only a cancellation ends this
 
     async def disks(self, vm_path: str) -> list[Disk]:

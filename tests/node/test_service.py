@@ -94,3 +94,15 @@ async def test_a_defect_fails_its_job_alone_and_the_node_goes_on() -> None:
     node.close()
     await asyncio.wait_for(node.wait_closed(), timeout=30)
     assert third.state is JobState.CANCELLED and [j.job_id for j in node.jobs()] == ["a", "b", "c"]
+
+
+async def test_close_while_starting_ends_the_start() -> None:
+    """close() before the task group is open: start() still returns, and the node refuses jobs."""
+    node = Node(NodeConfig(endpoint=f"127.0.0.1:{_closed_port()}", username="u", password="p"))
+    starting = asyncio.get_running_loop().create_task(node.start())
+    await asyncio.sleep(0)  # start() has made the group's holder, which has not run yet
+    node.close()
+    await asyncio.wait_for(starting, timeout=10)
+    await asyncio.wait_for(node.wait_closed(), timeout=10)
+    with pytest.raises(NodeBusy, match="shutting down"):
+        node.start_backup(_request("a"))
