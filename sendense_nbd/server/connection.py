@@ -448,8 +448,9 @@ class ServerConnection(asyncio.BufferedProtocol):
                     )
                 )
         elif command == Command.TRIM:
-            # Advisory, as in qemu-nbd: a device that cannot trim (--discard ignore) succeeds doing nothing.
-            if length:
+            # Advisory, as in qemu-nbd: a device that cannot trim (--discard ignore) succeeds doing nothing,
+            # without a thread hop (check_request has refused what lies outside the export).
+            if length and device.capabilities.can_trim:
                 await self._run(functools.partial(device.trim, offset=offset, length=length, fua=fua))
             elif fua:
                 await self._run(device.flush)

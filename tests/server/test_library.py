@@ -12,8 +12,9 @@ import pytest
 
 from sendense_nbd import Export, NBDServer, ServerError, memory_device
 from sendense_nbd.protocol import wire
-from sendense_nbd.protocol.constants import Command, Option, TransmissionFlag
-from sendense_nbd.storage import CheckedDevice, MemoryDevice
+from sendense_nbd.protocol.constants import Command, CommandFlag, Option, TransmissionFlag
+from sendense_nbd.storage import CheckedDevice, DetectZeroes, Discard, PolicyDevice
+from sendense_nbd.storage.memory import MemoryDevice
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,6 +67,23 @@ async def test_replies_come_back_in_completion_order() -> None:
         assert await _reply(reader) == (2, 0)  # the second finished first
         gate.set()
         assert await _reply(reader) == (1, 0)
+        writer.close()
+
+
+async def test_a_trim_that_does_nothing_never_waits_for_the_thread_pool() -> None:
+    """--discard ignore: a TRIM is answered at once, even while the only worker is busy; with FUA it
+    waits for the flush, which runs in the pool after the write ahead of it."""
+    device = GatedDevice(8 * MiB)
+    gate = device.gates[0] = threading.Event()
+    export = Export("", PolicyDevice(CheckedDevice(device), discard=Discard.IGNORE, detect_zeroes=DetectZeroes.OFF))
+    async with NBDServer([export], port=0, persistent=True, workers=1) as server:
+        reader, writer = await _connect(server.port)  # type: ignore[arg-type]
+        writer.write(wire.encode_request(Command.WRITE, 1, 0, 4096) + b"a" * 4096)  # holds the worker
+        writer.write(wire.encode_request(Command.TRIM, 2, MiB, 4096))
+        writer.write(wire.encode_request(Command.TRIM, 3, MiB, 4096, CommandFlag.FUA))
+        assert await _reply(reader) == (2, 0)
+        gate.set()
+        assert [await _reply(reader) for _ in range(2)] == [(1, 0), (3, 0)]
         writer.close()
 
 
