@@ -25,11 +25,11 @@ if TYPE_CHECKING:
     from sendense_nbd.client import ConnectionPool, NBDClient, connect
     from sendense_nbd.server import Export, NBDServer
     from sendense_nbd.storage import (
+        Backend,
         BlockDevice,
         CacheMode,
+        CheckedDevice,
         ImageFormat,
-        MemoryDevice,
-        RawDevice,
         create_image,
         memory_device,
         open_image,
@@ -43,11 +43,11 @@ _LAZY = {
     **dict.fromkeys(["Export", "NBDServer"], "sendense_nbd.server"),
     **dict.fromkeys(
         [
+            "Backend",
             "BlockDevice",
             "CacheMode",
+            "CheckedDevice",
             "ImageFormat",
-            "MemoryDevice",
-            "RawDevice",
             "create_image",
             "memory_device",
             "open_image",
@@ -63,8 +63,10 @@ __getattr__ = lazy_getattr(__name__, _LAZY)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "BlockDevice",
     "CacheMode",
+    "CheckedDevice",
     "ConnectionLostError",
     "ConnectionPool",
     "DeviceError",
@@ -72,14 +74,12 @@ __all__ = [
     "ImageError",
     "ImageFormat",
     "LocalProtocolError",
-    "MemoryDevice",
     "NBDClient",
     "NBDConnectionError",
     "NBDRequestError",
     "NBDServer",
     "NBDTimeoutError",
     "ProtocolError",
-    "RawDevice",
     "SendenseError",
     "ServerError",
     "connect",

@@ -343,7 +343,7 @@ def map_command(fmt: str | None, output: str, path: str) -> None:
     try:
         device = open_image(path, ImageFormat(fmt) if fmt else None, readonly=True)
         try:
-            entries = map_image(device, path)
+            entries = map_image(device)
         finally:
             device.close()
     except SendenseError as exc:

@@ -1,7 +1,10 @@
 """Storage: the block-device contract, its checking adapter, filters and backends.
 
-Everything but the contract is imported on first use, so that an NBD-to-NBD
-copy never pays for qcow2 and the raw backend.
+A device is opened with ``open_image`` or ``memory_device`` (a backend behind
+the checking adapter); the backend classes stay in their modules
+(``storage.raw``, ``storage.memory``, ``storage.qcow2``), for whoever writes
+or tests one. Everything but the contract is imported on first use, so that
+an NBD-to-NBD copy never pays for qcow2 and the raw backend.
 """
 
 from __future__ import annotations
@@ -9,16 +12,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sendense_nbd.lazy import lazy_getattr
-from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Support, is_zero
+from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Placement, Support, check_range, is_zero
 from sendense_nbd.storage.modes import CacheMode, DetectZeroes, Discard, ImageFormat
 
 if TYPE_CHECKING:
     from sendense_nbd.storage.checked import CheckedDevice
     from sendense_nbd.storage.filter import Filter
     from sendense_nbd.storage.images import create_image, open_image
-    from sendense_nbd.storage.memory import MemoryDevice, memory_device
+    from sendense_nbd.storage.memory import memory_device
     from sendense_nbd.storage.policy import PolicyDevice
-    from sendense_nbd.storage.raw import RawDevice
 
 _LAZY = {
     "CheckedDevice": "sendense_nbd.storage.checked",
@@ -26,9 +28,7 @@ _LAZY = {
     "memory_device": "sendense_nbd.storage.memory",
     "create_image": "sendense_nbd.storage.images",
     "open_image": "sendense_nbd.storage.images",
-    "MemoryDevice": "sendense_nbd.storage.memory",
     "PolicyDevice": "sendense_nbd.storage.policy",
-    "RawDevice": "sendense_nbd.storage.raw",
 }
 
 
@@ -45,10 +45,10 @@ __all__ = [
     "Discard",
     "Filter",
     "ImageFormat",
-    "MemoryDevice",
+    "Placement",
     "PolicyDevice",
-    "RawDevice",
     "Support",
+    "check_range",
     "create_image",
     "is_zero",
     "memory_device",

@@ -18,14 +18,21 @@ Theory of operation (modelled on nbdkit's plugins and filters):
   a cache request reads the range, extents say "all data" and the allocation
   depth is 1; without trim support a trim does nothing (it is advisory),
   without a cache or a flush they do nothing, and without ``read_cached`` it
-  answers False. A map is asked for at least one byte and is never empty (a
-  backend that describes nothing is EIO). What to call is chosen once, at
-  open, so a request costs a couple of integer comparisons more than the
-  backend itself; the server's ``Export`` refuses a bare backend.
+  answers False. A map is asked for at least one byte; the backend's answer
+  must start at the offset asked for and have no gap or empty extent, and
+  must not pass the end (else EIO). An image's own layer
+  (:class:`Placement`, for ``qemu-img map``) is the backend's, or its extents
+  at the same offsets of its file; :attr:`Backend.path` and
+  :attr:`Backend.backing` are the adapter's ``path`` and ``backing``. What to
+  call is chosen once, at open, so a request costs a couple of integer
+  comparisons more than the backend itself; the server's ``Export`` refuses a
+  bare backend.
 * A **filter** (:class:`~sendense_nbd.storage.filter.Filter`) wraps a device
   and passes every member through to ``next``; a filter only writes the
   members it changes (``PolicyDevice``: ``--discard``, ``--detect-zeroes``).
-  It calls ``next`` only within the range it was asked for.
+  It calls ``next`` only within the range it was asked for, and a member that
+  answers without calling ``next`` checks the range itself
+  (:func:`check_range`), so every device refuses the same requests.
 
 Every operation takes keyword-only ``offset=``/``length=`` (there is no
 seek), is synchronous and thread-safe; the server runs them in worker
@@ -85,6 +92,8 @@ class Capabilities:
     cache: Support = Support.NONE
     #: Non-blocking reads of data already in RAM: the backend's own, or never.
     read_cached: Support = attrs.field(default=Support.NONE, validator=_NATIVE_OR_NONE)
+    #: The image's own layer (``layer_map``): the backend's own, or its extents in place.
+    layer_map: Support = attrs.field(default=Support.EMULATE, validator=_NATIVE_OR_EMULATED)
     #: The backend's native zero can be fast (so FAST_ZERO may succeed).
     fast_zero: bool = False
     #: Flushing through one connection persists writes made through all.
@@ -114,6 +123,29 @@ class Capabilities:
     @property
     def can_cache(self) -> bool:
         return self.cache is not Support.NONE
+
+
+@attrs.frozen(slots=True)
+class Placement:
+    """Where ``length`` guest bytes from ``offset`` live in one image alone (a layer of ``qemu-img map``).
+
+    ``present`` False: the image does not define them (its backing file, or
+    zeroes, show through). ``zero``: they read as zeroes without stored data.
+    ``host``: the offset of the first byte in the image's file; None when
+    the bytes are not stored there as they read (zero clusters, compressed
+    data, an image in RAM).
+    """
+
+    offset: int
+    length: int
+    present: bool = True
+    zero: bool = False
+    host: int | None = None
+
+    @property
+    def end(self) -> int:
+        """The guest offset just past the range."""
+        return self.offset + self.length
 
 
 @runtime_checkable
@@ -166,6 +198,25 @@ class BlockDevice(Protocol):
         """Release the device (flushing what a backend holds in memory)."""
 
 
+class ImageDevice(BlockDevice, Protocol):
+    """A device over one image of a chain: the checking adapter.
+
+    Besides the contract it tells where each byte lives in the image itself
+    and which image lies below it, for ``sendense-nbd map``.
+    """
+
+    @property
+    def path(self) -> str | None:
+        """The file holding the image's data; None for an image in RAM."""
+
+    @property
+    def backing(self) -> ImageDevice | None:
+        """The image that unallocated ranges read from (``capabilities.has_backing``), or None."""
+
+    def layer_map(self, *, offset: int, length: int) -> list[Placement]:
+        """Where the range lives in this image alone, from ``offset`` (never empty)."""
+
+
 class Backend(abc.ABC):
     """A storage implementation, used through the checking adapter.
 
@@ -174,6 +225,11 @@ class Backend(abc.ABC):
     capabilities declare ``NATIVE``; the adapter never calls the others. It
     only sees in-range requests, and ``fua=True`` only when FUA is native.
     """
+
+    #: The file holding the data (for maps and messages); None for an image in RAM.
+    path: str | None = None
+    #: The image that unallocated ranges read from (``capabilities.has_backing``), or None.
+    backing: ImageDevice | None = None
 
     @property
     @abc.abstractmethod
@@ -225,6 +281,10 @@ class Backend(abc.ABC):
         """Read only if it cannot block (``read_cached`` NATIVE)."""
         raise NotImplementedError
 
+    def layer_map(self, *, offset: int, length: int) -> list[Placement]:
+        """This image's own placement of the range, from ``offset`` (``layer_map`` NATIVE)."""
+        raise NotImplementedError
+
 
 _OS_TO_NBD = {
     os_errno.EPERM: Errno.EPERM,
@@ -240,6 +300,18 @@ _OS_TO_NBD = {
     os_errno.EOPNOTSUPP: Errno.ENOTSUP,
     os_errno.ESHUTDOWN: Errno.ESHUTDOWN,
 }
+
+
+def range_error(size: int, offset: int, length: int, action: str, errno: Errno) -> DeviceError:
+    """The error for a request outside a device of ``size`` bytes (``errno`` as ``check_request`` answers)."""
+    return DeviceError(errno, f"{action} of {length} bytes at offset {offset} is outside the device ({size} bytes)")
+
+
+def check_range(size: int, *, offset: int, length: int, action: str, errno: Errno = Errno.EINVAL) -> None:
+    """Refuse a request outside ``0 <= offset <= offset + length <= size``: the one range check
+    of the adapter and of a filter member that answers without calling ``next``."""
+    if offset < 0 or length < 0 or offset + length > size:
+        raise range_error(size, offset, length, action, errno)
 
 
 def device_error(exc: OSError, action: str) -> DeviceError:

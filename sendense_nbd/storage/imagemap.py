@@ -1,15 +1,16 @@
 """Where each guest byte of an image lives, across its backing chain
-(``sendense-nbd map``, mirroring ``qemu-img map``)."""
+(``sendense-nbd map``, mirroring ``qemu-img map``).
+
+It walks checked devices only (:class:`~sendense_nbd.storage.base.ImageDevice`,
+as ``open_image`` returns): each image's own layer (``layer_map``) and, where
+that leaves a range to the image below, its ``backing`` device.
+"""
 
 from __future__ import annotations
 
 import attrs
 
-from sendense_nbd.protocol.extents import Extent
-from sendense_nbd.storage.base import BlockDevice
-from sendense_nbd.storage.checked import CheckedDevice
-from sendense_nbd.storage.qcow2 import Qcow2Device
-from sendense_nbd.storage.raw import RawDevice
+from sendense_nbd.storage.base import ImageDevice
 
 _STEP = 1 << 30
 
@@ -28,6 +29,7 @@ class MapEntry:
     filename: str
 
     def to_json(self) -> dict[str, object]:
+        """The entry as ``qemu-img map --output=json`` writes it."""
         out: dict[str, object] = {
             "start": self.start,
             "length": self.length,
@@ -41,47 +43,44 @@ class MapEntry:
         return out
 
 
-def map_image(device: CheckedDevice, filename: str) -> list[MapEntry]:
+def map_image(device: ImageDevice) -> list[MapEntry]:
     """The whole guest range of ``device`` as merged :class:`MapEntry` runs."""
     entries: list[MapEntry] = []
     pos = 0
     while pos < device.size:
         n = min(_STEP, device.size - pos)
-        for entry in _layer(device.backend, filename, pos, n, 0):
+        for entry in _layer(device, pos, n, 0):
             _append(entries, entry)
         pos += n
     return entries
 
 
-def _layer(device: BlockDevice, filename: str, start: int, length: int, depth: int) -> list[MapEntry]:
-    if isinstance(device, Qcow2Device):
-        out: list[MapEntry] = []
-        pos = start
-        for n, kind, host in device.layer_map(start, length):
-            if kind == "unallocated":
-                out.extend(_below(device, pos, n, depth))
+def _layer(device: ImageDevice, start: int, length: int, depth: int) -> list[MapEntry]:
+    """``device``'s own placement of the range; the ranges it leaves to its backing file from below."""
+    out: list[MapEntry] = []
+    name = device.path or ""
+    pos, end = start, start + length
+    while pos < end:
+        for place in device.layer_map(offset=pos, length=end - pos):
+            n = min(place.end, end) - pos
+            if n <= 0:
+                break
+            if place.present:
+                out.append(MapEntry(pos, n, depth, True, place.zero, not place.zero, place.host, name))
             else:
-                out.append(MapEntry(pos, n, depth, True, kind == "zero", kind != "zero", host, filename))
+                out.extend(_below(device, pos, n, depth))
             pos += n
-        return out
-    if isinstance(device, RawDevice):
-        described = device.extents(offset=start, length=length) if device.capabilities.can_extents else []
-        return [
-            MapEntry(e.offset, e.length, depth, True, e.zero, not e.zero, e.offset, device.path)
-            for e in described or [Extent(start, length)]
-        ]
-    return [MapEntry(start, length, depth, True, False, True, None, filename)]
+    return out
 
 
-def _below(device: Qcow2Device, start: int, length: int, depth: int) -> list[MapEntry]:
-    backing = device.backing.backend if device.backing is not None else None
+def _below(device: ImageDevice, start: int, length: int, depth: int) -> list[MapEntry]:
+    backing = device.backing
     if backing is None or start >= backing.size:
-        return [MapEntry(start, length, depth, False, True, False, None, device.path)]
+        return [MapEntry(start, length, depth, False, True, False, None, device.path or "")]
     inside = min(length, backing.size - start)
-    name = backing.path if isinstance(backing, Qcow2Device | RawDevice) else "?"
-    out = _layer(backing, name, start, inside, depth + 1)
+    out = _layer(backing, start, inside, depth + 1)
     if inside < length:
-        out.append(MapEntry(start + inside, length - inside, depth + 1, False, True, False, None, name))
+        out.append(MapEntry(start + inside, length - inside, depth + 1, False, True, False, None, backing.path or ""))
     return out
 
 

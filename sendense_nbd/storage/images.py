@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 from sendense_nbd.errors import ImageError
 from sendense_nbd.storage.checked import CheckedDevice
@@ -81,8 +83,13 @@ def create_image(
     extended_l2: bool = False,
     compat: str = "1.1",
 ) -> None:
-    """Create an empty image (qcow2: optionally over a backing file)."""
+    """Create an empty image (qcow2: optionally over a backing file, whose size ``size`` None takes)."""
     if fmt is ImageFormat.QCOW2:
+        if backing_file is not None:
+            backing_size = _backing_size(path, backing_file, backing_format)
+            size = backing_size if size is None else size
+        if size is None:
+            raise ImageError("give a size (or a backing file to take it from)")
         create_qcow2(
             path,
             size,
@@ -98,3 +105,22 @@ def create_image(
     if size is None:
         raise ImageError("give a size")
     create_raw(path, size)
+
+
+def _backing_size(path: str, backing_file: str, backing_format: str | None) -> int:
+    """The size of the backing file named (relative to ``path``) for a new image, read through the adapter."""
+    resolved = backing_file if os.path.isabs(backing_file) else str(Path(path).resolve().parent / backing_file)
+    if not os.path.exists(resolved):
+        raise ImageError(f"backing file {backing_file} not found (looked for {resolved})")
+    probed = probe_format(resolved)
+    if backing_format is None:
+        raise ImageError(f"give the backing file's format (-F {probed.value})")
+    if backing_format not in ("qcow2", "raw"):
+        raise ImageError(f"backing format {backing_format!r} is not supported (raw or qcow2)")
+    if backing_format == "qcow2" and probed is not ImageFormat.QCOW2:
+        raise ImageError(f"{backing_file} is not a qcow2 image")
+    device = open_image(resolved, ImageFormat(backing_format), readonly=True)
+    try:
+        return device.size
+    finally:
+        device.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from sendense_nbd.storage.base import BlockDevice, Capabilities, Support, is_zero
+from sendense_nbd.storage.base import BlockDevice, Capabilities, Support, check_range, is_zero
 from sendense_nbd.storage.filter import Filter
 from sendense_nbd.storage.modes import DetectZeroes, Discard
 
@@ -36,8 +36,10 @@ class PolicyDevice(Filter):
         self.next.zero(offset=offset, length=length, may_trim=may_trim and self._unmap, fua=fua, fast=fast)
 
     def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
-        """Trim with ``discard=unmap``; otherwise only honour FUA."""
+        """Trim with ``discard=unmap``; otherwise check the range and only honour FUA."""
         if self._unmap:
             self.next.trim(offset=offset, length=length, fua=fua)
-        elif fua:
+            return
+        check_range(self.size, offset=offset, length=length, action="trim")
+        if fua:
             self.next.flush()

@@ -69,6 +69,8 @@ class RawDevice(Backend):
     extents are emulated ("all data"); the allocation depth is always 1.
     """
 
+    path: str
+
     def __init__(self, path: str, *, readonly: bool = False, cache: CacheMode = CacheMode.WRITEBACK) -> None:
         self.path = path
         flags = os.O_RDONLY if readonly else os.O_RDWR

@@ -19,7 +19,8 @@ import pytest
 from sendense_nbd import Export, NBDServer
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import MAX_PAYLOAD, Command, Option, OptionReply
-from sendense_nbd.storage import CheckedDevice, MemoryDevice
+from sendense_nbd.storage import CheckedDevice
+from sendense_nbd.storage.memory import MemoryDevice
 
 MiB = 1 << 20
 SIZE = 64 * MiB

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
+import sendense_nbd
+import sendense_nbd.storage
 from sendense_nbd.errors import DeviceError, ServerError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
@@ -21,13 +25,14 @@ from sendense_nbd.storage import (
     Discard,
     Filter,
     ImageFormat,
-    MemoryDevice,
+    Placement,
     PolicyDevice,
     Support,
     create_image,
     memory_device,
     open_image,
 )
+from sendense_nbd.storage.memory import MemoryDevice
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -71,6 +76,42 @@ OUT_OF_RANGE: list[tuple[str, Callable[[BlockDevice], object], Errno]] = [
     ("extents across the end", lambda d: d.extents(offset=1, length=SIZE), Errno.EINVAL),
     ("depth at a negative offset", lambda d: d.allocation_depth(offset=-4096, length=4096), Errno.EINVAL),
 ]
+
+
+#: Every filter configuration the server can build, over a memory device.
+FILTERS: dict[str, Callable[[BlockDevice], BlockDevice]] = {
+    "filter": Filter,
+    **{
+        f"policy-{discard.value}-{detect.value}": (
+            lambda d, discard=discard, detect=detect: PolicyDevice(d, discard=discard, detect_zeroes=detect)
+        )
+        for discard in Discard
+        for detect in DetectZeroes
+    },
+}
+
+
+@pytest.mark.parametrize("wrap", FILTERS.values(), ids=FILTERS.keys())
+@pytest.mark.parametrize(("what", "call", "errno"), OUT_OF_RANGE, ids=[case[0] for case in OUT_OF_RANGE])
+def test_filters_refuse_what_the_adapter_refuses(
+    wrap: Callable[[BlockDevice], BlockDevice], what: str, call: Callable[[BlockDevice], object], errno: Errno
+) -> None:
+    """Even a member that answers without calling ``next`` (a trim under --discard ignore)."""
+    inner = memory_device(SIZE)
+    device = wrap(inner)
+    device.write(offset=SIZE - 4096, data=b"\x5a" * 4096)
+    with pytest.raises(DeviceError, match="outside the device") as err:
+        call(device)
+    assert err.value.errno == errno, what
+    assert read(inner, SIZE - 4096, 4096) == b"\x5a" * 4096
+
+
+def test_discard_ignore_refuses_a_trim_far_past_the_end() -> None:
+    device = PolicyDevice(memory_device(SIZE), discard=Discard.IGNORE, detect_zeroes=DetectZeroes.OFF)
+    for offset, length in ((10**9, 5), (0, -1), (-1, 1)):
+        with pytest.raises(DeviceError, match="outside the device") as err:
+            device.trim(offset=offset, length=length)
+        assert err.value.errno == Errno.EINVAL
 
 
 @pytest.mark.parametrize(("what", "call", "errno"), OUT_OF_RANGE, ids=[case[0] for case in OUT_OF_RANGE])
@@ -255,16 +296,107 @@ def test_a_backend_that_describes_nothing_is_an_io_error() -> None:
     assert err.value.errno == Errno.EIO
 
 
+#: ``(name, what a lying backend answers for the range [4096, 4096 + 8192))``.
+LIES: list[tuple[str, list[tuple[int, int]]]] = [
+    ("starts late", [(8192, 4096)]),
+    ("starts early", [(0, 12288)]),
+    ("a gap", [(4096, 1024), (6144, 6144)]),
+    ("an overlap", [(4096, 4096), (4096, 8192)]),
+    ("an empty extent", [(4096, 0), (4096, 8192)]),
+    ("a negative length", [(4096, -4096), (0, 12288)]),
+    ("past the end", [(4096, MiB)]),
+]
+
+
+class Liar(Plain):
+    """Every map starts from ``offset`` only when told the truth."""
+
+    def __init__(self, answer: list[tuple[int, int]]) -> None:
+        native = Capabilities(writable=True, extents=Support.NATIVE, allocation_depth=Support.NATIVE)
+        super().__init__(16 * KiB, capabilities=attrs.evolve(native, layer_map=Support.NATIVE))
+        self.answer = answer
+
+    def extents(self, *, offset: int, length: int) -> list[Extent]:
+        return [Extent(start, n, 0) for start, n in self.answer]
+
+    def allocation_depth(self, *, offset: int, length: int) -> list[Extent]:
+        return [Extent(start, n, 1) for start, n in self.answer]
+
+    def layer_map(self, *, offset: int, length: int) -> list[Placement]:
+        return [Placement(start, n, host=start) for start, n in self.answer]
+
+
+@pytest.mark.parametrize("member", ["extents", "allocation_depth", "layer_map"])
+@pytest.mark.parametrize("answer", [lie for _, lie in LIES], ids=[name for name, _ in LIES])
+def test_a_map_that_does_not_run_on_from_the_offset_is_an_io_error(member: str, answer: list[tuple[int, int]]) -> None:
+    """A block status reply carries only lengths: a wrong start, a gap or an overlap would shift every status."""
+    device = CheckedDevice(Liar(answer))
+    with pytest.raises(DeviceError, match="the storage described") as err:
+        getattr(device, member)(offset=4096, length=8192)
+    assert err.value.errno == Errno.EIO
+    truthful = CheckedDevice(Liar([(4096, 4096), (8192, 8192)]))  # may describe more than asked, up to the end
+    assert getattr(truthful, member)(offset=4096, length=8192)[1].end == 16 * KiB
+
+
+def test_layer_map_places_a_raw_file_in_place_and_memory_nowhere(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    create_image(str(path), SIZE, ImageFormat.RAW)
+    raw = open_image(str(path), ImageFormat.RAW)
+    memory = memory_device(SIZE)
+    try:
+        for device in (raw, memory):
+            device.write(offset=64 * KiB, data=b"\x01" * (64 * KiB))
+        assert raw.path == str(path) and raw.backing is None
+        assert raw.layer_map(offset=32 * KiB, length=160 * KiB) == [
+            Placement(32 * KiB, 32 * KiB, zero=True, host=32 * KiB),
+            Placement(64 * KiB, 64 * KiB, host=64 * KiB),
+            Placement(128 * KiB, 64 * KiB, zero=True, host=128 * KiB),
+        ]
+        assert memory.path is None
+        assert memory.layer_map(offset=0, length=SIZE) == [
+            Placement(0, 64 * KiB, zero=True),
+            Placement(64 * KiB, 64 * KiB),
+            Placement(128 * KiB, SIZE - 128 * KiB, zero=True),
+        ]
+        with pytest.raises(DeviceError, match="outside the device"):
+            raw.layer_map(offset=SIZE, length=1)
+    finally:
+        raw.close()
+
+
+def test_layer_map_of_an_overlay_leaves_the_rest_to_its_backing_device(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    create_image(str(base), SIZE, ImageFormat.RAW)
+    create_image(str(top), None, ImageFormat.QCOW2, backing_file=base.name, backing_format="raw")
+    device = open_image(str(top), ImageFormat.QCOW2)
+    try:
+        device.write(offset=0, data=b"\x02" * (64 * KiB))
+        device.zero(offset=128 * KiB, length=64 * KiB)
+        placed = device.layer_map(offset=0, length=SIZE)
+        assert [(p.offset, p.length, p.present, p.zero) for p in placed] == [
+            (0, 64 * KiB, True, False),
+            (64 * KiB, 64 * KiB, False, False),
+            (128 * KiB, 64 * KiB, True, True),
+            (192 * KiB, SIZE - 192 * KiB, False, False),
+        ]
+        assert placed[0].host is not None and placed[0].host % (64 * KiB) == 0 and placed[2].host is None
+        backing = device.backing
+        assert backing is not None and backing.path == str(base) and backing.backing is None
+    finally:
+        device.close()
+
+
 def test_a_backend_must_implement_what_it_declares_native() -> None:
     with pytest.raises(TypeError, match="Plain declares zero, extents but does not implement it"):
         CheckedDevice(Plain(MiB, capabilities=Capabilities(writable=True, zero=Support.NATIVE, extents=Support.NATIVE)))
 
 
 @pytest.mark.parametrize(
-    "field", ["zero", "fua", "extents", "allocation_depth", "trim", "flush", "read_cached"], ids=str
+    "field", ["zero", "fua", "extents", "allocation_depth", "layer_map", "trim", "flush", "read_cached"], ids=str
 )
 def test_capabilities_refuse_a_support_level_the_adapter_cannot_give(field: str) -> None:
-    impossible = Support.NONE if field in ("zero", "fua", "extents", "allocation_depth") else Support.EMULATE
+    emulated = ("zero", "fua", "extents", "allocation_depth", "layer_map")
+    impossible = Support.NONE if field in emulated else Support.EMULATE
     with pytest.raises(ValueError):
         Capabilities(writable=True, **{field: impossible})  # type: ignore[arg-type]
 
@@ -317,3 +449,42 @@ def test_policy_unmap_trims_and_may_punch_zeroes() -> None:
     device.trim(offset=64 * KiB, length=64 * KiB)
     assert read(device, 64 * KiB, 64 * KiB) == bytes(64 * KiB)
     assert device.extents(offset=0, length=SIZE)[1] == Extent(64 * KiB, SIZE - 64 * KiB, HOLE)
+
+
+# -- the adapter is the only way in ---------------------------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parents[2] / "sendense_nbd"
+BACKENDS = {"RawDevice", "MemoryDevice", "Qcow2Device"}
+
+
+def _called(node: ast.AST) -> str | None:
+    """The name a call calls (``f(...)`` or ``x.f(...)``), or None."""
+    if not isinstance(node, ast.Call):
+        return None
+    func = node.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+
+
+def test_the_package_builds_a_backend_only_inside_the_adapter() -> None:
+    """Every ``RawDevice(...)``, ``MemoryDevice(...)`` and ``Qcow2Device(...)`` in the package is the
+    argument of ``CheckedDevice(...)``, and nothing reaches for the adapter's backend."""
+    bare, reach_in = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        wrapped = {id(arg) for node in ast.walk(tree) if _called(node) == "CheckedDevice" for arg in node.args}
+        name = str(path.relative_to(PACKAGE))
+        for node in ast.walk(tree):
+            if _called(node) in BACKENDS and id(node) not in wrapped:
+                bare.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.Attribute) and node.attr in ("backend", "_backend") and "checked" not in name:
+                reach_in.append(f"{name}:{node.lineno}")
+    assert not bare, f"bare backends (open them with open_image / memory_device): {bare}"
+    assert not reach_in, f"reaching past the adapter: {reach_in}"
+
+
+def test_the_package_exports_the_adapter_not_the_bare_backends() -> None:
+    for module in (sendense_nbd, sendense_nbd.storage):
+        assert not BACKENDS & set(module.__all__), module.__name__
+        assert not any(hasattr(module, name) for name in BACKENDS), module.__name__
+    assert sendense_nbd.Backend is Backend and sendense_nbd.CheckedDevice is CheckedDevice
+    assert sendense_nbd.open_image is open_image and sendense_nbd.memory_device is memory_device

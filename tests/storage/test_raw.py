@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd import DeviceError, RawDevice
+from sendense_nbd import DeviceError
 from sendense_nbd.protocol.constants import Errno
 from sendense_nbd.storage import CacheMode
+from sendense_nbd.storage.raw import RawDevice
 from tests.conftest import random_file
 
 MiB = 1 << 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from sendense_nbd.errors import ImageError
+from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import BlockDevice, is_zero
 from sendense_nbd.storage.qcow2 import format as fmt
 
@@ -44,9 +45,9 @@ def commit(top: str) -> int:
                 raise ImageError(f"{base_path} ({base.size} bytes) is smaller than {top} ({overlay.size} bytes)")
             committed = 0
             buffer = memoryview(bytearray(CHUNK))
-            for offset, length in _own_ranges(overlay):
-                for start in range(offset, offset + length, CHUNK):
-                    view = buffer[: min(CHUNK, offset + length - start)]
+            for own in _own_ranges(overlay):
+                for start in range(own.offset, own.end, CHUNK):
+                    view = buffer[: min(CHUNK, own.end - start)]
                     overlay.read_into(offset=start, buffer=view)
                     if is_zero(view):
                         base.zero(offset=start, length=len(view))
@@ -61,17 +62,18 @@ def commit(top: str) -> int:
     return committed
 
 
-def _own_ranges(overlay: BlockDevice) -> list[tuple[int, int]]:
+def _own_ranges(overlay: BlockDevice) -> list[Extent]:
     """The ranges ``overlay`` itself defines (allocation depth 1), merged."""
-    ranges: list[tuple[int, int]] = []
+    ranges: list[Extent] = []
     if not overlay.size:
         return ranges
     for extent in overlay.allocation_depth(offset=0, length=overlay.size):
-        if extent.status == 1:
-            if ranges and ranges[-1][0] + ranges[-1][1] == extent.offset:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + extent.length)
-            else:
-                ranges.append((extent.offset, extent.length))
+        if extent.status != 1:
+            continue
+        if ranges and ranges[-1].end == extent.offset:
+            ranges[-1] = Extent(ranges[-1].offset, ranges[-1].length + extent.length, 1)
+        else:
+            ranges.append(extent)
     return ranges
 
 

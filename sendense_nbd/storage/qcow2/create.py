@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 
 from sendense_nbd.errors import ImageError
 from sendense_nbd.storage.files import create_new_file
@@ -21,37 +20,9 @@ from sendense_nbd.storage.qcow2.info import MAX_L1_BYTES
 DEFAULT_CLUSTER_SIZE = 65536
 
 
-def _backing_size(path: str, backing_file: str, backing_format: str | None) -> int:
-    from sendense_nbd.storage.qcow2.device import Qcow2Device
-    from sendense_nbd.storage.raw import RawDevice
-
-    resolved = backing_file if os.path.isabs(backing_file) else str(Path(path).resolve().parent / backing_file)
-    if not os.path.exists(resolved):
-        raise ImageError(f"backing file {backing_file} not found (looked for {resolved})")
-    with open(resolved, "rb") as f:
-        is_qcow2 = f.read(4) == fmt.MAGIC
-    if backing_format is None:
-        raise ImageError(f"give the backing file's format (-F {'qcow2' if is_qcow2 else 'raw'})")
-    if backing_format == "qcow2":
-        if not is_qcow2:
-            raise ImageError(f"{backing_file} is not a qcow2 image")
-        device = Qcow2Device(resolved, readonly=True)
-        try:
-            return device.size
-        finally:
-            device.close()
-    if backing_format == "raw":
-        raw = RawDevice(resolved, readonly=True)
-        try:
-            return raw.size
-        finally:
-            raw.close()
-    raise ImageError(f"backing format {backing_format!r} is not supported (raw or qcow2)")
-
-
 def create_qcow2(
     path: str,
-    size: int | None,
+    size: int,
     *,
     cluster_size: int = DEFAULT_CLUSTER_SIZE,
     backing_file: str | None = None,
@@ -59,13 +30,11 @@ def create_qcow2(
     extended_l2: bool = False,
     compat: str = "1.1",
 ) -> None:
-    """Create an empty qcow2 image; ``size`` None takes the backing file's size."""
+    """Create an empty qcow2 image of ``size`` bytes, naming ``backing_file`` as it is given.
+
+    ``create_image`` checks the backing file and takes the size from it.
+    """
     version = _check_options(cluster_size, extended_l2, compat)
-    if backing_file is not None:
-        backing_size = _backing_size(path, backing_file, backing_format)
-        size = backing_size if size is None else size
-    if size is None:
-        raise ImageError("give a size (or a backing file to take it from)")
     if os.path.lexists(path):
         raise ImageError(f"cannot create {path}: File exists")
     if size < 0:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
-from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Support, device_error
+from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Placement, Support, device_error
 from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.qcow2.allocator import Allocator
@@ -70,8 +70,11 @@ class Qcow2Device(Backend):
     """A backend over a qcow2 image (open it with ``open_image``); CACHE is emulated.
 
     How it works is the module docstring. ``backing`` is the backing image,
-    opened through the checking adapter, or None.
+    opened through the checking adapter, or None. The adapter refuses changes
+    to a read-only image, so the writing members never see one.
     """
+
+    path: str
 
     def __init__(
         self, path: str, *, readonly: bool = False, open_backing: bool = True, _chain: tuple[str, ...] = ()
@@ -86,7 +89,7 @@ class Qcow2Device(Backend):
             self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as exc:
             raise ImageError(f"cannot open {path}: {exc.strerror}") from exc
-        self.backing: CheckedDevice | None = None
+        self.backing = None
         try:
             self._open(real, _chain, open_backing)
         except BaseException:
@@ -120,6 +123,7 @@ class Qcow2Device(Backend):
             fua=Support.NATIVE,
             extents=Support.NATIVE,
             allocation_depth=Support.NATIVE,
+            layer_map=Support.NATIVE,
             cache=Support.EMULATE,
             read_cached=Support.NATIVE,
             fast_zero=header.version >= 3,
@@ -206,7 +210,6 @@ class Qcow2Device(Backend):
 
     def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write ``data`` (copy-on-write for partial clusters); with ``fua`` flush before returning."""
-        self._check_writable()
         view = memoryview(data).cast("B")
         try:
             with self._lock:
@@ -217,7 +220,6 @@ class Qcow2Device(Backend):
 
     def zero(self, *, offset: int, length: int, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         """Make a range read as zeroes, by zero flags where a whole cluster (or subcluster) allows."""
-        self._check_writable()
         if fast and self.header.version < 3:
             raise DeviceError(Errno.ENOTSUP, "qcow2 v2 images have no zero clusters")
         try:
@@ -237,7 +239,7 @@ class Qcow2Device(Backend):
         self.zero(offset=offset, length=length, may_trim=True, fua=fua)
 
     def flush(self) -> None:
-        """Write data and metadata in the crash-safe order (module docstring)."""
+        """Write data and metadata in the crash-safe order (module docstring); nothing when read-only."""
         if self.readonly:
             return
         try:
@@ -254,13 +256,10 @@ class Qcow2Device(Backend):
         """Extents whose status is the depth: 0 unallocated in the whole chain, 1 this image, 2 its backing file..."""
         return self._depths(offset, length)
 
-    def layer_map(self, offset: int, length: int) -> list[tuple[int, str, int | None]]:
-        """This image's own mapping as ``(length, kind, host offset)`` runs;
-        kind is ``data``, ``zero``, ``compressed`` or ``unallocated``."""
-        return [
-            (run.length, run.kind.name.lower(), run.host if run.kind == _DATA else None)
-            for run in self._runs(offset, length)
-        ]
+    def layer_map(self, *, offset: int, length: int) -> list[Placement]:
+        """This image's own clusters: data at its host offset, zero clusters, compressed data
+        (no host offset), and what it leaves to its backing file (not present)."""
+        return [_placement(run) for run in self._runs(offset, length)]
 
     def close(self) -> None:
         """Flush (when writable), close the file and the backing chain."""
@@ -388,10 +387,6 @@ class Qcow2Device(Backend):
         return out
 
     # -- writing -------------------------------------------------------------------
-
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise DeviceError(Errno.EPERM, f"{self.path} is open read-only")
 
     def _write_locked(self, offset: int, view: memoryview) -> None:
         """Place and write ``view``, one pwrite for each host-contiguous stretch (lock held)."""
@@ -526,6 +521,15 @@ def _open_backing(path: str, header: fmt.Header, chain: tuple[str, ...]) -> Chec
     if backing_format == "raw":
         return CheckedDevice(RawDevice(backing, readonly=True))
     raise ImageError(f"{path}: backing format {backing_format!r} is not supported")
+
+
+def _placement(run: Run) -> Placement:
+    kind = run.kind
+    if kind == _UNALLOCATED:
+        return Placement(run.guest, run.length, present=False)
+    if kind == _ZERO:
+        return Placement(run.guest, run.length, zero=True)
+    return Placement(run.guest, run.length, host=run.host if kind == _DATA else None)
 
 
 def _own_flags(run: Run) -> int:

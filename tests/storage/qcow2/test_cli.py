@@ -119,3 +119,24 @@ def test_trim_frees_clusters_and_the_image_stays_consistent(tmp_path: Path) -> N
     assert image.stat().st_blocks * 512 < 10 * MiB
     data = run("qemu-io", "-c", "read -P 0 0 12M", "-c", "read -P 0x11 12M 4M", str(image)).stdout
     assert "Pattern verification failed" not in data
+
+
+def test_map_follows_qemu_img_for_json_filenames_and_many_extents(tmp_path: Path) -> None:
+    """File names are the image's own (not the json: spec), and a raw layer with more extents
+    than one block status answer holds is mapped whole."""
+    raw = tmp_path / "holes.raw"
+    with open(raw, "wb") as f:
+        f.truncate(12 * MiB)
+        for block in range(0, 12 * MiB // 4096, 2):  # 1536 data blocks between holes
+            f.seek(block * 4096)
+            f.write(b"\x01" * 4096)
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", raw.name, "-F", "raw", str(top))
+    run("qemu-io", "-c", "write -P 2 64k 64k", "-c", "write -z 1M 64k", str(top))
+    for fmt, path in (("raw", raw), ("qcow2", top)):
+        name = "json:" + json.dumps({"driver": fmt, "file": {"driver": "file", "filename": str(path)}})
+        for image in (str(path), name):
+            for output in ("human", "json"):
+                mine = ours("map", "--output", output, image).stdout
+                theirs = run("qemu-img", "map", f"--output={output}", image).stdout
+                assert mine == theirs, (image, output)

@@ -40,6 +40,8 @@ from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import BlockDevice
 from sendense_nbd.storage.checked import CheckedDevice
+from sendense_nbd.storage.images import create_image
+from sendense_nbd.storage.modes import ImageFormat
 from sendense_nbd.storage.qcow2 import Qcow2Device, create_qcow2
 from tests.conftest import RunningServer, require, run, server_command, start_server
 from tests.peers import nbd
@@ -779,7 +781,7 @@ def test_v2_overlay_zero_hides_backing(tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     base.write_bytes(random.Random(5).randbytes(4 * MiB))
     top = tmp_path / "top.qcow2"
-    create_qcow2(str(top), None, backing_file="base.raw", backing_format="raw", compat="0.10")
+    create_image(str(top), None, ImageFormat.QCOW2, backing_file="base.raw", backing_format="raw", compat="0.10")
     digest = sha256(base)
     model = Model(base.read_bytes())
     device = open_qcow2(top)
@@ -799,10 +801,12 @@ def test_v2_overlay_zero_hides_backing(tmp_path: Path) -> None:
 
 
 def test_create_overlay_with_relative_backing_and_no_size(tmp_path: Path) -> None:
-    """create_qcow2 and the CLI: size from the backing file, relative names resolved next to the image."""
+    """create_image and the CLI: size from the backing file, relative names resolved next to the image."""
     chain = build_chain(tmp_path, "qcow2", True, "cluster_size=65536")
     over = chain.top.parent / "over.qcow2"
-    create_qcow2(str(over), None, backing_file="top.qcow2", backing_format="qcow2", cluster_size=4096)
+    create_image(
+        str(over), None, ImageFormat.QCOW2, backing_file="top.qcow2", backing_format="qcow2", cluster_size=4096
+    )
     info = qemu_info(over)
     assert info["virtual-size"] == chain.size
     assert info["backing-filename"] == "top.qcow2"
@@ -917,10 +921,20 @@ def test_kill_9_loses_no_flushed_write_and_never_corrupts(tmp_path: Path) -> Non
         for name in ("4K.qcow2", "extl2-over-qcow2.qcow2", "512B.qcow2", "2M.qcow2", "v2-over-raw.qcow2")
     ]
     create_qcow2(str(images[0]), size, cluster_size=4096)
-    create_qcow2(str(images[1]), None, backing_file="base.qcow2", backing_format="qcow2", extended_l2=True)
+    create_image(
+        str(images[1]), None, ImageFormat.QCOW2, backing_file="base.qcow2", backing_format="qcow2", extended_l2=True
+    )
     create_qcow2(str(images[2]), size, cluster_size=512)  # the refcount table has to grow
     create_qcow2(str(images[3]), size, cluster_size=2 * MiB)
-    create_qcow2(str(images[4]), None, backing_file="base.raw", backing_format="raw", compat="0.10", cluster_size=4096)
+    create_image(
+        str(images[4]),
+        None,
+        ImageFormat.QCOW2,
+        backing_file="base.raw",
+        backing_format="raw",
+        compat="0.10",
+        cluster_size=4096,
+    )
     models = {path: Model(qemu_read(path)) for path in images}
     backing_digests = {path: sha256(path) for path in (base, raw_base)}
     flushes = 0
