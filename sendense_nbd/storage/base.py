@@ -308,8 +308,9 @@ def range_error(size: int, offset: int, length: int, action: str, errno: Errno) 
 
 
 def check_range(size: int, *, offset: int, length: int, action: str, errno: Errno = Errno.EINVAL) -> None:
-    """Refuse a request outside ``0 <= offset <= offset + length <= size``: the one range check
-    of the adapter and of a filter member that answers without calling ``next``."""
+    """Refuse a request outside ``0 <= offset <= offset + length <= size``: the range check of
+    the adapter (inlined in its read, write and zero) and of a filter member that answers
+    without calling ``next``."""
     if offset < 0 or length < 0 or offset + length > size:
         raise range_error(size, offset, length, action, errno)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sendense_nbd.storage.qcow2 import Qcow2Device
+from sendense_nbd.storage import ImageFormat, open_image
 from tests.conftest import random_file, run
 
 pytestmark = pytest.mark.peer
@@ -83,7 +83,7 @@ def test_dirty_image_is_repaired_when_opened_for_writing(tmp_path: Path) -> None
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(image), "8M")
     run("qemu-io", "-c", "write -P 9 0 2M", "-c", "sigraise 9", str(image), check=False)  # dies dirty
     assert json.loads(run("qemu-img", "info", "--output=json", str(image)).stdout)["dirty-flag"] is True
-    device = Qcow2Device(str(image))
+    device = open_image(str(image), ImageFormat.QCOW2)
     device.write(offset=2 * MiB, data=b"\x01" * 4096)
     device.close()
     run("qemu-img", "check", str(image))
@@ -107,7 +107,7 @@ def test_map_matches_qemu_img_map(tmp_path: Path) -> None:
 def test_trim_frees_clusters_and_the_image_stays_consistent(tmp_path: Path) -> None:
     image = tmp_path / "d.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M")
-    device = Qcow2Device(str(image))
+    device = open_image(str(image), ImageFormat.QCOW2)
     device.write(offset=0, data=b"\x11" * 16 * MiB)
     device.flush()
     allocated = json.loads(run("qemu-img", "check", "--output=json", str(image)).stdout)["allocated-clusters"]

@@ -1007,6 +1007,7 @@ PROBE = r"""
 import hashlib, json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from sendense_nbd.errors import DeviceError, ImageError
+from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.qcow2 import Qcow2Device
 
 path, mode, writes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -1020,7 +1021,7 @@ def outcome(fn):
 
 result = {}
 try:
-    device = Qcow2Device(path, readonly=(mode == "ro"))
+    device = CheckedDevice(Qcow2Device(path, readonly=(mode == "ro")))
 except ImageError as exc:
     print(json.dumps({"open": "ImageError: " + str(exc)}))
     sys.exit(0)
