@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sendense_nbd.lazy import lazy_getattr
-from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Placement, Support, check_range, is_zero
+from sendense_nbd.storage.base import (
+    Backend,
+    BlockDevice,
+    Capabilities,
+    ImageDevice,
+    Placement,
+    Support,
+    check_range,
+    is_zero,
+)
 from sendense_nbd.storage.modes import CacheMode, DetectZeroes, Discard, ImageFormat
 
 if TYPE_CHECKING:
@@ -44,6 +53,7 @@ __all__ = [
     "DetectZeroes",
     "Discard",
     "Filter",
+    "ImageDevice",
     "ImageFormat",
     "Placement",
     "PolicyDevice",
