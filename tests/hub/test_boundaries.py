@@ -26,6 +26,8 @@ from sendense_nbd.storage.modes import ImageFormat
 from tests.conftest import require, run
 from tests.hub.conftest import free_port_range
 
+pytestmark = pytest.mark.peer
+
 MIB = 1 << 20
 VM = "/DC/vm/web01"
 GIB = 1 << 30
@@ -178,7 +180,6 @@ def _write(path: str, pattern: int, offset: int) -> None:
     run(require("qemu-io"), "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} 65536", path)
 
 
-@pytest.mark.peer
 async def test_the_store_keeps_plain_strings_and_an_interrupted_merge_written_so_is_finished(tmp_path: Path) -> None:
     db_path = tmp_path / "hub.db"
     db = Database(str(db_path))
