@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import shlex
 from collections.abc import Callable
 
 import attrs
@@ -44,9 +45,19 @@ class VddkSettings:
     compression: str | None = None
     nbdkit: str = "nbdkit"
     #: The plugin and its leading arguments, as shell words.
-    plugin: str = "vddk"
+    plugin: str = attrs.field(default="vddk", validator=lambda _, attribute, value: _shell_words(attribute.name, value))
     #: More vddk ``KEY=VALUE`` parameters (config, cookie, ...).
     options: tuple[tuple[str, str], ...] = ()
+
+
+def _shell_words(name: str, value: str) -> None:
+    """Refuse a value that does not split into at least one shell word (checked once, not per job)."""
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} {value!r} is not a list of shell words ({exc})") from None
+    if not words:
+        raise ValueError(f"{name} is empty")
 
 
 @attrs.frozen

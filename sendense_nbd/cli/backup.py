@@ -55,6 +55,17 @@ The disk source, one per disk (the password comes from an inherited pipe, never 
 """
 
 
+def _plugin_words(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--vddk-plugin`` must split into shell words, checked as the node checks ``[vddk] plugin``."""
+    from sendense_nbd.backup import VddkSettings
+
+    try:
+        VddkSettings(plugin=value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _parse_targets(text: str | None) -> dict[int | None, str]:
     """``KEY=URI[,KEY=URI...]`` (``KEY:URI`` as the seed system wrote it is accepted too)."""
     targets: dict[int | None, str] = {}
@@ -195,7 +206,9 @@ def cli(verbose: int) -> None:
     help="Another vddk KEY=VALUE (config, cookie, ...).",
 )
 @click.option("--nbdkit", default="nbdkit", show_default=True, help="The nbdkit command.")
-@click.option("--vddk-plugin", default="vddk", show_default=True, help="The plugin and its leading args.")
+@click.option(
+    "--vddk-plugin", default="vddk", show_default=True, callback=_plugin_words, help="The plugin and its leading args."
+)
 def migrate(
     vmware_endpoint: str,
     vmware_username: str,

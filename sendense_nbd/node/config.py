@@ -170,7 +170,10 @@ def _vddk(path: str, section: dict[str, Any]) -> VddkSettings:
         raise ConfigError(f'{path}: [vddk] options must be a table, e.g. options = {{config = "/etc/vddk.conf"}}')
     texts = {key: _text(path, "vddk", section, key) for key in section if key != "options"}
     given = {key: value for key, value in texts.items() if value is not None}
-    return VddkSettings(**given, options=tuple((str(k), str(v)) for k, v in options.items()))
+    try:
+        return VddkSettings(**given, options=tuple((str(k), str(v)) for k, v in options.items()))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [vddk] {exc}") from None
 
 
 def _count(path: str, section: dict[str, Any], key: str, default: int, high: int) -> int:

@@ -86,6 +86,28 @@ def test_targets_parse_both_spellings_and_refuse_nonsense() -> None:
             _parse_targets(bad)
 
 
+def test_a_plugin_that_is_not_shell_words_is_refused_before_anything_runs() -> None:
+    """Not at every job (as a bare ValueError inside nbdkit's set-up): the flag itself is refused, exit 2."""
+    from click.testing import CliRunner
+
+    from sendense_nbd.cli.backup import cli
+
+    args = [
+        "migrate",
+        "--vmware-endpoint",
+        "vc",
+        "--vmware-username",
+        "u",
+        "--vmware-path",
+        "/dc/vm/x",
+        "--job-id",
+        "j",
+    ]
+    for bad, problem in (('vddk "x', "is not a list of shell words"), (" ", "is empty")):
+        result = CliRunner().invoke(cli, [*args, "--vddk-plugin", bad])
+        assert result.exit_code == 2 and problem in result.output, result.output
+
+
 def test_exit_status_by_error_type() -> None:
     """A BackupError counts as its reason; every status is in the help's exit status list."""
     cases: list[tuple[BackupError | OSError | VSphereError | HubApiError | DiskSourceError, int]] = [

@@ -54,6 +54,8 @@ def test_every_section_refuses_an_unknown_key(tmp_path: Path, section: str) -> N
         ('[vddk]\noptions = "config=/x"\n', r"\[vddk\] options must be a table"),
         ("vddk = 3\n", r"\[vddk\] must be a table"),
         ("[node]\ntoken_file = 7\n", r"\[node\] token_file must be a string"),
+        ('[vddk]\nplugin = "vddk \\"x"\n', r"\[vddk\] plugin 'vddk \"x' is not a list of shell words"),
+        ('[vddk]\nplugin = " "\n', r"\[vddk\] plugin is empty"),
     ],
 )
 def test_wrong_types_are_refused_by_key(tmp_path: Path, extra: str, problem: str) -> None:

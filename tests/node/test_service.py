@@ -8,8 +8,9 @@ import socket
 
 import pytest
 
-from sendense_nbd.backup import Mode, VddkSettings
+from sendense_nbd.backup import Mode
 from sendense_nbd.errors import Conflict, NodeBusy, UnknownJob
+from sendense_nbd.node import service
 from sendense_nbd.node.config import NodeConfig
 from sendense_nbd.node.jobs import JobState, JobTable, NodeJob
 from sendense_nbd.node.requests import BackupRequest
@@ -75,12 +76,16 @@ async def test_node_raises_domain_errors_and_owns_its_tasks() -> None:
     assert node.job("a").to_json()["state"] == "cancelled"
 
 
-async def test_a_defect_fails_its_job_alone_and_the_node_goes_on() -> None:
-    """A job that hits a defect (vddk's plugin words do not parse: nothing checks them) fails, and the
-    node's task group does not cancel the next job: it runs and fails the same way. Later jobs still
-    start, and close() cancels them."""
-    broken = VddkSettings(plugin='vddk "unclosed', thumbprint="AA:" * 19 + "AA")
-    config = NodeConfig(endpoint=f"127.0.0.1:{_closed_port()}", username="u", password="p", max_jobs=1, vddk=broken)
+async def test_a_defect_fails_its_job_alone_and_the_node_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that hits a defect (an error no layer translates, injected here where jobs are prepared)
+    fails, and the node's task group does not cancel the next job: it runs and fails the same way.
+    Later jobs still start, and close() cancels them."""
+
+    def defect(settings: object) -> None:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(service, "prepare", defect)
+    config = NodeConfig(endpoint=f"127.0.0.1:{_closed_port()}", username="u", password="p", max_jobs=1)
     node = Node(config)
     await node.start()
     first, second = node.start_backup(_request("a")), node.start_backup(_request("b"))
@@ -89,7 +94,7 @@ async def test_a_defect_fails_its_job_alone_and_the_node_goes_on() -> None:
     assert len(done) == 2
     for job in (first, second):
         assert job.state is JobState.FAILED and job.error is not None and job.finished, job.to_json()
-        assert job.error.message == "node defect: ValueError('No closing quotation')"
+        assert job.error.message == "node defect: RuntimeError('a defect')"
     third = node.start_backup(_request("c"))
     node.close()
     await asyncio.wait_for(node.wait_closed(), timeout=30)
