@@ -54,7 +54,7 @@ from sendense_nbd.errors import (
 )
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
 from sendense_nbd.protocol.extents import Extent
-from sendense_nbd.storage import BlockDevice, ImageFormat
+from sendense_nbd.storage import BlockDevice, ImageFormat, require_opened
 
 T = TypeVar("T")
 
@@ -341,7 +341,7 @@ class LocalEndpoint:
     """A local raw or qcow2 image (a :class:`~sendense_nbd.storage.BlockDevice`)."""
 
     def __init__(self, device: BlockDevice, name: str, *, threads: int = 4) -> None:
-        self.device = device
+        self.device = require_opened(device, f"copy endpoint {name!r}")
         self._name = name
         self._threads = max(1, threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="copy-io")

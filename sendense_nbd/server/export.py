@@ -7,15 +7,14 @@ import attrs
 from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, TransmissionFlag
 from sendense_nbd.protocol.handshake import ExportInfo
-from sendense_nbd.storage.base import Backend, BlockDevice
+from sendense_nbd.storage.base import BlockDevice, require_opened
 
 
-def _checked(export: Export, _: attrs.Attribute[BlockDevice], device: BlockDevice) -> None:
-    if isinstance(device, Backend):
-        raise ServerError(
-            f"export {export.name!r}: serve the device opened (open_image, memory_device or CheckedDevice), "
-            f"not the bare {type(device).__name__} backend"
-        )
+def _opened(export: Export, _: attrs.Attribute[BlockDevice], device: BlockDevice) -> None:
+    try:
+        require_opened(device, f"export {export.name!r}")
+    except TypeError as exc:
+        raise ServerError(str(exc)) from None
 
 
 @attrs.frozen(slots=True)
@@ -23,7 +22,7 @@ class Export:
     """A block device served under ``name``: the checking adapter or a filter over it, never a bare backend."""
 
     name: str
-    device: BlockDevice = attrs.field(validator=_checked)
+    device: BlockDevice = attrs.field(validator=_opened)
     description: str = ""
     readonly: bool = False
     #: Offer ``qemu:allocation-depth``, as ``qemu-nbd -A`` does.

@@ -21,6 +21,7 @@ from sendense_nbd.storage.base import (
     Support,
     check_range,
     is_zero,
+    require_opened,
 )
 from sendense_nbd.storage.modes import CacheMode, DetectZeroes, Discard, ImageFormat
 
@@ -59,6 +60,7 @@ __all__ = [
     "PolicyDevice",
     "Support",
     "check_range",
+    "require_opened",
     "create_image",
     "is_zero",
     "memory_device",

@@ -307,6 +307,17 @@ def range_error(size: int, offset: int, length: int, action: str, errno: Errno) 
     return DeviceError(errno, f"{action} of {length} bytes at offset {offset} is outside the device ({size} bytes)")
 
 
+def require_opened(device: BlockDevice, user: str) -> BlockDevice:
+    """``device`` if it is opened: the checking adapter, or a filter over it. A bare backend skips the
+    range checks and the emulation, so it is refused (``TypeError``: a programming error)."""
+    if isinstance(device, Backend):
+        raise TypeError(
+            f"{user}: use the device opened (open_image, memory_device or CheckedDevice), "
+            f"not the bare {type(device).__name__} backend"
+        )
+    return device
+
+
 def check_range(size: int, *, offset: int, length: int, action: str, errno: Errno = Errno.EINVAL) -> None:
     """Refuse a request outside ``0 <= offset <= offset + length <= size``: the range check of
     the adapter (inlined in its read, write and zero) and of a filter member that answers

@@ -154,9 +154,7 @@ class CheckedDevice:
 
     # -- checks and emulation ------------------------------------------------------
 
-    def _map(
-        self, what: str, describe: Callable[..., list[_Described]], offset: int, length: int
-    ) -> list[_Described]:
+    def _map(self, what: str, describe: Callable[..., list[_Described]], offset: int, length: int) -> list[_Described]:
         """The map of a non-empty range, checked to run on from ``offset`` (else EIO): a block
         status reply encodes only lengths, so a gap or a wrong start would go unnoticed."""
         if offset < 0 or length <= 0 or offset + length > self.size:

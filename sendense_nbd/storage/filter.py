@@ -13,7 +13,7 @@ what ``super()`` reaches from an override.
 from __future__ import annotations
 
 from sendense_nbd.protocol.extents import Extent
-from sendense_nbd.storage.base import BlockDevice, Capabilities
+from sendense_nbd.storage.base import BlockDevice, Capabilities, require_opened
 
 _MEMBERS = (
     "read_into",
@@ -33,7 +33,7 @@ class Filter:
     """A :class:`~sendense_nbd.storage.base.BlockDevice` passing every member to ``next``."""
 
     def __init__(self, next: BlockDevice) -> None:
-        self.next = next
+        self.next = require_opened(next, type(self).__name__)
         for name in _MEMBERS:
             if getattr(type(self), name) is getattr(Filter, name):  # not overridden
                 setattr(self, name, getattr(next, name))

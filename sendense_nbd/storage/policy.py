@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from sendense_nbd.errors import DeviceError
+from sendense_nbd.protocol.constants import Errno
 from sendense_nbd.storage.base import BlockDevice, Capabilities, Support, check_range, is_zero
 from sendense_nbd.storage.filter import Filter
 from sendense_nbd.storage.modes import DetectZeroes, Discard
@@ -40,6 +42,8 @@ class PolicyDevice(Filter):
         if self._unmap:
             self.next.trim(offset=offset, length=length, fua=fua)
             return
+        if not self._capabilities.writable:
+            raise DeviceError(Errno.EPERM, f"cannot change offset {offset}: the device is read-only")
         check_range(self.size, offset=offset, length=length, action="trim")
         if fua:
             self.next.flush()

@@ -12,6 +12,7 @@ import pytest
 
 import sendense_nbd
 import sendense_nbd.storage
+from sendense_nbd.copy.endpoints import LocalEndpoint
 from sendense_nbd.errors import DeviceError, ServerError
 from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
@@ -197,10 +198,23 @@ def test_has_backing_is_a_capability(tmp_path: Path) -> None:
     assert not memory_device(SIZE).capabilities.has_backing
 
 
-def test_a_bare_backend_cannot_be_served() -> None:
+def test_a_bare_backend_cannot_be_served_filtered_or_copied() -> None:
+    """Every way to use a device takes it opened: a bare backend would skip the range checks."""
     with pytest.raises(ServerError, match="not the bare MemoryDevice backend"):
         Export("disk", MemoryDevice(SIZE))
+    with pytest.raises(TypeError, match="PolicyDevice: .* not the bare MemoryDevice backend"):
+        PolicyDevice(MemoryDevice(SIZE), discard=Discard.UNMAP, detect_zeroes=DetectZeroes.OFF)
+    with pytest.raises(TypeError, match="copy endpoint 'm': .* not the bare MemoryDevice backend"):
+        LocalEndpoint(MemoryDevice(SIZE), "m")
     assert Export("disk", memory_device(SIZE)).info(multi_conn=False).size == SIZE
+
+
+def test_discard_ignore_refuses_a_trim_on_a_read_only_device() -> None:
+    """The filter answers the trim itself, so it refuses what the adapter refuses (EPERM) too."""
+    device = PolicyDevice(memory_device(SIZE, readonly=True), discard=Discard.IGNORE, detect_zeroes=DetectZeroes.OFF)
+    with pytest.raises(DeviceError, match="read-only") as err:
+        device.trim(offset=0, length=4096, fua=True)
+    assert err.value.errno == Errno.EPERM
 
 
 # -- emulation: a backend that only reads and writes -----------------------------------------------
