@@ -65,15 +65,16 @@ def commit(top: str) -> int:
 def _own_ranges(overlay: BlockDevice) -> list[Extent]:
     """The ranges ``overlay`` itself defines (allocation depth 1), merged."""
     ranges: list[Extent] = []
-    if not overlay.size:
-        return ranges
-    for extent in overlay.allocation_depth(offset=0, length=overlay.size):
-        if extent.status != 1:
-            continue
-        if ranges and ranges[-1].end == extent.offset:
-            ranges[-1] = Extent(ranges[-1].offset, ranges[-1].length + extent.length, 1)
-        else:
-            ranges.append(extent)
+    offset = 0
+    while offset < overlay.size:  # a device may describe less than asked: ask again from where it stopped
+        for extent in overlay.allocation_depth(offset=offset, length=overlay.size - offset):
+            offset = extent.end
+            if extent.status != 1:
+                continue
+            if ranges and ranges[-1].end == extent.offset:
+                ranges[-1] = Extent(ranges[-1].offset, ranges[-1].length + extent.length, 1)
+            else:
+                ranges.append(extent)
     return ranges
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from sendense_nbd.errors import ImageError
-from sendense_nbd.storage.qcow2.commit import backing_path, commit
+from sendense_nbd.protocol.extents import Extent
+from sendense_nbd.storage import Filter, ImageFormat, open_image
+from sendense_nbd.storage.qcow2.commit import _own_ranges, backing_path, commit
 from tests.conftest import require, run
 
 pytestmark = pytest.mark.peer
@@ -62,3 +64,21 @@ def test_commit_needs_a_backing_file(tmp_path: Path) -> None:
     assert backing_path(str(top)) is None
     with pytest.raises(ImageError, match="no backing file"):
         commit(str(top))
+
+
+class _Piecemeal(Filter):
+    """Answers each allocation-depth question with its first extent only, as the contract allows."""
+
+    def allocation_depth(self, *, offset: int, length: int) -> list[Extent]:
+        return self.next.allocation_depth(offset=offset, length=length)[:1]
+
+
+def test_the_overlays_own_ranges_are_asked_for_until_the_whole_disk_is_covered(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.qcow2"
+    run(require("qemu-img"), "create", "-q", "-f", "qcow2", str(overlay), str(16 * MiB))
+    qemu_io(overlay, "write -P 1 1M 1M", "write -P 2 8M 64k", "write -P 3 15M 1M")
+    device = _Piecemeal(open_image(str(overlay), ImageFormat.QCOW2, readonly=True))
+    try:
+        assert _own_ranges(device) == [Extent(1 * MiB, MiB, 1), Extent(8 * MiB, 64 << 10, 1), Extent(15 * MiB, MiB, 1)]
+    finally:
+        device.close()
