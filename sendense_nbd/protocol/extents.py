@@ -7,6 +7,9 @@ server's reply, from the client's parser to the copy planner.
 
 ``status`` is the context's 32-bit value: :class:`AllocationFlag` bits for
 ``base:allocation``, the backing-chain depth for ``qemu:allocation-depth``.
+Only the reply parser keeps a chunk's descriptors in their wire form
+(:class:`~sendense_nbd.protocol.replies.ExtentList`, 8 bytes each, so a huge
+reply costs no objects); the client turns them into extents at once.
 """
 
 from __future__ import annotations

@@ -70,11 +70,6 @@ class ExtentList:
             raise ValueError("extent bytes must be a multiple of 8")
         self._raw = raw
 
-    @classmethod
-    def of(cls, extents: Iterable[tuple[int, int]]) -> ExtentList:
-        """Encode ``(length, flags)`` pairs (for tests and callers that build lists)."""
-        return cls(b"".join(wire.EXTENT.pack(length, flags) for length, flags in extents))
-
     def __len__(self) -> int:
         return len(self._raw) // wire.EXTENT.size
 
