@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sendense_nbd import __version__
+from sendense_nbd.backup.records import Mode
 from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.errors import BackupError, HubApiError, SendenseError, SnapshotNotRemoved, VSphereError
 from sendense_nbd.tunnel.cli import tunnel_command
@@ -173,7 +174,7 @@ def cli(verbose: int) -> None:
     help="One target per disk: KEY=nbd://host:port/export[,KEY=...] (multi-disk VMs).",
 )
 @click.option("--job-id", required=True, help="Names the snapshot (sbak-JOB) and the job at the hub.")
-@click.option("--mode", type=click.Choice(["full", "incremental", "auto"]), default="auto", show_default=True)
+@click.option("--mode", type=click.Choice([mode.value for mode in Mode]), default="auto", show_default=True)
 @click.option("--quiesce", is_flag=True, help="Quiesce the guest file systems (VMware Tools) for the snapshot.")
 @click.option("--connections", type=click.IntRange(1, 16), default=4, show_default=True, help="Per disk and side.")
 @click.option("--requests", type=click.IntRange(1, 256), default=16, show_default=True, help="Per connection.")
@@ -240,7 +241,7 @@ def migrate(
     vddk_plugin: str,
 ) -> None:
     """Back up one VM: snapshot, copy each disk (full or CBT-incremental) into its NBD target, record change IDs."""
-    from sendense_nbd.backup import BackupSettings, BackupSpec, Mode, VddkSettings
+    from sendense_nbd.backup import BackupSettings, BackupSpec, VddkSettings
 
     spec = BackupSpec(
         job_id=job_id,
