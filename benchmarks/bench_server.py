@@ -14,6 +14,11 @@ Cases (each against both servers, same flags: ``-f FORMAT -e N -t
   target (a sparse file, or an empty ``qemu-img create -f qcow2`` image),
   default connections (4) and ``--connections=1``;
 * ``sparse write``: the same from a sparse source with 10% data;
+* ``dense2``, ``dense4``: the dense write with ``--connections=2``, and
+  ``--connections=4 --threads=4`` (nbdcopy never uses more connections than
+  threads, which default to nproc: on 2 cores ``dense`` runs 2);
+* ``--nbdcopy-defaults`` (issue 19's configuration): 1 GiB, ``-e 4``, 4 rounds,
+  cases dense, dense1, dense2, dense4;
 * ``read``: ``nbdcopy nbd://... null:`` from an export of the dense data
   (the raw file, or its ``qemu-img convert -O qcow2`` copy);
 * ``memory``: peak RSS (VmHWM) of each server while 10 libnbd clients keep
@@ -166,9 +171,15 @@ class Server:
         m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
         return int(m.group(1)) if m else 0
 
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_seconds(self, task: int | None = None) -> float:
+        """User+system CPU s of the process (all threads, exited ones too), or of one thread ``task``."""
+        stat = f"/proc/{self.proc.pid}/stat" if task is None else f"/proc/{self.proc.pid}/task/{task}/stat"
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def main_thread_seconds(self) -> float:
+        """CPU s of the main thread: the event loop (ours), the coroutines and socket I/O (qemu-nbd)."""
+        return self.cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         _kill(self.proc)
@@ -182,6 +193,7 @@ class Config:
         self.timeout: float = args.timeout
         self.format: str = getattr(args, "format", "raw")
         self.prefault: bool = getattr(args, "prefault", False)
+        self.sync: bool = not getattr(args, "no_sync", False)
         self.ours_prefix: list[str] = []  # e.g. a profiler wrapping our server
 
     def server_flags(self) -> str:
@@ -474,14 +486,18 @@ class Case:
     key: str
     title: str
     kind: str  # dense | sparse | read
-    connections: int | None  # None: nbdcopy's default (4)
+    connections: int | None  # None: nbdcopy's default (4, but never more than its threads = nproc)
     source: Path | None = None  # None for reads
     export: Path | None = None  # for reads
+    threads: int | None = None  # None: nbdcopy's default (nproc)
     samples: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "qemu": []})
     cpu: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "qemu": []})
+    #: Per run: the server's main-thread CPU s, page-cache Dirty/Writeback peaks (MiB)
+    extra: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"ours": [], "qemu": []})
 
     def nbdcopy_args(self, uri: str) -> list[str]:
         conn = [] if self.connections is None else [f"--connections={self.connections}"]
+        conn += [] if self.threads is None else [f"--threads={self.threads}"]
         if self.kind == "read":
             return ["nbdcopy", *conn, uri, "null:"]
         return ["nbdcopy", "--flush", *conn, str(self.source), uri]
@@ -495,6 +511,43 @@ class Case:
     def ratio(self) -> float:
         q = self.median("qemu")
         return self.median("ours") / q if q else float("nan")
+
+
+def _meminfo_mib(keys: tuple[str, ...] = ("Dirty", "Writeback")) -> dict[str, float]:
+    text = Path("/proc/meminfo").read_text()
+    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) / 1024 for k in keys}  # type: ignore[union-attr]
+
+
+class MeminfoSampler:
+    """Samples /proc/meminfo Dirty and Writeback every 50 ms while a run goes on; keeps the peaks."""
+
+    def __init__(self) -> None:
+        self.start = _meminfo_mib()
+        self.peak = dict(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            for k, v in _meminfo_mib().items():
+                self.peak[k] = max(self.peak[k], v)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {
+            "dirty_start": self.start["Dirty"],
+            "writeback_start": self.start["Writeback"],
+            "dirty_peak": self.peak["Dirty"],
+            "writeback_peak": self.peak["Writeback"],
+        }
+
+
+def dense_default_title() -> str:
+    """nbdcopy's default is 4 connections, but never more than its threads (nproc): name what runs."""
+    conns = min(4, len(os.sched_getaffinity(0)))
+    return "dense write, 4 conn" if conns == 4 else f"dense write, nbdcopy defaults ({conns} conn)"
 
 
 def run_once(
@@ -512,17 +565,23 @@ def run_once(
     else:
         image, readonly = fresh_target(size, cfg.format), False
     warm_cache(case.export if readonly else case.source)  # type: ignore[arg-type]
-    os.sync()  # do not let the previous run's writeback land in this one
+    if cfg.sync:
+        os.sync()  # do not let the previous run's writeback land in this one
     server = cfg.start(which, image, readonly)
     try:
         if cfg.prefault and not readonly:
             prefault(size + 256 * MiB)
-        cpu0 = server.cpu_seconds()
+        cpu0, main0 = server.cpu_seconds(), server.main_thread_seconds()
         args = case.nbdcopy_args(server.uri)
+        sampler = MeminfoSampler()
         t0 = time.perf_counter()
         res = subprocess.run(args, capture_output=True, timeout=cfg.timeout)
         elapsed = time.perf_counter() - t0
+        extra = sampler.stop()
         cpu = server.cpu_seconds() - cpu0
+        extra["main_cpu"] = server.main_thread_seconds() - main0
+        extra["cpu"], extra["seconds"] = cpu, elapsed
+        case.extra[which].append(extra)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.decode(errors='replace')}")
     finally:
@@ -544,6 +603,7 @@ def run_case(cfg: Config, case: Case, size: int, rounds: int, warmup: bool) -> N
     if warmup:
         for which in ("ours", "qemu"):
             mbs, cpu = run_once(cfg, case, which, size, "warm-up", compare=True)
+            case.extra[which].pop()
             print(f"   warm-up {which:4s} {mbs:8.1f} MB/s  (server CPU {cpu:.2f} s)", flush=True)
     for r in range(rounds):
         order = ("ours", "qemu") if r % 2 == 0 else ("qemu", "ours")
@@ -551,7 +611,13 @@ def run_case(cfg: Config, case: Case, size: int, rounds: int, warmup: bool) -> N
             mbs, cpu = run_once(cfg, case, which, size, f"round {r + 1}", compare=not warmup and r == 0)
             case.samples[which].append(mbs)
             case.cpu[which].append(cpu)
-            print(f"   round {r + 1} {which:4s} {mbs:8.1f} MB/s  (server CPU {cpu:.2f} s)", flush=True)
+            e = case.extra[which][-1]
+            print(
+                f"   round {r + 1} {which:4s} {mbs:8.1f} MB/s  (server CPU {cpu:.2f} s, main thread"
+                f" {e['main_cpu']:.2f} s; Dirty {e['dirty_start']:.0f} MiB at start, peak {e['dirty_peak']:.0f},"
+                f" Writeback peak {e['writeback_peak']:.0f})",
+                flush=True,
+            )
     print(
         f"   median ours {case.median('ours'):.1f} MB/s, qemu-nbd {case.median('qemu'):.1f} MB/s,"
         f" ratio {case.ratio():.2f}",
@@ -912,18 +978,26 @@ def checks_cell(prefix: str, readonly: bool = False) -> str:
 def table(cases: list[Case], memory: dict[str, dict[str, float]], size: int, fmt: str = "raw") -> str:
     qcow2 = fmt == "qcow2"
     lines = [
-        "| case | ours MB/s | qemu-nbd MB/s | ours/qemu | target | | server CPU s/GiB ours / qemu |"
+        "| case | ours MB/s | qemu-nbd MB/s | ours/qemu | target | | server CPU s/GiB ours / qemu"
+        " | of it main thread ours / qemu | slowest run, % of median ours / qemu |"
         + (" qemu-img check of targets |" if qcow2 else ""),
-        "|---|---:|---:|---:|---:|---|---:|" + ("---|" if qcow2 else ""),
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|" + ("---|" if qcow2 else ""),
     ]
     gib = size / 1024**3
     for c in cases:
         target = TARGETS[c.kind]
         r = c.ratio()
         cpu = f"{statistics.median(c.cpu['ours']) / gib:.2f} / {statistics.median(c.cpu['qemu']) / gib:.2f}"
+        main = " / ".join(
+            f"{statistics.median(e['main_cpu'] for e in c.extra[w]) / gib:.2f}" if c.extra[w] else "-"
+            for w in ("ours", "qemu")
+        )
+        slowest = " / ".join(
+            f"{100 * min(c.samples[w]) / c.median(w):.0f}%" if c.samples[w] else "-" for w in ("ours", "qemu")
+        )
         lines.append(
             f"| {c.title} | {c.median('ours'):.0f} | {c.median('qemu'):.0f} | {fmt_ratio(r)} | >= {target:.1f}x "
-            f"| {verdict(r >= target)} | {cpu} |"
+            f"| {verdict(r >= target)} | {cpu} | {main} | {slowest} |"
             + (f" {checks_cell(c.title + ' /', c.kind == 'read')} |" if qcow2 else "")
         )
     if memory:
@@ -1102,7 +1176,8 @@ def section(
         " median MB/s = 10^6 bytes of virtual size per second of nbdcopy wall time (includes --flush);"
         " a fresh server per run, a fresh "
         + (f"empty qcow2 target (`qemu-img create -f qcow2 target.qcow2 {size}`)" if qcow2 else "sparse target")
-        + " per write run, the source read into page cache and `sync` before each run"
+        + " per write run, the source read into page cache"
+        + (" and `sync` before each run" if cfg.sync else " (no `sync` between runs: --no-sync)")
         + (
             "; `--prefault`: before each write run size+256 MiB of anonymous memory is touched and freed,"
             " because on this VM freed memory returns to the host and re-faulting it costs seconds per 2 GiB"
@@ -1225,6 +1300,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: 256 MiB, 1 round, no warm-up, 3 s memory test")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument(
+        "--nbdcopy-defaults",
+        action="store_true",
+        help="issue 19's configuration: 1 GiB, -e 4, 4 rounds, cases dense,dense1,dense2,dense4"
+        " (explicit --size/--shared/--rounds/--cases win)",
+    )
+    p.add_argument("--no-sync", action="store_true", help="do not run sync before each run")
+    p.add_argument(
         "--prefault",
         action="store_true",
         help="touch size+256 MiB of memory right before each write run (see prefault(); experimental)",
@@ -1232,7 +1314,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--cases",
         default=None,
-        help="comma list of: dense dense1 sparse sparse1 read read1 memory, and with --format qcow2 also"
+        help="comma list of: dense dense1 dense2 dense4 sparse sparse1 read read1 memory, and with --format qcow2 also"
         " overlay bigdisk (default: all of them for the format)",
     )
     p.add_argument("--memory-seconds", type=float, default=10.0)
@@ -1253,6 +1335,16 @@ def main(argv: list[str]) -> int:
         help="arguments put between our python and '-m sendense_nbd', e.g. '-m cProfile -o /tmp/x.prof'",
     )
     args = p.parse_args(argv)
+    if args.nbdcopy_defaults:
+        given = " ".join(argv)
+        for flag, name, value in (
+            ("--size", "size", 1024 * MiB),
+            ("--shared", "shared", 4),
+            ("--rounds", "rounds", 4),
+            ("--cases", "cases", "dense,dense1,dense2,dense4"),
+        ):
+            if flag not in given:
+                setattr(args, name, value)
     if args.quick:
         if "--size" not in " ".join(argv):
             args.size = 256 * MiB
@@ -1285,8 +1377,10 @@ def main(argv: list[str]) -> int:
         make_qcow2_copy(dense) if args.format == "qcow2" and ({"read", "read1", "overlay"} & set(wanted)) else dense
     )
     all_cases = {
-        "dense": Case("dense", "dense write, 4 conn", "dense", None, source=dense),
+        "dense": Case("dense", dense_default_title(), "dense", None, source=dense),
         "dense1": Case("dense1", "dense write, 1 conn", "dense", 1, source=dense),
+        "dense2": Case("dense2", "dense write, 2 conn", "dense", 2, source=dense),
+        "dense4": Case("dense4", "dense write, 4 conn, 4 threads", "dense", 4, source=dense, threads=4),
         "sparse": Case("sparse", "sparse write (10% data), 4 conn", "sparse", None, source=sparse),
         "sparse1": Case("sparse1", "sparse write (10% data), 1 conn", "sparse", 1, source=sparse),
         "read": Case("read", "read to null:, 4 conn", "read", None, export=export),
@@ -1387,7 +1481,7 @@ def main(argv: list[str]) -> int:
                 {
                     "size": size,
                     "format": cfg.format,
-                    "cases": {c.key: {"samples": c.samples, "cpu": c.cpu} for c in cases},
+                    "cases": {c.key: {"samples": c.samples, "cpu": c.cpu, "extra": c.extra} for c in cases},
                     "memory": memory,
                     "overlay": {
                         oc.key: {"nmib": oc.nmib, "base": oc.base_size, "seconds": oc.samples, "startup": oc.startup}
