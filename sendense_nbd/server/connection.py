@@ -41,7 +41,7 @@ import socket
 import struct
 import termios
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from sendense_nbd.errors import DeviceError, ProtocolError
@@ -87,6 +87,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._parser: tx.RequestParser | None = None
         self._negotiated: Negotiated | None = None
         self._device: BlockDevice | None = None
+        #: Runs WRITE, WRITE_ZEROES and TRIM: the export's write queue, or the thread pool.
+        self._change: Callable[[Callable[[], None]], Awaitable[None]] = self._run
         self._pending: deque[tx.Request] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._held = 0  # request bytes charged to the budget
@@ -198,6 +200,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, Negotiated):
             self._negotiated = event
             self._device = self._context.devices[event.export.name]
+            queue = self._context.write_queues.get(event.export.name)
+            if queue is not None:
+                self._change = queue.run
             self._parser = tx.RequestParser(allocate=self._allocate_payload, may_allocate=self._room)
             self._handshake = None
             self._handshake_buffer = bytearray()
@@ -433,11 +438,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         if command == Command.WRITE:
             assert request.payload is not None
             if length:
-                await self._run(functools.partial(device.write, offset=offset, data=request.payload, fua=fua))
+                await self._change(functools.partial(device.write, offset=offset, data=request.payload, fua=fua))
             self.bytes_written += length
         elif command == Command.WRITE_ZEROES:
             if length:
-                await self._run(
+                await self._change(
                     functools.partial(
                         device.zero,
                         offset=offset,
@@ -451,7 +456,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             # Advisory, as in qemu-nbd: a device that cannot trim (--discard ignore) succeeds doing nothing,
             # without a thread hop (check_request has refused what lies outside the export).
             if length and device.capabilities.can_trim:
-                await self._run(functools.partial(device.trim, offset=offset, length=length, fua=fua))
+                await self._change(functools.partial(device.trim, offset=offset, length=length, fua=fua))
             elif fua:
                 await self._run(device.flush)
         elif command == Command.FLUSH:

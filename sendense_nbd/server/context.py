@@ -20,6 +20,7 @@ import attrs
 
 from sendense_nbd.protocol.handshake import ExportInfo
 from sendense_nbd.server.buffers import Budget, BufferPool
+from sendense_nbd.server.writes import WriteQueue
 from sendense_nbd.storage.base import BlockDevice
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class ConnectionContext:
     buffers: BufferPool
     #: Runs the storage calls.
     executor: Executor
+    #: Per export name, for devices that write one request at a time: their queue on ``executor``.
+    write_queues: Mapping[str, WriteQueue]
     admission: Admission
     #: Seconds to pick an export; 0: no limit.
     handshake_limit: float

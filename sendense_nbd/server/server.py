@@ -37,6 +37,7 @@ from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.connection import ServerConnection
 from sendense_nbd.server.context import Admission, ConnectionContext
 from sendense_nbd.server.export import Export
+from sendense_nbd.server.writes import WriteQueue
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class NBDServer:
         )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         multi_conn = shared != 1
+        queues: dict[int, WriteQueue] = {}  # one per device, whatever names it is exported under
         #: What every connection shares (exports, memory, thread pool, limits); read it for monitoring.
         self.context = ConnectionContext(
             catalog=MappingProxyType({name: e.info(multi_conn=multi_conn) for name, e in self._exports.items()}),
@@ -100,6 +102,13 @@ class NBDServer:
             budget=Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET)),
             buffers=BufferPool(min(budget, DEFAULT_POOL)),
             executor=self._executor,
+            write_queues=MappingProxyType(
+                {
+                    name: queues.setdefault(id(export.device), WriteQueue(self._executor))
+                    for name, export in self._exports.items()
+                    if export.device.capabilities.serial_writes
+                }
+            ),
             admission=self._admission,
             handshake_limit=handshake_limit,
             io_timeout=io_timeout,

@@ -100,6 +100,9 @@ class Capabilities:
     can_multi_conn: bool = True
     #: Unallocated ranges read from a backing image.
     has_backing: bool = False
+    #: The backend runs one change (write, zero, trim) at a time anyway, behind one lock:
+    #: a server queues them on one thread instead of letting threads wait on that lock.
+    serial_writes: bool = False
     min_block: int = 1
     preferred_block: int = 4096
 

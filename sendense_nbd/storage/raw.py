@@ -109,6 +109,7 @@ class RawDevice(Backend):
             cache=Support.NATIVE,
             read_cached=Support.NATIVE,
             fast_zero=True,
+            serial_writes=self._direct_fd < 0,  # buffered writes take _write_lock; O_DIRECT ones run in parallel
         )
 
     @property

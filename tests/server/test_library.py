@@ -8,11 +8,13 @@ import sys
 import threading
 from pathlib import Path
 
+import attrs
 import pytest
 
 from sendense_nbd import Export, NBDServer, ServerError, memory_device
+from sendense_nbd.errors import DeviceError
 from sendense_nbd.protocol import wire
-from sendense_nbd.protocol.constants import Command, CommandFlag, Option, TransmissionFlag
+from sendense_nbd.protocol.constants import Command, CommandFlag, Errno, Option, TransmissionFlag
 from sendense_nbd.storage import CheckedDevice, DetectZeroes, Discard, PolicyDevice
 from sendense_nbd.storage.memory import MemoryDevice
 
@@ -68,6 +70,48 @@ async def test_replies_come_back_in_completion_order() -> None:
         gate.set()
         assert await _reply(reader) == (1, 0)
         writer.close()
+
+
+class SerialDevice(GatedDevice):
+    """A gated memory device that declares serial writes; a write at ``fail_at`` fails with EIO."""
+
+    fail_at = 3 * MiB
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._capabilities = attrs.evolve(self._capabilities, serial_writes=True)
+
+    def write(self, *, offset: int, data, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
+        if offset == self.fail_at:
+            raise DeviceError(Errno.EIO, "injected write error")
+        super().write(offset=offset, data=data, fua=fua)
+
+
+async def test_serial_writes_run_one_at_a_time_in_order_while_the_pool_serves_the_rest() -> None:
+    """A device that writes one request at a time gets its WRITEs queued on one thread: in order,
+    never two at once, one failure answered as an error without stopping the queue; a FLUSH and a
+    READ meanwhile run in the pool, and one device exported twice has one queue."""
+    device = SerialDevice(8 * MiB)
+    gate = device.gates[0] = threading.Event()
+    checked = CheckedDevice(device)
+    exports = [Export("", checked), Export("again", checked)]
+    async with NBDServer(exports, port=0, persistent=True, shared=2) as server:
+        queues = server.context.write_queues
+        assert set(queues) == {"", "again"} and queues[""] is queues["again"]
+        reader, writer = await _connect(server.port)  # type: ignore[arg-type]
+        writer.write(wire.encode_request(Command.WRITE, 1, 0, 4096) + b"a" * 4096)  # holds the queue
+        for handle, offset in ((2, MiB), (3, device.fail_at), (4, 2 * MiB)):
+            writer.write(wire.encode_request(Command.WRITE, handle, offset, 4096) + bytes([handle]) * 4096)
+        writer.write(wire.encode_request(Command.FLUSH, 5, 0, 0))
+        assert await _reply(reader) == (5, 0)  # not behind the queued writes
+        gate.set()
+        assert [await _reply(reader) for _ in range(4)] == [(1, 0), (2, 0), (3, Errno.EIO), (4, 0)]
+        assert device.max_active == 1
+        writer.close()
+    for offset, byte in ((0, b"a"), (MiB, b"\x02"), (2 * MiB, b"\x04")):
+        check = bytearray(4096)
+        device.read_into(offset=offset, buffer=memoryview(check))
+        assert check == byte * 4096
 
 
 async def test_a_trim_that_does_nothing_never_waits_for_the_thread_pool() -> None:

@@ -128,6 +128,7 @@ class Qcow2Device(Backend):
             read_cached=Support.NATIVE,
             fast_zero=header.version >= 3,
             has_backing=self.backing is not None,
+            serial_writes=True,  # one lock guards metadata and writes
             preferred_block=max(4096, self._cs),  # whole clusters avoid copy-on-write
         )
 
