@@ -76,3 +76,51 @@ def test_read_cached_never_blocks_and_agrees_with_read_into(tmp_path: Path) -> N
         assert not direct.read_cached(offset=0, buffer=memoryview(bytearray(4096)))  # O_DIRECT: never inline
     finally:
         direct.close()
+
+
+class _WriteOutSpy:
+    """Forwards to the C library and records each sync_file_range call (fd, offset, length, flags)."""
+
+    def __init__(self, libc: object) -> None:
+        self._libc = libc
+        self.calls: list[tuple[int, int, int, int]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._libc, name)
+
+    def sync_file_range(self, fd: int, offset: int, length: int, flags: int) -> int:
+        self.calls.append((fd, offset, length, flags))
+        return self._libc.sync_file_range(fd, offset, length, flags)  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize("cache", list(CacheMode))
+def test_writeback_cache_starts_write_out_as_data_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: CacheMode
+) -> None:
+    """With cache=writeback, every WRITEBACK_EVERY bytes of buffered writes start the file's write-out
+    (without waiting), so a later FLUSH finds little left; the other modes never do; data stays intact."""
+    from sendense_nbd.storage import raw
+
+    spy = _WriteOutSpy(raw._libc)
+    monkeypatch.setattr(raw, "_libc", spy)
+    path = tmp_path / "disk.img"
+    size = 3 * raw.WRITEBACK_EVERY
+    path.write_bytes(b"")
+    os.truncate(path, size)
+    payload = os.urandom(MiB + 512)  # unaligned, so cache=none writes it through the buffered descriptor too
+    device = RawDevice(str(path), cache=cache)
+    try:
+        for offset in range(0, size - len(payload), len(payload)):
+            device.write(offset=offset, data=payload)
+        written = (size - len(payload)) // len(payload) * len(payload)
+        device.flush()
+        if cache is CacheMode.WRITEBACK:
+            assert len(spy.calls) == written // raw.WRITEBACK_EVERY >= 2
+            assert all(call == (device._fd, 0, 0, raw._SYNC_FILE_RANGE_WRITE) for call in spy.calls)
+        else:
+            assert spy.calls == []
+        check = bytearray(len(payload))
+        device.read_into(offset=written - len(payload), buffer=memoryview(check))
+        assert check == payload
+    finally:
+        device.close()
