@@ -28,7 +28,7 @@ from collections.abc import Callable
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import Errno
 from sendense_nbd.storage.qcow2 import format as fmt
-from sendense_nbd.storage.raw import punch_hole
+from sendense_nbd.storage.raw import WRITEBACK_EVERY, punch_hole, start_write_out
 
 #: Memory for L2 tables (dirty ones may exceed it until the next flush).
 L2_CACHE_BYTES = 8 * 1024 * 1024
@@ -97,6 +97,7 @@ class MetadataCache:
         self._blocks = _Tables(REFCOUNT_CACHE_BYTES, self.cluster_size)
         self._l2_tables, self._block_tables = self._l2.tables, self._blocks.tables  # the hot lookups
         self._l1_dirty = self._refcount_table_dirty = self._header_dirty = self._data_dirty = False
+        self._write_out_due: int | None = WRITEBACK_EVERY  # data bytes until the file's write-out starts
         self._metadata_key = -1
         self._metadata: set[int] = set()
 
@@ -195,9 +196,16 @@ class MetadataCache:
     # -- the file --------------------------------------------------------------------
 
     def write_data(self, host: int, data: memoryview) -> None:
-        """Write guest data at ``host``; the next flush makes it durable before any table."""
+        """Write guest data at ``host``; the next flush makes it durable before any table.
+
+        Every ``WRITEBACK_EVERY`` bytes start the file's write-out (not waited for): only data
+        is dirty between flushes, so this changes no ordering, and the flush finds less to do."""
         self._pwrite(host, data)
         self._data_dirty = True
+        if self._write_out_due is not None:  # let the disk work while data arrives (raw's WRITEBACK_EVERY)
+            self._write_out_due -= len(data)
+            if self._write_out_due <= 0:
+                self._write_out_due = WRITEBACK_EVERY if start_write_out(self.fd) else None
 
     def punch(self, host: int) -> None:
         """Give a dropped cluster's space back to the file system, if it can."""

@@ -51,6 +51,43 @@ def test_tables_reach_the_disk_only_at_flush(tmp_path: Path) -> None:
         device.close()
 
 
+def test_data_write_out_starts_as_data_arrives_and_tables_still_wait_for_the_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITEBACK_EVERY bytes of data start the file's write-out (not waited for); the
+    tables still reach the disk only at the flush, so the image stays consistent meanwhile."""
+    from sendense_nbd.storage import raw
+
+    calls: list[tuple[int, int, int, int]] = []
+    real = raw._libc
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def sync_file_range(self, fd: int, offset: int, length: int, flags: int) -> int:
+            calls.append((fd, offset, length, flags))
+            return real.sync_file_range(fd, offset, length, flags)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(raw, "_libc", Spy())
+    path = tmp_path / "image.qcow2"
+    size = 2 * raw.WRITEBACK_EVERY + 4 * MiB
+    create_qcow2(str(path), size, cluster_size=64 * KiB)
+    data = os.urandom(2 * raw.WRITEBACK_EVERY + MiB)
+    device = CheckedDevice(Qcow2Device(str(path)))
+    try:
+        for start in range(0, len(data), MiB):
+            device.write(offset=MiB + start, data=data[start : start + MiB])
+        assert len(calls) == 2 and all(call[1:] == (0, 0, raw._SYNC_FILE_RANGE_WRITE) for call in calls)
+        assert qemu_read(path) == bytes(size), "qemu sees writes whose tables were not flushed yet"
+        assert_qemu_check(path)
+        device.flush()
+        assert qemu_read(path) == bytes(MiB) + data + bytes(size - MiB - len(data))
+        assert_qemu_check(path)
+    finally:
+        device.close()
+
+
 def test_refcount_table_grows_and_the_old_one_is_freed(tmp_path: Path) -> None:
     # 512-byte clusters: a refcount block covers 256 clusters (128 KiB of file) and the first
     # table's 64 entries 8 MiB, so 12 MiB of data outgrows it and it moves, more than once.
