@@ -25,11 +25,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "http_api": frozenset({"errors"}),
     "protocol": frozenset({"errors"}),
     "storage": frozenset({"protocol", "errors", "lazy"}),
-    "client": frozenset({"protocol", "errors", "lazy"}),
-    "server": frozenset({"storage", "protocol", "errors", "lazy"}),
+    "tcp": frozenset({"errors"}),
+    "client": frozenset({"protocol", "tcp", "errors", "lazy"}),
+    "server": frozenset({"storage", "protocol", "tcp", "errors", "lazy"}),
     "copy": frozenset({"client", "storage", "protocol", "errors", "lazy"}),
     "vmware": frozenset({"errors", "lazy"}),
-    "tunnel": frozenset({"errors", "lazy"}),
+    "tunnel": frozenset({"tcp", "errors", "lazy"}),
     "backup": frozenset({"copy", "client", "vmware", "protocol", "errors", "lazy"}),
     "hub": frozenset(
         {"server", "copy", "client", "storage", "protocol", "backup.records", "fields", "http_api", "errors", "lazy"}
@@ -40,6 +41,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "hub",
             "node",
             "tunnel",
+            "tcp",
             "backup",
             "vmware",
             "copy",

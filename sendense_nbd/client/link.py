@@ -16,6 +16,7 @@ from sendense_nbd.protocol.client import ClientHandshake, ClientHandshakeEvent, 
 from sendense_nbd.protocol.constants import Command, Errno
 from sendense_nbd.protocol.replies import Reply, ReplyParser
 from sendense_nbd.protocol.sansio import NEED_DATA
+from sendense_nbd.tcp import set_congestion
 
 _HANDSHAKE_BUFFER = 64 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -55,6 +56,7 @@ class Link(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_congestion(sock)  # BBR where the kernel offers it (sendense_nbd.tcp)
             self._tcp = sock
             self._quick_ack()
 

@@ -51,6 +51,7 @@ from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
 from sendense_nbd.server.context import ConnectionContext
 from sendense_nbd.storage.base import BlockDevice
+from sendense_nbd.tcp import set_congestion
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_congestion(sock)  # BBR where the kernel offers it (sendense_nbd.tcp)
         self._handshake = ServerHandshake(self._context.catalog, admit=self._admit)
         transport.write(self._handshake.data_to_send())
         self._arm()
