@@ -1,24 +1,28 @@
 """The node's side of the tunnel: the hub's NBD ports appear on the node's loopback.
 
 Theory of operation: a :class:`Tunnel` keeps ``connections`` SSH connections to
-the hub (the embedded :mod:`sendense_nbd.tunnel.server` or any sshd). Local
-forward *i* (one per port of the range) goes over connection ``i % connections``;
-the remote forwards (the node API, reached from the hub) go over connection 0.
+the hub (the embedded :mod:`sendense_nbd.tunnel.server` or any sshd). The tunnel
+owns one listener per local forward (one per port of the range); each accepted
+connection rides the next SSH connection that is up (round robin), so the
+connections of one disk spread over all of them. The remote forwards (the node
+API, reached from the hub) go over connection 0.
 
 Each connection is a :class:`_Link` running one loop with the frozen
 :class:`_Login` the tunnel read at start: connect (host key pinned
-by a known_hosts file, key login), open its listeners, wait until the
-connection drops, close its listeners, sleep (exponential backoff, capped),
-again. While a link is down its ports have no listener, so a client gets
-"connection refused" at once instead of hanging. A changed or unknown host key
-and a refused login are not retried: the link fails and :meth:`Tunnel.wait_closed`
-raises :class:`TunnelError`.
+by a known_hosts file, key login), tune its TCP socket (:mod:`sendense_nbd.tcp`:
+BBR, buffers for the link), make sure the listeners are open, wait until the
+connection drops, close the forwarded connections it carried, sleep
+(exponential backoff, capped), again. While no link is up the ports have no
+listener, so a client gets "connection refused" at once instead of hanging. A
+changed or unknown host key and a refused login are not retried: the link fails
+and :meth:`Tunnel.wait_closed` raises :class:`TunnelError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import random
 import time
@@ -30,12 +34,15 @@ import asyncssh
 import attrs
 
 from sendense_nbd.errors import TunnelError
+from sendense_nbd.tcp import TcpTuning
 from sendense_nbd.tunnel.allocator import tune_malloc
-from sendense_nbd.tunnel.config import DEFAULT_NODE_API, DEFAULT_PORTS, Forward
-from sendense_nbd.tunnel.forward import LocalForwarder
+from sendense_nbd.tunnel.config import DEFAULT_NODE_API, DEFAULT_PORTS, DEFAULT_TUNING, Forward, LinkTuning
+from sendense_nbd.tunnel.forward import LocalForwarder, tune_connection
 
 log = logging.getLogger(__name__)
 
+#: SSH connections by default (see docs/TUNNEL.md, "Sizing").
+DEFAULT_CONNECTIONS = 2
 #: Errors that reconnecting cannot fix.
 _PERMANENT = (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied)
 
@@ -65,8 +72,10 @@ class TunnelConfig:
     username: str = "sendense"
     local_forwards: tuple[Forward, ...] = attrs.field(default=(), converter=_forwards)
     remote_forwards: tuple[Forward, ...] = attrs.field(default=(), converter=_forwards)
-    #: SSH connections the local forwards are spread over.
-    connections: int = attrs.field(default=1, validator=attrs.validators.and_(attrs.validators.ge(1)))
+    #: SSH connections the accepted connections of every port are spread over.
+    connections: int = attrs.field(default=DEFAULT_CONNECTIONS, validator=attrs.validators.and_(attrs.validators.ge(1)))
+    #: Channel windows, packet size, SSH socket buffers and congestion control.
+    tuning: LinkTuning = DEFAULT_TUNING
     #: Ciphers to offer, e.g. ``("aes128-gcm@openssh.com",)``; empty: asyncssh's defaults.
     ciphers: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     keepalive_interval: float = attrs.field(default=15.0, validator=_positive)
@@ -105,9 +114,11 @@ class LinkStatus:
     index: int
     state: LinkState
     reconnects: int
-    local_ports: tuple[int, ...]
+    #: Forwarded connections riding this SSH connection now.
     active_channels: int
     last_error: str | None
+    #: What took effect on the SSH connection's TCP socket (None before the first connect).
+    tcp: TcpTuning | None = None
 
 
 @attrs.frozen
@@ -117,6 +128,8 @@ class TunnelStatus:
     connected: bool
     reconnects: int
     links: tuple[LinkStatus, ...]
+    #: Local ports with a listener now (all of them while a link is up, none otherwise).
+    listening: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -128,18 +141,85 @@ class _Login:
     known_hosts: asyncssh.SSHKnownHosts
 
 
-class _Link:
-    """One SSH connection and the forwards it carries, reconnected until closed."""
+class _Listeners:
+    """The tunnel's local listeners: open while at least one link is up; round robin over the links that are."""
 
-    def __init__(self, index: int, local: Sequence[Forward], remote: Sequence[Forward]) -> None:
+    def __init__(self, forwards: Sequence[Forward], tuning: LinkTuning) -> None:
+        self.forwards = tuple(forwards)
+        self.tuning = tuning
+        self.links: list[_Link] = []
+        self.forwarders: list[LocalForwarder] = []
+        self._lock = asyncio.Lock()
+        self._next = 0
+
+    def pick(self) -> asyncssh.SSHClientConnection | None:
+        """The SSH connection for the next accepted connection: the next link that is up."""
+        count = len(self.links)
+        for step in range(count):
+            link = self.links[(self._next + step) % count]
+            if link.state is LinkState.UP and link.conn is not None:
+                self._next = (self._next + step + 1) % count
+                return link.conn
+        return None
+
+    def active_on(self, conn: asyncssh.SSHClientConnection) -> int:
+        """Forwarded connections riding ``conn`` now."""
+        return sum(forwarder.active_on(conn) for forwarder in self.forwarders)
+
+    @property
+    def listening(self) -> tuple[int, ...]:
+        """Ports listened on now."""
+        return tuple(forwarder.forward.listen_port for forwarder in self.forwarders)
+
+    async def link_up(self) -> None:
+        """A link is up: open the listeners unless they are (``OSError`` when a port is taken)."""
+        async with self._lock:
+            if self.forwarders or not self.forwards:
+                return
+            try:
+                for fwd in self.forwards:
+                    forwarder = LocalForwarder(fwd, self.pick, self.tuning)
+                    await forwarder.start()
+                    self.forwarders.append(forwarder)
+            except OSError:
+                await self._close()
+                raise
+
+    async def link_down(self, conn: asyncssh.SSHClientConnection | None) -> None:
+        """A link (no longer UP) lost ``conn``: close what rode it; the listeners too if no link is up."""
+        async with self._lock:
+            if conn is not None:
+                for forwarder in self.forwarders:
+                    forwarder.close_on(conn)
+            if not any(link.state is LinkState.UP for link in self.links):
+                await self._close()
+
+    async def close(self) -> None:
+        """Close every listener and forwarded connection."""
+        async with self._lock:
+            await self._close()
+
+    async def _close(self) -> None:
+        # Our listeners, not asyncssh's: they close even if asyncssh would not (asyncssh #309).
+        for forwarder in self.forwarders:
+            forwarder.close()
+        await asyncio.gather(*(forwarder.wait_closed() for forwarder in self.forwarders))
+        self.forwarders.clear()
+
+
+class _Link:
+    """One SSH connection and the remote forwards it carries, reconnected until closed."""
+
+    def __init__(self, index: int, remote: Sequence[Forward], listeners: _Listeners) -> None:
         self.index = index
-        self.local = tuple(local)
         self.remote = tuple(remote)
+        self.listeners = listeners
         self.state = LinkState.CONNECTING
         self.connects = 0
         self.last_error: str | None = None
         self.up = asyncio.Event()
-        self.forwarders: list[LocalForwarder] = []
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.tcp: TcpTuning | None = None
 
     def status(self) -> LinkStatus:
         """A snapshot of this link."""
@@ -147,9 +227,9 @@ class _Link:
             index=self.index,
             state=self.state,
             reconnects=max(self.connects - 1, 0),
-            local_ports=tuple(f.listen_port for f in self.local),
-            active_channels=sum(f.active for f in self.forwarders),
+            active_channels=self.listeners.active_on(self.conn) if self.conn is not None else 0,
             last_error=self.last_error,
+            tcp=self.tcp,
         )
 
     async def run(self, login: _Login) -> None:
@@ -175,9 +255,9 @@ class _Link:
             await asyncio.sleep(pause)
             delay = min(delay * 2, config.backoff_max)
 
-    async def _session(self, login: _Login) -> None:
+    async def _connect(self, login: _Login) -> asyncssh.SSHClientConnection:
         config = login.config
-        conn = await asyncio.wait_for(
+        return await asyncio.wait_for(
             asyncssh.connect(
                 config.host,
                 config.port,
@@ -195,34 +275,47 @@ class _Link:
             ),
             config.connect_timeout,
         )
+
+    async def _session(self, login: _Login) -> None:
+        config, tuning = login.config, login.config.tuning
+        conn = await self._connect(login)
         try:
             self.connects += 1
-            for fwd in self.local:
-                forwarder = LocalForwarder(conn, fwd)
-                await forwarder.start()
-                self.forwarders.append(forwarder)
+            self.tcp = tune_connection(conn, tuning)
             for fwd in self.remote:
-                await conn.forward_remote_port(fwd.listen_host, fwd.listen_port, fwd.dest_host, fwd.dest_port)
-            self.state, self.last_error = LinkState.UP, None
+                await conn.create_server(
+                    functools.partial(_reverse, conn, fwd),
+                    fwd.listen_host,
+                    fwd.listen_port,
+                    window=tuning.window,
+                    max_pktsize=tuning.max_packet,
+                )
+            self.conn, self.state, self.last_error = conn, LinkState.UP, None
+            await self.listeners.link_up()
             self.up.set()
             log.info(
-                "tunnel link %d up: %d local, %d remote forwards via %s:%d",
+                "tunnel link %d up via %s:%d: %d remote forwards, %s",
                 self.index,
-                len(self.local),
-                len(self.remote),
                 config.host,
                 config.port,
+                len(self.remote),
+                self.tcp,
             )
             await conn.wait_closed()
             self.last_error = "the connection was closed"
         finally:
             self.up.clear()
-            # Close our listeners even if asyncssh did not (asyncssh #309).
-            for forwarder in self.forwarders:
-                forwarder.close()
+            if self.state is LinkState.UP:
+                self.state = LinkState.BACKOFF
+            self.conn = None
+            await self.listeners.link_down(conn)
             conn.close()
-            await asyncio.gather(*(f.wait_closed() for f in self.forwarders), conn.wait_closed())
-            self.forwarders.clear()
+            await conn.wait_closed()
+
+
+def _reverse(conn: asyncssh.SSHClientConnection, fwd: Forward, orig_host: str, orig_port: int) -> object:
+    """A reverse-forwarded connection from the hub: connect it to ``fwd``'s destination here."""
+    return conn.forward_connection(fwd.dest_host, fwd.dest_port)
 
 
 class Tunnel:
@@ -230,10 +323,11 @@ class Tunnel:
 
     def __init__(self, config: TunnelConfig) -> None:
         self.config = config
-        n = config.connections
+        self._listeners = _Listeners(config.local_forwards, config.tuning)
         self._links = [
-            _Link(i, config.local_forwards[i::n], config.remote_forwards if i == 0 else ()) for i in range(n)
+            _Link(i, config.remote_forwards if i == 0 else (), self._listeners) for i in range(config.connections)
         ]
+        self._listeners.links = self._links
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
@@ -291,7 +385,9 @@ class Tunnel:
     def status(self) -> TunnelStatus:
         """State, reconnect count and channels of every link."""
         links = tuple(link.status() for link in self._links)
-        return TunnelStatus(self.connected, sum(link.reconnects for link in links), links)
+        return TunnelStatus(
+            self.connected, sum(link.reconnects for link in links), links, listening=self._listeners.listening
+        )
 
     def close(self) -> None:
         """Stop reconnecting; close every listener, channel and connection."""
@@ -301,6 +397,7 @@ class Tunnel:
     async def wait_closed(self) -> None:
         """Wait until everything is closed; raises :class:`TunnelError` if a link failed."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._listeners.close()
         for link in self._links:
             if link.state is not LinkState.FAILED:
                 link.state = LinkState.CLOSED

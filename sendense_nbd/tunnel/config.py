@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 
 from sendense_nbd.errors import TunnelError
+from sendense_nbd.tcp import DEFAULT_CONGESTION, DEFAULT_LINK, LinkProfile, socket_buffers
 
 #: The hub's NBD port pool, pre-forwarded as a whole.
 DEFAULT_PORTS = range(10100, 10201)
@@ -13,9 +14,61 @@ DEFAULT_NODE_API = ("127.0.0.1", 8081)
 #: Connections the hub's SSH endpoint lets log in at once (OpenSSH's MaxStartups), and for how long.
 DEFAULT_MAX_STARTUPS = 20
 DEFAULT_LOGIN_TIMEOUT = 30.0
-#: Per-channel SSH flow control: bigger than asyncssh's 2 MiB / 32 KiB defaults, fewer packets and stalls.
-CHANNEL_WINDOW = 8 * 1024 * 1024
+#: SSH packets of a channel: bigger than asyncssh's and OpenSSH's 32 KiB (fewer packets), under
+#: OpenSSH's 256 KiB packet limit.
 CHANNEL_MAX_PACKET = 128 * 1024
+#: The window never goes below asyncssh's and OpenSSH's 2 MiB default, nor above SSH's uint32.
+MIN_WINDOW = 2 * 1024 * 1024
+MAX_WINDOW = 2**31 - 1
+
+
+def channel_window(link: LinkProfile) -> int:
+    """The receive window one channel needs to fill ``link``: twice its BDP.
+
+    asyncssh (like OpenSSH) sends WINDOW_ADJUST only once half the window is consumed, so a
+    sender keeps about half a window in flight: a channel carries ~0.5 x window per round trip.
+    """
+    return min(max(2 * link.bdp, MIN_WINDOW), MAX_WINDOW)
+
+
+def _congestion(value: str | None) -> str | None:
+    return None if value in (None, "", "system") else value
+
+
+@attrs.frozen
+class LinkTuning:
+    """Flow control of the tunnel's channels and SSH sockets, from the link they must fill.
+
+    ``window``: each channel's receive window (bytes); ``max_packet``: largest SSH data packet;
+    ``socket_buffer``: send and receive buffer asked for on the SSH connection's TCP socket
+    (kernel units, see :mod:`sendense_nbd.tcp`); ``congestion``: its congestion control
+    (None: the system's).
+    """
+
+    window: int = attrs.field(validator=[attrs.validators.ge(32 * 1024), attrs.validators.le(MAX_WINDOW)])
+    socket_buffer: int = attrs.field(validator=attrs.validators.ge(0))
+    max_packet: int = attrs.field(default=CHANNEL_MAX_PACKET, validator=attrs.validators.ge(1024))
+    congestion: str | None = attrs.field(default=DEFAULT_CONGESTION, converter=_congestion)
+
+    @classmethod
+    def for_link(
+        cls, link: LinkProfile = DEFAULT_LINK, *, window: int | None = None, congestion: str | None = DEFAULT_CONGESTION
+    ) -> LinkTuning:
+        """Windows and buffers that fill ``link``; ``window`` overrides the channel window."""
+        chosen = channel_window(link) if window is None else window
+        try:
+            return cls(
+                window=chosen,
+                socket_buffer=socket_buffers(link),
+                max_packet=min(CHANNEL_MAX_PACKET, max(32 * 1024, chosen // 16)),
+                congestion=congestion,
+            )
+        except ValueError as exc:
+            raise TunnelError(f"window {chosen}: must be 32 KiB to 2 GiB") from exc
+
+
+#: Fills 1 Gbit/s at 100 ms (:data:`sendense_nbd.tcp.DEFAULT_LINK`): 25 MB windows and socket buffers.
+DEFAULT_TUNING = LinkTuning.for_link()
 
 
 def parse_ports(text: str) -> range:

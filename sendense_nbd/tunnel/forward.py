@@ -1,15 +1,21 @@
 """A local TCP listener whose connections become SSH ``direct-tcpip`` channels.
 
-This is asyncssh's ``forward_local_port`` with three differences the tunnel needs:
+This is asyncssh's ``forward_local_port`` with four differences the tunnel needs:
 
+- each accepted connection asks ``pick`` for an SSH connection, so one port's
+  connections spread over the tunnel's connections (round robin, in the tunnel);
 - the local socket is not read further until its channel is open, and a
   channel that opens after its local client went away is closed at once
   (asyncssh #823 leaks such channels);
-- channels get a larger window and packet size (fewer, bigger SSH packets);
-- it counts its open connections (:attr:`LocalForwarder.active`).
+- channels get the window and packet size of the tunnel's
+  :class:`~sendense_nbd.tunnel.config.LinkTuning` (asyncssh's 2 MiB default
+  carries only ~1 MiB per round trip);
+- it counts its open connections, per SSH connection (:meth:`LocalForwarder.active_on`).
 
-Flow control is end to end: a full local socket pauses the channel, a full
-channel pauses the local socket.
+Flow control is end to end: a full local socket pauses the channel (asyncssh
+then stops sending WINDOW_ADJUST, so the peer stops after one window), a full
+channel pauses the local socket. One forwarded connection holds at most about
+one window per direction in memory.
 """
 
 from __future__ import annotations
@@ -17,13 +23,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import cast
 
 import asyncssh
 
-from sendense_nbd.tunnel.config import CHANNEL_MAX_PACKET, CHANNEL_WINDOW, Forward
+from sendense_nbd.tcp import TcpTuning, is_tcp, tune_socket
+from sendense_nbd.tunnel.config import Forward, LinkTuning
 
 log = logging.getLogger(__name__)
+
+
+def tune_connection(
+    conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection, tuning: LinkTuning
+) -> TcpTuning | None:
+    """Congestion control and buffers of an SSH connection's TCP socket, once at connect/accept (None: not TCP)."""
+    sock = conn.get_extra_info("socket")
+    if not is_tcp(sock):
+        return None
+    size = tuning.socket_buffer or None
+    return tune_socket(sock, congestion=tuning.congestion, sndbuf=size, rcvbuf=size)
 
 
 class _ChannelSide(asyncssh.SSHTCPSession[bytes]):
@@ -62,6 +81,8 @@ class _LocalSide(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._session: _ChannelSide | None = None
+        #: The SSH connection this connection's channel rides (None until picked).
+        self.conn: asyncssh.SSHClientConnection | None = None
         self._paused = False
         self._pending: list[bytes] = []
         self.eof = False
@@ -74,20 +95,20 @@ class _LocalSide(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._forwarder.opened(self)
 
-    async def open(self) -> None:
-        """Open the channel, then start reading the local socket."""
-        fwd = self._forwarder.forward
+    async def open(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Open the channel over ``conn``, then start reading the local socket."""
+        fwd, tuning = self._forwarder.forward, self._forwarder.tuning
         peer = self._transport.get_extra_info("peername") if self._transport else None
         orig_host, orig_port = (peer[0], peer[1]) if peer else ("", 0)
         try:
-            chan, session = await self._forwarder.conn.create_connection(
+            chan, session = await conn.create_connection(
                 lambda: _ChannelSide(self),
                 fwd.dest_host,
                 fwd.dest_port,
                 orig_host,
                 orig_port,
-                window=CHANNEL_WINDOW,
-                max_pktsize=CHANNEL_MAX_PACKET,
+                window=tuning.window,
+                max_pktsize=tuning.max_packet,
             )
         except (OSError, asyncssh.Error) as exc:
             log.warning("forward %s: the hub refused the channel: %s", fwd, exc)
@@ -159,11 +180,20 @@ class _LocalSide(asyncio.Protocol):
 
 
 class LocalForwarder:
-    """Listens on ``forward.listen_host:listen_port``; each client gets a channel to ``dest``."""
+    """Listens on ``forward.listen_host:listen_port``; each client gets a channel to ``dest``.
 
-    def __init__(self, conn: asyncssh.SSHClientConnection, forward: Forward) -> None:
-        self.conn = conn
+    ``pick`` names the SSH connection for the next client (None: none is up, the client is closed).
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        pick: Callable[[], asyncssh.SSHClientConnection | None],
+        tuning: LinkTuning,
+    ) -> None:
         self.forward = forward
+        self.tuning = tuning
+        self._pick = pick
         self._server: asyncio.Server | None = None
         self._connections: set[_LocalSide] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -172,6 +202,10 @@ class LocalForwarder:
     def active(self) -> int:
         """Forwarded connections open now."""
         return len(self._connections)
+
+    def active_on(self, conn: asyncssh.SSHClientConnection) -> int:
+        """Forwarded connections open now whose channel rides ``conn``."""
+        return sum(1 for side in self._connections if side.conn is conn)
 
     async def start(self) -> None:
         """Bind and listen (``OSError`` when the port is taken)."""
@@ -182,15 +216,24 @@ class LocalForwarder:
         )
 
     def opened(self, side: _LocalSide) -> None:
-        """A local client connected: count it and open its channel in a task."""
+        """A local client connected: pick its SSH connection, count it and open its channel in a task."""
+        side.conn = self._pick()
+        if side.conn is None:
+            side.close()
+            return
         self._connections.add(side)
-        task = asyncio.get_running_loop().create_task(side.open())
+        task = asyncio.get_running_loop().create_task(side.open(side.conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def closed(self, side: _LocalSide) -> None:
         """A local client's connection is gone."""
         self._connections.discard(side)
+
+    def close_on(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Close the forwarded connections riding ``conn`` (it went down)."""
+        for side in [side for side in self._connections if side.conn is conn]:
+            side.close()
 
     def close(self) -> None:
         """Stop listening and close every forwarded connection."""

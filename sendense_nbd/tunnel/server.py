@@ -31,15 +31,17 @@ import asyncssh
 import attrs
 
 from sendense_nbd.errors import TunnelError
+from sendense_nbd.tcp import TcpTuning
 from sendense_nbd.tunnel.allocator import tune_malloc
 from sendense_nbd.tunnel.config import (
-    CHANNEL_MAX_PACKET,
-    CHANNEL_WINDOW,
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_STARTUPS,
     DEFAULT_NODE_API,
     DEFAULT_PORTS,
+    DEFAULT_TUNING,
+    LinkTuning,
 )
+from sendense_nbd.tunnel.forward import tune_connection
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class TunnelServerConfig:
     login_timeout: float = DEFAULT_LOGIN_TIMEOUT
     #: Connections that have not logged in yet, at most (OpenSSH's MaxStartups).
     max_startups: int = attrs.field(default=DEFAULT_MAX_STARTUPS, validator=attrs.validators.ge(1))
+    #: Window and packet size granted to direct-tcpip channels; SSH socket buffers and congestion control.
+    tuning: LinkTuning = DEFAULT_TUNING
 
 
 class _LoginGate:
@@ -113,6 +117,8 @@ class _Handler(asyncssh.SSHServer):
         self._gate = gate
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
+        #: What took effect on this connection's TCP socket.
+        self.tcp: TcpTuning | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -125,6 +131,8 @@ class _Handler(asyncssh.SSHServer):
                 len(self._gate.logging_in),
             )
             asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        self.tcp = tune_connection(conn, self._config.tuning)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
@@ -168,7 +176,8 @@ class _Handler(asyncssh.SSHServer):
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"forwarding to {dest_host}:{dest_port} is not allowed"
             )
         assert self._conn is not None
-        chan = self._conn.create_tcp_channel(window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PACKET)
+        tuning = self._config.tuning
+        chan = self._conn.create_tcp_channel(window=tuning.window, max_pktsize=tuning.max_packet)
         session = cast(Awaitable[asyncssh.SSHTCPSession[bytes]], self._conn.forward_connection(dest_host, dest_port))
         return chan, session
 
