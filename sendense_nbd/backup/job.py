@@ -2,13 +2,18 @@
 
 Order of a job (each step's failure leaves the previous change IDs as they were):
 
-1. find the VM and its disks; read each disk's previous change ID (hub API or state file);
+1. find the VM with its disks and snapshot tree (two vSphere round trips); read every disk's previous
+   change ID (hub API or state file), all at once and while vSphere answers;
 2. remove stale ``sbak-*`` snapshots; switch CBT on if it is off;
-3. take ``sbak-<job>``; decide full or incremental per disk;
-4. per disk, in parallel: nbdkit (vddk) on the snapshot -> copy engine -> the disk's NBD target,
-   ending with a FLUSH;
+3. take ``sbak-<job>``; read the disks it froze (one round trip for all);
+4. per disk, in parallel: decide full or incremental (the changed areas) while nbdkit (vddk) starts on
+   the snapshot and the source and target connections are opened; copy, ending with a FLUSH;
 5. remove the snapshot (always, also on error or cancellation);
 6. only then record the snapshot's change IDs.
+
+The number of vSphere and hub round trips of a job does not grow with its disks, except for
+``QueryChangedDiskAreas`` (per disk and page). Progress goes to the hub from its own task
+(:class:`~sendense_nbd.backup.progress.JobProgress`): nothing on the copy path waits for the hub.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import attrs
 
 from sendense_nbd.backup.progress import JobProgress
 from sendense_nbd.backup.records import DiskResult, Mode, PreviousBackup, SyncType
-from sendense_nbd.copy import CopyOptions, Endpoint, Progress, copy, open_source, open_target
+from sendense_nbd.copy import CopyOptions, Endpoint, Progress, copy, merge_areas, open_source, open_target
 from sendense_nbd.errors import (
     BackupError,
     ChangeIdError,
@@ -36,7 +41,14 @@ from sendense_nbd.errors import (
 from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
 from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm, vm_disks
 from sendense_nbd.vmware.session import VSphere
-from sendense_nbd.vmware.snapshots import BACKUP_PREFIX, Snapshot, create_snapshot, remove_snapshot, remove_stale
+from sendense_nbd.vmware.snapshots import (
+    BACKUP_PREFIX,
+    Snapshot,
+    create_snapshot,
+    remove_snapshot,
+    remove_stale,
+    snapshot_disks,
+)
 from sendense_nbd.vmware.vddk import VddkConfig, VddkSource
 
 log = logging.getLogger(__name__)
@@ -75,6 +87,9 @@ class BackupSpec:
     verify: bool = False
     #: Reconnects of a copy endpoint after a transient failure.
     retries: int = 5
+    #: Changed areas closer than this many bytes are copied as one. 0 (the default, for a WAN): only
+    #: changed bytes cross. A larger gap sends unchanged bytes to save requests (1 MiB suits a LAN).
+    merge_gap: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen
@@ -173,17 +188,18 @@ async def _run(job: _Job) -> BackupResult:
     spec, vsphere, progress = job.spec, job.vsphere, job.progress
     stage = "initializing"
     progress.set_stage(stage)
+    keys = [k for k in spec.targets if k is not None]
+    lookup = asyncio.ensure_future(_previous(job, keys))  # the hub answers while vSphere does
     try:
-        vm = await vsphere.call(find_vm, vsphere.si, spec.vm_path)
-        selected = _select(await vsphere.call(vm_disks, vm), spec.targets, spec.vm_path)
-        previous = {}
-        if spec.mode != Mode.FULL:
-            for disk, _ in selected:
-                previous[disk.key] = await job.store.previous(spec.vm_path, disk.key)
+        vm = await vsphere.call(find_vm, vsphere.content, spec.vm_path)
+        selected = _select(vm_disks(vm), spec.targets, spec.vm_path)
+        if None in spec.targets:  # the only disk's key was not known before
+            lookup = asyncio.ensure_future(_previous(job, [selected[0][0].key]))
+        previous = await lookup
 
         stage = "cleaning old snapshots"
         progress.set_stage(stage)
-        for name in await vsphere.call(remove_stale, vsphere.si, vm, BACKUP_PREFIX):
+        for name in await vsphere.call(remove_stale, vsphere.content, vm, BACKUP_PREFIX):
             job.on_note(f"removed stale snapshot {name}")
 
         cbt_just_enabled = False
@@ -191,7 +207,7 @@ async def _run(job: _Job) -> BackupResult:
             stage = "enabling CBT"
             progress.set_stage(stage)
             job.on_note(f"{spec.vm_path}: CBT was off; enabling it (every disk gets a full copy this time)")
-            await vsphere.call(enable_cbt, vsphere.si, vm, f"{BACKUP_PREFIX}{spec.job_id}-cbt")
+            await vsphere.call(enable_cbt, vsphere.content, vm, f"{BACKUP_PREFIX}{spec.job_id}-cbt")
             cbt_just_enabled = True
 
         stage = "creating snapshot"
@@ -199,6 +215,9 @@ async def _run(job: _Job) -> BackupResult:
         snapshot = await _create_snapshot(job, vm)
     except SendenseError as exc:
         raise BackupError(str(exc), stage, reason=exc) from exc
+    finally:
+        lookup.cancel()  # a no-op once it is done
+        await asyncio.gather(lookup, return_exceptions=True)
 
     try:
         disk_results = await _copy_disks(job, vm, snapshot, selected, previous, cbt_just_enabled)
@@ -212,11 +231,23 @@ async def _run(job: _Job) -> BackupResult:
     return BackupResult(spec.job_id, spec.vm_path, snapshot.name, tuple(disk_results))
 
 
+async def _previous(job: _Job, keys: list[int]) -> dict[int, PreviousBackup | None]:
+    """The previous change ID of every disk in ``keys``, asked for all at once (none for a full job)."""
+    if job.spec.mode == Mode.FULL or not keys:
+        return {}
+    try:
+        async with asyncio.TaskGroup() as group:
+            asked = {key: group.create_task(job.store.previous(job.spec.vm_path, key)) for key in keys}
+    except BaseExceptionGroup as group_error:
+        raise first_error(group_error, prefer=SendenseError) from None
+    return {key: task.result() for key, task in asked.items()}
+
+
 async def _create_snapshot(job: _Job, vm: VirtualMachine) -> Snapshot:
     """Take the job's snapshot; if the job is cancelled meanwhile, wait for it and remove it."""
-    vsphere = job.vsphere
+    vsphere, name = job.vsphere, f"{BACKUP_PREFIX}{job.spec.job_id}"
     creating = asyncio.get_running_loop().create_task(
-        vsphere.call(create_snapshot, vsphere.si, vm, f"{BACKUP_PREFIX}{job.spec.job_id}", quiesce=job.spec.quiesce)
+        vsphere.call(create_snapshot, vsphere.content, vm, name, quiesce=job.spec.quiesce)
     )
     try:
         return await asyncio.shield(creating)
@@ -237,7 +268,7 @@ async def _remove_snapshot(job: _Job, vm: VirtualMachine, snapshot: Snapshot, *,
     if not cleanup:
         job.progress.set_stage("finalizing")
     try:
-        await job.vsphere.call(remove_snapshot, job.vsphere.si, vm, snapshot)
+        await job.vsphere.call(remove_snapshot, job.vsphere.content, vm, snapshot)
     except SendenseError as exc:
         message = f"{exc}; the next run removes it as a stale {BACKUP_PREFIX}* snapshot"
         raise SnapshotNotRemoved(message, "finalizing", reason=exc) from exc
@@ -288,10 +319,38 @@ async def _plan(
     if previous.capacity is not None and previous.capacity != disk.capacity:
         return full(f"the disk's size changed ({previous.capacity} -> {disk.capacity} bytes)")
     try:
-        areas = await job.vsphere.call(changed_areas, job.vsphere.si, vm, snapshot, disk, previous.change_id)
+        areas = await job.vsphere.call(changed_areas, vm, snapshot, disk, previous.change_id)
     except ChangeIdError as exc:
         return full(f"CBT was reset: {exc}")
     return _DiskPlan(disk, target, SyncType.INCREMENTAL, areas, None)
+
+
+async def _planned(
+    job: _Job,
+    vm: VirtualMachine,
+    snapshot: Snapshot,
+    disk: Disk,
+    target: str,
+    previous: PreviousBackup | None,
+    cbt_just_enabled: bool,
+) -> _DiskPlan:
+    """:func:`_plan`, noted and shown in the disk's progress; a failure is the ``preparing`` stage's."""
+    try:
+        plan = await _plan(job, vm, snapshot, disk, target, previous, cbt_just_enabled)
+    except SendenseError as exc:
+        raise BackupError(f"disk {disk.key}: {exc}", "preparing", reason=exc) from exc
+    if plan.full_reason and job.spec.mode != Mode.FULL:
+        job.on_note(f"disk {disk.key}: full copy: {plan.full_reason}")
+    figures = job.progress.disk(disk.key)
+    figures.sync_type = plan.sync_type.value
+    if plan.areas is not None:
+        figures.bytes_changed = _changed_bytes(plan.areas, disk.capacity)
+    return plan
+
+
+def _changed_bytes(areas: list[tuple[int, int]], capacity: int) -> int:
+    """The bytes the changed areas cover (overlaps counted once)."""
+    return sum(length for _, length in merge_areas(areas, size=capacity, merge_gap=0))
 
 
 async def _copy_disks(
@@ -302,54 +361,64 @@ async def _copy_disks(
     previous: Mapping[int, PreviousBackup | None],
     cbt_just_enabled: bool,
 ) -> list[DiskResult]:
-    """Plan every disk at the snapshot, then copy them all in parallel."""
-    stage = "preparing"
-    job.progress.set_stage(stage)
+    """Read the disks the snapshot froze (one round trip for all), then plan and copy every disk in parallel."""
+    job.progress.set_stage("preparing")
     try:
-        frozen = {d.key: d for d in await job.vsphere.call(snapshot.disks)}
-        plans = []
-        for disk, target in selected:
-            at_snapshot = frozen.get(disk.key, disk)
-            plan = await _plan(job, vm, snapshot, at_snapshot, target, previous.get(disk.key), cbt_just_enabled)
-            if plan.full_reason and job.spec.mode != Mode.FULL:
-                job.on_note(f"disk {disk.key}: full copy: {plan.full_reason}")
-            job.progress.disk(disk.key).sync_type = plan.sync_type.value
-            plans.append(plan)
+        frozen = {d.key: d for d in await job.vsphere.call(snapshot_disks, job.vsphere.content, snapshot)}
     except SendenseError as exc:
-        raise BackupError(str(exc), stage, reason=exc) from exc
-
+        raise BackupError(str(exc), "preparing", reason=exc) from exc
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_copy_disk(job, vm, snapshot, plan)) for plan in plans]
+            tasks = [
+                group.create_task(
+                    _copy_disk(job, vm, snapshot, frozen.get(d.key, d), target, previous.get(d.key), cbt_just_enabled)
+                )
+                for d, target in selected
+            ]
     except BaseExceptionGroup as group_error:
         raise first_error(group_error, prefer=BackupError) from None
     return [task.result() for task in tasks]
 
 
-async def _copy_disk(job: _Job, vm: VirtualMachine, snapshot: Snapshot, plan: _DiskPlan) -> DiskResult:
-    """One disk: its nbdkit source on the snapshot, both endpoints, the copy; everything closed after."""
-    disk = plan.disk
+async def _copy_disk(
+    job: _Job,
+    vm: VirtualMachine,
+    snapshot: Snapshot,
+    disk: Disk,
+    target_uri: str,
+    previous: PreviousBackup | None,
+    cbt_just_enabled: bool,
+) -> DiskResult:
+    """One disk: its plan while its nbdkit starts and both endpoints open, then the copy; all closed after."""
     job.progress.set_stage("setting up NBD")
     async with contextlib.AsyncExitStack() as opened:
-        source, target = await _open_disk(job, vm, snapshot, plan, opened)
+        try:
+            async with asyncio.TaskGroup() as group:
+                planned = group.create_task(_planned(job, vm, snapshot, disk, target_uri, previous, cbt_just_enabled))
+                opening = group.create_task(_open_disk(job, vm, snapshot, disk, target_uri, opened))
+        except BaseExceptionGroup as group_error:
+            raise first_error(group_error, prefer=BackupError) from None
+        plan, (source, target) = planned.result(), opening.result()
         job.progress.set_stage("transferring")
 
         def on_progress(event: Progress) -> None:
             job.progress.copy_event(disk.key, event)
 
+        options = CopyOptions(
+            connections=job.spec.connections,
+            requests=job.spec.requests,
+            verify=job.spec.verify,
+            flush=True,
+            retries=job.spec.retries,
+            merge_gap=job.spec.merge_gap,
+        )
         try:
-            options = CopyOptions(
-                connections=job.spec.connections,
-                requests=job.spec.requests,
-                verify=job.spec.verify,
-                flush=True,
-                retries=job.spec.retries,
-            )
             result = await copy(source, target, options, changed_areas=plan.areas, progress=on_progress)
         except (CopyError, EndpointError) as exc:
             raise BackupError(f"disk {disk.key}: {exc}", "transferring", reason=exc) from exc
         if not result.flushed:
             raise BackupError(f"disk {disk.key}: the target was not flushed", "transferring")
+    changed = result.copied if plan.areas is None else _changed_bytes(plan.areas, disk.capacity)
     return DiskResult(
         disk_key=disk.key,
         disk_uuid=disk.uuid,
@@ -360,15 +429,18 @@ async def _copy_disk(job: _Job, vm: VirtualMachine, snapshot: Snapshot, plan: _D
         bytes_zeroed=result.zeroed,
         target=plan.target,
         full_reason=plan.full_reason,
+        bytes_changed=changed,
     )
 
 
 async def _open_disk(
-    job: _Job, vm: VirtualMachine, snapshot: Snapshot, plan: _DiskPlan, opened: contextlib.AsyncExitStack
+    job: _Job, vm: VirtualMachine, snapshot: Snapshot, disk: Disk, target_uri: str, opened: contextlib.AsyncExitStack
 ) -> tuple[Endpoint, Endpoint]:
-    """Start the disk's nbdkit and open the copy's source and target; ``opened`` closes them (shielded)."""
-    disk = plan.disk
-    try:
+    """Start the disk's nbdkit and open the copy's source, and meanwhile its target (the handshakes of every
+    connection at once); ``opened`` closes whatever was opened (shielded)."""
+    connections = job.spec.connections
+
+    async def source() -> Endpoint:
         process = await VddkSource(
             job.source.vddk,
             job.source.password,
@@ -377,17 +449,29 @@ async def _open_disk(
             snapshot_moref=snapshot.moref,
         ).start()
         opened.push_async_callback(_shielded, process.stop)
-        source = await open_source(process.uri, connections=job.spec.connections)
-        opened.push_async_callback(_shielded, source.close)
-        target = await open_target(plan.target, size=disk.capacity, connections=job.spec.connections)
-        opened.push_async_callback(_shielded, target.close)
-    except (SendenseError, OSError) as exc:
-        raise BackupError(f"disk {disk.key}: {exc}", "setting up NBD", reason=exc) from exc
-    if source.size != disk.capacity:
+        endpoint = await open_source(process.uri, connections=connections)
+        opened.push_async_callback(_shielded, endpoint.close)
+        return endpoint
+
+    async def target() -> Endpoint:
+        endpoint = await open_target(target_uri, size=disk.capacity, connections=connections)
+        opened.push_async_callback(_shielded, endpoint.close)
+        return endpoint
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            reading, writing = group.create_task(source()), group.create_task(target())
+    except BaseExceptionGroup as group_error:
+        error = first_error(group_error, prefer=(SendenseError, OSError))
+        if isinstance(error, (SendenseError, OSError)):
+            raise BackupError(f"disk {disk.key}: {error}", "setting up NBD", reason=error) from error
+        raise error from None
+    if reading.result().size != disk.capacity:
         raise BackupError(
-            f"disk {disk.key}: the source serves {source.size} bytes, vSphere says {disk.capacity}", "setting up NBD"
+            f"disk {disk.key}: the source serves {reading.result().size} bytes, vSphere says {disk.capacity}",
+            "setting up NBD",
         )
-    return source, target
+    return reading.result(), writing.result()
 
 
 async def _shielded(close: Callable[[], Awaitable[None]]) -> None:

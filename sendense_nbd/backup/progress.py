@@ -34,6 +34,7 @@ class DiskProgress:
     sync_type: str = ""
     #: Bytes the copy reads (holes and unchanged areas excluded).
     total_bytes: int = 0
+    #: Data bytes sent to the target.
     bytes_transferred: int = 0
     bytes_zeroed: int = 0
     bytes_skipped: int = 0
@@ -42,9 +43,13 @@ class DiskProgress:
     throughput_bps: float = 0.0
     eta_seconds: float | None = None
     done: bool = False
+    #: Bytes that changed: the CBT areas of an incremental (known before the copy); for a full, the data read.
+    bytes_changed: int = 0
 
     def update(self, event: Progress) -> None:
         """Take the copy engine's latest figures."""
+        if self.sync_type == "full":
+            self.bytes_changed = event.copied
         self.total_bytes = event.to_read
         self.bytes_transferred = event.copied
         self.bytes_zeroed = event.zeroed
@@ -112,6 +117,7 @@ class JobProgress:
         """The job's progress report (docs/HUB_API.md): totals over every disk, and each disk."""
         disks = sorted(self.disks.values(), key=lambda d: d.disk_key)
         transferred = sum(d.bytes_transferred for d in disks)
+        changed = sum(d.bytes_changed for d in disks)
         total = sum(d.total_bytes for d in disks)
         size = sum(d.disk_size for d in disks)
         processed = sum(d.bytes_transferred + d.bytes_zeroed + d.bytes_skipped for d in disks)
@@ -122,6 +128,7 @@ class JobProgress:
             "stage": self.stage,
             "status": self.status,
             "bytes_transferred": transferred,
+            "bytes_changed": changed,
             "total_bytes": total,
             "percent": round(100.0 * processed / size, 2) if size else (100.0 if self.status == "completed" else 0.0),
             "throughput_bps": round(rate),

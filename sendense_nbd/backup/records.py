@@ -51,11 +51,15 @@ class DiskResult:
     #: The snapshot's change ID: the next incremental starts here (None: CBT is off).
     change_id: str | None
     sync_type: SyncType
+    #: Data bytes the copy sent to the target.
     bytes_transferred: int
     bytes_zeroed: int
     target: str
     #: Why this disk got a full copy (None for an incremental).
     full_reason: str | None = None
+    #: Bytes that changed: the union of the CBT areas for an incremental; for a full, the data bytes read.
+    #: ``bytes_transferred`` exceeds it only by what merging areas (``merge_gap``) and block rounding added.
+    bytes_changed: int = 0
 
     def to_json(self) -> dict[str, object]:
         """As the hub API's ``complete`` call takes it."""
@@ -67,6 +71,7 @@ class DiskResult:
             "sync_type": self.sync_type.value,
             "bytes_transferred": self.bytes_transferred,
             "bytes_zeroed": self.bytes_zeroed,
+            "bytes_changed": self.bytes_changed,
             "target": self.target,
             "full_reason": self.full_reason,
         }

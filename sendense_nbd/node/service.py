@@ -59,7 +59,7 @@ class Node:
     async def disks(self, vm_path: str) -> list[Disk]:
         """The VM's virtual disks, as vCenter lists them."""
         async with await connect(self.endpoint, self.config.username, self.config.password) as vsphere:
-            vm = await vsphere.call(find_vm, vsphere.si, vm_path)
+            vm = await vsphere.call(find_vm, vsphere.content, vm_path)
             return await vsphere.call(vm_disks, vm)
 
     def jobs(self) -> list[NodeJob]:

@@ -13,17 +13,17 @@ from sendense_nbd.vmware.tasks import fault_message, wait_for_task
 ALL_ALLOCATED = "*"
 
 
-def enable_cbt(si: Any, vm: VirtualMachine, cycle_snapshot: str) -> None:
+def enable_cbt(content: Any, vm: VirtualMachine, cycle_snapshot: str) -> None:
     """Switch CBT on, then take and remove a snapshot so that it takes effect (blocking)."""
     from pyVmomi import vim
 
     spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)
-    wait_for_task(si, vm.ref.ReconfigVM_Task(spec=spec), f"{vm.path}: enabling CBT")
-    snapshot = create_snapshot(si, vm, cycle_snapshot)
-    remove_snapshot(si, vm, snapshot)
+    wait_for_task(content, vm.ref.ReconfigVM_Task(spec=spec), f"{vm.path}: enabling CBT")
+    snapshot = create_snapshot(content, vm, cycle_snapshot)
+    remove_snapshot(content, vm, snapshot)
 
 
-def changed_areas(si: Any, vm: VirtualMachine, snapshot: Snapshot, disk: Disk, change_id: str) -> list[tuple[int, int]]:
+def changed_areas(vm: VirtualMachine, snapshot: Snapshot, disk: Disk, change_id: str) -> list[tuple[int, int]]:
     """``(offset, length)`` areas of ``disk`` changed between ``change_id`` and ``snapshot``.
 
     Pages through ``QueryChangedDiskAreas`` until the whole disk is covered.

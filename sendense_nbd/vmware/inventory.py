@@ -1,4 +1,10 @@
-"""Finding a VM by inventory path and listing its virtual disks."""
+"""Finding a VM by inventory path and listing its virtual disks.
+
+Every attribute of a pyvmomi managed object (``vm.config``, ``vm.name``,
+``vm.snapshot``) is one round trip to vCenter. :func:`find_vm` reads all a
+job needs in one ``RetrievePropertiesEx`` call (:func:`properties`) after the
+path lookup: two round trips for any number of disks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 import attrs
 
 from sendense_nbd.errors import VSphereError
+from sendense_nbd.vmware.session import fault_text
 
 
 @attrs.frozen
@@ -32,30 +39,67 @@ class Disk:
 
 @attrs.frozen
 class VirtualMachine:
-    """The handle of a VM and the facts a backup needs about it."""
+    """The handle of a VM and the facts a backup needs about it, as read by :func:`find_vm`."""
 
     ref: Any
     path: str
     moref: str
     name: str
     cbt_enabled: bool
+    #: Its disks when it was looked up.
+    disks: tuple[Disk, ...] = ()
+    #: Its ``snapshot`` property (``vim.vm.SnapshotInfo``) when it was looked up; None: no snapshots.
+    snapshot_info: Any = None
 
 
-def find_vm(si: Any, path: str) -> VirtualMachine:
-    """The VM at inventory path ``/Datacenter/vm/[folder/...]name`` (blocking)."""
+#: What :func:`find_vm` reads of a VM, in one call.
+VM_PROPERTIES = ("name", "config.changeTrackingEnabled", "config.hardware.device", "snapshot")
+
+
+def properties(content: Any, ref: Any, kind: Any, paths: tuple[str, ...]) -> dict[str, Any]:
+    """``paths`` of the managed object ``ref`` (of type ``kind``) in one ``RetrievePropertiesEx`` round trip.
+
+    Unset properties are absent from the result (blocking).
+    """
+    from pyVmomi import vmodl
+
+    collector = vmodl.query.PropertyCollector
+    spec = collector.FilterSpec(
+        objectSet=[collector.ObjectSpec(obj=ref)], propSet=[collector.PropertySpec(type=kind, pathSet=list(paths))]
+    )
+    try:
+        result = content.propertyCollector.RetrievePropertiesEx([spec], collector.RetrieveOptions())
+    except vmodl.MethodFault as exc:
+        raise VSphereError(f"reading {', '.join(paths)} of {ref._moId} failed: {fault_text(exc)}") from exc
+    if result is None or not result.objects:
+        return {}
+    return {prop.name: prop.val for prop in result.objects[0].propSet or []}
+
+
+def find_vm(content: Any, path: str) -> VirtualMachine:
+    """The VM at inventory path ``/Datacenter/vm/[folder/...]name`` with its disks and snapshot tree
+    (blocking; two round trips). ``content`` is the session's ``ServiceContent``."""
     from pyVmomi import vim
 
     if not path.startswith("/") or path.count("/") < 3:
         raise VSphereError(f"{path!r} is not a VM inventory path such as /DC/vm/folder/name")
-    ref = si.content.searchIndex.FindByInventoryPath(path.lstrip("/"))
+    ref = content.searchIndex.FindByInventoryPath(path.lstrip("/"))
     if ref is None:
         raise VSphereError(f"no VM at inventory path {path}")
     if not isinstance(ref, vim.VirtualMachine):
         raise VSphereError(f"{path} is a {type(ref).__name__}, not a virtual machine")
-    config = ref.config
-    if config is None:
+    facts = properties(content, ref, vim.VirtualMachine, VM_PROPERTIES)
+    if "config.hardware.device" not in facts:
         raise VSphereError(f"{path}: the VM has no configuration (inaccessible or orphaned)")
-    return VirtualMachine(ref, path, ref._moId, ref.name, bool(config.changeTrackingEnabled))
+    return VirtualMachine(
+        ref,
+        path,
+        ref._moId,
+        str(facts.get("name", "")),
+        bool(facts.get("config.changeTrackingEnabled")),
+        tuple(list_disks(facts["config.hardware.device"])),
+        facts.get("snapshot"),
+    )
 
 
 def list_disks(hardware_devices: Any) -> list[Disk]:
@@ -82,5 +126,5 @@ def list_disks(hardware_devices: Any) -> list[Disk]:
 
 
 def vm_disks(vm: VirtualMachine) -> list[Disk]:
-    """The VM's current disks (blocking)."""
-    return list_disks(vm.ref.config.hardware.device)
+    """The VM's disks as :func:`find_vm` read them (no round trip)."""
+    return list(vm.disks)

@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from sendense_nbd.errors import VSphereError
-from sendense_nbd.vmware.inventory import Disk, VirtualMachine, list_disks
+from sendense_nbd.vmware.inventory import Disk, VirtualMachine, list_disks, properties
 from sendense_nbd.vmware.tasks import fault_message, wait_for_task
 
 #: Every snapshot this tool takes starts with this; older ones are stale.
@@ -23,24 +23,32 @@ class Snapshot:
     name: str
     moref: str
 
-    def disks(self) -> list[Disk]:
-        """The disks as frozen in this snapshot, with their change IDs (blocking)."""
-        return list_disks(self.ref.config.hardware.device)
+
+def snapshot_disks(content: Any, snapshot: Snapshot) -> list[Disk]:
+    """Every disk as frozen in ``snapshot``, with its change ID: one round trip for all (blocking)."""
+    from pyVmomi import vim
+
+    devices = properties(content, snapshot.ref, vim.vm.Snapshot, ("config.hardware.device",))
+    return list_disks(devices.get("config.hardware.device"))
 
 
-def snapshots(vm: VirtualMachine) -> list[Snapshot]:
-    """All snapshots of the VM, parents first (blocking)."""
+def snapshot_tree(info: Any) -> list[Snapshot]:
+    """The snapshots in a VM's ``snapshot`` property (``vim.vm.SnapshotInfo`` or None), parents first."""
 
     def walk(trees: Any) -> Iterator[Snapshot]:
         for tree in trees or []:
             yield Snapshot(tree.snapshot, tree.name, tree.snapshot._moId)
             yield from walk(tree.childSnapshotList)
 
-    info = vm.ref.snapshot
     return list(walk(info.rootSnapshotList)) if info is not None else []
 
 
-def create_snapshot(si: Any, vm: VirtualMachine, name: str, *, quiesce: bool = False) -> Snapshot:
+def snapshots(vm: VirtualMachine) -> list[Snapshot]:
+    """All snapshots of the VM now, parents first (blocking; one round trip)."""
+    return snapshot_tree(vm.ref.snapshot)
+
+
+def create_snapshot(content: Any, vm: VirtualMachine, name: str, *, quiesce: bool = False) -> Snapshot:
     """Take a snapshot without memory (blocking)."""
     try:
         task = vm.ref.CreateSnapshot_Task(
@@ -48,7 +56,7 @@ def create_snapshot(si: Any, vm: VirtualMachine, name: str, *, quiesce: bool = F
         )
     except Exception as exc:  # noqa: BLE001 - a vim fault raised by the call itself
         raise VSphereError(f"{vm.path}: creating snapshot {name} failed: {fault_message(exc)}") from exc
-    ref = wait_for_task(si, task, f"{vm.path}: creating snapshot {name}")
+    ref = wait_for_task(content, task, f"{vm.path}: creating snapshot {name}")
     if ref is None:
         found = [s for s in snapshots(vm) if s.name == name]
         if not found:
@@ -57,20 +65,21 @@ def create_snapshot(si: Any, vm: VirtualMachine, name: str, *, quiesce: bool = F
     return Snapshot(ref, name, ref._moId)
 
 
-def remove_snapshot(si: Any, vm: VirtualMachine, snapshot: Snapshot) -> None:
+def remove_snapshot(content: Any, vm: VirtualMachine, snapshot: Snapshot) -> None:
     """Remove one snapshot, consolidating its delta disks (blocking)."""
     try:
         task = snapshot.ref.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
     except Exception as exc:  # noqa: BLE001
         raise VSphereError(f"{vm.path}: removing snapshot {snapshot.name} failed: {fault_message(exc)}") from exc
-    wait_for_task(si, task, f"{vm.path}: removing snapshot {snapshot.name}")
+    wait_for_task(content, task, f"{vm.path}: removing snapshot {snapshot.name}")
 
 
-def remove_stale(si: Any, vm: VirtualMachine, prefix: str = BACKUP_PREFIX) -> list[str]:
-    """Remove every snapshot named ``prefix*`` (left by an earlier, interrupted run); their names."""
+def remove_stale(content: Any, vm: VirtualMachine, prefix: str = BACKUP_PREFIX) -> list[str]:
+    """Remove every snapshot named ``prefix*`` (left by an earlier, interrupted run) that the VM had when
+    :func:`~sendense_nbd.vmware.inventory.find_vm` read it; their names."""
     removed = []
-    for snapshot in reversed(snapshots(vm)):  # children first
+    for snapshot in reversed(snapshot_tree(vm.snapshot_info)):  # children first
         if snapshot.name.startswith(prefix):
-            remove_snapshot(si, vm, snapshot)
+            remove_snapshot(content, vm, snapshot)
             removed.append(snapshot.name)
     return removed

@@ -1,8 +1,8 @@
 """Waiting for vSphere tasks with the PropertyCollector (no polling, no stdout).
 
 pyVim's ``WaitForTask`` blocks in its own loop and in some paths prints;
-this waiter watches ``info`` with ``WaitForUpdatesEx`` on a private
-collector. It runs in the session's worker thread.
+this waiter watches ``info`` with ``WaitForUpdatesEx`` through a filter on
+the session's collector. It runs in the session's worker thread.
 """
 
 from __future__ import annotations
@@ -22,38 +22,50 @@ def fault_message(error: Any) -> str:
     return f"{text} ({extra})" if extra else text
 
 
-def wait_for_task(si: Any, task: Any, what: str, *, timeout: float = 3600.0) -> Any:
-    """Wait until ``task`` ends; its result, or :class:`VSphereError` naming ``what``."""
+def wait_for_task(content: Any, task: Any, what: str, *, timeout: float = 3600.0) -> Any:
+    """Wait until ``task`` ends; its result, or :class:`VSphereError` naming ``what``.
+
+    A filter on the session's own collector (``content.propertyCollector``),
+    removed after: two round trips plus one per update. Only the session's
+    single worker thread waits on that collector.
+    """
     from pyVmomi import vim, vmodl
 
-    collector = si.content.propertyCollector.CreatePropertyCollector()
+    collector = content.propertyCollector
     spec = vmodl.query.PropertyCollector.FilterSpec(
         objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=task)],
         propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.Task, pathSet=["info"], all=False)],
     )
     deadline = time.monotonic() + timeout
+    watch = collector.CreateFilter(spec, True)
     try:
-        collector.CreateFilter(spec, True)
-        version = ""
-        info = None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise VSphereError(f"{what}: the task did not finish within {timeout:.0f} s")
-            options = vmodl.query.PropertyCollector.WaitOptions(maxWaitSeconds=max(1, min(60, int(left))))
-            update = collector.WaitForUpdatesEx(version, options)
-            if update is None:
-                continue
-            version = update.version
-            for filter_set in update.filterSet:
-                for object_set in filter_set.objectSet:
-                    for change in object_set.changeSet:
-                        if change.name == "info":
-                            info = change.val
-            if info is not None and info.state in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
-                break
+        info = _wait_for_info(collector, deadline, what, timeout)
     finally:
-        collector.DestroyPropertyCollector()
+        watch.DestroyPropertyFilter()
     if info.state == vim.TaskInfo.State.error:
         raise VSphereError(f"{what} failed: {fault_message(info.error)}")
     return info.result
+
+
+def _wait_for_info(collector: Any, deadline: float, what: str, timeout: float) -> Any:
+    """The task's final ``info``, from ``WaitForUpdatesEx`` on ``collector``."""
+    from pyVmomi import vim, vmodl
+
+    version = ""
+    info = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VSphereError(f"{what}: the task did not finish within {timeout:.0f} s")
+        options = vmodl.query.PropertyCollector.WaitOptions(maxWaitSeconds=max(1, min(60, int(left))))
+        update = collector.WaitForUpdatesEx(version, options)
+        if update is None:
+            continue
+        version = update.version
+        for filter_set in update.filterSet:
+            for object_set in filter_set.objectSet:
+                for change in object_set.changeSet:
+                    if change.name == "info":
+                        info = change.val
+        if info is not None and info.state in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
+            return info
