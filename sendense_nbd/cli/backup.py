@@ -178,6 +178,13 @@ def cli(verbose: int) -> None:
 @click.option("--quiesce", is_flag=True, help="Quiesce the guest file systems (VMware Tools) for the snapshot.")
 @click.option("--connections", type=click.IntRange(1, 16), default=4, show_default=True, help="Per disk and side.")
 @click.option("--requests", type=click.IntRange(1, 256), default=16, show_default=True, help="Per connection.")
+@click.option(
+    "--merge-gap",
+    type=click.IntRange(0, 1 << 30),
+    default=0,
+    show_default=True,
+    help="Bytes: CBT areas closer than this are copied as one. 0 sends only changed bytes (WAN); 1048576 suits a LAN.",
+)
 @click.option("--verify", is_flag=True, help="Re-read source and target and compare digests per chunk.")
 @click.option("--json", "json_lines", is_flag=True, help="JSON lines on stdout (the default when not on a TTY).")
 @click.option("--api-url", envvar="OMA_API_URL", help="Hub API base URL [env OMA_API_URL]; none: standalone.")
@@ -226,6 +233,7 @@ def migrate(
     quiesce: bool,
     connections: int,
     requests: int,
+    merge_gap: int,
     verify: bool,
     json_lines: bool,
     api_url: str | None,
@@ -251,6 +259,7 @@ def migrate(
         quiesce=quiesce,
         connections=connections,
         requests=requests,
+        merge_gap=merge_gap,
         verify=verify,
     )
     vddk = VddkSettings(

@@ -23,6 +23,7 @@
     max_jobs = 2                                       # jobs running at once
     max_queued = 16                                    # jobs waiting; more are refused (503 busy)
     connections = 4
+    merge_gap = 0                                      # bytes; 1048576 on a LAN (docs/BACKUP_CLIENT.md)
 
 Unknown sections and keys are refused: the :class:`ConfigError` names the key
 and its section. Files holding secrets (this file when it has ``password``, the
@@ -46,7 +47,9 @@ from sendense_nbd.errors import ConfigError
 SECTIONS: dict[str, frozenset[str]] = {
     "vcenter": frozenset({"endpoint", "username", "password", "password_file", "thumbprint", "ca_file"}),
     "vddk": frozenset(attrs.fields_dict(VddkSettings)),
-    "node": frozenset({"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued", "connections"}),
+    "node": frozenset(
+        {"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued", "connections", "merge_gap"}
+    ),
 }
 
 
@@ -68,6 +71,8 @@ class NodeConfig:
     max_jobs: int = 2
     max_queued: int = 16
     connections: int = 4
+    #: Changed areas closer than this are copied as one (:attr:`~sendense_nbd.backup.BackupSpec.merge_gap`).
+    merge_gap: int = 0
 
 
 def check_private(path: str) -> None:
@@ -126,6 +131,7 @@ def load(path: str) -> NodeConfig:
         max_jobs=_count(path, node, "max_jobs", 2, 64),
         max_queued=_count(path, node, "max_queued", 16, 10000),
         connections=_count(path, node, "connections", 4, 64),
+        merge_gap=_bytes(path, node, "merge_gap", 0, 1 << 30),
     )
 
 
@@ -180,6 +186,13 @@ def _count(path: str, section: dict[str, Any], key: str, default: int, high: int
     value = section.get(key, default)
     if type(value) is not int or not 1 <= value <= high:
         raise ConfigError(f"{path}: [node] {key} must be an integer from 1 to {high}")
+    return value
+
+
+def _bytes(path: str, section: dict[str, Any], key: str, default: int, high: int) -> int:
+    value = section.get(key, default)
+    if type(value) is not int or not 0 <= value <= high:
+        raise ConfigError(f"{path}: [node] {key} must be a number of bytes from 0 to {high}")
     return value
 
 

@@ -119,6 +119,7 @@ class Node:
             targets=targets,
             mode=request.mode,
             connections=config.connections,
+            merge_gap=config.merge_gap,
         )
         hub = HubSettings(request.api_url, token=config.hub_token)
         return BackupSettings(spec, self.endpoint, config.username, config.password, vddk=config.vddk, hub=hub)

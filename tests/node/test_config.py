@@ -62,3 +62,11 @@ def test_wrong_types_are_refused_by_key(tmp_path: Path, extra: str, problem: str
     text = extra + MINIMAL if extra.startswith("vddk =") else MINIMAL + extra
     with pytest.raises(ConfigError, match=problem):
         load(_write(tmp_path, text))
+
+
+def test_merge_gap_is_bytes_and_zero_by_default(tmp_path: Path) -> None:
+    assert load(_write(tmp_path, MINIMAL)).merge_gap == 0  # the WAN default: only changed bytes cross
+    assert load(_write(tmp_path, f"{MINIMAL}[node]\nmerge_gap = 1048576\n")).merge_gap == 1 << 20
+    for bad in ("-1", '"1M"', "true", "2147483648"):
+        with pytest.raises(ConfigError, match=r"\[node\] merge_gap must be a number of bytes from 0 to"):
+            load(_write(tmp_path, f"{MINIMAL}[node]\nmerge_gap = {bad}\n"))
