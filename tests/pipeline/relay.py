@@ -66,6 +66,10 @@ class DelayRelay:
         self._thread = threading.Thread(target=self._run, name="delay-relay", daemon=True)
 
     def __enter__(self) -> DelayRelay:
+        return self.start()
+
+    def start(self) -> DelayRelay:
+        """Listen (``self.port``) and serve in the relay's thread; ``close()`` ends it."""
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
             self.close()

@@ -1,5 +1,6 @@
 """The whole pipeline on one machine: vcsim, the hub (with its SSH endpoint), the node, and the node's
 SSH tunnel carrying the hub's NBD ports and API to the node and the node API back to the hub.
+One run puts a delay relay (tests/pipeline/relay.py) between the tunnel and the hub's SSH endpoint, as a WAN.
 
 Addresses keep the two sides apart: the hub listens on 127.0.0.1; the node and the tunnel's local
 ends on 127.0.0.2 (so the node reaches the hub only through the tunnel); the node API on 127.0.0.3,
@@ -26,6 +27,7 @@ from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.node.test_node import NodeProcess, write_config
 from tests.peers import slow_nbdkit
+from tests.pipeline.relay import DelayRelay
 from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
@@ -55,7 +57,18 @@ class TunnelProcess:
 
 
 class Pipeline:
-    def __init__(self, root: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess]) -> None:
+    """Keys, the node, the hub and the tunnel; ``slow_source`` makes every disk read take 3 s, ``rtt`` (seconds)
+    puts a delay relay adding that round trip between the tunnel and the hub's SSH endpoint."""
+
+    def __init__(
+        self,
+        root: Path,
+        vcsim: dict[str, Any],
+        hub_factory: Callable[..., HubProcess],
+        *,
+        slow_source: bool = True,
+        rtt: float | None = None,
+    ) -> None:
         self.root, self.vcsim = root, vcsim
         keys = root / "keys"
         keys.mkdir()
@@ -71,13 +84,11 @@ class Pipeline:
         self.nbd_ports = ports[:4]
         api_port, ssh_port, node_reverse = ports[4:]
         self.ssh_port, self.api_port, self.node_reverse = ssh_port, api_port, node_reverse
-        self.known_hosts = keys / "known_hosts"
-        self.known_hosts.write_bytes(f"[{HUB}]:{ssh_port} ".encode() + host_key.export_public_key())
         # A slow source (3 s per read) so that the tunnel can be killed while data flows.
-        wrapper = slow_nbdkit(root)
+        nbdkit = str(slow_nbdkit(root)) if slow_source else require("nbdkit")
         node_dir = root / "node"
         node_dir.mkdir()
-        self.node = NodeProcess(write_config(node_dir, vcsim, nbdkit=str(wrapper)), listen=f"{NODE_API_HOST}:0")
+        self.node = NodeProcess(write_config(node_dir, vcsim, nbdkit=nbdkit), listen=f"{NODE_API_HOST}:0")
         self.hub = hub_factory(
             f"http://{HUB}:{node_reverse}",
             "--listen", f"{HUB}:{api_port}", "--nbd-advertise", NODE_SIDE,
@@ -88,13 +99,31 @@ class Pipeline:
             ports=self.nbd_ports,
         )  # fmt: skip
         self.api = Api(self.hub.url)
-        self.tunnel = self.start_tunnel()
+        self.relay = DelayRelay((HUB, ssh_port), rtt=rtt).start() if rtt is not None else None
+        # The tunnel reaches the SSH endpoint directly, or through the relay (then known by the relay's port).
+        self.endpoint_port = self.relay.port if self.relay is not None else ssh_port
+        self.known_hosts = keys / "known_hosts"
+        self.known_hosts.write_bytes(f"[{HUB}]:{self.endpoint_port} ".encode() + host_key.export_public_key())
+        try:
+            self.tunnel = self.start_tunnel()
+        except BaseException:
+            self.close(tunnel=False)
+            raise
+
+    def close(self, *, tunnel: bool = True) -> None:
+        """Stop the tunnel, the node and the relay (the hub fixture stops the hub)."""
+        if tunnel:
+            self.tunnel.kill()
+        self.node.stop()
+        if self.relay is not None:
+            self.relay.close()
 
     def start_tunnel(self) -> TunnelProcess:
         node_port = self.node.url.rsplit(":", 1)[1]
         return TunnelProcess([
             str(Path(sys.executable).parent / "sendense-backup"), "tunnel",
-            "--hub", f"{HUB}:{self.ssh_port}", "--key", str(self.client_key), "--known-hosts", str(self.known_hosts),
+            "--hub", f"{HUB}:{self.endpoint_port}", "--key", str(self.client_key),
+            "--known-hosts", str(self.known_hosts),
             "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}", "--listen-host", NODE_SIDE,
             "--dest-host", HUB, "--forward", f"{NODE_SIDE}:{self.api_port}={HUB}:{self.api_port}",
             "--remote-forward", f"{HUB}:{self.node_reverse}={NODE_API_HOST}:{node_port}",
@@ -178,8 +207,7 @@ def test_backups_through_the_tunnel_survive_a_tunnel_failure(
             time.sleep(0.2)
         assert _disk_sources(pipeline.node) == [], "the node left an nbdkit running"
     finally:
-        pipeline.tunnel.kill()
-        pipeline.node.stop()
+        pipeline.close()
 
 
 def _change_id(api: Api, key: int) -> str:
@@ -206,3 +234,60 @@ def _disk_sources(node: NodeProcess) -> list[str]:
 def _snapshots(vcsim: dict[str, Any]) -> list[str]:
     """Snapshots alive in the simulator (each keeps a folder of frozen disk copies)."""
     return sorted(p.name for p in (Path(vcsim["state"]) / "snapshots").glob("*") if p.is_dir())
+
+
+def test_full_and_incremental_backups_across_a_50ms_link(
+    tmp_path: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess]
+) -> None:
+    """The tunnel crosses a relay adding 50 ms of round trip: the points are still byte-identical, and an
+    incremental sends exactly the changed bytes (merge gap 0 by default)."""
+    pipeline = Pipeline(tmp_path, vcsim, hub_factory, slow_source=False, rtt=0.05)
+    vm = next(v for v in vcsim["vms"] if v["path"] == VM_PATH)
+    changed = 2 * 256 * 1024  # per disk: two areas of 256 KiB, 512 KiB apart
+    try:
+        for disk in vm["disks"]:
+            vmdisk.write(vcsim["state"], vm["moref"], disk["key"], 0, os.urandom(2 * MIB))
+        full = _backup(pipeline, pipeline.disk_copies("full"))
+        assert [d["sync_type"] for d in full["detail"]["disks"]] == ["full", "full"]
+        full_sent = _bytes_sent(pipeline.api, full["job_id"])
+        assert all(sent >= 2 * MIB for sent in full_sent.values()), full_sent
+
+        for disk in vm["disks"]:
+            for offset in (5 * MIB, 5 * MIB + 768 * 1024):
+                vmdisk.write(vcsim["state"], vm["moref"], disk["key"], offset, os.urandom(256 * 1024))
+        incremental = _backup(pipeline, pipeline.disk_copies("incremental"))
+        assert [(d["sync_type"], d["base_point"]) for d in incremental["detail"]["disks"]] == [
+            ("incremental", d["point_id"]) for d in full["detail"]["disks"]
+        ]
+        assert _bytes_sent(pipeline.api, incremental["job_id"]) == {2000: changed, 2001: changed}
+    finally:
+        pipeline.close()
+    # Every byte of both jobs crossed the relay (the tunnel is the node's only way to the hub's ports).
+    assert pipeline.relay is not None and pipeline.relay.accepted >= 1
+    assert pipeline.relay.up.bytes >= sum(full_sent.values()) + 2 * changed
+
+
+def _backup(pipeline: Pipeline, expected: dict[int, Path]) -> dict[str, Any]:
+    """Run one backup job to completion and verify its restore points against ``expected``."""
+    status, job = pipeline.api.post("/backups", {"vm_path": VM_PATH, "mode": "auto"})
+    assert status == 201, job
+    done = pipeline.api.wait_job(job["job_id"])
+    assert done["state"] == "completed", done
+    pipeline.verify(done, expected)
+    return done
+
+
+def _bytes_sent(api: Api, job_id: str, timeout: float = 30) -> dict[int, int]:
+    """Per disk, the bytes a completed job sent, from the node's final progress report (which follows the
+    completion); the report's figures must add up."""
+    deadline = time.monotonic() + timeout
+    while (report := api.get(f"/backups/{job_id}/progress")[1]["progress"] or {}).get("status") != "completed":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no final progress report for job {job_id}: {report}")
+        time.sleep(0.1)
+    disks = report["disks"]
+    assert report["percent"] == 100.0 and all(d["done"] for d in disks), report
+    assert report["bytes_transferred"] == sum(d["bytes_transferred"] for d in disks), report
+    for disk in disks:
+        assert disk["bytes_transferred"] + disk["bytes_zeroed"] + disk["bytes_skipped"] == disk["disk_size"], disk
+    return {d["disk_key"]: d["bytes_transferred"] for d in disks}
