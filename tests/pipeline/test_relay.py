@@ -187,6 +187,9 @@ def test_a_side_that_does_not_read_stops_the_relay_reading_at_its_queue_limit(
 
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
+            deadline = time.monotonic() + 30
+            while relay.up.queued < limit and time.monotonic() < deadline:
+                time.sleep(0.01)
             stalled_at = _until_stalled(lambda: sent)
             # The line is full and the sender blocked well before the end: the relay stopped reading.
             assert relay.up.queued == limit and relay.up.peak_queued == limit
