@@ -1,39 +1,42 @@
 #!/usr/bin/env python3
-"""Benchmark one VM backup through the whole pipeline with added network latency (needs root).
+"""Benchmark VM backups through the whole pipeline over an emulated WAN link (needs root).
 
 Run with the project's venv python, as root (it creates a network namespace)::
 
-    /work/main/.venv/bin/python benchmarks/bench_pipeline.py --quick          # smoke test
-    /work/main/.venv/bin/python benchmarks/bench_pipeline.py --write-results  # adds a section to RESULTS.md
+    /work/main/.venv/bin/python benchmarks/bench_pipeline.py --quick          # smoke test, ~3 min
+    /work/main/.venv/bin/python benchmarks/bench_pipeline.py --write-results  # the matrix, <= 25 min
 
 Layout: the node side runs in a network namespace of its own (``sdbench-node-<pid>``), joined to the
-root namespace (the hub side) by a veth pair, 10.213.0.1/30 (hub) - 10.213.0.2/30 (node):
+root namespace (the hub side) by a link, 10.213.0.1/30 (hub) - 10.213.0.2/30 (node):
 
-* hub side (root namespace): vcsim on 10.213.0.1, the hub (``sendense-nbd hub``) with its API, NBD
-  ports and reverse-forwarded node API on 127.0.0.1 and its SSH endpoint on 10.213.0.1;
-* node side (the namespace): the node (``sendense-backup node``, ``[node] connections = N``) and the
-  SSH tunnel (``sendense-backup tunnel``), which listens on the namespace's 127.0.0.1 for the hub's NBD
-  ports and API and reverse-forwards the node API to the hub's 127.0.0.1.
+* hub side (root namespace): the hub (``sendense-nbd hub``) with its API, NBD ports and reverse-forwarded
+  node API on 127.0.0.1 and its embedded SSH endpoint on 10.213.0.1; a private OpenSSH ``sshd`` on
+  10.213.0.1 for the OpenSSH tunnels;
+* node side (the namespace): vcsim (``--vcenter node``, the default: a node sits next to its vCenter;
+  ``--vcenter hub`` puts it on 10.213.0.1, across the link), the node (``sendense-backup node``,
+  ``[node] connections = N``) and one tunnel at a time, listening on the namespace's 127.0.0.1 for the
+  hub's NBD ports and API and reverse-forwarding the node API to the hub's 127.0.0.1:
 
-The namespace reaches the hub only across the veth: the hub's API and NBD ports listen on the root
-namespace's loopback, so every byte of backup data crosses the link inside the SSH tunnel (the
-benchmark checks that the hub's ports are not reachable from the namespace, and counts the bytes on the
-veth). vSphere calls also cross the link; the disk data itself is read by the vddk stand-in from the
-simulator's state directory (a real VDDK would read it from ESXi).
+  - ``ours``: ``sendense-backup tunnel`` (its defaults, plus ``--tunnel-arg``) to the hub's endpoint;
+  - ``ours cubic``: the same with cubic congestion control (``--congestion cubic`` when the tunnel has
+    that flag, else the namespace's ``net.ipv4.tcp_congestion_control`` while it connects);
+  - ``openssh``: ``ssh -N -L ... -R ...`` with its defaults to the private sshd;
+  - ``openssh aes``: the same with ``-c aes128-gcm@openssh.com``.
 
-Latency: ``tc qdisc replace dev VETH root netem delay D/2`` on BOTH ends of the veth, so the added
-round-trip time is D (0, 10, 50 ms by default; the 0 ms case has no qdisc at all). Kernels without
-sch_netem (``CONFIG_NET_SCH_NETEM`` not set, as on this machine) get ``--link relay`` instead: two TUN
-devices (one per namespace, MTU 65000, like veth's 64 KiB GSO packets) joined by a relay process of this
-script that holds every IP packet D/2 per direction (in order, no loss, unbounded queue); the 0 ms case
-also goes through the relay. The RTT is measured from the namespace as the median TCP connect time to
-the hub side (``ping`` is not installed).
+Link: without sch_netem (``CONFIG_NET_SCH_NETEM`` not set, as here) two TUN devices (MTU 65000) joined
+by a relay process of this script (``--relay``) that holds each IP packet RTT/2 per direction (in order,
+unbounded queue) and drops ``--loss`` percent of the packets of each direction, with a seeded generator
+per direction (reproducible). With netem: ``tc qdisc ... netem delay RTT/2 loss PCT`` on both veth ends.
+Before the matrix the relay's own capacity is measured (a TCP stream across it, its CPU time).
 
-One run = ``POST /api/v1/backups {"vm_path": ..., "mode": "full"}`` to the hub, polled every 50 ms until
-it completes; MB/s = 10^6 bytes of allocated disk data (what the full backup copies) per second of wall
-time from the POST to the completed state (snapshot, copy and cleanup included). For each latency and
-each connection count: a warm-up run, then ``--rounds`` rounds alternating the order of the connection
-counts; medians. The first measured run of every case is verified with ``qemu-img compare``.
+A run = ``POST /api/v1/backups {"vm_path": ..., "mode": "full"}`` to the hub, polled every 50 ms until
+it completes; every restore point is checked (``qemu-img check`` and ``qemu-img compare`` with a copy of
+the disk). Whole-job MB/s = 10^6 bytes of allocated disk data per second from the POST to the completed
+state; the node's copy time is the time its job spent in the ``transferring`` stage, seen by a watcher
+inside the namespace polling the node API every 50 ms. For each link: a warm-up run per tunnel, then
+``--rounds`` rounds over every (tunnel, connections) variant, the order reversed every other round
+(A B B A); medians. Then a 1 MiB incremental (16 x 64 KiB changes) over the 50 ms link, ``--rounds``
+times.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import select
 import shutil
 import signal
@@ -56,7 +60,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,6 +80,12 @@ HUB_IP, NODE_IP, PREFIXLEN = "10.213.0.1", "10.213.0.2", 30
 VM_PATH = "/DC0/vm/DC0_H0_VM0"
 NODE_PORT = 8081  # the node API inside the namespace
 CHUNK = 4 * MiB
+BEST_CIPHER = "aes128-gcm@openssh.com"
+TUNNELS = ("ours", "openssh", "openssh aes")  # the order of a round (reversed every other round)
+CUBIC = "ours cubic"
+# The issue's targets: (added RTT, loss %) -> the share of the 0 ms whole-job throughput to keep.
+KEEP_TARGETS = {(50.0, 0.0): 0.8, (100.0, 0.0): 0.6, (50.0, 0.5): 0.5}
+INCREMENTAL_PIECES, INCREMENTAL_PIECE, INCREMENTAL_STRIDE = 16, 64 * 1024, 256 * 1024  # 1 MiB changed
 
 _vmdisk_spec = importlib.util.spec_from_file_location("vmdisk", SIMULATOR / "vmdisk.py")
 assert _vmdisk_spec is not None and _vmdisk_spec.loader is not None
@@ -101,6 +112,15 @@ def git(*args: str) -> str:
     return sh("git", "-C", str(REPO), *args, check=False).stdout.strip()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port_range(count: int, hosts: tuple[str, ...]) -> range:
     """``count`` consecutive ports free now on every host (best effort on a busy machine)."""
     for start in range(31000, 60000, 97):
@@ -121,32 +141,58 @@ def free_port_range(count: int, hosts: tuple[str, ...]) -> range:
     raise RuntimeError("no free port range")
 
 
-class Proc:
-    """A subprocess that prints one JSON line on stdout when ready; stderr (and later stdout) to a log."""
+def wait_connectable(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until ``host:port`` (in this namespace) accepts a connection; fails early when ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
 
-    def __init__(self, name: str, command: list[str], logdir: Path, netns: str | None = None) -> None:
-        self.name = name
+
+class Proc:
+    """A subprocess; with ``ready_line`` it must print one JSON line on stdout when ready.
+
+    stderr (and later stdout) go to a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        logdir: Path,
+        netns: str | None = None,
+        *,
+        ready_line: bool = True,
+        on_line: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.name, self.on_line = name, on_line
         if netns is not None:
             command = ["ip", "netns", "exec", netns, *command]  # ip execs the command: same pid
-        self.log = logdir / f"{name}.log"
+        self.log = logdir / f"{name.replace(' ', '-')}.log"
         self._log: IO[bytes] = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log)
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
-            self.stop()
-            raise RuntimeError(f"{name} did not start: {self.log.read_text(errors='replace')[-2000:]}")
-        self.info: dict[str, Any] = json.loads(line)
+        self.info: dict[str, Any] = {}
+        if ready_line:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+            line = self.proc.stdout.readline() if ready else b""
+            if not line:
+                self.stop()
+                raise RuntimeError(f"{name} did not start: {self.log.read_text(errors='replace')[-2000:]}")
+            self.info = json.loads(line)
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if self.on_line is not None:
+                self.on_line(line)
             self._log.write(line)
-
-    def pid(self) -> int:
-        return self.proc.pid
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -177,7 +223,19 @@ class Api:
 
 
 # --------------------------------------------------------------------------
-# the network namespace
+# the network namespace and its link
+
+
+@dataclass(frozen=True)
+class Link:
+    """An emulated link: added round-trip time and packet loss per direction."""
+
+    rtt_ms: float
+    loss_pct: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.rtt_ms:g} ms" + (f" + {self.loss_pct:g}% loss" if self.loss_pct else "")
 
 
 def remove_leftovers() -> None:
@@ -220,7 +278,7 @@ class Netns:
     veth_node: str
     method: str = "netem"
     relay: subprocess.Popen[str] | None = None
-    delay_ms: float = 0.0
+    link: Link = Link(0.0)
 
     @classmethod
     def create(cls, method: str) -> Netns:
@@ -231,7 +289,7 @@ class Netns:
             if method == "netem":
                 sh("ip", "link", "add", ns.veth_hub, "type", "veth", "peer", "name", ns.veth_node)
                 sh("ip", "link", "set", ns.veth_node, "netns", ns.name)
-            else:  # two TUN devices joined by our relay (below), which delays the packets
+            else:  # two TUN devices joined by our relay (below), which delays and drops the packets
                 ns.relay = subprocess.Popen(
                     [str(PYTHON), __file__, "--relay", ns.name, ns.veth_hub, ns.veth_node],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -254,22 +312,38 @@ class Netns:
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.name, *cmd, check=check, timeout=timeout)
 
-    def set_delay(self, rtt_ms: float) -> None:
-        """Added RTT: half of it on each direction (netem: each end's egress; 0: no qdisc at all)."""
-        self.delay_ms = rtt_ms
+    def sysctl(self, name: str, value: str | None = None) -> str:
+        """The namespace's sysctl ``name`` (set to ``value`` first when given)."""
+        if value is not None:
+            self.run("sysctl", "-q", "-w", f"{name}={value}")
+        return self.run("sysctl", "-n", name).stdout.strip().replace("\t", " ")
+
+    def _relay_command(self, line: str) -> str:
+        assert self.relay is not None and self.relay.stdin is not None and self.relay.stdout is not None
+        self.relay.stdin.write(line + "\n")
+        self.relay.stdin.flush()
+        return self.relay.stdout.readline().strip()
+
+    def set_link(self, link: Link, seed: int) -> None:
+        """Added RTT (half on each direction) and loss (each direction; netem: each end's egress)."""
+        self.link = link
         if self.relay is not None:
-            assert self.relay.stdin is not None and self.relay.stdout is not None
-            self.relay.stdin.write(f"{rtt_ms / 2}\n")
-            self.relay.stdin.flush()
-            if self.relay.stdout.readline().strip() != "ok":
-                raise RuntimeError("the delay relay did not take the new delay")
+            if self._relay_command(f"{link.rtt_ms / 2} {link.loss_pct} {seed}") != "ok":
+                raise RuntimeError("the delay relay did not take the new link")
             return
         for prefix, dev in (((), self.veth_hub), (("ip", "netns", "exec", self.name), self.veth_node)):
-            if rtt_ms:
-                sh(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay", f"{rtt_ms / 2:g}ms",
-                   "limit", "100000")  # fmt: skip
+            if link.rtt_ms or link.loss_pct:
+                sh(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay", f"{link.rtt_ms / 2:g}ms",
+                   "loss", "random", f"{link.loss_pct:g}%", "limit", "100000")  # fmt: skip
             else:
                 sh(*prefix, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+
+    def relay_stats(self) -> dict[str, Any]:
+        """The relay's packet and drop counters per direction (empty with netem)."""
+        return json.loads(self._relay_command("stats")) if self.relay is not None else {}
+
+    def relay_cpu(self) -> float:
+        return cpu_seconds(self.relay.pid) if self.relay is not None else 0.0
 
     def measure_rtt(self, samples: int = 15) -> float:
         """Median TCP connect time (one round trip) from the namespace to the hub side, in ms."""
@@ -290,14 +364,38 @@ class Netns:
             done = self.run(str(PYTHON), "-c", probe)
         return float(done.stdout.strip())
 
-    def tx_bytes(self) -> int:
-        return int(Path(f"/sys/class/net/{self.veth_hub}/statistics/rx_bytes").read_text()) + int(
-            Path(f"/sys/class/net/{self.veth_hub}/statistics/tx_bytes").read_text()
-        )
+    def stream(self, total: int, streams: int) -> tuple[float, float]:
+        """``total`` bytes over ``streams`` TCP connections from the namespace to the hub side (plain
+        sockets, no tunnel): (MB/s, relay CPU seconds per second)."""
+        with socket.socket() as server:
+            server.bind((HUB_IP, 0))
+            server.listen(64)
+            port = server.getsockname()[1]
+            sinks = [threading.Thread(target=_sink, args=(server,), daemon=True) for _ in range(streams)]
+            for sink in sinks:
+                sink.start()
+            sender = (
+                "import socket, threading\n"
+                f"def send(n):\n    s = socket.create_connection(({HUB_IP!r}, {port}), timeout=60)\n"
+                "    block = bytes(1 << 20)\n"
+                "    for _ in range(n >> 20):\n        s.sendall(block)\n    s.close()\n"
+                f"ts = [threading.Thread(target=send, args=({total // streams},)) for _ in range({streams})]\n"
+                "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            )
+            cpu0, started = self.relay_cpu(), time.monotonic()
+            self.run(str(PYTHON), "-c", sender, timeout=300)
+            for sink in sinks:
+                sink.join(60)
+            seconds = time.monotonic() - started
+        return total / seconds / 1e6, (self.relay_cpu() - cpu0) / seconds
 
-    def reachable(self, port: int) -> bool:
+    def link_bytes(self) -> int:
+        stats = Path(f"/sys/class/net/{self.veth_hub}/statistics")
+        return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
+
+    def reachable(self, port: int, host: str = HUB_IP) -> bool:
         done = self.run(
-            str(PYTHON), "-c", f"import socket; socket.create_connection(({HUB_IP!r}, {port}), timeout=3)", check=False
+            str(PYTHON), "-c", f"import socket; socket.create_connection(({host!r}, {port}), timeout=3)", check=False
         )
         return done.returncode == 0
 
@@ -311,6 +409,13 @@ class Netns:
                 self.relay.wait(10)
         sh("ip", "netns", "delete", self.name, check=False)
         sh("ip", "link", "delete", self.veth_hub, check=False)  # gone with the namespace's end, normally
+
+
+def _sink(server: socket.socket) -> None:
+    conn, _ = server.accept()
+    with conn:
+        while conn.recv(1 << 20):
+            pass
 
 
 # --------------------------------------------------------------------------
@@ -331,8 +436,11 @@ def _open_tun(name: str) -> int:
 
 
 def relay_main(netns: str, hub_dev: str, node_dev: str) -> int:
-    """Create TUN ``hub_dev`` here and ``node_dev`` in ``netns``; pass IP packets between them, each
-    delayed by the one-way delay (ms) last read from stdin ("ok" on stdout after each). Order is kept."""
+    """Create TUN ``hub_dev`` here and ``node_dev`` in ``netns``; pass IP packets between them.
+
+    stdin commands, one a line: ``DELAY_MS LOSS_PCT SEED`` (one-way delay; each direction drops LOSS_PCT
+    percent of its packets, drawn from its own generator seeded by SEED), answered ``ok``; ``stats``,
+    answered with a JSON line of the counters per direction. Order is kept."""
     import collections
     import ctypes
 
@@ -345,11 +453,13 @@ def relay_main(netns: str, hub_dev: str, node_dev: str) -> int:
     node = _open_tun(node_dev)
     libc.setns(home, CLONE_NEWNET)
     print("ready", flush=True)
-    delay = 0.0
+    delay, loss = 0.0, 0.0
     queues: dict[int, collections.deque[tuple[float, bytes]]] = {hub: collections.deque(), node: collections.deque()}
     other = {hub: node, node: hub}
+    names = {hub: "node->hub", node: "hub->node"}  # by the device a packet is written to
+    rngs = {fd: random.Random() for fd in queues}
+    counts = {fd: {"packets": 0, "lost": 0, "write_errors": 0} for fd in queues}
     stdin = sys.stdin.fileno()
-    drops = 0
     while True:
         now = time.monotonic()
         due = [q[0][0] for q in queues.values() if q]
@@ -360,28 +470,95 @@ def relay_main(netns: str, hub_dev: str, node_dev: str) -> int:
                 line = sys.stdin.readline()
                 if not line:
                     return 0
-                delay = float(line) / 1000
+                if line.strip() == "stats":
+                    print(json.dumps({names[fd]: c for fd, c in counts.items()}), flush=True)
+                    continue
+                words = line.split()
+                delay, loss, seed = float(words[0]) / 1000, float(words[1]) / 100, int(words[2])
+                for fd_, rng in rngs.items():
+                    rng.seed(f"{seed}-{names[fd_]}")
                 print("ok", flush=True)
                 continue
-            while True:
-                try:
-                    packet = os.read(fd, TUN_MTU + 64)
-                except BlockingIOError:
-                    break
-                if delay:
-                    queues[other[fd]].append((time.monotonic() + delay, packet))
-                else:
-                    try:
-                        os.write(other[fd], packet)
-                    except OSError:
-                        drops += 1
+            _relay_read(fd, other[fd], delay, loss, rngs[other[fd]], queues[other[fd]], counts[other[fd]])
         now = time.monotonic()
         for fd, queue in queues.items():
             while queue and queue[0][0] <= now:
-                try:
-                    os.write(fd, queue.popleft()[1])
-                except OSError:
-                    drops += 1
+                _relay_write(fd, queue.popleft()[1], counts[fd])
+
+
+def _relay_read(fd: int, out: int, delay: float, loss: float, rng: random.Random, queue: Any, count: dict) -> None:
+    """Every packet waiting on ``fd``: dropped (``loss``), queued (``delay``) or written to ``out``."""
+    while True:
+        try:
+            packet = os.read(fd, TUN_MTU + 64)
+        except BlockingIOError:
+            return
+        count["packets"] += 1
+        if loss and rng.random() < loss:
+            count["lost"] += 1
+        elif delay:
+            queue.append((time.monotonic() + delay, packet))
+        else:
+            _relay_write(out, packet, count)
+
+
+def _relay_write(fd: int, packet: bytes, count: dict) -> None:
+    try:
+        os.write(fd, packet)
+    except OSError:
+        count["write_errors"] += 1
+
+
+# --------------------------------------------------------------------------
+# the node's copy time: a watcher inside the namespace
+
+
+def watch_main(port: str) -> int:
+    """Poll the node API on 127.0.0.1:``port`` every 50 ms; print a JSON line per job stage change."""
+    print(json.dumps({"watching": int(port)}), flush=True)
+    seen: dict[str, tuple[str, str]] = {}
+    url = f"http://127.0.0.1:{port}/api/v1/backups"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                jobs = json.loads(response.read())["backups"]
+        except (OSError, ValueError, KeyError):
+            jobs = []
+        now = time.monotonic()  # CLOCK_MONOTONIC is not per network namespace
+        for job in jobs:
+            stage = (job.get("progress") or {}).get("stage") or ""
+            if seen.get(job["job_id"]) != (stage, job["state"]):
+                seen[job["job_id"]] = (stage, job["state"])
+                print(json.dumps({"job": job["job_id"], "stage": stage, "state": job["state"], "t": now}), flush=True)
+        time.sleep(0.05)
+
+
+class Watcher:
+    """Runs :func:`watch_main` in the namespace; keeps the first time each job entered each stage."""
+
+    def __init__(self, ns: Netns, logdir: Path) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self.proc = Proc(
+            "watcher", [str(PYTHON), __file__, "--watch", str(NODE_PORT)], logdir, ns.name, on_line=self._event
+        )
+
+    def _event(self, line: bytes) -> None:
+        if line.startswith(b"{"):
+            event = json.loads(line)
+            self.stages.setdefault(event["job"], {}).setdefault(event["stage"], event["t"])
+
+    def copy_seconds(self, job_id: str) -> float | None:
+        """Seconds the node's job spent transferring (None when the watcher missed either end)."""
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            stages = self.stages.get(job_id, {})
+            if "transferring" in stages and "finalizing" in stages:
+                return stages["finalizing"] - stages["transferring"]
+            time.sleep(0.05)
+        return None
+
+    def stop(self) -> None:
+        self.proc.stop()
 
 
 # --------------------------------------------------------------------------
@@ -390,60 +567,99 @@ def relay_main(netns: str, hub_dev: str, node_dev: str) -> int:
 
 @dataclass
 class Case:
-    delay: float
+    link: Link
+    tunnel: str
     connections: int
     seconds: list[float] = field(default_factory=list)
-    warmup: float = 0.0
+    copy_seconds: list[float] = field(default_factory=list)
     link_bytes: list[int] = field(default_factory=list)
-    node_seconds: list[float] = field(default_factory=list)
-    verified: str = ""
+    relay_cpu: list[float] = field(default_factory=list)  # relay CPU seconds per second of the run
+    warmups: list[float] = field(default_factory=list)
+    verified: int = 0
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
 
+@dataclass
+class Run:
+    """One measured backup."""
+
+    seconds: float
+    job: dict[str, Any]
+    link_bytes: int
+    relay_cpu: float
+    copy_seconds: float | None
+
+
 class Pipeline:
-    def __init__(self, root: Path, ns: Netns, disk_mib: int, fill: float, tunnel_connections: int) -> None:
-        self.root, self.ns, self.tunnel_connections = root, ns, tunnel_connections
+    def __init__(self, root: Path, ns: Netns, args: argparse.Namespace) -> None:
+        self.root, self.ns, self.args = root, ns, args
         self.logs = root / "logs"
         self.logs.mkdir()
         self.procs: list[Proc] = []
         self.node: Proc | None = None
-        build = sh("sh", str(SIMULATOR / "build-vcsim.sh"), timeout=900)
-        vcsim_bin = build.stdout.strip().splitlines()[-1]
-        state = root / "vcsim"
-        state.mkdir()
-        self.vcsim = self._start(
-            "vcsim",
-            [vcsim_bin, "-listen", f"{HUB_IP}:0", "-state", str(state), "-username", "user", "-password", "pass",
-             "-vm-disks", "2", "-disk-size-mb", str(disk_mib)],
-        )  # fmt: skip
-        self.state = state
-        self.vm = next(v for v in self.vcsim.info["vms"] if v["path"] == VM_PATH)
-        self.data_bytes = self._fill(disk_mib, fill)
+        self.watcher: Watcher | None = None
+        self.tunnel: Proc | None = None
+        self.tunnel_name = ""
+        self.congestion_seen: dict[str, list[str]] = {}
+        self._start_vcsim(args.vcenter, args.disk_mib)
+        self.data_bytes = self._fill(args.disk_mib, args.fill)
         self.copies = {}
         for disk in self.vm["disks"]:
             self.copies[disk["key"]] = root / f"expected-{disk['key']}.raw"
             sh("cp", "--sparse=always", disk["path"], str(self.copies[disk["key"]]), timeout=300)
+        self._make_keys()
+        ports = free_port_range(8, ("127.0.0.1", HUB_IP))
+        self.nbd_ports = ports[:4]
+        self.api_port, self.ssh_port, self.node_reverse, self.sshd_port = ports[4:]
+        with open(self.keys / "known_hosts", "w") as known:
+            for port in (self.ssh_port, self.sshd_port):
+                known.write(f"[{HUB_IP}]:{port} {self.host_public}\n")
+        self._start_hub()
+        self.sshd = self._start_sshd()
+        help_text = sh(str(BIN / "sendense-backup"), "tunnel", "--help").stdout
+        self.congestion_flag = "--congestion" in help_text
 
-        keys = root / "keys"
-        keys.mkdir()
+    def _start(self, name: str, command: list[str], netns: str | None = None, *, ready_line: bool = True) -> Proc:
+        proc = Proc(name, command, self.logs, netns, ready_line=ready_line)
+        self.procs.append(proc)
+        return proc
+
+    def _start_vcsim(self, where: str, disk_mib: int) -> None:
+        build = sh("sh", str(SIMULATOR / "build-vcsim.sh"), timeout=900)
+        vcsim_bin = build.stdout.strip().splitlines()[-1]
+        self.state = self.root / "vcsim"
+        self.state.mkdir()
+        self.vcsim_host = "127.0.0.1" if where == "node" else HUB_IP
+        self.vcsim = self._start(
+            "vcsim",
+            [vcsim_bin, "-listen", f"{self.vcsim_host}:0", "-state", str(self.state), "-username", "user",
+             "-password", "pass", "-vm-disks", "2", "-disk-size-mb", str(disk_mib)],
+            netns=self.ns.name if where == "node" else None,
+        )  # fmt: skip
+        self.vm = next(v for v in self.vcsim.info["vms"] if v["path"] == VM_PATH)
+
+    def _make_keys(self) -> None:
         import asyncssh
 
+        self.keys = self.root / "keys"
+        self.keys.mkdir()
         host_key = asyncssh.generate_private_key("ssh-ed25519")
         client_key = asyncssh.generate_private_key("ssh-ed25519")
-        host_key.write_private_key(str(keys / "host"))
-        client_key.write_private_key(str(keys / "client"))
-        (keys / "authorized_keys").write_bytes(client_key.export_public_key())
-        self.keys = keys
-        ports = free_port_range(7, ("127.0.0.1", HUB_IP))
-        self.nbd_ports = ports[:4]
-        self.api_port, self.ssh_port, self.node_reverse = ports[4:]
-        (keys / "known_hosts").write_bytes(f"[{HUB_IP}]:{self.ssh_port} ".encode() + host_key.export_public_key())
+        host_key.write_private_key(str(self.keys / "host"))
+        client_key.write_private_key(str(self.keys / "client"))
+        for name in ("host", "client"):
+            (self.keys / name).chmod(0o600)
+        (self.keys / "authorized_keys").write_bytes(client_key.export_public_key())
+        self.host_public = host_key.export_public_key().decode().strip()
+
+    def _start_hub(self) -> None:
+        keys = self.keys
         self.hub = self._start(
             "hub",
-            [str(PYTHON), "-m", "sendense_nbd", "hub", "--repo", str(root / "repo"),
+            [str(PYTHON), "-m", "sendense_nbd", "hub", "--repo", str(self.root / "repo"),
              "--listen", f"127.0.0.1:{self.api_port}",
              "--nbd-ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}",
              "--nbd-bind", "127.0.0.1", "--nbd-advertise", "127.0.0.1",
@@ -454,24 +670,22 @@ class Pipeline:
              "--ssh-node-api", f"127.0.0.1:{self.node_reverse}", "--keep", "2", "--job-timeout", "1800"],
         )  # fmt: skip
         self.api = Api(f"http://127.0.0.1:{self.api_port}")
-        self.tunnel = self._start(
-            "tunnel",
-            [str(BIN / "sendense-backup"), "tunnel", "--hub", f"{HUB_IP}:{self.ssh_port}",
-             "--key", str(keys / "client"), "--known-hosts", str(keys / "known_hosts"),
-             "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}",
-             "--listen-host", "127.0.0.1", "--dest-host", "127.0.0.1",
-             "--forward", f"127.0.0.1:{self.api_port}=127.0.0.1:{self.api_port}",
-             "--remote-forward", f"127.0.0.1:{self.node_reverse}=127.0.0.1:{NODE_PORT}",
-             "--connections", str(tunnel_connections)],
-            netns=ns.name,
-        )  # fmt: skip
-        if not self.tunnel.info.get("connected"):
-            raise RuntimeError(f"the tunnel did not connect: {self.tunnel.info}")
 
-    def _start(self, name: str, command: list[str], netns: str | None = None) -> Proc:
-        proc = Proc(name, command, self.logs, netns)
-        self.procs.append(proc)
-        return proc
+    def _start_sshd(self) -> Proc:
+        """A private OpenSSH sshd on the hub side, allowing exactly the forwards the tunnels use."""
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        opens = " ".join(f"127.0.0.1:{p}" for p in (*self.nbd_ports, self.api_port))
+        config = self.keys / "sshd_config"
+        config.write_text(
+            f"Port {self.sshd_port}\nListenAddress {HUB_IP}\nHostKey {self.keys / 'host'}\n"
+            f"AuthorizedKeysFile {self.keys / 'authorized_keys'}\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nAllowTcpForwarding yes\n"
+            f"PermitOpen {opens}\nPermitListen 127.0.0.1:{self.node_reverse}\nStrictModes no\nUsePAM no\n"
+            f"PidFile {self.keys / 'sshd.pid'}\n"
+        )
+        sshd = self._start("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], ready_line=False)
+        wait_connectable(HUB_IP, self.sshd_port, sshd.proc)
+        return sshd
 
     def _fill(self, disk_mib: int, fill: float) -> int:
         """Random data in 4 MiB pieces, spread evenly: ``fill`` of each disk; returns the bytes written."""
@@ -485,14 +699,85 @@ class Pipeline:
                 written += CHUNK
         return written
 
-    def use_connections(self, connections: int) -> None:
-        """(Re)start the node with ``[node] connections = N``."""
+    # -- tunnels and the node
+
+    def use(self, tunnel: str, connections: int) -> None:
+        """Make ``tunnel`` the running tunnel and run the node with ``connections``."""
+        if tunnel != self.tunnel_name:
+            self._stop_tunnel()
+            self.tunnel = self._start_openssh(tunnel) if tunnel.startswith("openssh") else self._start_ours(tunnel)
+            self.tunnel_name = tunnel
+            found = self.ns.run("ss", "-tin", "dst", HUB_IP).stdout
+            seen = sorted({w for w in found.split() if w in ("bbr", "cubic", "reno")})
+            self.congestion_seen.setdefault(tunnel, [])
+            self.congestion_seen[tunnel] = sorted({*self.congestion_seen[tunnel], *seen})
+        self._use_node(connections)
+
+    def _stop_tunnel(self) -> None:
+        if self.tunnel is None:
+            return
+        self.tunnel.stop()
+        self.procs.remove(self.tunnel)
+        self.tunnel, self.tunnel_name = None, ""
+        deadline = time.monotonic() + 15  # the hub side drops the reverse listener when the link goes
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.node_reverse), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"127.0.0.1:{self.node_reverse} still listens after the tunnel stopped")
+
+    def _start_ours(self, tunnel: str) -> Proc:
+        extra = list(self.args.tunnel_arg)
+        cc = "net.ipv4.tcp_congestion_control"
+        old = ""
+        if tunnel == CUBIC:
+            if self.congestion_flag:
+                extra += ["--congestion", "cubic"]
+            else:  # the socket takes the namespace's default when it is made
+                old = self.ns.sysctl(cc)
+                self.ns.sysctl(cc, "cubic")
+        try:
+            proc = self._start(
+                tunnel,
+                [str(BIN / "sendense-backup"), "tunnel", "--hub", f"{HUB_IP}:{self.ssh_port}",
+                 "--key", str(self.keys / "client"), "--known-hosts", str(self.keys / "known_hosts"),
+                 "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}",
+                 "--listen-host", "127.0.0.1", "--dest-host", "127.0.0.1",
+                 "--forward", f"127.0.0.1:{self.api_port}=127.0.0.1:{self.api_port}",
+                 "--remote-forward", f"127.0.0.1:{self.node_reverse}=127.0.0.1:{NODE_PORT}", *extra],
+                netns=self.ns.name,
+            )  # fmt: skip
+        finally:
+            if old:
+                self.ns.sysctl(cc, old)
+        if not proc.info.get("connected"):
+            raise RuntimeError(f"the tunnel did not connect: {proc.info}")
+        return proc
+
+    def _start_openssh(self, tunnel: str) -> Proc:
+        forwards = [a for p in (*self.nbd_ports, self.api_port) for a in ("-L", f"127.0.0.1:{p}:127.0.0.1:{p}")]
+        cipher = ["-c", BEST_CIPHER] if tunnel == "openssh aes" else []
+        proc = self._start(
+            tunnel,
+            ["ssh", "-N", "-F", "/dev/null", "-p", str(self.sshd_port), "-i", str(self.keys / "client"),
+             "-o", f"UserKnownHostsFile={self.keys / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+             "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes", *cipher, *forwards,
+             "-R", f"127.0.0.1:{self.node_reverse}:127.0.0.1:{NODE_PORT}", f"root@{HUB_IP}"],
+            netns=self.ns.name, ready_line=False,
+        )  # fmt: skip
+        wait_connectable("127.0.0.1", self.node_reverse, proc.proc)  # -R comes after the -L listeners
+        return proc
+
+    def _use_node(self, connections: int) -> None:
+        """(Re)start the node (and its watcher) with ``[node] connections = N``."""
         if self.node is not None and self.node.info.get("connections") == connections:
             return
-        if self.node is not None:
-            self.node.stop()
-            self.procs.remove(self.node)
-            self.node = None
+        for proc in (self.watcher.proc if self.watcher else None, self.node):
+            if proc is not None:
+                proc.stop()
+                self.procs.remove(proc)
         node_dir = self.root / f"node-{connections}"
         node_dir.mkdir(exist_ok=True)
         password = node_dir / "vcenter.password"
@@ -501,7 +786,7 @@ class Pipeline:
         config = node_dir / "node.toml"
         config.write_text(
             f"""[vcenter]
-endpoint = "{HUB_IP}:{self.vcsim.info["port"]}"
+endpoint = "{self.vcsim_host}:{self.vcsim.info["port"]}"
 username = "user"
 password_file = "{password}"
 thumbprint = "{self.vcsim.info["thumbprintSha256"]}"
@@ -522,20 +807,26 @@ connections = {connections}
             netns=self.ns.name,
         )
         self.node.info["connections"] = connections
+        self.watcher = Watcher(self.ns, self.logs)
+        self.procs.append(self.watcher.proc)
 
-    def backup(self) -> tuple[float, dict[str, Any], int]:
-        """One full backup: (wall seconds, the completed job, bytes that crossed the veth)."""
-        link0 = self.ns.tx_bytes()
+    # -- jobs
+
+    def backup(self, mode: str = "full") -> Run:
+        """One backup, from the POST to the completed state, with what crossed the link meanwhile."""
+        link0, cpu0 = self.ns.link_bytes(), self.ns.relay_cpu()
         started = time.monotonic()
-        status, job = self.api.call("POST", "/backups", {"vm_path": VM_PATH, "mode": "full"})
+        status, job = self.api.call("POST", "/backups", {"vm_path": VM_PATH, "mode": mode})
         if status != 201:
             raise RuntimeError(f"POST /backups: {status} {job}")
-        while True:
-            status, job = self.api.call("GET", f"/backups/{job['job_id']}")
-            if job["state"] in ("completed", "failed", "cancelled"):
-                break
+        deadline = started + 900
+        while job["state"] not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the backup did not finish in 900 s: {json.dumps(job)[:2000]}")
             time.sleep(0.05)
+            status, job = self.api.call("GET", f"/backups/{job['job_id']}")
         seconds = time.monotonic() - started
+        cpu = (self.ns.relay_cpu() - cpu0) / seconds
         if job["state"] != "completed":
             raise RuntimeError(f"the backup did not complete: {json.dumps(job)[:2000]}")
         # The node's final progress report can land just after the completion (clock stopped already).
@@ -544,14 +835,16 @@ connections = {connections}
             time.sleep(0.1)
             job = self.api.call("GET", f"/backups/{job['job_id']}")[1]
         moved = int((job.get("progress") or {}).get("bytes_transferred") or 0)
-        if moved != self.data_bytes:
+        if mode == "full" and moved != self.data_bytes:
             raise RuntimeError(f"the job reports {moved} bytes transferred, {self.data_bytes} written")
         for disk in job["detail"]["disks"]:
             if not disk["uri"].startswith("nbd://127.0.0.1:"):
                 raise RuntimeError(f"unexpected target {disk['uri']}")
-        return seconds, job, self.ns.tx_bytes() - link0
+        assert self.watcher is not None
+        return Run(seconds, job, self.ns.link_bytes() - link0, cpu, self.watcher.copy_seconds(job["job_id"]))
 
-    def verify(self, job: dict[str, Any]) -> str:
+    def verify(self, job: dict[str, Any]) -> None:
+        """Every restore point of the job: ``qemu-img check``, and ``qemu-img compare`` with the disk."""
         points = self.api.call("GET", f"/points?vm_path={VM_PATH}")[1]["points"]
         for disk in job["detail"]["disks"]:
             point = next(p for p in points if p["id"] == disk["point_id"])
@@ -560,7 +853,20 @@ connections = {connections}
                       check=False, timeout=600)  # fmt: skip
             if done.returncode != 0:
                 raise RuntimeError(f"restore point {point['path']} differs: {done.stdout} {done.stderr}")
-        return "identical"
+
+    def change(self, rng: random.Random) -> int:
+        """Write INCREMENTAL_PIECES pieces of random data in one 4 MiB area of the first disk, a piece
+        every INCREMENTAL_STRIDE bytes (gaps a merge gap would bridge); returns the bytes changed."""
+        disk = self.vm["disks"][0]
+        size = self.args.disk_mib * MiB
+        span = INCREMENTAL_PIECES * INCREMENTAL_STRIDE
+        start = rng.randrange(size // span) * span
+        with open(self.copies[disk["key"]], "r+b") as copy:
+            for i in range(INCREMENTAL_PIECES):
+                data = rng.randbytes(INCREMENTAL_PIECE)
+                vmdisk.write(self.state, self.vm["moref"], disk["key"], start + i * INCREMENTAL_STRIDE, data)
+                os.pwrite(copy.fileno(), data, start + i * INCREMENTAL_STRIDE)
+        return INCREMENTAL_PIECES * INCREMENTAL_PIECE
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -571,10 +877,115 @@ connections = {connections}
 
 
 # --------------------------------------------------------------------------
+# the matrix
 
 
-def run(args: argparse.Namespace) -> tuple[list[Case], dict[float, float], dict[str, Any]]:
-    facts: dict[str, Any] = {}
+@dataclass
+class Results:
+    cases: list[Case] = field(default_factory=list)
+    rtts: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    incremental: list[dict[str, Any]] = field(default_factory=list)
+
+    def case(self, link: Link, tunnel: str, connections: int) -> Case | None:
+        return next((c for c in self.cases if (c.link, c.tunnel, c.connections) == (link, tunnel, connections)), None)
+
+
+def namespace_facts(ns: Netns, copy_from_hub: bool) -> dict[str, str]:
+    """The namespace's own TCP sysctls (``tcp_*`` are per namespace); with ``copy_from_hub`` its
+    tcp_rmem/tcp_wmem are first set to the root namespace's, so both ends of the link match."""
+    names = ("net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem", "net.core.rmem_max", "net.core.wmem_max",
+             "net.ipv4.tcp_congestion_control", "net.ipv4.tcp_slow_start_after_idle",
+             "net.ipv4.tcp_no_metrics_save")  # fmt: skip
+    facts: dict[str, str] = {}
+    for name in names:
+        hub = sh("sysctl", "-n", name, check=False).stdout.strip().replace("\t", " ")
+        if copy_from_hub and name.startswith("net.ipv4.tcp_") and name.endswith("mem"):
+            ns.sysctl(name, hub)
+        node = ns.run("sysctl", "-n", name, check=False).stdout.strip().replace("\t", " ")
+        facts[name] = f"node {node or 'n/a'}, hub {hub or 'n/a'}"
+    return facts
+
+
+def measure_relay(ns: Netns, total: int) -> list[dict[str, Any]]:
+    """What the link carries alone (plain TCP, no tunnel) and the relay's CPU meanwhile."""
+    found = []
+    for link, streams in ((Link(0.0), 1), (Link(0.0), 4), (Link(50.0), 4)):
+        ns.set_link(link, 0)
+        mbps, cpu = ns.stream(total, streams)
+        found.append({"link": link.label, "streams": streams, "MB/s": round(mbps), "relay_cpu": round(cpu, 2)})
+        print(f"relay alone, {link.label}, {streams} TCP stream(s): {mbps:.0f} MB/s, relay CPU {cpu:.0%}", flush=True)
+    return found
+
+
+def measured_run(pipeline: Pipeline, case: Case, warmup: bool = False) -> None:
+    pipeline.use(case.tunnel, case.connections)
+    run = pipeline.backup()
+    pipeline.verify(run.job)
+    case.verified += 1
+    data = pipeline.data_bytes
+    copy = f"{run.copy_seconds:.2f} s" if run.copy_seconds is not None else "n/a"
+    print(
+        f"  {case.link.label} {case.tunnel} x{case.connections}{' warm-up' if warmup else ''}: {run.seconds:.2f} s,"
+        f" {data / run.seconds / 1e6:.1f} MB/s, copy {copy}, {run.link_bytes / 1e6:.0f} MB on the link,"
+        f" relay CPU {run.relay_cpu:.0%}",
+        flush=True,
+    )
+    if warmup:
+        case.warmups.append(run.seconds)
+        return
+    case.seconds.append(run.seconds)
+    if run.copy_seconds is not None:
+        case.copy_seconds.append(run.copy_seconds)
+    case.link_bytes.append(run.link_bytes)
+    case.relay_cpu.append(run.relay_cpu)
+
+
+def run_link(pipeline: Pipeline, results: Results, link: Link, args: argparse.Namespace) -> None:
+    """Warm-ups, then the rounds over every (tunnel, connections) variant of one link, A B B A."""
+    tunnels = list(args.tunnels) + ([CUBIC] if link.loss_pct and args.cubic else [])
+    conns = list(args.connections)
+    order = [(t, c) for i, t in enumerate(tunnels) for c in (conns if i % 2 == 0 else conns[::-1])]
+    cases = {}
+    for tunnel, connections in order:
+        cases[(tunnel, connections)] = Case(link, tunnel, connections)
+        results.cases.append(cases[(tunnel, connections)])
+    if args.warmup:
+        for tunnel in tunnels:
+            first = next(c for t, c in order if t == tunnel)
+            measured_run(pipeline, cases[(tunnel, first)], warmup=True)
+    for rnd in range(args.rounds):
+        for key in order if rnd % 2 == 0 else order[::-1]:
+            measured_run(pipeline, cases[key])
+
+
+def run_incremental(pipeline: Pipeline, results: Results, args: argparse.Namespace) -> None:
+    """1 MiB of changes, then an incremental backup with our tunnel; ``--rounds`` times."""
+    rng = random.Random(args.seed)
+    pipeline.use("ours", max(args.connections))
+    for _ in range(args.rounds):
+        changed = pipeline.change(rng)
+        run = pipeline.backup("incremental")
+        pipeline.verify(run.job)
+        disks = run.job["detail"]["disks"]
+        reported = [d.get("bytes_changed") for d in disks] + [run.job["detail"].get("bytes_changed")]
+        numbers = [int(n) for n in reported if isinstance(n, int | float)]
+        entry = {
+            "seconds": run.seconds,
+            "copy_seconds": run.copy_seconds,
+            "changed_written": changed,
+            "bytes_changed": sum(numbers) if numbers else None,
+            "bytes_transferred": int((run.job.get("progress") or {}).get("bytes_transferred") or 0),
+            "link_bytes": run.link_bytes,
+            "sync_types": sorted({str(d.get("sync_type")) for d in disks}),
+        }
+        results.incremental.append(entry)
+        print(f"  incremental over {pipeline.ns.link.label}: {json.dumps(entry)}", flush=True)
+
+
+def run(args: argparse.Namespace) -> Results:
+    results = Results()
+    facts = results.facts
     remove_leftovers()
     WORK.mkdir(exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="pipeline-", dir=WORK))
@@ -582,43 +993,33 @@ def run(args: argparse.Namespace) -> tuple[list[Case], dict[float, float], dict[
     facts["method"] = method
     ns = Netns.create(method)
     pipeline: Pipeline | None = None
-    cases = [Case(d, c) for d in args.delays for c in args.connections]
-    rtts: dict[float, float] = {}
+    links = [Link(d) for d in args.delays] + ([Link(args.loss_rtt, args.loss)] if args.loss else [])
     try:
-        print(f"namespace {ns.name}, veth {ns.veth_hub} <-> {ns.veth_node}; work dir {root}", flush=True)
-        pipeline = Pipeline(root, ns, args.disk_mib, args.fill, args.tunnel_connections)
+        print(f"namespace {ns.name}, link {ns.veth_hub} <-> {ns.veth_node}; work dir {root}", flush=True)
+        facts["sysctls"] = namespace_facts(ns, args.node_sysctls == "hub")
+        facts["relay_alone"] = measure_relay(ns, args.relay_check_mib * MiB)
+        pipeline = Pipeline(root, ns, args)
         facts["data_bytes"] = pipeline.data_bytes
+        facts["congestion_flag"] = pipeline.congestion_flag
         # The hub's API and NBD ports are on the root namespace's loopback: the node cannot reach them
-        # except through the tunnel.
+        # except through a tunnel.
         facts["direct_reachable"] = [p for p in (pipeline.api_port, *pipeline.nbd_ports) if ns.reachable(p)]
-        facts["ssh_reachable"] = ns.reachable(pipeline.ssh_port)
+        facts["ssh_reachable"] = ns.reachable(pipeline.ssh_port) and ns.reachable(pipeline.sshd_port)
         print(f"data: {pipeline.data_bytes / MiB:.0f} MiB over 2 disks of {args.disk_mib} MiB", flush=True)
-        for delay in args.delays:
-            ns.set_delay(delay)
-            rtts[delay] = ns.measure_rtt()
-            print(f"added RTT {delay:g} ms: measured TCP connect RTT {rtts[delay]:.2f} ms", flush=True)
-            mine = [c for c in cases if c.delay == delay]
-            for case in mine:  # warm-ups
-                pipeline.use_connections(case.connections)
-                case.warmup, _, _ = pipeline.backup()
-                print(f"  warm-up {delay:g} ms x{case.connections}: {case.warmup:.2f} s", flush=True)
-            for rnd in range(args.rounds):
-                for case in mine if rnd % 2 == 0 else list(reversed(mine)):
-                    pipeline.use_connections(case.connections)
-                    seconds, job, link = pipeline.backup()
-                    case.seconds.append(seconds)
-                    if not facts.get("job_sample"):
-                        facts["job_sample"] = job
-                        (root / "job-sample.json").write_text(json.dumps(job, indent=1))
-                    case.link_bytes.append(link)
-                    case.node_seconds.append(float((job.get("progress") or {}).get("elapsed_seconds") or 0))
-                    if not case.verified:
-                        case.verified = pipeline.verify(job)
-                    print(
-                        f"  {delay:g} ms x{case.connections} round {rnd + 1}: {seconds:.2f} s,"
-                        f" {pipeline.data_bytes / seconds / 1e6:.1f} MB/s, {link / 1e6:.0f} MB on the link",
-                        flush=True,
-                    )
+        drops0 = ns.relay_stats()
+        for link in links:
+            ns.set_link(link, args.seed)
+            results.rtts[link.label] = ns.measure_rtt()
+            print(f"link {link.label}: measured TCP connect RTT {results.rtts[link.label]:.2f} ms", flush=True)
+            run_link(pipeline, results, link, args)
+            if args.incremental and link == Link(args.loss_rtt):
+                run_incremental(pipeline, results, args)
+            drops = ns.relay_stats()
+            facts.setdefault("relay_counts", {})[link.label] = {
+                d: {k: v - drops0.get(d, {}).get(k, 0) for k, v in c.items()} for d, c in drops.items()
+            }
+            drops0 = drops
+        facts["congestion_seen"] = pipeline.congestion_seen
     finally:
         if pipeline is not None:
             pipeline.stop()
@@ -627,127 +1028,235 @@ def run(args: argparse.Namespace) -> tuple[list[Case], dict[float, float], dict[
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    return cases, rtts, facts
+    return results
 
 
-def table(cases: list[Case], data_bytes: int) -> str:
+# --------------------------------------------------------------------------
+# the report
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else ""
+
+
+def mbps(results: Results, link: Link, tunnel: str, connections: int) -> float | None:
+    """Median whole-job MB/s of a case (None when it was not run)."""
+    case = results.case(link, tunnel, connections)
+    return results.facts["data_bytes"] / case.median / 1e6 if case and case.seconds else None
+
+
+def table(results: Results) -> str:
+    data = results.facts["data_bytes"]
     lines = [
-        "| added RTT | NBD connections per disk | wall s (median) | MB/s (median) | vs 0 ms, same connections"
-        " | node's job s (median) | MB on the link per run | restore points |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| link (added RTT) | tunnel | NBD conns per disk | wall s | node's copy s | MB/s (whole job) | MB/s (copy)"
+        " | vs 0 ms | ours / OpenSSH default | ours / OpenSSH aes128-gcm | MB on the link | relay CPU"
+        " | points checked |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = {c.connections: c.median for c in cases if c.delay == 0}
-    for c in cases:
-        ratio = f"{base[c.connections] / c.median:.2f}x" if c.connections in base else ""
+    for c in results.cases:
+        if not c.seconds:
+            continue
+        mine = mbps(results, c.link, c.tunnel, c.connections)
+        base = mbps(results, Link(0.0), "ours" if c.tunnel == CUBIC else c.tunnel, c.connections)
+        ours = c.tunnel.startswith("ours")
+        vs_default = _ratio(mine, mbps(results, c.link, "openssh", c.connections)) if ours else ""
+        vs_best = _ratio(mine, mbps(results, c.link, "openssh aes", c.connections)) if ours else ""
+        copy = statistics.median(c.copy_seconds) if c.copy_seconds else None
         lines.append(
-            f"| {c.delay:g} ms | {c.connections} | {c.median:.2f} | {data_bytes / c.median / 1e6:.1f} | {ratio}"
-            f" | {statistics.median(c.node_seconds):.2f} | {statistics.median(c.link_bytes) / 1e6:.0f}"
-            f" | {c.verified or 'not checked'} |"
+            f"| {c.link.label} | {c.tunnel} | {c.connections} | {c.median:.2f}"
+            f" | {f'{copy:.2f}' if copy else 'n/a'} | {mine:.1f} | {f'{data / copy / 1e6:.1f}' if copy else 'n/a'}"
+            f" | {_ratio(mine, base)} | {vs_default} | {vs_best} | {statistics.median(c.link_bytes) / 1e6:.0f}"
+            f" | {statistics.median(c.relay_cpu):.0%} | {c.verified} identical |"
         )
     return "\n".join(lines)
 
 
-def reading(cases: list[Case], load0: float) -> str:
-    """A short reading computed from the numbers (the ratios and the spread)."""
-    base = {c.connections: c.median for c in cases if c.delay == 0}
-    parts = []
-    for delay in sorted({c.delay for c in cases} - {0}):
-        kept = ", ".join(
-            f"{c.connections} connection{'s' if c.connections > 1 else ''} keep {base[c.connections] / c.median:.0%}"
-            for c in cases
-            if c.delay == delay and c.connections in base
+def targets(results: Results, args: argparse.Namespace) -> list[str]:
+    """Each target of the issue, per connection count: met / missed (or not run)."""
+    lines = []
+    for connections in args.connections:
+        base = mbps(results, Link(0.0), "ours", connections)
+        for (rtt, loss), keep in KEEP_TARGETS.items():
+            link = Link(rtt, loss)
+            got = mbps(results, link, "ours", connections)
+            verdict = ("met" if got / base >= keep else "missed") if got and base else "not run"
+            shown = f"{got / base:.2f}x" if got and base else "-"
+            lines.append(f"- ours x{connections}, {link.label}: keeps {shown} of 0 ms, target >= {keep}x: {verdict}")
+        got, ssh = mbps(results, Link(50.0), "ours", connections), mbps(results, Link(50.0), "openssh", connections)
+        verdict = ("met" if got / ssh >= 2 else "missed") if got and ssh else "not run"
+        shown = f"{got / ssh:.2f}x" if got and ssh else "-"
+        lines.append(f"- ours x{connections}, 50 ms: {shown} OpenSSH default, target >= 2x: {verdict}")
+        lossy = Link(args.loss_rtt, args.loss)
+        bbr, cubic = mbps(results, lossy, "ours", connections), mbps(results, lossy, CUBIC, connections)
+        if bbr and cubic:
+            lines.append(f"- ours x{connections}, {lossy.label}: bbr {bbr:.1f} MB/s, cubic {cubic:.1f} MB/s"
+                         f" (bbr / cubic {bbr / cubic:.2f}x)")  # fmt: skip
+    if results.incremental:
+        wall = statistics.median(e["seconds"] for e in results.incremental)
+        lines.append(f"- 1 MiB incremental over {args.loss_rtt:g} ms: {wall:.2f} s (median), target < 2 s:"
+                     f" {'met' if wall < 2 else 'missed'}")  # fmt: skip
+    return lines
+
+
+def incremental_text(results: Results) -> str:
+    if not results.incremental:
+        return ""
+    rows = [
+        "| round | wall s | node's copy s | changed (written) | bytes_changed (job) | bytes sent (job) | MB on the link"
+        " | sync types |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for i, e in enumerate(results.incremental, 1):
+        copy = f"{e['copy_seconds']:.2f}" if e["copy_seconds"] is not None else "n/a"
+        changed = e["bytes_changed"] if e["bytes_changed"] is not None else "not reported"
+        rows.append(
+            f"| {i} | {e['seconds']:.2f} | {copy} | {e['changed_written']} | {changed} | {e['bytes_transferred']}"
+            f" | {e['link_bytes'] / 1e6:.2f} | {', '.join(e['sync_types'])} |"
         )
-        parts.append(f"with {delay:g} ms added RTT, {kept} of their 0 ms throughput")
-    spread = max((max(c.seconds) - min(c.seconds)) / c.median for c in cases if c.seconds)
+    return "\n".join(rows)
+
+
+def versions() -> str:
+    import asyncssh
+
+    ssh = sh("ssh", "-V", check=False).stderr.strip()
+    default = sh("ssh", "-G", "-F", "/dev/null", "x", check=False).stdout
+    ciphers = next((line.split()[1] for line in default.splitlines() if line.startswith("ciphers ")), "?")
+    ours = asyncssh.encryption.get_default_encryption_algs()[0].decode()
     return (
-        "; ".join(parts)
-        + f". Largest spread between rounds of one case: {spread:.0%} of its median. The machine was shared"
-        f" (load average {load0:.2f} at start), so treat differences under that spread as noise."
+        f"{ssh}; asyncssh {asyncssh.__version__}; ciphers: ours = asyncssh's first preference ({ours}) unless"
+        f" `--tunnel-arg --cipher ...`; OpenSSH default = its first preference ({ciphers.split(',')[0]});"
+        f" OpenSSH best = `-c {BEST_CIPHER}` (the CPU has AES-NI: `aes` in /proc/cpuinfo"
+        f" {'yes' if ' aes ' in Path('/proc/cpuinfo').read_text() else 'NO'}; it beat chacha20 in the SSH"
+        " tunnel section below, 452 vs 392 MB/s write)"
     )
+
+
+def header(results: Results, args: argparse.Namespace, load0: float, elapsed: float) -> list[str]:
+    facts = results.facts
+    data = facts["data_bytes"]
+    rtt_text = ", ".join(f"{label} -> {rtt:.2f} ms" for label, rtt in results.rtts.items())
+    command = " ".join(["./.venv/bin/python benchmarks/bench_pipeline.py", *sys.argv[1:]])
+    relay = "; ".join(f"{r['link']}, {r['streams']} stream(s): {r['MB/s']} MB/s at {r['relay_cpu']:.0%} relay CPU"
+                      for r in facts["relay_alone"])  # fmt: skip
+    lost = "; ".join(
+        f"{label}: " + ", ".join(f"{d} {c['lost']}/{c['packets']} dropped" for d, c in counts.items())
+        for label, counts in facts.get("relay_counts", {}).items()
+        if any(c["lost"] for c in counts.values())
+    )
+    sysctls = "; ".join(f"`{k}` {v}" for k, v in facts["sysctls"].items())
+    cc = ", ".join(f"{t}: {'/'.join(v) or '?'}" for t, v in facts["congestion_seen"].items())
+    copied = ", tcp_rmem/tcp_wmem copied from the hub side" if args.node_sysctls == "hub" else ""
+    return [
+        f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, Python"
+        f" {platform.python_version()}; load average (1 min) {load0:.2f} at start, {os.getloadavg()[0]:.2f} at"
+        f" end; {elapsed:.0f} s",
+        f"- benchmark: `{command}` (as root)",
+        f"- versions and ciphers: {versions()}",
+        f"- the VM: {VM_PATH} in vcsim, 2 disks of {args.disk_mib} MiB, {args.fill:.1%} random data in 4 MiB"
+        f" pieces = {data / MiB:.0f} MiB copied per backup; `mode: full` every run (a fresh restore point);"
+        f" vcsim on the {'node side (next to the node)' if args.vcenter == 'node' else 'hub side (across the link)'}",
+        "- tunnels (one at a time, node side -> hub side, same hub, same NBD ports): ours = `sendense-backup"
+        f" tunnel` with its defaults{' + ' + ' '.join(args.tunnel_arg) if args.tunnel_arg else ''} to the hub's"
+        " embedded endpoint; openssh = `ssh -N -L` (4 NBD ports + the hub API) `-R` (node API) to a private"
+        " sshd; openssh aes = the same with `-c aes128-gcm@openssh.com`; ours cubic = ours with"
+        + (" `--congestion cubic`" if facts["congestion_flag"] else " the namespace's tcp_congestion_control = cubic")
+        + f"; congestion control seen on the tunnels' sockets (`ss -ti`): {cc}",
+        f"- node namespace sysctls (tcp_* are per namespace{copied}): {sysctls}",
+        (
+            "- link: `tc qdisc ... netem delay RTT/2 loss P%` on both ends of the veth"
+            if facts["method"] == "netem"
+            else "- link: this kernel has no netem, so two TUN devices (MTU 65000) joined by the benchmark's relay"
+            " (`--relay`): each IP packet held RTT/2 per direction, in order, unbounded queue; loss drops that"
+            f" share of each direction's packets (seeded, `--seed {args.seed}`; a packet is up to 64 KB, so one"
+            " loss costs a whole 64 KB segment)"
+        )
+        + f"; measured RTT (median TCP connect from the node namespace): {rtt_text}",
+        f"- the relay alone (plain TCP from the namespace, no tunnel): {relay}"
+        + (f"; packets dropped: {lost}" if lost else ""),
+        f"- tunnel end to end: {'yes' if not facts['direct_reachable'] and facts['ssh_reachable'] else 'NO'}"
+        " (the hub's API and NBD ports are not reachable from the node namespace except through a tunnel)",
+        "- MB/s (whole job) = 10^6 bytes of data / wall time from POST /backups to `completed`; node's copy s ="
+        " the node's time in its `transferring` stage (a watcher in the namespace polls the node API every 50 ms);"
+        f" {'a warm-up run per tunnel and link, then ' if args.warmup else ''}{args.rounds} round(s), the order"
+        " reversed every other round (A B B A); medians; vs 0 ms = same tunnel and connections (ours cubic: vs"
+        " ours at 0 ms); relay CPU = the relay's CPU seconds per second of the run; every restore point"
+        " checked (`qemu-img check`, `qemu-img compare` with a copy of the disk)",
+    ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--delays", type=float, nargs="+", default=[0, 10, 50], help="Added RTT in ms.")
+    parser.add_argument("--delays", type=float, nargs="+", default=[0, 10, 50, 100], help="Added RTT in ms.")
+    parser.add_argument("--loss", type=float, default=0.5, help="Packet loss %% of the extra lossy link (0: none).")
+    parser.add_argument("--loss-rtt", type=float, default=50, help="Added RTT of the lossy link and the incremental.")
+    parser.add_argument("--seed", type=int, default=1, help="Seed of the relay's loss and the incremental changes.")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 4], help="NBD connections per disk.")
-    parser.add_argument("--tunnel-connections", type=int, default=1, help="SSH connections of the tunnel.")
-    parser.add_argument("--disk-mib", type=int, default=512, help="Size of each of the 2 disks.")
-    parser.add_argument("--fill", type=float, default=0.5, help="Share of each disk holding random data.")
+    parser.add_argument("--tunnels", nargs="+", choices=TUNNELS, default=list(TUNNELS))
+    parser.add_argument("--no-cubic", dest="cubic", action="store_false", help="Skip ours with cubic on the loss link.")
+    parser.add_argument("--no-incremental", dest="incremental", action="store_false")
+    parser.add_argument("--tunnel-arg", action="append", default=[], help="Extra argument of our tunnel (repeat).")
+    parser.add_argument("--vcenter", choices=["node", "hub"], default="node", help="Which side vcsim runs on.")
+    parser.add_argument(
+        "--node-sysctls", choices=["hub", "default"], default="hub",
+        help="hub: the node namespace gets the root namespace's tcp_rmem/tcp_wmem; default: a new namespace's.",
+    )  # fmt: skip
+    parser.add_argument("--disk-mib", type=int, default=1024, help="Size of each of the 2 disks.")
+    parser.add_argument("--fill", type=float, default=0.125, help="Share of each disk holding random data.")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false")
+    parser.add_argument("--relay-check-mib", type=int, default=1024, help="Bytes of each relay capacity check.")
     parser.add_argument(
         "--link", choices=["auto", "netem", "relay"], default="auto",
-        help="netem: veth + tc netem; relay: TUN pair + our delay relay (auto: netem when the kernel has it).",
+        help="netem: veth + tc netem; relay: TUN pair + our relay (auto: netem when the kernel has it).",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="64 MiB disks, 1 round.")
+    parser.add_argument("--quick", action="store_true", help="64 MiB disks, 1 round, no warm-up: a smoke run.")
     parser.add_argument("--keep-work", action="store_true", help="Keep the work directory (logs, repo).")
+    parser.add_argument("--json", type=Path, help="Write the raw numbers here.")
     parser.add_argument("--note", default="", help="A sentence added to the reading in RESULTS.md.")
     parser.add_argument("--write-results", action="store_true", help="Add a section to benchmarks/RESULTS.md.")
     args = parser.parse_args()
     if args.quick:
-        args.disk_mib, args.rounds = 64, 1
+        args.disk_mib, args.fill, args.rounds, args.warmup, args.relay_check_mib = 64, 0.5, 1, False, 256
     if 0 not in args.delays:
         args.delays.insert(0, 0.0)
     if os.geteuid() != 0:
-        print("needs root (ip netns, tc)", file=sys.stderr)
+        print("needs root (ip netns, TUN devices)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     load0 = os.getloadavg()[0]
     started = time.monotonic()
-    cases, rtts, facts = run(args)
+    results = run(args)
     elapsed = time.monotonic() - started
-    data = facts["data_bytes"]
-    text = table(cases, data)
-    print(text)
-    tunnel_ok = not facts["direct_reachable"] and facts["ssh_reachable"]
-    links = [b for c in cases for b in c.link_bytes]
-    print(
-        f"tunnel end to end: {'yes' if tunnel_ok else 'NO'} (hub API/NBD ports reachable from the namespace without"
-        f" the tunnel: {facts['direct_reachable'] or 'none'}; the link carried {min(links) / 1e6:.0f}-"
-        f"{max(links) / 1e6:.0f} MB per run for {data / 1e6:.0f} MB of data)"
-    )
+    text, goals, incremental = table(results), targets(results, args), incremental_text(results)
+    print(text, "", "Targets:", *goals, "", incremental, sep="\n")
+    print(f"whole run: {elapsed:.0f} s")
+    if args.json:
+        raw = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "elapsed": elapsed, "rtts": results.rtts, "facts": results.facts,
+               "cases": [{**asdict(c), "link": asdict(c.link)} for c in results.cases],
+               "incremental": results.incremental}  # fmt: skip
+        args.json.write_text(json.dumps(raw, indent=1, default=str))
     if args.write_results:
-        import asyncssh
-
-        rtt_text = ", ".join(f"{d:g} ms added -> {rtts[d]:.2f} ms" for d in args.delays)
-        command = " ".join(["./.venv/bin/python benchmarks/bench_pipeline.py", *sys.argv[1:]])
+        dirty = " (dirty tree)" if git("status", "--porcelain", "--", "sendense_nbd") else ""
         section = [
-            f"## Pipeline with added latency, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC,"
-            f" commit {git('rev-parse', '--short', 'HEAD')}"
-            + (" (dirty tree)" if git("status", "--porcelain", "--", "sendense_nbd") else ""),
+            f"## Pipeline over an emulated WAN link, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC,"
+            f" commit {git('rev-parse', '--short', 'HEAD')}{dirty}",
             "",
-            f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, Python"
-            f" {platform.python_version()}, asyncssh {asyncssh.__version__}; load average (1 min) {load0:.2f} at"
-            f" start, {os.getloadavg()[0]:.2f} at end; {elapsed:.0f} s",
-            f"- benchmark: `{command}` (as root)",
-            f"- the VM: {VM_PATH} in vcsim, 2 disks of {args.disk_mib} MiB, {args.fill:.0%} random data in 4 MiB"
-            f" pieces = {data / MiB:.0f} MiB copied per backup; `mode: full` every run (a fresh restore point)",
-            "- hub side = root namespace: vcsim on 10.213.0.1, the hub (API, NBD ports, reverse forward on"
-            " 127.0.0.1; SSH endpoint on 10.213.0.1); node side = its own network namespace (10.213.0.2/30):"
-            " the node (`[node] connections = N`) and our SSH tunnel"
-            f" (`--connections {args.tunnel_connections}`)",
-            (
-                "- latency: `tc qdisc ... netem delay D/2` on both ends of the veth"
-                if facts["method"] == "netem"
-                else "- latency: this kernel has no netem (`CONFIG_NET_SCH_NETEM` is not set), so the link is two"
-                f" TUN devices (MTU {TUN_MTU}) joined by the benchmark's own relay (`bench_pipeline.py --relay`), which"
-                " holds each IP packet D/2 in each direction, in order, unbounded queue, no loss; 0 ms also goes"
-                " through the relay"
-            )
-            + f", so D is added round-trip time; measured RTT (median TCP connect from the node namespace): {rtt_text}",
-            f"- tunnel end to end: {'yes' if tunnel_ok else 'NO'}: the hub's API and NBD ports are not reachable"
-            f" from the node namespace except through the tunnel; the link carried {min(links) / 1e6:.0f}-"
-            f"{max(links) / 1e6:.0f} MB per run (both directions)",
-            f"- MB/s = 10^6 bytes of data / wall time from POST /backups to `completed` (snapshot and cleanup"
-            f" included); a warm-up run per case, then {args.rounds} rounds alternating the order of the"
-            " connection counts; medians; \"node's job s\" = the node's own `elapsed_seconds` in the final"
-            " progress report (without the hub -> node dispatch and the poll); bytes = the job's `bytes_transferred`"
-            " (checked equal to the data written); the first measured restore point of every case compared with"
-            " `qemu-img compare`",
+            *header(results, args, load0, elapsed),
             "",
             text,
             "",
-            f"Reading: {reading(cases, load0)}" + (f" {args.note}" if args.note else ""),
+            "Targets (issue 13, medians of the whole job):",
+            "",
+            *goals,
+            *(
+                ["", "1 MiB incremental (16 x 64 KiB changes, 192 KiB apart, on one disk), ours:", "", incremental]
+                if incremental
+                else []
+            ),  # fmt: skip
+            *(["", args.note] if args.note else []),
         ]
         lines = RESULTS.read_text().split("\n")
         rest = lines[3:]
@@ -761,4 +1270,6 @@ def main() -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--relay"]:
         sys.exit(relay_main(*sys.argv[2:5]))
+    if sys.argv[1:2] == ["--watch"]:
+        sys.exit(watch_main(sys.argv[2]))
     sys.exit(main())
