@@ -3,18 +3,28 @@
 The spec's ``NBD_FLAG_CAN_MULTI_CONN`` ("Transmission flags") promises that
 every connection sees the others' completed writes and that a FLUSH on any
 one of them covers writes completed on all. Only then is it safe to spread
-requests over connections, so :class:`ConnectionPool` opens one connection,
-looks at the flag, and opens the rest only when the server set it.
+requests over connections. :class:`ConnectionPool` starts every handshake at
+once (one round trip time for all, not one per connection) and looks at the
+flag of the first one it started; its failure is the pool's. Without the flag
+the pool keeps that one and closes the others before they carry any request: those that finish
+their handshake within :data:`EXTRA_GRACE` (or twice the first's time, if
+longer) get ``NBD_CMD_DISC``; the rest are dropped (a single-client server
+such as ``qemu-nbd -e 1`` never answers them). Dropping a handshake the
+server is working on can upset it (nbdkit 1.32's multi-conn filter aborts),
+hence the wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from sendense_nbd.client.connection import ClientOptions, NBDClient, open_client
 from sendense_nbd.client.uri import NBDAddress, resolve
+
+#: Seconds, at least, that the other handshakes get to finish when the first connection shows no multi-conn.
+EXTRA_GRACE = 0.2
 
 
 class ConnectionPool:
@@ -34,19 +44,26 @@ class ConnectionPool:
         self._turn: Iterator[NBDClient] = iter(())
 
     async def open(self) -> ConnectionPool:
-        """Connect: one connection, then the rest if the server allows multi-conn."""
+        """Connect: every handshake at once; all the connections if the first allows multi-conn, else the first
+        alone (the others closed)."""
         if self._clients:
             raise RuntimeError("the pool is already open")
-        first = await open_client(self.address, self.options)
-        clients = [first]
-        if first.can_multi_conn and self.wanted > 1:
-            opening = [asyncio.ensure_future(open_client(self.address, self.options)) for _ in range(self.wanted - 1)]
-            results = await asyncio.gather(*opening, return_exceptions=True)
-            clients += [c for c in results if isinstance(c, NBDClient)]
-            failure = next((r for r in results if isinstance(r, BaseException)), None)
-            if failure is not None:
-                await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-                raise failure
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        opening = [asyncio.ensure_future(open_client(self.address, self.options)) for _ in range(self.wanted)]
+        try:
+            first = await opening[0]
+            if first.can_multi_conn:
+                clients = await _all_ready(opening)
+            else:
+                extras = opening[1:]
+                if extras:
+                    await asyncio.wait(extras, timeout=max(EXTRA_GRACE, 2 * (loop.time() - started)))
+                await _discard(extras)
+                clients = [first]
+        except BaseException:
+            await _discard(opening)
+            raise
         self._clients = tuple(clients)
         self._turn = itertools.cycle(self._clients)
         return self
@@ -96,3 +113,28 @@ class ConnectionPool:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _failure(task: asyncio.Future[NBDClient]) -> BaseException | None:
+    """A finished handshake's error (a cancellation counts); None when it succeeded."""
+    return asyncio.CancelledError() if task.cancelled() else task.exception()
+
+
+async def _all_ready(opening: Sequence[asyncio.Future[NBDClient]]) -> list[NBDClient]:
+    """Every connection, once all finished their handshakes; the first failure if one failed."""
+    await asyncio.wait(opening)
+    failure = next((f for f in map(_failure, opening) if f is not None), None)
+    if failure is not None:
+        raise failure
+    return [task.result() for task in opening]
+
+
+async def _discard(opening: Sequence[asyncio.Future[NBDClient]]) -> None:
+    """Stop handshakes still running and close (``NBD_CMD_DISC``) the connections that finished theirs."""
+    if not opening:
+        return
+    for task in opening:
+        task.cancel()  # a no-op once it is done
+    await asyncio.wait(opening)
+    ready = [task.result() for task in opening if _failure(task) is None]
+    await asyncio.gather(*(client.close() for client in ready), return_exceptions=True)
