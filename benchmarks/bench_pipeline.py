@@ -908,11 +908,12 @@ def namespace_facts(ns: Netns, copy_from_hub: bool) -> dict[str, str]:
 
 
 def measure_relay(ns: Netns, total: int) -> list[dict[str, Any]]:
-    """What the link carries alone (plain TCP, no tunnel) and the relay's CPU meanwhile."""
+    """What the link carries alone (plain TCP, no tunnel) and the relay's CPU meanwhile; with added RTT a
+    quarter of ``total`` (one TCP connection is bounded there by its send buffer, tcp_wmem)."""
     found = []
-    for link, streams in ((Link(0.0), 1), (Link(0.0), 4), (Link(50.0), 4)):
+    for link, streams in ((Link(0.0), 1), (Link(0.0), 4), (Link(50.0), 1), (Link(50.0), 4), (Link(100.0), 1)):
         ns.set_link(link, 0)
-        mbps, cpu = ns.stream(total, streams)
+        mbps, cpu = ns.stream(total if not link.rtt_ms else total // 4, streams)
         found.append({"link": link.label, "streams": streams, "MB/s": round(mbps), "relay_cpu": round(cpu, 2)})
         print(f"relay alone, {link.label}, {streams} TCP stream(s): {mbps:.0f} MB/s, relay CPU {cpu:.0%}", flush=True)
     return found
@@ -968,7 +969,10 @@ def run_incremental(pipeline: Pipeline, results: Results, args: argparse.Namespa
         run = pipeline.backup("incremental")
         pipeline.verify(run.job)
         disks = run.job["detail"]["disks"]
-        reported = [d.get("bytes_changed") for d in disks] + [run.job["detail"].get("bytes_changed")]
+        progress = run.job.get("progress") or {}
+        reported = (
+            [progress.get("bytes_changed")] if "bytes_changed" in progress else [d.get("bytes_changed") for d in disks]
+        )
         numbers = [int(n) for n in reported if isinstance(n, int | float)]
         entry = {
             "seconds": run.seconds,
