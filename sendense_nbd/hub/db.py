@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS points (
     disk_uuid TEXT,
     status TEXT NOT NULL,
     created REAL NOT NULL,
-    completed REAL
+    completed REAL,
+    bytes_changed INTEGER,
+    bytes_transferred INTEGER
 );
 CREATE INDEX IF NOT EXISTS points_disk ON points (vm_path, disk_key, created);
 """
@@ -70,6 +72,7 @@ class Database:
         self._connections: list[sqlite3.Connection] = []
         # executescript commits by itself: it runs outside a transaction.
         self._worker.submit(lambda: self._connection().executescript(SCHEMA)).result()
+        self.call(_add_columns)
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -111,6 +114,16 @@ class Database:
 
         self._worker.submit(close_all).result()
         self._worker.shutdown()
+
+
+#: Columns added after a table was first released: ``(table, column, type)``, added to an older store on open.
+ADDED_COLUMNS = (("points", "bytes_changed", "INTEGER"), ("points", "bytes_transferred", "INTEGER"))
+
+
+def _add_columns(connection: sqlite3.Connection) -> None:
+    for table, column, kind in ADDED_COLUMNS:
+        if column not in {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

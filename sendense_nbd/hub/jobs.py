@@ -71,6 +71,9 @@ class DiskExport:
     point_id: str
     sync_type: SyncType
     base_point: str | None
+    #: What the node reported at completion (None before, or when it did not say).
+    bytes_changed: int | None = None
+    bytes_transferred: int | None = None
 
 
 @attrs.frozen

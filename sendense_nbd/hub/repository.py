@@ -32,6 +32,7 @@ import attrs
 from sendense_nbd.backup.records import SyncType
 from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
 from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.requests import ReportedDisk
 from sendense_nbd.storage.files import is_temporary, remove_quietly, sync_directory
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -66,6 +67,9 @@ class Point:
     status: PointStatus
     created: float
     completed: float | None
+    #: What the job that made the point reported (docs/HUB_API.md); None: not reported.
+    bytes_changed: int | None = None
+    bytes_transferred: int | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Point:
@@ -157,23 +161,32 @@ class Repository:
         )  # fmt: skip
 
         def insert(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(point.to_json().values())
-            )
+            row = point.to_json()
+            names, marks = ", ".join(row), ", ".join("?" * len(row))
+            connection.execute(f"INSERT INTO points ({names}) VALUES ({marks})", tuple(row.values()))
 
         await self.db.run(insert)
         return point
 
-    async def complete(self, results: list[tuple[str, str | None, str | None]]) -> None:
-        """Mark points completed, all in one transaction: ``[(point_id, change_id, disk_uuid), ...]``."""
+    async def complete(self, results: list[tuple[str, ReportedDisk]]) -> None:
+        """Mark points completed with what their disk's job reported, all in one transaction."""
 
         def update(connection: sqlite3.Connection) -> None:
             now = time.time()
-            for point_id, change_id, disk_uuid in results:
+            for point_id, disk in results:
                 cursor = connection.execute(
-                    "UPDATE points SET status = ?, completed = ?, change_id = ?, disk_uuid = ? "
-                    "WHERE id = ? AND status = ?",
-                    (PointStatus.COMPLETED.value, now, change_id, disk_uuid, point_id, PointStatus.PENDING.value),
+                    "UPDATE points SET status = ?, completed = ?, change_id = ?, disk_uuid = ?, bytes_changed = ?, "
+                    "bytes_transferred = ? WHERE id = ? AND status = ?",
+                    (
+                        PointStatus.COMPLETED.value,
+                        now,
+                        disk.change_id,
+                        disk.disk_uuid,
+                        disk.bytes_changed,
+                        disk.bytes_transferred,
+                        point_id,
+                        PointStatus.PENDING.value,
+                    ),
                 )
                 if cursor.rowcount != 1:
                     raise RepositoryError(f"restore point {point_id} is not pending")

@@ -198,6 +198,9 @@ class ReportedDisk:
     disk_key: int
     change_id: str | None
     disk_uuid: str | None
+    #: Data bytes sent, and the bytes that changed (None: the node did not report it).
+    bytes_transferred: int | None = None
+    bytes_changed: int | None = None
 
 
 @attrs.frozen
@@ -229,9 +232,11 @@ class Completion:
 
 def _reported_disk(value: object, where: str) -> ReportedDisk:
     disk = json_object(value, where)
-    for name in ("capacity", "bytes_transferred", "bytes_zeroed"):
-        if disk.get(name) is not None:
-            integer(disk[name], f"{where}.{name}", 0, MAX_COUNT)
+    counts = {
+        name: integer(disk[name], f"{where}.{name}", 0, MAX_COUNT)
+        for name in ("capacity", "bytes_transferred", "bytes_zeroed", "bytes_changed")
+        if disk.get(name) is not None
+    }
     for name, limit in (("sync_type", 32), ("target", 2048)):
         _optional_text(disk.get(name), f"{where}.{name}", limit=limit)
     if disk.get("full_reason") is not None:
@@ -240,12 +245,17 @@ def _reported_disk(value: object, where: str) -> ReportedDisk:
         integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY),
         _optional_text(disk.get("change_id"), f"{where}.change_id"),
         _optional_text(disk.get("disk_uuid"), f"{where}.disk_uuid", limit=128),
+        counts.get("bytes_transferred"),
+        counts.get("bytes_changed"),
     )
 
 
-_PROGRESS_NUMBERS = ("bytes_transferred", "total_bytes", "percent", "throughput_bps", "eta_seconds", "elapsed_seconds")
+_PROGRESS_NUMBERS = (
+    "bytes_transferred", "bytes_changed", "total_bytes", "percent", "throughput_bps", "eta_seconds", "elapsed_seconds",
+)  # fmt: skip
 _DISK_NUMBERS = (
     "total_bytes", "bytes_transferred", "bytes_zeroed", "bytes_skipped", "disk_size", "throughput_bps", "eta_seconds",
+    "bytes_changed",
 )  # fmt: skip
 PROGRESS_STATUSES = ("running", "completed", "failed", "cancelled")
 
@@ -269,6 +279,7 @@ class DiskProgress:
     throughput_bps: float | None = None
     eta_seconds: float | None = None
     done: bool | None = None
+    bytes_changed: float | None = None
 
     @classmethod
     def from_json(cls, value: object, where: str) -> DiskProgress:
@@ -298,6 +309,7 @@ class Progress:
     throughput_bps: float | None = None
     eta_seconds: float | None = None
     elapsed_seconds: float | None = None
+    bytes_changed: float | None = None
     disks: tuple[DiskProgress, ...] | None = None
     error: Failure | None = None
 

@@ -336,11 +336,10 @@ class Hub:
             try:
                 await self._exports.stop_job(job_id)  # flushes every point before it counts
                 reported = {d.disk_key: d for d in report.disks}
-                await self._repository.complete(
-                    [(d.point_id, reported[d.disk_key].change_id, reported[d.disk_key].disk_uuid) for d in job.disks]
-                )
+                await self._repository.complete([(d.point_id, reported[d.disk_key]) for d in job.disks])
                 await self._ports.release(job_id=job_id)
-                job = await self._jobs.transition(job_id, JobState.COMPLETED)
+                detail = BackupDetail(tuple(_with_figures(d, reported[d.disk_key]) for d in job.disks))
+                job = await self._jobs.transition(job_id, JobState.COMPLETED, detail=detail)
             except Exception as exc:
                 log.error("completing %s failed: %s", job_id, exc)
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}"))
@@ -427,6 +426,11 @@ class Hub:
         with contextlib.suppress(JobStateError):
             return await self._jobs.transition(job_id, JobState.COMPLETED)
         return await self._jobs.get(job_id)
+
+
+def _with_figures(disk: DiskExport, reported: req.ReportedDisk) -> DiskExport:
+    """The job's disk with the bytes its node reported sending and changing."""
+    return attrs.evolve(disk, bytes_changed=reported.bytes_changed, bytes_transferred=reported.bytes_transferred)
 
 
 def _check_completion(job: Job, report: req.Completion) -> None:

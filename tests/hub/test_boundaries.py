@@ -187,10 +187,10 @@ async def test_the_store_keeps_plain_strings_and_an_interrupted_merge_written_so
     try:
         base = await repository.new_point(VM, 2000, "j1", incremental=False, capacity=MIB)
         _write(base.path, 0x11, 0)
-        await repository.complete([(base.id, "c1", None)])
+        await repository.complete([(base.id, ReportedDisk(2000, "c1", None))])
         top = await repository.new_point(VM, 2000, "j2", incremental=True, capacity=None)
         _write(top.path, 0x22, 65536)
-        await repository.complete([(top.id, "c2", "6000C29a")])
+        await repository.complete([(top.id, ReportedDisk(2000, "c2", "6000C29a"))])
         assert _stored(db_path) == [(base.id, "full", "completed", None), (top.id, "incremental", "completed", base.id)]
         chain = await repository.points(VM, 2000)
         assert [(p.kind, p.status) for p in chain] == [(SyncType.FULL, PointStatus.COMPLETED),
