@@ -90,6 +90,9 @@ class BackupSpec:
     #: Changed areas closer than this many bytes are copied as one. 0 (the default, for a WAN): only
     #: changed bytes cross. A larger gap sends unchanged bytes to save requests (1 MiB suits a LAN).
     merge_gap: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    #: Data bytes between the copy's checkpoint FLUSHes: after a dropped connection, at most this much
+    #: (plus the requests in flight) is sent again, since writes no FLUSH covered may be lost.
+    checkpoint_bytes: int = attrs.field(default=64 << 20, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen
@@ -411,6 +414,7 @@ async def _copy_disk(
             flush=True,
             retries=job.spec.retries,
             merge_gap=job.spec.merge_gap,
+            checkpoint_bytes=job.spec.checkpoint_bytes,
         )
         try:
             result = await copy(source, target, options, changed_areas=plan.areas, progress=on_progress)
