@@ -186,7 +186,7 @@ class Chain:
 
 #: vSphere requests of a full job that also switches CBT on, whatever the number of disks: the VM's
 #: lookup (2), CBT on (ReconfigVM_Task) and its cycle snapshot taken and removed, the job's snapshot
-#: taken, its disks read (1) and removed; each task: the call, CreateFilter, DestroyPropertyFilter.
+#: taken, its disks read (1) and removed; each task: the call and CreateFilter (plus WaitForUpdatesEx).
 FIRST_FULL = Counter(
     {
         "FindByInventoryPath": 1,
@@ -195,7 +195,6 @@ FIRST_FULL = Counter(
         "CreateSnapshot_Task": 2,
         "RemoveSnapshot_Task": 2,
         "CreateFilter": 5,
-        "DestroyPropertyFilter": 5,
     }
 )
 #: An incremental: the lookup (2), the snapshot taken, its disks read (1), removed; plus the pages.
@@ -206,7 +205,6 @@ INCREMENTAL = Counter(
         "CreateSnapshot_Task": 1,
         "RemoveSnapshot_Task": 1,
         "CreateFilter": 2,
-        "DestroyPropertyFilter": 2,
     }
 )
 
