@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sendense_nbd.errors import TunnelError
+from sendense_nbd.tcp import DEFAULT_CONGESTION, DEFAULT_LINK, LinkProfile
 from sendense_nbd.tunnel.config import (
+    DEFAULT_CONNECTIONS,
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_STARTUPS,
     DEFAULT_NODE_API,
     Forward,
+    LinkTuning,
     parse_host_port,
     parse_ports,
 )
@@ -58,6 +61,66 @@ async def _until_signal(stop: Callable[[], None], done: Callable[[], Any]) -> No
             loop.remove_signal_handler(sig)
 
 
+def link_options(prefix: str = "") -> Callable[[F], F]:
+    """``--{prefix}link-rtt``, ``--{prefix}link-rate``, ``--{prefix}window``, ``--{prefix}congestion``."""
+    dest = prefix.replace("-", "_")
+    options = [
+        click.option(
+            f"--{prefix}link-rtt",
+            f"{dest}link_rtt",
+            type=click.FloatRange(min=0.1, max=10_000),
+            default=DEFAULT_LINK.rtt * 1000,
+            show_default=True,
+            metavar="MS",
+            help="Round-trip time the tunnel's windows and socket buffers must fill (milliseconds).",
+        ),
+        click.option(
+            f"--{prefix}link-rate",
+            f"{dest}link_rate",
+            type=click.FloatRange(min=0.1, max=1_000_000),
+            default=DEFAULT_LINK.rate_bps / 1e6,
+            show_default=True,
+            metavar="MBIT",
+            help="Link rate to fill (Mbit/s); window = 2 x rate x RTT per channel (see docs/TUNNEL.md).",
+        ),
+        click.option(
+            f"--{prefix}window",
+            f"{dest}window",
+            type=click.IntRange(min=32 * 1024, max=2**31 - 1),
+            metavar="BYTES",
+            help="Each channel's SSH window, overriding the one from --link-rtt/--link-rate.",
+        ),
+        click.option(
+            f"--{prefix}congestion",
+            f"{dest}congestion",
+            default=DEFAULT_CONGESTION or "system",
+            show_default=True,
+            metavar="NAME|system",
+            help="TCP congestion control of the SSH connection ('system': the kernel's default).",
+        ),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def tuning_from_options(o: dict[str, Any], prefix: str = "") -> LinkTuning:
+    """The :class:`LinkTuning` of the options of :func:`link_options`."""
+    dest = prefix.replace("-", "_")
+    rtt = o.get(f"{dest}link_rtt") or DEFAULT_LINK.rtt * 1000
+    rate = o.get(f"{dest}link_rate") or DEFAULT_LINK.rate_bps / 1e6
+    congestion = o.get(f"{dest}congestion") or DEFAULT_CONGESTION
+    try:
+        link = LinkProfile.parse(rtt_ms=rtt, rate_mbit=rate)
+        return LinkTuning.for_link(link, window=o.get(f"{dest}window"), congestion=congestion)
+    except TunnelError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{prefix}window") from exc
+
+
 # -- node side -------------------------------------------------------------------
 
 
@@ -79,9 +142,9 @@ async def _until_signal(stop: Callable[[], None], done: Callable[[], Any]) -> No
 @click.option(
     "--connections",
     type=click.IntRange(1, 64),
-    default=1,
+    default=DEFAULT_CONNECTIONS,
     show_default=True,
-    help="SSH connections; port i goes over connection i % N.",
+    help="SSH connections; every port's connections are spread over those that are up.",
 )
 @click.option(
     "--remote-forward",
@@ -101,6 +164,7 @@ async def _until_signal(stop: Callable[[], None], done: Callable[[], Any]) -> No
 @click.option("--keepalive", type=click.FloatRange(1), default=15, show_default=True, help="Seconds between probes.")
 @click.option("--keepalive-count", type=click.IntRange(1), default=3, show_default=True, help="Missed probes.")
 @click.option("--backoff-max", type=click.FloatRange(1), default=30, show_default=True, help="Reconnect delay cap.")
+@link_options()
 def tunnel_command(**o: Any) -> None:
     """Forward the hub's NBD ports to this node (and the node API back to the hub) over SSH."""
     from sendense_nbd.tunnel.client import Tunnel, TunnelConfig, port_forwards
@@ -130,6 +194,7 @@ def tunnel_command(**o: Any) -> None:
             keepalive_interval=o["keepalive"],
             keepalive_count_max=o["keepalive_count"],
             backoff_max=o["backoff_max"],
+            tuning=tuning_from_options(o),
         )
     except (TunnelError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
@@ -161,7 +226,7 @@ def tunnel_command(**o: Any) -> None:
 
 
 def ssh_server_options(command: F) -> F:
-    """Add ``--ssh-listen``, ``--ssh-host-key`` and ``--ssh-authorized-keys`` to a command."""
+    """Add ``--ssh-listen``, ``--ssh-host-key``, ``--ssh-authorized-keys`` (...) and :func:`link_options` ``ssh-``."""
     options = [
         click.option(
             "--ssh-listen", metavar="HOST:PORT", help="Run the embedded SSH tunnel endpoint here (default: none)."
@@ -202,7 +267,7 @@ def ssh_server_options(command: F) -> F:
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return link_options("ssh-")(command)
 
 
 def server_config_from_options(
@@ -227,6 +292,7 @@ def server_config_from_options(
         remote_listens=frozenset(node_api or [DEFAULT_NODE_API]),
         max_startups=o.get("ssh_max_startups") or DEFAULT_MAX_STARTUPS,
         login_timeout=o.get("ssh_login_timeout") or DEFAULT_LOGIN_TIMEOUT,
+        tuning=tuning_from_options(o, "ssh-"),
     )
 
 

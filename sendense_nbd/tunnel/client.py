@@ -36,13 +36,18 @@ import attrs
 from sendense_nbd.errors import TunnelError
 from sendense_nbd.tcp import TcpTuning
 from sendense_nbd.tunnel.allocator import tune_malloc
-from sendense_nbd.tunnel.config import DEFAULT_NODE_API, DEFAULT_PORTS, DEFAULT_TUNING, Forward, LinkTuning
+from sendense_nbd.tunnel.config import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_NODE_API,
+    DEFAULT_PORTS,
+    DEFAULT_TUNING,
+    Forward,
+    LinkTuning,
+)
 from sendense_nbd.tunnel.forward import LocalForwarder, tune_connection
 
 log = logging.getLogger(__name__)
 
-#: SSH connections by default (see docs/TUNNEL.md, "Sizing").
-DEFAULT_CONNECTIONS = 2
 #: Errors that reconnecting cannot fix.
 _PERMANENT = (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied)
 

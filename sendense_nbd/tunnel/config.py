@@ -14,6 +14,8 @@ DEFAULT_NODE_API = ("127.0.0.1", 8081)
 #: Connections the hub's SSH endpoint lets log in at once (OpenSSH's MaxStartups), and for how long.
 DEFAULT_MAX_STARTUPS = 20
 DEFAULT_LOGIN_TIMEOUT = 30.0
+#: SSH connections a node's tunnel keeps (see docs/TUNNEL.md, "Sizing").
+DEFAULT_CONNECTIONS = 2
 #: SSH packets of a channel: bigger than asyncssh's and OpenSSH's 32 KiB (fewer packets), under
 #: OpenSSH's 256 KiB packet limit.
 CHANNEL_MAX_PACKET = 128 * 1024

@@ -209,12 +209,12 @@ class Sshd:
 
 @pytest.fixture
 def sshd(tmp_path: Path, keys: Keys) -> Iterator[object]:
-    """Factory: ``sshd(permit_open=[ports], permit_listen=[ports])`` runs ``sshd -D -e`` with a temp config."""
+    """Factory: ``sshd(permit_open=[ports], permit_listen=[ports], log_level=...)`` runs ``sshd -D -e``."""
     binary = require("sshd")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
     started: list[Sshd] = []
 
-    def start(permit_open: list[int], permit_listen: tuple[int, ...] = ()) -> Sshd:
+    def start(permit_open: list[int], permit_listen: tuple[int, ...] = (), log_level: str = "VERBOSE") -> Sshd:
         port = free_port()
         config = tmp_path / "sshd_config"
         lines = [
@@ -232,7 +232,7 @@ def sshd(tmp_path: Path, keys: Keys) -> Iterator[object]:
             "StrictModes no",
             "UsePAM no",
             f"PidFile {tmp_path / 'sshd.pid'}",
-            "LogLevel VERBOSE",
+            f"LogLevel {log_level}",
         ]
         config.write_text("\n".join(lines) + "\n")
         log = tmp_path / "sshd.log"
