@@ -692,9 +692,9 @@ class Pipeline:
         pieces = disk_mib * MiB // CHUNK
         wanted = round(pieces * fill)
         written = 0
+        self.filled = [i * pieces // wanted for i in range(wanted)]
         for disk in self.vm["disks"]:
-            for i in range(wanted):
-                index = i * pieces // wanted
+            for index in self.filled:
                 vmdisk.write(self.state, self.vm["moref"], disk["key"], index * CHUNK, os.urandom(CHUNK))
                 written += CHUNK
         return written
@@ -855,12 +855,12 @@ connections = {connections}
                 raise RuntimeError(f"restore point {point['path']} differs: {done.stdout} {done.stderr}")
 
     def change(self, rng: random.Random) -> int:
-        """Write INCREMENTAL_PIECES pieces of random data in one 4 MiB area of the first disk, a piece
-        every INCREMENTAL_STRIDE bytes (gaps a merge gap would bridge); returns the bytes changed."""
+        """Overwrite INCREMENTAL_PIECES pieces of one 4 MiB piece of data of the first disk, a piece every
+        INCREMENTAL_STRIDE bytes (gaps a merge gap would bridge); returns the bytes changed. The disk's
+        allocated data (what a full backup copies) stays the same."""
+        assert INCREMENTAL_PIECES * INCREMENTAL_STRIDE <= CHUNK
         disk = self.vm["disks"][0]
-        size = self.args.disk_mib * MiB
-        span = INCREMENTAL_PIECES * INCREMENTAL_STRIDE
-        start = rng.randrange(size // span) * span
+        start = rng.choice(self.filled) * CHUNK
         with open(self.copies[disk["key"]], "r+b") as copy:
             for i in range(INCREMENTAL_PIECES):
                 data = rng.randbytes(INCREMENTAL_PIECE)
