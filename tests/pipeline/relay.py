@@ -4,8 +4,9 @@
 direction, a chunk read at time t is written at t + rtt/2, in order, so the relay adds ``rtt`` to every
 round trip without limiting the bandwidth of a single connection (beyond ``queue_limit / (rtt/2)``).
 Each direction holds at most ``queue_limit`` bytes in its line (plus the stream buffers, under 1 MiB);
-beyond that the relay stops reading that side until the other side took some. An end of stream (half-close) is forwarded in its place in the line;
-a connection ends when both directions ended, or at once when either side fails (reset, error).
+beyond that the relay stops reading that side until the other side took some. An end of stream
+(half-close) is forwarded in its place in the line; a connection ends when both directions ended, or
+at once when either side fails (reset, error).
 
 The relay runs its own event loop in a thread, so the test's code never shares its loop.
 """

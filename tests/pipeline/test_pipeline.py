@@ -243,14 +243,16 @@ def test_full_and_incremental_backups_across_a_50ms_link(
     incremental sends exactly the changed bytes (merge gap 0 by default)."""
     pipeline = Pipeline(tmp_path, vcsim, hub_factory, slow_source=False, rtt=0.05)
     vm = next(v for v in vcsim["vms"] if v["path"] == VM_PATH)
-    changed = 2 * 256 * 1024  # per disk: two areas of 256 KiB, 512 KiB apart
+    changed = 2 * 256 * 1024  # per disk: two areas of 256 KiB, 512 KiB of unchanged data apart
     try:
         for disk in vm["disks"]:
-            vmdisk.write(vcsim["state"], vm["moref"], disk["key"], 0, os.urandom(2 * MIB))
+            for offset in (0, 4 * MIB):
+                vmdisk.write(vcsim["state"], vm["moref"], disk["key"], offset, os.urandom(2 * MIB))
         full = _backup(pipeline, pipeline.disk_copies("full"))
         assert [d["sync_type"] for d in full["detail"]["disks"]] == ["full", "full"]
-        full_sent = _bytes_sent(pipeline.api, full["job_id"])
-        assert all(sent >= 2 * MIB for sent in full_sent.values()), full_sent
+        full_bytes = _bytes(pipeline.api, full)
+        # A full copy's bytes_changed is the data it read; what it sent is that data less its zeroes.
+        assert all(4 * MIB <= sent <= read for sent, read in full_bytes.values()), full_bytes
 
         for disk in vm["disks"]:
             for offset in (5 * MIB, 5 * MIB + 768 * 1024):
@@ -259,12 +261,12 @@ def test_full_and_incremental_backups_across_a_50ms_link(
         assert [(d["sync_type"], d["base_point"]) for d in incremental["detail"]["disks"]] == [
             ("incremental", d["point_id"]) for d in full["detail"]["disks"]
         ]
-        assert _bytes_sent(pipeline.api, incremental["job_id"]) == {2000: changed, 2001: changed}
+        assert _bytes(pipeline.api, incremental) == {2000: (changed, changed), 2001: (changed, changed)}
     finally:
         pipeline.close()
     # Every byte of both jobs crossed the relay (the tunnel is the node's only way to the hub's ports).
     assert pipeline.relay is not None and pipeline.relay.accepted >= 1
-    assert pipeline.relay.up.bytes >= sum(full_sent.values()) + 2 * changed
+    assert pipeline.relay.up.bytes >= sum(sent for sent, _ in full_bytes.values()) + 2 * changed
 
 
 def _backup(pipeline: Pipeline, expected: dict[int, Path]) -> dict[str, Any]:
@@ -277,17 +279,22 @@ def _backup(pipeline: Pipeline, expected: dict[int, Path]) -> dict[str, Any]:
     return done
 
 
-def _bytes_sent(api: Api, job_id: str, timeout: float = 30) -> dict[int, int]:
-    """Per disk, the bytes a completed job sent, from the node's final progress report (which follows the
-    completion); the report's figures must add up."""
+def _bytes(api: Api, job: dict[str, Any], timeout: float = 30) -> dict[int, tuple[int, int]]:
+    """Per disk, (bytes_transferred, bytes_changed) of a completed job: its detail, its restore points and
+    the node's final progress report (which follows the completion) must all say the same."""
+    figures = {d["disk_key"]: (d["bytes_transferred"], d["bytes_changed"]) for d in job["detail"]["disks"]}
+    points = {p["id"]: p for p in api.get(f"/points?vm_path={VM_PATH}")[1]["points"]}
+    for disk in job["detail"]["disks"]:
+        point = points[disk["point_id"]]
+        assert (point["bytes_transferred"], point["bytes_changed"]) == figures[disk["disk_key"]], point
     deadline = time.monotonic() + timeout
-    while (report := api.get(f"/backups/{job_id}/progress")[1]["progress"] or {}).get("status") != "completed":
+    while (report := api.get(f"/backups/{job['job_id']}/progress")[1]["progress"] or {}).get("status") != "completed":
         if time.monotonic() > deadline:
-            raise AssertionError(f"no final progress report for job {job_id}: {report}")
+            raise AssertionError(f"no final progress report for job {job['job_id']}: {report}")
         time.sleep(0.1)
-    disks = report["disks"]
-    assert report["percent"] == 100.0 and all(d["done"] for d in disks), report
-    assert report["bytes_transferred"] == sum(d["bytes_transferred"] for d in disks), report
-    for disk in disks:
+    assert {d["disk_key"]: (d["bytes_transferred"], d["bytes_changed"]) for d in report["disks"]} == figures, report
+    assert report["bytes_transferred"] == sum(sent for sent, _ in figures.values()), report
+    assert report["percent"] == 100.0, report
+    for disk in report["disks"]:
         assert disk["bytes_transferred"] + disk["bytes_zeroed"] + disk["bytes_skipped"] == disk["disk_size"], disk
-    return {d["disk_key"]: d["bytes_transferred"] for d in disks}
+    return figures
