@@ -61,7 +61,7 @@ async def test_nbdcopy_through_the_embedded_server(tmp_path: Path, keys: Keys, s
     async with running(server_config(keys, {nbd_port})) as server:
         async with connected(tunnel_config(keys, server.port, local)) as tunnel:
             await copy_through(local[0].listen_port, source, tmp_path / "back.raw")
-            await eventually(lambda: tunnel.status().links[0].active_channels == 0)
+            await eventually(lambda: all(link.active_channels == 0 for link in tunnel.status().links))
     await asyncio.to_thread(run, "cmp", source, image)
 
 
