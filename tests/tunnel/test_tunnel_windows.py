@@ -11,6 +11,7 @@ import socket
 import sys
 
 import attrs
+import pytest
 from click.testing import CliRunner
 
 from sendense_nbd.tcp import LinkProfile
@@ -171,35 +172,52 @@ async def test_a_ports_connections_spread_over_the_links(keys: Keys, echo: tuple
                 writer.close()
 
 
-async def test_a_full_local_socket_stops_the_window(keys: Keys) -> None:
-    """The hub's target never reads: the node's sends stall after about one window plus socket buffers."""
-    stalled = asyncio.Event()
+async def _send_until_stalled(writer: asyncio.StreamWriter, total: int = 128 * MiB) -> int:
+    """Write zeros until ``total`` or until a write does not drain within 2 s; the bytes that went."""
+    sent, chunk = 0, bytes(MiB)
+    with contextlib.suppress(TimeoutError):
+        while sent < total:
+            writer.write(chunk)
+            async with asyncio.timeout(2):
+                await writer.drain()
+            sent += len(chunk)
+    return sent
 
-    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await stalled.wait()  # never read until the test is done
+
+@pytest.mark.parametrize("sender", ["node", "hub"])
+async def test_a_full_local_socket_stops_the_window(keys: Keys, sender: str) -> None:
+    """The receiving end never reads: the sender stalls after about one window plus socket buffers.
+
+    ``node``: the hub's target is full (asyncssh's forwarder pauses the channel); ``hub``: the node's
+    local client is full (our forwarder pauses the channel).
+    """
+    done = asyncio.Event()
+    pushed: list[int] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if sender == "hub":
+            pushed.append(await _send_until_stalled(writer))
+        await done.wait()  # never read
         writer.close()
 
-    target = await asyncio.start_server(sink, "127.0.0.1", 0)
-    target_port = int(target.sockets[0].getsockname()[1])
+    server_socket = await asyncio.start_server(target, "127.0.0.1", 0)
+    target_port = int(server_socket.sockets[0].getsockname()[1])
     local = [Forward("127.0.0.1", free_port(), "127.0.0.1", target_port)]
     tuning = LinkTuning(window=MIN_WINDOW, socket_buffer=0)
-    sent, total, chunk = 0, 128 * MiB, bytes(MiB)
     try:
         async with running(server_config(keys, {target_port}, tuning=tuning)) as server:
             async with connected(tunnel_config(keys, server.port, local, connections=1, tuning=tuning)):
-                reader, writer = await asyncio.open_connection("127.0.0.1", local[0].listen_port)
-                with contextlib.suppress(TimeoutError):
-                    while sent < total:
-                        writer.write(chunk)
-                        async with asyncio.timeout(2):
-                            await writer.drain()
-                        sent += len(chunk)
+                _, writer = await asyncio.open_connection("127.0.0.1", local[0].listen_port)
+                if sender == "node":
+                    pushed.append(await _send_until_stalled(writer))
+                else:
+                    await eventually(lambda: bool(pushed), seconds=60)
                 writer.transport.abort()
     finally:
-        stalled.set()
-        target.close()
+        done.set()
+        server_socket.close()
     # Unbounded, all 128 MiB would go; bounded: the window and the kernel's loopback buffers.
-    assert 0 < sent < 48 * MiB, f"{sent / MiB:.0f} MiB went into a target that never reads"
+    assert 0 < pushed[0] < 48 * MiB, f"{pushed[0] / MiB:.0f} MiB went to a peer that never reads"
 
 
 def test_cli_link_options() -> None:
