@@ -88,7 +88,7 @@ def link_options(prefix: str = "") -> Callable[[F], F]:
             f"{dest}window",
             type=click.IntRange(min=32 * 1024, max=2**31 - 1),
             metavar="BYTES",
-            help="Each channel's SSH window, overriding the one from --link-rtt/--link-rate.",
+            help=f"Each channel's SSH window, overriding the one from --{prefix}link-rtt/--{prefix}link-rate.",
         ),
         click.option(
             f"--{prefix}congestion",
