@@ -445,14 +445,15 @@ async def _open_disk(
     connections = job.spec.connections
 
     async def source() -> Endpoint:
-        process = await VddkSource(
+        process = VddkSource(
             job.source.vddk,
             job.source.password,
             vm_moref=vm.moref,
             disk_file=disk.file_name,
             snapshot_moref=snapshot.moref,
-        ).start()
-        opened.push_async_callback(_shielded, process.stop)
+        )
+        opened.push_async_callback(_shielded, process.stop)  # also after a start cut short
+        await process.start()
         endpoint = await open_source(process.uri, connections=connections)
         opened.push_async_callback(_shielded, endpoint.close)
         return endpoint
@@ -479,5 +480,16 @@ async def _open_disk(
 
 
 async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
-    """Closing goes on even if the job is cancelled meanwhile."""
-    await asyncio.shield(close())
+    """Close, and wait until it is done even if the job is cancelled meanwhile (then re-raise the
+    cancellation): a job never ends before its nbdkit is stopped and its connections are closed. Every
+    close is bounded (nbdkit: SIGTERM, 10 s, SIGKILL; a connection: its request timeout)."""
+    closing = asyncio.ensure_future(close())
+    cancelled = False
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+    closing.result()

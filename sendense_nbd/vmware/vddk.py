@@ -239,7 +239,8 @@ class VddkSource:
             self.stderr_tail = (self.stderr_tail + chunk)[-4096:]
 
     async def stop(self) -> None:
-        process, self.process = self.process, None
+        """Stop nbdkit and remove its directory; a stop cut short by a cancellation can be called again."""
+        process = self.process
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -248,6 +249,7 @@ class VddkSource:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+        self.process = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

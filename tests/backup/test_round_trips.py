@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,10 +25,12 @@ from pyVmomi import SoapAdapter
 from sendense_nbd.backup import BackupResult, BackupSpec, DiskResult, DiskSource, JobProgress, run_backup
 from sendense_nbd.backup.records import PreviousBackup, SyncType
 from sendense_nbd.backup.statefile import StateFile
+from sendense_nbd.errors import BackupError
 from sendense_nbd.vmware.session import Endpoint, connect
 from sendense_nbd.vmware.vddk import vddk_config
 from tests.backup.lab import MIB, Lab, compare, serve_images
 from tests.conftest import require, run
+from tests.peers import processes
 from tests.vmware.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
@@ -257,3 +261,60 @@ async def test_a_merge_gap_sends_the_unchanged_bytes_between_areas(labs: dict[in
             assert disk.bytes_changed == CHANGED and disk.bytes_transferred == CHANGED + 448 * KIB, disk
         for key in _keys(lab):
             compare(points[key], expected[key])
+
+
+def _nbdkit_children() -> list[int]:
+    """Our nbdkit child processes (the vddk stand-ins)."""
+    found = []
+    for entry in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(entry, encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(entry.replace("stat", "comm"), encoding="ascii", errors="replace") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and name.startswith("nbdkit"):
+            found.append(int(entry.split("/")[2]))
+    return found
+
+
+async def test_a_target_refused_while_the_source_opened_stops_the_source(
+    labs: dict[int, Lab], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Source and target open at once. The target (nbdkit eval) refuses its export after 1.5 s, when every
+    # disk's source (nbdkit with the vddk stand-in) is up: those are closed and stopped, their directories
+    # removed, the snapshot is removed, nothing is recorded.
+    lab = labs[3]
+    before, private = lab.recorded(), tempfile.mkdtemp(prefix="trips", dir="/tmp")  # short: socket paths
+    monkeypatch.setattr(tempfile, "tempdir", private)  # where the job's nbdkit directories go
+    endpoint = Endpoint.parse(f"127.0.0.1:{lab.info['port']}", thumbprint=lab.info["thumbprintSha256"])
+    source = DiskSource(await vddk_config(endpoint, "user", plugin=f"python {STANDIN_PLUGIN}"), "pass")
+    store, hub = CountingStore(lab.state_file), StalledHub()
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(len(_nbdkit_children()))
+            await asyncio.sleep(0.05)
+
+    with processes("trip") as procs:
+        uri = procs.nbdkit("eval", "open=sleep 1.5; exit 1", "get_size=echo 8388608", "pread=exit 1")
+        baseline = len(_nbdkit_children())
+        spec = BackupSpec(job_id="refused", vm_path=lab.vm_path, targets=dict.fromkeys(_keys(lab), uri))
+        vsphere = await connect(endpoint, "user", "pass")
+        watching = asyncio.ensure_future(watch())
+        try:
+            with pytest.raises(BackupError) as failure:
+                job = run_backup(spec, source=source, vsphere=vsphere, store=store, progress=JobProgress("x", hub))
+                await asyncio.wait_for(job, 60)
+        finally:
+            watching.cancel()
+            await vsphere.close()
+        assert len(_nbdkit_children()) == baseline, "a source nbdkit was left running"
+    assert failure.value.stage == "setting up NBD", failure.value
+    assert max(seen) == baseline + 3, seen  # every disk's source was up while its target negotiated
+    assert store.calls["failed"] == 1 and store.calls["complete"] == 0 and lab.recorded() == before
+    assert lab.snapshots() == []
+    assert os.listdir(private) == []
+    os.rmdir(private)
