@@ -263,14 +263,9 @@ def migrate(
         verify=verify,
     )
     vddk = VddkSettings(
-        thumbprint=vddk_thumbprint,
-        libdir=vddk_libdir,
-        transports=vddk_transports or "",
-        compression=vddk_compression,
-        nbdkit=nbdkit,
-        plugin=vddk_plugin,
-        options=vddk_options,
-    )
+        thumbprint=vddk_thumbprint, libdir=vddk_libdir, transports=vddk_transports or "", compression=vddk_compression,
+        nbdkit=nbdkit, plugin=vddk_plugin, options=vddk_options,
+    )  # fmt: skip
 
     def settings() -> BackupSettings:  # called in the job's error handling: reading a secret may fail
         password = read_password(vmware_password_file)
