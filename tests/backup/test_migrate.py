@@ -93,8 +93,10 @@ def test_incremental_backup_into_overlays(lab: Lab) -> None:
     assert result.code == 0, result
     final = result.reports[-1]
     assert all(d["sync_type"] == "incremental" for d in final["disks"]), final
-    # Only the changed areas were read, not the whole disks.
+    # Only the changed areas were read, not the whole disks (merge gap 0: rounded to 4 KiB blocks only).
     assert sum(d["total_bytes"] for d in final["disks"]) <= 65536 + MIB + 5000 + 100_000 + 2 * 4096
+    assert [d["bytes_changed"] for d in final["disks"]] == [65536 + MIB, 5000 + 100_000], final
+    assert final["bytes_changed"] == 65536 + MIB + 5000 + 100_000
     for key in KEYS:
         compare(images[key], expected[key])
         compare(Chain.full[key], Chain.full_data[key])  # the base point is untouched
@@ -222,6 +224,21 @@ def test_next_run_after_failures_is_a_correct_incremental(lab: Lab) -> None:
     images, result = lab.backup("inc2", Chain.latest, "--quiesce", "--verify")
     assert result.code == 0, result
     assert all(d["sync_type"] == "incremental" for d in result.reports[-1]["disks"])
+    for key in KEYS:
+        compare(images[key], expected[key])
+    Chain.latest = images
+
+
+def test_merge_gap_flag_sends_the_data_between_close_areas(lab: Lab) -> None:
+    moref = lab.vm["moref"]
+    for offset in (16384, 81920):  # inside the random data the full backup wrote at 0
+        vmdisk.write(lab.state, moref, 2000, offset, os.urandom(4096))
+    expected = {key: lab.keep_copy(key, "point-gap") for key in KEYS}
+    images, result = lab.backup("gap", Chain.latest, "--merge-gap", str(MIB))
+    assert result.code == 0, result
+    disks = {d["disk_key"]: d for d in result.reports[-1]["disks"]}
+    assert disks[2000]["bytes_changed"] == 8192 and disks[2001]["bytes_changed"] == 0, disks
+    assert disks[2000]["bytes_transferred"] == 8192 + 61440  # the 60 KiB of unchanged data between them
     for key in KEYS:
         compare(images[key], expected[key])
     Chain.latest = images
