@@ -115,7 +115,8 @@ async def test_bbr_on_both_ends_of_the_ssh_connection(keys: Keys, echo: tuple[Ec
                 for link in tunnel.status().links:
                     assert link.tcp is not None
                     assert (link.tcp.congestion, link.tcp.congestion_error) == (algorithm, None)
-                    assert link.tcp.sndbuf == tuning.socket_buffer  # above tcp_wmem[2]: set (forced as root)
+                    # Above tcp_wmem[2] and net.core.wmem_max: set with SO_SNDBUFFORCE (CAP_NET_ADMIN).
+                    assert link.tcp.sndbuf == tuning.socket_buffer, "run as root: SO_SNDBUFFORCE needs CAP_NET_ADMIN"
                     assert not link.tcp.rcvbuf_set  # 25 MB is within tcp_rmem[2]: autotuning stays
                 assert len(server.connections) == 2
                 for conn in server.connections:
