@@ -22,7 +22,7 @@ from sendense_nbd.backup.hubapi import HubApi
 from sendense_nbd.backup.job import BackupResult, BackupSpec, DiskSource, run_backup
 from sendense_nbd.backup.progress import JobProgress
 from sendense_nbd.backup.statefile import StateFile
-from sendense_nbd.vmware.session import Endpoint, connect
+from sendense_nbd.vmware.session import Endpoint, VSphere, connect
 from sendense_nbd.vmware.vddk import vddk_config
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,11 @@ class BackupJob:
     progress: JobProgress | None = None
 
     async def run(self, *, on_note: Callable[[str], None] = log.info) -> BackupResult:
-        """Resolve nbdkit-vddk's settings, log in to vCenter and run the job (see :func:`run_backup`)."""
+        """Resolve nbdkit-vddk's settings and log in to vCenter, both at once, and run the job
+        (see :func:`run_backup`)."""
         settings, vddk = self.settings, self.settings.vddk
-        source = DiskSource(
-            await vddk_config(
+        resolved, session = await asyncio.gather(
+            vddk_config(
                 settings.endpoint,
                 settings.username,
                 thumbprint=vddk.thumbprint,
@@ -115,10 +116,17 @@ class BackupJob:
                 plugin=vddk.plugin,
                 extra=vddk.options,
             ),
-            settings.password,
+            connect(settings.endpoint, settings.username, settings.password),
+            return_exceptions=True,
         )
+        if isinstance(resolved, BaseException):
+            if isinstance(session, VSphere):
+                await asyncio.shield(session.close())
+            raise resolved
+        if isinstance(session, BaseException):
+            raise session
+        vsphere, source = session, DiskSource(resolved, settings.password)
         self.progress = self._progress()
-        vsphere = await connect(settings.endpoint, settings.username, settings.password)
         try:
             return await run_backup(
                 settings.spec, source=source, vsphere=vsphere, store=self.store, progress=self.progress, on_note=on_note
