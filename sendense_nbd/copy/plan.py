@@ -44,6 +44,9 @@ KiB = 1 << 10
 MiB = 1 << 20
 DEFAULT_REQUEST_SIZE = 256 * 1024  # nbdcopy's default: as fast here, a sixteenth of the memory
 DEFAULT_ZERO_SIZE = 256 * MiB
+#: Changed areas closer than this are copied as one by default (``CopyOptions.merge_gap``): fewer, larger
+#: requests for the unchanged bytes between them, which suits a LAN. Backups default to 0, only changed
+#: bytes (``BackupSpec.merge_gap``, docs/BACKUP_CLIENT.md).
 DEFAULT_MERGE_GAP = 1 * MiB
 
 
