@@ -5,13 +5,13 @@ every connection sees the others' completed writes and that a FLUSH on any
 one of them covers writes completed on all. Only then is it safe to spread
 requests over connections. :class:`ConnectionPool` starts every handshake at
 once (one round trip time for all, not one per connection) and looks at the
-flag of the first one it started; its failure is the pool's. Without the flag
-the pool keeps that one and closes the others before they carry any request: those that finish
-their handshake within :data:`EXTRA_GRACE` (or twice the first's time, if
-longer) get ``NBD_CMD_DISC``; the rest are dropped (a single-client server
-such as ``qemu-nbd -e 1`` never answers them). Dropping a handshake the
-server is working on can upset it (nbdkit 1.32's multi-conn filter aborts),
-hence the wait.
+flag of the first one it started; its failure is the pool's. Without the
+flag the pool keeps that one and closes the others before they carry any
+request: those that finish their handshake within :data:`EXTRA_GRACE` (or
+twice the first's time, if longer) get ``NBD_CMD_DISC``; the rest are
+dropped (a single-client server such as ``qemu-nbd -e 1`` never answers
+them). Dropping a handshake the server is working on can upset it (nbdkit
+1.32's multi-conn filter aborts), hence the wait.
 """
 
 from __future__ import annotations
