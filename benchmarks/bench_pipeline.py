@@ -1176,7 +1176,7 @@ def header(results: Results, args: argparse.Namespace, load0: float, elapsed: fl
             " loss costs a whole 64 KB segment)"
         )
         + f"; measured RTT (median TCP connect from the node namespace): {rtt_text}",
-        f"- the relay alone (plain TCP from the namespace, no tunnel): {relay}"
+        f"- the relay alone (plain TCP from the namespace, no tunnel; a fixed byte count, slow start included): {relay}"
         + (f"; packets dropped: {lost}" if lost else ""),
         f"- tunnel end to end: {'yes' if not facts['direct_reachable'] and facts['ssh_reachable'] else 'NO'}"
         " (the hub's API and NBD ports are not reachable from the node namespace except through a tunnel)",
@@ -1206,7 +1206,7 @@ def main() -> int:
         help="hub: the node namespace gets the root namespace's tcp_rmem/tcp_wmem; default: a new namespace's.",
     )  # fmt: skip
     parser.add_argument("--disk-mib", type=int, default=1024, help="Size of each of the 2 disks.")
-    parser.add_argument("--fill", type=float, default=0.125, help="Share of each disk holding random data.")
+    parser.add_argument("--fill", type=float, default=0.1875, help="Share of each disk holding random data.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--relay-check-mib", type=int, default=1024, help="Bytes of each relay capacity check.")
