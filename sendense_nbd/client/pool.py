@@ -4,14 +4,18 @@ The spec's ``NBD_FLAG_CAN_MULTI_CONN`` ("Transmission flags") promises that
 every connection sees the others' completed writes and that a FLUSH on any
 one of them covers writes completed on all. Only then is it safe to spread
 requests over connections. :class:`ConnectionPool` starts every handshake at
-once (one round trip time for all, not one per connection) and looks at the
-flag of the first one it started; its failure is the pool's. Without the
-flag the pool keeps that one and closes the others before they carry any
-request: those that finish their handshake within :data:`EXTRA_GRACE` (or
-twice the first's time, if longer) get ``NBD_CMD_DISC``; the rest are
-dropped (a single-client server such as ``qemu-nbd -e 1`` never answers
-them). Dropping a handshake the server is working on can upset it (nbdkit
-1.32's multi-conn filter aborts), hence the wait.
+once (one round trip time for all, not one per connection) and decides on
+the first one to succeed, whichever the server served first: a single-client
+server (``qemu-nbd``'s default, our own ``serve --shared 1``) refuses or never
+answers the others, and the order in which it sees them is not the order
+they were started in (name lookups, tunnels). The pool fails only if every
+handshake fails. The others get :data:`EXTRA_GRACE` (or twice the first's
+time, if longer) to finish theirs: with multi-conn those that succeed by
+then join the pool (a server with fewer free slots than ``connections``
+gives fewer); without it they get ``NBD_CMD_DISC`` before carrying any
+request. Those still in their handshake are then dropped: dropping one the
+server is working on can upset it (nbdkit 1.32's multi-conn filter aborts),
+hence the wait.
 """
 
 from __future__ import annotations
@@ -44,23 +48,23 @@ class ConnectionPool:
         self._turn: Iterator[NBDClient] = iter(())
 
     async def open(self) -> ConnectionPool:
-        """Connect: every handshake at once; all the connections if the first allows multi-conn, else the first
-        alone (the others closed)."""
+        """Connect: every handshake at once; the first to succeed decides: with multi-conn every connection
+        ready within the grace, else that one alone (the others closed)."""
         if self._clients:
             raise RuntimeError("the pool is already open")
         loop = asyncio.get_running_loop()
         started = loop.time()
         opening = [asyncio.ensure_future(open_client(self.address, self.options)) for _ in range(self.wanted)]
         try:
-            first = await opening[0]
-            if first.can_multi_conn:
-                clients = await _all_ready(opening)
-            else:
-                extras = opening[1:]
-                if extras:
-                    await asyncio.wait(extras, timeout=max(EXTRA_GRACE, 2 * (loop.time() - started)))
-                await _discard(extras)
-                clients = [first]
+            chosen = await _first_ready(opening)
+            first = chosen.result()
+            others = [task for task in opening if task is not chosen]
+            if others:
+                await asyncio.wait(others, timeout=max(EXTRA_GRACE, 2 * (loop.time() - started)))
+            ready = [task for task in others if task.done() and _failure(task) is None]
+            joining = ready if first.can_multi_conn else []
+            await _discard([task for task in others if task not in joining])
+            clients = [first, *(task.result() for task in joining)]
         except BaseException:
             await _discard(opening)
             raise
@@ -120,13 +124,18 @@ def _failure(task: asyncio.Future[NBDClient]) -> BaseException | None:
     return asyncio.CancelledError() if task.cancelled() else task.exception()
 
 
-async def _all_ready(opening: Sequence[asyncio.Future[NBDClient]]) -> list[NBDClient]:
-    """Every connection, once all finished their handshakes; the first failure if one failed."""
-    await asyncio.wait(opening)
-    failure = next((f for f in map(_failure, opening) if f is not None), None)
-    if failure is not None:
-        raise failure
-    return [task.result() for task in opening]
+async def _first_ready(opening: Sequence[asyncio.Future[NBDClient]]) -> asyncio.Future[NBDClient]:
+    """The first handshake to succeed (in the order they finish); the first failure if every one failed."""
+    failures: list[BaseException] = []
+    pending = set(opening)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in (task for task in opening if task in done):
+            failure = _failure(task)
+            if failure is None:
+                return task
+            failures.append(failure)
+    raise failures[0]
 
 
 async def _discard(opening: Sequence[asyncio.Future[NBDClient]]) -> None:

@@ -1,9 +1,13 @@
 """ConnectionPool against real servers: every handshake starts at once; without multi-conn the extra
 connections are closed with NBD_CMD_DISC before carrying a request (nbdkit's own log shows it), and a
-single-client server (qemu-nbd -e 1) still gets a working pool; nbd-server (forking) allows multi-conn."""
+single-client server (qemu-nbd -e 1, qemu-nbd's default, our own server with shared=1, even when the
+server sees another connection before the first one started) still gets a working pool; a multi-conn
+server with fewer free slots gives fewer connections; nbd-server (forking) allows multi-conn."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from sendense_nbd import Export, NBDServer, memory_device
 from sendense_nbd.client import ConnectionPool, connect
+from sendense_nbd.errors import OptionError
 from tests.conftest import require
 from tests.peers import Processes, unix_listening, unix_uri
 
@@ -120,3 +126,112 @@ async def test_nbd_server_gets_every_connection(forking_nbd_server: str) -> None
         await pool.flush()
         for client in pool.connections:
             assert await client.pread(offset=0, length=4 * 4096) == b"".join(bytes([i + 1]) * 4096 for i in range(4))
+
+
+class _HoldFirstRelay:
+    """A unix-socket relay to ``upstream`` that holds back the first connection it accepts (the pool's
+    first started handshake: a unix connect is queued at once, in order): it reaches the server only after
+    ``hold`` seconds, unless its client hangs up first. The server thus serves another connection first."""
+
+    def __init__(self, path: str, upstream: str, hold: float = 5.0) -> None:
+        self.path, self.upstream, self.hold = path, upstream, hold
+        self.accepted = 0
+        self.first_dropped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> _HoldFirstRelay:
+        self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.accepted == 1:
+            # An NBD client sends nothing before the server's greeting: b"" here means it hung up.
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), self.hold) == b"":
+                    self.first_dropped.set()
+                    writer.close()
+                    return
+        up_reader, up_writer = await asyncio.open_unix_connection(self.upstream)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(_pump(source, sink))
+            self._tasks.add(task)
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    finally:
+        sink.close()
+
+
+async def test_single_client_server_that_serves_another_handshake_first(spawner: Processes) -> None:
+    # Our server with shared=1 accepts the first NBD_OPT_GO it gets and refuses the others
+    # (NBD_REP_ERR_POLICY). The relay lets a later handshake reach it first: the pool must take that
+    # one, not wait for (and fail with) the one it started first.
+    served, relayed = spawner.socket_path(), spawner.socket_path()
+    async with NBDServer([Export("disk", memory_device(4 * MiB))], port=None, unix_path=served, shared=1) as server:
+        async with _HoldFirstRelay(relayed, served) as relay:
+            started = time.monotonic()
+            async with ConnectionPool(unix_uri(relayed, "disk"), connections=4) as pool:
+                assert time.monotonic() - started < 4, "the pool waited for the handshake the server had not served"
+                assert len(pool) == 1 and not pool.first.can_multi_conn
+                await asyncio.wait_for(relay.first_dropped.wait(), 5)  # it never reached the server
+                assert relay.accepted == 4
+                await pool.next().pwrite(b"\x33" * 4096, offset=0)
+                await pool.flush()
+                assert await pool.next().pread(offset=0, length=4096) == b"\x33" * 4096
+                assert server.client_count == server.clients_served == 1
+
+
+async def test_default_qemu_nbd_serves_the_pool_and_exits(spawner: Processes, tmp_path: Path) -> None:
+    # qemu-nbd's defaults: one client (-e 1) and exit when it leaves (no -t). The others wait in its
+    # listen queue unanswered; the pool must not wait for them.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * (4 * MiB))
+    sock = spawner.socket_path()
+    proc = spawner.start_unix([require("qemu-nbd"), "-f", "raw", "-k", sock, str(image)], sock)
+    started = time.monotonic()
+    async with ConnectionPool(unix_uri(sock), connections=4) as pool:
+        assert time.monotonic() - started < 10
+        assert len(pool) == 1 and not pool.first.can_multi_conn
+        await pool.next().pwrite(b"\x44" * 4096, offset=MiB)
+        await pool.flush()
+    assert await asyncio.to_thread(proc.wait, 15) == 0
+    assert image.read_bytes()[MiB : MiB + 4096] == b"\x44" * 4096
+
+
+async def test_multi_conn_server_with_fewer_slots_gives_fewer_connections(spawner: Processes, tmp_path: Path) -> None:
+    # qemu-nbd -e 2 advertises multi-conn and leaves a third client unanswered in its listen queue;
+    # our server with shared=2 refuses it (NBD_REP_ERR_POLICY). Either way the pool gets two connections.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * (4 * MiB))
+    sock = spawner.socket_path()
+    spawner.start_unix([require("qemu-nbd"), "-f", "raw", "-k", sock, "-t", "-e", "2", str(image)], sock)
+    ours = spawner.socket_path()
+    async with NBDServer([Export("disk", memory_device(4 * MiB))], port=None, unix_path=ours, shared=2) as server:
+        for uri in (unix_uri(sock), unix_uri(ours, "disk")):
+            started = time.monotonic()
+            async with ConnectionPool(uri, connections=4) as pool:
+                assert time.monotonic() - started < 10
+                assert len(pool) == 2 and pool.first.can_multi_conn
+                first, second = pool.connections
+                await first.pwrite(b"\x55" * 4096, offset=0)
+                await pool.flush()
+                assert await second.pread(offset=0, length=4096) == b"\x55" * 4096
+        assert server.clients_served == 2  # the others were refused, not admitted
+
+
+async def test_pool_fails_when_every_handshake_fails() -> None:
+    async with NBDServer([Export("disk", memory_device(MiB))], port=0, shared=4) as server:
+        with pytest.raises(OptionError) as caught:
+            await ConnectionPool(f"nbd://127.0.0.1:{server.port}/nope", connections=3).open()
+        assert caught.value.unknown_export
