@@ -11,7 +11,13 @@ sets one connected socket up for it and reports what took effect:
   wanted size exceeds what autotuning may reach (``tcp_wmem[2]`` /
   ``tcp_rmem[2]``). Above ``net.core.wmem_max`` / ``rmem_max`` the kernel caps
   the value; then ``SO_SNDBUFFORCE``/``SO_RCVBUFFORCE`` is tried (needs
-  ``CAP_NET_ADMIN``) and the capped value kept when it is refused.
+  ``CAP_NET_ADMIN``). When it is refused, the capped value is set only if it
+  is still above what autotuning reaches; otherwise the socket is left alone.
+
+The receive window's scale is fixed when the connection opens, from
+``max(tcp_rmem[2], rmem_max)``: a receive buffer set after connect cannot
+advertise more than that allows, so raise ``net.ipv4.tcp_rmem`` for long fat
+links (docs/TUNNEL.md, "Kernel limits").
 
 Sizes are in the kernel's own units, as ``getsockopt`` reports them: the kernel
 doubles a ``setsockopt`` value to leave room for its bookkeeping, and autotuning
@@ -20,22 +26,19 @@ limits count the same way. Call it once per socket, at connect or accept.
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import math
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
-from sendense_nbd.errors import TunnelError
-
 log = logging.getLogger(__name__)
 
-#: The congestion control asked for by default (read at each call); ``None`` leaves the system's.
-DEFAULT_CONGESTION: str | None = "bbr"
+#: The congestion control the options of the tunnel, NBD client and server default to.
+DEFAULT_CONGESTION: Final = "bbr"
 #: Linux's ``SO_SNDBUFFORCE`` / ``SO_RCVBUFFORCE`` (``socket`` does not name them).
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -43,17 +46,18 @@ _PROC = Path("/proc/sys/net")
 _warned: set[str] = set()
 
 
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    """attrs validator: ``value`` must be above 0 (``ValueError`` naming the field)."""
     if not value > 0:
-        raise TunnelError(f"{attribute.name} must be positive, not {value}")
+        raise ValueError(f"{attribute.name} must be positive, not {value}")
 
 
 @attrs.frozen
 class LinkProfile:
     """A network path: ``rate_bps`` bits per second at ``rtt`` seconds of round trip."""
 
-    rate_bps: int = attrs.field(validator=_positive)
-    rtt: float = attrs.field(validator=_positive)
+    rate_bps: int = attrs.field(validator=positive)
+    rtt: float = attrs.field(validator=positive)
 
     @property
     def bdp(self) -> int:
@@ -129,14 +133,6 @@ class TcpTuning:
     rcvbuf_set: bool
 
 
-class _Default(enum.Enum):
-    DEFAULT = "default"
-
-
-#: Stands for :data:`DEFAULT_CONGESTION` as it is when called.
-DEFAULT = _Default.DEFAULT
-
-
 def _warn_once(key: str, message: str, *args: object) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -150,10 +146,8 @@ def _congestion(sock: socket.socket) -> str | None:
     return sock.getsockopt(socket.IPPROTO_TCP, option, 16).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def set_congestion(sock: socket.socket, name: str | None | _Default = DEFAULT) -> tuple[str | None, str | None]:
+def set_congestion(sock: socket.socket, name: str | None) -> tuple[str | None, str | None]:
     """Ask for congestion control ``name`` (None: keep the system's); returns (in effect, why not ``name``)."""
-    if name is DEFAULT:
-        name = DEFAULT_CONGESTION
     option = getattr(socket, "TCP_CONGESTION", None)
     if name is None:
         return (_congestion(sock) if option is not None else None), None
@@ -171,7 +165,7 @@ def set_congestion(sock: socket.socket, name: str | None | _Default = DEFAULT) -
 
 
 def _set_buffer(sock: socket.socket, wanted: int, *, send: bool) -> bool:
-    """Set one buffer to ``wanted`` (kernel units) unless autotuning reaches it; True if set."""
+    """Set one buffer to ``wanted`` (kernel units) unless autotuning reaches as far; True if set."""
     limits = kernel_limits()
     autotune_max, core_max = (limits.tcp_wmem_max, limits.wmem_max) if send else (limits.tcp_rmem_max, limits.rmem_max)
     if wanted <= autotune_max:
@@ -182,7 +176,7 @@ def _set_buffer(sock: socket.socket, wanted: int, *, send: bool) -> bool:
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, value)
             return True
-        except OSError:  # EPERM without CAP_NET_ADMIN: the capped value below
+        except OSError:  # EPERM without CAP_NET_ADMIN: the capped value, if it beats autotuning
             name = "wmem_max" if send else "rmem_max"
             _warn_once(
                 f"cap:{name}",
@@ -191,6 +185,9 @@ def _set_buffer(sock: socket.socket, wanted: int, *, send: bool) -> bool:
                 name,
                 core_max,
             )
+            if 2 * core_max <= autotune_max:
+                return False  # setting it would switch autotuning off for less
+            value = core_max
     sock.setsockopt(socket.SOL_SOCKET, plain, value)
     return True
 
@@ -198,7 +195,7 @@ def _set_buffer(sock: socket.socket, wanted: int, *, send: bool) -> bool:
 def tune_socket(
     sock: socket.socket,
     *,
-    congestion: str | None | _Default = DEFAULT,
+    congestion: str | None = DEFAULT_CONGESTION,
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
 ) -> TcpTuning:

@@ -111,6 +111,13 @@ def cli(verbose: int) -> None:
     show_default=True,
     help="Connections still negotiating at once; more are closed at once.",
 )
+@click.option(
+    "--congestion",
+    default="bbr",
+    show_default=True,
+    metavar="NAME|system",
+    help="TCP congestion control of accepted connections ('system': the kernel's default).",
+)
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
 @click.option("-A", "--allocation-depth", is_flag=True, help="Also offer the qemu:allocation-depth meta context.")
 @click.option("--cache", type=_choice(CacheMode), default="writeback", show_default=True, help="Host page-cache mode.")
@@ -139,6 +146,10 @@ def serve(**options: Any) -> None:
     _serve_images(_ServeOptions(**options))
 
 
+def _congestion(name: str | None) -> str | None:
+    return None if name in (None, "", "system") else name
+
+
 @attrs.frozen(kw_only=True)
 class _ServeOptions:
     """The options of ``serve``, converted to their types."""
@@ -155,6 +166,8 @@ class _ServeOptions:
     handshake_limit: float
     io_timeout: float
     max_handshakes: int
+    #: None: the system's congestion control.
+    congestion: str | None = attrs.field(converter=_congestion)
     readonly: bool
     allocation_depth: bool
     cache: CacheMode = attrs.field(converter=CacheMode)
@@ -191,6 +204,7 @@ def _serve_images(o: _ServeOptions) -> None:
             handshake_limit=o.handshake_limit,
             io_timeout=o.io_timeout,
             max_handshakes=o.max_handshakes,
+            congestion=o.congestion,
         )
         asyncio.run(_serve(make_server))
     except SendenseError as exc:

@@ -71,6 +71,7 @@ from sendense_nbd.protocol.constants import (
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import ExportInfo, Negotiated
 from sendense_nbd.protocol.replies import Reply
+from sendense_nbd.tcp import DEFAULT_CONGESTION
 
 WritableBuffer = bytearray | memoryview
 ReadableBuffer = bytes | bytearray | memoryview
@@ -95,6 +96,8 @@ class ClientOptions:
     structured_replies: bool = True
     meta_contexts: tuple[str, ...] = attrs.field(default=(BASE_ALLOCATION,), converter=_strings)
     request_block_size: bool = True
+    #: TCP congestion control of the socket, set once at connect (None: the system's; unix sockets: unused).
+    congestion: str | None = DEFAULT_CONGESTION
 
 
 class NBDClient:
@@ -496,7 +499,7 @@ async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) ->
         request_block_size=options.request_block_size,
         goal=goal,
     )
-    link = Link(handshake, options.max_in_flight)
+    link = Link(handshake, options.max_in_flight, congestion=options.congestion)
     try:
         async with asyncio.timeout(options.timeout):
             try:
@@ -575,12 +578,14 @@ def connect(
     structured_replies: bool = True,
     meta_contexts: Iterable[str] = (BASE_ALLOCATION,),
     request_block_size: bool = True,
+    congestion: str | None = DEFAULT_CONGESTION,
 ) -> _Connecting:
     """Connect to an export: ``await connect(...)`` or ``async with connect(...) as nbd``.
 
     ``target`` is an NBD URI (``nbd://host:port/export``,
     ``nbd+unix:///export?socket=PATH``), an :class:`NBDAddress`, or a host
     name with ``port`` (default 10809). ``export`` overrides the URI's.
+    ``congestion``: the TCP congestion control (None: the system's).
     """
     options = ClientOptions(
         timeout=timeout,
@@ -589,6 +594,7 @@ def connect(
         structured_replies=structured_replies,
         meta_contexts=tuple(meta_contexts),
         request_block_size=request_block_size,
+        congestion=congestion,
     )
     return _Connecting(resolve(target, port, export), options)
 

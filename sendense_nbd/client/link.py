@@ -27,7 +27,7 @@ _COALESCE = 64 * 1024
 class Link(asyncio.BufferedProtocol):
     """The socket side of one connection: handshake, then replies to futures."""
 
-    def __init__(self, handshake: ClientHandshake, max_in_flight: int) -> None:
+    def __init__(self, handshake: ClientHandshake, max_in_flight: int, *, congestion: str | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._handshake = handshake
         self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
@@ -45,6 +45,7 @@ class Link(asyncio.BufferedProtocol):
         self.error: NBDConnectionError | None = None
         self._shutdown = False
         self._tcp: socket.socket | None = None
+        self._congestion = congestion
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -56,7 +57,7 @@ class Link(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_congestion(sock)  # BBR where the kernel offers it (sendense_nbd.tcp)
+            set_congestion(sock, self._congestion)  # e.g. BBR, if the kernel offers it (sendense_nbd.tcp)
             self._tcp = sock
             self._quick_ack()
 

@@ -127,7 +127,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                set_congestion(sock)  # BBR where the kernel offers it (sendense_nbd.tcp)
+                set_congestion(sock, self._context.congestion)  # e.g. BBR (sendense_nbd.tcp)
         self._handshake = ServerHandshake(self._context.catalog, admit=self._admit)
         transport.write(self._handshake.data_to_send())
         self._arm()

@@ -136,3 +136,5 @@ class ConnectionContext:
     io_timeout: float
     #: Seconds between a connection's watchdog checks.
     tick: float
+    #: TCP congestion control of accepted TCP sockets, set once at accept (None: the system's).
+    congestion: str | None

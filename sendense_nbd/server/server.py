@@ -18,6 +18,9 @@ Lifecycle, as qemu-nbd: without ``persistent`` the server stops after the
 last negotiated client leaves. :meth:`NBDServer.close` (what SIGTERM and SIGINT call)
 stops accepting, lets requests in flight finish, flushes every writable
 export and closes the connections.
+
+TCP connections get the congestion control ``congestion`` (default BBR,
+None: the system's) once at accept (:mod:`sendense_nbd.tcp`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from sendense_nbd.server.connection import ServerConnection
 from sendense_nbd.server.context import Admission, ConnectionContext
 from sendense_nbd.server.export import Export
 from sendense_nbd.server.writes import WriteQueue
+from sendense_nbd.tcp import DEFAULT_CONGESTION
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class NBDServer:
         handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT,
         io_timeout: float = DEFAULT_IO_TIMEOUT,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        congestion: str | None = DEFAULT_CONGESTION,
     ) -> None:
         if not exports:
             raise ServerError("a server needs at least one export")
@@ -113,6 +118,7 @@ class NBDServer:
             handshake_limit=handshake_limit,
             io_timeout=io_timeout,
             tick=min([0.5, *(limit / 4 for limit in (handshake_limit, io_timeout) if limit)]),
+            congestion=congestion,
         )
 
     # -- public API ------------------------------------------------------------
