@@ -22,8 +22,10 @@ from sendense_nbd.tcp import DEFAULT_CONGESTION, DEFAULT_LINK, LinkProfile
 from sendense_nbd.tunnel.config import (
     DEFAULT_CONNECTIONS,
     DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_STARTUPS,
     DEFAULT_NODE_API,
+    MAX_WINDOW,
     Forward,
     LinkTuning,
     parse_host_port,
@@ -86,14 +88,14 @@ def link_options(prefix: str = "") -> Callable[[F], F]:
         click.option(
             f"--{prefix}window",
             f"{dest}window",
-            type=click.IntRange(min=32 * 1024, max=2**31 - 1),
+            type=click.IntRange(min=32 * 1024, max=MAX_WINDOW),
             metavar="BYTES",
             help=f"Each channel's SSH window, overriding the one from --{prefix}link-rtt/--{prefix}link-rate.",
         ),
         click.option(
             f"--{prefix}congestion",
             f"{dest}congestion",
-            default=DEFAULT_CONGESTION or "system",
+            default=DEFAULT_CONGESTION,
             show_default=True,
             metavar="NAME|system",
             help="TCP congestion control of the SSH connection ('system': the kernel's default).",
@@ -117,8 +119,8 @@ def tuning_from_options(o: dict[str, Any], prefix: str = "") -> LinkTuning:
     try:
         link = LinkProfile.parse(rtt_ms=rtt, rate_mbit=rate)
         return LinkTuning.for_link(link, window=o.get(f"{dest}window"), congestion=congestion)
-    except TunnelError as exc:
-        raise click.BadParameter(str(exc), param_hint=f"--{prefix}window") from exc
+    except (TunnelError, ValueError) as exc:  # the message names the options without their prefix
+        raise click.UsageError(str(exc).replace("--", f"--{prefix}")) from exc
 
 
 # -- node side -------------------------------------------------------------------
@@ -264,6 +266,13 @@ def ssh_server_options(command: F) -> F:
             show_default=True,
             help="Seconds a connection may take to log in.",
         ),
+        click.option(
+            "--ssh-max-channels",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_CHANNELS,
+            show_default=True,
+            help="Forwarded connections one SSH connection may have open; more are refused (each may hold a window).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -292,6 +301,7 @@ def server_config_from_options(
         remote_listens=frozenset(node_api or [DEFAULT_NODE_API]),
         max_startups=o.get("ssh_max_startups") or DEFAULT_MAX_STARTUPS,
         login_timeout=o.get("ssh_login_timeout") or DEFAULT_LOGIN_TIMEOUT,
+        max_channels=o.get("ssh_max_channels") or DEFAULT_MAX_CHANNELS,
         tuning=tuning_from_options(o, "ssh-"),
     )
 

@@ -34,7 +34,7 @@ import asyncssh
 import attrs
 
 from sendense_nbd.errors import TunnelError
-from sendense_nbd.tcp import TcpTuning
+from sendense_nbd.tcp import TcpTuning, positive
 from sendense_nbd.tunnel.allocator import tune_malloc
 from sendense_nbd.tunnel.config import (
     DEFAULT_CONNECTIONS,
@@ -50,11 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Errors that reconnecting cannot fix.
 _PERMANENT = (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied)
-
-
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if value <= 0:
-        raise TunnelError(f"{attribute.name} must be positive, not {value}")
 
 
 def _strings(value: Iterable[str]) -> tuple[str, ...]:
@@ -83,11 +78,11 @@ class TunnelConfig:
     tuning: LinkTuning = DEFAULT_TUNING
     #: Ciphers to offer, e.g. ``("aes128-gcm@openssh.com",)``; empty: asyncssh's defaults.
     ciphers: tuple[str, ...] = attrs.field(default=(), converter=_strings)
-    keepalive_interval: float = attrs.field(default=15.0, validator=_positive)
+    keepalive_interval: float = attrs.field(default=15.0, validator=positive)
     keepalive_count_max: int = 3
-    connect_timeout: float = attrs.field(default=15.0, validator=_positive)
-    backoff_initial: float = attrs.field(default=0.5, validator=_positive)
-    backoff_max: float = attrs.field(default=30.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=15.0, validator=positive)
+    backoff_initial: float = attrs.field(default=0.5, validator=positive)
+    backoff_max: float = attrs.field(default=30.0, validator=positive)
 
 
 def port_forwards(
@@ -158,14 +153,23 @@ class _Listeners:
         self._next = 0
 
     def pick(self) -> asyncssh.SSHClientConnection | None:
-        """The SSH connection for the next accepted connection: the next link that is up."""
+        """The SSH connection for the next accepted connection: the least loaded link that is up.
+
+        Ties go round robin, so a link back from a reconnect takes the new connections first.
+        """
         count = len(self.links)
+        best: tuple[int, int, asyncssh.SSHClientConnection] | None = None
         for step in range(count):
-            link = self.links[(self._next + step) % count]
-            if link.state is LinkState.UP and link.conn is not None:
-                self._next = (self._next + step + 1) % count
-                return link.conn
-        return None
+            index = (self._next + step) % count
+            conn = self.links[index].conn
+            if self.links[index].state is LinkState.UP and conn is not None:
+                load = self.active_on(conn)
+                if best is None or load < best[0]:
+                    best = (load, index, conn)
+        if best is None:
+            return None
+        self._next = (best[1] + 1) % count
+        return best[2]
 
     def active_on(self, conn: asyncssh.SSHClientConnection) -> int:
         """Forwarded connections riding ``conn`` now."""

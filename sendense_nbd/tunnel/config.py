@@ -19,18 +19,25 @@ DEFAULT_CONNECTIONS = 2
 #: SSH packets of a channel: bigger than asyncssh's and OpenSSH's 32 KiB (fewer packets), under
 #: OpenSSH's 256 KiB packet limit.
 CHANNEL_MAX_PACKET = 128 * 1024
-#: The window never goes below asyncssh's and OpenSSH's 2 MiB default, nor above SSH's uint32.
+#: The window never goes below asyncssh's and OpenSSH's 2 MiB default; above 256 MiB it is refused
+#: (a peer's channels could hold that much memory each).
 MIN_WINDOW = 2 * 1024 * 1024
-MAX_WINDOW = 2**31 - 1
+MAX_WINDOW = 256 * 1024 * 1024
+#: The SSH sockets' buffers (kernel units) are refused above this (setsockopt takes a C int).
+MAX_SOCKET_BUFFER = 512 * 1024 * 1024
+#: Direct-tcpip channels the hub's embedded server keeps open per SSH connection; more are refused.
+DEFAULT_MAX_CHANNELS = 64
 
 
 def channel_window(link: LinkProfile) -> int:
-    """The receive window one channel needs to fill ``link``: twice its BDP.
+    """The receive window a channel gets for ``link``: twice its BDP (at least :data:`MIN_WINDOW`).
 
-    asyncssh (like OpenSSH) sends WINDOW_ADJUST only once half the window is consumed, so a
-    sender keeps about half a window in flight: a channel carries ~0.5 x window per round trip.
+    asyncssh (like OpenSSH) sends WINDOW_ADJUST once half the window is consumed, and the window
+    also covers what waits in the sender's queues: a channel was measured carrying ~0.25 x window
+    per round trip (docs/TUNNEL.md, "Sizing for a WAN"), so 2 x BDP fills about half the link per
+    channel; the NBD connections of a disk (several channels) make up the rest.
     """
-    return min(max(2 * link.bdp, MIN_WINDOW), MAX_WINDOW)
+    return max(2 * link.bdp, MIN_WINDOW)
 
 
 def _congestion(value: str | None) -> str | None:
@@ -48,7 +55,7 @@ class LinkTuning:
     """
 
     window: int = attrs.field(validator=[attrs.validators.ge(32 * 1024), attrs.validators.le(MAX_WINDOW)])
-    socket_buffer: int = attrs.field(validator=attrs.validators.ge(0))
+    socket_buffer: int = attrs.field(validator=[attrs.validators.ge(0), attrs.validators.le(MAX_SOCKET_BUFFER)])
     max_packet: int = attrs.field(default=CHANNEL_MAX_PACKET, validator=attrs.validators.ge(1024))
     congestion: str | None = attrs.field(default=DEFAULT_CONGESTION, converter=_congestion)
 
@@ -56,20 +63,29 @@ class LinkTuning:
     def for_link(
         cls, link: LinkProfile = DEFAULT_LINK, *, window: int | None = None, congestion: str | None = DEFAULT_CONGESTION
     ) -> LinkTuning:
-        """Windows and buffers that fill ``link``; ``window`` overrides the channel window."""
+        """Windows and buffers sized for ``link``; ``window`` overrides the channel window.
+
+        Raises :class:`TunnelError` naming the options when a size is out of bounds.
+        """
         chosen = channel_window(link) if window is None else window
-        try:
-            return cls(
-                window=chosen,
-                socket_buffer=socket_buffers(link),
-                max_packet=min(CHANNEL_MAX_PACKET, max(32 * 1024, chosen // 16)),
-                congestion=congestion,
+        if not 32 * 1024 <= chosen <= MAX_WINDOW:
+            source = "--window" if window is not None else f"--link-rtt/--link-rate ({link})"
+            raise TunnelError(f"{source}: a channel window of {chosen} bytes; it must be 32 KiB to 256 MiB")
+        if socket_buffers(link) > MAX_SOCKET_BUFFER:
+            raise TunnelError(
+                f"--link-rtt/--link-rate ({link}): SSH socket buffers of {socket_buffers(link)} bytes; "
+                f"at most {MAX_SOCKET_BUFFER} (a BDP of 256 MiB)"
             )
-        except ValueError as exc:
-            raise TunnelError(f"window {chosen}: must be 32 KiB to 2 GiB") from exc
+        return cls(
+            window=chosen,
+            socket_buffer=socket_buffers(link),
+            max_packet=min(CHANNEL_MAX_PACKET, max(32 * 1024, chosen // 16)),
+            congestion=congestion,
+        )
 
 
-#: Fills 1 Gbit/s at 100 ms (:data:`sendense_nbd.tcp.DEFAULT_LINK`): 25 MB windows and socket buffers.
+#: Sized for 1 Gbit/s at 100 ms (:data:`sendense_nbd.tcp.DEFAULT_LINK`): 25 MB windows and socket buffers
+#: (measured 64-80 MB/s at 100 ms on 2 CPUs, see docs/TUNNEL.md).
 DEFAULT_TUNING = LinkTuning.for_link()
 
 

@@ -33,6 +33,9 @@ from sendense_nbd.tunnel.config import Forward, LinkTuning
 
 log = logging.getLogger(__name__)
 
+#: Seconds a closing forwarded socket may take to flush before it is aborted.
+CLOSE_TIMEOUT = 5.0
+
 
 def tune_connection(
     conn: asyncssh.SSHClientConnection | asyncssh.SSHServerConnection, tuning: LinkTuning
@@ -178,6 +181,11 @@ class _LocalSide(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abort(self) -> None:
+        """Drop the local socket now, unsent data too (its SSH connection is gone)."""
+        if self._transport is not None:
+            self._transport.abort()
+
 
 class LocalForwarder:
     """Listens on ``forward.listen_host:listen_port``; each client gets a channel to ``dest``.
@@ -231,9 +239,9 @@ class LocalForwarder:
         self._connections.discard(side)
 
     def close_on(self, conn: asyncssh.SSHClientConnection) -> None:
-        """Close the forwarded connections riding ``conn`` (it went down)."""
+        """Abort the forwarded connections riding ``conn`` (it went down: nothing more can pass)."""
         for side in [side for side in self._connections if side.conn is conn]:
-            side.close()
+            side.abort()
 
     def close(self) -> None:
         """Stop listening and close every forwarded connection."""
@@ -245,7 +253,18 @@ class LocalForwarder:
             side.close()
 
     async def wait_closed(self) -> None:
-        """Wait until the listener and its connections are closed."""
+        """Wait until the listener and its connections are closed.
+
+        A local client that does not read keeps its socket closing forever (and, on Python 3.12+,
+        the listener's ``wait_closed``): after :data:`CLOSE_TIMEOUT` seconds such sockets are aborted.
+        """
+        timeout = CLOSE_TIMEOUT
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._server is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), timeout)
+        except TimeoutError:
+            for side in list(self._connections):
+                side.abort()
+            await asyncio.wait_for(self._server.wait_closed(), timeout)

@@ -31,10 +31,10 @@ import asyncssh
 import attrs
 
 from sendense_nbd.errors import TunnelError
-from sendense_nbd.tcp import TcpTuning
 from sendense_nbd.tunnel.allocator import tune_malloc
 from sendense_nbd.tunnel.config import (
     DEFAULT_LOGIN_TIMEOUT,
+    DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_STARTUPS,
     DEFAULT_NODE_API,
     DEFAULT_PORTS,
@@ -81,6 +81,8 @@ class TunnelServerConfig:
     max_startups: int = attrs.field(default=DEFAULT_MAX_STARTUPS, validator=attrs.validators.ge(1))
     #: Window and packet size granted to direct-tcpip channels; SSH socket buffers and congestion control.
     tuning: LinkTuning = DEFAULT_TUNING
+    #: direct-tcpip channels one SSH connection may have open (each may hold a window in memory).
+    max_channels: int = attrs.field(default=DEFAULT_MAX_CHANNELS, validator=attrs.validators.ge(1))
 
 
 class _LoginGate:
@@ -117,8 +119,9 @@ class _Handler(asyncssh.SSHServer):
         self._gate = gate
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
-        #: What took effect on this connection's TCP socket.
-        self.tcp: TcpTuning | None = None
+        #: Open direct-tcpip channels (bounded by ``config.max_channels``).
+        self.channels: set[asyncssh.SSHTCPChannel[bytes]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -131,8 +134,6 @@ class _Handler(asyncssh.SSHServer):
                 len(self._gate.logging_in),
             )
             asyncio.get_running_loop().call_soon(conn.abort)
-            return
-        self.tcp = tune_connection(conn, self._config.tuning)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
@@ -152,9 +153,11 @@ class _Handler(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
-        if self._conn is not None:
-            self._gate.logged_in(self._conn)
-        log.info("tunnel login from %s accepted", self._peer)
+        if self._conn is None:
+            return
+        self._gate.logged_in(self._conn)
+        tcp = tune_connection(self._conn, self._config.tuning)  # only for a logged-in node
+        log.info("tunnel login from %s accepted; its socket: %s", self._peer, tcp)
 
     def session_requested(self) -> bool:
         log.warning("refused a session (shell/exec) from %s: this endpoint only forwards", self._peer)
@@ -176,10 +179,24 @@ class _Handler(asyncssh.SSHServer):
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"forwarding to {dest_host}:{dest_port} is not allowed"
             )
         assert self._conn is not None
+        if len(self.channels) >= self._config.max_channels:
+            log.warning("refused a forward from %s: %d channels already open", self._peer, len(self.channels))
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, f"at most {self._config.max_channels} forwards per connection"
+            )
         tuning = self._config.tuning
         chan = self._conn.create_tcp_channel(window=tuning.window, max_pktsize=tuning.max_packet)
+        self._watch(chan)
         session = cast(Awaitable[asyncssh.SSHTCPSession[bytes]], self._conn.forward_connection(dest_host, dest_port))
         return chan, session
+
+    def _watch(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        """Count ``chan`` among the open channels until it is closed."""
+        self.channels.add(chan)
+        watcher = asyncio.get_running_loop().create_task(chan.wait_closed())
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        watcher.add_done_callback(lambda _: self.channels.discard(chan))
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         if (listen_host, listen_port) not in self._config.remote_listens:

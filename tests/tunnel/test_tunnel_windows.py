@@ -11,13 +11,15 @@ import socket
 import sys
 
 import attrs
+import click
 import pytest
 from click.testing import CliRunner
 
+from sendense_nbd.errors import TunnelError
 from sendense_nbd.tcp import LinkProfile
 from sendense_nbd.tunnel.cli import tunnel_command
 from sendense_nbd.tunnel.client import LinkState
-from sendense_nbd.tunnel.config import DEFAULT_TUNING, MIN_WINDOW, Forward, LinkTuning, channel_window
+from sendense_nbd.tunnel.config import DEFAULT_TUNING, MAX_WINDOW, MIN_WINDOW, Forward, LinkTuning, channel_window
 from sendense_nbd.tunnel.server import TunnelServer
 from tests.conftest import require
 from tests.tunnel.conftest import (
@@ -143,7 +145,8 @@ async def _hold(port: int, payload: bytes) -> tuple[asyncio.StreamReader, asynci
 
 
 async def test_a_ports_connections_spread_over_the_links(keys: Keys, echo: tuple[Echo, ...]) -> None:
-    """One port, 6 connections held open: 3 on each SSH connection; a link going down leaves the port served."""
+    """One port, 6 connections held open: 3 on each SSH connection; a link going down leaves the port served,
+    and once it is back it takes the new connections (least loaded first)."""
     local = [Forward("127.0.0.1", free_port(), "127.0.0.1", echo[0].port)]
     port = local[0].listen_port
     payloads = [os.urandom(256 * 1024) for _ in range(6)]
@@ -166,9 +169,9 @@ async def test_a_ports_connections_spread_over_the_links(keys: Keys, echo: tuple
             held = [await _hold(port, payload) for payload in payloads[:3]]
             assert [link.active_channels for link in tunnel.status().links] == [3, 0]
             async with asyncio.timeout(10):
-                await tunnel.wait_connected()  # link 1 is back: new connections alternate again
+                await tunnel.wait_connected()  # link 1 is back: the least loaded link takes new connections
             held += [await _hold(port, payload) for payload in payloads[3:5]]
-            assert sorted(link.active_channels for link in tunnel.status().links) == [1, 4]
+            assert [link.active_channels for link in tunnel.status().links] == [3, 2]
             for _, writer in held:
                 writer.close()
 
@@ -250,3 +253,88 @@ async def test_server_config_from_hub_options(keys: Keys) -> None:
     assert config.tuning.window == MIN_WINDOW  # 2 x 625 kB is below the 2 MiB floor
     async with TunnelServer(config) as server:
         assert server.port > 0
+
+
+def test_link_tuning_is_bounded() -> None:
+    """Windows and socket buffers have a ceiling; the error names the options to change."""
+    huge = LinkProfile.parse(rtt_ms=400, rate_mbit=100_000)  # a 5 GB BDP
+    with pytest.raises(TunnelError, match="--link-rtt/--link-rate"):
+        LinkTuning.for_link(huge)
+    with pytest.raises(TunnelError, match="SSH socket buffers"):
+        LinkTuning.for_link(huge, window=WINDOW)
+    with pytest.raises(TunnelError, match="--window"):
+        LinkTuning.for_link(window=MAX_WINDOW + 1)
+    assert LinkTuning.for_link(LinkProfile.parse(rtt_ms=100, rate_mbit=10_000)).window == 250_000_000
+    result = CliRunner().invoke(
+        tunnel_command,
+        ["--hub=127.0.0.1:1", "--key=/dev/null", "--known-hosts=/dev/null", "--link-rate=100000", "--link-rtt=400"],
+    )
+    assert result.exit_code == 2 and "--link-rtt/--link-rate" in result.output
+    assert not isinstance(result.exception, TypeError)
+
+
+def test_hub_link_options_are_bounded(keys: Keys) -> None:
+    from sendense_nbd.tunnel.cli import server_config_from_options
+
+    options = {
+        "ssh_listen": "127.0.0.1:0",
+        "ssh_host_keys": (str(keys.host_key),),
+        "ssh_authorized_keys": str(keys.authorized_keys),
+        "ssh_link_rtt": 400.0,
+        "ssh_link_rate": 100_000.0,
+    }
+    with pytest.raises(click.UsageError, match="--ssh-link-rtt/--ssh-link-rate"):
+        server_config_from_options(options, ports=[10100])
+
+
+async def test_hub_caps_the_channels_of_one_connection(keys: Keys, echo: tuple[Echo, ...]) -> None:
+    """With max_channels=2 a third forwarded connection is refused (closed); one slot freed, it works again."""
+    local = [Forward("127.0.0.1", free_port(), "127.0.0.1", echo[0].port)]
+    port = local[0].listen_port
+    async with running(server_config(keys, {echo[0].port}, max_channels=2)) as server:
+        async with connected(tunnel_config(keys, server.port, local, connections=1)) as tunnel:
+            held = [await _hold(port, payload) for payload in (b"one", b"two")]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # refused by the hub: the local side is closed
+            writer.close()
+            await eventually(lambda: tunnel.status().links[0].active_channels == 2)
+            held[0][1].close()
+            await eventually(lambda: tunnel.status().links[0].active_channels == 1)
+            await eventually(lambda: max(len(conn._channels) for conn in server.connections) == 1)
+            assert await roundtrip(port) == b"hello through the tunnel"
+            held[1][1].close()
+
+
+async def test_a_dropped_link_aborts_its_local_sockets(keys: Keys) -> None:
+    """The SSH connection of a forward whose local client does not read drops: the forwarded socket is
+    aborted (not left closing forever with unsent data), so nothing waits for that client."""
+    done = asyncio.Event()
+    pushed: list[int] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pushed.append(await _send_until_stalled(writer, 32 * MiB))
+        await done.wait()
+        writer.close()
+
+    server_socket = await asyncio.start_server(target, "127.0.0.1", 0)
+    target_port = int(server_socket.sockets[0].getsockname()[1])
+    local = [Forward("127.0.0.1", free_port(), "127.0.0.1", target_port)]
+    tuning = LinkTuning(window=MIN_WINDOW, socket_buffer=0)
+    try:
+        async with running(server_config(keys, {target_port}, tuning=tuning)) as server:
+            async with connected(tunnel_config(keys, server.port, local, connections=2, tuning=tuning)) as tunnel:
+                _, writer = await asyncio.open_connection("127.0.0.1", local[0].listen_port)  # never reads
+                await eventually(lambda: bool(pushed), seconds=60)
+                forwarder = tunnel._listeners.forwarders[0]
+                carrier = next(link for link in tunnel._links if link.status().active_channels == 1)
+                assert carrier.conn is not None
+                for conn in server.connections:
+                    if conn.get_extra_info("peername")[1] == carrier.conn.get_extra_info("sockname")[1]:
+                        conn.close()
+                await eventually(lambda: forwarder.active == 0)
+                assert tunnel.status().listening == (local[0].listen_port,)  # the other link serves the port
+                writer.transport.abort()
+    finally:
+        done.set()
+        server_socket.close()
