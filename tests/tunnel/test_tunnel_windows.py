@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+from pathlib import Path
 
 import attrs
 import click
@@ -37,6 +38,10 @@ from tests.tunnel.conftest import (
 MiB = 1 << 20
 #: Distinct from every default, so seeing it proves it was passed through.
 WINDOW = 5 * MiB + 4096
+
+
+#: This kernel's default congestion control.
+SYSTEM_CONGESTION = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
 
 
 def congestion(sock: socket.socket) -> str:
@@ -338,3 +343,25 @@ async def test_a_dropped_link_aborts_its_local_sockets(keys: Keys) -> None:
     finally:
         done.set()
         server_socket.close()
+
+
+async def test_the_hub_tunes_a_socket_only_after_login(
+    keys: Keys, echo: tuple[Echo, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that never logs in keeps the system's congestion control; a node's gets the configured one."""
+    caplog.set_level("INFO", logger="sendense_nbd.tunnel.server")
+    system = SYSTEM_CONGESTION
+    wanted = "cubic" if system != "cubic" else "bbr"
+    local = [Forward("127.0.0.1", free_port(), "127.0.0.1", echo[0].port)]
+    tuning = LinkTuning.for_link(congestion=wanted)
+    async with running(server_config(keys, {echo[0].port}, tuning=tuning)) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"SSH-2.0-")  # connection_made has run
+        (idle,) = server.connections
+        assert congestion(idle.get_extra_info("socket")) == system
+        async with connected(tunnel_config(keys, server.port, local, connections=1, tuning=tuning)):
+            (node,) = server.connections - {idle}
+            assert congestion(node.get_extra_info("socket")) == wanted
+        writer.close()
+    assert any(f"accepted; its socket: TcpTuning(congestion='{wanted}'" in r.getMessage() for r in caplog.records)
