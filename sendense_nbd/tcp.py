@@ -73,7 +73,7 @@ class LinkProfile:
         return f"{self.rate_bps / 1e6:g} Mbit/s at {self.rtt * 1000:g} ms (BDP {self.bdp / 2**20:.1f} MiB)"
 
 
-#: The link the defaults fill: 1 Gbit/s at 100 ms round trip (12.5 MB in flight).
+#: The link the defaults are sized for: 1 Gbit/s at 100 ms round trip (12.5 MB in flight).
 DEFAULT_LINK = LinkProfile(rate_bps=1_000_000_000, rtt=0.1)
 
 

@@ -3,15 +3,15 @@
 Theory of operation: a :class:`Tunnel` keeps ``connections`` SSH connections to
 the hub (the embedded :mod:`sendense_nbd.tunnel.server` or any sshd). The tunnel
 owns one listener per local forward (one per port of the range); each accepted
-connection rides the next SSH connection that is up (round robin), so the
-connections of one disk spread over all of them. The remote forwards (the node
-API, reached from the hub) go over connection 0.
+connection rides the SSH connection that is up and carries the fewest (ties
+round robin), so the connections of one disk spread over all of them. The
+remote forwards (the node API, reached from the hub) go over connection 0 only.
 
 Each connection is a :class:`_Link` running one loop with the frozen
 :class:`_Login` the tunnel read at start: connect (host key pinned
 by a known_hosts file, key login), tune its TCP socket (:mod:`sendense_nbd.tcp`:
 BBR, buffers for the link), make sure the listeners are open, wait until the
-connection drops, close the forwarded connections it carried, sleep
+connection drops, abort the forwarded connections it carried, sleep
 (exponential backoff, capped), again. While no link is up the ports have no
 listener, so a client gets "connection refused" at once instead of hanging. A
 changed or unknown host key and a refused login are not retried: the link fails
@@ -142,7 +142,7 @@ class _Login:
 
 
 class _Listeners:
-    """The tunnel's local listeners: open while at least one link is up; round robin over the links that are."""
+    """The tunnel's local listeners: open while at least one link is up; new connections to the least loaded."""
 
     def __init__(self, forwards: Sequence[Forward], tuning: LinkTuning) -> None:
         self.forwards = tuple(forwards)

@@ -3,7 +3,7 @@
 This is asyncssh's ``forward_local_port`` with four differences the tunnel needs:
 
 - each accepted connection asks ``pick`` for an SSH connection, so one port's
-  connections spread over the tunnel's connections (round robin, in the tunnel);
+  connections spread over the tunnel's connections (least loaded, in the tunnel);
 - the local socket is not read further until its channel is open, and a
   channel that opens after its local client went away is closed at once
   (asyncssh #823 leaks such channels);

@@ -16,7 +16,10 @@ connection drops, asyncssh closes the listeners it opened for it.
 Unauthenticated connections are bounded, like OpenSSH's ``MaxStartups``: at
 most ``max_startups`` may be logging in at once (each for at most
 ``login_timeout``); one more is dropped as soon as it connects, so a flood of
-idle connections costs a bounded amount of memory and file descriptors.
+idle connections costs a bounded amount of memory and file descriptors. A
+logged-in connection may hold at most ``max_channels`` channels, each with at
+most one window buffered per direction; its TCP socket is tuned (congestion
+control, buffers) only once it has logged in.
 """
 
 from __future__ import annotations
