@@ -440,8 +440,9 @@ async def _copy_disk(
 async def _open_disk(
     job: _Job, vm: VirtualMachine, snapshot: Snapshot, disk: Disk, target_uri: str, opened: contextlib.AsyncExitStack
 ) -> tuple[Endpoint, Endpoint]:
-    """Start the disk's nbdkit and open the copy's source, and meanwhile its target (the handshakes of every
-    connection at once); ``opened`` closes whatever was opened (shielded)."""
+    """Start the disk's nbdkit and open the copy's source, and meanwhile its target; ``opened`` closes whatever
+    was opened (shielded). nbdkit's unix socket gets one handshake first (each is a VDDK open), the others
+    only with multi-conn; a TCP target gets them all at once (ConnectionPool)."""
     connections = job.spec.connections
 
     async def source() -> Endpoint:

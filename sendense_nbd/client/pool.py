@@ -3,19 +3,25 @@
 The spec's ``NBD_FLAG_CAN_MULTI_CONN`` ("Transmission flags") promises that
 every connection sees the others' completed writes and that a FLUSH on any
 one of them covers writes completed on all. Only then is it safe to spread
-requests over connections. :class:`ConnectionPool` starts every handshake at
-once (one round trip time for all, not one per connection) and decides on
-the first one to succeed, whichever the server served first: a single-client
-server (``qemu-nbd``'s default, our own ``serve --shared 1``) refuses or never
-answers the others, and the order in which it sees them is not the order
-they were started in (name lookups, tunnels). The pool fails only if every
-handshake fails. The others get :data:`EXTRA_GRACE` (or twice the first's
-time, if longer) to finish theirs: with multi-conn those that succeed by
-then join the pool (a server with fewer free slots than ``connections``
-gives fewer); without it they get ``NBD_CMD_DISC`` before carrying any
-request. Those still in their handshake are then dropped: dropping one the
-server is working on can upset it (nbdkit 1.32's multi-conn filter aborts),
-hence the wait.
+requests over connections.
+
+Over TCP :class:`ConnectionPool` starts every handshake at once (one round
+trip time for all, not one per connection); over a unix socket, where a
+round trip costs nothing but each handshake may cost the server dearly
+(nbdkit-vddk opens the disk in VDDK for each), it starts one and the others
+only if that one shows multi-conn (``at_once`` overrides). The first
+handshake to succeed decides, whichever the server served first: a
+single-client server (``qemu-nbd``'s default, our own ``serve --shared 1``)
+refuses or never answers the others, and the order in which it sees them is
+not the order they were started in (name lookups, tunnels). The pool fails
+only if every handshake fails. With multi-conn the others that succeed join
+the pool (a server with fewer free slots than ``connections`` gives fewer);
+without it they get ``NBD_CMD_DISC`` before carrying any request. The others
+are waited for while they keep finishing, one at least every
+:data:`EXTRA_GRACE` seconds (or twice the first's time, if longer); those
+still in their handshake then are dropped. Dropping one the server is
+working on can upset it (nbdkit 1.32's multi-conn filter aborts), hence the
+wait.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from sendense_nbd.client.connection import ClientOptions, NBDClient, open_client
 from sendense_nbd.client.uri import NBDAddress, resolve
 
-#: Seconds, at least, that the other handshakes get to finish when the first connection shows no multi-conn.
+#: Seconds, at least, that the other handshakes get to finish, counted from the last one that did.
 EXTRA_GRACE = 0.2
 
 
@@ -35,32 +41,43 @@ class ConnectionPool:
     """Up to ``connections`` clients of one export; :meth:`next` hands them out in turn.
 
     Use ``async with ConnectionPool(uri, connections=4) as pool`` or
-    ``await pool.open()`` ... ``await pool.close()``.
+    ``await pool.open()`` ... ``await pool.close()``. ``at_once``: start
+    every handshake at once (default: over TCP, not over a unix socket).
     """
 
-    def __init__(self, target: str | NBDAddress, connections: int = 4, *, options: ClientOptions | None = None) -> None:
+    def __init__(
+        self,
+        target: str | NBDAddress,
+        connections: int = 4,
+        *,
+        options: ClientOptions | None = None,
+        at_once: bool | None = None,
+    ) -> None:
         if connections < 1:
             raise ValueError("a pool needs at least one connection")
         self.address = resolve(target)
         self.wanted = connections
         self.options = options or ClientOptions()
+        self.at_once = not self.address.is_unix if at_once is None else at_once
         self._clients: tuple[NBDClient, ...] = ()
         self._turn: Iterator[NBDClient] = iter(())
 
     async def open(self) -> ConnectionPool:
-        """Connect: every handshake at once; the first to succeed decides: with multi-conn every connection
-        ready within the grace, else that one alone (the others closed)."""
+        """Connect (see the module's doc): the first handshake to succeed decides; with multi-conn the
+        others that succeed join, else that one alone stays (the others closed)."""
         if self._clients:
             raise RuntimeError("the pool is already open")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        opening = [asyncio.ensure_future(open_client(self.address, self.options)) for _ in range(self.wanted)]
+        opening = [self._start() for _ in range(self.wanted if self.at_once else 1)]
         try:
             chosen = await _first_ready(opening)
             first = chosen.result()
+            grace = max(EXTRA_GRACE, 2 * (loop.time() - started))
+            if first.can_multi_conn and not self.at_once:
+                opening.extend(self._start() for _ in range(self.wanted - 1))
             others = [task for task in opening if task is not chosen]
-            if others:
-                await asyncio.wait(others, timeout=max(EXTRA_GRACE, 2 * (loop.time() - started)))
+            await _settle(others, grace)
             ready = [task for task in others if task.done() and _failure(task) is None]
             joining = ready if first.can_multi_conn else []
             await _discard([task for task in others if task not in joining])
@@ -71,6 +88,9 @@ class ConnectionPool:
         self._clients = tuple(clients)
         self._turn = itertools.cycle(self._clients)
         return self
+
+    def _start(self) -> asyncio.Future[NBDClient]:
+        return asyncio.ensure_future(open_client(self.address, self.options))
 
     @property
     def connections(self) -> tuple[NBDClient, ...]:
@@ -136,6 +156,15 @@ async def _first_ready(opening: Sequence[asyncio.Future[NBDClient]]) -> asyncio.
                 return task
             failures.append(failure)
     raise failures[0]
+
+
+async def _settle(opening: Sequence[asyncio.Future[NBDClient]], grace: float) -> None:
+    """Wait while the handshakes keep finishing, one at least every ``grace`` seconds."""
+    pending = set(opening)
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return
 
 
 async def _discard(opening: Sequence[asyncio.Future[NBDClient]]) -> None:

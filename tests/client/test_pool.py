@@ -2,12 +2,14 @@
 connections are closed with NBD_CMD_DISC before carrying a request (nbdkit's own log shows it), and a
 single-client server (qemu-nbd -e 1, qemu-nbd's default, our own server with shared=1, even when the
 server sees another connection before the first one started) still gets a working pool; a multi-conn
-server with fewer free slots gives fewer connections; nbd-server (forking) allows multi-conn."""
+server with fewer free slots gives fewer connections; nbd-server (forking) allows multi-conn. Over a
+unix socket only one handshake starts unless the server shows multi-conn (at_once=True overrides)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -55,10 +57,26 @@ async def test_every_handshake_starts_at_once(nbdkit: Callable[..., str]) -> Non
     # would take at least 4 s; all at once take about 2 s.
     uri = nbdkit("--filter=delay", "memory", "8M", "delay-open=2")
     started = time.monotonic()
-    async with ConnectionPool(uri, connections=4) as pool:
+    async with ConnectionPool(uri, connections=4, at_once=True) as pool:
         elapsed = time.monotonic() - started
         assert len(pool) == 4 and pool.first.can_multi_conn
         assert elapsed < 3.6, f"4 handshakes of 2 s each took {elapsed:.1f} s: not concurrent"
+
+
+async def test_unix_socket_starts_one_handshake_and_the_others_only_with_multi_conn(
+    spawner: Processes, nbdkit: Callable[..., str], tmp_path: Path
+) -> None:
+    # Over a unix socket a round trip costs nothing, a handshake may cost the server a lot (nbdkit-vddk
+    # opens the disk in VDDK for each): without multi-conn the server sees a single connection.
+    log = tmp_path / "nbdkit.log"
+    uri = _verbose_nbdkit(spawner, log, "--filter=multi-conn", "memory", "8M", "multi-conn-mode=disable")
+    async with ConnectionPool(uri, connections=4) as pool:
+        assert len(pool) == 1 and not pool.first.can_multi_conn
+        await pool.next().pwrite(b"\x11" * 4096, offset=0)
+    assert _wait_for_lines(log, DISC_LINE, 1) == 1
+    assert log.read_text().count("accepted connection") == 1
+    async with ConnectionPool(nbdkit("memory", "8M"), connections=4) as pool:
+        assert len(pool) == 4 and pool.first.can_multi_conn
 
 
 async def test_extras_are_closed_with_disc_without_multi_conn(spawner: Processes, tmp_path: Path) -> None:
@@ -68,7 +86,7 @@ async def test_extras_are_closed_with_disc_without_multi_conn(spawner: Processes
     uri = _verbose_nbdkit(
         spawner, log, "--filter=multi-conn", "--filter=delay", "memory", "8M", "multi-conn-mode=disable", "delay-open=1"
     )
-    pool = await ConnectionPool(uri, connections=4).open()
+    pool = await ConnectionPool(uri, connections=4, at_once=True).open()
     try:
         assert len(pool) == 1 and not pool.first.can_multi_conn
         assert _wait_for_lines(log, DISC_LINE, 3) == 3, log.read_text()[-3000:]
@@ -89,7 +107,7 @@ async def test_single_client_qemu_nbd_gets_one_working_connection(spawner: Proce
     uri = unix_uri(sock)
     for round_ in range(2):  # the server serves the next pool too: the dropped handshakes did not wedge it
         started = time.monotonic()
-        async with ConnectionPool(uri, connections=4) as pool:
+        async with ConnectionPool(uri, connections=4, at_once=True) as pool:
             assert time.monotonic() - started < 10
             assert len(pool) == 1 and not pool.first.can_multi_conn
             await pool.next().pwrite(bytes([round_ + 1]) * 4096, offset=round_ * 4096)
@@ -181,7 +199,7 @@ async def test_single_client_server_that_serves_another_handshake_first(spawner:
     async with NBDServer([Export("disk", memory_device(4 * MiB))], port=None, unix_path=served, shared=1) as server:
         async with _HoldFirstRelay(relayed, served) as relay:
             started = time.monotonic()
-            async with ConnectionPool(unix_uri(relayed, "disk"), connections=4) as pool:
+            async with ConnectionPool(unix_uri(relayed, "disk"), connections=4, at_once=True) as pool:
                 assert time.monotonic() - started < 4, "the pool waited for the handshake the server had not served"
                 assert len(pool) == 1 and not pool.first.can_multi_conn
                 await asyncio.wait_for(relay.first_dropped.wait(), 5)  # it never reached the server
@@ -200,7 +218,7 @@ async def test_default_qemu_nbd_serves_the_pool_and_exits(spawner: Processes, tm
     sock = spawner.socket_path()
     proc = spawner.start_unix([require("qemu-nbd"), "-f", "raw", "-k", sock, str(image)], sock)
     started = time.monotonic()
-    async with ConnectionPool(unix_uri(sock), connections=4) as pool:
+    async with ConnectionPool(unix_uri(sock), connections=4, at_once=True) as pool:
         assert time.monotonic() - started < 10
         assert len(pool) == 1 and not pool.first.can_multi_conn
         await pool.next().pwrite(b"\x44" * 4096, offset=MiB)
@@ -211,23 +229,26 @@ async def test_default_qemu_nbd_serves_the_pool_and_exits(spawner: Processes, tm
 
 async def test_multi_conn_server_with_fewer_slots_gives_fewer_connections(spawner: Processes, tmp_path: Path) -> None:
     # qemu-nbd -e 2 advertises multi-conn and leaves a third client unanswered in its listen queue;
-    # our server with shared=2 refuses it (NBD_REP_ERR_POLICY). Either way the pool gets two connections.
+    # our server with shared=2 refuses it (NBD_REP_ERR_POLICY). Either way the pool gets two connections,
+    # whether it starts every handshake at once or the others after the first.
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\0" * (4 * MiB))
     sock = spawner.socket_path()
     spawner.start_unix([require("qemu-nbd"), "-f", "raw", "-k", sock, "-t", "-e", "2", str(image)], sock)
     ours = spawner.socket_path()
-    async with NBDServer([Export("disk", memory_device(4 * MiB))], port=None, unix_path=ours, shared=2) as server:
-        for uri in (unix_uri(sock), unix_uri(ours, "disk")):
+    async with NBDServer(
+        [Export("disk", memory_device(4 * MiB))], port=None, unix_path=ours, shared=2, persistent=True
+    ) as server:
+        for uri, at_once in itertools.product((unix_uri(sock), unix_uri(ours, "disk")), (False, True)):
             started = time.monotonic()
-            async with ConnectionPool(uri, connections=4) as pool:
+            async with ConnectionPool(uri, connections=4, at_once=at_once) as pool:
                 assert time.monotonic() - started < 10
                 assert len(pool) == 2 and pool.first.can_multi_conn
                 first, second = pool.connections
                 await first.pwrite(b"\x55" * 4096, offset=0)
                 await pool.flush()
                 assert await second.pread(offset=0, length=4096) == b"\x55" * 4096
-        assert server.clients_served == 2  # the others were refused, not admitted
+        assert server.clients_served == 4  # two per pool; the others were refused, not admitted
 
 
 async def test_pool_fails_when_every_handshake_fails() -> None:
