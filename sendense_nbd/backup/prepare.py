@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 import shlex
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 
@@ -23,7 +23,7 @@ from sendense_nbd.backup.job import BackupResult, BackupSpec, DiskSource, run_ba
 from sendense_nbd.backup.progress import JobProgress
 from sendense_nbd.backup.statefile import StateFile
 from sendense_nbd.vmware.session import Endpoint, VSphere, connect
-from sendense_nbd.vmware.vddk import vddk_config
+from sendense_nbd.vmware.vddk import VddkConfig, vddk_config
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class BackupJob:
         """Resolve nbdkit-vddk's settings and log in to vCenter, both at once, and run the job
         (see :func:`run_backup`)."""
         settings, vddk = self.settings, self.settings.vddk
-        resolved, session = await asyncio.gather(
+        resolved, session = await _both(
             vddk_config(
                 settings.endpoint,
                 settings.username,
@@ -117,14 +117,7 @@ class BackupJob:
                 extra=vddk.options,
             ),
             connect(settings.endpoint, settings.username, settings.password),
-            return_exceptions=True,
         )
-        if isinstance(resolved, BaseException):
-            if isinstance(session, VSphere):
-                await asyncio.shield(session.close())
-            raise resolved
-        if isinstance(session, BaseException):
-            raise session
         vsphere, source = session, DiskSource(resolved, settings.password)
         self.progress = self._progress()
         try:
@@ -145,6 +138,25 @@ class BackupJob:
     async def close(self) -> None:
         """Close the change-ID store (the hub API's HTTP session)."""
         await self.store.close()
+
+
+async def _both(resolving: Awaitable[VddkConfig], logging_in: Awaitable[VSphere]) -> tuple[VddkConfig, VSphere]:
+    """nbdkit-vddk's settings and a vCenter session, at once. If either fails, or the caller is cancelled,
+    the other is stopped and a session already open is closed, then the error is raised."""
+    resolved, session = asyncio.ensure_future(resolving), asyncio.ensure_future(logging_in)
+    try:
+        return await asyncio.gather(resolved, session)
+    except BaseException:
+        await asyncio.shield(_abandon(resolved, session))
+        raise
+
+
+async def _abandon(resolved: asyncio.Future[VddkConfig], session: asyncio.Future[VSphere]) -> None:
+    for task in (resolved, session):
+        task.cancel()  # a no-op once it is done
+    await asyncio.wait((resolved, session))
+    if not session.cancelled() and session.exception() is None:
+        await session.result().close()
 
 
 def prepare(settings: BackupSettings, *, listeners: tuple[Listener, ...] = ()) -> BackupJob:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import getpass
 import hashlib
 import os
@@ -170,10 +171,12 @@ async def connect(endpoint: Endpoint, username: str, password: str, *, http_time
             httpConnectionTimeout=http_timeout,
         )
 
-    loop = asyncio.get_running_loop()
+    opening = asyncio.get_running_loop().run_in_executor(worker, lambda: VSphere(endpoint, username, login(), worker))
     try:
-        si = await loop.run_in_executor(worker, login)
-        session = await loop.run_in_executor(worker, lambda: VSphere(endpoint, username, si, worker))
+        session = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(functools.partial(_log_out, worker))  # the login goes on in its thread
+        raise
     except vim.fault.InvalidLogin as exc:
         worker.shutdown(wait=False)
         raise VSphereError(f"{endpoint.host}: login as {username!r} refused (wrong user or password)") from exc
@@ -188,6 +191,15 @@ async def connect(endpoint: Endpoint, username: str, password: str, *, http_time
         worker.shutdown(wait=False)
         raise VSphereError(f"cannot connect to {endpoint.host}:{endpoint.port}: {fault_text(exc)}") from exc
     return session
+
+
+def _log_out(worker: concurrent.futures.ThreadPoolExecutor, opened: asyncio.Future[VSphere]) -> None:
+    """Log out, in its own thread, a session whose login finished after the caller gave up on it."""
+    from pyVim.connect import Disconnect
+
+    if not opened.cancelled() and opened.exception() is None:
+        worker.submit(Disconnect, opened.result().si)
+    worker.shutdown(wait=False)
 
 
 def fault_text(exc: BaseException) -> str:

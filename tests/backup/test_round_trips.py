@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import importlib
 import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 from pyVmomi import SoapAdapter
 
 from sendense_nbd.backup import BackupResult, BackupSpec, DiskResult, DiskSource, JobProgress, run_backup
+from sendense_nbd.backup.prepare import BackupSettings, prepare
 from sendense_nbd.backup.records import PreviousBackup, SyncType
 from sendense_nbd.backup.statefile import StateFile
 from sendense_nbd.errors import BackupError
@@ -34,6 +37,7 @@ from tests.peers import processes
 from tests.vmware.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
+prepare_module = importlib.import_module("sendense_nbd.backup.prepare")  # the package's `prepare` is the function
 
 KIB = 1 << 10
 SIZES = (1, 3)  # disks per VM
@@ -318,3 +322,76 @@ async def test_a_target_refused_while_the_source_opened_stops_the_source(
     assert lab.snapshots() == []
     assert os.listdir(private) == []
     os.rmdir(private)
+
+
+async def _until(check: Any, what: str) -> None:
+    """Wait (at most 15 s) until ``check()``."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def test_a_job_cancelled_after_its_login_logs_out(
+    labs: dict[int, Lab], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The job logs in while it reads nbdkit-vddk's settings (here a thumbprint read that never ends);
+    # cancelled once the login is done, it must log that session out.
+    lab = labs[1]
+    logged_in, never = asyncio.Event(), asyncio.Event()
+
+    async def logging_in(*args: Any, **kwargs: Any) -> Any:
+        session = await connect(*args, **kwargs)
+        logged_in.set()
+        return session
+
+    async def stalled_settings(*args: Any, **kwargs: Any) -> Any:
+        await never.wait()
+
+    monkeypatch.setattr(prepare_module, "connect", logging_in)
+    monkeypatch.setattr(prepare_module, "vddk_config", stalled_settings)
+    endpoint = Endpoint.parse(f"127.0.0.1:{lab.info['port']}", thumbprint=lab.info["thumbprintSha256"])
+    spec = BackupSpec(job_id="cancelled", vm_path=lab.vm_path, targets={None: "nbd://127.0.0.1/x"})
+    settings = BackupSettings(
+        spec=spec, endpoint=endpoint, username="user", password="pass", state_file=str(tmp_path / "ids.json")
+    )
+    job = prepare(settings)
+    with soap_requests() as soap:
+        running = asyncio.ensure_future(job.run())
+        await asyncio.wait_for(logged_in.wait(), 15)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await _until(lambda: soap["Logout"] == 1, f"the session was not logged out: {soap}")
+    await job.close()
+    assert soap["Login"] == 1
+
+
+async def test_a_login_cancelled_while_it_runs_is_logged_out_when_it_ends(labs: dict[int, Lab]) -> None:
+    # The login runs in a worker thread, which a cancellation cannot stop: the session it opens anyway
+    # is logged out. The Login request is held until the caller has been cancelled.
+    lab = labs[1]
+    endpoint = Endpoint.parse(f"127.0.0.1:{lab.info['port']}", thumbprint=lab.info["thumbprintSha256"])
+    sending, release = threading.Event(), threading.Event()
+    with soap_requests() as soap:
+        counting = SoapAdapter.SoapStubAdapter.InvokeMethod
+
+        def held(self: Any, mo: Any, info: Any, args: Any, outerStub: Any = None) -> Any:  # noqa: N803
+            if info.wsdlName == "Login":
+                sending.set()
+                release.wait(15)
+            return counting(self, mo, info, args, outerStub)
+
+        SoapAdapter.SoapStubAdapter.InvokeMethod = held
+        try:
+            logging_in = asyncio.ensure_future(connect(endpoint, "user", "pass"))
+            await _until(sending.is_set, "no login was sent")
+            logging_in.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await logging_in
+            release.set()
+            await _until(lambda: soap["Logout"] == 1, f"the session was not logged out: {soap}")
+        finally:
+            release.set()
+            SoapAdapter.SoapStubAdapter.InvokeMethod = counting
+    assert soap["Login"] == 1
