@@ -39,7 +39,7 @@ from sendense_nbd.errors import (
     first_error,
 )
 from sendense_nbd.vmware.cbt import changed_areas, enable_cbt
-from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm, vm_disks
+from sendense_nbd.vmware.inventory import Disk, VirtualMachine, find_vm
 from sendense_nbd.vmware.session import VSphere
 from sendense_nbd.vmware.snapshots import (
     BACKUP_PREFIX,
@@ -195,7 +195,7 @@ async def _run(job: _Job) -> BackupResult:
     lookup = asyncio.ensure_future(_previous(job, keys))  # the hub answers while vSphere does
     try:
         vm = await vsphere.call(find_vm, vsphere.content, spec.vm_path)
-        selected = _select(vm_disks(vm), spec.targets, spec.vm_path)
+        selected = _select(vm.disks, spec.targets, spec.vm_path)
         if None in spec.targets:  # the only disk's key was not known before
             lookup = asyncio.ensure_future(_previous(job, [selected[0][0].key]))
         previous = await lookup
@@ -277,7 +277,7 @@ async def _remove_snapshot(job: _Job, vm: VirtualMachine, snapshot: Snapshot, *,
         raise SnapshotNotRemoved(message, "finalizing", reason=exc) from exc
 
 
-def _select(disks: list[Disk], targets: Mapping[int | None, str], vm_path: str) -> list[tuple[Disk, str]]:
+def _select(disks: Sequence[Disk], targets: Mapping[int | None, str], vm_path: str) -> list[tuple[Disk, str]]:
     """Each disk to back up with its target (a ``None`` key: the VM's only disk)."""
     if not disks:
         raise BackupError(f"{vm_path} has no virtual disks", "initializing")

@@ -20,7 +20,7 @@ from sendense_nbd.errors import BackupError, Conflict, NodeBusy, SendenseError
 from sendense_nbd.node.config import NodeConfig
 from sendense_nbd.node.jobs import JobState, JobTable, NodeJob
 from sendense_nbd.node.requests import BackupRequest
-from sendense_nbd.vmware.inventory import Disk, find_vm, vm_disks
+from sendense_nbd.vmware.inventory import Disk, find_vm
 from sendense_nbd.vmware.session import Endpoint, connect
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Node:
         """The VM's virtual disks, as vCenter lists them."""
         async with await connect(self.endpoint, self.config.username, self.config.password) as vsphere:
             vm = await vsphere.call(find_vm, vsphere.content, vm_path)
-            return await vsphere.call(vm_disks, vm)
+            return list(vm.disks)
 
     def jobs(self) -> list[NodeJob]:
         """Every job the node knows: queued, running, and the last finished ones."""

@@ -123,8 +123,3 @@ def list_disks(hardware_devices: Any) -> list[Disk]:
             )
         )
     return sorted(disks, key=lambda d: d.key)
-
-
-def vm_disks(vm: VirtualMachine) -> list[Disk]:
-    """The VM's disks as :func:`find_vm` read them (no round trip)."""
-    return list(vm.disks)
