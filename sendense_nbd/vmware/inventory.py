@@ -59,7 +59,8 @@ VM_PROPERTIES = ("name", "config.changeTrackingEnabled", "config.hardware.device
 def properties(content: Any, ref: Any, kind: Any, paths: tuple[str, ...]) -> dict[str, Any]:
     """``paths`` of the managed object ``ref`` (of type ``kind``) in one ``RetrievePropertiesEx`` round trip.
 
-    Unset properties are absent from the result (blocking).
+    Unset properties are absent from the result (blocking). A property vCenter could not read (its
+    ``missingSet``: no permission, no such property) is a :class:`VSphereError` naming it and the fault.
     """
     from pyVmomi import vmodl
 
@@ -73,7 +74,20 @@ def properties(content: Any, ref: Any, kind: Any, paths: tuple[str, ...]) -> dic
         raise VSphereError(f"reading {', '.join(paths)} of {ref._moId} failed: {fault_text(exc)}") from exc
     if result is None or not result.objects:
         return {}
-    return {prop.name: prop.val for prop in result.objects[0].propSet or []}
+    found = result.objects[0]
+    if found.missingSet:
+        missing = "; ".join(f"{item.path}: {_fault_name(item.fault)}" for item in found.missingSet)
+        raise VSphereError(f"reading {ref._moId} failed: {missing}")
+    return {prop.name: prop.val for prop in found.propSet or []}
+
+
+def _fault_name(fault: Any) -> str:
+    """A missing property's fault (pyvmomi unwraps the ``LocalizedMethodFault``) as its type and detail,
+    e.g. ``NoPermission (System.Read)``."""
+    inner = getattr(fault, "fault", None) or fault
+    name = type(inner).__name__.rsplit(".", 1)[-1]
+    detail = getattr(inner, "msg", None) or getattr(inner, "privilegeId", None) or ""
+    return f"{name} ({detail})" if detail else name
 
 
 def find_vm(content: Any, path: str) -> VirtualMachine:

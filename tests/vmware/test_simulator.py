@@ -22,6 +22,8 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
+from sendense_nbd.errors import VSphereError
+from sendense_nbd.vmware.inventory import properties
 from tests.vmware.vsphere import STANDIN_PLUGIN, running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
@@ -152,6 +154,16 @@ def test_inventory_disks_and_unset_snapshot(si: vim.ServiceInstance, vcsim: dict
         assert d.backing.fileName == listed[key]["fileName"]
         assert d.backing.uuid
         assert d.deviceInfo.label.startswith("Hard disk ")
+
+
+def test_properties_vcenter_could_not_read_are_an_error_with_their_fault(si: vim.ServiceInstance) -> None:
+    # vcsim answers an unknown property path with its missingSet (InvalidProperty), as vCenter answers a
+    # property the user may not read (NoPermission): never "absent", which would read as "not set".
+    vm = find_vm(si, "/DC0/vm/DC0_H0_VM0")
+    paths = ("name", "config.noSuchProperty")
+    with pytest.raises(VSphereError, match=r"reading vm-\d+ failed: config\.noSuchProperty: InvalidProperty"):
+        properties(si.content, vm, vim.VirtualMachine, paths)
+    assert properties(si.content, vm, vim.VirtualMachine, ("name", "snapshot")) == {"name": "DC0_H0_VM0"}
 
 
 def test_cbt_snapshots_and_changed_areas(si: vim.ServiceInstance, vcsim: dict) -> None:
