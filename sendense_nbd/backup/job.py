@@ -191,12 +191,13 @@ async def _run(job: _Job) -> BackupResult:
     spec, vsphere, progress = job.spec, job.vsphere, job.progress
     stage = "initializing"
     progress.set_stage(stage)
+    # The hub answers while vSphere does; the only disk's key (a None target) is known only after.
     keys = [k for k in spec.targets if k is not None]
-    lookup = asyncio.ensure_future(_previous(job, keys))  # the hub answers while vSphere does
+    lookup = None if None in spec.targets else asyncio.ensure_future(_previous(job, keys))
     try:
         vm = await vsphere.call(find_vm, vsphere.content, spec.vm_path)
         selected = _select(vm.disks, spec.targets, spec.vm_path)
-        if None in spec.targets:  # the only disk's key was not known before
+        if lookup is None:
             lookup = asyncio.ensure_future(_previous(job, [selected[0][0].key]))
         previous = await lookup
 
@@ -219,8 +220,9 @@ async def _run(job: _Job) -> BackupResult:
     except SendenseError as exc:
         raise BackupError(str(exc), stage, reason=exc) from exc
     finally:
-        lookup.cancel()  # a no-op once it is done
-        await asyncio.gather(lookup, return_exceptions=True)
+        if lookup is not None:
+            lookup.cancel()  # a no-op once it is done
+            await asyncio.gather(lookup, return_exceptions=True)
 
     try:
         disk_results = await _copy_disks(job, vm, snapshot, selected, previous, cbt_just_enabled)

@@ -395,3 +395,26 @@ async def test_a_login_cancelled_while_it_runs_is_logged_out_when_it_ends(labs: 
             release.set()
             SoapAdapter.SoapStubAdapter.InvokeMethod = counting
     assert soap["Login"] == 1
+
+
+async def test_the_only_disk_target_asks_for_one_previous_change_id(labs: dict[int, Lab], tmp_path: Path) -> None:
+    # A None target (the VM's only disk) next to a keyed one: the only disk's previous change ID is asked
+    # for once, after the VM's lookup, and no early lookup is left running. The target does not exist,
+    # so the job stops at "setting up NBD".
+    lab = labs[1]
+    endpoint = Endpoint.parse(f"127.0.0.1:{lab.info['port']}", thumbprint=lab.info["thumbprintSha256"])
+    source = DiskSource(await vddk_config(endpoint, "user", plugin=f"python {STANDIN_PLUGIN}"), "pass")
+    missing = f"nbd+unix:///x?socket={tmp_path}/none"
+    spec = BackupSpec(job_id="only", vm_path=lab.vm_path, targets={None: missing, _keys(lab)[0]: missing}, retries=0)
+    store = CountingStore(lab.state_file)
+    vsphere = await connect(endpoint, "user", "pass")
+    try:
+        with pytest.raises(BackupError) as failure:
+            job = run_backup(spec, source=source, vsphere=vsphere, store=store, progress=JobProgress("only", None))
+            await asyncio.wait_for(job, 60)
+    finally:
+        await vsphere.close()
+    assert failure.value.stage == "setting up NBD", failure.value
+    assert store.calls["previous"] == 1
+    assert not [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_previous"]
+    assert lab.snapshots() == []
