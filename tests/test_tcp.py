@@ -18,6 +18,8 @@ from sendense_nbd.client import connect
 from sendense_nbd.tcp import DEFAULT_LINK, LinkProfile, kernel_limits, socket_buffers, tune_socket
 from tests.conftest import require
 
+pytestmark = pytest.mark.peer
+
 MiB = 1 << 20
 
 

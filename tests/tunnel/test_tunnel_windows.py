@@ -35,6 +35,8 @@ from tests.tunnel.conftest import (
     tunnel_config,
 )
 
+pytestmark = pytest.mark.peer
+
 MiB = 1 << 20
 #: Distinct from every default, so seeing it proves it was passed through.
 WINDOW = 5 * MiB + 4096
