@@ -22,7 +22,8 @@
     hub_url = "http://127.0.0.1:8082"                  # pin the hub: jobs' api_url and targets' host
     max_jobs = 2                                       # jobs running at once
     max_queued = 16                                    # jobs waiting; more are refused (503 busy)
-    connections = 4
+    connections = 4                                    # NBD connections per disk and side
+    requests = 16                                      # requests in flight per connection (x 256 KiB)
     merge_gap = 0                                      # bytes; 1048576 on a LAN (docs/BACKUP_CLIENT.md)
 
 Unknown sections and keys are refused: the :class:`ConfigError` names the key
@@ -48,7 +49,8 @@ SECTIONS: dict[str, frozenset[str]] = {
     "vcenter": frozenset({"endpoint", "username", "password", "password_file", "thumbprint", "ca_file"}),
     "vddk": frozenset(attrs.fields_dict(VddkSettings)),
     "node": frozenset(
-        {"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued", "connections", "merge_gap"}
+        {"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued"}
+        | {"connections", "requests", "merge_gap"}
     ),
 }
 
@@ -71,6 +73,9 @@ class NodeConfig:
     max_jobs: int = 2
     max_queued: int = 16
     connections: int = 4
+    #: Requests in flight per connection: with ``connections`` and the 256 KiB request size, the bytes in
+    #: flight per disk, which must cover the link's bandwidth-delay product (docs/TUNNEL.md, "Sizing").
+    requests: int = 16
     #: Changed areas closer than this are copied as one (:attr:`~sendense_nbd.backup.BackupSpec.merge_gap`).
     merge_gap: int = 0
 
@@ -131,6 +136,7 @@ def load(path: str) -> NodeConfig:
         max_jobs=_count(path, node, "max_jobs", 2, 64),
         max_queued=_count(path, node, "max_queued", 16, 10000),
         connections=_count(path, node, "connections", 4, 64),
+        requests=_count(path, node, "requests", 16, 256),
         merge_gap=_bytes(path, node, "merge_gap", 0, 1 << 30),
     )
 

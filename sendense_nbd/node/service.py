@@ -119,6 +119,7 @@ class Node:
             targets=targets,
             mode=request.mode,
             connections=config.connections,
+            requests=config.requests,
             merge_gap=config.merge_gap,
         )
         hub = HubSettings(request.api_url, token=config.hub_token)

@@ -70,3 +70,11 @@ def test_merge_gap_is_bytes_and_zero_by_default(tmp_path: Path) -> None:
     for bad in ("-1", '"1M"', "true", "2147483648"):
         with pytest.raises(ConfigError, match=r"\[node\] merge_gap must be a number of bytes from 0 to"):
             load(_write(tmp_path, f"{MINIMAL}[node]\nmerge_gap = {bad}\n"))
+
+
+def test_requests_in_flight_are_a_bounded_count(tmp_path: Path) -> None:
+    assert load(_write(tmp_path, MINIMAL)).requests == 16
+    assert load(_write(tmp_path, f"{MINIMAL}[node]\nrequests = 64\n")).requests == 64
+    for bad in ("0", "257", '"64"'):
+        with pytest.raises(ConfigError, match=r"\[node\] requests"):
+            load(_write(tmp_path, f"{MINIMAL}[node]\nrequests = {bad}\n"))
