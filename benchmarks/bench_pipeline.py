@@ -802,6 +802,7 @@ transports = "nbdssl:nbd"
 max_jobs = 1
 connections = {connections}
 """
+            + "".join(setting + "\n" for setting in self.args.node_setting)
         )
         config.chmod(0o600)
         self.node = self._start(
@@ -1166,7 +1167,8 @@ def header(results: Results, args: argparse.Namespace, load0: float, elapsed: fl
         f"- versions and ciphers: {versions()}",
         f"- the VM: {VM_PATH} in vcsim, 2 disks of {args.disk_mib} MiB, {args.fill:.1%} random data in 4 MiB"
         f" pieces = {data / MiB:.0f} MiB copied per backup; `mode: full` every run (a fresh restore point);"
-        f" vcsim on the {'node side (next to the node)' if args.vcenter == 'node' else 'hub side (across the link)'}",
+        f" vcsim on the {'node side (next to the node)' if args.vcenter == 'node' else 'hub side (across the link)'};"
+        f" node settings: `connections` per case{''.join(f', `{s}`' for s in args.node_setting)}",
         "- tunnels (one at a time, node side -> hub side, same hub, same NBD ports): ours = `sendense-backup"
         f" tunnel` with its defaults{' + ' + ' '.join(args.tunnel_arg) if args.tunnel_arg else ''} to the hub's"
         " embedded endpoint; openssh = `ssh -N -L` (4 NBD ports + the hub API) `-R` (node API) to a private"
@@ -1213,6 +1215,9 @@ def main() -> int:
     parser.add_argument("--no-cubic", dest="cubic", action="store_false", help="Skip ours with cubic on the loss link.")
     parser.add_argument("--no-incremental", dest="incremental", action="store_false")
     parser.add_argument("--tunnel-arg", action="append", default=[], help="Extra argument of our tunnel (repeat).")
+    parser.add_argument(
+        "--node-setting", action="append", default=[], help="A KEY = VALUE line added to the node's [node] (repeat)."
+    )
     parser.add_argument("--vcenter", choices=["node", "hub"], default="node", help="Which side vcsim runs on.")
     parser.add_argument(
         "--node-sysctls", choices=["hub", "default"], default="hub",
