@@ -25,6 +25,7 @@
     connections = 4                                    # NBD connections per disk and side
     requests = 16                                      # requests in flight per connection (x 256 KiB)
     merge_gap = 0                                      # bytes; 1048576 on a LAN (docs/BACKUP_CLIENT.md)
+    checkpoint = 67108864                              # bytes copied between FLUSHes (at most re-sent after a drop)
 
 Unknown sections and keys are refused: the :class:`ConfigError` names the key
 and its section. Files holding secrets (this file when it has ``password``, the
@@ -50,7 +51,7 @@ SECTIONS: dict[str, frozenset[str]] = {
     "vddk": frozenset(attrs.fields_dict(VddkSettings)),
     "node": frozenset(
         {"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued"}
-        | {"connections", "requests", "merge_gap"}
+        | {"connections", "requests", "merge_gap", "checkpoint"}
     ),
 }
 
@@ -78,6 +79,8 @@ class NodeConfig:
     requests: int = 16
     #: Changed areas closer than this are copied as one (:attr:`~sendense_nbd.backup.BackupSpec.merge_gap`).
     merge_gap: int = 0
+    #: Data bytes between the copy's checkpoint FLUSHes (:attr:`~sendense_nbd.backup.BackupSpec.checkpoint_bytes`).
+    checkpoint: int = 64 << 20
 
 
 def check_private(path: str) -> None:
@@ -138,6 +141,7 @@ def load(path: str) -> NodeConfig:
         connections=_count(path, node, "connections", 4, 64),
         requests=_count(path, node, "requests", 16, 256),
         merge_gap=_bytes(path, node, "merge_gap", 0, 1 << 30),
+        checkpoint=_bytes(path, node, "checkpoint", 64 << 20, 1 << 40, low=1 << 20),
     )
 
 
@@ -195,10 +199,10 @@ def _count(path: str, section: dict[str, Any], key: str, default: int, high: int
     return value
 
 
-def _bytes(path: str, section: dict[str, Any], key: str, default: int, high: int) -> int:
+def _bytes(path: str, section: dict[str, Any], key: str, default: int, high: int, *, low: int = 0) -> int:
     value = section.get(key, default)
-    if type(value) is not int or not 0 <= value <= high:
-        raise ConfigError(f"{path}: [node] {key} must be a number of bytes from 0 to {high}")
+    if type(value) is not int or not low <= value <= high:
+        raise ConfigError(f"{path}: [node] {key} must be a number of bytes from {low} to {high}")
     return value
 
 

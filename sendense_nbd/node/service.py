@@ -121,6 +121,7 @@ class Node:
             connections=config.connections,
             requests=config.requests,
             merge_gap=config.merge_gap,
+            checkpoint_bytes=config.checkpoint,
         )
         hub = HubSettings(request.api_url, token=config.hub_token)
         return BackupSettings(spec, self.endpoint, config.username, config.password, vddk=config.vddk, hub=hub)

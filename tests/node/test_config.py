@@ -78,3 +78,11 @@ def test_requests_in_flight_are_a_bounded_count(tmp_path: Path) -> None:
     for bad in ("0", "257", '"64"'):
         with pytest.raises(ConfigError, match=r"\[node\] requests"):
             load(_write(tmp_path, f"{MINIMAL}[node]\nrequests = {bad}\n"))
+
+
+def test_checkpoint_is_bytes_from_one_mib(tmp_path: Path) -> None:
+    assert load(_write(tmp_path, MINIMAL)).checkpoint == 64 << 20
+    assert load(_write(tmp_path, f"{MINIMAL}[node]\ncheckpoint = 1073741824\n")).checkpoint == 1 << 30
+    for bad in ("0", "1048575", '"64M"'):
+        with pytest.raises(ConfigError, match=r"\[node\] checkpoint must be a number of bytes from 1048576 to"):
+            load(_write(tmp_path, f"{MINIMAL}[node]\ncheckpoint = {bad}\n"))
