@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -195,6 +196,26 @@ async def _send_until_stalled(writer: asyncio.StreamWriter, total: int = 128 * M
     return sent
 
 
+@contextlib.asynccontextmanager
+async def _never_reading_target(pushed: list[int] | None, total: int = 128 * MiB) -> AsyncIterator[list[Forward]]:
+    """A TCP target that never reads, and the forward to it; with ``pushed``, it first writes until stalled
+    and appends how much went."""
+    done = asyncio.Event()
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if pushed is not None:
+            pushed.append(await _send_until_stalled(writer, total))
+        await done.wait()
+        writer.close()
+
+    server_socket = await asyncio.start_server(target, "127.0.0.1", 0)
+    try:
+        yield [Forward("127.0.0.1", free_port(), "127.0.0.1", int(server_socket.sockets[0].getsockname()[1]))]
+    finally:
+        done.set()
+        server_socket.close()
+
+
 @pytest.mark.parametrize("sender", ["node", "hub"])
 async def test_a_full_local_socket_stops_the_window(keys: Keys, sender: str) -> None:
     """The receiving end never reads: the sender stalls after about one window plus socket buffers.
@@ -202,21 +223,10 @@ async def test_a_full_local_socket_stops_the_window(keys: Keys, sender: str) -> 
     ``node``: the hub's target is full (asyncssh's forwarder pauses the channel); ``hub``: the node's
     local client is full (our forwarder pauses the channel).
     """
-    done = asyncio.Event()
     pushed: list[int] = []
-
-    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if sender == "hub":
-            pushed.append(await _send_until_stalled(writer))
-        await done.wait()  # never read
-        writer.close()
-
-    server_socket = await asyncio.start_server(target, "127.0.0.1", 0)
-    target_port = int(server_socket.sockets[0].getsockname()[1])
-    local = [Forward("127.0.0.1", free_port(), "127.0.0.1", target_port)]
     tuning = LinkTuning(window=MIN_WINDOW, socket_buffer=0)
-    try:
-        async with running(server_config(keys, {target_port}, tuning=tuning)) as server:
+    async with _never_reading_target(pushed if sender == "hub" else None) as local:
+        async with running(server_config(keys, {local[0].dest_port}, tuning=tuning)) as server:
             async with connected(tunnel_config(keys, server.port, local, connections=1, tuning=tuning)):
                 _, writer = await asyncio.open_connection("127.0.0.1", local[0].listen_port)
                 if sender == "node":
@@ -224,9 +234,6 @@ async def test_a_full_local_socket_stops_the_window(keys: Keys, sender: str) -> 
                 else:
                     await eventually(lambda: bool(pushed), seconds=60)
                 writer.transport.abort()
-    finally:
-        done.set()
-        server_socket.close()
     # Unbounded, all 128 MiB would go; bounded: the window and the kernel's loopback buffers.
     assert 0 < pushed[0] < 48 * MiB, f"{pushed[0] / MiB:.0f} MiB went to a peer that never reads"
 
@@ -316,20 +323,10 @@ async def test_hub_caps_the_channels_of_one_connection(keys: Keys, echo: tuple[E
 async def test_a_dropped_link_aborts_its_local_sockets(keys: Keys) -> None:
     """The SSH connection of a forward whose local client does not read drops: the forwarded socket is
     aborted (not left closing forever with unsent data), so nothing waits for that client."""
-    done = asyncio.Event()
     pushed: list[int] = []
-
-    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        pushed.append(await _send_until_stalled(writer, 32 * MiB))
-        await done.wait()
-        writer.close()
-
-    server_socket = await asyncio.start_server(target, "127.0.0.1", 0)
-    target_port = int(server_socket.sockets[0].getsockname()[1])
-    local = [Forward("127.0.0.1", free_port(), "127.0.0.1", target_port)]
     tuning = LinkTuning(window=MIN_WINDOW, socket_buffer=0)
-    try:
-        async with running(server_config(keys, {target_port}, tuning=tuning)) as server:
+    async with _never_reading_target(pushed, 32 * MiB) as local:
+        async with running(server_config(keys, {local[0].dest_port}, tuning=tuning)) as server:
             async with connected(tunnel_config(keys, server.port, local, connections=2, tuning=tuning)) as tunnel:
                 _, writer = await asyncio.open_connection("127.0.0.1", local[0].listen_port)  # never reads
                 await eventually(lambda: bool(pushed), seconds=60)
@@ -342,9 +339,6 @@ async def test_a_dropped_link_aborts_its_local_sockets(keys: Keys) -> None:
                 await eventually(lambda: forwarder.active == 0)
                 assert tunnel.status().listening == (local[0].listen_port,)  # the other link serves the port
                 writer.transport.abort()
-    finally:
-        done.set()
-        server_socket.close()
 
 
 async def test_the_hub_tunes_a_socket_only_after_login(
