@@ -33,10 +33,12 @@ A run = ``POST /api/v1/backups {"vm_path": ..., "mode": "full"}`` to the hub, po
 it completes; every restore point is checked (``qemu-img check`` and ``qemu-img compare`` with a copy of
 the disk). Whole-job MB/s = 10^6 bytes of allocated disk data per second from the POST to the completed
 state; the node's copy time is the time its job spent in the ``transferring`` stage, seen by a watcher
-inside the namespace polling the node API every 50 ms. For each link: ``--rounds`` rounds over every
-(tunnel, connections) variant, the order reversed every other round (A B B A); medians; after every
-tunnel (re)start a warm-up run first (the first backup over a fresh tunnel is slower), not in the
-medians. Then a 1 MiB incremental (16 x 64 KiB changes) over the 50 ms link, ``--rounds`` times.
+inside the namespace polling the node API every 50 ms. ``--rounds`` rounds; a round visits every link
+and, on each, every (tunnel, connections) variant; every other round reverses both orders (A B B A across
+links too: this machine's speed drifts for minutes, and a ratio between links must compare runs of the
+same state); medians. A link change restarts the tunnel, and after every tunnel (re)start a warm-up run
+goes first (the first backup over a fresh tunnel or a changed path is slower), not in the medians.
+Then a 1 MiB incremental (16 x 64 KiB changes) over the 50 ms link, ``--rounds`` times.
 """
 
 from __future__ import annotations
@@ -706,7 +708,7 @@ class Pipeline:
         tunnel was (re)started."""
         started = tunnel != self.tunnel_name
         if started:
-            self._stop_tunnel()
+            self.stop_tunnel()
             self.tunnel = self._start_openssh(tunnel) if tunnel.startswith("openssh") else self._start_ours(tunnel)
             self.tunnel_name = tunnel
             found = self.ns.run("ss", "-tin", "dst", HUB_IP).stdout
@@ -716,7 +718,8 @@ class Pipeline:
         self._use_node(connections)
         return started
 
-    def _stop_tunnel(self) -> None:
+    def stop_tunnel(self) -> None:
+        """Stop the running tunnel (the next :meth:`use` starts it again)."""
         if self.tunnel is None:
             return
         self.tunnel.stop()
@@ -953,24 +956,44 @@ def _one_run(pipeline: Pipeline, case: Case, warmup: bool) -> None:
     case.relay_cpu.append(run.relay_cpu)
 
 
-def run_link(pipeline: Pipeline, results: Results, link: Link, args: argparse.Namespace) -> None:
-    """The rounds over every (tunnel, connections) variant of one link, A B B A."""
+def _link_cases(results: Results, link: Link, args: argparse.Namespace) -> list[Case]:
+    """The (tunnel, connections) variants of one link, in their A B order."""
     tunnels = list(args.tunnels) + ([CUBIC] if link.loss_pct and args.cubic else [])
     conns = list(args.connections)
-    order = [(t, c) for i, t in enumerate(tunnels) for c in (conns if i % 2 == 0 else conns[::-1])]
-    cases = {}
-    for tunnel, connections in order:
-        cases[(tunnel, connections)] = Case(link, tunnel, connections)
-        results.cases.append(cases[(tunnel, connections)])
+    cases = [Case(link, t, c) for i, t in enumerate(tunnels) for c in (conns if i % 2 == 0 else conns[::-1])]
+    results.cases.extend(cases)
+    return cases
+
+
+def run_links(pipeline: Pipeline, results: Results, links: list[Link], args: argparse.Namespace) -> None:
+    """Every link's variants, round by round. The order reverses every other round, of the variants within
+    a link and of the links themselves (A B B A across links too): this machine's speed drifts for
+    minutes at a time, and a ratio between links must not compare two machine states. A link change
+    restarts the tunnel, so the warm-up after a tunnel start also covers the new path."""
+    ns = pipeline.ns
+    plans = {link: _link_cases(results, link, args) for link in links}
     for rnd in range(args.rounds):
-        for key in order if rnd % 2 == 0 else order[::-1]:
-            measured_run(pipeline, cases[key], args)
+        for link in links if rnd % 2 == 0 else links[::-1]:
+            before = ns.relay_stats()
+            ns.set_link(link, args.seed)
+            pipeline.stop_tunnel()
+            if link.label not in results.rtts:
+                results.rtts[link.label] = ns.measure_rtt()
+                print(f"link {link.label}: measured TCP connect RTT {results.rtts[link.label]:.2f} ms", flush=True)
+            for case in plans[link] if rnd % 2 == 0 else plans[link][::-1]:
+                measured_run(pipeline, case, args)
+            counts = results.facts.setdefault("relay_counts", {}).setdefault(link.label, {})
+            for direction, now in ns.relay_stats().items():
+                total = counts.setdefault(direction, {})
+                for key, value in now.items():
+                    total[key] = total.get(key, 0) + value - before.get(direction, {}).get(key, 0)
 
 
 def run_incremental(pipeline: Pipeline, results: Results, args: argparse.Namespace) -> None:
     """1 MiB of changes, then an incremental backup with our tunnel; ``--rounds`` times."""
     rng = random.Random(args.seed)
-    pipeline.use("ours", max(args.connections))
+    if pipeline.use("ours", max(args.connections)) and args.warmup:
+        pipeline.verify(pipeline.backup().job)  # a warm-up over the fresh tunnel, as for the cases
     for _ in range(args.rounds):
         changed = pipeline.change(rng)
         run = pipeline.backup("incremental")
@@ -1017,19 +1040,11 @@ def run(args: argparse.Namespace) -> Results:
         facts["direct_reachable"] = [p for p in (pipeline.api_port, *pipeline.nbd_ports) if ns.reachable(p)]
         facts["ssh_reachable"] = ns.reachable(pipeline.ssh_port) and ns.reachable(pipeline.sshd_port)
         print(f"data: {pipeline.data_bytes / MiB:.0f} MiB over 2 disks of {args.disk_mib} MiB", flush=True)
-        drops0 = ns.relay_stats()
-        for link in links:
-            ns.set_link(link, args.seed)
-            results.rtts[link.label] = ns.measure_rtt()
-            print(f"link {link.label}: measured TCP connect RTT {results.rtts[link.label]:.2f} ms", flush=True)
-            run_link(pipeline, results, link, args)
-            if args.incremental and link == Link(args.loss_rtt):
-                run_incremental(pipeline, results, args)
-            drops = ns.relay_stats()
-            facts.setdefault("relay_counts", {})[link.label] = {
-                d: {k: v - drops0.get(d, {}).get(k, 0) for k, v in c.items()} for d, c in drops.items()
-            }
-            drops0 = drops
+        run_links(pipeline, results, links, args)
+        if args.incremental:
+            ns.set_link(Link(args.loss_rtt), args.seed)
+            pipeline.stop_tunnel()
+            run_incremental(pipeline, results, args)
         facts["congestion_seen"] = pipeline.congestion_seen
     finally:
         if pipeline is not None:
@@ -1191,7 +1206,8 @@ def header(results: Results, args: argparse.Namespace, load0: float, elapsed: fl
         " (the hub's API and NBD ports are not reachable from the node namespace except through a tunnel)",
         "- MB/s (whole job) = 10^6 bytes of data / wall time from POST /backups to `completed`; node's copy s ="
         " the node's time in its `transferring` stage (a watcher in the namespace polls the node API every 50 ms);"
-        f" {args.rounds} round(s), the order reversed every other round (A B B A); medians;"
+        f" {args.rounds} round(s) over every link and variant, both orders reversed every other round (A B B A"
+        " across links too); medians;"
         + (
             " after every tunnel (re)start a warm-up run first, not in the medians (its median and count in"
             ' "first run after a tunnel start");'
