@@ -127,8 +127,6 @@ class _Job:
 
 @attrs.define
 class _DiskPlan:
-    disk: Disk
-    target: str
     sync_type: SyncType
     areas: list[tuple[int, int]] | None
     full_reason: str | None
@@ -299,23 +297,28 @@ def _select(disks: Sequence[Disk], targets: Mapping[int | None, str], vm_path: s
     return [(by_key[k], uri) for k, uri in sorted(targets.items(), key=lambda item: item[0] or 0) if k is not None]
 
 
-async def _plan(
-    job: _Job,
-    vm: VirtualMachine,
-    snapshot: Snapshot,
-    disk: Disk,
-    target: str,
-    previous: PreviousBackup | None,
-    cbt_just_enabled: bool,
-) -> _DiskPlan:
+@attrs.frozen
+class _DiskWork:
+    """One disk of a job, as its snapshot froze it: where it goes and what its last backup was."""
+
+    vm: VirtualMachine
+    snapshot: Snapshot
+    disk: Disk
+    target: str
+    previous: PreviousBackup | None
+    cbt_just_enabled: bool
+
+
+async def _plan(job: _Job, work: _DiskWork) -> _DiskPlan:
     """Full or incremental for one disk, and why a full copy."""
+    disk, previous = work.disk, work.previous
 
     def full(reason: str) -> _DiskPlan:
-        return _DiskPlan(disk, target, SyncType.FULL, None, reason)
+        return _DiskPlan(SyncType.FULL, None, reason)
 
     if job.spec.mode == Mode.FULL:
         return full("a full backup was asked for")
-    if cbt_just_enabled:
+    if work.cbt_just_enabled:
         return full("CBT was just enabled")
     if previous is None:
         return full("no previous change ID is known for this disk")
@@ -324,24 +327,17 @@ async def _plan(
     if previous.capacity is not None and previous.capacity != disk.capacity:
         return full(f"the disk's size changed ({previous.capacity} -> {disk.capacity} bytes)")
     try:
-        areas = await job.vsphere.call(changed_areas, vm, snapshot, disk, previous.change_id)
+        areas = await job.vsphere.call(changed_areas, work.vm, work.snapshot, disk, previous.change_id)
     except ChangeIdError as exc:
         return full(f"CBT was reset: {exc}")
-    return _DiskPlan(disk, target, SyncType.INCREMENTAL, areas, None)
+    return _DiskPlan(SyncType.INCREMENTAL, areas, None)
 
 
-async def _planned(
-    job: _Job,
-    vm: VirtualMachine,
-    snapshot: Snapshot,
-    disk: Disk,
-    target: str,
-    previous: PreviousBackup | None,
-    cbt_just_enabled: bool,
-) -> _DiskPlan:
+async def _planned(job: _Job, work: _DiskWork) -> _DiskPlan:
     """:func:`_plan`, noted and shown in the disk's progress; a failure is the ``preparing`` stage's."""
+    disk = work.disk
     try:
-        plan = await _plan(job, vm, snapshot, disk, target, previous, cbt_just_enabled)
+        plan = await _plan(job, work)
     except SendenseError as exc:
         raise BackupError(f"disk {disk.key}: {exc}", "preparing", reason=exc) from exc
     if plan.full_reason and job.spec.mode != Mode.FULL:
@@ -376,7 +372,10 @@ async def _copy_disks(
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(
-                    _copy_disk(job, vm, snapshot, frozen.get(d.key, d), target, previous.get(d.key), cbt_just_enabled)
+                    _copy_disk(
+                        job,
+                        _DiskWork(vm, snapshot, frozen.get(d.key, d), target, previous.get(d.key), cbt_just_enabled),
+                    )
                 )
                 for d, target in selected
             ]
@@ -385,22 +384,15 @@ async def _copy_disks(
     return [task.result() for task in tasks]
 
 
-async def _copy_disk(
-    job: _Job,
-    vm: VirtualMachine,
-    snapshot: Snapshot,
-    disk: Disk,
-    target_uri: str,
-    previous: PreviousBackup | None,
-    cbt_just_enabled: bool,
-) -> DiskResult:
+async def _copy_disk(job: _Job, work: _DiskWork) -> DiskResult:
     """One disk: its plan while its nbdkit starts and both endpoints open, then the copy; all closed after."""
+    disk = work.disk
     job.progress.set_stage("setting up NBD")
     async with contextlib.AsyncExitStack() as opened:
         try:
             async with asyncio.TaskGroup() as group:
-                planned = group.create_task(_planned(job, vm, snapshot, disk, target_uri, previous, cbt_just_enabled))
-                opening = group.create_task(_open_disk(job, vm, snapshot, disk, target_uri, opened))
+                planned = group.create_task(_planned(job, work))
+                opening = group.create_task(_open_disk(job, work, opened))
         except BaseExceptionGroup as group_error:
             raise first_error(group_error, prefer=BackupError) from None
         plan, (source, target) = planned.result(), opening.result()
@@ -433,27 +425,25 @@ async def _copy_disk(
         sync_type=plan.sync_type,
         bytes_transferred=result.copied,
         bytes_zeroed=result.zeroed,
-        target=plan.target,
+        target=work.target,
         full_reason=plan.full_reason,
         bytes_changed=changed,
     )
 
 
-async def _open_disk(
-    job: _Job, vm: VirtualMachine, snapshot: Snapshot, disk: Disk, target_uri: str, opened: contextlib.AsyncExitStack
-) -> tuple[Endpoint, Endpoint]:
+async def _open_disk(job: _Job, work: _DiskWork, opened: contextlib.AsyncExitStack) -> tuple[Endpoint, Endpoint]:
     """Start the disk's nbdkit and open the copy's source, and meanwhile its target; ``opened`` closes whatever
     was opened (shielded). nbdkit's unix socket gets one handshake first (each is a VDDK open), the others
     only with multi-conn; a TCP target gets them all at once (ConnectionPool)."""
-    connections = job.spec.connections
+    connections, disk = job.spec.connections, work.disk
 
     async def source() -> Endpoint:
         process = VddkSource(
             job.source.vddk,
             job.source.password,
-            vm_moref=vm.moref,
+            vm_moref=work.vm.moref,
             disk_file=disk.file_name,
-            snapshot_moref=snapshot.moref,
+            snapshot_moref=work.snapshot.moref,
         )
         opened.push_async_callback(_shielded, process.stop)  # also after a start cut short
         await process.start()
@@ -462,7 +452,7 @@ async def _open_disk(
         return endpoint
 
     async def target() -> Endpoint:
-        endpoint = await open_target(target_uri, size=disk.capacity, connections=connections)
+        endpoint = await open_target(work.target, size=disk.capacity, connections=connections)
         opened.push_async_callback(_shielded, endpoint.close)
         return endpoint
 
