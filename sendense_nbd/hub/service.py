@@ -49,6 +49,7 @@ from sendense_nbd.errors import (
     UnknownJob,
 )
 from sendense_nbd.hub import requests as req
+from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager, ExportStats
 from sendense_nbd.hub.jobs import (
@@ -91,6 +92,8 @@ class HubConfig:
     lease_ttl: float = 600.0
     #: Where converted restores go (default REPO/restores); callers name only a file in it.
     restore_dir: str | None = None
+    #: Where schedules, health checks and alerts read the time (tests move a ManualClock by hand).
+    clock: Clock = attrs.field(factory=SystemClock)
 
 
 @attrs.frozen
@@ -125,6 +128,7 @@ class Hub:
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
+        self.clock = config.clock
         os.makedirs(config.repo, mode=0o700, exist_ok=True)  # a new repository is the hub user's alone
         lock = os.path.join(config.repo, "hub.lock")
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
