@@ -32,13 +32,27 @@ ALLOWED: dict[str, frozenset[str]] = {
     "vmware": frozenset({"errors", "lazy"}),
     "tunnel": frozenset({"tcp", "errors", "lazy"}),
     "backup": frozenset({"copy", "client", "vmware", "protocol", "errors", "lazy"}),
+    "policy": frozenset({"fields", "backup.records", "errors"}),
     "hub": frozenset(
-        {"server", "copy", "client", "storage", "protocol", "backup.records", "fields", "http_api", "errors", "lazy"}
+        {
+            "server",
+            "copy",
+            "client",
+            "storage",
+            "protocol",
+            "backup.records",
+            "policy",
+            "fields",
+            "http_api",
+            "errors",
+            "lazy",
+        }
     ),
     "node": frozenset({"backup", "copy", "client", "vmware", "fields", "http_api", "errors", "lazy"}),
     "cli": frozenset(
         {
             "hub",
+            "policy",
             "node",
             "tunnel",
             "tcp",
