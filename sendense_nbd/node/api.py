@@ -55,6 +55,14 @@ def build_app(node: Node, *, token: str | None) -> web.Application:
         ]
         return web.json_response({"vm_path": vm_path, "disks": found})
 
+    @routes.get(PREFIX + "/vms")
+    async def vms(request: web.Request) -> web.Response:
+        return web.json_response({"vms": [vm.to_json() for vm in await node.vms()]})
+
+    @routes.get(PREFIX + "/health")
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response(node.health())
+
     app = web.Application(middlewares=[error_middleware(token, ERRORS)], client_max_size=MAX_BODY)
     app.add_routes(routes)
     return app

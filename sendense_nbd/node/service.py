@@ -15,12 +15,13 @@ import functools
 import logging
 import time
 
+from sendense_nbd import __version__
 from sendense_nbd.backup import BackupJob, BackupSettings, BackupSpec, HubSettings, prepare
 from sendense_nbd.errors import BackupError, Conflict, NodeBusy, SendenseError
 from sendense_nbd.node.config import NodeConfig
 from sendense_nbd.node.jobs import JobState, JobTable, NodeJob
 from sendense_nbd.node.requests import BackupRequest
-from sendense_nbd.vmware.inventory import Disk, find_vm
+from sendense_nbd.vmware.inventory import Disk, VmEntry, find_vm, list_vms
 from sendense_nbd.vmware.session import Endpoint, connect
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,21 @@ class Node:
         async with await connect(self.endpoint, self.config.username, self.config.password) as vsphere:
             vm = await vsphere.call(find_vm, vsphere.content, vm_path)
             return list(vm.disks)
+
+    async def vms(self) -> list[VmEntry]:
+        """Every VM of the vCenter with its inventory path (one listing call; see :func:`list_vms`)."""
+        async with await connect(self.endpoint, self.config.username, self.config.password) as vsphere:
+            return await vsphere.call(list_vms, vsphere.content)
+
+    def health(self) -> dict[str, object]:
+        """The node's version and load, for the hub's health checks (no vCenter call)."""
+        jobs = list(self._jobs)
+        return {
+            "version": __version__,
+            "running_jobs": sum(1 for job in jobs if job.state is JobState.RUNNING),
+            "queued_jobs": sum(1 for job in jobs if job.state is JobState.QUEUED),
+            "max_jobs": self.config.max_jobs,
+        }
 
     def jobs(self) -> list[NodeJob]:
         """Every job the node knows: queued, running, and the last finished ones."""

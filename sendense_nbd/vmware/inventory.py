@@ -1,4 +1,4 @@
-"""Finding a VM by inventory path and listing its virtual disks.
+"""Finding a VM by inventory path, listing its virtual disks, and listing every VM with its path.
 
 Every attribute of a pyvmomi managed object (``vm.config``, ``vm.name``,
 ``vm.snapshot``) is one round trip to vCenter. :func:`find_vm` reads all a
@@ -137,3 +137,104 @@ def list_disks(hardware_devices: Any) -> list[Disk]:
             )
         )
     return sorted(disks, key=lambda d: d.key)
+
+
+#: Most VMs :func:`list_vms` lists; a larger inventory is refused rather than listed in part.
+MAX_VMS = 100_000
+#: Objects per page of the listing (one round trip for inventories up to this size).
+_PAGE = 10_000
+#: Deepest folder nesting followed from a VM up to the root folder.
+_MAX_DEPTH = 64
+
+
+@attrs.frozen
+class VmEntry:
+    """One VM of the inventory listing: its inventory path (``/DC/vm/folder/name``), name and BIOS UUID."""
+
+    path: str
+    name: str
+    uuid: str | None
+
+    def to_json(self) -> dict[str, object]:
+        """``{"path", "name", "uuid"}``."""
+        return attrs.asdict(self)
+
+
+def list_vms(content: Any, *, limit: int = MAX_VMS) -> list[VmEntry]:
+    """Every VM under the root folder with its inventory path, sorted by path (blocking).
+
+    One ``RetrievePropertiesEx`` round trip (more only past :data:`_PAGE` objects) over a container
+    view of the VMs, folders and datacenters reads each one's name and parent; paths are built from
+    the parent chains, with no call per VM. VMs whose chain does not reach the root folder (a vApp's
+    VMs) are left out. More than ``limit`` VMs is a :class:`VSphereError`.
+    """
+    from pyVmomi import vim, vmodl
+
+    view = content.viewManager.CreateContainerView(
+        content.rootFolder, [vim.VirtualMachine, vim.Folder, vim.Datacenter], True
+    )
+    try:
+        found = _retrieve_view(content, view, limit)
+    except vmodl.MethodFault as exc:
+        raise VSphereError(f"listing the VMs failed: {fault_text(exc)}") from exc
+    finally:
+        try:
+            view.DestroyView()
+        except vmodl.MethodFault:
+            pass  # the session's end removes it anyway
+    root = content.rootFolder._moId
+    entries = []
+    for moref, (kind, props) in found.items():
+        if kind is vim.VirtualMachine:
+            path = _path_of(moref, found, root)
+            if path is not None:
+                uuid = props.get("config.uuid")
+                entries.append(VmEntry(path, str(props.get("name", "")), str(uuid) if uuid else None))
+    return sorted(entries, key=lambda entry: entry.path)
+
+
+def _retrieve_view(content: Any, view: Any, limit: int) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """The view's objects: moref -> (type, {property: value}), paged, at most ``limit`` VMs."""
+    from pyVmomi import vim, vmodl
+
+    collector = vmodl.query.PropertyCollector
+    traverse = collector.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+    spec = collector.FilterSpec(
+        objectSet=[collector.ObjectSpec(obj=view, skip=True, selectSet=[traverse])],
+        propSet=[
+            collector.PropertySpec(type=vim.VirtualMachine, pathSet=["name", "parent", "config.uuid"]),
+            collector.PropertySpec(type=vim.Folder, pathSet=["name", "parent"]),
+            collector.PropertySpec(type=vim.Datacenter, pathSet=["name", "parent"]),
+        ],
+    )
+    pc = content.propertyCollector
+    result = pc.RetrievePropertiesEx([spec], collector.RetrieveOptions(maxObjects=_PAGE))
+    found: dict[str, tuple[Any, dict[str, Any]]] = {}
+    vms = 0
+    while result is not None:
+        for item in result.objects or []:
+            kind = type(item.obj)
+            vms += kind is vim.VirtualMachine
+            found[item.obj._moId] = (kind, {prop.name: prop.val for prop in item.propSet or []})
+        if vms > limit:
+            if result.token:
+                pc.CancelRetrievePropertiesEx(result.token)
+            raise VSphereError(f"the inventory holds more than {limit} VMs: too many to list at once")
+        result = pc.ContinueRetrievePropertiesEx(result.token) if result.token else None
+    return found
+
+
+def _path_of(moref: str, found: dict[str, tuple[Any, dict[str, Any]]], root: str) -> str | None:
+    """``/DC/vm/.../name`` of ``moref`` from the parent chain; None if it does not reach ``root``."""
+    names: list[str] = []
+    current: str | None = moref
+    for _ in range(_MAX_DEPTH):
+        if current == root:
+            return "/" + "/".join(reversed(names))
+        if current is None or current not in found:
+            return None
+        props = found[current][1]
+        names.append(str(props.get("name", "")))
+        parent = props.get("parent")
+        current = parent._moId if parent is not None else None
+    return None
