@@ -27,6 +27,7 @@ from sendense_nbd.errors import (
 )
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
+from sendense_nbd.hub.alerts import AlertQuery
 from sendense_nbd.hub.jobs import Job
 from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
@@ -62,6 +63,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.post(PREFIX + "/restores", api.restore),
         web.delete(PREFIX + "/restores/{job}", api.stop_restore),
         web.get(PREFIX + "/ports", api.ports),
+        web.get(PREFIX + "/alerts", api.alerts),
     ]
     app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
     app.add_routes(routes)
@@ -132,6 +134,11 @@ class _Handlers:
     async def stop_restore(self, request: web.Request) -> web.Response:
         """DELETE /restores/{job}: stop a restore job's export."""
         return web.json_response((await self.hub.stop_restore(_job_id(request))).to_json())
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        """GET /alerts[?active=1][&kind=][&limit=]: the newest alerts first (active: conditions not cleared)."""
+        found = await self.hub.alerts.list(AlertQuery.from_query(request.query))
+        return web.json_response({"alerts": [alert.to_json() for alert in found]})
 
     async def ports(self, request: web.Request) -> web.Response:
         """GET /ports: the port pool's leases and the running exports."""

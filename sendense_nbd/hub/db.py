@@ -59,6 +59,18 @@ CREATE TABLE IF NOT EXISTS points (
     bytes_transferred INTEGER
 );
 CREATE INDEX IF NOT EXISTS points_disk ON points (vm_path, disk_key, created);
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    key TEXT,
+    subject TEXT NOT NULL,
+    message TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    fired REAL NOT NULL,
+    cleared REAL,
+    delivered TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_condition ON alerts (kind, key, cleared);
 """
 
 

@@ -49,6 +49,7 @@ from sendense_nbd.errors import (
     UnknownJob,
 )
 from sendense_nbd.hub import requests as req
+from sendense_nbd.hub.alerts import AlertConfig, AlertKind, Alerts
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager, ExportStats
@@ -94,6 +95,8 @@ class HubConfig:
     restore_dir: str | None = None
     #: Where schedules, health checks and alerts read the time (tests move a ManualClock by hand).
     clock: Clock = attrs.field(factory=SystemClock)
+    #: Where alerts go (webhook, mail) and when space is low.
+    alerts: AlertConfig = attrs.field(factory=AlertConfig)
 
 
 @attrs.frozen
@@ -149,6 +152,9 @@ class Hub:
         self._repository = Repository(config.repo, self._db)
         self._jobs = JobStore(self._db)
         self._node = NodeClient(config.node_url, token=config.node_token) if config.node_url else None
+        self.alerts = Alerts(
+            self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo
+        )
         self._background: asyncio.Task[None] | None = None
         self._closed = False
         #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
@@ -163,6 +169,7 @@ class Hub:
         for job in await self._jobs.list(state=JobState.RUNNING) + await self._jobs.list(state=JobState.PENDING):
             await self._jobs.transition(job.id, JobState.FAILED, error=restarted)
             failed.append(job.id)
+            await self._alert_failed(await self._jobs.get(job.id))
         released = [lease.port for lease in await self._ports.release_stale(self.holder)]
         discarded, merged = await self._repository.recover()
         removed, unexpected = await self._repository.sweep_orphans()
@@ -199,6 +206,7 @@ class Hub:
     async def _watch(self) -> None:
         """The background loops, in one task group: cancelling this task cancels and awaits them all."""
         async with asyncio.TaskGroup() as group:
+            group.create_task(self.alerts.run(), name="hub-alerts")
             renew = self.config.lease_ttl / 3
             group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
@@ -274,6 +282,8 @@ class Hub:
             await self._cleanup(job.id, prepared)
             with contextlib.suppress(JobStateError):
                 await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("starting", str(exc)))
+            if isinstance(exc, Exception):
+                await self._alert_failed(await self._jobs.get(job.id))
             raise
         return job
 
@@ -359,9 +369,20 @@ class Hub:
         job = await self._jobs.get(job_id)
         await self._cleanup(job_id, job.disks)
         try:
-            return await self._jobs.transition(job_id, state, error=failure)
+            ended = await self._jobs.transition(job_id, state, error=failure)
         except JobStateError:
             return await self._jobs.get(job_id)
+        await self._alert_failed(ended)
+        return ended
+
+    async def _alert_failed(self, job: Job) -> None:
+        """JOB_FAILED for a backup or verify job that failed (not cancelled; a restore answers its caller)."""
+        if job.kind is JobKind.RESTORE or job.state is not JobState.FAILED or job.error is None:
+            return
+        error = job.error
+        message = f"{job.kind.value} job {job.id} failed at {error.stage}: {error.message}"
+        detail = {"job_id": job.id, "job_kind": job.kind.value, **error.to_json()}
+        await self.alerts.fire(AlertKind.JOB_FAILED, job.vm_path, message, key=job.id, detail=detail)
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job that has not ended (the node is told, best effort); its points are discarded."""
