@@ -27,7 +27,7 @@ from typing import Protocol
 import attrs
 
 from sendense_nbd.backup.progress import JobProgress
-from sendense_nbd.backup.records import DiskResult, Mode, PreviousBackup, SyncType
+from sendense_nbd.backup.records import DiskResult, FullReason, Mode, PreviousBackup, SyncType
 from sendense_nbd.copy import CopyOptions, Endpoint, Progress, copy, merge_areas, open_source, open_target
 from sendense_nbd.errors import (
     BackupError,
@@ -129,7 +129,8 @@ class _Job:
 class _DiskPlan:
     sync_type: SyncType
     areas: list[tuple[int, int]] | None
-    full_reason: str | None
+    full_reason: FullReason | None
+    full_reason_detail: str | None
 
 
 async def run_backup(
@@ -310,27 +311,27 @@ class _DiskWork:
 
 
 async def _plan(job: _Job, work: _DiskWork) -> _DiskPlan:
-    """Full or incremental for one disk, and why a full copy."""
+    """Full or incremental for one disk, and why a full copy (a code and the same in words)."""
     disk, previous = work.disk, work.previous
 
-    def full(reason: str) -> _DiskPlan:
-        return _DiskPlan(SyncType.FULL, None, reason)
+    def full(reason: FullReason, detail: str) -> _DiskPlan:
+        return _DiskPlan(SyncType.FULL, None, reason, detail)
 
     if job.spec.mode == Mode.FULL:
-        return full("a full backup was asked for")
+        return full(FullReason.REQUESTED, "a full backup was asked for")
     if work.cbt_just_enabled:
-        return full("CBT was just enabled")
+        return full(FullReason.CBT_RESET, "CBT was just enabled")
     if previous is None:
-        return full("no previous change ID is known for this disk")
+        return full(FullReason.FIRST_BACKUP, "no previous change ID is known for this disk")
     if previous.disk_uuid and disk.uuid and previous.disk_uuid != disk.uuid:
-        return full(f"the disk's identity changed (UUID {previous.disk_uuid} -> {disk.uuid})")
+        return full(FullReason.CBT_RESET, f"the disk's identity changed (UUID {previous.disk_uuid} -> {disk.uuid})")
     if previous.capacity is not None and previous.capacity != disk.capacity:
-        return full(f"the disk's size changed ({previous.capacity} -> {disk.capacity} bytes)")
+        return full(FullReason.CBT_RESET, f"the disk's size changed ({previous.capacity} -> {disk.capacity} bytes)")
     try:
         areas = await job.vsphere.call(changed_areas, work.vm, work.snapshot, disk, previous.change_id)
     except ChangeIdError as exc:
-        return full(f"CBT was reset: {exc}")
-    return _DiskPlan(SyncType.INCREMENTAL, areas, None)
+        return full(FullReason.CBT_RESET, f"CBT was reset: {exc}")
+    return _DiskPlan(SyncType.INCREMENTAL, areas, None, None)
 
 
 async def _planned(job: _Job, work: _DiskWork) -> _DiskPlan:
@@ -340,8 +341,8 @@ async def _planned(job: _Job, work: _DiskWork) -> _DiskPlan:
         plan = await _plan(job, work)
     except SendenseError as exc:
         raise BackupError(f"disk {disk.key}: {exc}", "preparing", reason=exc) from exc
-    if plan.full_reason and job.spec.mode != Mode.FULL:
-        job.on_note(f"disk {disk.key}: full copy: {plan.full_reason}")
+    if plan.full_reason_detail and job.spec.mode != Mode.FULL:
+        job.on_note(f"disk {disk.key}: full copy: {plan.full_reason_detail}")
     figures = job.progress.disk(disk.key)
     figures.sync_type = plan.sync_type.value
     if plan.areas is not None:
@@ -427,6 +428,7 @@ async def _copy_disk(job: _Job, work: _DiskWork) -> DiskResult:
         bytes_zeroed=result.zeroed,
         target=work.target,
         full_reason=plan.full_reason,
+        full_reason_detail=plan.full_reason_detail,
         bytes_changed=changed,
     )
 

@@ -15,6 +15,23 @@ class Mode(enum.Enum):
     AUTO = "auto"
 
 
+class FullReason(enum.Enum):
+    """Why a disk (or a job) got a full copy; the value is the code the APIs show."""
+
+    #: Mode full was asked for (by an operator, or a policy's mode).
+    REQUESTED = "requested"
+    #: No point of this disk exists yet (no previous change ID).
+    FIRST_BACKUP = "first_backup"
+    #: The change ID was refused, CBT was just enabled, or the disk's identity or size changed.
+    CBT_RESET = "cbt_reset"
+    #: The policy's ``full_every`` was reached.
+    CHAIN_CAP = "chain_cap"
+    #: The disk had points, but none is usable as a base (deleted, or without a change ID).
+    BASE_MISSING = "base_missing"
+    #: The latest point is damaged (a verify job found it).
+    VERIFY_FAILED = "verify_failed"
+
+
 class SyncType(enum.Enum):
     """What a disk's copy was."""
 
@@ -55,8 +72,9 @@ class DiskResult:
     bytes_transferred: int
     bytes_zeroed: int
     target: str
-    #: Why this disk got a full copy (None for an incremental).
-    full_reason: str | None = None
+    #: Why this disk got a full copy (None for an incremental), and the same in words.
+    full_reason: FullReason | None = None
+    full_reason_detail: str | None = None
     #: Bytes that changed: the union of the CBT areas for an incremental; for a full, the data bytes read.
     #: ``bytes_transferred`` exceeds it only by what merging areas (``merge_gap``) and block rounding added.
     bytes_changed: int = 0
@@ -73,5 +91,6 @@ class DiskResult:
             "bytes_zeroed": self.bytes_zeroed,
             "bytes_changed": self.bytes_changed,
             "target": self.target,
-            "full_reason": self.full_reason,
+            "full_reason": None if self.full_reason is None else self.full_reason.value,
+            "full_reason_detail": self.full_reason_detail,
         }

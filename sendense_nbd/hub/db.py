@@ -129,7 +129,16 @@ class Database:
 
 
 #: Columns added after a table was first released: ``(table, column, type)``, added to an older store on open.
-ADDED_COLUMNS = (("points", "bytes_changed", "INTEGER"), ("points", "bytes_transferred", "INTEGER"))
+ADDED_COLUMNS = (
+    ("points", "bytes_changed", "INTEGER"),
+    ("points", "bytes_transferred", "INTEGER"),
+    ("jobs", "node", "TEXT"),
+    ("jobs", "policy", "TEXT"),
+    ("jobs", "full_reason", "TEXT"),
+    ("jobs", "stages", "TEXT"),
+    ("jobs", "bytes_changed", "INTEGER"),
+    ("jobs", "bytes_sent", "INTEGER"),
+)
 
 
 def _add_columns(connection: sqlite3.Connection) -> None:

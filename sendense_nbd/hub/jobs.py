@@ -11,6 +11,12 @@ Terminal states never change again; a second completion is refused. A job's
 ``detail`` says what it serves or wrote: a backup's disks with their exports
 (:class:`BackupDetail`), a restore's export (:class:`ExportDetail`) or file
 (:class:`ConvertDetail`).
+
+A job also says why it did what it did: its node and policy, why it was a
+full copy (``full_reason``, a :class:`~sendense_nbd.backup.records.FullReason`
+code), the bytes that changed and were sent, and its ``stages`` with their
+times (``queued``, then each stage its node reports, then the hub's
+``completing`` and ``retention``), read from the hub's clock.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.backup.records import Mode, SyncType
+from sendense_nbd.backup.records import FullReason, Mode, SyncType
 from sendense_nbd.errors import JobStateError, UnknownJob
+from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.requests import Failure, Progress, RestoreAction
 from sendense_nbd.storage.modes import ImageFormat
@@ -54,10 +61,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 
 class JobKind(enum.Enum):
-    """What a job does: back a VM's disks up, or restore a point."""
+    """What a job does: back a VM's disks up, restore a point, or verify points."""
 
     BACKUP = "backup"
     RESTORE = "restore"
+    VERIFY = "verify"
 
 
 @attrs.frozen
@@ -74,6 +82,9 @@ class DiskExport:
     #: What the node reported at completion (None before, or when it did not say).
     bytes_changed: int | None = None
     bytes_transferred: int | None = None
+    #: Why this disk gets a full copy (a :class:`FullReason` value): the hub's decision before the
+    #: job starts, else the node's at completion; None for an incremental.
+    full_reason: str | None = None
 
 
 @attrs.frozen
@@ -121,19 +132,113 @@ class ConvertDetail:
         return {"point_id": self.point_id, "path": self.path, "format": self.fmt.value}
 
 
+class VerifyScope(enum.Enum):
+    """What a verify job covers (its ``mode``): every point of a VM, or one point's chain."""
+
+    VM = "vm"
+    POINT = "point"
+
+
+@attrs.frozen
+class PointVerdict:
+    """What a verify found of one point: ``state`` verified or damaged, the first bad offset and why."""
+
+    point_id: str
+    disk_key: int
+    state: str
+    bad_offset: int | None
+    error: str | None
+    #: The point's digest sidecar; None: verified by structure only.
+    digests: str | None
+
+
+@attrs.frozen
+class VerifyDetail:
+    """A verify job: the point asked for (None: the VM's points), and each point's verdict, oldest first."""
+
+    point_id: str | None = None
+    points: tuple[PointVerdict, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VerifyDetail:
+        """From the store's JSON."""
+        return cls(data.get("point_id"), tuple(PointVerdict(**p) for p in data.get("points", ())))
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"point_id", "points": [...], "verified", "damaged"}``."""
+        states = [p.state for p in self.points]
+        return {
+            "point_id": self.point_id,
+            "points": [attrs.asdict(p) for p in self.points],
+            "verified": states.count("verified"),
+            "damaged": states.count("damaged"),
+        }
+
+
 #: What a job serves or wrote; None for a restore export that never started serving.
-Detail = BackupDetail | ExportDetail | ConvertDetail | None
+Detail = BackupDetail | ExportDetail | ConvertDetail | VerifyDetail | None
+#: A backup's mode, a restore's action, or what a verify covers.
+JobMode = Mode | RestoreAction | VerifyScope
 
 
-def _load_detail(kind: JobKind, mode: Mode | RestoreAction, data: dict[str, Any]) -> Detail:
+def _load_detail(kind: JobKind, mode: JobMode, data: dict[str, Any]) -> Detail:
     """A job's detail from the store's JSON (written by this module, so trusted)."""
     if kind is JobKind.BACKUP:
         return BackupDetail.from_json(data)
+    if kind is JobKind.VERIFY:
+        return VerifyDetail.from_json(data)
     if not data:
         return None
     if mode is RestoreAction.EXPORT:
         return ExportDetail(**data)
     return ConvertDetail(data["point_id"], data["path"], ImageFormat(data["format"]))
+
+
+#: A job keeps at most this many stages (a node naming more has its extra stages folded into
+#: the current one); a stage's name is cut to :data:`MAX_STAGE_NAME` characters.
+MAX_STAGES = 64
+MAX_STAGE_NAME = 64
+#: Stages kept back for the hub's own (``completing``, ``retention``) when a node names many.
+_HUB_STAGES = 2
+
+
+@attrs.frozen
+class Stage:
+    """One stage of a job: its name and when it started and ended (None while it runs)."""
+
+    name: str
+    started: float
+    ended: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Stage:
+        """From the store's JSON."""
+        return cls(data["name"], data["started"], data.get("ended"))
+
+    @property
+    def seconds(self) -> float | None:
+        """How long it took (never negative); None while it runs."""
+        return None if self.ended is None else max(0.0, self.ended - self.started)
+
+    def to_json(self) -> dict[str, object]:
+        """``{"name", "started", "ended", "seconds"}``."""
+        return {"name": self.name, "started": self.started, "ended": self.ended, "seconds": self.seconds}
+
+
+def _stages(raw: str | None) -> tuple[Stage, ...]:
+    return tuple(Stage.from_json(item) for item in json.loads(raw)) if raw else ()
+
+
+def _dump_stages(stages: list[Stage] | tuple[Stage, ...]) -> str:
+    return json.dumps([{"name": s.name, "started": s.started, "ended": s.ended} for s in stages])
+
+
+def _ended(stages: tuple[Stage, ...], now: float) -> list[Stage]:
+    """``stages`` with the running one (the last, if open) ended at ``now``."""
+    out = list(stages)
+    if out and out[-1].ended is None:
+        out[-1] = attrs.evolve(out[-1], ended=max(now, out[-1].started))
+    return out
 
 
 @attrs.frozen
@@ -143,8 +248,8 @@ class Job:
     id: str
     kind: JobKind
     vm_path: str
-    #: A backup's :class:`Mode`, or a restore's :class:`RestoreAction`.
-    mode: Mode | RestoreAction
+    #: A backup's :class:`Mode`, a restore's :class:`RestoreAction`, or a verify's :class:`VerifyScope`.
+    mode: JobMode
     state: JobState
     created: float
     updated: float
@@ -152,18 +257,33 @@ class Job:
     detail: Detail
     progress: Progress | None
     error: Failure | None
+    node: str | None = None
+    policy: str | None = None
+    full_reason: FullReason | None = None
+    stages: tuple[Stage, ...] = ()
+    #: Sums of the disks' reports at completion (None: some disk's node did not report it).
+    bytes_changed: int | None = None
+    bytes_sent: int | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
         """A job from its row in the store."""
         kind = JobKind(row["kind"])
-        mode = Mode(row["mode"]) if kind is JobKind.BACKUP else RestoreAction(row["mode"])
+        mode: JobMode = (
+            Mode(row["mode"])
+            if kind is JobKind.BACKUP
+            else VerifyScope(row["mode"])
+            if kind is JobKind.VERIFY
+            else RestoreAction(row["mode"])
+        )
         progress, error = (json.loads(row[name]) if row[name] else None for name in ("progress", "error"))
         return cls(
             row["id"], kind, row["vm_path"], mode, JobState(row["state"]), row["created"], row["updated"],
             row["deadline"], _load_detail(kind, mode, json.loads(row["detail"]) if row["detail"] else {}),
             None if progress is None else Progress.from_json(progress),
             None if error is None else Failure(**error),
+            row.get("node"), row.get("policy"), _full_reason(row.get("full_reason")), _stages(row.get("stages")),
+            row.get("bytes_changed"), row.get("bytes_sent"),
         )  # fmt: skip
 
     @property
@@ -185,7 +305,21 @@ class Job:
             "detail": {} if self.detail is None else self.detail.to_json(),
             "progress": None if self.progress is None else self.progress.to_json(),
             "error": None if self.error is None else self.error.to_json(),
+            "node": self.node,
+            "policy": self.policy,
+            "full_reason": None if self.full_reason is None else self.full_reason.value,
+            "stages": [stage.to_json() for stage in self.stages],
+            "bytes_changed": self.bytes_changed,
+            "bytes_sent": self.bytes_sent,
         }
+
+
+def _full_reason(value: str | None) -> FullReason | None:
+    """A stored reason code (one a later version wrote and this one does not know reads as None)."""
+    try:
+        return None if value is None else FullReason(value)
+    except ValueError:
+        return None
 
 
 def new_job_id() -> str:
@@ -193,29 +327,47 @@ def new_job_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def _dump(value: Failure | Progress | BackupDetail | ExportDetail | ConvertDetail | None) -> str | None:
+def _dump(value: Failure | Progress | Detail) -> str | None:
     return None if value is None else json.dumps(value.to_json())
 
 
 class JobStore:
     """The jobs table: create, read, and move jobs through their states."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Clock | None = None) -> None:
         self.db = db
+        #: Where stage times are read.
+        self.clock: Clock = clock or SystemClock()
 
     async def create(
-        self, kind: JobKind, vm_path: str, mode: Mode | RestoreAction, detail: Detail, *, lifetime: float
+        self,
+        kind: JobKind,
+        vm_path: str,
+        mode: JobMode,
+        detail: Detail,
+        *,
+        lifetime: float,
+        node: str | None = None,
+        policy: str | None = None,
+        full_reason: FullReason | None = None,
     ) -> Job:
-        """A new pending job that must end within ``lifetime`` seconds."""
+        """A new pending job that must end within ``lifetime`` seconds; a backup starts ``queued``."""
         now = time.time()
-        job = Job(new_job_id(), kind, vm_path, mode, JobState.PENDING, now, now, now + lifetime, detail, None, None)
+        stages = (Stage("queued", self.clock.now()),) if kind is JobKind.BACKUP else ()
+        job = Job(
+            new_job_id(), kind, vm_path, mode, JobState.PENDING, now, now, now + lifetime, detail, None, None,
+            node, policy, full_reason, stages,
+        )  # fmt: skip
+        row = {
+            "id": job.id, "kind": kind.value, "vm_path": vm_path, "mode": mode.value, "state": job.state.value,
+            "created": now, "updated": now, "deadline": job.deadline, "detail": _dump(detail) or "{}",
+            "node": node, "policy": policy, "full_reason": None if full_reason is None else full_reason.value,
+            "stages": _dump_stages(stages),
+        }  # fmt: skip
 
         def insert(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, kind.value, vm_path, mode.value, job.state.value, now, now, job.deadline,
-                 _dump(detail) or "{}", None, None),
-            )  # fmt: skip
+            names, marks = ", ".join(row), ", ".join("?" * len(row))
+            connection.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(row.values()))
 
         await self.db.run(insert)
         return job
@@ -252,9 +404,17 @@ class JobStore:
         return [Job.from_row(r) for r in await self.db.run(read)]
 
     async def transition(
-        self, job_id: str, state: JobState, *, error: Failure | None = None, detail: Detail = None
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        error: Failure | None = None,
+        detail: Detail = None,
+        outcome: Outcome | None = None,
     ) -> Job:
-        """Move a job to ``state`` (atomically checked); :class:`JobStateError` if it cannot."""
+        """Move a job to ``state`` (atomically checked); :class:`JobStateError` if it cannot. A terminal
+        state ends the running stage; ``outcome`` records the completion's reason and byte counts."""
+        now = self.clock.now()
 
         def move(connection: sqlite3.Connection) -> None:
             current = self._state(connection, job_id)
@@ -265,12 +425,23 @@ class JobStore:
                 "WHERE id = ?",
                 (state.value, time.time(), _dump(error), _dump(detail), job_id),
             )
+            if state.terminal:
+                ended = _ended(_read_stages(connection, job_id), now)
+                connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages(ended), job_id))
+            if outcome is not None:
+                connection.execute(
+                    "UPDATE jobs SET full_reason = ?, bytes_changed = ?, bytes_sent = ? WHERE id = ?",
+                    (None if outcome.full_reason is None else outcome.full_reason.value, outcome.bytes_changed,
+                     outcome.bytes_sent, job_id),
+                )  # fmt: skip
 
         await self.db.run(move)
         return await self.get(job_id)
 
     async def set_progress(self, job_id: str, progress: Progress) -> Job:
-        """Record a job's latest progress; a running report on a finished job is refused."""
+        """Record a job's latest progress; a running report on a finished job is refused. A stage name
+        other than the running one's ends that stage and starts this one (not once the job is over)."""
+        now = self.clock.now()
 
         def update(connection: sqlite3.Connection) -> None:
             current = self._state(connection, job_id)
@@ -279,9 +450,28 @@ class JobStore:
             connection.execute(
                 "UPDATE jobs SET progress = ?, updated = ? WHERE id = ?", (_dump(progress), time.time(), job_id)
             )
+            if progress.stage and not current.terminal:
+                _enter(connection, job_id, progress.stage, now, limit=MAX_STAGES - _HUB_STAGES)
 
         await self.db.run(update)
         return await self.get(job_id)
+
+    async def enter_stage(self, job_id: str, name: str) -> None:
+        """The hub's own stage (e.g. ``completing``): the running stage ends, ``name`` starts."""
+        now = self.clock.now()
+        await self.db.run(lambda connection: _enter(connection, job_id, name, now, limit=MAX_STAGES))
+
+    async def add_stage(self, job_id: str, name: str, started: float) -> None:
+        """A stage that ran from ``started`` until now, recorded after the job ended (``retention``)."""
+        now = self.clock.now()
+
+        def add(connection: sqlite3.Connection) -> None:
+            stages = _read_stages(connection, job_id)
+            if len(stages) < MAX_STAGES:
+                stage = Stage(name[:MAX_STAGE_NAME], started, max(now, started))
+                connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages((*stages, stage)), job_id))
+
+        await self.db.run(add)
 
     @staticmethod
     def _state(connection: sqlite3.Connection, job_id: str) -> JobState:
@@ -289,3 +479,29 @@ class JobStore:
         if not found:
             raise UnknownJob(f"no job {job_id}")
         return JobState(found[0]["state"])
+
+
+@attrs.frozen
+class Outcome:
+    """What a completed backup job records besides its state: why it was full and the bytes it moved."""
+
+    full_reason: FullReason | None
+    bytes_changed: int | None
+    bytes_sent: int | None
+
+
+def _read_stages(connection: sqlite3.Connection, job_id: str) -> tuple[Stage, ...]:
+    found = rows(connection.execute("SELECT stages FROM jobs WHERE id = ?", (job_id,)))
+    if not found:
+        raise UnknownJob(f"no job {job_id}")
+    return _stages(found[0]["stages"])
+
+
+def _enter(connection: sqlite3.Connection, job_id: str, name: str, now: float, *, limit: int) -> None:
+    """End the running stage and start ``name``, unless it is the running one or ``limit`` stages exist."""
+    name = name[:MAX_STAGE_NAME]
+    stages = _read_stages(connection, job_id)
+    if (stages and stages[-1].name == name and stages[-1].ended is None) or len(stages) >= limit:
+        return
+    updated = [*_ended(stages, now), Stage(name, now)]
+    connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages(updated), job_id))

@@ -17,12 +17,13 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.backup.records import Mode
+from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.fields import (
     MAX_DISK_KEY,
     MAX_DISKS,
     choice,
+    identifier,
     integer,
     json_list,
     json_object,
@@ -72,6 +73,13 @@ def _message(value: object, name: str = "error.message", limit: int = MAX_MESSAG
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string")
     return _MESSAGE_CONTROL.sub("\ufffd", value[:limit])
+
+
+def _node_name(value: object) -> str:
+    name = identifier(value) if isinstance(value, str) else None
+    if name is None:
+        raise BadRequest("node must be a node's name (letters, digits, '.', '_', '-')")
+    return name
 
 
 def _stage(value: object) -> str:
@@ -126,21 +134,29 @@ def parse_disks(value: object, name: str = "disks") -> tuple[DiskSpec, ...]:
 
 @attrs.frozen
 class BackupRequest:
-    """``POST /backups``: ``{"vm_path", "mode"?, "disks"?}``."""
+    """``POST /backups``: ``{"vm_path", "mode"?, "disks"?, "node"?}``.
+
+    ``policy`` and ``full_reason`` are set only by the hub's scheduler (a policy's run, its chain cap).
+    """
 
     vm_path: str
     mode: Mode
     disks: tuple[DiskSpec, ...] | None
+    node: str | None = None
+    policy: str | None = None
+    full_reason: FullReason | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> BackupRequest:
         """Parse the body; unknown fields are refused."""
-        json_object(body, "the body", frozenset({"vm_path", "mode", "disks"}))
+        json_object(body, "the body", frozenset({"vm_path", "mode", "disks", "node"}))
         disks = body.get("disks")
+        node = body.get("node")
         return cls(
             vm_path(body.get("vm_path")),
             choice(body.get("mode", "auto"), "mode", Mode),
             None if disks is None else parse_disks(disks),
+            None if node is None else _node_name(node),
         )
 
 
@@ -175,20 +191,23 @@ class RestoreRequest:
 
 @attrs.frozen
 class Failure:
-    """Why a job failed: where (``stage``) and what happened (``message``), as reports and jobs show it."""
+    """Why a job failed: where (``stage``), what happened (``message``) and a machine reason (``code``:
+    ``node``, ``timeout``, ``cancelled``, ``restarted``, ``node_unavailable``, ``insufficient_space``...)."""
 
     stage: str
     message: str
+    code: str | None = None
 
     @classmethod
-    def from_json(cls, value: object, *, default_message: str) -> Failure:
-        """A node's ``error`` object (null: an empty one); the text is kept, never refused (see :func:`_message`)."""
+    def from_json(cls, value: object, *, default_message: str, code: str | None = "node") -> Failure:
+        """A node's ``error`` object (null: an empty one); the text is kept, never refused (see :func:`_message`).
+        Its code is ``node`` (the node's own failure report) unless told otherwise."""
         error = {} if value is None else json_object(value, "error")
-        return cls(_stage(error.get("stage", "node")), _message(error.get("message", default_message)))
+        return cls(_stage(error.get("stage", "node")), _message(error.get("message", default_message)), code)
 
-    def to_json(self) -> dict[str, str]:
-        """``{"stage", "message"}``."""
-        return {"stage": self.stage, "message": self.message}
+    def to_json(self) -> dict[str, str | None]:
+        """``{"stage", "code", "message"}``."""
+        return {"stage": self.stage, "code": self.code, "message": self.message}
 
 
 @attrs.frozen
@@ -201,6 +220,9 @@ class ReportedDisk:
     #: Data bytes sent, and the bytes that changed (None: the node did not report it).
     bytes_transferred: int | None = None
     bytes_changed: int | None = None
+    #: Why the node made a full copy (None: an incremental, or a code this hub does not know), in words.
+    full_reason: FullReason | None = None
+    full_reason_detail: str | None = None
 
 
 @attrs.frozen
@@ -239,15 +261,32 @@ def _reported_disk(value: object, where: str) -> ReportedDisk:
     }
     for name, limit in (("sync_type", 32), ("target", 2048)):
         _optional_text(disk.get(name), f"{where}.{name}", limit=limit)
-    if disk.get("full_reason") is not None:
-        _message(disk["full_reason"])
+    reason, detail = _full_reason(disk.get("full_reason"), disk.get("full_reason_detail"), where)
     return ReportedDisk(
         integer(disk.get("disk_key"), f"{where}.disk_key", 0, MAX_DISK_KEY),
         _optional_text(disk.get("change_id"), f"{where}.change_id"),
         _optional_text(disk.get("disk_uuid"), f"{where}.disk_uuid", limit=128),
         counts.get("bytes_transferred"),
         counts.get("bytes_changed"),
+        reason,
+        detail,
     )
+
+
+def _full_reason(code: object, detail: object, where: str) -> tuple[FullReason | None, str | None]:
+    """A disk's ``full_reason`` code and its ``full_reason_detail``; never refused for their text.
+
+    A code this hub does not know (a newer node's) is kept as null, the code going into the detail;
+    an older node sends its reason as text in ``full_reason``: that becomes the detail too.
+    """
+    text_detail = None if detail is None else _message(detail, f"{where}.full_reason_detail", 1024)
+    if code is None:
+        return None, text_detail
+    words = _message(code, f"{where}.full_reason", 1024)
+    try:
+        return FullReason(words), text_detail
+    except ValueError:
+        return None, text_detail or words
 
 
 _PROGRESS_NUMBERS = (
@@ -329,7 +368,7 @@ class Progress:
             items = json_list(body["disks"], "disks", MAX_DISKS)
             disks = tuple(DiskProgress.from_json(item, f"disks[{i}]") for i, item in enumerate(items))
         error = body.get("error")
-        failure = None if error is None else Failure.from_json(error, default_message="")
+        failure = None if error is None else Failure.from_json(error, default_message="", code=None)
         return cls(status=status, disks=disks, error=failure, **names, **numbers)
 
     @property

@@ -103,7 +103,7 @@ async def test_a_typed_job_comes_back_from_the_store_as_it_went_in(
 
 def test_completion_values() -> None:
     failed = Completion.from_json({"status": "failed", "error": {"stage": "x" * 100}})
-    assert failed.failure == Failure("x" * 64, "the node reported a failure") and failed.disks == ()
+    assert failed.failure == Failure("x" * 64, "the node reported a failure", "node") and failed.disks == ()
     done = Completion.from_json({"status": "completed", "disks": [{"disk_key": 1, "change_id": "c", "new": 1}]})
     assert done.failure is None and [(d.disk_key, d.change_id, d.disk_uuid) for d in done.disks] == [(1, "c", None)]
     with pytest.raises(BadRequest, match="reported twice"):
