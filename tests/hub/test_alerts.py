@@ -120,9 +120,7 @@ def smtp() -> Iterator[tuple[Mailbox, int, list[tuple[str, str]]]]:
 
 @contextlib.asynccontextmanager
 async def running_hub(repo: Path, config: AlertConfig, clock: ManualClock | None = None) -> AsyncIterator[Hub]:
-    hub = Hub(
-        HubConfig(repo=str(repo), nbd_ports=free_port_range(4), clock=clock or ManualClock(START), alerts=config)
-    )
+    hub = Hub(HubConfig(repo=str(repo), nbd_ports=free_port_range(4), clock=clock or ManualClock(START), alerts=config))
     await hub.start()
     try:
         yield hub
@@ -131,10 +129,10 @@ async def running_hub(repo: Path, config: AlertConfig, clock: ManualClock | None
         await hub.wait_closed()
 
 
-async def until(predicate: Any, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(predicate: Any, what: str, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
     while not await predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
         await asyncio.sleep(0.02)
 
 
@@ -322,8 +320,7 @@ async def test_low_space_fires_once_and_clears_on_a_small_tmpfs(tmpfs: Path) -> 
                 found = await hub.alerts.list(AlertQuery(active=True, kind=AlertKind.LOW_SPACE))
                 return bool(found) == active
 
-            with open(filler, "wb") as f:  # 12 of 16 MiB: 25% free, below 50%
-                f.write(os.urandom(12 * MIB))
+            await asyncio.to_thread(filler.write_bytes, os.urandom(12 * MIB))  # 12 of 16 MiB: ~25% free, below 50%
             await until(lambda: low(True), "LOW_SPACE fired")
             for _ in range(5):
                 assert await low(True)
