@@ -1,0 +1,176 @@
+"""``/metrics``: the hub's state in the Prometheus text format, read at scrape time.
+
+A scrape gathers every value first (one read transaction in the store's
+thread, the filesystem's usage in another thread), then renders them through
+a fresh :class:`~prometheus_client.CollectorRegistry`; nothing is kept
+between scrapes and the event loop never waits on SQLite. Per-VM series are
+bounded by :data:`MAX_VMS` (past it the rest are dropped, logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sendense_nbd.hub.alerts import AlertKind
+from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.db import Database
+
+log = logging.getLogger(__name__)
+
+#: Most VMs given a ``sendense_last_good_point_age_seconds`` series.
+MAX_VMS = 10_000
+#: Upper bounds (seconds) of the backup duration histogram's buckets.
+DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
+#: The states of a point's verification (an unverified point may have no state stored).
+VERIFY_STATES = ("unverified", "verified", "damaged")
+
+
+@attrs.frozen
+class Snapshot:
+    """Every value of one scrape."""
+
+    jobs: dict[tuple[str, str], int]
+    job_bytes: dict[str, int]
+    #: Cumulative counts per bucket bound (the last is +Inf), and the sum of the durations.
+    durations: tuple[tuple[float, int], ...]
+    duration_sum: float
+    last_good: dict[str, float]
+    repository: dict[str, int]
+    ports: dict[str, int]
+    points: dict[str, int]
+    alerts: dict[str, int]
+
+
+class HubMetrics:
+    """Renders the metrics of one hub: its store, repository filesystem and port pool."""
+
+    def __init__(self, db: Database, *, repo: str, pool_size: int, clock: Clock) -> None:
+        self.db = db
+        self.repo = repo
+        self.pool_size = pool_size
+        self.clock = clock
+        self._warned = False
+
+    async def render(self) -> bytes:
+        """The metrics, in the Prometheus text format."""
+        snapshot = await self.snapshot()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(snapshot))
+        return generate_latest(registry)
+
+    async def snapshot(self) -> Snapshot:
+        """Gather the values: the store's in one read, the filesystem's usage alongside."""
+        now = self.clock.now()
+        usage, (values, vms) = await asyncio.gather(
+            asyncio.to_thread(shutil.disk_usage, self.repo), self.db.run(lambda c: _read(c, now))
+        )
+        if vms > MAX_VMS and not self._warned:
+            self._warned = True
+            log.warning("%d VMs have points: the metrics show the last good point of %d of them", vms, MAX_VMS)
+        leased = values.pop("leased")
+        return Snapshot(
+            **values,
+            repository={"total": usage.total, "used": usage.used, "free": usage.free},
+            ports={"leased": leased, "free": max(0, self.pool_size - leased)},
+        )
+
+
+def _read(connection: sqlite3.Connection, now: float) -> tuple[dict[str, Any], int]:
+    """The store's values (in the store's thread), and how many VMs have a good point."""
+    jobs = {(r[0], r[1]): r[2] for r in connection.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")}
+    job_bytes = {
+        r[0]: r[1] or 0
+        for r in connection.execute("SELECT kind, SUM(bytes_sent) FROM jobs WHERE state = 'completed' GROUP BY 1")
+    }
+    bounds = ", ".join(f"SUM(d <= {bound})" for bound in DURATION_BUCKETS)
+    row = connection.execute(
+        f"SELECT {bounds}, COUNT(*), SUM(d) FROM (SELECT updated - created AS d FROM jobs "
+        "WHERE kind = 'backup' AND state = 'completed')"
+    ).fetchone()
+    durations = tuple(zip((*DURATION_BUCKETS, float("inf")), (count or 0 for count in row[:-1]), strict=True))
+    good = connection.execute(
+        "SELECT vm_path, MAX(completed) FROM points WHERE status = 'completed' AND completed IS NOT NULL "
+        "AND COALESCE(verify_state, 'unverified') != 'damaged' GROUP BY vm_path ORDER BY vm_path LIMIT ?",
+        (MAX_VMS + 1,),
+    ).fetchall()
+    points = {
+        r[0]: r[1]
+        for r in connection.execute(
+            "SELECT COALESCE(verify_state, 'unverified'), COUNT(*) FROM points WHERE status = 'completed' GROUP BY 1"
+        )
+    }
+    alerts = {
+        r[0]: r[1]
+        for r in connection.execute(
+            "SELECT kind, COUNT(*) FROM alerts WHERE cleared IS NULL AND kind IN (?, ?) GROUP BY 1",
+            (AlertKind.AT_RISK.value, AlertKind.LOW_SPACE.value),
+        )
+    }
+    leased = connection.execute("SELECT COUNT(*) FROM leases WHERE expires > ?", (now,)).fetchone()[0]
+    values = {
+        "jobs": jobs, "job_bytes": job_bytes, "durations": durations, "duration_sum": row[-1] or 0.0,
+        "last_good": {vm: max(0.0, now - completed) for vm, completed in good[:MAX_VMS]},
+        "points": points, "alerts": alerts, "leased": leased,
+    }  # fmt: skip
+    return values, len(good)
+
+
+class _Families(Collector):
+    """The metric families of one snapshot."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every family (Prometheus calls this at render)."""
+        s = self.snapshot
+        jobs = GaugeMetricFamily("sendense_jobs", "Jobs in the store, by kind and state.", labels=["kind", "state"])
+        for (kind, state), count in sorted(s.jobs.items()):
+            jobs.add_metric([kind, state], count)
+        yield jobs
+        sent = CounterMetricFamily("sendense_job_bytes", "Bytes sent by completed jobs, by kind.", labels=["kind"])
+        for kind, count in sorted(s.job_bytes.items()):
+            sent.add_metric([kind], count)
+        yield sent
+        yield HistogramMetricFamily(
+            "sendense_job_duration_seconds",
+            "Durations of completed backup jobs (created to completed).",
+            buckets=[(_bound(le), count) for le, count in s.durations],
+            sum_value=s.duration_sum,
+        )
+        age = GaugeMetricFamily(
+            "sendense_last_good_point_age_seconds",
+            "Seconds since each VM's newest completed point that no verify found damaged.",
+            labels=["vm"],
+        )
+        for vm, seconds in sorted(s.last_good.items()):
+            age.add_metric([vm], seconds)
+        yield age
+        yield _gauge("sendense_repository_bytes", "The repository filesystem's size, use and free space.", "kind",
+                     s.repository)  # fmt: skip
+        yield _gauge("sendense_ports", "NBD ports of the pool, leased or free.", "state", s.ports)
+        points = {state: s.points.get(state, 0) for state in VERIFY_STATES} | s.points
+        yield _gauge("sendense_points", "Completed restore points, by verify state.", "verify_state", points)
+        alerts = {kind.value: s.alerts.get(kind.value, 0) for kind in AlertKind}
+        yield _gauge("sendense_alerts_active", "Active condition alerts, by kind.", "kind", alerts)
+
+
+def _gauge(name: str, documentation: str, label: str, values: dict[str, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(values.items()):
+        family.add_metric([value], count)
+    return family
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
