@@ -13,6 +13,7 @@ from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
 
 if TYPE_CHECKING:
+    from sendense_nbd.hub.alerts import AlertConfig
     from sendense_nbd.hub.db import Database
     from sendense_nbd.hub.repository import Repository
 
@@ -41,6 +42,48 @@ def _secret(path: str | None, option: str) -> str | None:
     return token
 
 
+def _alert_config(o: dict[str, Any]) -> AlertConfig:
+    """The alert options, checked: an http(s) webhook URL, a relay with recipients, a readable password."""
+    from urllib.parse import urlsplit
+
+    from sendense_nbd.hub.alerts import AlertConfig
+
+    webhook = o["alert_webhook"]
+    if webhook is not None and (urlsplit(webhook).scheme not in ("http", "https") or not urlsplit(webhook).hostname):
+        raise click.BadParameter(f"{webhook!r}: expected an http:// or https:// URL", param_hint="--alert-webhook")
+    host, port = (None, 25) if o["smtp"] is None else _relay(o["smtp"])
+    if (host is None) != (not o["mail_to"]):
+        raise click.UsageError("--smtp and --mail-to go together: a relay and who gets the mails")
+    if host is None and (o["smtp_starttls"] or o["smtp_user"]):
+        raise click.UsageError("--smtp-starttls and --smtp-user need --smtp")
+    if (o["smtp_user"] is None) != (o["smtp_password_file"] is None):
+        raise click.UsageError("--smtp-user and --smtp-password-file go together")
+    if o["smtp_password_file"] is not None:
+        try:
+            with open(o["smtp_password_file"], encoding="utf-8") as f:
+                f.read(1)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read it: {exc}", param_hint="--smtp-password-file") from exc
+    return AlertConfig(
+        webhook_url=webhook, smtp_host=host, smtp_port=port, smtp_starttls=o["smtp_starttls"],
+        smtp_user=o["smtp_user"], smtp_password_file=o["smtp_password_file"], mail_from=o["mail_from"],
+        mail_to=tuple(o["mail_to"]), low_space=o["low_space"],
+    )  # fmt: skip
+
+
+def _relay(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT`` of the SMTP relay (port 25 by default)."""
+    host, port = text, "25"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") if rest else port
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{text!r}: expected HOST or HOST:PORT", param_hint="--smtp")
+    return host, int(port)
+
+
 @click.command("hub")
 @click.option("--repo", required=True, type=click.Path(file_okay=False), help="Repository directory.")
 @click.option("--listen", default="127.0.0.1:8082", show_default=True, help="API address HOST:PORT.")
@@ -58,6 +101,20 @@ def _secret(path: str | None, option: str) -> str | None:
 @click.option("--public-url", help="This API as the node reaches it (default: http://LISTEN).")
 @click.option("--keep", type=click.IntRange(1, 10000), default=7, show_default=True, help="Restore points per disk.")
 @click.option("--job-timeout", type=click.FloatRange(1), default=86400, show_default=True, help="Seconds.")
+@click.option("--alert-webhook", metavar="URL", help="POST each alert to this URL as JSON.")
+@click.option("--smtp", metavar="HOST[:PORT]", help="Mail alerts through this SMTP relay (port 25 by default).")
+@click.option("--smtp-starttls", is_flag=True, help="Use STARTTLS with the relay (its certificate is verified).")
+@click.option("--smtp-user", help="Log in to the relay as this user (with --smtp-password-file).")
+@click.option("--smtp-password-file", type=click.Path(dir_okay=False), help="The relay password (read per mail).")
+@click.option("--mail-from", default="sendense@localhost", show_default=True, help="Sender of alert mails.")
+@click.option("--mail-to", multiple=True, help="Recipient of alert mails (repeatable).")
+@click.option(
+    "--low-space",
+    type=click.FloatRange(0, 1),
+    default=0.10,
+    show_default=True,
+    help="Alert when the repository's free fraction falls below this (0: never).",
+)
 @ssh_server_options
 def hub_command(**o: Any) -> None:
     """Run the hub: port pool, NBD exports, qcow2 repository and the backup REST API.
@@ -72,6 +129,7 @@ def hub_command(**o: Any) -> None:
     host, port = _listen(o["listen"])
     token = _secret(o["token_file"], "--token-file")
     o["node_token"] = _secret(o["node_token_file"], "--node-token-file")
+    o["alerts"] = _alert_config(o)
     if token is None and not is_loopback(host):
         raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
     try:
@@ -109,6 +167,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
         restore_dir=o["restore_dir"],
+        alerts=o["alerts"],
     )
     try:
         hub = Hub(config)

@@ -28,9 +28,10 @@ from sendense_nbd.errors import (
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
-from sendense_nbd.hub.jobs import Job
+from sendense_nbd.hub.jobs import Job, JobKind
 from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
+from sendense_nbd.hub.verify import VerifyRequest
 
 PREFIX = "/api/v1"
 
@@ -63,6 +64,8 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.post(PREFIX + "/restores", api.restore),
         web.delete(PREFIX + "/restores/{job}", api.stop_restore),
         web.get(PREFIX + "/ports", api.ports),
+        web.post(PREFIX + "/verify", api.verify),
+        web.get(PREFIX + "/verify/{job}", api.get_verify),
         web.get(PREFIX + "/alerts", api.alerts),
     ]
     app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
@@ -139,6 +142,18 @@ class _Handlers:
         """GET /alerts[?active=1][&kind=][&limit=]: the newest alerts first (active: conditions not cleared)."""
         found = await self.hub.alerts.list(AlertQuery.from_query(request.query))
         return web.json_response({"alerts": [alert.to_json() for alert in found]})
+
+    async def verify(self, request: web.Request) -> web.Response:
+        """POST /verify {"vm_path"} | {"point_id"}: start a verify job (202); it runs in the background."""
+        job = await self.hub.verify(VerifyRequest.from_json(await json_body(request)))
+        return web.json_response(_backup(job), status=202)
+
+    async def get_verify(self, request: web.Request) -> web.Response:
+        """GET /verify/{job}: a verify job with each point's verdict so far."""
+        job = await self.hub.job(_job_id(request))
+        if job.kind is not JobKind.VERIFY:
+            raise UnknownJob(f"{job.id} is not a verify job")
+        return web.json_response(_backup(job))
 
     async def ports(self, request: web.Request) -> web.Response:
         """GET /ports: the port pool's leases and the running exports."""

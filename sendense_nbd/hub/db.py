@@ -132,6 +132,11 @@ class Database:
 ADDED_COLUMNS = (
     ("points", "bytes_changed", "INTEGER"),
     ("points", "bytes_transferred", "INTEGER"),
+    ("points", "verify_state", "TEXT"),
+    ("points", "verified_at", "REAL"),
+    ("points", "bad_offset", "INTEGER"),
+    ("points", "verify_error", "TEXT"),
+    ("points", "digests", "TEXT"),
     ("jobs", "node", "TEXT"),
     ("jobs", "policy", "TEXT"),
     ("jobs", "full_reason", "TEXT"),

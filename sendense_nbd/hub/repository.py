@@ -12,6 +12,14 @@ incremental overlay. The store holds both enums' values (the plain strings).
 Retention keeps the last N points of a disk: the oldest incremental is
 committed into the full image below it, the next overlay is re-pointed at
 that image, and the result is checked (the base is ``merging`` meanwhile).
+
+Each point may have a digest sidecar ``<point-id>.digests`` next to its image
+(:mod:`sendense_nbd.copy.digests`, written by :mod:`sendense_nbd.hub.verify`)
+and a verify state (:class:`VerifyState`). A merge keeps the surviving point's
+sidecar (its view is unchanged) and removes the dropped point's. Work that
+reads or rewrites a disk's chain (digests, verify, a merge) holds that disk's
+:meth:`Repository.disk_lock`. A damaged newest point is never a base
+(:meth:`Repository.base_for`).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.backup.records import SyncType
+from sendense_nbd.backup.records import FullReason, SyncType
 from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.requests import ReportedDisk
@@ -48,6 +56,14 @@ class PointStatus(enum.Enum):
     COMPLETED = "completed"
     #: Retention is committing it into the point above (:meth:`Repository.recover` finishes that).
     MERGING = "merging"
+
+
+class VerifyState(enum.Enum):
+    """What the last verify found of a point; the values are what the store holds."""
+
+    UNVERIFIED = "unverified"
+    VERIFIED = "verified"
+    DAMAGED = "damaged"
 
 
 @attrs.frozen
@@ -70,15 +86,35 @@ class Point:
     #: What the job that made the point reported (docs/HUB_API.md); None: not reported.
     bytes_changed: int | None = None
     bytes_transferred: int | None = None
+    #: The last verify's finding, when (epoch seconds), the first bad byte offset and why.
+    verify_state: VerifyState = VerifyState.UNVERIFIED
+    verified_at: float | None = None
+    bad_offset: int | None = None
+    verify_error: str | None = None
+    #: The digest sidecar's file name next to the image; None until it is computed.
+    digests: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Point:
         """A point from its row in the store."""
-        return cls(**{**row, "kind": SyncType(row["kind"]), "status": PointStatus(row["status"])})
+        state = VerifyState(row.get("verify_state") or VerifyState.UNVERIFIED.value)
+        return cls(
+            **{**row, "kind": SyncType(row["kind"]), "status": PointStatus(row["status"]), "verify_state": state}
+        )
 
     def to_json(self) -> dict[str, object]:
         """The point as the API shows it (and the store holds it): the enums as their values."""
-        return {**attrs.asdict(self), "kind": self.kind.value, "status": self.status.value}
+        return {
+            **attrs.asdict(self),
+            "kind": self.kind.value,
+            "status": self.status.value,
+            "verify_state": self.verify_state.value,
+        }
+
+    @property
+    def digest_path(self) -> str:
+        """Where the point's digest sidecar is (or goes): ``<point-id>.digests`` next to its image."""
+        return os.path.join(os.path.dirname(self.path), f"{self.id}.digests")
 
 
 def vm_slug(vm_path: str) -> str:
@@ -93,6 +129,11 @@ class Repository:
     def __init__(self, root: str, db: Database) -> None:
         self.root = os.path.abspath(root)
         self.db = db
+        self._disk_locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    def disk_lock(self, vm_path: str, disk_key: int) -> asyncio.Lock:
+        """The lock of one disk's chain: digests, verify and retention merges take it (FIFO, one at a time)."""
+        return self._disk_locks.setdefault((vm_path, disk_key), asyncio.Lock())
 
     def disk_dir(self, vm_path: str, disk_key: int) -> str:
         """The folder of one disk's images."""
@@ -129,13 +170,27 @@ class Repository:
         points = await self.points(vm_path, disk_key)
         return points[-1] if points else None
 
+    async def base_for(self, vm_path: str, disk_key: int) -> tuple[Point | None, FullReason | None]:
+        """The point the disk's next incremental builds on, or None and why the next backup is full."""
+        latest = await self.latest(vm_path, disk_key)
+        if latest is None:
+            return None, FullReason.FIRST_BACKUP
+        if latest.verify_state is VerifyState.DAMAGED:
+            return None, FullReason.VERIFY_FAILED
+        if not latest.change_id:
+            return None, FullReason.BASE_MISSING
+        return latest, None
+
     async def new_point(
         self, vm_path: str, disk_key: int, job_id: str, *, incremental: bool, capacity: int | None
     ) -> Point:
         """Create the image a backup job writes: an overlay on the latest point, or a full image."""
         from sendense_nbd.storage import create_image
 
-        base = await self.latest(vm_path, disk_key) if incremental else None
+        latest = await self.latest(vm_path, disk_key)
+        base = latest if incremental and latest and latest.verify_state is not VerifyState.DAMAGED else None
+        if base is None and capacity is None and incremental and latest is not None:
+            capacity = latest.size  # a full after a damaged point: the disk's size is known
         if base is None and capacity is None:
             raise RepositoryError(f"{vm_path} disk {disk_key}: a full point needs the disk's capacity")
         folder = self.disk_dir(vm_path, disk_key)
@@ -230,19 +285,22 @@ class Repository:
         if keep < 1:
             raise RepositoryError("retention keeps at least one point")
         dropped: list[str] = []
-        while True:
-            chain = await self.points(vm_path, disk_key)
-            if len(chain) <= keep:
-                return dropped
-            base, top = chain[0], chain[1]
+        async with self.disk_lock(vm_path, disk_key):  # never while its digests or a verify read the chain
+            while True:
+                chain = await self.points(vm_path, disk_key)
+                if len(chain) <= keep:
+                    return dropped
+                base, top = chain[0], chain[1]
 
-            def mark(connection: sqlite3.Connection, base: Point = base) -> None:
-                connection.execute("UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, base.id))
+                def mark(connection: sqlite3.Connection, base: Point = base) -> None:
+                    connection.execute(
+                        "UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, base.id)
+                    )
 
-            await self.db.run(mark)
-            await self._merge(base, top)
-            dropped.append(base.id)
-            log.info("retention: %s disk %s: point %s merged into %s", vm_path, disk_key, base.id, top.id)
+                await self.db.run(mark)
+                await self._merge(base, top)
+                dropped.append(base.id)
+                log.info("retention: %s disk %s: point %s merged into %s", vm_path, disk_key, base.id, top.id)
 
     async def _merge(self, base: Point, top: Point) -> None:
         from sendense_nbd.storage.qcow2.check import check_image
@@ -264,6 +322,7 @@ class Repository:
             connection.execute("UPDATE points SET kind = ?, backing = NULL WHERE id = ?", (SyncType.FULL.value, top.id))
 
         await self.db.run(record)
+        await asyncio.to_thread(remove_quietly, base.digest_path)  # the survivor's view (and sidecar) is unchanged
 
     async def recover(self) -> tuple[list[str], list[str]]:
         """After a crash: discard pending points, finish interrupted merges; (discarded, merged) ids."""
@@ -283,18 +342,59 @@ class Repository:
             merged.append(base.id)
         return discarded, merged
 
+    async def set_digests(self, point_id: str, name: str | None) -> None:
+        """Record the file name of a point's digest sidecar (None: it has none)."""
+        await self.db.run(lambda c: c.execute("UPDATE points SET digests = ? WHERE id = ?", (name, point_id)))
+
+    async def set_verdict(
+        self, point_id: str, state: VerifyState, *, at: float, bad_offset: int | None, error: str | None
+    ) -> None:
+        """Record what a verify found of a point."""
+        await self.db.run(
+            lambda c: c.execute(
+                "UPDATE points SET verify_state = ?, verified_at = ?, bad_offset = ?, verify_error = ? WHERE id = ?",
+                (state.value, at, bad_offset, error, point_id),
+            )
+        )
+
+    async def without_digests(self) -> list[Point]:
+        """The completed points whose digests are not recorded yet, oldest first."""
+
+        def read(connection: sqlite3.Connection) -> list[Point]:
+            found = connection.execute(
+                "SELECT * FROM points WHERE status = ? AND digests IS NULL ORDER BY created",
+                (PointStatus.COMPLETED.value,),
+            )
+            return [Point.from_row(r) for r in rows(found)]
+
+        return await self.db.run(read)
+
+    async def chain(self, point: Point) -> list[Point]:
+        """The point and the points below it (its backing chain), top first."""
+        by_id = {p.id: p for p in await self.points(point.vm_path, point.disk_key)}
+        out = [point]
+        while out[-1].backing is not None and len(out) <= len(by_id):
+            below = by_id.get(out[-1].backing)
+            if below is None:
+                raise RepositoryError(f"point {out[-1].id}: its base point {out[-1].backing} is gone")
+            out.append(below)
+        return out
+
     async def sweep_orphans(self) -> tuple[list[str], list[str]]:
         """Remove the images under ``vms/`` that no point knows of (a crash between creating an
-        image and recording it, or a temporary file of a create); ``(removed, unexpected)`` paths.
+        image and recording it, or a temporary file of a create), and digest sidecars no point
+        records; ``(removed, unexpected)`` paths.
 
-        Only our own names are removed (``*.qcow2`` and temporary files at
+        Only our own names are removed (``*.qcow2``, ``*.digests`` and temporary files at
         ``vms/<vm>/<disk-key>/``); anything else is reported and left alone.
         Points are matched by their last three path components, so a moved
         repository keeps its images.
         """
 
         def read(connection: sqlite3.Connection) -> set[tuple[str, ...]]:
-            return {_tail(r[0]) for r in connection.execute("SELECT path FROM points")}
+            known = {_tail(r[0]) for r in connection.execute("SELECT path FROM points")}
+            sidecars = connection.execute("SELECT path, digests FROM points WHERE digests IS NOT NULL")
+            return known | {_tail(os.path.join(os.path.dirname(r[0]), r[1])) for r in sidecars}
 
         known = await self.db.run(read)
         return await asyncio.to_thread(_sweep, os.path.join(self.root, "vms"), known)
@@ -312,7 +412,7 @@ def _sweep(vms: str, known: set[tuple[str, ...]]) -> tuple[list[str], list[str]]
         entries = files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]
         for name in entries:
             path = os.path.join(folder, name)
-            ours = depth == 2 and (name.endswith(".qcow2") or is_temporary(name))
+            ours = depth == 2 and (name.endswith((".qcow2", ".digests")) or is_temporary(name))
             if depth == 2 and _tail(path) in known:
                 continue
             if ours and not os.path.islink(path):

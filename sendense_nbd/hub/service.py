@@ -66,6 +66,7 @@ from sendense_nbd.hub.jobs import (
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
+from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -155,6 +156,7 @@ class Hub:
         self.alerts = Alerts(
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo
         )
+        self._verifier = Verifier(self._repository, self._jobs, clock=self.clock, job_timeout=config.job_timeout)
         self._background: asyncio.Task[None] | None = None
         self._closed = False
         #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
@@ -173,6 +175,7 @@ class Hub:
         released = [lease.port for lease in await self._ports.release_stale(self.holder)]
         discarded, merged = await self._repository.recover()
         removed, unexpected = await self._repository.sweep_orphans()
+        await self._verifier.resume()  # the digests of completed points a stop interrupted
         removed += await asyncio.to_thread(_sweep_temporaries, self.restore_dir)
         if failed or released or discarded or merged:
             log.warning(
@@ -197,6 +200,7 @@ class Hub:
             await asyncio.wait([self._background])
             if not self._background.cancelled() and self._background.exception() is not None:
                 log.error("the hub's background work failed: %r", self._background.exception())
+        await self._verifier.close()
         await self._exports.stop_all()
         if self._node is not None:
             await self._node.close()
@@ -254,9 +258,9 @@ class Hub:
         return await self._repository.points(vm_path)
 
     async def last_backup(self, vm_path: str, disk_key: int) -> Point | None:
-        """The latest completed point of a disk that has a change ID (where the next incremental starts)."""
-        point = await self._repository.latest(vm_path, disk_key)
-        return point if point is not None and point.change_id else None
+        """The latest completed point of a disk that has a change ID and is not damaged (where the next
+        incremental starts)."""
+        return (await self._repository.base_for(vm_path, disk_key))[0]
 
     async def port_status(self) -> PortsView:
         """The port pool's leases and the running exports."""
@@ -358,6 +362,7 @@ class Hub:
                 log.error("completing %s failed: %s", job_id, exc)
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}"))
                 raise
+        self._verifier.digests_after_backup(disk.point_id for disk in job.disks)
         for disk in job.disks:
             try:
                 await self._repository.apply_retention(job.vm_path, disk.disk_key, self.config.keep_points)
@@ -451,6 +456,12 @@ class Hub:
         with contextlib.suppress(JobStateError):
             return await self._jobs.transition(job_id, JobState.COMPLETED)
         return await self._jobs.get(job_id)
+
+    # -- verify ------------------------------------------------------------------
+
+    async def verify(self, request: VerifyRequest) -> Job:
+        """Start a verify job over a VM's points or one point's chain; it runs in the background."""
+        return await self._verifier.start(request)
 
 
 def _with_figures(disk: DiskExport, reported: req.ReportedDisk) -> DiskExport:

@@ -12,8 +12,9 @@ import email.policy
 import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
-from tests.hub.conftest import free_port_range
+from tests.hub.conftest import Api, HubProcess, free_port_range
 
 MIB = 1 << 20
 VM = "/DC0/vm/web01"
@@ -370,3 +371,52 @@ def test_the_alerts_query_is_checked() -> None:
     ):
         with pytest.raises(BadRequest, match=words):
             AlertQuery.from_query(bad)
+
+
+def test_the_hub_command_mails_alerts_and_lists_them(
+    hub_factory: Callable[..., HubProcess], smtp: tuple[Mailbox, int, list[tuple[str, str]]]
+) -> None:
+    mailbox, port, _ = smtp
+    hub = hub_factory(
+        None, "--smtp", f"127.0.0.1:{port}", "--mail-to", "ops@example.test", "--mail-to", "dba@example.test",
+        "--mail-from", "hub@example.test", "--low-space", "0",
+    )  # fmt: skip
+    api = Api(hub.url)
+    status, job = api.post("/backups", {"vm_path": VM, "mode": "full", "disks": [{"key": 2000, "capacity": MIB}]})
+    assert status == 201, job
+    failure = {"status": "failed", "error": {"stage": "snapshot", "message": "vCenter refused the snapshot"}}
+    assert api.post(f"/backups/{job['job_id']}/complete", failure)[0] == 200
+    deadline = time.monotonic() + 15
+    while not mailbox.messages or api.get("/alerts")[1]["alerts"][0]["delivered"] != {"email": "ok"}:
+        assert time.monotonic() < deadline, (mailbox.messages, api.get("/alerts"))
+        time.sleep(0.05)
+    [(envelope, mail)] = mailbox.messages
+    assert sorted(envelope.rcpt_tos) == ["dba@example.test", "ops@example.test"]
+    assert mail["Subject"] == f"[sendense] job_failed: {VM}" and "vCenter refused the snapshot" in mail.get_content()
+    [listed] = api.get("/alerts?kind=job_failed&limit=10")[1]["alerts"]
+    assert listed["key"] == job["job_id"] and listed["kind"] == "job_failed" and listed["active"] is False
+    assert api.get("/alerts?active=1")[1] == {"alerts": []}
+    status, refused = api.get("/alerts?active=maybe")
+    assert status == 400 and refused["error"]["code"] == "bad_request", refused
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--smtp", "127.0.0.1"], "--smtp and --mail-to go together"),
+        (["--mail-to", "ops@example.test"], "--smtp and --mail-to go together"),
+        (["--smtp", "relay:99999", "--mail-to", "a@b"], "expected HOST or HOST:PORT"),
+        (["--alert-webhook", "ftp://example.test/hook"], "expected an http:// or https:// URL"),
+        (["--smtp-starttls"], "need --smtp"),
+        (["--smtp", "relay", "--mail-to", "a@b", "--smtp-user", "ops"], "go together"),
+        (["--smtp", "relay", "--mail-to", "a@b", "--smtp-user", "ops", "--smtp-password-file", "/nonexistent/pw"],
+         "cannot read it"),
+        (["--low-space", "1.5"], "--low-space"),
+    ],
+)  # fmt: skip
+def test_bad_alert_options_stop_the_hub_before_it_starts(tmp_path: Path, options: list[str], words: str) -> None:
+    repo = tmp_path / "repo"
+    command = [sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(repo), "--listen", "127.0.0.1:0", *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and words in done.stderr, done.stderr
+    assert not repo.exists()

@@ -1,0 +1,281 @@
+"""Chunk digests recorded at backup time, and verify jobs that check points against them.
+
+Digests: once a backup job's points are completed, a background task per
+point computes the digest of every 4 MiB chunk of the point's whole view
+(:mod:`sendense_nbd.copy.digests`) from the repository and writes the sidecar
+``<point-id>.digests`` next to its image, then records the name in the point.
+An incremental point reads only the chunks its own overlay allocates (its
+layer map) and takes the others from its base point's sidecar; without a
+usable base sidecar it reads every chunk. The tasks of one disk hold its
+:meth:`~sendense_nbd.hub.repository.Repository.disk_lock`, so they run one at
+a time in the order they were started and never during a retention merge.
+A restarted hub computes the digests still missing (:meth:`Verifier.resume`).
+
+Verify jobs (``POST /api/v1/verify``, kind ``verify``): for each point of a
+VM, or of one point's chain, oldest first, under its disk's lock, the qcow2
+check runs on every file of its chain, then its whole chain is read again
+and every chunk digest recomputed and compared with the sidecar. The point
+is marked ``verified`` or ``damaged`` with the first bad chunk's offset
+(``bad_offset``) or the check's finding (``verify_error``). A point without
+digests is verified by structure only (its ``digests`` stays null); a
+sidecar that cannot be read marks it damaged, as nothing proves its data.
+A damaged newest point is never the base of an incremental
+(:meth:`~sendense_nbd.hub.repository.Repository.base_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
+
+import attrs
+
+from sendense_nbd import fields
+from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile, chunk_count, chunk_digests
+from sendense_nbd.copy.endpoints import open_source
+from sendense_nbd.errors import BadRequest, JobStateError, SendenseError, UnknownPoint
+from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.jobs import Job, JobKind, JobState, JobStore, PointVerdict, VerifyDetail, VerifyScope
+from sendense_nbd.hub.repository import Point, PointStatus, Repository, VerifyState
+from sendense_nbd.hub.requests import Failure
+
+log = logging.getLogger(__name__)
+
+#: Chunks read and hashed at once per point (each holds one chunk of memory).
+REQUESTS = 4
+
+
+@attrs.frozen
+class VerifyRequest:
+    """``POST /verify``: every point of a VM, or one point's chain."""
+
+    vm_path: str | None = None
+    point_id: str | None = None
+
+    @classmethod
+    def from_json(cls, body: object) -> VerifyRequest:
+        """``{"vm_path"}`` or ``{"point_id"}``; an ID that cannot be a point's is an unknown point."""
+        data = fields.json_object(body, "the body", frozenset({"vm_path", "point_id"}))
+        if ("vm_path" in data) == ("point_id" in data):
+            raise BadRequest("give vm_path or point_id (one of them)")
+        if "vm_path" in data:
+            return cls(vm_path=fields.vm_path(data["vm_path"]))
+        point_id = fields.identifier(data["point_id"])
+        if point_id is None:
+            raise UnknownPoint(f"no restore point {str(data['point_id'])[:80]!r}")
+        return cls(point_id=point_id)
+
+
+def _layer_chunks(path: str, size: int, chunk_size: int) -> set[int]:
+    """The chunks an image's own layer defines (its overlay's clusters, data or zero)."""
+    from sendense_nbd.storage import open_image
+
+    device = open_image(path, None, readonly=True)
+    try:
+        chunks: set[int] = set()
+        pos = 0
+        while pos < size:
+            for place in device.layer_map(offset=pos, length=size - pos):
+                end = min(place.end, size)
+                if place.present and end > place.offset:
+                    chunks.update(range(place.offset // chunk_size, (end - 1) // chunk_size + 1))
+                pos = max(pos, end)
+        return chunks
+    finally:
+        device.close()
+
+
+async def _digests_of(path: str, chunks: Iterable[int] | None = None) -> dict[int, bytes]:
+    """Chunk digests of the image at ``path`` (its whole chain), read through the copy library."""
+    source = await open_source(path)
+    try:
+        return await chunk_digests(source, chunks=chunks, requests=REQUESTS)
+    finally:
+        await source.close()
+
+
+async def _base_digests(repository: Repository, point: Point) -> DigestFile | None:
+    """The digests of the point's base, when it has a readable sidecar of the same size."""
+    if point.backing is None:
+        return None
+    try:
+        base = await repository.point(point.backing)
+        if base.digests is None:
+            return None
+        return await asyncio.to_thread(DigestFile.read, base.digest_path, size=point.size)
+    except SendenseError as exc:
+        log.warning("point %s: the base's digests are not usable (%s); reading every chunk", point.id, exc)
+        return None
+
+
+async def record_digests(repository: Repository, point_id: str) -> None:
+    """Compute and record a completed point's digests (nothing if it has them, or is gone)."""
+    try:
+        point = await repository.point(point_id)
+    except UnknownPoint:
+        return
+    async with repository.disk_lock(point.vm_path, point.disk_key):
+        try:
+            point = await repository.point(point_id)  # a merge may have changed it meanwhile
+        except UnknownPoint:
+            return
+        if point.status is not PointStatus.COMPLETED or point.digests is not None:
+            return
+        base = await _base_digests(repository, point)
+        if base is None:
+            found = await _digests_of(point.path)
+        else:
+            own = await asyncio.to_thread(_layer_chunks, point.path, point.size, CHUNK_SIZE)
+            found = dict(enumerate(base.digests))
+            found.update(await _digests_of(point.path, own))
+        dense = tuple(found[i] for i in range(chunk_count(point.size, CHUNK_SIZE)))
+        await asyncio.to_thread(DigestFile(point.size, CHUNK_SIZE, dense).write, point.digest_path)
+        await repository.set_digests(point.id, os.path.basename(point.digest_path))
+        log.info("point %s: %d chunk digests recorded", point.id, len(dense))
+
+
+def _check_chain(chain: list[Point]) -> str | None:
+    """The qcow2 check of every file of a chain: the first finding, or None when all are clean."""
+    from sendense_nbd.storage.qcow2.check import check_image
+
+    for point in chain:
+        try:
+            result = check_image(point.path)
+        except (SendenseError, OSError) as exc:
+            return f"qcow2 check of point {point.id} failed: {exc}"
+        if result.corruptions or result.check_errors:
+            return (
+                f"qcow2 check of point {point.id}: {result.corruptions} corruptions, {result.check_errors} check errors"
+            )
+    return None
+
+
+async def verify_point(repository: Repository, point: Point, clock: Clock) -> PointVerdict:
+    """Check one point's chain and digests (under its disk's lock); the verdict, recorded in the point."""
+    async with repository.disk_lock(point.vm_path, point.disk_key):
+        try:
+            point = await repository.point(point.id)
+            chain = await repository.chain(point)
+        except SendenseError as exc:
+            return PointVerdict(point.id, point.disk_key, VerifyState.DAMAGED.value, None, str(exc), point.digests)
+        bad_offset, error = None, await asyncio.to_thread(_check_chain, chain)
+        if error is None and point.digests is not None:
+            bad_offset, error = await _compare(point)
+        state = VerifyState.VERIFIED if error is None else VerifyState.DAMAGED
+        verdict = PointVerdict(point.id, point.disk_key, state.value, bad_offset, error, point.digests)
+        await repository.set_verdict(point.id, state, at=clock.now(), bad_offset=bad_offset, error=error)
+        return verdict
+
+
+async def _compare(point: Point) -> tuple[int | None, str | None]:
+    """Recompute a point's digests and compare with its sidecar: (first bad offset, why) or (None, None)."""
+    try:
+        recorded = await asyncio.to_thread(DigestFile.read, point.digest_path, size=point.size)
+    except SendenseError as exc:
+        return None, f"the digests cannot be read: {exc}"
+    try:
+        found = await _digests_of(point.path)
+    except (SendenseError, OSError) as exc:
+        return getattr(exc, "offset", None), f"reading the chain failed: {exc}"
+    for index, digest in enumerate(recorded.digests):
+        if found.get(index) != digest:
+            offset = index * recorded.chunk_size
+            return offset, f"chunk at offset {offset} ({recorded.chunk_size} bytes) differs from its digest"
+    return None, None
+
+
+class Verifier:
+    """Digest tasks and verify jobs of one hub; :meth:`close` cancels and awaits them."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        jobs: JobStore,
+        *,
+        clock: Clock,
+        job_timeout: float,
+        on_damaged: Callable[[Point, PointVerdict], Awaitable[None]] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._repository = repository
+        self._jobs = jobs
+        self._job_timeout = job_timeout
+        #: Called for each point a verify finds damaged (an alert); its failure is logged only.
+        self.on_damaged = on_damaged
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %s", task.get_name(), task.exception())
+
+    def digests_after_backup(self, point_ids: Iterable[str]) -> None:
+        """Start computing the digests of a completed job's points (in the background, per disk in order)."""
+        for point_id in point_ids:
+            self._spawn(record_digests(self._repository, point_id), f"digests of {point_id}")
+
+    async def resume(self) -> list[str]:
+        """After a (re)start: compute the digests completed points still miss; their ids."""
+        missing = [point.id for point in await self._repository.without_digests()]
+        self.digests_after_backup(missing)
+        return missing
+
+    async def idle(self) -> None:
+        """Wait until every digest task and verify job started so far has ended."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def start(self, request: VerifyRequest) -> Job:
+        """A running verify job over a VM's points or one point's chain (404 for an unknown point)."""
+        if request.point_id is not None:
+            point = await self._repository.point(request.point_id)
+            if point.status is not PointStatus.COMPLETED:
+                raise UnknownPoint(f"no completed restore point {point.id}")
+            points, vm_path, scope = (await self._repository.chain(point))[::-1], point.vm_path, VerifyScope.POINT
+        else:
+            assert request.vm_path is not None
+            vm_path, scope = request.vm_path, VerifyScope.VM
+            points = sorted(await self._repository.points(vm_path), key=lambda p: (p.created, p.disk_key))
+        detail = VerifyDetail(request.point_id)
+        job = await self._jobs.create(JobKind.VERIFY, vm_path, scope, detail, lifetime=self._job_timeout)
+        job = await self._jobs.transition(job.id, JobState.RUNNING)
+        self._spawn(self._run(job.id, detail, points), f"verify job {job.id}")
+        return job
+
+    async def _run(self, job_id: str, detail: VerifyDetail, points: list[Point]) -> None:
+        verdicts: list[PointVerdict] = []
+        try:
+            for point in points:
+                if (await self._jobs.get(job_id)).state.terminal:
+                    return  # cancelled, or timed out
+                verdict = await verify_point(self._repository, point, self._clock)
+                verdicts.append(verdict)
+                if verdict.state == VerifyState.DAMAGED.value and self.on_damaged is not None:
+                    try:
+                        await self.on_damaged(point, verdict)
+                    except Exception as exc:  # noqa: BLE001 - an alert never fails the verify
+                        log.error("reporting damaged point %s failed: %s", point.id, exc)
+            done = attrs.evolve(detail, points=tuple(verdicts))
+            with contextlib.suppress(JobStateError):  # cancelled or timed out meanwhile
+                await self._jobs.transition(job_id, JobState.COMPLETED, detail=done)
+        except (SendenseError, OSError) as exc:
+            log.error("verify job %s failed: %s", job_id, exc)
+            failed = attrs.evolve(detail, points=tuple(verdicts))
+            with contextlib.suppress(JobStateError):
+                await self._jobs.transition(job_id, JobState.FAILED, error=Failure("verify", str(exc)), detail=failed)
+
+    async def close(self) -> None:
+        """Cancel the digest tasks and verify jobs, and wait for them."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
