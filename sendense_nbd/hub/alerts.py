@@ -275,7 +275,7 @@ class Alerts:
         fraction = usage.free / usage.total if usage.total else 0.0
         if fraction < self.config.low_space:
             message = (
-                f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB ({fraction:.1%}), "
+                f"{_size(usage.free)} free of {_size(usage.total)} ({fraction:.1%}), "
                 f"below {self.config.low_space:.0%}: free space or grow the filesystem"
             )
             detail = {"path": self.space_path, "total": usage.total, "free": usage.free, "fraction": fraction}
@@ -350,6 +350,10 @@ class Alerts:
             await self.db.run(update)
         except Exception as exc:  # noqa: BLE001 - only the record is lost
             log.error("recording the delivery of alert %s failed: %s", alert_id, exc)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _insert(connection: sqlite3.Connection, alert: Alert) -> bool:

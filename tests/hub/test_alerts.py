@@ -328,7 +328,8 @@ async def test_low_space_fires_once_and_clears_on_a_small_tmpfs(tmpfs: Path) -> 
             await asyncio.sleep(0.3)
             [alert] = await hub.alerts.list(AlertQuery(kind=AlertKind.LOW_SPACE))
             assert alert.key == str(tmpfs / "repo") and alert.detail["total"] == 16 * MIB
-            assert "below 50%" in alert.message and 0.1 < alert.detail["fraction"] < 0.3
+            assert "below 50%" in alert.message and "MiB free of 16.0 MiB" in alert.message
+            assert alert.detail["fraction"] == alert.detail["free"] / alert.detail["total"] < 0.5
             filler.unlink()
             await until(lambda: low(False), "LOW_SPACE cleared")
             [alert] = await hub.alerts.list(AlertQuery(kind=AlertKind.LOW_SPACE))
