@@ -11,6 +11,7 @@ calls the backup client makes.
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from sendense_nbd import fields
 from sendense_nbd.errors import (
@@ -67,6 +68,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.post(PREFIX + "/verify", api.verify),
         web.get(PREFIX + "/verify/{job}", api.get_verify),
         web.get(PREFIX + "/alerts", api.alerts),
+        web.get("/metrics", api.metrics),
     ]
     app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
     app.add_routes(routes)
@@ -154,6 +156,10 @@ class _Handlers:
         if job.kind is not JobKind.VERIFY:
             raise UnknownJob(f"{job.id} is not a verify job")
         return web.json_response(_backup(job))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics (at the root, not under /api/v1): Prometheus text, behind the same bearer token."""
+        return web.Response(body=await self.hub.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def ports(self, request: web.Request) -> web.Response:
         """GET /ports: the port pool's leases and the running exports."""

@@ -76,7 +76,7 @@ class HubMetrics:
         )
         if vms > MAX_VMS and not self._warned:
             self._warned = True
-            log.warning("%d VMs have points: the metrics show the last good point of %d of them", vms, MAX_VMS)
+            log.warning("more than %d VMs have a good point: the metrics show the first %d by path", MAX_VMS, MAX_VMS)
         leased = values.pop("leased")
         return Snapshot(
             **values,

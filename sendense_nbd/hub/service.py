@@ -63,6 +63,7 @@ from sendense_nbd.hub.jobs import (
     JobState,
     JobStore,
 )
+from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
@@ -156,6 +157,7 @@ class Hub:
         self.alerts = Alerts(
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo
         )
+        self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock)
         self._verifier = Verifier(self._repository, self._jobs, clock=self.clock, job_timeout=config.job_timeout)
         self._background: asyncio.Task[None] | None = None
         self._closed = False
