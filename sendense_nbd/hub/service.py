@@ -62,6 +62,7 @@ from sendense_nbd.hub.jobs import (
     JobKind,
     JobState,
     JobStore,
+    PointVerdict,
 )
 from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
@@ -158,7 +159,13 @@ class Hub:
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo
         )
         self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock)
-        self._verifier = Verifier(self._repository, self._jobs, clock=self.clock, job_timeout=config.job_timeout)
+        self._verifier = Verifier(
+            self._repository,
+            self._jobs,
+            clock=self.clock,
+            job_timeout=config.job_timeout,
+            on_damaged=self._alert_damaged,
+        )
         self._background: asyncio.Task[None] | None = None
         self._closed = False
         #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
@@ -381,6 +388,13 @@ class Hub:
             return await self._jobs.get(job_id)
         await self._alert_failed(ended)
         return ended
+
+    async def _alert_damaged(self, point: Point, verdict: PointVerdict) -> None:
+        """VERIFY_FAILED for a point a verify found damaged (keyed by the point)."""
+        where = "" if verdict.bad_offset is None else f" at offset {verdict.bad_offset}"
+        message = f"point {point.id} of disk {point.disk_key} is damaged{where}: {verdict.error}"
+        detail = attrs.asdict(verdict)
+        await self.alerts.fire(AlertKind.VERIFY_FAILED, point.vm_path, message, key=point.id, detail=detail)
 
     async def _alert_failed(self, job: Job) -> None:
         """JOB_FAILED for a backup or verify job that failed (not cancelled; a restore answers its caller)."""

@@ -70,7 +70,7 @@ class VerifyRequest:
         return cls(point_id=point_id)
 
 
-def _layer_chunks(path: str, size: int, chunk_size: int) -> set[int]:
+def layer_chunks(path: str, size: int, chunk_size: int = CHUNK_SIZE) -> set[int]:
     """The chunks an image's own layer defines (its overlay's clusters, data or zero)."""
     from sendense_nbd.storage import open_image
 
@@ -129,7 +129,7 @@ async def record_digests(repository: Repository, point_id: str) -> None:
         if base is None:
             found = await _digests_of(point.path)
         else:
-            own = await asyncio.to_thread(_layer_chunks, point.path, point.size, CHUNK_SIZE)
+            own = await asyncio.to_thread(layer_chunks, point.path, point.size)
             found = dict(enumerate(base.digests))
             found.update(await _digests_of(point.path, own))
         dense = tuple(found[i] for i in range(chunk_count(point.size, CHUNK_SIZE)))
@@ -228,11 +228,6 @@ class Verifier:
         missing = [point.id for point in await self._repository.without_digests()]
         self.digests_after_backup(missing)
         return missing
-
-    async def idle(self) -> None:
-        """Wait until every digest task and verify job started so far has ended."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
 
     async def start(self, request: VerifyRequest) -> Job:
         """A running verify job over a VM's points or one point's chain (404 for an unknown point)."""

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ import nbd
 import pytest
 
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile
+from sendense_nbd.hub.verify import layer_chunks
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess
 
@@ -159,6 +162,7 @@ def test_verify_finds_flipped_bytes_and_the_next_backup_is_full(
     job = _backup(api, VM_A, [(0, os.urandom(4 * MIB)), (9 * MIB, os.urandom(MIB))])
     [disk] = job["detail"]["disks"]
     assert disk["sync_type"] == "full" and disk["base_point"] is None, disk
+    assert job["full_reason"] == "verify_failed" and disk["full_reason"] == "verify_failed", job
     newest = _points(api, VM_A)[-1]
     assert newest["kind"] == "full" and newest["backing"] is None
     again = _verify(api, {"point_id": newest["id"]})
@@ -229,3 +233,48 @@ def test_retention_keeps_the_survivors_digests(hub_factory: Callable[..., HubPro
         assert DigestFile.read(str(_sidecar(point))).digests == _raw_digests(point["path"], tmp_path)
     job = _verify(api, {"vm_path": VM_A})
     assert [state for state, _ in _by_state(job).values()] == ["verified", "verified"], job
+
+
+def _cli(hub: HubProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "sendense_nbd", "verify", "--hub", hub.url, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_the_verify_command_and_the_alert(hub_factory: Callable[..., HubProcess]) -> None:
+    hub = hub_factory(None)
+    api = Api(hub.url)
+    _backup(api, VM_A, [(0, os.urandom(MIB)), (4 * MIB, os.urandom(MIB))])
+    [point] = _points(api, VM_A)
+    done = _cli(hub, VM_A, "--wait")
+    assert done.returncode == 0, done.stderr
+    assert f"{point['id']} disk {KEY}: verified" in done.stdout and "1 verified, 0 damaged" in done.stdout
+
+    started = _cli(hub, "--point", point["id"])
+    assert started.returncode == 0 and json.loads(started.stdout)["kind"] == "verify", started.stderr
+    job_id = json.loads(started.stdout)["job_id"]
+    deadline = time.monotonic() + 60
+    while api.get(f"/verify/{job_id}")[1]["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)  # it ends before the damage is made
+    assert api.get(f"/verify/{job_id}")[1]["state"] == "completed"
+
+    _flip_data(point["path"], 4 * MIB + 10)
+    found = _cli(hub, "--point", point["id"], "--wait")
+    assert found.returncode == 1, found.stderr
+    assert f"damaged at offset {CHUNK_SIZE}" in found.stdout, found.stdout
+    alerts = api.get("/alerts?kind=verify_failed")[1]["alerts"]
+    assert [a["subject"] for a in alerts] == [VM_A] and point["id"] in alerts[0]["message"], alerts
+
+    unknown = _cli(hub, "--point", "no-such-point", "--wait")
+    assert unknown.returncode == 1 and "HTTP 404" in unknown.stderr, unknown.stderr
+    assert _cli(hub).returncode == 2 and _cli(hub, VM_A, "--point", point["id"]).returncode == 2
+
+
+def test_an_overlay_reads_only_the_chunks_its_layer_defines(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run(require("qemu-img"), "create", "-f", "qcow2", str(base), str(SIZE))
+    run(require("qemu-io"), "-f", "qcow2", "-c", f"write -P 1 0 {SIZE}", str(base))  # every chunk has data below
+    run(require("qemu-img"), "create", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", str(top))
+    writes = [f"write -P 7 {CHUNK_SIZE + 4096} 4096", f"write -z {3 * CHUNK_SIZE} 65536"]
+    run(require("qemu-io"), "-f", "qcow2", *(arg for w in writes for arg in ("-c", w)), str(top))
+    assert layer_chunks(str(top), SIZE) == {1, 3}  # data in chunk 1, a zero cluster in chunk 3
+    assert layer_chunks(str(base), SIZE) == {0, 1, 2, 3}
