@@ -20,8 +20,8 @@ import click
 
 from sendense_nbd import __version__
 from sendense_nbd.cli.copy import copy_command
-from sendense_nbd.cli.verify import verify_command
 from sendense_nbd.cli.hub import hub_command, points_command, ports_command, restore_command
+from sendense_nbd.cli.verify import verify_command
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
 from sendense_nbd.storage import BlockDevice, CacheMode, DetectZeroes, Discard, ImageFormat
