@@ -41,7 +41,7 @@ from sendense_nbd.hub.policies import (
     ScheduleState,
     StoredPolicy,
 )
-from sendense_nbd.hub.repository import Point
+from sendense_nbd.hub.repository import Point, VerifyState
 from sendense_nbd.policy.model import Policy, Schedule
 from sendense_nbd.policy.schedule import Due, due, next_slot
 
@@ -325,10 +325,11 @@ class Scheduler:
 
     # -- at risk -----------------------------------------------------------------
 
-    async def check_risk(self, policies: list[StoredPolicy], now: float) -> list[str]:
-        """Fire AT_RISK for each VM of a policy without a good point within the policy's interval
-        (plus its window, or plus one interval up to an hour for the run to finish); clear it otherwise."""
-        at_risk = []
+    async def at_risk(self, policies: Sequence[StoredPolicy], now: float) -> list[dict[str, object]]:
+        """The VMs of enabled policies without a good point within the policy's interval (plus its window,
+        or plus one interval up to an hour for the run to finish): ``{"vm_path", "policy", "last_good",
+        "allowed"}`` each."""
+        found: list[dict[str, object]] = []
         for stored in policies:
             policy = stored.policy
             if not policy.enabled:
@@ -337,15 +338,23 @@ class Scheduler:
             allowed = gap + (policy.schedule.window if policy.schedule.window is not None else min(gap, 3600.0))
             for vm_path in await self._known_vms(policy):
                 good = last_good(await self.hub.points(vm_path))
-                since = good if good is not None else stored.created
-                if now - since > allowed:
-                    at_risk.append(vm_path)
-                    last = "never" if good is None else iso(good)
-                    message = f"{vm_path} has no good restore point within {allowed:.0f} s (last good: {last})"
-                    await self.alerts.fire(AlertKind.AT_RISK, vm_path, message, key=vm_path)
-                else:
+                if now - (good if good is not None else stored.created) > allowed:
+                    found.append({"vm_path": vm_path, "policy": policy.name, "last_good": good, "allowed": allowed})
+        return found
+
+    async def check_risk(self, policies: Sequence[StoredPolicy], now: float) -> list[str]:
+        """Fire AT_RISK for each VM :meth:`at_risk` finds, and clear it for the others."""
+        risky = {str(vm["vm_path"]): vm for vm in await self.at_risk(policies, now)}
+        for stored in policies:
+            for vm_path in await self._known_vms(stored.policy):
+                if vm_path not in risky:
                     await self.alerts.clear(AlertKind.AT_RISK, vm_path)
-        return at_risk
+        for vm_path, vm in risky.items():
+            good = vm["last_good"]
+            last = "never" if not isinstance(good, float) else iso(good)
+            message = f"{vm_path} has no good restore point within {vm['allowed']:.0f} s (last good: {last})"
+            await self.alerts.fire(AlertKind.AT_RISK, vm_path, message, key=vm_path, detail=vm)
+        return sorted(risky)
 
     async def _known_vms(self, policy: Policy) -> list[str]:
         runs = await self.store.runs(policy=policy.name, limit=20)
@@ -358,7 +367,7 @@ def last_good(points: Sequence[Point]) -> float | None:
     of those (None: a disk has none)."""
     newest: dict[int, float] = {}
     for point in points:
-        if getattr(point, "verify_state", None) != "damaged" and point.completed is not None:
+        if point.verify_state is not VerifyState.DAMAGED and point.completed is not None:
             newest[point.disk_key] = max(newest.get(point.disk_key, 0.0), point.completed)
     disks = {point.disk_key for point in points}
     if not disks or disks - newest.keys():

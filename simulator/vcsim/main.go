@@ -136,6 +136,7 @@ func main() {
 	vmDisks := flag.Int("vm-disks", 2, "number of virtual disks of every VM")
 	diskMB := flag.Int64("disk-size-mb", 16, "capacity of every virtual disk in MiB")
 	pageBytes := flag.Int64("cbt-page-bytes", 4<<20, "max span of disk covered by one QueryChangedDiskAreas answer")
+	datacenters := flag.Int("datacenters", 1, "number of datacenters (DC0, DC1, ...), each with its hosts, cluster and VMs")
 	flag.Parse()
 	log.SetPrefix("vcsim: ")
 	if *state == "" {
@@ -154,6 +155,7 @@ func main() {
 	}
 
 	model := simulator.VPX()
+	model.Datacenter = *datacenters
 	if err := model.Create(); err != nil {
 		log.Fatal(err)
 	}

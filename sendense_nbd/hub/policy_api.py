@@ -1,0 +1,77 @@
+"""The hub API's operating calls: ``/policies`` (with run-now and their runs) and ``/status``.
+
+Handlers parse with :mod:`sendense_nbd.policy.model` and call the hub's
+:class:`~sendense_nbd.hub.scheduler.Scheduler` and :class:`~sendense_nbd.hub.service.Hub`;
+their errors are answered by the API's middleware like every other call.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sendense_nbd import fields
+from sendense_nbd.errors import UnknownPolicy
+from sendense_nbd.http_api import json_body
+from sendense_nbd.hub.service import Hub
+from sendense_nbd.policy.model import Policy
+
+
+def policy_routes(prefix: str, hub: Hub) -> list[web.RouteDef]:
+    """The routes of policies and status under ``prefix``."""
+    api = _PolicyHandlers(hub)
+    return [
+        web.get(prefix + "/policies", api.list),
+        web.post(prefix + "/policies", api.add),
+        web.get(prefix + "/policies/{name}", api.show),
+        web.patch(prefix + "/policies/{name}", api.edit),
+        web.delete(prefix + "/policies/{name}", api.delete),
+        web.post(prefix + "/policies/{name}/run", api.run_now),
+        web.get(prefix + "/status", api.status),
+    ]
+
+
+def _name(request: web.Request) -> str:
+    """The ``{name}`` of the path; one that cannot be a policy's is an unknown policy (404)."""
+    raw = request.match_info["name"]
+    name = fields.identifier(raw)
+    if name is None:
+        raise UnknownPolicy(f"no policy {raw[:80]!r}")
+    return name
+
+
+class _PolicyHandlers:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def list(self, request: web.Request) -> web.Response:
+        """GET /policies: every policy with its schedules' state."""
+        return web.json_response({"policies": await self.hub.scheduler.views()})
+
+    async def add(self, request: web.Request) -> web.Response:
+        """POST /policies: a new policy (201); its node must be registered."""
+        policy = Policy.from_json(await json_body(request))
+        return web.json_response(await self.hub.scheduler.add(policy), status=201)
+
+    async def show(self, request: web.Request) -> web.Response:
+        """GET /policies/{name}: the policy, its schedules' state and its last runs."""
+        scheduler = self.hub.scheduler
+        return web.json_response(await scheduler.view(await scheduler.store.get(_name(request)), runs=20))
+
+    async def edit(self, request: web.Request) -> web.Response:
+        """PATCH /policies/{name}: a JSON merge patch of the policy (the name cannot change)."""
+        return web.json_response(await self.hub.scheduler.edit(_name(request), await json_body(request)))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """DELETE /policies/{name}: the policy goes; its jobs and points stay."""
+        name = _name(request)
+        await self.hub.scheduler.store.delete(name)
+        return web.json_response({"deleted": name})
+
+    async def run_now(self, request: web.Request) -> web.Response:
+        """POST /policies/{name}/run: back its VMs up now (202, the run)."""
+        run = await self.hub.scheduler.run_now(_name(request))
+        return web.json_response(run.to_json(), status=202)
+
+    async def status(self, request: web.Request) -> web.Response:
+        """GET /status: running jobs, VMs at risk, space, ports, nodes and next runs."""
+        return web.json_response(await self.hub.status())
