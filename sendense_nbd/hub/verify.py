@@ -37,7 +37,7 @@ import attrs
 from sendense_nbd import fields
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile, chunk_count, chunk_digests
 from sendense_nbd.copy.endpoints import open_source
-from sendense_nbd.errors import BadRequest, JobStateError, SendenseError, UnknownPoint
+from sendense_nbd.errors import BadRequest, JobStateError, RepositoryError, SendenseError, UnknownPoint
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.jobs import Job, JobKind, JobState, JobStore, PointVerdict, VerifyDetail, VerifyScope
 from sendense_nbd.hub.repository import Point, PointStatus, Repository, VerifyState
@@ -154,15 +154,19 @@ def _check_chain(chain: list[Point]) -> str | None:
     return None
 
 
-async def verify_point(repository: Repository, point: Point, clock: Clock) -> PointVerdict:
-    """Check one point's chain and digests (under its disk's lock); the verdict, recorded in the point."""
+async def verify_point(repository: Repository, point: Point, clock: Clock) -> PointVerdict | None:
+    """Check one point's chain and digests (under its disk's lock); the verdict, recorded in the point.
+    None when the point is gone (retention merged it away meanwhile)."""
     async with repository.disk_lock(point.vm_path, point.disk_key):
         try:
             point = await repository.point(point.id)
-            chain = await repository.chain(point)
-        except SendenseError as exc:
-            return PointVerdict(point.id, point.disk_key, VerifyState.DAMAGED.value, None, str(exc), point.digests)
-        bad_offset, error = None, await asyncio.to_thread(_check_chain, chain)
+        except UnknownPoint:
+            return None
+        try:
+            error = await asyncio.to_thread(_check_chain, await repository.chain(point))
+        except RepositoryError as exc:  # a base point is missing
+            error = str(exc)
+        bad_offset = None
         if error is None and point.digests is not None:
             bad_offset, error = await _compare(point)
         state = VerifyState.VERIFIED if error is None else VerifyState.DAMAGED
@@ -253,6 +257,8 @@ class Verifier:
                 if (await self._jobs.get(job_id)).state.terminal:
                     return  # cancelled, or timed out
                 verdict = await verify_point(self._repository, point, self._clock)
+                if verdict is None:
+                    continue
                 verdicts.append(verdict)
                 if verdict.state == VerifyState.DAMAGED.value and self.on_damaged is not None:
                     try:
