@@ -9,7 +9,8 @@ never answers delays neither the caller nor the mail. The webhook gets
 JSON POST (:attr:`AlertConfig.webhook_timeout` per try,
 :attr:`AlertConfig.webhook_tries` tries with doubling backoff); the mail goes
 through an SMTP relay (stdlib smtplib in a thread). What each channel did is
-kept in the alert's ``delivered``.
+kept in the alert's ``delivered``; a restarted hub delivers again the recent
+alerts (:data:`REDELIVER_WITHIN`) its predecessor stopped before trying.
 
 Event alerts (a failed job, a repeated full fallback, a failed verify) are
 recorded each time. Condition alerts (:data:`CONDITIONS`: a VM at risk, low
@@ -49,6 +50,8 @@ MAX_QUEUED = 100
 MAX_STORED = 10_000
 #: Most alerts one ``GET /alerts`` lists.
 MAX_LIST = 10_000
+#: After a restart, undelivered alerts this recent (seconds) are delivered again.
+REDELIVER_WITHIN = 86400.0
 #: Seconds between two checks of the repository's free space.
 SPACE_CHECK_INTERVAL = 60.0
 
@@ -191,6 +194,8 @@ class Alerts:
             self._queues["webhook"] = asyncio.Queue()
         if config.mail:
             self._queues["email"] = asyncio.Queue()
+        #: Alerts fired before :meth:`run` started (already queued: not delivered again by it).
+        self._early: set[str] | None = set()
 
     async def fire(
         self, kind: AlertKind, subject: str, message: str, *, key: str | None = None,
@@ -212,13 +217,18 @@ class Alerts:
         if not recorded:
             return None
         log.warning("alert %s: %s: %s", kind.value, subject, message)
-        for channel, queue in self._queues.items():
+        if self._early is not None:
+            self._early.add(alert.id)
+        self._enqueue(alert, self._queues)
+        return alert
+
+    def _enqueue(self, alert: Alert, queues: Mapping[str, asyncio.Queue[Alert]]) -> None:
+        for channel, queue in queues.items():
             if queue.qsize() >= MAX_QUEUED:
                 dropped = queue.get_nowait()
                 log.error("alert queue of %s full: dropped %s %s (%s)", channel, dropped.kind.value, dropped.id,
                           dropped.subject)  # fmt: skip
             queue.put_nowait(alert)
-        return alert
 
     async def clear(self, kind: AlertKind, key: str) -> bool:
         """End the active condition alert ``kind`` of ``key``; whether there was one."""
@@ -254,12 +264,34 @@ class Alerts:
     # -- background ----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Deliver queued alerts and check the repository's space, until cancelled."""
+        """Deliver queued alerts (and the recent ones a stopped hub left undelivered), check the
+        repository's space, until cancelled."""
+        await self._redeliver()
         async with asyncio.TaskGroup() as group:
             for channel, queue in self._queues.items():
                 group.create_task(self._deliver(channel, queue), name=f"alerts-{channel}")
             if self.config.low_space > 0:
                 group.create_task(self._watch_space(), name="alerts-space")
+
+    async def _redeliver(self) -> None:
+        """Queue the stored alerts of the last :data:`REDELIVER_WITHIN` seconds a channel has not delivered."""
+        if not self._queues:
+            self._early = None
+            return
+        since = self.clock.now() - REDELIVER_WITHIN
+        try:
+            found = await self.db.run(
+                lambda c: rows(
+                    c.execute("SELECT * FROM alerts WHERE fired >= ? ORDER BY rowid DESC LIMIT ?", (since, MAX_QUEUED))
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - the new alerts still go out
+            log.error("reading the undelivered alerts failed: %s", exc)
+            found = []
+        early, self._early = self._early or set(), None  # from here on, fire's alerts reach the queues only
+        for alert in reversed([Alert.from_row(row) for row in found]):
+            missing = {ch: q for ch, q in self._queues.items() if ch not in alert.delivered and alert.id not in early}
+            self._enqueue(alert, missing)
 
     async def _watch_space(self) -> None:
         while True:

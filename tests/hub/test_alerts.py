@@ -421,3 +421,28 @@ def test_bad_alert_options_stop_the_hub_before_it_starts(tmp_path: Path, options
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and words in done.stderr, done.stderr
     assert not repo.exists()
+
+
+async def test_a_restarted_hub_delivers_what_its_predecessor_had_not_tried(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "hub.db"))
+    async with Webhook() as hook:
+        config = AlertConfig(webhook_url=hook.url, **FAST)
+        stopped = Alerts(db, config, clock=ManualClock(START - 2 * 86400), hub="test", space_path=str(tmp_path))
+        await stopped.fire(AlertKind.JOB_FAILED, "/DC0/vm/old", "two days ago")  # queued, never run: the hub stopped
+        stopped.clock = ManualClock(START)
+        await stopped.fire(AlertKind.JOB_FAILED, "/DC0/vm/recent", "just before the stop")
+        restarted = Alerts(db, config, clock=ManualClock(START + 60), hub="test", space_path=str(tmp_path))
+        await restarted.fire(AlertKind.JOB_FAILED, "/DC0/vm/new", "at the restart, before run")
+        worker = asyncio.create_task(restarted.run())
+        try:
+            await restarted.fire(AlertKind.JOB_FAILED, "/DC0/vm/later", "after run started")
+            await until(lambda: _true(len(hook.received) >= 3), "the deliveries")
+            await asyncio.sleep(0.3)  # nothing more arrives
+            subjects = sorted(body["subject"] for body in hook.received)
+            assert subjects == ["/DC0/vm/later", "/DC0/vm/new", "/DC0/vm/recent"]  # each once, the old one not
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        [old] = [a for a in await restarted.list(AlertQuery(limit=10)) if a.subject == "/DC0/vm/old"]
+        assert old.delivered == {}  # older than a day: not sent after the restart
+    db.close()
