@@ -33,7 +33,8 @@
     ├── InvalidBackup              a backup cannot start as asked (no disks to back up, a size missing; 400)
     ├── CompletionMismatch         a node's completion names another VM or other disks than its job (400)
     ├── RepositoryError            a backup repository operation cannot be done as asked
-    │   └── UnknownPoint           no restore point has this ID
+    │   ├── UnknownPoint           no restore point has this ID
+    │   └── InsufficientSpace      the repository has no room for a backup's expected size (507)
     ├── NodeError                  a node refused or did not answer the hub
     │   └── NodeNotFound           the node does not know the VM or job asked for
     └── PortError                  the NBD port pool cannot satisfy a request
@@ -265,6 +266,10 @@ class RepositoryError(SendenseError):
 
 class UnknownPoint(RepositoryError):
     """No restore point has this ID."""
+
+
+class InsufficientSpace(RepositoryError):
+    """The repository has not enough free space for a backup's expected size and the reserve (507)."""
 
 
 class NodeError(SendenseError):

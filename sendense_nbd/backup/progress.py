@@ -25,6 +25,9 @@ STAGES = (
     "finalizing",
 )
 
+#: A report lists at most this many stages entered (the hub takes as many).
+MAX_HISTORY = 64
+
 
 @attrs.define
 class DiskProgress:
@@ -85,6 +88,8 @@ class JobProgress:
         self.error: dict[str, str] | None = None
         self.disks: dict[int, DiskProgress] = {}
         self.started = time.monotonic()
+        #: Every stage entered, with its start in seconds after ``started`` (the hub times them from it).
+        self.history: list[tuple[str, float]] = [(self.stage, 0.0)]
         self._sink = sink
         self._interval = interval
         self._listeners = listeners
@@ -101,6 +106,8 @@ class JobProgress:
     def set_stage(self, stage: str) -> None:
         """Enter ``stage`` (one of :data:`STAGES`)."""
         assert stage in STAGES, stage
+        if stage != self.stage and len(self.history) < MAX_HISTORY:
+            self.history.append((stage, round(time.monotonic() - self.started, 3)))
         self.stage = stage
         self._changed()
 
@@ -136,6 +143,7 @@ class JobProgress:
             "elapsed_seconds": round(time.monotonic() - self.started, 3),
             "disks": [attrs.asdict(d) for d in disks],
             "error": self.error,
+            "stages": [{"name": name, "elapsed": elapsed} for name, elapsed in self.history],
         }
 
     def _changed(self) -> None:

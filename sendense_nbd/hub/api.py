@@ -17,6 +17,7 @@ from sendense_nbd import fields
 from sendense_nbd.errors import (
     BadRequest,
     CompletionMismatch,
+    InsufficientSpace,
     InvalidBackup,
     JobStateError,
     NodeError,
@@ -43,6 +44,7 @@ _ERRORS: ErrorMap = [
     (JobStateError, 409, "conflict"),
     (PortError, 503, "ports_exhausted"),
     (NodeError, 502, "node_unavailable"),
+    (InsufficientSpace, 507, "insufficient_space"),
     (RepositoryError, 409, "repository"),
     (InvalidBackup, 400, "bad_request"),
     (CompletionMismatch, 400, "bad_request"),

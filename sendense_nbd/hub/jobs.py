@@ -31,10 +31,10 @@ from typing import Any
 import attrs
 
 from sendense_nbd.backup.records import FullReason, Mode, SyncType
-from sendense_nbd.errors import JobStateError, UnknownJob
+from sendense_nbd.errors import Conflict, JobStateError, UnknownJob
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database, rows
-from sendense_nbd.hub.requests import Failure, Progress, RestoreAction
+from sendense_nbd.hub.requests import Failure, NodeStage, Progress, RestoreAction
 from sendense_nbd.storage.modes import ImageFormat
 
 
@@ -85,6 +85,8 @@ class DiskExport:
     #: Why this disk gets a full copy (a :class:`FullReason` value): the hub's decision before the
     #: job starts, else the node's at completion; None for an incremental.
     full_reason: str | None = None
+    #: The node's words on why it copied the disk in full (also for a code this hub does not know).
+    full_reason_detail: str | None = None
 
 
 @attrs.frozen
@@ -209,11 +211,13 @@ class Stage:
     name: str
     started: float
     ended: float | None = None
+    #: The hub's own stage (``queued``, ``completing``, ``retention``), not one its node reported.
+    by_hub: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Stage:
         """From the store's JSON."""
-        return cls(data["name"], data["started"], data.get("ended"))
+        return cls(data["name"], data["started"], data.get("ended"), bool(data.get("hub")))
 
     @property
     def seconds(self) -> float | None:
@@ -230,7 +234,33 @@ def _stages(raw: str | None) -> tuple[Stage, ...]:
 
 
 def _dump_stages(stages: list[Stage] | tuple[Stage, ...]) -> str:
-    return json.dumps([{"name": s.name, "started": s.started, "ended": s.ended} for s in stages])
+    return json.dumps([{"name": s.name, "started": s.started, "ended": s.ended, "hub": s.by_hub} for s in stages])
+
+
+def with_node_stages(
+    stages: tuple[Stage, ...], reported: tuple[NodeStage, ...], *, origin: float, now: float, terminal: bool
+) -> list[Stage]:
+    """``stages`` with its node part replaced by the node's history (``reported``: each stage's start in
+    seconds after ``origin``, the node's job start on the hub's clock).
+
+    The node part stays between the hub's ``queued`` and its own stages after it (``completing``...),
+    or the job's end; its times are clamped into that span and never go backwards. The last node
+    stage runs on (ended None) while the job runs and the hub has not taken over.
+    """
+    head = [stage for stage in stages[:1] if stage.by_hub]
+    tail = [stage for stage in stages[len(head) :] if stage.by_hub]
+    names = [(item.name[:MAX_STAGE_NAME], item.elapsed) for item in reported[: MAX_STAGES - 1 - _HUB_STAGES]]
+    if not names:
+        return list(stages)
+    low = head[0].started if head else origin
+    closed = bool(tail) or terminal
+    high = tail[0].started if tail else (stages[-1].ended if terminal and stages else None) or now
+    starts: list[float] = []
+    for _, elapsed in names:
+        starts.append(min(max(origin + elapsed, low, *starts[-1:]), high))
+    ends: list[float | None] = [*starts[1:], high if closed else None]
+    node = [Stage(name, start, end) for (name, _), start, end in zip(names, starts, ends, strict=True)]
+    return [*(attrs.evolve(stage, ended=starts[0]) for stage in head), *node, *tail]
 
 
 def _ended(stages: tuple[Stage, ...], now: float) -> list[Stage]:
@@ -350,10 +380,12 @@ class JobStore:
         node: str | None = None,
         policy: str | None = None,
         full_reason: FullReason | None = None,
+        exclusive: bool = False,
     ) -> Job:
-        """A new pending job that must end within ``lifetime`` seconds; a backup starts ``queued``."""
+        """A new pending job that must end within ``lifetime`` seconds; a backup starts ``queued``.
+        ``exclusive``: refused (``Conflict`` ``vm_busy``) while the VM has a backup job pending or running."""
         now = time.time()
-        stages = (Stage("queued", self.clock.now()),) if kind is JobKind.BACKUP else ()
+        stages = (Stage("queued", self.clock.now(), by_hub=True),) if kind is JobKind.BACKUP else ()
         job = Job(
             new_job_id(), kind, vm_path, mode, JobState.PENDING, now, now, now + lifetime, detail, None, None,
             node, policy, full_reason, stages,
@@ -366,11 +398,29 @@ class JobStore:
         }  # fmt: skip
 
         def insert(connection: sqlite3.Connection) -> None:
+            if exclusive:
+                _refuse_busy(connection, vm_path)
             names, marks = ", ".join(row), ", ".join("?" * len(row))
             connection.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(row.values()))
 
         await self.db.run(insert)
         return job
+
+    async def refuse_busy(self, vm_path: str) -> None:
+        """``Conflict`` (``vm_busy``) if the VM has a backup job pending or running."""
+        await self.db.run(lambda connection: _refuse_busy(connection, vm_path))
+
+    async def backed_up(self, vm_path: str, disk_key: int) -> bool:
+        """Whether a backup job of the VM that included this disk ever completed."""
+
+        def read(connection: sqlite3.Connection) -> bool:
+            found = connection.execute(
+                "SELECT detail FROM jobs WHERE vm_path = ? AND kind = ? AND state = ? ORDER BY created DESC",
+                (vm_path, JobKind.BACKUP.value, JobState.COMPLETED.value),
+            )
+            return any(disk_key in {d["disk_key"] for d in json.loads(row[0]).get("disks", ())} for row in found)
+
+        return await self.db.run(read)
 
     async def get(self, job_id: str) -> Job:
         """The job ``job_id``; :class:`UnknownJob` if there is none."""
@@ -439,8 +489,12 @@ class JobStore:
         return await self.get(job_id)
 
     async def set_progress(self, job_id: str, progress: Progress) -> Job:
-        """Record a job's latest progress; a running report on a finished job is refused. A stage name
-        other than the running one's ends that stage and starts this one (not once the job is over)."""
+        """Record a job's latest progress; a running report on a finished job is refused.
+
+        A report with the node's stage history (``stages``, ``elapsed_seconds``) sets the job's node
+        stages (:func:`with_node_stages`; also the final report, after the hub completed the job). An
+        older node's report names only its current stage: one other than the running one's ends that
+        stage and starts this one (not once the job is over)."""
         now = self.clock.now()
 
         def update(connection: sqlite3.Connection) -> None:
@@ -450,7 +504,13 @@ class JobStore:
             connection.execute(
                 "UPDATE jobs SET progress = ?, updated = ? WHERE id = ?", (_dump(progress), time.time(), job_id)
             )
-            if progress.stage and not current.terminal:
+            if progress.stages is not None and progress.elapsed_seconds is not None:
+                origin = now - progress.elapsed_seconds
+                stages = with_node_stages(
+                    _read_stages(connection, job_id), progress.stages, origin=origin, now=now, terminal=current.terminal
+                )
+                connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages(stages), job_id))
+            elif progress.stage and not current.terminal:
                 _enter(connection, job_id, progress.stage, now, limit=MAX_STAGES - _HUB_STAGES)
 
         await self.db.run(update)
@@ -459,7 +519,7 @@ class JobStore:
     async def enter_stage(self, job_id: str, name: str) -> None:
         """The hub's own stage (e.g. ``completing``): the running stage ends, ``name`` starts."""
         now = self.clock.now()
-        await self.db.run(lambda connection: _enter(connection, job_id, name, now, limit=MAX_STAGES))
+        await self.db.run(lambda connection: _enter(connection, job_id, name, now, limit=MAX_STAGES, by_hub=True))
 
     async def add_stage(self, job_id: str, name: str, started: float) -> None:
         """A stage that ran from ``started`` until now, recorded after the job ended (``retention``)."""
@@ -468,7 +528,7 @@ class JobStore:
         def add(connection: sqlite3.Connection) -> None:
             stages = _read_stages(connection, job_id)
             if len(stages) < MAX_STAGES:
-                stage = Stage(name[:MAX_STAGE_NAME], started, max(now, started))
+                stage = Stage(name[:MAX_STAGE_NAME], started, max(now, started), by_hub=True)
                 connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages((*stages, stage)), job_id))
 
         await self.db.run(add)
@@ -497,11 +557,22 @@ def _read_stages(connection: sqlite3.Connection, job_id: str) -> tuple[Stage, ..
     return _stages(found[0]["stages"])
 
 
-def _enter(connection: sqlite3.Connection, job_id: str, name: str, now: float, *, limit: int) -> None:
+def _enter(
+    connection: sqlite3.Connection, job_id: str, name: str, now: float, *, limit: int, by_hub: bool = False
+) -> None:
     """End the running stage and start ``name``, unless it is the running one or ``limit`` stages exist."""
     name = name[:MAX_STAGE_NAME]
     stages = _read_stages(connection, job_id)
     if (stages and stages[-1].name == name and stages[-1].ended is None) or len(stages) >= limit:
         return
-    updated = [*_ended(stages, now), Stage(name, now)]
+    updated = [*_ended(stages, now), Stage(name, now, by_hub=by_hub)]
     connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages(updated), job_id))
+
+
+def _refuse_busy(connection: sqlite3.Connection, vm_path: str) -> None:
+    found = connection.execute(
+        "SELECT id, state FROM jobs WHERE vm_path = ? AND kind = ? AND state IN (?, ?) ORDER BY created LIMIT 1",
+        (vm_path, JobKind.BACKUP.value, JobState.PENDING.value, JobState.RUNNING.value),
+    ).fetchone()
+    if found is not None:
+        raise Conflict(f"{vm_path} already has job {found[0]} {found[1]}: one backup of a VM at a time", "vm_busy")

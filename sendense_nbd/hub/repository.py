@@ -249,16 +249,19 @@ class Repository:
         await self.db.run(update)
 
     async def discard(self, point_id: str) -> None:
-        """Delete a pending (failed) point and its image."""
+        """Delete a pending (failed) point: its image first, so a full filesystem has room for the
+        store's write again (after a crash between the two, :meth:`recover` discards the row)."""
+        where = (point_id, PointStatus.PENDING.value)
 
-        def delete(connection: sqlite3.Connection) -> list[str]:
-            where = (point_id, PointStatus.PENDING.value)
-            found = [r[0] for r in connection.execute("SELECT path FROM points WHERE id = ? AND status = ?", where)]
+        def read(connection: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in connection.execute("SELECT path FROM points WHERE id = ? AND status = ?", where)]
+
+        def delete(connection: sqlite3.Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ? AND status = ?", where)
-            return found
 
-        for path in await self.db.run(delete):
+        for path in await self.db.run(read):
             await asyncio.to_thread(remove_quietly, path)
+        await self.db.run(delete)
 
     async def discard_pending(self) -> list[str]:
         """Discard every pending point (after a crash); their ids."""

@@ -297,6 +297,8 @@ _DISK_NUMBERS = (
     "bytes_changed",
 )  # fmt: skip
 PROGRESS_STATUSES = ("running", "completed", "failed", "cancelled")
+#: A progress report lists at most this many stages of its node's history.
+MAX_REPORTED_STAGES = 64
 
 
 def _numbers(body: Mapping[str, Any], names: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -335,6 +337,25 @@ class DiskProgress:
         return cls(disk_key=key, sync_type=sync_type, done=done, **numbers)
 
 
+@attrs.frozen
+class NodeStage:
+    """One stage in a node's history: its name and when it started, in seconds after the job started."""
+
+    name: str
+    elapsed: float
+
+
+def _node_stages(value: object) -> tuple[NodeStage, ...]:
+    """A report's ``stages``: ``[{"name", "elapsed"}]``, at most :data:`MAX_REPORTED_STAGES`, checked."""
+    items = json_list(value, "stages", MAX_REPORTED_STAGES)
+    out = []
+    for i, item in enumerate(items):
+        stage = json_object(item, f"stages[{i}]")
+        name = _message(stage.get("name"), f"stages[{i}].name", 64) or "node"
+        out.append(NodeStage(name, _number(stage.get("elapsed"), f"stages[{i}].elapsed")))
+    return tuple(out)
+
+
 @attrs.frozen(kw_only=True)
 class Progress:
     """``POST /backups/{job}/progress`` (docs/HUB_API.md §2); a None field was not reported."""
@@ -351,6 +372,8 @@ class Progress:
     bytes_changed: float | None = None
     disks: tuple[DiskProgress, ...] | None = None
     error: Failure | None = None
+    #: The node's stages so far, each with its start (seconds after the job started).
+    stages: tuple[NodeStage, ...] | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Progress:
@@ -369,7 +392,8 @@ class Progress:
             disks = tuple(DiskProgress.from_json(item, f"disks[{i}]") for i, item in enumerate(items))
         error = body.get("error")
         failure = None if error is None else Failure.from_json(error, default_message="", code=None)
-        return cls(status=status, disks=disks, error=failure, **names, **numbers)
+        stages = None if body.get("stages") is None else _node_stages(body["stages"])
+        return cls(status=status, disks=disks, error=failure, stages=stages, **names, **numbers)
 
     @property
     def running(self) -> bool:
@@ -379,6 +403,7 @@ class Progress:
     def to_json(self) -> dict[str, Any]:
         """The report as JSON, without the fields that were not reported."""
         out = attrs.asdict(self, filter=lambda _, value: value is not None)
-        if self.disks is not None:
-            out["disks"] = list(out["disks"])
+        for name in ("disks", "stages"):
+            if name in out:
+                out[name] = list(out[name])
         return out
