@@ -36,7 +36,9 @@
     │   ├── UnknownPoint           no restore point has this ID
     │   └── InsufficientSpace      the repository has no room for a backup's expected size (507)
     ├── NodeError                  a node refused or did not answer the hub
-    │   └── NodeNotFound           the node does not know the VM or job asked for
+    │   ├── NodeNotFound           the node does not know the VM or job asked for
+    │   └── NodeUnavailable        the node did not answer, or answered 5xx (its jobs fail node_unavailable)
+    ├── UnknownNode                no node is registered in the hub under this name (404)
     └── PortError                  the NBD port pool cannot satisfy a request
 
 Foreign exceptions (``OSError``) are translated at the boundary with
@@ -278,6 +280,14 @@ class NodeError(SendenseError):
 
 class NodeNotFound(NodeError):
     """The node answered 404: it does not know the VM (or job) asked for."""
+
+
+class NodeUnavailable(NodeError):
+    """The node did not answer (down, unreachable, timed out) or answered a server error (5xx)."""
+
+
+class UnknownNode(SendenseError):
+    """No node is registered in the hub under this name (or there is no default node)."""
 
 
 class PortError(SendenseError):

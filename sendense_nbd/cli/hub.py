@@ -1,4 +1,4 @@
-"""``sendense-nbd hub``, ``ports``, ``points`` and ``restore``: the backup side."""
+"""``sendense-nbd hub``, ``ports``, ``points``, ``restore`` and ``node``: the backup side."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import asyncio
 import json
 import sys
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import click
 
+from sendense_nbd.cli.hubclient import HubClient, hub_options
 from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
 
@@ -276,3 +278,101 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
     finally:
         db.close()
     click.echo(f"restored {point_id} to {output} ({fmt}), verified")
+
+
+@click.group("node")
+def node_group() -> None:
+    """The nodes a hub sends jobs to: register, list (with health), change, forget."""
+
+
+def _node_body(url: str | None, token_file: str | None, identity: str | None) -> dict[str, Any]:
+    """The fields given, as the hub API takes them."""
+    from sendense_nbd.cli.hubclient import read_token
+
+    body: dict[str, Any] = {}
+    if url is not None:
+        body["url"] = url
+    if token_file is not None:
+        body["token"] = read_token(token_file)
+    if identity is not None:
+        body["tunnel_identity"] = identity
+    return body
+
+
+_node_token_option = click.option(
+    "--node-token-file", type=click.Path(dir_okay=False), help="The node API's bearer token (kept by the hub)."
+)
+_identity_option = click.option(
+    "--tunnel-identity", metavar="SHA256:...", help="The SSH key fingerprint the node's tunnel uses (ssh-keygen -l)."
+)
+
+
+@node_group.command("add")
+@click.argument("name")
+@click.option("--url", required=True, help="The node API, e.g. http://10.0.0.5:8081.")
+@_node_token_option
+@_identity_option
+@hub_options
+def node_add(name: str, url: str, node_token_file: str | None, tunnel_identity: str | None, hub: HubClient) -> None:
+    """Register a node under NAME (a policy or backup names it; 'default' takes jobs that name none)."""
+    node = hub.call("POST", "/nodes", {"name": name, **_node_body(url, node_token_file, tunnel_identity)})
+    click.echo(json.dumps(node, indent=2))
+
+
+@node_group.command("list")
+@click.option("--check", is_flag=True, help="Ask every node for its health now (else: as last seen).")
+@hub_options
+def node_list(check: bool, hub: HubClient) -> None:
+    """Every node: name, state, URL, last contact, version, running jobs, last error."""
+    for node in hub.call("GET", "/nodes" + ("?check=1" if check else ""))["nodes"]:
+        state = {True: "up", False: "DOWN", None: "unknown"}[node["up"]]
+        jobs = "-" if node["running_jobs"] is None else f"{node['running_jobs']} running"
+        contact = "never" if node["last_contact"] is None else _ago(node["last_contact"])
+        line = f"{node['name']}\t{state}\t{node['url']}\tcontact {contact}\t{node['version'] or '-'}\t{jobs}"
+        click.echo(line + (f"\t{node['last_error']}" if node["last_error"] and not node["up"] else ""))
+
+
+def _ago(moment: float) -> str:
+    import time
+
+    seconds = max(0, int(time.time() - moment))
+    return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago"
+
+
+@node_group.command("show")
+@click.argument("name")
+@click.option("--check", is_flag=True, help="Ask the node for its health now.")
+@hub_options
+def node_show(name: str, check: bool, hub: HubClient) -> None:
+    """One node with its health (JSON; the token shows only as true or false)."""
+    click.echo(json.dumps(hub.call("GET", f"/nodes/{quote(name, safe='')}" + ("?check=1" if check else "")), indent=2))
+
+
+@node_group.command("edit")
+@click.argument("name")
+@click.option("--url", help="A new node API URL.")
+@_node_token_option
+@click.option("--no-node-token", is_flag=True, help="Forget the node's token.")
+@_identity_option
+@click.option("--no-tunnel-identity", is_flag=True, help="Forget the tunnel identity.")
+@hub_options
+def node_edit(name: str, hub: HubClient, **o: Any) -> None:
+    """Change a node's URL, token or tunnel identity (its health is kept)."""
+    body = _node_body(o["url"], o["node_token_file"], o["tunnel_identity"])
+    for flag, field in (("no_node_token", "token"), ("no_tunnel_identity", "tunnel_identity")):
+        if o[flag]:
+            if field in body:
+                raise click.UsageError(f"--{flag.replace('_', '-')} and a new {field} contradict each other")
+            body[field] = None
+    if not body:
+        raise click.UsageError("give what to change: --url, --node-token-file, --tunnel-identity or a --no- option")
+    click.echo(json.dumps(hub.call("PATCH", f"/nodes/{quote(name, safe='')}", body), indent=2))
+
+
+@node_group.command("delete")
+@click.argument("name")
+@hub_options
+def node_delete(name: str, hub: HubClient) -> None:
+    """Forget a node (refused while a policy names it)."""
+    hub.call("DELETE", f"/nodes/{quote(name, safe='')}")
+    click.echo(f"deleted node {name}")

@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
 
 from sendense_nbd.errors import HubApiError
+
+if TYPE_CHECKING:
+    import urllib.error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,6 +47,9 @@ class HubClient:
 
     def call(self, method: str, path: str, body: object = None) -> Any:
         """The answer's JSON (None for an empty answer)."""
+        import urllib.error
+        import urllib.request  # here: every command of the CLI imports this module
+
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Accept", "application/json")

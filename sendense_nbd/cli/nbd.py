@@ -20,7 +20,7 @@ import click
 
 from sendense_nbd import __version__
 from sendense_nbd.cli.copy import copy_command
-from sendense_nbd.cli.hub import hub_command, points_command, ports_command, restore_command
+from sendense_nbd.cli.hub import hub_command, node_group, points_command, ports_command, restore_command
 from sendense_nbd.cli.verify import verify_command
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
@@ -422,7 +422,7 @@ def check(output: str, repair: str | None, path: str) -> None:
 
 cli.add_command(copy_command)
 cli.add_command(verify_command)
-for command in (hub_command, ports_command, points_command, restore_command, tunnel_server_command):
+for command in (hub_command, node_group, ports_command, points_command, restore_command, tunnel_server_command):
     cli.add_command(command)
 
 

@@ -25,12 +25,14 @@ from sendense_nbd.errors import (
     PortError,
     RepositoryError,
     UnknownJob,
+    UnknownNode,
     UnknownPoint,
 )
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
 from sendense_nbd.hub.jobs import Job, JobKind
+from sendense_nbd.hub.nodes import node_name, parse_edit, parse_node
 from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
 from sendense_nbd.hub.verify import VerifyRequest
@@ -41,6 +43,7 @@ _ERRORS: ErrorMap = [
     (UnknownJob, 404, "not_found"),
     (UnknownPoint, 404, "not_found"),
     (NodeNotFound, 404, "not_found"),
+    (UnknownNode, 404, "not_found"),
     (JobStateError, 409, "conflict"),
     (PortError, 503, "ports_exhausted"),
     (NodeError, 502, "node_unavailable"),
@@ -67,6 +70,12 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.post(PREFIX + "/restores", api.restore),
         web.delete(PREFIX + "/restores/{job}", api.stop_restore),
         web.get(PREFIX + "/ports", api.ports),
+        web.get(PREFIX + "/nodes", api.list_nodes),
+        web.post(PREFIX + "/nodes", api.add_node),
+        web.get(PREFIX + "/nodes/{name}", api.get_node),
+        web.patch(PREFIX + "/nodes/{name}", api.edit_node),
+        web.delete(PREFIX + "/nodes/{name}", api.delete_node),
+        web.get(PREFIX + "/nodes/{name}/vms", api.node_vms),
         web.post(PREFIX + "/verify", api.verify),
         web.get(PREFIX + "/verify/{job}", api.get_verify),
         web.get(PREFIX + "/alerts", api.alerts),
@@ -163,6 +172,39 @@ class _Handlers:
         """GET /metrics (at the root, not under /api/v1): Prometheus text, behind the same bearer token."""
         return web.Response(body=await self.hub.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        """GET /nodes[?check=1]: every node with its health (``check=1``: asked now, else as last seen)."""
+        nodes = self.hub.nodes
+        found = await (nodes.check_all() if request.query.get("check") == "1" else nodes.records())
+        return web.json_response({"nodes": [node.to_json() for node in found]})
+
+    async def add_node(self, request: web.Request) -> web.Response:
+        """POST /nodes: register a node (201)."""
+        node = await self.hub.nodes.add(parse_node(await json_body(request)))
+        return web.json_response(node.to_json(), status=201)
+
+    async def get_node(self, request: web.Request) -> web.Response:
+        """GET /nodes/{name}[?check=1]: one node with its health."""
+        name = _node_name(request)
+        node = await (self.hub.nodes.check(name) if request.query.get("check") == "1" else self.hub.nodes.get(name))
+        return web.json_response(node.to_json())
+
+    async def edit_node(self, request: web.Request) -> web.Response:
+        """PATCH /nodes/{name}: change its url, token or tunnel identity (null clears the last two)."""
+        name = _node_name(request)
+        node = await self.hub.nodes.edit(name, parse_edit(await json_body(request)))
+        return web.json_response(node.to_json())
+
+    async def delete_node(self, request: web.Request) -> web.Response:
+        """DELETE /nodes/{name}: forget a node (409 in_use while a policy names it)."""
+        name = _node_name(request)
+        await self.hub.nodes.delete(name)
+        return web.json_response({"deleted": name})
+
+    async def node_vms(self, request: web.Request) -> web.Response:
+        """GET /nodes/{name}/vms: the inventory paths of the node's VMs (asked now)."""
+        return web.json_response({"vms": await self.hub.nodes.list_vms(_node_name(request))})
+
     async def ports(self, request: web.Request) -> web.Response:
         """GET /ports: the port pool's leases and the running exports."""
         return web.json_response((await self.hub.port_status()).to_json())
@@ -175,6 +217,15 @@ def _job_id(request: web.Request) -> str:
     if job_id is None:
         raise UnknownJob(f"no job {raw[:80]!r}")
     return job_id
+
+
+def _node_name(request: web.Request) -> str:
+    """The ``{name}`` of the path; a string that cannot be a node's name is an unknown node (404)."""
+    raw = request.match_info["name"]
+    try:
+        return node_name(raw)
+    except BadRequest:
+        raise UnknownNode(f"no node {raw[:80]!r}") from None
 
 
 def _query_vm_path(request: web.Request) -> str:

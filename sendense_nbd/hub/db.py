@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -59,6 +60,22 @@ CREATE TABLE IF NOT EXISTS points (
     bytes_transferred INTEGER
 );
 CREATE INDEX IF NOT EXISTS points_disk ON points (vm_path, disk_key, created);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    token TEXT,
+    tunnel_identity TEXT,
+    configured TEXT NOT NULL,
+    added REAL NOT NULL,
+    last_contact REAL,
+    last_check REAL,
+    up INTEGER,
+    version TEXT,
+    running_jobs INTEGER,
+    queued_jobs INTEGER,
+    max_jobs INTEGER,
+    last_error TEXT
+);
 CREATE TABLE IF NOT EXISTS alerts (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -79,6 +96,9 @@ class Database:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # The store holds node tokens: the hub user's alone (SQLite gives its -wal and -shm the same mode).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-db")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []

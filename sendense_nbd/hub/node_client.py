@@ -2,25 +2,62 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 from sendense_nbd.backup.records import Mode
-from sendense_nbd.errors import BadRequest, NodeError, NodeNotFound
+from sendense_nbd.errors import BadRequest, NodeError, NodeNotFound, NodeUnavailable
+from sendense_nbd.fields import MAX_VM_PATH
 from sendense_nbd.hub.requests import DiskSpec, parse_disks
+
+#: Most VMs the hub takes from a node's listing (the node lists at most 100000).
+MAX_LISTED_VMS = 100_000
+#: Largest node answer read (a listing of 100000 VMs with long paths fits).
+MAX_ANSWER = 64 << 20
 
 
 class NodeClient:
-    """The node's API over HTTP (one session, opened on first use); failures are :class:`NodeError`."""
+    """The node's API over HTTP (one session, opened on first use); failures are :class:`NodeError`.
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
+    ``on_answer`` is awaited after every call: with None when the node answered (a success, or 404),
+    else with why not (no answer, a refusal, a 5xx), e.g. to record the node's health. No answer, or
+    a 5xx, is :class:`NodeUnavailable`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        on_answer: Callable[[str | None], Awaitable[None]] | None = None,
+    ) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith("/api/v1") else base + "/api/v1"
         self.token = token
         self.timeout = timeout
+        self.on_answer = on_answer
         self._session: Any = None
 
     async def _call(self, method: str, path: str, body: object = None) -> Any:
+        try:
+            answer = await self._request(method, path, body)
+        except NodeNotFound:
+            await self._answered(None)
+            raise
+        except NodeError as exc:
+            await self._answered(str(exc))
+            raise
+        await self._answered(None)
+        return answer
+
+    async def _answered(self, error: str | None) -> None:
+        if self.on_answer is not None:
+            await self.on_answer(error)
+
+    async def _request(self, method: str, path: str, body: object) -> Any:
         import aiohttp
 
         if self._session is None:
@@ -29,14 +66,20 @@ class NodeClient:
         url = self.base + path
         try:
             async with self._session.request(method, url, json=body) as response:
-                text = await response.text()
+                raw = await response.content.read(MAX_ANSWER + 1)
+                if len(raw) > MAX_ANSWER:
+                    raise NodeError(f"{method} {url}: the answer is larger than {MAX_ANSWER} bytes")
+                text = raw.decode("utf-8", "replace")
                 if response.status == 404:
                     raise NodeNotFound(f"the node does not know it: {method} {url}: {text[:300]}")
                 if response.status >= 400:
-                    raise NodeError(f"{method} {url}: HTTP {response.status}: {text[:300]}")
-                return await response.json(content_type=None) if text else {}
+                    failed = NodeUnavailable if response.status >= 500 else NodeError
+                    raise failed(f"{method} {url}: HTTP {response.status}: {text[:300]}")
+                return json.loads(text) if text else {}
+        except ValueError as exc:
+            raise NodeError(f"{method} {url}: the answer is not JSON: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise NodeError(f"{method} {url}: the node did not answer: {exc or type(exc).__name__}") from exc
+            raise NodeUnavailable(f"{method} {url}: the node did not answer: {exc or type(exc).__name__}") from exc
 
     async def disks(self, vm_path: str) -> tuple[DiskSpec, ...]:
         """The VM's disks as the node lists them, checked as a request's disks are (their other
@@ -52,6 +95,27 @@ class NodeClient:
             )
         except BadRequest as exc:  # the node's answer is at fault, not the hub's caller
             raise NodeError(f"the node's disk list for {vm_path} is malformed: {exc}") from exc
+
+    async def vms(self) -> list[str]:
+        """The inventory paths of the node's VMs, checked (:class:`NodeError` if the list is malformed)."""
+        answer = await self._call("GET", "/vms")
+        listed = answer.get("vms") if isinstance(answer, dict) else None
+        if not isinstance(listed, list) or len(listed) > MAX_LISTED_VMS:
+            raise NodeError(f"the node's VM list is malformed (a list of at most {MAX_LISTED_VMS} VMs expected)")
+        paths = []
+        for item in listed:
+            path = item.get("path") if isinstance(item, dict) else None
+            if not isinstance(path, str) or not path.startswith("/") or len(path) > MAX_VM_PATH:
+                raise NodeError(f"the node's VM list is malformed: {str(item)[:200]}")
+            paths.append(path)
+        return paths
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``: the node's version and load."""
+        answer = await self._call("GET", "/health")
+        if not isinstance(answer, dict):
+            raise NodeError(f"the node's health answer is malformed: {str(answer)[:200]}")
+        return answer
 
     async def start_backup(self, job_id: str, vm_path: str, mode: Mode, targets: dict[int, str], api_url: str) -> None:
         """Ask the node to back ``vm_path`` up into ``targets`` (disk key to NBD URI), reporting to ``api_url``."""

@@ -44,6 +44,8 @@ from sendense_nbd.errors import (
     Conflict,
     InvalidBackup,
     JobStateError,
+    NodeError,
+    NodeUnavailable,
     RepositoryError,
     SendenseError,
     UnknownJob,
@@ -66,6 +68,7 @@ from sendense_nbd.hub.jobs import (
 )
 from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
+from sendense_nbd.hub.nodes import DEFAULT, NodeRegistry
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
@@ -154,7 +157,9 @@ class Hub:
         self._exports = ExportManager(shared=config.shared)
         self._repository = Repository(config.repo, self._db)
         self._jobs = JobStore(self._db)
-        self._node = NodeClient(config.node_url, token=config.node_token) if config.node_url else None
+        self.nodes = NodeRegistry(
+            self._db, clock=self.clock, default_url=config.node_url, default_token=config.node_token
+        )
         self.alerts = Alerts(
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo
         )
@@ -211,8 +216,7 @@ class Hub:
                 log.error("the hub's background work failed: %r", self._background.exception())
         await self._verifier.close()
         await self._exports.stop_all()
-        if self._node is not None:
-            await self._node.close()
+        await self.nodes.close()
         self._db.close()
         os.close(self._lock_fd)
 
@@ -220,6 +224,7 @@ class Hub:
         """The background loops, in one task group: cancelling this task cancels and awaits them all."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.alerts.run(), name="hub-alerts")
+            group.create_task(self.nodes.watch(), name="hub-node-health")
             renew = self.config.lease_ttl / 3
             group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
@@ -279,34 +284,56 @@ class Hub:
 
     async def create_backup(self, request: req.BackupRequest) -> Job:
         """Start a backup job: a point and an export per disk, then the node is told to push to them."""
-        disks = await self._disks_to_back_up(request)
+        node_name, node = await self._node_of(request.node)
+        try:
+            disks = await self._disks_to_back_up(request, node)
+        except NodeUnavailable as exc:  # a failed job, listed (the node's 404 or odd answer: only refused)
+            await self._node_unavailable(request, node_name, exc)
+            raise
         job = await self._jobs.create(
-            JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout
-        )
+            JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout,
+            node=node_name,
+        )  # fmt: skip
         prepared: list[DiskExport] = []
         try:
             for disk in disks:
                 prepared.append(await self._prepare_disk(job.id, request, disk))
             job = await self._jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
-            if self._node is not None:
+            if node is not None:
                 targets = {disk.disk_key: disk.uri for disk in prepared}
-                await self._node.start_backup(job.id, request.vm_path, request.mode, targets, self.config.public_url)
+                await node.start_backup(job.id, request.vm_path, request.mode, targets, self.config.public_url)
         except BaseException as exc:
             await self._cleanup(job.id, prepared)
             with contextlib.suppress(JobStateError):
-                await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("starting", str(exc)))
+                await self._jobs.transition(job.id, JobState.FAILED, error=_start_failure(exc))
             if isinstance(exc, Exception):
                 await self._alert_failed(await self._jobs.get(job.id))
             raise
         return job
 
-    async def _disks_to_back_up(self, request: req.BackupRequest) -> tuple[req.DiskSpec, ...]:
+    async def _node_of(self, name: str | None) -> tuple[str | None, NodeClient | None]:
+        """The node a backup goes to (by name; None: the default node) and its client; (None, None)
+        when no node is named and there is no default (the job then waits for a node told some other way)."""
+        if name is None and await self.nodes.find(None) is None:
+            return None, None
+        return name or DEFAULT, await self.nodes.client(name)
+
+    async def _node_unavailable(self, request: req.BackupRequest, node: str | None, exc: NodeError) -> None:
+        """Record the backup its node could not start as a failed job (listed; retried at the next schedule)."""
+        job = await self._jobs.create(
+            JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout,
+            node=node, policy=request.policy,
+        )  # fmt: skip
+        await self._jobs.transition(job.id, JobState.FAILED, error=_start_failure(exc))
+        await self._alert_failed(await self._jobs.get(job.id))
+
+    async def _disks_to_back_up(self, request: req.BackupRequest, node: NodeClient | None) -> tuple[req.DiskSpec, ...]:
         """The request's disks (or the node's list of the VM's disks), each with a size where it needs one."""
         disks = request.disks
         if disks is None:
-            if self._node is None:
+            if node is None:
                 raise InvalidBackup("give disks ([{key, capacity}]): no node is configured to list them")
-            disks = await self._node.disks(request.vm_path)
+            disks = await node.disks(request.vm_path)
         for disk in disks:
             if disk.capacity is None and (
                 request.mode is Mode.FULL or await self._repository.latest(request.vm_path, disk.key) is None
@@ -411,9 +438,9 @@ class Hub:
             job = await self._jobs.get(job_id)
             if job.state.terminal:
                 raise JobStateError(f"job {job_id} is already {job.state.value}")
-            if self._node is not None and job.kind is JobKind.BACKUP:
+            if job.node is not None and job.kind is JobKind.BACKUP:
                 try:
-                    await self._node.cancel(job_id)
+                    await (await self.nodes.client(job.node)).cancel(job_id)
                 except SendenseError as exc:
                     log.warning("the node did not take the cancel of %s: %s", job_id, exc)
             return await self._fail(job_id, req.Failure("cancelled", "cancelled by the API"), JobState.CANCELLED)
@@ -478,6 +505,15 @@ class Hub:
     async def verify(self, request: VerifyRequest) -> Job:
         """Start a verify job over a VM's points or one point's chain; it runs in the background."""
         return await self._verifier.start(request)
+
+
+def _start_failure(exc: BaseException) -> req.Failure:
+    """Why a backup could not start: ``node_unavailable`` (no answer, or 5xx), ``node_refused`` (the
+    node refused the job), else no code."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, NodeUnavailable):
+        return req.Failure("starting", message, "node_unavailable")
+    return req.Failure("starting", message, "node_refused" if isinstance(exc, NodeError) else None)
 
 
 def _with_figures(disk: DiskExport, reported: req.ReportedDisk) -> DiskExport:

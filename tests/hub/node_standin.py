@@ -1,9 +1,9 @@
 """A stand-in node (the VMware side) speaking the node API the hub calls, over real HTTP.
 
-The real node is a later issue. This one answers ``GET /vms/disks`` from vcsim's JSON line and, on
-``POST /backups``, runs the real backup client (``sendense-backup migrate``) against vcsim and the
-targets the hub gave, reporting to the hub's API. ``hold`` makes it accept jobs without running
-them (for crash tests).
+The real node is a later issue. This one answers ``GET /vms/disks``, ``GET /vms`` and ``GET /health``
+from vcsim's JSON line and, on ``POST /backups``, runs the real backup client (``sendense-backup
+migrate``) against vcsim and the targets the hub gave, reporting to the hub's API. ``hold`` makes it
+accept jobs without running them (for crash tests).
 """
 
 from __future__ import annotations
@@ -52,6 +52,16 @@ class NodeStandin:
             return web.json_response(
                 {"disks": [{"key": d["key"], "capacity": d["capacityInBytes"]} for d in vm["disks"]]}
             )
+
+        @routes.get("/api/v1/vms")
+        async def vms(request: web.Request) -> web.Response:
+            listed = [{"path": v["path"], "name": v["name"], "uuid": v["uuid"]} for v in self.vcsim["vms"]]
+            return web.json_response({"vms": sorted(listed, key=lambda vm: vm["path"])})
+
+        @routes.get("/api/v1/health")
+        async def health(request: web.Request) -> web.Response:
+            running = sum(1 for task in self._running.values() if not task.done())
+            return web.json_response({"version": "standin", "running_jobs": running, "queued_jobs": 0, "max_jobs": 4})
 
         @routes.post("/api/v1/backups")
         async def backup(request: web.Request) -> web.Response:

@@ -1,0 +1,366 @@
+"""The hub's nodes: a registry over the store's ``nodes`` table, one client per node, and health checks.
+
+A node is registered by name with its API URL, an optional bearer token (kept in the hub's 0600 store,
+never shown: the API shows ``"token": true/false``) and an optional tunnel identity (the SSH key
+fingerprint its tunnel uses, shown). The hub's ``--node-url`` is the node named :data:`DEFAULT`,
+written at start (``"configured": "command line"``) and changed only there; a request or policy that
+names no node goes to it. Every answer of a node (health, disks, VMs, a job start) records its last
+contact; a health check every :data:`HEALTH_INTERVAL` seconds, through the hub's clock, records its
+version and load, or why it did not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sqlite3
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from sendense_nbd import fields
+from sendense_nbd.errors import BadRequest, Conflict, NodeError, UnknownNode
+from sendense_nbd.http_api import check_token
+from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.node_client import NodeClient
+
+log = logging.getLogger(__name__)
+
+#: The node a request or policy without a node goes to; ``--node-url`` registers it.
+DEFAULT = "default"
+#: Seconds between health checks, and the time a node has to answer one.
+HEALTH_INTERVAL = 30.0
+HEALTH_TIMEOUT = 5.0
+#: Most nodes one hub registers.
+MAX_NODES = 1000
+MAX_URL = 2048
+MAX_TOKEN = 4096
+#: How a node came to be: the API, or the hub's command line (``--node-url``).
+BY_API, BY_COMMAND_LINE = "api", "command line"
+#: An OpenSSH key fingerprint, as ``ssh-keygen -l`` prints it.
+FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+_FIELDS = frozenset({"name", "url", "token", "tunnel_identity"})
+#: Forget a node's health (its URL changed).
+_UNSEEN = ", ".join(
+    f"{column} = NULL"
+    for column in (
+        "last_contact",
+        "last_check",
+        "up",
+        "version",
+        "running_jobs",
+        "queued_jobs",
+        "max_jobs",
+        "last_error",
+    )
+)
+
+
+@attrs.frozen(kw_only=True)
+class NodeRecord:
+    """A registered node and its health as last seen (None: not known yet)."""
+
+    name: str
+    url: str
+    token: str | None = attrs.field(default=None, repr=False)
+    tunnel_identity: str | None = None
+    configured: str = BY_API
+    added: float
+    last_contact: float | None = None
+    last_check: float | None = None
+    up: bool | None = None
+    version: str | None = None
+    running_jobs: int | None = None
+    queued_jobs: int | None = None
+    max_jobs: int | None = None
+    last_error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> NodeRecord:
+        """A node from its row in the store."""
+        values = dict(row)
+        values["up"] = None if values["up"] is None else bool(values["up"])
+        return cls(**values)
+
+    def to_json(self) -> dict[str, object]:
+        """The node as the API shows it: the token as ``true``/``false`` only."""
+        out = attrs.asdict(self)
+        out["token"] = self.token is not None
+        return out
+
+
+def node_name(value: object, name: str = "name") -> str:
+    """A node's name: 1-128 of ``A-Z a-z 0-9 . _ : -``, starting with a letter or digit."""
+    checked = fields.identifier(value)
+    if checked is None:
+        raise BadRequest(
+            f"{name} must be 1-128 of letters, digits, '.', '_', ':', '-' (starting with a letter or digit)"
+        )
+    return checked
+
+
+def node_url(value: object) -> str:
+    """An ``http://`` or ``https://`` URL with a host, no credentials, query or fragment (trailing ``/`` cut)."""
+    url = fields.text(value, "url", limit=MAX_URL)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadRequest(f"url {url[:80]!r} is not a URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"url {url[:80]!r} must be an http:// or https:// URL with a host (the node's API)")
+    if parts.username is not None or parts.query or parts.fragment or port == 0:
+        raise BadRequest("url must have no user name, query or fragment (give a token for the node's auth)")
+    return url.rstrip("/")
+
+
+def _token(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TOKEN or not check_token(value):
+        raise BadRequest(f"token must be 1-{MAX_TOKEN} visible ASCII characters without spaces, or null")
+    return value
+
+
+def _identity(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not FINGERPRINT.fullmatch(value):
+        raise BadRequest("tunnel_identity must be an SSH key fingerprint such as SHA256:<43 base64 characters>")
+    return value
+
+
+def parse_node(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``POST /nodes``: ``{"name", "url", "token"?, "tunnel_identity"?}`` as columns; unknown fields refused."""
+    fields.json_object(body, "the body", _FIELDS)
+    return {
+        "name": node_name(body.get("name")),
+        "url": node_url(body.get("url")),
+        "token": _token(body.get("token")),
+        "tunnel_identity": _identity(body.get("tunnel_identity")),
+    }
+
+
+def parse_edit(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``PATCH /nodes/{name}``: the fields given (null clears ``token`` or ``tunnel_identity``) as columns."""
+    fields.json_object(body, "the body", _FIELDS - {"name"})
+    if not body:
+        raise BadRequest("give at least one of url, token, tunnel_identity")
+    checks = {"url": node_url, "token": _token, "tunnel_identity": _identity}
+    return {column: checks[column](value) for column, value in body.items()}
+
+
+class NodeRegistry:
+    """The registered nodes (table ``nodes``), a client per node, and their health checks.
+
+    ``default_url`` (``--node-url``) is written as the node :data:`DEFAULT` when the registry opens; a
+    command-line default left by an earlier start without it is removed.
+    """
+
+    def __init__(
+        self, db: Database, *, clock: Clock, default_url: str | None = None, default_token: str | None = None
+    ) -> None:
+        self._db = db
+        self.clock = clock
+        self._clients: dict[str, NodeClient] = {}
+        db.call(lambda connection: self._configure_default(connection, default_url, default_token))
+
+    def _configure_default(self, connection: sqlite3.Connection, url: str | None, token: str | None) -> None:
+        if url is None:
+            connection.execute("DELETE FROM nodes WHERE name = ? AND configured = ?", (DEFAULT, BY_COMMAND_LINE))
+            return
+        connection.execute(
+            "INSERT INTO nodes (name, url, token, configured, added) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET url = excluded.url, token = excluded.token, "
+            "configured = excluded.configured",
+            (DEFAULT, url.rstrip("/"), token, BY_COMMAND_LINE, self.clock.now()),
+        )
+
+    # -- the registry ------------------------------------------------------------
+
+    async def records(self) -> list[NodeRecord]:
+        """Every node with its health as last seen, by name."""
+        found = await self._db.run(lambda c: rows(c.execute("SELECT * FROM nodes ORDER BY name")))
+        return [NodeRecord.from_row(row) for row in found]
+
+    async def health(self) -> list[NodeRecord]:
+        """The nodes' health as last seen (:meth:`records`; no node is called)."""
+        return await self.records()
+
+    async def get(self, name: str | None) -> NodeRecord:
+        """The node ``name`` (None: the default node); :class:`UnknownNode` if there is none."""
+        wanted = DEFAULT if name is None else name
+        found = await self._db.run(lambda c: rows(c.execute("SELECT * FROM nodes WHERE name = ?", (wanted,))))
+        if not found:
+            if name is None:
+                raise UnknownNode("no default node: start the hub with --node-url, or register a node named default")
+            raise UnknownNode(f"no node {wanted[:128]!r} is registered (see GET /api/v1/nodes)")
+        return NodeRecord.from_row(found[0])
+
+    async def find(self, name: str | None) -> NodeRecord | None:
+        """:meth:`get`, or None when there is no such node."""
+        try:
+            return await self.get(name)
+        except UnknownNode:
+            return None
+
+    async def add(self, spec: Mapping[str, Any]) -> NodeRecord:
+        """Register a node (:func:`parse_node`'s columns); :class:`Conflict` ``exists`` if the name is taken."""
+
+        def insert(connection: sqlite3.Connection) -> None:
+            if connection.execute("SELECT 1 FROM nodes WHERE name = ?", (spec["name"],)).fetchone():
+                raise Conflict(f"a node named {spec['name']!r} is registered already", "exists")
+            if connection.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= MAX_NODES:
+                raise Conflict(f"{MAX_NODES} nodes are registered already: delete one first", "too_many")
+            connection.execute(
+                "INSERT INTO nodes (name, url, token, tunnel_identity, configured, added) VALUES (?, ?, ?, ?, ?, ?)",
+                (spec["name"], spec["url"], spec["token"], spec["tunnel_identity"], BY_API, self.clock.now()),
+            )
+
+        await self._db.run(insert)
+        return await self.get(spec["name"])
+
+    async def edit(self, name: str, changes: Mapping[str, Any]) -> NodeRecord:
+        """Change a node's url, token or tunnel identity (:func:`parse_edit`'s columns); its client is
+        renewed, and a new URL forgets its health."""
+
+        def update(connection: sqlite3.Connection) -> None:
+            self._changeable(connection, name)
+            assignments = ", ".join(f"{column} = ?" for column in changes)  # columns from parse_edit only
+            connection.execute(f"UPDATE nodes SET {assignments} WHERE name = ?", (*changes.values(), name))
+            if "url" in changes:  # another node, maybe: what was seen of the old one no longer holds
+                connection.execute(f"UPDATE nodes SET {_UNSEEN} WHERE name = ?", (name,))
+
+        await self._db.run(update)
+        await self._drop_client(name)
+        return await self.get(name)
+
+    async def delete(self, name: str) -> None:
+        """Forget a node; :class:`Conflict` ``in_use`` while a policy names it."""
+
+        def remove(connection: sqlite3.Connection) -> None:
+            self._changeable(connection, name)
+            users = _policies_using(connection, name)
+            if users:
+                raise Conflict(f"node {name!r} is used by the policies {', '.join(users[:10])}", "in_use")
+            connection.execute("DELETE FROM nodes WHERE name = ?", (name,))
+
+        await self._db.run(remove)
+        await self._drop_client(name)
+
+    @staticmethod
+    def _changeable(connection: sqlite3.Connection, name: str) -> None:
+        found = rows(connection.execute("SELECT configured FROM nodes WHERE name = ?", (name,)))
+        if not found:
+            raise UnknownNode(f"no node {name[:128]!r} is registered (see GET /api/v1/nodes)")
+        if found[0]["configured"] == BY_COMMAND_LINE:
+            raise Conflict(f"node {name!r} comes from the hub's --node-url: change it there", "configured")
+
+    # -- calls to nodes ----------------------------------------------------------
+
+    async def client(self, name: str | None) -> NodeClient:
+        """The client of node ``name`` (None: the default node), made on first use."""
+        record = await self.get(name)
+        client = self._clients.get(record.name)
+        if client is None:
+            client = NodeClient(
+                record.url, token=record.token, on_answer=lambda error: self._answered(record.name, error)
+            )
+            self._clients[record.name] = client
+        return client
+
+    async def list_vms(self, name: str | None) -> list[str]:
+        """The inventory paths of the VMs of node ``name`` (None: the default node)."""
+        return await (await self.client(name)).vms()
+
+    async def check(self, name: str) -> NodeRecord:
+        """Ask one node for its health (within :data:`HEALTH_TIMEOUT` seconds) and record the answer."""
+        client = await self.client(name)
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                answer = await client.health()
+        except TimeoutError:
+            await self._answered(name, f"no health answer within {HEALTH_TIMEOUT:.0f} s")
+        except NodeError:
+            pass  # the client recorded it
+        else:
+            await self._record_health(name, answer)
+        return await self.get(name)
+
+    async def check_all(self) -> list[NodeRecord]:
+        """Check every node at once; returns them all with their new health."""
+        names = [record.name for record in await self.records()]
+        await asyncio.gather(*(self.check(name) for name in names), return_exceptions=True)
+        return await self.records()
+
+    async def watch(self) -> None:
+        """Check every node every :data:`HEALTH_INTERVAL` seconds of the hub's clock, until cancelled."""
+        while True:
+            try:
+                await self.check_all()
+            except Exception as exc:  # noqa: BLE001 - a failed round is logged, the next runs
+                log.error("checking the nodes' health failed: %s", exc)
+            await self.clock.sleep(HEALTH_INTERVAL)
+
+    async def close(self) -> None:
+        """Close every node's HTTP session."""
+        for name in list(self._clients):
+            await self._drop_client(name)
+
+    async def _drop_client(self, name: str) -> None:
+        client = self._clients.pop(name, None)
+        if client is not None:
+            await client.close()
+
+    async def _answered(self, name: str, error: str | None) -> None:
+        """Record that a node answered (``error`` None) or did not (why)."""
+        now = self.clock.now()
+        args: tuple[object, ...]
+        if error is None:
+            sql, args = "UPDATE nodes SET last_contact = ?, up = 1, last_error = NULL WHERE name = ?", (now, name)
+        else:
+            sql, args = "UPDATE nodes SET last_check = ?, up = 0, last_error = ? WHERE name = ?", (now, error, name)
+        await self._db.run(lambda connection: connection.execute(sql, args))
+
+    async def _record_health(self, name: str, answer: Mapping[str, Any]) -> None:
+        def count(key: str) -> int | None:
+            value = answer.get(key)
+            return value if type(value) is int and 0 <= value < 1 << 31 else None
+
+        version = answer.get("version")
+        values = (
+            self.clock.now(),
+            version[:64] if isinstance(version, str) else None,
+            count("running_jobs"),
+            count("queued_jobs"),
+            count("max_jobs"),
+            name,
+        )
+        await self._db.run(
+            lambda connection: connection.execute(
+                "UPDATE nodes SET last_check = ?, version = ?, running_jobs = ?, queued_jobs = ?, max_jobs = ? "
+                "WHERE name = ?",
+                values,
+            )
+        )
+
+
+def _policies_using(connection: sqlite3.Connection, name: str) -> list[str]:
+    """The policies whose node is ``name`` (a policy without one uses :data:`DEFAULT`); none while the
+    store has no ``policies`` table yet."""
+    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'policies'").fetchone():
+        return []
+    users = []
+    for row in rows(connection.execute("SELECT name, spec FROM policies ORDER BY name")):
+        try:
+            node = json.loads(row["spec"]).get("node")
+        except (ValueError, AttributeError):
+            continue
+        if (node or DEFAULT) == name:
+            users.append(str(row["name"]))
+    return users

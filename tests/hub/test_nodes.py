@@ -1,0 +1,313 @@
+"""Many nodes: the hub's registry (API and CLI), node health, jobs routed by node, and node_unavailable.
+
+Real hubs (``sendense-nbd hub`` subprocesses, or in-process with a manual clock), real nodes
+(``sendense-backup node`` against vcsim, and the stand-in node), real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sendense_nbd
+from sendense_nbd.backup.records import Mode
+from sendense_nbd.errors import Conflict, NodeUnavailable, UnknownNode
+from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_node
+from sendense_nbd.hub.requests import BackupRequest, DiskSpec
+from sendense_nbd.hub.service import Hub, HubConfig
+from tests.conftest import require
+from tests.hub.conftest import Api, HubProcess, free_port_range
+from tests.hub.node_standin import NodeStandin
+from tests.node.test_node import NodeProcess, write_config
+
+pytestmark = pytest.mark.peer
+
+MIB = 1 << 20
+FINGERPRINT = "SHA256:" + "A1b2" * 10 + "xyz"
+SECRET = "node-secret-token-0123456789"
+
+
+def _dead_url() -> str:
+    """A loopback URL nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def cli(hub: HubProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sendense-nbd ARGS --hub URL`` as an operator runs it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SENDENSE_HUB_URL", "SENDENSE_HUB_TOKEN_FILE")}
+    command = [sys.executable, "-m", "sendense_nbd", *args, "--hub", hub.url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+@pytest.fixture
+def node_processes() -> Iterator[Callable[[Path], NodeProcess]]:
+    started: list[NodeProcess] = []
+
+    def start(config: Path) -> NodeProcess:
+        node = NodeProcess(config)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(10)
+
+
+def test_registry_api_refuses_bad_nodes_and_never_shows_tokens(hub_factory: Callable[..., HubProcess]) -> None:
+    hub = hub_factory(None)
+    api = Api(hub.url)
+    assert api.get("/nodes") == (200, {"nodes": []})
+    good = {"name": "site-b", "url": "http://127.0.0.1:8081/", "token": SECRET, "tunnel_identity": FINGERPRINT}
+    for change, problem in (
+        ({"url": "ftp://127.0.0.1:8081"}, "http:// or https://"),
+        ({"url": "http://"}, "with a host"),
+        ({"url": "127.0.0.1:8081"}, "http:// or https://"),
+        ({"url": "http://user:pw@127.0.0.1:8081"}, "no user name"),
+        ({"url": "http://127.0.0.1:8081/?x=1"}, "no user name, query"),
+        ({"url": "http://127.0.0.1:99999"}, "not a URL"),
+        ({"url": None}, "url must be a string"),
+        ({"name": "../x"}, "name must be"),
+        ({"name": ""}, "name must be"),
+        ({"token": "two words"}, "token must be"),
+        ({"token": ""}, "token must be"),
+        ({"tunnel_identity": "MD5:aa:bb"}, "SHA256:"),
+        ({"password": "x"}, "unknown field"),
+    ):
+        status, body = api.post("/nodes", {**good, **change})
+        assert status == 400 and problem in body["error"]["message"], (change, status, body)
+    assert api.get("/nodes")[1]["nodes"] == []
+    status, node = api.post("/nodes", good)
+    assert status == 201, node
+    assert node["url"] == "http://127.0.0.1:8081" and node["token"] is True
+    assert node["tunnel_identity"] == FINGERPRINT and node["configured"] == "api" and node["up"] is None
+    status, body = api.post("/nodes", {**good, "url": "http://127.0.0.1:9"})
+    assert status == 409 and body["error"]["code"] == "exists"
+    for path in ("/nodes", "/nodes/site-b"):
+        status, body = api.get(path)
+        assert status == 200 and SECRET not in json.dumps(body)
+    assert api.get("/nodes/site-b")[1]["token"] is True
+    store = hub.repo / "hub.db"
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    for method, path in (("GET", "/nodes/nope"), ("PATCH", "/nodes/nope"), ("DELETE", "/nodes/nope"),
+                         ("GET", "/nodes/..%2Fx"), ("GET", "/nodes/nope/vms")):  # fmt: skip
+        status, body = api.call(method, path, {"url": "http://127.0.0.1:9"} if method == "PATCH" else None)
+        assert status == 404 and body["error"]["code"] == "not_found", (method, path, body)
+    status, body = api.call("PATCH", "/nodes/site-b", {"url": "file:///etc"})
+    assert status == 400
+    assert api.call("PATCH", "/nodes/site-b", {})[0] == 400
+    status, node = api.call("PATCH", "/nodes/site-b", {"token": None, "tunnel_identity": None})
+    assert status == 200 and node["token"] is False and node["tunnel_identity"] is None
+    assert node["url"] == "http://127.0.0.1:8081"
+    assert api.delete("/nodes/site-b") == (200, {"deleted": "site-b"})
+    assert api.get("/nodes/site-b")[0] == 404
+
+
+def test_a_backup_naming_an_unknown_node_is_refused(hub_factory: Callable[..., HubProcess]) -> None:
+    api = Api(hub_factory(None).url)
+    status, body = api.post("/backups", {"vm_path": "/DC0/vm/a", "node": "nope", "disks": [2000]})
+    assert status == 404 and "no node 'nope'" in body["error"]["message"]
+    status, body = api.post("/backups", {"vm_path": "/DC0/vm/a", "node": "a b", "disks": [2000]})
+    assert status == 400 and "node" in body["error"]["message"]
+    assert api.get("/backups")[1]["backups"] == []
+
+
+def test_node_url_is_the_default_node(
+    hub_factory: Callable[..., HubProcess], node: NodeStandin, tmp_path: Path
+) -> None:
+    """--node-url is the node named default (changed only on the command line); a hub started without
+    it and without a registered default takes jobs without a node as before (listed disks needed)."""
+    hub = hub_factory(node.url)
+    api = Api(hub.url)
+    status, default = api.get("/nodes/default")
+    assert status == 200 and default["url"] == node.url and default["configured"] == "command line"
+    for method in ("PATCH", "DELETE"):
+        status, body = api.call(method, "/nodes/default", {"url": "http://127.0.0.1:9"} if method == "PATCH" else None)
+        assert status == 409 and body["error"]["code"] == "configured" and "--node-url" in body["error"]["message"]
+    node.hold = True
+    status, job = api.post("/backups", {"vm_path": "/DC0/vm/DC0_H0_VM0"})
+    assert status == 201 and job["node"] == "default" and job["state"] == "running", job
+    assert [received["job_id"] for received in node.received] == [job["job_id"]]
+    assert api.delete(f"/backups/{job['job_id']}")[0] == 200
+    assert node.cancelled == [job["job_id"]]
+    hub.stop()
+    again = hub_factory(None, repo=hub.repo)
+    api = Api(again.url)
+    assert api.get("/nodes") == (200, {"nodes": []})
+    status, body = api.post("/backups", {"vm_path": "/DC0/vm/DC0_H0_VM0"})
+    assert status == 400 and "no node is configured" in body["error"]["message"]
+    status, job = api.post("/backups", {"vm_path": "/DC0/vm/DC0_H0_VM0", "disks": [{"key": 2000, "capacity": MIB}]})
+    assert status == 201 and job["node"] is None and job["state"] == "running"
+
+
+def test_jobs_go_to_their_node_and_a_dead_node_fails_them(
+    hub_factory: Callable[..., HubProcess],
+    vcsim: dict[str, Any],
+    node_processes: Callable[[Path], NodeProcess],
+    tmp_path: Path,
+) -> None:
+    """Two real nodes: health, a backup through each, then one is killed: down in the health, and a job
+    sent to it fails with node_unavailable (a failed job, listed) while the other still works."""
+    require("nbdkit")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    node_a = node_processes(write_config(tmp_path / "a", vcsim))
+    node_b = node_processes(write_config(tmp_path / "b", vcsim))
+    hub = hub_factory(node_a.url)
+    api = Api(hub.url)
+    added = cli(hub, "node", "add", "site-b", "--url", node_b.url, "--tunnel-identity", FINGERPRINT)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["name"] == "site-b"
+    status, nodes = api.get("/nodes?check=1")
+    assert status == 200
+    health = {n["name"]: n for n in nodes["nodes"]}
+    assert set(health) == {"default", "site-b"}
+    for record in health.values():
+        assert record["up"] is True and record["version"] == sendense_nbd.__version__, record
+        assert record["max_jobs"] == 2 and record["running_jobs"] == 0 and record["last_error"] is None
+        assert record["last_contact"] is not None
+    assert api.get("/nodes/site-b/vms")[1]["vms"] == sorted(vm["path"] for vm in vcsim["vms"])
+    jobs = {}
+    for vm, via in (("/DC0/vm/DC0_H0_VM0", "site-b"), ("/DC0/vm/DC0_H0_VM1", None)):
+        status, job = api.post("/backups", {"vm_path": vm, "mode": "full", **({"node": via} if via else {})})
+        assert status == 201, job
+        jobs[via or "default"] = api.wait_job(job["job_id"])
+    assert {name: (job["state"], job["node"]) for name, job in jobs.items()} == {
+        "site-b": ("completed", "site-b"),
+        "default": ("completed", "default"),
+    }
+    contact = api.get("/nodes/site-b")[1]["last_contact"]
+    assert node_b.stop() == 0
+    listed = cli(hub, "node", "list", "--check")
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split("\t")[0]: line for line in listed.stdout.splitlines()}
+    assert "\tup\t" in lines["default"] and "\tDOWN\t" in lines["site-b"], listed.stdout
+    down = api.get("/nodes/site-b")[1]
+    assert down["up"] is False and "did not answer" in down["last_error"] and down["last_contact"] == contact
+    status, body = api.post("/backups", {"vm_path": "/DC0/vm/DC0_H0_VM0", "node": "site-b"})
+    assert status == 502 and body["error"]["code"] == "node_unavailable", body
+    failed = api.get("/backups?vm_path=/DC0/vm/DC0_H0_VM0")[1]["backups"][-1]
+    assert (failed["state"], failed["node"]) == ("failed", "site-b")
+    assert failed["error"]["stage"] == "starting" and failed["error"]["code"] == "node_unavailable"
+    status, job = api.post("/backups", {"vm_path": "/DC0/vm/DC0_H0_VM0"})
+    assert status == 201 and api.wait_job(job["job_id"])["state"] == "completed"
+    assert api.get("/ports")[1]["used"] == []
+
+
+def test_node_cli_manages_nodes_and_fails_in_one_line(hub_factory: Callable[..., HubProcess], tmp_path: Path) -> None:
+    hub = hub_factory(None)
+    token = tmp_path / "node.token"
+    token.write_text(SECRET + "\n")
+    done = cli(hub, "node", "add", "site-c", "--url", "http://127.0.0.1:9", "--node-token-file", str(token))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["token"] is True and SECRET not in done.stdout
+    again = cli(hub, "node", "add", "site-c", "--url", "http://127.0.0.1:9")
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == ["Error: HTTP 409 exists: a node named 'site-c' is registered already"]
+    bad = cli(hub, "node", "add", "site-d", "--url", "ftp://x")
+    assert bad.returncode == 1 and "HTTP 400 bad_request: url" in bad.stderr
+    shown = cli(hub, "node", "show", "site-c", "--check")
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["up"] is False and "did not answer" in record["last_error"]
+    edited = cli(hub, "node", "edit", "site-c", "--url", "http://127.0.0.1:10", "--no-node-token")
+    assert edited.returncode == 0, edited.stderr
+    assert json.loads(edited.stdout)["url"] == "http://127.0.0.1:10" and json.loads(edited.stdout)["token"] is False
+    assert cli(hub, "node", "edit", "site-c").returncode == 2  # nothing to change: a usage error
+    listed = cli(hub, "node", "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("site-c\tunknown\thttp://127.0.0.1:10\t")
+    assert cli(hub, "node", "delete", "site-c").stdout == "deleted node site-c\n"
+    gone = cli(hub, "node", "show", "site-c")
+    assert gone.returncode == 1 and "HTTP 404 not_found" in gone.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "sendense_nbd", "node", "list", "--hub", _dead_url()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert unreachable.returncode == 1 and "did not answer GET /nodes" in unreachable.stderr
+
+
+async def test_health_is_checked_on_the_hub_clock(tmp_path: Path, node: NodeStandin) -> None:
+    """The health loop runs every HEALTH_INTERVAL of the hub's clock: a node that comes up shows up at
+    the next check; a job's start records contact."""
+    clock = ManualClock(1_000_000.0)
+    hub = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(4), clock=clock))
+    await hub.start()
+    try:
+        await hub.nodes.add(parse_node({"name": "late", "url": _dead_url()}))
+        await hub.nodes.add(parse_node({"name": "here", "url": node.url}))
+        await _until(hub, clock, lambda nodes: nodes["late"].up is False and nodes["here"].up is True)
+        here = await hub.nodes.get("here")
+        assert here.version == "standin" and here.running_jobs == 0 and here.max_jobs == 4
+        assert here.last_contact == here.last_check and here.last_check is not None
+        await hub.nodes.edit("late", {"url": node.url})
+        assert (await hub.nodes.get("late")).up is None  # a new URL: its health is not known yet
+        await _until(hub, clock, lambda nodes: nodes["late"].up is True and nodes["late"].last_error is None)
+        node.hold = True
+        await clock.advance(5)
+        request = BackupRequest("/DC0/vm/DC0_H0_VM0", Mode.FULL, (DiskSpec(2000, MIB),), node="late")
+        job = await hub.create_backup(request)
+        assert job.node == "late" and (await hub.nodes.get("late")).last_contact == clock.now()
+        assert await hub.nodes.list_vms("here") == sorted(vm["path"] for vm in node.vcsim["vms"])
+    finally:
+        hub.close()
+        await hub.wait_closed()
+
+
+async def _until(
+    hub: Hub, clock: ManualClock, predicate: Callable[[dict[str, Any]], bool], seconds: float = 15.0
+) -> None:
+    """Move the hub's clock on a health interval at a time until ``predicate`` holds of the nodes."""
+    deadline = time.monotonic() + seconds
+    while not predicate({record.name: record for record in await hub.nodes.records()}):
+        assert time.monotonic() < deadline, f"not within {seconds} s: {await hub.nodes.records()}"
+        await clock.advance(HEALTH_INTERVAL)
+        await asyncio.sleep(0.05)
+
+
+async def test_a_node_in_use_by_a_policy_cannot_be_deleted(tmp_path: Path) -> None:
+    hub = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(4), clock=ManualClock(0.0)))
+    try:
+        await hub.nodes.add(parse_node({"name": "site-b", "url": "http://127.0.0.1:9"}))
+        await hub.nodes.add(parse_node({"name": DEFAULT, "url": "http://127.0.0.1:10"}))
+        specs = {"uses-b": {"name": "uses-b", "node": "site-b"}, "uses-default": {"name": "uses-default"}}
+
+        def store_policies(connection: sqlite3.Connection) -> None:  # as the policy store keeps a policy's JSON
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, "
+                "created REAL NOT NULL, updated REAL NOT NULL)"
+            )
+            connection.executemany(
+                "INSERT INTO policies (name, spec, created, updated) VALUES (?, ?, 0, 0)",
+                [(name, json.dumps(spec)) for name, spec in specs.items()],
+            )
+
+        await hub._db.run(store_policies)
+        for name, policy in (("site-b", "uses-b"), (DEFAULT, "uses-default")):
+            with pytest.raises(Conflict, match=f"used by the policies {policy}") as refused:
+                await hub.nodes.delete(name)
+            assert refused.value.code == "in_use"
+        await hub._db.run(lambda c: c.execute("DELETE FROM policies WHERE name = 'uses-b'"))
+        await hub.nodes.delete("site-b")
+        with pytest.raises(UnknownNode):
+            await hub.nodes.get("site-b")
+        with pytest.raises(NodeUnavailable):
+            await hub.nodes.list_vms(None)
+    finally:
+        await hub.wait_closed()
