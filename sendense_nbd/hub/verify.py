@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Chunks read and hashed at once per point (each holds one chunk of memory).
 REQUESTS = 4
+#: Chunks a verify recomputes before it compares them (16 GiB of disk, 4096 digests in memory).
+WINDOW = 4096
 
 
 @attrs.frozen
@@ -176,19 +178,29 @@ async def verify_point(repository: Repository, point: Point, clock: Clock) -> Po
 
 
 async def _compare(point: Point) -> tuple[int | None, str | None]:
-    """Recompute a point's digests and compare with its sidecar: (first bad offset, why) or (None, None)."""
+    """Recompute a point's digests and compare with its sidecar: (first bad offset, why) or (None, None).
+
+    The chain is read :data:`WINDOW` chunks at a time, so memory stays bounded; the first bad chunk ends it."""
     try:
         recorded = await asyncio.to_thread(DigestFile.read, point.digest_path, size=point.size)
     except SendenseError as exc:
         return None, f"the digests cannot be read: {exc}"
     try:
-        found = await _digests_of(point.path)
+        source = await open_source(point.path)
+    except (SendenseError, OSError) as exc:
+        return None, f"opening the chain failed: {exc}"
+    try:
+        for start in range(0, len(recorded.digests), WINDOW):
+            window = range(start, min(start + WINDOW, len(recorded.digests)))
+            found = await chunk_digests(source, chunks=window, requests=REQUESTS)
+            bad = next((i for i in window if found[i] != recorded.digests[i]), None)
+            if bad is not None:
+                offset = bad * recorded.chunk_size
+                return offset, f"chunk at offset {offset} ({recorded.chunk_size} bytes) differs from its digest"
     except (SendenseError, OSError) as exc:
         return getattr(exc, "offset", None), f"reading the chain failed: {exc}"
-    for index, digest in enumerate(recorded.digests):
-        if found.get(index) != digest:
-            offset = index * recorded.chunk_size
-            return offset, f"chunk at offset {offset} ({recorded.chunk_size} bytes) differs from its digest"
+    finally:
+        await source.close()
     return None, None
 
 
