@@ -36,6 +36,8 @@ DEFAULT = "default"
 #: Seconds between health checks, and the time a node has to answer one.
 HEALTH_INTERVAL = 30.0
 HEALTH_TIMEOUT = 5.0
+#: Nodes asked at once in one round of checks.
+HEALTH_CONCURRENCY = 32
 #: Most nodes one hub registers.
 MAX_NODES = 1000
 MAX_URL = 2048
@@ -293,9 +295,15 @@ class NodeRegistry:
         return await self.get(name)
 
     async def check_all(self) -> list[NodeRecord]:
-        """Check every node at once; returns them all with their new health."""
+        """Check every node, :data:`HEALTH_CONCURRENCY` at a time; returns them all with their new health."""
+        slots = asyncio.Semaphore(HEALTH_CONCURRENCY)
+
+        async def check(name: str) -> None:
+            async with slots:
+                await self.check(name)
+
         names = [record.name for record in await self.records()]
-        await asyncio.gather(*(self.check(name) for name in names), return_exceptions=True)
+        await asyncio.gather(*(check(name) for name in names), return_exceptions=True)
         return await self.records()
 
     async def watch(self) -> None:

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 import sendense_nbd
 from sendense_nbd.backup.records import Mode
-from sendense_nbd.errors import Conflict, NodeUnavailable, UnknownNode
+from sendense_nbd.errors import Conflict, NodeError, NodeUnavailable, UnknownNode
 from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_node
 from sendense_nbd.hub.requests import BackupRequest, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
@@ -311,3 +313,56 @@ async def test_a_node_in_use_by_a_policy_cannot_be_deleted(tmp_path: Path) -> No
             await hub.nodes.list_vms(None)
     finally:
         await hub.wait_closed()
+
+
+class FailingNode:
+    """A node that answers whatever status a test sets (no real node answers 5xx on demand)."""
+
+    def __init__(self) -> None:
+        self.status = 503
+        self.url = ""
+
+    def app(self) -> web.Application:
+        async def answer(request: web.Request) -> web.Response:
+            body = {"error": {"code": "busy", "message": "scripted"}}
+            return web.json_response(body if self.status >= 400 else {"disks": [{"key": 2000, "capacity": MIB}]},
+                                     status=self.status)  # fmt: skip
+
+        app = web.Application()
+        app.add_routes([web.get("/api/v1/vms/disks", answer), web.post("/api/v1/backups", answer)])
+        return app
+
+
+async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(tmp_path: Path) -> None:
+    """5xx or no answer: node_unavailable; a 4xx refusal of the start: node_refused. Either way the job is
+    listed as failed, and its ports and points are gone."""
+    scripted = FailingNode()
+    runner = web.AppRunner(scripted.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    scripted.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    hub = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(4), node_url=scripted.url))
+    await hub.start()
+    try:
+        vm = "/DC0/vm/DC0_H0_VM0"
+        cases = (
+            (503, (DiskSpec(2000, MIB),), NodeUnavailable, "node_unavailable"),  # the start answers 503
+            (500, None, NodeUnavailable, "node_unavailable"),  # the disk listing answers 500
+            (400, (DiskSpec(2000, MIB),), NodeError, "node_refused"),
+        )
+        for status, disks, error, code in cases:
+            scripted.status = status
+            with pytest.raises(error, match=f"HTTP {status}"):
+                await hub.create_backup(BackupRequest(vm, Mode.FULL, disks))
+            job = (await hub.backups(vm))[-1]
+            assert job.state is JobState.FAILED and job.node == DEFAULT
+            assert job.error is not None and (job.error.stage, job.error.code) == ("starting", code)
+            record = await hub.nodes.get(None)
+            assert record.up is False and f"HTTP {status}" in (record.last_error or "")
+        assert len(await hub.backups(vm)) == 3
+        assert (await hub.port_status()).pool.used == ()
+        assert list((tmp_path / "repo" / "vms").rglob("*.qcow2")) == []
+    finally:
+        hub.close()
+        await hub.wait_closed()
+        await runner.cleanup()
