@@ -48,7 +48,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "lazy",
         }
     ),
-    "node": frozenset({"backup", "copy", "client", "vmware", "fields", "http_api", "errors", "lazy"}),
+    "node": frozenset({"backup", "copy", "client", "vmware", "fields", "http_api", "errors", "lazy", "__init__"}),
     "cli": frozenset(
         {
             "hub",
