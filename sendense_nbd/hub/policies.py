@@ -291,12 +291,13 @@ class PolicyStore:
         await self.db.run(update)
 
     async def end_run(self, run_id: str, state: RunState, now: float, note: str | None = None) -> None:
-        """Close a run."""
+        """Close a run; ``note`` is added to what its note says."""
 
         def update(connection: sqlite3.Connection) -> None:
             connection.execute(
-                "UPDATE runs SET state = ?, ended = ?, note = COALESCE(?, note) WHERE id = ?",
-                (state.value, now, note, run_id),
+                "UPDATE runs SET state = ?, ended = ?, note = CASE WHEN note IS NULL THEN ? ELSE note || '; ' || ? END "
+                "WHERE id = ?",
+                (state.value, now, note, note, run_id),
             )
 
         await self.db.run(update)

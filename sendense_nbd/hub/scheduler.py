@@ -140,19 +140,23 @@ class Scheduler:
 
     async def _tick(self, now: float) -> None:
         policies = {stored.policy.name: stored for stored in await self.store.all()}
+        await self._dispatch_open(policies, now)  # first: a run whose jobs all ended closes before its next slot
         open_runs = await self.store.runs(state=RunState.OPEN, limit=10_000)
         for stored in policies.values():
             if stored.policy.enabled:
                 await self._schedule(stored, Purpose.BACKUP, stored.policy.schedule, open_runs, now)
                 if stored.policy.verify is not None:
                     await self._schedule(stored, Purpose.VERIFY, stored.policy.verify, open_runs, now)
-        for run in await self.store.runs(state=RunState.OPEN, limit=10_000):
-            stored_policy = policies.get(run.policy)
-            if stored_policy is not None:
-                await self._dispatch(run, stored_policy.policy, now)
+        await self._dispatch_open(policies, now)
         if now - self._risk_checked >= RISK_CHECK:
             self._risk_checked = now
             await self.check_risk(list(policies.values()), now)
+
+    async def _dispatch_open(self, policies: Mapping[str, StoredPolicy], now: float) -> None:
+        for run in await self.store.runs(state=RunState.OPEN, limit=10_000):
+            stored = policies.get(run.policy)
+            if stored is not None:
+                await self._dispatch(run, stored.policy, now)
 
     # -- policies ----------------------------------------------------------------
 
@@ -240,8 +244,9 @@ class Scheduler:
             return f"slot {iso(slot.slot)} not run: its window closed at {iso(slot.window_end)}{missed}"
         vm_paths, note = await self._resolve(policy, purpose)
         run = await self.store.open_run(
-            policy.name, purpose, vm_paths, slot=slot.slot, now=now, window_end=slot.window_end, note=note or None
-        )
+            policy.name, purpose, vm_paths, slot=slot.slot, now=now, window_end=slot.window_end,
+            note=note.removeprefix("; ") or None,
+        )  # fmt: skip
         return f"slot {iso(slot.slot)}: run {run.id} started for {len(vm_paths)} VM(s){note}{missed}"
 
     async def _resolve(self, policy: Policy, purpose: Purpose) -> tuple[list[str], str]:
