@@ -170,7 +170,8 @@ class NodeRegistry:
         self._db = db
         self.clock = clock
         self._clients: dict[str, NodeClient] = {}
-        db.call(lambda connection: self._configure_default(connection, default_url, default_token))
+        url = None if default_url is None else node_url(default_url)  # HubConfig checked it already
+        db.call(lambda connection: self._configure_default(connection, url, default_token))
 
     def _configure_default(self, connection: sqlite3.Connection, url: str | None, token: str | None) -> None:
         if url is None:
@@ -180,7 +181,7 @@ class NodeRegistry:
             "INSERT INTO nodes (name, url, token, configured, added) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET url = excluded.url, token = excluded.token, "
             "configured = excluded.configured",
-            (DEFAULT, url.rstrip("/"), token, BY_COMMAND_LINE, self.clock.now()),
+            (DEFAULT, url, token, BY_COMMAND_LINE, self.clock.now()),
         )
 
     # -- the registry ------------------------------------------------------------

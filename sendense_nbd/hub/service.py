@@ -40,6 +40,7 @@ import attrs
 
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import (
+    BadRequest,
     CompletionMismatch,
     Conflict,
     InvalidBackup,
@@ -68,7 +69,7 @@ from sendense_nbd.hub.jobs import (
 )
 from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
-from sendense_nbd.hub.nodes import DEFAULT, NodeRegistry
+from sendense_nbd.hub.nodes import DEFAULT, NodeRegistry, node_url
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
@@ -76,6 +77,15 @@ from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, t
 from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
+
+
+def _check_node_url(url: str | None) -> None:
+    """Refuse a ``--node-url`` that cannot be a node's API before a hub opens anything."""
+    if url is not None:
+        try:
+            node_url(url)
+        except BadRequest as exc:
+            raise BadRequest(f"--node-url: {exc}") from None
 
 
 @attrs.frozen(kw_only=True)
@@ -89,7 +99,7 @@ class HubConfig:
     #: Host name the node uses to reach the exports (default: nbd_bind).
     nbd_advertise: str | None = None
     #: The node API (None: jobs wait for a node that is told some other way).
-    node_url: str | None = None
+    node_url: str | None = attrs.field(default=None, validator=lambda _, __, url: _check_node_url(url))
     node_token: str | None = None
     #: The hub API URL as the node reaches it (passed to the node with each job).
     public_url: str = "http://127.0.0.1:8082"

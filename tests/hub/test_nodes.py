@@ -24,7 +24,7 @@ from aiohttp import web
 
 import sendense_nbd
 from sendense_nbd.backup.records import Mode
-from sendense_nbd.errors import Conflict, NodeError, NodeUnavailable, UnknownNode
+from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeUnavailable, UnknownNode
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_node
@@ -120,6 +120,14 @@ def test_registry_api_refuses_bad_nodes_and_never_shows_tokens(hub_factory: Call
     assert node["url"] == "http://127.0.0.1:8081"
     assert api.delete("/nodes/site-b") == (200, {"deleted": "site-b"})
     assert api.get("/nodes/site-b")[0] == 404
+
+
+def test_a_bad_node_url_stops_the_hub_before_it_opens_anything(tmp_path: Path) -> None:
+    for url in ("ftp://x", "x:8081", "http://u:p@x:8081"):
+        with pytest.raises(BadRequest, match="--node-url: url"):
+            HubConfig(repo=str(tmp_path / "repo"), node_url=url)
+    assert not (tmp_path / "repo").exists()
+    assert HubConfig(repo=str(tmp_path / "repo"), node_url="https://node.example:8081/").node_url
 
 
 def test_a_backup_naming_an_unknown_node_is_refused(hub_factory: Callable[..., HubProcess]) -> None:
