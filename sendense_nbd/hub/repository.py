@@ -385,8 +385,9 @@ class Repository:
 
     async def sweep_orphans(self) -> tuple[list[str], list[str]]:
         """Remove the images under ``vms/`` that no point knows of (a crash between creating an
-        image and recording it, or a temporary file of a create), and digest sidecars no point
-        records; ``(removed, unexpected)`` paths.
+        image and recording it, or a temporary file of a create), and the digest sidecars of points
+        that are gone; ``(removed, unexpected)`` paths. (A point's sidecar written but not yet
+        recorded stays: the restarted hub computes it again and replaces it.)
 
         Only our own names are removed (``*.qcow2``, ``*.digests`` and temporary files at
         ``vms/<vm>/<disk-key>/``); anything else is reported and left alone.
@@ -395,9 +396,10 @@ class Repository:
         """
 
         def read(connection: sqlite3.Connection) -> set[tuple[str, ...]]:
-            known = {_tail(r[0]) for r in connection.execute("SELECT path FROM points")}
-            sidecars = connection.execute("SELECT path, digests FROM points WHERE digests IS NOT NULL")
-            return known | {_tail(os.path.join(os.path.dirname(r[0]), r[1])) for r in sidecars}
+            known = set()
+            for path, point_id in connection.execute("SELECT path, id FROM points"):
+                known |= {_tail(path), _tail(os.path.join(os.path.dirname(path), f"{point_id}.digests"))}
+            return known
 
         known = await self.db.run(read)
         return await asyncio.to_thread(_sweep, os.path.join(self.root, "vms"), known)

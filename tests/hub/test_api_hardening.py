@@ -248,4 +248,5 @@ def test_orphan_images_are_removed_at_start_and_other_files_reported(
     assert not orphan.exists() and not temporary.exists() and not restore_temporary.exists()
     assert notes.exists() and (folder / "link.qcow2").is_symlink()
     run(require("qemu-img"), "check", point["path"])
-    assert Api(restarted.url).get(f"/points?vm_path={VM}")[1]["points"] == [point]
+    [shown] = Api(restarted.url).get(f"/points?vm_path={VM}")[1]["points"]
+    assert {**shown, "digests": None} == {**point, "digests": None}  # digests: recorded in the background
