@@ -207,14 +207,19 @@ def test_points_without_digests_and_unknown_points(hub_factory: Callable[..., Hu
         assert status == 400, (bad, answer)
     assert api.get("/verify/no-such-job")[0] == 404
 
-    # A stop before the digests were recorded: the restarted hub computes them.
+    # A stop between writing a sidecar (here: half of it) and recording it: the restarted hub keeps the
+    # file and computes the digests again; the sidecar of a point that is gone is removed.
     hub.stop()
-    _sidecar(point).unlink()
+    sidecar = _sidecar(point)
+    sidecar.write_bytes(sidecar.read_bytes()[:50])
+    orphan = sidecar.parent / "20260101T000000Z-0123abcd.digests"
+    orphan.write_bytes(b"left by a point that is gone")
     with sqlite3.connect(tmp_path / "repo" / "hub.db") as connection:
         connection.execute("UPDATE points SET digests = NULL")
     connection.close()
-    api = Api(hub_factory(None).url)
-    [again] = _points(api, VM_A)
+    restarted = hub_factory(None)
+    assert restarted.startup["removed_orphans"] == [str(orphan)] and not orphan.exists()
+    [again] = _points(Api(restarted.url), VM_A)
     assert DigestFile.read(str(_sidecar(again))).digests == _raw_digests(again["path"], tmp_path)
 
 
