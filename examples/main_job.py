@@ -10,7 +10,9 @@
    ``qemu-img check`` and ``qemu-img compare`` of the qcow2 file itself.
 5. Run the whole pipeline against a simulated VMware VM: the hub, the node
    and the node's SSH tunnel back it up, full and then incremental, and
-   both restore points are verified (``examples/pipeline.py``).
+   both restore points are verified; then a policy for a second VM is created with the CLI, the hub's
+   scheduler runs it twice (full, then incremental), its points are verified against their digests,
+   and ``sendense-nbd status`` is printed (``examples/pipeline.py``).
 
 Run it with ``./setup.sh run``, or ``.venv/bin/python examples/main_job.py
 [--size 1G] [--workdir DIR]``.

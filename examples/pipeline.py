@@ -12,6 +12,10 @@ Then: ``POST /api/v1/backups`` to the hub (full), change blocks in both disks (o
 ``POST`` again (incremental), and verify every restore point with ``qemu-img check`` and
 ``qemu-img compare`` against the disk as it was at its snapshot.
 
+Then as a service: ``sendense-nbd policy add`` makes a policy for a second VM on a 15 s interval; the
+hub's scheduler runs it twice (full, then incremental after the VM changed), ``sendense-nbd verify``
+re-reads every point against its digests, and ``sendense-nbd status`` shows the hub at a glance.
+
 Run it with ``.venv/bin/python examples/pipeline.py [--size-mb 64] [--workdir DIR]``.
 """
 
@@ -41,6 +45,7 @@ import vmdisk  # noqa: E402  (simulator/vmdisk.py: change a simulated disk and r
 
 MiB = 1 << 20
 VM_PATH = "/DC0/vm/DC0_H0_VM0"
+POLICY_VM = "/DC0/vm/DC0_H0_VM1"
 HUB, NODE_SIDE, NODE_API = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 
 
@@ -101,6 +106,53 @@ def verify(api: str, job: dict[str, Any], expected: dict[int, Path]) -> None:
         subprocess.run(["qemu-img", "check", "-q", path], check=True)
         subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", path, str(expected[disk["disk_key"]])], check=True)
     print("  qemu-img check and compare: both restore points match the snapshot: OK")
+
+
+def cli(*args: str, api: str) -> str:
+    """Run ``sendense-nbd ARGS --hub URL`` as an operator would, echoing it; its output."""
+    command = [str(BIN / "sendense-nbd"), *args, "--hub", api.removesuffix("/api/v1")]
+    print("$ sendense-nbd " + " ".join(args))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"sendense-nbd {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def policy_runs(api: str, count: int) -> list[dict[str, Any]]:
+    """Wait until the policy has ``count`` runs that are done; its runs, oldest first."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        runs = call("GET", f"{api}/policies/nightly")["runs"]
+        if len([run for run in runs if run["state"] != "open"]) >= count:
+            return list(reversed(runs))
+        time.sleep(0.5)
+    raise SystemExit(f"the scheduler did not run the policy {count} times: {json.dumps(runs, indent=2)}")
+
+
+def operate(api: str, vc: dict[str, Any], rng: random.Random) -> None:
+    """A policy run twice by the hub's scheduler (full, then incremental), its points verified, the status."""
+    vm = next(v for v in vc["vms"] if v["path"] == POLICY_VM)
+    for disk in vm["disks"]:
+        vmdisk.write(vc["stateDir"], vm["moref"], disk["key"], 0, rng.randbytes(2 * MiB))
+    added = json.loads(cli("policy", "add", "nightly", "--include", POLICY_VM, "--every", "15s", "--keep-last", "7",
+                           "--keep-daily", "14", "--full-every", "6", api=api))  # fmt: skip
+    print(f"  policy {added['name']}: {added['vms']['include']}, every {added['schedule']['every']:.0f} s,"
+          f" retention {added['retention']}")  # fmt: skip
+    print(cli("policy", "list", api=api).rstrip())
+    first = policy_runs(api, 1)[0]
+    for disk in vm["disks"]:
+        vmdisk.write(vc["stateDir"], vm["moref"], disk["key"], 5 * MiB, rng.randbytes(512 * 1024))
+    second = policy_runs(api, 2)[1]
+    for run in (first, second):
+        (item,) = run["items"]
+        job = call("GET", f"{api}/backups/{item['job_id']}")
+        if job["state"] != "completed":
+            raise SystemExit(f"the policy's job did not complete: {json.dumps(job, indent=2)}")
+        kinds = sorted({d["sync_type"] for d in job["detail"]["disks"]})
+        print(f"  scheduled run {run['id']}: job {job['job_id']} {'/'.join(kinds)}"
+              f" (full because: {job['full_reason'] or '-'}), {job['bytes_sent']} bytes sent")  # fmt: skip
+    print(cli("verify", POLICY_VM, "--wait", api=api).rstrip())
+    print(cli("status", api=api).rstrip())
 
 
 def main() -> None:
@@ -183,11 +235,12 @@ def main() -> None:
             vmdisk.write(vc["stateDir"], vm["moref"], 2001, size - MiB, rng.randbytes(4096))
             expected = {d["key"]: shutil.copyfile(d["path"], work / f"inc-{d['key']}.raw") for d in vm["disks"]}
             verify(api, backup(api, "auto"), expected)
+            operate(api, vc, rng)
         finally:
             for proc in reversed(processes):
                 proc.terminate()
                 proc.wait(30)
-    print("Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental: verified: OK")
+    print("Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental, by API and by policy: verified: OK")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def format_status(status: dict[str, Any]) -> list[str]:
     lines = [
         f"repository {space['path']}: {space['free'] / gib:.1f} GiB free of {space['total'] / gib:.1f} GiB"
         f" ({space['points']} points)",
-        f"ports: {status['ports']['leased']} of {status['ports']['size']} in use",
+        f"ports: {len(status['ports']['used'])} of {status['ports']['pool']['size']} in use",
         f"running jobs: {len(status['running'])}",
     ]
     for job in status["running"]:
@@ -199,7 +199,12 @@ def format_status(status: dict[str, Any]) -> list[str]:
             + (f"  {rate / (1 << 20):.1f} MiB/s" if isinstance(rate, (int, float)) else "")
         )
     lines.append(f"VMs at risk: {len(status['at_risk'])}")
-    lines.extend(f"  {vm}" for vm in status["at_risk"])
+    lines.extend(
+        f"  {vm['vm_path']}  policy {vm['policy']}, last good point {_when(vm['last_good'])}"
+        for vm in status["at_risk"]
+    )
+    lines.append(f"active alerts: {len(status['alerts'])}")
+    lines.extend(f"  {alert['kind']}: {alert['message']}" for alert in status["alerts"][:10])
     lines.append("nodes:")
     for node in status["nodes"]:
         health = "up" if node.get("up") else "DOWN"
