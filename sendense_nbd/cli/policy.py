@@ -62,9 +62,9 @@ def _schedule(cron: str | None, every: str | None, option: str) -> dict[str, Any
     if cron is not None and every is not None:
         raise click.UsageError(f"give {option}cron or {option}every, not both")
     if cron is not None:
-        return {"cron": cron}
+        return {"cron": cron, "every": None}  # null: a merge patch drops the other kind
     if every is not None:
-        return {"every": _seconds(every, f"--{option}every")}
+        return {"every": _seconds(every, f"--{option}every"), "cron": None}
     return None
 
 
