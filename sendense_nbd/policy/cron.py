@@ -15,7 +15,9 @@ first occurrence.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import functools
 from collections.abc import Iterator
 from zoneinfo import ZoneInfo
 
@@ -90,21 +92,25 @@ class Cron:
 
     def fires(self, after: float, tz: ZoneInfo) -> Iterator[float]:
         """The instants (epoch seconds) this expression fires at, strictly after ``after``, in order."""
-        day = dt.datetime.fromtimestamp(after, tz).date()
-        last = after
+        start = dt.datetime.fromtimestamp(after, tz)
+        day, last = start.date(), after
+        # wall times before the start's own are behind it (local minutes map to instants in order)
+        first_hour, first_minute = bisect.bisect_left(self.hours, start.hour), start.minute
         idle = 0  # days searched since the last match
         while idle < SEARCH_DAYS:
             idle += 1
             if self.matches_day(day):
-                for hour in self.hours:
+                for hour in self.hours[first_hour:]:
                     if _instant(day, hour, self.minutes[-1], tz) <= last:
                         continue  # the whole hour is behind us
-                    for minute in self.minutes:
+                    skip = bisect.bisect_left(self.minutes, first_minute) if hour == start.hour else 0
+                    for minute in self.minutes[skip:]:
                         instant = _instant(day, hour, minute, tz)
                         if instant > last:
                             last, idle = instant, 0
                             yield instant
             day += dt.timedelta(days=1)
+            first_hour, first_minute = 0, 0
         raise ValueError(f"cron {self.expression!r} does not fire within {SEARCH_DAYS} days")
 
     def next_fire(self, after: float, tz: ZoneInfo) -> float:
@@ -112,8 +118,12 @@ class Cron:
         return next(self.fires(after, tz))
 
 
+@functools.lru_cache(maxsize=1024)
 def parse(expression: str) -> Cron:
-    """A :class:`Cron` from its text; ValueError (naming the field) if it is malformed or never fires."""
+    """A :class:`Cron` from its text; ValueError (naming the field) if it is malformed or never fires.
+
+    Results are cached: a scheduler asks for the same few expressions again and again.
+    """
     if len(expression) > MAX_EXPRESSION:
         raise ValueError(f"a cron expression has at most {MAX_EXPRESSION} characters")
     text = MACROS.get(expression.strip().lower(), expression)
