@@ -45,6 +45,13 @@ ROUTES = (
     ("POST", "/restores"),
     ("DELETE", "/restores/{job}"),
     ("GET", "/ports"),
+    ("POST", "/policies"),
+    ("GET", "/policies"),
+    ("GET", "/policies/{job}"),
+    ("PATCH", "/policies/{job}"),
+    ("DELETE", "/policies/{job}"),
+    ("POST", "/policies/{job}/run"),
+    ("GET", "/status"),
 )
 
 
@@ -93,6 +100,18 @@ def _body_for(route: str, outside: Path) -> st.SearchStrategy[Any]:
             {"point_id": st.one_of(st.just("POINT"), TEXT)},
             optional={"action": _maybe(st.sampled_from(["export", "convert"])),
                       "format": _maybe(st.sampled_from(["raw", "qcow2"])), "path": _maybe(name)},
+        )  # fmt: skip
+    if route.startswith("/policies"):
+        schedule = st.one_of(
+            st.fixed_dictionaries({"every": _maybe(st.sampled_from([3600, 86400]))}),
+            st.fixed_dictionaries({"cron": _maybe(st.sampled_from(["0 22 * * *", "*/5 * * * 1-5", "@daily"]))},
+                                  optional={"timezone": _maybe(st.sampled_from(["UTC", "Europe/Berlin"]))}),
+        )  # fmt: skip
+        return st.fixed_dictionaries(
+            {"name": _maybe(st.sampled_from(["p1", "p2"])), "vms": _maybe(st.just({"include": [VM]})),
+             "schedule": _maybe(schedule)},
+            optional={"retention": _maybe(st.fixed_dictionaries({"keep_daily": _maybe(st.just(7))})),
+                      "per_policy": _maybe(st.just(2)), "node": JSON, "unknown": JSON},
         )  # fmt: skip
     if route.endswith("/complete"):
         reported = st.fixed_dictionaries(
@@ -176,6 +195,8 @@ def _release(hub: AppThread, method: str, path: str, answer: tuple[int, Any]) ->
         return
     if path.startswith("/backups"):
         assert hub.call("DELETE", f"/backups/{body['job_id']}")[0] == 200
+    elif path.startswith("/policies"):  # before any slot of it comes: its runs would lease ports
+        assert hub.call("DELETE", f"/policies/{body['name']}")[0] == 200
     elif body.get("mode") == "export":
         assert hub.call("DELETE", f"/restores/{body['id']}")[0] == 200
 
@@ -207,11 +228,11 @@ def test_every_endpoint_answers_4xx_json_and_writes_only_in_the_repository(
     assert statuses.get(400, 0) > EXAMPLES // 4 and statuses.get(201, 0) > 0, statuses
     assert os.listdir(tmp_path / "cwd") == [] and os.listdir(outside) == []
     assert sorted(os.listdir(tmp_path / "root")) == ["repo"]
-    # The hub still serves: nothing leaked, and a backup still starts.
+    # The hub still serves: nothing leaked, and a backup (of another VM: one job per VM) still starts.
     still_running = [j for j in seeds["jobs"] if hub.call("GET", f"/backups/{j}")[1]["state"] == "running"]
     status, ports = hub.call("GET", "/ports")
     assert status == 200 and [u["job_id"] for u in ports["used"]] == still_running, (ports, still_running)
     status, job = hub.json(
-        "POST", "/backups", {"vm_path": VM, "mode": "full", "disks": [{"key": 2001, "capacity": MIB}]}
+        "POST", "/backups", {"vm_path": VM + "-2", "mode": "full", "disks": [{"key": 2001, "capacity": MIB}]}
     )
     assert status == 201 and job["state"] == "running", job
