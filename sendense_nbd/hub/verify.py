@@ -8,7 +8,8 @@ An incremental point reads only the chunks its own overlay allocates (its
 layer map) and takes the others from its base point's sidecar; without a
 usable base sidecar it reads every chunk. The tasks of one disk hold its
 :meth:`~sendense_nbd.hub.repository.Repository.disk_lock`, so they run one at
-a time in the order they were started and never during a retention merge.
+a time in the order they were started and never during a retention merge; at most
+:data:`READERS` chains are read at once across all disks and verify jobs.
 A restarted hub computes the digests still missing (:meth:`Verifier.resume`).
 
 Verify jobs (``POST /api/v1/verify``, kind ``verify``): for each point of a
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Chunks read and hashed at once per point (each holds one chunk of memory).
 REQUESTS = 4
+#: Chains read at once by digest tasks and verify jobs together (memory: READERS x REQUESTS chunks).
+READERS = 2
 #: Chunks a verify recomputes before it compares them (16 GiB of disk, 4096 digests in memory).
 WINDOW = 4096
 
@@ -114,13 +117,14 @@ async def _base_digests(repository: Repository, point: Point) -> DigestFile | No
         return None
 
 
-async def record_digests(repository: Repository, point_id: str) -> None:
-    """Compute and record a completed point's digests (nothing if it has them, or is gone)."""
+async def record_digests(repository: Repository, point_id: str, *, readers: asyncio.Semaphore) -> None:
+    """Compute and record a completed point's digests (nothing if it has them, or is gone); ``readers``
+    bounds the chains read at once."""
     try:
         point = await repository.point(point_id)
     except UnknownPoint:
         return
-    async with repository.disk_lock(point.vm_path, point.disk_key):
+    async with readers, repository.disk_lock(point.vm_path, point.disk_key):
         try:
             point = await repository.point(point_id)  # a merge may have changed it meanwhile
         except UnknownPoint:
@@ -156,10 +160,12 @@ def _check_chain(chain: list[Point]) -> str | None:
     return None
 
 
-async def verify_point(repository: Repository, point: Point, clock: Clock) -> PointVerdict | None:
+async def verify_point(
+    repository: Repository, point: Point, clock: Clock, *, readers: asyncio.Semaphore
+) -> PointVerdict | None:
     """Check one point's chain and digests (under its disk's lock); the verdict, recorded in the point.
     None when the point is gone (retention merged it away meanwhile)."""
-    async with repository.disk_lock(point.vm_path, point.disk_key):
+    async with readers, repository.disk_lock(point.vm_path, point.disk_key):
         try:
             point = await repository.point(point.id)
         except UnknownPoint:
@@ -223,6 +229,7 @@ class Verifier:
         #: Called for each point a verify finds damaged (an alert); its failure is logged only.
         self.on_damaged = on_damaged
         self._tasks: set[asyncio.Task[None]] = set()
+        self._readers = asyncio.Semaphore(READERS)
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -237,7 +244,7 @@ class Verifier:
     def digests_after_backup(self, point_ids: Iterable[str]) -> None:
         """Start computing the digests of a completed job's points (in the background, per disk in order)."""
         for point_id in point_ids:
-            self._spawn(record_digests(self._repository, point_id), f"digests of {point_id}")
+            self._spawn(record_digests(self._repository, point_id, readers=self._readers), f"digests of {point_id}")
 
     async def resume(self) -> list[str]:
         """After a (re)start: compute the digests completed points still miss; their ids."""
@@ -268,7 +275,7 @@ class Verifier:
             for point in points:
                 if (await self._jobs.get(job_id)).state.terminal:
                     return  # cancelled, or timed out
-                verdict = await verify_point(self._repository, point, self._clock)
+                verdict = await verify_point(self._repository, point, self._clock, readers=self._readers)
                 if verdict is None:
                     continue
                 verdicts.append(verdict)
