@@ -42,6 +42,8 @@ HEALTH_CONCURRENCY = 32
 MAX_NODES = 1000
 MAX_URL = 2048
 MAX_TOKEN = 4096
+#: A node's last error is cut to this many characters.
+MAX_ERROR = 1024
 #: How a node came to be: the API, or the hub's command line (``--node-url``).
 BY_API, BY_COMMAND_LINE = "api", "command line"
 #: An OpenSSH key fingerprint, as ``ssh-keygen -l`` prints it.
@@ -327,14 +329,19 @@ class NodeRegistry:
             await client.close()
 
     async def _answered(self, name: str, error: str | None) -> None:
-        """Record that a node answered (``error`` None) or did not (why)."""
+        """Record that a node answered (``error`` None) or did not (why); a store that cannot record it
+        (closing) is logged, never the caller's failure."""
         now = self.clock.now()
         args: tuple[object, ...]
         if error is None:
             sql, args = "UPDATE nodes SET last_contact = ?, up = 1, last_error = NULL WHERE name = ?", (now, name)
         else:
-            sql, args = "UPDATE nodes SET last_check = ?, up = 0, last_error = ? WHERE name = ?", (now, error, name)
-        await self._db.run(lambda connection: connection.execute(sql, args))
+            sql = "UPDATE nodes SET last_check = ?, up = 0, last_error = ? WHERE name = ?"
+            args = (now, error[:MAX_ERROR], name)
+        try:
+            await self._db.run(lambda connection: connection.execute(sql, args))
+        except (sqlite3.Error, RuntimeError) as exc:
+            log.warning("recording the answer of node %s failed: %s", name, exc)
 
     async def _record_health(self, name: str, answer: Mapping[str, Any]) -> None:
         def count(key: str) -> int | None:
