@@ -21,15 +21,18 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sendense_nbd
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeUnavailable, UnknownNode
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import JobState
-from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_node
+from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_edit, parse_node
 from sendense_nbd.hub.requests import BackupRequest, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
+from tests.api_fuzz import JSON, TEXT
 from tests.conftest import require
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.hub.node_standin import NodeStandin
@@ -374,3 +377,32 @@ async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(tmp_pat
         hub.close()
         await hub.wait_closed()
         await runner.cleanup()
+
+
+_URLS = st.sampled_from(["http://127.0.0.1:8081", "https://node.example/", "ftp://x", "http://", "http://[::1]:99999"])
+_NODE_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.one_of(st.sampled_from(["site-b", "a" * 129]), TEXT, JSON),
+        "url": st.one_of(_URLS, TEXT, JSON),
+        "token": st.one_of(st.sampled_from([SECRET, None, "x" * 4097]), TEXT, JSON),
+        "tunnel_identity": st.one_of(st.sampled_from([FINGERPRINT, None, FINGERPRINT + "="]), TEXT, JSON),
+        "other": JSON,
+    },
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(body=st.one_of(_NODE_BODIES, JSON))
+def test_node_bodies_are_parsed_or_refused_with_bad_request(body: Any) -> None:
+    """Any JSON: a checked node (every field within its rules) or a BadRequest, never another error."""
+    for parse in (parse_node, parse_edit):
+        try:
+            parsed = parse(body)
+        except BadRequest as exc:
+            assert str(exc) and "\n" not in str(exc)
+            continue
+        assert set(parsed) <= {"name", "url", "token", "tunnel_identity"} and parsed
+        assert parsed.get("url") is None or parsed["url"].split("://")[0] in ("http", "https")
+        assert parsed.get("token") is None or " " not in parsed["token"]
+        assert parsed.get("tunnel_identity") in (None, FINGERPRINT)
