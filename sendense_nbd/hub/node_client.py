@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
+from sendense_nbd import fields
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest, NodeError, NodeNotFound, NodeUnavailable
-from sendense_nbd.fields import MAX_VM_PATH
 from sendense_nbd.hub.requests import DiskSpec, parse_disks
 
 #: Most VMs the hub takes from a node's listing (the node lists at most 100000).
@@ -102,13 +102,12 @@ class NodeClient:
         listed = answer.get("vms") if isinstance(answer, dict) else None
         if not isinstance(listed, list) or len(listed) > MAX_LISTED_VMS:
             raise NodeError(f"the node's VM list is malformed (a list of at most {MAX_LISTED_VMS} VMs expected)")
-        paths = []
-        for item in listed:
-            path = item.get("path") if isinstance(item, dict) else None
-            if not isinstance(path, str) or not path.startswith("/") or len(path) > MAX_VM_PATH:
-                raise NodeError(f"the node's VM list is malformed: {str(item)[:200]}")
-            paths.append(path)
-        return paths
+        try:
+            return [
+                fields.vm_path(item.get("path") if isinstance(item, dict) else item, "a VM path") for item in listed
+            ]
+        except BadRequest as exc:  # the node's answer is at fault, not the hub's caller
+            raise NodeError(f"the node's VM list is malformed: {exc}") from exc
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``: the node's version and load."""

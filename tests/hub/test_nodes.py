@@ -331,6 +331,7 @@ class FailingNode:
 
     def __init__(self) -> None:
         self.status = 503
+        self.vms: object = {"vms": []}
         self.url = ""
 
     def app(self) -> web.Application:
@@ -339,8 +340,12 @@ class FailingNode:
             return web.json_response(body if self.status >= 400 else {"disks": [{"key": 2000, "capacity": MIB}]},
                                      status=self.status)  # fmt: skip
 
+        async def vms(request: web.Request) -> web.Response:
+            return web.json_response(self.vms)
+
         app = web.Application()
         app.add_routes([web.get("/api/v1/vms/disks", answer), web.post("/api/v1/backups", answer)])
+        app.router.add_get("/api/v1/vms", vms)
         return app
 
 
@@ -371,6 +376,12 @@ async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(tmp_pat
             record = await hub.nodes.get(None)
             assert record.up is False and f"HTTP {status}" in (record.last_error or "")
         assert len(await hub.backups(vm)) == 3
+        for junk in ({"vms": [{"path": "DC0/vm/x"}]}, {"vms": [{"name": "x"}]}, {"vms": {}}, [], {"vms": ["/a//b"]}):
+            scripted.vms = junk
+            with pytest.raises(NodeError, match="the node's VM list is malformed"):
+                await hub.nodes.list_vms(None)
+        scripted.vms = {"vms": [{"path": "/DC0/vm/x", "name": "x", "uuid": None}, "/DC0/vm/y"]}
+        assert await hub.nodes.list_vms(None) == ["/DC0/vm/x", "/DC0/vm/y"]
         assert (await hub.port_status()).pool.used == ()
         assert list((tmp_path / "repo" / "vms").rglob("*.qcow2")) == []
     finally:
