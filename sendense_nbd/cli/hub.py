@@ -103,6 +103,13 @@ def _relay(text: str) -> tuple[str, int]:
 @click.option("--public-url", help="This API as the node reaches it (default: http://LISTEN).")
 @click.option("--keep", type=click.IntRange(1, 10000), default=7, show_default=True, help="Restore points per disk.")
 @click.option("--job-timeout", type=click.FloatRange(1), default=86400, show_default=True, help="Seconds.")
+@click.option(
+    "--min-free",
+    type=click.IntRange(0),
+    default=1 << 30,
+    show_default=True,
+    help="Bytes a backup must leave free in the repository; a job expected to need more is refused (507).",
+)
 @click.option("--alert-webhook", metavar="URL", help="POST each alert to this URL as JSON.")
 @click.option("--smtp", metavar="HOST[:PORT]", help="Mail alerts through this SMTP relay (port 25 by default).")
 @click.option("--smtp-starttls", is_flag=True, help="Use STARTTLS with the relay (its certificate is verified).")
@@ -168,6 +175,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
         public_url=o["public_url"] or url,
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
+        min_free=o["min_free"],
         restore_dir=o["restore_dir"],
         alerts=o["alerts"],
     )

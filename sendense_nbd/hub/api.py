@@ -70,6 +70,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.post(PREFIX + "/restores", api.restore),
         web.delete(PREFIX + "/restores/{job}", api.stop_restore),
         web.get(PREFIX + "/ports", api.ports),
+        web.get(PREFIX + "/repository", api.repository),
         web.get(PREFIX + "/nodes", api.list_nodes),
         web.post(PREFIX + "/nodes", api.add_node),
         web.get(PREFIX + "/nodes/{name}", api.get_node),
@@ -208,6 +209,10 @@ class _Handlers:
     async def ports(self, request: web.Request) -> web.Response:
         """GET /ports: the port pool's leases and the running exports."""
         return web.json_response((await self.hub.port_status()).to_json())
+
+    async def repository(self, request: web.Request) -> web.Response:
+        """GET /repository: the repository's space (bytes) and its completed points."""
+        return web.json_response((await self.hub.repository_usage()).to_json())
 
 
 def _job_id(request: web.Request) -> str:

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from sendense_nbd.backup.records import Mode
+from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import (
     BadRequest,
     CompletionMismatch,
@@ -51,6 +51,7 @@ from sendense_nbd.errors import (
     SendenseError,
     UnknownJob,
 )
+from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertConfig, AlertKind, Alerts
 from sendense_nbd.hub.clock import Clock, SystemClock
@@ -65,6 +66,7 @@ from sendense_nbd.hub.jobs import (
     JobKind,
     JobState,
     JobStore,
+    Outcome,
     PointVerdict,
 )
 from sendense_nbd.hub.metrics import HubMetrics
@@ -113,6 +115,8 @@ class HubConfig:
     clock: Clock = attrs.field(factory=SystemClock)
     #: Where alerts go (webhook, mail) and when space is low.
     alerts: AlertConfig = attrs.field(factory=AlertConfig)
+    #: Free bytes a backup must leave in the repository (its expected size is checked before it starts).
+    min_free: int = capacity.DEFAULT_MIN_FREE
 
 
 @attrs.frozen
@@ -166,7 +170,7 @@ class Hub:
         self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
         self._exports = ExportManager(shared=config.shared)
         self._repository = Repository(config.repo, self._db)
-        self._jobs = JobStore(self._db)
+        self._jobs = JobStore(self._db, self.clock)
         self.nodes = NodeRegistry(
             self._db, clock=self.clock, default_url=config.node_url, default_token=config.node_token
         )
@@ -191,7 +195,7 @@ class Hub:
     async def start(self) -> Recovery:
         """Clean up after a crashed predecessor, then start the lease and timeout watchers."""
         failed = []
-        restarted = req.Failure("hub", "the hub restarted")
+        restarted = req.Failure("hub", "the hub restarted", "restarted")
         for job in await self._jobs.list(state=JobState.RUNNING) + await self._jobs.list(state=JobState.PENDING):
             await self._jobs.transition(job.id, JobState.FAILED, error=restarted)
             failed.append(job.id)
@@ -257,7 +261,7 @@ class Hub:
                 async with await self._lock(job.id):
                     if not (await self._jobs.get(job.id)).state.terminal:
                         timeout = f"no completion within {self.config.job_timeout:.0f} s"
-                        await self._fail(job.id, req.Failure("timeout", timeout))
+                        await self._fail(job.id, req.Failure("timeout", timeout, "timeout"))
 
     async def _lock(self, job_id: str) -> asyncio.Lock:
         """The lock of an existing job (:class:`UnknownJob` otherwise, so junk IDs make no locks)."""
@@ -290,24 +294,40 @@ class Hub:
         """The port pool's leases and the running exports."""
         return PortsView(await self._ports.status(), self._exports.stats())
 
+    async def repository_usage(self) -> capacity.Usage:
+        """The repository's space and its completed points, with the configured reserve."""
+        return await capacity.usage(self._repository, min_free=self.config.min_free)
+
     # -- backups -----------------------------------------------------------------
 
     async def create_backup(self, request: req.BackupRequest) -> Job:
-        """Start a backup job: a point and an export per disk, then the node is told to push to them."""
+        """Start a backup job: a point and an export per disk, then the node is told to push to them.
+
+        Refused before any port is leased or image made: a VM with a backup job pending or running
+        (``Conflict`` ``vm_busy``), and a repository without room for the job's expected size and the
+        reserve (:class:`InsufficientSpace`). Each disk's full copy gets its reason here (first backup,
+        base missing, failed verify, the policy's chain cap, or full asked for).
+        """
+        await self._jobs.refuse_busy(request.vm_path)
         node_name, node = await self._node_of(request.node)
+
         try:
             disks = await self._disks_to_back_up(request, node)
         except NodeUnavailable as exc:  # a failed job, listed (the node's 404 or odd answer: only refused)
             await self._node_unavailable(request, node_name, exc)
             raise
+        plans = [await self._plan_disk(request, disk) for disk in disks]
+        needs = [plan.need for plan in plans]
+        await capacity.check_space(self._repository, request.vm_path, needs, min_free=self.config.min_free)
+        reason = next((plan.reason for plan in plans if plan.reason is not None), None)
         job = await self._jobs.create(
             JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout,
-            node=node_name,
+            node=node_name, policy=request.policy, full_reason=reason, exclusive=True,
         )  # fmt: skip
         prepared: list[DiskExport] = []
         try:
-            for disk in disks:
-                prepared.append(await self._prepare_disk(job.id, request, disk))
+            for plan in plans:
+                prepared.append(await self._prepare_disk(job.id, request, plan))
             job = await self._jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
             if node is not None:
                 targets = {disk.disk_key: disk.uri for disk in prepared}
@@ -344,19 +364,31 @@ class Hub:
             if node is None:
                 raise InvalidBackup("give disks ([{key, capacity}]): no node is configured to list them")
             disks = await node.disks(request.vm_path)
-        for disk in disks:
-            if disk.capacity is None and (
-                request.mode is Mode.FULL or await self._repository.latest(request.vm_path, disk.key) is None
-            ):
-                raise InvalidBackup(
-                    f"disk {disk.key}: give its capacity (no completed point to build an incremental on)"
-                )
         return disks
 
-    async def _prepare_disk(self, job_id: str, request: req.BackupRequest, disk: req.DiskSpec) -> DiskExport:
+    async def _plan_disk(self, request: req.BackupRequest, disk: req.DiskSpec) -> _DiskPlan:
+        """Full (and why) or incremental for one disk, and the bytes its new point is expected to take.
+
+        The repository's reason wins (no point yet: first backup, or base missing when a completed job
+        had the disk; a damaged or unusable newest point); then the request's (a policy's chain cap),
+        then mode full (requested)."""
+        base, reason = await self._repository.base_for(request.vm_path, disk.key)
+        if reason is FullReason.FIRST_BACKUP and await self._jobs.backed_up(request.vm_path, disk.key):
+            reason = FullReason.BASE_MISSING
+        if reason is None:
+            reason = request.full_reason or (FullReason.REQUESTED if request.mode is Mode.FULL else None)
+        latest = base or await self._repository.latest(request.vm_path, disk.key)
+        size = disk.capacity if disk.capacity is not None else None if latest is None else latest.size
+        if size is None:
+            raise InvalidBackup(f"disk {disk.key}: give its capacity (no completed point to build an incremental on)")
+        need = await capacity.disk_need(self._repository, request.vm_path, disk.key, size, full=reason is not None)
+        return _DiskPlan(disk, reason, need)
+
+    async def _prepare_disk(self, job_id: str, request: req.BackupRequest, plan: _DiskPlan) -> DiskExport:
         """The disk's new point, served on a leased port."""
+        disk = plan.disk
         point = await self._repository.new_point(
-            request.vm_path, disk.key, job_id, incremental=request.mode is not Mode.FULL, capacity=disk.capacity
+            request.vm_path, disk.key, job_id, incremental=plan.reason is None, capacity=disk.capacity
         )
         try:
             allocation = await self._ports.allocate(self.holder, job_id, disk.key)
@@ -371,7 +403,8 @@ class Hub:
             await self._repository.discard(point.id)
             raise
         uri = self._uri(running.port, name)
-        return DiskExport(disk.key, running.port, name, uri, point.id, point.kind, point.backing)
+        reason = None if plan.reason is None else plan.reason.value
+        return DiskExport(disk.key, running.port, name, uri, point.id, point.kind, point.backing, full_reason=reason)
 
     def _uri(self, port: int, export: str) -> str:
         """The NBD URI of an export as nodes reach it."""
@@ -379,11 +412,18 @@ class Hub:
         return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{export}"
 
     async def _cleanup(self, job_id: str, disks: list[DiskExport] | tuple[DiskExport, ...]) -> None:
-        """Stop a failed job's exports (flushing), release its ports, discard its points."""
-        await self._exports.stop_job(job_id)
-        await self._ports.release(job_id=job_id)
+        """Stop a failed job's exports, discard its points, release its ports: the images go first, so a
+        repository that ran full has room again for the store's own writes. A failed flush (ENOSPC) of
+        an image about to be discarded is logged; the export is stopped and its file closed all the same."""
+        while True:
+            try:
+                await self._exports.stop_job(job_id)
+                break
+            except (SendenseError, OSError) as exc:  # each failure stopped one export: go on with the rest
+                log.warning("stopping an export of %s, whose points are discarded: %s", job_id, exc)
         for disk in disks:
             await self._repository.discard(disk.point_id)
+        await self._ports.release(job_id=job_id)
 
     async def progress(self, job_id: str, report: req.Progress) -> Job:
         """Record a node's progress report of a job."""
@@ -398,23 +438,28 @@ class Hub:
             if report.failure is not None:
                 return await self._fail(job_id, report.failure)
             try:
+                await self._jobs.enter_stage(job_id, "completing")
                 await self._exports.stop_job(job_id)  # flushes every point before it counts
                 reported = {d.disk_key: d for d in report.disks}
                 await self._repository.complete([(d.point_id, reported[d.disk_key]) for d in job.disks])
                 await self._ports.release(job_id=job_id)
-                detail = BackupDetail(tuple(_with_figures(d, reported[d.disk_key]) for d in job.disks))
-                job = await self._jobs.transition(job_id, JobState.COMPLETED, detail=detail)
+                disks = tuple(_with_figures(d, reported[d.disk_key]) for d in job.disks)
+                job = await self._jobs.transition(
+                    job_id, JobState.COMPLETED, detail=BackupDetail(disks), outcome=_outcome(disks)
+                )
             except Exception as exc:
                 log.error("completing %s failed: %s", job_id, exc)
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}"))
                 raise
         self._verifier.digests_after_backup(disk.point_id for disk in job.disks)
+        started = self.clock.now()
         for disk in job.disks:
             try:
                 await self._repository.apply_retention(job.vm_path, disk.disk_key, self.config.keep_points)
             except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
-        return job
+        await self._jobs.add_stage(job_id, "retention", started)
+        return await self._jobs.get(job_id)
 
     async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
         job = await self._jobs.get(job_id)
@@ -453,7 +498,8 @@ class Hub:
                     await (await self.nodes.client(job.node)).cancel(job_id)
                 except SendenseError as exc:
                     log.warning("the node did not take the cancel of %s: %s", job_id, exc)
-            return await self._fail(job_id, req.Failure("cancelled", "cancelled by the API"), JobState.CANCELLED)
+            cancelled = req.Failure("cancelled", "cancelled by the API", "cancelled")
+            return await self._fail(job_id, cancelled, JobState.CANCELLED)
 
     # -- restores ----------------------------------------------------------------
 
@@ -526,9 +572,39 @@ def _start_failure(exc: BaseException) -> req.Failure:
     return req.Failure("starting", message, "node_refused" if isinstance(exc, NodeError) else None)
 
 
+@attrs.frozen
+class _DiskPlan:
+    """One disk of a backup about to start: full (``reason``) or incremental, and its expected size."""
+
+    disk: req.DiskSpec
+    reason: FullReason | None
+    need: capacity.DiskNeed
+
+
 def _with_figures(disk: DiskExport, reported: req.ReportedDisk) -> DiskExport:
-    """The job's disk with the bytes its node reported sending and changing."""
-    return attrs.evolve(disk, bytes_changed=reported.bytes_changed, bytes_transferred=reported.bytes_transferred)
+    """The job's disk with the bytes its node reported sending and changing, and why it was full (the
+    hub's reason, else the node's)."""
+    reason = disk.full_reason or (None if reported.full_reason is None else reported.full_reason.value)
+    return attrs.evolve(
+        disk,
+        bytes_changed=reported.bytes_changed,
+        bytes_transferred=reported.bytes_transferred,
+        full_reason=reason,
+        full_reason_detail=reported.full_reason_detail,
+    )
+
+
+def _outcome(disks: tuple[DiskExport, ...]) -> Outcome:
+    """A completed job's reason (its first full disk's) and byte sums (None if a disk did not report)."""
+    reason = next((FullReason(d.full_reason) for d in disks if d.full_reason is not None), None)
+    changed = [d.bytes_changed for d in disks]
+    sent = [d.bytes_transferred for d in disks]
+    return Outcome(
+        reason,
+        None if None in changed else sum(c for c in changed if c is not None),
+        None if None in sent else sum(c for c in sent if c is not None),
+    )
+
 
 
 def _check_completion(job: Job, report: req.Completion) -> None:
