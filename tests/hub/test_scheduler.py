@@ -131,13 +131,24 @@ async def test_a_down_node_fails_its_jobs_and_the_next_slot_retries_them(vcsim: 
         await hub.ok("POST", "/policies", _policy(per_policy=3))
         assert {job["state"] for job in await _slot(hub, 3, 3)} == {"completed"}
         node.stop()
-        down = await _slot(hub, 6, 3)
-        assert {(job["state"], job["error"]["code"]) for job in down} == {("failed", "node_unavailable")}
-        view = await hub.ok("GET", "/policies/hourly")
-        assert "did not list the VMs" in view["runs"][0]["note"]
+        for count in (6, 9):  # two slots while the node is down
+            down = await _slot(hub, count, 3)
+            assert {(job["state"], job["error"]["code"]) for job in down} == {("failed", "node_unavailable")}
+            view = await hub.ok("GET", "/policies/hourly")
+            assert "did not list the VMs" in view["runs"][0]["note"]
+        await pump(hub, lambda: _at_risk(hub, VMS), limit=60)  # no good point for over 2 hours
         node = NodeProcess(config, listen=f"127.0.0.1:{port}")
         try:
-            again = await _slot(hub, 9, 3)
+            again = await _slot(hub, 12, 3)
             assert {(job["state"], job["full_reason"]) for job in again} == {("completed", None)}
+            await pump(hub, lambda: _at_risk(hub, []), limit=60)  # cleared once a good point is made
         finally:
             node.stop()
+        fired = (await hub.ok("GET", "/alerts?kind=at_risk"))["alerts"]
+        assert sorted(alert["key"] for alert in fired) == VMS and all(not alert["active"] for alert in fired)
+
+
+async def _at_risk(hub: LocalHub, expected: list[str]) -> bool:
+    active = (await hub.ok("GET", "/alerts?active=1&kind=at_risk"))["alerts"]
+    status = await hub.ok("GET", "/status")
+    return sorted(a["key"] for a in active) == expected and sorted(v["vm_path"] for v in status["at_risk"]) == expected
