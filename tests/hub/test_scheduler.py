@@ -152,3 +152,32 @@ async def _at_risk(hub: LocalHub, expected: list[str]) -> bool:
     active = (await hub.ok("GET", "/alerts?active=1&kind=at_risk"))["alerts"]
     status = await hub.ok("GET", "/status")
     return sorted(a["key"] for a in active) == expected and sorted(v["vm_path"] for v in status["at_risk"]) == expected
+
+
+async def test_a_verify_schedule_verifies_the_policys_points(vcsim: dict[str, Any], tmp_path: Path) -> None:
+    node = NodeProcess(write_config(tmp_path, vcsim))
+    try:
+        async with local_hub(tmp_path / "repo", clock=ManualClock(START), node_url=node.url) as hub:
+            body = _policy(schedule={"every": 86400}, verify={"every": HOUR}, per_policy=3)
+            await hub.ok("POST", "/policies", body)
+            run = await hub.ok("POST", "/policies/hourly/run")
+            assert run["note"] == "run now" and len(run["items"]) == 3
+            await pump(hub, lambda: jobs_ended(hub, 3))
+            view = await hub.ok("GET", "/policies/hourly")
+            assert view["schedules"]["verify"]["next_run"] == START + HOUR
+            await hub.clock.advance(HOUR)
+
+            async def verified() -> bool:
+                points = [p for vm in VMS for p in (await hub.ok("GET", f"/points?vm_path={vm}"))["points"]]
+                return len(points) == 3 and all(p["verify_state"] == "verified" for p in points)
+
+            await pump(hub, verified)
+
+            async def closed() -> bool:
+                return (await hub.ok("GET", "/policies/hourly"))["runs"][0]["state"] == "done"
+
+            await pump(hub, closed)
+            runs = (await hub.ok("GET", "/policies/hourly"))["runs"]
+            assert [r["purpose"] for r in runs] == ["verify", "backup"] and runs[0]["note"] == "3 completed"
+    finally:
+        node.stop()
