@@ -143,10 +143,9 @@ class Scheduler:
         await self._dispatch_open(policies, now)  # first: a run whose jobs all ended closes before its next slot
         open_runs = await self.store.runs(state=RunState.OPEN, limit=10_000)
         for stored in policies.values():
-            if stored.policy.enabled:
-                await self._schedule(stored, Purpose.BACKUP, stored.policy.schedule, open_runs, now)
-                if stored.policy.verify is not None:
-                    await self._schedule(stored, Purpose.VERIFY, stored.policy.verify, open_runs, now)
+            await self._schedule(stored, Purpose.BACKUP, stored.policy.schedule, open_runs, now)
+            if stored.policy.verify is not None:
+                await self._schedule(stored, Purpose.VERIFY, stored.policy.verify, open_runs, now)
         await self._dispatch_open(policies, now)
         if now - self._risk_checked >= RISK_CHECK:
             self._risk_checked = now
@@ -221,7 +220,11 @@ class Scheduler:
         policy = stored.policy
         state = await self.store.state(policy.name, purpose)
         slot = due(schedule, last_slot=state.last_slot, now=now, anchor=stored.created)
-        if slot is not None:
+        if slot is not None and not policy.enabled:  # passed by: enabling it later runs no catch-up
+            state = attrs.evolve(
+                state, last_slot=slot.slot, note=f"slot {iso(slot.slot)} not run: the policy is disabled"
+            )
+        elif slot is not None:
             note = await self._take(policy, purpose, slot, open_runs, now)
             log.info("policy %s %s: %s", policy.name, purpose.value, note)
             state = attrs.evolve(state, last_slot=slot.slot, last_run=now, note=note)

@@ -193,3 +193,26 @@ async def test_a_run_starts_each_vm_once_within_its_limits(tmp_path: Path, per_p
         assert run.note == "4 completed"
     finally:
         db.close()
+
+
+async def test_a_disabled_policy_runs_no_slot_and_no_catch_up_once_enabled(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "hub.db"))
+    try:
+        clock = ManualClock(START)
+        store = PolicyStore(db)
+        side = JobSide(["/DC0/vm/vm0"], random.Random(2), per_node=2)
+        scheduler = Scheduler(side, store, clock, FakeAlerts())  # type: ignore[arg-type]
+        body = {"name": "p", "vms": {"include": ["/DC0/vm"]}, "schedule": {"every": 3600}, "enabled": False}
+        stored = await store.add(Policy.from_json(body), clock.now())
+        await clock.advance(5 * 3600)
+        await scheduler.tick()
+        state = await store.state("p", Purpose.BACKUP)
+        assert state.last_slot == START + 5 * 3600 and "disabled" in (state.note or "")
+        assert (await scheduler.view(stored))["next_run"] is None
+        await store.replace(stored.policy.edited({"enabled": True}), clock.now())
+        await clock.advance(600)
+        await scheduler.tick()
+        assert side.started == [] and await store.runs(policy="p") == []
+        assert (await scheduler.view(await store.get("p")))["next_run"] == START + 6 * 3600
+    finally:
+        db.close()
