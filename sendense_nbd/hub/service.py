@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import socket
+import sqlite3
 import time
 import uuid
 import weakref
@@ -436,7 +438,7 @@ class Hub:
             job = await self._jobs.get(job_id)
             _check_completion(job, report)
             if report.failure is not None:
-                return await self._fail(job_id, report.failure)
+                return await self._fail(job_id, _space_code(report.failure))
             try:
                 await self._jobs.enter_stage(job_id, "completing")
                 await self._exports.stop_job(job_id)  # flushes every point before it counts
@@ -449,7 +451,8 @@ class Hub:
                 )
             except Exception as exc:
                 log.error("completing %s failed: %s", job_id, exc)
-                await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}"))
+                code = "insufficient_space" if _out_of_space(exc) else None
+                await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}", code))
                 raise
         self._verifier.digests_after_backup(disk.point_id for disk in job.disks)
         started = self.clock.now()
@@ -567,9 +570,31 @@ def _start_failure(exc: BaseException) -> req.Failure:
     """Why a backup could not start: ``node_unavailable`` (no answer, or 5xx), ``node_refused`` (the
     node refused the job), else no code."""
     message = str(exc) or type(exc).__name__
+    if _out_of_space(exc):
+        return req.Failure("starting", message, "insufficient_space")
     if isinstance(exc, NodeUnavailable):
         return req.Failure("starting", message, "node_unavailable")
     return req.Failure("starting", message, "node_refused" if isinstance(exc, NodeError) else None)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it stands for) is the repository's filesystem running full."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # a chain of causes, bounded
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _space_code(failure: req.Failure) -> req.Failure:
+    """A node's failure report whose write failed with ENOSPC (only the hub's exports, writing to the
+    repository, answer that) gets the code ``insufficient_space``."""
+    return attrs.evolve(failure, code="insufficient_space") if "ENOSPC" in failure.message else failure
 
 
 @attrs.frozen

@@ -137,7 +137,7 @@ def test_a_repository_that_fills_up_mid_backup_fails_that_job_only(
         assert node._loop is not None
         asyncio.run_coroutine_threadsafe(node._run(node.received[-1]), node._loop).result(timeout=120)
         failed = api.wait_job(job["job_id"])
-        assert failed["state"] == "failed" and failed["error"]["code"] == "node", failed
+        assert failed["state"] == "failed" and failed["error"]["code"] == "insufficient_space", failed
         assert "ENOSPC" in failed["error"]["message"], failed["error"]
         assert failed["stages"][-1]["ended"] is not None, failed["stages"]
 

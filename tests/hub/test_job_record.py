@@ -3,6 +3,7 @@ real backup client (through the stand-in node) backs up vcsim's VMs; error codes
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -12,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from sendense_nbd.errors import RepositoryError
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import MAX_STAGE_NAME, MAX_STAGES, JobStore, Stage, with_node_stages
 from sendense_nbd.hub.requests import NodeStage
+from sendense_nbd.hub.service import _out_of_space
 from tests.hub.conftest import Api, HubProcess
 from tests.hub.node_standin import NodeStandin
 from tests.vmware.vsphere import vmdisk
@@ -149,7 +152,7 @@ def test_stages_from_progress_are_bounded_and_a_failure_ends_the_running_one(
     assert names[:3] == ["queued", "initializing", "transferring"], names
     assert len(shown) == MAX_STAGES - 2 and all(len(name) <= MAX_STAGE_NAME for name in names), names
     assert all(stage["ended"] is not None for stage in shown[:-1]) and shown[-1]["ended"] is None
-    failure = {"status": "failed", "error": {"stage": "transferring", "message": "disk 2000: ENOSPC"}}
+    failure = {"status": "failed", "error": {"stage": "transferring", "message": "disk 2000: EIO"}}
     failed = api.post(f"/backups/{job['job_id']}/complete", failure)[1]
     assert failed["state"] == "failed" and failed["error"]["code"] == "node", failed
     assert failed["stages"][-1]["ended"] is not None and failed["bytes_sent"] is None
@@ -233,3 +236,16 @@ def test_the_node_history_fits_between_the_hub_stages() -> None:
     assert failed[-1].name == "finalizing" and failed[-1].ended == 107.0 and failed[-1].started == 107.0
     assert all(s.seconds is not None and s.seconds >= 0 for s in failed)
     assert with_node_stages((queued,), (), origin=0.0, now=1.0, terminal=False) == [queued]
+
+
+def test_a_full_filesystem_is_found_through_the_causes() -> None:
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RepositoryError("cannot create /r/x.qcow2") from exc
+    except RepositoryError as wrapped:
+        assert _out_of_space(wrapped)
+    assert _out_of_space(sqlite3.OperationalError("database or disk is full"))
+    assert not _out_of_space(RepositoryError("cannot create /r/x.qcow2: permission denied"))
+    assert not _out_of_space(OSError(errno.EIO, "I/O error"))
