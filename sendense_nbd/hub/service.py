@@ -55,7 +55,7 @@ from sendense_nbd.errors import (
 )
 from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
-from sendense_nbd.hub.alerts import AlertConfig, AlertKind, Alerts
+from sendense_nbd.hub.alerts import AlertConfig, AlertKind, Alerts, repeated_full
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager, ExportStats
@@ -454,6 +454,7 @@ class Hub:
                 code = "insufficient_space" if _out_of_space(exc) else None
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}", code))
                 raise
+        await self._check_repeated_full(job)
         self._verifier.digests_after_backup(disk.point_id for disk in job.disks)
         started = self.clock.now()
         for disk in job.disks:
@@ -489,6 +490,22 @@ class Hub:
         message = f"{job.kind.value} job {job.id} failed at {error.stage}: {error.message}"
         detail = {"job_id": job.id, "job_kind": job.kind.value, **error.to_json()}
         await self.alerts.fire(AlertKind.JOB_FAILED, job.vm_path, message, key=job.id, detail=detail)
+
+    async def _check_repeated_full(self, job: Job) -> None:
+        """REPEATED_FULL when this backup and the VM's previous completed one both fell back to a full copy."""
+        done = await self._jobs.list(vm_path=job.vm_path, kind=JobKind.BACKUP, state=JobState.COMPLETED)
+        earlier = [other for other in done if other.id != job.id and other.created <= job.created]
+        if not earlier:
+            return
+        previous = earlier[-1]
+        reasons = [None if j.full_reason is None else j.full_reason.value for j in (previous, job)]
+        if repeated_full(reasons[1], reasons[0]):
+            message = (
+                f"two full copies in a row that were not planned: {reasons[0]} (job {previous.id}), "
+                f"then {reasons[1]} (job {job.id}); check CBT on the VM and its points"
+            )
+            detail = {"job_id": job.id, "previous_job_id": previous.id, "reasons": reasons}
+            await self.alerts.fire(AlertKind.REPEATED_FULL, job.vm_path, message, key=job.vm_path, detail=detail)
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job that has not ended (the node is told, best effort); its points are discarded."""

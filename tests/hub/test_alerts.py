@@ -23,13 +23,14 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
-from sendense_nbd.backup.records import Mode
+from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.hub import alerts as alerts_module
-from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts, at_risk, repeated_full
+from sendense_nbd.hub.alerts import Alert, AlertConfig, AlertKind, AlertQuery, Alerts, at_risk, repeated_full
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.db import Database
-from sendense_nbd.hub.jobs import JobState
+from sendense_nbd.hub.jobs import Job, JobState
+from sendense_nbd.hub.repository import VerifyState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
 from tests.hub.conftest import Api, HubProcess, free_port_range
@@ -421,6 +422,42 @@ def test_bad_alert_options_stop_the_hub_before_it_starts(tmp_path: Path, options
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and words in done.stderr, done.stderr
     assert not repo.exists()
+
+
+async def test_two_fallback_fulls_in_a_row_raise_repeated_full(tmp_path: Path) -> None:
+    async with running_hub(tmp_path / "repo", AlertConfig(**FAST)) as hub:
+
+        async def backup(reported: str | None = None, *, reason: FullReason | None = None) -> Job:
+            job = await hub.create_backup(BackupRequest(VM, Mode.AUTO, (DiskSpec(2000, MIB),), full_reason=reason))
+            disk = {"disk_key": 2000, "change_id": f"52 aa/{job.id}", "full_reason": reported}
+            return await hub.complete(job.id, Completion.from_json({"status": "completed", "disks": [disk]}))
+
+        async def repeated() -> list[Alert]:
+            return await hub.alerts.list(AlertQuery(kind=AlertKind.REPEATED_FULL))
+
+        first = await backup()  # first backup, then a CBT reset: one fallback
+        second = await backup("cbt_reset")
+        assert [first.full_reason, second.full_reason] == [FullReason.FIRST_BACKUP, FullReason.CBT_RESET]
+        assert await repeated() == []
+        third = await backup("cbt_reset")  # the second fallback in a row
+        [alert] = await repeated()
+        assert alert.subject == VM and alert.key == VM
+        assert alert.detail == {"job_id": third.id, "previous_job_id": second.id, "reasons": ["cbt_reset"] * 2}
+        assert "two full copies in a row that were not planned" in alert.message
+        incremental = await backup()
+        assert incremental.full_reason is None
+        await backup("cbt_reset")
+        assert len(await repeated()) == 1  # an incremental in between: no repeat
+        capped = await backup(reason=FullReason.CHAIN_CAP)
+        assert capped.full_reason is FullReason.CHAIN_CAP and len(await repeated()) == 1  # planned, not a fallback
+        # The newest point found damaged: the next backup is a full with verify_failed, then a CBT reset.
+        [*_, newest] = await hub.points(VM)
+        await hub._repository.set_verdict(newest.id, VerifyState.DAMAGED, at=START, bad_offset=0, error="flipped")
+        damaged = await backup()
+        assert damaged.full_reason is FullReason.VERIFY_FAILED and len(await repeated()) == 1
+        again = await backup("cbt_reset")
+        latest, _ = await repeated()
+        assert latest.detail["reasons"] == ["verify_failed", "cbt_reset"] and latest.detail["job_id"] == again.id
 
 
 async def test_a_restarted_hub_delivers_what_its_predecessor_had_not_tried(tmp_path: Path) -> None:

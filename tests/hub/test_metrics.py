@@ -88,6 +88,7 @@ async def test_metrics_show_real_jobs_points_ports_verify_results_and_alerts(tmp
         for state, count in (("completed", 2), ("failed", 1), ("cancelled", 1), ("running", 1)):
             assert value(found, "sendense_jobs", kind="backup", state=state) == count, state
         assert ("sendense_jobs", frozenset({("kind", "backup"), ("state", "pending")})) not in found
+        assert value(found, "sendense_job_bytes_total", kind="backup") == 4 * MIB
         jobs = [await hub.job(done)] + [j for j in await hub.backups("/DC0/vm/b")]
         assert value(found, "sendense_job_duration_seconds_count") == 2
         assert value(found, "sendense_job_duration_seconds_bucket", le="+Inf") == 2
