@@ -575,4 +575,8 @@ def _refuse_busy(connection: sqlite3.Connection, vm_path: str) -> None:
         (vm_path, JobKind.BACKUP.value, JobState.PENDING.value, JobState.RUNNING.value),
     ).fetchone()
     if found is not None:
-        raise Conflict(f"{vm_path} already has job {found[0]} {found[1]}: one backup of a VM at a time", "vm_busy")
+        raise Conflict(
+            f"{vm_path} already has job {found[0]} {found[1]}: one backup of a VM at a time (wait for it, or "
+            f"cancel it: DELETE /backups/{found[0]})",
+            "vm_busy",
+        )
