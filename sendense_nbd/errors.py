@@ -35,6 +35,7 @@
     ├── RepositoryError            a backup repository operation cannot be done as asked
     │   ├── UnknownPoint           no restore point has this ID
     │   └── InsufficientSpace      the repository has no room for a backup's expected size (507)
+    ├── UnknownPolicy              no backup policy has this name (404)
     ├── NodeError                  a node refused or did not answer the hub
     │   ├── NodeNotFound           the node does not know the VM or job asked for
     │   └── NodeUnavailable        the node did not answer, or answered 5xx (its jobs fail node_unavailable)
@@ -272,6 +273,10 @@ class UnknownPoint(RepositoryError):
 
 class InsufficientSpace(RepositoryError):
     """The repository has not enough free space for a backup's expected size and the reserve (507)."""
+
+
+class UnknownPolicy(SendenseError):
+    """No backup policy has this name (404)."""
 
 
 class NodeError(SendenseError):

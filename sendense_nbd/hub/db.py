@@ -88,6 +88,41 @@ CREATE TABLE IF NOT EXISTS alerts (
     delivered TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_condition ON alerts (kind, key, cleared);
+CREATE TABLE IF NOT EXISTS policies (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedule_state (
+    policy TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    last_slot REAL NOT NULL,
+    next_run REAL,
+    last_run REAL,
+    note TEXT,
+    PRIMARY KEY (policy, purpose)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    policy TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    slot REAL,
+    started REAL NOT NULL,
+    window_end REAL,
+    ended REAL,
+    state TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_policy ON runs (policy, started);
+CREATE TABLE IF NOT EXISTS run_items (
+    run_id TEXT NOT NULL,
+    vm_path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    job_id TEXT,
+    note TEXT,
+    PRIMARY KEY (run_id, vm_path)
+);
 """
 
 
