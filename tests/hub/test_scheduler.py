@@ -86,9 +86,10 @@ async def test_a_policy_runs_full_incremental_and_a_capped_full_with_retention(
             assert {(job["state"], job["full_reason"]) for job in second} == {("completed", None)}
             third = await _slot(hub, 9)
             assert {(job["state"], job["full_reason"]) for job in third} == {("completed", "chain_cap")}
+            await pump(hub, lambda: _runs_done(hub, 3))
             view = await hub.ok("GET", "/policies/hourly")
             assert view["next_run"] == START + 4 * HOUR
-            assert [r["state"] for r in view["runs"]] == ["done"] * 3 and "3 completed" in view["runs"][0]["note"]
+            assert "3 completed" in view["runs"][0]["note"]
             for vm_path in VMS:
                 points = (await hub.ok("GET", f"/points?vm_path={vm_path}"))["points"]
                 assert len(points) == 2, points  # keep_last 2
@@ -111,6 +112,11 @@ async def test_a_restarted_hub_runs_missed_slots_once_and_says_so(tmp_path: Path
         assert view["next_run"] == START + 6 * HOUR
         assert "4 earlier slot(s)" in view["note"] and "runs once" in view["note"], view["note"]
         assert len(view["runs"]) == 1 and view["runs"][0]["slot"] == START + 5 * HOUR
+
+
+async def _runs_done(hub: LocalHub, count: int) -> bool:
+    runs = (await hub.ok("GET", "/policies/hourly"))["runs"]
+    return len(runs) == count and all(run["state"] == "done" for run in runs)
 
 
 async def _noted(hub: LocalHub) -> bool:
