@@ -161,16 +161,6 @@ class AlertQuery:
         return cls(active=active in ("1", "true"), kind=kind, limit=int(limit))
 
 
-def at_risk(last_good: Mapping[str, float | None], interval: Mapping[str, float], now: float) -> list[str]:
-    """The VMs (keys of ``interval``) whose last good point is older than their interval, or missing; sorted."""
-    risky = []
-    for vm, seconds in interval.items():
-        good = last_good.get(vm)
-        if good is None or now - good > seconds:
-            risky.append(vm)
-    return sorted(risky)
-
-
 #: Why a full copy is a fallback (not asked for, not planned): two in a row raise REPEATED_FULL.
 FALLBACK_REASONS = frozenset({"cbt_reset", "base_missing", "verify_failed"})
 

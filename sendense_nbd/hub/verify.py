@@ -221,6 +221,7 @@ class Verifier:
         clock: Clock,
         job_timeout: float,
         on_damaged: Callable[[Point, PointVerdict], Awaitable[None]] | None = None,
+        on_failed: Callable[[Job], Awaitable[None]] | None = None,
     ) -> None:
         self._clock = clock
         self._repository = repository
@@ -228,6 +229,8 @@ class Verifier:
         self._job_timeout = job_timeout
         #: Called for each point a verify finds damaged (an alert); its failure is logged only.
         self.on_damaged = on_damaged
+        #: Called with a verify job that failed (an alert).
+        self.on_failed = on_failed
         self._tasks: set[asyncio.Task[None]] = set()
         self._readers = asyncio.Semaphore(READERS)
 
@@ -290,8 +293,14 @@ class Verifier:
         except (SendenseError, OSError) as exc:
             log.error("verify job %s failed: %s", job_id, exc)
             failed = attrs.evolve(detail, points=tuple(verdicts))
-            with contextlib.suppress(JobStateError):
-                await self._jobs.transition(job_id, JobState.FAILED, error=Failure("verify", str(exc)), detail=failed)
+            try:
+                job = await self._jobs.transition(
+                    job_id, JobState.FAILED, error=Failure("verify", str(exc)), detail=failed
+                )
+            except JobStateError:
+                return  # cancelled or timed out meanwhile
+            if self.on_failed is not None:
+                await self.on_failed(job)
 
     async def close(self) -> None:
         """Cancel the digest tasks and verify jobs, and wait for them."""

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.hub import alerts as alerts_module
-from sendense_nbd.hub.alerts import Alert, AlertConfig, AlertKind, AlertQuery, Alerts, at_risk, repeated_full
+from sendense_nbd.hub.alerts import Alert, AlertConfig, AlertKind, AlertQuery, Alerts, repeated_full
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import Job, JobState
@@ -337,15 +337,6 @@ async def test_low_space_fires_once_and_clears_on_a_small_tmpfs(tmpfs: Path) -> 
             assert alert.cleared is not None and alert.cleared > alert.fired
             await until(lambda: _true(len(hook.received) == 1), "the webhook got it")
             assert hook.received[0]["kind"] == "low_space"
-
-
-def test_at_risk_names_the_vms_past_their_interval_or_without_a_good_point() -> None:
-    now = START
-    last_good = {"/a": now - 3600, "/b": now - 7201, "/c": None, "/gone": now - 10**6}
-    interval = {"/a": 7200.0, "/b": 7200.0, "/c": 7200.0, "/d": 60.0}
-    assert at_risk(last_good, interval, now) == ["/b", "/c", "/d"]
-    assert at_risk({"/a": now - 7200}, {"/a": 7200.0}, now) == []  # exactly the interval: not yet
-    assert at_risk({}, {}, now) == []
 
 
 def test_a_repeated_full_is_two_fallbacks_in_a_row() -> None:
