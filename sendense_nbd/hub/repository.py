@@ -9,9 +9,10 @@ A point (:class:`PointStatus`) is ``pending`` while its job writes it, then
 Only completed points are restore points or backing files. Its kind is the
 backup's :class:`~sendense_nbd.backup.records.SyncType`: a full image or an
 incremental overlay. The store holds both enums' values (the plain strings).
-Retention keeps the last N points of a disk: the oldest incremental is
-committed into the full image below it, the next overlay is re-pointed at
-that image, and the result is checked (the base is ``merging`` meanwhile).
+Retention (GFS rules, :mod:`sendense_nbd.policy.retention`) drops points
+by merging: a dropped point's successor overlay is committed into it, its
+image takes the successor's file name, and the result is checked (the
+dropped point is ``merging`` meanwhile).
 
 Each point may have a digest sidecar ``<point-id>.digests`` next to its image
 (:mod:`sendense_nbd.copy.digests`, written by :mod:`sendense_nbd.hub.verify`)
@@ -41,6 +42,8 @@ from sendense_nbd.backup.records import FullReason, SyncType
 from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.requests import ReportedDisk
+from sendense_nbd.policy.model import Retention
+from sendense_nbd.policy.retention import Candidate, select
 from sendense_nbd.storage.files import is_temporary, remove_quietly, sync_directory
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -276,43 +279,54 @@ class Repository:
             await self.discard(point_id)
         return pending
 
-    async def apply_retention(self, vm_path: str, disk_key: int, keep: int) -> list[str]:
-        """Keep the last ``keep`` completed points of a disk; the ids of the points dropped.
+    async def apply_retention(
+        self, vm_path: str, disk_key: int, rules: Retention, *, timezone: str = "UTC"
+    ) -> list[str]:
+        """Drop the completed points of a disk that ``rules`` do not keep, oldest first; their ids.
 
-        The oldest point (the full image) takes in the next one: that overlay
-        is committed into it, and the full image is renamed over the overlay's
-        file, so every later overlay's backing name stays right. The dropped
+        :func:`sendense_nbd.policy.retention.select` decides over the points'
+        completion times (periods local to ``timezone``); the newest point is
+        never dropped. A dropped point takes in the point above it (see
+        :meth:`_merge`), which keeps its ID, change ID and view. Each dropped
         point is marked ``merging`` first; :meth:`recover` finishes a merge a
         crash interrupted.
         """
-        if keep < 1:
-            raise RepositoryError("retention keeps at least one point")
         dropped: list[str] = []
         async with self.disk_lock(vm_path, disk_key):  # never while its digests or a verify read the chain
-            while True:
-                chain = await self.points(vm_path, disk_key)
-                if len(chain) <= keep:
-                    return dropped
-                base, top = chain[0], chain[1]
+            chain = await self.points(vm_path, disk_key)
+            decision = select([Candidate(p.id, p.completed or p.created) for p in chain], rules, timezone=timezone)
+            for point_id in decision.remove:
+                chain = await self.points(vm_path, disk_key)  # each merge changes a backing
+                point = next((p for p in chain[:-1] if p.id == point_id), None)
+                top = next((p for p in chain if point is not None and p.backing == point.id), None)
+                if point is None or top is None:
+                    log.warning("retention: %s disk %s: point %s left the chain", vm_path, disk_key, point_id)
+                    continue
+                await self._drop(point, top)
+                dropped.append(point.id)
+                log.info("retention: %s disk %s: point %s merged into %s", vm_path, disk_key, point.id, top.id)
+        return dropped
 
-                def mark(connection: sqlite3.Connection, base: Point = base) -> None:
-                    connection.execute(
-                        "UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, base.id)
-                    )
+    async def _drop(self, point: Point, top: Point) -> None:
+        def mark(connection: sqlite3.Connection) -> None:
+            connection.execute("UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, point.id))
 
-                await self.db.run(mark)
-                await self._merge(base, top)
-                dropped.append(base.id)
-                log.info("retention: %s disk %s: point %s merged into %s", vm_path, disk_key, base.id, top.id)
+        await self.db.run(mark)
+        await self._merge(point, top)
 
     async def _merge(self, base: Point, top: Point) -> None:
+        """Drop ``base`` into ``top``, the overlay on it: ``top`` is committed into ``base``'s image,
+        which is renamed over ``top``'s file (so the overlays above keep their backing name) and
+        checked; ``top`` then takes ``base``'s kind and backing (a full stays full, a middle overlay
+        keeps its own base). Safe to repeat after a crash at any step (the commit leaves ``top`` as it was).
+        """
         from sendense_nbd.storage.qcow2.check import check_image
         from sendense_nbd.storage.qcow2.commit import commit
 
         def merge() -> None:
             if os.path.exists(base.path):
                 commit(top.path)
-                os.replace(base.path, top.path)  # the full image now holds the top's point in time
+                os.replace(base.path, top.path)  # base's image now holds the top's point in time
                 sync_directory(os.path.dirname(top.path))
             result = check_image(top.path)
             if result.corruptions or result.check_errors:
@@ -322,7 +336,9 @@ class Repository:
 
         def record(connection: sqlite3.Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ?", (base.id,))
-            connection.execute("UPDATE points SET kind = ?, backing = NULL WHERE id = ?", (SyncType.FULL.value, top.id))
+            connection.execute(
+                "UPDATE points SET kind = ?, backing = ? WHERE id = ?", (base.kind.value, base.backing, top.id)
+            )
 
         await self.db.run(record)
         await asyncio.to_thread(remove_quietly, base.digest_path)  # the survivor's view (and sidecar) is unchanged

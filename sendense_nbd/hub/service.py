@@ -52,6 +52,7 @@ from sendense_nbd.errors import (
     RepositoryError,
     SendenseError,
     UnknownJob,
+    UnknownPolicy,
 )
 from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
@@ -74,9 +75,11 @@ from sendense_nbd.hub.jobs import (
 from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.nodes import DEFAULT, NodeRegistry, node_url
+from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
+from sendense_nbd.policy.model import Retention
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -457,13 +460,26 @@ class Hub:
         await self._check_repeated_full(job)
         self._verifier.digests_after_backup(disk.point_id for disk in job.disks)
         started = self.clock.now()
+        rules, timezone = await self._retention_of(job)
         for disk in job.disks:
             try:
-                await self._repository.apply_retention(job.vm_path, disk.disk_key, self.config.keep_points)
+                await self._repository.apply_retention(job.vm_path, disk.disk_key, rules, timezone=timezone)
             except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
         await self._jobs.add_stage(job_id, "retention", started)
         return await self._jobs.get(job_id)
+
+    async def _retention_of(self, job: Job) -> tuple[Retention, str]:
+        """A policy's job: its policy's GFS rules, periods in its schedule's time zone; any other job
+        (or one whose policy is gone): ``--keep N`` as ``keep_last``."""
+        if job.policy is not None:
+            try:
+                policy = (await PolicyStore(self._db).get(job.policy)).policy
+            except UnknownPolicy:
+                log.warning("retention of %s: its policy %s is gone, so --keep applies", job.id, job.policy)
+            else:
+                return policy.retention, policy.schedule.timezone
+        return Retention(keep_last=self.config.keep_points), "UTC"
 
     async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
         job = await self._jobs.get(job_id)
