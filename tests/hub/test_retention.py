@@ -2,26 +2,30 @@
 are dropped oldest first (a full's successor becomes the full, a middle overlay's successor keeps the
 dropped point's base), the newest is never dropped, every kept point reads exactly as before
 (qemu-img compare) and passes qemu-img check, a crash around a middle point's merge is finished
-by ``recover``."""
+by ``recover``; the hub applies a policy job's rules, and ``--keep N`` to other jobs."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from sendense_nbd.backup.records import SyncType
+from sendense_nbd.backup.records import Mode, SyncType
 from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
-from sendense_nbd.hub.requests import ReportedDisk
-from sendense_nbd.policy.model import Retention
+from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk
+from sendense_nbd.hub.service import Hub, HubConfig
+from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.policy.retention import Candidate, select
 from sendense_nbd.storage.qcow2.commit import commit
 from tests.conftest import require, run
+from tests.hub.conftest import free_port_range
 
 pytestmark = pytest.mark.peer
 
@@ -170,3 +174,64 @@ async def test_a_crash_after_the_rename_of_a_middle_point_is_finished_by_recover
     restarted = Repository(repository.root, repository.db)
     assert await restarted.recover() == ([], [middle.id])
     await _check_kept(restarted, content, [points[0].id, points[2].id, points[3].id])
+
+
+class _AcceptingNode:
+    """A node API that takes every backup the hub starts (the test reports their completion itself)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def accept(request: web.Request) -> web.Response:
+            return web.json_response({}, status=202)
+
+        app = web.Application()
+        app.add_routes([web.post("/api/v1/backups", accept)])
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def _store(hub: Hub, change: Callable[[PolicyStore], Awaitable[object]]) -> None:
+    """A change to the hub's policies through a second connection to its store (as another hub process would)."""
+    db = Database(str(Path(hub.config.repo) / "hub.db"))
+    try:
+        await change(PolicyStore(db))
+    finally:
+        db.close()
+
+
+async def test_a_policy_job_applies_its_policy_rules_and_other_jobs_keep_the_last_keep(tmp_path: Path) -> None:
+    node = _AcceptingNode()
+    await node.start()
+    hub = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(4), node_url=node.url, keep_points=3))
+    await hub.start()
+    try:
+        policy = Policy.from_json({"name": "two", "vms": {"include": [VM]}, "schedule": {"every": 3600},
+                                   "retention": {"keep_last": 2}})  # fmt: skip
+        await _store(hub, lambda store: store.add(policy, 0.0))
+        other = "/DC0/vm/db01"
+        for round_ in range(5):
+            for vm, name in ((VM, "two"), (other, None)):
+                request = BackupRequest(vm, Mode.AUTO, (DiskSpec(DISK, MIB),), policy=name)
+                job = await hub.create_backup(request)
+                await hub.complete(job.id, Completion(vm, (ReportedDisk(DISK, f"change-{round_}", None),)))
+        kept = await hub.points(VM)
+        assert [p.change_id for p in kept] == ["change-3", "change-4"]
+        assert [p.kind for p in kept] == [SyncType.FULL, SyncType.INCREMENTAL]
+        assert [p.change_id for p in await hub.points(other)] == ["change-2", "change-3", "change-4"]
+        await _store(hub, lambda store: store.delete("two"))  # a job whose policy is gone: --keep applies
+        job = await hub.create_backup(BackupRequest(VM, Mode.AUTO, (DiskSpec(DISK, MIB),), policy="two"))
+        await hub.complete(job.id, Completion(VM, (ReportedDisk(DISK, "change-5", None),)))
+        assert [p.change_id for p in await hub.points(VM)] == ["change-3", "change-4", "change-5"]
+    finally:
+        await hub.wait_closed()
+        await node.close()
