@@ -27,12 +27,14 @@ from sendense_nbd.errors import (
     UnknownJob,
     UnknownNode,
     UnknownPoint,
+    UnknownPolicy,
 )
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
 from sendense_nbd.hub.jobs import Job, JobKind
 from sendense_nbd.hub.nodes import node_name, parse_edit, parse_node
+from sendense_nbd.hub.policy_api import policy_routes
 from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
 from sendense_nbd.hub.verify import VerifyRequest
@@ -44,6 +46,7 @@ _ERRORS: ErrorMap = [
     (UnknownPoint, 404, "not_found"),
     (NodeNotFound, 404, "not_found"),
     (UnknownNode, 404, "not_found"),
+    (UnknownPolicy, 404, "not_found"),
     (JobStateError, 409, "conflict"),
     (PortError, 503, "ports_exhausted"),
     (NodeError, 502, "node_unavailable"),
@@ -83,7 +86,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.get("/metrics", api.metrics),
     ]
     app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
-    app.add_routes(routes)
+    app.add_routes(routes + policy_routes(PREFIX, hub))
     return app
 
 

@@ -40,6 +40,7 @@ import attrs
 
 from sendense_nbd.backup.records import FullReason, SyncType
 from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
+from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.requests import ReportedDisk
 from sendense_nbd.policy.model import Retention
@@ -129,9 +130,11 @@ def vm_slug(vm_path: str) -> str:
 class Repository:
     """The points of every VM's disks: their images under ``root`` and their rows in the hub's store."""
 
-    def __init__(self, root: str, db: Database) -> None:
+    def __init__(self, root: str, db: Database, *, clock: Clock | None = None) -> None:
         self.root = os.path.abspath(root)
         self.db = db
+        #: Points' creation and completion times (and so retention's periods) come from it.
+        self.clock: Clock = clock or SystemClock()
         self._disk_locks: dict[tuple[str, int], asyncio.Lock] = {}
 
     def disk_lock(self, vm_path: str, disk_key: int) -> asyncio.Lock:
@@ -152,6 +155,17 @@ class Repository:
                 sql += " AND disk_key = ?"
                 args.append(disk_key)
             return [Point.from_row(r) for r in rows(connection.execute(sql + " ORDER BY disk_key, created", args))]
+
+        return await self.db.run(read)
+
+    async def vm_paths(self) -> list[str]:
+        """The VMs that have completed points, sorted."""
+
+        def read(connection: sqlite3.Connection) -> list[str]:
+            found = connection.execute(
+                "SELECT DISTINCT vm_path FROM points WHERE status = ? ORDER BY vm_path", (PointStatus.COMPLETED.value,)
+            )
+            return [row[0] for row in found]
 
         return await self.db.run(read)
 
@@ -215,7 +229,7 @@ class Repository:
         size = base.size if base else int(capacity or 0)
         point = Point(
             point_id, vm_path, disk_key, job_id, SyncType.INCREMENTAL if base else SyncType.FULL, path,
-            base.id if base else None, size, None, None, PointStatus.PENDING, time.time(), None,
+            base.id if base else None, size, None, None, PointStatus.PENDING, self.clock.now(), None,
         )  # fmt: skip
 
         def insert(connection: sqlite3.Connection) -> None:
@@ -230,7 +244,7 @@ class Repository:
         """Mark points completed with what their disk's job reported, all in one transaction."""
 
         def update(connection: sqlite3.Connection) -> None:
-            now = time.time()
+            now = self.clock.now()
             for point_id, disk in results:
                 cursor = connection.execute(
                     "UPDATE points SET status = ?, completed = ?, change_id = ?, disk_uuid = ?, bytes_changed = ?, "

@@ -56,7 +56,7 @@ from sendense_nbd.errors import (
 )
 from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
-from sendense_nbd.hub.alerts import AlertConfig, AlertKind, Alerts, repeated_full
+from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts, repeated_full
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager, ExportStats
@@ -78,8 +78,9 @@ from sendense_nbd.hub.nodes import DEFAULT, NodeRegistry, node_url
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
+from sendense_nbd.hub.scheduler import Scheduler
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
-from sendense_nbd.policy.model import Retention
+from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -174,14 +175,12 @@ class Hub:
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
         self._exports = ExportManager(shared=config.shared)
-        self._repository = Repository(config.repo, self._db)
+        self._repository = Repository(config.repo, self._db, clock=self.clock)
         self._jobs = JobStore(self._db, self.clock)
         self.nodes = NodeRegistry(
             self._db, clock=self.clock, default_url=config.node_url, default_token=config.node_token
         )
-        self.alerts = Alerts(
-            self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo
-        )
+        self.alerts = Alerts(self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo)
         self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock)
         self._verifier = Verifier(
             self._repository,
@@ -189,8 +188,12 @@ class Hub:
             clock=self.clock,
             job_timeout=config.job_timeout,
             on_damaged=self._alert_damaged,
+            on_failed=self._alert_failed,
         )
+        self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
         self._background: asyncio.Task[None] | None = None
+        #: Retention after each completed job, running in the background.
+        self._after: set[asyncio.Task[None]] = set()
         self._closed = False
         #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -233,6 +236,9 @@ class Hub:
             await asyncio.wait([self._background])
             if not self._background.cancelled() and self._background.exception() is not None:
                 log.error("the hub's background work failed: %r", self._background.exception())
+        for task in self._after:  # a merge cut short is finished by the next start's recover()
+            task.cancel()
+        await asyncio.gather(*self._after, return_exceptions=True)
         await self._verifier.close()
         await self._exports.stop_all()
         await self.nodes.close()
@@ -244,6 +250,7 @@ class Hub:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.alerts.run(), name="hub-alerts")
             group.create_task(self.nodes.watch(), name="hub-node-health")
+            group.create_task(self.scheduler.run(), name="hub-scheduler")
             renew = self.config.lease_ttl / 3
             group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
@@ -315,7 +322,6 @@ class Hub:
         """
         await self._jobs.refuse_busy(request.vm_path)
         node_name, node = await self._node_of(request.node)
-
         try:
             disks = await self._disks_to_back_up(request, node)
         except NodeUnavailable as exc:  # a failed job, listed (the node's 404 or odd answer: only refused)
@@ -458,7 +464,21 @@ class Hub:
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}", code))
                 raise
         await self._check_repeated_full(job)
+        # In the background, after the answer: each waits its turn on the disk's lock (a verify may hold it
+        # for long), and the node's completion call must not wait for them.
+        retention = asyncio.create_task(self._retain(job), name=f"retention of {job_id}")
+        self._after.add(retention)
+        retention.add_done_callback(self._after.discard)
         self._verifier.digests_after_backup(disk.point_id for disk in job.disks)
+        return job
+
+    async def settled(self) -> None:
+        """Wait until the retention of every completed job so far has run."""
+        while self._after:
+            await asyncio.gather(*self._after, return_exceptions=True)
+
+    async def _retain(self, job: Job) -> None:
+        """Apply the job's retention rules to each of its disks; recorded as the job's ``retention`` stage."""
         started = self.clock.now()
         rules, timezone = await self._retention_of(job)
         for disk in job.disks:
@@ -466,15 +486,14 @@ class Hub:
                 await self._repository.apply_retention(job.vm_path, disk.disk_key, rules, timezone=timezone)
             except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
-        await self._jobs.add_stage(job_id, "retention", started)
-        return await self._jobs.get(job_id)
+        await self._jobs.add_stage(job.id, "retention", started)
 
     async def _retention_of(self, job: Job) -> tuple[Retention, str]:
         """A policy's job: its policy's GFS rules, periods in its schedule's time zone; any other job
         (or one whose policy is gone): ``--keep N`` as ``keep_last``."""
         if job.policy is not None:
             try:
-                policy = (await PolicyStore(self._db).get(job.policy)).policy
+                policy = (await self.scheduler.store.get(job.policy)).policy
             except UnknownPolicy:
                 log.warning("retention of %s: its policy %s is gone, so --keep applies", job.id, job.policy)
             else:
@@ -598,6 +617,71 @@ class Hub:
         """Start a verify job over a VM's points or one point's chain; it runs in the background."""
         return await self._verifier.start(request)
 
+    # -- policies (the scheduler's calls) and status ---------------------------------
+
+    async def start_policy_backup(self, policy: Policy, vm_path: str, mode: Mode, reason: FullReason | None) -> Job:
+        """One VM's backup for a policy's run; a node that cannot start it gives the failed job back."""
+        request = req.BackupRequest(vm_path, mode, None, node=policy.node, policy=policy.name, full_reason=reason)
+        try:
+            return await self.create_backup(request)
+        except NodeError:
+            jobs = await self._jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)
+            if jobs and jobs[-1].policy == policy.name and jobs[-1].state is JobState.FAILED:
+                return jobs[-1]
+            raise
+
+    async def start_policy_verify(self, policy: Policy, vm_path: str) -> Job:
+        """A verify job of one VM's points for a policy's verify schedule."""
+        return await self.verify(VerifyRequest(vm_path=vm_path))
+
+    async def policy_vms(self, policy: Policy) -> list[str]:
+        """Every VM the policy's node knows (its inventory paths)."""
+        return await self.nodes.list_vms(policy.node)
+
+    async def stored_vms(self) -> list[str]:
+        """The VMs that have completed points."""
+        return await self._repository.vm_paths()
+
+    async def busy(self, vm_path: str) -> bool:
+        """Whether the VM has a backup job pending or running."""
+        try:
+            await self._jobs.refuse_busy(vm_path)
+        except Conflict:
+            return True
+        return False
+
+    async def node_jobs(self, node: str | None) -> int:
+        """How many backup jobs are pending or running on a node (None: the default node)."""
+        name = node or DEFAULT
+        active = await self._jobs.list(kind=JobKind.BACKUP, state=JobState.RUNNING)
+        active += await self._jobs.list(kind=JobKind.BACKUP, state=JobState.PENDING)
+        return sum(1 for job in active if job.node == name)
+
+    async def check_node(self, node: str | None) -> None:
+        """Refuse a node that is not registered (:class:`UnknownNode`)."""
+        await self.nodes.get(node)
+
+    async def status(self) -> dict[str, object]:
+        """The hub at a glance (``GET /status``): running jobs, VMs at risk, space, ports, nodes, policies."""
+        running = await self._jobs.list(state=JobState.RUNNING) + await self._jobs.list(state=JobState.PENDING)
+        policies = await self.scheduler.store.all()
+        now = self.clock.now()
+        return {
+            "time": now,
+            "running": [
+                {"job_id": job.id, "kind": job.kind.value, "vm_path": job.vm_path, "state": job.state.value,
+                 "policy": job.policy, "node": job.node,
+                 "progress": None if job.progress is None else job.progress.to_json()}
+                for job in sorted(running, key=lambda job: job.created)
+            ],
+            "at_risk": await self.scheduler.at_risk(policies, now),
+            "repository": (await self.repository_usage()).to_json(),
+            "ports": (await self._ports.status()).to_json(),
+            "nodes": [node.to_json() for node in await self.nodes.records()],
+            "policies": await self.scheduler.views(),
+            "alerts": [alert.to_json() for alert in await self.alerts.list(AlertQuery(active=True))],
+        }  # fmt: skip
+
 
 def _start_failure(exc: BaseException) -> req.Failure:
     """Why a backup could not start: ``node_unavailable`` (no answer, or 5xx), ``node_refused`` (the
@@ -662,7 +746,6 @@ def _outcome(disks: tuple[DiskExport, ...]) -> Outcome:
         None if None in changed else sum(c for c in changed if c is not None),
         None if None in sent else sum(c for c in sent if c is not None),
     )
-
 
 
 def _check_completion(job: Job, report: req.Completion) -> None:

@@ -82,10 +82,15 @@ class Api:
         while time.monotonic() < deadline:
             status, job = self.get(f"/backups/{job_id}")
             assert status == 200, job
-            if job["state"] in ("completed", "failed", "cancelled"):
+            if job["state"] in ("failed", "cancelled") or (job["state"] == "completed" and retained(job)):
                 return job
             time.sleep(0.1)
         raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def retained(job: dict[str, Any]) -> bool:
+    """A completed job's retention (run after its completion's answer) has run: its last stage."""
+    return job.get("kind") != "backup" or any(stage["name"] == "retention" for stage in job.get("stages") or ())
 
 
 class HubProcess:

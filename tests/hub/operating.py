@@ -21,7 +21,7 @@ from aiohttp import web
 from sendense_nbd.hub.api import build_app
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.service import Hub, HubConfig
-from tests.hub.conftest import free_port_range
+from tests.hub.conftest import free_port_range, retained
 
 #: 2026-03-02T08:00:00Z, a Monday.
 START = 1_772_438_400.0
@@ -62,9 +62,7 @@ async def local_hub(repo: Path, *, clock: ManualClock, **config: Any) -> AsyncIt
         await hub.wait_closed()
 
 
-async def pump(
-    hub: LocalHub, until: Callable[[], Awaitable[bool]], *, step: float = 1.0, limit: float = 180.0
-) -> None:
+async def pump(hub: LocalHub, until: Callable[[], Awaitable[bool]], *, step: float = 1.0, limit: float = 180.0) -> None:
     """Move the hub's clock ``step`` seconds at a time (so the scheduler ticks) until ``until()`` holds;
     real jobs run in real time meanwhile. Fails after ``limit`` real seconds."""
     deadline = time.monotonic() + limit
@@ -75,6 +73,9 @@ async def pump(
 
 
 async def jobs_ended(hub: LocalHub, count: int) -> bool:
-    """At least ``count`` backup jobs exist and none is pending or running."""
+    """At least ``count`` backup jobs exist, none is pending or running, and each completed one's retention
+    (which runs after its completion's answer) has run."""
     jobs = (await hub.ok("GET", "/backups"))["backups"]
-    return len(jobs) >= count and all(job["state"] not in ("pending", "running") for job in jobs)
+    return len(jobs) >= count and all(
+        job["state"] in ("failed", "cancelled") or (job["state"] == "completed" and retained(job)) for job in jobs
+    )

@@ -224,6 +224,7 @@ async def test_a_policy_job_applies_its_policy_rules_and_other_jobs_keep_the_las
                 request = BackupRequest(vm, Mode.AUTO, (DiskSpec(DISK, MIB),), policy=name)
                 job = await hub.create_backup(request)
                 await hub.complete(job.id, Completion(vm, (ReportedDisk(DISK, f"change-{round_}", None),)))
+        await hub.settled()  # retention runs after the completion's answer
         kept = await hub.points(VM)
         assert [p.change_id for p in kept] == ["change-3", "change-4"]
         assert [p.kind for p in kept] == [SyncType.FULL, SyncType.INCREMENTAL]
@@ -231,6 +232,7 @@ async def test_a_policy_job_applies_its_policy_rules_and_other_jobs_keep_the_las
         await _store(hub, lambda store: store.delete("two"))  # a job whose policy is gone: --keep applies
         job = await hub.create_backup(BackupRequest(VM, Mode.AUTO, (DiskSpec(DISK, MIB),), policy="two"))
         await hub.complete(job.id, Completion(VM, (ReportedDisk(DISK, "change-5", None),)))
+        await hub.settled()
         assert [p.change_id for p in await hub.points(VM)] == ["change-3", "change-4", "change-5"]
     finally:
         await hub.wait_closed()

@@ -51,7 +51,7 @@ def _backup(api: Api, vm_path: str, writes: list[tuple[int, bytes]], mode: str =
     body = {"status": "completed", "disks": [{"disk_key": KEY, "change_id": f"52 {job['job_id']}/1"}]}
     status, done = api.post(f"/backups/{job['job_id']}/complete", body)
     assert status == 200 and done["state"] == "completed", done
-    return done
+    return api.wait_job(done["job_id"])  # and its retention, which runs after the answer
 
 
 def _points(api: Api, vm_path: str, *, digests: bool = True, timeout: float = 60) -> list[dict[str, Any]]:
