@@ -187,3 +187,32 @@ async def test_a_verify_schedule_verifies_the_policys_points(vcsim: dict[str, An
             assert [r["purpose"] for r in runs] == ["verify", "backup"] and runs[0]["note"] == "3 completed"
     finally:
         node.stop()
+
+
+async def test_a_run_goes_on_after_a_hub_restart(vcsim: dict[str, Any], tmp_path: Path) -> None:
+    node = NodeProcess(write_config(tmp_path, vcsim))
+    try:
+        async with local_hub(tmp_path / "repo", clock=ManualClock(START), node_url=node.url) as hub:
+            await hub.ok("POST", "/policies", _policy(per_policy=1))
+            await hub.clock.advance(HOUR)
+
+            async def one_started() -> bool:
+                return len((await hub.ok("GET", "/backups"))["backups"]) == 1
+
+            await pump(hub, one_started)
+        # The hub stopped with one VM's job running and two queued; the restarted hub fails the first
+        # (restarted) and goes on with the run.
+        async with local_hub(tmp_path / "repo", clock=ManualClock(START + HOUR + 60), node_url=node.url) as hub:
+            await pump(hub, lambda: jobs_ended(hub, 3))
+            await pump(hub, lambda: _runs_done(hub, 1))
+            jobs = (await hub.ok("GET", "/backups"))["backups"]
+            assert [(job["state"], (job["error"] or {}).get("code")) for job in jobs] == [
+                ("failed", "restarted"),
+                ("completed", None),
+                ("completed", None),
+            ]
+            (run,) = (await hub.ok("GET", "/policies/hourly"))["runs"]
+            assert [item["state"] for item in run["items"]] == ["done"] * 3
+            assert run["note"] == "2 completed, 1 failed", run
+    finally:
+        node.stop()
