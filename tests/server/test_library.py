@@ -205,8 +205,8 @@ def test_examples_run(example: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = {
-        "main_job.py": "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental: verified: OK",
-        "pipeline.py": "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental: verified: OK",
+        "main_job.py": "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental, by API and by policy: verified: OK",
+        "pipeline.py": "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental, by API and by policy: verified: OK",
         "memory_server.py": "the device holds b'sendense'",
         "sans_io_handshake.py": "transmission starts",
         "vmware_backup.py": "VMware backup, full then incremental: verified: OK",
