@@ -196,6 +196,11 @@ def test_bad_configurations_are_refused() -> None:
         NBDServer([Export("x", memory_device(1))], shared=0)
 
 
+PIPELINE_DONE = (
+    "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental, by API and by policy: verified: OK"
+)
+
+
 @pytest.mark.peer  # the backup examples run qemu-img and nbdkit
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
 def test_examples_run(example: str) -> None:
@@ -205,8 +210,8 @@ def test_examples_run(example: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = {
-        "main_job.py": "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental, by API and by policy: verified: OK",
-        "pipeline.py": "Pipeline (hub, node, SSH tunnel, simulated VM), full then incremental, by API and by policy: verified: OK",
+        "main_job.py": PIPELINE_DONE,
+        "pipeline.py": PIPELINE_DONE,
         "memory_server.py": "the device holds b'sendense'",
         "sans_io_handshake.py": "transmission starts",
         "vmware_backup.py": "VMware backup, full then incremental: verified: OK",
