@@ -275,35 +275,63 @@ def _patterns(value: object, name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(patterns))
 
 
-#: One compiled component: ``**`` stays the string, others become a regular expression.
-_Component = re.Pattern[str] | str
+#: One token of a component's glob: ``*``, ``?``, a literal character, or a character class (``[...]``).
+_Token = str | re.Pattern[str]
+#: One compiled component: ``**`` stays the string, others become their tokens.
+_Component = tuple[_Token, ...] | str
 
 
 def _compile(pattern: str) -> tuple[_Component, ...]:
     return tuple("**" if part == "**" else _component(part) for part in pattern[1:].split("/"))
 
 
-def _component(part: str) -> re.Pattern[str]:
-    """One path component's glob as an anchored regular expression; ValueError on an open ``[``."""
-    out, i = [], 0
+def _component(part: str) -> tuple[_Token, ...]:
+    """One path component's glob as tokens; ValueError on an open or invalid ``[...]``."""
+    out: list[_Token] = []
+    i = 0
     while i < len(part):
         char = part[i]
-        if char == "*":
-            out.append(".*")
-        elif char == "?":
-            out.append(".")
-        elif char == "[":
+        if char == "[":
             start = i + 2 if part[i + 1 : i + 2] in ("!", "^") else i + 1
             end = part.find("]", start + 1 if part[start : start + 1] == "]" else start)  # "[]a]": ] is literal
             if end < 0:
                 raise ValueError(f"the '[' at {i} in {part!r} is not closed")
             body = "".join(c if c.isalnum() or c == "-" else "\\" + c for c in part[start:end])
-            out.append(f"[{'^' if start > i + 1 else ''}{body}]")
+            try:
+                out.append(re.compile(f"[{'^' if start > i + 1 else ''}{body}]", re.DOTALL))
+            except re.error as exc:
+                raise ValueError(f"the class {part[i : end + 1]!r} in {part!r} is invalid: {exc}") from None
             i = end
         else:
-            out.append(re.escape(char))
+            out.append(char)
         i += 1
-    return re.compile("".join(out), re.DOTALL)
+    return tuple(out)
+
+
+def _one(token: _Token, char: str) -> bool:
+    if isinstance(token, str):
+        return token == "?" or token == char
+    return token.fullmatch(char) is not None
+
+
+def _glob(tokens: tuple[_Token, ...], text: str) -> bool:
+    """Whether one component's glob matches ``text``, in at most len(tokens) x len(text) steps: on a
+    mismatch only the last ``*`` is retried one character further (no exponential backtracking)."""
+    t = s = 0
+    star, mark = -1, 0
+    while s < len(text):
+        if t < len(tokens) and tokens[t] == "*":
+            star, mark = t, s
+            t += 1
+        elif t < len(tokens) and _one(tokens[t], text[s]):
+            t += 1
+            s += 1
+        elif star >= 0:
+            t, mark = star + 1, mark + 1
+            s = mark
+        else:
+            return False
+    return all(token == "*" for token in tokens[t:])
 
 
 def _covers(pattern: tuple[_Component, ...], vm_path: str) -> bool:
@@ -323,6 +351,6 @@ def _covers(pattern: tuple[_Component, ...], vm_path: str) -> bool:
             stack.append((i + 1, j))
             if j < len(parts):
                 stack.append((i, j + 1))
-        elif j < len(parts) and part.fullmatch(parts[j]):
+        elif j < len(parts) and _glob(part, parts[j]):
             stack.append((i + 1, j + 1))
     return False

@@ -224,3 +224,19 @@ def test_the_policy_layer_is_pure() -> None:
         assert not imported & forbidden, f"{path.name} imports {sorted(imported & forbidden)}"
         calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
         assert not calls & {"datetime.now", "dt.datetime.now", "date.today", "dt.date.today"}, path.name
+
+
+def test_globs_that_backtrack_in_a_regex_engine_match_in_linear_steps() -> None:
+    import time
+
+    hostile = Selection.from_json({"include": ["/" + "*a" * 12 + "*b", "/**/" + "*a" * 12 + "*b"]})
+    vms = ["/" + "a" * 40, "/DC/vm/" + "a" * 1000, "/" + "a" * 40 + "b"]
+    started = time.monotonic()
+    assert hostile.select(vms) == ["/" + "a" * 40 + "b"]
+    assert time.monotonic() - started < 5  # a backtracking matcher takes minutes here
+
+
+@pytest.mark.parametrize("pattern", ["/DC/[z-a]", "/DC/vm/[b-a]x"])
+def test_an_invalid_class_is_refused_with_the_field_named(pattern: str) -> None:
+    with pytest.raises(BadRequest, match=r"include\[0\].*invalid"):
+        Selection.from_json({"include": [pattern]})
