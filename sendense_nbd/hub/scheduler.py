@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from sendense_nbd.backup.records import FullReason, Mode, SyncType
+from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.hub.alerts import AlertKind, Alerts
 from sendense_nbd.hub.clock import Clock
@@ -76,6 +76,9 @@ class Operations(Protocol):
     async def busy(self, vm_path: str) -> bool:
         """Whether the VM has a backup job pending or running."""
 
+    async def incrementals(self, vm_path: str) -> int:
+        """How many incremental backups of the VM completed since its last full one."""
+
     async def node_jobs(self, node: str | None) -> int:
         """How many backup jobs are pending or running on a node (None: the default node)."""
 
@@ -94,22 +97,6 @@ def interval(schedule: Schedule, now: float, *, anchor: float) -> float:
     for _ in range(8):
         slots.append(next_slot(schedule, slots[-1], anchor=anchor))
     return max(b - a for a, b in zip(slots, slots[1:], strict=False))
-
-
-def chain_length(points: Sequence[Point]) -> int:
-    """The longest run of incremental points at the top of any disk's chain."""
-    longest = 0
-    by_disk: dict[int, list[Point]] = {}
-    for point in points:
-        by_disk.setdefault(point.disk_key, []).append(point)
-    for chain in by_disk.values():
-        count = 0
-        for point in reversed(chain):
-            if point.kind is not SyncType.INCREMENTAL:
-                break
-            count += 1
-        longest = max(longest, count)
-    return longest
 
 
 class Scheduler:
@@ -303,7 +290,7 @@ class Scheduler:
             else:
                 mode, reason = policy.mode, None
                 if policy.full_every is not None and policy.mode is not Mode.FULL:
-                    if chain_length(await self.hub.points(item.vm_path)) >= policy.full_every:
+                    if await self.hub.incrementals(item.vm_path) >= policy.full_every:
                         mode, reason = Mode.FULL, FullReason.CHAIN_CAP
                 job = await self.hub.start_policy_backup(policy, item.vm_path, mode, reason)
         except SendenseError as exc:

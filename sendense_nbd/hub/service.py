@@ -650,6 +650,16 @@ class Hub:
             return True
         return False
 
+    async def incrementals(self, vm_path: str) -> int:
+        """How many incremental backups of the VM completed since its last full one (by its jobs: retention
+        merges relabel points, so their kinds do not tell the chain's history)."""
+        count = 0
+        for job in reversed(await self._jobs.list(vm_path=vm_path, kind=JobKind.BACKUP, state=JobState.COMPLETED)):
+            if job.full_reason is not None:
+                break
+            count += 1
+        return count
+
     async def node_jobs(self, node: str | None) -> int:
         """How many backup jobs are pending or running on a node (None: the default node)."""
         name = node or DEFAULT

@@ -81,6 +81,9 @@ class JobSide:
     async def points(self, vm_path: str) -> list[Any]:
         return []
 
+    async def incrementals(self, vm_path: str) -> int:
+        return 0
+
     async def busy(self, vm_path: str) -> bool:
         return any(job.vm_path == vm_path for job in self.running())
 
