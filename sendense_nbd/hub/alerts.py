@@ -25,6 +25,7 @@ import contextlib
 import enum
 import json
 import logging
+import re
 import shutil
 import smtplib
 import sqlite3
@@ -50,6 +51,8 @@ MAX_QUEUED = 100
 MAX_STORED = 10_000
 #: Most alerts one ``GET /alerts`` lists.
 MAX_LIST = 10_000
+#: ``limit`` as given: 1-5 ASCII digits (leading zeros allowed).
+_LIMIT = re.compile(r"[0-9]{1,5}")
 #: After a restart, undelivered alerts this recent (seconds) are delivered again.
 REDELIVER_WITHIN = 86400.0
 #: Seconds between two checks of the repository's free space.
@@ -155,7 +158,8 @@ class AlertQuery:
         if active not in ("0", "1", "false", "true"):
             raise BadRequest("active is 1 or 0")
         limit = query.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit[:6]) <= MAX_LIST:
+        # ASCII digits only: str.isdigit() takes "²", which int() refuses, and int() takes other scripts' digits
+        if not _LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_LIST:
             raise BadRequest(f"limit must be an integer from 1 to {MAX_LIST}")
         kind = None if query.get("kind") is None else fields.choice(query["kind"], "kind", AlertKind)
         return cls(active=active in ("1", "true"), kind=kind, limit=int(limit))

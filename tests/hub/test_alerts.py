@@ -360,6 +360,11 @@ def test_the_alerts_query_is_checked() -> None:
         ({"limit": "10001"}, "limit must be"),
         ({"limit": "9" * 400}, "limit must be"),
         ({"limit": "-1"}, "limit must be"),
+        ({"limit": "\u00b2"}, "limit must be"),  # "²".isdigit() holds, int() refuses it
+        ({"limit": "\u0661\u0662"}, "limit must be"),  # Arabic-Indic 12: int() takes it
+        ({"limit": "+5"}, "limit must be"),
+        ({"limit": " 5"}, "limit must be"),
+        ({"limit": ""}, "limit must be"),
         ({"since": "1"}, "unknown query parameter 'since'"),
     ):
         with pytest.raises(BadRequest, match=words):
@@ -391,6 +396,9 @@ def test_the_hub_command_mails_alerts_and_lists_them(
     assert api.get("/alerts?active=1")[1] == {"alerts": []}
     status, refused = api.get("/alerts?active=maybe")
     assert status == 400 and refused["error"]["code"] == "bad_request", refused
+    status, refused = api.get("/alerts?limit=%C2%B2")  # "²": a clear 400, not a 500
+    assert status == 400 and "limit must be an integer" in refused["error"]["message"], refused
+    assert api.get("/alerts?limit=00001")[1]["alerts"] == [listed]
 
 
 @pytest.mark.parametrize(
