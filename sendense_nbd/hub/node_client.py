@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -12,8 +13,12 @@ from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest, NodeError, NodeNotFound, NodeUnavailable
 from sendense_nbd.hub.requests import DiskSpec, parse_disks
 
+log = logging.getLogger(__name__)
+
 #: Most VMs the hub takes from a node's listing (the node lists at most 100000).
 MAX_LISTED_VMS = 100_000
+#: Malformed entries of one VM listing logged one by one (the rest only counted).
+MAX_LOGGED_SKIPS = 5
 #: Largest node answer read (a listing of 100000 VMs with long paths fits).
 MAX_ANSWER = 64 << 20
 
@@ -66,7 +71,7 @@ class NodeClient:
         url = self.base + path
         try:
             async with self._session.request(method, url, json=body) as response:
-                raw = await response.content.read(MAX_ANSWER + 1)
+                raw = await _read_body(response.content)
                 if len(raw) > MAX_ANSWER:
                     raise NodeError(f"{method} {url}: the answer is larger than {MAX_ANSWER} bytes")
                 text = raw.decode("utf-8", "replace")
@@ -97,17 +102,31 @@ class NodeClient:
             raise NodeError(f"the node's disk list for {vm_path} is malformed: {exc}") from exc
 
     async def vms(self) -> list[str]:
-        """The inventory paths of the node's VMs, checked (:class:`NodeError` if the list is malformed)."""
+        """The inventory paths of the node's VMs, checked: an entry without a valid path is skipped (and
+        logged, the first :data:`MAX_LOGGED_SKIPS`), so one odd VM hides no other; :class:`NodeError` if
+        the answer is no list of at most :data:`MAX_LISTED_VMS` VMs."""
         answer = await self._call("GET", "/vms")
         listed = answer.get("vms") if isinstance(answer, dict) else None
         if not isinstance(listed, list) or len(listed) > MAX_LISTED_VMS:
             raise NodeError(f"the node's VM list is malformed (a list of at most {MAX_LISTED_VMS} VMs expected)")
-        try:
-            return [
-                fields.vm_path(item.get("path") if isinstance(item, dict) else item, "a VM path") for item in listed
-            ]
-        except BadRequest as exc:  # the node's answer is at fault, not the hub's caller
-            raise NodeError(f"the node's VM list is malformed: {exc}") from exc
+        paths, skipped = [], 0
+        for item in listed:
+            try:
+                paths.append(fields.vm_path(item.get("path") if isinstance(item, dict) else item, "a VM path"))
+            except BadRequest as exc:  # the node's entry is at fault: skip it, keep the others
+                skipped += 1
+                if skipped <= MAX_LOGGED_SKIPS:
+                    log.warning("%s/vms: skipped entry %s: %s", self.base, str(item)[:200], exc)
+        if skipped > MAX_LOGGED_SKIPS:
+            log.warning("%s/vms: skipped %d malformed entries in all", self.base, skipped)
+        return paths
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """``GET /backups/{job}``: the node's record of a job; :class:`NodeNotFound` if it does not know it."""
+        answer = await self._call("GET", f"/backups/{quote(job_id, safe='')}")
+        if not isinstance(answer, dict):
+            raise NodeError(f"the node's answer for job {job_id} is malformed: {str(answer)[:200]}")
+        return answer
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``: the node's version and load."""
@@ -136,3 +155,17 @@ class NodeClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _read_body(content: Any) -> bytes:
+    """The whole answer, or its first ``MAX_ANSWER + 1`` bytes (one ``read(n)`` returns only what has
+    arrived, so a long listing is read in a loop)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= MAX_ANSWER:
+        chunk = await content.read(MAX_ANSWER + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)

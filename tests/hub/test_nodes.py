@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -29,6 +30,7 @@ from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeUnavailable, UnknownNode
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import JobState
+from sendense_nbd.hub.node_client import MAX_LOGGED_SKIPS
 from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_edit, parse_node
 from sendense_nbd.hub.requests import BackupRequest, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
@@ -349,9 +351,12 @@ class FailingNode:
         return app
 
 
-async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(tmp_path: Path) -> None:
+async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """5xx or no answer: node_unavailable; a 4xx refusal of the start: node_refused. Either way the job is
-    listed as failed, and its ports and points are gone."""
+    listed as failed, and its ports and points are gone. A VM listing that is no list is refused; its
+    malformed entries are skipped (logged, boundedly), the good ones kept."""
     scripted = FailingNode()
     runner = web.AppRunner(scripted.app())
     await runner.setup()
@@ -376,12 +381,19 @@ async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(tmp_pat
             record = await hub.nodes.get(None)
             assert record.up is False and f"HTTP {status}" in (record.last_error or "")
         assert len(await hub.backups(vm)) == 3
-        for junk in ({"vms": [{"path": "DC0/vm/x"}]}, {"vms": [{"name": "x"}]}, {"vms": {}}, [], {"vms": ["/a//b"]}):
+        for junk in ({"vms": {}}, [], {"vms": None}, {"vms": ["/DC0/vm/x"] * 100_001}):
             scripted.vms = junk
             with pytest.raises(NodeError, match="the node's VM list is malformed"):
                 await hub.nodes.list_vms(None)
-        scripted.vms = {"vms": [{"path": "/DC0/vm/x", "name": "x", "uuid": None}, "/DC0/vm/y"]}
-        assert await hub.nodes.list_vms(None) == ["/DC0/vm/x", "/DC0/vm/y"]
+        many = [{"path": f"/DC0/vm/f{i // 100}/vm-{i:05}", "name": f"vm-{i:05}", "uuid": None} for i in range(5000)]
+        scripted.vms = {"vms": many}  # about 400 KB: more than one read of the answer
+        assert await hub.nodes.list_vms(None) == [vm["path"] for vm in many]
+        bad = [{"path": "DC0/vm/x"}, {"name": "x"}, "/a//b", 7, None, {"path": "/DC0/vm/\x00"}] * 10
+        scripted.vms = {"vms": [{"path": "/DC0/vm/x", "name": "x", "uuid": None}, *bad, "/DC0/vm/y"]}
+        with caplog.at_level(logging.WARNING, logger="sendense_nbd.hub.node_client"):
+            assert await hub.nodes.list_vms(None) == ["/DC0/vm/x", "/DC0/vm/y"]  # the bad entries skipped
+        skips = [r.getMessage() for r in caplog.records if r.name == "sendense_nbd.hub.node_client"]
+        assert len(skips) == MAX_LOGGED_SKIPS + 1 and "skipped 60 malformed entries" in skips[-1], skips
         assert (await hub.port_status()).pool.used == ()
         assert list((tmp_path / "repo" / "vms").rglob("*.qcow2")) == []
     finally:
