@@ -19,7 +19,7 @@ Each point may have a digest sidecar ``<point-id>.digests`` next to its image
 and a verify state (:class:`VerifyState`). A merge keeps the surviving point's
 sidecar (its view is unchanged) and removes the dropped point's. Work that
 reads or rewrites a disk's chain (digests, verify, a merge) holds that disk's
-:meth:`Repository.disk_lock`. A damaged newest point is never a base
+:meth:`Repository.disk_lock`. A point whose chain holds a damaged point is never a base
 (:meth:`Repository.base_for`).
 """
 
@@ -34,6 +34,7 @@ import re
 import sqlite3
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import attrs
@@ -192,7 +193,11 @@ class Repository:
         latest = await self.latest(vm_path, disk_key)
         if latest is None:
             return None, FullReason.FIRST_BACKUP
-        if latest.verify_state is VerifyState.DAMAGED:
+        try:
+            chain = await self.chain(latest)
+        except RepositoryError:  # a point below is gone (or mid-merge)
+            return None, FullReason.BASE_MISSING
+        if any(p.verify_state is VerifyState.DAMAGED for p in chain):
             return None, FullReason.VERIFY_FAILED
         if not latest.change_id:
             return None, FullReason.BASE_MISSING
@@ -294,22 +299,32 @@ class Repository:
         return pending
 
     async def apply_retention(
-        self, vm_path: str, disk_key: int, rules: Retention, *, timezone: str = "UTC"
+        self,
+        vm_path: str,
+        disk_key: int,
+        rules: Sequence[tuple[Retention, str]],
+        *,
+        protected: Callable[[], Awaitable[Collection[str]]] | None = None,
     ) -> list[str]:
-        """Drop the completed points of a disk that ``rules`` do not keep, oldest first; their ids.
+        """Drop the completed points of a disk that no set of ``rules`` keeps, oldest first; their ids.
 
-        :func:`sendense_nbd.policy.retention.select` decides over the points'
-        completion times (periods local to ``timezone``); the newest point is
-        never dropped. A dropped point takes in the point above it (see
+        ``rules`` are ``(Retention, timezone)`` pairs (every policy covering
+        the VM); :func:`sendense_nbd.policy.retention.select` decides for each
+        over the points' completion times, and a point any of them keeps
+        stays (no rules: everything stays). ``protected()`` (read under the
+        disk's lock) names points in use (a restore serves or converts them):
+        they and the points below them stay. The newest point is never
+        dropped. A dropped point takes in the point above it (see
         :meth:`_merge`), which keeps its ID, change ID and view. Each dropped
-        point is marked ``merging`` first; :meth:`recover` finishes a merge a
-        crash interrupted.
+        point is marked ``merging`` first; merges a crash or an error left
+        are finished first (as :meth:`recover` does).
         """
         dropped: list[str] = []
         async with self.disk_lock(vm_path, disk_key):  # never while its digests or a verify read the chain
+            await self._finish_merges(vm_path, disk_key)
             chain = await self.points(vm_path, disk_key)
-            decision = select([Candidate(p.id, p.completed or p.created) for p in chain], rules, timezone=timezone)
-            for point_id in decision.remove:
+            keep = _kept(chain, rules, set(await protected()) if protected is not None else set())
+            for point_id in [p.id for p in chain if p.id not in keep]:
                 chain = await self.points(vm_path, disk_key)  # each merge changes a backing
                 point = next((p for p in chain[:-1] if p.id == point_id), None)
                 top = next((p for p in chain if point is not None and p.backing == point.id), None)
@@ -360,6 +375,10 @@ class Repository:
     async def recover(self) -> tuple[list[str], list[str]]:
         """After a crash: discard pending points, finish interrupted merges; (discarded, merged) ids."""
         discarded = await self.discard_pending()
+        return discarded, await self._finish_merges()
+
+    async def _finish_merges(self, vm_path: str | None = None, disk_key: int | None = None) -> list[str]:
+        """Finish the merges a crash or a failure left (of one disk, when given); the merged points' ids."""
 
         def read(connection: sqlite3.Connection) -> list[Point]:
             merging = connection.execute("SELECT * FROM points WHERE status = ?", (PointStatus.MERGING.value,))
@@ -367,13 +386,18 @@ class Repository:
 
         merged = []
         for base in await self.db.run(read):
+            if vm_path is not None and (base.vm_path, base.disk_key) != (vm_path, disk_key):
+                continue
             chain = await self.points(base.vm_path, base.disk_key)
             top = next((p for p in chain if p.backing == base.id), None)
             if top is None:
                 raise RepositoryError(f"point {base.id} was being merged, but no point above it is left")
             await self._merge(base, top)
             merged.append(base.id)
-        return discarded, merged
+            log.info(
+                "retention: %s disk %s: the interrupted merge of %s finished", base.vm_path, base.disk_key, base.id
+            )
+        return merged
 
     async def set_digests(self, point_id: str, name: str | None) -> None:
         """Record the file name of a point's digest sidecar (None: it has none)."""
@@ -433,6 +457,24 @@ class Repository:
 
         known = await self.db.run(read)
         return await asyncio.to_thread(_sweep, os.path.join(self.root, "vms"), known)
+
+
+def _kept(chain: list[Point], rules: Sequence[tuple[Retention, str]], protected: set[str]) -> set[str]:
+    """The ids of a disk's points (oldest first) that stay: kept by any rules, protected, or below a
+    protected point (its view reads them), and the newest."""
+    if not rules:
+        return {p.id for p in chain}
+    candidates = [Candidate(p.id, p.completed or p.created) for p in chain]
+    keep = {p.id for p in chain[-1:]}
+    for retention, timezone in rules:
+        keep.update(select(candidates, retention, timezone=timezone).keep)
+    by_id = {p.id: p for p in chain}
+    for point_id in protected & set(by_id):
+        below: str | None = point_id
+        while below is not None and below in by_id:
+            keep.add(below)
+            below = by_id[below].backing
+    return keep
 
 
 def _tail(path: str) -> tuple[str, ...]:

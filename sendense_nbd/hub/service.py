@@ -52,7 +52,6 @@ from sendense_nbd.errors import (
     RepositoryError,
     SendenseError,
     UnknownJob,
-    UnknownPolicy,
 )
 from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
@@ -478,27 +477,29 @@ class Hub:
             await asyncio.gather(*self._after, return_exceptions=True)
 
     async def _retain(self, job: Job) -> None:
-        """Apply the job's retention rules to each of its disks; recorded as the job's ``retention`` stage."""
+        """Apply the VM's retention rules to each of the job's disks; recorded as the job's ``retention`` stage."""
         started = self.clock.now()
-        rules, timezone = await self._retention_of(job)
+        rules = await self._retention_of(job.vm_path)
         for disk in job.disks:
             try:
-                await self._repository.apply_retention(job.vm_path, disk.disk_key, rules, timezone=timezone)
+                await self._repository.apply_retention(job.vm_path, disk.disk_key, rules, protected=self._restoring)
             except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
         await self._jobs.add_stage(job.id, "retention", started)
 
-    async def _retention_of(self, job: Job) -> tuple[Retention, str]:
-        """A policy's job: its policy's GFS rules, periods in its schedule's time zone; any other job
-        (or one whose policy is gone): ``--keep N`` as ``keep_last``."""
-        if job.policy is not None:
-            try:
-                policy = (await self.scheduler.store.get(job.policy)).policy
-            except UnknownPolicy:
-                log.warning("retention of %s: its policy %s is gone, so --keep applies", job.id, job.policy)
-            else:
-                return policy.retention, policy.schedule.timezone
-        return Retention(keep_last=self.config.keep_points), "UTC"
+    async def _retention_of(self, vm_path: str) -> list[tuple[Retention, str]]:
+        """The rules of a VM's points: those of every policy whose selection covers it (enabled or not),
+        each with its schedule's time zone; a VM no policy covers: ``--keep N`` as ``keep_last``."""
+        covering = [s.policy for s in await self.scheduler.store.all() if s.policy.vms.select([vm_path])]
+        if covering:
+            return [(policy.retention, policy.schedule.timezone) for policy in covering]
+        return [(Retention(keep_last=self.config.keep_points), "UTC")]
+
+    async def _restoring(self) -> set[str]:
+        """The points a restore job that has not ended serves or converts (retention keeps them)."""
+        active = await self._jobs.list(kind=JobKind.RESTORE, state=JobState.RUNNING)
+        active += await self._jobs.list(kind=JobKind.RESTORE, state=JobState.PENDING)
+        return {job.detail.point_id for job in active if isinstance(job.detail, (ExportDetail, ConvertDetail))}
 
     async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
         job = await self._jobs.get(job_id)
@@ -561,10 +562,17 @@ class Hub:
     async def restore(self, request: req.RestoreRequest) -> Job:
         """Serve a completed point over NBD (read-only), or convert it to a new file in the restore directory."""
         point = await self._repository.point(request.point_id)
-        if point.status is not PointStatus.COMPLETED:
-            raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
-        if request.action is req.RestoreAction.EXPORT:
-            return await self._export_point(point)
+        # Under the disk's lock (so no retention merge rewrites its files meanwhile): the export's start
+        # (the running job then protects the point) or the whole convert.
+        async with self._repository.disk_lock(point.vm_path, point.disk_key):
+            point = await self._repository.point(request.point_id)
+            if point.status is not PointStatus.COMPLETED:
+                raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
+            if request.action is req.RestoreAction.EXPORT:
+                return await self._export_point(point)
+            return await self._convert_point(point, request)
+
+    async def _convert_point(self, point: Point, request: req.RestoreRequest) -> Job:
         assert request.name is not None
         path = os.path.join(self.restore_dir, request.name)
         if await asyncio.to_thread(os.path.lexists, path):

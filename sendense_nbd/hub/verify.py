@@ -38,7 +38,7 @@ import attrs
 from sendense_nbd import fields
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile, chunk_count, chunk_digests
 from sendense_nbd.copy.endpoints import open_source
-from sendense_nbd.errors import BadRequest, JobStateError, RepositoryError, SendenseError, UnknownPoint
+from sendense_nbd.errors import BadRequest, Conflict, JobStateError, RepositoryError, SendenseError, UnknownPoint
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.jobs import Job, JobKind, JobState, JobStore, PointVerdict, VerifyDetail, VerifyScope
 from sendense_nbd.hub.repository import Point, PointStatus, Repository, VerifyState
@@ -111,10 +111,11 @@ async def _base_digests(repository: Repository, point: Point) -> DigestFile | No
         base = await repository.point(point.backing)
         if base.digests is None:
             return None
-        return await asyncio.to_thread(DigestFile.read, base.digest_path, size=point.size)
+        found = await asyncio.to_thread(DigestFile.read, base.digest_path, size=point.size)
     except SendenseError as exc:
         log.warning("point %s: the base's digests are not usable (%s); reading every chunk", point.id, exc)
         return None
+    return found if found.chunk_size == CHUNK_SIZE else None  # another chunk size: read every chunk
 
 
 async def record_digests(repository: Repository, point_id: str, *, readers: asyncio.Semaphore) -> None:
@@ -124,7 +125,8 @@ async def record_digests(repository: Repository, point_id: str, *, readers: asyn
         point = await repository.point(point_id)
     except UnknownPoint:
         return
-    async with readers, repository.disk_lock(point.vm_path, point.disk_key):
+    # The disk's lock first: a task waiting its turn on a disk never holds one of the readers' slots.
+    async with repository.disk_lock(point.vm_path, point.disk_key), readers:
         try:
             point = await repository.point(point_id)  # a merge may have changed it meanwhile
         except UnknownPoint:
@@ -165,7 +167,7 @@ async def verify_point(
 ) -> PointVerdict | None:
     """Check one point's chain and digests (under its disk's lock); the verdict, recorded in the point.
     None when the point is gone (retention merged it away meanwhile)."""
-    async with readers, repository.disk_lock(point.vm_path, point.disk_key):
+    async with repository.disk_lock(point.vm_path, point.disk_key), readers:
         try:
             point = await repository.point(point.id)
         except UnknownPoint:
@@ -198,12 +200,12 @@ async def _compare(point: Point) -> tuple[int | None, str | None]:
     try:
         for start in range(0, len(recorded.digests), WINDOW):
             window = range(start, min(start + WINDOW, len(recorded.digests)))
-            found = await chunk_digests(source, chunks=window, requests=REQUESTS)
+            found = await chunk_digests(source, chunks=window, requests=REQUESTS, chunk_size=recorded.chunk_size)
             bad = next((i for i in window if found[i] != recorded.digests[i]), None)
             if bad is not None:
                 offset = bad * recorded.chunk_size
                 return offset, f"chunk at offset {offset} ({recorded.chunk_size} bytes) differs from its digest"
-    except (SendenseError, OSError) as exc:
+    except (SendenseError, OSError, ValueError) as exc:  # ValueError: a chunk size the image cannot be read in
         return getattr(exc, "offset", None), f"reading the chain failed: {exc}"
     finally:
         await source.close()
@@ -233,6 +235,7 @@ class Verifier:
         self.on_failed = on_failed
         self._tasks: set[asyncio.Task[None]] = set()
         self._readers = asyncio.Semaphore(READERS)
+        self._starting = asyncio.Lock()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -267,8 +270,15 @@ class Verifier:
             vm_path, scope = request.vm_path, VerifyScope.VM
             points = sorted(await self._repository.points(vm_path), key=lambda p: (p.created, p.disk_key))
         detail = VerifyDetail(request.point_id)
-        job = await self._jobs.create(JobKind.VERIFY, vm_path, scope, detail, lifetime=self._job_timeout)
-        job = await self._jobs.transition(job.id, JobState.RUNNING)
+        async with self._starting:  # the check and the create as one step
+            for state in (JobState.PENDING, JobState.RUNNING):
+                for other in await self._jobs.list(vm_path=vm_path, kind=JobKind.VERIFY, state=state):
+                    raise Conflict(
+                        f"verify job {other.id} of {vm_path} has not ended: wait for it, or cancel it",
+                        "verify_running",
+                    )
+            job = await self._jobs.create(JobKind.VERIFY, vm_path, scope, detail, lifetime=self._job_timeout)
+            job = await self._jobs.transition(job.id, JobState.RUNNING)
         self._spawn(self._run(job.id, detail, points), f"verify job {job.id}")
         return job
 
@@ -290,8 +300,8 @@ class Verifier:
             done = attrs.evolve(detail, points=tuple(verdicts))
             with contextlib.suppress(JobStateError):  # cancelled or timed out meanwhile
                 await self._jobs.transition(job_id, JobState.COMPLETED, detail=done)
-        except (SendenseError, OSError) as exc:
-            log.error("verify job %s failed: %s", job_id, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the job (else it stays running)
+            log.exception("verify job %s failed: %s", job_id, exc)
             failed = attrs.evolve(detail, points=tuple(verdicts))
             try:
                 job = await self._jobs.transition(

@@ -118,10 +118,10 @@ async def test_retention_drops_what_select_removes_and_keeps_every_view(
     points, content = await _chain(repository, tmp_path, times)
     decision = select([Candidate(p.id, t) for p, t in zip(points, times)], rules)
     assert sorted(decision.keep) == sorted(points[i].id for i in kept_indexes)  # the cases say what they test
-    dropped = await repository.apply_retention(VM, DISK, rules)
+    dropped = await repository.apply_retention(VM, DISK, [(rules, "UTC")])
     assert dropped == list(decision.remove)
     await _check_kept(repository, content, [points[i].id for i in kept_indexes])
-    assert await repository.apply_retention(VM, DISK, rules) == []  # nothing more to drop
+    assert await repository.apply_retention(VM, DISK, [(rules, "UTC")]) == []  # nothing more to drop
 
 
 async def test_periods_follow_the_time_zone(repository: Repository, tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ async def test_periods_follow_the_time_zone(repository: Repository, tmp_path: Pa
     # that day, UTC sees one day, Berlin two
     times = [MONDAY + h * 3600 for h in (8, 10.5, 11.5)]
     points, content = await _chain(repository, tmp_path, times)
-    assert await repository.apply_retention(VM, DISK, Retention(keep_daily=5), timezone="Europe/Berlin") == [
+    assert await repository.apply_retention(VM, DISK, [(Retention(keep_daily=5), "Europe/Berlin")]) == [
         points[1].id
     ]
     await _check_kept(repository, content, [points[0].id, points[2].id])
@@ -147,7 +147,7 @@ async def test_a_crash_between_marking_a_middle_point_and_merging_it_is_finished
 
     monkeypatch.setattr(repository, "_merge", crash)
     with pytest.raises(RuntimeError, match="died"):
-        await repository.apply_retention(VM, DISK, rules)
+        await repository.apply_retention(VM, DISK, [(rules, "UTC")])
     monkeypatch.undo()
     middle = points[1]
     assert (await repository.point(middle.id)).status is PointStatus.MERGING
@@ -155,7 +155,7 @@ async def test_a_crash_between_marking_a_middle_point_and_merging_it_is_finished
     restarted = Repository(repository.root, repository.db)
     assert await restarted.recover() == ([], [middle.id])
     await _check_kept(restarted, content, [points[0].id, points[2].id, points[3].id])
-    assert await restarted.apply_retention(VM, DISK, rules) == []
+    assert await restarted.apply_retention(VM, DISK, [(rules, "UTC")]) == []
 
 
 async def test_a_crash_after_the_rename_of_a_middle_point_is_finished_by_recover(
