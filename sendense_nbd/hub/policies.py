@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import sqlite3
 import uuid
 from typing import Any
 
 import attrs
 
-from sendense_nbd.errors import Conflict, UnknownPolicy
+from sendense_nbd.errors import BadRequest, Conflict, UnknownPolicy
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.policy.model import Policy
+
+log = logging.getLogger(__name__)
 
 #: How many runs a policy keeps in the store (older ones are pruned when a run is opened).
 RUN_HISTORY = 200
@@ -38,7 +41,6 @@ class RunState(enum.Enum):
 
     OPEN = "open"
     DONE = "done"
-    FAILED = "failed"
 
 
 class ItemState(enum.Enum):
@@ -186,10 +188,17 @@ class PolicyStore:
         return await self.db.run(lambda connection: _read_policy(connection, name))
 
     async def all(self) -> list[StoredPolicy]:
-        """Every policy, by name."""
+        """Every policy, by name; one whose stored spec no longer parses (a time zone gone from tzdata, say)
+        is left out and logged, so the others still run."""
 
         def read(connection: sqlite3.Connection) -> list[StoredPolicy]:
-            return [_policy(r) for r in rows(connection.execute("SELECT * FROM policies ORDER BY name"))]
+            found = []
+            for row in rows(connection.execute("SELECT * FROM policies ORDER BY name")):
+                try:
+                    found.append(_policy(row))
+                except BadRequest as exc:
+                    log.error("policy %s is left out: its stored spec no longer parses: %s", row["name"], exc)
+            return found
 
         return await self.db.run(read)
 

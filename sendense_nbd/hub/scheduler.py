@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import attrs
 
 from sendense_nbd.backup.records import FullReason, Mode
-from sendense_nbd.errors import SendenseError
-from sendense_nbd.hub.alerts import AlertKind, Alerts
+from sendense_nbd.errors import Conflict, SendenseError
+from sendense_nbd.hub.alerts import AlertKind, AlertQuery, Alerts
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.jobs import Job, JobState
 from sendense_nbd.hub.policies import (
@@ -130,9 +130,12 @@ class Scheduler:
         await self._dispatch_open(policies, now)  # first: a run whose jobs all ended closes before its next slot
         open_runs = await self.store.runs(state=RunState.OPEN, limit=10_000)
         for stored in policies.values():
-            await self._schedule(stored, Purpose.BACKUP, stored.policy.schedule, open_runs, now)
-            if stored.policy.verify is not None:
-                await self._schedule(stored, Purpose.VERIFY, stored.policy.verify, open_runs, now)
+            try:  # one policy's failure must not stop the others
+                await self._schedule(stored, Purpose.BACKUP, stored.policy.schedule, open_runs, now)
+                if stored.policy.verify is not None:
+                    await self._schedule(stored, Purpose.VERIFY, stored.policy.verify, open_runs, now)
+            except Exception as exc:  # noqa: BLE001 - logged; its next slot tries again
+                log.error("policy %s: scheduling failed: %r", stored.policy.name, exc, exc_info=exc)
         await self._dispatch_open(policies, now)
         if now - self._risk_checked >= RISK_CHECK:
             self._risk_checked = now
@@ -142,7 +145,10 @@ class Scheduler:
         for run in await self.store.runs(state=RunState.OPEN, limit=10_000):
             stored = policies.get(run.policy)
             if stored is not None:
-                await self._dispatch(run, stored.policy, now)
+                try:
+                    await self._dispatch(run, stored.policy, now)
+                except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again
+                    log.error("run %s of policy %s: dispatch failed: %r", run.id, run.policy, exc, exc_info=exc)
 
     # -- policies ----------------------------------------------------------------
 
@@ -156,7 +162,16 @@ class Scheduler:
         stored = await self.store.get(name)
         policy = stored.policy.edited(patch)
         await self.hub.check_node(policy.node)
-        return await self.view(await self.store.replace(policy, self.clock.now()))
+        now = self.clock.now()
+        for purpose, before, after in (
+            (Purpose.BACKUP, stored.policy.schedule, policy.schedule),
+            (Purpose.VERIFY, stored.policy.verify, policy.verify),
+        ):
+            if before != after:  # a new schedule starts now: its earlier slots were never missed
+                state = await self.store.state(name, purpose)
+                note = f"schedule changed at {iso(now)}"
+                await self.store.save_state(attrs.evolve(state, last_slot=now, next_run=None, note=note))
+        return await self.view(await self.store.replace(policy, now))
 
     async def view(self, stored: StoredPolicy, *, runs: int = 0) -> dict[str, object]:
         """A policy as the API shows it: its spec, its next run, its schedules' state, its last runs."""
@@ -182,6 +197,9 @@ class Scheduler:
         """Open a run of a policy's backup now, outside its schedule (its slots are unchanged)."""
         stored = await self.store.get(name)
         async with self._round:
+            running = await self.store.runs(policy=name, state=RunState.OPEN, limit=10_000)
+            if any(run.purpose is Purpose.BACKUP for run in running):
+                raise Conflict(f"policy {name} has a backup run open ({running[0].id}); wait for it to end", "run_open")
             now = self.clock.now()
             vm_paths, note = await self._resolve(stored.policy, Purpose.BACKUP)
             window_end = None if stored.policy.schedule.window is None else now + stored.policy.schedule.window
@@ -340,10 +358,10 @@ class Scheduler:
     async def check_risk(self, policies: Sequence[StoredPolicy], now: float) -> list[str]:
         """Fire AT_RISK for each VM :meth:`at_risk` finds, and clear it for the others."""
         risky = {str(vm["vm_path"]): vm for vm in await self.at_risk(policies, now)}
-        for stored in policies:
-            for vm_path in await self._known_vms(stored.policy):
-                if vm_path not in risky:
-                    await self.alerts.clear(AlertKind.AT_RISK, vm_path)
+        active = await self.alerts.list(AlertQuery(active=True, kind=AlertKind.AT_RISK, limit=10_000))
+        for alert in active:  # also those of VMs no policy covers any more
+            if alert.key is not None and alert.key not in risky:
+                await self.alerts.clear(AlertKind.AT_RISK, alert.key)
         for vm_path, vm in risky.items():
             good = vm["last_good"]
             last = "never" if not isinstance(good, float) else iso(good)

@@ -41,6 +41,9 @@ class FakeAlerts:
         self.active.discard(key)
         return True
 
+    async def list(self, query: Any) -> list[Any]:
+        return [SimpleNamespace(key=key) for key in sorted(self.active)]
+
 
 class JobSide:
     """The hub's job side in memory: jobs end after ``length`` ticks; checks the scheduler's promises."""
@@ -83,6 +86,9 @@ class JobSide:
 
     async def incrementals(self, vm_path: str) -> int:
         return 0
+
+    async def check_node(self, node: str | None) -> None:
+        return None
 
     async def busy(self, vm_path: str) -> bool:
         return any(job.vm_path == vm_path for job in self.running())
@@ -217,5 +223,45 @@ async def test_a_disabled_policy_runs_no_slot_and_no_catch_up_once_enabled(tmp_p
         await scheduler.tick()
         assert side.started == [] and await store.runs(policy="p") == []
         assert (await scheduler.view(await store.get("p")))["next_run"] == START + 6 * 3600
+    finally:
+        db.close()
+
+
+async def test_run_now_edits_bad_specs_and_stale_alerts(tmp_path: Path) -> None:
+    from sendense_nbd.errors import Conflict
+    from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts
+
+    db = Database(str(tmp_path / "hub.db"))
+    try:
+        clock = ManualClock(START)
+        store = PolicyStore(db)
+        side = JobSide(["/DC0/vm/vm0"], random.Random(3), per_node=2)
+        alerts = Alerts(db, AlertConfig(), clock=clock, hub="http://hub", space_path=str(tmp_path))
+        scheduler = Scheduler(side, store, clock, alerts)
+        body = {"name": "p", "vms": {"include": ["/DC0/vm"]}, "schedule": {"every": 3600}}
+        await scheduler.add(Policy.from_json(body))
+        run = await scheduler.run_now("p")
+        assert [item.state for item in run.items] == [ItemState.STARTED]
+        with pytest.raises(Conflict, match="open") as refused:  # not a second run beside the open one
+            await scheduler.run_now("p")
+        assert refused.value.code == "run_open"
+        # A new schedule starts at the edit: its earlier slots were not missed.
+        await clock.advance(10 * 3600)
+        view = await scheduler.edit("p", {"schedule": {"every": 7200}})
+        assert view["next_run"] == START + 10 * 3600 + 7200 and "schedule changed" in str(view["note"])
+        await scheduler.tick()
+        assert len(await store.runs(policy="p")) == 1
+        # A stored spec that no longer parses is left out; the other policies still run.
+        await scheduler.add(Policy.from_json({**body, "name": "q"}))
+        await db.run(lambda c: c.execute("UPDATE policies SET spec = ? WHERE name = 'p'", ('{"name": "p"}',)))
+        assert [stored.policy.name for stored in await store.all()] == ["q"]
+        before = {r.id for r in await store.runs(limit=100)}
+        await clock.advance(3600)
+        await scheduler.tick()
+        assert [r.policy for r in await store.runs(limit=100) if r.id not in before] == ["q"]
+        # An AT_RISK alert of a VM no policy knows any more is cleared.
+        await alerts.fire(AlertKind.AT_RISK, "/DC0/vm/gone", "at risk", key="/DC0/vm/gone")
+        await scheduler.check_risk(await store.all(), clock.now())
+        assert await alerts.list(AlertQuery(active=True, kind=AlertKind.AT_RISK)) == []
     finally:
         db.close()
