@@ -6,6 +6,7 @@ import datetime
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -127,7 +128,7 @@ def policy_add(name: str, hub: HubClient, **o: Any) -> None:
 @hub_options
 def policy_edit(name: str, hub: HubClient, **o: Any) -> None:
     """Change the fields given; the others stay (a --file is a JSON merge patch: null resets a field)."""
-    _echo(hub.call("PATCH", f"/policies/{name}", _patch(o)))
+    _echo(hub.call("PATCH", f"/policies/{quote(name, safe='')}", _patch(o)))
 
 
 @policy_group.command("list")
@@ -146,7 +147,7 @@ def policy_list(hub: HubClient) -> None:
 @hub_options
 def policy_show(name: str, hub: HubClient) -> None:
     """One policy with its schedules' state and its last runs (JSON)."""
-    _echo(hub.call("GET", f"/policies/{name}"))
+    _echo(hub.call("GET", f"/policies/{quote(name, safe='')}"))
 
 
 @policy_group.command("delete")
@@ -154,7 +155,7 @@ def policy_show(name: str, hub: HubClient) -> None:
 @hub_options
 def policy_delete(name: str, hub: HubClient) -> None:
     """Delete a policy (its jobs and points stay)."""
-    hub.call("DELETE", f"/policies/{name}")
+    hub.call("DELETE", f"/policies/{quote(name, safe='')}")
     click.echo(f"deleted policy {name}")
 
 
@@ -163,7 +164,7 @@ def policy_delete(name: str, hub: HubClient) -> None:
 @hub_options
 def policy_run_now(name: str, hub: HubClient) -> None:
     """Back the policy's VMs up now, outside its schedule."""
-    _echo(hub.call("POST", f"/policies/{name}/run"))
+    _echo(hub.call("POST", f"/policies/{quote(name, safe='')}/run"))
 
 
 @click.command("status")

@@ -90,3 +90,10 @@ def test_policy_names_are_unique_and_unknown_ones_are_404(hub_factory: Callable[
     status, answer = api.call("PATCH", "/policies/p", {"name": "q"})
     assert status == 400 and "name" in answer["error"]["message"]
     assert api.call("PATCH", "/policies/p", {"per_policy": 3})[1]["per_policy"] == 3
+
+
+def test_policy_names_are_quoted_in_the_url(hub_factory: Callable[..., HubProcess]) -> None:
+    hub = hub_factory(DEAD_NODE)
+    for name in ("a b", "../nodes/default", "x?y"):
+        done = cli(hub, "policy", "show", name, check=False)
+        assert done.returncode == 1 and "HTTP 404 not_found: no policy" in done.stderr, done.stderr
