@@ -628,14 +628,20 @@ class Hub:
     # -- policies (the scheduler's calls) and status ---------------------------------
 
     async def start_policy_backup(self, policy: Policy, vm_path: str, mode: Mode, reason: FullReason | None) -> Job:
-        """One VM's backup for a policy's run; a node that cannot start it gives the failed job back."""
+        """One VM's backup for a policy's run; a failure after this call recorded a job (a node that did not
+        answer) gives that failed job back, any other (a VM the node does not know, refused before a job
+        exists) is raised. Never an older job of the VM."""
         request = req.BackupRequest(vm_path, mode, None, node=policy.node, policy=policy.name, full_reason=reason)
+        before = {job.id for job in await self._jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)}
         try:
             return await self.create_backup(request)
-        except NodeError:
-            jobs = await self._jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)
-            if jobs and jobs[-1].policy == policy.name and jobs[-1].state is JobState.FAILED:
-                return jobs[-1]
+        except SendenseError:
+            made = [
+                job for job in await self._jobs.list(vm_path=vm_path, kind=JobKind.BACKUP)
+                if job.id not in before and job.policy == policy.name and job.state.terminal
+            ]  # fmt: skip
+            if made:
+                return made[-1]
             raise
 
     async def start_policy_verify(self, policy: Policy, vm_path: str) -> Job:

@@ -38,6 +38,7 @@ from tests.api_fuzz import JSON, TEXT
 from tests.conftest import require
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.hub.node_standin import NodeStandin
+from tests.hub.operating import START, local_hub, pump
 from tests.node.test_node import NodeProcess, write_config
 
 pytestmark = pytest.mark.peer
@@ -399,6 +400,41 @@ async def test_a_node_answering_5xx_fails_its_jobs_with_node_unavailable(
     finally:
         hub.close()
         await hub.wait_closed()
+        await runner.cleanup()
+
+
+async def test_a_policy_item_names_only_a_job_its_own_start_made(tmp_path: Path) -> None:
+    """A node that does not answer: the run's item names the failed job its start recorded. A VM the node
+    does not know (404: refused before any job exists): the item names no job, not the VM's older failed
+    one, and says why."""
+    scripted = FailingNode()
+    vm = "/DC0/vm/gone"
+    scripted.vms = {"vms": [{"path": vm, "name": "gone", "uuid": None}]}
+    runner = web.AppRunner(scripted.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    scripted.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with local_hub(tmp_path / "repo", clock=ManualClock(START), node_url=scripted.url) as hub:
+            policy = {"name": "p", "vms": {"include": [vm]}, "schedule": {"every": 86400}}
+            await hub.ok("POST", "/policies", policy)
+            items = []
+            for status in (503, 404):
+                scripted.status = status
+                await hub.ok("POST", "/policies/p/run")
+
+                async def closed() -> bool:
+                    return all(run["state"] == "done" for run in (await hub.ok("GET", "/policies/p"))["runs"])
+
+                await pump(hub, closed, limit=60)
+                items.append((await hub.ok("GET", "/policies/p"))["runs"][0]["items"])
+            [failed] = (await hub.ok("GET", "/backups"))["backups"]
+            assert failed["error"]["code"] == "node_unavailable" and failed["policy"] == "p"
+            [[unavailable], [unknown]] = items
+            assert unavailable["job_id"] == failed["job_id"] and "HTTP 503" in unavailable["note"], unavailable
+            assert unknown["job_id"] is None, unknown
+            assert unknown["note"].startswith("failed: the node does not know it") and "HTTP" not in unknown["note"]
+    finally:
         await runner.cleanup()
 
 
