@@ -317,11 +317,10 @@ class Repository:
         dropped. A dropped point takes in the point above it (see
         :meth:`_merge`), which keeps its ID, change ID and view. Each dropped
         point is marked ``merging`` first; merges a crash or an error left
-        are finished first (as :meth:`recover` does).
+        are finished first (as :meth:`recover` does) and counted as dropped.
         """
-        dropped: list[str] = []
         async with self.disk_lock(vm_path, disk_key):  # never while its digests or a verify read the chain
-            await self._finish_merges(vm_path, disk_key)
+            dropped = await self._finish_merges(vm_path, disk_key)
             chain = await self.points(vm_path, disk_key)
             keep = _kept(chain, rules, set(await protected()) if protected is not None else set())
             for point_id in [p.id for p in chain if p.id not in keep]:

@@ -7,6 +7,7 @@ by ``recover``; the hub applies a policy job's rules, and ``--keep N`` to other 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,14 +16,16 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from sendense_nbd.backup.records import Mode, SyncType
+from sendense_nbd.backup.records import FullReason, Mode, SyncType
+from sendense_nbd.errors import RepositoryError
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.policies import PolicyStore
-from sendense_nbd.hub.repository import Point, PointStatus, Repository
+from sendense_nbd.hub.repository import Point, PointStatus, Repository, VerifyState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk
 from sendense_nbd.hub.service import Hub, HubConfig
 from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.policy.retention import Candidate, select
+from sendense_nbd.storage.qcow2 import commit as qcow2_commit
 from sendense_nbd.storage.qcow2.commit import commit
 from tests.conftest import require, run
 from tests.hub.conftest import free_port_range
@@ -129,9 +132,7 @@ async def test_periods_follow_the_time_zone(repository: Repository, tmp_path: Pa
     # that day, UTC sees one day, Berlin two
     times = [MONDAY + h * 3600 for h in (8, 10.5, 11.5)]
     points, content = await _chain(repository, tmp_path, times)
-    assert await repository.apply_retention(VM, DISK, [(Retention(keep_daily=5), "Europe/Berlin")]) == [
-        points[1].id
-    ]
+    assert await repository.apply_retention(VM, DISK, [(Retention(keep_daily=5), "Europe/Berlin")]) == [points[1].id]
     await _check_kept(repository, content, [points[0].id, points[2].id])
 
 
@@ -237,3 +238,78 @@ async def test_a_policy_job_applies_its_policy_rules_and_other_jobs_keep_the_las
     finally:
         await hub.wait_closed()
         await node.close()
+
+
+async def test_a_failed_merge_is_finished_by_the_next_retention(
+    repository: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    times = [MONDAY + h * 3600 for h in (0, 1, 2, 3)]
+    points, content = await _chain(repository, tmp_path, times)
+    rules = [(Retention(keep_last=2), "UTC")]
+    real_commit = qcow2_commit.commit
+    failures = []
+
+    def full_disk_once(path: str) -> None:
+        if not failures:
+            failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_commit(path)
+
+    monkeypatch.setattr(qcow2_commit, "commit", full_disk_once)
+    with pytest.raises(OSError, match="No space"):
+        await repository.apply_retention(VM, DISK, rules)
+    assert failures == [points[1].path]  # the first dropped point's successor was being committed
+    assert (await repository.point(points[0].id)).status is PointStatus.MERGING
+    with pytest.raises(RepositoryError, match="is gone"):
+        await repository.chain(points[3])  # what a stuck merge did to verify and restores
+    # The next retention (no restart) finishes that merge first, then drops what its rules drop.
+    assert await repository.apply_retention(VM, DISK, rules) == [points[0].id, points[1].id]
+    await _check_kept(repository, content, [points[2].id, points[3].id])
+    assert [p.id for p in await repository.chain(points[3])] == [points[3].id, points[2].id]
+
+
+async def test_a_chain_with_a_damaged_point_below_is_no_base(repository: Repository, tmp_path: Path) -> None:
+    points, _ = await _chain(repository, tmp_path, [MONDAY + h * 3600 for h in (0, 1, 2)])
+    assert await repository.base_for(VM, DISK) == (await repository.point(points[2].id), None)
+    await repository.set_verdict(points[1].id, VerifyState.DAMAGED, at=MONDAY, bad_offset=0, error="flipped")
+    base, reason = await repository.base_for(VM, DISK)
+    assert (base, reason) == (None, FullReason.VERIFY_FAILED)  # the newest point itself is not damaged
+    await repository.set_verdict(points[1].id, VerifyState.VERIFIED, at=MONDAY, bad_offset=None, error=None)
+    assert (await repository.base_for(VM, DISK))[0] == await repository.point(points[2].id)
+
+
+#: March, April and May (three) 2026 at noon, midnight and noon.
+MONTHS = [MONDAY + (d - 92) * 86400 for d in (0, 31, 62, 62.5, 63)]
+
+
+@pytest.mark.parametrize(
+    ("rules", "kept_indexes"),
+    [
+        ([(Retention(keep_last=2), "UTC")], [3, 4]),
+        ([(Retention(keep_monthly=3), "UTC")], [0, 1, 4]),
+        # two policies cover the VM: a point either keeps stays
+        ([(Retention(keep_last=2), "UTC"), (Retention(keep_monthly=3), "UTC")], [0, 1, 3, 4]),
+        ([], [0, 1, 2, 3, 4]),  # no rules: everything stays
+    ],
+)
+async def test_a_point_any_rule_set_keeps_stays(
+    repository: Repository, tmp_path: Path, rules: list[tuple[Retention, str]], kept_indexes: list[int]
+) -> None:
+    points, content = await _chain(repository, tmp_path, MONTHS)
+    await repository.apply_retention(VM, DISK, rules)
+    await _check_kept(repository, content, [points[i].id for i in kept_indexes])
+
+
+async def test_a_point_being_restored_and_the_points_below_it_stay(repository: Repository, tmp_path: Path) -> None:
+    points, content = await _chain(repository, tmp_path, MONTHS)
+    restoring = {points[1].id, "a-point-of-another-disk"}
+
+    async def protected() -> set[str]:
+        return restoring
+
+    rules = [(Retention(keep_last=1), "UTC")]
+    assert await repository.apply_retention(VM, DISK, rules, protected=protected) == [points[2].id, points[3].id]
+    await _check_kept(repository, content, [points[0].id, points[1].id, points[4].id])
+    restoring.clear()  # the restore ended: the next retention drops what the rules drop
+    assert await repository.apply_retention(VM, DISK, rules, protected=protected) == [points[0].id, points[1].id]
+    await _check_kept(repository, content, [points[4].id])
