@@ -155,6 +155,79 @@ def operate(api: str, vc: dict[str, Any], rng: random.Random) -> None:
     print(cli("status", api=api).rstrip())
 
 
+def start_stack(work: Path, size_mb: int, processes: list[subprocess.Popen[bytes]]) -> tuple[dict[str, Any], str]:
+    """vcsim, the hub (with its SSH endpoint), the node and its tunnel, as deployed; (vcsim's line, the hub API)."""
+    vcsim_bin = subprocess.run(
+        [str(ROOT / "simulator" / "build-vcsim.sh")], check=True, capture_output=True, text=True
+    ).stdout.split()[-1]
+    proc, vc = start(
+        [vcsim_bin, "-listen", f"{HUB}:0", "-state", str(work / "vcsim"), "-username", "backup",
+         "-password", "s3cret", "-vm-disks", "2", "-disk-size-mb", str(size_mb)],
+        "vcsim",
+    )  # fmt: skip
+    processes.append(proc)
+
+    # Keys: the hub's host key (pinned by the node) and the node's client key.
+    host_key, node_key = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    host_key.write_private_key(str(work / "hub_host_key"))
+    node_key.write_private_key(str(work / "node_key"))
+    (work / "authorized_keys").write_bytes(node_key.export_public_key())
+    nbd_first, *_, api_port, ssh_port, node_reverse, node_port = free_ports(8)
+    nbd_ports = f"{nbd_first}-{nbd_first + 3}"
+    (work / "known_hosts").write_bytes(f"[{HUB}]:{ssh_port} ".encode() + host_key.export_public_key())
+    (work / "vcenter.password").write_text("s3cret\n")
+    os.chmod(work / "vcenter.password", 0o600)
+    (work / "node.toml").write_text(
+        f'[vcenter]\nendpoint = "{HUB}:{vc["port"]}"\nusername = "backup"\n'
+        f'password_file = "{work / "vcenter.password"}"\nthumbprint = "{vc["thumbprintSha256"]}"\n'
+        f'[vddk]\nplugin = "python {ROOT / "simulator" / "vddk_standin.py"}"\ntransports = "nbdssl:nbd"\n'
+        f'[node]\nhub_url = "http://{NODE_SIDE}:{api_port}"\n'  # jobs report and write only to this hub
+    )
+
+    proc, hub = start(
+        [str(BIN / "sendense-nbd"), "hub", "--repo", str(work / "repo"), "--listen", f"{HUB}:{api_port}",
+         "--nbd-ports", nbd_ports, "--nbd-advertise", NODE_SIDE, "--public-url", f"http://{NODE_SIDE}:{api_port}",
+         "--node-url", f"http://{HUB}:{node_reverse}", "--ssh-listen", f"{HUB}:{ssh_port}",
+         "--ssh-host-key", str(work / "hub_host_key"), "--ssh-authorized-keys", str(work / "authorized_keys"),
+         "--ssh-node-api", f"{HUB}:{node_reverse}"],
+        "the hub",
+    )  # fmt: skip
+    processes.append(proc)
+    print(f"hub: API {hub['listening']}, NBD ports {nbd_ports}, SSH {HUB}:{hub['ssh_port']}")
+    proc, node = start(
+        [str(BIN / "sendense-backup"), "node", "--config", str(work / "node.toml"),
+         "--listen", f"{NODE_API}:{node_port}"],
+        "the node",
+    )  # fmt: skip
+    processes.append(proc)
+    proc, tunnel = start(
+        [str(BIN / "sendense-backup"), "tunnel", "--hub", f"{HUB}:{ssh_port}", "--key", str(work / "node_key"),
+         "--known-hosts", str(work / "known_hosts"), "--ports", nbd_ports, "--listen-host", NODE_SIDE,
+         "--forward", f"{NODE_SIDE}:{api_port}={HUB}:{api_port}",
+         "--remote-forward", f"{HUB}:{node_reverse}={NODE_API}:{node_port}"],
+        "the tunnel",
+    )  # fmt: skip
+    processes.append(proc)
+    print(f"node: API {node['listening']}; tunnel up: hub ports on {NODE_SIDE}, node API on the hub's side")
+
+    return vc, f"http://{HUB}:{api_port}/api/v1"
+
+
+def by_api(api: str, vc: dict[str, Any], vm: dict[str, Any], size: int, rng: random.Random, work: Path) -> None:
+    """A full and an incremental backup asked for by ``POST /backups``, each point checked against its snapshot."""
+    for key in (2000, 2001):
+        for offset in range(0, size, 8 * MiB):
+            vmdisk.write(vc["stateDir"], vm["moref"], key, offset, rng.randbytes(MiB))
+    expected = {d["key"]: shutil.copyfile(d["path"], work / f"full-{d['key']}.raw") for d in vm["disks"]}
+    verify(api, backup(api, "auto"), expected)
+
+    vmdisk.write(vc["stateDir"], vm["moref"], 2000, 3 * MiB, rng.randbytes(256 * 1024))
+    vmdisk.zero(vc["stateDir"], vm["moref"], 2000, 8 * MiB, MiB)
+    vmdisk.write(vc["stateDir"], vm["moref"], 2001, size - MiB, rng.randbytes(4096))
+    expected = {d["key"]: shutil.copyfile(d["path"], work / f"inc-{d['key']}.raw") for d in vm["disks"]}
+    verify(api, backup(api, "auto"), expected)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=64, help="size of each virtual disk")
@@ -168,73 +241,9 @@ def main() -> None:
         work = work / "run"
         (work / "vcsim").mkdir(parents=True)
         try:
-            vcsim_bin = subprocess.run(
-                [str(ROOT / "simulator" / "build-vcsim.sh")], check=True, capture_output=True, text=True
-            ).stdout.split()[-1]
-            proc, vc = start(
-                [vcsim_bin, "-listen", f"{HUB}:0", "-state", str(work / "vcsim"), "-username", "backup",
-                 "-password", "s3cret", "-vm-disks", "2", "-disk-size-mb", str(args.size_mb)],
-                "vcsim",
-            )  # fmt: skip
-            processes.append(proc)
+            vc, api = start_stack(work, args.size_mb, processes)
             vm = next(v for v in vc["vms"] if v["path"] == VM_PATH)
-
-            # Keys: the hub's host key (pinned by the node) and the node's client key.
-            host_key, node_key = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
-            host_key.write_private_key(str(work / "hub_host_key"))
-            node_key.write_private_key(str(work / "node_key"))
-            (work / "authorized_keys").write_bytes(node_key.export_public_key())
-            nbd_first, *_, api_port, ssh_port, node_reverse, node_port = free_ports(8)
-            nbd_ports = f"{nbd_first}-{nbd_first + 3}"
-            (work / "known_hosts").write_bytes(f"[{HUB}]:{ssh_port} ".encode() + host_key.export_public_key())
-            (work / "vcenter.password").write_text("s3cret\n")
-            os.chmod(work / "vcenter.password", 0o600)
-            (work / "node.toml").write_text(
-                f'[vcenter]\nendpoint = "{HUB}:{vc["port"]}"\nusername = "backup"\n'
-                f'password_file = "{work / "vcenter.password"}"\nthumbprint = "{vc["thumbprintSha256"]}"\n'
-                f'[vddk]\nplugin = "python {ROOT / "simulator" / "vddk_standin.py"}"\ntransports = "nbdssl:nbd"\n'
-                f'[node]\nhub_url = "http://{NODE_SIDE}:{api_port}"\n'  # jobs report and write only to this hub
-            )
-
-            proc, hub = start(
-                [str(BIN / "sendense-nbd"), "hub", "--repo", str(work / "repo"), "--listen", f"{HUB}:{api_port}",
-                 "--nbd-ports", nbd_ports, "--nbd-advertise", NODE_SIDE, "--public-url", f"http://{NODE_SIDE}:{api_port}",
-                 "--node-url", f"http://{HUB}:{node_reverse}", "--ssh-listen", f"{HUB}:{ssh_port}",
-                 "--ssh-host-key", str(work / "hub_host_key"), "--ssh-authorized-keys", str(work / "authorized_keys"),
-                 "--ssh-node-api", f"{HUB}:{node_reverse}"],
-                "the hub",
-            )  # fmt: skip
-            processes.append(proc)
-            print(f"hub: API {hub['listening']}, NBD ports {nbd_ports}, SSH {HUB}:{hub['ssh_port']}")
-            proc, node = start(
-                [str(BIN / "sendense-backup"), "node", "--config", str(work / "node.toml"),
-                 "--listen", f"{NODE_API}:{node_port}"],
-                "the node",
-            )  # fmt: skip
-            processes.append(proc)
-            proc, tunnel = start(
-                [str(BIN / "sendense-backup"), "tunnel", "--hub", f"{HUB}:{ssh_port}", "--key", str(work / "node_key"),
-                 "--known-hosts", str(work / "known_hosts"), "--ports", nbd_ports, "--listen-host", NODE_SIDE,
-                 "--forward", f"{NODE_SIDE}:{api_port}={HUB}:{api_port}",
-                 "--remote-forward", f"{HUB}:{node_reverse}={NODE_API}:{node_port}"],
-                "the tunnel",
-            )  # fmt: skip
-            processes.append(proc)
-            print(f"node: API {node['listening']}; tunnel up: hub ports on {NODE_SIDE}, node API on the hub's side")
-
-            api = f"http://{HUB}:{api_port}/api/v1"
-            size = args.size_mb * MiB
-            for key in (2000, 2001):
-                for offset in range(0, size, 8 * MiB):
-                    vmdisk.write(vc["stateDir"], vm["moref"], key, offset, rng.randbytes(MiB))
-            expected = {d["key"]: shutil.copyfile(d["path"], work / f"full-{d['key']}.raw") for d in vm["disks"]}
-            verify(api, backup(api, "auto"), expected)
-
-            vmdisk.write(vc["stateDir"], vm["moref"], 2000, 3 * MiB, rng.randbytes(256 * 1024))
-            vmdisk.zero(vc["stateDir"], vm["moref"], 2000, 8 * MiB, MiB)
-            vmdisk.write(vc["stateDir"], vm["moref"], 2001, size - MiB, rng.randbytes(4096))
-            expected = {d["key"]: shutil.copyfile(d["path"], work / f"inc-{d['key']}.raw") for d in vm["disks"]}
-            verify(api, backup(api, "auto"), expected)
+            by_api(api, vc, vm, args.size_mb * MiB, rng, work)
             operate(api, vc, rng)
         finally:
             for proc in reversed(processes):
