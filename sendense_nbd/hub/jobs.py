@@ -361,6 +361,10 @@ def _dump(value: Failure | Progress | Detail) -> str | None:
     return None if value is None else json.dumps(value.to_json())
 
 
+#: Finished jobs kept per VM and kind (the newest); older ones are pruned every hour.
+JOB_HISTORY = 500
+
+
 class JobStore:
     """The jobs table: create, read, and move jobs through their states."""
 
@@ -405,6 +409,21 @@ class JobStore:
 
         await self.db.run(insert)
         return job
+
+    async def prune(self, keep: int = JOB_HISTORY) -> int:
+        """Forget the finished jobs of each VM (and kind) past its newest ``keep``; how many went."""
+        ended = [state.value for state in JobState if state.terminal]
+        marks = ", ".join("?" * len(ended))
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                f"DELETE FROM jobs WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY "
+                f"vm_path, kind ORDER BY created DESC) AS n FROM jobs WHERE state IN ({marks})) WHERE n > ?)",
+                (*ended, keep),
+            )
+            return cursor.rowcount
+
+        return await self.db.run(delete)
 
     async def refuse_busy(self, vm_path: str) -> None:
         """``Conflict`` (``vm_busy``) if the VM has a backup job pending or running."""

@@ -108,3 +108,19 @@ def test_completion_values() -> None:
     assert done.failure is None and [(d.disk_key, d.change_id, d.disk_uuid) for d in done.disks] == [(1, "c", None)]
     with pytest.raises(BadRequest, match="reported twice"):
         Completion.from_json({"status": "completed", "disks": [{"disk_key": 1}, {"disk_key": 1}]})
+
+
+async def test_prune_keeps_each_vms_newest_finished_jobs_and_every_running_one(store: JobStore) -> None:
+    made: dict[str, list[str]] = {"/DC/vm/a": [], "/DC/vm/b": []}
+    for vm_path in made:
+        for _ in range(5):
+            job = await store.create(JobKind.BACKUP, vm_path, Mode.AUTO, BackupDetail(), lifetime=60)
+            await store.transition(job.id, JobState.FAILED, error=Failure("node", "x"))
+            made[vm_path].append(job.id)
+    running = await store.create(JobKind.BACKUP, "/DC/vm/a", Mode.AUTO, BackupDetail(), lifetime=60)
+    assert await store.prune(keep=2) == 6
+    for vm_path, ids in made.items():
+        kept = [job.id for job in await store.list(vm_path=vm_path) if job.state is JobState.FAILED]
+        assert kept == ids[-2:]
+    assert (await store.get(running.id)).state is JobState.PENDING
+    assert await store.prune(keep=2) == 0
