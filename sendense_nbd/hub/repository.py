@@ -155,7 +155,8 @@ class Repository:
             if disk_key is not None:
                 sql += " AND disk_key = ?"
                 args.append(disk_key)
-            return [Point.from_row(r) for r in rows(connection.execute(sql + " ORDER BY disk_key, created", args))]
+            found = connection.execute(sql + " ORDER BY disk_key, created, rowid", args)  # rowid: a tie's order
+            return [Point.from_row(r) for r in rows(found)]
 
         return await self.db.run(read)
 

@@ -67,7 +67,11 @@ def _pwrite(uri: str, writes: list[tuple[int, bytes]]) -> None:
 async def _backup(
     hub: Hub, vm_path: str, change: str, writes: Sequence[tuple[int, bytes]] = (), policy: str | None = None
 ) -> None:
-    """One backup whose writes go into its export over NBD; then its completion, and its retention."""
+    """One backup an hour after the hub clock's time: its writes go into its export over NBD; then its
+    completion, and its retention."""
+    clock = hub.clock
+    assert isinstance(clock, ManualClock)
+    await clock.advance(3600)
     job = await hub.create_backup(BackupRequest(vm_path, Mode.AUTO, (DiskSpec(DISK, SIZE),), policy=policy))
     if writes:
         await asyncio.to_thread(_pwrite, job.detail.disks[0].uri, list(writes))
