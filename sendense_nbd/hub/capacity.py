@@ -5,9 +5,13 @@ expected to take: a full point its disk's capacity; an incremental the
 largest ``bytes_changed`` of the disk's last :data:`HISTORY` points, or
 :data:`INCREMENTAL_SHARE` of its capacity when none was reported. With the
 reserve (``HubConfig.min_free``) on top, that must fit in the free space
-``statvfs`` reports, or the job is refused (:class:`InsufficientSpace`)
-before any port is leased or image made. ``GET /repository`` and the
-metrics show the same :func:`usage`.
+``statvfs`` reports, less what the backup jobs pending or running are still
+expected to write (:func:`reserved`: each job's expected bytes, stored when it
+was created, less what its points take so far), or the job is refused
+(:class:`InsufficientSpace`) before any port is leased or image made. The hub
+checks and creates jobs one at a time, so jobs starting together cannot all
+count the same free space. ``GET /repository`` and the metrics show the same
+:func:`usage`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 
@@ -106,14 +110,34 @@ async def usage(repo: Repository, *, min_free: int = DEFAULT_MIN_FREE) -> Usage:
     return Usage(repo.root, total, used, free, min_free, len(paths), points_bytes)
 
 
-async def check_space(repo: Repository, vm_path: str, needs: Sequence[DiskNeed], *, min_free: int) -> None:
-    """Refuse (:class:`InsufficientSpace`) a backup whose expected size and the reserve exceed the free space."""
+async def reserved(repo: Repository, expected: Mapping[str, int]) -> int:
+    """What the jobs in ``expected`` (job ID to expected bytes) are still expected to write: each job's
+    figure less what its points take on disk so far (never below 0)."""
+
+    def read(connection: sqlite3.Connection) -> dict[str, list[str]]:
+        paths: dict[str, list[str]] = {}
+        for job_id in expected:
+            found = connection.execute("SELECT path FROM points WHERE job_id = ?", (job_id,))
+            paths[job_id] = [row[0] for row in found]
+        return paths
+
+    paths = await repo.db.run(read)
+    written = await asyncio.to_thread(lambda: {job_id: _allocated(files) for job_id, files in paths.items()})
+    return sum(max(0, size - written[job_id]) for job_id, size in expected.items())
+
+
+async def check_space(
+    repo: Repository, vm_path: str, needs: Sequence[DiskNeed], *, min_free: int, held: int = 0, jobs: int = 0
+) -> None:
+    """Refuse (:class:`InsufficientSpace`) a backup whose expected size, the reserve and what ``jobs``
+    other backups still expect to write (``held`` bytes) exceed the free space."""
     need = sum(disk.expected for disk in needs)
     _, _, free = await asyncio.to_thread(_statvfs, repo.root)
-    if need + min_free <= free:
+    if need + min_free + held <= free:
         return
+    others = f", {gib(held)} of it held for {jobs} backup(s) pending or running" if held else ""
     raise InsufficientSpace(
-        f"need {gib(need)} for {vm_path} ({_what(needs)}), the repository has {gib(free)} free "
+        f"need {gib(need)} for {vm_path} ({_what(needs)}), the repository has {gib(free)} free{others} "
         f"(keeping a reserve of {gib(min_free)})"
     )
 

@@ -198,6 +198,7 @@ ADDED_COLUMNS = (
     ("jobs", "stages", "TEXT"),
     ("jobs", "bytes_changed", "INTEGER"),
     ("jobs", "bytes_sent", "INTEGER"),
+    ("jobs", "expected_bytes", "INTEGER"),
 )
 
 

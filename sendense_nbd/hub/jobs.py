@@ -385,9 +385,11 @@ class JobStore:
         policy: str | None = None,
         full_reason: FullReason | None = None,
         exclusive: bool = False,
+        expected_bytes: int | None = None,
     ) -> Job:
         """A new pending job that must end within ``lifetime`` seconds; a backup starts ``queued``.
-        ``exclusive``: refused (``Conflict`` ``vm_busy``) while the VM has a backup job pending or running."""
+        ``exclusive``: refused (``Conflict`` ``vm_busy``) while the VM has a backup job pending or running.
+        ``expected_bytes``: what a backup is expected to write (held back from later jobs' space checks)."""
         now = time.time()
         stages = (Stage("queued", self.clock.now(), by_hub=True),) if kind is JobKind.BACKUP else ()
         job = Job(
@@ -398,7 +400,7 @@ class JobStore:
             "id": job.id, "kind": kind.value, "vm_path": vm_path, "mode": mode.value, "state": job.state.value,
             "created": now, "updated": now, "deadline": job.deadline, "detail": _dump(detail) or "{}",
             "node": node, "policy": policy, "full_reason": None if full_reason is None else full_reason.value,
-            "stages": _dump_stages(stages),
+            "stages": _dump_stages(stages), "expected_bytes": expected_bytes,
         }  # fmt: skip
 
         def insert(connection: sqlite3.Connection) -> None:
@@ -424,6 +426,18 @@ class JobStore:
             return cursor.rowcount
 
         return await self.db.run(delete)
+
+    async def expected(self) -> dict[str, int]:
+        """The expected bytes of each backup job pending or running (by job ID; jobs without a figure left out)."""
+
+        def read(connection: sqlite3.Connection) -> dict[str, int]:
+            found = connection.execute(
+                "SELECT id, expected_bytes FROM jobs WHERE kind = ? AND state IN (?, ?) AND expected_bytes IS NOT NULL",
+                (JobKind.BACKUP.value, JobState.PENDING.value, JobState.RUNNING.value),
+            )
+            return {row[0]: int(row[1]) for row in found}
+
+        return await self.db.run(read)
 
     async def refuse_busy(self, vm_path: str) -> None:
         """``Conflict`` (``vm_busy``) if the VM has a backup job pending or running."""

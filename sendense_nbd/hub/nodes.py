@@ -16,14 +16,14 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 
 from sendense_nbd import fields
-from sendense_nbd.errors import BadRequest, Conflict, NodeError, UnknownNode
+from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeNotFound, UnknownNode
 from sendense_nbd.http_api import check_token
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database, rows
@@ -38,6 +38,12 @@ HEALTH_INTERVAL = 30.0
 HEALTH_TIMEOUT = 5.0
 #: Nodes asked at once in one round of checks.
 HEALTH_CONCURRENCY = 32
+#: Seconds a node may go without answering before its running jobs fail ``node_unavailable``
+#: (``HubConfig.node_lost``).
+NODE_LOST = 120.0
+#: Seconds after a job was queued before a node that does not know it fails it (the node
+#: registers a job when it accepts it).
+JOB_GRACE = 60.0
 #: Most nodes one hub registers.
 MAX_NODES = 1000
 MAX_URL = 2048
@@ -309,13 +315,30 @@ class NodeRegistry:
         await asyncio.gather(*(check(name) for name in names), return_exceptions=True)
         return await self.records()
 
-    async def watch(self) -> None:
-        """Check every node every :data:`HEALTH_INTERVAL` seconds of the hub's clock, until cancelled."""
+    async def knows_job(self, name: str, job_id: str) -> bool | None:
+        """Whether node ``name`` knows the job (``GET /backups/{job}``, within :data:`HEALTH_TIMEOUT`
+        seconds): False when it answers 404, None when it gives no usable answer."""
+        try:
+            client = await self.client(name)
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await client.job(job_id)
+        except NodeNotFound:
+            return False
+        except (NodeError, UnknownNode, TimeoutError):
+            return None
+        return True
+
+    async def watch(self, *, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Check every node every :data:`HEALTH_INTERVAL` seconds of the hub's clock, and after each round
+        await ``then`` (the hub's watch of its nodes' jobs), until cancelled."""
         while True:
-            try:
-                await self.check_all()
-            except Exception as exc:  # noqa: BLE001 - a failed round is logged, the next runs
-                log.error("checking the nodes' health failed: %s", exc)
+            for work, what in ((self.check_all, "checking the nodes' health"), (then, "watching the nodes' jobs")):
+                if work is None:
+                    continue
+                try:
+                    await work()
+                except Exception as exc:  # noqa: BLE001 - a failed round is logged, the next runs
+                    log.error("%s failed: %s", what, exc)
             await self.clock.sleep(HEALTH_INTERVAL)
 
     async def close(self) -> None:

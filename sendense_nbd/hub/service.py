@@ -73,7 +73,7 @@ from sendense_nbd.hub.jobs import (
 )
 from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
-from sendense_nbd.hub.nodes import DEFAULT, NodeRegistry, node_url
+from sendense_nbd.hub.nodes import DEFAULT, HEALTH_CONCURRENCY, JOB_GRACE, NODE_LOST, NodeRegistry, node_url
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
@@ -122,6 +122,8 @@ class HubConfig:
     alerts: AlertConfig = attrs.field(factory=AlertConfig)
     #: Free bytes a backup must leave in the repository (its expected size is checked before it starts).
     min_free: int = capacity.DEFAULT_MIN_FREE
+    #: Seconds a node may go without answering before its running backup jobs fail ``node_unavailable``.
+    node_lost: float = NODE_LOST
 
 
 @attrs.frozen
@@ -191,6 +193,8 @@ class Hub:
         )
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
         self._background: asyncio.Task[None] | None = None
+        #: Backups are checked for space and created one at a time (:meth:`create_backup`).
+        self._admission = asyncio.Lock()
         #: Retention after each completed job, running in the background.
         self._after: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -248,11 +252,12 @@ class Hub:
         """The background loops, in one task group: cancelling this task cancels and awaits them all."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.alerts.run(), name="hub-alerts")
-            group.create_task(self.nodes.watch(), name="hub-node-health")
+            group.create_task(self.nodes.watch(then=self._fail_lost_jobs), name="hub-node-health")
             group.create_task(self.scheduler.run(), name="hub-scheduler")
             renew = self.config.lease_ttl / 3
             group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
+            group.create_task(self._every(3600.0, self._jobs.prune, "pruning finished jobs"))
 
     @staticmethod
     async def _every(interval: float, work: Callable[[], Awaitable[object]], what: str) -> None:
@@ -273,6 +278,40 @@ class Hub:
                     if not (await self._jobs.get(job.id)).state.terminal:
                         timeout = f"no completion within {self.config.job_timeout:.0f} s"
                         await self._fail(job.id, req.Failure("timeout", timeout, "timeout"))
+
+    async def _fail_lost_jobs(self) -> None:
+        """Fail (``node_unavailable``) the running backup jobs whose node is lost: silent for more than
+        ``node_lost`` seconds, or answering that it does not know the job (it restarted) once the job is
+        :data:`JOB_GRACE` seconds old. Runs after each round of health checks, on the hub's clock."""
+        running = [job for job in await self._jobs.list(kind=JobKind.BACKUP, state=JobState.RUNNING) if job.node]
+        slots = asyncio.Semaphore(HEALTH_CONCURRENCY)
+
+        async def check(job: Job) -> None:
+            async with slots:
+                why = await self._why_lost(job, self.clock.now())
+            if why is not None:
+                async with await self._lock(job.id):
+                    if not (await self._jobs.get(job.id)).state.terminal:
+                        log.warning("job %s: %s", job.id, why)
+                        await self._fail(job.id, req.Failure("node", why, "node_unavailable"))
+
+        await asyncio.gather(*(check(job) for job in running))
+
+    async def _why_lost(self, job: Job, now: float) -> str | None:
+        """Why a running job's node is lost, or None while it may still finish it."""
+        assert job.node is not None
+        queued = job.stages[0].started if job.stages else now  # the hub's clock (``created`` is the machine's)
+        record = await self.nodes.find(job.node)
+        if record is None:
+            return f"node {job.node} is no longer registered"
+        heard = max(record.last_contact or queued, queued)
+        if now - heard > self.config.node_lost:
+            return f"node {job.node} has not answered for {now - heard:.0f} s (more than {self.config.node_lost:.0f} s)"
+        if record.up is False or now - queued < JOB_GRACE:
+            return None
+        if await self.nodes.knows_job(job.node, job.id) is False:
+            return f"node {job.node} does not know the job (it restarted, or lost it)"
+        return None
 
     async def _lock(self, job_id: str) -> asyncio.Lock:
         """The lock of an existing job (:class:`UnknownJob` otherwise, so junk IDs make no locks)."""
@@ -315,9 +354,10 @@ class Hub:
         """Start a backup job: a point and an export per disk, then the node is told to push to them.
 
         Refused before any port is leased or image made: a VM with a backup job pending or running
-        (``Conflict`` ``vm_busy``), and a repository without room for the job's expected size and the
-        reserve (:class:`InsufficientSpace`). Each disk's full copy gets its reason here (first backup,
-        base missing, failed verify, the policy's chain cap, or full asked for).
+        (``Conflict`` ``vm_busy``), and a repository without room for the job's expected size, the
+        reserve and what the backups pending or running still expect to write (:class:`InsufficientSpace`).
+        Each disk's full copy gets its reason here (first backup, base missing, failed verify, the policy's
+        chain cap, or full asked for).
         """
         await self._jobs.refuse_busy(request.vm_path)
         node_name, node = await self._node_of(request.node)
@@ -328,12 +368,18 @@ class Hub:
             raise
         plans = [await self._plan_disk(request, disk) for disk in disks]
         needs = [plan.need for plan in plans]
-        await capacity.check_space(self._repository, request.vm_path, needs, min_free=self.config.min_free)
         reason = next((plan.reason for plan in plans if plan.reason is not None), None)
-        job = await self._jobs.create(
-            JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout,
-            node=node_name, policy=request.policy, full_reason=reason, exclusive=True,
-        )  # fmt: skip
+        async with self._admission:  # the space check sees every job created before this one
+            expected = await self._jobs.expected()
+            held = await capacity.reserved(self._repository, expected)
+            await capacity.check_space(
+                self._repository, request.vm_path, needs, min_free=self.config.min_free, held=held, jobs=len(expected)
+            )
+            job = await self._jobs.create(
+                JobKind.BACKUP, request.vm_path, request.mode, BackupDetail(), lifetime=self.config.job_timeout,
+                node=node_name, policy=request.policy, full_reason=reason, exclusive=True,
+                expected_bytes=sum(need.expected for need in needs),
+            )  # fmt: skip
         prepared: list[DiskExport] = []
         try:
             for plan in plans:

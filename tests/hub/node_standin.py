@@ -27,6 +27,8 @@ class NodeStandin:
         self.hold = False
         self.received: list[dict[str, Any]] = []
         self.cancelled: list[str] = []
+        #: The job IDs ``GET /backups/{job}`` asked for.
+        self.asked: list[str] = []
         self.results: dict[str, tuple[int, str, str]] = {}
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,6 +73,16 @@ class NodeStandin:
                 self._running[body["job_id"]] = asyncio.ensure_future(self._run(body))
             return web.json_response({"job_id": body["job_id"]}, status=202)
 
+        @routes.get("/api/v1/backups/{job}")
+        async def status(request: web.Request) -> web.Response:
+            job = request.match_info["job"]
+            self.asked.append(job)
+            if job not in {received["job_id"] for received in self.received}:
+                return web.json_response({"error": {"code": "not_found", "message": f"no job {job!r}"}}, status=404)
+            task = self._running.get(job)
+            state = "running" if task is None or not task.done() else "ended"
+            return web.json_response({"job_id": job, "state": state})
+
         @routes.delete("/api/v1/backups/{job}")
         async def cancel(request: web.Request) -> web.Response:
             job = request.match_info["job"]
@@ -108,7 +120,8 @@ class NodeStandin:
             raise
         self.results[body["job_id"]] = (proc.returncode or 0, out.decode(), err.decode())
 
-    def start(self) -> NodeStandin:
+    def start(self, port: int = 0) -> NodeStandin:
+        """Serve on 127.0.0.1 (``port``: 0 for any free one, or a dead node's port to stand in for its restart)."""
         ready = threading.Event()
 
         def serve() -> None:
@@ -117,7 +130,7 @@ class NodeStandin:
             self._loop = loop
             runner = web.AppRunner(self._app(), access_log=None)
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", port)
             loop.run_until_complete(site.start())
             self.port = runner.addresses[0][1]
             ready.set()
@@ -137,3 +150,4 @@ class NodeStandin:
         if self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(30)
+            self._loop = None  # stopped: a second stop does nothing

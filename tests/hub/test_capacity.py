@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,37 @@ def test_a_backup_that_would_not_fit_is_refused_before_anything_is_made(
         status, job = api.post("/backups", {"vm_path": vm_path, "disks": disks})
         assert status == 201 and job["detail"]["disks"][0]["sync_type"] == "incremental", job
         assert api.delete(f"/backups/{job['job_id']}")[0] == 200
+        assert hub.stop() == 0
+
+
+def test_backups_starting_together_hold_their_expected_space(
+    hub_factory: Callable[..., HubProcess], tmp_path: Path
+) -> None:
+    """Four fulls of 28 MiB asked for at once on a 64 MiB repository: each accepted job holds its expected
+    bytes from the checks after it, so two start and two are refused 507 (not four started to run out of
+    space). A cancelled job's hold is let go."""
+    with tmpfs(tmp_path / "fs", "64m") as fs:
+        hub = hub_factory(None, "--min-free", "0", repo=fs / "repo")
+        api = Api(hub.url)
+
+        def start(index: int) -> tuple[int, Any]:
+            disks = [{"key": 2000, "capacity": 28 * MIB}]
+            return api.post("/backups", {"vm_path": f"/DC/vm/together-{index}", "mode": "full", "disks": disks})
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(start, range(4)))
+        assert sorted(status for status, _ in answers) == [201, 201, 507, 507], answers
+        for status, body in answers:
+            if status == 507:
+                assert body["error"]["code"] == "insufficient_space"
+                assert "MiB of it held for 2 backup(s) pending or running" in body["error"]["message"], body
+        started = [body for status, body in answers if status == 201]
+        assert [job["state"] for job in api.get("/backups")[1]["backups"]] == ["running", "running"]
+        assert api.delete(f"/backups/{started[0]['job_id']}")[0] == 200
+        status, job = start(9)
+        assert status == 201, job
+        status, refused = start(10)
+        assert status == 507 and "held for 2 backup(s)" in refused["error"]["message"], refused
         assert hub.stop() == 0
 
 

@@ -31,14 +31,14 @@ from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeUnavailable
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.node_client import MAX_LOGGED_SKIPS
-from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, parse_edit, parse_node
+from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, JOB_GRACE, NODE_LOST, parse_edit, parse_node
 from sendense_nbd.hub.requests import BackupRequest, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
 from tests.api_fuzz import JSON, TEXT
 from tests.conftest import require
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.hub.node_standin import NodeStandin
-from tests.hub.operating import START, local_hub, pump
+from tests.hub.operating import START, LocalHub, local_hub, pump
 from tests.node.test_node import NodeProcess, write_config
 
 pytestmark = pytest.mark.peer
@@ -295,6 +295,88 @@ async def _until(
         assert time.monotonic() < deadline, f"not within {seconds} s: {await hub.nodes.records()}"
         await clock.advance(HEALTH_INTERVAL)
         await asyncio.sleep(0.05)
+
+
+VM0 = "/DC0/vm/DC0_H0_VM0"
+
+
+async def _state(hub: LocalHub, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = await hub.ok("GET", f"/backups/{job_id}")
+    return job
+
+
+async def _nothing_held(hub: LocalHub, repo: Path) -> None:
+    """No port leased, no image left."""
+    assert (await hub.ok("GET", "/ports"))["used"] == []
+    assert list((repo / "vms").rglob("*.qcow2")) == []
+
+
+async def test_a_node_that_dies_mid_job_fails_it_once_lost(tmp_path: Path, node: NodeStandin) -> None:
+    """A node takes a job (the stand-in holds it) and dies: the job runs on until the node has been silent
+    for more than NODE_LOST seconds of the hub's clock, then fails node_unavailable, its ports and points
+    gone and job_failed fired. While the node lives and knows the job, the job runs on."""
+    node.hold = True
+    repo = tmp_path / "repo"
+    async with local_hub(repo, clock=ManualClock(START), node_url=node.url) as hub:
+        job_id = (await hub.ok("POST", "/backups", {"vm_path": VM0, "mode": "full"}))["job_id"]
+        assert len((await hub.ok("GET", "/ports"))["used"]) == 2 and len(list(repo.rglob("*.qcow2"))) == 2
+
+        async def asked() -> bool:  # the hub asked the living node about the job, past its grace
+            return job_id in node.asked
+
+        await pump(hub, asked, step=HEALTH_INTERVAL, limit=30)
+        await asyncio.sleep(0.5)
+        assert (await _state(hub, job_id))["state"] == "running"
+        contact = (await hub.ok("GET", "/nodes/default"))["last_contact"]
+        node.stop()
+        while (job := await _state(hub, job_id))["state"] == "running":
+            assert hub.clock.now() - contact <= NODE_LOST + 4 * HEALTH_INTERVAL, "the lost node's job runs on"
+            await hub.clock.advance(HEALTH_INTERVAL)
+            await asyncio.sleep(0.2)
+        assert job["state"] == "failed", job
+        assert (job["error"]["stage"], job["error"]["code"]) == ("node", "node_unavailable")
+        assert "has not answered for" in job["error"]["message"], job["error"]
+        assert job["stages"][-1]["ended"] - contact > NODE_LOST, "failed before the node was lost"
+        await _nothing_held(hub, repo)
+        [alert] = (await hub.ok("GET", "/alerts?kind=job_failed"))["alerts"]
+        assert alert["key"] == job_id and "node_unavailable" in json.dumps(alert["detail"])
+        assert (await hub.ok("GET", "/nodes/default"))["up"] is False
+
+
+async def test_a_restarted_node_that_forgot_a_job_fails_it_after_the_grace(tmp_path: Path, node: NodeStandin) -> None:
+    """A node restarts (a new stand-in on its port) and no longer knows a running job: within JOB_GRACE of
+    the job's start that is no failure (a node registers a job when it accepts it); after it, the job fails
+    node_unavailable with its ports and points gone."""
+    node.hold = True
+    repo = tmp_path / "repo"
+    async with local_hub(repo, clock=ManualClock(START), node_url=node.url) as hub:
+        job = await hub.ok("POST", "/backups", {"vm_path": VM0, "mode": "full"})
+        queued = job["stages"][0]["started"]
+        node.stop()
+        (tmp_path / "again").mkdir()
+        again = NodeStandin(node.vcsim, tmp_path / "again").start(node.port)
+        try:
+
+            async def checked() -> bool:  # a round of health checks (then the job watch) ran at this time
+                return (await hub.ok("GET", "/nodes/default"))["last_check"] == hub.clock.now()
+
+            await hub.clock.advance(HEALTH_INTERVAL)
+            await pump(hub, checked, step=0, limit=30)
+            await asyncio.sleep(0.5)
+            assert (await _state(hub, job["job_id"]))["state"] == "running", "failed within the grace"
+
+            async def failed() -> bool:
+                return (await _state(hub, job["job_id"]))["state"] == "failed"
+
+            await pump(hub, failed, step=HEALTH_INTERVAL, limit=30)
+            ended = await _state(hub, job["job_id"])
+            assert (ended["error"]["stage"], ended["error"]["code"]) == ("node", "node_unavailable")
+            assert "does not know the job" in ended["error"]["message"], ended["error"]
+            assert ended["stages"][-1]["ended"] - queued >= JOB_GRACE
+            assert again.asked == [job["job_id"]] * len(again.asked) and again.asked
+            await _nothing_held(hub, repo)
+        finally:
+            again.stop()
 
 
 async def test_a_node_in_use_by_a_policy_cannot_be_deleted(tmp_path: Path) -> None:
