@@ -6,7 +6,8 @@ fingerprint its tunnel uses, shown). The hub's ``--node-url`` is the node named 
 written at start (``"configured": "command line"``) and changed only there; a request or policy that
 names no node goes to it. Every answer of a node (health, disks, VMs, a job start) records its last
 contact; a health check every :data:`HEALTH_INTERVAL` seconds, through the hub's clock, records its
-version and load, or why it did not answer.
+version and load, or why it did not answer. After each round the hub fails the running jobs of nodes
+that are lost (:data:`NODE_LOST`) or no longer know them (:meth:`NodeRegistry.knows_job`).
 """
 
 from __future__ import annotations
