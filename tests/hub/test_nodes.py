@@ -305,6 +305,18 @@ async def _state(hub: LocalHub, job_id: str) -> dict[str, Any]:
     return job
 
 
+async def _next_round(hub: LocalHub) -> None:
+    """Move the hub's clock a health interval on and wait until that round of checks has run (the watch of
+    the nodes' jobs follows it)."""
+    await hub.clock.advance(HEALTH_INTERVAL)
+
+    async def checked() -> bool:
+        return (await hub.ok("GET", "/nodes/default"))["last_check"] == hub.clock.now()
+
+    await pump(hub, checked, step=0, limit=30)
+    await asyncio.sleep(0.2)
+
+
 async def _nothing_held(hub: LocalHub, repo: Path) -> None:
     """No port leased, no image left."""
     assert (await hub.ok("GET", "/ports"))["used"] == []
@@ -331,8 +343,7 @@ async def test_a_node_that_dies_mid_job_fails_it_once_lost(tmp_path: Path, node:
         node.stop()
         while (job := await _state(hub, job_id))["state"] == "running":
             assert hub.clock.now() - contact <= NODE_LOST + 4 * HEALTH_INTERVAL, "the lost node's job runs on"
-            await hub.clock.advance(HEALTH_INTERVAL)
-            await asyncio.sleep(0.2)
+            await _next_round(hub)
         assert job["state"] == "failed", job
         assert (job["error"]["stage"], job["error"]["code"]) == ("node", "node_unavailable")
         assert "has not answered for" in job["error"]["message"], job["error"]
@@ -356,13 +367,8 @@ async def test_a_restarted_node_that_forgot_a_job_fails_it_after_the_grace(tmp_p
         (tmp_path / "again").mkdir()
         again = NodeStandin(node.vcsim, tmp_path / "again").start(node.port)
         try:
-
-            async def checked() -> bool:  # a round of health checks (then the job watch) ran at this time
-                return (await hub.ok("GET", "/nodes/default"))["last_check"] == hub.clock.now()
-
-            await hub.clock.advance(HEALTH_INTERVAL)
-            await pump(hub, checked, step=0, limit=30)
-            await asyncio.sleep(0.5)
+            await _next_round(hub)  # the job is 30 s old: its node's not knowing it is no failure yet
+            await asyncio.sleep(0.3)
             assert (await _state(hub, job["job_id"]))["state"] == "running", "failed within the grace"
 
             async def failed() -> bool:
