@@ -9,7 +9,8 @@ layer map) and takes the others from its base point's sidecar; without a
 usable base sidecar it reads every chunk. The tasks of one disk hold its
 :meth:`~sendense_nbd.hub.repository.Repository.disk_lock`, so they run one at
 a time in the order they were started and never during a retention merge; at most
-:data:`READERS` chains are read at once across all disks and verify jobs.
+:data:`READERS` chains are read at once across all disks and verify jobs (a task takes its disk's lock
+first, so tasks waiting for a busy disk hold no reader slot).
 A restarted hub computes the digests still missing (:meth:`Verifier.resume`).
 
 Verify jobs (``POST /api/v1/verify``, kind ``verify``): for each point of a
@@ -20,8 +21,9 @@ is marked ``verified`` or ``damaged`` with the first bad chunk's offset
 (``bad_offset``) or the check's finding (``verify_error``). A point without
 digests is verified by structure only (its ``digests`` stays null); a
 sidecar that cannot be read marks it damaged, as nothing proves its data.
-A damaged newest point is never the base of an incremental
-(:meth:`~sendense_nbd.hub.repository.Repository.base_for`).
+A point whose chain holds a damaged point is never the base of an incremental
+(:meth:`~sendense_nbd.hub.repository.Repository.base_for`). A VM has one verify job at a time
+(``409 verify_running``); a sidecar is compared in its own chunk size; any failure fails the job.
 """
 
 from __future__ import annotations
