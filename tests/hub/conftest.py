@@ -11,12 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.repository import Repository
 from tests.conftest import stop_process
 from tests.hub.node_standin import NodeStandin
 from tests.vmware.vsphere import running_vcsim
@@ -153,3 +155,27 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
     for hub in started:
         if hub.proc is not None and hub.proc.poll() is None:
             hub.stop(signal.SIGKILL)
+
+
+def nbd_write(uri: str, writes: list[tuple[int, bytes]]) -> None:
+    """Write ``(offset, data)`` pieces to an export with libnbd, then FLUSH."""
+    from tests.peers import nbd
+
+    handle = nbd.NBD()
+    handle.connect_uri(uri)
+    try:
+        for offset, data in writes:
+            handle.pwrite(data, offset)
+        handle.flush()
+    finally:
+        handle.shutdown()
+
+
+@pytest.fixture
+async def repository(tmp_path: Path) -> AsyncIterator[Repository]:
+    """A repository with its own store, no hub."""
+    db = Database(str(tmp_path / "hub.db"))
+    try:
+        yield Repository(str(tmp_path / "repo"), db)
+    finally:
+        db.close()

@@ -10,7 +10,7 @@ import datetime as dt
 import errno
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -38,15 +38,6 @@ MIB = 1 << 20
 CHUNK = 64 << 10
 #: Noon UTC, 2026-06-01 (a Monday).
 MONDAY = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC).timestamp()
-
-
-@pytest.fixture
-async def repository(tmp_path: Path) -> AsyncIterator[Repository]:
-    db = Database(str(tmp_path / "hub.db"))
-    try:
-        yield Repository(str(tmp_path / "repo"), db)
-    finally:
-        db.close()
 
 
 def _write(path: str, index: int) -> None:

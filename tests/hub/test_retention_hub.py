@@ -11,7 +11,6 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import nbd
 import pytest
 
 from sendense_nbd.backup.records import Mode
@@ -22,7 +21,7 @@ from sendense_nbd.hub.service import Hub, HubConfig
 from sendense_nbd.policy.model import Policy
 from sendense_nbd.storage.modes import ImageFormat
 from tests.conftest import require, run
-from tests.hub.conftest import free_port_range
+from tests.hub.conftest import free_port_range, nbd_write
 from tests.hub.test_retention import _AcceptingNode
 
 pytestmark = pytest.mark.peer
@@ -53,17 +52,6 @@ async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
         await node.close()
 
 
-def _pwrite(uri: str, writes: list[tuple[int, bytes]]) -> None:
-    handle = nbd.NBD()
-    handle.connect_uri(uri)
-    try:
-        for offset, data in writes:
-            handle.pwrite(data, offset)
-        handle.flush()
-    finally:
-        handle.shutdown()
-
-
 async def _backup(
     hub: Hub, vm_path: str, change: str, writes: Sequence[tuple[int, bytes]] = (), policy: str | None = None
 ) -> None:
@@ -74,7 +62,7 @@ async def _backup(
     await clock.advance(3600)
     job = await hub.create_backup(BackupRequest(vm_path, Mode.AUTO, (DiskSpec(DISK, SIZE),), policy=policy))
     if writes:
-        await asyncio.to_thread(_pwrite, job.detail.disks[0].uri, list(writes))
+        await asyncio.to_thread(nbd_write, job.detail.disks[0].uri, list(writes))
     await hub.complete(job.id, Completion(vm_path, (ReportedDisk(DISK, change, None),)))
     await hub.settled()
 

@@ -15,13 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
 
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile
 from sendense_nbd.hub.verify import layer_chunks
 from tests.conftest import require, run
-from tests.hub.conftest import Api, HubProcess
+from tests.hub.conftest import Api, HubProcess, nbd_write
 
 pytestmark = pytest.mark.peer
 
@@ -31,23 +30,12 @@ KEY = 2000
 VM_A, VM_B = "/DC/vm/a", "/DC/vm/b"
 
 
-def _write(uri: str, writes: list[tuple[int, bytes]]) -> None:
-    handle = nbd.NBD()
-    handle.connect_uri(uri)
-    try:
-        for offset, data in writes:
-            handle.pwrite(data, offset)
-        handle.flush()
-    finally:
-        handle.shutdown()
-
-
 def _backup(api: Api, vm_path: str, writes: list[tuple[int, bytes]], mode: str = "auto") -> dict[str, Any]:
     """One backup job: the writes go into its export, then the completion is posted."""
     status, job = api.post("/backups", {"vm_path": vm_path, "mode": mode, "disks": [{"key": KEY, "capacity": SIZE}]})
     assert status == 201, job
     [disk] = job["detail"]["disks"]
-    _write(disk["uri"], writes)
+    nbd_write(disk["uri"], writes)
     body = {"status": "completed", "disks": [{"disk_key": KEY, "change_id": f"52 {job['job_id']}/1"}]}
     status, done = api.post(f"/backups/{job['job_id']}/complete", body)
     assert status == 200 and done["state"] == "completed", done

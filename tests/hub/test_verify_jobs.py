@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from sendense_nbd.copy.digests import DigestFile
 from sendense_nbd.errors import Conflict
 from sendense_nbd.hub import verify
 from sendense_nbd.hub.clock import ManualClock
-from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import Job, JobState, JobStore
 from sendense_nbd.hub.repository import Point, Repository, VerifyState
 from sendense_nbd.hub.requests import ReportedDisk
@@ -29,15 +27,6 @@ VM_X, VM_Y = "/DC0/vm/x", "/DC0/vm/y"
 DISK = 2000
 MIB = 1 << 20
 SMALL_CHUNK = 64 << 10
-
-
-@pytest.fixture
-async def repository(tmp_path: Path) -> AsyncIterator[Repository]:
-    db = Database(str(tmp_path / "hub.db"))
-    try:
-        yield Repository(str(tmp_path / "repo"), db)
-    finally:
-        db.close()
 
 
 async def _point(repository: Repository, vm_path: str, index: int) -> Point:
