@@ -52,6 +52,12 @@ ROUTES = (
     ("DELETE", "/policies/{job}"),
     ("POST", "/policies/{job}/run"),
     ("GET", "/status"),
+    ("POST", "/verify"),
+    ("GET", "/verify/{job}"),
+    ("GET", "/alerts"),
+    ("GET", "/repository"),
+    ("GET", "/nodes"),
+    ("GET", "/nodes/{job}"),
 )
 
 
@@ -101,6 +107,11 @@ def _body_for(route: str, outside: Path) -> st.SearchStrategy[Any]:
             optional={"action": _maybe(st.sampled_from(["export", "convert"])),
                       "format": _maybe(st.sampled_from(["raw", "qcow2"])), "path": _maybe(name)},
         )  # fmt: skip
+    if route == "/verify":
+        return st.one_of(
+            st.fixed_dictionaries({"vm_path": vm_path}),
+            st.fixed_dictionaries({"point_id": st.one_of(st.just("POINT"), TEXT)}, optional={"vm_path": vm_path}),
+        )
     if route.startswith("/policies"):
         schedule = st.one_of(
             st.fixed_dictionaries({"every": _maybe(st.sampled_from([3600, 86400]))}),
@@ -139,8 +150,9 @@ def requests(draw: st.DrawFn, seeds: dict[str, list[str]], outside: Path) -> tup
         method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
     job = draw(st.one_of(st.sampled_from(seeds["jobs"]), TEXT))
     path = route.replace("{job}", quote(job.encode("utf-8", "surrogatepass"), safe=""))
-    if method == "GET" and route in ("/backups", "/backups/changeid", "/points"):
-        query = draw(st.dictionaries(st.sampled_from(["vm_path", "disk_key", "x"]), TEXT, max_size=3))
+    if method == "GET" and route in ("/backups", "/backups/changeid", "/points", "/alerts"):
+        names = ["active", "kind", "limit", "x"] if route == "/alerts" else ["vm_path", "disk_key", "x"]
+        query = draw(st.dictionaries(st.sampled_from(names), TEXT, max_size=3))
         if draw(st.booleans()):
             query.setdefault("vm_path", VM)
         # Each value within 2000 characters: a request line over 8 KiB is refused by aiohttp's HTTP parser
