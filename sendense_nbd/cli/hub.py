@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import click
 
-from sendense_nbd.cli.hubclient import HubClient, hub_options
+from sendense_nbd.cli.hubclient import HubClient, hub_options, read_token
 from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
 
@@ -25,23 +25,6 @@ def _listen(text: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise click.BadParameter(f"{text!r}: expected HOST:PORT", param_hint="--listen")
     return host.strip("[]"), int(port)
-
-
-def _secret(path: str | None, option: str) -> str | None:
-    """A bearer token file's token; an empty or unusable one stops the start (it must never turn auth off)."""
-    from sendense_nbd.http_api import check_token
-
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read(65536).strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint=option) from exc
-    if not check_token(token):
-        problem = "is empty" if not token else "holds characters a bearer token cannot have (spaces, controls)"
-        raise click.BadParameter(f"{path} {problem}", param_hint=option)
-    return token
 
 
 def _alert_config(o: dict[str, Any]) -> AlertConfig:
@@ -136,8 +119,8 @@ def hub_command(**o: Any) -> None:
     from sendense_nbd.hub.ports import parse_range
 
     host, port = _listen(o["listen"])
-    token = _secret(o["token_file"], "--token-file")
-    o["node_token"] = _secret(o["node_token_file"], "--node-token-file")
+    token = read_token(o["token_file"])
+    o["node_token"] = read_token(o["node_token_file"], "--node-token-file")
     o["alerts"] = _alert_config(o)
     if token is None and not is_loopback(host):
         raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
@@ -295,13 +278,11 @@ def node_group() -> None:
 
 def _node_body(url: str | None, token_file: str | None, identity: str | None) -> dict[str, Any]:
     """The fields given, as the hub API takes them."""
-    from sendense_nbd.cli.hubclient import read_token
-
     body: dict[str, Any] = {}
     if url is not None:
         body["url"] = url
     if token_file is not None:
-        body["token"] = read_token(token_file)
+        body["token"] = read_token(token_file, "--node-token-file")
     if identity is not None:
         body["tunnel_identity"] = identity
     return body

@@ -86,17 +86,21 @@ def _refusal(exc: urllib.error.HTTPError, method: str, path: str) -> str:
     return " ".join(f"HTTP {exc.code} {code}: {message}".split())
 
 
-def read_token(path: str | None) -> str | None:
-    """The bearer token in ``path`` (first 64 KiB, stripped); an empty or unreadable file is an error."""
+def read_token(path: str | None, option: str = "--token-file") -> str | None:
+    """A bearer token file's token (first 64 KiB, stripped); an empty or unusable one is an error naming
+    ``option`` (it must never turn auth off)."""
+    from sendense_nbd.http_api import check_token
+
     if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read(65536).strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--token-file") from exc
-    if not token:
-        raise click.BadParameter(f"{path} is empty", param_hint="--token-file")
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint=option) from exc
+    if not check_token(token):
+        problem = "is empty" if not token else "holds characters a bearer token cannot have (spaces, controls)"
+        raise click.BadParameter(f"{path} {problem}", param_hint=option)
     return token
 
 
