@@ -93,6 +93,13 @@ def _relay(text: str) -> tuple[str, int]:
     show_default=True,
     help="Bytes a backup must leave free in the repository; a job expected to need more is refused (507).",
 )
+@click.option(
+    "--node-lost",
+    type=click.FloatRange(30, 86400),
+    default=120,
+    show_default=True,
+    help="Seconds a node may go unheard before its running backup jobs fail node_unavailable.",
+)
 @click.option("--alert-webhook", metavar="URL", help="POST each alert to this URL as JSON.")
 @click.option("--smtp", metavar="HOST[:PORT]", help="Mail alerts through this SMTP relay (port 25 by default).")
 @click.option("--smtp-starttls", is_flag=True, help="Use STARTTLS with the relay (its certificate is verified).")
@@ -159,6 +166,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
         min_free=o["min_free"],
+        node_lost=o["node_lost"],
         restore_dir=o["restore_dir"],
         alerts=o["alerts"],
     )

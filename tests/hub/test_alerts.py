@@ -413,6 +413,7 @@ def test_the_hub_command_mails_alerts_and_lists_them(
         (["--smtp", "relay", "--mail-to", "a@b", "--smtp-user", "ops", "--smtp-password-file", "/nonexistent/pw"],
          "cannot read it"),
         (["--low-space", "1.5"], "--low-space"),
+        (["--node-lost", "5"], "--node-lost"),
     ],
 )  # fmt: skip
 def test_bad_alert_options_stop_the_hub_before_it_starts(tmp_path: Path, options: list[str], words: str) -> None:
