@@ -311,11 +311,8 @@ class Scheduler:
                     if await self.hub.incrementals(item.vm_path) >= policy.full_every:
                         mode, reason = Mode.FULL, FullReason.CHAIN_CAP
                 job = await self.hub.start_policy_backup(policy, item.vm_path, mode, reason)
-        except SendenseError as exc:
-            job_id = getattr(exc, "job_id", None)
-            await self.store.set_item(
-                attrs.evolve(item, state=ItemState.DONE, job_id=job_id, note=f"failed: {exc}"[:500])
-            )
+        except SendenseError as exc:  # refused before any job was made (a failed start returns its job)
+            await self.store.set_item(attrs.evolve(item, state=ItemState.DONE, note=f"failed: {exc}"[:500]))
             return 0
         if job.state.terminal:
             await self.store.set_item(attrs.evolve(item, state=ItemState.DONE, job_id=job.id, note=_outcome(job)))
