@@ -98,9 +98,12 @@ def _read(connection: sqlite3.Connection, now: float) -> tuple[dict[str, Any], i
         "WHERE kind = 'backup' AND state = 'completed')"
     ).fetchone()
     durations = tuple(zip((*DURATION_BUCKETS, float("inf")), (count or 0 for count in row[:-1]), strict=True))
+    # As the scheduler's at-risk check (scheduler.last_good): every disk's newest good point, the oldest
+    # of those; a VM with a disk that has none has no good point.
     good = connection.execute(
-        "SELECT vm_path, MAX(completed) FROM points WHERE status = 'completed' AND completed IS NOT NULL "
-        "AND COALESCE(verify_state, 'unverified') != 'damaged' GROUP BY vm_path ORDER BY vm_path LIMIT ?",
+        "SELECT vm_path, MIN(newest) FROM (SELECT vm_path, MAX(CASE WHEN COALESCE(verify_state, 'unverified') "
+        "!= 'damaged' THEN completed END) AS newest FROM points WHERE status = 'completed' "
+        "GROUP BY vm_path, disk_key) GROUP BY vm_path HAVING COUNT(newest) = COUNT(*) ORDER BY vm_path LIMIT ?",
         (MAX_VMS + 1,),
     ).fetchall()
     points = {
@@ -150,7 +153,7 @@ class _Families(Collector):
         )
         age = GaugeMetricFamily(
             "sendense_last_good_point_age_seconds",
-            "Seconds since each VM's newest completed point that no verify found damaged.",
+            "Seconds since each VM's last good point: each disk's newest point no verify found damaged, the oldest.",
             labels=["vm"],
         )
         for vm, seconds in sorted(s.last_good.items()):
