@@ -32,7 +32,7 @@ from sendense_nbd.errors import (
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
-from sendense_nbd.hub.jobs import Job, JobKind
+from sendense_nbd.hub.jobs import Job, JobKind, JobQuery
 from sendense_nbd.hub.nodes import node_name, parse_edit, parse_node
 from sendense_nbd.hub.policy_api import policy_routes
 from sendense_nbd.hub.repository import Point
@@ -65,10 +65,12 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.get(PREFIX + "/backups", api.list_backups),
         web.get(PREFIX + "/backups/changeid", api.change_id),
         web.get(PREFIX + "/backups/{job}", api.get_backup),
+        web.get(PREFIX + "/backups/{job}/samples", api.samples),
         web.post(PREFIX + "/backups/{job}/progress", api.post_progress),
         web.get(PREFIX + "/backups/{job}/progress", api.get_progress),
         web.post(PREFIX + "/backups/{job}/complete", api.complete),
         web.delete(PREFIX + "/backups/{job}", api.cancel),
+        web.get(PREFIX + "/jobs", api.list_jobs),
         web.get(PREFIX + "/points", api.points),
         web.post(PREFIX + "/restores", api.restore),
         web.delete(PREFIX + "/restores/{job}", api.stop_restore),
@@ -105,6 +107,16 @@ class _Handlers:
         """GET /backups[?vm_path=]: the backup jobs, oldest first."""
         vm_path = None if request.query.get("vm_path") is None else _query_vm_path(request)
         return web.json_response({"backups": [_backup(job) for job in await self.hub.backups(vm_path)]})
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        """GET /jobs[?kind=&state=&vm_path=&policy=&node=&since=&before=&limit=]: jobs of every kind, newest first."""
+        jobs = await self.hub.jobs(JobQuery.from_query(request.query))
+        return web.json_response({"jobs": [_backup(job) for job in jobs]})
+
+    async def samples(self, request: web.Request) -> web.Response:
+        """GET /backups/{job}/samples: the job's bytes sent over time, ``[[t, bytes], ...]`` oldest first."""
+        found = await self.hub.job_samples(_job_id(request))
+        return web.json_response({"samples": [sample.to_json() for sample in found]})
 
     async def change_id(self, request: web.Request) -> web.Response:
         """GET /backups/changeid?vm_path=&disk_key=: where the disk's next incremental starts (404: none)."""

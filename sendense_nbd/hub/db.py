@@ -123,6 +123,20 @@ CREATE TABLE IF NOT EXISTS run_items (
     note TEXT,
     PRIMARY KEY (run_id, vm_path)
 );
+CREATE TABLE IF NOT EXISTS job_samples (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    t REAL NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE IF NOT EXISTS space_samples (
+    t REAL NOT NULL,
+    total INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    free INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS space_samples_time ON space_samples (t);
 """
 
 
@@ -140,6 +154,7 @@ class Database:
         # executescript commits by itself: it runs outside a transaction.
         self._worker.submit(lambda: self._connection().executescript(SCHEMA)).result()
         self.call(_add_columns)
+        self.call(_add_indexes)
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -206,6 +221,21 @@ def _add_columns(connection: sqlite3.Connection) -> None:
     for table, column, kind in ADDED_COLUMNS:
         if column not in {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}:
             connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+#: Indexes on columns an older store may lack until :data:`ADDED_COLUMNS` are added: ``(name, table, columns)``.
+ADDED_INDEXES = (
+    ("jobs_created", "jobs", "created"),
+    ("jobs_kind", "jobs", "kind, created"),
+    ("jobs_state", "jobs", "state, created"),
+    ("jobs_policy", "jobs", "policy, created"),
+    ("jobs_node", "jobs", "node, created"),
+)
+
+
+def _add_indexes(connection: sqlite3.Connection) -> None:
+    for name, table, columns in ADDED_INDEXES:
+        connection.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})")
 
 
 def rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:

@@ -16,25 +16,31 @@ A job also says why it did what it did: its node and policy, why it was a
 full copy (``full_reason``, a :class:`~sendense_nbd.backup.records.FullReason`
 code), the bytes that changed and were sent, and its ``stages`` with their
 times (``queued``, then each stage its node reports, then the hub's
-``completing`` and ``retention``), read from the hub's clock.
+``completing`` and ``retention``), read from the hub's clock, and its bytes
+sent over time (:mod:`~sendense_nbd.hub.samples`). :class:`JobQuery` filters
+the jobs for a list, newest first.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 import sqlite3
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
+from sendense_nbd import fields
 from sendense_nbd.backup.records import FullReason, Mode, SyncType
-from sendense_nbd.errors import Conflict, JobStateError, UnknownJob
+from sendense_nbd.errors import BadRequest, Conflict, JobStateError, UnknownJob
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.requests import Failure, NodeStage, Progress, RestoreAction
+from sendense_nbd.hub.samples import Sample, add_sample, delete_samples, read_samples
 from sendense_nbd.storage.modes import ImageFormat
 
 
@@ -363,6 +369,92 @@ def _dump(value: Failure | Progress | Detail) -> str | None:
 
 #: Finished jobs kept per VM and kind (the newest); older ones are pruned every hour.
 JOB_HISTORY = 500
+#: Most jobs one query lists.
+MAX_QUERY = 1000
+#: ``limit`` as given: 1-4 ASCII digits.
+_LIMIT = re.compile(r"[0-9]{1,4}")
+#: A time as given: epoch seconds, ASCII digits with an optional fraction.
+_EPOCH = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?")
+_QUERY_FIELDS = ("kind", "state", "vm_path", "policy", "node", "since", "before", "limit")
+
+
+@attrs.frozen(kw_only=True)
+class JobQuery:
+    """Which jobs to list: every filter given must match (``since`` <= created < ``before``), newest first,
+    at most ``limit``."""
+
+    kind: JobKind | None = None
+    state: JobState | None = None
+    vm_path: str | None = None
+    policy: str | None = None
+    node: str | None = None
+    #: Epoch seconds (the job's ``created``).
+    since: float | None = None
+    before: float | None = None
+    limit: int = attrs.field(default=100, validator=[attrs.validators.ge(1), attrs.validators.le(MAX_QUERY)])
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> JobQuery:
+        """Parse a query string (an empty value is no filter, as a form's blank field); :class:`BadRequest`
+        naming the parameter on anything else."""
+        unknown = sorted(set(query) - set(_QUERY_FIELDS))
+        if unknown:
+            raise BadRequest(f"unknown query parameter {unknown[0][:40]!r} (known: {', '.join(_QUERY_FIELDS)})")
+        given = {name: value for name, value in query.items() if value != ""}
+        limit = given.get("limit", "100")
+        if not _LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_QUERY:
+            raise BadRequest(f"limit must be an integer from 1 to {MAX_QUERY}")
+        return cls(
+            kind=None if "kind" not in given else fields.choice(given["kind"], "kind", JobKind),
+            state=None if "state" not in given else fields.choice(given["state"], "state", JobState),
+            vm_path=None if "vm_path" not in given else fields.vm_path(given["vm_path"]),
+            policy=None if "policy" not in given else _name(given["policy"], "policy"),
+            node=None if "node" not in given else _name(given["node"], "node"),
+            since=None if "since" not in given else _epoch(given["since"], "since"),
+            before=None if "before" not in given else _epoch(given["before"], "before"),
+            limit=int(limit),
+        )
+
+    def to_query(self) -> dict[str, str]:
+        """The query string's parameters (the filters given; ``limit`` always)."""
+        values = {"kind": self.kind and self.kind.value, "state": self.state and self.state.value,
+                  "vm_path": self.vm_path, "policy": self.policy, "node": self.node,
+                  "since": None if self.since is None else repr(self.since),
+                  "before": None if self.before is None else repr(self.before)}  # fmt: skip
+        return {**{name: value for name, value in values.items() if value is not None}, "limit": str(self.limit)}
+
+    def where(self) -> tuple[str, list[object]]:
+        """The SQL condition and its arguments."""
+        sql, args = "1", list[object]()
+        for column, value in (
+            ("kind", self.kind and self.kind.value), ("state", self.state and self.state.value),
+            ("vm_path", self.vm_path), ("policy", self.policy), ("node", self.node),
+        ):  # fmt: skip
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        if self.since is not None:
+            sql, args = sql + " AND created >= ?", [*args, self.since]
+        if self.before is not None:
+            sql, args = sql + " AND created < ?", [*args, self.before]
+        return sql, args
+
+
+def _name(value: str, name: str) -> str:
+    """A policy's or node's name (1-128 of ``A-Z a-z 0-9 . _ : -``)."""
+    checked = fields.identifier(value)
+    if checked is None:
+        raise BadRequest(
+            f"{name} must be 1-128 of letters, digits, '.', '_', ':', '-' (starting with a letter or digit)"
+        )
+    return checked
+
+
+def _epoch(value: str, name: str) -> float:
+    """Epoch seconds as a query gives them."""
+    if not _EPOCH.fullmatch(value):
+        raise BadRequest(f"{name} must be a time in epoch seconds (digits, an optional fraction)")
+    return float(value)
 
 
 class JobStore:
@@ -413,17 +505,21 @@ class JobStore:
         return job
 
     async def prune(self, keep: int = JOB_HISTORY) -> int:
-        """Forget the finished jobs of each VM (and kind) past its newest ``keep``; how many went."""
+        """Forget the finished jobs of each VM (and kind) past its newest ``keep``, with their samples; how
+        many went."""
         ended = [state.value for state in JobState if state.terminal]
         marks = ", ".join("?" * len(ended))
 
         def delete(connection: sqlite3.Connection) -> int:
-            cursor = connection.execute(
-                f"DELETE FROM jobs WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY "
-                f"vm_path, kind ORDER BY created DESC) AS n FROM jobs WHERE state IN ({marks})) WHERE n > ?)",
+            found = connection.execute(
+                f"SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY vm_path, kind ORDER BY created DESC) "
+                f"AS n FROM jobs WHERE state IN ({marks})) WHERE n > ?",
                 (*ended, keep),
             )
-            return cursor.rowcount
+            gone = [row[0] for row in found]
+            delete_samples(connection, gone)
+            connection.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in gone])
+            return len(gone)
 
         return await self.db.run(delete)
 
@@ -466,6 +562,22 @@ class JobStore:
             raise UnknownJob(f"no job {job_id}")
         return Job.from_row(found[0])
 
+    async def query(self, query: JobQuery) -> list[Job]:
+        """The jobs that match ``query``, newest first, at most ``query.limit``."""
+        where, args = query.where()
+        sql = f"SELECT * FROM jobs WHERE {where} ORDER BY created DESC, rowid DESC LIMIT ?"
+        found = await self.db.run(lambda connection: rows(connection.execute(sql, (*args, query.limit))))
+        return [Job.from_row(r) for r in found]
+
+    async def samples(self, job_id: str) -> list[Sample]:
+        """A job's bytes sent over time, oldest first; :class:`UnknownJob` if there is no such job."""
+
+        def read(connection: sqlite3.Connection) -> list[Sample]:
+            self._state(connection, job_id)
+            return read_samples(connection, job_id)
+
+        return await self.db.run(read)
+
     async def list(
         self, *, vm_path: str | None = None, kind: JobKind | None = None, state: JobState | None = None
     ) -> list[Job]:
@@ -496,7 +608,8 @@ class JobStore:
         outcome: Outcome | None = None,
     ) -> Job:
         """Move a job to ``state`` (atomically checked); :class:`JobStateError` if it cannot. A terminal
-        state ends the running stage; ``outcome`` records the completion's reason and byte counts."""
+        state ends the running stage; ``outcome`` records the completion's reason and byte counts (the
+        bytes sent also as the job's last sample)."""
         now = self.clock.now()
 
         def move(connection: sqlite3.Connection) -> None:
@@ -517,12 +630,15 @@ class JobStore:
                     (None if outcome.full_reason is None else outcome.full_reason.value, outcome.bytes_changed,
                      outcome.bytes_sent, job_id),
                 )  # fmt: skip
+                if outcome.bytes_sent is not None:
+                    add_sample(connection, job_id, now, outcome.bytes_sent)
 
         await self.db.run(move)
         return await self.get(job_id)
 
     async def set_progress(self, job_id: str, progress: Progress) -> Job:
-        """Record a job's latest progress; a running report on a finished job is refused.
+        """Record a job's latest progress (and its bytes sent as a sample); a running report on a finished
+        job is refused.
 
         A report with the node's stage history (``stages``, ``elapsed_seconds``) sets the job's node
         stages (:func:`with_node_stages`; also the final report, after the hub completed the job). An
@@ -537,6 +653,8 @@ class JobStore:
             connection.execute(
                 "UPDATE jobs SET progress = ?, updated = ? WHERE id = ?", (_dump(progress), time.time(), job_id)
             )
+            if progress.bytes_transferred is not None:
+                add_sample(connection, job_id, now, int(progress.bytes_transferred))
             if progress.stages is not None and progress.elapsed_seconds is not None:
                 origin = now - progress.elapsed_seconds
                 stages = with_node_stages(

@@ -66,6 +66,7 @@ from sendense_nbd.hub.jobs import (
     ExportDetail,
     Job,
     JobKind,
+    JobQuery,
     JobState,
     JobStore,
     Outcome,
@@ -77,6 +78,7 @@ from sendense_nbd.hub.nodes import DEFAULT, HEALTH_CONCURRENCY, JOB_GRACE, NODE_
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
+from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.policy.model import Policy, Retention
@@ -326,6 +328,15 @@ class Hub:
     async def job(self, job_id: str) -> Job:
         """Any job by ID; :class:`UnknownJob` if there is none."""
         return await self._jobs.get(job_id)
+
+    async def jobs(self, query: JobQuery) -> list[Job]:
+        """The jobs of every kind that match ``query``, newest first, at most ``query.limit``."""
+        return await self._jobs.query(query)
+
+    async def job_samples(self, job_id: str) -> list[Sample]:
+        """A job's bytes sent over time (at each progress report and at completion), oldest first;
+        :class:`UnknownJob` if there is no such job."""
+        return await self._jobs.samples(job_id)
 
     async def backups(self, vm_path: str | None = None) -> list[Job]:
         """The backup jobs (of one VM, when given), oldest first."""

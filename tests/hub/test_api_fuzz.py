@@ -37,6 +37,8 @@ ROUTES = (
     ("GET", "/backups"),
     ("GET", "/backups/changeid"),
     ("GET", "/backups/{job}"),
+    ("GET", "/backups/{job}/samples"),
+    ("GET", "/jobs"),
     ("POST", "/backups/{job}/progress"),
     ("GET", "/backups/{job}/progress"),
     ("POST", "/backups/{job}/complete"),
@@ -59,6 +61,15 @@ ROUTES = (
     ("GET", "/nodes"),
     ("GET", "/nodes/{job}"),
 )
+
+#: The query parameters each route with a query takes (and one it does not).
+QUERIES = {
+    "/backups": ["vm_path", "disk_key", "x"],
+    "/backups/changeid": ["vm_path", "disk_key", "x"],
+    "/points": ["vm_path", "disk_key", "x"],
+    "/alerts": ["active", "kind", "limit", "x"],
+    "/jobs": ["kind", "state", "vm_path", "policy", "node", "since", "before", "limit", "x"],
+}
 
 
 def running_hub(repo: Path, node_url: str) -> AppThread:
@@ -150,8 +161,8 @@ def requests(draw: st.DrawFn, seeds: dict[str, list[str]], outside: Path) -> tup
         method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
     job = draw(st.one_of(st.sampled_from(seeds["jobs"]), TEXT))
     path = route.replace("{job}", quote(job.encode("utf-8", "surrogatepass"), safe=""))
-    if method == "GET" and route in ("/backups", "/backups/changeid", "/points", "/alerts"):
-        names = ["active", "kind", "limit", "x"] if route == "/alerts" else ["vm_path", "disk_key", "x"]
+    if method == "GET" and route in QUERIES:
+        names = QUERIES[route]
         query = draw(st.dictionaries(st.sampled_from(names), TEXT, max_size=3))
         if draw(st.booleans()):
             query.setdefault("vm_path", VM)
