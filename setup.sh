@@ -10,6 +10,9 @@ cd "$(dirname "$(readlink -f "$0")")"
 DEBIAN_PACKAGES=(
     qemu-utils nbdkit nbdkit-plugin-python libnbd-bin nbd-server python3-libnbd time
     openssh-client openssh-server python3 python3-venv python3-pip
+    # The console's browser tests: headless chromium (driven by Playwright) and fonts it renders text with
+    # (--no-install-recommends leaves fonts-liberation out).
+    chromium fonts-liberation fonts-dejavu-core
 )
 
 install_debian_packages() {

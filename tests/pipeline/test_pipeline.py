@@ -1,149 +1,23 @@
-"""The whole pipeline on one machine: vcsim, the hub (with its SSH endpoint), the node, and the node's
-SSH tunnel carrying the hub's NBD ports and API to the node and the node API back to the hub.
-One run puts a delay relay (tests/pipeline/relay.py) between the tunnel and the hub's SSH endpoint, as a WAN.
-
-Addresses keep the two sides apart: the hub listens on 127.0.0.1; the node and the tunnel's local
-ends on 127.0.0.2 (so the node reaches the hub only through the tunnel); the node API on 127.0.0.3,
-reached by the hub only through the reverse forward.
-"""
+"""The whole pipeline on one machine (tests/pipeline/stack.py): backups through the node's SSH tunnel survive the
+tunnel's failure, and cross a relay adding 50 ms of round trip byte for byte."""
 
 from __future__ import annotations
 
-import json
 import os
-import select
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import pytest
 
-from tests.conftest import require, run
-from tests.hub.conftest import Api, HubProcess, free_port_range
-from tests.node.test_node import NodeProcess, write_config
-from tests.peers import slow_nbdkit
-from tests.pipeline.relay import DelayRelay
+from tests.hub.conftest import Api, HubProcess
+from tests.node.test_node import NodeProcess
+from tests.pipeline.stack import MIB, NODE_SIDE, VM_PATH, Pipeline
 from tests.vmware.vsphere import running_vcsim, vmdisk
 
 pytestmark = pytest.mark.peer
-
-MIB = 1 << 20
-VM_PATH = "/DC0/vm/DC0_H0_VM0"
-HUB, NODE_SIDE, NODE_API_HOST = "127.0.0.1", "127.0.0.2", "127.0.0.3"
-
-
-class TunnelProcess:
-    def __init__(self, command: list[str]) -> None:
-        self.command = command
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line or not json.loads(line).get("connected"):
-            self.proc.kill()
-            raise AssertionError(f"the tunnel did not come up: {line!r} {self.proc.communicate()[1].decode()}")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-class Pipeline:
-    """Keys, the node, the hub and the tunnel; ``slow_source`` makes every disk read take 3 s, ``rtt`` (seconds)
-    puts a delay relay adding that round trip between the tunnel and the hub's SSH endpoint."""
-
-    def __init__(
-        self,
-        root: Path,
-        vcsim: dict[str, Any],
-        hub_factory: Callable[..., HubProcess],
-        *,
-        slow_source: bool = True,
-        rtt: float | None = None,
-    ) -> None:
-        self.root, self.vcsim = root, vcsim
-        keys = root / "keys"
-        keys.mkdir()
-        host_key, client_key = (
-            asyncssh.generate_private_key("ssh-ed25519"),
-            asyncssh.generate_private_key("ssh-ed25519"),
-        )
-        host_key.write_private_key(str(keys / "host"))
-        client_key.write_private_key(str(keys / "client"))
-        (keys / "authorized_keys").write_bytes(client_key.export_public_key())
-        self.client_key = keys / "client"
-        ports = free_port_range(7)
-        self.nbd_ports = ports[:4]
-        api_port, ssh_port, node_reverse = ports[4:]
-        self.ssh_port, self.api_port, self.node_reverse = ssh_port, api_port, node_reverse
-        # A slow source (3 s per read) so that the tunnel can be killed while data flows.
-        nbdkit = str(slow_nbdkit(root)) if slow_source else require("nbdkit")
-        node_dir = root / "node"
-        node_dir.mkdir()
-        self.node = NodeProcess(write_config(node_dir, vcsim, nbdkit=nbdkit), listen=f"{NODE_API_HOST}:0")
-        self.hub = hub_factory(
-            f"http://{HUB}:{node_reverse}",
-            "--listen", f"{HUB}:{api_port}", "--nbd-advertise", NODE_SIDE,
-            "--public-url", f"http://{NODE_SIDE}:{api_port}",
-            "--ssh-listen", f"{HUB}:{ssh_port}", "--ssh-host-key", str(keys / "host"),
-            "--ssh-authorized-keys", str(keys / "authorized_keys"), "--ssh-node-api", f"{HUB}:{node_reverse}",
-            "--job-timeout", "15",
-            ports=self.nbd_ports,
-        )  # fmt: skip
-        self.api = Api(self.hub.url)
-        self.relay = DelayRelay((HUB, ssh_port), rtt=rtt).start() if rtt is not None else None
-        # The tunnel reaches the SSH endpoint directly, or through the relay (then known by the relay's port).
-        self.endpoint_port = self.relay.port if self.relay is not None else ssh_port
-        self.known_hosts = keys / "known_hosts"
-        self.known_hosts.write_bytes(f"[{HUB}]:{self.endpoint_port} ".encode() + host_key.export_public_key())
-        try:
-            self.tunnel = self.start_tunnel()
-        except BaseException:
-            self.close(tunnel=False)
-            raise
-
-    def close(self, *, tunnel: bool = True) -> None:
-        """Stop the tunnel, the node and the relay (the hub fixture stops the hub)."""
-        if tunnel:
-            self.tunnel.kill()
-        self.node.stop()
-        if self.relay is not None:
-            self.relay.close()
-
-    def start_tunnel(self) -> TunnelProcess:
-        node_port = self.node.url.rsplit(":", 1)[1]
-        return TunnelProcess([
-            str(Path(sys.executable).parent / "sendense-backup"), "tunnel",
-            "--hub", f"{HUB}:{self.endpoint_port}", "--key", str(self.client_key),
-            "--known-hosts", str(self.known_hosts),
-            "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}", "--listen-host", NODE_SIDE,
-            "--dest-host", HUB, "--forward", f"{NODE_SIDE}:{self.api_port}={HUB}:{self.api_port}",
-            "--remote-forward", f"{HUB}:{self.node_reverse}={NODE_API_HOST}:{node_port}",
-            "--connections", "2", "--backoff-max", "2",
-        ])  # fmt: skip
-
-    def disk_copies(self, name: str) -> dict[int, Path]:
-        vm = next(v for v in self.vcsim["vms"] if v["path"] == VM_PATH)
-        copies = {}
-        for disk in vm["disks"]:
-            copies[disk["key"]] = self.root / f"{name}-{disk['key']}.raw"
-            shutil.copyfile(disk["path"], copies[disk["key"]])
-        return copies
-
-    def verify(self, job: dict[str, Any], expected: dict[int, Path]) -> None:
-        points = self.api.get(f"/points?vm_path={VM_PATH}")[1]["points"]
-        for disk in job["detail"]["disks"]:
-            point = next(p for p in points if p["id"] == disk["point_id"])
-            run(require("qemu-img"), "check", point["path"])
-            run(require("qemu-img"), "compare", "-F", "raw", point["path"], str(expected[disk["disk_key"]]))
 
 
 @pytest.fixture(scope="module")
