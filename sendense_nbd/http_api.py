@@ -50,14 +50,19 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def error_middleware(token: str | None, errors: ErrorMap) -> Any:
-    """Bearer auth (when ``token``) and every failure as a JSON error with a code."""
+def error_middleware(token: str | None, errors: ErrorMap, *, scope: Callable[[web.Request], bool] | None = None) -> Any:
+    """Bearer auth (when ``token``) and every failure as a JSON error with a code.
+
+    With ``scope``, only the requests it picks are the API's; the others pass by untouched.
+    """
     if token is not None and not check_token(token):
         raise ValueError("a bearer token is visible ASCII without spaces; an empty one would turn auth off")
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if scope is not None and not scope(request):
+            return await handler(request)
         if token is not None:
             given = request.headers.get("Authorization", "").encode("utf-8", "replace")
             if not hmac.compare_digest(given, expected):

@@ -32,11 +32,13 @@ from sendense_nbd.errors import (
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
+from sendense_nbd.hub.console.app import is_api, setup_console
 from sendense_nbd.hub.jobs import Job, JobKind, JobQuery
 from sendense_nbd.hub.nodes import node_name, parse_edit, parse_node
 from sendense_nbd.hub.policy_api import policy_routes
 from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
+from sendense_nbd.hub.space_history import history_hours
 from sendense_nbd.hub.verify import VerifyRequest
 
 PREFIX = "/api/v1"
@@ -58,7 +60,8 @@ _ERRORS: ErrorMap = [
 
 
 def build_app(hub: Hub, *, token: str | None) -> web.Application:
-    """The API over ``hub``; every body and query is parsed by :mod:`~sendense_nbd.hub.requests` first."""
+    """The API over ``hub`` (every body and query is parsed by :mod:`~sendense_nbd.hub.requests` first),
+    and the web console on the same application (:mod:`~sendense_nbd.hub.console`)."""
     api = _Handlers(hub)
     routes = [  # in matching order: /backups/changeid before /backups/{job}
         web.post(PREFIX + "/backups", api.create_backup),
@@ -76,6 +79,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.delete(PREFIX + "/restores/{job}", api.stop_restore),
         web.get(PREFIX + "/ports", api.ports),
         web.get(PREFIX + "/repository", api.repository),
+        web.get(PREFIX + "/repository/history", api.repository_history),
         web.get(PREFIX + "/nodes", api.list_nodes),
         web.post(PREFIX + "/nodes", api.add_node),
         web.get(PREFIX + "/nodes/{name}", api.get_node),
@@ -87,8 +91,9 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.get(PREFIX + "/alerts", api.alerts),
         web.get("/metrics", api.metrics),
     ]
-    app = web.Application(middlewares=[error_middleware(token, _ERRORS)], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[error_middleware(token, _ERRORS, scope=is_api)], client_max_size=MAX_BODY)
     app.add_routes(routes + policy_routes(PREFIX, hub))
+    setup_console(app, hub, token=token, errors=_ERRORS)
     return app
 
 
@@ -228,6 +233,12 @@ class _Handlers:
     async def repository(self, request: web.Request) -> web.Response:
         """GET /repository: the repository's space (bytes) and its completed points."""
         return web.json_response((await self.hub.repository_usage()).to_json())
+
+    async def repository_history(self, request: web.Request) -> web.Response:
+        """GET /repository/history[?hours=N]: the space samples of the last N hours (default 168), oldest first."""
+        since = self.hub.clock.now() - history_hours(request.query) * 3600.0
+        samples = await self.hub.space_history(since)
+        return web.json_response({"since": since, "samples": [sample.to_json() for sample in samples]})
 
 
 def _job_id(request: web.Request) -> str:

@@ -1,0 +1,23 @@
+// The console's own script: times in the browser's time zone. Everything else is htmx or plain HTML.
+(function () {
+  "use strict";
+  var format = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "2-digit", day: "2-digit",
+    hour: "2-digit", minute: "2-digit", second: "2-digit", timeZoneName: "short"
+  });
+
+  function localTimes(root) {
+    root.querySelectorAll("time[datetime]").forEach(function (element) {
+      var when = new Date(element.getAttribute("datetime"));
+      if (!isNaN(when.getTime()) && !element.dataset.local) {
+        element.title = element.textContent;
+        element.textContent = format.format(when);
+        element.dataset.local = "1";
+      }
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
+  document.addEventListener("htmx:afterSwap", function (event) { localTimes(event.target); });
+  document.addEventListener("htmx:sseMessage", function (event) { localTimes(event.target); });
+})();
