@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up sendense-nbd on Debian 12 (as root) and run something with it.
 #
-#   ./setup.sh run    install, then run the main job end-to-end (examples/main_job.py)
+#   ./setup.sh run    install, then run the main job end-to-end (examples/main_job.py);
+#                     ./setup.sh run --keep leaves the hub and its web console up until Ctrl-C
 #   ./setup.sh test   install, then run the whole test suite
 #   ./setup.sh        install only
 set -euo pipefail
@@ -43,7 +44,7 @@ install_venv
 simulator/build-vcsim.sh >/dev/null
 
 case "${1:-}" in
-    run) exec .venv/bin/python examples/main_job.py ;;
+    run) exec .venv/bin/python examples/main_job.py "${@:2}" ;;
     test) exec .venv/bin/python -m pytest -q -p no:cacheprovider tests ;;
     "") echo "setup: done; next: ./setup.sh run, or ./setup.sh test" >&2 ;;
     *) echo "usage: $0 [run|test]" >&2; exit 2 ;;

@@ -14,8 +14,9 @@
    scheduler runs it twice (full, then incremental), its points are verified against their digests,
    and ``sendense-nbd status`` is printed (``examples/pipeline.py``).
 
-Run it with ``./setup.sh run``, or ``.venv/bin/python examples/main_job.py
-[--size 1G] [--workdir DIR]``.
+Run it with ``./setup.sh run [--keep]``, or ``.venv/bin/python examples/main_job.py
+[--size 256] [--workdir DIR] [--keep]``. It prints the hub's web console URL; with ``--keep`` the
+hub, node, tunnel and simulator stay up (the console shows the run) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="disk size in MiB")
     parser.add_argument("--workdir", type=Path, help="where to put the images (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="leave the hub and its web console running until Ctrl-C")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sendense-main-job-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -109,7 +111,16 @@ def main() -> None:
         asyncio.run(copy_and_verify(source, target, args.size * MiB, data))
     print()
     pipeline = Path(__file__).with_name("pipeline.py")
-    subprocess.run([sys.executable, str(pipeline), "--size-mb", str(min(args.size, 64))], check=True)
+    keep = ["--keep"] if args.keep else []
+    proc = subprocess.Popen([sys.executable, str(pipeline), "--size-mb", str(min(args.size, 64)), *keep])
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:  # --keep ends with Ctrl-C: the pipeline got it too and stops what it started
+            continue
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -228,10 +228,26 @@ def by_api(api: str, vc: dict[str, Any], vm: dict[str, Any], size: int, rng: ran
     verify(api, backup(api, "auto"), expected)
 
 
+def keep_running(console: str) -> None:
+    """Leave every process up until Ctrl-C (``--keep``): the console shows what the run made."""
+    host_port = console.removeprefix("http://").rstrip("/")
+    print(
+        f"--keep: the hub, node, tunnel and vcsim stay up; open {console} (from another machine:"
+        f" ssh -L 8080:{host_port} this-host, then http://127.0.0.1:8080/). Ctrl-C stops them.",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=64, help="size of each virtual disk")
     parser.add_argument("--workdir", type=Path, help="where to put everything (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="leave the hub and its console running until interrupted")
     args = parser.parse_args()
     rng = random.Random(11)
     processes: list[subprocess.Popen[bytes]] = []
@@ -245,6 +261,10 @@ def main() -> None:
             vm = next(v for v in vc["vms"] if v["path"] == VM_PATH)
             by_api(api, vc, vm, args.size_mb * MiB, rng, work)
             operate(api, vc, rng)
+            console = api.removesuffix("/api/v1") + "/"
+            print(f"web console: {console} (no login: this hub listens on loopback without a token)")
+            if args.keep:
+                keep_running(console)
         finally:
             for proc in reversed(processes):
                 proc.terminate()
