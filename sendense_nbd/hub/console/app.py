@@ -6,6 +6,7 @@ own middleware leaves every path outside ``/api/`` and ``/metrics`` to the conso
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -114,6 +115,7 @@ class _Login:
 
     def __init__(self, sessions: auth.Sessions, token: str | None) -> None:
         self.sessions, self.token = sessions, token
+        self._guesses = asyncio.Lock()  # wrong tokens are answered one at a time, each after a delay
 
     async def form(self, request: web.Request) -> web.Response:
         """GET /login: the form, with a one-time token in a cookie against login CSRF."""
@@ -134,7 +136,8 @@ class _Login:
         if not expected or not auth.token_matches(form.get("csrf", ""), expected):
             raise web.HTTPForbidden(reason="the login form expired: reload it and log in again")
         if self.token is not None and not auth.token_matches(form.get("token", ""), self.token):
-            await auth.refuse_login()
+            async with self._guesses:
+                await auth.refuse_login()
             return self._form(request, error="That is not the hub's API token.", status=401)
         session = self.sessions.open()
         response = web.HTTPSeeOther(auth.safe_next(form.get("next")))

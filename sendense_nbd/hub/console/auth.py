@@ -33,7 +33,7 @@ IDLE = 8 * 3600.0
 LIFETIME = 24 * 3600.0
 #: Messages kept for a session's next page.
 MAX_FLASH = 8
-#: A failed login answers after this many seconds (a guess costs time).
+#: A failed login answers after this many seconds, one at a time (a guess costs time).
 FAILED_LOGIN_DELAY = 0.5
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 #: What a console page may load and where its forms may go: this origin only, no inline script or style.
