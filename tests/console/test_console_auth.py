@@ -135,3 +135,17 @@ async def test_the_live_feed_sends_the_running_jobs_fragment(tmp_path: Path) -> 
             assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
             lines = [await asyncio.wait_for(stream.content.readline(), 5) for _ in range(3)]
         assert lines[0] == b"event: running\r\n" and b"No job is running." in b"".join(lines)
+
+
+async def test_the_cookie_is_secure_behind_a_tls_proxy(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), aiohttp.ClientSession() as session:
+        headers = {"X-Forwarded-Proto": "https"}
+        async with session.get(url + "/login", headers=headers) as answer:
+            nonce = answer.cookies[auth.LOGIN_COOKIE]
+            assert nonce["secure"] is True
+        data = {"csrf": nonce.value, "token": TOKEN}  # a Secure cookie is not sent over plain HTTP: by hand
+        headers["Cookie"] = f"{auth.LOGIN_COOKIE}={nonce.value}"
+        async with session.post(url + "/login", data=data, headers=headers, allow_redirects=False) as answer:
+            assert answer.status == 303 and answer.cookies[auth.COOKIE]["secure"] is True
+        async with session.get(url + "/login") as answer:
+            assert not answer.cookies[auth.LOGIN_COOKIE]["secure"]

@@ -130,10 +130,10 @@ async def checked_form(request: web.Request) -> MultiDictProxy[str]:
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: float) -> None:
-    """A cookie scripts cannot read and other sites cannot send."""
-    response.set_cookie(
-        name, value, max_age=int(max_age), path="/", httponly=True, samesite="Strict", secure=request.secure
-    )
+    """A cookie scripts cannot read and other sites cannot send; Secure when the browser came over HTTPS
+    (to the hub, or to a TLS proxy that says so in ``X-Forwarded-Proto``)."""
+    secure = request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+    response.set_cookie(name, value, max_age=int(max_age), path="/", httponly=True, samesite="Strict", secure=secure)
 
 
 def console_middleware(sessions: Sessions, token: str | None, public: tuple[str, ...]) -> Any:
