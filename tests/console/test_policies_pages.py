@@ -182,7 +182,7 @@ async def test_a_refused_form_shows_the_sentence_and_keeps_what_was_typed(consol
     assert "retention.keep_last" in page.lower() and 'action="/policies/nightly/edit"' in page
     assert (await console.hub.scheduler.store.get("nightly")).policy.retention.keep_last == 3
     missing = await console.page("/policies/nothing", status=404)
-    assert "No policy &#39;nothing&#39;" in missing and "application/json" not in missing
+    assert "no policy &#39;nothing&#39;" in missing and "application/json" not in missing
 
 
 async def test_run_now_opens_a_run_and_a_second_one_is_refused_with_the_sentence(console: Console) -> None:

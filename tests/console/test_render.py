@@ -34,7 +34,7 @@ def test_a_time_is_an_escaped_time_element_in_utc() -> None:
 
 def test_errors_read_as_the_hubs_sentences_with_the_apis_statuses() -> None:
     exc = Conflict("policy nightly has a backup run open (r1); wait for it to end", "run_open")
-    assert render.message_for(exc) == "Policy nightly has a backup run open (r1); wait for it to end"
+    assert render.message_for(exc) == "policy nightly has a backup run open (r1); wait for it to end"
     assert render.status_for(exc, _ERRORS) == 409
     assert render.status_for(UnknownPolicy("no policy 'x'"), _ERRORS) == 404
     assert render.status_for(RuntimeError("boom"), _ERRORS) == 500

@@ -8,6 +8,7 @@ they escaped themselves.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -47,11 +48,12 @@ async def page_context(request: web.Request) -> dict[str, Any]:
 
 
 def base_context(request: web.Request) -> dict[str, Any]:
-    """What every template gets: the CSRF token, the messages to show, the hub's time, the current path."""
+    """What every template gets: the CSRF token, ``take_flashes()`` (the messages to show, taken when the page
+    is drawn, so a handler's own flash shows too), the hub's time, the current path."""
     session = request.get(auth.SESSION)
     return {
         "csrf_token": "" if session is None else session.csrf,
-        "flashes": auth.take_flashes(request),
+        "take_flashes": functools.partial(auth.take_flashes, request),
         "now": request.app[CLOCK].now(),
         "path": request.path,
         "logged_in": session is not None,
@@ -62,8 +64,7 @@ def message_for(exc: BaseException) -> str:
     """An error as an operator reads it: the hub's own sentence, never JSON."""
     if isinstance(exc, web.HTTPException):
         return exc.reason
-    text = str(exc).strip() or type(exc).__name__
-    return text[:1].upper() + text[1:]
+    return str(exc).strip() or type(exc).__name__
 
 
 def status_for(exc: BaseException, errors: ErrorMap) -> int:
