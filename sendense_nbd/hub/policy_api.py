@@ -1,4 +1,4 @@
-"""The hub API's operating calls: ``/policies`` (with run-now and their runs) and ``/status``.
+"""The hub API's operating calls: ``/policies`` (with run-now, their runs and a retention preview) and ``/status``.
 
 Handlers parse with :mod:`sendense_nbd.policy.model` and call the hub's
 :class:`~sendense_nbd.hub.scheduler.Scheduler` and :class:`~sendense_nbd.hub.service.Hub`;
@@ -22,10 +22,12 @@ def policy_routes(prefix: str, hub: Hub) -> list[web.RouteDef]:
     return [
         web.get(prefix + "/policies", api.list),
         web.post(prefix + "/policies", api.add),
+        web.post(prefix + "/policies/preview", api.preview),
         web.get(prefix + "/policies/{name}", api.show),
         web.patch(prefix + "/policies/{name}", api.edit),
         web.delete(prefix + "/policies/{name}", api.delete),
         web.post(prefix + "/policies/{name}/run", api.run_now),
+        web.get(prefix + "/policies/{name}/preview", api.preview_stored),
         web.get(prefix + "/status", api.status),
     ]
 
@@ -71,6 +73,19 @@ class _PolicyHandlers:
         """POST /policies/{name}/run: back its VMs up now (202, the run)."""
         run = await self.hub.scheduler.run_now(_name(request))
         return web.json_response(run.to_json(), status=202)
+
+    async def preview(self, request: web.Request) -> web.Response:
+        """POST /policies/preview: what a policy's retention rules (the body, as for POST /policies) would
+        keep of the points of the VMs it covers; nothing is stored, and its node need not be registered."""
+        return await self._preview(Policy.from_json(await json_body(request)))
+
+    async def preview_stored(self, request: web.Request) -> web.Response:
+        """GET /policies/{name}/preview: the retention preview of a stored policy."""
+        return await self._preview((await self.hub.scheduler.store.get(_name(request))).policy)
+
+    async def _preview(self, policy: Policy) -> web.Response:
+        found = await self.hub.retention_preview(policy)
+        return web.json_response({"policy": policy.name, "vms": [vm.to_json() for vm in found]})
 
     async def status(self, request: web.Request) -> web.Response:
         """GET /status: running jobs, VMs at risk, space, ports, nodes and next runs."""

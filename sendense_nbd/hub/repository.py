@@ -459,15 +459,27 @@ class Repository:
         return await asyncio.to_thread(_sweep, os.path.join(self.root, "vms"), known)
 
 
-def _kept(chain: list[Point], rules: Sequence[tuple[Retention, str]], protected: set[str]) -> set[str]:
-    """The ids of a disk's points (oldest first) that stay: kept by any rules, protected, or below a
-    protected point (its view reads them), and the newest."""
+def kept_by_rules(chain: Sequence[Point], rules: Sequence[tuple[Retention, str]]) -> dict[str, tuple[str, ...]]:
+    """The points of a disk (oldest first) that any of ``rules`` keep, by ID, each with the names of the
+    rules that keep it (:func:`~sendense_nbd.policy.retention.select` over the points' completion times),
+    and the newest (``newest`` if no rule names it); no rules: every point (``all``)."""
     if not rules:
-        return {p.id for p in chain}
+        return {p.id: ("all",) for p in chain}
     candidates = [Candidate(p.id, p.completed or p.created) for p in chain]
-    keep = {p.id for p in chain[-1:]}
+    keep: dict[str, tuple[str, ...]] = {}
     for retention, timezone in rules:
-        keep.update(select(candidates, retention, timezone=timezone).keep)
+        for point_id, names in select(candidates, retention, timezone=timezone).keep.items():
+            known = keep.get(point_id, ())
+            keep[point_id] = known + tuple(name for name in names if name not in known)
+    for newest in chain[-1:]:
+        keep.setdefault(newest.id, ("newest",))
+    return keep
+
+
+def _kept(chain: list[Point], rules: Sequence[tuple[Retention, str]], protected: set[str]) -> set[str]:
+    """The ids of a disk's points (oldest first) that stay: kept by any rules (:func:`kept_by_rules`),
+    protected, or below a protected point (its view reads them), and the newest."""
+    keep = set(kept_by_rules(chain, rules))
     by_id = {p.id: p for p in chain}
     for point_id in protected & set(by_id):
         below: str | None = point_id

@@ -78,8 +78,10 @@ from sendense_nbd.hub.nodes import DEFAULT, HEALTH_CONCURRENCY, JOB_GRACE, NODE_
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
+from sendense_nbd.hub.retention_preview import PreviewVM, preview_vm, retention_rules
 from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
+from sendense_nbd.hub.space_history import SpaceHistory, SpaceSample
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
@@ -194,6 +196,7 @@ class Hub:
             on_failed=self._alert_failed,
         )
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
+        self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
         self._background: asyncio.Task[None] | None = None
         #: Backups are checked for space and created one at a time (:meth:`create_backup`).
         self._admission = asyncio.Lock()
@@ -256,6 +259,7 @@ class Hub:
             group.create_task(self.alerts.run(), name="hub-alerts")
             group.create_task(self.nodes.watch(then=self._fail_lost_jobs), name="hub-node-health")
             group.create_task(self.scheduler.run(), name="hub-scheduler")
+            group.create_task(self._space.run(), name="hub-space-history")
             renew = self.config.lease_ttl / 3
             group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
@@ -358,6 +362,15 @@ class Hub:
     async def repository_usage(self) -> capacity.Usage:
         """The repository's space and its completed points, with the configured reserve."""
         return await capacity.usage(self._repository, min_free=self.config.min_free)
+
+    async def space_history(self, since: float) -> list[SpaceSample]:
+        """The repository's space sampled since ``since`` (epoch seconds, the hub's clock), oldest first."""
+        return await self._space.since(since)
+
+    async def retention_preview(self, policy: Policy) -> list[PreviewVM]:
+        """What ``policy``'s retention rules alone keep of each VM in the repository it covers, by VM path."""
+        covered = policy.vms.select(await self.stored_vms())
+        return [preview_vm(vm_path, await self.points(vm_path), policy) for vm_path in covered]
 
     # -- backups -----------------------------------------------------------------
 
@@ -534,7 +547,8 @@ class Hub:
             await asyncio.gather(*self._after, return_exceptions=True)
 
     async def _retain(self, job: Job) -> None:
-        """Apply the VM's retention rules to each of the job's disks; recorded as the job's ``retention`` stage."""
+        """Apply the VM's retention rules to each of the job's disks; recorded as the job's ``retention`` stage.
+        Then the repository's space is sampled (at most once a minute)."""
         started = self.clock.now()
         rules = await self._retention_of(job.vm_path)
         for disk in job.disks:
@@ -543,13 +557,14 @@ class Hub:
             except (SendenseError, OSError) as exc:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
         await self._jobs.add_stage(job.id, "retention", started)
+        await self._space.after_backup()
 
     async def _retention_of(self, vm_path: str) -> list[tuple[Retention, str]]:
         """The rules of a VM's points: those of every policy whose selection covers it (enabled or not),
         each with its schedule's time zone; a VM no policy covers: ``--keep N`` as ``keep_last``."""
         covering = [s.policy for s in await self.scheduler.store.all() if s.policy.vms.select([vm_path])]
         if covering:
-            return [(policy.retention, policy.schedule.timezone) for policy in covering]
+            return [retention_rules(policy) for policy in covering]
         return [(Retention(keep_last=self.config.keep_points), "UTC")]
 
     async def _restoring(self) -> set[str]:

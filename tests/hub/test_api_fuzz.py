@@ -53,11 +53,14 @@ ROUTES = (
     ("PATCH", "/policies/{job}"),
     ("DELETE", "/policies/{job}"),
     ("POST", "/policies/{job}/run"),
+    ("POST", "/policies/preview"),
+    ("GET", "/policies/{job}/preview"),
     ("GET", "/status"),
     ("POST", "/verify"),
     ("GET", "/verify/{job}"),
     ("GET", "/alerts"),
     ("GET", "/repository"),
+    ("GET", "/repository/history"),
     ("GET", "/nodes"),
     ("GET", "/nodes/{job}"),
 )
@@ -69,6 +72,7 @@ QUERIES = {
     "/points": ["vm_path", "disk_key", "x"],
     "/alerts": ["active", "kind", "limit", "x"],
     "/jobs": ["kind", "state", "vm_path", "policy", "node", "since", "before", "limit", "x"],
+    "/repository/history": ["hours", "x"],
 }
 
 
