@@ -7,21 +7,26 @@
 - ``stack``: vcsim, the hub (with ``--token-file`` and its SSH endpoint), the real node and its SSH tunnel
   (tests/pipeline/stack.py), one per module. One vcsim VM is renamed, before the node reads the inventory, to
   :data:`SCRIPT_NAME`; ``stack.fail_next_backup()`` makes the next backup fail with a readable error, and
-  ``stack.pipeline.read_delay`` slows the disk reads of the jobs started after it.
+  ``stack.pipeline.read_delay`` slows the disk reads of the jobs started after it. The services' output goes to
+  ``hub.log``, ``node.log`` and ``tunnel.log`` in the module's temp directory (``console0/``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 
@@ -84,8 +89,11 @@ def open_page(browser: Browser, request: pytest.FixtureRequest, tmp_path: Path) 
     for n, page in enumerate(page for context in contexts for page in context.pages):
         if failed:
             shot = tmp_path / f"failure-{n}.png"
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"screenshot of {page.url}: {shot}")
+            try:
+                page.screenshot(path=str(shot), full_page=True, timeout=5_000)
+                print(f"screenshot of {page.url}: {shot}")
+            except PlaywrightError as exc:
+                print(f"no screenshot of {page.url}: {exc.message}")
     for context in contexts:
         context.close()
 
@@ -124,6 +132,21 @@ class Stack:
         return f"{self.url}/vms/view?path={quote(vm_path, safe='')}"
 
 
+def drain(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Copy a service's stdout and stderr to ``log`` as they come: a pipe nobody reads fills up and then blocks the
+    service on its next log line (a stack that lives for a module logs a lot)."""
+
+    def copy(stream: IO[bytes]) -> None:
+        with contextlib.suppress(ValueError, OSError), open(log, "ab") as out:
+            for line in stream:
+                out.write(line)
+                out.flush()
+
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            threading.Thread(target=copy, args=(stream,), daemon=True).start()
+
+
 def rename_vm(vcsim: dict[str, Any], path: str, name: str) -> str:
     """Rename the VM at ``path`` in vcsim (Rename_Task) and in ``vcsim["vms"]``; its new inventory path."""
     context = ssl.create_default_context()
@@ -158,6 +181,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert rename_vm(vcsim, RENAMED, SCRIPT_NAME) == SCRIPT_VM
         # One read in flight per connection, so a slowed job's progress moves read by read.
         pipeline = Pipeline(root, vcsim, start_hub, slow_source=False, token=TOKEN, node_extra="requests = 1")
+        for name, proc in (("hub", pipeline.hub.proc), ("node", pipeline.node.proc), ("tunnel", pipeline.tunnel.proc)):
+            assert proc is not None
+            drain(proc, root / f"{name}.log")
         try:
             yield Stack(pipeline, vcsim)
         finally:
