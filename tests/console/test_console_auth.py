@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -149,3 +150,32 @@ async def test_the_cookie_is_secure_behind_a_tls_proxy(tmp_path: Path) -> None:
             assert answer.status == 303 and answer.cookies[auth.COOKIE]["secure"] is True
         async with session.get(url + "/login") as answer:
             assert not answer.cookies[auth.LOGIN_COOKIE]["secure"]
+
+
+async def test_a_wrong_token_keeps_where_the_login_was_going(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), console_client(url) as client:
+        status, page = await client.get("/login?next=/jobs%3Fstate%3Dfailed")
+        found = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert status == 200 and found is not None
+        data = {"csrf": found.group(1), "token": "wrong", "next": "/jobs?state=failed"}
+        async with client.session.post(url + "/login", data=data, allow_redirects=False) as answer:
+            page = await answer.text()
+        assert answer.status == 401 and 'name="next" value="/jobs?state=failed"' in page
+        found = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert found is not None
+        data = {"csrf": found.group(1), "token": TOKEN, "next": "/jobs?state=failed"}
+        async with client.session.post(url + "/login", data=data, allow_redirects=False) as answer:
+            assert answer.status == 303 and answer.headers["Location"] == "/jobs?state=failed"
+
+
+async def test_leaving_the_live_feed_ends_its_stream_quietly(tmp_path: Path, caplog: Any) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), console_client(url) as client:
+        await client.login()
+        for _ in range(3):
+            stream = await client.session.get(url + "/events")
+            assert await asyncio.wait_for(stream.content.readline(), 5) == b"event: running\r\n"
+            stream.close()
+        await asyncio.sleep(2.5)  # each stream's next send finds its browser gone
+        async with client.session.get(url + "/events") as stream:
+            assert stream.status == 200
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]

@@ -119,11 +119,11 @@ class _Login:
 
     async def form(self, request: web.Request) -> web.Response:
         """GET /login: the form, with a one-time token in a cookie against login CSRF."""
-        return self._form(request, error=None, status=200)
+        return self._form(request, request.query.get("next"), error=None, status=200)
 
-    def _form(self, request: web.Request, *, error: str | None, status: int) -> web.Response:
+    def _form(self, request: web.Request, target: str | None, *, error: str | None, status: int) -> web.Response:
         nonce = secrets.token_urlsafe(32)
-        target = auth.safe_next(request.query.get("next"))
+        target = auth.safe_next(target)
         context = {"error": error, "login_csrf": nonce, "next": target, "open_hub": self.token is None}
         response = render(request, "login.html", context, status=status)
         auth.set_cookie(response, request, auth.LOGIN_COOKIE, nonce, 3600)
@@ -138,7 +138,7 @@ class _Login:
         if self.token is not None and not auth.token_matches(form.get("token", ""), self.token):
             async with self._guesses:
                 await auth.refuse_login()
-            return self._form(request, error="That is not the hub's API token.", status=401)
+            return self._form(request, form.get("next"), error="That is not the hub's API token.", status=401)
         session = self.sessions.open()
         response = web.HTTPSeeOther(auth.safe_next(form.get("next")))
         auth.set_cookie(response, request, auth.COOKIE, session.id, auth.LIFETIME)

@@ -55,8 +55,10 @@ class _Dashboard:
         now = self.hub.clock.now()
         recent = await self.hub.jobs(JobQuery(since=now - DAY, limit=1000))
         history = await self.hub.space_history(now - TREND_DAYS * DAY)
+        used = [(sample.t, float(sample.used)) for sample in history]
+        used.append((now, float((await self.hub.repository_usage()).used)))  # the trend ends now
         trend = charts.line_chart(
-            [(sample.t, float(sample.used)) for sample in history],
+            used,
             element_id="space-trend",
             title=f"Repository space used, last {TREND_DAYS} days",
             y_label=human_bytes,
@@ -84,7 +86,10 @@ class _Dashboard:
                 while stream.is_connected() and loop.time() < deadline:
                     context = {"running": await running_jobs(self.hub), "now": self.hub.clock.now()}
                     html = aiohttp_jinja2.render_string("_running.html", request, context)
-                    await stream.send(html, event="running")
+                    try:
+                        await stream.send(html, event="running")
+                    except ConnectionResetError:  # the browser left the page
+                        break
                     await asyncio.sleep(TICK)
             return stream
         finally:
