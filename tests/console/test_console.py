@@ -179,6 +179,23 @@ def test_the_vm_chain_shows_full_and_incremental_points_and_an_export_reads_at_t
     assert run(require("nbdinfo"), "--size", uri, check=False).returncode != 0
 
 
+def test_the_retention_preview_is_swapped_into_the_form_by_htmx(open_page: Callable[..., Page], stack: Stack) -> None:
+    page = logged_in(open_page, stack)
+    page.goto(f"{stack.url}/policies/new")
+    page.get_by_label("Name", exact=True).fill("preview-only")
+    page.get_by_label("Include", exact=True).fill(VM_PATH)
+    page.get_by_label("Keep last").fill("1")
+    url = page.url
+    page.get_by_role("button", name="Preview retention").click()
+    preview = page.locator("#retention-preview")
+    expect(preview.locator("tr.keep").first).to_be_visible()
+    expect(preview.locator("tr.drop").first).to_be_visible()  # the chains above hold more than one point per disk
+    expect(preview).to_contain_text(VM_PATH)
+    assert page.url == url  # swapped in by htmx, not a page load
+    assert page.get_by_label("Name", exact=True).input_value() == "preview-only"  # what was typed stays
+    assert stack.api.get("/policies/preview-only")[0] == 404  # a preview stores nothing
+
+
 def test_verify_now_runs_a_verify_job_to_verified(open_page: Callable[..., Page], stack: Stack) -> None:
     page = logged_in(open_page, stack)
     page.goto(stack.view_url(VM_PATH))

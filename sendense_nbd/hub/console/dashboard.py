@@ -20,7 +20,7 @@ from sendense_nbd.hub.jobs import Job, JobQuery, JobState
 from sendense_nbd.hub.service import Hub
 
 from . import charts
-from .render import human_bytes, render
+from .render import human_age, human_bytes, render
 
 #: Live feeds open at once, over all browsers; one more answers 503 (htmx retries).
 MAX_STREAMS = 32
@@ -62,7 +62,7 @@ class _Dashboard:
             element_id="space-trend",
             title=f"Repository space used, last {TREND_DAYS} days",
             y_label=human_bytes,
-            x_labels=(f"{TREND_DAYS} days ago", "now"),
+            x_labels=(human_age(used[0][0], now), "now"),
         )
         context = {
             "status": status,
