@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -63,6 +64,9 @@ def error_middleware(token: str | None, errors: ErrorMap, *, scope: Callable[[we
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if scope is not None and not scope(request):
             return await handler(request)
+        refused = browser_refusal(request, open_api=token is None)
+        if refused is not None:
+            return error(403, "forbidden", refused)
         if token is not None:
             given = request.headers.get("Authorization", "").encode("utf-8", "replace")
             if not hmac.compare_digest(given, expected):
@@ -85,6 +89,29 @@ def error_middleware(token: str | None, errors: ErrorMap, *, scope: Callable[[we
             return error(500, "internal", f"{type(exc).__name__}: {exc}")
 
     return middleware
+
+
+def browser_refusal(request: web.Request, *, open_api: bool) -> str | None:
+    """Why a request a web browser sent on another site's behalf is refused; None for any other request.
+
+    A browser marks such a request (``Origin`` of another host, ``Sec-Fetch-Site: cross-site``);
+    an API without a token (loopback only) also refuses a ``Host`` that is not loopback, which is what a
+    DNS-rebinding page sends.
+    """
+    if request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
+        return "this request came from another site"
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():  # "null" too
+        return "this request came from another site"
+    if open_api and foreign_host(request):
+        return f"this API has no token and answers only loopback host names, not {request.host[:80]!r}"
+    return None
+
+
+def foreign_host(request: web.Request) -> bool:
+    """Whether the request names a ``Host`` that is not loopback (a service without a token listens on loopback
+    only, so such a name is a DNS-rebinding page's)."""
+    return not is_loopback(urlsplit("//" + request.host).hostname or "")
 
 
 def domain_error(exc: SendenseError, errors: ErrorMap) -> web.Response | None:

@@ -179,3 +179,86 @@ async def test_leaving_the_live_feed_ends_its_stream_quietly(tmp_path: Path, cap
         async with client.session.get(url + "/events") as stream:
             assert stream.status == 200
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_the_api_refuses_what_a_browser_sends_for_another_site(tmp_path: Path) -> None:
+    body = '{"name": "evil", "url": "http://127.0.0.1:1"}'
+    async with console_hub(tmp_path / "repo", token=None) as (hub, url), aiohttp.ClientSession() as session:
+        port = url.rsplit(":", 1)[1]
+        for headers in (
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},  # a sandboxed frame
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"},  # DNS rebinding
+            {"Host": f"evil.example:{port}"},
+        ):
+            headers["Content-Type"] = "text/plain"  # what a cross-site form or fetch may send without asking
+            async with session.post(url + "/api/v1/nodes", data=body, headers=headers) as answer:
+                assert answer.status == 403, headers
+                assert (await answer.json())["error"]["code"] == "forbidden"
+        assert [node.name for node in await hub.nodes.records()] == []
+        same = {"Origin": url, "Sec-Fetch-Site": "same-origin"}
+        async with session.get(url + "/api/v1/nodes", headers=same) as answer:
+            assert answer.status == 200
+        async with session.get(url.replace("127.0.0.1", "localhost") + "/api/v1/nodes") as answer:
+            assert answer.status == 200  # loopback names are fine
+
+
+async def test_a_hub_without_a_token_refuses_a_foreign_host_and_shares_one_session(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo", token=None) as (_, url), console_client(url) as client:
+        port = url.rsplit(":", 1)[1]
+        async with client.session.get(url + "/nodes", headers={"Host": f"evil.example:{port}"}) as answer:
+            assert answer.status == 403 and "loopback" in await answer.text()
+            assert auth.COOKIE not in answer.cookies
+        status, _ = await client.get("/nodes")  # a page with a form
+        assert status == 200 and client.csrf
+        for _ in range(auth.MAX_SESSIONS + 5):  # visitors without a cookie (monitoring) push nobody out
+            async with aiohttp.ClientSession() as visitor, visitor.get(url + "/") as answer:
+                assert answer.status == 200
+        response = await client.post("/nodes/nothing/check")
+        assert response.status in (303, 404)  # the CSRF token still holds: the node is merely unknown
+
+
+async def test_an_htmx_request_or_live_feed_without_a_session_is_told_to_log_in(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), aiohttp.ClientSession() as session:
+        headers = {"HX-Request": "true", "HX-Current-URL": url + "/jobs/x?y=1"}
+        async with session.get(url + "/jobs", headers=headers, allow_redirects=False) as answer:
+            assert answer.status == 401 and answer.headers["HX-Redirect"] == "/login?next=%2Fjobs%2Fx"
+            assert "log in again" in await answer.text()
+        headers = {"Accept": "text/event-stream"}
+        async with session.get(url + "/events", headers=headers, allow_redirects=False) as answer:
+            assert answer.status == 401
+
+
+async def test_a_malformed_form_is_a_400_sentence(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), console_client(url) as client:
+        await client.login()
+        headers = {"Content-Type": "multipart/form-data; boundary=x"}
+        body = b"--x\r\nContent-Disposition: form-data; name=csrf\r\nbroken header\r\n\r\nvalue\r\n--x--\r\n"
+        async with client.session.post(url + "/logout", data=body, headers=headers) as answer:
+            assert answer.status == 400 and "form could not be read" in await answer.text()
+
+
+async def test_live_feeds_are_bounded_per_session_and_end_with_it(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), console_client(url) as client:
+        await client.login()
+        streams = [await client.session.get(url + "/events") for _ in range(4)]
+        assert [stream.status for stream in streams] == [200] * 4
+        async with client.session.get(url + "/events") as fifth:
+            assert fifth.status == 503 and "too many live views" in await fifth.text()
+        await client.post("/logout")
+        for stream in streams:  # each feed ends within a tick of the logout
+            await asyncio.wait_for(stream.content.read(), 5)
+            stream.close()
+
+
+async def test_a_tls_proxy_origin_is_this_consoles_own(tmp_path: Path) -> None:
+    async with console_hub(tmp_path / "repo") as (_, url), console_client(url) as client:
+        await client.login()
+        host = url.removeprefix("http://")
+        headers = {"Origin": f"https://{host}", "X-Forwarded-Proto": "https"}
+        data = {"csrf": client.csrf or ""}
+        async with client.session.post(url + "/logout", data=data, headers=headers, allow_redirects=False) as answer:
+            assert answer.status == 303
+        async with client.session.post(url + "/logout", data=data, headers={"Origin": f"https://{host}"}) as answer:
+            assert answer.status == 403  # https without the proxy saying so is another origin
