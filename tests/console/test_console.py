@@ -251,6 +251,20 @@ def test_a_stale_or_forged_session_is_refused(open_page: Callable[..., Page], st
         assert answer.status == 403 and "log in again" in answer.text(), answer.text()
 
 
+def test_an_htmx_action_after_the_session_ended_goes_to_the_login_page(
+    open_page: Callable[..., Page], stack: Stack
+) -> None:
+    page = logged_in(open_page, stack)
+    page.goto(f"{stack.url}/policies/new")
+    other = page.context.new_page()  # the same browser: its other tab logs out
+    other.goto(f"{stack.url}/")
+    other.get_by_role("button", name="Log out").click()
+    expect(other).to_have_url(re.compile(r"/login$"))
+    page.get_by_role("button", name="Preview retention").click()
+    expect(page).to_have_url(re.compile(r"/login\?next=(%2F|/)policies(%2F|/)new$"))
+    expect(page.get_by_label("API token")).to_be_visible()
+
+
 def test_a_post_without_or_with_a_wrong_csrf_token_is_refused(open_page: Callable[..., Page], stack: Stack) -> None:
     page = logged_in(open_page, stack)
     csrf = page.locator("input[name=csrf]").first.get_attribute("value")

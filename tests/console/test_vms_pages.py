@@ -179,3 +179,23 @@ async def test_unknown_vms_points_and_jobs_are_sentences_not_json(console: Conso
     location, page = await followed(console.client, await console.client.post("/points/no-such-point/export"))
     assert location == "/vms"
     assert "no-such-point" in flashes(page) and 'role="alert"' in page
+
+
+async def test_the_vm_list_is_paged(console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sendense_nbd.hub.console import vms
+
+    monkeypatch.setattr(vms, "VMS_PER_PAGE", 2)
+    names = [f"/DC0/vm/page{i}" for i in range(5)]
+    for name in names:
+        await backed_up(console.hub, console.clock, name, (MIB_2,))
+    shown = []
+    path: str | None = "/vms"
+    while path is not None:
+        status, page = await console.client.get(path)
+        assert status == 200 and "5 VMs" in page
+        shown += re.findall(r">(/DC0/vm/page\d)</a>", page)
+        found = re.search(r'href="(/vms\?start=\d+)">Next<', page)
+        path = found.group(1) if found else None
+    assert shown == names  # every VM once, in order, two per page
+    status, page = await console.client.get("/vms?start=junk")
+    assert status == 200 and re.findall(r">(/DC0/vm/page\d)</a>", page) == names[:2]

@@ -96,6 +96,8 @@ async def _error_pages(request: web.Request, handler: Handler) -> web.StreamResp
             auth.secure_headers(request, exc)
             raise
         response = _error_page(request, exc.status, exc.reason)
+        if "HX-Redirect" in exc.headers:  # htmx: go to the login page
+            response.headers["HX-Redirect"] = exc.headers["HX-Redirect"]
     except SendenseError as exc:
         response = _error_page(request, status_for(exc, request.app[ERRORS]), message_for(exc))
     except Exception:

@@ -17,13 +17,14 @@ import secrets
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import attrs
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
-from sendense_nbd.http_api import Handler
+from sendense_nbd.http_api import Handler, foreign_host
 
 COOKIE = "sendense_session"
 LOGIN_COOKIE = "sendense_login"
@@ -60,6 +61,10 @@ class Session:
     started: float
     seen: float
     flashes: list[Flash] = attrs.field(factory=list)
+    #: Logged out, expired or pushed out: its live feeds stop.
+    ended: bool = False
+    #: Live feeds (``/events``) it has open.
+    streams: int = 0
 
 
 #: Where the middleware leaves the request's session for the handlers.
@@ -71,6 +76,15 @@ class Sessions:
 
     def __init__(self) -> None:
         self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._shared: Session | None = None
+
+    def shared(self) -> Session:
+        """The one session of a hub without a token (loopback only, so every visitor is its operator):
+        a stateless visitor, such as a monitoring ``curl``, never pushes a browser's session out."""
+        if self._shared is None:
+            now = time.monotonic()
+            self._shared = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now)
+        return self._shared
 
     def open(self) -> Session:
         """A new session (the oldest goes when the table is full)."""
@@ -78,7 +92,7 @@ class Sessions:
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now)
         self._by_id[session.id] = session
         while len(self._by_id) > MAX_SESSIONS:
-            self._by_id.popitem(last=False)
+            self._by_id.popitem(last=False)[1].ended = True
         return session
 
     def get(self, session_id: str | None) -> Session | None:
@@ -88,7 +102,7 @@ class Sessions:
             return None
         now = time.monotonic()
         if now - session.seen > IDLE or now - session.started > LIFETIME:
-            del self._by_id[session.id]
+            self.close(session)
             return None
         session.seen = now
         self._by_id.move_to_end(session.id)
@@ -96,6 +110,7 @@ class Sessions:
 
     def close(self, session: Session) -> None:
         """End ``session`` (logout)."""
+        session.ended = True
         self._by_id.pop(session.id, None)
 
 
@@ -123,16 +138,16 @@ def take_flashes(request: web.Request) -> list[Flash]:
 
 async def checked_form(request: web.Request) -> MultiDictProxy[str]:
     """A POST's form fields as text (the middleware has checked its CSRF token already); files are refused."""
-    form = await request.post()
+    form = await read_form(request)
     if any(not isinstance(value, str) for value in form.values()):
         raise web.HTTPBadRequest(reason="the console's forms take no files")
-    return form  # type: ignore[return-value]  # every value was just checked to be text
+    return form  # every value was just checked to be text
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: float) -> None:
     """A cookie scripts cannot read and other sites cannot send; Secure when the browser came over HTTPS
     (to the hub, or to a TLS proxy that says so in ``X-Forwarded-Proto``)."""
-    secure = request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+    secure = forwarded_scheme(request) == "https"
     response.set_cookie(name, value, max_age=int(max_age), path="/", httponly=True, samesite="Strict", secure=secure)
 
 
@@ -164,46 +179,67 @@ async def _admit(
     request: web.Request, handler: Handler, sessions: Sessions, token: str | None, public: tuple[str, ...]
 ) -> web.StreamResponse:
     changes = request.method not in _SAFE_METHODS
+    if token is None and foreign_host(request):  # a DNS-rebinding page: a hub without a token is loopback only
+        raise web.HTTPForbidden(reason="this hub has no token and answers only loopback host names")
     if changes and not same_origin(request):
         raise web.HTTPForbidden(reason="this request came from another site")
     if request.path in public or request.path.startswith("/static/"):
         return await handler(request)
-    session = sessions.get(request.cookies.get(COOKIE))
-    fresh = session is None and token is None
+    session = sessions.shared() if token is None else sessions.get(request.cookies.get(COOKIE))
     if session is None:
-        if token is not None:
-            if changes:
-                raise web.HTTPForbidden(reason="your session has ended: log in again")
-            raise web.HTTPSeeOther("/login?" + _next_query(request))
-        session = sessions.open()
+        raise _login_needed(request, changes)
     if changes and not await _csrf_ok(request, session):
         raise web.HTTPForbidden(reason="the form's CSRF token is missing or stale: reload the page and try again")
     request[SESSION] = session
     response = await handler(request)
-    if fresh:
+    if token is None and request.cookies.get(COOKIE) != session.id:
         set_cookie(response, request, COOKIE, session.id, LIFETIME)
     return response
 
 
-def _next_query(request: web.Request) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode({"next": request.path_qs})
+def _login_needed(request: web.Request, changes: bool) -> web.HTTPException:
+    """What a request without a live session gets: the login page, or for htmx, a live feed or a form, a 401/403
+    that says so (htmx follows ``HX-Redirect`` to the login page)."""
+    login = "/login?" + urlencode({"next": request.path_qs})
+    if request.headers.get("HX-Request"):
+        current = urlsplit(request.headers.get("HX-Current-URL", ""))
+        login = "/login?" + urlencode({"next": current.path or "/"})
+        return web.HTTPUnauthorized(reason="your session has ended: log in again", headers={"HX-Redirect": login})
+    if changes:
+        return web.HTTPForbidden(reason="your session has ended: log in again")
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return web.HTTPUnauthorized(reason="your session has ended: log in again")
+    return web.HTTPSeeOther(login)
 
 
 def same_origin(request: web.Request) -> bool:
-    """Whether a change request's ``Origin`` (or, lacking it, ``Referer``) is this console's own."""
+    """Whether a change request's ``Origin`` (or, lacking it, ``Referer``) is this console's own (with the scheme
+    a TLS proxy reports in ``X-Forwarded-Proto``)."""
     origin = request.headers.get("Origin") or request.headers.get("Referer")
     if origin is None:
         return True  # not a browser's cross-site request: browsers send Origin on every cross-site POST
     parts = urlsplit(origin)
-    return parts.scheme == request.scheme and parts.netloc == request.host
+    return parts.scheme in (request.scheme, forwarded_scheme(request)) and parts.netloc == request.host
+
+
+def forwarded_scheme(request: web.Request) -> str:
+    """``https`` when a TLS proxy says the browser came over HTTPS, else the request's own scheme."""
+    return "https" if request.headers.get("X-Forwarded-Proto", "").lower() == "https" else request.scheme
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """The request's form; one that cannot be parsed is a 400 with a sentence."""
+    try:
+        return await request.post()
+    except (ValueError, HttpProcessingError) as exc:
+        detail = " ".join(str(exc).split())[:160]  # a reason is one line
+        raise web.HTTPBadRequest(reason=f"the form could not be read: {detail}") from None
 
 
 async def _csrf_ok(request: web.Request, session: Session) -> bool:
     given = request.headers.get("X-CSRF-Token")
     if given is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        value = (await request.post()).get("csrf")
+        value = (await read_form(request)).get("csrf")
         given = value if isinstance(value, str) else None
     return given is not None and hmac.compare_digest(given.encode(), session.csrf.encode())
 

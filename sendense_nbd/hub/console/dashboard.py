@@ -19,14 +19,17 @@ from aiohttp_sse import sse_response
 from sendense_nbd.hub.jobs import Job, JobQuery, JobState
 from sendense_nbd.hub.service import Hub
 
-from . import charts
+from . import auth, charts
 from .render import human_age, human_bytes, render
 
-#: Live feeds open at once, over all browsers; one more answers 503 (htmx retries).
+#: Live feeds open at once, over all browsers and per session; one more answers 503 (htmx retries).
 MAX_STREAMS = 32
+MAX_SESSION_STREAMS = 4
 #: A feed ends after this many seconds; the browser opens a new one.
 STREAM_SECONDS = 600.0
 TICK = 1.0
+#: Jobs the last-24-hours panel counts at most (the newest).
+RECENT_LIMIT = 1000
 DAY = 86400.0
 TREND_DAYS = 7
 
@@ -53,7 +56,7 @@ class _Dashboard:
         """GET /: the hub at a glance."""
         status = await self.hub.status()
         now = self.hub.clock.now()
-        recent = await self.hub.jobs(JobQuery(since=now - DAY, limit=1000))
+        recent = await self.hub.jobs(JobQuery(since=now - DAY, limit=RECENT_LIMIT))
         history = await self.hub.space_history(now - TREND_DAYS * DAY)
         used = [(sample.t, float(sample.used)) for sample in history]
         used.append((now, float((await self.hub.repository_usage()).used)))  # the trend ends now
@@ -75,15 +78,17 @@ class _Dashboard:
         return render(request, "dashboard.html", context)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """GET /events: the running jobs' fragment every second (event ``running``)."""
-        if self.streams >= MAX_STREAMS:
+        """GET /events: the running jobs' fragment every second (event ``running``), while the session lives."""
+        session = auth.session_of(request)
+        if self.streams >= MAX_STREAMS or session.streams >= MAX_SESSION_STREAMS:
             raise web.HTTPServiceUnavailable(reason="too many live views are open; close some and reload")
         self.streams += 1
+        session.streams += 1
         try:
             async with sse_response(request) as stream:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + STREAM_SECONDS
-                while stream.is_connected() and loop.time() < deadline:
+                while stream.is_connected() and loop.time() < deadline and not session.ended:
                     context = {"running": await running_jobs(self.hub), "now": self.hub.clock.now()}
                     html = aiohttp_jinja2.render_string("_running.html", request, context)
                     try:
@@ -94,9 +99,12 @@ class _Dashboard:
             return stream
         finally:
             self.streams -= 1
+            session.streams -= 1
 
 
 def _counts(jobs: list[Job]) -> dict[str, Any]:
-    """How many of the jobs ended in each state, and how many are backups."""
+    """How many of the jobs ended in each state; ``capped``: there may be more than were counted."""
     ended = Counter(job.state.value for job in jobs if job.state.terminal)
-    return {"completed": ended["completed"], "failed": ended["failed"], "cancelled": ended["cancelled"]}
+    counts: dict[str, Any] = {state: ended[state] for state in ("completed", "failed", "cancelled")}
+    counts["capped"] = len(jobs) >= RECENT_LIMIT
+    return counts

@@ -30,6 +30,8 @@ from .render import human_duration, human_rate, message_for, render
 FILTERS = ("kind", "state", "vm_path", "policy", "node", "since", "before", "limit")
 #: Live progress is polled this often while a job runs.
 POLL = "every 2s"
+#: Suggestions the filter form offers per field at most.
+MAX_CHOICES = 500
 
 #: Why a job was a full copy, for an operator.
 REASONS: dict[FullReason, str] = {
@@ -111,7 +113,7 @@ class _Jobs:
         return {
             "kinds": [kind.value for kind in JobKind],
             "states": [state.value for state in JobState],
-            "vm_choices": await self.hub.stored_vms(),
+            "vm_choices": sorted(await self.hub.stored_vms())[:MAX_CHOICES],
             "policy_choices": [stored.policy.name for stored in await self.hub.scheduler.store.all()],
             "node_choices": [node.name for node in await self.hub.nodes.records()],
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -25,8 +24,6 @@ from sendense_nbd.http_api import ErrorMap, domain_error
 from sendense_nbd.hub.clock import Clock
 
 from . import auth
-
-log = logging.getLogger(__name__)
 
 #: The hub's clock (pages show its time as "now") and the API's error map (statuses for errors).
 CLOCK: web.AppKey[Clock] = web.AppKey("console_clock", Clock)

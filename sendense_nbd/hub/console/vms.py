@@ -32,6 +32,8 @@ from .render import message_for, render
 
 #: Jobs of a VM listed on its page.
 RECENT_JOBS = 20
+#: VMs per page of the list (each reads its points and stats their files).
+VMS_PER_PAGE = 100
 #: Worst first: a VM's verify state is its worst point's.
 _SEVERITY = (VerifyState.DAMAGED, VerifyState.UNVERIFIED, VerifyState.VERIFIED)
 
@@ -79,6 +81,13 @@ def chains(points: Iterable[Point]) -> dict[int, list[list[Point]]]:
         chain.append(point)
         chain_of[point.id] = chain
     return disks
+
+
+def _start(value: str | None, total: int) -> int:
+    """Where a page of the VM list starts (``start=``, from 0); anything else starts at the first VM."""
+    if value is None or not value.isdigit() or len(value) > 9:
+        return 0
+    return min(int(value), max(0, total - 1)) // VMS_PER_PAGE * VMS_PER_PAGE
 
 
 def worst(states: Iterable[VerifyState]) -> VerifyState:
@@ -131,8 +140,10 @@ class _Vms:
 
     async def index(self, request: web.Request) -> web.Response:
         """GET /vms: every VM with completed points, with its count, newest point, size and worst verify state."""
+        every = sorted(await self.hub.stored_vms())
+        start = _start(request.query.get("start"), len(every))
         summaries = []
-        for vm_path in await self.hub.stored_vms():
+        for vm_path in every[start : start + VMS_PER_PAGE]:
             points = await self.hub.points(vm_path)
             stored = await stored_bytes(points)
             times = [point.completed or point.created for point in points]
@@ -142,7 +153,12 @@ class _Vms:
                     worst(point.verify_state for point in points),
                 )
             )  # fmt: skip
-        return render(request, "vms.html", {"vms": summaries, "view_url": view_url})
+        pages = {
+            "total": len(every), "first": start + 1, "last": start + len(summaries),
+            "previous": max(0, start - VMS_PER_PAGE) if start else None,
+            "next": start + VMS_PER_PAGE if start + VMS_PER_PAGE < len(every) else None,
+        }  # fmt: skip
+        return render(request, "vms.html", {"vms": summaries, "view_url": view_url, "pages": pages})
 
     async def view(self, request: web.Request) -> web.Response:
         """GET /vms/view?path=: the VM's points per disk as chains, with their actions, and its recent jobs."""

@@ -1,4 +1,5 @@
-// The console's own script: times in the browser's time zone. Everything else is htmx or plain HTML.
+// The console's own script: times in the browser's time zone, and htmx showing error answers.
+// Everything else is htmx or plain HTML.
 (function () {
   "use strict";
   var format = new Intl.DateTimeFormat(undefined, {
@@ -15,6 +16,11 @@
         element.dataset.local = "1";
       }
     });
+  }
+
+  // An error answer (a sentence the hub drew) replaces the target like any other, so it is seen.
+  if (window.htmx) {
+    window.htmx.config.responseHandling = [{ code: "204", swap: false }, { code: "[2345]..", swap: true }];
   }
 
   document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
