@@ -24,6 +24,8 @@
     ├── BackupError                a backup job failed; names its stage
     │   └── SnapshotNotRemoved     the data was copied, but the job's snapshot could not be removed
     ├── TunnelError                the SSH tunnel cannot start or run (key, host key, login, option)
+    ├── TLSError                   TLS credentials cannot be used (file missing, unreadable, bad PEM, key
+    │                              not matching its certificate), a pin or a TLS handshake failed
     ├── ConfigError                the node's configuration file is missing, malformed or unsafe
     ├── NodeBusy                   the node's queue of waiting jobs is full (503)
     ├── BadRequest                 an HTTP API request is malformed (400)
@@ -224,6 +226,11 @@ class SnapshotNotRemoved(BackupError):
 
 class TunnelError(SendenseError):
     """The SSH tunnel cannot start or run as configured (bad option, key, host key, refused login)."""
+
+
+class TLSError(SendenseError):
+    """TLS credentials cannot be loaded or made as asked, a certificate pin does not match, or a TLS
+    handshake failed; the message names the file or the reason an operator can act on."""
 
 
 class ConfigError(SendenseError):

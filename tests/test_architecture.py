@@ -26,9 +26,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "protocol": frozenset({"errors"}),
     "storage": frozenset({"protocol", "errors", "lazy"}),
     "tcp": frozenset({"errors"}),
-    "client": frozenset({"protocol", "tcp", "errors", "lazy"}),
-    "server": frozenset({"storage", "protocol", "tcp", "errors", "lazy"}),
-    "copy": frozenset({"client", "storage", "protocol", "errors", "lazy"}),
+    "tls": frozenset({"errors", "lazy"}),
+    "client": frozenset({"protocol", "tcp", "tls", "errors", "lazy"}),
+    "server": frozenset({"storage", "protocol", "tcp", "tls", "errors", "lazy"}),
+    "copy": frozenset({"client", "storage", "protocol", "tls", "errors", "lazy"}),
     "vmware": frozenset({"errors", "lazy"}),
     "tunnel": frozenset({"tcp", "errors", "lazy"}),
     "backup": frozenset({"copy", "client", "vmware", "protocol", "errors", "lazy"}),
@@ -40,6 +41,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "client",
             "storage",
             "protocol",
+            "tls",
             "backup.records",
             "policy",
             "fields",
@@ -48,7 +50,9 @@ ALLOWED: dict[str, frozenset[str]] = {
             "lazy",
         }
     ),
-    "node": frozenset({"backup", "copy", "client", "vmware", "fields", "http_api", "errors", "lazy", "__init__"}),
+    "node": frozenset(
+        {"backup", "copy", "client", "tls", "vmware", "fields", "http_api", "errors", "lazy", "__init__"}
+    ),
     "cli": frozenset(
         {
             "hub",
@@ -56,6 +60,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "node",
             "tunnel",
             "tcp",
+            "tls",
             "backup",
             "vmware",
             "copy",

@@ -1,0 +1,37 @@
+"""TLS for NBD: contexts from qemu-layout credential directories, certificate pins, TLS-PSK keys
+(:mod:`~sendense_nbd.tls.credentials`), and a deployment's certificates made with the
+``cryptography`` library (:mod:`~sendense_nbd.tls.pki`, imported on first use).
+
+::
+
+    server = server_context("/etc/sendense/tls/hub", verify_client=True)
+    client = client_context("/etc/sendense/tls/nodes/node1")
+"""
+
+from __future__ import annotations
+
+from sendense_nbd.errors import TLSError
+from sendense_nbd.tls.credentials import (
+    check_fingerprint,
+    client_context,
+    fingerprint,
+    handshake_error,
+    parse_fingerprint,
+    parse_psk_file,
+    psk_client_context,
+    psk_server_context,
+    server_context,
+)
+
+__all__ = [
+    "TLSError",
+    "check_fingerprint",
+    "client_context",
+    "fingerprint",
+    "handshake_error",
+    "parse_fingerprint",
+    "parse_psk_file",
+    "psk_client_context",
+    "psk_server_context",
+    "server_context",
+]
