@@ -11,6 +11,7 @@ from sendense_nbd.protocol.constants import (
     Errno,
     Option,
     OptionReply,
+    TLSMode,
     TransmissionFlag,
 )
 from sendense_nbd.protocol.handshake import (
@@ -20,7 +21,7 @@ from sendense_nbd.protocol.handshake import (
     ServerHandshake,
 )
 from sendense_nbd.protocol.replies import Reply, ReplyParser
-from sendense_nbd.protocol.sansio import NEED_DATA, NeedData
+from sendense_nbd.protocol.sansio import NEED_DATA, NeedData, StartTLS
 from sendense_nbd.protocol.transmission import (
     Data,
     Disconnect,
@@ -56,6 +57,8 @@ __all__ = [
     "Request",
     "RequestParser",
     "ServerHandshake",
+    "StartTLS",
+    "TLSMode",
     "TransmissionFlag",
     "check_request",
 ]

@@ -20,6 +20,14 @@ Theory of operation (doc/proto.md of NetworkBlockDevice/nbd):
   refusal raises :class:`OptionError` with the reply code and the server's
   message. The handshake ends with :class:`Ready` (or :class:`Informed`,
   :class:`Listed`).
+* TLS (doc/proto.md, "TLS support"): with ``tls`` ALLOW or REQUIRE the plan
+  starts with ``NBD_OPT_STARTTLS``. Its ACK yields :class:`StartTLS`: the IO
+  layer runs the TLS handshake and calls :meth:`ClientHandshake.tls_started`,
+  and the plan goes on over TLS with nothing kept from before. A refusal is
+  an :class:`OptionError` under REQUIRE; ALLOW goes on in plaintext after
+  ``NBD_REP_ERR_POLICY`` or ``NBD_REP_ERR_UNSUP``. ``NBD_REP_ERR_TLS_REQD``
+  to a client without TLS is an :class:`OptionError` that says so. Bytes
+  from the server between the ACK and the TLS handshake are a protocol error.
 * What a server may make the client keep is bounded: each option reply is at
   most :data:`MAX_OPTION_REPLY` bytes, a handshake at most
   :data:`MAX_HANDSHAKE_REPLIES` replies and :data:`MAX_HANDSHAKE_BYTES`
@@ -51,9 +59,10 @@ from sendense_nbd.protocol.constants import (
     Info,
     Option,
     OptionReply,
+    TLSMode,
     TransmissionFlag,
 )
-from sendense_nbd.protocol.sansio import NeedData, SansIOMachine
+from sendense_nbd.protocol.sansio import NeedData, SansIOMachine, StartTLS
 
 #: Longest option reply payload the client buffers (strings are at most 4 KiB).
 MAX_OPTION_REPLY = 64 * 1024
@@ -142,25 +151,27 @@ class Listed:
     exports: tuple[ListedExport, ...]
 
 
-ClientHandshakeEvent = NeedData | Ready | Informed | Listed
+ClientHandshakeEvent = NeedData | Ready | Informed | Listed | StartTLS
 
 
 class _State(enum.Enum):
     GREETING = enum.auto()
     REPLY = enum.auto()
     EXPORT_NAME_REPLY = enum.auto()
+    TLS_PENDING = enum.auto()
     DONE = enum.auto()
 
 
 _INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION)
 
 
-class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
+class ClientHandshake(SansIOMachine[Ready | Informed | Listed | StartTLS]):
     """Negotiates one connection; see the module docstring.
 
     Feed the server's bytes to :meth:`receive_data`, write what
     :meth:`data_to_send` returns, and read events with :meth:`next_event`.
-    Tell it about end-of-file with :meth:`receive_eof`.
+    Tell it about end-of-file with :meth:`receive_eof`. On :class:`StartTLS`,
+    upgrade the stream and call :meth:`tls_started`.
     """
 
     def __init__(
@@ -171,6 +182,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         meta_contexts: Iterable[str] = (BASE_ALLOCATION,),
         request_block_size: bool = True,
         goal: Goal = Goal.GO,
+        tls: TLSMode = TLSMode.OFF,
     ) -> None:
         super().__init__()
         self._export = export_name
@@ -183,6 +195,8 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
             raise ValueError("meta context names are at most 4096 bytes")
         self._request_block_size = request_block_size
         self._goal = goal
+        self._tls = tls
+        self._tls_active = False
         self._state = _State.GREETING
         self._plan: deque[Option] = deque()
         self._option: Option | None = None
@@ -208,8 +222,25 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         if self._state is _State.DONE:
             self._buffer += data  # belongs to the transmission phase
             return
+        if self._state is _State.TLS_PENDING and data:
+            raise ProtocolError("the server sent plaintext after acknowledging NBD_OPT_STARTTLS")
         self._buffer += data
         self._process()
+
+    def tls_started(self) -> None:
+        """The TLS handshake that :class:`StartTLS` asked for succeeded: go on with the plan."""
+        if self._state is not _State.TLS_PENDING:
+            raise LocalProtocolError("no NBD_OPT_STARTTLS is waiting for TLS")
+        self._tls_active = True
+        self._structured = False
+        self._contexts.clear()
+        self._state = _State.REPLY
+        self._send_next()
+
+    @property
+    def tls_active(self) -> bool:
+        """The connection was upgraded to TLS."""
+        return self._tls_active
 
     def receive_eof(self) -> None:
         """The server closed the connection; raises unless the handshake ended."""
@@ -253,6 +284,8 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         flags = wire.decode_greeting(bytes(self._buffer[:_GREETING_SIZE]))
         del self._buffer[:_GREETING_SIZE]
         fixed = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
+        if not fixed and self._tls is TLSMode.REQUIRE:
+            raise ProtocolError("the server does not speak fixed newstyle negotiation, so it cannot do TLS")
         self._no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
         client = ClientFlag(0)
         if fixed:
@@ -270,9 +303,10 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         return True
 
     def _make_plan(self) -> list[Option]:
+        tls = [Option.STARTTLS] if self._tls is not TLSMode.OFF else []
         if self._goal is Goal.LIST:
-            return [Option.LIST, Option.ABORT]
-        plan = [Option.STRUCTURED_REPLY] if self._want_structured else []
+            return tls + [Option.LIST, Option.ABORT]
+        plan = tls + ([Option.STRUCTURED_REPLY] if self._want_structured else [])
         if self._goal is Goal.GO:
             return plan + ([Option.SET_META_CONTEXT] if self._queries else []) + [Option.GO]
         return plan + [Option.INFO, Option.LIST_META_CONTEXT, Option.ABORT]
@@ -328,6 +362,8 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         self._reply_header = None
         option = self._option
         assert option is not None
+        if header.reply == OptionReply.ERR_TLS_REQD and not self._tls_active:
+            self._refused(header.reply, f"{_text(payload)} [the server requires TLS: use an nbds:// URI]")
         if header.reply & (1 << 31):
             self._ERROR_HANDLERS[option](self, header.reply, _text(payload))
         elif self._HANDLERS[option](self, header.reply, payload):
@@ -362,6 +398,16 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
     @property
     def _option_name(self) -> str:
         return self._option.name if self._option is not None else "?"
+
+    def _on_starttls(self, reply: int, payload: bytes) -> bool:
+        if reply != OptionReply.ACK:
+            return self._unexpected(reply)
+        if self._buffer:
+            raise ProtocolError("the server sent data after acknowledging NBD_OPT_STARTTLS (plaintext injection)")
+        self._state = _State.TLS_PENDING
+        self._option = None
+        self._events.append(StartTLS())
+        return False
 
     def _on_structured(self, reply: int, payload: bytes) -> bool:
         if reply != OptionReply.ACK:
@@ -462,6 +508,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         return False
 
     _HANDLERS: dict[Option, Callable[[ClientHandshake, int, bytes], bool]] = {
+        Option.STARTTLS: _on_starttls,
         Option.STRUCTURED_REPLY: _on_structured,
         Option.SET_META_CONTEXT: _on_set_meta,
         Option.LIST_META_CONTEXT: _on_list_meta,
@@ -481,6 +528,13 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         self._option = None
         self._send_next()
 
+    def _refused_starttls(self, reply: int, message: str) -> None:
+        if self._tls is TLSMode.ALLOW and reply in (OptionReply.ERR_POLICY, OptionReply.ERR_UNSUP):
+            self._option = None
+            self._send_next()  # TLS if offered: go on in plaintext
+            return
+        self._refused(reply, f"{message} [TLS is required, and the server does not offer it]")
+
     def _refused_go(self, reply: int, message: str) -> None:
         if reply == OptionReply.ERR_UNSUP:
             self._forget_info()
@@ -496,6 +550,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed]):
         raise OptionError(option, reply, message, self._export)
 
     _ERROR_HANDLERS: dict[Option, Callable[[ClientHandshake, int, str], None]] = {
+        Option.STARTTLS: _refused_starttls,
         Option.STRUCTURED_REPLY: _refused_optional,
         Option.SET_META_CONTEXT: _refused_optional,
         Option.LIST_META_CONTEXT: _refused_optional,

@@ -95,6 +95,14 @@ class OptionReply(enum.IntEnum):
         return bool(self.value & _REP_ERROR)
 
 
+class TLSMode(enum.Enum):
+    """Whether a connection uses TLS (``NBD_OPT_STARTTLS``)."""
+
+    OFF = "off"  #: never: a server refuses STARTTLS, a client never sends it
+    ALLOW = "allow"  #: a server accepts both; a client tries TLS and falls back to plaintext
+    REQUIRE = "require"  #: TLS or nothing
+
+
 class Info(enum.IntEnum):
     """``NBD_INFO_*`` items of ``NBD_OPT_INFO`` and ``NBD_OPT_GO``."""
 

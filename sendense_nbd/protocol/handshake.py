@@ -12,7 +12,16 @@ Theory of operation (doc/proto.md, "Handshake" and "Option types"):
    ``NBD_REP_ERR_TOO_BIG``, so the stream stays in sync; absurd lengths
    (over 32 MiB) end the connection, as the spec permits for a denial of
    service.
-4. ``NBD_OPT_GO`` answered with ``NBD_REP_ACK``, or ``NBD_OPT_EXPORT_NAME``,
+4. ``NBD_OPT_STARTTLS`` (doc/proto.md, "TLS support"), when ``tls`` is
+   not OFF: the ACK is queued and a :class:`StartTLS` event tells the IO
+   layer to run the TLS handshake and then call
+   :meth:`ServerHandshake.tls_started`. Bytes the client pipelined after
+   STARTTLS are plaintext injected before TLS: the connection is closed.
+   With ``TLSMode.REQUIRE`` every option but STARTTLS and ABORT is answered
+   ``NBD_REP_ERR_TLS_REQD`` until then (``NBD_OPT_EXPORT_NAME``, which
+   cannot carry an error, closes). Nothing negotiated before TLS
+   (structured replies, meta contexts) survives the upgrade.
+5. ``NBD_OPT_GO`` answered with ``NBD_REP_ACK``, or ``NBD_OPT_EXPORT_NAME``,
    ends the handshake with a :class:`Negotiated` event. Any bytes the
    client pipelined past that point are in :meth:`trailing_data` and belong
    to the transmission phase.
@@ -38,9 +47,10 @@ from sendense_nbd.protocol.constants import (
     Info,
     Option,
     OptionReply,
+    TLSMode,
     TransmissionFlag,
 )
-from sendense_nbd.protocol.sansio import NeedData, SansIOMachine
+from sendense_nbd.protocol.sansio import NeedData, SansIOMachine, StartTLS
 
 #: Longest option payload the server buffers and parses.
 MAX_OPTION_LENGTH = 64 * 1024
@@ -76,7 +86,7 @@ class Aborted:
     """The client ended the handshake with ``NBD_OPT_ABORT``."""
 
 
-HandshakeEvent = NeedData | Negotiated | Aborted
+HandshakeEvent = NeedData | Negotiated | Aborted | StartTLS
 
 
 class _State(enum.Enum):
@@ -84,6 +94,7 @@ class _State(enum.Enum):
     OPTION_HEADER = enum.auto()
     OPTION_DATA = enum.auto()
     DRAIN_OPTION = enum.auto()
+    TLS_PENDING = enum.auto()
     DONE = enum.auto()
 
 
@@ -97,7 +108,7 @@ _KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
 _OPTION_CODES = frozenset(int(o) for o in Option)
 
 
-class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
+class ServerHandshake(SansIOMachine[Negotiated | Aborted | StartTLS]):
     """Drives one client through option haggling.
 
     ``exports`` maps export names to what may be told about them; the empty
@@ -107,7 +118,8 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
     (``NBD_OPT_GO`` or ``NBD_OPT_EXPORT_NAME``): None lets it in, a message
     refuses that option with ``NBD_REP_ERR_POLICY`` (``EXPORT_NAME`` cannot
     carry an error, so it hangs up). That is how a server over its client
-    limit turns a client away cleanly.
+    limit turns a client away cleanly. ``tls`` is the STARTTLS policy (see
+    the module docstring).
     """
 
     def __init__(
@@ -116,11 +128,14 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
         *,
         refuse: str | None = None,
         admit: Callable[[str], str | None] | None = None,
+        tls: TLSMode = TLSMode.OFF,
     ) -> None:
         super().__init__()
         self._exports = exports
         self._refuse = refuse
         self._admit = admit
+        self._tls = tls
+        self._tls_active = False
         self._state = _State.CLIENT_FLAGS
         self._out += wire.encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
         self._client_flags = ClientFlag(0)
@@ -136,8 +151,27 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
         """Feed bytes received from the client."""
         if self._state is _State.DONE:
             raise LocalProtocolError("handshake already finished")
+        if self._state is _State.TLS_PENDING and data:
+            raise ProtocolError("plaintext data after NBD_OPT_STARTTLS, before the TLS handshake")
         self._buffer += data
         self._process()
+
+    def tls_started(self) -> None:
+        """The TLS handshake that :class:`StartTLS` asked for succeeded: read options again.
+
+        Option state from before TLS is forgotten, as if the client had just connected.
+        """
+        if self._state is not _State.TLS_PENDING:
+            raise LocalProtocolError("no NBD_OPT_STARTTLS is waiting for TLS")
+        self._tls_active = True
+        self._structured = False
+        self._meta_export, self._meta = None, ()
+        self._state = _State.OPTION_HEADER
+
+    @property
+    def tls_active(self) -> bool:
+        """The connection was upgraded to TLS."""
+        return self._tls_active
 
     @property
     def finished(self) -> bool:
@@ -157,7 +191,7 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
     # -- state machine -------------------------------------------------------
 
     def _process(self) -> None:
-        while self._state is not _State.DONE:
+        while self._state not in (_State.DONE, _State.TLS_PENDING):
             if self._state is _State.CLIENT_FLAGS:
                 if not self._take_client_flags():
                     return
@@ -173,6 +207,8 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
                 self._state = _State.OPTION_HEADER
                 if self._option == Option.ABORT:
                     self._handle_option(Option.ABORT, b"")
+                elif self._tls_required:
+                    self._reply(self._option, OptionReply.ERR_TLS_REQD, _TLS_REQUIRED)
                 else:
                     self._reply(self._option, OptionReply.ERR_TOO_BIG, b"option data too long")
             elif self._state is _State.OPTION_DATA:
@@ -217,8 +253,14 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
 
     # -- options -------------------------------------------------------------
 
+    @property
+    def _tls_required(self) -> bool:
+        return self._tls is TLSMode.REQUIRE and not self._tls_active
+
     def _handle_option(self, option: int, data: bytes) -> None:
         if option == Option.EXPORT_NAME:
+            if self._tls_required:
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS")
             self._export_name(data)
             return
         if option == Option.ABORT:
@@ -228,6 +270,8 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
         try:
             if self._refuse is not None:
                 raise _OptionRefused(OptionReply.ERR_POLICY, self._refuse)
+            if self._tls_required and option != Option.STARTTLS:
+                raise _OptionRefused(OptionReply.ERR_TLS_REQD, _TLS_REQUIRED.decode())
             handler = self._HANDLERS.get(Option(option)) if option in _OPTION_CODES else None
             if handler is None:
                 raise _OptionRefused(OptionReply.ERR_UNSUP, f"option {option} is not supported")
@@ -268,7 +312,16 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
     def _starttls(self, option: int, data: bytes) -> None:
         if data:
             raise _OptionRefused(OptionReply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        raise _OptionRefused(OptionReply.ERR_POLICY, "TLS is not configured on this server")
+        if self._tls is TLSMode.OFF:
+            raise _OptionRefused(OptionReply.ERR_POLICY, "TLS is not configured on this server")
+        if self._tls_active:
+            raise _OptionRefused(OptionReply.ERR_INVALID, "TLS is already on")
+        if self._buffer:
+            # Bytes sent before the TLS handshake would be taken as if they came over TLS.
+            raise ProtocolError("data pipelined after NBD_OPT_STARTTLS (plaintext injection)")
+        self._reply(option, OptionReply.ACK)
+        self._state = _State.TLS_PENDING
+        self._events.append(StartTLS())
 
     def _structured_reply(self, option: int, data: bytes) -> None:
         if data:
@@ -363,6 +416,9 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted]):
     def _finish(self, event: Negotiated | Aborted) -> None:
         self._state = _State.DONE
         self._events.append(event)
+
+
+_TLS_REQUIRED = b"this server requires TLS: send NBD_OPT_STARTTLS first"
 
 
 def _context_matches(context: str, query: str, listing: bool) -> bool:

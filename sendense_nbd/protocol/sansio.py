@@ -20,6 +20,16 @@ class NeedData:
 NEED_DATA = NeedData()
 
 
+@attrs.frozen(slots=True)
+class StartTLS:
+    """``NBD_OPT_STARTTLS`` was acknowledged: upgrade the stream to TLS now.
+
+    The IO layer writes :meth:`SansIOMachine.data_to_send` first, then runs
+    the TLS handshake and calls the machine's ``tls_started()``. Until then
+    the machine takes no bytes: plaintext at this point is an injection.
+    """
+
+
 class SansIOMachine(Generic[E]):
     """Buffers for a sans-IO state machine; subclasses parse ``_buffer``,
     append replies to ``_out`` and events to ``_events``."""
