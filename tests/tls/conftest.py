@@ -31,3 +31,9 @@ def tls_peers() -> Iterator[TLSPeers]:
     """qemu-nbd and nbdkit over TLS, killed at teardown."""
     with processes("tls") as group:
         yield TLSPeers(group)
+
+
+@pytest.fixture
+def image_data(image: Path) -> bytes:
+    """The bytes of :func:`image`."""
+    return image.read_bytes()

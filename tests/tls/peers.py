@@ -26,6 +26,7 @@ import datetime
 import ipaddress
 import os
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -232,10 +233,11 @@ class Endpoint:
         tail = "?" + "&".join(f"{key}={value}" for key, value in params.items()) if params else ""
         return f"{'nbds' if creds else 'nbd'}://{self.host}:{self.port}/{self.export}{tail}"
 
-    def image_opts(self, *, tls: bool = True, **extra: str) -> str:
-        """qemu's ``--image-opts`` for this export, using the ``--object`` of :func:`qemu_tls_object`."""
+    def image_opts(self, *, tls: bool = True, hostname: str | None = None) -> str:
+        """qemu's ``--image-opts`` for this export, using the ``--object`` of :func:`qemu_tls_object`;
+        ``hostname``: the name to check the server's certificate against (``tls-hostname``)."""
         opts = {"driver": "nbd", "host": self.host, "port": str(self.port), "export": self.export}
-        opts |= ({"tls-creds": "tls0"} if tls else {}) | extra
+        opts |= ({"tls-creds": "tls0"} if tls else {}) | ({"tls-hostname": hostname} if hostname else {})
         return ",".join(f"{key}={value}" for key, value in opts.items())
 
 
@@ -278,3 +280,18 @@ class TLSPeers:
         base = [require("nbdkit"), "-f", "--exit-with-parent", "-i", "127.0.0.1", *options]
         port = self._start_tcp(lambda port: [*base, "-p", str(port), *plugin])
         return Endpoint(port)
+
+
+def nbdcopy_out(uri: str) -> bytes:
+    """The whole export as nbdcopy reads it (the judge of what a server holds)."""
+    result = subprocess.run([require("nbdcopy"), uri, "-"], capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+def refused(*cmd: str | Path) -> str:
+    """Run a client that must fail; its stderr, with libnbd's debug log (the server's messages are there)."""
+    env = os.environ | {"LIBNBD_DEBUG": "1"}
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=30, env=env, check=False)
+    assert result.returncode != 0, f"{cmd} succeeded:\n{result.stdout}"
+    return result.stderr

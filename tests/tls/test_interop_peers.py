@@ -4,31 +4,14 @@ refused by them. If one of these fails, the interop tests of our own code cannot
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require, run
-from tests.tls.peers import Endpoint, Pki, TLSPeers, qemu_tls_object
+from tests.tls.peers import Endpoint, Pki, TLSPeers, nbdcopy_out, qemu_tls_object, refused
 
 pytestmark = pytest.mark.peer
-
-
-def nbdcopy_out(uri: str) -> bytes:
-    """The whole export read by nbdcopy."""
-    result = subprocess.run([require("nbdcopy"), uri, "-"], capture_output=True, timeout=30, check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    return result.stdout
-
-
-def refused(*cmd: str | Path) -> str:
-    """Run a client that must fail; its stderr (libnbd's debug log included: the server's messages are there)."""
-    env = os.environ | {"LIBNBD_DEBUG": "1"}
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=30, env=env, check=False)
-    assert result.returncode != 0, f"{cmd} succeeded:\n{result.stdout}"
-    return result.stderr
 
 
 def test_libnbd_reads_qemu_nbd_over_tls(pki: Pki, image: Path, tls_peers: TLSPeers) -> None:
