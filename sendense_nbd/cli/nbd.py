@@ -22,6 +22,7 @@ from sendense_nbd import __version__
 from sendense_nbd.cli.copy import copy_command
 from sendense_nbd.cli.hub import hub_command, node_group, points_command, ports_command, restore_command
 from sendense_nbd.cli.policy import policy_group, status_command
+from sendense_nbd.cli.tls import tls_group
 from sendense_nbd.cli.verify import verify_command
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.protocol.constants import DEFAULT_PORT
@@ -425,6 +426,7 @@ cli.add_command(copy_command)
 cli.add_command(verify_command)
 cli.add_command(policy_group)
 cli.add_command(status_command)
+cli.add_command(tls_group)
 for command in (hub_command, node_group, ports_command, points_command, restore_command, tunnel_server_command):
     cli.add_command(command)
 

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sendense_nbd.errors import TLSError
+from sendense_nbd.lazy import lazy_getattr
 from sendense_nbd.tls.credentials import (
     check_fingerprint,
     client_context,
@@ -23,15 +26,27 @@ from sendense_nbd.tls.credentials import (
     server_context,
 )
 
+if TYPE_CHECKING:
+    from sendense_nbd.tls.pki import Issued, Layout, init_pki, issue_certificate, make_ca
+
 __all__ = [
+    "Issued",
+    "Layout",
     "TLSError",
     "check_fingerprint",
     "client_context",
     "fingerprint",
     "handshake_error",
+    "init_pki",
+    "issue_certificate",
+    "make_ca",
     "parse_fingerprint",
     "parse_psk_file",
     "psk_client_context",
     "psk_server_context",
     "server_context",
 ]
+
+__getattr__ = lazy_getattr(
+    __name__, dict.fromkeys(["Issued", "Layout", "init_pki", "issue_certificate", "make_ca"], "sendense_nbd.tls.pki")
+)

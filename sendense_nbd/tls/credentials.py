@@ -14,6 +14,7 @@ import hmac
 import os
 import re
 import ssl
+import stat
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -213,9 +214,14 @@ def _base_context(*, server: bool) -> ssl.SSLContext:
 
 def _directory(creds_dir: str | os.PathLike[str]) -> Path:
     directory = Path(creds_dir)
-    if not directory.is_dir():
-        what = "is not a directory" if directory.exists() else "does not exist"
-        raise TLSError(f"TLS credentials directory {directory} {what}")
+    try:
+        is_dir = stat.S_ISDIR(directory.stat().st_mode)
+    except FileNotFoundError:
+        raise TLSError(f"TLS credentials directory {directory} does not exist") from None
+    except OSError as exc:
+        raise TLSError(f"TLS credentials directory {directory}: {exc.strerror or exc}") from None
+    if not is_dir:
+        raise TLSError(f"TLS credentials directory {directory} is not a directory")
     return directory
 
 

@@ -1,0 +1,134 @@
+"""The deployment's certificates: what each carries, read back by real openssl; the layout
+``init_pki`` writes, with its modes, and its refusals (nothing overwritten, nothing half made)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from sendense_nbd.errors import TLSError
+from sendense_nbd.tls import client_context, server_context
+from sendense_nbd.tls.pki import init_pki, issue_certificate, make_ca, write_server_credentials
+
+TIMEOUT = 30
+
+
+def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Real openssl, its output kept."""
+    return subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_ca_signs_certificates_and_nothing_else() -> None:
+    ca = make_ca("test CA", days=30).certificate
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign and not usage.digital_signature
+    assert ca.subject == ca.issuer
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == 30
+
+
+def test_a_server_certificate_carries_its_names_and_purpose() -> None:
+    ca = make_ca()
+    server = issue_certificate(
+        ca, "hub", usage="server", dns_names=["hub", "hub.example"], ip_addresses=["10.0.0.5", "::1"]
+    )
+    names = server.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["hub", "hub.example"]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("::1")]
+    purposes = server.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(purposes) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert not server.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert server.certificate.issuer == ca.certificate.subject
+
+
+def test_validity_can_be_set_in_the_past() -> None:
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    expired = issue_certificate(
+        make_ca(), "old", usage="client", not_before=past, not_after=past + datetime.timedelta(days=1)
+    )
+    assert expired.certificate.not_valid_after_utc == past + datetime.timedelta(days=1)
+
+
+def test_openssl_verifies_what_the_ca_signed(tmp_path: Path) -> None:
+    ca = make_ca()
+    write_server_credentials(tmp_path, ca, issue_certificate(ca, "localhost", usage="server", dns_names=["localhost"]))
+    result = openssl(
+        "verify", "-CAfile", tmp_path / "ca-cert.pem", "-purpose", "sslserver", tmp_path / "server-cert.pem"
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith(": OK"), result.stdout + result.stderr
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(make_ca().cert_pem())
+    assert openssl("verify", "-CAfile", other, tmp_path / "server-cert.pem").returncode != 0
+
+
+def test_init_writes_qemus_layout_with_private_keys_0600(tmp_path: Path) -> None:
+    root = tmp_path / "pki"
+    layout = init_pki(root, nodes=["node1", "node-2.example"])
+    assert layout.hub == root / "hub" and layout.nodes == {n: root / "nodes" / n for n in ("node1", "node-2.example")}
+    files = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    node_files = [
+        f"nodes/{n}/{f}"
+        for n in ("node-2.example", "node1")
+        for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+    ]
+    assert files == sorted(
+        ["ca-cert.pem", "ca-key.pem", "hub/ca-cert.pem", "hub/server-cert.pem", "hub/server-key.pem", *node_files]
+    )
+    for path in root.rglob("*.pem"):
+        assert mode(path) == (0o600 if path.name.endswith("-key.pem") else 0o644), path
+        assert path.read_bytes().startswith(
+            b"-----BEGIN PRIVATE KEY-----" if "key" in path.name else b"-----BEGIN CERTIFICATE-----"
+        )
+    assert (root / "hub" / "ca-cert.pem").read_bytes() == (root / "ca-cert.pem").read_bytes()
+    server_context(root / "hub", verify_client=True)
+    client_context(root / "nodes" / "node1")
+
+
+def test_init_defaults_to_localhost_and_loopback(tmp_path: Path) -> None:
+    init_pki(tmp_path)
+    text = openssl("x509", "-in", tmp_path / "hub" / "server-cert.pem", "-noout", "-text").stdout
+    assert "DNS:localhost, IP Address:127.0.0.1" in text
+    assert not (tmp_path / "nodes").exists()
+
+
+def test_init_never_overwrites_and_writes_nothing_when_refusing(tmp_path: Path) -> None:
+    init_pki(tmp_path, nodes=["n1"])
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*.pem")}
+    with pytest.raises(TLSError, match=r"refusing to overwrite existing credentials: .*ca-cert\.pem"):
+        init_pki(tmp_path, nodes=["n2"])
+    assert not (tmp_path / "nodes" / "n2").exists()
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*.pem")} == before
+
+
+def test_init_refuses_a_lone_existing_node_directory(tmp_path: Path) -> None:
+    (tmp_path / "nodes" / "n1").mkdir(parents=True)
+    with pytest.raises(TLSError, match="refusing to overwrite existing credentials: .*nodes/n1"):
+        init_pki(tmp_path, nodes=["n1"])
+    assert not (tmp_path / "ca-cert.pem").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"nodes": ["../escape"]}, "node name '../escape': use letters, digits"),
+        ({"nodes": ["a", "a"]}, "a node is named twice"),
+        ({"hub_addresses": ["hub.example"]}, "'hub.example' is not an IP address"),
+        ({"hub_names": ["10.0.0.5"]}, "--hub-name 10.0.0.5: an IP address; give it with --hub-address"),
+        ({"days": 0}, "--days 0: a certificate must be valid for a day at least"),
+    ],
+)
+def test_init_refuses_bad_names(tmp_path: Path, options: dict[str, object], message: str) -> None:
+    with pytest.raises(TLSError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        init_pki(tmp_path / "pki", **options)
+    assert not (tmp_path / "pki").exists()
