@@ -26,6 +26,11 @@ Theory of operation:
   (``handshake_limit``), a WRITE payload or unread replies making no
   progress (``io_timeout``), and, while reading is paused, a peer that hung
   up (the event loop does not watch a paused socket, so it is polled).
+* TLS: when the handshake acknowledges ``NBD_OPT_STARTTLS`` reading stops,
+  the ACK is flushed and ``loop.start_tls`` wraps the socket; the handshake
+  deadline still runs. Afterwards the transport is asyncio's TLS transport,
+  which decrypts straight into :meth:`get_buffer`'s buffers. A failed TLS
+  handshake drops this one client.
 * A protocol violation drops this one connection. Storage errors become the
   spec's error replies and the connection carries on.
 """
@@ -38,6 +43,7 @@ import functools
 import logging
 import select
 import socket
+import ssl
 import struct
 import termios
 from collections import deque
@@ -49,9 +55,11 @@ from sendense_nbd.protocol import transmission as tx
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_PAYLOAD, Command, CommandFlag
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
+from sendense_nbd.protocol.sansio import StartTLS
 from sendense_nbd.server.context import ConnectionContext
 from sendense_nbd.storage.base import BlockDevice
 from sendense_nbd.tcp import set_congestion
+from sendense_nbd.tls import handshake_error
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._admission = context.admission
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._upgrading: asyncio.Task[None] | None = None
+        self._tls = False
         self._fd = -1
         self._handshake: ServerHandshake | None = None
         self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
@@ -128,7 +138,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 set_congestion(sock, self._context.congestion)  # e.g. BBR (sendense_nbd.tcp)
-        self._handshake = ServerHandshake(self._context.catalog, admit=self._admit)
+        self._handshake = ServerHandshake(self._context.catalog, admit=self._admit, tls=self._context.tls)
         transport.write(self._handshake.data_to_send())
         self._arm()
 
@@ -153,8 +163,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._drop()
 
     def eof_received(self) -> bool:
-        """Keep the transport open only while requests sent before ``NBD_CMD_DISC`` complete."""
-        return self._disconnecting and bool(self._pending or self._tasks)
+        """Keep the transport open only while requests sent before ``NBD_CMD_DISC`` complete
+        (over TLS the transport closes anyway)."""
+        return not self._tls and self._disconnecting and bool(self._pending or self._tasks)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Give back every byte still charged and tell admission the connection is gone."""
@@ -199,6 +210,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         event = handshake.next_event()
         if isinstance(event, Aborted):
             self._transport.close()
+        elif isinstance(event, StartTLS):
+            self._transport.pause_reading()  # nothing may arrive in plaintext now
+            self._upgrading = self._loop.create_task(self._start_tls(self._transport, handshake))
         elif isinstance(event, Negotiated):
             self._negotiated = event
             self._device = self._context.devices[event.export.name]
@@ -220,6 +234,35 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._update_reading()  # stays paused while the server's budget is spent
         elif self._transport.get_write_buffer_size() > _HANDSHAKE_BACKLOG:
             self._set_reading(False)  # the client does not read its replies: stop answering
+
+    async def _start_tls(self, raw: asyncio.Transport, handshake: ServerHandshake) -> None:
+        """Wrap the socket in TLS, then let the handshake read options again."""
+        context = self._context.tls_context
+        assert context is not None
+        limit = self._context.handshake_limit
+        try:
+            await self._writable.wait()  # the ACK went out (the watchdog bounds this)
+            if self._lost or raw.is_closing():
+                return
+            # The TLS layer buffers in front of the socket now: default limits below it.
+            raw.set_write_buffer_limits()
+            tls = await self._loop.start_tls(raw, self, context, server_side=True, ssl_handshake_timeout=limit or None)
+            if tls is None:
+                raise ConnectionResetError("the connection closed during the TLS handshake")
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.warning("client %s: %s; dropping the connection", self.peer, handshake_error(exc))
+            raw.abort()
+            if not self._lost:  # asyncio does not tell the protocol of a failed upgrade
+                self.connection_lost(exc)
+            return
+        self._tls = True
+        self._transport = tls
+        # Paused once anything is buffered, resumed once all went out, as before.
+        tls.set_write_buffer_limits(high=1, low=0)
+        self._reading_paused = False
+        handshake.tls_started()
+        ssl_object = tls.get_extra_info("ssl_object")
+        log.info("client %s: %s (%s)", self.peer, ssl_object.version(), ssl_object.cipher()[0])
 
     # -- transmission ------------------------------------------------------------
 

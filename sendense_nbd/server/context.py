@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Protocol
 
 import attrs
 
+from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.protocol.handshake import ExportInfo
 from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.writes import WriteQueue
@@ -138,3 +140,7 @@ class ConnectionContext:
     tick: float
     #: TCP congestion control of accepted TCP sockets, set once at accept (None: the system's).
     congestion: str | None
+    #: Whether clients may or must upgrade to TLS with ``NBD_OPT_STARTTLS``.
+    tls: TLSMode = TLSMode.OFF
+    #: The server's TLS credentials; set unless ``tls`` is OFF.
+    tls_context: ssl.SSLContext | None = None

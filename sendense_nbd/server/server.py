@@ -19,6 +19,10 @@ last negotiated client leaves. :meth:`NBDServer.close` (what SIGTERM and SIGINT 
 stops accepting, lets requests in flight finish, flushes every writable
 export and closes the connections.
 
+TLS, as qemu-nbd: ``tls`` ALLOW or REQUIRE offers ``NBD_OPT_STARTTLS`` with
+``tls_context`` (see :func:`sendense_nbd.tls.server_context`); under
+REQUIRE nothing is served before the upgrade.
+
 TCP connections get the congestion control ``congestion`` (default BBR,
 None: the system's) once at accept (:mod:`sendense_nbd.tcp`).
 """
@@ -30,12 +34,13 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType, TracebackType
 
 from sendense_nbd.errors import ServerError
-from sendense_nbd.protocol.constants import DEFAULT_PORT
+from sendense_nbd.protocol.constants import DEFAULT_PORT, TLSMode
 from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.connection import ServerConnection
 from sendense_nbd.server.context import Admission, ConnectionContext
@@ -58,6 +63,19 @@ DEFAULT_IO_TIMEOUT = 60.0
 DEFAULT_MAX_HANDSHAKES = 128
 
 
+def _check_limits(
+    exports: Sequence[Export], shared: int, handshake_limit: float, io_timeout: float, max_handshakes: int
+) -> None:
+    if not exports:
+        raise ServerError("a server needs at least one export")
+    if shared < 1:
+        raise ServerError("--shared must be at least 1")
+    if handshake_limit < 0 or io_timeout < 0:
+        raise ServerError("--handshake-limit and --io-timeout must be 0 (none) or more seconds")
+    if max_handshakes < 1:
+        raise ServerError("--max-handshakes must be at least 1")
+
+
 class NBDServer:
     """Serves exports over TCP, a unix socket, or inherited listening sockets."""
 
@@ -77,15 +95,14 @@ class NBDServer:
         io_timeout: float = DEFAULT_IO_TIMEOUT,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         congestion: str | None = DEFAULT_CONGESTION,
+        tls: TLSMode = TLSMode.OFF,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        if not exports:
-            raise ServerError("a server needs at least one export")
-        if shared < 1:
-            raise ServerError("--shared must be at least 1")
-        if handshake_limit < 0 or io_timeout < 0:
-            raise ServerError("--handshake-limit and --io-timeout must be 0 (none) or more seconds")
-        if max_handshakes < 1:
-            raise ServerError("--max-handshakes must be at least 1")
+        _check_limits(exports, shared, handshake_limit, io_timeout, max_handshakes)
+        if tls is not TLSMode.OFF and tls_context is None:
+            raise ServerError(f"--tls {tls.value} needs the server's credentials (--tls-creds)")
+        if tls is TLSMode.OFF and tls_context is not None:
+            raise ServerError("TLS credentials were given with --tls off: use --tls allow or require")
         self._exports = {export.name: export for export in exports}
         if len(self._exports) != len(exports):
             raise ServerError("export names must be unique")
@@ -119,6 +136,8 @@ class NBDServer:
             io_timeout=io_timeout,
             tick=min([0.5, *(limit / 4 for limit in (handshake_limit, io_timeout) if limit)]),
             congestion=congestion,
+            tls=tls,
+            tls_context=tls_context,
         )
 
     # -- public API ------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""The server over TLS (NBD_OPT_STARTTLS), in process, driven by a small stdlib client:
+the upgrade and transmission over it, require-mode refusals, plaintext injected after
+STARTTLS, a TLS handshake that fails or stalls dropping only its own client."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sendense_nbd import Export, NBDServer, ServerError, memory_device
+from sendense_nbd.protocol import wire
+from sendense_nbd.protocol.constants import Command, Option, OptionReply, TLSMode
+from sendense_nbd.tls import client_context, server_context
+from sendense_nbd.tls.pki import Layout, init_pki
+
+MiB = 1 << 20
+DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    return init_pki(tmp_path_factory.mktemp("pki"), nodes=["node1"])
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    return init_pki(tmp_path_factory.mktemp("other"))
+
+
+def _device() -> object:
+    device = memory_device(MiB)
+    device.write(offset=0, data=DATA)
+    return device
+
+
+@pytest.fixture
+async def server(pki: Layout) -> AsyncIterator[NBDServer]:
+    async with NBDServer(
+        [Export("disk", _device())],  # type: ignore[arg-type]
+        port=0,
+        shared=8,
+        persistent=True,
+        handshake_limit=2,
+        tls=TLSMode.REQUIRE,
+        tls_context=server_context(pki.hub),
+    ) as nbd:
+        yield nbd
+
+
+async def _option(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, option: int, data: bytes = b""
+) -> list[int]:
+    """Send an option; the reply types up to its final one."""
+    writer.write(wire.encode_option(option, data))
+    types = []
+    while True:
+        raw = await asyncio.wait_for(reader.readexactly(20), 10)
+        _, _, reply, length = struct.unpack(">QIII", raw)
+        await reader.readexactly(length)
+        types.append(reply)
+        if reply == OptionReply.ACK and option != Option.GO or reply & (1 << 31) or reply == OptionReply.ACK:
+            return types
+
+
+async def _greeted(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.wait_for(reader.readexactly(wire.GREETING.size), 10)
+    writer.write(wire.CLIENT_FLAGS.pack(3))
+    return reader, writer
+
+
+async def _upgraded(port: int, context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await _greeted(port)
+    assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+    await asyncio.wait_for(writer.start_tls(context, server_hostname="localhost"), 10)
+    return reader, writer
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 10) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+
+
+async def _read_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, offset: int, length: int) -> bytes:
+    writer.write(wire.encode_request(Command.READ, 7, offset, length))
+    magic, error, handle = struct.unpack(">IIQ", await asyncio.wait_for(reader.readexactly(16), 10))
+    assert (error, handle) == (0, 7)
+    return await reader.readexactly(length)
+
+
+def _go(name: str = "disk") -> bytes:
+    return wire.encode_string(name) + wire.U16.pack(0)
+
+
+async def test_require_refuses_plaintext_then_serves_over_tls(server: NBDServer, pki: Layout) -> None:
+    assert server.port is not None
+    reader, writer = await _greeted(server.port)
+    assert await _option(reader, writer, Option.GO, _go()) == [OptionReply.ERR_TLS_REQD]
+    assert await _option(reader, writer, Option.LIST) == [OptionReply.ERR_TLS_REQD]
+    assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+    await asyncio.wait_for(writer.start_tls(client_context(pki.ca_cert.parent), server_hostname="localhost"), 10)
+    assert writer.get_extra_info("ssl_object").version() in ("TLSv1.3", "TLSv1.2")
+    assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ERR_INVALID]
+    assert (await _option(reader, writer, Option.GO, _go()))[-1] == OptionReply.ACK
+    assert await _read_over(reader, writer, 0, MiB) == DATA
+    assert await _read_over(reader, writer, 4096, 100) == DATA[4096:4196]
+    writer.close()
+
+
+async def test_export_name_before_tls_closes(server: NBDServer) -> None:
+    assert server.port is not None
+    reader, writer = await _greeted(server.port)
+    writer.write(wire.encode_option(Option.EXPORT_NAME, b"disk"))
+    assert await _closed(reader)
+
+
+async def test_plaintext_injected_after_starttls_closes_without_an_ack(server: NBDServer) -> None:
+    assert server.port is not None
+    reader, writer = await _greeted(server.port)
+    writer.write(wire.encode_option(Option.STARTTLS) + wire.encode_option(Option.GO, _go()))
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+
+
+async def test_a_failed_tls_handshake_drops_only_that_client(
+    server: NBDServer, pki: Layout, other_pki: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert server.port is not None
+    good_reader, good_writer = await _upgraded(server.port, client_context(pki.ca_cert.parent))
+    assert (await _option(good_reader, good_writer, Option.GO, _go()))[-1] == OptionReply.ACK
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _upgraded(server.port, client_context(other_pki.ca_cert.parent))  # trusts another CA
+    reader, writer = await _greeted(server.port)
+    assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+    writer.write(b"GET / HTTP/1.0\r\n\r\n")  # not TLS
+    assert await _closed(reader)
+    assert "TLS handshake failed" in caplog.text
+    assert await _read_over(good_reader, good_writer, 0, 4096) == DATA[:4096]
+    reader, writer = await _upgraded(server.port, client_context(pki.ca_cert.parent))
+    assert (await _option(reader, writer, Option.GO, _go()))[-1] == OptionReply.ACK
+    assert server.client_count == 2
+
+
+async def test_the_handshake_deadline_holds_during_the_tls_handshake(server: NBDServer) -> None:
+    assert server.port is not None
+    loop = asyncio.get_running_loop()
+    reader, writer = await _greeted(server.port)
+    assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+    started = loop.time()
+    assert await _closed(reader)  # no ClientHello ever comes
+    assert loop.time() - started < 5
+
+
+async def test_mutual_tls_needs_a_client_certificate(pki: Layout) -> None:
+    async with NBDServer(
+        [Export("disk", _device())],  # type: ignore[arg-type]
+        port=0,
+        persistent=True,
+        tls=TLSMode.REQUIRE,
+        tls_context=server_context(pki.hub, verify_client=True),
+    ) as nbd:
+        assert nbd.port is not None
+        reader, writer = await _upgraded(nbd.port, client_context(pki.nodes["node1"]))
+        assert (await _option(reader, writer, Option.GO, _go()))[-1] == OptionReply.ACK
+        writer.close()
+        reader, writer = await _greeted(nbd.port)
+        assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+        try:
+            await asyncio.wait_for(
+                writer.start_tls(client_context(pki.ca_cert.parent), server_hostname="localhost"), 10
+            )
+            refused = await _closed(reader)  # TLS 1.3: the client learns after its handshake
+        except (ssl.SSLError, ConnectionResetError):
+            refused = True
+        assert refused
+
+
+async def test_allow_serves_plaintext_and_off_refuses_starttls(pki: Layout) -> None:
+    async with NBDServer(
+        [Export("disk", _device())],  # type: ignore[arg-type]
+        port=0,
+        persistent=True,
+        shared=2,
+        tls=TLSMode.ALLOW,
+        tls_context=server_context(pki.hub),
+    ) as nbd:
+        assert nbd.port is not None
+        reader, writer = await _greeted(nbd.port)
+        assert (await _option(reader, writer, Option.GO, _go()))[-1] == OptionReply.ACK
+        assert await _read_over(reader, writer, 0, 512) == DATA[:512]
+    async with NBDServer([Export("disk", _device())], port=0) as nbd:  # type: ignore[arg-type]
+        assert nbd.port is not None
+        reader, writer = await _greeted(nbd.port)
+        assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ERR_POLICY]
+
+
+def test_tls_needs_credentials_and_credentials_need_tls(pki: Layout) -> None:
+    device = memory_device(MiB)
+    with pytest.raises(ServerError, match="--tls-creds"):
+        NBDServer([Export("disk", device)], tls=TLSMode.REQUIRE)
+    with pytest.raises(ServerError, match="--tls allow or require"):
+        NBDServer([Export("disk", device)], tls_context=server_context(pki.hub))
