@@ -1,29 +1,35 @@
 """TLS peers for tests: certificates in qemu's directory layout, and TLS servers and clients.
 
-Certificates are made with the ``cryptography`` library: a test CA, a server certificate for
-localhost/127.0.0.1/::1, a client certificate, and the odd ones the refusal tests need (another
-CA, an expired certificate, a certificate for another host name). Each role gets a directory in
-qemu's layout, read alike by qemu (``--object tls-creds-x509,dir=DIR``), nbdkit
-(``--tls-certificates=DIR``), libnbd (``?tls-certificates=DIR``) and our ``--tls-creds DIR``:
-``ca-cert.pem`` always, ``server-cert.pem``/``server-key.pem`` for a server,
-``client-cert.pem``/``client-key.pem`` for a client that shows a certificate.
+The good credentials are a deployment made by ``sendense_nbd.tls.pki.init_pki`` (what
+``sendense-nbd tls init`` writes): its hub directory serves, a node's directory is the client of
+mutual TLS. The odd ones the refusal tests need are issued with the same module: signed by the
+deployment's CA read back from disk (an expired certificate, one for another host name), or by
+another CA. Each role has a directory in qemu's layout, read alike by qemu
+(``--object tls-creds-x509,dir=DIR``), nbdkit (``--tls-certificates=DIR``), libnbd
+(``?tls-certificates=DIR``) and our ``--tls-creds DIR``: ``ca-cert.pem`` always,
+``server-cert.pem``/``server-key.pem`` for a server, ``client-cert.pem``/``client-key.pem`` for a
+client that shows a certificate.
 
-What GnuTLS (qemu, nbdkit, libnbd) expects of such a directory, learnt here:
+What the GnuTLS peers (qemu, nbdkit, libnbd) expect, learnt here:
 
 * qemu checks certificates when it loads them, before any client comes: the CA needs
   basicConstraints CA:TRUE and keyUsage keyCertSign; a server certificate CA:FALSE, keyUsage
   digitalSignature *and* keyEncipherment (even for an EC key) and extendedKeyUsage serverAuth; a
-  client certificate clientAuth. It refuses to start with an expired or not yet valid
-  certificate ("The certificate ... has expired"), so an expired *server* is nbdkit or ours.
+  client certificate clientAuth. It refuses to start with an expired certificate ("The server
+  certificate .../server-cert.pem has expired"), so an expired *server* is nbdkit or ours.
 * qemu's server endpoint verifies client certificates unless ``verify-peer=off``.
-* Keys are unencrypted PEM; PKCS#8 (``BEGIN PRIVATE KEY``) EC keys are read by all three.
-* Key files at 0600 are fine for all of them (no peer insists on it); ours are written 0600.
+* Unencrypted PKCS#8 PEM (``BEGIN PRIVATE KEY``) ECDSA P-256 keys are read by all three; key files
+  at 0600 are fine (no peer insists on a mode).
+* libnbd 1.14 checks the server's certificate against the host name of an ``nbds://`` URI (an IP
+  address is matched against the IP SANs) but verifies nothing over ``nbds+unix://`` (no host
+  name), and ignores ``tls-hostname=`` and ``tls-verify-peer=`` in URIs: tests use TCP on 127.0.0.1.
+* qemu checks the host name (``tls-hostname=`` overrides it), IP addresses included.
 """
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
+import functools
 import os
 import socket
 import subprocess
@@ -32,143 +38,28 @@ from pathlib import Path
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sendense_nbd.tls import pki
 from tests.conftest import require
 from tests.peers import Processes
 
-#: The names every good server certificate carries.
+#: Names and addresses of every good server certificate.
 SERVER_NAMES = ("localhost",)
 SERVER_ADDRESSES = ("127.0.0.1", "::1")
 #: The only name on the wrong-name server certificate.
 OTHER_NAME = "elsewhere.invalid"
-
-_DAY = datetime.timedelta(days=1)
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=not ca,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-@attrs.frozen
-class Issued:
-    """A certificate and its private key, both PEM."""
-
-    cert: bytes
-    key: bytes
-
-
-@attrs.define
-class Authority:
-    """A test certificate authority: a self-signed CA certificate and its key."""
-
-    name: str
-    key: ec.EllipticCurvePrivateKey = attrs.field(factory=lambda: ec.generate_private_key(ec.SECP256R1()))
-    cert: x509.Certificate = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
-        builder = self._builder(subject, self.key.public_key(), _now() - _DAY, _now() + 30 * _DAY)
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        builder = builder.add_extension(_usage(ca=True), critical=True)
-        builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-        )
-        self.cert = builder.sign(self.key, hashes.SHA256())
-
-    @property
-    def cert_pem(self) -> bytes:
-        """The CA certificate, PEM (a ``ca-cert.pem``)."""
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def _builder(
-        self, subject: x509.Name, public: ec.EllipticCurvePublicKey, start: datetime.datetime, end: datetime.datetime
-    ) -> x509.CertificateBuilder:
-        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.name)])
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-        )
-
-    def issue(
-        self,
-        common_name: str,
-        *,
-        server: bool,
-        names: tuple[str, ...] = SERVER_NAMES,
-        addresses: tuple[str, ...] = SERVER_ADDRESSES,
-        expired: bool = False,
-    ) -> Issued:
-        """A server (SANs ``names`` and ``addresses``) or client certificate signed by this CA;
-        ``expired`` ended yesterday (valid for a day before that)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        start, end = (_now() - 2 * _DAY, _now() - _DAY) if expired else (_now() - _DAY, _now() + 30 * _DAY)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        builder = self._builder(subject, key.public_key(), start, end)
-        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        builder = builder.add_extension(_usage(ca=False), critical=True)
-        purpose = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
-        )
-        if server:
-            sans: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
-            sans += [x509.IPAddress(ipaddress.ip_address(address)) for address in addresses]
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-def write_creds(directory: Path, ca: Authority, *, server: Issued | None = None, client: Issued | None = None) -> Path:
-    """``directory`` in qemu's layout: ``ca-cert.pem``, and the server's and/or client's pair (keys 0600)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ca-cert.pem").write_bytes(ca.cert_pem)
-    for role, issued in (("server", server), ("client", client)):
-        if issued is not None:
-            (directory / f"{role}-cert.pem").write_bytes(issued.cert)
-            key = directory / f"{role}-key.pem"
-            key.write_bytes(issued.key)
-            os.chmod(key, 0o600)
-    return directory
 
 
 @attrs.frozen
 class Pki:
     """Credential directories for every case, all in qemu's layout.
 
-    ``server``/``client``: the good pair (the client's certificate makes mutual TLS);
-    ``anonymous``: the CA alone (a client without a certificate);
-    ``wrong_ca``: a client trusting another CA (it refuses every good server);
-    ``foreign_client``: a client trusting the good CA, with a certificate from another CA
-    (a server verifying clients refuses it);
+    ``server``/``client``: the deployment's hub and node (the client's certificate makes mutual
+    TLS); ``anonymous``: the CA alone (a client without a certificate); ``wrong_ca``: a client
+    trusting another CA (it refuses every good server); ``foreign_client``: trusts the good CA,
+    shows a certificate from another CA (a server verifying clients refuses it);
     ``expired_server``/``expired_client``: certificates that ended yesterday;
     ``wrong_name_server``: a certificate for :data:`OTHER_NAME` only.
     """
@@ -183,21 +74,45 @@ class Pki:
     wrong_name_server: Path
 
 
+def _read_ca(layout: pki.Layout) -> pki.Issued:
+    """The deployment's CA, key and certificate, as ``tls init`` left them."""
+    key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return pki.Issued(key, x509.load_pem_x509_certificate(layout.ca_cert.read_bytes()))
+
+
+def _ca_only(directory: Path, ca: pki.Issued) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "ca-cert.pem").write_bytes(ca.cert_pem())
+    return directory
+
+
 def make_pki(root: Path) -> Pki:
     """Every credential directory of :class:`Pki`, under ``root``."""
-    ca, other = Authority("sendense test CA"), Authority("another CA")
+    layout = pki.init_pki(root / "deploy", hub_names=SERVER_NAMES, hub_addresses=SERVER_ADDRESSES, nodes=["node1"])
+    ca, other = _read_ca(layout), pki.make_ca("another CA")
+    yesterday = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    ended = functools.partial(
+        pki.issue_certificate, not_before=yesterday - datetime.timedelta(days=1), not_after=yesterday
+    )
     return Pki(
-        server=write_creds(root / "server", ca, server=ca.issue("localhost", server=True)),
-        client=write_creds(root / "client", ca, client=ca.issue("node1", server=False)),
-        anonymous=write_creds(root / "anonymous", ca),
-        wrong_ca=write_creds(root / "wrong-ca", other),
-        foreign_client=write_creds(root / "foreign-client", ca, client=other.issue("intruder", server=False)),
-        expired_server=write_creds(
-            root / "expired-server", ca, server=ca.issue("localhost", server=True, expired=True)
+        server=layout.hub,
+        client=layout.nodes["node1"],
+        anonymous=_ca_only(root / "anonymous", ca),
+        wrong_ca=_ca_only(root / "wrong-ca", other),
+        foreign_client=pki.write_client_credentials(
+            root / "foreign-client", ca, pki.issue_certificate(other, "intruder", usage="client")
         ),
-        expired_client=write_creds(root / "expired-client", ca, client=ca.issue("node1", server=False, expired=True)),
-        wrong_name_server=write_creds(
-            root / "wrong-name-server", ca, server=ca.issue(OTHER_NAME, server=True, names=(OTHER_NAME,), addresses=())
+        expired_server=pki.write_server_credentials(
+            root / "expired-server",
+            ca,
+            ended(ca, "localhost", usage="server", dns_names=SERVER_NAMES, ip_addresses=SERVER_ADDRESSES),
+        ),
+        expired_client=pki.write_client_credentials(root / "expired-client", ca, ended(ca, "node1", usage="client")),
+        wrong_name_server=pki.write_server_credentials(
+            root / "wrong-name-server",
+            ca,
+            pki.issue_certificate(ca, OTHER_NAME, usage="server", dns_names=[OTHER_NAME]),
         ),
     )
 
