@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -132,3 +133,19 @@ def test_init_refuses_bad_names(tmp_path: Path, options: dict[str, object], mess
     with pytest.raises(TLSError, match=message.replace("(", r"\(").replace(".", r"\.")):
         init_pki(tmp_path / "pki", **options)
     assert not (tmp_path / "pki").exists()
+
+
+def test_the_openssl_steps_in_the_docs_make_working_credentials(tmp_path: Path) -> None:
+    """docs/TLS.md's openssl commands, run as written (in a scratch directory), then used for mutual TLS."""
+    from tests.tls.test_credentials import Outcome, handshake
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "TLS.md").read_text()
+    make, check = re.findall(r"```sh\n(.*?)```", text, re.S)
+    script = "set -e\n" + make.replace("cd /srv/sendense-pki", "") + check
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hub/server-cert.pem: OK" in result.stdout and "DNS:hub.example.com, IP Address:10.0.0.5" in result.stdout
+    assert mode(tmp_path / "ca-key.pem") == mode(tmp_path / "nodes" / "node1" / "client-key.pem") == 0o600
+    server = server_context(tmp_path / "hub", verify_client=True)
+    outcome = handshake(server, client_context(tmp_path / "nodes" / "node1"), "hub.example.com")
+    assert outcome == Outcome(version="TLSv1.3")
