@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import ssl
@@ -30,6 +31,8 @@ CLIENT_KEY = "client-key.pem"
 _CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _KEY_BEGIN = re.compile(rb"-----BEGIN (?:(RSA|EC|DSA|ENCRYPTED) )?PRIVATE KEY-----")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+_log = logging.getLogger(__name__)
 
 
 def server_context(creds_dir: str | os.PathLike[str], *, verify_client: bool = False) -> ssl.SSLContext:
@@ -80,8 +83,9 @@ def fingerprint(der: bytes) -> str:
 
 
 def parse_fingerprint(text: str) -> str:
-    """A pin as :func:`fingerprint` writes it, from ``sha256:HEX`` or bare hex, colons and upper
-    case allowed, as ``openssl x509 -noout -fingerprint -sha256`` prints it (``sha256 Fingerprint=AB:CD:...``)."""
+    """A pin in :func:`fingerprint`'s form, from ``sha256:HEX`` or bare hex, with colons and upper
+    case allowed; also what ``openssl x509 -noout -fingerprint -sha256`` prints
+    (``sha256 Fingerprint=AB:CD:...``)."""
     value = text.strip()
     label, equals, rest = value.partition("=")
     if equals and label.lower() == "sha256 fingerprint":
@@ -138,7 +142,14 @@ def psk_server_context(keys_psk_path: str | os.PathLike[str]) -> ssl.SSLContext:
     keys = parse_psk_file(keys_psk_path)
     context = _base_context(server=True)
     context.set_ciphers("PSK")
-    getattr(context, "set_psk_server_callback")(lambda identity: keys.get(identity or "", b""))  # noqa: B009
+
+    def key_of(identity: str | None) -> bytes:
+        key = keys.get(identity or "")
+        if key is None:
+            _log.warning("TLS-PSK: a client names the identity %r, which %s does not have", identity, keys_psk_path)
+        return key or b""
+
+    getattr(context, "set_psk_server_callback")(key_of)  # noqa: B009
     return context
 
 
@@ -183,6 +194,8 @@ _ALERTS = (
     ("PROTOCOL_VERSION", "no TLS version both sides accept (TLS 1.2 is the minimum)"),
     ("WRONG_VERSION_NUMBER", "the peer does not speak TLS here"),
     ("NO_SHARED_CIPHER", "no cipher both sides accept"),
+    ("BINDER_DOES_NOT_VERIFY", "the client's pre-shared key is not the one keys.psk has for its identity"),
+    ("UNEXPECTED_EOF", "the peer hung up in the handshake: it refused us, its log says why"),
 )
 
 #: X509_V_ERR codes: the peer's certificate is not signed by a CA this side trusts.
