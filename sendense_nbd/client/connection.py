@@ -26,6 +26,13 @@ Theory of operation:
   raises :class:`NBDTimeoutError`; a timed-out or cancelled read is
   abandoned in the parser, so its late data never lands in a buffer the
   caller already got back.
+* TLS: an ``nbds://`` address makes the handshake send ``NBD_OPT_STARTTLS``
+  first and fail unless the server takes it; the link then upgrades the
+  socket with ``loop.start_tls`` (see :mod:`sendense_nbd.client.link`).
+  The TLS context comes from the address (``tls-certificates``,
+  ``tls-verify-peer``, ``tls-fingerprint``) unless
+  :attr:`ClientOptions.tls_context` gives one. Reads still land in the
+  caller's buffer: asyncio's TLS transport decrypts into ``get_buffer()``.
 * :meth:`NBDClient.close` waits for requests in flight, sends
   ``NBD_CMD_DISC`` (a soft disconnect) and waits for the socket to close.
 """
@@ -34,13 +41,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 import attrs
 
-from sendense_nbd.client.link import Link
+from sendense_nbd.client.link import Link, TLSPlan
 from sendense_nbd.client.uri import NBDAddress, resolve
 from sendense_nbd.errors import (
     ConnectionLostError,
@@ -66,12 +74,14 @@ from sendense_nbd.protocol.constants import (
     Command,
     CommandFlag,
     Errno,
+    TLSMode,
     TransmissionFlag,
 )
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import ExportInfo, Negotiated
 from sendense_nbd.protocol.replies import Reply
 from sendense_nbd.tcp import DEFAULT_CONGESTION
+from sendense_nbd.tls import client_context
 
 WritableBuffer = bytearray | memoryview
 ReadableBuffer = bytes | bytearray | memoryview
@@ -98,6 +108,18 @@ class ClientOptions:
     request_block_size: bool = True
     #: TCP congestion control of the socket, set once at connect (None: the system's; unix sockets: unused).
     congestion: str | None = DEFAULT_CONGESTION
+    #: For ``nbds://`` addresses: this context instead of one made from the URI's settings.
+    tls_context: ssl.SSLContext | None = None
+
+
+def with_tls(address: NBDAddress, options: ClientOptions) -> ClientOptions:
+    """``options`` with the TLS context an ``nbds://`` address needs (made once, shared by a pool)."""
+    if not address.tls or options.tls_context is not None:
+        return options
+    context = client_context(
+        address.tls_certificates, verify_peer=address.tls_verify_peer, fingerprint=address.tls_fingerprint
+    )
+    return attrs.evolve(options, tls_context=context)
 
 
 class NBDClient:
@@ -244,6 +266,13 @@ class NBDClient:
     def used_go(self) -> bool:
         """False when the server needed the ``NBD_OPT_EXPORT_NAME`` fallback."""
         return self._ready.used_go
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version of the connection (e.g. ``TLSv1.3``), None in plaintext."""
+        transport = self._link.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return None if ssl_object is None else str(ssl_object.version())
 
     @property
     def in_flight(self) -> int:
@@ -492,14 +521,20 @@ async def _all(coroutines: list[Coroutine[Any, Any, Any]]) -> None:
 
 async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) -> tuple[Link, ClientHandshakeEvent]:
     loop = asyncio.get_running_loop()
+    options = with_tls(address, options)
+    plan = None
+    if address.tls:
+        assert options.tls_context is not None
+        plan = TLSPlan(options.tls_context, address.server_hostname, address.tls_fingerprint)
     handshake = ClientHandshake(
         address.export,
         structured_replies=options.structured_replies,
         meta_contexts=options.meta_contexts,
         request_block_size=options.request_block_size,
         goal=goal,
+        tls=TLSMode.REQUIRE if address.tls else TLSMode.OFF,
     )
-    link = Link(handshake, options.max_in_flight, congestion=options.congestion)
+    link = Link(handshake, options.max_in_flight, congestion=options.congestion, tls=plan)
     try:
         async with asyncio.timeout(options.timeout):
             try:
@@ -579,6 +614,7 @@ def connect(
     meta_contexts: Iterable[str] = (BASE_ALLOCATION,),
     request_block_size: bool = True,
     congestion: str | None = DEFAULT_CONGESTION,
+    tls_context: ssl.SSLContext | None = None,
 ) -> _Connecting:
     """Connect to an export: ``await connect(...)`` or ``async with connect(...) as nbd``.
 
@@ -586,6 +622,7 @@ def connect(
     ``nbd+unix:///export?socket=PATH``), an :class:`NBDAddress`, or a host
     name with ``port`` (default 10809). ``export`` overrides the URI's.
     ``congestion``: the TCP congestion control (None: the system's).
+    ``tls_context``: for ``nbds://`` URIs, instead of one made from the URI's settings.
     """
     options = ClientOptions(
         timeout=timeout,
@@ -595,6 +632,7 @@ def connect(
         meta_contexts=tuple(meta_contexts),
         request_block_size=request_block_size,
         congestion=congestion,
+        tls_context=tls_context,
     )
     return _Connecting(resolve(target, port, export), options)
 

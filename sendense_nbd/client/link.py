@@ -3,20 +3,36 @@ that feeds a :class:`~sendense_nbd.protocol.client.ClientHandshake`, then a
 :class:`~sendense_nbd.protocol.replies.ReplyParser`, and resolves each
 request's future when its reply arrives. :class:`~sendense_nbd.client.connection.NBDClient`
 drives it; see :mod:`sendense_nbd.client.connection` for the theory of operation.
+
+When the handshake asks for TLS (:class:`~sendense_nbd.protocol.StartTLS`)
+the link stops reading, wraps the socket with ``loop.start_tls`` (checking
+a pinned fingerprint once it is done) and hands the rest of the handshake,
+and transmission, to asyncio's TLS transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
-from sendense_nbd.errors import ConnectionLostError, NBDConnectionError, OptionError, ProtocolError, SendenseError
+import attrs
+
+from sendense_nbd.errors import (
+    ConnectionLostError,
+    NBDConnectionError,
+    OptionError,
+    ProtocolError,
+    SendenseError,
+    TLSError,
+)
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.client import ClientHandshake, ClientHandshakeEvent, Ready
 from sendense_nbd.protocol.constants import Command, Errno
 from sendense_nbd.protocol.replies import Reply, ReplyParser
-from sendense_nbd.protocol.sansio import NEED_DATA
+from sendense_nbd.protocol.sansio import NEED_DATA, StartTLS
 from sendense_nbd.tcp import set_congestion
+from sendense_nbd.tls import check_fingerprint, handshake_error
 
 _HANDSHAKE_BUFFER = 64 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
@@ -24,10 +40,28 @@ _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _COALESCE = 64 * 1024
 
 
+@attrs.frozen(slots=True)
+class TLSPlan:
+    """How a link upgrades to TLS."""
+
+    context: ssl.SSLContext
+    #: The name the server's certificate is checked against (and sent as SNI).
+    server_hostname: str
+    #: ``sha256:HEX`` the server's certificate must have (checked after the handshake).
+    fingerprint: str | None = None
+
+
 class Link(asyncio.BufferedProtocol):
     """The socket side of one connection: handshake, then replies to futures."""
 
-    def __init__(self, handshake: ClientHandshake, max_in_flight: int, *, congestion: str | None) -> None:
+    def __init__(
+        self,
+        handshake: ClientHandshake,
+        max_in_flight: int,
+        *,
+        congestion: str | None,
+        tls: TLSPlan | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._handshake = handshake
         self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
@@ -46,6 +80,8 @@ class Link(asyncio.BufferedProtocol):
         self._shutdown = False
         self._tcp: socket.socket | None = None
         self._congestion = congestion
+        self._tls = tls
+        self._upgrading: asyncio.Task[None] | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -89,6 +125,8 @@ class Link(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """asyncio: the socket is gone; fail whatever is in flight."""
+        if self.closed.done():
+            return
         reason = f": {exc}" if exc else ""
         self.fail(ConnectionLostError(f"the server closed the connection{reason}"))
         self.writable.set()
@@ -126,6 +164,10 @@ class Link(asyncio.BufferedProtocol):
         event = handshake.next_event()
         if event is NEED_DATA:
             return
+        if isinstance(event, StartTLS):
+            self.transport.pause_reading()  # nothing may arrive in plaintext now
+            self._upgrading = self._loop.create_task(self._start_tls(self.transport))
+            return
         if isinstance(event, Ready):
             self.parser = ReplyParser(structured=event.structured_replies, context_ids=event.meta_contexts.values())
             trailing = handshake.trailing_data()
@@ -136,6 +178,32 @@ class Link(asyncio.BufferedProtocol):
             self.transport.close()
         if not self.negotiated.done():
             self.negotiated.set_result(event)
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        """Wrap the socket in TLS, then let the handshake go on over it."""
+        plan = self._tls
+        if plan is None:
+            self.fail(ProtocolError("the handshake asked for TLS without a TLS plan"))
+            return
+        try:
+            tls = await self._loop.start_tls(raw, self, plan.context, server_hostname=plan.server_hostname)
+            if tls is None:
+                raise ConnectionResetError("the connection closed during the TLS handshake")
+        except OSError as exc:
+            self.fail(handshake_error(exc, server_hostname=plan.server_hostname))
+            raw.abort()
+            self.connection_lost(None)  # asyncio does not tell the protocol of a failed upgrade
+            return
+        self.transport = tls
+        tls.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        try:
+            if plan.fingerprint is not None:
+                check_fingerprint(tls.get_extra_info("ssl_object"), plan.fingerprint)
+            self._handshake.tls_started()
+        except TLSError as exc:
+            self.fail(exc)
+            return
+        tls.write(self._handshake.data_to_send())
 
     # -- transmission ----------------------------------------------------------------
 

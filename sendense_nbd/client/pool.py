@@ -30,7 +30,7 @@ import asyncio
 import itertools
 from collections.abc import Iterator, Sequence
 
-from sendense_nbd.client.connection import ClientOptions, NBDClient, open_client
+from sendense_nbd.client.connection import ClientOptions, NBDClient, open_client, with_tls
 from sendense_nbd.client.uri import NBDAddress, resolve
 
 #: Seconds, at least, that the other handshakes get to finish, counted from the last one that did.
@@ -57,7 +57,7 @@ class ConnectionPool:
             raise ValueError("a pool needs at least one connection")
         self.address = resolve(target)
         self.wanted = connections
-        self.options = options or ClientOptions()
+        self.options = with_tls(self.address, options or ClientOptions())  # one TLS context for all
         self.at_once = not self.address.is_unix if at_once is None else at_once
         self._clients: tuple[NBDClient, ...] = ()
         self._turn: Iterator[NBDClient] = iter(())

@@ -3,20 +3,35 @@
 ``nbd://host[:port]/export`` is TCP (port 10809 by default);
 ``nbd+unix:///export?socket=PATH`` is a unix socket. The export name is the
 path without its leading ``/``, percent-decoded, so ``nbd://h//disk`` names
-``/disk`` and ``nbd://h`` the default export ``""``. This client speaks no
-TLS, so, as the URI spec asks, the ``nbds`` schemes and TLS parameters are
-errors rather than silently unencrypted connections; so are unknown query
-parameters ("SHOULD be diagnosed").
+``/disk`` and ``nbd://h`` the default export ``""``.
+
+``nbds://`` and ``nbds+unix://`` require TLS (``NBD_OPT_STARTTLS``; the
+connection fails rather than going on unencrypted). Their query parameters:
+
+* ``tls-certificates=DIR``: a directory in qemu's layout (``ca-cert.pem``,
+  and ``client-cert.pem``/``client-key.pem`` for mutual TLS), as libnbd's;
+  without it the system's CAs are trusted.
+* ``tls-verify-peer=false``: encryption without checking the server.
+* ``tls-hostname=NAME``: the name the server's certificate must carry
+  (default: the URI's host; ``localhost`` over a unix socket).
+* ``tls-type=x509``: the only type this client speaks.
+* ``tls-fingerprint=sha256:HEX``: an extension of this client: trust exactly
+  the server certificate with this SHA-256 pin, whatever signed it.
+
+TLS parameters on ``nbd://`` are errors, as are unknown query parameters
+("SHOULD be diagnosed").
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import attrs
 
-from sendense_nbd.errors import URIError
+from sendense_nbd.errors import TLSError, URIError
 from sendense_nbd.protocol.constants import DEFAULT_PORT, MAX_STRING
+from sendense_nbd.tls import parse_fingerprint
 
 
 def _check_export(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -32,12 +47,37 @@ class NBDAddress:
     host: str | None = None
     port: int = DEFAULT_PORT
     socket: str | None = None
+    #: TLS is required (``nbds://``); the other ``tls_*`` fields only apply then.
+    tls: bool = False
+    #: Credentials directory in qemu's layout (None: the system's CAs).
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = True
+    #: The name the server's certificate must carry (None: the host, or ``localhost``).
+    tls_hostname: str | None = None
+    #: ``sha256:HEX`` pin of the server's certificate (instead of CA verification).
+    tls_fingerprint: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.host is None) == (self.socket is None):
             raise URIError("an NBD address has either a host or a unix socket")
         if not 0 < self.port < 65536:
             raise URIError(f"port {self.port} is out of range")
+        if not self.tls and self._tls_query():
+            raise URIError("TLS settings need TLS (an nbds:// or nbds+unix:// URI)")
+
+    @property
+    def server_hostname(self) -> str:
+        """The name the server's TLS certificate is checked against."""
+        return self.tls_hostname or self.host or "localhost"
+
+    def _tls_query(self) -> list[tuple[str, str]]:
+        query = [
+            ("tls-certificates", self.tls_certificates),
+            ("tls-verify-peer", None if self.tls_verify_peer else "false"),
+            ("tls-hostname", self.tls_hostname),
+            ("tls-fingerprint", self.tls_fingerprint),
+        ]
+        return [(key, value) for key, value in query if value is not None]
 
     @property
     def is_unix(self) -> bool:
@@ -48,32 +88,37 @@ class NBDAddress:
     def uri(self) -> str:
         """The address as an NBD URI (inverse of :func:`parse_uri`)."""
         path = "/" + quote(self.export, safe="")
+        scheme = "nbds" if self.tls else "nbd"
+        query = [f"{key}={quote(value, safe='/:')}" for key, value in self._tls_query()]
         if self.socket is not None:
-            return f"nbd+unix://{path}?socket={quote(self.socket, safe='/')}"
+            query.insert(0, f"socket={quote(self.socket, safe='/')}")
+            return f"{scheme}+unix://{path}?{'&'.join(query)}"
         assert self.host is not None
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
-        return f"nbd://{host}{port}{path}"
+        return f"{scheme}://{host}{port}{path}" + (f"?{'&'.join(query)}" if query else "")
 
     def __str__(self) -> str:
         return self.uri
 
 
-_TLS_PARAMETERS = frozenset({"tls-type", "tls-hostname", "tls-verify-peer"})
+_TLS_PARAMETERS = frozenset({"tls-type", "tls-hostname", "tls-verify-peer", "tls-certificates", "tls-fingerprint"})
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
 
 
 def parse_uri(uri: str) -> NBDAddress:
-    """Parse an ``nbd://`` or ``nbd+unix://`` URI; raise :class:`URIError`."""
+    """Parse an ``nbd://``, ``nbd+unix://``, ``nbds://`` or ``nbds+unix://`` URI; raise :class:`URIError`."""
     try:
         parts = urlsplit(uri)
         port = parts.port
     except ValueError as exc:
         raise URIError(f"{uri!r}: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme in ("nbds", "nbds+unix"):
-        raise URIError(f"{uri!r}: TLS ({scheme}://) is not supported by this client")
-    if scheme not in ("nbd", "nbd+unix"):
-        raise URIError(f"{uri!r} is not an NBD URI (nbd:// or nbd+unix://)")
+    if scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+        raise URIError(f"{uri!r} is not an NBD URI (nbd://, nbd+unix://, nbds:// or nbds+unix://)")
+    tls = scheme.startswith("nbds")
+    unix = scheme.endswith("+unix")
     if parts.fragment:
         raise URIError(f"{uri!r}: NBD URIs have no fragment")
     try:
@@ -83,27 +128,51 @@ def parse_uri(uri: str) -> NBDAddress:
     for key, values in query.items():
         if len(values) > 1:
             raise URIError(f"{uri!r}: query parameter {key!r} is given more than once")
-    tls = _TLS_PARAMETERS & query.keys()
-    if tls:
-        raise URIError(f"{uri!r}: TLS parameters ({', '.join(sorted(tls))}) are not supported by this client")
+    if not tls and _TLS_PARAMETERS & query.keys():
+        given = ", ".join(sorted(_TLS_PARAMETERS & query.keys()))
+        raise URIError(f"{uri!r}: TLS parameters ({given}) need TLS: use nbds:// or nbds+unix://")
     try:
         export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path, errors="strict")
     except UnicodeDecodeError:
         raise URIError(f"{uri!r}: the export name is not UTF-8") from None
-    allowed = {"socket"} if scheme == "nbd+unix" else set()
+    allowed = ({"socket"} if unix else set()) | (_TLS_PARAMETERS if tls else set())
     unknown = query.keys() - allowed
     if unknown:
         raise URIError(f"{uri!r}: unknown query parameter(s) {', '.join(sorted(unknown))}")
-    if scheme == "nbd+unix":
+    settings = _tls_settings(uri, {key: values[0] for key, values in query.items()}) if tls else {}
+    if unix:
         if parts.netloc:
-            raise URIError(f"{uri!r}: nbd+unix URIs have no host (use nbd+unix:///export?socket=PATH)")
+            raise URIError(f"{uri!r}: {scheme} URIs have no host (use {scheme}:///export?socket=PATH)")
         socket = query.get("socket", [""])[0]
         if not socket:
-            raise URIError(f"{uri!r}: nbd+unix URIs need ?socket=PATH")
-        return NBDAddress(export, socket=socket)
+            raise URIError(f"{uri!r}: {scheme} URIs need ?socket=PATH")
+        return NBDAddress(export, socket=socket, **settings)
     if not parts.hostname:
-        raise URIError(f"{uri!r}: nbd URIs need a host")
-    return NBDAddress(export, host=parts.hostname, port=DEFAULT_PORT if port is None else port)
+        raise URIError(f"{uri!r}: {scheme} URIs need a host")
+    return NBDAddress(export, host=parts.hostname, port=DEFAULT_PORT if port is None else port, **settings)
+
+
+def _tls_settings(uri: str, query: dict[str, str]) -> dict[str, Any]:
+    """The :class:`NBDAddress` fields of an nbds URI's query."""
+    kind = query.get("tls-type", "x509")
+    if kind.lower() != "x509":
+        raise URIError(f"{uri!r}: tls-type={kind} is not supported (only x509 certificates)")
+    verify = query.get("tls-verify-peer", "true").lower()
+    if verify not in _TRUE | _FALSE:
+        raise URIError(f"{uri!r}: tls-verify-peer={verify} is neither true nor false")
+    settings: dict[str, Any] = {"tls": True, "tls_verify_peer": verify in _TRUE}
+    for key in ("tls-certificates", "tls-hostname", "tls-fingerprint"):
+        value = query.get(key)
+        if value is not None:
+            if not value:
+                raise URIError(f"{uri!r}: {key} is empty")
+            settings[key.replace("-", "_")] = value
+    if "tls_fingerprint" in settings:
+        try:
+            settings["tls_fingerprint"] = parse_fingerprint(settings["tls_fingerprint"])
+        except TLSError as exc:
+            raise URIError(f"{uri!r}: {exc}") from None
+    return settings
 
 
 def resolve(target: str | NBDAddress, port: int | None = None, export: str | None = None) -> NBDAddress:

@@ -248,6 +248,11 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed | StartTLS]):
             return
         if self._state is _State.EXPORT_NAME_REPLY:
             raise OptionError(Option.EXPORT_NAME, None, "the server closed the connection", self._export)
+        if self._tls_active and self._option is not None:
+            raise ProtocolError(
+                "the server closed the connection right after the TLS handshake: it may want a client "
+                "certificate (mutual TLS: client-cert.pem and client-key.pem) or have refused ours"
+            )
         raise ProtocolError("the server closed the connection during the handshake")
 
     @property

@@ -91,6 +91,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._upgrading: asyncio.Task[None] | None = None
+        #: Bytes decrypted before ``start_tls`` returned (TLS 1.3 clients send right after their Finished).
+        self._early: bytearray | None = None
         self._tls = False
         self._fd = -1
         self._handshake: ServerHandshake | None = None
@@ -205,6 +207,12 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _handshake_received(self, data: memoryview) -> None:
         handshake = self._handshake
         assert handshake is not None and self._transport is not None
+        if self._early is not None:
+            # Reading stopped at STARTTLS, so these bytes came through TLS: keep them for tls_started().
+            self._early += data
+            if len(self._early) > _HANDSHAKE_BACKLOG:
+                raise ProtocolError("too many options sent during the TLS handshake")
+            return
         handshake.receive_data(data)
         self._transport.write(handshake.data_to_send())
         event = handshake.next_event()
@@ -212,6 +220,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._transport.close()
         elif isinstance(event, StartTLS):
             self._transport.pause_reading()  # nothing may arrive in plaintext now
+            self._early = bytearray()
             self._upgrading = self._loop.create_task(self._start_tls(self._transport, handshake))
         elif isinstance(event, Negotiated):
             self._negotiated = event
@@ -263,6 +272,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         handshake.tls_started()
         ssl_object = tls.get_extra_info("ssl_object")
         log.info("client %s: %s (%s)", self.peer, ssl_object.version(), ssl_object.cipher()[0])
+        early, self._early = self._early, None
+        if early:
+            try:
+                self._handshake_received(memoryview(early))
+            except ProtocolError as exc:
+                log.warning("client %s: %s; dropping the connection", self.peer, exc)
+                self._drop()
 
     # -- transmission ------------------------------------------------------------
 

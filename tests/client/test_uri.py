@@ -46,9 +46,15 @@ def test_unix_sockets() -> None:
 @pytest.mark.parametrize(
     "uri, match",
     [
-        ("nbds://example.com/disk", "TLS"),
-        ("nbds+unix:///disk?socket=s", "TLS"),
-        ("nbd://example.com/disk?tls-type=x509", "TLS parameters"),
+        ("nbd://example.com/disk?tls-type=x509", "TLS parameters.*need TLS"),
+        ("nbd://example.com/disk?tls-certificates=/d", "need TLS"),
+        ("nbds://example.com/disk?tls-type=psk", "only x509"),
+        ("nbds://example.com/disk?tls-verify-peer=maybe", "neither true nor false"),
+        ("nbds://example.com/disk?tls-fingerprint=sha1:abcd", "sha256"),
+        ("nbds://example.com/disk?tls-fingerprint=", "empty"),
+        ("nbds://example.com/disk?tls-psk-file=/k", "unknown query"),
+        ("nbds+unix:///disk", "socket"),
+        ("nbds+unix://host/disk?socket=s", "no host"),
         ("http://example.com/disk", "not an NBD URI"),
         ("nbd+unix:///disk", "socket"),
         ("nbd+unix:///disk?socket=", "socket"),
@@ -83,3 +89,23 @@ def test_resolve_targets() -> None:
         resolve("nbd://h/a", 1234)
     with pytest.raises(URIError):
         NBDAddress("x")
+
+
+def test_nbds_uris() -> None:
+    address = parse_uri("nbds://hub.example:10810/disk?tls-certificates=/etc/tls/node1")
+    assert address == NBDAddress("disk", host="hub.example", port=10810, tls=True, tls_certificates="/etc/tls/node1")
+    assert address.server_hostname == "hub.example"
+    assert parse_uri(address.uri) == address
+    pin = "sha256:" + "ab" * 32
+    loose = parse_uri(f"NBDS://10.0.0.1/d?tls-verify-peer=no&tls-hostname=hub&tls-fingerprint={pin.upper()}")
+    assert (loose.tls_verify_peer, loose.server_hostname, loose.tls_fingerprint) == (False, "hub", pin)
+    assert parse_uri(loose.uri) == loose
+    unix = parse_uri("nbds+unix:///d?socket=/run/s&tls-type=x509")
+    assert unix.tls and unix.socket == "/run/s" and unix.server_hostname == "localhost"
+    assert parse_uri(unix.uri) == unix
+    assert not parse_uri("nbd://h/d").tls
+
+
+def test_tls_settings_need_tls() -> None:
+    with pytest.raises(URIError, match="need TLS"):
+        NBDAddress("d", host="h", tls_certificates="/d")
