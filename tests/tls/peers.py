@@ -16,7 +16,9 @@ What the GnuTLS peers (qemu, nbdkit, libnbd) expect, learnt here:
   basicConstraints CA:TRUE and keyUsage keyCertSign; a server certificate CA:FALSE, keyUsage
   digitalSignature *and* keyEncipherment (even for an EC key) and extendedKeyUsage serverAuth; a
   client certificate clientAuth. It refuses to start with an expired certificate ("The server
-  certificate .../server-cert.pem has expired"), so an expired *server* is nbdkit or ours.
+  certificate .../server-cert.pem has expired"), so an expired *server* is nbdkit or ours, and an
+  expired client is libnbd or ours; and with a certificate its own ca-cert.pem does not sign
+  ("Our own certificate ... failed validation against ... ca-cert.pem").
 * qemu's server endpoint verifies client certificates unless ``verify-peer=off``.
 * Unencrypted PKCS#8 PEM (``BEGIN PRIVATE KEY``) ECDSA P-256 keys are read by all three; key files
   at 0600 are fine (no peer insists on a mode).
@@ -58,8 +60,8 @@ class Pki:
 
     ``server``/``client``: the deployment's hub and node (the client's certificate makes mutual
     TLS); ``anonymous``: the CA alone (a client without a certificate); ``wrong_ca``: a client
-    trusting another CA (it refuses every good server); ``foreign_client``: trusts the good CA,
-    shows a certificate from another CA (a server verifying clients refuses it);
+    trusting another CA (it refuses every good server); ``foreign_client``: trusts the good CA (and
+    the other), shows a certificate from the other CA (a server verifying clients refuses it);
     ``expired_server``/``expired_client``: certificates that ended yesterday;
     ``wrong_name_server``: a certificate for :data:`OTHER_NAME` only.
     """
@@ -87,6 +89,15 @@ def _ca_only(directory: Path, ca: pki.Issued) -> Path:
     return directory
 
 
+def _foreign_client(directory: Path, ca: pki.Issued, other: pki.Issued) -> Path:
+    """A client certificate of ``other``, trusting both CAs: qemu validates its own certificate
+    against its ca-cert.pem when it loads it, so only a bundle gets it as far as the server."""
+    pki.write_client_credentials(directory, ca, pki.issue_certificate(other, "intruder", usage="client"))
+    with open(directory / "ca-cert.pem", "ab") as bundle:
+        bundle.write(other.cert_pem())
+    return directory
+
+
 def make_pki(root: Path) -> Pki:
     """Every credential directory of :class:`Pki`, under ``root``."""
     layout = pki.init_pki(root / "deploy", hub_names=SERVER_NAMES, hub_addresses=SERVER_ADDRESSES, nodes=["node1"])
@@ -100,9 +111,7 @@ def make_pki(root: Path) -> Pki:
         client=layout.nodes["node1"],
         anonymous=_ca_only(root / "anonymous", ca),
         wrong_ca=_ca_only(root / "wrong-ca", other),
-        foreign_client=pki.write_client_credentials(
-            root / "foreign-client", ca, pki.issue_certificate(other, "intruder", usage="client")
-        ),
+        foreign_client=_foreign_client(root / "foreign-client", ca, other),
         expired_server=pki.write_server_credentials(
             root / "expired-server",
             ca,
