@@ -136,6 +136,18 @@ class _Printer:
     show_default=True,
     help="Seconds one NBD request may take; a stalled server fails the copy after about (retries + 1) x this.",
 )
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="For nbds:// URIs without tls-certificates=: credentials in qemu's layout (ca-cert.pem; "
+    "client-cert.pem and client-key.pem for mutual TLS).",
+)
+@click.option(
+    "--tls-fingerprint",
+    metavar="sha256:HEX",
+    help="For nbds:// URIs without tls-fingerprint=: trust exactly the server certificate with this SHA-256 pin.",
+)
 @click.option("--progress", "show_progress", is_flag=True, help="A progress bar on stderr (when it is a TTY).")
 @click.option("--json", "json_lines", is_flag=True, help="JSON lines of progress on stdout.")
 def copy_command(
@@ -153,15 +165,19 @@ def copy_command(
     retries: int,
     connect_timeout: float,
     request_timeout: float,
+    tls_creds: str | None,
+    tls_fingerprint: str | None,
     show_progress: bool,
     json_lines: bool,
 ) -> None:
-    """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://) or local image files.
+    """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://, and nbds://, nbds+unix:// over TLS) or local image files.
 
     Holes are never read; zeroes are detected in every byte. With --verify
     the copy is compared afterwards. Exit 0 on success, 1 on failure (one
     line on stderr).
     """
+    if tls_creds or tls_fingerprint:
+        src, dst = _with_tls(src, dst, tls_creds, tls_fingerprint)
     printer = _Printer(bar=show_progress, json_lines=json_lines)
     callback: Callable[[Progress], None] | None = printer if (printer.bar_wanted or json_lines) else None
     options = CopyOptions(
@@ -192,6 +208,32 @@ def copy_command(
             f"{', verified' if result.verified else ''})",
             err=True,
         )
+
+
+def _with_tls(src: str, dst: str, creds: str | None, pin: str | None) -> tuple[str, str]:
+    """SRC and DST with --tls-creds and --tls-fingerprint added to the nbds URIs that do not say them."""
+    import attrs
+
+    from sendense_nbd.client.uri import parse_uri
+
+    specs, secured = [], False
+    for spec in (src, dst):
+        if "://" in spec:
+            try:
+                address = parse_uri(spec)
+            except SendenseError as exc:
+                raise click.BadParameter(str(exc)) from exc
+            if address.tls:
+                secured = True
+                certificates, fingerprint = address.tls_certificates or creds, address.tls_fingerprint or pin
+                try:
+                    spec = attrs.evolve(address, tls_certificates=certificates, tls_fingerprint=fingerprint).uri
+                except SendenseError as exc:
+                    raise click.BadParameter(str(exc)) from exc
+        specs.append(spec)
+    if not secured:
+        raise click.UsageError("--tls-creds and --tls-fingerprint apply to nbds:// and nbds+unix:// URIs only")
+    return specs[0], specs[1]
 
 
 def _execute(copying: Coroutine[Any, Any, CopyResult]) -> CopyResult:

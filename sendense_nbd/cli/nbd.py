@@ -25,11 +25,13 @@ from sendense_nbd.cli.policy import policy_group, status_command
 from sendense_nbd.cli.tls import tls_group
 from sendense_nbd.cli.verify import verify_command
 from sendense_nbd.errors import SendenseError
-from sendense_nbd.protocol.constants import DEFAULT_PORT
+from sendense_nbd.protocol.constants import DEFAULT_PORT, TLSMode
 from sendense_nbd.storage import BlockDevice, CacheMode, DetectZeroes, Discard, ImageFormat
 from sendense_nbd.tunnel.cli import tunnel_server_command
 
 if TYPE_CHECKING:
+    import ssl
+
     from sendense_nbd.server import Export, NBDServer
 
 # Each command imports the parts it uses: `copy` between two NBD servers
@@ -121,6 +123,24 @@ def cli(verbose: int) -> None:
     metavar="NAME|system",
     help="TCP congestion control of accepted connections ('system': the kernel's default).",
 )
+@click.option(
+    "--tls",
+    type=click.Choice(["off", "allow", "require"]),
+    help="NBD_OPT_STARTTLS: off refuses it, allow serves plaintext and TLS clients, require serves only TLS "
+    "clients. Default: require with --tls-creds, else off.",
+)
+@click.option(
+    "--tls-creds",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="x509 credentials: a directory with ca-cert.pem, server-cert.pem and server-key.pem (qemu's layout; "
+    "qemu-nbd takes the ID of a --object tls-creds-x509,dir=DIR, we take DIR itself). Refused with --tls off.",
+)
+@click.option(
+    "--tls-verify-client",
+    is_flag=True,
+    help="Mutual TLS: clients must present a certificate signed by DIR/ca-cert.pem.",
+)
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
 @click.option("-A", "--allocation-depth", is_flag=True, help="Also offer the qemu:allocation-depth meta context.")
 @click.option("--cache", type=_choice(CacheMode), default="writeback", show_default=True, help="Host page-cache mode.")
@@ -171,6 +191,9 @@ class _ServeOptions:
     max_handshakes: int
     #: None: the system's congestion control.
     congestion: str | None = attrs.field(converter=_congestion)
+    tls: str | None
+    tls_creds: str | None
+    tls_verify_client: bool
     readonly: bool
     allocation_depth: bool
     cache: CacheMode = attrs.field(converter=CacheMode)
@@ -191,6 +214,7 @@ def _serve_images(o: _ServeOptions) -> None:
         raise click.UsageError("more --export-name/--description values than images")
     devices: list[BlockDevice] = []
     try:
+        tls, tls_context = _tls_settings(o)
         exports = _open_exports(o, devices)
         sockets = _listen(o.bind, o.port, o.socket_path)
         if o.fork:
@@ -208,6 +232,8 @@ def _serve_images(o: _ServeOptions) -> None:
             io_timeout=o.io_timeout,
             max_handshakes=o.max_handshakes,
             congestion=o.congestion,
+            tls=tls,
+            tls_context=tls_context,
         )
         asyncio.run(_serve(make_server))
     except SendenseError as exc:
@@ -217,6 +243,20 @@ def _serve_images(o: _ServeOptions) -> None:
             device.close()
         if o.pid_file and os.path.exists(o.pid_file):
             os.unlink(o.pid_file)
+
+
+def _tls_settings(o: _ServeOptions) -> tuple[TLSMode, ssl.SSLContext | None]:
+    """The TLS mode and the server's context, loaded before listening so that bad credentials fail at once."""
+    mode = TLSMode(o.tls or ("require" if o.tls_creds else "off"))
+    if mode is TLSMode.OFF:
+        if o.tls_creds or o.tls_verify_client:
+            raise click.UsageError("--tls-creds and --tls-verify-client need --tls allow or require")
+        return mode, None
+    if not o.tls_creds:
+        raise click.UsageError(f"--tls {mode.value} needs --tls-creds DIR")
+    from sendense_nbd.tls import server_context
+
+    return mode, server_context(o.tls_creds, verify_client=o.tls_verify_client)
 
 
 def _open_exports(o: _ServeOptions, devices: list[BlockDevice]) -> list[Export]:

@@ -50,6 +50,7 @@ from sendense_nbd.errors import (
     OptionError,
     ProtocolError,
     SendenseError,
+    TLSError,
     URIError,
 )
 from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, Errno
@@ -140,7 +141,8 @@ def _nbd_error(exc: NBDRequestError, what: str, offset: int) -> EndpointError:
 
 
 class NBDEndpoint:
-    """An NBD export reached through the client (``nbd://`` or ``nbd+unix://``)."""
+    """An NBD export reached through the client (``nbd://``, ``nbd+unix://``, ``nbds://``, ``nbds+unix://``);
+    the pool's connections share one TLS context."""
 
     def __init__(
         self,
@@ -235,7 +237,7 @@ class NBDEndpoint:
             if self._pool is None:
                 try:
                     pool = await ConnectionPool(self.uri, self._wanted, options=self._options).open()
-                except (OptionError, URIError) as exc:
+                except (OptionError, URIError, TLSError) as exc:  # a refusal; TLS: credentials or certificates
                     raise EndpointError(f"{self.uri}: {exc}", transient=False) from exc
                 except ProtocolError as exc:  # a garbled handshake: worth another try
                     raise EndpointError(f"{self.uri}: {exc}", transient=True) from exc
