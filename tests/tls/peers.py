@@ -157,6 +157,11 @@ class Endpoint:
         tail = "?" + "&".join(f"{key}={value}" for key, value in params.items()) if params else ""
         return f"{'nbds' if creds else 'nbd'}://{self.host}:{self.port}/{self.export}{tail}"
 
+    @property
+    def nbds(self) -> str:
+        """``nbds://HOST:PORT/EXPORT`` with nothing in the query (the credentials given elsewhere)."""
+        return f"nbds://{self.host}:{self.port}/{self.export}"
+
     def image_opts(self, *, tls: bool = True, hostname: str | None = None) -> str:
         """qemu's ``--image-opts`` for this export, using the ``--object`` of :func:`qemu_tls_object`;
         ``hostname``: the name to check the server's certificate against (``tls-hostname``)."""
@@ -197,6 +202,14 @@ class TLSPeers:
         base = [require("qemu-nbd"), "-f", fmt, "-t", "-e", "8", "-x", export, "--object", tls, "--tls-creds", "tls0"]
         port = self._start_tcp(lambda port: [*base, "-b", "127.0.0.1", "-p", str(port), str(image)])
         return Endpoint(port, export)
+
+    def qemu_nbd_unix(self, image: Path, creds: Path, *, export: str = "disk") -> str:
+        """``qemu-nbd`` serving ``image`` over TLS on a unix socket; the socket's path."""
+        sock = self.procs.socket_path()
+        tls = f"tls-creds-x509,id=tls0,dir={creds},endpoint=server,verify-peer=off"
+        cmd = [require("qemu-nbd"), "-f", "raw", "-t", "-x", export, "--object", tls, "--tls-creds", "tls0"]
+        self.procs.start_unix([*cmd, "-k", sock, str(image)], sock)
+        return sock
 
     def nbdkit(self, creds: Path, *plugin: str, verify_client: bool = False, tls: str = "require") -> Endpoint:
         """``nbdkit --tls=TLS --tls-certificates=CREDS PLUGIN...`` (``--tls-verify`` with ``verify_client``)."""
