@@ -127,6 +127,15 @@ async def test_a_plaintext_client_is_told_tls_is_required(
     assert "requires TLS" in message and "nbds://" in message, message
 
 
+async def test_a_server_offering_tls(pki: Pki, image: Path, tls_peers: TLSPeers, image_data: bytes) -> None:
+    """nbdkit ``--tls=on`` (TLS offered, not required): nbds:// gets TLS, nbd:// stays plaintext."""
+    server = tls_peers.nbdkit(pki.server, "--filter=cow", "file", str(image), tls="on")
+    for uri in (server.uri(pki.anonymous), server.uri()):
+        async with connect(uri, timeout=10) as nbd:
+            assert await nbd.pread(offset=0, length=MiB) == image_data[:MiB]
+    assert "not signed by a CA" in await refusal(server.uri(pki.wrong_ca))
+
+
 def test_copy_between_tls_servers(pki: Pki, image: Path, tls_peers: TLSPeers, image_data: bytes) -> None:
     """``sendense-nbd copy`` from qemu-nbd to nbdkit, both over TLS, four connections, verified."""
     source = tls_peers.qemu_nbd(image, pki.server)
