@@ -82,6 +82,7 @@ class Link(asyncio.BufferedProtocol):
         self._congestion = congestion
         self._tls = tls
         self._upgrading: asyncio.Task[None] | None = None
+        self._wrapped = False  # the transport is asyncio's TLS transport
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -195,6 +196,7 @@ class Link(asyncio.BufferedProtocol):
             self.connection_lost(None)  # asyncio does not tell the protocol of a failed upgrade
             return
         self.transport = tls
+        self._wrapped = True
         tls.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         try:
             if plan.fingerprint is not None:
@@ -226,6 +228,8 @@ class Link(asyncio.BufferedProtocol):
         self.idle.clear()
         if payload is None:
             self.transport.write(header)
+        elif self._wrapped:
+            self.transport.writelines((header, payload))  # one batch of records, one socket write
         elif len(payload) <= _COALESCE:
             self.transport.write(header + payload)
         else:

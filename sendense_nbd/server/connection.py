@@ -196,7 +196,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """The transport buffer is empty again (a handshake that stopped reading reads on)."""
         self._writable.set()
-        if self._handshake is not None:
+        if self._handshake is not None and self._early is None:  # never while TLS is being set up
             self._set_reading(True)
 
     # -- handshake ---------------------------------------------------------------
@@ -551,6 +551,10 @@ class ServerConnection(asyncio.BufferedProtocol):
         ):
             await self._writable.wait()
         if transport.is_closing():
+            return
+        if self._tls:
+            # Encrypted as one batch and sent in one socket write (records stay full-size; no copy of ours).
+            transport.writelines(buffers)
             return
         small = bytearray()
         for buf in buffers:
