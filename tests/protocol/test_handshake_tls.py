@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sendense_nbd.errors import LocalProtocolError, OptionError, ProtocolError
 from sendense_nbd.protocol import (
@@ -377,3 +379,50 @@ def test_client_require_against_an_old_style_server() -> None:
     client = ClientHandshake("disk", tls=TLSMode.REQUIRE)
     with pytest.raises(ProtocolError, match="cannot do TLS"):
         client.receive_data(b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 0))
+
+
+# -- fuzz ----------------------------------------------------------------------------------
+
+_OPTIONS = st.sampled_from([OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tls=st.sampled_from(list(TLSMode)),
+    script=st.lists(st.tuples(_OPTIONS, st.binary(max_size=12), st.booleans()), max_size=8),
+)
+def test_server_fuzz_raises_only_protocol_errors(tls: TLSMode, script: list[tuple[int, bytes, bool]]) -> None:
+    """Any option sequence, with the TLS upgrade done whenever asked: replies, events or ProtocolError."""
+    hs = server(tls)
+    try:
+        for option, data, together in script:
+            hs.receive_data(opt(option, data) + (opt(OPT_LIST) if together else b""))
+            out = hs.data_to_send()
+            if not hs.finished:
+                replies(out)  # well-formed option replies
+            for event in events(hs):
+                if isinstance(event, StartTLS):
+                    hs.tls_started()
+                else:
+                    return
+            if tls is TLSMode.REQUIRE and not hs.tls_active:
+                assert option in (OPT_STARTTLS, OPT_ABORT) or not hs.finished
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tls=st.sampled_from(list(TLSMode)),
+    replies_=st.lists(st.tuples(_OPTIONS, st.sampled_from([REP_ACK, REP_ERR_POLICY, REP_ERR_TLS_REQD])), max_size=6),
+)
+def test_client_fuzz_raises_only_handshake_errors(tls: TLSMode, replies_: list[tuple[int, int]]) -> None:
+    client = greeted_client(tls)
+    try:
+        for option, reply in replies_:
+            client.receive_data(option_reply(option, reply))
+            for event in events(client):
+                if isinstance(event, StartTLS):
+                    client.tls_started()
+    except (ProtocolError, OptionError):
+        pass
