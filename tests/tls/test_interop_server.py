@@ -76,9 +76,7 @@ def test_mutual_tls(pki: Pki, image: Path, image_data: bytes, serve) -> None:  #
     for creds in (pki.anonymous, pki.foreign_client, pki.expired_client):
         assert "gnutls" in refused(require("nbdinfo"), endpoint.uri(creds))
     for creds in (pki.anonymous, pki.foreign_client):
-        assert "Cannot read from TLS channel" in refused(
-            *qemu("qemu-img", creds, "info", "--image-opts", endpoint.image_opts())
-        )
+        assert "TLS channel" in refused(*qemu("qemu-img", creds, "info", "--image-opts", endpoint.image_opts()))
     run(*qemu("qemu-img", pki.client, "info", "--image-opts", endpoint.image_opts()))
     assert server.alive()
     server.stop()
