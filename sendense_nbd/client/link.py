@@ -128,6 +128,8 @@ class Link(asyncio.BufferedProtocol):
         """asyncio: the socket is gone; fail whatever is in flight."""
         if self.closed.done():
             return
+        if self.parser is None and self._handshake.tls_active and not self.negotiated.done():
+            self.eof_received()  # a reset right after TLS: the handshake says what that likely means
         reason = f": {exc}" if exc else ""
         self.fail(ConnectionLostError(f"the server closed the connection{reason}"))
         self.writable.set()
