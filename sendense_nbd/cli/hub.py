@@ -15,9 +15,12 @@ from sendense_nbd.cli.service import ready_then_wait
 from sendense_nbd.tunnel.cli import server_config_from_options, ssh_server_options
 
 if TYPE_CHECKING:
+    import ssl
+
     from sendense_nbd.hub.alerts import AlertConfig
     from sendense_nbd.hub.db import Database
     from sendense_nbd.hub.repository import Repository
+    from sendense_nbd.hub.service import HubConfig
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -69,6 +72,49 @@ def _relay(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _tls_contexts(o: dict[str, Any]) -> None:
+    """``o["nbd_tls_context"]`` and ``o["api_tls_context"]`` from the TLS options, loaded now (before the hub
+    opens anything) so that unusable credentials stop it with the file and the reason."""
+    from sendense_nbd.errors import TLSError
+    from sendense_nbd.tls import server_context
+
+    creds, mode = o["nbd_tls_creds"], o["nbd_tls"]
+    if mode == "require" and creds is None:
+        raise click.UsageError("--nbd-tls require needs --nbd-tls-creds DIR (sendense-nbd tls init makes one)")
+    if o["nbd_tls_verify_client"] and creds is None:
+        raise click.UsageError("--nbd-tls-verify-client needs --nbd-tls-creds DIR (its ca-cert.pem signs the nodes')")
+    try:
+        o["nbd_tls_context"] = (
+            None if creds is None else server_context(creds, verify_client=o["nbd_tls_verify_client"])
+        )
+    except TLSError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nbd-tls-creds") from exc
+    try:
+        o["api_tls_context"] = None if o["api_tls_creds"] is None else server_context(o["api_tls_creds"])
+    except TLSError as exc:
+        raise click.BadParameter(str(exc), param_hint="--api-tls-creds") from exc
+
+
+def _tls_options(command: Any) -> Any:
+    """The hub's TLS options: NBD over TLS for its exports, HTTPS for its API."""
+    options = [
+        click.option("--nbd-tls-creds", type=click.Path(file_okay=False), metavar="DIR",
+                     help="The exports' TLS credentials in qemu's layout (ca-cert.pem, server-cert.pem, "
+                     "server-key.pem: tls init's DIR/hub). Nodes with transport tls get nbds:// exports."),
+        click.option("--nbd-tls", type=click.Choice(["off", "require"]), default="off", show_default=True,
+                     help="require: every export (every node's backups, restores) only over TLS; off: only "
+                     "the exports of nodes with transport tls."),
+        click.option("--nbd-tls-verify-client", is_flag=True,
+                     help="Mutual TLS: a TLS client must present a certificate signed by DIR/ca-cert.pem "
+                     "(tls init's nodes/NAME)."),
+        click.option("--api-tls-creds", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Serve the API and console over HTTPS with DIR/server-cert.pem and server-key.pem."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("hub")
 @click.option("--repo", required=True, type=click.Path(file_okay=False), help="Repository directory.")
 @click.option("--listen", default="127.0.0.1:8082", show_default=True, help="API address HOST:PORT.")
@@ -114,12 +160,14 @@ def _relay(text: str) -> tuple[str, int]:
     show_default=True,
     help="Alert when the repository's free fraction falls below this (0: never).",
 )
+@_tls_options
 @ssh_server_options
 def hub_command(**o: Any) -> None:
     """Run the hub: port pool, NBD exports, qcow2 repository and the backup REST API.
 
     With --ssh-listen it also runs the SSH tunnel endpoint: nodes may forward the NBD ports and this
-    API's port, and reverse-forward their node API (--ssh-node-api).
+    API's port, and reverse-forward their node API (--ssh-node-api). With --nbd-tls-creds, nodes
+    registered with transport tls reach the exports directly over NBD with TLS (docs/TLS.md).
     """
     from sendense_nbd.errors import PortError
     from sendense_nbd.http_api import is_loopback
@@ -129,6 +177,7 @@ def hub_command(**o: Any) -> None:
     token = read_token(o["token_file"])
     o["node_token"] = read_token(o["node_token_file"], "--node-token-file")
     o["alerts"] = _alert_config(o)
+    _tls_contexts(o)
     if token is None and not is_loopback(host):
         raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
     try:
@@ -143,33 +192,44 @@ def hub_command(**o: Any) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: str | None) -> int:
-    import socket
+def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
+    """The hub's configuration from its options."""
+    from sendense_nbd.hub.service import HubConfig
+    from sendense_nbd.protocol.constants import TLSMode
 
-    from aiohttp import web
-
-    from sendense_nbd.hub.api import build_app
-    from sendense_nbd.hub.service import Hub, HubConfig
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, reuse_port=False)
-    bound = listener.getsockname()[1]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
-    config = HubConfig(
+    return HubConfig(
         repo=o["repo"],
         nbd_ports=pool,
         nbd_bind=o["nbd_bind"],
         nbd_advertise=o["nbd_advertise"],
         node_url=o["node_url"],
         node_token=o["node_token"],
-        public_url=o["public_url"] or url,
+        public_url=public_url,
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
         min_free=o["min_free"],
         node_lost=o["node_lost"],
         restore_dir=o["restore_dir"],
         alerts=o["alerts"],
+        nbd_tls_context=o["nbd_tls_context"],
+        nbd_tls=TLSMode(o["nbd_tls"]),
     )
+
+
+async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: str | None) -> int:
+    import socket
+
+    from aiohttp import web
+
+    from sendense_nbd.hub.api import build_app
+    from sendense_nbd.hub.service import Hub
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, reuse_port=False)
+    bound = listener.getsockname()[1]
+    scheme = "http" if o["api_tls_context"] is None else "https"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{bound}"
+    config = _hub_config(o, pool, o["public_url"] or url)
     try:
         hub = Hub(config)
     except BaseException:
@@ -180,7 +240,8 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
     await runner.setup()
     tunnel_server = None
     try:
-        await web.SockSite(runner, listener).start()
+        api_tls: ssl.SSLContext | None = o["api_tls_context"]
+        await web.SockSite(runner, listener, ssl_context=api_tls).start()
         dest = "127.0.0.1" if o["nbd_bind"] in ("0.0.0.0", "::") else o["nbd_bind"]
         ssh = server_config_from_options(o, ports=[*pool, bound], dest_host=dest)
         if ssh is not None:
@@ -284,7 +345,13 @@ def node_group() -> None:
     """The nodes a hub sends jobs to: register, list (with health), change, forget."""
 
 
-def _node_body(url: str | None, token_file: str | None, identity: str | None) -> dict[str, Any]:
+def _node_body(
+    url: str | None,
+    token_file: str | None,
+    identity: str | None,
+    transport: str | None = None,
+    nbd_host: str | None = None,
+) -> dict[str, Any]:
     """The fields given, as the hub API takes them."""
     body: dict[str, Any] = {}
     if url is not None:
@@ -293,6 +360,10 @@ def _node_body(url: str | None, token_file: str | None, identity: str | None) ->
         body["token"] = read_token(token_file, "--node-token-file")
     if identity is not None:
         body["tunnel_identity"] = identity
+    if transport is not None:
+        body["transport"] = transport
+    if nbd_host is not None:
+        body["nbd_host"] = nbd_host
     return body
 
 
@@ -302,6 +373,15 @@ _node_token_option = click.option(
 _identity_option = click.option(
     "--tunnel-identity", metavar="SHA256:...", help="The SSH key fingerprint the node's tunnel uses (ssh-keygen -l)."
 )
+_transport_option = click.option(
+    "--transport",
+    type=click.Choice(["tunnel", "tls"]),
+    help="How the node reaches the NBD exports: tunnel (plaintext through its SSH tunnel; the default) or tls "
+    "(nbds:// straight to the hub: the hub needs --nbd-tls-creds, the node its [tls] creds).",
+)
+_nbd_host_option = click.option(
+    "--nbd-host", metavar="HOST", help="The hub's address as this node dials the exports (default: --nbd-advertise)."
+)
 
 
 @node_group.command("add")
@@ -309,10 +389,13 @@ _identity_option = click.option(
 @click.option("--url", required=True, help="The node API, e.g. http://10.0.0.5:8081.")
 @_node_token_option
 @_identity_option
+@_transport_option
+@_nbd_host_option
 @hub_options
-def node_add(name: str, url: str, node_token_file: str | None, tunnel_identity: str | None, hub: HubClient) -> None:
+def node_add(name: str, url: str, hub: HubClient, **o: Any) -> None:
     """Register a node under NAME (a policy or backup names it; 'default' takes jobs that name none)."""
-    node = hub.call("POST", "/nodes", {"name": name, **_node_body(url, node_token_file, tunnel_identity)})
+    body = _node_body(url, o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"])
+    node = hub.call("POST", "/nodes", {"name": name, **body})
     click.echo(json.dumps(node, indent=2))
 
 
@@ -325,7 +408,8 @@ def node_list(check: bool, hub: HubClient) -> None:
         state = {True: "up", False: "DOWN", None: "unknown"}[node["up"]]
         jobs = "-" if node["running_jobs"] is None else f"{node['running_jobs']} running"
         contact = "never" if node["last_contact"] is None else _ago(node["last_contact"])
-        line = f"{node['name']}\t{state}\t{node['url']}\tcontact {contact}\t{node['version'] or '-'}\t{jobs}"
+        where = f"{node['url']}\t{node.get('transport', 'tunnel')}"
+        line = f"{node['name']}\t{state}\t{where}\tcontact {contact}\t{node['version'] or '-'}\t{jobs}"
         click.echo(line + (f"\t{node['last_error']}" if node["last_error"] and not node["up"] else ""))
 
 
@@ -352,17 +436,25 @@ def node_show(name: str, check: bool, hub: HubClient) -> None:
 @click.option("--no-node-token", is_flag=True, help="Forget the node's token.")
 @_identity_option
 @click.option("--no-tunnel-identity", is_flag=True, help="Forget the tunnel identity.")
+@_transport_option
+@_nbd_host_option
+@click.option("--no-nbd-host", is_flag=True, help="Forget the NBD host (the hub's --nbd-advertise again).")
 @hub_options
 def node_edit(name: str, hub: HubClient, **o: Any) -> None:
-    """Change a node's URL, token or tunnel identity (its health is kept)."""
-    body = _node_body(o["url"], o["node_token_file"], o["tunnel_identity"])
-    for flag, field in (("no_node_token", "token"), ("no_tunnel_identity", "tunnel_identity")):
+    """Change a node's URL, token, tunnel identity, transport or NBD host (its health is kept)."""
+    body = _node_body(o["url"], o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"])
+    for flag, field in (
+        ("no_node_token", "token"), ("no_tunnel_identity", "tunnel_identity"), ("no_nbd_host", "nbd_host"),
+    ):  # fmt: skip
         if o[flag]:
             if field in body:
                 raise click.UsageError(f"--{flag.replace('_', '-')} and a new {field} contradict each other")
             body[field] = None
     if not body:
-        raise click.UsageError("give what to change: --url, --node-token-file, --tunnel-identity or a --no- option")
+        raise click.UsageError(
+            "give what to change: --url, --node-token-file, --tunnel-identity, --transport, --nbd-host, or a --no-"
+            " option"
+        )
     click.echo(json.dumps(hub.call("PATCH", f"/nodes/{quote(name, safe='')}", body), indent=2))
 
 

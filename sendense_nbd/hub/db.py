@@ -214,6 +214,8 @@ ADDED_COLUMNS = (
     ("jobs", "bytes_changed", "INTEGER"),
     ("jobs", "bytes_sent", "INTEGER"),
     ("jobs", "expected_bytes", "INTEGER"),
+    ("nodes", "transport", "TEXT NOT NULL DEFAULT 'tunnel'"),
+    ("nodes", "nbd_host", "TEXT"),
 )
 
 

@@ -1,12 +1,16 @@
-"""In-process NBD exports, one per disk, each on the socket of its port lease."""
+"""In-process NBD exports, one per disk, each on the socket of its port lease; an export with TLS
+requires it (``NBD_OPT_STARTTLS`` before anything else) with the hub's credentials."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 import attrs
 
+from sendense_nbd.errors import ServerError
+from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.server import Export, NBDServer
 from sendense_nbd.storage import ImageFormat, open_image
 from sendense_nbd.storage.base import BlockDevice
@@ -22,6 +26,7 @@ class ExportStats:
     port: int
     image: str
     readonly: bool
+    tls: bool
     clients: int
     clients_served: int
     bytes_written: int
@@ -42,6 +47,7 @@ class RunningExport:
     port: int
     path: str
     readonly: bool
+    tls: bool
     server: NBDServer
     device: BlockDevice
 
@@ -49,16 +55,18 @@ class RunningExport:
         """Its counters now."""
         server = self.server
         return ExportStats(
-            self.job_id, self.disk_key, self.name, self.port, self.path, self.readonly,
+            self.job_id, self.disk_key, self.name, self.port, self.path, self.readonly, self.tls,
             server.client_count, server.clients_served, server.bytes_written, server.bytes_read,
         )  # fmt: skip
 
 
 class ExportManager:
-    """Starts, lists and stops the hub's exports (``shared`` clients each, persistent)."""
+    """Starts, lists and stops the hub's exports (``shared`` clients each, persistent); ``tls_context``:
+    the hub's server credentials, for the exports started with ``tls=True``."""
 
-    def __init__(self, *, shared: int = 10) -> None:
+    def __init__(self, *, shared: int = 10, tls_context: ssl.SSLContext | None = None) -> None:
         self.shared = shared
+        self.tls_context = tls_context
         self.exports: dict[int, RunningExport] = {}
 
     async def start(
@@ -70,12 +78,17 @@ class ExportManager:
         sock: socket.socket,
         *,
         readonly: bool = False,
+        tls: bool = False,
     ) -> RunningExport:
-        """Serve the qcow2 image ``path`` as export ``name`` on the bound socket ``sock``."""
+        """Serve the qcow2 image ``path`` as export ``name`` on the bound socket ``sock``; ``tls``: only
+        over TLS (:class:`ServerError` when the hub has no credentials)."""
+        if tls and self.tls_context is None:
+            raise ServerError("an export with TLS needs the hub's NBD TLS credentials (--nbd-tls-creds DIR)")
         device = await asyncio.to_thread(open_image, path, ImageFormat.QCOW2, readonly=readonly)
         server = NBDServer(
-            [Export(name, device, readonly=readonly)], sockets=[sock], shared=self.shared, persistent=True
-        )
+            [Export(name, device, readonly=readonly)], sockets=[sock], shared=self.shared, persistent=True,
+            tls=TLSMode.REQUIRE if tls else TLSMode.OFF, tls_context=self.tls_context if tls else None,
+        )  # fmt: skip
         try:
             await server.start()
         except BaseException:
@@ -83,7 +96,7 @@ class ExportManager:
             sock.close()
             raise
         port = int(sock.getsockname()[1])
-        running = RunningExport(job_id, disk_key, name, port, path, readonly, server, device)
+        running = RunningExport(job_id, disk_key, name, port, path, readonly, tls, server, device)
         self.exports[port] = running
         return running
 

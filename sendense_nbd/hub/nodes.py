@@ -1,18 +1,21 @@
 """The hub's nodes: a registry over the store's ``nodes`` table, one client per node, and health checks.
 
 A node is registered by name with its API URL, an optional bearer token (kept in the hub's 0600 store,
-never shown: the API shows ``"token": true/false``) and an optional tunnel identity (the SSH key
-fingerprint its tunnel uses, shown). The hub's ``--node-url`` is the node named :data:`DEFAULT`,
-written at start (``"configured": "command line"``) and changed only there; a request or policy that
-names no node goes to it. Every answer of a node (health, disks, VMs, a job start) records its last
-contact; a health check every :data:`HEALTH_INTERVAL` seconds, through the hub's clock, records its
-version and load, or why it did not answer. After each round the hub fails the running jobs of nodes
-that are lost (:data:`NODE_LOST`) or no longer know them (:meth:`NodeRegistry.knows_job`).
+never shown: the API shows ``"token": true/false``), an optional tunnel identity (the SSH key
+fingerprint its tunnel uses, shown), its NBD transport (``tunnel``: plaintext ``nbd://`` through its
+SSH tunnel, the default; ``tls``: ``nbds://`` straight to the hub's exports, which then require TLS)
+and optionally ``nbd_host``, the hub's address as that node dials the exports. The hub's ``--node-url``
+is the node named :data:`DEFAULT`, written at start (``"configured": "command line"``) and changed only
+there; a request or policy that names no node goes to it. Every answer of a node (health, disks, VMs, a
+job start) records its last contact; a health check every :data:`HEALTH_INTERVAL` seconds, through the
+hub's clock, records its version and load, or why it did not answer. After each round the hub fails the
+running jobs of nodes that are lost (:data:`NODE_LOST`) or no longer know them (:meth:`NodeRegistry.knows_job`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
@@ -55,7 +58,13 @@ MAX_ERROR = 1024
 BY_API, BY_COMMAND_LINE = "api", "command line"
 #: An OpenSSH key fingerprint, as ``ssh-keygen -l`` prints it.
 FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-_FIELDS = frozenset({"name", "url", "token", "tunnel_identity"})
+#: A node's NBD transport: through its SSH tunnel (plaintext NBD inside it), or NBD over TLS to the hub.
+TRANSPORT_TUNNEL, TRANSPORT_TLS = "tunnel", "tls"
+TRANSPORTS = (TRANSPORT_TUNNEL, TRANSPORT_TLS)
+#: A DNS name (RFC 1123 labels).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+_FIELDS = frozenset({"name", "url", "token", "tunnel_identity", "transport", "nbd_host"})
 #: Forget a node's health (its URL changed).
 _UNSEEN = ", ".join(
     f"{column} = NULL"
@@ -80,6 +89,10 @@ class NodeRecord:
     url: str
     token: str | None = attrs.field(default=None, repr=False)
     tunnel_identity: str | None = None
+    #: :data:`TRANSPORT_TUNNEL` or :data:`TRANSPORT_TLS`.
+    transport: str = TRANSPORT_TUNNEL
+    #: The hub's address as this node dials the NBD exports (None: the hub's ``--nbd-advertise``).
+    nbd_host: str | None = None
     configured: str = BY_API
     added: float
     last_contact: float | None = None
@@ -96,6 +109,7 @@ class NodeRecord:
         """A node from its row in the store."""
         values = dict(row)
         values["up"] = None if values["up"] is None else bool(values["up"])
+        values["transport"] = values.get("transport") or TRANSPORT_TUNNEL
         return cls(**values)
 
     def to_json(self) -> dict[str, object]:
@@ -146,23 +160,50 @@ def _identity(value: object) -> str | None:
     return value
 
 
+def _transport(value: object) -> str:
+    if value not in TRANSPORTS:
+        raise BadRequest("transport must be tunnel (NBD through the node's SSH tunnel) or tls (NBD over TLS)")
+    assert isinstance(value, str)
+    return value
+
+
+def nbd_host(value: object) -> str | None:
+    """The hub's address as a node dials it: a DNS name or an IP address (no port), or None."""
+    if value is None:
+        return None
+    host = fields.text(value, "nbd_host", limit=253)
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(host):
+        raise BadRequest("nbd_host must be a host name or an IP address (no port: each export has its own)")
+    return host
+
+
 def parse_node(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``POST /nodes``: ``{"name", "url", "token"?, "tunnel_identity"?}`` as columns; unknown fields refused."""
+    """``POST /nodes``: ``{"name", "url", "token"?, "tunnel_identity"?, "transport"?, "nbd_host"?}`` as
+    columns; unknown fields refused."""
     fields.json_object(body, "the body", _FIELDS)
     return {
         "name": node_name(body.get("name")),
         "url": node_url(body.get("url")),
         "token": _token(body.get("token")),
         "tunnel_identity": _identity(body.get("tunnel_identity")),
+        "transport": _transport(body.get("transport", TRANSPORT_TUNNEL)),
+        "nbd_host": nbd_host(body.get("nbd_host")),
     }
 
 
 def parse_edit(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``PATCH /nodes/{name}``: the fields given (null clears ``token`` or ``tunnel_identity``) as columns."""
+    """``PATCH /nodes/{name}``: the fields given (null clears ``token``, ``tunnel_identity`` or
+    ``nbd_host``) as columns."""
     fields.json_object(body, "the body", _FIELDS - {"name"})
     if not body:
-        raise BadRequest("give at least one of url, token, tunnel_identity")
-    checks = {"url": node_url, "token": _token, "tunnel_identity": _identity}
+        raise BadRequest("give at least one of url, token, tunnel_identity, transport, nbd_host")
+    checks = {
+        "url": node_url, "token": _token, "tunnel_identity": _identity, "transport": _transport, "nbd_host": nbd_host,
+    }  # fmt: skip
     return {column: checks[column](value) for column, value in body.items()}
 
 
@@ -170,14 +211,22 @@ class NodeRegistry:
     """The registered nodes (table ``nodes``), a client per node, and their health checks.
 
     ``default_url`` (``--node-url``) is written as the node :data:`DEFAULT` when the registry opens; a
-    command-line default left by an earlier start without it is removed.
+    command-line default left by an earlier start without it is removed. ``tls``: the hub has NBD TLS
+    credentials (without them a node's transport cannot be set to ``tls``).
     """
 
     def __init__(
-        self, db: Database, *, clock: Clock, default_url: str | None = None, default_token: str | None = None
+        self,
+        db: Database,
+        *,
+        clock: Clock,
+        default_url: str | None = None,
+        default_token: str | None = None,
+        tls: bool = False,
     ) -> None:
         self._db = db
         self.clock = clock
+        self.tls = tls
         self._clients: dict[str, NodeClient] = {}
         url = None if default_url is None else node_url(default_url)  # HubConfig checked it already
         db.call(lambda connection: self._configure_default(connection, url, default_token))
@@ -223,6 +272,7 @@ class NodeRegistry:
 
     async def add(self, spec: Mapping[str, Any]) -> NodeRecord:
         """Register a node (:func:`parse_node`'s columns); :class:`Conflict` ``exists`` if the name is taken."""
+        self._check_transport(spec)
 
         def insert(connection: sqlite3.Connection) -> None:
             if connection.execute("SELECT 1 FROM nodes WHERE name = ?", (spec["name"],)).fetchone():
@@ -230,16 +280,21 @@ class NodeRegistry:
             if connection.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= MAX_NODES:
                 raise Conflict(f"{MAX_NODES} nodes are registered already: delete one first", "too_many")
             connection.execute(
-                "INSERT INTO nodes (name, url, token, tunnel_identity, configured, added) VALUES (?, ?, ?, ?, ?, ?)",
-                (spec["name"], spec["url"], spec["token"], spec["tunnel_identity"], BY_API, self.clock.now()),
-            )
+                "INSERT INTO nodes (name, url, token, tunnel_identity, transport, nbd_host, configured, added) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    spec["name"], spec["url"], spec["token"], spec["tunnel_identity"], spec["transport"],
+                    spec["nbd_host"], BY_API, self.clock.now(),
+                ),
+            )  # fmt: skip
 
         await self._db.run(insert)
         return await self.get(spec["name"])
 
     async def edit(self, name: str, changes: Mapping[str, Any]) -> NodeRecord:
-        """Change a node's url, token or tunnel identity (:func:`parse_edit`'s columns); its client is
-        renewed, and a new URL forgets its health."""
+        """Change a node's url, token, tunnel identity, transport or NBD host (:func:`parse_edit`'s
+        columns); its client is renewed, and a new URL forgets its health."""
+        self._check_transport(changes)
 
         def update(connection: sqlite3.Connection) -> None:
             self._changeable(connection, name)
@@ -264,6 +319,14 @@ class NodeRegistry:
 
         await self._db.run(remove)
         await self._drop_client(name)
+
+    def _check_transport(self, spec: Mapping[str, Any]) -> None:
+        """Refuse transport ``tls`` on a hub without NBD TLS credentials."""
+        if spec.get("transport") == TRANSPORT_TLS and not self.tls:
+            raise BadRequest(
+                "transport tls needs the hub's NBD TLS credentials: start the hub with --nbd-tls-creds DIR "
+                "(sendense-nbd tls init makes them), or keep the node on its tunnel"
+            )
 
     @staticmethod
     def _changeable(connection: sqlite3.Connection, name: str) -> None:

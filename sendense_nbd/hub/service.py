@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import sqlite3
+import ssl
 import time
 import uuid
 import weakref
@@ -51,6 +52,7 @@ from sendense_nbd.errors import (
     NodeUnavailable,
     RepositoryError,
     SendenseError,
+    ServerError,
     UnknownJob,
 )
 from sendense_nbd.hub import capacity
@@ -74,7 +76,16 @@ from sendense_nbd.hub.jobs import (
 )
 from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
-from sendense_nbd.hub.nodes import DEFAULT, HEALTH_CONCURRENCY, JOB_GRACE, NODE_LOST, NodeRegistry, node_url
+from sendense_nbd.hub.nodes import (
+    DEFAULT,
+    HEALTH_CONCURRENCY,
+    JOB_GRACE,
+    NODE_LOST,
+    TRANSPORT_TLS,
+    NodeRecord,
+    NodeRegistry,
+    node_url,
+)
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
@@ -84,6 +95,7 @@ from sendense_nbd.hub.scheduler import Scheduler
 from sendense_nbd.hub.space_history import SpaceHistory, SpaceSample
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.policy.model import Policy, Retention
+from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
 from sendense_nbd.storage.modes import ImageFormat
 
@@ -97,6 +109,14 @@ def _check_node_url(url: str | None) -> None:
             node_url(url)
         except BadRequest as exc:
             raise BadRequest(f"--node-url: {exc}") from None
+
+
+def _check_nbd_tls(config: HubConfig, _: object, mode: TLSMode) -> None:
+    """``--nbd-tls`` is off or require, and require has credentials."""
+    if mode is TLSMode.ALLOW:
+        raise ServerError("--nbd-tls is off or require (an export either requires TLS or does not offer it)")
+    if mode is TLSMode.REQUIRE and config.nbd_tls_context is None:
+        raise ServerError("--nbd-tls require needs the hub's NBD TLS credentials: give --nbd-tls-creds DIR")
 
 
 @attrs.frozen(kw_only=True)
@@ -128,6 +148,12 @@ class HubConfig:
     min_free: int = capacity.DEFAULT_MIN_FREE
     #: Seconds a node may go without answering before its running backup jobs fail ``node_unavailable``.
     node_lost: float = NODE_LOST
+    #: The hub's NBD server credentials (``--nbd-tls-creds``): exports of nodes with transport ``tls``
+    #: and, under ``nbd_tls`` REQUIRE, every export use them.
+    nbd_tls_context: ssl.SSLContext | None = None
+    #: REQUIRE: every export (backups of every node, restores) only over TLS; OFF: only the exports of
+    #: nodes registered with transport ``tls``.
+    nbd_tls: TLSMode = attrs.field(default=TLSMode.OFF, validator=_check_nbd_tls)
 
 
 @attrs.frozen
@@ -179,11 +205,15 @@ class Hub:
         self._db = Database(os.path.join(config.repo, "hub.db"))
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
-        self._exports = ExportManager(shared=config.shared)
+        self._exports = ExportManager(shared=config.shared, tls_context=config.nbd_tls_context)
         self._repository = Repository(config.repo, self._db, clock=self.clock)
         self._jobs = JobStore(self._db, self.clock)
         self.nodes = NodeRegistry(
-            self._db, clock=self.clock, default_url=config.node_url, default_token=config.node_token
+            self._db,
+            clock=self.clock,
+            default_url=config.node_url,
+            default_token=config.node_token,
+            tls=config.nbd_tls_context is not None,
         )
         self.alerts = Alerts(self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo)
         self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock)
@@ -385,6 +415,7 @@ class Hub:
         """
         await self._jobs.refuse_busy(request.vm_path)
         node_name, node = await self._node_of(request.node)
+        route = self._route(await self.nodes.find(node_name) if node_name is not None else None)
         try:
             disks = await self._disks_to_back_up(request, node)
         except NodeUnavailable as exc:  # a failed job, listed (the node's 404 or odd answer: only refused)
@@ -407,7 +438,7 @@ class Hub:
         prepared: list[DiskExport] = []
         try:
             for plan in plans:
-                prepared.append(await self._prepare_disk(job.id, request, plan))
+                prepared.append(await self._prepare_disk(job.id, request, plan, route))
             job = await self._jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
             if node is not None:
                 targets = {disk.disk_key: disk.uri for disk in prepared}
@@ -464,8 +495,25 @@ class Hub:
         need = await capacity.disk_need(self._repository, request.vm_path, disk.key, size, full=reason is not None)
         return _DiskPlan(disk, reason, need)
 
-    async def _prepare_disk(self, job_id: str, request: req.BackupRequest, plan: _DiskPlan) -> DiskExport:
-        """The disk's new point, served on a leased port."""
+    def _route(self, node: NodeRecord | None) -> _Route:
+        """How a backup's node reaches its exports: over TLS when the hub requires it or the node's transport
+        is ``tls`` (:class:`Conflict` ``tls_unavailable`` when the hub has no credentials), at the node's
+        ``nbd_host``, else ``--nbd-advertise``, else ``--nbd-bind``."""
+        tls = self.config.nbd_tls is TLSMode.REQUIRE or (node is not None and node.transport == TRANSPORT_TLS)
+        if tls and self.config.nbd_tls_context is None:
+            assert node is not None
+            raise Conflict(
+                f"node {node.name!r} has transport tls, but this hub has no NBD TLS credentials: start it with "
+                f"--nbd-tls-creds DIR, or set the node's transport to tunnel",
+                "tls_unavailable",
+            )
+        host = (node.nbd_host if node is not None else None) or self.config.nbd_advertise or self.config.nbd_bind
+        return _Route(tls, host)
+
+    async def _prepare_disk(
+        self, job_id: str, request: req.BackupRequest, plan: _DiskPlan, route: _Route
+    ) -> DiskExport:
+        """The disk's new point, served on a leased port (over TLS if ``route`` says so)."""
         disk = plan.disk
         point = await self._repository.new_point(
             request.vm_path, disk.key, job_id, incremental=plan.reason is None, capacity=disk.capacity
@@ -474,7 +522,9 @@ class Hub:
             allocation = await self._ports.allocate(self.holder, job_id, disk.key)
             try:
                 name = f"{job_id}-{disk.key}"
-                running = await self._exports.start(job_id, disk.key, name, point.path, allocation.socket)
+                running = await self._exports.start(
+                    job_id, disk.key, name, point.path, allocation.socket, tls=route.tls
+                )
             except BaseException:
                 allocation.socket.close()
                 await self._ports.release(port=allocation.lease.port)
@@ -482,14 +532,9 @@ class Hub:
         except BaseException:
             await self._repository.discard(point.id)
             raise
-        uri = self._uri(running.port, name)
+        uri = route.uri(running.port, name)
         reason = None if plan.reason is None else plan.reason.value
         return DiskExport(disk.key, running.port, name, uri, point.id, point.kind, point.backing, full_reason=reason)
-
-    def _uri(self, port: int, export: str) -> str:
-        """The NBD URI of an export as nodes reach it."""
-        host = self.config.nbd_advertise or self.config.nbd_bind
-        return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{export}"
 
     async def _cleanup(self, job_id: str, disks: list[DiskExport] | tuple[DiskExport, ...]) -> None:
         """Stop a failed job's exports, discard its points, release its ports: the images go first, so a
@@ -661,6 +706,7 @@ class Hub:
         return await self._jobs.transition(job.id, JobState.COMPLETED)
 
     async def _export_point(self, point: Point) -> Job:
+        route = self._route(None)  # restores: TLS when the hub requires it
         job = await self._jobs.create(
             JobKind.RESTORE, point.vm_path, req.RestoreAction.EXPORT, None, lifetime=self.config.job_timeout
         )
@@ -668,8 +714,9 @@ class Hub:
             allocation = await self._ports.allocate(self.holder, job.id, point.disk_key, purpose=JobKind.RESTORE)
             try:
                 running = await self._exports.start(
-                    job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket, readonly=True
-                )
+                    job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket, readonly=True,
+                    tls=route.tls,
+                )  # fmt: skip
             except BaseException:
                 allocation.socket.close()
                 raise
@@ -677,7 +724,7 @@ class Hub:
             await self._ports.release(job_id=job.id)
             await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("export", str(exc)))
             raise
-        detail = ExportDetail(point.id, running.port, running.name, self._uri(running.port, running.name))
+        detail = ExportDetail(point.id, running.port, running.name, route.uri(running.port, running.name))
         return await self._jobs.transition(job.id, JobState.RUNNING, detail=detail)
 
     async def stop_restore(self, job_id: str) -> Job:
@@ -808,6 +855,19 @@ def _space_code(failure: req.Failure) -> req.Failure:
     """A node's failure report whose write failed with ENOSPC (only the hub's exports, writing to the
     repository, answer that) gets the code ``insufficient_space``."""
     return attrs.evolve(failure, code="insufficient_space") if "ENOSPC" in failure.message else failure
+
+
+@attrs.frozen
+class _Route:
+    """How a node reaches a job's exports: over TLS or not, at ``host``."""
+
+    tls: bool
+    host: str
+
+    def uri(self, port: int, export: str) -> str:
+        """The export's URI: ``nbds://`` with TLS (``host`` must be a name in the hub's certificate)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'nbds' if self.tls else 'nbd'}://{host}:{port}/{export}"
 
 
 @attrs.frozen

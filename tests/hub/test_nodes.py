@@ -7,6 +7,7 @@ Real hubs (``sendense-nbd hub`` subprocesses, or in-process with a manual clock)
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -534,6 +535,8 @@ _NODE_BODIES = st.fixed_dictionaries(
         "url": st.one_of(_URLS, TEXT, JSON),
         "token": st.one_of(st.sampled_from([SECRET, None, "x" * 4097]), TEXT, JSON),
         "tunnel_identity": st.one_of(st.sampled_from([FINGERPRINT, None, FINGERPRINT + "="]), TEXT, JSON),
+        "transport": st.one_of(st.sampled_from(["tunnel", "tls", "ssh"]), TEXT, JSON),
+        "nbd_host": st.one_of(st.sampled_from(["hub.example", "10.0.0.2", "::1", "h:1", None]), TEXT, JSON),
         "other": JSON,
     },
 )
@@ -549,7 +552,10 @@ def test_node_bodies_are_parsed_or_refused_with_bad_request(body: Any) -> None:
         except BadRequest as exc:
             assert str(exc) and "\n" not in str(exc)
             continue
-        assert set(parsed) <= {"name", "url", "token", "tunnel_identity"} and parsed
+        assert set(parsed) <= {"name", "url", "token", "tunnel_identity", "transport", "nbd_host"} and parsed
+        assert parsed.get("transport", "tunnel") in ("tunnel", "tls")
+        host = parsed.get("nbd_host")
+        assert host is None or ":" not in host or ipaddress.ip_address(host).version == 6
         assert parsed.get("url") is None or parsed["url"].split("://")[0] in ("http", "https")
         assert parsed.get("token") is None or " " not in parsed["token"]
         assert parsed.get("tunnel_identity") in (None, FINGERPRINT)
