@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -22,10 +23,23 @@ API_PREFIX = "/api/v1"
 
 
 class HubApi:
-    """Talks to the hub at ``base_url`` (``http://hub:8082``; a trailing ``/api/v1`` is accepted)."""
+    """Talks to the hub at ``base_url`` (``http://hub:8082``; a trailing ``/api/v1`` is accepted).
+
+    An ``https://`` hub's certificate is checked with ``tls`` (a client context: its CA, maybe a client
+    certificate), else the system's CAs; or, given ``tls_fingerprint`` (``sha256:HEX``), it must be that
+    certificate.
+    """
 
     def __init__(
-        self, base_url: str, *, token: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        tls: ssl.SSLContext | None = None,
+        tls_fingerprint: str | None = None,
     ) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith(API_PREFIX) else base + API_PREFIX
@@ -33,6 +47,7 @@ class HubApi:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.tls, self.tls_fingerprint = tls, tls_fingerprint
         self._session: Any = None
 
     def _client(self) -> Any:
@@ -40,7 +55,14 @@ class HubApi:
 
         if self._session is None:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout))
+            checked: Any = self.tls if self.tls is not None else True
+            if self.tls_fingerprint is not None:
+                checked = aiohttp.Fingerprint(bytes.fromhex(self.tls_fingerprint.removeprefix("sha256:")))
+            self._session = aiohttp.ClientSession(
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(ssl=checked),
+            )
         return self._session
 
     async def _call(self, method: str, path: str, *, body: object = None, retries: int | None = None) -> Any:

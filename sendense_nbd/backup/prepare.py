@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 import shlex
+import ssl
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -68,6 +69,10 @@ class HubSettings:
     token: str | None = attrs.field(default=None, repr=False)
     #: Retries of a failed call (backoff 0.5 s, doubling); the final progress report gets 2 more.
     retries: int = 3
+    #: An ``https://`` hub's certificate checked with this context (None: the system's CAs).
+    tls: ssl.SSLContext | None = attrs.field(default=None, repr=False)
+    #: ... or pinned: ``sha256:HEX`` of the hub's certificate (the context is then not used).
+    tls_fingerprint: str | None = None
 
 
 @attrs.frozen
@@ -163,7 +168,9 @@ def prepare(settings: BackupSettings, *, listeners: tuple[Listener, ...] = ()) -
     """A job ready to run: its change-ID store opened (the hub API, else the state file)."""
     hub = settings.hub
     if hub is not None:
-        store: HubApi | StateFile = HubApi(hub.url, token=hub.token, retries=hub.retries)
+        store: HubApi | StateFile = HubApi(
+            hub.url, token=hub.token, retries=hub.retries, tls=hub.tls, tls_fingerprint=hub.tls_fingerprint
+        )
     else:
         assert settings.state_file is not None  # the settings' own check
         store = StateFile(settings.state_file)

@@ -27,6 +27,15 @@
     merge_gap = 0                                      # bytes; 1048576 on a LAN (docs/BACKUP_CLIENT.md)
     checkpoint = 67108864                              # bytes copied between FLUSHes (at most re-sent after a drop)
 
+    [tls]                                              # optional: NBD over TLS, the hub API over HTTPS
+    creds = "/etc/sendense/tls"                        # tls init's nodes/NAME: ca-cert.pem, client-*.pem
+    fingerprint = "sha256:..."                         # or pin the hub's certificate instead of its CA
+
+``[tls]`` serves the ``nbds://`` targets that do not name their own credentials (the hub cannot know
+the node's paths) and an ``https://`` ``hub_url``: the hub's certificate is checked against ``creds``'s
+``ca-cert.pem`` (or the pin), and ``client-cert.pem``/``client-key.pem`` are presented to a hub that
+verifies clients (mutual TLS). The credentials are loaded at start, so unusable ones stop the node.
+
 Unknown sections and keys are refused: the :class:`ConfigError` names the key
 and its section. Files holding secrets (this file when it has ``password``, the
 password and token files) must not be readable by group or others.
@@ -35,6 +44,7 @@ password and token files) must not be readable by group or others.
 from __future__ import annotations
 
 import os
+import ssl
 import stat
 import tomllib
 from typing import Any
@@ -43,7 +53,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from sendense_nbd.backup.prepare import VddkSettings
-from sendense_nbd.errors import ConfigError
+from sendense_nbd.errors import ConfigError, TLSError
 
 #: The keys each section may hold; any other key, or section, is refused.
 SECTIONS: dict[str, frozenset[str]] = {
@@ -53,6 +63,7 @@ SECTIONS: dict[str, frozenset[str]] = {
         {"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued"}
         | {"connections", "requests", "merge_gap", "checkpoint"}
     ),
+    "tls": frozenset({"creds", "fingerprint"}),
 }
 
 
@@ -81,6 +92,18 @@ class NodeConfig:
     merge_gap: int = 0
     #: Data bytes between the copy's checkpoint FLUSHes (:attr:`~sendense_nbd.backup.BackupSpec.checkpoint_bytes`).
     checkpoint: int = 64 << 20
+    #: ``[tls] creds``: a client credentials directory in qemu's layout.
+    tls_creds: str | None = None
+    #: ``[tls] fingerprint``: the hub's certificate pin (``sha256:HEX``).
+    tls_fingerprint: str | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS client context of ``[tls]`` (None without the section): the hub API's over HTTPS."""
+        from sendense_nbd.tls import client_context
+
+        if self.tls_creds is None and self.tls_fingerprint is None:
+            return None
+        return client_context(self.tls_creds, fingerprint=self.tls_fingerprint)
 
 
 def check_private(path: str) -> None:
@@ -121,7 +144,7 @@ def load(path: str) -> NodeConfig:
     unknown = set(data) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
-    vcenter, vddk, node = (_section(path, data, name) for name in ("vcenter", "vddk", "node"))
+    vcenter, vddk, node, tls = (_section(path, data, name) for name in ("vcenter", "vddk", "node", "tls"))
     for key in ("endpoint", "username"):
         if not isinstance(vcenter.get(key), str):
             raise ConfigError(f"{path}: [vcenter] {key} is required")
@@ -142,7 +165,24 @@ def load(path: str) -> NodeConfig:
         requests=_count(path, node, "requests", 16, 256),
         merge_gap=_bytes(path, node, "merge_gap", 0, 1 << 30),
         checkpoint=_bytes(path, node, "checkpoint", 64 << 20, 1 << 40, low=1 << 20),
+        **_tls(path, tls),
     )
+
+
+def _tls(path: str, section: dict[str, Any]) -> dict[str, str | None]:
+    """``[tls]``: ``creds`` (a directory) and ``fingerprint`` (a pin), each checked by loading them now."""
+    from sendense_nbd.tls import client_context, parse_fingerprint
+
+    creds, pin = _text(path, "tls", section, "creds"), _text(path, "tls", section, "fingerprint")
+    if "creds" in section and not creds:
+        raise ConfigError(f"{path}: [tls] creds must name a directory (ca-cert.pem, client-cert.pem, client-key.pem)")
+    try:
+        pin = None if pin is None else parse_fingerprint(pin)
+        if creds is not None or pin is not None:
+            client_context(creds, fingerprint=pin)
+    except TLSError as exc:
+        raise ConfigError(f"{path}: [tls] {exc}") from None
+    return {"tls_creds": creds, "tls_fingerprint": pin}
 
 
 def _section(path: str, data: dict[str, Any], name: str) -> dict[str, Any]:

@@ -15,8 +15,11 @@ import functools
 import logging
 import time
 
+import attrs
+
 from sendense_nbd import __version__
 from sendense_nbd.backup import BackupJob, BackupSettings, BackupSpec, HubSettings, prepare
+from sendense_nbd.client.uri import parse_uri
 from sendense_nbd.errors import BackupError, Conflict, NodeBusy, SendenseError
 from sendense_nbd.node.config import NodeConfig
 from sendense_nbd.node.jobs import JobState, JobTable, NodeJob
@@ -38,6 +41,8 @@ class Node:
         self.endpoint = Endpoint.parse(config.endpoint, thumbprint=config.thumbprint, ca_file=config.ca_file)
         self._jobs = JobTable()
         self._slots = asyncio.Semaphore(config.max_jobs)
+        #: ``[tls]``'s client context (the hub API over HTTPS), loaded once.
+        self._tls = config.tls_context()
         #: Holds the task group open until :meth:`close` cancels it.
         self._holder: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
@@ -128,7 +133,7 @@ class Node:
     def _settings(self, request: BackupRequest) -> BackupSettings:
         """The job's settings: the request's VM, disks and hub, with this node's vCenter and vddk."""
         config = self.config
-        targets: dict[int | None, str] = dict(request.targets)
+        targets: dict[int | None, str] = {key: self.with_tls(uri) for key, uri in request.targets}
         spec = BackupSpec(
             job_id=request.job_id,
             vm_path=request.vm_path,
@@ -139,8 +144,19 @@ class Node:
             merge_gap=config.merge_gap,
             checkpoint_bytes=config.checkpoint,
         )
-        hub = HubSettings(request.api_url, token=config.hub_token)
+        hub = HubSettings(
+            request.api_url, token=config.hub_token, tls=self._tls, tls_fingerprint=config.tls_fingerprint
+        )
         return BackupSettings(spec, self.endpoint, config.username, config.password, vddk=config.vddk, hub=hub)
+
+    def with_tls(self, uri: str) -> str:
+        """A target with this node's ``[tls]`` credentials when it is ``nbds://`` and names none of its own
+        (``tls-certificates``, ``tls-fingerprint``); any other as it is."""
+        address = parse_uri(uri)
+        config = self.config
+        if not address.tls or address.tls_certificates is not None or address.tls_fingerprint is not None:
+            return uri
+        return attrs.evolve(address, tls_certificates=config.tls_creds, tls_fingerprint=config.tls_fingerprint).uri
 
     async def _run(self, job: NodeJob) -> None:
         """The job's task. It lets only a cancellation out: any other error would make the task group cancel

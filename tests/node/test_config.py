@@ -41,7 +41,7 @@ def test_vddk_section_becomes_typed_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_every_section_refuses_an_unknown_key(tmp_path: Path, section: str) -> None:
-    tables = {"vcenter": MINIMAL, "vddk": "[vddk]\n", "node": "[node]\n"}
+    tables = {"vcenter": MINIMAL, "vddk": "[vddk]\n", "node": "[node]\n", "tls": "[tls]\n"}
     tables[section] += 'transport = "nbd"\n'  # a misspelt key is an error, never silently ignored
     with pytest.raises(ConfigError, match=rf"unknown key 'transport' in \[{section}\]"):
         load(_write(tmp_path, "".join(tables.values())))
