@@ -139,7 +139,7 @@ def cli(verbose: int) -> None:
 @click.option(
     "--tls-verify-client",
     is_flag=True,
-    help="Mutual TLS: clients must present a certificate signed by DIR/ca-cert.pem.",
+    help="Mutual TLS: clients must present a certificate signed by DIR/ca-cert.pem (needs --tls require).",
 )
 @click.option("-r", "--read-only", "readonly", is_flag=True, help="Export read-only.")
 @click.option("-A", "--allocation-depth", is_flag=True, help="Also offer the qemu:allocation-depth meta context.")
@@ -254,6 +254,11 @@ def _tls_settings(o: _ServeOptions) -> tuple[TLSMode, ssl.SSLContext | None]:
         return mode, None
     if not o.tls_creds:
         raise click.UsageError(f"--tls {mode.value} needs --tls-creds DIR")
+    if o.tls_verify_client and mode is not TLSMode.REQUIRE:
+        raise click.UsageError(
+            f"--tls-verify-client needs --tls require: under --tls {mode.value} a client that skips TLS "
+            "would be served without a certificate"
+        )
     from sendense_nbd.tls import server_context
 
     return mode, server_context(o.tls_creds, verify_client=o.tls_verify_client)

@@ -43,7 +43,6 @@ import functools
 import logging
 import select
 import socket
-import ssl
 import struct
 import termios
 from collections import deque
@@ -211,6 +210,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             # Reading stopped at STARTTLS, so these bytes came through TLS: keep them for tls_started().
             self._early += data
             if len(self._early) > _HANDSHAKE_BACKLOG:
+                self._early = None
                 raise ProtocolError("too many options sent during the TLS handshake")
             return
         handshake.receive_data(data)
@@ -255,14 +255,16 @@ class ServerConnection(asyncio.BufferedProtocol):
                 return
             # The TLS layer buffers in front of the socket now: default limits below it.
             raw.set_write_buffer_limits()
-            tls = await self._loop.start_tls(raw, self, context, server_side=True, ssl_handshake_timeout=limit or None)
-            if tls is None:
-                raise ConnectionResetError("the connection closed during the TLS handshake")
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.warning("client %s: %s; dropping the connection", self.peer, handshake_error(exc))
-            raw.abort()
-            if not self._lost:  # asyncio does not tell the protocol of a failed upgrade
-                self.connection_lost(exc)
+            # What is left of the handshake limit (the watchdog drops the client at the limit anyway).
+            left = max(limit - (self._loop.time() - self._started), 0.001) if limit else None
+            tls = await self._loop.start_tls(raw, self, context, server_side=True, ssl_handshake_timeout=left)
+        except OSError as exc:  # ssl.SSLError too
+            self._tls_failed(raw, exc)
+            return
+        if tls is None:  # this server dropped it meanwhile (the watchdog, a shutdown): already logged
+            self._tls_failed(raw, None)
+            return
+        if self._lost or tls.is_closing():
             return
         self._tls = True
         self._transport = tls
@@ -279,6 +281,24 @@ class ServerConnection(asyncio.BufferedProtocol):
             except ProtocolError as exc:
                 log.warning("client %s: %s; dropping the connection", self.peer, exc)
                 self._drop()
+
+    def _tls_failed(self, raw: asyncio.Transport, exc: OSError | None) -> None:
+        """Log why the TLS handshake failed (unless this side ended it) and drop the client."""
+        limit = self._context.handshake_limit
+        if exc is None or self._lost:
+            pass
+        elif limit and (isinstance(exc, TimeoutError) or self._loop.time() - self._started >= limit - 0.05):
+            log.warning(
+                "client %s: no TLS handshake within the handshake limit of %g s (--handshake-limit); dropping "
+                "the connection",
+                self.peer,
+                limit,
+            )
+        else:
+            log.warning("client %s: %s; dropping the connection", self.peer, handshake_error(exc))
+        raw.abort()
+        if not self._lost:  # asyncio does not tell the protocol of a failed upgrade
+            self.connection_lost(exc)
 
     # -- transmission ------------------------------------------------------------
 

@@ -21,7 +21,9 @@ export and closes the connections.
 
 TLS, as qemu-nbd: ``tls`` ALLOW or REQUIRE offers ``NBD_OPT_STARTTLS`` with
 ``tls_context`` (see :func:`sendense_nbd.tls.server_context`); under
-REQUIRE nothing is served before the upgrade.
+REQUIRE nothing is served before the upgrade. A context that requires client
+certificates (mutual TLS) goes with REQUIRE only: under ALLOW a client that
+skips TLS would be served without one.
 
 TCP connections get the congestion control ``congestion`` (default BBR,
 None: the system's) once at accept (:mod:`sendense_nbd.tcp`).
@@ -63,6 +65,18 @@ DEFAULT_IO_TIMEOUT = 60.0
 DEFAULT_MAX_HANDSHAKES = 128
 
 
+def _check_tls(tls: TLSMode, tls_context: ssl.SSLContext | None) -> None:
+    if tls is not TLSMode.OFF and tls_context is None:
+        raise ServerError(f"--tls {tls.value} needs the server's credentials (--tls-creds)")
+    if tls is TLSMode.OFF and tls_context is not None:
+        raise ServerError("TLS credentials were given with --tls off: use --tls allow or require")
+    if tls is TLSMode.ALLOW and tls_context is not None and tls_context.verify_mode == ssl.CERT_REQUIRED:
+        raise ServerError(
+            "client certificates (--tls-verify-client) need --tls require: under allow a client that "
+            "skips TLS would be served without one"
+        )
+
+
 def _check_limits(
     exports: Sequence[Export], shared: int, handshake_limit: float, io_timeout: float, max_handshakes: int
 ) -> None:
@@ -99,10 +113,7 @@ class NBDServer:
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         _check_limits(exports, shared, handshake_limit, io_timeout, max_handshakes)
-        if tls is not TLSMode.OFF and tls_context is None:
-            raise ServerError(f"--tls {tls.value} needs the server's credentials (--tls-creds)")
-        if tls is TLSMode.OFF and tls_context is not None:
-            raise ServerError("TLS credentials were given with --tls off: use --tls allow or require")
+        _check_tls(tls, tls_context)
         self._exports = {export.name: export for export in exports}
         if len(self._exports) != len(exports):
             raise ServerError("export names must be unique")

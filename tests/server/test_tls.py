@@ -5,9 +5,12 @@ STARTTLS, a TLS handshake that fails or stalls dropping only its own client."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import Command, Option, OptionReply, TLSMode
 from sendense_nbd.tls import client_context, server_context
 from sendense_nbd.tls.pki import Layout, init_pki
+from tests.conftest import server_command
 
 MiB = 1 << 20
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -156,6 +160,26 @@ async def test_the_handshake_deadline_holds_during_the_tls_handshake(server: NBD
     assert loop.time() - started < 5
 
 
+async def test_a_tls_handshake_past_the_limit_is_said_once(server: NBDServer, caplog: pytest.LogCaptureFixture) -> None:
+    """STARTTLS a second in, then no ClientHello: dropped at the handshake limit (2 s after connecting,
+    not after STARTTLS), with one warning naming --handshake-limit, whoever of the TLS handshake's
+    timeout and the watchdog ends it."""
+    assert server.port is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await _greeted(server.port)
+    peer = str(writer.get_extra_info("sockname"))
+    await asyncio.sleep(1)
+    with caplog.at_level(logging.INFO, logger="sendense_nbd.server"):
+        assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+        assert await _closed(reader)
+        assert loop.time() - started < 2.6
+        await asyncio.sleep(0.2)  # the other of the two would have logged by now
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and peer in r.getMessage()]
+    assert len(warnings) == 1 and "--handshake-limit" in warnings[0], warnings
+    assert server.client_count == 0
+
+
 async def test_mutual_tls_needs_a_client_certificate(pki: Layout) -> None:
     async with NBDServer(
         [Export("disk", _device())],  # type: ignore[arg-type]
@@ -205,3 +229,16 @@ def test_tls_needs_credentials_and_credentials_need_tls(pki: Layout) -> None:
         NBDServer([Export("disk", device)], tls=TLSMode.REQUIRE)
     with pytest.raises(ServerError, match="--tls allow or require"):
         NBDServer([Export("disk", device)], tls_context=server_context(pki.hub))
+
+
+def test_client_certificates_need_require_not_allow(pki: Layout, tmp_path: Path) -> None:
+    """Under allow a client that skips STARTTLS would be served without the certificate mutual TLS asks."""
+    device = memory_device(MiB)
+    with pytest.raises(ServerError, match="need --tls require"):
+        NBDServer([Export("disk", device)], tls=TLSMode.ALLOW, tls_context=server_context(pki.hub, verify_client=True))
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(MiB))
+    args = ["serve", "--port", "0", "--tls", "allow", "--tls-creds", str(pki.hub), "--tls-verify-client", str(disk)]
+    result = subprocess.run(server_command(*args), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--tls-verify-client needs --tls require" in " ".join(result.stderr.split())
