@@ -31,8 +31,11 @@ Theory of operation:
   socket with ``loop.start_tls`` (see :mod:`sendense_nbd.client.link`).
   The TLS context comes from the address (``tls-certificates``,
   ``tls-verify-peer``, ``tls-fingerprint``) unless
-  :attr:`ClientOptions.tls_context` gives one. Reads still land in the
-  caller's buffer: asyncio's TLS transport decrypts into ``get_buffer()``.
+  :attr:`ClientOptions.tls_context` gives one. A context that checks no
+  certificate (one made for a pin) is refused unless a pin comes with it
+  (the URI's or :attr:`ClientOptions.tls_fingerprint`) or the URI says
+  ``tls-verify-peer=false``. Reads still land in the caller's buffer:
+  asyncio's TLS transport decrypts into ``get_buffer()``.
 * :meth:`NBDClient.close` waits for requests in flight, sends
   ``NBD_CMD_DISC`` (a soft disconnect) and waits for the socket to close.
 """
@@ -56,6 +59,7 @@ from sendense_nbd.errors import (
     NBDRequestError,
     NBDTimeoutError,
     SendenseError,
+    TLSError,
     first_error,
 )
 from sendense_nbd.protocol import transmission as tx
@@ -81,7 +85,7 @@ from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import ExportInfo, Negotiated
 from sendense_nbd.protocol.replies import Reply
 from sendense_nbd.tcp import DEFAULT_CONGESTION
-from sendense_nbd.tls import client_context
+from sendense_nbd.tls import client_context, parse_fingerprint
 
 WritableBuffer = bytearray | memoryview
 ReadableBuffer = bytes | bytearray | memoryview
@@ -92,6 +96,10 @@ _MAX_EFFECT = 1 << 30
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(values)
+
+
+def _pin(value: str | None) -> str | None:
+    return None if value is None else parse_fingerprint(value)
 
 
 @attrs.frozen(slots=True)
@@ -110,6 +118,9 @@ class ClientOptions:
     congestion: str | None = DEFAULT_CONGESTION
     #: For ``nbds://`` addresses: this context instead of one made from the URI's settings.
     tls_context: ssl.SSLContext | None = None
+    #: ``sha256:HEX`` the server's certificate must have, for a pinned :attr:`tls_context`
+    #: (:func:`~sendense_nbd.tls.client_context` with a fingerprint checks nothing itself).
+    tls_fingerprint: str | None = attrs.field(default=None, converter=_pin)
 
 
 def with_tls(address: NBDAddress, options: ClientOptions) -> ClientOptions:
@@ -120,6 +131,22 @@ def with_tls(address: NBDAddress, options: ClientOptions) -> ClientOptions:
         address.tls_certificates, verify_peer=address.tls_verify_peer, fingerprint=address.tls_fingerprint
     )
     return attrs.evolve(options, tls_context=context)
+
+
+def _tls_plan(address: NBDAddress, options: ClientOptions) -> TLSPlan | None:
+    """How an ``nbds://`` address upgrades: the context, the name and the pin to check (the URI's first)."""
+    if not address.tls:
+        return None
+    context = options.tls_context
+    assert context is not None
+    pin = address.tls_fingerprint or options.tls_fingerprint
+    if context.verify_mode == ssl.CERT_NONE and pin is None and address.tls_verify_peer:
+        raise TLSError(
+            f"{address.uri}: the TLS context checks no certificate (one made for a pin?) and no pin comes "
+            "with it: give the pin (tls-fingerprint=sha256:HEX, ClientOptions.tls_fingerprint), or say "
+            "tls-verify-peer=false to skip checking the server"
+        )
+    return TLSPlan(context, address.server_hostname, pin)
 
 
 class NBDClient:
@@ -522,10 +549,7 @@ async def _all(coroutines: list[Coroutine[Any, Any, Any]]) -> None:
 async def _negotiate(address: NBDAddress, options: ClientOptions, goal: Goal) -> tuple[Link, ClientHandshakeEvent]:
     loop = asyncio.get_running_loop()
     options = with_tls(address, options)
-    plan = None
-    if address.tls:
-        assert options.tls_context is not None
-        plan = TLSPlan(options.tls_context, address.server_hostname, address.tls_fingerprint)
+    plan = _tls_plan(address, options)
     handshake = ClientHandshake(
         address.export,
         structured_replies=options.structured_replies,
@@ -615,6 +639,7 @@ def connect(
     request_block_size: bool = True,
     congestion: str | None = DEFAULT_CONGESTION,
     tls_context: ssl.SSLContext | None = None,
+    tls_fingerprint: str | None = None,
 ) -> _Connecting:
     """Connect to an export: ``await connect(...)`` or ``async with connect(...) as nbd``.
 
@@ -622,7 +647,8 @@ def connect(
     ``nbd+unix:///export?socket=PATH``), an :class:`NBDAddress`, or a host
     name with ``port`` (default 10809). ``export`` overrides the URI's.
     ``congestion``: the TCP congestion control (None: the system's).
-    ``tls_context``: for ``nbds://`` URIs, instead of one made from the URI's settings.
+    ``tls_context``: for ``nbds://`` URIs, instead of one made from the URI's settings;
+    ``tls_fingerprint``: the pin a pinned ``tls_context`` goes with (unless the URI has one).
     """
     options = ClientOptions(
         timeout=timeout,
@@ -633,6 +659,7 @@ def connect(
         request_block_size=request_block_size,
         congestion=congestion,
         tls_context=tls_context,
+        tls_fingerprint=tls_fingerprint,
     )
     return _Connecting(resolve(target, port, export), options)
 

@@ -35,6 +35,8 @@ from sendense_nbd.tcp import set_congestion
 from sendense_nbd.tls import check_fingerprint, handshake_error
 
 _HANDSHAKE_BUFFER = 64 * 1024
+#: Most bytes decrypted before ``start_tls`` returns that are kept for the handshake (option replies).
+_EARLY_LIMIT = 64 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 #: Payloads up to this size are sent in one write together with their header.
 _COALESCE = 64 * 1024
@@ -82,6 +84,9 @@ class Link(asyncio.BufferedProtocol):
         self._congestion = congestion
         self._tls = tls
         self._upgrading: asyncio.Task[None] | None = None
+        #: Bytes decrypted before ``start_tls`` returned (server data in the flight of its Finished):
+        #: fed to the handshake once the pin is checked.
+        self._early: bytearray | None = None
         self._wrapped = False  # the transport is asyncio's TLS transport
 
     # -- asyncio callbacks ---------------------------------------------------------
@@ -111,8 +116,8 @@ class Link(asyncio.BufferedProtocol):
                 self.parser.buffer_updated(nbytes)
                 self._dispatch()
             else:
-                self._handshake_received(nbytes)
-        except (OptionError, ProtocolError) as exc:  # a refusal ends the connection too
+                self._handshake_received(memoryview(self._handshake_buffer)[:nbytes])
+        except (OptionError, ProtocolError, TLSError) as exc:  # a refusal ends the connection too
             self.fail(exc)
 
     def eof_received(self) -> bool:
@@ -120,7 +125,7 @@ class Link(asyncio.BufferedProtocol):
         if self.parser is None and not self.negotiated.done():
             try:
                 self._handshake.receive_eof()
-            except (OptionError, ProtocolError) as exc:
+            except (OptionError, ProtocolError, TLSError) as exc:
                 self.fail(exc)
         return False
 
@@ -156,11 +161,18 @@ class Link(asyncio.BufferedProtocol):
         if self._tcp is not None and hasattr(socket, "TCP_QUICKACK"):
             self._tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
-    def _handshake_received(self, nbytes: int) -> None:
+    def _handshake_received(self, data: memoryview) -> None:
         handshake = self._handshake
         assert self.transport is not None
+        if self._early is not None:
+            # Decrypted before start_tls returned: held until the pin is checked.
+            self._early += data
+            if len(self._early) > _EARLY_LIMIT:
+                self._early = None
+                raise ProtocolError("the server sent too much during the TLS handshake")
+            return
         self._quick_ack()
-        handshake.receive_data(memoryview(self._handshake_buffer)[:nbytes])
+        handshake.receive_data(data)
         out = handshake.data_to_send()
         if out:
             self.transport.write(out)
@@ -169,6 +181,7 @@ class Link(asyncio.BufferedProtocol):
             return
         if isinstance(event, StartTLS):
             self.transport.pause_reading()  # nothing may arrive in plaintext now
+            self._early = bytearray()
             self._upgrading = self._loop.create_task(self._start_tls(self.transport))
             return
         if isinstance(event, Ready):
@@ -199,15 +212,19 @@ class Link(asyncio.BufferedProtocol):
             return
         self.transport = tls
         self._wrapped = True
+        if self.closed.done() or tls.is_closing():
+            return
         tls.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        early, self._early = self._early, None
         try:
             if plan.fingerprint is not None:
                 check_fingerprint(tls.get_extra_info("ssl_object"), plan.fingerprint)
             self._handshake.tls_started()
-        except TLSError as exc:
+            tls.write(self._handshake.data_to_send())
+            if early:
+                self._handshake_received(memoryview(early))
+        except (OptionError, ProtocolError, TLSError) as exc:
             self.fail(exc)
-            return
-        tls.write(self._handshake.data_to_send())
 
     # -- transmission ----------------------------------------------------------------
 

@@ -237,12 +237,13 @@ class NBDEndpoint:
             if self._pool is None:
                 try:
                     pool = await ConnectionPool(self.uri, self._wanted, options=self._options).open()
-                except (OptionError, URIError, TLSError) as exc:  # a refusal; TLS: credentials or certificates
+                except (OptionError, URIError, TLSError) as exc:  # a refusal; TLS: credentials, certificates, alerts
                     raise EndpointError(f"{self.uri}: {exc}", transient=False) from exc
                 except ProtocolError as exc:  # a garbled handshake: worth another try
                     raise EndpointError(f"{self.uri}: {exc}", transient=True) from exc
-                except NBDConnectionError as exc:  # its message names the server
-                    raise EndpointError(str(exc), transient=True) from exc
+                except NBDConnectionError as exc:  # refused, reset (also in the TLS handshake), lost
+                    named = str(exc) if "://" in str(exc) else f"{self.uri}: {exc}"
+                    raise EndpointError(named, transient=True) from exc
                 except (NBDTimeoutError, OSError) as exc:
                     raise EndpointError(f"cannot connect to {self.uri}: {exc}", transient=True) from exc
                 if self._first is not None and pool.first.size != self._first.size:

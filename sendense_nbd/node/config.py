@@ -98,7 +98,12 @@ class NodeConfig:
     tls_fingerprint: str | None = None
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """The TLS client context of ``[tls]`` (None without the section): the hub API's over HTTPS."""
+        """The TLS client context of ``[tls]`` (None without the section): the hub API's over HTTPS.
+
+        With ``fingerprint`` the context checks no certificate itself: whoever uses it passes
+        :attr:`tls_fingerprint` with it (the hub API's ``tls_fingerprint``; NBD's
+        ``ClientOptions.tls_fingerprint``, which a pinned context without its pin is refused for).
+        """
         from sendense_nbd.tls import client_context
 
         if self.tls_creds is None and self.tls_fingerprint is None:

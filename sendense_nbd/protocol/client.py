@@ -46,7 +46,7 @@ from types import MappingProxyType
 
 import attrs
 
-from sendense_nbd.errors import LocalProtocolError, OptionError, ProtocolError
+from sendense_nbd.errors import LocalProtocolError, OptionError, ProtocolError, TLSError
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import (
     BASE_ALLOCATION,
@@ -197,6 +197,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed | StartTLS]):
         self._goal = goal
         self._tls = tls
         self._tls_active = False
+        self._heard_over_tls = False  # the server sent something after the TLS handshake
         self._state = _State.GREETING
         self._plan: deque[Option] = deque()
         self._option: Option | None = None
@@ -224,6 +225,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed | StartTLS]):
             return
         if self._state is _State.TLS_PENDING and data:
             raise ProtocolError("the server sent plaintext after acknowledging NBD_OPT_STARTTLS")
+        self._heard_over_tls = self._heard_over_tls or (self._tls_active and bool(data))
         self._buffer += data
         self._process()
 
@@ -243,13 +245,14 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed | StartTLS]):
         return self._tls_active
 
     def receive_eof(self) -> None:
-        """The server closed the connection; raises unless the handshake ended."""
+        """The server closed the connection; raises unless the handshake ended (:class:`TLSError` when
+        it closed right after the TLS handshake, before sending anything over TLS)."""
         if self._state is _State.DONE:
             return
         if self._state is _State.EXPORT_NAME_REPLY:
             raise OptionError(Option.EXPORT_NAME, None, "the server closed the connection", self._export)
-        if self._tls_active and self._option is not None:
-            raise ProtocolError(
+        if self._tls_active and not self._heard_over_tls:
+            raise TLSError(
                 "the server closed the connection right after the TLS handshake: it may want a client "
                 "certificate (mutual TLS: client-cert.pem and client-key.pem) or have refused ours"
             )
@@ -367,7 +370,7 @@ class ClientHandshake(SansIOMachine[Ready | Informed | Listed | StartTLS]):
         self._reply_header = None
         option = self._option
         assert option is not None
-        if header.reply == OptionReply.ERR_TLS_REQD and not self._tls_active:
+        if header.reply == OptionReply.ERR_TLS_REQD and self._tls is TLSMode.OFF:
             self._refused(header.reply, f"{_text(payload)} [the server requires TLS: use an nbds:// URI]")
         if header.reply & (1 << 31):
             self._ERROR_HANDLERS[option](self, header.reply, _text(payload))

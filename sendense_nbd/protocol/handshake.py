@@ -207,6 +207,8 @@ class ServerHandshake(SansIOMachine[Negotiated | Aborted | StartTLS]):
                 self._state = _State.OPTION_HEADER
                 if self._option == Option.ABORT:
                     self._handle_option(Option.ABORT, b"")
+                elif self._option == Option.STARTTLS:  # exempt from TLS_REQD; data makes it invalid
+                    self._reply(self._option, OptionReply.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
                 elif self._tls_required:
                     self._reply(self._option, OptionReply.ERR_TLS_REQD, _TLS_REQUIRED)
                 else:

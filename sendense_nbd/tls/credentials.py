@@ -4,7 +4,7 @@ A directory holds ``ca-cert.pem`` and, for a server, ``server-cert.pem`` + ``ser
 a client ``client-cert.pem`` + ``client-key.pem`` (mutual TLS): what qemu's ``tls-creds-x509``,
 nbdkit's ``--tls-certificates`` and libnbd's ``tls-certificates`` read. Every context allows
 TLS 1.2 at least and prefers 1.3. Whatever cannot be used raises :class:`TLSError` naming the file
-and what to do; a failed handshake becomes one with :func:`handshake_error`.
+and what to do; :func:`handshake_error` makes a failed handshake a sentence.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from sendense_nbd.errors import TLSError
+from sendense_nbd.errors import NBDConnectionError, TLSError
 
 CA_CERT = "ca-cert.pem"
 SERVER_CERT = "server-cert.pem"
@@ -53,8 +53,9 @@ def server_context(creds_dir: str | os.PathLike[str], *, verify_client: bool = F
 def client_context(
     creds_dir: str | os.PathLike[str] | None = None, *, verify_peer: bool = True, fingerprint: str | None = None
 ) -> ssl.SSLContext:
-    """A client context: the server's certificate checked against ``creds_dir/ca-cert.pem`` (the
-    system's CAs without one) and the host name given to the handshake.
+    """A client context: the server's certificate checked against ``creds_dir/ca-cert.pem`` (which
+    must be there, as qemu requires; the system's CAs without ``creds_dir``) and the host name given
+    to the handshake.
 
     ``client-cert.pem`` and ``client-key.pem`` in ``creds_dir`` are presented when there (mutual
     TLS). ``fingerprint`` (``sha256:HEX``) pins the server's certificate instead of any CA: the
@@ -68,7 +69,7 @@ def client_context(
             parse_fingerprint(fingerprint)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    elif directory is not None and (directory / CA_CERT).exists():
+    elif directory is not None:
         _load_ca(context, directory / CA_CERT)
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -170,12 +171,16 @@ def psk_client_context(keys_psk_path: str | os.PathLike[str], identity: str | No
     return context
 
 
-def handshake_error(exc: OSError, *, server_hostname: str | None = None) -> TLSError:
-    """A failed TLS handshake (``ssl.SSLError`` or the connection lost in it) as a sentence."""
+def handshake_error(exc: OSError, *, server_hostname: str | None = None) -> TLSError | NBDConnectionError:
+    """A failed TLS handshake as a sentence: :class:`TLSError` when TLS refused it (a certificate, an
+    alert: retrying will not help), :class:`NBDConnectionError` when the connection broke or timed out
+    in it (``OSError`` other than ``ssl.SSLError``: a retry may get through)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return TLSError(_verify_failure(exc, server_hostname))
+    if isinstance(exc, TimeoutError):
+        return NBDConnectionError(f"the TLS handshake timed out ({exc or type(exc).__name__})")
     if not isinstance(exc, ssl.SSLError):
-        return TLSError(f"the peer closed the connection during the TLS handshake ({exc or type(exc).__name__})")
+        return NBDConnectionError(f"the connection was lost during the TLS handshake ({exc or type(exc).__name__})")
     reason = exc.reason or ""
     for marker, text in _ALERTS:
         if marker in reason:
@@ -209,7 +214,10 @@ def _verify_failure(exc: ssl.SSLCertVerificationError, server_hostname: str | No
     if code == 9:
         return f"the peer's certificate is not valid yet ({message}): check both clocks"
     if code in _UNTRUSTED:
-        return f"the peer's certificate is not signed by a CA this side trusts, ca-cert.pem ({message}): wrong CA?"
+        return (
+            f"the peer's certificate is not signed by a CA this side trusts, ca-cert.pem (the system's CAs for "
+            f"a client without a credentials directory) ({message}): wrong CA?"
+        )
     if code in (62, 64):
         name = f" {server_hostname!r}" if server_hostname else ""
         return (
@@ -250,9 +258,9 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
-def _check_certificate(path: Path) -> str:
+def _check_certificate(path: Path, what: str = "a PEM certificate") -> str:
     """The PEM text of ``path``, checked to hold certificates OpenSSL can parse."""
-    data = _read(path, "a PEM certificate")
+    data = _read(path, what)
     if _CERT_BEGIN not in data:
         raise TLSError(f"{path}: no certificate in it (no '{_CERT_BEGIN.decode()}' line)")
     text = data.decode("ascii", "replace")
@@ -289,7 +297,9 @@ def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
 
 
 def _load_ca(context: ssl.SSLContext, path: Path) -> None:
-    context.load_verify_locations(cadata=_check_certificate(path))
+    context.load_verify_locations(
+        cadata=_check_certificate(path, "the CA certificate that must have signed the peer's certificate")
+    )
 
 
 def _require_psk() -> None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendense_nbd.errors import LocalProtocolError, OptionError, ProtocolError
+from sendense_nbd.errors import LocalProtocolError, OptionError, ProtocolError, TLSError
 from sendense_nbd.protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
@@ -189,6 +189,16 @@ def test_starttls_with_data_is_invalid(tls: TLSMode) -> None:
     assert events(hs) == []
 
 
+@pytest.mark.parametrize("tls", [TLSMode.OFF, TLSMode.ALLOW, TLSMode.REQUIRE])
+def test_starttls_with_oversized_data_is_invalid_not_tls_reqd(tls: TLSMode) -> None:
+    """STARTTLS is exempt from ERR_TLS_REQD, even when its data is drained unread."""
+    hs = server(tls)
+    assert exchange(hs, opt(OPT_STARTTLS, bytes(70_000))) == [(OPT_STARTTLS, REP_ERR_INVALID)]
+    assert events(hs) == [] and not hs.tls_active
+    if tls is not TLSMode.OFF:
+        assert exchange(hs, opt(OPT_STARTTLS)) == [(OPT_STARTTLS, REP_ACK)]  # still in sync
+
+
 def test_tls_started_without_starttls_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         server(TLSMode.REQUIRE).tls_started()
@@ -353,6 +363,42 @@ def test_client_off_against_our_require_server() -> None:
     hs.receive_data(client.data_to_send())
     with pytest.raises(OptionError, match="requires TLS"):
         client.receive_data(hs.data_to_send())
+
+
+@pytest.mark.parametrize("tls", [TLSMode.ALLOW, TLSMode.REQUIRE])
+def test_a_tls_client_refused_with_tls_reqd_is_not_told_to_use_nbds(tls: TLSMode) -> None:
+    client = greeted_client(tls)
+    client.data_to_send()
+    with pytest.raises(OptionError) as caught:
+        client.receive_data(option_reply(OPT_STARTTLS, REP_ERR_TLS_REQD, b"TLS required"))
+    assert caught.value.reply == REP_ERR_TLS_REQD and "nbds://" not in str(caught.value)
+
+
+def upgraded_client() -> ClientHandshake:
+    client = greeted_client(TLSMode.REQUIRE)
+    client.data_to_send()
+    client.receive_data(option_reply(OPT_STARTTLS, REP_ACK))
+    assert events(client) == [StartTLS()]
+    client.tls_started()
+    assert sent(client.data_to_send()) == [OPT_STRUCTURED_REPLY]
+    return client
+
+
+def test_a_close_right_after_tls_may_mean_a_client_certificate() -> None:
+    with pytest.raises(TLSError, match="may want a client certificate"):
+        upgraded_client().receive_eof()
+
+
+def test_a_close_after_an_option_reply_over_tls_is_no_certificate_matter() -> None:
+    client = upgraded_client()
+    client.receive_data(option_reply(OPT_STRUCTURED_REPLY, REP_ACK))
+    with pytest.raises(ProtocolError, match="during the handshake") as caught:
+        client.receive_eof()
+    assert "certificate" not in str(caught.value)
+    client = upgraded_client()
+    client.receive_data(option_reply(OPT_STRUCTURED_REPLY, REP_ACK)[:10])  # a reply started
+    with pytest.raises(ProtocolError, match="during the handshake"):
+        client.receive_eof()
 
 
 def test_client_injection_after_the_ack_is_refused() -> None:

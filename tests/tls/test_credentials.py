@@ -20,7 +20,7 @@ import attrs
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sendense_nbd.errors import TLSError
+from sendense_nbd.errors import NBDConnectionError, TLSError
 from sendense_nbd.tls import (
     check_fingerprint,
     client_context,
@@ -180,6 +180,18 @@ def test_without_a_directory_the_client_verifies_by_the_system_store() -> None:
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
+def test_a_connection_lost_in_the_handshake_is_a_connection_error_not_a_tls_refusal(creds: Creds) -> None:
+    """A reset or a timeout may pass on a retry; what TLS itself refused will not (a real reset in the
+    handshake: tests/client/test_tls.py)."""
+    reset = handshake_error(ConnectionResetError(104, "Connection reset by peer"))
+    assert isinstance(reset, NBDConnectionError) and not isinstance(reset, TLSError)
+    assert str(reset) == "the connection was lost during the TLS handshake ([Errno 104] Connection reset by peer)"
+    timed_out = handshake_error(TimeoutError("timed out"))
+    assert isinstance(timed_out, NBDConnectionError) and "the TLS handshake timed out" in str(timed_out)
+    refused = handshake(server_context(creds.server), client_context(creds.other_ca_client))
+    assert refused.client is not None and isinstance(handshake_error(refused.client), TLSError)
+
+
 def test_tls_1_2_is_accepted_and_1_1_refused(creds: Creds) -> None:
     old = client_context(creds.anonymous)
     old.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -277,8 +289,25 @@ def test_mutual_tls_needs_the_ca_certificate(broken: Path) -> None:
     (broken / "ca-cert.pem").unlink()
     server_context(broken)
     assert refusal(lambda: server_context(broken, verify_client=True)) == (
-        f"{broken / 'ca-cert.pem'}: missing (a PEM certificate)"
+        f"{broken / 'ca-cert.pem'}: missing (the CA certificate that must have signed the peer's certificate)"
     )
+
+
+def test_a_client_directory_without_the_ca_certificate_is_refused(creds: Creds, tmp_path: Path) -> None:
+    """As qemu: a credentials directory brings its CA; the system's CAs are for a client without one."""
+    client = Path(shutil.copytree(creds.client, tmp_path / "client"))
+    (client / "ca-cert.pem").unlink()
+    assert refusal(lambda: client_context(client)) == (
+        f"{client / 'ca-cert.pem'}: missing (the CA certificate that must have signed the peer's certificate)"
+    )
+    client_context(client, verify_peer=False)  # nothing to check it against, nothing needed
+    client_context(client, fingerprint="sha256:" + "ab" * 32)
+
+
+def test_a_server_the_system_store_does_not_trust_names_the_system_store(creds: Creds) -> None:
+    outcome = handshake(server_context(creds.server), client_context())
+    assert outcome.client is not None
+    assert "the system's CAs for a client without a credentials directory" in str(handshake_error(outcome.client))
 
 
 def test_a_client_key_without_its_certificate_is_named(creds: Creds, tmp_path: Path) -> None:
