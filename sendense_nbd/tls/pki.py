@@ -11,6 +11,8 @@ import datetime
 import ipaddress
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -170,25 +172,40 @@ def write_client_credentials(directory: str | os.PathLike[str], ca: Issued, clie
 
 
 def _write_set(directory: Path, ca: Issued, leaf: Issued, cert_name: str, key_name: str) -> Path:
-    _refuse_existing([directory / name for name in (CA_CERT, cert_name, key_name)])
-    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-    _write(directory / CA_CERT, ca.cert_pem(), 0o644)
-    _write(directory / cert_name, leaf.cert_pem(), 0o644)
-    _write(directory / key_name, leaf.key_pem(), 0o600)
+    """The three files, or (on a failure) none of them."""
+    files = [(CA_CERT, ca.cert_pem(), 0o644), (cert_name, leaf.cert_pem(), 0o644), (key_name, leaf.key_pem(), 0o600)]
+    _refuse_existing([directory / name for name, _, _ in files])
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TLSError(f"{directory}: cannot be created: {exc.strerror or exc}") from None
+    written: list[Path] = []
+    try:
+        for name, data, mode in files:
+            _write(directory / name, data, mode)
+            written.append(directory / name)
+    except TLSError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return directory
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """A new file (never replacing one) with ``mode`` from its creation on."""
+    """A new file (never replacing one) with ``mode`` from its creation on; none if writing fails."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except FileExistsError:
         raise TLSError(f"{path} exists: refusing to overwrite it") from None
     except OSError as exc:
         raise TLSError(f"{path}: cannot be created: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "wb") as file:
-        os.fchmod(fd, mode)
-        file.write(data)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(fd, mode)
+            file.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # no partial file (a key cut short would fail only when used)
+        raise TLSError(f"{path}: cannot be written: {exc.strerror or exc}") from None
 
 
 def _refuse_existing(paths: Sequence[Path]) -> None:
@@ -209,7 +226,8 @@ def init_pki(
     ``ca-cert.pem``, ``ca-key.pem`` (0600), ``hub/`` and ``nodes/NAME/`` in qemu's layout.
 
     Without names or addresses the hub's certificate is for ``localhost`` and ``127.0.0.1``.
-    Refuses (before writing anything) when one of these files exists.
+    Refuses (before writing anything) when one of these files exists. The deployment is written in a
+    temporary directory next to ``directory``, then renamed into place: a failure leaves nothing.
     """
     root = Path(directory)
     if days < 1:
@@ -225,15 +243,46 @@ def init_pki(
     planned = [root / CA_CERT, root / "ca-key.pem", hub]
     _refuse_existing(planned + list(node_dirs.values()))
     ca = make_ca(days=max(CA_DAYS, days))
-    root.mkdir(mode=0o755, parents=True, exist_ok=True)
-    _write(root / CA_CERT, ca.cert_pem(), 0o644)
-    _write(root / "ca-key.pem", ca.key_pem(), 0o600)
     server = issue_certificate(ca, names[0] if names else addresses[0], usage="server", dns_names=names,
                                ip_addresses=addresses, days=days)  # fmt: skip
-    write_server_credentials(hub, ca, server)
-    for name, path in node_dirs.items():
-        write_client_credentials(path, ca, issue_certificate(ca, name, usage="client", days=days))
+    try:
+        root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    except OSError as exc:
+        raise TLSError(f"{root}: cannot be created: {exc.strerror or exc}") from None
+    try:
+        _write(staging / CA_CERT, ca.cert_pem(), 0o644)
+        _write(staging / "ca-key.pem", ca.key_pem(), 0o600)
+        write_server_credentials(staging / "hub", ca, server)
+        for name in nodes:
+            issued = issue_certificate(ca, name, usage="client", days=days)
+            write_client_credentials(staging / "nodes" / name, ca, issued)
+        _move_into(staging, root, [CA_CERT, "ca-key.pem", "hub"] + [f"nodes/{name}" for name in nodes])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return Layout(ca_cert=root / CA_CERT, ca_key=root / "ca-key.pem", hub=hub, nodes=node_dirs)
+
+
+def _move_into(staging: Path, root: Path, entries: Sequence[str]) -> None:
+    """``staging`` renamed to ``root``; into it, entry by entry, when ``root`` exists (all or none)."""
+    moved: list[str] = []
+    try:
+        staging.chmod(0o755)
+        if not root.exists() and not root.is_symlink():
+            staging.rename(root)
+            return
+        if any(entry.startswith("nodes/") for entry in entries):
+            (root / "nodes").mkdir(mode=0o755, exist_ok=True)
+        for entry in entries:
+            _refuse_existing([root / entry])
+            (staging / entry).rename(root / entry)
+            moved.append(entry)
+    except (OSError, TLSError) as exc:
+        for entry in moved:
+            (root / entry).rename(staging / entry)
+        if isinstance(exc, TLSError):
+            raise
+        raise TLSError(f"{root}: cannot be written: {exc.strerror or exc}") from None
 
 
 def _check_node_names(nodes: Sequence[str]) -> None:

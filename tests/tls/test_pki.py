@@ -8,6 +8,8 @@ import ipaddress
 import re
 import stat
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,47 @@ def test_init_refuses_a_lone_existing_node_directory(tmp_path: Path) -> None:
     with pytest.raises(TLSError, match="refusing to overwrite existing credentials: .*nodes/n1"):
         init_pki(tmp_path, nodes=["n1"])
     assert not (tmp_path / "ca-cert.pem").exists()
+
+
+def _with_file_size_limit(limit: int, code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a Python whose writes past ``limit`` bytes fail (EFBIG), as on a full disk."""
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from sendense_nbd.errors import TLSError
+        from sendense_nbd.tls import pki
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        try:
+        {textwrap.indent(textwrap.dedent(code), "    ")}
+        except TLSError as exc:
+            print(exc)
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT, check=True)
+
+
+def test_init_that_fails_writing_leaves_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "pki"
+    result = _with_file_size_limit(300, f"pki.init_pki({str(root)!r}, nodes=['n1'])")
+    assert "ca-cert.pem: cannot be written: File too large" in result.stdout, result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
+
+
+def test_a_key_that_cannot_be_written_leaves_no_partial_file(tmp_path: Path) -> None:
+    key = tmp_path / "server-key.pem"
+    result = _with_file_size_limit(100, f"pki._write(pki.Path({str(key)!r}), pki.make_ca().key_pem(), 0o600)")
+    assert f"{key}: cannot be written: File too large" in result.stdout, result.stderr
+    assert not key.exists()
+
+
+def test_init_into_an_existing_directory_keeps_what_else_is_there(tmp_path: Path) -> None:
+    (tmp_path / "nodes" / "old").mkdir(parents=True)
+    (tmp_path / "README").write_text("mine")
+    layout = init_pki(tmp_path, nodes=["n1"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README", "ca-cert.pem", "ca-key.pem", "hub", "nodes"]
+    assert sorted(path.name for path in (tmp_path / "nodes").iterdir()) == ["n1", "old"]
+    assert (tmp_path / "README").read_text() == "mine" and mode(tmp_path / "ca-key.pem") == 0o600
+    client_context(layout.nodes["n1"])
+    assert list(tmp_path.parent.glob(f".{tmp_path.name}.*")) == []
 
 
 @pytest.mark.parametrize(
