@@ -22,6 +22,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,30 +51,38 @@ def _seed() -> int:
 
 
 class Hostile:
-    """One worker's sessions against ``port``; each session ends within a few seconds."""
+    """One worker's sessions against ``port``; each session ends within a few seconds.
 
-    def __init__(self, port: int, rng: random.Random, stop: threading.Event) -> None:
+    Sessions that check the server's answers (the TLS soak's) note what it did wrong in ``errors``.
+    """
+
+    def __init__(self, port: int, rng: random.Random, stop: threading.Event, sessions: int = SESSIONS) -> None:
         self.port = port
         self.rng = rng
         self.stop = stop
+        self.sessions = sessions
         self.done = 0
         self.errors: list[str] = []
 
+    def kinds(self) -> dict[Callable[[], None], int]:
+        """The session kinds and their weights."""
+        return {
+            self.probe: 3,
+            self.mutated_handshake: 4,
+            self.vanish_mid_payload: 3,
+            self.stall_mid_payload: 1,
+            self.unread_reads: 1,
+            self.stall_handshake: 1,
+            self.garbage_after_negotiation: 2,
+        }
+
     def run(self) -> None:
-        kinds = [
-            self.probe,
-            self.mutated_handshake,
-            self.vanish_mid_payload,
-            self.stall_mid_payload,
-            self.unread_reads,
-            self.stall_handshake,
-            self.garbage_after_negotiation,
-        ]
-        weights = [3, 4, 3, 1, 1, 1, 2]
-        for _ in range(SESSIONS):
+        """Run ``sessions`` sessions of kinds drawn by weight (fewer once ``stop`` is set)."""
+        kinds = self.kinds()
+        for _ in range(self.sessions):
             if self.stop.is_set():
                 return
-            kind = self.rng.choices(kinds, weights)[0]
+            kind = self.rng.choices(list(kinds), list(kinds.values()))[0]
             try:
                 kind()
             except OSError:
@@ -114,21 +123,11 @@ class Hostile:
         self.connect().close()
 
     def mutated_handshake(self) -> None:
-        stream = bytearray(_valid_session(self.rng))
-        for _ in range(self.rng.randint(1, 4)):
-            pos = self.rng.randrange(len(stream))
-            action = self.rng.randrange(4)
-            if action == 0:
-                stream[pos] ^= 1 << self.rng.randrange(8)
-            elif action == 1:
-                del stream[pos : pos + self.rng.randint(1, 16)]
-            elif action == 2:
-                stream[pos:pos] = self.rng.randbytes(self.rng.randint(1, 16))
-            else:
-                del stream[pos:]
-            if not stream:
-                stream += self.rng.randbytes(4)
-        sock = self.connect()
+        stream = _mutated(self.rng, wire.CLIENT_FLAGS.pack(3) + _valid_options(self.rng))
+        self.trickle(self.connect(), stream)
+
+    def trickle(self, sock: socket.socket, stream: bytearray) -> None:
+        """Send ``stream`` in small random pieces, read what comes for a moment, go."""
         while stream:
             piece = self.rng.randint(1, 64)
             sock.sendall(stream[:piece])
@@ -186,13 +185,31 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _valid_session(rng: random.Random) -> bytes:
-    """A well-formed client byte stream on the scratch export, to be mutated."""
+def _mutated(rng: random.Random, valid: bytes) -> bytearray:
+    """``valid`` with one to four bit flips, cuts, insertions or truncations."""
+    stream = bytearray(valid)
+    for _ in range(rng.randint(1, 4)):
+        pos = rng.randrange(len(stream))
+        action = rng.randrange(4)
+        if action == 0:
+            stream[pos] ^= 1 << rng.randrange(8)
+        elif action == 1:
+            del stream[pos : pos + rng.randint(1, 16)]
+        elif action == 2:
+            stream[pos:pos] = rng.randbytes(rng.randint(1, 16))
+        else:
+            del stream[pos:]
+        if not stream:
+            stream += rng.randbytes(4)
+    return stream
+
+
+def _valid_options(rng: random.Random) -> bytes:
+    """A well-formed client byte stream on the scratch export after the client flags, to be mutated."""
     name = rng.choice(["", "scratch"])
     go = wire.encode_string(name) + wire.U16.pack(1) + wire.U16.pack(3)
     meta = wire.encode_string(name) + wire.U32.pack(1) + wire.encode_string(BASE_ALLOCATION)
-    stream = wire.CLIENT_FLAGS.pack(3)
-    stream += wire.encode_option(Option.STRUCTURED_REPLY)
+    stream = wire.encode_option(Option.STRUCTURED_REPLY)
     stream += wire.encode_option(Option.LIST)
     stream += wire.encode_option(Option.INFO, go)
     stream += wire.encode_option(Option.SET_META_CONTEXT, meta)
@@ -214,17 +231,15 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-_PEAK = [0]
-
-
-def _checkpoint(uri: str, pid: int, seed: int) -> None:
-    """A fresh client is served within a second; the server's RSS stays bounded."""
+def _checkpoint(uri: str, pid: int, seed: int, within: float = 1.0) -> int:
+    """A fresh client is served ``within`` seconds; the server's RSS stays bounded (and is returned)."""
     result: list[bytes] = []
     failure: list[str] = []
 
     def client() -> None:
         try:
             h = nbd.NBD()
+            h.set_uri_allow_local_file(True)  # nbds://...?tls-certificates=DIR
             h.connect_uri(uri)
             result.append(h.pread(4096, SIZE - 4096))
             h.shutdown()
@@ -234,12 +249,12 @@ def _checkpoint(uri: str, pid: int, seed: int) -> None:
     start = time.monotonic()
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    thread.join(1.0)
+    thread.join(within)
     elapsed = time.monotonic() - start
-    assert result, f"seed {seed}: a fresh client was not served within 1 s ({elapsed:.2f} s) {failure}"
+    assert result, f"seed {seed}: a fresh client was not served within {within:g} s ({elapsed:.2f} s) {failure}"
     rss = _rss(pid)
-    _PEAK[0] = max(_PEAK[0], rss)
     assert rss < RSS_LIMIT, f"seed {seed}: server RSS {rss >> 20} MiB exceeds {RSS_LIMIT >> 20} MiB"
+    return rss
 
 
 def test_soak_hostile_sessions_during_a_copy(tmp_path: Path) -> None:
@@ -268,25 +283,25 @@ def test_soak_hostile_sessions_during_a_copy(tmp_path: Path) -> None:
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + DEADLINE
-        copies = 0
+        copies = peak = 0
         while any(t.is_alive() for t in threads) or copies < COPIES:
             assert time.monotonic() < deadline, f"seed {seed}: not done within {DEADLINE} s"
             if copies < COPIES:
                 source = sources[copies % 2]
                 copy = subprocess.Popen([require("nbdcopy"), "--flush", str(source), uri])
                 while copy.poll() is None:
-                    _checkpoint(uri, proc.pid, seed)
+                    peak = max(peak, _checkpoint(uri, proc.pid, seed))
                     assert time.monotonic() < deadline, f"seed {seed}: copy {copies} not done within {DEADLINE} s"
                     time.sleep(0.5)
                 assert copy.returncode == 0, f"seed {seed}: nbdcopy failed"
                 run("qemu-img", "compare", "-f", "raw", "-F", "raw", source, target, timeout=60)
                 copies += 1
             else:
-                _checkpoint(uri, proc.pid, seed)
+                peak = max(peak, _checkpoint(uri, proc.pid, seed))
                 time.sleep(0.5)
         done = sum(w.done for w in workers)
         assert done == WORKERS * SESSIONS, f"seed {seed}: {done} hostile sessions ran"
-        _checkpoint(uri, proc.pid, seed)
+        peak = max(peak, _checkpoint(uri, proc.pid, seed))
         assert proc.poll() is None, f"seed {seed}: the server died"
     finally:
         stop.set()
@@ -296,4 +311,4 @@ def test_soak_hostile_sessions_during_a_copy(tmp_path: Path) -> None:
     assert code == 0, f"seed {seed}: server exited {code}: {text[-2000:]}"
     assert "Traceback" not in text and "internal error" not in text, f"seed {seed}: {text[-4000:]}"
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", sources[(COPIES - 1) % 2], target, timeout=60)
-    print(f"soak: {done} hostile sessions, {copies} copies, server RSS peak {_PEAK[0] >> 20} MiB")
+    print(f"soak: {done} hostile sessions, {copies} copies, server RSS peak {peak >> 20} MiB")
