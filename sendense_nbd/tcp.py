@@ -118,6 +118,10 @@ def socket_buffers(link: LinkProfile) -> int:
     return 2 * link.bdp
 
 
+#: The buffer the NBD client and server ask for by default: the tunnel's, for :data:`DEFAULT_LINK`.
+DEFAULT_SOCKET_BUFFER: Final = socket_buffers(DEFAULT_LINK)
+
+
 @attrs.frozen
 class TcpTuning:
     """What :func:`tune_socket` left in effect on one socket (read back with ``getsockopt``)."""

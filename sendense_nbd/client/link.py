@@ -31,7 +31,7 @@ from sendense_nbd.protocol.client import ClientHandshake, ClientHandshakeEvent, 
 from sendense_nbd.protocol.constants import Command, Errno
 from sendense_nbd.protocol.replies import Reply, ReplyParser
 from sendense_nbd.protocol.sansio import NEED_DATA, StartTLS
-from sendense_nbd.tcp import set_congestion
+from sendense_nbd.tcp import tune_socket
 from sendense_nbd.tls import check_fingerprint, handshake_error
 
 _HANDSHAKE_BUFFER = 64 * 1024
@@ -62,6 +62,7 @@ class Link(asyncio.BufferedProtocol):
         max_in_flight: int,
         *,
         congestion: str | None,
+        socket_buffer: int | None = None,
         tls: TLSPlan | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -82,6 +83,7 @@ class Link(asyncio.BufferedProtocol):
         self._shutdown = False
         self._tcp: socket.socket | None = None
         self._congestion = congestion
+        self._socket_buffer = socket_buffer
         self._tls = tls
         self._upgrading: asyncio.Task[None] | None = None
         #: Bytes decrypted before ``start_tls`` returned (server data in the flight of its Finished):
@@ -99,7 +101,8 @@ class Link(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_congestion(sock, self._congestion)  # e.g. BBR, if the kernel offers it (sendense_nbd.tcp)
+            buffer = self._socket_buffer  # BBR and buffers for a long fat link, as the kernel allows (sendense_nbd.tcp)
+            tune_socket(sock, congestion=self._congestion, sndbuf=buffer, rcvbuf=buffer)
             self._tcp = sock
             self._quick_ack()
 

@@ -57,7 +57,7 @@ from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
 from sendense_nbd.protocol.sansio import StartTLS
 from sendense_nbd.server.context import ConnectionContext
 from sendense_nbd.storage.base import BlockDevice
-from sendense_nbd.tcp import set_congestion
+from sendense_nbd.tcp import tune_socket
 from sendense_nbd.tls import handshake_error
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                set_congestion(sock, self._context.congestion)  # e.g. BBR (sendense_nbd.tcp)
+                buffer = self._context.socket_buffer  # e.g. BBR, buffers for a long fat link (sendense_nbd.tcp)
+                tune_socket(sock, congestion=self._context.congestion, sndbuf=buffer, rcvbuf=buffer)
         self._handshake = ServerHandshake(self._context.catalog, admit=self._admit, tls=self._context.tls)
         transport.write(self._handshake.data_to_send())
         self._arm()
@@ -432,7 +433,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         if self._reading_paused and not self._disconnecting and self._fd >= 0 and _hung_up(self._fd):
             log.info("client %s hung up while its reading was paused", self.peer)
-            transport.close()
+            self._close_hung_up(transport)
         parser = self._parser
         if (
             self._handshake is not None
@@ -596,6 +597,14 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _close_hung_up(self, transport: asyncio.Transport) -> None:
+        """Close a connection whose client hung up. Over TLS, abort it: asyncio's TLS transport, told of the
+        end of the stream while reading was paused, waits to flush and ignores ``close()``."""
+        if self._tls:
+            transport.abort()
+        else:
+            transport.close()
+
     # -- used by the server --------------------------------------------------
 
     async def finish(self) -> None:
@@ -609,7 +618,10 @@ class ServerConnection(asyncio.BufferedProtocol):
             async with asyncio.timeout(self._context.io_timeout or None):
                 if self._tasks:
                     await asyncio.gather(*self._tasks, return_exceptions=True)
-                transport.close()
+                if self._fd >= 0 and _hung_up(self._fd):
+                    self._close_hung_up(transport)
+                else:
+                    transport.close()
                 await self._closed.wait()
         except TimeoutError:
             log.warning("client %s: not finished %g s after shutdown; dropping it", self.peer, self._context.io_timeout)

@@ -140,6 +140,9 @@ class ConnectionContext:
     tick: float
     #: TCP congestion control of accepted TCP sockets, set once at accept (None: the system's).
     congestion: str | None
+    #: Send and receive buffer (kernel units) of accepted TCP sockets, where autotuning stops short of it
+    #: (None: the kernel's autotuning alone); see :func:`sendense_nbd.tcp.tune_socket`.
+    socket_buffer: int | None = None
     #: Whether clients may or must upgrade to TLS with ``NBD_OPT_STARTTLS``.
     tls: TLSMode = TLSMode.OFF
     #: The server's TLS credentials; set unless ``tls`` is OFF.
