@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -134,7 +135,8 @@ def cli(verbose: int) -> None:
     type=click.Path(file_okay=False),
     metavar="DIR",
     help="x509 credentials: a directory with ca-cert.pem, server-cert.pem and server-key.pem (qemu's layout; "
-    "qemu-nbd takes the ID of a --object tls-creds-x509,dir=DIR, we take DIR itself). Refused with --tls off.",
+    "qemu-nbd takes the ID of a --object tls-creds-x509,dir=DIR, we take DIR itself); or, like tls-creds-psk, "
+    "one with keys.psk (TLS-PSK needs Python 3.13+). Refused with --tls off.",
 )
 @click.option(
     "--tls-verify-client",
@@ -259,8 +261,13 @@ def _tls_settings(o: _ServeOptions) -> tuple[TLSMode, ssl.SSLContext | None]:
             f"--tls-verify-client needs --tls require: under --tls {mode.value} a client that skips TLS "
             "would be served without a certificate"
         )
-    from sendense_nbd.tls import server_context
+    from sendense_nbd.tls import psk_server_context, server_context
 
+    creds = Path(o.tls_creds)
+    if (creds / "keys.psk").exists() and not (creds / "server-cert.pem").exists():  # qemu's tls-creds-psk dir
+        if o.tls_verify_client:
+            raise click.UsageError("--tls-verify-client is for x509 credentials; a keys.psk client proves its key")
+        return mode, psk_server_context(creds / "keys.psk")
     return mode, server_context(o.tls_creds, verify_client=o.tls_verify_client)
 
 

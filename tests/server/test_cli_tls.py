@@ -111,3 +111,26 @@ def test_serve_tls_usage_errors(tmp_path: Path, pki: Layout, args: list[str], me
 def test_serve_help_says_what_tls_creds_takes() -> None:
     text = " ".join(_cli("serve", "--help").stdout.split())
     assert "--tls-creds DIR" in text and "qemu's layout" in text and "Refused with --tls off" in text
+
+
+def test_serve_with_a_psk_directory(tmp_path: Path) -> None:
+    """qemu's tls-creds-psk layout (DIR/keys.psk): served where Python has TLS-PSK, else refused saying why."""
+    import sys
+
+    creds = tmp_path / "psk"
+    creds.mkdir()
+    (creds / "keys.psk").write_text("node1:" + "ab" * 32 + "\n")
+    disk = random_file(tmp_path / "d.raw", MiB)
+    if sys.version_info < (3, 13):
+        result = _cli("serve", "--port", "0", "--tls-creds", str(creds), str(disk))
+        assert result.returncode != 0 and "TLS-PSK needs Python 3.13" in result.stderr, result.stderr
+    else:  # it listens (qemu-nbd's tls-creds-psk against it was checked by hand on 3.13)
+        command = server_command("serve", "--port", "0", "--tls-creds", str(creds), str(disk))
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and int(proc.stdout.readline()) > 0
+        finally:
+            proc.kill()
+            proc.communicate()
+    refused = _cli("serve", "--port", "0", "--tls-creds", str(creds), "--tls-verify-client", str(disk))
+    assert refused.returncode != 0 and "for x509 credentials" in refused.stderr, refused.stderr
