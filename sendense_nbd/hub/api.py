@@ -30,11 +30,12 @@ from sendense_nbd.errors import (
     UnknownPolicy,
 )
 from sendense_nbd.http_api import MAX_BODY, ErrorMap, error, error_middleware, json_body
+from sendense_nbd.hub import paths
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
 from sendense_nbd.hub.console.app import is_api, setup_console
 from sendense_nbd.hub.jobs import Job, JobKind, JobQuery
-from sendense_nbd.hub.nodes import node_name, parse_edit, parse_node
+from sendense_nbd.hub.nodes import parse_edit, parse_node
 from sendense_nbd.hub.policy_api import policy_routes
 from sendense_nbd.hub.repository import Point
 from sendense_nbd.hub.service import Hub
@@ -120,7 +121,7 @@ class _Handlers:
 
     async def samples(self, request: web.Request) -> web.Response:
         """GET /backups/{job}/samples: the job's bytes sent over time, ``[[t, bytes], ...]`` oldest first."""
-        found = await self.hub.job_samples(_job_id(request))
+        found = await self.hub.job_samples(paths.job_id(request))
         return web.json_response({"samples": [sample.to_json() for sample in found]})
 
     async def change_id(self, request: web.Request) -> web.Response:
@@ -134,29 +135,29 @@ class _Handlers:
 
     async def get_backup(self, request: web.Request) -> web.Response:
         """GET /backups/{job}: one job."""
-        return web.json_response(_backup(await self.hub.job(_job_id(request))))
+        return web.json_response(_backup(await self.hub.job(paths.job_id(request))))
 
     async def post_progress(self, request: web.Request) -> web.Response:
         """POST /backups/{job}/progress: a node's progress report."""
-        job_id = _job_id(request)
+        job_id = paths.job_id(request)
         job = await self.hub.progress(job_id, req.Progress.from_json(await json_body(request)))
         return web.json_response({"job_id": job.id, "state": job.state.value})
 
     async def get_progress(self, request: web.Request) -> web.Response:
         """GET /backups/{job}/progress: the job's state and latest report."""
-        job = await self.hub.job(_job_id(request))
+        job = await self.hub.job(paths.job_id(request))
         progress = None if job.progress is None else job.progress.to_json()
         return web.json_response({"job_id": job.id, "state": job.state.value, "progress": progress})
 
     async def complete(self, request: web.Request) -> web.Response:
         """POST /backups/{job}/complete: a node's completion (or failure) report."""
-        job_id = _job_id(request)
+        job_id = paths.job_id(request)
         completion = req.Completion.from_json(await json_body(request))
         return web.json_response(_backup(await self.hub.complete(job_id, completion)))
 
     async def cancel(self, request: web.Request) -> web.Response:
         """DELETE /backups/{job}: cancel a job that has not ended."""
-        return web.json_response(_backup(await self.hub.cancel(_job_id(request))))
+        return web.json_response(_backup(await self.hub.cancel(paths.job_id(request))))
 
     async def points(self, request: web.Request) -> web.Response:
         """GET /points?vm_path=: a VM's completed restore points."""
@@ -170,7 +171,7 @@ class _Handlers:
 
     async def stop_restore(self, request: web.Request) -> web.Response:
         """DELETE /restores/{job}: stop a restore job's export."""
-        return web.json_response((await self.hub.stop_restore(_job_id(request))).to_json())
+        return web.json_response((await self.hub.stop_restore(paths.job_id(request))).to_json())
 
     async def alerts(self, request: web.Request) -> web.Response:
         """GET /alerts[?active=1][&kind=][&limit=]: the newest alerts first (active: conditions not cleared)."""
@@ -184,7 +185,7 @@ class _Handlers:
 
     async def get_verify(self, request: web.Request) -> web.Response:
         """GET /verify/{job}: a verify job with each point's verdict so far."""
-        job = await self.hub.job(_job_id(request))
+        job = await self.hub.job(paths.job_id(request))
         if job.kind is not JobKind.VERIFY:
             raise UnknownJob(f"{job.id} is not a verify job")
         return web.json_response(_backup(job))
@@ -206,25 +207,25 @@ class _Handlers:
 
     async def get_node(self, request: web.Request) -> web.Response:
         """GET /nodes/{name}[?check=1]: one node with its health."""
-        name = _node_name(request)
+        name = paths.node(request)
         node = await (self.hub.nodes.check(name) if request.query.get("check") == "1" else self.hub.nodes.get(name))
         return web.json_response(node.to_json())
 
     async def edit_node(self, request: web.Request) -> web.Response:
         """PATCH /nodes/{name}: change its url, token or tunnel identity (null clears the last two)."""
-        name = _node_name(request)
+        name = paths.node(request)
         node = await self.hub.nodes.edit(name, parse_edit(await json_body(request)))
         return web.json_response(node.to_json())
 
     async def delete_node(self, request: web.Request) -> web.Response:
         """DELETE /nodes/{name}: forget a node (409 in_use while a policy names it)."""
-        name = _node_name(request)
+        name = paths.node(request)
         await self.hub.nodes.delete(name)
         return web.json_response({"deleted": name})
 
     async def node_vms(self, request: web.Request) -> web.Response:
         """GET /nodes/{name}/vms: the inventory paths of the node's VMs (asked now)."""
-        return web.json_response({"vms": await self.hub.nodes.list_vms(_node_name(request))})
+        return web.json_response({"vms": await self.hub.nodes.list_vms(paths.node(request))})
 
     async def ports(self, request: web.Request) -> web.Response:
         """GET /ports: the port pool's leases and the running exports."""
@@ -239,24 +240,6 @@ class _Handlers:
         since = self.hub.clock.now() - history_hours(request.query) * 3600.0
         samples = await self.hub.space_history(since)
         return web.json_response({"since": since, "samples": [sample.to_json() for sample in samples]})
-
-
-def _job_id(request: web.Request) -> str:
-    """The ``{job}`` of the path; a string that cannot be a job ID is an unknown job (404)."""
-    raw = request.match_info["job"]
-    job_id = fields.identifier(raw)
-    if job_id is None:
-        raise UnknownJob(f"no job {raw[:80]!r}")
-    return job_id
-
-
-def _node_name(request: web.Request) -> str:
-    """The ``{name}`` of the path; a string that cannot be a node's name is an unknown node (404)."""
-    raw = request.match_info["name"]
-    try:
-        return node_name(raw)
-    except BadRequest:
-        raise UnknownNode(f"no node {raw[:80]!r}") from None
 
 
 def _query_vm_path(request: web.Request) -> str:

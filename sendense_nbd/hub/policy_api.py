@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sendense_nbd import fields
-from sendense_nbd.errors import UnknownPolicy
 from sendense_nbd.http_api import json_body
+from sendense_nbd.hub import paths
 from sendense_nbd.hub.service import Hub
 from sendense_nbd.policy.model import Policy
 
@@ -32,15 +31,6 @@ def policy_routes(prefix: str, hub: Hub) -> list[web.RouteDef]:
     ]
 
 
-def _name(request: web.Request) -> str:
-    """The ``{name}`` of the path; one that cannot be a policy's is an unknown policy (404)."""
-    raw = request.match_info["name"]
-    name = fields.identifier(raw)
-    if name is None:
-        raise UnknownPolicy(f"no policy {raw[:80]!r}")
-    return name
-
-
 class _PolicyHandlers:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -57,21 +47,21 @@ class _PolicyHandlers:
     async def show(self, request: web.Request) -> web.Response:
         """GET /policies/{name}: the policy, its schedules' state and its last runs."""
         scheduler = self.hub.scheduler
-        return web.json_response(await scheduler.view(await scheduler.store.get(_name(request)), runs=20))
+        return web.json_response(await scheduler.view(await scheduler.store.get(paths.policy(request)), runs=20))
 
     async def edit(self, request: web.Request) -> web.Response:
         """PATCH /policies/{name}: a JSON merge patch of the policy (the name cannot change)."""
-        return web.json_response(await self.hub.scheduler.edit(_name(request), await json_body(request)))
+        return web.json_response(await self.hub.scheduler.edit(paths.policy(request), await json_body(request)))
 
     async def delete(self, request: web.Request) -> web.Response:
         """DELETE /policies/{name}: the policy goes; its jobs and points stay."""
-        name = _name(request)
+        name = paths.policy(request)
         await self.hub.scheduler.store.delete(name)
         return web.json_response({"deleted": name})
 
     async def run_now(self, request: web.Request) -> web.Response:
         """POST /policies/{name}/run: back its VMs up now (202, the run)."""
-        run = await self.hub.scheduler.run_now(_name(request))
+        run = await self.hub.scheduler.run_now(paths.policy(request))
         return web.json_response(run.to_json(), status=202)
 
     async def preview(self, request: web.Request) -> web.Response:
@@ -81,7 +71,7 @@ class _PolicyHandlers:
 
     async def preview_stored(self, request: web.Request) -> web.Response:
         """GET /policies/{name}/preview: the retention preview of a stored policy."""
-        return await self._preview((await self.hub.scheduler.store.get(_name(request))).policy)
+        return await self._preview((await self.hub.scheduler.store.get(paths.policy(request))).policy)
 
     async def _preview(self, policy: Policy) -> web.Response:
         found = await self.hub.retention_preview(policy)

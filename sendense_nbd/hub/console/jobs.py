@@ -16,9 +16,9 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from sendense_nbd import fields
 from sendense_nbd.backup.records import FullReason
 from sendense_nbd.errors import BadRequest, SendenseError, UnknownJob
+from sendense_nbd.hub import paths
 from sendense_nbd.hub.jobs import Job, JobKind, JobQuery, JobState
 from sendense_nbd.hub.service import Hub
 
@@ -82,15 +82,6 @@ def throughput_plot(samples: list[tuple[float, float]]) -> Any:
     )
 
 
-def _job_id(request: web.Request) -> str:
-    """The path's ``{id}``; one that cannot be a job's is an unknown job (404)."""
-    raw = request.match_info["id"]
-    job_id = fields.identifier(raw)
-    if job_id is None:
-        raise UnknownJob(f"No job {raw[:80]!r}.")
-    return job_id
-
-
 class _Jobs:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -120,7 +111,7 @@ class _Jobs:
 
     async def detail(self, request: web.Request) -> web.Response:
         """GET /jobs/{id}: everything about one job."""
-        job = await self.hub.job(_job_id(request))
+        job = await self.hub.job(paths.job_id(request, "id"))
         samples = [(sample.t, float(sample.bytes)) for sample in await self.hub.job_samples(job.id)]
         context = {
             "job": job,
@@ -133,13 +124,13 @@ class _Jobs:
 
     async def live(self, request: web.Request) -> web.Response:
         """GET /jobs/{id}/live: the progress fragment (polling itself again only while the job runs)."""
-        job = await self.hub.job(_job_id(request))
+        job = await self.hub.job(paths.job_id(request, "id"))
         return render(request, "jobs_live.html", {"job": job, "poll": POLL})
 
     async def cancel(self, request: web.Request) -> web.Response:
         """POST /jobs/{id}/cancel: cancel a job that has not ended."""
         await checked_form(request)
-        job_id = _job_id(request)
+        job_id = paths.job_id(request, "id")
         try:
             await self.hub.cancel(job_id)
         except UnknownJob:

@@ -13,8 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from sendense_nbd.errors import BadRequest, SendenseError, UnknownNode
-from sendense_nbd.hub.nodes import BY_COMMAND_LINE, node_name, parse_node
+from sendense_nbd.errors import SendenseError
+from sendense_nbd.hub import paths
+from sendense_nbd.hub.nodes import BY_COMMAND_LINE, parse_node
 from sendense_nbd.hub.service import Hub
 
 from .auth import checked_form, flash
@@ -33,15 +34,6 @@ def routes(hub: Hub) -> list[web.RouteDef]:
         web.post("/nodes/{name}/check", page.check),
         web.post("/nodes/{name}/delete", page.delete),
     ]
-
-
-def _name(request: web.Request) -> str:
-    """The ``{name}`` of the path; one that cannot be a node's is an unknown node (404)."""
-    raw = request.match_info["name"]
-    try:
-        return node_name(raw)
-    except BadRequest:
-        raise UnknownNode(f"no node {raw[:80]!r} is registered") from None
 
 
 def _optional(form: Mapping[str, str], key: str) -> str | None:
@@ -92,7 +84,7 @@ class _Nodes:
 
     async def check(self, request: web.Request) -> web.Response:
         """POST /nodes/{name}/check: ask the node for its health now; says up or down (and why)."""
-        record = await self.hub.nodes.check(_name(request))
+        record = await self.hub.nodes.check(paths.node(request))
         if record.up:
             version = f" (version {record.version})" if record.version else ""
             flash(request, f"Node {record.name} is up{version}.")
@@ -103,7 +95,7 @@ class _Nodes:
 
     async def delete(self, request: web.Request) -> web.Response:
         """POST /nodes/{name}/delete: forget the node; one a policy uses is refused (409) with the sentence."""
-        name = _name(request)
+        name = paths.node(request)
         try:
             await self.hub.nodes.delete(name)
         except SendenseError as exc:

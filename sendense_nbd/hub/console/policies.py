@@ -18,7 +18,8 @@ from aiohttp import web
 
 from sendense_nbd import fields
 from sendense_nbd.backup.records import Mode
-from sendense_nbd.errors import BadRequest, Conflict, SendenseError, UnknownPolicy
+from sendense_nbd.errors import BadRequest, Conflict, SendenseError
+from sendense_nbd.hub import paths
 from sendense_nbd.hub.service import Hub
 from sendense_nbd.policy.model import Policy
 
@@ -211,15 +212,6 @@ def describe_retention(retention: Mapping[str, Any]) -> str:
     return "keep " + ", ".join(parts) if parts else "keep every point (no rule set)"
 
 
-def _name(request: web.Request) -> str:
-    """The ``{name}`` of the path; one that cannot be a policy's is an unknown policy (404)."""
-    raw = request.match_info["name"]
-    name = fields.identifier(raw)
-    if name is None:
-        raise UnknownPolicy(f"no policy {raw[:80]!r}")
-    return name
-
-
 def _helpers() -> dict[str, Any]:
     """What the policies' templates call."""
     return {
@@ -242,7 +234,7 @@ class _Policies:
 
     async def show(self, request: web.Request) -> web.Response:
         """GET /policies/{name}: the policy in words, its next runs, its last runs and its retention preview."""
-        return await self._detail(request, _name(request))
+        return await self._detail(request, paths.policy(request))
 
     async def _detail(
         self, request: web.Request, name: str, *, refused: str | None = None, status: int = 200
@@ -265,7 +257,7 @@ class _Policies:
 
     async def edit_form(self, request: web.Request) -> web.Response:
         """GET /policies/{name}/edit: the form with the policy's values (its name cannot change)."""
-        stored = await self.hub.scheduler.store.get(_name(request))
+        stored = await self.hub.scheduler.store.get(paths.policy(request))
         return await self._form(request, form_values(stored.policy), editing=stored.policy.name)
 
     async def _form(
@@ -303,7 +295,7 @@ class _Policies:
 
     async def save(self, request: web.Request) -> web.Response:
         """POST /policies/{name}/edit: the form's spec as a merge patch of the policy."""
-        name = _name(request)
+        name = paths.policy(request)
         await self.hub.scheduler.store.get(name)  # an unknown policy is a 404 page, not a form
         form = await checked_form(request)
         try:
@@ -333,7 +325,7 @@ class _Policies:
 
     async def run_now(self, request: web.Request) -> web.Response:
         """POST /policies/{name}/run: open a backup run now; an open run already is refused (409) with the sentence."""
-        name = _name(request)
+        name = paths.policy(request)
         try:
             run = await self.hub.scheduler.run_now(name)
         except Conflict as exc:  # a run is open already: the page shows it
@@ -345,7 +337,7 @@ class _Policies:
     async def delete(self, request: web.Request) -> web.Response:
         """POST /policies/{name}/delete: first a confirmation page; its form (``confirm=yes``) deletes.
         The policy's jobs and restore points stay."""
-        name = _name(request)
+        name = paths.policy(request)
         stored = await self.hub.scheduler.store.get(name)
         form = await checked_form(request)
         if form.get("confirm") != "yes":

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from sendense_nbd import fields
 from sendense_nbd.errors import BadRequest, SendenseError, UnknownJob
+from sendense_nbd.hub import paths
 from sendense_nbd.hub.jobs import ConvertDetail, ExportDetail, Job, JobKind, JobQuery, JobState
 from sendense_nbd.hub.repository import Point, VerifyState
 from sendense_nbd.hub.requests import RestoreRequest
@@ -253,11 +254,7 @@ class _Vms:
 
     async def _restore_job(self, request: web.Request) -> Job:
         """The restore job of the path's ``{job}`` (:class:`UnknownJob`, a 404 page, for anything else)."""
-        raw = request.match_info["job"]
-        job_id = fields.identifier(raw)
-        if job_id is None:
-            raise UnknownJob(f"No job {raw[:80]!r}.")
-        job = await self.hub.job(job_id)
+        job = await self.hub.job(paths.job_id(request))
         if job.kind is not JobKind.RESTORE:
-            raise UnknownJob(f"Job {job_id} is a {job.kind.value} job, not a restore.")
+            raise UnknownJob(f"Job {job.id} is a {job.kind.value} job, not a restore.")
         return job
