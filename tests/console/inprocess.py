@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import attrs
 from aiohttp import web
 
 from sendense_nbd.hub.api import build_app
+from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.service import Hub, HubConfig
 from tests.hub.conftest import free_port_range
 
@@ -89,3 +91,37 @@ async def console_client(url: str) -> AsyncIterator[ConsoleClient]:
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP address host
     async with aiohttp.ClientSession(cookie_jar=jar, timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield ConsoleClient(url, session)
+
+
+@attrs.frozen
+class Console:
+    """A logged-in client (``client``) of an in-process ``hub`` on ``clock``, with its ``node`` stand-in
+    (None: the hub has no node); ``page()`` and ``post()`` assert the status they expect."""
+
+    hub: Hub
+    clock: ManualClock
+    client: ConsoleClient
+    node: Any = None
+
+    async def page(self, path: str, status: int = 200) -> str:
+        """GET ``path``; its body."""
+        got, text = await self.client.get(path)
+        assert got == status, (path, got, text[:2000])
+        return text
+
+    async def post(self, path: str, data: dict[str, str], status: int = 303) -> tuple[str, str]:
+        """POST a form; (its Location or "", its body)."""
+        response = await self.client.post(path, data)
+        text = await response.text()
+        assert response.status == status, (path, response.status, text[:2000])
+        return response.headers.get("Location", ""), text
+
+
+@contextlib.asynccontextmanager
+async def logged_in(repo: Path, *, clock: ManualClock, node: Any = None, **config: Any) -> AsyncIterator[Console]:
+    """A hub on ``repo`` (its node ``node``, whose ``url`` it calls) and a client logged in to its console."""
+    if node is not None:
+        config["node_url"] = node.url
+    async with console_hub(repo, clock=clock, **config) as (hub, url), console_client(url) as client:
+        assert (await client.login()).status == 303
+        yield Console(hub, clock, client, node)

@@ -6,45 +6,28 @@ from __future__ import annotations
 import html
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from sendense_nbd.errors import UnknownNode
-from sendense_nbd.hub.service import Hub
+from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.policy.model import Policy
-from tests.console.inprocess import ConsoleClient, console_client, console_hub
+from tests.console.inprocess import Console, logged_in
 from tests.console.listing_node import VERSION, ListingNode
 
 TOKEN_VALUE = "node-secret-token-42"
 IDENTITY = "SHA256:" + "A" * 43
 
 
-class Console:
-    def __init__(self, hub: Hub, client: ConsoleClient, node: ListingNode) -> None:
-        self.hub, self.client, self.node = hub, client, node
-
-    async def page(self, path: str = "/nodes", status: int = 200) -> str:
-        got, text = await self.client.get(path)
-        assert got == status, (path, got, text[:2000])
-        return text
-
-    async def post(self, path: str, data: dict[str, str], status: int = 303) -> tuple[str, str]:
-        """POST a form; (its Location or "", its body)."""
-        response = await self.client.post(path, data)
-        text = await response.text()
-        assert response.status == status, (path, response.status, text[:2000])
-        return response.headers.get("Location", ""), text
-
-
 @pytest.fixture
 async def console(tmp_path: Path) -> AsyncIterator[Console]:
     node = await ListingNode(["/DC0/vm/web01"]).start()
     try:
-        async with console_hub(tmp_path / "repo", node_url=node.url) as (hub, url), console_client(url) as client:
-            assert (await client.login()).status == 303
-            yield Console(hub, client, node)
+        async with logged_in(tmp_path / "repo", clock=ManualClock(time.time()), node=node) as console:
+            yield console
     finally:
         await node.close()
 
@@ -75,7 +58,7 @@ def closed_port() -> int:
 
 
 async def test_a_node_is_registered_checked_and_removed(console: Console) -> None:
-    page = await console.page()
+    page = await console.page("/nodes")
     default = row(page, "default")
     assert "not checked yet" in default or "health-up" in default
     assert "from the hub's --node-url" in default and "/delete" not in default  # only its command line changes it
@@ -91,13 +74,13 @@ async def test_a_node_is_registered_checked_and_removed(console: Console) -> Non
         assert location == "/nodes#node-site-b"
         record = await console.hub.nodes.get("site-b")
         assert (record.url, record.token, record.tunnel_identity) == (second.url, TOKEN_VALUE, IDENTITY)
-        page = await console.page()
+        page = await console.page("/nodes")
         assert "Node site-b registered." in flashes(page) and TOKEN_VALUE not in page
         assert "not checked yet" in row(page, "site-b") and "token set" in row(page, "site-b")
 
         location, _ = await console.post("/nodes/site-b/check", {})
         assert location == "/nodes#node-site-b"
-        page = await console.page()
+        page = await console.page("/nodes")
         assert f"Node site-b is up (version {VERSION})." in flashes(page)
         checked = row(page, "site-b")
         assert '<span class="health-up">up</span>' in checked and VERSION in checked
@@ -106,7 +89,7 @@ async def test_a_node_is_registered_checked_and_removed(console: Console) -> Non
         await second.close()
 
     await console.post("/nodes/site-b/check", {})
-    page = await console.page()
+    page = await console.page("/nodes")
     assert "Node site-b is down:" in flashes(page) and 'role="alert"' in page
     assert '<span class="health-down">down</span>' in row(page, "site-b") and 'class="node-error"' in row(
         page, "site-b"
@@ -114,7 +97,7 @@ async def test_a_node_is_registered_checked_and_removed(console: Console) -> Non
 
     location, _ = await console.post("/nodes/site-b/delete", {})
     assert location == "/nodes"
-    assert "Node site-b removed." in flashes(await console.page())
+    assert "Node site-b removed." in flashes(await console.page("/nodes"))
     with pytest.raises(UnknownNode):
         await console.hub.nodes.get("site-b")
 
@@ -134,7 +117,7 @@ async def test_a_refused_registration_shows_the_sentence_and_never_the_token(con
     assert "a node named &#39;default&#39; is registered already" in page.lower()
 
     await console.post("/nodes", {"name": "scripted", "url": script_url})
-    page = await console.page()
+    page = await console.page("/nodes")
     assert "<code>http://127.0.0.1:1/&lt;script&gt;alert(1)&lt;/script&gt;</code>" in row(page, "scripted")
     assert "token none" in row(page, "scripted") and "<script>alert" not in page
 
@@ -153,7 +136,7 @@ async def test_removing_a_node_a_policy_uses_is_refused_with_the_sentence(consol
 
 
 async def test_every_change_needs_the_csrf_token(console: Console) -> None:
-    await console.page()
+    await console.page("/nodes")
     for path in ("/nodes", "/nodes/default/check", "/nodes/default/delete"):
         response = await console.client.post(path, {"name": "x", "url": "http://127.0.0.1:1"}, csrf=False)
         assert response.status == 403, path

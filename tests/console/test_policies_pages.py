@@ -15,9 +15,8 @@ from sendense_nbd.errors import UnknownPolicy
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import Job
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec
-from sendense_nbd.hub.service import Hub
 from sendense_nbd.policy.model import Policy
-from tests.console.inprocess import ConsoleClient, console_client, console_hub
+from tests.console.inprocess import Console, logged_in
 from tests.console.listing_node import DISK, SIZE, ListingNode
 
 #: 2026-03-02T08:00:00Z, a Monday.
@@ -53,34 +52,12 @@ FORM = {
 }
 
 
-class Console:
-    def __init__(self, hub: Hub, clock: ManualClock, client: ConsoleClient, node: ListingNode) -> None:
-        self.hub, self.clock, self.client, self.node = hub, clock, client, node
-
-    async def page(self, path: str, status: int = 200) -> str:
-        got, text = await self.client.get(path)
-        assert got == status, (path, got, text[:2000])
-        return text
-
-    async def post(self, path: str, data: dict[str, str], status: int = 303) -> tuple[str, str]:
-        """POST a form; (its Location or "", its body)."""
-        response = await self.client.post(path, data)
-        text = await response.text()
-        assert response.status == status, (path, response.status, text[:2000])
-        return response.headers.get("Location", ""), text
-
-
 @pytest.fixture
 async def console(tmp_path: Path) -> AsyncIterator[Console]:
     node = await ListingNode([VM, SCRIPT_VM]).start()
-    clock = ManualClock(START)
     try:
-        async with (
-            console_hub(tmp_path / "repo", node_url=node.url, keep_points=10, clock=clock) as (hub, url),
-            console_client(url) as client,
-        ):
-            assert (await client.login()).status == 303
-            yield Console(hub, clock, client, node)
+        async with logged_in(tmp_path / "repo", clock=ManualClock(START), node=node, keep_points=10) as console:
+            yield console
     finally:
         await node.close()
 

@@ -15,15 +15,13 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import aiohttp
-import attrs
 import pytest
 
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import ExportDetail, JobState
-from sendense_nbd.hub.service import Hub
 from tests.conftest import require
 from tests.console.backups import SIZE, backed_up, ended, with_digests
-from tests.console.inprocess import ConsoleClient, console_client, console_hub
+from tests.console.inprocess import Console, ConsoleClient, logged_in
 
 pytestmark = pytest.mark.peer
 
@@ -31,21 +29,11 @@ VM = "/DC0/vm/web01"
 EVIL = "/DC0/vm/<script>alert(1)</script>"
 
 
-@attrs.frozen
-class Console:
-    hub: Hub
-    clock: ManualClock
-    client: ConsoleClient
-
-
 @pytest.fixture
 async def console(tmp_path: Path) -> AsyncIterator[Console]:
     """A logged-in client of a hub whose clock the test moves."""
-    clock = ManualClock(time.time())
-    async with console_hub(tmp_path / "repo", clock=clock) as (hub, url), console_client(url) as client:
-        response = await client.login()
-        assert response.status == 303
-        yield Console(hub, clock, client)
+    async with logged_in(tmp_path / "repo", clock=ManualClock(time.time())) as console:
+        yield console
 
 
 def view(vm_path: str) -> str:
