@@ -176,6 +176,9 @@ class Bench:
         threads = [f"--threads={self.args.threads}"] if self.args.threads else []
         conns = f"--connections={self.args.connections}"
         uri = self.uri(path, where)
+        if self.args.client == "ours":  # the node's own copy engine (write only: it has no null: target)
+            return where.node_cmd([str(PYTHON), "-m", "sendense_nbd", "copy", "-C", str(self.args.connections),
+                                   str(self.dense), uri])  # fmt: skip
         if kind == "write":
             return where.node_cmd(["nbdcopy", "--flush", conns, *threads, str(self.dense), uri])
         return where.node_cmd(["nbdcopy", conns, *threads, uri, "null:"])
@@ -421,6 +424,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--links", nargs="+", default=["0", "50"], help="loopback and/or added RTTs in ms.")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument(
+        "--client", choices=("nbdcopy", "ours"), default="nbdcopy",
+        help="The node side's client: nbdcopy, or ours (sendense-nbd copy, as the node's copy engine; write only).",
+    )  # fmt: skip
     parser.add_argument("--connections", type=int, default=4, help="nbdcopy --connections.")
     parser.add_argument("--threads", type=int, default=0, help="nbdcopy --threads (0: its default, the CPUs).")
     parser.add_argument("--cipher", default="aes128-gcm@openssh.com", help="Our tunnel's --cipher.")
@@ -436,6 +443,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="A sentence added to the RESULTS.md section.")
     parser.add_argument("--write-results", action="store_true", help="Add a section to benchmarks/RESULTS.md.")
     args = parser.parse_args(argv)
+    if args.client == "ours" and "read" in args.kinds:
+        parser.error("--client ours copies into the server only: give --kinds write")
     if args.quick:
         args.size, args.rounds = "256M", 1
     return args
