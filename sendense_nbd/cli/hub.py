@@ -79,6 +79,17 @@ def _tls_contexts(o: dict[str, Any]) -> None:
     from sendense_nbd.tls import server_context
 
     creds, mode = o["nbd_tls_creds"], o["nbd_tls"]
+    from sendense_nbd.http_api import is_loopback
+
+    if not is_loopback(o["nbd_bind"]) and (mode != "require" or not o["nbd_tls_verify_client"]):
+        click.echo(
+            f"sendense-nbd hub: warning: the NBD exports listen on {o['nbd_bind']}, not loopback, and "
+            + ("tunnel nodes' and restores' exports are plain NBD, which anyone who reaches the port can read or "
+               "write; use --nbd-tls require --nbd-tls-verify-client" if mode != "require" else
+               "TLS exports admit any TLS client; add --nbd-tls-verify-client")
+            + " (docs/TLS.md)",
+            err=True,
+        )  # fmt: skip
     if mode == "require" and creds is None:
         raise click.UsageError("--nbd-tls require needs --nbd-tls-creds DIR (sendense-nbd tls init makes one)")
     if o["nbd_tls_verify_client"] and creds is None:

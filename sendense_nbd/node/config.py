@@ -153,7 +153,7 @@ def load(path: str) -> NodeConfig:
     for key in ("endpoint", "username"):
         if not isinstance(vcenter.get(key), str):
             raise ConfigError(f"{path}: [vcenter] {key} is required")
-    return NodeConfig(
+    config = NodeConfig(
         endpoint=vcenter["endpoint"],
         username=vcenter["username"],
         password=_password(path, vcenter),
@@ -172,6 +172,13 @@ def load(path: str) -> NodeConfig:
         checkpoint=_bytes(path, node, "checkpoint", 64 << 20, 1 << 40, low=1 << 20),
         **_tls(path, tls),
     )
+    if config.tls_creds is not None or config.tls_fingerprint is not None:
+        if config.hub_url is None:
+            raise ConfigError(
+                f"{path}: [tls] needs [node] hub_url: without it a job could name any hub, and the hub token "
+                "would go wherever it says"
+            )
+    return config
 
 
 def _tls(path: str, section: dict[str, Any]) -> dict[str, str | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 
@@ -75,6 +75,11 @@ def http_url(value: object, name: str) -> str:
     return url
 
 
+#: Query parameters of an nbds:// URI that choose how TLS is checked: the node's own ``[tls]`` decides
+#: them, never the caller (a path to local keys, or verification off, would be the caller's to choose).
+_TLS_SETTINGS = frozenset({"tls-certificates", "tls-verify-peer", "tls-hostname", "tls-fingerprint", "tls-type"})
+
+
 def _targets(value: object, hub_host: str | None) -> tuple[tuple[int, str], ...]:
     targets = json_object(value, "targets")
     if not 0 < len(targets) <= MAX_DISKS:
@@ -90,6 +95,8 @@ def _targets(value: object, hub_host: str | None) -> tuple[tuple[int, str], ...]
             raise BadRequest(f"targets[{key}]: {exc}") from None
         if hub_host is not None and address.host != hub_host:
             raise BadRequest(f"targets[{key}] is not on this node's hub ({hub_host}, from [node] hub_url)")
+        if _TLS_SETTINGS & set(parse_qs(urlsplit(uri).query)):
+            raise BadRequest(f"targets[{key}]: a target names no TLS settings; the node's own [tls] applies")
         out.append((int(key), uri))
     if len({key for key, _ in out}) != len(out):
         raise BadRequest("a disk key is given twice in targets")

@@ -150,11 +150,11 @@ class Node:
         return BackupSettings(spec, self.endpoint, config.username, config.password, vddk=config.vddk, hub=hub)
 
     def with_tls(self, uri: str) -> str:
-        """A target with this node's ``[tls]`` credentials when it is ``nbds://`` and names none of its own
-        (``tls-certificates``, ``tls-fingerprint``); any other as it is."""
+        """An ``nbds://`` target with this node's ``[tls]`` credentials and pin (a target names no TLS settings
+        of its own: the request parser refuses them); any other as it is."""
         address = parse_uri(uri)
         config = self.config
-        if not address.tls or address.tls_certificates is not None or address.tls_fingerprint is not None:
+        if not address.tls:
             return uri
         return attrs.evolve(address, tls_certificates=config.tls_creds, tls_fingerprint=config.tls_fingerprint).uri
 

@@ -25,12 +25,13 @@ from urllib.parse import urlencode
 import pytest
 
 from sendense_nbd.client.uri import parse_uri
-from sendense_nbd.errors import ConfigError, ServerError
+from sendense_nbd.errors import BadRequest, ConfigError, ServerError
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.nodes import NodeRecord
 from sendense_nbd.hub.service import HubConfig
 from sendense_nbd.node.config import load
+from sendense_nbd.node.requests import BackupRequest
 from sendense_nbd.node.service import Node
 from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.tls import init_pki, server_context
@@ -281,11 +282,11 @@ def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> No
     password.write_text("pass\n")
     password.chmod(0o600)
 
-    def config(tls: str) -> Path:
+    def config(tls: str, hub_url: str = 'hub_url = "https://hub:8082"') -> Path:
         path = tmp_path / "node.toml"
         path.write_text(
             f'[vcenter]\nendpoint = "127.0.0.1:1"\nusername = "u"\npassword_file = "{password}"\n'
-            f'thumbprint = "{"AB:" * 31}AB"\n\n[tls]\n{tls}\n'
+            f'thumbprint = "{"AB:" * 31}AB"\n\n[node]\n{hub_url}\n\n[tls]\n{tls}\n'
         )
         return path
 
@@ -304,7 +305,31 @@ def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> No
     node = Node(loaded)
     filled = parse_uri(node.with_tls("nbds://hub:10100/e"))
     assert (filled.tls_certificates, filled.tls_fingerprint) == (str(creds), "sha256:" + pin.lower())
-    own = f"nbds://hub:10100/e?tls-certificates={tmp_path}"
-    assert node.with_tls(own) == own
     assert node.with_tls("nbd://hub:10100/e") == "nbd://hub:10100/e"
     assert load(str(config(""))).tls_context() is None
+    with pytest.raises(ConfigError) as refused:  # the hub token would go wherever a job says
+        load(str(config(f'creds = "{creds}"', hub_url="")))
+    assert "[tls] needs [node] hub_url" in str(refused.value)
+    for setting in (f"tls-certificates={tmp_path}", "tls-verify-peer=false", "tls-hostname=evil.example",
+                    "tls-fingerprint=sha256:" + "00" * 32):  # fmt: skip
+        target = {"2000": f"nbds://hub:10100/e?{setting}"}
+        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": "https://hub:8082", "targets": target}
+        with pytest.raises(BadRequest) as refused_target:  # a caller never chooses how the node checks TLS
+            BackupRequest.from_json(body, hub_url="https://hub:8082")
+        assert "names no TLS settings" in str(refused_target.value), setting
+
+
+def test_the_hub_warns_when_exports_on_a_network_address_are_not_mutual_tls(tmp_path: Path) -> None:
+    """The warning comes before anything listens: each run here stops at a usage error right after it."""
+
+    def hub(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(tmp_path / "repo"), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    plain = hub("--nbd-bind", "0.0.0.0", "--nbd-tls-verify-client")  # refused: no credentials
+    assert plain.returncode == 2 and "warning: the NBD exports listen on 0.0.0.0" in plain.stderr
+    assert "plain NBD" in plain.stderr and "--nbd-tls require --nbd-tls-verify-client" in plain.stderr
+    tls = hub("--nbd-bind", "0.0.0.0", "--nbd-tls", "require")  # refused: no credentials
+    assert tls.returncode == 2 and "TLS exports admit any TLS client" in tls.stderr
+    quiet = hub("--nbd-bind", "127.0.0.1", "--nbd-tls", "require")
+    assert quiet.returncode == 2 and "warning" not in quiet.stderr and "needs --nbd-tls-creds" in quiet.stderr
