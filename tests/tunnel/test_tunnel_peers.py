@@ -199,10 +199,13 @@ def test_cli_tunnel_server_and_tunnel(tmp_path: Path, keys: Keys, serve) -> None
 
 
 def _refused(port: int) -> bool:
+    """Whether nothing listens on ``port`` any more (a reset: the listener is closing, so ask again)."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
