@@ -14,6 +14,9 @@ DEBIAN_PACKAGES=(
     # The console's browser tests: headless chromium (driven by Playwright) and fonts it renders text with
     # (--no-install-recommends leaves fonts-liberation out).
     chromium fonts-liberation fonts-dejavu-core
+    # Ceph (pacific): the test cluster (simulator/ceph_cluster.py), the RBD device's python3-rbd/python3-rados
+    # (system Python only: the venv has system site-packages) and qemu's rbd: driver for the peers.
+    ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rbd python3-rados qemu-block-extra
 )
 
 install_debian_packages() {
@@ -30,8 +33,8 @@ install_debian_packages() {
 
 install_venv() {
     # Debian's python3 with system site-packages: python3-libnbd (the peer our
-    # tests drive) only imports there.
-    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+    # tests drive) and python3-rbd/python3-rados only import there.
+    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import nbd, rbd, rados' 2>/dev/null; then
         rm -rf .venv
         /usr/bin/python3 -m venv --system-site-packages .venv
     fi

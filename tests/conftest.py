@@ -8,15 +8,18 @@ without the marker (pure unit tests) run on a machine without the peers.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -194,3 +197,43 @@ def shm_image() -> Iterator[Path]:
     random_file(path, 4 << 20)
     yield path
     path.unlink(missing_ok=True)
+
+
+def _ceph_cluster_module() -> Any:
+    """simulator/ceph_cluster.py, loaded by path (simulator/ is not a package)."""
+    name = "ceph_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parents[1] / "simulator" / "ceph_cluster.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[Any]:
+    """A real single-node Ceph (simulator/ceph_cluster.py: mon, mgr, one OSD, radosgw) shared by the session.
+
+    Started on first use (only sessions with Ceph tests pay, about 10 s) in a fresh temporary
+    directory, stopped and removed at session end. Missing Ceph packages fail the test, never skip.
+    """
+    module = _ceph_cluster_module()
+    try:
+        import rados  # noqa: F401  (Debian's python3-rados and python3-rbd: the system Python's)
+        import rbd  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"python3-rbd/python3-rados not importable ({e}); run ./setup.sh", pytrace=False)
+    directory = tempfile.mkdtemp(prefix="sendense-ceph-")
+    try:
+        cluster = module.start(directory)
+    except module.ClusterError as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(f"test Ceph cluster did not start: {e}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        module.stop(directory)
+        shutil.rmtree(directory, ignore_errors=True)
