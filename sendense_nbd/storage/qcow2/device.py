@@ -44,6 +44,7 @@ from sendense_nbd.protocol.constants import AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import Backend, BlockDevice, Capabilities, Placement, Support, device_error
 from sendense_nbd.storage.checked import CheckedDevice
+from sendense_nbd.storage.hostfile import HostFile, LocalFile
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.qcow2.allocator import Allocator
 from sendense_nbd.storage.qcow2.mapping import ClusterKind, Layout, Run
@@ -77,18 +78,28 @@ class Qcow2Device(Backend):
     path: str
 
     def __init__(
-        self, path: str, *, readonly: bool = False, open_backing: bool = True, _chain: tuple[str, ...] = ()
+        self,
+        path: str,
+        *,
+        readonly: bool = False,
+        open_backing: bool = True,
+        file: HostFile | None = None,
+        _chain: tuple[str, ...] = (),
     ) -> None:
-        """Open ``path``; without ``open_backing`` unallocated clusters read as zeroes."""
+        """Open ``path``; without ``open_backing`` unallocated clusters read as zeroes. ``file``: read
+        the image from it (read-only; a remote object, whose backing files are its siblings) rather
+        than from the local file ``path``."""
+        if file is not None and not readonly:
+            raise ImageError(f"{path}: an image read through {type(file).__name__} can only be opened read-only")
         self.path = path
         self.readonly = readonly
-        real = os.path.realpath(path)
+        real = os.path.realpath(path) if file is None else file.name
         if real in _chain or len(_chain) >= _MAX_CHAIN:
+            if file is not None:
+                file.close()
             raise ImageError(f"backing chain of {path} loops or is deeper than {_MAX_CHAIN}")
-        try:
-            self._fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageError(f"cannot open {path}: {exc.strerror}") from exc
+        self._file = file if file is not None else LocalFile(path, readonly=readonly)
+        self._closed = False
         self.backing = None
         try:
             self._open(real, _chain, open_backing)
@@ -107,11 +118,11 @@ class Qcow2Device(Backend):
             raise ImageError(f"{self.path}: L1 table is too small for the virtual size")
         self._layout = Layout.of(header, self.path)
         self._data_bitmap = self._layout.data_bitmap()
-        self._cache = MetadataCache.load(self._fd, header, file_size=file_size, name=self.path)
+        self._cache = MetadataCache.load(self._file, header, file_size=file_size, name=self.path)
         self._alloc = Allocator(self._cache, end=-(-file_size // self._cs) * self._cs)
         self._lock = threading.RLock()
         if header.backing_file and open_backing:
-            self.backing = _open_backing(self.path, header, chain + (real,))
+            self.backing = _open_backing(self.path, header, chain + (real,), self._file)
         if not self.readonly and header.autoclear:
             header.autoclear = 0  # we do not maintain bitmaps: mark them inconsistent
             self._cache.header_changed()
@@ -134,8 +145,8 @@ class Qcow2Device(Backend):
 
     def _load_header(self) -> tuple[fmt.Header, int]:
         """The header and the file's size, after rebuilding refcounts a crash left dirty."""
-        file_size = os.fstat(self._fd).st_size
-        head = os.pread(self._fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+        file_size = self._file.size()
+        head = self._file.pread(1 << fmt.MAX_CLUSTER_BITS, 0)
         header = fmt.parse_header(head)
         if header.incompatible & fmt.Incompatible.DIRTY and not self.readonly:
             # Lazy refcounts left inconsistent by a crash: rebuild them, as qemu does on open.
@@ -143,8 +154,8 @@ class Qcow2Device(Backend):
 
             log.warning("%s has the dirty bit set; rebuilding its refcounts", self.path)
             repair_refcounts(self.path)
-            file_size = os.fstat(self._fd).st_size
-            head = os.pread(self._fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+            file_size = self._file.size()
+            head = self._file.pread(1 << fmt.MAX_CLUSTER_BITS, 0)
             header = fmt.parse_header(head)
         if len(head) < min(header.cluster_size, file_size):
             raise ImageError(f"{self.path}: header cluster is truncated")
@@ -201,12 +212,8 @@ class Qcow2Device(Backend):
                 part[:] = bytes(run.length)
             elif run.kind != _DATA:
                 return False
-            else:
-                try:
-                    if os.preadv(self._fd, [part], run.host, os.RWF_NOWAIT) != run.length:
-                        return False
-                except OSError:
-                    return False  # not in the page cache (or no RWF_NOWAIT): read in a thread
+            elif not self._file.read_nowait(part, run.host):
+                return False  # not in the page cache (or memory): read in a thread
         return True
 
     def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
@@ -264,13 +271,13 @@ class Qcow2Device(Backend):
 
     def close(self) -> None:
         """Flush (when writable), close the file and the backing chain."""
-        if getattr(self, "_fd", -1) >= 0:
+        if not getattr(self, "_closed", True):
+            self._closed = True
             try:
                 if not self.readonly and hasattr(self, "_lock"):
                     self.flush()
             finally:
-                os.close(self._fd)
-                self._fd = -1
+                self._file.close()
         if self.backing is not None:
             self.backing.close()
             self.backing = None
@@ -312,7 +319,7 @@ class Qcow2Device(Backend):
                 )
             done = 0
             while done < len(part):
-                n = os.preadv(self._fd, [part[done:]], host + done)
+                n = self._file.readinto(part[done:], host + done)
                 if n == 0:
                     raise DeviceError(Errno.EIO, f"data cluster at {host + done} lies past the end of the file")
                 done += n
@@ -338,7 +345,7 @@ class Qcow2Device(Backend):
         offset, length = fmt.compressed_location(entry, self.header.cluster_bits)
         try:
             return fmt.decompress_cluster(
-                os.pread(self._fd, length, offset), cluster_size=self._cs, compression=self.header.compression_type
+                self._file.pread(length, offset), cluster_size=self._cs, compression=self.header.compression_type
             )
         except ImageError as exc:
             raise DeviceError(Errno.EIO, f"compressed cluster at {offset} {exc}") from exc
@@ -506,10 +513,16 @@ class Qcow2Device(Backend):
         self._cache.flush(self._alloc.release)
 
 
-def _open_backing(path: str, header: fmt.Header, chain: tuple[str, ...]) -> CheckedDevice:
+def _open_backing(path: str, header: fmt.Header, chain: tuple[str, ...], file: HostFile) -> CheckedDevice:
     name = header.backing_file or ""
     if name.startswith("json:"):
         raise ImageError(f"{path}: json: backing file names are not supported")
+    remote = file.sibling(name)
+    if remote is not None:
+        if header.backing_format not in (None, "qcow2"):
+            remote.close()
+            raise ImageError(f"{path}: backing format {header.backing_format!r} of a remote image is not qcow2")
+        return CheckedDevice(Qcow2Device(remote.name, readonly=True, file=remote, _chain=chain))
     backing = name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)
     if not os.path.exists(backing):
         raise ImageError(f"{path}: backing file {name} not found (looked for {backing})")

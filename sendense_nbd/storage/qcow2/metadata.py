@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from sendense_nbd.errors import DeviceError, ImageError
 from sendense_nbd.protocol.constants import Errno
+from sendense_nbd.storage.hostfile import HostFile
 from sendense_nbd.storage.qcow2 import format as fmt
 from sendense_nbd.storage.raw import WRITEBACK_EVERY, punch_hole, start_write_out
 
@@ -36,20 +37,20 @@ L2_CACHE_BYTES = 8 * 1024 * 1024
 REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024
 
 
-def _pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+def _pread_exact(file: HostFile, length: int, offset: int, what: str) -> bytes:
     """``length`` bytes at ``offset``; :class:`ImageError` if the file ends first."""
-    data = os.pread(fd, length, offset)
+    data = file.pread(length, offset)
     if len(data) != length:
         raise ImageError(f"{what} at offset {offset} lies past the end of the file")
     return data
 
 
-def _read_table(fd: int, offset: int, entries: int, what: str, file_size: int, cluster_size: int) -> list[int]:
+def _read_table(file: HostFile, offset: int, entries: int, what: str, file_size: int, cluster_size: int) -> list[int]:
     if offset % cluster_size or offset + entries * 8 > file_size:
         raise ImageError(f"{what} at {offset} is misaligned or past the end of the file")
     if entries > 64 * 1024 * 1024:
         raise ImageError(f"{what} is implausibly large ({entries} entries)")
-    return list(struct.unpack(f">{entries}Q", _pread_exact(fd, entries * 8, offset, what)))
+    return list(struct.unpack(f">{entries}Q", _pread_exact(file, entries * 8, offset, what)))
 
 
 class _Tables:
@@ -84,10 +85,13 @@ class _Tables:
 class MetadataCache:
     """The tables of one image and every write to its file (module docstring)."""
 
-    def __init__(self, fd: int, header: fmt.Header, *, l1: list[int], refcount_table: list[int], name: str) -> None:
-        """Cache over the open descriptor ``fd``; ``l1`` and ``refcount_table`` are the tables as
-        loaded; ``name`` labels error messages."""
-        self.fd = fd
+    def __init__(
+        self, file: HostFile, header: fmt.Header, *, l1: list[int], refcount_table: list[int], name: str
+    ) -> None:
+        """Cache over the open ``file`` (tables are read through it, written to its descriptor);
+        ``l1`` and ``refcount_table`` are the tables as loaded; ``name`` labels error messages."""
+        self.file = file
+        self.fd = file.fd
         self.name = name
         self.header = header
         self.cluster_size = header.cluster_size
@@ -102,13 +106,13 @@ class MetadataCache:
         self._metadata: set[int] = set()
 
     @classmethod
-    def load(cls, fd: int, header: fmt.Header, *, file_size: int, name: str) -> MetadataCache:
+    def load(cls, file: HostFile, header: fmt.Header, *, file_size: int, name: str) -> MetadataCache:
         """Read the L1 and refcount tables ``header`` points at; :class:`ImageError` if they are unusable."""
         cs = header.cluster_size
-        l1 = _read_table(fd, header.l1_table_offset, header.l1_size, f"{name}: L1 table", file_size, cs)
+        l1 = _read_table(file, header.l1_table_offset, header.l1_size, f"{name}: L1 table", file_size, cs)
         entries = header.refcount_table_clusters * cs // 8
-        table = _read_table(fd, header.refcount_table_offset, entries, f"{name}: refcount table", file_size, cs)
-        return cls(fd, header, l1=l1, refcount_table=table, name=name)
+        table = _read_table(file, header.refcount_table_offset, entries, f"{name}: refcount table", file_size, cs)
+        return cls(file, header, l1=l1, refcount_table=table, name=name)
 
     # -- tables ----------------------------------------------------------------------
 
@@ -118,7 +122,7 @@ class MetadataCache:
         if table is None:
             if offset % self.cluster_size or offset + self.cluster_size > max(end, 0):
                 raise DeviceError(Errno.EIO, f"{self.name}: L2 table offset {offset} is invalid")
-            table = bytearray(_pread_exact(self.fd, self.cluster_size, offset, "L2 table"))
+            table = bytearray(_pread_exact(self.file, self.cluster_size, offset, "L2 table"))
             self._l2.put(offset, table)
         else:
             self._l2_tables.move_to_end(offset)
@@ -148,7 +152,7 @@ class MetadataCache:
         """The refcount block at ``offset``, loaded if needed."""
         block = self._block_tables.get(offset)
         if block is None:
-            block = bytearray(_pread_exact(self.fd, self.cluster_size, offset, "refcount block"))
+            block = bytearray(_pread_exact(self.file, self.cluster_size, offset, "refcount block"))
             self._blocks.put(offset, block)
         else:
             self._block_tables.move_to_end(offset)
