@@ -42,6 +42,9 @@
     │   ├── NodeNotFound           the node does not know the VM or job asked for
     │   └── NodeUnavailable        the node did not answer, or answered 5xx (its jobs fail node_unavailable)
     ├── UnknownNode                no node is registered in the hub under this name (404)
+    ├── OffsiteError               an offsite copy (S3) cannot be made, read or deleted as asked
+    │   ├── CopyLocked             S3 refused to delete a copy its Object Lock still protects (409)
+    │   └── UnknownCopy            no offsite copy has this ID (404)
     └── PortError                  the NBD port pool cannot satisfy a request
 
 Foreign exceptions (``OSError``) are translated at the boundary with
@@ -300,6 +303,19 @@ class NodeUnavailable(NodeError):
 
 class UnknownNode(SendenseError):
     """No node is registered in the hub under this name (or there is no default node)."""
+
+
+class OffsiteError(SendenseError):
+    """An offsite copy cannot be made, read or deleted as asked: the bucket refused (credentials, no
+    Object Lock, a missing object), did not answer, or a downloaded copy does not match its manifest."""
+
+
+class CopyLocked(OffsiteError):
+    """S3 refused to delete a copy because its Object Lock retention (or a legal hold) still protects it."""
+
+
+class UnknownCopy(OffsiteError):
+    """No offsite copy has this ID."""
 
 
 class PortError(SendenseError):
