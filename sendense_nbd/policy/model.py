@@ -20,6 +20,7 @@ from sendense_nbd import fields
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.policy import cron
+from sendense_nbd.policy.offsite import CopyTarget
 
 #: Include or exclude patterns per policy (each at most fields.MAX_VM_PATH characters).
 MAX_PATTERNS = 256
@@ -34,7 +35,9 @@ MAX_TIMEZONE = 64
 SCHEDULE_FIELDS = frozenset({"cron", "every", "timezone", "window"})
 RETENTION_FIELDS = frozenset({"keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"})
 SELECTION_FIELDS = frozenset({"include", "exclude"})
-POLICY_FIELDS = frozenset("name node vms schedule verify per_policy per_node mode full_every retention enabled".split())
+POLICY_FIELDS = frozenset(
+    "name node vms schedule verify per_policy per_node mode full_every retention enabled copy".split()
+)
 
 
 def _seconds(value: object, name: str, low: float, high: float) -> float:
@@ -170,7 +173,8 @@ class Policy:
     ``node`` None is the hub's default node; ``per_policy`` VMs of this policy
     run at once, ``per_node`` jobs at once on its node (all policies);
     ``mode`` incremental behaves as auto; ``full_every`` forces a full after
-    that many incrementals (the chain cap).
+    that many incrementals (the chain cap); ``copy``: an offsite copy target
+    (S3 with Object Lock) each completed point is copied to.
     """
 
     name: str
@@ -184,6 +188,7 @@ class Policy:
     full_every: int | None = None
     retention: Retention = Retention()
     enabled: bool = True
+    copy: CopyTarget | None = None
 
     @classmethod
     def from_json(cls, body: object) -> Policy:
@@ -210,6 +215,7 @@ class Policy:
             full_every=given("full_every", None, lambda v: fields.integer(v, "full_every", 1, MAX_FULL_EVERY)),
             retention=given("retention", Retention(), Retention.from_json),
             enabled=given("enabled", True, _boolean),
+            copy=given("copy", None, CopyTarget.from_json),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -226,6 +232,7 @@ class Policy:
             "full_every": self.full_every,
             "retention": self.retention.to_json(),
             "enabled": self.enabled,
+            "copy": None if self.copy is None else self.copy.to_json(),
         }
 
     def edited(self, patch: Mapping[str, Any]) -> Policy:

@@ -1,0 +1,124 @@
+"""A policy's offsite copy target: an S3 bucket with Object Lock, and how its copies are locked.
+
+Parsed strictly like every policy field (:meth:`CopyTarget.from_json`); the
+secret is never part of the policy, only the path of a file holding it, which
+the hub reads (and refuses unless only its owner may read it) when the policy
+is stored and before each copy (:mod:`sendense_nbd.offsite.s3`).
+
+A copy chain is a full copy and the incrementals on it. Every object of a
+chain is locked until ``retain + margin`` seconds after the chain's newest
+point, extended as points join it; after ``seal_every`` points the chain is
+sealed and the next copy starts a new chain with a full (docs/STORAGE.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import attrs
+
+from sendense_nbd import fields
+from sendense_nbd.errors import BadRequest
+
+COPY_FIELDS = frozenset(
+    "endpoint bucket region access_key secret_file prefix lock_mode retain margin seal_every".split()
+)
+#: S3's bucket names (DNS-compatible: lower case, digits, dots and hyphens, 3 to 63).
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+REGION = re.compile(r"[a-z0-9-]{1,64}")
+ACCESS_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+#: A key prefix: path-like, no leading slash, ends with one.
+PREFIX = re.compile(r"(?:[A-Za-z0-9._-]+/){1,8}")
+ENDPOINT = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]{1,5})?/?")
+MAX_RETAIN = 100 * 366 * 86400.0
+MAX_MARGIN = 366 * 86400.0
+MAX_SEAL_EVERY = 1000
+#: Points per chain when neither the target nor the policy's full_every says.
+DEFAULT_SEAL_EVERY = 7
+DEFAULT_PREFIX = "sendense/"
+
+
+class LockMode(enum.Enum):
+    """S3 Object Lock retention modes: GOVERNANCE can be lifted by a user allowed to bypass it,
+    COMPLIANCE by nobody until it expires."""
+
+    GOVERNANCE = "GOVERNANCE"
+    COMPLIANCE = "COMPLIANCE"
+
+
+def _seconds(value: object, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise BadRequest(f"{name} must be a number of seconds from {low:g} to {high:g}")
+    return float(value)
+
+
+def _match(value: object, name: str, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise BadRequest(f"{name} must be {what}")
+    return value
+
+
+@attrs.frozen
+class CopyTarget:
+    """Where a policy's points are copied and how they are locked (module docstring).
+
+    ``retain``: seconds a point's copy stays locked and kept after the newest
+    point of its chain; ``margin``: added to every lock (covers the time until
+    the next point extends it, and clock skew); ``seal_every``: points per
+    chain (None: the policy's ``full_every`` + 1, else :data:`DEFAULT_SEAL_EVERY`).
+    """
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_file: str
+    retain: float
+    region: str = "us-east-1"
+    prefix: str = DEFAULT_PREFIX
+    lock_mode: LockMode = LockMode.GOVERNANCE
+    margin: float = 86400.0
+    seal_every: int | None = None
+
+    @classmethod
+    def from_json(cls, body: object, name: str = "copy") -> CopyTarget:
+        """From ``{"endpoint", "bucket", "access_key", "secret_file", "retain", ...}``; BadRequest naming the field."""
+        data = fields.json_object(body, name, COPY_FIELDS)
+        missing = sorted({"endpoint", "bucket", "access_key", "secret_file", "retain"} - data.keys())
+        if missing:
+            raise BadRequest(f"{name} needs {', '.join(missing)}")
+        secret_file = fields.text(data["secret_file"], f"{name}.secret_file", limit=4096)
+        if not secret_file.startswith("/"):
+            raise BadRequest(f"{name}.secret_file must be an absolute path (a file on the hub, mode 0600)")
+
+        def given(key: str, default: Any, parse: Any) -> Any:
+            return default if data.get(key) is None else parse(data[key])
+
+        return cls(
+            endpoint=_match(
+                data["endpoint"], f"{name}.endpoint", ENDPOINT, "an http:// or https:// URL with a host"
+            ).rstrip("/"),
+            bucket=_match(data["bucket"], f"{name}.bucket", BUCKET, "an S3 bucket name (3-63 of a-z 0-9 . -)"),
+            access_key=_match(data["access_key"], f"{name}.access_key", ACCESS_KEY, "1-128 visible ASCII characters"),
+            secret_file=secret_file,
+            retain=_seconds(data["retain"], f"{name}.retain", 1, MAX_RETAIN),
+            region=given("region", "us-east-1", lambda v: _match(v, f"{name}.region", REGION, "a region (a-z 0-9 -)")),
+            prefix=given("prefix", DEFAULT_PREFIX, lambda v: _match(v, f"{name}.prefix", PREFIX, "like backups/")),
+            lock_mode=given(
+                "lock_mode", LockMode.GOVERNANCE, lambda v: fields.choice(v, f"{name}.lock_mode", LockMode)
+            ),
+            margin=given("margin", 86400.0, lambda v: _seconds(v, f"{name}.margin", 0, MAX_MARGIN)),
+            seal_every=given("seal_every", None, lambda v: fields.integer(v, f"{name}.seal_every", 1, MAX_SEAL_EVERY)),
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """Every field, as :meth:`from_json` reads it (``seal_every`` null when the policy decides)."""
+        return {**attrs.asdict(self), "lock_mode": self.lock_mode.value}
+
+    def chain_length(self, full_every: int | None) -> int:
+        """Points per chain: ``seal_every``, else the policy's chain cap (``full_every`` incrementals
+        after a full), else :data:`DEFAULT_SEAL_EVERY`."""
+        if self.seal_every is not None:
+            return self.seal_every
+        return full_every + 1 if full_every is not None else DEFAULT_SEAL_EVERY
