@@ -307,7 +307,12 @@ class UnknownNode(SendenseError):
 
 class OffsiteError(SendenseError):
     """An offsite copy cannot be made, read or deleted as asked: the bucket refused (credentials, no
-    Object Lock, a missing object), did not answer, or a downloaded copy does not match its manifest."""
+    Object Lock, a missing object), did not answer, or a downloaded copy does not match its manifest.
+    ``code`` is S3's error code when S3 answered (e.g. ``AccessDenied``), else empty."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CopyLocked(OffsiteError):
