@@ -34,6 +34,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "tunnel": frozenset({"tcp", "errors", "lazy"}),
     "backup": frozenset({"copy", "client", "vmware", "protocol", "errors", "lazy"}),
     "policy": frozenset({"fields", "backup.records", "errors"}),
+    "offsite": frozenset({"copy", "storage", "policy.offsite", "fields", "errors", "lazy"}),
     "hub": frozenset(
         {
             "server",
@@ -44,6 +45,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "tls",
             "backup.records",
             "policy",
+            "offsite",
             "fields",
             "http_api",
             "errors",
@@ -57,6 +59,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         {
             "hub",
             "policy",
+            "offsite",
             "node",
             "tunnel",
             "tcp",
