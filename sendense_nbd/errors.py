@@ -8,6 +8,10 @@
     ├── OptionError                the server refused a handshake option (e.g. an unknown export)
     ├── DeviceError                a block-device operation failed; carries the NBD errno
     ├── ImageError                 an image cannot be opened or created as asked
+    │   └── RbdError               an RBD image cannot be reached, opened or created (cluster, auth, pool)
+    │       ├── RbdSpecError       an rbd: filename or its json: form is malformed or asks what is not supported
+    │       ├── RbdNotFound        no such pool, namespace, image or snapshot
+    │       └── RbdPermissionDenied  the Ceph user's caps do not allow it (cephx EACCES/EPERM)
     ├── ServerError                a server cannot start (address in use, bad export set-up)
     ├── NBDRequestError            an NBD request failed: the server's errno reply, or a local check
     ├── NBDConnectionError         the client cannot connect, or the connection is gone (a ConnectionError)
@@ -125,6 +129,22 @@ class DeviceError(SendenseError):
 
 class ImageError(SendenseError):
     """An image file cannot be opened or created the way it was asked."""
+
+
+class RbdError(ImageError):
+    """An RBD image cannot be reached, opened or created: the cluster, the connection or the pool said no."""
+
+
+class RbdSpecError(RbdError):
+    """An ``rbd:`` filename (or its ``json:`` form) is malformed, or asks for what is not supported."""
+
+
+class RbdNotFound(RbdError):
+    """The pool, namespace, image or snapshot named does not exist."""
+
+
+class RbdPermissionDenied(RbdError):
+    """The Ceph user may not do this (its caps; ``profile rbd pool=POOL`` is what a device needs)."""
 
 
 class ServerError(SendenseError):

@@ -216,11 +216,14 @@ def _serve_images(o: _ServeOptions) -> None:
         raise click.UsageError("more --export-name/--description values than images")
     devices: list[BlockDevice] = []
     try:
+        # Fork first, as qemu-nbd does: librados (rbd:) cannot cross a fork, and the child still tells
+        # its errors on stderr; the parent returns once the child listens (exit 1 if it never does).
+        detach = _fork() if o.fork else None
         tls, tls_context = _tls_settings(o)
         exports = _open_exports(o, devices)
         sockets = _listen(o.bind, o.port, o.socket_path)
-        if o.fork:
-            _daemonize(o.pid_file)
+        if detach is not None:
+            _detach(detach, o.pid_file)
         elif o.pid_file:
             _write_pid(o.pid_file)
         return_large_frees_to_os()
@@ -228,6 +231,7 @@ def _serve_images(o: _ServeOptions) -> None:
             NBDServer,
             exports,
             sockets=sockets,
+            workers=_workers(o.images),
             shared=o.shared,
             persistent=o.persistent,
             handshake_limit=o.handshake_limit,
@@ -281,12 +285,23 @@ def _open_exports(o: _ServeOptions, devices: list[BlockDevice]) -> list[Export]:
         device: BlockDevice = open_image(image, o.fmt, readonly=o.readonly, cache=o.cache)
         devices.append(device)
         device = PolicyDevice(device, discard=o.discard, detect_zeroes=o.detect_zeroes)
-        name = o.names[i] if i < len(o.names) else ("" if i == 0 else os.path.basename(image))
+        name = o.names[i] if i < len(o.names) else ("" if i == 0 else _default_name(image))
         description = o.descriptions[i] if i < len(o.descriptions) else ""
         exports.append(
             Export(name, device, description=description, readonly=o.readonly, allocation_depth=o.allocation_depth)
         )
     return exports
+
+
+def _default_name(image: str) -> str:
+    """The export name of a second or later image: its file name, or an RBD image's name."""
+    from sendense_nbd.storage.images import is_rbd
+
+    if is_rbd(image):
+        from sendense_nbd.storage.rbd import parse_rbd_filename
+
+        return parse_rbd_filename(image).image
+    return os.path.basename(image)
 
 
 def _listen(bind: str, port: int, socket_path: str | None) -> list[socket.socket]:
@@ -325,14 +340,26 @@ def _write_pid(path: str) -> None:
         f.write(f"{os.getpid()}\n")
 
 
-def _daemonize(pid_file: str | None) -> None:
-    """Fork; the parent exits once the child has written its PID file."""
+def _workers(images: tuple[str, ...]) -> int:
+    """I/O threads: 4, or :data:`RBD_WORKERS` when an image is on RBD (each request waits on the network)."""
+    from sendense_nbd.storage.images import is_rbd
+
+    return RBD_WORKERS if any(is_rbd(image) for image in images) else 4
+
+
+def _fork() -> int:
+    """Fork; the parent exits once the child is ready (0) or gone without saying so (1). The child's end."""
     read_end, write_end = os.pipe()
     if os.fork():
         os.close(write_end)
-        os.read(read_end, 1)
-        os._exit(0)
+        ready = os.read(read_end, 1)
+        os._exit(0 if ready else 1)
     os.close(read_end)
+    return write_end
+
+
+def _detach(write_end: int, pid_file: str | None) -> None:
+    """In the forked child: a new session, the PID file, stdio on /dev/null, then tell the parent."""
     os.setsid()
     if pid_file:
         _write_pid(pid_file)
@@ -344,6 +371,8 @@ def _daemonize(pid_file: str | None) -> None:
 
 
 _CREATE_OPTIONS = {"cluster_size", "extended_l2", "compat"}
+#: I/O threads of a server with an RBD export: each one holds one librbd request in flight.
+RBD_WORKERS = 16
 
 
 def _parse_create_options(text: str | None) -> dict[str, str]:

@@ -2,9 +2,11 @@
 
 A device is opened with ``open_image`` or ``memory_device`` (a backend behind
 the checking adapter); the backend classes stay in their modules
-(``storage.raw``, ``storage.memory``, ``storage.qcow2``), for whoever writes
-or tests one. Everything but the contract is imported on first use, so that
-an NBD-to-NBD copy never pays for qcow2 and the raw backend.
+(``storage.raw``, ``storage.memory``, ``storage.qcow2``, ``storage.rbd``), for
+whoever writes or tests one; ``open_rbd`` opens an RBD image (``open_image``
+does too, given an ``rbd:`` name). Everything but the contract is imported on
+first use, so that an NBD-to-NBD copy never pays for qcow2, the raw backend or
+librbd.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from sendense_nbd.storage.images import create_image, open_image
     from sendense_nbd.storage.memory import memory_device
     from sendense_nbd.storage.policy import PolicyDevice
+    from sendense_nbd.storage.rbd import open_rbd
 
 _LAZY = {
     "CheckedDevice": "sendense_nbd.storage.checked",
@@ -39,6 +42,7 @@ _LAZY = {
     "create_image": "sendense_nbd.storage.images",
     "open_image": "sendense_nbd.storage.images",
     "PolicyDevice": "sendense_nbd.storage.policy",
+    "open_rbd": "sendense_nbd.storage.rbd",
 }
 
 
@@ -65,4 +69,5 @@ __all__ = [
     "is_zero",
     "memory_device",
     "open_image",
+    "open_rbd",
 ]

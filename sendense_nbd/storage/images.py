@@ -54,8 +54,11 @@ def open_image(
 
     Without ``fmt`` the format is probed, as qemu-nbd does; but a writable
     image that looks like qcow2 is never guessed, so a missing ``-f`` cannot
-    make writes land in the wrong format.
+    make writes land in the wrong format. An ``rbd:`` name (or its ``json:``
+    form) opens an RBD image, which is raw (``storage.rbd``).
     """
+    if is_rbd(path):
+        return _open_rbd(path, fmt, readonly=readonly, cache=cache)
     path, from_json, with_backing = parse_filename(path)
     if fmt is not None and from_json is not None and fmt is not from_json:
         raise ImageError(f"-f {fmt.value} contradicts the json: driver {from_json.value}")
@@ -83,7 +86,17 @@ def create_image(
     extended_l2: bool = False,
     compat: str = "1.1",
 ) -> None:
-    """Create an empty image (qcow2: optionally over a backing file, whose size ``size`` None takes)."""
+    """Create an empty image (qcow2: optionally over a backing file, whose size ``size`` None takes;
+    an ``rbd:`` name: an RBD image, raw only)."""
+    if is_rbd(path):
+        if fmt is not ImageFormat.RAW or backing_file or cluster_size or extended_l2:
+            raise ImageError("an RBD image is raw: no qcow2 format, backing file or qcow2 options")
+        if size is None:
+            raise ImageError("give a size")
+        from sendense_nbd.storage.rbd import create_rbd
+
+        create_rbd(path, size)
+        return
     if fmt is ImageFormat.QCOW2:
         if backing_file is not None:
             backing_size = _backing_size(path, backing_file, backing_format)
@@ -105,6 +118,23 @@ def create_image(
     if size is None:
         raise ImageError("give a size")
     create_raw(path, size)
+
+
+def is_rbd(name: str) -> bool:
+    """``name`` is qemu's ``rbd:`` filename or its ``json:`` form (the RBD module is loaded only then)."""
+    if not name.startswith(("rbd:", "json:")):
+        return False
+    from sendense_nbd.storage.rbd import is_rbd_filename
+
+    return is_rbd_filename(name)
+
+
+def _open_rbd(name: str, fmt: ImageFormat | None, *, readonly: bool, cache: CacheMode) -> CheckedDevice:
+    if fmt not in (None, ImageFormat.RAW):
+        raise ImageError(f"an RBD image is raw (-f raw), not {fmt.value}")
+    from sendense_nbd.storage.rbd import open_rbd
+
+    return open_rbd(name, readonly=readonly, cache=cache)
 
 
 def _backing_size(path: str, backing_file: str, backing_format: str | None) -> int:
