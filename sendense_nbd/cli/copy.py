@@ -92,7 +92,7 @@ class _Printer:
     "-f",
     "--target-format",
     type=click.Choice([f.value for f in ImageFormat]),
-    help="Format of a local DST (created with SRC's size when missing).",
+    help="Format of a local DST (created with SRC's size when missing); an RBD DST is raw.",
 )
 @click.option(
     "--target-mode",
@@ -170,7 +170,12 @@ def copy_command(
     show_progress: bool,
     json_lines: bool,
 ) -> None:
-    """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://, and nbds://, nbds+unix:// over TLS) or local image files.
+    """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://, and nbds://, nbds+unix:// over TLS), local image files,
+    or RBD images (qemu's rbd:POOL/IMAGE[@SNAP][:conf=...:id=...], or its json: form).
+
+    A missing local DST needs -f and is created with SRC's size; a missing RBD
+    DST is created with SRC's size (raw), an existing one is written as it is
+    (qemu-img convert -n); either must be at least as large as SRC.
 
     Holes are never read; zeroes are detected in every byte. With --verify
     the copy is compared afterwards. Exit 0 on success, 1 on failure (one

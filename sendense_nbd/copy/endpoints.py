@@ -16,7 +16,10 @@ Theory of operation:
   been lost with an unflushed server.
 * :class:`LocalEndpoint` wraps a :class:`~sendense_nbd.storage.BlockDevice`
   from :func:`~sendense_nbd.storage.open_image` and runs its synchronous
-  calls in a small thread pool of its own.
+  calls in a small thread pool of its own. An RBD image (qemu's ``rbd:``
+  name or its ``json:`` form) is one too: a source opens read-only, and a
+  target is used as it is when it exists (as ``qemu-img convert -n``) or
+  created with the source's size (as ``qemu-img convert``); it is raw.
 * Every failure leaves an endpoint as :class:`EndpointError`, marked
   ``transient`` when retrying can help (EIO, ENOMEM, a lost connection, a
   timeout) and naming the operation and offset.
@@ -63,6 +66,8 @@ T = TypeVar("T")
 TRANSIENT_ERRNOS = frozenset({Errno.EIO, Errno.ENOMEM, Errno.ESHUTDOWN})
 #: Most extents one :meth:`Endpoint.extents` call returns (about 6 MiB of them).
 MAX_EXTENTS = 1 << 16
+#: I/O threads of an RBD endpoint at least: each blocking librbd call waits on the network.
+RBD_THREADS = 16
 #: Seconds to connect and negotiate (a WAN round trip is well under a second).
 DEFAULT_CONNECT_TIMEOUT = 30.0
 #: Seconds one NBD request may take, queueing at the server included.
@@ -464,6 +469,32 @@ def _walk(describe: Callable[..., list[Extent]], offset: int, length: int) -> li
     return out
 
 
+def is_rbd(spec: str) -> bool:
+    """True for qemu's ``rbd:`` name of an RBD image (or its ``json:`` form); loads nothing for other names."""
+    if not spec.startswith(("rbd:", "json:")):
+        return False
+    from sendense_nbd.storage.rbd import is_rbd_filename
+
+    return is_rbd_filename(spec)
+
+
+async def _open_rbd(spec: str, *, readonly: bool, size: int | None, connections: int) -> LocalEndpoint:
+    """An RBD image as an endpoint; a missing target is created with ``size`` bytes (None: it must exist)."""
+    from sendense_nbd.storage.rbd import as_spec, create_rbd, open_rbd, rbd_exists
+
+    parsed = as_spec(spec)
+
+    def make() -> BlockDevice:
+        if not readonly and not parsed.snapshot and not rbd_exists(parsed):
+            if size is None:
+                raise ImageError(f"rbd:{parsed.path} does not exist")
+            create_rbd(parsed, size)
+        return open_rbd(parsed, readonly=readonly)
+
+    device = await asyncio.to_thread(make)
+    return LocalEndpoint(device, f"rbd:{parsed.path}", threads=max(connections, RBD_THREADS))
+
+
 def is_uri(spec: str) -> bool:
     """True for an NBD URI (``nbd://``, ``nbd+unix://``), False for a local image path."""
     return "://" in spec
@@ -476,7 +507,9 @@ async def open_source(
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
 ) -> Endpoint:
-    """Open an NBD URI, or a local image read-only with its format probed."""
+    """Open an NBD URI, an RBD image, or a local image read-only with its format probed."""
+    if is_rbd(spec):
+        return await _open_rbd(spec, readonly=True, size=None, connections=connections)
     if is_uri(spec):
         endpoint = NBDEndpoint(
             spec, connections=connections, request_timeout=request_timeout, connect_timeout=connect_timeout
@@ -500,8 +533,12 @@ async def open_target(
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
 ) -> Endpoint:
-    """Open an NBD URI, or a local image of format ``fmt`` for writing
-    (created with ``size`` bytes when it does not exist)."""
+    """Open an NBD URI, an RBD image, or a local image of format ``fmt`` for writing
+    (created with ``size`` bytes when it does not exist; an RBD image is raw)."""
+    if is_rbd(spec):
+        if fmt not in (None, ImageFormat.RAW):
+            raise ImageError(f"an RBD target is raw, not {fmt.value}")
+        return await _open_rbd(spec, readonly=False, size=size, connections=connections)
     if is_uri(spec):
         endpoint = NBDEndpoint(
             spec, connections=connections, request_timeout=request_timeout, connect_timeout=connect_timeout

@@ -523,7 +523,7 @@ class RbdDevice(Backend):
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ) -> None:
         if spec.snapshot and not readonly:
-            raise RbdError(f"rbd:{spec.path}: rbd snapshots are read-only (open it read-only, -r)")
+            raise RbdError(f"rbd:{spec.path}: rbd snapshots are read-only (serve one with -r)")
         if queue_depth < 1:
             raise RbdError(f"queue depth {queue_depth} must be at least 1")
         self.spec = spec
