@@ -2,7 +2,8 @@
 
 A chain is a full copy and the incremental copies on it, in order. It is
 locked as a unit: every object of it is locked until :func:`lock_until` of
-its newest point, so no base can expire (and be deleted) while a copy above
+its newest copy (when it was made: a point copied late still gets its whole
+``retain``), so no base can expire (and be deleted) while a copy above
 it is still locked; each new point extends the whole chain. A chain takes
 at most ``length`` points (:meth:`~sendense_nbd.policy.offsite.CopyTarget.chain_length`):
 then it is sealed and the next copy starts a new chain with a full. A chain
@@ -24,7 +25,7 @@ from sendense_nbd.policy.offsite import CopyTarget
 
 @attrs.frozen
 class Chain:
-    """A chain as the hub records it: its ID, its copies' point IDs in order, the newest point's time."""
+    """A chain as the hub records it: its ID, its copies' point IDs in order, when its newest copy was made."""
 
     chain_id: str
     points: tuple[str, ...]
@@ -41,7 +42,7 @@ def starts_chain(chain: Chain | None, backing: str | None, length: int) -> bool:
 
 
 def lock_until(newest: float, target: CopyTarget) -> float:
-    """Until when every object of a chain whose newest point completed at ``newest`` is locked."""
+    """Until when every object of a chain whose newest copy was made at ``newest`` is locked."""
     return newest + target.retain + target.margin
 
 

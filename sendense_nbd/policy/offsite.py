@@ -7,7 +7,7 @@ is stored and before each copy (:mod:`sendense_nbd.offsite.s3`).
 
 A copy chain is a full copy and the incrementals on it. Every object of a
 chain is locked until ``retain + margin`` seconds after the chain's newest
-point, extended as points join it; after ``seal_every`` points the chain is
+copy was made, extended as copies join it; after ``seal_every`` points the chain is
 sealed and the next copy starts a new chain with a full (docs/STORAGE.md).
 """
 
@@ -65,7 +65,7 @@ class CopyTarget:
     """Where a policy's points are copied and how they are locked (module docstring).
 
     ``retain``: seconds a point's copy stays locked and kept after the newest
-    point of its chain; ``margin``: added to every lock (covers the time until
+    copy of its chain was made; ``margin``: added to every lock (covers the time until
     the next point extends it, and clock skew); ``seal_every``: points per
     chain (None: the policy's ``full_every`` + 1, else :data:`DEFAULT_SEAL_EVERY`).
     """
