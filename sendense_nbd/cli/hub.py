@@ -329,7 +329,6 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
 
     from sendense_nbd.errors import SendenseError
     from sendense_nbd.hub.repository import PointStatus
-    from sendense_nbd.hub.service import convert_point
     from sendense_nbd.storage import ImageFormat
 
     if os.path.lexists(output):
@@ -340,7 +339,7 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
         point = await repository.point(point_id)
         if point.status is not PointStatus.COMPLETED:
             raise click.ClickException(f"point {point_id} is not completed")
-        await convert_point(point, output, ImageFormat(fmt))
+        await repository.convert(point, output, ImageFormat(fmt))
 
     try:
         asyncio.run(run())

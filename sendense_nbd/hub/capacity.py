@@ -1,11 +1,12 @@
-"""Room in the repository: how much a backup is expected to write, and what the filesystem has free.
+"""Room in the repository: how much a backup is expected to write, and what its store has free.
 
 Before a backup job starts, the hub adds up what each disk's new point is
 expected to take: a full point its disk's capacity; an incremental the
 largest ``bytes_changed`` of the disk's last :data:`HISTORY` points, or
 :data:`INCREMENTAL_SHARE` of its capacity when none was reported. With the
 reserve (``HubConfig.min_free``) on top, that must fit in the free space
-``statvfs`` reports, less what the backup jobs pending or running are still
+the store reports (``statvfs`` of a local repository's filesystem; the pool's
+room in an RBD cluster), less what the backup jobs pending or running are still
 expected to write (:func:`reserved`: each job's expected bytes, stored when it
 was created, less what its points take so far), or the job is refused
 (:class:`InsufficientSpace`) before any port is leased or image made. The hub
@@ -16,15 +17,14 @@ count the same free space. ``GET /repository`` and the metrics show the same
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 
 import attrs
 
-from sendense_nbd.errors import InsufficientSpace, RepositoryError
-from sendense_nbd.hub.repository import PointStatus, Repository
+from sendense_nbd.errors import InsufficientSpace
+from sendense_nbd.hub.db import rows
+from sendense_nbd.hub.repository import Point, PointStatus, Repository
 
 #: The free space a backup must leave (bytes), unless configured (``--min-free``).
 DEFAULT_MIN_FREE = 1 << 30
@@ -60,7 +60,7 @@ async def disk_need(repo: Repository, vm_path: str, key: int, capacity: int, *, 
 
 @attrs.frozen
 class Usage:
-    """The repository's filesystem (bytes) and its completed points."""
+    """The repository's store (bytes; ``path``: where it is) and its completed points."""
 
     path: str
     total: int
@@ -75,54 +75,35 @@ class Usage:
         return attrs.asdict(self)
 
 
-def _statvfs(path: str) -> tuple[int, int, int]:
-    """(total, used, free) bytes of the filesystem holding ``path``; free is what an unprivileged writer gets."""
-    try:
-        stat = os.statvfs(path)
-    except OSError as exc:
-        raise RepositoryError(f"cannot read the free space of {path}: {exc.strerror or exc}") from exc
-    total = stat.f_blocks * stat.f_frsize
-    return total, total - stat.f_bfree * stat.f_frsize, stat.f_bavail * stat.f_frsize
-
-
-def _allocated(paths: list[str]) -> int:
-    """The bytes the files take on disk (a file gone meanwhile counts 0)."""
-    size = 0
-    for path in paths:
-        try:
-            size += os.stat(path).st_blocks * 512
-        except OSError:
-            continue
-    return size
-
-
 async def usage(repo: Repository, *, min_free: int = DEFAULT_MIN_FREE) -> Usage:
-    """The repository's space now: the filesystem's totals and what its completed points take."""
+    """The repository's space now: the store's totals and what its completed points take."""
 
-    def read(connection: sqlite3.Connection) -> list[str]:
-        found = connection.execute("SELECT path FROM points WHERE status = ?", (PointStatus.COMPLETED.value,))
-        return [row[0] for row in found]
+    def read(connection: sqlite3.Connection) -> list[Point]:
+        found = connection.execute("SELECT * FROM points WHERE status = ?", (PointStatus.COMPLETED.value,))
+        return [Point.from_row(row) for row in rows(found)]
 
-    paths = await repo.db.run(read)
-    (total, used, free), points_bytes = await asyncio.gather(
-        asyncio.to_thread(_statvfs, repo.root), asyncio.to_thread(_allocated, paths)
-    )
-    return Usage(repo.root, total, used, free, min_free, len(paths), points_bytes)
+    points = await repo.db.run(read)
+    space = await repo.space()
+    sizes = await repo.allocated(points)
+    points_bytes = sum(size or 0 for size in sizes.values())
+    return Usage(repo.store.location, space.total, space.used, space.free, min_free, len(points), points_bytes)
 
 
 async def reserved(repo: Repository, expected: Mapping[str, int]) -> int:
     """What the jobs in ``expected`` (job ID to expected bytes) are still expected to write: each job's
-    figure less what its points take on disk so far (never below 0)."""
+    figure less what its points take in the store so far (never below 0)."""
 
-    def read(connection: sqlite3.Connection) -> dict[str, list[str]]:
-        paths: dict[str, list[str]] = {}
+    def read(connection: sqlite3.Connection) -> dict[str, list[Point]]:
+        points: dict[str, list[Point]] = {}
         for job_id in expected:
-            found = connection.execute("SELECT path FROM points WHERE job_id = ?", (job_id,))
-            paths[job_id] = [row[0] for row in found]
-        return paths
+            found = connection.execute("SELECT * FROM points WHERE job_id = ?", (job_id,))
+            points[job_id] = [Point.from_row(row) for row in rows(found)]
+        return points
 
-    paths = await repo.db.run(read)
-    written = await asyncio.to_thread(lambda: {job_id: _allocated(files) for job_id, files in paths.items()})
+    points = await repo.db.run(read)
+    written = {}
+    for job_id, of_job in points.items():
+        written[job_id] = sum(size or 0 for size in (await repo.allocated(of_job)).values())
     return sum(max(0, size - written[job_id]) for job_id, size in expected.items())
 
 
@@ -132,7 +113,7 @@ async def check_space(
     """Refuse (:class:`InsufficientSpace`) a backup whose expected size, the reserve and what ``jobs``
     other backups still expect to write (``held`` bytes) exceed the free space."""
     need = sum(disk.expected for disk in needs)
-    _, _, free = await asyncio.to_thread(_statvfs, repo.root)
+    free = (await repo.space()).free
     if need + min_free + held <= free:
         return
     others = f", {gib(held)} of it held for {jobs} backup(s) pending or running" if held else ""

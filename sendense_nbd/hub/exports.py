@@ -1,18 +1,19 @@
 """In-process NBD exports, one per disk, each on the socket of its port lease; an export with TLS
-requires it (``NBD_OPT_STARTTLS`` before anything else) with the hub's credentials."""
+requires it (``NBD_OPT_STARTTLS`` before anything else) with the hub's credentials. Each export serves
+the block device its repository's store opens (a qcow2 file, an RBD image or snapshot)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 
 import attrs
 
 from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.server import Export, NBDServer
-from sendense_nbd.storage import ImageFormat, open_image
 from sendense_nbd.storage.base import BlockDevice
 
 
@@ -39,7 +40,7 @@ class ExportStats:
 
 @attrs.define(eq=False)
 class RunningExport:
-    """One export the hub serves: a job's disk image on its leased port."""
+    """One export the hub serves: a job's disk image on its leased port (``path``: the image's name)."""
 
     job_id: str
     disk_key: int | None
@@ -77,14 +78,16 @@ class ExportManager:
         path: str,
         sock: socket.socket,
         *,
+        opener: Callable[[], BlockDevice],
         readonly: bool = False,
         tls: bool = False,
     ) -> RunningExport:
-        """Serve the qcow2 image ``path`` as export ``name`` on the bound socket ``sock``; ``tls``: only
-        over TLS (:class:`ServerError` when the hub has no credentials)."""
+        """Serve the image ``path`` (what ``opener`` opens, called in a thread) as export ``name`` on the
+        bound socket ``sock``; ``tls``: only over TLS (:class:`ServerError` when the hub has no
+        credentials)."""
         if tls and self.tls_context is None:
             raise ServerError("an export with TLS needs the hub's NBD TLS credentials (--nbd-tls-creds DIR)")
-        device = await asyncio.to_thread(open_image, path, ImageFormat.QCOW2, readonly=readonly)
+        device = await asyncio.to_thread(opener)
         server = NBDServer(
             [Export(name, device, readonly=readonly)], sockets=[sock], shared=self.shared, persistent=True,
             tls=TLSMode.REQUIRE if tls else TLSMode.OFF, tls_context=self.tls_context if tls else None,

@@ -96,8 +96,7 @@ from sendense_nbd.hub.space_history import SpaceHistory, SpaceSample
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.storage.files import is_temporary, link_new, remove_quietly, temporary_name
-from sendense_nbd.storage.modes import ImageFormat
+from sendense_nbd.storage.files import is_temporary, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +379,10 @@ class Hub:
         """A VM's completed restore points, by disk and age."""
         return await self._repository.points(vm_path)
 
+    async def stored_bytes(self, points: list[Point]) -> dict[str, int | None]:
+        """The bytes each point's own data takes in the repository, by point ID (None: gone meanwhile)."""
+        return await self._repository.allocated(points)
+
     async def last_backup(self, vm_path: str, disk_key: int) -> Point | None:
         """The latest completed point of a disk that has a change ID and is not damaged (where the next
         incremental starts)."""
@@ -522,8 +525,9 @@ class Hub:
             allocation = await self._ports.allocate(self.holder, job_id, disk.key)
             try:
                 name = f"{job_id}-{disk.key}"
+                opener = self._repository.opener(point, readonly=False)
                 running = await self._exports.start(
-                    job_id, disk.key, name, point.path, allocation.socket, tls=route.tls
+                    job_id, disk.key, name, point.path, allocation.socket, opener=opener, tls=route.tls
                 )
             except BaseException:
                 allocation.socket.close()
@@ -700,7 +704,7 @@ class Hub:
         )
         await self._jobs.transition(job.id, JobState.RUNNING)
         try:
-            await convert_point(point, path, request.fmt)
+            await self._repository.convert(point, path, request.fmt)
         except (SendenseError, OSError) as exc:
             return await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("convert", str(exc)))
         return await self._jobs.transition(job.id, JobState.COMPLETED)
@@ -714,8 +718,8 @@ class Hub:
             allocation = await self._ports.allocate(self.holder, job.id, point.disk_key, purpose=JobKind.RESTORE)
             try:
                 running = await self._exports.start(
-                    job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket, readonly=True,
-                    tls=route.tls,
+                    job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket,
+                    opener=self._repository.opener(point, readonly=True), readonly=True, tls=route.tls,
                 )  # fmt: skip
             except BaseException:
                 allocation.socket.close()
@@ -918,31 +922,6 @@ def _check_completion(job: Job, report: req.Completion) -> None:
     expected = sorted(d.disk_key for d in job.disks)
     if reported != expected:
         raise CompletionMismatch(f"the completion names disks {reported}, the job has {expected}")
-
-
-async def convert_point(point: Point, path: str, fmt: ImageFormat) -> None:
-    """Write a point (its whole chain) to a new standalone raw or qcow2 file with the copy engine.
-
-    The copy goes to a fresh temporary file next to ``path``, is verified, and
-    is then linked to ``path``, which is never replaced (a symlink there is
-    not followed); nothing is left behind on failure.
-    """
-    from sendense_nbd.copy import CopyOptions, copy, open_source, open_target
-
-    temporary = temporary_name(path)
-    try:
-        source = await open_source(point.path)
-        try:
-            target = await open_target(temporary, fmt=fmt, size=source.size)
-            try:
-                await copy(source, target, CopyOptions(verify=True))
-            finally:
-                await target.close()
-        finally:
-            await source.close()
-        await asyncio.to_thread(link_new, temporary, path)
-    finally:
-        await asyncio.to_thread(remove_quietly, temporary)
 
 
 def _open_restore_dir(path: str) -> str:

@@ -3,10 +3,11 @@
 Digests: once a backup job's points are completed, a background task per
 point computes the digest of every 4 MiB chunk of the point's whole view
 (:mod:`sendense_nbd.copy.digests`) from the repository and writes the sidecar
-``<point-id>.digests`` next to its image, then records the name in the point.
-An incremental point reads only the chunks its own overlay allocates (its
-layer map) and takes the others from its base point's sidecar; without a
-usable base sidecar it reads every chunk. The tasks of one disk hold its
+``<point-id>.digests`` where its store keeps them (next to a local image),
+then records the name in the point. An incremental point reads only the
+chunks where it may differ from its base point (a local overlay's layer map,
+an RBD snapshot's diff) and takes the others from its base point's sidecar;
+without a usable base sidecar it reads every chunk. The tasks of one disk hold its
 :meth:`~sendense_nbd.hub.repository.Repository.disk_lock`, so they run one at
 a time in the order they were started and never during a retention merge; at most
 :data:`READERS` chains are read at once across all disks and verify jobs (a task takes its disk's lock
@@ -14,8 +15,9 @@ first, so tasks waiting for a busy disk hold no reader slot).
 A restarted hub computes the digests still missing (:meth:`Verifier.resume`).
 
 Verify jobs (``POST /api/v1/verify``, kind ``verify``): for each point of a
-VM, or of one point's chain, oldest first, under its disk's lock, the qcow2
-check runs on every file of its chain, then its whole chain is read again
+VM, or of one point's chain, oldest first, under its disk's lock, the store's
+check runs on its chain (the qcow2 check of every file; that every RBD
+snapshot is there), then its whole chain is read again
 and every chunk digest recomputed and compared with the sidecar. The point
 is marked ``verified`` or ``damaged`` with the first bad chunk's offset
 (``bad_offset``) or the check's finding (``verify_error``). A point without
@@ -40,7 +42,7 @@ import attrs
 from sendense_nbd import fields
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile, chunk_count, chunk_digests
 from sendense_nbd.copy.endpoints import open_source
-from sendense_nbd.errors import BadRequest, Conflict, JobStateError, RepositoryError, SendenseError, UnknownPoint
+from sendense_nbd.errors import BadRequest, Conflict, JobStateError, SendenseError, UnknownPoint
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.jobs import Job, JobKind, JobState, JobStore, PointVerdict, VerifyDetail, VerifyScope
 from sendense_nbd.hub.repository import Point, PointStatus, Repository, VerifyState
@@ -77,27 +79,17 @@ class VerifyRequest:
         return cls(point_id=point_id)
 
 
-def layer_chunks(path: str, size: int, chunk_size: int = CHUNK_SIZE) -> set[int]:
-    """The chunks an image's own layer defines (its overlay's clusters, data or zero)."""
-    from sendense_nbd.storage import open_image
-
-    device = open_image(path, None, readonly=True)
-    try:
-        chunks: set[int] = set()
-        pos = 0
-        while pos < size:
-            for place in device.layer_map(offset=pos, length=size - pos):
-                end = min(place.end, size)
-                if place.present and end > place.offset:
-                    chunks.update(range(place.offset // chunk_size, (end - 1) // chunk_size + 1))
-                pos = max(pos, end)
-        return chunks
-    finally:
-        device.close()
+def chunks_of(ranges: Iterable[tuple[int, int]], chunk_size: int = CHUNK_SIZE) -> set[int]:
+    """The chunks that ``(offset, length)`` ranges touch."""
+    chunks: set[int] = set()
+    for offset, length in ranges:
+        if length > 0:
+            chunks.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+    return chunks
 
 
 async def _digests_of(path: str, chunks: Iterable[int] | None = None) -> dict[int, bytes]:
-    """Chunk digests of the image at ``path`` (its whole chain), read through the copy library."""
+    """Chunk digests of the view ``path`` reads (a point's whole chain), read through the copy library."""
     source = await open_source(path)
     try:
         return await chunk_digests(source, chunks=chunks, requests=REQUESTS)
@@ -113,7 +105,7 @@ async def _base_digests(repository: Repository, point: Point) -> DigestFile | No
         base = await repository.point(point.backing)
         if base.digests is None:
             return None
-        found = await asyncio.to_thread(DigestFile.read, base.digest_path, size=point.size)
+        found = await asyncio.to_thread(DigestFile.read, repository.digest_path(base), size=point.size)
     except SendenseError as exc:
         log.warning("point %s: the base's digests are not usable (%s); reading every chunk", point.id, exc)
         return None
@@ -137,31 +129,17 @@ async def record_digests(repository: Repository, point_id: str, *, readers: asyn
             return
         base = await _base_digests(repository, point)
         if base is None:
-            found = await _digests_of(point.path)
+            found = await _digests_of(repository.source(point))
         else:
-            own = await asyncio.to_thread(layer_chunks, point.path, point.size)
+            assert point.backing is not None  # a base's digests were found
+            own = chunks_of(await repository.changes(point, await repository.point(point.backing)))
             found = dict(enumerate(base.digests))
-            found.update(await _digests_of(point.path, own))
+            found.update(await _digests_of(repository.source(point), own))
         dense = tuple(found[i] for i in range(chunk_count(point.size, CHUNK_SIZE)))
-        await asyncio.to_thread(DigestFile(point.size, CHUNK_SIZE, dense).write, point.digest_path)
-        await repository.set_digests(point.id, os.path.basename(point.digest_path))
+        sidecar = repository.digest_path(point)
+        await asyncio.to_thread(DigestFile(point.size, CHUNK_SIZE, dense).write, sidecar)
+        await repository.set_digests(point.id, os.path.basename(sidecar))
         log.info("point %s: %d chunk digests recorded", point.id, len(dense))
-
-
-def _check_chain(chain: list[Point]) -> str | None:
-    """The qcow2 check of every file of a chain: the first finding, or None when all are clean."""
-    from sendense_nbd.storage.qcow2.check import check_image
-
-    for point in chain:
-        try:
-            result = check_image(point.path)
-        except (SendenseError, OSError) as exc:
-            return f"qcow2 check of point {point.id} failed: {exc}"
-        if result.corruptions or result.check_errors:
-            return (
-                f"qcow2 check of point {point.id}: {result.corruptions} corruptions, {result.check_errors} check errors"
-            )
-    return None
 
 
 async def verify_point(
@@ -174,29 +152,26 @@ async def verify_point(
             point = await repository.point(point.id)
         except UnknownPoint:
             return None
-        try:
-            error = await asyncio.to_thread(_check_chain, await repository.chain(point))
-        except RepositoryError as exc:  # a base point is missing
-            error = str(exc)
+        error = await repository.check(point)
         bad_offset = None
         if error is None and point.digests is not None:
-            bad_offset, error = await _compare(point)
+            bad_offset, error = await _compare(repository, point)
         state = VerifyState.VERIFIED if error is None else VerifyState.DAMAGED
         verdict = PointVerdict(point.id, point.disk_key, state.value, bad_offset, error, point.digests)
         await repository.set_verdict(point.id, state, at=clock.now(), bad_offset=bad_offset, error=error)
         return verdict
 
 
-async def _compare(point: Point) -> tuple[int | None, str | None]:
+async def _compare(repository: Repository, point: Point) -> tuple[int | None, str | None]:
     """Recompute a point's digests and compare with its sidecar: (first bad offset, why) or (None, None).
 
     The chain is read :data:`WINDOW` chunks at a time, so memory stays bounded; the first bad chunk ends it."""
     try:
-        recorded = await asyncio.to_thread(DigestFile.read, point.digest_path, size=point.size)
+        recorded = await asyncio.to_thread(DigestFile.read, repository.digest_path(point), size=point.size)
     except SendenseError as exc:
         return None, f"the digests cannot be read: {exc}"
     try:
-        source = await open_source(point.path)
+        source = await open_source(repository.source(point))
     except (SendenseError, OSError) as exc:
         return None, f"opening the chain failed: {exc}"
     try:

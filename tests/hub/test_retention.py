@@ -20,7 +20,7 @@ from sendense_nbd.backup.records import FullReason, Mode, SyncType
 from sendense_nbd.errors import RepositoryError
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.policies import PolicyStore
-from sendense_nbd.hub.repository import Point, PointStatus, Repository, VerifyState
+from sendense_nbd.hub.repository import LocalStore, Point, PointStatus, Repository, VerifyState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk
 from sendense_nbd.hub.service import Hub, HubConfig
 from sendense_nbd.policy.model import Policy, Retention
@@ -86,7 +86,7 @@ async def _check_kept(repository: Repository, content: dict[str, Path], kept: li
         assert point.change_id == f"change-{int(point.job_id.removeprefix('job'))}"
         run(require("qemu-img"), "check", "-f", "qcow2", point.path)
         run(require("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", point.path, str(content[point.id]))
-    folder = repository.disk_dir(VM, DISK)
+    folder = LocalStore(repository.root).disk_dir(VM, DISK)
     assert sorted(f for f in os.listdir(folder) if f.endswith(".qcow2")) == sorted(f"{p}.qcow2" for p in kept)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile
-from sendense_nbd.hub.verify import layer_chunks
+from sendense_nbd.hub.repository.local import layer_extents
+from sendense_nbd.hub.verify import chunks_of
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess, nbd_write
 
@@ -269,5 +270,5 @@ def test_an_overlay_reads_only_the_chunks_its_layer_defines(tmp_path: Path) -> N
     run(require("qemu-img"), "create", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", str(top))
     writes = [f"write -P 7 {CHUNK_SIZE + 4096} 4096", f"write -z {3 * CHUNK_SIZE} 65536"]
     run(require("qemu-io"), "-f", "qcow2", *(arg for w in writes for arg in ("-c", w)), str(top))
-    assert layer_chunks(str(top), SIZE) == {1, 3}  # data in chunk 1, a zero cluster in chunk 3
-    assert layer_chunks(str(base), SIZE) == {0, 1, 2, 3}
+    assert chunks_of(layer_extents(str(top), SIZE)) == {1, 3}  # data in chunk 1, a zero cluster in chunk 3
+    assert chunks_of(layer_extents(str(base), SIZE)) == {0, 1, 2, 3}

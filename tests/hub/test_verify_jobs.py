@@ -93,8 +93,8 @@ async def test_a_sidecar_of_another_chunk_size_is_compared_in_its_chunks(
     await _point(repository, VM_X, 0)
     point = await _point(repository, VM_X, 1)
     sidecar = DigestFile(MIB, SMALL_CHUNK, _raw_digests(point, tmp_path, SMALL_CHUNK))
-    sidecar.write(point.digest_path)  # as a hub with another chunk size wrote it
-    await repository.set_digests(point.id, Path(point.digest_path).name)
+    sidecar.write(repository.digest_path(point))  # as a hub with another chunk size wrote it
+    await repository.set_digests(point.id, Path(repository.digest_path(point)).name)
     readers = asyncio.Semaphore(1)
     verdict = await verify_point(repository, point, ManualClock(0), readers=readers)
     assert verdict is not None and (verdict.state, verdict.error) == (VerifyState.VERIFIED.value, None), verdict

@@ -9,8 +9,6 @@ restore job has a page (``/restores/{job}``): an export's ``nbd://`` URI with re
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shlex
 from collections.abc import Iterable
 from typing import Any
@@ -97,23 +95,6 @@ def worst(states: Iterable[VerifyState]) -> VerifyState:
     return next((state for state in _SEVERITY if state in found), VerifyState.VERIFIED)
 
 
-def _allocated(paths: list[str]) -> dict[str, int | None]:
-    """The bytes each file takes on disk (None: gone meanwhile)."""
-    out: dict[str, int | None] = {}
-    for path in paths:
-        try:
-            out[path] = os.stat(path).st_blocks * 512
-        except OSError:
-            out[path] = None
-    return out
-
-
-async def stored_bytes(points: list[Point]) -> dict[str, int | None]:
-    """The bytes each point's image takes in the repository, by point ID."""
-    sizes = await asyncio.to_thread(_allocated, [point.path for point in points])
-    return {point.id: sizes[point.path] for point in points}
-
-
 def commands(uri: str) -> dict[str, str]:
     """Ready command lines that read an export: ``nbdinfo`` and a ``qemu-img`` copy to a local file."""
     quoted = shlex.quote(uri)
@@ -146,7 +127,7 @@ class _Vms:
         summaries = []
         for vm_path in every[start : start + VMS_PER_PAGE]:
             points = await self.hub.points(vm_path)
-            stored = await stored_bytes(points)
+            stored = await self.hub.stored_bytes(points)
             times = [point.completed or point.created for point in points]
             summaries.append(
                 VmSummary(
@@ -172,7 +153,7 @@ class _Vms:
         context = {
             "vm_path": vm_path,
             "disks": chains(points),
-            "stored": await stored_bytes(points),
+            "stored": await self.hub.stored_bytes(points),
             "jobs": jobs,
             "verify_state": worst(point.verify_state for point in points),
             "view_url": view_url,

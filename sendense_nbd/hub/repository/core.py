@@ -1,139 +1,49 @@
-"""The backup repository: per VM and disk, a full qcow2 and incremental overlays on it.
-
-Layout::
-
-    ROOT/vms/<vm-slug>/<disk-key>/<point-id>.qcow2     backing files named relative to their folder
-
-A point (:class:`PointStatus`) is ``pending`` while its job writes it, then
-``completed`` (with the disk's change ID) or discarded (its file deleted).
-Only completed points are restore points or backing files. Its kind is the
-backup's :class:`~sendense_nbd.backup.records.SyncType`: a full image or an
-incremental overlay. The store holds both enums' values (the plain strings).
-Retention (GFS rules, :mod:`sendense_nbd.policy.retention`) drops points
-by merging: a dropped point's successor overlay is committed into it, its
-image takes the successor's file name, and the result is checked (the
-dropped point is ``merging`` meanwhile).
-
-Each point may have a digest sidecar ``<point-id>.digests`` next to its image
-(:mod:`sendense_nbd.copy.digests`, written by :mod:`sendense_nbd.hub.verify`)
-and a verify state (:class:`VerifyState`). A merge keeps the surviving point's
-sidecar (its view is unchanged) and removes the dropped point's. Work that
-reads or rewrites a disk's chain (digests, verify, a merge) holds that disk's
-:meth:`Repository.disk_lock`. A point whose chain holds a damaged point is never a base
-(:meth:`Repository.base_for`).
-"""
+"""The repository every store shares: the points table, their life cycle, GFS retention and the disk locks."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import hashlib
+import contextlib
+import functools
 import logging
 import os
-import re
+import shutil
 import sqlite3
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Any
-
-import attrs
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 from sendense_nbd.backup.records import FullReason, SyncType
-from sendense_nbd.errors import ImageError, RepositoryError, UnknownPoint
+from sendense_nbd.errors import RepositoryError, UnknownPoint
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.repository import restores
+from sendense_nbd.hub.repository.local import LocalStore
+from sendense_nbd.hub.repository.points import Point, PointStatus, VerifyState
+from sendense_nbd.hub.repository.store import Space, Store
 from sendense_nbd.hub.requests import ReportedDisk
 from sendense_nbd.policy.model import Retention
 from sendense_nbd.policy.retention import Candidate, select
-from sendense_nbd.storage.files import is_temporary, remove_quietly, sync_directory
+from sendense_nbd.storage.files import remove_quietly
 from sendense_nbd.storage.modes import ImageFormat
+
+if TYPE_CHECKING:
+    from sendense_nbd.storage.base import BlockDevice
 
 log = logging.getLogger(__name__)
 
 
-class PointStatus(enum.Enum):
-    """Where a point is in its life; the values are what the store holds."""
-
-    #: Its job is writing it.
-    PENDING = "pending"
-    #: A restore point, and a backing file for the next incremental.
-    COMPLETED = "completed"
-    #: Retention is committing it into the point above (:meth:`Repository.recover` finishes that).
-    MERGING = "merging"
-
-
-class VerifyState(enum.Enum):
-    """What the last verify found of a point; the values are what the store holds."""
-
-    UNVERIFIED = "unverified"
-    VERIFIED = "verified"
-    DAMAGED = "damaged"
-
-
-@attrs.frozen
-class Point:
-    """A restore point: one disk's image at one backup, a full qcow2 or an overlay on ``backing``."""
-
-    id: str
-    vm_path: str
-    disk_key: int
-    job_id: str
-    kind: SyncType
-    path: str
-    backing: str | None
-    size: int
-    change_id: str | None
-    disk_uuid: str | None
-    status: PointStatus
-    created: float
-    completed: float | None
-    #: What the job that made the point reported (docs/HUB_API.md); None: not reported.
-    bytes_changed: int | None = None
-    bytes_transferred: int | None = None
-    #: The last verify's finding, when (epoch seconds), the first bad byte offset and why.
-    verify_state: VerifyState = VerifyState.UNVERIFIED
-    verified_at: float | None = None
-    bad_offset: int | None = None
-    verify_error: str | None = None
-    #: The digest sidecar's file name next to the image; None until it is computed.
-    digests: str | None = None
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Point:
-        """A point from its row in the store."""
-        state = VerifyState(row.get("verify_state") or VerifyState.UNVERIFIED.value)
-        return cls(
-            **{**row, "kind": SyncType(row["kind"]), "status": PointStatus(row["status"]), "verify_state": state}
-        )
-
-    def to_json(self) -> dict[str, object]:
-        """The point as the API shows it (and the store holds it): the enums as their values."""
-        return {
-            **attrs.asdict(self),
-            "kind": self.kind.value,
-            "status": self.status.value,
-            "verify_state": self.verify_state.value,
-        }
-
-    @property
-    def digest_path(self) -> str:
-        """Where the point's digest sidecar is (or goes): ``<point-id>.digests`` next to its image."""
-        return os.path.join(os.path.dirname(self.path), f"{self.id}.digests")
-
-
-def vm_slug(vm_path: str) -> str:
-    """A folder name for a VM: readable, and unique through a short hash."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", vm_path.strip("/"))[:80] or "vm"
-    return f"{readable}-{hashlib.sha256(vm_path.encode()).hexdigest()[:8]}"
-
-
 class Repository:
-    """The points of every VM's disks: their images under ``root`` and their rows in the hub's store."""
+    """The points of every VM's disks: their rows in the hub's store (``db``) and their data in ``store``
+    (default: qcow2 files under ``root``, :class:`~sendense_nbd.hub.repository.local.LocalStore`)."""
 
-    def __init__(self, root: str, db: Database, *, clock: Clock | None = None) -> None:
+    def __init__(self, root: str, db: Database, *, clock: Clock | None = None, store: Store | None = None) -> None:
+        #: The hub's own directory (its store, lock and restores); a local store's data lives here too.
         self.root = os.path.abspath(root)
         self.db = db
+        self.store: Store = store or LocalStore(root)
         #: Points' creation and completion times (and so retention's periods) come from it.
         self.clock: Clock = clock or SystemClock()
         self._disk_locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -141,10 +51,6 @@ class Repository:
     def disk_lock(self, vm_path: str, disk_key: int) -> asyncio.Lock:
         """The lock of one disk's chain: digests, verify and retention merges take it (FIFO, one at a time)."""
         return self._disk_locks.setdefault((vm_path, disk_key), asyncio.Lock())
-
-    def disk_dir(self, vm_path: str, disk_key: int) -> str:
-        """The folder of one disk's images."""
-        return os.path.join(self.root, "vms", vm_slug(vm_path), str(disk_key))
 
     async def points(self, vm_path: str, disk_key: int | None = None) -> list[Point]:
         """A VM's completed points (of one disk, when given), by disk and age."""
@@ -207,32 +113,17 @@ class Repository:
     async def new_point(
         self, vm_path: str, disk_key: int, job_id: str, *, incremental: bool, capacity: int | None
     ) -> Point:
-        """Create the image a backup job writes: an overlay on the latest point, or a full image."""
-        from sendense_nbd.storage import create_image
-
+        """Create the data a backup job writes: an incremental on the latest point, or a full."""
         latest = await self.latest(vm_path, disk_key)
         base = latest if incremental and latest and latest.verify_state is not VerifyState.DAMAGED else None
         if base is None and capacity is None and incremental and latest is not None:
             capacity = latest.size  # a full after a damaged point: the disk's size is known
         if base is None and capacity is None:
             raise RepositoryError(f"{vm_path} disk {disk_key}: a full point needs the disk's capacity")
-        folder = self.disk_dir(vm_path, disk_key)
         point_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        path = os.path.join(folder, f"{point_id}.qcow2")
-        backing = os.path.basename(base.path) if base else None
-
-        def create() -> int:
-            os.makedirs(folder, exist_ok=True)
-            create_image(
-                path, None if base else capacity, ImageFormat.QCOW2, backing_file=backing, backing_format="qcow2"
-            )
-            return os.path.getsize(path)
-
-        try:
-            await asyncio.to_thread(create)
-        except (OSError, ImageError) as exc:
-            raise RepositoryError(f"cannot create {path}: {exc}") from exc
         size = base.size if base else int(capacity or 0)
+        create = functools.partial(self.store.create, vm_path, disk_key, point_id, base=base, capacity=size)
+        path = await asyncio.to_thread(create)
         point = Point(
             point_id, vm_path, disk_key, job_id, SyncType.INCREMENTAL if base else SyncType.FULL, path,
             base.id if base else None, size, None, None, PointStatus.PENDING, self.clock.now(), None,
@@ -246,8 +137,29 @@ class Repository:
         await self.db.run(insert)
         return point
 
+    def opener(self, point: Point, *, readonly: bool) -> Callable[[], BlockDevice]:
+        """What opens the point as a block device (blocking: the exports call it in a thread)."""
+        return functools.partial(self.store.open_device, point, readonly=readonly)
+
+    def source(self, point: Point) -> str:
+        """A file name the copy library reads the point's whole view through."""
+        return self.store.source(point)
+
+    def digest_path(self, point: Point) -> str:
+        """Where the point's digest sidecar is (or goes)."""
+        return self.store.digest_path(point)
+
     async def complete(self, results: list[tuple[str, ReportedDisk]]) -> None:
-        """Mark points completed with what their disk's job reported, all in one transaction."""
+        """Seal the points' data, then mark them completed with what their disk's job reported, all in
+        one transaction."""
+        for point_id, _ in results:
+            try:
+                point = await self.point(point_id)
+            except UnknownPoint:
+                point = None
+            if point is None or point.status is not PointStatus.PENDING:
+                raise RepositoryError(f"restore point {point_id} is not pending")
+            await asyncio.to_thread(self.store.seal, point)
 
         def update(connection: sqlite3.Connection) -> None:
             now = self.clock.now()
@@ -272,18 +184,20 @@ class Repository:
         await self.db.run(update)
 
     async def discard(self, point_id: str) -> None:
-        """Delete a pending (failed) point: its image first, so a full filesystem has room for the
-        store's write again (after a crash between the two, :meth:`recover` discards the row)."""
+        """Delete a pending (failed) point: its data first, so a full store has room for the hub's
+        write again (after a crash between the two, :meth:`recover` discards the row)."""
         where = (point_id, PointStatus.PENDING.value)
 
-        def read(connection: sqlite3.Connection) -> list[str]:
-            return [r[0] for r in connection.execute("SELECT path FROM points WHERE id = ? AND status = ?", where)]
+        def read(connection: sqlite3.Connection) -> list[Point]:
+            found = connection.execute("SELECT * FROM points WHERE id = ? AND status = ?", where)
+            return [Point.from_row(r) for r in rows(found)]
 
         def delete(connection: sqlite3.Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ? AND status = ?", where)
 
-        for path in await self.db.run(read):
-            await asyncio.to_thread(remove_quietly, path)
+        for point in await self.db.run(read):
+            latest = await self.latest(point.vm_path, point.disk_key)
+            await asyncio.to_thread(functools.partial(self.store.discard, point, latest=latest))
         await self.db.run(delete)
 
     async def discard_pending(self) -> list[str]:
@@ -314,16 +228,18 @@ class Repository:
         over the points' completion times, and a point any of them keeps
         stays (no rules: everything stays). ``protected()`` (read under the
         disk's lock) names points in use (a restore serves or converts them):
-        they and the points below them stay. The newest point is never
-        dropped. A dropped point takes in the point above it (see
-        :meth:`_merge`), which keeps its ID, change ID and view. Each dropped
-        point is marked ``merging`` first; merges a crash or an error left
-        are finished first (as :meth:`recover` does) and counted as dropped.
+        they stay, and so do the points below them unless the store's points
+        are independent. The newest point is never dropped. A dropped point's
+        place goes to the point above it (see :meth:`_merge`), which keeps its
+        ID, change ID and view. Each dropped point is marked ``merging`` first;
+        drops a crash or an error left are finished first (as :meth:`recover`
+        does) and counted as dropped.
         """
         async with self.disk_lock(vm_path, disk_key):  # never while its digests or a verify read the chain
             dropped = await self._finish_merges(vm_path, disk_key)
             chain = await self.points(vm_path, disk_key)
-            keep = _kept(chain, rules, set(await protected()) if protected is not None else set())
+            shielded = set(await protected()) if protected is not None else set()
+            keep = _kept(chain, rules, shielded, below=not self.store.independent)
             for point_id in [p.id for p in chain if p.id not in keep]:
                 chain = await self.points(vm_path, disk_key)  # each merge changes a backing
                 point = next((p for p in chain[:-1] if p.id == point_id), None)
@@ -344,24 +260,10 @@ class Repository:
         await self._merge(point, top)
 
     async def _merge(self, base: Point, top: Point) -> None:
-        """Drop ``base`` into ``top``, the overlay on it: ``top`` is committed into ``base``'s image,
-        which is renamed over ``top``'s file (so the overlays above keep their backing name) and
-        checked; ``top`` then takes ``base``'s kind and backing (a full stays full, a middle overlay
-        keeps its own base). Safe to repeat after a crash at any step (the commit leaves ``top`` as it was).
-        """
-        from sendense_nbd.storage.qcow2.check import check_image
-        from sendense_nbd.storage.qcow2.commit import commit
-
-        def merge() -> None:
-            if os.path.exists(base.path):
-                commit(top.path)
-                os.replace(base.path, top.path)  # base's image now holds the top's point in time
-                sync_directory(os.path.dirname(top.path))
-            result = check_image(top.path)
-            if result.corruptions or result.check_errors:
-                raise RepositoryError(f"{top.path}: qcow2 check failed after merging: {result.to_json()}")
-
-        await asyncio.to_thread(merge)
+        """Drop ``base`` under ``top``, the point above it (the store's :meth:`~Store.drop`: a qcow2
+        commit, or an RBD snapshot removed); ``top`` then takes ``base``'s kind and backing (a full
+        stays full, a middle point keeps its own base). Safe to repeat after a crash at any step."""
+        await asyncio.to_thread(self.store.drop, base, top)
 
         def record(connection: sqlite3.Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ?", (base.id,))
@@ -370,7 +272,7 @@ class Repository:
             )
 
         await self.db.run(record)
-        await asyncio.to_thread(remove_quietly, base.digest_path)  # the survivor's view (and sidecar) is unchanged
+        await asyncio.to_thread(remove_quietly, self.store.digest_path(base))  # the survivor's view is unchanged
 
     async def recover(self) -> tuple[list[str], list[str]]:
         """After a crash: discard pending points, finish interrupted merges; (discarded, merged) ids."""
@@ -437,26 +339,84 @@ class Repository:
             out.append(below)
         return out
 
-    async def sweep_orphans(self) -> tuple[list[str], list[str]]:
-        """Remove the images under ``vms/`` that no point knows of (a crash between creating an
-        image and recording it, or a temporary file of a create), and the digest sidecars of points
-        that are gone; ``(removed, unexpected)`` paths. (A point's sidecar written but not yet
-        recorded stays: the restarted hub computes it again and replaces it.)
+    async def changes(self, point: Point, base: Point) -> list[tuple[int, int]]:
+        """Where ``point``'s view may differ from ``base``'s, an older point of its chain (``(offset, length)``)."""
+        chain = await self.chain(point)
+        ids = [p.id for p in chain]
+        if base.id not in ids:
+            raise RepositoryError(f"point {base.id} is not below point {point.id}")
+        above = chain[: ids.index(base.id)]
+        return await asyncio.to_thread(self.store.changes, above, base)
 
-        Only our own names are removed (``*.qcow2``, ``*.digests`` and temporary files at
-        ``vms/<vm>/<disk-key>/``); anything else is reported and left alone.
-        Points are matched by their last three path components, so a moved
-        repository keeps its images.
+    async def check(self, point: Point) -> str | None:
+        """The store's structure check of the point's chain: the first finding, or None when it is sound."""
+        try:
+            chain = await self.chain(point)
+        except RepositoryError as exc:  # a base point is missing
+            return str(exc)
+        return await asyncio.to_thread(self.store.check, chain)
+
+    async def space(self) -> Space:
+        """The store's room now."""
+        return await asyncio.to_thread(self.store.space)
+
+    async def allocated(self, points: Sequence[Point]) -> dict[str, int | None]:
+        """The bytes each point's own data takes, by ID (None: gone meanwhile)."""
+        return await asyncio.to_thread(self.store.allocated, points)
+
+    async def convert(self, point: Point, path: str, fmt: ImageFormat) -> None:
+        """Write a point (its whole view) to a new standalone raw or qcow2 file with the copy engine,
+        verified; ``path`` is never replaced and nothing is left behind on failure."""
+        await restores.convert(self.source(point), path, fmt)
+
+    @contextlib.asynccontextmanager
+    async def export_point(self, point: Point, *, base: Point | None = None) -> AsyncIterator[str]:
+        """A qcow2 file of a completed point, for a copy elsewhere (offsite), while the context lasts.
+
+        ``base`` None: a standalone qcow2 of the point's whole view. Else ``base`` (an older point of
+        its chain): an overlay holding where the point differs from ``base``, whose backing is named
+        ``<base-id>.qcow2`` (relative): files named ``<point-id>.qcow2`` in one folder form a chain
+        qemu opens. The point's own file when it is exactly that (a local full, or a local overlay on
+        ``base``), else a temporary file under ``ROOT/tmp`` that is removed afterwards.
+
+        The disk's lock is held throughout (retention cannot rewrite the file meanwhile, nor digests
+        or verify read the disk): never call this while holding it.
         """
+        async with self.disk_lock(point.vm_path, point.disk_key):
+            point = await self.point(point.id)
+            if point.status is not PointStatus.COMPLETED:
+                raise RepositoryError(f"point {point.id} is not a completed restore point")
+            own = await asyncio.to_thread(self.store.own_file, point, base)
+            if own is not None:
+                yield own
+                return
+            changes = None if base is None else await self.changes(point, base)
+            folder = await asyncio.to_thread(_temporary_folder, os.path.join(self.root, "tmp"))
+            try:
+                name = f"{point.id}.qcow2"
+                if changes is None:
+                    await restores.convert(self.source(point), os.path.join(folder, name), ImageFormat.QCOW2)
+                    yield os.path.join(folder, name)
+                else:
+                    assert base is not None
+                    source = self.source(point)
+                    yield await restores.write_overlay(
+                        source, folder, name, base_id=base.id, size=point.size, changes=changes
+                    )
+            finally:
+                await asyncio.to_thread(shutil.rmtree, folder, True)
 
-        def read(connection: sqlite3.Connection) -> set[tuple[str, ...]]:
-            known = set()
-            for path, point_id in connection.execute("SELECT path, id FROM points"):
-                known |= {_tail(path), _tail(os.path.join(os.path.dirname(path), f"{point_id}.digests"))}
-            return known
+    async def sweep_orphans(self) -> tuple[list[str], list[str]]:
+        """Remove the data no point knows of (a crash between creating a point's data and recording
+        it, a temporary file) and the digests of points that are gone; ``(removed, unexpected)``:
+        what the store removed, and what it found but left alone (not its own names)."""
+
+        def read(connection: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [(path, point_id) for path, point_id in connection.execute("SELECT path, id FROM points")]
 
         known = await self.db.run(read)
-        return await asyncio.to_thread(_sweep, os.path.join(self.root, "vms"), known)
+        removed, unexpected = await asyncio.to_thread(self.store.sweep, known)
+        return removed + await asyncio.to_thread(_clear, os.path.join(self.root, "tmp")), unexpected
 
 
 def kept_by_rules(chain: Sequence[Point], rules: Sequence[tuple[Retention, str]]) -> dict[str, tuple[str, ...]]:
@@ -476,41 +436,35 @@ def kept_by_rules(chain: Sequence[Point], rules: Sequence[tuple[Retention, str]]
     return keep
 
 
-def _kept(chain: list[Point], rules: Sequence[tuple[Retention, str]], protected: set[str]) -> set[str]:
+def _kept(chain: list[Point], rules: Sequence[tuple[Retention, str]], protected: set[str], *, below: bool) -> set[str]:
     """The ids of a disk's points (oldest first) that stay: kept by any rules (:func:`kept_by_rules`),
-    protected, or below a protected point (its view reads them), and the newest."""
+    protected, or (``below``) below a protected point (its view reads them), and the newest."""
     keep = set(kept_by_rules(chain, rules))
     by_id = {p.id: p for p in chain}
     for point_id in protected & set(by_id):
-        below: str | None = point_id
-        while below is not None and below in by_id:
-            keep.add(below)
-            below = by_id[below].backing
+        under: str | None = point_id
+        while under is not None and under in by_id:
+            keep.add(under)
+            under = by_id[under].backing if below else None
     return keep
 
 
-def _tail(path: str) -> tuple[str, ...]:
-    return tuple(os.path.normpath(path).split(os.sep)[-3:])
+def _temporary_folder(parent: str) -> str:
+    """A new private folder under ``parent`` (made 0700 if missing)."""
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent)
 
 
-def _sweep(vms: str, known: set[tuple[str, ...]]) -> tuple[list[str], list[str]]:
-    removed: list[str] = []
-    unexpected: list[str] = []
-    for folder, dirs, files in os.walk(vms):  # never follows symlinks to directories
-        depth = len(os.path.relpath(folder, vms).split(os.sep)) if folder != vms else 0
-        entries = files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]
-        for name in entries:
-            path = os.path.join(folder, name)
-            ours = depth == 2 and (name.endswith((".qcow2", ".digests")) or is_temporary(name))
-            if depth == 2 and _tail(path) in known:
-                continue
-            if ours and not os.path.islink(path):
-                remove_quietly(path)
-                removed.append(path)
-            else:
-                unexpected.append(path)
-    for path in removed:
-        log.warning("removed %s: no restore point knows it (left by a crash)", path)
-    for path in unexpected:
-        log.warning("unexpected file in the repository, left alone: %s", path)
-    return removed, unexpected
+def _clear(parent: str) -> list[str]:
+    """Remove what interrupted exports left under ``parent``; the paths removed."""
+    try:
+        entries = [entry.path for entry in os.scandir(parent)]
+    except FileNotFoundError:
+        return []
+    for path in entries:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            remove_quietly(path)
+        log.warning("removed %s: left by an interrupted point export", path)
+    return entries
