@@ -17,13 +17,16 @@ from sendense_nbd import fields
 from sendense_nbd.errors import (
     BadRequest,
     CompletionMismatch,
+    CopyLocked,
     InsufficientSpace,
     InvalidBackup,
     JobStateError,
     NodeError,
     NodeNotFound,
+    OffsiteError,
     PortError,
     RepositoryError,
+    UnknownCopy,
     UnknownJob,
     UnknownNode,
     UnknownPoint,
@@ -34,6 +37,7 @@ from sendense_nbd.hub import paths
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertQuery
 from sendense_nbd.hub.console.app import is_api, setup_console
+from sendense_nbd.hub.copy_api import copy_routes
 from sendense_nbd.hub.jobs import Job, JobKind, JobQuery
 from sendense_nbd.hub.nodes import parse_edit, parse_node
 from sendense_nbd.hub.policy_api import policy_routes
@@ -50,6 +54,9 @@ _ERRORS: ErrorMap = [
     (NodeNotFound, 404, "not_found"),
     (UnknownNode, 404, "not_found"),
     (UnknownPolicy, 404, "not_found"),
+    (UnknownCopy, 404, "not_found"),
+    (CopyLocked, 409, "locked"),
+    (OffsiteError, 502, "offsite"),
     (JobStateError, 409, "conflict"),
     (PortError, 503, "ports_exhausted"),
     (NodeError, 502, "node_unavailable"),
@@ -93,7 +100,7 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.get("/metrics", api.metrics),
     ]
     app = web.Application(middlewares=[error_middleware(token, _ERRORS, scope=is_api)], client_max_size=MAX_BODY)
-    app.add_routes(routes + policy_routes(PREFIX, hub))
+    app.add_routes(routes + policy_routes(PREFIX, hub) + copy_routes(PREFIX, hub))
     setup_console(app, hub, token=token, errors=_ERRORS)
     return app
 

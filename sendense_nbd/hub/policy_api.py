@@ -42,6 +42,8 @@ class _PolicyHandlers:
     async def add(self, request: web.Request) -> web.Response:
         """POST /policies: a new policy (201); its node must be registered."""
         policy = Policy.from_json(await json_body(request))
+        if policy.copy is not None:  # its secret file and bucket, before it is stored
+            await self.hub.copies.check_target(policy.copy)
         return web.json_response(await self.hub.scheduler.add(policy), status=201)
 
     async def show(self, request: web.Request) -> web.Response:
@@ -51,7 +53,12 @@ class _PolicyHandlers:
 
     async def edit(self, request: web.Request) -> web.Response:
         """PATCH /policies/{name}: a JSON merge patch of the policy (the name cannot change)."""
-        return web.json_response(await self.hub.scheduler.edit(paths.policy(request), await json_body(request)))
+        name, patch = paths.policy(request), await json_body(request)
+        if isinstance(patch, dict) and patch.get("copy") is not None:  # the edited target, before it is stored
+            edited = (await self.hub.scheduler.store.get(name)).policy.edited(patch)
+            if edited.copy is not None:
+                await self.hub.copies.check_target(edited.copy)
+        return web.json_response(await self.hub.scheduler.edit(name, patch))
 
     async def delete(self, request: web.Request) -> web.Response:
         """DELETE /policies/{name}: the policy goes; its jobs and points stay."""

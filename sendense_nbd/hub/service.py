@@ -59,6 +59,7 @@ from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts, repeated_full
 from sendense_nbd.hub.clock import Clock, SystemClock
+from sendense_nbd.hub.copies import Copies
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager, ExportStats
 from sendense_nbd.hub.jobs import (
@@ -225,6 +226,12 @@ class Hub:
             on_failed=self._alert_failed,
         )
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
+        copies_tls = config.nbd_tls_context if config.nbd_tls is TLSMode.REQUIRE else None  # as restores
+        self.copies = Copies(
+            self._db, self._repository, clock=self.clock, policies=self._policies, restore_dir=self.restore_dir,
+            serve=self._lease_copy_port, release=self._release_copy_port,
+            nbd_host=config.nbd_advertise or config.nbd_bind, tls_context=copies_tls,
+        )  # fmt: skip
         self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
         self._background: asyncio.Task[None] | None = None
         #: Backups are checked for space and created one at a time (:meth:`create_backup`).
@@ -249,6 +256,7 @@ class Hub:
         discarded, merged = await self._repository.recover()
         removed, unexpected = await self._repository.sweep_orphans()
         await self._verifier.resume()  # the digests of completed points a stop interrupted
+        await self.copies.resume()  # offsite copies a stop interrupted (their uploads resume)
         removed += await asyncio.to_thread(_sweep_temporaries, self.restore_dir)
         if failed or released or discarded or merged:
             log.warning(
@@ -277,6 +285,7 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._after, return_exceptions=True)
         await self._verifier.close()
+        await self.copies.close()
         await self._exports.stop_all()
         await self.nodes.close()
         self._db.close()
@@ -582,6 +591,10 @@ class Hub:
                 await self._fail(job_id, req.Failure("complete", f"recording the completion failed: {exc}", code))
                 raise
         await self._check_repeated_full(job)
+        try:  # before retention runs: a point waiting for its offsite copy is protected from merges
+            await self.copies.after_backup(job.vm_path, [disk.point_id for disk in job.disks])
+        except (SendenseError, OSError) as exc:
+            log.error("recording the offsite copies of %s failed: %s", job_id, exc)
         # In the background, after the answer: each waits its turn on the disk's lock (a verify may hold it
         # for long), and the node's completion call must not wait for them.
         retention = asyncio.create_task(self._retain(job), name=f"retention of {job_id}")
@@ -617,10 +630,25 @@ class Hub:
         return [(Retention(keep_last=self.config.keep_points), "UTC")]
 
     async def _restoring(self) -> set[str]:
-        """The points a restore job that has not ended serves or converts (retention keeps them)."""
+        """The points a restore job that has not ended serves or converts, and those waiting for an offsite
+        copy (retention keeps them)."""
         active = await self._jobs.list(kind=JobKind.RESTORE, state=JobState.RUNNING)
         active += await self._jobs.list(kind=JobKind.RESTORE, state=JobState.PENDING)
-        return {job.detail.point_id for job in active if isinstance(job.detail, (ExportDetail, ConvertDetail))}
+        restoring = {job.detail.point_id for job in active if isinstance(job.detail, (ExportDetail, ConvertDetail))}
+        return restoring | await self.copies.protected()
+
+    async def _policies(self) -> list[Policy]:
+        """Every stored policy (for offsite copies: which VMs have a copy target)."""
+        return [stored.policy for stored in await self.scheduler.store.all()]
+
+    async def _lease_copy_port(self, owner: str, disk_key: int | None) -> tuple[socket.socket, int]:
+        """A leased port's bound socket for serving an offsite copy (``owner`` holds the lease)."""
+        allocation = await self._ports.allocate(self.holder, owner, disk_key, purpose=JobKind.RESTORE)
+        return allocation.socket, allocation.lease.port
+
+    async def _release_copy_port(self, owner: str) -> None:
+        """Release the port an offsite copy's export held."""
+        await self._ports.release(job_id=owner)
 
     async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
         job = await self._jobs.get(job_id)
