@@ -202,6 +202,13 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- handshake ---------------------------------------------------------------
 
     def _admit(self, export: str) -> str | None:
+        check = self._context.admit_peer
+        if check is not None:
+            transport = self._transport
+            refusal = check(export, transport.get_extra_info("peercert") if self._tls and transport else None)
+            if refusal is not None:
+                log.warning("refusing client %s: %s", self.peer, refusal)
+                return refusal
         return self._admission.admit(self)
 
     def _handshake_received(self, data: memoryview) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -147,3 +147,7 @@ class ConnectionContext:
     tls: TLSMode = TLSMode.OFF
     #: The server's TLS credentials; set unless ``tls`` is OFF.
     tls_context: ssl.SSLContext | None = None
+    #: Asked when a client picks an export (GO, EXPORT_NAME), before it counts against ``shared``: the export's
+    #: name and the client's certificate (``SSLObject.getpeercert()``; None without TLS) -> why the client is
+    #: refused, or None to admit it.
+    admit_peer: Callable[[str, Mapping[str, Any] | None], str | None] | None = None

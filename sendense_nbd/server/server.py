@@ -23,7 +23,10 @@ TLS, as qemu-nbd: ``tls`` ALLOW or REQUIRE offers ``NBD_OPT_STARTTLS`` with
 ``tls_context`` (see :func:`sendense_nbd.tls.server_context`); under
 REQUIRE nothing is served before the upgrade. A context that requires client
 certificates (mutual TLS) goes with REQUIRE only: under ALLOW a client that
-skips TLS would be served without one.
+skips TLS would be served without one. ``admit_peer`` (optional) sees the
+export a client picks and its verified certificate, and may refuse it (the
+option gets ``NBD_REP_ERR_POLICY`` with the reason, which is logged): the
+hub binds an export to the node whose job it serves.
 
 TCP connections get the congestion control ``congestion`` (default BBR,
 None: the system's) and send/receive buffers of ``socket_buffer`` bytes where
@@ -40,9 +43,10 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType, TracebackType
+from typing import Any
 
 from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import DEFAULT_PORT, TLSMode
@@ -115,6 +119,7 @@ class NBDServer:
         socket_buffer: int | None = DEFAULT_SOCKET_BUFFER,
         tls: TLSMode = TLSMode.OFF,
         tls_context: ssl.SSLContext | None = None,
+        admit_peer: Callable[[str, Mapping[str, Any] | None], str | None] | None = None,
     ) -> None:
         _check_limits(exports, shared, handshake_limit, io_timeout, max_handshakes)
         _check_tls(tls, tls_context)
@@ -130,11 +135,10 @@ class NBDServer:
             shared=shared, persistent=persistent, max_handshakes=max_handshakes, stop=self._stop
         )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
-        multi_conn = shared != 1
         queues: dict[int, WriteQueue] = {}  # one per device, whatever names it is exported under
         #: What every connection shares (exports, memory, thread pool, limits); read it for monitoring.
         self.context = ConnectionContext(
-            catalog=MappingProxyType({name: e.info(multi_conn=multi_conn) for name, e in self._exports.items()}),
+            catalog=MappingProxyType({name: e.info(multi_conn=shared != 1) for name, e in self._exports.items()}),
             devices=MappingProxyType({name: export.device for name, export in self._exports.items()}),
             budget=Budget(budget, min(budget, DEFAULT_CONNECTION_BUDGET)),
             buffers=BufferPool(min(budget, DEFAULT_POOL)),
@@ -154,6 +158,7 @@ class NBDServer:
             socket_buffer=socket_buffer,
             tls=tls,
             tls_context=tls_context,
+            admit_peer=admit_peer,
         )
 
     # -- public API ------------------------------------------------------------
