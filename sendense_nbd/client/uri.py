@@ -25,7 +25,7 @@ TLS parameters on ``nbd://`` are errors, as are unknown query parameters
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, unquote, urlsplit
 
 import attrs
 
@@ -67,8 +67,10 @@ class NBDAddress:
 
     @property
     def server_hostname(self) -> str:
-        """The name the server's TLS certificate is checked against."""
-        return self.tls_hostname or self.host or "localhost"
+        """The name the server's TLS certificate is checked against (an IPv6 address without its zone id,
+        which names this side's interface, not the server)."""
+        host = self.host.partition("%")[0] if self.host and ":" in self.host else self.host
+        return self.tls_hostname or host or "localhost"
 
     def _tls_query(self) -> list[tuple[str, str]]:
         query = [
@@ -94,7 +96,7 @@ class NBDAddress:
             query.insert(0, f"socket={quote(self.socket, safe='/')}")
             return f"{scheme}+unix://{path}?{'&'.join(query)}"
         assert self.host is not None
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.host.replace('%', '%25')}]" if ":" in self.host else self.host  # RFC 6874 zone id
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
         return f"{scheme}://{host}{port}{path}" + (f"?{'&'.join(query)}" if query else "")
 
@@ -147,9 +149,24 @@ def parse_uri(uri: str) -> NBDAddress:
         if not socket:
             raise URIError(f"{uri!r}: {scheme} URIs need ?socket=PATH")
         return NBDAddress(export, socket=socket, **settings)
-    if not parts.hostname:
+    host = split_host(parts)
+    if not host:
         raise URIError(f"{uri!r}: {scheme} URIs need a host")
-    return NBDAddress(export, host=parts.hostname, port=DEFAULT_PORT if port is None else port, **settings)
+    return NBDAddress(export, host=host, port=DEFAULT_PORT if port is None else port, **settings)
+
+
+def split_host(parts: SplitResult) -> str | None:
+    """The host of a split URI, as ``hostname`` gives it, except an IPv6 literal's zone id (RFC 6874:
+    ``[fe80::1%25eth0]``; a bare ``%`` is taken too), which is decoded and keeps its case."""
+    host = parts.hostname
+    netloc = parts.netloc.rpartition("@")[2]
+    if host is None or "%" not in host or not netloc.startswith("["):
+        return host
+    literal = netloc[1:].partition("]")[0]
+    address, escaped, zone = literal.partition("%25")
+    if not escaped:
+        address, _, zone = literal.partition("%")
+    return f"{address.lower()}%{unquote(zone)}"
 
 
 def _tls_settings(uri: str, query: dict[str, str]) -> dict[str, Any]:
