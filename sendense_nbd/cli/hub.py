@@ -73,23 +73,16 @@ def _relay(text: str) -> tuple[str, int]:
 
 
 def _tls_contexts(o: dict[str, Any]) -> None:
-    """``o["nbd_tls_context"]`` and ``o["api_tls_context"]`` from the TLS options, loaded now (before the hub
-    opens anything) so that unusable credentials stop it with the file and the reason."""
+    """``o["nbd_tls_context"]``, ``o["nbd_tls_names"]`` (its certificate's names) and ``o["api_tls_context"]``
+    from the TLS options, loaded now (before the hub opens anything) so that unusable credentials stop it
+    with the file and the reason."""
+    import os
+
     from sendense_nbd.errors import TLSError
+    from sendense_nbd.hub.certnames import CertificateNames
     from sendense_nbd.tls import server_context
 
     creds, mode = o["nbd_tls_creds"], o["nbd_tls"]
-    from sendense_nbd.http_api import is_loopback
-
-    if not is_loopback(o["nbd_bind"]) and (mode != "require" or not o["nbd_tls_verify_client"]):
-        click.echo(
-            f"sendense-nbd hub: warning: the NBD exports listen on {o['nbd_bind']}, not loopback, and "
-            + ("tunnel nodes' and restores' exports are plain NBD, which anyone who reaches the port can read or "
-               "write; use --nbd-tls require --nbd-tls-verify-client" if mode != "require" else
-               "TLS exports admit any TLS client; add --nbd-tls-verify-client")
-            + " (docs/TLS.md)",
-            err=True,
-        )  # fmt: skip
     if mode == "require" and creds is None:
         raise click.UsageError("--nbd-tls require needs --nbd-tls-creds DIR (sendense-nbd tls init makes one)")
     if o["nbd_tls_verify_client"] and creds is None:
@@ -98,12 +91,44 @@ def _tls_contexts(o: dict[str, Any]) -> None:
         o["nbd_tls_context"] = (
             None if creds is None else server_context(creds, verify_client=o["nbd_tls_verify_client"])
         )
+        cert = None if creds is None else os.path.join(creds, "server-cert.pem")
+        o["nbd_tls_names"] = None if cert is None else CertificateNames.from_pem(cert)
     except TLSError as exc:
         raise click.BadParameter(str(exc), param_hint="--nbd-tls-creds") from exc
     try:
         o["api_tls_context"] = None if o["api_tls_creds"] is None else server_context(o["api_tls_creds"])
     except TLSError as exc:
         raise click.BadParameter(str(exc), param_hint="--api-tls-creds") from exc
+
+
+def _warn_open_tls(o: dict[str, Any]) -> None:
+    """Warn when TLS exports on a network address admit any TLS client (plain ones there are refused by
+    the hub's configuration, :func:`~sendense_nbd.hub.transport.check_exposure`)."""
+    from sendense_nbd.http_api import is_loopback
+
+    if not is_loopback(o["nbd_bind"]) and o["nbd_tls_context"] is not None and not o["nbd_tls_verify_client"]:
+        click.echo(
+            f"sendense-nbd hub: warning: the NBD exports listen on {o['nbd_bind']}, not loopback, and TLS exports "
+            "admit any TLS client; add --nbd-tls-verify-client (docs/TLS.md)",
+            err=True,
+        )
+
+
+def _default_node_options(command: Any) -> Any:
+    """The default node's options, as ``node add`` takes them (--node-url and --node-token-file besides)."""
+    options = [
+        click.option("--node-tunnel-identity", metavar="SHA256:...",
+                     help="The default node's tunnel identity (as node add --tunnel-identity)."),
+        click.option("--node-transport", type=click.Choice(["tunnel", "tls"]),
+                     help="How the default node reaches the NBD exports (as node add --transport; default tunnel)."),
+        click.option("--node-nbd-host", metavar="HOST",
+                     help="The hub's address as the default node dials the exports (as node add --nbd-host)."),
+        click.option("--node-hub-url", metavar="URL",
+                     help="The hub API as the default node reaches it (as node add --hub-url; default --public-url)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def _tls_options(command: Any) -> Any:
@@ -120,6 +145,9 @@ def _tls_options(command: Any) -> Any:
                      "(tls init's nodes/NAME)."),
         click.option("--api-tls-creds", type=click.Path(file_okay=False), metavar="DIR",
                      help="Serve the API and console over HTTPS with DIR/server-cert.pem and server-key.pem."),
+        click.option("--allow-plain-nbd", is_flag=True,
+                     help="Serve plain NBD exports (tunnel nodes', restores') on a non-loopback --nbd-bind, "
+                     "where anyone who reaches the ports can read and write them (refused without it)."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -130,8 +158,16 @@ def _tls_options(command: Any) -> Any:
 @click.option("--repo", required=True, type=click.Path(file_okay=False), help="Repository directory.")
 @click.option("--listen", default="127.0.0.1:8082", show_default=True, help="API address HOST:PORT.")
 @click.option("--nbd-ports", default="10100-10200", show_default=True, help="NBD port pool.")
-@click.option("--nbd-bind", default="127.0.0.1", show_default=True, help="Address the NBD exports listen on.")
-@click.option("--nbd-advertise", help="Host name nodes use for the exports (default: --nbd-bind).")
+@click.option(
+    "--nbd-bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the NBD exports listen on (off loopback: --nbd-tls require, or --allow-plain-nbd).",
+)
+@click.option(
+    "--nbd-advertise",
+    help="Host name nodes use for the exports (default: --nbd-bind); with --nbd-tls-creds, a name in the certificate.",
+)
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token (required off loopback).")
 @click.option("--node-url", help="The node API, e.g. http://127.0.0.1:8081.")
 @click.option("--node-token-file", type=click.Path(dir_okay=False), help="Bearer token for the node API.")
@@ -171,6 +207,7 @@ def _tls_options(command: Any) -> Any:
     show_default=True,
     help="Alert when the repository's free fraction falls below this (0: never).",
 )
+@_default_node_options
 @_tls_options
 @ssh_server_options
 def hub_command(**o: Any) -> None:
@@ -189,6 +226,7 @@ def hub_command(**o: Any) -> None:
     o["node_token"] = read_token(o["node_token_file"], "--node-token-file")
     o["alerts"] = _alert_config(o)
     _tls_contexts(o)
+    _warn_open_tls(o)
     if token is None and not is_loopback(host):
         raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
     try:
@@ -196,6 +234,11 @@ def hub_command(**o: Any) -> None:
     except PortError as exc:
         raise click.BadParameter(str(exc), param_hint="--nbd-ports") from exc
     from sendense_nbd.errors import SendenseError
+
+    try:  # the configuration's checks (exports, the default node), before anything opens
+        _hub_config(o, pool, o["public_url"] or f"http://{o['listen']}")
+    except SendenseError as exc:
+        raise click.UsageError(str(exc)) from None
 
     try:
         sys.exit(asyncio.run(_run_hub(o, host, port, pool, token)))
@@ -215,6 +258,10 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         nbd_advertise=o["nbd_advertise"],
         node_url=o["node_url"],
         node_token=o["node_token"],
+        node_tunnel_identity=o["node_tunnel_identity"],
+        node_transport=o["node_transport"] or "tunnel",
+        node_nbd_host=o["node_nbd_host"],
+        node_hub_url=o["node_hub_url"],
         public_url=public_url,
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
@@ -224,6 +271,8 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         alerts=o["alerts"],
         nbd_tls_context=o["nbd_tls_context"],
         nbd_tls=TLSMode(o["nbd_tls"]),
+        nbd_tls_names=o["nbd_tls_names"],
+        allow_plain_nbd=o["allow_plain_nbd"],
     )
 
 
@@ -361,6 +410,7 @@ def _node_body(
     identity: str | None,
     transport: str | None = None,
     nbd_host: str | None = None,
+    hub_url: str | None = None,
 ) -> dict[str, Any]:
     """The fields given, as the hub API takes them."""
     body: dict[str, Any] = {}
@@ -374,6 +424,8 @@ def _node_body(
         body["transport"] = transport
     if nbd_host is not None:
         body["nbd_host"] = nbd_host
+    if hub_url is not None:
+        body["hub_url"] = hub_url
     return body
 
 
@@ -392,6 +444,13 @@ _transport_option = click.option(
 _nbd_host_option = click.option(
     "--nbd-host", metavar="HOST", help="The hub's address as this node dials the exports (default: --nbd-advertise)."
 )
+_hub_url_option = click.option(
+    "--hub-url",
+    "node_hub_url",  # hub_url is --hub's
+    metavar="URL",
+    help="The hub API as this node reaches it, sent with its jobs: its [node] hub_url (default: the hub's "
+    "--public-url). E.g. http://127.0.0.1:8082 through a tunnel, https://hub.example:8443 for a TLS node.",
+)
 
 
 @node_group.command("add")
@@ -401,10 +460,11 @@ _nbd_host_option = click.option(
 @_identity_option
 @_transport_option
 @_nbd_host_option
+@_hub_url_option
 @hub_options
 def node_add(name: str, url: str, hub: HubClient, **o: Any) -> None:
     """Register a node under NAME (a policy or backup names it; 'default' takes jobs that name none)."""
-    body = _node_body(url, o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"])
+    body = _node_body(url, o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"], o["node_hub_url"])
     node = hub.call("POST", "/nodes", {"name": name, **body})
     click.echo(json.dumps(node, indent=2))
 
@@ -449,12 +509,17 @@ def node_show(name: str, check: bool, hub: HubClient) -> None:
 @_transport_option
 @_nbd_host_option
 @click.option("--no-nbd-host", is_flag=True, help="Forget the NBD host (the hub's --nbd-advertise again).")
+@_hub_url_option
+@click.option("--no-hub-url", is_flag=True, help="Forget the hub URL (the hub's --public-url again).")
 @hub_options
 def node_edit(name: str, hub: HubClient, **o: Any) -> None:
-    """Change a node's URL, token, tunnel identity, transport or NBD host (its health is kept)."""
-    body = _node_body(o["url"], o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"])
+    """Change a node's URL, token, tunnel identity, transport, NBD host or hub URL (its health is kept)."""
+    body = _node_body(
+        o["url"], o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"], o["node_hub_url"]
+    )
     for flag, field in (
         ("no_node_token", "token"), ("no_tunnel_identity", "tunnel_identity"), ("no_nbd_host", "nbd_host"),
+        ("no_hub_url", "hub_url"),
     ):  # fmt: skip
         if o[flag]:
             if field in body:
@@ -462,8 +527,8 @@ def node_edit(name: str, hub: HubClient, **o: Any) -> None:
             body[field] = None
     if not body:
         raise click.UsageError(
-            "give what to change: --url, --node-token-file, --tunnel-identity, --transport, --nbd-host, or a --no-"
-            " option"
+            "give what to change: --url, --node-token-file, --tunnel-identity, --transport, --nbd-host, --hub-url, "
+            "or a --no- option"
         )
     click.echo(json.dumps(hub.call("PATCH", f"/nodes/{quote(name, safe='')}", body), indent=2))
 

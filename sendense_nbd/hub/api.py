@@ -219,7 +219,8 @@ class _Handlers:
         return web.json_response(node.to_json())
 
     async def edit_node(self, request: web.Request) -> web.Response:
-        """PATCH /nodes/{name}: change its url, token or tunnel identity (null clears the last two)."""
+        """PATCH /nodes/{name}: change its url, token, tunnel identity, transport, nbd_host or hub_url (null
+        clears all but url and transport)."""
         name = paths.node(request)
         node = await self.hub.nodes.edit(name, parse_edit(await json_body(request)))
         return web.json_response(node.to_json())

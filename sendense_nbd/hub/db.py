@@ -216,6 +216,7 @@ ADDED_COLUMNS = (
     ("jobs", "expected_bytes", "INTEGER"),
     ("nodes", "transport", "TEXT NOT NULL DEFAULT 'tunnel'"),
     ("nodes", "nbd_host", "TEXT"),
+    ("nodes", "hub_url", "TEXT"),
 )
 
 

@@ -1,6 +1,7 @@
 """In-process NBD exports, one per disk, each on the socket of its port lease; an export with TLS
-requires it (``NBD_OPT_STARTTLS`` before anything else) with the hub's credentials. Each export serves
-the block device its repository's store opens (a qcow2 file, an RBD image or snapshot)."""
+requires it (``NBD_OPT_STARTTLS`` before anything else) with the hub's credentials, and may admit only
+the clients whose certificate a check accepts (the node whose job it serves). Each export serves the
+block device its repository's store opens (a qcow2 file, an RBD image or snapshot)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import attrs
 
 from sendense_nbd.errors import ServerError
+from sendense_nbd.hub.transport import PeerCheck
 from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.server import Export, NBDServer
 from sendense_nbd.storage.base import BlockDevice
@@ -81,16 +83,19 @@ class ExportManager:
         opener: Callable[[], BlockDevice],
         readonly: bool = False,
         tls: bool = False,
+        admit_peer: PeerCheck | None = None,
     ) -> RunningExport:
         """Serve the image ``path`` (what ``opener`` opens, called in a thread) as export ``name`` on the
-        bound socket ``sock``; ``tls``: only over TLS (:class:`ServerError` when the hub has no
-        credentials)."""
+        bound socket ``sock``; ``tls``: only
+        over TLS (:class:`ServerError` when the hub has no credentials); ``admit_peer``: a client that picks
+        the export is admitted only if it says so (it sees the client's certificate)."""
         if tls and self.tls_context is None:
             raise ServerError("an export with TLS needs the hub's NBD TLS credentials (--nbd-tls-creds DIR)")
         device = await asyncio.to_thread(opener)
         server = NBDServer(
             [Export(name, device, readonly=readonly)], sockets=[sock], shared=self.shared, persistent=True,
             tls=TLSMode.REQUIRE if tls else TLSMode.OFF, tls_context=self.tls_context if tls else None,
+            admit_peer=admit_peer,
         )  # fmt: skip
         try:
             await server.start()

@@ -3,13 +3,16 @@
 A node is registered by name with its API URL, an optional bearer token (kept in the hub's 0600 store,
 never shown: the API shows ``"token": true/false``), an optional tunnel identity (the SSH key
 fingerprint its tunnel uses, shown), its NBD transport (``tunnel``: plaintext ``nbd://`` through its
-SSH tunnel, the default; ``tls``: ``nbds://`` straight to the hub's exports, which then require TLS)
-and optionally ``nbd_host``, the hub's address as that node dials the exports. The hub's ``--node-url``
-is the node named :data:`DEFAULT`, written at start (``"configured": "command line"``) and changed only
-there; a request or policy that names no node goes to it. Every answer of a node (health, disks, VMs, a
-job start) records its last contact; a health check every :data:`HEALTH_INTERVAL` seconds, through the
-hub's clock, records its version and load, or why it did not answer. After each round the hub fails the
-running jobs of nodes that are lost (:data:`NODE_LOST`) or no longer know them (:meth:`NodeRegistry.knows_job`).
+SSH tunnel, the default; ``tls``: ``nbds://`` straight to the hub's exports, which then require TLS),
+optionally ``nbd_host``, the hub's address as that node dials the exports, and optionally ``hub_url``,
+the hub API as that node reaches it (else the hub's ``--public-url``). What the hub's TLS allows of a
+node is :class:`~sendense_nbd.hub.transport.ExportTLS`'s to say. The hub's ``--node-url`` (with its
+``--node-*`` options, one per field) is the node named :data:`DEFAULT`, written whole at every start
+(``"configured": "command line"``) and changed only there; a request or policy that names no node goes
+to it. Every answer of a node (health, disks, VMs, a job start) records its last contact; a health check
+every :data:`HEALTH_INTERVAL` seconds, through the hub's clock, records its version and load, or why it
+did not answer. After each round the hub fails the running jobs of nodes that are lost (:data:`NODE_LOST`)
+or no longer know them (:meth:`NodeRegistry.knows_job`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from sendense_nbd.http_api import check_token
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.node_client import NodeClient
+from sendense_nbd.hub.transport import TRANSPORT_TUNNEL, TRANSPORTS, ExportTLS
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +62,12 @@ MAX_ERROR = 1024
 BY_API, BY_COMMAND_LINE = "api", "command line"
 #: An OpenSSH key fingerprint, as ``ssh-keygen -l`` prints it.
 FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-#: A node's NBD transport: through its SSH tunnel (plaintext NBD inside it), or NBD over TLS to the hub.
-TRANSPORT_TUNNEL, TRANSPORT_TLS = "tunnel", "tls"
-TRANSPORTS = (TRANSPORT_TUNNEL, TRANSPORT_TLS)
 #: A DNS name (RFC 1123 labels).
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-_FIELDS = frozenset({"name", "url", "token", "tunnel_identity", "transport", "nbd_host"})
+#: An IPv6 zone id (RFC 6874: unreserved characters), e.g. ``eth0`` in ``fe80::1%eth0``.
+_ZONE = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+_FIELDS = frozenset({"name", "url", "token", "tunnel_identity", "transport", "nbd_host", "hub_url"})
 #: Forget a node's health (its URL changed).
 _UNSEEN = ", ".join(
     f"{column} = NULL"
@@ -93,6 +96,8 @@ class NodeRecord:
     transport: str = TRANSPORT_TUNNEL
     #: The hub's address as this node dials the NBD exports (None: the hub's ``--nbd-advertise``).
     nbd_host: str | None = None
+    #: The hub API as this node reaches it, sent with each job (None: the hub's ``--public-url``).
+    hub_url: str | None = None
     configured: str = BY_API
     added: float
     last_contact: float | None = None
@@ -129,19 +134,24 @@ def node_name(value: object, name: str = "name") -> str:
     return checked
 
 
-def node_url(value: object) -> str:
+def node_url(value: object, name: str = "url", what: str = "the node's API") -> str:
     """An ``http://`` or ``https://`` URL with a host, no credentials, query or fragment (trailing ``/`` cut)."""
-    url = fields.text(value, "url", limit=MAX_URL)
+    url = fields.text(value, name, limit=MAX_URL)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise BadRequest(f"url {url[:80]!r} is not a URL: {exc}") from exc
+        raise BadRequest(f"{name} {url[:80]!r} is not a URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadRequest(f"url {url[:80]!r} must be an http:// or https:// URL with a host (the node's API)")
+        raise BadRequest(f"{name} {url[:80]!r} must be an http:// or https:// URL with a host ({what})")
     if parts.username is not None or parts.query or parts.fragment or port == 0:
-        raise BadRequest("url must have no user name, query or fragment (give a token for the node's auth)")
+        raise BadRequest(f"{name} must have no user name, query or fragment (give a token for the node's auth)")
     return url.rstrip("/")
+
+
+def hub_url(value: object) -> str | None:
+    """The hub API as a node reaches it (``http://`` or ``https://``, as :func:`node_url`), or None."""
+    return None if value is None else node_url(value, "hub_url", "the hub's API as this node reaches it")
 
 
 def _token(value: object) -> str | None:
@@ -173,17 +183,28 @@ def nbd_host(value: object) -> str | None:
         return None
     host = fields.text(value, "nbd_host", limit=253)
     try:
-        return str(ipaddress.ip_address(host.strip("[]")))
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         pass
+    else:
+        zone = getattr(address, "scope_id", None)
+        if zone is not None and not _ZONE.fullmatch(zone):
+            raise BadRequest("nbd_host: an IPv6 zone id is 1-64 of letters, digits, '.', '_', '~', '-' (fe80::1%eth0)")
+        return str(address)
     if not _HOST_NAME.fullmatch(host):
         raise BadRequest("nbd_host must be a host name or an IP address (no port: each export has its own)")
     return host
 
 
+_CHECKS: dict[str, Callable[[object], Any]] = {
+    "url": node_url, "token": _token, "tunnel_identity": _identity, "transport": _transport, "nbd_host": nbd_host,
+    "hub_url": hub_url,
+}  # fmt: skip
+
+
 def parse_node(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``POST /nodes``: ``{"name", "url", "token"?, "tunnel_identity"?, "transport"?, "nbd_host"?}`` as
-    columns; unknown fields refused."""
+    """``POST /nodes``: ``{"name", "url", "token"?, "tunnel_identity"?, "transport"?, "nbd_host"?,
+    "hub_url"?}`` as columns; unknown fields refused."""
     fields.json_object(body, "the body", _FIELDS)
     return {
         "name": node_name(body.get("name")),
@@ -192,55 +213,74 @@ def parse_node(body: Mapping[str, Any]) -> dict[str, Any]:
         "tunnel_identity": _identity(body.get("tunnel_identity")),
         "transport": _transport(body.get("transport", TRANSPORT_TUNNEL)),
         "nbd_host": nbd_host(body.get("nbd_host")),
+        "hub_url": hub_url(body.get("hub_url")),
     }
 
 
 def parse_edit(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``PATCH /nodes/{name}``: the fields given (null clears ``token``, ``tunnel_identity`` or
-    ``nbd_host``) as columns."""
+    """``PATCH /nodes/{name}``: the fields given (null clears ``token``, ``tunnel_identity``, ``nbd_host``
+    or ``hub_url``) as columns."""
     fields.json_object(body, "the body", _FIELDS - {"name"})
     if not body:
-        raise BadRequest("give at least one of url, token, tunnel_identity, transport, nbd_host")
-    checks = {
-        "url": node_url, "token": _token, "tunnel_identity": _identity, "transport": _transport, "nbd_host": nbd_host,
-    }  # fmt: skip
-    return {column: checks[column](value) for column, value in body.items()}
+        raise BadRequest("give at least one of url, token, tunnel_identity, transport, nbd_host, hub_url")
+    return {column: _CHECKS[column](value) for column, value in body.items()}
+
+
+#: The hub's options of its default node (``--node-url`` and the rest), by the column each sets.
+DEFAULT_OPTIONS = {
+    "url": "--node-url", "token": "--node-token-file", "tunnel_identity": "--node-tunnel-identity",
+    "transport": "--node-transport", "nbd_host": "--node-nbd-host", "hub_url": "--node-hub-url",
+}  # fmt: skip
+
+
+def default_node(values: Mapping[str, object]) -> dict[str, Any]:
+    """The default node's columns from the hub's options: every column, each checked as the API checks
+    it (:class:`BadRequest` names the option); ``transport`` defaults to tunnel, the others to None."""
+    columns: dict[str, Any] = {"name": DEFAULT}
+    for column, option in DEFAULT_OPTIONS.items():
+        value = values.get(column, TRANSPORT_TUNNEL if column == "transport" else None)
+        try:
+            columns[column] = _CHECKS[column](value)
+        except BadRequest as exc:
+            raise BadRequest(f"{option}: {exc}") from None
+    return columns
 
 
 class NodeRegistry:
     """The registered nodes (table ``nodes``), a client per node, and their health checks.
 
-    ``default_url`` (``--node-url``) is written as the node :data:`DEFAULT` when the registry opens; a
-    command-line default left by an earlier start without it is removed. ``tls``: the hub has NBD TLS
-    credentials (without them a node's transport cannot be set to ``tls``).
+    ``default`` (:func:`default_node`'s columns, from ``--node-url`` and its options) is written whole as
+    the node :data:`DEFAULT` when the registry opens, over whatever a node of that name had; a
+    command-line default left by an earlier start without it is removed. ``tls`` says what the hub's NBD
+    TLS allows of a node's transport and ``nbd_host`` (:meth:`ExportTLS.check_node`), checked at every
+    add and edit.
     """
 
     def __init__(
-        self,
-        db: Database,
-        *,
-        clock: Clock,
-        default_url: str | None = None,
-        default_token: str | None = None,
-        tls: bool = False,
+        self, db: Database, *, clock: Clock, default: Mapping[str, Any] | None = None, tls: ExportTLS | None = None
     ) -> None:
         self._db = db
         self.clock = clock
-        self.tls = tls
+        self.tls = tls if tls is not None else ExportTLS()
         self._clients: dict[str, NodeClient] = {}
-        url = None if default_url is None else node_url(default_url)  # HubConfig checked it already
-        db.call(lambda connection: self._configure_default(connection, url, default_token))
+        db.call(lambda connection: self._configure_default(connection, default))
 
-    def _configure_default(self, connection: sqlite3.Connection, url: str | None, token: str | None) -> None:
-        if url is None:
+    def _configure_default(self, connection: sqlite3.Connection, default: Mapping[str, Any] | None) -> None:
+        """Write the command line's default node, every column (nothing of an earlier node of that name
+        stays but its health, which is forgotten too when the URL changed)."""
+        if default is None:
             connection.execute("DELETE FROM nodes WHERE name = ? AND configured = ?", (DEFAULT, BY_COMMAND_LINE))
             return
+        before = connection.execute("SELECT url FROM nodes WHERE name = ?", (DEFAULT,)).fetchone()
+        columns = [column for column in _FIELDS if column != "name"]
         connection.execute(
-            "INSERT INTO nodes (name, url, token, configured, added) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET url = excluded.url, token = excluded.token, "
-            "configured = excluded.configured",
-            (DEFAULT, url, token, BY_COMMAND_LINE, self.clock.now()),
-        )
+            f"INSERT INTO nodes (name, {', '.join(columns)}, configured, added) "
+            f"VALUES (?, {', '.join('?' for _ in columns)}, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            + ", ".join(f"{column} = excluded.{column}" for column in [*columns, "configured"]),
+            (DEFAULT, *(default[column] for column in columns), BY_COMMAND_LINE, self.clock.now()),
+        )  # columns from _FIELDS only
+        if before is not None and before["url"] != default["url"]:
+            connection.execute(f"UPDATE nodes SET {_UNSEEN} WHERE name = ?", (DEFAULT,))
 
     # -- the registry ------------------------------------------------------------
 
@@ -271,8 +311,9 @@ class NodeRegistry:
             return None
 
     async def add(self, spec: Mapping[str, Any]) -> NodeRecord:
-        """Register a node (:func:`parse_node`'s columns); :class:`Conflict` ``exists`` if the name is taken."""
-        self._check_transport(spec)
+        """Register a node (:func:`parse_node`'s columns); :class:`Conflict` ``exists`` if the name is taken,
+        :class:`BadRequest` when the hub's TLS cannot serve its transport at its host."""
+        self.tls.check_node(spec["name"], spec["transport"], spec["nbd_host"])
 
         def insert(connection: sqlite3.Connection) -> None:
             if connection.execute("SELECT 1 FROM nodes WHERE name = ?", (spec["name"],)).fetchone():
@@ -280,11 +321,11 @@ class NodeRegistry:
             if connection.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= MAX_NODES:
                 raise Conflict(f"{MAX_NODES} nodes are registered already: delete one first", "too_many")
             connection.execute(
-                "INSERT INTO nodes (name, url, token, tunnel_identity, transport, nbd_host, configured, added) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nodes (name, url, token, tunnel_identity, transport, nbd_host, hub_url, configured, "
+                "added) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     spec["name"], spec["url"], spec["token"], spec["tunnel_identity"], spec["transport"],
-                    spec["nbd_host"], BY_API, self.clock.now(),
+                    spec["nbd_host"], spec["hub_url"], BY_API, self.clock.now(),
                 ),
             )  # fmt: skip
 
@@ -292,12 +333,15 @@ class NodeRegistry:
         return await self.get(spec["name"])
 
     async def edit(self, name: str, changes: Mapping[str, Any]) -> NodeRecord:
-        """Change a node's url, token, tunnel identity, transport or NBD host (:func:`parse_edit`'s
-        columns); its client is renewed, and a new URL forgets its health."""
-        self._check_transport(changes)
+        """Change a node's url, token, tunnel identity, transport, NBD host or hub URL (:func:`parse_edit`'s
+        columns); its client is renewed, and a new URL forgets its health. The node as changed is checked
+        against the hub's TLS (:meth:`ExportTLS.check_node`) before anything is written."""
 
         def update(connection: sqlite3.Connection) -> None:
             self._changeable(connection, name)
+            now = NodeRecord.from_row(rows(connection.execute("SELECT * FROM nodes WHERE name = ?", (name,)))[0])
+            changed = attrs.evolve(now, **changes)
+            self.tls.check_node(name, changed.transport, changed.nbd_host)
             assignments = ", ".join(f"{column} = ?" for column in changes)  # columns from parse_edit only
             connection.execute(f"UPDATE nodes SET {assignments} WHERE name = ?", (*changes.values(), name))
             if "url" in changes:  # another node, maybe: what was seen of the old one no longer holds
@@ -319,14 +363,6 @@ class NodeRegistry:
 
         await self._db.run(remove)
         await self._drop_client(name)
-
-    def _check_transport(self, spec: Mapping[str, Any]) -> None:
-        """Refuse transport ``tls`` on a hub without NBD TLS credentials."""
-        if spec.get("transport") == TRANSPORT_TLS and not self.tls:
-            raise BadRequest(
-                "transport tls needs the hub's NBD TLS credentials: start the hub with --nbd-tls-creds DIR "
-                "(sendense-nbd tls init makes them), or keep the node on its tunnel"
-            )
 
     @staticmethod
     def _changeable(connection: sqlite3.Connection, name: str) -> None:

@@ -38,6 +38,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 
@@ -58,6 +59,7 @@ from sendense_nbd.errors import (
 from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts, repeated_full
+from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.copies import Copies
 from sendense_nbd.hub.db import Database
@@ -79,13 +81,14 @@ from sendense_nbd.hub.metrics import HubMetrics
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.nodes import (
     DEFAULT,
+    DEFAULT_OPTIONS,
     HEALTH_CONCURRENCY,
     JOB_GRACE,
     NODE_LOST,
-    TRANSPORT_TLS,
     NodeRecord,
     NodeRegistry,
-    node_url,
+    default_node,
+    nbd_host,
 )
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
@@ -94,21 +97,13 @@ from sendense_nbd.hub.retention_preview import PreviewVM, preview_vm, retention_
 from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
 from sendense_nbd.hub.space_history import SpaceHistory, SpaceSample
+from sendense_nbd.hub.transport import TRANSPORT_TUNNEL, ExportTLS, Route, check_exposure
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.storage.files import is_temporary, remove_quietly
 
 log = logging.getLogger(__name__)
-
-
-def _check_node_url(url: str | None) -> None:
-    """Refuse a ``--node-url`` that cannot be a node's API before a hub opens anything."""
-    if url is not None:
-        try:
-            node_url(url)
-        except BadRequest as exc:
-            raise BadRequest(f"--node-url: {exc}") from None
 
 
 def _check_nbd_tls(config: HubConfig, _: object, mode: TLSMode) -> None:
@@ -129,10 +124,17 @@ class HubConfig:
     nbd_bind: str = "127.0.0.1"
     #: Host name the node uses to reach the exports (default: nbd_bind).
     nbd_advertise: str | None = None
-    #: The node API (None: jobs wait for a node that is told some other way).
-    node_url: str | None = attrs.field(default=None, validator=lambda _, __, url: _check_node_url(url))
+    #: The default node's API (None: jobs wait for a node that is told some other way), and the rest of
+    #: it as ``node add`` takes it (``--node-token-file``, ``--node-tunnel-identity``, ``--node-transport``,
+    #: ``--node-nbd-host``, ``--node-hub-url``): see :meth:`default_node`.
+    node_url: str | None = None
     node_token: str | None = None
-    #: The hub API URL as the node reaches it (passed to the node with each job).
+    node_tunnel_identity: str | None = None
+    node_transport: str = TRANSPORT_TUNNEL
+    node_nbd_host: str | None = None
+    node_hub_url: str | None = None
+    #: The hub API URL as the nodes reach it (passed to a node with each job, unless its ``hub_url`` says
+    #: otherwise).
     public_url: str = "http://127.0.0.1:8082"
     job_timeout: float = 24 * 3600.0
     keep_points: int = 7
@@ -154,6 +156,51 @@ class HubConfig:
     #: REQUIRE: every export (backups of every node, restores) only over TLS; OFF: only the exports of
     #: nodes registered with transport ``tls``.
     nbd_tls: TLSMode = attrs.field(default=TLSMode.OFF, validator=_check_nbd_tls)
+    #: The names in the certificate of ``nbd_tls_context`` (``--nbd-tls-creds``'s ``server-cert.pem``): the
+    #: hosts nodes dial TLS exports at must be among them (None: not checked).
+    nbd_tls_names: CertificateNames | None = None
+    #: Serve plain NBD exports on a network ``nbd_bind`` (``--allow-plain-nbd``); refused otherwise.
+    allow_plain_nbd: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse what cannot work before a hub opens anything: a bad default node or ``--nbd-advertise``,
+        exposed plain exports, TLS exports at a host the certificate does not name (:func:`check_exposure`)."""
+        default = self.default_node()
+        if self.nbd_advertise is not None:
+            try:
+                nbd_host(self.nbd_advertise)
+            except BadRequest as exc:
+                raise BadRequest(f"--nbd-advertise: {exc}") from None
+        tls = self.export_tls()
+        check_exposure(self.nbd_bind, self.nbd_advertise, tls, allow_plain=self.allow_plain_nbd)
+        if default is not None:
+            try:
+                tls.check_node(DEFAULT, default["transport"], default["nbd_host"])
+            except BadRequest as exc:
+                raise BadRequest(f"the default node (--node-url): {exc}") from None
+
+    def default_node(self) -> dict[str, Any] | None:
+        """The node :data:`~sendense_nbd.hub.nodes.DEFAULT` as the ``--node-*`` options give it, every
+        column (None without ``--node-url``); :class:`BadRequest` names the option at fault."""
+        values = {
+            "url": self.node_url, "token": self.node_token, "tunnel_identity": self.node_tunnel_identity,
+            "transport": self.node_transport, "nbd_host": self.node_nbd_host, "hub_url": self.node_hub_url,
+        }  # fmt: skip
+        if self.node_url is None:
+            given = [DEFAULT_OPTIONS[k] for k, v in values.items() if v is not None and v != TRANSPORT_TUNNEL]
+            if given:
+                raise BadRequest(f"{', '.join(given)} describe the default node: give --node-url too")
+            return None
+        return default_node(values)
+
+    def export_tls(self) -> ExportTLS:
+        """What the hub's NBD TLS allows, and the host nodes dial by default."""
+        return ExportTLS(
+            context=self.nbd_tls_context,
+            required=self.nbd_tls is TLSMode.REQUIRE,
+            names=self.nbd_tls_names,
+            default_host=self.nbd_advertise or self.nbd_bind,
+        )
 
 
 @attrs.frozen
@@ -208,13 +255,8 @@ class Hub:
         self._exports = ExportManager(shared=config.shared, tls_context=config.nbd_tls_context)
         self._repository = Repository(config.repo, self._db, clock=self.clock)
         self._jobs = JobStore(self._db, self.clock)
-        self.nodes = NodeRegistry(
-            self._db,
-            clock=self.clock,
-            default_url=config.node_url,
-            default_token=config.node_token,
-            tls=config.nbd_tls_context is not None,
-        )
+        self._tls = config.export_tls()
+        self.nodes = NodeRegistry(self._db, clock=self.clock, default=config.default_node(), tls=self._tls)
         self.alerts = Alerts(self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo)
         self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock)
         self._verifier = Verifier(
@@ -427,7 +469,8 @@ class Hub:
         """
         await self._jobs.refuse_busy(request.vm_path)
         node_name, node = await self._node_of(request.node)
-        route = self._route(await self.nodes.find(node_name) if node_name is not None else None)
+        record = await self.nodes.find(node_name) if node_name is not None else None
+        route = self._route(record)
         try:
             disks = await self._disks_to_back_up(request, node)
         except NodeUnavailable as exc:  # a failed job, listed (the node's 404 or odd answer: only refused)
@@ -450,11 +493,12 @@ class Hub:
         prepared: list[DiskExport] = []
         try:
             for plan in plans:
-                prepared.append(await self._prepare_disk(job.id, request, plan, route))
+                prepared.append(await self._prepare_disk(job.id, request, plan, route, node_name))
             job = await self._jobs.transition(job.id, JobState.RUNNING, detail=BackupDetail(tuple(prepared)))
             if node is not None:
                 targets = {disk.disk_key: disk.uri for disk in prepared}
-                await node.start_backup(job.id, request.vm_path, request.mode, targets, self.config.public_url)
+                api_url = (record.hub_url if record is not None else None) or self.config.public_url
+                await node.start_backup(job.id, request.vm_path, request.mode, targets, api_url)
         except BaseException as exc:
             await self._cleanup(job.id, prepared)
             with contextlib.suppress(JobStateError):
@@ -507,25 +551,20 @@ class Hub:
         need = await capacity.disk_need(self._repository, request.vm_path, disk.key, size, full=reason is not None)
         return _DiskPlan(disk, reason, need)
 
-    def _route(self, node: NodeRecord | None) -> _Route:
+    def _route(self, node: NodeRecord | None) -> Route:
         """How a backup's node reaches its exports: over TLS when the hub requires it or the node's transport
-        is ``tls`` (:class:`Conflict` ``tls_unavailable`` when the hub has no credentials), at the node's
-        ``nbd_host``, else ``--nbd-advertise``, else ``--nbd-bind``."""
-        tls = self.config.nbd_tls is TLSMode.REQUIRE or (node is not None and node.transport == TRANSPORT_TLS)
-        if tls and self.config.nbd_tls_context is None:
-            assert node is not None
-            raise Conflict(
-                f"node {node.name!r} has transport tls, but this hub has no NBD TLS credentials: start it with "
-                f"--nbd-tls-creds DIR, or set the node's transport to tunnel",
-                "tls_unavailable",
-            )
-        host = (node.nbd_host if node is not None else None) or self.config.nbd_advertise or self.config.nbd_bind
-        return _Route(tls, host)
+        is ``tls``, at the node's ``nbd_host``, else ``--nbd-advertise``, else ``--nbd-bind``
+        (:meth:`ExportTLS.route`: :class:`Conflict` when that cannot work). A job without a node: the
+        default host, TLS when the hub requires it."""
+        if node is None:
+            return self._tls.restore_route()
+        return self._tls.route(node.name, node.transport, node.nbd_host)
 
     async def _prepare_disk(
-        self, job_id: str, request: req.BackupRequest, plan: _DiskPlan, route: _Route
+        self, job_id: str, request: req.BackupRequest, plan: _DiskPlan, route: Route, node: str | None
     ) -> DiskExport:
-        """The disk's new point, served on a leased port (over TLS if ``route`` says so)."""
+        """The disk's new point, served on a leased port (over TLS if ``route`` says so; with client
+        certificates, to ``node``'s certificate only)."""
         disk = plan.disk
         point = await self._repository.new_point(
             request.vm_path, disk.key, job_id, incremental=plan.reason is None, capacity=disk.capacity
@@ -534,10 +573,11 @@ class Hub:
             allocation = await self._ports.allocate(self.holder, job_id, disk.key)
             try:
                 name = f"{job_id}-{disk.key}"
-                opener = self._repository.opener(point, readonly=False)
                 running = await self._exports.start(
-                    job_id, disk.key, name, point.path, allocation.socket, opener=opener, tls=route.tls
-                )
+                    job_id, disk.key, name, point.path, allocation.socket,
+                    opener=self._repository.opener(point, readonly=False), tls=route.tls,
+                    admit_peer=self._tls.peer_check(node, route.tls),
+                )  # fmt: skip
             except BaseException:
                 allocation.socket.close()
                 await self._ports.release(port=allocation.lease.port)
@@ -738,7 +778,7 @@ class Hub:
         return await self._jobs.transition(job.id, JobState.COMPLETED)
 
     async def _export_point(self, point: Point) -> Job:
-        route = self._route(None)  # restores: TLS when the hub requires it
+        route = self._tls.restore_route()  # restores: TLS when the hub requires it
         job = await self._jobs.create(
             JobKind.RESTORE, point.vm_path, req.RestoreAction.EXPORT, None, lifetime=self.config.job_timeout
         )
@@ -887,19 +927,6 @@ def _space_code(failure: req.Failure) -> req.Failure:
     """A node's failure report whose write failed with ENOSPC (only the hub's exports, writing to the
     repository, answer that) gets the code ``insufficient_space``."""
     return attrs.evolve(failure, code="insufficient_space") if "ENOSPC" in failure.message else failure
-
-
-@attrs.frozen
-class _Route:
-    """How a node reaches a job's exports: over TLS or not, at ``host``."""
-
-    tls: bool
-    host: str
-
-    def uri(self, port: int, export: str) -> str:
-        """The export's URI: ``nbds://`` with TLS (``host`` must be a name in the hub's certificate)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'nbds' if self.tls else 'nbd'}://{host}:{port}/{export}"
 
 
 @attrs.frozen

@@ -31,7 +31,8 @@ def build_app(node: Node, *, token: str | None) -> web.Application:
 
     @routes.post(PREFIX + "/backups")
     async def start(request: web.Request) -> web.Response:
-        body = BackupRequest.from_json(await json_body(request), hub_url=node.config.hub_url)
+        config = node.config
+        body = BackupRequest.from_json(await json_body(request), hub_url=config.hub_url, nbd_host=config.nbd_host)
         return web.json_response(node.start_backup(body).to_json(), status=202)
 
     @routes.get(PREFIX + "/backups")

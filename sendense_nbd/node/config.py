@@ -20,6 +20,7 @@
     token_file = "/etc/sendense/node.token"            # the hub's bearer token
     hub_token_file = "/etc/sendense/hub.token"         # our token at the hub API
     hub_url = "http://127.0.0.1:8082"                  # pin the hub: jobs' api_url and targets' host
+    # nbd_host = "10.0.0.2"                            # the targets' host when it is not hub_url's
     max_jobs = 2                                       # jobs running at once
     max_queued = 16                                    # jobs waiting; more are refused (503 busy)
     connections = 4                                    # NBD connections per disk and side
@@ -43,7 +44,9 @@ password and token files) must not be readable by group or others.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import ssl
 import stat
 import tomllib
@@ -55,12 +58,16 @@ import attrs
 from sendense_nbd.backup.prepare import VddkSettings
 from sendense_nbd.errors import ConfigError, TLSError
 
+#: A DNS name (RFC 1123 labels).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+
 #: The keys each section may hold; any other key, or section, is refused.
 SECTIONS: dict[str, frozenset[str]] = {
     "vcenter": frozenset({"endpoint", "username", "password", "password_file", "thumbprint", "ca_file"}),
     "vddk": frozenset(attrs.fields_dict(VddkSettings)),
     "node": frozenset(
-        {"listen", "token_file", "hub_token_file", "hub_url", "max_jobs", "max_queued"}
+        {"listen", "token_file", "hub_token_file", "hub_url", "nbd_host", "max_jobs", "max_queued"}
         | {"connections", "requests", "merge_gap", "checkpoint"}
     ),
     "tls": frozenset({"creds", "fingerprint"}),
@@ -82,6 +89,9 @@ class NodeConfig:
     hub_token: str | None = attrs.field(default=None, repr=False)
     #: When set, the only hub jobs may report to, and the host every target must be on.
     hub_url: str | None = None
+    #: The host every target must be on when it is not ``hub_url``'s (the hub registered this node with
+    #: this ``nbd_host``); needs ``hub_url``.
+    nbd_host: str | None = None
     max_jobs: int = 2
     max_queued: int = 16
     connections: int = 4
@@ -164,6 +174,7 @@ def load(path: str) -> NodeConfig:
         token=_token(path, node, "token_file"),
         hub_token=_token(path, node, "hub_token_file"),
         hub_url=_hub_url(path, node.get("hub_url")),
+        nbd_host=_nbd_host(path, node.get("nbd_host")),
         max_jobs=_count(path, node, "max_jobs", 2, 64),
         max_queued=_count(path, node, "max_queued", 16, 10000),
         connections=_count(path, node, "connections", 4, 64),
@@ -172,6 +183,8 @@ def load(path: str) -> NodeConfig:
         checkpoint=_bytes(path, node, "checkpoint", 64 << 20, 1 << 40, low=1 << 20),
         **_tls(path, tls),
     )
+    if config.nbd_host is not None and config.hub_url is None:
+        raise ConfigError(f"{path}: [node] nbd_host needs hub_url: it says where targets may be instead of its host")
     if config.tls_creds is not None or config.tls_fingerprint is not None:
         if config.hub_url is None:
             raise ConfigError(
@@ -256,6 +269,19 @@ def _bytes(path: str, section: dict[str, Any], key: str, default: int, high: int
     if type(value) is not int or not low <= value <= high:
         raise ConfigError(f"{path}: [node] {key} must be a number of bytes from {low} to {high}")
     return value
+
+
+def _nbd_host(path: str, value: object) -> str | None:
+    """A host name or an IP address (an IPv6 one may have a zone id, ``fe80::1%eth0``), without a port."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            if _HOST_NAME.fullmatch(value):
+                return value.lower().rstrip(".")
+    raise ConfigError(f"{path}: [node] nbd_host must be a host name or an IP address without a port, e.g. 10.0.0.2")
 
 
 def _hub_url(path: str, value: object) -> str | None:

@@ -4,8 +4,9 @@ The hub is the node's only caller, and ``POST /backups`` is what it sends
 (docs/NODE_API.md); unknown fields are refused. Targets must be NBD URIs (a
 local file would let a caller write a VM's disk anywhere the node can).
 With ``[node] hub_url`` set, the job's ``api_url`` must be that URL and every
-target must be on its host, so a caller cannot send a VM's disks, progress
-or the node's hub token anywhere else.
+target must be on its host (or on ``[node] nbd_host`` when set: the hub's NBD
+address as this node dials it, when it is not the API's), so a caller cannot
+send a VM's disks, progress or the node's hub token anywhere else.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 
 from sendense_nbd.backup import Mode
-from sendense_nbd.client.uri import parse_uri
+from sendense_nbd.client.uri import parse_uri, split_host
 from sendense_nbd.errors import BadRequest, URIError
 from sendense_nbd.fields import (
     IDENTIFIER,
@@ -44,8 +45,11 @@ class BackupRequest:
     api_url: str
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any], *, hub_url: str | None = None) -> BackupRequest:
-        """Parse and check the body (:class:`BadRequest` names the field at fault); ``hub_url`` pins the hub."""
+    def from_json(
+        cls, body: Mapping[str, Any], *, hub_url: str | None = None, nbd_host: str | None = None
+    ) -> BackupRequest:
+        """Parse and check the body (:class:`BadRequest` names the field at fault); ``hub_url`` pins the hub,
+        and the targets to its host, or to ``nbd_host`` when given."""
         json_object(body, "the body", frozenset({"job_id", "vm_path", "mode", "targets", "api_url"}))
         job_id = body.get("job_id")
         if not isinstance(job_id, str) or not IDENTIFIER.fullmatch(job_id):
@@ -57,9 +61,18 @@ class BackupRequest:
             job_id,
             vm_path(body.get("vm_path")),
             choice(body.get("mode", "auto"), "mode", Mode),
-            _targets(body.get("targets"), None if hub_url is None else urlsplit(hub_url).hostname),
+            _targets(body.get("targets"), _target_host(hub_url, nbd_host)),
             api_url,
         )
+
+
+def _target_host(hub_url: str | None, nbd_host: str | None) -> tuple[str, str] | None:
+    """The host every target must be on, and the setting that says so (None: any host)."""
+    if hub_url is None:
+        return None
+    if nbd_host is not None:
+        return nbd_host, "[node] nbd_host"
+    return split_host(urlsplit(hub_url)) or "", "[node] hub_url"
 
 
 def http_url(value: object, name: str) -> str:
@@ -80,7 +93,7 @@ def http_url(value: object, name: str) -> str:
 _TLS_SETTINGS = frozenset({"tls-certificates", "tls-verify-peer", "tls-hostname", "tls-fingerprint", "tls-type"})
 
 
-def _targets(value: object, hub_host: str | None) -> tuple[tuple[int, str], ...]:
+def _targets(value: object, hub_host: tuple[str, str] | None) -> tuple[tuple[int, str], ...]:
     targets = json_object(value, "targets")
     if not 0 < len(targets) <= MAX_DISKS:
         raise BadRequest(f"targets maps 1 to {MAX_DISKS} disk keys to NBD URIs")
@@ -93,8 +106,8 @@ def _targets(value: object, hub_host: str | None) -> tuple[tuple[int, str], ...]
             address = parse_uri(uri)
         except URIError as exc:
             raise BadRequest(f"targets[{key}]: {exc}") from None
-        if hub_host is not None and address.host != hub_host:
-            raise BadRequest(f"targets[{key}] is not on this node's hub ({hub_host}, from [node] hub_url)")
+        if hub_host is not None and address.host != hub_host[0]:
+            raise BadRequest(f"targets[{key}] is not on this node's hub ({hub_host[0]}, from {hub_host[1]})")
         if _TLS_SETTINGS & set(parse_qs(urlsplit(uri).query)):
             raise BadRequest(f"targets[{key}]: a target names no TLS settings; the node's own [tls] applies")
         out.append((int(key), uri))

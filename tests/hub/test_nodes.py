@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -536,7 +537,10 @@ _NODE_BODIES = st.fixed_dictionaries(
         "token": st.one_of(st.sampled_from([SECRET, None, "x" * 4097]), TEXT, JSON),
         "tunnel_identity": st.one_of(st.sampled_from([FINGERPRINT, None, FINGERPRINT + "="]), TEXT, JSON),
         "transport": st.one_of(st.sampled_from(["tunnel", "tls", "ssh"]), TEXT, JSON),
-        "nbd_host": st.one_of(st.sampled_from(["hub.example", "10.0.0.2", "::1", "h:1", None]), TEXT, JSON),
+        "nbd_host": st.one_of(
+            st.sampled_from(["hub.example", "10.0.0.2", "::1", "h:1", "fe80::1%eth0", "fe80::1%a?b", None]), TEXT, JSON
+        ),
+        "hub_url": st.one_of(_URLS, st.none(), TEXT, JSON),
         "other": JSON,
     },
 )
@@ -552,10 +556,13 @@ def test_node_bodies_are_parsed_or_refused_with_bad_request(body: Any) -> None:
         except BadRequest as exc:
             assert str(exc) and "\n" not in str(exc)
             continue
-        assert set(parsed) <= {"name", "url", "token", "tunnel_identity", "transport", "nbd_host"} and parsed
+        assert set(parsed) <= {"name", "url", "token", "tunnel_identity", "transport", "nbd_host", "hub_url"} and parsed
         assert parsed.get("transport", "tunnel") in ("tunnel", "tls")
         host = parsed.get("nbd_host")
         assert host is None or ":" not in host or ipaddress.ip_address(host).version == 6
+        assert host is None or "%" not in host or re.fullmatch(r"[0-9a-f:]+%[A-Za-z0-9._~-]{1,64}", host), host
+        for url in (parsed.get("url"), parsed.get("hub_url")):
+            assert url is None or (url.split("://")[0] in ("http", "https") and not url.endswith("/"))
         assert parsed.get("url") is None or parsed["url"].split("://")[0] in ("http", "https")
         assert parsed.get("token") is None or " " not in parsed["token"]
         assert parsed.get("tunnel_identity") in (None, FINGERPRINT)

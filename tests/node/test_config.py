@@ -1,5 +1,6 @@
 """The node's configuration is strict: every section refuses a key it does not know, naming it and the
-section, and ``[vddk]`` becomes typed settings (no peers needed)."""
+section, ``[vddk]`` becomes typed settings, and ``[node] hub_url``/``nbd_host`` pin where a job may
+report and write (no peers needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from sendense_nbd.backup import VddkSettings
-from sendense_nbd.errors import ConfigError
+from sendense_nbd.errors import BadRequest, ConfigError
 from sendense_nbd.node.config import SECTIONS, load
+from sendense_nbd.node.requests import BackupRequest
 
 MINIMAL = '[vcenter]\nendpoint = "vc:443"\nusername = "u"\npassword = "p"\n'
 
@@ -86,3 +88,49 @@ def test_checkpoint_is_bytes_from_one_mib(tmp_path: Path) -> None:
     for bad in ("0", "1048575", '"64M"'):
         with pytest.raises(ConfigError, match=r"\[node\] checkpoint must be a number of bytes from 1048576 to"):
             load(_write(tmp_path, f"{MINIMAL}[node]\ncheckpoint = {bad}\n"))
+
+
+def test_nbd_host_pins_the_targets_instead_of_hub_urls_host(tmp_path: Path) -> None:
+    """``[node] nbd_host``: the hub's NBD address when it is not the API's; the targets must be on it (and
+    only on it), the job must still report to ``hub_url``."""
+    hub = '[node]\nhub_url = "https://hub.example.com:8443"\n'
+    loaded = load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "10.0.0.2"\n'))
+    assert (loaded.hub_url, loaded.nbd_host) == ("https://hub.example.com:8443", "10.0.0.2")
+    assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "Hub.Example.COM"\n')).nbd_host == "hub.example.com"
+    assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "fe80::1%eth0"\n')).nbd_host == "fe80::1%eth0"
+    for bad in ('"10.0.0.2:10809"', '"a b"', "5"):
+        with pytest.raises(ConfigError, match=r"\[node\] nbd_host must be a host name or an IP address"):
+            load(_write(tmp_path, f"{MINIMAL}{hub}nbd_host = {bad}\n"))
+    with pytest.raises(ConfigError, match=r"\[node\] nbd_host needs hub_url"):
+        load(_write(tmp_path, f'{MINIMAL}[node]\nnbd_host = "10.0.0.2"\n'))
+
+    def job(target: str) -> dict[str, object]:
+        return {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": "https://hub.example.com:8443",
+                "targets": {"2000": target}}  # fmt: skip
+
+    pinned = {"hub_url": "https://hub.example.com:8443", "nbd_host": "10.0.0.2"}
+    assert BackupRequest.from_json(job("nbds://10.0.0.2:10100/e"), **pinned).targets == (
+        (2000, "nbds://10.0.0.2:10100/e"),
+    )
+    for elsewhere in ("nbds://hub.example.com:10100/e", "nbds://10.0.0.3:10100/e"):
+        with pytest.raises(BadRequest, match=r"is not on this node's hub \(10.0.0.2, from \[node\] nbd_host\)"):
+            BackupRequest.from_json(job(elsewhere), **pinned)
+    with pytest.raises(BadRequest, match=r"is not on this node's hub \(hub.example.com, from \[node\] hub_url\)"):
+        BackupRequest.from_json(job("nbds://10.0.0.2:10100/e"), hub_url="https://hub.example.com:8443")
+    with pytest.raises(BadRequest, match="api_url is not this node's hub"):
+        BackupRequest.from_json({**job("nbds://10.0.0.2:10100/e"), "api_url": "https://10.0.0.2:8443"}, **pinned)
+
+
+def test_an_ipv6_zone_id_is_the_same_host_in_hub_url_and_targets() -> None:
+    """RFC 6874: ``[fe80::1%25eth0]`` in both URLs names the host ``fe80::1%eth0``."""
+    hub_url = "http://[fe80::1%25eth0]:8082"
+    body = {
+        "job_id": "j1",
+        "vm_path": "/DC0/vm/x",
+        "api_url": hub_url,
+        "targets": {"2000": "nbd://[fe80::1%25eth0]:10100/e"},
+    }
+    assert BackupRequest.from_json(body, hub_url=hub_url).targets == ((2000, "nbd://[fe80::1%25eth0]:10100/e"),)
+    other = {**body, "targets": {"2000": "nbd://[fe80::1%25eth1]:10100/e"}}
+    with pytest.raises(BadRequest, match=r"is not on this node's hub \(fe80::1%eth0, from \[node\] hub_url\)"):
+        BackupRequest.from_json(other, hub_url=hub_url)

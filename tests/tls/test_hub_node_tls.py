@@ -2,7 +2,9 @@
 
 A hub with `tls init` credentials serves a node registered with transport ``tls`` its exports as ``nbds://``
 (mutual TLS: the node presents its client certificate) and its API over HTTPS, which the node checks against
-the deployment's CA. A node without a client certificate fails its job with a TLS sentence and records nothing.
+the deployment's CA; that node reaches the API by a name of its own (its ``hub_url``, not the hub's
+``--public-url``) and dials the exports at another host (its ``nbd_host``, pinned by its ``[node] nbd_host``).
+A node without a client certificate fails its job with a TLS sentence and records nothing.
 A hub restarted with ``--nbd-tls require`` serves restores over TLS only, read by ``nbdinfo``/``nbdcopy``.
 """
 
@@ -99,10 +101,13 @@ def nodes() -> Iterator[list[NodeProcess]]:
         node.stop()
 
 
-def _node(root: Path, vcsim: dict[str, Any], hub_url: str, tls: str, started: list[NodeProcess]) -> NodeProcess:
-    """A node whose hub is ``hub_url`` (HTTPS) with the ``[tls]`` lines ``tls``, its API on 127.0.0.1."""
+def _node(
+    root: Path, vcsim: dict[str, Any], hub_url: str, tls: str, started: list[NodeProcess], extra: str = ""
+) -> NodeProcess:
+    """A node whose hub is ``hub_url`` (HTTPS) with the ``[tls]`` lines ``tls`` and ``extra`` ``[node]``
+    lines, its API on 127.0.0.1."""
     root.mkdir()
-    config = write_config(root, vcsim, extra=f'hub_url = "{hub_url}"')
+    config = write_config(root, vcsim, extra=f'hub_url = "{hub_url}"\n{extra}')
     config.write_text(config.read_text() + f"\n[tls]\n{tls}\n")
     node = NodeProcess(config, listen="127.0.0.1:0")
     started.append(node)
@@ -154,9 +159,14 @@ def test_a_tls_node_backs_up_over_nbds_without_a_tunnel(
     hub_url = hub.startup["listening"]
     assert hub_url.startswith("https://127.0.0.1:")
     api = HttpsApi(hub_url, layout.ca_cert)
-    node = _node(tmp_path / "site1", vcsim, hub_url, f'creds = "{node_creds}"', nodes)
-    status, record = api.post("/nodes", {"name": "site1", "url": node.url, "transport": "tls"})
-    assert status == 201 and (record["transport"], record["nbd_host"]) == ("tls", None), record
+    # site1 reaches the API as localhost (a name in the certificate, not --public-url's 127.0.0.1), the exports
+    # at 127.0.0.1: another host than its hub_url's, which its [node] nbd_host allows.
+    own_url = hub_url.replace("127.0.0.1", "localhost")
+    pins = 'nbd_host = "127.0.0.1"'
+    node = _node(tmp_path / "site1", vcsim, own_url, f'creds = "{node_creds}"', nodes, pins)
+    site1 = {"name": "site1", "url": node.url, "transport": "tls", "hub_url": own_url, "nbd_host": "127.0.0.1"}
+    status, record = api.post("/nodes", site1)
+    assert status == 201 and (record["transport"], record["hub_url"]) == ("tls", own_url), record
     listed = subprocess.run(
         [sys.executable, "-m", "sendense_nbd", "node", "list", "--hub", hub_url],
         capture_output=True, text=True, timeout=60, env={**os.environ, "SSL_CERT_FILE": str(layout.ca_cert)},
@@ -256,7 +266,7 @@ async def test_a_node_transport_is_checked_stored_and_needs_hub_credentials(tmp_
         HubConfig(repo=str(repo), nbd_tls=TLSMode.REQUIRE)
 
 
-def test_an_older_store_gets_the_node_transport_columns(tmp_path: Path) -> None:
+def test_an_older_store_gets_the_node_transport_and_hub_url_columns(tmp_path: Path) -> None:
     path = tmp_path / "hub.db"
     with sqlite3.connect(path) as connection:
         connection.execute(
@@ -272,7 +282,7 @@ def test_an_older_store_gets_the_node_transport_columns(tmp_path: Path) -> None:
     finally:
         db.close()
     record = NodeRecord.from_row(row)
-    assert (record.transport, record.nbd_host) == ("tunnel", None)
+    assert (record.transport, record.nbd_host, record.hub_url) == ("tunnel", None, None)
 
 
 def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> None:
@@ -317,19 +327,3 @@ def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> No
         with pytest.raises(BadRequest) as refused_target:  # a caller never chooses how the node checks TLS
             BackupRequest.from_json(body, hub_url="https://hub:8082")
         assert "names no TLS settings" in str(refused_target.value), setting
-
-
-def test_the_hub_warns_when_exports_on_a_network_address_are_not_mutual_tls(tmp_path: Path) -> None:
-    """The warning comes before anything listens: each run here stops at a usage error right after it."""
-
-    def hub(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(tmp_path / "repo"), *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
-
-    plain = hub("--nbd-bind", "0.0.0.0", "--nbd-tls-verify-client")  # refused: no credentials
-    assert plain.returncode == 2 and "warning: the NBD exports listen on 0.0.0.0" in plain.stderr
-    assert "plain NBD" in plain.stderr and "--nbd-tls require --nbd-tls-verify-client" in plain.stderr
-    tls = hub("--nbd-bind", "0.0.0.0", "--nbd-tls", "require")  # refused: no credentials
-    assert tls.returncode == 2 and "TLS exports admit any TLS client" in tls.stderr
-    quiet = hub("--nbd-bind", "127.0.0.1", "--nbd-tls", "require")
-    assert quiet.returncode == 2 and "warning" not in quiet.stderr and "needs --nbd-tls-creds" in quiet.stderr

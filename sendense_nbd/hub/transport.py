@@ -1,0 +1,164 @@
+"""How nodes reach the hub's NBD exports: plain or over TLS, at which host, and what the hub refuses.
+
+One value, :class:`ExportTLS`, made from the hub's options, answers for the node registry (a node's
+transport and ``nbd_host`` when it is added or changed), for each backup (its exports' :class:`Route`)
+and for the exports themselves (:meth:`ExportTLS.peer_check`: with client certificates, an export of a
+node's job admits only that node's certificate). :func:`check_exposure` refuses, before a hub opens
+anything, exports that would be plain NBD on a network address without the operator saying so, and
+TLS exports at a host the hub's certificate does not name (or at a wildcard address).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from sendense_nbd.errors import BadRequest, Conflict, ServerError, TLSError
+from sendense_nbd.http_api import is_loopback
+from sendense_nbd.hub.certnames import CertificateNames, check_host, client_names, names_text
+
+log = logging.getLogger(__name__)
+
+#: A node's NBD transport: through its SSH tunnel (plaintext NBD inside it), or NBD over TLS to the hub.
+TRANSPORT_TUNNEL, TRANSPORT_TLS = "tunnel", "tls"
+TRANSPORTS = (TRANSPORT_TUNNEL, TRANSPORT_TLS)
+
+#: What an export asks of a client that picks it: (export name, its certificate) -> why refused, or None.
+PeerCheck = Callable[[str, Mapping[str, Any] | None], str | None]
+
+
+def uri_host(host: str) -> str:
+    """``host`` as it goes in a URI: an IPv6 address in brackets, its zone id's ``%`` as ``%25`` (RFC 6874)."""
+    return f"[{host.replace('%', '%25')}]" if ":" in host else host
+
+
+@attrs.frozen
+class Route:
+    """How a node reaches a job's exports: over TLS or not, at ``host``."""
+
+    tls: bool
+    host: str
+
+    def uri(self, port: int, export: str) -> str:
+        """The export's URI: ``nbds://`` with TLS (``host`` is then a name in the hub's certificate)."""
+        return f"{'nbds' if self.tls else 'nbd'}://{uri_host(self.host)}:{port}/{export}"
+
+
+@attrs.frozen
+class ExportTLS:
+    """The hub's NBD TLS: its credentials, whether every export requires TLS, its certificate's names
+    (None: hosts are not checked, for a context made without them), and the host nodes dial by default
+    (``--nbd-advertise``, else ``--nbd-bind``)."""
+
+    context: ssl.SSLContext | None = None
+    required: bool = False
+    names: CertificateNames | None = None
+    default_host: str = "127.0.0.1"
+
+    @property
+    def verifies_clients(self) -> bool:
+        """Mutual TLS: a TLS client must show a certificate signed by the deployment's CA."""
+        return self.context is not None and self.context.verify_mode == ssl.CERT_REQUIRED
+
+    def uses_tls(self, transport: str) -> bool:
+        """Whether the exports of a node with this transport require TLS."""
+        return self.required or transport == TRANSPORT_TLS
+
+    def check_node(self, name: str, transport: str, nbd_host: str | None) -> None:
+        """Refuse (:class:`BadRequest`) a node whose exports could not work: transport ``tls`` on a hub
+        without credentials, or a TLS export host that is not a name in the hub's certificate."""
+        if transport == TRANSPORT_TLS and self.context is None:
+            raise BadRequest(
+                "transport tls needs the hub's NBD TLS credentials: start the hub with --nbd-tls-creds DIR "
+                "(sendense-nbd tls init makes them), or keep the node on its tunnel"
+            )
+        try:
+            self._check_host(name, transport, nbd_host)
+        except TLSError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def route(self, name: str, transport: str, nbd_host: str | None) -> Route:
+        """How node ``name`` reaches its backups' exports; :class:`Conflict` when they could not work:
+        ``tls_unavailable`` (transport tls, no credentials), ``tls_host`` (a host the certificate does
+        not name, e.g. after the hub was restarted with another certificate)."""
+        tls = self.uses_tls(transport)
+        if tls and self.context is None:
+            raise Conflict(
+                f"node {name!r} has transport tls, but this hub has no NBD TLS credentials: start it with "
+                f"--nbd-tls-creds DIR, or set the node's transport to tunnel",
+                "tls_unavailable",
+            )
+        try:
+            self._check_host(name, transport, nbd_host)
+        except TLSError as exc:
+            raise Conflict(f"{exc}; change it with sendense-nbd node edit {name} --nbd-host", "tls_host") from None
+        return Route(tls, nbd_host or self.default_host)
+
+    def restore_route(self) -> Route:
+        """The route of a restore's export: TLS when the hub requires it, at the default host."""
+        return Route(self.required, self.default_host)
+
+    def peer_check(self, node: str | None, tls: bool) -> PeerCheck | None:
+        """With client certificates, what binds a TLS export of node ``node``'s job to that node: a client
+        whose certificate does not name it (its common name or a DNS name, as ``tls init --node NAME``
+        issues them) is refused. None when there is nothing to bind (no node, no TLS, no client
+        certificates)."""
+        if node is None or not tls or not self.verifies_clients:
+            return None
+
+        def check(export: str, certificate: Mapping[str, Any] | None) -> str | None:
+            names = client_names(certificate)
+            if node in names:
+                return None
+            return (
+                f"export {export!r} serves a job of node {node!r}, and this client's certificate is for "
+                f"{names_text(names)}: each node uses its own certificate (tls init --node {node})"
+            )
+
+        return check
+
+    def _check_host(self, name: str, transport: str, nbd_host: str | None) -> None:
+        if self.names is not None and self.uses_tls(transport):
+            what = f"node {name!r}'s nbd_host" if nbd_host else f"the NBD host of node {name!r} (--nbd-advertise)"
+            check_host(nbd_host or self.default_host, self.names, what)
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` is the any-address (``0.0.0.0``, ``::``), which no node can dial."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def check_exposure(bind: str, advertise: str | None, tls: ExportTLS, *, allow_plain: bool) -> None:
+    """Refuse (:class:`ServerError`) exports that would be plain NBD on a network address (unless
+    ``allow_plain``: ``--allow-plain-nbd``), and, with TLS credentials, a default export host nodes could
+    not check the certificate against: a wildcard ``--nbd-bind`` without ``--nbd-advertise``, or a host
+    that is not a name in the certificate."""
+    if not is_loopback(bind) and not tls.required and not allow_plain:
+        raise ServerError(
+            f"the NBD exports would listen on {bind}, not loopback, and without --nbd-tls require the exports "
+            "of tunnel nodes and restores are plain NBD, which anyone who reaches the port can read or write: "
+            "give --nbd-tls require (with --nbd-tls-creds and --nbd-tls-verify-client), or keep --nbd-bind on "
+            "loopback (the SSH tunnel's way), or say --allow-plain-nbd to serve plain NBD there anyway"
+        )
+    if tls.context is None:
+        return
+    if advertise is None and is_wildcard(bind):
+        names = "" if tls.names is None else f" (the certificate's names: {tls.names})"
+        raise ServerError(
+            f"--nbd-bind {bind} listens on every address, which is no host a node can dial or check the hub's "
+            f"certificate against: give --nbd-advertise with a name in the certificate{names}"
+        )
+    if tls.names is not None:
+        option = "--nbd-advertise" if advertise is not None else "--nbd-bind, without --nbd-advertise"
+        try:
+            check_host(tls.default_host, tls.names, f"the NBD exports' host ({option})")
+        except TLSError as exc:
+            raise ServerError(str(exc)) from None

@@ -1,0 +1,115 @@
+"""With ``--nbd-tls-verify-client`` each export of a backup admits only the certificate of the node whose
+job it is (docs/TLS.md, "Hub and node"): another node's valid certificate, from the same ``tls init``, is
+refused at NBD_OPT_GO with a sentence that names both nodes, and the hub logs why.
+
+A real in-process hub (its exports are real NBD servers on real ports), a node API that accepts jobs, and
+real clients: ours (``connect``) and libnbd's ``nbdinfo``/``nbdcopy`` over ``nbds://`` with
+``tls-certificates``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sendense_nbd import connect
+from sendense_nbd.errors import OptionError
+from sendense_nbd.hub.certnames import CertificateNames
+from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.tls import init_pki, server_context
+from tests.conftest import require, run
+from tests.hub.accepting_node import accepting_node
+from tests.hub.operating import START, LocalHub, local_hub
+
+pytestmark = pytest.mark.peer
+
+MIB = 1 << 20
+VM_PATH = "/DC0/vm/DC0_H0_VM0"
+
+
+async def _backup(hub: LocalHub, node: str, vm_path: str = VM_PATH) -> str:
+    """A backup job of one 1 MiB disk of ``vm_path`` on ``node``; its export's URI."""
+    body = {"vm_path": vm_path, "node": node, "disks": [{"key": 2000, "capacity": MIB}]}
+    job = await hub.ok("POST", "/backups", body)
+    assert job["state"] == "running", job
+    [disk] = job["detail"]["disks"]
+    assert disk["uri"].startswith("nbds://127.0.0.1:"), disk
+    return str(disk["uri"])
+
+
+async def _peer(*args: str) -> Any:
+    """A libnbd tool, off the event loop (the hub serves in it)."""
+    return await asyncio.to_thread(run, *args, check=False)
+
+
+async def test_an_export_admits_only_its_own_nodes_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
+    site1, site2 = (f"tls-certificates={layout.nodes[name]}" for name in ("site1", "site2"))
+    tls = {
+        "nbd_tls_context": server_context(layout.hub, verify_client=True),
+        "nbd_tls_names": CertificateNames.from_pem(layout.hub / "server-cert.pem"),
+    }
+    data = os.urandom(MIB)
+    source = tmp_path / "source.raw"
+    source.write_bytes(data)
+    caplog.set_level(logging.WARNING, logger="sendense_nbd.server.connection")
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
+        for name in ("site1", "site2"):
+            await hub.ok("POST", "/nodes", {"name": name, "url": node.url, "transport": "tls"})
+        uri = await _backup(hub, "site1")
+        assert [body["targets"] for body in node.received] == [{"2000": uri}]
+
+        # Our client: site2's certificate is refused at GO with the reason, site1's is served.
+        with pytest.raises(OptionError) as refused:
+            async with connect(f"{uri}?{site2}"):
+                pass
+        export = uri.rsplit("/", 1)[1]
+        reason = f"export {export!r} serves a job of node 'site1', and this client's certificate is for 'site2'"
+        assert reason in str(refused.value), refused.value
+        async with connect(f"{uri}?{site1}") as nbd:
+            assert nbd.size == MIB
+
+        # libnbd: nbdinfo and nbdcopy with site2's certificate are refused (libnbd names the refusal, the hub's
+        # log the reason); with site1's they read and write.
+        info = await _peer(require("nbdinfo"), "--size", f"{uri}?{site2}")
+        assert info.returncode != 0 and "server policy prevents NBD_OPT_GO" in info.stderr, info.stderr
+        copied = await _peer(require("nbdcopy"), str(source), f"{uri}?{site2}")
+        assert copied.returncode != 0 and "server policy prevents NBD_OPT_GO" in copied.stderr, copied.stderr
+        info = await _peer(require("nbdinfo"), "--size", f"{uri}?{site1}")
+        assert info.returncode == 0 and int(info.stdout) == MIB, info.stderr
+        copied = await _peer(require("nbdcopy"), "--flush", str(source), f"{uri}?{site1}")
+        assert copied.returncode == 0, copied.stderr
+        async with connect(f"{uri}?{site1}") as nbd:
+            assert await nbd.pread(offset=0, length=MIB) == data
+
+        # Another VM's job on site2: its export is site2's alone.
+        second = await _backup(hub, "site2", "/DC0/vm/other")
+        with pytest.raises(OptionError, match="serves a job of node 'site2'.*certificate is for 'site1'"):
+            async with connect(f"{second}?{site1}"):
+                pass
+        async with connect(f"{second}?{site2}") as nbd:
+            assert nbd.size == MIB
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing client")]
+    first = f"export {export!r} serves a job of node 'site1', and this client's certificate is for 'site2'"
+    assert len([m for m in logged if first in m]) >= 3, logged  # ours, nbdinfo, nbdcopy (each connection)
+    assert len([m for m in logged if "node 'site2', and this client's certificate is for 'site1'" in m]) == 1
+    assert all(first in m or "node 'site2'" in m for m in logged), logged
+
+
+async def test_without_client_certificates_an_export_binds_no_node(tmp_path: Path) -> None:
+    """Binding needs the certificates verified (--nbd-tls-verify-client): without it any TLS client is served,
+    as the hub's start-up warning says for exports on a network address."""
+    layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
+    tls = {"nbd_tls_context": server_context(layout.hub)}
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
+        await hub.ok("POST", "/nodes", {"name": "site1", "url": node.url, "transport": "tls"})
+        uri = await _backup(hub, "site1")
+        async with connect(f"{uri}?tls-certificates={layout.nodes['site2']}") as nbd:
+            assert nbd.size == MIB

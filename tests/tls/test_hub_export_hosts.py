@@ -1,0 +1,263 @@
+"""Where nodes dial the hub's exports, checked before a job needs it (docs/TLS.md, "Hub and node").
+
+The hub reads its certificate's names and refuses, at start and when a node is added or changed, an
+export host a TLS client would refuse the certificate for (the check agrees with real TLS handshakes,
+wildcards and IP addresses included); it refuses a wildcard ``--nbd-bind`` without ``--nbd-advertise``
+under TLS, and plain exports on a network address unless ``--allow-plain-nbd`` says so. Real hubs
+(processes and in-process), real certificates from ``tls init`` and ``issue_certificate``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from sendense_nbd.client.uri import NBDAddress
+from sendense_nbd.errors import BadRequest, ServerError
+from sendense_nbd.hub.certnames import CertificateNames, client_names
+from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.service import HubConfig
+from sendense_nbd.protocol.constants import TLSMode
+from sendense_nbd.tls import client_context, init_pki, issue_certificate, make_ca, server_context
+from sendense_nbd.tls.pki import write_client_credentials, write_server_credentials
+from tests.hub.conftest import Api, HubProcess, free_port_range
+from tests.hub.operating import START, local_hub
+
+VM_PATH = "/DC0/vm/DC0_H0_VM0"
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, host: str) -> ssl.SSLObject | None:
+    """A TLS handshake in memory, the client connecting to ``host`` as our NBD client names it: the server's
+    end when the client accepted the server's certificate, None when it refused it."""
+    hostname = NBDAddress(host=host).server_hostname
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    near = client.wrap_bio(to_client, to_server, server_hostname=hostname)
+    far_in, far_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    far = server.wrap_bio(far_in, far_out, server_side=True)
+    done = [False, False]
+    for _ in range(8):
+        for index, side in enumerate((near, far)):
+            try:
+                side.do_handshake()
+                done[index] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError:
+                return None
+        far_in.write(to_server.read())
+        to_client.write(far_out.read())
+        if all(done):
+            return far
+    raise AssertionError(f"the handshake for {host} did not end")
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Server credential directories: SANs with a wildcard and addresses, and one with a common name only."""
+    root = tmp_path_factory.mktemp("hosts")
+    ca = make_ca()
+    made = {
+        "sans": issue_certificate(
+            ca, "hub.example.com", usage="server", ip_addresses=["10.0.0.5", "fe80::1"],
+            dns_names=["hub.example.com", "*.site.example.com", "*.com", "w*.example.net"],
+        ),
+        "cn-only": issue_certificate(ca, "Hub.Example.Org", usage="server"),
+    }  # fmt: skip
+    directories = {name: write_server_credentials(root / name, ca, issued) for name, issued in made.items()}
+    directories["client"] = write_client_credentials(root / "client", ca, issue_certificate(ca, "n", usage="client"))
+    return directories
+
+
+HOSTS = [
+    "hub.example.com",
+    "HUB.Example.com",
+    "hub.example.com.",
+    "a.site.example.com",
+    "A.Site.Example.COM",
+    "site.example.com",
+    "www.example.net",
+    "a.b.site.example.com",
+    "example.com",
+    "x.com",
+    "10.0.0.5",
+    "10.0.0.6",
+    "fe80::1",
+    "fe80::1%lo",
+    "fe80::2",
+    "hub.example.org",
+    "localhost",
+    "127.0.0.1",
+]
+
+
+@pytest.mark.parametrize("name", ["sans", "cn-only"])
+def test_certificate_names_agree_with_a_tls_client(certificates: dict[str, Path], name: str) -> None:
+    """For every host, the hub's check says what a real TLS handshake says (RFC 6125 as OpenSSL does it)."""
+    names = CertificateNames.from_pem(certificates[name] / "server-cert.pem")
+    server = server_context(certificates[name])
+    client = client_context(certificates["client"])
+    verdicts = {host: names.matches(host) for host in HOSTS}
+    assert verdicts == {host: _handshake(server, client, host) is not None for host in HOSTS}
+    expected = {
+        "hub.example.com",
+        "HUB.Example.com",
+        "a.site.example.com",
+        "A.Site.Example.COM",
+        "10.0.0.5",
+        "fe80::1",
+        "fe80::1%lo",
+    }
+    if name == "cn-only":
+        expected = {"hub.example.org"}
+    assert {host for host, ok in verdicts.items() if ok} == expected
+    shown = "DNS:hub.example.com, DNS:*.site.example.com, DNS:*.com, DNS:w*.example.net, IP:10.0.0.5, IP:fe80::1"
+    assert str(names) == (shown if name == "sans" else "DNS:hub.example.org")
+
+
+def test_client_names_are_the_common_name_and_dns_names(tmp_path: Path, certificates: dict[str, Path]) -> None:
+    """What the hub's exports bind to: a verified client certificate's common name and DNS names."""
+    ca = make_ca()
+    issued = issue_certificate(ca, "s", usage="server", ip_addresses=["127.0.0.1"])
+    server = write_server_credentials(tmp_path / "server", ca, issued)
+    issued = issue_certificate(ca, "site1", usage="client", dns_names=["site1.example.com"])
+    client = write_client_credentials(tmp_path / "client", ca, issued)
+    far = _handshake(server_context(server, verify_client=True), client_context(client), "127.0.0.1")
+    assert far is not None
+    assert client_names(far.getpeercert()) == {"site1", "site1.example.com"}
+    assert client_names(None) == client_names({}) == frozenset()
+    loaded = x509.load_pem_x509_certificate((certificates["client"] / "client-cert.pem").read_bytes())
+    assert CertificateNames.from_certificate(loaded).dns == ("n",)  # no DNS name: the common name counts
+
+
+def _hub(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(tmp_path / "repo"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def started() -> Iterator[list[HubProcess]]:
+    hubs: list[HubProcess] = []
+    yield hubs
+    for hub in hubs:
+        if hub.proc is not None and hub.proc.poll() is None:
+            hub.stop()
+
+
+def test_a_hub_refuses_export_hosts_and_plain_exports_that_cannot_work(
+    tmp_path: Path, started: list[HubProcess]
+) -> None:
+    """Each refusal is a usage error before anything opens, naming the host and the certificate's names."""
+    layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"], hub_addresses=["127.0.0.1"], nodes=["s1"])
+    creds = ("--nbd-tls-creds", str(layout.hub), "--nbd-tls-verify-client")
+    names = "(DNS:hub.example.com, IP:127.0.0.1)"
+
+    wrong = _hub(tmp_path, *creds, "--nbd-advertise", "hub.example.org")
+    assert wrong.returncode == 2, wrong.stderr
+    assert f"--nbd-advertise) hub.example.org is not a name in the hub's certificate {names}" in wrong.stderr
+    bound = _hub(tmp_path, *creds, "--nbd-bind", "127.0.0.2", "--nbd-tls", "require")
+    assert bound.returncode == 2 and "without --nbd-advertise) 127.0.0.2 is not a name" in bound.stderr, bound.stderr
+    wildcard = _hub(tmp_path, *creds, "--nbd-bind", "0.0.0.0", "--nbd-tls", "require")
+    assert wildcard.returncode == 2, wildcard.stderr
+    assert "--nbd-bind 0.0.0.0 listens on every address" in wildcard.stderr
+    assert f"give --nbd-advertise with a name in the certificate (the certificate's names: {names[1:-1]})" in (
+        " ".join(wildcard.stderr.split())
+    )
+    plain = _hub(tmp_path, "--nbd-bind", "0.0.0.0")
+    assert plain.returncode == 2 and "plain NBD" in plain.stderr and "--allow-plain-nbd" in plain.stderr
+    off = _hub(tmp_path, *creds, "--nbd-bind", "0.0.0.0", "--nbd-advertise", "hub.example.com")  # --nbd-tls off
+    assert off.returncode == 2 and "without --nbd-tls require the exports of tunnel nodes" in off.stderr
+    default = _hub(tmp_path, "--node-url", "http://127.0.0.1:9", "--node-transport", "tls")
+    assert default.returncode == 2 and "the default node (--node-url): transport tls needs" in default.stderr
+    orphan = _hub(tmp_path, "--node-nbd-host", "hub.example.com")
+    assert orphan.returncode == 2 and "--node-nbd-host describe the default node: give --node-url" in orphan.stderr
+    assert not (tmp_path / "repo").exists()
+
+    # What works: a wildcard bind advertised by a name in the certificate; plain exports said out loud.
+    tls = HubProcess(tmp_path / "repo", free_port_range(4), None, *creds, "--nbd-bind", "0.0.0.0",
+                     "--nbd-advertise", "hub.example.com", "--nbd-tls", "require")  # fmt: skip
+    allowed = HubProcess(tmp_path / "repo2", free_port_range(4), None, "--nbd-bind", "0.0.0.0", "--allow-plain-nbd")
+    loopback = HubProcess(tmp_path / "repo3", free_port_range(4), None)  # the tunnel's default: as before
+    for hub in (tls, allowed, loopback):
+        started.append(hub.start())
+        assert Api(hub.url).get("/ports")[0] == 200  # serving (and past installing its signal handlers)
+        assert hub.stop() == 0
+
+
+def test_a_hub_warns_when_tls_exports_on_a_network_address_admit_any_client(tmp_path: Path) -> None:
+    """The warning comes before anything opens: the run stops at a usage error (a bad --node-url) after it."""
+    layout = init_pki(tmp_path / "pki", hub_addresses=["192.0.2.1"])
+    tls = ("--nbd-tls-creds", str(layout.hub), "--nbd-tls", "require", "--nbd-bind", "192.0.2.1")
+    warned = _hub(tmp_path, *tls, "--node-url", "ftp://x")
+    assert warned.returncode == 2 and "TLS exports admit any TLS client; add --nbd-tls-verify-client" in warned.stderr
+    assert "--node-url: url 'ftp://x' must be an http:// or https:// URL" in warned.stderr
+    quiet = _hub(tmp_path, *tls, "--nbd-tls-verify-client", "--node-url", "ftp://x")
+    assert quiet.returncode == 2 and "warning" not in quiet.stderr
+    assert not (tmp_path / "repo").exists()
+
+
+async def test_nodes_are_refused_export_hosts_the_certificate_does_not_name(tmp_path: Path) -> None:
+    layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com", "*.hub.example.com"], hub_addresses=["127.0.0.1"])
+    names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
+    tls = {"nbd_tls_context": server_context(layout.hub, verify_client=True), "nbd_tls_names": names}
+    clock = ManualClock(START)
+    repo = tmp_path / "repo"
+    async with local_hub(repo, clock=clock, **tls) as hub:
+        body = {"name": "s1", "url": "http://127.0.0.1:9", "transport": "tls", "nbd_host": "hub.example.org"}
+        status, answer = await hub.call("POST", "/nodes", body)
+        assert status == 400, answer
+        message = answer["error"]["message"]
+        assert "node 's1''s nbd_host hub.example.org is not a name in the hub's certificate" in message
+        assert "(DNS:hub.example.com, DNS:*.hub.example.com, IP:127.0.0.1)" in message
+        for host in ("hub.example.com", "a.hub.example.com", "127.0.0.1", None):
+            await hub.ok("POST", "/nodes", {**body, "nbd_host": host, "name": f"ok-{host}"})
+        tunnel = await hub.ok("POST", "/nodes", {**body, "name": "t1", "transport": "tunnel"})  # plain: no check
+        assert tunnel["nbd_host"] == "hub.example.org"
+        status, answer = await hub.call("PATCH", "/nodes/t1", {"transport": "tls"})  # the stored host counts
+        assert status == 400 and "hub.example.org is not a name" in answer["error"]["message"], answer
+        assert (await hub.ok("GET", "/nodes/t1"))["transport"] == "tunnel"
+        await hub.ok("PATCH", "/nodes/t1", {"transport": "tls", "nbd_host": "b.hub.example.com"})
+    # Every export requires TLS: a tunnel node's host is checked too, and a stored one refuses its backup.
+    other = init_pki(tmp_path / "other", hub_names=["elsewhere.example.com"])
+    elsewhere = {
+        "nbd_tls_context": server_context(other.hub),
+        "nbd_tls_names": CertificateNames.from_pem(other.hub / "server-cert.pem"),
+        "nbd_advertise": "elsewhere.example.com",
+    }
+    async with local_hub(repo, clock=clock, nbd_tls=TLSMode.REQUIRE, **elsewhere) as hub:
+        status, answer = await hub.call("POST", "/nodes", {"name": "t2", "url": "http://127.0.0.1:9",
+                                                           "nbd_host": "127.0.0.1"})  # fmt: skip
+        assert status == 400 and "127.0.0.1 is not a name" in answer["error"]["message"], answer
+        status, answer = await hub.call("POST", "/backups", {"vm_path": VM_PATH, "node": "t1", "disks": [2000]})
+        assert status == 409 and answer["error"]["code"] == "tls_host", answer
+        assert (
+            "b.hub.example.com is not a name in the hub's certificate (DNS:elsewhere.example.com)"
+            in (answer["error"]["message"])
+        )
+        assert "node edit t1 --nbd-host" in answer["error"]["message"]
+        assert (await hub.ok("GET", "/backups"))["backups"] == []
+        assert (await hub.ok("GET", "/ports"))["used"] == []
+
+
+def test_hub_config_checks_the_default_host_and_advertise(tmp_path: Path) -> None:
+    layout = init_pki(tmp_path / "pki")
+    names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
+    context = server_context(layout.hub)
+    with pytest.raises(ServerError, match=r"\(--nbd-advertise\) hub.example.com is not a name .*DNS:localhost"):
+        HubConfig(repo=str(tmp_path / "r"), nbd_tls_context=context, nbd_tls_names=names,
+                  nbd_advertise="hub.example.com")  # fmt: skip
+    with pytest.raises(BadRequest, match="--nbd-advertise: nbd_host must be a host name"):
+        HubConfig(repo=str(tmp_path / "r"), nbd_advertise="hub:10809")
+    with pytest.raises(ServerError, match="--allow-plain-nbd"):
+        HubConfig(repo=str(tmp_path / "r"), nbd_bind="::")
+    assert HubConfig(repo=str(tmp_path / "r"), nbd_bind="::", allow_plain_nbd=True).export_tls().default_host == "::"
+    config = HubConfig(
+        repo=str(tmp_path / "r"), nbd_tls_context=context, nbd_tls_names=names, nbd_advertise="localhost"
+    )
+    assert config.export_tls().default_host == "localhost"
+    assert not (tmp_path / "r").exists()
