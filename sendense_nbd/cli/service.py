@@ -12,10 +12,11 @@ import click
 
 async def ready_then_wait(announcement: dict[str, object]) -> None:
     """Print ``announcement`` as one JSON line (the service is ready), then wait for SIGINT or SIGTERM."""
-    click.echo(json.dumps(announcement))
-    sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Handlers first: a caller may signal the moment it reads the line.
+    click.echo(json.dumps(announcement))
+    sys.stdout.flush()
     await stop.wait()
