@@ -171,11 +171,8 @@ def copy_command(
     json_lines: bool,
 ) -> None:
     """Copy SRC to DST: NBD URIs (nbd://, nbd+unix://, and nbds://, nbds+unix:// over TLS), local image files,
-    or RBD images (qemu's rbd:POOL/IMAGE[@SNAP][:conf=...:id=...], or its json: form).
-
-    A missing local DST needs -f and is created with SRC's size; a missing RBD
-    DST is created with SRC's size (raw), an existing one is written as it is
-    (qemu-img convert -n); either must be at least as large as SRC.
+    or RBD images (qemu's rbd:POOL/IMAGE[@SNAP][:conf=...:id=...], or its json: form). A missing DST is
+    created with SRC's size (an RBD one raw, as qemu-img convert); an existing one is written as it is (-n).
 
     Holes are never read; zeroes are detected in every byte. With --verify
     the copy is compared afterwards. Exit 0 on success, 1 on failure (one

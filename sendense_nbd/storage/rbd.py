@@ -37,10 +37,19 @@
   whole, one that does not is a hole reading zeroes. With the object map
   (``fast-diff``) that is a map lookup; without it librbd lists objects, so
   one answer then covers less (:data:`MAP_WINDOW` vs
-  :data:`MAP_WINDOW_SLOW`).
+  :data:`MAP_WINDOW_SLOW`). librbd is asked for a whole window at a time and
+  the answer is kept (:class:`_MapCache`): a server asks before every sparse
+  read, and each question would read the object map from the cluster.
 * **Cache.** ``cache=none`` sets ``rbd_cache=false`` and the other modes
   ``rbd_cache=true`` (qemu's mapping); ``writethrough`` flushes after every
-  change.
+  change. Under ``writeback`` (the default) ``rbd_cache_writethrough_until_flush``
+  is off: librbd's safety net for guests that never flush would keep every
+  write waiting for the OSDs until the first FLUSH, and an NBD client is
+  told the export has a write cache (``SEND_FLUSH``) and flushes, as it does
+  with qemu-nbd over a file. A write then returns once librbd holds it (up
+  to ``rbd_cache_max_dirty`` in flight), so the device declares
+  ``serial_writes``: the server runs its changes in order on one thread,
+  which is as fast and costs less CPU than many threads waiting on librbd.
 * **Errors.** Opening fails with :class:`~sendense_nbd.errors.RbdSpecError`,
   :class:`~sendense_nbd.errors.RbdNotFound`,
   :class:`~sendense_nbd.errors.RbdPermissionDenied` or
@@ -52,6 +61,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno as os_errno
 import importlib
@@ -78,6 +88,8 @@ MAP_WINDOW = 64 << 30
 #: ... and without it (librbd lists every object of the window).
 MAP_WINDOW_SLOW = 1 << 30
 _HOLE = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
+#: Most data runs one answer from the block-status cache spans.
+_CACHED_EXTENTS = 1024
 #: qemu's json: keys of the rbd driver this device understands.
 _JSON_KEYS = frozenset(
     {
@@ -389,6 +401,8 @@ def _new_cluster(spec: RbdSpec, cache: CacheMode) -> Any:
     except rados.Error as exc:
         raise RbdError(f"cannot read the Ceph configuration {spec.conf}: {exc}") from exc
     settings = [("client_mount_timeout", str(CONNECT_TIMEOUT)), ("rbd_cache", str(cache is not CacheMode.NONE).lower())]
+    if cache is CacheMode.WRITEBACK:  # NBD clients flush: no writethrough until a first FLUSH (see the docstring)
+        settings.append(("rbd_cache_writethrough_until_flush", "false"))
     if spec.keyring is not None:
         settings.append(("keyring", spec.keyring))
     for key, value in [*settings, *spec.options]:
@@ -506,6 +520,53 @@ class _Batch:
                 self._done.wait()
 
 
+class _MapCache:
+    """The last block-status answer of a device, reused where that cannot mislead a reader.
+
+    A server asks for block status before each sparse read, and asking librbd means
+    reading the object map from the cluster each time. What it said is reused for a
+    query inside the same window: in full for a snapshot, which never changes; for the
+    head only the data run the query starts in, because saying "data" is always safe
+    (at worst zeroes are read as data) while a hole may have been written since, by
+    another client. Our own zero and trim clear it.
+    """
+
+    def __init__(self, *, immutable: bool) -> None:
+        self._immutable = immutable
+        self._lock = threading.Lock()
+        self._window = (0, 0)
+        self._starts: list[int] = []
+        self._runs: list[tuple[int, int]] = []
+
+    def store(self, offset: int, end: int, ranges: list[tuple[int, int]]) -> None:
+        """Remember the data ``ranges`` diff_iterate found in ``[offset, end)``."""
+        runs = [(e.offset, e.length) for e in map_from_ranges(ranges, offset, end) if not e.zero]
+        with self._lock:
+            self._window, self._runs, self._starts = (offset, end), runs, [start for start, _ in runs]
+
+    def clear(self) -> None:
+        """Forget everything (the device freed space)."""
+        with self._lock:
+            self._window, self._runs, self._starts = (0, 0), [], []
+
+    def answer(self, offset: int, end: int) -> list[Extent] | None:
+        """Extents from ``offset`` known without asking librbd, or None."""
+        with self._lock:
+            (start, stop), runs, starts = self._window, self._runs, self._starts
+        if not start <= offset < stop:
+            return None
+        end = min(end, stop)
+        first = max(bisect.bisect_right(starts, offset) - 1, 0)
+        last = bisect.bisect_left(starts, end)
+        if last - first > _CACHED_EXTENTS:
+            last = first + _CACHED_EXTENTS
+            end = starts[last]
+        extents = map_from_ranges(runs[first:last], offset, end)
+        if self._immutable:
+            return extents
+        return extents[:1] if not extents[0].zero else None
+
+
 def _device_error(exc: BaseException, action: str) -> DeviceError:
     code = _errno(exc)
     return DeviceError(_OS_TO_NBD.get(code, Errno.EIO), f"{action}: {exc}")
@@ -540,6 +601,7 @@ class RbdDevice(Backend):
             self._cluster.shutdown()
             raise
         self._map_window = MAP_WINDOW if fast_map else MAP_WINDOW_SLOW
+        self._map = _MapCache(immutable=spec.snapshot is not None)
         self._slots = threading.BoundedSemaphore(queue_depth)
         self._writethrough = cache is CacheMode.WRITETHROUGH
         self._closed = False
@@ -551,6 +613,8 @@ class RbdDevice(Backend):
             extents=Support.NATIVE,
             fast_zero=False,
             preferred_block=4096,
+            # Under writeback a write returns once librbd holds it: one thread in order is as fast, and cheaper.
+            serial_writes=cache is CacheMode.WRITEBACK,
         )
 
     def _open_image(self, spec: RbdSpec, readonly: bool) -> Any:
@@ -662,11 +726,13 @@ class RbdDevice(Backend):
             raise DeviceError(Errno.ENOTSUP, "RBD has no fast zero")
         flags = 0 if may_trim else _lib("rbd").RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
         action = f"zero {length} bytes at {offset} of rbd:{self.spec.path}"
+        self._map.clear()
         self._blocking(lambda: self._image.write_zeroes(offset, length, flags), action)
         if self._writethrough:
             self.flush()
 
     def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
+        self._map.clear()
         self._blocking(lambda: self._image.discard(offset, length), f"trim {length} bytes at {offset}")
         if self._writethrough:
             self.flush()
@@ -676,6 +742,11 @@ class RbdDevice(Backend):
 
     def extents(self, *, offset: int, length: int) -> list[Extent]:
         end = offset + min(length, self._map_window)
+        cached = self._map.answer(offset, end)
+        if cached is not None:
+            return cached
+        # Ask for a whole window (one object-map read either way) and keep it for the next queries.
+        window = min(offset + self._map_window, self._size)
         found: list[tuple[int, int]] = []
 
         def seen(start: int, size: int, exists: bool) -> int:
@@ -684,9 +755,12 @@ class RbdDevice(Backend):
             return 0
 
         self._blocking(
-            lambda: self._image.diff_iterate(offset, end - offset, None, seen, include_parent=True, whole_object=True),
+            lambda: self._image.diff_iterate(
+                offset, window - offset, None, seen, include_parent=True, whole_object=True
+            ),
             f"block status at {offset} of rbd:{self.spec.path}",
         )
+        self._map.store(offset, window, found)
         return map_from_ranges(found, offset, end)
 
     def close(self) -> None:

@@ -1,0 +1,221 @@
+"""``sendense-nbd serve rbd:...`` and ``sendense-nbd copy`` with RBD images, against real peers.
+
+Our server's view of an image is compared with qemu's rbd driver reading the same image
+(qemu-img convert/compare, qemu-io with ``rbd:``), read by nbdinfo, nbdcopy and qemu; block
+status with ``rbd diff``; copies in every direction are compared the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import random_file, run, server_command, sparse_file
+from tests.storage.rbd_images import MiB, RbdImages, rbd_images
+
+pytestmark = pytest.mark.peer
+__all__ = ["rbd_images"]  # the fixture, imported for pytest
+
+
+def _map(uri: str) -> list[tuple[int, int]]:
+    """nbdinfo's ``base:allocation`` data runs (merged)."""
+    runs: list[tuple[int, int]] = []
+    for entry in json.loads(run("nbdinfo", "--map", "--json", uri).stdout):
+        if entry["type"] & 1:  # hole
+            continue
+        if runs and sum(runs[-1]) == entry["offset"]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + entry["length"])
+        else:
+            runs.append((entry["offset"], entry["length"]))
+    return runs
+
+
+def _copy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(*server_command("copy", *args), check=check)
+
+
+def test_served_image_reads_as_qemu_reads_it(rbd_images: RbdImages, serve: Any, tmp_path: Path) -> None:
+    image = rbd_images.new(40 * MiB)
+    source = sparse_file(tmp_path / "src.raw", 40 * MiB, [(0, 3 * MiB), (9 * MiB + 7, 5 * MiB), (36 * MiB, 4 * MiB)])
+    rbd_images.fill(image, source)
+    server = serve("-f", "raw", "-r", "-e", "4", "-t", rbd_images.filename(image))
+    info = json.loads(run("nbdinfo", "--json", server.uri).stdout)["exports"][0]
+    assert info["export-size"] == 40 * MiB and info["is_read_only"] and info["can_multi_conn"]
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", server.qemu_uri, rbd_images.filename(image))
+    run("nbdcopy", server.uri, str(tmp_path / "nbdcopy.raw"))
+    qemu_view = rbd_images.export(image, tmp_path / "qemu.raw").read_bytes()
+    assert (tmp_path / "nbdcopy.raw").read_bytes() == qemu_view == source.read_bytes()
+    assert _map(server.uri) == rbd_images.diff(image) == [(0, 4 * MiB), (8 * MiB, 8 * MiB), (36 * MiB, 4 * MiB)]
+    assert server.stop() == 0
+
+
+def _qemu_io(target: str, *commands: str, read_only: bool = False) -> str:
+    """``qemu-io -f raw [-r] TARGET -c CMD ...``; its stdout (fails on a failed command or pattern)."""
+    args = [a for command in commands for a in ("-c", command)]
+    out = run("qemu-io", "-f", "raw", *(["-r"] if read_only else []), target, *args).stdout
+    assert "Pattern verification failed" not in out, out
+    return out
+
+
+def test_writes_through_the_server_read_back_by_qemu(rbd_images: RbdImages, serve: Any, tmp_path: Path) -> None:
+    image = rbd_images.new(32 * MiB)
+    server = serve("-f", "raw", "-e", "4", "-t", rbd_images.filename(image))
+    data = random_file(tmp_path / "data.raw", 32 * MiB, seed=7)
+    run("nbdcopy", "--flush", str(data), server.uri)
+    _qemu_io(server.qemu_uri, "write -P 0x3c 5M 1M", "write -z 8M 4M", "discard 16M 4M", "flush")
+    expected = bytearray(data.read_bytes())
+    expected[5 * MiB : 6 * MiB] = b"\x3c" * MiB
+    expected[8 * MiB : 12 * MiB] = bytes(4 * MiB)  # the discard is a no-op under --discard ignore (qemu-nbd's)
+    _qemu_io(rbd_images.filename(image), "read -P 0x3c 5M 1M", "read -P 0 8M 4M", read_only=True)
+    assert rbd_images.export(image, tmp_path / "qemu.raw").read_bytes() == expected
+    assert _map(server.uri) == rbd_images.diff(image) == [(0, 32 * MiB)]  # nothing was freed
+    server.stop()
+    # under --discard unmap, zeroing may free whole objects and TRIM discards them: block status follows rbd diff
+    unmap = serve("-f", "raw", "-t", "--discard", "unmap", rbd_images.filename(image))
+    _qemu_io(unmap.qemu_uri, "write -z -u 8M 4M", "discard 16M 4M", "flush")
+    assert _map(unmap.uri) == rbd_images.diff(image) == [(0, 8 * MiB), (12 * MiB, 4 * MiB), (20 * MiB, 12 * MiB)]
+    expected[16 * MiB : 20 * MiB] = bytes(4 * MiB)
+    assert rbd_images.export(image, tmp_path / "qemu.raw").read_bytes() == expected
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", unmap.qemu_uri, str(tmp_path / "qemu.raw"))
+    assert unmap.stop() == 0  # closes the image: a killed server's watch would hold `rbd rm` for 30 s
+
+
+def test_snapshot_served_read_only(rbd_images: RbdImages, serve: Any, tmp_path: Path) -> None:
+    image = rbd_images.new(8 * MiB)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x71 0 8M", rbd_images.filename(image))
+    rbd_images.snapshot(image, "before")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x72 0 1M", rbd_images.filename(image))
+    snapshot = rbd_images.filename(image, snapshot="before")
+    refused = run(*server_command("serve", "-p", "0", snapshot), check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().endswith(f"rbd:rbd/{image}@before: rbd snapshots are read-only (serve one with -r)")
+    server = serve("-r", "-t", snapshot)
+    assert json.loads(run("nbdinfo", "--json", server.uri).stdout)["exports"][0]["is_read_only"]
+    write = run("qemu-io", "-f", "raw", server.qemu_uri, "-c", "write 0 4k", check=False)
+    assert write.returncode == 1 and "Permission denied" in write.stderr  # qemu will not open it for writing
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", server.qemu_uri, snapshot)
+    run("nbdcopy", server.uri, str(tmp_path / "snap.raw"))
+    assert (tmp_path / "snap.raw").read_bytes() == b"\x71" * (8 * MiB)
+    assert server.stop() == 0
+
+
+def test_json_filename_and_several_exports(rbd_images: RbdImages, serve: Any, ceph_cluster: Any) -> None:
+    first, second = rbd_images.new(4 * MiB), rbd_images.new(6 * MiB)
+    spec = {"driver": "rbd", "pool": "rbd", "image": second, "conf": ceph_cluster.conf, "user": "admin"}
+    server = serve("-f", "raw", "-r", "-e", "2", "-t", rbd_images.filename(first), "json:" + json.dumps(spec))
+    listed = json.loads(run("nbdinfo", "--list", "--json", server.uri).stdout)["exports"]
+    assert {(e["export-name"], e["export-size"]) for e in listed} == {("", 4 * MiB), (second, 6 * MiB)}
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", server.uri_for(second), rbd_images.filename(second))
+    assert server.stop() == 0
+
+
+def test_fork_opens_the_image_in_the_child(rbd_images: RbdImages, tmp_path: Path) -> None:
+    """librados does not survive a fork: the image is opened after it, and a failure still reaches stderr."""
+    image = rbd_images.new(4 * MiB)
+    sock, pid_file = tmp_path / "s.sock", tmp_path / "pid"
+    run(*server_command("serve", "--fork", "--pid-file", str(pid_file), "-k", str(sock), rbd_images.filename(image)))
+    try:
+        run("qemu-io", "-f", "raw", f"nbd:unix:{sock}", "-c", "write -P 0x44 0 64k")
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), 15)
+    out = run("qemu-io", "-f", "raw", "-r", rbd_images.filename(image), "-c", "read -P 0x44 0 64k").stdout
+    assert "Pattern verification failed" not in out
+    failed = run(
+        *server_command("serve", "--fork", "-k", str(tmp_path / "t.sock"), rbd_images.filename("gone")), check=False
+    )
+    assert failed.returncode == 1 and "image rbd:rbd/gone: not found" in failed.stderr
+
+
+def test_copy_file_to_rbd_and_back(rbd_images: RbdImages, tmp_path: Path) -> None:
+    source = sparse_file(tmp_path / "src.raw", 24 * MiB, [(MiB, 2 * MiB), (17 * MiB, 3 * MiB + 5)])
+    name = f"copied-{rbd_images.new(MiB)}"
+    rbd_images.made.append(name)
+    target = rbd_images.filename(name)
+    out = _copy(str(source), target)  # a missing RBD target is created with the source's size
+    assert "fresh target" in out.stderr
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), target)
+    assert json.loads(rbd_images.rbd("info", "--format", "json", f"rbd/{name}"))["size"] == 24 * MiB
+    assert rbd_images.diff(name) == [(0, 4 * MiB), (16 * MiB, 8 * MiB)]  # holes stay holes
+    back = tmp_path / "back.raw"
+    _copy("-f", "raw", "--verify", target, str(back))
+    assert back.read_bytes() == source.read_bytes()
+    # an existing target is written as it is (qemu-img convert -n): old data under the source's zeroes goes
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x99 8M 4M", target)
+    out = _copy(str(source), target)
+    assert "raw target" in out.stderr
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), target)
+
+
+def test_copy_from_a_snapshot_and_from_nbd_into_rbd(rbd_images: RbdImages, serve: Any, tmp_path: Path) -> None:
+    origin = rbd_images.new(16 * MiB)
+    rbd_images.fill(origin, random_file(tmp_path / "origin.raw", 16 * MiB, seed=3))
+    rbd_images.snapshot(origin, "p1")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0 0 16M", rbd_images.filename(origin))
+    twin = f"twin-{origin}"
+    rbd_images.made.append(twin)
+    _copy("--verify", rbd_images.filename(origin, snapshot="p1"), rbd_images.filename(twin))
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(tmp_path / "origin.raw"), rbd_images.filename(twin))
+    exported = serve("-f", "raw", "-r", "-e", "4", "-t", str(tmp_path / "origin.raw"))
+    third = rbd_images.new(16 * MiB)
+    _copy("-C", "4", exported.uri, rbd_images.filename(third))
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", exported.qemu_uri, rbd_images.filename(third))
+    assert exported.stop() == 0
+
+
+def test_copy_refuses_what_cannot_be(rbd_images: RbdImages, tmp_path: Path) -> None:
+    small = rbd_images.new(MiB)
+    source = random_file(tmp_path / "src.raw", 2 * MiB)
+    cases = [
+        ((str(source), rbd_images.filename(small)), "is smaller than the source"),
+        ((rbd_images.filename("absent"), str(tmp_path / "x.raw"), "-f", "raw"), "image rbd:rbd/absent: not found"),
+        ((str(source), rbd_images.filename(small, snapshot="s")), "rbd snapshots are read-only"),
+        ((str(source), rbd_images.filename(small), "-f", "qcow2"), "an RBD target is raw, not qcow2"),
+        ((str(source), "rbd:rbd"), "a pool name is required"),
+        ((str(source), "rbd:no-pool/x:conf=/etc/nonexistent.conf"), "cannot read the Ceph configuration"),
+    ]
+    for args, message in cases:
+        result = _copy(*args, check=False)
+        assert result.returncode == 1, args
+        lines = result.stderr.strip().splitlines()
+        assert message in lines[-1] and lines[-1].startswith("sendense-nbd copy: error:"), result.stderr
+
+
+def test_serve_refuses_bad_names_in_one_line(rbd_images: RbdImages) -> None:
+    image = rbd_images.new(MiB)
+    cases = {
+        rbd_images.filename("absent"): "image rbd:rbd/absent: not found",
+        rbd_images.filename(image).replace("rbd:rbd/", "rbd:nopool/"): "pool 'nopool': not found",
+        "rbd:rbd/": "the image name is empty",
+        rbd_images.filename(image) + ":bogus_option=1": "Ceph option bogus_option=",
+    }
+    for name, message in cases.items():
+        result = run(*server_command("serve", "-p", "0", name), check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
+    qcow2 = run(*server_command("serve", "-p", "0", "-f", "qcow2", rbd_images.filename(image)), check=False)
+    assert qcow2.returncode == 1 and "an RBD image is raw (-f raw), not qcow2" in qcow2.stderr
+
+
+def test_a_full_pool_is_enospc_to_the_nbd_client(ceph_cluster: Any, serve: Any) -> None:
+    pool = "quota-serve"
+    ceph = ("ceph", *ceph_cluster.client_args())
+    run(*ceph, "osd", "pool", "create", pool)
+    try:
+        images = RbdImages(ceph_cluster, pool=pool)
+        run("rbd", *ceph_cluster.client_args(), "pool", "init", pool)
+        image = images.new(16 * MiB)
+        run(*ceph, "osd", "pool", "set-quota", pool, "max_bytes", str(MiB))
+        server = serve("-f", "raw", images.filename(image))
+        commands = [a for i in range(16) for a in ("-c", f"write -P 1 {i}M 1M", "-c", "flush", "-c", "sleep 500")]
+        result = run("qemu-io", "-f", "raw", server.qemu_uri, *commands, check=False, timeout=90)
+        assert "No space left on device" in result.stdout + result.stderr, result.stdout + result.stderr
+        server.stop()
+        images.remove_all()
+    finally:
+        run(*ceph, "osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it")
