@@ -29,7 +29,6 @@ import logging
 import os
 import socket
 import sqlite3
-import ssl
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -37,10 +36,11 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.errors import BadRequest, OffsiteError, SendenseError, UnknownCopy, UnknownPoint
+from sendense_nbd.errors import BadRequest, Conflict, OffsiteError, SendenseError, UnknownCopy, UnknownPoint
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.repository import Point, Repository
+from sendense_nbd.hub.transport import ExportTLS, PeerCheck
 from sendense_nbd.hub.verify import record_digests
 from sendense_nbd.offsite.chains import Chain, expired, starts_chain
 from sendense_nbd.offsite.copier import PointFiles, copy_point, delete_copies
@@ -160,6 +160,8 @@ class _Served:
     device: Any
     port: int
     uri: str
+    #: The client certificate name the export admits (None: any client the hub's TLS admits).
+    reader: str | None = None
 
 
 class Copies:
@@ -175,8 +177,7 @@ class Copies:
         restore_dir: str,
         serve: Callable[[str, int | None], Awaitable[tuple[socket.socket, int]]],
         release: Callable[[str], Awaitable[object]],
-        nbd_host: str,
-        tls_context: ssl.SSLContext | None = None,
+        tls: ExportTLS | None = None,
     ) -> None:
         self.db = db
         self.repository = repository
@@ -185,7 +186,8 @@ class Copies:
         self.policies = policies
         self.restore_dir = restore_dir
         self._lease, self._release = serve, release
-        self._host, self._tls = nbd_host, tls_context
+        #: The hub's NBD TLS: a copy's export is routed as a restore's, and bound to its reader.
+        self._tls = tls if tls is not None else ExportTLS()
         db.call(lambda c: [c.execute(statement) for statement in _TABLES])
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploads = asyncio.Semaphore(UPLOADS)
@@ -428,37 +430,54 @@ class Copies:
             raise OffsiteError(f"offsite copy {copy_id}: the copies of points {missing} below it are gone")
         return target, [by_point[p] for p in record.manifest.chain]
 
-    async def serve(self, copy_id: str) -> dict[str, object]:
-        """Serve a copy read-only over NBD straight from the bucket (ranged GETs, bounded cache)."""
+    async def serve(self, copy_id: str, reader: str | None = None) -> dict[str, object]:
+        """Serve a copy read-only over NBD straight from the bucket (ranged GETs, bounded cache), routed as a
+        restore's export; with client certificates only to ``reader``'s
+        (:meth:`~sendense_nbd.hub.transport.ExportTLS.reader_check`: :class:`BadRequest` when it is missing,
+        or cannot be enforced). A copy served already is :class:`Conflict` ``served`` for another reader."""
         from sendense_nbd.offsite.remote import open_copy
-        from sendense_nbd.protocol.constants import TLSMode
-        from sendense_nbd.server import Export, NBDServer
 
+        route = self._tls.restore_route()
+        admit = self._tls.reader_check(route, reader, f"the export of offsite copy {copy_id}")
         if copy_id in self._served:
+            served = self._served[copy_id]
+            if served.reader != reader:
+                raise Conflict(
+                    f"offsite copy {copy_id} is served to {served.reader!r} already: stop its export first "
+                    f"(DELETE /copies/{copy_id}/export)",
+                    "served",
+                )
             return self._view(copy_id)
         target, chain = await self._chain_of(copy_id)
         bucket = await asyncio.to_thread(Bucket.connect, target)
         device = await asyncio.to_thread(open_copy, bucket, [c.manifest for c in chain if c.manifest is not None])
+        name = f"copy-{copy_id}"
         try:
-            sock, port = await self._lease(f"copy-{copy_id}", chain[-1].disk_key)
-            name = f"copy-{copy_id}"
-            server = NBDServer(
-                [Export(name, device, readonly=True)], sockets=[sock], shared=10, persistent=True,
-                tls=TLSMode.REQUIRE if self._tls else TLSMode.OFF, tls_context=self._tls,
-            )  # fmt: skip
+            sock, port = await self._lease(name, chain[-1].disk_key)
+            server = self._server(name, device, sock, route.tls, admit)
             await server.start()
         except BaseException:
-            await self._release(f"copy-{copy_id}")
+            await self._release(name)
             device.close()
             raise
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        uri = f"{'nbds' if self._tls else 'nbd'}://{host}:{port}/{name}"
-        self._served[copy_id] = _Served(server, device, port, uri)
+        self._served[copy_id] = _Served(server, device, port, route.uri(port, name), reader)
         return self._view(copy_id)
+
+    def _server(self, name: str, device: Any, sock: socket.socket, tls: bool, admit: PeerCheck | None) -> Any:
+        """The NBD server of a copy's export (read-only, persistent), TLS as its route says."""
+        from sendense_nbd.protocol.constants import TLSMode
+        from sendense_nbd.server import Export, NBDServer
+
+        return NBDServer(
+            [Export(name, device, readonly=True)], sockets=[sock], shared=10, persistent=True,
+            tls=TLSMode.REQUIRE if tls else TLSMode.OFF, tls_context=self._tls.context if tls else None,
+            admit_peer=admit,
+        )  # fmt: skip
 
     def _view(self, copy_id: str) -> dict[str, object]:
         served = self._served[copy_id]
-        return {"copy_id": copy_id, "port": served.port, "uri": served.uri, "export": served.uri.rsplit("/", 1)[-1]}
+        export = served.uri.rsplit("/", 1)[-1]
+        return {"copy_id": copy_id, "port": served.port, "uri": served.uri, "export": export, "reader": served.reader}
 
     async def stop_serving(self, copy_id: str) -> dict[str, object]:
         """Stop serving a copy (its clients are drained)."""

@@ -12,7 +12,7 @@ from aiohttp import web
 from sendense_nbd import fields
 from sendense_nbd.errors import BadRequest, UnknownCopy
 from sendense_nbd.http_api import json_body
-from sendense_nbd.hub.requests import RESTORE_NAME
+from sendense_nbd.hub.requests import RESTORE_NAME, reader
 from sendense_nbd.hub.service import Hub
 
 
@@ -58,8 +58,12 @@ class _CopyHandlers:
         return web.json_response({"deleted": await self.copies.delete(_copy_id(request))})
 
     async def serve(self, request: web.Request) -> web.Response:
-        """POST /copies/{copy}/export: serve the copy read-only over NBD straight from the bucket (201)."""
-        return web.json_response(await self.copies.serve(_copy_id(request)), status=201)
+        """POST /copies/{copy}/export {"reader"?}: serve the copy read-only over NBD straight from the bucket
+        (201), with client certificates to ``reader``'s alone."""
+        copy_id = _copy_id(request)
+        body = await json_body(request) if await request.read() else {}  # no body: no reader
+        fields.json_object(body, "the body", frozenset({"reader"}))
+        return web.json_response(await self.copies.serve(copy_id, reader(body.get("reader"))), status=201)
 
     async def stop(self, request: web.Request) -> web.Response:
         """DELETE /copies/{copy}/export: stop serving it."""

@@ -121,9 +121,11 @@ class ExportDetail:
     port: int
     export: str
     uri: str
+    #: The client certificate name the export admits (None: any client the hub's TLS admits).
+    reader: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """``{"point_id", "port", "export", "uri"}``."""
+        """``{"point_id", "port", "export", "uri", "reader"}``."""
         return attrs.asdict(self)
 
 

@@ -54,6 +54,20 @@ class RestoreAction(enum.Enum):
 # -- field checks -----------------------------------------------------------------
 
 
+def reader(value: object) -> str | None:
+    """Who may read an export that serves no node's job (a restore's, an offsite copy's): the name in the
+    client certificate it admits, a node's name as ``tls init --node NAME`` issues it; None: not named."""
+    if value is None:
+        return None
+    name = identifier(value)
+    if name is None:
+        raise BadRequest(
+            "reader must be the name in a client certificate: 1-128 of letters, digits, '.', '_', ':', '-' "
+            "(a node's registered name, as tls init --node NAME issued its certificate)"
+        )
+    return name
+
+
 def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_COUNT:
         raise BadRequest(f"{name} must be a number from 0 to {MAX_COUNT}")
@@ -162,23 +176,27 @@ class BackupRequest:
 
 @attrs.frozen
 class RestoreRequest:
-    """``POST /restores``: ``{"point_id", "action"?, "format"?, "path"?}``; a convert names a file."""
+    """``POST /restores``: ``{"point_id", "action"?, "format"?, "path"?, "reader"?}``; a convert names a file,
+    an export may name its reader (:func:`reader`)."""
 
     point_id: str
     action: RestoreAction
     fmt: ImageFormat
     name: str | None
+    reader: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> RestoreRequest:
         """Parse the body; unknown fields, and a file name that is not one plain name, are refused."""
-        json_object(body, "the body", frozenset({"point_id", "action", "format", "path"}))
+        json_object(body, "the body", frozenset({"point_id", "action", "format", "path", "reader"}))
         point_id = text(body.get("point_id"), "point_id", limit=128)
         action = choice(body.get("action", "export"), "action", RestoreAction)
         if action is RestoreAction.EXPORT:
             if "format" in body or "path" in body:
                 raise BadRequest("format and path belong to action convert")
-            return cls(point_id, action, ImageFormat.QCOW2, None)
+            return cls(point_id, action, ImageFormat.QCOW2, None, reader(body.get("reader")))
+        if "reader" in body:
+            raise BadRequest("reader belongs to action export (it names who may read the export)")
         fmt = choice(body.get("format", "raw"), "format", ImageFormat)
         name = body.get("path")
         if not isinstance(name, str) or not RESTORE_NAME.fullmatch(name):

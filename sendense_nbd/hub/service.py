@@ -268,11 +268,9 @@ class Hub:
             on_failed=self._alert_failed,
         )
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
-        copies_tls = config.nbd_tls_context if config.nbd_tls is TLSMode.REQUIRE else None  # as restores
         self.copies = Copies(
             self._db, self._repository, clock=self.clock, policies=self._policies, restore_dir=self.restore_dir,
-            serve=self._lease_copy_port, release=self._release_copy_port,
-            nbd_host=config.nbd_advertise or config.nbd_bind, tls_context=copies_tls,
+            serve=self._lease_copy_port, release=self._release_copy_port, tls=self._tls,
         )  # fmt: skip
         self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
         self._background: asyncio.Task[None] | None = None
@@ -758,7 +756,7 @@ class Hub:
             if point.status is not PointStatus.COMPLETED:
                 raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
             if request.action is req.RestoreAction.EXPORT:
-                return await self._export_point(point)
+                return await self._export_point(point, request.reader)
             return await self._convert_point(point, request)
 
     async def _convert_point(self, point: Point, request: req.RestoreRequest) -> Job:
@@ -777,8 +775,9 @@ class Hub:
             return await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("convert", str(exc)))
         return await self._jobs.transition(job.id, JobState.COMPLETED)
 
-    async def _export_point(self, point: Point) -> Job:
+    async def _export_point(self, point: Point, reader: str | None) -> Job:
         route = self._tls.restore_route()  # restores: TLS when the hub requires it
+        admit = self._tls.reader_check(route, reader, "a restore's export")  # with client certificates: one
         job = await self._jobs.create(
             JobKind.RESTORE, point.vm_path, req.RestoreAction.EXPORT, None, lifetime=self.config.job_timeout
         )
@@ -788,6 +787,7 @@ class Hub:
                 running = await self._exports.start(
                     job.id, point.disk_key, f"restore-{point.id}", point.path, allocation.socket,
                     opener=self._repository.opener(point, readonly=True), readonly=True, tls=route.tls,
+                    admit_peer=admit,
                 )  # fmt: skip
             except BaseException:
                 allocation.socket.close()
@@ -796,7 +796,7 @@ class Hub:
             await self._ports.release(job_id=job.id)
             await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("export", str(exc)))
             raise
-        detail = ExportDetail(point.id, running.port, running.name, route.uri(running.port, running.name))
+        detail = ExportDetail(point.id, running.port, running.name, route.uri(running.port, running.name), reader)
         return await self._jobs.transition(job.id, JobState.RUNNING, detail=detail)
 
     async def stop_restore(self, job_id: str) -> Job:

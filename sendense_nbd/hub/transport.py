@@ -105,27 +105,57 @@ class ExportTLS:
 
     def peer_check(self, node: str | None, tls: bool) -> PeerCheck | None:
         """With client certificates, what binds a TLS export of node ``node``'s job to that node: a client
-        whose certificate does not name it (its common name or a DNS name, as ``tls init --node NAME``
-        issues them) is refused. None when there is nothing to bind (no node, no TLS, no client
+        whose certificate does not name it (:func:`~sendense_nbd.hub.certnames.client_names`, as ``tls init
+        --node NAME`` issues them) is refused. None when there is nothing to bind (no node, no TLS, no client
         certificates)."""
         if node is None or not tls or not self.verifies_clients:
             return None
+        return _bound(
+            node, f"serves a job of node {node!r}", f"each node uses its own certificate (tls init --node {node})"
+        )
 
-        def check(export: str, certificate: Mapping[str, Any] | None) -> str | None:
-            names = client_names(certificate)
-            if node in names:
-                return None
-            return (
-                f"export {export!r} serves a job of node {node!r}, and this client's certificate is for "
-                f"{names_text(names)}: each node uses its own certificate (tls init --node {node})"
+    def reader_check(self, route: Route, reader: str | None, what: str) -> PeerCheck | None:
+        """What binds an export that serves no node's job (``what``: a restore's, an offsite copy's) to the
+        one client certificate named ``reader`` (a node's name, as ``tls init --node NAME`` issues it).
+
+        With client certificates (``--nbd-tls-verify-client``) on a TLS export, ``reader`` is required:
+        without it the export would admit every certificate of the deployment, so any node could read any
+        other's data. Without them (or on a plain export) a ``reader`` could not be enforced, and is refused
+        rather than ignored. Either refusal is a :class:`BadRequest` saying what to do."""
+        binds = route.tls and self.verifies_clients
+        if binds and reader is None:
+            raise BadRequest(
+                f"this hub checks client certificates (--nbd-tls-verify-client), so {what} admits exactly one: "
+                "name it with reader, the name in the reading client's certificate (a node's registered name, "
+                "as tls init --node NAME issued it)"
             )
-
-        return check
+        if not binds and reader is not None:
+            raise BadRequest(
+                f"reader binds {what} to a client certificate, which this hub does not check "
+                f"({'no --nbd-tls-verify-client' if route.tls else 'the export is plain NBD'}): leave reader out, "
+                "or start the hub with --nbd-tls require --nbd-tls-verify-client"
+            )
+        if reader is None:
+            return None
+        return _bound(reader, f"is served to {reader!r} alone", f"read it with the certificate of {reader!r}")
 
     def _check_host(self, name: str, transport: str, nbd_host: str | None) -> None:
         if self.names is not None and self.uses_tls(transport):
             what = f"node {name!r}'s nbd_host" if nbd_host else f"the NBD host of node {name!r} (--nbd-advertise)"
             check_host(nbd_host or self.default_host, self.names, what)
+
+
+def _bound(name: str, serves: str, advice: str) -> PeerCheck:
+    """A check admitting only client certificates that name ``name``; a refusal says what the export
+    ``serves``, whose certificate came, and the ``advice``."""
+
+    def check(export: str, certificate: Mapping[str, Any] | None) -> str | None:
+        names = client_names(certificate)
+        if name in names:
+            return None
+        return f"export {export!r} {serves}, and this client's certificate is for {names_text(names)}: {advice}"
+
+    return check
 
 
 def is_wildcard(host: str) -> bool:
