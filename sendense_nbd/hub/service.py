@@ -746,6 +746,12 @@ class Hub:
 
     # -- restores ----------------------------------------------------------------
 
+    @property
+    def restores_need_reader(self) -> bool:
+        """Whether a restore's (and an offsite copy's) export must name its reader: it is TLS with client
+        certificates, and admits only the certificate the reader names."""
+        return self._tls.binds_readers(self._tls.restore_route())
+
     async def restore(self, request: req.RestoreRequest) -> Job:
         """Serve a completed point over NBD (read-only), or convert it to a new file in the restore directory."""
         point = await self._repository.point(request.point_id)

@@ -114,6 +114,11 @@ class ExportTLS:
             node, f"serves a job of node {node!r}", f"each node uses its own certificate (tls init --node {node})"
         )
 
+    def binds_readers(self, route: Route) -> bool:
+        """Whether an export on ``route`` that serves no node's job must name its reader (TLS with client
+        certificates: :meth:`reader_check`)."""
+        return route.tls and self.verifies_clients
+
     def reader_check(self, route: Route, reader: str | None, what: str) -> PeerCheck | None:
         """What binds an export that serves no node's job (``what``: a restore's, an offsite copy's) to the
         one client certificate named ``reader`` (a node's name, as ``tls init --node NAME`` issues it).
@@ -122,7 +127,7 @@ class ExportTLS:
         without it the export would admit every certificate of the deployment, so any node could read any
         other's data. Without them (or on a plain export) a ``reader`` could not be enforced, and is refused
         rather than ignored. Either refusal is a :class:`BadRequest` saying what to do."""
-        binds = route.tls and self.verifies_clients
+        binds = self.binds_readers(route)
         if binds and reader is None:
             raise BadRequest(
                 f"this hub checks client certificates (--nbd-tls-verify-client), so {what} admits exactly one: "

@@ -17,8 +17,12 @@ from urllib.parse import quote, unquote
 import aiohttp
 import pytest
 
+from sendense_nbd import connect
+from sendense_nbd.errors import OptionError
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import ExportDetail, JobState
+from sendense_nbd.protocol.constants import TLSMode
+from sendense_nbd.tls import init_pki, server_context
 from tests.conftest import require
 from tests.console.backups import SIZE, backed_up, ended, with_digests
 from tests.console.inprocess import Console, ConsoleClient, logged_in
@@ -187,3 +191,35 @@ async def test_the_vm_list_is_paged(console: Console, monkeypatch: pytest.Monkey
     assert shown == names  # every VM once, in order, two per page
     status, page = await console.client.get("/vms?start=junk")
     assert status == 200 and re.findall(r">(/DC0/vm/page\d)</a>", page) == names[:2]
+
+
+async def test_export_under_client_certificates_names_its_reader(tmp_path: Path) -> None:
+    """With --nbd-tls-verify-client the export form asks for the reader (the hub refuses an export that would
+    admit every node's certificate): without one the export is refused with the hub's sentence; with one the
+    restore page shows it, and only that certificate reads the export (our client over nbds://)."""
+    layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
+    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_context": server_context(layout.hub, verify_client=True)}
+    async with logged_in(tmp_path / "repo", clock=ManualClock(time.time()), **tls) as console:
+        point_id = (await backed_up(console.hub, console.clock, VM)).disks[0].point_id
+        page = await console.page(view(VM))
+        assert f'<input type="text" id="reader-{point_id}" name="reader" required' in page
+        location, page = await followed(
+            console.client, await console.client.post(f"/points/{point_id}/export", {"path": VM})
+        )
+        assert unquote(location) == f"/vms/view?path={VM}" and "name it with reader" in flashes(page)
+        location, page = await followed(
+            console.client, await console.client.post(f"/points/{point_id}/export", {"path": VM, "reader": "site1"})
+        )
+        restore = await console.hub.job(location.rsplit("/", 1)[1])
+        assert isinstance(restore.detail, ExportDetail) and restore.detail.reader == "site1"
+        assert '<code id="reader">site1</code>' in page
+        uri = restore.detail.uri
+        assert uri.startswith("nbds://127.0.0.1:")
+        with pytest.raises(OptionError, match="is served to 'site1' alone, and this client's certificate is for"):
+            async with connect(f"{uri}?tls-certificates={layout.nodes['site2']}"):
+                pass
+        async with connect(f"{uri}?tls-certificates={layout.nodes['site1']}") as nbd:
+            assert nbd.size == SIZE
+    async with logged_in(tmp_path / "plain", clock=ManualClock(time.time())) as console:  # no field without them
+        point_id = (await backed_up(console.hub, console.clock, VM)).disks[0].point_id
+        assert 'name="reader"' not in await console.page(view(VM))

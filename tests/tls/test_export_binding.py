@@ -21,6 +21,7 @@ from sendense_nbd import connect
 from sendense_nbd.errors import OptionError
 from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.tls import init_pki, server_context
 from tests.conftest import require, run
 from tests.hub.accepting_node import accepting_node
@@ -113,3 +114,65 @@ async def test_without_client_certificates_an_export_binds_no_node(tmp_path: Pat
         uri = await _backup(hub, "site1")
         async with connect(f"{uri}?tls-certificates={layout.nodes['site2']}") as nbd:
             assert nbd.size == MIB
+
+
+async def _point(hub: LocalHub, node_url: str, transport: str, query: str = "") -> str:
+    """A completed point of node site1 (registered with ``transport``), its 1 MiB of b"r" written by our client
+    (with ``query``, its TLS settings); the point's ID."""
+    await hub.ok("POST", "/nodes", {"name": "site1", "url": node_url, "transport": transport})
+    body = {"vm_path": VM_PATH, "node": "site1", "disks": [{"key": 2000, "capacity": MIB}]}
+    job = await hub.ok("POST", "/backups", body)
+    async with connect(job["detail"]["disks"][0]["uri"] + query) as nbd:
+        await nbd.pwrite(b"r" * MIB, offset=0)
+        await nbd.flush()
+    done = {"status": "completed", "disks": [{"disk_key": 2000, "change_id": "52 aa/1"}]}
+    await hub.ok("POST", f"/backups/{job['job_id']}/complete", done)
+    [point] = (await hub.ok("GET", f"/points?vm_path={VM_PATH}"))["points"]
+    return str(point["id"])
+
+
+async def test_a_restores_export_admits_only_its_reader(tmp_path: Path) -> None:
+    """A restore serves no node's job: under --nbd-tls-verify-client it names its reader (refused without one,
+    as it would admit every node's certificate), and only that certificate reads it (ours, nbdinfo, nbdcopy)."""
+    layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
+    site1, site2 = (f"tls-certificates={layout.nodes[name]}" for name in ("site1", "site2"))
+    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_context": server_context(layout.hub, verify_client=True)}
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
+        point_id = await _point(hub, node.url, "tls", f"?{site1}")
+        status, answer = await hub.call("POST", "/restores", {"point_id": point_id})
+        assert status == 400 and "so a restore's export admits exactly one" in answer["error"]["message"], answer
+        convert = {"point_id": point_id, "action": "convert", "path": "x.raw", "reader": "site1"}
+        status, answer = await hub.call("POST", "/restores", convert)
+        assert status == 400 and "reader belongs to action export" in answer["error"]["message"], answer
+        assert (await hub.ok("GET", "/ports"))["exports"] == []
+        detail = (await hub.ok("POST", "/restores", {"point_id": point_id, "reader": "site1"}))["detail"]
+        assert detail["reader"] == "site1" and detail["uri"].startswith("nbds://127.0.0.1:"), detail
+        with pytest.raises(OptionError, match="is served to 'site1' alone, and this client's certificate is for"):
+            async with connect(f"{detail['uri']}?{site2}"):
+                pass
+        info = await _peer(require("nbdinfo"), "--size", f"{detail['uri']}?{site2}")
+        assert info.returncode != 0 and "server policy prevents NBD_OPT_GO" in info.stderr, info.stderr
+        copied = await _peer(require("nbdcopy"), f"{detail['uri']}?{site1}", str(tmp_path / "restored.raw"))
+        assert copied.returncode == 0, copied.stderr
+        assert (tmp_path / "restored.raw").read_bytes() == b"r" * MIB
+
+
+@pytest.mark.parametrize("verify", ["tls-without-client-certificates", "plain"])
+async def test_a_reader_the_hub_cannot_enforce_is_refused(tmp_path: Path, verify: str) -> None:
+    """Without client certificates, or on a plain restore export, a reader would bind nothing: refused (400,
+    no export), not ignored; the export without it works as before."""
+    layout = init_pki(tmp_path / "pki", nodes=["site1"])
+    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_context": server_context(layout.hub)} if verify != "plain" else {}
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
+        query = f"?tls-certificates={layout.nodes['site1']}" if tls else ""
+        point_id = await _point(hub, node.url, "tls" if tls else "tunnel", query)
+        status, answer = await hub.call("POST", "/restores", {"point_id": point_id, "reader": "site1"})
+        why = "no --nbd-tls-verify-client" if tls else "the export is plain NBD"
+        assert status == 400 and f"which this hub does not check ({why})" in answer["error"]["message"], answer
+        assert (await hub.ok("GET", "/ports"))["exports"] == []
+        status, answer = await hub.call("POST", "/restores", {"point_id": point_id, "reader": "bad name"})
+        assert status == 400 and "reader must be the name in a client certificate" in answer["error"]["message"]
+        detail = (await hub.ok("POST", "/restores", {"point_id": point_id}))["detail"]
+        assert detail["reader"] is None
+        async with connect(detail["uri"] + query) as nbd:
+            assert await nbd.pread(offset=0, length=MIB) == b"r" * MIB

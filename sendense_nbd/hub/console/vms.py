@@ -157,6 +157,7 @@ class _Vms:
             "jobs": jobs,
             "verify_state": worst(point.verify_state for point in points),
             "view_url": view_url,
+            "needs_reader": self.hub.restores_need_reader,
         }
         return render(request, "vms_view.html", context)
 
@@ -165,7 +166,10 @@ class _Vms:
         form = await checked_form(request)
         point_id = request.match_info["id"]
         try:
-            job = await self.hub.restore(RestoreRequest.from_json({"point_id": point_id, "action": "export"}))
+            body = {"point_id": point_id, "action": "export"}
+            if form.get("reader"):  # the client certificate the export admits (with client certificates)
+                body["reader"] = form["reader"]
+            job = await self.hub.restore(RestoreRequest.from_json(body))
         except SendenseError as exc:
             flash(request, message_for(exc), error=True)
             raise web.HTTPSeeOther(_back(form)) from None
