@@ -20,10 +20,17 @@ connection fails rather than going on unencrypted). Their query parameters:
 
 TLS parameters on ``nbd://`` are errors, as are unknown query parameters
 ("SHOULD be diagnosed").
+
+An IPv6 host may carry a zone id (RFC 6874): ``nbd://[fe80::1%25eth0]/x``
+(:func:`uri_host` writes it, :func:`split_host` reads it back). Hosts that two
+sides compare (the hub's export host, a node's pin on it) go through
+:func:`normal_host` on both sides.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 from urllib.parse import SplitResult, parse_qs, quote, unquote, urlsplit
 
@@ -32,6 +39,71 @@ import attrs
 from sendense_nbd.errors import TLSError, URIError
 from sendense_nbd.protocol.constants import DEFAULT_PORT, MAX_STRING
 from sendense_nbd.tls import parse_fingerprint
+
+#: A DNS name: RFC 1123 labels, at most 253 characters (without the trailing dot :func:`normal_host` drops).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+#: An IPv6 zone id (RFC 6874's unreserved characters), e.g. ``eth0`` in ``fe80::1%eth0``.
+_ZONE = re.compile(r"[A-Za-z0-9._~-]{1,64}")
+_HEX_PAIR = re.compile(r"[0-9A-Fa-f]{2}")
+_ZONE_RULE = "an IPv6 zone id is 1-64 of letters, digits, '.', '_', '~', '-' (fe80::1%eth0, in a URI [fe80::1%25eth0])"
+
+
+def uri_host(host: str) -> str:
+    """``host`` as it goes in a URI: an IPv6 address in brackets, its zone id's ``%`` as ``%25`` (RFC 6874)."""
+    return f"[{host.replace('%', '%25')}]" if ":" in host else host
+
+
+def normal_host(host: str, what: str = "the host") -> str:
+    """The one form in which hub and node write and compare a host (:class:`URIError`, naming ``what``, for
+    anything that is not a host): an IP address as :mod:`ipaddress` prints it (an IPv6 one compressed and in
+    lower case, its zone id kept as given, since it names an interface; in brackets, ``[fe80::1%25eth0]``,
+    it is read as in a URI), a DNS name in lower case without its trailing dot. Two hosts are the same
+    exactly when their normal forms are equal (for addresses: equal :mod:`ipaddress` values, scope included)."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        literal = _ipv6_literal(host[1:-1]) if bracketed else host
+    except URIError as exc:
+        raise URIError(f"{what} {exc}") from None
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(literal)
+    except ValueError:
+        address = None
+    if address is not None:
+        zone = getattr(address, "scope_id", None)
+        if bracketed and address.version != 6:
+            raise URIError(f"{what} {host!r}: brackets hold an IPv6 address only")
+        if zone is not None and not _ZONE.fullmatch(zone):
+            raise URIError(f"{what} {host!r}: {_ZONE_RULE}")
+        return str(address)
+    name = host.removesuffix(".")
+    if bracketed or not _HOST_NAME.fullmatch(name):
+        raise URIError(
+            f"{what} {host[:80]!r} must be a host name or an IP address without a port (hub.example.com, "
+            "10.0.0.2, fe80::1%eth0)"
+        )
+    return name.lower()
+
+
+def _ipv6_literal(inside: str) -> str:
+    """The text inside a URI's brackets with its zone id decoded (RFC 6874: ``%25``, then the zone
+    percent-encoded, so ``[fe80::1%2525]`` is zone ``25``; a bare ``%`` is taken when two hex digits do
+    not follow it, as its section 4 advises). :class:`URIError` for an empty zone id, or one outside RFC
+    6874's unreserved characters."""
+    address, percent, rest = inside.partition("%")
+    if not percent:
+        return inside
+    if rest.startswith("25"):
+        rest = rest[2:]
+    elif _HEX_PAIR.match(rest):
+        raise URIError(f"[{inside}]: a zone id follows %25 (RFC 6874), as in [fe80::1%25eth0]")
+    try:
+        zone = unquote(rest, errors="strict")
+    except UnicodeDecodeError:
+        zone = ""
+    if not _ZONE.fullmatch(zone):
+        raise URIError(f"[{inside}]: {_ZONE_RULE}")
+    return f"{address.lower()}%{zone}"
 
 
 def _check_export(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -96,7 +168,7 @@ class NBDAddress:
             query.insert(0, f"socket={quote(self.socket, safe='/')}")
             return f"{scheme}+unix://{path}?{'&'.join(query)}"
         assert self.host is not None
-        host = f"[{self.host.replace('%', '%25')}]" if ":" in self.host else self.host  # RFC 6874 zone id
+        host = uri_host(self.host)
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
         return f"{scheme}://{host}{port}{path}" + (f"?{'&'.join(query)}" if query else "")
 
@@ -157,16 +229,13 @@ def parse_uri(uri: str) -> NBDAddress:
 
 def split_host(parts: SplitResult) -> str | None:
     """The host of a split URI, as ``hostname`` gives it, except an IPv6 literal's zone id (RFC 6874:
-    ``[fe80::1%25eth0]``; a bare ``%`` is taken too), which is decoded and keeps its case."""
+    ``[fe80::1%25eth0]``; a bare ``%`` is taken too, see :func:`_ipv6_literal`), which is decoded and keeps
+    its case; :class:`URIError` for an empty or malformed zone id."""
     host = parts.hostname
     netloc = parts.netloc.rpartition("@")[2]
     if host is None or "%" not in host or not netloc.startswith("["):
         return host
-    literal = netloc[1:].partition("]")[0]
-    address, escaped, zone = literal.partition("%25")
-    if not escaped:
-        address, _, zone = literal.partition("%")
-    return f"{address.lower()}%{unquote(zone)}"
+    return _ipv6_literal(netloc[1:].partition("]")[0])
 
 
 def _tls_settings(uri: str, query: dict[str, str]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ or no longer know them (:meth:`NodeRegistry.knows_job`).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import re
@@ -30,7 +29,8 @@ from urllib.parse import urlsplit
 import attrs
 
 from sendense_nbd import fields
-from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeNotFound, UnknownNode
+from sendense_nbd.client.uri import normal_host
+from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeNotFound, UnknownNode, URIError
 from sendense_nbd.http_api import check_token
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database, rows
@@ -62,11 +62,6 @@ MAX_ERROR = 1024
 BY_API, BY_COMMAND_LINE = "api", "command line"
 #: An OpenSSH key fingerprint, as ``ssh-keygen -l`` prints it.
 FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-#: A DNS name (RFC 1123 labels).
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-#: An IPv6 zone id (RFC 6874: unreserved characters), e.g. ``eth0`` in ``fe80::1%eth0``.
-_ZONE = re.compile(r"[A-Za-z0-9._~-]{1,64}")
 _FIELDS = frozenset({"name", "url", "token", "tunnel_identity", "transport", "nbd_host", "hub_url"})
 #: Forget a node's health (its URL changed).
 _UNSEEN = ", ".join(
@@ -177,23 +172,15 @@ def _transport(value: object) -> str:
     return value
 
 
-def nbd_host(value: object) -> str | None:
-    """The hub's address as a node dials it: a DNS name or an IP address (no port), or None."""
+def nbd_host(value: object, name: str = "nbd_host") -> str | None:
+    """The hub's address as a node dials it, a DNS name or an IP address (no port), in the normal form the
+    node compares it in (:func:`~sendense_nbd.client.uri.normal_host`), or None."""
     if value is None:
         return None
-    host = fields.text(value, "nbd_host", limit=253)
     try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        pass
-    else:
-        zone = getattr(address, "scope_id", None)
-        if zone is not None and not _ZONE.fullmatch(zone):
-            raise BadRequest("nbd_host: an IPv6 zone id is 1-64 of letters, digits, '.', '_', '~', '-' (fe80::1%eth0)")
-        return str(address)
-    if not _HOST_NAME.fullmatch(host):
-        raise BadRequest("nbd_host must be a host name or an IP address (no port: each export has its own)")
-    return host
+        return normal_host(fields.text(value, name, limit=256), name)
+    except URIError as exc:
+        raise BadRequest(f"{exc} (each export has its own port)") from None
 
 
 _CHECKS: dict[str, Callable[[object], Any]] = {

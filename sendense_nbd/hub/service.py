@@ -46,6 +46,7 @@ from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import (
     BadRequest,
     CompletionMismatch,
+    ConfigError,
     Conflict,
     InvalidBackup,
     JobStateError,
@@ -53,7 +54,6 @@ from sendense_nbd.errors import (
     NodeUnavailable,
     RepositoryError,
     SendenseError,
-    ServerError,
     UnknownJob,
 )
 from sendense_nbd.hub import capacity
@@ -109,9 +109,9 @@ log = logging.getLogger(__name__)
 def _check_nbd_tls(config: HubConfig, _: object, mode: TLSMode) -> None:
     """``--nbd-tls`` is off or require, and require has credentials."""
     if mode is TLSMode.ALLOW:
-        raise ServerError("--nbd-tls is off or require (an export either requires TLS or does not offer it)")
+        raise ConfigError("--nbd-tls is off or require (an export either requires TLS or does not offer it)")
     if mode is TLSMode.REQUIRE and config.nbd_tls_context is None:
-        raise ServerError("--nbd-tls require needs the hub's NBD TLS credentials: give --nbd-tls-creds DIR")
+        raise ConfigError("--nbd-tls require needs the hub's NBD TLS credentials: give --nbd-tls-creds DIR")
 
 
 @attrs.frozen(kw_only=True)
@@ -163,21 +163,20 @@ class HubConfig:
     allow_plain_nbd: bool = False
 
     def __attrs_post_init__(self) -> None:
-        """Refuse what cannot work before a hub opens anything: a bad default node or ``--nbd-advertise``,
-        exposed plain exports, TLS exports at a host the certificate does not name (:func:`check_exposure`)."""
-        default = self.default_node()
-        if self.nbd_advertise is not None:
-            try:
-                nbd_host(self.nbd_advertise)
-            except BadRequest as exc:
-                raise BadRequest(f"--nbd-advertise: {exc}") from None
-        tls = self.export_tls()
-        check_exposure(self.nbd_bind, self.nbd_advertise, tls, allow_plain=self.allow_plain_nbd)
+        """Refuse (:class:`ConfigError`, naming the option) what cannot work before a hub opens anything: a bad
+        default node, an ``--nbd-advertise`` or ``--nbd-bind`` that is no host, exposed plain exports, TLS
+        exports at a host the certificate does not name (:func:`check_exposure`)."""
+        try:
+            default = self.default_node()
+            tls = self.export_tls()
+        except BadRequest as exc:
+            raise ConfigError(str(exc)) from None
+        check_exposure(self.nbd_bind, tls, allow_plain=self.allow_plain_nbd)
         if default is not None:
             try:
                 tls.check_node(DEFAULT, default["transport"], default["nbd_host"])
             except BadRequest as exc:
-                raise BadRequest(f"the default node (--node-url): {exc}") from None
+                raise ConfigError(f"the default node (--node-url): {exc}") from None
 
     def default_node(self) -> dict[str, Any] | None:
         """The node :data:`~sendense_nbd.hub.nodes.DEFAULT` as the ``--node-*`` options give it, every
@@ -194,12 +193,18 @@ class HubConfig:
         return default_node(values)
 
     def export_tls(self) -> ExportTLS:
-        """What the hub's NBD TLS allows, and the host nodes dial by default."""
+        """What the hub's NBD TLS allows, and the host nodes dial by default: ``--nbd-advertise``, else
+        ``--nbd-bind``, in the normal form nodes compare it in (:func:`~sendense_nbd.hub.nodes.nbd_host`;
+        :class:`BadRequest` naming the option when it is no host)."""
+        option = "--nbd-advertise" if self.nbd_advertise is not None else "--nbd-bind"
+        host = nbd_host(self.nbd_advertise if self.nbd_advertise is not None else self.nbd_bind, option)
+        assert host is not None
         return ExportTLS(
             context=self.nbd_tls_context,
             required=self.nbd_tls is TLSMode.REQUIRE,
             names=self.nbd_tls_names,
-            default_host=self.nbd_advertise or self.nbd_bind,
+            default_host=host,
+            default_option=option,
         )
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import attrs
 
-from sendense_nbd.errors import BadRequest, Conflict, ServerError, TLSError
+from sendense_nbd.client.uri import uri_host
+from sendense_nbd.errors import BadRequest, ConfigError, Conflict, TLSError
 from sendense_nbd.http_api import is_loopback
 from sendense_nbd.hub.certnames import CertificateNames, check_host, client_names, names_text
 
@@ -30,11 +31,6 @@ TRANSPORTS = (TRANSPORT_TUNNEL, TRANSPORT_TLS)
 
 #: What an export asks of a client that picks it: (export name, its certificate) -> why refused, or None.
 PeerCheck = Callable[[str, Mapping[str, Any] | None], str | None]
-
-
-def uri_host(host: str) -> str:
-    """``host`` as it goes in a URI: an IPv6 address in brackets, its zone id's ``%`` as ``%25`` (RFC 6874)."""
-    return f"[{host.replace('%', '%25')}]" if ":" in host else host
 
 
 @attrs.frozen
@@ -59,6 +55,8 @@ class ExportTLS:
     required: bool = False
     names: CertificateNames | None = None
     default_host: str = "127.0.0.1"
+    #: The hub's option that gives ``default_host``, for sentences.
+    default_option: str = "--nbd-bind"
 
     @property
     def verifies_clients(self) -> bool:
@@ -146,7 +144,11 @@ class ExportTLS:
 
     def _check_host(self, name: str, transport: str, nbd_host: str | None) -> None:
         if self.names is not None and self.uses_tls(transport):
-            what = f"node {name!r}'s nbd_host" if nbd_host else f"the NBD host of node {name!r} (--nbd-advertise)"
+            what = (
+                f"the nbd_host of node {name!r}"
+                if nbd_host
+                else f"the NBD host of node {name!r} ({self.default_option})"
+            )
             check_host(nbd_host or self.default_host, self.names, what)
 
 
@@ -171,13 +173,13 @@ def is_wildcard(host: str) -> bool:
         return False
 
 
-def check_exposure(bind: str, advertise: str | None, tls: ExportTLS, *, allow_plain: bool) -> None:
-    """Refuse (:class:`ServerError`) exports that would be plain NBD on a network address (unless
+def check_exposure(bind: str, tls: ExportTLS, *, allow_plain: bool) -> None:
+    """Refuse (:class:`ConfigError`) exports that would be plain NBD on a network address ``bind`` (unless
     ``allow_plain``: ``--allow-plain-nbd``), and, with TLS credentials, a default export host nodes could
     not check the certificate against: a wildcard ``--nbd-bind`` without ``--nbd-advertise``, or a host
     that is not a name in the certificate."""
     if not is_loopback(bind) and not tls.required and not allow_plain:
-        raise ServerError(
+        raise ConfigError(
             f"the NBD exports would listen on {bind}, not loopback, and without --nbd-tls require the exports "
             "of tunnel nodes and restores are plain NBD, which anyone who reaches the port can read or write: "
             "give --nbd-tls require (with --nbd-tls-creds and --nbd-tls-verify-client), or keep --nbd-bind on "
@@ -185,15 +187,15 @@ def check_exposure(bind: str, advertise: str | None, tls: ExportTLS, *, allow_pl
         )
     if tls.context is None:
         return
-    if advertise is None and is_wildcard(bind):
+    if is_wildcard(tls.default_host):
         names = "" if tls.names is None else f" (the certificate's names: {tls.names})"
-        raise ServerError(
-            f"--nbd-bind {bind} listens on every address, which is no host a node can dial or check the hub's "
-            f"certificate against: give --nbd-advertise with a name in the certificate{names}"
+        raise ConfigError(
+            f"{tls.default_option} {tls.default_host} is every address, which is no host a node can dial or "
+            f"check the hub's certificate against: give --nbd-advertise with a name in the certificate{names}"
         )
     if tls.names is not None:
-        option = "--nbd-advertise" if advertise is not None else "--nbd-bind, without --nbd-advertise"
+        option = "--nbd-advertise" if tls.default_option == "--nbd-advertise" else "--nbd-bind, without --nbd-advertise"
         try:
             check_host(tls.default_host, tls.names, f"the NBD exports' host ({option})")
         except TLSError as exc:
-            raise ServerError(str(exc)) from None
+            raise ConfigError(str(exc)) from None

@@ -44,9 +44,7 @@ password and token files) must not be readable by group or others.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import ssl
 import stat
 import tomllib
@@ -56,11 +54,8 @@ from urllib.parse import urlsplit
 import attrs
 
 from sendense_nbd.backup.prepare import VddkSettings
-from sendense_nbd.errors import ConfigError, TLSError
-
-#: A DNS name (RFC 1123 labels).
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+from sendense_nbd.client.uri import normal_host, split_host
+from sendense_nbd.errors import ConfigError, TLSError, URIError
 
 #: The keys each section may hold; any other key, or section, is refused.
 SECTIONS: dict[str, frozenset[str]] = {
@@ -272,15 +267,15 @@ def _bytes(path: str, section: dict[str, Any], key: str, default: int, high: int
 
 
 def _nbd_host(path: str, value: object) -> str | None:
-    """A host name or an IP address (an IPv6 one may have a zone id, ``fe80::1%eth0``), without a port."""
+    """A host name or an IP address (an IPv6 one may have a zone id, ``fe80::1%eth0``), without a port, in the
+    normal form the targets' hosts are compared in (:func:`~sendense_nbd.client.uri.normal_host`)."""
     if value is None:
         return None
     if isinstance(value, str):
         try:
-            return str(ipaddress.ip_address(value.strip("[]")))
-        except ValueError:
-            if _HOST_NAME.fullmatch(value):
-                return value.lower().rstrip(".")
+            return normal_host(value, "[node] nbd_host")
+        except URIError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     raise ConfigError(f"{path}: [node] nbd_host must be a host name or an IP address without a port, e.g. 10.0.0.2")
 
 
@@ -290,4 +285,14 @@ def _hub_url(path: str, value: object) -> str | None:
     parts = urlsplit(str(value))
     if not isinstance(value, str) or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{path}: [node] hub_url must be an http:// or https:// URL, e.g. http://127.0.0.1:8082")
+    try:
+        hub_host(value)
+    except URIError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return value
+
+
+def hub_host(hub_url: str) -> str:
+    """The host of ``[node] hub_url`` in normal form (:func:`~sendense_nbd.client.uri.normal_host`);
+    :class:`URIError` when it is none."""
+    return normal_host(split_host(urlsplit(hub_url)) or "", "the host of [node] hub_url")

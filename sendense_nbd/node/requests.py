@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 
 from sendense_nbd.backup import Mode
-from sendense_nbd.client.uri import parse_uri, split_host
+from sendense_nbd.client.uri import normal_host, parse_uri
 from sendense_nbd.errors import BadRequest, URIError
 from sendense_nbd.fields import (
     IDENTIFIER,
@@ -29,6 +29,7 @@ from sendense_nbd.fields import (
     text,
     vm_path,
 )
+from sendense_nbd.node.config import hub_host
 
 _MAX_URL = 2048
 
@@ -67,12 +68,22 @@ class BackupRequest:
 
 
 def _target_host(hub_url: str | None, nbd_host: str | None) -> tuple[str, str] | None:
-    """The host every target must be on, and the setting that says so (None: any host)."""
+    """The host every target must be on, in normal form (:func:`~sendense_nbd.client.uri.normal_host`), and
+    the setting that says so (None: any host)."""
     if hub_url is None:
         return None
     if nbd_host is not None:
-        return nbd_host, "[node] nbd_host"
-    return split_host(urlsplit(hub_url)) or "", "[node] hub_url"
+        return normal_host(nbd_host), "[node] nbd_host"
+    return hub_host(hub_url), "[node] hub_url"
+
+
+def _same_host(host: str | None, pinned: str) -> bool:
+    """Whether a target's host is the pinned one (both in normal form: a name without case or trailing dot,
+    an address as :mod:`ipaddress` values, zone included)."""
+    try:
+        return host is not None and normal_host(host) == pinned
+    except URIError:
+        return False
 
 
 def http_url(value: object, name: str) -> str:
@@ -106,7 +117,7 @@ def _targets(value: object, hub_host: tuple[str, str] | None) -> tuple[tuple[int
             address = parse_uri(uri)
         except URIError as exc:
             raise BadRequest(f"targets[{key}]: {exc}") from None
-        if hub_host is not None and address.host != hub_host[0]:
+        if hub_host is not None and not _same_host(address.host, hub_host[0]):
             raise BadRequest(f"targets[{key}] is not on this node's hub ({hub_host[0]}, from {hub_host[1]})")
         if _TLS_SETTINGS & set(parse_qs(urlsplit(uri).query)):
             raise BadRequest(f"targets[{key}]: a target names no TLS settings; the node's own [tls] applies")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sendense_nbd.client.uri import NBDAddress, parse_uri, resolve
+from sendense_nbd.client.uri import NBDAddress, normal_host, parse_uri, resolve, uri_host
 from sendense_nbd.errors import URIError
 
 
@@ -109,3 +109,69 @@ def test_nbds_uris() -> None:
 def test_tls_settings_need_tls() -> None:
     with pytest.raises(URIError, match="need TLS"):
         NBDAddress("d", host="h", tls_certificates="/d")
+
+
+@pytest.mark.parametrize(
+    "uri, host",
+    [
+        ("nbd://[fe80::1%25eth0]:1/x", "fe80::1%eth0"),  # RFC 6874
+        ("nbd://[FE80::1%25Eth0]:1/x", "fe80::1%Eth0"),  # the zone keeps its case: it names an interface
+        ("nbd://[fe80::1%eth0]:1/x", "fe80::1%eth0"),  # a bare %, not followed by two hex digits (RFC 6874 4.)
+        ("nbd://[fe80::1%2525]:1/x", "fe80::1%25"),  # %25 is the separator: the zone is "25"
+    ],
+)
+def test_ipv6_zone_ids(uri: str, host: str) -> None:
+    address = parse_uri(uri)
+    assert address.host == host and address.server_hostname == host.partition("%")[0].lower()
+    assert parse_uri(address.uri) == address
+
+
+@pytest.mark.parametrize(
+    "uri, match",
+    [
+        ("nbd://[fe80::1%25]:1/x", "zone id is 1-64"),  # empty
+        ("nbd://[fe80::1%25a%2Fb]:1/x", "not appear to be an IPv4 or IPv6"),  # a second %: urlsplit refuses
+        ("nbd://[fe80::1%2eth0]:1/x", "a zone id follows %25"),  # %2e is an escape, not a separator
+        ("nbd://[fe80::1%25" + "x" * 65 + "]:1/x", "zone id is 1-64"),
+    ],
+)
+def test_malformed_zone_ids_are_refused(uri: str, match: str) -> None:
+    with pytest.raises(URIError, match=match):
+        parse_uri(uri)
+
+
+@pytest.mark.parametrize(
+    "host, normal",
+    [
+        ("Hub.Example.COM.", "hub.example.com"),
+        ("hub.example.com", "hub.example.com"),
+        ("10.0.0.2", "10.0.0.2"),
+        ("2001:DB8:0:0::1", "2001:db8::1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("fe80::1%eth0", "fe80::1%eth0"),
+        ("[fe80::1%25eth0]", "fe80::1%eth0"),  # bracketed: read as in a URI
+        ("fe80::1%25eth0", "fe80::1%25eth0"),  # not bracketed: the zone id is "25eth0"
+    ],
+)
+def test_normal_host(host: str, normal: str) -> None:
+    assert normal_host(host) == normal
+    assert normal_host(uri_host(normal)) == normal  # what goes into a URI reads back the same
+
+
+@pytest.mark.parametrize(
+    "host, match",
+    [
+        ("hub:10809", "must be a host name"),
+        ("[[2001:db8::1]]", "must be a host name"),
+        ("[10.0.0.2]", "brackets hold an IPv6 address only"),
+        ("[hub.example.com]", "must be a host name"),
+        ("fe80::1%a b", "zone id is 1-64"),
+        ("[fe80::1%25]", "zone id is 1-64"),
+        ("a..b", "must be a host name"),
+        ("-a.example.com", "must be a host name"),
+        ("", "must be a host name"),
+    ],
+)
+def test_normal_host_refuses_what_is_no_host(host: str, match: str) -> None:
+    with pytest.raises(URIError, match=f"nbd_host .*{match}"):
+        normal_host(host, "nbd_host")

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from sendense_nbd.client.uri import parse_uri
-from sendense_nbd.errors import BadRequest
+from sendense_nbd.errors import BadRequest, ConfigError
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.nodes import nbd_host
 from sendense_nbd.hub.service import HubConfig
+from sendense_nbd.node.config import load as load_node_config
 from sendense_nbd.node.requests import BackupRequest
 from sendense_nbd.tls import init_pki, server_context
 from tests.hub.accepting_node import accepting_node
@@ -122,14 +123,14 @@ def test_hub_config_names_the_default_nodes_option_at_fault(tmp_path: Path) -> N
     for option, value, message in (
         ("node_tunnel_identity", "SHA256:x", "--node-tunnel-identity: tunnel_identity must be"),
         ("node_transport", "ssh", "--node-transport: transport must be tunnel"),
-        ("node_nbd_host", "hub:1", "--node-nbd-host: nbd_host must be"),
+        ("node_nbd_host", "hub:1", "--node-nbd-host: nbd_host 'hub:1' must be"),
         ("node_hub_url", "ftp://hub", "--node-hub-url: hub_url 'ftp://hub' must be an http:// or https:// URL"),
         ("node_transport", "tls", "the default node (--node-url): transport tls needs the hub's NBD TLS"),
     ):
-        with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             HubConfig(repo=repo, node_url="http://127.0.0.1:9", **{option: value})
     with pytest.raises(
-        BadRequest, match="--node-transport, --node-hub-url describe the default node: give --node-url too"
+        ConfigError, match="--node-transport, --node-hub-url describe the default node: give --node-url too"
     ):
         HubConfig(repo=repo, node_hub_url="http://127.0.0.1:1", node_transport="tls")
     assert not (tmp_path / "repo").exists()
@@ -159,3 +160,41 @@ def test_the_hub_and_node_commands_set_every_field(hub_factory: Callable[..., Hu
     assert edited.returncode == 0 and json.loads(edited.stdout)["hub_url"] is None, edited.stderr
     both = cli("edit", "t1", "--no-hub-url", "--hub-url", "http://127.0.0.1:1")
     assert both.returncode == 2 and "--no-hub-url and a new hub_url contradict each other" in both.stderr
+
+
+async def test_export_hosts_reach_the_node_in_the_form_it_compares(tmp_path: Path) -> None:
+    """A bracketed, uncompressed ``--nbd-advertise`` goes into the URIs as :mod:`ipaddress` prints it (not
+    ``nbd://[[...]]``), ``nbd_host`` ``Hub.Example.COM.`` and the RFC 6874 form ``[fe80::1%25lo]`` are stored in
+    normal form, and nodes whose ``[node]`` settings write the same hosts another way take the targets."""
+    advertise = {"nbd_advertise": "[2001:DB8:0::1]"}
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **advertise) as hub:
+        await hub.ok("POST", "/nodes", {"name": "v6", "url": node.url})
+        dotted = await hub.ok("POST", "/nodes", {"name": "dot", "url": node.url, "nbd_host": "Hub.Example.COM."})
+        zoned = await hub.ok("POST", "/nodes", {"name": "zone", "url": node.url, "nbd_host": "[fe80::1%25lo]"})
+        assert (dotted["nbd_host"], zoned["nbd_host"]) == ("hub.example.com", "fe80::1%lo")
+        for name, vm in (("v6", "a"), ("dot", "b"), ("zone", "c")):
+            await _backup(hub, name, vm)
+        targets = [next(iter(body["targets"].values())) for body in node.received]
+    assert [parse_uri(uri).host for uri in targets] == ["2001:db8::1", "hub.example.com", "fe80::1%lo"]
+    assert targets[0].startswith("nbd://[2001:db8::1]:") and targets[2].startswith("nbd://[fe80::1%25lo]:")
+    pins = (
+        'hub_url = "http://[2001:0DB8:0:0::1]:8082"\n',
+        'hub_url = "http://HUB.example.com.:8082"\n',
+        'hub_url = "http://hub.example.com:8082"\nnbd_host = "[fe80::1%25lo]"\n',
+    )
+    for target, pin in zip(targets, pins, strict=True):
+        path = tmp_path / "node.toml"
+        path.write_text(f'[vcenter]\nendpoint = "vc:443"\nusername = "u"\npassword = "p"\n[node]\n{pin}')
+        path.chmod(0o600)
+        config = load_node_config(str(path))
+        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_url, "targets": {"2000": target}}
+        taken = BackupRequest.from_json(body, hub_url=config.hub_url, nbd_host=config.nbd_host)
+        assert taken.targets == ((2000, target),), pin
+    with pytest.raises(ConfigError, match=r"--nbd-advertise '\[\[2001:db8::1\]\]' must be a host name"):
+        HubConfig(repo=str(tmp_path / "r"), nbd_advertise="[[2001:db8::1]]")
+    with pytest.raises(ConfigError, match=r"--nbd-bind 'hub_1' must be a host name"):
+        HubConfig(repo=str(tmp_path / "r"), nbd_bind="hub_1")
+    for bad, why in (("[fe80::1%25]", "zone id is 1-64"), ("[fe80::1%2eth0]", "a zone id follows %25"),
+                     ("[10.0.0.1]", "brackets hold an IPv6 address only")):  # fmt: skip
+        with pytest.raises(BadRequest, match=why):
+            nbd_host(bad)

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import sendense_nbd
 from sendense_nbd.backup.records import Mode
-from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeUnavailable, UnknownNode
+from sendense_nbd.errors import BadRequest, ConfigError, Conflict, NodeError, NodeUnavailable, UnknownNode
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.node_client import MAX_LOGGED_SKIPS
@@ -132,7 +132,7 @@ def test_registry_api_refuses_bad_nodes_and_never_shows_tokens(hub_factory: Call
 
 def test_a_bad_node_url_stops_the_hub_before_it_opens_anything(tmp_path: Path) -> None:
     for url in ("ftp://x", "x:8081", "http://u:p@x:8081"):
-        with pytest.raises(BadRequest, match="--node-url: url"):
+        with pytest.raises(ConfigError, match="--node-url: url"):
             HubConfig(repo=str(tmp_path / "repo"), node_url=url)
     assert not (tmp_path / "repo").exists()
     assert HubConfig(repo=str(tmp_path / "repo"), node_url="https://node.example:8081/").node_url

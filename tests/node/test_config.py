@@ -99,7 +99,7 @@ def test_nbd_host_pins_the_targets_instead_of_hub_urls_host(tmp_path: Path) -> N
     assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "Hub.Example.COM"\n')).nbd_host == "hub.example.com"
     assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "fe80::1%eth0"\n')).nbd_host == "fe80::1%eth0"
     for bad in ('"10.0.0.2:10809"', '"a b"', "5"):
-        with pytest.raises(ConfigError, match=r"\[node\] nbd_host must be a host name or an IP address"):
+        with pytest.raises(ConfigError, match=r"\[node\] nbd_host .*must be a host name or an IP address"):
             load(_write(tmp_path, f"{MINIMAL}{hub}nbd_host = {bad}\n"))
     with pytest.raises(ConfigError, match=r"\[node\] nbd_host needs hub_url"):
         load(_write(tmp_path, f'{MINIMAL}[node]\nnbd_host = "10.0.0.2"\n'))
@@ -134,3 +134,37 @@ def test_an_ipv6_zone_id_is_the_same_host_in_hub_url_and_targets() -> None:
     other = {**body, "targets": {"2000": "nbd://[fe80::1%25eth1]:10100/e"}}
     with pytest.raises(BadRequest, match=r"is not on this node's hub \(fe80::1%eth0, from \[node\] hub_url\)"):
         BackupRequest.from_json(other, hub_url=hub_url)
+
+
+def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
+    """Hub and node normalise hosts with the same function (normal_host): a DNS name without case or trailing
+    dot, an IP address as ipaddress prints it, zone id included. So ``hub.example.com.`` on both sides, an
+    uncompressed upper-case IPv6 target against a compressed pin, and an RFC 6874 pin are the same host, and
+    another zone, address or name is not."""
+
+    def taken(pin: str, target: str) -> bool:
+        config = load(_write(tmp_path, f"{MINIMAL}[node]\n{pin}"))
+        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_url, "targets": {"2000": target}}
+        try:
+            BackupRequest.from_json(body, hub_url=config.hub_url, nbd_host=config.nbd_host)
+        except BadRequest as exc:
+            assert "is not on this node's hub" in str(exc)
+            return False
+        return True
+
+    dotted = 'hub_url = "https://hub.example.com.:8443"\n'
+    assert taken(dotted, "nbds://hub.example.com.:10100/e") and taken(dotted, "nbds://HUB.example.COM:10100/e")
+    assert taken('hub_url = "https://h:1"\nnbd_host = "hub.example.com."\n', "nbds://hub.example.com.:10100/e")
+    assert not taken(dotted, "nbds://hub.example.org:10100/e")
+    v6 = 'hub_url = "http://[2001:db8::1]:8082"\n'
+    assert taken(v6, "nbd://[2001:DB8:0:0::1]:10100/e") and not taken(v6, "nbd://[2001:db8::2]:10100/e")
+    assert taken('hub_url = "http://h:1"\nnbd_host = "2001:0DB8::1"\n', "nbd://[2001:db8::1]:10100/e")
+    zoned = 'hub_url = "http://h:1"\nnbd_host = "[fe80::1%25eth0]"\n'
+    assert load(_write(tmp_path, f"{MINIMAL}[node]\n{zoned}")).nbd_host == "fe80::1%eth0"
+    assert taken(zoned, "nbd://[FE80::1%25eth0]:10100/e") and not taken(zoned, "nbd://[fe80::1%25eth1]:10100/e")
+    assert not taken(zoned, "nbd://[fe80::1]:10100/e")  # no zone is another host
+    for bad in ('nbd_host = "[fe80::1%25]"', 'nbd_host = "[fe80::1%2eth0]"'):
+        with pytest.raises(ConfigError, match="zone id"):
+            load(_write(tmp_path, f'{MINIMAL}[node]\nhub_url = "http://h:1"\n{bad}\n'))
+    with pytest.raises(ConfigError, match=r"the host of \[node\] hub_url 'h_1' must be a host name"):
+        load(_write(tmp_path, f'{MINIMAL}[node]\nhub_url = "http://h_1:1"\n'))

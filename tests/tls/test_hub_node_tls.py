@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 import pytest
 
 from sendense_nbd.client.uri import parse_uri
-from sendense_nbd.errors import BadRequest, ConfigError, ServerError
+from sendense_nbd.errors import BadRequest, ConfigError
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.nodes import NodeRecord
@@ -188,6 +188,21 @@ def test_a_tls_node_backs_up_over_nbds_without_a_tunnel(
     change_ids = _change_ids(api)
 
     # A node without a client certificate (only the CA): its job fails with a TLS sentence, records nothing.
+    _a_node_without_a_client_certificate_fails(api, hub_url, node_creds, vcsim, nodes, tmp_path)
+    assert _change_ids(api) == change_ids
+
+    # The hub again, now requiring TLS on every export: a restore is served as nbds:// only, to its reader.
+    assert hub.stop() == 0
+    hub = hubs(repo, *tls, "--nbd-tls", "require")
+    api = HttpsApi(hub.startup["listening"], layout.ca_cert)
+    point = incremental["detail"]["disks"][0]
+    _a_restore_is_served_to_its_reader(api, point, node_creds, expected[point["disk_key"]], tmp_path)
+
+
+def _a_node_without_a_client_certificate_fails(
+    api: Api, hub_url: str, node_creds: Path, vcsim: dict[str, Any], nodes: list[NodeProcess], tmp_path: Path
+) -> None:
+    """A node whose directory has only the CA: its job fails with a TLS sentence and leaves no point or port."""
     bare = tmp_path / "bare-creds"
     bare.mkdir()
     shutil.copyfile(node_creds / "ca-cert.pem", bare / "ca-cert.pem")
@@ -199,24 +214,26 @@ def test_a_tls_node_backs_up_over_nbds_without_a_tunnel(
     assert "certificate" in failed["error"]["message"], failed["error"]
     points = api.get("/points?" + urlencode({"vm_path": VM_PATH}))[1]["points"]
     assert not [p for p in points if p["job_id"] == failed["job_id"]]
-    assert _change_ids(api) == change_ids
     assert api.get("/ports")[1]["used"] == []
 
-    # The hub again, now requiring TLS on every export: a restore is served as nbds:// only.
-    assert hub.stop() == 0
-    hub = hubs(repo, *tls, "--nbd-tls", "require")
-    api = HttpsApi(hub.startup["listening"], layout.ca_cert)
-    point = incremental["detail"]["disks"][0]
-    status, restore = api.post("/restores", {"point_id": point["point_id"]})
+
+def _a_restore_is_served_to_its_reader(
+    api: Api, point: dict[str, Any], node_creds: Path, expected: Path, tmp_path: Path
+) -> None:
+    """Under --nbd-tls require with client certificates a restore names its reader (400 without), and is read
+    over nbds:// with that node's certificate by nbdinfo and nbdcopy; plain NBD is refused."""
+    status, refused = api.post("/restores", {"point_id": point["point_id"]})
+    assert status == 400 and "name it with reader" in refused["error"]["message"], refused
+    status, restore = api.post("/restores", {"point_id": point["point_id"], "reader": "site1"})
     assert status == 201, restore
     uri = restore["detail"]["uri"]
-    assert uri.startswith("nbds://127.0.0.1:"), restore
+    assert uri.startswith("nbds://127.0.0.1:") and restore["detail"]["reader"] == "site1", restore
     with_creds = f"{uri}?tls-certificates={node_creds}"
     info = run(require("nbdinfo"), "--size", with_creds)
     assert int(info.stdout) == 8 * MIB
     out = tmp_path / "restored.raw"
     run(require("nbdcopy"), with_creds, str(out))
-    assert out.read_bytes() == expected[point["disk_key"]].read_bytes()
+    assert out.read_bytes() == expected.read_bytes()
     plain = run(require("nbdinfo"), "--size", uri.replace("nbds://", "nbd://"), check=False)
     assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
 
@@ -262,7 +279,7 @@ async def test_a_node_transport_is_checked_stored_and_needs_hub_credentials(tmp_
         assert status == 409 and answer["error"]["code"] == "tls_unavailable", answer
         assert "--nbd-tls-creds" in answer["error"]["message"]
         assert (await hub.ok("GET", "/backups"))["backups"] == []
-    with pytest.raises(ServerError, match="--nbd-tls require needs"):
+    with pytest.raises(ConfigError, match="--nbd-tls require needs"):
         HubConfig(repo=str(repo), nbd_tls=TLSMode.REQUIRE)
 
 
