@@ -125,6 +125,8 @@ def _default_node_options(command: Any) -> Any:
                      help="The hub's address as the default node dials the exports (as node add --nbd-host)."),
         click.option("--node-hub-url", metavar="URL",
                      help="The hub API as the default node reaches it (as node add --hub-url; default --public-url)."),
+        click.option("--node-tls-pinned", is_flag=True,
+                     help="The default node pins the hub's certificate by fingerprint (as node add --tls-pinned)."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -262,6 +264,7 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         node_transport=o["node_transport"] or "tunnel",
         node_nbd_host=o["node_nbd_host"],
         node_hub_url=o["node_hub_url"],
+        node_tls_pinned=o["node_tls_pinned"],
         public_url=public_url,
         job_timeout=o["job_timeout"],
         keep_points=o["keep"],
@@ -404,28 +407,17 @@ def node_group() -> None:
     """The nodes a hub sends jobs to: register, list (with health), change, forget."""
 
 
-def _node_body(
-    url: str | None,
-    token_file: str | None,
-    identity: str | None,
-    transport: str | None = None,
-    nbd_host: str | None = None,
-    hub_url: str | None = None,
-) -> dict[str, Any]:
-    """The fields given, as the hub API takes them."""
+def _node_body(o: dict[str, Any]) -> dict[str, Any]:
+    """The node's fields given among the options ``o`` of ``node add``/``node edit``, as the hub API takes them."""
     body: dict[str, Any] = {}
-    if url is not None:
-        body["url"] = url
-    if token_file is not None:
-        body["token"] = read_token(token_file, "--node-token-file")
-    if identity is not None:
-        body["tunnel_identity"] = identity
-    if transport is not None:
-        body["transport"] = transport
-    if nbd_host is not None:
-        body["nbd_host"] = nbd_host
-    if hub_url is not None:
-        body["hub_url"] = hub_url
+    for option, field in (
+        ("url", "url"), ("tunnel_identity", "tunnel_identity"), ("transport", "transport"), ("nbd_host", "nbd_host"),
+        ("node_hub_url", "hub_url"), ("tls_pinned", "tls_pinned"),
+    ):  # fmt: skip
+        if o.get(option) is not None:
+            body[field] = o[option]
+    if o["node_token_file"] is not None:
+        body["token"] = read_token(o["node_token_file"], "--node-token-file")
     return body
 
 
@@ -444,6 +436,12 @@ _transport_option = click.option(
 _nbd_host_option = click.option(
     "--nbd-host", metavar="HOST", help="The hub's address as this node dials the exports (default: --nbd-advertise)."
 )
+_tls_pinned_option = click.option(
+    "--tls-pinned/--no-tls-pinned",
+    default=None,
+    help="The node pins the hub's certificate by its fingerprint ([tls] fingerprint), which checks no host name: "
+    "the hub then does not check its NBD host against the certificate's names (default: it does).",
+)
 _hub_url_option = click.option(
     "--hub-url",
     "node_hub_url",  # hub_url is --hub's
@@ -461,11 +459,11 @@ _hub_url_option = click.option(
 @_transport_option
 @_nbd_host_option
 @_hub_url_option
+@_tls_pinned_option
 @hub_options
-def node_add(name: str, url: str, hub: HubClient, **o: Any) -> None:
+def node_add(name: str, hub: HubClient, **o: Any) -> None:
     """Register a node under NAME (a policy or backup names it; 'default' takes jobs that name none)."""
-    body = _node_body(url, o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"], o["node_hub_url"])
-    node = hub.call("POST", "/nodes", {"name": name, **body})
+    node = hub.call("POST", "/nodes", {"name": name, **_node_body(o)})
     click.echo(json.dumps(node, indent=2))
 
 
@@ -511,12 +509,12 @@ def node_show(name: str, check: bool, hub: HubClient) -> None:
 @click.option("--no-nbd-host", is_flag=True, help="Forget the NBD host (the hub's --nbd-advertise again).")
 @_hub_url_option
 @click.option("--no-hub-url", is_flag=True, help="Forget the hub URL (the hub's --public-url again).")
+@_tls_pinned_option
 @hub_options
 def node_edit(name: str, hub: HubClient, **o: Any) -> None:
-    """Change a node's URL, token, tunnel identity, transport, NBD host or hub URL (its health is kept)."""
-    body = _node_body(
-        o["url"], o["node_token_file"], o["tunnel_identity"], o["transport"], o["nbd_host"], o["node_hub_url"]
-    )
+    """Change a node's URL, token, tunnel identity, transport, NBD host, hub URL or certificate pinning (its
+    health is kept, unless the URL changes: a new URL may be another node)."""
+    body = _node_body(o)
     for flag, field in (
         ("no_node_token", "token"), ("no_tunnel_identity", "tunnel_identity"), ("no_nbd_host", "nbd_host"),
         ("no_hub_url", "hub_url"),
@@ -528,7 +526,7 @@ def node_edit(name: str, hub: HubClient, **o: Any) -> None:
     if not body:
         raise click.UsageError(
             "give what to change: --url, --node-token-file, --tunnel-identity, --transport, --nbd-host, --hub-url, "
-            "or a --no- option"
+            "--tls-pinned, or a --no- option"
         )
     click.echo(json.dumps(hub.call("PATCH", f"/nodes/{quote(name, safe='')}", body), indent=2))
 

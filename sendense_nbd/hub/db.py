@@ -217,6 +217,7 @@ ADDED_COLUMNS = (
     ("nodes", "transport", "TEXT NOT NULL DEFAULT 'tunnel'"),
     ("nodes", "nbd_host", "TEXT"),
     ("nodes", "hub_url", "TEXT"),
+    ("nodes", "tls_pinned", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 

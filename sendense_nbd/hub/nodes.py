@@ -62,7 +62,9 @@ MAX_ERROR = 1024
 BY_API, BY_COMMAND_LINE = "api", "command line"
 #: An OpenSSH key fingerprint, as ``ssh-keygen -l`` prints it.
 FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-_FIELDS = frozenset({"name", "url", "token", "tunnel_identity", "transport", "nbd_host", "hub_url"})
+_FIELDS = frozenset({"name", "url", "token", "tunnel_identity", "transport", "nbd_host", "hub_url", "tls_pinned"})
+#: The fields the hub's TLS checks a node's exports by (:meth:`ExportTLS.check_node`).
+_ROUTE_FIELDS = frozenset({"transport", "nbd_host", "tls_pinned"})
 #: Forget a node's health (its URL changed).
 _UNSEEN = ", ".join(
     f"{column} = NULL"
@@ -93,6 +95,9 @@ class NodeRecord:
     nbd_host: str | None = None
     #: The hub API as this node reaches it, sent with each job (None: the hub's ``--public-url``).
     hub_url: str | None = None
+    #: The node pins the hub's certificate by its fingerprint (``[tls] fingerprint``), which checks no host
+    #: name: the hub does not check ``nbd_host`` against its certificate's names for it.
+    tls_pinned: bool = False
     configured: str = BY_API
     added: float
     last_contact: float | None = None
@@ -110,6 +115,7 @@ class NodeRecord:
         values = dict(row)
         values["up"] = None if values["up"] is None else bool(values["up"])
         values["transport"] = values.get("transport") or TRANSPORT_TUNNEL
+        values["tls_pinned"] = bool(values.get("tls_pinned"))
         return cls(**values)
 
     def to_json(self) -> dict[str, object]:
@@ -172,6 +178,12 @@ def _transport(value: object) -> str:
     return value
 
 
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest("tls_pinned must be true or false")
+    return value
+
+
 def nbd_host(value: object, name: str = "nbd_host") -> str | None:
     """The hub's address as a node dials it, a DNS name or an IP address (no port), in the normal form the
     node compares it in (:func:`~sendense_nbd.client.uri.normal_host`), or None."""
@@ -185,13 +197,13 @@ def nbd_host(value: object, name: str = "nbd_host") -> str | None:
 
 _CHECKS: dict[str, Callable[[object], Any]] = {
     "url": node_url, "token": _token, "tunnel_identity": _identity, "transport": _transport, "nbd_host": nbd_host,
-    "hub_url": hub_url,
+    "hub_url": hub_url, "tls_pinned": _flag,
 }  # fmt: skip
 
 
 def parse_node(body: Mapping[str, Any]) -> dict[str, Any]:
     """``POST /nodes``: ``{"name", "url", "token"?, "tunnel_identity"?, "transport"?, "nbd_host"?,
-    "hub_url"?}`` as columns; unknown fields refused."""
+    "hub_url"?, "tls_pinned"?}`` as columns; unknown fields refused."""
     fields.json_object(body, "the body", _FIELDS)
     return {
         "name": node_name(body.get("name")),
@@ -201,6 +213,7 @@ def parse_node(body: Mapping[str, Any]) -> dict[str, Any]:
         "transport": _transport(body.get("transport", TRANSPORT_TUNNEL)),
         "nbd_host": nbd_host(body.get("nbd_host")),
         "hub_url": hub_url(body.get("hub_url")),
+        "tls_pinned": _flag(body.get("tls_pinned", False)),
     }
 
 
@@ -209,23 +222,27 @@ def parse_edit(body: Mapping[str, Any]) -> dict[str, Any]:
     or ``hub_url``) as columns."""
     fields.json_object(body, "the body", _FIELDS - {"name"})
     if not body:
-        raise BadRequest("give at least one of url, token, tunnel_identity, transport, nbd_host, hub_url")
+        raise BadRequest("give at least one of url, token, tunnel_identity, transport, nbd_host, hub_url, tls_pinned")
     return {column: _CHECKS[column](value) for column, value in body.items()}
 
 
+#: What a column of a node is when nothing sets it (None for the others).
+_DEFAULTS: dict[str, object] = {"transport": TRANSPORT_TUNNEL, "tls_pinned": False}
 #: The hub's options of its default node (``--node-url`` and the rest), by the column each sets.
 DEFAULT_OPTIONS = {
     "url": "--node-url", "token": "--node-token-file", "tunnel_identity": "--node-tunnel-identity",
     "transport": "--node-transport", "nbd_host": "--node-nbd-host", "hub_url": "--node-hub-url",
+    "tls_pinned": "--node-tls-pinned",
 }  # fmt: skip
 
 
 def default_node(values: Mapping[str, object]) -> dict[str, Any]:
     """The default node's columns from the hub's options: every column, each checked as the API checks
-    it (:class:`BadRequest` names the option); ``transport`` defaults to tunnel, the others to None."""
+    it (:class:`BadRequest` names the option); ``transport`` defaults to tunnel, ``tls_pinned`` to false,
+    the others to None."""
     columns: dict[str, Any] = {"name": DEFAULT}
     for column, option in DEFAULT_OPTIONS.items():
-        value = values.get(column, TRANSPORT_TUNNEL if column == "transport" else None)
+        value = values.get(column, _DEFAULTS.get(column))
         try:
             columns[column] = _CHECKS[column](value)
         except BadRequest as exc:
@@ -300,7 +317,7 @@ class NodeRegistry:
     async def add(self, spec: Mapping[str, Any]) -> NodeRecord:
         """Register a node (:func:`parse_node`'s columns); :class:`Conflict` ``exists`` if the name is taken,
         :class:`BadRequest` when the hub's TLS cannot serve its transport at its host."""
-        self.tls.check_node(spec["name"], spec["transport"], spec["nbd_host"])
+        self.tls.check_node(spec["name"], spec["transport"], spec["nbd_host"], pinned=spec["tls_pinned"])
 
         def insert(connection: sqlite3.Connection) -> None:
             if connection.execute("SELECT 1 FROM nodes WHERE name = ?", (spec["name"],)).fetchone():
@@ -308,11 +325,11 @@ class NodeRegistry:
             if connection.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= MAX_NODES:
                 raise Conflict(f"{MAX_NODES} nodes are registered already: delete one first", "too_many")
             connection.execute(
-                "INSERT INTO nodes (name, url, token, tunnel_identity, transport, nbd_host, hub_url, configured, "
-                "added) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nodes (name, url, token, tunnel_identity, transport, nbd_host, hub_url, tls_pinned, "
+                "configured, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     spec["name"], spec["url"], spec["token"], spec["tunnel_identity"], spec["transport"],
-                    spec["nbd_host"], spec["hub_url"], BY_API, self.clock.now(),
+                    spec["nbd_host"], spec["hub_url"], spec["tls_pinned"], BY_API, self.clock.now(),
                 ),
             )  # fmt: skip
 
@@ -321,14 +338,17 @@ class NodeRegistry:
 
     async def edit(self, name: str, changes: Mapping[str, Any]) -> NodeRecord:
         """Change a node's url, token, tunnel identity, transport, NBD host or hub URL (:func:`parse_edit`'s
-        columns); its client is renewed, and a new URL forgets its health. The node as changed is checked
-        against the hub's TLS (:meth:`ExportTLS.check_node`) before anything is written."""
+        columns); its client is renewed, and a new URL forgets its health. A change of what its exports
+        depend on (transport, NBD host) is checked against the hub's TLS (:meth:`ExportTLS.check_node`)
+        before anything is written; other changes are not, so a token can be rotated even while the stored
+        host is one the hub's current certificate does not name (its backups are refused ``tls_host``)."""
 
         def update(connection: sqlite3.Connection) -> None:
             self._changeable(connection, name)
             now = NodeRecord.from_row(rows(connection.execute("SELECT * FROM nodes WHERE name = ?", (name,)))[0])
             changed = attrs.evolve(now, **changes)
-            self.tls.check_node(name, changed.transport, changed.nbd_host)
+            if _ROUTE_FIELDS & changes.keys():
+                self.tls.check_node(name, changed.transport, changed.nbd_host, pinned=changed.tls_pinned)
             assignments = ", ".join(f"{column} = ?" for column in changes)  # columns from parse_edit only
             connection.execute(f"UPDATE nodes SET {assignments} WHERE name = ?", (*changes.values(), name))
             if "url" in changes:  # another node, maybe: what was seen of the old one no longer holds

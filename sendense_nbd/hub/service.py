@@ -126,13 +126,14 @@ class HubConfig:
     nbd_advertise: str | None = None
     #: The default node's API (None: jobs wait for a node that is told some other way), and the rest of
     #: it as ``node add`` takes it (``--node-token-file``, ``--node-tunnel-identity``, ``--node-transport``,
-    #: ``--node-nbd-host``, ``--node-hub-url``): see :meth:`default_node`.
+    #: ``--node-nbd-host``, ``--node-hub-url``, ``--node-tls-pinned``): see :meth:`default_node`.
     node_url: str | None = None
     node_token: str | None = None
     node_tunnel_identity: str | None = None
     node_transport: str = TRANSPORT_TUNNEL
     node_nbd_host: str | None = None
     node_hub_url: str | None = None
+    node_tls_pinned: bool = False
     #: The hub API URL as the nodes reach it (passed to a node with each job, unless its ``hub_url`` says
     #: otherwise).
     public_url: str = "http://127.0.0.1:8082"
@@ -174,7 +175,7 @@ class HubConfig:
         check_exposure(self.nbd_bind, tls, allow_plain=self.allow_plain_nbd)
         if default is not None:
             try:
-                tls.check_node(DEFAULT, default["transport"], default["nbd_host"])
+                tls.check_node(DEFAULT, default["transport"], default["nbd_host"], pinned=default["tls_pinned"])
             except BadRequest as exc:
                 raise ConfigError(f"the default node (--node-url): {exc}") from None
 
@@ -184,9 +185,10 @@ class HubConfig:
         values = {
             "url": self.node_url, "token": self.node_token, "tunnel_identity": self.node_tunnel_identity,
             "transport": self.node_transport, "nbd_host": self.node_nbd_host, "hub_url": self.node_hub_url,
+            "tls_pinned": self.node_tls_pinned,
         }  # fmt: skip
         if self.node_url is None:
-            given = [DEFAULT_OPTIONS[k] for k, v in values.items() if v is not None and v != TRANSPORT_TUNNEL]
+            given = [DEFAULT_OPTIONS[k] for k, v in values.items() if v not in (None, False, TRANSPORT_TUNNEL)]
             if given:
                 raise BadRequest(f"{', '.join(given)} describe the default node: give --node-url too")
             return None
@@ -561,7 +563,7 @@ class Hub:
         default host, TLS when the hub requires it."""
         if node is None:
             return self._tls.restore_route()
-        return self._tls.route(node.name, node.transport, node.nbd_host)
+        return self._tls.route(node.name, node.transport, node.nbd_host, pinned=node.tls_pinned)
 
     async def _prepare_disk(
         self, job_id: str, request: req.BackupRequest, plan: _DiskPlan, route: Route, node: str | None

@@ -67,23 +67,24 @@ class ExportTLS:
         """Whether the exports of a node with this transport require TLS."""
         return self.required or transport == TRANSPORT_TLS
 
-    def check_node(self, name: str, transport: str, nbd_host: str | None) -> None:
+    def check_node(self, name: str, transport: str, nbd_host: str | None, *, pinned: bool = False) -> None:
         """Refuse (:class:`BadRequest`) a node whose exports could not work: transport ``tls`` on a hub
-        without credentials, or a TLS export host that is not a name in the hub's certificate."""
+        without credentials, or a TLS export host that is not a name in the hub's certificate (unless
+        ``pinned``: the node pins the hub's certificate by its fingerprint and checks no name)."""
         if transport == TRANSPORT_TLS and self.context is None:
             raise BadRequest(
                 "transport tls needs the hub's NBD TLS credentials: start the hub with --nbd-tls-creds DIR "
                 "(sendense-nbd tls init makes them), or keep the node on its tunnel"
             )
         try:
-            self._check_host(name, transport, nbd_host)
+            self._check_host(name, transport, nbd_host, pinned)
         except TLSError as exc:
             raise BadRequest(str(exc)) from None
 
-    def route(self, name: str, transport: str, nbd_host: str | None) -> Route:
+    def route(self, name: str, transport: str, nbd_host: str | None, *, pinned: bool = False) -> Route:
         """How node ``name`` reaches its backups' exports; :class:`Conflict` when they could not work:
         ``tls_unavailable`` (transport tls, no credentials), ``tls_host`` (a host the certificate does
-        not name, e.g. after the hub was restarted with another certificate)."""
+        not name, e.g. after the hub was restarted with another certificate; not checked when ``pinned``)."""
         tls = self.uses_tls(transport)
         if tls and self.context is None:
             raise Conflict(
@@ -92,7 +93,7 @@ class ExportTLS:
                 "tls_unavailable",
             )
         try:
-            self._check_host(name, transport, nbd_host)
+            self._check_host(name, transport, nbd_host, pinned)
         except TLSError as exc:
             raise Conflict(f"{exc}; change it with sendense-nbd node edit {name} --nbd-host", "tls_host") from None
         return Route(tls, nbd_host or self.default_host)
@@ -142,8 +143,10 @@ class ExportTLS:
             return None
         return _bound(reader, f"is served to {reader!r} alone", f"read it with the certificate of {reader!r}")
 
-    def _check_host(self, name: str, transport: str, nbd_host: str | None) -> None:
-        if self.names is not None and self.uses_tls(transport):
+    def _check_host(self, name: str, transport: str, nbd_host: str | None, pinned: bool) -> None:
+        """The host node ``name`` dials its TLS exports at must be a name in the hub's certificate, unless the
+        node pins the certificate (``pinned``: its ``[tls] fingerprint`` turns the name check off)."""
+        if self.names is not None and self.uses_tls(transport) and not pinned:
             what = (
                 f"the nbd_host of node {name!r}"
                 if nbd_host

@@ -56,6 +56,7 @@ import attrs
 from sendense_nbd.backup.prepare import VddkSettings
 from sendense_nbd.client.uri import normal_host, split_host
 from sendense_nbd.errors import ConfigError, TLSError, URIError
+from sendense_nbd.http_api import is_loopback
 
 #: The keys each section may hold; any other key, or section, is refused.
 SECTIONS: dict[str, frozenset[str]] = {
@@ -178,15 +179,30 @@ def load(path: str) -> NodeConfig:
         checkpoint=_bytes(path, node, "checkpoint", 64 << 20, 1 << 40, low=1 << 20),
         **_tls(path, tls),
     )
+    _check_hub_link(path, config)
+    return config
+
+
+def _check_hub_link(path: str, config: NodeConfig) -> None:
+    """``[node] nbd_host`` and ``[tls]`` need ``hub_url``, and a TLS node reports to its hub over HTTPS unless
+    the hub's API is on this machine (the tunnel's ``127.0.0.1``): its hub token and change IDs would
+    otherwise cross the network in clear."""
     if config.nbd_host is not None and config.hub_url is None:
         raise ConfigError(f"{path}: [node] nbd_host needs hub_url: it says where targets may be instead of its host")
-    if config.tls_creds is not None or config.tls_fingerprint is not None:
-        if config.hub_url is None:
-            raise ConfigError(
-                f"{path}: [tls] needs [node] hub_url: without it a job could name any hub, and the hub token "
-                "would go wherever it says"
-            )
-    return config
+    if config.tls_creds is None and config.tls_fingerprint is None:
+        return
+    if config.hub_url is None:
+        raise ConfigError(
+            f"{path}: [tls] needs [node] hub_url: without it a job could name any hub, and the hub token "
+            "would go wherever it says"
+        )
+    host = hub_host(config.hub_url)
+    if urlsplit(config.hub_url).scheme == "http" and not is_loopback(host):
+        raise ConfigError(
+            f"{path}: [tls] with an http:// [node] hub_url on {host}, not loopback, would send the hub token and "
+            "the jobs' change IDs in clear: use https:// (the hub's --api-tls-creds), or reach the API through "
+            "the SSH tunnel at 127.0.0.1"
+        )
 
 
 def _tls(path: str, section: dict[str, Any]) -> dict[str, str | None]:

@@ -137,17 +137,19 @@ def test_hub_config_names_the_default_nodes_option_at_fault(tmp_path: Path) -> N
 
 
 def test_the_hub_and_node_commands_set_every_field(hub_factory: Callable[..., HubProcess], tmp_path: Path) -> None:
-    """``sendense-nbd hub --node-url ... --node-transport/--node-nbd-host/--node-hub-url/--node-tunnel-identity``,
-    and ``node add/edit --hub-url/--no-hub-url``."""
+    """``sendense-nbd hub --node-url ... --node-transport/--node-nbd-host/--node-hub-url/--node-tunnel-identity/
+    --node-tls-pinned``, and ``node add/edit --hub-url/--no-hub-url/--tls-pinned/--no-tls-pinned``."""
     layout = init_pki(tmp_path / "pki")
     hub = hub_factory(
         "http://127.0.0.1:9", "--nbd-tls-creds", str(layout.hub), "--node-transport", "tls", "--node-nbd-host",
-        "localhost", "--node-hub-url", "https://localhost:8443", "--node-tunnel-identity", FINGERPRINT,
+        "10.0.0.9", "--node-hub-url", "https://localhost:8443", "--node-tunnel-identity", FINGERPRINT,
+        "--node-tls-pinned",  # 10.0.0.9 is not in the certificate: the node pins it instead
     )  # fmt: skip
     default = Api(hub.url).get("/nodes/default")[1]
     assert (default["transport"], default["nbd_host"], default["hub_url"], default["tunnel_identity"]) == (
-        "tls", "localhost", "https://localhost:8443", FINGERPRINT,
+        "tls", "10.0.0.9", "https://localhost:8443", FINGERPRINT,
     )  # fmt: skip
+    assert default["tls_pinned"] is True
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in ("SENDENSE_HUB_URL", "SENDENSE_HUB_TOKEN_FILE")}
@@ -160,6 +162,14 @@ def test_the_hub_and_node_commands_set_every_field(hub_factory: Callable[..., Hu
     assert edited.returncode == 0 and json.loads(edited.stdout)["hub_url"] is None, edited.stderr
     both = cli("edit", "t1", "--no-hub-url", "--hub-url", "http://127.0.0.1:1")
     assert both.returncode == 2 and "--no-hub-url and a new hub_url contradict each other" in both.stderr
+    pinned = cli(
+        "add", "p1", "--url", "http://127.0.0.1:9", "--transport", "tls", "--nbd-host", "10.0.0.9", "--tls-pinned"
+    )
+    assert pinned.returncode == 0 and json.loads(pinned.stdout)["tls_pinned"] is True, pinned.stderr
+    unpinned = cli("edit", "p1", "--no-tls-pinned")  # its host is not in the certificate: refused
+    assert unpinned.returncode != 0 and "10.0.0.9 is not a name in the hub's certificate" in unpinned.stderr
+    moved = cli("edit", "p1", "--no-tls-pinned", "--nbd-host", "localhost")
+    assert moved.returncode == 0 and json.loads(moved.stdout)["tls_pinned"] is False, moved.stderr
 
 
 async def test_export_hosts_reach_the_node_in_the_form_it_compares(tmp_path: Path) -> None:

@@ -17,15 +17,18 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from sendense_nbd import connect
 from sendense_nbd.client.uri import NBDAddress
-from sendense_nbd.errors import ConfigError
+from sendense_nbd.errors import ConfigError, TLSError
 from sendense_nbd.hub.certnames import CertificateNames, client_names
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.service import HubConfig
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import client_context, init_pki, issue_certificate, make_ca, server_context
+from sendense_nbd.tls import client_context, fingerprint, init_pki, issue_certificate, make_ca, server_context
 from sendense_nbd.tls.pki import write_client_credentials, write_server_credentials
+from tests.hub.accepting_node import accepting_node
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.hub.operating import START, local_hub
 
@@ -261,3 +264,56 @@ def test_hub_config_checks_the_default_host_and_advertise(tmp_path: Path) -> Non
     )
     assert config.export_tls().default_host == "localhost"
     assert not (tmp_path / "r").exists()
+
+
+async def test_a_patch_that_leaves_the_route_alone_is_not_checked_against_a_new_certificate(tmp_path: Path) -> None:
+    """After the hub gets another certificate, a node's stored host no longer works (409 tls_host at a backup),
+    but rotating its token or changing its URL is not refused for it; changing its route still is."""
+    layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"], hub_addresses=["127.0.0.1"])
+    names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
+    first = {"nbd_tls_context": server_context(layout.hub), "nbd_tls_names": names}
+    repo, clock = tmp_path / "repo", ManualClock(START)
+    async with local_hub(repo, clock=clock, **first) as hub:
+        body = {"name": "s1", "url": "http://127.0.0.1:9", "transport": "tls", "nbd_host": "hub.example.com"}
+        await hub.ok("POST", "/nodes", body)
+    other = init_pki(tmp_path / "other", hub_names=["elsewhere.example.com"])
+    elsewhere = {"nbd_tls_context": server_context(other.hub), "nbd_advertise": "elsewhere.example.com",
+                 "nbd_tls_names": CertificateNames.from_pem(other.hub / "server-cert.pem")}  # fmt: skip
+    async with local_hub(repo, clock=clock, **elsewhere) as hub:
+        rotated = await hub.ok("PATCH", "/nodes/s1", {"token": "rotated-after-a-leak"})
+        assert rotated["token"] is True and rotated["nbd_host"] == "hub.example.com"
+        await hub.ok("PATCH", "/nodes/s1", {"url": "http://127.0.0.1:10", "hub_url": "https://h:1"})
+        status, answer = await hub.call("POST", "/backups", {"vm_path": VM_PATH, "node": "s1", "disks": [2000]})
+        assert status == 409 and answer["error"]["code"] == "tls_host", answer
+        status, answer = await hub.call("PATCH", "/nodes/s1", {"transport": "tls"})  # the route: checked
+        assert status == 400 and "hub.example.com is not a name" in answer["error"]["message"], answer
+        await hub.ok("PATCH", "/nodes/s1", {"nbd_host": None})  # the default host, which the certificate names
+
+
+async def test_a_node_that_pins_the_hubs_certificate_is_not_refused_names_it_never_checks(tmp_path: Path) -> None:
+    """A node with ``[tls] fingerprint`` checks the hub's certificate by its pin, not by a name: registered with
+    tls_pinned, its nbd_host need not be in the certificate, and its backup's export is read with the pin."""
+    layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"], nodes=["p1"])
+    names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
+    tls = {"nbd_tls_context": server_context(layout.hub, verify_client=True), "nbd_tls_names": names,
+           "nbd_advertise": "hub.example.com"}  # fmt: skip
+    certificate = x509.load_pem_x509_certificate((layout.hub / "server-cert.pem").read_bytes())
+    pin = fingerprint(certificate.public_bytes(serialization.Encoding.DER))
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
+        body = {"name": "p1", "url": node.url, "transport": "tls", "nbd_host": "127.0.0.1"}
+        status, answer = await hub.call("POST", "/nodes", body)
+        assert status == 400 and "127.0.0.1 is not a name" in answer["error"]["message"], answer
+        assert (await hub.ok("POST", "/nodes", {**body, "tls_pinned": True}))["tls_pinned"] is True
+        status, answer = await hub.call("PATCH", "/nodes/p1", {"tls_pinned": False})  # the route: checked
+        assert status == 400 and "127.0.0.1 is not a name" in answer["error"]["message"], answer
+        status, answer = await hub.call("PATCH", "/nodes/p1", {"tls_pinned": "yes"})
+        assert status == 400 and "tls_pinned must be true or false" in answer["error"]["message"], answer
+        disks = [{"key": 2000, "capacity": 1 << 20}]
+        job = await hub.ok("POST", "/backups", {"vm_path": VM_PATH, "node": "p1", "disks": disks})
+        uri = job["detail"]["disks"][0]["uri"]
+        assert uri.startswith("nbds://127.0.0.1:") and node.received[-1]["targets"] == {"2000": uri}
+        async with connect(f"{uri}?tls-certificates={layout.nodes['p1']}&tls-fingerprint={pin}") as nbd:
+            assert nbd.size == 1 << 20
+        with pytest.raises(TLSError, match="not valid for the host name '127.0.0.1'"):  # what the pin spares it
+            async with connect(f"{uri}?tls-certificates={layout.nodes['p1']}"):
+                pass

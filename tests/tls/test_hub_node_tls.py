@@ -28,6 +28,7 @@ import pytest
 
 from sendense_nbd.client.uri import parse_uri
 from sendense_nbd.errors import BadRequest, ConfigError
+from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.nodes import NodeRecord
@@ -283,8 +284,9 @@ async def test_a_node_transport_is_checked_stored_and_needs_hub_credentials(tmp_
         HubConfig(repo=str(repo), nbd_tls=TLSMode.REQUIRE)
 
 
-def test_an_older_store_gets_the_node_transport_and_hub_url_columns(tmp_path: Path) -> None:
-    path = tmp_path / "hub.db"
+def _older_store(path: Path) -> None:
+    """A hub store from before the nodes' transport, nbd_host, hub_url and tls_pinned columns, with a node
+    ``old`` and an API-registered node named default."""
     with sqlite3.connect(path) as connection:
         connection.execute(
             "CREATE TABLE nodes (name TEXT PRIMARY KEY, url TEXT NOT NULL, token TEXT, tunnel_identity TEXT, "
@@ -292,14 +294,51 @@ def test_an_older_store_gets_the_node_transport_and_hub_url_columns(tmp_path: Pa
             "version TEXT, running_jobs INTEGER, queued_jobs INTEGER, max_jobs INTEGER, last_error TEXT)"
         )
         connection.execute("INSERT INTO nodes (name, url, configured, added) VALUES ('old', 'http://n:1', 'api', 1)")
+        connection.execute(
+            "INSERT INTO nodes (name, url, token, configured, added) VALUES ('default', 'http://n:2', 't', 'api', 1)"
+        )
     connection.close()
+
+
+def test_an_older_store_gets_the_node_transport_and_hub_url_columns(tmp_path: Path) -> None:
+    path = tmp_path / "hub.db"
+    _older_store(path)
     db = Database(str(path))
     try:
-        row = db.call(lambda c: rows(c.execute("SELECT * FROM nodes")))[0]
+        row = db.call(lambda c: rows(c.execute("SELECT * FROM nodes WHERE name = 'old'")))[0]
     finally:
         db.close()
     record = NodeRecord.from_row(row)
-    assert (record.transport, record.nbd_host, record.hub_url) == ("tunnel", None, None)
+    assert (record.transport, record.nbd_host, record.hub_url, record.tls_pinned) == ("tunnel", None, None, False)
+
+
+async def test_the_default_node_is_written_whole_into_a_migrated_older_store(tmp_path: Path) -> None:
+    """--node-url and every --node-* option over an older store's API-registered node named default: the new
+    columns are added, then every one of them written; the other node gets their defaults."""
+    layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"])
+    repo = tmp_path / "repo"
+    repo.mkdir(mode=0o700)
+    _older_store(repo / "hub.db")
+    given = {"node_url": "http://127.0.0.1:9", "node_transport": "tls", "node_nbd_host": "127.0.0.1",
+             "node_hub_url": "https://hub.example.com:8443", "node_tls_pinned": True,
+             "nbd_tls_context": server_context(layout.hub), "nbd_advertise": "hub.example.com",
+             "nbd_tls_names": CertificateNames.from_pem(layout.hub / "server-cert.pem")}  # fmt: skip
+    async with local_hub(repo, clock=ManualClock(START), **given) as hub:
+        default = await hub.ok("GET", "/nodes/default")
+        expected = {
+            "url": "http://127.0.0.1:9",
+            "token": False,
+            "transport": "tls",
+            "nbd_host": "127.0.0.1",
+            "hub_url": "https://hub.example.com:8443",
+            "tls_pinned": True,
+            "configured": "command line",
+        }
+        assert {key: default[key] for key in expected} == expected  # fmt: skip
+        old = await hub.ok("GET", "/nodes/old")
+        assert (old["transport"], old["nbd_host"], old["hub_url"], old["tls_pinned"]) == ("tunnel", None, None, False)
+    with pytest.raises(ConfigError, match=r"the default node \(--node-url\): the nbd_host of node 'default' 127"):
+        HubConfig(repo=str(repo), **{**given, "node_tls_pinned": False})  # not pinned: the name is checked
 
 
 def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> None:
@@ -337,6 +376,11 @@ def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as refused:  # the hub token would go wherever a job says
         load(str(config(f'creds = "{creds}"', hub_url="")))
     assert "[tls] needs [node] hub_url" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:  # its token and change IDs would cross the network in clear
+        load(str(config(f'creds = "{creds}"', hub_url='hub_url = "http://hub.example.com:8082"')))
+    assert "[tls] with an http:// [node] hub_url on hub.example.com, not loopback" in str(refused.value)
+    for local in ("http://127.0.0.1:8082", "http://localhost:8082", "http://[::1]:8082"):  # through the tunnel
+        assert load(str(config(f'creds = "{creds}"', hub_url=f'hub_url = "{local}"'))).hub_url == local
     for setting in (f"tls-certificates={tmp_path}", "tls-verify-peer=false", "tls-hostname=evil.example",
                     "tls-fingerprint=sha256:" + "00" * 32):  # fmt: skip
         target = {"2000": f"nbds://hub:10100/e?{setting}"}
