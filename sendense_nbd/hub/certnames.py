@@ -8,19 +8,25 @@ cannot work is refused when the hub starts or a node is registered, not in the m
 * an IP address matches the certificate's IP address names only (a zone id, ``fe80::1%eth0``, is not
   part of the address);
 * a DNS name matches a DNS name of the certificate, case-insensitively (a trailing dot is not
-  ignored: OpenSSL does not match ``hub.example.com.``), or a wildcard one whose left-most label is
-  exactly ``*`` (``*.example.com`` matches ``hub.example.com``, neither ``example.com`` nor
-  ``a.hub.example.com``; ``*.com`` and ``h*.example.com`` match nothing);
+  ignored: OpenSSL does not match ``hub.example.com.``; the hub writes its hosts without one), or a
+  wildcard one as OpenSSL's ``valid_star`` admits it (partial wildcards off, as Python sets them):
+  ``*`` is the whole left-most label, followed by at least two labels of letters, digits and inner
+  ``-``, without a trailing dot; it stands for one label of letters, digits and ``-`` (or a literal
+  ``*``). So ``*.example.com`` matches ``hub.example.com``, neither ``example.com`` nor
+  ``a.hub.example.com``; ``*.com``, ``h*.example.com``, ``*.example.com.`` and ``*.-a.example.com``
+  match no host but their own text;
 * the subject's common name counts as a DNS name only when the certificate has no DNS name at all.
 
-:func:`client_names` reads the names of a client certificate (its common name and DNS names), which
-the hub's exports bind to the node whose job they serve.
+:func:`client_names` reads the names of a client certificate by the same rule (its DNS names, its
+common name only when it has none, RFC 6125 6.4.4), which the hub's exports bind to the node whose
+job they serve.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +37,12 @@ from cryptography.x509.oid import NameOID
 from sendense_nbd.errors import TLSError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: A label after a wildcard, as OpenSSL's valid_star admits it (lower case: names are compared lowered).
+_PATTERN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+#: What a wildcard may stand for: one label of letters, digits and '-' (OpenSSL's wildcard_match).
+_MATCHED_LABEL = re.compile(r"[a-z0-9-]+|\*")
+#: What parsing a certificate (or its extensions, parsed on first use) raises for a damaged one.
+_DAMAGED = (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 
 @attrs.frozen
@@ -63,8 +75,11 @@ class CertificateNames:
             raise TLSError(f"{os.fspath(path)}: cannot be read: {exc.strerror or exc}") from None
         try:
             return cls.from_certificate(x509.load_pem_x509_certificate(data))
-        except ValueError as exc:
-            raise TLSError(f"{os.fspath(path)}: not a PEM certificate ({exc})") from None
+        except _DAMAGED as exc:
+            raise TLSError(
+                f"{os.fspath(path)}: not a PEM certificate whose names can be read ({exc}): reissue it "
+                "(sendense-nbd tls init, or docs/TLS.md's openssl steps)"
+            ) from None
 
     def matches(self, host: str) -> bool:
         """Whether a TLS client connecting to ``host`` accepts a certificate with these names."""
@@ -90,12 +105,14 @@ def check_host(host: str, names: CertificateNames, what: str) -> None:
 
 
 def client_names(certificate: Mapping[str, Any] | None) -> frozenset[str]:
-    """The common name(s) and DNS names of a client certificate, as ``ssl`` decodes a verified peer's
-    (``SSLObject.getpeercert()``); none without a certificate."""
+    """The names of a client certificate, as ``ssl`` decodes a verified peer's (``SSLObject.getpeercert()``):
+    its DNS names, or its common name(s) when it has none (RFC 6125 6.4.4, the rule of the server side);
+    none without a certificate."""
     if not certificate:
         return frozenset()
-    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
-    names += [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
+    names = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
+    if not names:
+        names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
     return frozenset(str(name) for name in names)
 
 
@@ -118,11 +135,23 @@ def _dns(name: str) -> str:
 
 
 def _dns_match(pattern: str, name: str) -> bool:
-    """RFC 6125 6.4.3 as OpenSSL applies it: exact, or ``*`` as the whole left-most label of a pattern
-    with at least two labels after it, standing for exactly one non-empty label."""
+    """RFC 6125 6.4.3 as OpenSSL's X509_check_host applies it (both lower case): the same text, or a
+    wildcard pattern (:func:`_wildcard_suffix`) whose ``*`` stands for the name's first label."""
     if pattern == name:
         return True
-    if not pattern.startswith("*.") or "*" in pattern[1:] or pattern.count(".") < 2:
+    suffix = _wildcard_suffix(pattern)
+    if suffix is None or not name.endswith(suffix):
         return False
-    first, dot, rest = name.partition(".")
-    return bool(first and dot) and rest == pattern[2:]
+    return bool(_MATCHED_LABEL.fullmatch(name[: -len(suffix)]))
+
+
+def _wildcard_suffix(pattern: str) -> str | None:
+    """What follows the ``*`` of a wildcard pattern OpenSSL's ``valid_star`` admits (with partial
+    wildcards off): ``*`` as the whole first label, then at least two labels, none empty (so no trailing
+    dot), of letters, digits and ``-`` not at either end; None for any other pattern."""
+    if not pattern.startswith("*."):
+        return None
+    labels = pattern[2:].split(".")
+    if len(labels) < 2 or not all(_PATTERN_LABEL.fullmatch(label) for label in labels):
+        return None
+    return pattern[1:]

@@ -22,7 +22,8 @@ from sendense_nbd.errors import OptionError
 from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import init_pki, server_context
+from sendense_nbd.tls import init_pki, issue_certificate, make_ca, server_context
+from sendense_nbd.tls.pki import write_client_credentials, write_server_credentials
 from tests.conftest import require, run
 from tests.hub.accepting_node import accepting_node
 from tests.hub.operating import START, LocalHub, local_hub
@@ -176,3 +177,25 @@ async def test_a_reader_the_hub_cannot_enforce_is_refused(tmp_path: Path, verify
         assert detail["reader"] is None
         async with connect(detail["uri"] + query) as nbd:
             assert await nbd.pread(offset=0, length=MIB) == b"r" * MIB
+
+
+async def test_a_client_certificate_is_its_dns_names_when_it_has_any(tmp_path: Path) -> None:
+    """RFC 6125 6.4.4, the rule the server side reads names by: a certificate with DNS name site1 and common
+    name site2 is site1's alone, so site2's export refuses it (the common name counts only without DNS names)."""
+    ca = make_ca()
+    server = issue_certificate(ca, "localhost", usage="server", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    hub_dir = write_server_credentials(tmp_path / "hub", ca, server)
+    mixed = issue_certificate(ca, "site2", usage="client", dns_names=["site1"])
+    query = f"tls-certificates={write_client_credentials(tmp_path / 'mixed', ca, mixed)}"
+    tls = {"nbd_tls_context": server_context(hub_dir, verify_client=True)}
+    async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
+        for name in ("site1", "site2"):
+            await hub.ok("POST", "/nodes", {"name": name, "url": node.url, "transport": "tls"})
+        first, second = await _backup(hub, "site1"), await _backup(hub, "site2", "/DC0/vm/other")
+        with pytest.raises(
+            OptionError, match="serves a job of node 'site2', and this client's certificate is for 'site1'"
+        ):
+            async with connect(f"{second}?{query}"):
+                pass
+        async with connect(f"{first}?{query}") as nbd:
+            assert nbd.size == MIB

@@ -9,6 +9,7 @@ under TLS, and plain exports on a network address unless ``--allow-plain-nbd`` s
 
 from __future__ import annotations
 
+import datetime
 import ssl
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sendense_nbd import connect
 from sendense_nbd.client.uri import NBDAddress
@@ -68,7 +70,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made = {
         "sans": issue_certificate(
             ca, "hub.example.com", usage="server", ip_addresses=["10.0.0.5", "fe80::1"],
-            dns_names=["hub.example.com", "*.site.example.com", "*.com", "w*.example.net"],
+            dns_names=["hub.example.com", "*.site.example.com", "*.com", "w*.example.net", "*.dot.example.com.",
+                       "*.x-.example.com", "*.-y.example.com"],
         ),
         "cn-only": issue_certificate(ca, "Hub.Example.Org", usage="server"),
     }  # fmt: skip
@@ -96,6 +99,15 @@ HOSTS = [
     "hub.example.org",
     "localhost",
     "127.0.0.1",
+    # Wildcards OpenSSL's valid_star refuses (a trailing dot, a label ending or starting with '-') match only
+    # their own text; a wildcard stands for letters, digits and '-' only, or a literal '*'.
+    "a.dot.example.com.",
+    "a.dot.example.com",
+    "*.dot.example.com.",
+    "a.x-.example.com",
+    "a.-y.example.com",
+    "a_b.site.example.com",
+    "*.site.example.com",
 ]
 
 
@@ -115,16 +127,22 @@ def test_certificate_names_agree_with_a_tls_client(certificates: dict[str, Path]
         "10.0.0.5",
         "fe80::1",
         "fe80::1%lo",
+        "*.dot.example.com.",
+        "*.site.example.com",
     }
     if name == "cn-only":
         expected = {"hub.example.org"}
     assert {host for host, ok in verdicts.items() if ok} == expected
-    shown = "DNS:hub.example.com, DNS:*.site.example.com, DNS:*.com, DNS:w*.example.net, IP:10.0.0.5, IP:fe80::1"
+    shown = (
+        "DNS:hub.example.com, DNS:*.site.example.com, DNS:*.com, DNS:w*.example.net, DNS:*.dot.example.com., "
+        "DNS:*.x-.example.com, DNS:*.-y.example.com, IP:10.0.0.5, IP:fe80::1"
+    )
     assert str(names) == (shown if name == "sans" else "DNS:hub.example.org")
 
 
-def test_client_names_are_the_common_name_and_dns_names(tmp_path: Path, certificates: dict[str, Path]) -> None:
-    """What the hub's exports bind to: a verified client certificate's common name and DNS names."""
+def test_client_names_are_the_dns_names_else_the_common_name(tmp_path: Path, certificates: dict[str, Path]) -> None:
+    """What the hub's exports bind to: a verified client certificate's DNS names, its common name only when it
+    has none (RFC 6125 6.4.4, as for the server's names)."""
     ca = make_ca()
     issued = issue_certificate(ca, "s", usage="server", ip_addresses=["127.0.0.1"])
     server = write_server_credentials(tmp_path / "server", ca, issued)
@@ -132,7 +150,10 @@ def test_client_names_are_the_common_name_and_dns_names(tmp_path: Path, certific
     client = write_client_credentials(tmp_path / "client", ca, issued)
     far = _handshake(server_context(server, verify_client=True), client_context(client), "127.0.0.1")
     assert far is not None
-    assert client_names(far.getpeercert()) == {"site1", "site1.example.com"}
+    assert client_names(far.getpeercert()) == {"site1.example.com"}  # the common name does not count beside it
+    same_ca = server_context(certificates["sans"], verify_client=True)
+    far = _handshake(same_ca, client_context(certificates["client"]), "10.0.0.5")
+    assert far is not None and client_names(far.getpeercert()) == {"n"}  # no DNS name: the common name
     assert client_names(None) == client_names({}) == frozenset()
     loaded = x509.load_pem_x509_certificate((certificates["client"] / "client-cert.pem").read_bytes())
     assert CertificateNames.from_certificate(loaded).dns == ("n",)  # no DNS name: the common name counts
@@ -317,3 +338,25 @@ async def test_a_node_that_pins_the_hubs_certificate_is_not_refused_names_it_nev
         with pytest.raises(TLSError, match="not valid for the host name '127.0.0.1'"):  # what the pin spares it
             async with connect(f"{uri}?tls-certificates={layout.nodes['p1']}"):
                 pass
+
+
+def test_a_certificate_whose_names_cannot_be_read_is_a_sentence(tmp_path: Path) -> None:
+    """A certificate that parses but whose extensions do not (two subjectAltNames: cryptography raises
+    DuplicateExtension, not a ValueError) stops the hub with the file's name, not a traceback."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "hub")])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key(),
+                                      serial_number=1, not_valid_before=now, not_valid_after=now)  # fmt: skip
+    builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("aaaa")]), critical=False)
+    builder = builder.add_extension(x509.IssuerAlternativeName([x509.DNSName("aaaa")]), critical=False)
+    der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    ian, san = b"\x06\x03\x55\x1d\x12", b"\x06\x03\x55\x1d\x11"  # the OIDs of the two extensions
+    twice = x509.load_der_x509_certificate(der.replace(ian, san)).public_bytes(serialization.Encoding.PEM)
+    path = tmp_path / "server-cert.pem"
+    path.write_bytes(twice)
+    with pytest.raises(TLSError, match=r"server-cert.pem: not a PEM certificate whose names can be read \(.*reissue"):
+        CertificateNames.from_pem(path)
+    path.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(TLSError, match="not a PEM certificate whose names can be read"):
+        CertificateNames.from_pem(path)
