@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -22,6 +22,7 @@ from sendense_nbd.client.uri import uri_host
 from sendense_nbd.errors import BadRequest, ConfigError, Conflict, TLSError
 from sendense_nbd.http_api import is_loopback
 from sendense_nbd.hub.certnames import CertificateNames, check_host, client_names, names_text
+from sendense_nbd.server.context import AdmitPeer
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 TRANSPORT_TUNNEL, TRANSPORT_TLS = "tunnel", "tls"
 TRANSPORTS = (TRANSPORT_TUNNEL, TRANSPORT_TLS)
 
-#: What an export asks of a client that picks it: (export name, its certificate) -> why refused, or None.
-PeerCheck = Callable[[str, Mapping[str, Any] | None], str | None]
+#: What an export asks of a client that picks it: (export name, its certificate) -> why refused, or None
+#: (the server's ``admit_peer``).
+PeerCheck = AdmitPeer
 
 
 @attrs.frozen

@@ -55,7 +55,7 @@ from sendense_nbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, M
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.protocol.handshake import Aborted, Negotiated, ServerHandshake
 from sendense_nbd.protocol.sansio import StartTLS
-from sendense_nbd.server.context import ConnectionContext
+from sendense_nbd.server.context import AdmitPeer, ConnectionContext
 from sendense_nbd.storage.base import BlockDevice
 from sendense_nbd.tcp import tune_socket
 from sendense_nbd.tls import handshake_error
@@ -98,6 +98,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
         self._parser: tx.RequestParser | None = None
         self._negotiated: Negotiated | None = None
+        #: Why ``admit_peer`` refused this client: its reply goes out, then the connection closes.
+        self._refused: str | None = None
         self._device: BlockDevice | None = None
         #: Runs WRITE, WRITE_ZEROES and TRIM: the export's write queue, or the thread pool.
         self._change: Callable[[Callable[[], None]], Awaitable[None]] = self._run
@@ -202,14 +204,28 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- handshake ---------------------------------------------------------------
 
     def _admit(self, export: str) -> str | None:
-        check = self._context.admit_peer
-        if check is not None:
-            transport = self._transport
-            refusal = check(export, transport.get_extra_info("peercert") if self._tls and transport else None)
-            if refusal is not None:
-                log.warning("refusing client %s: %s", self.peer, refusal)
-                return refusal
+        """Admit a client that picked ``export``, or say why not: first ``admit_peer`` (its refusal ends the
+        connection once the reply is out, so a client cannot flood the log with refused options), then the
+        server's admission (``--shared``, shutdown)."""
+        if self._refused is None and self._context.admit_peer is not None:
+            self._refused = self._peer_refusal(self._context.admit_peer, export)
+        if self._refused is not None:
+            return self._refused
         return self._admission.admit(self)
+
+    def _peer_refusal(self, check: AdmitPeer, export: str) -> str | None:
+        """What ``check`` says of this client's certificate (None without TLS) for ``export``, logged once;
+        a check that raises refuses the client (logged with its traceback) and the server serves on."""
+        transport = self._transport
+        certificate = transport.get_extra_info("peercert") if self._tls and transport else None
+        try:
+            refusal = check(export, certificate)
+        except Exception:
+            log.exception("refusing client %s: checking its certificate for export %r failed", self.peer, export)
+            return "the server could not check this client's certificate; its log says why"
+        if refusal is not None:
+            log.warning("refusing client %s: %s", self.peer, refusal)
+        return refusal
 
     def _handshake_received(self, data: memoryview) -> None:
         handshake = self._handshake
@@ -223,6 +239,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         handshake.receive_data(data)
         self._transport.write(handshake.data_to_send())
+        if self._refused is not None:  # admit_peer refused it: the refusal goes out, then the connection ends
+            self._transport.close()
+            return
         event = handshake.next_event()
         if isinstance(event, Aborted):
             self._transport.close()

@@ -25,6 +25,10 @@ from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.writes import WriteQueue
 from sendense_nbd.storage.base import BlockDevice
 
+#: An export's check of the client that picks it: (export name, the client's verified certificate as
+#: ``SSLObject.getpeercert()`` gives it, None without TLS) -> why the client is refused, or None.
+AdmitPeer = Callable[[str, Mapping[str, Any] | None], str | None]
+
 log = logging.getLogger(__name__)
 
 
@@ -150,4 +154,4 @@ class ConnectionContext:
     #: Asked when a client picks an export (GO, EXPORT_NAME), before it counts against ``shared``: the export's
     #: name and the client's certificate (``SSLObject.getpeercert()``; None without TLS) -> why the client is
     #: refused, or None to admit it.
-    admit_peer: Callable[[str, Mapping[str, Any] | None], str | None] | None = None
+    admit_peer: AdmitPeer | None = None

@@ -43,16 +43,15 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType, TracebackType
-from typing import Any
 
 from sendense_nbd.errors import ServerError
 from sendense_nbd.protocol.constants import DEFAULT_PORT, TLSMode
 from sendense_nbd.server.buffers import Budget, BufferPool
 from sendense_nbd.server.connection import ServerConnection
-from sendense_nbd.server.context import Admission, ConnectionContext
+from sendense_nbd.server.context import Admission, AdmitPeer, ConnectionContext
 from sendense_nbd.server.export import Export
 from sendense_nbd.server.writes import WriteQueue
 from sendense_nbd.tcp import DEFAULT_CONGESTION, DEFAULT_SOCKET_BUFFER
@@ -119,7 +118,7 @@ class NBDServer:
         socket_buffer: int | None = DEFAULT_SOCKET_BUFFER,
         tls: TLSMode = TLSMode.OFF,
         tls_context: ssl.SSLContext | None = None,
-        admit_peer: Callable[[str, Mapping[str, Any] | None], str | None] | None = None,
+        admit_peer: AdmitPeer | None = None,
     ) -> None:
         _check_limits(exports, shared, handshake_limit, io_timeout, max_handshakes)
         _check_tls(tls, tls_context)
