@@ -380,7 +380,15 @@ cli.add_command(tunnel_command)
 
 
 def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+    """``--nbd-host`` as it goes in the target's URI (:func:`~sendense_nbd.client.uri.uri_host`), read as the
+    hub and node read hosts (:func:`~sendense_nbd.client.uri.normal_host`: ``[::1]`` and ``::1`` alike)."""
+    from sendense_nbd.client.uri import normal_host, uri_host
+    from sendense_nbd.errors import URIError
+
+    try:
+        return uri_host(normal_host(host, "--nbd-host"))
+    except URIError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nbd-host") from None
 
 
 def main() -> None:

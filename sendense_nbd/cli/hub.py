@@ -101,19 +101,6 @@ def _tls_contexts(o: dict[str, Any]) -> None:
         raise click.BadParameter(str(exc), param_hint="--api-tls-creds") from exc
 
 
-def _warn_open_tls(o: dict[str, Any]) -> None:
-    """Warn when TLS exports on a network address admit any TLS client (plain ones there are refused by
-    the hub's configuration, :func:`~sendense_nbd.hub.transport.check_exposure`)."""
-    from sendense_nbd.http_api import is_loopback
-
-    if not is_loopback(o["nbd_bind"]) and o["nbd_tls_context"] is not None and not o["nbd_tls_verify_client"]:
-        click.echo(
-            f"sendense-nbd hub: warning: the NBD exports listen on {o['nbd_bind']}, not loopback, and TLS exports "
-            "admit any TLS client; add --nbd-tls-verify-client (docs/TLS.md)",
-            err=True,
-        )
-
-
 def _default_node_options(command: Any) -> Any:
     """The default node's options, as ``node add`` takes them (--node-url and --node-token-file besides)."""
     options = [
@@ -150,6 +137,9 @@ def _tls_options(command: Any) -> Any:
         click.option("--allow-plain-nbd", is_flag=True,
                      help="Serve plain NBD exports (tunnel nodes', restores') on a non-loopback --nbd-bind, "
                      "where anyone who reaches the ports can read and write them (refused without it)."),
+        click.option("--allow-any-tls-client", is_flag=True,
+                     help="Serve TLS exports on a non-loopback --nbd-bind without --nbd-tls-verify-client, where "
+                     "any TLS client that reaches the ports can read and write them (refused without it)."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -228,7 +218,6 @@ def hub_command(**o: Any) -> None:
     o["node_token"] = read_token(o["node_token_file"], "--node-token-file")
     o["alerts"] = _alert_config(o)
     _tls_contexts(o)
-    _warn_open_tls(o)
     if token is None and not is_loopback(host):
         raise click.UsageError(f"--listen {o['listen']} is not loopback: give --token-file")
     try:
@@ -276,6 +265,7 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         nbd_tls=TLSMode(o["nbd_tls"]),
         nbd_tls_names=o["nbd_tls_names"],
         allow_plain_nbd=o["allow_plain_nbd"],
+        allow_any_tls_client=o["allow_any_tls_client"],
     )
 
 

@@ -162,6 +162,9 @@ class HubConfig:
     nbd_tls_names: CertificateNames | None = None
     #: Serve plain NBD exports on a network ``nbd_bind`` (``--allow-plain-nbd``); refused otherwise.
     allow_plain_nbd: bool = False
+    #: Serve TLS exports on a network ``nbd_bind`` without client certificates (``--allow-any-tls-client``);
+    #: refused otherwise.
+    allow_any_tls_client: bool = False
 
     def __attrs_post_init__(self) -> None:
         """Refuse (:class:`ConfigError`, naming the option) what cannot work before a hub opens anything: a bad
@@ -172,7 +175,7 @@ class HubConfig:
             tls = self.export_tls()
         except BadRequest as exc:
             raise ConfigError(str(exc)) from None
-        check_exposure(self.nbd_bind, tls, allow_plain=self.allow_plain_nbd)
+        check_exposure(self.nbd_bind, tls, allow_plain=self.allow_plain_nbd, allow_any_client=self.allow_any_tls_client)
         if default is not None:
             try:
                 tls.check_node(DEFAULT, default["transport"], default["nbd_host"], pinned=default["tls_pinned"])
@@ -190,7 +193,8 @@ class HubConfig:
         if self.node_url is None:
             given = [DEFAULT_OPTIONS[k] for k, v in values.items() if v not in (None, False, TRANSPORT_TUNNEL)]
             if given:
-                raise BadRequest(f"{', '.join(given)} describe the default node: give --node-url too")
+                verb = "describes" if len(given) == 1 else "describe"
+                raise BadRequest(f"{', '.join(given)} {verb} the default node: give --node-url too")
             return None
         return default_node(values)
 
@@ -304,6 +308,7 @@ class Hub:
         removed, unexpected = await self._repository.sweep_orphans()
         await self._verifier.resume()  # the digests of completed points a stop interrupted
         await self.copies.resume()  # offsite copies a stop interrupted (their uploads resume)
+        await self._log_unusable_nodes()
         removed += await asyncio.to_thread(_sweep_temporaries, self.restore_dir)
         if failed or released or discarded or merged:
             log.warning(
@@ -312,6 +317,16 @@ class Hub:
             )  # fmt: skip
         self._background = asyncio.create_task(self._watch(), name="hub-background")
         return Recovery(failed, released, discarded, removed, unexpected)
+
+    async def _log_unusable_nodes(self) -> None:
+        """Log each stored node whose backups this hub's NBD TLS refuses (a host its certificate no longer
+        names: ``409 tls_host``; transport tls without credentials: ``409 tls_unavailable``), so the operator
+        hears of it at start rather than at the node's next backup."""
+        for node in await self.nodes.records():
+            try:
+                self._tls.check_node(node.name, node.transport, node.nbd_host, pinned=node.tls_pinned)
+            except BadRequest as exc:
+                log.warning("node %s cannot back up with this hub's NBD TLS: %s", node.name, exc)
 
     def close(self) -> None:
         """Stop the background work (cancelled); :meth:`wait_closed` finishes the shutdown."""

@@ -178,12 +178,20 @@ def is_wildcard(host: str) -> bool:
         return False
 
 
-def check_exposure(bind: str, tls: ExportTLS, *, allow_plain: bool) -> None:
-    """Refuse (:class:`ConfigError`) exports that would be plain NBD on a network address ``bind`` (unless
-    ``allow_plain``: ``--allow-plain-nbd``), and, with TLS credentials, a default export host nodes could
-    not check the certificate against: a wildcard ``--nbd-bind`` without ``--nbd-advertise``, or a host
-    that is not a name in the certificate."""
-    if not is_loopback(bind) and not tls.required and not allow_plain:
+def check_exposure(bind: str, tls: ExportTLS, *, allow_plain: bool, allow_any_client: bool = False) -> None:
+    """Refuse (:class:`ConfigError`) exports on a network address ``bind`` that anyone reaching the port could
+    read: plain NBD (unless ``allow_plain``: ``--allow-plain-nbd``), TLS without client certificates (unless
+    ``allow_any_client``: ``--allow-any-tls-client``). With TLS credentials, refuse too a default export
+    host nodes could not check the certificate against: a wildcard ``--nbd-bind`` without
+    ``--nbd-advertise``, or a host that is not a name in the certificate."""
+    network = not is_loopback(bind)
+    if network and tls.context is not None and not tls.verifies_clients and not allow_any_client:
+        raise ConfigError(
+            f"the NBD exports would listen on {bind}, not loopback, and without --nbd-tls-verify-client their TLS "
+            "admits any TLS client, which can then read and write them: add --nbd-tls-verify-client (each export "
+            "then admits only its node's certificate), or say --allow-any-tls-client to serve them so anyway"
+        )
+    if network and not tls.required and not allow_plain:
         raise ConfigError(
             f"the NBD exports would listen on {bind}, not loopback, and without --nbd-tls require the exports "
             "of tunnel nodes and restores are plain NBD, which anyone who reaches the port can read or write: "

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,3 +342,20 @@ def test_single_disk_vm_with_the_default_target_flags(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         compare(image, expected)
         assert set(single.recorded()) == {"2000"}
+
+
+def test_a_bad_nbd_host_is_a_usage_error_before_anything_starts(tmp_path: Path) -> None:
+    """--nbd-host goes into the default target's URI through the hosts' one normal form (client.uri): a host
+    with a port, or a malformed zone id, stops the job with a sentence before vCenter is called."""
+    password = tmp_path / "password"
+    password.write_text("x")
+    password.chmod(0o600)
+    base = [str(Path(sys.executable).parent / "sendense-backup"), "migrate", "--vmware-endpoint", "127.0.0.1:1",
+            "--vmware-username", "u", "--vmware-password-file", str(password), "--vmware-path", VM_PATH,
+            "--job-id", "j1", "--state-file", str(tmp_path / "state")]  # fmt: skip
+    for host, why in (("hub:10809", "must be a host name"), ("[fe80::1%25]", "zone id is 1-64")):
+        proc = subprocess.run([*base, "--nbd-host", host], capture_output=True, text=True, timeout=60, env=env())
+        assert proc.returncode == 2 and "Invalid value for --nbd-host" in proc.stderr and why in proc.stderr, (
+            proc.stdout + proc.stderr
+        )
+    assert not (tmp_path / "state").exists()

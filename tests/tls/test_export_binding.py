@@ -107,7 +107,7 @@ async def test_an_export_admits_only_its_own_nodes_certificate(
 
 async def test_without_client_certificates_an_export_binds_no_node(tmp_path: Path) -> None:
     """Binding needs the certificates verified (--nbd-tls-verify-client): without it any TLS client is served,
-    as the hub's start-up warning says for exports on a network address."""
+    which is why a hub refuses such exports on a network address unless --allow-any-tls-client."""
     layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
     tls = {"nbd_tls_context": server_context(layout.hub)}
     async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:

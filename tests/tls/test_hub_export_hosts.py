@@ -10,6 +10,7 @@ under TLS, and plain exports on a network address unless ``--allow-plain-nbd`` s
 from __future__ import annotations
 
 import datetime
+import logging
 import ssl
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_a_hub_refuses_export_hosts_and_plain_exports_that_cannot_work(
     default = _hub(tmp_path, "--node-url", "http://127.0.0.1:9", "--node-transport", "tls")
     assert default.returncode == 2 and "the default node (--node-url): transport tls needs" in default.stderr
     orphan = _hub(tmp_path, "--node-nbd-host", "hub.example.com")
-    assert orphan.returncode == 2 and "--node-nbd-host describe the default node: give --node-url" in orphan.stderr
+    assert orphan.returncode == 2 and "--node-nbd-host describes the default node: give --node-url" in orphan.stderr
     assert not (tmp_path / "repo").exists()
 
     # What works: a wildcard bind advertised by a name in the certificate; plain exports said out loud.
@@ -213,16 +214,23 @@ def test_a_hub_refuses_export_hosts_and_plain_exports_that_cannot_work(
         assert hub.stop() == 0
 
 
-def test_a_hub_warns_when_tls_exports_on_a_network_address_admit_any_client(tmp_path: Path) -> None:
-    """The warning comes before anything opens: the run stops at a usage error (a bad --node-url) after it."""
-    layout = init_pki(tmp_path / "pki", hub_addresses=["192.0.2.1"])
-    tls = ("--nbd-tls-creds", str(layout.hub), "--nbd-tls", "require", "--nbd-bind", "192.0.2.1")
-    warned = _hub(tmp_path, *tls, "--node-url", "ftp://x")
-    assert warned.returncode == 2 and "TLS exports admit any TLS client; add --nbd-tls-verify-client" in warned.stderr
-    assert "--node-url: url 'ftp://x' must be an http:// or https:// URL" in warned.stderr
-    quiet = _hub(tmp_path, *tls, "--nbd-tls-verify-client", "--node-url", "ftp://x")
-    assert quiet.returncode == 2 and "warning" not in quiet.stderr
+def test_a_hub_refuses_tls_exports_on_a_network_address_that_admit_any_client(
+    tmp_path: Path, started: list[HubProcess]
+) -> None:
+    """TLS without client certificates off loopback lets any TLS client read and write the exports: refused
+    before anything opens, like plain exports there, unless --allow-any-tls-client says so."""
+    layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"])
+    tls = ("--nbd-tls-creds", str(layout.hub), "--nbd-tls", "require", "--nbd-bind", "0.0.0.0",
+           "--nbd-advertise", "hub.example.com")  # fmt: skip
+    refused = _hub(tmp_path, *tls)
+    assert refused.returncode == 2 and "--allow-any-tls-client" in refused.stderr, refused.stderr
+    assert "without --nbd-tls-verify-client their TLS admits any TLS client" in " ".join(refused.stderr.split())
     assert not (tmp_path / "repo").exists()
+    for extra in ("--allow-any-tls-client", "--nbd-tls-verify-client"):
+        hub = HubProcess(tmp_path / f"repo{extra}", free_port_range(4), None, *tls, extra)
+        started.append(hub.start())
+        assert Api(hub.url).get("/ports")[0] == 200
+        assert hub.stop() == 0
 
 
 async def test_nodes_are_refused_export_hosts_the_certificate_does_not_name(tmp_path: Path) -> None:
@@ -287,9 +295,12 @@ def test_hub_config_checks_the_default_host_and_advertise(tmp_path: Path) -> Non
     assert not (tmp_path / "r").exists()
 
 
-async def test_a_patch_that_leaves_the_route_alone_is_not_checked_against_a_new_certificate(tmp_path: Path) -> None:
-    """After the hub gets another certificate, a node's stored host no longer works (409 tls_host at a backup),
-    but rotating its token or changing its URL is not refused for it; changing its route still is."""
+async def test_a_patch_that_leaves_the_route_alone_is_not_checked_against_a_new_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the hub gets another certificate, a node's stored host no longer works (logged at start, 409
+    tls_host at a backup), but rotating its token or changing its URL is not refused for it; changing its route
+    still is."""
     layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"], hub_addresses=["127.0.0.1"])
     names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
     first = {"nbd_tls_context": server_context(layout.hub), "nbd_tls_names": names}
@@ -300,7 +311,10 @@ async def test_a_patch_that_leaves_the_route_alone_is_not_checked_against_a_new_
     other = init_pki(tmp_path / "other", hub_names=["elsewhere.example.com"])
     elsewhere = {"nbd_tls_context": server_context(other.hub), "nbd_advertise": "elsewhere.example.com",
                  "nbd_tls_names": CertificateNames.from_pem(other.hub / "server-cert.pem")}  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="sendense_nbd.hub.service")
     async with local_hub(repo, clock=clock, **elsewhere) as hub:
+        [logged] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("node s1 cannot back up")]
+        assert "the nbd_host of node 's1' hub.example.com is not a name in the hub's certificate" in logged
         rotated = await hub.ok("PATCH", "/nodes/s1", {"token": "rotated-after-a-leak"})
         assert rotated["token"] is True and rotated["nbd_host"] == "hub.example.com"
         await hub.ok("PATCH", "/nodes/s1", {"url": "http://127.0.0.1:10", "hub_url": "https://h:1"})
