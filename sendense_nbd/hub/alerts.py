@@ -31,7 +31,7 @@ import smtplib
 import sqlite3
 import ssl
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from email.message import EmailMessage
 from typing import Any
 
@@ -42,6 +42,7 @@ from sendense_nbd import fields
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.repository.store import Space
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,23 @@ def repeated_full(this: str | None, previous: str | None) -> bool:
 class Alerts:
     """Fire, clear and list alerts; :meth:`run` delivers them and watches the repository's space."""
 
-    def __init__(self, db: Database, config: AlertConfig, *, clock: Clock, hub: str, space_path: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        config: AlertConfig,
+        *,
+        clock: Clock,
+        hub: str,
+        space_path: str,
+        space: Callable[[], Awaitable[Space]] | None = None,
+    ) -> None:
         self.db = db
         self.config = config
         self.clock = clock
         self.hub = hub
+        #: The repository, as the LOW_SPACE alert names it; ``space`` reads its room (default: the filesystem's).
         self.space_path = space_path
+        self._space = space
         self._queues: dict[str, asyncio.Queue[Alert]] = {}
         if config.webhook_url is not None:
             self._queues["webhook"] = asyncio.Queue()
@@ -297,7 +309,7 @@ class Alerts:
 
     async def check_space(self) -> None:
         """Fire LOW_SPACE when the repository's free fraction is below the limit, clear it when above."""
-        usage = await asyncio.to_thread(shutil.disk_usage, self.space_path)
+        usage = await (self._space() if self._space is not None else self._filesystem())
         fraction = usage.free / usage.total if usage.total else 0.0
         if fraction < self.config.low_space:
             message = (
@@ -308,6 +320,10 @@ class Alerts:
             await self.fire(AlertKind.LOW_SPACE, self.space_path, message, key=self.space_path, detail=detail)
         else:
             await self.clear(AlertKind.LOW_SPACE, self.space_path)
+
+    async def _filesystem(self) -> Space:
+        found = await asyncio.to_thread(shutil.disk_usage, self.space_path)
+        return Space(found.total, found.used, found.free)
 
     async def _deliver(self, channel: str, queue: asyncio.Queue[Alert]) -> None:
         async with contextlib.AsyncExitStack() as stack:

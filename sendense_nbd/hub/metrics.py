@@ -13,7 +13,7 @@ import asyncio
 import logging
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sendense_nbd.hub.alerts import AlertKind
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.repository.store import Space
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,19 @@ class Snapshot:
 class HubMetrics:
     """Renders the metrics of one hub: its store, repository filesystem and port pool."""
 
-    def __init__(self, db: Database, *, repo: str, pool_size: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        repo: str,
+        pool_size: int,
+        clock: Clock,
+        space: Callable[[], Awaitable[Space]] | None = None,
+    ) -> None:
         self.db = db
+        #: The repository's directory; ``space`` reads its room instead (an RBD pool) when given.
         self.repo = repo
+        self._space = space
         self.pool_size = pool_size
         self.clock = clock
         self._warned = False
@@ -71,9 +82,8 @@ class HubMetrics:
     async def snapshot(self) -> Snapshot:
         """Gather the values: the store's in one read, the filesystem's usage alongside."""
         now = self.clock.now()
-        usage, (values, vms) = await asyncio.gather(
-            asyncio.to_thread(shutil.disk_usage, self.repo), self.db.run(lambda c: _read(c, now))
-        )
+        room = self._space() if self._space is not None else asyncio.to_thread(shutil.disk_usage, self.repo)
+        usage, (values, vms) = await asyncio.gather(room, self.db.run(lambda c: _read(c, now)))
         if vms > MAX_VMS and not self._warned:
             self._warned = True
             log.warning("more than %d VMs have a good point: the metrics show the first %d by path", MAX_VMS, MAX_VMS)

@@ -49,6 +49,8 @@ class RestoreAction(enum.Enum):
 
     EXPORT = "export"
     CONVERT = "convert"
+    #: A new RBD image from the point's snapshot (an RBD repository only).
+    CLONE = "clone"
 
 
 # -- field checks -----------------------------------------------------------------
@@ -176,8 +178,8 @@ class BackupRequest:
 
 @attrs.frozen
 class RestoreRequest:
-    """``POST /restores``: ``{"point_id", "action"?, "format"?, "path"?, "reader"?}``; a convert names a file,
-    an export may name its reader (:func:`reader`)."""
+    """``POST /restores``: ``{"point_id", "action"?, "format"?, "path"?, "reader"?, "image"?}``; a convert names
+    a file, a clone an RBD image, an export may name its reader (:func:`reader`)."""
 
     point_id: str
     action: RestoreAction
@@ -187,16 +189,23 @@ class RestoreRequest:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> RestoreRequest:
-        """Parse the body; unknown fields, and a file name that is not one plain name, are refused."""
-        json_object(body, "the body", frozenset({"point_id", "action", "format", "path", "reader"}))
+        """Parse the body; unknown fields, and a file or image name that is not one plain name, are refused."""
+        json_object(body, "the body", frozenset({"point_id", "action", "format", "path", "reader", "image"}))
         point_id = text(body.get("point_id"), "point_id", limit=128)
         action = choice(body.get("action", "export"), "action", RestoreAction)
+        if action is not RestoreAction.CONVERT and ("format" in body or "path" in body):
+            raise BadRequest("format and path belong to action convert")
+        if action is not RestoreAction.CLONE and "image" in body:
+            raise BadRequest("image belongs to action clone")
         if action is RestoreAction.EXPORT:
-            if "format" in body or "path" in body:
-                raise BadRequest("format and path belong to action convert")
             return cls(point_id, action, ImageFormat.QCOW2, None, reader(body.get("reader")))
         if "reader" in body:
             raise BadRequest("reader belongs to action export (it names who may read the export)")
+        if action is RestoreAction.CLONE:
+            image = body.get("image")
+            if not isinstance(image, str) or not RESTORE_NAME.fullmatch(image):
+                raise BadRequest("image must be a plain RBD image name (letters, digits, '.', '_', '-'; at most 128)")
+            return cls(point_id, action, ImageFormat.RAW, image)
         fmt = choice(body.get("format", "raw"), "format", ImageFormat)
         name = body.get("path")
         if not isinstance(name, str) or not RESTORE_NAME.fullmatch(name):

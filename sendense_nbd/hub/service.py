@@ -92,7 +92,7 @@ from sendense_nbd.hub.nodes import (
 )
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
-from sendense_nbd.hub.repository import Point, PointStatus, Repository
+from sendense_nbd.hub.repository import Point, PointStatus, Repository, open_store
 from sendense_nbd.hub.retention_preview import PreviewVM, preview_vm, retention_rules
 from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
@@ -102,6 +102,7 @@ from sendense_nbd.hub.verify import Verifier, VerifyRequest
 from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.storage.files import is_temporary, remove_quietly
+from sendense_nbd.storage.modes import ImageFormat
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,10 @@ def _check_nbd_tls(config: HubConfig, _: object, mode: TLSMode) -> None:
 class HubConfig:
     """How a hub runs: its repository, NBD port pool and addresses, node, timeouts and retention."""
 
+    #: The hub's directory (its store, lock and restores) and, unless ``store`` says otherwise, the repository.
     repo: str
+    #: The repository when it is not ``repo``: ``rbd://POOL[/NS]?conf=..&id=..`` (an RBD store, recorded in ``repo``).
+    store: str | None = None
     nbd_ports: range = DEFAULT_POOL
     #: Address the NBD exports listen on.
     nbd_bind: str = "127.0.0.1"
@@ -257,6 +261,7 @@ class Hub:
             raise Conflict(f"another hub is running on {config.repo}", "busy") from None
         try:
             self.restore_dir = _open_restore_dir(config.restore_dir or os.path.join(config.repo, "restores"))
+            store = open_store(config.repo, config.store)
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -264,12 +269,17 @@ class Hub:
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
         self._exports = ExportManager(shared=config.shared, tls_context=config.nbd_tls_context)
-        self._repository = Repository(config.repo, self._db, clock=self.clock)
+        self._repository = Repository(config.repo, self._db, clock=self.clock, store=store)
         self._jobs = JobStore(self._db, self.clock)
         self._tls = config.export_tls()
         self.nodes = NodeRegistry(self._db, clock=self.clock, default=config.default_node(), tls=self._tls)
-        self.alerts = Alerts(self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=config.repo)
-        self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock)
+        label, space = config.repo if config.store is None else store.location, self._repository.space
+        self.alerts = Alerts(
+            self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=label, space=space
+        )
+        self.metrics = HubMetrics(
+            self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock, space=space
+        )
         self._verifier = Verifier(
             self._repository,
             self._jobs,
@@ -775,7 +785,8 @@ class Hub:
         return self._tls.binds_readers(self._tls.restore_route())
 
     async def restore(self, request: req.RestoreRequest) -> Job:
-        """Serve a completed point over NBD (read-only), or convert it to a new file in the restore directory."""
+        """Serve a completed point over NBD (read-only), convert it to a new file in the restore directory, or
+        clone it to a new RBD image (an RBD repository)."""
         point = await self._repository.point(request.point_id)
         # Under the disk's lock (so no retention merge rewrites its files meanwhile): the export's start
         # (the running job then protects the point) or the whole convert.
@@ -785,7 +796,24 @@ class Hub:
                 raise Conflict(f"point {point.id} is not a completed restore point", "not_restorable")
             if request.action is req.RestoreAction.EXPORT:
                 return await self._export_point(point, request.reader)
+            if request.action is req.RestoreAction.CLONE:
+                return await self._clone_point(point, request)
             return await self._convert_point(point, request)
+
+    async def _clone_point(self, point: Point, request: req.RestoreRequest) -> Job:
+        """A new RBD image from the point (refused before any job when the repository cannot clone)."""
+        assert request.name is not None
+        target = self._repository.store.clone_target(request.name)
+        detail = ConvertDetail(point.id, target, ImageFormat.RAW)
+        job = await self._jobs.create(
+            JobKind.RESTORE, point.vm_path, req.RestoreAction.CLONE, detail, lifetime=self.config.job_timeout
+        )
+        await self._jobs.transition(job.id, JobState.RUNNING)
+        try:
+            await self._repository.clone(point, request.name)
+        except (SendenseError, OSError) as exc:
+            return await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("clone", str(exc)))
+        return await self._jobs.transition(job.id, JobState.COMPLETED)
 
     async def _convert_point(self, point: Point, request: req.RestoreRequest) -> Job:
         assert request.name is not None

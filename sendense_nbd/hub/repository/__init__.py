@@ -15,7 +15,10 @@ The common part (:mod:`~sendense_nbd.hub.repository.core`: the points
 table, the life cycle, GFS selection, the locks) is the same for every store
 (:mod:`~sendense_nbd.hub.repository.store`, the protocol): the local store
 (:mod:`~sendense_nbd.hub.repository.local`, the default) keeps a full qcow2
-and overlays in files and drops a point by merging it into the point above.
+and overlays in files and drops a point by merging it into the point above;
+the RBD store (:mod:`~sendense_nbd.hub.repository.rbd`) keeps one Ceph RBD
+image per disk, a point being a snapshot, and drops a point by removing its
+snapshot. :func:`open_store` picks the store of a hub's directory.
 
 Each point may have a digest sidecar (:mod:`sendense_nbd.copy.digests`,
 written by :mod:`sendense_nbd.hub.verify`) and a verify state
@@ -29,16 +32,20 @@ never a base (:meth:`Repository.base_for`).
 from sendense_nbd.hub.repository.core import Repository, kept_by_rules
 from sendense_nbd.hub.repository.local import LocalStore
 from sendense_nbd.hub.repository.points import Point, PointStatus, VerifyState, vm_slug
+from sendense_nbd.hub.repository.rbd import RbdStore
 from sendense_nbd.hub.repository.store import Space, Store
+from sendense_nbd.hub.repository.stores import open_store
 
 __all__ = [
     "LocalStore",
     "Point",
     "PointStatus",
+    "RbdStore",
     "Repository",
     "Space",
     "Store",
     "VerifyState",
     "kept_by_rules",
+    "open_store",
     "vm_slug",
 ]

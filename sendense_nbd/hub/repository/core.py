@@ -96,12 +96,13 @@ class Repository:
         return points[-1] if points else None
 
     async def base_for(self, vm_path: str, disk_key: int) -> tuple[Point | None, FullReason | None]:
-        """The point the disk's next incremental builds on, or None and why the next backup is full."""
+        """The point the disk's next incremental builds on, or None and why the next backup is full (a damaged
+        point in its chain; the latest alone when the store's points are independent)."""
         latest = await self.latest(vm_path, disk_key)
         if latest is None:
             return None, FullReason.FIRST_BACKUP
         try:
-            chain = await self.chain(latest)
+            chain = [latest] if self.store.independent else await self.chain(latest)
         except RepositoryError:  # a point below is gone (or mid-merge)
             return None, FullReason.BASE_MISSING
         if any(p.verify_state is VerifyState.DAMAGED for p in chain):
@@ -275,7 +276,9 @@ class Repository:
         await asyncio.to_thread(remove_quietly, self.store.digest_path(base))  # the survivor's view is unchanged
 
     async def recover(self) -> tuple[list[str], list[str]]:
-        """After a crash: discard pending points, finish interrupted merges; (discarded, merged) ids."""
+        """After a crash: take back what the predecessor held in the store, discard pending points, finish
+        interrupted merges; (discarded, merged) ids."""
+        await asyncio.to_thread(self.store.reclaim)
         discarded = await self.discard_pending()
         return discarded, await self._finish_merges()
 
@@ -349,9 +352,10 @@ class Repository:
         return await asyncio.to_thread(self.store.changes, above, base)
 
     async def check(self, point: Point) -> str | None:
-        """The store's structure check of the point's chain: the first finding, or None when it is sound."""
+        """The store's structure check of the point's chain (of the point alone when the store's points are
+        independent): the first finding, or None when it is sound."""
         try:
-            chain = await self.chain(point)
+            chain = [point] if self.store.independent else await self.chain(point)
         except RepositoryError as exc:  # a base point is missing
             return str(exc)
         return await asyncio.to_thread(self.store.check, chain)
@@ -368,6 +372,10 @@ class Repository:
         """Write a point (its whole view) to a new standalone raw or qcow2 file with the copy engine,
         verified; ``path`` is never replaced and nothing is left behind on failure."""
         await restores.convert(self.source(point), path, fmt)
+
+    async def clone(self, point: Point, name: str) -> None:
+        """A new standalone image ``name`` of the point's view (RBD: a flattened clone of its snapshot)."""
+        await asyncio.to_thread(self.store.clone, point, name)
 
     @contextlib.asynccontextmanager
     async def export_point(self, point: Point, *, base: Point | None = None) -> AsyncIterator[str]:

@@ -68,6 +68,10 @@ class LocalStore:
         """The point's qcow2 file: the copy library reads its chain through it."""
         return point.path
 
+    def reclaim(self) -> list[str]:
+        """Nothing: files hold no locks after their process."""
+        return []
+
     def seal(self, point: Point) -> None:
         """Nothing: the export's flush made the file whole."""
 
@@ -105,6 +109,14 @@ class LocalStore:
         """The point's file when ``base`` is its backing point (or None, for a full): an overlay's
         backing is always named ``<base-id>.qcow2``, which merges keep so."""
         return point.path if (base.id if base else None) == point.backing else None
+
+    def clone_target(self, name: str) -> str:
+        """Refused: a clone is a new RBD image from a snapshot (convert the point to a file instead)."""
+        raise RepositoryError("a clone makes an RBD image from a snapshot: it needs an RBD repository (rbd://)")
+
+    def clone(self, point: Point, name: str) -> None:
+        """Refused, as :meth:`clone_target`."""
+        self.clone_target(name)
 
     def check(self, chain: Sequence[Point]) -> str | None:
         """The qcow2 check of every file of a chain: the first finding, or None when all are clean."""

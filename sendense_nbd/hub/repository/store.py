@@ -47,6 +47,10 @@ class Store(Protocol):
     def source(self, point: Point) -> str:
         """A file name the copy library opens to read the point's whole view (its chain)."""
 
+    def reclaim(self) -> list[str]:
+        """At start, before anything else: take back what a killed predecessor still holds (RBD: the images'
+        exclusive locks); what was taken back."""
+
     def seal(self, point: Point) -> None:
         """Make a pending point's data a restore point, once its export flushed and closed."""
 
@@ -68,6 +72,13 @@ class Store(Protocol):
     def own_file(self, point: Point, base: Point | None) -> str | None:
         """The point's own qcow2 file when it is exactly the point over ``base`` (None: a full), with its
         backing named ``<base-id>.qcow2``; None when the store has no such file."""
+
+    def clone_target(self, name: str) -> str:
+        """The name of the new image :meth:`clone` would make (:class:`RepositoryError` when the store
+        cannot clone, or ``name`` is not allowed)."""
+
+    def clone(self, point: Point, name: str) -> None:
+        """A new standalone image ``name`` holding the point's view (a hypervisor boots it)."""
 
     def check(self, chain: Sequence[Point]) -> str | None:
         """The structure check of a chain (top first): the first finding, or None when it is sound."""

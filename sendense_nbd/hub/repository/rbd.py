@@ -1,0 +1,505 @@
+"""The RBD store: the repository's points as snapshots of one Ceph RBD image per VM disk.
+
+``--repo rbd://POOL[/NAMESPACE]?conf=CEPH.CONF&id=USER[&keyring=FILE][&prefix=NAME]``
+(:func:`parse_location`). Each disk of a VM is one image, ``PREFIX.<vm-slug>.<disk-key>``
+(prefix ``sendense``). A backup job writes the image's head through the hub's export: a
+full writes all of it (zeroes included, or into a fresh image), an incremental only the
+changed areas (zeroes included). Completing the job takes a snapshot named after the point's
+ID: that snapshot is the restore point (``path`` ``rbd:POOL/IMAGE@POINT-ID``). Snapshots are
+whole views, so retention removes a snapshot and merges nothing
+(:attr:`RbdStore.independent`).
+
+No partial state survives a failed or interrupted job: the image's metadata key
+``sendense.clean`` names the snapshot the head equals, set when a snapshot is taken or the
+head rolled back, removed before a job writes. A job's point is created on a head rolled
+back to its base's snapshot unless the key says it already is; a discarded point (a failed,
+cancelled or timed-out job, or a pending point a restarted hub finds) loses its snapshot if
+one was taken and the head is rolled back to the disk's newest completed point (an image
+without any snapshot is removed). Digest sidecars are files under the hub's directory
+(``ROOT/digests/<image>/<point-id>.digests``). Space is the pool's, as ``ceph df`` and the
+pool's quota tell it; a full pool or cluster fails writes with ``ENOSPC`` (the device sets
+full-try), which fails the job with ``insufficient_space``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import attrs
+
+from sendense_nbd.errors import Conflict, RbdError, RepositoryError
+from sendense_nbd.hub.repository.points import Point, PointStatus, vm_slug
+from sendense_nbd.hub.repository.store import Space
+from sendense_nbd.storage.files import remove_quietly
+from sendense_nbd.storage.modes import CacheMode
+from sendense_nbd.storage.rbd import RbdSpec, connect, open_rbd
+
+if TYPE_CHECKING:
+    from sendense_nbd.storage.base import BlockDevice
+
+log = logging.getLogger(__name__)
+
+#: The image metadata key naming the snapshot the head equals (absent: the head may hold a job's writes).
+CLEAN = "sendense.clean"
+#: What a point ID looks like (``hub.repository.core``): only such snapshots are ours to remove.
+POINT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+_QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix"})
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _rbd() -> Any:
+    """Debian's ``rbd`` module (imported on first use, as the device does)."""
+    try:
+        return importlib.import_module("rbd")
+    except ImportError as exc:
+        raise RepositoryError(f"an RBD repository needs Debian's python3-rbd (run ./setup.sh): {exc}") from exc
+
+
+@attrs.frozen
+class RbdLocation:
+    """Where an RBD repository is: the pool (and namespace), how to reach its cluster, the images' prefix."""
+
+    pool: str
+    namespace: str | None = None
+    conf: str | None = None
+    user: str | None = None
+    keyring: str | None = None
+    prefix: str = "sendense"
+
+    @property
+    def url(self) -> str:
+        """``rbd://POOL[/NAMESPACE]?conf=..&id=..&keyring=..&prefix=..``: what :func:`parse_location` reads back
+        (paths and the user's name, no secrets)."""
+        where = self.pool + (f"/{self.namespace}" if self.namespace else "")
+        pairs = (("conf", self.conf), ("id", self.user), ("keyring", self.keyring))
+        query = [f"{key}={value}" for key, value in pairs if value is not None]
+        query += [f"prefix={self.prefix}"] if self.prefix != "sendense" else []
+        return f"rbd://{where}" + ("?" + "&".join(query) if query else "")
+
+    def spec(self, image: str, snapshot: str | None = None) -> RbdSpec:
+        """The device spec of one of the repository's images (or snapshots)."""
+        return RbdSpec(self.pool, image, snapshot, self.namespace, self.conf, self.user, self.keyring)
+
+
+def is_rbd_location(text: str) -> bool:
+    """Whether ``--repo`` names an RBD repository (``rbd://``) rather than a directory."""
+    return text.startswith("rbd://")
+
+
+def parse_location(text: str) -> RbdLocation:
+    """``rbd://POOL[/NAMESPACE]?conf=PATH&id=USER&keyring=PATH&prefix=NAME``; :class:`RepositoryError` says
+    what is wrong (an unknown key, a second value, a name Ceph cannot have)."""
+    if not is_rbd_location(text):
+        raise RepositoryError(f"{text!r} is not an rbd:// repository")
+    where, _, query = text.removeprefix("rbd://").partition("?")
+    pool, _, namespace = where.partition("/")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise RepositoryError(f"{text}: the query is not key=value&...: {exc}") from None
+    values: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in _QUERY_KEYS:
+            raise RepositoryError(f"{text}: unknown key {key!r} (known: {', '.join(sorted(_QUERY_KEYS))})")
+        if key in values or not value:
+            raise RepositoryError(f"{text}: give {key} once, with a value")
+        values[key] = value
+    names: list[tuple[str, str | None]] = [("pool", pool), ("namespace", namespace or None)]
+    for label, name in [*names, ("prefix", values.get("prefix"))]:
+        if name is not None and not _NAME.fullmatch(name):
+            raise RepositoryError(f"{text}: {label} {name!r} must be letters, digits, '.', '_', '-' (at most 100)")
+    return RbdLocation(
+        pool, namespace or None, values.get("conf"), values.get("id"), values.get("keyring"),
+        values.get("prefix", "sendense"),
+    )  # fmt: skip
+
+
+def _failure(exc: BaseException, what: str) -> RepositoryError:
+    """A sentence for a failed Ceph call; a full pool or cluster (``EDQUOT``/``ENOSPC``) is told so and
+    stands for an ``OSError(ENOSPC)``, so the job fails ``insufficient_space``."""
+    code = abs(int(getattr(exc, "errno", 0) or 0))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        error = RepositoryError(f"{what}: the Ceph pool is full (its quota or the cluster's full ratio): {exc}")
+        error.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return error
+    return RepositoryError(f"{what}: {exc}")
+
+
+class RbdStore:
+    """Points as snapshots of one RBD image per VM disk (see the module); ``root``: the hub's directory."""
+
+    independent = True
+
+    def __init__(self, location: RbdLocation, root: str) -> None:
+        self.where = location
+        self.location = location.url
+        self.root = os.path.abspath(root)
+
+    # -- names -----------------------------------------------------------------
+
+    def image_name(self, vm_path: str, disk_key: int) -> str:
+        """The image of one VM disk."""
+        return f"{self.where.prefix}.{vm_slug(vm_path)}.{disk_key}"
+
+    def _image_of(self, point: Point) -> str:
+        return self.image_name(point.vm_path, point.disk_key)
+
+    def _spec(self) -> RbdSpec:
+        return self.where.spec("-")
+
+    # -- the point's life ------------------------------------------------------
+
+    def create(self, vm_path: str, disk_key: int, point_id: str, *, base: Point | None, capacity: int) -> str:
+        """Make the head ready for a job: an incremental's head rolled back to ``base``'s snapshot (unless it
+        equals it), a full's head (a new image, or the disk's image) of ``capacity`` bytes; marked dirty."""
+        name = self.image_name(vm_path, disk_key)
+        what = f"cannot prepare rbd:{self.where.pool}/{name} for point {point_id}"
+        rbd = _rbd()
+        with self._ioctx(what) as ioctx:
+            try:
+                if base is None and not _exists(ioctx, name):
+                    rbd.RBD().create(ioctx, name, capacity)
+                with rbd.Image(ioctx, name) as image:
+                    if base is not None:
+                        _roll_back(image, base.id)
+                    elif image.size() != capacity:
+                        image.resize(capacity)
+                    _set_dirty(image)
+            except rbd.ImageNotFound as exc:
+                raise RepositoryError(f"{what}: the image of point {base.id if base else '?'} is gone") from exc
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+        return self._path(name, point_id)
+
+    def _path(self, image: str, point_id: str) -> str:
+        """``rbd:POOL[/NS]/IMAGE@POINT-ID``: a point's snapshot, without how to reach the cluster."""
+        return RbdSpec(self.where.pool, image, point_id, self.where.namespace).filename
+
+    def open_device(self, point: Point, *, readonly: bool) -> BlockDevice:
+        """A pending point: the image's head (writable, without librbd's cache); else its snapshot (read-only).
+
+        The head is written with ``cache=none``: each write reaches the OSDs before it is answered, so a
+        full pool fails that write. (librbd's writeback cache may drop the ``EDQUOT`` of a background
+        write-out and answer the next FLUSH with success, losing the data: seen with Ceph 16.)"""
+        if point.status is PointStatus.PENDING:
+            return open_rbd(self.where.spec(self._image_of(point)), readonly=readonly, cache=CacheMode.NONE)
+        return open_rbd(self.where.spec(self._image_of(point), point.id), readonly=True)
+
+    def source(self, point: Point) -> str:
+        """The point's snapshot as an ``rbd:`` filename with the cluster's conf, user and keyring."""
+        return self.where.spec(self._image_of(point), point.id).filename
+
+    def seal(self, point: Point) -> None:
+        """Snapshot the head as the point; the head then equals it (and the folder of its digests is made)."""
+        os.makedirs(os.path.dirname(self.digest_path(point)), mode=0o700, exist_ok=True)
+        what = f"cannot snapshot rbd:{self.where.pool}/{self._image_of(point)} as point {point.id}"
+        rbd = _rbd()
+        with self._image(point, what) as image:
+            try:
+                image.create_snap(point.id)
+                image.metadata_set(CLEAN, point.id)
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+
+    def discard(self, point: Point, *, latest: Point | None) -> None:
+        """Remove the point's snapshot if one was taken, and roll the head back to ``latest``'s snapshot
+        (no completed point: an image left without snapshots is removed). Best effort, never raising: what
+        fails here (a full pool, an unreachable cluster) is logged; the next job's :meth:`create` rolls the
+        head back all the same (it is not marked clean), and the next start sweeps a snapshot left over."""
+        try:
+            self._discard(point, latest)
+        except RepositoryError as exc:
+            log.warning("%s (the next job rolls the head back)", exc)
+
+    def _discard(self, point: Point, latest: Point | None) -> None:
+        name = self._image_of(point)
+        what = f"cannot discard point {point.id} of rbd:{self.where.pool}/{name}"
+        rbd = _rbd()
+        with self._ioctx(what) as ioctx:
+            try:
+                with rbd.Image(ioctx, name) as image:
+                    if point.id in _snapshots(image):
+                        image.remove_snap(point.id)
+                    if latest is not None:
+                        _roll_back(image, latest.id)
+                        return
+                    empty = not _snapshots(image)
+                if empty:
+                    rbd.RBD().remove(ioctx, name)
+            except rbd.ImageNotFound:
+                return  # never made, or already gone
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+
+    def drop(self, base: Point, top: Point) -> None:
+        """Remove ``base``'s snapshot (``top``'s snapshot is a whole view: nothing to merge). Safe to repeat."""
+        what = f"cannot remove point {base.id} of rbd:{self.where.pool}/{self._image_of(base)}"
+        rbd = _rbd()
+        with self._image(base, what) as image:
+            try:
+                if base.id in _snapshots(image):
+                    image.remove_snap(base.id)
+            except rbd.ImageBusy as exc:
+                raise RepositoryError(f"{what}: it has clones (flatten them first)") from exc
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+
+    def clone_target(self, name: str) -> str:
+        """The ``rbd:`` name of a new image ``name`` in the repository's pool (not one of the repository's
+        own names, which start with the prefix)."""
+        if name.startswith(self.where.prefix + "."):
+            raise RepositoryError(f"image {name!r}: names starting {self.where.prefix}. are the repository's own")
+        return RbdSpec(self.where.pool, name, None, self.where.namespace).filename
+
+    def clone(self, point: Point, name: str) -> None:
+        """A new image ``name`` in the pool holding the point's snapshot: an RBD clone, flattened so that
+        it does not hold the snapshot (retention may remove it later); nothing is left on failure."""
+        rbd = _rbd()
+        source = self._image_of(point)
+        what = f"cannot clone point {point.id} to rbd:{self.where.pool}/{name}"
+        with self._ioctx(what) as ioctx:
+            try:
+                with rbd.Image(ioctx, source) as image:
+                    protected = image.is_protected_snap(point.id)
+                    if not protected:
+                        image.protect_snap(point.id)
+                    try:
+                        _clone_flat(ioctx, image, point.id, name)
+                    finally:
+                        if not protected and not list(image.list_children()):
+                            image.unprotect_snap(point.id)
+            except rbd.ImageExists as exc:
+                raise Conflict(f"image rbd:{self.where.pool}/{name} exists", "exists") from exc
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+
+    def reclaim(self) -> list[str]:
+        """At start: break the exclusive locks a killed predecessor's clients still hold on the repository's
+        images (their watches outlive them by about 30 s, during which librbd refuses to roll back); the
+        images whose lock was broken. One hub per repository: another hub's locks would be broken too."""
+        rbd = _rbd()
+        broken = []
+        with self._ioctx(f"cannot list the images of {self.location}") as ioctx:
+            for name in [n for n in rbd.RBD().list(ioctx) if n.startswith(self.where.prefix + ".")]:
+                try:
+                    with rbd.Image(ioctx, name) as image:
+                        for owner in list(image.lock_get_owners()):
+                            image.lock_break(owner["mode"], owner["owner"])
+                            broken.append(name)
+                            log.warning("rbd:%s/%s: broke the lock of %s", self.where.pool, name, owner["owner"])
+                except rbd.Error as exc:
+                    raise _failure(exc, f"cannot take back rbd:{self.where.pool}/{name}") from exc
+        return broken
+
+    # -- reading ---------------------------------------------------------------
+
+    def digest_path(self, point: Point) -> str:
+        """``ROOT/digests/<image>/<point-id>.digests``."""
+        return os.path.join(self.root, "digests", self._image_of(point), f"{point.id}.digests")
+
+    def changes(self, above: Sequence[Point], base: Point) -> list[tuple[int, int]]:
+        """The objects that differ between ``base``'s snapshot and ``above[0]``'s (``diff_iterate``, whole
+        objects; areas zeroed since count too)."""
+        point = above[0]
+        return self._diff(point, base.id, f"cannot compare points {base.id} and {point.id}")
+
+    def _diff(self, point: Point, since: str | None, what: str) -> list[tuple[int, int]]:
+        """The whole objects of the point (its snapshot, or the head while pending) that differ from ``since``."""
+        rbd = _rbd()
+        found: list[tuple[int, int]] = []
+
+        def seen(offset: int, length: int, exists: bool) -> int:
+            found.append((offset, length))
+            return 0
+
+        snapshot = None if point.status is PointStatus.PENDING else point.id
+        with self._image(point, what, snapshot=snapshot) as image:
+            try:
+                image.diff_iterate(0, image.size(), since, seen, include_parent=False, whole_object=True)
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+        return found
+
+    def own_file(self, point: Point, base: Point | None) -> str | None:
+        """None: a snapshot is no qcow2 file (``export_point`` makes one)."""
+        return None
+
+    def check(self, chain: Sequence[Point]) -> str | None:
+        """Every point of the chain is a snapshot of its image, of the point's size."""
+        rbd = _rbd()
+        for point in chain:
+            try:
+                with self._image(point, f"point {point.id}") as image:
+                    sizes = {snap["name"]: int(snap["size"]) for snap in image.list_snaps()}
+            except (RepositoryError, rbd.Error) as exc:
+                return f"RBD check of point {point.id} failed: {exc}"
+            if point.id not in sizes:
+                return f"point {point.id}: its snapshot is missing from rbd:{self.where.pool}/{self._image_of(point)}"
+            if sizes[point.id] != point.size:
+                return f"point {point.id}: its snapshot has {sizes[point.id]} bytes, the point {point.size}"
+        return None
+
+    def space(self) -> Space:
+        """The pool's room: ``ceph df``'s stored bytes and max_avail; with a byte quota, the bytes it counts
+        and what is left of it (never more than max_avail)."""
+        stats = self._mon({"prefix": "df", "format": "json"})
+        pool = next((p["stats"] for p in stats.get("pools", ()) if p.get("name") == self.where.pool), None)
+        if pool is None:
+            raise RepositoryError(f"ceph df does not list pool {self.where.pool!r}")
+        used, free = int(pool["stored"]), int(pool["max_avail"])
+        quota = self._mon({"prefix": "osd pool get-quota", "pool": self.where.pool, "format": "json"})
+        limit = int(quota.get("quota_max_bytes") or 0)
+        if limit:  # the quota counts the pool's bytes as the OSDs last reported them
+            used = int(quota.get("current_num_bytes") or 0)
+            free = min(free, max(0, limit - used))
+        return Space(used + free, used, free)
+
+    def _mon(self, command: dict[str, str]) -> dict[str, Any]:
+        """A mon command's JSON answer (the hub's user needs ``mon 'profile rbd'``)."""
+        what = f"ceph {command['prefix']} for {self.location}"
+        with connect(self._spec()) as (cluster, _):
+            code, out, err = cluster.mon_command(json.dumps(command), b"")
+        if code != 0:
+            raise _failure(OSError(-code, err), what)
+        answer: dict[str, Any] = json.loads(out)
+        return answer
+
+    def allocated(self, points: Sequence[Point]) -> dict[str, int | None]:
+        """The objects each point wrote over its base (a full: all it holds), whole objects."""
+        out: dict[str, int | None] = {}
+        for point in points:
+            try:
+                changed = self._diff(point, point.backing, f"point {point.id}")
+            except RepositoryError:
+                out[point.id] = None
+                continue
+            out[point.id] = sum(length for _, length in changed)
+        return out
+
+    def sweep(self, known: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+        """Remove the snapshots and images of ours no point knows of (point-ID snapshots on ``PREFIX.``
+        images), and digest sidecars of points that are gone; other snapshots are reported, not touched."""
+        ids = {point_id for _, point_id in known}
+        images = {path.removeprefix("rbd:").partition("@")[0].rpartition("/")[2] for path, _ in known}
+        removed, unexpected = self._sweep_images(ids, images)
+        removed += _sweep_digests(os.path.join(self.root, "digests"), ids)
+        for path in removed:
+            log.warning("removed %s: no restore point knows it (left by a crash)", path)
+        for path in unexpected:
+            log.warning("unexpected snapshot in the repository, left alone: %s", path)
+        return removed, unexpected
+
+    def _sweep_images(self, ids: set[str], images: set[str]) -> tuple[list[str], list[str]]:
+        rbd = _rbd()
+        removed: list[str] = []
+        unexpected: list[str] = []
+        with self._ioctx(f"cannot list the images of {self.location}") as ioctx:
+            for name in [n for n in rbd.RBD().list(ioctx) if n.startswith(self.where.prefix + ".")]:
+                with rbd.Image(ioctx, name) as image:
+                    for snapshot in _snapshots(image):
+                        path = self._path(name, snapshot)
+                        if snapshot in ids:
+                            continue
+                        if POINT_ID.fullmatch(snapshot) and not image.is_protected_snap(snapshot):
+                            image.remove_snap(snapshot)
+                            removed.append(path)
+                        else:
+                            unexpected.append(path)
+                    left = _snapshots(image)
+                if name not in images and not left:
+                    rbd.RBD().remove(ioctx, name)
+                    removed.append(f"rbd:{self.where.pool}/{name}")
+        return removed, unexpected
+
+    # -- connections -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _ioctx(self, what: str) -> Iterator[Any]:
+        """The pool's ``Ioctx`` for one call; an unreachable cluster is a :class:`RepositoryError`."""
+        try:
+            with connect(self._spec()) as (_, ioctx):
+                yield ioctx
+        except RbdError as exc:
+            raise RepositoryError(f"{what}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _image(self, point: Point, what: str, *, snapshot: str | None = None) -> Iterator[Any]:
+        """The point's image (read-write, or read-only at ``snapshot``) for one call."""
+        rbd = _rbd()
+        name = self._image_of(point)
+        with self._ioctx(what) as ioctx:
+            try:
+                image = rbd.Image(ioctx, name, snapshot=snapshot, read_only=snapshot is not None)
+            except rbd.ImageNotFound as exc:
+                raise RepositoryError(f"{what}: rbd:{self.where.pool}/{name} is gone") from exc
+            except rbd.Error as exc:
+                raise _failure(exc, what) from exc
+            with image:
+                yield image
+
+
+def _clone_flat(ioctx: Any, image: Any, snapshot: str, name: str) -> None:
+    """Clone ``image@snapshot`` (protected) to ``name`` and flatten it; the clone is removed if that fails."""
+    rbd = _rbd()
+    image.set_snap(snapshot)
+    try:
+        rbd.RBD().clone(ioctx, image.get_name(), snapshot, ioctx, name)
+    finally:
+        image.set_snap(None)
+    try:
+        with rbd.Image(ioctx, name) as child:
+            child.flatten()
+    except BaseException:
+        rbd.RBD().remove(ioctx, name)
+        raise
+
+
+def _exists(ioctx: Any, name: str) -> bool:
+    return name in _rbd().RBD().list(ioctx)
+
+
+def _snapshots(image: Any) -> list[str]:
+    return [snap["name"] for snap in image.list_snaps()]
+
+
+def _metadata(image: Any, key: str) -> str | None:
+    try:
+        value: str = image.metadata_get(key)
+    except KeyError:
+        return None
+    return value
+
+
+def _roll_back(image: Any, snapshot: str) -> None:
+    """Make the head equal ``snapshot`` (a rollback, unless the clean mark says it already does)."""
+    if _metadata(image, CLEAN) == snapshot:
+        return
+    image.rollback_to_snap(snapshot)
+    image.metadata_set(CLEAN, snapshot)
+
+
+def _set_dirty(image: Any) -> None:
+    """The head is about to hold a job's writes: no snapshot's mark any more."""
+    if _metadata(image, CLEAN) is not None:
+        image.metadata_remove(CLEAN)
+
+
+def _sweep_digests(folder: str, ids: set[str]) -> list[str]:
+    """Remove the sidecars of points that are gone."""
+    removed = []
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(".digests") and name.removesuffix(".digests") not in ids:
+                path = os.path.join(directory, name)
+                remove_quietly(path)
+                removed.append(path)
+    return removed
