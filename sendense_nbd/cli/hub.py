@@ -147,7 +147,17 @@ def _tls_options(command: Any) -> Any:
 
 
 @click.command("hub")
-@click.option("--repo", required=True, type=click.Path(file_okay=False), help="Repository directory.")
+@click.option(
+    "--repo",
+    required=True,
+    help="Repository: a directory (qcow2 files), or rbd://POOL[/NAMESPACE]?conf=CEPH.CONF&id=USER[&keyring=FILE] "
+    "(an RBD image per disk, a snapshot per point; docs/STORAGE.md) with --state-dir.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="With an rbd:// --repo: the hub's own directory (its database, lock, restores, digests).",
+)
 @click.option("--listen", default="127.0.0.1:8082", show_default=True, help="API address HOST:PORT.")
 @click.option("--nbd-ports", default="10100-10200", show_default=True, help="NBD port pool.")
 @click.option(
@@ -237,13 +247,35 @@ def hub_command(**o: Any) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+def _repository(o: dict[str, Any]) -> tuple[str, str | None]:
+    """The hub's directory and its store: ``--repo DIR``, or ``--state-dir DIR`` with an ``rbd://`` ``--repo``."""
+    from sendense_nbd.errors import RepositoryError
+    from sendense_nbd.hub.repository.rbd import is_rbd_location, parse_location
+
+    if not is_rbd_location(o["repo"]):
+        if "://" in o["repo"]:
+            raise click.BadParameter(f"{o['repo']!r}: a directory, or rbd://POOL?conf=...&id=...", param_hint="--repo")
+        if o["state_dir"] is not None:
+            raise click.UsageError("--state-dir goes with an rbd:// --repo (a directory --repo holds the hub's state)")
+        return o["repo"], None
+    try:
+        parse_location(o["repo"])
+    except RepositoryError as exc:
+        raise click.BadParameter(str(exc), param_hint="--repo") from exc
+    if o["state_dir"] is None:
+        raise click.UsageError("an rbd:// --repo needs --state-dir DIR: the hub's database and lock stay local")
+    return o["state_dir"], o["repo"]
+
+
 def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
     """The hub's configuration from its options."""
     from sendense_nbd.hub.service import HubConfig
     from sendense_nbd.protocol.constants import TLSMode
 
+    repo, store = _repository(o)
     return HubConfig(
-        repo=o["repo"],
+        repo=repo,
+        store=store,
         nbd_ports=pool,
         nbd_bind=o["nbd_bind"],
         nbd_advertise=o["nbd_advertise"],
@@ -303,6 +335,8 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
             tunnel_server = TunnelServer(ssh)
             await tunnel_server.start()
         started: dict[str, object] = {"listening": url, "repo": config.repo, **recovered.to_json()}
+        if config.store is not None:
+            started["store"] = config.store
         if tunnel_server is not None:
             started["ssh_port"] = tunnel_server.port
         await ready_then_wait(started)
@@ -325,8 +359,14 @@ def _open_repository(repo: str) -> tuple[Database, Repository]:
 
     if not os.path.exists(os.path.join(repo, "hub.db")):
         raise click.ClickException(f"{repo} is not a hub repository (no hub.db)")
+    from sendense_nbd.hub.repository import open_store
+
     db = Database(os.path.join(repo, "hub.db"))
-    return db, Repository(repo, db)
+    try:
+        return db, Repository(repo, db, store=open_store(repo, None))
+    except BaseException:
+        db.close()
+        raise
 
 
 @click.command("ports")
@@ -359,11 +399,13 @@ def points_command(vm_path: str, repo: str) -> None:
 
 @click.command("restore")
 @click.argument("point_id")
-@click.option("--repo", required=True, type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="A new standalone image.")
+@click.option("--repo", required=True, type=click.Path(file_okay=False), help="The hub's directory.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="A new standalone image file.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
-def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
-    """Write a restore point (its whole chain) to a standalone raw or qcow2 file, verified.
+@click.option("--clone", metavar="IMAGE", help="Instead: a new RBD image in the repository's pool (RBD repository).")
+def restore_command(point_id: str, repo: str, output: str | None, fmt: str, clone: str | None) -> None:
+    """Write a restore point (its whole chain) to a standalone raw or qcow2 file, verified; or, with
+    --clone, make a new RBD image of it (a flattened clone of its snapshot).
 
     To serve a point over NBD instead, POST /api/v1/restores to the running hub.
     """
@@ -373,23 +415,31 @@ def restore_command(point_id: str, repo: str, output: str, fmt: str) -> None:
     from sendense_nbd.hub.repository import PointStatus
     from sendense_nbd.storage import ImageFormat
 
-    if os.path.lexists(output):
+    if (output is None) == (clone is None):
+        raise click.UsageError("give -o FILE or --clone IMAGE (one of them)")
+    if output is not None and os.path.lexists(output):
         raise click.ClickException(f"{output} exists")
     db, repository = _open_repository(repo)
 
-    async def run() -> None:
+    async def run() -> str:
         point = await repository.point(point_id)
         if point.status is not PointStatus.COMPLETED:
             raise click.ClickException(f"point {point_id} is not completed")
+        if clone is not None:
+            target = repository.store.clone_target(clone)
+            await repository.clone(point, clone)
+            return target
+        assert output is not None
         await repository.convert(point, output, ImageFormat(fmt))
+        return f"{output} ({fmt}), verified"
 
     try:
-        asyncio.run(run())
+        made = asyncio.run(run())
     except (SendenseError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         db.close()
-    click.echo(f"restored {point_id} to {output} ({fmt}), verified")
+    click.echo(f"restored {point_id} to {made}")
 
 
 @click.group("node")
