@@ -2,7 +2,8 @@
 # Set up sendense-nbd on Debian 12 (as root) and run something with it.
 #
 #   ./setup.sh run    install, then run the main job end-to-end (examples/main_job.py);
-#                     ./setup.sh run --keep leaves the hub and its web console up until Ctrl-C
+#                     ./setup.sh run --keep leaves the hub and its web console up until Ctrl-C;
+#                     ./setup.sh run --ceph puts the hub's repository on a test Ceph cluster (RBD)
 #   ./setup.sh test   install, then run the whole test suite
 #   ./setup.sh        install only
 set -euo pipefail

@@ -14,9 +14,15 @@
    scheduler runs it twice (full, then incremental), its points are verified against their digests,
    and ``sendense-nbd status`` is printed (``examples/pipeline.py``).
 
-Run it with ``./setup.sh run [--keep]``, or ``.venv/bin/python examples/main_job.py
-[--size 256] [--workdir DIR] [--keep]``. It prints the hub's web console URL; with ``--keep`` the
-hub, node, tunnel and simulator stay up (the console shows the run) until Ctrl-C.
+With ``--ceph`` (``./setup.sh run --ceph``), step 5 runs with the hub's repository on Ceph RBD: a
+loopback-only test cluster (``simulator/ceph_cluster.py``) is started in the work directory, each
+disk becomes an RBD image and each restore point a snapshot, and every point is verified with
+``qemu-img compare`` against the source, reading the snapshot through qemu's ``rbd:`` driver; the
+cluster is stopped at the end.
+
+Run it with ``./setup.sh run [--keep] [--ceph]``, or ``.venv/bin/python examples/main_job.py
+[--size 256] [--workdir DIR] [--keep] [--ceph]``. It prints the hub's web console URL; with ``--keep``
+the hub, node, tunnel and simulator stay up (the console shows the run) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="disk size in MiB")
     parser.add_argument("--workdir", type=Path, help="where to put the images (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="leave the hub and its web console running until Ctrl-C")
+    parser.add_argument("--ceph", action="store_true", help="the hub's repository on a test Ceph cluster (RBD)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sendense-main-job-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -110,17 +117,36 @@ def main() -> None:
         create_image(str(target), args.size * MiB, ImageFormat.QCOW2)
         asyncio.run(copy_and_verify(source, target, args.size * MiB, data))
     print()
-    pipeline = Path(__file__).with_name("pipeline.py")
     keep = ["--keep"] if args.keep else []
-    proc = subprocess.Popen([sys.executable, str(pipeline), "--size-mb", str(min(args.size, 64)), *keep])
-    while True:
-        try:
-            code = proc.wait()
-            break
-        except KeyboardInterrupt:  # --keep ends with Ctrl-C: the pipeline got it too and stops what it started
-            continue
+    if not args.ceph:
+        code = run_pipeline("--size-mb", str(min(args.size, 64)), *keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sendense-ceph-", dir=args.workdir) as ceph_dir:
+            code = with_ceph(Path(ceph_dir), "--size-mb", str(min(args.size, 64)), *keep)
     if code:
         raise SystemExit(code)
+
+
+def run_pipeline(*args: str) -> int:
+    """examples/pipeline.py with ``args``; its exit status."""
+    pipeline = Path(__file__).with_name("pipeline.py")
+    proc = subprocess.Popen([sys.executable, str(pipeline), *args])
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # --keep ends with Ctrl-C: the pipeline got it too and stops what it started
+            continue
+
+
+def with_ceph(directory: Path, *args: str) -> int:
+    """The pipeline with its repository on a test Ceph cluster started in ``directory`` (and stopped after)."""
+    cluster = Path(__file__).resolve().parent.parent / "simulator" / "ceph_cluster.py"
+    print(f"$ {cluster.name} start {directory}", flush=True)
+    subprocess.run([sys.executable, str(cluster), "start", str(directory)], check=True, stdout=subprocess.DEVNULL)
+    try:
+        return run_pipeline(*args, "--ceph-dir", str(directory))
+    finally:
+        subprocess.run([sys.executable, str(cluster), "stop", str(directory)], check=True)
 
 
 if __name__ == "__main__":

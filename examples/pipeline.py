@@ -16,7 +16,11 @@ Then as a service: ``sendense-nbd policy add`` makes a policy for a second VM on
 hub's scheduler runs it twice (full, then incremental after the VM changed), ``sendense-nbd verify``
 re-reads every point against its digests, and ``sendense-nbd status`` shows the hub at a glance.
 
-Run it with ``.venv/bin/python examples/pipeline.py [--size-mb 64] [--workdir DIR]``.
+With ``--ceph-dir DIR`` (a running test cluster, ``simulator/ceph_cluster.py``; ``./setup.sh run --ceph``
+starts one) the hub's repository is an RBD pool in it (``--repo rbd://...``): every point is a snapshot,
+checked with ``qemu-img compare`` reading it through qemu's ``rbd:`` driver.
+
+Run it with ``.venv/bin/python examples/pipeline.py [--size-mb 64] [--workdir DIR] [--ceph-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import asyncssh
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "simulator"))
+import ceph_cluster  # noqa: E402  (simulator/ceph_cluster.py: a test Ceph cluster, for --ceph-dir)
 import vmdisk  # noqa: E402  (simulator/vmdisk.py: change a simulated disk and record it for CBT)
 
 MiB = 1 << 20
@@ -99,13 +104,23 @@ def backup(api: str, mode: str) -> dict[str, Any]:
     return job
 
 
+#: ``:conf=..:id=..:keyring=..`` of the test cluster (--ceph-dir): qemu reads a point's rbd:POOL/IMAGE@SNAP with it.
+RBD_KEYS = ""
+
+
 def verify(api: str, job: dict[str, Any], expected: dict[int, Path]) -> None:
     points = {p["id"]: p for p in call("GET", f"{api}/points?vm_path={VM_PATH}")["points"]}
     for disk in job["detail"]["disks"]:
         path = points[disk["point_id"]]["path"]
+        if path.startswith("rbd:"):  # an RBD snapshot: raw, read through qemu's rbd driver
+            print(f"  {path}")
+            compare = ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", path + RBD_KEYS]
+            subprocess.run([*compare, str(expected[disk["disk_key"]])], check=True)
+            continue
         subprocess.run(["qemu-img", "check", "-q", path], check=True)
         subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", path, str(expected[disk["disk_key"]])], check=True)
-    print("  qemu-img check and compare: both restore points match the snapshot: OK")
+    what = "check and compare" if not RBD_KEYS else "compare (through rbd:)"
+    print(f"  qemu-img {what}: both restore points match the snapshot: OK")
 
 
 def cli(*args: str, api: str) -> str:
@@ -155,8 +170,23 @@ def operate(api: str, vc: dict[str, Any], rng: random.Random) -> None:
     print(cli("status", api=api).rstrip())
 
 
-def start_stack(work: Path, size_mb: int, processes: list[subprocess.Popen[bytes]]) -> tuple[dict[str, Any], str]:
-    """vcsim, the hub (with its SSH endpoint), the node and its tunnel, as deployed; (vcsim's line, the hub API)."""
+def repository(work: Path, ceph_dir: Path | None) -> list[str]:
+    """The hub's repository options: ``--repo DIR``, or an RBD pool of the test cluster in ``ceph_dir``."""
+    global RBD_KEYS
+    if ceph_dir is None:
+        return ["--repo", str(work / "repo")]
+    cluster = ceph_cluster.load(ceph_dir)
+    RBD_KEYS = f":conf={cluster.conf}:id={cluster.user}:keyring={cluster.keyring}"
+    url = f"rbd://{cluster.pool}?conf={cluster.conf}&id={cluster.user}&keyring={cluster.keyring}"
+    print(f"repository: {url} (state in {work / 'state'})")
+    return ["--repo", url, "--state-dir", str(work / "state")]
+
+
+def start_stack(
+    work: Path, size_mb: int, processes: list[subprocess.Popen[bytes]], repo: list[str]
+) -> tuple[dict[str, Any], str]:
+    """vcsim, the hub (with its SSH endpoint, on ``repo``), the node and its tunnel, as deployed; (vcsim's line,
+    the hub API)."""
     vcsim_bin = subprocess.run(
         [str(ROOT / "simulator" / "build-vcsim.sh")], check=True, capture_output=True, text=True
     ).stdout.split()[-1]
@@ -185,7 +215,7 @@ def start_stack(work: Path, size_mb: int, processes: list[subprocess.Popen[bytes
     )
 
     proc, hub = start(
-        [str(BIN / "sendense-nbd"), "hub", "--repo", str(work / "repo"), "--listen", f"{HUB}:{api_port}",
+        [str(BIN / "sendense-nbd"), "hub", *repo, "--listen", f"{HUB}:{api_port}",
          "--nbd-ports", nbd_ports, "--nbd-advertise", NODE_SIDE, "--public-url", f"http://{NODE_SIDE}:{api_port}",
          "--node-url", f"http://{HUB}:{node_reverse}", "--ssh-listen", f"{HUB}:{ssh_port}",
          "--ssh-host-key", str(work / "hub_host_key"), "--ssh-authorized-keys", str(work / "authorized_keys"),
@@ -248,6 +278,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=64, help="size of each virtual disk")
     parser.add_argument("--workdir", type=Path, help="where to put everything (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="leave the hub and its console running until interrupted")
+    parser.add_argument("--ceph-dir", type=Path, help="a running test Ceph cluster: the repository is an RBD pool")
     args = parser.parse_args()
     rng = random.Random(11)
     processes: list[subprocess.Popen[bytes]] = []
@@ -257,7 +288,7 @@ def main() -> None:
         work = work / "run"
         (work / "vcsim").mkdir(parents=True)
         try:
-            vc, api = start_stack(work, args.size_mb, processes)
+            vc, api = start_stack(work, args.size_mb, processes, repository(work, args.ceph_dir))
             vm = next(v for v in vc["vms"] if v["path"] == VM_PATH)
             by_api(api, vc, vm, args.size_mb * MiB, rng, work)
             operate(api, vc, rng)
