@@ -48,6 +48,7 @@
     ├── UnknownNode                no node is registered in the hub under this name (404)
     ├── OffsiteError               an offsite copy (S3) cannot be made, read or deleted as asked
     │   ├── CopyLocked             S3 refused to delete a copy its Object Lock still protects (409)
+    │   ├── CopyDamaged            a copy read back differs from its manifest or its recorded digests
     │   └── UnknownCopy            no offsite copy has this ID (404)
     └── PortError                  the NBD port pool cannot satisfy a request
 
@@ -337,6 +338,11 @@ class OffsiteError(SendenseError):
 
 class CopyLocked(OffsiteError):
     """S3 refused to delete a copy because its Object Lock retention (or a legal hold) still protects it."""
+
+
+class CopyDamaged(OffsiteError):
+    """A copy read back from the bucket differs from what was recorded: an object's length or sha256 from
+    its manifest, a chunk from the digests recorded at backup time (bit rot, tampering)."""
 
 
 class UnknownCopy(OffsiteError):
