@@ -93,3 +93,14 @@ async def test_a_base_outside_the_chain_is_refused_and_a_crash_leaves_nothing(
     (leftover / f"{points[1].id}.qcow2").write_bytes(b"partial")
     removed, unexpected = await repository.sweep_orphans()
     assert removed == [str(leftover)] and unexpected == [] and not leftover.exists()
+
+
+async def test_the_disk_lock_is_free_while_an_export_is_read(repository: Repository) -> None:
+    """An offsite upload reads the export for hours: restores, retention, digests and verify of the disk must not
+    wait as long (the caller protects the point from retention meanwhile)."""
+    points = await _chain(repository, 2)
+    for point, base in ((points[0], None), (points[1], None), (points[1], points[0])):
+        async with repository.export_point(point, base=base) as path:
+            async with asyncio.timeout(5), repository.disk_lock(VM, DISK):
+                pass  # taken at once: the export holds it only while it chooses or writes its file
+            _same(path, point.path)

@@ -387,32 +387,44 @@ class Repository:
         qemu opens. The point's own file when it is exactly that (a local full, or a local overlay on
         ``base``), else a temporary file under ``ROOT/tmp`` that is removed afterwards.
 
-        The disk's lock is held throughout (retention cannot rewrite the file meanwhile, nor digests
-        or verify read the disk): never call this while holding it.
+        The disk's lock is held while the file is chosen or the temporary one written, not while the
+        caller reads it (an upload may take hours: restores, retention, digests and verify of the disk
+        would wait as long). The caller keeps the point and the points below it from retention
+        meanwhile (the hub's offsite copies do: a pending copy's point is ``protected``), so the
+        point's own file cannot be rewritten under it. Never call this while holding the lock.
         """
-        async with self.disk_lock(point.vm_path, point.disk_key):
-            point = await self.point(point.id)
-            if point.status is not PointStatus.COMPLETED:
-                raise RepositoryError(f"point {point.id} is not a completed restore point")
-            own = await asyncio.to_thread(self.store.own_file, point, base)
-            if own is not None:
-                yield own
-                return
-            changes = None if base is None else await self.changes(point, base)
-            folder = await asyncio.to_thread(_temporary_folder, os.path.join(self.root, "tmp"))
-            try:
-                name = f"{point.id}.qcow2"
-                if changes is None:
-                    await restores.convert(self.source(point), os.path.join(folder, name), ImageFormat.QCOW2)
-                    yield os.path.join(folder, name)
-                else:
-                    assert base is not None
-                    source = self.source(point)
-                    yield await restores.write_overlay(
-                        source, folder, name, base_id=base.id, size=point.size, changes=changes
-                    )
-            finally:
+        folder: str | None = None
+        try:
+            async with self.disk_lock(point.vm_path, point.disk_key):
+                path, folder = await self._exported(point, base)
+            yield path
+        finally:
+            if folder is not None:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    async def _exported(self, point: Point, base: Point | None) -> tuple[str, str | None]:
+        """The file :meth:`export_point` yields, and the temporary folder holding it (None: the point's own)."""
+        point = await self.point(point.id)
+        if point.status is not PointStatus.COMPLETED:
+            raise RepositoryError(f"point {point.id} is not a completed restore point")
+        own = await asyncio.to_thread(self.store.own_file, point, base)
+        if own is not None:
+            return own, None
+        changes = None if base is None else await self.changes(point, base)
+        folder = await asyncio.to_thread(_temporary_folder, os.path.join(self.root, "tmp"))
+        try:
+            name = f"{point.id}.qcow2"
+            if changes is None:
+                await restores.convert(self.source(point), os.path.join(folder, name), ImageFormat.QCOW2)
+                return os.path.join(folder, name), folder
+            assert base is not None
+            made = await restores.write_overlay(
+                self.source(point), folder, name, base_id=base.id, size=point.size, changes=changes
+            )
+            return made, folder
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            raise
 
     async def sweep_orphans(self) -> tuple[list[str], list[str]]:
         """Remove the data no point knows of (a crash between creating a point's data and recording
