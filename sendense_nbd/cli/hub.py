@@ -178,6 +178,11 @@ def _tls_options(command: Any) -> Any:
     type=click.Path(file_okay=False),
     help="Where POST /restores convert writes files (default REPO/restores; callers give only a file name).",
 )
+@click.option(
+    "--secrets-dir",
+    type=click.Path(file_okay=False),
+    help="The only folder offsite copy targets' secret files may be in (default: anywhere; recommended).",
+)
 @click.option("--public-url", help="This API as the node reaches it (default: http://LISTEN).")
 @click.option("--keep", type=click.IntRange(1, 10000), default=7, show_default=True, help="Restore points per disk.")
 @click.option("--job-timeout", type=click.FloatRange(1), default=86400, show_default=True, help="Seconds.")
@@ -292,6 +297,7 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         min_free=o["min_free"],
         node_lost=o["node_lost"],
         restore_dir=o["restore_dir"],
+        secrets_dir=o["secrets_dir"],
         alerts=o["alerts"],
         nbd_tls_context=o["nbd_tls_context"],
         nbd_tls=TLSMode(o["nbd_tls"]),

@@ -68,6 +68,7 @@ class AlertKind(enum.Enum):
     VERIFY_FAILED = "verify_failed"
     AT_RISK = "at_risk"
     LOW_SPACE = "low_space"
+    COPY_FAILED = "copy_failed"
 
 
 #: Alerts about a lasting condition: one per key until it is cleared.

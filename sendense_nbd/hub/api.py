@@ -17,6 +17,7 @@ from sendense_nbd import fields
 from sendense_nbd.errors import (
     BadRequest,
     CompletionMismatch,
+    CopyDamaged,
     CopyLocked,
     InsufficientSpace,
     InvalidBackup,
@@ -56,6 +57,7 @@ _ERRORS: ErrorMap = [
     (UnknownPolicy, 404, "not_found"),
     (UnknownCopy, 404, "not_found"),
     (CopyLocked, 409, "locked"),
+    (CopyDamaged, 502, "damaged"),
     (OffsiteError, 502, "offsite"),
     (JobStateError, 409, "conflict"),
     (PortError, 503, "ports_exhausted"),

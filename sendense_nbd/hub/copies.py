@@ -1,155 +1,98 @@
 """The hub's offsite copies: each completed point copied to the S3 targets of the policies covering its VM.
 
 After a backup completes, every policy covering the VM that has a ``copy``
-target gets a ``pending`` copy of each new point (table ``offsite_copies``).
-A pending copy's point is protected from retention merges (like a point a
-restore serves), so its file cannot change mid-upload. Copies of one disk
-and target run in order (a chain is built point by point), at most
-:data:`UPLOADS` at once across the hub, each in a thread (boto3 blocks):
-the point's digests are recorded first (the copy carries them), then the
-chain decides (:func:`~sendense_nbd.offsite.chains.starts_chain`) whether
-the point joins the disk's open chain as an overlay or starts a new one as a
-full image, and :func:`~sendense_nbd.offsite.copier.copy_point` uploads it.
-Uploads are journaled in ``offsite_uploads``: a restarted hub resumes the
-copies left pending (:meth:`Copies.resume`) without resending parts S3 has.
+target gets a ``pending`` copy of each new point (table ``offsite_copies``,
+:mod:`.copy_records`). A pending copy's point (and the points below it) is protected from
+retention merges (like a point a restore serves), so its file cannot change
+mid-upload and its chain stays incremental; the disk's local retention runs
+again when its copies ended, and catches up. Copies of one disk and policy run one at a time, oldest first (a
+chain is built point by point), at most :data:`UPLOADS` at once across the
+hub, each in a thread (boto3 blocks): the point's digests are recorded
+first (the copy carries them), then the chain decides
+(:func:`~sendense_nbd.offsite.chains.starts_chain`) whether the point joins
+the disk's open chain as an overlay or starts a new one as a full image,
+and :func:`~sendense_nbd.offsite.copier.copy_point` uploads it to the
+policy's target, recorded in the copy's row. Uploads are journaled in
+``offsite_uploads``: a restarted hub resumes the copies left pending
+(:meth:`Copies.resume`) without resending parts S3 has.
 
-A failed copy ends ``failed`` (with the error) and seals its chain: the next
-copy starts a new chain with a full. After each copy, sealed chains whose
-lock has expired are deleted (offsite retention: whole chains, never a
-merge). Copies are listed, served read-only over NBD straight from the
-bucket, downloaded into the restore directory, verified against their
+A chain continues only in the place it was written (endpoint, bucket,
+prefix, lock mode): a policy whose target changed starts a new chain there.
+Every copy is read, served and deleted where it was written, whatever its
+policy says now.
+
+A failed copy ends ``failed`` (with the error, and an alert) and seals its
+chain: the next copy starts a new chain with a full. After each copy, sealed
+chains whose lock has expired are deleted (offsite retention: whole chains,
+never a merge). Copies are listed, served read-only over NBD straight from
+the bucket, downloaded into the restore directory, verified against their
 digests and deleted (a locked copy's delete is refused as S3 refuses it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import threading
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
-from sendense_nbd.errors import BadRequest, Conflict, OffsiteError, SendenseError, UnknownCopy, UnknownPoint
+from sendense_nbd.errors import (
+    BadRequest,
+    Conflict,
+    CopyDamaged,
+    OffsiteError,
+    SendenseError,
+    UnknownCopy,
+    UnknownPoint,
+    UnknownPolicy,
+)
+from sendense_nbd.hub.alerts import AlertKind, Alerts
 from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.copy_records import (
+    COMPLETED,
+    DELETED,
+    FAILED,
+    PENDING,
+    CopyRecord,
+    LeftObject,
+    UploadJournal,
+    create_tables,
+    left_objects,
+    uploads_of,
+)
 from sendense_nbd.hub.db import Database, rows
 from sendense_nbd.hub.repository import Point, Repository
 from sendense_nbd.hub.transport import ExportTLS, PeerCheck
 from sendense_nbd.hub.verify import record_digests
-from sendense_nbd.offsite.chains import Chain, expired, starts_chain
-from sendense_nbd.offsite.copier import PointFiles, copy_point, delete_copies
+from sendense_nbd.offsite.chains import Chain, expired, lock_until, starts_chain
+from sendense_nbd.offsite.copier import PointFiles, Written, copy_point, delete_copies
 from sendense_nbd.offsite.manifest import Manifest
 from sendense_nbd.offsite.s3 import Bucket
-from sendense_nbd.offsite.upload import Recorded
 from sendense_nbd.policy.model import Policy
 from sendense_nbd.policy.offsite import CopyTarget
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+__all__ = ["COMPLETED", "DELETED", "FAILED", "PENDING", "UPLOADS", "CopyRecord", "Copies"]
 
 #: Copies uploading at once across the hub (each holds one part buffer).
 UPLOADS = 2
-PENDING, COMPLETED, FAILED, DELETED = "pending", "completed", "failed", "deleted"
-
-_TABLES = (
-    """CREATE TABLE IF NOT EXISTS offsite_copies (
-        id TEXT PRIMARY KEY, policy TEXT NOT NULL, point_id TEXT NOT NULL, vm_path TEXT NOT NULL,
-        disk_key INTEGER NOT NULL, chain_id TEXT, state TEXT NOT NULL, error TEXT, created REAL NOT NULL,
-        completed REAL, manifest TEXT, manifest_version TEXT, sealed INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX IF NOT EXISTS offsite_copies_disk ON offsite_copies (policy, vm_path, disk_key, created)",
-    """CREATE TABLE IF NOT EXISTS offsite_uploads (
-        bucket TEXT NOT NULL, key TEXT NOT NULL, upload TEXT NOT NULL, part_size INTEGER NOT NULL,
-        parts TEXT NOT NULL, PRIMARY KEY (bucket, key))""",
-)
-
-
-@attrs.frozen
-class CopyRecord:
-    """One copy of a point to one policy's target, as the hub records it."""
-
-    id: str
-    policy: str
-    point_id: str
-    vm_path: str
-    disk_key: int
-    chain_id: str | None
-    state: str
-    error: str | None
-    created: float
-    completed: float | None
-    manifest: Manifest | None
-    manifest_version: str | None
-    #: Set on a chain's newest copy when no copy will join its chain any more.
-    sealed: bool
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> CopyRecord:
-        """From its row (the manifest as its JSON)."""
-        text = row.pop("manifest")
-        manifest = None if text is None else Manifest.decode(text.encode(), f"copy {row['id']}")
-        return cls(**{**row, "manifest": manifest, "sealed": bool(row["sealed"])})
-
-    def to_json(self) -> dict[str, object]:
-        """The copy as ``GET /copies`` shows it."""
-        found = self.manifest
-        return {
-            **attrs.asdict(self, recurse=False),
-            "manifest": None if found is None else found.to_json(),
-            "kind": None if found is None else found.kind,
-            "locked_until": None,
-        }
-
-
-class UploadJournal:
-    """The uploads of one bucket recorded in the hub's store (blocking calls, from upload threads)."""
-
-    def __init__(self, db: Database, bucket: str) -> None:
-        self.db = db
-        self.bucket = bucket
-
-    def recorded(self, key: str) -> Recorded | None:
-        """The upload of ``key`` recorded so far."""
-        found = self.db.call(
-            lambda c: rows(c.execute("SELECT * FROM offsite_uploads WHERE bucket = ? AND key = ?", (self.bucket, key)))
-        )
-        if not found:
-            return None
-        parts = {int(n): (size, md5) for n, (size, md5) in json.loads(found[0]["parts"]).items()}
-        return Recorded(found[0]["upload"], found[0]["part_size"], parts)
-
-    def begun(self, key: str, upload: str, part_size: int) -> None:
-        """A new upload of ``key``."""
-        self.db.call(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO offsite_uploads VALUES (?, ?, ?, ?, '{}')",
-                (self.bucket, key, upload, part_size),
-            )
-        )
-
-    def part(self, key: str, number: int, size: int, md5: str) -> None:
-        """S3 has part ``number``."""
-
-        def add(connection: sqlite3.Connection) -> None:
-            where = (self.bucket, key)
-            found = connection.execute("SELECT parts FROM offsite_uploads WHERE bucket = ? AND key = ?", where)
-            parts = json.loads(found.fetchone()[0])
-            parts[str(number)] = [size, md5]
-            connection.execute(
-                "UPDATE offsite_uploads SET parts = ? WHERE bucket = ? AND key = ?", (json.dumps(parts), *where)
-            )
-
-        self.db.call(add)
-
-    def finished(self, key: str) -> None:
-        """Forget the upload of ``key``."""
-        self.db.call(
-            lambda c: c.execute("DELETE FROM offsite_uploads WHERE bucket = ? AND key = ?", (self.bucket, key))
-        )
+#: Seconds :meth:`Copies.close` waits for upload threads to stop between parts.
+CLOSE_WAIT = 30.0
+#: Seconds before a copy the bucket failed is tried again (then it fails, and its chain is sealed).
+RETRY_DELAYS = (60.0, 300.0, 900.0)
 
 
 @attrs.define
@@ -164,8 +107,23 @@ class _Served:
     reader: str | None = None
 
 
+@attrs.frozen
+class _Plan:
+    """How a pending copy is made: its target and chain length, the point and, joining a chain, its
+    local base and the chain's copies (manifest and version, full first)."""
+
+    target: CopyTarget
+    length: int
+    point: Point
+    base: Point | None
+    older: list[tuple[Manifest, str]]
+
+
 class Copies:
-    """The offsite copies of one hub (module docstring); :meth:`close` stops their tasks and exports."""
+    """The offsite copies of one hub (module docstring); :meth:`close` stops their tasks and exports.
+
+    ``secrets``: the hub's secrets directory (a copy target's secret file must be in it; None: anywhere).
+    """
 
     def __init__(
         self,
@@ -178,6 +136,9 @@ class Copies:
         serve: Callable[[str, int | None], Awaitable[tuple[socket.socket, int]]],
         release: Callable[[str], Awaitable[object]],
         tls: ExportTLS | None = None,
+        secrets: str | None = None,
+        alerts: Alerts | None = None,
+        retain: Callable[[str, int], Awaitable[object]] | None = None,
     ) -> None:
         self.db = db
         self.repository = repository
@@ -185,16 +146,31 @@ class Copies:
         #: Every stored policy (enabled or not).
         self.policies = policies
         self.restore_dir = restore_dir
+        self.secrets = secrets
+        self.alerts = alerts
+        #: Local retention of a disk (vm_path, disk_key), run when a copy of it ended: retention after a
+        #: backup keeps every point a pending copy needs, so it catches up here.
+        self.retain = retain
+        #: Temporary files (a copy's digests while they are checked): the repository's own, swept at start.
+        self.scratch = os.path.join(repository.root, "tmp")
         self._lease, self._release = serve, release
         #: The hub's NBD TLS: a copy's export is routed as a restore's, and bound to its reader.
         self._tls = tls if tls is not None else ExportTLS()
-        db.call(lambda c: [c.execute(statement) for statement in _TABLES])
+        db.call(create_tables)
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._readers = asyncio.Semaphore(1)
         self._chains: dict[tuple[str, str, int], asyncio.Lock] = {}
         self._stop = threading.Event()
+        #: Blocking calls running in threads (upload, delete, open): :meth:`close` waits for them.
+        self._busy = 0
+        self._idle = threading.Condition()
+        #: The copies whose upload runs now (a delete of one is refused).
+        self._running: set[str] = set()
         self._served: dict[str, _Served] = {}
+        #: Seconds before each new try of a copy the bucket failed (:data:`RETRY_DELAYS`).
+        self.retry_delays: tuple[float, ...] = RETRY_DELAYS
+        self._serving: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- after a backup ---------------------------------------------------------------
 
@@ -211,7 +187,7 @@ class Copies:
 
         def insert(connection: sqlite3.Connection) -> None:
             for record in made:
-                row = {**attrs.asdict(record, recurse=False), "manifest": None, "sealed": 0}
+                row = record.row()
                 names, marks = ", ".join(row), ", ".join("?" * len(row))
                 connection.execute(f"INSERT INTO offsite_copies ({names}) VALUES ({marks})", tuple(row.values()))
 
@@ -222,7 +198,7 @@ class Copies:
 
     async def resume(self) -> list[str]:
         """After a (re)start: go on with the copies left pending (their uploads resume); their IDs."""
-        pending = await self._select("state = ? ORDER BY created", (PENDING,))
+        pending = await self._select("state = ? ORDER BY created, rowid", (PENDING,))
         for record in pending:
             self._spawn(self._copy(record.id), f"offsite copy {record.id}")
         return [record.id for record in pending]
@@ -237,13 +213,16 @@ class Copies:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop the copies (uploads stop between parts, resumable) and the copies' exports."""
+        """Stop the copies (uploads stop between parts, resumable; their threads are waited for up to
+        :data:`CLOSE_WAIT` seconds) and the copies' exports."""
         self._stop.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for copy_id in list(self._served):
             await self.stop_serving(copy_id)
+        if not await asyncio.to_thread(self._wait_idle, CLOSE_WAIT):
+            log.warning("offsite copies: %d S3 calls still running after %g s; closing anyway", self._busy, CLOSE_WAIT)
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -251,66 +230,158 @@ class Copies:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a thread that :meth:`close` waits for."""
+        return await asyncio.to_thread(self._tracked, function, *args)
+
+    def _tracked(self, function: Callable[..., T], *args: Any) -> T:
+        with self._idle:
+            self._busy += 1
+        try:
+            return function(*args)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
     # -- one copy ------------------------------------------------------------------------
 
     async def _copy(self, copy_id: str) -> None:
-        """Make one pending copy (in its disk's order); a failure fails it and seals its chain."""
+        """Make the disk's pending copies in this policy, oldest first, up to this one (tasks may reach the
+        disk's lock out of order); a failure fails that copy and seals its chain."""
         record = await self.get(copy_id)
         lock = self._chains.setdefault((record.policy, record.vm_path, record.disk_key), asyncio.Lock())
         async with lock:
-            record = await self.get(copy_id)
-            if record.state != PENDING:
-                return
+            tried: set[str] = set()
+            while (oldest := await self._oldest_pending(record)) is not None and oldest.id not in tried:
+                tried.add(oldest.id)
+                await self._one(oldest)
+                if oldest.id == copy_id:
+                    break
+        if tried and self.retain is not None:
+            try:
+                await self.retain(record.vm_path, record.disk_key)
+            except (SendenseError, OSError, sqlite3.Error) as exc:
+                log.error("retention of %s disk %s after its copies: %s", record.vm_path, record.disk_key, exc)
+
+    async def _oldest_pending(self, record: CopyRecord) -> CopyRecord | None:
+        found = await self._select(
+            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY created, rowid LIMIT 1",
+            (record.policy, record.vm_path, record.disk_key, PENDING),
+        )
+        return found[0] if found else None
+
+    async def _one(self, record: CopyRecord) -> None:
+        """Make one pending copy (the bucket failing: tried again after each of :attr:`retry_delays`, its
+        upload resumed), then apply offsite retention to its disk."""
+        for delay in (*self.retry_delays, None):
             try:
                 await self._make(record)
+                break
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure fails the copy, recorded and logged
-                log.error("offsite copy %s of point %s failed: %s", copy_id, record.point_id, exc)
+            except OffsiteError as exc:
+                if delay is None:
+                    await self._fail(record, str(exc))
+                    return
+                log.warning("offsite copy %s of point %s: %s; trying again in %g s", record.id, record.point_id,
+                            exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+            except Exception as exc:  # noqa: BLE001 - any other failure fails the copy, recorded and logged
                 await self._fail(record, str(exc))
                 return
-            try:
-                await self.expire(record.policy, record.vm_path, record.disk_key)
-            except SendenseError as exc:
-                log.warning("offsite retention of %s disk %s: %s", record.vm_path, record.disk_key, exc)
+        try:
+            await self.expire(record.policy, record.vm_path, record.disk_key)
+        except SendenseError as exc:
+            log.warning("offsite retention of %s disk %s: %s", record.vm_path, record.disk_key, exc)
 
     async def _make(self, record: CopyRecord) -> None:
-        target, policy = await self._target(record.policy)
         await record_digests(self.repository, record.point_id, readers=self._readers)
+        async with self._uploads:
+            plan = await self._plan(record)
+            if not await self._placed_at(record, plan.target):
+                return  # deleted while it waited
+            point, base = plan.point, plan.base
+            digests = self.repository.digest_path(point) if point.digests else None
+            self._running.add(record.id)
+            try:
+                async with self.repository.export_point(point, base=base) as path:
+                    files = PointFiles(
+                        point.vm_path, point.disk_key, point.id, point.completed or point.created, point.size, path,
+                        None if base is None else f"{base.id}.qcow2", digests,
+                    )  # fmt: skip
+                    written = await self._blocking(self._upload, plan.target, files, plan.older, record.id)
+            finally:
+                self._running.discard(record.id)
+        await self._completed(record, written, sealed=len(plan.older) + 1 >= plan.length)
+
+    async def _plan(self, record: CopyRecord) -> _Plan:
+        """Where and how the copy is made now: the policy's target, a new chain or the open one."""
+        target, policy = await self._policy_target(record.policy)
+        length = target.chain_length(policy.full_every)
         point = await self.repository.point(record.point_id)
         chain = await self._open_chain(record)
-        length = target.chain_length(policy.full_every)
-        state = None if not chain else Chain(chain[0].chain_id or "", tuple(c.point_id for c in chain), 0, False)
-        base = None if starts_chain(state, point.backing, length) else await self._base(point)
-        older = (
-            []
-            if base is None
-            else [(c.manifest, c.manifest_version) for c in chain if c.manifest and c.manifest_version]
-        )
-        digests = self.repository.digest_path(point) if point.digests else None
-        async with self._uploads, self.repository.export_point(point, base=base) as path:
-            files = PointFiles(
-                point.vm_path, point.disk_key, point.id, point.completed or point.created, point.size, path,
-                None if base is None else f"{base.id}.qcow2", digests,
-            )  # fmt: skip
-            written = await asyncio.to_thread(self._upload, target, files, older, record.id)
-        sealed = len(older) + 1 >= length
-        await self.db.run(
+        base = await self._base(point) if self._joins(chain, point, target, length) else None
+        older = [(c.manifest, c.manifest_version) for c in chain if c.manifest and c.manifest_version]
+        return _Plan(target, length, point, base, older if base is not None else [])
+
+    def _joins(self, chain: list[CopyRecord], point: Point, target: CopyTarget, length: int) -> bool:
+        """Whether the point's copy joins ``chain`` (the disk's open chain): in the same place, its lock
+        not lapsing (:func:`~sendense_nbd.offsite.chains.starts_chain`), the point on its newest copy."""
+        if not chain or chain[-1].manifest is None:
+            return False
+        placed = chain[-1].target or target
+        if placed.place() != target.place():
+            return False  # the policy's target moved: a new chain starts there
+        state = Chain(chain[0].chain_id or "", tuple(c.point_id for c in chain), chain[-1].manifest.created, False)
+        return not starts_chain(state, point.backing, length, now=self.clock.now(), target=placed)
+
+    async def _placed_at(self, record: CopyRecord, target: CopyTarget) -> bool:
+        """Record where the copy is being written (before anything is); False when it is pending no more."""
+        text = json.dumps(target.to_json())
+        found: int = await self.db.run(
             lambda c: (
                 c.execute(
+                    "UPDATE offsite_copies SET target = ? WHERE id = ? AND state = ?", (text, record.id, PENDING)
+                ).rowcount
+            )
+        )
+        return found == 1
+
+    async def _completed(self, record: CopyRecord, written: Written, *, sealed: bool) -> None:
+        """Record a copy made (unless it was deleted meanwhile) and seal the disk's older chains."""
+
+        def update(connection: sqlite3.Connection) -> int:
+            done = connection.execute(
+                "UPDATE offsite_copies SET state = ?, chain_id = ?, completed = ?, manifest = ?, "
+                "manifest_version = ?, sealed = ? WHERE id = ? AND state = ?",
+                (COMPLETED, written.manifest.chain_id, self.clock.now(), written.manifest.encode().decode(),
+                 written.version, int(sealed), record.id, PENDING),
+            ).rowcount  # fmt: skip
+            if done:
+                for key, version in _named(written):  # its manifest names them now; others stay left
+                    connection.execute(
+                        "DELETE FROM offsite_objects WHERE copy_id = ? AND key = ? AND version = ?",
+                        (record.id, key, version),
+                    )
+                connection.execute(
                     "UPDATE offsite_copies SET sealed = 1 "
                     "WHERE policy = ? AND vm_path = ? AND disk_key = ? AND id != ?",
                     (record.policy, record.vm_path, record.disk_key, record.id),
-                ),
-                c.execute(
-                    "UPDATE offsite_copies SET state = ?, chain_id = ?, completed = ?, manifest = ?, "
-                    "manifest_version = ?, sealed = ? WHERE id = ?",
-                    (COMPLETED, written.manifest.chain_id, self.clock.now(), written.manifest.encode().decode(),
-                     written.version, int(sealed), record.id),
-                ),
-            )
-        )  # fmt: skip
-        log.info("offsite copy %s: point %s in chain %s (%s)", record.id, point.id, written.manifest.chain_id,
+                )
+            return done
+
+        if not await self.db.run(update):
+            log.warning(
+                "offsite copy %s was deleted while it uploaded: its objects (%s) stay in the bucket until their lock "
+                "ends", record.id, written.manifest.key,
+            )  # fmt: skip
+            return
+        log.info("offsite copy %s: point %s in chain %s (%s)", record.id, record.point_id, written.manifest.chain_id,
                  written.manifest.kind)  # fmt: skip
 
     async def _base(self, point: Point) -> Point | None:
@@ -320,14 +391,18 @@ class Copies:
         except UnknownPoint:
             return None
 
+    def _connect(self, target: CopyTarget) -> Bucket:
+        """The target's bucket (blocking: the secret file is read, the clients made)."""
+        return Bucket.connect(target, secrets=self.secrets)
+
     def _upload(self, target: CopyTarget, files: PointFiles, older: list[tuple[Manifest, str]], copy_id: str) -> Any:
-        bucket = Bucket.connect(target)  # the secret is read again: a rotated one is taken
+        bucket = self._connect(target)  # the secret is read again: a rotated one is taken
         bucket.check_lock()
-        journal = UploadJournal(self.db, target.bucket)
+        journal = UploadJournal(self.db, target, copy_id)
         return copy_point(bucket, files, older, copy_id=copy_id, now=self.clock.now(), journal=journal, stop=self._stop)
 
     async def _open_chain(self, record: CopyRecord) -> list[CopyRecord]:
-        """The completed copies of the disk's newest chain in this target (oldest first), [] when it is sealed."""
+        """The completed copies of the disk's newest chain in this policy (oldest first), [] when it is sealed."""
         done = await self._select(
             "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY completed",
             (record.policy, record.vm_path, record.disk_key, COMPLETED),
@@ -337,10 +412,13 @@ class Copies:
         return [c for c in done if c.chain_id == done[-1].chain_id]
 
     async def _fail(self, record: CopyRecord, error: str) -> None:
+        """Record a copy failed (sealing its disk's chains), abort the uploads it left open, alert."""
+        log.error("offsite copy %s of point %s failed: %s", record.id, record.point_id, error)
         await self.db.run(
             lambda c: (
                 c.execute(
-                    "UPDATE offsite_copies SET state = ?, error = ? WHERE id = ?", (FAILED, error[:4096], record.id)
+                    "UPDATE offsite_copies SET state = ?, error = ? WHERE id = ? AND state = ?",
+                    (FAILED, error[:4096], record.id, PENDING),
                 ),
                 c.execute(
                     "UPDATE offsite_copies SET sealed = 1 WHERE policy = ? AND vm_path = ? AND disk_key = ?",
@@ -348,20 +426,90 @@ class Copies:
                 ),
             )
         )
+        await self._abort_uploads(record)
+        if self.alerts is not None:
+            await self.alerts.fire(
+                AlertKind.COPY_FAILED, f"offsite copy of {record.vm_path} disk {record.disk_key} failed",
+                f"the offsite copy {record.id} of point {record.point_id} (policy {record.policy}) failed: {error}; "
+                f"its chain is sealed, the next point's copy starts a new chain with a full",
+                key=record.id, detail={"copy_id": record.id, "point_id": record.point_id, "policy": record.policy},
+            )  # fmt: skip
 
-    async def _target(self, name: str) -> tuple[CopyTarget, Policy]:
-        """A policy's copy target (the policy may have been edited or deleted since the copy was recorded)."""
+    async def _abort_uploads(self, record: CopyRecord) -> None:
+        """Abort the multipart uploads a failed copy left (their parts would stay until a lifecycle rule)."""
+        left = await self.db.run(lambda c: uploads_of(c, record.id))
+        if not left:
+            return
+        try:
+            target = await self._target_of(await self.get(record.id))
+            bucket = await self._blocking(self._connect, target)
+            for key, upload in left:
+                await self._blocking(bucket.abort_upload, key, upload)
+        except (SendenseError, OSError) as exc:
+            log.warning("offsite copy %s: its uploads stay open (a lifecycle rule may end them): %s", record.id, exc)
+            return
+        await self.db.run(lambda c: c.execute("DELETE FROM offsite_uploads WHERE copy_id = ?", (record.id,)))
+
+    async def _policy_target(self, name: str) -> tuple[CopyTarget, Policy]:
+        """A policy's copy target now (the policy may have been edited or deleted since the copy was recorded)."""
         for policy in await self.policies():
             if policy.name == name and policy.copy is not None:
                 return policy.copy, policy
-        raise OffsiteError(f"policy {name} has no copy target any more")
+        raise UnknownPolicy(f"policy {name} has no copy target any more")
+
+    async def _target_of(self, record: CopyRecord) -> CopyTarget:
+        """Where a copy was written: its recorded target, with the policy's credentials when the policy
+        still writes to that bucket (a rotated key); a copy that recorded none follows its policy."""
+        try:
+            current: CopyTarget | None = (await self._policy_target(record.policy))[0]
+        except UnknownPolicy:
+            current = None
+        placed = record.target
+        if placed is None:
+            if current is None:
+                raise UnknownPolicy(f"offsite copy {record.id}: policy {record.policy} has no copy target any more")
+            return current
+        if current is not None and (current.endpoint, current.bucket) == (placed.endpoint, placed.bucket):
+            return attrs.evolve(placed, access_key=current.access_key, secret_file=current.secret_file)
+        return placed
 
     # -- offsite retention ---------------------------------------------------------------
 
     async def expire(self, policy_name: str, vm_path: str, disk_key: int) -> list[str]:
-        """Delete the disk's sealed chains in this target whose lock is over (whole chains, newest copy
-        first); the deleted copies' IDs. A chain S3 still refuses stays for the next time."""
-        target, _ = await self._target(policy_name)
+        """Delete the disk's sealed chains of this policy whose lock is over (whole chains, newest copy
+        first, each where it was written); the deleted copies' IDs. A chain S3 still refuses stays for
+        the next time."""
+        deleted: list[str] = []
+        for copies in (await self._chains_of(policy_name, vm_path, disk_key)).values():
+            newest = copies[-1]
+            target = await self._target_of(newest)
+            made = newest.manifest.created if newest.manifest is not None else newest.created
+            if expired(Chain(newest.chain_id or "", (), made, newest.sealed), target, self.clock.now()):
+                deleted += await self._delete(target, copies)
+        await self._delete_left(policy_name, vm_path, disk_key)
+        return deleted
+
+    async def _delete_left(self, policy_name: str, vm_path: str, disk_key: int) -> None:
+        """Delete the object versions of the disk's copies that failed (or were deleted while uploading)
+        once their lock is over; one S3 still refuses stays for the next time."""
+        now = self.clock.now()
+        left = [
+            o for o in await self.db.run(lambda c: left_objects(c, policy_name, vm_path, disk_key)) if o.until <= now
+        ]
+        for found in left:
+            try:
+                bucket = await self._blocking(self._connect, await self._target_of(await self.get(found.copy_id)))
+                await self._blocking(bucket.delete, found.key, found.version)
+            except OffsiteError as exc:
+                log.warning("offsite copy %s: its left object %s stays: %s", found.copy_id, found.key, exc)
+                continue
+            await self.db.run(functools.partial(_forget_left, found))
+            log.info(
+                "offsite copy %s: its left object %s (version %s) deleted", found.copy_id, found.key, found.version
+            )
+
+    async def _chains_of(self, policy_name: str, vm_path: str, disk_key: int) -> dict[str, list[CopyRecord]]:
+        """The disk's completed copies in this policy by chain, each chain oldest first."""
         done = await self._select(
             "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY completed",
             (policy_name, vm_path, disk_key, COMPLETED),
@@ -369,22 +517,16 @@ class Copies:
         chains: dict[str, list[CopyRecord]] = {}
         for record in done:
             chains.setdefault(record.chain_id or "", []).append(record)
-        deleted: list[str] = []
-        for copies in chains.values():
-            newest = copies[-1]
-            made = newest.manifest.created if newest.manifest is not None else newest.created
-            if expired(Chain(newest.chain_id or "", (), made, newest.sealed), target, self.clock.now()):
-                deleted += await self._delete(target, copies)
-        return deleted
+        return chains
 
     async def _delete(self, target: CopyTarget, copies: list[CopyRecord]) -> list[str]:
         """Delete copies from the bucket, newest first, each marked deleted as it goes."""
-        bucket = await asyncio.to_thread(Bucket.connect, target)
+        bucket = await self._blocking(self._connect, target)
         deleted = []
         for record in reversed(copies):
             if record.manifest is not None and record.manifest_version is not None:
                 pair = [(record.manifest, record.manifest_version)]
-                await asyncio.to_thread(delete_copies, bucket, pair)
+                await self._blocking(delete_copies, bucket, pair)
             await self._set_state(record.id, DELETED)
             deleted.append(record.id)
             log.info("offsite copy %s (point %s) deleted from %s", record.id, record.point_id, target.bucket)
@@ -403,10 +545,13 @@ class Copies:
         return [CopyRecord.from_row(row) for row in found]
 
     async def records(self, vm_path: str | None = None) -> list[CopyRecord]:
-        """Every copy not deleted (of one VM, when given), oldest first."""
+        """Every copy not deleted (of one VM, when given), oldest first, each completed one with the date
+        its lock holds until."""
         if vm_path is None:
-            return await self._select("state != ? ORDER BY created", (DELETED,))
-        return await self._select("state != ? AND vm_path = ? ORDER BY created", (DELETED, vm_path))
+            found = await self._select("state != ? ORDER BY created, rowid", (DELETED,))
+        else:
+            found = await self._select("state != ? AND vm_path = ? ORDER BY created, rowid", (DELETED, vm_path))
+        return [attrs.evolve(record, locked_until=until) for record, until in zip(found, _locks(found), strict=True)]
 
     async def get(self, copy_id: str) -> CopyRecord:
         """One copy; :class:`UnknownCopy` if there is none."""
@@ -415,42 +560,71 @@ class Copies:
             raise UnknownCopy(f"no offsite copy {copy_id}")
         return found[0]
 
-    async def _chain_of(self, copy_id: str) -> tuple[CopyTarget, list[CopyRecord]]:
-        """A completed copy's target and its chain up to it (full first)."""
+    async def show(self, copy_id: str) -> CopyRecord:
+        """One copy with the date its lock holds until (:meth:`records`)."""
         record = await self.get(copy_id)
+        chain = await self._select(
+            "policy = ? AND chain_id = ? AND state = ?", (record.policy, record.chain_id, COMPLETED)
+        )
+        until = dict(zip([c.id for c in chain], _locks(chain), strict=True)).get(record.id)
+        return attrs.evolve(record, locked_until=until)
+
+    async def _chain_of(self, copy_id: str) -> tuple[CopyTarget, list[CopyRecord]]:
+        """A completed copy's target (where it was written) and its chain up to it (full first)."""
+        record = await self.get(copy_id)
+        if record.state == DELETED:
+            raise UnknownCopy(f"offsite copy {copy_id} is deleted")
         if record.state != COMPLETED or record.manifest is None:
-            raise OffsiteError(f"offsite copy {copy_id} is {record.state}, not a completed copy")
-        target, _ = await self._target(record.policy)
+            raise Conflict(f"offsite copy {copy_id} is {record.state}: only a completed copy can be read", record.state)
+        target = await self._target_of(record)
         copies = await self._select(
             "chain_id = ? AND policy = ? AND state = ?", (record.chain_id, record.policy, COMPLETED)
         )
         by_point = {c.point_id: c for c in copies}
         missing = [p for p in record.manifest.chain if p not in by_point]
         if missing:
-            raise OffsiteError(f"offsite copy {copy_id}: the copies of points {missing} below it are gone")
+            raise Conflict(f"offsite copy {copy_id}: the copies of points {missing} below it are gone", "incomplete")
         return target, [by_point[p] for p in record.manifest.chain]
 
     async def serve(self, copy_id: str, reader: str | None = None) -> dict[str, object]:
         """Serve a copy read-only over NBD straight from the bucket (ranged GETs, bounded cache), routed as a
         restore's export; with client certificates only to ``reader``'s
         (:meth:`~sendense_nbd.hub.transport.ExportTLS.reader_check`: :class:`BadRequest` when it is missing,
-        or cannot be enforced). A copy served already is :class:`Conflict` ``served`` for another reader."""
-        from sendense_nbd.offsite.remote import open_copy
-
+        or cannot be enforced). A copy served already is :class:`Conflict` ``served`` for another reader.
+        One request at a time per copy: a second one waits and answers the running export."""
         route = self._tls.restore_route()
         admit = self._tls.reader_check(route, reader, f"the export of offsite copy {copy_id}")
-        if copy_id in self._served:
-            served = self._served[copy_id]
-            if served.reader != reader:
-                raise Conflict(
-                    f"offsite copy {copy_id} is served to {served.reader!r} already: stop its export first "
-                    f"(DELETE /copies/{copy_id}/export)",
-                    "served",
-                )
+        async with self._serve_lock(copy_id):
+            if copy_id in self._served:
+                served = self._served[copy_id]
+                if served.reader != reader:
+                    raise Conflict(
+                        f"offsite copy {copy_id} is served to {served.reader!r} already: stop its export first "
+                        f"(DELETE /copies/{copy_id}/export)",
+                        "served",
+                    )
+                return self._view(copy_id)
+            target, chain = await self._chain_of(copy_id)
+            self._served[copy_id] = await self._start_export(copy_id, target, chain, route, (admit, reader))
             return self._view(copy_id)
-        target, chain = await self._chain_of(copy_id)
-        bucket = await asyncio.to_thread(Bucket.connect, target)
-        device = await asyncio.to_thread(open_copy, bucket, [c.manifest for c in chain if c.manifest is not None])
+
+    def _serve_lock(self, copy_id: str) -> asyncio.Lock:
+        lock = self._serving.get(copy_id)
+        if lock is None:
+            lock = self._serving[copy_id] = asyncio.Lock()
+        return lock
+
+    async def _start_export(
+        self, copy_id: str, target: CopyTarget, chain: list[CopyRecord], route: Any,
+        reader: tuple[PeerCheck | None, str | None],
+    ) -> _Served:  # fmt: skip
+        """Open the copy from the bucket and start its NBD server on a leased port, admitting the reader
+        (its check and its name)."""
+        admit, name_of_reader = reader
+        from sendense_nbd.offsite.remote import open_copy
+
+        bucket = await self._blocking(self._connect, target)
+        device = await self._blocking(open_copy, bucket, [c.manifest for c in chain if c.manifest is not None])
         name = f"copy-{copy_id}"
         try:
             sock, port = await self._lease(name, chain[-1].disk_key)
@@ -460,8 +634,7 @@ class Copies:
             await self._release(name)
             device.close()
             raise
-        self._served[copy_id] = _Served(server, device, port, route.uri(port, name), reader)
-        return self._view(copy_id)
+        return _Served(server, device, port, route.uri(port, name), name_of_reader)
 
     def _server(self, name: str, device: Any, sock: socket.socket, tls: bool, admit: PeerCheck | None) -> Any:
         """The NBD server of a copy's export (read-only, persistent), TLS as its route says."""
@@ -481,77 +654,129 @@ class Copies:
 
     async def stop_serving(self, copy_id: str) -> dict[str, object]:
         """Stop serving a copy (its clients are drained)."""
-        served = self._served.pop(copy_id, None)
-        if served is None:
-            await self.get(copy_id)
-            return {"copy_id": copy_id, "stopped": False}
-        try:
-            served.server.close()
-            await served.server.wait_closed()
-        finally:
-            await asyncio.to_thread(served.device.close)
-            await self._release(f"copy-{copy_id}")
-        return {"copy_id": copy_id, "stopped": True}
+        async with self._serve_lock(copy_id):
+            served = self._served.pop(copy_id, None)
+            if served is None:
+                await self.get(copy_id)
+                return {"copy_id": copy_id, "stopped": False}
+            try:
+                served.server.close()
+                await served.server.wait_closed()
+            finally:
+                await asyncio.to_thread(served.device.close)
+                await self._release(f"copy-{copy_id}")
+            return {"copy_id": copy_id, "stopped": True}
 
     async def download(self, copy_id: str, name: str) -> dict[str, object]:
         """Download a copy's chain into a new folder ``name`` of the restore directory, each file checked by
-        its sha256, then the whole view by the digests recorded at backup time; the top file's path."""
-        from sendense_nbd.offsite.restore import download, recorded_digests, verify
-        from sendense_nbd.storage import ImageFormat, open_image
-
+        its sha256, then the whole view by the digests recorded at backup time; the top file's path. A
+        folder that exists is :class:`Conflict` ``exists``; a download that fails leaves no folder."""
         target, chain = await self._chain_of(copy_id)
         folder = os.path.join(self.restore_dir, name)
         try:
             await asyncio.to_thread(os.mkdir, folder, 0o700)
         except FileExistsError:
-            raise BadRequest(f"{name} exists in the restore directory {self.restore_dir}") from None
-        bucket = await asyncio.to_thread(Bucket.connect, target)
-        manifests = [c.manifest for c in chain if c.manifest is not None]
-        top = await asyncio.to_thread(download, bucket, manifests, folder)
-        recorded = await asyncio.to_thread(recorded_digests, bucket, manifests[-1])
-        await verify(await asyncio.to_thread(open_image, top, ImageFormat.QCOW2, readonly=True), recorded, top)
+            raise Conflict(f"{name} exists in the restore directory {self.restore_dir}", "exists") from None
+        try:
+            top = await self._download_into(target, chain, folder)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            raise
         return {"copy_id": copy_id, "path": top, "verified": True}
 
+    async def _download_into(self, target: CopyTarget, chain: list[CopyRecord], folder: str) -> str:
+        from sendense_nbd.offsite.restore import download, recorded_digests, verify
+        from sendense_nbd.storage import ImageFormat, open_image
+
+        bucket = await self._blocking(self._connect, target)
+        manifests = [c.manifest for c in chain if c.manifest is not None]
+        top = await self._blocking(download, bucket, manifests, folder)
+        recorded = await self._blocking(recorded_digests, bucket, manifests[-1], self.scratch)
+        await verify(await asyncio.to_thread(open_image, top, ImageFormat.QCOW2, readonly=True), recorded, top)
+        return top
+
     async def verify(self, copy_id: str) -> dict[str, object]:
-        """Read a copy's whole view from the bucket and compare it with its digests; the verdict."""
+        """Read a copy's whole view from the bucket and compare it with its digests; the verdict (``verified``
+        false when the copy differs: :class:`CopyDamaged`; the bucket failing is an error, not a verdict)."""
         from sendense_nbd.offsite.remote import open_copy
         from sendense_nbd.offsite.restore import recorded_digests, verify
 
         target, chain = await self._chain_of(copy_id)
-        bucket = await asyncio.to_thread(Bucket.connect, target)
+        bucket = await self._blocking(self._connect, target)
         manifests = [c.manifest for c in chain if c.manifest is not None]
         try:
-            recorded = await asyncio.to_thread(recorded_digests, bucket, manifests[-1])
-            await verify(await asyncio.to_thread(open_copy, bucket, manifests), recorded, f"copy {copy_id}")
-        except OffsiteError as exc:
+            recorded = await self._blocking(recorded_digests, bucket, manifests[-1], self.scratch)
+            await verify(await self._blocking(open_copy, bucket, manifests), recorded, f"copy {copy_id}")
+        except CopyDamaged as exc:
             return {"copy_id": copy_id, "verified": False, "error": str(exc)}
         return {"copy_id": copy_id, "verified": True, "error": None}
 
     async def delete(self, copy_id: str) -> list[str]:
         """Delete a copy and the copies above it in its chain (they need it), newest first; a copy Object
-        Lock protects is refused as S3 refuses it (:class:`~sendense_nbd.errors.CopyLocked`)."""
+        Lock protects is refused as S3 refuses it (:class:`~sendense_nbd.errors.CopyLocked`), a copy
+        uploading now is :class:`Conflict` ``uploading``."""
         record = await self.get(copy_id)
         if record.state == DELETED:
             raise UnknownCopy(f"offsite copy {copy_id} is deleted")
-        target, _ = await self._target(record.policy)
+        if copy_id in self._running:
+            raise Conflict(
+                f"offsite copy {copy_id} is uploading: delete it once it is completed or failed", "uploading"
+            )
         if record.state != COMPLETED:
             await self.db.run(
-                lambda c: c.execute("UPDATE offsite_copies SET state = ? WHERE id = ?", (DELETED, copy_id))
+                lambda c: c.execute(
+                    "UPDATE offsite_copies SET state = ? WHERE id = ? AND state = ?", (DELETED, copy_id, record.state)
+                )
             )
             return [copy_id]
         chain = await self._select(
             "chain_id = ? AND policy = ? AND state = ? ORDER BY completed", (record.chain_id, record.policy, COMPLETED)
         )
         above = chain[[c.id for c in chain].index(copy_id) :]
-        return await self._delete(target, above)
+        return await self._delete(await self._target_of(record), above)
 
     async def check_target(self, target: CopyTarget) -> None:
-        """Refuse a copy target (400) whose secret file is not the hub user's alone, or whose bucket cannot
-        be reached or has no Object Lock, before a policy with it is stored."""
+        """Refuse a copy target (400) whose secret file is not the hub user's alone (or not in the hub's
+        secrets directory), or whose bucket cannot be reached or has no Object Lock, before a policy with
+        it is stored."""
         try:
-            await asyncio.to_thread(lambda: Bucket.connect(target).check_lock())
+            await self._blocking(lambda: self._connect(target).check_lock())
         except OffsiteError as exc:
             raise BadRequest(f"copy: {exc}") from exc
+
+
+def _locks(records: list[CopyRecord]) -> list[float | None]:
+    """Until when each record's objects are locked: its chain's newest copy's date + its retain and margin
+    (None for a copy not completed, or one that recorded no target)."""
+    newest: dict[tuple[str, str | None], CopyRecord] = {}
+    for record in records:
+        if record.state == COMPLETED and record.manifest is not None:
+            known = newest.get((record.policy, record.chain_id))
+            if known is None or known.manifest is None or known.manifest.created < record.manifest.created:
+                newest[(record.policy, record.chain_id)] = record
+    found: list[float | None] = []
+    for record in records:
+        top = newest.get((record.policy, record.chain_id)) if record.state == COMPLETED else None
+        if top is None or top.manifest is None or top.target is None:
+            found.append(None)
+        else:
+            found.append(lock_until(top.manifest.created, top.target))
+    return found
+
+
+def _named(written: Written) -> list[tuple[str, str]]:
+    """The object versions a finished copy's manifest names, and the manifest's own."""
+    manifest = written.manifest
+    stored = [manifest.image] + ([manifest.digests] if manifest.digests is not None else [])
+    return [(s.key, s.version) for s in stored] + [(manifest.key, written.version)]
+
+
+def _forget_left(found: LeftObject, connection: sqlite3.Connection) -> None:
+    """Forget a left object version (deleted from the bucket)."""
+    connection.execute(
+        "DELETE FROM offsite_objects WHERE copy_id = ? AND key = ? AND version = ?",
+        (found.copy_id, found.key, found.version),
+    )
 
 
 def _new_id() -> str:

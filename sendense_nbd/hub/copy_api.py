@@ -51,7 +51,7 @@ class _CopyHandlers:
 
     async def show(self, request: web.Request) -> web.Response:
         """GET /copies/{copy}: one copy with its manifest."""
-        return web.json_response((await self.copies.get(_copy_id(request))).to_json())
+        return web.json_response((await self.copies.show(_copy_id(request))).to_json())
 
     async def delete(self, request: web.Request) -> web.Response:
         """DELETE /copies/{copy}: the copy and the copies above it in its chain (409 locked while S3 refuses)."""

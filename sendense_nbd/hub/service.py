@@ -147,6 +147,8 @@ class HubConfig:
     lease_ttl: float = 600.0
     #: Where converted restores go (default REPO/restores); callers name only a file in it.
     restore_dir: str | None = None
+    #: The only folder offsite copy targets' secret files may be in (None: anywhere on the hub).
+    secrets_dir: str | None = None
     #: Where schedules, health checks and alerts read the time (tests move a ManualClock by hand).
     clock: Clock = attrs.field(factory=SystemClock)
     #: Where alerts go (webhook, mail) and when space is low.
@@ -292,6 +294,7 @@ class Hub:
         self.copies = Copies(
             self._db, self._repository, clock=self.clock, policies=self._policies, restore_dir=self.restore_dir,
             serve=self._lease_copy_port, release=self._release_copy_port, tls=self._tls,
+            secrets=config.secrets_dir, alerts=self.alerts, retain=self._retain_disk,
         )  # fmt: skip
         self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
         self._background: asyncio.Task[None] | None = None
@@ -663,7 +666,7 @@ class Hub:
         await self._check_repeated_full(job)
         try:  # before retention runs: a point waiting for its offsite copy is protected from merges
             await self.copies.after_backup(job.vm_path, [disk.point_id for disk in job.disks])
-        except (SendenseError, OSError) as exc:
+        except (SendenseError, OSError, sqlite3.Error) as exc:
             log.error("recording the offsite copies of %s failed: %s", job_id, exc)
         # In the background, after the answer: each waits its turn on the disk's lock (a verify may hold it
         # for long), and the node's completion call must not wait for them.
@@ -690,6 +693,11 @@ class Hub:
                 log.error("retention of %s disk %s failed: %s", job.vm_path, disk.disk_key, exc)
         await self._jobs.add_stage(job.id, "retention", started)
         await self._space.after_backup()
+
+    async def _retain_disk(self, vm_path: str, disk_key: int) -> None:
+        """Apply the VM's retention rules to one disk (after its offsite copies ended: they kept its points)."""
+        rules = await self._retention_of(vm_path)
+        await self._repository.apply_retention(vm_path, disk_key, rules, protected=self._restoring)
 
     async def _retention_of(self, vm_path: str) -> list[tuple[Retention, str]]:
         """The rules of a VM's points: those of every policy whose selection covers it (enabled or not),

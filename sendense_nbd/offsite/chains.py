@@ -4,7 +4,9 @@ A chain is a full copy and the incremental copies on it, in order. It is
 locked as a unit: every object of it is locked until :func:`lock_until` of
 its newest copy (when it was made: a point copied late still gets its whole
 ``retain``), so no base can expire (and be deleted) while a copy above
-it is still locked; each new point extends the whole chain. A chain takes
+it is still locked; each new point extends the whole chain, before its own
+upload starts. A chain whose lock has lapsed (or nearly: within half the
+margin) takes no copy: the next one starts a new chain. A chain takes
 at most ``length`` points (:meth:`~sendense_nbd.policy.offsite.CopyTarget.chain_length`):
 then it is sealed and the next copy starts a new chain with a full. A chain
 is also sealed when the local point to copy does not build on the chain's
@@ -33,10 +35,14 @@ class Chain:
     sealed: bool
 
 
-def starts_chain(chain: Chain | None, backing: str | None, length: int) -> bool:
+def starts_chain(chain: Chain | None, backing: str | None, length: int, *, now: float, target: CopyTarget) -> bool:
     """Whether the copy of a point whose local base is ``backing`` starts a new chain (a full copy)
-    rather than joining ``chain`` (the disk's newest chain in this target)."""
+    rather than joining ``chain`` (the disk's newest chain, locked through ``target``) at ``now``: also
+    when the chain's lock has lapsed or is within half the margin of lapsing (its objects may be
+    deleted by then: a copy must not build on them)."""
     if chain is None or chain.sealed or not chain.points or len(chain.points) >= length:
+        return True
+    if now >= lock_until(chain.newest, target) - target.margin / 2:
         return True
     return backing != chain.points[-1]
 

@@ -28,8 +28,6 @@ from sendense_nbd import fields
 from sendense_nbd.errors import BadRequest, OffsiteError
 
 FORMAT = "sendense-offsite-copy/1"
-#: A manifest is small; refuse anything larger when reading one.
-MAX_MANIFEST = 1 << 20
 
 
 def vm_folder(vm_path: str) -> str:

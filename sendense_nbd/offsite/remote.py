@@ -6,9 +6,13 @@ header, tables and clusters through it. Reads are served from
 :data:`BLOCK`-sized blocks, each fetched with one ranged GET of the object's
 recorded version and kept in a :class:`BlockCache` shared by the chain's
 files (least recently used first out, :data:`CACHE_BYTES` in all), so memory
-stays bounded whatever the disk's size. A backing file name is looked up
-among the chain's objects (the manifest's), never elsewhere. A failed GET
-is an ``OSError`` (EIO) to the device, which answers the NBD client EIO.
+stays bounded whatever the disk's size. Every GET's answer is checked
+(:meth:`~sendense_nbd.offsite.s3.Bucket.read_range`: 206, the asked range of
+the recorded size, exactly the block's bytes), so a block is the object's
+bytes at its offset or nothing. A backing file name is looked up among the
+chain's objects (the manifest's), never elsewhere. A failed GET (S3's error,
+the network's, a wrong answer, too slow) is an ``OSError`` (EIO) to the
+device, which answers the NBD client EIO; nothing of it is cached.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ class BlockCache:
             return block
 
     def put(self, key: str, index: int, block: bytes) -> None:
-        """Keep a fetched block, dropping the least recently used beyond the limit."""
+        """Keep a fetched block (at most :data:`BLOCK` bytes), dropping the least recently used beyond the limit."""
+        if len(block) > BLOCK:
+            raise ValueError(f"a cached block has at most {BLOCK} bytes, not {len(block)}")
         with self._lock:
             self.fetches += 1
             old = self._blocks.pop((key, index), None)
@@ -85,8 +91,8 @@ class S3File(HostFile):
         block = self.cache.get(key, index)
         if block is None:
             try:
-                block = self.bucket.read_range(key, self.object.version, index * BLOCK, BLOCK)
-            except OffsiteError as exc:
+                block = self.bucket.read_range(key, self.object.version, index * BLOCK, BLOCK, size=self.object.size)
+            except OffsiteError as exc:  # the block is not kept: the next read asks again
                 raise OSError(errno.EIO, str(exc)) from exc
             self.cache.put(key, index, block)
         return block

@@ -1,4 +1,4 @@
-"""Reading copies back: their manifests, a chain downloaded to files, and the digests check.
+"""Reading copies back: a chain downloaded to files, and the digests check.
 
 :func:`download` streams each object of a chain (full first) into a new file
 of the same name in a directory, checking its length and sha256 against the
@@ -17,9 +17,9 @@ import tempfile
 
 from sendense_nbd.copy.digests import DigestFile, chunk_digests
 from sendense_nbd.copy.endpoints import LocalEndpoint
-from sendense_nbd.errors import ImageError, OffsiteError
-from sendense_nbd.offsite.manifest import MAX_MANIFEST, Manifest, StoredObject
-from sendense_nbd.offsite.s3 import Bucket
+from sendense_nbd.errors import CopyDamaged, ImageError, OffsiteError
+from sendense_nbd.offsite.manifest import Manifest, StoredObject
+from sendense_nbd.offsite.s3 import Body, Bucket
 from sendense_nbd.storage.base import BlockDevice
 from sendense_nbd.storage.files import link_new, remove_quietly, temporary_name
 
@@ -29,44 +29,21 @@ STREAM_CHUNK = 4 << 20
 VERIFY_REQUESTS = 4
 
 
-def read_manifest(bucket: Bucket, key: str, version: str | None = None) -> Manifest:
-    """The manifest object at ``key``."""
-    return Manifest.decode(bucket.get(key, version, limit=MAX_MANIFEST), f"{bucket.name}/{key}")
-
-
-def chain_manifests(bucket: Bucket, manifest: Manifest) -> list[Manifest]:
-    """The manifests of a copy's chain, from the full up to ``manifest``, read from its folder."""
-    folder = manifest.image.key.rsplit("/", 1)[0] + "/"
-    found = [read_manifest(bucket, f"{folder}{point_id}.json") for point_id in manifest.chain[:-1]]
-    chain = [*found, manifest]
-    for below, above in zip(chain, chain[1:], strict=False):
-        if above.backing != below.image.file_name:
-            raise OffsiteError(f"copy {above.copy_id}: its backing file {above.backing} is not {below.image.file_name}")
-    return chain
-
-
 def download_object(bucket: Bucket, stored: StoredObject, path: str) -> None:
     """One object version into a new file at ``path`` (never replacing one), checked against its
-    recorded length and sha256 first."""
+    recorded length and sha256 first: a body longer than recorded is cut off at once, never written on."""
     temporary = temporary_name(path)
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        body = bucket.stream(stored.key, stored.version)
-        digest, size = hashlib.sha256(), 0
         try:
-            while chunk := body.read(STREAM_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            digest = _write_body(bucket.open_body(stored.key, stored.version, size=stored.size), fd)
             os.fsync(fd)
         finally:
-            body.close()
             os.close(fd)
-        if size != stored.size or digest.hexdigest() != stored.sha256:
-            raise OffsiteError(
-                f"{bucket.name}/{stored.key}: downloaded {size} bytes with sha256 {digest.hexdigest()}, "
+        size = os.stat(temporary).st_size
+        if size != stored.size or digest != stored.sha256:
+            raise CopyDamaged(
+                f"{bucket.name}/{stored.key}: downloaded {size} bytes with sha256 {digest}, "
                 f"the manifest says {stored.size} bytes with sha256 {stored.sha256}"
             )
         link_new(temporary, path)
@@ -74,6 +51,20 @@ def download_object(bucket: Bucket, stored: StoredObject, path: str) -> None:
         raise OffsiteError(f"downloading {stored.key} to {path}: {exc.strerror or exc}") from exc
     finally:
         remove_quietly(temporary)
+
+
+def _write_body(body: Body, fd: int) -> str:
+    """Write a body (bounded: :class:`~sendense_nbd.offsite.s3.Body`) to ``fd``; its sha256."""
+    digest = hashlib.sha256()
+    try:
+        while chunk := body.read(STREAM_CHUNK):
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        body.close()
+    return digest.hexdigest()
 
 
 def download(bucket: Bucket, chain: list[Manifest], directory: str) -> str:
@@ -87,17 +78,19 @@ def download(bucket: Bucket, chain: list[Manifest], directory: str) -> str:
     return os.path.join(directory, top.image.file_name)
 
 
-def recorded_digests(bucket: Bucket, manifest: Manifest) -> DigestFile:
-    """The chunk digests recorded at backup time and uploaded with the copy (checked against the manifest)."""
+def recorded_digests(bucket: Bucket, manifest: Manifest, scratch: str) -> DigestFile:
+    """The chunk digests recorded at backup time and uploaded with the copy (checked against the manifest),
+    downloaded into a temporary folder under ``scratch`` (the hub's own directory) and removed."""
     if manifest.digests is None:
         raise OffsiteError(f"copy {manifest.copy_id} has no digests to verify against")
-    with tempfile.TemporaryDirectory(prefix="sendense-digests-") as folder:
+    os.makedirs(scratch, mode=0o700, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="digests-", dir=scratch) as folder:
         path = os.path.join(folder, manifest.digests.file_name)
         download_object(bucket, manifest.digests, path)
         try:
             return DigestFile.read(path, size=manifest.size)
         except ImageError as exc:
-            raise OffsiteError(f"copy {manifest.copy_id}: {exc}") from exc
+            raise CopyDamaged(f"copy {manifest.copy_id}: {exc}") from exc
 
 
 async def verify(device: BlockDevice, recorded: DigestFile, name: str) -> None:
@@ -105,9 +98,9 @@ async def verify(device: BlockDevice, recorded: DigestFile, name: str) -> None:
     :class:`OffsiteError` naming the first chunk that differs."""
     async with LocalEndpoint(device, name) as endpoint:
         if device.size != recorded.size:
-            raise OffsiteError(f"{name} has {device.size} bytes, its digests describe {recorded.size}")
+            raise CopyDamaged(f"{name} has {device.size} bytes, its digests describe {recorded.size}")
         found = await chunk_digests(endpoint, chunk_size=recorded.chunk_size, requests=VERIFY_REQUESTS)
     for index, digest in enumerate(recorded.digests):
         if found[index] != digest:
             offset = index * recorded.chunk_size
-            raise OffsiteError(f"{name}: the chunk at offset {offset} differs from the digest recorded at backup time")
+            raise CopyDamaged(f"{name}: the chunk at offset {offset} differs from the digest recorded at backup time")

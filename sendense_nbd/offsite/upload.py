@@ -5,14 +5,15 @@ that would need over 9,000 parts; S3 allows 10,000), each with its
 Content-MD5, which S3 checks; the ETag it answers must be that MD5 too. The
 upload is recorded as it goes in a :class:`Journal` (the hub's store): the
 upload ID and part size when it starts, each part's number, size and MD5
-when S3 has it. A restarted upload of the same key resumes: a recorded part
+when S3 has it, the object version once S3 made it. A restarted upload of the same key resumes: a recorded part
 that S3 still lists with the same size and ETag, and whose bytes in the file
 still have that MD5, is not sent again; the others are. An upload S3 no
 longer knows (aborted, expired by a lifecycle rule) or with another part
 size starts over cleanly (the old one is aborted).
 
-Memory: one part buffer per upload; the sha256 of the whole file is computed
-on the way (every part is read, sent or not) and goes into the manifest.
+Memory: one part buffer per upload (sent as is; only a shorter last part is
+copied); the MD5 of a part is computed once, the sha256 of the whole file on
+the way (every part is read, sent or not) and goes into the manifest.
 """
 
 from __future__ import annotations
@@ -64,41 +65,72 @@ class Journal(Protocol):
     def finished(self, key: str) -> None:
         """The upload of ``key`` is complete (or abandoned): forget it."""
 
+    def made(self, key: str, version: str, until: float) -> None:
+        """S3 holds a new version of ``key`` (an object of the copy, locked until ``until``): recorded
+        before anything else happens, so a copy that fails later leaves no object nobody knows of."""
+
+    def version(self, key: str) -> str | None:
+        """The version of ``key`` this copy made already (:meth:`made`), if any."""
+
 
 def upload_file(
     bucket: Bucket, path: str, key: str, *, until: float, journal: Journal, stop: threading.Event | None = None
 ) -> StoredObject:
     """Upload the file at ``path`` as ``key`` (multipart, resumed from ``journal``), locked until ``until``.
+    A version the journal says this copy made already (an earlier try that failed later) is taken as it
+    is, not sent again.
 
     ``stop`` set: give up between parts (the upload stays resumable); :class:`OffsiteError` then.
     """
+    made = journal.version(key)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        upload, chunk, held = _resume(bucket, key, size, until, journal)
-        buffer = bytearray(chunk)
-        whole = hashlib.sha256()
-        parts: list[Part] = []
-        for number, offset in enumerate(range(0, max(size, 1), chunk), start=1):
-            if stop is not None and stop.is_set():
-                raise OffsiteError(f"the upload of {key} was stopped (it resumes from part {number})")
-            view = memoryview(buffer)[: _read(fd, buffer, offset, min(chunk, size - offset))]
-            whole.update(view)
-            md5 = hashlib.md5(view).hexdigest()
-            if held.get(number) == (len(view), md5):
-                parts.append(Part(number, len(view), md5))
-                continue
-            etag = bucket.upload_part(key, upload, number, view).strip('"')
+        if made is None:
+            made, whole = _send(bucket, fd, size, key, until=until, journal=journal, stop=stop)
+        else:
+            whole = _sha256(fd, size)
+    finally:
+        os.close(fd)
+    bucket.lock(key, made, until)
+    return StoredObject(key, made, size, whole)
+
+
+def _send(
+    bucket: Bucket, fd: int, size: int, key: str, *, until: float, journal: Journal, stop: threading.Event | None
+) -> tuple[str, str]:
+    """The multipart upload of the file at ``fd`` (``size`` bytes): the version made and the file's sha256."""
+    upload, chunk, held = _resume(bucket, key, size, until, journal)
+    buffer = bytearray(chunk)
+    whole = hashlib.sha256()
+    parts: list[Part] = []
+    for number, offset in enumerate(range(0, max(size, 1), chunk), start=1):
+        if stop is not None and stop.is_set():
+            raise OffsiteError(f"the upload of {key} was stopped (it resumes from part {number})")
+        view = memoryview(buffer)[: _read(fd, buffer, offset, min(chunk, size - offset))]
+        whole.update(view)
+        digest = hashlib.md5(view).digest()
+        md5 = digest.hex()
+        if held.get(number) != (len(view), md5):
+            data = buffer if len(view) == len(buffer) else bytes(view)  # a whole part goes as is, not copied
+            etag = bucket.upload_part(key, upload, number, data, digest).strip('"')
             if etag != md5:
                 raise OffsiteError(f"S3 answered part {number} of {key} with ETag {etag}, not its MD5 {md5}")
             journal.part(key, number, len(view), md5)
-            parts.append(Part(number, len(view), md5))
-    finally:
-        os.close(fd)
+        parts.append(Part(number, len(view), md5))
     version = bucket.finish_upload(key, upload, parts)
-    bucket.lock(key, version, until)
+    journal.made(key, version, until)
     journal.finished(key)
-    return StoredObject(key, version, size, whole.hexdigest())
+    return version, whole.hexdigest()
+
+
+def _sha256(fd: int, size: int) -> str:
+    """The sha256 of the file at ``fd`` (read a part at a time)."""
+    whole = hashlib.sha256()
+    buffer = bytearray(MIN_PART)
+    for offset in range(0, size, MIN_PART):
+        whole.update(memoryview(buffer)[: _read(fd, buffer, offset, min(MIN_PART, size - offset))])
+    return whole.hexdigest()
 
 
 def _resume(

@@ -80,6 +80,8 @@ class MemoryJournal:
         self.sent: list[tuple[str, int]] = []
         self.fail_after: int | None = None
         self.lock = threading.Lock()
+        #: Object versions made: (key, version, until).
+        self.versions: list[tuple[str, str, float]] = []
 
     def recorded(self, key: str) -> Recorded | None:
         return self.uploads.get(key)
@@ -96,6 +98,12 @@ class MemoryJournal:
 
     def finished(self, key: str) -> None:
         self.uploads.pop(key, None)
+
+    def made(self, key: str, version: str, until: float) -> None:
+        self.versions.append((key, version, until))
+
+    def version(self, key: str) -> str | None:
+        return next((v for k, v, _ in reversed(self.versions) if k == key), None)
 
 
 @attrs.frozen
@@ -118,40 +126,48 @@ def _write(path: Path, writes: list[tuple[int, bytes]], zeroes: list[tuple[int, 
         device.close()
 
 
-async def _digests(path: Path) -> Path:
+async def _digests(path: Path, size: int) -> Path:
     source = await open_source(str(path))
     try:
         found = await chunk_digests(source)
     finally:
         await source.close()
     sidecar = path.with_suffix(".digests")
-    DigestFile(DISK, CHUNK_SIZE, tuple(found[i] for i in range(chunk_count(DISK)))).write(str(sidecar))
+    DigestFile(size, CHUNK_SIZE, tuple(found[i] for i in range(chunk_count(size)))).write(str(sidecar))
     return sidecar
+
+
+Plan = tuple[list[tuple[int, bytes]], list[tuple[int, int]]]
+
+
+async def make_chain(folder: Path, size: int, plans: list[Plan]) -> list[LocalPoint]:
+    """Points of one disk of ``size`` bytes as the local repository holds them, one per plan (writes, zeroed
+    ranges): a full qcow2 and overlays, backing files named ``<point-id>.qcow2``, each with its digests."""
+    os.makedirs(folder, exist_ok=True)
+    points: list[LocalPoint] = []
+    now = time.time()
+    for index, (writes, zeroes) in enumerate(plans):
+        point_id = f"202612{index + 1:02d}T000000Z-{uuid.uuid4().hex[:8]}"
+        path = folder / f"{point_id}.qcow2"
+        backing = points[-1].path.name if points else None
+        create_image(str(path), None if backing else size, ImageFormat.QCOW2, backing_file=backing,
+                     backing_format="qcow2" if backing else None)  # fmt: skip
+        _write(path, writes, zeroes)
+        sidecar = await _digests(path, size)
+        files = PointFiles("/DC0/vm/web01", 2000, point_id, now - 30 + index, size, str(path), backing, str(sidecar))
+        points.append(LocalPoint(files, path))
+    os.sync()
+    return points
 
 
 @pytest.fixture
 async def chain(tmp_path: Path) -> list[LocalPoint]:
-    """Three points of one disk as the local repository holds them: a full qcow2 (random data) and two
+    """Three points of one 40 MiB disk as the local repository holds them: a full qcow2 (random data) and two
     overlays (new data, zeroed ranges), backing files named ``<point-id>.qcow2``, each with its digests."""
-    folder = tmp_path / "repo"
-    folder.mkdir()
     rng = __import__("random").Random(7)
-    plans = [
+    plans: list[Plan] = [
         ([(0, rng.randbytes(24 * MIB)), (30 * MIB, rng.randbytes(3 * MIB))], []),
         ([(MIB, rng.randbytes(2 * MIB)), (35 * MIB, rng.randbytes(MIB))], [(8 * MIB, 4 * MIB)]),
         ([(20 * MIB, rng.randbytes(5 * MIB))], [(0, 512 * 1024), (31 * MIB, MIB)]),
     ]
-    points: list[LocalPoint] = []
-    now = time.time()
-    for index, (writes, zeroes) in enumerate(plans):
-        point_id = f"2026120{index}T000000Z-{uuid.uuid4().hex[:8]}"
-        path = folder / f"{point_id}.qcow2"
-        backing = points[-1].path.name if points else None
-        create_image(str(path), None if backing else DISK, ImageFormat.QCOW2, backing_file=backing,
-                     backing_format="qcow2" if backing else None)  # fmt: skip
-        _write(path, writes, zeroes)
-        sidecar = await _digests(path)
-        files = PointFiles("/DC0/vm/web01", 2000, point_id, now - 30 + index, DISK, str(path), backing, str(sidecar))
-        points.append(LocalPoint(files, path))
-    os.sync()
-    return points
+    return await make_chain(tmp_path / "repo", DISK, plans)

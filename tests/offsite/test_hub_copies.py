@@ -54,10 +54,12 @@ async def test_points_are_copied_served_downloaded_and_locked(ceph_cluster: Any,
     secret = secret_file(tmp_path, ceph_cluster.s3_secret_key)
     async with local_hub(tmp_path / "repo", clock=ManualClock(time.time())) as hub:
         await _hub_with_node(hub)
-        await hub.ok("POST", "/policies", _policy(ceph_cluster, bucket, secret))
+        await hub.ok("POST", "/policies", _policy(ceph_cluster, bucket, secret, retain=300))
         rng = __import__("random").Random(3)
         await _backup(hub, [(0, rng.randbytes(8 * MIB)), (20 * MIB, rng.randbytes(MIB))], full=True)
+        await hub.clock.advance(100)  # each copy is made 100 s after the previous one
         await _backup(hub, [(MIB, rng.randbytes(2 * MIB))], full=False)
+        await hub.clock.advance(100)
         await _backup(hub, [(10 * MIB, rng.randbytes(3 * MIB)), (0, bytes(MIB))], full=False)
         copies = (await hub.ok("GET", f"/copies?vm_path={VM}"))["copies"]
         assert [c["state"] for c in copies] == ["completed"] * 3, copies
@@ -82,13 +84,18 @@ async def test_points_are_copied_served_downloaded_and_locked(ceph_cluster: Any,
         assert status == 409 and answer["error"]["code"] == "locked", answer
         assert "is locked until" in answer["error"]["message"]
         assert [c["state"] for c in (await hub.ok("GET", "/copies"))["copies"]] == ["completed"] * 3
-        retention = s3.get_object_retention(
-            Bucket=bucket,
-            Key=copies[0]["manifest"]["image"]["key"],
-            VersionId=copies[0]["manifest"]["image"]["version"],
-        )["Retention"]
-        # the first chain's lock covers its newest copy (the second) plus retain and margin
-        assert abs(retention["RetainUntilDate"].timestamp() - (copies[1]["manifest"]["created"] + 65)) < 2
+        # the first chain's lock covers its newest copy (the second, made 100 s later) plus retain and margin:
+        # every object of the full (image, digests, manifest) was locked again when the second copy joined
+        until = copies[1]["manifest"]["created"] + 305
+        assert until == copies[0]["manifest"]["created"] + 405
+        assert copies[0]["locked_until"] == copies[1]["locked_until"] == until
+        assert copies[2]["locked_until"] == copies[2]["manifest"]["created"] + 305
+        full = copies[0]["manifest"]
+        manifest_key = full["image"]["key"].removesuffix(".qcow2") + ".json"
+        objects = [(full[name]["key"], full[name]["version"]) for name in ("image", "digests")]
+        for key, version in [*objects, (manifest_key, copies[0]["manifest_version"])]:
+            retention = s3.get_object_retention(Bucket=bucket, Key=key, VersionId=version)["Retention"]
+            assert abs(retention["RetainUntilDate"].timestamp() - until) < 1, key
 
 
 async def test_an_expired_chain_is_deleted_by_retention(ceph_cluster: Any, tmp_path: Path, s3: Any) -> None:
@@ -115,7 +122,7 @@ async def test_a_copy_target_is_checked_when_the_policy_is_stored(ceph_cluster: 
         await _hub_with_node(hub)
         readable = secret_file(tmp_path, ceph_cluster.s3_secret_key, 0o644)
         status, answer = await hub.call("POST", "/policies", _policy(ceph_cluster, new_bucket(ceph_cluster), readable))
-        assert status == 400 and "others may read it" in answer["error"]["message"]
+        assert status == 400 and "has mode 0644: it must be the hub user's alone" in answer["error"]["message"]
         secret = secret_file(tmp_path, ceph_cluster.s3_secret_key)
         plain = new_bucket(ceph_cluster, lock=False)
         status, answer = await hub.call("POST", "/policies", _policy(ceph_cluster, plain, secret))

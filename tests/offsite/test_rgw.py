@@ -13,10 +13,11 @@ from typing import Any
 import attrs
 import pytest
 
-from sendense_nbd.errors import CopyLocked, OffsiteError
+from sendense_nbd.errors import CopyDamaged, CopyLocked, OffsiteError
 from sendense_nbd.offsite.copier import Written, copy_point, delete_copies
+from sendense_nbd.offsite.manifest import Manifest
 from sendense_nbd.offsite.remote import BLOCK, BlockCache, open_copy
-from sendense_nbd.offsite.restore import chain_manifests, download, read_manifest, recorded_digests, verify
+from sendense_nbd.offsite.restore import download, recorded_digests, verify
 from sendense_nbd.offsite.s3 import Bucket
 from sendense_nbd.offsite.upload import part_size
 from sendense_nbd.policy.offsite import CopyTarget, LockMode
@@ -27,15 +28,24 @@ from tests.offsite.conftest import LocalPoint, MemoryJournal, new_bucket, secret
 pytestmark = pytest.mark.peer
 
 
-def _copy_chain(bucket: Bucket, chain: list[LocalPoint], journal: MemoryJournal) -> list[Written]:
+def _copy_chain(bucket: Bucket, chain: list[LocalPoint], journal: MemoryJournal, *, step: float = 0.0) -> list[Written]:
+    """Copy the points in order, the n-th copy made at now + n * ``step``."""
     written: list[Written] = []
-    for point in chain:
+    start = time.time()
+    for index, point in enumerate(chain):
         done = copy_point(
             bucket, point.files, [(w.manifest, w.version) for w in written], copy_id=f"c-{point.files.point_id}",
-            now=time.time(), journal=journal,
+            now=start + index * step, journal=journal,
         )  # fmt: skip
         written.append(done)
     return written
+
+
+def _objects(written: Written) -> list[tuple[str, str]]:
+    """A copy's objects (key, version): image, digests and manifest."""
+    found = [(written.manifest.image.key, written.manifest.image.version), (written.manifest.key, written.version)]
+    digests = written.manifest.digests
+    return found + ([(digests.key, digests.version)] if digests is not None else [])
 
 
 async def test_a_chain_is_copied_locked_as_a_unit_and_refuses_deletion(
@@ -43,19 +53,22 @@ async def test_a_chain_is_copied_locked_as_a_unit_and_refuses_deletion(
 ) -> None:
     bucket = Bucket.connect(target)
     bucket.check_lock()
-    written = await asyncio.to_thread(_copy_chain, bucket, chain, MemoryJournal())
+    # the copies are made 100 s apart: each one must push the lock of every object below it further
+    written = await asyncio.to_thread(_copy_chain, bucket, chain, MemoryJournal(), step=100.0)
     top = written[-1].manifest
     assert [w.manifest.kind for w in written] == ["full", "incremental", "incremental"]
     assert top.chain == tuple(p.files.point_id for p in chain)
     assert top.backing == chain[1].path.name
-    until = top.created + target.retain + target.margin
-    for w in written:  # every object of the chain, the full's too, is locked until the newest point's date
-        for key, version in [(w.manifest.image.key, w.manifest.image.version), (w.manifest.key, w.version)]:
+    assert top.created == written[0].manifest.created + 200
+    until = top.created + target.retain + target.margin  # t + 200 + 65
+    for w in written:  # every object of the chain, the full's and its digests too, is locked until the newest's date
+        assert len(_objects(w)) == 3
+        for key, version in _objects(w):
             retention = s3.get_object_retention(Bucket=target.bucket, Key=key, VersionId=version)["Retention"]
             assert retention["Mode"] == "GOVERNANCE"
-            assert abs(retention["RetainUntilDate"].timestamp() - until) < 2
-    assert read_manifest(bucket, top.key) == top
-    assert [m.point_id for m in chain_manifests(bucket, top)] == list(top.chain)
+            assert abs(retention["RetainUntilDate"].timestamp() - until) < 1, key
+    stored = s3.get_object(Bucket=target.bucket, Key=top.key, VersionId=written[-1].version)["Body"].read()
+    assert Manifest.decode(stored, top.key) == top
     with pytest.raises(CopyLocked, match="is locked until .*GOVERNANCE.*refused"):
         await asyncio.to_thread(delete_copies, bucket, [(top, written[-1].version)])
     versions = s3.list_object_versions(Bucket=target.bucket)
@@ -81,7 +94,9 @@ async def test_a_copy_is_served_from_the_bucket_byte_identical(
     run(require("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", str(out), str(chain[-1].path))
     assert cache.size <= 8 * BLOCK and cache.fetches > 0  # bounded: far less than the 40 MiB disk
     # the served view has the digests recorded at backup time
-    await verify(open_copy(bucket, manifests), recorded_digests(bucket, manifests[-1]), "copy")
+    scratch = tmp_path / "scratch"
+    await verify(open_copy(bucket, manifests), recorded_digests(bucket, manifests[-1], str(scratch)), "copy")
+    assert os.listdir(scratch) == []  # the digests' temporary folder is gone
 
 
 async def test_a_downloaded_copy_is_checked_and_opens_with_qemu_img(
@@ -102,7 +117,10 @@ async def test_a_downloaded_copy_is_checked_and_opens_with_qemu_img(
     run(require("qemu-img"), "compare", top, str(chain[1].path))
     from sendense_nbd.storage import ImageFormat, open_image
 
-    await verify(open_image(top, ImageFormat.QCOW2, readonly=True), recorded_digests(bucket, written[-1].manifest), top)
+    scratch = str(tmp_path / "scratch")
+    await verify(
+        open_image(top, ImageFormat.QCOW2, readonly=True), recorded_digests(bucket, written[-1].manifest, scratch), top
+    )
 
 
 async def test_a_damaged_download_is_refused(
@@ -116,10 +134,12 @@ async def test_a_damaged_download_is_refused(
     with pytest.raises(OffsiteError, match="the manifest says"):
         await asyncio.to_thread(download, bucket, [wrong], str(tmp_path))
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".qcow2") or ".creating" in p]  # nothing half-made
+    with pytest.raises(CopyDamaged):
+        await asyncio.to_thread(download, bucket, [wrong], str(tmp_path))
 
 
 async def test_an_interrupted_upload_resumes_without_resending_parts(
-    target: CopyTarget, chain: list[LocalPoint], s3: Any
+    target: CopyTarget, chain: list[LocalPoint], s3: Any, tmp_path: Path
 ) -> None:
     bucket = Bucket.connect(target)
     journal = MemoryJournal()
@@ -140,9 +160,12 @@ async def test_an_interrupted_upload_resumes_without_resending_parts(
     # part 1 (recorded) is kept; part 2 reached S3 but was never recorded, so it is sent again, then the rest
     assert [n for k, n in resent if k == key] == list(range(2, parts + 1))
     assert not s3.list_multipart_uploads(Bucket=target.bucket).get("Uploads")
-    run(require("qemu-img"), "compare", "-F", "qcow2", f"{chain[0].path}", str(chain[0].path))
     head = s3.head_object(Bucket=target.bucket, Key=key, VersionId=written.manifest.image.version)
     assert head["ContentLength"] == chain[0].path.stat().st_size == written.manifest.image.size
+    folder = tmp_path / "back"
+    folder.mkdir()  # the copy read back is the point: the resumed parts and the resent ones are in place
+    top = await asyncio.to_thread(download, bucket, [written.manifest], str(folder))
+    run(require("qemu-img"), "compare", top, str(chain[0].path))
 
 
 async def test_an_expired_lock_lets_the_chain_be_deleted(
@@ -178,9 +201,9 @@ def test_wrong_credentials_and_readable_secret_files_are_refused(target: CopyTar
     wrong = attrs.evolve(target, secret_file=secret_file(tmp_path, "not-the-secret"))
     with pytest.raises(OffsiteError, match="SignatureDoesNotMatch.*check the access key"):
         Bucket.connect(wrong).check_lock()
-    for mode in (0o644, 0o640, 0o604):
+    for mode in (0o644, 0o640, 0o604, 0o700, 0o500, 0o660):
         readable = attrs.evolve(target, secret_file=secret_file(tmp_path, "x", mode))
-        with pytest.raises(OffsiteError, match=f"has mode {mode:04o}: others may read it; .*chmod 600"):
+        with pytest.raises(OffsiteError, match=f"has mode {mode:04o}: it must be the hub user's alone.*chmod 600"):
             Bucket.connect(readable)
     missing = attrs.evolve(target, secret_file=str(tmp_path / "nope"))
     with pytest.raises(OffsiteError, match="No such file"):

@@ -53,7 +53,8 @@ from sendense_nbd.storage.raw import RawDevice
 
 log = logging.getLogger(__name__)
 
-_MAX_CHAIN = 16
+#: Files in a backing chain at most (offsite copy chains are capped to it: policy.offsite.MAX_SEAL_EVERY).
+MAX_CHAIN = 16
 _HOLE_ZERO = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (
     ClusterKind.UNALLOCATED,
@@ -94,10 +95,10 @@ class Qcow2Device(Backend):
         self.path = path
         self.readonly = readonly
         real = os.path.realpath(path) if file is None else file.name
-        if real in _chain or len(_chain) >= _MAX_CHAIN:
+        if real in _chain or len(_chain) >= MAX_CHAIN:
             if file is not None:
                 file.close()
-            raise ImageError(f"backing chain of {path} loops or is deeper than {_MAX_CHAIN}")
+            raise ImageError(f"backing chain of {path} loops or is deeper than {MAX_CHAIN}")
         self._file = file if file is not None else LocalFile(path, readonly=readonly)
         self._closed = False
         self.backing = None
