@@ -318,6 +318,7 @@ class Copies:
             finally:
                 self._running.discard(record.id)
         await self._completed(record, written, sealed=len(plan.older) + 1 >= plan.length)
+        await self._abort_uploads(record)  # an earlier try's upload of a key this one did not take
 
     async def _plan(self, record: CopyRecord) -> _Plan:
         """Where and how the copy is made now: the policy's target, a new chain or the open one."""
@@ -436,7 +437,8 @@ class Copies:
             )  # fmt: skip
 
     async def _abort_uploads(self, record: CopyRecord) -> None:
-        """Abort the multipart uploads a failed copy left (their parts would stay until a lifecycle rule)."""
+        """Abort the multipart uploads a copy left open (a failed one, or an earlier try of another key):
+        their parts would stay until a lifecycle rule ends them."""
         left = await self.db.run(lambda c: uploads_of(c, record.id))
         if not left:
             return

@@ -163,7 +163,10 @@ async def test_pending_copies_keep_their_points_and_refuse_a_delete_while_upload
     async with local_hub(tmp_path / "repo", clock=ManualClock(time.time())) as hub:
         await _start(hub, ceph_cluster, new_bucket(ceph_cluster), secret, retention={"keep_last": 1})
         parts.gate.clear()  # every upload waits at its first part
-        kept = [await _backup(hub, [(i * MIB, bytes([i + 1]) * MIB)], full=i == 0, settle=False) for i in range(3)]
+        kept = []
+        for i in range(3):  # a minute apart: keep_last 1 has one last point to keep
+            kept.append(await _backup(hub, [(i * MIB, bytes([i + 1]) * MIB)], full=i == 0, settle=False))
+            await hub.clock.advance(60)
         points = (await hub.ok("GET", f"/points?vm_path={VM}"))["points"]
         assert [p["id"] for p in points] == kept  # keep_last 1, yet the points waiting for their copies stay
         uploading, waiting, last = await _copies(hub)
