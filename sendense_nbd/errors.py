@@ -258,7 +258,7 @@ class TLSError(SendenseError):
 
 
 class ConfigError(SendenseError):
-    """The node configuration is missing, malformed or unsafe."""
+    """A configuration (a node's file, a hub's options) is missing, malformed or unsafe."""
 
 
 class NodeBusy(SendenseError):
