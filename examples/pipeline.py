@@ -18,7 +18,9 @@ re-reads every point against its digests, and ``sendense-nbd status`` shows the 
 
 With ``--ceph-dir DIR`` (a running test cluster, ``simulator/ceph_cluster.py``; ``./setup.sh run --ceph``
 starts one) the hub's repository is an RBD pool in it (``--repo rbd://...``): every point is a snapshot,
-checked with ``qemu-img compare`` reading it through qemu's ``rbd:`` driver.
+checked with ``qemu-img compare`` reading it through qemu's ``rbd:`` driver. The policy also copies
+each point to an S3 bucket with Object Lock on the cluster's RGW: the copies are locked (a delete is
+refused), and each one, served back over NBD straight from the bucket, matches its RBD snapshot.
 
 Run it with ``.venv/bin/python examples/pipeline.py [--size-mb 64] [--workdir DIR] [--ceph-dir DIR]``.
 """
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -153,6 +156,9 @@ def operate(api: str, vc: dict[str, Any], rng: random.Random) -> None:
                            "--keep-daily", "14", "--full-every", "6", api=api))  # fmt: skip
     print(f"  policy {added['name']}: {added['vms']['include']}, every {added['schedule']['every']:.0f} s,"
           f" retention {added['retention']}")  # fmt: skip
+    if COPY_TARGET is not None:
+        call("PATCH", f"{api}/policies/nightly", {"copy": COPY_TARGET})
+        print(f"$ PATCH /api/v1/policies/nightly: copy each point to s3://{COPY_TARGET['bucket']}")
     print(cli("policy", "list", api=api).rstrip())
     first = policy_runs(api, 1)[0]
     for disk in vm["disks"]:
@@ -170,6 +176,40 @@ def operate(api: str, vc: dict[str, Any], rng: random.Random) -> None:
     print(cli("status", api=api).rstrip())
 
 
+def offsite(api: str) -> None:
+    """The policy's points copied to S3: each copy, served over NBD from the bucket, matches its RBD snapshot;
+    Object Lock refuses a delete."""
+    deadline = time.monotonic() + 180
+    while True:
+        copies = call("GET", f"{api}/copies?vm_path={POLICY_VM}")["copies"][:4]  # the two runs' (the policy goes on)
+        if sum(c["state"] == "completed" for c in copies) == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if len(copies) < 4 or any(c["state"] != "completed" for c in copies):
+        raise SystemExit(f"the policy's points were not all copied to S3: {json.dumps(copies, indent=2)}")
+    points = {p["id"]: p for p in call("GET", f"{api}/points?vm_path={POLICY_VM}")["points"]}
+    for copy in copies:
+        served = call("POST", f"{api}/copies/{copy['id']}/export", {})
+        try:
+            snapshot = points[copy["point_id"]]["path"] + RBD_KEYS
+            subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", served["uri"], snapshot], check=True)
+        finally:
+            call("DELETE", f"{api}/copies/{copy['id']}/export")
+        print(
+            f"  copy {copy['id']} ({copy['kind']}, point {copy['point_id']}) locked until"
+            f" {time.strftime('%H:%M:%S', time.localtime(copy['locked_until']))}: served from the bucket, matches"
+        )
+    try:
+        call("DELETE", f"{api}/copies/{copies[0]['id']}")
+    except urllib.error.HTTPError as refused:
+        answer = json.loads(refused.read())["error"]
+        if refused.code != 409 or answer["code"] != "locked":
+            raise
+        print(f"$ DELETE /api/v1/copies/{copies[0]['id']}: {refused.code} {answer['code']}: {answer['message']}")
+    else:
+        raise SystemExit("S3 deleted a copy under Object Lock")
+
+
 def repository(work: Path, ceph_dir: Path | None) -> list[str]:
     """The hub's repository options: ``--repo DIR``, or an RBD pool of the test cluster in ``ceph_dir``."""
     global RBD_KEYS
@@ -179,7 +219,34 @@ def repository(work: Path, ceph_dir: Path | None) -> list[str]:
     RBD_KEYS = f":conf={cluster.conf}:id={cluster.user}:keyring={cluster.keyring}"
     url = f"rbd://{cluster.pool}?conf={cluster.conf}&id={cluster.user}&keyring={cluster.keyring}"
     print(f"repository: {url} (state in {work / 'state'})")
-    return ["--repo", url, "--state-dir", str(work / "state")]
+    secrets = work / "secrets"
+    offsite_target(cluster, secrets)
+    return ["--repo", url, "--state-dir", str(work / "state"), "--secrets-dir", str(secrets)]
+
+
+#: The nightly policy's offsite copy target (--ceph-dir): a bucket with Object Lock on the cluster's RGW.
+COPY_TARGET: dict[str, Any] | None = None
+
+
+def offsite_target(cluster: ceph_cluster.Cluster, secrets: Path) -> None:
+    """Make a bucket with Object Lock on the cluster's RGW and the secret key's file (0600) in ``secrets``."""
+    global COPY_TARGET
+    import boto3  # the hub's S3 client too (docs/STORAGE.md)
+
+    bucket = f"sendense-offsite-{os.urandom(4).hex()}"  # its own, also on a cluster that other runs share
+    s3 = boto3.session.Session().client(
+        "s3", endpoint_url=cluster.rgw_endpoint, region_name="us-east-1",
+        aws_access_key_id=cluster.s3_access_key, aws_secret_access_key=cluster.s3_secret_key,
+    )  # fmt: skip
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    secrets.mkdir(mode=0o700)
+    secret = secrets / "rgw.secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(f"{cluster.s3_secret_key}\n")
+    COPY_TARGET = {"endpoint": cluster.rgw_endpoint, "bucket": bucket, "access_key": cluster.s3_access_key,
+                   "secret_file": str(secret), "retain": 3600, "margin": 600, "lock_mode": "GOVERNANCE"}  # fmt: skip
+    print(f"offsite copies: s3 bucket {bucket} at {cluster.rgw_endpoint} (Object Lock, GOVERNANCE, 1 h + 10 min)")
 
 
 def start_stack(
@@ -292,6 +359,8 @@ def main() -> None:
             vm = next(v for v in vc["vms"] if v["path"] == VM_PATH)
             by_api(api, vc, vm, args.size_mb * MiB, rng, work)
             operate(api, vc, rng)
+            if COPY_TARGET is not None:
+                offsite(api)
             console = api.removesuffix("/api/v1") + "/"
             print(f"web console: {console} (no login: this hub listens on loopback without a token)")
             if args.keep:
