@@ -18,7 +18,8 @@ With ``--ceph`` (``./setup.sh run --ceph``), step 5 runs with the hub's reposito
 loopback-only test cluster (``simulator/ceph_cluster.py``) is started in the work directory, each
 disk becomes an RBD image and each restore point a snapshot, and every point is verified with
 ``qemu-img compare`` against the source, reading the snapshot through qemu's ``rbd:`` driver; the
-cluster is stopped at the end.
+policy's points are copied to an S3 bucket with Object Lock on the cluster's RGW, and each copy, served
+over NBD from the bucket, is compared with its snapshot; the cluster is stopped at the end.
 
 Run it with ``./setup.sh run [--keep] [--ceph]``, or ``.venv/bin/python examples/main_job.py
 [--size 256] [--workdir DIR] [--keep] [--ceph]``. It prints the hub's web console URL; with ``--keep``
