@@ -571,13 +571,16 @@ class Hub:
 
         The repository's reason wins (no point yet: first backup, or base missing when a completed job
         had the disk; a damaged or unusable newest point); then the request's (a policy's chain cap),
-        then mode full (requested)."""
+        then mode full (requested), then a disk whose capacity differs from its newest point's size
+        (``cbt_reset``, as the node says: it copies a resized disk whole)."""
         base, reason = await self._repository.base_for(request.vm_path, disk.key)
         if reason is FullReason.FIRST_BACKUP and await self._jobs.backed_up(request.vm_path, disk.key):
             reason = FullReason.BASE_MISSING
         if reason is None:
             reason = request.full_reason or (FullReason.REQUESTED if request.mode is Mode.FULL else None)
         latest = base or await self._repository.latest(request.vm_path, disk.key)
+        if reason is None and latest is not None and disk.capacity is not None and disk.capacity != latest.size:
+            reason = FullReason.CBT_RESET  # the disk was resized: the node copies it whole, into a point of its size
         size = disk.capacity if disk.capacity is not None else None if latest is None else latest.size
         if size is None:
             raise InvalidBackup(f"disk {disk.key}: give its capacity (no completed point to build an incremental on)")

@@ -248,6 +248,10 @@ class Repository:
                 if point is None or top is None:
                     log.warning("retention: %s disk %s: point %s left the chain", vm_path, disk_key, point_id)
                     continue
+                blocked = await asyncio.to_thread(self.store.blocked, point)
+                if blocked is not None:
+                    log.warning("retention: %s disk %s: point %s stays: %s", vm_path, disk_key, point.id, blocked)
+                    continue
                 await self._drop(point, top)
                 dropped.append(point.id)
                 log.info("retention: %s disk %s: point %s merged into %s", vm_path, disk_key, point.id, top.id)
@@ -293,16 +297,34 @@ class Repository:
         for base in await self.db.run(read):
             if vm_path is not None and (base.vm_path, base.disk_key) != (vm_path, disk_key):
                 continue
-            chain = await self.points(base.vm_path, base.disk_key)
-            top = next((p for p in chain if p.backing == base.id), None)
-            if top is None:
-                raise RepositoryError(f"point {base.id} was being merged, but no point above it is left")
-            await self._merge(base, top)
+            try:
+                await self._finish_merge(base)
+            except RepositoryError as exc:
+                if not self.store.independent:
+                    raise  # a half-committed qcow2 chain: the operator must look (its views are not whole)
+                await self._restore_point(base, exc)
+                continue
             merged.append(base.id)
             log.info(
                 "retention: %s disk %s: the interrupted merge of %s finished", base.vm_path, base.disk_key, base.id
             )
         return merged
+
+    async def _finish_merge(self, base: Point) -> None:
+        """Drop ``base`` (marked merging) under the point above it."""
+        chain = await self.points(base.vm_path, base.disk_key)
+        top = next((p for p in chain if p.backing == base.id), None)
+        if top is None:
+            raise RepositoryError(f"point {base.id} was being merged, but no point above it is left")
+        await self._merge(base, top)
+
+    async def _restore_point(self, point: Point, exc: RepositoryError) -> None:
+        """A drop of an independent store's point failed (its snapshot has clones, the cluster refused):
+        the point is whole still, so it is completed again and a later retention tries once more."""
+        log.warning("retention: %s disk %s: point %s stays: %s", point.vm_path, point.disk_key, point.id, exc)
+        await self.db.run(
+            lambda c: c.execute("UPDATE points SET status = ? WHERE id = ?", (PointStatus.COMPLETED.value, point.id))
+        )
 
     async def set_digests(self, point_id: str, name: str | None) -> None:
         """Record the file name of a point's digest sidecar (None: it has none)."""

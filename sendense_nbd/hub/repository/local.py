@@ -79,6 +79,10 @@ class LocalStore:
         """Delete the point's file (``latest`` is untouched: an overlay never writes below itself)."""
         remove_quietly(point.path)
 
+    def blocked(self, point: Point) -> str | None:
+        """None: a qcow2 file can always be merged (what holds it, retention's ``protected`` says)."""
+        return None
+
     def drop(self, base: Point, top: Point) -> None:
         """``top`` is committed into ``base``'s image, which is renamed over ``top``'s file (so the
         overlays above keep their backing name) and checked. Safe to repeat after a crash at any step

@@ -31,8 +31,8 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import parse_qsl, quote, urlencode
 
 import attrs
 
@@ -54,6 +54,10 @@ CLEAN = "sendense.clean"
 POINT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 _QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+#: A prefix has no '.': images are ``PREFIX.<vm>.<disk>``, so prefix ``a`` would match prefix ``a.b``'s images.
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+#: Seconds a mon command may take before the store gives up (the cluster's mons are unreachable or stuck).
+MON_TIMEOUT = 30
 
 
 def _rbd() -> Any:
@@ -81,9 +85,9 @@ class RbdLocation:
         (paths and the user's name, no secrets)."""
         where = self.pool + (f"/{self.namespace}" if self.namespace else "")
         pairs = (("conf", self.conf), ("id", self.user), ("keyring", self.keyring))
-        query = [f"{key}={value}" for key, value in pairs if value is not None]
-        query += [f"prefix={self.prefix}"] if self.prefix != "sendense" else []
-        return f"rbd://{where}" + ("?" + "&".join(query) if query else "")
+        query = [(key, value) for key, value in pairs if value is not None]
+        query += [("prefix", self.prefix)] if self.prefix != "sendense" else []
+        return f"rbd://{where}" + ("?" + urlencode(query, quote_via=quote) if query else "")
 
     def spec(self, image: str, snapshot: str | None = None) -> RbdSpec:
         """The device spec of one of the repository's images (or snapshots)."""
@@ -103,7 +107,8 @@ def parse_location(text: str) -> RbdLocation:
     where, _, query = text.removeprefix("rbd://").partition("?")
     pool, _, namespace = where.partition("/")
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        # '+' stays a '+' (a path may hold one): only %XX escapes are decoded, as url's quote writes them
+        pairs = parse_qsl(query.replace("+", "%2B"), keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
         raise RepositoryError(f"{text}: the query is not key=value&...: {exc}") from None
     values: dict[str, str] = {}
@@ -117,6 +122,8 @@ def parse_location(text: str) -> RbdLocation:
     for label, name in [*names, ("prefix", values.get("prefix"))]:
         if name is not None and not _NAME.fullmatch(name):
             raise RepositoryError(f"{text}: {label} {name!r} must be letters, digits, '.', '_', '-' (at most 100)")
+    if "prefix" in values and not _PREFIX.fullmatch(values["prefix"]):
+        raise RepositoryError(f"{text}: prefix {values['prefix']!r} must be letters, digits, '_', '-' (no '.')")
     return RbdLocation(
         pool, namespace or None, values.get("conf"), values.get("id"), values.get("keyring"),
         values.get("prefix", "sendense"),
@@ -129,9 +136,20 @@ def _failure(exc: BaseException, what: str) -> RepositoryError:
     code = abs(int(getattr(exc, "errno", 0) or 0))
     if code in (errno.ENOSPC, errno.EDQUOT):
         error = RepositoryError(f"{what}: the Ceph pool is full (its quota or the cluster's full ratio): {exc}")
-        error.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        full.__cause__ = exc
+        error.__cause__ = full
         return error
+    if code == errno.ETIMEDOUT:
+        return RepositoryError(f"{what}: the Ceph cluster did not answer in time (are its OSDs and mons up?): {exc}")
     return RepositoryError(f"{what}: {exc}")
+
+
+def _raise(exc: BaseException, what: str) -> NoReturn:
+    """Raise :func:`_failure`'s error for ``exc``, keeping the ``OSError(ENOSPC)`` it stands for as its cause
+    (``raise ... from exc`` would replace it, and the job would not fail ``insufficient_space``)."""
+    error = _failure(exc, what)
+    raise error from (error.__cause__ or exc)
 
 
 class RbdStore:
@@ -159,8 +177,10 @@ class RbdStore:
     # -- the point's life ------------------------------------------------------
 
     def create(self, vm_path: str, disk_key: int, point_id: str, *, base: Point | None, capacity: int) -> str:
-        """Make the head ready for a job: an incremental's head rolled back to ``base``'s snapshot (unless it
-        equals it), a full's head (a new image, or the disk's image) of ``capacity`` bytes; marked dirty."""
+        """Make the head ready for a job, marked dirty before it changes: an incremental's head rolled back
+        to ``base``'s snapshot (unless the clean mark and the size say it equals it); a full's head a new
+        image, or the disk's image emptied (shrunk to nothing: its snapshots keep their data) and grown to
+        ``capacity`` bytes, so it reads zeroes and holds nothing but what the job writes."""
         name = self.image_name(vm_path, disk_key)
         what = f"cannot prepare rbd:{self.where.pool}/{name} for point {point_id}"
         rbd = _rbd()
@@ -169,15 +189,18 @@ class RbdStore:
                 if base is None and not _exists(ioctx, name):
                     rbd.RBD().create(ioctx, name, capacity)
                 with rbd.Image(ioctx, name) as image:
-                    if base is not None:
-                        _roll_back(image, base.id)
-                    elif image.size() != capacity:
-                        image.resize(capacity)
+                    clean = base is not None and _metadata(image, CLEAN) == base.id and image.size() == base.size
                     _set_dirty(image)
+                    if base is None:
+                        image.resize(0)
+                        image.resize(capacity)
+                    elif not clean:
+                        image.rollback_to_snap(base.id)
             except rbd.ImageNotFound as exc:
-                raise RepositoryError(f"{what}: the image of point {base.id if base else '?'} is gone") from exc
+                gone = f"the image of point {base.id} is gone" if base else "the image went away"
+                raise RepositoryError(f"{what}: {gone}") from exc
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
         return self._path(name, point_id)
 
     def _path(self, image: str, point_id: str) -> str:
@@ -208,7 +231,7 @@ class RbdStore:
                 image.create_snap(point.id)
                 image.metadata_set(CLEAN, point.id)
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
 
     def discard(self, point: Point, *, latest: Point | None) -> None:
         """Remove the point's snapshot if one was taken, and roll the head back to ``latest``'s snapshot
@@ -238,7 +261,7 @@ class RbdStore:
             except rbd.ImageNotFound:
                 return  # never made, or already gone
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
 
     def drop(self, base: Point, top: Point) -> None:
         """Remove ``base``'s snapshot (``top``'s snapshot is a whole view: nothing to merge). Safe to repeat."""
@@ -251,7 +274,17 @@ class RbdStore:
             except rbd.ImageBusy as exc:
                 raise RepositoryError(f"{what}: it has clones (flatten them first)") from exc
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
+
+    def blocked(self, point: Point) -> str | None:
+        """Why the point's snapshot cannot be removed now (it is protected or has clones), or None."""
+        what = f"cannot look at point {point.id} of rbd:{self.where.pool}/{self._image_of(point)}"
+        rbd = _rbd()
+        with self._image(point, what, read_only=True) as image:
+            try:
+                return droppable(image, point.id) if point.id in _snapshots(image) else None
+            except rbd.Error as exc:
+                _raise(exc, what)
 
     def clone_target(self, name: str) -> str:
         """The ``rbd:`` name of a new image ``name`` in the repository's pool (not one of the repository's
@@ -275,12 +308,12 @@ class RbdStore:
                     try:
                         _clone_flat(ioctx, image, point.id, name)
                     finally:
-                        if not protected and not list(image.list_children()):
+                        if not protected and not _children(image, point.id):
                             image.unprotect_snap(point.id)
             except rbd.ImageExists as exc:
                 raise Conflict(f"image rbd:{self.where.pool}/{name} exists", "exists") from exc
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
 
     def reclaim(self) -> list[str]:
         """At start: break the exclusive locks a killed predecessor's clients still hold on the repository's
@@ -288,8 +321,9 @@ class RbdStore:
         images whose lock was broken. One hub per repository: another hub's locks would be broken too."""
         rbd = _rbd()
         broken = []
-        with self._ioctx(f"cannot list the images of {self.location}") as ioctx:
-            for name in [n for n in rbd.RBD().list(ioctx) if n.startswith(self.where.prefix + ".")]:
+        what = f"cannot list the images of {self.location}"
+        with self._ioctx(what) as ioctx:
+            for name in self._own_images(ioctx, what):
                 try:
                     with rbd.Image(ioctx, name) as image:
                         for owner in list(image.lock_get_owners()):
@@ -297,7 +331,7 @@ class RbdStore:
                             broken.append(name)
                             log.warning("rbd:%s/%s: broke the lock of %s", self.where.pool, name, owner["owner"])
                 except rbd.Error as exc:
-                    raise _failure(exc, f"cannot take back rbd:{self.where.pool}/{name}") from exc
+                    _raise(exc, f"cannot take back rbd:{self.where.pool}/{name}")
         return broken
 
     # -- reading ---------------------------------------------------------------
@@ -322,11 +356,11 @@ class RbdStore:
             return 0
 
         snapshot = None if point.status is PointStatus.PENDING else point.id
-        with self._image(point, what, snapshot=snapshot) as image:
+        with self._image(point, what, snapshot=snapshot, read_only=True) as image:
             try:
                 image.diff_iterate(0, image.size(), since, seen, include_parent=False, whole_object=True)
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
         return found
 
     def own_file(self, point: Point, base: Point | None) -> str | None:
@@ -366,11 +400,19 @@ class RbdStore:
     def _mon(self, command: dict[str, str]) -> dict[str, Any]:
         """A mon command's JSON answer (the hub's user needs ``mon 'profile rbd'``)."""
         what = f"ceph {command['prefix']} for {self.location}"
-        with connect(self._spec()) as (cluster, _):
-            code, out, err = cluster.mon_command(json.dumps(command), b"")
+        with self._connection(what) as (cluster, _):
+            try:
+                code, out, err = cluster.mon_command(json.dumps(command), b"", timeout=MON_TIMEOUT)
+            except importlib.import_module("rados").Error as exc:
+                _raise(exc, what)
         if code != 0:
             raise _failure(OSError(-code, err), what)
-        answer: dict[str, Any] = json.loads(out)
+        try:
+            answer = json.loads(out)
+        except ValueError as exc:
+            raise RepositoryError(f"{what}: the answer is not JSON: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise RepositoryError(f"{what}: the answer is not a JSON object: {out[:200]!r}")
         return answer
 
     def allocated(self, points: Sequence[Point]) -> dict[str, int | None]:
@@ -402,47 +444,75 @@ class RbdStore:
         rbd = _rbd()
         removed: list[str] = []
         unexpected: list[str] = []
-        with self._ioctx(f"cannot list the images of {self.location}") as ioctx:
-            for name in [n for n in rbd.RBD().list(ioctx) if n.startswith(self.where.prefix + ".")]:
-                with rbd.Image(ioctx, name) as image:
-                    for snapshot in _snapshots(image):
-                        path = self._path(name, snapshot)
-                        if snapshot in ids:
-                            continue
-                        if POINT_ID.fullmatch(snapshot) and not image.is_protected_snap(snapshot):
-                            image.remove_snap(snapshot)
-                            removed.append(path)
-                        else:
-                            unexpected.append(path)
-                    left = _snapshots(image)
-                if name not in images and not left:
-                    rbd.RBD().remove(ioctx, name)
-                    removed.append(f"rbd:{self.where.pool}/{name}")
+        what = f"cannot list the images of {self.location}"
+        with self._ioctx(what) as ioctx:
+            for name in self._own_images(ioctx, what):
+                try:
+                    self._sweep_image(ioctx, name, (ids, images), (removed, unexpected))
+                except rbd.Error as exc:
+                    unexpected.append(f"rbd:{self.where.pool}/{name} (it could not be swept: {exc})")
         return removed, unexpected
+
+    def _sweep_image(
+        self, ioctx: Any, name: str, known: tuple[set[str], set[str]], out: tuple[list[str], list[str]]
+    ) -> None:
+        """Sweep one image: ``known`` the points' IDs and images, ``out`` the removed and unexpected lists."""
+        rbd = _rbd()
+        (ids, images), (removed, unexpected) = known, out
+        with rbd.Image(ioctx, name) as image:
+            for snapshot in _snapshots(image):
+                path = self._path(name, snapshot)
+                if snapshot in ids:
+                    continue
+                if POINT_ID.fullmatch(snapshot) and not image.is_protected_snap(snapshot):
+                    image.remove_snap(snapshot)
+                    removed.append(path)
+                else:
+                    unexpected.append(path)
+            left = _snapshots(image)
+        if name not in images and not left:
+            rbd.RBD().remove(ioctx, name)
+            removed.append(f"rbd:{self.where.pool}/{name}")
+
+    def _own_images(self, ioctx: Any, what: str) -> list[str]:
+        """The pool's images named ``PREFIX.*``."""
+        try:
+            names: list[str] = _rbd().RBD().list(ioctx)
+        except _rbd().Error as exc:
+            _raise(exc, what)
+        return [name for name in names if name.startswith(self.where.prefix + ".")]
 
     # -- connections -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _ioctx(self, what: str) -> Iterator[Any]:
-        """The pool's ``Ioctx`` for one call; an unreachable cluster is a :class:`RepositoryError`."""
+    def _connection(self, what: str) -> Iterator[tuple[Any, Any]]:
+        """The cluster's ``Rados`` and the pool's ``Ioctx`` for one call; an unreachable cluster is a
+        :class:`RepositoryError`."""
         try:
-            with connect(self._spec()) as (_, ioctx):
-                yield ioctx
+            with connect(self._spec()) as (cluster, ioctx):
+                yield cluster, ioctx
         except RbdError as exc:
             raise RepositoryError(f"{what}: {exc}") from exc
 
     @contextlib.contextmanager
-    def _image(self, point: Point, what: str, *, snapshot: str | None = None) -> Iterator[Any]:
-        """The point's image (read-write, or read-only at ``snapshot``) for one call."""
+    def _ioctx(self, what: str) -> Iterator[Any]:
+        """The pool's ``Ioctx`` for one call; an unreachable cluster is a :class:`RepositoryError`."""
+        with self._connection(what) as (_, ioctx):
+            yield ioctx
+
+    @contextlib.contextmanager
+    def _image(self, point: Point, what: str, *, snapshot: str | None = None, read_only: bool = False) -> Iterator[Any]:
+        """The point's image (read-write unless ``read_only``; read-only at ``snapshot``) for one call."""
         rbd = _rbd()
         name = self._image_of(point)
         with self._ioctx(what) as ioctx:
             try:
-                image = rbd.Image(ioctx, name, snapshot=snapshot, read_only=snapshot is not None)
+                image = rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only or snapshot is not None)
             except rbd.ImageNotFound as exc:
-                raise RepositoryError(f"{what}: rbd:{self.where.pool}/{name} is gone") from exc
+                gone = f"snapshot {snapshot} of " if snapshot is not None else ""
+                raise RepositoryError(f"{what}: {gone}rbd:{self.where.pool}/{name} is gone") from exc
             except rbd.Error as exc:
-                raise _failure(exc, what) from exc
+                _raise(exc, what)
             with image:
                 yield image
 
@@ -464,7 +534,32 @@ def _clone_flat(ioctx: Any, image: Any, snapshot: str, name: str) -> None:
 
 
 def _exists(ioctx: Any, name: str) -> bool:
-    return name in _rbd().RBD().list(ioctx)
+    """Whether the pool has image ``name`` (opened, not the pool listed)."""
+    rbd = _rbd()
+    try:
+        with rbd.Image(ioctx, name, read_only=True):
+            return True
+    except rbd.ImageNotFound:
+        return False
+
+
+def _children(image: Any, snapshot: str) -> list[Any]:
+    """The clones of ``snapshot`` alone (at the head, librbd lists the clones of every snapshot)."""
+    image.set_snap(snapshot)
+    try:
+        return list(image.list_children())
+    finally:
+        image.set_snap(None)
+
+
+def droppable(image: Any, snapshot: str) -> str | None:
+    """Why ``snapshot`` cannot be removed (protected, or it has clones), or None."""
+    children = _children(image, snapshot)
+    if children:
+        return f"snapshot {snapshot} has clones ({', '.join('/'.join(c) for c in children)}): flatten them first"
+    if image.is_protected_snap(snapshot):
+        return f"snapshot {snapshot} is protected (rbd snap unprotect it)"
+    return None
 
 
 def _snapshots(image: Any) -> list[str]:

@@ -58,6 +58,10 @@ class Store(Protocol):
         """Remove a pending point's data (its job failed); ``latest``: the disk's newest completed
         point, whose view the next job starts from. Safe to repeat."""
 
+    def blocked(self, point: Point) -> str | None:
+        """Why :meth:`drop` cannot remove the point's data now (an RBD snapshot that is protected or has
+        clones), or None; retention then keeps the point."""
+
     def drop(self, base: Point, top: Point) -> None:
         """Retention drops ``base``; ``top``, the point above it, keeps its view and takes ``base``'s
         place in the chain. Safe to repeat after a crash at any step."""

@@ -1,0 +1,212 @@
+"""Regressions of the RBD repository's review (issue 17 part 2) against the real cluster: a protected snapshot
+keeps its point (retention and a restarted hub go on), a clone unprotects its snapshot while another snapshot
+has a clone, a head left at the wrong size with its clean mark is rolled back, a full over an existing image
+starts empty, a clone on a full pool fails as out of space, a sweep reports an image it cannot remove, a disk
+resized between points gets a full of its new size (both stores), prefixes and URLs read back as written."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sendense_nbd.errors import RepositoryError
+from sendense_nbd.hub.repository import PointStatus, RbdStore, Repository, open_store
+from sendense_nbd.hub.repository.rbd import parse_location
+from sendense_nbd.hub.service import _out_of_space
+from sendense_nbd.policy.model import Retention
+from tests.conftest import require, run
+from tests.hub.conftest import Api, HubProcess
+from tests.rbd_repo.conftest import ceph, rbd, wait_pool_full
+from tests.rbd_repo.test_rbd_repository import DISK, MIB, SIZE, VM, Disk, snapshots
+
+pytestmark = pytest.mark.peer
+
+
+def _store(repository: Repository) -> RbdStore:
+    store = repository.store
+    assert isinstance(store, RbdStore)
+    return store
+
+
+def _image(cluster: Any, repository: Repository) -> str:
+    return f"{cluster.pool}/{_store(repository).image_name(VM, DISK)}"
+
+
+async def _status(repository: Repository, point_id: str) -> PointStatus:
+    return (await repository.point(point_id)).status
+
+
+async def test_a_protected_snapshot_keeps_its_point_and_the_hub_starts(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    points = [await disk.backup(f"write -P 0x70 0 {MIB}", incremental=False)]
+    for index in range(1, 3):
+        points.append(await disk.backup(f"write -P {0x70 + index} {index * MIB} 4096", incremental=True))
+    tool = [require("rbd"), *ceph_cluster.client_args()]
+    image = _image(ceph_cluster, repository)
+    clone = f"{ceph_cluster.pool}/{_store(repository).where.prefix}-outside"
+    run(*tool, "snap", "protect", f"{image}@{points[0].id}")  # an operator's clone of the oldest point
+    run(*tool, "clone", f"{image}@{points[0].id}", clone)
+    try:
+        dropped = await repository.apply_retention(VM, DISK, [(Retention(keep_last=1), "UTC")])
+        assert dropped == [points[1].id]  # the cloned point stays, completed, listed
+        assert await _status(repository, points[0].id) is PointStatus.COMPLETED
+        assert snapshots(ceph_cluster, repository) == [points[0].id, points[2].id]
+
+        # A point marked merging whose snapshot cannot go (the old hub's way): the restarted hub starts and
+        # completes it again.
+        await repository.db.run(
+            lambda c: c.execute("UPDATE points SET status = 'merging' WHERE id = ?", (points[0].id,))
+        )
+        restarted = Repository(repository.root, repository.db, store=open_store(repository.root, None))
+        assert await restarted.recover() == ([], [])
+        assert await _status(repository, points[0].id) is PointStatus.COMPLETED
+    finally:
+        run(*tool, "rm", clone)
+        run(*tool, "snap", "unprotect", f"{image}@{points[0].id}")
+    assert await repository.apply_retention(VM, DISK, [(Retention(keep_last=1), "UTC")]) == [points[0].id]
+
+
+async def test_a_clone_unprotects_its_snapshot_while_another_has_a_clone(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    full = await disk.backup(f"write -P 0x31 0 {MIB}", incremental=False)
+    top = await disk.backup(f"write -P 0x32 {MIB} {MIB}", incremental=True)
+    tool = [require("rbd"), *ceph_cluster.client_args()]
+    image = _image(ceph_cluster, repository)
+    prefix = _store(repository).where.prefix
+    run(*tool, "snap", "protect", f"{image}@{full.id}")
+    run(*tool, "clone", f"{image}@{full.id}", f"{ceph_cluster.pool}/{prefix}-other")
+    try:
+        await repository.clone(top, f"{prefix}-mine")
+        listed = {s["name"]: s["protected"] for s in rbd(ceph_cluster, "snap", "ls", image)}
+        assert listed == {full.id: "true", top.id: "false"}, listed
+    finally:
+        for name in ("other", "mine"):
+            run(*tool, "rm", f"{ceph_cluster.pool}/{prefix}-{name}")
+        run(*tool, "snap", "unprotect", f"{image}@{full.id}")
+
+
+async def test_a_head_left_at_another_size_is_rolled_back(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    full = await disk.backup(f"write -P 0x41 0 {MIB}", incremental=False)
+    # What a hub killed mid-create left before the fix: the head resized, the clean mark still naming full.
+    run(
+        require("rbd"), *ceph_cluster.client_args(), "resize", "--size", f"{2 * SIZE}", _image(ceph_cluster, repository)
+    )
+    point = await repository.new_point(VM, DISK, "job", incremental=True, capacity=None)
+    assert point.backing == full.id and point.size == SIZE
+    assert rbd(ceph_cluster, "info", _image(ceph_cluster, repository))["size"] == SIZE
+
+
+async def test_a_full_over_an_existing_image_starts_empty(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    full = await disk.backup(f"write -P 0x51 0 {8 * MIB}", incremental=False)
+    pending = await repository.new_point(VM, DISK, "job", incremental=False, capacity=SIZE)
+    store = _store(repository)
+    assert await asyncio.to_thread(store.allocated, [pending]) == {pending.id: 0}  # nothing written yet
+    run(
+        require("qemu-io"),
+        "-f",
+        "raw",
+        "-c",
+        f"write -P 0x52 {MIB} 4096",
+        store.where.spec(store.image_name(VM, DISK)).filename,
+    )
+    assert await asyncio.to_thread(store.allocated, [pending]) == {pending.id: 4 * MIB}  # one object
+    await repository.discard(pending.id)
+    disk.check(full)  # the snapshot kept its data
+
+
+async def test_a_clone_on_a_full_pool_fails_as_out_of_space(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    point = await disk.backup(f"write -P 0x61 0 {2 * MIB}", incremental=False)
+    used = (await repository.space()).used
+    ceph(ceph_cluster, "osd", "pool", "set-quota", ceph_cluster.pool, "max_bytes", str(max(used // 2, 1)))
+    name = f"{_store(repository).where.prefix}-full"
+    try:
+        wait_pool_full(ceph_cluster, True)
+        with pytest.raises(RepositoryError, match="the Ceph pool is full") as caught:
+            await repository.clone(point, name)
+        assert _out_of_space(caught.value)  # the job or request fails insufficient_space
+    finally:
+        ceph(ceph_cluster, "osd", "pool", "set-quota", ceph_cluster.pool, "max_bytes", "0")
+        wait_pool_full(ceph_cluster, False)
+    assert name not in rbd(ceph_cluster, "ls", ceph_cluster.pool)  # nothing left
+    listed = rbd(ceph_cluster, "snap", "ls", _image(ceph_cluster, repository))
+    assert [s["protected"] for s in listed] == ["false"], listed
+
+
+async def test_a_sweep_reports_an_image_it_cannot_remove(repository: Repository, ceph_cluster: Any) -> None:
+    import rados  # Debian's python3-rados
+    import rbd as librbd
+
+    store = _store(repository)
+    orphan = f"{store.where.prefix}.gone-00000000.2000"
+    run(require("rbd"), *ceph_cluster.client_args(), "create", "--size", "4M", f"{ceph_cluster.pool}/{orphan}")
+    with rados.Rados(conffile=ceph_cluster.conf, rados_id=ceph_cluster.user) as client:
+        with client.open_ioctx(ceph_cluster.pool) as ioctx, librbd.Image(ioctx, orphan):  # an operator has it open
+            removed, unexpected = await repository.sweep_orphans()
+    assert removed == [] and len(unexpected) == 1, (removed, unexpected)
+    assert unexpected[0].startswith(f"rbd:{ceph_cluster.pool}/{orphan} (it could not be swept"), unexpected
+    removed, unexpected = await repository.sweep_orphans()
+    assert removed == [f"rbd:{ceph_cluster.pool}/{orphan}"] and unexpected == []
+
+
+def test_prefixes_without_dots_and_urls_read_back(ceph_cluster: Any, tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="no '.'"):
+        parse_location(f"rbd://{ceph_cluster.pool}?prefix=q5.x")
+    odd = "/k/a+b&c d.keyring"
+    from urllib.parse import quote
+
+    location = parse_location(f"rbd://{ceph_cluster.pool}?keyring={quote(odd, safe='/')}&prefix=q5")
+    assert location.keyring == odd
+    assert parse_location(location.url) == location
+    assert parse_location(f"rbd://{ceph_cluster.pool}?keyring=/k/a+b.keyring").keyring == "/k/a+b.keyring"
+
+
+def _full_then_resized(api: Api, tmp_path: Path, sizes: tuple[int, int]) -> list[dict[str, Any]]:
+    """A full of ``sizes[0]`` bytes, then an automatic backup of the disk resized to ``sizes[1]``: the jobs."""
+    jobs = []
+    for size in sizes:
+        status, job = api.post(
+            "/backups", {"vm_path": "/DC/vm/r", "mode": "auto", "disks": [{"key": DISK, "capacity": size}]}
+        )
+        assert status == 201, job
+        data = tmp_path / f"{size}.raw"
+        data.write_bytes(b"\x6b" * size)
+        run(require("nbdcopy"), "--flush", str(data), job["detail"]["disks"][0]["uri"])
+        done = {"status": "completed", "vm_path": "/DC/vm/r",
+                "disks": [{"disk_key": DISK, "change_id": f"c-{size}", "disk_uuid": None}]}  # fmt: skip
+        status, completed = api.post(f"/backups/{job['job_id']}/complete", done)
+        assert status == 200 and completed["state"] == "completed", completed
+        jobs.append(job)
+    return jobs
+
+
+@pytest.mark.parametrize("store", ["local", "rbd"])
+@pytest.mark.parametrize("sizes", [(4 * MIB, 8 * MIB), (8 * MIB, 4 * MIB)], ids=["grown", "shrunk"])
+def test_a_resized_disk_gets_a_full_of_its_new_size(
+    hub_factory: Callable[..., HubProcess], url: str, tmp_path: Path, store: str, sizes: tuple[int, int]
+) -> None:
+    state = tmp_path / "state"
+    extra = ("--repo", url, "--state-dir", str(state)) if store == "rbd" else ()
+    api = Api(hub_factory(None, *extra, repo=state).url)
+    jobs = _full_then_resized(api, tmp_path, sizes)
+    second = jobs[1]["detail"]["disks"][0]
+    assert second["sync_type"] == "full" and second["full_reason"] == "cbt_reset", second
+    points = api.get("/points?vm_path=/DC/vm/r")[1]["points"]
+    newest = points[-1]
+    assert newest["size"] == sizes[1] and newest["kind"] == "full", newest
