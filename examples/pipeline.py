@@ -217,7 +217,8 @@ def repository(work: Path, ceph_dir: Path | None) -> list[str]:
         return ["--repo", str(work / "repo")]
     cluster = ceph_cluster.load(ceph_dir)
     RBD_KEYS = f":conf={cluster.conf}:id={cluster.user}:keyring={cluster.keyring}"
-    url = f"rbd://{cluster.pool}?conf={cluster.conf}&id={cluster.user}&keyring={cluster.keyring}"
+    prefix = f"pipeline-{os.urandom(4).hex()}"  # this run's repository: a new state directory claims a new prefix
+    url = f"rbd://{cluster.pool}?conf={cluster.conf}&id={cluster.user}&keyring={cluster.keyring}&prefix={prefix}"
     print(f"repository: {url} (state in {work / 'state'})")
     secrets = work / "secrets"
     offsite_target(cluster, secrets)

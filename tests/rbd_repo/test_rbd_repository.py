@@ -204,6 +204,7 @@ async def test_sweep_removes_our_orphans_and_reports_foreign_snapshots(
     orphan = f"{ceph_cluster.pool}/{store.where.prefix}.gone-00000000.2000"
     tool = [require("rbd"), *ceph_cluster.client_args()]
     run(*tool, "create", "--size", "4M", orphan)
+    run(*tool, "image-meta", "set", orphan, "sendense.repository", str(store.identity))  # ours (an untagged one is not)
     run(*tool, "snap", "create", f"{image}@20260101T000000Z-0badc0de")
     run(*tool, "snap", "create", f"{image}@operator-kept")
     stale = Path(repository.root) / "digests" / store.image_name(VM, DISK) / "20260101T000000Z-0badc0de.digests"

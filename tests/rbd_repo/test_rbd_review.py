@@ -7,6 +7,8 @@ resized between points gets a full of its new size (both stores), prefixes and U
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 
 from sendense_nbd.errors import RepositoryError
+from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.repository import PointStatus, RbdStore, Repository, open_store
 from sendense_nbd.hub.repository.rbd import parse_location
 from sendense_nbd.hub.service import _out_of_space
@@ -153,9 +156,14 @@ async def test_a_sweep_reports_an_image_it_cannot_remove(repository: Repository,
     import rados  # Debian's python3-rados
     import rbd as librbd
 
+    await repository.recover()  # the hub's start: the prefix is claimed
     store = _store(repository)
     orphan = f"{store.where.prefix}.gone-00000000.2000"
-    run(require("rbd"), *ceph_cluster.client_args(), "create", "--size", "4M", f"{ceph_cluster.pool}/{orphan}")
+    tool = [require("rbd"), *ceph_cluster.client_args()]
+    run(*tool, "create", "--size", "4M", f"{ceph_cluster.pool}/{orphan}")
+    assert await repository.sweep_orphans() == ([], [])  # untagged: not ours, left alone
+    assert orphan in rbd(ceph_cluster, "ls", ceph_cluster.pool)
+    run(*tool, "image-meta", "set", f"{ceph_cluster.pool}/{orphan}", "sendense.repository", str(store.identity))
     with rados.Rados(conffile=ceph_cluster.conf, rados_id=ceph_cluster.user) as client:
         with client.open_ioctx(ceph_cluster.pool) as ioctx, librbd.Image(ioctx, orphan):  # an operator has it open
             removed, unexpected = await repository.sweep_orphans()
@@ -210,3 +218,35 @@ def test_a_resized_disk_gets_a_full_of_its_new_size(
     points = api.get("/points?vm_path=/DC/vm/r")[1]["points"]
     newest = points[-1]
     assert newest["size"] == sizes[1] and newest["kind"] == "full", newest
+
+
+async def test_a_second_state_directory_is_refused_unless_it_adopts(
+    repository: Repository, ceph_cluster: Any, url: str, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    point = await disk.backup(f"write -P 0x71 0 {MIB}", incremental=False)
+    store = _store(repository)
+    assert json.loads((Path(repository.root) / "store.json").read_text())["repository"] == store.identity
+    for name, extra in (("other", ""), ("adopting", "&adopt=yes")):
+        state = tmp_path / name
+        state.mkdir()
+        opened = open_store(str(state), url + extra)
+        other = Repository(str(state), Database(str(state / "hub.db")), store=opened)
+        if not extra:
+            with pytest.raises(RepositoryError, match="adopt=yes"):
+                await other.recover()
+            continue
+        assert await other.recover() == ([], [])
+        assert await other.sweep_orphans() == ([], [])  # an adopted repository is never swept
+        assert _store(other).identity == store.identity
+    assert snapshots(ceph_cluster, repository) == [point.id]
+    # The pool's repository object names another UUID than this directory's: refused.
+    ceph_rados = [require("rados"), *ceph_cluster.client_args(), "-p", ceph_cluster.pool]
+    run(*ceph_rados, "rm", f"{store.where.prefix}.repository")
+    restarted = Repository(repository.root, repository.db, store=open_store(repository.root, None))
+    assert await restarted.recover() == ([], [])  # recreated from the directory's record
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({"rbd": url, "repository": "00000000-0000-0000-0000-000000000000"}))
+    shutil.copyfile(stale, Path(repository.root) / "store.json")
+    with pytest.raises(RepositoryError, match="but this state directory recorded"):
+        await Repository(repository.root, repository.db, store=open_store(repository.root, None)).recover()

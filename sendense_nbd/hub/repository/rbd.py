@@ -30,7 +30,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -50,9 +51,13 @@ log = logging.getLogger(__name__)
 
 #: The image metadata key naming the snapshot the head equals (absent: the head may hold a job's writes).
 CLEAN = "sendense.clean"
+#: The image metadata key naming the repository (its UUID) an image belongs to; only such images are ours.
+TAG = "sendense.repository"
+#: The RADOS object ``PREFIX.repository`` holds the repository's UUID (written at its first start).
+IDENTITY = "repository"
 #: What a point ID looks like (``hub.repository.core``): only such snapshots are ours to remove.
 POINT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
-_QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix"})
+_QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix", "adopt"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 #: A prefix has no '.': images are ``PREFIX.<vm>.<disk>``, so prefix ``a`` would match prefix ``a.b``'s images.
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
@@ -78,6 +83,9 @@ class RbdLocation:
     user: str | None = None
     keyring: str | None = None
     prefix: str = "sendense"
+    #: ``adopt=yes``: a new state directory takes over the existing repository of this prefix (never written
+    #: back into :attr:`url`: only the start that asks for it adopts).
+    adopt: bool = attrs.field(default=False, eq=False)
 
     @property
     def url(self) -> str:
@@ -117,6 +125,8 @@ def parse_location(text: str) -> RbdLocation:
             raise RepositoryError(f"{text}: unknown key {key!r} (known: {', '.join(sorted(_QUERY_KEYS))})")
         if key in values or not value:
             raise RepositoryError(f"{text}: give {key} once, with a value")
+        if key == "adopt" and value != "yes":
+            raise RepositoryError(f"{text}: adopt takes 'yes' (a new state directory takes the repository over)")
         values[key] = value
     names: list[tuple[str, str | None]] = [("pool", pool), ("namespace", namespace or None)]
     for label, name in [*names, ("prefix", values.get("prefix"))]:
@@ -126,7 +136,7 @@ def parse_location(text: str) -> RbdLocation:
         raise RepositoryError(f"{text}: prefix {values['prefix']!r} must be letters, digits, '_', '-' (no '.')")
     return RbdLocation(
         pool, namespace or None, values.get("conf"), values.get("id"), values.get("keyring"),
-        values.get("prefix", "sendense"),
+        values.get("prefix", "sendense"), "adopt" in values,
     )  # fmt: skip
 
 
@@ -157,10 +167,21 @@ class RbdStore:
 
     independent = True
 
-    def __init__(self, location: RbdLocation, root: str) -> None:
+    def __init__(
+        self, location: RbdLocation, root: str, *, identity: str | None = None, fresh: bool = False,
+        record: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self.where = location
         self.location = location.url
         self.root = os.path.abspath(root)
+        #: The repository's UUID (``store.json``; None until :meth:`reclaim` claims the pool's prefix).
+        self.identity = identity
+        #: The state directory is new (no UUID recorded, no database): it may not take existing images.
+        self._fresh = fresh
+        #: Records the UUID in the state directory (``stores._record``).
+        self._record = record
+        #: This start adopted an existing repository (``adopt=yes``): the sweep leaves everything alone.
+        self.adopted = False
 
     # -- names -----------------------------------------------------------------
 
@@ -186,9 +207,11 @@ class RbdStore:
         rbd = _rbd()
         with self._ioctx(what) as ioctx:
             try:
+                identity = self._identity(ioctx)  # before an image is made: a first claim sees the pool as it was
                 if base is None and not _exists(ioctx, name):
                     rbd.RBD().create(ioctx, name, capacity)
                 with rbd.Image(ioctx, name) as image:
+                    image.metadata_set(TAG, identity)
                     clean = base is not None and _metadata(image, CLEAN) == base.id and image.size() == base.size
                     _set_dirty(image)
                     if base is None:
@@ -323,6 +346,7 @@ class RbdStore:
         broken = []
         what = f"cannot list the images of {self.location}"
         with self._ioctx(what) as ioctx:
+            self._claim(ioctx)
             for name in self._own_images(ioctx, what):
                 try:
                     with rbd.Image(ioctx, name) as image:
@@ -430,6 +454,9 @@ class RbdStore:
     def sweep(self, known: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
         """Remove the snapshots and images of ours no point knows of (point-ID snapshots on ``PREFIX.``
         images), and digest sidecars of points that are gone; other snapshots are reported, not touched."""
+        if self.adopted:
+            log.warning("%s: adopted: nothing is swept at this start", self.location)
+            return [], []
         ids = {point_id for _, point_id in known}
         images = {path.removeprefix("rbd:").partition("@")[0].rpartition("/")[2] for path, _ in known}
         removed, unexpected = self._sweep_images(ids, images)
@@ -446,6 +473,7 @@ class RbdStore:
         unexpected: list[str] = []
         what = f"cannot list the images of {self.location}"
         with self._ioctx(what) as ioctx:
+            self._identity(ioctx)
             for name in self._own_images(ioctx, what):
                 try:
                     self._sweep_image(ioctx, name, (ids, images), (removed, unexpected))
@@ -475,12 +503,58 @@ class RbdStore:
             removed.append(f"rbd:{self.where.pool}/{name}")
 
     def _own_images(self, ioctx: Any, what: str) -> list[str]:
-        """The pool's images named ``PREFIX.*``."""
+        """The pool's images named ``PREFIX.*`` and tagged with this repository's UUID (another hub's images
+        of the same prefix are not ours)."""
+        return [name for name in self._named(ioctx, what) if self.identity and _tag(ioctx, name) == self.identity]
+
+    def _named(self, ioctx: Any, what: str) -> list[str]:
+        """The pool's images named ``PREFIX.*`` (the repository object is no image)."""
         try:
             names: list[str] = _rbd().RBD().list(ioctx)
         except _rbd().Error as exc:
             _raise(exc, what)
         return [name for name in names if name.startswith(self.where.prefix + ".")]
+
+    def _identity(self, ioctx: Any) -> str:
+        """The UUID images are tagged with (claimed now if the start did not yet)."""
+        if self.identity is None:
+            self._claim(ioctx)
+        assert self.identity is not None  # _claim sets it or raises
+        return self.identity
+
+    def _claim(self, ioctx: Any) -> None:
+        """Make sure the pool's prefix is this state directory's repository (see :func:`_check_claim`); a
+        new repository's UUID is written to ``PREFIX.repository``, and recorded in the state directory."""
+        rados = importlib.import_module("rados")
+        what = f"cannot claim {self.location}"
+        name = f"{self.where.prefix}.{IDENTITY}"
+        try:
+            found: str | None = ioctx.read(name, 64).decode("ascii", "replace").strip() or None
+        except rados.ObjectNotFound:
+            found = None
+        except rados.Error as exc:
+            _raise(exc, what)
+        legacy = self._named(ioctx, what) if found is None else []
+        self.adopted = _check_claim(self.location, found, self.identity, fresh=self._fresh, adopt=self.where.adopt,
+                                    images=legacy)  # fmt: skip
+        identity = found or self.identity or str(uuid.uuid4())
+        try:
+            if found is None:
+                op = ioctx.create_write_op()
+                try:  # exclusive: of two new hubs claiming at once, the second fails (EEXIST)
+                    op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+                    op.write_full(identity.encode("ascii"))
+                    ioctx.operate_write_op(op, name)
+                finally:
+                    op.release()
+            for image in legacy:  # images of this state directory from before repositories had a UUID
+                with _rbd().Image(ioctx, image) as opened:
+                    opened.metadata_set(TAG, identity)
+        except (rados.Error, _rbd().Error) as exc:
+            _raise(exc, what)
+        self.identity = identity
+        if self._record is not None:
+            self._record(identity)
 
     # -- connections -----------------------------------------------------------
 
@@ -541,6 +615,37 @@ def _exists(ioctx: Any, name: str) -> bool:
             return True
     except rbd.ImageNotFound:
         return False
+
+
+def _check_claim(
+    location: str, found: str | None, recorded: str | None, *, fresh: bool, adopt: bool, images: list[str]
+) -> bool:
+    """Refuse a state directory that is not the repository's: ``found`` the pool's UUID, ``recorded`` the
+    directory's, ``images`` the untagged ``PREFIX.*`` images (when the pool has no UUID); whether this start
+    adopts an existing repository."""
+    if found is not None and recorded is not None and found != recorded:
+        raise RepositoryError(
+            f"{location} is repository {found}, but this state directory recorded {recorded}: another hub's "
+            f"repository has this pool and prefix; give this hub another prefix, or its own state directory back"
+        )
+    existing = recorded is None and (found is not None or (fresh and bool(images)))
+    if existing and not adopt:
+        raise RepositoryError(
+            f"{location} holds a repository (its images: {', '.join(images[:3]) or 'see rbd ls'}) that this new "
+            f"state directory does not know: start the hub with its own state directory, use another prefix, or "
+            f"add adopt=yes to --repo to take it over (its points stay unknown to this hub and are never swept)"
+        )
+    return existing
+
+
+def _tag(ioctx: Any, name: str) -> str | None:
+    """The repository UUID an image is tagged with (None: untagged, or it went away)."""
+    rbd = _rbd()
+    try:
+        with rbd.Image(ioctx, name, read_only=True) as image:
+            return _metadata(image, TAG)
+    except rbd.ImageNotFound:
+        return None
 
 
 def _children(image: Any, snapshot: str) -> list[Any]:
