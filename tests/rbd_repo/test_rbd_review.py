@@ -250,3 +250,29 @@ async def test_a_second_state_directory_is_refused_unless_it_adopts(
     shutil.copyfile(stale, Path(repository.root) / "store.json")
     with pytest.raises(RepositoryError, match="but this state directory recorded"):
         await Repository(repository.root, repository.db, store=open_store(repository.root, None)).recover()
+
+
+async def test_a_clone_cut_short_is_removed_at_start(repository: Repository, ceph_cluster: Any, tmp_path: Path) -> None:
+    disk = Disk(repository, tmp_path)
+    point = await disk.backup(f"write -P 0x81 0 {MIB}", incremental=False)
+    other = await disk.backup("write -P 0x82 0 4096", incremental=True)
+    tool = [require("rbd"), *ceph_cluster.client_args()]
+    image = _image(ceph_cluster, repository)
+    prefix = _store(repository).where.prefix
+    # What a hub killed mid-clone left: a protected snapshot and an unflattened, tagged clone; next to it an
+    # operator's clone of another point, which stays.
+    for snapshot, name, tagged in ((point.id, "cut", True), (other.id, "kept", False)):
+        run(*tool, "snap", "protect", f"{image}@{snapshot}")
+        run(*tool, "clone", f"{image}@{snapshot}", f"{ceph_cluster.pool}/{prefix}-{name}")
+        if tagged:
+            run(*tool, "image-meta", "set", f"{ceph_cluster.pool}/{prefix}-{name}", "sendense.clone-of", snapshot)
+    try:
+        restarted = Repository(repository.root, repository.db, store=open_store(repository.root, None))
+        assert await restarted.recover() == ([], [])
+        names = rbd(ceph_cluster, "ls", ceph_cluster.pool)
+        assert f"{prefix}-cut" not in names and f"{prefix}-kept" in names
+        listed = {s["name"]: s["protected"] for s in rbd(ceph_cluster, "snap", "ls", image)}
+        assert listed == {point.id: "false", other.id: "true"}, listed
+    finally:
+        run(*tool, "rm", f"{ceph_cluster.pool}/{prefix}-kept")
+        run(*tool, "snap", "unprotect", f"{image}@{other.id}")

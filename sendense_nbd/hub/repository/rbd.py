@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 CLEAN = "sendense.clean"
 #: The image metadata key naming the repository (its UUID) an image belongs to; only such images are ours.
 TAG = "sendense.repository"
+#: The metadata key a clone carries until it is flattened (the point it was made from): a clone the hub was
+#: killed making is removed at the next start.
+CLONE_OF = "sendense.clone-of"
 #: The RADOS object ``PREFIX.repository`` holds the repository's UUID (written at its first start).
 IDENTITY = "repository"
 #: What a point ID looks like (``hub.repository.core``): only such snapshots are ours to remove.
@@ -318,7 +321,9 @@ class RbdStore:
 
     def clone(self, point: Point, name: str) -> None:
         """A new image ``name`` in the pool holding the point's snapshot: an RBD clone, flattened so that
-        it does not hold the snapshot (retention may remove it later); nothing is left on failure."""
+        it does not hold the snapshot (retention may remove it later). A failure removes the clone; a kill
+        leaves it tagged (:data:`CLONE_OF`) until flattened, and the next start removes it and unprotects
+        the snapshot (:meth:`reclaim`)."""
         rbd = _rbd()
         source = self._image_of(point)
         what = f"cannot clone point {point.id} to rbd:{self.where.pool}/{name}"
@@ -339,9 +344,10 @@ class RbdStore:
                 _raise(exc, what)
 
     def reclaim(self) -> list[str]:
-        """At start: break the exclusive locks a killed predecessor's clients still hold on the repository's
-        images (their watches outlive them by about 30 s, during which librbd refuses to roll back); the
-        images whose lock was broken. One hub per repository: another hub's locks would be broken too."""
+        """At start: claim the repository (:meth:`_claim`), clean up clones cut short, and break the
+        exclusive locks a killed predecessor's clients still hold on the repository's images (their
+        watches outlive them by about 30 s, during which librbd refuses to roll back); the images whose
+        lock was broken. Only images tagged with this repository's UUID are touched."""
         rbd = _rbd()
         broken = []
         what = f"cannot list the images of {self.location}"
@@ -350,6 +356,7 @@ class RbdStore:
             for name in self._own_images(ioctx, what):
                 try:
                     with rbd.Image(ioctx, name) as image:
+                        _clean_clones(ioctx, image, f"rbd:{self.where.pool}/{name}")
                         for owner in list(image.lock_get_owners()):
                             image.lock_break(owner["mode"], owner["owner"])
                             broken.append(name)
@@ -601,7 +608,9 @@ def _clone_flat(ioctx: Any, image: Any, snapshot: str, name: str) -> None:
         image.set_snap(None)
     try:
         with rbd.Image(ioctx, name) as child:
+            child.metadata_set(CLONE_OF, snapshot)  # a start after a kill from here on removes it
             child.flatten()
+            child.metadata_remove(CLONE_OF)
     except BaseException:
         rbd.RBD().remove(ioctx, name)
         raise
@@ -615,6 +624,27 @@ def _exists(ioctx: Any, name: str) -> bool:
             return True
     except rbd.ImageNotFound:
         return False
+
+
+def _clean_clones(ioctx: Any, image: Any, where: str) -> None:
+    """What a clone cut short left (the hub or CLI killed): its unflattened image (tagged with
+    :data:`CLONE_OF`) is removed, and a point's protected snapshot without clones unprotected."""
+    rbd = _rbd()
+    for snapshot in [s for s in _snapshots(image) if POINT_ID.fullmatch(s) and image.is_protected_snap(s)]:
+        try:
+            for pool, child in _children(image, snapshot):
+                if pool != ioctx.get_pool_name():
+                    continue  # the hub clones into its own pool only
+                with rbd.Image(ioctx, child, read_only=True) as opened:
+                    partial = _metadata(opened, CLONE_OF) == snapshot
+                if partial:
+                    rbd.RBD().remove(ioctx, child)
+                    log.warning("%s@%s: removed %s, a clone cut short", where, snapshot, child)
+            if not _children(image, snapshot):
+                image.unprotect_snap(snapshot)
+                log.warning("%s@%s: unprotected (no clone is left)", where, snapshot)
+        except rbd.Error as exc:
+            log.warning("%s@%s: a clone cut short could not be cleaned up, left alone: %s", where, snapshot, exc)
 
 
 def _check_claim(
