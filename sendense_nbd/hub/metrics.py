@@ -21,12 +21,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sendense_nbd.errors import SendenseError
 from sendense_nbd.hub.alerts import AlertKind
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.repository.store import Space
 
 log = logging.getLogger(__name__)
+
+#: Seconds a scrape waits for the repository's space (an RBD pool asks the mons) before it leaves it out.
+SPACE_TIMEOUT = 5.0
 
 #: Most VMs given a ``sendense_last_good_point_age_seconds`` series.
 MAX_VMS = 10_000
@@ -82,17 +86,26 @@ class HubMetrics:
     async def snapshot(self) -> Snapshot:
         """Gather the values: the store's in one read, the filesystem's usage alongside."""
         now = self.clock.now()
-        room = self._space() if self._space is not None else asyncio.to_thread(shutil.disk_usage, self.repo)
-        usage, (values, vms) = await asyncio.gather(room, self.db.run(lambda c: _read(c, now)))
+        usage, (values, vms) = await asyncio.gather(self._room(), self.db.run(lambda c: _read(c, now)))
         if vms > MAX_VMS and not self._warned:
             self._warned = True
             log.warning("more than %d VMs have a good point: the metrics show the first %d by path", MAX_VMS, MAX_VMS)
         leased = values.pop("leased")
         return Snapshot(
             **values,
-            repository={"total": usage.total, "used": usage.used, "free": usage.free},
+            repository={} if usage is None else {"total": usage.total, "used": usage.used, "free": usage.free},
             ports={"leased": leased, "free": max(0, self.pool_size - leased)},
         )
+
+    async def _room(self) -> Any:
+        """The repository's space (a ``Space``, or ``shutil.disk_usage``'s answer); None when it cannot be read
+        in :data:`SPACE_TIMEOUT` seconds (a Ceph cluster that does not answer): the scrape goes on without it."""
+        room = self._space() if self._space is not None else asyncio.to_thread(shutil.disk_usage, self.repo)
+        try:
+            return await asyncio.wait_for(room, SPACE_TIMEOUT)
+        except (SendenseError, OSError, TimeoutError) as exc:
+            log.warning("metrics without the repository's space: %s", str(exc) or "it did not answer in time")
+            return None
 
 
 def _read(connection: sqlite3.Connection, now: float) -> tuple[dict[str, Any], int]:

@@ -276,3 +276,24 @@ async def test_a_clone_cut_short_is_removed_at_start(repository: Repository, cep
     finally:
         run(*tool, "rm", f"{ceph_cluster.pool}/{prefix}-kept")
         run(*tool, "snap", "unprotect", f"{image}@{other.id}")
+
+
+async def test_metrics_leave_out_a_repository_whose_space_fails(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sendense_nbd.hub.clock import SystemClock
+    from sendense_nbd.hub.metrics import HubMetrics
+
+    missing = RbdStore(
+        parse_location(f"rbd://no-such-pool?conf={ceph_cluster.conf}&id={ceph_cluster.user}"), str(tmp_path)
+    )
+    for store, expected in ((_store(repository), {"free", "total", "used"}), (missing, set())):
+        metrics = HubMetrics(
+            repository.db, repo=repository.root, pool_size=4, clock=SystemClock(),
+            space=lambda store=store: asyncio.to_thread(store.space),
+        )  # fmt: skip
+        families = {f.name: f for f in text_string_to_metric_families((await metrics.render()).decode())}
+        assert {s.labels["kind"] for s in families["sendense_repository_bytes"].samples} == expected
+        assert families["sendense_ports"].samples  # the rest is there
