@@ -823,7 +823,8 @@ class Hub:
         try:
             await self._repository.clone(point, request.name)
         except (SendenseError, OSError) as exc:
-            return await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("clone", str(exc)))
+            code = exc.code if isinstance(exc, Conflict) else "insufficient_space" if _out_of_space(exc) else None
+            return await self._jobs.transition(job.id, JobState.FAILED, error=req.Failure("clone", str(exc), code))
         return await self._jobs.transition(job.id, JobState.COMPLETED)
 
     async def _convert_point(self, point: Point, request: req.RestoreRequest) -> Job:

@@ -131,7 +131,8 @@ def _restores(api: Api, cluster: Any, point: dict[str, Any], expected: Path, tmp
     assert status == 201 and cloned["state"] == "completed", cloned
     assert cloned["mode"] == "clone" and cloned["detail"]["path"] == f"rbd:{cluster.pool}/vm0-restored", cloned
     status, again = api.post("/restores", {"point_id": point["id"], "action": "clone", "image": "vm0-restored"})
-    assert status == 201 and again["state"] == "failed" and "exists" in again["error"]["message"], again
+    assert status == 201 and again["state"] == "failed" and again["error"]["code"] == "exists", again
+    assert "exists" in again["error"]["message"], again
     out = run(sys.executable, "-m", "sendense_nbd", "restore", point["id"], "--repo", str(state), "--clone", "vm0-b")
     assert f"rbd:{cluster.pool}/vm0-b" in out.stdout, out.stdout
     for name in ("vm0-restored", "vm0-b"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from sendense_nbd.backup.records import FullReason
 from sendense_nbd.errors import RepositoryError
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.repository import PointStatus, RbdStore, Repository, open_store
@@ -297,3 +298,15 @@ async def test_metrics_leave_out_a_repository_whose_space_fails(
         families = {f.name: f for f in text_string_to_metric_families((await metrics.render()).decode())}
         assert {s.labels["kind"] for s in families["sendense_repository_bytes"].samples} == expected
         assert families["sendense_ports"].samples  # the rest is there
+
+
+async def test_a_missing_base_snapshot_makes_the_next_backup_full(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    disk = Disk(repository, tmp_path)
+    point = await disk.backup(f"write -P 0x91 0 {MIB}", incremental=False)
+    assert await repository.base_for(VM, DISK) == (await repository.point(point.id), None)
+    run(require("rbd"), *ceph_cluster.client_args(), "snap", "rm", f"{_image(ceph_cluster, repository)}@{point.id}")
+    assert await repository.base_for(VM, DISK) == (None, FullReason.BASE_MISSING)
+    full = await disk.backup(f"write -P 0x92 0 {2 * MIB}", incremental=False)
+    disk.check(full)

@@ -109,6 +109,9 @@ class Repository:
             return None, FullReason.VERIFY_FAILED
         if not latest.change_id:
             return None, FullReason.BASE_MISSING
+        if self.store.independent and (missing := await asyncio.to_thread(self.store.check, [latest])) is not None:
+            log.warning("%s disk %s: the next backup is full: %s", vm_path, disk_key, missing)
+            return None, FullReason.BASE_MISSING  # its snapshot is gone (or unreadable): no rollback onto it
         return latest, None
 
     async def new_point(
