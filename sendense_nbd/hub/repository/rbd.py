@@ -98,7 +98,7 @@ class RbdLocation:
         pairs = (("conf", self.conf), ("id", self.user), ("keyring", self.keyring))
         query = [(key, value) for key, value in pairs if value is not None]
         query += [("prefix", self.prefix)] if self.prefix != "sendense" else []
-        return f"rbd://{where}" + ("?" + urlencode(query, quote_via=quote) if query else "")
+        return f"rbd://{where}" + ("?" + urlencode(query, safe="/", quote_via=quote) if query else "")
 
     def spec(self, image: str, snapshot: str | None = None) -> RbdSpec:
         """The device spec of one of the repository's images (or snapshots)."""
