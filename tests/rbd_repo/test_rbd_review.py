@@ -310,3 +310,36 @@ async def test_a_missing_base_snapshot_makes_the_next_backup_full(
     assert await repository.base_for(VM, DISK) == (None, FullReason.BASE_MISSING)
     full = await disk.backup(f"write -P 0x92 0 {2 * MIB}", incremental=False)
     disk.check(full)
+
+
+async def test_a_seal_that_hangs_fails_the_completion_in_time(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from sendense_nbd.hub.repository import core
+    from sendense_nbd.hub.requests import ReportedDisk
+
+    disk = Disk(repository, tmp_path)
+    full = await disk.backup(f"write -P 0xa1 0 {MIB}", incremental=False)
+    store = _store(repository)
+    release = threading.Event()
+    sealed = store.seal
+
+    def hung(point: Any) -> None:  # a cluster whose OSDs do not answer, until released
+        release.wait(30)
+        sealed(point)
+
+    monkeypatch.setattr(store, "seal", hung)
+    monkeypatch.setattr(core, "SEAL_TIMEOUT", 0.5)
+    pending = await repository.new_point(VM, DISK, "job", incremental=True, capacity=None)
+    with pytest.raises(RepositoryError, match="took over 0.5 s"):
+        await repository.complete([(pending.id, ReportedDisk(DISK, "c", None))])
+    await repository.discard(pending.id)
+    release.set()
+    for _ in range(100):  # the late seal takes its snapshot (at most 10 s): the next start removes it
+        if pending.id in snapshots(ceph_cluster, repository):
+            break
+        await asyncio.sleep(0.1)
+    assert await repository.sweep_orphans() == ([f"rbd:{_image(ceph_cluster, repository)}@{pending.id}"], [])
+    assert snapshots(ceph_cluster, repository) == [full.id]

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds sealing a point may take (an RBD snapshot: a cluster whose mons answer but whose OSDs do not
+#: would otherwise hold the job's completion, and the job's lock, forever).
+SEAL_TIMEOUT = 120.0
+
 
 class Repository:
     """The points of every VM's disks: their rows in the hub's store (``db``) and their data in ``store``
@@ -163,7 +167,13 @@ class Repository:
                 point = None
             if point is None or point.status is not PointStatus.PENDING:
                 raise RepositoryError(f"restore point {point_id} is not pending")
-            await asyncio.to_thread(self.store.seal, point)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.store.seal, point), SEAL_TIMEOUT)
+            except TimeoutError:
+                raise RepositoryError(
+                    f"sealing restore point {point_id} took over {SEAL_TIMEOUT:g} s: the store does not answer "
+                    f"(are the Ceph cluster's OSDs up?); the job fails and its point is discarded"
+                ) from None
 
         def update(connection: sqlite3.Connection) -> None:
             now = self.clock.now()
