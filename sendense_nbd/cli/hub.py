@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -262,6 +263,11 @@ def _repository(o: dict[str, Any]) -> tuple[str, str | None]:
             raise click.BadParameter(f"{o['repo']!r}: a directory, or rbd://POOL?conf=...&id=...", param_hint="--repo")
         if o["state_dir"] is not None:
             raise click.UsageError("--state-dir goes with an rbd:// --repo (a directory --repo holds the hub's state)")
+        if os.path.exists(os.path.join(o["repo"], "store.json")):
+            raise click.UsageError(
+                f"{o['repo']} is the state directory of an RBD repository (its store.json): start the hub with "
+                f"--repo rbd://... --state-dir {o['repo']}"
+            )
         return o["repo"], None
     try:
         parse_location(o["repo"])

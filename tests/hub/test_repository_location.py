@@ -62,7 +62,11 @@ def _hub(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_hub_refuses_a_repository_it_cannot_use(tmp_path: Path) -> None:
     state = str(tmp_path / "state")
+    rbd_state = tmp_path / "rbd-state"
+    rbd_state.mkdir()
+    (rbd_state / "store.json").write_text('{"rbd": "rbd://rbd"}\n')
     for args, why in [
+        (["--repo", str(rbd_state)], "is the state directory of an RBD repository"),
         (["--repo", "rbd://rbd?conf=/c"], "needs --state-dir"),
         (["--repo", str(tmp_path / "repo"), "--state-dir", state], "--state-dir goes with an rbd://"),
         (["--repo", "rbd://rbd?bogus=1", "--state-dir", state], "unknown key 'bogus'"),
