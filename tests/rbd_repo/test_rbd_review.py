@@ -343,3 +343,59 @@ async def test_a_seal_that_hangs_fails_the_completion_in_time(
         await asyncio.sleep(0.1)
     assert await repository.sweep_orphans() == ([f"rbd:{_image(ceph_cluster, repository)}@{pending.id}"], [])
     assert snapshots(ceph_cluster, repository) == [full.id]
+
+
+HOLDER = """
+import sys, time, rados, rbd
+with rados.Rados(conffile=sys.argv[1], rados_id=sys.argv[2]) as client, client.open_ioctx(sys.argv[3]) as ioctx:
+    with rbd.Image(ioctx, sys.argv[4]) as image:
+        image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+        print("locked", flush=True)
+        time.sleep(600)
+"""
+
+
+def _killed_lock_holder(cluster: Any, image: str) -> None:
+    """A client that takes the image's exclusive lock and is killed (-9) holding it."""
+    import select
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", HOLDER, cluster.conf, cluster.user, cluster.pool, image]
+    holder = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and select.select([holder.stdout], [], [], 30)[0], "no lock in 30 s"
+        assert holder.stdout.readline().strip() == "locked"
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+async def test_a_profile_rbd_user_runs_the_repository(ceph_cluster: Any, prefix: str, tmp_path: Path) -> None:
+    user = f"hub-{prefix}"
+    keyring = tmp_path / "hub.keyring"
+    caps = ["mon", "profile rbd", "osd", f"profile rbd pool={ceph_cluster.pool}"]
+    keyring.write_text(ceph(ceph_cluster, "auth", "get-or-create", f"client.{user}", *caps).stdout)
+    url = f"rbd://{ceph_cluster.pool}?conf={ceph_cluster.conf}&id={user}&keyring={keyring}&prefix={prefix}"
+    state = tmp_path / "state"
+    state.mkdir()
+    store = open_store(str(state), url)
+    repository = Repository(str(state), Database(str(state / "hub.db")), store=store)
+    try:
+        disk = Disk(repository, tmp_path)
+        point = await disk.backup(f"write -P 0xb1 0 {MIB}", incremental=False)
+        space = await repository.space()  # ceph df and osd pool get-quota
+        assert space.total > 0 and space.used >= 0
+        await repository.clone(point, f"{prefix}-clone")
+        run(require("rbd"), *ceph_cluster.client_args(), "rm", f"{ceph_cluster.pool}/{prefix}-clone")
+        # A killed client's exclusive lock on the image: the restarted hub breaks it (blocklisting it).
+        image = _store(repository).image_name(VM, DISK)
+        await asyncio.to_thread(_killed_lock_holder, ceph_cluster, image)
+        restarted = Repository(str(state), repository.db, store=open_store(str(state), None))
+        assert await asyncio.to_thread(restarted.store.reclaim) == [image]
+        assert await restarted.sweep_orphans() == ([], [])
+        second = await disk.backup(f"write -P 0xb2 {MIB} 4096", incremental=True)  # the head rolls back
+        disk.check(second)
+    finally:
+        repository.db.close()
+        ceph(ceph_cluster, "auth", "rm", f"client.{user}")
