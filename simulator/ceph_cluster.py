@@ -9,14 +9,16 @@ socket under the directory. The recipe and its traps: /work/shared/notes/ceph.md
     python3 simulator/ceph_cluster.py status DIR             # the Cluster and `ceph status`
     python3 simulator/ceph_cluster.py stop DIR               # stop the daemons by their pid files
 
-From Python: ``start(directory, rgw=True) -> Cluster``, ``stop(directory)``, ``load(directory)``.
-Starting a directory that holds a cluster restarts it with its data. Stdlib and attrs only; run as
-root (bluestore opens its file with O_DIRECT).
+From Python: ``start(directory, rgw=True) -> Cluster``, ``stop(directory)``, ``load(directory)``;
+``claim(directory)`` marks a directory as this process's and ``sweep(parent, prefix)`` stops and
+removes the claimed ones whose process is gone. Starting a directory that holds a cluster restarts
+it with its data. Stdlib and attrs only; run as root (bluestore opens its file with O_DIRECT).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -93,10 +95,63 @@ class _Layout:
         return self.directory / f"ceph.{name}.keyring"
 
 
-def _free_port() -> int:
+#: Ports a new cluster's mon and radosgw are picked from: below Linux's ephemeral range (32768-60999), so
+#: that an outgoing connection cannot take one between picking and binding.
+PORT_RANGE = (20000, 32000)
+#: Bootstraps tried with new ports when one was taken meanwhile ("Address already in use").
+BOOTSTRAP_ATTEMPTS = 3
+#: The file naming the process a cluster directory belongs to (see :func:`claim` and :func:`sweep`).
+OWNER_FILE = "owner.json"
+
+
+class PortTaken(ClusterError):
+    """A port the cluster was to listen on is held by another process."""
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` now (connections in TIME_WAIT do not count, as for the daemons)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_ports(count: int) -> list[int]:
+    """``count`` distinct ports of :data:`PORT_RANGE` free now (a daemon may still lose one: see PortTaken)."""
+    rng = secrets.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(*PORT_RANGE)
+        if port not in ports and _port_free(port):
+            ports.append(port)
+    return ports
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The socket inodes listening on TCP ``port`` (IPv4 or IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _owns_port(pid: int, port: int) -> bool:
+    """Process ``pid`` holds the socket listening on ``port`` (not some other process's listener)."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return any(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
 
 
 def _daemon_env() -> dict[str, str]:
@@ -108,15 +163,25 @@ def _daemon_env() -> dict[str, str]:
 
 
 def _raise_nofile() -> None:
-    """In the child: a file limit an OSD can live with (1024 is too low)."""
+    """A file limit an OSD can live with (1024 is too low), raised in this process: its children inherit it.
+    (Not in a ``preexec_fn``: that runs between fork and exec, unsafe in a process with threads.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def _left(deadline: float, step: float) -> float:
+    """Seconds a step may take: its own limit, or what is left until ``deadline`` if less."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ClusterError("the start's deadline passed")
+    return min(step, left)
+
+
 def _run(args: Sequence[str | Path], *, what: str, stdin: str | None = None, timeout: float = 60) -> str:
-    """Run a Ceph tool; its stdout, or ClusterError naming ``what`` with the tool's output."""
+    """Run a Ceph tool; its stdout, or ClusterError naming ``what`` with the tool's output (PortTaken when a
+    port was taken)."""
     try:
         result = subprocess.run(
             [str(a) for a in args],
@@ -125,12 +190,13 @@ def _run(args: Sequence[str | Path], *, what: str, stdin: str | None = None, tim
             text=True,
             timeout=timeout,
             env=_daemon_env(),
-            preexec_fn=_raise_nofile,
         )
     except subprocess.TimeoutExpired as e:
         raise ClusterError(f"{what}: {args[0]} did not finish in {timeout:g} s") from e
     if result.returncode != 0:
-        raise ClusterError(f"{what}: {args[0]} exited {result.returncode}: {(result.stderr or result.stdout).strip()}")
+        output = (result.stderr or result.stdout).strip()
+        error = PortTaken if "Address already in use" in output else ClusterError
+        raise error(f"{what}: {args[0]} exited {result.returncode}: {output}")
     return result.stdout
 
 
@@ -220,18 +286,18 @@ def _ceph(layout: _Layout, *args: str, what: str, stdin: str | None = None, time
     return _run(["ceph", *admin, "--connect-timeout", "30", *args], what=what, stdin=stdin, timeout=timeout)
 
 
-def _start_daemon(layout: _Layout, name: str) -> None:
+def _start_daemon(layout: _Layout, name: str, deadline: float) -> None:
     """Start one daemon (it forks into the background once initialised and writes its pid file)."""
     kind, _, ident = name.partition(".")
     if kind == "client":
-        args = ["radosgw", "-c", layout.conf, "-n", name]
+        args: list[str | Path] = ["radosgw", "-c", layout.conf, "-n", name]
         (layout.directory / "rgw" / f"ceph-{ident}").mkdir(parents=True, exist_ok=True)
     else:
         args = [f"ceph-{kind}", "-c", layout.conf, "-i", ident]
-    _run(args, what=f"start {name}", timeout=120)
+    _run(args, what=f"start {name}", timeout=_left(deadline, 120))
 
 
-def _bootstrap_mon(layout: _Layout, fsid: str) -> None:
+def _bootstrap_mon(layout: _Layout, fsid: str, deadline: float) -> None:
     """monmap, mon mkfs and start, then the mgr."""
     mon_keyring = _make_keys(layout)
     monmap = layout.directory / "monmap"
@@ -259,17 +325,25 @@ def _bootstrap_mon(layout: _Layout, fsid: str) -> None:
     )
     # The mon reads its own key where the conf's keyring line says.
     shutil.copy(mon_keyring, layout.keyring("mon.a"))
-    _start_daemon(layout, "mon.a")
+    _start_daemon(layout, "mon.a", deadline)
     (layout.directory / "mgr" / "ceph-x").mkdir(parents=True)
-    _start_daemon(layout, "mgr.x")
+    _start_daemon(layout, "mgr.x", deadline)
 
 
-def _bootstrap_osd(layout: _Layout) -> None:
+def _bootstrap_osd(layout: _Layout, deadline: float) -> None:
     """Register osd.0 with its key, mkfs bluestore on a sparse file, start it."""
     osd_uuid = str(uuid.uuid4())
     key = _run(["ceph-authtool", "--gen-print-key"], what="osd key").strip()
     osd_id = _ceph(
-        layout, "osd", "new", osd_uuid, "-i", "-", what="osd new", stdin=json.dumps({"cephx_secret": key})
+        layout,
+        "osd",
+        "new",
+        osd_uuid,
+        "-i",
+        "-",
+        what="osd new",
+        stdin=json.dumps({"cephx_secret": key}),
+        timeout=_left(deadline, 60),
     ).strip()
     if osd_id != "0":
         raise ClusterError(f"osd new: expected id 0, got {osd_id!r}")
@@ -278,12 +352,14 @@ def _bootstrap_osd(layout: _Layout) -> None:
         what="osd keyring",
     )
     (layout.directory / "osd" / "ceph-0").mkdir(parents=True)
-    _run(["ceph-osd", "-c", layout.conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid], what="osd mkfs", timeout=180)
-    _start_daemon(layout, "osd.0")
+    mkfs: list[str | Path] = ["ceph-osd", "-c", layout.conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid]
+    _run(mkfs, what="osd mkfs", timeout=_left(deadline, 180))
+    _start_daemon(layout, "osd.0", deadline)
 
 
-def _status(layout: _Layout) -> dict[str, Any]:
-    status: dict[str, Any] = json.loads(_ceph(layout, "status", "-f", "json", what="ceph status", timeout=40))
+def _status(layout: _Layout, deadline: float) -> dict[str, Any]:
+    text = _ceph(layout, "status", "-f", "json", what="ceph status", timeout=_left(deadline, 40))
+    status: dict[str, Any] = json.loads(text)
     return status
 
 
@@ -292,7 +368,7 @@ def _healthy(status: dict[str, Any]) -> bool:
     pgmap = status.get("pgmap", {})
     clean = sum(s["count"] for s in pgmap.get("pgs_by_state", []) if s["state_name"] == "active+clean")
     osds = status.get("osdmap", {})
-    return (
+    return bool(
         status.get("health", {}).get("status") == "HEALTH_OK"
         and clean == pgmap.get("num_pgs", -1)
         and status.get("mgrmap", {}).get("available", False)
@@ -305,7 +381,7 @@ def _wait_healthy(layout: _Layout, deadline: float) -> None:
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
         try:
-            last = _status(layout)
+            last = _status(layout, deadline)
         except ClusterError:
             last = {}
         if _healthy(last):
@@ -316,18 +392,23 @@ def _wait_healthy(layout: _Layout, deadline: float) -> None:
 
 
 def _wait_osd_up(layout: _Layout, deadline: float) -> None:
+    """Until the OSD is up; a ``ceph status`` that fails meanwhile (the mon still starting) is asked again."""
+    last = ""
     while time.monotonic() < deadline:
-        if _status(layout).get("osdmap", {}).get("num_up_osds", 0) >= 1:
-            return
+        try:
+            if _status(layout, deadline).get("osdmap", {}).get("num_up_osds", 0) >= 1:
+                return
+        except ClusterError as e:
+            last = f" (last: {e})"
         time.sleep(0.5)
-    raise ClusterError(f"osd.0 did not come up (log: {layout.directory}/log/osd.0.log)")
+    raise ClusterError(f"osd.0 did not come up (log: {layout.directory}/log/osd.0.log){last}")
 
 
-def _bootstrap_rgw(layout: _Layout) -> tuple[str, str]:
+def _bootstrap_rgw(layout: _Layout, deadline: float) -> tuple[str, str]:
     """Start radosgw and create the S3 user; its access and secret keys."""
-    _start_daemon(layout, "client.rgw.a")
+    _start_daemon(layout, "client.rgw.a", deadline)
     access, secret = secrets.token_hex(10).upper(), secrets.token_urlsafe(30)
-    admin = ["-c", layout.conf, "-n", "client.admin", "-k", layout.keyring("client.admin")]
+    admin: list[str | Path] = ["-c", layout.conf, "-n", "client.admin", "-k", layout.keyring("client.admin")]
     _run(
         [
             "radosgw-admin",
@@ -340,7 +421,7 @@ def _bootstrap_rgw(layout: _Layout) -> tuple[str, str]:
             f"--secret={secret}",
         ],
         what="rgw user",
-        timeout=120,
+        timeout=_left(deadline, 120),
     )
     return access, secret
 
@@ -357,22 +438,23 @@ def _save(layout: _Layout, cluster: Cluster) -> None:
     path.chmod(0o600)
 
 
-def _bootstrap(directory: Path, *, rgw: bool, deadline: float) -> Cluster:
-    """A new cluster in the empty ``directory``."""
-    layout = _Layout(directory, mon_v2=_free_port(), mon_v1=_free_port(), rgw_port=_free_port())
+def _bootstrap_once(directory: Path, *, rgw: bool, deadline: float) -> Cluster:
+    """A new cluster in the empty ``directory`` (PortTaken if a port was taken between picking and binding)."""
+    mon_v2, mon_v1, rgw_port = _pick_ports(3)
+    layout = _Layout(directory, mon_v2=mon_v2, mon_v1=mon_v1, rgw_port=rgw_port)
     for sub in ("run", "log", "crash"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     fsid = str(uuid.uuid4())
     layout.conf.write_text(_conf_text(layout, fsid))
-    _bootstrap_mon(layout, fsid)
-    _bootstrap_osd(layout)
+    _bootstrap_mon(layout, fsid, deadline)
+    _bootstrap_osd(layout, deadline)
     _wait_osd_up(layout, deadline)
-    _ceph(layout, "osd", "pool", "create", "rbd", what="create the rbd pool")
-    admin = ["-c", layout.conf, "-n", "client.admin", "-k", layout.keyring("client.admin")]
-    _run(["rbd", *admin, "pool", "init", "rbd"], what="rbd pool init", timeout=120)
+    _ceph(layout, "osd", "pool", "create", "rbd", what="create the rbd pool", timeout=_left(deadline, 60))
+    admin: list[str | Path] = ["-c", layout.conf, "-n", "client.admin", "-k", layout.keyring("client.admin")]
+    _run(["rbd", *admin, "pool", "init", "rbd"], what="rbd pool init", timeout=_left(deadline, 120))
     access = secret = None
     if rgw:
-        access, secret = _bootstrap_rgw(layout)
+        access, secret = _bootstrap_rgw(layout, deadline)
     cluster = Cluster(
         directory=str(directory),
         conf=str(layout.conf),
@@ -383,6 +465,26 @@ def _bootstrap(directory: Path, *, rgw: bool, deadline: float) -> Cluster:
     )
     _save(layout, cluster)
     return cluster
+
+
+def _bootstrap(directory: Path, *, rgw: bool, deadline: float) -> Cluster:
+    """A new cluster in the empty ``directory``: again with new ports (the directory emptied) when one was
+    taken before a daemon bound it, up to :data:`BOOTSTRAP_ATTEMPTS` times; healthy on return."""
+    for attempt in range(1, BOOTSTRAP_ATTEMPTS + 1):
+        try:
+            cluster = _bootstrap_once(directory, rgw=rgw, deadline=deadline)
+            _wait_ready(directory, cluster, deadline)
+            return cluster
+        except PortTaken:
+            if attempt == BOOTSTRAP_ATTEMPTS:
+                raise
+            stop(directory)
+            for entry in directory.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                elif entry.name != OWNER_FILE:
+                    entry.unlink()
+    raise AssertionError("unreachable")
 
 
 def _load_state(directory: Path) -> tuple[_Layout, Cluster]:
@@ -400,22 +502,29 @@ def load(directory: str | os.PathLike[str]) -> Cluster:
     return _load_state(Path(directory).resolve())[1]
 
 
-def _restart(directory: Path, *, rgw: bool) -> Cluster:
-    """Start the daemons of an existing cluster that are not running; add RGW if asked and missing."""
+def _restart(directory: Path, *, rgw: bool, deadline: float) -> Cluster:
+    """Start the daemons of an existing cluster that are not running (their saved ports must be free: a
+    mon's is in its monmap); add RGW if asked and missing. Healthy on return."""
     layout, cluster = _load_state(directory)
+    ports = {"mon.a": (layout.mon_v2, layout.mon_v1), "client.rgw.a": (layout.rgw_port,)}
+    for name, numbers in ports.items():
+        taken = [n for n in numbers if _running_pid(layout, name) is None and not _port_free(n)]
+        if taken:
+            raise PortTaken(f"{name} of {directory} cannot start: port {taken[0]} is held by another process")
     for name in DAEMONS[:3]:
         if _running_pid(layout, name) is None:
-            _start_daemon(layout, name)
+            _start_daemon(layout, name, deadline)
     if cluster.rgw_endpoint is not None:
         if _running_pid(layout, "client.rgw.a") is None:
-            _start_daemon(layout, "client.rgw.a")
+            _start_daemon(layout, "client.rgw.a", deadline)
     elif rgw:
-        _wait_osd_up(layout, time.monotonic() + 60)
-        access, secret = _bootstrap_rgw(layout)
+        _wait_osd_up(layout, deadline)
+        access, secret = _bootstrap_rgw(layout, deadline)
         cluster = attrs.evolve(
             cluster, rgw_endpoint=f"http://127.0.0.1:{layout.rgw_port}", s3_access_key=access, s3_secret_key=secret
         )
         _save(layout, cluster)
+    _wait_ready(directory, cluster, deadline)
     return cluster
 
 
@@ -429,39 +538,47 @@ def start(directory: str | os.PathLike[str], *, rgw: bool = True, timeout: float
     """Bootstrap a cluster in ``directory`` (created if needed), or restart the one it holds; healthy on return.
 
     Healthy: HEALTH_OK, every PG active+clean, the mgr available, the ``rbd`` pool initialised and,
-    with ``rgw``, radosgw answering with an S3 user. On failure the daemons started are stopped.
+    with ``rgw``, our radosgw answering on its port with an S3 user. Every step gets what is left of
+    ``timeout`` at most. On failure (or an interrupt) the daemons started are stopped.
     """
     _check_tools()
+    _raise_nofile()
     path = Path(directory).resolve()
     path.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     try:
         if (path / STATE_FILE).exists():
-            cluster = _restart(path, rgw=rgw)
-        elif any(path.iterdir()):
+            return _restart(path, rgw=rgw, deadline=deadline)
+        if any(entry.name != OWNER_FILE for entry in path.iterdir()):
             raise ClusterError(f"{path} is neither empty nor a test cluster")
-        else:
-            cluster = _bootstrap(path, rgw=rgw, deadline=deadline)
-        layout = _load_state(path)[0]
-        _wait_healthy(layout, deadline)
-        if cluster.rgw_endpoint is not None:
-            _wait_http(cluster.rgw_endpoint, deadline)
+        return _bootstrap(path, rgw=rgw, deadline=deadline)
     except BaseException:
         stop(path)
         raise
-    return cluster
 
 
-def _wait_http(endpoint: str, deadline: float) -> None:
-    """Until RGW accepts connections at ``endpoint``."""
-    host, _, port = endpoint.removeprefix("http://").partition(":")
+def _wait_ready(directory: Path, cluster: Cluster, deadline: float) -> None:
+    """Until the cluster is healthy and, with RGW, our radosgw listens on its port."""
+    layout = _load_state(directory)[0]
+    _wait_healthy(layout, deadline)
+    if cluster.rgw_endpoint is not None:
+        _wait_rgw(layout, deadline)
+
+
+def _wait_rgw(layout: _Layout, deadline: float) -> None:
+    """Until our radosgw (its pid file's process) holds the socket listening on its port: another session's
+    RGW answering there is not ours. PortTaken once another process has held the port for 2 s."""
+    taken_since = None
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, int(port)), timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise ClusterError(f"radosgw does not listen at {endpoint}")
+        pid = _running_pid(layout, "client.rgw.a")
+        if pid is not None and _owns_port(pid, layout.rgw_port):
+            return
+        if _listening_inodes(layout.rgw_port):
+            taken_since = taken_since or time.monotonic()
+            if time.monotonic() - taken_since > 2:
+                raise PortTaken(f"radosgw's port {layout.rgw_port} is held by another process")
+        time.sleep(0.2)
+    raise ClusterError(f"radosgw does not listen on port {layout.rgw_port} (log: {layout.directory}/log)")
 
 
 def _running_pid(layout: _Layout, name: str) -> int | None:
@@ -495,6 +612,45 @@ def running(directory: str | os.PathLike[str]) -> list[str]:
     """The daemons of the cluster in ``directory`` that run now."""
     layout = _Layout(Path(directory).resolve())
     return [name for name in DAEMONS if _running_pid(layout, name) is not None]
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def claim(directory: str | os.PathLike[str], pid: int | None = None) -> None:
+    """Mark ``directory`` as belonging to process ``pid`` (default: this one), for :func:`sweep`."""
+    pid = os.getpid() if pid is None else pid
+    path = Path(directory) / OWNER_FILE
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps({"pid": pid, "start": _process_start(pid)}) + "\n")
+    partial.replace(path)  # whole or absent: a reader never sees half a claim
+
+
+def _abandoned(directory: Path) -> bool:
+    """``directory`` is claimed by a process that is gone (a pid reused since does not count as its owner)."""
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False  # unclaimed, or not a claim we can read: not ours to remove
+    return owner["start"] is None or _process_start(int(owner["pid"])) != owner["start"]
+
+
+def sweep(parent: str | os.PathLike[str], prefix: str) -> list[Path]:
+    """Stop (by pid files) and remove the clusters in ``parent``/``prefix``* whose owner process is gone, as
+    a SIGKILLed test session leaves them (daemons using about 0.5 GiB); the directories removed."""
+    removed = []
+    for directory in sorted(Path(parent).glob(f"{prefix}*")):
+        if directory.is_dir() and _abandoned(directory):
+            stop(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

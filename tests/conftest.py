@@ -213,12 +213,18 @@ def _ceph_cluster_module() -> Any:
     return sys.modules[name]
 
 
+#: Temporary directories of the session clusters (tempfile's directory): see ``ceph_cluster``.
+CEPH_PREFIX = "sendense-ceph-"
+
+
 @pytest.fixture(scope="session")
 def ceph_cluster() -> Iterator[Any]:
     """A real single-node Ceph (simulator/ceph_cluster.py: mon, mgr, one OSD, radosgw) shared by the session.
 
     Started on first use (only sessions with Ceph tests pay, about 10 s) in a fresh temporary
-    directory, stopped and removed at session end. Missing Ceph packages fail the test, never skip.
+    directory claimed by this process, stopped and removed at session end (or after a failed or
+    interrupted start). The clusters of sessions that died without that (SIGKILL) are swept first.
+    Missing Ceph packages fail the test, never skip.
     """
     module = _ceph_cluster_module()
     try:
@@ -226,12 +232,16 @@ def ceph_cluster() -> Iterator[Any]:
         import rbd  # noqa: F401
     except ImportError as e:
         pytest.fail(f"python3-rbd/python3-rados not importable ({e}); run ./setup.sh", pytrace=False)
-    directory = tempfile.mkdtemp(prefix="sendense-ceph-")
+    module.sweep(tempfile.gettempdir(), CEPH_PREFIX)
+    directory = tempfile.mkdtemp(prefix=CEPH_PREFIX)
     try:
+        module.claim(directory)
         cluster = module.start(directory)
-    except module.ClusterError as e:
+    except BaseException as e:  # ^C too: start stopped its daemons, the directory goes
         shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"test Ceph cluster did not start: {e}", pytrace=False)
+        if isinstance(e, module.ClusterError):
+            pytest.fail(f"test Ceph cluster did not start: {e}", pytrace=False)
+        raise
     try:
         yield cluster
     finally:
