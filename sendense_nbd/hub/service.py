@@ -363,6 +363,7 @@ class Hub:
         await self.copies.close()
         await self._exports.stop_all()
         await self.nodes.close()
+        await asyncio.to_thread(self._repository.store.close)
         self._db.close()
         os.close(self._lock_fd)
 

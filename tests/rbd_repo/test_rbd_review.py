@@ -399,3 +399,29 @@ async def test_a_profile_rbd_user_runs_the_repository(ceph_cluster: Any, prefix:
     finally:
         repository.db.close()
         ceph(ceph_cluster, "auth", "rm", f"client.{user}")
+
+
+async def test_one_connection_per_store(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sendense_nbd.hub.repository import rbd as rbd_module
+
+    opened: list[Any] = []
+    real = rbd_module.connect
+
+    def counting(spec: Any) -> Any:
+        opened.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(rbd_module, "connect", counting)
+    disk = Disk(repository, tmp_path)
+    point = await disk.backup(f"write -P 0xc1 0 {MIB}", incremental=False)
+    top = await disk.backup(f"write -P 0xc2 {MIB} 4096", incremental=True)
+    await repository.space()
+    store = _store(repository)
+    assert await asyncio.to_thread(store.allocated, [point, top]) == {point.id: 4 * MIB, top.id: 4 * MIB}
+    assert len(opened) == 1, opened  # claim, create, seal, space, diffs: one connection
+    await asyncio.to_thread(store.close)
+    assert await asyncio.to_thread(store.check, [point, top]) is None  # opened again after close
+    assert len(opened) == 2
+    await asyncio.to_thread(store.close)

@@ -79,6 +79,9 @@ class LocalStore:
         """Delete the point's file (``latest`` is untouched: an overlay never writes below itself)."""
         remove_quietly(point.path)
 
+    def close(self) -> None:
+        """Nothing to let go: files are opened per call."""
+
     def blocked(self, point: Point) -> str | None:
         """None: a qcow2 file can always be merged (what holds it, retention's ``protected`` says)."""
         return None

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -183,6 +184,11 @@ class RbdStore:
         self._fresh = fresh
         #: Records the UUID in the state directory (``stores._record``).
         self._record = record
+        self._client_lock = threading.Lock()
+        #: The store's one control connection (opened on first use): its exit stack, Rados and Ioctx.
+        self._client: tuple[contextlib.ExitStack[Any], Any, Any] | None = None
+        #: Connections found lost, closed with the store (another thread may still be using one).
+        self._retired: list[contextlib.ExitStack[Any]] = []
         #: This start adopted an existing repository (``adopt=yes``): the sweep leaves everything alone.
         self.adopted = False
 
@@ -567,13 +573,43 @@ class RbdStore:
 
     @contextlib.contextmanager
     def _connection(self, what: str) -> Iterator[tuple[Any, Any]]:
-        """The cluster's ``Rados`` and the pool's ``Ioctx`` for one call; an unreachable cluster is a
-        :class:`RepositoryError`."""
+        """The cluster's ``Rados`` and the pool's ``Ioctx`` (the store's one connection, opened on first use
+        and shared by every thread); an unreachable cluster is a :class:`RepositoryError`. A call that
+        finds the connection lost (blocklisted, shut down, timed out) makes the next call reconnect."""
+        client = self._connected(what)
         try:
-            with connect(self._spec()) as (cluster, ioctx):
-                yield cluster, ioctx
-        except RbdError as exc:
-            raise RepositoryError(f"{what}: {exc}") from exc
+            yield client[1], client[2]
+        except BaseException as exc:
+            if _lost(exc):
+                self._retire(client)
+            raise
+
+    def _connected(self, what: str) -> tuple[contextlib.ExitStack[Any], Any, Any]:
+        """The open connection, or a new one."""
+        with self._client_lock:
+            if self._client is None:
+                stack = contextlib.ExitStack()
+                try:
+                    cluster, ioctx = stack.enter_context(connect(self._spec()))
+                except RbdError as exc:
+                    raise RepositoryError(f"{what}: {exc}") from exc
+                self._client = (stack, cluster, ioctx)
+            return self._client
+
+    def _retire(self, client: tuple[contextlib.ExitStack[Any], Any, Any]) -> None:
+        """Stop handing out a lost connection (closed with the store: a call may still be using it)."""
+        with self._client_lock:
+            if self._client is client:
+                self._client = None
+                self._retired.append(client[0])
+
+    def close(self) -> None:
+        """Shut the store's connections down (the hub's end)."""
+        with self._client_lock:
+            stacks = [*self._retired, *([self._client[0]] if self._client is not None else [])]
+            self._client, self._retired = None, []
+        for stack in stacks:
+            stack.close()
 
     @contextlib.contextmanager
     def _ioctx(self, what: str) -> Iterator[Any]:
@@ -645,6 +681,18 @@ def _clean_clones(ioctx: Any, image: Any, where: str) -> None:
                 log.warning("%s@%s: unprotected (no clone is left)", where, snapshot)
         except rbd.Error as exc:
             log.warning("%s@%s: a clone cut short could not be cleaned up, left alone: %s", where, snapshot, exc)
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error behind it) says the connection is no use any more."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes, bounded
+        if seen is None:
+            return False
+        if abs(int(getattr(seen, "errno", 0) or 0)) in (errno.ESHUTDOWN, errno.ENOTCONN, errno.ETIMEDOUT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _check_claim(

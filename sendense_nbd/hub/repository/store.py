@@ -58,6 +58,9 @@ class Store(Protocol):
         """Remove a pending point's data (its job failed); ``latest``: the disk's newest completed
         point, whose view the next job starts from. Safe to repeat."""
 
+    def close(self) -> None:
+        """Let go of what the store holds open (its cluster connection); at the hub's end."""
+
     def blocked(self, point: Point) -> str | None:
         """Why :meth:`drop` cannot remove the point's data now (an RBD snapshot that is protected or has
         clones), or None; retention then keeps the point."""
