@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,47 +211,77 @@ class _ServeOptions:
 
 
 def _serve_images(o: _ServeOptions) -> None:
-    """Open the images, listen, (fork,) and serve until stopped; the images are closed at the end."""
-    from sendense_nbd.server import NBDServer
-    from sendense_nbd.server.buffers import return_large_frees_to_os
+    """Check the options, (fork,) open the images, listen and serve until stopped; close every image at the end.
+
+    Usage errors and the TLS credentials are checked before ``--fork`` (a usage error exits 2 from the
+    command itself), and systemd's sockets are taken then (``LISTEN_PID`` names this process, not the
+    child). The images are opened after it, as qemu-nbd does: librados (rbd:) cannot cross a fork.
+    """
+    from sendense_nbd.server import systemd_sockets
 
     if len(o.names) > len(o.images) or len(o.descriptions) > len(o.images):
         raise click.UsageError("more --export-name/--description values than images")
     devices: list[BlockDevice] = []
+    failure, pid_written = None, False
     try:
-        # Fork first, as qemu-nbd does: librados (rbd:) cannot cross a fork, and the child still tells
-        # its errors on stderr; the parent returns once the child listens (exit 1 if it never does).
-        detach = _fork() if o.fork else None
         tls, tls_context = _tls_settings(o)
+        inherited = systemd_sockets()
+        detach = _fork() if o.fork else None
         exports = _open_exports(o, devices)
-        sockets = _listen(o.bind, o.port, o.socket_path)
+        sockets = inherited or _listen(o.bind, o.port, o.socket_path)
         if detach is not None:
             _detach(detach, o.pid_file)
         elif o.pid_file:
             _write_pid(o.pid_file)
-        return_large_frees_to_os()
-        make_server = functools.partial(
-            NBDServer,
-            exports,
-            sockets=sockets,
-            workers=_workers(o.images),
-            shared=o.shared,
-            persistent=o.persistent,
-            handshake_limit=o.handshake_limit,
-            io_timeout=o.io_timeout,
-            max_handshakes=o.max_handshakes,
-            congestion=o.congestion,
-            tls=tls,
-            tls_context=tls_context,
-        )
-        asyncio.run(_serve(make_server))
+        pid_written = bool(o.pid_file)
+        _run_server(o, exports, sockets, tls, tls_context)
     except SendenseError as exc:
-        raise click.ClickException(str(exc)) from exc
+        failure = str(exc)
     finally:
-        for device in devices:
+        problems = _close_devices(devices)
+        if o.pid_file and pid_written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(o.pid_file)
+    messages = [m for m in (failure, *problems) if m]
+    if messages:
+        raise click.ClickException("; ".join(messages))
+
+
+def _run_server(
+    o: _ServeOptions, exports: list[Export], sockets: list[socket.socket], tls: TLSMode, context: ssl.SSLContext | None
+) -> None:
+    """Serve ``exports`` on ``sockets`` until SIGTERM or SIGINT (or the last client, without --persistent)."""
+    from sendense_nbd.server import NBDServer
+    from sendense_nbd.server.buffers import return_large_frees_to_os
+
+    return_large_frees_to_os()
+    make_server = functools.partial(
+        NBDServer,
+        exports,
+        sockets=sockets,
+        workers=_workers(o.images),
+        shared=o.shared,
+        persistent=o.persistent,
+        handshake_limit=o.handshake_limit,
+        io_timeout=o.io_timeout,
+        max_handshakes=o.max_handshakes,
+        congestion=o.congestion,
+        tls=tls,
+        tls_context=context,
+    )
+    asyncio.run(_serve(make_server))
+
+
+def _close_devices(devices: list[BlockDevice]) -> list[str]:
+    """Close every device (a final flush each), even after one fails; what failed, one message each (the
+    devices' errors name their image)."""
+    problems = []
+    for device in devices:
+        try:
             device.close()
-        if o.pid_file and os.path.exists(o.pid_file):
-            os.unlink(o.pid_file)
+        except (SendenseError, OSError) as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _tls_settings(o: _ServeOptions) -> tuple[TLSMode, ssl.SSLContext | None]:
@@ -282,7 +315,7 @@ def _open_exports(o: _ServeOptions, devices: list[BlockDevice]) -> list[Export]:
 
     exports = []
     for i, image in enumerate(o.images):
-        device: BlockDevice = open_image(image, o.fmt, readonly=o.readonly, cache=o.cache)
+        device: BlockDevice = open_image(image, o.fmt, readonly=o.readonly, cache=o.cache, trusted=True)
         devices.append(device)
         device = PolicyDevice(device, discard=o.discard, detect_zeroes=o.detect_zeroes)
         name = o.names[i] if i < len(o.names) else ("" if i == 0 else _default_name(image))
@@ -305,12 +338,10 @@ def _default_name(image: str) -> str:
 
 
 def _listen(bind: str, port: int, socket_path: str | None) -> list[socket.socket]:
-    """The listening sockets: systemd's, else the unix socket or the TCP port (printed when picked)."""
-    from sendense_nbd.server import systemd_sockets, tcp_socket, unix_socket
+    """The listening socket: the unix socket or the TCP port (printed when picked)."""
+    from sendense_nbd.server import tcp_socket, unix_socket
 
-    sockets = systemd_sockets()
-    if not sockets:
-        sockets = [unix_socket(socket_path) if socket_path else tcp_socket(bind, port)]
+    sockets = [unix_socket(socket_path) if socket_path else tcp_socket(bind, port)]
     if port == 0 and not socket_path:
         click.echo(sockets[0].getsockname()[1])
         sys.stdout.flush()
@@ -348,14 +379,45 @@ def _workers(images: tuple[str, ...]) -> int:
 
 
 def _fork() -> int:
-    """Fork; the parent exits once the child is ready (0) or gone without saying so (1). The child's end."""
+    """Fork; the parent exits once the child is ready (0), with the child's status when it exits first, or
+    1 when it is not ready in :data:`FORK_READY_TIMEOUT` (then it is killed). The child's end of the pipe.
+
+    The parent never returns: whatever happens to it (even ^C) ends in ``os._exit``, so no ``finally``
+    of the caller runs there (the PID file is the child's)."""
     read_end, write_end = os.pipe()
-    if os.fork():
-        os.close(write_end)
-        ready = os.read(read_end, 1)
-        os._exit(0 if ready else 1)
+    pid = os.fork()
+    if pid:
+        code = 1
+        try:
+            os.close(write_end)
+            code = _await_child(read_end, pid)
+        finally:
+            os._exit(code)
     os.close(read_end)
     return write_end
+
+
+def _await_child(read_end: int, pid: int) -> int:
+    """In the parent: 0 once the child says it is ready; its exit status if it exits first; else 1."""
+    ready, _, _ = select.select([read_end], [], [], FORK_READY_TIMEOUT)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        click.echo(
+            f"sendense-nbd serve: error: the server (pid {pid}) was not listening after "
+            f"{FORK_READY_TIMEOUT:g} s, and was killed",
+            err=True,
+        )
+        return 1
+    if os.read(read_end, 1):
+        return 0
+    deadline = time.monotonic() + FORK_READY_TIMEOUT
+    while time.monotonic() < deadline:  # the child closed the pipe: it is exiting (closing what it opened)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
+        time.sleep(0.05)
+    return 1
 
 
 def _detach(write_end: int, pid_file: str | None) -> None:
@@ -373,6 +435,8 @@ def _detach(write_end: int, pid_file: str | None) -> None:
 _CREATE_OPTIONS = {"cluster_size", "extended_l2", "compat"}
 #: I/O threads of a server with an RBD export: each one holds one librbd request in flight.
 RBD_WORKERS = 16
+#: Seconds ``serve --fork`` waits for the server to listen (opening an RBD image may wait for the cluster).
+FORK_READY_TIMEOUT = 300.0
 
 
 def _parse_create_options(text: str | None) -> dict[str, str]:
@@ -439,7 +503,7 @@ def map_command(fmt: str | None, output: str, path: str) -> None:
     from sendense_nbd.storage.imagemap import map_image
 
     try:
-        device = open_image(path, ImageFormat(fmt) if fmt else None, readonly=True)
+        device = open_image(path, ImageFormat(fmt) if fmt else None, readonly=True, trusted=True)
         try:
             entries = map_image(device)
         finally:

@@ -478,14 +478,16 @@ def is_rbd(spec: str) -> bool:
     return is_rbd_filename(spec)
 
 
-async def _open_rbd(spec: str, *, readonly: bool, size: int | None, connections: int) -> LocalEndpoint:
+async def _open_rbd(spec: str, *, readonly: bool, size: int | None, connections: int, trusted: bool) -> LocalEndpoint:
     """An RBD image as an endpoint; a missing target is created with ``size`` bytes (None: it must exist)."""
     from sendense_nbd.storage.rbd import as_spec, create_rbd, open_rbd, rbd_exists
 
-    parsed = as_spec(spec)
+    parsed = as_spec(spec, trusted=trusted)
+    if not readonly and parsed.snapshot:
+        raise ImageError(f"rbd:{parsed.path}: a snapshot cannot be a copy target (rbd snapshots are read-only)")
 
     def make() -> BlockDevice:
-        if not readonly and not parsed.snapshot and not rbd_exists(parsed):
+        if not readonly and not rbd_exists(parsed):
             if size is None:
                 raise ImageError(f"rbd:{parsed.path} does not exist")
             create_rbd(parsed, size)
@@ -506,10 +508,14 @@ async def open_source(
     connections: int = 4,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    trusted: bool = False,
 ) -> Endpoint:
-    """Open an NBD URI, an RBD image, or a local image read-only with its format probed."""
+    """Open an NBD URI, an RBD image, or a local image read-only with its format probed.
+
+    ``trusted``: the operator gave ``spec`` (else an ``rbd:`` name may carry only a few Ceph options:
+    ``storage.rbd.as_spec``)."""
     if is_rbd(spec):
-        return await _open_rbd(spec, readonly=True, size=None, connections=connections)
+        return await _open_rbd(spec, readonly=True, size=None, connections=connections, trusted=trusted)
     if is_uri(spec):
         endpoint = NBDEndpoint(
             spec, connections=connections, request_timeout=request_timeout, connect_timeout=connect_timeout
@@ -532,13 +538,15 @@ async def open_target(
     connections: int = 4,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    trusted: bool = False,
 ) -> Endpoint:
     """Open an NBD URI, an RBD image, or a local image of format ``fmt`` for writing
-    (created with ``size`` bytes when it does not exist; an RBD image is raw)."""
+    (created with ``size`` bytes when it does not exist; an RBD image is raw; ``trusted`` as in
+    :func:`open_source`)."""
     if is_rbd(spec):
         if fmt not in (None, ImageFormat.RAW):
             raise ImageError(f"an RBD target is raw, not {fmt.value}")
-        return await _open_rbd(spec, readonly=False, size=size, connections=connections)
+        return await _open_rbd(spec, readonly=False, size=size, connections=connections, trusted=trusted)
     if is_uri(spec):
         endpoint = NBDEndpoint(
             spec, connections=connections, request_timeout=request_timeout, connect_timeout=connect_timeout

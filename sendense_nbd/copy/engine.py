@@ -569,16 +569,31 @@ async def copy_between(
     progress: ProgressCallback | None = None,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    trusted: bool = False,
 ) -> CopyResult:
     """:func:`copy` between two NBD URIs or local images, opened and closed here.
 
     A local ``dst`` of format ``fmt`` that does not exist is created with the source's size.
+    ``trusted``: the operator named both ends (an ``rbd:`` name may then carry any Ceph option).
     """
     options = CopyOptions() if options is None else options
-    timeouts = {"request_timeout": request_timeout, "connect_timeout": connect_timeout}
-    source = await open_source(src, connections=options.connections, **timeouts)
+    source = await open_source(
+        src,
+        connections=options.connections,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
+        trusted=trusted,
+    )
     try:
-        target = await open_target(dst, fmt=fmt, size=source.size, connections=options.connections, **timeouts)
+        target = await open_target(
+            dst,
+            fmt=fmt,
+            size=source.size,
+            connections=options.connections,
+            request_timeout=request_timeout,
+            connect_timeout=connect_timeout,
+            trusted=trusted,
+        )
         try:
             return await copy(source, target, options, changed_areas=changed_areas, progress=progress)
         finally:

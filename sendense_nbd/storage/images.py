@@ -48,17 +48,24 @@ def parse_filename(name: str) -> tuple[str, ImageFormat | None, bool]:
 
 
 def open_image(
-    path: str, fmt: ImageFormat | None = None, *, readonly: bool = False, cache: CacheMode = CacheMode.WRITEBACK
+    path: str,
+    fmt: ImageFormat | None = None,
+    *,
+    readonly: bool = False,
+    cache: CacheMode = CacheMode.WRITEBACK,
+    trusted: bool = False,
 ) -> CheckedDevice:
     """Open ``path`` as a block device (its backend behind the checking adapter).
 
     Without ``fmt`` the format is probed, as qemu-nbd does; but a writable
     image that looks like qcow2 is never guessed, so a missing ``-f`` cannot
     make writes land in the wrong format. An ``rbd:`` name (or its ``json:``
-    form) opens an RBD image, which is raw (``storage.rbd``).
+    form) opens an RBD image, which is raw (``storage.rbd``); unless
+    ``trusted`` (the operator gave the name) it may carry only a few Ceph
+    options (``storage.rbd.as_spec``).
     """
     if is_rbd(path):
-        return _open_rbd(path, fmt, readonly=readonly, cache=cache)
+        return _open_rbd(path, fmt, readonly=readonly, cache=cache, trusted=trusted)
     path, from_json, with_backing = parse_filename(path)
     if fmt is not None and from_json is not None and fmt is not from_json:
         raise ImageError(f"-f {fmt.value} contradicts the json: driver {from_json.value}")
@@ -129,12 +136,12 @@ def is_rbd(name: str) -> bool:
     return is_rbd_filename(name)
 
 
-def _open_rbd(name: str, fmt: ImageFormat | None, *, readonly: bool, cache: CacheMode) -> CheckedDevice:
+def _open_rbd(name: str, fmt: ImageFormat | None, *, readonly: bool, cache: CacheMode, trusted: bool) -> CheckedDevice:
     if fmt not in (None, ImageFormat.RAW):
         raise ImageError(f"an RBD image is raw (-f raw), not {fmt.value}")
-    from sendense_nbd.storage.rbd import open_rbd
+    from sendense_nbd.storage.rbd import as_spec, open_rbd
 
-    return open_rbd(name, readonly=readonly, cache=cache)
+    return open_rbd(as_spec(name, trusted=trusted), readonly=readonly, cache=cache)
 
 
 def _backing_size(path: str, backing_file: str, backing_format: str | None) -> int:

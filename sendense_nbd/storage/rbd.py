@@ -7,49 +7,64 @@
   option such as ``keyring`` or ``mon_host``), exactly as qemu's rbd driver
   splits it, and its ``json:`` form (``{"driver": "rbd", "pool": ..., "image":
   ..., "snapshot", "namespace", "conf", "user", "server": [{"host", "port"}],
-  "auth-client-required"}``, also as the ``file`` of a ``raw`` driver). A
+  "auth-client-required", "=keyvalue-pairs"}``, also as the ``file`` of a
+  ``raw`` driver, and in qemu's flattened form with dotted keys such as
+  ``file.server.0.host``); values are type-checked, a server needs its port
+  and the servers become ``mon_host`` joined with ``;``, as in qemu. An empty
+  ``id`` is refused (qemu would pass it on; it never names a user). A
   snapshot is always opened read-only; a writable open of one is refused, as
   qemu refuses it.
 * **Connection.** :func:`connect` opens a ``rados.Rados`` and an ``Ioctx``
   (Debian's python3-rados and python3-rbd, imported on first use so nothing
   else pays for them): the ceph.conf named (else Ceph's default search, a
-  missing one ignored, as qemu does), the options of the name, and
-  ``client_mount_timeout`` 30 s unless the name sets it, so an unreachable
-  cluster is an error, not a hang. The ``Ioctx`` is marked *full-try*
+  missing one ignored, as qemu does), ``client_mount_timeout`` 30 s, then the
+  options of the name. The Ioctx is marked *full-try*
   (``rados_set_pool_full_try``): a write to a full pool or cluster then fails
   with ``EDQUOT``/``ENOSPC`` (the client sees ``ENOSPC``) instead of waiting
   for space forever, which is librados' default.
+* **Timeouts.** Every wait on the cluster ends: ``rados_osd_op_timeout`` and
+  ``rados_mon_op_timeout`` are :data:`OP_TIMEOUT` (60 s) unless the name or
+  the conf set them, and a timeout of 0 (Ceph's "never") is replaced by ours.
+  A request to OSDs that do not answer fails with ``ETIMEDOUT`` (``EIO`` to an
+  NBD client); the device waits for its aio parts and its slots at most
+  :data:`OPS_PER_CALL` op timeouts.
+* **Untrusted names.** A name that does not come from the operator (an API
+  caller's) is parsed with ``as_spec(name, trusted=False)``: it may carry only
+  ``conf``, ``id``, ``keyring`` and the options in :data:`UNTRUSTED_OPTIONS`.
+  ``open_image``, ``open_source`` and ``open_target`` treat names so unless
+  their caller says ``trusted=True`` (the command line does).
 * **I/O.** One ``rbd.Image`` per device, shared by every caller thread
   (librbd is thread-safe and releases the GIL). A request up to one object
   (4 MiB by default) is one blocking call in the caller's thread; a larger
   one is split at object boundaries into ``aio_read``/``aio_write`` parts
   that run concurrently. Every call and part holds one of ``queue_depth``
   slots (default 32) while it runs, so the operations in flight on an image
-  stay bounded however many threads call. Zeroing is librbd's
-  ``write_zeroes`` (with ``THICK_PROVISION`` unless trimming is allowed, so
-  the range then stays allocated), TRIM is ``discard`` (librbd skips
-  partial discards below ``rbd_discard_granularity_bytes``: TRIM is
-  advisory), FLUSH is ``flush``, and FUA a flush after the operation. There
-  is no fast zero (qemu's rbd driver offers none either).
+  stay bounded however many threads call (and so does the memory of the
+  parts' copies of a large write). Zeroing is librbd's ``write_zeroes``
+  (with ``THICK_PROVISION`` unless trimming is allowed, so the range then
+  stays allocated), TRIM is ``discard`` (librbd skips partial discards below
+  ``rbd_discard_granularity_bytes``: TRIM is advisory), FLUSH is ``flush``,
+  and FUA a flush after the operation. There is no fast zero (qemu's rbd
+  driver offers none either).
 * **Block status** comes from ``diff_iterate`` from the image's creation
   (``include_parent``, so a clone shows its parent's data) with
   ``whole_object=True``, as qemu does: an object that exists is data as a
-  whole, one that does not is a hole reading zeroes. With the object map
-  (``fast-diff``) that is a map lookup; without it librbd lists objects, so
-  one answer then covers less (:data:`MAP_WINDOW` vs
-  :data:`MAP_WINDOW_SLOW`). librbd is asked for a whole window at a time and
-  the answer is kept (:class:`_MapCache`): a server asks before every sparse
-  read, and each question would read the object map from the cluster.
-* **Cache.** ``cache=none`` sets ``rbd_cache=false`` and the other modes
-  ``rbd_cache=true`` (qemu's mapping); ``writethrough`` flushes after every
-  change. Under ``writeback`` (the default) ``rbd_cache_writethrough_until_flush``
-  is off: librbd's safety net for guests that never flush would keep every
-  write waiting for the OSDs until the first FLUSH, and an NBD client is
-  told the export has a write cache (``SEND_FLUSH``) and flushes, as it does
-  with qemu-nbd over a file. A write then returns once librbd holds it (up
-  to ``rbd_cache_max_dirty`` in flight), so the device declares
-  ``serial_writes``: the server runs its changes in order on one thread,
-  which is as fast and costs less CPU than many threads waiting on librbd.
+  whole, one that does not is a hole reading zeroes. With a valid object map
+  (``fast-diff``, not flagged invalid) that is a map lookup; without it
+  librbd lists objects, so one answer then covers less (:data:`MAP_WINDOW`
+  vs :data:`MAP_WINDOW_SLOW`). librbd is asked for a whole window at a time
+  and the answer is kept (:class:`_MapCache`): a server asks before every
+  sparse read, and each question would read the object map from the cluster.
+* **Cache.** librbd's cache is off (``rbd_cache=false``, set after the name's
+  options, so no name turns it on) whatever the cache mode: a write returns
+  once the OSDs have it, and its error (a full pool's ``ENOSPC``) goes to
+  that write. With the cache on, Ceph 16 answers a write before the OSDs do
+  (its write-around policy) and a failure it meets later reaches only a
+  FLUSH that finds writes still in flight: a FLUSH after the failure could
+  succeed and the data be lost. Its ``writethrough`` policy reports errors
+  but keeps the failed data in its read cache. The device therefore takes
+  writes from many threads at once (``serial_writes`` is False): each one
+  waits for the OSDs.
 * **Errors.** Opening fails with :class:`~sendense_nbd.errors.RbdSpecError`,
   :class:`~sendense_nbd.errors.RbdNotFound`,
   :class:`~sendense_nbd.errors.RbdPermissionDenied` or
@@ -64,6 +79,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno as os_errno
+import functools
 import importlib
 import json
 import threading
@@ -83,6 +99,17 @@ from sendense_nbd.storage.modes import CacheMode
 DEFAULT_QUEUE_DEPTH = 32
 #: Seconds to reach the monitors unless the name sets ``client_mount_timeout``.
 CONNECT_TIMEOUT = 30
+#: Seconds one OSD or monitor operation may take (``rados_osd_op_timeout``, ``rados_mon_op_timeout``)
+#: unless the name or the conf sets them: then it fails with ``ETIMEDOUT`` (``EIO`` to NBD clients).
+OP_TIMEOUT = 60
+#: A librbd call can chain a few OSD operations (the exclusive lock, the object map, the data): a
+#: request, or a slot, is waited for at most this many :data:`OP_TIMEOUT` (the connection's) plus a second.
+OPS_PER_CALL = 3
+#: Ceph options (besides ``conf``, ``id`` and ``keyring``) a name that does not come from the operator
+#: may carry: where the monitors are, how to authenticate, the timeouts (see :func:`as_spec`).
+UNTRUSTED_OPTIONS = frozenset(
+    {"mon_host", "auth_client_required", "client_mount_timeout", "rados_osd_op_timeout", "rados_mon_op_timeout"}
+)
 #: Most bytes one block-status answer covers with the object map (a map lookup)...
 MAP_WINDOW = 64 << 30
 #: ... and without it (librbd lists every object of the window).
@@ -215,6 +242,8 @@ def _parse_options(rest: str | None) -> tuple[dict[str, str], list[tuple[str, st
             raise RbdSpecError("rbd: an option has an empty name")
         raw_value, rest = _next_token(rest, ":")
         value = _unescape(raw_value)
+        if key == "id" and not value:
+            raise RbdSpecError("rbd: id= is empty (the Ceph user without 'client.', such as id=admin)")
         if key in ("conf", "id", "keyring"):
             named[key] = value
         else:
@@ -264,6 +293,38 @@ def _checked(spec: RbdSpec, text: str) -> RbdSpec:
     return spec
 
 
+def _merge(into: dict[str, Any], key: str, value: Any) -> None:
+    """Put ``value`` at ``key`` of ``into``, merging objects; a key given twice is an error (as in qemu)."""
+    if isinstance(value, dict) and isinstance(into.get(key), dict):
+        for sub_key, sub_value in value.items():
+            _merge(into[key], sub_key, sub_value)
+    elif key in into:
+        raise RbdSpecError(f"json: key {key!r} is given twice")
+    else:
+        into[key] = value
+
+
+def _as_lists(value: Any) -> Any:
+    """Objects whose keys are 0, 1, ... n-1 (qemu's flattened lists: ``server.0.host``) as lists."""
+    if not isinstance(value, dict):
+        return value
+    value = {key: _as_lists(item) for key, item in value.items()}
+    if value and all(key.isdigit() for key in value) and sorted(map(int, value)) == list(range(len(value))):
+        return [value[str(i)] for i in range(len(value))]
+    return value
+
+
+def _unflatten(spec: dict[str, Any]) -> dict[str, Any]:
+    """qemu's dotted keys (``{"file.driver": "rbd", "file.server.0.host": ...}``) as nested objects."""
+    nested: dict[str, Any] = {}
+    for key, value in spec.items():
+        parts = key.split(".")
+        for part in reversed(parts[1:]):
+            value = {part: value}
+        _merge(nested, parts[0], value)
+    return {key: _as_lists(value) for key, value in nested.items()}
+
+
 def _rbd_json_object(text: str) -> dict[str, Any] | None:
     """The rbd driver's object of a ``json:`` filename (top level, or a ``raw`` driver's ``file``), else None."""
     try:
@@ -272,17 +333,9 @@ def _rbd_json_object(text: str) -> dict[str, Any] | None:
         raise RbdSpecError(f"json: filename is not JSON ({exc})") from exc
     if not isinstance(spec, dict):
         return None
-    if any("." in key for key in spec):  # qemu's flattened form: {"file.driver": "rbd", "file.pool": ...}
-        nested: dict[str, Any] = {}
-        for key, value in spec.items():
-            head, _, tail = key.partition(".")
-            if tail:
-                nested.setdefault(head, {})[tail] = value
-            else:
-                nested[key] = value
-        spec = nested
+    spec = _unflatten(spec)
     if spec.get("driver") == "rbd":
-        return dict(spec)
+        return spec
     file = spec.get("file")
     if spec.get("driver", "raw") == "raw" and isinstance(file, dict) and file.get("driver") == "rbd":
         if set(spec) - {"driver", "file"}:
@@ -291,25 +344,54 @@ def _rbd_json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
+def _json_string(obj: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    """``obj[key]``: a string, or None when absent and not ``required``."""
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise RbdSpecError(f"json: rbd needs a string {key!r}" + ("" if required else f", not {value!r}"))
+    return value
+
+
+def _json_servers(servers: Any) -> str:
+    """qemu's ``mon_host`` of the ``server`` list: ``host:port`` (IPv6 bracketed) joined with ``;``."""
+    if not isinstance(servers, list) or not servers:
+        raise RbdSpecError('json: rbd "server" is a non-empty list of {"host", "port"}')
+    hosts = []
+    for server in servers:
+        if not isinstance(server, dict) or set(server) != {"host", "port"}:
+            raise RbdSpecError(f'json: rbd server {server!r} needs "host" and "port" (and nothing else)')
+        host, port = server["host"], server["port"]
+        if not isinstance(host, str) or not host or not isinstance(port, str | int) or isinstance(port, bool):
+            raise RbdSpecError(f"json: rbd server {server!r}: host is a string, port a string or number")
+        hosts.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return ";".join(hosts)
+
+
+def _json_pairs(pairs: Any) -> list[tuple[str, str]]:
+    """qemu's ``=keyvalue-pairs``: a JSON array (or its text) of option names and values, alternating."""
+    try:
+        flat = json.loads(pairs) if isinstance(pairs, str) else pairs
+    except ValueError as exc:
+        raise RbdSpecError(f"json: rbd =keyvalue-pairs is not JSON ({exc})") from exc
+    if not isinstance(flat, list) or len(flat) % 2 or not all(isinstance(item, str) for item in flat):
+        raise RbdSpecError("json: rbd =keyvalue-pairs is a list of strings: option, value, option, value...")
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _json_options(obj: dict[str, Any]) -> list[tuple[str, str]]:
     """Ceph options from the json: keys qemu turns into options (``server``, ``auth-client-required``, pairs)."""
     options: list[tuple[str, str]] = []
-    servers = obj.get("server")
-    if servers is not None:
-        hosts = [
-            f"[{s['host']}]:{s.get('port', '6789')}"
-            if ":" in str(s["host"])
-            else f"{s['host']}:{s.get('port', '6789')}"
-            for s in servers
-        ]
-        options.append(("mon_host", ",".join(hosts)))
+    if obj.get("server") is not None:
+        options.append(("mon_host", _json_servers(obj["server"])))
     auth = obj.get("auth-client-required")
     if auth is not None:
-        options.append(("auth_client_required", ";".join(str(a) for a in auth)))
-    pairs = obj.get("=keyvalue-pairs")
-    if pairs is not None:
-        flat = json.loads(pairs) if isinstance(pairs, str) else pairs
-        options.extend((str(k), str(v)) for k, v in zip(flat[::2], flat[1::2], strict=True))
+        if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
+            raise RbdSpecError('json: rbd "auth-client-required" is a list of strings (cephx, none)')
+        options.append(("auth_client_required", ";".join(auth)))
+    if obj.get("=keyvalue-pairs") is not None:
+        options.extend(_json_pairs(obj["=keyvalue-pairs"]))
     return options
 
 
@@ -317,22 +399,21 @@ def _parse_rbd_json(text: str, obj: dict[str, Any]) -> RbdSpec:
     unknown = set(obj) - _JSON_KEYS
     if unknown:
         raise RbdSpecError(f"json: rbd options {sorted(unknown)} are not supported (key-secret, encrypt, ...)")
-    try:
-        for key in ("pool", "image"):
-            if not isinstance(obj.get(key), str):
-                raise RbdSpecError(f"json: rbd needs a string {key!r}")
-        options = _json_options(obj)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise RbdSpecError(f"json: rbd server/auth options are malformed ({exc})") from exc
+    pool, image = _json_string(obj, "pool", required=True), _json_string(obj, "image", required=True)
+    assert pool is not None and image is not None
+    user = _json_string(obj, "user")
+    if user == "":
+        raise RbdSpecError('json: rbd "user" is empty (the Ceph user without "client.", such as "admin")')
+    options = _json_options(obj)
     keyring = dict(options).get("keyring")
     return _checked(
         RbdSpec(
-            pool=obj["pool"],
-            image=obj["image"],
-            snapshot=obj.get("snapshot"),
-            namespace=obj.get("namespace") or None,
-            conf=obj.get("conf"),
-            user=obj.get("user"),
+            pool=pool,
+            image=image,
+            snapshot=_json_string(obj, "snapshot"),
+            namespace=_json_string(obj, "namespace") or None,
+            conf=_json_string(obj, "conf"),
+            user=user,
             keyring=keyring,
             options=tuple((k, v) for k, v in options if k != "keyring"),
         ),
@@ -363,9 +444,27 @@ def parse_rbd_filename(text: str) -> RbdSpec:
     raise RbdSpecError(f"{text!r} is not an rbd: filename")
 
 
-def as_spec(name: str | RbdSpec) -> RbdSpec:
-    """``name`` parsed, or itself when it is a spec already."""
-    return name if isinstance(name, RbdSpec) else parse_rbd_filename(name)
+def _option_name(key: str) -> str:
+    """A Ceph option's name as Ceph compares it (``mon host``, ``mon-host`` and ``mon_host`` are one)."""
+    return key.replace(" ", "_").replace("-", "_")
+
+
+def as_spec(name: str | RbdSpec, *, trusted: bool = True) -> RbdSpec:
+    """``name`` parsed, or itself when it is a spec already.
+
+    ``trusted=False`` is for names that do not come from the operator (an API caller's): their Ceph
+    options must be in :data:`UNTRUSTED_OPTIONS` (any other option, such as ``admin_socket``, would let
+    the caller act on this host's files as this process), else :class:`RbdSpecError`.
+    """
+    spec = name if isinstance(name, RbdSpec) else parse_rbd_filename(name)
+    if not trusted:
+        refused = sorted({key for key, _ in spec.options if _option_name(key) not in UNTRUSTED_OPTIONS})
+        if refused:
+            raise RbdSpecError(
+                f"rbd:{spec.path}: Ceph options {refused} are not accepted here "
+                f"(allowed: conf, id, keyring, {', '.join(sorted(UNTRUSTED_OPTIONS))})"
+            )
+    return spec
 
 
 # -- connections ---------------------------------------------------------------
@@ -375,23 +474,33 @@ def _errno(exc: BaseException) -> int:
     return abs(int(getattr(exc, "errno", 0) or 0))
 
 
-def _open_error(exc: BaseException, what: str, spec: RbdSpec) -> RbdError:
+def _open_error(exc: BaseException, what: str, spec: RbdSpec, *, connecting: bool = False) -> RbdError:
     """The typed error of a failed open step: not found, permission, or the rest."""
     code = _errno(exc)
     if code == os_errno.ENOENT:
         return RbdNotFound(f"{what}: not found")
     if code in (os_errno.EACCES, os_errno.EPERM):
+        user = f"client.{spec.user or 'admin'}"
+        if connecting:
+            return RbdPermissionDenied(f"{what}: the monitors refused {user}'s key (check id= and keyring=)")
+        namespace = f" namespace={spec.namespace}" if spec.namespace else ""
         return RbdPermissionDenied(
-            f"{what}: permission denied for client.{spec.user or 'admin'} "
-            f"(a device needs the caps `mon 'profile rbd' osd 'profile rbd pool={spec.pool}'`)"
+            f"{what}: permission denied for {user} "
+            f"(a device needs the caps `mon 'profile rbd' osd 'profile rbd pool={spec.pool}{namespace}'`)"
         )
     return RbdError(f"{what}: {exc}")
 
 
-def _new_cluster(spec: RbdSpec, cache: CacheMode) -> Any:
-    """A configured, not yet connected ``rados.Rados``."""
+def _conf_set(cluster: Any, spec: RbdSpec, key: str, value: str) -> None:
+    try:
+        cluster.conf_set(key, value)
+    except _lib("rados").Error as exc:
+        raise RbdSpecError(f"Ceph option {key}={value!r} of rbd:{spec.path} is not accepted: {exc}") from exc
+
+
+def _configure(cluster: Any, spec: RbdSpec) -> None:
+    """Read the conf; set our defaults, then the name's options, then what the device depends on."""
     rados = _lib("rados")
-    cluster = rados.Rados(rados_id=spec.user or None)
     try:
         if spec.conf:
             cluster.conf_read_file(spec.conf)
@@ -400,22 +509,33 @@ def _new_cluster(spec: RbdSpec, cache: CacheMode) -> Any:
                 cluster.conf_read_file()
     except rados.Error as exc:
         raise RbdError(f"cannot read the Ceph configuration {spec.conf}: {exc}") from exc
-    settings = [("client_mount_timeout", str(CONNECT_TIMEOUT)), ("rbd_cache", str(cache is not CacheMode.NONE).lower())]
-    if cache is CacheMode.WRITEBACK:  # NBD clients flush: no writethrough until a first FLUSH (see the docstring)
-        settings.append(("rbd_cache_writethrough_until_flush", "false"))
+    settings = [("client_mount_timeout", str(CONNECT_TIMEOUT))]
     if spec.keyring is not None:
         settings.append(("keyring", spec.keyring))
     for key, value in [*settings, *spec.options]:
-        try:
-            cluster.conf_set(key, value)
-        except rados.Error as exc:
-            raise RbdSpecError(f"Ceph option {key}={value!r} of rbd:{spec.path} is not accepted: {exc}") from exc
-    return cluster
+        _conf_set(cluster, spec, key, value)
+    # Every wait on the cluster ends: 0 (Ceph's default for the op timeouts) would mean never.
+    timeouts = {
+        "client_mount_timeout": CONNECT_TIMEOUT,
+        "rados_osd_op_timeout": OP_TIMEOUT,
+        "rados_mon_op_timeout": OP_TIMEOUT,
+    }
+    for key, default in timeouts.items():
+        if _conf_seconds(cluster, key) <= 0:
+            _conf_set(cluster, spec, key, str(default))
+    # Last, so that no name or conf turns it back on: librbd's cache may answer a write before the OSDs
+    # do and lose its error (see "Cache" above).
+    _conf_set(cluster, spec, "rbd_cache", "false")
+
+
+def _conf_seconds(cluster: Any, key: str) -> float:
+    """A duration option of the configured cluster, in seconds."""
+    return float(cluster.conf_get(key) or 0)
 
 
 def _open_ioctx(cluster: Any, spec: RbdSpec) -> Any:
     """The pool's ``Ioctx`` (full-try, in the namespace), or a typed error."""
-    rados = _lib("rados")
+    rados, rbd = _lib("rados"), _lib("rbd")
     try:
         ioctx = cluster.open_ioctx(spec.pool)
     except rados.Error as exc:
@@ -423,7 +543,11 @@ def _open_ioctx(cluster: Any, spec: RbdSpec) -> Any:
     try:
         ioctx.set_osdmap_full_try()  # a full pool fails writes (EDQUOT/ENOSPC) instead of blocking them
         if spec.namespace:
-            if not _lib("rbd").RBD().namespace_exists(ioctx, spec.namespace):
+            try:
+                found = rbd.RBD().namespace_exists(ioctx, spec.namespace)
+            except (rados.Error, rbd.Error) as exc:
+                raise _open_error(exc, f"namespace {spec.namespace!r} of pool {spec.pool!r}", spec) from exc
+            if not found:
                 raise RbdNotFound(f"namespace {spec.namespace!r} of pool {spec.pool!r}: not found")
             ioctx.set_namespace(spec.namespace)
     except BaseException:
@@ -432,16 +556,22 @@ def _open_ioctx(cluster: Any, spec: RbdSpec) -> Any:
     return ioctx
 
 
-def _connect(spec: RbdSpec, cache: CacheMode) -> tuple[Any, Any]:
+def _connect(spec: RbdSpec) -> tuple[Any, Any]:
+    """A connected, configured ``rados.Rados`` and the spec's ``Ioctx``; nothing is left open on failure."""
     rados = _lib("rados")
-    cluster = _new_cluster(spec, cache)
     try:
+        cluster = rados.Rados(rados_id=spec.user or None)
+    except rados.Error as exc:
+        raise RbdError(f"cannot make a Ceph client for client.{spec.user or 'admin'}: {exc}") from exc
+    try:
+        _configure(cluster, spec)
         try:
             cluster.connect()
         except rados.Error as exc:
             where = f"conf {spec.conf}" if spec.conf else "Ceph's default conf"
+            user = f"client.{spec.user or 'admin'}"
             raise _open_error(
-                exc, f"cannot connect to the Ceph cluster ({where}, client.{spec.user or 'admin'})", spec
+                exc, f"cannot connect to the Ceph cluster ({where}, {user})", spec, connecting=True
             ) from exc
         return cluster, _open_ioctx(cluster, spec)
     except BaseException:
@@ -451,8 +581,11 @@ def _connect(spec: RbdSpec, cache: CacheMode) -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def connect(spec: RbdSpec | str, *, cache: CacheMode = CacheMode.WRITEBACK) -> Iterator[tuple[Any, Any]]:
-    """``(rados.Rados, rados.Ioctx)`` of the spec's cluster and pool (namespace set, full-try), closed on exit."""
-    cluster, ioctx = _connect(as_spec(spec), cache)
+    """``(rados.Rados, rados.Ioctx)`` of the spec's cluster and pool (namespace set, full-try), closed on exit.
+
+    ``cache`` is accepted for the block-device options and changes nothing: librbd's cache stays off.
+    """
+    cluster, ioctx = _connect(as_spec(spec))
     try:
         yield cluster, ioctx
     finally:
@@ -495,16 +628,27 @@ def rbd_exists(spec: RbdSpec | str) -> bool:
 
 
 class _Batch:
-    """The aio parts of one request: counts them in and out, keeps the first error."""
+    """The aio parts of one request: counts them in and out, keeps the first error.
+
+    A caller that stops waiting (:meth:`wait` timed out) *abandons* the batch: a part that
+    completes later must not touch the caller's buffer any more (:meth:`deliver`).
+    """
 
     def __init__(self) -> None:
         self._pending = 0
         self._done = threading.Condition()
+        self._abandoned = False
         self.errno = 0
 
     def add(self) -> None:
         with self._done:
             self._pending += 1
+
+    def deliver(self, copy: Callable[[], None]) -> None:
+        """Run ``copy`` (a part's data into the caller's buffer) unless the caller gave up on the batch."""
+        with self._done:
+            if not self._abandoned:
+                copy()
 
     def finish(self, result: int) -> None:
         with self._done:
@@ -514,10 +658,13 @@ class _Batch:
             if not self._pending:
                 self._done.notify_all()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float) -> bool:
+        """Until every part finished (True), or ``timeout`` seconds passed (False: the batch is abandoned)."""
         with self._done:
-            while self._pending:
-                self._done.wait()
+            if self._done.wait_for(lambda: not self._pending, timeout):
+                return True
+            self._abandoned = True
+            return False
 
 
 class _MapCache:
@@ -573,7 +720,11 @@ def _device_error(exc: BaseException, action: str) -> DeviceError:
 
 
 class RbdDevice(Backend):
-    """A backend over one RBD image or snapshot (open it with :func:`open_rbd` or ``open_image``)."""
+    """A backend over one RBD image or snapshot (open it with :func:`open_rbd` or ``open_image``).
+
+    ``cache`` is accepted like every backend's and changes nothing: librbd's cache stays off (see the
+    module's "Cache"), so every mode writes through to the OSDs.
+    """
 
     def __init__(
         self,
@@ -584,26 +735,31 @@ class RbdDevice(Backend):
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
     ) -> None:
         if spec.snapshot and not readonly:
-            raise RbdError(f"rbd:{spec.path}: rbd snapshots are read-only (serve one with -r)")
+            raise RbdError(f"rbd:{spec.path}: rbd snapshots are read-only; open one read-only (serve -r)")
         if queue_depth < 1:
             raise RbdError(f"queue depth {queue_depth} must be at least 1")
         self.spec = spec
         self.path = f"rbd:{spec.path}"  # no conf or options: they may hold a key
-        self._cluster, self._ioctx = _connect(spec, cache)
+        self._cluster, self._ioctx = _connect(spec)
         try:
             self._image = self._open_image(spec, readonly)
-            stat = self._image.stat()
-            self._size = int(stat["size"])
-            self._part = int(stat["obj_size"])
-            fast_map = self._image.features() & _lib("rbd").RBD_FEATURE_FAST_DIFF
+            try:
+                self._size, self._part, self._map_window = self._geometry()
+            except BaseException:
+                with contextlib.suppress(_lib("rbd").Error):
+                    self._image.close()
+                raise
         except BaseException:
             self._ioctx.close()
             self._cluster.shutdown()
             raise
-        self._map_window = MAP_WINDOW if fast_map else MAP_WINDOW_SLOW
+        #: Seconds a request waits for its parts, or for a slot, at most (librbd times out its own calls).
+        self._wait = OPS_PER_CALL * _conf_seconds(self._cluster, "rados_osd_op_timeout") + 1
         self._map = _MapCache(immutable=spec.snapshot is not None)
         self._slots = threading.BoundedSemaphore(queue_depth)
-        self._writethrough = cache is CacheMode.WRITETHROUGH
+        self._lock = threading.Lock()
+        #: The first change since the last FLUSH that failed in a way that may have lost data.
+        self._unflushed: DeviceError | None = None
         self._closed = False
         self._capabilities = Capabilities(
             writable=not readonly,
@@ -613,8 +769,7 @@ class RbdDevice(Backend):
             extents=Support.NATIVE,
             fast_zero=False,
             preferred_block=4096,
-            # Under writeback a write returns once librbd holds it: one thread in order is as fast, and cheaper.
-            serial_writes=cache is CacheMode.WRITEBACK,
+            serial_writes=False,  # each write waits for the OSDs: concurrency comes from the caller's threads
         )
 
     def _open_image(self, spec: RbdSpec, readonly: bool) -> Any:
@@ -623,11 +778,26 @@ class RbdDevice(Backend):
         try:
             return rbd.Image(self._ioctx, spec.image, snapshot=spec.snapshot, read_only=readonly)
         except rbd.ImageNotFound as exc:
-            if spec.snapshot and rbd_image_exists(self._ioctx, spec.image):
+            try:
+                image_exists = bool(spec.snapshot) and rbd_image_exists(self._ioctx, spec.image)
+            except rbd.Error as again:
+                raise _open_error(again, f"cannot open rbd:{spec.at(None).path}", spec) from exc
+            if image_exists:
                 raise RbdNotFound(f"snapshot {spec.snapshot!r} of rbd:{spec.at(None).path}: not found") from exc
             raise RbdNotFound(f"image rbd:{spec.at(None).path}: not found") from exc
         except rbd.Error as exc:
             raise _open_error(exc, f"cannot open rbd:{spec.path}", spec) from exc
+
+    def _geometry(self) -> tuple[int, int, int]:
+        """Size, object size, and the block-status window (smaller when the object map cannot be used)."""
+        rbd = _lib("rbd")
+        try:
+            stat = self._image.stat()
+            fast_map = self._image.features() & rbd.RBD_FEATURE_FAST_DIFF
+            map_valid = not self._image.flags() & rbd.RBD_FLAG_FAST_DIFF_INVALID  # else librbd lists objects
+        except rbd.Error as exc:
+            raise _open_error(exc, f"cannot open rbd:{self.spec.path}", self.spec) from exc
+        return int(stat["size"]), int(stat["obj_size"]), MAP_WINDOW if fast_map and map_valid else MAP_WINDOW_SLOW
 
     @property
     def size(self) -> int:
@@ -648,19 +818,26 @@ class RbdDevice(Backend):
             pos = stop
         return parts
 
+    def _acquire(self, action: str) -> None:
+        """One of the ``queue_depth`` slots, or EIO once the operations holding them outlived their timeouts."""
+        if not self._slots.acquire(timeout=self._wait):
+            raise DeviceError(Errno.EIO, f"{action}: no librbd slot came free in {self._wait:g} s")
+
     def _blocking(self, call: Callable[[], Any], action: str) -> Any:
-        with self._slots:
-            try:
-                return call()
-            except _lib("rbd").Error as exc:
-                raise _device_error(exc, action) from exc
+        self._acquire(action)
+        try:
+            return call()
+        except _lib("rbd").Error as exc:
+            raise _device_error(exc, action) from exc
+        finally:
+            self._slots.release()
 
     def _run_parts(self, offset: int, length: int, submit: Callable[[int, int, _Batch], None], action: str) -> None:
         """Submit each part (holding a slot until it completes), wait for all, raise the first failure."""
         batch = _Batch()
         try:
             for start, size in self._parts(offset, length):
-                self._slots.acquire()
+                self._acquire(action)
                 batch.add()
                 try:
                     submit(start, size, batch)
@@ -671,33 +848,57 @@ class RbdDevice(Backend):
         except _lib("rbd").Error as exc:
             raise _device_error(exc, action) from exc
         finally:
-            batch.wait()  # never return while a part may still write into (or read from) the caller's buffer
+            completed = batch.wait(self._wait)  # the parts write into (or read from) the caller's buffer
+        if not completed:
+            raise DeviceError(Errno.EIO, f"{action}: librbd did not complete it in {self._wait:g} s")
         if batch.errno:
             raise _device_error(OSError(batch.errno, os_errno.errorcode.get(batch.errno, "error")), action)
+
+    def _finish_part(
+        self, batch: _Batch, completion: Any, deliver: Callable[[], None] | None = None, keep: object = None
+    ) -> None:
+        """An aio part's callback: ``deliver`` its data on success; always frees its slot and finishes it (an
+        exception escaping a callback is kept by python-rbd, and the request would wait for it forever).
+        ``keep``: what librbd may still read (a write's data), referenced until the part completes."""
+        result = -os_errno.EIO
+        try:
+            result = min(int(completion.get_return_value()), 0)
+            if result == 0 and deliver is not None:
+                batch.deliver(deliver)
+        except BaseException:
+            result = -os_errno.EIO
+        finally:
+            self._slots.release()
+            batch.finish(result)
 
     def read_into(self, *, offset: int, buffer: memoryview) -> None:
         length = len(buffer)
         action = f"read {length} bytes at {offset} of rbd:{self.spec.path}"
         if length <= self._part:
             data = self._blocking(lambda: self._image.read(offset, length), action)
-            buffer[: len(data)] = data
-            if len(data) < length:
-                buffer[len(data) :] = bytes(length - len(data))
+            _copy_into(buffer, data)
             return
 
         def submit(start: int, size: int, batch: _Batch) -> None:
             def done(completion: Any, data: bytes | None) -> None:
-                self._slots.release()
-                result = completion.get_return_value()
-                if result >= 0 and data is not None:
-                    buffer[start : start + len(data)] = data
-                    if len(data) < size:
-                        buffer[start + len(data) : start + size] = bytes(size - len(data))
-                batch.finish(min(result, 0))
+                deliver = None if data is None else lambda: _copy_into(buffer[start : start + size], data)
+                self._finish_part(batch, completion, deliver)
 
             self._image.aio_read(offset + start, size, done)
 
         self._run_parts(offset, length, submit, action)
+
+    def _change(self, run: Callable[[], Any]) -> None:
+        """Run a write or zero; a failure that may have lost data (ENOSPC, EIO) is told to that request and
+        again to the next FLUSH, as fsync reports a failed write-back: a client that pipelines its writes
+        and checks the FLUSH still learns that not everything is stored."""
+        try:
+            run()
+        except DeviceError as exc:
+            if exc.errno in (Errno.ENOSPC, Errno.EIO):
+                with self._lock:
+                    self._unflushed = self._unflushed or exc
+            raise
 
     def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         view = memoryview(data)
@@ -705,21 +906,14 @@ class RbdDevice(Backend):
         action = f"write {length} bytes at {offset} of rbd:{self.spec.path}"
         if length <= self._part:
             payload = data if isinstance(data, bytes) else view.tobytes()
-            self._blocking(lambda: self._image.write(payload, offset), action)
-        else:
-            pieces: list[bytes] = []  # referenced until every part completed
+            self._change(lambda: self._blocking(lambda: self._image.write(payload, offset), action))
+            return
 
-            def submit(start: int, size: int, batch: _Batch) -> None:
-                def done(completion: Any) -> None:
-                    self._slots.release()
-                    batch.finish(min(completion.get_return_value(), 0))
+        def submit(start: int, size: int, batch: _Batch) -> None:
+            piece = view[start : start + size].tobytes()  # python-rbd takes bytes; freed when the part completes
+            self._image.aio_write(piece, offset + start, functools.partial(self._finish_part, batch, keep=piece))
 
-                pieces.append(view[start : start + size].tobytes())
-                self._image.aio_write(pieces[-1], offset + start, done)
-
-            self._run_parts(offset, length, submit, action)
-        if self._writethrough:
-            self.flush()
+        self._change(lambda: self._run_parts(offset, length, submit, action))
 
     def zero(self, *, offset: int, length: int, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         if fast:
@@ -727,18 +921,20 @@ class RbdDevice(Backend):
         flags = 0 if may_trim else _lib("rbd").RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
         action = f"zero {length} bytes at {offset} of rbd:{self.spec.path}"
         self._map.clear()
-        self._blocking(lambda: self._image.write_zeroes(offset, length, flags), action)
-        if self._writethrough:
-            self.flush()
+        self._change(lambda: self._blocking(lambda: self._image.write_zeroes(offset, length, flags), action))
 
     def trim(self, *, offset: int, length: int, fua: bool = False) -> None:
         self._map.clear()
-        self._blocking(lambda: self._image.discard(offset, length), f"trim {length} bytes at {offset}")
-        if self._writethrough:
-            self.flush()
+        action = f"trim {length} bytes at {offset} of rbd:{self.spec.path}"
+        self._blocking(lambda: self._image.discard(offset, length), action)
 
     def flush(self) -> None:
-        self._blocking(self._image.flush, f"flush rbd:{self.spec.path}")
+        action = f"flush rbd:{self.spec.path}"
+        with self._lock:
+            failed, self._unflushed = self._unflushed, None
+        self._blocking(self._image.flush, action)
+        if failed is not None:
+            raise DeviceError(failed.errno, f"{action}: a write since the last flush failed ({failed})")
 
     def extents(self, *, offset: int, length: int) -> list[Extent]:
         end = offset + min(length, self._map_window)
@@ -764,16 +960,29 @@ class RbdDevice(Backend):
         return map_from_ranges(found, offset, end)
 
     def close(self) -> None:
+        """Flush (a writable image: the cluster must still take our writes), close; the first failure."""
         if self._closed:
             return
         self._closed = True
+        rbd = _lib("rbd")
         try:
-            self._image.close()
-        except _lib("rbd").Error as exc:
-            raise _device_error(exc, f"close rbd:{self.spec.path}") from exc
+            if self._capabilities.writable:
+                self._blocking(self._image.flush, f"close rbd:{self.spec.path}: the final flush")
         finally:
-            self._ioctx.close()
-            self._cluster.shutdown()
+            try:
+                self._image.close()
+            except rbd.Error as exc:
+                raise _device_error(exc, f"close rbd:{self.spec.path}") from exc
+            finally:
+                self._ioctx.close()
+                self._cluster.shutdown()
+
+
+def _copy_into(buffer: memoryview, data: bytes) -> None:
+    """``data`` at the start of ``buffer``, zeroes after it (librbd reads short at the end of an image)."""
+    buffer[: len(data)] = data
+    if len(data) < len(buffer):
+        buffer[len(data) :] = bytes(len(buffer) - len(data))
 
 
 def map_from_ranges(ranges: list[tuple[int, int]], offset: int, end: int) -> list[Extent]:
@@ -813,5 +1022,8 @@ def open_rbd(
     cache: CacheMode = CacheMode.WRITEBACK,
     queue_depth: int = DEFAULT_QUEUE_DEPTH,
 ) -> CheckedDevice:
-    """Open an RBD image (or a snapshot, read-only) as a block device: the backend behind the checking adapter."""
+    """Open an RBD image (or a snapshot, read-only) as a block device: the backend behind the checking adapter.
+
+    A name given as text is taken as the operator's (any Ceph option): parse an API caller's with
+    ``as_spec(name, trusted=False)`` first. ``cache`` changes nothing (librbd's cache stays off)."""
     return CheckedDevice(RbdDevice(as_spec(spec), readonly=readonly, cache=cache, queue_depth=queue_depth))

@@ -7,6 +7,7 @@ the device is compared against.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -84,6 +85,23 @@ class RbdImages:
             spec = f"{self.pool}/{name}"
             self.rbd("snap", "purge", spec, check=False)
             self.rbd("rm", "--no-progress", spec, check=False)
+
+
+@contextlib.contextmanager
+def quota_pool(cluster: Any, pool: str) -> Iterator[RbdImages]:
+    """A new pool (removed at the end, images and all) whose quota the test sets with :func:`set_quota`."""
+    ceph = ("ceph", *cluster.client_args())
+    run(*ceph, "osd", "pool", "create", pool)
+    try:
+        run("rbd", *cluster.client_args(), "pool", "init", pool)
+        yield RbdImages(cluster, pool=pool)
+    finally:
+        run(*ceph, "osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it")
+
+
+def set_quota(images: RbdImages, max_bytes: int) -> None:
+    """The pool's quota in bytes (0: none); the OSDs enforce it a few seconds later."""
+    run("ceph", *images.cluster.client_args(), "osd", "pool", "set-quota", images.pool, "max_bytes", str(max_bytes))
 
 
 @pytest.fixture

@@ -6,22 +6,25 @@ What the device reads and writes is checked against qemu's rbd driver (qemu-img 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sendense_nbd.copy import open_source, open_target
 from sendense_nbd.errors import DeviceError, ImageError, RbdError, RbdNotFound, RbdPermissionDenied, RbdSpecError
 from sendense_nbd.protocol.constants import Errno
 from sendense_nbd.storage import CacheMode, open_image
 from sendense_nbd.storage.images import create_image
 from sendense_nbd.storage.rbd import RbdDevice, connect, create_rbd, open_rbd, parse_rbd_filename, rbd_exists
 from tests.conftest import run
-from tests.storage.rbd_images import MiB, RbdImages, data_runs, rbd_images
+from tests.storage.rbd_images import MiB, RbdImages, data_runs, quota_pool, rbd_images, set_quota
 
 pytestmark = pytest.mark.peer
 __all__ = ["rbd_images"]  # the fixture, imported for pytest
@@ -245,10 +248,21 @@ def test_a_user_without_caps_on_the_pool_is_denied(rbd_images: RbdImages, ceph_c
     )
     try:
         name = f"rbd:rbd/{image}:conf={ceph_cluster.conf}:id={user}:keyring={keyring}"
-        with pytest.raises(RbdPermissionDenied, match="profile rbd pool=rbd"):
+        with pytest.raises(RbdPermissionDenied, match="profile rbd pool=rbd'"):
             open_rbd(name)
         spec = parse_rbd_filename(name)
         assert spec.user == user and spec.keyring == str(keyring)
+        # in a namespace: librbd's own check of the namespace is denied too, and the caps name it
+        in_namespace = f"rbd:rbd/ns1/{image}:conf={ceph_cluster.conf}:id={user}:keyring={keyring}"
+        with pytest.raises(RbdPermissionDenied, match="profile rbd pool=rbd namespace=ns1'"):
+            open_rbd(in_namespace)
+        # a key the monitors do not know is not a matter of caps
+        wrong = tmp_path / "wrong.keyring"
+        key = run("ceph-authtool", "--gen-print-key").stdout.strip()
+        run("ceph-authtool", "--create-keyring", str(wrong), "--name", f"client.{user}", "--add-key", key)
+        with pytest.raises(RbdPermissionDenied, match=f"the monitors refused client.{user}'s key") as refused:
+            open_rbd(name.replace(str(keyring), str(wrong)))
+        assert "caps" not in str(refused.value)
     finally:
         run("ceph", *ceph_cluster.client_args(), "auth", "del", f"client.{user}")
 
@@ -304,3 +318,144 @@ def test_connect_yields_the_pool(rbd_images: RbdImages) -> None:
     with connect(rbd_images.filename(image)) as (cluster, ioctx):
         assert ioctx.get_pool_name() == "rbd" and cluster.state == "connected"
         assert image in rbd.RBD().list(ioctx)
+
+
+#: Ceph options that would turn librbd's cache back on (and its early answers to writes): a name cannot.
+_CACHE_ON = ":rbd_cache=true:rbd_cache_policy=writearound:rbd_cache_writethrough_until_flush=false"
+
+
+@pytest.mark.parametrize("mode", list(CacheMode))
+def test_a_write_the_full_pool_refused_fails_the_next_flush(ceph_cluster: Any, mode: CacheMode) -> None:
+    """Quota, write, sleep, flush: the flush fails with ENOSPC, and every write a flush confirmed is stored.
+
+    With librbd's cache on (Ceph 16 write-around) the write was answered at once, its failure met in the
+    background, and the flush after the sleep answered with success while the data was lost."""
+    with quota_pool(ceph_cluster, f"quota-flush-{mode.value}") as images:
+        image = images.new(64 * MiB)
+        set_quota(images, MiB)
+        device = open_image(images.filename(image) + _CACHE_ON, cache=mode, trusted=True)
+        confirmed, refused = [], None
+        try:
+            for i in range(8):  # an object each (8 MiB apart): the quota is seen a few seconds after it is passed
+                try:
+                    device.write(offset=i * 8 * MiB, data=bytes([0x40 + i]) * MiB)
+                except DeviceError as exc:
+                    assert exc.errno == Errno.ENOSPC, exc
+                time.sleep(1.5)  # a cache would write it out now, and keep the failure from the flush
+                try:
+                    device.flush()
+                except DeviceError as exc:
+                    refused = exc
+                    break
+                confirmed.append(i)
+        finally:
+            device.close()
+        assert refused is not None and refused.errno == Errno.ENOSPC, confirmed
+        set_quota(images, 0)
+        stored = images.diff(image)  # the object map marks an object before its write, even a refused one
+        assert all((i * 8 * MiB, 4 * MiB) in stored for i in confirmed), (confirmed, stored)
+        reads = [a for i in confirmed for a in ("-c", f"read -P {0x40 + i} {i * 8}M 1M")]
+        lost = len(confirmed) * 8  # the write the flush reported: not stored
+        out = run("qemu-io", "-f", "raw", "-r", images.filename(image), *reads, "-c", f"read -P 0 {lost}M 1M").stdout
+        assert "Pattern verification failed" not in out
+        images.remove_all()
+
+
+def test_every_wait_has_a_timeout_and_the_cache_stays_off(rbd_images: RbdImages) -> None:
+    """Ceph's op timeouts default to 0 (never): a device sets 60 s unless the name or conf gives one, and no
+    name turns librbd's cache back on."""
+    base = rbd_images.filename(rbd_images.new(MiB))
+    cases = {"": ("60", "60"), ":rados_osd_op_timeout=0:rados_mon_op_timeout=7": ("60", "7")}
+    for suffix, (osd, mon) in cases.items():
+        with connect(base + suffix + _CACHE_ON) as (cluster, _):
+            assert float(cluster.conf_get("rados_osd_op_timeout")) == float(osd)
+            assert float(cluster.conf_get("rados_mon_op_timeout")) == float(mon)
+            assert cluster.conf_get("rbd_cache") == "false"
+
+
+def _bounded(call: Any, seconds: float) -> BaseException | None:
+    """Run ``call`` in a thread; what it raised (None: nothing). Fails the test if it is still running."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still waiting after {seconds} s"
+    return outcome[0]
+
+
+def test_requests_to_paused_osds_fail_in_the_op_timeout(rbd_images: RbdImages, ceph_cluster: Any) -> None:
+    """``ceph osd pause``: no OSD serves a request. Each one fails with EIO after the op timeout (2 s
+    here), blocking calls and aio parts alike, instead of waiting for ever; then the device goes on."""
+    image = rbd_images.new(16 * MiB)
+    device = open_rbd(rbd_images.filename(image) + ":rados_osd_op_timeout=2")
+    small, large = bytearray(4096), bytearray(9 * MiB)
+    device.write(offset=0, data=b"\x01" * MiB)
+    run("ceph", *ceph_cluster.client_args(), "osd", "pause")
+    try:
+        for _ in range(10):  # until the client's map has the pause flags (a moment)
+            if _bounded(lambda: device.read_into(offset=0, buffer=memoryview(small)), 10) is not None:
+                break
+        requests = {
+            "read": lambda: device.read_into(offset=0, buffer=memoryview(small)),
+            "read in parts": lambda: device.read_into(offset=0, buffer=memoryview(large)),
+            "write": lambda: device.write(offset=0, data=b"\x02" * 4096),
+            "write in parts": lambda: device.write(offset=0, data=bytes(9 * MiB)),
+        }
+        for what, request in requests.items():
+            started = time.monotonic()
+            failed = _bounded(request, 20)
+            assert isinstance(failed, DeviceError) and failed.errno == Errno.EIO, (what, failed)
+            assert "timeout" in str(failed).lower() or "ETIMEDOUT" in str(failed), failed
+            assert time.monotonic() - started < 10, what
+    finally:
+        run("ceph", *ceph_cluster.client_args(), "osd", "unpause")
+    try:
+        assert _bounded(lambda: device.read_into(offset=0, buffer=memoryview(small)), 60) is None
+        assert small == b"\x01" * 4096
+    finally:
+        device.close()
+
+
+def test_a_failing_aio_part_fails_its_request_and_frees_its_slot(rbd_images: RbdImages) -> None:
+    """A part whose completion cannot be delivered (a read-only buffer here) fails the request with EIO;
+    before, the exception stayed in python-rbd and the request waited for ever."""
+    image = rbd_images.new(16 * MiB)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x6b 0 9M", rbd_images.filename(image))
+    device = RbdDevice(parse_rbd_filename(rbd_images.filename(image)), queue_depth=2)
+    try:
+        for _ in range(3):  # more than the slots: a failed part gives its slot back
+            failed = _bounded(lambda: device.read_into(offset=0, buffer=memoryview(bytes(9 * MiB))), 30)
+            assert isinstance(failed, DeviceError) and failed.errno == Errno.EIO, failed
+        buffer = bytearray(9 * MiB)
+        assert _bounded(lambda: device.read_into(offset=0, buffer=memoryview(buffer)), 30) is None
+        assert buffer == b"\x6b" * (9 * MiB)
+    finally:
+        device.close()
+
+
+def test_names_from_api_callers_carry_no_arbitrary_ceph_options(rbd_images: RbdImages, tmp_path: Path) -> None:
+    """``admin_socket`` would make Ceph unlink a file of the caller's choice: refused unless the operator
+    named the image (``trusted=True``: the command line)."""
+    image = rbd_images.new(MiB)
+    stale = tmp_path / "stale"
+    stale.write_text("not a socket")
+    name = rbd_images.filename(image) + f":admin_socket={stale}"
+    openers = {
+        "open_image": lambda: open_image(name),
+        "open_source": lambda: asyncio.run(open_source(name)),
+        "open_target": lambda: asyncio.run(open_target(name)),
+    }
+    for what, opener in openers.items():
+        with pytest.raises(RbdSpecError, match=r"Ceph options \['admin_socket'\] are not accepted here"):
+            opener()
+        assert stale.read_text() == "not a socket", what
+    open_image(rbd_images.filename(image)).close()  # conf, id and keyring: what the hub's names carry
+    open_image(name, trusted=True).close()

@@ -9,7 +9,7 @@ import pytest
 from sendense_nbd.errors import ImageError, RbdSpecError
 from sendense_nbd.protocol.constants import AllocationFlag
 from sendense_nbd.protocol.extents import Extent
-from sendense_nbd.storage.rbd import RbdSpec, is_rbd_filename, map_from_ranges, parse_rbd_filename
+from sendense_nbd.storage.rbd import RbdSpec, as_spec, is_rbd_filename, map_from_ranges, parse_rbd_filename
 
 HOLE = int(AllocationFlag.HOLE | AllocationFlag.ZERO)
 
@@ -77,7 +77,23 @@ def test_filename_round_trips(spec: RbdSpec) -> None:
         ("rbd:rbd/disk:=x", "empty name"),
         ('json:{"driver":"rbd","pool":"rbd"}', "needs a string 'image'"),
         ('json:{"driver":"rbd","pool":"rbd","image":"d","key-secret":"sec0"}', "'key-secret'"),
-        ('json:{"driver":"rbd","pool":"rbd","image":"d","server":[{"port":"1"}]}', "malformed"),
+        ('json:{"driver":"rbd","pool":"rbd","image":"d","server":[{"port":"1"}]}', 'needs "host" and "port"'),
+        # qemu requires the port (InetSocketAddressBase)
+        ('json:{"driver":"rbd","pool":"rbd","image":"d","server":[{"host":"h"}]}', 'needs "host" and "port"'),
+        ('json:{"driver":"rbd","pool":"rbd","image":"d","server":[{"host":5,"port":"1"}]}', "host is a string"),
+        ('json:{"driver":"rbd","pool":"rbd","image":"d","server":{"host":"h"}}', "non-empty list"),
+        # every value has its type: a number would have been a TypeError traceback
+        ('json:{"driver":"rbd","pool":"p","image":"i","user":5}', "string 'user', not 5"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","conf":["x"]}', "string 'conf'"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","snapshot":1}', "string 'snapshot'"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","namespace":{}}', "string 'namespace'"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","user":""}', '"user" is empty'),
+        ('json:{"driver":"rbd","pool":"p","image":"i","auth-client-required":"cephx"}', "list of strings"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","=keyvalue-pairs":"[\\"a\\"]"}', "=keyvalue-pairs is a list"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","=keyvalue-pairs":"[x"}', "=keyvalue-pairs is not JSON"),
+        ('json:{"driver":"rbd","pool":"p","image":"i","=keyvalue-pairs":[1,2]}', "=keyvalue-pairs is a list"),
+        ('json:{"file":{"driver":"rbd","pool":"p","image":"i"},"file.pool":"q"}', "key 'pool' is given twice"),
+        ("rbd:rbd/disk:id=", "id= is empty"),
         ('json:{"driver":"raw","offset":512,"file":{"driver":"rbd","pool":"p","image":"d"}}', "raw driver options"),
         ('json:{"driver":', "not JSON"),
         ("/var/disk.raw", "is not an rbd: filename"),
@@ -111,7 +127,7 @@ def test_json_forms() -> None:
         user="backup",
         keyring="/etc/ceph/k",
         options=(
-            ("mon_host", "10.0.0.1:3300,[fd00::1]:6789"),
+            ("mon_host", "10.0.0.1:3300;[fd00::1]:6789"),  # qemu joins them with ';'
             ("auth_client_required", "cephx;none"),
             ("rbd_cache", "false"),
         ),
@@ -121,6 +137,20 @@ def test_json_forms() -> None:
     assert parse_rbd_filename("json:" + json.dumps(nested)) == RbdSpec("rbd", "disk")
     dotted = {"file.driver": "rbd", "file.pool": "rbd", "file.image": "disk", "driver": "raw"}
     assert parse_rbd_filename("json:" + json.dumps(dotted)) == RbdSpec("rbd", "disk")
+    # qemu's flattened form all the way down (lists as .0, .1), and mixed with a nested object
+    deep = {
+        "file.driver": "rbd",
+        "file.pool": "rbd",
+        "file.image": "disk",
+        "file.server.0.host": "10.0.0.1",
+        "file.server.0.port": 6789,
+        "file.server.1.host": "10.0.0.2",
+        "file.server.1.port": "3300",
+    }
+    deep_spec = RbdSpec("rbd", "disk", options=(("mon_host", "10.0.0.1:6789;10.0.0.2:3300"),))
+    assert parse_rbd_filename("json:" + json.dumps(deep)) == deep_spec
+    mixed = {"file": {"driver": "rbd", "image": "disk"}, "file.pool": "rbd", "file.snapshot": "s"}
+    assert parse_rbd_filename("json:" + json.dumps(mixed)) == RbdSpec("rbd", "disk", snapshot="s")
 
 
 def test_other_names_are_not_rbd() -> None:
@@ -148,3 +178,22 @@ def test_map_from_ranges_fills_holes_clips_and_merges() -> None:
     ]
     assert map_from_ranges([], 0, 100) == [Extent(0, 100, HOLE)]
     assert map_from_ranges([(0, 200)], 50, 100) == [Extent(50, 50, 0)]
+
+
+def test_untrusted_names_carry_only_a_few_ceph_options() -> None:
+    """A name from an API caller may say where the monitors are and how to log in, nothing else."""
+    allowed = (
+        r"rbd:rbd/disk:conf=/etc/ceph/c.conf:id=u:keyring=/k:mon_host=10.0.0.1\:6789"
+        ":auth-client-required=cephx:rados osd op timeout=5:client_mount_timeout=3:rados_mon_op_timeout=4"
+    )
+    assert as_spec(allowed, trusted=False) == parse_rbd_filename(allowed)
+    for option in ("admin_socket=/run/x.asok", "log_file=/etc/passwd", "keyfile=/root/k", "rbd_cache=true"):
+        name = f"rbd:rbd/disk:id=u:{option}"
+        assert as_spec(name) == parse_rbd_filename(name)  # the operator's names carry any option
+        with pytest.raises(RbdSpecError, match=f"Ceph options \\['{option.split('=')[0]}'\\] are not accepted here"):
+            as_spec(name, trusted=False)
+    pairs = {"driver": "rbd", "pool": "p", "image": "i", "=keyvalue-pairs": json.dumps(["admin_socket", "/x"])}
+    with pytest.raises(RbdSpecError, match="admin_socket"):
+        as_spec("json:" + json.dumps(pairs), trusted=False)
+    built = RbdSpec("rbd", "disk", "snap", "ns", "/etc/ceph/c.conf", "hub", "/etc/ceph/k").filename
+    assert as_spec(built, trusted=False).path == "rbd/ns/disk@snap"  # what the hub builds passes

@@ -7,16 +7,23 @@ status with ``rbd diff``; copies in every direction are compared the same way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 
+from sendense_nbd.client import NBDRequestError, connect
+from sendense_nbd.protocol.constants import Errno
 from tests.conftest import random_file, run, server_command, sparse_file
-from tests.storage.rbd_images import MiB, RbdImages, rbd_images
+from tests.storage.rbd_images import MiB, RbdImages, quota_pool, rbd_images, set_quota
 
 pytestmark = pytest.mark.peer
 __all__ = ["rbd_images"]  # the fixture, imported for pytest
@@ -33,6 +40,18 @@ def _map(uri: str) -> list[tuple[int, int]]:
         else:
             runs.append((entry["offset"], entry["length"]))
     return runs
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """The process ``pid`` (not our child) has exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _copy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -93,7 +112,9 @@ def test_snapshot_served_read_only(rbd_images: RbdImages, serve: Any, tmp_path: 
     snapshot = rbd_images.filename(image, snapshot="before")
     refused = run(*server_command("serve", "-p", "0", snapshot), check=False)
     assert refused.returncode == 1
-    assert refused.stderr.strip().endswith(f"rbd:rbd/{image}@before: rbd snapshots are read-only (serve one with -r)")
+    assert refused.stderr.strip().endswith(
+        f"rbd:rbd/{image}@before: rbd snapshots are read-only; open one read-only (serve -r)"
+    )
     server = serve("-r", "-t", snapshot)
     assert json.loads(run("nbdinfo", "--json", server.uri).stdout)["exports"][0]["is_read_only"]
     write = run("qemu-io", "-f", "raw", server.qemu_uri, "-c", "write 0 4k", check=False)
@@ -119,11 +140,12 @@ def test_fork_opens_the_image_in_the_child(rbd_images: RbdImages, tmp_path: Path
     image = rbd_images.new(4 * MiB)
     sock, pid_file = tmp_path / "s.sock", tmp_path / "pid"
     run(*server_command("serve", "--fork", "--pid-file", str(pid_file), "-k", str(sock), rbd_images.filename(image)))
+    pid = int(pid_file.read_text())
     try:
         run("qemu-io", "-f", "raw", f"nbd:unix:{sock}", "-c", "write -P 0x44 0 64k")
     finally:
-        if pid_file.exists():
-            os.kill(int(pid_file.read_text()), 15)
+        os.kill(pid, signal.SIGTERM)
+    assert _wait_gone(pid, 30) and not pid_file.exists()  # it closed the image (and its watch) and left
     out = run("qemu-io", "-f", "raw", "-r", rbd_images.filename(image), "-c", "read -P 0x44 0 64k").stdout
     assert "Pattern verification failed" not in out
     failed = run(
@@ -174,7 +196,7 @@ def test_copy_refuses_what_cannot_be(rbd_images: RbdImages, tmp_path: Path) -> N
     cases = [
         ((str(source), rbd_images.filename(small)), "is smaller than the source"),
         ((rbd_images.filename("absent"), str(tmp_path / "x.raw"), "-f", "raw"), "image rbd:rbd/absent: not found"),
-        ((str(source), rbd_images.filename(small, snapshot="s")), "rbd snapshots are read-only"),
+        ((str(source), rbd_images.filename(small, snapshot="s")), "a snapshot cannot be a copy target"),
         ((str(source), rbd_images.filename(small), "-f", "qcow2"), "an RBD target is raw, not qcow2"),
         ((str(source), "rbd:rbd"), "a pool name is required"),
         ((str(source), "rbd:no-pool/x:conf=/etc/nonexistent.conf"), "cannot read the Ceph configuration"),
@@ -202,20 +224,84 @@ def test_serve_refuses_bad_names_in_one_line(rbd_images: RbdImages) -> None:
     assert qcow2.returncode == 1 and "an RBD image is raw (-f raw), not qcow2" in qcow2.stderr
 
 
-def test_a_full_pool_is_enospc_to_the_nbd_client(ceph_cluster: Any, serve: Any) -> None:
-    pool = "quota-serve"
-    ceph = ("ceph", *ceph_cluster.client_args())
-    run(*ceph, "osd", "pool", "create", pool)
-    try:
-        images = RbdImages(ceph_cluster, pool=pool)
-        run("rbd", *ceph_cluster.client_args(), "pool", "init", pool)
-        image = images.new(16 * MiB)
-        run(*ceph, "osd", "pool", "set-quota", pool, "max_bytes", str(MiB))
-        server = serve("-f", "raw", images.filename(image))
-        commands = [a for i in range(16) for a in ("-c", f"write -P 1 {i}M 1M", "-c", "flush", "-c", "sleep 500")]
-        result = run("qemu-io", "-f", "raw", server.qemu_uri, *commands, check=False, timeout=90)
-        assert "No space left on device" in result.stdout + result.stderr, result.stdout + result.stderr
-        server.stop()
+def _fill_until_a_flush_fails(write: Any, flush: Any) -> tuple[list[int], BaseException]:
+    """Quota, write, sleep, flush: 1 MiB in a new object (8 MiB apart) each round, until a FLUSH fails;
+    the rounds whose FLUSH succeeded, and that failure."""
+    confirmed = []
+    for i in range(8):
+        with contextlib.suppress(nbd.Error, NBDRequestError):  # the write may fail at once: its flush must too
+            write(bytes([0x50 + i]) * MiB, i * 8 * MiB)
+        time.sleep(1.5)  # librbd's cache wrote it out in the background here, and kept the failure
+        try:
+            flush()
+        except (nbd.Error, NBDRequestError) as exc:
+            return confirmed, exc
+        confirmed.append(i)
+    raise AssertionError(f"every flush succeeded on a pool over its quota: {confirmed}")
+
+
+def _assert_stored(images: RbdImages, image: str, confirmed: list[int]) -> None:
+    """What a FLUSH confirmed reads back through qemu's rbd driver; the write the failed FLUSH reported does not."""
+    reads = [a for i in confirmed for a in ("-c", f"read -P {0x50 + i} {i * 8}M 1M")]
+    lost = f"read -P 0 {len(confirmed) * 8}M 1M"
+    out = run("qemu-io", "-f", "raw", "-r", images.filename(image), *reads, "-c", lost).stdout
+    assert "Pattern verification failed" not in out, out
+
+
+def test_a_full_pool_fails_the_flush_of_nbd_clients(ceph_cluster: Any, serve: Any) -> None:
+    """Through the server, read by libnbd (as nbdsh) and by our client: a FLUSH after the pool refused a write
+    is ENOSPC, never success; what a FLUSH confirmed is stored."""
+    with quota_pool(ceph_cluster, "quota-serve") as images:
+        first, second = images.new(64 * MiB), images.new(64 * MiB)
+        set_quota(images, MiB)
+        server = serve("-f", "raw", "-e", "2", "-t", images.filename(first), images.filename(second))
+        handle = nbd.NBD()
+        handle.connect_uri(server.uri)
+        confirmed, failure = _fill_until_a_flush_fails(handle.pwrite, handle.flush)
+        assert isinstance(failure, nbd.Error) and failure.errno == "ENOSPC", failure  # libnbd names it
+        handle.shutdown()
+
+        async def ours() -> tuple[list[int], BaseException]:
+            async with connect(server.uri_for(second)) as client:
+                loop = asyncio.get_running_loop()
+
+                def write(data: bytes, offset: int) -> None:
+                    asyncio.run_coroutine_threadsafe(client.pwrite(data, offset=offset), loop).result(30)
+
+                def flush() -> None:
+                    asyncio.run_coroutine_threadsafe(client.flush(), loop).result(30)
+
+                return await asyncio.to_thread(_fill_until_a_flush_fails, write, flush)
+
+        ours_confirmed, failure = asyncio.run(ours())
+        assert isinstance(failure, NBDRequestError) and failure.errno == Errno.ENOSPC, failure
+        assert server.stop() == 0
+        set_quota(images, 0)  # qemu's rbd driver (no full-try) would wait for space to open the image
+        _assert_stored(images, first, confirmed)
+        _assert_stored(images, second, ours_confirmed)
         images.remove_all()
+
+
+def test_serve_closes_every_image_and_tells_each_failure_in_one_line(rbd_images: RbdImages, serve: Any) -> None:
+    """The cluster refuses the server (both connections blocklisted): SIGTERM still closes both images, and
+    exit 1 names both final flushes in one line, without a traceback."""
+    first, second = rbd_images.new(4 * MiB), rbd_images.new(4 * MiB)
+    server = serve("-f", "raw", "-e", "2", "-t", rbd_images.filename(first), rbd_images.filename(second))
+    watchers = [
+        json.loads(rbd_images.rbd("status", "--format", "json", rbd_images.spec(image)))["watchers"][0]["address"]
+        for image in (first, second)
+    ]
+    ceph = ("ceph", *rbd_images.cluster.client_args())
+    for address in watchers:
+        run(*ceph, "osd", "blocklist", "add", address, "600")
+    try:
+        assert server.stop() == 1
+        stderr = server.stderr()
+        assert "Traceback" not in stderr, stderr
+        last = stderr.strip().splitlines()[-1]  # before it, the server's log of the exports' own final flush
+        assert last.startswith("Error: close rbd:rbd/"), stderr
+        for image in (first, second):
+            assert f"close rbd:rbd/{image}: the final flush" in last, stderr
     finally:
-        run(*ceph, "osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it")
+        for address in watchers:
+            run(*ceph, "osd", "blocklist", "rm", address)
