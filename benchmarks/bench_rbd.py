@@ -9,13 +9,17 @@ Run with the project's venv python, as root (the test cluster's bluestore opens 
 A fresh single-node Ceph (``simulator/ceph_cluster.py``, no RGW) is started under benchmarks/work and
 stopped at the end (``--cluster DIR`` uses a running one instead). Both servers serve the same image
 by qemu's name, ``rbd:rbd/IMAGE:conf=CONF:id=admin``, with the same flags ``-f raw -e 16 -t`` (``-r``
-for reads), librbd's settings left at their defaults:
+for reads):
 
-* ``ours``: ``sendense-nbd serve -f raw -p 0 -e 16 -t NAME``;
-* ``qemu``: ``qemu-nbd -f raw -x '' -p PORT -b 127.0.0.1 -e 16 -t NAME`` (qemu-block-extra's rbd driver);
-* ``qemu-wb`` (with ``--servers``, not by default): qemu-nbd with ``:rbd_cache_writethrough_until_flush=false``
-  added to the name, the librbd setting our device applies under ``--cache writeback``, to show what of the
-  difference is that setting.
+* ``ours``: ``sendense-nbd serve -f raw -p 0 -e 16 -t NAME`` (librbd's cache off in every mode, so each write
+  is answered once the OSDs have it: docs/STORAGE.md);
+* ``qemu``: ``qemu-nbd -f raw -x '' -p PORT -b 127.0.0.1 -e 16 -t NAME`` (qemu-block-extra's rbd driver; its
+  default ``--cache writeback`` is librbd's cache, which writes through until the client's first FLUSH: the
+  whole dense write here, as nbdcopy flushes at the end);
+* ``qemu-none`` (with ``--servers``): qemu-nbd ``--cache=none`` (``rbd_cache=false``, librbd as ours runs it);
+* ``qemu-wb`` (with ``--servers``): qemu-nbd with ``:rbd_cache_writethrough_until_flush=false`` added to the
+  name: librbd answering writes before the OSDs do, the mode that can lose a refused write (not ours since
+  the issue 17 review), to show what that early answer is worth.
 
 Cases: ``write`` = ``nbdcopy --flush --connections=4 --threads=4 dense.img nbd://...`` into a freshly created
 (empty, thin) image of the same size, 1 GiB of random data by default; ``read`` = ``nbdcopy
@@ -53,7 +57,7 @@ sys.path.insert(0, str(HERE))
 import bench_server as bs  # noqa: E402 - process bookkeeping (every child killed at exit), images, git
 
 REPO, WORK, RESULTS, PYTHON, MiB, GiB = bs.REPO, bs.WORK, bs.RESULTS, bs.VENV_PYTHON, bs.MiB, 1 << 30
-SERVERS = ("ours", "qemu", "qemu-wb")
+SERVERS = ("ours", "qemu", "qemu-none", "qemu-wb")
 KINDS = ("write", "read")
 TARGETS = {"write": 1.0, "read": 0.8}
 LOG = WORK / "bench-rbd.log"
@@ -120,7 +124,9 @@ class Bench:
             port = int(line)
         else:
             port = bs.free_port()
-            cmd = ["qemu-nbd", "-f", "raw", "-x", "", "-p", str(port), "-b", bs.HOST, "-e", "16", "-t", *ro, name]
+            cache = ["--cache=none"] if which == "qemu-none" else []
+            listen = ["-x", "", "-p", str(port), "-b", bs.HOST]
+            cmd = ["qemu-nbd", "-f", "raw", *listen, "-e", "16", "-t", *cache, *ro, name]
             proc = bs._spawn(cmd, LOG, stdout=subprocess.DEVNULL)
         bs.wait_listening(port, proc, timeout=60)
         return bs.Server(which, proc, port, cmd)
@@ -225,10 +231,10 @@ def write_results(bench: Bench, text: str, goals: list[str], load0: float, elaps
         f"- benchmark: `.venv/bin/python benchmarks/bench_rbd.py {' '.join(argv)}`",
         "- cluster: simulator/ceph_cluster.py (1 mon, 1 mgr, 1 bluestore OSD on a sparse file, size 1, loopback)",
         f"- {bs.human(bench.size)} random image; servers ({servers}) serve `rbd:rbd/IMAGE:conf=CONF:id=admin` with"
-        " `-f raw -e 16 -t` (`-r` for reads), librbd defaults (qemu-wb: qemu-nbd with"
-        " `:rbd_cache_writethrough_until_flush=false`); write = `nbdcopy --flush --connections=4 --threads=4"
-        " dense.img URI` into a fresh image, each server's warm-up write compared with `qemu-img compare`; read ="
-        " `nbdcopy --connections=4 --threads=4 URI null:`",
+        " `-f raw -e 16 -t` (`-r` for reads); ours with librbd's cache off, qemu with its defaults (qemu-none:"
+        " `--cache=none`; qemu-wb: `:rbd_cache_writethrough_until_flush=false`); write = `nbdcopy --flush"
+        " --connections=4 --threads=4 dense.img URI` into a fresh image, each server's warm-up write compared with"
+        " `qemu-img compare`; read = `nbdcopy --connections=4 --threads=4 URI null:`",
         f"- a warm-up run per server and case, then {bench.args.rounds} rounds in A B B A order; medians; CPU in"
         " s/GiB (server process, all threads; the OSD for context)",
         "",
