@@ -23,6 +23,7 @@ import attrs
 import click
 
 from sendense_nbd import __version__
+from sendense_nbd.cli.copies import copies_group
 from sendense_nbd.cli.copy import copy_command
 from sendense_nbd.cli.hub import hub_command, node_group, points_command, ports_command, restore_command
 from sendense_nbd.cli.policy import policy_group, status_command
@@ -570,6 +571,7 @@ def check(output: str, repair: str | None, path: str) -> None:
 cli.add_command(copy_command)
 cli.add_command(verify_command)
 cli.add_command(policy_group)
+cli.add_command(copies_group)
 cli.add_command(status_command)
 cli.add_command(tls_group)
 for command in (hub_command, node_group, ports_command, points_command, restore_command, tunnel_server_command):
