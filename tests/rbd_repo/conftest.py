@@ -71,7 +71,7 @@ def snapshot_filename(cluster: Any, point_path: str) -> str:
     return str(cluster.rbd_filename(image, snapshot))
 
 
-def same_as(cluster: Any, point_path: str, expected: Path) -> None:
+def snapshot_matches(cluster: Any, point_path: str, expected: Path) -> None:
     """The point's snapshot, read through qemu's rbd driver, holds exactly ``expected``'s bytes."""
     image = snapshot_filename(cluster, point_path)
     run(require("qemu-img"), "compare", "-f", "raw", "-F", "raw", image, str(expected))

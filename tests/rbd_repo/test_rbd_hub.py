@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess
 from tests.hub.node_standin import NodeStandin
-from tests.rbd_repo.conftest import ceph, rbd, same_as, wait_pool_full
+from tests.rbd_repo.conftest import ceph, rbd, snapshot_matches, wait_pool_full
 from tests.vmware.vsphere import vmdisk
 
 pytestmark = pytest.mark.peer
@@ -93,8 +93,8 @@ def test_backups_retention_restores_and_verify_on_rbd(
         assert [p["kind"] for p in chain] == ["full", "incremental"]  # round 0's snapshot was removed
         image = chain[0]["path"].removeprefix("rbd:").partition("@")[0]
         assert [s["name"] for s in rbd(ceph_cluster, "snap", "ls", image)] == [p["id"] for p in chain]
-        same_as(ceph_cluster, chain[0]["path"], expected[1][key])
-        same_as(ceph_cluster, chain[1]["path"], expected[2][key])
+        snapshot_matches(ceph_cluster, chain[0]["path"], expected[1][key])
+        snapshot_matches(ceph_cluster, chain[1]["path"], expected[2][key])
 
     latest = [p for p in points if p["disk_key"] == 2000][-1]
     _restores(api, ceph_cluster, latest, expected[2][2000], tmp_path, state)
@@ -180,11 +180,11 @@ def test_a_pool_at_its_quota_fails_the_job_cleanly_and_keeps_no_partial_data(
     points = _points(api, vm_path)
     assert len(points) == 2 and {p["kind"] for p in points} == {"full"}
     for point in points:
-        same_as(ceph_cluster, point["path"], before[point["disk_key"]])
+        snapshot_matches(ceph_cluster, point["path"], before[point["disk_key"]])
     after = _disks_now(vm, tmp_path, "after")
     done = _backup(api, vm_path)
     assert done["state"] == "completed", (done, node.results.get(done["job_id"]))
     for point in _points(api, vm_path):
         if point["job_id"] == done["job_id"]:
             assert point["kind"] == "incremental"
-            same_as(ceph_cluster, point["path"], after[point["disk_key"]])
+            snapshot_matches(ceph_cluster, point["path"], after[point["disk_key"]])

@@ -21,7 +21,7 @@ from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess
 from tests.node.test_node import NodeProcess
 from tests.pipeline.stack import MIB, NODE_API_HOST, VM_PATH, Pipeline
-from tests.rbd_repo.conftest import same_as, snapshot_filename
+from tests.rbd_repo.conftest import snapshot_filename, snapshot_matches
 from tests.vmware.vsphere import vmdisk
 
 pytestmark = pytest.mark.peer
@@ -65,7 +65,7 @@ def _checked(api: Api, ceph_cluster: Any, job: dict[str, Any], expected: dict[in
     paths = {}
     for disk in job["detail"]["disks"]:
         paths[disk["disk_key"]] = points[disk["point_id"]]["path"]
-        same_as(ceph_cluster, paths[disk["disk_key"]], expected[disk["disk_key"]])
+        snapshot_matches(ceph_cluster, paths[disk["disk_key"]], expected[disk["disk_key"]])
     return paths
 
 
