@@ -67,6 +67,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import bench_results as br  # RESULTS.md sections (benchmarks/ is sys.path[0] when run as a script)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "work"
@@ -1296,12 +1298,7 @@ def main() -> int:
             ),  # fmt: skip
             *(["", args.note] if args.note else []),
         ]
-        lines = RESULTS.read_text().split("\n")
-        rest = lines[3:]
-        while rest and not rest[0].strip():
-            rest.pop(0)
-        RESULTS.write_text("\n".join([*lines[:3], "", "", *section, "", *rest]))
-        print(f"added a section to {RESULTS}")
+        br.add_section(RESULTS, section)
     return 0
 
 

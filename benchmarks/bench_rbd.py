@@ -54,6 +54,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_results as br  # noqa: E402 - RESULTS.md sections
 import bench_server as bs  # noqa: E402 - process bookkeeping (every child killed at exit), images, git
 
 REPO, WORK, RESULTS, PYTHON, MiB, GiB = bs.REPO, bs.WORK, bs.RESULTS, bs.VENV_PYTHON, bs.MiB, 1 << 30
@@ -245,12 +246,7 @@ def write_results(bench: Bench, text: str, goals: list[str], load0: float, elaps
         *goals,
         *(["", bench.args.note] if bench.args.note else []),
     ]
-    lines = RESULTS.read_text().split("\n")
-    rest = lines[3:]
-    while rest and not rest[0].strip():
-        rest.pop(0)
-    RESULTS.write_text("\n".join([*lines[:3], "", "", *section, "", *rest]))
-    print(f"added a section to {RESULTS}")
+    br.add_section(RESULTS, section)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

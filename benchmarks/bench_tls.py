@@ -59,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_pipeline as bp  # noqa: E402 - the emulated link: Netns, Link, netem_available, namespace_facts
+import bench_results as br  # noqa: E402 - RESULTS.md sections
 import bench_server as bs  # noqa: E402 - process bookkeeping (every child killed at exit), images, git
 import bench_tunnel as bt  # noqa: E402 - SSH keys for the tunnel (Env), CPU from /proc
 
@@ -408,12 +409,7 @@ def write_results(bench: Bench, text: str, goals: list[str], load0: float, elaps
         *goals,
         *(["", bench.args.note] if bench.args.note else []),
     ]
-    lines = RESULTS.read_text().split("\n")
-    rest = lines[3:]
-    while rest and not rest[0].strip():
-        rest.pop(0)
-    RESULTS.write_text("\n".join([*lines[:3], "", "", *section, "", *rest]))
-    print(f"added a section to {RESULTS}")
+    br.add_section(RESULTS, section)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
