@@ -155,6 +155,18 @@ def serve() -> Iterator:  # type: ignore[type-arg]
                 pipe.close()
 
 
+def wait_gone(pid: int, timeout: float) -> bool:
+    """The process ``pid`` (not necessarily our child) has exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def run(*cmd: str | Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a peer command, failing with its output when it fails."""
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)

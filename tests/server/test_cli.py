@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import random_file, run, server_command, sparse_file
+from tests.conftest import random_file, run, server_command, sparse_file, wait_gone
 from tests.peers import nbd
 
 pytestmark = pytest.mark.peer
@@ -24,17 +24,6 @@ def _connect(uri: str) -> nbd.NBD:
     h = nbd.NBD()
     h.connect_uri(uri)
     return h
-
-
-def _wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_shared_given_as_one_argv_token(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
@@ -99,7 +88,7 @@ def test_fork_and_pid_file(tmp_path: Path) -> None:
         h.shutdown()
     finally:
         os.kill(pid, signal.SIGTERM)
-    assert _wait_gone(pid)
+    assert wait_gone(pid, 10)
     assert not pid_file.exists()
     assert disk.read_bytes()[:6] == b"forked"
 

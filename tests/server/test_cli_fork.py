@@ -18,7 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import random_file, server_command
+from tests.conftest import random_file, server_command, wait_gone
 
 pytestmark = pytest.mark.peer
 MiB = 1 << 20
@@ -43,17 +43,6 @@ _NEVER_READY = (
     "finally:\n"
     "    open(sys.argv[2] + '.finally.' + str(os.getpid()), 'w').close()\n"
 )
-
-
-def _wait_gone(pid: int, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_fork_serves_systemds_socket(tmp_path: Path) -> None:
@@ -81,7 +70,7 @@ def test_fork_serves_systemds_socket(tmp_path: Path) -> None:
         h.shutdown()
     finally:
         os.kill(pid, signal.SIGTERM)
-    assert _wait_gone(pid) and not pid_file.exists()
+    assert wait_gone(pid, 20) and not pid_file.exists()
 
 
 def test_fork_tells_usage_errors_before_forking(tmp_path: Path) -> None:
@@ -102,7 +91,7 @@ def test_fork_gives_up_on_a_child_that_never_listens(tmp_path: Path) -> None:
     assert result.returncode == 1 and time.monotonic() - started < 30
     child = int(Path(f"{marker}.child").read_text())
     assert f"the server (pid {child}) was not listening after 1 s, and was killed" in result.stderr
-    assert _wait_gone(child)
+    assert wait_gone(child, 20)
     assert list(tmp_path.glob("m.finally.*")) == []  # neither the parent nor the killed child ran it
 
 
@@ -124,4 +113,4 @@ def test_fork_parent_interrupted_runs_none_of_the_callers_clean_up(tmp_path: Pat
         os.kill(child, signal.SIGTERM)
         assert parent.stderr is not None
         parent.stderr.close()
-    assert _wait_gone(child)
+    assert wait_gone(child, 20)

@@ -22,7 +22,7 @@ import pytest
 
 from sendense_nbd.client import NBDRequestError, connect
 from sendense_nbd.protocol.constants import Errno
-from tests.conftest import random_file, run, server_command, sparse_file
+from tests.conftest import random_file, run, server_command, sparse_file, wait_gone
 from tests.storage.rbd_images import MiB, RbdImages, quota_pool, rbd_images, set_quota
 
 pytestmark = pytest.mark.peer
@@ -40,18 +40,6 @@ def _map(uri: str) -> list[tuple[int, int]]:
         else:
             runs.append((entry["offset"], entry["length"]))
     return runs
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """The process ``pid`` (not our child) has exited within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _copy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -145,7 +133,7 @@ def test_fork_opens_the_image_in_the_child(rbd_images: RbdImages, tmp_path: Path
         run("qemu-io", "-f", "raw", f"nbd:unix:{sock}", "-c", "write -P 0x44 0 64k")
     finally:
         os.kill(pid, signal.SIGTERM)
-    assert _wait_gone(pid, 30) and not pid_file.exists()  # it closed the image (and its watch) and left
+    assert wait_gone(pid, 30) and not pid_file.exists()  # it closed the image (and its watch) and left
     out = run("qemu-io", "-f", "raw", "-r", rbd_images.filename(image), "-c", "read -P 0x44 0 64k").stdout
     assert "Pattern verification failed" not in out
     failed = run(
