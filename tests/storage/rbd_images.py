@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,8 @@ class RbdImages:
     def diff(self, image: str, *, snapshot: str | None = None) -> list[tuple[int, int]]:
         """``rbd diff --whole-object``: the allocated objects as merged ``(offset, length)`` runs."""
         out = json.loads(self.rbd("diff", "--whole-object", "--format", "json", self.spec(image, snapshot=snapshot)))
-        runs: list[tuple[int, int]] = []
-        for entry in sorted(out, key=lambda e: e["offset"]):
-            if entry["exists"] != "true":
-                continue
-            if runs and sum(runs[-1]) == entry["offset"]:
-                runs[-1] = (runs[-1][0], runs[-1][1] + entry["length"])
-            else:
-                runs.append((entry["offset"], entry["length"]))
-        return runs
+        entries = sorted(out, key=lambda e: e["offset"])
+        return merge_runs((e["offset"], e["length"]) for e in entries if e["exists"] == "true")
 
     def remove_all(self) -> None:
         for name in reversed(self.made):
@@ -112,14 +105,17 @@ def rbd_images(ceph_cluster: Any) -> Iterator[RbdImages]:
     images.remove_all()
 
 
+def merge_runs(pieces: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, length)`` pieces in order, each merged into the run before it when they touch."""
+    runs: list[tuple[int, int]] = []
+    for offset, length in pieces:
+        if runs and sum(runs[-1]) == offset:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length)
+        else:
+            runs.append((offset, length))
+    return runs
+
+
 def data_runs(extents: list[Any]) -> list[tuple[int, int]]:
     """The non-hole extents of a map, merged into ``(offset, length)`` runs."""
-    runs: list[tuple[int, int]] = []
-    for extent in extents:
-        if extent.hole:
-            continue
-        if runs and sum(runs[-1]) == extent.offset:
-            runs[-1] = (runs[-1][0], runs[-1][1] + extent.length)
-        else:
-            runs.append((extent.offset, extent.length))
-    return runs
+    return merge_runs((e.offset, e.length) for e in extents if not e.hole)

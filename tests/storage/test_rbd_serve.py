@@ -23,7 +23,7 @@ import pytest
 from sendense_nbd.client import NBDRequestError, connect
 from sendense_nbd.protocol.constants import Errno
 from tests.conftest import random_file, run, server_command, sparse_file, wait_gone
-from tests.storage.rbd_images import MiB, RbdImages, quota_pool, rbd_images, set_quota
+from tests.storage.rbd_images import MiB, RbdImages, merge_runs, quota_pool, rbd_images, set_quota
 
 pytestmark = pytest.mark.peer
 __all__ = ["rbd_images"]  # the fixture, imported for pytest
@@ -31,15 +31,8 @@ __all__ = ["rbd_images"]  # the fixture, imported for pytest
 
 def _map(uri: str) -> list[tuple[int, int]]:
     """nbdinfo's ``base:allocation`` data runs (merged)."""
-    runs: list[tuple[int, int]] = []
-    for entry in json.loads(run("nbdinfo", "--map", "--json", uri).stdout):
-        if entry["type"] & 1:  # hole
-            continue
-        if runs and sum(runs[-1]) == entry["offset"]:
-            runs[-1] = (runs[-1][0], runs[-1][1] + entry["length"])
-        else:
-            runs.append((entry["offset"], entry["length"]))
-    return runs
+    entries = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
+    return merge_runs((e["offset"], e["length"]) for e in entries if not e["type"] & 1)  # type bit 0: a hole
 
 
 def _copy(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
