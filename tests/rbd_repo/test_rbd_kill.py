@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +126,24 @@ def _incremental(pipeline: Pipeline, ceph_cluster: Any) -> None:
     _checked(pipeline.api, ceph_cluster, job, expected)
 
 
+@contextlib.contextmanager
+def _mid_copy(
+    root: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess], ceph_cluster: Any, url: str
+) -> Iterator[tuple[Pipeline, dict[int, str], str]]:
+    """The pipeline after a checked full backup, with a slow backup's copy under way: ``(pipeline, the full's point
+    paths, the slow job's id)``; the pipeline closed at the end."""
+    pipeline = _pipeline(root, vcsim, hub_factory, url)
+    try:
+        last = _full(pipeline, vcsim, ceph_cluster)
+        yield pipeline, last, _start_slow_backup(pipeline, vcsim, ceph_cluster, last)
+    finally:
+        pipeline.close()
+
+
 def test_a_hub_killed_mid_copy_leaves_no_partial_point(
     tmp_path: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess], ceph_cluster: Any, url: str
 ) -> None:
-    pipeline = _pipeline(tmp_path, vcsim, hub_factory, url)
-    try:
-        last = _full(pipeline, vcsim, ceph_cluster)
-        job_id = _start_slow_backup(pipeline, vcsim, ceph_cluster, last)
+    with _mid_copy(tmp_path, vcsim, hub_factory, ceph_cluster, url) as (pipeline, last, job_id):
         killed = pipeline.hub
         assert killed.stop(signal.SIGKILL) != 0
         restarted = HubProcess(killed.repo, killed.ports, killed.node_url, *killed.extra).start()
@@ -145,17 +156,12 @@ def test_a_hub_killed_mid_copy_leaves_no_partial_point(
         _wait_node_up(pipeline.api)  # the tunnel reconnects to the new hub
         _incremental(pipeline, ceph_cluster)
         assert restarted.stop() == 0
-    finally:
-        pipeline.close()
 
 
 def test_a_node_killed_mid_copy_leaves_no_partial_point(
     tmp_path: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess], ceph_cluster: Any, url: str
 ) -> None:
-    pipeline = _pipeline(tmp_path, vcsim, hub_factory, url)
-    try:
-        last = _full(pipeline, vcsim, ceph_cluster)
-        job_id = _start_slow_backup(pipeline, vcsim, ceph_cluster, last)
+    with _mid_copy(tmp_path, vcsim, hub_factory, ceph_cluster, url) as (pipeline, last, job_id):
         listen = pipeline.node.url.removeprefix("http://")
         children = _children(pipeline.node.proc.pid)
         pipeline.node.proc.kill()
@@ -173,5 +179,3 @@ def test_a_node_killed_mid_copy_leaves_no_partial_point(
         pipeline.node = NodeProcess(config, listen=listen)  # where the tunnel's reverse forward points
         _wait_node_up(pipeline.api)
         _incremental(pipeline, ceph_cluster)
-    finally:
-        pipeline.close()
