@@ -60,6 +60,14 @@ class Disk:
         shutil.copyfile(self.raw, self.expected[point.id])
         return await self.repository.point(point.id)
 
+    async def chain(self, pattern: int, incrementals: int, size: int) -> list[Point]:
+        """A full point of 1 MiB of ``pattern``, then ``incrementals`` incremental ones: the n-th writes ``size``
+        bytes of ``pattern + n`` at n MiB."""
+        points = [await self.backup(f"write -P {pattern:#x} 0 {MIB}", incremental=False)]
+        for index in range(1, incrementals + 1):
+            points.append(await self.backup(f"write -P {pattern + index} {index * MIB} {size}", incremental=True))
+        return points
+
     def check(self, point: Point) -> None:
         """The point's snapshot, read through qemu's rbd driver, holds exactly what was written."""
         snapshot = self.repository.source(point)
@@ -107,9 +115,7 @@ async def test_retention_removes_snapshots_and_merges_nothing(
     repository: Repository, ceph_cluster: Any, tmp_path: Path
 ) -> None:
     disk = Disk(repository, tmp_path)
-    points = [await disk.backup(f"write -P 0x40 0 {MIB}", incremental=False)]
-    for index in range(1, 4):
-        points.append(await disk.backup(f"write -P {0x40 + index} {index * MIB} 8192", incremental=True))
+    points = await disk.chain(0x40, 3, 8192)
     protected = {points[1].id}
 
     async def in_use() -> set[str]:

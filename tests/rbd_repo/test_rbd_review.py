@@ -48,9 +48,7 @@ async def test_a_protected_snapshot_keeps_its_point_and_the_hub_starts(
     repository: Repository, ceph_cluster: Any, tmp_path: Path
 ) -> None:
     disk = Disk(repository, tmp_path)
-    points = [await disk.backup(f"write -P 0x70 0 {MIB}", incremental=False)]
-    for index in range(1, 3):
-        points.append(await disk.backup(f"write -P {0x70 + index} {index * MIB} 4096", incremental=True))
+    points = await disk.chain(0x70, 2, 4096)
     tool = [require("rbd"), *ceph_cluster.client_args()]
     image = _image(ceph_cluster, repository)
     clone = f"{ceph_cluster.pool}/{_store(repository).where.prefix}-outside"
