@@ -222,12 +222,12 @@ def write_results(bench: Bench, text: str, goals: list[str], load0: float, elaps
     dirty = " (dirty tree)" if bs.git_dirty() else ""
     now = datetime.datetime.now(datetime.UTC)
     servers = ", ".join(bench.args.servers)
-    section = [
+    title = (
         f"## RBD: sendense-nbd serve rbd: vs qemu-nbd rbd: (issue 17), {now:%Y-%m-%d %H:%M} UTC, commit"
-        f" {bs.git_head()}{dirty}",
-        "",
-        f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; load average (1 min)"
-        f" {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end; {elapsed:.0f} s",
+        f" {bs.git_head()}{dirty}"
+    )
+    about = [
+        br.machine(load0, elapsed),
         f"- versions: {versions()}; Python {platform.python_version()}",
         f"- benchmark: `.venv/bin/python benchmarks/bench_rbd.py {' '.join(argv)}`",
         "- cluster: simulator/ceph_cluster.py (1 mon, 1 mgr, 1 bluestore OSD on a sparse file, size 1, loopback)",
@@ -238,15 +238,8 @@ def write_results(bench: Bench, text: str, goals: list[str], load0: float, elaps
         " `qemu-img compare`; read = `nbdcopy --connections=4 --threads=4 URI null:`",
         f"- a warm-up run per server and case, then {bench.args.rounds} rounds in A B B A order; medians; CPU in"
         " s/GiB (server process, all threads; the OSD for context)",
-        "",
-        text,
-        "",
-        "Targets (issue 17, medians):",
-        "",
-        *goals,
-        *(["", bench.args.note] if bench.args.note else []),
     ]
-    br.add_section(RESULTS, section)
+    br.add_section(RESULTS, br.section(title, about, text, 17, goals, bench.args.note))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -6,6 +6,8 @@ bench_pipeline.py, bench_rbd.py and bench_tls.py.
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 
@@ -17,3 +19,27 @@ def add_section(results: Path, section: list[str]) -> None:
         rest.pop(0)
     results.write_text("\n".join([*lines[:3], "", "", *section, "", *rest]))
     print(f"added a section to {results}")
+
+
+def machine(load0: float, elapsed: float) -> str:
+    """The section's machine line: CPUs, architecture, kernel, load average at start and now, the run's seconds."""
+    return (
+        f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; load average (1 min)"
+        f" {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end; {elapsed:.0f} s"
+    )
+
+
+def section(title: str, about: list[str], text: str, issue: int, goals: list[str], note: str) -> list[str]:
+    """A section's lines: its title, what was run and how, the results, the issue's targets, a closing note."""
+    return [
+        title,
+        "",
+        *about,
+        "",
+        text,
+        "",
+        f"Targets (issue {issue}, medians):",
+        "",
+        *goals,
+        *(["", note] if note else []),
+    ]

@@ -348,8 +348,7 @@ def versions() -> str:
 def header(bench: Bench, load0: float, elapsed: float, argv: list[str]) -> list[str]:
     ktls = getattr(ssl, "OP_ENABLE_KTLS", None)
     return [
-        f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}; load average"
-        f" (1 min) {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end; {elapsed:.0f} s",
+        br.machine(load0, elapsed),
         f"- versions: {versions()}; kTLS: ssl.OP_ENABLE_KTLS {'present' if ktls else 'absent (Python < 3.12)'},"
         f" kernel CONFIG_TLS {bench.facts.get('kernel_tls', '?')}",
         f"- benchmark: `.venv/bin/python benchmarks/bench_tls.py {' '.join(argv)}`",
@@ -396,20 +395,11 @@ def tls_cipher(offset: int) -> str:
 def write_results(bench: Bench, text: str, goals: list[str], load0: float, elapsed: float, argv: list[str]) -> None:
     dirty = " (dirty tree)" if bs.git_dirty() else ""
     now = datetime.datetime.now(datetime.UTC)
-    section = [
+    title = (
         f"## NBD over TLS vs plain NBD vs our SSH tunnel (issue 16), {now:%Y-%m-%d %H:%M} UTC,"
-        f" commit {bs.git_head()}{dirty}",
-        "",
-        *header(bench, load0, elapsed, argv),
-        "",
-        text,
-        "",
-        "Targets (issue 16, medians):",
-        "",
-        *goals,
-        *(["", bench.args.note] if bench.args.note else []),
-    ]
-    br.add_section(RESULTS, section)
+        f" commit {bs.git_head()}{dirty}"
+    )
+    br.add_section(RESULTS, br.section(title, header(bench, load0, elapsed, argv), text, 16, goals, bench.args.note))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
