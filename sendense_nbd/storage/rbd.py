@@ -26,26 +26,42 @@
   ``rados_mon_op_timeout`` are :data:`OP_TIMEOUT` (60 s) unless the name or
   the conf set them, and a timeout of 0 (Ceph's "never") is replaced by ours.
   A request to OSDs that do not answer fails with ``ETIMEDOUT`` (``EIO`` to an
-  NBD client); the device waits for its aio parts and its slots at most
-  :data:`OPS_PER_CALL` op timeouts.
+  NBD client); the device waits for a read's aio parts and for its slots at
+  most :data:`OPS_PER_CALL` op timeouts, and for a blocking call or a write
+  as long as librbd takes to end it (its op timeouts).
 * **Untrusted names.** A name that does not come from the operator (an API
   caller's) is parsed with ``as_spec(name, trusted=False)``: it may carry only
   ``conf``, ``id``, ``keyring`` and the options in :data:`UNTRUSTED_OPTIONS`.
   ``open_image``, ``open_source`` and ``open_target`` treat names so unless
   their caller says ``trusted=True`` (the command line does).
 * **I/O.** One ``rbd.Image`` per device, shared by every caller thread
-  (librbd is thread-safe and releases the GIL). A request up to one object
+  (librbd is thread-safe and releases the GIL). A read up to one object
   (4 MiB by default) is one blocking call in the caller's thread; a larger
-  one is split at object boundaries into ``aio_read``/``aio_write`` parts
-  that run concurrently. Every call and part holds one of ``queue_depth``
-  slots (default 32) while it runs, so the operations in flight on an image
-  stay bounded however many threads call (and so does the memory of the
-  parts' copies of a large write). Zeroing is librbd's ``write_zeroes``
+  one is split at object boundaries into ``aio_read`` parts that run
+  concurrently. Every call and part holds one of ``queue_depth`` slots
+  (default 32) while it runs, so the operations in flight on an image stay
+  bounded however many threads call. Zeroing is librbd's ``write_zeroes``
   (with ``THICK_PROVISION`` unless trimming is allowed, so the range then
   stays allocated), TRIM is ``discard`` (librbd skips partial discards below
   ``rbd_discard_granularity_bytes``: TRIM is advisory), FLUSH is ``flush``,
   and FUA a flush after the operation. There is no fast zero (qemu's rbd
   driver offers none either).
+* **Writes** are zero-copy: a write of any size is one ``aio_write`` of the
+  caller's own ``bytes`` or ``bytearray`` (a server's request buffer; a view
+  of a part of one is copied first, as python-rbd takes nothing else), with
+  ``rbd_disable_zero_copy_writes=false`` (set over the conf's; a name may
+  set it back, which only adds librbd's copy), and the caller's thread waits
+  for it in librbd with the GIL released, as a blocking call does. librbd completes a zero-copy write only
+  once it holds no reference to the buffer any more, so the caller may reuse
+  the buffer as soon as the write returns, failed or not, and no copy of the
+  data is made in this process (a blocking ``write`` would copy it into a
+  ``bytes`` and again inside librbd). librbd splits the write at object
+  boundaries itself; it holds one slot.
+* **Request size.** The preferred block size advertised to NBD clients is
+  the image's object size (at most 32 MiB): librbd and the OSD pay per
+  operation, so clients that follow it (nbdcopy, libnbd) send one request
+  per object instead of 16 of 256 KiB, and the server's per-request work
+  shrinks with them. qemu-nbd advertises 4096 whatever the driver.
 * **Block status** comes from ``diff_iterate`` from the image's creation
   (``include_parent``, so a clone shows its parent's data) with
   ``whole_object=True``, as qemu does: an object that exists is data as a
@@ -79,7 +95,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno as os_errno
-import functools
 import importlib
 import json
 import threading
@@ -89,7 +104,7 @@ from typing import Any
 import attrs
 
 from sendense_nbd.errors import DeviceError, RbdError, RbdNotFound, RbdPermissionDenied, RbdSpecError
-from sendense_nbd.protocol.constants import AllocationFlag, Errno
+from sendense_nbd.protocol.constants import MAX_PAYLOAD, AllocationFlag, Errno
 from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import Backend, Capabilities, Support
 from sendense_nbd.storage.checked import CheckedDevice
@@ -509,7 +524,7 @@ def _configure(cluster: Any, spec: RbdSpec) -> None:
                 cluster.conf_read_file()
     except rados.Error as exc:
         raise RbdError(f"cannot read the Ceph configuration {spec.conf}: {exc}") from exc
-    settings = [("client_mount_timeout", str(CONNECT_TIMEOUT))]
+    settings = [("client_mount_timeout", str(CONNECT_TIMEOUT)), ("rbd_disable_zero_copy_writes", "false")]
     if spec.keyring is not None:
         settings.append(("keyring", spec.keyring))
     for key, value in [*settings, *spec.options]:
@@ -768,7 +783,7 @@ class RbdDevice(Backend):
             fua=Support.EMULATE,
             extents=Support.NATIVE,
             fast_zero=False,
-            preferred_block=4096,
+            preferred_block=max(4096, min(self._part, MAX_PAYLOAD)),  # see "Request size" above
             serial_writes=False,  # each write waits for the OSDs: concurrency comes from the caller's threads
         )
 
@@ -848,18 +863,15 @@ class RbdDevice(Backend):
         except _lib("rbd").Error as exc:
             raise _device_error(exc, action) from exc
         finally:
-            completed = batch.wait(self._wait)  # the parts write into (or read from) the caller's buffer
+            completed = batch.wait(self._wait)  # the parts read into the caller's buffer
         if not completed:
             raise DeviceError(Errno.EIO, f"{action}: librbd did not complete it in {self._wait:g} s")
         if batch.errno:
             raise _device_error(OSError(batch.errno, os_errno.errorcode.get(batch.errno, "error")), action)
 
-    def _finish_part(
-        self, batch: _Batch, completion: Any, deliver: Callable[[], None] | None = None, keep: object = None
-    ) -> None:
+    def _finish_part(self, batch: _Batch, completion: Any, deliver: Callable[[], None] | None = None) -> None:
         """An aio part's callback: ``deliver`` its data on success; always frees its slot and finishes it (an
-        exception escaping a callback is kept by python-rbd, and the request would wait for it forever).
-        ``keep``: what librbd may still read (a write's data), referenced until the part completes."""
+        exception escaping a callback is kept by python-rbd, and the request would wait for it forever)."""
         result = -os_errno.EIO
         try:
             result = min(int(completion.get_return_value()), 0)
@@ -901,19 +913,21 @@ class RbdDevice(Backend):
             raise
 
     def write(self, *, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        view = memoryview(data)
-        length = len(view)
-        action = f"write {length} bytes at {offset} of rbd:{self.spec.path}"
-        if length <= self._part:
-            payload = data if isinstance(data, bytes) else view.tobytes()
-            self._change(lambda: self._blocking(lambda: self._image.write(payload, offset), action))
-            return
+        payload = _whole(data)
+        action = f"write {len(payload)} bytes at {offset} of rbd:{self.spec.path}"
+        self._change(lambda: self._blocking(lambda: self._write_through(payload, offset, action), action))
 
-        def submit(start: int, size: int, batch: _Batch) -> None:
-            piece = view[start : start + size].tobytes()  # python-rbd takes bytes; freed when the part completes
-            self._image.aio_write(piece, offset + start, functools.partial(self._finish_part, batch, keep=piece))
+    def _write_through(self, payload: bytes | bytearray, offset: int, action: str) -> None:
+        """One librbd write of the caller's own buffer, waited for in librbd (the GIL released).
 
-        self._change(lambda: self._run_parts(offset, length, submit, action))
+        librbd writes straight from the buffer (zero-copy, see "Writes" above) and completes only once
+        it holds no reference to it, so the buffer may be reused as soon as this returns; the wait has
+        no timeout of its own, as a blocking call's has none (librbd's op timeouts end it)."""
+        completion = self._image.aio_write(payload, offset, id)
+        completion.wait_for_complete_and_cb()
+        result = int(completion.get_return_value())
+        if result < 0:
+            raise _device_error(OSError(-result, os_errno.errorcode.get(-result, "error")), action)
 
     def zero(self, *, offset: int, length: int, may_trim: bool = False, fua: bool = False, fast: bool = False) -> None:
         if fast:
@@ -976,6 +990,17 @@ class RbdDevice(Backend):
             finally:
                 self._ioctx.close()
                 self._cluster.shutdown()
+
+
+def _whole(data: bytes | bytearray | memoryview) -> bytes | bytearray:
+    """``data`` as python-rbd takes it (``bytes`` or ``bytearray``): itself, or the object a view spans
+    entirely; else a copy."""
+    if isinstance(data, bytes | bytearray):
+        return data
+    owner = data.obj
+    if isinstance(owner, bytes | bytearray) and data.contiguous and data.nbytes == len(owner):
+        return owner
+    return data.tobytes()
 
 
 def _copy_into(buffer: memoryview, data: bytes) -> None:

@@ -46,6 +46,7 @@ def test_served_image_reads_as_qemu_reads_it(rbd_images: RbdImages, serve: Any, 
     server = serve("-f", "raw", "-r", "-e", "4", "-t", rbd_images.filename(image))
     info = json.loads(run("nbdinfo", "--json", server.uri).stdout)["exports"][0]
     assert info["export-size"] == 40 * MiB and info["is_read_only"] and info["can_multi_conn"]
+    assert info["block_size_preferred"] == 4 * MiB  # the object size: clients that follow it send fewer requests
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", server.qemu_uri, rbd_images.filename(image))
     run("nbdcopy", server.uri, str(tmp_path / "nbdcopy.raw"))
     qemu_view = rbd_images.export(image, tmp_path / "qemu.raw").read_bytes()
