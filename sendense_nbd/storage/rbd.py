@@ -923,7 +923,7 @@ class RbdDevice(Backend):
         librbd writes straight from the buffer (zero-copy, see "Writes" above) and completes only once
         it holds no reference to it, so the buffer may be reused as soon as this returns; the wait has
         no timeout of its own, as a blocking call's has none (librbd's op timeouts end it)."""
-        completion = self._image.aio_write(payload, offset, id)
+        completion = self._image.aio_write(payload, offset, id)  # id: a builtin no-op for the required callback
         completion.wait_for_complete_and_cb()
         result = int(completion.get_return_value())
         if result < 0:
