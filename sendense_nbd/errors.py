@@ -13,6 +13,7 @@
     │       ├── RbdNotFound        no such pool, namespace, image or snapshot
     │       └── RbdPermissionDenied  the Ceph user's caps do not allow it (cephx EACCES/EPERM)
     ├── ServerError                a server cannot start (address in use, bad export set-up)
+    │   └── ExportWorkerError      an export worker process died, stopped answering or could not start
     ├── NBDRequestError            an NBD request failed: the server's errno reply, or a local check
     ├── NBDConnectionError         the client cannot connect, or the connection is gone (a ConnectionError)
     │   └── ConnectionLostError    the connection dropped or broke the protocol with requests in flight
@@ -150,6 +151,10 @@ class RbdPermissionDenied(RbdError):
 
 class ServerError(SendenseError):
     """The server cannot start or serve as configured."""
+
+
+class ExportWorkerError(ServerError):
+    """An export worker process of the hub died, stopped answering or could not start: its exports are gone."""
 
 
 class NBDRequestError(SendenseError):

@@ -74,14 +74,14 @@ def _relay(text: str) -> tuple[str, int]:
 
 
 def _tls_contexts(o: dict[str, Any]) -> None:
-    """``o["nbd_tls_context"]``, ``o["nbd_tls_names"]`` (its certificate's names) and ``o["api_tls_context"]``
-    from the TLS options, loaded now (before the hub opens anything) so that unusable credentials stop it
-    with the file and the reason."""
+    """``o["nbd_tls_credentials"]`` (checked by loading them), ``o["nbd_tls_names"]`` (its certificate's names)
+    and ``o["api_tls_context"]`` from the TLS options, loaded now (before the hub opens anything) so that
+    unusable credentials stop it with the file and the reason."""
     import os
 
     from sendense_nbd.errors import TLSError
     from sendense_nbd.hub.certnames import CertificateNames
-    from sendense_nbd.tls import server_context
+    from sendense_nbd.tls import ServerCredentials, server_context
 
     creds, mode = o["nbd_tls_creds"], o["nbd_tls"]
     if mode == "require" and creds is None:
@@ -89,9 +89,11 @@ def _tls_contexts(o: dict[str, Any]) -> None:
     if o["nbd_tls_verify_client"] and creds is None:
         raise click.UsageError("--nbd-tls-verify-client needs --nbd-tls-creds DIR (its ca-cert.pem signs the nodes')")
     try:
-        o["nbd_tls_context"] = (
-            None if creds is None else server_context(creds, verify_client=o["nbd_tls_verify_client"])
+        o["nbd_tls_credentials"] = (
+            None if creds is None else ServerCredentials(os.path.abspath(creds), o["nbd_tls_verify_client"])
         )
+        if o["nbd_tls_credentials"] is not None:
+            o["nbd_tls_credentials"].context()
         cert = None if creds is None else os.path.join(creds, "server-cert.pem")
         o["nbd_tls_names"] = None if cert is None else CertificateNames.from_pem(cert)
     except TLSError as exc:
@@ -201,6 +203,12 @@ def _tls_options(command: Any) -> Any:
     show_default=True,
     help="Seconds a node may go unheard before its running backup jobs fail node_unavailable.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="Export worker processes serving the NBD exports (default: one per core; 0: the hub's own event loop).",
+)
 @click.option("--alert-webhook", metavar="URL", help="POST each alert to this URL as JSON.")
 @click.option("--smtp", metavar="HOST[:PORT]", help="Mail alerts through this SMTP relay (port 25 by default).")
 @click.option("--smtp-starttls", is_flag=True, help="Use STARTTLS with the relay (its certificate is verified).")
@@ -305,11 +313,12 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         restore_dir=o["restore_dir"],
         secrets_dir=o["secrets_dir"],
         alerts=o["alerts"],
-        nbd_tls_context=o["nbd_tls_context"],
+        nbd_tls_creds=o["nbd_tls_credentials"],
         nbd_tls=TLSMode(o["nbd_tls"]),
         nbd_tls_names=o["nbd_tls_names"],
         allow_plain_nbd=o["allow_plain_nbd"],
         allow_any_tls_client=o["allow_any_tls_client"],
+        workers=o["workers"] if o["workers"] is not None else os.cpu_count() or 1,
     )
 
 

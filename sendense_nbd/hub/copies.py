@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sqlite3
 import threading
 import uuid
@@ -72,7 +71,9 @@ from sendense_nbd.hub.copy_records import (
     uploads_of,
 )
 from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.openers import CopyOpener
 from sendense_nbd.hub.repository import Point, Repository
+from sendense_nbd.hub.serving import ExportSpec
 from sendense_nbd.hub.transport import ExportTLS, PeerCheck
 from sendense_nbd.hub.verify import record_digests
 from sendense_nbd.offsite.chains import Chain, expired, lock_until, starts_chain
@@ -97,10 +98,8 @@ RETRY_DELAYS = (60.0, 300.0, 900.0)
 
 @attrs.define
 class _Served:
-    """A copy served over NBD from the bucket."""
+    """A copy served over NBD from the bucket (in an export worker, or the hub's event loop)."""
 
-    server: Any
-    device: Any
     port: int
     uri: str
     #: The client certificate name the export admits (None: any client the hub's TLS admits).
@@ -133,7 +132,7 @@ class Copies:
         clock: Clock,
         policies: Callable[[], Awaitable[list[Policy]]],
         restore_dir: str,
-        serve: Callable[[str, int | None], Awaitable[tuple[socket.socket, int]]],
+        serve: Callable[[str, int | None, ExportSpec], Awaitable[int]],
         release: Callable[[str], Awaitable[object]],
         tls: ExportTLS | None = None,
         secrets: str | None = None,
@@ -620,34 +619,16 @@ class Copies:
         self, copy_id: str, target: CopyTarget, chain: list[CopyRecord], route: Any,
         reader: tuple[PeerCheck | None, str | None],
     ) -> _Served:  # fmt: skip
-        """Open the copy from the bucket and start its NBD server on a leased port, admitting the reader
-        (its check and its name)."""
+        """Serve the copy, read from the bucket, on a leased port (``serve``: in an export worker, or the hub's
+        event loop), TLS as its route says, admitting the reader (its check and its name)."""
         admit, name_of_reader = reader
-        from sendense_nbd.offsite.remote import open_copy
-
-        bucket = await self._blocking(self._connect, target)
-        device = await self._blocking(open_copy, bucket, [c.manifest for c in chain if c.manifest is not None])
+        manifests = tuple(c.manifest for c in chain if c.manifest is not None)
+        opener = CopyOpener(target, manifests, self.secrets)
         name = f"copy-{copy_id}"
-        try:
-            sock, port = await self._lease(name, chain[-1].disk_key)
-            server = self._server(name, device, sock, route.tls, admit)
-            await server.start()
-        except BaseException:
-            await self._release(name)
-            device.close()
-            raise
-        return _Served(server, device, port, route.uri(port, name), name_of_reader)
-
-    def _server(self, name: str, device: Any, sock: socket.socket, tls: bool, admit: PeerCheck | None) -> Any:
-        """The NBD server of a copy's export (read-only, persistent), TLS as its route says."""
-        from sendense_nbd.protocol.constants import TLSMode
-        from sendense_nbd.server import Export, NBDServer
-
-        return NBDServer(
-            [Export(name, device, readonly=True)], sockets=[sock], shared=10, persistent=True,
-            tls=TLSMode.REQUIRE if tls else TLSMode.OFF, tls_context=self._tls.context if tls else None,
-            admit_peer=admit,
-        )  # fmt: skip
+        image = f"s3://{target.bucket}/{manifests[-1].image.file_name}"
+        spec = ExportSpec(name, chain[-1].disk_key, name, image, True, route.tls, opener, admit)
+        port = await self._lease(name, chain[-1].disk_key, spec)
+        return _Served(port, route.uri(port, name), name_of_reader)
 
     def _view(self, copy_id: str) -> dict[str, object]:
         served = self._served[copy_id]
@@ -661,13 +642,16 @@ class Copies:
             if served is None:
                 await self.get(copy_id)
                 return {"copy_id": copy_id, "stopped": False}
-            try:
-                served.server.close()
-                await served.server.wait_closed()
-            finally:
-                await asyncio.to_thread(served.device.close)
-                await self._release(f"copy-{copy_id}")
+            await self._release(f"copy-{copy_id}")
             return {"copy_id": copy_id, "stopped": True}
+
+    async def export_lost(self, owner: str) -> None:
+        """The export worker serving a copy's export (``owner``: ``copy-ID``) died: the export is forgotten and
+        its port released."""
+        copy_id = owner.removeprefix("copy-")
+        async with self._serve_lock(copy_id):
+            if self._served.pop(copy_id, None) is not None:
+                await self._release(owner)
 
     async def download(self, copy_id: str, name: str) -> dict[str, object]:
         """Download a copy's chain into a new folder ``name`` of the restore directory, each file checked by

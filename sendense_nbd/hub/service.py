@@ -48,6 +48,7 @@ from sendense_nbd.errors import (
     CompletionMismatch,
     ConfigError,
     Conflict,
+    ExportWorkerError,
     InvalidBackup,
     JobStateError,
     NodeError,
@@ -63,7 +64,7 @@ from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import Clock, SystemClock
 from sendense_nbd.hub.copies import Copies
 from sendense_nbd.hub.db import Database
-from sendense_nbd.hub.exports import ExportManager, ExportStats
+from sendense_nbd.hub.exports import ExportManager
 from sendense_nbd.hub.jobs import (
     BackupDetail,
     ConvertDetail,
@@ -96,13 +97,16 @@ from sendense_nbd.hub.repository import Point, PointStatus, Repository, open_sto
 from sendense_nbd.hub.retention_preview import PreviewVM, preview_vm, retention_rules
 from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
+from sendense_nbd.hub.serving import ExportSpec, ExportStats
 from sendense_nbd.hub.space_history import SpaceHistory, SpaceSample
 from sendense_nbd.hub.transport import TRANSPORT_TUNNEL, ExportTLS, Route, check_exposure
 from sendense_nbd.hub.verify import Verifier, VerifyRequest
+from sendense_nbd.hub.workers import WorkerView
 from sendense_nbd.policy.model import Policy, Retention
 from sendense_nbd.protocol.constants import TLSMode
 from sendense_nbd.storage.files import is_temporary, remove_quietly
 from sendense_nbd.storage.modes import ImageFormat
+from sendense_nbd.tls import ServerCredentials
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +161,11 @@ class HubConfig:
     min_free: int = capacity.DEFAULT_MIN_FREE
     #: Seconds a node may go without answering before its running backup jobs fail ``node_unavailable``.
     node_lost: float = NODE_LOST
-    #: The hub's NBD server credentials (``--nbd-tls-creds``): exports of nodes with transport ``tls``
-    #: and, under ``nbd_tls`` REQUIRE, every export use them.
-    nbd_tls_context: ssl.SSLContext | None = None
+    #: The hub's NBD server credentials (``--nbd-tls-creds``, ``--nbd-tls-verify-client``): exports of nodes
+    #: with transport ``tls`` and, under ``nbd_tls`` REQUIRE, every export use them (export workers load them).
+    nbd_tls_creds: ServerCredentials | None = None
+    #: The context of ``nbd_tls_creds``, loaded when the config is made (unusable credentials stop it there).
+    nbd_tls_context: ssl.SSLContext | None = attrs.field(init=False, eq=False)
     #: REQUIRE: every export (backups of every node, restores) only over TLS; OFF: only the exports of
     #: nodes registered with transport ``tls``.
     nbd_tls: TLSMode = attrs.field(default=TLSMode.OFF, validator=_check_nbd_tls)
@@ -171,6 +177,12 @@ class HubConfig:
     #: Serve TLS exports on a network ``nbd_bind`` without client certificates (``--allow-any-tls-client``);
     #: refused otherwise.
     allow_any_tls_client: bool = False
+    #: Export worker processes (``--workers``; 0: every export in the hub's own event loop).
+    workers: int = attrs.field(factory=lambda: os.cpu_count() or 1, validator=attrs.validators.ge(0))
+
+    @nbd_tls_context.default
+    def _load_nbd_tls(self) -> ssl.SSLContext | None:
+        return None if self.nbd_tls_creds is None else self.nbd_tls_creds.context()
 
     def __attrs_post_init__(self) -> None:
         """Refuse (:class:`ConfigError`, naming the option) what cannot work before a hub opens anything: a bad
@@ -237,14 +249,16 @@ class Recovery:
 
 @attrs.frozen
 class PortsView:
-    """The port pool and the exports on it (``GET /ports``)."""
+    """The port pool, the exports on it and the export worker processes serving them (``GET /ports``)."""
 
     pool: PoolStatus
     exports: tuple[ExportStats, ...]
+    workers: tuple[WorkerView, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        """The pool's JSON with the exports added."""
-        return {**self.pool.to_json(), "exports": [export.to_json() for export in self.exports]}
+        """The pool's JSON with the exports and workers added."""
+        exports = [export.to_json() for export in self.exports]
+        return {**self.pool.to_json(), "exports": exports, "workers": [w.to_json() for w in self.workers]}
 
 
 class Hub:
@@ -270,7 +284,9 @@ class Hub:
         self._db = Database(os.path.join(config.repo, "hub.db"))
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
-        self._exports = ExportManager(shared=config.shared, tls_context=config.nbd_tls_context)
+        self._exports = ExportManager(
+            shared=config.shared, tls=config.nbd_tls_creds, workers=config.workers, on_lost=self._exports_lost
+        )
         self._repository = Repository(config.repo, self._db, clock=self.clock, store=store)
         self._jobs = JobStore(self._db, self.clock)
         self._tls = config.export_tls()
@@ -293,7 +309,7 @@ class Hub:
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
         self.copies = Copies(
             self._db, self._repository, clock=self.clock, policies=self._policies, restore_dir=self.restore_dir,
-            serve=self._lease_copy_port, release=self._release_copy_port, tls=self._tls,
+            serve=self._serve_copy, release=self._release_copy_port, tls=self._tls,
             secrets=config.secrets_dir, alerts=self.alerts, retain=self._retain_disk,
         )  # fmt: skip
         self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
@@ -417,6 +433,18 @@ class Hub:
 
         await asyncio.gather(*(check(job) for job in running))
 
+    async def _exports_lost(self, owner: str, why: str) -> None:
+        """An export worker died with exports of ``owner``: its job fails ``worker_crashed`` (its points are
+        discarded, its ports released), or the offsite copy's export ends."""
+        try:
+            lock = await self._lock(owner)
+        except UnknownJob:
+            await self.copies.export_lost(owner)
+            return
+        async with lock:
+            if not (await self._jobs.get(owner)).state.terminal:
+                await self._fail(owner, req.Failure("export", f"its exports are gone: {why}", "worker_crashed"))
+
     async def _why_lost(self, job: Job, now: float) -> str | None:
         """Why a running job's node is lost, or None while it may still finish it."""
         assert job.node is not None
@@ -475,7 +503,7 @@ class Hub:
 
     async def port_status(self) -> PortsView:
         """The port pool's leases and the running exports."""
-        return PortsView(await self._ports.status(), self._exports.stats())
+        return PortsView(await self._ports.status(), await self._exports.stats(), self._exports.workers())
 
     async def repository_usage(self) -> capacity.Usage:
         """The repository's space and its completed points, with the configured reserve."""
@@ -723,14 +751,27 @@ class Hub:
         """Every stored policy (for offsite copies: which VMs have a copy target)."""
         return [stored.policy for stored in await self.scheduler.store.all()]
 
-    async def _lease_copy_port(self, owner: str, disk_key: int | None) -> tuple[socket.socket, int]:
-        """A leased port's bound socket for serving an offsite copy (``owner`` holds the lease)."""
+    async def _serve_copy(self, owner: str, disk_key: int | None, spec: ExportSpec) -> int:
+        """Serve an offsite copy's export (``spec``; ``owner`` holds its port lease) on a leased port; the port."""
         allocation = await self._ports.allocate(self.holder, owner, disk_key, purpose=JobKind.RESTORE)
-        return allocation.socket, allocation.lease.port
+        try:
+            running = await self._exports.start(
+                owner, disk_key, spec.name, spec.path, allocation.socket, opener=spec.opener, readonly=True,
+                tls=spec.tls, admit_peer=spec.admit_peer,
+            )  # fmt: skip
+        except BaseException:
+            allocation.socket.close()
+            await self._ports.release(job_id=owner)
+            raise
+        return running.port
 
     async def _release_copy_port(self, owner: str) -> None:
-        """Release the port an offsite copy's export held."""
-        await self._ports.release(job_id=owner)
+        """Stop an offsite copy's export (flushed and closed; gone already if its worker died) and release its port."""
+        try:
+            with contextlib.suppress(ExportWorkerError):
+                await self._exports.stop_job(owner)
+        finally:
+            await self._ports.release(job_id=owner)
 
     async def _fail(self, job_id: str, failure: req.Failure, state: JobState = JobState.FAILED) -> Job:
         job = await self._jobs.get(job_id)
@@ -873,7 +914,8 @@ class Hub:
         job = await self._jobs.get(job_id)
         if job.kind is not JobKind.RESTORE:
             raise UnknownJob(f"{job_id} is not a restore job")
-        await self._exports.stop_job(job_id)
+        with contextlib.suppress(ExportWorkerError):  # a dead worker's export: the job fails worker_crashed
+            await self._exports.stop_job(job_id)
         await self._ports.release(job_id=job_id)
         with contextlib.suppress(JobStateError):
             return await self._jobs.transition(job_id, JobState.COMPLETED)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Mapping
-from typing import Any
 
 import attrs
 
 from sendense_nbd.client.uri import uri_host
 from sendense_nbd.errors import BadRequest, ConfigError, Conflict, TLSError
 from sendense_nbd.http_api import is_loopback
-from sendense_nbd.hub.certnames import CertificateNames, check_host, client_names, names_text
+from sendense_nbd.hub.certnames import CertificateNames, check_host
+from sendense_nbd.hub.openers import BoundPeer
 from sendense_nbd.server.context import AdmitPeer
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class ExportTLS:
         certificates)."""
         if node is None or not tls or not self.verifies_clients:
             return None
-        return _bound(
+        return BoundPeer(
             node, f"serves a job of node {node!r}", f"each node uses its own certificate (tls init --node {node})"
         )
 
@@ -143,7 +142,7 @@ class ExportTLS:
             )
         if reader is None:
             return None
-        return _bound(reader, f"is served to {reader!r} alone", f"read it with the certificate of {reader!r}")
+        return BoundPeer(reader, f"is served to {reader!r} alone", f"read it with the certificate of {reader!r}")
 
     def _check_host(self, name: str, transport: str, nbd_host: str | None, pinned: bool) -> None:
         """The host node ``name`` dials its TLS exports at must be a name in the hub's certificate, unless the
@@ -155,19 +154,6 @@ class ExportTLS:
                 else f"the NBD host of node {name!r} ({self.default_option})"
             )
             check_host(nbd_host or self.default_host, self.names, what)
-
-
-def _bound(name: str, serves: str, advice: str) -> PeerCheck:
-    """A check admitting only client certificates that name ``name``; a refusal says what the export
-    ``serves``, whose certificate came, and the ``advice``."""
-
-    def check(export: str, certificate: Mapping[str, Any] | None) -> str | None:
-        names = client_names(certificate)
-        if name in names:
-            return None
-        return f"export {export!r} {serves}, and this client's certificate is for {names_text(names)}: {advice}"
-
-    return check
 
 
 def is_wildcard(host: str) -> bool:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from sendense_nbd.errors import TLSError
 from sendense_nbd.lazy import lazy_getattr
 from sendense_nbd.tls.credentials import (
+    ServerCredentials,
     check_fingerprint,
     client_context,
     fingerprint,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Issued",
     "Layout",
+    "ServerCredentials",
     "TLSError",
     "check_fingerprint",
     "client_context",

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import attrs
+
 from sendense_nbd.errors import NBDConnectionError, TLSError
 
 CA_CERT = "ca-cert.pem"
@@ -48,6 +50,19 @@ def server_context(creds_dir: str | os.PathLike[str], *, verify_client: bool = F
         _load_ca(context, directory / CA_CERT)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+@attrs.frozen
+class ServerCredentials:
+    """A server's credentials directory and whether it requires client certificates: a picklable value, so
+    that another process (an export worker) loads the same context (:meth:`context`)."""
+
+    directory: str
+    verify_client: bool = False
+
+    def context(self) -> ssl.SSLContext:
+        """The server context (:func:`server_context`), loaded now."""
+        return server_context(self.directory, verify_client=self.verify_client)
 
 
 def client_context(

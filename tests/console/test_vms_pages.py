@@ -22,7 +22,7 @@ from sendense_nbd.errors import OptionError
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.jobs import ExportDetail, JobState
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import init_pki, server_context
+from sendense_nbd.tls import ServerCredentials, init_pki
 from tests.conftest import require
 from tests.console.backups import SIZE, backed_up, ended, with_digests
 from tests.console.inprocess import Console, ConsoleClient, logged_in
@@ -198,7 +198,7 @@ async def test_export_under_client_certificates_names_its_reader(tmp_path: Path)
     admit every node's certificate): without one the export is refused with the hub's sentence; with one the
     restore page shows it, and only that certificate reads the export (our client over nbds://)."""
     layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
-    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_context": server_context(layout.hub, verify_client=True)}
+    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_creds": ServerCredentials(str(layout.hub), verify_client=True)}
     async with logged_in(tmp_path / "repo", clock=ManualClock(time.time()), **tls) as console:
         point_id = (await backed_up(console.hub, console.clock, VM)).disks[0].point_id
         page = await console.page(view(VM))

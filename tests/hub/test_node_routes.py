@@ -25,7 +25,7 @@ from sendense_nbd.hub.nodes import nbd_host
 from sendense_nbd.hub.service import HubConfig
 from sendense_nbd.node.config import load as load_node_config
 from sendense_nbd.node.requests import BackupRequest
-from sendense_nbd.tls import init_pki, server_context
+from sendense_nbd.tls import ServerCredentials, init_pki
 from tests.hub.accepting_node import accepting_node
 from tests.hub.conftest import Api, HubProcess
 from tests.hub.operating import START, LocalHub, local_hub
@@ -88,7 +88,7 @@ async def test_an_ipv6_zone_id_is_escaped_in_the_export_uri_and_parsed_back(tmp_
 async def test_the_default_node_is_written_whole_from_the_command_line(tmp_path: Path) -> None:
     """A node named default registered through the API, then ``--node-url``: none of its fields stays."""
     layout = init_pki(tmp_path / "pki")
-    tls = {"nbd_tls_context": server_context(layout.hub)}
+    tls = {"nbd_tls_creds": ServerCredentials(str(layout.hub))}
     repo, clock = tmp_path / "repo", ManualClock(START)
     async with accepting_node() as node:
         async with local_hub(repo, clock=clock, **tls) as hub:

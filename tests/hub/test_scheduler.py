@@ -197,8 +197,8 @@ async def test_a_run_goes_on_after_a_hub_restart(vcsim: dict[str, Any], tmp_path
             await hub.ok("POST", "/policies", _policy(per_policy=1))
             await hub.clock.advance(HOUR)
 
-            async def one_started() -> bool:
-                return len((await hub.ok("GET", "/backups"))["backups"]) == 1
+            async def one_started() -> bool:  # running: its export started (a worker may take a moment)
+                return [job["state"] for job in (await hub.ok("GET", "/backups"))["backups"]] == ["running"]
 
             await pump(hub, one_started)
         # The hub stopped with one VM's job running and two queued; the restarted hub fails the first

@@ -18,7 +18,7 @@ from sendense_nbd.errors import OptionError
 from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import init_pki, server_context
+from sendense_nbd.tls import ServerCredentials, init_pki
 from sendense_nbd.tls.pki import Layout
 from tests.conftest import require, run
 from tests.hub.operating import LocalHub, local_hub
@@ -58,7 +58,7 @@ async def _copied_point(hub: LocalHub, ceph_cluster: Any, secret: str, site: Pat
 def _tls(layout: Layout) -> dict[str, Any]:
     return {
         "nbd_tls": TLSMode.REQUIRE,
-        "nbd_tls_context": server_context(layout.hub, verify_client=True),
+        "nbd_tls_creds": ServerCredentials(str(layout.hub), verify_client=True),
         "nbd_tls_names": CertificateNames.from_pem(layout.hub / "server-cert.pem"),
     }
 

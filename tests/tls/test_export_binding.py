@@ -22,7 +22,7 @@ from sendense_nbd.errors import OptionError
 from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import init_pki, issue_certificate, make_ca, server_context
+from sendense_nbd.tls import ServerCredentials, init_pki, issue_certificate, make_ca
 from sendense_nbd.tls.pki import write_client_credentials, write_server_credentials
 from tests.conftest import require, run
 from tests.hub.accepting_node import accepting_node
@@ -55,7 +55,7 @@ async def test_an_export_admits_only_its_own_nodes_certificate(
     layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
     site1, site2 = (f"tls-certificates={layout.nodes[name]}" for name in ("site1", "site2"))
     tls = {
-        "nbd_tls_context": server_context(layout.hub, verify_client=True),
+        "nbd_tls_creds": ServerCredentials(str(layout.hub), verify_client=True),
         "nbd_tls_names": CertificateNames.from_pem(layout.hub / "server-cert.pem"),
     }
     data = os.urandom(MIB)
@@ -109,7 +109,7 @@ async def test_without_client_certificates_an_export_binds_no_node(tmp_path: Pat
     """Binding needs the certificates verified (--nbd-tls-verify-client): without it any TLS client is served,
     which is why a hub refuses such exports on a network address unless --allow-any-tls-client."""
     layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
-    tls = {"nbd_tls_context": server_context(layout.hub)}
+    tls = {"nbd_tls_creds": ServerCredentials(str(layout.hub))}
     async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
         await hub.ok("POST", "/nodes", {"name": "site1", "url": node.url, "transport": "tls"})
         uri = await _backup(hub, "site1")
@@ -137,7 +137,7 @@ async def test_a_restores_export_admits_only_its_reader(tmp_path: Path) -> None:
     as it would admit every node's certificate), and only that certificate reads it (ours, nbdinfo, nbdcopy)."""
     layout = init_pki(tmp_path / "pki", nodes=["site1", "site2"])
     site1, site2 = (f"tls-certificates={layout.nodes[name]}" for name in ("site1", "site2"))
-    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_context": server_context(layout.hub, verify_client=True)}
+    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_creds": ServerCredentials(str(layout.hub), verify_client=True)}
     async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
         point_id = await _point(hub, node.url, "tls", f"?{site1}")
         status, answer = await hub.call("POST", "/restores", {"point_id": point_id})
@@ -163,7 +163,7 @@ async def test_a_reader_the_hub_cannot_enforce_is_refused(tmp_path: Path, verify
     """Without client certificates, or on a plain restore export, a reader would bind nothing: refused (400,
     no export), not ignored; the export without it works as before."""
     layout = init_pki(tmp_path / "pki", nodes=["site1"])
-    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_context": server_context(layout.hub)} if verify != "plain" else {}
+    tls = {"nbd_tls": TLSMode.REQUIRE, "nbd_tls_creds": ServerCredentials(str(layout.hub))} if verify != "plain" else {}
     async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
         query = f"?tls-certificates={layout.nodes['site1']}" if tls else ""
         point_id = await _point(hub, node.url, "tls" if tls else "tunnel", query)
@@ -187,7 +187,7 @@ async def test_a_client_certificate_is_its_dns_names_when_it_has_any(tmp_path: P
     hub_dir = write_server_credentials(tmp_path / "hub", ca, server)
     mixed = issue_certificate(ca, "site2", usage="client", dns_names=["site1"])
     query = f"tls-certificates={write_client_credentials(tmp_path / 'mixed', ca, mixed)}"
-    tls = {"nbd_tls_context": server_context(hub_dir, verify_client=True)}
+    tls = {"nbd_tls_creds": ServerCredentials(str(hub_dir), verify_client=True)}
     async with accepting_node() as node, local_hub(tmp_path / "repo", clock=ManualClock(START), **tls) as hub:
         for name in ("site1", "site2"):
             await hub.ok("POST", "/nodes", {"name": name, "url": node.url, "transport": "tls"})

@@ -29,7 +29,15 @@ from sendense_nbd.hub.certnames import CertificateNames, client_names
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.service import HubConfig
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import client_context, fingerprint, init_pki, issue_certificate, make_ca, server_context
+from sendense_nbd.tls import (
+    ServerCredentials,
+    client_context,
+    fingerprint,
+    init_pki,
+    issue_certificate,
+    make_ca,
+    server_context,
+)
 from sendense_nbd.tls.pki import write_client_credentials, write_server_credentials
 from tests.hub.accepting_node import accepting_node
 from tests.hub.conftest import Api, HubProcess, free_port_range
@@ -236,7 +244,7 @@ def test_a_hub_refuses_tls_exports_on_a_network_address_that_admit_any_client(
 async def test_nodes_are_refused_export_hosts_the_certificate_does_not_name(tmp_path: Path) -> None:
     layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com", "*.hub.example.com"], hub_addresses=["127.0.0.1"])
     names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
-    tls = {"nbd_tls_context": server_context(layout.hub, verify_client=True), "nbd_tls_names": names}
+    tls = {"nbd_tls_creds": ServerCredentials(str(layout.hub), verify_client=True), "nbd_tls_names": names}
     clock = ManualClock(START)
     repo = tmp_path / "repo"
     async with local_hub(repo, clock=clock, **tls) as hub:
@@ -257,7 +265,7 @@ async def test_nodes_are_refused_export_hosts_the_certificate_does_not_name(tmp_
     # Every export requires TLS: a tunnel node's host is checked too, and a stored one refuses its backup.
     other = init_pki(tmp_path / "other", hub_names=["elsewhere.example.com"])
     elsewhere = {
-        "nbd_tls_context": server_context(other.hub),
+        "nbd_tls_creds": ServerCredentials(str(other.hub)),
         "nbd_tls_names": CertificateNames.from_pem(other.hub / "server-cert.pem"),
         "nbd_advertise": "elsewhere.example.com",
     }
@@ -279,18 +287,16 @@ async def test_nodes_are_refused_export_hosts_the_certificate_does_not_name(tmp_
 def test_hub_config_checks_the_default_host_and_advertise(tmp_path: Path) -> None:
     layout = init_pki(tmp_path / "pki")
     names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
-    context = server_context(layout.hub)
+    context = ServerCredentials(str(layout.hub))
     with pytest.raises(ConfigError, match=r"\(--nbd-advertise\) hub.example.com is not a name .*DNS:localhost"):
-        HubConfig(repo=str(tmp_path / "r"), nbd_tls_context=context, nbd_tls_names=names,
+        HubConfig(repo=str(tmp_path / "r"), nbd_tls_creds=context, nbd_tls_names=names,
                   nbd_advertise="hub.example.com")  # fmt: skip
     with pytest.raises(ConfigError, match="--nbd-advertise 'hub:10809' must be a host name"):
         HubConfig(repo=str(tmp_path / "r"), nbd_advertise="hub:10809")
     with pytest.raises(ConfigError, match="--allow-plain-nbd"):
         HubConfig(repo=str(tmp_path / "r"), nbd_bind="::")
     assert HubConfig(repo=str(tmp_path / "r"), nbd_bind="::", allow_plain_nbd=True).export_tls().default_host == "::"
-    config = HubConfig(
-        repo=str(tmp_path / "r"), nbd_tls_context=context, nbd_tls_names=names, nbd_advertise="localhost"
-    )
+    config = HubConfig(repo=str(tmp_path / "r"), nbd_tls_creds=context, nbd_tls_names=names, nbd_advertise="localhost")
     assert config.export_tls().default_host == "localhost"
     assert not (tmp_path / "r").exists()
 
@@ -303,13 +309,13 @@ async def test_a_patch_that_leaves_the_route_alone_is_not_checked_against_a_new_
     still is."""
     layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"], hub_addresses=["127.0.0.1"])
     names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
-    first = {"nbd_tls_context": server_context(layout.hub), "nbd_tls_names": names}
+    first = {"nbd_tls_creds": ServerCredentials(str(layout.hub)), "nbd_tls_names": names}
     repo, clock = tmp_path / "repo", ManualClock(START)
     async with local_hub(repo, clock=clock, **first) as hub:
         body = {"name": "s1", "url": "http://127.0.0.1:9", "transport": "tls", "nbd_host": "hub.example.com"}
         await hub.ok("POST", "/nodes", body)
     other = init_pki(tmp_path / "other", hub_names=["elsewhere.example.com"])
-    elsewhere = {"nbd_tls_context": server_context(other.hub), "nbd_advertise": "elsewhere.example.com",
+    elsewhere = {"nbd_tls_creds": ServerCredentials(str(other.hub)), "nbd_advertise": "elsewhere.example.com",
                  "nbd_tls_names": CertificateNames.from_pem(other.hub / "server-cert.pem")}  # fmt: skip
     caplog.set_level(logging.WARNING, logger="sendense_nbd.hub.service")
     async with local_hub(repo, clock=clock, **elsewhere) as hub:
@@ -330,7 +336,7 @@ async def test_a_node_that_pins_the_hubs_certificate_is_not_refused_names_it_nev
     tls_pinned, its nbd_host need not be in the certificate, and its backup's export is read with the pin."""
     layout = init_pki(tmp_path / "pki", hub_names=["hub.example.com"], nodes=["p1"])
     names = CertificateNames.from_pem(layout.hub / "server-cert.pem")
-    tls = {"nbd_tls_context": server_context(layout.hub, verify_client=True), "nbd_tls_names": names,
+    tls = {"nbd_tls_creds": ServerCredentials(str(layout.hub), verify_client=True), "nbd_tls_names": names,
            "nbd_advertise": "hub.example.com"}  # fmt: skip
     certificate = x509.load_pem_x509_certificate((layout.hub / "server-cert.pem").read_bytes())
     pin = fingerprint(certificate.public_bytes(serialization.Encoding.DER))

@@ -37,7 +37,7 @@ from sendense_nbd.node.config import load
 from sendense_nbd.node.requests import BackupRequest
 from sendense_nbd.node.service import Node
 from sendense_nbd.protocol.constants import TLSMode
-from sendense_nbd.tls import init_pki, server_context
+from sendense_nbd.tls import ServerCredentials, init_pki
 from tests.conftest import require, run
 from tests.hub.conftest import Api, HubProcess, free_port_range
 from tests.hub.operating import START, local_hub
@@ -271,8 +271,8 @@ async def test_a_node_transport_is_checked_stored_and_needs_hub_credentials(tmp_
             assert status == 400, (body, answer)
         node = await hub.ok("POST", "/nodes", {"name": "n1", "url": "http://127.0.0.1:9", "nbd_host": "hub.example"})
         assert (node["transport"], node["nbd_host"]) == ("tunnel", "hub.example")
-    context = server_context(layout.hub)
-    async with local_hub(repo, clock=clock, nbd_tls_context=context) as hub:
+    context = ServerCredentials(str(layout.hub))
+    async with local_hub(repo, clock=clock, nbd_tls_creds=context) as hub:
         node = await hub.ok("PATCH", "/nodes/n1", {"transport": "tls", "nbd_host": None})
         assert (node["transport"], node["nbd_host"]) == ("tls", None)
     async with local_hub(repo, clock=clock) as hub:  # the credentials are gone: its backups are refused
@@ -321,7 +321,7 @@ async def test_the_default_node_is_written_whole_into_a_migrated_older_store(tmp
     _older_store(repo / "hub.db")
     given = {"node_url": "http://127.0.0.1:9", "node_transport": "tls", "node_nbd_host": "127.0.0.1",
              "node_hub_url": "https://hub.example.com:8443", "node_tls_pinned": True,
-             "nbd_tls_context": server_context(layout.hub), "nbd_advertise": "hub.example.com",
+             "nbd_tls_creds": ServerCredentials(str(layout.hub)), "nbd_advertise": "hub.example.com",
              "nbd_tls_names": CertificateNames.from_pem(layout.hub / "server-cert.pem")}  # fmt: skip
     async with local_hub(repo, clock=ManualClock(START), **given) as hub:
         default = await hub.ok("GET", "/nodes/default")

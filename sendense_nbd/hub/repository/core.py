@@ -146,8 +146,9 @@ class Repository:
         return point
 
     def opener(self, point: Point, *, readonly: bool) -> Callable[[], BlockDevice]:
-        """What opens the point as a block device (blocking: the exports call it in a thread)."""
-        return functools.partial(self.store.open_device, point, readonly=readonly)
+        """What opens the point as a block device (blocking: the exports call it in a thread); picklable, so
+        an export worker process can open it."""
+        return self.store.opener(point, readonly=readonly)
 
     def source(self, point: Point) -> str:
         """A file name the copy library reads the point's whole view through."""

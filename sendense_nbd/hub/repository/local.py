@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sendense_nbd.errors import ImageError, RepositoryError
+from sendense_nbd.hub.openers import ImageOpener
 from sendense_nbd.hub.repository.points import Point, vm_slug
 from sendense_nbd.hub.repository.store import Space
 from sendense_nbd.storage.files import is_temporary, remove_quietly, sync_directory
 from sendense_nbd.storage.modes import ImageFormat
 
 if TYPE_CHECKING:
-    from sendense_nbd.storage.base import BlockDevice
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,9 @@ class LocalStore:
             raise RepositoryError(f"cannot create {path}: {exc}") from exc
         return path
 
-    def open_device(self, point: Point, *, readonly: bool) -> BlockDevice:
-        """The point's qcow2 file (and its backing chain)."""
-        from sendense_nbd.storage import open_image
-
-        return open_image(point.path, ImageFormat.QCOW2, readonly=readonly)
+    def opener(self, point: Point, *, readonly: bool) -> ImageOpener:
+        """What opens the point's qcow2 file (and its backing chain)."""
+        return ImageOpener(point.path, ImageFormat.QCOW2, readonly)
 
     def source(self, point: Point) -> str:
         """The point's qcow2 file: the copy library reads its chain through it."""

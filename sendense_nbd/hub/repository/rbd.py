@@ -39,14 +39,15 @@ from urllib.parse import parse_qsl, quote, urlencode
 import attrs
 
 from sendense_nbd.errors import Conflict, RbdError, RepositoryError
+from sendense_nbd.hub.openers import RbdOpener
 from sendense_nbd.hub.repository.points import Point, PointStatus, vm_slug
 from sendense_nbd.hub.repository.store import Space
 from sendense_nbd.storage.files import remove_quietly
 from sendense_nbd.storage.modes import CacheMode
-from sendense_nbd.storage.rbd import RbdSpec, connect, open_rbd
+from sendense_nbd.storage.rbd import RbdSpec, connect
 
 if TYPE_CHECKING:
-    from sendense_nbd.storage.base import BlockDevice
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +240,16 @@ class RbdStore:
         """``rbd:POOL[/NS]/IMAGE@POINT-ID``: a point's snapshot, without how to reach the cluster."""
         return RbdSpec(self.where.pool, image, point_id, self.where.namespace).filename
 
-    def open_device(self, point: Point, *, readonly: bool) -> BlockDevice:
-        """A pending point: the image's head (writable, without librbd's cache); else its snapshot (read-only).
+    def opener(self, point: Point, *, readonly: bool) -> RbdOpener:
+        """What opens a pending point: the image's head (writable, without librbd's cache); else its snapshot
+        (read-only).
 
         The head is written with ``cache=none``: each write reaches the OSDs before it is answered, so a
         full pool fails that write. (librbd's writeback cache may drop the ``EDQUOT`` of a background
         write-out and answer the next FLUSH with success, losing the data: seen with Ceph 16.)"""
         if point.status is PointStatus.PENDING:
-            return open_rbd(self.where.spec(self._image_of(point)), readonly=readonly, cache=CacheMode.NONE)
-        return open_rbd(self.where.spec(self._image_of(point), point.id), readonly=True)
+            return RbdOpener(self.where.spec(self._image_of(point)), readonly, CacheMode.NONE)
+        return RbdOpener(self.where.spec(self._image_of(point), point.id), True)
 
     def source(self, point: Point) -> str:
         """The point's snapshot as an ``rbd:`` filename with the cluster's conf, user and keyring."""

@@ -9,7 +9,7 @@ threads, under the disk's lock where the chain must not change meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -41,8 +41,9 @@ class Store(Protocol):
         """Make a new point's writable data: a full of ``capacity`` bytes, or an incremental on
         ``base`` (whose view it starts from); its ``path``."""
 
-    def open_device(self, point: Point, *, readonly: bool) -> BlockDevice:
-        """The point as a block device: writable while it is pending, else read-only."""
+    def opener(self, point: Point, *, readonly: bool) -> Callable[[], BlockDevice]:
+        """What opens the point as a block device (writable while it is pending, else read-only): a picklable
+        value (:mod:`~sendense_nbd.hub.openers`), so an export worker process can open it."""
 
     def source(self, point: Point) -> str:
         """A file name the copy library opens to read the point's whole view (its chain)."""

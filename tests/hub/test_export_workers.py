@@ -1,0 +1,235 @@
+"""Exports served by the hub's export worker processes: backups written over NBD (nbdcopy, libnbd) and restores
+read back (nbdinfo, nbdcopy, qemu-img compare) with the exports in workers or (``workers=0``) in the hub's own
+event loop; the exports' counters come from the workers; a worker killed with SIGKILL mid-backup fails only its
+job (port released, point discarded, the next incremental byte-identical) while a job on the other worker
+finishes; workers never outlive the hub, killed or stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sendense_nbd.backup.records import Mode
+from sendense_nbd.hub import workers
+from sendense_nbd.hub.jobs import Job, JobState
+from sendense_nbd.hub.repository import PointStatus
+from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk, RestoreAction, RestoreRequest
+from sendense_nbd.hub.service import Hub, HubConfig
+from sendense_nbd.storage.modes import ImageFormat
+from tests.conftest import random_file, require, run, wait_gone
+from tests.hub.conftest import Api, HubProcess, free_port_range, nbd_write
+
+pytestmark = pytest.mark.peer
+
+VM, OTHER = "/DC0/vm/web01", "/DC0/vm/db01"
+DISK = 2000
+MIB = 1 << 20
+SIZE = 8 * MIB
+
+
+@pytest.fixture(params=[2, 0], ids=["workers", "in-process"])
+async def hub(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Hub]:
+    config = HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(6), workers=request.param)
+    running = Hub(config)
+    await running.start()
+    try:
+        yield running
+    finally:
+        running.close()
+        await running.wait_closed()
+
+
+async def _written(hub: Hub, vm_path: str, source: Path) -> Job:
+    """A backup job of ``vm_path`` whose export got ``source`` whole (nbdcopy, flushed), not yet completed."""
+    job = await hub.create_backup(BackupRequest(vm_path, Mode.AUTO, (DiskSpec(DISK, SIZE),)))
+    await asyncio.to_thread(run, require("nbdcopy"), "--flush", str(source), job.detail.disks[0].uri)
+    return job
+
+
+async def _complete(hub: Hub, job: Job, change: str) -> Job:
+    done = await hub.complete(job.id, Completion(job.vm_path, (ReportedDisk(DISK, change, None),)))
+    await hub.settled()
+    return done
+
+
+def _same(image: str, source: Path) -> None:
+    run(require("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", str(source), image)
+
+
+async def test_backup_and_restore_exports_in_workers_or_in_process(hub: Hub, tmp_path: Path) -> None:
+    """A full and an incremental backup written by nbdcopy and a restore export read by nbdinfo and nbdcopy;
+    ``GET /ports``'s counters while served; with workers, each export is in a worker process of the hub."""
+    source = random_file(tmp_path / "disk.raw", SIZE)
+    job = await _written(hub, VM, source)
+    view = await hub.port_status()
+    [export] = view.exports
+    assert export.job_id == job.id and export.bytes_written == SIZE and export.clients_served >= 1
+    if hub.config.workers:
+        assert sum(worker.exports for worker in view.workers) == 1
+        [pid] = [worker.pid for worker in view.workers if worker.exports]
+        assert pid is not None and _parent_of(pid) == os.getpid()
+    else:
+        assert view.workers == ()
+    await _complete(hub, job, "change-1")
+    with source.open("r+b") as file:
+        file.seek(3 * MIB)
+        file.write(os.urandom(MIB))
+    incremental = await _written(hub, VM, source)
+    await _complete(hub, incremental, "change-2")
+    newest = (await hub.points(VM))[-1]
+    _same(newest.path, source)
+
+    restore = await hub.restore(RestoreRequest(newest.id, RestoreAction.EXPORT, ImageFormat.RAW, None))
+    info = json.loads((await asyncio.to_thread(run, require("nbdinfo"), "--json", restore.detail.uri)).stdout)
+    assert info["exports"][0]["export-size"] == SIZE
+    await asyncio.to_thread(run, require("nbdcopy"), restore.detail.uri, str(tmp_path / "read.raw"))
+    assert (tmp_path / "read.raw").read_bytes() == source.read_bytes()
+    assert (await hub.stop_restore(restore.id)).state is JobState.COMPLETED
+    assert (await hub.port_status()).exports == ()
+
+
+def _parent_of(pid: int) -> int:
+    """The parent process ID of ``pid`` (from /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture
+async def two_workers(tmp_path: Path) -> AsyncIterator[Hub]:
+    running = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(6), workers=2))
+    await running.start()
+    try:
+        yield running
+    finally:
+        running.close()
+        await running.wait_closed()
+
+
+async def _ended(hub: Hub, job_id: str) -> Job:
+    for _ in range(600):  # 30 s at most
+        job = await hub.job(job_id)
+        if job.state.terminal:
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+async def test_a_worker_killed_mid_backup_fails_only_its_job(two_workers: Hub, tmp_path: Path) -> None:
+    """SIGKILL the worker serving one backup after part of its data came: that job fails ``worker_crashed``
+    naming the worker, its port is free and its point gone; the backup on the other worker completes; the
+    killed worker is replaced, and the VM's next incremental is byte-identical to its disk."""
+    hub = two_workers
+    source, other = random_file(tmp_path / "vm.raw", SIZE), random_file(tmp_path / "other.raw", SIZE, seed=2)
+    await _complete(hub, await _written(hub, VM, source), "change-1")
+    with source.open("r+b") as file:
+        file.seek(MIB)
+        file.write(os.urandom(2 * MIB))
+    doomed = await hub.create_backup(BackupRequest(VM, Mode.AUTO, (DiskSpec(DISK, SIZE),)))
+    survivor = await hub.create_backup(BackupRequest(OTHER, Mode.AUTO, (DiskSpec(DISK, SIZE),)))
+    [disk] = doomed.detail.disks
+    await asyncio.to_thread(nbd_write, disk.uri, [(MIB, source.read_bytes()[MIB : 2 * MIB])])
+    workers = (await hub.port_status()).workers
+    assert [worker.exports for worker in workers] == [1, 1]  # one job on each
+    [(index, pid)] = [(w.index, w.pid) for w in workers if w.pid is not None and _serves(w.pid, disk.port)]
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    failed = await _ended(hub, doomed.id)
+    assert failed.state is JobState.FAILED and failed.error is not None, failed
+    assert failed.error.code == "worker_crashed"
+    assert f"export worker {index} (pid {pid}) died: killed by signal 9 (SIGKILL)" in failed.error.message
+    view = await hub.port_status()
+    assert [lease.job_id for lease in view.pool.used] == [survivor.id]
+    with socket.create_server(("127.0.0.1", disk.port)):
+        pass  # the port is free again
+    assert len(await hub.points(VM)) == 1
+    images = await asyncio.to_thread(lambda: [p.name for p in Path(hub.config.repo, "vms").rglob("*.qcow2")])
+    assert not any(disk.point_id in name for name in images)
+
+    await asyncio.to_thread(run, require("nbdcopy"), "--flush", str(other), survivor.detail.disks[0].uri)
+    assert (await _complete(hub, survivor, "other-1")).state is JobState.COMPLETED
+    _same((await hub.points(OTHER))[-1].path, other)
+    for _ in range(200):
+        restarted = (await hub.port_status()).workers[index].pid
+        if restarted is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert restarted not in (None, pid)
+
+    again = await _written(hub, VM, source)
+    assert (await _complete(hub, again, "change-2")).state is JobState.COMPLETED
+    newest = (await hub.points(VM))[-1]
+    assert newest.status is PointStatus.COMPLETED and newest.backing is not None  # an incremental
+    _same(newest.path, source)
+
+
+def _serves(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on ``port`` (its fds against /proc/net/tcp)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+            inodes.add(fields[9])
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd).removeprefix("socket:[").rstrip("]") in inodes for fd in fds.iterdir())
+
+
+def _backup_body(vm_path: str) -> dict[str, Any]:
+    return {"vm_path": vm_path, "mode": "full", "disks": [{"key": DISK, "capacity": SIZE}]}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_workers_never_outlive_the_hub(hub_factory: Any, sig: int) -> None:
+    """A hub process serving exports in two workers is killed (SIGKILL) or stopped (SIGTERM): its workers are
+    gone too, and the export ports with them."""
+    hub: HubProcess = hub_factory(None, "--workers", "2")
+    api = Api(hub.url)
+    ports = []
+    for vm_path in (VM, OTHER):
+        status, job = api.post("/backups", _backup_body(vm_path))
+        assert status == 201, job
+        ports.append(job["detail"]["disks"][0]["port"])
+    status, view = api.get("/ports")
+    pids = [worker["pid"] for worker in view["workers"]]
+    assert status == 200 and len(pids) == 2 and None not in pids, view
+    assert sorted(export["port"] for export in view["exports"]) == sorted(ports)
+    hub.stop(sig)
+    for pid in pids:
+        assert wait_gone(pid, 10), f"export worker {pid} outlived the hub"
+    for port in ports:
+        with socket.create_server(("127.0.0.1", port)):
+            pass
+
+
+async def test_a_worker_that_stops_answering_is_killed(
+    two_workers: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopped with SIGSTOP does not answer for its exports' counters: it is killed after the
+    timeout, its job fails ``worker_crashed`` saying so, and the counters of the other worker's export still
+    come."""
+    monkeypatch.setattr(workers, "STATS_TIMEOUT", 1.0)
+    hub = two_workers
+    stuck = await hub.create_backup(BackupRequest(VM, Mode.FULL, (DiskSpec(DISK, SIZE),)))
+    other = await hub.create_backup(BackupRequest(OTHER, Mode.FULL, (DiskSpec(DISK, SIZE),)))
+    [pid] = [w.pid for w in (await hub.port_status()).workers if w.pid and _serves(w.pid, stuck.detail.disks[0].port)]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        [export] = (await hub.port_status()).exports
+        assert export.job_id == other.id
+        failed = await _ended(hub, stuck.id)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert failed.error is not None and failed.error.code == "worker_crashed", failed
+    assert f"(pid {pid}) did not answer stats within 1 s: killed" in failed.error.message
+    assert wait_gone(pid, 10)
