@@ -101,8 +101,8 @@ class _Worker:
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = answer
         try:
-            await self.channel.send((kind, request_id, body), fds)
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit):  # the send too: a stuck worker's channel may be full
+                await self.channel.send((kind, request_id, body), fds)
                 ok, value = await answer
         except TimeoutError:
             self.kill(f"did not answer {kind} within {limit:g} s")
