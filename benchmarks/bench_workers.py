@@ -6,10 +6,10 @@ Run with the project's venv python::
     /work/main/.venv/bin/python benchmarks/bench_workers.py --quick          # smoke test: 256 MiB, 1 round
     /work/main/.venv/bin/python benchmarks/bench_workers.py --write-results  # 1 GiB, 3 rounds, a RESULTS.md section
 
-Two hubs run side by side (``sendense-nbd hub``, no node, ``--keep 1``), each on its own repository and port
-pool in tmpfs (/dev/shm: the disk is never the limit, only the hub's CPU is): ``workers`` with the default
-``--workers`` (one export worker process per core) and ``loop`` with ``--workers 0`` (every export in the
-hub's one event loop, as before workers). A run backs up N VMs at once the way a node does: N jobs are
+Every run starts a fresh hub (``sendense-nbd hub``, no node) on a new repository in tmpfs (/dev/shm: the disk is
+never the limit, only CPU is; removed after the run, so memory stays bounded): ``workers`` with the default
+``--workers`` (one export worker process per core) or ``loop`` with ``--workers 0`` (every export in the hub's
+one event loop, as before workers). A run backs up N VMs at once the way a node does: N jobs are
 created through the hub's API (``POST /backups``, one 1-disk full backup each, so N exports on N leased
 ports), then N clients push the same dense (random) source image into them concurrently, and each job is
 completed through the API (its exports stop and flush). The client is nbdcopy (``--flush --connections=4``)
@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,21 +81,17 @@ class Hub:
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.call("GET", "/ports")["workers"] if w["pid"] is not None]
 
-    def wait_settled(self, job_id: str) -> dict[str, Any]:
-        """The completed job, once its retention ran and its point's digests were recorded (the hub's
-        background work after a backup, which must not overlap the next run)."""
+    def wait_completed(self, job_id: str) -> dict[str, Any]:
+        """The job, once completed (its exports stopped and flushed)."""
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             job = self.call("GET", f"/backups/{job_id}")
-            if job["state"] != "completed":
-                raise RuntimeError(f"job {job_id} is {job['state']}: {job.get('error')}")
-            point = job["detail"]["disks"][0]["point_id"]
-            points = self.call("GET", f"/points?vm_path={urllib.parse.quote(job['vm_path'])}")["points"]
-            retained = any(stage["name"] == "retention" for stage in job.get("stages") or ())
-            if retained and all(p["digests"] for p in points if p["id"] == point):
+            if job["state"] == "completed":
                 return job
+            if job["state"] in ("failed", "cancelled"):
+                raise RuntimeError(f"job {job_id} is {job['state']}: {job.get('error')}")
             time.sleep(0.05)
-        raise RuntimeError(f"job {job_id}: not settled within 600 s")
+        raise RuntimeError(f"job {job_id}: not completed within 600 s")
 
 
 @dataclass
@@ -105,15 +100,16 @@ class Bench:
     size: int
     source: Path
     root: Path
-    hubs: dict[str, Hub] = field(default_factory=dict)
     cells: dict[tuple[str, int], list[Sample]] = field(default_factory=dict)
-    #: Seconds each ``POST /backups`` took, by hub: the first one starts the export workers it needs.
-    creates: dict[str, list[float]] = field(default_factory=dict)
+    #: Seconds each ``POST /backups`` took, by hub kind and whether it was a fresh hub's first (which starts
+    #: an export worker).
+    creates: dict[tuple[str, bool], list[float]] = field(default_factory=dict)
 
     def start_hub(self, label: str, first_port: int) -> Hub:
         repo = self.root / label
+        shutil.rmtree(repo, ignore_errors=True)
         cmd = [str(PYTHON), "-m", "sendense_nbd", "hub", "--repo", str(repo), "--listen", "127.0.0.1:0",
-               "--nbd-ports", f"{first_port}-{first_port + 15}", "--keep", "1", "--min-free", "0",
+               "--nbd-ports", f"{first_port}-{first_port + 15}", "--min-free", "0",
                *HUBS[label]]  # fmt: skip
         proc = bs._spawn(cmd, LOG, stdout=subprocess.PIPE, cwd=str(REPO))
         assert proc.stdout is not None
@@ -134,7 +130,7 @@ class Bench:
             body = {"vm_path": f"/DC0/vm/bench{index}", "mode": "full", "disks": [{"key": DISK, "capacity": self.size}]}
             posted = time.monotonic()
             jobs.append(hub.call("POST", "/backups", body))
-            self.creates.setdefault(hub.label, []).append(time.monotonic() - posted)
+            self.creates.setdefault((hub.label, index == 0), []).append(time.monotonic() - posted)
         workers = hub.worker_pids()
         before = (bt.cpu_seconds([hub.proc.pid]), bt.cpu_seconds(workers))
         started = time.monotonic()
@@ -147,7 +143,7 @@ class Bench:
             disks = [{"disk_key": DISK, "change_id": None}]
             hub.call("POST", f"/backups/{job['job_id']}/complete", {"status": "completed", "disks": disks})
         for job in jobs:
-            done = hub.wait_settled(job["job_id"])
+            done = hub.wait_completed(job["job_id"])
             if check:
                 point = done["detail"]["disks"][0]["point_id"]
                 image = next((self.root / hub.label / "vms").rglob(f"{point}.qcow2"))
@@ -157,7 +153,14 @@ class Bench:
         return Sample(count * self.size / elapsed / 1e6, {role: seconds / gib for role, seconds in cpu.items()})
 
     def measure(self, label: str, count: int, warmup: bool) -> None:
-        sample = self.run_once(self.hubs[label], count, check=warmup)
+        hub = self.start_hub(label, _free_ports(16))
+        try:
+            sample = self.run_once(hub, count, check=warmup)
+        finally:
+            hub.proc.send_signal(signal.SIGTERM)
+            hub.proc.wait(120)
+            bs._children.pop(hub.proc.pid, None)
+            shutil.rmtree(self.root / label, ignore_errors=True)
         cpu = "  ".join(f"{role} {value:.2f}" for role, value in sample.cpu.items())
         print(f"  {label:>7} N={count}{' warm-up' if warmup else ''}: {sample.mbps:7.1f} MB/s aggregate,"
               f" CPU s/GiB: {cpu}", flush=True)  # fmt: skip
@@ -257,7 +260,7 @@ def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: 
         br.machine(load0, elapsed),
         f"- benchmark: `.venv/bin/python benchmarks/bench_workers.py {' '.join(argv)}`",
         f"- {bs.human(bench.size)} random (dense) source in /dev/shm; each hub's repository in /dev/shm (tmpfs: the"
-        " disk is not the limit); hubs `sendense-nbd hub --keep 1` with the default `--workers`"
+        " disk is not the limit); a fresh hub per run, `sendense-nbd hub --min-free 0` with the default `--workers`"
         f" ({os.cpu_count()}: one per core) and `--workers 0` (one event loop); per backup one job through the API"
         f" (a 1-disk full), its export written by {client}, then completed through the API",
         f"- a warm-up run per hub and N (points checked with qemu-img compare), then {bench.args.rounds} rounds, hubs"
@@ -269,12 +272,15 @@ def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: 
 
 
 def startup(bench: Bench) -> str:
-    """The first backup's start on each hub (it starts an export worker) against the median of the others."""
+    """How long a fresh hub's first backup takes to start (with workers: it starts an export worker) against
+    the others, medians by hub kind."""
     found = []
-    for label, times in bench.creates.items():
-        first, rest = times[0], statistics.median(times[1:]) if len(times) > 1 else float("nan")
-        found.append(f"{label}: first {first * 1000:.0f} ms, then {rest * 1000:.0f} ms (median)")
-    return "; ".join(found)
+    for label in bench.args.hubs:
+        first, rest = bench.creates.get((label, True)), bench.creates.get((label, False))
+        if first and rest:
+            found.append(f"{label}: first {statistics.median(first) * 1000:.0f} ms, then"
+                         f" {statistics.median(rest) * 1000:.0f} ms")  # fmt: skip
+    return "; ".join(found) + " (medians)"
 
 
 def write_results(bench: Bench, load0: float, elapsed: float, argv: list[str], others: str) -> None:
@@ -289,7 +295,7 @@ def write_results(bench: Bench, load0: float, elapsed: float, argv: list[str], o
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1G", help="source image size (default 1G)")
+    parser.add_argument("--size", default="512M", help="source image size (default 512M: N=4 keeps 2 GiB in tmpfs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--hubs", type=lambda s: s.split(","), default=list(HUBS))
@@ -316,8 +322,6 @@ def main(argv: list[str]) -> int:
         with bench.source.open("wb") as file:
             for _ in range(size // (16 * MiB)):
                 file.write(os.urandom(16 * MiB))
-        for label in args.hubs:
-            bench.hubs[label] = bench.start_hub(label, _free_ports(16))
         run_matrix(bench)
         print(table(bench))
         print("\n".join(goals(bench)))
@@ -325,9 +329,6 @@ def main(argv: list[str]) -> int:
         if args.write_results:
             write_results(bench, load0, time.monotonic() - started, argv, args.others)
     finally:
-        for hub in bench.hubs.values():
-            hub.proc.send_signal(signal.SIGTERM)
-            hub.proc.wait(60)
         shutil.rmtree(root, ignore_errors=True)
     return 0
 
