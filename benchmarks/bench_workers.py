@@ -132,13 +132,14 @@ class Bench:
             jobs.append(hub.call("POST", "/backups", body))
             self.creates.setdefault((hub.label, index == 0), []).append(time.monotonic() - posted)
         workers = hub.worker_pids()
-        before = (bt.cpu_seconds([hub.proc.pid]), bt.cpu_seconds(workers))
+        before = (bt.cpu_seconds([hub.proc.pid]), bt.cpu_seconds(workers), bs._cpu_snapshot()[1])
         started = time.monotonic()
         procs = [bs._spawn(self.client(job["detail"]["disks"][0]["uri"]), LOG, stdout=LOG.open("ab")) for job in jobs]
         client_cpu = sum(_reap(proc, self.args.timeout) for proc in procs)
         elapsed = time.monotonic() - started
         cpu = {"hub": bt.cpu_seconds([hub.proc.pid]) - before[0], "workers": bt.cpu_seconds(workers) - before[1]}
         cpu["client"] = client_cpu
+        cpu["machine"] = bs._cpu_snapshot()[1] - before[2]  # every process's: ours and the other helpers'
         for job in jobs:
             disks = [{"disk_key": DISK, "change_id": None}]
             hub.call("POST", f"/backups/{job['job_id']}/complete", {"status": "completed", "disks": disks})
@@ -161,7 +162,7 @@ class Bench:
             hub.proc.wait(120)
             bs._children.pop(hub.proc.pid, None)
             shutil.rmtree(self.root / label, ignore_errors=True)
-        cpu = "  ".join(f"{role} {value:.2f}" for role, value in sample.cpu.items())
+        cpu = "  ".join(f"{role} {value:.2f}" for role, value in sample.cpu.items() if role != "machine")
         print(f"  {label:>7} N={count}{' warm-up' if warmup else ''}: {sample.mbps:7.1f} MB/s aggregate,"
               f" CPU s/GiB: {cpu}", flush=True)  # fmt: skip
         if not warmup:
@@ -222,19 +223,20 @@ def run_matrix(bench: Bench) -> None:
 def table(bench: Bench) -> str:
     lines = [
         "| hub | N | aggregate MB/s (median) | vs N=1 | workers / loop | hub API CPU s/GiB | workers CPU s/GiB"
-        " | hub side s/GiB | client s/GiB | hub side cores | client cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | hub side s/GiB | client s/GiB | hub side cores | client cores | other processes' cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (label, count), _ in sorted(bench.cells.items(), key=lambda item: (list(HUBS).index(item[0][0]), item[0][1])):
         mbps, one = bench.mbps(label, count), bench.mbps(label, 1)
         loop = bench.mbps("loop", count)
         versus = f"{mbps / one:.2f}x" if mbps and one else ""
         other = f"{mbps / loop:.2f}x" if label == "workers" and mbps and loop else ""
-        hub, workers, client = (bench.cpu(label, count, role) for role in ("hub", "workers", "client"))
+        hub, workers, client, machine = (bench.cpu(label, count, r) for r in ("hub", "workers", "client", "machine"))
         gibps = mbps * 1e6 / GiB  # cores busy = CPU s/GiB x GiB/s
+        others = max(0.0, machine - hub - workers - client) * gibps
         lines.append(
             f"| {label} | {count} | {mbps:.0f} | {versus} | {other} | {hub:.2f} | {workers:.2f} | {hub + workers:.2f}"
-            f" | {client:.2f} | {(hub + workers) * gibps:.2f} | {client * gibps:.2f} |"
+            f" | {client:.2f} | {(hub + workers) * gibps:.2f} | {client * gibps:.2f} | {others:.2f} |"
         )
     return "\n".join(lines)
 
@@ -265,7 +267,8 @@ def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: 
         f" (a 1-disk full), its export written by {client}, then completed through the API",
         f"- a warm-up run per hub and N (points checked with qemu-img compare), then {bench.args.rounds} rounds, hubs"
         " and N in A B B A order; medians; CPU s/GiB of data moved over the clients' run: the hub's API process,"
-        " its export workers, the clients",
+        " its export workers, the clients; cores = CPU s/GiB x GiB/s; other processes' cores = the machine's busy time"
+        " (/proc/stat) less the hub's and the clients'",
         f"- also running on the machine: {others}",
         f"- starting a backup (`POST /backups`, point + lease + export): {startup(bench)}",
     ]
