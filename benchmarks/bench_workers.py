@@ -252,7 +252,21 @@ def goals(bench: Bench) -> list[str]:
         what = "the target" if label == "workers" else "information: one event loop, for comparison"
         found.append(f"- {label}: 2 concurrent backups aggregate {ratio:.2f}x one backup's (>= {TARGET}x): {verdict}"
                      f" ({what})")  # fmt: skip
+        if label == "workers":
+            found.append(ceiling(bench, one))
     return found
+
+
+def ceiling(bench: Bench, one: float) -> str:
+    """What this machine allows 2 concurrent backups at most: its cores over the CPU a GiB costs end to end
+    (hub side + client, at N=2), against one backup's median."""
+    per_gib = sum(bench.cpu("workers", 2, role) for role in ("hub", "workers", "client"))
+    cores = os.cpu_count() or 1
+    top = cores / per_gib * GiB / 1e6
+    return (
+        f"- ceiling here: {cores} cores / {per_gib:.2f} CPU s per GiB (hub side + client, N=2) = {top:.0f} MB/s for"
+        f" any N, {top / one:.2f}x one backup's median, with no other process on the machine"
+    )
 
 
 def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: str) -> list[str]:
