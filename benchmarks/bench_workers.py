@@ -274,7 +274,7 @@ def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: 
               else "`sendense-nbd copy -C 4 SRC URI` (our copy engine)")  # fmt: skip
     return [
         br.machine(load0, elapsed),
-        f"- benchmark: `.venv/bin/python benchmarks/bench_workers.py {' '.join(argv)}`",
+        f"- benchmark: `.venv/bin/python benchmarks/bench_workers.py {' '.join(_shown(argv))}` (the texts below)",
         f"- {bs.human(bench.size)} random (dense) source in /dev/shm; each hub's repository in /dev/shm (tmpfs: the"
         " disk is not the limit); a fresh hub per run, `sendense-nbd hub --min-free 0` with the default `--workers`"
         f" ({os.cpu_count()}: one per core) and `--workers 0` (one event loop); per backup one job through the API"
@@ -286,6 +286,11 @@ def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: 
         f"- also running on the machine: {others}",
         f"- starting a backup (`POST /backups`, point + lease + export): {startup(bench)}",
     ]
+
+
+def _shown(argv: list[str]) -> list[str]:
+    """``argv`` with the values of ``--note`` and ``--others`` (written out below it) as ``TEXT``."""
+    return ["TEXT" if index and argv[index - 1] in ("--note", "--others") else arg for index, arg in enumerate(argv)]
 
 
 def startup(bench: Bench) -> str:
