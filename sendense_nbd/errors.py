@@ -51,6 +51,8 @@
     │   ├── CopyLocked             S3 refused to delete a copy its Object Lock still protects (409)
     │   ├── CopyDamaged            a copy read back differs from its manifest or its recorded digests
     │   └── UnknownCopy            no offsite copy has this ID (404)
+    ├── StoreError                 the hub's store (SQLite or PostgreSQL) cannot be opened, migrated or used
+    │   └── StoreUnavailable       the PostgreSQL server cannot be reached, or the connection to it dropped
     └── PortError                  the NBD port pool cannot satisfy a request
 
 Foreign exceptions (``OSError``) are translated at the boundary with
@@ -356,6 +358,16 @@ class UnknownCopy(OffsiteError):
 
 class PortError(SendenseError):
     """The pool cannot satisfy a request (exhausted, or a bad range)."""
+
+
+class StoreError(SendenseError):
+    """The hub's store cannot be opened, migrated or used as asked: a bad ``--db`` URL, a schema newer than
+    this release, a statement the database refused, or ``db migrate`` into a target that is not empty."""
+
+
+class StoreUnavailable(StoreError):
+    """The PostgreSQL server cannot be reached (refused, timed out, authentication failed) or the connection
+    to it dropped; the next call connects again. The message names the server (never its password)."""
 
 
 def first_error(

@@ -28,7 +28,6 @@ import logging
 import re
 import shutil
 import smtplib
-import sqlite3
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,7 +40,7 @@ import attrs
 from sendense_nbd import fields
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.hub.clock import Clock
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.hub.repository.store import Space
 
 log = logging.getLogger(__name__)
@@ -241,7 +240,7 @@ class Alerts:
         """End the active condition alert ``kind`` of ``key``; whether there was one."""
         now = self.clock.now()
 
-        def update(connection: sqlite3.Connection) -> int:
+        def update(connection: Connection) -> int:
             return connection.execute(
                 "UPDATE alerts SET cleared = ? WHERE kind = ? AND key = ? AND cleared IS NULL", (now, kind.value, key)
             ).rowcount
@@ -257,14 +256,14 @@ class Alerts:
 
     async def list(self, query: AlertQuery = AlertQuery()) -> list[Alert]:
         """The newest alerts first (only the active condition alerts, with ``query.active``)."""
-        sql, args = "SELECT * FROM alerts WHERE 1", []
+        sql, args = "SELECT * FROM alerts WHERE 1 = 1", []
         if query.active:
             sql += f" AND cleared IS NULL AND kind IN ({', '.join('?' * len(CONDITIONS))})"
             args += sorted(k.value for k in CONDITIONS)
         if query.kind is not None:
             sql += " AND kind = ?"
             args.append(query.kind.value)
-        sql += " ORDER BY fired DESC, rowid DESC LIMIT ?"
+        sql += " ORDER BY fired DESC, seq DESC LIMIT ?"
         found = await self.db.run(lambda connection: rows(connection.execute(sql, (*args, query.limit))))
         return [Alert.from_row(row) for row in found]
 
@@ -289,7 +288,7 @@ class Alerts:
         try:
             found = await self.db.run(
                 lambda c: rows(
-                    c.execute("SELECT * FROM alerts WHERE fired >= ? ORDER BY rowid DESC LIMIT ?", (since, MAX_QUEUED))
+                    c.execute("SELECT * FROM alerts WHERE fired >= ? ORDER BY seq DESC LIMIT ?", (since, MAX_QUEUED))
                 )
             )
         except Exception as exc:  # noqa: BLE001 - the new alerts still go out
@@ -383,7 +382,7 @@ class Alerts:
             smtp.send_message(mail)
 
     async def _record(self, alert_id: str, channel: str, outcome: str) -> None:
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             found = connection.execute("SELECT delivered FROM alerts WHERE id = ?", (alert_id,)).fetchone()
             if found is not None:  # pruned meanwhile: nothing to record
                 delivered = {**json.loads(found["delivered"]), channel: outcome}
@@ -399,11 +398,12 @@ def _size(count: int) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def _insert(connection: sqlite3.Connection, alert: Alert) -> bool:
+def _insert(connection: Connection, alert: Alert) -> bool:
     """Store ``alert`` (unless it is a condition already active) and prune the oldest past :data:`MAX_STORED`."""
     if alert.kind in CONDITIONS:
         active = connection.execute(
-            "SELECT 1 FROM alerts WHERE kind = ? AND key IS ? AND cleared IS NULL", (alert.kind.value, alert.key)
+            "SELECT 1 FROM alerts WHERE kind = ? AND key IS NOT DISTINCT FROM ? AND cleared IS NULL",
+            (alert.kind.value, alert.key),
         ).fetchone()
         if active is not None:
             return False
@@ -421,7 +421,7 @@ def _insert(connection: sqlite3.Connection, alert: Alert) -> bool:
         ),
     )
     connection.execute(
-        "DELETE FROM alerts WHERE rowid <= (SELECT rowid FROM alerts ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+        "DELETE FROM alerts WHERE seq <= (SELECT seq FROM alerts ORDER BY seq DESC LIMIT 1 OFFSET ?)",
         (MAX_STORED,),
     )
     return True

@@ -17,13 +17,12 @@ count the same free space. ``GET /repository`` and the metrics show the same
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 
 import attrs
 
 from sendense_nbd.errors import InsufficientSpace
-from sendense_nbd.hub.db import rows
+from sendense_nbd.hub.db import Connection, rows
 from sendense_nbd.hub.repository import Point, PointStatus, Repository
 
 #: The free space a backup must leave (bytes), unless configured (``--min-free``).
@@ -78,7 +77,7 @@ class Usage:
 async def usage(repo: Repository, *, min_free: int = DEFAULT_MIN_FREE) -> Usage:
     """The repository's space now: the store's totals and what its completed points take."""
 
-    def read(connection: sqlite3.Connection) -> list[Point]:
+    def read(connection: Connection) -> list[Point]:
         found = connection.execute("SELECT * FROM points WHERE status = ?", (PointStatus.COMPLETED.value,))
         return [Point.from_row(row) for row in rows(found)]
 
@@ -93,7 +92,7 @@ async def reserved(repo: Repository, expected: Mapping[str, int]) -> int:
     """What the jobs in ``expected`` (job ID to expected bytes) are still expected to write: each job's
     figure less what its points take in the store so far (never below 0)."""
 
-    def read(connection: sqlite3.Connection) -> dict[str, list[Point]]:
+    def read(connection: Connection) -> dict[str, list[Point]]:
         points: dict[str, list[Point]] = {}
         for job_id in expected:
             found = connection.execute("SELECT * FROM points WHERE job_id = ?", (job_id,))

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import uuid
 import weakref
@@ -66,11 +65,10 @@ from sendense_nbd.hub.copy_records import (
     CopyRecord,
     LeftObject,
     UploadJournal,
-    create_tables,
     left_objects,
     uploads_of,
 )
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import STORE_ERRORS, Connection, Database, rows
 from sendense_nbd.hub.openers import CopyOpener
 from sendense_nbd.hub.repository import Point, Repository
 from sendense_nbd.hub.serving import ExportSpec
@@ -155,7 +153,6 @@ class Copies:
         self._lease, self._release = serve, release
         #: The hub's NBD TLS: a copy's export is routed as a restore's, and bound to its reader.
         self._tls = tls if tls is not None else ExportTLS()
-        db.call(create_tables)
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploads = asyncio.Semaphore(UPLOADS)
         self._readers = asyncio.Semaphore(1)
@@ -184,7 +181,7 @@ class Copies:
             for policy in targets for point in points
         ]  # fmt: skip
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: Connection) -> None:
             for record in made:
                 row = record.row()
                 names, marks = ", ".join(row), ", ".join("?" * len(row))
@@ -197,7 +194,7 @@ class Copies:
 
     async def resume(self) -> list[str]:
         """After a (re)start: go on with the copies left pending (their uploads resume); their IDs."""
-        pending = await self._select("state = ? ORDER BY created, rowid", (PENDING,))
+        pending = await self._select("state = ? ORDER BY created, seq", (PENDING,))
         for record in pending:
             self._spawn(self._copy(record.id), f"offsite copy {record.id}")
         return [record.id for record in pending]
@@ -264,12 +261,12 @@ class Copies:
         if tried and self.retain is not None:
             try:
                 await self.retain(record.vm_path, record.disk_key)
-            except (SendenseError, OSError, sqlite3.Error) as exc:
+            except (SendenseError, OSError) + STORE_ERRORS as exc:
                 log.error("retention of %s disk %s after its copies: %s", record.vm_path, record.disk_key, exc)
 
     async def _oldest_pending(self, record: CopyRecord) -> CopyRecord | None:
         found = await self._select(
-            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY created, rowid LIMIT 1",
+            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY created, seq LIMIT 1",
             (record.policy, record.vm_path, record.disk_key, PENDING),
         )
         return found[0] if found else None
@@ -355,7 +352,7 @@ class Copies:
     async def _completed(self, record: CopyRecord, written: Written, *, sealed: bool) -> None:
         """Record a copy made (unless it was deleted meanwhile) and seal the disk's older chains."""
 
-        def update(connection: sqlite3.Connection) -> int:
+        def update(connection: Connection) -> int:
             done = connection.execute(
                 "UPDATE offsite_copies SET state = ?, chain_id = ?, completed = ?, manifest = ?, "
                 "manifest_version = ?, sealed = ? WHERE id = ? AND state = ?",
@@ -534,7 +531,7 @@ class Copies:
         return deleted
 
     async def _set_state(self, copy_id: str, state: str) -> None:
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             connection.execute("UPDATE offsite_copies SET state = ? WHERE id = ?", (state, copy_id))
 
         await self.db.run(update)
@@ -549,9 +546,9 @@ class Copies:
         """Every copy not deleted (of one VM, when given), oldest first, each completed one with the date
         its lock holds until."""
         if vm_path is None:
-            found = await self._select("state != ? ORDER BY created, rowid", (DELETED,))
+            found = await self._select("state != ? ORDER BY created, seq", (DELETED,))
         else:
-            found = await self._select("state != ? AND vm_path = ? ORDER BY created, rowid", (DELETED, vm_path))
+            found = await self._select("state != ? AND vm_path = ? ORDER BY created, seq", (DELETED, vm_path))
         return [attrs.evolve(record, locked_until=until) for record, until in zip(found, _locks(found), strict=True)]
 
     async def get(self, copy_id: str) -> CopyRecord:
@@ -757,7 +754,7 @@ def _named(written: Written) -> list[tuple[str, str]]:
     return [(s.key, s.version) for s in stored] + [(manifest.key, written.version)]
 
 
-def _forget_left(found: LeftObject, connection: sqlite3.Connection) -> None:
+def _forget_left(found: LeftObject, connection: Connection) -> None:
     """Forget a left object version (deleted from the bucket)."""
     connection.execute(
         "DELETE FROM offsite_objects WHERE copy_id = ? AND key = ? AND version = ?",

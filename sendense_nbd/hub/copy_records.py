@@ -5,8 +5,9 @@ A copy's row holds where it was written (``target``: the policy's copy target
 when its upload started, as JSON, the secret file's path and never the
 secret), so a copy stays readable and deletable in its bucket whatever
 becomes of its policy later (edited to another bucket, its target removed,
-the policy deleted). Stores made before that column get it added (empty:
-such copies follow their policy's target).
+the policy deleted). Copies recorded before that column have it empty:
+such copies follow their policy's target. The tables are made by the store's
+migrations (:mod:`sendense_nbd.hub.db.migrations`).
 
 Every object version a copy makes is recorded as soon as S3 made it, until
 the copy completes (its manifest names them then): what is left of a copy
@@ -17,42 +18,16 @@ its lock is over.
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 import attrs
 
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.offsite.manifest import Manifest
 from sendense_nbd.offsite.upload import Recorded
 from sendense_nbd.policy.offsite import CopyTarget
 
 PENDING, COMPLETED, FAILED, DELETED = "pending", "completed", "failed", "deleted"
-
-_TABLES = (
-    """CREATE TABLE IF NOT EXISTS offsite_copies (
-        id TEXT PRIMARY KEY, policy TEXT NOT NULL, point_id TEXT NOT NULL, vm_path TEXT NOT NULL,
-        disk_key INTEGER NOT NULL, chain_id TEXT, state TEXT NOT NULL, error TEXT, created REAL NOT NULL,
-        completed REAL, manifest TEXT, manifest_version TEXT, sealed INTEGER NOT NULL DEFAULT 0, target TEXT)""",
-    "CREATE INDEX IF NOT EXISTS offsite_copies_disk ON offsite_copies (policy, vm_path, disk_key, created)",
-    """CREATE TABLE IF NOT EXISTS offsite_uploads (
-        bucket TEXT NOT NULL, key TEXT NOT NULL, upload TEXT NOT NULL, part_size INTEGER NOT NULL,
-        parts TEXT NOT NULL, copy_id TEXT, PRIMARY KEY (bucket, key))""",
-    """CREATE TABLE IF NOT EXISTS offsite_objects (
-        copy_id TEXT NOT NULL, key TEXT NOT NULL, version TEXT NOT NULL, until REAL NOT NULL,
-        PRIMARY KEY (copy_id, key, version))""",
-)
-#: Columns added after a table was first made: added to older stores at start.
-_ADDED = {("offsite_copies", "target"): "TEXT", ("offsite_uploads", "copy_id"): "TEXT"}
-
-
-def create_tables(connection: sqlite3.Connection) -> None:
-    """Make the tables (and add the columns an older store lacks)."""
-    for statement in _TABLES:
-        connection.execute(statement)
-    for (table, name), kind in _ADDED.items():
-        if name not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
-            connection.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 @attrs.frozen
@@ -83,6 +58,7 @@ class CopyRecord:
     def from_row(cls, row: dict[str, Any]) -> CopyRecord:
         """From its row (the manifest and the target as their JSON)."""
         text, target = row.pop("manifest"), row.pop("target", None)
+        row.pop("seq", None)  # the order of insertion, not part of the record
         manifest = None if text is None else Manifest.decode(text.encode(), f"copy {row['id']}")
         placed = None if target is None else CopyTarget.from_json(json.loads(target), f"copy {row['id']} target")
         return cls(**{**row, "manifest": manifest, "sealed": bool(row["sealed"]), "target": placed})
@@ -139,8 +115,9 @@ class UploadJournal:
         """A new upload of ``key``."""
         self.db.call(
             lambda c: c.execute(
-                "INSERT OR REPLACE INTO offsite_uploads (bucket, key, upload, part_size, parts, copy_id) "
-                "VALUES (?, ?, ?, ?, '{}', ?)",
+                "INSERT INTO offsite_uploads (bucket, key, upload, part_size, parts, copy_id) "
+                "VALUES (?, ?, ?, ?, '{}', ?) ON CONFLICT (bucket, key) DO UPDATE SET upload = excluded.upload, "
+                "part_size = excluded.part_size, parts = excluded.parts, copy_id = excluded.copy_id",
                 (self.bucket, key, upload, part_size, self.copy_id),
             )
         )
@@ -148,7 +125,7 @@ class UploadJournal:
     def part(self, key: str, number: int, size: int, md5: str) -> None:
         """S3 has part ``number``."""
 
-        def add(connection: sqlite3.Connection) -> None:
+        def add(connection: Connection) -> None:
             where = (self.bucket, key)
             found = connection.execute("SELECT parts FROM offsite_uploads WHERE bucket = ? AND key = ?", where)
             parts = json.loads(found.fetchone()[0])
@@ -169,7 +146,9 @@ class UploadJournal:
         """S3 made a version of ``key`` for this copy."""
         self.db.call(
             lambda c: c.execute(
-                "INSERT OR REPLACE INTO offsite_objects VALUES (?, ?, ?, ?)", (self.copy_id, key, version, until)
+                "INSERT INTO offsite_objects (copy_id, key, version, until) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (copy_id, key, version) DO UPDATE SET until = excluded.until",
+                (self.copy_id, key, version, until),
             )
         )
 
@@ -177,20 +156,20 @@ class UploadJournal:
         """The newest version of ``key`` this copy made."""
         found = self.db.call(
             lambda c: c.execute(
-                "SELECT version FROM offsite_objects WHERE copy_id = ? AND key = ? ORDER BY rowid DESC LIMIT 1",
+                "SELECT version FROM offsite_objects WHERE copy_id = ? AND key = ? ORDER BY seq DESC LIMIT 1",
                 (self.copy_id, key),
             ).fetchone()
         )
         return None if found is None else str(found[0])
 
 
-def uploads_of(connection: sqlite3.Connection, copy_id: str) -> list[tuple[str, str]]:
+def uploads_of(connection: Connection, copy_id: str) -> list[tuple[str, str]]:
     """The uploads a copy left open: ``(key, upload ID)``."""
     found = connection.execute("SELECT key, upload FROM offsite_uploads WHERE copy_id = ?", (copy_id,))
     return [(key, upload) for key, upload in found]
 
 
-def left_objects(connection: sqlite3.Connection, policy: str, vm_path: str, disk_key: int) -> list[LeftObject]:
+def left_objects(connection: Connection, policy: str, vm_path: str, disk_key: int) -> list[LeftObject]:
     """The object versions made by a disk's copies in a policy that ended without completing."""
     found = connection.execute(
         "SELECT o.copy_id, o.key, o.version, o.until FROM offsite_objects o JOIN offsite_copies c ON c.id = o.copy_id "

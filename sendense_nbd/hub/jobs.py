@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-import sqlite3
 import time
 import uuid
 from collections.abc import Mapping
@@ -38,7 +37,7 @@ from sendense_nbd import fields
 from sendense_nbd.backup.records import FullReason, Mode, SyncType
 from sendense_nbd.errors import BadRequest, Conflict, JobStateError, UnknownJob
 from sendense_nbd.hub.clock import Clock, SystemClock
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.hub.requests import Failure, NodeStage, Progress, RestoreAction
 from sendense_nbd.hub.samples import Sample, add_sample, delete_samples, read_samples
 from sendense_nbd.storage.modes import ImageFormat
@@ -427,7 +426,7 @@ class JobQuery:
 
     def where(self) -> tuple[str, list[object]]:
         """The SQL condition and its arguments."""
-        sql, args = "1", list[object]()
+        sql, args = "1 = 1", list[object]()
         for column, value in (
             ("kind", self.kind and self.kind.value), ("state", self.state and self.state.value),
             ("vm_path", self.vm_path), ("policy", self.policy), ("node", self.node),
@@ -497,7 +496,7 @@ class JobStore:
             "stages": _dump_stages(stages), "expected_bytes": expected_bytes,
         }  # fmt: skip
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: Connection) -> None:
             if exclusive:
                 _refuse_busy(connection, vm_path)
             names, marks = ", ".join(row), ", ".join("?" * len(row))
@@ -512,10 +511,10 @@ class JobStore:
         ended = [state.value for state in JobState if state.terminal]
         marks = ", ".join("?" * len(ended))
 
-        def delete(connection: sqlite3.Connection) -> int:
+        def delete(connection: Connection) -> int:
             found = connection.execute(
                 f"SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY vm_path, kind ORDER BY created DESC) "
-                f"AS n FROM jobs WHERE state IN ({marks})) WHERE n > ?",
+                f"AS n FROM jobs WHERE state IN ({marks})) AS ranked WHERE n > ?",
                 (*ended, keep),
             )
             gone = [row[0] for row in found]
@@ -528,7 +527,7 @@ class JobStore:
     async def expected(self) -> dict[str, int]:
         """The expected bytes of each backup job pending or running (by job ID; jobs without a figure left out)."""
 
-        def read(connection: sqlite3.Connection) -> dict[str, int]:
+        def read(connection: Connection) -> dict[str, int]:
             found = connection.execute(
                 "SELECT id, expected_bytes FROM jobs WHERE kind = ? AND state IN (?, ?) AND expected_bytes IS NOT NULL",
                 (JobKind.BACKUP.value, JobState.PENDING.value, JobState.RUNNING.value),
@@ -544,7 +543,7 @@ class JobStore:
     async def backed_up(self, vm_path: str, disk_key: int) -> bool:
         """Whether a backup job of the VM that included this disk ever completed."""
 
-        def read(connection: sqlite3.Connection) -> bool:
+        def read(connection: Connection) -> bool:
             found = connection.execute(
                 "SELECT detail FROM jobs WHERE vm_path = ? AND kind = ? AND state = ? ORDER BY created DESC",
                 (vm_path, JobKind.BACKUP.value, JobState.COMPLETED.value),
@@ -556,7 +555,7 @@ class JobStore:
     async def get(self, job_id: str) -> Job:
         """The job ``job_id``; :class:`UnknownJob` if there is none."""
 
-        def read(connection: sqlite3.Connection) -> list[dict[str, Any]]:
+        def read(connection: Connection) -> list[dict[str, Any]]:
             return rows(connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)))
 
         found = await self.db.run(read)
@@ -567,14 +566,14 @@ class JobStore:
     async def query(self, query: JobQuery) -> list[Job]:
         """The jobs that match ``query``, newest first, at most ``query.limit``."""
         where, args = query.where()
-        sql = f"SELECT * FROM jobs WHERE {where} ORDER BY created DESC, rowid DESC LIMIT ?"
+        sql = f"SELECT * FROM jobs WHERE {where} ORDER BY created DESC, seq DESC LIMIT ?"
         found = await self.db.run(lambda connection: rows(connection.execute(sql, (*args, query.limit))))
         return [Job.from_row(r) for r in found]
 
     async def samples(self, job_id: str) -> list[Sample]:
         """A job's bytes sent over time, oldest first; :class:`UnknownJob` if there is no such job."""
 
-        def read(connection: sqlite3.Connection) -> list[Sample]:
+        def read(connection: Connection) -> list[Sample]:
             self._state(connection, job_id)
             return read_samples(connection, job_id)
 
@@ -590,8 +589,8 @@ class JobStore:
             ("state", None if state is None else state.value),
         )
 
-        def read(connection: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql, args = "SELECT * FROM jobs WHERE 1", []
+        def read(connection: Connection) -> list[dict[str, Any]]:
+            sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
             for column, value in filters:
                 if value is not None:
                     sql += f" AND {column} = ?"
@@ -614,7 +613,7 @@ class JobStore:
         bytes sent also as the job's last sample)."""
         now = self.clock.now()
 
-        def move(connection: sqlite3.Connection) -> None:
+        def move(connection: Connection) -> None:
             current = self._state(connection, job_id)
             if state not in TRANSITIONS.get(current, frozenset()):
                 raise JobStateError(f"job {job_id} is {current.value}; it cannot become {state.value}")
@@ -648,7 +647,7 @@ class JobStore:
         stage and starts this one (not once the job is over)."""
         now = self.clock.now()
 
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             current = self._state(connection, job_id)
             if current.terminal and progress.running:
                 raise JobStateError(f"job {job_id} is {current.value}; running progress is refused")
@@ -678,7 +677,7 @@ class JobStore:
         """A stage that ran from ``started`` until now, recorded after the job ended (``retention``)."""
         now = self.clock.now()
 
-        def add(connection: sqlite3.Connection) -> None:
+        def add(connection: Connection) -> None:
             stages = _read_stages(connection, job_id)
             if len(stages) < MAX_STAGES:
                 stage = Stage(name[:MAX_STAGE_NAME], started, max(now, started), by_hub=True)
@@ -687,7 +686,7 @@ class JobStore:
         await self.db.run(add)
 
     @staticmethod
-    def _state(connection: sqlite3.Connection, job_id: str) -> JobState:
+    def _state(connection: Connection, job_id: str) -> JobState:
         found = rows(connection.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)))
         if not found:
             raise UnknownJob(f"no job {job_id}")
@@ -703,16 +702,14 @@ class Outcome:
     bytes_sent: int | None
 
 
-def _read_stages(connection: sqlite3.Connection, job_id: str) -> tuple[Stage, ...]:
+def _read_stages(connection: Connection, job_id: str) -> tuple[Stage, ...]:
     found = rows(connection.execute("SELECT stages FROM jobs WHERE id = ?", (job_id,)))
     if not found:
         raise UnknownJob(f"no job {job_id}")
     return _stages(found[0]["stages"])
 
 
-def _enter(
-    connection: sqlite3.Connection, job_id: str, name: str, now: float, *, limit: int, by_hub: bool = False
-) -> None:
+def _enter(connection: Connection, job_id: str, name: str, now: float, *, limit: int, by_hub: bool = False) -> None:
     """End the running stage and start ``name``, unless it is the running one or ``limit`` stages exist."""
     name = name[:MAX_STAGE_NAME]
     stages = _read_stages(connection, job_id)
@@ -722,7 +719,7 @@ def _enter(
     connection.execute("UPDATE jobs SET stages = ? WHERE id = ?", (_dump_stages(updated), job_id))
 
 
-def _refuse_busy(connection: sqlite3.Connection, vm_path: str) -> None:
+def _refuse_busy(connection: Connection, vm_path: str) -> None:
     found = connection.execute(
         "SELECT id, state FROM jobs WHERE vm_path = ? AND kind = ? AND state IN (?, ?) ORDER BY created LIMIT 1",
         (vm_path, JobKind.BACKUP.value, JobState.PENDING.value, JobState.RUNNING.value),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from prometheus_client.registry import Collector
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.hub.alerts import AlertKind
 from sendense_nbd.hub.clock import Clock
-from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.db import Connection, Database
 from sendense_nbd.hub.repository.store import Space
 
 log = logging.getLogger(__name__)
@@ -108,17 +107,17 @@ class HubMetrics:
             return None
 
 
-def _read(connection: sqlite3.Connection, now: float) -> tuple[dict[str, Any], int]:
+def _read(connection: Connection, now: float) -> tuple[dict[str, Any], int]:
     """The store's values (in the store's thread), and how many VMs have a good point."""
     jobs = {(r[0], r[1]): r[2] for r in connection.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")}
     job_bytes = {
         r[0]: r[1] or 0
         for r in connection.execute("SELECT kind, SUM(bytes_sent) FROM jobs WHERE state = 'completed' GROUP BY 1")
     }
-    bounds = ", ".join(f"SUM(d <= {bound})" for bound in DURATION_BUCKETS)
+    bounds = ", ".join(f"SUM(CASE WHEN d <= {bound} THEN 1 ELSE 0 END)" for bound in DURATION_BUCKETS)
     row = connection.execute(
         f"SELECT {bounds}, COUNT(*), SUM(d) FROM (SELECT updated - created AS d FROM jobs "
-        "WHERE kind = 'backup' AND state = 'completed')"
+        "WHERE kind = 'backup' AND state = 'completed') AS durations"
     ).fetchone()
     durations = tuple(zip((*DURATION_BUCKETS, float("inf")), (count or 0 for count in row[:-1]), strict=True))
     # As the scheduler's at-risk check (scheduler.last_good): every disk's newest good point, the oldest
@@ -126,7 +125,8 @@ def _read(connection: sqlite3.Connection, now: float) -> tuple[dict[str, Any], i
     good = connection.execute(
         "SELECT vm_path, MIN(newest) FROM (SELECT vm_path, MAX(CASE WHEN COALESCE(verify_state, 'unverified') "
         "!= 'damaged' THEN completed END) AS newest FROM points WHERE status = 'completed' "
-        "GROUP BY vm_path, disk_key) GROUP BY vm_path HAVING COUNT(newest) = COUNT(*) ORDER BY vm_path LIMIT ?",
+        "GROUP BY vm_path, disk_key) AS newest_points GROUP BY vm_path HAVING COUNT(newest) = COUNT(*) "
+        "ORDER BY vm_path LIMIT ?",
         (MAX_VMS + 1,),
     ).fetchall()
     points = {

@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import re
-import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +32,7 @@ from sendense_nbd.client.uri import normal_host
 from sendense_nbd.errors import BadRequest, Conflict, NodeError, NodeNotFound, UnknownNode, URIError
 from sendense_nbd.http_api import check_token
 from sendense_nbd.hub.clock import Clock
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import STORE_ERRORS, Connection, Database, rows
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.transport import TRANSPORT_TUNNEL, TRANSPORTS, ExportTLS
 
@@ -269,7 +268,7 @@ class NodeRegistry:
         self._clients: dict[str, NodeClient] = {}
         db.call(lambda connection: self._configure_default(connection, default))
 
-    def _configure_default(self, connection: sqlite3.Connection, default: Mapping[str, Any] | None) -> None:
+    def _configure_default(self, connection: Connection, default: Mapping[str, Any] | None) -> None:
         """Write the command line's default node, every column (nothing of an earlier node of that name
         stays but its health, which is forgotten too when the URL changed)."""
         if default is None:
@@ -319,7 +318,7 @@ class NodeRegistry:
         :class:`BadRequest` when the hub's TLS cannot serve its transport at its host."""
         self.tls.check_node(spec["name"], spec["transport"], spec["nbd_host"], pinned=spec["tls_pinned"])
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: Connection) -> None:
             if connection.execute("SELECT 1 FROM nodes WHERE name = ?", (spec["name"],)).fetchone():
                 raise Conflict(f"a node named {spec['name']!r} is registered already", "exists")
             if connection.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= MAX_NODES:
@@ -343,7 +342,7 @@ class NodeRegistry:
         before anything is written; other changes are not, so a token can be rotated even while the stored
         host is one the hub's current certificate does not name (its backups are refused ``tls_host``)."""
 
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             self._changeable(connection, name)
             now = NodeRecord.from_row(rows(connection.execute("SELECT * FROM nodes WHERE name = ?", (name,)))[0])
             changed = attrs.evolve(now, **changes)
@@ -361,7 +360,7 @@ class NodeRegistry:
     async def delete(self, name: str) -> None:
         """Forget a node; :class:`Conflict` ``in_use`` while a policy names it."""
 
-        def remove(connection: sqlite3.Connection) -> None:
+        def remove(connection: Connection) -> None:
             self._changeable(connection, name)
             users = _policies_using(connection, name)
             if users:
@@ -372,7 +371,7 @@ class NodeRegistry:
         await self._drop_client(name)
 
     @staticmethod
-    def _changeable(connection: sqlite3.Connection, name: str) -> None:
+    def _changeable(connection: Connection, name: str) -> None:
         found = rows(connection.execute("SELECT configured FROM nodes WHERE name = ?", (name,)))
         if not found:
             raise UnknownNode(f"no node {name[:128]!r} is registered (see GET /api/v1/nodes)")
@@ -470,7 +469,7 @@ class NodeRegistry:
             args = (now, error[:MAX_ERROR], name)
         try:
             await self._db.run(lambda connection: connection.execute(sql, args))
-        except (sqlite3.Error, RuntimeError) as exc:
+        except STORE_ERRORS + (RuntimeError,) as exc:
             log.warning("recording the answer of node %s failed: %s", name, exc)
 
     async def _record_health(self, name: str, answer: Mapping[str, Any]) -> None:
@@ -496,7 +495,7 @@ class NodeRegistry:
         )
 
 
-def _policies_using(connection: sqlite3.Connection, name: str) -> list[str]:
+def _policies_using(connection: Connection, name: str) -> list[str]:
     """The policies whose node is ``name`` (a policy without one uses :data:`DEFAULT`); none while the
     store has no ``policies`` table yet."""
     if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'policies'").fetchone():

@@ -13,14 +13,13 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import sqlite3
 import uuid
 from typing import Any
 
 import attrs
 
 from sendense_nbd.errors import BadRequest, Conflict, UnknownPolicy
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -142,16 +141,18 @@ class PolicyStore:
     async def add(self, policy: Policy, now: float) -> StoredPolicy:
         """Store a new policy; its schedules start after ``now``. :class:`Conflict` if the name is taken."""
 
-        def insert(connection: sqlite3.Connection) -> None:
-            try:
+        def insert(connection: Connection) -> None:
+            added = connection.execute(
+                "INSERT INTO policies (name, spec, created, updated) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (policy.name, json.dumps(policy.to_json()), now, now),
+            )
+            if added.rowcount != 1:
+                raise Conflict(f"a policy named {policy.name} exists", "exists")
+            for purpose in Purpose:  # a fresh state (a deleted policy's may be left)
                 connection.execute(
-                    "INSERT INTO policies VALUES (?, ?, ?, ?)", (policy.name, json.dumps(policy.to_json()), now, now)
-                )
-            except sqlite3.IntegrityError:
-                raise Conflict(f"a policy named {policy.name} exists", "exists") from None
-            for purpose in Purpose:
-                connection.execute(
-                    "INSERT OR REPLACE INTO schedule_state (policy, purpose, last_slot) VALUES (?, ?, ?)",
+                    "INSERT INTO schedule_state (policy, purpose, last_slot) VALUES (?, ?, ?) "
+                    "ON CONFLICT (policy, purpose) DO UPDATE SET last_slot = excluded.last_slot, "
+                    "next_run = NULL, last_run = NULL, note = NULL",
                     (policy.name, purpose.value, now),
                 )
 
@@ -161,7 +162,7 @@ class PolicyStore:
     async def replace(self, policy: Policy, now: float) -> StoredPolicy:
         """Store an edited policy (its schedules' state stays)."""
 
-        def update(connection: sqlite3.Connection) -> float:
+        def update(connection: Connection) -> float:
             created = _read_policy(connection, policy.name).created
             connection.execute(
                 "UPDATE policies SET spec = ?, updated = ? WHERE name = ?",
@@ -174,7 +175,7 @@ class PolicyStore:
     async def delete(self, name: str) -> None:
         """Remove a policy, its schedules' state and its runs (the jobs stay)."""
 
-        def delete(connection: sqlite3.Connection) -> None:
+        def delete(connection: Connection) -> None:
             _read_policy(connection, name)
             run_ids = [r[0] for r in connection.execute("SELECT id FROM runs WHERE policy = ?", (name,))]
             connection.executemany("DELETE FROM run_items WHERE run_id = ?", [(i,) for i in run_ids])
@@ -191,7 +192,7 @@ class PolicyStore:
         """Every policy, by name; one whose stored spec no longer parses (a time zone gone from tzdata, say)
         is left out and logged, so the others still run."""
 
-        def read(connection: sqlite3.Connection) -> list[StoredPolicy]:
+        def read(connection: Connection) -> list[StoredPolicy]:
             found = []
             for row in rows(connection.execute("SELECT * FROM policies ORDER BY name")):
                 try:
@@ -207,7 +208,7 @@ class PolicyStore:
     async def state(self, name: str, purpose: Purpose) -> ScheduleState:
         """A schedule's state (:meth:`add` wrote it); :class:`UnknownPolicy` if there is none."""
 
-        def read(connection: sqlite3.Connection) -> list[dict[str, Any]]:
+        def read(connection: Connection) -> list[dict[str, Any]]:
             return rows(
                 connection.execute(
                     "SELECT * FROM schedule_state WHERE policy = ? AND purpose = ?", (name, purpose.value)
@@ -223,7 +224,7 @@ class PolicyStore:
     async def save_state(self, state: ScheduleState) -> None:
         """Record where a schedule is."""
 
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             connection.execute(
                 "UPDATE schedule_state SET last_slot = ?, next_run = ?, last_run = ?, note = ? "
                 "WHERE policy = ? AND purpose = ?",
@@ -245,7 +246,7 @@ class PolicyStore:
             tuple(RunItem("", path, ItemState.QUEUED) for path in vm_paths),
         )  # fmt: skip
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: Connection) -> None:
             connection.execute(
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.id, policy, purpose.value, slot, now, window_end, run.ended, run.state.value, note),
@@ -262,7 +263,7 @@ class PolicyStore:
     async def run(self, run_id: str) -> Run:
         """One run with its VMs as stored now."""
 
-        def read(connection: sqlite3.Connection) -> Run:
+        def read(connection: Connection) -> Run:
             found = rows(connection.execute("SELECT * FROM runs WHERE id = ?", (run_id,)))
             if not found:
                 raise UnknownPolicy(f"no run {run_id[:80]!r}")
@@ -274,8 +275,8 @@ class PolicyStore:
     async def runs(self, *, policy: str | None = None, state: RunState | None = None, limit: int = 50) -> list[Run]:
         """Runs, newest first (of one policy, in one state, when given)."""
 
-        def read(connection: sqlite3.Connection) -> list[Run]:
-            sql, args = "SELECT * FROM runs WHERE 1", []
+        def read(connection: Connection) -> list[Run]:
+            sql, args = "SELECT * FROM runs WHERE 1 = 1", []
             for column, value in (("policy", policy), ("state", None if state is None else state.value)):
                 if value is not None:
                     sql += f" AND {column} = ?"
@@ -291,7 +292,7 @@ class PolicyStore:
     async def set_item(self, item: RunItem) -> None:
         """Record a VM's new state in its run."""
 
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             connection.execute(
                 "UPDATE run_items SET state = ?, job_id = ?, note = ? WHERE run_id = ? AND vm_path = ?",
                 (item.state.value, item.job_id, item.note, item.run_id, item.vm_path),
@@ -302,7 +303,7 @@ class PolicyStore:
     async def end_run(self, run_id: str, state: RunState, now: float, note: str | None = None) -> None:
         """Close a run; ``note`` is added to what its note says."""
 
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             connection.execute(
                 "UPDATE runs SET state = ?, ended = ?, note = CASE WHEN note IS NULL THEN ? ELSE note || '; ' || ? END "
                 "WHERE id = ?",
@@ -316,21 +317,18 @@ def _policy(row: dict[str, Any]) -> StoredPolicy:
     return StoredPolicy(Policy.from_json(json.loads(row["spec"])), row["created"], row["updated"])
 
 
-def _read_policy(connection: sqlite3.Connection, name: str) -> StoredPolicy:
+def _read_policy(connection: Connection, name: str) -> StoredPolicy:
     found = rows(connection.execute("SELECT * FROM policies WHERE name = ?", (name,)))
     if not found:
         raise UnknownPolicy(f"no policy {name[:80]!r}")
     return _policy(found[0])
 
 
-def _prune(connection: sqlite3.Connection, policy: str) -> None:
+def _prune(connection: Connection, policy: str) -> None:
     """Forget a policy's closed runs past :data:`RUN_HISTORY`."""
-    old = [
-        r[0]
-        for r in connection.execute(
-            "SELECT id FROM runs WHERE policy = ? AND state != ? ORDER BY started DESC LIMIT -1 OFFSET ?",
-            (policy, RunState.OPEN.value, RUN_HISTORY),
-        )
-    ]
+    closed = connection.execute(
+        "SELECT id FROM runs WHERE policy = ? AND state != ? ORDER BY started DESC", (policy, RunState.OPEN.value)
+    )
+    old = [r[0] for r in closed.fetchall()[RUN_HISTORY:]]
     connection.executemany("DELETE FROM run_items WHERE run_id = ?", [(i,) for i in old])
     connection.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in old])

@@ -11,14 +11,13 @@ holder's ports come back; a restarted hub releases its predecessor's leases
 from __future__ import annotations
 
 import socket
-import sqlite3
 import time
 from typing import Any
 
 import attrs
 
 from sendense_nbd.errors import PortError
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.hub.jobs import JobKind
 
 DEFAULT_POOL = range(10100, 10201)
@@ -116,7 +115,7 @@ class PortAllocator:
     ) -> Allocation:
         """Lease the lowest free port that binds; :class:`PortError` when none is left."""
 
-        def take(connection: sqlite3.Connection) -> Allocation:
+        def take(connection: Connection) -> Allocation:
             now = time.time()
             connection.execute("DELETE FROM leases WHERE expires < ?", (now,))
             used = {row[0] for row in connection.execute("SELECT port FROM leases")}
@@ -141,7 +140,7 @@ class PortAllocator:
     async def release(self, *, port: int | None = None, job_id: str | None = None) -> list[int]:
         """Release one port, or every port of a job; the ports released."""
 
-        def free(connection: sqlite3.Connection) -> list[int]:
+        def free(connection: Connection) -> list[int]:
             if port is not None:
                 found = [r[0] for r in connection.execute("SELECT port FROM leases WHERE port = ?", (port,))]
                 connection.execute("DELETE FROM leases WHERE port = ?", (port,))
@@ -155,7 +154,7 @@ class PortAllocator:
     async def renew(self, holder: str) -> int:
         """Extend every lease of ``holder`` by the TTL; how many."""
 
-        def extend(connection: sqlite3.Connection) -> int:
+        def extend(connection: Connection) -> int:
             cursor = connection.execute(
                 "UPDATE leases SET expires = ? WHERE holder = ?", (time.time() + self.ttl, holder)
             )
@@ -166,7 +165,7 @@ class PortAllocator:
     async def release_stale(self, holder: str) -> list[Lease]:
         """Release the leases of every holder but ``holder`` (a previous hub instance); those leases."""
 
-        def free(connection: sqlite3.Connection) -> list[Lease]:
+        def free(connection: Connection) -> list[Lease]:
             stale = [
                 Lease.from_row(r) for r in rows(connection.execute("SELECT * FROM leases WHERE holder != ?", (holder,)))
             ]
@@ -178,7 +177,7 @@ class PortAllocator:
     async def status(self) -> PoolStatus:
         """The pool: every live lease (by whom, since when) and the free count."""
 
-        def read(connection: sqlite3.Connection) -> list[Lease]:
+        def read(connection: Connection) -> list[Lease]:
             now = time.time()
             return [
                 Lease.from_row(r)

@@ -12,10 +12,11 @@ covered evenly. The samples go with their job when it is pruned
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
 import attrs
+
+from sendense_nbd.hub.db import Connection
 
 #: Samples kept per job (the newest included).
 MAX_SAMPLES = 240
@@ -42,7 +43,7 @@ def stride(reports: int) -> int:
     return step
 
 
-def add_sample(connection: sqlite3.Connection, job_id: str, t: float, sent: int) -> None:
+def add_sample(connection: Connection, job_id: str, t: float, sent: int) -> None:
     """Record a job's next report: the reports off the stride go (the previous newest, or every other
     one when the stride doubles), then this one is added."""
     (last,) = connection.execute("SELECT MAX(seq) FROM job_samples WHERE job_id = ?", (job_id,)).fetchone()
@@ -52,12 +53,12 @@ def add_sample(connection: sqlite3.Connection, job_id: str, t: float, sent: int)
     connection.execute("INSERT INTO job_samples (job_id, seq, t, bytes) VALUES (?, ?, ?, ?)", (job_id, seq, t, sent))
 
 
-def read_samples(connection: sqlite3.Connection, job_id: str) -> list[Sample]:
+def read_samples(connection: Connection, job_id: str) -> list[Sample]:
     """A job's samples, oldest first."""
     found = connection.execute("SELECT t, bytes FROM job_samples WHERE job_id = ? ORDER BY seq", (job_id,))
     return [Sample(float(row[0]), int(row[1])) for row in found]
 
 
-def delete_samples(connection: sqlite3.Connection, job_ids: Sequence[str]) -> None:
+def delete_samples(connection: Connection, job_ids: Sequence[str]) -> None:
     """Forget the samples of these jobs."""
     connection.executemany("DELETE FROM job_samples WHERE job_id = ?", [(job_id,) for job_id in job_ids])

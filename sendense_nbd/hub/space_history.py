@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
@@ -18,7 +17,7 @@ import attrs
 from sendense_nbd.errors import BadRequest
 from sendense_nbd.hub.capacity import Usage
 from sendense_nbd.hub.clock import Clock
-from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.db import Connection, Database
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class SpaceHistory:
         usage = await self._usage()
         sample = SpaceSample(self.clock.now(), usage.total, usage.used, usage.free)
 
-        def write(connection: sqlite3.Connection) -> bool:
+        def write(connection: Connection) -> bool:
             if min_gap > 0:
                 newest = connection.execute("SELECT MAX(t) FROM space_samples").fetchone()[0]
                 if newest is not None and sample.t - newest < min_gap:
@@ -106,9 +105,9 @@ class SpaceHistory:
     async def since(self, since: float) -> list[SpaceSample]:
         """The samples taken at ``since`` or later, oldest first."""
 
-        def read(connection: sqlite3.Connection) -> list[SpaceSample]:
+        def read(connection: Connection) -> list[SpaceSample]:
             found = connection.execute(
-                "SELECT t, total, used, free FROM space_samples WHERE t >= ? ORDER BY t, rowid", (since,)
+                "SELECT t, total, used, free FROM space_samples WHERE t >= ? ORDER BY t, seq", (since,)
             )
             return [SpaceSample(float(row[0]), int(row[1]), int(row[2]), int(row[3])) for row in found]
 

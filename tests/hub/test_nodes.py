@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import sendense_nbd
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import BadRequest, ConfigError, Conflict, NodeError, NodeUnavailable, UnknownNode
 from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.db import Connection
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.node_client import MAX_LOGGED_SKIPS
 from sendense_nbd.hub.nodes import DEFAULT, HEALTH_INTERVAL, JOB_GRACE, NODE_LOST, parse_edit, parse_node
@@ -394,7 +394,7 @@ async def test_a_node_in_use_by_a_policy_cannot_be_deleted(tmp_path: Path) -> No
         await hub.nodes.add(parse_node({"name": DEFAULT, "url": "http://127.0.0.1:10"}))
         specs = {"uses-b": {"name": "uses-b", "node": "site-b"}, "uses-default": {"name": "uses-default"}}
 
-        def store_policies(connection: sqlite3.Connection) -> None:  # as the policy store keeps a policy's JSON
+        def store_policies(connection: Connection) -> None:  # as the policy store keeps a policy's JSON
             connection.execute(
                 "CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, "
                 "created REAL NOT NULL, updated REAL NOT NULL)"

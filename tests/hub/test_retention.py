@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from sendense_nbd.backup.records import FullReason, Mode, SyncType
 from sendense_nbd.errors import RepositoryError
-from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.db import Connection, Database
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.repository import LocalStore, Point, PointStatus, Repository, VerifyState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk
@@ -62,7 +61,7 @@ async def _chain(repository: Repository, tmp_path: Path, times: list[float]) -> 
         _write(point.path, index)
         await repository.complete([(point.id, ReportedDisk(DISK, f"change-{index}", None))])
 
-        def stamp(connection: sqlite3.Connection, point_id: str = point.id, when: float = when) -> None:
+        def stamp(connection: Connection, point_id: str = point.id, when: float = when) -> None:
             connection.execute("UPDATE points SET created = ?, completed = ? WHERE id = ?", (when, when, point_id))
 
         await repository.db.run(stamp)
@@ -157,7 +156,7 @@ async def test_a_crash_after_the_rename_of_a_middle_point_is_finished_by_recover
     points, content = await _chain(repository, tmp_path, times)
     middle, top = points[1], points[2]
 
-    def mark(connection: sqlite3.Connection) -> None:
+    def mark(connection: Connection) -> None:
         connection.execute("UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, middle.id))
 
     await repository.db.run(mark)

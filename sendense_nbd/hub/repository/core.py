@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 import uuid
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 from sendense_nbd.backup.records import FullReason, SyncType
 from sendense_nbd.errors import RepositoryError, UnknownPoint
 from sendense_nbd.hub.clock import Clock, SystemClock
-from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.hub.repository import restores
 from sendense_nbd.hub.repository.local import LocalStore
 from sendense_nbd.hub.repository.points import Point, PointStatus, VerifyState
@@ -59,13 +58,13 @@ class Repository:
     async def points(self, vm_path: str, disk_key: int | None = None) -> list[Point]:
         """A VM's completed points (of one disk, when given), by disk and age."""
 
-        def read(connection: sqlite3.Connection) -> list[Point]:
+        def read(connection: Connection) -> list[Point]:
             sql = "SELECT * FROM points WHERE vm_path = ? AND status = ?"
             args: list[object] = [vm_path, PointStatus.COMPLETED.value]
             if disk_key is not None:
                 sql += " AND disk_key = ?"
                 args.append(disk_key)
-            found = connection.execute(sql + " ORDER BY disk_key, created, rowid", args)  # rowid: a tie's order
+            found = connection.execute(sql + " ORDER BY disk_key, created, seq", args)  # seq: a tie's order
             return [Point.from_row(r) for r in rows(found)]
 
         return await self.db.run(read)
@@ -73,7 +72,7 @@ class Repository:
     async def vm_paths(self) -> list[str]:
         """The VMs that have completed points, sorted."""
 
-        def read(connection: sqlite3.Connection) -> list[str]:
+        def read(connection: Connection) -> list[str]:
             found = connection.execute(
                 "SELECT DISTINCT vm_path FROM points WHERE status = ? ORDER BY vm_path", (PointStatus.COMPLETED.value,)
             )
@@ -84,7 +83,7 @@ class Repository:
     async def point(self, point_id: str) -> Point:
         """One point by ID; :class:`UnknownPoint` if there is none."""
 
-        def read(connection: sqlite3.Connection) -> list[Point]:
+        def read(connection: Connection) -> list[Point]:
             return [
                 Point.from_row(r) for r in rows(connection.execute("SELECT * FROM points WHERE id = ?", (point_id,)))
             ]
@@ -137,7 +136,7 @@ class Repository:
             base.id if base else None, size, None, None, PointStatus.PENDING, self.clock.now(), None,
         )  # fmt: skip
 
-        def insert(connection: sqlite3.Connection) -> None:
+        def insert(connection: Connection) -> None:
             row = point.to_json()
             names, marks = ", ".join(row), ", ".join("?" * len(row))
             connection.execute(f"INSERT INTO points ({names}) VALUES ({marks})", tuple(row.values()))
@@ -176,7 +175,7 @@ class Repository:
                     f"(are the Ceph cluster's OSDs up?); the job fails and its point is discarded"
                 ) from None
 
-        def update(connection: sqlite3.Connection) -> None:
+        def update(connection: Connection) -> None:
             now = self.clock.now()
             for point_id, disk in results:
                 cursor = connection.execute(
@@ -203,11 +202,11 @@ class Repository:
         write again (after a crash between the two, :meth:`recover` discards the row)."""
         where = (point_id, PointStatus.PENDING.value)
 
-        def read(connection: sqlite3.Connection) -> list[Point]:
+        def read(connection: Connection) -> list[Point]:
             found = connection.execute("SELECT * FROM points WHERE id = ? AND status = ?", where)
             return [Point.from_row(r) for r in rows(found)]
 
-        def delete(connection: sqlite3.Connection) -> None:
+        def delete(connection: Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ? AND status = ?", where)
 
         for point in await self.db.run(read):
@@ -218,7 +217,7 @@ class Repository:
     async def discard_pending(self) -> list[str]:
         """Discard every pending point (after a crash); their ids."""
 
-        def read(connection: sqlite3.Connection) -> list[str]:
+        def read(connection: Connection) -> list[str]:
             return [
                 r[0] for r in connection.execute("SELECT id FROM points WHERE status = ?", (PointStatus.PENDING.value,))
             ]
@@ -272,7 +271,7 @@ class Repository:
         return dropped
 
     async def _drop(self, point: Point, top: Point) -> None:
-        def mark(connection: sqlite3.Connection) -> None:
+        def mark(connection: Connection) -> None:
             connection.execute("UPDATE points SET status = ? WHERE id = ?", (PointStatus.MERGING.value, point.id))
 
         await self.db.run(mark)
@@ -284,7 +283,7 @@ class Repository:
         stays full, a middle point keeps its own base). Safe to repeat after a crash at any step."""
         await asyncio.to_thread(self.store.drop, base, top)
 
-        def record(connection: sqlite3.Connection) -> None:
+        def record(connection: Connection) -> None:
             connection.execute("DELETE FROM points WHERE id = ?", (base.id,))
             connection.execute(
                 "UPDATE points SET kind = ?, backing = ? WHERE id = ?", (base.kind.value, base.backing, top.id)
@@ -303,7 +302,7 @@ class Repository:
     async def _finish_merges(self, vm_path: str | None = None, disk_key: int | None = None) -> list[str]:
         """Finish the merges a crash or a failure left (of one disk, when given); the merged points' ids."""
 
-        def read(connection: sqlite3.Connection) -> list[Point]:
+        def read(connection: Connection) -> list[Point]:
             merging = connection.execute("SELECT * FROM points WHERE status = ?", (PointStatus.MERGING.value,))
             return [Point.from_row(r) for r in rows(merging)]
 
@@ -358,7 +357,7 @@ class Repository:
     async def without_digests(self) -> list[Point]:
         """The completed points whose digests are not recorded yet, oldest first."""
 
-        def read(connection: sqlite3.Connection) -> list[Point]:
+        def read(connection: Connection) -> list[Point]:
             found = connection.execute(
                 "SELECT * FROM points WHERE status = ? AND digests IS NULL ORDER BY created",
                 (PointStatus.COMPLETED.value,),
@@ -467,7 +466,7 @@ class Repository:
         it, a temporary file) and the digests of points that are gone; ``(removed, unexpected)``:
         what the store removed, and what it found but left alone (not its own names)."""
 
-        def read(connection: sqlite3.Connection) -> list[tuple[str, str]]:
+        def read(connection: Connection) -> list[tuple[str, str]]:
             return [(path, point_id) for path, point_id in connection.execute("SELECT path, id FROM points")]
 
         known = await self.db.run(read)

@@ -66,6 +66,7 @@ class Point:
     def from_row(cls, row: dict[str, Any]) -> Point:
         """A point from its row in the store."""
         state = VerifyState(row.get("verify_state") or VerifyState.UNVERIFIED.value)
+        row = {name: value for name, value in row.items() if name != "seq"}  # the order of insertion
         return cls(
             **{**row, "kind": SyncType(row["kind"]), "status": PointStatus(row["status"]), "verify_state": state}
         )

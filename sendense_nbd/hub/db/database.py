@@ -1,0 +1,110 @@
+"""The :class:`Database`: one worker thread, one transaction per call, the engine a path or URL names."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from sendense_nbd.errors import StoreError
+from sendense_nbd.hub.db import migrations
+from sendense_nbd.hub.db.core import Backend, Connection
+
+T = TypeVar("T")
+
+
+class Database:
+    """``Database(path_or_url)``; ``await db.run(fn)`` calls ``fn(connection)`` in one transaction.
+
+    A path or ``sqlite:PATH`` is an SQLite file (made mode 0600); ``postgresql://...`` is a PostgreSQL
+    database. Opening applies the migrations the store lacks (:mod:`.migrations`).
+    """
+
+    def __init__(self, target: str, *, connect_timeout: float = 10.0) -> None:
+        self.backend = _backend(target, connect_timeout)
+        self.path = target
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-db")
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        try:
+            #: The migrations this open applied (none when the store was current).
+            self.applied = self.call(lambda connection: migrations.upgrade(connection, self.backend))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        """Where the store is, for messages (no password)."""
+        return self.backend.name
+
+    def _connection(self) -> Connection:
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self.backend.connect()
+            self._local.connection = connection
+            self._connections.append(connection)
+        return connection
+
+    def _drop(self, connection: Connection) -> None:
+        self._local.connection = None
+        self._connections.remove(connection)
+        try:
+            self.backend.close(connection)
+        except Exception:  # noqa: BLE001, S110 - it is gone already
+            pass
+
+    def _transaction(self, function: Callable[[Connection], T]) -> T:
+        connection: Connection | None = None
+        try:
+            connection = self._connection()
+            return self.backend.transaction(connection, function)
+        except BaseException as exc:
+            if connection is not None and self.backend.broken(connection):
+                self._drop(connection)
+            typed = self.backend.translate(exc)
+            if typed is None:
+                raise
+            raise typed from exc
+
+    def call(self, function: Callable[[Connection], T]) -> T:
+        """Blocking: run ``function`` in one transaction in the worker thread."""
+        return self._worker.submit(self._transaction, function).result()
+
+    async def run(self, function: Callable[[Connection], T]) -> T:
+        """Run ``function`` in one transaction in the worker thread, without blocking the event loop."""
+        return await asyncio.wrap_future(self._worker.submit(self._transaction, function))
+
+    def close(self) -> None:
+        """Close every connection and stop the worker thread."""
+
+        def close_all() -> None:
+            for connection in self._connections:
+                try:
+                    self.backend.close(connection)
+                except Exception:  # noqa: BLE001, S110 - closing a dropped connection
+                    pass
+            self._connections.clear()
+
+        self._worker.submit(close_all).result()
+        self._worker.shutdown()
+
+
+def _backend(target: str, connect_timeout: float) -> Backend:
+    """The engine ``target`` names: ``postgresql://`` / ``postgres://`` URLs, else an SQLite path."""
+    if target.startswith(("postgresql://", "postgres://")):
+        from sendense_nbd.hub.db.postgres import PostgresBackend
+
+        return PostgresBackend(target, connect_timeout=connect_timeout)
+    if "://" in target:
+        raise StoreError(f"--db {target.split('://')[0]}://...: give a path, sqlite:PATH or postgresql://...")
+    from sendense_nbd.hub.db.sqlite import SqliteBackend
+
+    return SqliteBackend(target.removeprefix("sqlite:"))
+
+
+def open_database(target: str, *, connect_timeout: float = 10.0) -> Database:
+    """The store at ``target`` (a path, ``sqlite:PATH`` or ``postgresql://...``), migrated to this release."""
+    return Database(target, connect_timeout=connect_timeout)
