@@ -18,6 +18,9 @@ DEBIAN_PACKAGES=(
     # Ceph (pacific): the test cluster (simulator/ceph_cluster.py), the RBD device's python3-rbd/python3-rados
     # (system Python only: the venv has system site-packages) and qemu's rbd: driver for the peers.
     ceph-mon ceph-mgr ceph-osd ceph-common radosgw python3-rbd python3-rados qemu-block-extra
+    # PostgreSQL 15, the store several hubs share (--db postgresql://...): the test cluster
+    # (simulator/postgres_cluster.py runs it as the package's postgres user) and psycopg 3 (system Python).
+    postgresql python3-psycopg
 )
 
 install_debian_packages() {
@@ -35,7 +38,7 @@ install_debian_packages() {
 install_venv() {
     # Debian's python3 with system site-packages: python3-libnbd (the peer our
     # tests drive) and python3-rbd/python3-rados only import there.
-    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import nbd, rbd, rados' 2>/dev/null; then
+    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import nbd, rbd, rados, psycopg' 2>/dev/null; then
         rm -rf .venv
         /usr/bin/python3 -m venv --system-site-packages .venv
     fi

@@ -211,18 +211,22 @@ def shm_image() -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
-def _ceph_cluster_module() -> Any:
-    """simulator/ceph_cluster.py, loaded by path (simulator/ is not a package)."""
-    name = "ceph_cluster"
+def _simulator_module(name: str) -> Any:
+    """simulator/NAME.py, loaded by path (simulator/ is not a package)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "simulator" / "ceph_cluster.py"
+            name, Path(__file__).resolve().parents[1] / "simulator" / f"{name}.py"
         )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _ceph_cluster_module() -> Any:
+    """simulator/ceph_cluster.py."""
+    return _simulator_module("ceph_cluster")
 
 
 #: Temporary directories of the session clusters (tempfile's directory): see ``ceph_cluster``.
@@ -256,6 +260,54 @@ def ceph_cluster() -> Iterator[Any]:
         raise
     try:
         yield cluster
+    finally:
+        module.stop(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+#: Temporary directories of the session PostgreSQL clusters (tempfile's directory): see ``postgres_cluster``.
+POSTGRES_PREFIX = "sendense-pg-"
+
+
+class PostgresCluster:
+    """The session's PostgreSQL (simulator/postgres_cluster.py): ``new_database()`` makes a fresh database."""
+
+    def __init__(self, module: Any, cluster: Any) -> None:
+        self._module = module
+        self.cluster = cluster
+        #: The cluster's ``postgres`` database (for a test's own administration).
+        self.url: str = cluster.url()
+        self._made = 0
+
+    def new_database(self) -> str:
+        """A new, empty database's ``postgresql://`` URL."""
+        self._made += 1
+        return self._module.create_database(self.cluster, f"test_{os.getpid()}_{self._made}")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL 15 (simulator/postgres_cluster.py) shared by the session, started on first use
+    (about 2 s) in a fresh temporary directory claimed by this process, stopped and removed at session end.
+    The clusters of sessions that died without that (SIGKILL) are swept first. A missing PostgreSQL or
+    psycopg fails the test, never skips."""
+    module = _simulator_module("postgres_cluster")
+    try:
+        import psycopg  # noqa: F401  (Debian's python3-psycopg: the system Python's)
+    except ImportError as e:
+        pytest.fail(f"python3-psycopg not importable ({e}); run ./setup.sh", pytrace=False)
+    module.sweep(tempfile.gettempdir(), POSTGRES_PREFIX)
+    directory = tempfile.mkdtemp(prefix=POSTGRES_PREFIX)
+    try:
+        module.claim(directory)
+        cluster = module.start(directory)
+    except BaseException as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(e, module.ClusterError):
+            pytest.fail(f"test PostgreSQL did not start: {e}", pytrace=False)
+        raise
+    try:
+        yield PostgresCluster(module, cluster)
     finally:
         module.stop(directory)
         shutil.rmtree(directory, ignore_errors=True)
