@@ -149,6 +149,14 @@ def _tls_options(command: Any) -> Any:
     return command
 
 
+#: The hub's store, for the hub and the commands that read its repository offline.
+_DB_OPTION = click.option(
+    "--db",
+    metavar="URL",
+    help="The hub's store: postgresql://USER@HOST/DB (several hubs), or sqlite:PATH (default: REPO/hub.db).",
+)
+
+
 @click.command("hub")
 @click.option(
     "--repo",
@@ -161,6 +169,7 @@ def _tls_options(command: Any) -> Any:
     type=click.Path(file_okay=False),
     help="With an rbd:// --repo: the hub's own directory (its database, lock, restores, digests).",
 )
+@_DB_OPTION
 @click.option("--listen", default="127.0.0.1:8082", show_default=True, help="API address HOST:PORT.")
 @click.option("--nbd-ports", default="10100-10200", show_default=True, help="NBD port pool.")
 @click.option(
@@ -295,6 +304,7 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
     return HubConfig(
         repo=repo,
         store=store,
+        db=o["db"],
         nbd_ports=pool,
         nbd_bind=o["nbd_bind"],
         nbd_advertise=o["nbd_advertise"],
@@ -371,18 +381,23 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
     return 0
 
 
-def _open_repository(repo: str) -> tuple[Database, Repository]:
-    """The store and repository of an existing hub repository (the hub itself need not run)."""
+def _open_repository(repo: str, target: str | None) -> tuple[Database, Repository]:
+    """The store (``--db``, default REPO/hub.db) and repository of an existing hub repository (the hub itself
+    need not run)."""
     import os
 
+    from sendense_nbd.errors import SendenseError
     from sendense_nbd.hub.db import Database
     from sendense_nbd.hub.repository import Repository
 
-    if not os.path.exists(os.path.join(repo, "hub.db")):
+    if target is None and not os.path.exists(os.path.join(repo, "hub.db")):
         raise click.ClickException(f"{repo} is not a hub repository (no hub.db)")
     from sendense_nbd.hub.repository import open_store
 
-    db = Database(os.path.join(repo, "hub.db"))
+    try:
+        db = Database(target or os.path.join(repo, "hub.db"))
+    except SendenseError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         return db, Repository(repo, db, store=open_store(repo, None))
     except BaseException:
@@ -393,28 +408,30 @@ def _open_repository(repo: str) -> tuple[Database, Repository]:
 @click.command("ports")
 @click.option("--repo", required=True, type=click.Path(file_okay=False))
 @click.option("--nbd-ports", default="10100-10200", show_default=True)
-def ports_command(repo: str, nbd_ports: str) -> None:
+@_DB_OPTION
+def ports_command(repo: str, nbd_ports: str, db: str | None) -> None:
     """List the leased NBD ports (by whom, since when) and how many are free."""
     from sendense_nbd.hub.ports import PortAllocator, parse_range
 
-    db, _ = _open_repository(repo)
+    store, _ = _open_repository(repo, db)
     try:
-        status = asyncio.run(PortAllocator(db, parse_range(nbd_ports)).status())
+        status = asyncio.run(PortAllocator(store, parse_range(nbd_ports)).status())
     finally:
-        db.close()
+        store.close()
     click.echo(json.dumps(status.to_json(), indent=2))
 
 
 @click.command("points")
 @click.argument("vm_path")
 @click.option("--repo", required=True, type=click.Path(file_okay=False))
-def points_command(vm_path: str, repo: str) -> None:
+@_DB_OPTION
+def points_command(vm_path: str, repo: str, db: str | None) -> None:
     """List a VM's completed restore points."""
-    db, repository = _open_repository(repo)
+    store, repository = _open_repository(repo, db)
     try:
         points = asyncio.run(repository.points(vm_path))
     finally:
-        db.close()
+        store.close()
     click.echo(json.dumps([p.to_json() for p in points], indent=2))
 
 
@@ -424,7 +441,8 @@ def points_command(vm_path: str, repo: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="A new standalone image file.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
 @click.option("--clone", metavar="IMAGE", help="Instead: a new RBD image in the repository's pool (RBD repository).")
-def restore_command(point_id: str, repo: str, output: str | None, fmt: str, clone: str | None) -> None:
+@_DB_OPTION
+def restore_command(point_id: str, repo: str, output: str | None, fmt: str, clone: str | None, db: str | None) -> None:
     """Write a restore point (its whole chain) to a standalone raw or qcow2 file, verified; or, with
     --clone, make a new RBD image of it (a flattened clone of its snapshot).
 
@@ -440,7 +458,7 @@ def restore_command(point_id: str, repo: str, output: str | None, fmt: str, clon
         raise click.UsageError("give -o FILE or --clone IMAGE (one of them)")
     if output is not None and os.path.lexists(output):
         raise click.ClickException(f"{output} exists")
-    db, repository = _open_repository(repo)
+    store, repository = _open_repository(repo, db)
 
     async def run() -> str:
         point = await repository.point(point_id)
@@ -459,7 +477,7 @@ def restore_command(point_id: str, repo: str, output: str | None, fmt: str, clon
     except (SendenseError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        db.close()
+        store.close()
     click.echo(f"restored {point_id} to {made}")
 
 

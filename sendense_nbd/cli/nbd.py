@@ -25,6 +25,7 @@ import click
 from sendense_nbd import __version__
 from sendense_nbd.cli.copies import copies_group
 from sendense_nbd.cli.copy import copy_command
+from sendense_nbd.cli.db import db_group
 from sendense_nbd.cli.hub import hub_command, node_group, points_command, ports_command, restore_command
 from sendense_nbd.cli.policy import policy_group, status_command
 from sendense_nbd.cli.tls import tls_group
@@ -574,6 +575,7 @@ cli.add_command(policy_group)
 cli.add_command(copies_group)
 cli.add_command(status_command)
 cli.add_command(tls_group)
+cli.add_command(db_group)
 for command in (hub_command, node_group, ports_command, points_command, restore_command, tunnel_server_command):
     cli.add_command(command)
 

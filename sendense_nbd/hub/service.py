@@ -127,6 +127,8 @@ class HubConfig:
     repo: str
     #: The repository when it is not ``repo``: ``rbd://POOL[/NS]?conf=..&id=..`` (an RBD store, recorded in ``repo``).
     store: str | None = None
+    #: The hub's store: a path, ``sqlite:PATH`` or ``postgresql://...`` (None: ``REPO/hub.db``).
+    db: str | None = None
     nbd_ports: range = DEFAULT_POOL
     #: Address the NBD exports listen on.
     nbd_bind: str = "127.0.0.1"
@@ -278,10 +280,10 @@ class Hub:
         try:
             self.restore_dir = _open_restore_dir(config.restore_dir or os.path.join(config.repo, "restores"))
             store = open_store(config.repo, config.store)
+            self._db = Database(config.db or os.path.join(config.repo, "hub.db"))
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._db = Database(os.path.join(config.repo, "hub.db"))
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
         self._exports = ExportManager(
