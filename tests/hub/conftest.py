@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
@@ -15,13 +16,58 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.repository import Repository
-from tests.conftest import stop_process
+from sendense_nbd.hub.service import Hub, HubConfig
+from tests.conftest import PostgresCluster, stop_process
 from tests.hub.node_standin import NodeStandin
 from tests.vmware.vsphere import running_vcsim
+
+#: ``SENDENSE_TEST_DB=postgresql``: every hub these tests start (in process, or ``sendense-nbd hub`` through
+#: :class:`HubProcess`) keeps its store in a fresh database of the session's PostgreSQL, one per repository
+#: directory (a restarted hub finds its store again), unless the test names the hub's store itself.
+TEST_DB = os.environ.get("SENDENSE_TEST_DB", "sqlite")
+#: The PostgreSQL database of each repository directory, and the session's cluster (while the switch is on).
+_pg_stores: dict[str, str] = {}
+_pg_cluster: list[PostgresCluster] = []
+
+
+def hub_store(repo: str | Path) -> str | None:
+    """The ``--db`` URL of a hub on ``repo`` under ``SENDENSE_TEST_DB=postgresql`` (None: its SQLite file)."""
+    if not _pg_cluster:
+        return None
+    key = str(Path(repo).resolve())
+    if key not in _pg_stores:
+        _pg_stores[key] = _pg_cluster[0].new_database()
+    return _pg_stores[key]
+
+
+def hub_db_args(repo: str | Path) -> list[str]:
+    """``["--db", URL]`` for a hub process on ``repo`` under the switch, else nothing."""
+    url = hub_store(repo)
+    return [] if url is None else ["--db", url]
+
+
+@pytest.fixture(autouse=True)
+def _hub_store_switch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Under ``SENDENSE_TEST_DB=postgresql``, in-process hubs without a ``db`` get their repository's database."""
+    if TEST_DB == "sqlite":
+        yield
+        return
+    if TEST_DB != "postgresql":
+        pytest.fail(f"SENDENSE_TEST_DB={TEST_DB!r}: sqlite (the default) or postgresql", pytrace=False)
+    _pg_cluster[:] = [request.getfixturevalue("postgres_cluster")]
+    original = Hub.__init__
+
+    def init(self: Hub, config: HubConfig) -> None:
+        original(self, config if config.db is not None else attrs.evolve(config, db=hub_store(config.repo)))
+
+    monkeypatch.setattr(Hub, "__init__", init)
+    yield
+    _pg_cluster.clear()
 
 
 def free_port_range(count: int) -> range:
@@ -103,8 +149,9 @@ class HubProcess:
         self.startup: dict[str, Any] = {}
 
     def start(self) -> HubProcess:
+        store = [] if "--db" in self.extra else hub_db_args(self.repo)
         command = [
-            sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(self.repo),
+            sys.executable, "-m", "sendense_nbd", "hub", "--repo", str(self.repo), *store,
             "--listen", "127.0.0.1:0", "--nbd-ports", f"{self.ports.start}-{self.ports.stop - 1}",
             *(["--node-url", self.node_url] if self.node_url else []), *self.extra,
         ]  # fmt: skip
@@ -171,10 +218,19 @@ def nbd_write(uri: str, writes: list[tuple[int, bytes]]) -> None:
         handle.shutdown()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new store for :class:`Database`: an SQLite file, or a fresh database of the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "hub.db")
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.new_database()
+
+
 @pytest.fixture
-async def repository(tmp_path: Path) -> AsyncIterator[Repository]:
-    """A repository with its own store, no hub."""
-    db = Database(str(tmp_path / "hub.db"))
+async def repository(tmp_path: Path, store_target: str) -> AsyncIterator[Repository]:
+    """A repository with its own store (each engine), no hub."""
+    db = Database(store_target)
     try:
         yield Repository(str(tmp_path / "repo"), db)
     finally:

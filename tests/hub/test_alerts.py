@@ -233,8 +233,10 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_the_delivery_queue_is_bounded_oldest_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    db = Database(str(tmp_path / "hub.db"))
+async def test_the_delivery_queue_is_bounded_oldest_dropped(
+    tmp_path: Path, store_target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(store_target)
     async with Webhook(hold=True) as hook:
         alerts = Alerts(
             db, AlertConfig(webhook_url=hook.url, webhook_tries=1, webhook_timeout=60, **FAST),
@@ -261,9 +263,9 @@ async def test_the_delivery_queue_is_bounded_oldest_dropped(tmp_path: Path, capl
 
 
 async def test_conditions_fire_once_per_key_until_cleared_and_the_table_is_pruned(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store_target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    db = Database(str(tmp_path / "hub.db"))
+    db = Database(store_target)
     clock = ManualClock(START)
     alerts = Alerts(db, AlertConfig(**FAST), clock=clock, hub="test", space_path=str(tmp_path))
     try:
@@ -291,8 +293,8 @@ async def test_conditions_fire_once_per_key_until_cleared_and_the_table_is_prune
         db.close()
 
 
-async def test_fire_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    db = Database(str(tmp_path / "hub.db"))
+async def test_fire_never_raises(tmp_path: Path, store_target: str, caplog: pytest.LogCaptureFixture) -> None:
+    db = Database(store_target)
     alerts = Alerts(db, AlertConfig(**FAST), clock=ManualClock(START), hub="test", space_path=str(tmp_path))
     db.close()  # the store is gone: recording fails, the caller does not
     assert await alerts.fire(AlertKind.JOB_FAILED, VM, "failed") is None
@@ -460,8 +462,8 @@ async def test_two_fallback_fulls_in_a_row_raise_repeated_full(tmp_path: Path) -
         assert latest.detail["reasons"] == ["verify_failed", "cbt_reset"] and latest.detail["job_id"] == again.id
 
 
-async def test_a_restarted_hub_delivers_what_its_predecessor_had_not_tried(tmp_path: Path) -> None:
-    db = Database(str(tmp_path / "hub.db"))
+async def test_a_restarted_hub_delivers_what_its_predecessor_had_not_tried(tmp_path: Path, store_target: str) -> None:
+    db = Database(store_target)
     async with Webhook() as hook:
         config = AlertConfig(webhook_url=hook.url, **FAST)
         stopped = Alerts(db, config, clock=ManualClock(START - 2 * 86400), hub="test", space_path=str(tmp_path))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require, run
-from tests.hub.conftest import Api, HubProcess, free_port_range
+from tests.hub.conftest import Api, HubProcess, free_port_range, hub_db_args
 from tests.hub.node_standin import NodeStandin
 
 pytestmark = pytest.mark.peer
@@ -150,9 +150,14 @@ def test_offline_cli_lists_ports_and_points(hub_factory: Callable[..., HubProces
     api = Api(hub.url)
     status, job = api.post("/backups", {"vm_path": "/DC/vm/d", "mode": "full", "disks": DISKS[:1]})
     assert status == 201
+    pool = f"{hub.ports.start}-{hub.ports.stop - 1}"
     ports = json.loads(run(sys.executable, "-m", "sendense_nbd", "ports", "--repo", str(hub.repo),
-                           "--nbd-ports", f"{hub.ports.start}-{hub.ports.stop - 1}").stdout)  # fmt: skip
+                           "--nbd-ports", pool, *hub_db_args(hub.repo)).stdout)  # fmt: skip
     assert [u["job_id"] for u in ports["used"]] == [job["job_id"]] and ports["free"] == len(hub.ports) - 1
     assert api.post(f"/backups/{job['job_id']}/complete", _completion(job))[0] == 200
-    points = json.loads(run(sys.executable, "-m", "sendense_nbd", "points", "/DC/vm/d", "--repo", str(hub.repo)).stdout)
+    points = json.loads(
+        run(
+            sys.executable, "-m", "sendense_nbd", "points", "/DC/vm/d", "--repo", str(hub.repo), *hub_db_args(hub.repo)
+        ).stdout
+    )
     assert [(p["disk_key"], p["status"], p["kind"]) for p in points] == [(2000, "completed", "full")]

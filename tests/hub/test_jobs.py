@@ -34,8 +34,8 @@ PATHS = {P: [], R: [R], C: [R, C], F: [F], X: [R, X]}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    db = Database(str(tmp_path / "hub.db"))
+def store(tmp_path: Path, store_target: str) -> Iterator[JobStore]:
+    db = Database(store_target)
     yield JobStore(db)
     db.close()
 

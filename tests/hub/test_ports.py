@@ -89,12 +89,12 @@ def test_concurrent_allocate_and_release_never_double_assign(
     asyncio.run(scenario())
 
 
-async def test_busy_ports_are_skipped_and_exhaustion_is_an_error(tmp_path: Path) -> None:
+async def test_busy_ports_are_skipped_and_exhaustion_is_an_error(tmp_path: Path, store_target: str) -> None:
     pool = free_port_range(3)
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", pool[0]))
     squatter.listen()
-    db = Database(str(tmp_path / "hub.db"))
+    db = Database(store_target)
     try:
         allocator = PortAllocator(db, pool)
         first = await allocator.allocate("hub", "j1", 2000)
@@ -113,9 +113,9 @@ async def test_busy_ports_are_skipped_and_exhaustion_is_an_error(tmp_path: Path)
         db.close()
 
 
-async def test_expired_and_stale_leases_come_back(tmp_path: Path) -> None:
+async def test_expired_and_stale_leases_come_back(tmp_path: Path, store_target: str) -> None:
     pool = free_port_range(2)
-    db = Database(str(tmp_path / "hub.db"))
+    db = Database(store_target)
     try:
         allocator = PortAllocator(db, pool, ttl=0.2)
         lease = await allocator.allocate("crashed-holder", "j1", 2000)

@@ -4,7 +4,6 @@ first and newest stay and the whole job stays covered; gone when the job is prun
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from sendense_nbd.backup.records import Mode
 from sendense_nbd.errors import UnknownJob
 from sendense_nbd.hub.clock import ManualClock
-from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.db import Connection, Database
 from sendense_nbd.hub.jobs import JobKind, JobState, JobStore, Outcome
 from sendense_nbd.hub.requests import Failure, Progress
 from sendense_nbd.hub.samples import MAX_SAMPLES, Sample
@@ -38,8 +37,8 @@ async def hub(tmp_path: Path) -> AsyncIterator[LocalHub]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[tuple[JobStore, ManualClock, Database]]:
-    db = Database(str(tmp_path / "hub.db"))
+def store(tmp_path: Path, store_target: str) -> Iterator[tuple[JobStore, ManualClock, Database]]:
+    db = Database(store_target)
     clock = ManualClock(START)
     yield JobStore(db, clock), clock, db
     db.close()
@@ -137,7 +136,7 @@ async def test_pruned_jobs_take_their_samples_with_them(store: tuple[JobStore, M
             with pytest.raises(UnknownJob):
                 await jobs.samples(job_id)
 
-    def left(connection: sqlite3.Connection) -> set[str]:
+    def left(connection: Connection) -> set[str]:
         return {row[0] for row in connection.execute("SELECT DISTINCT job_id FROM job_samples")}
 
     assert await db.run(left) == kept

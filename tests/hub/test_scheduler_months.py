@@ -179,8 +179,8 @@ async def test_months_of_slots_each_run_once(
 
 
 @pytest.mark.parametrize("per_policy", [1, 2])
-async def test_a_run_starts_each_vm_once_within_its_limits(tmp_path: Path, per_policy: int) -> None:
-    db = Database(str(tmp_path / "hub.db"))
+async def test_a_run_starts_each_vm_once_within_its_limits(tmp_path: Path, store_target: str, per_policy: int) -> None:
+    db = Database(store_target)
     try:
         clock = ManualClock(START)
         store = PolicyStore(db)
@@ -204,8 +204,8 @@ async def test_a_run_starts_each_vm_once_within_its_limits(tmp_path: Path, per_p
         db.close()
 
 
-async def test_a_disabled_policy_runs_no_slot_and_no_catch_up_once_enabled(tmp_path: Path) -> None:
-    db = Database(str(tmp_path / "hub.db"))
+async def test_a_disabled_policy_runs_no_slot_and_no_catch_up_once_enabled(tmp_path: Path, store_target: str) -> None:
+    db = Database(store_target)
     try:
         clock = ManualClock(START)
         store = PolicyStore(db)
@@ -227,11 +227,11 @@ async def test_a_disabled_policy_runs_no_slot_and_no_catch_up_once_enabled(tmp_p
         db.close()
 
 
-async def test_run_now_edits_bad_specs_and_stale_alerts(tmp_path: Path) -> None:
+async def test_run_now_edits_bad_specs_and_stale_alerts(tmp_path: Path, store_target: str) -> None:
     from sendense_nbd.errors import Conflict
     from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts
 
-    db = Database(str(tmp_path / "hub.db"))
+    db = Database(store_target)
     try:
         clock = ManualClock(START)
         store = PolicyStore(db)
