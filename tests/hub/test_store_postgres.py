@@ -1,0 +1,89 @@
+"""PostgreSQL's failures as the hub sees them: a server that refuses connections, and one stopped while a
+call runs, are a typed StoreUnavailable naming the server (never the password), not a hang; once the
+server is back, the next call connects again."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sendense_nbd.errors import StoreUnavailable
+from sendense_nbd.hub.db import Database
+from tests.conftest import POSTGRES_PREFIX, _simulator_module
+
+#: Bounds for "not a hang" (never asserted as timings: a call that does not return fails the test).
+NO_HANG = 60
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[tuple[Any, Any]]:
+    """A PostgreSQL of this test alone (it is stopped mid-test): the module and its Cluster."""
+    module = _simulator_module("postgres_cluster")
+    directory = tempfile.mkdtemp(prefix=POSTGRES_PREFIX)
+    try:
+        module.claim(directory)
+        yield module, module.start(directory)
+    finally:
+        module.stop(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # nothing listens there once closed
+
+
+def test_a_refused_connection_is_a_typed_error_without_the_password() -> None:
+    url = f"postgresql://hub:s3cret-pw@127.0.0.1:{_closed_port()}/hubs"
+    with pytest.raises(StoreUnavailable) as raised:
+        Database(url, connect_timeout=5)
+    message = str(raised.value)
+    assert "s3cret-pw" not in message and "postgresql://hub@127.0.0.1:" in message and "/hubs" in message
+    assert "is PostgreSQL running" in message
+
+
+async def test_a_server_stopped_mid_call_fails_the_call_and_the_next_call_reconnects(
+    own_cluster: tuple[Any, Any],
+) -> None:
+    module, cluster = own_cluster
+    db = Database(module.create_database(cluster, "stopped"), connect_timeout=5)
+    try:
+        await db.run(
+            lambda c: c.execute("INSERT INTO policies (name, spec, created, updated) VALUES ('p', '{}', 0, 0)")
+        )
+        slow = asyncio.ensure_future(db.run(lambda c: c.execute("SELECT pg_sleep(600)")))
+        await _until_sleeping(cluster)
+        await asyncio.to_thread(module.stop, cluster.directory)
+        with pytest.raises(StoreUnavailable, match="failed.*the next call connects again"):
+            await asyncio.wait_for(slow, NO_HANG)
+        with pytest.raises(StoreUnavailable, match="cannot connect to the hub store"):  # still down
+            await asyncio.wait_for(db.run(lambda c: c.execute("SELECT 1")), NO_HANG)
+        await asyncio.to_thread(module.start, cluster.directory)
+        count = await asyncio.wait_for(
+            db.run(lambda c: c.execute("SELECT COUNT(*) FROM policies").fetchone()[0]), NO_HANG
+        )
+        assert count == 1
+    finally:
+        db.close()
+
+
+async def _until_sleeping(cluster: Any) -> None:
+    """Until the server runs our pg_sleep (seen over a connection of its own: the call holds the writer lock)."""
+    import psycopg
+
+    with psycopg.connect(cluster.url("stopped"), autocommit=True) as probe:
+        for _ in range(600):
+            found = probe.execute(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(600)'"
+            ).fetchone()
+            if found and found[0]:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the slow call never reached the server")
