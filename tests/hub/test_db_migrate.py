@@ -31,7 +31,7 @@ def _backup(api: Api, vm_path: str, change: str) -> dict[str, Any]:
     }
     status, job = api.post(f"/backups/{job['job_id']}/complete", done)
     assert status == 200 and job["state"] == "completed", job
-    return job
+    return api.wait_job(job["job_id"])  # and its retention (a stage recorded after the answer)
 
 
 def _counts(path: Path) -> dict[str, int]:
