@@ -173,10 +173,6 @@ class WorkerPool:
             for index, worker in enumerate(self._workers)
         )
 
-    def worker_of(self, port: int) -> int | None:
-        """The worker serving the export on ``port``."""
-        return next((index for index, ports in enumerate(self._ports) if port in ports), None)
-
     async def start(self, spec: ExportSpec, sock: socket.socket) -> tuple[int, int]:
         """Serve ``spec`` on the bound socket ``sock`` in the least-loaded worker (closing the hub's copy);
         ``(worker, port)``."""
