@@ -53,7 +53,8 @@
     │   └── UnknownCopy            no offsite copy has this ID (404)
     ├── StoreError                 the hub's store (SQLite or PostgreSQL) cannot be opened, migrated or used
     │   └── StoreUnavailable       the PostgreSQL server cannot be reached, or the connection to it dropped
-    └── PortError                  the NBD port pool cannot satisfy a request
+    ├── PortError                  the NBD port pool cannot satisfy a request
+    └── OtherHub                   the job runs on another live hub of the cluster (307 to its API)
 
 Foreign exceptions (``OSError``) are translated at the boundary with
 ``raise ... from exc`` so callers only need to catch ``SendenseError``. A
@@ -368,6 +369,15 @@ class StoreError(SendenseError):
 class StoreUnavailable(StoreError):
     """The PostgreSQL server cannot be reached (refused, timed out, authentication failed) or the connection
     to it dropped; the next call connects again. The message names the server (never its password)."""
+
+
+class OtherHub(SendenseError):
+    """A change of a job that another live hub of the cluster runs (its exports, ports and lock are there):
+    the API answers 307 to ``api_url``, that hub's API."""
+
+    def __init__(self, message: str, api_url: str) -> None:
+        super().__init__(message)
+        self.api_url = api_url
 
 
 def first_error(

@@ -218,6 +218,17 @@ _DB_OPTION = click.option(
     default=None,
     help="Export worker processes serving the NBD exports (default: one per core; 0: the hub's own event loop).",
 )
+@click.option("--hub-id", help="This hub's ID in a cluster (default: made at the first start, kept in its directory).")
+@click.option(
+    "--heartbeat", type=click.FloatRange(0.1, 3600), default=5, show_default=True, help="Seconds between heartbeats."
+)
+@click.option(
+    "--hub-lost",
+    type=click.FloatRange(0.5, 86400),
+    default=30,
+    show_default=True,
+    help="Seconds without a heartbeat before another hub takes this one over (fails its jobs, takes its runs).",
+)
 @click.option("--alert-webhook", metavar="URL", help="POST each alert to this URL as JSON.")
 @click.option("--smtp", metavar="HOST[:PORT]", help="Mail alerts through this SMTP relay (port 25 by default).")
 @click.option("--smtp-starttls", is_flag=True, help="Use STARTTLS with the relay (its certificate is verified).")
@@ -329,6 +340,9 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         allow_plain_nbd=o["allow_plain_nbd"],
         allow_any_tls_client=o["allow_any_tls_client"],
         workers=o["workers"] if o["workers"] is not None else os.cpu_count() or 1,
+        hub_id=o["hub_id"],
+        heartbeat=o["heartbeat"],
+        hub_lost=o["hub_lost"],
     )
 
 
@@ -365,7 +379,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
 
             tunnel_server = TunnelServer(ssh)
             await tunnel_server.start()
-        started: dict[str, object] = {"listening": url, "repo": config.repo, **recovered.to_json()}
+        started: dict[str, object] = {"listening": url, "repo": config.repo, "hub": hub.id, **recovered.to_json()}
         if config.store is not None:
             started["store"] = config.store
         if tunnel_server is not None:
@@ -411,11 +425,13 @@ def _open_repository(repo: str, target: str | None) -> tuple[Database, Repositor
 @_DB_OPTION
 def ports_command(repo: str, nbd_ports: str, db: str | None) -> None:
     """List the leased NBD ports (by whom, since when) and how many are free."""
+    from sendense_nbd.hub.cluster import hub_id
     from sendense_nbd.hub.ports import PortAllocator, parse_range
 
     store, _ = _open_repository(repo, db)
     try:
-        status = asyncio.run(PortAllocator(store, parse_range(nbd_ports)).status())
+        allocator = PortAllocator(store, parse_range(nbd_ports), hub=hub_id(repo, None))
+        status = asyncio.run(allocator.status())
     finally:
         store.close()
     click.echo(json.dumps(status.to_json(), indent=2))

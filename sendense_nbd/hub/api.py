@@ -3,12 +3,16 @@
 Handlers parse every body and query with :mod:`~sendense_nbd.hub.requests`,
 call one :class:`~sendense_nbd.hub.service.Hub` method, and turn its typed
 answer into JSON; domain errors become HTTP answers through :data:`_ERRORS`.
+A change of a job another live hub of the cluster runs (progress, completion,
+cancel, a restore's stop) answers 307 to that hub's API, same path and query.
 Bearer-token auth is required whenever the API listens on a non-loopback
 address. See README "Hub" for curl examples and docs/HUB_API.md for the
 calls the backup client makes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,6 +29,7 @@ from sendense_nbd.errors import (
     NodeError,
     NodeNotFound,
     OffsiteError,
+    OtherHub,
     PortError,
     RepositoryError,
     UnknownCopy,
@@ -66,6 +71,7 @@ _ERRORS: ErrorMap = [
     (RepositoryError, 409, "repository"),
     (InvalidBackup, 400, "bad_request"),
     (CompletionMismatch, 400, "bad_request"),
+    (OtherHub, 409, "other_hub"),  # the API's routes answer 307 (_to_owner); the console's 409
 ]
 
 
@@ -99,9 +105,11 @@ def build_app(hub: Hub, *, token: str | None) -> web.Application:
         web.post(PREFIX + "/verify", api.verify),
         web.get(PREFIX + "/verify/{job}", api.get_verify),
         web.get(PREFIX + "/alerts", api.alerts),
+        web.get(PREFIX + "/hubs", api.hubs),
         web.get("/metrics", api.metrics),
     ]
-    app = web.Application(middlewares=[error_middleware(token, _ERRORS, scope=is_api)], client_max_size=MAX_BODY)
+    middlewares = [error_middleware(token, _ERRORS, scope=is_api), _to_owner]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app.add_routes(routes + policy_routes(PREFIX, hub) + copy_routes(PREFIX, hub))
     setup_console(app, hub, token=token, errors=_ERRORS)
     return app
@@ -237,8 +245,13 @@ class _Handlers:
         """GET /nodes/{name}/vms: the inventory paths of the node's VMs (asked now)."""
         return web.json_response({"vms": await self.hub.nodes.list_vms(paths.node(request))})
 
+    async def hubs(self, request: web.Request) -> web.Response:
+        """GET /hubs: the hubs of the cluster (this one's ID too), each with its liveness."""
+        members = await self.hub.cluster.members()
+        return web.json_response({"hub": self.hub.id, "hubs": [member.to_json() for member in members]})
+
     async def ports(self, request: web.Request) -> web.Response:
-        """GET /ports: the port pool's leases and the running exports."""
+        """GET /ports: this hub's port pool, its leases and its running exports."""
         return web.json_response((await self.hub.port_status()).to_json())
 
     async def repository(self, request: web.Request) -> web.Response:
@@ -250,6 +263,19 @@ class _Handlers:
         since = self.hub.clock.now() - history_hours(request.query) * 3600.0
         samples = await self.hub.space_history(since)
         return web.json_response({"since": since, "samples": [sample.to_json() for sample in samples]})
+
+
+@web.middleware
+async def _to_owner(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A change of a job that another live hub runs: 307 to the same path and query on that hub's API (a
+    client that follows it repeats its method and body there)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except OtherHub as exc:
+        location = exc.api_url.rstrip("/") + request.path_qs
+        body = {"error": {"code": "other_hub", "message": str(exc)}, "location": location}
+        return web.json_response(body, status=307, headers={"Location": location})
+    return response
 
 
 def _query_vm_path(request: web.Request) -> str:

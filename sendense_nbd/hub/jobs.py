@@ -301,6 +301,8 @@ class Job:
     #: Sums of the disks' reports at completion (None: some disk's node did not report it).
     bytes_changed: int | None = None
     bytes_sent: int | None = None
+    #: The hub that runs the job (its exports and ports; None: a job from before hubs had IDs).
+    hub: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -320,7 +322,7 @@ class Job:
             None if progress is None else Progress.from_json(progress),
             None if error is None else Failure(**error),
             row.get("node"), row.get("policy"), _full_reason(row.get("full_reason")), _stages(row.get("stages")),
-            row.get("bytes_changed"), row.get("bytes_sent"),
+            row.get("bytes_changed"), row.get("bytes_sent"), row.get("hub"),
         )  # fmt: skip
 
     @property
@@ -348,6 +350,7 @@ class Job:
             "stages": [stage.to_json() for stage in self.stages],
             "bytes_changed": self.bytes_changed,
             "bytes_sent": self.bytes_sent,
+            "hub": self.hub,
         }
 
 
@@ -459,10 +462,12 @@ def _epoch(value: str, name: str) -> float:
 
 
 class JobStore:
-    """The jobs table: create, read, and move jobs through their states."""
+    """The jobs table: create, read, and move jobs through their states; jobs made here are hub ``hub``'s."""
 
-    def __init__(self, db: Database, clock: Clock | None = None) -> None:
+    def __init__(self, db: Database, clock: Clock | None = None, *, hub: str | None = None) -> None:
         self.db = db
+        #: The hub this store's new jobs run on (None: jobs without one).
+        self.hub = hub
         #: Where stage times are read.
         self.clock: Clock = clock or SystemClock()
 
@@ -487,13 +492,13 @@ class JobStore:
         stages = (Stage("queued", self.clock.now(), by_hub=True),) if kind is JobKind.BACKUP else ()
         job = Job(
             new_job_id(), kind, vm_path, mode, JobState.PENDING, now, now, now + lifetime, detail, None, None,
-            node, policy, full_reason, stages,
+            node, policy, full_reason, stages, hub=self.hub,
         )  # fmt: skip
         row = {
             "id": job.id, "kind": kind.value, "vm_path": vm_path, "mode": mode.value, "state": job.state.value,
             "created": now, "updated": now, "deadline": job.deadline, "detail": _dump(detail) or "{}",
             "node": node, "policy": policy, "full_reason": None if full_reason is None else full_reason.value,
-            "stages": _dump_stages(stages), "expected_bytes": expected_bytes,
+            "stages": _dump_stages(stages), "expected_bytes": expected_bytes, "hub": self.hub,
         }  # fmt: skip
 
         def insert(connection: Connection) -> None:
@@ -580,9 +585,10 @@ class JobStore:
         return await self.db.run(read)
 
     async def list(
-        self, *, vm_path: str | None = None, kind: JobKind | None = None, state: JobState | None = None
-    ) -> list[Job]:
-        """The jobs that match every filter given, oldest first."""
+        self, *, vm_path: str | None = None, kind: JobKind | None = None, state: JobState | None = None,
+        hub: str | None = None,
+    ) -> list[Job]:  # fmt: skip
+        """The jobs that match every filter given, oldest first; ``hub``: that hub's (and those without one)."""
         filters = (
             ("vm_path", vm_path),
             ("kind", None if kind is None else kind.value),
@@ -595,6 +601,9 @@ class JobStore:
                 if value is not None:
                     sql += f" AND {column} = ?"
                     args.append(value)
+            if hub is not None:
+                sql += " AND (hub = ? OR hub IS NULL)"
+                args.append(hub)
             return rows(connection.execute(sql + " ORDER BY created", args))
 
         return [Job.from_row(r) for r in await self.db.run(read)]

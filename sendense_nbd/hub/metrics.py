@@ -66,8 +66,11 @@ class HubMetrics:
         pool_size: int,
         clock: Clock,
         space: Callable[[], Awaitable[Space]] | None = None,
+        hub: str = "local",
     ) -> None:
         self.db = db
+        #: The hub whose port pool the metrics count (each hub of a cluster has its own).
+        self.hub = hub
         #: The repository's directory; ``space`` reads its room instead (an RBD pool) when given.
         self.repo = repo
         self._space = space
@@ -85,7 +88,7 @@ class HubMetrics:
     async def snapshot(self) -> Snapshot:
         """Gather the values: the store's in one read, the filesystem's usage alongside."""
         now = self.clock.now()
-        usage, (values, vms) = await asyncio.gather(self._room(), self.db.run(lambda c: _read(c, now)))
+        usage, (values, vms) = await asyncio.gather(self._room(), self.db.run(lambda c: _read(c, now, self.hub)))
         if vms > MAX_VMS and not self._warned:
             self._warned = True
             log.warning("more than %d VMs have a good point: the metrics show the first %d by path", MAX_VMS, MAX_VMS)
@@ -107,7 +110,7 @@ class HubMetrics:
             return None
 
 
-def _read(connection: Connection, now: float) -> tuple[dict[str, Any], int]:
+def _read(connection: Connection, now: float, hub: str) -> tuple[dict[str, Any], int]:
     """The store's values (in the store's thread), and how many VMs have a good point."""
     jobs = {(r[0], r[1]): r[2] for r in connection.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")}
     job_bytes = {
@@ -142,7 +145,7 @@ def _read(connection: Connection, now: float) -> tuple[dict[str, Any], int]:
             (AlertKind.AT_RISK.value, AlertKind.LOW_SPACE.value),
         )
     }
-    leased = connection.execute("SELECT COUNT(*) FROM leases WHERE expires > ?", (now,)).fetchone()[0]
+    leased = connection.execute("SELECT COUNT(*) FROM leases WHERE hub = ? AND expires > ?", (hub, now)).fetchone()[0]
     values = {
         "jobs": jobs, "job_bytes": job_bytes, "durations": durations, "duration_sum": row[-1] or 0.0,
         "last_good": {vm: max(0.0, now - completed) for vm, completed in good[:MAX_VMS]},

@@ -6,6 +6,12 @@ of state: the last slot the scheduler took, when it last started a run, the
 next run, and a note saying what it did (a run, a missed slot, a closed
 window). A run is one slot's work: the VMs it resolved, each queued, started
 (with its job) or done.
+
+Several hubs may share the store: a slot is taken by the one hub whose
+conditional update of the schedule's ``last_slot`` finds the value it read
+(:meth:`PolicyStore.claim_run`), and each VM of a run is started by the one hub
+that moves it from queued to started (:meth:`PolicyStore.claim_item`); a run's
+owner is the hub that opened it, or the hub that took a lost one over.
 """
 
 from __future__ import annotations
@@ -85,10 +91,13 @@ class RunItem:
     state: ItemState
     job_id: str | None = None
     note: str | None = None
+    #: The hub that started the VM's job (None: not started yet, or before hubs had IDs).
+    hub: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        """``{"vm_path", "state", "job_id", "note"}``."""
-        return {"vm_path": self.vm_path, "state": self.state.value, "job_id": self.job_id, "note": self.note}
+        """``{"vm_path", "state", "job_id", "note", "hub"}``."""
+        return {"vm_path": self.vm_path, "state": self.state.value, "job_id": self.job_id, "note": self.note,
+                "hub": self.hub}  # fmt: skip
 
 
 @attrs.frozen
@@ -105,6 +114,8 @@ class Run:
     ended: float | None = None
     note: str | None = None
     items: tuple[RunItem, ...] = ()
+    #: The hub that opened the run, or took it over from a lost one.
+    owner: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The run with its VMs."""
@@ -118,6 +129,7 @@ class Run:
             "ended": self.ended,
             "state": self.state.value,
             "note": self.note,
+            "owner": self.owner,
             "items": [item.to_json() for item in self.items],
         }
 
@@ -126,7 +138,9 @@ def _run_from_row(row: dict[str, Any], items: list[dict[str, Any]]) -> Run:
     return Run(
         row["id"], row["policy"], Purpose(row["purpose"]), row["slot"], row["started"], row["window_end"],
         RunState(row["state"]), row["ended"], row["note"],
-        tuple(RunItem(i["run_id"], i["vm_path"], ItemState(i["state"]), i["job_id"], i["note"]) for i in items),
+        tuple(RunItem(i["run_id"], i["vm_path"], ItemState(i["state"]), i["job_id"], i["note"], i.get("hub"))
+              for i in items),
+        row.get("owner"),
     )  # fmt: skip
 
 
@@ -221,44 +235,65 @@ class PolicyStore:
         row = found[0]
         return ScheduleState(name, purpose, row["last_slot"], row["next_run"], row["last_run"], row["note"])
 
-    async def save_state(self, state: ScheduleState) -> None:
-        """Record where a schedule is."""
+    async def save_state(self, state: ScheduleState, *, was: float | None = None) -> bool:
+        """Record where a schedule is; with ``was``, only while its ``last_slot`` still is ``was`` (what the
+        caller read: another hub may have moved it on meanwhile). Whether it was recorded."""
 
-        def update(connection: Connection) -> None:
-            connection.execute(
+        def update(connection: Connection) -> bool:
+            sql, args = (
                 "UPDATE schedule_state SET last_slot = ?, next_run = ?, last_run = ?, note = ? "
                 "WHERE policy = ? AND purpose = ?",
-                (state.last_slot, state.next_run, state.last_run, state.note, state.policy, state.purpose.value),
+                [state.last_slot, state.next_run, state.last_run, state.note, state.policy, state.purpose.value],
             )
+            if was is not None:
+                sql, args = sql + " AND last_slot = ?", [*args, was]
+            return bool(connection.execute(sql, args).rowcount == 1)
 
-        await self.db.run(update)
+        return await self.db.run(update)
 
     # -- runs --------------------------------------------------------------------
 
     async def open_run(
         self, policy: str, purpose: Purpose, vm_paths: list[str], *, slot: float | None, now: float,
-        window_end: float | None, note: str | None,
+        window_end: float | None, note: str | None, owner: str | None = None,
     ) -> Run:  # fmt: skip
-        """A new run with its VMs queued (none: the run is done at once); old runs past the history go."""
-        run = Run(
-            f"run-{uuid.uuid4().hex[:12]}", policy, purpose, slot, now, window_end,
-            RunState.OPEN if vm_paths else RunState.DONE, None if vm_paths else now, note,
-            tuple(RunItem("", path, ItemState.QUEUED) for path in vm_paths),
-        )  # fmt: skip
+        """A new run with its VMs queued (none: the run is done at once), opened by hub ``owner``; old runs past
+        the history go. :class:`Conflict` (``run_open``) while the policy has a run of ``purpose`` open."""
+        run = _new_run(policy, purpose, vm_paths, slot=slot, now=now, window_end=window_end, note=note, owner=owner)
 
         def insert(connection: Connection) -> None:
-            connection.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.id, policy, purpose.value, slot, now, window_end, run.ended, run.state.value, note),
-            )
-            connection.executemany(
-                "INSERT INTO run_items VALUES (?, ?, ?, NULL, NULL)",
-                [(run.id, path, ItemState.QUEUED.value) for path in vm_paths],
-            )
-            _prune(connection, policy)
+            found = connection.execute(
+                "SELECT id FROM runs WHERE policy = ? AND purpose = ? AND state = ?",
+                (policy, purpose.value, RunState.OPEN.value),
+            ).fetchone()
+            if found is not None:
+                raise Conflict(f"policy {policy} has a {purpose.value} run open ({found[0]}); wait for it to end",
+                               "run_open")  # fmt: skip
+            _insert_run(connection, run)
 
         await self.db.run(insert)
-        return attrs.evolve(run, items=tuple(attrs.evolve(item, run_id=run.id) for item in run.items))
+        return run
+
+    async def claim_run(
+        self, policy: str, purpose: Purpose, vm_paths: list[str], *, slot: float, was: float, now: float,
+        window_end: float | None, note: str | None, owner: str | None = None,
+    ) -> Run | None:  # fmt: skip
+        """Take a due slot and open its run, both only if the schedule's ``last_slot`` still is ``was`` (what the
+        caller read): of several hubs, exactly one takes a slot; None for the others."""
+        run = _new_run(policy, purpose, vm_paths, slot=slot, now=now, window_end=window_end, note=note, owner=owner)
+
+        def insert(connection: Connection) -> bool:
+            cursor = connection.execute(
+                "UPDATE schedule_state SET last_slot = ?, last_run = ? WHERE policy = ? AND purpose = ? "
+                "AND last_slot = ?",
+                (slot, now, policy, purpose.value, was),
+            )
+            if cursor.rowcount != 1:
+                return False
+            _insert_run(connection, run)
+            return True
+
+        return run if await self.db.run(insert) else None
 
     async def run(self, run_id: str) -> Run:
         """One run with its VMs as stored now."""
@@ -289,28 +324,94 @@ class PolicyStore:
 
         return await self.db.run(read)
 
-    async def set_item(self, item: RunItem) -> None:
-        """Record a VM's new state in its run."""
+    async def set_item(self, item: RunItem, *, was: ItemState | None = None) -> bool:
+        """Record a VM's new state in its run; with ``was``, only while it still is in that state (another hub
+        may have moved it). Whether it was recorded."""
 
-        def update(connection: Connection) -> None:
-            connection.execute(
-                "UPDATE run_items SET state = ?, job_id = ?, note = ? WHERE run_id = ? AND vm_path = ?",
-                (item.state.value, item.job_id, item.note, item.run_id, item.vm_path),
+        def update(connection: Connection) -> bool:
+            sql = "UPDATE run_items SET state = ?, job_id = ?, note = ?, hub = ? WHERE run_id = ? AND vm_path = ?"
+            args = [item.state.value, item.job_id, item.note, item.hub, item.run_id, item.vm_path]
+            if was is not None:
+                sql, args = sql + " AND state = ?", [*args, was.value]
+            return bool(connection.execute(sql, args).rowcount == 1)
+
+        return await self.db.run(update)
+
+    async def claim_item(self, item: RunItem, hub: str | None, *, limit: int, share: int) -> bool:
+        """Start a queued VM on hub ``hub``: only while it is queued, fewer than ``limit`` of its run's VMs are
+        started, and fewer than ``share`` of them on this hub (so that live hubs share a run). Whether it was."""
+
+        def claim(connection: Connection) -> bool:
+            started = rows(connection.execute(
+                "SELECT hub FROM run_items WHERE run_id = ? AND state = ?", (item.run_id, ItemState.STARTED.value)
+            ))  # fmt: skip
+            if len(started) >= limit or sum(1 for row in started if row["hub"] == hub) >= share:
+                return False
+            cursor = connection.execute(
+                "UPDATE run_items SET state = ?, hub = ?, job_id = NULL WHERE run_id = ? AND vm_path = ? AND state = ?",
+                (ItemState.STARTED.value, hub, item.run_id, item.vm_path, ItemState.QUEUED.value),
             )
+            return bool(cursor.rowcount == 1)
 
-        await self.db.run(update)
+        return await self.db.run(claim)
 
     async def end_run(self, run_id: str, state: RunState, now: float, note: str | None = None) -> None:
-        """Close a run; ``note`` is added to what its note says."""
+        """Close a run that is open; ``note`` is added to what its note says."""
 
         def update(connection: Connection) -> None:
             connection.execute(
                 "UPDATE runs SET state = ?, ended = ?, note = CASE WHEN note IS NULL THEN ? ELSE note || '; ' || ? END "
-                "WHERE id = ?",
-                (state.value, now, note, note, run_id),
+                "WHERE id = ? AND state = ?",
+                (state.value, now, note, note, run_id, RunState.OPEN.value),
             )
 
         await self.db.run(update)
+
+    async def take_runs(self, lost: str, hub: str) -> list[str]:
+        """Hub ``hub`` takes the open runs of the lost hub ``lost`` over; the VMs ``lost`` had claimed but
+        started no job for are queued again. The runs' IDs."""
+
+        def take(connection: Connection) -> list[str]:
+            found = [r[0] for r in connection.execute(
+                "SELECT id FROM runs WHERE owner = ? AND state = ?", (lost, RunState.OPEN.value)
+            )]  # fmt: skip
+            connection.execute(
+                "UPDATE runs SET owner = ? WHERE owner = ? AND state = ?", (hub, lost, RunState.OPEN.value)
+            )
+            connection.execute(
+                "UPDATE run_items SET state = ?, hub = NULL WHERE hub = ? AND state = ? AND job_id IS NULL",
+                (ItemState.QUEUED.value, lost, ItemState.STARTED.value),
+            )
+            return found
+
+        return await self.db.run(take)
+
+
+def _new_run(
+    policy: str, purpose: Purpose, vm_paths: list[str], *, slot: float | None, now: float, window_end: float | None,
+    note: str | None, owner: str | None,
+) -> Run:  # fmt: skip
+    """A run about to be stored: its VMs queued (none: done at once)."""
+    run_id = f"run-{uuid.uuid4().hex[:12]}"
+    return Run(
+        run_id, policy, purpose, slot, now, window_end, RunState.OPEN if vm_paths else RunState.DONE,
+        None if vm_paths else now, note, tuple(RunItem(run_id, path, ItemState.QUEUED) for path in vm_paths), owner,
+    )  # fmt: skip
+
+
+def _insert_run(connection: Connection, run: Run) -> None:
+    """Store a new run and its VMs; the policy's old runs past the history go."""
+    connection.execute(
+        "INSERT INTO runs (id, policy, purpose, slot, started, window_end, ended, state, note, owner) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run.id, run.policy, run.purpose.value, run.slot, run.started, run.window_end, run.ended, run.state.value,
+         run.note, run.owner),
+    )  # fmt: skip
+    connection.executemany(
+        "INSERT INTO run_items (run_id, vm_path, state) VALUES (?, ?, ?)",
+        [(run.id, item.vm_path, ItemState.QUEUED.value) for item in run.items],
+    )
+    _prune(connection, run.policy)
 
 
 def _policy(row: dict[str, Any]) -> StoredPolicy:

@@ -5,7 +5,10 @@ goes with the lease to whoever serves on it, so no other process can take
 the port between the check and the listen. Ports another process holds are
 skipped. Leases carry their holder and expire unless renewed, so a crashed
 holder's ports come back; a restarted hub releases its predecessor's leases
-(:meth:`PortAllocator.release_stale`).
+(:meth:`PortAllocator.release_stale`). Several hubs on one database each have
+their own pool on their own address: leases are keyed by hub and port, and a
+hub sees, takes and releases only its own (a lost hub's go with its takeover,
+:func:`release_hub`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ def parse_range(text: str) -> range:
 
 @attrs.frozen
 class Lease:
-    """A port held by a job's disk until ``expires`` unless renewed; ``purpose`` is the job's kind."""
+    """A port of hub ``hub``'s pool held by a job's disk until ``expires`` unless renewed; ``purpose`` is the
+    job's kind."""
 
+    hub: str
     port: int
     holder: str
     job_id: str
@@ -87,14 +92,16 @@ class Allocation:
 
 
 class PortAllocator:
-    """Leases ports of ``pool`` in the hub's store, each with its socket already bound."""
+    """Leases ports of hub ``hub``'s ``pool`` in the hub's store, each with its socket already bound."""
 
     def __init__(
-        self, db: Database, pool: range = DEFAULT_POOL, *, bind_address: str = "127.0.0.1", ttl: float = 600.0
-    ) -> None:
+        self, db: Database, pool: range = DEFAULT_POOL, *, bind_address: str = "127.0.0.1", ttl: float = 600.0,
+        hub: str = "local",
+    ) -> None:  # fmt: skip
         if not pool:
             raise PortError("the port pool is empty")
         self.db = db
+        self.hub = hub
         self.pool = pool
         self.bind_address = bind_address
         self.ttl = ttl
@@ -117,8 +124,8 @@ class PortAllocator:
 
         def take(connection: Connection) -> Allocation:
             now = time.time()
-            connection.execute("DELETE FROM leases WHERE expires < ?", (now,))
-            used = {row[0] for row in connection.execute("SELECT port FROM leases")}
+            connection.execute("DELETE FROM leases WHERE hub = ? AND expires < ?", (self.hub, now))
+            used = {row[0] for row in connection.execute("SELECT port FROM leases WHERE hub = ?", (self.hub,))}
             busy = 0
             for port in self.pool:
                 if port in used:
@@ -127,8 +134,10 @@ class PortAllocator:
                 if sock is None:
                     busy += 1
                     continue
-                lease = Lease(port, holder, job_id, disk_key, purpose, now, now + self.ttl)
-                connection.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(lease.to_json().values()))
+                lease = Lease(self.hub, port, holder, job_id, disk_key, purpose, now, now + self.ttl)
+                row = lease.to_json()
+                names, marks = ", ".join(row), ", ".join("?" * len(row))
+                connection.execute(f"INSERT INTO leases ({names}) VALUES ({marks})", tuple(row.values()))
                 return Allocation(lease, sock)
             raise PortError(
                 f"no free NBD port in {self.pool.start}-{self.pool.stop - 1}: {len(used)} leased, "
@@ -138,12 +147,14 @@ class PortAllocator:
         return await self.db.run(take)
 
     async def release(self, *, port: int | None = None, job_id: str | None = None) -> list[int]:
-        """Release one port, or every port of a job; the ports released."""
+        """Release one port of this hub's pool, or every port of a job (whichever hub leased it); the ports
+        released."""
 
         def free(connection: Connection) -> list[int]:
             if port is not None:
-                found = [r[0] for r in connection.execute("SELECT port FROM leases WHERE port = ?", (port,))]
-                connection.execute("DELETE FROM leases WHERE port = ?", (port,))
+                where = (self.hub, port)
+                found = [r[0] for r in connection.execute("SELECT port FROM leases WHERE hub = ? AND port = ?", where)]
+                connection.execute("DELETE FROM leases WHERE hub = ? AND port = ?", where)
             else:
                 found = [r[0] for r in connection.execute("SELECT port FROM leases WHERE job_id = ?", (job_id,))]
                 connection.execute("DELETE FROM leases WHERE job_id = ?", (job_id,))
@@ -163,26 +174,34 @@ class PortAllocator:
         return await self.db.run(extend)
 
     async def release_stale(self, holder: str) -> list[Lease]:
-        """Release the leases of every holder but ``holder`` (a previous hub instance); those leases."""
+        """Release this hub's leases of every holder but ``holder`` (a previous instance of this hub); those leases."""
+        where = (self.hub, holder)
 
         def free(connection: Connection) -> list[Lease]:
-            stale = [
-                Lease.from_row(r) for r in rows(connection.execute("SELECT * FROM leases WHERE holder != ?", (holder,)))
-            ]
-            connection.execute("DELETE FROM leases WHERE holder != ?", (holder,))
+            found = connection.execute("SELECT * FROM leases WHERE hub = ? AND holder != ?", where)
+            stale = [Lease.from_row(r) for r in rows(found)]
+            connection.execute("DELETE FROM leases WHERE hub = ? AND holder != ?", where)
             return stale
 
         return await self.db.run(free)
 
     async def status(self) -> PoolStatus:
-        """The pool: every live lease (by whom, since when) and the free count."""
+        """This hub's pool: every live lease (by whom, since when) and the free count."""
 
         def read(connection: Connection) -> list[Lease]:
-            now = time.time()
-            return [
-                Lease.from_row(r)
-                for r in rows(connection.execute("SELECT * FROM leases WHERE expires >= ? ORDER BY port", (now,)))
-            ]
+            sql = "SELECT * FROM leases WHERE hub = ? AND expires >= ? ORDER BY port"
+            return [Lease.from_row(r) for r in rows(connection.execute(sql, (self.hub, time.time())))]
 
         leases = await self.db.run(read)
         return PoolStatus(self.pool, tuple(leases))
+
+
+async def release_hub(db: Database, hub: str) -> list[int]:
+    """Release every lease of hub ``hub`` (taken over: its exports are gone); the ports."""
+
+    def free(connection: Connection) -> list[int]:
+        ports = sorted(r[0] for r in connection.execute("SELECT port FROM leases WHERE hub = ?", (hub,)))
+        connection.execute("DELETE FROM leases WHERE hub = ?", (hub,))
+        return ports
+
+    return await db.run(free)

@@ -13,7 +13,10 @@ Every tick (one second of the hub's clock) it:
 4. checks, every minute, which VMs have no good point within their policy's interval (alert AT_RISK).
 
 All its state is in the store (:class:`~sendense_nbd.hub.policies.PolicyStore`), so a restarted hub goes
-on where it stopped; all its time comes from the hub's clock.
+on where it stopped; all its time comes from the hub's clock. Several hubs on one store each run a
+scheduler: a slot is taken by exactly one of them (a conditional update of the schedule's state, together
+with opening the run), and each queued VM is claimed by exactly one (from queued to started, within the
+run's ``per_policy`` and at most a fair share of it per live hub), which starts its job.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -102,11 +106,17 @@ def interval(schedule: Schedule, now: float, *, anchor: float) -> float:
 class Scheduler:
     """Runs the policies in ``store`` through ``hub``; :meth:`tick` is one round, :meth:`run` loops."""
 
-    def __init__(self, hub: Operations, store: PolicyStore, clock: Clock, alerts: Alerts) -> None:
+    def __init__(
+        self, hub: Operations, store: PolicyStore, clock: Clock, alerts: Alerts, *, member: str | None = None,
+        live: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:  # fmt: skip
         self.hub = hub
         self.store = store
         self.clock = clock
         self.alerts = alerts
+        #: This hub's ID among several (the runs it opens, the VMs it claims), and how many hubs are live.
+        self.member = member
+        self._live = live
         self._risk_checked = float("-inf")
         #: One round at a time: a tick and a run-now never start the same VM twice.
         self._round = asyncio.Lock()
@@ -204,8 +214,9 @@ class Scheduler:
             vm_paths, note = await self._resolve(stored.policy, Purpose.BACKUP)
             window_end = None if stored.policy.schedule.window is None else now + stored.policy.schedule.window
             run = await self.store.open_run(
-                name, Purpose.BACKUP, vm_paths, slot=None, now=now, window_end=window_end, note=f"run now{note}"
-            )
+                name, Purpose.BACKUP, vm_paths, slot=None, now=now, window_end=window_end, note=f"run now{note}",
+                owner=self.member,
+            )  # fmt: skip
             await self._dispatch(run, stored.policy, now)
             return await self.store.run(run.id)
 
@@ -224,21 +235,29 @@ class Scheduler:
     ) -> None:
         policy = stored.policy
         state = await self.store.state(policy.name, purpose)
+        was = state.last_slot  # another hub may take the slot meanwhile: every write below checks it
         slot = due(schedule, last_slot=state.last_slot, now=now, anchor=stored.created)
         if slot is not None and not policy.enabled:  # passed by: enabling it later runs no catch-up
             state = attrs.evolve(
                 state, last_slot=slot.slot, note=f"slot {iso(slot.slot)} not run: the policy is disabled"
             )
         elif slot is not None:
-            note = await self._take(policy, purpose, slot, open_runs, now)
+            taken = await self._take(policy, purpose, slot, open_runs, now, was)
+            if taken is None:
+                return  # another hub took the slot
+            note, opened = taken
             log.info("policy %s %s: %s", policy.name, purpose.value, note)
             state = attrs.evolve(state, last_slot=slot.slot, last_run=now, note=note)
+            was = slot.slot if opened else was
         upcoming = next_slot(schedule, state.last_slot, anchor=stored.created)
         if slot is not None or upcoming != state.next_run:
-            await self.store.save_state(attrs.evolve(state, next_run=upcoming))
+            await self.store.save_state(attrs.evolve(state, next_run=upcoming), was=was)
 
-    async def _take(self, policy: Policy, purpose: Purpose, slot: Due, open_runs: list[Run], now: float) -> str:
-        """Run a due slot, or say why not; the note the schedule shows."""
+    async def _take(
+        self, policy: Policy, purpose: Purpose, slot: Due, open_runs: list[Run], now: float, was: float
+    ) -> tuple[str, bool] | None:
+        """Run a due slot, or say why not: the note the schedule shows, and whether a run was opened (None:
+        another hub took the slot first)."""
         missed = (
             f"; {slot.missed} earlier slot(s) since {iso(slot.first_missed or slot.slot)} were missed "
             "(the hub was down) and this one runs once for them"
@@ -247,15 +266,17 @@ class Scheduler:
         )
         running = next((r for r in open_runs if r.policy == policy.name and r.purpose is purpose), None)
         if running is not None:
-            return f"slot {iso(slot.slot)} skipped: run {running.id} of the previous slot still runs{missed}"
+            return f"slot {iso(slot.slot)} skipped: run {running.id} of the previous slot still runs{missed}", False
         if slot.window_end is not None and now > slot.window_end:
-            return f"slot {iso(slot.slot)} not run: its window closed at {iso(slot.window_end)}{missed}"
+            return f"slot {iso(slot.slot)} not run: its window closed at {iso(slot.window_end)}{missed}", False
         vm_paths, note = await self._resolve(policy, purpose)
-        run = await self.store.open_run(
-            policy.name, purpose, vm_paths, slot=slot.slot, now=now, window_end=slot.window_end,
-            note=note.removeprefix("; ") or None,
+        run = await self.store.claim_run(
+            policy.name, purpose, vm_paths, slot=slot.slot, was=was, now=now, window_end=slot.window_end,
+            note=note.removeprefix("; ") or None, owner=self.member,
         )  # fmt: skip
-        return f"slot {iso(slot.slot)}: run {run.id} started for {len(vm_paths)} VM(s){note}{missed}"
+        if run is None:
+            return None
+        return f"slot {iso(slot.slot)}: run {run.id} started for {len(vm_paths)} VM(s){note}{missed}", True
 
     async def _resolve(self, policy: Policy, purpose: Purpose) -> tuple[list[str], str]:
         """The policy's VMs now, and a note when they could not be asked for."""
@@ -280,15 +301,19 @@ class Scheduler:
             if item.state is ItemState.STARTED and item.job_id is not None:
                 job = await self.hub.job(item.job_id)
                 if job.state.terminal:
-                    await self.store.set_item(attrs.evolve(item, state=ItemState.DONE, note=_outcome(job)))
+                    await self.store.set_item(attrs.evolve(item, state=ItemState.DONE, note=_outcome(job)),
+                                              was=ItemState.STARTED)  # fmt: skip
                 else:
                     started += 1
+            elif item.state is ItemState.STARTED:
+                started += 1  # claimed by a hub that is starting its job
         queued = [item for item in run.items if item.state is ItemState.QUEUED]
         if queued and run.window_end is not None and now > run.window_end:
             for item in queued:
                 note = f"not started: the window closed at {iso(run.window_end)}"
-                await self.store.set_item(attrs.evolve(item, state=ItemState.SKIPPED, note=note))
+                await self.store.set_item(attrs.evolve(item, state=ItemState.SKIPPED, note=note), was=ItemState.QUEUED)
             queued = []
+        share = await self._share(policy)
         for item in queued:
             if started >= policy.per_policy:
                 break
@@ -296,12 +321,19 @@ class Scheduler:
                 break
             if await self.hub.busy(item.vm_path):
                 continue  # its own job still runs: it starts on a later tick
-            started += await self._start(run, policy, item)
+            if not await self.store.claim_item(item, self.member, limit=policy.per_policy, share=share):
+                continue  # another hub started it, or this hub has its share of the run
+            started += await self._start(run, policy, attrs.evolve(item, state=ItemState.STARTED, hub=self.member))
         if started == 0 and not await self._queued(run):
             await self.store.end_run(run.id, RunState.DONE, now, await self._summary(run))
 
+    async def _share(self, policy: Policy) -> int:
+        """How many of a run's VMs this hub may have started at once: ``per_policy`` shared by the live hubs."""
+        hubs = 1 if self._live is None else max(1, await self._live())
+        return math.ceil(policy.per_policy / hubs)
+
     async def _start(self, run: Run, policy: Policy, item: RunItem) -> int:
-        """Start one VM's job; 1 if it runs, 0 if starting it failed (the item is then done)."""
+        """Start one claimed VM's job; 1 if it runs, 0 if starting it failed (the item is then done)."""
         try:
             if run.purpose is Purpose.VERIFY:
                 job = await self.hub.start_policy_verify(policy, item.vm_path)
@@ -314,10 +346,13 @@ class Scheduler:
         except SendenseError as exc:  # refused before any job was made (a failed start returns its job)
             await self.store.set_item(attrs.evolve(item, state=ItemState.DONE, note=f"failed: {exc}"[:500]))
             return 0
+        except BaseException:  # not started: queued again for the next tick (of any hub)
+            await self.store.set_item(attrs.evolve(item, state=ItemState.QUEUED, hub=None), was=ItemState.STARTED)
+            raise
         if job.state.terminal:
             await self.store.set_item(attrs.evolve(item, state=ItemState.DONE, job_id=job.id, note=_outcome(job)))
             return 0
-        await self.store.set_item(attrs.evolve(item, state=ItemState.STARTED, job_id=job.id))
+        await self.store.set_item(attrs.evolve(item, job_id=job.id))
         return 1
 
     async def _queued(self, run: Run) -> bool:

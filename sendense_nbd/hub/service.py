@@ -53,6 +53,7 @@ from sendense_nbd.errors import (
     JobStateError,
     NodeError,
     NodeUnavailable,
+    OtherHub,
     RepositoryError,
     SendenseError,
     UnknownJob,
@@ -62,6 +63,16 @@ from sendense_nbd.hub import requests as req
 from sendense_nbd.hub.alerts import AlertConfig, AlertKind, AlertQuery, Alerts, repeated_full
 from sendense_nbd.hub.certnames import CertificateNames
 from sendense_nbd.hub.clock import Clock, SystemClock
+from sendense_nbd.hub.cluster import (
+    HEARTBEAT,
+    HUB_LOST,
+    Cluster,
+    HubState,
+    Identity,
+    Member,
+    check_membership,
+    hub_id,
+)
 from sendense_nbd.hub.copies import Copies
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.exports import ExportManager
@@ -92,8 +103,8 @@ from sendense_nbd.hub.nodes import (
     nbd_host,
 )
 from sendense_nbd.hub.policies import PolicyStore
-from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator
-from sendense_nbd.hub.repository import Point, PointStatus, Repository, open_store
+from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator, release_hub
+from sendense_nbd.hub.repository import Point, PointStatus, RbdStore, Repository, open_store
 from sendense_nbd.hub.retention_preview import PreviewVM, preview_vm, retention_rules
 from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
@@ -181,6 +192,12 @@ class HubConfig:
     allow_any_tls_client: bool = False
     #: Export worker processes (``--workers``; 0: every export in the hub's own event loop).
     workers: int = attrs.field(factory=lambda: os.cpu_count() or 1, validator=attrs.validators.ge(0))
+    #: This hub's ID in the cluster (``--hub-id``; None: the one kept in ``repo``, made at the first start).
+    hub_id: str | None = None
+    #: Seconds of ``clock`` between heartbeats (``--heartbeat``), and without one before another hub takes this
+    #: one over (``--hub-lost``).
+    heartbeat: float = HEARTBEAT
+    hub_lost: float = HUB_LOST
 
     @nbd_tls_context.default
     def _load_nbd_tls(self) -> ssl.SSLContext | None:
@@ -189,13 +206,15 @@ class HubConfig:
     def __attrs_post_init__(self) -> None:
         """Refuse (:class:`ConfigError`, naming the option) what cannot work before a hub opens anything: a bad
         default node, an ``--nbd-advertise`` or ``--nbd-bind`` that is no host, exposed plain exports, TLS
-        exports at a host the certificate does not name (:func:`check_exposure`)."""
+        exports at a host the certificate does not name (:func:`check_exposure`), a ``--hub-id`` that is no name,
+        a ``--hub-lost`` not longer than ``--heartbeat``."""
         try:
             default = self.default_node()
             tls = self.export_tls()
         except BadRequest as exc:
             raise ConfigError(str(exc)) from None
         check_exposure(self.nbd_bind, tls, allow_plain=self.allow_plain_nbd, allow_any_client=self.allow_any_tls_client)
+        check_membership(self.hub_id, heartbeat=self.heartbeat, lapse=self.hub_lost)
         if default is not None:
             try:
                 tls.check_node(DEFAULT, default["transport"], default["nbd_host"], pinned=default["tls_pinned"])
@@ -280,25 +299,29 @@ class Hub:
         try:
             self.restore_dir = _open_restore_dir(config.restore_dir or os.path.join(config.repo, "restores"))
             store = open_store(config.repo, config.store)
+            self.id = hub_id(config.repo, config.hub_id)
             self._db = Database(config.db or os.path.join(config.repo, "hub.db"))
         except BaseException:
             os.close(self._lock_fd)
             raise
         self.holder = f"hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl)
+        self._tls = config.export_tls()
+        self.cluster = Cluster(self._db, self.clock, self._identity(store), heartbeat=config.heartbeat,
+                               lapse=config.hub_lost)  # fmt: skip
+        self._ports = PortAllocator(self._db, config.nbd_ports, bind_address=config.nbd_bind, ttl=config.lease_ttl,
+                                    hub=self.id)  # fmt: skip
         self._exports = ExportManager(
             shared=config.shared, tls=config.nbd_tls_creds, workers=config.workers, on_lost=self._exports_lost
         )
         self._repository = Repository(config.repo, self._db, clock=self.clock, store=store)
-        self._jobs = JobStore(self._db, self.clock)
-        self._tls = config.export_tls()
+        self._jobs = JobStore(self._db, self.clock, hub=self.id)
         self.nodes = NodeRegistry(self._db, clock=self.clock, default=config.default_node(), tls=self._tls)
         label, space = config.repo if config.store is None else store.location, self._repository.space
         self.alerts = Alerts(
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=label, space=space
         )
         self.metrics = HubMetrics(
-            self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock, space=space
+            self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock, space=space, hub=self.id
         )
         self._verifier = Verifier(
             self._repository,
@@ -308,7 +331,8 @@ class Hub:
             on_damaged=self._alert_damaged,
             on_failed=self._alert_failed,
         )
-        self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts)
+        self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts, member=self.id,
+                                   live=self._live_hubs)  # fmt: skip
         self.copies = Copies(
             self._db, self._repository, clock=self.clock, policies=self._policies, restore_dir=self.restore_dir,
             serve=self._serve_copy, release=self._release_copy_port, tls=self._tls,
@@ -327,16 +351,20 @@ class Hub:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> Recovery:
-        """Clean up after a crashed predecessor, then start the lease and timeout watchers."""
-        failed = []
+        """Join the cluster, clean up after a crashed predecessor (this hub's own jobs, ports, points; where
+        other hubs are live, only the store's locks of those jobs' disks, and no sweep of the shared store),
+        then start the lease and timeout watchers."""
+        others = await self._join()
+        failed: list[Job] = []
         restarted = req.Failure("hub", "the hub restarted", "restarted")
-        for job in await self._jobs.list(state=JobState.RUNNING) + await self._jobs.list(state=JobState.PENDING):
-            await self._jobs.transition(job.id, JobState.FAILED, error=restarted)
-            failed.append(job.id)
-            await self._alert_failed(await self._jobs.get(job.id))
+        for state in (JobState.RUNNING, JobState.PENDING):
+            for job in await self._jobs.list(state=state, hub=self.id):
+                failed.append(await self._jobs.transition(job.id, JobState.FAILED, error=restarted))
+                await self._alert_failed(failed[-1])
         released = [lease.port for lease in await self._ports.release_stale(self.holder)]
-        discarded, merged = await self._repository.recover()
-        removed, unexpected = await self._repository.sweep_orphans()
+        disks = {(job.vm_path, disk.disk_key) for job in failed for disk in job.disks} if others else None
+        discarded, merged = await self._repository.recover(disks)
+        removed, unexpected = await self._repository.sweep_orphans(store=not others)
         await self._verifier.resume()  # the digests of completed points a stop interrupted
         await self.copies.resume()  # offsite copies a stop interrupted (their uploads resume)
         await self._log_unusable_nodes()
@@ -344,10 +372,37 @@ class Hub:
         if failed or released or discarded or merged:
             log.warning(
                 "recovered after a restart: jobs failed %s, ports released %s, points discarded %s, merges finished %s",
-                failed, released, discarded, merged,
+                [job.id for job in failed], released, discarded, merged,
             )  # fmt: skip
         self._background = asyncio.create_task(self._watch(), name="hub-background")
-        return Recovery(failed, released, discarded, removed, unexpected)
+        return Recovery([job.id for job in failed], released, discarded, removed, unexpected)
+
+    def _identity(self, store: object) -> Identity:
+        """What this hub registers in the cluster: its ID, API URL, NBD host and pool, and its store."""
+        if isinstance(store, RbdStore):
+            where = store.where
+            name = f"rbd://{where.pool}{'/' + where.namespace if where.namespace else ''}?prefix={where.prefix}"
+        else:
+            name = f"local:{os.path.abspath(self.config.repo)}"
+        return Identity(id=self.id, api_url=self.config.public_url, nbd_host=self._tls.default_host,
+                        ports=self.config.nbd_ports, store=name, local=not isinstance(store, RbdStore))  # fmt: skip
+
+    async def _join(self) -> list[Member]:
+        """Register in the cluster (the other hubs live now, before): an RBD store whose state directory records
+        no repository yet takes the one the cluster's hubs share (no ``adopt=yes``), else claims the pool's
+        prefix now, so that the hubs joining later find its UUID here."""
+        others = await self.cluster.others_live()
+        store = self._repository.store
+        if isinstance(store, RbdStore) and store.identity is None:
+            store.identity = await self.cluster.repository()
+            if store.identity is None:
+                await asyncio.to_thread(store.reclaim, ())  # claims, and takes no image's lock
+        await self.cluster.join(store.identity if isinstance(store, RbdStore) else None)
+        return others
+
+    async def _live_hubs(self) -> int:
+        """How many hubs of the cluster are live (this one counts)."""
+        return 1 + len(await self.cluster.others_live())
 
     async def _log_unusable_nodes(self) -> None:
         """Log each stored node whose backups this hub's NBD TLS refuses (a host its certificate no longer
@@ -382,6 +437,8 @@ class Hub:
         await self._exports.stop_all()
         await self.nodes.close()
         await asyncio.to_thread(self._repository.store.close)
+        with contextlib.suppress(Exception):  # a database gone: the others see the heartbeat lapse instead
+            await self.cluster.leave()
         self._db.close()
         os.close(self._lock_fd)
 
@@ -396,6 +453,7 @@ class Hub:
             group.create_task(self._every(renew, lambda: self._ports.renew(self.holder), "renewing port leases"))
             group.create_task(self._every(min(30.0, self.config.job_timeout / 4), self._expire, "expiring jobs"))
             group.create_task(self._every(3600.0, self._jobs.prune, "pruning finished jobs"))
+            group.create_task(self._heartbeats(), name="hub-heartbeat")
 
     @staticmethod
     async def _every(interval: float, work: Callable[[], Awaitable[object]], what: str) -> None:
@@ -407,10 +465,57 @@ class Hub:
             except Exception as exc:  # noqa: BLE001 - keep going
                 log.error("%s failed: %s", what, exc)
 
+    async def _heartbeats(self) -> None:
+        """Every ``heartbeat`` seconds of the hub's clock: beat, and take over each hub whose heartbeat
+        lapsed (or that stopped) if this hub is the one that marks it lost. A failed round is logged."""
+        while True:
+            await self.clock.sleep(self.config.heartbeat)
+            try:
+                if not await self.cluster.beat():
+                    log.error("hub %s had been taken over (its heartbeat lapsed): it is live again", self.id)
+                    await self._stop_ended_exports()
+                for member in await self.cluster.lost():
+                    if await self.cluster.take_over(member):
+                        await self._take_over(member)
+            except Exception as exc:  # noqa: BLE001 - keep beating
+                log.error("the cluster heartbeat failed: %s", exc)
+
+    async def _take_over(self, member: Member) -> None:
+        """A lost hub's jobs fail (``hub_lost``: no change ID advances, their points are discarded, the store's
+        locks its clients held on their disks broken first), its ports are released, its open runs are ours."""
+        why = "stopped" if member.state is HubState.STOPPED else (
+            f"lost (no heartbeat for {self.clock.now() - member.heartbeat:.0f} s)")  # fmt: skip
+        failure = req.Failure("hub", f"hub {member.id} was {why}; hub {self.id} failed its jobs", "hub_lost")
+        jobs = [
+            job for state in (JobState.RUNNING, JobState.PENDING)
+            for job in await self._jobs.list(state=state, hub=member.id) if job.hub == member.id
+        ]  # fmt: skip
+        await self._repository.take_back({(job.vm_path, disk.disk_key) for job in jobs for disk in job.disks})
+        for job in jobs:
+            with contextlib.suppress(JobStateError):
+                await self._alert_failed(await self._jobs.transition(job.id, JobState.FAILED, error=failure))
+            await self._cleanup(job.id, job.disks)
+        ports = await release_hub(self._db, member.id)
+        runs = await self.scheduler.store.take_runs(member.id, self.id)
+        log.warning("took over hub %s (%s): jobs failed %s, ports released %s, runs taken %s",
+                    member.id, why, [job.id for job in jobs], ports, runs)  # fmt: skip
+
+    async def _stop_ended_exports(self) -> None:
+        """Stop the exports of jobs that ended elsewhere (another hub took this one over meanwhile)."""
+        for job_id in {export.job_id for export in await self._exports.stats()}:
+            if (await self._jobs.get(job_id)).state.terminal:
+                await self._exports.stop_job(job_id)
+
+    async def _owned(self, job: Job) -> None:
+        """Refuse (:class:`OtherHub`, 307) a change of a job another live hub runs."""
+        owner = await self.cluster.owner(job.hub)
+        if owner is not None and owner.live:
+            raise OtherHub(f"job {job.id} runs on hub {owner.id} ({owner.api_url})", owner.api_url)
+
     async def _expire(self) -> None:
-        """Fail the running jobs past their deadline."""
+        """Fail this hub's running jobs past their deadline."""
         now = time.time()
-        for job in await self._jobs.list(state=JobState.RUNNING):
+        for job in await self._jobs.list(state=JobState.RUNNING, hub=self.id):
             if job.deadline < now:
                 async with await self._lock(job.id):
                     if not (await self._jobs.get(job.id)).state.terminal:
@@ -421,7 +526,9 @@ class Hub:
         """Fail (``node_unavailable``) the running backup jobs whose node is lost: silent for more than
         ``node_lost`` seconds, or answering that it does not know the job (it restarted) once the job is
         :data:`JOB_GRACE` seconds old. Runs after each round of health checks, on the hub's clock."""
-        running = [job for job in await self._jobs.list(kind=JobKind.BACKUP, state=JobState.RUNNING) if job.node]
+        running = [
+            job for job in await self._jobs.list(kind=JobKind.BACKUP, state=JobState.RUNNING, hub=self.id) if job.node
+        ]  # fmt: skip
         slots = asyncio.Semaphore(HEALTH_CONCURRENCY)
 
         async def check(job: Job) -> None:
@@ -671,7 +778,8 @@ class Hub:
         await self._ports.release(job_id=job_id)
 
     async def progress(self, job_id: str, report: req.Progress) -> Job:
-        """Record a node's progress report of a job."""
+        """Record a node's progress report of a job (:class:`OtherHub` for another live hub's job)."""
+        await self._owned(await self._jobs.get(job_id))
         return await self._jobs.set_progress(job_id, report)
 
     async def complete(self, job_id: str, report: req.Completion) -> Job:
@@ -679,6 +787,7 @@ class Hub:
         exports stopped fails the job, so no job stays running without its exports."""
         async with await self._lock(job_id):
             job = await self._jobs.get(job_id)
+            await self._owned(job)
             _check_completion(job, report)
             if report.failure is not None:
                 return await self._fail(job_id, _space_code(report.failure))
@@ -823,6 +932,7 @@ class Hub:
             job = await self._jobs.get(job_id)
             if job.state.terminal:
                 raise JobStateError(f"job {job_id} is already {job.state.value}")
+            await self._owned(job)
             if job.node is not None and job.kind is JobKind.BACKUP:
                 try:
                     await (await self.nodes.client(job.node)).cancel(job_id)
@@ -916,6 +1026,8 @@ class Hub:
         job = await self._jobs.get(job_id)
         if job.kind is not JobKind.RESTORE:
             raise UnknownJob(f"{job_id} is not a restore job")
+        if not job.state.terminal:
+            await self._owned(job)
         with contextlib.suppress(ExportWorkerError):  # a dead worker's export: the job fails worker_crashed
             await self._exports.stop_job(job_id)
         await self._ports.release(job_id=job_id)

@@ -215,12 +215,16 @@ class Repository:
         await self.db.run(delete)
 
     async def discard_pending(self) -> list[str]:
-        """Discard every pending point (after a crash); their ids."""
+        """Discard every pending point whose job no longer runs (after a crash, or a lost hub's); their ids.
+        Other hubs' running jobs keep theirs."""
 
         def read(connection: Connection) -> list[str]:
-            return [
-                r[0] for r in connection.execute("SELECT id FROM points WHERE status = ?", (PointStatus.PENDING.value,))
-            ]
+            found = connection.execute(
+                "SELECT id FROM points WHERE status = ? AND job_id NOT IN "
+                "(SELECT id FROM jobs WHERE state IN ('pending', 'running'))",
+                (PointStatus.PENDING.value,),
+            )
+            return [r[0] for r in found]
 
         pending = await self.db.run(read)
         for point_id in pending:
@@ -292,12 +296,14 @@ class Repository:
         await self.db.run(record)
         await asyncio.to_thread(remove_quietly, self.store.digest_path(base))  # the survivor's view is unchanged
 
-    async def recover(self) -> tuple[list[str], list[str]]:
+    async def recover(self, disks: Collection[tuple[str, int]] | None = None) -> tuple[list[str], list[str]]:
         """After a crash: take back what the predecessor held in the store, discard pending points, finish
-        interrupted merges; (discarded, merged) ids."""
-        await asyncio.to_thread(self.store.reclaim)
+        interrupted merges; (discarded, merged) ids. ``disks``: other hubs share the repository, so only
+        these disks' locks are taken back (those of the jobs the predecessor left), and merges are left to
+        a hub that starts alone (another hub may be merging)."""
+        await asyncio.to_thread(functools.partial(self.store.reclaim, disks))
         discarded = await self.discard_pending()
-        return discarded, await self._finish_merges()
+        return discarded, [] if disks is not None else await self._finish_merges()
 
     async def _finish_merges(self, vm_path: str | None = None, disk_key: int | None = None) -> list[str]:
         """Finish the merges a crash or a failure left (of one disk, when given); the merged points' ids."""
@@ -461,17 +467,29 @@ class Repository:
             await asyncio.to_thread(shutil.rmtree, folder, True)
             raise
 
-    async def sweep_orphans(self) -> tuple[list[str], list[str]]:
+    async def sweep_orphans(self, *, store: bool = True) -> tuple[list[str], list[str]]:
         """Remove the data no point knows of (a crash between creating a point's data and recording
         it, a temporary file) and the digests of points that are gone; ``(removed, unexpected)``:
-        what the store removed, and what it found but left alone (not its own names)."""
+        what the store removed, and what it found but left alone (not its own names). ``store`` False:
+        only this hub's temporary files (other hubs share the store: its new images may be theirs)."""
 
         def read(connection: Connection) -> list[tuple[str, str]]:
             return [(path, point_id) for path, point_id in connection.execute("SELECT path, id FROM points")]
 
-        known = await self.db.run(read)
-        removed, unexpected = await asyncio.to_thread(self.store.sweep, known)
+        removed: list[str] = []
+        unexpected: list[str] = []
+        if store:
+            removed, unexpected = await asyncio.to_thread(self.store.sweep, await self.db.run(read))
+        else:
+            log.warning("other hubs share the repository: its store is not swept at this start")
         return removed + await asyncio.to_thread(_clear, os.path.join(self.root, "tmp")), unexpected
+
+    async def take_back(self, disks: Collection[tuple[str, int]]) -> list[str]:
+        """Take back what a lost hub's clients still hold on these disks' data (RBD: exclusive locks, so the
+        next rollback works at once); what was taken back."""
+        if not disks:
+            return []
+        return await asyncio.to_thread(functools.partial(self.store.reclaim, disks))
 
 
 def kept_by_rules(chain: Sequence[Point], rules: Sequence[tuple[Retention, str]]) -> dict[str, tuple[str, ...]]:

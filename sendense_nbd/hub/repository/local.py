@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from sendense_nbd.errors import ImageError, RepositoryError
@@ -67,7 +67,7 @@ class LocalStore:
         """The point's qcow2 file: the copy library reads its chain through it."""
         return point.path
 
-    def reclaim(self) -> list[str]:
+    def reclaim(self, disks: Collection[tuple[str, int]] | None = None) -> list[str]:
         """Nothing: files hold no locks after their process."""
         return []
 

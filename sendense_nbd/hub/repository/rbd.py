@@ -32,7 +32,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -351,20 +351,25 @@ class RbdStore:
             except rbd.Error as exc:
                 _raise(exc, what)
 
-    def reclaim(self) -> list[str]:
+    def reclaim(self, disks: Collection[tuple[str, int]] | None = None) -> list[str]:
         """At start: claim the repository (:meth:`_claim`), clean up clones cut short, and break the
         exclusive locks a killed predecessor's clients still hold on the repository's images (their
         watches outlive them by about 30 s, during which librbd refuses to roll back); the images whose
-        lock was broken. Only images tagged with this repository's UUID are touched."""
+        lock was broken. Only images tagged with this repository's UUID are touched. ``disks`` (VM path,
+        disk key): only their images' locks (other hubs share the repository: the rest are theirs)."""
         rbd = _rbd()
         broken = []
         what = f"cannot list the images of {self.location}"
         with self._ioctx(what) as ioctx:
             self._claim(ioctx)
-            for name in self._own_images(ioctx, what):
+            names = self._own_images(ioctx, what)
+            if disks is not None:
+                names = sorted(set(names) & {self.image_name(vm_path, key) for vm_path, key in disks})
+            for name in names:
                 try:
                     with rbd.Image(ioctx, name) as image:
-                        _clean_clones(ioctx, image, f"rbd:{self.where.pool}/{name}")
+                        if disks is None:
+                            _clean_clones(ioctx, image, f"rbd:{self.where.pool}/{name}")
                         for owner in list(image.lock_get_owners()):
                             image.lock_break(owner["mode"], owner["owner"])
                             broken.append(name)

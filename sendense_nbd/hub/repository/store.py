@@ -9,7 +9,7 @@ threads, under the disk's lock where the chain must not change meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -48,9 +48,10 @@ class Store(Protocol):
     def source(self, point: Point) -> str:
         """A file name the copy library opens to read the point's whole view (its chain)."""
 
-    def reclaim(self) -> list[str]:
+    def reclaim(self, disks: Collection[tuple[str, int]] | None = None) -> list[str]:
         """At start, before anything else: take back what a killed predecessor still holds (RBD: the images'
-        exclusive locks); what was taken back."""
+        exclusive locks); what was taken back. ``disks`` (VM path, disk key): only theirs (a lost hub's jobs'
+        disks, or this hub's own where other hubs are live)."""
 
     def seal(self, point: Point) -> None:
         """Make a pending point's data a restore point, once its export flushed and closed."""

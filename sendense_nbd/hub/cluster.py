@@ -1,0 +1,249 @@
+"""Several hubs on one database: each hub's identity, heartbeat and liveness, and the takeover of a lost one.
+
+Every hub has an ID (``--hub-id``; by default one made at its first start and kept in its directory, file
+``hub-id``) and a row in the ``hubs`` table: the API URL peers and nodes use (``--public-url``), the host
+its NBD exports are reached at and its port pool, its store, when it started, its heartbeat and its state.
+A hub beats every ``heartbeat`` seconds of its clock; one whose heartbeat is older than ``lapse`` seconds
+(or that stopped) is lost, and the first live hub to see it takes it over, exactly once (a conditional
+UPDATE of its row): the service then fails its jobs, releases its ports and takes its open runs.
+
+Each hub touches only what is its own: its jobs (``jobs.hub``), its leases (keyed by hub and port: each
+hub's pool is on its own address), the points of its jobs. A hub with a local directory repository is
+alone on its database; hubs that share one share an RBD repository (its UUID is recorded in their rows,
+so a hub joining the cluster takes the repository without ``adopt=yes``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import uuid
+from typing import Any
+
+import attrs
+
+from sendense_nbd.errors import ConfigError
+from sendense_nbd.fields import identifier
+from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.db import Database, rows
+from sendense_nbd.storage.files import temporary_name
+
+#: Seconds between heartbeats, and without one before a hub counts as lost (``--heartbeat``, ``--hub-lost``).
+HEARTBEAT = 5.0
+HUB_LOST = 30.0
+#: The file in a hub's directory that keeps its ID.
+ID_FILE = "hub-id"
+
+
+class HubState(enum.Enum):
+    """A member's row: live (beating), stopped (left cleanly), lost (taken over by another hub)."""
+
+    LIVE = "live"
+    STOPPED = "stopped"
+    LOST = "lost"
+
+
+def check_membership(given: str | None, *, heartbeat: float, lapse: float) -> None:
+    """Refuse (:class:`ConfigError`) a ``--hub-id`` that is no name, and a lapse not longer than the heartbeat."""
+    if given is not None and identifier(given) is None:
+        raise ConfigError(f"--hub-id {given[:80]!r}: 1-128 of letters, digits, '.', '_', ':', '-'")
+    if lapse <= heartbeat:
+        raise ConfigError(f"--hub-lost ({lapse:g} s) must be longer than --heartbeat ({heartbeat:g} s)")
+
+
+def hub_id(root: str, given: str | None) -> str:
+    """The hub's ID: ``given`` (``--hub-id``, checked by :func:`check_membership`), else the one kept in
+    ``root`` (made at the first start)."""
+    if given is not None:
+        return given
+    path = os.path.join(root, ID_FILE)
+    try:
+        with open(path, encoding="ascii") as f:
+            kept = f.read().strip()
+    except FileNotFoundError:
+        kept = ""
+    if identifier(kept) is not None:
+        return kept
+    made = f"{socket.gethostname().split('.')[0][:40] or 'hub'}-{uuid.uuid4().hex[:8]}"
+    if identifier(made) is None:
+        made = f"hub-{uuid.uuid4().hex[:8]}"
+    temporary = temporary_name(path)
+    with open(temporary, "w", encoding="ascii") as f:
+        f.write(made + "\n")
+    os.replace(temporary, path)
+    return made
+
+
+@attrs.frozen
+class Member:
+    """One hub of the cluster as its row says, and whether it is live at the time it was read."""
+
+    id: str
+    api_url: str
+    nbd_host: str
+    ports: range
+    store: str
+    repository: str | None
+    started: float
+    heartbeat: float
+    state: HubState
+    live: bool
+    taken_by: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], now: float, lapse: float) -> Member:
+        """A member from its row, live when its state is and its heartbeat is younger than ``lapse``."""
+        state = HubState(row["state"])
+        live = state is HubState.LIVE and now - row["heartbeat"] <= lapse
+        ports = range(row["port_first"], row["port_last"] + 1)
+        return cls(
+            row["id"], row["api_url"], row["nbd_host"], ports, row["store"], row["repository"], row["started"],
+            row["heartbeat"], state, live, row["taken_by"],
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, object]:
+        """As ``GET /hubs`` shows it."""
+        return {
+            "id": self.id, "api_url": self.api_url, "nbd_host": self.nbd_host,
+            "ports": {"first": self.ports.start, "last": self.ports.stop - 1, "size": len(self.ports)},
+            "store": self.store, "started": self.started, "heartbeat": self.heartbeat, "state": self.state.value,
+            "live": self.live, "taken_by": self.taken_by,
+        }  # fmt: skip
+
+
+@attrs.frozen(kw_only=True)
+class Identity:
+    """What a hub registers: its ID, API URL, NBD host and pool, and its store (``local:DIR`` or the RBD URL)
+    with the repository's UUID (RBD)."""
+
+    id: str
+    api_url: str
+    nbd_host: str
+    ports: range
+    store: str
+    local: bool
+
+
+class Cluster:
+    """This hub's membership: join, beat, read the members, take a lost one over, leave."""
+
+    def __init__(self, db: Database, clock: Clock, me: Identity, *, heartbeat: float, lapse: float) -> None:
+        self.db = db
+        self.clock = clock
+        self.me = me
+        self.heartbeat = heartbeat
+        self.lapse = lapse
+
+    @property
+    def id(self) -> str:
+        """This hub's ID."""
+        return self.me.id
+
+    async def repository(self) -> str | None:
+        """The RBD repository's UUID the other members recorded (None: none did)."""
+
+        def read(connection: Any) -> list[dict[str, Any]]:
+            sql = "SELECT repository FROM hubs WHERE id != ? AND repository IS NOT NULL ORDER BY started DESC"
+            return rows(connection.execute(sql, (self.id,)))
+
+        found = await self.db.run(read)
+        return found[0]["repository"] if found else None
+
+    async def join(self, repository: str | None) -> None:
+        """Register (or re-register) as live with a new heartbeat. A local directory repository is refused
+        where other hubs are registered, and a store other than theirs (:class:`ConfigError`)."""
+        now = self.clock.now()
+        me = self.me
+
+        def register(connection: Any) -> None:
+            others = rows(connection.execute("SELECT id, store FROM hubs WHERE id != ? ORDER BY id", (me.id,)))
+            _check_members(me, others)
+            connection.execute("DELETE FROM hubs WHERE id = ?", (me.id,))
+            connection.execute(
+                "INSERT INTO hubs (id, api_url, nbd_host, port_first, port_last, store, repository, started, "
+                "heartbeat, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (me.id, me.api_url, me.nbd_host, me.ports.start, me.ports.stop - 1, me.store, repository, now, now,
+                 HubState.LIVE.value),
+            )  # fmt: skip
+
+        await self.db.run(register)
+
+    async def beat(self) -> bool:
+        """Renew the heartbeat; False when this hub had been taken over meanwhile (it is live again now)."""
+        now = self.clock.now()
+
+        def renew(connection: Any) -> bool:
+            cursor = connection.execute(
+                "UPDATE hubs SET heartbeat = ? WHERE id = ? AND state = ?", (now, self.id, HubState.LIVE.value)
+            )
+            if cursor.rowcount == 1:
+                return True
+            connection.execute(
+                "UPDATE hubs SET heartbeat = ?, started = ?, state = ?, taken_by = NULL WHERE id = ?",
+                (now, now, HubState.LIVE.value, self.id),
+            )
+            return False
+
+        return await self.db.run(renew)
+
+    async def members(self) -> list[Member]:
+        """Every registered hub, by ID, with its liveness now."""
+        now = self.clock.now()
+        found = await self.db.run(lambda connection: rows(connection.execute("SELECT * FROM hubs ORDER BY id")))
+        return [Member.from_row(row, now, self.lapse) for row in found]
+
+    async def others_live(self) -> list[Member]:
+        """The other hubs that are live now."""
+        return [member for member in await self.members() if member.live and member.id != self.id]
+
+    async def lost(self) -> list[Member]:
+        """The other hubs whose heartbeat lapsed or that stopped, not yet taken over."""
+        return [
+            member for member in await self.members()
+            if member.id != self.id and member.state is not HubState.LOST and not member.live
+        ]  # fmt: skip
+
+    async def take_over(self, member: Member) -> bool:
+        """Mark a lost hub taken over by this one; True for the one hub that did (its row as read still holds)."""
+        now = self.clock.now()
+
+        def take(connection: Any) -> bool:
+            cursor = connection.execute(
+                "UPDATE hubs SET state = ?, taken_by = ?, taken_at = ? WHERE id = ? AND state = ? AND heartbeat = ?",
+                (HubState.LOST.value, self.id, now, member.id, member.state.value, member.heartbeat),
+            )
+            return bool(cursor.rowcount == 1)
+
+        return await self.db.run(take)
+
+    async def leave(self) -> None:
+        """Mark this hub stopped (a clean stop): the others take its jobs and runs over at once."""
+        await self.db.run(
+            lambda c: c.execute("UPDATE hubs SET state = ? WHERE id = ? AND state = ?",
+                                (HubState.STOPPED.value, self.id, HubState.LIVE.value))
+        )  # fmt: skip
+
+    async def owner(self, hub: str | None) -> Member | None:
+        """The member that owns a job (None: this hub, a job from before hub IDs, or a hub not registered)."""
+        if hub is None or hub == self.id:
+            return None
+        return next((member for member in await self.members() if member.id == hub), None)
+
+
+def _check_members(me: Identity, others: list[dict[str, Any]]) -> None:
+    """A local directory repository serves one hub alone; hubs sharing a database share its RBD store."""
+    if not others:
+        return
+    names = ", ".join(row["id"] for row in others[:5])
+    if me.local:
+        raise ConfigError(
+            f"the database already has hubs ({names}): a hub with a local directory repository runs alone on its "
+            f"database; several hubs share one RBD repository (--repo rbd://... --state-dir DIR) and one database"
+        )
+    foreign = [row for row in others if row["store"] != me.store]
+    if foreign:
+        raise ConfigError(
+            f"hub {foreign[0]['id']} of this database uses the repository {foreign[0]['store']}, this hub "
+            f"{me.store}: hubs sharing a database share one repository"
+        )

@@ -1,0 +1,250 @@
+"""Several hubs on one database (SQLite, and the session's PostgreSQL), in one process: each hub's store a
+Database of its own over it (as separate processes have), time moved by hand. Schedulers racing for slots and
+VMs, membership with heartbeats and a takeover done once, per-hub port pools, runs taken over, and a local
+repository refused in a cluster. (The processes on Ceph, a hub killed mid-backup: tests/rbd_repo/test_multihub.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import attrs
+import pytest
+
+from sendense_nbd.backup.records import FullReason, Mode
+from sendense_nbd.errors import ConfigError
+from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.cluster import Cluster, HubState, Identity
+from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.jobs import JobState
+from sendense_nbd.hub.policies import ItemState, PolicyStore, Purpose, RunState
+from sendense_nbd.hub.ports import PortAllocator, release_hub
+from sendense_nbd.hub.scheduler import Scheduler
+from sendense_nbd.hub.service import Hub, HubConfig
+from sendense_nbd.policy.model import Policy
+from tests.hub.conftest import free_port_range
+
+pytestmark = pytest.mark.peer
+
+START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+HOUR = 3600.0
+VMS = [f"/DC0/vm/vm{i:02d}" for i in range(20)]
+HUBS = 12
+
+
+class QuietAlerts:
+    """Alerts that go nowhere (the at-risk check fires some)."""
+
+    async def fire(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def clear(self, *args: Any) -> bool:
+        return True
+
+    async def list(self, query: Any) -> list[Any]:
+        return []
+
+
+class ClusterJobs:
+    """Every hub's jobs in memory, and who started what."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, SimpleNamespace] = {}
+        self.started: list[tuple[str, str]] = []
+
+    def running(self) -> list[SimpleNamespace]:
+        return [job for job in self.jobs.values() if not job.state.terminal]
+
+    def finish(self) -> None:
+        for job in self.running():
+            job.state = JobState.COMPLETED
+
+
+class HubSide:
+    """One hub's job side (the scheduler's Operations) over the cluster's jobs."""
+
+    def __init__(self, jobs: ClusterJobs, name: str) -> None:
+        self.cluster_jobs, self.name = jobs, name
+
+    async def start_policy_backup(self, policy: Policy, vm_path: str, mode: Mode, reason: FullReason | None) -> Any:
+        jobs = self.cluster_jobs
+        assert vm_path not in {job.vm_path for job in jobs.running()}, f"{vm_path} started twice at once"
+        job = SimpleNamespace(id=f"job-{len(jobs.jobs)}", vm_path=vm_path, state=JobState.RUNNING, error=None)
+        jobs.jobs[job.id] = job
+        jobs.started.append((vm_path, self.name))
+        return job
+
+    async def start_policy_verify(self, policy: Policy, vm_path: str) -> Any:
+        raise AssertionError("no verify schedule here")
+
+    async def job(self, job_id: str) -> Any:
+        return self.cluster_jobs.jobs[job_id]
+
+    async def policy_vms(self, policy: Policy) -> list[str]:
+        return VMS
+
+    async def stored_vms(self) -> list[str]:
+        return VMS
+
+    async def points(self, vm_path: str) -> list[Any]:
+        return []
+
+    async def incrementals(self, vm_path: str) -> int:
+        return 0
+
+    async def check_node(self, node: str | None) -> None:
+        return None
+
+    async def busy(self, vm_path: str) -> bool:
+        return any(job.vm_path == vm_path for job in self.cluster_jobs.running())
+
+    async def node_jobs(self, node: str | None) -> int:
+        return len(self.cluster_jobs.running())
+
+
+@pytest.fixture
+async def databases(store_target: str) -> AsyncIterator[Callable[[], Database]]:
+    """Handles on one store (an SQLite file, or a PostgreSQL database), each with its own connection and writer
+    thread, as separate hub processes have."""
+    opened: list[Database] = []
+
+    def open_one() -> Database:
+        opened.append(Database(store_target))
+        return opened[-1]
+
+    yield open_one
+    for db in opened:
+        db.close()
+
+
+async def _until_started(schedulers: list[Scheduler], jobs: ClusterJobs, count: int) -> None:
+    """Tick every scheduler at once until ``count`` jobs were started (bounded)."""
+    for _ in range(20):
+        if len(jobs.started) >= count:
+            return
+        await asyncio.gather(*(scheduler.tick() for scheduler in schedulers))
+    raise AssertionError(f"{len(jobs.started)} jobs started, not {count}")
+
+
+async def test_racing_schedulers_take_each_slot_and_each_vm_once(databases: Callable[[], Database]) -> None:
+    clock = ManualClock(START)
+    jobs = ClusterJobs()
+
+    async def live() -> int:
+        return HUBS
+
+    schedulers = [
+        Scheduler(HubSide(jobs, f"h{i}"), PolicyStore(databases()), clock, QuietAlerts(), member=f"h{i}",  # type: ignore[arg-type]
+                  live=live)
+        for i in range(HUBS)
+    ]  # fmt: skip
+    policy = {"name": "hourly", "vms": {"include": ["/DC0/vm/*"]}, "schedule": {"every": HOUR}}
+    await schedulers[0].add(Policy.from_json({**policy, "per_policy": 20, "per_node": 100}))
+    for slot in range(1, 4):
+        await clock.advance(HOUR)
+        await _until_started(schedulers, jobs, 20 * slot)
+        jobs.finish()
+        await asyncio.gather(*(scheduler.tick() for scheduler in schedulers))
+        assert len(jobs.started) == 20 * slot, "a VM started twice in a slot"
+    store = schedulers[0].store
+    runs = await store.runs(policy="hourly")
+    assert sorted(run.slot for run in runs if run.slot is not None) == [START + HOUR * n for n in (1, 2, 3)]
+    assert all(run.state is RunState.DONE for run in runs), runs
+    for run in runs:
+        assert sorted(item.vm_path for item in run.items) == VMS
+        assert all(item.state is ItemState.DONE and item.hub is not None for item in run.items)
+        assert len({item.hub for item in run.items}) >= 4, "the run's VMs were not shared among the hubs"
+    state = await store.state("hourly", Purpose.BACKUP)
+    assert state.last_slot == START + 3 * HOUR
+
+
+def _identity(name: str, *, local: bool = False, store: str = "rbd://pool?prefix=p") -> Identity:
+    return Identity(id=name, api_url=f"http://{name}", nbd_host="127.0.0.1", ports=range(10100, 10110),
+                    store=f"local:/{name}" if local else store, local=local)  # fmt: skip
+
+
+async def test_a_lapsed_hub_is_taken_over_once_and_comes_back(databases: Callable[[], Database]) -> None:
+    clock = ManualClock(START)
+    a, b, c = (Cluster(databases(), clock, _identity(n), heartbeat=1.0, lapse=5.0) for n in "abc")
+    for member in (a, b, c):
+        await member.join("uuid-1")
+    assert await c.repository() == "uuid-1"
+    assert [m.id for m in await a.others_live()] == ["b", "c"]
+    for _ in range(6):
+        await clock.advance(1.0)
+        await asyncio.gather(b.beat(), c.beat())
+    (lost,) = await b.lost()
+    assert lost.id == "a" and not lost.live
+    taken = await asyncio.gather(b.take_over(lost), c.take_over(lost))
+    assert sorted(taken) == [False, True]
+    (row,) = [m for m in await c.members() if m.id == "a"]
+    assert row.state is HubState.LOST and row.taken_by in ("b", "c")
+    assert await b.lost() == []
+    assert await a.beat() is False  # it had been taken over: live again, with a new heartbeat
+    assert [m.id for m in await b.others_live()] == ["a", "c"]
+    await c.leave()
+    (stopped,) = await b.lost()
+    assert stopped.id == "c" and stopped.state is HubState.STOPPED
+
+
+async def test_a_local_repository_or_another_store_is_refused_in_a_cluster(databases: Callable[[], Database]) -> None:
+    clock = ManualClock(START)
+    await Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0).join(None)
+    with pytest.raises(ConfigError, match="local directory repository runs alone"):
+        await Cluster(databases(), clock, _identity("b", local=True), heartbeat=1.0, lapse=5.0).join(None)
+    with pytest.raises(ConfigError, match="share one repository"):
+        other = _identity("c", store="rbd://other?prefix=p")
+        await Cluster(databases(), clock, other, heartbeat=1.0, lapse=5.0).join(None)
+
+
+async def test_each_hub_leases_its_own_pool(databases: Callable[[], Database]) -> None:
+    pool = free_port_range(4)
+    two = PortAllocator(databases(), pool, bind_address="127.0.0.2", hub="h2")
+    three = PortAllocator(databases(), pool, bind_address="127.0.0.3", hub="h3")
+    first, second = await two.allocate("h2-1", "job-a", 0), await three.allocate("h3-1", "job-b", 0)
+    try:  # each the lowest port that binds on its own address (the same one, unless another process holds it)
+        assert [lease.port for lease in (await two.status()).used] == [first.lease.port]
+        assert [lease.port for lease in (await three.status()).used] == [second.lease.port]
+        assert await two.release_stale("h2-2") != [] and (await three.status()).used != ()
+        assert await release_hub(three.db, "h3") == [second.lease.port]
+        assert (await three.status()).used == ()
+    finally:
+        first.socket.close()
+        second.socket.close()
+
+
+async def test_a_lost_hubs_open_runs_are_taken_over(databases: Callable[[], Database]) -> None:
+    store = PolicyStore(databases())
+    policy = {"name": "p", "vms": {"include": ["/DC0/vm/*"]}, "schedule": {"every": HOUR}}
+    await store.add(Policy.from_json(policy), START)
+    run = await store.open_run(
+        "p", Purpose.BACKUP, VMS[:3], slot=None, now=START, window_end=None, note=None, owner="a"
+    )
+    first, second, _ = run.items
+    assert await store.claim_item(first, "a", limit=3, share=3)
+    assert await store.claim_item(second, "a", limit=3, share=3)
+    assert not await store.claim_item(second, "b", limit=3, share=3)  # already started
+    await store.set_item(attrs.evolve(second, state=ItemState.STARTED, hub="a", job_id="job-1"))
+    assert await store.take_runs("a", "b") == [run.id]
+    taken = await store.run(run.id)
+    assert taken.owner == "b"
+    assert [(i.state, i.hub) for i in taken.items] == [
+        (ItemState.QUEUED, None), (ItemState.STARTED, "a"), (ItemState.QUEUED, None),
+    ]  # fmt: skip
+
+
+async def test_a_hub_with_a_local_repository_runs_alone_on_its_database(tmp_path: Path, store_target: str) -> None:
+    shared = store_target
+    first = Hub(HubConfig(repo=str(tmp_path / "one"), db=shared, nbd_ports=free_port_range(2), hub_id="one"))
+    second = Hub(HubConfig(repo=str(tmp_path / "two"), db=shared, nbd_ports=free_port_range(2), hub_id="two"))
+    try:
+        await first.start()
+        with pytest.raises(ConfigError, match="already has hubs \\(one\\)"):
+            await second.start()
+    finally:
+        for hub in (first, second):
+            hub.close()
+            await hub.wait_closed()
