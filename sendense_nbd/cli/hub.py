@@ -220,6 +220,11 @@ _DB_OPTION = click.option(
 )
 @click.option("--hub-id", help="This hub's ID in a cluster (default: made at the first start, kept in its directory).")
 @click.option(
+    "--api-advertise",
+    metavar="URL",
+    help="This API as the other hubs of a cluster and API clients reach it (default: --public-url).",
+)
+@click.option(
     "--heartbeat", type=click.FloatRange(0.1, 3600), default=5, show_default=True, help="Seconds between heartbeats."
 )
 @click.option(
@@ -341,6 +346,7 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         allow_any_tls_client=o["allow_any_tls_client"],
         workers=o["workers"] if o["workers"] is not None else os.cpu_count() or 1,
         hub_id=o["hub_id"],
+        api_advertise=o["api_advertise"],
         heartbeat=o["heartbeat"],
         hub_lost=o["hub_lost"],
     )

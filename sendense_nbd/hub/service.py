@@ -194,6 +194,9 @@ class HubConfig:
     workers: int = attrs.field(factory=lambda: os.cpu_count() or 1, validator=attrs.validators.ge(0))
     #: This hub's ID in the cluster (``--hub-id``; None: the one kept in ``repo``, made at the first start).
     hub_id: str | None = None
+    #: The API URL the other hubs and API clients use for this hub (``--api-advertise``; None: ``public_url``,
+    #: which nodes use: with a tunnel per hub, each hub's ``public_url`` is its tunnel's end on the node).
+    api_advertise: str | None = None
     #: Seconds of ``clock`` between heartbeats (``--heartbeat``), and without one before another hub takes this
     #: one over (``--hub-lost``).
     heartbeat: float = HEARTBEAT
@@ -384,8 +387,9 @@ class Hub:
             name = f"rbd://{where.pool}{'/' + where.namespace if where.namespace else ''}?prefix={where.prefix}"
         else:
             name = f"local:{os.path.abspath(self.config.repo)}"
-        return Identity(id=self.id, api_url=self.config.public_url, nbd_host=self._tls.default_host,
-                        ports=self.config.nbd_ports, store=name, local=not isinstance(store, RbdStore))  # fmt: skip
+        return Identity(id=self.id, api_url=self.config.api_advertise or self.config.public_url,
+                        nbd_host=self._tls.default_host, ports=self.config.nbd_ports, store=name,
+                        local=not isinstance(store, RbdStore))  # fmt: skip
 
     async def _join(self) -> list[Member]:
         """Register in the cluster (the other hubs live now, before): an RBD store whose state directory records
