@@ -302,7 +302,7 @@ class Copies:
             if not await self._placed_at(record, plan.target):
                 return  # deleted while it waited
             point, base = plan.point, plan.base
-            digests = self.repository.digest_path(point) if point.digests else None
+            digests = await self.repository.digests_file(point) if point.digests else None
             self._running.add(record.id)
             try:
                 async with self.repository.export_point(point, base=base) as path:

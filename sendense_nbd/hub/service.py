@@ -479,8 +479,10 @@ class Hub:
                     log.error("hub %s had been taken over (its heartbeat lapsed): it is live again", self.id)
                     await self._stop_ended_exports()
                 for member in await self.cluster.lost():
-                    if await self.cluster.take_over(member):
-                        await self._take_over(member)
+                    if await self.cluster.take_over(member):  # its clean-up must not hold up the heartbeat
+                        task = asyncio.create_task(self._take_over(member), name=f"taking over hub {member.id}")
+                        self._after.add(task)
+                        task.add_done_callback(self._after.discard)
             except Exception as exc:  # noqa: BLE001 - keep beating
                 log.error("the cluster heartbeat failed: %s", exc)
 

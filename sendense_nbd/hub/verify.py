@@ -105,7 +105,7 @@ async def _base_digests(repository: Repository, point: Point) -> DigestFile | No
         base = await repository.point(point.backing)
         if base.digests is None:
             return None
-        found = await asyncio.to_thread(DigestFile.read, repository.digest_path(base), size=point.size)
+        found = await asyncio.to_thread(DigestFile.read, await repository.digests_file(base), size=point.size)
     except SendenseError as exc:
         log.warning("point %s: the base's digests are not usable (%s); reading every chunk", point.id, exc)
         return None
@@ -138,6 +138,7 @@ async def record_digests(repository: Repository, point_id: str, *, readers: asyn
         dense = tuple(found[i] for i in range(chunk_count(point.size, CHUNK_SIZE)))
         sidecar = repository.digest_path(point)
         await asyncio.to_thread(DigestFile(point.size, CHUNK_SIZE, dense).write, sidecar)
+        await repository.share_digests(point)
         await repository.set_digests(point.id, os.path.basename(sidecar))
         log.info("point %s: %d chunk digests recorded", point.id, len(dense))
 
@@ -167,7 +168,7 @@ async def _compare(repository: Repository, point: Point) -> tuple[int | None, st
 
     The chain is read :data:`WINDOW` chunks at a time, so memory stays bounded; the first bad chunk ends it."""
     try:
-        recorded = await asyncio.to_thread(DigestFile.read, repository.digest_path(point), size=point.size)
+        recorded = await asyncio.to_thread(DigestFile.read, await repository.digests_file(point), size=point.size)
     except SendenseError as exc:
         return None, f"the digests cannot be read: {exc}"
     try:

@@ -241,12 +241,31 @@ def _first_slot(hubs: list[ClusterHub], vcsim: dict[str, Any], ceph_cluster: Any
             snapshot_matches(ceph_cluster, paths[disk["point_id"]], copies[disk["disk_key"]])
     status, listed = hubs[2].api.get("/jobs?kind=backup&limit=1000")
     assert status == 200 and len(listed["jobs"]) == 20, listed  # any hub lists the cluster's jobs
+    _verified_elsewhere(hubs, jobs[0])
     owner = {hub.name: hub for hub in hubs}
     job = jobs[0]
     other = next(hub for hub in hubs if hub.name != job["hub"])
     status, moved = other.api.post(f"/backups/{job['job_id']}/progress", {})
     assert status == 307, moved
     assert moved["location"] == f"{owner[job['hub']].startup['listening']}/api/v1/backups/{job['job_id']}/progress"
+
+
+def _verified_elsewhere(hubs: list[ClusterHub], job: dict[str, Any]) -> None:
+    """A hub verifies a point another hub made, against the digests that hub recorded (shared in the pool)."""
+    other = next(hub for hub in hubs if hub.name != job["hub"]).api
+    point_ids = {disk["point_id"] for disk in job["detail"]["disks"]}
+
+    def recorded() -> bool:
+        points = other.get(f"/points?vm_path={job['vm_path']}")[1]["points"]
+        return all(p["digests"] for p in points if p["id"] in point_ids)
+
+    _wait("the digests of the first points", recorded, timeout=120)
+    status, started = other.post("/verify", {"vm_path": job["vm_path"]})
+    assert status == 202, started
+    done = other.wait_job(started["job_id"])
+    verdicts = done["detail"]["points"]
+    assert done["state"] == "completed" and done["hub"] != job["hub"], done
+    assert verdicts and all(v["state"] == "verified" and v["digests"] for v in verdicts), verdicts
 
 
 def _kill_mid_backup(hubs: list[ClusterHub], vcsim: dict[str, Any], ceph_cluster: Any) -> tuple[ClusterHub, str]:

@@ -157,6 +157,19 @@ class Repository:
         """Where the point's digest sidecar is (or goes)."""
         return self.store.digest_path(point)
 
+    async def digests_file(self, point: Point) -> str:
+        """The point's digest sidecar to read, brought from the repository when another hub of a cluster
+        recorded it (a failure to fetch is logged: the read then finds no file)."""
+        try:
+            await asyncio.to_thread(self.store.fetch_digests, point)
+        except (RepositoryError, OSError) as exc:
+            log.warning("point %s: %s", point.id, exc)
+        return self.store.digest_path(point)
+
+    async def share_digests(self, point: Point) -> None:
+        """Make a sidecar just written readable by every hub of the repository (RBD: an object in the pool)."""
+        await asyncio.to_thread(self.store.share_digests, point)
+
     async def complete(self, results: list[tuple[str, ReportedDisk]]) -> None:
         """Seal the points' data, then mark them completed with what their disk's job reported, all in
         one transaction."""

@@ -100,6 +100,12 @@ class LocalStore:
         if result.corruptions or result.check_errors:
             raise RepositoryError(f"{top.path}: qcow2 check failed after merging: {result.to_json()}")
 
+    def share_digests(self, point: Point) -> None:
+        """Nothing: the sidecar is next to its image, where every reader of the repository looks."""
+
+    def fetch_digests(self, point: Point) -> None:
+        """Nothing: see :meth:`share_digests`."""
+
     def digest_path(self, point: Point) -> str:
         """``<point-id>.digests`` next to its image."""
         return os.path.join(os.path.dirname(point.path), f"{point.id}.digests")

@@ -42,7 +42,7 @@ from sendense_nbd.errors import Conflict, RbdError, RepositoryError
 from sendense_nbd.hub.openers import RbdOpener
 from sendense_nbd.hub.repository.points import Point, PointStatus, vm_slug
 from sendense_nbd.hub.repository.store import Space
-from sendense_nbd.storage.files import remove_quietly
+from sendense_nbd.storage.files import remove_quietly, temporary_name
 from sendense_nbd.storage.modes import CacheMode
 from sendense_nbd.storage.rbd import RbdSpec, connect
 
@@ -60,6 +60,10 @@ TAG = "sendense.repository"
 CLONE_OF = "sendense.clone-of"
 #: The RADOS object ``PREFIX.repository`` holds the repository's UUID (written at its first start).
 IDENTITY = "repository"
+#: The RADOS object ``PREFIX.digests.<point-id>`` holds a point's digest sidecar for every hub of a cluster.
+DIGESTS = "digests"
+#: Largest sidecar fetched (a 64 TiB disk's digests at 4 MiB chunks).
+MAX_DIGESTS = 1 << 30
 #: What a point ID looks like (``hub.repository.core``): only such snapshots are ours to remove.
 POINT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 _QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix", "adopt"})
@@ -309,6 +313,14 @@ class RbdStore:
                 raise RepositoryError(f"{what}: it has clones (flatten them first)") from exc
             except rbd.Error as exc:
                 _raise(exc, what)
+        rados = importlib.import_module("rados")
+        with self._ioctx(what) as ioctx:  # its shared digests (a cluster's hubs read them) go with it
+            try:
+                ioctx.remove_object(f"{self.where.prefix}.{DIGESTS}.{base.id}")
+            except rados.ObjectNotFound:
+                pass
+            except rados.Error as exc:
+                _raise(exc, what)
 
     def blocked(self, point: Point) -> str | None:
         """Why the point's snapshot cannot be removed now (it is protected or has clones), or None."""
@@ -379,6 +391,37 @@ class RbdStore:
         return broken
 
     # -- reading ---------------------------------------------------------------
+
+    def share_digests(self, point: Point) -> None:
+        """Copy the point's sidecar to the object ``PREFIX.digests.<point-id>``, which every hub reads."""
+        with open(self.digest_path(point), "rb") as f:
+            data = f.read(MAX_DIGESTS)
+        what = f"cannot share the digests of point {point.id} in {self.location}"
+        with self._ioctx(what) as ioctx:
+            try:
+                ioctx.write_full(f"{self.where.prefix}.{DIGESTS}.{point.id}", data)
+            except importlib.import_module("rados").Error as exc:
+                _raise(exc, what)
+
+    def fetch_digests(self, point: Point) -> None:
+        """Write the object ``PREFIX.digests.<point-id>`` to the sidecar's path when this hub has none."""
+        path = self.digest_path(point)
+        if os.path.exists(path):
+            return
+        rados = importlib.import_module("rados")
+        what = f"cannot read the shared digests of point {point.id} in {self.location}"
+        with self._ioctx(what) as ioctx:
+            try:
+                data = ioctx.read(f"{self.where.prefix}.{DIGESTS}.{point.id}", MAX_DIGESTS)
+            except rados.ObjectNotFound:
+                return
+            except rados.Error as exc:
+                _raise(exc, what)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temporary = temporary_name(path)
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
 
     def digest_path(self, point: Point) -> str:
         """``ROOT/digests/<image>/<point-id>.digests``."""

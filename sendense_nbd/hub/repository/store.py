@@ -71,6 +71,14 @@ class Store(Protocol):
         """Retention drops ``base``; ``top``, the point above it, keeps its view and takes ``base``'s
         place in the chain. Safe to repeat after a crash at any step."""
 
+    def share_digests(self, point: Point) -> None:
+        """Make the point's digest sidecar (written at :meth:`digest_path`) readable by every hub of the
+        repository (RBD: an object in the pool); local files: nothing."""
+
+    def fetch_digests(self, point: Point) -> None:
+        """Bring the point's shared digests to :meth:`digest_path` when this hub has no sidecar there (another
+        hub recorded them); nothing when none are shared."""
+
     def digest_path(self, point: Point) -> str:
         """The local file holding the point's chunk digests (:mod:`sendense_nbd.copy.digests`)."""
 
