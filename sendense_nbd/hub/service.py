@@ -327,13 +327,9 @@ class Hub:
             self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock, space=space, hub=self.id
         )
         self._verifier = Verifier(
-            self._repository,
-            self._jobs,
-            clock=self.clock,
-            job_timeout=config.job_timeout,
-            on_damaged=self._alert_damaged,
-            on_failed=self._alert_failed,
-        )
+            self._repository, self._jobs, clock=self.clock, job_timeout=config.job_timeout,
+            on_damaged=self._alert_damaged, on_failed=self._alert_failed,
+        )  # fmt: skip
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts, member=self.id,
                                    live=self._live_hubs)  # fmt: skip
         self.copies = Copies(
