@@ -1,11 +1,11 @@
-"""Three hub processes, one cluster: on 127.0.0.2, .3 and .4, each with its own state directory and its own NBD
-port pool on its own address (the same port numbers), sharing one database and one RBD pool (the session's Ceph
-cluster), with the real node and vcsim's 20 VMs. A policy's slots are taken by one hub each and their VMs spread
-over the hubs, each VM backed up once per slot; one hub is killed (-9) mid-backup: a survivor takes it over once,
-fails its jobs (``hub_lost``, naming it: no point, no change ID, the image's head rolled back to the last
-snapshot), the survivors finish the slot, and the VM's next incremental, on another hub, is byte for byte its
-disk (qemu-img compare through qemu's rbd driver). Any hub answers for the cluster (jobs, /hubs); a job's change
-sent to another hub is redirected (307) to its own. The killed hub comes back without resurrecting its jobs."""
+"""Three hub processes, one cluster: on 127.0.0.2, .3 and .4, each with its own state directory and its own NBD port
+pool on its own address (the same port numbers), sharing one PostgreSQL database and one RBD pool (the session's
+Ceph cluster), with the real node and vcsim's 20 VMs. A policy's slots are taken by one hub each and their VMs
+spread over the hubs, each VM backed up once per slot; one hub is killed (-9) mid-backup: a survivor takes it over
+once, fails its jobs (``hub_lost``, naming it: no point, no change ID, the image's head rolled back to the last
+snapshot), the survivors finish the slot, and the VM's next incremental, on another hub, is byte for byte its disk
+(qemu-img compare through qemu's rbd driver). Any hub answers for the cluster (jobs, /hubs); a job's change sent to
+another hub is redirected (307) to its own. The killed hub comes back without resurrecting its jobs."""
 
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ EVERY = 20.0
 class ClusterHub:
     """``sendense-nbd hub`` on its own address, state directory and log; the cluster's database and repository."""
 
-    def __init__(self, name: str, address: str, root: Path, url: str, node_url: str, ports: range) -> None:
+    def __init__(self, name: str, address: str, root: Path, url: str, node_url: str, ports: range, db: str) -> None:
         self.name, self.address, self.root = name, address, root
         state = root / name
         self.log = root / f"{name}.log"
         self.command = [
             sys.executable, "-m", "sendense_nbd", "hub", "--repo", url, "--state-dir", str(state),
-            "--db", str(root / "cluster.db"), "--hub-id", name, "--listen", f"{address}:0", "--nbd-bind", address,
+            "--db", db, "--hub-id", name, "--listen", f"{address}:0", "--nbd-bind", address,
             "--nbd-ports", f"{ports.start}-{ports.stop - 1}", "--node-url", node_url, "--heartbeat", "0.5",
             "--hub-lost", "4", "--min-free", "0",
         ]  # fmt: skip
@@ -109,11 +109,14 @@ def _node_config(root: Path, vcsim: dict[str, Any]) -> Path:
 
 
 @pytest.fixture
-def cluster(fleet: dict[str, Any], tmp_path: Path, url: str) -> Iterator[tuple[NodeProcess, list[ClusterHub]]]:
-    """The node and three hubs (the first starts alone: it claims the repository the others then join)."""
+def cluster(
+    fleet: dict[str, Any], tmp_path: Path, url: str, postgres_cluster: Any
+) -> Iterator[tuple[NodeProcess, list[ClusterHub]]]:
+    """The node and three hubs on a fresh PostgreSQL database (the first starts alone: it claims the repository
+    the others then join)."""
     node = NodeProcess(_node_config(tmp_path, fleet))
-    ports = free_port_range(12)
-    hubs = [ClusterHub(f"h{i}", a, tmp_path, url, node.url, ports) for i, a in enumerate(ADDRESSES, start=2)]
+    ports, db = free_port_range(12), postgres_cluster.new_database()
+    hubs = [ClusterHub(f"h{i}", a, tmp_path, url, node.url, ports, db) for i, a in enumerate(ADDRESSES, start=2)]
     try:
         for hub in hubs:
             hub.start()
