@@ -571,17 +571,32 @@ def _open_ioctx(cluster: Any, spec: RbdSpec) -> Any:
     return ioctx
 
 
+#: Held while a Ceph client is made, configured and connected, and while one shuts down: librados (Ceph 16)
+#: does neither safely in several threads of a process at once (seen in a hub making clients in threads: the
+#: config schema's check aborts, "Schema is missing legacy field"; an op submitted after its Objecter shut down).
+_CLIENTS = threading.Lock()
+
+
+def _shutdown(cluster: Any) -> None:
+    """Shut a Ceph client down (one at a time in the process, see :data:`_CLIENTS`)."""
+    with _CLIENTS:
+        cluster.shutdown()
+
+
 def _connect(spec: RbdSpec) -> tuple[Any, Any]:
     """A connected, configured ``rados.Rados`` and the spec's ``Ioctx``; nothing is left open on failure."""
     rados = _lib("rados")
-    try:
-        cluster = rados.Rados(rados_id=spec.user or None)
-    except rados.Error as exc:
-        raise RbdError(f"cannot make a Ceph client for client.{spec.user or 'admin'}: {exc}") from exc
-    try:
-        _configure(cluster, spec)
+    with _CLIENTS:
         try:
-            cluster.connect()
+            cluster = rados.Rados(rados_id=spec.user or None)
+        except rados.Error as exc:
+            raise RbdError(f"cannot make a Ceph client for client.{spec.user or 'admin'}: {exc}") from exc
+    try:
+        with _CLIENTS:
+            _configure(cluster, spec)
+        try:
+            with _CLIENTS:
+                cluster.connect()
         except rados.Error as exc:
             where = f"conf {spec.conf}" if spec.conf else "Ceph's default conf"
             user = f"client.{spec.user or 'admin'}"
@@ -590,7 +605,7 @@ def _connect(spec: RbdSpec) -> tuple[Any, Any]:
             ) from exc
         return cluster, _open_ioctx(cluster, spec)
     except BaseException:
-        cluster.shutdown()
+        _shutdown(cluster)
         raise
 
 
@@ -605,7 +620,7 @@ def connect(spec: RbdSpec | str, *, cache: CacheMode = CacheMode.WRITEBACK) -> I
         yield cluster, ioctx
     finally:
         ioctx.close()
-        cluster.shutdown()
+        _shutdown(cluster)
 
 
 def create_rbd(spec: RbdSpec | str, size: int) -> None:
@@ -766,7 +781,7 @@ class RbdDevice(Backend):
                 raise
         except BaseException:
             self._ioctx.close()
-            self._cluster.shutdown()
+            _shutdown(self._cluster)
             raise
         #: Seconds a request waits for its parts, or for a slot, at most (librbd times out its own calls).
         self._wait = OPS_PER_CALL * _conf_seconds(self._cluster, "rados_osd_op_timeout") + 1
@@ -989,7 +1004,7 @@ class RbdDevice(Backend):
                 raise _device_error(exc, f"close rbd:{self.spec.path}") from exc
             finally:
                 self._ioctx.close()
-                self._cluster.shutdown()
+                _shutdown(self._cluster)
 
 
 def _whole(data: bytes | bytearray | memoryview) -> bytes | bytearray:
