@@ -48,6 +48,8 @@ STOP_TIMEOUT = 600.0
 STATS_TIMEOUT = 10.0
 #: Seconds a worker may take to exit when the hub stops it.
 EXIT_TIMEOUT = 10.0
+#: The backlog of an export's socket, listening from when the hub hands it over (asyncio's own default).
+LISTEN_BACKLOG = 100
 
 
 @attrs.frozen
@@ -181,6 +183,9 @@ class WorkerPool:
         bound = int(sock.getsockname()[1])
         try:
             try:
+                # Listening now holds the port against other processes' SO_REUSEADDR binds while the worker
+                # starts (a bound socket that does not listen yet does not); connections wait in the backlog.
+                sock.listen(LISTEN_BACKLOG)
                 worker = await self._running(index)
                 port = await worker.request("start", spec, START_TIMEOUT, [sock.fileno()])
             finally:
