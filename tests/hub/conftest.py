@@ -45,6 +45,11 @@ def hub_store(repo: str | Path) -> str | None:
     return _pg_stores[key]
 
 
+def open_hub_store(repo: str | Path) -> Database:
+    """A second connection to the store of the hub on ``repo`` (its PostgreSQL database under the switch)."""
+    return Database(hub_store(repo) or str(Path(repo) / "hub.db"))
+
+
 def hub_db_args(repo: str | Path) -> list[str]:
     """``["--db", URL]`` for a hub process on ``repo`` under the switch, else nothing."""
     url = hub_store(repo)

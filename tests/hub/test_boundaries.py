@@ -24,7 +24,7 @@ from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, Repor
 from sendense_nbd.hub.service import Hub, HubConfig
 from sendense_nbd.storage.modes import ImageFormat
 from tests.conftest import require, run
-from tests.hub.conftest import free_port_range
+from tests.hub.conftest import free_port_range, open_hub_store
 
 pytestmark = pytest.mark.peer
 
@@ -165,8 +165,11 @@ async def test_refusals_are_domain_errors_and_change_nothing(tmp_path: Path) -> 
         restore = await hub.restore(RestoreRequest(point.id, RestoreAction.EXPORT, ImageFormat.QCOW2, None))
         [lease] = (await hub.port_status()).pool.used
         assert (lease.job_id, lease.purpose) == (restore.id, JobKind.RESTORE)
-        with sqlite3.connect(Path(hub.config.repo) / "hub.db") as connection:
-            assert list(connection.execute("SELECT purpose FROM leases")) == [("restore",)]
+        store = open_hub_store(hub.config.repo)
+        try:
+            assert store.call(lambda c: [tuple(r) for r in c.execute("SELECT purpose FROM leases")]) == [("restore",)]
+        finally:
+            store.close()
     finally:
         await hub.wait_closed()
 

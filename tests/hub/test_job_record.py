@@ -18,7 +18,7 @@ from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import MAX_STAGE_NAME, MAX_STAGES, JobStore, Stage, with_node_stages
 from sendense_nbd.hub.requests import NodeStage
 from sendense_nbd.hub.service import _out_of_space
-from tests.hub.conftest import Api, HubProcess
+from tests.hub.conftest import Api, HubProcess, open_hub_store
 from tests.hub.node_standin import NodeStandin
 from tests.vmware.vsphere import vmdisk
 
@@ -106,9 +106,11 @@ def test_reasons_bytes_and_stages_of_real_backups(
     assert {d["disk_key"]: d["sync_type"] for d in reset["detail"]["disks"]}[2000] == "incremental"
 
     # The points of disk 2001 vanish from the store: the hub knows the disk was backed up before.
-    with sqlite3.connect(Path(hub.repo) / "hub.db", timeout=30) as connection:
-        connection.execute("DELETE FROM points WHERE vm_path = ? AND disk_key = 2001", (vm_path,))
-    connection.close()
+    store = open_hub_store(hub.repo)
+    try:
+        store.call(lambda c: c.execute("DELETE FROM points WHERE vm_path = ? AND disk_key = 2001", (vm_path,)))
+    finally:
+        store.close()
     missing = _backup(api, node, vm_path)
     assert _reasons(missing) == {2000: None, 2001: "base_missing"} and missing["full_reason"] == "base_missing"
     assert {d["disk_key"]: d["sync_type"] for d in missing["detail"]["disks"]} == {2000: "incremental", 2001: "full"}

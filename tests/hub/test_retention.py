@@ -17,7 +17,7 @@ from aiohttp import web
 
 from sendense_nbd.backup.records import FullReason, Mode, SyncType
 from sendense_nbd.errors import RepositoryError
-from sendense_nbd.hub.db import Connection, Database
+from sendense_nbd.hub.db import Connection
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.repository import LocalStore, Point, PointStatus, Repository, VerifyState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk
@@ -27,7 +27,7 @@ from sendense_nbd.policy.retention import Candidate, select
 from sendense_nbd.storage.qcow2 import commit as qcow2_commit
 from sendense_nbd.storage.qcow2.commit import commit
 from tests.conftest import require, run
-from tests.hub.conftest import free_port_range
+from tests.hub.conftest import free_port_range, open_hub_store
 
 pytestmark = pytest.mark.peer
 
@@ -193,7 +193,7 @@ class _AcceptingNode:
 
 async def _store(hub: Hub, change: Callable[[PolicyStore], Awaitable[object]]) -> None:
     """A change to the hub's policies through a second connection to its store (as another hub process would)."""
-    db = Database(str(Path(hub.config.repo) / "hub.db"))
+    db = open_hub_store(hub.config.repo)
     try:
         await change(PolicyStore(db))
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile
 from sendense_nbd.hub.repository.local import layer_extents
 from sendense_nbd.hub.verify import chunks_of
 from tests.conftest import require, run
-from tests.hub.conftest import Api, HubProcess, nbd_write
+from tests.hub.conftest import Api, HubProcess, nbd_write, open_hub_store
 
 pytestmark = pytest.mark.peer
 
@@ -203,9 +202,11 @@ def test_points_without_digests_and_unknown_points(hub_factory: Callable[..., Hu
     sidecar.write_bytes(sidecar.read_bytes()[:50])
     orphan = sidecar.parent / "20260101T000000Z-0123abcd.digests"
     orphan.write_bytes(b"left by a point that is gone")
-    with sqlite3.connect(tmp_path / "repo" / "hub.db") as connection:
-        connection.execute("UPDATE points SET digests = NULL")
-    connection.close()
+    store = open_hub_store(tmp_path / "repo")
+    try:
+        store.call(lambda c: c.execute("UPDATE points SET digests = NULL"))
+    finally:
+        store.close()
     restarted = hub_factory(None)
     assert restarted.startup["removed_orphans"] == [str(orphan)] and not orphan.exists()
     [again] = _points(Api(restarted.url), VM_A)
