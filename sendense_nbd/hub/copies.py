@@ -401,7 +401,7 @@ class Copies:
     async def _open_chain(self, record: CopyRecord) -> list[CopyRecord]:
         """The completed copies of the disk's newest chain in this policy (oldest first), [] when it is sealed."""
         done = await self._select(
-            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY completed",
+            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY completed, seq",
             (record.policy, record.vm_path, record.disk_key, COMPLETED),
         )
         if not done or done[-1].sealed:
@@ -509,7 +509,7 @@ class Copies:
     async def _chains_of(self, policy_name: str, vm_path: str, disk_key: int) -> dict[str, list[CopyRecord]]:
         """The disk's completed copies in this policy by chain, each chain oldest first."""
         done = await self._select(
-            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY completed",
+            "policy = ? AND vm_path = ? AND disk_key = ? AND state = ? ORDER BY completed, seq",
             (policy_name, vm_path, disk_key, COMPLETED),
         )
         chains: dict[str, list[CopyRecord]] = {}
@@ -713,7 +713,8 @@ class Copies:
             )
             return [copy_id]
         chain = await self._select(
-            "chain_id = ? AND policy = ? AND state = ? ORDER BY completed", (record.chain_id, record.policy, COMPLETED)
+            "chain_id = ? AND policy = ? AND state = ? ORDER BY completed, seq",
+            (record.chain_id, record.policy, COMPLETED),
         )
         above = chain[[c.id for c in chain].index(copy_id) :]
         return await self._delete(await self._target_of(record), above)

@@ -518,8 +518,8 @@ class JobStore:
 
         def delete(connection: Connection) -> int:
             found = connection.execute(
-                f"SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY vm_path, kind ORDER BY created DESC) "
-                f"AS n FROM jobs WHERE state IN ({marks})) AS ranked WHERE n > ?",
+                "SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY vm_path, kind "
+                f"ORDER BY created DESC, seq DESC) AS n FROM jobs WHERE state IN ({marks})) AS ranked WHERE n > ?",
                 (*ended, keep),
             )
             gone = [row[0] for row in found]
@@ -550,7 +550,7 @@ class JobStore:
 
         def read(connection: Connection) -> bool:
             found = connection.execute(
-                "SELECT detail FROM jobs WHERE vm_path = ? AND kind = ? AND state = ? ORDER BY created DESC",
+                "SELECT detail FROM jobs WHERE vm_path = ? AND kind = ? AND state = ? ORDER BY created DESC, seq DESC",
                 (vm_path, JobKind.BACKUP.value, JobState.COMPLETED.value),
             )
             return any(disk_key in {d["disk_key"] for d in json.loads(row[0]).get("disks", ())} for row in found)
@@ -604,7 +604,7 @@ class JobStore:
             if hub is not None:
                 sql += " AND (hub = ? OR hub IS NULL)"
                 args.append(hub)
-            return rows(connection.execute(sql + " ORDER BY created", args))
+            return rows(connection.execute(sql + " ORDER BY created, seq", args))
 
         return [Job.from_row(r) for r in await self.db.run(read)]
 
@@ -730,7 +730,7 @@ def _enter(connection: Connection, job_id: str, name: str, now: float, *, limit:
 
 def _refuse_busy(connection: Connection, vm_path: str) -> None:
     found = connection.execute(
-        "SELECT id, state FROM jobs WHERE vm_path = ? AND kind = ? AND state IN (?, ?) ORDER BY created LIMIT 1",
+        "SELECT id, state FROM jobs WHERE vm_path = ? AND kind = ? AND state IN (?, ?) ORDER BY created, seq LIMIT 1",
         (vm_path, JobKind.BACKUP.value, JobState.PENDING.value, JobState.RUNNING.value),
     ).fetchone()
     if found is not None:

@@ -496,10 +496,7 @@ class NodeRegistry:
 
 
 def _policies_using(connection: Connection, name: str) -> list[str]:
-    """The policies whose node is ``name`` (a policy without one uses :data:`DEFAULT`); none while the
-    store has no ``policies`` table yet."""
-    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'policies'").fetchone():
-        return []
+    """The policies whose node is ``name`` (a policy without one uses :data:`DEFAULT`)."""
     users = []
     for row in rows(connection.execute("SELECT name, spec FROM policies ORDER BY name")):
         try:

@@ -316,7 +316,7 @@ class PolicyStore:
                 if value is not None:
                     sql += f" AND {column} = ?"
                     args.append(value)
-            found = rows(connection.execute(sql + " ORDER BY started DESC LIMIT ?", [*args, limit]))
+            found = rows(connection.execute(sql + " ORDER BY started DESC, seq DESC LIMIT ?", [*args, limit]))
             return [
                 _run_from_row(r, rows(connection.execute("SELECT * FROM run_items WHERE run_id = ?", (r["id"],))))
                 for r in found
@@ -428,7 +428,8 @@ def _read_policy(connection: Connection, name: str) -> StoredPolicy:
 def _prune(connection: Connection, policy: str) -> None:
     """Forget a policy's closed runs past :data:`RUN_HISTORY`."""
     closed = connection.execute(
-        "SELECT id FROM runs WHERE policy = ? AND state != ? ORDER BY started DESC", (policy, RunState.OPEN.value)
+        "SELECT id FROM runs WHERE policy = ? AND state != ? ORDER BY started DESC, seq DESC",
+        (policy, RunState.OPEN.value),
     )
     old = [r[0] for r in closed.fetchall()[RUN_HISTORY:]]
     connection.executemany("DELETE FROM run_items WHERE run_id = ?", [(i,) for i in old])

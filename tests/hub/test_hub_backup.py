@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require, run
-from tests.hub.conftest import Api, HubProcess
+from tests.hub.conftest import Api, HubProcess, hub_db_args
 from tests.hub.node_standin import NodeStandin
 from tests.vmware.vsphere import vmdisk
 
@@ -112,7 +112,7 @@ def test_full_incremental_retention_and_restores(
     assert status == 200 and stopped["state"] == "completed"
     out = tmp_path / "standalone.qcow2"
     run(sys.executable, "-m", "sendense_nbd", "restore", latest["id"], "--repo", str(hub.repo), "-o", str(out),
-        "-f", "qcow2")  # fmt: skip
+        "-f", "qcow2", *hub_db_args(hub.repo))  # fmt: skip
     _compare(str(out), expected[2][2000])
     assert hub.stop() == 0
 

@@ -395,10 +395,6 @@ async def test_a_node_in_use_by_a_policy_cannot_be_deleted(tmp_path: Path) -> No
         specs = {"uses-b": {"name": "uses-b", "node": "site-b"}, "uses-default": {"name": "uses-default"}}
 
         def store_policies(connection: Connection) -> None:  # as the policy store keeps a policy's JSON
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, "
-                "created REAL NOT NULL, updated REAL NOT NULL)"
-            )
             connection.executemany(
                 "INSERT INTO policies (name, spec, created, updated) VALUES (?, ?, 0, 0)",
                 [(name, json.dumps(spec)) for name, spec in specs.items()],

@@ -380,7 +380,7 @@ class Repository:
 
         def read(connection: Connection) -> list[Point]:
             found = connection.execute(
-                "SELECT * FROM points WHERE status = ? AND digests IS NULL ORDER BY created",
+                "SELECT * FROM points WHERE status = ? AND digests IS NULL ORDER BY created, seq",
                 (PointStatus.COMPLETED.value,),
             )
             return [Point.from_row(r) for r in rows(found)]
