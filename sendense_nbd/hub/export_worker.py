@@ -5,7 +5,8 @@ starts it).
 Requests come over the channel as ``(kind, id, body)``, each answered ``(id, ok, value)``: ``setup`` (the
 :class:`~sendense_nbd.hub.workers.WorkerSetup`: TLS credentials are loaded here), ``start`` (an
 :class:`~sendense_nbd.hub.exports.ExportSpec` with its bound socket: the port), ``stop`` (a port: answered once
-its image is flushed and closed), ``stats`` and ``exit``. A failure is answered with its chain of causes. The
+its image is flushed and closed), ``stats``, ``ping`` (answered by the event loop at once: the hub's test of
+whether the worker is hung) and ``exit``. A failure is answered with its chain of causes. The
 worker dies with the hub (``PR_SET_PDEATHSIG``, and its channel closing), and leaves SIGINT and SIGTERM to the
 hub, which stops it in order.
 """
@@ -90,6 +91,8 @@ class ExportWorker:
             return None
         if kind == "stats":
             return [served.stats() for served in self.exports.values()]
+        if kind == "ping":
+            return None
         raise ServerError(f"unknown request {kind!r}")
 
     async def _start(self, spec: ExportSpec, sock: socket.socket) -> int:

@@ -153,8 +153,8 @@ class ExportManager:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def stats(self) -> tuple[ExportStats, ...]:
-        """Every export's counters, by port (a worker that does not answer in time is treated as dead, and
-        its exports are left out)."""
+        """Every export's counters, by port (a worker that does not answer in time is left out, and shown
+        unresponsive by :meth:`workers`)."""
         found = [served.stats() for served in self._local.values()]
         if self._pool is not None:
             found += await self._pool.stats()

@@ -5,9 +5,12 @@ The hub keeps leasing ports and binding their sockets (:mod:`~sendense_nbd.hub.p
 free, in one place); :meth:`WorkerPool.start` passes the bound socket to the least-loaded worker over its
 channel (:mod:`~sendense_nbd.hub.channel`) with the export's :class:`~sendense_nbd.hub.exports.ExportSpec`,
 and closes the hub's copy, so the port is held by that worker alone and freed by the kernel if it dies.
-Workers start on first use (a hub that serves nothing starts none) and are supervised: a worker whose channel
-closes (it died), or that does not answer a request in time (it is killed), is reported to ``on_crash`` with
-a sentence naming it and how it ended, and a new one takes its place. Workers never outlive the hub: each
+Workers start on first use (a hub that serves nothing starts none) and are supervised: a request that is not
+answered in time fails alone (a slow image open or flush is one export's trouble: a start's port is stopped
+behind it), and the worker is then pinged; one whose event loop does not answer a ping in
+:data:`PING_TIMEOUT` seconds is hung and killed. A worker whose channel closes (it died) or that was killed is
+reaped first, then reported to ``on_crash`` with a sentence naming it and how it ended (so that nothing it
+still wrote lands after its jobs are failed), and a new one takes its place. Workers never outlive the hub: each
 asks the kernel for SIGKILL when the hub dies (``PR_SET_PDEATHSIG``) and exits when its channel closes.
 """
 
@@ -46,8 +49,12 @@ START_TIMEOUT = 120.0
 STOP_TIMEOUT = 600.0
 #: Seconds a worker may take to answer for its exports' counters.
 STATS_TIMEOUT = 10.0
+#: Seconds a worker's event loop may take to answer a ping (else it is hung: killed).
+PING_TIMEOUT = 10.0
 #: Seconds a worker may take to exit when the hub stops it.
 EXIT_TIMEOUT = 10.0
+#: Seconds between two looks at whether a worker process exited (reaped without a thread).
+REAP_INTERVAL = 0.02
 #: The backlog of an export's socket, listening from when the hub hands it over (asyncio's own default).
 LISTEN_BACKLOG = 100
 
@@ -63,11 +70,13 @@ class WorkerSetup:
 
 @attrs.frozen
 class WorkerView:
-    """One export worker as ``GET /ports`` shows it: its slot, process (None: not running) and exports."""
+    """One export worker as ``GET /ports`` shows it: its slot, process (None: not running) and exports;
+    ``responsive``: whether it answered for its exports' counters the last time it was asked."""
 
     index: int
     pid: int | None
     exports: int
+    responsive: bool = True
 
     def to_json(self) -> dict[str, object]:
         """As JSON."""
@@ -88,17 +97,35 @@ class _Worker:
         self.ended: str | None = None
         #: Why the pool killed it (None: it was not killed for a reason of the pool's).
         self.killed_for: str | None = None
+        #: Whether it answered the last stats request in time.
+        self.responsive = True
+        #: Set once the process is reaped and the pool heard of its end.
+        self.reaped = asyncio.Event()
 
     @property
     def label(self) -> str:
         """``export worker N (pid P)``, for sentences."""
         return f"export worker {self.index} (pid {self.process.pid})"
 
+    @property
+    def dying(self) -> bool:
+        """Killed by the pool, or its channel closed: no new exports for it (it is being reaped)."""
+        return self.killed_for is not None or self.channel.sock.fileno() < 0
+
     async def request(self, kind: str, body: object, limit: float, fds: Sequence[int] = ()) -> Any:
         """Send a request and await its answer; :class:`ExportWorkerError` when the worker is gone, or does not
-        answer within ``limit`` seconds (it is then killed)."""
-        if self.ended is not None:
-            raise ExportWorkerError(self.ended)
+        answer within ``limit`` seconds (then it is pinged, and killed and reaped if it is hung)."""
+        try:
+            return await self.ask(kind, body, limit, fds)
+        except TimeoutError:
+            slow = f"{self.label} did not answer {kind} within {limit:g} s"
+            await self.check()
+            raise ExportWorkerError(self.ended or slow) from None
+
+    async def ask(self, kind: str, body: object, limit: float, fds: Sequence[int] = ()) -> Any:
+        """Send a request and await its answer (:class:`TimeoutError` after ``limit`` seconds)."""
+        if self.ended is not None or self.killed_for is not None:
+            raise ExportWorkerError(self.ended or f"{self.label} {self.killed_for}: killed")
         request_id = next(self.ids)
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = answer
@@ -106,16 +133,27 @@ class _Worker:
             async with asyncio.timeout(limit):  # the send too: a stuck worker's channel may be full
                 await self.channel.send((kind, request_id, body), fds)
                 ok, value = await answer
-        except TimeoutError:
-            self.kill(f"did not answer {kind} within {limit:g} s")
-            raise ExportWorkerError(f"{self.label} {self.killed_for}: killed") from None
-        except OSError as exc:
+        except TimeoutError:  # an OSError too: the caller's to handle
+            raise
+        except (OSError, ValueError) as exc:  # ValueError: the channel was closed meanwhile
             raise ExportWorkerError(self.ended or f"{self.label} cannot be reached: {exc}") from exc
         finally:
             self.pending.pop(request_id, None)
         if not ok:
             raise _rebuilt(value)
         return value
+
+    async def check(self) -> None:
+        """Ping the worker's event loop; if it does not answer in :data:`PING_TIMEOUT` seconds it is hung:
+        killed, and returns once it is reaped (and the pool heard of it)."""
+        try:
+            await self.ask("ping", None, PING_TIMEOUT)
+        except TimeoutError:
+            self.kill(f"did not answer a ping within {PING_TIMEOUT:g} s")
+        except ExportWorkerError:
+            pass
+        if self.killed_for is not None or self.ended is not None:
+            await self.reaped.wait()
 
     def deliver(self, message: tuple[int, bool, Any]) -> None:
         """An answer from the worker: ``(request id, ok, value)``."""
@@ -138,17 +176,27 @@ class _Worker:
 
     async def ending(self) -> str:
         """Reap the process (killing it if it lingers after closing its channel); how it ended."""
-        try:
-            code = await asyncio.to_thread(self.process.wait, EXIT_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        code = await self._exited(EXIT_TIMEOUT)
+        if code is None:
             self.kill()
-            code = await asyncio.to_thread(self.process.wait)
+            code = await self._exited(None)
+        assert code is not None
         if self.killed_for is not None:
             return f"{self.label} {self.killed_for}: killed"
         if code < 0:
             with contextlib.suppress(ValueError):
                 return f"{self.label} died: killed by signal {-code} ({signal.Signals(-code).name})"
         return f"{self.label} died: exit status {code}"
+
+    async def _exited(self, limit: float | None) -> int | None:
+        """The exit status once the process is reaped (looked at every :data:`REAP_INTERVAL` seconds, no
+        thread), None if it still runs after ``limit`` seconds."""
+        deadline = None if limit is None else time.monotonic() + limit
+        while (code := self.process.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(REAP_INTERVAL)
+        return code
 
 
 class WorkerPool:
@@ -171,7 +219,12 @@ class WorkerPool:
     def views(self) -> tuple[WorkerView, ...]:
         """Each worker's slot, process ID and exports."""
         return tuple(
-            WorkerView(index, None if worker is None else worker.process.pid, len(self._ports[index]))
+            WorkerView(
+                index,
+                None if worker is None else worker.process.pid,
+                len(self._ports[index]),
+                worker is None or worker.responsive,
+            )
             for index, worker in enumerate(self._workers)
         )
 
@@ -187,11 +240,17 @@ class WorkerPool:
                 # starts (a bound socket that does not listen yet does not); connections wait in the backlog.
                 sock.listen(LISTEN_BACKLOG)
                 worker = await self._running(index)
-                port = await worker.request("start", spec, START_TIMEOUT, [sock.fileno()])
+                port = await worker.ask("start", spec, START_TIMEOUT, [sock.fileno()])
             finally:
                 sock.close()
             if worker.ended is not None:  # it died right after answering: the export is gone
                 raise ExportWorkerError(worker.ended)
+        except TimeoutError:
+            self._forget(index, bound)  # this export only: the worker stops it once its start ended
+            await worker.check()
+            raise ExportWorkerError(
+                worker.ended or f"{worker.label} did not start export {spec.name} within {START_TIMEOUT:g} s"
+            ) from None
         except asyncio.CancelledError:
             self._forget(index, bound)  # the worker may still start it: it is stopped after
             raise
@@ -202,15 +261,13 @@ class WorkerPool:
         return index, int(port)
 
     def _forget(self, index: int, port: int) -> None:
-        """A start was cancelled: stop the export on ``port`` in the background (the worker stops it once its
-        start ended), so that no export the hub does not know keeps the port."""
+        """A start was cancelled or timed out: stop the export on ``port`` in the background (the worker stops
+        it once its start ended), so that no export the hub does not know keeps the port."""
         self._load[index] -= 1
         worker = self._workers[index]
-        if worker is None or worker.ended is not None:
+        if worker is None or worker.dying:
             return
-        task = asyncio.ensure_future(worker.request("stop", port, STOP_TIMEOUT))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarted)
+        self._background(worker.request("stop", port, STOP_TIMEOUT))
 
     async def stop(self, index: int, port: int) -> None:
         """Stop the export on ``port``; returns once the worker flushed and closed its image."""
@@ -224,18 +281,29 @@ class WorkerPool:
         await worker.request("stop", port, STOP_TIMEOUT)
 
     async def stats(self) -> list[ExportStats]:
-        """The counters of every export the running workers serve."""
+        """The counters of every export the running workers serve; a worker that does not answer in time is
+        left out and shown unresponsive (:meth:`views`), and pinged in the background (killed if hung)."""
         running = [worker for worker in self._workers if worker is not None]
         answers = await asyncio.gather(
-            *(worker.request("stats", None, STATS_TIMEOUT) for worker in running), return_exceptions=True
+            *(worker.ask("stats", None, STATS_TIMEOUT) for worker in running), return_exceptions=True
         )
         found: list[ExportStats] = []
         for worker, answer in zip(running, answers, strict=True):
-            if isinstance(answer, BaseException):
+            worker.responsive = not isinstance(answer, TimeoutError)
+            if isinstance(answer, TimeoutError):
+                log.warning("%s did not answer stats within %g s: unresponsive", worker.label, STATS_TIMEOUT)
+                self._background(worker.check())
+            elif isinstance(answer, BaseException):
                 log.warning("%s: no counters: %s", worker.label, answer)
             else:
                 found += answer
         return found
+
+    def _background(self, work: Any) -> None:
+        """Run ``work`` in a task the pool awaits when it closes."""
+        task = asyncio.ensure_future(work)
+        self._restarts.add(task)
+        task.add_done_callback(self._restarted)
 
     async def close(self) -> None:
         """Stop every worker (asked to exit, killed after :data:`EXIT_TIMEOUT` seconds)."""
@@ -246,8 +314,8 @@ class WorkerPool:
                 with contextlib.suppress(Exception):
                     await task
         for worker in [w for w in self._workers if w is not None]:
-            with contextlib.suppress(ExportWorkerError):
-                await worker.request("exit", None, EXIT_TIMEOUT)
+            with contextlib.suppress(ExportWorkerError, TimeoutError):
+                await worker.ask("exit", None, EXIT_TIMEOUT)
             if worker.reader is not None:
                 await asyncio.wait([worker.reader], timeout=EXIT_TIMEOUT)
                 worker.kill()
@@ -256,7 +324,10 @@ class WorkerPool:
     async def _running(self, index: int) -> _Worker:
         """Worker ``index``, started if it is not running (one start at a time per slot)."""
         worker = self._workers[index]
-        if worker is not None:
+        if worker is not None and worker.dying:
+            await worker.reaped.wait()  # no new exports for it; its slot is emptied once it is reaped
+            worker = self._workers[index]
+        if worker is not None and not worker.dying:
             return worker
         if self._closed:
             raise ExportWorkerError("the hub is stopping: no new exports")
@@ -269,9 +340,14 @@ class WorkerPool:
     async def _spawn(self, index: int) -> _Worker:
         """Start worker ``index`` and wait until it says it is ready."""
         ours, theirs = channel_pair()
-        command = [sys.executable, "-m", "sendense_nbd.hub.export_worker", str(theirs.fileno()), str(os.getpid())]
-        with theirs:  # forked by the loop's thread, whose end (not a pool thread's) PR_SET_PDEATHSIG watches
-            process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)  # noqa: ASYNC220
+        # -P: the hub's working directory is not on the worker's sys.path (a module there would shadow ours)
+        command = [sys.executable, "-P", "-m", "sendense_nbd.hub.export_worker", str(theirs.fileno()), str(os.getpid())]
+        try:
+            with theirs:  # forked by the loop's thread, whose end (not a pool thread's) PR_SET_PDEATHSIG watches
+                process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)  # noqa: ASYNC220
+        except BaseException:
+            ours.close()
+            raise
         worker = _Worker(index, process, Channel(ours))
         worker.reader = asyncio.ensure_future(self._read(worker))
         started = time.monotonic()
@@ -296,6 +372,9 @@ class WorkerPool:
                 worker.deliver(message)
         except (EOFError, OSError) as exc:
             log.debug("%s: channel closed: %s", worker.label, exc)
+        except Exception as exc:  # noqa: BLE001 - a message the hub cannot read: the worker is no use any more
+            log.error("%s: unreadable message: %r", worker.label, exc)
+            worker.kill(f"sent an unreadable message ({type(exc).__name__}: {exc})")
         finally:
             worker.channel.close()
         worker.ended = await worker.ending()
@@ -317,6 +396,7 @@ class WorkerPool:
                 self._restarts.add(restart)
                 restart.add_done_callback(self._restarted)
         worker.fail_pending()
+        worker.reaped.set()
 
     def _restarted(self, task: asyncio.Task[Any]) -> None:
         self._restarts.discard(task)

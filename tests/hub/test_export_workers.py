@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,19 @@ from typing import Any
 import pytest
 
 from sendense_nbd.backup.records import Mode
+from sendense_nbd.errors import ExportWorkerError
 from sendense_nbd.hub import workers
 from sendense_nbd.hub.jobs import Job, JobState
+from sendense_nbd.hub.openers import ImageOpener
 from sendense_nbd.hub.repository import PointStatus
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk, RestoreAction, RestoreRequest
 from sendense_nbd.hub.service import Hub, HubConfig
+from sendense_nbd.hub.serving import ExportSpec
+from sendense_nbd.hub.workers import WorkerPool, WorkerSetup
 from sendense_nbd.storage.modes import ImageFormat
 from tests.conftest import random_file, require, run, wait_gone
 from tests.hub.conftest import Api, HubProcess, free_port_range, nbd_write
+from tests.hub.worker_openers import SlowOpener, UnreadableOpener
 
 pytestmark = pytest.mark.peer
 
@@ -33,6 +39,7 @@ VM, OTHER = "/DC0/vm/web01", "/DC0/vm/db01"
 DISK = 2000
 MIB = 1 << 20
 SIZE = 8 * MIB
+ROOT = str(Path(__file__).resolve().parents[2])  # the repository: workers import tests' openers from it
 
 
 @pytest.fixture(params=[2, 0], ids=["workers", "in-process"])
@@ -212,10 +219,11 @@ def test_workers_never_outlive_the_hub(hub_factory: Any, sig: int) -> None:
 async def test_a_worker_that_stops_answering_is_killed(
     two_workers: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker stopped with SIGSTOP does not answer for its exports' counters: it is killed after the
-    timeout, its job fails ``worker_crashed`` saying so, and the counters of the other worker's export still
-    come."""
+    """A worker stopped with SIGSTOP does not answer for its exports' counters (shown unresponsive), nor the
+    ping that follows: it is killed, its job fails ``worker_crashed`` saying so, and the counters of the other
+    worker's export still come."""
     monkeypatch.setattr(workers, "STATS_TIMEOUT", 1.0)
+    monkeypatch.setattr(workers, "PING_TIMEOUT", 1.0)
     hub = two_workers
     stuck = await hub.create_backup(BackupRequest(VM, Mode.FULL, (DiskSpec(DISK, SIZE),)))
     other = await hub.create_backup(BackupRequest(OTHER, Mode.FULL, (DiskSpec(DISK, SIZE),)))
@@ -223,12 +231,74 @@ async def test_a_worker_that_stops_answering_is_killed(
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
-        [export] = (await hub.port_status()).exports
+        view = await hub.port_status()
+        [export] = view.exports
         assert export.job_id == other.id
+        assert [w.responsive for w in view.workers if w.pid == pid] in ([False], [])  # [] once killed
         failed = await _ended(hub, stuck.id)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     assert failed.error is not None and failed.error.code == "worker_crashed", failed
-    assert f"(pid {pid}) did not answer stats within 1 s: killed" in failed.error.message
+    assert f"(pid {pid}) did not answer a ping within 1 s: killed" in failed.error.message
     assert wait_gone(pid, 10)
+
+
+def _spec(name: str, opener: Any) -> ExportSpec:
+    return ExportSpec("job-" + name, DISK, name, name, False, False, opener)
+
+
+def _bound() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture
+async def one_worker(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[WorkerPool, list[str]]]:
+    """A pool of one worker that can import tests' openers; the crashes it reports."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    crashes: list[str] = []
+    pool = WorkerPool(1, WorkerSetup(10, None), on_crash=lambda _, why: crashes.append(why))
+    try:
+        yield pool, crashes
+    finally:
+        await pool.close()
+
+
+async def test_a_slow_start_fails_alone(
+    one_worker: tuple[WorkerPool, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export whose image opens past the start timeout fails alone: the worker (its loop answers pings)
+    keeps serving the other export, and nothing is reported crashed."""
+    pool, crashes = one_worker
+    monkeypatch.setattr(workers, "START_TIMEOUT", 1.0)
+    image = str(random_file(tmp_path / "a.raw", MIB))
+    _, port = await pool.start(_spec("a", ImageOpener(image, ImageFormat.RAW)), _bound())
+    [pid] = [view.pid for view in pool.views()]
+    with pytest.raises(ExportWorkerError, match="did not start export slow within 1 s"):
+        await pool.start(_spec("slow", SlowOpener(image, 3.0)), _bound())
+    assert [s.port for s in await pool.stats()] == [port]
+    assert [(v.pid, v.exports, v.responsive) for v in pool.views()] == [(pid, 1, True)] and crashes == []
+    await pool.stop(0, port)
+
+
+async def test_an_unreadable_answer_ends_the_worker_reaped(
+    one_worker: tuple[WorkerPool, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose answer the hub cannot read is killed and reaped before its crash is reported; the next
+    export gets a new worker. The hub's working directory is not on the worker's sys.path."""
+    pool, crashes = one_worker
+    (tmp_path / "ctypes.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    image = str(random_file(tmp_path / "a.raw", MIB))
+    await pool.start(_spec("a", ImageOpener(image, ImageFormat.RAW)), _bound())
+    [pid] = [view.pid for view in pool.views()]
+    gone_when_reported: list[bool] = []
+    pool._on_crash = lambda _, why: (crashes.append(why), gone_when_reported.append(not Path(f"/proc/{pid}").exists()))
+    with pytest.raises(ExportWorkerError, match="unreadable"):
+        await pool.start(_spec("bad", UnreadableOpener()), _bound())
+    assert len(crashes) == 1 and f"(pid {pid}) sent an unreadable message (UnpicklingError" in crashes[0]
+    assert gone_when_reported == [True]
+    _, port = await pool.start(_spec("b", ImageOpener(image, ImageFormat.RAW)), _bound())
+    assert [view.pid for view in pool.views()] != [pid] and not (tmp_path / "ran").exists()
