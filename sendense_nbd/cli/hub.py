@@ -344,7 +344,7 @@ def _hub_config(o: dict[str, Any], pool: range, public_url: str) -> HubConfig:
         nbd_tls_names=o["nbd_tls_names"],
         allow_plain_nbd=o["allow_plain_nbd"],
         allow_any_tls_client=o["allow_any_tls_client"],
-        workers=o["workers"] if o["workers"] is not None else os.cpu_count() or 1,
+        workers=o["workers"] if o["workers"] is not None else len(os.sched_getaffinity(0)),
         hub_id=o["hub_id"],
         api_advertise=o["api_advertise"],
         heartbeat=o["heartbeat"],

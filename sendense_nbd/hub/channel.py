@@ -48,7 +48,7 @@ class Channel:
         """The next message and the descriptors that came with it; :class:`EOFError` once the other end closed."""
         while True:
             try:
-                data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
+                data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 loop = asyncio.get_running_loop()
                 await self._ready(loop.add_reader, loop.remove_reader)

@@ -191,7 +191,7 @@ class HubConfig:
     #: refused otherwise.
     allow_any_tls_client: bool = False
     #: Export worker processes (``--workers``; 0: every export in the hub's own event loop).
-    workers: int = attrs.field(factory=lambda: os.cpu_count() or 1, validator=attrs.validators.ge(0))
+    workers: int = attrs.field(factory=lambda: len(os.sched_getaffinity(0)), validator=attrs.validators.ge(0))
     #: This hub's ID in the cluster (``--hub-id``; None: the one kept in ``repo``, made at the first start).
     hub_id: str | None = None
     #: The API URL the other hubs and API clients use for this hub (``--api-advertise``; None: ``public_url``,
