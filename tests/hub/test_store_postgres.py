@@ -87,3 +87,80 @@ async def _until_sleeping(cluster: Any) -> None:
                 return
             await asyncio.sleep(0.05)
     raise AssertionError("the slow call never reached the server")
+
+
+def test_a_held_writer_lock_fails_the_call_within_the_lock_bound(postgres_cluster: Any) -> None:
+    import psycopg
+
+    from sendense_nbd.hub.db.postgres import WRITER_LOCK, Limits
+
+    url = postgres_cluster.new_database()
+    db = Database(url, connect_timeout=5, limits=Limits(lock=0.5))
+    try:
+        with psycopg.connect(url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s::bigint)", (WRITER_LOCK,))
+            with pytest.raises(StoreUnavailable, match=r"is locked: the writer lock was not free within 0\.5 s"):
+                db.call(lambda c: c.execute("SELECT 1"))
+        assert db.call(lambda c: c.execute("SELECT 1").fetchone()[0]) == 1  # the holder is gone: free again
+    finally:
+        db.close()
+
+
+def test_a_statement_past_the_statement_bound_is_a_typed_error(postgres_cluster: Any) -> None:
+    from sendense_nbd.hub.db.postgres import Limits
+
+    db = Database(postgres_cluster.new_database(), connect_timeout=5, limits=Limits(statement=0.2))
+    try:
+        with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.2 s"):
+            db.call(lambda c: c.execute("SELECT pg_sleep(30)"))
+        assert db.call(lambda c: c.execute("SELECT 1").fetchone()[0]) == 1
+    finally:
+        db.close()
+
+
+def test_the_default_bounds_are_set_on_every_connection(postgres_cluster: Any) -> None:
+    db = Database(postgres_cluster.new_database(), connect_timeout=5)
+    try:
+        shown = db.call(
+            lambda c: [
+                c.execute(f"SHOW {name}").fetchone()[0]
+                for name in ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout")
+            ]
+        )
+        assert shown == ["1min", "2min", "2min"]
+    finally:
+        db.close()
+
+
+def test_a_connection_the_server_ended_while_idle_is_replaced_and_the_call_succeeds(
+    postgres_cluster: Any,
+) -> None:
+    import psycopg
+
+    url = postgres_cluster.new_database()
+    db = Database(url, connect_timeout=5)
+    try:
+        backend_pid = db.call(lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0])
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (backend_pid,))
+        again = db.call(lambda c: c.execute("SELECT pg_backend_pid()").fetchone()[0])
+        assert again != backend_pid
+    finally:
+        db.close()
+
+
+async def test_the_first_call_after_a_server_restart_succeeds(own_cluster: tuple[Any, Any]) -> None:
+    module, cluster = own_cluster
+    db = Database(module.create_database(cluster, "restarted"), connect_timeout=5)
+    try:
+        await db.run(
+            lambda c: c.execute("INSERT INTO policies (name, spec, created, updated) VALUES ('p', '{}', 0, 0)")
+        )
+        await asyncio.to_thread(module.stop, cluster.directory)
+        await asyncio.to_thread(module.start, cluster.directory)
+        count = await asyncio.wait_for(
+            db.run(lambda c: c.execute("SELECT COUNT(*) FROM policies").fetchone()[0]), NO_HANG
+        )
+        assert count == 1
+    finally:
+        db.close()

@@ -6,11 +6,14 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sendense_nbd.errors import StoreError
 from sendense_nbd.hub.db import migrations
 from sendense_nbd.hub.db.core import Backend, Connection
+
+if TYPE_CHECKING:
+    from sendense_nbd.hub.db.postgres import Limits
 
 T = TypeVar("T")
 
@@ -22,8 +25,8 @@ class Database:
     database. Opening applies the migrations the store lacks (:mod:`.migrations`).
     """
 
-    def __init__(self, target: str, *, connect_timeout: float = 10.0) -> None:
-        self.backend = _backend(target, connect_timeout)
+    def __init__(self, target: str, *, connect_timeout: float = 10.0, limits: Limits | None = None) -> None:
+        self.backend = _backend(target, connect_timeout, limits)
         self.path = target
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-db")
         self._local = threading.local()
@@ -57,17 +60,31 @@ class Database:
             pass
 
     def _transaction(self, function: Callable[[Connection], T]) -> T:
-        connection: Connection | None = None
-        try:
-            connection = self._connection()
-            return self.backend.transaction(connection, function)
-        except BaseException as exc:
-            if connection is not None and self.backend.broken(connection):
-                self._drop(connection)
-            typed = self.backend.translate(exc)
-            if typed is None:
-                raise
-            raise typed from exc
+        """``function`` in one transaction; a connection found dead before ``function`` ran (at BEGIN or
+        the writer lock: the server restarted since the last call) is replaced and the call tried once more."""
+        for attempt in (1, 2):
+            connection: Connection | None = None
+            ran = False
+
+            def tracked(opened: Connection) -> T:
+                nonlocal ran
+                ran = True
+                return function(opened)
+
+            try:
+                connection = self._connection()
+                return self.backend.transaction(connection, tracked)
+            except BaseException as exc:
+                broken = connection is not None and self.backend.broken(connection)
+                if connection is not None and broken:
+                    self._drop(connection)
+                if broken and not ran and attempt == 1 and isinstance(exc, Exception):
+                    continue
+                typed = self.backend.translate(exc)
+                if typed is None:
+                    raise
+                raise typed from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def call(self, function: Callable[[Connection], T]) -> T:
         """Blocking: run ``function`` in one transaction in the worker thread."""
@@ -92,12 +109,12 @@ class Database:
         self._worker.shutdown()
 
 
-def _backend(target: str, connect_timeout: float) -> Backend:
+def _backend(target: str, connect_timeout: float, limits: Limits | None) -> Backend:
     """The engine ``target`` names: ``postgresql://`` / ``postgres://`` URLs, else an SQLite path."""
     if target.startswith(("postgresql://", "postgres://")):
         from sendense_nbd.hub.db.postgres import PostgresBackend
 
-        return PostgresBackend(target, connect_timeout=connect_timeout)
+        return PostgresBackend(target, connect_timeout=connect_timeout, limits=limits)
     if "://" in target:
         raise StoreError(f"--db {target.split('://')[0]}://...: give a path, sqlite:PATH or postgresql://...")
     from sendense_nbd.hub.db.sqlite import SqliteBackend
@@ -105,6 +122,7 @@ def _backend(target: str, connect_timeout: float) -> Backend:
     return SqliteBackend(target.removeprefix("sqlite:"))
 
 
-def open_database(target: str, *, connect_timeout: float = 10.0) -> Database:
-    """The store at ``target`` (a path, ``sqlite:PATH`` or ``postgresql://...``), migrated to this release."""
-    return Database(target, connect_timeout=connect_timeout)
+def open_database(target: str, *, connect_timeout: float = 10.0, limits: Limits | None = None) -> Database:
+    """The store at ``target`` (a path, ``sqlite:PATH`` or ``postgresql://...``), migrated to this release;
+    ``limits`` bound PostgreSQL's waits (:class:`~sendense_nbd.hub.db.postgres.Limits`)."""
+    return Database(target, connect_timeout=connect_timeout, limits=limits)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg.adapt import Loader
@@ -31,6 +31,35 @@ WRITER_LOCK = int.from_bytes(b"SNDNHUB1", "big")
 #: TCP keepalives (seconds idle, then between 3 probes): a server that vanished without closing the
 #: connection is noticed in about 20 s.
 KEEPALIVE_IDLE = 5
+
+
+class Limits(NamedTuple):
+    """How long one call may wait on the server (seconds): never reached in normal operation, where a
+    transaction takes milliseconds; they turn a stuck writer-lock holder or a hung server into
+    :class:`StoreUnavailable` instead of blocking the store's one thread (the API, lease renewal, close())."""
+
+    #: Waiting for the writer lock (or any row lock): ``lock_timeout``.
+    lock: float = 60.0
+    #: One statement: ``statement_timeout``.
+    statement: float = 120.0
+    #: A session idle inside an open transaction (a hub that hung mid-call): the server ends it and
+    #: releases its locks (``idle_in_transaction_session_timeout``).
+    idle_in_transaction: float = 120.0
+    #: Data sent but not acknowledged by the server's TCP (``tcp_user_timeout``).
+    tcp_user: float = 60.0
+
+    def options(self) -> str:
+        """The server settings, as libpq's ``options``."""
+        settings = {
+            "lock_timeout": self.lock,
+            "statement_timeout": self.statement,
+            "idle_in_transaction_session_timeout": self.idle_in_transaction,
+        }
+        return " ".join(f"-c {name}={_ms(seconds)}" for name, seconds in settings.items())
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 class Row(tuple[Any, ...]):
@@ -125,10 +154,11 @@ class PostgresBackend:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 10.0, limits: Limits | None = None) -> None:
         self._url = url
         self.name = describe(url)
         self.connect_timeout = max(2, round(connect_timeout))
+        self.limits = limits or Limits()
 
     def connect(self) -> Connection:
         """A new connection (autocommit: :meth:`transaction` opens each transaction)."""
@@ -143,6 +173,8 @@ class PostgresBackend:
                 keepalives_idle=KEEPALIVE_IDLE,
                 keepalives_interval=KEEPALIVE_IDLE,
                 keepalives_count=3,
+                tcp_user_timeout=_ms(self.limits.tcp_user),
+                options=self.limits.options(),
             )
         except psycopg.Error as exc:
             raise StoreUnavailable(
@@ -169,6 +201,16 @@ class PostgresBackend:
         :class:`StoreError` (a statement failed)."""
         if not isinstance(exc, psycopg.Error):
             return None
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return StoreUnavailable(
+                f"the hub store {self.name} is locked: the writer lock was not free within {self.limits.lock:g} s "
+                "(another hub or client holds it: see pg_stat_activity and pg_locks for a stuck session)"
+            )
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return StoreUnavailable(
+                f"the hub store {self.name} did not answer within {self.limits.statement:g} s: "
+                f"{_first_line(exc)} (is the server overloaded or a session stuck? see pg_stat_activity)"
+            )
         if isinstance(exc, psycopg.OperationalError) and _lost(exc):
             return StoreUnavailable(
                 f"the connection to the hub store {self.name} failed: {_first_line(exc)} "
