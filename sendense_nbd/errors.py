@@ -52,7 +52,7 @@
     │   ├── CopyDamaged            a copy read back differs from its manifest or its recorded digests
     │   └── UnknownCopy            no offsite copy has this ID (404)
     ├── StoreError                 the hub's store (SQLite or PostgreSQL) cannot be opened, migrated or used
-    │   └── StoreUnavailable       the PostgreSQL server cannot be reached, or the connection to it dropped
+    │   └── StoreUnavailable       PostgreSQL unreachable, the connection dropped, or a bound passed (503)
     ├── PortError                  the NBD port pool cannot satisfy a request
     └── OtherHub                   the job runs on another live hub of the cluster (307 to its API)
 
@@ -367,8 +367,10 @@ class StoreError(SendenseError):
 
 
 class StoreUnavailable(StoreError):
-    """The PostgreSQL server cannot be reached (refused, timed out, authentication failed) or the connection
-    to it dropped; the next call connects again. The message names the server (never its password)."""
+    """The PostgreSQL server cannot be reached (refused, timed out, authentication failed), the connection
+    to it dropped (the next call connects again), the writer lock stayed taken past ``lock_timeout`` or a
+    statement ran past ``statement_timeout``. The message names the server (never its password); the
+    API answers 503 ``store_unavailable``."""
 
 
 class OtherHub(SendenseError):

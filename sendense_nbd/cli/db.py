@@ -18,12 +18,17 @@ def db_group() -> None:
 
 def _existing(target: str, option: str) -> str:
     """``target`` as :class:`~sendense_nbd.hub.db.Database` takes it; an SQLite file must exist already."""
+    from sendense_nbd.hub.db.database import sqlite_path
+
     if target.startswith(("postgresql://", "postgres://")):
         return target
-    path = target.removeprefix("sqlite:")
+    try:
+        path = sqlite_path(target)
+    except SendenseError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
     if not os.path.isfile(path):
         raise click.BadParameter(f"{path}: no such SQLite store (a hub's REPO/hub.db)", param_hint=option)
-    return path
+    return f"sqlite:{path}"
 
 
 @db_group.command("upgrade")
@@ -60,7 +65,9 @@ def migrate_command(source: str, target: str, output: str) -> None:
     from sendense_nbd.hub.db.transfer import copy_store
 
     if not target.startswith(("postgresql://", "postgres://")):
-        raise click.BadParameter(f"{target!r}: db migrate copies into postgresql://...", param_hint="--to")
+        raise click.BadParameter(
+            "db migrate copies into a PostgreSQL database: give postgresql://USER@HOST/DB", param_hint="--to"
+        )
     started = time.monotonic()
     try:
         source_db = Database(_existing(source, "--from"))

@@ -415,7 +415,7 @@ def _open_repository(repo: str, target: str | None) -> tuple[Database, Repositor
     from sendense_nbd.hub.repository import open_store
 
     try:
-        db = Database(target or os.path.join(repo, "hub.db"))
+        db = Database(target or "sqlite:" + os.path.join(repo, "hub.db"))
     except SendenseError as exc:
         raise click.ClickException(str(exc)) from exc
     try:

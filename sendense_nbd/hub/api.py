@@ -32,6 +32,7 @@ from sendense_nbd.errors import (
     OtherHub,
     PortError,
     RepositoryError,
+    StoreUnavailable,
     UnknownCopy,
     UnknownJob,
     UnknownNode,
@@ -71,7 +72,8 @@ _ERRORS: ErrorMap = [
     (RepositoryError, 409, "repository"),
     (InvalidBackup, 400, "bad_request"),
     (CompletionMismatch, 400, "bad_request"),
-    (OtherHub, 409, "other_hub"),  # the API's routes answer 307 (_to_owner); the console's 409
+    (OtherHub, 409, "other_hub"),
+    (StoreUnavailable, 503, "store_unavailable"),  # the API's routes answer 307 (_to_owner); the console's 409
 ]
 
 

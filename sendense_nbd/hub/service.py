@@ -303,7 +303,7 @@ class Hub:
             self.restore_dir = _open_restore_dir(config.restore_dir or os.path.join(config.repo, "restores"))
             store = open_store(config.repo, config.store)
             self.id = hub_id(config.repo, config.hub_id)
-            self._db = Database(config.db or os.path.join(config.repo, "hub.db"))
+            self._db = Database(config.db or "sqlite:" + os.path.join(config.repo, "hub.db"))
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -1137,7 +1137,7 @@ def _start_failure(exc: BaseException) -> req.Failure:
 
 
 def _out_of_space(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an error it stands for) is the repository's filesystem running full."""
+    """Whether ``exc`` (or an error it stands for) is the repository's filesystem or the store running full."""
     seen: BaseException | None = exc
     for _ in range(16):  # a chain of causes, bounded
         if seen is None:
@@ -1145,6 +1145,8 @@ def _out_of_space(exc: BaseException) -> bool:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return True
         if isinstance(seen, sqlite3.OperationalError) and "full" in str(seen):
+            return True
+        if getattr(seen, "sqlstate", None) == "53100":  # PostgreSQL's disk_full (psycopg's error, chained)
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -85,3 +85,40 @@ def test_a_hub_moves_from_sqlite_to_postgresql(
     job = _backup(api, "/DC/vm/a1", "52 aa/4")  # the chain goes on from the copied points
     assert [d["sync_type"] for d in job["detail"]["disks"]] == ["incremental", "incremental"]
     assert len(api.get("/backups")[1]["backups"]) == 4
+
+
+def test_sqlites_own_tables_are_not_copied(postgres_cluster: PostgresCluster, tmp_path: Path) -> None:
+    from sendense_nbd.hub.db import Database
+    from sendense_nbd.hub.db.transfer import copy_store
+
+    source = tmp_path / "hub.db"
+    Database(f"sqlite:{source}").close()
+    with sqlite3.connect(source) as connection:  # sqlite_sequence (kept after its table goes) and sqlite_stat1
+        connection.execute("CREATE TABLE counted (id INTEGER PRIMARY KEY AUTOINCREMENT)")
+        connection.execute("INSERT INTO counted DEFAULT VALUES")
+        connection.execute("DROP TABLE counted")
+        connection.execute("INSERT INTO policies (name, spec, created, updated) VALUES ('p', '{}', 0, 0)")
+        connection.execute("ANALYZE")
+        internal = {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE name LIKE 'sqlite_%'")}
+    connection.close()
+    assert {"sqlite_sequence", "sqlite_stat1"} <= internal
+    source_db, target_db = Database(f"sqlite:{source}"), Database(postgres_cluster.new_database())
+    try:
+        counts = copy_store(source_db, target_db)
+    finally:
+        source_db.close()
+        target_db.close()
+    assert counts["policies"] == 1 and not any(name.startswith("sqlite_") for name in counts)
+
+
+def test_a_target_that_is_not_a_postgresql_url_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    source = tmp_path / "hub.db"
+    source.touch()
+    refused = _migrate(source, "host=db user=hub password=s3cret-pw", check=False)
+    assert refused.returncode == 2 and "give postgresql://USER@HOST/DB" in refused.stderr
+    assert "s3cret-pw" not in refused.stderr + refused.stdout
+    upgrade = ["db", "upgrade", "--db", "host=db user=hub password=s3cret-pw"]
+    refused = run(sys.executable, "-m", "sendense_nbd", *upgrade, check=False)
+    assert refused.returncode == 2 and "not libpq's key=value form" in refused.stderr
+    assert "s3cret-pw" not in refused.stderr + refused.stdout
+    assert list(tmp_path.iterdir()) == [source]

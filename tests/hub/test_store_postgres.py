@@ -9,11 +9,12 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sendense_nbd.errors import StoreUnavailable
+from sendense_nbd.errors import StoreError, StoreUnavailable
 from sendense_nbd.hub.db import Database
 from tests.conftest import POSTGRES_PREFIX, _simulator_module
 
@@ -47,6 +48,25 @@ def test_a_refused_connection_is_a_typed_error_without_the_password() -> None:
     message = str(raised.value)
     assert "s3cret-pw" not in message and "postgresql://hub@127.0.0.1:" in message and "/hubs" in message
     assert "is PostgreSQL running" in message
+
+
+def test_an_unparsable_url_is_refused_without_its_password() -> None:
+    for url in ("postgresql://hub:s3cret-pw%zz@db/hubs", "postgresql://hub:s3cret-pw@[::1/hubs"):
+        with pytest.raises(StoreError) as raised:
+            Database(url)
+        assert "not a valid PostgreSQL URL" in str(raised.value) and "s3cret-pw" not in str(raised.value)
+        assert raised.value.__cause__ is None and raised.value.__suppress_context__  # libpq's error not chained
+
+
+def test_a_keyword_conninfo_or_a_name_with_spaces_is_not_an_sqlite_path(tmp_path: Path) -> None:
+    for target in ("host=db user=hub password=s3cret-pw", str(tmp_path / "my store.db")):
+        with pytest.raises(StoreError, match="sqlite:PATH") as raised:
+            Database(target)
+        assert "s3cret-pw" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+    odd = tmp_path / "a=b c.db"
+    Database(f"sqlite:{odd}").close()
+    assert odd.is_file()
 
 
 async def test_a_server_stopped_mid_call_fails_the_call_and_the_next_call_reconnects(
@@ -162,5 +182,42 @@ async def test_the_first_call_after_a_server_restart_succeeds(own_cluster: tuple
             db.run(lambda c: c.execute("SELECT COUNT(*) FROM policies").fetchone()[0]), NO_HANG
         )
         assert count == 1
+    finally:
+        db.close()
+
+
+async def test_the_api_answers_503_store_unavailable_while_postgresql_is_down(
+    own_cluster: tuple[Any, Any], tmp_path: Path
+) -> None:
+    import time
+
+    from sendense_nbd.hub.clock import ManualClock
+    from tests.hub.operating import local_hub
+
+    module, cluster = own_cluster
+    url = module.create_database(cluster, "api")
+    async with local_hub(tmp_path / "repo", clock=ManualClock(time.time()), db=url) as hub:
+        assert (await hub.call("GET", "/backups"))[0] == 200
+        await asyncio.to_thread(module.stop, cluster.directory)
+        try:
+            status, answer = await asyncio.wait_for(hub.call("GET", "/backups"), NO_HANG)
+        finally:
+            await asyncio.to_thread(module.start, cluster.directory)
+        assert status == 503 and answer["error"]["code"] == "store_unavailable", answer
+        assert "postgresql://" in answer["error"]["message"]
+        assert (await asyncio.wait_for(hub.call("GET", "/backups"), NO_HANG))[0] == 200
+
+
+def test_postgresqls_disk_full_is_insufficient_space(postgres_cluster: Any) -> None:
+    from sendense_nbd.hub.service import _out_of_space
+
+    db = Database(postgres_cluster.new_database(), connect_timeout=5)
+    try:
+        with pytest.raises(StoreError) as raised:  # the server's own disk_full, as a full volume raises it
+            db.call(lambda c: c.execute("DO $$ BEGIN RAISE SQLSTATE '53100'; END $$"))
+        assert _out_of_space(raised.value)
+        with pytest.raises(StoreError) as other:
+            db.call(lambda c: c.execute("DO $$ BEGIN RAISE SQLSTATE '53200'; END $$"))  # out_of_memory
+        assert not _out_of_space(other.value)
     finally:
         db.close()

@@ -115,11 +115,25 @@ def _backend(target: str, connect_timeout: float, limits: Limits | None) -> Back
         from sendense_nbd.hub.db.postgres import PostgresBackend
 
         return PostgresBackend(target, connect_timeout=connect_timeout, limits=limits)
-    if "://" in target:
-        raise StoreError(f"--db {target.split('://')[0]}://...: give a path, sqlite:PATH or postgresql://...")
     from sendense_nbd.hub.db.sqlite import SqliteBackend
 
-    return SqliteBackend(target.removeprefix("sqlite:"))
+    return SqliteBackend(sqlite_path(target))
+
+
+def sqlite_path(target: str) -> str:
+    """The SQLite file ``target`` names (a path or ``sqlite:PATH``). Refused, without echoing it (it may
+    hold a password): another scheme's URL, and anything with ``=`` or white space unless it starts with
+    ``sqlite:`` (a libpq keyword conninfo such as ``host=db user=hub password=...`` is not a file name)."""
+    if target.startswith("sqlite:"):
+        return target.removeprefix("sqlite:")
+    if "://" in target:
+        raise StoreError(f"--db {target.split('://')[0][:20]}://...: give a path, sqlite:PATH or postgresql://...")
+    if "=" in target or any(char.isspace() for char in target):
+        raise StoreError(
+            "--db holds '=' or white space: a PostgreSQL store is named by a postgresql://USER@HOST/DB URL "
+            "(not libpq's key=value form); an SQLite file with such a name is given as sqlite:PATH"
+        )
+    return target
 
 
 def open_database(target: str, *, connect_timeout: float = 10.0, limits: Limits | None = None) -> Database:

@@ -14,6 +14,7 @@ server (never the password); the dropped connection is discarded and the next ca
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -155,6 +156,11 @@ class PostgresBackend:
     dialect = "postgresql"
 
     def __init__(self, url: str, *, connect_timeout: float = 10.0, limits: Limits | None = None) -> None:
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            reason = _redacted(_first_line(exc), url)
+            raise StoreError(f"--db postgresql://...: not a valid PostgreSQL URL ({reason})") from None
         self._url = url
         self.name = describe(url)
         self.connect_timeout = max(2, round(connect_timeout))
@@ -250,6 +256,18 @@ def _lost(exc: psycopg.OperationalError) -> bool:
     """A connection problem (class 08, the server shutting down 57P, or no SQLSTATE: the socket)."""
     state = exc.sqlstate or ""
     return not state or state.startswith(("08", "57P"))
+
+
+def _redacted(message: str, url: str) -> str:
+    """``message`` (libpq's, which may quote the URL) without the URL's user information or any
+    ``password=`` value."""
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
+    secrets = {userinfo, *userinfo.split(":")[1:]} if userinfo else set()
+    secrets |= set(re.findall(r"password=([^&\s]*)", url))
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return re.sub(r"password=[^&\s\"']*", "password=***", message)
 
 
 def _first_line(exc: BaseException) -> str:

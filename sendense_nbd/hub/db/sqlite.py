@@ -86,8 +86,9 @@ class SqliteBackend:
         connection.close()
 
     def tables(self, connection: Connection) -> set[str]:
-        """From ``sqlite_master``."""
-        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        """From ``sqlite_master``, without SQLite's own (``sqlite_sequence``, ``sqlite_stat1``, ...)."""
+        found = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {row[0] for row in found if not row[0].startswith("sqlite_")}
 
     def adopt(self, connection: Connection) -> None:
         """Add the :data:`LEGACY_COLUMNS` a store made before migrations lacks (to the tables it has)."""
