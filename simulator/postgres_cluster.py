@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """A real PostgreSQL test cluster (Debian's postgresql 15), every file under one directory.
 
-initdb in DIR/data, the server listening on a unix socket in DIR/socket and on 127.0.0.1 at a free
-port, trust authentication for the test superuser ``sendense`` (local connections only), ``fsync``
-on as in production. PostgreSQL refuses to run as root: as root, the cluster's files belong to the
-``postgres`` system user (made by Debian's postgresql package) and its tools run through ``runuser``.
+initdb in DIR/data, the server listening on a unix socket in DIR/socket (mode 0700: only its owner,
+and root, reach it; trust there) and on 127.0.0.1 at a free port (scram-sha-256 with a random password
+made for this cluster, kept in DIR/cluster.json, mode 0600, and given in its URLs: another local user
+cannot connect), the test superuser ``sendense``, ``fsync`` on as in production. PostgreSQL refuses
+to run as root: as root, the cluster's files belong to the ``postgres`` system user (made by Debian's
+postgresql package) and its tools run through ``runuser``.
 
     python3 simulator/postgres_cluster.py start DIR    # initdb (or restart) DIR, print the Cluster as JSON
     python3 simulator/postgres_cluster.py status DIR   # the Cluster and whether it runs
@@ -60,10 +62,12 @@ class Cluster:
     port: int
     host: str = "127.0.0.1"
     user: str = USER
+    #: The superuser's password over TCP (random per cluster; the unix socket trusts its owner).
+    password: str = ""
 
     def url(self, database: str = "postgres") -> str:
-        """``postgresql://`` URL of ``database`` over TCP on 127.0.0.1."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+        """``postgresql://`` URL of ``database`` over TCP on 127.0.0.1 (with the cluster's password)."""
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
 
     def socket_url(self, database: str = "postgres") -> str:
         """The same over the unix socket."""
@@ -152,19 +156,28 @@ def _configure(directory: Path, port: int) -> None:
         conf.write("\n# simulator/postgres_cluster.py\n")
         conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
     (data / "pg_hba.conf").write_text(
-        f"local all {USER} trust\nhost all {USER} 127.0.0.1/32 trust\nhost all {USER} ::1/128 trust\n"
+        f"local all {USER} trust\nhost all {USER} 127.0.0.1/32 scram-sha-256\nhost all {USER} ::1/128 scram-sha-256\n"
     )
 
 
-def _initdb(directory: Path) -> None:
+def _initdb(directory: Path) -> str:
+    """initdb, the superuser's password set to a new random one (returned)."""
     (directory / "data").mkdir(mode=0o700)
-    (directory / "socket").mkdir(mode=0o755)
+    (directory / "socket").mkdir(mode=0o700)
+    password = secrets.token_urlsafe(24)
+    pwfile = directory / "pwfile"
+    pwfile.touch(mode=0o600)
+    pwfile.write_text(password + "\n")
     _give(directory)
-    _run(
-        [_bindir() / "initdb", "-D", directory / "data", "-U", USER, "--auth=trust", "-E", "UTF8", "--no-locale",
-         "--no-sync"],
-        what="initdb", cwd=directory, timeout=120,
-    )  # fmt: skip
+    try:
+        _run(
+            [_bindir() / "initdb", "-D", directory / "data", "-U", USER, "--auth=trust", "-E", "UTF8",
+             "--no-locale", "--no-sync", f"--pwfile={pwfile}"],
+            what="initdb", cwd=directory, timeout=120,
+        )  # fmt: skip
+    finally:
+        pwfile.unlink()
+    return password
 
 
 def _server_up(directory: Path, port: int, timeout: float) -> None:
@@ -182,6 +195,8 @@ def _server_up(directory: Path, port: int, timeout: float) -> None:
 
 def _save(directory: Path, cluster: Cluster) -> None:
     partial = directory / (STATE_FILE + ".tmp")
+    partial.touch(mode=0o600)
+    partial.chmod(0o600)
     partial.write_text(json.dumps(attrs.asdict(cluster)) + "\n")
     partial.replace(directory / STATE_FILE)
 
@@ -196,11 +211,10 @@ def start(directory: str | os.PathLike[str], *, timeout: float = 60) -> Cluster:
     if fresh and any(entry.name != OWNER_FILE for entry in path.iterdir()):
         raise ClusterError(f"{path} is neither empty nor a test PostgreSQL cluster")
     try:
-        if fresh:
-            _initdb(path)
+        password = _initdb(path) if fresh else load(path).password
         for attempt in range(START_ATTEMPTS):
             port = _pick_port() if fresh else load(path).port
-            cluster = Cluster(str(path), str(path / "socket"), port)
+            cluster = Cluster(str(path), str(path / "socket"), port, password=password)
             _configure(path, port)
             try:
                 _server_up(path, port, timeout)

@@ -221,3 +221,17 @@ def test_postgresqls_disk_full_is_insufficient_space(postgres_cluster: Any) -> N
         assert not _out_of_space(other.value)
     finally:
         db.close()
+
+
+def test_the_test_cluster_admits_over_tcp_only_with_its_password(postgres_cluster: Any) -> None:
+    import psycopg
+
+    cluster = postgres_cluster.cluster
+    assert len(cluster.password) >= 20
+    with psycopg.connect(cluster.url(), connect_timeout=10) as admitted:
+        assert admitted.execute("SELECT 1").fetchone() == (1,)
+    for wrong in ("", "not-the-password"):
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(f"postgresql://{cluster.user}:{wrong}@{cluster.host}:{cluster.port}/postgres")
+    assert Path(cluster.socket_dir).stat().st_mode & 0o777 == 0o700
+    assert (Path(cluster.directory) / "cluster.json").stat().st_mode & 0o777 == 0o600

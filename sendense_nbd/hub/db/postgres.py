@@ -103,7 +103,10 @@ class _NumberLoader(Loader):
 
 @functools.lru_cache(maxsize=1024)
 def placeholders(sql: str) -> str:
-    """``sql`` with ``?`` placeholders as psycopg's ``%s`` (a ``%`` doubled; a ``?`` in a string literal kept)."""
+    """``sql`` with ``?`` placeholders as psycopg's ``%s`` (a ``%`` doubled; a ``?`` in a string literal kept).
+
+    Only single-quoted literals are recognised: a ``?`` in a comment, a double-quoted identifier or a
+    dollar-quoted string would be translated too, so the dialect has none (docs/DATABASE.md)."""
     out, quoted = [], False
     for char in sql:
         if char == "'":
