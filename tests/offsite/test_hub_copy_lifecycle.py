@@ -230,7 +230,9 @@ async def test_concurrent_exports_of_a_copy_share_one_server(ceph_cluster: Any, 
         answers = await asyncio.gather(*(hub.ok("POST", f"/copies/{copy['id']}/export") for _ in range(4)))
         assert len({(a["port"], a["uri"]) for a in answers}) == 1
         ports = await hub.ok("GET", "/ports")
-        assert str(ports).count(f"copy-{copy['id']}") == 1, ports  # one lease: the others waited and shared it
+        leases = [lease for lease in ports["used"] if lease["job_id"] == f"copy-{copy['id']}"]
+        assert len(leases) == 1, ports  # one lease: the others waited and shared it
+        assert [e["job_id"] for e in ports["exports"]].count(f"copy-{copy['id']}") == 1, ports  # and one export
         assert (await hub.ok("DELETE", f"/copies/{copy['id']}/export"))["stopped"] is True
         assert (await hub.ok("DELETE", f"/copies/{copy['id']}/export"))["stopped"] is False
         await hub.ok("POST", f"/copies/{copy['id']}/download", {"path": "once"})
