@@ -157,7 +157,7 @@ async def test_the_store_answers_from_its_indexes_within_the_bound(store_target:
         for query in _queries(now):
             found = await store.query(query)
             assert [j.created for j in found] == sorted((j.created for j in found), reverse=True)
-            if db.backend.dialect == "sqlite":  # its planner's own words
+            if db.engine.dialect == "sqlite":  # its planner's own words
                 await _uses_an_index(db, query)
     finally:
         db.close()

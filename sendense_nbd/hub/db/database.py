@@ -26,14 +26,14 @@ class Database:
     """
 
     def __init__(self, target: str, *, connect_timeout: float = 10.0, limits: Limits | None = None) -> None:
-        self.backend = _backend(target, connect_timeout, limits)
+        self.engine = _backend(target, connect_timeout, limits)
         self.path = target
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-db")
         self._local = threading.local()
         self._connections: list[Connection] = []
         try:
             #: The migrations this open applied (none when the store was current).
-            self.applied = self.call(lambda connection: migrations.upgrade(connection, self.backend))
+            self.applied = self.call(lambda connection: migrations.upgrade(connection, self.engine))
         except BaseException:
             self.close()
             raise
@@ -41,12 +41,12 @@ class Database:
     @property
     def name(self) -> str:
         """Where the store is, for messages (no password)."""
-        return self.backend.name
+        return self.engine.name
 
     def _connection(self) -> Connection:
         connection: Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = self.backend.connect()
+            connection = self.engine.connect()
             self._local.connection = connection
             self._connections.append(connection)
         return connection
@@ -55,7 +55,7 @@ class Database:
         self._local.connection = None
         self._connections.remove(connection)
         try:
-            self.backend.close(connection)
+            self.engine.close(connection)
         except Exception:  # noqa: BLE001, S110 - it is gone already
             pass
 
@@ -73,14 +73,14 @@ class Database:
 
             try:
                 connection = self._connection()
-                return self.backend.transaction(connection, tracked)
+                return self.engine.transaction(connection, tracked)
             except BaseException as exc:
-                broken = connection is not None and self.backend.broken(connection)
+                broken = connection is not None and self.engine.broken(connection)
                 if connection is not None and broken:
                     self._drop(connection)
                 if broken and not ran and attempt == 1 and isinstance(exc, Exception):
                     continue
-                typed = self.backend.translate(exc)
+                typed = self.engine.translate(exc)
                 if typed is None:
                     raise
                 raise typed from exc
@@ -100,7 +100,7 @@ class Database:
         def close_all() -> None:
             for connection in self._connections:
                 try:
-                    self.backend.close(connection)
+                    self.engine.close(connection)
                 except Exception:  # noqa: BLE001, S110 - closing a dropped connection
                     pass
             self._connections.clear()

@@ -56,7 +56,7 @@ def _write(connection: Connection, target: Database, copies: list[TableCopy]) ->
                 copy.rows,
             )
         if "seq" in copy.columns:
-            target.backend.follow_sequence(connection, copy.name, "seq")
+            target.engine.follow_sequence(connection, copy.name, "seq")
     counts = {}
     for copy in copies:
         (count,) = connection.execute(f"SELECT COUNT(*) FROM {copy.name}").fetchone()  # noqa: S608
@@ -68,8 +68,8 @@ def _write(connection: Connection, target: Database, copies: list[TableCopy]) ->
 
 def copy_store(source: Database, target: Database) -> dict[str, int]:
     """Copy every table of ``source`` into the empty ``target`` in one transaction; rows per table."""
-    tables = sorted(source.call(source.backend.tables) - NOT_COPIED)
-    missing = set(tables) - target.call(target.backend.tables)
+    tables = sorted(source.call(source.engine.tables) - NOT_COPIED)
+    missing = set(tables) - target.call(target.engine.tables)
     if missing:
         raise StoreError(f"{target.name} lacks the tables {', '.join(sorted(missing))}: not at the source's schema")
     copies = source.call(lambda connection: _read(connection, tables))
