@@ -2,23 +2,29 @@
 read by qemu's rbd driver byte for byte equal to what was written (qemu-img compare against a raw file written
 with the same qemu-io commands). A discarded or interrupted job leaves nothing a later point could include (the
 head is rolled back; a snapshot taken by a crashed completion is removed); retention removes snapshots only;
-digests and verify read snapshots; a point exports as portable qcow2 files, converts to a file and clones to a
-new, flattened image; space comes from the pool and its quota; orphans are swept."""
+digests and verify read snapshots; a shared sidecar is fetched by its size (an oversized one never read); a
+point exports as portable qcow2 files, converts to a file and clones to a new, flattened image; space comes from
+the pool and its quota; orphans are swept."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
+import sendense_nbd.hub.repository.rbd as rbd_store
 from sendense_nbd.backup.records import SyncType
 from sendense_nbd.errors import Conflict, RepositoryError
 from sendense_nbd.hub.clock import SystemClock
-from sendense_nbd.hub.repository import Point, RbdStore, Repository, VerifyState, open_store
+from sendense_nbd.hub.repository import Point, PointStatus, RbdStore, Repository, VerifyState, open_store
 from sendense_nbd.hub.requests import ReportedDisk
 from sendense_nbd.hub.verify import record_digests, verify_point
 from sendense_nbd.policy.model import Retention
@@ -185,6 +191,84 @@ async def test_digests_verify_export_convert_and_clone_read_snapshots(
     assert verdict is not None and verdict.state == VerifyState.VERIFIED.value  # a snapshot needs no other
     verdict = await verify_point(repository, await repository.point(full.id), SystemClock(), readers=readers)
     assert verdict is not None and verdict.state == VerifyState.DAMAGED.value and "missing" in str(verdict.error)
+
+
+class Reads:
+    """The pool's Ioctx, recording the length each read asks for (python-rados allocates it) and optionally
+    understating the size ``stat`` tells (as if the object were rewritten between the stat and the read)."""
+
+    def __init__(self, ioctx: Any, *, shrink: int = 0) -> None:
+        self.ioctx = ioctx
+        self.shrink = shrink
+        self.lengths: list[int] = []
+
+    def stat(self, name: str) -> tuple[int, Any]:
+        size, mtime = self.ioctx.stat(name)
+        return size - self.shrink, mtime
+
+    def read(self, name: str, length: int = 8192, offset: int = 0) -> bytes:
+        self.lengths.append(length)
+        return bytes(self.ioctx.read(name, length, offset))
+
+
+def watch_reads(monkeypatch: pytest.MonkeyPatch, store: RbdStore, *, shrink: int = 0) -> list[int]:
+    """The lengths the store's reads of RADOS objects ask for, from now on."""
+    opened = store._ioctx
+    lengths: list[int] = []
+
+    @contextlib.contextmanager
+    def watched(what: str) -> Iterator[Reads]:
+        with opened(what) as ioctx:
+            reads = Reads(ioctx, shrink=shrink)
+            reads.lengths = lengths
+            yield reads
+
+    monkeypatch.setattr(store, "_ioctx", watched)
+    return lengths
+
+
+def check_shared_digests(store: RbdStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar shared, then fetched byte for byte by reading the object's size; an oversized object refused
+    before any read; a rewrite between the stat and the read refused; an object never shared fetches nothing."""
+    point = Point(
+        "20260101T000000Z-0000d1d1", VM, DISK, "job", SyncType.FULL, "", None, SIZE, None, None,
+        PointStatus.COMPLETED, 0.0, 0.0,
+    )  # fmt: skip
+    sidecar = Path(store.digest_path(point))
+    sidecar.parent.mkdir(parents=True)
+    data = os.urandom(3 * MIB + 17)
+    sidecar.write_bytes(data)
+    store.share_digests(point)
+    sidecar.unlink()
+
+    lengths = watch_reads(monkeypatch, store)
+    store.fetch_digests(point)
+    assert sidecar.read_bytes() == data
+    assert lengths == [len(data) + 1]  # the object's size (and a byte to see a rewrite), not MAX_DIGESTS
+
+    sidecar.unlink()
+    monkeypatch.setattr(rbd_store, "MAX_DIGESTS", MIB)
+    with pytest.raises(RepositoryError, match=rf"holds {len(data)} bytes, more than a hub shares \({MIB}\)"):
+        store.fetch_digests(point)
+    assert lengths == [len(data) + 1] and not sidecar.exists()  # refused before any read
+    monkeypatch.undo()
+
+    watch_reads(monkeypatch, store, shrink=1)  # rewritten with other digests between the stat and the read
+    with pytest.raises(RepositoryError, match="changed while read"):
+        store.fetch_digests(point)
+    assert not sidecar.exists()
+
+    other = attrs.evolve(point, id="20260101T000000Z-0000d2d2")  # never shared: nothing fetched, no error
+    store.fetch_digests(other)
+    assert not Path(store.digest_path(other)).exists()
+
+
+async def test_shared_digests_are_fetched_byte_identical_and_an_oversized_object_is_never_read(
+    repository: Repository, ceph_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = repository.store
+    assert isinstance(store, RbdStore)
+    await asyncio.to_thread(check_shared_digests, store, monkeypatch)
 
 
 async def test_space_is_the_pools_and_its_quota(repository: Repository, ceph_cluster: Any) -> None:

@@ -409,14 +409,23 @@ class RbdStore:
         if os.path.exists(path):
             return
         rados = importlib.import_module("rados")
+        name = f"{self.where.prefix}.{DIGESTS}.{point.id}"
         what = f"cannot read the shared digests of point {point.id} in {self.location}"
         with self._ioctx(what) as ioctx:
             try:
-                data = ioctx.read(f"{self.where.prefix}.{DIGESTS}.{point.id}", MAX_DIGESTS)
+                size, _ = ioctx.stat(name)
+                if size > MAX_DIGESTS:  # python-rados allocates the length asked for: never read such an object
+                    raise RepositoryError(
+                        f"{what}: object {name} holds {size} bytes, more than a hub shares ({MAX_DIGESTS}); "
+                        "it is not a sidecar: remove it (rados rm)"
+                    )
+                data = ioctx.read(name, size + 1)  # one byte more: a rewrite since the stat shows as another size
             except rados.ObjectNotFound:
                 return
             except rados.Error as exc:
                 _raise(exc, what)
+        if len(data) != size:
+            raise RepositoryError(f"{what}: object {name} changed while read ({size} bytes, then {len(data)}); retry")
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         temporary = temporary_name(path)
         with open(temporary, "wb") as f:
