@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import claims  # simulator/claims.py
+from claims import OWNER_FILE, claim  # noqa: F401  (claim: this module's, for its callers)
 
 #: The daemons in start order (stopped in reverse).
 DAEMONS = ("mon.a", "mgr.x", "osd.0", "client.rgw.a")
@@ -100,8 +102,6 @@ class _Layout:
 PORT_RANGE = (20000, 32000)
 #: Bootstraps tried with new ports when one was taken meanwhile ("Address already in use").
 BOOTSTRAP_ATTEMPTS = 3
-#: The file naming the process a cluster directory belongs to (see :func:`claim` and :func:`sweep`).
-OWNER_FILE = "owner.json"
 
 
 class PortTaken(ClusterError):
@@ -614,43 +614,10 @@ def running(directory: str | os.PathLike[str]) -> list[str]:
     return [name for name in DAEMONS if _running_pid(layout, name) is not None]
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), None if there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def claim(directory: str | os.PathLike[str], pid: int | None = None) -> None:
-    """Mark ``directory`` as belonging to process ``pid`` (default: this one), for :func:`sweep`."""
-    pid = os.getpid() if pid is None else pid
-    path = Path(directory) / OWNER_FILE
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps({"pid": pid, "start": _process_start(pid)}) + "\n")
-    partial.replace(path)  # whole or absent: a reader never sees half a claim
-
-
-def _abandoned(directory: Path) -> bool:
-    """``directory`` is claimed by a process that is gone (a pid reused since does not count as its owner)."""
-    try:
-        owner = json.loads((directory / OWNER_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return False  # unclaimed, or not a claim we can read: not ours to remove
-    return owner["start"] is None or _process_start(int(owner["pid"])) != owner["start"]
-
-
 def sweep(parent: str | os.PathLike[str], prefix: str) -> list[Path]:
     """Stop (by pid files) and remove the clusters in ``parent``/``prefix``* whose owner process is gone, as
     a SIGKILLed test session leaves them (daemons using about 0.5 GiB); the directories removed."""
-    removed = []
-    for directory in sorted(Path(parent).glob(f"{prefix}*")):
-        if directory.is_dir() and _abandoned(directory):
-            stop(directory)
-            shutil.rmtree(directory, ignore_errors=True)
-            removed.append(directory)
-    return removed
+    return claims.sweep(parent, prefix, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,10 +37,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
+import claims  # simulator/claims.py
+from claims import OWNER_FILE, claim  # noqa: F401  (claim: this module's, for its callers)
 
 STATE_FILE = "cluster.json"
-#: The file naming the process a cluster directory belongs to (see :func:`claim` and :func:`sweep`).
-OWNER_FILE = "owner.json"
 #: The test superuser (trust authentication, local connections only).
 USER = "sendense"
 #: The system user the server runs as when we are root.
@@ -276,42 +276,9 @@ def create_database(cluster: Cluster, name: str) -> str:
     return cluster.url(name)
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), None if there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def claim(directory: str | os.PathLike[str], pid: int | None = None) -> None:
-    """Mark ``directory`` as belonging to process ``pid`` (default: this one), for :func:`sweep`."""
-    pid = os.getpid() if pid is None else pid
-    path = Path(directory) / OWNER_FILE
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps({"pid": pid, "start": _process_start(pid)}) + "\n")
-    partial.replace(path)
-
-
-def _abandoned(directory: Path) -> bool:
-    """``directory`` is claimed by a process that is gone (a pid reused since does not count as its owner)."""
-    try:
-        owner = json.loads((directory / OWNER_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return False
-    return owner["start"] is None or _process_start(int(owner["pid"])) != owner["start"]
-
-
 def sweep(parent: str | os.PathLike[str], prefix: str) -> list[Path]:
     """Stop and remove the clusters in ``parent``/``prefix``* whose owner process is gone; those removed."""
-    removed = []
-    for directory in sorted(Path(parent).glob(f"{prefix}*")):
-        if directory.is_dir() and _abandoned(directory):
-            stop(directory)
-            shutil.rmtree(directory, ignore_errors=True)
-            removed.append(directory)
-    return removed
+    return claims.sweep(parent, prefix, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -212,15 +212,19 @@ def shm_image() -> Iterator[Path]:
 
 
 def _simulator_module(name: str) -> Any:
-    """simulator/NAME.py, loaded by path (simulator/ is not a package)."""
+    """simulator/NAME.py, loaded by path (simulator/ is not a package); simulator/ is first on sys.path while it
+    loads, as when it runs as a script, so that it imports its siblings (simulator/claims.py) by name."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "simulator" / f"{name}.py"
-        )
+        folder = Path(__file__).resolve().parents[1] / "simulator"
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(folder))
     return sys.modules[name]
 
 
