@@ -54,7 +54,7 @@
     ├── StoreError                 the hub's store (SQLite or PostgreSQL) cannot be opened, migrated or used
     │   └── StoreUnavailable       PostgreSQL unreachable, the connection dropped, or a bound passed (503)
     ├── PortError                  the NBD port pool cannot satisfy a request
-    └── OtherHub                   the job runs on another live hub of the cluster (307 to its API)
+    └── OtherHub                   the job runs on another live hub of the cluster (307 to its API, else 409)
 
 Foreign exceptions (``OSError``) are translated at the boundary with
 ``raise ... from exc`` so callers only need to catch ``SendenseError``. A
@@ -375,9 +375,10 @@ class StoreUnavailable(StoreError):
 
 class OtherHub(SendenseError):
     """A change of a job that another live hub of the cluster runs (its exports, ports and lock are there):
-    the API answers 307 to ``api_url``, that hub's API."""
+    the API answers 307 to ``api_url``, that hub's API; 409 ``other_hub`` when ``api_url`` is None (the
+    hub's registered URL is none to send clients to, or its row is unreadable)."""
 
-    def __init__(self, message: str, api_url: str) -> None:
+    def __init__(self, message: str, api_url: str | None) -> None:
         super().__init__(message)
         self.api_url = api_url
 

@@ -223,7 +223,8 @@ _DB_OPTION = click.option(
 @click.option(
     "--api-advertise",
     metavar="URL",
-    help="This API as the other hubs of a cluster and API clients reach it (default: --public-url).",
+    help="This API as the other hubs of a cluster and API clients reach it: http(s), a host, no credentials, "
+    "query or fragment (default: --public-url).",
 )
 @click.option(
     "--heartbeat", type=click.FloatRange(0.1, 3600), default=5, show_default=True, help="Seconds between heartbeats."

@@ -270,10 +270,13 @@ class _Handlers:
 @web.middleware
 async def _to_owner(request: web.Request, handler: Any) -> web.StreamResponse:
     """A change of a job that another live hub runs: 307 to the same path and query on that hub's API (a
-    client that follows it repeats its method and body there)."""
+    client that follows it repeats its method and body there); 409 ``other_hub`` when there is no URL to
+    send it to."""
     try:
         response: web.StreamResponse = await handler(request)
     except OtherHub as exc:
+        if exc.api_url is None:
+            raise
         location = exc.api_url.rstrip("/") + request.path_qs
         body = {"error": {"code": "other_hub", "message": str(exc)}, "location": location}
         return web.json_response(body, status=307, headers={"Location": location})

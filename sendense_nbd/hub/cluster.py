@@ -16,14 +16,17 @@ so a hub joining the cluster takes the repository without ``adopt=yes``).
 from __future__ import annotations
 
 import enum
+import logging
 import os
+import re
 import socket
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
-from sendense_nbd.errors import ConfigError
+from sendense_nbd.errors import ConfigError, OtherHub
 from sendense_nbd.fields import identifier
 from sendense_nbd.hub.clock import Clock
 from sendense_nbd.hub.db import Database, rows
@@ -34,6 +37,11 @@ HEARTBEAT = 5.0
 HUB_LOST = 30.0
 #: The file in a hub's directory that keeps its ID.
 ID_FILE = "hub-id"
+#: Longest API URL a hub registers (``--api-advertise``, else ``--public-url``).
+MAX_API_URL = 1024
+_VISIBLE_ASCII = re.compile(r"[!-~]+")
+
+log = logging.getLogger(__name__)
 
 
 class HubState(enum.Enum):
@@ -50,6 +58,38 @@ def check_membership(given: str | None, *, heartbeat: float, lapse: float) -> No
         raise ConfigError(f"--hub-id {given[:80]!r}: 1-128 of letters, digits, '.', '_', ':', '-'")
     if lapse <= heartbeat:
         raise ConfigError(f"--hub-lost ({lapse:g} s) must be longer than --heartbeat ({heartbeat:g} s)")
+
+
+def api_url_fault(url: object) -> str | None:
+    """What keeps ``url`` from being a hub's API URL in the cluster (its row, shown by ``GET /hubs`` and sent
+    by the other hubs as their 307s' ``Location``), None when nothing does: it is ``http://`` or ``https://``
+    with a host, no user name or password, query or fragment, in 1 to MAX_API_URL visible ASCII characters."""
+    if not isinstance(url, str) or len(url) > MAX_API_URL or not _VISIBLE_ASCII.fullmatch(url):
+        return f"must be 1 to {MAX_API_URL} visible ASCII characters (no spaces or control characters)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.username is not None:
+        return "must carry no user name or password (every API client is shown it)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.query or parts.fragment:
+        return "must have no query or fragment (the requests' paths are appended to it)"
+    return None
+
+
+def check_api_url(advertise: str | None, public_url: str) -> None:
+    """Refuse (:class:`ConfigError`) the API URL a hub would register: ``--api-advertise``, else ``--public-url``
+    (the URL itself is not repeated: it may hold a password)."""
+    if advertise is not None:
+        option, url = "--api-advertise", advertise
+    else:
+        option, url = "--public-url (the API URL this hub registers without --api-advertise)", public_url
+    fault = api_url_fault(url)
+    if fault is not None:
+        raise ConfigError(f"{option} {fault}: the other hubs send API clients to it")
 
 
 def hub_id(root: str, given: str | None) -> str:
@@ -188,10 +228,11 @@ class Cluster:
         return await self.db.run(renew)
 
     async def members(self) -> list[Member]:
-        """Every registered hub, by ID, with its liveness now."""
+        """Every registered hub, by ID, with its liveness now; a row that reads as no member (a state this
+        release does not know, a column of the wrong type) is left out, with a warning."""
         now = self.clock.now()
         found = await self.db.run(lambda connection: rows(connection.execute("SELECT * FROM hubs ORDER BY id")))
-        return [Member.from_row(row, now, self.lapse) for row in found]
+        return [member for row in found if (member := _member(row, now, self.lapse)) is not None]
 
     async def others_live(self) -> list[Member]:
         """The other hubs that are live now."""
@@ -225,10 +266,29 @@ class Cluster:
         )  # fmt: skip
 
     async def owner(self, hub: str | None) -> Member | None:
-        """The member that owns a job (None: this hub, a job from before hub IDs, or a hub not registered)."""
+        """The member that owns a job (None: this hub, a job from before hub IDs, or a hub not registered);
+        :class:`OtherHub` without a URL when that hub's row reads as no member (see :meth:`members`)."""
         if hub is None or hub == self.id:
             return None
-        return next((member for member in await self.members() if member.id == hub), None)
+        now = self.clock.now()
+        found = await self.db.run(lambda c: rows(c.execute("SELECT * FROM hubs WHERE id = ?", (hub,))))
+        if not found:
+            return None
+        member = _member(found[0], now, self.lapse)
+        if member is None:
+            raise OtherHub(
+                f"the job runs on hub {hub}, whose row in the hubs table is unreadable (this hub's log says why)", None
+            )
+        return member
+
+
+def _member(row: dict[str, Any], now: float, lapse: float) -> Member | None:
+    """The member a row reads as, None (and a warning) when it reads as none."""
+    try:
+        return Member.from_row(row, now, lapse)
+    except (ValueError, TypeError) as exc:
+        log.warning("hub %.80r: its row in the hubs table reads as no member (left out): %s", row.get("id"), exc)
+        return None
 
 
 def _check_members(me: Identity, others: list[dict[str, Any]]) -> None:

@@ -70,6 +70,8 @@ from sendense_nbd.hub.cluster import (
     HubState,
     Identity,
     Member,
+    api_url_fault,
+    check_api_url,
     check_membership,
     hub_id,
 )
@@ -210,7 +212,8 @@ class HubConfig:
         """Refuse (:class:`ConfigError`, naming the option) what cannot work before a hub opens anything: a bad
         default node, an ``--nbd-advertise`` or ``--nbd-bind`` that is no host, exposed plain exports, TLS
         exports at a host the certificate does not name (:func:`check_exposure`), a ``--hub-id`` that is no name,
-        a ``--hub-lost`` not longer than ``--heartbeat``."""
+        a ``--hub-lost`` not longer than ``--heartbeat``, an API URL to register that is no http(s) URL to send
+        clients to (:func:`check_api_url`)."""
         try:
             default = self.default_node()
             tls = self.export_tls()
@@ -218,6 +221,7 @@ class HubConfig:
             raise ConfigError(str(exc)) from None
         check_exposure(self.nbd_bind, tls, allow_plain=self.allow_plain_nbd, allow_any_client=self.allow_any_tls_client)
         check_membership(self.hub_id, heartbeat=self.heartbeat, lapse=self.hub_lost)
+        check_api_url(self.api_advertise, self.public_url)
         if default is not None:
             try:
                 tls.check_node(DEFAULT, default["transport"], default["nbd_host"], pinned=default["tls_pinned"])
@@ -509,10 +513,18 @@ class Hub:
                 await self._exports.stop_job(job_id)
 
     async def _owned(self, job: Job) -> None:
-        """Refuse (:class:`OtherHub`, 307) a change of a job another live hub runs."""
+        """Refuse (:class:`OtherHub`: 307, or 409 when its registered API URL is none to send clients to) a
+        change of a job another live hub runs."""
         owner = await self.cluster.owner(job.hub)
-        if owner is not None and owner.live:
+        if owner is None or not owner.live:
+            return
+        fault = api_url_fault(owner.api_url)
+        if fault is None:
             raise OtherHub(f"job {job.id} runs on hub {owner.id} ({owner.api_url})", owner.api_url)
+        raise OtherHub(
+            f"job {job.id} runs on hub {owner.id}, whose registered API URL {fault}: ask that hub, and restart it "
+            "with a valid --api-advertise", None
+        )  # fmt: skip
 
     async def _expire(self) -> None:
         """Fail this hub's running jobs past their deadline."""
