@@ -22,6 +22,12 @@
   (``rados_set_pool_full_try``): a write to a full pool or cluster then fails
   with ``EDQUOT``/``ENOSPC`` (the client sees ``ENOSPC``) instead of waiting
   for space forever, which is librados' default.
+* **Closing.** A read-only image, and every Ceph client, is closed :data:`CLOSE_GRACE` seconds after its
+  user let go of it, by one thread (:class:`_Closer`; :func:`settle` waits for them, as the process's
+  exit does): librbd 16 finishes an open, a refresh or a snapshot switch in a librados thread after it
+  has answered its caller, and an image closed at once could be freed under that thread (the process
+  aborts). A read-only image holds no lock and no watch, so nobody waits for it; a writable one is closed
+  at once, releasing its exclusive lock and its watch for the next user.
 * **Timeouts.** Every wait on the cluster ends: ``rados_osd_op_timeout`` and
   ``rados_mon_op_timeout`` are :data:`OP_TIMEOUT` (60 s) unless the name or
   the conf set them, and a timeout of 0 (Ceph's "never") is replaced by ours.
@@ -92,12 +98,16 @@
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import collections
 import contextlib
 import errno as os_errno
 import importlib
 import json
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,6 +119,8 @@ from sendense_nbd.protocol.extents import Extent
 from sendense_nbd.storage.base import Backend, Capabilities, Support
 from sendense_nbd.storage.checked import CheckedDevice
 from sendense_nbd.storage.modes import CacheMode
+
+log = logging.getLogger(__name__)
 
 #: Operations (blocking calls and aio parts) in flight on one image at most.
 DEFAULT_QUEUE_DEPTH = 32
@@ -125,6 +137,8 @@ OPS_PER_CALL = 3
 UNTRUSTED_OPTIONS = frozenset(
     {"mon_host", "auth_client_required", "client_mount_timeout", "rados_osd_op_timeout", "rados_mon_op_timeout"}
 )
+#: Seconds an image (and then its client) stays open after its user let go of it (see :class:`_Closer`).
+CLOSE_GRACE = 1.0
 #: Most bytes one block-status answer covers with the object map (a map lookup)...
 MAP_WINDOW = 64 << 30
 #: ... and without it (librbd lists every object of the window).
@@ -571,6 +585,96 @@ def _open_ioctx(cluster: Any, spec: RbdSpec) -> Any:
     return ioctx
 
 
+class _Closer:
+    """Closes images, and the Ceph clients they were opened on, :data:`CLOSE_GRACE` seconds after their users
+    let go of them, in order, in a thread of its own.
+
+    librbd 16 completes an open, a refresh or a snapshot switch to its caller first and takes the image's
+    state lock again afterwards, in a librados thread. An image closed (and freed) by its caller in between
+    makes that thread lock freed memory: an abort (``std::system_error``: Invalid argument) or a corrupt
+    heap, seen in hubs that open snapshots for a moment several times a second on a loaded machine. A close
+    that comes later leaves that thread the time to finish.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._queue: collections.deque[tuple[float, str, Callable[[], None]]] = collections.deque()
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._thread: threading.Thread | None = None
+
+    def later(self, name: str, close: Callable[[], None]) -> None:
+        """Run ``close`` (of the image or client ``name``) :data:`CLOSE_GRACE` seconds from now."""
+        with self._lock:
+            self._queue.append((time.monotonic() + CLOSE_GRACE, name, close))
+            self._pending[name] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rbd-closer", daemon=True)
+                self._thread.start()
+                atexit.register(self.settle)
+            self._lock.notify_all()
+
+    def settle(self) -> None:
+        """Until everything let go of so far is closed (at most :data:`CLOSE_GRACE` seconds)."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self._queue)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._queue))
+                due, name, close = self._queue[0]
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - the data was flushed before; the next ones still close
+                log.warning("closing %s failed: %s", name, exc)
+            with self._lock:
+                self._queue.popleft()
+                self._pending[name] -= 1
+                if not self._pending[name]:
+                    del self._pending[name]
+                self._lock.notify_all()
+
+
+_CLOSER = _Closer()
+
+
+def close_image(image: Any, name: str, *, read_only: bool) -> None:
+    """Close ``image`` (``rbd.Image`` of the image ``name``): a read-only one once librbd is surely done
+    with it (:class:`_Closer`: it holds no lock and no watch, so nobody waits for it); a writable one now,
+    releasing its exclusive lock and its watch for the next user."""
+    if read_only:
+        _CLOSER.later(name, image.close)
+    else:
+        image.close()
+
+
+def release_client(cluster: Any, ioctx: Any) -> None:
+    """Close the Ioctx and shut the client down after the images let go of before (see :class:`_Closer`)."""
+
+    def close() -> None:
+        ioctx.close()
+        _shutdown(cluster)
+
+    _CLOSER.later("a Ceph client", close)
+
+
+def settle() -> None:
+    """Until every image and client this process let go of is closed (at most :data:`CLOSE_GRACE` seconds)."""
+    _CLOSER.settle()
+
+
+@contextlib.contextmanager
+def opened_image(ioctx: Any, name: str, *, snapshot: str | None = None, read_only: bool = False) -> Iterator[Any]:
+    """``rbd.Image`` of ``name`` on ``ioctx`` (read-only at ``snapshot``), closed by :func:`close_image`."""
+    read_only = read_only or snapshot is not None
+    image = _lib("rbd").Image(ioctx, name, snapshot=snapshot, read_only=read_only)
+    try:
+        yield image
+    finally:
+        close_image(image, name, read_only=read_only)
+
+
 #: Held while a Ceph client is made, configured and connected, and while one shuts down: librados (Ceph 16)
 #: does neither safely in several threads of a process at once (seen in a hub making clients in threads: the
 #: config schema's check aborts, "Schema is missing legacy field"; an op submitted after its Objecter shut down).
@@ -619,8 +723,7 @@ def connect(spec: RbdSpec | str, *, cache: CacheMode = CacheMode.WRITEBACK) -> I
     try:
         yield cluster, ioctx
     finally:
-        ioctx.close()
-        _shutdown(cluster)
+        release_client(cluster, ioctx)
 
 
 def create_rbd(spec: RbdSpec | str, size: int) -> None:
@@ -646,7 +749,7 @@ def rbd_exists(spec: RbdSpec | str) -> bool:
     rbd = _lib("rbd")
     with connect(spec) as (_, ioctx):
         try:
-            with rbd.Image(ioctx, spec.image, snapshot=spec.snapshot, read_only=True):
+            with opened_image(ioctx, spec.image, snapshot=spec.snapshot, read_only=True):
                 return True
         except rbd.ImageNotFound:
             return False
@@ -777,11 +880,10 @@ class RbdDevice(Backend):
                 self._size, self._part, self._map_window = self._geometry()
             except BaseException:
                 with contextlib.suppress(_lib("rbd").Error):
-                    self._image.close()
+                    close_image(self._image, spec.image, read_only=readonly)
                 raise
         except BaseException:
-            self._ioctx.close()
-            _shutdown(self._cluster)
+            release_client(self._cluster, self._ioctx)
             raise
         #: Seconds a request waits for its parts, or for a slot, at most (librbd times out its own calls).
         self._wait = OPS_PER_CALL * _conf_seconds(self._cluster, "rados_osd_op_timeout") + 1
@@ -989,22 +1091,22 @@ class RbdDevice(Backend):
         return map_from_ranges(found, offset, end)
 
     def close(self) -> None:
-        """Flush (a writable image: the cluster must still take our writes), close; the first failure."""
+        """Flush (a writable image: the cluster must still take our writes) and close the image (a read-only
+        one and the client later: :func:`close_image`); the first failure."""
         if self._closed:
             return
         self._closed = True
-        rbd = _lib("rbd")
+        writable = self._capabilities.writable
         try:
-            if self._capabilities.writable:
+            if writable:
                 self._blocking(self._image.flush, f"close rbd:{self.spec.path}: the final flush")
         finally:
             try:
-                self._image.close()
-            except rbd.Error as exc:
+                close_image(self._image, self.spec.image, read_only=not writable)
+            except _lib("rbd").Error as exc:
                 raise _device_error(exc, f"close rbd:{self.spec.path}") from exc
             finally:
-                self._ioctx.close()
-                _shutdown(self._cluster)
+                release_client(self._cluster, self._ioctx)
 
 
 def _whole(data: bytes | bytearray | memoryview) -> bytes | bytearray:
@@ -1047,11 +1149,10 @@ def map_from_ranges(ranges: list[tuple[int, int]], offset: int, end: int) -> lis
 
 def rbd_image_exists(ioctx: Any, name: str) -> bool:
     """An image of this name exists in the ``ioctx``'s pool and namespace."""
-    rbd = _lib("rbd")
     try:
-        with rbd.Image(ioctx, name, read_only=True):
+        with opened_image(ioctx, name, read_only=True):
             return True
-    except rbd.ImageNotFound:
+    except _lib("rbd").ImageNotFound:
         return False
 
 

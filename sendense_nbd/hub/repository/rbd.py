@@ -44,7 +44,7 @@ from sendense_nbd.hub.repository.points import Point, PointStatus, vm_slug
 from sendense_nbd.hub.repository.store import Space
 from sendense_nbd.storage.files import remove_quietly, temporary_name
 from sendense_nbd.storage.modes import CacheMode
-from sendense_nbd.storage.rbd import RbdSpec, connect
+from sendense_nbd.storage.rbd import RbdSpec, connect, opened_image
 
 if TYPE_CHECKING:
     pass
@@ -70,6 +70,8 @@ _QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix", "adopt"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 #: A prefix has no '.': images are ``PREFIX.<vm>.<disk>``, so prefix ``a`` would match prefix ``a.b``'s images.
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+#: Seconds :meth:`RbdStore.close` waits for the calls using its connection to end.
+CLOSE_WAIT = 30
 #: Seconds a mon command may take before the store gives up (the cluster's mons are unreachable or stuck).
 MON_TIMEOUT = 30
 
@@ -189,7 +191,9 @@ class RbdStore:
         self._fresh = fresh
         #: Records the UUID in the state directory (``stores._record``).
         self._record = record
-        self._client_lock = threading.Lock()
+        self._client_lock = threading.Condition()
+        #: Calls using the connection now.
+        self._users = 0
         #: The store's one control connection (opened on first use): its exit stack, Rados and Ioctx.
         self._client: tuple[contextlib.ExitStack[Any], Any, Any] | None = None
         #: Connections found lost, closed with the store (another thread may still be using one).
@@ -224,7 +228,7 @@ class RbdStore:
                 identity = self._identity(ioctx)  # before an image is made: a first claim sees the pool as it was
                 if base is None and not _exists(ioctx, name):
                     rbd.RBD().create(ioctx, name, capacity)
-                with rbd.Image(ioctx, name) as image:
+                with opened_image(ioctx, name) as image:
                     image.metadata_set(TAG, identity)
                     clean = base is not None and _metadata(image, CLEAN) == base.id and image.size() == base.size
                     _set_dirty(image)
@@ -287,7 +291,7 @@ class RbdStore:
         rbd = _rbd()
         with self._ioctx(what) as ioctx:
             try:
-                with rbd.Image(ioctx, name) as image:
+                with opened_image(ioctx, name) as image:
                     if point.id in _snapshots(image):
                         image.remove_snap(point.id)
                     if latest is not None:
@@ -349,7 +353,7 @@ class RbdStore:
         what = f"cannot clone point {point.id} to rbd:{self.where.pool}/{name}"
         with self._ioctx(what) as ioctx:
             try:
-                with rbd.Image(ioctx, source) as image:
+                with opened_image(ioctx, source) as image:
                     protected = image.is_protected_snap(point.id)
                     if not protected:
                         image.protect_snap(point.id)
@@ -379,7 +383,7 @@ class RbdStore:
                 names = sorted(set(names) & {self.image_name(vm_path, key) for vm_path, key in disks})
             for name in names:
                 try:
-                    with rbd.Image(ioctx, name) as image:
+                    with opened_image(ioctx, name) as image:
                         if disks is None:
                             _clean_clones(ioctx, image, f"rbd:{self.where.pool}/{name}")
                         for owner in list(image.lock_get_owners()):
@@ -557,9 +561,8 @@ class RbdStore:
         self, ioctx: Any, name: str, known: tuple[set[str], set[str]], out: tuple[list[str], list[str]]
     ) -> None:
         """Sweep one image: ``known`` the points' IDs and images, ``out`` the removed and unexpected lists."""
-        rbd = _rbd()
         (ids, images), (removed, unexpected) = known, out
-        with rbd.Image(ioctx, name) as image:
+        with opened_image(ioctx, name) as image:
             for snapshot in _snapshots(image):
                 path = self._path(name, snapshot)
                 if snapshot in ids:
@@ -571,7 +574,7 @@ class RbdStore:
                     unexpected.append(path)
             left = _snapshots(image)
         if name not in images and not left:
-            rbd.RBD().remove(ioctx, name)
+            _rbd().RBD().remove(ioctx, name)
             removed.append(f"rbd:{self.where.pool}/{name}")
 
     def _own_images(self, ioctx: Any, what: str) -> list[str]:
@@ -620,7 +623,7 @@ class RbdStore:
                 finally:
                     op.release()
             for image in legacy:  # images of this state directory from before repositories had a UUID
-                with _rbd().Image(ioctx, image) as opened:
+                with opened_image(ioctx, image) as opened:
                     opened.metadata_set(TAG, identity)
         except (rados.Error, _rbd().Error) as exc:
             _raise(exc, what)
@@ -642,9 +645,13 @@ class RbdStore:
             if _lost(exc):
                 self._retire(client)
             raise
+        finally:
+            with self._client_lock:
+                self._users -= 1
+                self._client_lock.notify_all()
 
     def _connected(self, what: str) -> tuple[contextlib.ExitStack[Any], Any, Any]:
-        """The open connection, or a new one."""
+        """The open connection, or a new one; counted as in use (:meth:`close` waits for its calls)."""
         with self._client_lock:
             if self._client is None:
                 stack = contextlib.ExitStack()
@@ -653,6 +660,7 @@ class RbdStore:
                 except RbdError as exc:
                     raise RepositoryError(f"{what}: {exc}") from exc
                 self._client = (stack, cluster, ioctx)
+            self._users += 1
             return self._client
 
     def _retire(self, client: tuple[contextlib.ExitStack[Any], Any, Any]) -> None:
@@ -663,8 +671,13 @@ class RbdStore:
                 self._retired.append(client[0])
 
     def close(self) -> None:
-        """Shut the store's connections down (the hub's end)."""
+        """Shut the store's connections down once the calls using them ended (a later call connects again).
+        Calls still running after :data:`CLOSE_WAIT` seconds (stuck in librados) keep them: freeing a Ceph
+        client under a call would crash the process."""
         with self._client_lock:
+            if not self._client_lock.wait_for(lambda: not self._users, CLOSE_WAIT):
+                log.warning("%s: %d calls still running; its Ceph client is left open", self.location, self._users)
+                return
             stacks = [*self._retired, *([self._client[0]] if self._client is not None else [])]
             self._client, self._retired = None, []
         for stack in stacks:
@@ -681,16 +694,15 @@ class RbdStore:
         """The point's image (read-write unless ``read_only``; read-only at ``snapshot``) for one call."""
         rbd = _rbd()
         name = self._image_of(point)
-        with self._ioctx(what) as ioctx:
+        with self._ioctx(what) as ioctx, contextlib.ExitStack() as stack:
             try:
-                image = rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only or snapshot is not None)
+                image = stack.enter_context(opened_image(ioctx, name, snapshot=snapshot, read_only=read_only))
             except rbd.ImageNotFound as exc:
                 gone = f"snapshot {snapshot} of " if snapshot is not None else ""
                 raise RepositoryError(f"{what}: {gone}rbd:{self.where.pool}/{name} is gone") from exc
             except rbd.Error as exc:
                 _raise(exc, what)
-            with image:
-                yield image
+            yield image
 
 
 def _clone_flat(ioctx: Any, image: Any, snapshot: str, name: str) -> None:
@@ -702,7 +714,7 @@ def _clone_flat(ioctx: Any, image: Any, snapshot: str, name: str) -> None:
     finally:
         image.set_snap(None)
     try:
-        with rbd.Image(ioctx, name) as child:
+        with opened_image(ioctx, name) as child:
             child.metadata_set(CLONE_OF, snapshot)  # a start after a kill from here on removes it
             child.flatten()
             child.metadata_remove(CLONE_OF)
@@ -715,7 +727,7 @@ def _exists(ioctx: Any, name: str) -> bool:
     """Whether the pool has image ``name`` (opened, not the pool listed)."""
     rbd = _rbd()
     try:
-        with rbd.Image(ioctx, name, read_only=True):
+        with opened_image(ioctx, name, read_only=True):
             return True
     except rbd.ImageNotFound:
         return False
@@ -730,7 +742,7 @@ def _clean_clones(ioctx: Any, image: Any, where: str) -> None:
             for pool, child in _children(image, snapshot):
                 if pool != ioctx.get_pool_name():
                     continue  # the hub clones into its own pool only
-                with rbd.Image(ioctx, child, read_only=True) as opened:
+                with opened_image(ioctx, child, read_only=True) as opened:
                     partial = _metadata(opened, CLONE_OF) == snapshot
                 if partial:
                     rbd.RBD().remove(ioctx, child)
@@ -779,7 +791,7 @@ def _tag(ioctx: Any, name: str) -> str | None:
     """The repository UUID an image is tagged with (None: untagged, or it went away)."""
     rbd = _rbd()
     try:
-        with rbd.Image(ioctx, name, read_only=True) as image:
+        with opened_image(ioctx, name, read_only=True) as image:
             return _metadata(image, TAG)
     except rbd.ImageNotFound:
         return None
