@@ -22,7 +22,17 @@ from sendense_nbd.errors import DeviceError, ImageError, RbdError, RbdNotFound, 
 from sendense_nbd.protocol.constants import Errno
 from sendense_nbd.storage import CacheMode, open_image
 from sendense_nbd.storage.images import create_image
-from sendense_nbd.storage.rbd import RbdDevice, connect, create_rbd, open_rbd, parse_rbd_filename, rbd_exists
+from sendense_nbd.storage.rbd import (
+    CLOSE_GRACE,
+    RbdDevice,
+    connect,
+    create_rbd,
+    open_rbd,
+    opened_image,
+    parse_rbd_filename,
+    rbd_exists,
+    settle,
+)
 from tests.conftest import run
 from tests.storage.rbd_images import MiB, RbdImages, data_runs, quota_pool, rbd_images, set_quota
 
@@ -480,3 +490,25 @@ def test_names_from_api_callers_carry_no_arbitrary_ceph_options(rbd_images: RbdI
         assert stale.read_text() == "not a socket", what
     open_image(rbd_images.filename(image)).close()  # conf, id and keyring: what the hub's names carry
     open_image(name, trusted=True).close()
+
+
+def test_read_only_images_close_after_a_grace_writable_ones_at_once(rbd_images: RbdImages) -> None:
+    """A read-only image stays open CLOSE_GRACE seconds after its user let go (librbd may still be finishing
+    the open in one of its threads); a writable one closes at once, its watch gone for the next user."""
+    import rbd
+
+    image = rbd_images.new(MiB)
+    with connect(rbd_images.filename(image)) as (_, ioctx):
+        with opened_image(ioctx, image) as writable:
+            writable.write(b"written", 0)
+        with pytest.raises(rbd.InvalidArgument, match="closed"):
+            writable.size()
+        assert "Watchers: none" in rbd_images.rbd("status", rbd_images.spec(image))
+        let_go = time.monotonic()
+        with opened_image(ioctx, image, read_only=True) as read_only:
+            pass
+        assert read_only.read(0, 7) == b"written"  # still open
+        settle()
+        assert time.monotonic() - let_go >= CLOSE_GRACE * 0.9
+        with pytest.raises(rbd.InvalidArgument, match="closed"):
+            read_only.size()
