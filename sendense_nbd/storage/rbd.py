@@ -610,13 +610,14 @@ class _Closer:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rbd-closer", daemon=True)
                 self._thread.start()
-                atexit.register(self.settle)
+                atexit.register(self.settle, CLOSE_GRACE + OP_TIMEOUT)
             self._lock.notify_all()
 
-    def settle(self) -> None:
-        """Until everything let go of so far is closed (at most :data:`CLOSE_GRACE` seconds)."""
+    def settle(self, timeout: float | None = None) -> bool:
+        """Until everything let go of so far is closed (:data:`CLOSE_GRACE` seconds, unless a close hangs in
+        librados), or ``timeout`` seconds passed (False)."""
         with self._lock:
-            self._lock.wait_for(lambda: not self._queue)
+            return self._lock.wait_for(lambda: not self._queue, timeout)
 
     def _run(self) -> None:
         while True:
@@ -659,9 +660,10 @@ def release_client(cluster: Any, ioctx: Any) -> None:
     _CLOSER.later("a Ceph client", close)
 
 
-def settle() -> None:
-    """Until every image and client this process let go of is closed (at most :data:`CLOSE_GRACE` seconds)."""
-    _CLOSER.settle()
+def settle(timeout: float | None = None) -> bool:
+    """Until every image and client this process let go of is closed (:data:`CLOSE_GRACE` seconds, unless a
+    close hangs in librados), or ``timeout`` seconds passed (False)."""
+    return _CLOSER.settle(timeout)
 
 
 @contextlib.contextmanager

@@ -508,7 +508,7 @@ def test_read_only_images_close_after_a_grace_writable_ones_at_once(rbd_images: 
         with opened_image(ioctx, image, read_only=True) as read_only:
             pass
         assert read_only.read(0, 7) == b"written"  # still open
-        settle()
+        assert settle(timeout=30)
         assert time.monotonic() - let_go >= CLOSE_GRACE * 0.9
         with pytest.raises(rbd.InvalidArgument, match="closed"):
             read_only.size()
