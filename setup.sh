@@ -66,11 +66,8 @@ case "${1:-}" in
     test)
         # The whole suite (hubs on SQLite; the store's own tests on both), then the hub tests that reach
         # every store path again with each hub's store in PostgreSQL (docs/DATABASE.md); fails if either does.
-        # Left out: tests/rbd_repo/test_multihub.py (three hubs on one Ceph pool, one killed): its hub processes
-        # abort inside librados (Ceph 16) now and then, so it fails more often than not; issue 18 stays open on
-        # it (docs/SCALING.md). Run it by hand: .venv/bin/python -m pytest tests/rbd_repo/test_multihub.py
         status=0
-        .venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/rbd_repo/test_multihub.py || status=$?
+        .venv/bin/python -m pytest -q -p no:cacheprovider tests || status=$?
         SENDENSE_TEST_DB=postgresql .venv/bin/python -m pytest -q -p no:cacheprovider "${POSTGRES_PASS[@]}" || status=$?
         exit "$status" ;;
     "") echo "setup: done; next: ./setup.sh run, or ./setup.sh test" >&2 ;;

@@ -216,8 +216,7 @@ _DB_OPTION = click.option(
     "--workers",
     type=click.IntRange(0, 256),
     default=None,
-    help="Export worker processes serving the NBD exports (default: one per core with a directory repository, "
-    "0 with an rbd:// one; 0: the hub's own event loop).",
+    help="Export worker processes serving the NBD exports (default: one per core; 0: the hub's own event loop).",
 )
 @click.option("--hub-id", help="This hub's ID in a cluster (default: made at the first start, kept in its directory).")
 @click.option(
@@ -289,12 +288,10 @@ def hub_command(**o: Any) -> None:
 
 
 def _workers(o: dict[str, Any]) -> int:
-    """``--workers``, else one per core the hub may use; none with an RBD repository: a hub whose own Ceph
-    client works on images that worker processes' clients hold open aborts now and then inside librados
-    (Ceph 16; not understood yet, docs/SCALING.md), so its exports stay in its own event loop."""
+    """``--workers``, else one per core the hub may use."""
     if o["workers"] is not None:
         return int(o["workers"])
-    return 0 if o["repo"].startswith("rbd://") else len(os.sched_getaffinity(0))
+    return len(os.sched_getaffinity(0))
 
 
 def _repository(o: dict[str, Any]) -> tuple[str, str | None]:
