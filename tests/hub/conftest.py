@@ -76,8 +76,11 @@ def _hub_store_switch(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
 
 
 def free_port_range(count: int) -> range:
-    """``count`` consecutive ports that are free now (best effort on a busy machine)."""
-    for start in range(21000, 60000, 97):
+    """``count`` consecutive ports that are free now (best effort on a busy machine); the search starts at a
+    place of this process's own, so that test sessions running side by side rarely pick the same ports."""
+    starts = range(21000, 60000, 97)
+    first = os.getpid() % len(starts)
+    for start in [*starts[first:], *starts[:first]]:
         ports = range(start, start + count)
         held = []
         try:

@@ -70,7 +70,8 @@ class Pipeline:
     ``slow_source`` makes every disk read take 3 s (``read_delay`` changes it for later jobs); ``rtt`` (seconds) puts
     a delay relay adding that round trip between the tunnel and the hub's SSH endpoint; ``token`` guards the hub's
     API (``--token-file``), the node then calling it with that token too; ``node_extra``: more of the node's [node]
-    settings (``requests = 1``)."""
+    settings (``requests = 1``). ``node``: another pipeline's node (this hub's tunnel is then a second one of that
+    node, left running by :meth:`close`), and ``side`` the address of this tunnel's ends on the node's side."""
 
     def __init__(
         self,
@@ -82,8 +83,10 @@ class Pipeline:
         rtt: float | None = None,
         token: str | None = None,
         node_extra: str = "",
+        node: NodeProcess | None = None,
+        side: str = NODE_SIDE,
     ) -> None:
-        self.root, self.vcsim, self.token = root, vcsim, token
+        self.root, self.vcsim, self.token, self.side = root, vcsim, token, side
         keys = root / "keys"
         keys.mkdir()
         host_key, client_key = (
@@ -99,16 +102,17 @@ class Pipeline:
         api_port, ssh_port, node_reverse = ports[4:]
         self.ssh_port, self.api_port, self.node_reverse = ssh_port, api_port, node_reverse
         self.read_delay = "3" if slow_source else None
-        self.node = NodeProcess(self._node_config(keys, node_extra), listen=f"{NODE_API_HOST}:0")
+        self.own_node = node is None
+        self.node = node or NodeProcess(self._node_config(keys, node_extra), listen=f"{NODE_API_HOST}:0")
         self.hub = hub_factory(
             f"http://{HUB}:{node_reverse}",
-            "--listen", f"{HUB}:{api_port}", "--nbd-advertise", NODE_SIDE,
-            "--public-url", f"http://{NODE_SIDE}:{api_port}",
+            "--listen", f"{HUB}:{api_port}", "--nbd-advertise", side,
+            "--public-url", f"http://{side}:{api_port}",
             "--ssh-listen", f"{HUB}:{ssh_port}", "--ssh-host-key", str(keys / "host"),
             "--ssh-authorized-keys", str(keys / "authorized_keys"), "--ssh-node-api", f"{HUB}:{node_reverse}",
             "--job-timeout", "15",
             *(["--token-file", str(keys / "hub.token")] if token is not None else []),
-            ports=self.nbd_ports,
+            ports=self.nbd_ports, repo=root / "repo",
         )  # fmt: skip
         self.api = Api(self.hub.url, token)
         self.relay = DelayRelay((HUB, ssh_port), rtt=rtt).start() if rtt is not None else None
@@ -145,10 +149,11 @@ class Pipeline:
         (self.root / "read-delay").write_text(delay or "")
 
     def close(self, *, tunnel: bool = True) -> None:
-        """Stop the tunnel, the node and the relay (the hub fixture stops the hub)."""
+        """Stop the tunnel, the node (unless another pipeline's) and the relay (the hub fixture stops the hub)."""
         if tunnel:
             self.tunnel.kill()
-        self.node.stop()
+        if self.own_node:
+            self.node.stop()
         if self.relay is not None:
             self.relay.close()
 
@@ -158,8 +163,8 @@ class Pipeline:
             str(Path(sys.executable).parent / "sendense-backup"), "tunnel",
             "--hub", f"{HUB}:{self.endpoint_port}", "--key", str(self.client_key),
             "--known-hosts", str(self.known_hosts),
-            "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}", "--listen-host", NODE_SIDE,
-            "--dest-host", HUB, "--forward", f"{NODE_SIDE}:{self.api_port}={HUB}:{self.api_port}",
+            "--ports", f"{self.nbd_ports.start}-{self.nbd_ports.stop - 1}", "--listen-host", self.side,
+            "--dest-host", HUB, "--forward", f"{self.side}:{self.api_port}={HUB}:{self.api_port}",
             "--remote-forward", f"{HUB}:{self.node_reverse}={NODE_API_HOST}:{node_port}",
             "--connections", "2", "--backoff-max", "2",
         ])  # fmt: skip

@@ -172,3 +172,53 @@ def _bytes(api: Api, job: dict[str, Any], timeout: float = 30) -> dict[int, tupl
     for disk in report["disks"]:
         assert disk["bytes_transferred"] + disk["bytes_zeroed"] + disk["bytes_skipped"] == disk["disk_size"], disk
     return figures
+
+
+#: The second hub's tunnel ends on the node's side (the first one's are on NODE_SIDE).
+OTHER_SIDE = "127.0.0.5"
+OTHER_VM = "/DC0/vm/DC0_H0_VM1"
+
+
+def test_one_node_serves_two_hubs_through_a_tunnel_each(
+    tmp_path: Path, vcsim: dict[str, Any], hub_factory: Callable[..., HubProcess]
+) -> None:
+    """One node, two hubs (each its own repository and SSH endpoint), an SSH tunnel from the node to each,
+    its ends at its own address: each hub's job reaches the node through its own tunnel (targets and API at
+    that tunnel's end), both run at once and land byte for byte in their hub's repository; with one tunnel
+    down, the other hub's next backup still completes."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Pipeline(tmp_path / "a", vcsim, hub_factory, slow_source=False)
+    try:
+        second = Pipeline(tmp_path / "b", vcsim, hub_factory, slow_source=False, node=first.node, side=OTHER_SIDE)
+        try:
+            pairs = [(first, VM_PATH), (second, OTHER_VM)]
+            expected = {}
+            for pipeline, vm_path in pairs:
+                vm = next(v for v in vcsim["vms"] if v["path"] == vm_path)
+                for disk in vm["disks"]:
+                    vmdisk.write(vcsim["state"], vm["moref"], disk["key"], 0, os.urandom(2 * MIB))
+                expected[vm_path] = pipeline.disk_copies(f"two-hubs-{pipeline.side}", vm_path)
+            jobs = []
+            for pipeline, vm_path in pairs:
+                status, job = pipeline.api.post("/backups", {"vm_path": vm_path, "mode": "auto"})
+                assert status == 201, job
+                assert all(d["uri"].startswith(f"nbd://{pipeline.side}:") for d in job["detail"]["disks"]), job
+                jobs.append(job)
+            for (pipeline, vm_path), job in zip(pairs, jobs, strict=True):
+                done = pipeline.api.wait_job(job["job_id"])
+                assert done["state"] == "completed", done
+                pipeline.verify(done, expected[vm_path], vm_path)
+
+            second.tunnel.kill()
+            expected[VM_PATH] = first.disk_copies("one-tunnel", VM_PATH)
+            status, job = first.api.post("/backups", {"vm_path": VM_PATH, "mode": "auto"})
+            assert status == 201, job
+            done = first.api.wait_job(job["job_id"])
+            assert done["state"] == "completed", done
+            assert [d["sync_type"] for d in done["detail"]["disks"]] == ["incremental", "incremental"]
+            first.verify(done, expected[VM_PATH])
+        finally:
+            second.close()
+    finally:
+        first.close()
