@@ -20,7 +20,8 @@
     token_file = "/etc/sendense/node.token"            # the hub's bearer token
     hub_token_file = "/etc/sendense/hub.token"         # our token at the hub API
     hub_url = "http://127.0.0.1:8082"                  # pin the hub: jobs' api_url and targets' host
-    # nbd_host = "10.0.0.2"                            # the targets' host when it is not hub_url's
+    # hub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083"]   # or pin several: each job's own
+    # nbd_host = "10.0.0.2"                            # the targets' host when it is not hub_url's (one hub)
     max_jobs = 2                                       # jobs running at once
     max_queued = 16                                    # jobs waiting; more are refused (503 busy)
     connections = 4                                    # NBD connections per disk and side
@@ -83,10 +84,10 @@ class NodeConfig:
     listen: str = "127.0.0.1:8081"
     token: str | None = attrs.field(default=None, repr=False)
     hub_token: str | None = attrs.field(default=None, repr=False)
-    #: When set, the only hub jobs may report to, and the host every target must be on.
-    hub_url: str | None = None
+    #: ``[node] hub_url``: the hubs jobs may report to (empty: any); a job's targets must be on its hub's host.
+    hub_urls: tuple[str, ...] = ()
     #: The host every target must be on when it is not ``hub_url``'s (the hub registered this node with
-    #: this ``nbd_host``); needs ``hub_url``.
+    #: this ``nbd_host``); needs exactly one hub in ``hub_urls``.
     nbd_host: str | None = None
     max_jobs: int = 2
     max_queued: int = 16
@@ -169,7 +170,7 @@ def load(path: str) -> NodeConfig:
         listen=str(node.get("listen", "127.0.0.1:8081")),
         token=_token(path, node, "token_file"),
         hub_token=_token(path, node, "hub_token_file"),
-        hub_url=_hub_url(path, node.get("hub_url")),
+        hub_urls=_hub_urls(path, node.get("hub_url")),
         nbd_host=_nbd_host(path, node.get("nbd_host")),
         max_jobs=_count(path, node, "max_jobs", 2, 64),
         max_queued=_count(path, node, "max_queued", 16, 10000),
@@ -184,25 +185,31 @@ def load(path: str) -> NodeConfig:
 
 
 def _check_hub_link(path: str, config: NodeConfig) -> None:
-    """``[node] nbd_host`` and ``[tls]`` need ``hub_url``, and a TLS node reports to its hub over HTTPS unless
-    the hub's API is on this machine (the tunnel's ``127.0.0.1``): its hub token and change IDs would
-    otherwise cross the network in clear."""
-    if config.nbd_host is not None and config.hub_url is None:
+    """``[node] nbd_host`` needs exactly one pinned hub, ``[tls]`` at least one, and a TLS node reports to each
+    hub over HTTPS unless the hub's API is on this machine (the tunnel's ``127.0.0.1``): its hub token and
+    change IDs would otherwise cross the network in clear."""
+    if config.nbd_host is not None and not config.hub_urls:
         raise ConfigError(f"{path}: [node] nbd_host needs hub_url: it says where targets may be instead of its host")
+    if config.nbd_host is not None and len(config.hub_urls) > 1:
+        raise ConfigError(
+            f"{path}: [node] nbd_host needs hub_url to pin one hub, not {len(config.hub_urls)}: it names one address "
+            "for every hub's targets; leave it out, and each job's targets must be on its own hub_url's host"
+        )
     if config.tls_creds is None and config.tls_fingerprint is None:
         return
-    if config.hub_url is None:
+    if not config.hub_urls:
         raise ConfigError(
             f"{path}: [tls] needs [node] hub_url: without it a job could name any hub, and the hub token "
             "would go wherever it says"
         )
-    host = hub_host(config.hub_url)
-    if urlsplit(config.hub_url).scheme == "http" and not is_loopback(host):
-        raise ConfigError(
-            f"{path}: [tls] with an http:// [node] hub_url on {host}, not loopback, would send the hub token and "
-            "the jobs' change IDs in clear: use https:// (the hub's --api-tls-creds), or reach the API through "
-            "the SSH tunnel at 127.0.0.1"
-        )
+    for url in config.hub_urls:
+        host = hub_host(url)
+        if urlsplit(url).scheme == "http" and not is_loopback(host):
+            raise ConfigError(
+                f"{path}: [tls] with an http:// [node] hub_url on {host}, not loopback, would send the hub token "
+                "and the jobs' change IDs in clear: use https:// (the hub's --api-tls-creds), or reach the API "
+                "through the SSH tunnel at 127.0.0.1"
+            )
 
 
 def _tls(path: str, section: dict[str, Any]) -> dict[str, str | None]:
@@ -295,20 +302,50 @@ def _nbd_host(path: str, value: object) -> str | None:
     raise ConfigError(f"{path}: [node] nbd_host must be a host name or an IP address without a port, e.g. 10.0.0.2")
 
 
-def _hub_url(path: str, value: object) -> str | None:
+#: The most hubs ``[node] hub_url`` may pin.
+MAX_HUBS = 64
+
+
+def _hub_urls(path: str, value: object) -> tuple[str, ...]:
+    """``[node] hub_url``: one URL, or a list of 1 to :data:`MAX_HUBS` different ones (a trailing ``/`` makes
+    no difference); empty when absent."""
     if value is None:
-        return None
-    parts = urlsplit(str(value))
-    if not isinstance(value, str) or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{path}: [node] hub_url must be an http:// or https:// URL, e.g. http://127.0.0.1:8082")
+        return ()
+    if isinstance(value, str):
+        return (_hub_url(path, value, "[node] hub_url"),)
+    if not isinstance(value, list):
+        raise ConfigError(
+            f'{path}: [node] hub_url must be an http:// or https:// URL or a list of them, e.g. "http://127.0.0.1:8082"'
+        )
+    if not 0 < len(value) <= MAX_HUBS:
+        raise ConfigError(
+            f"{path}: [node] hub_url lists {len(value)} URLs; give 1 to {MAX_HUBS} (leave it out to accept any hub)"
+        )
+    urls = tuple(_hub_url(path, item, f"[node] hub_url[{index}]") for index, item in enumerate(value))
+    seen: dict[str, int] = {}
+    for index, url in enumerate(urls):
+        first = seen.setdefault(url.rstrip("/"), index)
+        if first != index:
+            raise ConfigError(f"{path}: [node] hub_url[{index}] repeats hub_url[{first}]: list each hub once")
+    return urls
+
+
+def _hub_url(path: str, value: object, name: str) -> str:
+    """One hub's API URL: http:// or https:// with a host in normal form (:func:`hub_host`)."""
     try:
-        hub_host(value)
+        parts = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:  # an unclosed [ of an IPv6 address
+        parts = None
+    if not isinstance(value, str) or parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}: {name} must be an http:// or https:// URL, e.g. http://127.0.0.1:8082")
+    try:
+        hub_host(value, name)
     except URIError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return value
 
 
-def hub_host(hub_url: str) -> str:
-    """The host of ``[node] hub_url`` in normal form (:func:`~sendense_nbd.client.uri.normal_host`);
-    :class:`URIError` when it is none."""
-    return normal_host(split_host(urlsplit(hub_url)) or "", "the host of [node] hub_url")
+def hub_host(hub_url: str, name: str = "[node] hub_url") -> str:
+    """The host of a pinned hub's URL in normal form (:func:`~sendense_nbd.client.uri.normal_host`);
+    :class:`URIError`, naming the setting ``name``, when it is none."""
+    return normal_host(split_host(urlsplit(hub_url)) or "", f"the host of {name}")

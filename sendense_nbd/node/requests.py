@@ -3,10 +3,11 @@
 The hub is the node's only caller, and ``POST /backups`` is what it sends
 (docs/NODE_API.md); unknown fields are refused. Targets must be NBD URIs (a
 local file would let a caller write a VM's disk anywhere the node can).
-With ``[node] hub_url`` set, the job's ``api_url`` must be that URL and every
-target must be on its host (or on ``[node] nbd_host`` when set: the hub's NBD
-address as this node dials it, when it is not the API's), so a caller cannot
-send a VM's disks, progress or the node's hub token anywhere else.
+With ``[node] hub_url`` set (one URL or several), the job's ``api_url`` must be
+one of them and every target must be on that hub's host (or on ``[node]
+nbd_host`` when set, with one hub only: the hub's NBD address as this node dials
+it, when it is not the API's), so a caller cannot send a VM's disks, progress or
+the node's hub token anywhere else.
 """
 
 from __future__ import annotations
@@ -47,34 +48,38 @@ class BackupRequest:
 
     @classmethod
     def from_json(
-        cls, body: Mapping[str, Any], *, hub_url: str | None = None, nbd_host: str | None = None
+        cls, body: Mapping[str, Any], *, hub_urls: tuple[str, ...] = (), nbd_host: str | None = None
     ) -> BackupRequest:
-        """Parse and check the body (:class:`BadRequest` names the field at fault); ``hub_url`` pins the hub,
-        and the targets to its host, or to ``nbd_host`` when given."""
+        """Parse and check the body (:class:`BadRequest` names the field at fault); ``hub_urls`` pin the hubs a
+        job may report to (none: any), and its targets to its hub's host, or to ``nbd_host`` when given."""
         json_object(body, "the body", frozenset({"job_id", "vm_path", "mode", "targets", "api_url"}))
         job_id = body.get("job_id")
         if not isinstance(job_id, str) or not IDENTIFIER.fullmatch(job_id):
             raise BadRequest("job_id must be 1 to 128 letters, digits, '.', '_', ':' or '-'")
         api_url = http_url(body.get("api_url"), "api_url")
-        if hub_url is not None and api_url.rstrip("/") != hub_url.rstrip("/"):
-            raise BadRequest("api_url is not this node's hub ([node] hub_url)")
+        target_host = _target_host(api_url, hub_urls, nbd_host)
         return cls(
             job_id,
             vm_path(body.get("vm_path")),
             choice(body.get("mode", "auto"), "mode", Mode),
-            _targets(body.get("targets"), _target_host(hub_url, nbd_host)),
+            _targets(body.get("targets"), target_host),
             api_url,
         )
 
 
-def _target_host(hub_url: str | None, nbd_host: str | None) -> tuple[str, str] | None:
-    """The host every target must be on, in normal form (:func:`~sendense_nbd.client.uri.normal_host`), and
-    the setting that says so (None: any host)."""
-    if hub_url is None:
+def _target_host(api_url: str, hub_urls: tuple[str, ...], nbd_host: str | None) -> tuple[str, str] | None:
+    """The host every target of a job reporting to ``api_url`` must be on, in normal form
+    (:func:`~sendense_nbd.client.uri.normal_host`), and the setting that says so (None: any host);
+    :class:`BadRequest` when ``api_url`` is none of the pinned hubs (a trailing ``/`` makes no difference)."""
+    if not hub_urls:
         return None
+    hub = next((url for url in hub_urls if url.rstrip("/") == api_url.rstrip("/")), None)
+    if hub is None:
+        pinned = "this node's hub" if len(hub_urls) == 1 else f"one of this node's {len(hub_urls)} hubs"
+        raise BadRequest(f"api_url is not {pinned} ([node] hub_url)")
     if nbd_host is not None:
         return normal_host(nbd_host), "[node] nbd_host"
-    return hub_host(hub_url), "[node] hub_url"
+    return hub_host(hub), "[node] hub_url"
 
 
 def _same_host(host: str | None, pinned: str) -> bool:

@@ -79,7 +79,7 @@ async def test_an_ipv6_zone_id_is_escaped_in_the_export_uri_and_parsed_back(tmp_
     resolved = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)[0][4]
     assert resolved[0] == "fe80::1" and resolved[3] == socket.if_nametoindex("lo")
     hub_url = "http://[fe80::1%25lo]:8082"
-    assert BackupRequest.from_json({**sent, "api_url": hub_url}, hub_url=hub_url).targets == ((2000, uri),)
+    assert BackupRequest.from_json({**sent, "api_url": hub_url}, hub_urls=(hub_url,)).targets == ((2000, uri),)
     for bad in ("fe80::1%a?b", "fe80::1%", "fe80::1%" + "x" * 65):
         with pytest.raises(BadRequest, match="nbd_host"):
             nbd_host(bad)
@@ -197,8 +197,8 @@ async def test_export_hosts_reach_the_node_in_the_form_it_compares(tmp_path: Pat
         path.write_text(f'[vcenter]\nendpoint = "vc:443"\nusername = "u"\npassword = "p"\n[node]\n{pin}')
         path.chmod(0o600)
         config = load_node_config(str(path))
-        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_url, "targets": {"2000": target}}
-        taken = BackupRequest.from_json(body, hub_url=config.hub_url, nbd_host=config.nbd_host)
+        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_urls[0], "targets": {"2000": target}}
+        taken = BackupRequest.from_json(body, hub_urls=config.hub_urls, nbd_host=config.nbd_host)
         assert taken.targets == ((2000, target),), pin
     with pytest.raises(ConfigError, match=r"--nbd-advertise '\[\[2001:db8::1\]\]' must be a host name"):
         HubConfig(repo=str(tmp_path / "r"), nbd_advertise="[[2001:db8::1]]")

@@ -54,7 +54,7 @@ def running_node(hub_url: str) -> AppThread:
         username="u",
         password="p",
         thumbprint="AA:" * 31 + "AA",
-        hub_url=hub_url,
+        hub_urls=(hub_url,),
     )
 
     async def make() -> tuple[web.Application, Callable[[], Awaitable[None]]]:

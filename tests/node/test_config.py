@@ -95,7 +95,7 @@ def test_nbd_host_pins_the_targets_instead_of_hub_urls_host(tmp_path: Path) -> N
     only on it), the job must still report to ``hub_url``."""
     hub = '[node]\nhub_url = "https://hub.example.com:8443"\n'
     loaded = load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "10.0.0.2"\n'))
-    assert (loaded.hub_url, loaded.nbd_host) == ("https://hub.example.com:8443", "10.0.0.2")
+    assert (loaded.hub_urls, loaded.nbd_host) == (("https://hub.example.com:8443",), "10.0.0.2")
     assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "Hub.Example.COM"\n')).nbd_host == "hub.example.com"
     assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "fe80::1%eth0"\n')).nbd_host == "fe80::1%eth0"
     for bad in ('"10.0.0.2:10809"', '"a b"', "5"):
@@ -108,7 +108,7 @@ def test_nbd_host_pins_the_targets_instead_of_hub_urls_host(tmp_path: Path) -> N
         return {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": "https://hub.example.com:8443",
                 "targets": {"2000": target}}  # fmt: skip
 
-    pinned = {"hub_url": "https://hub.example.com:8443", "nbd_host": "10.0.0.2"}
+    pinned = {"hub_urls": ("https://hub.example.com:8443",), "nbd_host": "10.0.0.2"}
     assert BackupRequest.from_json(job("nbds://10.0.0.2:10100/e"), **pinned).targets == (
         (2000, "nbds://10.0.0.2:10100/e"),
     )
@@ -116,7 +116,7 @@ def test_nbd_host_pins_the_targets_instead_of_hub_urls_host(tmp_path: Path) -> N
         with pytest.raises(BadRequest, match=r"is not on this node's hub \(10.0.0.2, from \[node\] nbd_host\)"):
             BackupRequest.from_json(job(elsewhere), **pinned)
     with pytest.raises(BadRequest, match=r"is not on this node's hub \(hub.example.com, from \[node\] hub_url\)"):
-        BackupRequest.from_json(job("nbds://10.0.0.2:10100/e"), hub_url="https://hub.example.com:8443")
+        BackupRequest.from_json(job("nbds://10.0.0.2:10100/e"), hub_urls=("https://hub.example.com:8443",))
     with pytest.raises(BadRequest, match="api_url is not this node's hub"):
         BackupRequest.from_json({**job("nbds://10.0.0.2:10100/e"), "api_url": "https://10.0.0.2:8443"}, **pinned)
 
@@ -130,10 +130,10 @@ def test_an_ipv6_zone_id_is_the_same_host_in_hub_url_and_targets() -> None:
         "api_url": hub_url,
         "targets": {"2000": "nbd://[fe80::1%25eth0]:10100/e"},
     }
-    assert BackupRequest.from_json(body, hub_url=hub_url).targets == ((2000, "nbd://[fe80::1%25eth0]:10100/e"),)
+    assert BackupRequest.from_json(body, hub_urls=(hub_url,)).targets == ((2000, "nbd://[fe80::1%25eth0]:10100/e"),)
     other = {**body, "targets": {"2000": "nbd://[fe80::1%25eth1]:10100/e"}}
     with pytest.raises(BadRequest, match=r"is not on this node's hub \(fe80::1%eth0, from \[node\] hub_url\)"):
-        BackupRequest.from_json(other, hub_url=hub_url)
+        BackupRequest.from_json(other, hub_urls=(hub_url,))
 
 
 def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
@@ -144,9 +144,9 @@ def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
 
     def taken(pin: str, target: str) -> bool:
         config = load(_write(tmp_path, f"{MINIMAL}[node]\n{pin}"))
-        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_url, "targets": {"2000": target}}
+        body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_urls[0], "targets": {"2000": target}}
         try:
-            BackupRequest.from_json(body, hub_url=config.hub_url, nbd_host=config.nbd_host)
+            BackupRequest.from_json(body, hub_urls=config.hub_urls, nbd_host=config.nbd_host)
         except BadRequest as exc:
             assert "is not on this node's hub" in str(exc)
             return False
@@ -168,3 +168,83 @@ def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
             load(_write(tmp_path, f'{MINIMAL}[node]\nhub_url = "http://h:1"\n{bad}\n'))
     with pytest.raises(ConfigError, match=r"the host of \[node\] hub_url 'h_1' must be a host name"):
         load(_write(tmp_path, f'{MINIMAL}[node]\nhub_url = "http://h_1:1"\n'))
+
+
+TWO_HUBS = '[node]\nhub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083/"]\n'
+
+
+def test_several_hubs_are_pinned_each_with_its_own_targets_host(tmp_path: Path) -> None:
+    """A node serving a cluster through one tunnel per hub pins every hub's end: a job may name any of them
+    (trailing ``/`` or not), and its targets must be on that hub's host, not on another pinned hub's."""
+    config = load(_write(tmp_path, MINIMAL + TWO_HUBS))
+    assert config.hub_urls == ("http://127.0.0.2:8082", "http://127.0.0.5:8083/")
+    one = '[node]\nhub_url = "http://127.0.0.2:8082"\n'
+    assert load(_write(tmp_path, MINIMAL + one)).hub_urls == ("http://127.0.0.2:8082",)
+    assert load(_write(tmp_path, MINIMAL)).hub_urls == ()
+
+    def job(api_url: str, host: str) -> dict[str, object]:
+        return {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": api_url,
+                "targets": {"2000": f"nbd://{host}:10100/e"}}  # fmt: skip
+
+    pins = {"hub_urls": config.hub_urls, "nbd_host": config.nbd_host}
+    for api_url, host in (("http://127.0.0.2:8082/", "127.0.0.2"), ("http://127.0.0.5:8083", "127.0.0.5")):
+        taken = BackupRequest.from_json(job(api_url, host), **pins)
+        assert (taken.api_url, taken.targets) == (api_url, ((2000, f"nbd://{host}:10100/e"),))
+    with pytest.raises(BadRequest, match=r"targets\[2000\] is not on this node's hub \(127.0.0.2, from \[node\] hub"):
+        BackupRequest.from_json(job("http://127.0.0.2:8082", "127.0.0.5"), **pins)
+    with pytest.raises(BadRequest, match=r"targets\[2000\] is not on this node's hub \(127.0.0.5, from \[node\] hub"):
+        BackupRequest.from_json(job("http://127.0.0.5:8083", "127.0.0.2"), **pins)
+    for unpinned in ("http://127.0.0.3:8082", "http://127.0.0.2:8083", "https://127.0.0.2:8082", "http://h/" * 200):
+        with pytest.raises(BadRequest) as refused:
+            BackupRequest.from_json(job(unpinned, "127.0.0.2"), **pins)
+        message = str(refused.value)
+        assert message == "api_url is not one of this node's 2 hubs ([node] hub_url)", unpinned
+    assert BackupRequest.from_json(job("http://127.0.0.3:8082", "10.9.9.9"), hub_urls=()).targets  # unpinned: any
+
+
+@pytest.mark.parametrize(
+    ("node", "problem"),
+    [
+        ("hub_url = []", r"\[node\] hub_url lists 0 URLs; give 1 to 64"),
+        (
+            f"hub_url = {[f'http://h{n}:1' for n in range(65)]}".replace("'", '"'),
+            r"hub_url lists 65 URLs; give 1 to 64",
+        ),
+        ('hub_url = ["http://a:1", 5]', r"\[node\] hub_url\[1\] must be an http:// or https:// URL"),
+        ('hub_url = ["http://a:1", ["http://b:1"]]', r"\[node\] hub_url\[1\] must be an http:// or https:// URL"),
+        ('hub_url = ["ftp://a:1"]', r"\[node\] hub_url\[0\] must be an http:// or https:// URL"),
+        ('hub_url = ["http://[::1:8082"]', r"\[node\] hub_url\[0\] must be an http:// or https:// URL"),
+        ('hub_url = ["http://a:1", "http://h_1:1"]', r"the host of \[node\] hub_url\[1\] 'h_1' must be a host"),
+        ('hub_url = ["http://a:1", "http://b:1", "http://a:1/"]', r"hub_url\[2\] repeats hub_url\[0\]: list each"),
+        ("hub_url = {a = 1}", r"\[node\] hub_url must be an http:// or https:// URL or a list of them"),
+        ("hub_url = 8082", r"\[node\] hub_url must be an http:// or https:// URL or a list of them"),
+        (
+            'hub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083"]\nnbd_host = "10.0.0.2"',
+            r"\[node\] nbd_host needs hub_url to pin one hub, not 2: it names one address for every hub's targets",
+        ),
+    ],
+)
+def test_a_hub_url_list_is_checked_item_by_item(tmp_path: Path, node: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load(_write(tmp_path, f"{MINIMAL}[node]\n{node}\n"))
+
+
+def test_a_hub_url_list_holds_up_to_64_hubs_and_one_may_have_nbd_host(tmp_path: Path) -> None:
+    many = [f"https://hub{n}.example.com:8443" for n in range(64)]
+    listed = ", ".join(f'"{url}"' for url in many)
+    assert load(_write(tmp_path, f"{MINIMAL}[node]\nhub_url = [{listed}]\n")).hub_urls == tuple(many)
+    one = load(_write(tmp_path, f'{MINIMAL}[node]\nhub_url = ["https://h:1"]\nnbd_host = "10.0.0.2"\n'))
+    assert (one.hub_urls, one.nbd_host) == (("https://h:1",), "10.0.0.2")
+
+
+def test_tls_checks_every_pinned_hub(tmp_path: Path) -> None:
+    """With ``[tls]`` every pinned hub is reached over HTTPS or on loopback (a tunnel's end): one http://
+    member elsewhere would carry the hub token in clear."""
+    tls = f'[tls]\nfingerprint = "sha256:{"ab" * 32}"\n'
+    good = '"https://hub.example.com:8443", "http://127.0.0.5:8083", "http://localhost:8082"'
+    assert len(load(_write(tmp_path, f"{MINIMAL}[node]\nhub_url = [{good}]\n{tls}")).hub_urls) == 3
+    bad = '["http://127.0.0.2:8082", "http://hub2.example.com:8082"]'
+    with pytest.raises(ConfigError, match=r"\[tls\] with an http:// \[node\] hub_url on hub2.example.com, not loop"):
+        load(_write(tmp_path, f"{MINIMAL}[node]\nhub_url = {bad}\n{tls}"))
+    with pytest.raises(ConfigError, match=r"\[tls\] needs \[node\] hub_url"):
+        load(_write(tmp_path, MINIMAL + tls))

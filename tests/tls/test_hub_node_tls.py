@@ -380,11 +380,11 @@ def test_node_tls_section_is_strict_and_fills_nbds_targets(tmp_path: Path) -> No
         load(str(config(f'creds = "{creds}"', hub_url='hub_url = "http://hub.example.com:8082"')))
     assert "[tls] with an http:// [node] hub_url on hub.example.com, not loopback" in str(refused.value)
     for local in ("http://127.0.0.1:8082", "http://localhost:8082", "http://[::1]:8082"):  # through the tunnel
-        assert load(str(config(f'creds = "{creds}"', hub_url=f'hub_url = "{local}"'))).hub_url == local
+        assert load(str(config(f'creds = "{creds}"', hub_url=f'hub_url = "{local}"'))).hub_urls == (local,)
     for setting in (f"tls-certificates={tmp_path}", "tls-verify-peer=false", "tls-hostname=evil.example",
                     "tls-fingerprint=sha256:" + "00" * 32):  # fmt: skip
         target = {"2000": f"nbds://hub:10100/e?{setting}"}
         body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": "https://hub:8082", "targets": target}
         with pytest.raises(BadRequest) as refused_target:  # a caller never chooses how the node checks TLS
-            BackupRequest.from_json(body, hub_url="https://hub:8082")
+            BackupRequest.from_json(body, hub_urls=("https://hub:8082",))
         assert "names no TLS settings" in str(refused_target.value), setting
