@@ -41,7 +41,8 @@
     ├── CompletionMismatch         a node's completion names another VM or other disks than its job (400)
     ├── RepositoryError            a backup repository operation cannot be done as asked
     │   ├── UnknownPoint           no restore point has this ID
-    │   └── InsufficientSpace      the repository has no room for a backup's expected size (507)
+    │   ├── InsufficientSpace      the repository has no room for a backup's expected size (507)
+    │   └── RepositoryClaimed      another hub claimed a new RBD repository first (a cluster's hubs started at once)
     ├── UnknownPolicy              no backup policy has this name (404)
     ├── NodeError                  a node refused or did not answer the hub
     │   ├── NodeNotFound           the node does not know the VM or job asked for
@@ -312,6 +313,11 @@ class UnknownPoint(RepositoryError):
 
 class InsufficientSpace(RepositoryError):
     """The repository has not enough free space for a backup's expected size and the reserve (507)."""
+
+
+class RepositoryClaimed(RepositoryError):
+    """Another process claimed the pool's prefix as a new repository between this claim's read and its write
+    (two new hubs of a cluster starting at once): the cluster's repository is the winner's."""
 
 
 class UnknownPolicy(SendenseError):

@@ -54,6 +54,7 @@ from sendense_nbd.errors import (
     NodeError,
     NodeUnavailable,
     OtherHub,
+    RepositoryClaimed,
     RepositoryError,
     SendenseError,
     UnknownJob,
@@ -107,6 +108,7 @@ from sendense_nbd.hub.nodes import (
 from sendense_nbd.hub.policies import PolicyStore
 from sendense_nbd.hub.ports import DEFAULT_POOL, PoolStatus, PortAllocator, release_hub
 from sendense_nbd.hub.repository import Point, PointStatus, RbdStore, Repository, open_store
+from sendense_nbd.hub.repository.rbd import CLAIM_FRESH
 from sendense_nbd.hub.retention_preview import PreviewVM, preview_vm, retention_rules
 from sendense_nbd.hub.samples import Sample
 from sendense_nbd.hub.scheduler import Scheduler
@@ -400,9 +402,27 @@ class Hub:
         if isinstance(store, RbdStore) and store.identity is None:
             store.identity = await self.cluster.repository()
             if store.identity is None:
-                await asyncio.to_thread(store.reclaim, ())  # claims, and takes no image's lock
+                store.identity = await self._claim_or_take(store)
         await self.cluster.join(store.identity if isinstance(store, RbdStore) else None)
         return others
+
+    async def _claim_or_take(self, store: RbdStore) -> str | None:
+        """Claim the new repository (takes no image's lock); where another new hub of the cluster claimed it
+        just before (:class:`RepositoryClaimed`), its UUID once that hub registered it. The claim is tried
+        again meanwhile: after ``CLAIM_FRESH`` seconds a repository nobody registered is refused as any
+        other one this state directory does not know."""
+        deadline = time.monotonic() + CLAIM_FRESH
+        while True:
+            try:
+                await asyncio.to_thread(store.reclaim, ())
+                return store.identity
+            except RepositoryClaimed:
+                if time.monotonic() > deadline:
+                    raise
+            found = await self.cluster.repository()
+            if found is not None:
+                return found
+            await asyncio.sleep(0.5)
 
     async def _live_hubs(self) -> int:
         """How many hubs of the cluster are live (this one counts)."""

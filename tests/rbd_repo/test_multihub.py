@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from sendense_nbd.hub.repository.rbd import parse_location
 from tests.conftest import require, run, stop_process
 from tests.hub.conftest import Api, free_port_range
 from tests.node.test_node import NodeProcess
@@ -330,3 +332,31 @@ def test_three_hubs_share_the_slots_and_take_a_killed_hub_over(
     assert victim.startup["failed_jobs"] == [], victim.startup
     assert _members(api)[victim.name]["live"] is True
     assert victim.api.get(f"/backups/{job_id}")[1]["state"] == "failed"
+
+
+def test_two_new_hubs_started_at_once_share_one_repository(
+    tmp_path: Path, url: str, postgres_cluster: Any, ceph_cluster: Any
+) -> None:
+    """Two hubs of a new cluster, started at the same moment with new state directories: both claim the new
+    repository, one claim wins (an exclusive create) and the other hub takes the winner's repository from
+    the cluster instead of failing; both are live, and the pool holds one repository."""
+    ports, db = free_port_range(4), postgres_cluster.new_database()
+    hubs = [ClusterHub(f"n{i}", address, tmp_path, url, "http://127.0.0.1:9", ports, db)
+            for i, address in enumerate(ADDRESSES[:2])]  # fmt: skip
+    starting = [threading.Thread(target=hub.start) for hub in hubs]
+    try:
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join(90)
+        for hub in hubs:
+            assert hub.startup, f"hub {hub.name} did not start: {hub.log.read_text()[-2000:]}"
+            assert {name: m["live"] for name, m in _members(hub.api).items()} == {"n0": True, "n1": True}
+        prefix = parse_location(url).prefix
+        rados = [require("rados"), *ceph_cluster.client_args(), "-p", ceph_cluster.pool]
+        identity = run(*rados, "get", f"{prefix}.repository", "-").stdout.strip()
+        recorded = [json.loads((tmp_path / hub.name / "store.json").read_text()).get("repository") for hub in hubs]
+        assert identity in recorded, (identity, recorded)
+    finally:
+        for hub in hubs:
+            hub.stop()

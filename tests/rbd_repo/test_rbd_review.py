@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from sendense_nbd.backup.records import FullReason
-from sendense_nbd.errors import RepositoryError
+from sendense_nbd.errors import RepositoryClaimed, RepositoryError
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.repository import PointStatus, RbdStore, Repository, open_store
+from sendense_nbd.hub.repository import rbd as rbd_store
 from sendense_nbd.hub.repository.rbd import parse_location
 from sendense_nbd.hub.service import _out_of_space
 from sendense_nbd.policy.model import Retention
@@ -220,8 +221,10 @@ def test_a_resized_disk_gets_a_full_of_its_new_size(
 
 
 async def test_a_second_state_directory_is_refused_unless_it_adopts(
-    repository: Repository, ceph_cluster: Any, url: str, tmp_path: Path
+    repository: Repository, ceph_cluster: Any, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # An established repository (a claim younger than CLAIM_FRESH is a new cluster's, told apart below).
+    monkeypatch.setattr(rbd_store, "CLAIM_FRESH", 0)
     disk = Disk(repository, tmp_path)
     point = await disk.backup(f"write -P 0x71 0 {MIB}", incremental=False)
     store = _store(repository)
@@ -423,3 +426,39 @@ async def test_one_connection_per_store(
     assert await asyncio.to_thread(store.check, [point, top]) is None  # opened again after close
     assert len(opened) == 2
     await asyncio.to_thread(store.close)
+
+
+def test_of_two_new_stores_claiming_at_once_the_second_is_told_so(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both read the pool unclaimed; the first one's exclusive create wins and the second fails with
+    RepositoryClaimed (a hub then takes the winner's repository from the cluster), recording nothing."""
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first, second = (open_store(str(tmp_path / name), url) for name in ("first", "second"))
+    assert isinstance(first, RbdStore) and isinstance(second, RbdStore)
+    listed = second._named
+
+    def listed_then_claimed(ioctx: Any, what: str) -> list[str]:
+        """The second has read the pool unclaimed and lists its images: the first claims it now."""
+        names = listed(ioctx, what)
+        first.reclaim(())
+        return names
+
+    try:
+        monkeypatch.setattr(second, "_named", listed_then_claimed)
+        with pytest.raises(RepositoryClaimed, match="another hub claimed it"):
+            second.reclaim(())
+        monkeypatch.undo()
+        assert first.identity is not None and second.identity is None
+        assert "repository" not in json.loads((tmp_path / "second" / "store.json").read_text())
+        # Tried again, the repository is still the new one of a cluster starting (a hub then waits for the
+        # cluster to record it); once older than CLAIM_FRESH, it is refused as any other repository.
+        with pytest.raises(RepositoryClaimed, match=r"claimed it as a new repository \d+ s ago"):
+            second.reclaim(())
+        monkeypatch.setattr(rbd_store, "CLAIM_FRESH", 0)
+        with pytest.raises(RepositoryError, match="adopt=yes"):
+            second.reclaim(())
+    finally:
+        first.close()
+        second.close()

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -38,7 +39,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import attrs
 
-from sendense_nbd.errors import Conflict, RbdError, RepositoryError
+from sendense_nbd.errors import Conflict, RbdError, RepositoryClaimed, RepositoryError
 from sendense_nbd.hub.openers import RbdOpener
 from sendense_nbd.hub.repository.points import Point, PointStatus, vm_slug
 from sendense_nbd.hub.repository.store import Space
@@ -70,6 +71,9 @@ _QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix", "adopt"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 #: A prefix has no '.': images are ``PREFIX.<vm>.<disk>``, so prefix ``a`` would match prefix ``a.b``'s images.
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+#: A repository claimed less than this many seconds ago by another state directory is a new cluster's: its
+#: hubs started at once, and the claim's winner is about to record it in the cluster (RepositoryClaimed).
+CLAIM_FRESH = 30
 #: Seconds :meth:`RbdStore.close` waits for the calls using its connection to end.
 CLOSE_WAIT = 30
 #: Seconds a mon command may take before the store gives up (the cluster's mons are unreachable or stuck).
@@ -610,6 +614,10 @@ class RbdStore:
         except rados.Error as exc:
             _raise(exc, what)
         legacy = self._named(ioctx, what) if found is None else []
+        if found is not None and self.identity is None and not self.where.adopt:
+            age = _age(ioctx, name)
+            if age < CLAIM_FRESH:  # a new cluster's hubs started at once: the cluster records it next
+                raise RepositoryClaimed(f"{what}: another hub claimed it as a new repository {age:.0f} s ago")
         self.adopted = _check_claim(self.location, found, self.identity, fresh=self._fresh, adopt=self.where.adopt,
                                     images=legacy)  # fmt: skip
         identity = found or self.identity or str(uuid.uuid4())
@@ -619,7 +627,9 @@ class RbdStore:
                 try:  # exclusive: of two new hubs claiming at once, the second fails (EEXIST)
                     op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
                     op.write_full(identity.encode("ascii"))
-                    ioctx.operate_write_op(op, name)
+                    ioctx.operate_write_op(op, name, mtime=int(time.time()))  # python-rados' default is 1970
+                except rados.ObjectExists as exc:
+                    raise RepositoryClaimed(f"{what}: another hub claimed it as a new repository just now") from exc
                 finally:
                     op.release()
             for image in legacy:  # images of this state directory from before repositories had a UUID
@@ -764,6 +774,12 @@ def _lost(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _age(ioctx: Any, name: str) -> float:
+    """Seconds since the object ``name`` was last written (by the OSDs' clock)."""
+    _, mtime = ioctx.stat(name)
+    return time.time() - time.mktime(mtime)
 
 
 def _check_claim(
