@@ -10,9 +10,9 @@ room in an RBD cluster), less what the backup jobs pending or running are still
 expected to write (:func:`reserved`: each job's expected bytes, stored when it
 was created, less what its points take so far), or the job is refused
 (:class:`InsufficientSpace`) before any port is leased or image made. The hub
-checks and creates jobs one at a time, so jobs starting together cannot all
-count the same free space. ``GET /repository`` and the metrics show the same
-:func:`usage`.
+checks and creates jobs one at a time (hubs sharing a repository: one at a time
+in the cluster), so jobs starting together cannot all count the same free space.
+``GET /repository`` and the metrics show the same :func:`usage`.
 """
 
 from __future__ import annotations

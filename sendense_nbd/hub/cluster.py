@@ -15,12 +15,16 @@ so a hub joining the cluster takes the repository without ``adopt=yes``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import functools
 import logging
 import os
 import re
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +41,8 @@ HEARTBEAT = 5.0
 HUB_LOST = 30.0
 #: The file in a hub's directory that keeps its ID.
 ID_FILE = "hub-id"
+#: Seconds between two tries of a cluster lock another live hub holds (:meth:`Cluster.lock`).
+LOCK_POLL = 0.25
 #: Longest API URL a hub registers (``--api-advertise``, else ``--public-url``).
 MAX_API_URL = 1024
 _VISIBLE_ASCII = re.compile(r"[!-~]+")
@@ -200,6 +206,7 @@ class Cluster:
             others = rows(connection.execute("SELECT id, store FROM hubs WHERE id != ? ORDER BY id", (me.id,)))
             _check_members(me, others)
             connection.execute("DELETE FROM hubs WHERE id = ?", (me.id,))
+            connection.execute("DELETE FROM locks WHERE hub = ?", (me.id,))  # held by this hub's last run
             connection.execute(
                 "INSERT INTO hubs (id, api_url, nbd_host, port_first, port_last, store, repository, started, "
                 "heartbeat, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -257,6 +264,34 @@ class Cluster:
             return bool(cursor.rowcount == 1)
 
         return await self.db.run(take)
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Hold the cluster's lock ``name`` (a row of ``locks``): one hub at a time; the hold of a hub that is
+        not live (lost, stopped, or its row unreadable) lapses, so a hub waits only while a live one holds it.
+        Within a hub, the caller keeps its own tasks apart (the row is taken as the hub's)."""
+        while True:
+            if await self.db.run(functools.partial(self._take_lock, name, self.clock.now())):
+                break
+            await asyncio.sleep(LOCK_POLL)
+        try:
+            yield
+        finally:
+            await self.db.run(lambda c: c.execute("DELETE FROM locks WHERE name = ? AND hub = ?", (name, self.id)))
+
+    def _take_lock(self, name: str, now: float, connection: Any) -> bool:
+        """Take the lock ``name`` unless another live hub holds it; whether it is this hub's now."""
+        found = connection.execute("SELECT hub FROM locks WHERE name = ?", (name,)).fetchone()
+        if found is None:
+            connection.execute("INSERT INTO locks (name, hub, since) VALUES (?, ?, ?)", (name, self.id, now))
+            return True
+        if found[0] != self.id:
+            holder = rows(connection.execute("SELECT * FROM hubs WHERE id = ?", (found[0],)))
+            member = _member(holder[0], now, self.lapse) if holder else None
+            if member is not None and member.live:
+                return False
+        connection.execute("UPDATE locks SET hub = ?, since = ? WHERE name = ?", (self.id, now, name))
+        return True
 
     async def leave(self) -> None:
         """Mark this hub stopped (a clean stop): the others take its jobs and runs over at once."""

@@ -323,6 +323,8 @@ class Hub:
             shared=config.shared, tls=config.nbd_tls_creds, workers=config.workers, on_lost=self._exports_lost
         )
         self._repository = Repository(config.repo, self._db, clock=self.clock, store=store)
+        if isinstance(store, RbdStore):  # other hubs may share it: a disk's chain is locked cluster-wide
+            self._repository.shared_lock = self.cluster.lock
         self._jobs = JobStore(self._db, self.clock, hub=self.id)
         self.nodes = NodeRegistry(self._db, clock=self.clock, default=config.default_node(), tls=self._tls)
         label, space = config.repo if config.store is None else store.location, self._repository.space
@@ -345,7 +347,7 @@ class Hub:
         )  # fmt: skip
         self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
         self._background: asyncio.Task[None] | None = None
-        #: Backups are checked for space and created one at a time (:meth:`create_backup`).
+        #: Backups are checked for space and created one at a time (:meth:`create_backup`), in the cluster too.
         self._admission = asyncio.Lock()
         #: Retention after each completed job, running in the background.
         self._after: set[asyncio.Task[None]] = set()
@@ -684,7 +686,7 @@ class Hub:
         plans = [await self._plan_disk(request, disk) for disk in disks]
         needs = [plan.need for plan in plans]
         reason = next((plan.reason for plan in plans if plan.reason is not None), None)
-        async with self._admission:  # the space check sees every job created before this one
+        async with self._admission, self._cluster_wide("admission"):  # the check sees every job created before
             expected = await self._jobs.expected()
             held = await capacity.reserved(self._repository, expected)
             await capacity.check_space(
@@ -712,6 +714,12 @@ class Hub:
                 await self._alert_failed(await self._jobs.get(job.id))
             raise
         return job
+
+    def _cluster_wide(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The cluster's lock ``name`` where other hubs share the repository (RBD), else nothing to take."""
+        if self._repository.shared_lock is not None:
+            return self._repository.shared_lock(name)
+        return contextlib.nullcontext()
 
     async def _node_of(self, name: str | None) -> tuple[str | None, NodeClient | None]:
         """The node a backup goes to (by name; None: the default node) and its client; (None, None)

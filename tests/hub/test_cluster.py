@@ -6,6 +6,7 @@ repository refused in a cluster. (The processes on Ceph, a hub killed mid-backup
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import pytest
 from sendense_nbd.backup.records import FullReason, Mode
 from sendense_nbd.errors import ConfigError
 from sendense_nbd.hub.clock import ManualClock
-from sendense_nbd.hub.cluster import Cluster, HubState, Identity
+from sendense_nbd.hub.cluster import LOCK_POLL, Cluster, HubState, Identity
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.policies import ItemState, PolicyStore, Purpose, RunState
@@ -248,3 +249,57 @@ async def test_a_hub_with_a_local_repository_runs_alone_on_its_database(tmp_path
         for hub in (first, second):
             hub.close()
             await hub.wait_closed()
+
+
+async def test_a_cluster_lock_is_one_hubs_at_a_time_and_lapses_with_its_hub(
+    databases: Callable[[], Database],
+) -> None:
+    """Hubs hold a cluster lock one at a time: one waits while another live hub holds it, and gets it when the
+    holder lets go, or once the holder is lost (no heartbeat) though it never let go; a restarted hub's holds
+    of its last run are gone."""
+    clock = ManualClock(START)
+    a, b = (Cluster(databases(), clock, _identity(n), heartbeat=1.0, lapse=5.0) for n in "ab")
+    for member in (a, b):
+        await member.join("uuid-1")
+    holders: list[str] = []
+
+    async def hold(member: Cluster, name: str, acquired: asyncio.Event, release: asyncio.Event) -> None:
+        async with member.lock(name):
+            holders.append(member.id)
+            acquired.set()
+            await release.wait()
+
+    taken, let_go = {n: asyncio.Event() for n in "ab"}, {n: asyncio.Event() for n in "ab"}
+    first = asyncio.create_task(hold(a, "admission", taken["a"], let_go["a"]))
+    async with asyncio.timeout(10):
+        await taken["a"].wait()
+    second = asyncio.create_task(hold(b, "admission", taken["b"], let_go["b"]))
+    async with b.lock("another name"):  # locks of other names are apart
+        await asyncio.sleep(4 * LOCK_POLL)
+    assert holders == ["a"], "b took the lock a holds"
+    let_go["a"].set()
+    await first
+    async with asyncio.timeout(10):
+        await taken["b"].wait()
+    assert holders == ["a", "b"]
+    let_go["b"].set()
+    await second
+
+    stuck_taken = asyncio.Event()
+    stuck = asyncio.create_task(hold(a, "disk 2000 of /DC0/vm/a", stuck_taken, asyncio.Event()))  # never let go
+    async with asyncio.timeout(10):
+        await stuck_taken.wait()
+    for _ in range(6):
+        await clock.advance(1.0)
+        await b.beat()
+    async with asyncio.timeout(10), b.lock("disk 2000 of /DC0/vm/a"):  # a is lost: its hold lapsed
+        pass
+    stuck.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stuck
+
+    async with a.lock("admission"):
+        restarted = Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0)
+        await restarted.join("uuid-1")  # a's last run held it: gone with the new start
+        async with asyncio.timeout(10), b.lock("admission"):
+            pass

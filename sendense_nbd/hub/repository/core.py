@@ -52,10 +52,19 @@ class Repository:
         #: Points' creation and completion times (and so retention's periods) come from it.
         self.clock: Clock = clock or SystemClock()
         self._disk_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        #: The cluster's lock of a name, where other hubs share the store (set by the hub), else None.
+        self.shared_lock: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
 
-    def disk_lock(self, vm_path: str, disk_key: int) -> asyncio.Lock:
-        """The lock of one disk's chain: digests, verify and retention merges take it (FIFO, one at a time)."""
-        return self._disk_locks.setdefault((vm_path, disk_key), asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def disk_lock(self, vm_path: str, disk_key: int) -> AsyncIterator[None]:
+        """Hold the lock of one disk's chain: digests, verify and retention merges take it (FIFO, one at a time
+        in this hub), and, where hubs share the store, the cluster's lock of the disk too."""
+        async with self._disk_locks.setdefault((vm_path, disk_key), asyncio.Lock()):
+            if self.shared_lock is None:
+                yield
+                return
+            async with self.shared_lock(f"disk {disk_key} of {vm_path}"):
+                yield
 
     async def points(self, vm_path: str, disk_key: int | None = None) -> list[Point]:
         """A VM's completed points (of one disk, when given), by disk and age."""
