@@ -10,7 +10,9 @@ JSON POST (:attr:`AlertConfig.webhook_timeout` per try,
 :attr:`AlertConfig.webhook_tries` tries with doubling backoff); the mail goes
 through an SMTP relay (stdlib smtplib in a thread). What each channel did is
 kept in the alert's ``delivered``; a restarted hub delivers again the recent
-alerts (:data:`REDELIVER_WITHIN`) its predecessor stopped before trying.
+alerts (:data:`REDELIVER_WITHIN`) its predecessor stopped before trying, and so
+does a hub taking a lost one over (:meth:`Alerts.redeliver`: at least once; a
+receiver tells a repeat by its ``id``).
 
 Event alerts (a failed job, a repeated full fallback, a failed verify) are
 recorded each time. Condition alerts (:data:`CONDITIONS`: a VM at risk, low
@@ -21,6 +23,7 @@ their ``key``; while active, firing them again records nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import json
@@ -200,8 +203,8 @@ class Alerts:
             self._queues["webhook"] = asyncio.Queue()
         if config.mail:
             self._queues["email"] = asyncio.Queue()
-        #: Alerts fired before :meth:`run` started (already queued: not delivered again by it).
-        self._early: set[str] | None = set()
+        #: The alerts this hub queued lately (by ID): :meth:`redeliver` does not queue them again.
+        self._queued: collections.deque[str] = collections.deque(maxlen=10 * MAX_QUEUED)
 
     async def fire(
         self, kind: AlertKind, subject: str, message: str, *, key: str | None = None,
@@ -223,12 +226,11 @@ class Alerts:
         if not recorded:
             return None
         log.warning("alert %s: %s: %s", kind.value, subject, message)
-        if self._early is not None:
-            self._early.add(alert.id)
         self._enqueue(alert, self._queues)
         return alert
 
     def _enqueue(self, alert: Alert, queues: Mapping[str, asyncio.Queue[Alert]]) -> None:
+        self._queued.append(alert.id)
         for channel, queue in queues.items():
             if queue.qsize() >= MAX_QUEUED:
                 dropped = queue.get_nowait()
@@ -272,18 +274,19 @@ class Alerts:
     async def run(self) -> None:
         """Deliver queued alerts (and the recent ones a stopped hub left undelivered), check the
         repository's space, until cancelled."""
-        await self._redeliver()
+        await self.redeliver()
         async with asyncio.TaskGroup() as group:
             for channel, queue in self._queues.items():
                 group.create_task(self._deliver(channel, queue), name=f"alerts-{channel}")
             if self.config.low_space > 0:
                 group.create_task(self._watch_space(), name="alerts-space")
 
-    async def _redeliver(self) -> None:
-        """Queue the stored alerts of the last :data:`REDELIVER_WITHIN` seconds a channel has not delivered."""
+    async def redeliver(self) -> int:
+        """Queue the stored alerts of the last :data:`REDELIVER_WITHIN` seconds a channel has not delivered
+        (but those this hub queued lately): at a start, and when this hub takes a lost one over (another live
+        hub may be delivering some of them too: receivers tell a repeat by its ``id``); how many."""
         if not self._queues:
-            self._early = None
-            return
+            return 0
         since = self.clock.now() - REDELIVER_WITHIN
         try:
             found = await self.db.run(
@@ -294,10 +297,13 @@ class Alerts:
         except Exception as exc:  # noqa: BLE001 - the new alerts still go out
             log.error("reading the undelivered alerts failed: %s", exc)
             found = []
-        early, self._early = self._early or set(), None  # from here on, fire's alerts reach the queues only
+        queued = 0
         for alert in reversed([Alert.from_row(row) for row in found]):
-            missing = {ch: q for ch, q in self._queues.items() if ch not in alert.delivered and alert.id not in early}
-            self._enqueue(alert, missing)
+            missing = {ch: q for ch, q in self._queues.items() if ch not in alert.delivered}
+            if missing and alert.id not in self._queued:
+                self._enqueue(alert, missing)
+                queued += 1
+        return queued
 
     async def _watch_space(self) -> None:
         while True:

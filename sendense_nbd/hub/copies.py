@@ -14,7 +14,9 @@ the disk's open chain as an overlay or starts a new one as a full image,
 and :func:`~sendense_nbd.offsite.copier.copy_point` uploads it to the
 policy's target, recorded in the copy's row. Uploads are journaled in
 ``offsite_uploads``: a restarted hub resumes the copies left pending
-(:meth:`Copies.resume`) without resending parts S3 has.
+(:meth:`Copies.resume`) without resending parts S3 has, and so does the hub that
+takes a lost one over. Hubs sharing a repository make a disk's copies in turn
+(a cluster lock per disk and policy), whichever hub recorded them.
 
 A chain continues only in the place it was written (endpoint, bucket,
 prefix, lock mode): a policy whose target changed starts a new chain there.
@@ -32,6 +34,7 @@ digests and deleted (a locked copy's delete is refused as S3 refuses it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -248,10 +251,11 @@ class Copies:
 
     async def _copy(self, copy_id: str) -> None:
         """Make the disk's pending copies in this policy, oldest first, up to this one (tasks may reach the
-        disk's lock out of order); a failure fails that copy and seals its chain."""
+        disk's lock out of order; hubs sharing the repository take it in turn); a failure fails that copy and
+        seals its chain."""
         record = await self.get(copy_id)
         lock = self._chains.setdefault((record.policy, record.vm_path, record.disk_key), asyncio.Lock())
-        async with lock:
+        async with lock, self._cluster_wide(chain_lock(record.policy, record.vm_path, record.disk_key)):
             tried: set[str] = set()
             while (oldest := await self._oldest_pending(record)) is not None and oldest.id not in tried:
                 tried.add(oldest.id)
@@ -263,6 +267,11 @@ class Copies:
                 await self.retain(record.vm_path, record.disk_key)
             except (SendenseError, OSError) + STORE_ERRORS as exc:
                 log.error("retention of %s disk %s after its copies: %s", record.vm_path, record.disk_key, exc)
+
+    def _cluster_wide(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The cluster's lock ``name`` where other hubs share the repository (and so the copies), else nothing."""
+        shared = self.repository.shared_lock
+        return contextlib.nullcontext() if shared is None else shared(name)
 
     async def _oldest_pending(self, record: CopyRecord) -> CopyRecord | None:
         found = await self._select(
@@ -727,6 +736,11 @@ class Copies:
             await self._blocking(lambda: self._connect(target).check_lock())
         except OffsiteError as exc:
             raise BadRequest(f"copy: {exc}") from exc
+
+
+def chain_lock(policy: str, vm_path: str, disk_key: int) -> str:
+    """The name of the cluster lock under which a hub makes a disk's copies in one policy."""
+    return f"copies of disk {disk_key} of {vm_path} ({policy})"
 
 
 def _locks(records: list[CopyRecord]) -> list[float | None]:

@@ -510,7 +510,8 @@ class Hub:
 
     async def _take_over(self, member: Member) -> None:
         """A lost hub's jobs fail (``hub_lost``: no change ID advances, their points are discarded, the store's
-        locks its clients held on their disks broken first), its ports are released, its open runs are ours."""
+        locks its clients held on their disks broken first), its ports are released, its open runs are ours, its
+        pending offsite copies go on here and its recent undelivered alerts are delivered from here."""
         why = "stopped" if member.state is HubState.STOPPED else (
             f"lost (no heartbeat for {self.clock.now() - member.heartbeat:.0f} s)")  # fmt: skip
         failure = req.Failure("hub", f"hub {member.id} was {why}; hub {self.id} failed its jobs", "hub_lost")
@@ -525,8 +526,11 @@ class Hub:
             await self._cleanup(job.id, job.disks)
         ports = await release_hub(self._db, member.id)
         runs = await self.scheduler.store.take_runs(member.id, self.id)
-        log.warning("took over hub %s (%s): jobs failed %s, ports released %s, runs taken %s",
-                    member.id, why, [job.id for job in jobs], ports, runs)  # fmt: skip
+        copies = await self.copies.resume()  # its copies left pending go on here (in turn with the live hubs')
+        alerts = await self.alerts.redeliver()  # and its recent alerts not delivered yet
+        log.warning("took over hub %s (%s): jobs failed %s, ports released %s, runs taken %s, copies resumed %s, "
+                    "alerts delivered again %d",
+                    member.id, why, [job.id for job in jobs], ports, runs, copies, alerts)  # fmt: skip
 
     async def _stop_ended_exports(self) -> None:
         """Stop the exports of jobs that ended elsewhere (another hub took this one over meanwhile)."""

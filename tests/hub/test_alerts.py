@@ -485,3 +485,28 @@ async def test_a_restarted_hub_delivers_what_its_predecessor_had_not_tried(tmp_p
         [old] = [a for a in await restarted.list(AlertQuery(limit=10)) if a.subject == "/DC0/vm/old"]
         assert old.delivered == {}  # older than a day: not sent after the restart
     db.close()
+
+
+async def test_a_hub_taking_a_lost_one_over_delivers_its_undelivered_alerts(tmp_path: Path, store_target: str) -> None:
+    """A lost hub's recent alerts not delivered yet go out from the hub that takes it over (redeliver), once;
+    the taker's own queued alerts are not queued again."""
+    db = Database(store_target)
+    async with Webhook() as hook:
+        config = AlertConfig(webhook_url=hook.url, **FAST)
+        lost = Alerts(db, config, clock=ManualClock(START), hub="lost", space_path=str(tmp_path))
+        await lost.fire(AlertKind.JOB_FAILED, "/DC0/vm/a", "fired on the lost hub, never delivered")
+        taker = Alerts(db, config, clock=ManualClock(START + 60), hub="taker", space_path=str(tmp_path))
+        worker = asyncio.create_task(taker.run())  # its start delivers the lost hub's alert already
+        try:
+            await until(lambda: _true(len(hook.received) >= 1), "the start's delivery")
+            await taker.fire(AlertKind.JOB_FAILED, "/DC0/vm/b", "fired on the taker")
+            await until(lambda: _true(len(hook.received) >= 2), "the taker's own alert")
+            await lost.fire(AlertKind.JOB_FAILED, "/DC0/vm/c", "fired on the lost hub after the taker started")
+            assert await taker.redeliver() == 1  # the lost hub's new one; its delivered one and the taker's not
+            await until(lambda: _true(len(hook.received) >= 3), "the takeover's delivery")
+            await asyncio.sleep(0.3)  # nothing more arrives
+            assert sorted(body["subject"] for body in hook.received) == ["/DC0/vm/a", "/DC0/vm/b", "/DC0/vm/c"]
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+    db.close()

@@ -8,16 +8,21 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.cluster import HEARTBEAT, HUB_LOST, Cluster, Identity
+from sendense_nbd.hub.copies import chain_lock
+from sendense_nbd.hub.db import Database
 from tests.conftest import require, run
 from tests.hub.conftest import nbd_write
 from tests.hub.operating import LocalHub, local_hub
 from tests.offsite.conftest import new_bucket, secret_file
+from tests.rbd_repo.conftest import rbd_url
 
 pytestmark = pytest.mark.peer
 
@@ -130,3 +135,37 @@ async def test_a_copy_target_is_checked_when_the_policy_is_stored(ceph_cluster: 
         status, answer = await hub.call("POST", "/policies", _policy(ceph_cluster, plain, secret, lock_mode="WORM"))
         assert status == 400 and "copy.lock_mode must be one of GOVERNANCE, COMPLIANCE" in answer["error"]["message"]
         assert (await hub.ok("GET", "/policies"))["policies"] == []
+
+
+async def test_hubs_sharing_a_repository_make_a_disks_copies_in_turn(ceph_cluster: Any, tmp_path: Path) -> None:
+    """With an RBD repository (other hubs may share it), a disk's copies are made under the cluster's lock of
+    that disk and policy: while another hub holds it, the copy waits, pending; then it is made."""
+    bucket = new_bucket(ceph_cluster)
+    secret = secret_file(tmp_path, ceph_cluster.s3_secret_key)
+    clock = ManualClock(time.time())
+    store = rbd_url(ceph_cluster, f"t{uuid.uuid4().hex[:10]}")
+    async with local_hub(tmp_path / "a", clock=clock, store=store, hub_id="a") as hub:
+        await _hub_with_node(hub)
+        await hub.ok("POST", "/policies", _policy(ceph_cluster, bucket, secret))
+        other_db = Database("sqlite:" + str(tmp_path / "a" / "hub.db"))
+        other = Cluster(other_db, clock, Identity(id="b", api_url="http://127.0.0.1:9", nbd_host="127.0.0.1",
+                        ports=range(10100, 10101), store=hub.hub.cluster.me.store, local=False),
+                        heartbeat=HEARTBEAT, lapse=HUB_LOST)  # fmt: skip
+        await other.join(None)
+        try:
+            async with other.lock(chain_lock("offsite", VM, 2000)):
+                body = {"vm_path": VM, "mode": "full", "disks": [{"key": 2000, "capacity": 8 * MIB}]}
+                job = await hub.ok("POST", "/backups", body)
+                await asyncio.to_thread(nbd_write, job["detail"]["disks"][0]["uri"], [(0, os.urandom(2 * MIB))])
+                done = {"status": "completed", "vm_path": VM, "disks": [{"disk_key": 2000, "change_id": "52 aa/1"}]}
+                await hub.ok("POST", f"/backups/{job['job_id']}/complete", done)
+                await hub.hub.settled()
+                await asyncio.sleep(1.0)  # four tries of the lock at least
+                [waiting] = (await hub.ok("GET", f"/copies?vm_path={VM}"))["copies"]
+                assert waiting["state"] == "pending" and waiting["manifest"] is None, waiting
+            async with asyncio.timeout(60):
+                await hub.hub.copies.settled()
+            [made] = (await hub.ok("GET", f"/copies?vm_path={VM}"))["copies"]
+            assert made["id"] == waiting["id"] and made["state"] == "completed", made
+        finally:
+            other_db.close()
