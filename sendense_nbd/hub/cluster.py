@@ -41,8 +41,9 @@ HEARTBEAT = 5.0
 HUB_LOST = 30.0
 #: The file in a hub's directory that keeps its ID.
 ID_FILE = "hub-id"
-#: Seconds between two tries of a cluster lock another live hub holds (:meth:`Cluster.lock`).
-LOCK_POLL = 0.25
+#: Seconds between the first two tries of a cluster lock another live hub holds (:meth:`Cluster.lock`),
+#: doubling up to the last.
+LOCK_POLL, LOCK_POLL_MAX = 0.25, 2.0
 #: Longest API URL a hub registers (``--api-advertise``, else ``--public-url``).
 MAX_API_URL = 1024
 _VISIBLE_ASCII = re.compile(r"[!-~]+")
@@ -270,10 +271,12 @@ class Cluster:
         """Hold the cluster's lock ``name`` (a row of ``locks``): one hub at a time; the hold of a hub that is
         not live (lost, stopped, or its row unreadable) lapses, so a hub waits only while a live one holds it.
         Within a hub, the caller keeps its own tasks apart (the row is taken as the hub's)."""
+        delay = LOCK_POLL
         while True:
             if await self.db.run(functools.partial(self._take_lock, name, self.clock.now())):
                 break
-            await asyncio.sleep(LOCK_POLL)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, LOCK_POLL_MAX)
         try:
             yield
         finally:

@@ -599,14 +599,12 @@ class _Closer:
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._queue: collections.deque[tuple[float, str, Callable[[], None]]] = collections.deque()
-        self._pending: collections.Counter[str] = collections.Counter()
         self._thread: threading.Thread | None = None
 
     def later(self, name: str, close: Callable[[], None]) -> None:
         """Run ``close`` (of the image or client ``name``) :data:`CLOSE_GRACE` seconds from now."""
         with self._lock:
             self._queue.append((time.monotonic() + CLOSE_GRACE, name, close))
-            self._pending[name] += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rbd-closer", daemon=True)
                 self._thread.start()
@@ -631,9 +629,6 @@ class _Closer:
                 log.warning("closing %s failed: %s", name, exc)
             with self._lock:
                 self._queue.popleft()
-                self._pending[name] -= 1
-                if not self._pending[name]:
-                    del self._pending[name]
                 self._lock.notify_all()
 
 
