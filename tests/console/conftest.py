@@ -171,8 +171,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("console")
     hubs: list[HubProcess] = []
 
-    def start_hub(node_url: str | None, *extra: str, ports: range | None = None) -> HubProcess:
-        hubs.append(HubProcess(root / "repo", ports or free_port_range(6), node_url, *extra).start())
+    def start_hub(
+        node_url: str | None, *extra: str, ports: range | None = None, repo: Path | None = None
+    ) -> HubProcess:
+        hubs.append(HubProcess(repo or root / "repo", ports or free_port_range(6), node_url, *extra).start())
         return hubs[-1]
 
     state = root / "vcsim"
