@@ -34,7 +34,6 @@ digests and deleted (a locked copy's delete is refused as S3 refuses it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -255,7 +254,7 @@ class Copies:
         seals its chain."""
         record = await self.get(copy_id)
         lock = self._chains.setdefault((record.policy, record.vm_path, record.disk_key), asyncio.Lock())
-        async with lock, self._cluster_wide(chain_lock(record.policy, record.vm_path, record.disk_key)):
+        async with lock, self.repository.cluster_lock(chain_lock(record.policy, record.vm_path, record.disk_key)):
             tried: set[str] = set()
             while (oldest := await self._oldest_pending(record)) is not None and oldest.id not in tried:
                 tried.add(oldest.id)
@@ -267,11 +266,6 @@ class Copies:
                 await self.retain(record.vm_path, record.disk_key)
             except (SendenseError, OSError) + STORE_ERRORS as exc:
                 log.error("retention of %s disk %s after its copies: %s", record.vm_path, record.disk_key, exc)
-
-    def _cluster_wide(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """The cluster's lock ``name`` where other hubs share the repository (and so the copies), else nothing."""
-        shared = self.repository.shared_lock
-        return contextlib.nullcontext() if shared is None else shared(name)
 
     async def _oldest_pending(self, record: CopyRecord) -> CopyRecord | None:
         found = await self._select(

@@ -690,7 +690,8 @@ class Hub:
         plans = [await self._plan_disk(request, disk) for disk in disks]
         needs = [plan.need for plan in plans]
         reason = next((plan.reason for plan in plans if plan.reason is not None), None)
-        async with self._admission, self._cluster_wide("admission"):  # the check sees every job created before
+        # the check sees every job created before, on every hub
+        async with self._admission, self._repository.cluster_lock("admission"):
             expected = await self._jobs.expected()
             held = await capacity.reserved(self._repository, expected)
             await capacity.check_space(
@@ -718,12 +719,6 @@ class Hub:
                 await self._alert_failed(await self._jobs.get(job.id))
             raise
         return job
-
-    def _cluster_wide(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """The cluster's lock ``name`` where other hubs share the repository (RBD), else nothing to take."""
-        if self._repository.shared_lock is not None:
-            return self._repository.shared_lock(name)
-        return contextlib.nullcontext()
 
     async def _node_of(self, name: str | None) -> tuple[str | None, NodeClient | None]:
         """The node a backup goes to (by name; None: the default node) and its client; (None, None)

@@ -60,11 +60,12 @@ class Repository:
         """Hold the lock of one disk's chain: digests, verify and retention merges take it (FIFO, one at a time
         in this hub), and, where hubs share the store, the cluster's lock of the disk too."""
         async with self._disk_locks.setdefault((vm_path, disk_key), asyncio.Lock()):
-            if self.shared_lock is None:
+            async with self.cluster_lock(f"disk {disk_key} of {vm_path}"):
                 yield
-                return
-            async with self.shared_lock(f"disk {disk_key} of {vm_path}"):
-                yield
+
+    def cluster_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The cluster's lock ``name`` where other hubs share the store, else nothing to take."""
+        return contextlib.nullcontext() if self.shared_lock is None else self.shared_lock(name)
 
     async def points(self, vm_path: str, disk_key: int | None = None) -> list[Point]:
         """A VM's completed points (of one disk, when given), by disk and age."""
