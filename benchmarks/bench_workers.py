@@ -15,7 +15,10 @@ ports), then N clients push the same dense (random) source image into them concu
 completed through the API (its exports stop and flush). The client is nbdcopy (``--flush --connections=4``)
 by default: a node runs on another machine, and on this 2-core box the client's CPU is taken from the hub's;
 nbdcopy (C) spends far less CPU per byte than our Python copy engine, so the hub side is what is measured.
-``--client ours`` runs ``sendense-nbd copy -C 4`` (the node's engine) instead.
+``--client ours`` runs ``sendense-nbd copy -C 4`` (the node's engine) instead. ``--client sendfile`` runs
+``nbd_sendfile.py``, a lean load generator that sends each write's payload from the page cache: nbdcopy still
+costs ~0.75 CPU s/GiB, which on 2 cores leaves no core for a second worker, so only this client shows what the
+hub side does with the cores when its nodes run elsewhere.
 
 Method: per hub and N a warm-up run (its points are checked with ``qemu-img compare``), then ``--rounds``
 rounds; every other round reverses the order of the hubs and of the counts (A B B A); medians. Aggregate
@@ -54,6 +57,12 @@ REPO, RESULTS, PYTHON, MiB, GiB = bs.REPO, bs.RESULTS, bs.VENV_PYTHON, bs.MiB, 1
 LOG = bs.WORK / "bench-workers.log"
 HUBS = {"workers": [], "loop": ["--workers", "0"]}
 TARGET = 1.6
+CLIENTS = {
+    "nbdcopy": "`nbdcopy --flush --connections=4 --threads=4 SRC URI`",
+    "ours": "`sendense-nbd copy -C 4 SRC URI` (our copy engine)",
+    "sendfile": "`benchmarks/nbd_sendfile.py --connections 4 SRC URI` (256 KiB writes sent from the page cache"
+    " with sendfile, 8 in flight per connection, then a flush: a lean stand-in for a node on another machine)",
+}
 DISK = 2000
 
 
@@ -122,6 +131,8 @@ class Bench:
     def client(self, uri: str) -> list[str]:
         if self.args.client == "ours":
             return [str(PYTHON), "-m", "sendense_nbd", "copy", "-C", "4", str(self.source), uri]
+        if self.args.client == "sendfile":
+            return [str(PYTHON), str(HERE / "nbd_sendfile.py"), "--connections", "4", str(self.source), uri]
         return ["nbdcopy", "--flush", "--connections=4", "--threads=4", str(self.source), uri]
 
     def run_once(self, hub: Hub, count: int, check: bool) -> Sample:
@@ -270,8 +281,7 @@ def ceiling(bench: Bench, one: float) -> str:
 
 
 def header(bench: Bench, load0: float, elapsed: float, argv: list[str], others: str) -> list[str]:
-    client = ("`nbdcopy --flush --connections=4 --threads=4 SRC URI`" if bench.args.client == "nbdcopy"
-              else "`sendense-nbd copy -C 4 SRC URI` (our copy engine)")  # fmt: skip
+    client = CLIENTS[bench.args.client]
     return [
         br.machine(load0, elapsed),
         f"- benchmark: `.venv/bin/python benchmarks/bench_workers.py {' '.join(_shown(argv))}` (the texts below)",
@@ -321,7 +331,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--hubs", type=lambda s: s.split(","), default=list(HUBS))
-    parser.add_argument("--client", choices=["nbdcopy", "ours"], default="nbdcopy")
+    parser.add_argument("--client", choices=list(CLIENTS), default="nbdcopy")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--quick", action="store_true", help="256 MiB, 1 round, no RESULTS.md")
     parser.add_argument("--write-results", action="store_true")
