@@ -2,7 +2,7 @@
 read by qemu's rbd driver byte for byte equal to what was written (qemu-img compare against a raw file written
 with the same qemu-io commands). A discarded or interrupted job leaves nothing a later point could include (the
 head is rolled back; a snapshot taken by a crashed completion is removed); retention removes snapshots only;
-digests and verify read snapshots; a shared sidecar is fetched by its size (an oversized one never read); a
+digests and verify read snapshots; a shared sidecar is kept in bounded parts and fetched in bounded pieces; a
 point exports as portable qcow2 files, converts to a file and clones to a new, flattened image; space comes from
 the pool and its quota; orphans are swept."""
 
@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,15 @@ import sendense_nbd.hub.repository.rbd as rbd_store
 from sendense_nbd.backup.records import SyncType
 from sendense_nbd.errors import Conflict, RepositoryError
 from sendense_nbd.hub.clock import SystemClock
-from sendense_nbd.hub.repository import Point, PointStatus, RbdStore, Repository, VerifyState, open_store
+from sendense_nbd.hub.repository import (
+    Point,
+    PointStatus,
+    RbdStore,
+    Repository,
+    VerifyState,
+    open_store,
+    shared_digests,
+)
 from sendense_nbd.hub.requests import ReportedDisk
 from sendense_nbd.hub.verify import record_digests, verify_point
 from sendense_nbd.policy.model import Retention
@@ -194,24 +202,29 @@ async def test_digests_verify_export_convert_and_clone_read_snapshots(
 
 
 class Reads:
-    """The pool's Ioctx, recording the length each read asks for (python-rados allocates it) and optionally
-    understating the size ``stat`` tells (as if the object were rewritten between the stat and the read)."""
+    """The pool's Ioctx, recording the length each read asks for (python-rados allocates it); ``restamp``
+    shares the sidecar again (as another hub would) after the reader's first read."""
 
-    def __init__(self, ioctx: Any, *, shrink: int = 0) -> None:
+    def __init__(self, ioctx: Any, lengths: list[int], restamp: Callable[[Any], None] | None = None) -> None:
         self.ioctx = ioctx
-        self.shrink = shrink
-        self.lengths: list[int] = []
+        self.lengths = lengths
+        self.restamp = restamp
 
-    def stat(self, name: str) -> tuple[int, Any]:
-        size, mtime = self.ioctx.stat(name)
-        return size - self.shrink, mtime
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ioctx, name)
 
     def read(self, name: str, length: int = 8192, offset: int = 0) -> bytes:
         self.lengths.append(length)
-        return bytes(self.ioctx.read(name, length, offset))
+        data = bytes(self.ioctx.read(name, length, offset))
+        if self.restamp is not None:
+            self.restamp(self.ioctx)
+            self.restamp = None
+        return data
 
 
-def watch_reads(monkeypatch: pytest.MonkeyPatch, store: RbdStore, *, shrink: int = 0) -> list[int]:
+def watch_reads(
+    monkeypatch: pytest.MonkeyPatch, store: RbdStore, restamp: Callable[[Any], None] | None = None
+) -> list[int]:
     """The lengths the store's reads of RADOS objects ask for, from now on."""
     opened = store._ioctx
     lengths: list[int] = []
@@ -219,17 +232,24 @@ def watch_reads(monkeypatch: pytest.MonkeyPatch, store: RbdStore, *, shrink: int
     @contextlib.contextmanager
     def watched(what: str) -> Iterator[Reads]:
         with opened(what) as ioctx:
-            reads = Reads(ioctx, shrink=shrink)
-            reads.lengths = lengths
-            yield reads
+            yield Reads(ioctx, lengths, restamp)
 
     monkeypatch.setattr(store, "_ioctx", watched)
     return lengths
 
 
+def sidecar_objects(store: RbdStore, point: Point) -> list[str]:
+    name = f"{store.where.prefix}.{rbd_store.DIGESTS}.{point.id}"
+    with store._ioctx("list") as ioctx:
+        return sorted(o.key for o in ioctx.list_objects() if o.key == name or o.key.startswith(f"{name}."))
+
+
 def check_shared_digests(store: RbdStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sidecar shared, then fetched byte for byte by reading the object's size; an oversized object refused
-    before any read; a rewrite between the stat and the read refused; an object never shared fetches nothing."""
+    """A sidecar shared in parts, then fetched byte for byte in bounded pieces; a share that is not complete
+    fetches nothing; an oversized size refused before any read; a share rewritten while read refused; a
+    shorter share and the removal of a share leave no part behind."""
+    monkeypatch.setattr(shared_digests, "PART", MIB)
+    monkeypatch.setattr(shared_digests, "PIECE", 256 * 1024)
     point = Point(
         "20260101T000000Z-0000d1d1", VM, DISK, "job", SyncType.FULL, "", None, SIZE, None, None,
         PointStatus.COMPLETED, 0.0, 0.0,
@@ -240,30 +260,48 @@ def check_shared_digests(store: RbdStore, monkeypatch: pytest.MonkeyPatch) -> No
     sidecar.write_bytes(data)
     store.share_digests(point)
     sidecar.unlink()
+    name = f"{store.where.prefix}.{rbd_store.DIGESTS}.{point.id}"
+    assert sidecar_objects(store, point) == [name, f"{name}.1", f"{name}.2", f"{name}.3"]
 
     lengths = watch_reads(monkeypatch, store)
     store.fetch_digests(point)
     assert sidecar.read_bytes() == data
-    assert lengths == [len(data) + 1]  # the object's size (and a byte to see a rewrite), not MAX_DIGESTS
+    assert max(lengths) == 256 * 1024 and sum(lengths) == len(data)  # bounded pieces, each byte once
 
     sidecar.unlink()
-    monkeypatch.setattr(rbd_store, "MAX_DIGESTS", MIB)
-    with pytest.raises(RepositoryError, match=rf"holds {len(data)} bytes, more than a hub shares \({MIB}\)"):
+    with store._ioctx("stamp") as ioctx:
+        stamp = ioctx.get_xattr(name, shared_digests.STAMP)
+        ioctx.rm_xattr(name, shared_digests.STAMP)  # as while a hub shares it
         store.fetch_digests(point)
-    assert lengths == [len(data) + 1] and not sidecar.exists()  # refused before any read
-    monkeypatch.undo()
+        assert not sidecar.exists()
+        ioctx.set_xattr(name, shared_digests.STAMP, f"{shared_digests.MAX_SIZE + 1} x".encode())
+        lengths.clear()
+        with pytest.raises(RepositoryError, match="it is not a sidecar a hub shared"):
+            store.fetch_digests(point)
+        assert lengths == [] and not sidecar.exists()  # refused before any read
+        ioctx.set_xattr(name, shared_digests.STAMP, stamp)
 
-    watch_reads(monkeypatch, store, shrink=1)  # rewritten with other digests between the stat and the read
-    with pytest.raises(RepositoryError, match="changed while read"):
+    def restamp(ioctx: Any) -> None:
+        ioctx.set_xattr(name, shared_digests.STAMP, stamp + b"-again")
+
+    watch_reads(monkeypatch, store, restamp)
+    with pytest.raises(RepositoryError, match="shared again while read"):
         store.fetch_digests(point)
-    assert not sidecar.exists()
+    assert not sidecar.exists() and not list(sidecar.parent.iterdir())  # no temporary file left
+
+    sidecar.write_bytes(data[: MIB + 1])  # shared again, shorter: the extra parts go
+    store.share_digests(point)
+    assert sidecar_objects(store, point) == [name, f"{name}.1"]
+    with store._ioctx("remove") as ioctx:
+        shared_digests.remove(ioctx, name)
+    assert sidecar_objects(store, point) == []
 
     other = attrs.evolve(point, id="20260101T000000Z-0000d2d2")  # never shared: nothing fetched, no error
     store.fetch_digests(other)
     assert not Path(store.digest_path(other)).exists()
 
 
-async def test_shared_digests_are_fetched_byte_identical_and_an_oversized_object_is_never_read(
+async def test_shared_digests_are_fetched_byte_identical_in_bounded_pieces_and_checked(
     repository: Repository, ceph_cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = repository.store

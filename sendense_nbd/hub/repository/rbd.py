@@ -16,7 +16,8 @@ back to its base's snapshot unless the key says it already is; a discarded point
 cancelled or timed-out job, or a pending point a restarted hub finds) loses its snapshot if
 one was taken and the head is rolled back to the disk's newest completed point (an image
 without any snapshot is removed). Digest sidecars are files under the hub's directory
-(``ROOT/digests/<image>/<point-id>.digests``). Space is the pool's, as ``ceph df`` and the
+(``ROOT/digests/<image>/<point-id>.digests``), shared with a cluster's other hubs as RADOS
+objects (:mod:`~sendense_nbd.hub.repository.shared_digests`). Space is the pool's, as ``ceph df`` and the
 pool's quota tell it; a full pool or cluster fails writes with ``ENOSPC`` (the device sets
 full-try), which fails the job with ``insufficient_space``.
 """
@@ -41,6 +42,7 @@ import attrs
 
 from sendense_nbd.errors import Conflict, RbdError, RepositoryClaimed, RepositoryError
 from sendense_nbd.hub.openers import RbdOpener
+from sendense_nbd.hub.repository import shared_digests
 from sendense_nbd.hub.repository.points import Point, PointStatus, vm_slug
 from sendense_nbd.hub.repository.store import Space
 from sendense_nbd.storage.files import remove_quietly, temporary_name
@@ -61,10 +63,8 @@ TAG = "sendense.repository"
 CLONE_OF = "sendense.clone-of"
 #: The RADOS object ``PREFIX.repository`` holds the repository's UUID (written at its first start).
 IDENTITY = "repository"
-#: The RADOS object ``PREFIX.digests.<point-id>`` holds a point's digest sidecar for every hub of a cluster.
+#: The RADOS objects ``PREFIX.digests.<point-id>[.N]`` hold a point's digest sidecar for every hub of a cluster.
 DIGESTS = "digests"
-#: Largest sidecar fetched (a 64 TiB disk's digests at 4 MiB chunks).
-MAX_DIGESTS = 1 << 30
 #: What a point ID looks like (``hub.repository.core``): only such snapshots are ours to remove.
 POINT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 _QUERY_KEYS = frozenset({"conf", "id", "keyring", "prefix", "adopt"})
@@ -175,6 +175,17 @@ def _raise(exc: BaseException, what: str) -> NoReturn:
     (``raise ... from exc`` would replace it, and the job would not fail ``insufficient_space``)."""
     error = _failure(exc, what)
     raise error from (error.__cause__ or exc)
+
+
+@contextlib.contextmanager
+def _sharing(what: str) -> Iterator[None]:
+    """Errors of a shared sidecar's objects as :class:`RepositoryError` saying ``what`` failed."""
+    try:
+        yield
+    except importlib.import_module("rados").Error as exc:
+        _raise(exc, what)
+    except RepositoryError as exc:
+        raise RepositoryError(f"{what}: {exc}") from exc
 
 
 class RbdStore:
@@ -321,14 +332,8 @@ class RbdStore:
                 raise RepositoryError(f"{what}: it has clones (flatten them first)") from exc
             except rbd.Error as exc:
                 _raise(exc, what)
-        rados = importlib.import_module("rados")
-        with self._ioctx(what) as ioctx:  # its shared digests (a cluster's hubs read them) go with it
-            try:
-                ioctx.remove_object(f"{self.where.prefix}.{DIGESTS}.{base.id}")
-            except rados.ObjectNotFound:
-                pass
-            except rados.Error as exc:
-                _raise(exc, what)
+        with self._ioctx(what) as ioctx, _sharing(what):  # its shared digests (a cluster's hubs read them) go too
+            shared_digests.remove(ioctx, self._digests_name(base.id))
 
     def blocked(self, point: Point) -> str | None:
         """Why the point's snapshot cannot be removed now (it is protected or has clones), or None."""
@@ -401,44 +406,29 @@ class RbdStore:
     # -- reading ---------------------------------------------------------------
 
     def share_digests(self, point: Point) -> None:
-        """Copy the point's sidecar to the object ``PREFIX.digests.<point-id>``, which every hub reads."""
-        with open(self.digest_path(point), "rb") as f:
-            data = f.read(MAX_DIGESTS)
+        """Copy the point's sidecar to the objects ``PREFIX.digests.<point-id>[.N]``, which every hub reads."""
         what = f"cannot share the digests of point {point.id} in {self.location}"
-        with self._ioctx(what) as ioctx:
-            try:
-                ioctx.write_full(f"{self.where.prefix}.{DIGESTS}.{point.id}", data)
-            except importlib.import_module("rados").Error as exc:
-                _raise(exc, what)
+        with open(self.digest_path(point), "rb") as source, self._ioctx(what) as ioctx, _sharing(what):
+            shared_digests.put(ioctx, self._digests_name(point.id), source)
 
     def fetch_digests(self, point: Point) -> None:
-        """Write the object ``PREFIX.digests.<point-id>`` to the sidecar's path when this hub has none."""
+        """Write the shared sidecar to the sidecar's path when this hub has none (nothing when none was shared)."""
         path = self.digest_path(point)
         if os.path.exists(path):
             return
-        rados = importlib.import_module("rados")
-        name = f"{self.where.prefix}.{DIGESTS}.{point.id}"
         what = f"cannot read the shared digests of point {point.id} in {self.location}"
-        with self._ioctx(what) as ioctx:
-            try:
-                size, _ = ioctx.stat(name)
-                if size > MAX_DIGESTS:  # python-rados allocates the length asked for: never read such an object
-                    raise RepositoryError(
-                        f"{what}: object {name} holds {size} bytes, more than a hub shares ({MAX_DIGESTS}); "
-                        "it is not a sidecar: remove it (rados rm)"
-                    )
-                data = ioctx.read(name, size + 1)  # one byte more: a rewrite since the stat shows as another size
-            except rados.ObjectNotFound:
-                return
-            except rados.Error as exc:
-                _raise(exc, what)
-        if len(data) != size:
-            raise RepositoryError(f"{what}: object {name} changed while read ({size} bytes, then {len(data)}); retry")
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         temporary = temporary_name(path)
-        with open(temporary, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
+        try:
+            with self._ioctx(what) as ioctx, open(temporary, "wb") as target, _sharing(what):
+                found = shared_digests.get(ioctx, self._digests_name(point.id), target)
+            if found:
+                os.replace(temporary, path)
+        finally:
+            remove_quietly(temporary)
+
+    def _digests_name(self, point_id: str) -> str:
+        return f"{self.where.prefix}.{DIGESTS}.{point_id}"
 
     def digest_path(self, point: Point) -> str:
         """``ROOT/digests/<image>/<point-id>.digests``."""
