@@ -148,12 +148,13 @@ def _die_with(hub_pid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Serve the hub's exports over the channel on file descriptor ``argv[0]``; ``argv[1]``: the hub's PID."""
-    fd, hub_pid = int(argv[0]), int(argv[1])
+    """Serve the hub's exports over the channel on file descriptor ``argv[0]``; ``argv[1]``: the hub's PID,
+    ``argv[2]``: the hub's log level (its ``-v``)."""
+    fd, hub_pid, level = int(argv[0]), int(argv[1]), int(argv[2])
     _die_with(hub_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format=f"export worker {os.getpid()}: %(levelname)s %(message)s")
+    logging.basicConfig(level=level, format=f"export worker {os.getpid()}: %(levelname)s %(message)s")
 
     async def serve() -> None:
         await ExportWorker(Channel(socket.socket(fileno=fd))).run()

@@ -341,7 +341,8 @@ class WorkerPool:
         """Start worker ``index`` and wait until it says it is ready."""
         ours, theirs = channel_pair()
         # -P: the hub's working directory is not on the worker's sys.path (a module there would shadow ours)
-        command = [sys.executable, "-P", "-m", "sendense_nbd.hub.export_worker", str(theirs.fileno()), str(os.getpid())]
+        command = [sys.executable, "-P", "-m", "sendense_nbd.hub.export_worker", str(theirs.fileno()), str(os.getpid()),
+                   str(logging.getLogger().getEffectiveLevel())]  # fmt: skip
         try:
             with theirs:  # forked by the loop's thread, whose end (not a pool thread's) PR_SET_PDEATHSIG watches
                 process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)  # noqa: ASYNC220

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -101,6 +102,25 @@ async def test_backup_and_restore_exports_in_workers_or_in_process(hub: Hub, tmp
     assert (tmp_path / "read.raw").read_bytes() == source.read_bytes()
     assert (await hub.stop_restore(restore.id)).state is JobState.COMPLETED
     assert (await hub.port_status()).exports == ()
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING], ids=["verbose", "quiet"])
+async def test_workers_log_at_the_hubs_level(
+    level: int, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker logs what its exports' clients did at the hub's level (``-v``: info), to the hub's stderr."""
+    caplog.set_level(level)
+    running = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(2), workers=1))
+    await running.start()
+    try:
+        job = await _written(running, VM, random_file(tmp_path / "disk.raw", SIZE))
+        [worker] = (await running.port_status()).workers
+        await running.cancel(job.id)
+    finally:
+        running.close()
+        await running.wait_closed()
+    said = f"export worker {worker.pid}: INFO client "
+    assert (said in capfd.readouterr().err) is (level == logging.INFO)
 
 
 def _parent_of(pid: int) -> int:
