@@ -32,7 +32,7 @@ def build_app(node: Node, *, token: str | None) -> web.Application:
     @routes.post(PREFIX + "/backups")
     async def start(request: web.Request) -> web.Response:
         config = node.config
-        body = BackupRequest.from_json(await json_body(request), hub_urls=config.hub_urls, nbd_host=config.nbd_host)
+        body = BackupRequest.from_json(await json_body(request), hub_urls=config.hub_urls, nbd_hosts=config.nbd_hosts)
         return web.json_response(node.start_backup(body).to_json(), status=202)
 
     @routes.get(PREFIX + "/backups")

@@ -22,6 +22,7 @@
     hub_url = "http://127.0.0.1:8082"                  # pin the hub: jobs' api_url and targets' host
     # hub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083"]   # or pin several: each job's own
     # nbd_host = "10.0.0.2"                            # the targets' host when it is not hub_url's (one hub)
+    # nbd_host = {"http://127.0.0.2:8082" = "10.0.0.2"}  # or by hub (several); the others use hub_url's host
     max_jobs = 2                                       # jobs running at once
     max_queued = 16                                    # jobs waiting; more are refused (503 busy)
     connections = 4                                    # NBD connections per disk and side
@@ -49,6 +50,7 @@ import os
 import ssl
 import stat
 import tomllib
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -86,9 +88,9 @@ class NodeConfig:
     hub_token: str | None = attrs.field(default=None, repr=False)
     #: ``[node] hub_url``: the hubs jobs may report to (empty: any); a job's targets must be on its hub's host.
     hub_urls: tuple[str, ...] = ()
-    #: The host every target must be on when it is not ``hub_url``'s (the hub registered this node with
-    #: this ``nbd_host``); needs exactly one hub in ``hub_urls``.
-    nbd_host: str | None = None
+    #: ``[node] nbd_host``: by pinned hub (its URL without a trailing ``/``), the host its jobs' targets must
+    #: be on when it is not the hub URL's (the hub registered this node with that ``nbd_host``).
+    nbd_hosts: Mapping[str, str] = attrs.field(factory=dict)
     max_jobs: int = 2
     max_queued: int = 16
     connections: int = 4
@@ -170,8 +172,8 @@ def load(path: str) -> NodeConfig:
         listen=str(node.get("listen", "127.0.0.1:8081")),
         token=_token(path, node, "token_file"),
         hub_token=_token(path, node, "hub_token_file"),
-        hub_urls=_hub_urls(path, node.get("hub_url")),
-        nbd_host=_nbd_host(path, node.get("nbd_host")),
+        hub_urls=(hub_urls := _hub_urls(path, node.get("hub_url"))),
+        nbd_hosts=_nbd_hosts(path, node.get("nbd_host"), hub_urls),
         max_jobs=_count(path, node, "max_jobs", 2, 64),
         max_queued=_count(path, node, "max_queued", 16, 10000),
         connections=_count(path, node, "connections", 4, 64),
@@ -185,16 +187,9 @@ def load(path: str) -> NodeConfig:
 
 
 def _check_hub_link(path: str, config: NodeConfig) -> None:
-    """``[node] nbd_host`` needs exactly one pinned hub, ``[tls]`` at least one, and a TLS node reports to each
-    hub over HTTPS unless the hub's API is on this machine (the tunnel's ``127.0.0.1``): its hub token and
-    change IDs would otherwise cross the network in clear."""
-    if config.nbd_host is not None and not config.hub_urls:
-        raise ConfigError(f"{path}: [node] nbd_host needs hub_url: it says where targets may be instead of its host")
-    if config.nbd_host is not None and len(config.hub_urls) > 1:
-        raise ConfigError(
-            f"{path}: [node] nbd_host needs hub_url to pin one hub, not {len(config.hub_urls)}: it names one address "
-            "for every hub's targets; leave it out, and each job's targets must be on its own hub_url's host"
-        )
+    """``[tls]`` needs at least one pinned hub, and a TLS node reports to each hub over HTTPS unless the hub's
+    API is on this machine (the tunnel's ``127.0.0.1``): its hub token and change IDs would otherwise cross the
+    network in clear."""
     if config.tls_creds is None and config.tls_fingerprint is None:
         return
     if not config.hub_urls:
@@ -289,17 +284,44 @@ def _bytes(path: str, section: dict[str, Any], key: str, default: int, high: int
     return value
 
 
-def _nbd_host(path: str, value: object) -> str | None:
+def _nbd_hosts(path: str, value: object, hub_urls: tuple[str, ...]) -> dict[str, str]:
+    """``[node] nbd_host``: one host for the one pinned hub, or a table of hosts by pinned hub URL; by hub URL
+    (without a trailing ``/``)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if len(hub_urls) != 1:
+            pinned = "hub_url" if not hub_urls else f"hub_url to pin one hub, not {len(hub_urls)}"
+            raise ConfigError(
+                f"{path}: [node] nbd_host = HOST needs {pinned}: it names the targets' host of the one pinned hub; "
+                'with several, give a table by hub: nbd_host = {"http://hub-a:8082" = "10.0.0.2"}'
+            )
+        return {hub_urls[0].rstrip("/"): _nbd_host(path, value, "[node] nbd_host")}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{path}: [node] nbd_host must be a host name or an IP address without a port, e.g. 10.0.0.2, "
+            'or a table of them by hub_url, e.g. {"http://hub-a:8082" = "10.0.0.2"}'
+        )
+    hubs = {url.rstrip("/") for url in hub_urls}
+    hosts = {}
+    for url, host in value.items():
+        if url.rstrip("/") not in hubs:
+            raise ConfigError(f"{path}: [node] nbd_host names {url!r}, which is not one of [node] hub_url")
+        if url.rstrip("/") in hosts:
+            raise ConfigError(f"{path}: [node] nbd_host names {url!r} twice")
+        hosts[url.rstrip("/")] = _nbd_host(path, host, f"[node] nbd_host[{url!r}]")
+    return hosts
+
+
+def _nbd_host(path: str, value: object, name: str) -> str:
     """A host name or an IP address (an IPv6 one may have a zone id, ``fe80::1%eth0``), without a port, in the
     normal form the targets' hosts are compared in (:func:`~sendense_nbd.client.uri.normal_host`)."""
-    if value is None:
-        return None
     if isinstance(value, str):
         try:
-            return normal_host(value, "[node] nbd_host")
+            return normal_host(value, name)
         except URIError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    raise ConfigError(f"{path}: [node] nbd_host must be a host name or an IP address without a port, e.g. 10.0.0.2")
+    raise ConfigError(f"{path}: {name} must be a host name or an IP address without a port, e.g. 10.0.0.2")
 
 
 #: The most hubs ``[node] hub_url`` may pin.

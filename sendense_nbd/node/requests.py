@@ -4,10 +4,10 @@ The hub is the node's only caller, and ``POST /backups`` is what it sends
 (docs/NODE_API.md); unknown fields are refused. Targets must be NBD URIs (a
 local file would let a caller write a VM's disk anywhere the node can).
 With ``[node] hub_url`` set (one URL or several), the job's ``api_url`` must be
-one of them and every target must be on that hub's host (or on ``[node]
-nbd_host`` when set, with one hub only: the hub's NBD address as this node dials
-it, when it is not the API's), so a caller cannot send a VM's disks, progress or
-the node's hub token anywhere else.
+one of them and every target must be on that hub's host (or on its ``[node]
+nbd_host`` when set: the hub's NBD address as this node dials it, when it is not
+the API's), so a caller cannot send a VM's disks, progress or the node's hub
+token anywhere else.
 """
 
 from __future__ import annotations
@@ -48,16 +48,17 @@ class BackupRequest:
 
     @classmethod
     def from_json(
-        cls, body: Mapping[str, Any], *, hub_urls: tuple[str, ...] = (), nbd_host: str | None = None
+        cls, body: Mapping[str, Any], *, hub_urls: tuple[str, ...] = (), nbd_hosts: Mapping[str, str] | None = None
     ) -> BackupRequest:
         """Parse and check the body (:class:`BadRequest` names the field at fault); ``hub_urls`` pin the hubs a
-        job may report to (none: any), and its targets to its hub's host, or to ``nbd_host`` when given."""
+        job may report to (none: any), and its targets to its hub's host, or to the hub's ``nbd_hosts`` entry
+        (by hub URL without a trailing ``/``) when it has one."""
         json_object(body, "the body", frozenset({"job_id", "vm_path", "mode", "targets", "api_url"}))
         job_id = body.get("job_id")
         if not isinstance(job_id, str) or not IDENTIFIER.fullmatch(job_id):
             raise BadRequest("job_id must be 1 to 128 letters, digits, '.', '_', ':' or '-'")
         api_url = http_url(body.get("api_url"), "api_url")
-        target_host = _target_host(api_url, hub_urls, nbd_host)
+        target_host = _target_host(api_url, hub_urls, nbd_hosts or {})
         return cls(
             job_id,
             vm_path(body.get("vm_path")),
@@ -67,7 +68,7 @@ class BackupRequest:
         )
 
 
-def _target_host(api_url: str, hub_urls: tuple[str, ...], nbd_host: str | None) -> tuple[str, str] | None:
+def _target_host(api_url: str, hub_urls: tuple[str, ...], nbd_hosts: Mapping[str, str]) -> tuple[str, str] | None:
     """The host every target of a job reporting to ``api_url`` must be on, in normal form
     (:func:`~sendense_nbd.client.uri.normal_host`), and the setting that says so (None: any host);
     :class:`BadRequest` when ``api_url`` is none of the pinned hubs (a trailing ``/`` makes no difference)."""
@@ -77,6 +78,7 @@ def _target_host(api_url: str, hub_urls: tuple[str, ...], nbd_host: str | None) 
     if hub is None:
         pinned = "this node's hub" if len(hub_urls) == 1 else f"one of this node's {len(hub_urls)} hubs"
         raise BadRequest(f"api_url is not {pinned} ([node] hub_url)")
+    nbd_host = nbd_hosts.get(hub.rstrip("/"))
     if nbd_host is not None:
         return normal_host(nbd_host), "[node] nbd_host"
     return hub_host(hub), "[node] hub_url"

@@ -90,25 +90,29 @@ def test_checkpoint_is_bytes_from_one_mib(tmp_path: Path) -> None:
             load(_write(tmp_path, f"{MINIMAL}[node]\ncheckpoint = {bad}\n"))
 
 
+HUB = "https://hub.example.com:8443"
+
+
 def test_nbd_host_pins_the_targets_instead_of_hub_urls_host(tmp_path: Path) -> None:
     """``[node] nbd_host``: the hub's NBD address when it is not the API's; the targets must be on it (and
     only on it), the job must still report to ``hub_url``."""
     hub = '[node]\nhub_url = "https://hub.example.com:8443"\n'
     loaded = load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "10.0.0.2"\n'))
-    assert (loaded.hub_urls, loaded.nbd_host) == (("https://hub.example.com:8443",), "10.0.0.2")
-    assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "Hub.Example.COM"\n')).nbd_host == "hub.example.com"
-    assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "fe80::1%eth0"\n')).nbd_host == "fe80::1%eth0"
+    assert (loaded.hub_urls, loaded.nbd_hosts) == (("https://hub.example.com:8443",), {HUB: "10.0.0.2"})
+    named = load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "Hub.Example.COM"\n'))
+    assert named.nbd_hosts == {HUB: "hub.example.com"}
+    assert load(_write(tmp_path, f'{MINIMAL}{hub}nbd_host = "fe80::1%eth0"\n')).nbd_hosts == {HUB: "fe80::1%eth0"}
     for bad in ('"10.0.0.2:10809"', '"a b"', "5"):
         with pytest.raises(ConfigError, match=r"\[node\] nbd_host .*must be a host name or an IP address"):
             load(_write(tmp_path, f"{MINIMAL}{hub}nbd_host = {bad}\n"))
-    with pytest.raises(ConfigError, match=r"\[node\] nbd_host needs hub_url"):
+    with pytest.raises(ConfigError, match=r"\[node\] nbd_host = HOST needs hub_url: it names"):
         load(_write(tmp_path, f'{MINIMAL}[node]\nnbd_host = "10.0.0.2"\n'))
 
     def job(target: str) -> dict[str, object]:
         return {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": "https://hub.example.com:8443",
                 "targets": {"2000": target}}  # fmt: skip
 
-    pinned = {"hub_urls": ("https://hub.example.com:8443",), "nbd_host": "10.0.0.2"}
+    pinned = {"hub_urls": ("https://hub.example.com:8443",), "nbd_hosts": {HUB: "10.0.0.2"}}
     assert BackupRequest.from_json(job("nbds://10.0.0.2:10100/e"), **pinned).targets == (
         (2000, "nbds://10.0.0.2:10100/e"),
     )
@@ -146,7 +150,7 @@ def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
         config = load(_write(tmp_path, f"{MINIMAL}[node]\n{pin}"))
         body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_urls[0], "targets": {"2000": target}}
         try:
-            BackupRequest.from_json(body, hub_urls=config.hub_urls, nbd_host=config.nbd_host)
+            BackupRequest.from_json(body, hub_urls=config.hub_urls, nbd_hosts=config.nbd_hosts)
         except BadRequest as exc:
             assert "is not on this node's hub" in str(exc)
             return False
@@ -160,7 +164,7 @@ def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
     assert taken(v6, "nbd://[2001:DB8:0:0::1]:10100/e") and not taken(v6, "nbd://[2001:db8::2]:10100/e")
     assert taken('hub_url = "http://h:1"\nnbd_host = "2001:0DB8::1"\n', "nbd://[2001:db8::1]:10100/e")
     zoned = 'hub_url = "http://h:1"\nnbd_host = "[fe80::1%25eth0]"\n'
-    assert load(_write(tmp_path, f"{MINIMAL}[node]\n{zoned}")).nbd_host == "fe80::1%eth0"
+    assert load(_write(tmp_path, f"{MINIMAL}[node]\n{zoned}")).nbd_hosts == {"http://h:1": "fe80::1%eth0"}
     assert taken(zoned, "nbd://[FE80::1%25eth0]:10100/e") and not taken(zoned, "nbd://[fe80::1%25eth1]:10100/e")
     assert not taken(zoned, "nbd://[fe80::1]:10100/e")  # no zone is another host
     for bad in ('nbd_host = "[fe80::1%25]"', 'nbd_host = "[fe80::1%2eth0]"'):
@@ -171,6 +175,7 @@ def test_the_host_pin_compares_hosts_in_one_normal_form(tmp_path: Path) -> None:
 
 
 TWO_HUBS = '[node]\nhub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083/"]\n'
+THREE_HUBS = '[node]\nhub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083/", "http://127.0.0.6:8084"]\n'
 
 
 def test_several_hubs_are_pinned_each_with_its_own_targets_host(tmp_path: Path) -> None:
@@ -186,7 +191,7 @@ def test_several_hubs_are_pinned_each_with_its_own_targets_host(tmp_path: Path) 
         return {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": api_url,
                 "targets": {"2000": f"nbd://{host}:10100/e"}}  # fmt: skip
 
-    pins = {"hub_urls": config.hub_urls, "nbd_host": config.nbd_host}
+    pins = {"hub_urls": config.hub_urls, "nbd_hosts": config.nbd_hosts}
     for api_url, host in (("http://127.0.0.2:8082/", "127.0.0.2"), ("http://127.0.0.5:8083", "127.0.0.5")):
         taken = BackupRequest.from_json(job(api_url, host), **pins)
         assert (taken.api_url, taken.targets) == (api_url, ((2000, f"nbd://{host}:10100/e"),))
@@ -220,8 +225,15 @@ def test_several_hubs_are_pinned_each_with_its_own_targets_host(tmp_path: Path) 
         ("hub_url = 8082", r"\[node\] hub_url must be an http:// or https:// URL or a list of them"),
         (
             'hub_url = ["http://127.0.0.2:8082", "http://127.0.0.5:8083"]\nnbd_host = "10.0.0.2"',
-            r"\[node\] nbd_host needs hub_url to pin one hub, not 2: it names one address for every hub's targets",
+            r"\[node\] nbd_host = HOST needs hub_url to pin one hub, not 2: .* give a table by hub",
         ),
+        ('hub_url = "http://a:1"\nnbd_host = {"http://b:1" = "10.0.0.2"}', r"names 'http://b:1', which is not one of"),
+        (
+            'hub_url = "http://a:1"\nnbd_host = {"http://a:1" = "10.0.0.2", "http://a:1/" = "10.0.0.3"}',
+            r"\[node\] nbd_host names 'http://a:1/' twice",
+        ),
+        ('hub_url = "http://a:1"\nnbd_host = {"http://a:1" = "a:1"}', r"nbd_host\['http://a:1'\] 'a:1' must be a host"),
+        ('hub_url = "http://a:1"\nnbd_host = ["10.0.0.2"]', r"\[node\] nbd_host must be .* or a table of them by"),
     ],
 )
 def test_a_hub_url_list_is_checked_item_by_item(tmp_path: Path, node: str, problem: str) -> None:
@@ -234,7 +246,34 @@ def test_a_hub_url_list_holds_up_to_64_hubs_and_one_may_have_nbd_host(tmp_path: 
     listed = ", ".join(f'"{url}"' for url in many)
     assert load(_write(tmp_path, f"{MINIMAL}[node]\nhub_url = [{listed}]\n")).hub_urls == tuple(many)
     one = load(_write(tmp_path, f'{MINIMAL}[node]\nhub_url = ["https://h:1"]\nnbd_host = "10.0.0.2"\n'))
-    assert (one.hub_urls, one.nbd_host) == (("https://h:1",), "10.0.0.2")
+    assert (one.hub_urls, one.nbd_hosts) == (("https://h:1",), {"https://h:1": "10.0.0.2"})
+
+
+def test_each_pinned_hub_may_have_its_own_nbd_host(tmp_path: Path) -> None:
+    """``nbd_host`` as a table by hub URL: a hub listed there pins its jobs' targets to its own host, one not
+    listed to its hub_url's host; a trailing ``/`` on either side makes no difference."""
+    table = '{"http://127.0.0.2:8082/" = "10.0.0.2", "http://127.0.0.6:8084" = "Hub-C.example"}'
+    config = load(_write(tmp_path, f"{MINIMAL}{THREE_HUBS}nbd_host = {table}\n"))
+    assert config.nbd_hosts == {"http://127.0.0.2:8082": "10.0.0.2", "http://127.0.0.6:8084": "hub-c.example"}
+    pins = {"hub_urls": config.hub_urls, "nbd_hosts": config.nbd_hosts}
+
+    def job(api_url: str, host: str) -> dict[str, object]:
+        return {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": api_url,
+                "targets": {"2000": f"nbd://{host}:10100/e"}}  # fmt: skip
+
+    for api_url, host in (
+        ("http://127.0.0.2:8082", "10.0.0.2"), ("http://127.0.0.5:8083", "127.0.0.5"),
+        ("http://127.0.0.6:8084/", "hub-c.example"),
+    ):  # fmt: skip
+        assert BackupRequest.from_json(job(api_url, host), **pins).targets == ((2000, f"nbd://{host}:10100/e"),)
+    for api_url, host, pinned in (
+        ("http://127.0.0.2:8082", "127.0.0.2", r"10.0.0.2, from \[node\] nbd_host"),
+        ("http://127.0.0.2:8082", "hub-c.example", r"10.0.0.2, from \[node\] nbd_host"),
+        ("http://127.0.0.5:8083", "10.0.0.2", r"127.0.0.5, from \[node\] hub_url"),
+        ("http://127.0.0.6:8084", "10.0.0.2", r"hub-c.example, from \[node\] nbd_host"),
+    ):
+        with pytest.raises(BadRequest, match=rf"is not on this node's hub \({pinned}\)"):
+            BackupRequest.from_json(job(api_url, host), **pins)
 
 
 def test_tls_checks_every_pinned_hub(tmp_path: Path) -> None:
