@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from sendense_nbd.errors import SendenseError
 from sendense_nbd.hub.alerts import AlertKind
 from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.cluster import HUB_LOST
 from sendense_nbd.hub.db import Connection, Database
 from sendense_nbd.hub.repository.store import Space
 
@@ -37,6 +38,9 @@ MAX_VMS = 10_000
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
 #: The states of a point's verification (an unverified point may have no state stored).
 VERIFY_STATES = ("unverified", "verified", "damaged")
+#: A hub's state in the metrics: beating, live but its heartbeat lapsed (another hub is about to take it
+#: over), stopped cleanly, or taken over.
+HUB_STATES = ("live", "lapsed", "stopped", "lost")
 
 
 @attrs.frozen
@@ -53,6 +57,11 @@ class Snapshot:
     ports: dict[str, int]
     points: dict[str, int]
     alerts: dict[str, int]
+    #: The cluster's hubs (a single hub is one), by :data:`HUB_STATES`.
+    hubs: dict[str, int]
+    #: Cluster locks held by live hubs, and the age of the oldest (0 with none).
+    locks: int
+    oldest_lock: float
 
 
 class HubMetrics:
@@ -67,8 +76,11 @@ class HubMetrics:
         clock: Clock,
         space: Callable[[], Awaitable[Space]] | None = None,
         hub: str = "local",
+        lapse: float = HUB_LOST,
     ) -> None:
         self.db = db
+        #: Seconds without a heartbeat before a hub counts as lapsed (``--hub-lost``).
+        self.lapse = lapse
         #: The hub whose port pool the metrics count (each hub of a cluster has its own).
         self.hub = hub
         #: The repository's directory; ``space`` reads its room instead (an RBD pool) when given.
@@ -88,7 +100,8 @@ class HubMetrics:
     async def snapshot(self) -> Snapshot:
         """Gather the values: the store's in one read, the filesystem's usage alongside."""
         now = self.clock.now()
-        usage, (values, vms) = await asyncio.gather(self._room(), self.db.run(lambda c: _read(c, now, self.hub)))
+        read = self.db.run(lambda c: _read(c, now, self.hub, self.lapse))
+        usage, (values, vms) = await asyncio.gather(self._room(), read)
         if vms > MAX_VMS and not self._warned:
             self._warned = True
             log.warning("more than %d VMs have a good point: the metrics show the first %d by path", MAX_VMS, MAX_VMS)
@@ -110,7 +123,7 @@ class HubMetrics:
             return None
 
 
-def _read(connection: Connection, now: float, hub: str) -> tuple[dict[str, Any], int]:
+def _read(connection: Connection, now: float, hub: str, lapse: float) -> tuple[dict[str, Any], int]:
     """The store's values (in the store's thread), and how many VMs have a good point."""
     jobs = {(r[0], r[1]): r[2] for r in connection.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")}
     job_bytes = {
@@ -149,9 +162,24 @@ def _read(connection: Connection, now: float, hub: str) -> tuple[dict[str, Any],
     values = {
         "jobs": jobs, "job_bytes": job_bytes, "durations": durations, "duration_sum": row[-1] or 0.0,
         "last_good": {vm: max(0.0, now - completed) for vm, completed in good[:MAX_VMS]},
-        "points": points, "alerts": alerts, "leased": leased,
+        "points": points, "alerts": alerts, "leased": leased, **_cluster(connection, now, lapse),
     }  # fmt: skip
     return values, len(good)
+
+
+def _cluster(connection: Connection, now: float, lapse: float) -> dict[str, Any]:
+    """The hubs by state, and the cluster locks live hubs hold."""
+    hubs = dict.fromkeys(HUB_STATES, 0)
+    for state, heartbeat in connection.execute("SELECT state, heartbeat FROM hubs"):
+        shown = "lapsed" if state == "live" and now - heartbeat > lapse else state
+        if shown in hubs:
+            hubs[shown] += 1
+    count, oldest = connection.execute(
+        "SELECT COUNT(*), MIN(locks.since) FROM locks JOIN hubs ON hubs.id = locks.hub "
+        "WHERE hubs.state = 'live' AND hubs.heartbeat >= ?",
+        (now - lapse,),
+    ).fetchone()
+    return {"hubs": hubs, "locks": count, "oldest_lock": 0.0 if oldest is None else max(0.0, now - oldest)}
 
 
 class _Families(Collector):
@@ -192,6 +220,11 @@ class _Families(Collector):
         yield _gauge("sendense_points", "Completed restore points, by verify state.", "verify_state", points)
         alerts = {kind.value: s.alerts.get(kind.value, 0) for kind in AlertKind}
         yield _gauge("sendense_alerts_active", "Active condition alerts, by kind.", "kind", alerts)
+        yield _gauge("sendense_hubs", "The cluster's hubs, by state (lapsed: no heartbeat for --hub-lost).", "state",
+                     s.hubs)  # fmt: skip
+        yield GaugeMetricFamily("sendense_cluster_locks", "Cluster locks held by live hubs.", value=s.locks)
+        oldest = "Age of the oldest cluster lock a live hub holds (0: none)."
+        yield GaugeMetricFamily("sendense_cluster_lock_oldest_seconds", oldest, value=s.oldest_lock)
 
 
 def _gauge(name: str, documentation: str, label: str, values: dict[str, int]) -> GaugeMetricFamily:

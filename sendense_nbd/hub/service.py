@@ -332,7 +332,13 @@ class Hub:
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=label, space=space
         )
         self.metrics = HubMetrics(
-            self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock, space=space, hub=self.id
+            self._db,
+            repo=config.repo,
+            pool_size=len(config.nbd_ports),
+            clock=self.clock,
+            space=space,
+            hub=self.id,
+            lapse=config.hub_lost,
         )
         self._verifier = Verifier(
             self._repository, self._jobs, clock=self.clock, job_timeout=config.job_timeout,

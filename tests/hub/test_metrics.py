@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from sendense_nbd.backup.records import Mode
 from sendense_nbd.hub import metrics as metrics_module
 from sendense_nbd.hub.alerts import AlertKind
 from sendense_nbd.hub.api import build_app
+from sendense_nbd.hub.clock import ManualClock
+from sendense_nbd.hub.cluster import HEARTBEAT, HUB_LOST, Cluster, Identity
+from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.metrics import HUB_STATES, HubMetrics
 from sendense_nbd.hub.repository import VerifyState
 from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec
 from sendense_nbd.hub.service import Hub, HubConfig
@@ -126,6 +131,66 @@ async def test_metrics_show_real_jobs_points_ports_verify_results_and_alerts(tmp
             frozenset({("vm", "/DC0/vm/b")})
         }
         assert value(found, "sendense_alerts_active", kind="at_risk") == 0
+
+
+async def test_metrics_show_the_clusters_hubs_and_the_locks_live_hubs_hold(tmp_path: Path) -> None:
+    """Hubs by state (live, lapsed: no heartbeat for --hub-lost, stopped, lost: taken over) and the cluster
+    locks live hubs hold, with the oldest one's age; a lapsed hub's lock no longer counts."""
+    clock = ManualClock(time.time())
+    db = Database("sqlite:" + str(tmp_path / "hub.db"))
+    a, b, c = (
+        Cluster(
+            db,
+            clock,
+            Identity(
+                id=name,
+                api_url=f"http://127.0.0.1:{port}",
+                nbd_host="127.0.0.1",
+                ports=range(port, port + 1),
+                store="rbd://pool?conf=/etc/ceph/ceph.conf",
+                local=False,
+            ),
+            heartbeat=HEARTBEAT,
+            lapse=HUB_LOST,
+        )  # fmt: skip
+        for name, port in (("a", 10900), ("b", 10901), ("c", 10902))
+    )
+    metrics = HubMetrics(db, repo=str(tmp_path), pool_size=1, clock=clock, hub="a", lapse=HUB_LOST)
+
+    async def scraped() -> Samples:
+        return samples((await metrics.render()).decode())
+
+    try:
+        for hub in (a, b, c):
+            await hub.join(None)
+        found = await scraped()
+        assert {state: value(found, "sendense_hubs", state=state) for state in HUB_STATES} == {
+            "live": 3, "lapsed": 0, "stopped": 0, "lost": 0,
+        }  # fmt: skip
+        assert value(found, "sendense_cluster_locks") == 0 and value(found, "sendense_cluster_lock_oldest_seconds") == 0
+        async with b.lock("admission"), c.lock("disk 2000 of /DC0/vm/a"):
+            await clock.advance(HUB_LOST / 2)
+            found = await scraped()
+            assert value(found, "sendense_cluster_locks") == 2
+            assert value(found, "sendense_cluster_lock_oldest_seconds") == HUB_LOST / 2
+            await clock.advance(HUB_LOST / 2 + 1)  # b's heartbeat lapses; a and c beat
+            assert await a.beat() and await c.beat()
+            found = await scraped()
+            assert (value(found, "sendense_hubs", state="live"), value(found, "sendense_hubs", state="lapsed")) == (
+                2,
+                1,
+            )
+            assert value(found, "sendense_cluster_locks") == 1  # c's: a lapsed hub's hold no longer counts
+            [lapsed] = await a.lost()
+            assert await a.take_over(lapsed)
+            await c.leave()
+            found = await scraped()
+        assert {state: value(found, "sendense_hubs", state=state) for state in HUB_STATES} == {
+            "live": 1, "lapsed": 0, "stopped": 1, "lost": 1,
+        }  # fmt: skip
+        assert value(found, "sendense_cluster_locks") == 0
+    finally:
+        db.close()
 
 
 async def test_metrics_need_the_bearer_token(tmp_path: Path) -> None:
