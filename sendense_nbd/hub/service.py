@@ -331,15 +331,8 @@ class Hub:
         self.alerts = Alerts(
             self._db, config.alerts, clock=self.clock, hub=config.public_url, space_path=label, space=space
         )
-        self.metrics = HubMetrics(
-            self._db,
-            repo=config.repo,
-            pool_size=len(config.nbd_ports),
-            clock=self.clock,
-            space=space,
-            hub=self.id,
-            lapse=config.hub_lost,
-        )
+        self.metrics = HubMetrics(self._db, repo=config.repo, pool_size=len(config.nbd_ports), clock=self.clock,
+                                  space=space, hub=self.id, lapse=config.hub_lost)  # fmt: skip
         self._verifier = Verifier(
             self._repository, self._jobs, clock=self.clock, job_timeout=config.job_timeout,
             on_damaged=self._alert_damaged, on_failed=self._alert_failed,
