@@ -58,8 +58,8 @@ def migrate_command(source: str, target: str, output: str) -> None:
     """Copy every table of a hub's store into an empty PostgreSQL database, in one transaction.
 
     Stop the hub first. Both stores are brought to this release's schema; the copy refuses a target that
-    holds any row, and checks every table's row count before it commits. Then start the hub with
-    ``--db URL``.
+    holds any row, streams each table in bounded batches, and checks every table's row count before it
+    commits. Then start the hub with ``--db URL``.
     """
     from sendense_nbd.hub.db import Database
     from sendense_nbd.hub.db.transfer import copy_store

@@ -5,12 +5,13 @@ so the event loop never blocks on the database and one hub process's writes
 never race. Each ``run`` is one transaction that first takes the store's writer
 lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-level advisory
 lock), committed when the function returns and rolled back when it raises: so
-read-then-write code stays correct across hub processes too.
+read-then-write code stays correct across hub processes too. (``db migrate`` alone lends one store's
+connection to another's thread, while the lender's thread waits in its transaction: see :mod:`.transfer`.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -77,6 +78,10 @@ class Backend(Protocol):
 
     def follow_sequence(self, connection: Connection, table: str, column: str) -> None:
         """After rows were copied in with their ``column`` values: new rows number past them."""
+
+    def stream(self, connection: Connection, sql: str) -> Generator[Any, None, None]:
+        """The rows of the query ``sql`` (no parameters), read from the store as they are consumed, never all
+        at once (close the generator to end the read early); inside the current transaction."""
 
 
 def rows(cursor: Cursor) -> list[dict[str, Any]]:

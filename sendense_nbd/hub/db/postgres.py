@@ -14,8 +14,9 @@ server (never the password); the dropped connection is discarded and the next ca
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
@@ -29,6 +30,10 @@ T = TypeVar("T")
 
 #: The advisory lock every transaction takes first (``pg_advisory_xact_lock``): "SNDNHUB1" as a bigint.
 WRITER_LOCK = int.from_bytes(b"SNDNHUB1", "big")
+#: Rows a server-side cursor (:meth:`PostgresBackend.stream`) fetches per round trip.
+STREAM_ROWS = 100
+#: Names of those cursors, unique in the process.
+_CURSORS = itertools.count(1)
 #: TCP keepalives (seconds idle, then between 3 probes): a server that vanished without closing the
 #: connection is noticed in about 20 s.
 KEEPALIVE_IDLE = 5
@@ -253,6 +258,15 @@ class PostgresBackend:
             f"SELECT setval(pg_get_serial_sequence(?, ?), COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)",  # noqa: S608
             (table, column),
         )
+
+    def stream(self, connection: Connection, sql: str) -> Generator[Any, None, None]:
+        """A server-side cursor's rows, fetched :data:`STREAM_ROWS` at a time (a client-side cursor would
+        hold the whole result), closed at the end."""
+        assert isinstance(connection, PostgresConnection)
+        with connection.raw.cursor(name=f"sendense_stream_{next(_CURSORS)}") as cursor:
+            cursor.execute(placeholders(sql), ())
+            while found := cursor.fetchmany(STREAM_ROWS):
+                yield from found
 
 
 def _lost(exc: psycopg.OperationalError) -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 from sendense_nbd.hub.db.core import Connection
 
@@ -110,6 +110,15 @@ class SqliteBackend:
 
     def follow_sequence(self, connection: Connection, table: str, column: str) -> None:
         """Nothing to move: a new row's ``seq`` is its rowid (``db migrate`` copies into PostgreSQL only)."""
+
+    def stream(self, connection: Connection, sql: str) -> Generator[Any, None, None]:
+        """The cursor's rows as it steps through them (one row read ahead), closed at the end."""
+        assert isinstance(connection, sqlite3.Connection)
+        cursor = connection.execute(sql)
+        try:
+            yield from cursor
+        finally:
+            cursor.close()
 
 
 def _columns(connection: Connection, table: str) -> set[str]:
