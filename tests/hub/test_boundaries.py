@@ -2,7 +2,8 @@
 layer's BadRequest) and changes nothing; the node's disk list arrives as DiskSpecs, a malformed one
 is a NodeError; points carry SyncType/PointStatus enums while the store keeps the plain strings, so
 a hub.db written before the enums opens, and an interrupted merge written that way is finished;
-a port lease's purpose is the job's kind, stored as its value."""
+a port lease's purpose is the job's kind, stored as its value; a point whose job ended meanwhile (another
+hub took this one over) is never completed."""
 
 from __future__ import annotations
 
@@ -15,12 +16,27 @@ import pytest
 from aiohttp import web
 
 from sendense_nbd.backup.records import Mode, SyncType
-from sendense_nbd.errors import BadRequest, CompletionMismatch, InvalidBackup, NodeError, NodeNotFound
+from sendense_nbd.errors import (
+    BadRequest,
+    CompletionMismatch,
+    InvalidBackup,
+    NodeError,
+    NodeNotFound,
+    RepositoryError,
+)
 from sendense_nbd.hub.db import Database
 from sendense_nbd.hub.jobs import JobKind, JobState
 from sendense_nbd.hub.node_client import NodeClient
 from sendense_nbd.hub.repository import PointStatus, Repository
-from sendense_nbd.hub.requests import BackupRequest, Completion, DiskSpec, ReportedDisk, RestoreAction, RestoreRequest
+from sendense_nbd.hub.requests import (
+    BackupRequest,
+    Completion,
+    DiskSpec,
+    Failure,
+    ReportedDisk,
+    RestoreAction,
+    RestoreRequest,
+)
 from sendense_nbd.hub.service import Hub, HubConfig
 from sendense_nbd.storage.modes import ImageFormat
 from tests.conftest import require, run
@@ -213,3 +229,25 @@ async def test_the_store_keeps_plain_strings_and_an_interrupted_merge_written_so
     expected.write_bytes(b"\x11" * 65536 + b"\x22" * 65536 + bytes(MIB - 2 * 65536))
     run(require("qemu-img"), "check", merged.path)
     run(require("qemu-img"), "compare", "-f", "qcow2", "-F", "raw", merged.path, str(expected))
+
+
+async def test_a_point_whose_job_ended_meanwhile_is_never_completed(tmp_path: Path) -> None:
+    """A hub taking this one over fails its jobs and then rolls their heads back: a completion already past
+    its checks must not then seal and record the point (it would hold the base's data under the new change
+    ID). The point stays pending and is discarded with its job."""
+    hub = Hub(HubConfig(repo=str(tmp_path / "repo"), nbd_ports=free_port_range(2)))
+    await hub.start()
+    try:
+        job = await hub.create_backup(BackupRequest(VM, Mode.FULL, (DiskSpec(2000, MIB),)))
+        [disk] = job.detail.disks
+        failure = Failure("hub", "hub b took this one over", "hub_lost")
+        await hub._jobs.transition(job.id, JobState.FAILED, error=failure)  # as the taking hub does
+        with pytest.raises(RepositoryError, match="its job ended meanwhile"):
+            await hub._repository.complete([(disk.point_id, ReportedDisk(2000, "52 aa/1", None))])
+        point = await hub._repository.point(disk.point_id)
+        assert (point.status, point.change_id) == (PointStatus.PENDING, None)
+        await hub._repository.discard(disk.point_id)
+        assert await hub._repository.points(VM) == []
+    finally:
+        hub.close()
+        await hub.wait_closed()

@@ -184,7 +184,9 @@ class Repository:
 
     async def complete(self, results: list[tuple[str, ReportedDisk]]) -> None:
         """Seal the points' data, then mark them completed with what their disk's job reported, all in
-        one transaction."""
+        one transaction, unless their job ended meanwhile: a hub taking this one over fails its jobs, then
+        rolls their heads back, so a point sealed after that would hold the base's data under the new
+        change ID."""
         for point_id, _ in results:
             try:
                 point = await self.point(point_id)
@@ -205,7 +207,8 @@ class Repository:
             for point_id, disk in results:
                 cursor = connection.execute(
                     "UPDATE points SET status = ?, completed = ?, change_id = ?, disk_uuid = ?, bytes_changed = ?, "
-                    "bytes_transferred = ? WHERE id = ? AND status = ?",
+                    "bytes_transferred = ? WHERE id = ? AND status = ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE "
+                    "jobs.id = points.job_id AND jobs.state NOT IN ('pending', 'running'))",
                     (
                         PointStatus.COMPLETED.value,
                         now,
@@ -218,7 +221,10 @@ class Repository:
                     ),
                 )
                 if cursor.rowcount != 1:
-                    raise RepositoryError(f"restore point {point_id} is not pending")
+                    raise RepositoryError(
+                        f"restore point {point_id} is not pending, or its job ended meanwhile (another hub took "
+                        "this one over?): it is not completed"
+                    )
 
         await self.db.run(update)
 
