@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from sendense_nbd.errors import StoreError, StoreUnavailable
@@ -150,6 +151,31 @@ def test_the_default_bounds_are_set_on_every_connection(postgres_cluster: Any) -
         assert shown == ["1min", "2min", "2min"]
     finally:
         db.close()
+
+
+def test_transactions_read_committed_whatever_the_databases_default(postgres_cluster: Any) -> None:
+    """A database (or role) whose default is repeatable read would take each transaction's snapshot before the
+    writer lock is granted, so a hub would not see what the writer before it committed: the hub's
+    transactions are read committed anyway, and see each other's commits."""
+    url = postgres_cluster.new_database()
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'")
+    first = Database(url, connect_timeout=5)
+    try:
+        assert first.call(lambda c: c.execute("SHOW transaction_isolation").fetchone()[0]) == "read committed"
+        first.call(lambda c: c.execute("CREATE TABLE IF NOT EXISTS seen (n INTEGER)"))
+
+        def count_then_insert(c: Any) -> int:
+            (count,) = c.execute("SELECT COUNT(*) FROM seen").fetchone()
+            with psycopg.connect(url, autocommit=True) as other:  # another writer commits meanwhile
+                other.execute("INSERT INTO seen VALUES (1)")
+            (after,) = c.execute("SELECT COUNT(*) FROM seen").fetchone()
+            return int(after) - int(count)
+
+        assert first.call(count_then_insert) == 1  # repeatable read would see 0
+    finally:
+        first.close()
 
 
 def test_a_connection_the_server_ended_while_idle_is_replaced_and_the_call_succeeds(

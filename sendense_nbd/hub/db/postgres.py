@@ -196,6 +196,9 @@ class PostgresBackend:
                 "(is PostgreSQL running and reachable, and do the --db URL's user, password and database match?)"
             ) from exc
         raw.adapters.register_loader("numeric", _NumberLoader)
+        # Each transaction sees what the writer before it committed, whatever the server's or role's
+        # default_transaction_isolation: under repeatable read the snapshot would predate the writer lock.
+        raw.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         return PostgresConnection(raw)
 
     def transaction(self, connection: Connection, function: Callable[[Connection], T]) -> T:
