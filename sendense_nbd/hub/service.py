@@ -360,17 +360,16 @@ class Hub:
         """Join the cluster, clean up after a crashed predecessor (this hub's own jobs, ports, points; where
         other hubs are live, only the store's locks of those jobs' disks, and no sweep of the shared store),
         then start the lease and timeout watchers."""
-        others = await self._join()
-        failed: list[Job] = []
-        restarted = req.Failure("hub", "the hub restarted", "restarted")
-        for state in (JobState.RUNNING, JobState.PENDING):
-            for job in await self._jobs.list(state=state, hub=self.id):
-                failed.append(await self._jobs.transition(job.id, JobState.FAILED, error=restarted))
-                await self._alert_failed(failed[-1])
-        released = [lease.port for lease in await self._ports.release_stale(self.holder)]
-        disks = {(job.vm_path, disk.disk_key) for job in failed for disk in job.disks} if others else None
-        discarded, merged = await self._repository.recover(disks)
-        removed, unexpected = await self._repository.sweep_orphans(store=not others)
+        await self._join()
+        # One hub's start-up recovery at a time: a hub starting alone sweeps the shared store, and one starting
+        # meanwhile must find it live (and touch only its own jobs' disks) once that sweep is over.
+        async with self._repository.cluster_lock("start-up recovery"):
+            others = await self.cluster.others_live()
+            failed = await self._fail_own_jobs()
+            released = [lease.port for lease in await self._ports.release_stale(self.holder)]
+            disks = {(job.vm_path, disk.disk_key) for job in failed for disk in job.disks} if others else None
+            discarded, merged = await self._repository.recover(disks)
+            removed, unexpected = await self._repository.sweep_orphans(store=not others)
         await self._verifier.resume()  # the digests of completed points a stop interrupted
         await self.copies.resume()  # offsite copies a stop interrupted (their uploads resume)
         await self._log_unusable_nodes()
@@ -383,6 +382,18 @@ class Hub:
         self._background = asyncio.create_task(self._watch(), name="hub-background")
         return Recovery([job.id for job in failed], released, discarded, removed, unexpected)
 
+    async def _fail_own_jobs(self) -> list[Job]:
+        """Fail this hub's jobs a crash or stop left pending or running (one another hub took over meanwhile is
+        already failed); the jobs failed here."""
+        failed: list[Job] = []
+        restarted = req.Failure("hub", "the hub restarted", "restarted")
+        for state in (JobState.RUNNING, JobState.PENDING):
+            for job in await self._jobs.list(state=state, hub=self.id):
+                with contextlib.suppress(JobStateError):
+                    failed.append(await self._jobs.transition(job.id, JobState.FAILED, error=restarted))
+                    await self._alert_failed(failed[-1])
+        return failed
+
     def _identity(self, store: object) -> Identity:
         """What this hub registers in the cluster: its ID, API URL, NBD host and pool, and its store."""
         if isinstance(store, RbdStore):
@@ -394,18 +405,16 @@ class Hub:
                         nbd_host=self._tls.default_host, ports=self.config.nbd_ports, store=name,
                         local=not isinstance(store, RbdStore))  # fmt: skip
 
-    async def _join(self) -> list[Member]:
-        """Register in the cluster (the other hubs live now, before): an RBD store whose state directory records
-        no repository yet takes the one the cluster's hubs share (no ``adopt=yes``), else claims the pool's
-        prefix now, so that the hubs joining later find its UUID here."""
-        others = await self.cluster.others_live()
+    async def _join(self) -> None:
+        """Register in the cluster: an RBD store whose state directory records no repository yet takes the one
+        the cluster's hubs share (no ``adopt=yes``), else claims the pool's prefix now, so that the hubs joining
+        later find its UUID here."""
         store = self._repository.store
         if isinstance(store, RbdStore) and store.identity is None:
             store.identity = await self.cluster.repository()
             if store.identity is None:
                 store.identity = await self._claim_or_take(store)
         await self.cluster.join(store.identity if isinstance(store, RbdStore) else None)
-        return others
 
     async def _claim_or_take(self, store: RbdStore) -> str | None:
         """Claim the new repository (takes no image's lock); where another new hub of the cluster claimed it
@@ -532,10 +541,16 @@ class Hub:
                     member.id, why, [job.id for job in jobs], ports, runs, copies, alerts)  # fmt: skip
 
     async def _stop_ended_exports(self) -> None:
-        """Stop the exports of jobs that ended elsewhere (another hub took this one over meanwhile)."""
+        """Stop the exports of jobs that ended elsewhere (another hub took this one over meanwhile); an offsite
+        copy's export (no job) goes on, and one export that cannot be stopped does not keep the others."""
         for job_id in {export.job_id for export in await self._exports.stats()}:
-            if (await self._jobs.get(job_id)).state.terminal:
-                await self._exports.stop_job(job_id)
+            try:
+                if (await self._jobs.get(job_id)).state.terminal:
+                    await self._exports.stop_job(job_id)
+            except UnknownJob:
+                continue
+            except Exception as exc:  # noqa: BLE001 - the next exports still stop
+                log.error("stopping the exports of %s, which another hub ended: %s", job_id, exc)
 
     async def _owned(self, job: Job) -> None:
         """Refuse (:class:`OtherHub`: 307, or 409 when its registered API URL is none to send clients to) a

@@ -309,6 +309,38 @@ async def test_shared_digests_are_fetched_byte_identical_in_bounded_pieces_and_c
     await asyncio.to_thread(check_shared_digests, store, monkeypatch)
 
 
+async def test_a_sweep_keeps_what_another_hub_recorded_since_it_began(
+    repository: Repository, ceph_cluster: Any, tmp_path: Path
+) -> None:
+    """The sweep reads the points again before it removes anything from an image: a point (and a new image)
+    another hub recorded after the sweep's first read are kept; what no point knows at the second look goes."""
+    disk = Disk(repository, tmp_path)
+    point = await disk.backup(f"write -P 0x61 0 {MIB}", incremental=False)
+    store = repository.store
+    assert isinstance(store, RbdStore)
+    image = f"{ceph_cluster.pool}/{store.image_name(VM, DISK)}"
+    fresh = f"{ceph_cluster.pool}/{store.where.prefix}.new-00000000.2000"  # another hub's first full, writing
+    tool = [require("rbd"), *ceph_cluster.client_args()]
+    run(*tool, "create", "--size", "4M", fresh)
+    run(*tool, "image-meta", "set", fresh, "sendense.repository", str(store.identity))
+    run(*tool, "snap", "create", f"{image}@20260101T000000Z-0000beef")  # another hub's point, just completed
+    recorded = [(f"rbd:{image}@{point.id}", point.id)]
+    later = [*recorded, (f"rbd:{image}@20260101T000000Z-0000beef", "20260101T000000Z-0000beef"),
+             (f"rbd:{fresh}@20260101T000000Z-0000f00d", "20260101T000000Z-0000f00d")]  # fmt: skip
+    reads: list[int] = []
+
+    def known() -> list[tuple[str, str]]:
+        reads.append(len(reads))
+        return recorded if len(reads) == 1 else later
+
+    removed, unexpected = await asyncio.to_thread(store.sweep, known)
+    assert (removed, unexpected) == ([], []) and len(reads) >= 2
+    assert snapshots(ceph_cluster, repository) == [point.id, "20260101T000000Z-0000beef"]
+    assert fresh.rpartition("/")[2] in run(*tool, "ls", ceph_cluster.pool).stdout.split()
+    removed, _ = await asyncio.to_thread(store.sweep, lambda: recorded)  # nobody recorded them: they go
+    assert sorted(removed) == sorted([f"rbd:{image}@20260101T000000Z-0000beef", f"rbd:{fresh}"])
+
+
 async def test_space_is_the_pools_and_its_quota(repository: Repository, ceph_cluster: Any) -> None:
     space = await repository.space()
     assert 0 < space.free <= space.total and space.used >= 0

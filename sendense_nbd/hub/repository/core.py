@@ -510,7 +510,7 @@ class Repository:
         removed: list[str] = []
         unexpected: list[str] = []
         if store:
-            removed, unexpected = await asyncio.to_thread(self.store.sweep, await self.db.run(read))
+            removed, unexpected = await asyncio.to_thread(self.store.sweep, lambda: self.db.call(read))
         else:
             log.warning("other hubs share the repository: its store is not swept at this start")
         return removed + await asyncio.to_thread(_clear, os.path.join(self.root, "tmp")), unexpected

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from sendense_nbd.errors import ImageError, RepositoryError
@@ -147,7 +147,7 @@ class LocalStore:
                 )
         return None
 
-    def sweep(self, known: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    def sweep(self, known: Callable[[], Sequence[tuple[str, str]]]) -> tuple[list[str], list[str]]:
         """Remove the images under ``vms/`` that no point knows of (a crash between creating an
         image and recording it, or a temporary file of a create), and the digest sidecars of points
         that are gone; ``(removed, unexpected)`` paths. (A point's sidecar written but not yet
@@ -159,7 +159,7 @@ class LocalStore:
         repository keeps its images.
         """
         tails = set()
-        for path, point_id in known:
+        for path, point_id in known():
             tails |= {_tail(path), _tail(os.path.join(os.path.dirname(path), f"{point_id}.digests"))}
         return _sweep(os.path.join(self.root, "vms"), tails)
 

@@ -177,6 +177,22 @@ def _raise(exc: BaseException, what: str) -> NoReturn:
     raise error from (error.__cause__ or exc)
 
 
+@attrs.define
+class _Known:
+    """The points' IDs and images as last read (:meth:`refresh`) through ``read``."""
+
+    read: Callable[[], Sequence[tuple[str, str]]]
+    ids: set[str] = attrs.field(factory=set)
+    images: set[str] = attrs.field(factory=set)
+
+    def refresh(self) -> _Known:
+        """Read the points again."""
+        points = self.read()
+        self.ids = {point_id for _, point_id in points}
+        self.images = {path.removeprefix("rbd:").partition("@")[0].rpartition("/")[2] for path, _ in points}
+        return self
+
+
 @contextlib.contextmanager
 def _sharing(what: str) -> Iterator[None]:
     """Errors of a shared sidecar's objects as :class:`RepositoryError` saying ``what`` failed."""
@@ -521,23 +537,24 @@ class RbdStore:
             out[point.id] = sum(length for _, length in changed)
         return out
 
-    def sweep(self, known: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    def sweep(self, known: Callable[[], Sequence[tuple[str, str]]]) -> tuple[list[str], list[str]]:
         """Remove the snapshots and images of ours no point knows of (point-ID snapshots on ``PREFIX.``
-        images), and digest sidecars of points that are gone; other snapshots are reported, not touched."""
+        images), and digest sidecars of points that are gone; other snapshots are reported, not touched.
+        ``known`` reads the points now: before removing anything from an image, they are read again, so a
+        point another hub recorded since the sweep began is kept."""
         if self.adopted:
             log.warning("%s: adopted: nothing is swept at this start", self.location)
             return [], []
-        ids = {point_id for _, point_id in known}
-        images = {path.removeprefix("rbd:").partition("@")[0].rpartition("/")[2] for path, _ in known}
-        removed, unexpected = self._sweep_images(ids, images)
-        removed += _sweep_digests(os.path.join(self.root, "digests"), ids)
+        points = _Known(known).refresh()
+        removed, unexpected = self._sweep_images(points)
+        removed += _sweep_digests(os.path.join(self.root, "digests"), points.refresh().ids)
         for path in removed:
             log.warning("removed %s: no restore point knows it (left by a crash)", path)
         for path in unexpected:
             log.warning("unexpected snapshot in the repository, left alone: %s", path)
         return removed, unexpected
 
-    def _sweep_images(self, ids: set[str], images: set[str]) -> tuple[list[str], list[str]]:
+    def _sweep_images(self, known: _Known) -> tuple[list[str], list[str]]:
         rbd = _rbd()
         removed: list[str] = []
         unexpected: list[str] = []
@@ -546,20 +563,22 @@ class RbdStore:
             self._identity(ioctx)
             for name in self._own_images(ioctx, what):
                 try:
-                    self._sweep_image(ioctx, name, (ids, images), (removed, unexpected))
+                    self._sweep_image(ioctx, name, known, (removed, unexpected))
                 except rbd.Error as exc:
                     unexpected.append(f"rbd:{self.where.pool}/{name} (it could not be swept: {exc})")
         return removed, unexpected
 
-    def _sweep_image(
-        self, ioctx: Any, name: str, known: tuple[set[str], set[str]], out: tuple[list[str], list[str]]
-    ) -> None:
-        """Sweep one image: ``known`` the points' IDs and images, ``out`` the removed and unexpected lists."""
-        (ids, images), (removed, unexpected) = known, out
+    def _sweep_image(self, ioctx: Any, name: str, known: _Known, out: tuple[list[str], list[str]]) -> None:
+        """Sweep one image: ``known`` the points' IDs and images (read again before anything is removed),
+        ``out`` the removed and unexpected lists."""
+        removed, unexpected = out
         with opened_image(ioctx, name) as image:
-            for snapshot in _snapshots(image):
+            snapshots = _snapshots(image)
+            if any(s not in known.ids for s in snapshots) or (name not in known.images and not snapshots):
+                known.refresh()  # a second look: another hub may have recorded it since the sweep began
+            for snapshot in snapshots:
                 path = self._path(name, snapshot)
-                if snapshot in ids:
+                if snapshot in known.ids:
                     continue
                 if POINT_ID.fullmatch(snapshot) and not image.is_protected_snap(snapshot):
                     image.remove_snap(snapshot)
@@ -567,7 +586,7 @@ class RbdStore:
                 else:
                     unexpected.append(path)
             left = _snapshots(image)
-        if name not in images and not left:
+        if name not in known.images and not left:
             _rbd().RBD().remove(ioctx, name)
             removed.append(f"rbd:{self.where.pool}/{name}")
 

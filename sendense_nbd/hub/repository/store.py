@@ -100,8 +100,8 @@ class Store(Protocol):
     def check(self, chain: Sequence[Point]) -> str | None:
         """The structure check of a chain (top first): the first finding, or None when it is sound."""
 
-    def sweep(self, known: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
-        """Remove the data no point knows (``known``: every point's ``(path, id)``) and that a crash
+    def sweep(self, known: Callable[[], Sequence[tuple[str, str]]]) -> tuple[list[str], list[str]]:
+        """Remove the data no point knows (``known`` reads every point's ``(path, id)`` now) and that a crash
         left; ``(removed, unexpected)``, the latter left alone."""
 
     def space(self) -> Space:
