@@ -288,13 +288,18 @@ class Cluster:
         if found is None:
             connection.execute("INSERT INTO locks (name, hub, since) VALUES (?, ?, ?)", (name, self.id, now))
             return True
-        if found[0] != self.id:
-            holder = rows(connection.execute("SELECT * FROM hubs WHERE id = ?", (found[0],)))
-            member = _member(holder[0], now, self.lapse) if holder else None
-            if member is not None and member.live:
-                return False
+        if found[0] != self.id and self.live(connection, found[0], now):
+            return False
         connection.execute("UPDATE locks SET hub = ?, since = ? WHERE name = ?", (self.id, now, name))
         return True
+
+    def live(self, connection: Any, hub: str, now: float) -> bool:
+        """Whether hub ``hub`` is live at ``now`` as its row says, read in the caller's transaction: a hold of a
+        hub that is not (lost, stopped, not registered, or its row unreadable) lapses (a cluster lock, the
+        upload of an offsite copy)."""
+        found = rows(connection.execute("SELECT * FROM hubs WHERE id = ?", (hub,)))
+        member = _member(found[0], now, self.lapse) if found else None
+        return member is not None and member.live
 
     async def leave(self) -> None:
         """Mark this hub stopped (a clean stop): the others take its jobs and runs over at once."""

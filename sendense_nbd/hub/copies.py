@@ -28,7 +28,11 @@ chain: the next copy starts a new chain with a full. After each copy, sealed
 chains whose lock has expired are deleted (offsite retention: whole chains,
 never a merge). Copies are listed, served read-only over NBD straight from
 the bucket, downloaded into the restore directory, verified against their
-digests and deleted (a locked copy's delete is refused as S3 refuses it).
+digests and deleted (a locked copy's delete is refused as S3 refuses it). A
+copy uploading now is refused too, whichever hub of the cluster is asked: the
+hub uploading a copy marks its row (``uploader``) from the upload's start until
+its end is recorded, and the mark counts while that hub is live (a lost or
+stopped hub's lapses, as its cluster locks do).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from sendense_nbd.errors import (
 )
 from sendense_nbd.hub.alerts import AlertKind, Alerts
 from sendense_nbd.hub.clock import Clock
+from sendense_nbd.hub.cluster import Cluster
 from sendense_nbd.hub.copy_records import (
     COMPLETED,
     DELETED,
@@ -130,6 +135,7 @@ class Copies:
         repository: Repository,
         *,
         clock: Clock,
+        cluster: Cluster,
         policies: Callable[[], Awaitable[list[Policy]]],
         restore_dir: str,
         serve: Callable[[str, int | None, ExportSpec], Awaitable[int]],
@@ -142,6 +148,8 @@ class Copies:
         self.db = db
         self.repository = repository
         self.clock = clock
+        #: This hub's membership: its ID marks the copies it uploads, and another hub's mark counts while it is live.
+        self.cluster = cluster
         #: Every stored policy (enabled or not).
         self.policies = policies
         self.restore_dir = restore_dir
@@ -163,7 +171,8 @@ class Copies:
         #: Blocking calls running in threads (upload, delete, open): :meth:`close` waits for them.
         self._busy = 0
         self._idle = threading.Condition()
-        #: The copies whose upload runs now (a delete of one is refused).
+        #: The copies whose upload runs now on this hub (a delete of one is refused), each also marked in its row
+        #: (``uploader``: this hub's ID) for the other hubs of the cluster.
         self._running: set[str] = set()
         self._served: dict[str, _Served] = {}
         #: Seconds before each new try of a copy the bucket failed (:data:`RETRY_DELAYS`).
@@ -193,6 +202,13 @@ class Copies:
         for record in made:
             self._spawn(self._copy(record.id), f"offsite copy {record.id}")
         return [record.id for record in made]
+
+    async def forget_uploads(self) -> None:
+        """At a (re)start, before :meth:`resume`: this hub uploads nothing yet, so the marks of the uploads its
+        last run left (killed mid-upload) are cleared."""
+        await self.db.run(
+            lambda c: c.execute("UPDATE offsite_copies SET uploader = NULL WHERE uploader = ?", (self.cluster.id,))
+        )
 
     async def resume(self) -> list[str]:
         """After a (re)start: go on with the copies left pending (their uploads resume); their IDs."""
@@ -299,24 +315,28 @@ class Copies:
             log.warning("offsite retention of %s disk %s: %s", record.vm_path, record.disk_key, exc)
 
     async def _make(self, record: CopyRecord) -> None:
+        """Upload the copy and record it made. From its start (its target recorded) until its end is recorded,
+        it is uploading: in :attr:`_running` and marked in its row with this hub's ID, so a delete through any
+        hub of the cluster is refused (:meth:`delete`)."""
         await record_digests(self.repository, record.point_id, readers=self._readers)
         async with self._uploads:
             plan = await self._plan(record)
-            if not await self._placed_at(record, plan.target):
-                return  # deleted while it waited
-            point, base = plan.point, plan.base
-            digests = await self.repository.digests_file(point) if point.digests else None
             self._running.add(record.id)
             try:
+                if not await self._placed_at(record, plan.target):
+                    return  # deleted while it waited
+                point, base = plan.point, plan.base
+                digests = await self.repository.digests_file(point) if point.digests else None
                 async with self.repository.export_point(point, base=base) as path:
                     files = PointFiles(
                         point.vm_path, point.disk_key, point.id, point.completed or point.created, point.size, path,
                         None if base is None else f"{base.id}.qcow2", digests,
                     )  # fmt: skip
                     written = await self._blocking(self._upload, plan.target, files, plan.older, record.id)
+                await self._completed(record, written, sealed=len(plan.older) + 1 >= plan.length)
             finally:
                 self._running.discard(record.id)
-        await self._completed(record, written, sealed=len(plan.older) + 1 >= plan.length)
+                await self._unmark(record.id)
         await self._abort_uploads(record)  # an earlier try's upload of a key this one did not take
 
     async def _plan(self, record: CopyRecord) -> _Plan:
@@ -341,16 +361,31 @@ class Copies:
         return not starts_chain(state, point.backing, length, now=self.clock.now(), target=placed)
 
     async def _placed_at(self, record: CopyRecord, target: CopyTarget) -> bool:
-        """Record where the copy is being written (before anything is); False when it is pending no more."""
+        """Record where the copy is being written (before anything is), and that this hub uploads it now; False
+        when it is pending no more."""
         text = json.dumps(target.to_json())
         found: int = await self.db.run(
             lambda c: (
                 c.execute(
-                    "UPDATE offsite_copies SET target = ? WHERE id = ? AND state = ?", (text, record.id, PENDING)
+                    "UPDATE offsite_copies SET target = ?, uploader = ? WHERE id = ? AND state = ?",
+                    (text, self.cluster.id, record.id, PENDING),
                 ).rowcount
             )
         )
         return found == 1
+
+    async def _unmark(self, copy_id: str) -> None:
+        """The copy's upload on this hub ended: its row's mark is cleared (unless another hub's is there now). A
+        store failing leaves it, logged: this hub no longer counts it (not in :attr:`_running`), a copy that
+        ended (completed, failed) is refused by no mark, and the other hubs count a pending one's until this hub's
+        next try of it ends, or this hub stops."""
+        mark = (copy_id, self.cluster.id)
+        try:
+            await self.db.run(
+                lambda c: c.execute("UPDATE offsite_copies SET uploader = NULL WHERE id = ? AND uploader = ?", mark)
+            )
+        except STORE_ERRORS as exc:
+            log.warning("offsite copy %s: its upload's mark stays in the store: %s", copy_id, exc)
 
     async def _completed(self, record: CopyRecord, written: Written, *, sealed: bool) -> None:
         """Record a copy made (unless it was deleted meanwhile) and seal the disk's older chains."""
@@ -700,27 +735,42 @@ class Copies:
     async def delete(self, copy_id: str) -> list[str]:
         """Delete a copy and the copies above it in its chain (they need it), newest first; a copy Object
         Lock protects is refused as S3 refuses it (:class:`~sendense_nbd.errors.CopyLocked`), a copy
-        uploading now is :class:`Conflict` ``uploading``."""
-        record = await self.get(copy_id)
-        if record.state == DELETED:
-            raise UnknownCopy(f"offsite copy {copy_id} is deleted")
-        if copy_id in self._running:
-            raise Conflict(
-                f"offsite copy {copy_id} is uploading: delete it once it is completed or failed", "uploading"
-            )
-        if record.state != COMPLETED:
-            await self.db.run(
-                lambda c: c.execute(
-                    "UPDATE offsite_copies SET state = ? WHERE id = ? AND state = ?", (DELETED, copy_id, record.state)
-                )
-            )
-            return [copy_id]
+        uploading now on any hub of the cluster is :class:`Conflict` ``uploading`` (naming the hub)."""
+        while True:  # again when a pending copy ended meanwhile (a copy's states only move on)
+            record = await self.get(copy_id)
+            if record.state == DELETED:
+                raise UnknownCopy(f"offsite copy {copy_id} is deleted")
+            if copy_id in self._running:
+                raise _uploading(copy_id, self.cluster.id)
+            if record.state == COMPLETED:
+                break
+            done, uploader = await self.db.run(functools.partial(self._mark_deleted, record, self.clock.now()))
+            if uploader is not None:
+                raise _uploading(copy_id, uploader)
+            if done:
+                return [copy_id]
         chain = await self._select(
             "chain_id = ? AND policy = ? AND state = ? ORDER BY completed, seq",
             (record.chain_id, record.policy, COMPLETED),
         )
         above = chain[[c.id for c in chain].index(copy_id) :]
         return await self._delete(await self._target_of(record), above)
+
+    def _mark_deleted(self, record: CopyRecord, now: float, connection: Connection) -> tuple[bool, str | None]:
+        """Mark a copy that is not completed deleted, in one transaction with the check that no hub uploads it:
+        ``(True, None)`` done, ``(False, hub)`` refused (that hub uploads it), ``(False, None)`` its state moved
+        on since ``record`` was read. A mark counts while its hub is live (:meth:`Cluster.live`, as a cluster
+        lock's hold), this hub's while the upload is in :attr:`_running`."""
+        found = connection.execute("SELECT state, uploader FROM offsite_copies WHERE id = ?", (record.id,)).fetchone()
+        if found is None or found[0] != record.state:
+            return False, None
+        uploader = found[1]
+        if record.state == PENDING and uploader is not None:
+            mine = uploader == self.cluster.id
+            if (record.id in self._running) if mine else self.cluster.live(connection, uploader, now):
+                return False, uploader
+        connection.execute("UPDATE offsite_copies SET state = ? WHERE id = ?", (DELETED, record.id))
+        return True, None
 
     async def check_target(self, target: CopyTarget) -> None:
         """Refuse a copy target (400) whose secret file is not the hub user's alone (or not in the hub's
@@ -730,6 +780,13 @@ class Copies:
             await self._blocking(lambda: self._connect(target).check_lock())
         except OffsiteError as exc:
             raise BadRequest(f"copy: {exc}") from exc
+
+
+def _uploading(copy_id: str, hub: str) -> Conflict:
+    """The refusal of a delete of a copy that ``hub`` uploads now."""
+    return Conflict(
+        f"offsite copy {copy_id} is uploading on hub {hub}: delete it once it is completed or failed", "uploading"
+    )
 
 
 def chain_lock(policy: str, vm_path: str, disk_key: int) -> str:

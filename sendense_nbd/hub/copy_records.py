@@ -13,6 +13,10 @@ Every object version a copy makes is recorded as soon as S3 made it, until
 the copy completes (its manifest names them then): what is left of a copy
 that failed (or was deleted while it uploaded) is known, and deleted once
 its lock is over.
+
+While a hub uploads a copy, the copy's row names that hub (``uploader``), so
+that every hub of a cluster refuses to delete it; the mark of a hub that is
+not live counts for nothing (hub/copies.py ``Copies.delete``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class CopyRecord:
         """From its row (the manifest and the target as their JSON)."""
         text, target = row.pop("manifest"), row.pop("target", None)
         row.pop("seq", None)  # the order of insertion, not part of the record
+        row.pop("uploader", None)  # the hub uploading it now (hub/copies.py), not part of the record
         manifest = None if text is None else Manifest.decode(text.encode(), f"copy {row['id']}")
         placed = None if target is None else CopyTarget.from_json(json.loads(target), f"copy {row['id']} target")
         return cls(**{**row, "manifest": manifest, "sealed": bool(row["sealed"]), "target": placed})

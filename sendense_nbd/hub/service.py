@@ -340,8 +340,8 @@ class Hub:
         self.scheduler = Scheduler(self, PolicyStore(self._db), self.clock, self.alerts, member=self.id,
                                    live=self._live_hubs)  # fmt: skip
         self.copies = Copies(
-            self._db, self._repository, clock=self.clock, policies=self._policies, restore_dir=self.restore_dir,
-            serve=self._serve_copy, release=self._release_copy_port, tls=self._tls,
+            self._db, self._repository, clock=self.clock, cluster=self.cluster, policies=self._policies,
+            restore_dir=self.restore_dir, serve=self._serve_copy, release=self._release_copy_port, tls=self._tls,
             secrets=config.secrets_dir, alerts=self.alerts, retain=self._retain_disk,
         )  # fmt: skip
         self._space = SpaceHistory(self._db, self.clock, self.repository_usage)
@@ -371,6 +371,7 @@ class Hub:
             discarded, merged = await self._repository.recover(disks)
             removed, unexpected = await self._repository.sweep_orphans(store=not others)
         await self._verifier.resume()  # the digests of completed points a stop interrupted
+        await self.copies.forget_uploads()  # this hub uploads none yet: its last run's marks go
         await self.copies.resume()  # offsite copies a stop interrupted (their uploads resume)
         await self._log_unusable_nodes()
         removed += await asyncio.to_thread(_sweep_temporaries, self.restore_dir)

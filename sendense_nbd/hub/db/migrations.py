@@ -177,6 +177,12 @@ LOCKS = """
 CREATE TABLE locks (name TEXT PRIMARY KEY, hub TEXT NOT NULL, since REAL NOT NULL);
 """
 
+#: The hub uploading each offsite copy now (hub/copies.py): a delete through any hub of the cluster refuses a copy
+#: that a live hub uploads; the mark of a hub that is not live counts for nothing (it lapses as its locks do).
+UPLOADER = """
+ALTER TABLE offsite_copies ADD COLUMN uploader TEXT;
+"""
+
 #: Every schema change, in order. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline", BASELINE, postgresql(BASELINE)),
@@ -202,6 +208,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "DROP INDEX runs_policy;\nCREATE INDEX runs_policy ON runs (policy, started, seq);\n",
     ),
     Migration(5, "cluster-wide locks: backup admission, a disk's chain", LOCKS, postgresql(LOCKS)),
+    Migration(6, "offsite_copies.uploader: the hub uploading a copy now", UPLOADER, UPLOADER),
 )
 
 SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (
