@@ -26,12 +26,13 @@ DEBIAN_PACKAGES=(
 # The second test pass, under PostgreSQL: a subset of tests/hub (the whole of it costs over 5 minutes here)
 # that goes through every store path: jobs and points (api, job_record, jobs_query, hub_backup, retention,
 # verify_jobs), ports (api), policies, schedule state and runs (scheduler, policy_cli), nodes, alerts,
-# samples, metrics, space history and capacity.
+# samples, metrics, space history and capacity; and two hubs sharing the database refusing the delete of a
+# copy that one of them uploads (tests/offsite/test_hub_copies_cluster.py).
 POSTGRES_PASS=(
     tests/hub/test_api.py tests/hub/test_job_record.py tests/hub/test_jobs_query.py tests/hub/test_hub_backup.py
     tests/hub/test_retention.py tests/hub/test_verify_jobs.py tests/hub/test_scheduler.py tests/hub/test_policy_cli.py
     tests/hub/test_nodes.py tests/hub/test_alerts.py tests/hub/test_samples.py tests/hub/test_metrics.py
-    tests/hub/test_space_history.py tests/hub/test_capacity.py
+    tests/hub/test_space_history.py tests/hub/test_capacity.py tests/offsite/test_hub_copies_cluster.py
 )
 
 install_debian_packages() {

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from botocore.config import Config
 
 from sendense_nbd.copy.digests import CHUNK_SIZE, DigestFile, chunk_count, chunk_digests
 from sendense_nbd.copy.endpoints import open_source
+from sendense_nbd.errors import OffsiteError
 from sendense_nbd.offsite.copier import PointFiles
+from sendense_nbd.offsite.s3 import Bucket
 from sendense_nbd.offsite.upload import Recorded
 from sendense_nbd.policy.offsite import CopyTarget
 from sendense_nbd.storage import ImageFormat, create_image, open_image
@@ -69,6 +72,40 @@ def target(ceph_cluster: Any, tmp_path: Path) -> CopyTarget:
         endpoint=ceph_cluster.rgw_endpoint, bucket=new_bucket(ceph_cluster), access_key=ceph_cluster.s3_access_key,
         secret_file=secret_file(tmp_path, ceph_cluster.s3_secret_key), retain=60.0, margin=5.0, seal_every=3,
     )  # fmt: skip
+
+
+class Parts:
+    """Bucket.upload_part, counted and slowed: each part waits for ``gate`` (set: no wait) and then ``pause``;
+    ``arrived`` is set when a part reached the gate; a part of a key ending in ``fail_on`` fails as S3 would."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[tuple[str, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.arrived = threading.Event()
+        self.fail_on: str | None = None
+        self.pause = 0.0
+        real = Bucket.upload_part
+
+        def upload_part(bucket: Bucket, key: str, upload: str, number: int, data: Any, md5: bytes) -> str:
+            self.arrived.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+            time.sleep(self.pause)
+            if self.fail_on is not None and key.endswith(self.fail_on):
+                raise OffsiteError(f"S3 uploading part {number} of {key} failed: InternalError", "InternalError")
+            etag = real(bucket, key, upload, number, data, md5)
+            self.sent.append((key, number))
+            return etag
+
+        monkeypatch.setattr(Bucket, "upload_part", upload_part)
+
+
+@pytest.fixture
+def parts(monkeypatch: pytest.MonkeyPatch) -> Iterator[Parts]:
+    """The hub's part uploads, counted, held or failed by the test (:class:`Parts`)."""
+    found = Parts(monkeypatch)
+    yield found
+    found.gate.set()
 
 
 class MemoryJournal:

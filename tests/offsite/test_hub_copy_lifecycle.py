@@ -9,21 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sendense_nbd.errors import OffsiteError
 from sendense_nbd.hub.clock import ManualClock
-from sendense_nbd.offsite.s3 import Bucket
 from tests.conftest import require, run
 from tests.hub.conftest import nbd_write
 from tests.hub.operating import LocalHub, local_hub
-from tests.offsite.conftest import new_bucket, secret_file
+from tests.offsite.conftest import Parts, new_bucket, secret_file
 
 pytestmark = pytest.mark.peer
 
@@ -59,39 +55,6 @@ async def _backup(hub: LocalHub, writes: list[tuple[int, bytes]], *, full: bool,
 
 async def _copies(hub: LocalHub) -> list[dict[str, Any]]:
     return list((await hub.ok("GET", "/copies"))["copies"])
-
-
-class Parts:
-    """Bucket.upload_part, counted and slowed: each part waits for ``gate`` (set: no wait) and then ``pause``;
-    ``arrived`` is set when a part reached the gate; a part of a key ending in ``fail_on`` fails as S3 would."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.sent: list[tuple[str, int]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.arrived = threading.Event()
-        self.fail_on: str | None = None
-        self.pause = 0.0
-        real = Bucket.upload_part
-
-        def upload_part(bucket: Bucket, key: str, upload: str, number: int, data: Any, md5: bytes) -> str:
-            self.arrived.set()
-            assert self.gate.wait(60), "the test never opened the gate"
-            time.sleep(self.pause)
-            if self.fail_on is not None and key.endswith(self.fail_on):
-                raise OffsiteError(f"S3 uploading part {number} of {key} failed: InternalError", "InternalError")
-            etag = real(bucket, key, upload, number, data, md5)
-            self.sent.append((key, number))
-            return etag
-
-        monkeypatch.setattr(Bucket, "upload_part", upload_part)
-
-
-@pytest.fixture
-def parts(monkeypatch: pytest.MonkeyPatch) -> Iterator[Parts]:
-    found = Parts(monkeypatch)
-    yield found
-    found.gate.set()
 
 
 async def test_a_failed_copy_alerts_seals_its_chain_and_the_next_starts_a_full(
