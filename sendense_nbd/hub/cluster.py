@@ -308,6 +308,28 @@ class Cluster:
                                 (HubState.STOPPED.value, self.id, HubState.LIVE.value))
         )  # fmt: skip
 
+    async def unfinished(self) -> list[Member]:
+        """Hubs taken over whose takeover left work behind (a job not ended, a port lease, an open run): the
+        taking hub failed, stopped or was lost midway. Those this hub took, and those whose taker is no longer
+        live, which this hub takes now (in the same transaction: one hub does); their takeover is to do again."""
+        now = self.clock.now()
+
+        def read(connection: Any) -> list[Member]:
+            mine = []
+            for row in rows(connection.execute(_UNFINISHED, (HubState.LOST.value, self.id))):
+                taker = row["taken_by"]
+                if taker != self.id and taker is not None and self.live(connection, taker, now):
+                    continue
+                if taker != self.id:
+                    connection.execute(
+                        "UPDATE hubs SET taken_by = ?, taken_at = ? WHERE id = ?", (self.id, now, row["id"])
+                    )
+                if (member := _member(row, now, self.lapse)) is not None:
+                    mine.append(member)
+            return mine
+
+        return await self.db.run(read)
+
     async def owner(self, hub: str | None) -> Member | None:
         """The member that owns a job (None: this hub, a job from before hub IDs, or a hub not registered);
         :class:`OtherHub` without a URL when that hub's row reads as no member (see :meth:`members`)."""
@@ -323,6 +345,15 @@ class Cluster:
                 f"the job runs on hub {hub}, whose row in the hubs table is unreadable (this hub's log says why)", None
             )
         return member
+
+
+#: The hubs taken over that still have work of theirs: a job not ended, a port lease, an open run.
+_UNFINISHED = (
+    "SELECT * FROM hubs WHERE state = ? AND id != ? AND ("
+    "EXISTS (SELECT 1 FROM jobs WHERE jobs.hub = hubs.id AND jobs.state IN ('pending', 'running')) "
+    "OR EXISTS (SELECT 1 FROM leases WHERE leases.hub = hubs.id) "
+    "OR EXISTS (SELECT 1 FROM runs WHERE runs.owner = hubs.id AND runs.state = 'open')) ORDER BY id"
+)
 
 
 def _member(row: dict[str, Any], now: float, lapse: float) -> Member | None:

@@ -348,8 +348,9 @@ class Hub:
         self._background: asyncio.Task[None] | None = None
         #: Backups are checked for space and created one at a time (:meth:`create_backup`), in the cluster too.
         self._admission = asyncio.Lock()
-        #: Retention after each completed job, running in the background.
+        #: Retention after each completed job and takeovers, running in the background; the hubs being taken over.
         self._after: set[asyncio.Task[None]] = set()
+        self._taking: set[str] = set()
         self._closed = False
         #: Held weakly: a job's lock lives while a request holds or awaits it, so finished jobs keep none.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -511,13 +512,31 @@ class Hub:
                     await self._stop_ended_exports()
                 for member in await self.cluster.lost():
                     if await self.cluster.take_over(member):  # its clean-up must not hold up the heartbeat
-                        task = asyncio.create_task(self._take_over(member), name=f"taking over hub {member.id}")
-                        self._after.add(task)
-                        task.add_done_callback(self._after.discard)
+                        self._start_takeover(member)
+                for member in await self.cluster.unfinished():  # a takeover that failed or whose taker was lost
+                    self._start_takeover(member)
             except Exception as exc:  # noqa: BLE001 - keep beating
                 log.error("the cluster heartbeat failed: %s", exc)
 
+    def _start_takeover(self, member: Member) -> None:
+        """Take ``member`` over in the background, unless this hub is doing it already."""
+        if member.id in self._taking:
+            return
+        self._taking.add(member.id)
+        task = asyncio.create_task(self._take_over(member), name=f"taking over hub {member.id}")
+        self._after.add(task)
+        task.add_done_callback(self._after.discard)
+        task.add_done_callback(lambda _: self._taking.discard(member.id))
+
     async def _take_over(self, member: Member) -> None:
+        """Take a lost hub over (:meth:`_take_over_steps`); a failure is logged, and the takeover is done again
+        at a later heartbeat while the lost hub's work is left (:meth:`Cluster.unfinished`)."""
+        try:
+            await self._take_over_steps(member)
+        except Exception as exc:  # noqa: BLE001 - in the background: logged, and tried again
+            log.error("taking over hub %s failed: %s; it is tried again at the next heartbeat", member.id, exc)
+
+    async def _take_over_steps(self, member: Member) -> None:
         """A lost hub's jobs fail (``hub_lost``: no change ID advances, their points are discarded, the store's
         locks its clients held on their disks broken first), its ports are released, its open runs are ours, its
         pending offsite copies go on here and its recent undelivered alerts are delivered from here."""

@@ -191,6 +191,42 @@ async def test_a_lapsed_hub_is_taken_over_once_and_comes_back(databases: Callabl
     assert stopped.id == "c" and stopped.state is HubState.STOPPED
 
 
+async def test_a_takeover_that_left_work_is_done_again_by_its_taker_or_a_live_hub(
+    databases: Callable[[], Database],
+) -> None:
+    """A lost hub whose takeover left work of its behind (here a port lease: the taker failed midway) is its
+    taker's to take over again; once the taker is lost too, the first live hub to look takes it (one hub); a
+    hub with nothing left is nobody's."""
+    clock = ManualClock(START)
+    a, b, c = (Cluster(databases(), clock, _identity(n), heartbeat=1.0, lapse=5.0) for n in "abc")
+    for member in (a, b, c):
+        await member.join("uuid-1")
+    for _ in range(6):
+        await clock.advance(1.0)
+        await asyncio.gather(b.beat(), c.beat())
+    (lost,) = await b.lost()
+    assert await b.take_over(lost)
+    assert await b.unfinished() == [] and await c.unfinished() == []  # nothing of a's is left
+    await b.db.run(
+        lambda connection: connection.execute(
+            "INSERT INTO leases (hub, port, holder, job_id, disk_key, purpose, since, expires) "
+            "VALUES ('a', 10100, 'hub-a', 'job-1', 2000, 'backup', ?, ?)",
+            (START, START + 3600),
+        )
+    )  # a lease of a's that b's takeover failed to release
+    assert [m.id for m in await b.unfinished()] == ["a"]
+    assert await c.unfinished() == []  # b, its taker, is live: b's to do again
+    for _ in range(6):
+        await clock.advance(1.0)
+        await c.beat()  # b is lost too
+    assert [m.id for m in await c.unfinished()] == ["a"]
+    assert await b.unfinished() == []  # c took it: b, back, finds it c's
+    (row,) = [m for m in await c.members() if m.id == "a"]
+    assert row.taken_by == "c"
+    assert await release_hub(c.db, "a") == [10100]
+    assert await c.unfinished() == []
+
+
 async def test_a_local_repository_or_another_store_is_refused_in_a_cluster(databases: Callable[[], Database]) -> None:
     clock = ManualClock(START)
     await Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0).join(None)
