@@ -32,6 +32,8 @@
     ├── TLSError                   TLS credentials cannot be used (file missing, unreadable, bad PEM, key
     │                              not matching its certificate), a pin or a TLS handshake failed
     ├── ConfigError                the node's configuration file is missing, malformed or unsafe
+    │   ├── ClockSkew              this machine's clock is too far off the database server's (hubs need NTP)
+    │   └── HubIdInUse             another live process of the cluster runs with this hub's ID
     ├── NodeBusy                   the node's queue of waiting jobs is full (503)
     ├── BadRequest                 an HTTP API request is malformed (400)
     ├── Conflict                   a request clashes with the current state (409, with its code)
@@ -55,7 +57,8 @@
     ├── StoreError                 the hub's store (SQLite or PostgreSQL) cannot be opened, migrated or used
     │   └── StoreUnavailable       PostgreSQL unreachable, the connection dropped, or a bound passed (503)
     ├── PortError                  the NBD port pool cannot satisfy a request
-    └── OtherHub                   the job runs on another live hub of the cluster (307 to its API, else 409)
+    ├── OtherHub                   the job runs on another live hub of the cluster (307 to its API, else 409)
+    └── ClusterLockTimeout         another live hub held a cluster lock past the wait limit (503)
 
 Foreign exceptions (``OSError``) are translated at the boundary with
 ``raise ... from exc`` so callers only need to catch ``SendenseError``. A
@@ -270,6 +273,17 @@ class ConfigError(SendenseError):
     """A configuration (a node's file, a hub's options) is missing, malformed or unsafe."""
 
 
+class ClockSkew(ConfigError):
+    """This machine's clock differs from the hub store's PostgreSQL server's by more than the cluster allows:
+    hubs compare each other's heartbeats, so a cluster's machines need synchronised clocks (NTP)."""
+
+
+class HubIdInUse(ConfigError):
+    """Another process runs with this hub's ID (a reused ``--hub-id`` or a cloned state directory): it is
+    refused at join while that process's heartbeat is fresh, and a running hub whose ID another process took
+    over stops serving."""
+
+
 class NodeBusy(SendenseError):
     """The node's queue of waiting jobs is full."""
 
@@ -387,6 +401,11 @@ class OtherHub(SendenseError):
     def __init__(self, message: str, api_url: str | None) -> None:
         super().__init__(message)
         self.api_url = api_url
+
+
+class ClusterLockTimeout(SendenseError):
+    """A cluster lock (``Cluster.lock``) stayed held by another live hub past the wait limit; the message
+    names the lock, its holder and since when (the API answers 503 ``cluster_lock``)."""
 
 
 def first_error(

@@ -79,6 +79,10 @@ class Backend(Protocol):
     def follow_sequence(self, connection: Connection, table: str, column: str) -> None:
         """After rows were copied in with their ``column`` values: new rows number past them."""
 
+    def server_time(self, connection: Connection) -> float | None:
+        """The database server's real-time clock (epoch seconds) as one statement reads it; None where the
+        store is on this machine (SQLite: no other clock to compare with)."""
+
     def stream(self, connection: Connection, sql: str) -> Generator[Any, None, None]:
         """The rows of the query ``sql`` (no parameters), read from the store as they are consumed, never all
         at once (close the generator to end the read early); inside the current transaction."""

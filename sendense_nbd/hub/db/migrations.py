@@ -183,6 +183,13 @@ UPLOADER = """
 ALTER TABLE offsite_copies ADD COLUMN uploader TEXT;
 """
 
+#: Each hub row's process token (a hub ID two processes use is refused, or stops the one it was taken from) and
+#: its clock's skew from the PostgreSQL server's as its last heartbeat measured it (NULL on SQLite).
+HUB_TOKEN = """
+ALTER TABLE hubs ADD COLUMN token TEXT;
+ALTER TABLE hubs ADD COLUMN clock_skew REAL;
+"""
+
 #: Every schema change, in order. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline", BASELINE, postgresql(BASELINE)),
@@ -209,6 +216,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(5, "cluster-wide locks: backup admission, a disk's chain", LOCKS, postgresql(LOCKS)),
     Migration(6, "offsite_copies.uploader: the hub uploading a copy now", UPLOADER, UPLOADER),
+    Migration(7, "hubs.token (the process of a hub ID), hubs.clock_skew", HUB_TOKEN, postgresql(HUB_TOKEN)),
 )
 
 SCHEMA_VERSION = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -262,6 +262,10 @@ class PostgresBackend:
             (table, column),
         )
 
+    def server_time(self, connection: Connection) -> float | None:
+        """The server's ``clock_timestamp()`` (its clock now, not the transaction's start), epoch seconds."""
+        return float(connection.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
     def stream(self, connection: Connection, sql: str) -> Generator[Any, None, None]:
         """A server-side cursor's rows, fetched :data:`STREAM_ROWS` at a time (a client-side cursor would
         hold the whole result), closed at the end."""

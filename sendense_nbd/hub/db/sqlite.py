@@ -111,6 +111,10 @@ class SqliteBackend:
     def follow_sequence(self, connection: Connection, table: str, column: str) -> None:
         """Nothing to move: a new row's ``seq`` is its rowid (``db migrate`` copies into PostgreSQL only)."""
 
+    def server_time(self, connection: Connection) -> float | None:
+        """None: the file is on this machine, read with its clock."""
+        return None
+
     def stream(self, connection: Connection, sql: str) -> Generator[Any, None, None]:
         """The cursor's rows as it steps through them (one row read ahead), closed at the end."""
         assert isinstance(connection, sqlite3.Connection)
