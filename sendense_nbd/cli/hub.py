@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sendense_nbd.hub.alerts import AlertConfig
     from sendense_nbd.hub.db import Database
     from sendense_nbd.hub.repository import Repository
-    from sendense_nbd.hub.service import HubConfig
+    from sendense_nbd.hub.service import Hub, HubConfig
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -398,7 +398,7 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
             started["store"] = config.store
         if tunnel_server is not None:
             started["ssh_port"] = tunnel_server.port
-        await ready_then_wait(started)
+        await _serve_until_ended(hub, started)
     finally:
         if tunnel_server is not None:
             tunnel_server.close()
@@ -407,6 +407,22 @@ async def _run_hub(o: dict[str, Any], host: str, port: int, pool: range, token: 
         hub.close()
         await hub.wait_closed()
     return 0
+
+
+async def _serve_until_ended(hub: Hub, started: dict[str, object]) -> None:
+    """Announce ``started`` and serve until a signal, or until the hub's background work ends by itself (its
+    error raised: another process took this hub's ID over)."""
+    waiting = asyncio.ensure_future(ready_then_wait(started))
+    ended = asyncio.ensure_future(hub.ended())
+    try:
+        await asyncio.wait([waiting, ended], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, ended):
+            task.cancel()
+        await asyncio.gather(waiting, ended, return_exceptions=True)
+    failure = ended.exception() if ended.done() and not ended.cancelled() else None
+    if failure is not None:
+        raise failure
 
 
 def _open_repository(repo: str, target: str | None) -> tuple[Database, Repository]:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sendense_nbd import fields
 from sendense_nbd.errors import (
     BadRequest,
+    ClusterLockTimeout,
     CompletionMismatch,
     CopyDamaged,
     CopyLocked,
@@ -74,6 +75,7 @@ _ERRORS: ErrorMap = [
     (CompletionMismatch, 400, "bad_request"),
     (OtherHub, 409, "other_hub"),
     (StoreUnavailable, 503, "store_unavailable"),  # the API's routes answer 307 (_to_owner); the console's 409
+    (ClusterLockTimeout, 503, "cluster_lock"),  # another live hub holds the admission lock: try again later
 ]
 
 

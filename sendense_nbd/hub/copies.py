@@ -53,6 +53,7 @@ import attrs
 
 from sendense_nbd.errors import (
     BadRequest,
+    ClusterLockTimeout,
     Conflict,
     CopyDamaged,
     OffsiteError,
@@ -267,16 +268,22 @@ class Copies:
     async def _copy(self, copy_id: str) -> None:
         """Make the disk's pending copies in this policy, oldest first, up to this one (tasks may reach the
         disk's lock out of order; hubs sharing the repository take it in turn); a failure fails that copy and
-        seals its chain."""
+        seals its chain. Another hub holding the chain's or the disk's cluster lock past its wait limit leaves the
+        copies pending: this is tried again (logged)."""
         record = await self.get(copy_id)
         lock = self._chains.setdefault((record.policy, record.vm_path, record.disk_key), asyncio.Lock())
-        async with lock, self.repository.cluster_lock(chain_lock(record.policy, record.vm_path, record.disk_key)):
-            tried: set[str] = set()
-            while (oldest := await self._oldest_pending(record)) is not None and oldest.id not in tried:
-                tried.add(oldest.id)
-                await self._one(oldest)
-                if oldest.id == copy_id:
-                    break
+        tried: set[str] = set()
+        try:
+            async with lock, self.repository.cluster_lock(chain_lock(record.policy, record.vm_path, record.disk_key)):
+                while (oldest := await self._oldest_pending(record)) is not None and oldest.id not in tried:
+                    tried.add(oldest.id)
+                    await self._one(oldest)
+                    if oldest.id == copy_id:
+                        break
+        except ClusterLockTimeout as exc:
+            log.warning("offsite copy %s stays pending and waits again: %s", copy_id, exc)
+            self._spawn(self._copy(copy_id), f"offsite copy {copy_id}")
+            return
         if tried and self.retain is not None:
             try:
                 await self.retain(record.vm_path, record.disk_key)
@@ -297,7 +304,7 @@ class Copies:
             try:
                 await self._make(record)
                 break
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, ClusterLockTimeout):  # the copy stays pending (see _copy)
                 raise
             except OffsiteError as exc:
                 if delay is None:

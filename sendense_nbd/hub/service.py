@@ -49,6 +49,7 @@ from sendense_nbd.errors import (
     ConfigError,
     Conflict,
     ExportWorkerError,
+    HubIdInUse,
     InvalidBackup,
     JobStateError,
     NodeError,
@@ -58,6 +59,7 @@ from sendense_nbd.errors import (
     RepositoryError,
     SendenseError,
     UnknownJob,
+    first_error,
 )
 from sendense_nbd.hub import capacity
 from sendense_nbd.hub import requests as req
@@ -455,6 +457,16 @@ class Hub:
         if self._background is not None:
             self._background.cancel()
 
+    async def ended(self) -> None:
+        """Return once the background work ended by itself, raising what ended it (:class:`HubIdInUse`: another
+        process took this hub's ID over); the caller then stops serving and closes the hub."""
+        if self._background is None:
+            return
+        try:
+            await asyncio.shield(self._background)
+        except BaseExceptionGroup as group:  # the task group's: the error it stands for
+            raise first_error(group) from None
+
     async def wait_closed(self) -> None:
         """Close (if not yet), await the background work, stop every export (flushed), release the store."""
         self.close()
@@ -515,6 +527,9 @@ class Hub:
                         self._start_takeover(member)
                 for member in await self.cluster.unfinished():  # a takeover that failed or whose taker was lost
                     self._start_takeover(member)
+            except HubIdInUse as exc:  # another process runs as this hub: stop serving (ended() raises it)
+                log.critical("%s", exc)
+                raise
             except Exception as exc:  # noqa: BLE001 - keep beating
                 log.error("the cluster heartbeat failed: %s", exc)
 
