@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import logging
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,10 +20,11 @@ import attrs
 import pytest
 
 from sendense_nbd.backup.records import FullReason, Mode
-from sendense_nbd.errors import ConfigError
+from sendense_nbd.errors import ClockSkew, ClusterLockTimeout, ConfigError, HubIdInUse, StoreUnavailable
+from sendense_nbd.hub import cluster as cluster_module
 from sendense_nbd.hub.clock import ManualClock
 from sendense_nbd.hub.cluster import LOCK_POLL, Cluster, HubState, Identity
-from sendense_nbd.hub.db import Database
+from sendense_nbd.hub.db import Connection, Cursor, Database
 from sendense_nbd.hub.jobs import JobState
 from sendense_nbd.hub.policies import ItemState, PolicyStore, Purpose, RunState
 from sendense_nbd.hub.ports import PortAllocator, release_hub
@@ -339,3 +344,147 @@ async def test_a_cluster_lock_is_one_hubs_at_a_time_and_lapses_with_its_hub(
         await restarted.join("uuid-1")  # a's last run held it: gone with the new start
         async with asyncio.timeout(10), b.lock("admission"):
             pass
+
+
+async def test_a_clock_off_the_database_servers_is_refused_at_join_and_logged_at_heartbeats(
+    databases: Callable[[], Database],
+    store_target: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On PostgreSQL a hub whose clock is off the server's by more than the bound is refused (an unskewed one
+    joins, its skew measured and shown); a skew grown at runtime is logged at the heartbeat and shown in the
+    hub's row. SQLite has one machine's clock: nothing to compare."""
+    postgres = store_target.startswith("postgresql")
+    clock = ManualClock(START)
+    monkeypatch.setattr(cluster_module, "real_time", lambda: time.time() + 60.0)
+    skewed = Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0)
+    if postgres:
+        with pytest.raises(ClockSkew, match=r"clock is \+60\.\d s off the database server's .*synchronised clocks "
+                                            r"\(NTP\): at most 1\.25 s"):  # fmt: skip
+            await skewed.join("uuid-1")
+        assert await skewed.members() == []
+    else:
+        await skewed.join("uuid-1")
+        assert skewed.skew is None
+    monkeypatch.setattr(cluster_module, "real_time", time.time)
+    b = Cluster(databases(), clock, _identity("b"), heartbeat=1.0, lapse=5.0)
+    await b.join("uuid-1")
+    assert (b.skew is not None and abs(b.skew) < 1.0) if postgres else b.skew is None
+    monkeypatch.setattr(cluster_module, "real_time", lambda: time.time() - 30.0)
+    with caplog.at_level(logging.ERROR, logger="sendense_nbd.hub.cluster"):
+        assert await b.beat() is True  # a hub already running keeps running: it is told, loudly
+    (row,) = [member for member in await b.members() if member.id == "b"]
+    if postgres:
+        assert row.clock_skew is not None and -31.0 < row.clock_skew < -29.0
+        assert row.to_json()["clock_skew"] == row.clock_skew
+        assert "clock is -30.0 s off the database server's (at most 1.25 s)" in caplog.text
+    else:
+        assert row.clock_skew is None and "off the database server" not in caplog.text
+
+
+async def test_a_second_process_with_a_live_hubs_id_is_refused_and_a_taken_over_one_stops(
+    databases: Callable[[], Database],
+) -> None:
+    """A hub ID whose row another process's heartbeat keeps live is refused; once that row lapsed, the ID is
+    taken, and the first process learns at its next beat (it must stop; leaving then leaves the new row be).
+    A predecessor on this host that runs no longer is taken over at once."""
+    clock = ManualClock(START)
+    first = Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0)
+    first.token = "0123 elsewhere.example 4242"  # as another machine's process
+    await first.join("uuid-1")
+    second = Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0)
+    with pytest.raises(HubIdInUse, match="hub ID a is in use: another process runs with it \\(on elsewhere.example"):
+        await second.join("uuid-1")
+    await clock.advance(3.0)
+    assert await first.beat() is True
+    with pytest.raises(HubIdInUse, match="lapses within 5 s"):
+        await second.join("uuid-1")
+    await clock.advance(6.0)  # the first one's heartbeat lapsed (it hung, or its machine lost the database)
+    await second.join("uuid-1")
+    with pytest.raises(HubIdInUse, match="hub ID a was taken over by another process"):
+        await first.beat()
+    await first.leave()
+    (row,) = await second.members()
+    assert row.state is HubState.LIVE and row.live
+    assert await second.beat() is True
+
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()
+    dead = f"4567 {socket.gethostname()} {gone.pid}"  # as the row of a process of this host that died
+    await second.db.run(lambda c: c.execute("UPDATE hubs SET token = ? WHERE id = ?", (dead, "a")))
+    restarted = Cluster(databases(), clock, _identity("a"), heartbeat=1.0, lapse=5.0)
+    await restarted.join("uuid-1")  # its heartbeat is fresh, but its process is gone
+    assert await restarted.beat() is True
+
+
+class FailingOnce:
+    """A connection whose first statement starting with ``prefix`` raises (the database failing over)."""
+
+    def __init__(self, connection: Connection, failures: list[str]) -> None:
+        self.connection, self.failures = connection, failures
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        if self.failures and sql.startswith(self.failures[0]):
+            self.failures.pop()
+            raise StoreUnavailable("the connection to the hub store failed (injected)")
+        return self.connection.execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Cursor:
+        return self.connection.executemany(sql, parameters)
+
+
+async def test_a_failed_lock_release_is_deleted_by_the_next_beat_and_a_lock_wait_is_bounded(
+    databases: Callable[[], Database], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release whose DELETE fails counts as released in the hub and leaves its row: another hub's wait for
+    the lock ends at its limit with an error naming the holder; the holder's next heartbeat deletes the row
+    (never that of a lock it holds), and the other hub then takes it."""
+    clock = ManualClock(START)
+    a, b = (Cluster(databases(), clock, _identity(n), heartbeat=1.0, lapse=5.0) for n in "ab")
+    for member in (a, b):
+        await member.join("uuid-1")
+    failures = ["DELETE FROM locks WHERE name"]
+    run = a.db.run
+    monkeypatch.setattr(a.db, "run", lambda function: run(lambda c: function(FailingOnce(c, failures))))
+    with caplog.at_level(logging.WARNING, logger="sendense_nbd.hub.cluster"):
+        async with a.lock("admission"):
+            pass
+    assert failures == [] and "releasing the cluster lock 'admission' failed" in caplog.text
+    started = time.monotonic()
+    with pytest.raises(
+        ClusterLockTimeout, match=r"cluster lock 'admission' is held by hub a since 2026-01-01T00:00:00"
+    ):
+        async with b.lock("admission", wait=0.5):
+            raise AssertionError("b took the lock a's row still holds")
+    assert 0.4 < time.monotonic() - started < 5.0
+    async with a.lock("disk 2000 of /DC0/vm/a"):
+        await a.beat()  # deletes the row a failed to delete, not that of the lock it holds
+        with pytest.raises(ClusterLockTimeout, match="held by hub a"):
+            async with b.lock("disk 2000 of /DC0/vm/a", wait=0.3):
+                pass
+    assert "deleted the rows of cluster locks this hub had released: admission" in caplog.text
+    async with asyncio.timeout(10), b.lock("admission", wait=1.0):
+        pass
+
+
+async def test_a_hub_whose_id_another_process_took_over_stops(tmp_path: Path, store_target: str) -> None:
+    """The heartbeat that finds another process's token in the hub's row ends the hub's background work with
+    :class:`HubIdInUse` (``ended()`` raises it: ``sendense-nbd hub`` then stops serving); its stop leaves the
+    other process's row live."""
+    config = HubConfig(repo=str(tmp_path / "one"), db=store_target, nbd_ports=free_port_range(2), hub_id="one",
+                       heartbeat=0.1, hub_lost=5.0)  # fmt: skip
+    hub = Hub(config)
+    other = Database(store_target)
+    try:
+        await hub.start()
+        await other.run(lambda c: c.execute("UPDATE hubs SET token = ? WHERE id = ?", ("x elsewhere 1", "one")))
+        with pytest.raises(HubIdInUse, match="hub ID one was taken over by another process"):
+            async with asyncio.timeout(10):
+                await hub.ended()
+    finally:
+        hub.close()
+        await hub.wait_closed()
+    (row,) = await other.run(lambda c: c.execute("SELECT state, token FROM hubs").fetchall())
+    other.close()
+    assert tuple(row) == ("live", "x elsewhere 1")
