@@ -61,6 +61,8 @@ ID_FILE = "hub-id"
 LOCK_POLL, LOCK_POLL_MAX = 0.25, 2.0
 #: Seconds :meth:`Cluster.lock` waits at most, by default, for another live hub to let go of a lock.
 LOCK_WAIT = 300.0
+#: Seconds a starting hub waits for another hub's start-up recovery (a sweep of a large pool takes long).
+RECOVERY_WAIT = 3600.0
 #: Seconds a machine's clock may be off the PostgreSQL server's at most (or a quarter of ``--hub-lost``, if
 #: less: :func:`skew_bound`); and between two errors logged while a running hub's clock is off by more.
 MAX_SKEW = 5.0
