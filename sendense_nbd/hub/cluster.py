@@ -501,6 +501,15 @@ class Cluster:
                                 (HubState.STOPPED.value, self.id, HubState.LIVE.value, self.token))
         )  # fmt: skip
 
+    async def still_taken(self, hub: str) -> bool:
+        """Whether hub ``hub`` is still lost and taken over by this hub (it has not come back meanwhile)."""
+        found = await self.db.run(
+            lambda c: c.execute(
+                "SELECT 1 FROM hubs WHERE id = ? AND state = ? AND taken_by = ?", (hub, HubState.LOST.value, self.id)
+            ).fetchone()
+        )
+        return found is not None
+
     async def unfinished(self) -> list[Member]:
         """Hubs taken over whose takeover left work behind (a job not ended, a port lease, an open run): the
         taking hub failed, stopped or was lost midway. Those this hub took, and those whose taker is no longer

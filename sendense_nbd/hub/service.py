@@ -569,6 +569,10 @@ class Hub:
             with contextlib.suppress(JobStateError):
                 await self._alert_failed(await self._jobs.transition(job.id, JobState.FAILED, error=failure))
             await self._cleanup(job.id, job.disks)
+        if not await self.cluster.still_taken(member.id):  # it restarted meanwhile: its new leases and runs are its
+            log.warning("hub %s is live again: its takeover stops after failing its jobs %s", member.id,
+                        [job.id for job in jobs])  # fmt: skip
+            return
         ports = await release_hub(self._db, member.id)
         runs = await self.scheduler.store.take_runs(member.id, self.id)
         copies = await self.copies.resume()  # its copies left pending go on here (in turn with the live hubs')

@@ -188,8 +188,11 @@ async def test_a_lapsed_hub_is_taken_over_once_and_comes_back(databases: Callabl
     assert sorted(taken) == [False, True]
     (row,) = [m for m in await c.members() if m.id == "a"]
     assert row.state is HubState.LOST and row.taken_by in ("b", "c")
+    taker, other = (b, c) if row.taken_by == "b" else (c, b)
+    assert await taker.still_taken("a") and not await other.still_taken("a")
     assert await b.lost() == []
     assert await a.beat() is False  # it had been taken over: live again, with a new heartbeat
+    assert not await taker.still_taken("a")  # its takeover, if still running, leaves its new work alone
     assert [m.id for m in await b.others_live()] == ["a", "c"]
     await c.leave()
     (stopped,) = await b.lost()
