@@ -198,7 +198,7 @@ async def test_export_hosts_reach_the_node_in_the_form_it_compares(tmp_path: Pat
         path.chmod(0o600)
         config = load_node_config(str(path))
         body = {"job_id": "j1", "vm_path": "/DC0/vm/x", "api_url": config.hub_urls[0], "targets": {"2000": target}}
-        taken = BackupRequest.from_json(body, hub_urls=config.hub_urls, nbd_host=config.nbd_host)
+        taken = BackupRequest.from_json(body, hub_urls=config.hub_urls, nbd_hosts=config.nbd_hosts)
         assert taken.targets == ((2000, target),), pin
     with pytest.raises(ConfigError, match=r"--nbd-advertise '\[\[2001:db8::1\]\]' must be a host name"):
         HubConfig(repo=str(tmp_path / "r"), nbd_advertise="[[2001:db8::1]]")

@@ -74,7 +74,10 @@ def test_mutual_tls(pki: Pki, image: Path, image_data: bytes, serve) -> None:  #
     endpoint, server = tls_serve(serve, image, pki.server, "--tls-verify-client")
     assert nbdcopy_out(endpoint.uri(pki.client)) == image_data
     for creds in (pki.anonymous, pki.foreign_client, pki.expired_client):
-        assert "gnutls" in refused(require("nbdinfo"), endpoint.uri(creds))
+        said = refused(require("nbdinfo"), endpoint.uri(creds))
+        # TLS 1.3: the server checks the client's certificate after the client's handshake ended, so the client
+        # reads either the server's alert (gnutls reports it) or, when the close wins the race, the close
+        assert "gnutls" in said or "server closed socket unexpectedly" in said, said
     for creds in (pki.anonymous, pki.foreign_client):
         assert "TLS channel" in refused(*qemu("qemu-img", creds, "info", "--image-opts", endpoint.image_opts()))
     run(*qemu("qemu-img", pki.client, "info", "--image-opts", endpoint.image_opts()))
