@@ -18,6 +18,7 @@ from sendense_nbd.hub.clock import ManualClock
 from tests.conftest import require, run
 from tests.hub.operating import START, LocalHub, jobs_ended, local_hub, pump
 from tests.node.test_node import NodeProcess, write_config
+from tests.pipeline.stack import delayed_nbdkit
 from tests.vmware.vsphere import running_vcsim
 
 pytestmark = pytest.mark.peer
@@ -191,7 +192,10 @@ async def test_a_verify_schedule_verifies_the_policys_points(vcsim: dict[str, An
 
 
 async def test_a_run_goes_on_after_a_hub_restart(vcsim: dict[str, Any], tmp_path: Path) -> None:
-    node = NodeProcess(write_config(tmp_path, vcsim))
+    # The first VM's disk reads take 2 s each, so its job still runs when the hub stops (it cannot complete
+    # meanwhile); the jobs after the restart read at full speed.
+    node = NodeProcess(write_config(tmp_path, vcsim, nbdkit=str(delayed_nbdkit(tmp_path))))
+    (tmp_path / "read-delay").write_text("2")
     try:
         async with local_hub(tmp_path / "repo", clock=ManualClock(START), node_url=node.url) as hub:
             await hub.ok("POST", "/policies", _policy(per_policy=1))
@@ -201,6 +205,7 @@ async def test_a_run_goes_on_after_a_hub_restart(vcsim: dict[str, Any], tmp_path
                 return [job["state"] for job in (await hub.ok("GET", "/backups"))["backups"]] == ["running"]
 
             await pump(hub, one_started)
+        (tmp_path / "read-delay").unlink()
         # The hub stopped with one VM's job running and two queued; the restarted hub fails the first
         # (restarted) and goes on with the run.
         async with local_hub(tmp_path / "repo", clock=ManualClock(START + HOUR + 60), node_url=node.url) as hub:
