@@ -367,8 +367,7 @@ class Hub:
         await self._join()
         # One hub's start-up recovery at a time: a hub starting alone sweeps the shared store, and one starting
         # meanwhile must find it live (and touch only its own jobs' disks) once that sweep is over.
-        shared = self._repository.shared_lock is not None
-        async with self.cluster.lock("start-up recovery", wait=RECOVERY_WAIT) if shared else contextlib.nullcontext():
+        async with self._repository.cluster_lock("start-up recovery", wait=RECOVERY_WAIT):
             others = await self.cluster.others_live()
             failed = await self._fail_own_jobs()
             released = [lease.port for lease in await self._ports.release_stale(self.holder)]

@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sendense_nbd.backup.records import FullReason, SyncType
 from sendense_nbd.errors import RepositoryError, UnknownPoint
@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 SEAL_TIMEOUT = 120.0
 
 
+class SharedLock(Protocol):
+    """The cluster's lock of a name (:meth:`~sendense_nbd.hub.cluster.Cluster.lock`)."""
+
+    def __call__(self, name: str, *, wait: float = ...) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the lock ``name``, waiting ``wait`` seconds at most."""
+        ...
+
+
 class Repository:
     """The points of every VM's disks: their rows in the hub's store (``db``) and their data in ``store``
     (default: qcow2 files under ``root``, :class:`~sendense_nbd.hub.repository.local.LocalStore`)."""
@@ -53,7 +61,7 @@ class Repository:
         self.clock: Clock = clock or SystemClock()
         self._disk_locks: dict[tuple[str, int], asyncio.Lock] = {}
         #: The cluster's lock of a name, where other hubs share the store (set by the hub), else None.
-        self.shared_lock: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
+        self.shared_lock: SharedLock | None = None
 
     @contextlib.asynccontextmanager
     async def disk_lock(self, vm_path: str, disk_key: int) -> AsyncIterator[None]:
@@ -63,9 +71,12 @@ class Repository:
             async with self.cluster_lock(f"disk {disk_key} of {vm_path}"):
                 yield
 
-    def cluster_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """The cluster's lock ``name`` where other hubs share the store, else nothing to take."""
-        return contextlib.nullcontext() if self.shared_lock is None else self.shared_lock(name)
+    def cluster_lock(self, name: str, *, wait: float | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """The cluster's lock ``name`` where other hubs share the store (waiting ``wait`` seconds at most; None:
+        the lock's default), else nothing to take."""
+        if self.shared_lock is None:
+            return contextlib.nullcontext()
+        return self.shared_lock(name) if wait is None else self.shared_lock(name, wait=wait)
 
     async def points(self, vm_path: str, disk_key: int | None = None) -> list[Point]:
         """A VM's completed points (of one disk, when given), by disk and age."""
