@@ -29,8 +29,9 @@ Theory of operation:
 * TLS: when the handshake acknowledges ``NBD_OPT_STARTTLS`` reading stops,
   the ACK is flushed and ``loop.start_tls`` wraps the socket; the handshake
   deadline still runs. Afterwards the transport is asyncio's TLS transport,
-  which decrypts straight into :meth:`get_buffer`'s buffers. A failed TLS
-  handshake drops this one client.
+  which decrypts straight into :meth:`get_buffer`'s buffers; a reply is
+  encrypted a piece at a time, so its encrypted copy stays small. A failed
+  TLS handshake drops this one client.
 * A protocol violation drops this one connection. Storage errors become the
   spec's error replies and the connection carries on.
 """
@@ -46,7 +47,7 @@ import socket
 import struct
 import termios
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sendense_nbd.errors import DeviceError, ProtocolError
@@ -72,6 +73,8 @@ _SMALL_BACKLOG = 1024 * 1024
 #: Holes shorter than this inside a read are sent as data (fewer chunks).
 _MIN_HOLE = 64 * 1024
 _SMALL = 64 * 1024
+#: Over TLS a reply is encrypted this much at a time, each piece once the socket took the one before.
+_TLS_PIECE = 256 * 1024
 #: Requests running at once per connection (qemu-nbd allows 16).
 MAX_REQUESTS = 128
 _HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
@@ -93,6 +96,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         #: Bytes decrypted before ``start_tls`` returned (TLS 1.3 clients send right after their Finished).
         self._early: bytearray | None = None
         self._tls = False
+        #: The socket's transport under TLS (it buffers what the TLS transport encrypted).
+        self._raw: asyncio.Transport | None = None
         self._fd = -1
         self._handshake: ServerHandshake | None = None
         self._handshake_buffer = bytearray(_HANDSHAKE_BUFFER)
@@ -110,6 +115,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
+        self._sending = asyncio.Lock()  # over TLS, one reply's pieces at a time
         self._disconnecting = False
         self._wake_scheduled = False
         self._lost = False
@@ -117,7 +123,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._watchdog: asyncio.TimerHandle | None = None
         self._started = self._loop.time()
         self._last_received = self._started  # payload progress
-        self._unsent = (0, self._started)  # (bytes in the transport buffer, since when)
+        self._unsent = (0, 0, self._started)  # (bytes buffered, TLS pieces written, since when)
+        self._pieces = 0  # TLS pieces written: each one only after the socket took the one before
         self.peer = "?"
         self.bytes_read = 0
         self.bytes_written = 0
@@ -280,8 +287,6 @@ class ServerConnection(asyncio.BufferedProtocol):
             await self._writable.wait()  # the ACK went out (the watchdog bounds this)
             if self._lost or raw.is_closing():
                 return
-            # The TLS layer buffers in front of the socket now: default limits below it.
-            raw.set_write_buffer_limits()
             # What is left of the handshake limit (the watchdog drops the client at the limit anyway).
             left = max(limit - (self._loop.time() - self._started), 0.001) if limit else None
             tls = await self._loop.start_tls(raw, self, context, server_side=True, ssl_handshake_timeout=left)
@@ -294,7 +299,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self._lost or tls.is_closing():
             return
         self._tls = True
-        self._transport = tls
+        self._raw, self._transport = raw, tls
         # Paused once anything is buffered, resumed once all went out, as before.
         tls.set_write_buffer_limits(high=1, low=0)
         self._reading_paused = False
@@ -450,7 +455,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _tick(self) -> None:
         self._watchdog = None
         transport = self._transport
-        if transport is None or self._lost or transport.is_closing() and not transport.get_write_buffer_size():
+        if transport is None or self._lost or transport.is_closing() and not self._buffered():
             return
         reason = self._stalled(self._loop.time())
         if reason is not None:
@@ -464,10 +469,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         if (
             self._handshake is not None
             or self._reading_paused
-            or transport.get_write_buffer_size()
+            or self._buffered()
             or (parser is not None and parser.receiving_payload)
         ):
             self._arm()
+
+    def _buffered(self) -> int:
+        """Reply bytes asyncio holds: over TLS, in the TLS transport and under it in the socket's."""
+        transport, raw = self._transport, self._raw
+        assert transport is not None
+        return transport.get_write_buffer_size() + (raw.get_write_buffer_size() if raw is not None else 0)
 
     def _stalled(self, now: float) -> str | None:
         """Why this connection missed a deadline, or None."""
@@ -479,13 +490,14 @@ class ServerConnection(asyncio.BufferedProtocol):
         timeout = context.io_timeout
         if not timeout:
             return None
-        buffered = transport.get_write_buffer_size()
+        buffered = self._buffered()
         # Progress shows in the kernel's send queue first: asyncio's buffer only
         # shrinks when the kernel has room for a large piece.
         unsent = buffered + _send_queue(self._fd) if buffered else 0
-        if not unsent or not self._unsent[0] or unsent < self._unsent[0]:
-            self._unsent = (unsent, now)
-        elif now - self._unsent[1] > timeout:
+        before, pieces, since = self._unsent
+        if not unsent or not before or unsent < before or self._pieces != pieces:
+            self._unsent = (unsent, self._pieces, now)
+        elif now - since > timeout:
             return f"replies unread for {timeout:g} s (--io-timeout)"
         parser = self._parser
         receiving = parser is not None and parser.receiving_payload and not self._reading_paused
@@ -592,16 +604,15 @@ class ServerConnection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
+        if self._tls:
+            await self._send_pieces(transport, buffers)
+            return
         large = any(len(buf) >= _SMALL for buf in buffers)
         while not transport.is_closing() and (
             (large and transport.get_write_buffer_size()) or transport.get_write_buffer_size() > _SMALL_BACKLOG
         ):
             await self._writable.wait()
         if transport.is_closing():
-            return
-        if self._tls:
-            # Encrypted as one batch and sent in one socket write (records stay full-size; no copy of ours).
-            transport.writelines(buffers)
             return
         small = bytearray()
         for buf in buffers:
@@ -614,6 +625,27 @@ class ServerConnection(asyncio.BufferedProtocol):
             transport.write(buf)
         if small:
             transport.write(small)
+
+    async def _send_pieces(
+        self, transport: asyncio.Transport, buffers: Sequence[bytes | bytearray | memoryview]
+    ) -> None:
+        """Encrypt a reply a piece at a time, one reply at a time. The socket's transport stops the TLS
+        one while it holds anything, so a piece waits in the TLS buffer until the socket took the one
+        before: the encrypted copies stay within two pieces per connection (outside the request
+        budget), and in the CPU cache."""
+        async with self._sending:
+            for batch in _pieces(buffers, _TLS_PIECE):
+                large = sum(map(len, batch)) >= _SMALL
+                while not transport.is_closing() and (
+                    (large and transport.get_write_buffer_size()) or transport.get_write_buffer_size() > _SMALL_BACKLOG
+                ):
+                    await self._writable.wait()
+                if transport.is_closing():
+                    return
+                transport.writelines(batch)
+                self._pieces += 1
+                if self._buffered():  # the TLS transport tells of a full socket only when it holds bytes too
+                    self._arm()
 
     def _drop(self) -> None:
         """Hang up after sending whatever replies are already queued."""
@@ -670,6 +702,25 @@ def _hung_up(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, _HUNG_UP)
     return any(events & _HUNG_UP for _, events in poller.poll(0))
+
+
+def _pieces(
+    buffers: Sequence[bytes | bytearray | memoryview], size: int
+) -> Iterator[list[bytes | bytearray | memoryview]]:
+    """``buffers`` regrouped into batches of about ``size`` bytes (no byte copied)."""
+    batch: list[bytes | bytearray | memoryview] = []
+    held = 0
+    for buf in buffers:
+        view = memoryview(buf)
+        for start in range(0, len(view), size):
+            piece = view[start : start + size]
+            batch.append(piece)
+            held += len(piece)
+            if held >= size:
+                yield batch
+                batch, held = [], 0
+    if batch:
+        yield batch
 
 
 def _name(command: int) -> str:

@@ -18,9 +18,9 @@ WRITEs vanishing or stalling mid-payload, unread READ replies, stalled options, 
 negotiation). The workers use Python's ``ssl`` on their sockets once the STARTTLS ACK is read.
 
 Fewer sessions than the plaintext soak (4 workers of 40, 160 in all, against 300), with the same
-RSS bound: every session pays a TLS handshake in this process, several wait out the server's 2 s
-handshake deadline, and the server's memory under TLS peaks higher (the encrypted copy of a
-reply is outside its request-buffer budget); about 25 s on two cores.
+RSS bound: every session pays a TLS handshake in this process, and several wait out the server's
+2 s handshake deadline (the encrypted copy of a reply, outside the server's request budget, is at
+most two 256 KiB pieces per connection); about 25 s on two cores.
 
 The randomness is seeded: ``SENDENSE_SOAK_SEED=N`` replays a run (the seed is printed, and named
 in every failure).

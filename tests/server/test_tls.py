@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import struct
 import subprocess
@@ -17,9 +18,11 @@ import pytest
 from sendense_nbd import Export, NBDServer, ServerError, memory_device
 from sendense_nbd.protocol import wire
 from sendense_nbd.protocol.constants import Command, Option, OptionReply, TLSMode
+from sendense_nbd.server import connection
 from sendense_nbd.tls import client_context, server_context
 from sendense_nbd.tls.pki import Layout, init_pki
 from tests.conftest import server_command
+from tests.server.test_hardening import until
 
 MiB = 1 << 20
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -242,3 +245,78 @@ def test_client_certificates_need_require_not_allow(pki: Layout, tmp_path: Path)
     result = subprocess.run(server_command(*args), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--tls-verify-client needs --tls require" in " ".join(result.stderr.split())
+
+
+def _patterned(size: int) -> bytes:
+    return b"".join(i.to_bytes(4, "big") * 1024 for i in range(size // 4096))
+
+
+async def _upgraded_small_window(
+    port: int, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Over TLS with a 4 KiB receive buffer: the server's replies back up as soon as this client pauses."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    await asyncio.wait_for(reader.readexactly(wire.GREETING.size), 10)
+    writer.write(wire.CLIENT_FLAGS.pack(3))
+    assert await _option(reader, writer, Option.STARTTLS) == [OptionReply.ACK]
+    await asyncio.wait_for(writer.start_tls(context, server_hostname="localhost"), 10)
+    assert (await _option(reader, writer, Option.GO, _go()))[-1] == OptionReply.ACK
+    return reader, writer
+
+
+async def test_replies_over_tls_stay_whole_when_the_client_reads_late(pki: Layout) -> None:
+    """Large replies are encrypted a piece at a time: pipelined READs and WRITEs, answered while
+    the socket is backed up, must still come back each whole, never interleaved."""
+    size = 16 * MiB
+    data = _patterned(size)
+    device = memory_device(size)
+    device.write(offset=0, data=data)
+    async with NBDServer(
+        [Export("disk", device)], port=0, tls=TLSMode.REQUIRE, tls_context=server_context(pki.hub)
+    ) as nbd:
+        assert nbd.port is not None
+        reader, writer = await _upgraded_small_window(nbd.port, client_context(pki.ca_cert.parent))
+        expected: dict[int, bytes] = {}
+        for handle in range(1, 41):
+            offset, length = (handle * 389 * 1024) % (size - 2 * MiB), [100, 300 * 1024, 2 * MiB, 4096][handle % 4]
+            if handle % 5 == 0:
+                writer.write(wire.encode_request(Command.WRITE, handle, size - 4096, 4096) + data[:4096])
+                expected[handle] = b""
+            else:
+                writer.write(wire.encode_request(Command.READ, handle, offset, length))
+                expected[handle] = data[offset : offset + length]
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the replies back up in the server
+        while expected:
+            magic, error, handle = struct.unpack(">IIQ", await asyncio.wait_for(reader.readexactly(16), 10))
+            assert (magic, error) == (0x67446698, 0) and handle in expected, (hex(magic), error, handle)
+            want = expected.pop(handle)
+            assert await asyncio.wait_for(reader.readexactly(len(want)), 10) == want, f"reply {handle}"
+        writer.close()
+
+
+async def test_unread_replies_over_tls_time_out(pki: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that never reads its replies is dropped at --io-timeout, also when all that waits is
+    encrypted in the socket's transport, under the TLS one: one reply of less than a piece, and a
+    server socket buffer too small for it."""
+
+    def small_send_buffer(sock: socket.socket, **_: object) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+
+    monkeypatch.setattr(connection, "tune_socket", small_send_buffer)
+    async with NBDServer(
+        [Export("disk", memory_device(MiB))],
+        port=0,
+        io_timeout=1.0,
+        tls=TLSMode.REQUIRE,
+        tls_context=server_context(pki.hub),
+    ) as nbd:
+        assert nbd.port is not None
+        reader, writer = await _upgraded_small_window(nbd.port, client_context(pki.ca_cert.parent))
+        writer.write(wire.encode_request(Command.READ, 1, 0, 240 * 1024))
+        await until(lambda: nbd.client_count == 0, 8, "the client that reads nothing dropped")
+        writer.transport.abort()
