@@ -589,12 +589,24 @@ class Copies:
 
     async def records(self, vm_path: str | None = None) -> list[CopyRecord]:
         """Every copy not deleted (of one VM, when given), oldest first, each completed one with the date
-        its lock holds until."""
+        its lock holds until, each uploading one with the (live) hub uploading it."""
         if vm_path is None:
             found = await self._select("state != ? ORDER BY created, seq", (DELETED,))
         else:
             found = await self._select("state != ? AND vm_path = ? ORDER BY created, seq", (DELETED, vm_path))
-        return [attrs.evolve(record, locked_until=until) for record, until in zip(found, _locks(found), strict=True)]
+        uploading = await self._uploading(found)
+        return [
+            attrs.evolve(record, locked_until=until, uploader=record.uploader if record.uploader in uploading else None)
+            for record, until in zip(found, _locks(found), strict=True)
+        ]
+
+    async def _uploading(self, records: list[CopyRecord]) -> set[str]:
+        """The hubs marked as uploading one of ``records`` that are live (the others' marks count for nothing)."""
+        marked = {record.uploader for record in records if record.uploader is not None}
+        if not marked:
+            return set()
+        now = self.clock.now()
+        return await self.db.run(lambda c: {hub for hub in marked if self.cluster.live(c, hub, now)})
 
     async def get(self, copy_id: str) -> CopyRecord:
         """One copy; :class:`UnknownCopy` if there is none."""
@@ -604,13 +616,14 @@ class Copies:
         return found[0]
 
     async def show(self, copy_id: str) -> CopyRecord:
-        """One copy with the date its lock holds until (:meth:`records`)."""
+        """One copy with the date its lock holds until and the live hub uploading it (:meth:`records`)."""
         record = await self.get(copy_id)
         chain = await self._select(
             "policy = ? AND chain_id = ? AND state = ?", (record.policy, record.chain_id, COMPLETED)
         )
         until = dict(zip([c.id for c in chain], _locks(chain), strict=True)).get(record.id)
-        return attrs.evolve(record, locked_until=until)
+        uploader = record.uploader if record.uploader in await self._uploading([record]) else None
+        return attrs.evolve(record, locked_until=until, uploader=uploader)
 
     async def _chain_of(self, copy_id: str) -> tuple[CopyTarget, list[CopyRecord]]:
         """A completed copy's target (where it was written) and its chain up to it (full first)."""

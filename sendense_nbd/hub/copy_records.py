@@ -57,13 +57,15 @@ class CopyRecord:
     #: Until when Object Lock holds the copy's objects (its chain's newest copy's date + retain + margin);
     #: computed for listings, not stored.
     locked_until: float | None = None
+    #: The hub uploading it, as its row says (a hub no longer live may have left its mark: it counts for
+    #: nothing then); shown in listings, written only by the upload (hub/copies.py).
+    uploader: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> CopyRecord:
         """From its row (the manifest and the target as their JSON)."""
         text, target = row.pop("manifest"), row.pop("target", None)
         row.pop("seq", None)  # the order of insertion, not part of the record
-        row.pop("uploader", None)  # the hub uploading it now (hub/copies.py), not part of the record
         manifest = None if text is None else Manifest.decode(text.encode(), f"copy {row['id']}")
         placed = None if target is None else CopyTarget.from_json(json.loads(target), f"copy {row['id']} target")
         return cls(**{**row, "manifest": manifest, "sealed": bool(row["sealed"]), "target": placed})
@@ -72,6 +74,7 @@ class CopyRecord:
         """Its row's values by column."""
         found = {**attrs.asdict(self, recurse=False), "sealed": int(self.sealed)}
         found.pop("locked_until")
+        found.pop("uploader")
         found["manifest"] = None if self.manifest is None else self.manifest.encode().decode()
         found["target"] = None if self.target is None else json.dumps(self.target.to_json())
         return found

@@ -1,10 +1,10 @@
 """A copy's delete answers the same through every hub of a cluster: two in-process hubs, A and B, share one RBD
 repository (the session's Ceph) and one database (SQLite, or PostgreSQL under ``SENDENSE_TEST_DB=postgresql``), the
-copies go to the session's RGW. While A uploads a copy (held at its first part), a delete through B is refused
-``409 uploading`` naming hub A, as through A; a copy of the same disk waiting its turn is deleted. Once A's upload
-is over (the bucket failed the try: the copy stays pending, to be tried again), B deletes it. When A is dead (its
-heartbeat lapsed) mid-upload, its hold lapses with it: B deletes the copy, and A's upload, let go, completes
-nothing."""
+copies go to the session's RGW. While A uploads a copy (held at its first part), both hubs list A as its
+``uploader``, and a delete through B is refused ``409 uploading`` naming hub A, as through A; a copy of the same
+disk waiting its turn is deleted. Once A's upload is over (the bucket failed the try: the copy stays pending, to be
+tried again), B deletes it. When A is dead (its heartbeat lapsed) mid-upload, its hold lapses with it (no longer
+listed): B deletes the copy, and A's upload, let go, completes nothing."""
 
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ async def test_a_copy_uploading_on_one_hub_is_refused_through_another_until_its_
         assert [uploading["point_id"], waiting["point_id"]] == points
         assert await asyncio.to_thread(parts.arrived.wait, 60)  # the first copy's upload has begun, on A
         assert await _uploader(db, uploading["id"]) == "a"
+        for hub in (b, a):  # both list who uploads what
+            listed = {c["id"]: c["uploader"] for c in (await hub.ok("GET", "/copies"))["copies"]}
+            assert listed == {uploading["id"]: "a", waiting["id"]: None}
+            assert (await hub.ok("GET", f"/copies/{uploading['id']}"))["uploader"] == "a"
         for hub in (b, a):  # the same answer through either hub
             answer = await _delete(hub, uploading["id"])
             assert _refused_as_uploading_on(answer, "a"), answer
@@ -145,6 +149,7 @@ async def test_a_dead_hubs_upload_holds_no_copy(
         await db.run(lambda c: c.execute("UPDATE hubs SET heartbeat = ? WHERE id = ?", (lapsed, "a")))
         assert [(m["id"], m["live"]) for m in (await b.ok("GET", "/hubs"))["hubs"]] == [("a", False), ("b", True)]
         assert await _uploader(db, copy["id"]) == "a"  # marked still, by a hub that is not live
+        assert (await b.ok("GET", f"/copies/{copy['id']}"))["uploader"] is None  # which counts for nothing
         assert await b.ok("DELETE", f"/copies/{copy['id']}") == {"deleted": [copy["id"]]}
         # A's upload, let go, ends to no effect: its completion needs the copy pending; the object versions it
         # made stay recorded, for offsite retention to delete once their lock is over
