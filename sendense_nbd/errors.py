@@ -53,7 +53,8 @@
     ├── OffsiteError               an offsite copy (S3) cannot be made, read or deleted as asked
     │   ├── CopyLocked             S3 refused to delete a copy its Object Lock still protects (409)
     │   ├── CopyDamaged            a copy read back differs from its manifest or its recorded digests
-    │   └── UnknownCopy            no offsite copy has this ID (404)
+    │   ├── UnknownCopy            no offsite copy has this ID (404)
+    │   └── UploadTakenOver        another live hub took over a copy's upload (this hub stops it between parts)
     ├── StoreError                 the hub's store (SQLite or PostgreSQL) cannot be opened, migrated or used
     │   └── StoreUnavailable       PostgreSQL unreachable, the connection dropped, or a bound passed (503)
     ├── PortError                  the NBD port pool cannot satisfy a request
@@ -375,6 +376,11 @@ class CopyDamaged(OffsiteError):
 
 class UnknownCopy(OffsiteError):
     """No offsite copy has this ID."""
+
+
+class UploadTakenOver(OffsiteError):
+    """Another live hub marks itself as the uploader of the copy this hub is uploading: it took the copy
+    over while this hub was lost. This hub stops between parts and leaves the copy to that hub."""
 
 
 class PortError(SendenseError):

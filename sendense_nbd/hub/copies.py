@@ -61,6 +61,7 @@ from sendense_nbd.errors import (
     UnknownCopy,
     UnknownPoint,
     UnknownPolicy,
+    UploadTakenOver,
 )
 from sendense_nbd.hub.alerts import AlertKind, Alerts
 from sendense_nbd.hub.clock import Clock
@@ -306,6 +307,9 @@ class Copies:
                 break
             except (asyncio.CancelledError, ClusterLockTimeout):  # the copy stays pending (see _copy)
                 raise
+            except UploadTakenOver as exc:  # pending still, the other hub's
+                log.warning("%s", exc)
+                return
             except OffsiteError as exc:
                 if delay is None:
                     await self._fail(record, str(exc))
@@ -331,7 +335,7 @@ class Copies:
             self._running.add(record.id)
             try:
                 if not await self._placed_at(record, plan.target):
-                    return  # deleted while it waited
+                    return  # deleted while it waited, or another live hub uploads it
                 point, base = plan.point, plan.base
                 digests = await self.repository.digests_file(point) if point.digests else None
                 async with self.repository.export_point(point, base=base) as path:
@@ -369,17 +373,27 @@ class Copies:
 
     async def _placed_at(self, record: CopyRecord, target: CopyTarget) -> bool:
         """Record where the copy is being written (before anything is), and that this hub uploads it now; False
-        when it is pending no more."""
-        text = json.dumps(target.to_json())
-        found: int = await self.db.run(
-            lambda c: (
-                c.execute(
-                    "UPDATE offsite_copies SET target = ?, uploader = ? WHERE id = ? AND state = ?",
-                    (text, self.cluster.id, record.id, PENDING),
-                ).rowcount
+        when it is pending no more, or another live hub uploads it (it took this one over while this hub was
+        lost): the mark is compared and set in one statement."""
+        text, me, now = json.dumps(target.to_json()), self.cluster.id, self.clock.now()
+
+        def place(connection: Connection) -> bool:
+            found = connection.execute("SELECT uploader FROM offsite_copies WHERE id = ? AND state = ?",
+                                       (record.id, PENDING)).fetchone()  # fmt: skip
+            if found is None:
+                return False
+            other = found[0]
+            if other not in (None, me) and self.cluster.live(connection, other, now):
+                log.warning("offsite copy %s: hub %s uploads it; left to it", record.id, other)
+                return False
+            marked = "uploader IS NULL" if other is None else "uploader = ?"
+            changed = connection.execute(
+                f"UPDATE offsite_copies SET target = ?, uploader = ? WHERE id = ? AND state = ? AND {marked}",
+                (text, me, record.id, PENDING, *([] if other is None else [other])),
             )
-        )
-        return found == 1
+            return bool(changed.rowcount == 1)
+
+        return bool(await self.db.run(place))
 
     async def _unmark(self, copy_id: str) -> None:
         """The copy's upload on this hub ended: its row's mark is cleared (unless another hub's is there now). A
@@ -440,7 +454,7 @@ class Copies:
     def _upload(self, target: CopyTarget, files: PointFiles, older: list[tuple[Manifest, str]], copy_id: str) -> Any:
         bucket = self._connect(target)  # the secret is read again: a rotated one is taken
         bucket.check_lock()
-        journal = UploadJournal(self.db, target, copy_id)
+        journal = UploadJournal(self.db, target, copy_id, self.cluster.id)
         return copy_point(bucket, files, older, copy_id=copy_id, now=self.clock.now(), journal=journal, stop=self._stop)
 
     async def _open_chain(self, record: CopyRecord) -> list[CopyRecord]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from sendense_nbd.errors import UploadTakenOver
 from sendense_nbd.hub.db import Connection, Database, rows
 from sendense_nbd.offsite.manifest import Manifest
 from sendense_nbd.offsite.upload import Recorded
@@ -102,12 +103,24 @@ class LeftObject:
 
 class UploadJournal:
     """One copy's uploads to one bucket of one endpoint recorded in the hub's store (blocking calls, from
-    upload threads); the ``bucket`` column holds ``<endpoint> <bucket>``."""
+    upload threads); the ``bucket`` column holds ``<endpoint> <bucket>``.
 
-    def __init__(self, db: Database, target: CopyTarget, copy_id: str) -> None:
+    Uploaded by hub ``uploader``: a new upload or a part is recorded only while the copy's row marks that hub
+    (or none), else :class:`UploadTakenOver`; a version S3 made is recorded whoever marks the row."""
+
+    def __init__(self, db: Database, target: CopyTarget, copy_id: str, uploader: str) -> None:
         self.db = db
         self.bucket = f"{target.endpoint} {target.bucket}"
         self.copy_id = copy_id
+        self.uploader = uploader
+
+    def _still_mine(self, connection: Connection) -> None:
+        found = connection.execute("SELECT uploader FROM offsite_copies WHERE id = ?", (self.copy_id,)).fetchone()
+        if found is not None and found[0] not in (None, self.uploader):
+            raise UploadTakenOver(
+                f"offsite copy {self.copy_id}: hub {found[0]} took its upload over (this hub, {self.uploader}, was "
+                "lost meanwhile): this hub stops uploading it"
+            )
 
     def recorded(self, key: str) -> Recorded | None:
         """The upload of ``key`` recorded so far."""
@@ -121,19 +134,23 @@ class UploadJournal:
 
     def begun(self, key: str, upload: str, part_size: int) -> None:
         """A new upload of ``key``."""
-        self.db.call(
-            lambda c: c.execute(
+
+        def add(connection: Connection) -> None:
+            self._still_mine(connection)
+            connection.execute(
                 "INSERT INTO offsite_uploads (bucket, key, upload, part_size, parts, copy_id) "
                 "VALUES (?, ?, ?, ?, '{}', ?) ON CONFLICT (bucket, key) DO UPDATE SET upload = excluded.upload, "
                 "part_size = excluded.part_size, parts = excluded.parts, copy_id = excluded.copy_id",
                 (self.bucket, key, upload, part_size, self.copy_id),
             )
-        )
+
+        self.db.call(add)
 
     def part(self, key: str, number: int, size: int, md5: str) -> None:
         """S3 has part ``number``."""
 
         def add(connection: Connection) -> None:
+            self._still_mine(connection)
             where = (self.bucket, key)
             found = connection.execute("SELECT parts FROM offsite_uploads WHERE bucket = ? AND key = ?", where)
             parts = json.loads(found.fetchone()[0])

@@ -77,4 +77,4 @@ async def test_an_old_hub_db_upgrades_in_place(tmp_path: Path) -> None:
 
 
 async def _newest_version(db: Database, target: CopyTarget) -> str | None:
-    return await asyncio.to_thread(UploadJournal(db, target, "c1").version, "k/img")
+    return await asyncio.to_thread(UploadJournal(db, target, "c1", "hub").version, "k/img")

@@ -163,3 +163,33 @@ async def test_a_dead_hubs_upload_holds_no_copy(
         )
         assert left[0] >= 2, left  # its image and its manifest, at least
         assert await _uploader(db, copy["id"]) is None
+
+
+async def test_an_upload_another_hub_took_over_stops_at_its_next_part(
+    ceph_cluster: Any, tmp_path: Path, parts: Parts, shared_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub lost mid-upload and back (a partition) finds its copy marked by the hub that took it over: its
+    upload stops at the next part it would record, leaving the copy pending and marked by the other hub, and a
+    try of its own later is refused while that hub is live. Nothing fails, nothing is sent twice."""
+    async with _two_hubs(ceph_cluster, tmp_path, shared_db, parts) as (a, b, db):
+        parts.gate.clear()
+        await _backup(a, 0, full=True)
+        [copy] = (await b.ok("GET", "/copies"))["copies"]
+        assert await asyncio.to_thread(parts.arrived.wait, 60)  # A's first part waits at the gate
+        # B took the copy over (as after A's heartbeat lapsed; the clock stays, so A counts as live again)
+        await db.run(lambda c: c.execute("UPDATE offsite_copies SET uploader = 'b' WHERE id = ?", (copy["id"],)))
+        parts.gate.set()
+        async with asyncio.timeout(60):
+            await a.hub.copies.settled()
+        sent = list(parts.sent)
+        assert len(sent) == 1 and sent[0][0].endswith(".qcow2"), sent  # the part S3 had, then no other
+        assert "hub b took its upload over (this hub, a, was lost meanwhile)" in caplog.text
+        shown = await a.ok("GET", f"/copies/{copy['id']}")
+        assert (shown["state"], shown["uploader"], shown["error"]) == ("pending", "b", None)
+        assert await _uploader(db, copy["id"]) == "b"  # A's end of upload left B's mark
+        assert await a.hub.copies.resume() == [copy["id"]]  # A tries it again: B (live) uploads it
+        async with asyncio.timeout(60):
+            await a.hub.copies.settled()
+        assert parts.sent == sent
+        assert "hub b uploads it; left to it" in caplog.text
+        assert (await b.ok("GET", f"/copies/{copy['id']}"))["state"] == "pending"
