@@ -360,3 +360,38 @@ def test_two_new_hubs_started_at_once_share_one_repository(
     finally:
         for hub in hubs:
             hub.stop()
+
+
+def test_one_hub_id_runs_in_one_process_at_a_time(
+    tmp_path: Path, url: str, postgres_cluster: Any, ceph_cluster: Any
+) -> None:
+    """A second ``sendense-nbd hub`` started with a live hub's ID (a cloned state directory) exits with an error
+    that says so, and the first
+    serves on. When the first stalls (SIGSTOP) past ``--hub-lost``, a new process takes the ID over; the first,
+    let go, stops at its next heartbeat with an error saying why, and the new one serves."""
+    db = postgres_cluster.new_database()
+    (tmp_path / "other").mkdir()
+    first = ClusterHub("n0", ADDRESSES[0], tmp_path, url, "http://127.0.0.1:9", free_port_range(4), db)
+    second = ClusterHub("n0", ADDRESSES[1], tmp_path / "other", url, "http://127.0.0.1:9", free_port_range(4), db)
+    try:
+        first.start()
+        shutil.copytree(first.root / "n0", second.root / "n0")  # a cloned state directory, its hub ID file too
+        with open(second.log, "ab") as log:
+            refused = subprocess.run(second.command, stdout=subprocess.DEVNULL, stderr=log, timeout=120)
+        assert refused.returncode != 0
+        assert "hub ID n0 is in use: another process runs with it" in " ".join(second.log.read_text().split())
+        assert _members(first.api)["n0"]["live"]
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(4 + 1.5)  # --hub-lost 4: its row lapses
+            second.start()
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        assert first.proc.wait(60) != 0
+        said = " ".join(first.log.read_text().split())
+        assert "hub ID n0 was taken over by another process" in said, said[-2000:]
+        assert _members(second.api)["n0"]["live"]
+    finally:
+        for hub in (first, second):
+            hub.stop()
