@@ -366,9 +366,9 @@ def test_one_hub_id_runs_in_one_process_at_a_time(
     tmp_path: Path, url: str, postgres_cluster: Any, ceph_cluster: Any
 ) -> None:
     """A second ``sendense-nbd hub`` started with a live hub's ID (a cloned state directory) exits with an error
-    that says so, and the first
-    serves on. When the first stalls (SIGSTOP) past ``--hub-lost``, a new process takes the ID over; the first,
-    let go, stops at its next heartbeat with an error saying why, and the new one serves."""
+    that says so, and the first serves on. When the first stalls (SIGSTOP) past ``--hub-lost``, a new process
+    takes the ID over; the first, let go, stops at its next heartbeat with an error saying why, and the new one
+    serves."""
     db = postgres_cluster.new_database()
     (tmp_path / "other").mkdir()
     first = ClusterHub("n0", ADDRESSES[0], tmp_path, url, "http://127.0.0.1:9", free_port_range(4), db)
