@@ -607,12 +607,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self._tls:
             await self._send_pieces(transport, buffers)
             return
-        large = any(len(buf) >= _SMALL for buf in buffers)
-        while not transport.is_closing() and (
-            (large and transport.get_write_buffer_size()) or transport.get_write_buffer_size() > _SMALL_BACKLOG
-        ):
-            await self._writable.wait()
-        if transport.is_closing():
+        if not await self._sendable(transport, large=any(len(buf) >= _SMALL for buf in buffers)):
             return
         small = bytearray()
         for buf in buffers:
@@ -626,6 +621,15 @@ class ServerConnection(asyncio.BufferedProtocol):
         if small:
             transport.write(small)
 
+    async def _sendable(self, transport: asyncio.Transport, *, large: bool) -> bool:
+        """Wait until a reply may be written (a large one: nothing buffered; a small one: less than
+        ``_SMALL_BACKLOG``); False when the transport closed meanwhile."""
+        while not transport.is_closing() and (
+            (large and transport.get_write_buffer_size()) or transport.get_write_buffer_size() > _SMALL_BACKLOG
+        ):
+            await self._writable.wait()
+        return not transport.is_closing()
+
     async def _send_pieces(
         self, transport: asyncio.Transport, buffers: Sequence[bytes | bytearray | memoryview]
     ) -> None:
@@ -635,12 +639,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         budget), and in the CPU cache."""
         async with self._sending:
             for batch in _pieces(buffers, _TLS_PIECE):
-                large = sum(map(len, batch)) >= _SMALL
-                while not transport.is_closing() and (
-                    (large and transport.get_write_buffer_size()) or transport.get_write_buffer_size() > _SMALL_BACKLOG
-                ):
-                    await self._writable.wait()
-                if transport.is_closing():
+                if not await self._sendable(transport, large=sum(map(len, batch)) >= _SMALL):
                     return
                 transport.writelines(batch)
                 self._pieces += 1
